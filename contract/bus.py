@@ -1,0 +1,40 @@
+"""NATS subjects and connection for the request plane and the event plane.
+
+Request plane: the frontend publishes a `GenerateRequest` to a worker's `generate` subject
+with a reply subject under its own inbox; the worker streams `GenerateOutput` chunks there.
+Event plane: workers publish `KvEventBatch` and `LoadMetrics` on deployment-wide subjects.
+"""
+
+from __future__ import annotations
+
+import nats
+from nats.aio.client import Client as NatsClient
+
+
+def worker_subject(deployment: str, worker_id: str) -> str:
+    """Where a worker listens for `GenerateRequest`s."""
+    return f"hpcserve.{deployment}.worker.{worker_id}.generate"
+
+
+def abort_subject(deployment: str, worker_id: str) -> str:
+    """Where a worker listens for `AbortRequest`s."""
+    return f"hpcserve.{deployment}.worker.{worker_id}.abort"
+
+
+def kv_events_subject(deployment: str) -> str:
+    return f"hpcserve.{deployment}.kv_events"
+
+
+def load_metrics_subject(deployment: str) -> str:
+    return f"hpcserve.{deployment}.load"
+
+
+async def connect(url: str, name: str) -> NatsClient:
+    """Connect with reconnects that outlast a short NATS restart."""
+    return await nats.connect(
+        servers=[url],
+        name=name,
+        max_reconnect_attempts=-1,
+        reconnect_time_wait=0.5,
+        connect_timeout=5,
+    )

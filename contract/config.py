@@ -1,0 +1,214 @@
+"""The one typed schema of a deployment, loaded from YAML and overridable from CLI and env.
+
+Precedence: YAML file < environment (`HPCSERVE__FRONTEND__PORT=8001`) < `--set frontend.port=8001`.
+Every error names the dotted field it is about.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from contract.slurm_config import SlurmConfig
+
+ENV_PREFIX = "HPCSERVE__"
+
+Role = Literal["agg", "prefill", "decode"]
+RouterMode = Literal["round_robin", "random", "least_loaded"]
+
+
+class ConfigError(ValueError):
+    """A deployment config that cannot be used; the message names the field."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
+
+
+def cache_dir() -> Path:
+    """Where prepared models and run folders live; `HPCSERVE_CACHE` moves it."""
+    return Path(os.environ.get("HPCSERVE_CACHE", Path.home() / ".cache" / "hpcserve"))
+
+
+def default_model_dir() -> Path:
+    """The prepared default model (`hpcserve model prepare` writes it)."""
+    return cache_dir() / "models" / DEFAULT_MODEL_NAME
+
+
+class ModelConfig(_Section):
+    path: str | None = Field(
+        default=None, description="HF model folder; empty means the prepared default SmolLM2"
+    )
+    served_name: str | None = Field(
+        default=None, description="name clients use in `model`; default: the folder name"
+    )
+
+    def resolved_path(self) -> Path:
+        return Path(self.path).expanduser() if self.path else default_model_dir()
+
+    def served_model_name(self) -> str:
+        return self.served_name or self.resolved_path().name
+
+
+class EngineConfig(_Section):
+    kind: Literal["torch"] = "torch"
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    block_size: int = Field(default=16, ge=1, le=1024)
+    num_blocks: int | None = Field(default=None, ge=1, description="overrides kv_cache_memory_mb")
+    kv_cache_memory_mb: int = Field(default=512, ge=1)
+    max_num_seqs: int = Field(default=64, ge=1)
+    max_num_batched_tokens: int = Field(default=1024, ge=1)
+    max_model_len: int | None = Field(default=None, ge=1)
+    torch_threads: int | None = Field(default=None, ge=1)
+
+
+class WorkerGroupConfig(_Section):
+    role: Role = "agg"
+    count: int = Field(default=1, ge=1)
+    tp: int = Field(default=1, ge=1)
+
+
+class FrontendConfig(_Section):
+    host: str = "127.0.0.1"
+    port: int = Field(default=8000, ge=0, le=65535)
+    router: RouterMode = "round_robin"
+    request_timeout_s: float = Field(default=600.0, gt=0)
+    no_worker_timeout_s: float = Field(
+        default=0.0, ge=0, description="how long a request waits for a worker before 503"
+    )
+
+
+class ServiceConfig(_Section):
+    start: bool = True
+    endpoint: str | None = Field(
+        default=None, description="use this running service instead of starting one"
+    )
+
+    @model_validator(mode="after")
+    def _endpoint_when_not_started(self) -> ServiceConfig:
+        if not self.start and not self.endpoint:
+            raise ValueError("endpoint is required when start is false")
+        return self
+
+
+class ServicesConfig(_Section):
+    etcd: ServiceConfig = Field(default_factory=ServiceConfig)
+    nats: ServiceConfig = Field(default_factory=ServiceConfig)
+    lease_ttl_s: int = Field(default=10, ge=2)
+
+
+class DeploymentConfig(_Section):
+    name: str = Field(default="hpcserve", pattern=r"^[A-Za-z0-9_.-]+$")
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    engine: EngineConfig = Field(default_factory=EngineConfig)
+    workers: list[WorkerGroupConfig] = Field(
+        default_factory=lambda: [WorkerGroupConfig()], min_length=1
+    )
+    frontend: FrontendConfig = Field(default_factory=FrontendConfig)
+    services: ServicesConfig = Field(default_factory=ServicesConfig)
+    run_dir: str | None = Field(
+        default=None, description="logs and service data; default: a temp dir"
+    )
+    slurm: SlurmConfig | None = Field(
+        default=None, description="Slurm job options; used by `hpcserve render/submit`, not by `up`"
+    )
+
+    @model_validator(mode="after")
+    def _only_agg_for_now(self) -> DeploymentConfig:
+        for index, group in enumerate(self.workers):
+            if group.role != "agg":
+                raise ValueError(
+                    f"workers.{index}.role: role {group.role!r} needs disaggregated serving, "
+                    "which is not implemented yet; use 'agg'"
+                )
+            if group.tp != 1:
+                raise ValueError(
+                    f"workers.{index}.tp: tensor parallelism is not implemented yet; use 1"
+                )
+        return self
+
+
+def load_config(
+    path: str | Path | None = None,
+    overrides: Iterable[str] = (),
+    environ: Mapping[str, str] | None = None,
+) -> DeploymentConfig:
+    """Read YAML (or defaults), apply env then `key.path=value` overrides, validate."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        try:
+            loaded = yaml.safe_load(Path(path).read_text())
+        except OSError as exc:
+            raise ConfigError(f"cannot read config {path}: {exc}") from exc
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{path} is not valid YAML: {exc}") from exc
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping")
+        data = loaded or {}
+    environ = os.environ if environ is None else environ
+    for key, value in sorted(environ.items()):
+        if key.startswith(ENV_PREFIX) and len(key) > len(ENV_PREFIX):
+            dotted = key[len(ENV_PREFIX) :].lower().replace("__", ".")
+            _set_dotted(data, dotted, _parse_value(value))
+    for item in overrides:
+        dotted, sep, value = item.partition("=")
+        if not sep or not dotted.strip():
+            raise ConfigError(f"override {item!r} must look like field.path=value")
+        _set_dotted(data, dotted.strip(), _parse_value(value))
+    try:
+        return DeploymentConfig.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(_describe(exc)) from None
+
+
+def _parse_value(text: str) -> Any:
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+
+
+def _set_dotted(data: dict[str, Any], dotted: str, value: Any) -> None:
+    node: Any = data
+    parts = dotted.split(".")
+    for depth, part in enumerate(parts):
+        last = depth == len(parts) - 1
+        if isinstance(node, list):
+            if not part.isdigit() or int(part) >= len(node):
+                raise ConfigError(f"{'.'.join(parts[: depth + 1])}: no such list item")
+            if last:
+                node[int(part)] = value
+            else:
+                node = node[int(part)]
+            continue
+        if not isinstance(node, dict):
+            raise ConfigError(f"{'.'.join(parts[:depth])}: is a value, it has no field {part!r}")
+        if last:
+            node[part] = value
+        else:
+            child = node.get(part)
+            if child is None:
+                child = [{}] if part == "workers" else {}
+                node[part] = child
+            node = child
+
+
+def _describe(exc: ValidationError) -> str:
+    lines = []
+    for error in exc.errors():
+        field = ".".join(str(part) for part in error["loc"]) or "config"
+        message = error["msg"].removeprefix("Value error, ")
+        if message.startswith(f"{field}:") or ":" in message.split(" ")[0]:
+            lines.append(message)
+        else:
+            lines.append(f"{field}: {message}")
+    return "invalid config: " + "; ".join(lines)

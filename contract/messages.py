@@ -1,0 +1,117 @@
+"""Messages between the frontend and the workers, sent over NATS as JSON.
+
+Token ids, not text: tokenization and detokenization happen on the frontend. Every message
+carries `version` so that a mismatched frontend and worker fail loudly instead of guessing.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+PROTOCOL_VERSION = 1
+
+FinishReason = Literal["stop", "length", "abort", "error"]
+
+
+class _Message(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=False)
+
+
+class SamplingParams(_Message):
+    """Per-request decoding settings; the engine validates ranges (ValueError naming the field)."""
+
+    max_tokens: int = 16
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0  # 0 or -1: no top-k cut
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    seed: int | None = None
+    stop_token_ids: list[int] = Field(default_factory=list)
+    ignore_eos: bool = False
+    logprobs: int | None = None  # None: none; 0: chosen token only; n: also the top n
+
+
+class GenerateRequest(_Message):
+    version: int = PROTOCOL_VERSION
+    request_id: str
+    token_ids: list[int]
+    sampling: SamplingParams = Field(default_factory=SamplingParams)
+
+
+class TopLogprob(_Message):
+    token_id: int
+    logprob: float
+
+
+class TokenLogprob(_Message):
+    token_id: int
+    logprob: float
+    top: list[TopLogprob] = Field(default_factory=list)
+
+
+class GenerateOutput(_Message):
+    """One streamed chunk: the tokens produced since the previous chunk.
+
+    The last chunk has `finish_reason` set; on failure it is "error" and `error` says why
+    (`error_param` names the offending request field when the request itself was bad).
+    """
+
+    version: int = PROTOCOL_VERSION
+    request_id: str
+    token_ids: list[int] = Field(default_factory=list)
+    logprobs: list[TokenLogprob] | None = None
+    finish_reason: FinishReason | None = None
+    num_prompt_tokens: int = 0
+    num_cached_tokens: int = 0
+    error: str | None = None
+    error_param: str | None = None
+
+
+class AbortRequest(_Message):
+    version: int = PROTOCOL_VERSION
+    request_id: str
+
+
+class StoredBlock(_Message):
+    block_hash: int
+    num_tokens: int
+
+
+class KvStored(_Message):
+    """Blocks that became reusable, in prefix order; the first one's parent is `parent_hash`."""
+
+    kind: Literal["stored"] = "stored"
+    parent_hash: int | None
+    blocks: list[StoredBlock]
+
+
+class KvRemoved(_Message):
+    kind: Literal["removed"] = "removed"
+    block_hashes: list[int]
+
+
+KvEvent = Annotated[KvStored | KvRemoved, Field(discriminator="kind")]
+
+
+class KvEventBatch(_Message):
+    """All KV events of one engine step from one worker; `seq` counts batches per worker."""
+
+    version: int = PROTOCOL_VERSION
+    worker_id: str
+    seq: int
+    events: list[KvEvent]
+
+
+class LoadMetrics(_Message):
+    version: int = PROTOCOL_VERSION
+    worker_id: str = ""
+    active_sequences: int = 0
+    waiting_sequences: int = 0
+    total_blocks: int = 0
+    free_blocks: int = 0
+    active_blocks: int = 0

@@ -1,0 +1,162 @@
+"""The deployment plan: which processes a config needs, in which order, and when each is ready.
+
+A pure function of a *resolved* config (service endpoints, frontend port and model path filled
+in). `hpcserve up` spawns the plan on one machine; the Slurm renderer renders the same plan
+into srun steps. Processes are started stage by stage (services, workers, frontend): all of a
+stage at once, then each one's readiness is awaited before the next stage starts.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+from urllib.parse import urlsplit
+
+from contract.config import DeploymentConfig
+from contract.discovery import workers_prefix
+
+ReadinessKind = Literal["port", "registrations", "http"]
+
+STAGE_SERVICES, STAGE_WORKERS, STAGE_FRONTEND = 0, 1, 2
+
+
+@dataclass(frozen=True)
+class Readiness:
+    """How to tell a process is ready.
+
+    - `port`: a TCP connect to `host:port` succeeds.
+    - `registrations`: etcd at `etcd_endpoint` holds at least `count` keys under `prefix`.
+    - `http`: GET `url` answers 2xx.
+    """
+
+    kind: ReadinessKind
+    host: str | None = None
+    port: int | None = None
+    etcd_endpoint: str | None = None
+    prefix: str | None = None
+    count: int | None = None
+    url: str | None = None
+
+    def describe(self) -> str:
+        if self.kind == "port":
+            return f"port {self.host}:{self.port} open"
+        if self.kind == "registrations":
+            return f"{self.count} key(s) under {self.prefix} in etcd"
+        return f"GET {self.url} → 2xx"
+
+
+@dataclass(frozen=True)
+class PlannedProcess:
+    name: str
+    role: str  # etcd | nats | agg | prefill | decode | frontend
+    stage: int
+    argv: tuple[str, ...]
+    ready: Readiness
+    env: dict[str, str] = field(default_factory=dict)  # added to the inherited environment
+    group: int | None = None
+    index: int | None = None
+
+
+def split_url(url: str, default_port: int) -> tuple[str, int]:
+    """'scheme://host:port' → (host, port)."""
+    parts = urlsplit(url if "://" in url else f"tcp://{url}")
+    return parts.hostname or "127.0.0.1", parts.port or default_port
+
+
+def etcd_argv(binary: str, data_dir: str, client_url: str, peer_url: str) -> list[str]:
+    return [
+        binary,
+        "--name", "hpcserve-etcd",
+        "--data-dir", data_dir,
+        "--listen-client-urls", client_url,
+        "--advertise-client-urls", client_url,
+        "--listen-peer-urls", peer_url,
+        "--initial-advertise-peer-urls", peer_url,
+        "--initial-cluster", f"hpcserve-etcd={peer_url}",
+        "--log-level", "warn",
+    ]  # fmt: skip
+
+
+def nats_argv(binary: str, host: str, port: int) -> list[str]:
+    return [binary, "-a", host, "-p", str(port), "-m", "0"]
+
+
+def worker_id(role: str, group: int, index: int) -> str:
+    """Unique within a deployment: one id per worker group instance."""
+    return f"{role}-g{group}-i{index}"
+
+
+def plan_deployment(
+    config: DeploymentConfig,
+    *,
+    config_file: str,
+    run_dir: str,
+    python: str = "python3",
+    etcd_binary: str = "etcd",
+    nats_binary: str = "nats-server",
+    etcd_peer_port: int | None = None,
+) -> list[PlannedProcess]:
+    """Every process of the deployment, in start order.
+
+    `config` must be resolved: `services.*.endpoint` set (for started services too) and
+    `frontend.port` not 0. `config_file` is where that resolved config is written; every
+    component reads it. `etcd_peer_port` defaults to the client port + 1.
+    """
+    services = config.services
+    if not services.etcd.endpoint or not services.nats.endpoint:
+        raise ValueError("plan_deployment needs resolved services.etcd/nats endpoints")
+    if config.frontend.port == 0:
+        raise ValueError("plan_deployment needs a resolved frontend.port (not 0)")
+    common_env = {"PYTHONUNBUFFERED": "1"}
+    plan: list[PlannedProcess] = []
+
+    if services.etcd.start:
+        host, port = split_url(services.etcd.endpoint, 2379)
+        peer_url = f"http://{host}:{etcd_peer_port or port + 1}"
+        argv = etcd_argv(etcd_binary, f"{run_dir}/etcd-data", services.etcd.endpoint, peer_url)
+        plan.append(
+            PlannedProcess(
+                "etcd", "etcd", STAGE_SERVICES, tuple(argv), Readiness("port", host, port)
+            )
+        )
+    if services.nats.start:
+        host, port = split_url(services.nats.endpoint, 4222)
+        plan.append(
+            PlannedProcess(
+                "nats", "nats", STAGE_SERVICES, tuple(nats_argv(nats_binary, host, port)),
+                Readiness("port", host, port),
+            )
+        )
+
+    total = sum(group.count for group in config.workers)
+    for group_index, group in enumerate(config.workers):
+        for index in range(group.count):
+            argv = (
+                python, "-m", "mpi_workers", "--config", config_file,
+                "--group", str(group_index), "--index", str(index),
+            )  # fmt: skip
+            ready = Readiness(
+                "registrations",
+                etcd_endpoint=services.etcd.endpoint,
+                prefix=workers_prefix(config.name),
+                count=total,
+            )
+            plan.append(
+                PlannedProcess(
+                    f"worker-{worker_id(group.role, group_index, index)}",
+                    group.role, STAGE_WORKERS, argv, ready, dict(common_env),
+                    group=group_index, index=index,
+                )
+            )  # fmt: skip
+
+    host, port = config.frontend.host, config.frontend.port
+    probe_host = "127.0.0.1" if host in ("0.0.0.0", "") else host
+    plan.append(
+        PlannedProcess(
+            "frontend", "frontend", STAGE_FRONTEND,
+            (python, "-m", "frontend", "--config", config_file),
+            Readiness("http", url=f"http://{probe_host}:{port}/health"),
+            dict(common_env),
+        )
+    )  # fmt: skip
+    return plan

@@ -1,0 +1,174 @@
+"""OpenAI-shaped errors: `{"error": {"message", "type", "param", "code"}}` with the right status.
+
+Every problem with the input is a 4xx naming the field; the frontend never answers 500 for
+something the client sent. Server-side trouble (no worker, worker lost) is a 5xx that says so.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import orjson
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from pydantic import ValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.responses import Response
+
+logger = logging.getLogger(__name__)
+
+# pydantic puts union-branch and validator tags into `loc`; they are not field names
+_LOC_NOISE = frozenset(
+    {
+        "str",
+        "int",
+        "float",
+        "bool",
+        "list",
+        "dict",
+        "none",
+        "function-after",
+        "function-before",
+        "function-plain",
+        "function-wrap",
+        "body",
+    }
+)
+
+
+class OpenAIError(Exception):
+    """An error the client should see as an OpenAI error body with `status`."""
+
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        *,
+        type: str = "invalid_request_error",
+        param: str | None = None,
+        code: str | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.type = type
+        self.param = param
+        self.code = code
+
+    def body(self) -> dict[str, Any]:
+        return {
+            "error": {
+                "message": self.message,
+                "type": self.type,
+                "param": self.param,
+                "code": self.code,
+            }
+        }
+
+    def response(self) -> Response:
+        return Response(
+            orjson.dumps(self.body()), status_code=self.status, media_type="application/json"
+        )
+
+
+def bad_request(message: str, param: str | None = None, code: str | None = None) -> OpenAIError:
+    return OpenAIError(400, message, param=param, code=code)
+
+
+def model_not_found(model: str) -> OpenAIError:
+    return OpenAIError(
+        404,
+        f"The model `{model}` does not exist.",
+        param="model",
+        code="model_not_found",
+    )
+
+
+def context_length_exceeded(message: str, param: str) -> OpenAIError:
+    return OpenAIError(400, message, param=param, code="context_length_exceeded")
+
+
+def no_worker(message: str) -> OpenAIError:
+    return OpenAIError(503, message, type="service_unavailable", code="no_worker_available")
+
+
+def worker_failed(message: str) -> OpenAIError:
+    return OpenAIError(502, message, type="server_error", code="worker_failed")
+
+
+def timed_out(seconds: float) -> OpenAIError:
+    return OpenAIError(
+        504,
+        f"the request did not finish within {seconds:g} s",
+        type="server_error",
+        code="timeout",
+    )
+
+
+def loc_to_param(loc: tuple[int | str, ...]) -> str | None:
+    """('messages', 0, 'role') → 'messages.0.role', dropping pydantic's branch tags."""
+    parts = [
+        str(part)
+        for part in loc
+        if isinstance(part, int) or (part not in _LOC_NOISE and "[" not in part)
+    ]
+    return ".".join(parts) or None
+
+
+def from_validation_errors(errors: list[dict[str, Any]]) -> OpenAIError:
+    """The first pydantic error as a 400; its location becomes `param`."""
+    if not errors:
+        return bad_request("invalid request")
+    first = errors[0]
+    param = loc_to_param(tuple(first.get("loc", ())))
+    # a union reports one error per branch; the deepest one under the same field says most
+    for other in errors[1:]:
+        other_param = loc_to_param(tuple(other.get("loc", ())))
+        if param and other_param and other_param.startswith(param + "."):
+            first, param = other, other_param
+    message = str(first.get("msg", "invalid value")).removeprefix("Value error, ")
+    head, sep, rest = message.partition(": ")
+    if param is None and sep and " " not in head:  # "field: reason" from a model validator
+        param, message = head, rest
+    if first.get("type") == "missing":
+        message = "field required"
+    return bad_request(f"{param}: {message}" if param else message, param=param)
+
+
+def parse_json_body(raw: bytes) -> Any:
+    """orjson decode; malformed JSON or a non-object body is a 400."""
+    try:
+        data = orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        raise bad_request(f"the request body is not valid JSON: {exc}") from None
+    if not isinstance(data, dict):
+        raise bad_request("the request body must be a JSON object")
+    return data
+
+
+def install_handlers(app: FastAPI) -> None:
+    """Make every error leaving the app an OpenAI error body."""
+
+    @app.exception_handler(OpenAIError)
+    async def _openai_error(_: Request, exc: OpenAIError) -> Response:
+        return exc.response()
+
+    @app.exception_handler(ValidationError)
+    async def _validation_error(_: Request, exc: ValidationError) -> Response:
+        return from_validation_errors(exc.errors()).response()  # type: ignore[arg-type]
+
+    @app.exception_handler(RequestValidationError)
+    async def _request_validation_error(_: Request, exc: RequestValidationError) -> Response:
+        return from_validation_errors(list(exc.errors())).response()
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(_: Request, exc: StarletteHTTPException) -> Response:
+        kind = "invalid_request_error" if exc.status_code < 500 else "server_error"
+        error = OpenAIError(exc.status_code, str(exc.detail), type=kind)
+        return error.response()
+
+    @app.exception_handler(Exception)
+    async def _unexpected(_: Request, exc: Exception) -> Response:
+        logger.exception("unexpected error: %s", exc)
+        return OpenAIError(500, f"internal error: {exc}", type="server_error").response()

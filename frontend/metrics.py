@@ -1,0 +1,103 @@
+"""Prometheus metrics of the frontend, served on `/metrics`.
+
+Each app gets its own registry so that several apps in one process (tests) do not collide.
+Latencies are what users feel: time to first token and the gap between streamed tokens.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
+
+_LATENCY_BUCKETS = (
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.075,
+    0.1,
+    0.25,
+    0.5,
+    0.75,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+    30.0,
+    60.0,
+)
+_ITL_BUCKETS = (
+    0.0005,
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.02,
+    0.04,
+    0.06,
+    0.08,
+    0.1,
+    0.15,
+    0.2,
+    0.3,
+    0.5,
+    1.0,
+    2.5,
+)
+
+
+class FrontendMetrics:
+    content_type = CONTENT_TYPE_LATEST
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.requests = Counter(
+            "hpcserve_frontend_requests",
+            "HTTP requests by endpoint and status",
+            ["endpoint", "status"],
+            registry=self.registry,
+        )
+        self.in_flight = Gauge(
+            "hpcserve_frontend_requests_in_flight",
+            "requests being served now",
+            registry=self.registry,
+        )
+        self.ttft = Histogram(
+            "hpcserve_frontend_time_to_first_token_seconds",
+            "from request arrival to the first generated token",
+            buckets=_LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.itl = Histogram(
+            "hpcserve_frontend_inter_token_latency_seconds",
+            "gap between generated tokens (a chunk's gap split over its tokens)",
+            buckets=_ITL_BUCKETS,
+            registry=self.registry,
+        )
+        self.duration = Histogram(
+            "hpcserve_frontend_request_duration_seconds",
+            "from request arrival to the last token",
+            buckets=_LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.prompt_tokens = Counter(
+            "hpcserve_frontend_prompt_tokens",
+            "prompt tokens of finished requests",
+            registry=self.registry,
+        )
+        self.completion_tokens = Counter(
+            "hpcserve_frontend_completion_tokens",
+            "generated tokens of finished requests",
+            registry=self.registry,
+        )
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

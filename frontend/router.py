@@ -1,0 +1,100 @@
+"""Which worker serves a request: one `Router` interface, several policies.
+
+The frontend counts its own in-flight requests per worker (always current) and keeps the
+latest `LoadMetrics` each worker publishes (which also sees other frontends' load). A
+KV-aware router will later implement the same `choose` and read the same state.
+"""
+
+from __future__ import annotations
+
+import itertools
+import random
+from collections import defaultdict
+from collections.abc import Sequence
+from typing import Any, Protocol
+
+from contract.discovery import WorkerCard
+from contract.messages import LoadMetrics
+
+
+class Router(Protocol):
+    """Picks one of `candidates` (never empty) for `request` (a `GenerateRequest`)."""
+
+    def choose(self, candidates: Sequence[WorkerCard], request: Any) -> WorkerCard: ...
+
+
+class LoadTracker:
+    """In-flight counts kept by this frontend plus the workers' last published LoadMetrics."""
+
+    def __init__(self) -> None:
+        self.in_flight: defaultdict[str, int] = defaultdict(int)
+        self.metrics: dict[str, LoadMetrics] = {}
+
+    def started(self, worker_id: str) -> None:
+        self.in_flight[worker_id] += 1
+
+    def finished(self, worker_id: str) -> None:
+        count = self.in_flight.get(worker_id, 0) - 1
+        if count > 0:
+            self.in_flight[worker_id] = count
+        else:
+            self.in_flight.pop(worker_id, None)
+
+    def update(self, metrics: LoadMetrics) -> None:
+        self.metrics[metrics.worker_id] = metrics
+
+    def forget(self, worker_id: str) -> None:
+        self.metrics.pop(worker_id, None)
+
+    def load(self, card: WorkerCard) -> float:
+        """Sequences on the worker relative to its capacity; our own count is a floor."""
+        own = self.in_flight.get(card.worker_id, 0)
+        reported = self.metrics.get(card.worker_id)
+        busy = own
+        if reported is not None:
+            busy = max(own, reported.active_sequences) + reported.waiting_sequences
+        return busy / max(card.capacity, 1)
+
+
+class RoundRobinRouter:
+    """Cycles through the workers in worker_id order, so the order is stable as they join."""
+
+    def __init__(self) -> None:
+        self._counter = itertools.count()
+
+    def choose(self, candidates: Sequence[WorkerCard], request: Any) -> WorkerCard:
+        ordered = sorted(candidates, key=lambda card: card.worker_id)
+        return ordered[next(self._counter) % len(ordered)]
+
+
+class RandomRouter:
+    def __init__(self, seed: int | None = None) -> None:
+        self._random = random.Random(seed)
+
+    def choose(self, candidates: Sequence[WorkerCard], request: Any) -> WorkerCard:
+        return self._random.choice(list(candidates))
+
+
+class LeastLoadedRouter:
+    """The worker with the lowest load; ties go round robin so equal workers share work."""
+
+    def __init__(self, tracker: LoadTracker) -> None:
+        self._tracker = tracker
+        self._counter = itertools.count()
+
+    def choose(self, candidates: Sequence[WorkerCard], request: Any) -> WorkerCard:
+        ordered = sorted(candidates, key=lambda card: card.worker_id)
+        loads = [self._tracker.load(card) for card in ordered]
+        lowest = min(loads)
+        tied = [card for card, load in zip(ordered, loads, strict=True) if load == lowest]
+        return tied[next(self._counter) % len(tied)]
+
+
+def make_router(mode: str, tracker: LoadTracker) -> Router:
+    if mode == "round_robin":
+        return RoundRobinRouter()
+    if mode == "random":
+        return RandomRouter()
+    if mode == "least_loaded":
+        return LeastLoadedRouter(tracker)
+    raise ValueError(f"frontend.router: unknown router {mode!r}")

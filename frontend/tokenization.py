@@ -1,0 +1,287 @@
+"""Text ↔ token ids on the frontend: tokenizer, chat template, incremental detokenizer, stops.
+
+Workers see only token ids, so everything textual happens here: the chat template turns
+messages into a prompt, the incremental detokenizer turns streamed ids into text without ever
+emitting half a UTF-8 character, and the stop matcher cuts the text at a stop string while
+holding back text that might still become one.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Sequence
+from datetime import datetime
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import jinja2
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+from tokenizers import Tokenizer
+
+logger = logging.getLogger(__name__)
+
+REPLACEMENT_CHAR = "\ufffd"
+# vLLM's choice: decode the last few prompt tokens with the output so leading spaces and
+# merges come out as they would in a full decode.
+_INITIAL_CONTEXT_TOKENS = 5
+
+
+class ChatTemplateError(ValueError):
+    """The model's chat template rejected the messages (raise_exception in the template)."""
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        return {}
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        logger.warning("ignoring unreadable %s: %s", path, exc)
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _as_ids(value: Any) -> list[int]:
+    if isinstance(value, int):
+        return [value]
+    if isinstance(value, list):
+        return [item for item in value if isinstance(item, int)]
+    return []
+
+
+def _token_text(value: Any) -> str | None:
+    if isinstance(value, str):
+        return value
+    if isinstance(value, dict) and isinstance(value.get("content"), str):
+        return value["content"]
+    return None
+
+
+@lru_cache(maxsize=1)
+def _byte_level_decoder() -> dict[str, int]:
+    """GPT-2's printable-character → byte table (the inverse of bytes_to_unicode)."""
+    printable = (
+        list(range(ord("!"), ord("~") + 1))
+        + list(range(ord("¡"), ord("¬") + 1))
+        + list(range(ord("®"), ord("ÿ") + 1))
+    )
+    chars = printable[:]
+    extra = 0
+    for byte in range(256):
+        if byte not in printable:
+            printable.append(byte)
+            chars.append(256 + extra)
+            extra += 1
+    return {chr(char): byte for byte, char in zip(printable, chars, strict=True)}
+
+
+class TextTokenizer:
+    """A HF model folder's tokenizer, chat template and end-of-sequence tokens."""
+
+    def __init__(self, model_dir: str | Path) -> None:
+        self.model_dir = Path(model_dir)
+        tokenizer_file = self.model_dir / "tokenizer.json"
+        if not tokenizer_file.is_file():
+            raise FileNotFoundError(f"{tokenizer_file} not found")
+        self._tokenizer = Tokenizer.from_file(str(tokenizer_file))
+        tokenizer_config = _read_json(self.model_dir / "tokenizer_config.json")
+        model_config = _read_json(self.model_dir / "config.json")
+        generation_config = _read_json(self.model_dir / "generation_config.json")
+
+        self.bos_token = _token_text(tokenizer_config.get("bos_token"))
+        self.eos_token = _token_text(tokenizer_config.get("eos_token"))
+        eos_ids = _as_ids(model_config.get("eos_token_id"))
+        eos_ids += _as_ids(generation_config.get("eos_token_id"))
+        if self.eos_token is not None:
+            eos_id = self._tokenizer.token_to_id(self.eos_token)
+            if eos_id is not None:
+                eos_ids.append(eos_id)
+        self.eos_token_ids: list[int] = sorted(set(eos_ids))
+        self.special_token_ids: frozenset[int] = frozenset(
+            token_id
+            for token_id, token in self._tokenizer.get_added_tokens_decoder().items()
+            if getattr(token, "special", False)
+        )
+        self.vocab_size: int = self._tokenizer.get_vocab_size(with_added_tokens=True)
+        self.max_model_len: int | None = model_config.get("max_position_embeddings")
+        self._byte_level = self._uses_byte_level()
+        self._chat_template = self._compile_chat_template(tokenizer_config)
+
+    def _uses_byte_level(self) -> bool:
+        try:
+            return "ByteLevel" in type(self._tokenizer.decoder).__name__
+        except Exception:
+            return False
+
+    def _compile_chat_template(self, tokenizer_config: dict[str, Any]) -> jinja2.Template | None:
+        source: str | None = None
+        template_file = self.model_dir / "chat_template.jinja"
+        if template_file.is_file():
+            source = template_file.read_text()
+        else:
+            configured = tokenizer_config.get("chat_template")
+            if isinstance(configured, str):
+                source = configured
+            elif isinstance(configured, list):  # [{"name": "default", "template": ...}, ...]
+                named = {item.get("name"): item.get("template") for item in configured}
+                source = named.get("default") or next(iter(named.values()), None)
+        if not source:
+            return None
+
+        def raise_exception(message: str) -> None:
+            raise ChatTemplateError(message)
+
+        def strftime_now(fmt: str) -> str:
+            return datetime.now().strftime(fmt)
+
+        env = ImmutableSandboxedEnvironment(
+            trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"]
+        )
+        env.filters["tojson"] = lambda value, indent=None: json.dumps(
+            value, ensure_ascii=False, indent=indent
+        )
+        env.globals["raise_exception"] = raise_exception
+        env.globals["strftime_now"] = strftime_now
+        return env.from_string(source)
+
+    @property
+    def has_chat_template(self) -> bool:
+        return self._chat_template is not None
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        return self._tokenizer.encode(text, add_special_tokens=add_special_tokens).ids
+
+    def decode(self, token_ids: Sequence[int], skip_special_tokens: bool = True) -> str:
+        return self._tokenizer.decode(list(token_ids), skip_special_tokens=skip_special_tokens)
+
+    def render_chat(self, messages: list[dict[str, Any]]) -> str:
+        """The prompt text for `messages`, ending with the assistant's turn opener."""
+        if self._chat_template is None:
+            raise ChatTemplateError("this model has no chat template; use /v1/completions")
+        try:
+            return self._chat_template.render(
+                messages=messages,
+                add_generation_prompt=True,
+                bos_token=self.bos_token or "",
+                eos_token=self.eos_token or "",
+            )
+        except ChatTemplateError:
+            raise
+        except jinja2.TemplateError as exc:
+            raise ChatTemplateError(f"the chat template failed: {exc}") from exc
+
+    def encode_chat(self, messages: list[dict[str, Any]]) -> list[int]:
+        # the template writes the special tokens itself
+        return self.encode(self.render_chat(messages), add_special_tokens=False)
+
+    @lru_cache(maxsize=65536)  # noqa: B019 - one tokenizer per process, lives as long
+    def token_piece(self, token_id: int) -> tuple[str, list[int]]:
+        """One token as (text, its UTF-8 bytes) for logprobs; bytes are exact for byte-level
+        BPE even when the token holds only part of a character."""
+        if self._byte_level and token_id not in self.special_token_ids:
+            piece = self._tokenizer.id_to_token(token_id)
+            if piece is not None:
+                table = _byte_level_decoder()
+                if all(char in table for char in piece):
+                    raw = bytes(table[char] for char in piece)
+                    return raw.decode("utf-8", errors="replace"), list(raw)
+        text = self._tokenizer.decode([token_id], skip_special_tokens=False)
+        return text, list(text.encode("utf-8"))
+
+
+class IncrementalDetokenizer:
+    """Streamed token ids → text deltas (vLLM's prefix/read offsets).
+
+    Text that ends in U+FFFD (an incomplete UTF-8 sequence) is held back until the next
+    tokens complete it; `finish()` releases whatever is left, so the concatenated deltas equal
+    a full decode of all output ids.
+    """
+
+    def __init__(self, tokenizer: TextTokenizer, prompt_ids: Sequence[int] = ()) -> None:
+        self._tokenizer = tokenizer
+        context = list(prompt_ids[-_INITIAL_CONTEXT_TOKENS:])
+        self._ids: list[int] = context
+        self._prefix_offset = 0
+        self._read_offset = len(context)
+        self._prefix_text = tokenizer.decode(context) if context else ""
+        self.num_output_tokens = 0
+
+    def add(self, token_ids: Sequence[int]) -> str:
+        """The text that `token_ids` complete; may be "" while a character is incomplete."""
+        if not token_ids:
+            return ""
+        self._ids.extend(token_ids)
+        self.num_output_tokens += len(token_ids)
+        text = self._tokenizer.decode(self._ids[self._prefix_offset :])
+        if len(text) > len(self._prefix_text) and not text.endswith(REPLACEMENT_CHAR):
+            delta = text[len(self._prefix_text) :]
+            self._prefix_offset = self._read_offset
+            self._read_offset = len(self._ids)
+            self._prefix_text = self._tokenizer.decode(
+                self._ids[self._prefix_offset : self._read_offset]
+            )
+            return delta
+        return ""
+
+    def finish(self) -> str:
+        """Whatever is still held back (an incomplete character at the very end included)."""
+        text = self._tokenizer.decode(self._ids[self._prefix_offset :])
+        delta = text[len(self._prefix_text) :]
+        self._prefix_offset = self._read_offset = len(self._ids)
+        self._prefix_text = ""
+        return delta
+
+
+class StopMatcher:
+    """Cuts streamed text at the first stop string, holding back a possible stop-string start.
+
+    `feed` returns the text that is safe to emit now and whether a stop string was reached
+    (then the text before it is returned and the stop string itself is dropped). `flush`
+    releases the held-back tail when generation ends without a stop.
+    """
+
+    def __init__(self, stops: Sequence[str]) -> None:
+        self._stops = [stop for stop in stops if stop]
+        self._hold = max((len(stop) for stop in self._stops), default=1) - 1
+        self._buffer = ""
+        self.stopped = False
+
+    @property
+    def active(self) -> bool:
+        return bool(self._stops)
+
+    def feed(self, text: str) -> tuple[str, bool]:
+        if self.stopped:
+            return "", True
+        if not self._stops:
+            return text, False
+        buffer = self._buffer + text
+        earliest = -1
+        for stop in self._stops:
+            index = buffer.find(stop)
+            if index != -1 and (earliest == -1 or index < earliest):
+                earliest = index
+        if earliest != -1:
+            self._buffer = ""
+            self.stopped = True
+            return buffer[:earliest], True
+        keep = self._partial_stop_suffix(buffer)
+        if keep:
+            self._buffer = buffer[-keep:]
+            return buffer[:-keep], False
+        self._buffer = ""
+        return buffer, False
+
+    def _partial_stop_suffix(self, buffer: str) -> int:
+        """Length of the longest tail of `buffer` that is a proper prefix of a stop string."""
+        for length in range(min(self._hold, len(buffer)), 0, -1):
+            tail = buffer[-length:]
+            if any(stop.startswith(tail) for stop in self._stops):
+                return length
+        return 0
+
+    def flush(self) -> str:
+        held, self._buffer = self._buffer, ""
+        return "" if self.stopped else held

@@ -1,0 +1,162 @@
+"""The frontend's NATS side: send a request to a worker, receive its token stream, abort it.
+
+One wildcard subscription `<inbox>.>` per process receives every reply; chunks are handed to
+per-request queues by the last subject token (the request id). One subscription per request
+would halve streaming throughput (see shared/notes/serving-facts.md). A request whose worker
+leaves the WorkerDirectory gets a `WorkerLost` instead of waiting forever.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Mapping
+
+from nats.aio.client import Client as NatsClient
+from nats.aio.msg import Msg
+
+from contract.bus import connect, load_metrics_subject
+from contract.discovery import WorkerCard
+from contract.messages import AbortRequest, GenerateOutput, GenerateRequest, LoadMetrics
+from frontend.router import LoadTracker
+
+logger = logging.getLogger(__name__)
+
+
+class WorkerLost(Exception):
+    """The worker serving a request left the directory (crash, lease lapse, shutdown)."""
+
+    def __init__(self, worker_id: str) -> None:
+        super().__init__(f"worker {worker_id} left while serving the request")
+        self.worker_id = worker_id
+
+
+class RequestStream:
+    """The replies of one request; `close()` aborts it on the worker unless it finished."""
+
+    __slots__ = ("_client", "card", "finished", "queue", "request_id")
+
+    def __init__(self, client: WorkerClient, card: WorkerCard, request_id: str) -> None:
+        self._client = client
+        self.card = card
+        self.request_id = request_id
+        self.queue: asyncio.Queue[bytes | BaseException] = asyncio.Queue()
+        self.finished = False
+
+    async def next(self, deadline: float) -> GenerateOutput:
+        """The next chunk; TimeoutError past `deadline` (loop time), WorkerLost if it left."""
+        queue = self.queue
+        if queue.empty():
+            async with asyncio.timeout_at(deadline):
+                item = await queue.get()
+        else:
+            item = queue.get_nowait()
+        if isinstance(item, BaseException):
+            self.finished = True  # nobody is left to abort
+            raise item
+        output = GenerateOutput.model_validate_json(item)
+        if output.finish_reason is not None:
+            self.finished = True
+        return output
+
+    def close(self) -> None:
+        """Idempotent; safe inside a cancelled task (the abort is published by its own task)."""
+        self._client._release(self)
+
+
+class WorkerClient:
+    """NATS connection, the shared reply inbox, and the load-metrics subscription."""
+
+    def __init__(self, nats_url: str, deployment: str, tracker: LoadTracker) -> None:
+        self._url = nats_url
+        self._deployment = deployment
+        self._tracker = tracker
+        self._nc: NatsClient | None = None
+        self._prefix = ""
+        self._streams: dict[str, RequestStream] = {}
+        self._background: set[asyncio.Task[None]] = set()
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._streams)
+
+    async def start(self, name: str = "hpcserve-frontend") -> None:
+        self._nc = await connect(self._url, name)
+        self._prefix = self._nc.new_inbox()
+        await self._nc.subscribe(f"{self._prefix}.>", cb=self._on_reply)
+        await self._nc.subscribe(load_metrics_subject(self._deployment), cb=self._on_load)
+        await self._nc.flush()
+        logger.info("connected to NATS at %s; replies on %s.>", self._url, self._prefix)
+
+    async def stop(self) -> None:
+        for stream in list(self._streams.values()):
+            stream.queue.put_nowait(ConnectionError("the frontend is shutting down"))
+        if self._background:
+            await asyncio.gather(*self._background, return_exceptions=True)
+        if self._nc is not None:
+            try:
+                await self._nc.drain()
+            except Exception as exc:
+                logger.debug("NATS drain failed: %s", exc)
+
+    async def open(self, card: WorkerCard, request: GenerateRequest) -> RequestStream:
+        """Register the reply queue, then publish the request to the worker."""
+        assert self._nc is not None, "start() first"
+        stream = RequestStream(self, card, request.request_id)
+        self._streams[request.request_id] = stream
+        self._tracker.started(card.worker_id)
+        try:
+            await self._nc.publish(
+                card.subject,
+                request.model_dump_json().encode(),
+                reply=f"{self._prefix}.{request.request_id}",
+            )
+        except BaseException:
+            stream.finished = True
+            self._release(stream)
+            raise
+        return stream
+
+    def _release(self, stream: RequestStream) -> None:
+        if self._streams.pop(stream.request_id, None) is None:
+            return
+        self._tracker.finished(stream.card.worker_id)
+        if not stream.finished:
+            stream.finished = True
+            self._publish_soon(
+                stream.card.abort_subject,
+                AbortRequest(request_id=stream.request_id).model_dump_json().encode(),
+            )
+
+    def _publish_soon(self, subject: str, payload: bytes) -> None:
+        task = asyncio.get_running_loop().create_task(self._publish(subject, payload))
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def _publish(self, subject: str, payload: bytes) -> None:
+        try:
+            assert self._nc is not None
+            await self._nc.publish(subject, payload)
+        except Exception as exc:
+            logger.warning("could not publish to %s: %s", subject, exc)
+
+    async def _on_reply(self, msg: Msg) -> None:
+        request_id = msg.subject[len(self._prefix) + 1 :]
+        stream = self._streams.get(request_id)
+        if stream is not None:
+            stream.queue.put_nowait(msg.data)
+
+    async def _on_load(self, msg: Msg) -> None:
+        try:
+            self._tracker.update(LoadMetrics.model_validate_json(msg.data))
+        except ValueError as exc:
+            logger.warning("ignoring malformed load metrics: %s", exc)
+
+    def on_workers_changed(self, workers: Mapping[str, WorkerCard]) -> None:
+        """WorkerDirectory listener: fail the requests of workers that left."""
+        for stream in list(self._streams.values()):
+            if stream.card.worker_id not in workers and not stream.finished:
+                stream.queue.put_nowait(WorkerLost(stream.card.worker_id))
+        for worker_id in list(self._tracker.metrics):
+            if worker_id not in workers:
+                self._tracker.forget(worker_id)

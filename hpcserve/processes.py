@@ -1,0 +1,123 @@
+"""Child processes we start and must stop: spawn with a log file, wait until ready, stop by PID.
+
+Each child leads its own process group, so stopping it also stops whatever it spawned
+(mpirun's ranks, uvicorn's workers). Readiness is polled, never slept for.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+
+
+class ProcessFailed(RuntimeError):
+    """A child exited or never became ready; the message ends with its log tail."""
+
+
+class ManagedProcess:
+    def __init__(self, name: str, popen: subprocess.Popen[bytes], log_path: Path) -> None:
+        self.name = name
+        self.popen = popen
+        self.log_path = log_path
+
+    @classmethod
+    def spawn(
+        cls,
+        name: str,
+        argv: Sequence[str],
+        log_path: Path,
+        env: Mapping[str, str] | None = None,
+        cwd: Path | None = None,
+    ) -> ManagedProcess:
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        with open(log_path, "ab") as log:
+            popen = subprocess.Popen(
+                list(argv),
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                env=dict(env) if env is not None else None,
+                cwd=cwd,
+                start_new_session=True,
+            )
+        return cls(name, popen, log_path)
+
+    @property
+    def pid(self) -> int:
+        return self.popen.pid
+
+    def running(self) -> bool:
+        return self.popen.poll() is None
+
+    def log_tail(self, lines: int = 30) -> str:
+        try:
+            text = self.log_path.read_text(errors="replace")
+        except OSError:
+            return ""
+        return "\n".join(text.splitlines()[-lines:])
+
+    def wait_ready(self, check: Callable[[], bool], timeout_s: float, poll_s: float = 0.05) -> None:
+        """Poll `check` until true; fail fast if the process exits first."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            if not self.running():
+                raise ProcessFailed(
+                    f"{self.name} exited with code {self.popen.returncode} before it was ready;"
+                    f" log {self.log_path}:\n{self.log_tail()}"
+                )
+            if check():
+                return
+            if time.monotonic() > deadline:
+                raise ProcessFailed(
+                    f"{self.name} not ready after {timeout_s:.0f} s; log {self.log_path}:\n"
+                    f"{self.log_tail()}"
+                )
+            time.sleep(poll_s)
+
+    def stop(self, timeout_s: float = 15.0) -> int | None:
+        """SIGTERM the process group, then SIGKILL what is left after `timeout_s`."""
+        if self.running():
+            _signal_group(self.pid, signal.SIGTERM)
+            try:
+                self.popen.wait(timeout_s)
+            except subprocess.TimeoutExpired:
+                _signal_group(self.pid, signal.SIGKILL)
+                self.popen.wait(5)
+        # Stragglers of the group (children that ignored TERM) go too.
+        _signal_group(self.pid, signal.SIGKILL)
+        return self.popen.returncode
+
+
+def _signal_group(pgid: int, sig: signal.Signals) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pgid, sig)
+
+
+def port_open(host: str, port: int) -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=0.2):
+            return True
+    except OSError:
+        return False
+
+
+def http_ok(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=1) as response:
+            return 200 <= response.status < 300
+    except (urllib.error.URLError, OSError, ValueError):
+        return False
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((host, 0))
+        return sock.getsockname()[1]

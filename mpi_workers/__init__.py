@@ -1,0 +1,1 @@
+"""Worker side of hpcserve: engines, the worker process, rank groups, KV events."""

@@ -1,0 +1,125 @@
+"""Paged attention over a flat (varlen) batch of tokens, in plain PyTorch.
+
+One step's tokens are laid out as: every single-token sequence first (decode, batched into
+one padded SDPA call), then each multi-token chunk (prefill, one SDPA call per sequence,
+with a bottom-right causal mask when earlier KV already sits in the cache). K/V of the new
+tokens are written into the paged cache with `slot_mapping` (slot = block * block_size +
+offset) and read back with `index_select` into buffers allocated once per step and shared
+by every layer (measured fastest on CPU; see the engine-anchors note).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass
+class PrefillChunk:
+    """One sequence's run of new tokens [start, end) in the flat batch."""
+
+    start: int
+    end: int
+    context_len: int  # tokens of this sequence in the cache after the step (prefix + chunk)
+    gather_slots: torch.Tensor | None  # slots of all context tokens; None: no cached prefix
+    mask: torch.Tensor | None = None  # bottom-right causal mask when gather_slots is set
+
+
+@dataclass
+class AttentionMetadata:
+    """Per-step description of where each token's KV goes and what it attends to."""
+
+    slot_mapping: torch.Tensor  # [num_tokens] long
+    num_decode: int = 0
+    decode_max_len: int = 0
+    decode_gather_slots: torch.Tensor | None = None  # [num_decode * decode_max_len]
+    decode_mask: torch.Tensor | None = None  # [num_decode, 1, 1, decode_max_len] bool or None
+    prefills: list[PrefillChunk] = field(default_factory=list)
+    cos: torch.Tensor | None = None  # RoPE tables for this step's positions
+    sin: torch.Tensor | None = None
+    gather_k: torch.Tensor | None = None  # preallocated gather buffers shared by layers
+    gather_v: torch.Tensor | None = None
+
+    def prepare_buffers(self, num_kv_heads: int, head_dim: int, dtype: torch.dtype) -> None:
+        """Allocate the K/V gather buffers once for the largest read of this step."""
+        sizes = [len(p.gather_slots) for p in self.prefills if p.gather_slots is not None]
+        if self.decode_gather_slots is not None:
+            sizes.append(len(self.decode_gather_slots))
+        if sizes:
+            n = max(sizes)
+            device = self.slot_mapping.device
+            self.gather_k = torch.empty(n, num_kv_heads, head_dim, dtype=dtype, device=device)
+            self.gather_v = torch.empty_like(self.gather_k)
+
+    @staticmethod
+    def bottom_right_mask(q_len: int, kv_len: int, device: torch.device) -> torch.Tensor:
+        # Query i sits at context position kv_len - q_len + i and sees keys up to it.
+        ones = torch.ones(q_len, kv_len, dtype=torch.bool, device=device)
+        return ones.tril(diagonal=kv_len - q_len)
+
+
+def _gather(cache: torch.Tensor, slots: torch.Tensor, buf: torch.Tensor) -> torch.Tensor:
+    out = buf[: len(slots)]
+    torch.index_select(cache, 0, slots, out=out)
+    return out
+
+
+def paged_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    meta: AttentionMetadata,
+    scale: float,
+) -> torch.Tensor:
+    """q: [T, H, D]; k, v: [T, KVH, D]; caches: [num_blocks, block_size, KVH, D] -> [T, H, D]."""
+    num_tokens, num_heads, head_dim = q.shape
+    kv_heads = k.shape[1]
+    k_flat = k_cache.view(-1, kv_heads, head_dim)
+    v_flat = v_cache.view(-1, kv_heads, head_dim)
+    k_flat.index_copy_(0, meta.slot_mapping, k)
+    v_flat.index_copy_(0, meta.slot_mapping, v)
+    if meta.num_decode == num_tokens and meta.num_decode > 0:
+        return _decode(q, k_flat, v_flat, meta, scale)
+    out = torch.empty_like(q)
+    if meta.num_decode:
+        out[: meta.num_decode] = _decode(q[: meta.num_decode], k_flat, v_flat, meta, scale)
+    for chunk in meta.prefills:
+        qs = q[chunk.start : chunk.end].transpose(0, 1).unsqueeze(0)
+        if chunk.gather_slots is None:
+            ks = k[chunk.start : chunk.end].transpose(0, 1).unsqueeze(0)
+            vs = v[chunk.start : chunk.end].transpose(0, 1).unsqueeze(0)
+            o = F.scaled_dot_product_attention(
+                qs, ks, vs, is_causal=True, scale=scale, enable_gqa=True
+            )
+        else:
+            ks = _gather(k_flat, chunk.gather_slots, meta.gather_k).transpose(0, 1).unsqueeze(0)
+            vs = _gather(v_flat, chunk.gather_slots, meta.gather_v).transpose(0, 1).unsqueeze(0)
+            o = F.scaled_dot_product_attention(
+                qs, ks, vs, attn_mask=chunk.mask, scale=scale, enable_gqa=True
+            )
+        out[chunk.start : chunk.end] = o.squeeze(0).transpose(0, 1)
+    return out
+
+
+def _decode(
+    q: torch.Tensor,
+    k_flat: torch.Tensor,
+    v_flat: torch.Tensor,
+    meta: AttentionMetadata,
+    scale: float,
+) -> torch.Tensor:
+    batch, num_heads, head_dim = q.shape
+    kv_heads = k_flat.shape[1]
+    length = meta.decode_max_len
+    ks = _gather(k_flat, meta.decode_gather_slots, meta.gather_k)
+    vs = _gather(v_flat, meta.decode_gather_slots, meta.gather_v)
+    ks = ks.view(batch, length, kv_heads, head_dim).transpose(1, 2)
+    vs = vs.view(batch, length, kv_heads, head_dim).transpose(1, 2)
+    o = F.scaled_dot_product_attention(
+        q.unsqueeze(2), ks, vs, attn_mask=meta.decode_mask, scale=scale, enable_gqa=True
+    )
+    return o.squeeze(2)

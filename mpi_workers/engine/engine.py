@@ -1,0 +1,402 @@
+"""`TorchEngine`: the built-in engine — asyncio front, one stepping thread behind it.
+
+Callers (asyncio) validate and hand requests to the stepping thread through a thread-safe
+queue; the thread runs schedule -> forward -> sample -> bookkeeping in a loop (torch releases
+the GIL during the math) and pushes each request's new tokens back into that caller's
+asyncio.Queue with `loop.call_soon_threadsafe`. A failing step fails only the requests in
+it (finish_reason "error"); the loop keeps serving.
+
+Length policy: a prompt must be shorter than `max_model_len` (else ValueError on
+`token_ids`); `max_tokens` beyond the room left is clamped and the request ends with
+finish_reason "length" at `max_model_len`. `max_model_len` itself is capped at what the KV
+pool can hold, so every accepted request can always finish, alone if need be.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import queue
+import threading
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from contract.messages import GenerateOutput, GenerateRequest, LoadMetrics, SamplingParams
+from mpi_workers.engine.base import Engine, KvEventSink
+from mpi_workers.engine.block_manager import BlockManager
+from mpi_workers.engine.kv_cache import KvCache, blocks_for_budget
+from mpi_workers.engine.loader import default_dtype, load_model
+from mpi_workers.engine.model_config import load_model_config
+from mpi_workers.engine.model_runner import ModelRunner
+from mpi_workers.engine.sampler import Sampler, SampleRow
+from mpi_workers.engine.scheduler import ScheduledBatch, Scheduler
+from mpi_workers.engine.sequence import Sequence
+
+logger = logging.getLogger(__name__)
+
+MAX_LOGPROBS = 20
+DEFAULT_KV_MEMORY_BYTES = 512 * 2**20
+
+
+class RequestValidationError(ValueError):
+    """A bad request; `param` names the offending field (also first in the message)."""
+
+    def __init__(self, param: str, message: str) -> None:
+        super().__init__(f"{param}: {message}")
+        self.param = param
+
+
+@dataclass
+class EngineStats:
+    """Monotonic counters (read them from any thread; they are plain ints)."""
+
+    num_steps: int = 0
+    num_computed_tokens: int = 0
+    num_computed_prompt_tokens: int = 0  # prompt tokens whose KV was computed (not cached)
+    num_cached_prompt_tokens: int = 0  # prompt tokens served from the prefix cache
+    num_generated_tokens: int = 0
+    num_preemptions: int = 0
+    num_finished: int = 0
+    num_errors: int = 0
+
+
+class _Stream:
+    """The caller's side of one request: where its outputs go."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self.queue: asyncio.Queue[GenerateOutput] = asyncio.Queue()
+
+    def push(self, out: GenerateOutput) -> None:
+        try:
+            self.loop.call_soon_threadsafe(self.queue.put_nowait, out)
+        except RuntimeError:  # the caller's loop is closed; nobody is listening
+            pass
+
+
+class TorchEngine(Engine):
+    """Plain-PyTorch Llama-family engine with paged KV, prefix caching, continuous batching."""
+
+    def __init__(
+        self,
+        model_dir: str | Path,
+        device: str | torch.device = "cpu",
+        dtype: torch.dtype | None = None,
+        block_size: int = 16,
+        num_blocks: int | None = None,
+        kv_cache_memory_bytes: int | None = None,
+        max_num_seqs: int = 32,
+        max_num_batched_tokens: int = 2048,
+        max_model_len: int | None = None,
+        enable_prefix_caching: bool = True,
+        model_name: str | None = None,
+        seed: int | None = None,
+    ) -> None:
+        self.model_dir = Path(model_dir)
+        self.model_name = model_name or self.model_dir.name
+        self.device = torch.device(device)
+        self.dtype = dtype or default_dtype(self.device)
+        self.config = load_model_config(self.model_dir)
+        self.block_size = block_size
+        self.vocab_size = self.config.vocab_size
+        self.eos_token_ids = frozenset(self.config.eos_token_ids)
+        if num_blocks is None:
+            budget = kv_cache_memory_bytes or DEFAULT_KV_MEMORY_BYTES
+            num_blocks = blocks_for_budget(self.config, block_size, self.dtype, budget)
+        limit = min(max_model_len or self.config.max_position_embeddings, num_blocks * block_size)
+        if max_model_len and limit < max_model_len:
+            logger.warning("max_model_len capped to %d tokens: the KV pool holds no more", limit)
+        self.max_model_len = limit
+        self.max_num_batched_tokens = max(max_num_batched_tokens, 1)
+        self.model = load_model(self.model_dir, self.config, limit, self.device, self.dtype)
+        self.kv_cache = KvCache(self.config, num_blocks, block_size, self.dtype, self.device)
+        self.block_manager = BlockManager(num_blocks, block_size, enable_prefix_caching)
+        self.scheduler = Scheduler(self.block_manager, max_num_seqs, self.max_num_batched_tokens)
+        self.runner = ModelRunner(self.model, self.kv_cache)
+        self.sampler = Sampler(seed)
+        self.stats = EngineStats()
+        self._sink: KvEventSink | None = None
+        self._commands: queue.Queue[tuple[str, Any]] = queue.Queue()
+        self._streams: dict[str, _Stream] = {}
+        self._streams_lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+        self._stop = threading.Event()
+
+    # ----- lifecycle -----------------------------------------------------------------------
+    async def start(self) -> None:
+        if self._thread is not None:
+            return
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._loop, name="torch-engine", daemon=True)
+        self._thread.start()
+
+    async def shutdown(self) -> None:
+        if self._thread is None:
+            return
+        self._stop.set()
+        self._commands.put(("wake", None))
+        await asyncio.to_thread(self._thread.join)
+        self._thread = None
+        for seq in list(self.scheduler.running) + list(self.scheduler.waiting):
+            self._finish(seq, "abort")
+        while not self._commands.empty():  # requests that never reached the thread
+            kind, arg = self._commands.get_nowait()
+            if kind == "add":
+                self._finish(arg, "abort")
+            elif kind == "abort" and arg[1] is not None:
+                arg[1][0].call_soon_threadsafe(_resolve, arg[1][1])
+
+    # ----- requests ------------------------------------------------------------------------
+    def validate(self, request: GenerateRequest) -> None:
+        """Raise RequestValidationError (a ValueError) naming the first bad field."""
+        ids = request.token_ids
+        p: SamplingParams = request.sampling
+        if not ids:
+            raise RequestValidationError("token_ids", "the prompt is empty")
+        if len(ids) >= self.max_model_len:
+            raise RequestValidationError(
+                "token_ids",
+                f"prompt of {len(ids)} tokens leaves no room under max_model_len "
+                f"{self.max_model_len}",
+            )
+        if min(ids) < 0 or max(ids) >= self.vocab_size:
+            raise RequestValidationError("token_ids", f"ids must lie in [0, {self.vocab_size})")
+        if p.max_tokens < 1:
+            raise RequestValidationError("max_tokens", "must be >= 1")
+        if not p.temperature >= 0.0 or math.isinf(p.temperature):
+            raise RequestValidationError("temperature", "must be a finite number >= 0")
+        if not 0.0 < p.top_p <= 1.0:
+            raise RequestValidationError("top_p", "must be in (0, 1]")
+        if p.top_k < -1:
+            raise RequestValidationError("top_k", "must be -1, 0 (disabled) or >= 1")
+        if not 0.0 <= p.min_p <= 1.0:
+            raise RequestValidationError("min_p", "must be in [0, 1]")
+        if not p.repetition_penalty > 0.0:
+            raise RequestValidationError("repetition_penalty", "must be > 0")
+        for name in ("presence_penalty", "frequency_penalty"):
+            if not -2.0 <= getattr(p, name) <= 2.0:
+                raise RequestValidationError(name, "must be in [-2, 2]")
+        if p.logprobs is not None and not 0 <= p.logprobs <= MAX_LOGPROBS:
+            raise RequestValidationError("logprobs", f"must be in [0, {MAX_LOGPROBS}]")
+        if any(t < 0 or t >= self.vocab_size for t in p.stop_token_ids):
+            raise RequestValidationError("stop_token_ids", f"ids must lie in [0, {self.vocab_size})")
+        with self._streams_lock:
+            if request.request_id in self._streams:
+                raise RequestValidationError("request_id", "a request with this id is running")
+
+    def generate(self, request: GenerateRequest) -> AsyncIterator[GenerateOutput]:
+        """Validate now (ValueError before any work), then stream outputs when iterated."""
+        self.validate(request)
+        if self._thread is None:
+            raise RuntimeError("engine not started: await engine.start() first")
+        stream = _Stream(asyncio.get_running_loop())
+        seq = self._make_sequence(request)
+        with self._streams_lock:
+            self._streams[request.request_id] = stream
+        self._commands.put(("add", seq))
+        return self._stream(request.request_id, stream)
+
+    def _make_sequence(self, request: GenerateRequest) -> Sequence:
+        p = request.sampling
+        generator = None
+        if p.seed is not None:
+            generator = torch.Generator()
+            generator.manual_seed(p.seed)
+        max_len = min(len(request.token_ids) + p.max_tokens, self.max_model_len)
+        return Sequence(
+            request_id=request.request_id,
+            token_ids=list(request.token_ids),
+            sampling=p,
+            max_len=max_len,
+            generator=generator,
+        )
+
+    async def _stream(self, request_id: str, stream: _Stream) -> AsyncIterator[GenerateOutput]:
+        finished = False
+        try:
+            while True:
+                out = await stream.queue.get()
+                finished = out.finish_reason is not None
+                yield out
+                if finished:
+                    return
+        finally:
+            if not finished:
+                await self.abort(request_id)
+
+    async def abort(self, request_id: str) -> None:
+        """Stop `request_id`; returns once its blocks are freed (no-op if unknown/finished)."""
+        if self._thread is None:
+            return
+        loop = asyncio.get_running_loop()
+        done = loop.create_future()
+        self._commands.put(("abort", (request_id, (loop, done))))
+        await done
+
+    # ----- observation ---------------------------------------------------------------------
+    def load_metrics(self) -> LoadMetrics:
+        bm = self.block_manager
+        free = bm.num_free_blocks
+        return LoadMetrics(
+            active_sequences=len(self.scheduler.running),
+            waiting_sequences=len(self.scheduler.waiting),
+            total_blocks=bm.num_blocks,
+            free_blocks=free,
+            active_blocks=bm.num_blocks - free,
+        )
+
+    def set_kv_event_sink(self, sink: KvEventSink | None) -> None:
+        self._sink = sink
+
+    def cached_block_hashes(self) -> list[int]:
+        return self.block_manager.cached_hashes()
+
+    # ----- the stepping thread -------------------------------------------------------------
+    def _loop(self) -> None:
+        logger.info("engine loop started (%s, %s)", self.device, self.dtype)
+        with torch.inference_mode():
+            while not self._stop.is_set():
+                self._drain_commands(block=not self.scheduler.has_work())
+                if self._stop.is_set():
+                    break
+                if self.scheduler.has_work():
+                    self._step_guarded()
+
+    def _drain_commands(self, block: bool) -> None:
+        try:
+            item = self._commands.get(timeout=0.5) if block else self._commands.get_nowait()
+        except queue.Empty:
+            return
+        while True:
+            kind, arg = item
+            if kind == "add":
+                self.scheduler.add(arg)
+            elif kind == "abort":
+                request_id, waiter = arg
+                seq = self.scheduler.find(request_id)
+                if seq is not None:
+                    self._finish(seq, "abort")
+                if waiter is not None:
+                    waiter[0].call_soon_threadsafe(_resolve, waiter[1])
+            try:
+                item = self._commands.get_nowait()
+            except queue.Empty:
+                return
+
+    def _step_guarded(self) -> None:
+        batch = ScheduledBatch()
+        try:
+            batch = self.scheduler.schedule()
+            if batch:
+                self.step(batch)
+        except Exception as exc:  # one bad step must not kill the loop or hang callers
+            logger.exception("engine step failed; failing its %d requests", len(batch.seqs))
+            for seq in batch.seqs:
+                if seq.finish_reason is None:
+                    self._finish(seq, "error", error=f"{type(exc).__name__}: {exc}")
+        self._publish_events()
+
+    def step(self, batch: ScheduledBatch) -> None:
+        """Forward one scheduled batch, sample, update sequences, deliver outputs."""
+        self.stats.num_steps += 1
+        logits, sampled = self.runner.run(batch)
+        for seq, n in zip(batch.seqs, batch.num_tokens, strict=True):
+            lo = seq.num_computed
+            self.stats.num_computed_tokens += n
+            self.stats.num_computed_prompt_tokens += max(0, min(lo + n, seq.num_prompt_tokens) - lo)
+            seq.num_computed = lo + n
+        if sampled:
+            rows = [
+                SampleRow(s.sampling, s.token_ids[: s.num_prompt_tokens], s.output_token_ids,
+                          s.generator)
+                for s in sampled
+            ]
+            tokens, logprobs = self.sampler(logits, rows)
+            for seq, token, lp in zip(sampled, tokens, logprobs, strict=True):
+                self._append_token(seq, token, lp)
+        for seq in batch.seqs:
+            self.block_manager.commit(seq)
+        self.stats.num_preemptions = self.scheduler.num_preemptions
+        self.stats.num_cached_prompt_tokens = self.scheduler.num_cached_prompt_tokens
+        for seq in batch.seqs:
+            if seq.finish_reason is not None:
+                self._finish(seq, seq.finish_reason)
+            elif seq.pending_tokens:
+                self._deliver(seq)
+
+    def _append_token(self, seq: Sequence, token: int, logprob: Any) -> None:
+        seq.token_ids.append(token)
+        seq.pending_tokens.append(token)
+        if logprob is not None:
+            seq.pending_logprobs.append(logprob)
+        self.stats.num_generated_tokens += 1
+        p = seq.sampling
+        if (not p.ignore_eos and token in self.eos_token_ids) or token in p.stop_token_ids:
+            seq.finish_reason = "stop"
+        elif seq.num_tokens >= seq.max_len:
+            seq.finish_reason = "length"
+
+    def _finish(self, seq: Sequence, reason: str, error: str | None = None) -> None:
+        seq.finish_reason = reason
+        seq.error = error
+        self.scheduler.remove(seq)
+        self.stats.num_finished += 1
+        if reason == "error":
+            self.stats.num_errors += 1
+        self._deliver(seq)
+        with self._streams_lock:
+            self._streams.pop(seq.request_id, None)
+
+    def _deliver(self, seq: Sequence) -> None:
+        with self._streams_lock:
+            stream = self._streams.get(seq.request_id)
+        out = GenerateOutput(
+            request_id=seq.request_id,
+            token_ids=seq.pending_tokens,
+            logprobs=seq.pending_logprobs if seq.sampling.logprobs is not None else None,
+            finish_reason=seq.finish_reason,
+            num_prompt_tokens=seq.num_prompt_tokens,
+            num_cached_tokens=seq.num_cached_tokens,
+            error=seq.error,
+        )
+        seq.pending_tokens = []
+        seq.pending_logprobs = []
+        if stream is not None:
+            stream.push(out)
+
+    def _publish_events(self) -> None:
+        events = self.block_manager.take_events()
+        sink = self._sink
+        if events and sink is not None:
+            try:
+                sink(events)
+            except Exception:
+                logger.exception("KV event sink failed; events of this step are lost")
+
+    # ----- convenience for scripts and tests -----------------------------------------------
+    async def generate_all(self, request: GenerateRequest) -> GenerateOutput:
+        """Run a request to completion; one output with every token (and the finish reason)."""
+        tokens: list[int] = []
+        logprobs: list[Any] = []
+        last = None
+        start = time.perf_counter()
+        async for out in self.generate(request):
+            tokens.extend(out.token_ids)
+            logprobs.extend(out.logprobs or [])
+            last = out
+        assert last is not None
+        logger.debug("%s done in %.3fs", request.request_id, time.perf_counter() - start)
+        return last.model_copy(
+            update={"token_ids": tokens, "logprobs": logprobs if last.logprobs is not None else None}
+        )
+
+
+def _resolve(future: asyncio.Future) -> None:
+    if not future.done():
+        future.set_result(None)

@@ -1,0 +1,160 @@
+"""Llama-family decoder (Llama, Qwen2, Mistral) over a flat batch of tokens with a paged KV cache.
+
+`forward(input_ids, positions, meta)` takes every token scheduled this step, whatever
+sequence it belongs to; `meta` (attention.AttentionMetadata) says where each token's KV goes
+and what it attends to. Logits are computed only for the rows that are sampled
+(`compute_logits(hidden, rows)`), which keeps the big vocabulary projection off prefill.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mpi_workers.engine.attention import AttentionMetadata, paged_attention
+from mpi_workers.engine.layers import (
+    ColumnParallelLinear,
+    InferenceWeight,
+    MergedColumnParallelLinear,
+    QKVParallelLinear,
+    RMSNorm,
+    RotaryEmbedding,
+    RowParallelLinear,
+    TpGroup,
+    VocabEmbedding,
+    _TpLinear,
+    apply_rope,
+)
+from mpi_workers.engine.model_config import ModelConfig
+
+
+class Attention(nn.Module):
+    """GQA self-attention with fused QKV projection and RoPE."""
+
+    def __init__(self, cfg: ModelConfig, tp: TpGroup) -> None:
+        super().__init__()
+        self.qkv_proj = QKVParallelLinear(
+            cfg.hidden_size, cfg.head_dim, cfg.num_heads, cfg.num_kv_heads, cfg.attention_bias, tp
+        )
+        self.o_proj = RowParallelLinear(cfg.num_heads * cfg.head_dim, cfg.hidden_size, False, tp)
+        self.num_heads = self.qkv_proj.num_heads
+        self.num_kv_heads = self.qkv_proj.num_kv_heads
+        self.head_dim = cfg.head_dim
+        self.scale = cfg.head_dim**-0.5
+        self.k_cache = torch.empty(0)
+        self.v_cache = torch.empty(0)
+
+    def forward(self, x: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        tokens = x.shape[0]
+        qkv = self.qkv_proj(x).view(tokens, self.num_heads + 2 * self.num_kv_heads, self.head_dim)
+        qk = apply_rope(qkv[:, : self.num_heads + self.num_kv_heads], meta.cos, meta.sin)
+        q = qk[:, : self.num_heads]
+        k = qk[:, self.num_heads :]
+        v = qkv[:, self.num_heads + self.num_kv_heads :]
+        o = paged_attention(q, k, v, self.k_cache, self.v_cache, meta, self.scale)
+        return self.o_proj(o.reshape(tokens, self.num_heads * self.head_dim))
+
+
+class MLP(nn.Module):
+    """SwiGLU: down(silu(gate(x)) * up(x)) with gate and up fused into one matmul."""
+
+    def __init__(self, cfg: ModelConfig, tp: TpGroup) -> None:
+        super().__init__()
+        size = cfg.intermediate_size
+        self.gate_up_proj = MergedColumnParallelLinear(
+            cfg.hidden_size, [size, size], cfg.mlp_bias, tp
+        )
+        self.down_proj = RowParallelLinear(size, cfg.hidden_size, cfg.mlp_bias, tp)
+        self.split = size // tp.size
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate_up = self.gate_up_proj(x)
+        return self.down_proj(F.silu(gate_up[:, : self.split]) * gate_up[:, self.split :])
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig, tp: TpGroup) -> None:
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = Attention(cfg, tp)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = MLP(cfg, tp)
+
+    def forward(self, h: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        h = h + self.self_attn(self.input_layernorm(h), meta)
+        return h + self.mlp(self.post_attention_layernorm(h))
+
+
+class LlamaForCausalLM(nn.Module):
+    """The decoder plus its (possibly tied) vocabulary head; parameter names follow HF."""
+
+    # HF checkpoint name -> (our fused parameter, shard id inside it)
+    packed_modules = {
+        "q_proj": ("qkv_proj", "q"),
+        "k_proj": ("qkv_proj", "k"),
+        "v_proj": ("qkv_proj", "v"),
+        "gate_proj": ("gate_up_proj", 0),
+        "up_proj": ("gate_up_proj", 1),
+    }
+
+    def __init__(self, cfg: ModelConfig, max_positions: int, tp: TpGroup | None = None) -> None:
+        super().__init__()
+        tp = tp or TpGroup()
+        self.config = cfg
+        self.tp = tp
+        self.model = nn.Module()
+        self.model.embed_tokens = VocabEmbedding(cfg.vocab_size, cfg.hidden_size, tp)
+        self.model.layers = nn.ModuleList(DecoderLayer(cfg, tp) for _ in range(cfg.num_layers))
+        self.model.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.rotary = RotaryEmbedding(cfg.head_dim, max_positions, cfg.rope_theta, cfg.rope_scaling)
+        self._tied_head: InferenceWeight | None = None
+        if cfg.tie_word_embeddings:
+            self.lm_head = None
+        else:
+            self.lm_head = ColumnParallelLinear(cfg.hidden_size, cfg.vocab_size, False, tp)
+
+    def bind_kv_cache(self, k_caches: list[torch.Tensor], v_caches: list[torch.Tensor]) -> None:
+        """Point every layer at its slice of the paged cache."""
+        for layer, k, v in zip(self.model.layers, k_caches, v_caches, strict=True):
+            layer.self_attn.k_cache = k
+            layer.self_attn.v_cache = v
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        meta: AttentionMetadata,
+        input_embeds: torch.Tensor | None = None,
+        embeds_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Hidden states [T, hidden] of the flat token batch.
+
+        Multimodal hook: rows where `embeds_mask` is True take `input_embeds` (one row per
+        True) instead of the token embedding.
+        """
+        h = self.model.embed_tokens(input_ids)
+        if input_embeds is not None:
+            h[embeds_mask] = input_embeds.to(h.dtype)
+        meta.cos, meta.sin = self.rotary.lookup(positions, h.dtype)
+        layer0 = self.model.layers[0].self_attn
+        meta.prepare_buffers(layer0.num_kv_heads, layer0.head_dim, h.dtype)
+        for layer in self.model.layers:
+            h = layer(h, meta)
+        return self.model.norm(h)
+
+    def prepare_inference(self, pack_rows: int | None = 8) -> None:
+        """After loading: relayout every linear weight (and the vocab head) for fast matmuls."""
+        for module in self.modules():
+            if isinstance(module, _TpLinear):
+                module.prepare_inference(pack_rows if module.weight.device.type == "cpu" else None)
+        if self.lm_head is None:
+            weight = self.model.embed_tokens.weight.data
+            self._tied_head = InferenceWeight(weight, pack_rows if weight.is_cpu else None)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        if self.lm_head is not None:
+            return self.lm_head(hidden)
+        if self._tied_head is not None:
+            return self._tied_head.matmul(hidden)
+        return F.linear(hidden, self.model.embed_tokens.weight)

@@ -1,0 +1,150 @@
+"""Turn a batch of logits into next tokens, one set of sampling settings per row.
+
+Penalties and the top-k / top-p / min-p masks are vectorised over the batch; the random draw
+is per row from the request's own `torch.Generator` (seeded when the request gives a seed),
+so a seeded request samples the same tokens whatever else shares its batch. Temperature 0
+is greedy (argmax). Logprobs are those of the model's distribution after penalties, before
+temperature and truncation.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from contract.messages import SamplingParams, TokenLogprob, TopLogprob
+
+
+@dataclass
+class SampleRow:
+    """What the sampler needs about one row: settings, history, random source."""
+
+    params: SamplingParams
+    prompt_ids: list[int]
+    output_ids: list[int]
+    generator: torch.Generator | None = None
+
+
+def apply_penalties(
+    logits: torch.Tensor,
+    rows: list[SampleRow],
+) -> torch.Tensor:
+    """Repetition (prompt + output, HF style), presence and frequency (output only, OpenAI style)."""
+    batch, vocab = logits.shape
+    rep = [r.params.repetition_penalty for r in rows]
+    pres = [r.params.presence_penalty for r in rows]
+    freq = [r.params.frequency_penalty for r in rows]
+    if all(x == 1.0 for x in rep) and not any(pres) and not any(freq):
+        return logits
+    device = logits.device
+    out_counts = torch.zeros(batch, vocab, device=device)
+    seen = torch.zeros(batch, vocab, dtype=torch.bool, device=device)
+    for i, r in enumerate(rows):
+        if r.output_ids:
+            ids = torch.tensor(r.output_ids, device=device)
+            out_counts[i].index_add_(0, ids, torch.ones(len(ids), device=device))
+        if rep[i] != 1.0 and r.prompt_ids:
+            seen[i, torch.tensor(r.prompt_ids, device=device)] = True
+    seen |= out_counts > 0
+    logits = logits.clone()
+    rep_t = torch.tensor(rep, device=device, dtype=logits.dtype)[:, None]
+    penalised = torch.where(logits > 0, logits / rep_t, logits * rep_t)
+    logits = torch.where(seen, penalised, logits)
+    freq_t = torch.tensor(freq, device=device, dtype=logits.dtype)[:, None]
+    pres_t = torch.tensor(pres, device=device, dtype=logits.dtype)[:, None]
+    return logits - freq_t * out_counts - pres_t * (out_counts > 0)
+
+
+def apply_top_k(logits: torch.Tensor, top_k: torch.Tensor) -> torch.Tensor:
+    """Keep the k largest per row (k <= 0: keep all); ties at the k-th value are kept."""
+    vocab = logits.shape[-1]
+    k = torch.where(top_k <= 0, torch.full_like(top_k, vocab), top_k.clamp(max=vocab))
+    sorted_logits = logits.sort(dim=-1, descending=True).values
+    kth = sorted_logits.gather(-1, (k - 1).unsqueeze(-1))
+    return logits.masked_fill(logits < kth, float("-inf"))
+
+
+def apply_top_p(logits: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
+    """Keep the smallest set of most likely tokens whose probability reaches top_p."""
+    sorted_logits, order = logits.sort(dim=-1, descending=True)
+    probs = sorted_logits.softmax(dim=-1)
+    before = probs.cumsum(dim=-1) - probs  # mass strictly before each token
+    drop_sorted = before >= top_p.unsqueeze(-1)
+    drop_sorted[:, 0] = False  # always keep the best token
+    drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+    return logits.masked_fill(drop, float("-inf"))
+
+
+def apply_min_p(logits: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:
+    """Drop tokens whose probability is below min_p times the best token's."""
+    probs = logits.softmax(dim=-1)
+    threshold = probs.max(dim=-1, keepdim=True).values * min_p.unsqueeze(-1)
+    return logits.masked_fill(probs < threshold, float("-inf"))
+
+
+class Sampler:
+    """Stateless apart from a fallback generator for unseeded requests."""
+
+    def __init__(self, seed: int | None = None) -> None:
+        self.generator = torch.Generator()
+        if seed is not None:
+            self.generator.manual_seed(seed)
+        else:
+            self.generator.seed()
+
+    def __call__(
+        self, logits: torch.Tensor, rows: list[SampleRow]
+    ) -> tuple[list[int], list[TokenLogprob | None]]:
+        logits = apply_penalties(logits.float(), rows)
+        greedy = [r.params.temperature == 0.0 for r in rows]
+        chosen = logits.argmax(dim=-1)
+        sampled_idx = [i for i, g in enumerate(greedy) if not g]
+        if sampled_idx:
+            chosen = chosen.clone()
+            sub_rows = [rows[i] for i in sampled_idx]
+            sub = logits[sampled_idx] if len(sampled_idx) < len(rows) else logits
+            draws = self._sample(sub, sub_rows)
+            chosen[sampled_idx] = draws
+        tokens = chosen.tolist()
+        return tokens, self._logprobs(logits, tokens, rows)
+
+    def _sample(self, logits: torch.Tensor, rows: list[SampleRow]) -> torch.Tensor:
+        device = logits.device
+        temps = torch.tensor([r.params.temperature for r in rows], device=device)
+        logits = logits / temps.unsqueeze(-1)
+        if any(r.params.top_k > 0 for r in rows):
+            top_k = torch.tensor([r.params.top_k for r in rows], device=device)
+            logits = apply_top_k(logits, top_k)
+        if any(r.params.top_p < 1.0 for r in rows):
+            logits = apply_top_p(logits, torch.tensor([r.params.top_p for r in rows], device=device))
+        if any(r.params.min_p > 0.0 for r in rows):
+            logits = apply_min_p(logits, torch.tensor([r.params.min_p for r in rows], device=device))
+        probs = logits.softmax(dim=-1)
+        out = torch.empty(len(rows), dtype=torch.long, device=device)
+        for i, r in enumerate(rows):
+            gen = r.generator if r.generator is not None else self.generator
+            out[i] = torch.multinomial(probs[i], 1, generator=gen)[0]
+        return out
+
+    @staticmethod
+    def _logprobs(
+        logits: torch.Tensor, tokens: list[int], rows: list[SampleRow]
+    ) -> list[TokenLogprob | None]:
+        wanted = [r.params.logprobs for r in rows]
+        if all(w is None for w in wanted):
+            return [None] * len(rows)
+        logprobs = logits.log_softmax(dim=-1)
+        top_n = max(w or 0 for w in wanted)
+        top = logprobs.topk(top_n, dim=-1) if top_n else None
+        result: list[TokenLogprob | None] = []
+        for i, (w, tok) in enumerate(zip(wanted, tokens, strict=True)):
+            if w is None:
+                result.append(None)
+                continue
+            entry = TokenLogprob(token_id=tok, logprob=float(logprobs[i, tok]))
+            if w and top is not None:
+                vals, ids = top.values[i, :w].tolist(), top.indices[i, :w].tolist()
+                entry.top = [TopLogprob(token_id=t, logprob=v) for t, v in zip(ids, vals)]
+            result.append(entry)
+        return result

@@ -1,0 +1,113 @@
+"""Continuous batching: which tokens of which sequences run in the next step.
+
+Each step first gives every running sequence its next token(s) (decode, or the next chunk
+of a partly prefilled prompt), then admits waiting sequences with (chunked) prefill, all
+under `max_num_batched_tokens` and `max_num_seqs`. When the pool runs out of blocks the
+newest running sequence is preempted: its blocks are freed (hashed ones stay in the prefix
+cache) and it goes back to the front of the waiting queue to be recomputed later.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import deque
+from dataclasses import dataclass, field
+
+from mpi_workers.engine.block_manager import BlockManager
+from mpi_workers.engine.sequence import Sequence, SeqStatus
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class ScheduledBatch:
+    """Sequences of one step and how many new tokens each computes (same order)."""
+
+    seqs: list[Sequence] = field(default_factory=list)
+    num_tokens: list[int] = field(default_factory=list)
+
+    def __bool__(self) -> bool:
+        return bool(self.seqs)
+
+
+class Scheduler:
+    def __init__(
+        self, block_manager: BlockManager, max_num_seqs: int, max_num_batched_tokens: int
+    ) -> None:
+        self.bm = block_manager
+        self.max_num_seqs = max_num_seqs
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+        self.num_preemptions = 0
+        self.num_cached_prompt_tokens = 0
+
+    def add(self, seq: Sequence) -> None:
+        seq.status = SeqStatus.WAITING
+        self.waiting.append(seq)
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def find(self, request_id: str) -> Sequence | None:
+        for seq in self.running:
+            if seq.request_id == request_id:
+                return seq
+        for seq in self.waiting:
+            if seq.request_id == request_id:
+                return seq
+        return None
+
+    def remove(self, seq: Sequence) -> None:
+        """Take `seq` out of the queues and free its blocks (finish or abort)."""
+        if seq in self.running:
+            self.running.remove(seq)
+        elif seq in self.waiting:
+            self.waiting.remove(seq)
+        self.bm.free(seq)
+        seq.status = SeqStatus.FINISHED
+
+    def _preempt(self, seq: Sequence) -> None:
+        logger.debug("preempting %s (%d tokens)", seq.request_id, seq.num_tokens)
+        self.running.remove(seq)
+        self.bm.free(seq)
+        seq.status = SeqStatus.WAITING
+        self.waiting.appendleft(seq)
+        self.num_preemptions += 1
+
+    def schedule(self) -> ScheduledBatch:
+        batch = ScheduledBatch()
+        budget = self.max_num_batched_tokens
+        # 1. Running sequences, oldest first; preempt from the newest end when short of blocks.
+        index = 0
+        while index < len(self.running) and budget > 0:
+            seq = self.running[index]
+            n = min(seq.remaining, budget)
+            need = self.bm.num_new_blocks(seq, seq.num_computed + n)
+            while not self.bm.can_allocate(need) and self.running[-1] is not seq:
+                self._preempt(self.running[-1])
+            if not self.bm.can_allocate(need):
+                self._preempt(seq)  # it is the newest: it waits for the others to finish
+                break
+            self.bm.allocate(seq, seq.num_computed + n)
+            batch.seqs.append(seq)
+            batch.num_tokens.append(n)
+            budget -= n
+            index += 1
+        # 2. Waiting sequences in order, while there is room; no preemption for them.
+        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
+            seq = self.waiting[0]
+            if not self.bm.admit(seq, budget):
+                break
+            self.waiting.popleft()
+            if not seq.admitted_once:
+                seq.num_cached_tokens = min(seq.num_computed, seq.num_prompt_tokens)
+                self.num_cached_prompt_tokens += seq.num_cached_tokens
+                seq.admitted_once = True
+            n = min(seq.remaining, budget)
+            seq.status = SeqStatus.RUNNING
+            self.running.append(seq)
+            batch.seqs.append(seq)
+            batch.num_tokens.append(n)
+            budget -= n
+        return batch

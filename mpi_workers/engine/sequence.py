@@ -1,0 +1,67 @@
+"""One request's state inside the engine: its tokens, how many have KV, and its blocks."""
+
+from __future__ import annotations
+
+import enum
+import itertools
+from dataclasses import dataclass, field
+
+import torch
+
+from contract.messages import SamplingParams, TokenLogprob
+
+_arrival = itertools.count()
+
+
+class SeqStatus(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+@dataclass(eq=False)
+class Sequence:
+    """Prompt + generated tokens; `num_computed` of them have KV in `block_table`.
+
+    After preemption `num_computed` drops to 0 and the whole token list (prompt and what was
+    generated so far) is recomputed as if it were a prompt, then decoding resumes.
+    """
+
+    request_id: str
+    token_ids: list[int]
+    sampling: SamplingParams
+    max_len: int  # prompt + max_tokens, clamped to the engine's max_model_len
+    num_prompt_tokens: int = 0
+    num_computed: int = 0
+    num_cached_tokens: int = 0  # prompt tokens served from the prefix cache (first admission)
+    block_table: list[int] = field(default_factory=list)
+    block_hashes: list[int] = field(default_factory=list)  # hashes of full computed blocks
+    status: SeqStatus = SeqStatus.WAITING
+    generator: torch.Generator | None = None
+    arrival: int = field(default_factory=lambda: next(_arrival))
+    admitted_once: bool = False
+    # Output not yet delivered to the caller.
+    pending_tokens: list[int] = field(default_factory=list)
+    pending_logprobs: list[TokenLogprob] = field(default_factory=list)
+    finish_reason: str | None = None
+    error: str | None = None
+
+    def __post_init__(self) -> None:
+        self.num_prompt_tokens = len(self.token_ids)
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.token_ids) - self.num_prompt_tokens
+
+    @property
+    def output_token_ids(self) -> list[int]:
+        return self.token_ids[self.num_prompt_tokens :]
+
+    @property
+    def remaining(self) -> int:
+        """Tokens still without KV; the step that computes the last one samples a new token."""
+        return len(self.token_ids) - self.num_computed

@@ -1,0 +1,305 @@
+"""The worker process: one engine, registered in etcd, serving requests from NATS.
+
+Life of a worker:
+1. build and start the engine; 2. subscribe to its generate and abort subjects;
+3. register its `WorkerCard` in etcd under a lease (kept alive); 4. serve: every
+`GenerateRequest` runs in its own task that streams each `GenerateOutput` chunk as JSON to the
+request's reply subject; 5. publish `LoadMetrics` every `METRICS_INTERVAL_S` and right after a
+request starts or ends, and the engine's KV events as seq-numbered `KvEventBatch`es;
+6. on SIGTERM/SIGINT: deregister first (revoke the lease) so no new requests come, let
+in-flight requests finish (bounded by `drain_timeout_s`), shut the engine down, exit 0.
+
+Bad requests. The engine raises `ValueError` naming the parameter before any work; the worker
+answers with one final chunk: finish_reason "error", `error` = the message, `error_param` =
+the parameter. Convention (shared with the engine): the exception has a `param` attribute, or
+its message starts with the parameter's name, followed by ':' or a space
+("max_tokens: must be >= 1", "temperature must be >= 0"). Only names of `GenerateRequest` and
+`SamplingParams` fields are taken as parameters.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import re
+import signal
+import time
+from collections.abc import Callable
+
+from pydantic import ValidationError
+
+from contract import bus
+from contract.discovery import WorkerCard, WorkerRegistration
+from contract.messages import (
+    PROTOCOL_VERSION,
+    AbortRequest,
+    GenerateOutput,
+    GenerateRequest,
+    KvEvent,
+    KvEventBatch,
+    SamplingParams,
+)
+from mpi_workers.engine.base import Engine
+
+logger = logging.getLogger(__name__)
+
+METRICS_INTERVAL_S = 0.5  # at least this often
+METRICS_POLL_S = 0.05  # after a change, at most this late
+_PARAM_NAMES = frozenset(GenerateRequest.model_fields) | frozenset(SamplingParams.model_fields)
+_LEADING_NAME = re.compile(r"^\s*['\"`]?([A-Za-z_][A-Za-z0-9_]*)['\"`]?\s*(?::|\s|$)")
+
+
+def error_param(exc: Exception) -> str | None:
+    """The request parameter a ValueError is about (see the module docstring)."""
+    param = getattr(exc, "param", None)
+    if isinstance(param, str) and param:
+        return param
+    match = _LEADING_NAME.match(str(exc))
+    if match and match.group(1) in _PARAM_NAMES:
+        return match.group(1)
+    return None
+
+
+class Worker:
+    """One engine served over NATS and registered in etcd. Use `start()`, then `stop()`."""
+
+    def __init__(
+        self,
+        engine: Engine,
+        *,
+        deployment: str,
+        worker_id: str,
+        role: str,
+        nats_url: str,
+        etcd_endpoint: str,
+        lease_ttl_s: int,
+        capacity: int,
+        model_name: str | None = None,
+        drain_timeout_s: float = 30.0,
+    ) -> None:
+        self.engine = engine
+        self.deployment = deployment
+        self.worker_id = worker_id
+        self.role = role
+        self.nats_url = nats_url
+        self.etcd_endpoint = etcd_endpoint
+        self.lease_ttl_s = lease_ttl_s
+        self.capacity = capacity
+        self.model_name = model_name or engine.model_name
+        self.drain_timeout_s = drain_timeout_s
+        self.subject = bus.worker_subject(deployment, worker_id)
+        self.abort_subject = bus.abort_subject(deployment, worker_id)
+        self._nc = None
+        self._subscriptions: list = []
+        self._registration: WorkerRegistration | None = None
+        self._inflight: dict[str, asyncio.Task[None]] = {}
+        self._metrics_changed = False
+        self._kv_queue: asyncio.Queue[list[KvEvent]] = asyncio.Queue()
+        self._kv_seq = 0
+        self._background: list[asyncio.Task[None]] = []
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    @property
+    def card(self) -> WorkerCard:
+        return WorkerCard(
+            worker_id=self.worker_id,
+            role=self.role,
+            model=self.model_name,
+            block_size=self.engine.block_size,
+            subject=self.subject,
+            abort_subject=self.abort_subject,
+            capacity=self.capacity,
+            max_model_len=self.engine.max_model_len,
+            simulated=self.engine.simulated,
+        )
+
+    @property
+    def inflight(self) -> int:
+        return len(self._inflight)
+
+    async def start(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        await self.engine.start()
+        self.engine.set_kv_event_sink(self._kv_sink)
+        self._nc = await bus.connect(self.nats_url, name=f"worker-{self.worker_id}")
+        self._subscriptions = [
+            await self._nc.subscribe(self.subject, cb=self._on_generate),
+            await self._nc.subscribe(self.abort_subject, cb=self._on_abort),
+        ]
+        self._background = [
+            asyncio.create_task(self._publish_metrics_forever(), name="load-metrics"),
+            asyncio.create_task(self._publish_kv_forever(), name="kv-events"),
+        ]
+        self._registration = WorkerRegistration(
+            self.etcd_endpoint, self.deployment, self.card, self.lease_ttl_s
+        )
+        await self._registration.open()
+        logger.info(
+            "registered %s (model %s, capacity %d) on %s",
+            self.worker_id, self.model_name, self.capacity, self.subject,
+        )  # fmt: skip
+
+    async def stop(self) -> None:
+        """Deregister, drain in-flight requests (bounded), shut the engine down."""
+        if self._registration is not None:
+            await self._registration.close()
+            self._registration = None
+            logger.info("deregistered; draining %d in-flight request(s)", self.inflight)
+        deadline = time.monotonic() + self.drain_timeout_s
+        # Requests sent before the frontend saw the deregistration still arrive: serve them.
+        while self._inflight and time.monotonic() < deadline:
+            await asyncio.wait(list(self._inflight.values()), timeout=deadline - time.monotonic())
+        if self._inflight:
+            logger.warning("drain timed out; aborting %d request(s)", self.inflight)
+        self.engine.set_kv_event_sink(None)
+        await self.engine.shutdown()  # unfinished requests end with finish_reason "abort"
+        if self._inflight:
+            await asyncio.wait(list(self._inflight.values()), timeout=5)
+        for task in self._inflight.values():
+            task.cancel()
+        for subscription in self._subscriptions:
+            with contextlib.suppress(Exception):
+                await subscription.unsubscribe()
+        for task in self._background:
+            task.cancel()
+        for task in self._background:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        if self._nc is not None:
+            with contextlib.suppress(Exception):
+                await self._nc.flush(timeout=2)
+            with contextlib.suppress(Exception):
+                await self._nc.close()
+        logger.info("stopped")
+
+    # request plane
+
+    async def _on_generate(self, msg) -> None:
+        try:
+            request = GenerateRequest.model_validate_json(msg.data)
+        except ValidationError as exc:
+            logger.error("malformed GenerateRequest: %s", exc)
+            request_id = _request_id_of(msg.data)
+            await self._reply_error(msg.reply, request_id, f"malformed request: {exc}", None)
+            return
+        if request.version != PROTOCOL_VERSION:
+            await self._reply_error(
+                msg.reply, request.request_id,
+                f"protocol version {request.version} not supported; worker speaks "
+                f"{PROTOCOL_VERSION}", "version",
+            )  # fmt: skip
+            return
+        if not msg.reply:
+            logger.error("request %s has no reply subject; dropped", request.request_id)
+            return
+        task = asyncio.create_task(self._serve(request, msg.reply), name=request.request_id)
+        self._inflight[request.request_id] = task
+        task.add_done_callback(lambda _t, rid=request.request_id: self._request_done(rid))
+        self._metrics_changed = True
+
+    def _request_done(self, request_id: str) -> None:
+        self._inflight.pop(request_id, None)
+        self._metrics_changed = True
+
+    async def _serve(self, request: GenerateRequest, reply: str) -> None:
+        assert self._nc is not None
+        finished = False
+        try:
+            async for output in self.engine.generate(request):
+                await self._nc.publish(reply, output.model_dump_json().encode())
+                finished = output.finish_reason is not None
+        except ValueError as exc:
+            logger.info("rejected %s: %s", request.request_id, exc)
+            await self._reply_error(reply, request.request_id, str(exc), error_param(exc))
+            return
+        except asyncio.CancelledError:
+            with contextlib.suppress(Exception):
+                await self.engine.abort(request.request_id)
+            raise
+        except Exception as exc:
+            logger.exception("request %s failed", request.request_id)
+            await self._reply_error(reply, request.request_id, f"engine error: {exc}", None)
+            return
+        if not finished:  # the stream must always end with a finish reason
+            await self._reply_error(
+                reply, request.request_id, "engine stream ended without finish_reason", None
+            )
+
+    async def _reply_error(
+        self, reply: str, request_id: str, error: str, param: str | None
+    ) -> None:
+        if not reply or self._nc is None:
+            return
+        chunk = GenerateOutput(
+            request_id=request_id, finish_reason="error", error=error, error_param=param
+        )
+        with contextlib.suppress(Exception):
+            await self._nc.publish(reply, chunk.model_dump_json().encode())
+
+    async def _on_abort(self, msg) -> None:
+        try:
+            request = AbortRequest.model_validate_json(msg.data)
+        except ValidationError as exc:
+            logger.error("malformed AbortRequest: %s", exc)
+            return
+        logger.debug("abort %s", request.request_id)
+        try:
+            await self.engine.abort(request.request_id)
+        except Exception:
+            logger.exception("abort of %s failed", request.request_id)
+
+    # event plane
+
+    def _kv_sink(self, events: list[KvEvent]) -> None:
+        """Called from the engine's stepping thread: hop onto the event loop."""
+        if self._loop is not None and not self._loop.is_closed():
+            self._loop.call_soon_threadsafe(self._kv_queue.put_nowait, events)
+
+    async def _publish_kv_forever(self) -> None:
+        subject = bus.kv_events_subject(self.deployment)
+        while True:
+            events = await self._kv_queue.get()
+            self._kv_seq += 1
+            batch = KvEventBatch(worker_id=self.worker_id, seq=self._kv_seq, events=events)
+            try:
+                await self._nc.publish(subject, batch.model_dump_json().encode())
+            except Exception as exc:
+                logger.warning("KV event batch %d not published: %s", self._kv_seq, exc)
+
+    async def _publish_metrics_forever(self) -> None:
+        # A plain poll: asyncio.wait_for on an Event can hang on cancel in Python 3.11.
+        subject = bus.load_metrics_subject(self.deployment)
+        last = 0.0
+        while True:
+            await asyncio.sleep(METRICS_POLL_S)
+            now = time.monotonic()
+            if not self._metrics_changed and now - last < METRICS_INTERVAL_S:
+                continue
+            self._metrics_changed, last = False, now
+            try:
+                metrics = self.engine.load_metrics().model_copy(
+                    update={"worker_id": self.worker_id}
+                )
+                await self._nc.publish(subject, metrics.model_dump_json().encode())
+            except Exception as exc:
+                logger.warning("load metrics not published: %s", exc)
+
+
+def _request_id_of(data: bytes) -> str:
+    match = re.search(rb'"request_id"\s*:\s*"([^"]*)"', data)
+    return match.group(1).decode(errors="replace") if match else ""
+
+
+async def serve_until_signal(worker: Worker, on_ready: Callable[[], None] | None = None) -> None:
+    """Start `worker`, serve until SIGTERM or SIGINT, then stop it gracefully."""
+    loop = asyncio.get_running_loop()
+    stopping = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stopping.set)
+    await worker.start()
+    if on_ready is not None:
+        on_ready()
+    await stopping.wait()
+    logger.info("signal received; stopping")
+    await worker.stop()

@@ -1,0 +1,1 @@
+"""Slurm launcher: renders contract.plan into sbatch/srun steps; not built yet."""

@@ -1,0 +1,40 @@
+"""Shared fixtures: real etcd and nats-server for the whole session, and the prepared model."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from hpcserve.model_prepare import prepare_default_model
+from hpcserve.services import start_etcd, start_nats
+
+
+@pytest.fixture(scope="session")
+def services_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("services")
+
+
+@pytest.fixture(scope="session")
+def etcd_endpoint(services_dir: Path) -> Iterator[str]:
+    process, endpoint = start_etcd(services_dir)
+    try:
+        yield endpoint
+    finally:
+        process.stop()
+
+
+@pytest.fixture(scope="session")
+def nats_url(services_dir: Path) -> Iterator[str]:
+    process, url = start_nats(services_dir)
+    try:
+        yield url
+    finally:
+        process.stop()
+
+
+@pytest.fixture(scope="session")
+def model_dir() -> Path:
+    """The default SmolLM2, converted once per machine."""
+    return prepare_default_model()

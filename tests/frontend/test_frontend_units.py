@@ -1,0 +1,302 @@
+"""Unit tests: request schemas and error mapping, routers, detokenizer, stop matcher."""
+
+from __future__ import annotations
+
+import random
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import pytest
+from pydantic import ValidationError
+
+from contract.discovery import WorkerCard
+from contract.messages import LoadMetrics
+from frontend import errors
+from frontend.openai_schemas import ChatCompletionRequest, CompletionRequest
+from frontend.router import (
+    LeastLoadedRouter,
+    LoadTracker,
+    RandomRouter,
+    RoundRobinRouter,
+    make_router,
+)
+from frontend.tokenization import IncrementalDetokenizer, StopMatcher, TextTokenizer
+
+CHAT: dict[str, Any] = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
+
+
+# ---- schemas ---------------------------------------------------------------------------
+
+
+def error_for(model: type, data: dict[str, Any]) -> errors.OpenAIError:
+    with pytest.raises(ValidationError) as info:
+        model.model_validate(data)
+    return errors.from_validation_errors(info.value.errors())  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("patch", "param"),
+    [
+        ({"messages": [{"role": "wizard", "content": "x"}]}, "messages.0.role"),
+        ({"messages": [{"role": "user", "content": "a"}, {"role": "x"}]}, "messages.1.role"),
+        ({"messages": [{"role": "user"}]}, "messages.0"),
+        (
+            {"messages": [{"role": "user", "content": [{"type": "image", "url": "u"}]}]},
+            "messages.0.content.0.type",
+        ),
+        ({"messages": "hello"}, "messages"),
+        ({"temperature": 2.5}, "temperature"),
+        ({"temperature": -0.1}, "temperature"),
+        ({"top_p": 0.0}, "top_p"),
+        ({"top_p": 1.5}, "top_p"),
+        ({"top_k": -2}, "top_k"),
+        ({"min_p": 2}, "min_p"),
+        ({"frequency_penalty": 2.5}, "frequency_penalty"),
+        ({"presence_penalty": -2.5}, "presence_penalty"),
+        ({"repetition_penalty": 0}, "repetition_penalty"),
+        ({"stop": ["1", "2", "3", "4", "5"]}, "stop"),
+        ({"stop": 5}, "stop"),
+        ({"n": 3}, "n"),
+        ({"max_tokens": -1}, "max_tokens"),
+        ({"max_completion_tokens": 0}, "max_completion_tokens"),
+        ({"seed": "abc"}, "seed"),
+        ({"stream": "maybe"}, "stream"),
+        ({"top_logprobs": 3}, "top_logprobs"),
+        ({"stream_options": {"include_usage": "x"}}, "stream_options.include_usage"),
+    ],
+)
+def test_chat_request_errors_name_the_field(patch: dict[str, Any], param: str) -> None:
+    error = error_for(ChatCompletionRequest, {**CHAT, **patch})
+    assert error.status == 400
+    assert error.param == param
+    assert error.body()["error"]["type"] == "invalid_request_error"
+
+
+def test_chat_request_accepts_openai_shapes() -> None:
+    request = ChatCompletionRequest.model_validate(
+        {
+            **CHAT,
+            "messages": [
+                {"role": "developer", "content": "be brief"},
+                {
+                    "role": "user",
+                    "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}],
+                },
+                {"role": "assistant", "content": None, "tool_calls": []},
+                {"role": "tool", "content": "42", "tool_call_id": "t"},
+            ],
+            "stop": "END",
+            "max_completion_tokens": 7,
+            "max_tokens": 3,
+            "logprobs": True,
+            "top_logprobs": 2,
+            "stream_options": {"include_usage": True},
+            "unknown_field": {"ignored": True},
+        }
+    )
+    assert request.messages[1].text() == "ab"
+    assert request.stop_strings() == ["END"]
+    assert request.requested_max_tokens() == 7
+    assert request.requested_logprobs() == 2
+    assert request.include_usage_in_stream()
+    plain = ChatCompletionRequest.model_validate(CHAT)
+    assert plain.requested_logprobs() is None and plain.requested_max_tokens() is None
+
+
+@pytest.mark.parametrize(
+    ("patch", "param"),
+    [
+        ({"prompt": ["a", "b"]}, "prompt"),
+        ({"prompt": [[1, 2], [3]]}, "prompt"),
+        ({"prompt": []}, "prompt"),
+        ({"prompt": 5}, "prompt"),
+        ({"logprobs": 21}, "logprobs"),
+        ({"echo": True}, "echo"),
+    ],
+)
+def test_completion_request_errors(patch: dict[str, Any], param: str) -> None:
+    error = error_for(CompletionRequest, {"model": "m", "prompt": "x", **patch})
+    assert (error.status, error.param) == (400, param)
+
+
+def test_completion_prompt_forms() -> None:
+    assert CompletionRequest.model_validate({"prompt": [1, 2]}).prompt == [1, 2]
+    assert CompletionRequest.model_validate({"prompt": ["only"]}).prompt == "only"
+    assert CompletionRequest.model_validate({"prompt": [[4, 5]]}).prompt == [4, 5]
+
+
+def test_missing_prompt_and_bad_json() -> None:
+    error = error_for(CompletionRequest, {"model": "m"})
+    assert error.param == "prompt" and "required" in error.message
+    with pytest.raises(errors.OpenAIError) as info:
+        errors.parse_json_body(b"{nope")
+    assert info.value.status == 400
+    with pytest.raises(errors.OpenAIError):
+        errors.parse_json_body(b"[1, 2]")
+
+
+# ---- routers ---------------------------------------------------------------------------
+
+
+def card(worker_id: str, capacity: int = 8) -> WorkerCard:
+    return WorkerCard(
+        worker_id=worker_id,
+        role="agg",
+        model="m",
+        block_size=16,
+        subject=f"s.{worker_id}",
+        abort_subject=f"a.{worker_id}",
+        capacity=capacity,
+        max_model_len=100,
+    )
+
+
+def test_round_robin_order_is_stable() -> None:
+    router = RoundRobinRouter()
+    cards = [card("c"), card("a"), card("b")]
+    chosen = [router.choose(cards, None).worker_id for _ in range(6)]
+    assert chosen == ["a", "b", "c", "a", "b", "c"]
+
+
+def test_random_covers_all() -> None:
+    router = RandomRouter(seed=1)
+    cards = [card(name) for name in "abcd"]
+    counts = Counter(router.choose(cards, None).worker_id for _ in range(400))
+    assert set(counts) == set("abcd") and min(counts.values()) > 50
+
+
+def test_least_loaded_picks_min() -> None:
+    tracker = LoadTracker()
+    router = LeastLoadedRouter(tracker)
+    cards = [card("a"), card("b"), card("c")]
+    for _ in range(3):
+        tracker.started("a")
+    tracker.started("b")
+    tracker.update(LoadMetrics(worker_id="c", active_sequences=5))
+    assert router.choose(cards, None).worker_id == "b"
+    tracker.finished("b")
+    assert router.choose(cards, None).worker_id == "b"
+    tracker.update(LoadMetrics(worker_id="b", active_sequences=2, waiting_sequences=4))
+    assert router.choose(cards, None).worker_id == "a"  # a: 3 in flight, b: 6, c: 5
+    # capacity matters: 3 of 8 is busier than 3 of 64
+    big = card("z", capacity=64)
+    for _ in range(3):
+        tracker.started("z")
+    assert router.choose([card("a"), big], None).worker_id == "z"
+
+
+def test_least_loaded_spreads_ties() -> None:
+    router = LeastLoadedRouter(LoadTracker())
+    cards = [card("a"), card("b")]
+    assert {router.choose(cards, None).worker_id for _ in range(2)} == {"a", "b"}
+
+
+def test_make_router() -> None:
+    tracker = LoadTracker()
+    assert isinstance(make_router("round_robin", tracker), RoundRobinRouter)
+    assert isinstance(make_router("least_loaded", tracker), LeastLoadedRouter)
+    with pytest.raises(ValueError, match=r"frontend\.router"):
+        make_router("kv-magic", tracker)
+
+
+# ---- tokenizer, detokenizer, stops -----------------------------------------------------
+
+TEXTS = [
+    "héllo 😀 世界 日本語のテキスト 👩‍👩‍👧 naïve café — ok",
+    "emoji run 🎉🎉🎉 and 한국어 and Ελληνικά",
+    "plain ascii text with numbers 12345",
+]
+
+
+@pytest.fixture(scope="module")
+def tokenizer(model_dir: Path) -> TextTokenizer:
+    return TextTokenizer(model_dir)
+
+
+def test_tokenizer_reads_model_folder(tokenizer: TextTokenizer) -> None:
+    assert tokenizer.eos_token_ids == [2]
+    assert tokenizer.max_model_len == 8192
+    assert 0 in tokenizer.special_token_ids and 2 in tokenizer.special_token_ids
+    prompt = tokenizer.render_chat([{"role": "user", "content": "hi"}])
+    assert prompt.endswith("<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n")
+    ids = tokenizer.encode_chat([{"role": "user", "content": "hi"}])
+    assert ids[0] == 1 and ids[-1] != 2  # template wrote <|im_start|>, no EOS added
+
+
+@pytest.mark.parametrize("text", TEXTS)
+@pytest.mark.parametrize("chunk", [1, 2, 3])
+def test_detokenizer_never_emits_broken_utf8(
+    tokenizer: TextTokenizer, text: str, chunk: int
+) -> None:
+    ids = tokenizer.encode(text, add_special_tokens=False)
+    prompt = tokenizer.encode_chat([{"role": "user", "content": "go"}])
+    detok = IncrementalDetokenizer(tokenizer, prompt)
+    deltas = [detok.add(ids[i : i + chunk]) for i in range(0, len(ids), chunk)]
+    deltas.append(detok.finish())
+    assert all("\ufffd" not in delta for delta in deltas)
+    assert "".join(deltas) == tokenizer.decode(ids) == text
+    # a multi-byte character really was split across tokens here
+    if text != TEXTS[2]:
+        assert any(delta == "" for delta in deltas[:-1])
+
+
+def test_detokenizer_skips_special_tokens_and_flushes_tail(tokenizer: TextTokenizer) -> None:
+    ids = tokenizer.encode("ok 😀", add_special_tokens=False)
+    detok = IncrementalDetokenizer(tokenizer)
+    text = "".join(detok.add([token]) for token in [*ids, 2])
+    assert text + detok.finish() == "ok 😀"
+    cut = IncrementalDetokenizer(tokenizer)
+    partial = "".join(cut.add([token]) for token in ids[:-1])
+    assert "\ufffd" not in partial
+    tail = cut.finish()  # generation stopped mid-character: released as decode() would
+    assert partial + tail == tokenizer.decode(ids[:-1])
+
+
+def test_token_piece_bytes_are_exact(tokenizer: TextTokenizer) -> None:
+    ids = tokenizer.encode("😀 世界", add_special_tokens=False)
+    raw = b"".join(bytes(tokenizer.token_piece(token)[1]) for token in ids)
+    assert raw.decode() == "😀 世界"
+    assert tokenizer.token_piece(2)[0] == "<|im_end|>"
+
+
+def run_stops(stops: list[str], pieces: list[str]) -> tuple[list[str], bool]:
+    matcher = StopMatcher(stops)
+    out: list[str] = []
+    for piece in pieces:
+        text, stopped = matcher.feed(piece)
+        out.append(text)
+        if stopped:
+            return out, True
+    out.append(matcher.flush())
+    return out, False
+
+
+def test_stop_split_across_chunks() -> None:
+    out, stopped = run_stops(["STOP"], ["Hello S", "T", "OP and more"])
+    assert stopped and "".join(out) == "Hello "
+    assert out[0] == "Hello "  # "S" held back: it might start "STOP"
+
+
+def test_held_back_text_released() -> None:
+    out, stopped = run_stops(["STOP"], ["abc ST", "ONE"])
+    assert not stopped and "".join(out) == "abc STONE"
+    out, stopped = run_stops(["STOP"], ["ends with ST"])
+    assert not stopped and out == ["ends with ", "ST"]
+
+
+def test_earliest_of_several_stops_wins() -> None:
+    out, stopped = run_stops(["world", "lo w"], ["hello world"])
+    assert stopped and "".join(out) == "hel"
+    out, stopped = run_stops([], ["no stops"])
+    assert not stopped and "".join(out) == "no stops"
+
+
+def test_stop_matcher_random_splits() -> None:
+    rng = random.Random(0)
+    text = "one two three <END> four"
+    for _ in range(50):
+        cuts = sorted(rng.sample(range(1, len(text)), 5))
+        pieces = [text[a:b] for a, b in zip([0, *cuts], [*cuts, len(text)], strict=True)]
+        out, stopped = run_stops(["<END>", "nope"], pieces)
+        assert stopped and "".join(out) == "one two three "

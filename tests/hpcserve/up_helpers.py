@@ -1,0 +1,114 @@
+"""Run `hpcserve up` as a subprocess and read its output without ever blocking forever."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import queue
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+READY = re.compile(r"^hpcserve ready: (http://\S+/v1)$")
+
+
+class UpProcess:
+    """`python -m hpcserve up ...` with its output drained by a thread into a queue."""
+
+    def __init__(self, args: list[str], run_dir: Path, env: dict[str, str] | None = None) -> None:
+        self.run_dir = run_dir
+        argv = [sys.executable, "-m", "hpcserve", "up", *args, "--set", f"run_dir={run_dir}"]
+        self.popen = subprocess.Popen(
+            argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+            env=env or dict(os.environ), start_new_session=True,
+        )  # fmt: skip
+        self.lines: list[str] = []
+        self._queue: queue.Queue[str | None] = queue.Queue()
+        threading.Thread(target=self._drain, daemon=True).start()
+
+    def _drain(self) -> None:
+        assert self.popen.stdout is not None
+        for line in self.popen.stdout:
+            self._queue.put(line.rstrip("\n"))
+        self._queue.put(None)
+
+    def wait_for_line(self, pattern: re.Pattern[str], timeout_s: float) -> re.Match[str]:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise TimeoutError(f"no line matching {pattern.pattern!r}:\n{self.output}")
+            try:
+                line = self._queue.get(timeout=remaining)
+            except queue.Empty:
+                continue
+            if line is None:
+                raise RuntimeError(f"hpcserve up exited ({self.popen.wait()}):\n{self.output}")
+            self.lines.append(line)
+            match = pattern.search(line)
+            if match:
+                return match
+
+    def wait_ready(self, timeout_s: float = 300) -> str:
+        return self.wait_for_line(READY, timeout_s).group(1)
+
+    def finish(self, timeout_s: float = 60) -> int:
+        code = self.popen.wait(timeout_s)
+        while True:
+            try:
+                line = self._queue.get(timeout=5)
+            except queue.Empty:
+                break
+            if line is None:
+                break
+            self.lines.append(line)
+        return code
+
+    @property
+    def output(self) -> str:
+        return "\n".join(self.lines)
+
+    def pids(self) -> dict[str, int]:
+        return json.loads((self.run_dir / "pids.json").read_text())
+
+    def kill_all(self) -> None:
+        """Last-resort cleanup for a failed test: the launcher first, then its children."""
+        if self.popen.poll() is None:
+            self.popen.send_signal(signal.SIGTERM)
+            try:
+                self.popen.wait(60)
+            except subprocess.TimeoutExpired:
+                self.popen.kill()
+        if (self.run_dir / "pids.json").exists():
+            for pid in self.pids().values():
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.killpg(pid, signal.SIGKILL)
+
+
+def alive(pid: int) -> bool:
+    """True for a running process (a zombie counts as gone)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
+
+
+def processes_mentioning(text: str) -> list[int]:
+    """Live PIDs whose command line contains `text` (e.g. a run folder)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if text in cmdline and alive(int(entry.name)):
+            found.append(int(entry.name))
+    return found

@@ -1,0 +1,295 @@
+"""The worker with real etcd and NATS: registration, request plane, events, abort, shutdown.
+
+In-process tests use the fake engine; the process tests run `python -m mpi_workers` with it
+(`--engine-factory`), so kill -9 and SIGTERM hit a real worker process.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import aetcd
+import pytest
+import yaml
+from fake_engine import FakeEngine
+
+from contract import bus
+from contract.discovery import WorkerDirectory, etcd_client, worker_key, workers_prefix
+from contract.messages import (
+    AbortRequest,
+    GenerateOutput,
+    GenerateRequest,
+    KvEventBatch,
+    LoadMetrics,
+    SamplingParams,
+)
+from mpi_workers.worker import Worker, error_param
+
+_names = itertools.count()
+HERE = Path(__file__).parent
+
+
+def unique_deployment() -> str:
+    return f"wtest{os.getpid()}-{next(_names)}"
+
+
+@pytest.fixture
+async def started_worker(etcd_endpoint: str, nats_url: str) -> AsyncIterator[Worker]:
+    worker = Worker(
+        FakeEngine(token_delay_s=0.0),
+        deployment=unique_deployment(),
+        worker_id="agg-g0-i0",
+        role="agg",
+        nats_url=nats_url,
+        etcd_endpoint=etcd_endpoint,
+        lease_ttl_s=5,
+        capacity=8,
+        drain_timeout_s=5,
+    )
+    await worker.start()
+    try:
+        yield worker
+    finally:
+        await worker.stop()
+
+
+async def stream(nc, subject: str, request: GenerateRequest, timeout_s: float = 10):
+    """Send `request` and collect its chunks up to the one with finish_reason."""
+    inbox = nc.new_inbox()
+    subscription = await nc.subscribe(inbox)
+    await nc.publish(subject, request.model_dump_json().encode(), reply=inbox)
+    chunks: list[GenerateOutput] = []
+    try:
+        async with asyncio.timeout(timeout_s):
+            while True:
+                msg = await subscription.next_msg(timeout=timeout_s)
+                chunk = GenerateOutput.model_validate_json(msg.data)
+                chunks.append(chunk)
+                if chunk.finish_reason is not None:
+                    return chunks
+    finally:
+        await subscription.unsubscribe()
+
+
+async def test_card_is_registered(started_worker: Worker, etcd_endpoint: str) -> None:
+    directory = WorkerDirectory(etcd_endpoint, started_worker.deployment)
+    await directory.start()
+    try:
+        card = directory.workers["agg-g0-i0"]
+    finally:
+        await directory.stop()
+    assert card.role == "agg"
+    assert card.model == "fake-model"
+    assert card.capacity == 8
+    assert card.block_size == 4
+    assert card.max_model_len == 256
+    assert card.subject == bus.worker_subject(started_worker.deployment, "agg-g0-i0")
+    assert card.abort_subject == bus.abort_subject(started_worker.deployment, "agg-g0-i0")
+
+
+async def test_request_round_trip(started_worker: Worker, nats_url: str) -> None:
+    nc = await bus.connect(nats_url, "test")
+    try:
+        request = GenerateRequest(
+            request_id="r1", token_ids=[5, 6, 7], sampling=SamplingParams(max_tokens=5)
+        )
+        chunks = await stream(nc, started_worker.subject, request)
+    finally:
+        await nc.close()
+    tokens = [t for chunk in chunks for t in chunk.token_ids]
+    assert tokens == [8, 9, 10, 11, 12]
+    assert chunks[-1].finish_reason == "length"
+    assert all(chunk.request_id == "r1" for chunk in chunks)
+
+
+async def test_bad_request_gets_one_error_chunk_naming_the_param(
+    started_worker: Worker, nats_url: str
+) -> None:
+    nc = await bus.connect(nats_url, "test")
+    try:
+        bad = GenerateRequest(request_id="r2", token_ids=[1], sampling=SamplingParams(max_tokens=0))
+        chunks = await stream(nc, started_worker.subject, bad)
+        wrong_version = GenerateRequest(request_id="r3", token_ids=[1], version=99)
+        version_chunks = await stream(nc, started_worker.subject, wrong_version)
+    finally:
+        await nc.close()
+    assert len(chunks) == 1
+    assert chunks[0].finish_reason == "error"
+    assert chunks[0].error_param == "max_tokens"
+    assert "max_tokens" in (chunks[0].error or "")
+    assert version_chunks[-1].finish_reason == "error"
+    assert version_chunks[-1].error_param == "version"
+
+
+def test_error_param_convention() -> None:
+    assert error_param(ValueError("max_tokens: must be >= 1")) == "max_tokens"
+    assert error_param(ValueError("temperature must be >= 0")) == "temperature"
+    assert error_param(ValueError("'top_p' must be in (0, 1]")) == "top_p"
+    assert error_param(ValueError("the prompt is too long")) is None
+    exc = ValueError("too long")
+    exc.param = "token_ids"  # type: ignore[attr-defined]
+    assert error_param(exc) == "token_ids"
+
+
+async def test_abort_reaches_the_engine(etcd_endpoint: str, nats_url: str) -> None:
+    engine = FakeEngine(token_delay_s=0.2)
+    worker = Worker(
+        engine, deployment=unique_deployment(), worker_id="agg-g0-i0", role="agg",
+        nats_url=nats_url, etcd_endpoint=etcd_endpoint, lease_ttl_s=5, capacity=8,
+    )  # fmt: skip
+    await worker.start()
+    nc = await bus.connect(nats_url, "test")
+    try:
+        request = GenerateRequest(
+            request_id="long", token_ids=[1, 2], sampling=SamplingParams(max_tokens=100)
+        )
+        collecting = asyncio.create_task(stream(nc, worker.subject, request))
+        await asyncio.sleep(0.5)
+        abort = AbortRequest(request_id="long")
+        await nc.publish(worker.abort_subject, abort.model_dump_json().encode())
+        chunks = await collecting
+    finally:
+        await nc.close()
+        await worker.stop()
+    assert engine.aborted == ["long"]
+    assert chunks[-1].finish_reason == "abort"
+    assert len([t for c in chunks for t in c.token_ids]) < 100
+
+
+async def test_events_and_load_metrics_are_published(
+    started_worker: Worker, nats_url: str
+) -> None:
+    nc = await bus.connect(nats_url, "test")
+    try:
+        kv = await nc.subscribe(bus.kv_events_subject(started_worker.deployment))
+        load = await nc.subscribe(bus.load_metrics_subject(started_worker.deployment))
+        for n in range(2):
+            request = GenerateRequest(
+                request_id=f"kv{n}", token_ids=list(range(8 * (n + 1))),
+                sampling=SamplingParams(max_tokens=2),
+            )  # fmt: skip
+            await stream(nc, started_worker.subject, request)
+        batches = [
+            KvEventBatch.model_validate_json((await kv.next_msg(timeout=5)).data) for _ in range(2)
+        ]
+        metrics = LoadMetrics.model_validate_json((await load.next_msg(timeout=5)).data)
+    finally:
+        await nc.close()
+    assert [b.seq for b in batches] == [1, 2]
+    assert all(b.worker_id == "agg-g0-i0" for b in batches)
+    assert batches[0].events[0].kind == "stored"
+    assert len(batches[1].events[0].blocks) == 4
+    assert metrics.worker_id == "agg-g0-i0"
+    assert metrics.total_blocks == 100
+
+
+# worker processes
+
+
+def write_config(tmp_path: Path, deployment: str, etcd: str, nats_url: str, ttl: int) -> Path:
+    config = {
+        "name": deployment,
+        "model": {"path": str(tmp_path)},
+        "services": {
+            "etcd": {"start": False, "endpoint": etcd},
+            "nats": {"start": False, "endpoint": nats_url},
+            "lease_ttl_s": ttl,
+        },
+    }
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def spawn_worker(config_path: Path, token_delay_s: float) -> subprocess.Popen[bytes]:
+    env = dict(os.environ, PYTHONPATH=str(HERE), FAKE_ENGINE_TOKEN_DELAY_S=str(token_delay_s))
+    argv = [
+        sys.executable, "-m", "mpi_workers", "--config", str(config_path),
+        "--group", "0", "--index", "0", "--engine-factory", "fake_engine:make_fake_engine",
+        "--drain-timeout", "20",
+    ]  # fmt: skip
+    log = open(config_path.parent / "worker.log", "wb")  # noqa: SIM115 (kept by the child)
+    return subprocess.Popen(argv, env=env, stdout=log, stderr=subprocess.STDOUT)
+
+
+async def registered_keys(etcd_endpoint: str, deployment: str) -> list[str]:
+    client: aetcd.Client = etcd_client(etcd_endpoint)
+    try:
+        result = await client.get_prefix(workers_prefix(deployment).encode())
+        return [kv.key.decode() for kv in result]
+    finally:
+        await client.close()
+
+
+async def wait_for(predicate, timeout_s: float, poll_s: float = 0.1) -> float:
+    """Await until `await predicate()` is true; returns the seconds it took."""
+    start = time.monotonic()
+    while not await predicate():
+        if time.monotonic() - start > timeout_s:
+            raise TimeoutError(f"condition not met within {timeout_s} s")
+        await asyncio.sleep(poll_s)
+    return time.monotonic() - start
+
+
+@pytest.mark.slow
+async def test_lease_lapses_after_kill_9(tmp_path: Path, etcd_endpoint: str, nats_url: str):
+    deployment, ttl = unique_deployment(), 3
+    process = spawn_worker(write_config(tmp_path, deployment, etcd_endpoint, nats_url, ttl), 0)
+    try:
+        await wait_for(lambda: _has_keys(etcd_endpoint, deployment, 1), 30)
+        process.send_signal(signal.SIGKILL)
+        process.wait(5)
+        took = await wait_for(lambda: _has_keys(etcd_endpoint, deployment, 0), ttl + 3)
+    finally:
+        process.kill()
+        process.wait()
+    assert took <= ttl + 3
+
+
+async def _has_keys(etcd_endpoint: str, deployment: str, count: int) -> bool:
+    return len(await registered_keys(etcd_endpoint, deployment)) == count
+
+
+@pytest.mark.slow
+async def test_sigterm_deregisters_then_drains(tmp_path: Path, etcd_endpoint: str, nats_url: str):
+    deployment = unique_deployment()
+    config_path = write_config(tmp_path, deployment, etcd_endpoint, nats_url, 10)
+    process = spawn_worker(config_path, token_delay_s=0.1)
+    nc = await bus.connect(nats_url, "test")
+    try:
+        await wait_for(lambda: _has_keys(etcd_endpoint, deployment, 1), 30)
+        subject = bus.worker_subject(deployment, "agg-g0-i0")
+        request = GenerateRequest(
+            request_id="drain", token_ids=[3], sampling=SamplingParams(max_tokens=20)
+        )
+        collecting = asyncio.create_task(stream(nc, subject, request, timeout_s=30))
+        await asyncio.sleep(0.5)  # a few tokens in
+        process.send_signal(signal.SIGTERM)
+        # Deregistered at once, long before the 2 s request ends...
+        took = await wait_for(lambda: _has_keys(etcd_endpoint, deployment, 0), 1.5, 0.05)
+        assert not collecting.done()
+        # ...and the request still finishes in full.
+        chunks = await collecting
+        exit_code = await asyncio.to_thread(process.wait, 15)
+    finally:
+        await nc.close()
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    log = (tmp_path / "worker.log").read_text()
+    assert took < 1.5
+    assert chunks[-1].finish_reason == "length", log
+    assert [t for c in chunks for t in c.token_ids] == [4 + i for i in range(20)]
+    assert exit_code == 0, log
+    assert "[worker agg g0 i0 rank0]" in log
+    assert worker_key(deployment, "agg", "agg-g0-i0") not in await registered_keys(
+        etcd_endpoint, deployment
+    )
