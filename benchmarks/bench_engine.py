@@ -17,9 +17,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from contract.messages import GenerateRequest, SamplingParams  # noqa: E402
-from hpcserve.model_prepare import prepare_default_model  # noqa: E402
-from mpi_workers.engine.engine import TorchEngine  # noqa: E402
+from contract.messages import GenerateRequest, SamplingParams
+from hpcserve.model_prepare import prepare_default_model
+from mpi_workers.engine.engine import TorchEngine
 
 QUESTIONS = [
     "What is the capital of France?",

@@ -3,8 +3,9 @@
 Served: `hpcserve up`'s processes (etcd, NATS, a torch worker, the frontend) started through the
 launcher; streaming `/v1/completions` with the prompt as token ids, `ignore_eos`, greedy.
 Direct: the same engine configuration in this process, `engine.generate` on the same token ids.
-The two never run at the same time (2 cores). Per concurrency level it reports TTFT and
-inter-token latency p50/p99 and output tokens/s, then the served/direct ratios.
+The two never run at the same time (2 cores). Per concurrency level it reports TTFT,
+inter-token latency (per request: its mean gap after the first token) p50/p99 and output
+tokens/s, then the served/direct ratios and the CPU each process used while served.
 
     python benchmarks/bench_serving.py [--concurrency 1 8 32] [--output-tokens 64]
 """
@@ -13,8 +14,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import itertools
 import json
+import os
 import sys
 import tempfile
 import time
@@ -28,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from contract.config import DeploymentConfig, load_config
 from contract.messages import GenerateRequest, SamplingParams
 from hpcserve.launcher import start_deployment, stop_deployment
-from mpi_workers.__main__ import build_torch_engine
+from mpi_workers.engine.factory import build_engine
 
 REPO = Path(__file__).resolve().parents[1]
 TEXT = (
@@ -41,7 +42,7 @@ TEXT = (
 @dataclass
 class Sample:
     ttft_s: float
-    itl_s: list[float]
+    itl_s: float  # this request's mean gap between tokens after the first
     tokens: int
 
 
@@ -59,7 +60,7 @@ class Level:
         return percentile([s.ttft_s for s in self.samples], q)
 
     def itl(self, q: float) -> float:
-        return percentile([gap for s in self.samples for gap in s.itl_s], q)
+        return percentile([s.itl_s for s in self.samples], q)
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -95,11 +96,11 @@ async def direct_one(engine, request_id: str, ids: list[int], output_tokens: int
             now = time.perf_counter()
             stamps.extend([now] * len(out.token_ids))
             tokens += len(out.token_ids)
-    return Sample(stamps[0] - start, gaps(stamps), tokens)
+    return Sample(stamps[0] - start, mean_gap(stamps[0], stamps[-1], tokens), tokens)
 
 
 async def run_direct(config: DeploymentConfig, model_dir: Path, workload) -> dict[int, Level]:
-    engine = build_torch_engine(config, model_dir)
+    engine = build_engine(config, model_dir)
     await engine.start()
     try:
         await direct_one(engine, "warmup", workload[0][1][0], 4)
@@ -141,13 +142,25 @@ async def served_one(
                 stamps.append(time.perf_counter())
     if not stamps:
         raise RuntimeError("no tokens streamed")
-    # Text chunks can merge tokens (incomplete UTF-8); spread the gaps over the real count.
-    itl = (stamps[-1] - stamps[0]) / max(1, tokens - 1)
-    return Sample(stamps[0] - start, [itl] * max(0, tokens - 1), tokens)
+    # Text chunks can merge tokens (incomplete UTF-8): use the real count from `usage`.
+    return Sample(stamps[0] - start, mean_gap(stamps[0], stamps[-1], tokens), tokens)
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of a process (Linux /proc); 0 when unreadable."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 async def run_served(config: DeploymentConfig, workload) -> dict[int, Level]:
     deployment = await asyncio.to_thread(start_deployment, config, lambda _m: None)
+    pids = {planned.name: managed.pid for planned, managed in deployment.processes}
+    pids["bench client"] = os.getpid()
+    before = {name: cpu_seconds(pid) for name, pid in pids.items()}
+    t0 = time.perf_counter()
     try:
         limits = httpx.Limits(max_connections=128, max_keepalive_connections=128)
         async with httpx.AsyncClient(
@@ -161,6 +174,11 @@ async def run_served(config: DeploymentConfig, workload) -> dict[int, Level]:
                     concurrency, prompts,
                     lambda _i, ids, n=output_tokens: served_one(client, model, ids, n),
                 )  # fmt: skip
+        wall = time.perf_counter() - t0
+        used = {name: cpu_seconds(pid) - before[name] for name, pid in pids.items()}
+        print(f"CPU use during the served run ({wall:.0f} s wall, 100% = one core):")
+        for name, seconds in used.items():
+            print(f"  {name:<20} {seconds:6.1f} s  {100 * seconds / wall:5.0f}%")
     finally:
         await asyncio.to_thread(stop_deployment, deployment, lambda _m: None)
     return results
@@ -169,8 +187,9 @@ async def run_served(config: DeploymentConfig, workload) -> dict[int, Level]:
 # ---- common ------------------------------------------------------------------------------
 
 
-def gaps(stamps: list[float]) -> list[float]:
-    return [b - a for a, b in itertools.pairwise(stamps)]
+def mean_gap(first: float, last: float, tokens: int) -> float:
+    """Inter-token latency of one request: the same definition on both paths."""
+    return (last - first) / max(1, tokens - 1)
 
 
 async def run_level(concurrency: int, prompts: list[list[int]], one) -> Level:

@@ -21,6 +21,11 @@ def abort_subject(deployment: str, worker_id: str) -> str:
     return f"hpcserve.{deployment}.worker.{worker_id}.abort"
 
 
+def kv_snapshot_subject(deployment: str, worker_id: str) -> str:
+    """Request/reply: a worker answers with a `KvSnapshot` of its cached block hashes."""
+    return f"hpcserve.{deployment}.worker.{worker_id}.kv_snapshot"
+
+
 def kv_events_subject(deployment: str) -> str:
     return f"hpcserve.{deployment}.kv_events"
 

@@ -19,7 +19,7 @@ from contract.slurm_config import SlurmConfig
 ENV_PREFIX = "HPCSERVE__"
 
 Role = Literal["agg", "prefill", "decode"]
-RouterMode = Literal["round_robin", "random", "least_loaded"]
+RouterMode = Literal["round_robin", "random", "least_loaded", "kv"]
 
 
 class ConfigError(ValueError):
@@ -58,8 +58,19 @@ class ModelConfig(_Section):
         return self.served_name or self.resolved_path().name
 
 
+class MockerConfig(_Section):
+    """The simulated engine's timing model; times are divided by `speedup` (tests: large)."""
+
+    prefill_ms_per_token: float = Field(default=0.05, ge=0)
+    decode_ms_base: float = Field(default=5.0, ge=0)
+    decode_ms_per_seq: float = Field(default=0.05, ge=0)
+    decode_ms_per_ctx_token: float = Field(default=0.0005, ge=0)
+    speedup: float = Field(default=1.0, gt=0)
+    num_blocks: int = Field(default=8192, ge=1, description="KV pool; engine.num_blocks wins")
+
+
 class EngineConfig(_Section):
-    kind: Literal["torch"] = "torch"
+    kind: Literal["torch", "mocker"] = "torch"
     device: Literal["auto", "cpu", "cuda"] = "auto"
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     block_size: int = Field(default=16, ge=1, le=1024)
@@ -69,6 +80,7 @@ class EngineConfig(_Section):
     max_num_batched_tokens: int = Field(default=1024, ge=1)
     max_model_len: int | None = Field(default=None, ge=1)
     torch_threads: int | None = Field(default=None, ge=1)
+    mocker: MockerConfig = Field(default_factory=MockerConfig)
 
 
 class WorkerGroupConfig(_Section):
@@ -77,10 +89,26 @@ class WorkerGroupConfig(_Section):
     tp: int = Field(default=1, ge=1)
 
 
+class KvRouterConfig(_Section):
+    """KV-aware routing: cost = overlap_score_weight * prefill blocks + active blocks."""
+
+    overlap_score_weight: float = Field(default=1.0, ge=0)
+    router_temperature: float = Field(
+        default=0.0, ge=0, description="0: cheapest worker; > 0: softmax sampling over -cost"
+    )
+    block_size: int = Field(
+        default=16, ge=1, le=1024, description="must equal every routed worker's block size"
+    )
+    reconcile_interval_s: float = Field(
+        default=30.0, gt=0, description="how often the KV index asks every worker for a snapshot"
+    )
+
+
 class FrontendConfig(_Section):
     host: str = "127.0.0.1"
     port: int = Field(default=8000, ge=0, le=65535)
     router: RouterMode = "round_robin"
+    kv_router: KvRouterConfig = Field(default_factory=KvRouterConfig)
     request_timeout_s: float = Field(default=600.0, gt=0)
     no_worker_timeout_s: float = Field(
         default=0.0, ge=0, description="how long a request waits for a worker before 503"
@@ -116,7 +144,8 @@ class DeploymentConfig(_Section):
     frontend: FrontendConfig = Field(default_factory=FrontendConfig)
     services: ServicesConfig = Field(default_factory=ServicesConfig)
     run_dir: str | None = Field(
-        default=None, description="logs and service data; default: a temp dir"
+        default=None,
+        description="logs, pids and service data; default: ~/.cache/hpcserve/runs/NAME-TIME",
     )
     slurm: SlurmConfig | None = Field(
         default=None, description="Slurm job options; used by `hpcserve render/submit`, not by `up`"

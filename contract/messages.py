@@ -107,6 +107,15 @@ class KvEventBatch(_Message):
     events: list[KvEvent]
 
 
+class KvSnapshot(_Message):
+    """Every reusable block hash of a worker, as of its event batch `seq` (index reconcile)."""
+
+    version: int = PROTOCOL_VERSION
+    worker_id: str
+    seq: int
+    block_hashes: list[int]
+
+
 class LoadMetrics(_Message):
     version: int = PROTOCOL_VERSION
     worker_id: str = ""

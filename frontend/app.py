@@ -29,6 +29,8 @@ from contract.discovery import WorkerCard, WorkerDirectory
 from contract.messages import GenerateOutput, GenerateRequest, SamplingParams, TokenLogprob
 from frontend import errors
 from frontend.errors import OpenAIError
+from frontend.kv_index import KvIndex, KvIndexFeed
+from frontend.kv_router import KvRouter
 from frontend.metrics import FrontendMetrics
 from frontend.openai_schemas import ChatCompletionRequest, CompletionRequest
 from frontend.router import LoadTracker, Router, make_router
@@ -257,7 +259,19 @@ class FrontendState:
         self.tokenizer = TextTokenizer(model_path)
         self.metrics = FrontendMetrics()
         self.tracker = LoadTracker()
-        self.router: Router = make_router(config.frontend.router, self.tracker)
+        self.kv_feed: KvIndexFeed | None = None
+        self.router: Router
+        if config.frontend.router == "kv":
+            kv = config.frontend.kv_router
+            self.kv_feed = KvIndexFeed(
+                KvIndex(),
+                nats_url=config.services.nats.endpoint,
+                deployment=config.name,
+                reconcile_interval_s=kv.reconcile_interval_s,
+            )
+            self.router = KvRouter(kv, self.kv_feed.index, self.tracker)
+        else:
+            self.router = make_router(config.frontend.router, self.tracker)
         self.directory = WorkerDirectory(config.services.etcd.endpoint, config.name)
         self.client = WorkerClient(config.services.nats.endpoint, config.name, self.tracker)
         self.started = int(time.time())
@@ -267,10 +281,17 @@ class FrontendState:
         await self.client.start()
         self.directory.add_listener(self.client.on_workers_changed)
         self.directory.add_listener(self._on_workers_changed)
+        if self.kv_feed is not None:  # before the first sync: every worker gets a snapshot
+            await self.kv_feed.start()
+            self.directory.add_listener(self.kv_feed.on_workers_changed)
+            assert isinstance(self.router, KvRouter)
+            self.directory.add_listener(self.router.on_workers_changed)
         await self.directory.start()
 
     async def stop(self) -> None:
         await self.directory.stop()
+        if self.kv_feed is not None:
+            await self.kv_feed.stop()
         await self.client.stop()
 
     def _on_workers_changed(self, workers: dict[str, WorkerCard]) -> None:
@@ -400,11 +421,9 @@ def create_app(config: DeploymentConfig) -> FastAPI:
     def state_of(request: Request) -> FrontendState:
         return request.app.state.frontend  # type: ignore[no-any-return]
 
-    @app.get("/live")
-    async def live() -> Response:
+    async def live(request: Request) -> Response:
         return _json({"status": "ok"})
 
-    @app.get("/health")
     async def health(request: Request) -> Response:
         state = state_of(request)
         workers = state.candidates(set())
@@ -412,12 +431,10 @@ def create_app(config: DeploymentConfig) -> FastAPI:
             return _json({"status": "no workers", "workers": 0}, status=503)
         return _json({"status": "ok", "workers": len(workers)})
 
-    @app.get("/metrics")
     async def metrics(request: Request) -> Response:
         state = state_of(request)
         return Response(state.metrics.render(), media_type=state.metrics.content_type)
 
-    @app.get("/v1/models")
     async def models(request: Request) -> Response:
         state = state_of(request)
         workers = state.candidates(set())
@@ -437,13 +454,20 @@ def create_app(config: DeploymentConfig) -> FastAPI:
             }
         )
 
-    @app.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Response:
         return await _serve(request, "chat")
 
-    @app.post("/v1/completions")
     async def completions(request: Request) -> Response:
         return await _serve(request, "completion")
+
+    # plain Starlette routes: FastAPI's dependency solving costs CPU on every request and
+    # these endpoints parse their own bodies; exception handlers still apply
+    app.router.add_route("/live", live, methods=["GET"])
+    app.router.add_route("/health", health, methods=["GET"])
+    app.router.add_route("/metrics", metrics, methods=["GET"])
+    app.router.add_route("/v1/models", models, methods=["GET"])
+    app.router.add_route("/v1/chat/completions", chat_completions, methods=["POST"])
+    app.router.add_route("/v1/completions", completions, methods=["POST"])
 
     async def _serve(request: Request, kind: Kind) -> Response:
         state = state_of(request)
@@ -715,18 +739,23 @@ def create_app(config: DeploymentConfig) -> FastAPI:
                 if prepared.include_usage:
                     role_chunk["usage"] = None
                 yield _sse(role_chunk)
+            pending_text = ""
+            pending_entries: list[TokenLogprob] = []
             while True:
                 text, entries = generation.consume(output)
-                if not want_logprobs:
-                    entries = []
+                pending_text += text
+                if want_logprobs:
+                    pending_entries.extend(entries)
                 finish = generation.finish_reason
                 if finish is not None:
-                    if text or entries:
-                        yield event(text, entries, None)
+                    if pending_text or pending_entries:
+                        yield event(pending_text, pending_entries, None)
                     yield event(None if chat else "", [], finish)
                     break
-                if text or entries:
-                    yield event(text, entries, None)
+                # chunks that queued up while we were sending go out as one event
+                if (pending_text or pending_entries) and stream.queue.empty():
+                    yield event(pending_text, pending_entries, None)
+                    pending_text, pending_entries = "", []
                 output = await stream.next(deadline)
                 _raise_for_worker_error(output, stream.card)
             generation.record()

@@ -1,8 +1,8 @@
 """Which worker serves a request: one `Router` interface, several policies.
 
 The frontend counts its own in-flight requests per worker (always current) and keeps the
-latest `LoadMetrics` each worker publishes (which also sees other frontends' load). A
-KV-aware router will later implement the same `choose` and read the same state.
+latest `LoadMetrics` each worker publishes (which also sees other frontends' load). The
+KV-aware router (`frontend.kv_router`) implements the same `choose` and reads the same state.
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from __future__ import annotations
 import itertools
 import random
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
 from contract.discovery import WorkerCard
@@ -29,16 +29,20 @@ class LoadTracker:
     def __init__(self) -> None:
         self.in_flight: defaultdict[str, int] = defaultdict(int)
         self.metrics: dict[str, LoadMetrics] = {}
+        self.finish_listeners: list[Callable[[str], None]] = []  # get the request id
 
     def started(self, worker_id: str) -> None:
         self.in_flight[worker_id] += 1
 
-    def finished(self, worker_id: str) -> None:
+    def finished(self, worker_id: str, request_id: str | None = None) -> None:
         count = self.in_flight.get(worker_id, 0) - 1
         if count > 0:
             self.in_flight[worker_id] = count
         else:
             self.in_flight.pop(worker_id, None)
+        if request_id is not None:
+            for listener in self.finish_listeners:
+                listener(request_id)
 
     def update(self, metrics: LoadMetrics) -> None:
         self.metrics[metrics.worker_id] = metrics

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from collections.abc import Sequence
 from datetime import datetime
 from functools import lru_cache
@@ -26,6 +27,7 @@ REPLACEMENT_CHAR = "\ufffd"
 # vLLM's choice: decode the last few prompt tokens with the output so leading spaces and
 # merges come out as they would in a full decode.
 _INITIAL_CONTEXT_TOKENS = 5
+_MAX_CACHED_PIECE = 4096  # characters; longer pieces (big user messages) are not cached
 
 
 class ChatTemplateError(ValueError):
@@ -104,10 +106,44 @@ class TextTokenizer:
             for token_id, token in self._tokenizer.get_added_tokens_decoder().items()
             if getattr(token, "special", False)
         )
+        self._special_split = self._special_splitter()
         self.vocab_size: int = self._tokenizer.get_vocab_size(with_added_tokens=True)
         self.max_model_len: int | None = model_config.get("max_position_embeddings")
         self._byte_level = self._uses_byte_level()
         self._chat_template = self._compile_chat_template(tokenizer_config)
+
+    def _special_splitter(self) -> re.Pattern[str] | None:
+        """A regex that splits text at added tokens, when encoding the pieces one by one is
+        exactly the same as encoding the whole (no lstrip/rstrip/single_word tokens)."""
+        added = self._tokenizer.get_added_tokens_decoder().values()
+        if not added or any(
+            token.lstrip or token.rstrip or token.single_word or token.normalized for token in added
+        ):
+            return None
+        contents = sorted((token.content for token in added), key=len, reverse=True)
+        self._added_ids = {
+            token.content: self._tokenizer.token_to_id(token.content) for token in added
+        }
+        return re.compile("(" + "|".join(re.escape(content) for content in contents) + ")")
+
+    @lru_cache(maxsize=4096)  # noqa: B019 - one tokenizer per process, lives as long
+    def _encode_piece(self, text: str) -> tuple[int, ...]:
+        return tuple(self._tokenizer.encode(text, add_special_tokens=False).ids)
+
+    def encode_template_output(self, text: str) -> list[int]:
+        """Encode a rendered chat prompt; the pieces between special tokens are cached, so
+        the template's fixed parts (system prompt, role headers) are tokenized once."""
+        if self._special_split is None:
+            return self.encode(text, add_special_tokens=False)
+        ids: list[int] = []
+        for index, piece in enumerate(self._special_split.split(text)):
+            if index % 2:
+                ids.append(self._added_ids[piece])
+            elif len(piece) > _MAX_CACHED_PIECE:
+                ids.extend(self._tokenizer.encode(piece, add_special_tokens=False).ids)
+            elif piece:
+                ids.extend(self._encode_piece(piece))
+        return ids
 
     def _uses_byte_level(self) -> bool:
         try:
@@ -174,7 +210,7 @@ class TextTokenizer:
 
     def encode_chat(self, messages: list[dict[str, Any]]) -> list[int]:
         # the template writes the special tokens itself
-        return self.encode(self.render_chat(messages), add_special_tokens=False)
+        return self.encode_template_output(self.render_chat(messages))
 
     @lru_cache(maxsize=65536)  # noqa: B019 - one tokenizer per process, lives as long
     def token_piece(self, token_id: int) -> tuple[str, list[int]]:

@@ -9,15 +9,24 @@ leaves the WorkerDirectory gets a `WorkerLost` instead of waiting forever.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import Mapping
 
 from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
+from pydantic import ValidationError
 
 from contract.bus import connect, load_metrics_subject
 from contract.discovery import WorkerCard
-from contract.messages import AbortRequest, GenerateOutput, GenerateRequest, LoadMetrics
+from contract.messages import (
+    PROTOCOL_VERSION,
+    AbortRequest,
+    GenerateOutput,
+    GenerateRequest,
+    LoadMetrics,
+)
+from frontend import errors
 from frontend.router import LoadTracker
 
 logger = logging.getLogger(__name__)
@@ -26,8 +35,8 @@ logger = logging.getLogger(__name__)
 class WorkerLost(Exception):
     """The worker serving a request left the directory (crash, lease lapse, shutdown)."""
 
-    def __init__(self, worker_id: str) -> None:
-        super().__init__(f"worker {worker_id} left while serving the request")
+    def __init__(self, worker_id: str, why: str = "left while serving the request") -> None:
+        super().__init__(f"worker {worker_id} {why}")
         self.worker_id = worker_id
 
 
@@ -54,7 +63,19 @@ class RequestStream:
         if isinstance(item, BaseException):
             self.finished = True  # nobody is left to abort
             raise item
-        output = GenerateOutput.model_validate_json(item)
+        try:
+            output = GenerateOutput.model_validate_json(item)
+        except ValidationError as exc:
+            self.finished = True
+            raise errors.worker_failed(
+                f"worker {self.card.worker_id} sent a malformed reply: {exc}"
+            ) from None
+        if output.version != PROTOCOL_VERSION:
+            self.finished = True
+            raise errors.worker_failed(
+                f"worker {self.card.worker_id} speaks protocol version {output.version}, "
+                f"this frontend {PROTOCOL_VERSION}"
+            )
         if output.finish_reason is not None:
             self.finished = True
         return output
@@ -95,9 +116,12 @@ class WorkerClient:
             await asyncio.gather(*self._background, return_exceptions=True)
         if self._nc is not None:
             try:
-                await self._nc.drain()
-            except Exception as exc:
+                async with asyncio.timeout(5):
+                    await self._nc.drain()
+            except Exception as exc:  # NATS already gone: nothing left to flush
                 logger.debug("NATS drain failed: %s", exc)
+                with contextlib.suppress(Exception):
+                    await self._nc.close()
 
     async def open(self, card: WorkerCard, request: GenerateRequest) -> RequestStream:
         """Register the reply queue, then publish the request to the worker."""
@@ -120,7 +144,7 @@ class WorkerClient:
     def _release(self, stream: RequestStream) -> None:
         if self._streams.pop(stream.request_id, None) is None:
             return
-        self._tracker.finished(stream.card.worker_id)
+        self._tracker.finished(stream.card.worker_id, stream.request_id)
         if not stream.finished:
             stream.finished = True
             self._publish_soon(
@@ -143,8 +167,15 @@ class WorkerClient:
     async def _on_reply(self, msg: Msg) -> None:
         request_id = msg.subject[len(self._prefix) + 1 :]
         stream = self._streams.get(request_id)
-        if stream is not None:
-            stream.queue.put_nowait(msg.data)
+        if stream is None:
+            return
+        if not msg.data and msg.headers and msg.headers.get("Status") == "503":
+            # NATS "no responders": nobody listens on the worker's subject (it died and its
+            # lease has not lapsed yet); fail over now instead of waiting for the TTL
+            lost = WorkerLost(stream.card.worker_id, "is not listening on its subject")
+            stream.queue.put_nowait(lost)
+            return
+        stream.queue.put_nowait(msg.data)
 
     async def _on_load(self, msg: Msg) -> None:
         try:

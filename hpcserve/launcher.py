@@ -99,8 +99,14 @@ def resolve_config(
             say("preparing the default model (one time)")
         model_path = prepare_default_model()
     data["model"]["path"] = str(model_path.resolve())
+    probe = _probe_host(config.frontend.host)
     if config.frontend.port == 0:
-        data["frontend"]["port"] = free_port(_probe_host(config.frontend.host))
+        data["frontend"]["port"] = free_port(probe)
+    elif port_open(probe, config.frontend.port):
+        raise ConfigError(
+            f"frontend.port: {probe}:{config.frontend.port} is in use (--set frontend.port=0"
+            " picks a free one)"
+        )
     peer_port = None
     services = data["services"]
     if config.services.etcd.start:

@@ -18,39 +18,13 @@ from pathlib import Path
 from contract.config import ConfigError, DeploymentConfig, load_config
 from contract.plan import worker_id
 from mpi_workers.engine.base import Engine
+from mpi_workers.engine.factory import build_engine, build_torch_engine  # noqa: F401
 from mpi_workers.logging_setup import configure_logging, mpi_rank, worker_tag
 from mpi_workers.worker import Worker, serve_until_signal
 
 logger = logging.getLogger("mpi_workers")
 
 EngineFactory = Callable[[DeploymentConfig, Path], Engine]
-
-
-def build_torch_engine(config: DeploymentConfig, model_path: Path) -> Engine:
-    """The built-in PyTorch engine, configured from `config.engine`."""
-    import torch
-
-    from mpi_workers.engine.engine import TorchEngine
-
-    engine_config = config.engine
-    if engine_config.torch_threads:
-        torch.set_num_threads(engine_config.torch_threads)
-    device = engine_config.device
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    dtype = None if engine_config.dtype == "auto" else getattr(torch, engine_config.dtype)
-    return TorchEngine(
-        model_dir=model_path,
-        device=device,
-        dtype=dtype,
-        block_size=engine_config.block_size,
-        num_blocks=engine_config.num_blocks,
-        kv_cache_memory_bytes=engine_config.kv_cache_memory_mb * 2**20,
-        max_num_seqs=engine_config.max_num_seqs,
-        max_num_batched_tokens=engine_config.max_num_batched_tokens,
-        max_model_len=engine_config.max_model_len,
-        model_name=config.model.served_model_name(),
-    )
 
 
 def load_factory(spec: str) -> EngineFactory:
@@ -72,14 +46,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    configure_logging(f"[worker g{args.group} i{args.index} rank{mpi_rank()}]")
     try:
+        # The launcher's resolved file is complete: no environment overrides on top.
         config = load_config(args.config, environ={})
     except ConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr)  # logging is not set up yet
+        logger.error("%s", exc)
         return 2
     if not 0 <= args.group < len(config.workers):
-        print(f"error: --group {args.group}: config has {len(config.workers)} group(s)",
-              file=sys.stderr)  # fmt: skip
+        logger.error("--group %d: the config has %d group(s)", args.group, len(config.workers))
         return 2
     group = config.workers[args.group]
     configure_logging(worker_tag(group.role, args.group, args.index, mpi_rank()))
@@ -88,13 +63,14 @@ def main(argv: list[str] | None = None) -> int:
         logger.error("services.etcd.endpoint and services.nats.endpoint must be set")
         return 2
     model_path = config.model.resolved_path()
-    if args.engine_factory is None and not (model_path / "config.json").is_file():
+    needs_model = args.engine_factory is None and config.engine.kind != "mocker"
+    if needs_model and not (model_path / "config.json").is_file():
         logger.error(
             "model.path: %s is not a model folder (run `hpcserve model prepare` for the default)",
             model_path,
         )
         return 2
-    factory = load_factory(args.engine_factory) if args.engine_factory else build_torch_engine
+    factory = load_factory(args.engine_factory) if args.engine_factory else build_engine
     logger.info("loading engine for %s", model_path)
     engine = factory(config, model_path)
     worker = Worker(

@@ -38,6 +38,7 @@ from contract.messages import (
     GenerateRequest,
     KvEvent,
     KvEventBatch,
+    KvSnapshot,
     SamplingParams,
 )
 from mpi_workers.engine.base import Engine
@@ -126,6 +127,9 @@ class Worker:
         self._subscriptions = [
             await self._nc.subscribe(self.subject, cb=self._on_generate),
             await self._nc.subscribe(self.abort_subject, cb=self._on_abort),
+            await self._nc.subscribe(
+                bus.kv_snapshot_subject(self.deployment, self.worker_id), cb=self._on_kv_snapshot
+            ),
         ]
         self._background = [
             asyncio.create_task(self._publish_metrics_forever(), name="load-metrics"),
@@ -255,6 +259,27 @@ class Worker:
         """Called from the engine's stepping thread: hop onto the event loop."""
         if self._loop is not None and not self._loop.is_closed():
             self._loop.call_soon_threadsafe(self._kv_queue.put_nowait, events)
+
+    async def _on_kv_snapshot(self, msg) -> None:
+        """Reply with every cached block hash as of the last published batch `seq`.
+
+        Batches still queued get higher seqs than the one reported, so a router that replaces
+        its view with this snapshot and then applies the later batches converges.
+        """
+        if not msg.reply:
+            return
+        hashes: list[int] = []
+        for _ in range(5):  # the stepping thread may mutate the cache while we copy it
+            try:
+                hashes = self.engine.cached_block_hashes()
+                break
+            except RuntimeError:
+                await asyncio.sleep(0)
+        snapshot = KvSnapshot(worker_id=self.worker_id, seq=self._kv_seq, block_hashes=hashes)
+        try:
+            await self._nc.publish(msg.reply, snapshot.model_dump_json().encode())
+        except Exception as exc:
+            logger.warning("KV snapshot not sent: %s", exc)
 
     async def _publish_kv_forever(self) -> None:
         subject = bus.kv_events_subject(self.deployment)

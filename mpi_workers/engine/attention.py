@@ -76,7 +76,7 @@ def paged_attention(
     scale: float,
 ) -> torch.Tensor:
     """q: [T, H, D]; k, v: [T, KVH, D]; caches: [num_blocks, block_size, KVH, D] -> [T, H, D]."""
-    num_tokens, num_heads, head_dim = q.shape
+    num_tokens, _, head_dim = q.shape
     kv_heads = k.shape[1]
     k_flat = k_cache.view(-1, kv_heads, head_dim)
     v_flat = v_cache.view(-1, kv_heads, head_dim)
@@ -112,7 +112,7 @@ def _decode(
     meta: AttentionMetadata,
     scale: float,
 ) -> torch.Tensor:
-    batch, num_heads, head_dim = q.shape
+    batch, _, head_dim = q.shape
     kv_heads = k_flat.shape[1]
     length = meta.decode_max_len
     ks = _gather(k_flat, meta.decode_gather_slots, meta.gather_k)

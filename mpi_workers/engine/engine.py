@@ -15,6 +15,7 @@ pool can hold, so every accepted request can always finish, alone if need be.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import math
 import queue
@@ -74,10 +75,9 @@ class _Stream:
         self.queue: asyncio.Queue[GenerateOutput] = asyncio.Queue()
 
     def push(self, out: GenerateOutput) -> None:
-        try:
+        # RuntimeError: the caller's loop is closed; nobody is listening.
+        with contextlib.suppress(RuntimeError):
             self.loop.call_soon_threadsafe(self.queue.put_nowait, out)
-        except RuntimeError:  # the caller's loop is closed; nobody is listening
-            pass
 
 
 class TorchEngine(Engine):
@@ -149,7 +149,7 @@ class TorchEngine(Engine):
             kind, arg = self._commands.get_nowait()
             if kind == "add":
                 self._finish(arg, "abort")
-            elif kind == "abort" and arg[1] is not None:
+            elif kind in ("abort", "reset_prefix_cache") and arg[1] is not None:
                 arg[1][0].call_soon_threadsafe(_resolve, arg[1][1])
 
     # ----- requests ------------------------------------------------------------------------
@@ -185,7 +185,9 @@ class TorchEngine(Engine):
         if p.logprobs is not None and not 0 <= p.logprobs <= MAX_LOGPROBS:
             raise RequestValidationError("logprobs", f"must be in [0, {MAX_LOGPROBS}]")
         if any(t < 0 or t >= self.vocab_size for t in p.stop_token_ids):
-            raise RequestValidationError("stop_token_ids", f"ids must lie in [0, {self.vocab_size})")
+            raise RequestValidationError(
+                "stop_token_ids", f"ids must lie in [0, {self.vocab_size})"
+            )
         with self._streams_lock:
             if request.request_id in self._streams:
                 raise RequestValidationError("request_id", "a request with this id is running")
@@ -200,7 +202,7 @@ class TorchEngine(Engine):
         with self._streams_lock:
             self._streams[request.request_id] = stream
         self._commands.put(("add", seq))
-        return self._stream(request.request_id, stream)
+        return _OutputStream(self, request.request_id, stream)
 
     def _make_sequence(self, request: GenerateRequest) -> Sequence:
         p = request.sampling
@@ -217,26 +219,25 @@ class TorchEngine(Engine):
             generator=generator,
         )
 
-    async def _stream(self, request_id: str, stream: _Stream) -> AsyncIterator[GenerateOutput]:
-        finished = False
-        try:
-            while True:
-                out = await stream.queue.get()
-                finished = out.finish_reason is not None
-                yield out
-                if finished:
-                    return
-        finally:
-            if not finished:
-                await self.abort(request_id)
-
     async def abort(self, request_id: str) -> None:
         """Stop `request_id`; returns once its blocks are freed (no-op if unknown/finished)."""
+        await self._command("abort", request_id)
+
+    async def reset_prefix_cache(self) -> None:
+        """Drop every reusable cached block (emits KvRemoved); running requests keep theirs."""
+        await self._command("reset_prefix_cache", None)
+
+    def abort_nowait(self, request_id: str) -> None:
+        """Ask for an abort without waiting (any thread; used when a stream is dropped)."""
+        self._commands.put(("abort", (request_id, None)))
+
+    async def _command(self, kind: str, value: Any) -> None:
+        """Hand a command to the stepping thread and wait until it has been applied."""
         if self._thread is None:
             return
         loop = asyncio.get_running_loop()
         done = loop.create_future()
-        self._commands.put(("abort", (request_id, (loop, done))))
+        self._commands.put((kind, (value, (loop, done))))
         await done
 
     # ----- observation ---------------------------------------------------------------------
@@ -284,6 +285,10 @@ class TorchEngine(Engine):
                     self._finish(seq, "abort")
                 if waiter is not None:
                     waiter[0].call_soon_threadsafe(_resolve, waiter[1])
+            elif kind == "reset_prefix_cache":
+                self.block_manager.reset_prefix_cache()
+                self._publish_events()
+                arg[1][0].call_soon_threadsafe(_resolve, arg[1][1])
             try:
                 item = self._commands.get_nowait()
             except queue.Empty:
@@ -313,8 +318,7 @@ class TorchEngine(Engine):
             seq.num_computed = lo + n
         if sampled:
             rows = [
-                SampleRow(s.sampling, s.token_ids[: s.num_prompt_tokens], s.output_token_ids,
-                          s.generator)
+                SampleRow(s.sampling, s.token_ids, s.num_prompt_tokens, s.generator)
                 for s in sampled
             ]
             tokens, logprobs = self.sampler(logits, rows)
@@ -393,8 +397,47 @@ class TorchEngine(Engine):
         assert last is not None
         logger.debug("%s done in %.3fs", request.request_id, time.perf_counter() - start)
         return last.model_copy(
-            update={"token_ids": tokens, "logprobs": logprobs if last.logprobs is not None else None}
+            update={
+                "token_ids": tokens,
+                "logprobs": logprobs if last.logprobs is not None else None,
+            }
         )
+
+
+class _OutputStream:
+    """The async iterator `generate()` returns; closing it early (even before the first
+    `__anext__`), cancelling a wait on it, or dropping it aborts the request."""
+
+    def __init__(self, engine: TorchEngine, request_id: str, stream: _Stream) -> None:
+        self._engine = engine
+        self.request_id = request_id
+        self._stream = stream
+        self._done = False
+
+    def __aiter__(self) -> _OutputStream:
+        return self
+
+    async def __anext__(self) -> GenerateOutput:
+        if self._done:
+            raise StopAsyncIteration
+        try:
+            out = await self._stream.queue.get()
+        except asyncio.CancelledError:
+            self._done = True
+            self._engine.abort_nowait(self.request_id)
+            raise
+        if out.finish_reason is not None:
+            self._done = True
+        return out
+
+    async def aclose(self) -> None:
+        if not self._done:
+            self._done = True
+            await self._engine.abort(self.request_id)
+
+    def __del__(self) -> None:
+        if not self._done:
+            self._engine.abort_nowait(self.request_id)
 
 
 def _resolve(future: asyncio.Future) -> None:

@@ -46,4 +46,6 @@ class KvCache:
         self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.num_layers)]
         self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.num_layers)]
         total = 2 * cfg.num_layers * self.k[0].numel() * self.k[0].element_size()
-        logger.info("KV cache: %d blocks of %d tokens, %.1f MiB", num_blocks, block_size, total / 2**20)
+        logger.info(
+            "KV cache: %d blocks of %d tokens, %.1f MiB", num_blocks, block_size, total / 2**20
+        )

@@ -33,7 +33,9 @@ class TpGroup:
 
 
 def mkl_packing_available() -> bool:
-    return torch.backends.mkl.is_available() and hasattr(torch.ops.mkl, "_mkl_reorder_linear_weight")
+    return torch.backends.mkl.is_available() and hasattr(
+        torch.ops.mkl, "_mkl_reorder_linear_weight"
+    )
 
 
 class InferenceWeight:
@@ -48,9 +50,9 @@ class InferenceWeight:
         self.weight_t = weight.t().contiguous()
         self.pack_rows = pack_rows
         self.packed = None
-        if pack_rows and weight.device.type == "cpu" and weight.dtype == torch.float32:
-            if mkl_packing_available():
-                self.packed = torch.ops.mkl._mkl_reorder_linear_weight(weight, pack_rows)
+        cpu_fp32 = weight.device.type == "cpu" and weight.dtype == torch.float32
+        if pack_rows and cpu_fp32 and mkl_packing_available():
+            self.packed = torch.ops.mkl._mkl_reorder_linear_weight(weight, pack_rows)
 
     @property
     def weight(self) -> torch.Tensor:
@@ -99,7 +101,9 @@ class _TpLinear(nn.Module):
         self.fast = InferenceWeight(self.weight.data, pack_rows)
         self.weight.data = self.fast.weight  # share storage: no second copy
 
-    def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: Any = None) -> None:
+    def weight_loader(
+        self, param: nn.Parameter, loaded: torch.Tensor, shard_id: Any = None
+    ) -> None:
         raise NotImplementedError
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -116,7 +120,9 @@ class ColumnParallelLinear(_TpLinear):
     def __init__(self, in_features: int, out_features: int, bias: bool, tp: TpGroup) -> None:
         super().__init__(in_features, out_features // tp.size, bias, tp)
 
-    def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: Any = None) -> None:
+    def weight_loader(
+        self, param: nn.Parameter, loaded: torch.Tensor, shard_id: Any = None
+    ) -> None:
         param.data.copy_(_shard(loaded, 0, self.tp))
 
 
@@ -127,7 +133,9 @@ class MergedColumnParallelLinear(ColumnParallelLinear):
         self.out_sizes = out_sizes
         super().__init__(in_features, sum(out_sizes), bias, tp)
 
-    def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: Any = None) -> None:
+    def weight_loader(
+        self, param: nn.Parameter, loaded: torch.Tensor, shard_id: Any = None
+    ) -> None:
         index = int(shard_id)
         offset = sum(self.out_sizes[:index]) // self.tp.size
         size = self.out_sizes[index] // self.tp.size
@@ -146,7 +154,9 @@ class QKVParallelLinear(ColumnParallelLinear):
         out = (num_heads + 2 * num_kv_heads) * head_dim
         super().__init__(hidden, out, bias, tp)
 
-    def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: Any = None) -> None:
+    def weight_loader(
+        self, param: nn.Parameter, loaded: torch.Tensor, shard_id: Any = None
+    ) -> None:
         q_size = self.num_heads * self.head_dim
         kv_size = self.num_kv_heads * self.head_dim
         offset, size = {"q": (0, q_size), "k": (q_size, kv_size), "v": (q_size + kv_size, kv_size)}[
@@ -163,7 +173,9 @@ class RowParallelLinear(_TpLinear):
     def __init__(self, in_features: int, out_features: int, bias: bool, tp: TpGroup) -> None:
         super().__init__(in_features // tp.size, out_features, bias, tp)
 
-    def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: Any = None) -> None:
+    def weight_loader(
+        self, param: nn.Parameter, loaded: torch.Tensor, shard_id: Any = None
+    ) -> None:
         if param.dim() == 1:  # bias is added once, on rank 0
             param.data.copy_(loaded if self.tp.rank == 0 else torch.zeros_like(loaded))
         else:
@@ -204,9 +216,7 @@ class RMSNorm(nn.Module):
         return self.weight * x32.to(dtype)
 
 
-def rope_inv_freq(
-    head_dim: int, theta: float, scaling: dict[str, Any] | None
-) -> torch.Tensor:
+def rope_inv_freq(head_dim: int, theta: float, scaling: dict[str, Any] | None) -> torch.Tensor:
     """Inverse RoPE frequencies, with HF's "linear" and "llama3" scaling."""
     exponents = torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim
     inv_freq = 1.0 / (theta**exponents)

@@ -49,7 +49,7 @@ def load_weights(model: LlamaForCausalLM, model_dir: str | Path) -> None:
     loaded: set[str] = set()
     for path in checkpoint_files(model_dir):
         with safe_open(str(path), framework="pt") as f:
-            for name in f.keys():
+            for name in f.keys():  # noqa: SIM118 (safe_open is not a dict)
                 if "rotary_emb.inv_freq" in name:
                     continue
                 if name == "lm_head.weight" and model.lm_head is None:

@@ -8,6 +8,8 @@ and what it attends to. Logits are computed only for the rows that are sampled
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -90,7 +92,7 @@ class LlamaForCausalLM(nn.Module):
     """The decoder plus its (possibly tied) vocabulary head; parameter names follow HF."""
 
     # HF checkpoint name -> (our fused parameter, shard id inside it)
-    packed_modules = {
+    packed_modules: ClassVar[dict[str, tuple[str, str | int]]] = {
         "q_proj": ("qkv_proj", "q"),
         "k_proj": ("qkv_proj", "k"),
         "v_proj": ("qkv_proj", "v"),

@@ -78,7 +78,9 @@ def _rope_settings(raw: dict[str, Any]) -> tuple[float, dict[str, Any] | None]:
     return theta, scaling
 
 
-def parse_model_config(raw: dict[str, Any], generation: dict[str, Any] | None = None) -> ModelConfig:
+def parse_model_config(
+    raw: dict[str, Any], generation: dict[str, Any] | None = None
+) -> ModelConfig:
     """Build a `ModelConfig` from the parsed JSON of config.json (+ generation_config.json)."""
     model_type = raw.get("model_type", "llama")
     if model_type not in SUPPORTED_MODEL_TYPES:

@@ -18,19 +18,30 @@ from contract.messages import SamplingParams, TokenLogprob, TopLogprob
 
 @dataclass
 class SampleRow:
-    """What the sampler needs about one row: settings, history, random source."""
+    """What the sampler needs about one row: settings, history, random source.
+
+    `token_ids` is prompt + output so far (not copied; sliced only when a penalty needs it).
+    """
 
     params: SamplingParams
-    prompt_ids: list[int]
-    output_ids: list[int]
+    token_ids: list[int]
+    num_prompt_tokens: int
     generator: torch.Generator | None = None
+
+    @property
+    def prompt_ids(self) -> list[int]:
+        return self.token_ids[: self.num_prompt_tokens]
+
+    @property
+    def output_ids(self) -> list[int]:
+        return self.token_ids[self.num_prompt_tokens :]
 
 
 def apply_penalties(
     logits: torch.Tensor,
     rows: list[SampleRow],
 ) -> torch.Tensor:
-    """Repetition (prompt + output, HF style), presence and frequency (output only, OpenAI style)."""
+    """Repetition (prompt + output, HF style); presence, frequency (output only, OpenAI style)."""
     batch, vocab = logits.shape
     rep = [r.params.repetition_penalty for r in rows]
     pres = [r.params.presence_penalty for r in rows]
@@ -117,9 +128,13 @@ class Sampler:
             top_k = torch.tensor([r.params.top_k for r in rows], device=device)
             logits = apply_top_k(logits, top_k)
         if any(r.params.top_p < 1.0 for r in rows):
-            logits = apply_top_p(logits, torch.tensor([r.params.top_p for r in rows], device=device))
+            logits = apply_top_p(
+                logits, torch.tensor([r.params.top_p for r in rows], device=device)
+            )
         if any(r.params.min_p > 0.0 for r in rows):
-            logits = apply_min_p(logits, torch.tensor([r.params.min_p for r in rows], device=device))
+            logits = apply_min_p(
+                logits, torch.tensor([r.params.min_p for r in rows], device=device)
+            )
         probs = logits.softmax(dim=-1)
         out = torch.empty(len(rows), dtype=torch.long, device=device)
         for i, r in enumerate(rows):
@@ -145,6 +160,8 @@ class Sampler:
             entry = TokenLogprob(token_id=tok, logprob=float(logprobs[i, tok]))
             if w and top is not None:
                 vals, ids = top.values[i, :w].tolist(), top.indices[i, :w].tolist()
-                entry.top = [TopLogprob(token_id=t, logprob=v) for t, v in zip(ids, vals)]
+                entry.top = [
+                    TopLogprob(token_id=t, logprob=v) for t, v in zip(ids, vals, strict=True)
+                ]
             result.append(entry)
         return result

@@ -14,7 +14,7 @@ from collections import deque
 from dataclasses import dataclass, field
 
 from mpi_workers.engine.block_manager import BlockManager
-from mpi_workers.engine.sequence import Sequence, SeqStatus
+from mpi_workers.engine.sequence import SeqStatus, Sequence
 
 logger = logging.getLogger(__name__)
 

@@ -5,10 +5,12 @@ from __future__ import annotations
 import enum
 import itertools
 from dataclasses import dataclass, field
-
-import torch
+from typing import TYPE_CHECKING
 
 from contract.messages import SamplingParams, TokenLogprob
+
+if TYPE_CHECKING:  # torch only for the annotation: the mocker runs without importing it
+    import torch
 
 _arrival = itertools.count()
 

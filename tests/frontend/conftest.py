@@ -47,6 +47,8 @@ class FakeBehaviour:
     error_on_seed: int | None = None  # answer a request with this seed by a ValueError
     max_model_len: int = 8192
     simulated: bool = False
+    listen: bool = True  # False: registered but not subscribed (a dead worker, lease alive)
+    garbage: bool = False  # answer with bytes that are not a GenerateOutput
 
 
 class FakeEchoWorker:
@@ -91,8 +93,9 @@ class FakeEchoWorker:
     async def start(self, register: bool = True) -> FakeEchoWorker:
         self._nc = await connect(self.nats_url, f"fake-{self.worker_id}")
         card = self.card
-        await self._nc.subscribe(card.subject, cb=self._on_generate)
-        await self._nc.subscribe(card.abort_subject, cb=self._on_abort)
+        if self.behaviour.listen:
+            await self._nc.subscribe(card.subject, cb=self._on_generate)
+            await self._nc.subscribe(card.abort_subject, cb=self._on_abort)
         await self._nc.flush()
         if register:
             await self.register()
@@ -136,6 +139,9 @@ class FakeEchoWorker:
     async def _answer(self, request: GenerateRequest, reply: str) -> None:
         sampling = request.sampling
         rid = request.request_id
+        if self.behaviour.garbage:
+            await self._nc.publish(reply, b'{"tokens": "not a GenerateOutput"}')
+            return
         if (
             self.behaviour.error_on_seed is not None
             and sampling.seed == self.behaviour.error_on_seed

@@ -406,3 +406,24 @@ async def test_python_m_frontend_serves_and_stops_cleanly(
     )
     _, stderr = await bad.communicate()
     assert bad.returncode == 2 and b"frontend.port" in stderr
+
+
+async def test_dead_worker_with_live_lease_fails_over_at_once(make_frontend: Any) -> None:
+    fe = await make_frontend()
+    await fe.add_worker("a-dead", listen=False)
+    async with fe.client() as client:
+        response = await client.post("/v1/chat/completions", json=CHAT)
+        assert_error(response, 503, None, "no_worker_available")
+        healthy = await fe.add_worker("b-healthy")
+        for _ in range(2):  # round robin tries a-dead first at least once
+            response = await client.post("/v1/chat/completions", json=CHAT)
+            assert response.status_code == 200, response.text
+        assert len(healthy.requests) == 2
+
+
+async def test_malformed_worker_reply_is_502(make_frontend: Any) -> None:
+    fe = await make_frontend()
+    await fe.add_worker(garbage=True)
+    async with fe.client() as client:
+        response = await client.post("/v1/chat/completions", json=CHAT)
+        assert_error(response, 502, None, "worker_failed")

@@ -300,3 +300,24 @@ def test_stop_matcher_random_splits() -> None:
         pieces = [text[a:b] for a, b in zip([0, *cuts], [*cuts, len(text)], strict=True)]
         out, stopped = run_stops(["<END>", "nope"], pieces)
         assert stopped and "".join(out) == "one two three "
+
+
+@pytest.mark.parametrize(
+    "messages",
+    [
+        [{"role": "user", "content": "hi"}],
+        [{"role": "system", "content": "  spaced  \n"}, {"role": "user", "content": "😀 世界"}],
+        [
+            {"role": "user", "content": "a<|im_end|>b <|endoftext|> c"},
+            {"role": "assistant", "content": "\n\n  x  "},
+            {"role": "user", "content": "long " * 2000},
+        ],
+    ],
+)
+def test_cached_template_encoding_equals_plain_encode(
+    tokenizer: TextTokenizer, messages: list[dict[str, str]]
+) -> None:
+    text = tokenizer.render_chat(messages)
+    plain = tokenizer.encode(text, add_special_tokens=False)
+    assert tokenizer.encode_chat(messages) == plain
+    assert tokenizer.encode_chat(messages) == plain  # second time from the cache

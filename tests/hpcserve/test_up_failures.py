@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import re
 import signal
+import socket
 from pathlib import Path
 
 import pytest
@@ -62,3 +63,22 @@ def test_config_show_and_plan(tmp_path: Path) -> None:
     worker = "python3 -m mpi_workers --config RUN_DIR/config.yaml --group 0 --index 0"
     assert worker in result.output
     assert "[stage 2] frontend" in result.output
+
+
+def test_a_busy_frontend_port_is_a_config_error(tmp_path: Path) -> None:
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        result = CliRunner().invoke(
+            app, ["up", "--set", f"frontend.port={port}", "--set", f"run_dir={tmp_path}"]
+        )
+    assert result.exit_code == 2
+    assert "frontend.port" in result.output and "in use" in result.output
+
+
+def test_model_prepare_is_idempotent(model_dir: Path) -> None:
+    result = CliRunner().invoke(app, ["model", "prepare"])
+    assert result.exit_code == 0, result.output
+    assert result.output.strip().splitlines()[-1] == str(model_dir)
+    assert oct(model_dir.stat().st_mode & 0o777) == oct(0o755)

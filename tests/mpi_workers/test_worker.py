@@ -164,9 +164,7 @@ async def test_abort_reaches_the_engine(etcd_endpoint: str, nats_url: str) -> No
     assert len([t for c in chunks for t in c.token_ids]) < 100
 
 
-async def test_events_and_load_metrics_are_published(
-    started_worker: Worker, nats_url: str
-) -> None:
+async def test_events_and_load_metrics_are_published(started_worker: Worker, nats_url: str) -> None:
     nc = await bus.connect(nats_url, "test")
     try:
         kv = await nc.subscribe(bus.kv_events_subject(started_worker.deployment))

@@ -1,0 +1,280 @@
+"""The frontend's view of which worker caches which KV block, fed by the workers' KV events.
+
+`KvIndex` is the data: chained block hash → the workers holding that block. Because a hash
+stands for its whole prefix, a flat map is enough: a request's overlap with a worker is the
+number of its leading block hashes that worker holds, and the walk stops at the first block
+no candidate holds.
+
+`KvIndexFeed` keeps the index true: it applies `KvEventBatch`es from NATS in per-worker
+`seq` order; a gap (lost or reordered batch), a worker it has not synced yet, a worker that
+joins, a frontend (re)start and a periodic timer all trigger a reconcile: the worker is asked
+for a `KvSnapshot` (its full set of cached hashes as of a seq), the index replaces that
+worker's blocks with it and replays the batches that arrived meanwhile. A worker that leaves
+the `WorkerDirectory` (lease lapse) loses all its blocks at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Awaitable, Callable, Collection, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+
+from nats.aio.client import Client as NatsClient
+from nats.aio.msg import Msg
+
+from contract.bus import connect, kv_events_subject, kv_snapshot_subject
+from contract.discovery import WorkerCard
+from contract.messages import KvEvent, KvEventBatch, KvRemoved, KvSnapshot, KvStored
+
+logger = logging.getLogger(__name__)
+
+SnapshotFetcher = Callable[[str], Awaitable[KvSnapshot]]
+
+
+class KvIndex:
+    """Block hash → set of worker ids; no I/O, so it is cheap to test and to query."""
+
+    def __init__(self) -> None:
+        self._holders: dict[int, set[str]] = {}
+        self._blocks: dict[str, set[int]] = {}
+
+    def store(self, worker_id: str, hashes: Iterable[int]) -> None:
+        mine = self._blocks.setdefault(worker_id, set())
+        for h in hashes:
+            self._holders.setdefault(h, set()).add(worker_id)
+            mine.add(h)
+
+    def remove(self, worker_id: str, hashes: Iterable[int]) -> None:
+        mine = self._blocks.get(worker_id)
+        if mine is None:
+            return
+        for h in hashes:
+            mine.discard(h)
+            holders = self._holders.get(h)
+            if holders is not None:
+                holders.discard(worker_id)
+                if not holders:
+                    del self._holders[h]
+
+    def apply(self, worker_id: str, events: Iterable[KvEvent]) -> None:
+        for event in events:
+            if isinstance(event, KvStored):
+                self.store(worker_id, (b.block_hash for b in event.blocks))
+            elif isinstance(event, KvRemoved):
+                self.remove(worker_id, event.block_hashes)
+
+    def replace(self, worker_id: str, hashes: Iterable[int]) -> None:
+        """Make `hashes` exactly the worker's blocks (a snapshot)."""
+        self.drop_worker(worker_id)
+        self.store(worker_id, hashes)
+
+    def drop_worker(self, worker_id: str) -> None:
+        mine = self._blocks.pop(worker_id, None)
+        if mine:
+            for h in mine:
+                holders = self._holders.get(h)
+                if holders is not None:
+                    holders.discard(worker_id)
+                    if not holders:
+                        del self._holders[h]
+
+    def blocks_of(self, worker_id: str) -> set[int]:
+        return set(self._blocks.get(worker_id, ()))
+
+    @property
+    def workers(self) -> list[str]:
+        return list(self._blocks)
+
+    def overlaps(self, hashes: Sequence[int], candidates: Collection[str]) -> dict[str, int]:
+        """For each candidate, how many leading blocks of `hashes` it holds (0 if none)."""
+        scores = dict.fromkeys(candidates, 0)
+        active = set(scores)
+        for depth, h in enumerate(hashes):
+            holders = self._holders.get(h)
+            still = active & holders if holders else set()
+            for worker_id in active - still:
+                scores[worker_id] = depth
+            active = still
+            if not active:
+                return scores
+        for worker_id in active:
+            scores[worker_id] = len(hashes)
+        return scores
+
+
+@dataclass
+class _WorkerSync:
+    """Where one worker's event stream stands."""
+
+    last_seq: int | None = None  # None: never synced
+    pending: bool = False  # a snapshot request is in flight
+    buffer: list[KvEventBatch] = field(default_factory=list)  # batches seen meanwhile
+
+
+class KvIndexFeed:
+    """Feeds a `KvIndex` from NATS events and snapshots; a WorkerDirectory listener."""
+
+    def __init__(
+        self,
+        index: KvIndex,
+        fetch_snapshot: SnapshotFetcher | None = None,
+        *,
+        nats_url: str | None = None,
+        deployment: str = "hpcserve",
+        reconcile_interval_s: float = 30.0,
+        snapshot_timeout_s: float = 5.0,
+    ) -> None:
+        self.index = index
+        self._fetch = fetch_snapshot or self._fetch_over_nats
+        self._nats_url = nats_url
+        self._deployment = deployment
+        self._reconcile_interval_s = reconcile_interval_s
+        self._snapshot_timeout_s = snapshot_timeout_s
+        self._nc: NatsClient | None = None
+        self._sync: dict[str, _WorkerSync] = {}
+        self._workers: set[str] = set()
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._reconciler: asyncio.Task[None] | None = None
+        self.num_gaps = 0
+        self.num_snapshots = 0
+
+    # ----- lifecycle -----------------------------------------------------------------------
+    async def start(self) -> None:
+        """Subscribe to the deployment's KV events and start the periodic reconcile."""
+        if self._nats_url is not None:
+            self._nc = await connect(self._nats_url, "hpcserve-frontend-kv-index")
+            await self._nc.subscribe(kv_events_subject(self._deployment), cb=self._on_events)
+            await self._nc.flush()
+        self._reconciler = asyncio.create_task(self._reconcile_forever(), name="kv-reconcile")
+
+    async def stop(self) -> None:
+        tasks = [*self._tasks, *([self._reconciler] if self._reconciler else [])]
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        if self._nc is not None:
+            with contextlib.suppress(Exception):
+                await self._nc.close()
+
+    # ----- directory -----------------------------------------------------------------------
+    def on_workers_changed(self, workers: Mapping[str, WorkerCard]) -> None:
+        """Drop the blocks of workers that left; snapshot the ones that joined."""
+        current = set(workers)
+        for gone in self._workers - current:
+            self.index.drop_worker(gone)
+            self._sync.pop(gone, None)
+            logger.info("KV index: dropped worker %s", gone)
+        joined = current - self._workers
+        self._workers = current
+        for worker_id in sorted(joined):
+            self.request_snapshot(worker_id)
+
+    # ----- events --------------------------------------------------------------------------
+    async def _on_events(self, msg: Msg) -> None:
+        try:
+            batch = KvEventBatch.model_validate_json(msg.data)
+        except ValueError as exc:
+            logger.warning("ignoring malformed KV event batch: %s", exc)
+            return
+        self.handle_batch(batch)
+
+    def handle_batch(self, batch: KvEventBatch) -> None:
+        """Apply in seq order; on a gap or an unsynced worker, reconcile by snapshot."""
+        worker_id = batch.worker_id
+        if worker_id not in self._workers:
+            return  # unknown or gone: its join (snapshot) will cover it
+        sync = self._sync.setdefault(worker_id, _WorkerSync())
+        if sync.pending:
+            sync.buffer.append(batch)
+            return
+        if sync.last_seq is not None and batch.seq == sync.last_seq + 1:
+            self.index.apply(worker_id, batch.events)
+            sync.last_seq = batch.seq
+        elif batch.seq == 1:  # first batch of a (re)started worker: nothing before it counts
+            self.index.replace(worker_id, ())
+            self.index.apply(worker_id, batch.events)
+            sync.last_seq = 1
+        elif sync.last_seq is not None and batch.seq <= sync.last_seq:
+            logger.debug("KV index: stale batch %d from %s ignored", batch.seq, worker_id)
+        else:
+            self.num_gaps += 1
+            logger.warning(
+                "KV index: %s sent batch %d after %s; reconciling by snapshot",
+                worker_id, batch.seq, sync.last_seq,
+            )  # fmt: skip
+            sync.buffer.append(batch)
+            self.request_snapshot(worker_id)
+
+    # ----- snapshots -----------------------------------------------------------------------
+    def request_snapshot(self, worker_id: str) -> None:
+        """Ask `worker_id` for its cached hashes (once at a time); events buffer meanwhile."""
+        sync = self._sync.setdefault(worker_id, _WorkerSync())
+        if sync.pending:
+            return
+        sync.pending = True
+        task = asyncio.get_running_loop().create_task(self._snapshot(worker_id))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _snapshot(self, worker_id: str) -> None:
+        try:
+            snapshot = await self._fetch(worker_id)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            logger.warning("KV snapshot of %s failed (%s); next reconcile retries", worker_id, exc)
+            self._snapshot_failed(worker_id)
+            return
+        self.apply_snapshot(snapshot)
+
+    def apply_snapshot(self, snapshot: KvSnapshot) -> None:
+        """Replace the worker's blocks, then replay the batches newer than the snapshot."""
+        worker_id = snapshot.worker_id
+        sync = self._sync.get(worker_id)
+        if sync is None or worker_id not in self._workers:
+            return  # left while we asked
+        self.num_snapshots += 1
+        self.index.replace(worker_id, snapshot.block_hashes)
+        sync.last_seq = snapshot.seq
+        buffered, sync.buffer, sync.pending = sorted(sync.buffer, key=_seq), [], False
+        for batch in buffered:
+            if batch.seq > sync.last_seq:
+                if batch.seq != sync.last_seq + 1:
+                    logger.warning("KV index: %s still has a gap after its snapshot", worker_id)
+                self.index.apply(worker_id, batch.events)
+                sync.last_seq = batch.seq
+        logger.debug(
+            "KV index: %s synced at seq %d (%d blocks)",
+            worker_id, sync.last_seq, len(snapshot.block_hashes),
+        )  # fmt: skip
+
+    def _snapshot_failed(self, worker_id: str) -> None:
+        """Best effort until the next try: apply what arrived, in order."""
+        sync = self._sync.get(worker_id)
+        if sync is None:
+            return
+        buffered, sync.buffer, sync.pending = sorted(sync.buffer, key=_seq), [], False
+        for batch in buffered:
+            self.index.apply(worker_id, batch.events)
+            sync.last_seq = batch.seq
+
+    async def _fetch_over_nats(self, worker_id: str) -> KvSnapshot:
+        if self._nc is None:
+            raise ConnectionError("the KV index is not connected to NATS")
+        subject = kv_snapshot_subject(self._deployment, worker_id)
+        reply = await self._nc.request(subject, b"", timeout=self._snapshot_timeout_s)
+        return KvSnapshot.model_validate_json(reply.data)
+
+    async def _reconcile_forever(self) -> None:
+        while True:
+            await asyncio.sleep(self._reconcile_interval_s)
+            for worker_id in sorted(self._workers):
+                self.request_snapshot(worker_id)
+
+
+def _seq(batch: KvEventBatch) -> int:
+    return batch.seq

@@ -1,0 +1,61 @@
+"""`build_engine(config, model_dir)`: the engine `config.engine.kind` names, configured.
+
+Engines are imported lazily so that a mocker worker never pays for importing torch.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from contract.config import DeploymentConfig
+from mpi_workers.engine.base import Engine
+
+
+def build_torch_engine(config: DeploymentConfig, model_path: Path) -> Engine:
+    """The built-in PyTorch engine, configured from `config.engine`."""
+    import torch
+
+    from mpi_workers.engine.engine import TorchEngine
+
+    engine_config = config.engine
+    if engine_config.torch_threads:
+        torch.set_num_threads(engine_config.torch_threads)
+    device = engine_config.device
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = None if engine_config.dtype == "auto" else getattr(torch, engine_config.dtype)
+    return TorchEngine(
+        model_dir=model_path,
+        device=device,
+        dtype=dtype,
+        block_size=engine_config.block_size,
+        num_blocks=engine_config.num_blocks,
+        kv_cache_memory_bytes=engine_config.kv_cache_memory_mb * 2**20,
+        max_num_seqs=engine_config.max_num_seqs,
+        max_num_batched_tokens=engine_config.max_num_batched_tokens,
+        max_model_len=engine_config.max_model_len,
+        model_name=config.model.served_model_name(),
+    )
+
+
+def build_mocker_engine(config: DeploymentConfig, model_path: Path | None) -> Engine:
+    """The simulated engine; the model folder (if any) only gives vocab size and max length."""
+    from mpi_workers.engine.mocker import MockerEngine, ModelShape
+
+    engine_config = config.engine
+    return MockerEngine(
+        engine_config.mocker,
+        model_name=config.model.served_model_name(),
+        shape=ModelShape.from_folder(model_path),
+        block_size=engine_config.block_size,
+        num_blocks=engine_config.num_blocks,
+        max_num_seqs=engine_config.max_num_seqs,
+        max_num_batched_tokens=engine_config.max_num_batched_tokens,
+        max_model_len=engine_config.max_model_len,
+    )
+
+
+def build_engine(config: DeploymentConfig, model_path: Path) -> Engine:
+    if config.engine.kind == "mocker":
+        return build_mocker_engine(config, model_path)
+    return build_torch_engine(config, model_path)

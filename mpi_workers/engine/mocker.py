@@ -1,0 +1,355 @@
+"""`MockerEngine`: a simulated engine for router and load tests at scale without accelerators.
+
+It runs the REAL `BlockManager` and `Scheduler` (so prefix hits, preemption and KV events are
+exactly the built-in engine's) and replaces the forward pass with a timing model:
+
+- prefill: `prefill_ms_per_token` × tokens computed (cached prefix tokens are free);
+- decode: `decode_ms_base + decode_ms_per_seq × batch + decode_ms_per_ctx_token × context`;
+
+a step that mixes both costs the sum; every time is divided by `speedup`. Stepping is an
+asyncio task (a step is a sleep plus cheap bookkeeping), so many mockers share one process or
+one machine. Tokens are deterministic pseudo-random ids (a hash of the prompt and the
+position) that avoid EOS and the stop ids, so a request always runs to `max_tokens`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import json
+import logging
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from contract.config import MockerConfig
+from contract.messages import GenerateOutput, GenerateRequest, LoadMetrics
+from mpi_workers.engine.base import Engine, KvEventSink
+from mpi_workers.engine.block_manager import BlockManager
+from mpi_workers.engine.scheduler import ScheduledBatch, Scheduler
+from mpi_workers.engine.sequence import SeqStatus, Sequence
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_VOCAB_SIZE = 32000
+DEFAULT_MAX_MODEL_LEN = 8192
+_MASK64 = (1 << 64) - 1
+
+
+class MockerValidationError(ValueError):
+    """A bad request; `param` names the offending field (also first in the message)."""
+
+    def __init__(self, param: str, message: str) -> None:
+        super().__init__(f"{param}: {message}")
+        self.param = param
+
+
+@dataclass
+class MockerStats:
+    num_steps: int = 0
+    num_prompt_tokens: int = 0  # prompt tokens of admitted requests
+    num_cached_prompt_tokens: int = 0  # of those, served from the prefix cache
+    num_generated_tokens: int = 0
+    num_finished: int = 0
+    simulated_busy_s: float = 0.0  # sum of the step times slept
+
+
+@dataclass
+class ModelShape:
+    """What the mocker takes from a model folder: vocabulary, context length, EOS ids."""
+
+    vocab_size: int = DEFAULT_VOCAB_SIZE
+    max_position_embeddings: int = DEFAULT_MAX_MODEL_LEN
+    eos_token_ids: tuple[int, ...] = ()
+
+    @classmethod
+    def from_folder(cls, model_dir: str | Path | None) -> ModelShape:
+        """Read `config.json` when there is one; defaults otherwise (no weights needed)."""
+        path = Path(model_dir) / "config.json" if model_dir else None
+        if path is None or not path.is_file():
+            return cls()
+        data = json.loads(path.read_text())
+        eos = data.get("eos_token_id")
+        eos_ids = tuple(eos) if isinstance(eos, list) else (() if eos is None else (eos,))
+        return cls(
+            vocab_size=int(data.get("vocab_size", DEFAULT_VOCAB_SIZE)),
+            max_position_embeddings=int(data.get("max_position_embeddings", DEFAULT_MAX_MODEL_LEN)),
+            eos_token_ids=tuple(int(t) for t in eos_ids),
+        )
+
+
+def _mix64(x: int) -> int:
+    """splitmix64 finaliser: a cheap, well-spread deterministic hash of an int."""
+    x = (x + 0x9E3779B97F4A7C15) & _MASK64
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return x ^ (x >> 31)
+
+
+class MockerEngine(Engine):
+    """Real block manager and scheduler, simulated time, pseudo tokens."""
+
+    simulated = True
+
+    def __init__(
+        self,
+        timing: MockerConfig | None = None,
+        *,
+        model_name: str = "mocker",
+        shape: ModelShape | None = None,
+        block_size: int = 16,
+        num_blocks: int | None = None,
+        max_num_seqs: int = 64,
+        max_num_batched_tokens: int = 2048,
+        max_model_len: int | None = None,
+        enable_prefix_caching: bool = True,
+    ) -> None:
+        self.timing = timing or MockerConfig()
+        shape = shape or ModelShape()
+        self.model_name = model_name
+        self.block_size = block_size
+        self.vocab_size = shape.vocab_size
+        self._banned_base = frozenset(shape.eos_token_ids)
+        num_blocks = num_blocks or self.timing.num_blocks
+        # every accepted request must be able to finish alone, as in the torch engine
+        self.max_model_len = min(
+            max_model_len or shape.max_position_embeddings, num_blocks * block_size
+        )
+        self.block_manager = BlockManager(num_blocks, block_size, enable_prefix_caching)
+        self.scheduler = Scheduler(self.block_manager, max_num_seqs, max(max_num_batched_tokens, 1))
+        self.stats = MockerStats()
+        self._sink: KvEventSink | None = None
+        self._queues: dict[str, asyncio.Queue[GenerateOutput]] = {}
+        self._seeds: dict[str, int] = {}
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+
+    # ----- lifecycle -----------------------------------------------------------------------
+    async def start(self) -> None:
+        if self._task is None:
+            self._task = asyncio.create_task(self._run(), name=f"mocker-{id(self):x}")
+
+    async def shutdown(self) -> None:
+        if self._task is None:
+            return
+        self._task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._task
+        self._task = None
+        for seq in list(self.scheduler.running) + list(self.scheduler.waiting):
+            self._finish(seq, "abort")
+
+    # ----- requests ------------------------------------------------------------------------
+    def _validate(self, request: GenerateRequest) -> None:
+        ids = request.token_ids
+        if not ids:
+            raise MockerValidationError("token_ids", "the prompt is empty")
+        if len(ids) >= self.max_model_len:
+            raise MockerValidationError(
+                "token_ids",
+                f"prompt of {len(ids)} tokens leaves no room under max_model_len "
+                f"{self.max_model_len}",
+            )
+        if min(ids) < 0 or max(ids) >= self.vocab_size:
+            raise MockerValidationError("token_ids", f"ids must lie in [0, {self.vocab_size})")
+        if request.sampling.max_tokens < 1:
+            raise MockerValidationError("max_tokens", "must be >= 1")
+        if request.request_id in self._queues:
+            raise MockerValidationError("request_id", "a request with this id is running")
+
+    def generate(self, request: GenerateRequest) -> AsyncIterator[GenerateOutput]:
+        self._validate(request)
+        if self._task is None:
+            raise RuntimeError("engine not started: await engine.start() first")
+        max_len = min(len(request.token_ids) + request.sampling.max_tokens, self.max_model_len)
+        seq = Sequence(
+            request_id=request.request_id,
+            token_ids=list(request.token_ids),
+            sampling=request.sampling,
+            max_len=max_len,
+        )
+        digest = hashlib.blake2b(repr(request.token_ids).encode(), digest_size=8).digest()
+        self._seeds[request.request_id] = int.from_bytes(digest, "little")
+        queue: asyncio.Queue[GenerateOutput] = asyncio.Queue()
+        self._queues[request.request_id] = queue
+        self.scheduler.add(seq)
+        self._wake.set()
+        return _MockerStream(self, request.request_id, queue)
+
+    async def abort(self, request_id: str) -> None:
+        seq = self.scheduler.find(request_id)
+        if seq is not None:
+            self._finish(seq, "abort")
+            self._publish_events()
+
+    # ----- observation ---------------------------------------------------------------------
+    def load_metrics(self) -> LoadMetrics:
+        bm = self.block_manager
+        free = bm.num_free_blocks
+        return LoadMetrics(
+            active_sequences=len(self.scheduler.running),
+            waiting_sequences=len(self.scheduler.waiting),
+            total_blocks=bm.num_blocks,
+            free_blocks=free,
+            active_blocks=bm.num_blocks - free,
+        )
+
+    def set_kv_event_sink(self, sink: KvEventSink | None) -> None:
+        self._sink = sink
+
+    def cached_block_hashes(self) -> list[int]:
+        return self.block_manager.cached_hashes()
+
+    # ----- timing model --------------------------------------------------------------------
+    def step_time_s(self, batch: ScheduledBatch) -> float:
+        """Seconds one step takes in simulation (already divided by `speedup`)."""
+        t = self.timing
+        prefill_tokens = 0
+        decode_seqs = 0
+        context = 0
+        for seq, n in zip(batch.seqs, batch.num_tokens, strict=True):
+            if n == 1 and seq.num_computed >= seq.num_prompt_tokens:
+                decode_seqs += 1
+                context += seq.num_tokens
+            else:
+                prefill_tokens += n
+        ms = t.prefill_ms_per_token * prefill_tokens
+        if decode_seqs:
+            ms += (
+                t.decode_ms_base
+                + t.decode_ms_per_seq * decode_seqs
+                + t.decode_ms_per_ctx_token * context
+            )
+        return ms / 1000.0 / t.speedup
+
+    def _token_at(self, seq: Sequence) -> int:
+        """The deterministic pseudo token for `seq`'s next position; never EOS or a stop id."""
+        seed = self._seeds.get(seq.request_id, 0)
+        token = _mix64(seed ^ seq.num_tokens) % self.vocab_size
+        banned = self._banned_base.union(seq.sampling.stop_token_ids)
+        while token in banned and len(banned) < self.vocab_size:
+            token = (token + 1) % self.vocab_size
+        return token
+
+    # ----- stepping ------------------------------------------------------------------------
+    async def _run(self) -> None:
+        while True:
+            if not self.scheduler.has_work():
+                self._wake.clear()
+                await self._wake.wait()
+                continue
+            batch = self.scheduler.schedule()
+            if not batch:  # nothing fits right now; wait for a finish or an abort
+                await asyncio.sleep(0.001)
+                continue
+            delay = self.step_time_s(batch)
+            self.stats.simulated_busy_s += delay
+            await asyncio.sleep(delay)  # sleep(0) still yields to the other tasks
+            try:
+                self._apply(batch)
+            except Exception:  # a bookkeeping bug must not hang every caller
+                logger.exception("mocker step failed; failing its requests")
+                for seq in batch.seqs:
+                    if seq.status is not SeqStatus.FINISHED:
+                        self._finish(seq, "error")
+            self._publish_events()
+
+    def _apply(self, batch: ScheduledBatch) -> None:
+        self.stats.num_steps += 1
+        live = [
+            (seq, n)
+            for seq, n in zip(batch.seqs, batch.num_tokens, strict=True)
+            if seq.status is SeqStatus.RUNNING  # aborted or preempted while we slept: skip
+        ]
+        for seq, n in live:
+            seq.num_computed += n
+            if seq.num_computed >= seq.num_tokens:
+                token = self._token_at(seq)
+                seq.token_ids.append(token)
+                seq.pending_tokens.append(token)
+                self.stats.num_generated_tokens += 1
+                if seq.num_tokens >= seq.max_len:
+                    seq.finish_reason = "length"
+            self.block_manager.commit(seq)
+        for seq, _ in live:
+            if seq.finish_reason is not None:
+                self._finish(seq, seq.finish_reason)
+            elif seq.pending_tokens:
+                self._deliver(seq)
+
+    def _finish(self, seq: Sequence, reason: str) -> None:
+        if seq.admitted_once and seq.status is not SeqStatus.FINISHED:
+            self.stats.num_prompt_tokens += seq.num_prompt_tokens
+            self.stats.num_cached_prompt_tokens += seq.num_cached_tokens
+        seq.finish_reason = reason
+        self.scheduler.remove(seq)
+        self.stats.num_finished += 1
+        self._deliver(seq)
+        self._queues.pop(seq.request_id, None)
+        self._seeds.pop(seq.request_id, None)
+
+    def _deliver(self, seq: Sequence) -> None:
+        queue = self._queues.get(seq.request_id)
+        out = GenerateOutput(
+            request_id=seq.request_id,
+            token_ids=seq.pending_tokens,
+            finish_reason=seq.finish_reason,  # type: ignore[arg-type]
+            num_prompt_tokens=seq.num_prompt_tokens,
+            num_cached_tokens=seq.num_cached_tokens,
+        )
+        seq.pending_tokens = []
+        if queue is not None:
+            queue.put_nowait(out)
+
+    def _publish_events(self) -> None:
+        events = self.block_manager.take_events()
+        if events and self._sink is not None:
+            try:
+                self._sink(events)
+            except Exception:
+                logger.exception("KV event sink failed; events of this step are lost")
+
+
+class _MockerStream:
+    """What `generate()` returns; closing it early (or dropping it) aborts the request."""
+
+    def __init__(
+        self, engine: MockerEngine, request_id: str, queue: asyncio.Queue[GenerateOutput]
+    ) -> None:
+        self._engine = engine
+        self.request_id = request_id
+        self._queue = queue
+        self._done = False
+
+    def __aiter__(self) -> _MockerStream:
+        return self
+
+    async def __anext__(self) -> GenerateOutput:
+        if self._done:
+            raise StopAsyncIteration
+        try:
+            out = await self._queue.get()
+        except asyncio.CancelledError:
+            self._abort_soon()
+            raise
+        if out.finish_reason is not None:
+            self._done = True
+        return out
+
+    async def aclose(self) -> None:
+        if not self._done:
+            self._done = True
+            await self._engine.abort(self.request_id)
+
+    def _abort_soon(self) -> None:
+        self._done = True
+        seq = self._engine.scheduler.find(self.request_id)
+        if seq is not None:
+            self._engine._finish(seq, "abort")
+            self._engine._publish_events()
+
+    def __del__(self) -> None:
+        if not self._done:
+            with contextlib.suppress(Exception):
+                self._abort_soon()

@@ -1,0 +1,152 @@
+"""KvIndex and KvIndexFeed: events in → overlaps out; removal; worker loss; seq gaps."""
+
+from __future__ import annotations
+
+import asyncio
+
+from contract.block_hash import block_hashes
+from contract.discovery import WorkerCard
+from contract.messages import KvEventBatch, KvRemoved, KvSnapshot, KvStored, StoredBlock
+from frontend.kv_index import KvIndex, KvIndexFeed
+
+PROMPT = list(range(100, 164))  # 4 blocks of 16
+H = block_hashes(PROMPT, 16)
+
+
+def stored(hashes: list[int], parent: int | None = None) -> KvStored:
+    return KvStored(
+        parent_hash=parent, blocks=[StoredBlock(block_hash=h, num_tokens=16) for h in hashes]
+    )
+
+
+def batch(worker: str, seq: int, *events) -> KvEventBatch:
+    return KvEventBatch(worker_id=worker, seq=seq, events=list(events))
+
+
+def card(worker_id: str, block_size: int = 16) -> WorkerCard:
+    return WorkerCard(
+        worker_id=worker_id, role="agg", model="m", block_size=block_size, subject="s",
+        abort_subject="a", capacity=8, max_model_len=4096, simulated=True,
+    )  # fmt: skip
+
+
+def test_overlap_per_worker_from_events() -> None:
+    index = KvIndex()
+    index.apply("a", [stored(H[:4])])
+    index.apply("b", [stored(H[:2])])
+    assert index.overlaps(H, ["a", "b", "c"]) == {"a": 4, "b": 2, "c": 0}
+
+
+def test_prefix_stops_at_first_missing_block() -> None:
+    index = KvIndex()
+    index.store("a", [H[0], H[1], H[3]])  # H[2] missing: H[3] must not count
+    index.store("b", [H[1], H[2]])  # no first block: nothing counts
+    assert index.overlaps(H, ["a", "b"]) == {"a": 2, "b": 0}
+    assert index.overlaps([], ["a"]) == {"a": 0}
+
+
+def test_removed_blocks_stop_counting() -> None:
+    index = KvIndex()
+    index.apply("a", [stored(H)])
+    index.apply("a", [KvRemoved(block_hashes=[H[1]])])
+    assert index.overlaps(H, ["a"]) == {"a": 1}
+    index.apply("a", [KvRemoved(block_hashes=[H[0], 12345])])
+    assert index.overlaps(H, ["a"]) == {"a": 0}
+    assert index.blocks_of("a") == {H[2], H[3]}
+
+
+def test_drop_worker_keeps_the_others() -> None:
+    index = KvIndex()
+    index.store("a", H)
+    index.store("b", H[:3])
+    index.drop_worker("a")
+    assert index.overlaps(H, ["a", "b"]) == {"a": 0, "b": 3}
+    assert index.workers == ["b"]
+
+
+class FakeWorkers:
+    """Snapshot answers for the feed, as the workers' kv_snapshot subject would give."""
+
+    def __init__(self) -> None:
+        self.caches: dict[str, tuple[int, list[int]]] = {}
+        self.asked: list[str] = []
+
+    async def fetch(self, worker_id: str) -> KvSnapshot:
+        self.asked.append(worker_id)
+        await asyncio.sleep(0)
+        seq, hashes = self.caches.get(worker_id, (0, []))
+        return KvSnapshot(worker_id=worker_id, seq=seq, block_hashes=hashes)
+
+
+async def settle() -> None:
+    for _ in range(5):
+        await asyncio.sleep(0)
+
+
+async def test_feed_applies_in_order_and_snapshots_joiners() -> None:
+    workers = FakeWorkers()
+    workers.caches["a"] = (3, H[:1])
+    feed = KvIndexFeed(KvIndex(), workers.fetch)
+    feed.on_workers_changed({"a": card("a")})
+    await settle()
+    assert workers.asked == ["a"] and feed.index.overlaps(H, ["a"]) == {"a": 1}
+    feed.handle_batch(batch("a", 4, stored(H[1:3], H[0])))
+    feed.handle_batch(batch("a", 5, KvRemoved(block_hashes=[H[2]])))
+    assert feed.index.overlaps(H, ["a"]) == {"a": 2}
+    assert workers.asked == ["a"] and feed.num_gaps == 0
+
+
+async def test_worker_loss_drops_its_blocks() -> None:
+    workers = FakeWorkers()
+    feed = KvIndexFeed(KvIndex(), workers.fetch)
+    feed.on_workers_changed({"a": card("a"), "b": card("b")})
+    await settle()
+    feed.handle_batch(batch("a", 1, stored(H)))
+    feed.handle_batch(batch("b", 1, stored(H[:2])))
+    feed.on_workers_changed({"b": card("b")})  # a's lease lapsed
+    assert feed.index.overlaps(H, ["a", "b"]) == {"a": 0, "b": 2}
+    feed.handle_batch(batch("a", 2, stored([999])))  # a straggler from the dead worker
+    assert "a" not in feed.index.workers
+
+
+async def test_seq_gap_rebuilds_from_snapshot() -> None:
+    workers = FakeWorkers()
+    feed = KvIndexFeed(KvIndex(), workers.fetch)
+    feed.on_workers_changed({"a": card("a")})
+    await settle()
+    feed.handle_batch(batch("a", 1, stored(H[:1])))
+    # batch 2 (stored H[1], H[2]; removed H[0]) is lost; the worker now caches H[1..3]
+    workers.caches["a"] = (3, H[1:4])
+    feed.handle_batch(batch("a", 4, KvRemoved(block_hashes=[H[3]])))
+    assert feed.num_gaps == 1
+    await settle()
+    assert workers.asked == ["a", "a"]
+    assert feed.index.blocks_of("a") == {H[1], H[2]}  # snapshot, then batch 4 replayed
+    feed.handle_batch(batch("a", 5, stored([H[0]])))
+    assert feed.index.overlaps(H, ["a"]) == {"a": 3}
+
+
+async def test_unsynced_worker_and_restart() -> None:
+    workers = FakeWorkers()
+    feed = KvIndexFeed(KvIndex(), workers.fetch)
+    feed.on_workers_changed({"a": card("a")})
+    await settle()
+    feed.handle_batch(batch("a", 1, stored(H)))
+    feed.handle_batch(batch("a", 2, stored([1, 2])))
+    # the worker restarted under the same id: its seq starts again at 1, old blocks are gone
+    feed.handle_batch(batch("a", 1, stored(H[:1])))
+    assert feed.index.blocks_of("a") == {H[0]}
+    feed.handle_batch(batch("a", 1, stored(H[:1])))  # a duplicate is ignored, not a gap
+    assert feed.num_gaps == 0
+
+
+async def test_periodic_reconcile_asks_every_worker() -> None:
+    workers = FakeWorkers()
+    feed = KvIndexFeed(KvIndex(), workers.fetch, reconcile_interval_s=0.05)
+    await feed.start()
+    try:
+        feed.on_workers_changed({"a": card("a"), "b": card("b")})
+        await asyncio.sleep(0.2)
+    finally:
+        await feed.stop()
+    assert workers.asked.count("a") >= 2 and workers.asked.count("b") >= 2

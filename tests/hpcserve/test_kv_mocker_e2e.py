@@ -1,0 +1,70 @@
+"""`hpcserve up` with eight mocker workers and the KV router: prefixes go where they are cached.
+
+One deployment for the module. The mocker reports prefix-cache hits in `num_cached_tokens`,
+which the frontend returns as `usage.prompt_tokens_details.cached_tokens`: with eight
+workers, a hit on every follow-up request means the router sent it to the worker that cached
+the prefix (round robin would hit about one time in eight).
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from collections.abc import Iterator
+
+import httpx
+import pytest
+from up_helpers import UpProcess
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def up(tmp_path_factory: pytest.TempPathFactory) -> Iterator[UpProcess]:
+    run_dir = tmp_path_factory.mktemp("up-kv") / "run"
+    process = UpProcess(
+        ["configs/local-mocker-kv.yaml", "--set", "frontend.port=0",
+         "--set", "engine.mocker.speedup=20"],
+        run_dir,
+    )  # fmt: skip
+    try:
+        process.base_url = process.wait_ready(timeout_s=300)  # type: ignore[attr-defined]
+        yield process
+    finally:
+        process.kill_all()
+
+
+@pytest.fixture(scope="module")
+def http(up: UpProcess) -> Iterator[httpx.Client]:
+    with httpx.Client(base_url=up.base_url, timeout=60) as client:  # type: ignore[attr-defined]
+        yield client
+
+
+def complete(http: httpx.Client, prompt: list[int], max_tokens: int = 4) -> dict:
+    response = http.post("/completions", json={"prompt": prompt, "max_tokens": max_tokens})
+    assert response.status_code == 200, response.text
+    return response.json()
+
+
+def cached(body: dict) -> int:
+    return (body["usage"].get("prompt_tokens_details") or {}).get("cached_tokens", 0)
+
+
+def test_eight_simulated_workers_registered(up: UpProcess, http: httpx.Client) -> None:
+    assert http.get(up.base_url.removesuffix("/v1") + "/health").json()["workers"] == 8  # type: ignore[attr-defined]
+    workers = [name for name in up.pids() if name.startswith("worker-")]
+    assert len(set(workers)) == 8
+    body = complete(http, [5, 6, 7, 8], max_tokens=3)
+    assert body["simulated"] is True and body["usage"]["completion_tokens"] == 3
+
+
+def test_repeated_long_prefix_goes_to_the_worker_that_cached_it(http: httpx.Client) -> None:
+    rng = random.Random(1)
+    for conversation in range(3):
+        prefix = [rng.randrange(100, 40000) for _ in range(320)]  # 20 blocks
+        first = complete(http, [*prefix, 1, 2, 3])
+        assert cached(first) == 0, f"conversation {conversation}: a fresh prefix was cached"
+        time.sleep(0.3)  # the KV events travel worker → NATS → frontend index
+        for turn in range(5):
+            body = complete(http, [*prefix, 50 + turn, 60 + turn, 70, 80])
+            assert cached(body) >= 320, (conversation, turn, body["usage"])

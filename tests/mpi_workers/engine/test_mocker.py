@@ -1,0 +1,171 @@
+"""MockerEngine: real block manager events and prefix hits, timing model, pseudo tokens."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+
+from contract.block_hash import block_hashes
+from contract.config import MockerConfig, load_config
+from contract.messages import GenerateRequest, KvEvent, KvRemoved, KvStored, SamplingParams
+from mpi_workers.engine.factory import build_engine
+from mpi_workers.engine.mocker import MockerEngine, ModelShape
+from mpi_workers.engine.scheduler import ScheduledBatch
+from mpi_workers.engine.sequence import Sequence
+
+FAST = MockerConfig(speedup=1000.0)
+
+
+def request(rid: str, tokens: list[int], max_tokens: int = 4, **sampling) -> GenerateRequest:
+    return GenerateRequest(
+        request_id=rid,
+        token_ids=tokens,
+        sampling=SamplingParams(max_tokens=max_tokens, **sampling),
+    )
+
+
+async def run(engine: MockerEngine, req: GenerateRequest) -> tuple[list[int], object]:
+    tokens: list[int] = []
+    last = None
+    async for out in engine.generate(req):
+        tokens.extend(out.token_ids)
+        last = out
+    return tokens, last
+
+
+@pytest.fixture
+async def engine():
+    eng = MockerEngine(FAST, shape=ModelShape(vocab_size=100, eos_token_ids=(2,)), num_blocks=64)
+    await eng.start()
+    yield eng
+    await eng.shutdown()
+
+
+async def test_runs_to_max_tokens_with_deterministic_tokens_never_eos(engine) -> None:
+    prompt = list(range(3, 40))
+    first, last = await run(engine, request("a", prompt, max_tokens=50, stop_token_ids=[2, 7]))
+    assert len(first) == 50 and last.finish_reason == "length"
+    assert all(0 <= t < 100 and t not in (2, 7) for t in first)
+    again, _ = await run(engine, request("b", prompt, max_tokens=50, stop_token_ids=[2, 7]))
+    assert again == first
+    other, _ = await run(engine, request("c", prompt[::-1], max_tokens=50))
+    assert other != first
+    assert engine.simulated and last.num_prompt_tokens == len(prompt)
+
+
+async def test_kv_events_match_contract_hashes(engine) -> None:
+    events: list[KvEvent] = []
+    engine.set_kv_event_sink(events.extend)
+    prompt = list(range(3, 43))  # 40 tokens: 2 full blocks of 16
+    await run(engine, request("a", prompt, max_tokens=1))
+    stored = [b.block_hash for e in events if isinstance(e, KvStored) for b in e.blocks]
+    assert stored[:2] == block_hashes(prompt, 16)
+    assert set(engine.cached_block_hashes()) >= set(block_hashes(prompt, 16))
+
+
+async def test_prefix_hit_is_reported_and_skips_prefill_time(engine) -> None:
+    shared = list(range(3, 67))  # 4 blocks
+    _, first = await run(engine, request("a", shared + [70, 71], max_tokens=1))
+    assert first.num_cached_tokens == 0
+    _, second = await run(engine, request("b", shared + [80, 81, 82], max_tokens=1))
+    assert second.num_cached_tokens == 64
+    assert engine.stats.num_cached_prompt_tokens == 64
+
+
+async def test_eviction_emits_removed() -> None:
+    eng = MockerEngine(FAST, shape=ModelShape(vocab_size=100), num_blocks=4)
+    events: list[KvEvent] = []
+    eng.set_kv_event_sink(events.extend)
+    await eng.start()
+    try:
+        await run(eng, request("a", list(range(3, 52)), max_tokens=1))  # 3 full blocks
+        await run(eng, request("b", list(range(52, 99)), max_tokens=1))  # needs the pool
+    finally:
+        await eng.shutdown()
+    removed = [h for e in events if isinstance(e, KvRemoved) for h in e.block_hashes]
+    assert set(removed) & set(block_hashes(list(range(3, 52)), 16))
+
+
+async def test_abort_frees_blocks_and_ends_stream(engine) -> None:
+    slow = MockerEngine(MockerConfig(decode_ms_base=50.0), shape=ModelShape(vocab_size=100))
+    await slow.start()
+    try:
+        stream = slow.generate(request("a", list(range(3, 40)), max_tokens=1000))
+        out = await stream.__anext__()
+        assert out.token_ids
+        await stream.aclose()
+        assert slow.load_metrics().active_blocks == 0
+        assert slow.scheduler.find("a") is None
+    finally:
+        await slow.shutdown()
+
+
+async def test_validation_names_the_parameter(engine) -> None:
+    with pytest.raises(ValueError) as info:
+        engine.generate(request("a", [], max_tokens=1))
+    assert info.value.param == "token_ids"
+    with pytest.raises(ValueError, match="token_ids"):
+        engine.generate(request("a", [500], max_tokens=1))
+    with pytest.raises(ValueError, match="max_tokens"):
+        engine.generate(request("a", [5], max_tokens=0))
+
+
+def _seq(n_prompt: int, computed: int, total: int | None = None) -> Sequence:
+    seq = Sequence("r", list(range(total or n_prompt)), SamplingParams(), max_len=10_000)
+    seq.num_prompt_tokens = n_prompt
+    seq.num_computed = computed
+    return seq
+
+
+def test_timing_model_scales() -> None:
+    timing = MockerConfig(
+        prefill_ms_per_token=0.1,
+        decode_ms_base=5.0,
+        decode_ms_per_seq=1.0,
+        decode_ms_per_ctx_token=0.01,
+        speedup=2.0,
+    )
+    eng = MockerEngine(timing)
+    prefill_100 = ScheduledBatch([_seq(100, 0)], [100])
+    prefill_200 = ScheduledBatch([_seq(200, 0)], [200])
+    assert eng.step_time_s(prefill_100) == pytest.approx(0.1 * 100 / 1000 / 2)
+    assert eng.step_time_s(prefill_200) == pytest.approx(2 * eng.step_time_s(prefill_100))
+    # a cached prefix is not scheduled: only the 20 uncached tokens cost
+    assert eng.step_time_s(ScheduledBatch([_seq(100, 80)], [20])) == pytest.approx(0.001)
+    one = ScheduledBatch([_seq(10, 10, 11)], [1])
+    four = ScheduledBatch([_seq(10, 10, 11) for _ in range(4)], [1] * 4)
+    assert eng.step_time_s(one) == pytest.approx((5 + 1 + 0.11) / 1000 / 2)
+    assert eng.step_time_s(four) == pytest.approx((5 + 4 + 0.44) / 1000 / 2)
+    long_ctx = ScheduledBatch([_seq(1000, 1000, 1001)], [1])
+    assert eng.step_time_s(long_ctx) > eng.step_time_s(one)
+
+
+async def test_wall_time_follows_the_model() -> None:
+    timing = MockerConfig(prefill_ms_per_token=0.0, decode_ms_base=20.0, decode_ms_per_seq=0.0,
+                          decode_ms_per_ctx_token=0.0, speedup=1.0)  # fmt: skip
+    eng = MockerEngine(timing, shape=ModelShape(vocab_size=100))
+    await eng.start()
+    try:
+        t0 = time.perf_counter()
+        await run(eng, request("a", [5, 6, 7], max_tokens=6))  # 1 prefill + 5 decode steps
+        elapsed = time.perf_counter() - t0
+    finally:
+        await eng.shutdown()
+    assert 0.09 <= elapsed < 1.0
+
+
+def test_factory_builds_a_mocker_from_config(tmp_path: Path) -> None:
+    (tmp_path / "config.json").write_text(
+        '{"vocab_size": 777, "max_position_embeddings": 300, "eos_token_id": [5, 6]}'
+    )
+    config = load_config(
+        overrides=["engine.kind=mocker", "engine.mocker.speedup=10", "engine.block_size=8"],
+        environ={},
+    )
+    eng = build_engine(config, tmp_path)
+    assert isinstance(eng, MockerEngine) and eng.simulated
+    assert (eng.vocab_size, eng.max_model_len, eng.block_size) == (777, 300, 8)
+    assert eng.timing.speedup == 10
+    assert isinstance(build_engine(config, tmp_path / "missing"), MockerEngine)

@@ -1,0 +1,65 @@
+"""The worker's kv_snapshot subject, read by the frontend's KvIndexFeed over real NATS."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+
+import pytest
+
+from contract.block_hash import block_hashes
+from frontend.kv_index import KvIndex, KvIndexFeed
+
+
+@pytest.mark.slow
+async def test_snapshot_over_nats_from_a_real_worker(nats_url: str, etcd_endpoint: str) -> None:
+    """A mocker worker answers kv_snapshot; a feed that started late rebuilds from it."""
+    from contract.config import MockerConfig
+    from contract.discovery import WorkerDirectory
+    from contract.messages import GenerateRequest, SamplingParams
+    from mpi_workers.engine.mocker import MockerEngine, ModelShape
+    from mpi_workers.worker import Worker
+
+    deployment = f"kvidx-{uuid.uuid4().hex[:8]}"
+    engine = MockerEngine(MockerConfig(speedup=100.0), shape=ModelShape(vocab_size=1000))
+    worker = Worker(
+        engine, deployment=deployment, worker_id="w0", role="agg", nats_url=nats_url,
+        etcd_endpoint=etcd_endpoint, lease_ttl_s=5, capacity=8,
+    )  # fmt: skip
+    await worker.start()
+    directory = WorkerDirectory(etcd_endpoint, deployment)
+    feed = KvIndexFeed(KvIndex(), nats_url=nats_url, deployment=deployment)
+    try:
+        prompt = list(range(100, 170))
+        req = GenerateRequest(
+            request_id="r1", token_ids=prompt, sampling=SamplingParams(max_tokens=2)
+        )
+        async for _ in engine.generate(req):
+            pass
+        await feed.start()  # the frontend "restarts" after the events were published
+        directory.add_listener(feed.on_workers_changed)
+        await directory.start()
+        want = block_hashes(prompt, 16)
+        for _ in range(100):
+            if feed.index.overlaps(want, ["w0"])["w0"] == len(want):
+                break
+            await asyncio.sleep(0.05)
+        assert feed.index.overlaps(want, ["w0"]) == {"w0": len(want)}
+        assert feed.num_snapshots >= 1
+        # new events after the snapshot continue from its seq
+        req2 = GenerateRequest(
+            request_id="r2", token_ids=list(range(300, 340)), sampling=SamplingParams(max_tokens=1)
+        )
+        async for _ in engine.generate(req2):
+            pass
+        want2 = block_hashes(list(range(300, 340)), 16)
+        for _ in range(100):
+            if feed.index.overlaps(want2, ["w0"])["w0"] == len(want2):
+                break
+            await asyncio.sleep(0.05)
+        assert feed.index.overlaps(want2, ["w0"]) == {"w0": len(want2)}
+        assert feed.num_gaps == 0
+    finally:
+        await directory.stop()
+        await feed.stop()
+        await worker.stop()
