@@ -321,7 +321,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add = parser.add_argument
     add("--workers", type=int, default=8)
     add("--conversations", type=int, default=96)
-    add("--turns", type=int, default=8)
+    add("--turns", type=int, default=10)
     add("--systems", type=int, default=8, help="distinct shared system prompts")
     add("--system-tokens", type=int, default=1024)
     add("--user-min", type=int, default=64)
@@ -334,7 +334,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add("--decode-ms-base", type=float, default=5.0)
     add("--decode-ms-per-seq", type=float, default=0.1)
     add("--decode-ms-per-ctx-token", type=float, default=0.0001)
-    add("--speedup", type=float, default=2.0)
+    add("--speedup", type=float, default=1.0)
     add("--event-delay-ms", type=float, default=2.0, help="wall ms; the NATS hop")
     add("--metrics-ms", type=float, default=50.0, help="wall ms between load reports")
     add("--seed", type=int, default=0)

@@ -4,6 +4,9 @@
     hpcserve config show [CONFIG] [--set ...]          print the resolved config
     hpcserve plan [CONFIG] [--set ...]                 print the processes `up` would start
     hpcserve model prepare [--force]                   convert the default model (one time)
+    hpcserve render CONFIG [--set ...]                 print the sbatch script of a deployment
+    hpcserve submit CONFIG [--set ...] [--via submitit] submit it to Slurm; prints job id and dir
+    hpcserve status JOB | logs JOB [COMPONENT] | cancel JOB     follow a submitted job
 
 Config errors exit with code 2 and name the field.
 """
@@ -117,6 +120,129 @@ def model_prepare(
         typer.echo(f"hpcserve: {exc}", err=True)
         raise typer.Exit(1) from None
     typer.echo(str(path))
+
+
+JobArg = Annotated[str, typer.Argument(help="job id, or the job dir")]
+
+
+def _slurm_config(config: Path, overrides: list[str] | None) -> DeploymentConfig:
+    """Load a config for Slurm; a config error (slicing, nodes) exits 2 naming the field."""
+    from slurm.jobs import check_submittable
+
+    deployment = _load(config, overrides)
+    try:
+        check_submittable(deployment)
+    except ConfigError as exc:
+        typer.echo(f"hpcserve: {exc}", err=True)
+        raise typer.Exit(2) from None
+    return deployment
+
+
+@app.command()
+def render(
+    config: Annotated[Path, typer.Argument(help="deployment YAML with a slurm: section")],
+    set_: SetOption = None,
+    job_dir: Annotated[
+        str | None, typer.Option(help="job dir the script writes to (default: a new one)")
+    ] = None,
+) -> None:
+    """Print the sbatch script `hpcserve submit` would submit."""
+    from slurm.jobs import jobs_root
+    from slurm.render import render_script
+
+    deployment = _slurm_config(config, set_)
+    target = job_dir or deployment.run_dir or str(jobs_root() / f"{deployment.name}-JOBDIR")
+    try:
+        typer.echo(render_script(deployment, job_dir=target, python=sys.executable), nl=False)
+    except ConfigError as exc:
+        typer.echo(f"hpcserve: {exc}", err=True)
+        raise typer.Exit(2) from None
+
+
+@app.command()
+def submit(
+    config: Annotated[Path, typer.Argument(help="deployment YAML with a slurm: section")],
+    set_: SetOption = None,
+    via: Annotated[str, typer.Option(help="sbatch or submitit")] = "sbatch",
+) -> None:
+    """Submit the deployment as one Slurm job; print its job id and job dir."""
+    from slurm.jobs import JobError, submit_with_submitit
+    from slurm.jobs import submit as sbatch_submit
+
+    if via not in ("sbatch", "submitit"):
+        typer.echo(f"hpcserve: --via must be sbatch or submitit, not {via!r}", err=True)
+        raise typer.Exit(2)
+    deployment = _slurm_config(config, set_)
+    if not deployment.model.path and deployment.engine.kind != "mocker":
+        from hpcserve.model_prepare import prepare_default_model
+
+        data = deployment.model_dump(mode="json")
+        data["model"]["path"] = str(prepare_default_model())
+        deployment = DeploymentConfig.model_validate(data)
+    try:
+        job = (submit_with_submitit if via == "submitit" else sbatch_submit)(deployment)
+    except (JobError, ConfigError) as exc:
+        typer.echo(f"hpcserve: {exc}", err=True)
+        raise typer.Exit(1) from None
+    typer.echo(f"job {job.job_id}")
+    typer.echo(f"dir {job.job_dir}")
+
+
+@app.command()
+def status(
+    job: JobArg,
+    as_json: Annotated[bool, typer.Option("--json", help="one JSON object")] = False,
+) -> None:
+    """PENDING / STARTING / READY (URL) / FAILED (component, log tail) / FINISHED."""
+    import dataclasses
+    import json
+
+    from slurm.jobs import JobError, job_status
+
+    try:
+        found = job_status(job)
+    except JobError as exc:
+        typer.echo(f"hpcserve: {exc}", err=True)
+        raise typer.Exit(1) from None
+    if as_json:
+        typer.echo(json.dumps(dataclasses.asdict(found), default=str))
+    else:
+        typer.echo(found.describe())
+
+
+@app.command()
+def logs(
+    job: JobArg,
+    component: Annotated[str | None, typer.Argument(help="e.g. frontend, etcd")] = None,
+    tail: Annotated[int, typer.Option(help="last N lines; 0: all")] = 0,
+) -> None:
+    """List a job's component logs, or print one."""
+    from slurm.jobs import JobError, list_logs, log_path
+
+    try:
+        if component is None:
+            typer.echo("\n".join(list_logs(job)))
+            return
+        text = log_path(job, component).read_text(errors="replace")
+    except JobError as exc:
+        typer.echo(f"hpcserve: {exc}", err=True)
+        raise typer.Exit(1) from None
+    lines = text.splitlines()
+    typer.echo("\n".join(lines[-tail:] if tail else lines))
+
+
+@app.command()
+def cancel(job: JobArg) -> None:
+    """scancel the job, then wait (bounded) until it and all its steps are gone."""
+    from slurm.jobs import JobError
+    from slurm.jobs import cancel as cancel_job
+
+    try:
+        seconds = cancel_job(job)
+    except JobError as exc:
+        typer.echo(f"hpcserve: {exc}", err=True)
+        raise typer.Exit(1) from None
+    typer.echo(f"cancelled; all steps gone after {seconds:.1f} s")
 
 
 if __name__ == "__main__":

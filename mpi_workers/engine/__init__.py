@@ -1,1 +1,1 @@
-"""Engines behind one interface (`base.Engine`): the built-in torch engine, later mocker and TensorRT-LLM."""
+"""Engines behind one interface (`base.Engine`): built-in torch, mocker (simulated), TRT-LLM."""

@@ -50,7 +50,7 @@ class Engine(ABC):
 
     @abstractmethod
     def set_kv_event_sink(self, sink: KvEventSink | None) -> None:
-        """Receive KV `stored`/`removed` events, batched per step; called from the stepping thread."""
+        """Receive KV `stored`/`removed` events, batched per step, from the stepping thread."""
 
     @abstractmethod
     def cached_block_hashes(self) -> list[int]:

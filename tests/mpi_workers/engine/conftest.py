@@ -24,7 +24,9 @@ def smol_dir() -> Path:
     return prepare_default_model()
 
 
-def write_tiny_model(path: Path, kind: str = "llama", **overrides) -> Path:
+def write_tiny_model(
+    path: Path, kind: str = "llama", max_shard_size: str | None = None, **overrides
+) -> Path:
     """A random-weight HF model folder (safetensors) small enough for millisecond tests."""
     from transformers import (
         LlamaConfig,
@@ -59,7 +61,8 @@ def write_tiny_model(path: Path, kind: str = "llama", **overrides) -> Path:
         for name, param in model.named_parameters():
             if name.endswith("bias"):
                 param.normal_(0, 0.5)
-    model.to(torch.float32).save_pretrained(path, safe_serialization=True)
+    extra = {"max_shard_size": max_shard_size} if max_shard_size else {}
+    model.to(torch.float32).save_pretrained(path, safe_serialization=True, **extra)
     return path
 
 

@@ -67,9 +67,9 @@ async def test_kv_events_match_contract_hashes(engine) -> None:
 
 async def test_prefix_hit_is_reported_and_skips_prefill_time(engine) -> None:
     shared = list(range(3, 67))  # 4 blocks
-    _, first = await run(engine, request("a", shared + [70, 71], max_tokens=1))
+    _, first = await run(engine, request("a", [*shared, 70, 71], max_tokens=1))
     assert first.num_cached_tokens == 0
-    _, second = await run(engine, request("b", shared + [80, 81, 82], max_tokens=1))
+    _, second = await run(engine, request("b", [*shared, 80, 81, 82], max_tokens=1))
     assert second.num_cached_tokens == 64
     assert engine.stats.num_cached_prompt_tokens == 64
 

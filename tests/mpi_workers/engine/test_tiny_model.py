@@ -115,3 +115,13 @@ def test_unpacked_path_matches_packed(tiny_llama_dir):
             s.token_ids.append(7)
         outs.append(torch.cat(h.step(seqs, [1, 1, 1])))
     torch.testing.assert_close(outs[0], outs[1], atol=1e-5, rtol=1e-5)
+
+
+def test_sharded_checkpoint_with_index_loads(tmp_path, tiny_model_writer, tiny_llama_dir):
+    sharded = tiny_model_writer(tmp_path, "llama", max_shard_size="40KB")
+    assert (sharded / "model.safetensors.index.json").is_file()
+    cfg = load_model_config(sharded)
+    a = load_model(sharded, cfg, 64)
+    b = load_model(tiny_llama_dir, load_model_config(tiny_llama_dir), 64)
+    for (name, pa), (_, pb) in zip(a.named_parameters(), b.named_parameters(), strict=True):
+        assert torch.equal(pa, pb), name

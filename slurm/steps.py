@@ -1,0 +1,50 @@
+"""How the deployment plan's processes map onto srun steps: step names, the bash variables
+that carry each step's argv and placement, and the node slicing input.
+
+Shared by the renderer (at `hpcserve render/submit` time) and `slurm.job_prepare` (at job
+start, on the head node), so the script's variable names and the plan's processes agree.
+"""
+
+from __future__ import annotations
+
+import re
+
+from contract.config import DeploymentConfig
+from contract.plan import PlannedProcess, plan_deployment
+from slurm.slicing import GroupNeed
+
+PLACEHOLDER_ETCD = "http://head:2379"
+PLACEHOLDER_NATS = "nats://head:4222"
+
+
+def var_suffix(name: str) -> str:
+    """A step name (`worker-agg-g0-i0`) as a bash identifier suffix (`worker_agg_g0_i0`)."""
+    return re.sub(r"[^A-Za-z0-9_]", "_", name)
+
+
+def group_needs(config: DeploymentConfig) -> list[GroupNeed]:
+    """One slicing group per engine instance (one srun step): its MPI ranks are its TP size."""
+    return [
+        GroupNeed(f"worker-{group.role}-g{g}-i{i}", group.tp)
+        for g, group in enumerate(config.workers)
+        for i in range(group.count)
+    ]
+
+
+def placeholder_plan(config: DeploymentConfig) -> list[PlannedProcess]:
+    """The plan's shape (names, stages, env) before the head's address and ports are known."""
+    data = config.model_dump(mode="json")
+    for name, url in (("etcd", PLACEHOLDER_ETCD), ("nats", PLACEHOLDER_NATS)):
+        data["services"][name]["endpoint"] = data["services"][name]["endpoint"] or url
+    if data["frontend"]["port"] == 0:
+        data["frontend"]["port"] = 8000
+    resolved = type(config).model_validate(data)
+    return plan_deployment(resolved, config_file="JOB_DIR/config.yaml", run_dir="JOB_DIR")
+
+
+def check_names(plan: list[PlannedProcess], config: DeploymentConfig) -> None:
+    """Worker step names of the plan and of the slicing groups must be the same list."""
+    workers = [p.name for p in plan if p.group is not None]
+    needs = [need.name for need in group_needs(config)]
+    if workers != needs:
+        raise RuntimeError(f"plan workers {workers} differ from slicing groups {needs}")

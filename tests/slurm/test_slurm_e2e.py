@@ -1,0 +1,187 @@
+"""A deployment as a real Slurm job on the 3-node namespace cluster, end to end.
+
+`hpcserve submit configs/slurm-agg.yaml` (head n1: etcd, NATS, frontend; workers on n2, n3)
+→ READY → the official openai client on the head's address → `hpcserve cancel` → nothing
+left on any node. The same through submitit, and a worker that fails at start.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import openai
+import pytest
+
+from slurm.jobs import JobStatus, cancel, job_status, submit_with_submitit
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(
+        os.geteuid() != 0,
+        reason="the Slurm test cluster needs root (network namespaces, slurmd as root)",
+    ),
+]
+
+REPO = Path(__file__).resolve().parents[2]
+CLUSTER_SH = REPO / "slurm" / "testing" / "cluster.sh"
+CONFIG = REPO / "configs" / "slurm-agg.yaml"
+HEAD_URL = "http://10.99.0.11:8000/v1"
+QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
+# What a deployment runs; none of it may outlive the job.
+OURS = ("nats-server", "etcd", "mpi_workers", "-m frontend", "slurm.wait_ready", "slurmstepd")
+
+
+@pytest.fixture(scope="module")
+def slurm_env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
+    """A 3-node cluster for the module (always torn down); SLURM_CONF set in this process too."""
+    env = dict(os.environ)
+    env["HPCSERVE_SLURM_DIR"] = str(tmp_path_factory.mktemp("slurm-cluster"))
+    env["HPCSERVE_SLURM_JOBS"] = str(tmp_path_factory.mktemp("slurm-jobs"))
+    saved = {key: os.environ.get(key) for key in ("SLURM_CONF", "HPCSERVE_SLURM_JOBS")}
+    try:
+        up = subprocess.run(
+            ["bash", str(CLUSTER_SH), "up", "3"],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=180,
+            check=False,
+        )
+        assert up.returncode == 0, f"cluster.sh up failed:\n{up.stdout}\n{up.stderr}"
+        env["SLURM_CONF"] = up.stdout.strip().splitlines()[-1].partition("=")[2]
+        os.environ["SLURM_CONF"] = env["SLURM_CONF"]
+        os.environ["HPCSERVE_SLURM_JOBS"] = env["HPCSERVE_SLURM_JOBS"]
+        yield env
+    finally:
+        subprocess.run(["bash", str(CLUSTER_SH), "down"], env=env, timeout=120, check=False)
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+def hpcserve(env: dict[str, str], *args: str, timeout: float = 120) -> str:
+    result = subprocess.run(
+        [sys.executable, "-m", "hpcserve", *args],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+    assert result.returncode == 0, f"hpcserve {args} failed:\n{result.stdout}\n{result.stderr}"
+    return result.stdout
+
+
+def wait_state(job: str, wanted: str, timeout_s: float = 180) -> JobStatus:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        status = job_status(job)
+        if status.state == wanted:
+            return status
+        assert status.state not in ({"FAILED", "FINISHED"} - {wanted}), status.describe()
+        assert time.monotonic() < deadline, f"not {wanted} after {timeout_s}s: {status.describe()}"
+        time.sleep(0.5)
+
+
+def namespace_inodes() -> set[str]:
+    return {
+        f"net:[{os.stat(f'/run/netns/{name}').st_ino}]"
+        for name in os.listdir("/run/netns")
+        if re.fullmatch(r"hpcs-n\d+", name)
+    }
+
+
+def leftovers(job_dir: Path) -> list[str]:
+    """Live processes of the job: any naming its dir, or one of ours inside a node namespace."""
+    inodes, found = namespace_inodes(), []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            state = (entry / "stat").read_text().rpartition(")")[2].split()[0]
+            netns = os.readlink(entry / "ns" / "net")
+        except OSError:
+            continue
+        if state == "Z" or not cmdline:
+            continue
+        if str(job_dir) in cmdline or (netns in inodes and any(w in cmdline for w in OURS)):
+            found.append(f"{entry.name}: {cmdline[:160]}")
+    return found
+
+
+def assert_nothing_left(job_dir: Path, timeout_s: float = 15) -> None:
+    deadline = time.monotonic() + timeout_s
+    while left := leftovers(job_dir):
+        assert time.monotonic() < deadline, "left behind:\n" + "\n".join(left)
+        time.sleep(0.2)
+
+
+def ask_paris(url: str) -> str:
+    client = openai.OpenAI(base_url=url, api_key="none", max_retries=0, timeout=120)
+    model = client.models.list().data[0].id
+    response = client.chat.completions.create(
+        model=model, messages=QUESTION, temperature=0, max_tokens=30
+    )
+    return response.choices[0].message.content or ""
+
+
+def test_sbatch_job_serves_and_cancels(slurm_env: dict[str, str], model_dir: Path) -> None:
+    out = hpcserve(slurm_env, "submit", str(CONFIG), "--set", f"model.path={model_dir}")
+    job_id = re.search(r"^job (\S+)$", out, re.M).group(1)  # type: ignore[union-attr]
+    job_dir = Path(re.search(r"^dir (\S+)$", out, re.M).group(1))  # type: ignore[union-attr]
+    try:
+        status = wait_state(job_id, "READY")
+        assert status.url == HEAD_URL
+        assert len(leftovers(job_dir)) >= 5  # the detector sees the running deployment
+        assert hpcserve(slurm_env, "status", job_id).startswith(f"READY {HEAD_URL}\n")
+        assert "Paris" in ask_paris(status.url)
+        components = hpcserve(slurm_env, "logs", job_id).split()
+        assert {"etcd", "nats", "frontend", "worker-agg-g0-i0", "worker-agg-g0-i1"} <= set(
+            components
+        )
+        assert "registered" in hpcserve(slurm_env, "logs", job_id, "worker-agg-g0-i1")
+    finally:
+        hpcserve(slurm_env, "cancel", job_id)
+    assert_nothing_left(job_dir)
+    assert job_status(job_id).state == "FINISHED"
+
+
+def test_submitit_job_serves_and_cancels(slurm_env: dict[str, str], model_dir: Path) -> None:
+    from contract.config import load_config
+
+    config = load_config(CONFIG, [f"model.path={model_dir}"], environ={})
+    job = submit_with_submitit(config)
+    try:
+        status = wait_state(job.job_id, "READY")
+        assert "Paris" in ask_paris(status.url or "")
+    finally:
+        cancel(job.job_id)
+    assert_nothing_left(job.job_dir)
+    assert job_status(job.job_id).state == "FINISHED"
+
+
+def test_worker_failing_at_start_fails_the_job(slurm_env: dict[str, str], model_dir: Path):
+    # engine.device=cuda only matters to the workers: torch here has no CUDA.
+    out = hpcserve(slurm_env, "submit", str(CONFIG), "--set", f"model.path={model_dir}",
+                   "--set", "engine.device=cuda")  # fmt: skip
+    job_id = re.search(r"^job (\S+)$", out, re.M).group(1)  # type: ignore[union-attr]
+    job_dir = Path(re.search(r"^dir (\S+)$", out, re.M).group(1))  # type: ignore[union-attr]
+    try:
+        status = wait_state(job_id, "FAILED", timeout_s=120)
+        assert status.component is not None and status.component.startswith("worker-agg-g0-")
+        assert "CUDA" in (status.log_tail or "")
+        text = hpcserve(slurm_env, "status", job_id)
+        assert text.startswith(f"FAILED {status.component}") and "CUDA" in text
+    finally:
+        hpcserve(slurm_env, "cancel", job_id)
+    assert_nothing_left(job_dir)
