@@ -14,6 +14,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from contract.disagg import strategy_from_env
 from contract.slurm_config import SlurmConfig
 
 ENV_PREFIX = "HPCSERVE__"
@@ -134,6 +135,25 @@ class ServicesConfig(_Section):
     lease_ttl_s: int = Field(default=10, ge=2)
 
 
+class DisaggregationConfig(_Section):
+    """Prefill/decode split: used when workers have roles `prefill` and `decode`."""
+
+    strategy: Literal["decode_first", "prefill_first"] | None = Field(
+        default=None,
+        description="null: prefill_first with frontend.router kv, else decode_first; "
+        "env DISAGGREGATION_STRATEGY overrides",
+    )
+    kv_transfer: Literal["ucx", "nixl", "tcp"] = Field(
+        default="ucx", description="KV transport: ucx (ucxx), nixl, or tcp (plain sockets)"
+    )
+    fallback_local_prefill: bool = Field(
+        default=False, description="decode workers prefill locally when no prefill worker is up"
+    )
+    transfer_timeout_s: float = Field(
+        default=60.0, gt=0, description="one remote prefill + KV transfer, before a retry"
+    )
+
+
 class DeploymentConfig(_Section):
     name: str = Field(default="hpcserve", pattern=r"^[A-Za-z0-9_.-]+$")
     model: ModelConfig = Field(default_factory=ModelConfig)
@@ -142,6 +162,7 @@ class DeploymentConfig(_Section):
         default_factory=lambda: [WorkerGroupConfig()], min_length=1
     )
     frontend: FrontendConfig = Field(default_factory=FrontendConfig)
+    disaggregation: DisaggregationConfig = Field(default_factory=DisaggregationConfig)
     services: ServicesConfig = Field(default_factory=ServicesConfig)
     run_dir: str | None = Field(
         default=None,
@@ -153,17 +174,48 @@ class DeploymentConfig(_Section):
 
     @model_validator(mode="after")
     def _only_agg_for_now(self) -> DeploymentConfig:
+        _check_disaggregation(self)
         for index, group in enumerate(self.workers):
-            if group.role != "agg":
+            if group.tp > 1 and self.engine.kind != "torch":
                 raise ValueError(
-                    f"workers.{index}.role: role {group.role!r} needs disaggregated serving, "
-                    "which is not implemented yet; use 'agg'"
-                )
-            if group.tp != 1:
-                raise ValueError(
-                    f"workers.{index}.tp: tensor parallelism is not implemented yet; use 1"
+                    f"workers.{index}.tp: tensor parallelism needs engine.kind 'torch'"
                 )
         return self
+
+
+def _check_disaggregation(config: DeploymentConfig) -> None:
+    """Roles prefill/decode come together (or decode alone with local-prefill fallback);
+    fills in the strategy's default (the seed's: prefill_first with the kv router)."""
+    disagg = config.disaggregation
+    if disagg.strategy is None:
+        disagg.strategy = "prefill_first" if config.frontend.router == "kv" else "decode_first"
+    roles = {group.role for group in config.workers}
+    if not roles & {"prefill", "decode"}:
+        return
+    where = next(i for i, g in enumerate(config.workers) if g.role in ("prefill", "decode"))
+    if config.engine.kind != "torch":
+        raise ValueError(
+            f"workers.{where}.role: prefill/decode roles need engine.kind 'torch' "
+            "(the KV cache moves between them)"
+        )
+    if "decode" not in roles:
+        raise ValueError(f"workers.{where}.role: prefill workers need a decode worker group")
+    if "prefill" not in roles and not disagg.fallback_local_prefill:
+        raise ValueError(
+            f"workers.{where}.role: decode workers need a prefill worker group "
+            "(or disaggregation.fallback_local_prefill: true)"
+        )
+    if "prefill" not in roles and disagg.strategy == "prefill_first":
+        raise ValueError(
+            "disaggregation.strategy: prefill_first needs a prefill worker group"
+        )
+    for index, group in enumerate(config.workers):
+        if group.role in ("prefill", "decode") and group.tp != 1:
+            raise ValueError(
+                f"workers.{index}.tp: KV transfer between tensor-parallel groups is not wired "
+                "yet (head mapping is ready in mpi_workers.kv_transfer.layout); use tp 1 "
+                "for prefill/decode workers"
+            )
 
 
 def load_config(
@@ -188,6 +240,9 @@ def load_config(
         if key.startswith(ENV_PREFIX) and len(key) > len(ENV_PREFIX):
             dotted = key[len(ENV_PREFIX) :].lower().replace("__", ".")
             _set_dotted(data, dotted, _parse_value(value))
+    strategy = strategy_from_env(environ)  # the seed's switch; --set still wins
+    if strategy is not None:
+        _set_dotted(data, "disaggregation.strategy", strategy)
     for item in overrides:
         dotted, sep, value = item.partition("=")
         if not sep or not dotted.strip():

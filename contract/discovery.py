@@ -20,6 +20,16 @@ from contract.messages import PROTOCOL_VERSION
 logger = logging.getLogger(__name__)
 
 
+class KvTransferInfo(BaseModel):
+    """Where a disaggregated worker receives KV (decode) or is reached for it (prefill)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    backend: str  # ucx | nixl | tcp
+    address: str
+    tp: int = 1
+
+
 class WorkerCard(BaseModel):
     """What a worker tells the world about itself."""
 
@@ -35,6 +45,7 @@ class WorkerCard(BaseModel):
     capacity: int
     max_model_len: int
     simulated: bool = False
+    kv_transfer: KvTransferInfo | None = None  # prefill and decode roles only
 
 
 def workers_prefix(deployment: str) -> str:

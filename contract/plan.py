@@ -2,8 +2,11 @@
 
 A pure function of a *resolved* config (service endpoints, frontend port and model path filled
 in). `hpcserve up` spawns the plan on one machine; the Slurm renderer renders the same plan
-into srun steps. Processes are started stage by stage (services, workers, frontend): all of a
-stage at once, then each one's readiness is awaited before the next stage starts.
+into srun steps. A worker group with tp > 1 is `ranks` copies of the worker command: `hpcserve
+up` passes its `mpirun` (`mpi_launcher`) and gets `mpirun -n TP python -m mpi_workers ...`;
+Slurm passes none and starts the ranks with srun. Processes are started stage by stage
+(services, workers, frontend): all of a stage at once, then each one's readiness is awaited
+before the next stage starts.
 """
 
 from __future__ import annotations
@@ -55,6 +58,7 @@ class PlannedProcess:
     env: dict[str, str] = field(default_factory=dict)  # added to the inherited environment
     group: int | None = None
     index: int | None = None
+    ranks: int = 1  # MPI ranks of this process (tensor-parallel degree)
 
 
 def split_url(url: str, default_port: int) -> tuple[str, int]:
@@ -95,8 +99,12 @@ def plan_deployment(
     etcd_binary: str = "etcd",
     nats_binary: str = "nats-server",
     etcd_peer_port: int | None = None,
+    mpi_launcher: tuple[str, ...] | None = None,
 ) -> list[PlannedProcess]:
     """Every process of the deployment, in start order.
+
+    `mpi_launcher` (e.g. `("mpirun", "--allow-run-as-root")`): prefix of a tp > 1 worker's
+    argv, followed by `-n TP`; None leaves the per-rank argv (the caller starts the ranks).
 
     `config` must be resolved: `services.*.endpoint` set (for started services too) and
     `frontend.port` not 0. `config_file` is where that resolved config is written; every
@@ -135,6 +143,8 @@ def plan_deployment(
                 python, "-m", "mpi_workers", "--config", config_file,
                 "--group", str(group_index), "--index", str(index),
             )  # fmt: skip
+            if group.tp > 1 and mpi_launcher:
+                argv = (*mpi_launcher, "-n", str(group.tp), *argv)
             ready = Readiness(
                 "registrations",
                 etcd_endpoint=services.etcd.endpoint,
@@ -145,7 +155,7 @@ def plan_deployment(
                 PlannedProcess(
                     f"worker-{worker_id(group.role, group_index, index)}",
                     group.role, STAGE_WORKERS, argv, ready, dict(common_env),
-                    group=group_index, index=index,
+                    group=group_index, index=index, ranks=group.tp,
                 )
             )  # fmt: skip
 

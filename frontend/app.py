@@ -25,6 +25,7 @@ from pydantic import ValidationError
 from starlette.responses import Response, StreamingResponse
 
 from contract.config import DeploymentConfig
+from contract.disagg import serving_roles
 from contract.discovery import WorkerCard, WorkerDirectory
 from contract.messages import GenerateOutput, GenerateRequest, SamplingParams, TokenLogprob
 from frontend import errors
@@ -46,7 +47,7 @@ logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
 Kind = Literal["chat", "completion"]
-SERVING_ROLES = ("agg",)
+SERVING_ROLES = ("agg",)  # without disaggregation; see contract.disagg.serving_roles
 _JSON = "application/json"
 _SSE_DONE = b"data: [DONE]\n\n"
 
@@ -300,12 +301,31 @@ class FrontendState:
         else:
             self._worker_joined.clear()
 
+    @property
+    def serving_roles(self) -> tuple[str, ...]:
+        """agg, plus the disaggregation strategy's entry role (decode or prefill)."""
+        return serving_roles(self.config.disaggregation.strategy)
+
     def candidates(self, exclude: set[str]) -> list[WorkerCard]:
+        roles = self.serving_roles
         return [
             card
             for card in self.directory.workers.values()
-            if card.role in SERVING_ROLES and card.worker_id not in exclude
+            if card.role in roles and card.worker_id not in exclude
         ]
+
+    def check_disaggregated_peer(self, card: WorkerCard) -> None:
+        """503 when `card` needs the other half of a disaggregated pair and none is up."""
+        if card.role not in ("prefill", "decode"):
+            return
+        peer = "decode" if card.role == "prefill" else "prefill"
+        if peer == "prefill" and self.config.disaggregation.fallback_local_prefill:
+            return
+        if not any(c.role == peer for c in self.directory.workers.values()):
+            raise errors.no_worker(
+                f"no {peer} worker is registered for deployment {self.config.name!r}: "
+                f"{card.role} workers cannot serve alone; retry when one is up"
+            )
 
     async def pick_worker(self, request: GenerateRequest, exclude: set[str]) -> WorkerCard:
         """A worker from the directory; waits up to no_worker_timeout_s, then 503."""
@@ -332,7 +352,9 @@ class FrontendState:
                 f"no worker is registered for deployment {self.config.name!r}; "
                 "retry when /health says ok"
             )
-        return self.router.choose(candidates, request)
+        card = self.router.choose(candidates, request)
+        self.check_disaggregated_peer(card)
+        return card
 
 
 def _check_context(prepared: Prepared, card: WorkerCard) -> None:

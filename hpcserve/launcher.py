@@ -15,7 +15,9 @@ from __future__ import annotations
 import base64
 import json
 import os
+import shutil
 import signal
+import subprocess
 import sys
 import time
 import urllib.error
@@ -33,6 +35,7 @@ from contract.plan import PlannedProcess, Readiness, plan_deployment, split_url
 from hpcserve.model_prepare import prepare_default_model
 from hpcserve.processes import ManagedProcess, ProcessFailed, free_port, http_ok, port_open
 from hpcserve.services import find_binary
+from mpi_workers.ranks import check_model_tp
 
 READY_TIMEOUT_S = {"etcd": 30.0, "nats": 30.0, "frontend": 120.0}
 WORKER_READY_TIMEOUT_S = 600.0
@@ -174,11 +177,47 @@ def check_external_services(config: DeploymentConfig) -> None:
                 raise ConfigError(f"services.{name}.endpoint: nothing listens on {host}:{port}")
 
 
+def find_mpirun() -> str:
+    """`mpirun` next to our Python (pip `mpich`) first, else the one on PATH."""
+    beside = Path(sys.executable).parent / "mpirun"
+    found = str(beside) if beside.is_file() else shutil.which("mpirun")
+    if not found:
+        raise ConfigError(
+            "workers.N.tp: tp > 1 needs `mpirun` (pip install mpich mpi4py, or Open MPI)"
+        )
+    return found
+
+
+def mpi_launcher(mpirun: str | None = None) -> tuple[str, ...]:
+    """The `mpirun` prefix for a local TP group, with the flags its implementation needs.
+
+    MPICH hydra: `-disable-auto-cleanup`, so a dead follower does not take the leader down
+    with it: the leader notices (closed connection), fails its requests, deregisters and
+    exits non-zero itself. Open MPI: `--oversubscribe` (more ranks than cores is fine on CPU),
+    `--bind-to none`, and `--allow-run-as-root` when we are root.
+    """
+    mpirun = mpirun or find_mpirun()
+    version = subprocess.run(
+        [mpirun, "--version"], capture_output=True, text=True, timeout=30
+    ).stdout
+    if "Open MPI" in version or "OpenRTE" in version:
+        flags = ["--oversubscribe", "--bind-to", "none"]
+        if os.geteuid() == 0:
+            flags.insert(0, "--allow-run-as-root")
+        return (mpirun, *flags)
+    if "HYDRA" in version:
+        return (mpirun, "-disable-auto-cleanup")
+    return (mpirun,)
+
+
 def prepare_deployment(config: DeploymentConfig, say: Say = _say) -> Deployment:
     """Resolve the config, write it to the run folder, and plan; nothing is started yet."""
     run_dir = new_run_dir(config)
     resolved, peer_port = resolve_config(config, run_dir, say)
     check_external_services(resolved)
+    needs_mpi = any(group.tp > 1 for group in resolved.workers)
+    if needs_mpi and resolved.engine.kind == "torch":
+        check_model_tp(resolved.model.resolved_path(), resolved)
     config_file = run_dir / "config.yaml"
     config_file.write_text(yaml.safe_dump(resolved.model_dump(mode="json"), sort_keys=False))
     plan = plan_deployment(
@@ -189,6 +228,7 @@ def prepare_deployment(config: DeploymentConfig, say: Say = _say) -> Deployment:
         etcd_binary=find_binary("etcd") if resolved.services.etcd.start else "etcd",
         nats_binary=find_binary("nats-server") if resolved.services.nats.start else "nats-server",
         etcd_peer_port=peer_port,
+        mpi_launcher=mpi_launcher() if needs_mpi else None,
     )
     say(f"run folder {run_dir}")
     return Deployment(resolved, run_dir, config_file, plan)

@@ -1,7 +1,8 @@
 """Child processes we start and must stop: spawn with a log file, wait until ready, stop by PID.
 
 Each child leads its own process group, so stopping it also stops whatever it spawned
-(mpirun's ranks, uvicorn's workers). Readiness is polled, never slept for.
+(uvicorn's workers); MPICH's mpirun puts its ranks in their own groups, so the descendants
+seen at stop time are killed too if they outlive it. Readiness is polled, never slept for.
 """
 
 from __future__ import annotations
@@ -84,6 +85,7 @@ class ManagedProcess:
 
     def stop(self, timeout_s: float = 15.0) -> int | None:
         """SIGTERM the process group, then SIGKILL what is left after `timeout_s`."""
+        family = descendants(self.pid)
         if self.running():
             _signal_group(self.pid, signal.SIGTERM)
             try:
@@ -93,7 +95,30 @@ class ManagedProcess:
                 self.popen.wait(5)
         # Stragglers of the group (children that ignored TERM) go too.
         _signal_group(self.pid, signal.SIGKILL)
+        for pid in family:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(pid, signal.SIGKILL)
         return self.popen.returncode
+
+
+def descendants(pid: int) -> list[int]:
+    """PIDs of every live descendant of `pid` (from /proc; empty where there is none)."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        parent = int(stat.rsplit(")", 1)[1].split()[1])
+        children.setdefault(parent, []).append(int(entry.name))
+    found, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
 
 
 def _signal_group(pgid: int, sig: signal.Signals) -> None:

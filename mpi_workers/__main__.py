@@ -11,16 +11,20 @@ import argparse
 import asyncio
 import importlib
 import logging
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
 
 from contract.config import ConfigError, DeploymentConfig, load_config
 from contract.plan import worker_id
+from mpi_workers.disagg import worker_class
 from mpi_workers.engine.base import Engine
-from mpi_workers.engine.factory import build_engine, build_torch_engine  # noqa: F401
+from mpi_workers.engine.factory import build_engine, build_torch_engine, torch_placement
 from mpi_workers.logging_setup import configure_logging, mpi_rank, worker_tag
-from mpi_workers.worker import Worker, serve_until_signal
+from mpi_workers.rank_guard import launched_as_mpi_rank, run_guarded
+from mpi_workers.ranks import RankGroup, check_model_tp, resolve_rank_group
+from mpi_workers.worker import serve_until_signal
 
 logger = logging.getLogger("mpi_workers")
 
@@ -45,6 +49,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
+    if launched_as_mpi_rank():  # see mpi_workers.rank_guard: the rank runs as our child
+        return run_guarded(["-m", "mpi_workers", *(sys.argv[1:] if argv is None else argv)])
     args = parse_args(argv)
     configure_logging(f"[worker g{args.group} i{args.index} rank{mpi_rank()}]")
     try:
@@ -56,8 +62,12 @@ def main(argv: list[str] | None = None) -> int:
     if not 0 <= args.group < len(config.workers):
         logger.error("--group %d: the config has %d group(s)", args.group, len(config.workers))
         return 2
-    group = config.workers[args.group]
-    configure_logging(worker_tag(group.role, args.group, args.index, mpi_rank()))
+    try:
+        ranks = resolve_rank_group(config, args.group, args.index)
+    except ConfigError as exc:
+        logger.error("%s", exc)
+        return 2
+    configure_logging(worker_tag(ranks.role, ranks.group, ranks.index, ranks.rank))
     services = config.services
     if not services.etcd.endpoint or not services.nats.endpoint:
         logger.error("services.etcd.endpoint and services.nats.endpoint must be set")
@@ -70,13 +80,24 @@ def main(argv: list[str] | None = None) -> int:
             model_path,
         )
         return 2
+    if ranks.size > 1:
+        return run_tp_rank(args, config, ranks, model_path)
     factory = load_factory(args.engine_factory) if args.engine_factory else build_engine
     logger.info("loading engine for %s", model_path)
     engine = factory(config, model_path)
-    worker = Worker(
+    return serve(args, config, ranks, engine)
+
+
+def serve(args: argparse.Namespace, config: DeploymentConfig, ranks: RankGroup, engine: Engine):
+    """Run the worker (the group's leader) until a signal (0) or an engine failure (1)."""
+    group = config.workers[ranks.group]
+    services = config.services
+    worker_cls, extra = worker_class(config, group.role)  # prefill/decode: DisaggWorker
+    worker = worker_cls(
         engine,
+        **extra,
         deployment=config.name,
-        worker_id=worker_id(group.role, args.group, args.index),
+        worker_id=worker_id(group.role, ranks.group, ranks.index),
         role=group.role,
         nats_url=services.nats.endpoint,
         etcd_endpoint=services.etcd.endpoint,
@@ -86,7 +107,49 @@ def main(argv: list[str] | None = None) -> int:
         drain_timeout_s=args.drain_timeout,
     )
     asyncio.run(serve_until_signal(worker))
-    return 0
+    return 1 if worker.failed_reason else 0
+
+
+def run_tp_rank(
+    args: argparse.Namespace, config: DeploymentConfig, ranks: RankGroup, model_path: Path
+) -> int:
+    """One rank of a tensor-parallel group: the leader serves, the others follow."""
+    from mpi_workers.engine.tp import TpRuntime, pick_device
+    from mpi_workers.follower import build_follower_runner, follow, ignore_stop_signals
+
+    if config.engine.kind != "torch" or args.engine_factory:
+        logger.error("workers.%d.tp: tp > 1 needs engine.kind torch", ranks.group)
+        return 2
+    try:
+        check_model_tp(model_path, config)  # before any load, on every rank
+    except ConfigError as exc:
+        logger.error("%s", exc)
+        return 2
+    if not ranks.is_leader:
+        ignore_stop_signals()
+    device = pick_device(config.engine.device, ranks.comm)
+    if device.type == "cpu" and not config.engine.torch_threads:
+        import torch
+
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // ranks.size))
+    tp = TpRuntime.init(ranks.comm, device)
+    logger.info("rank %d of %d on %s (leader: world rank %d)",
+                ranks.rank, ranks.size, device, ranks.leader_world_rank)  # fmt: skip
+    try:
+        if ranks.is_leader:
+            logger.info("loading engine shard for %s", model_path)
+            code = serve(args, config, ranks, build_torch_engine(config, model_path, tp))
+        else:
+            _, dtype = torch_placement(config, tp)
+            runner = build_follower_runner(model_path, tp, dtype, config.engine.block_size)
+            code = follow(runner, tp)
+    except BaseException:
+        logger.exception("tensor-parallel rank failed")
+        code = 1
+    if code != 0:  # peers may be blocked in a collective: no MPI_Finalize, just go
+        logging.shutdown()
+        os._exit(code)
+    return code
 
 
 if __name__ == "__main__":

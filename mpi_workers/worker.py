@@ -6,7 +6,8 @@ Life of a worker:
 `GenerateRequest` runs in its own task that streams each `GenerateOutput` chunk as JSON to the
 request's reply subject; 5. publish `LoadMetrics` every `METRICS_INTERVAL_S` and right after a
 request starts or ends, and the engine's KV events as seq-numbered `KvEventBatch`es;
-6. on SIGTERM/SIGINT: deregister first (revoke the lease) so no new requests come, let
+6. on SIGTERM/SIGINT, or when the engine reports a fatal failure (a tensor-parallel rank
+died): deregister first (revoke the lease) so no new requests come, let
 in-flight requests finish (bounded by `drain_timeout_s`), shut the engine down, exit 0.
 
 Bad requests. The engine raises `ValueError` naming the parameter before any work; the worker
@@ -100,6 +101,8 @@ class Worker:
         self._kv_seq = 0
         self._background: list[asyncio.Task[None]] = []
         self._loop: asyncio.AbstractEventLoop | None = None
+        self.failed_reason: str | None = None  # set when the engine failed for good
+        self.failed = asyncio.Event()
 
     @property
     def card(self) -> WorkerCard:
@@ -123,6 +126,9 @@ class Worker:
         self._loop = asyncio.get_running_loop()
         await self.engine.start()
         self.engine.set_kv_event_sink(self._kv_sink)
+        set_fatal_handler = getattr(self.engine, "set_fatal_handler", None)
+        if set_fatal_handler is not None:
+            set_fatal_handler(self._on_engine_fatal)
         self._nc = await bus.connect(self.nats_url, name=f"worker-{self.worker_id}")
         self._subscriptions = [
             await self._nc.subscribe(self.subject, cb=self._on_generate),
@@ -176,6 +182,12 @@ class Worker:
             with contextlib.suppress(Exception):
                 await self._nc.close()
         logger.info("stopped")
+
+    def _on_engine_fatal(self, reason: str) -> None:
+        """Called from an engine thread: the engine cannot serve any more; stop the worker."""
+        self.failed_reason = reason
+        if self._loop is not None and not self._loop.is_closed():
+            self._loop.call_soon_threadsafe(self.failed.set)
 
     # request plane
 
@@ -317,7 +329,8 @@ def _request_id_of(data: bytes) -> str:
 
 
 async def serve_until_signal(worker: Worker, on_ready: Callable[[], None] | None = None) -> None:
-    """Start `worker`, serve until SIGTERM or SIGINT, then stop it gracefully."""
+    """Start `worker`, serve until SIGTERM, SIGINT or a fatal engine failure, then stop it
+    (`worker.failed_reason` tells the last case apart)."""
     loop = asyncio.get_running_loop()
     stopping = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -325,6 +338,12 @@ async def serve_until_signal(worker: Worker, on_ready: Callable[[], None] | None
     await worker.start()
     if on_ready is not None:
         on_ready()
-    await stopping.wait()
-    logger.info("signal received; stopping")
+    waits = [asyncio.create_task(stopping.wait()), asyncio.create_task(worker.failed.wait())]
+    await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+    for task in waits:
+        task.cancel()
+    if worker.failed_reason is not None:
+        logger.error("engine failed (%s); deregistering and exiting", worker.failed_reason)
+    else:
+        logger.info("signal received; stopping")
     await worker.stop()

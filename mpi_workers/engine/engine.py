@@ -10,6 +10,12 @@ Length policy: a prompt must be shorter than `max_model_len` (else ValueError on
 `token_ids`); `max_tokens` beyond the room left is clamped and the request ends with
 finish_reason "length" at `max_model_len`. `max_model_len` itself is capped at what the KV
 pool can hold, so every accepted request can always finish, alone if need be.
+
+Tensor parallelism: with a `TpRuntime` this engine is the group's leader. Each step's
+`StepPlan` is broadcast to the followers (`mpi_workers.follower`) before the forward; a
+failing TP step (a dead or stuck rank: collective error, or no progress for the group's
+timeout, seen by a watchdog) is fatal: every request ends with an error, the fatal handler
+tells the worker to deregister and exit non-zero.
 """
 
 from __future__ import annotations
@@ -21,10 +27,10 @@ import math
 import queue
 import threading
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -34,10 +40,13 @@ from mpi_workers.engine.block_manager import BlockManager
 from mpi_workers.engine.kv_cache import KvCache, blocks_for_budget
 from mpi_workers.engine.loader import default_dtype, load_model
 from mpi_workers.engine.model_config import load_model_config
-from mpi_workers.engine.model_runner import ModelRunner
+from mpi_workers.engine.model_runner import ModelRunner, build_plan
 from mpi_workers.engine.sampler import Sampler, SampleRow
 from mpi_workers.engine.scheduler import ScheduledBatch, Scheduler
 from mpi_workers.engine.sequence import Sequence
+
+if TYPE_CHECKING:
+    from mpi_workers.engine.tp import TpRuntime
 
 logger = logging.getLogger(__name__)
 
@@ -80,6 +89,25 @@ class _Stream:
             self.loop.call_soon_threadsafe(self.queue.put_nowait, out)
 
 
+def pool_sizes(
+    cfg: Any,
+    block_size: int,
+    dtype: torch.dtype,
+    num_blocks: int | None,
+    kv_cache_memory_bytes: int | None,
+    max_model_len: int | None,
+    tp_size: int = 1,
+) -> tuple[int, int]:
+    """(KV blocks per rank, max model length) for a memory budget per rank."""
+    if num_blocks is None:
+        budget = kv_cache_memory_bytes or DEFAULT_KV_MEMORY_BYTES
+        num_blocks = blocks_for_budget(cfg, block_size, dtype, budget, tp_size)
+    limit = min(max_model_len or cfg.max_position_embeddings, num_blocks * block_size)
+    if max_model_len and limit < max_model_len:
+        logger.warning("max_model_len capped to %d tokens: the KV pool holds no more", limit)
+    return num_blocks, limit
+
+
 class TorchEngine(Engine):
     """Plain-PyTorch Llama-family engine with paged KV, prefix caching, continuous batching."""
 
@@ -97,6 +125,7 @@ class TorchEngine(Engine):
         enable_prefix_caching: bool = True,
         model_name: str | None = None,
         seed: int | None = None,
+        tp: TpRuntime | None = None,
     ) -> None:
         self.model_dir = Path(model_dir)
         self.model_name = model_name or self.model_dir.name
@@ -106,16 +135,23 @@ class TorchEngine(Engine):
         self.block_size = block_size
         self.vocab_size = self.config.vocab_size
         self.eos_token_ids = frozenset(self.config.eos_token_ids)
-        if num_blocks is None:
-            budget = kv_cache_memory_bytes or DEFAULT_KV_MEMORY_BYTES
-            num_blocks = blocks_for_budget(self.config, block_size, self.dtype, budget)
-        limit = min(max_model_len or self.config.max_position_embeddings, num_blocks * block_size)
-        if max_model_len and limit < max_model_len:
-            logger.warning("max_model_len capped to %d tokens: the KV pool holds no more", limit)
+        self.tp = tp
+        tp_size = tp.size if tp else 1
+        num_blocks, limit = pool_sizes(
+            self.config, block_size, self.dtype, num_blocks, kv_cache_memory_bytes,
+            max_model_len, tp_size,
+        )  # fmt: skip
+        if tp is not None:  # followers size their shard's model and cache exactly like us
+            tp.broadcast_object({"num_blocks": num_blocks, "max_model_len": limit})
         self.max_model_len = limit
         self.max_num_batched_tokens = max(max_num_batched_tokens, 1)
-        self.model = load_model(self.model_dir, self.config, limit, self.device, self.dtype)
-        self.kv_cache = KvCache(self.config, num_blocks, block_size, self.dtype, self.device)
+        self.model = load_model(
+            self.model_dir, self.config, limit, self.device, self.dtype,
+            tp=tp.group if tp else None,
+        )  # fmt: skip
+        self.kv_cache = KvCache(
+            self.config, num_blocks, block_size, self.dtype, self.device, tp_size
+        )
         self.block_manager = BlockManager(num_blocks, block_size, enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, max_num_seqs, self.max_num_batched_tokens)
         self.runner = ModelRunner(self.model, self.kv_cache)
@@ -127,6 +163,11 @@ class TorchEngine(Engine):
         self._streams_lock = threading.Lock()
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
+        self.failed: str | None = None  # why the TP group failed (fatal; None: healthy)
+        self._fatal_handler: Callable[[str], None] | None = None
+        self._fatal_lock = threading.Lock()
+        self._step_started: float | None = None
+        self.step_timeout_s = (tp_step_timeout_s() if tp else 0.0)
 
     # ----- lifecycle -----------------------------------------------------------------------
     async def start(self) -> None:
@@ -135,14 +176,20 @@ class TorchEngine(Engine):
         self._stop.clear()
         self._thread = threading.Thread(target=self._loop, name="torch-engine", daemon=True)
         self._thread.start()
+        if self.tp is not None:
+            threading.Thread(target=self._watchdog, name="tp-watchdog", daemon=True).start()
 
     async def shutdown(self) -> None:
         if self._thread is None:
             return
         self._stop.set()
         self._commands.put(("wake", None))
-        await asyncio.to_thread(self._thread.join)
+        # A failed TP step may leave the thread blocked in a collective: don't wait for it.
+        await asyncio.to_thread(self._thread.join, 5.0 if self.failed else None)
         self._thread = None
+        if self.tp is not None and self.failed is None:
+            self.tp.broadcast_object(None)  # followers leave their loop
+            self.tp.close()
         for seq in list(self.scheduler.running) + list(self.scheduler.waiting):
             self._finish(seq, "abort")
         while not self._commands.empty():  # requests that never reached the thread
@@ -151,6 +198,8 @@ class TorchEngine(Engine):
                 self._finish(arg, "abort")
             elif kind in ("abort", "reset_prefix_cache") and arg[1] is not None:
                 arg[1][0].call_soon_threadsafe(_resolve, arg[1][1])
+            elif kind == "call":  # disaggregation hook: run it now, the thread is gone
+                _run_call(*arg)
 
     # ----- requests ------------------------------------------------------------------------
     def validate(self, request: GenerateRequest) -> None:
@@ -195,6 +244,8 @@ class TorchEngine(Engine):
     def generate(self, request: GenerateRequest) -> AsyncIterator[GenerateOutput]:
         """Validate now (ValueError before any work), then stream outputs when iterated."""
         self.validate(request)
+        if self.failed is not None:
+            raise RuntimeError(f"engine failed: {self.failed}")
         if self._thread is None:
             raise RuntimeError("engine not started: await engine.start() first")
         stream = _Stream(asyncio.get_running_loop())
@@ -203,6 +254,30 @@ class TorchEngine(Engine):
             self._streams[request.request_id] = stream
         self._commands.put(("add", seq))
         return _OutputStream(self, request.request_id, stream)
+
+    def stream_sequence(self, seq: Sequence, *, add: bool = True) -> AsyncIterator[GenerateOutput]:
+        """Stream a sequence built by the caller (disaggregated serving: a prefill that holds
+        its blocks, or a decode whose KV was imported); `add=False` when the caller places it
+        on the stepping thread itself through `call_in_engine_thread`."""
+        if self._thread is None:
+            raise RuntimeError("engine not started: await engine.start() first")
+        stream = _Stream(asyncio.get_running_loop())
+        with self._streams_lock:
+            self._streams[seq.request_id] = stream
+        if add:
+            self._commands.put(("add", seq))
+        return _OutputStream(self, seq.request_id, stream)
+
+    async def call_in_engine_thread(self, fn: Callable[[], Any]) -> Any:
+        """Run `fn()` on the stepping thread between steps and return its result: the block
+        manager and scheduler are only touched there (disaggregation reserves, imports and
+        frees blocks this way). Runs inline when the thread is not running."""
+        if self._thread is None:
+            return fn()
+        loop = asyncio.get_running_loop()
+        done = loop.create_future()
+        self._commands.put(("call", (fn, (loop, done))))
+        return await done
 
     def _make_sequence(self, request: GenerateRequest) -> Sequence:
         p = request.sampling
@@ -289,9 +364,41 @@ class TorchEngine(Engine):
                 self.block_manager.reset_prefix_cache()
                 self._publish_events()
                 arg[1][0].call_soon_threadsafe(_resolve, arg[1][1])
+            elif kind == "call":
+                _run_call(*arg)
+                self._publish_events()
             try:
                 item = self._commands.get_nowait()
             except queue.Empty:
+                return
+
+    def set_fatal_handler(self, handler: Callable[[str], None] | None) -> None:
+        """`handler(reason)` runs (on an engine thread) once the TP group has failed."""
+        self._fatal_handler = handler
+
+    def _fail_group(self, reason: str) -> None:
+        """Fatal: end every request with `reason`, stop stepping, tell the worker."""
+        with self._fatal_lock:
+            if self.failed is not None:
+                return
+            self.failed = reason
+        logger.error("tensor-parallel group failed: %s", reason)
+        self._stop.set()
+        for seq in list(self.scheduler.running) + list(self.scheduler.waiting):
+            self._finish(seq, "error", error=f"tensor-parallel group failed: {reason}")
+        while not self._commands.empty():
+            kind, arg = self._commands.get_nowait()
+            if kind == "add":
+                self._finish(arg, "error", error=f"tensor-parallel group failed: {reason}")
+        if self._fatal_handler is not None:
+            self._fatal_handler(reason)
+
+    def _watchdog(self) -> None:
+        """A TP step stuck past the group's timeout (a rank stopped, NCCL hung) is fatal."""
+        while not self._stop.wait(1.0):
+            started = self._step_started
+            if started is not None and time.monotonic() - started > self.step_timeout_s:
+                self._fail_group(f"no progress for {self.step_timeout_s:.0f} s in a step")
                 return
 
     def _step_guarded(self) -> None:
@@ -299,18 +406,28 @@ class TorchEngine(Engine):
         try:
             batch = self.scheduler.schedule()
             if batch:
+                self._step_started = time.monotonic()
                 self.step(batch)
         except Exception as exc:  # one bad step must not kill the loop or hang callers
+            self._step_started = None
+            if self.tp is not None:  # the ranks may now disagree: the group cannot go on
+                logger.exception("tensor-parallel step failed")
+                self._fail_group(f"{type(exc).__name__}: {exc}")
+                return
             logger.exception("engine step failed; failing its %d requests", len(batch.seqs))
             for seq in batch.seqs:
                 if seq.finish_reason is None:
                     self._finish(seq, "error", error=f"{type(exc).__name__}: {exc}")
+        self._step_started = None
         self._publish_events()
 
     def step(self, batch: ScheduledBatch) -> None:
         """Forward one scheduled batch, sample, update sequences, deliver outputs."""
         self.stats.num_steps += 1
-        logits, sampled = self.runner.run(batch)
+        plan, sampled = build_plan(batch)
+        if self.tp is not None:
+            self.tp.broadcast_object(plan)
+        logits = self.runner.execute(plan)
         for seq, n in zip(batch.seqs, batch.num_tokens, strict=True):
             lo = seq.num_computed
             self.stats.num_computed_tokens += n
@@ -438,6 +555,35 @@ class _OutputStream:
     def __del__(self) -> None:
         if not self._done:
             self._engine.abort_nowait(self.request_id)
+
+
+def tp_step_timeout_s() -> float:
+    """How long one TP step may take before the group is declared failed."""
+    from mpi_workers.engine.tp import DEFAULT_TIMEOUT_S
+
+    return DEFAULT_TIMEOUT_S + 10.0
+
+
+def _run_call(fn: Callable[[], Any], waiter: tuple[asyncio.AbstractEventLoop, Any]) -> None:
+    """Run a `call_in_engine_thread` function and hand its outcome to the waiting loop."""
+    loop, future = waiter
+    try:
+        result = fn()
+    except BaseException as exc:
+        with contextlib.suppress(RuntimeError):
+            loop.call_soon_threadsafe(_settle, future, None, exc)
+        return
+    with contextlib.suppress(RuntimeError):
+        loop.call_soon_threadsafe(_settle, future, result, None)
+
+
+def _settle(future: asyncio.Future, result: Any, exc: BaseException | None) -> None:
+    if future.done():
+        return
+    if exc is not None:
+        future.set_exception(exc)
+    else:
+        future.set_result(result)
 
 
 def _resolve(future: asyncio.Future) -> None:

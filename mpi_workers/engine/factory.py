@@ -6,24 +6,40 @@ Engines are imported lazily so that a mocker worker never pays for importing tor
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from contract.config import DeploymentConfig
 from mpi_workers.engine.base import Engine
 
+if TYPE_CHECKING:
+    from mpi_workers.engine.tp import TpRuntime
 
-def build_torch_engine(config: DeploymentConfig, model_path: Path) -> Engine:
-    """The built-in PyTorch engine, configured from `config.engine`."""
+
+def torch_placement(config: DeploymentConfig, tp: TpRuntime | None = None) -> tuple[Any, Any]:
+    """(device, dtype or None for the device's default) from `config.engine`; under TP the
+    device is the rank's own (its GPU by local rank)."""
     import torch
-
-    from mpi_workers.engine.engine import TorchEngine
 
     engine_config = config.engine
     if engine_config.torch_threads:
         torch.set_num_threads(engine_config.torch_threads)
     device = engine_config.device
-    if device == "auto":
+    if tp is not None:
+        device = tp.device
+    elif device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = None if engine_config.dtype == "auto" else getattr(torch, engine_config.dtype)
+    return device, dtype
+
+
+def build_torch_engine(
+    config: DeploymentConfig, model_path: Path, tp: TpRuntime | None = None
+) -> Engine:
+    """The built-in PyTorch engine, configured from `config.engine` (a TP leader with `tp`)."""
+    from mpi_workers.engine.engine import TorchEngine
+
+    engine_config = config.engine
+    device, dtype = torch_placement(config, tp)
     return TorchEngine(
         model_dir=model_path,
         device=device,
@@ -35,6 +51,7 @@ def build_torch_engine(config: DeploymentConfig, model_path: Path) -> Engine:
         max_num_batched_tokens=engine_config.max_num_batched_tokens,
         max_model_len=engine_config.max_model_len,
         model_name=config.model.served_model_name(),
+        tp=tp,
     )
 
 

@@ -2,8 +2,9 @@
 
 Each linear layer declares whether it splits its output (column-parallel) or its input
 (row-parallel) and carries a `weight_loader` that copies the right shard of a checkpoint
-tensor. Only tp_size=1 runs today; sharding is the narrow() calls below plus an all-reduce
-after row-parallel layers (`TpGroup.all_reduce`).
+tensor. Sharding is the `narrow()` calls below (on a tensor or on a lazy safetensors slice,
+so a rank reads only its shard) plus an all-reduce after row-parallel layers and the
+vocab-parallel embedding, and a gather of the vocab-parallel logits (`TpGroup`).
 """
 
 from __future__ import annotations
@@ -20,16 +21,56 @@ from torch import nn
 
 @dataclass(frozen=True)
 class TpGroup:
-    """This rank's place in its tensor-parallel group; `all_reduce` sums row-parallel outputs."""
+    """This rank's place in its tensor-parallel group.
+
+    `all_reduce` sums row-parallel outputs in place; `gather` concatenates each rank's last-dim
+    slice on rank 0 (other ranks get None): only the leader samples, so only it needs logits.
+    """
 
     rank: int = 0
     size: int = 1
     all_reduce: Callable[[torch.Tensor], torch.Tensor] | None = None
+    gather: Callable[[torch.Tensor], torch.Tensor | None] | None = None
 
     def reduce(self, x: torch.Tensor) -> torch.Tensor:
         if self.size == 1 or self.all_reduce is None:
             return x
         return self.all_reduce(x)
+
+    def gather_last_dim(self, x: torch.Tensor) -> torch.Tensor | None:
+        if self.size == 1 or self.gather is None:
+            return x
+        return self.gather(x)
+
+
+def shape_of(loaded: Any) -> tuple[int, ...]:
+    """Shape of a tensor or of a lazy safetensors slice (`safe_open(...).get_slice(name)`)."""
+    if isinstance(loaded, torch.Tensor):
+        return tuple(loaded.shape)
+    return tuple(loaded.get_shape())
+
+
+def narrow(loaded: Any, dim: int, start: int, size: int) -> torch.Tensor:
+    """`loaded.narrow(dim, start, size)`; on a safetensors slice only that range is read."""
+    if isinstance(loaded, torch.Tensor):
+        return loaded.narrow(dim, start, size)
+    index = tuple([slice(None)] * dim + [slice(start, start + size)])
+    return loaded[index]
+
+
+def materialize(loaded: Any) -> torch.Tensor:
+    """The whole tensor (a replicated parameter: every rank reads all of it)."""
+    return loaded if isinstance(loaded, torch.Tensor) else loaded[:]
+
+
+def kv_head_range(num_kv_heads: int, tp: TpGroup) -> tuple[int, int]:
+    """(first KV head, count) this rank holds: split when tp divides the KV heads, else each
+    rank holds one head replicated over tp // num_kv_heads ranks (tp must be a multiple)."""
+    if tp.size <= num_kv_heads:
+        per_rank = num_kv_heads // tp.size
+        return tp.rank * per_rank, per_rank
+    replicas = tp.size // num_kv_heads
+    return tp.rank // replicas, 1
 
 
 def mkl_packing_available() -> bool:
@@ -74,11 +115,11 @@ class InferenceWeight:
         return torch.mm(x, self.weight_t)
 
 
-def _shard(weight: torch.Tensor, dim: int, tp: TpGroup) -> torch.Tensor:
+def _shard(weight: Any, dim: int, tp: TpGroup) -> torch.Tensor:
     if tp.size == 1:
-        return weight
-    size = weight.shape[dim] // tp.size
-    return weight.narrow(dim, tp.rank * size, size)
+        return materialize(weight)
+    size = shape_of(weight)[dim] // tp.size
+    return narrow(weight, dim, tp.rank * size, size)
 
 
 class _TpLinear(nn.Module):
@@ -150,8 +191,8 @@ class QKVParallelLinear(ColumnParallelLinear):
     ) -> None:
         self.head_dim = head_dim
         self.num_heads = num_heads // tp.size
-        self.num_kv_heads = max(1, num_kv_heads // tp.size)
-        out = (num_heads + 2 * num_kv_heads) * head_dim
+        self.kv_first, self.num_kv_heads = kv_head_range(num_kv_heads, tp)
+        out = (self.num_heads + 2 * self.num_kv_heads) * head_dim * tp.size
         super().__init__(hidden, out, bias, tp)
 
     def weight_loader(
@@ -162,7 +203,11 @@ class QKVParallelLinear(ColumnParallelLinear):
         offset, size = {"q": (0, q_size), "k": (q_size, kv_size), "v": (q_size + kv_size, kv_size)}[
             shard_id
         ]
-        param.data.narrow(0, offset, size).copy_(_shard(loaded, 0, self.tp))
+        if shard_id == "q":
+            shard = _shard(loaded, 0, self.tp)
+        else:  # KV heads may be replicated (tp > KV heads): pick this rank's head range
+            shard = narrow(loaded, 0, self.kv_first * self.head_dim, kv_size)
+        param.data.narrow(0, offset, size).copy_(shard)
 
 
 class RowParallelLinear(_TpLinear):
@@ -177,7 +222,10 @@ class RowParallelLinear(_TpLinear):
         self, param: nn.Parameter, loaded: torch.Tensor, shard_id: Any = None
     ) -> None:
         if param.dim() == 1:  # bias is added once, on rank 0
-            param.data.copy_(loaded if self.tp.rank == 0 else torch.zeros_like(loaded))
+            if self.tp.rank == 0:
+                param.data.copy_(materialize(loaded))
+            else:
+                param.data.zero_()
         else:
             param.data.copy_(_shard(loaded, 1, self.tp))
 
@@ -188,17 +236,61 @@ class RowParallelLinear(_TpLinear):
         return self.tp.reduce(F.linear(x, self.weight, bias))
 
 
+def vocab_shard(vocab_size: int, tp: TpGroup) -> tuple[int, int]:
+    """(first row, rows) of this rank's vocabulary slice; the last slice may be padded."""
+    per_rank = -(-vocab_size // tp.size)
+    return tp.rank * per_rank, per_rank
+
+
+def load_vocab_rows(param: torch.Tensor, loaded: Any, vocab_size: int, tp: TpGroup) -> None:
+    """Copy this rank's vocabulary rows; padding rows (past the vocabulary) become zeros."""
+    first, rows = vocab_shard(vocab_size, tp)
+    real = max(0, min(rows, vocab_size - first))
+    param.data.zero_()
+    if real:
+        param.data.narrow(0, 0, real).copy_(narrow(loaded, 0, first, real))
+
+
 class VocabEmbedding(nn.Module):
-    """Token embedding; under TP the vocabulary would be split across ranks (not yet)."""
+    """Token embedding, vocabulary split across ranks: each rank looks up the ids it owns,
+    zeros the others, and an all-reduce sums the rows (exactly one rank contributes each)."""
 
     def __init__(self, vocab_size: int, hidden: int, tp: TpGroup) -> None:
         super().__init__()
-        if tp.size != 1:
-            raise NotImplementedError("vocab-parallel embedding is not implemented yet")
-        self.weight = nn.Parameter(torch.empty(vocab_size, hidden), requires_grad=False)
+        self.tp = tp
+        self.vocab_size = vocab_size
+        self.first, rows = vocab_shard(vocab_size, tp)
+        self.weight = nn.Parameter(torch.empty(rows, hidden), requires_grad=False)
+        self.weight.weight_loader = self.weight_loader  # type: ignore[attr-defined]
+
+    def weight_loader(
+        self, param: nn.Parameter, loaded: torch.Tensor, shard_id: Any = None
+    ) -> None:
+        load_vocab_rows(param, loaded, self.vocab_size, self.tp)
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return F.embedding(input_ids, self.weight)
+        if self.tp.size == 1:
+            return F.embedding(input_ids, self.weight)
+        local = input_ids - self.first
+        outside = (local < 0) | (local >= self.weight.shape[0])
+        h = F.embedding(local.masked_fill(outside, 0), self.weight)
+        h.masked_fill_(outside.unsqueeze(-1), 0.0)
+        return self.tp.reduce(h)
+
+
+class ParallelLMHead(ColumnParallelLinear):
+    """The vocabulary projection, vocab split across ranks like `VocabEmbedding`;
+    `logits()` gathers the slices on rank 0 and drops the padding columns."""
+
+    def __init__(self, hidden: int, vocab_size: int, tp: TpGroup) -> None:
+        self.vocab_size = vocab_size
+        rows = vocab_shard(vocab_size, tp)[1]
+        super().__init__(hidden, rows * tp.size, False, tp)
+
+    def weight_loader(
+        self, param: nn.Parameter, loaded: torch.Tensor, shard_id: Any = None
+    ) -> None:
+        load_vocab_rows(param, loaded, self.vocab_size, self.tp)
 
 
 class RMSNorm(nn.Module):

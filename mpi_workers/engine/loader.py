@@ -12,10 +12,9 @@ import logging
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 from torch import nn
 
-from mpi_workers.engine.layers import RotaryEmbedding
+from mpi_workers.engine.layers import RotaryEmbedding, TpGroup, materialize
 from mpi_workers.engine.model import LlamaForCausalLM
 from mpi_workers.engine.model_config import ModelConfig
 
@@ -38,12 +37,17 @@ def checkpoint_files(model_dir: Path) -> list[Path]:
     return files
 
 
-def _default_loader(param: nn.Parameter, loaded: torch.Tensor, shard_id: object = None) -> None:
-    param.data.copy_(loaded)
+def _default_loader(param: nn.Parameter, loaded: object, shard_id: object = None) -> None:
+    param.data.copy_(materialize(loaded))
 
 
 def load_weights(model: LlamaForCausalLM, model_dir: str | Path) -> None:
-    """Copy every checkpoint tensor into `model`; complain about missing or unknown ones."""
+    """Copy every checkpoint tensor into `model`; complain about missing or unknown ones.
+
+    Tensors are handed to the weight loaders as lazy slices, so a TP rank reads only its shard.
+    """
+    from safetensors import safe_open  # lazy: the GPU benchmark runs without safetensors
+
     model_dir = Path(model_dir)
     params = dict(model.named_parameters())
     loaded: set[str] = set()
@@ -63,7 +67,7 @@ def load_weights(model: LlamaForCausalLM, model_dir: str | Path) -> None:
                 if param is None:
                     raise KeyError(f"checkpoint tensor {name!r} has no place in the model")
                 loader = getattr(param, "weight_loader", _default_loader)
-                loader(param, f.get_tensor(name), shard_id)
+                loader(param, f.get_slice(name), shard_id)
                 loaded.add(target)
     missing = set(params) - loaded
     if missing:
@@ -78,11 +82,13 @@ def load_model(
     device: torch.device | str = "cpu",
     dtype: torch.dtype | None = None,
     pack_rows: int | None = 8,
+    tp: TpGroup | None = None,
 ) -> LlamaForCausalLM:
-    """Build the model for `cfg` on `device` in `dtype` and fill it from `model_dir`."""
+    """Build the model (this rank's shard under `tp`) on `device` in `dtype`, fill it from
+    `model_dir`."""
     dtype = dtype or default_dtype(device)
     with torch.device("cpu"):
-        model = LlamaForCausalLM(cfg, max_positions)
+        model = LlamaForCausalLM(cfg, max_positions, tp)
     load_weights(model, model_dir)
     model = model.to(device=device, dtype=dtype)
     # RoPE tables are rebuilt in float32 (the cast above would round them); lookup casts.

@@ -16,9 +16,9 @@ from torch import nn
 
 from mpi_workers.engine.attention import AttentionMetadata, paged_attention
 from mpi_workers.engine.layers import (
-    ColumnParallelLinear,
     InferenceWeight,
     MergedColumnParallelLinear,
+    ParallelLMHead,
     QKVParallelLinear,
     RMSNorm,
     RotaryEmbedding,
@@ -114,7 +114,7 @@ class LlamaForCausalLM(nn.Module):
         if cfg.tie_word_embeddings:
             self.lm_head = None
         else:
-            self.lm_head = ColumnParallelLinear(cfg.hidden_size, cfg.vocab_size, False, tp)
+            self.lm_head = ParallelLMHead(cfg.hidden_size, cfg.vocab_size, tp)
 
     def bind_kv_cache(self, k_caches: list[torch.Tensor], v_caches: list[torch.Tensor]) -> None:
         """Point every layer at its slice of the paged cache."""
@@ -154,9 +154,16 @@ class LlamaForCausalLM(nn.Module):
             weight = self.model.embed_tokens.weight.data
             self._tied_head = InferenceWeight(weight, pack_rows if weight.is_cpu else None)
 
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor | None:
+        """Logits [rows, vocab]; under TP every rank must call it (a gather), and only rank 0
+        gets the logits (the others get None)."""
         if self.lm_head is not None:
-            return self.lm_head(hidden)
-        if self._tied_head is not None:
-            return self._tied_head.matmul(hidden)
-        return F.linear(hidden, self.model.embed_tokens.weight)
+            local = self.lm_head(hidden)
+        elif self._tied_head is not None:
+            local = self._tied_head.matmul(hidden)
+        else:
+            local = F.linear(hidden, self.model.embed_tokens.weight)
+        if self.tp.size == 1:
+            return local
+        full = self.tp.gather_last_dim(local.contiguous())
+        return None if full is None else full[:, : self.config.vocab_size]

@@ -1,19 +1,63 @@
 """Turn one scheduled step into tensors, run the model, and return logits of the sampled rows.
 
-Single-token sequences (decode) go first in the flat batch so the attention layer can serve
-them with one padded SDPA call; multi-token chunks (prefill) follow. All per-step index
-math (slots, gather indices, masks) is done here once, vectorised, and shared by all layers.
+A step is first reduced to a `StepPlan`: plain lists (token ids, positions, block tables,
+which rows to sample) that say everything the model needs and nothing about requests. Under
+tensor parallelism the leader broadcasts that plan and every rank runs `execute(plan)` on
+its shard. Single-token sequences (decode) go first in the flat batch so the attention layer
+can serve them with one padded SDPA call; multi-token chunks (prefill) follow. All per-step
+index math (slots, gather indices, masks) is done here once, vectorised, and shared by all
+layers.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 
 from mpi_workers.engine.attention import AttentionMetadata, PrefillChunk
 from mpi_workers.engine.kv_cache import KvCache
 from mpi_workers.engine.model import LlamaForCausalLM
-from mpi_workers.engine.scheduler import ScheduledBatch
-from mpi_workers.engine.sequence import Sequence
+
+if TYPE_CHECKING:  # the GPU benchmark drives execute() without the scheduler's imports
+    from mpi_workers.engine.scheduler import ScheduledBatch
+    from mpi_workers.engine.sequence import Sequence
+
+
+@dataclass
+class StepPlan:
+    """One forward step as plain data (cheap to pickle and broadcast to TP followers)."""
+
+    input_ids: list[int] = field(default_factory=list)
+    positions: list[int] = field(default_factory=list)
+    decode_tables: list[list[int]] = field(default_factory=list)  # one per decode row, first
+    decode_lens: list[int] = field(default_factory=list)  # context length after the step
+    prefills: list[tuple[int, int, int, list[int]]] = field(default_factory=list)
+    # (start row, new tokens, tokens already in the cache, block table) per prefill chunk
+    sample_rows: list[int] = field(default_factory=list)
+
+
+def build_plan(batch: ScheduledBatch) -> tuple[StepPlan, list[Sequence]]:
+    """The plan of a scheduled batch and the sequences whose rows are sampled (in order)."""
+    order = sorted(range(len(batch.seqs)), key=lambda i: batch.num_tokens[i] > 1)
+    plan = StepPlan()
+    sample_seqs: list[Sequence] = []
+    for i in order:
+        seq, n = batch.seqs[i], batch.num_tokens[i]
+        start = len(plan.input_ids)
+        done = seq.num_computed
+        plan.input_ids.extend(seq.token_ids[done : done + n])
+        plan.positions.extend(range(done, done + n))
+        if n == 1:
+            plan.decode_tables.append(list(seq.block_table))
+            plan.decode_lens.append(done + 1)
+        else:
+            plan.prefills.append((start, n, done, list(seq.block_table)))
+        if done + n == seq.num_tokens:
+            sample_seqs.append(seq)
+            plan.sample_rows.append(start + n - 1)
+    return plan, sample_seqs
 
 
 class ModelRunner:
@@ -34,76 +78,73 @@ class ModelRunner:
         self, batch: ScheduledBatch
     ) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata, list[Sequence], list[int]]:
         """Build (input_ids, positions, metadata, sampled seqs, their flat row indices)."""
-        order = sorted(range(len(batch.seqs)), key=lambda i: batch.num_tokens[i] > 1)
-        ids: list[int] = []
-        pos: list[int] = []
-        decode: list[Sequence] = []
-        prefill: list[tuple[Sequence, int, int]] = []  # (seq, start, n)
-        sample_seqs: list[Sequence] = []
-        sample_rows: list[int] = []
-        for i in order:
-            seq, n = batch.seqs[i], batch.num_tokens[i]
-            start = len(ids)
-            ids.extend(seq.token_ids[seq.num_computed : seq.num_computed + n])
-            pos.extend(range(seq.num_computed, seq.num_computed + n))
-            if n == 1:
-                decode.append(seq)
-            else:
-                prefill.append((seq, start, n))
-            if seq.num_computed + n == seq.num_tokens:
-                sample_seqs.append(seq)
-                sample_rows.append(start + n - 1)
+        plan, sample_seqs = build_plan(batch)
+        input_ids, positions, meta = self.tensors(plan)
+        return input_ids, positions, meta, sample_seqs, plan.sample_rows
+
+    def tensors(self, plan: StepPlan) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
+        """(input_ids, positions, attention metadata) of a plan, on this rank's device."""
         dev = self.device
-        input_ids = torch.tensor(ids, dtype=torch.long, device=dev)
-        positions = torch.tensor(pos, dtype=torch.long, device=dev)
+        input_ids = torch.tensor(plan.input_ids, dtype=torch.long, device=dev)
+        positions = torch.tensor(plan.positions, dtype=torch.long, device=dev)
         meta = AttentionMetadata(slot_mapping=torch.empty(0, dtype=torch.long))
         slot_parts: list[torch.Tensor] = []
-        if decode:
-            self._prepare_decode(decode, meta, positions[: len(decode)], slot_parts)
-        for seq, start, n in prefill:
-            table = torch.tensor(seq.block_table, dtype=torch.long, device=dev)
+        if plan.decode_tables:
+            num_decode = len(plan.decode_tables)
+            self._prepare_decode(plan, meta, positions[:num_decode], slot_parts)
+        for start, n, done, block_table in plan.prefills:
+            table = torch.tensor(block_table, dtype=torch.long, device=dev)
             chunk_pos = positions[start : start + n]
             slot_parts.append(self._slots(table, chunk_pos))
-            ctx = seq.num_computed + n
+            ctx = done + n
             gather = mask = None
-            if seq.num_computed > 0:
+            if done > 0:
                 gather = self._slots(table, torch.arange(ctx, device=dev))
                 mask = AttentionMetadata.bottom_right_mask(n, ctx, dev)
             meta.prefills.append(PrefillChunk(start, start + n, ctx, gather, mask))
         meta.slot_mapping = torch.cat(slot_parts) if len(slot_parts) > 1 else slot_parts[0]
-        return input_ids, positions, meta, sample_seqs, sample_rows
+        return input_ids, positions, meta
 
     def _prepare_decode(
         self,
-        decode: list[Sequence],
+        plan: StepPlan,
         meta: AttentionMetadata,
         positions: torch.Tensor,
         slot_parts: list[torch.Tensor],
     ) -> None:
         dev = self.device
-        lengths = [s.num_computed + 1 for s in decode]
+        lengths = plan.decode_lens
+        num_decode = len(lengths)
         max_len = max(lengths)
         max_blocks = -(-max_len // self.block_size)
-        tables = torch.zeros(len(decode), max_blocks, dtype=torch.long, device=dev)
-        for row, seq in enumerate(decode):
-            table = seq.block_table[:max_blocks]
+        tables = torch.zeros(num_decode, max_blocks, dtype=torch.long)
+        for row, block_table in enumerate(plan.decode_tables):
+            table = block_table[:max_blocks]
             tables[row, : len(table)] = torch.tensor(table, dtype=torch.long)
+        tables = tables.to(dev)
         slot_parts.append(self._slots(tables, positions.unsqueeze(1)).squeeze(1))
-        span = torch.arange(max_len, device=dev).expand(len(decode), max_len)
+        span = torch.arange(max_len, device=dev).expand(num_decode, max_len)
         meta.decode_gather_slots = self._slots(tables, span).reshape(-1)
-        meta.num_decode = len(decode)
+        meta.num_decode = num_decode
         meta.decode_max_len = max_len
         if min(lengths) != max_len:
             lens = torch.tensor(lengths, device=dev).unsqueeze(1)
-            meta.decode_mask = (span < lens).view(len(decode), 1, 1, max_len)
+            meta.decode_mask = (span < lens).view(num_decode, 1, 1, max_len)
 
     @torch.inference_mode()
-    def run(self, batch: ScheduledBatch) -> tuple[torch.Tensor | None, list[Sequence]]:
-        """Forward the step; logits [num sampled, vocab] (None if nothing is sampled)."""
-        input_ids, positions, meta, sample_seqs, rows = self.prepare(batch)
+    def execute(self, plan: StepPlan) -> torch.Tensor | None:
+        """Forward a plan; logits [sampled rows, vocab] (None: nothing sampled, or a TP
+        follower, which still takes part in every collective)."""
+        input_ids, positions, meta = self.tensors(plan)
         hidden = self.model(input_ids, positions, meta)
-        if not sample_seqs:
-            return None, []
+        rows = plan.sample_rows
+        if not rows:
+            return None
         if len(rows) != hidden.shape[0]:
             hidden = hidden.index_select(0, torch.tensor(rows, device=hidden.device))
-        return self.model.compute_logits(hidden), sample_seqs
+        return self.model.compute_logits(hidden)
+
+    def run(self, batch: ScheduledBatch) -> tuple[torch.Tensor | None, list[Sequence]]:
+        """Forward the step; logits [num sampled, vocab] (None if nothing is sampled)."""
+        plan, sample_seqs = build_plan(batch)
+        return self.execute(plan), sample_seqs

@@ -64,7 +64,8 @@ class Scheduler:
             self.running.remove(seq)
         elif seq in self.waiting:
             self.waiting.remove(seq)
-        self.bm.free(seq)
+        if not seq.hold_blocks:  # a disaggregated prefill frees them after the KV transfer
+            self.bm.free(seq)
         seq.status = SeqStatus.FINISHED
 
     def _preempt(self, seq: Sequence) -> None:

@@ -47,6 +47,9 @@ class Sequence:
     pending_logprobs: list[TokenLogprob] = field(default_factory=list)
     finish_reason: str | None = None
     error: str | None = None
+    # Disaggregated prefill: keep the blocks when the sequence finishes; whoever set this
+    # frees them (BlockManager.free on the stepping thread) once the KV has been sent.
+    hold_blocks: bool = False
 
     def __post_init__(self) -> None:
         self.num_prompt_tokens = len(self.token_ids)

@@ -41,7 +41,7 @@ def load(name: str) -> DeploymentConfig:
     return load_config(path, environ={})
 
 
-@pytest.mark.parametrize("name", ["slurm-agg", "slurm-multi", "slurm-tp-multinode"])
+@pytest.mark.parametrize("name", ["slurm-agg", "slurm-multi", "slurm-tp-multinode", "slurm-disagg"])
 def test_golden(name: str) -> None:
     text = render_script(load(name), job_dir=JOB_DIR, python=PYTHON)
     golden = GOLDEN / f"{name}.sbatch"
@@ -50,7 +50,7 @@ def test_golden(name: str) -> None:
     assert text == golden.read_text(), f"{golden} differs; see this module's docstring"
 
 
-@pytest.mark.parametrize("name", ["slurm-agg", "slurm-multi", "slurm-tp-multinode"])
+@pytest.mark.parametrize("name", ["slurm-agg", "slurm-multi", "slurm-tp-multinode", "slurm-disagg"])
 def test_script_is_valid_bash(name: str, tmp_path: Path) -> None:
     script = tmp_path / "job.sh"
     script.write_text(render_script(load(name), job_dir=JOB_DIR, python=PYTHON))

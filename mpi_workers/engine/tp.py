@@ -1,0 +1,132 @@
+"""torch.distributed for one tensor-parallel group: rendezvous over MPI, collectives, step plans.
+
+Rank 0 opens a TCPStore on a free port of its host and shares the address by MPI broadcast
+(no fixed ports). The data group (gloo on CPU, NCCL on GPU) carries all-reduces and the
+logits gather with a bounded timeout; a separate gloo group with a long timeout carries the
+leader's pickled step plans, so idle followers block in a socket read (no MPI busy-polling)
+and a dead peer surfaces as an error (closed connection) instead of a hang.
+Only torch and mpi4py are imported here: the GPU benchmark uses this module as is.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import pickle
+import socket
+from datetime import timedelta
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from mpi_workers.engine.layers import TpGroup
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_TIMEOUT_S = float(os.environ.get("HPCSERVE_TP_TIMEOUT_S", "120"))
+CONTROL_TIMEOUT = timedelta(days=7)  # followers wait this long for the next step
+
+
+def rendezvous_host(comm: Any) -> str:
+    """Loopback when the group shares one host, else this host's address (override:
+    HPCSERVE_TP_HOST on rank 0)."""
+    names = comm.allgather(socket.gethostname())
+    if len(set(names)) == 1:
+        return "127.0.0.1"
+    return os.environ.get("HPCSERVE_TP_HOST") or socket.gethostbyname(socket.gethostname())
+
+
+class TpRuntime:
+    """This rank's tensor-parallel collectives; `group` is what the model layers use."""
+
+    def __init__(self, rank: int, size: int, device: torch.device, control: Any) -> None:
+        self.rank = rank
+        self.size = size
+        self.device = device
+        self._control = control
+        self.group = TpGroup(rank, size, self.all_reduce, self.gather)
+
+    @classmethod
+    def init(cls, comm: Any, device: torch.device, timeout_s: float = DEFAULT_TIMEOUT_S):
+        """Collective over `comm` (an mpi4py communicator of the group's ranks)."""
+        rank, size = comm.Get_rank(), comm.Get_size()
+        address = None
+        store = None
+        if rank == 0:
+            host = rendezvous_host(comm)
+            store = dist.TCPStore(host, 0, size, is_master=True, wait_for_workers=False)
+            address = (host, store.port)
+        else:
+            comm.allgather(socket.gethostname())
+        host, port = comm.bcast(address, root=0)
+        if store is None:
+            store = dist.TCPStore(host, port, size, is_master=False)
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        dist.init_process_group(
+            backend, store=store, rank=rank, world_size=size,
+            timeout=timedelta(seconds=timeout_s),
+            **({"device_id": device} if device.type == "cuda" else {}),
+        )  # fmt: skip
+        control = dist.new_group(backend="gloo", timeout=CONTROL_TIMEOUT)
+        logger.info("torch.distributed %s group of %d ready via %s:%d", backend, size, host, port)
+        return cls(rank, size, device, control)
+
+    def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
+        dist.all_reduce(x)
+        return x
+
+    def gather(self, x: torch.Tensor) -> torch.Tensor | None:
+        """Concatenate every rank's `x` along the last dim on rank 0; None elsewhere."""
+        if self.rank == 0:
+            parts = [torch.empty_like(x) for _ in range(self.size)]
+            dist.gather(x, parts, dst=0)
+            return torch.cat(parts, dim=-1)
+        dist.gather(x, None, dst=0)
+        return None
+
+    def broadcast_object(self, obj: Any = None) -> Any:
+        """Rank 0 sends `obj` (pickled) to every rank; each returns it."""
+        if self.rank == 0:
+            payload = torch.frombuffer(bytearray(pickle.dumps(obj)), dtype=torch.uint8)
+            length = torch.tensor([payload.numel()], dtype=torch.int64)
+        else:
+            length = torch.zeros(1, dtype=torch.int64)
+        dist.broadcast(length, src=0, group=self._control)
+        if self.rank != 0:
+            payload = torch.empty(int(length.item()), dtype=torch.uint8)
+        dist.broadcast(payload, src=0, group=self._control)
+        return obj if self.rank == 0 else pickle.loads(payload.numpy().tobytes())
+
+    def close(self) -> None:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+_LOCAL_RANK_VARIABLES = ("OMPI_COMM_WORLD_LOCAL_RANK", "MPI_LOCALRANKID", "SLURM_LOCALID")
+
+
+def local_rank(comm: Any = None) -> int:
+    """This rank's index among the ranks on its node (picks its GPU)."""
+    for name in _LOCAL_RANK_VARIABLES:
+        value = os.environ.get(name, "")
+        if value.isdigit():
+            return int(value)
+    if comm is None:
+        return 0
+    from mpi4py import MPI
+
+    node = comm.Split_type(MPI.COMM_TYPE_SHARED)
+    try:
+        return node.Get_rank()
+    finally:
+        node.Free()
+
+
+def pick_device(kind: str, comm: Any) -> torch.device:
+    """One GPU per rank by local rank on CUDA; the CPU otherwise."""
+    if kind == "cpu" or (kind == "auto" and not torch.cuda.is_available()):
+        return torch.device("cpu")
+    index = local_rank(comm) % max(1, torch.cuda.device_count())
+    torch.cuda.set_device(index)
+    return torch.device("cuda", index)

@@ -1,0 +1,56 @@
+"""Gather a sequence's KV blocks into one contiguous staging tensor, and scatter it back.
+
+Why staging: a block of one layer is contiguous in the paged cache, but a transfer covers
+every layer's K and V and (under TP) only a range of heads, which is strided. One packed
+tensor `[blocks, layers, 2 (K, V), block_size, heads, head_dim]` is one registered buffer
+and one message, whatever the TP split. Both functions run off the engine's stepping thread
+(the blocks involved are held by the transfer, so no step writes them meanwhile).
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def staging_shape(
+    num_blocks: int, num_layers: int, block_size: int, num_heads: int, head_dim: int
+) -> tuple[int, ...]:
+    return (num_blocks, num_layers, 2, block_size, num_heads, head_dim)
+
+
+def pack_blocks(
+    k: list[torch.Tensor],
+    v: list[torch.Tensor],
+    block_ids: list[int],
+    heads: tuple[int, int] | None = None,
+) -> torch.Tensor:
+    """Copy `block_ids` of every layer (local heads [lo, hi), default all) into staging."""
+    _, block_size, num_heads, head_dim = k[0].shape
+    lo, hi = heads or (0, num_heads)
+    index = torch.tensor(block_ids, dtype=torch.long, device=k[0].device)
+    out = torch.empty(
+        staging_shape(len(block_ids), len(k), block_size, hi - lo, head_dim),
+        dtype=k[0].dtype, device=k[0].device,
+    )  # fmt: skip
+    for layer, (k_layer, v_layer) in enumerate(zip(k, v, strict=True)):
+        out[:, layer, 0] = k_layer.index_select(0, index)[:, :, lo:hi]
+        out[:, layer, 1] = v_layer.index_select(0, index)[:, :, lo:hi]
+    return out
+
+
+def unpack_blocks(
+    staging: torch.Tensor,
+    k: list[torch.Tensor],
+    v: list[torch.Tensor],
+    block_ids: list[int],
+    head_offset: int = 0,
+) -> None:
+    """Write staging (from `pack_blocks`) into `block_ids` at local heads from `head_offset`."""
+    if staging.shape[0] != len(block_ids):
+        raise ValueError(f"{staging.shape[0]} staged blocks for {len(block_ids)} block ids")
+    staging = staging.to(k[0].device, non_blocking=True)
+    index = torch.tensor(block_ids, dtype=torch.long, device=k[0].device)
+    hi = head_offset + staging.shape[4]
+    for layer, (k_layer, v_layer) in enumerate(zip(k, v, strict=True)):
+        k_layer[:, :, head_offset:hi].index_copy_(0, index, staging[:, layer, 0])
+        v_layer[:, :, head_offset:hi].index_copy_(0, index, staging[:, layer, 1])

@@ -1,0 +1,98 @@
+"""Which worker group this MPI rank belongs to, its rank in the group, and the group's leader.
+
+Two launch shapes are accepted: each engine instance is its own MPI world (`hpcserve up`
+runs `mpirun -n TP` per instance; Slurm one `srun` step per instance), or one world holds
+every instance of the config (ranks laid out group by group, instance by instance, TP
+consecutive ranks each) and is split into one communicator per instance. mpi4py is imported
+only when a group has tp > 1, so TP=1 workers never need MPI.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from contract.config import ConfigError, DeploymentConfig
+
+
+@dataclass(frozen=True)
+class RankGroup:
+    """This process's place: config group `group` (role), instance `index`, rank `rank` of
+    `size`; rank 0 is the leader. `comm` is the instance's communicator (None when size 1)."""
+
+    role: str
+    group: int
+    index: int
+    rank: int
+    size: int
+    world_rank: int = 0
+    leader_world_rank: int = 0
+    comm: Any = None
+
+    @property
+    def is_leader(self) -> bool:
+        return self.rank == 0
+
+
+def resolve_rank_group(
+    config: DeploymentConfig, group: int, index: int, world: Any = None
+) -> RankGroup:
+    """This rank's group from the config and the MPI world (`MPI.COMM_WORLD` by default).
+
+    Raises ConfigError naming `workers.N.tp` when the world size fits neither launch shape.
+    """
+    spec = config.workers[group]
+    if spec.tp == 1 and world is None:
+        return RankGroup(spec.role, group, index, 0, 1)
+    if world is None:
+        from mpi4py import MPI
+
+        world = MPI.COMM_WORLD
+    size, rank = world.Get_size(), world.Get_rank()
+    if size == spec.tp:
+        return RankGroup(spec.role, group, index, rank, size, rank, 0, world if size > 1 else None)
+    layout = [(g, i) for g, w in enumerate(config.workers) for i in range(w.count)]
+    sizes = [config.workers[g].tp for g, _ in layout]
+    if size == sum(sizes) and len(layout) > 1:
+        first = 0
+        for color, ((g, i), tp) in enumerate(zip(layout, sizes, strict=True)):
+            if first <= rank < first + tp:
+                comm = world.Split(color, rank)
+                w = config.workers[g]
+                return RankGroup(w.role, g, i, rank - first, tp, rank, first, comm)
+            first += tp
+    raise ConfigError(
+        f"workers.{group}.tp: the MPI world has {size} rank(s) but workers.{group}.tp is "
+        f"{spec.tp} (one world per instance) and the whole config needs {sum(sizes)}; "
+        f"launch with `mpirun -n {spec.tp}`"
+    )
+
+
+def check_tp_fits(raw: dict[str, Any], tp: int, field: str) -> None:
+    """ConfigError naming `field` when `tp` cannot shard a model of HF config `raw`."""
+    if tp == 1:
+        return
+    heads = int(raw["num_attention_heads"])
+    kv_heads = int(raw.get("num_key_value_heads") or heads)
+    inter = int(raw["intermediate_size"])
+    problems = []
+    if heads % tp:
+        problems.append(f"{heads} attention heads")
+    if kv_heads % tp and tp % kv_heads:
+        problems.append(f"{kv_heads} KV heads (nor is tp a multiple of them)")
+    if inter % tp:
+        problems.append(f"intermediate size {inter}")
+    if problems:
+        raise ConfigError(f"{field}: tp {tp} does not divide the model's " + ", ".join(problems))
+
+
+def check_model_tp(model_dir: str | Path, config: DeploymentConfig) -> None:
+    """Check every worker group's tp against the model's config.json (before any load)."""
+    path = Path(model_dir) / "config.json"
+    if not path.is_file():
+        return
+    raw = json.loads(path.read_text())
+    for number, group in enumerate(config.workers):
+        check_tp_fits(raw, group.tp, f"workers.{number}.tp")

@@ -1,0 +1,202 @@
+"""`hpcserve up configs/local-disagg.yaml` end to end, for both strategies and both KV
+transports: outputs must be token-identical to aggregated serving of the same model.
+
+The aggregated reference is the built-in engine run in this test process on the same token
+ids (greedy and seeded sampling, one at a time and 16 at once). One deployment per
+(strategy, transport) — a module-scoped parametrized fixture — so four start-ups in all.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import nats
+import openai
+import pytest
+import yaml
+from up_helpers import UpProcess
+
+from contract.bus import load_metrics_subject
+from contract.messages import GenerateRequest, LoadMetrics, SamplingParams
+from frontend.tokenization import TextTokenizer
+
+pytestmark = pytest.mark.slow
+
+PROMPTS = [
+    "The capital of France is",
+    "Write a haiku about the sea.",
+    "List three prime numbers:",
+    "def fibonacci(n):",
+    "Once upon a time, in a small village,",
+    "The quick brown fox",
+    "Explain why the sky is blue in one sentence. " * 3,  # > 2 blocks: multi-block transfer
+    "1, 2, 3, 4,",
+]
+MAX_TOKENS = 24
+COMBOS = [
+    ("decode_first", "ucx"),
+    ("prefill_first", "ucx"),
+    ("decode_first", "nixl"),
+    ("prefill_first", "nixl"),
+]
+
+
+def cases() -> list[tuple[int, dict]]:
+    """16 requests: every prompt greedy and with seeded sampling."""
+    out = []
+    for i in range(len(PROMPTS)):
+        out.append((i, {"temperature": 0.0}))
+        out.append((i, {"temperature": 0.9, "top_p": 0.95, "seed": 1000 + i}))
+    return out
+
+
+@pytest.fixture(scope="module")
+def tokenizer(model_dir: Path) -> TextTokenizer:
+    return TextTokenizer(model_dir)
+
+
+@pytest.fixture(scope="module")
+def reference(model_dir: Path, tokenizer: TextTokenizer) -> dict[tuple[int, str], str]:
+    """Aggregated serving's text for every case: all 16 run at once in one engine."""
+    from mpi_workers.engine.engine import TorchEngine
+
+    engine = TorchEngine(
+        model_dir, block_size=16, kv_cache_memory_bytes=256 * 2**20, max_model_len=4096
+    )
+
+    async def run() -> dict[tuple[int, str], str]:
+        await engine.start()
+        try:
+            requests = [
+                GenerateRequest(
+                    request_id=f"ref-{n}",
+                    token_ids=tokenizer.encode(PROMPTS[i]),
+                    sampling=SamplingParams(max_tokens=MAX_TOKENS, **params),
+                )
+                for n, (i, params) in enumerate(cases())
+            ]
+            outs = await asyncio.gather(*(engine.generate_all(r) for r in requests))
+        finally:
+            await engine.shutdown()
+        return {
+            (i, json.dumps(params)): tokenizer.decode(out.token_ids)
+            for (i, params), out in zip(cases(), outs, strict=True)
+        }
+
+    return asyncio.run(run())
+
+
+@pytest.fixture(scope="module", params=COMBOS, ids=lambda c: f"{c[0]}-{c[1]}")
+def up(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory):
+    strategy, transport = request.param
+    run_dir = tmp_path_factory.mktemp(f"disagg-{strategy}-{transport}") / "run"
+    process = UpProcess(
+        [
+            "configs/local-disagg.yaml", "--set", "frontend.port=0",
+            "--set", f"disaggregation.strategy={strategy}",
+            "--set", f"disaggregation.kv_transfer={transport}",
+        ],
+        run_dir,
+    )  # fmt: skip
+    try:
+        process.base_url = process.wait_ready(timeout_s=300)  # type: ignore[attr-defined]
+        yield process
+    finally:
+        process.kill_all()
+
+
+@pytest.fixture(scope="module")
+def prompt_ids(tokenizer: TextTokenizer) -> list[list[int]]:
+    return [tokenizer.encode(p) for p in PROMPTS]
+
+
+def _client(up: UpProcess) -> openai.OpenAI:
+    return openai.OpenAI(base_url=up.base_url, api_key="none", max_retries=0, timeout=120)
+
+
+def test_single_requests_match_aggregated(
+    up: UpProcess, reference: dict, prompt_ids: list[list[int]]
+) -> None:
+    client = _client(up)
+    model = client.models.list().data[0].id
+    for i, params in cases()[:6]:
+        response = client.completions.create(
+            model=model, prompt=prompt_ids[i], max_tokens=MAX_TOKENS, **_openai(params)
+        )
+        assert response.choices[0].text == reference[(i, json.dumps(params))], (i, params)
+    # streaming: the first token (prefill_first: from the prefill worker) and the rest arrive
+    i, params = cases()[1]
+    pieces = [
+        chunk.choices[0].text
+        for chunk in client.completions.create(
+            model=model, prompt=prompt_ids[i], max_tokens=MAX_TOKENS, stream=True,
+            **_openai(params),
+        )
+        if chunk.choices
+    ]
+    assert len([p for p in pieces if p]) > 1
+    assert "".join(pieces) == reference[(i, json.dumps(params))]
+
+
+def test_16_concurrent_requests_match_aggregated(
+    up: UpProcess, reference: dict, prompt_ids: list[list[int]]
+) -> None:
+    async def run() -> list[str]:
+        client = openai.AsyncOpenAI(
+            base_url=up.base_url, api_key="none", max_retries=0, timeout=180
+        )
+        model = (await client.models.list()).data[0].id
+        responses = await asyncio.gather(
+            *(
+                client.completions.create(
+                    model=model, prompt=prompt_ids[i], max_tokens=MAX_TOKENS, **_openai(params)
+                )
+                for i, params in cases()
+            )
+        )
+        await client.close()
+        return [r.choices[0].text for r in responses]
+
+    texts = asyncio.run(run())
+    for (i, params), text in zip(cases(), texts, strict=True):
+        assert text == reference[(i, json.dumps(params))], (i, params)
+
+
+def test_no_blocks_leak(up: UpProcess) -> None:
+    """Once idle, every worker's KV pool is entirely free again (cached blocks count as free)."""
+    config = yaml.safe_load((up.run_dir / "config.yaml").read_text())
+    deployment = config["name"]
+
+    async def metrics() -> dict[str, LoadMetrics]:
+        nc = await nats.connect(config["services"]["nats"]["endpoint"])
+        seen: dict[str, LoadMetrics] = {}
+        done = asyncio.Event()
+
+        async def on_msg(msg) -> None:
+            m = LoadMetrics.model_validate_json(msg.data)
+            seen[m.worker_id] = m
+            if len(seen) >= 2:
+                done.set()
+
+        await nc.subscribe(load_metrics_subject(deployment), cb=on_msg)
+        await asyncio.wait_for(done.wait(), 10)
+        await nc.close()
+        return seen
+
+    seen = asyncio.run(metrics())
+    assert {w.split("-")[0] for w in seen} == {"prefill", "decode"}
+    for worker_id, m in seen.items():
+        assert m.free_blocks == m.total_blocks, (worker_id, m)
+        assert m.active_sequences == 0 and m.waiting_sequences == 0
+
+
+def _openai(params: dict) -> dict:
+    return dict(params)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _order() -> Iterator[None]:
+    yield

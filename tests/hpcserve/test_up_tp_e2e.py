@@ -1,0 +1,139 @@
+"""`hpcserve up configs/local-tp3.yaml`: SmolLM2 served by 3 MPI ranks (CPU, gloo), end to end.
+
+The official openai client asks the question; the answer must name Paris and be token for
+token what the TP=1 engine generates. Then a follower rank is SIGKILLed mid-request: the
+request ends with a clear error, the worker group exits non-zero after deregistering, and
+`hpcserve up` stops everything — all bounded by timeouts.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import openai
+import pytest
+from up_helpers import UpProcess, alive, processes_mentioning
+
+pytestmark = pytest.mark.slow
+
+QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
+PROMPT_IDS = [1, 9690, 198, 2683, 314, 260, 3575, 282, 4649, 47, 2]
+
+
+@pytest.fixture(scope="module")
+def up(tmp_path_factory: pytest.TempPathFactory) -> Iterator[UpProcess]:
+    run_dir = tmp_path_factory.mktemp("up-tp") / "run"
+    process = UpProcess(["configs/local-tp3.yaml", "--set", "frontend.port=0"], run_dir)
+    try:
+        process.base_url = process.wait_ready(timeout_s=300)  # type: ignore[attr-defined]
+        yield process
+    finally:
+        process.kill_all()
+
+
+@pytest.fixture(scope="module")
+def client(up: UpProcess) -> openai.OpenAI:
+    return openai.OpenAI(base_url=up.base_url, api_key="none", max_retries=0, timeout=120)
+
+
+def rank_pids(run_dir: Path) -> dict[int, int]:
+    """MPI rank -> PID of the real rank processes (children of the rank guards)."""
+    ranks = {}
+    for pid in processes_mentioning(str(run_dir)):
+        try:
+            env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if b"HPCSERVE_RANK_GUARD=child" in env:
+            rank = next(v for v in env if v.startswith(b"PMI_RANK="))
+            ranks[int(rank.split(b"=")[1])] = pid
+    return ranks
+
+
+def tp1_tokens(model_dir: Path, prompt: list[int], max_tokens: int) -> list[int]:
+    from contract.messages import GenerateRequest, SamplingParams
+    from mpi_workers.engine.engine import TorchEngine
+
+    async def run() -> list[int]:
+        engine = TorchEngine(model_dir, num_blocks=64)
+        await engine.start()
+        try:
+            sampling = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
+            out = await engine.generate_all(GenerateRequest(
+                request_id="tp1", token_ids=prompt, sampling=sampling))  # fmt: skip
+            return out.token_ids
+        finally:
+            await engine.shutdown()
+
+    return asyncio.run(run())
+
+
+def test_three_ranks_run(up: UpProcess) -> None:
+    assert sorted(rank_pids(up.run_dir)) == [0, 1, 2]
+    assert up.pids()["worker-agg-g0-i0"] > 0
+
+
+def test_chat_names_paris(client: openai.OpenAI) -> None:
+    model = client.models.list().data[0].id
+    response = client.chat.completions.create(
+        model=model, messages=QUESTION, temperature=0, max_tokens=30
+    )
+    assert "Paris" in response.choices[0].message.content
+
+
+def test_tokens_equal_tp1(client: openai.OpenAI, model_dir: Path) -> None:
+    from tokenizers import Tokenizer
+
+    model = client.models.list().data[0].id
+    response = client.completions.create(
+        model=model, prompt=PROMPT_IDS, temperature=0, max_tokens=24,
+        extra_body={"ignore_eos": True},
+    )  # fmt: skip
+    expected = tp1_tokens(model_dir, PROMPT_IDS, 24)
+    tokenizer = Tokenizer.from_file(str(model_dir / "tokenizer.json"))
+    assert response.usage.completion_tokens == 24
+    assert response.choices[0].text == tokenizer.decode(expected, skip_special_tokens=True)
+
+
+def test_follower_killed_mid_request(up: UpProcess, client: openai.OpenAI) -> None:
+    """Runs last: it brings the deployment down."""
+    model = client.models.list().data[0].id
+    outcome: dict[str, object] = {}
+
+    def ask() -> None:
+        try:
+            outcome["response"] = client.completions.create(
+                model=model, prompt=PROMPT_IDS, temperature=0, max_tokens=1000,
+                extra_body={"ignore_eos": True},
+            )  # fmt: skip
+        except Exception as exc:
+            outcome["error"] = exc
+
+    asker = threading.Thread(target=ask)
+    asker.start()
+    log = up.run_dir / "logs" / "worker-agg-g0-i0.log"
+    deadline = time.monotonic() + 60
+    while log.read_text().count("mpi_workers.follower") < 2:
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+    time.sleep(1.0)  # decoding by now
+    ranks = rank_pids(up.run_dir)
+    os.kill(ranks[1], signal.SIGKILL)
+    asker.join(timeout=60)
+    assert not asker.is_alive()
+    error = outcome.get("error")
+    assert isinstance(error, openai.InternalServerError), outcome
+    assert "tensor-parallel group failed" in str(error)
+    assert up.finish(timeout_s=90) == 1, up.output
+    assert "worker-agg-g0-i0 exited with code" in up.output
+    text = log.read_text()
+    assert "deregistered" in text and "engine failed" in text
+    assert "died from signal SIGKILL" in text
+    assert [pid for pid in ranks.values() if alive(pid)] == []
+    assert processes_mentioning(str(up.run_dir)) == []

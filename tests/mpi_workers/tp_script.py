@@ -1,0 +1,112 @@
+"""Greedy generation with the torch engine, plain or as a TP group (run under `mpirun -n N`).
+
+    python tests/mpi_workers/tp_script.py MODEL_DIR '[[1, 2, 3], [4, 5]]' MAX_TOKENS
+
+Rank 0 prints one JSON line: {"tp": N, "tokens": [[...] per prompt], "logits": [[...] last
+prompt position, per prompt]}. `--kill-rank R --kill-after K`: rank R SIGKILLs itself after
+following K steps (the follower-crash test); then rank 0 prints the outputs it got (and
+writes them to `--out FILE`: after a rank's death, mpirun may stop forwarding output).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import signal
+import sys
+
+import torch
+
+from contract.messages import GenerateRequest, SamplingParams
+from mpi_workers.engine.engine import TorchEngine
+from mpi_workers.engine.model_runner import StepPlan
+
+
+def parse() -> argparse.Namespace:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("model_dir")
+    parser.add_argument("prompts")
+    parser.add_argument("max_tokens", type=int)
+    parser.add_argument("--kill-rank", type=int, default=-1)
+    parser.add_argument("--kill-after", type=int, default=3)
+    parser.add_argument("--out", default=None, help="also write the JSON here (rank 0)")
+    return parser.parse_args()
+
+
+async def lead(engine: TorchEngine, prompts: list[list[int]], max_tokens: int) -> dict:
+    await engine.start()
+    requests = [
+        GenerateRequest(
+            request_id=f"r{i}", token_ids=p,
+            sampling=SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True),
+        )
+        for i, p in enumerate(prompts)
+    ]  # fmt: skip
+    outs = await asyncio.gather(*(engine.generate_all(r) for r in requests))
+    result = {
+        "tokens": [o.token_ids for o in outs],
+        "finish": [o.finish_reason for o in outs],
+        "errors": [o.error for o in outs],
+    }
+    if engine.failed is None:
+        result["logits"] = [prompt_logits(engine, p) for p in prompts]
+    await engine.shutdown()
+    return result
+
+
+def prompt_logits(engine: TorchEngine, prompt: list[int]) -> list[float]:
+    """Logits at the last prompt position (fresh blocks from the top of the pool)."""
+    n = len(prompt)
+    blocks = -(-n // engine.block_size)
+    table = list(range(engine.block_manager.num_blocks - blocks, engine.block_manager.num_blocks))
+    plan = StepPlan(list(prompt), list(range(n)), prefills=[(0, n, 0, table)], sample_rows=[n - 1])
+    if engine.tp is not None:
+        engine.tp.broadcast_object(plan)
+    return engine.runner.execute(plan)[0].tolist()
+
+
+def main() -> int:
+    args = parse()
+    torch.set_num_threads(1)
+    rank = os.environ.get("PMI_RANK", "0")
+    logging.basicConfig(
+        level=logging.INFO, format=f"%(levelname)s [tp rank{rank}] %(name)s: %(message)s"
+    )
+    prompts = json.loads(args.prompts)
+    size = int(os.environ.get("PMI_SIZE", os.environ.get("OMPI_COMM_WORLD_SIZE", "1")))
+    tp = None
+    if size > 1:
+        from mpi4py import MPI
+
+        from mpi_workers.engine.tp import TpRuntime
+
+        tp = TpRuntime.init(MPI.COMM_WORLD, torch.device("cpu"), timeout_s=30)
+    kwargs = dict(num_blocks=256, block_size=4, max_num_seqs=8)
+    if tp is not None and tp.rank != 0:
+        from mpi_workers.follower import build_follower_runner, follow
+
+        runner = build_follower_runner(args.model_dir, tp, torch.float32, 4)
+        if tp.rank == args.kill_rank:
+            with torch.inference_mode():
+                for _ in range(args.kill_after):
+                    runner.execute(tp.broadcast_object())
+            os.kill(os.getpid(), signal.SIGKILL)
+        return follow(runner, tp)
+    engine = TorchEngine(args.model_dir, tp=tp, **kwargs)
+    result = asyncio.run(lead(engine, prompts, args.max_tokens))
+    result["tp"] = size
+    result["failed"] = engine.failed
+    if args.out:  # hydra may stop forwarding our output once a rank died
+        with open(args.out, "w") as f:
+            json.dump(result, f)
+    print(json.dumps(result), flush=True)
+    if engine.failed:
+        os._exit(1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
