@@ -15,9 +15,7 @@ from __future__ import annotations
 import base64
 import json
 import os
-import shutil
 import signal
-import subprocess
 import sys
 import time
 import urllib.error
@@ -35,6 +33,7 @@ from contract.plan import PlannedProcess, Readiness, plan_deployment, split_url
 from hpcserve.model_prepare import prepare_default_model
 from hpcserve.processes import ManagedProcess, ProcessFailed, free_port, http_ok, port_open
 from hpcserve.services import find_binary
+from mpi_workers import mpirun
 from mpi_workers.ranks import check_model_tp
 
 READY_TIMEOUT_S = {"etcd": 30.0, "nats": 30.0, "frontend": 120.0}
@@ -178,9 +177,8 @@ def check_external_services(config: DeploymentConfig) -> None:
 
 
 def find_mpirun() -> str:
-    """`mpirun` next to our Python (pip `mpich`) first, else the one on PATH."""
-    beside = Path(sys.executable).parent / "mpirun"
-    found = str(beside) if beside.is_file() else shutil.which("mpirun")
+    """The local `mpirun` (see `mpi_workers.mpirun`); ConfigError when there is none."""
+    found = mpirun.find_mpirun()
     if not found:
         raise ConfigError(
             "workers.N.tp: tp > 1 needs `mpirun` (pip install mpich mpi4py, or Open MPI)"
@@ -188,26 +186,9 @@ def find_mpirun() -> str:
     return found
 
 
-def mpi_launcher(mpirun: str | None = None) -> tuple[str, ...]:
-    """The `mpirun` prefix for a local TP group, with the flags its implementation needs.
-
-    MPICH hydra: `-disable-auto-cleanup`, so a dead follower does not take the leader down
-    with it: the leader notices (closed connection), fails its requests, deregisters and
-    exits non-zero itself. Open MPI: `--oversubscribe` (more ranks than cores is fine on CPU),
-    `--bind-to none`, and `--allow-run-as-root` when we are root.
-    """
-    mpirun = mpirun or find_mpirun()
-    version = subprocess.run(
-        [mpirun, "--version"], capture_output=True, text=True, timeout=30
-    ).stdout
-    if "Open MPI" in version or "OpenRTE" in version:
-        flags = ["--oversubscribe", "--bind-to", "none"]
-        if os.geteuid() == 0:
-            flags.insert(0, "--allow-run-as-root")
-        return (mpirun, *flags)
-    if "HYDRA" in version:
-        return (mpirun, "-disable-auto-cleanup")
-    return (mpirun,)
+def mpi_launcher(path: str | None = None) -> tuple[str, ...]:
+    """The `mpirun` prefix (with its implementation's flags) for a local TP group."""
+    return mpirun.mpi_launcher(path or find_mpirun())
 
 
 def prepare_deployment(config: DeploymentConfig, say: Say = _say) -> Deployment:

@@ -40,9 +40,7 @@ def build_follower_runner(
     sizes = tp.broadcast_object()
     dtype = dtype or default_dtype(tp.device)
     cfg = load_model_config(model_dir)
-    model = load_model(
-        model_dir, cfg, sizes["max_model_len"], tp.device, dtype, tp=tp.group
-    )
+    model = load_model(model_dir, cfg, sizes["max_model_len"], tp.device, dtype, tp=tp.group)
     cache = KvCache(cfg, sizes["num_blocks"], block_size, dtype, tp.device, tp.size)
     return ModelRunner(model, cache)
 

@@ -10,6 +10,7 @@ transports fail in some sandboxes and TCP always works.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import os
@@ -75,13 +76,17 @@ class UcxTransport(KvTransport):
             await ep.recv(byte_view(pending.buffer))
             self._landed(pending.transfer_id, header["nbytes"])
             await ep.send_obj(b"DONE")
+            # The sender closes the endpoint once it has read DONE; closing it from this side
+            # first could cancel DONE in flight ("Request canceled" on the sender).
+            with contextlib.suppress(Exception):
+                await ep.recv_obj()
+            return
         except Exception as exc:  # the sender died or hung up: the waiter times out/fails
             logger.warning("incoming UCX KV transfer failed: %s", exc)
-        finally:
-            try:
-                await ep.close()
-            except Exception as exc:
-                logger.debug("UCX endpoint close: %s", exc)
+        try:
+            await ep.close()
+        except Exception as exc:
+            logger.debug("UCX endpoint close: %s", exc)
 
     async def push(self, ticket: Ticket, tensor: torch.Tensor, layout: KvLayout) -> None:
         header = header_for(ticket, tensor, layout)
@@ -100,6 +105,7 @@ class UcxTransport(KvTransport):
             await ep.send(byte_view(data))
             if bytes(await ep.recv_obj()) != b"DONE":
                 raise TransferError("receiver did not confirm the KV transfer")
+            await ep.send_obj(b"BYE")
         except TransferError:
             raise
         except Exception as exc:

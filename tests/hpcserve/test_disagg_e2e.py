@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import Iterator
 from pathlib import Path
 
 import nats
@@ -124,7 +123,7 @@ def test_single_requests_match_aggregated(
     model = client.models.list().data[0].id
     for i, params in cases()[:6]:
         response = client.completions.create(
-            model=model, prompt=prompt_ids[i], max_tokens=MAX_TOKENS, **_openai(params)
+            model=model, prompt=prompt_ids[i], max_tokens=MAX_TOKENS, **params
         )
         assert response.choices[0].text == reference[(i, json.dumps(params))], (i, params)
     # streaming: the first token (prefill_first: from the prefill worker) and the rest arrive
@@ -133,7 +132,7 @@ def test_single_requests_match_aggregated(
         chunk.choices[0].text
         for chunk in client.completions.create(
             model=model, prompt=prompt_ids[i], max_tokens=MAX_TOKENS, stream=True,
-            **_openai(params),
+            **params,
         )
         if chunk.choices
     ]
@@ -152,7 +151,7 @@ def test_16_concurrent_requests_match_aggregated(
         responses = await asyncio.gather(
             *(
                 client.completions.create(
-                    model=model, prompt=prompt_ids[i], max_tokens=MAX_TOKENS, **_openai(params)
+                    model=model, prompt=prompt_ids[i], max_tokens=MAX_TOKENS, **params
                 )
                 for i, params in cases()
             )
@@ -192,11 +191,3 @@ def test_no_blocks_leak(up: UpProcess) -> None:
         assert m.free_blocks == m.total_blocks, (worker_id, m)
         assert m.active_sequences == 0 and m.waiting_sequences == 0
 
-
-def _openai(params: dict) -> dict:
-    return dict(params)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _order() -> Iterator[None]:
-    yield

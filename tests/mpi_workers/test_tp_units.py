@@ -20,13 +20,13 @@ class FakeComm:
         self.rank, self.size = rank, size
         self.split_args: tuple[int, int] | None = None
 
-    def Get_rank(self) -> int:  # noqa: N802 (mpi4py's spelling)
+    def Get_rank(self) -> int:
         return self.rank
 
-    def Get_size(self) -> int:  # noqa: N802
+    def Get_size(self) -> int:
         return self.size
 
-    def Split(self, color: int, key: int) -> str:  # noqa: N802
+    def Split(self, color: int, key: int) -> str:
         self.split_args = (color, key)
         return f"comm-{color}"
 

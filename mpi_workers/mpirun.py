@@ -1,0 +1,38 @@
+"""Find the local `mpirun` and the flags its implementation needs (stdlib only, so the
+launcher and the GPU benchmark share it)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+
+def find_mpirun() -> str | None:
+    """`mpirun` next to our Python (pip `mpich` in the venv) first, else the one on PATH."""
+    beside = Path(sys.executable).parent / "mpirun"
+    return str(beside) if beside.is_file() else shutil.which("mpirun")
+
+
+def mpi_launcher(mpirun: str) -> tuple[str, ...]:
+    """The `mpirun` prefix for a local TP group (append `-n N argv...`).
+
+    MPICH hydra: `-disable-auto-cleanup`, so one dead rank does not make hydra kill the
+    others: the leader fails its requests, deregisters and exits non-zero itself (ranks run
+    under `mpi_workers.rank_guard`, because hydra still kills everything when a rank dies
+    from a signal). Open MPI: `--oversubscribe` (more ranks than cores is fine on CPU),
+    `--bind-to none`, and `--allow-run-as-root` when we are root.
+    """
+    version = subprocess.run(
+        [mpirun, "--version"], capture_output=True, text=True, timeout=30
+    ).stdout
+    if "Open MPI" in version or "OpenRTE" in version:
+        flags = ["--oversubscribe", "--bind-to", "none"]
+        if os.geteuid() == 0:
+            flags.insert(0, "--allow-run-as-root")
+        return (mpirun, *flags)
+    if "HYDRA" in version:
+        return (mpirun, "-disable-auto-cleanup")
+    return (mpirun,)
