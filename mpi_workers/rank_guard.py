@@ -6,7 +6,8 @@ with `-disable-auto-cleanup`, so the TP leader would be SIGKILLed before it can 
 requests and deregister. Seen through the guard, a SIGKILLed follower is an ordinary exit 137,
 the leader survives, notices the closed connection and shuts its worker down itself.
 The guard imports nothing heavy and does not touch MPI; the child inherits the launcher's
-environment (PMI/PMIx variables) and is the real rank. SIGTERM/SIGINT are passed on.
+environment (PMI/PMIx variables) and is the real rank. SIGTERM/SIGINT are passed on;
+hydra's SIGUSR1 failure notices are ignored.
 
     python -m mpi_workers.rank_guard SCRIPT_OR_-m_MODULE ARGS...
 """
@@ -41,6 +42,9 @@ def run_guarded(argv: list[str]) -> int:
 
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, forward)
+    # Hydra with -disable-auto-cleanup sends SIGUSR1 to the ranks it spawned when a rank
+    # exits (a failure notice); its default action would kill the guard, and the rank with it.
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
     code = child.wait()
     if code < 0:
         rank = os.environ.get("PMI_RANK", os.environ.get("OMPI_COMM_WORLD_RANK", "?"))

@@ -424,10 +424,12 @@ class TorchEngine(Engine):
     def step(self, batch: ScheduledBatch) -> None:
         """Forward one scheduled batch, sample, update sequences, deliver outputs."""
         self.stats.num_steps += 1
-        plan, sampled = build_plan(batch)
-        if self.tp is not None:
+        if self.tp is None:
+            logits, sampled = self.runner.run(batch)
+        else:  # followers run the same plan on their shards
+            plan, sampled = build_plan(batch)
             self.tp.broadcast_object(plan)
-        logits = self.runner.execute(plan)
+            logits = self.runner.execute(plan)
         for seq, n in zip(batch.seqs, batch.num_tokens, strict=True):
             lo = seq.num_computed
             self.stats.num_computed_tokens += n

@@ -59,7 +59,10 @@ class NixlTransport(KvTransport):
         super().__init__(name)
         agent_cls, config_cls = _import_nixl()
         self.agent_name = f"{name}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-        self._agent = agent_cls(self.agent_name, config_cls(backends=["UCX"]))
+        # No NIXL progress thread: it busy-polls a core, which starves the engine's stepping
+        # thread on small CPU hosts; progress is driven by our notification and state polls.
+        config = config_cls(enable_prog_thread=False, backends=["UCX"])
+        self._agent = agent_cls(self.agent_name, config)
         self._remote_agents: dict[str, str] = {}
         self._poller: asyncio.Task[None] | None = None
         self._lock = asyncio.Lock()

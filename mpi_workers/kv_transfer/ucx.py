@@ -74,12 +74,13 @@ class UcxTransport(KvTransport):
                 return
             await ep.send_obj(b"OK")
             await ep.recv(byte_view(pending.buffer))
+            await ep.send_obj(b"DONE")  # before waking the waiter, who may close us down
             self._landed(pending.transfer_id, header["nbytes"])
-            await ep.send_obj(b"DONE")
-            # The sender closes the endpoint once it has read DONE; closing it from this side
+            # The sender closes the endpoint once it has read DONE; dropping it from this side
             # first could cancel DONE in flight ("Request canceled" on the sender).
             with contextlib.suppress(Exception):
-                await ep.recv_obj()
+                async with asyncio.timeout(10):
+                    await ep.recv_obj()
             return
         except Exception as exc:  # the sender died or hung up: the waiter times out/fails
             logger.warning("incoming UCX KV transfer failed: %s", exc)
@@ -96,20 +97,26 @@ class UcxTransport(KvTransport):
             ep = await self._ucxx.create_endpoint(host, int(port))
         except Exception as exc:
             raise TransferError(f"cannot reach UCX receiver {ticket['address']}: {exc}") from exc
+        step = "handshake"
         try:
             await ep.send_obj(json.dumps(header).encode())
             answer = bytes(await ep.recv_obj()).decode()
             if answer != "OK":
                 raise TransferError(f"receiver refused the KV transfer: {answer[4:]}")
             data = tensor.detach().contiguous()
+            step = "data"
             await ep.send(byte_view(data))
+            step = "confirmation"
             if bytes(await ep.recv_obj()) != b"DONE":
                 raise TransferError("receiver did not confirm the KV transfer")
-            await ep.send_obj(b"BYE")
+            with contextlib.suppress(Exception):  # the data has landed; this is courtesy
+                await ep.send_obj(b"BYE")
         except TransferError:
             raise
         except Exception as exc:
-            raise TransferError(f"UCX transfer to {ticket['address']} broke: {exc}") from exc
+            raise TransferError(
+                f"UCX transfer to {ticket['address']} broke during {step}: {exc}"
+            ) from exc
         finally:
             try:
                 await ep.close()
