@@ -22,14 +22,16 @@ def mpi_launcher(mpirun: str) -> tuple[str, ...]:
     MPICH hydra: `-disable-auto-cleanup`, so one dead rank does not make hydra kill the
     others: the leader fails its requests, deregisters and exits non-zero itself (ranks run
     under `mpi_workers.rank_guard`, because hydra still kills everything when a rank dies
-    from a signal). Open MPI: `--oversubscribe` (more ranks than cores is fine on CPU),
-    `--bind-to none`, and `--allow-run-as-root` when we are root.
+    from a signal). Open MPI: `--mca orte_abort_on_non_zero_status 0` (the same, for a
+    non-zero exit), `--oversubscribe` (more ranks than cores is fine on CPU), `--bind-to none`,
+    and `--allow-run-as-root` when we are root.
     """
     version = subprocess.run(
         [mpirun, "--version"], capture_output=True, text=True, timeout=30
     ).stdout
     if "Open MPI" in version or "OpenRTE" in version:
-        flags = ["--oversubscribe", "--bind-to", "none"]
+        flags = ["--mca", "orte_abort_on_non_zero_status", "0", "--oversubscribe"]
+        flags += ["--bind-to", "none"]
         if os.geteuid() == 0:
             flags.insert(0, "--allow-run-as-root")
         return (mpirun, *flags)

@@ -137,3 +137,23 @@ def test_follower_killed_mid_request(up: UpProcess, client: openai.OpenAI) -> No
     assert "died from signal SIGKILL" in text
     assert [pid for pid in ranks.values() if alive(pid)] == []
     assert processes_mentioning(str(up.run_dir)) == []
+
+
+def test_sigterm_stops_every_rank(tmp_path: Path) -> None:
+    """A deployment of its own: SIGTERM to `hpcserve up` stops the leader (exit 0: it told
+    the followers to stop) and every rank."""
+    run_dir = tmp_path / "run"
+    up = UpProcess(["configs/local-tp3.yaml", "--set", "frontend.port=0"], run_dir)
+    try:
+        up.wait_ready(timeout_s=300)
+        ranks = rank_pids(run_dir)
+        assert sorted(ranks) == [0, 1, 2]
+        up.popen.send_signal(signal.SIGTERM)
+        assert up.finish(timeout_s=90) == 0, up.output
+        assert "stopped worker-agg-g0-i0 (exit 0)" in up.output
+        assert [pid for pid in ranks.values() if alive(pid)] == []
+        assert processes_mentioning(str(run_dir)) == []
+        log = (run_dir / "logs" / "worker-agg-g0-i0.log").read_text()
+        assert log.count("leader said stop") == 2
+    finally:
+        up.kill_all()
