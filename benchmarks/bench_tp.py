@@ -224,6 +224,14 @@ def measure(driver: Driver, cfg: ModelConfig, args) -> dict:
     t = driver.time_plan(prefill_plan(args.prefill, cfg.vocab_size), max(3, args.iters // 5), 1)
     out["prefill_tok_s"] = args.prefill / t
     out["tokens"], out["logits"] = greedy(driver, cfg.vocab_size, args.seed)
+    if driver.tp is not None:  # the control channel alone: a batch-32 plan, no forward
+        plan = decode_plan(32, args.context)
+        for _ in range(5):
+            driver.tp.broadcast_object(("noop", plan))
+        t0 = time.perf_counter()
+        for _ in range(100):
+            driver.tp.broadcast_object(("noop", plan))
+        out["plan_broadcast_us"] = (time.perf_counter() - t0) / 100 * 1e6
     return out
 
 
@@ -296,7 +304,8 @@ def main() -> int:
     runner = make_runner(cfg, tp.group, device, dtype, args, tp_size)
     if rank != 0:
         while (plan := tp.broadcast_object()) is not None:
-            runner.execute(plan)
+            if not isinstance(plan, tuple):  # ("noop", plan): control-channel timing
+                runner.execute(plan)
         tp.close()
         return 0
     say(f"TP={tp_size} shard built in {time.perf_counter() - t0:.1f} s; measuring")
@@ -323,6 +332,9 @@ def report(base: dict, other: dict, n: int, args) -> None:
         f"logits ({PROMPTS} prompts of {PROMPT_LEN} tokens, prefill): max |TP={n} - TP=1| = "
         f"{diff:.3g} (max |logit| {scale:.3g})"
     )
+    if "plan_broadcast_us" in other:
+        say(f"plan broadcast (batch 32 decode plan, gloo control group): "
+            f"{other['plan_broadcast_us']:.0f} us per step")  # fmt: skip
     same = sum(x == y for p, q in zip(base["tokens"], other["tokens"], strict=True)
                for x, y in zip(p, q, strict=True))  # fmt: skip
     first = [next((i for i, (x, y) in enumerate(zip(p, q, strict=True)) if x != y), None)
@@ -336,6 +348,7 @@ def report(base: dict, other: dict, n: int, args) -> None:
         "decode_b1_ms": [base["decode_b1_ms"], other["decode_b1_ms"]],
         "decode_b32_ms": [base["decode_b32_ms"], other["decode_b32_ms"]],
         "prefill_tok_s": [base["prefill_tok_s"], other["prefill_tok_s"]],
+        "plan_broadcast_us": other.get("plan_broadcast_us"),
         "max_logit_diff": diff, "greedy_equal": same, "greedy_total": PROMPTS * GREEDY_TOKENS,
     }  # fmt: skip
     say("RESULT " + json.dumps(summary))

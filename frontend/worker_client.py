@@ -3,7 +3,8 @@
 One wildcard subscription `<inbox>.>` per process receives every reply; chunks are handed to
 per-request queues by the last subject token (the request id). One subscription per request
 would halve streaming throughput (see shared/notes/serving-facts.md). A request whose worker
-leaves the WorkerDirectory gets a `WorkerLost` instead of waiting forever.
+leaves the WorkerDirectory gets a `WorkerLost` instead of waiting forever. A chunk naming a
+`worker_id` moves the request to that worker (prefill_first hand-off to a decode worker).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
 from pydantic import ValidationError
 
-from contract.bus import connect, load_metrics_subject
+from contract.bus import abort_subject, connect, load_metrics_subject, worker_subject
 from contract.discovery import WorkerCard
 from contract.messages import (
     PROTOCOL_VERSION,
@@ -53,7 +54,19 @@ class RequestStream:
         self.finished = False
 
     async def next(self, deadline: float) -> GenerateOutput:
-        """The next chunk; TimeoutError past `deadline` (loop time), WorkerLost if it left."""
+        """The next chunk; TimeoutError past `deadline` (loop time), WorkerLost if it left.
+
+        A chunk that only announces a new owner (`worker_id`, nothing else) is consumed here.
+        """
+        while True:
+            output = await self._next(deadline)
+            if output.worker_id is None:
+                return output
+            self._client._reassign(self, output.worker_id)
+            if output.token_ids or output.finish_reason is not None or output.logprobs:
+                return output
+
+    async def _next(self, deadline: float) -> GenerateOutput:
         queue = self.queue
         if queue.empty():
             async with asyncio.timeout_at(deadline):
@@ -96,6 +109,8 @@ class WorkerClient:
         self._prefix = ""
         self._streams: dict[str, RequestStream] = {}
         self._background: set[asyncio.Task[None]] = set()
+        self._workers: dict[str, WorkerCard] = {}  # the directory as last seen
+        self._seen: set[str] = set()  # every worker id the directory ever listed
 
     @property
     def in_flight(self) -> int:
@@ -152,6 +167,30 @@ class WorkerClient:
                 AbortRequest(request_id=stream.request_id).model_dump_json().encode(),
             )
 
+    def _reassign(self, stream: RequestStream, worker_id: str) -> None:
+        """`worker_id` took the request over: aborts and the liveness watch follow it."""
+        if stream.finished or worker_id == stream.card.worker_id:
+            return
+        old = stream.card.worker_id
+        card = self._workers.get(worker_id)
+        if card is None:  # not in our view of the directory (yet): address it by convention
+            card = stream.card.model_copy(
+                update={
+                    "worker_id": worker_id,
+                    "role": "decode",
+                    "subject": worker_subject(self._deployment, worker_id),
+                    "abort_subject": abort_subject(self._deployment, worker_id),
+                    "kv_transfer": None,
+                }
+            )
+        logger.debug("request %s moved from %s to %s", stream.request_id, old, worker_id)
+        stream.card = card
+        if self._streams.get(stream.request_id) is stream:
+            self._tracker.finished(old)  # no request id: the request itself goes on
+            self._tracker.started(worker_id)
+        if worker_id in self._seen and worker_id not in self._workers:
+            stream.queue.put_nowait(WorkerLost(worker_id))  # it already left
+
     def _publish_soon(self, subject: str, payload: bytes) -> None:
         task = asyncio.get_running_loop().create_task(self._publish(subject, payload))
         self._background.add(task)
@@ -185,6 +224,8 @@ class WorkerClient:
 
     def on_workers_changed(self, workers: Mapping[str, WorkerCard]) -> None:
         """WorkerDirectory listener: fail the requests of workers that left."""
+        self._workers = dict(workers)
+        self._seen.update(workers)
         for stream in list(self._streams.values()):
             if stream.card.worker_id not in workers and not stream.finished:
                 stream.queue.put_nowait(WorkerLost(stream.card.worker_id))

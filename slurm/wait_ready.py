@@ -10,55 +10,17 @@ Exit codes: 0 ready, 1 timed out, 3 a watched step exited.
 from __future__ import annotations
 
 import argparse
-import base64
-import json
 import logging
-import socket
 import sys
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Callable
 from pathlib import Path
+
+from contract.readiness import http_ok, keys_registered, port_open
 
 logger = logging.getLogger("slurm.wait_ready")
 
 EXIT_TIMEOUT, EXIT_STEP_DIED = 1, 3
-
-
-def port_open(host: str, port: int) -> bool:
-    try:
-        with socket.create_connection((host, port), timeout=0.5):
-            return True
-    except OSError:
-        return False
-
-
-def http_ok(url: str) -> bool:
-    try:
-        with urllib.request.urlopen(url, timeout=2) as response:
-            return 200 <= response.status < 300
-    except (urllib.error.URLError, OSError, ValueError):
-        return False
-
-
-def etcd_key_count(endpoint: str, prefix: str) -> int:
-    """Keys under `prefix`, through etcd's JSON gateway (no gRPC client in the batch shell)."""
-    key = prefix.encode()
-    range_end = key[:-1] + bytes([key[-1] + 1])
-    body = json.dumps(
-        {
-            "key": base64.b64encode(key).decode(),
-            "range_end": base64.b64encode(range_end).decode(),
-            "count_only": True,
-        }
-    ).encode()
-    request = urllib.request.Request(
-        endpoint.rstrip("/") + "/v3/kv/range", data=body, method="POST",
-        headers={"Content-Type": "application/json"},
-    )  # fmt: skip
-    with urllib.request.urlopen(request, timeout=2) as response:
-        return int(json.loads(response.read()).get("count", 0))
 
 
 def pid_alive(pid: int) -> bool:
@@ -76,14 +38,8 @@ def build_check(args: argparse.Namespace) -> tuple[Callable[[], bool], str]:
         return (lambda: port_open(host, int(port))), f"port {args.port}"
     if args.url:
         return (lambda: http_ok(args.url)), f"GET {args.url}"
-
-    def registered() -> bool:
-        try:
-            return etcd_key_count(args.etcd, args.prefix) >= args.count
-        except (urllib.error.URLError, OSError, ValueError):
-            return False
-
-    return registered, f"{args.count} key(s) under {args.prefix} in {args.etcd}"
+    what = f"{args.count} key(s) under {args.prefix} in {args.etcd}"
+    return keys_registered(args.etcd, args.prefix, args.count), what
 
 
 def wait(

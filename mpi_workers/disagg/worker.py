@@ -8,9 +8,11 @@ fails with a clear error. Reserved blocks are freed on every failure path.
 
 prefill role, `prefill_first` (GenerateRequest from the frontend): prefill, stream the first
 token, hold the blocks, hand the request to a decode worker (`DecodeHandoff`); that decode
-worker reserves blocks and asks for the KV (`KvPushRequest`), then streams the rest to the
-same reply inbox. Held blocks are freed once packed for sending, or after the transfer
-timeout if nobody asks. Aborts reaching the prefill worker are forwarded to the decoder.
+worker announces itself on the reply inbox (a chunk with `worker_id`: the frontend now
+watches it and sends aborts to it), reserves blocks and asks for the KV (`KvPushRequest`),
+then streams the rest to the same reply inbox. Held blocks are freed once packed for
+sending, or after the transfer timeout if nobody asks. Aborts reaching the prefill worker
+are forwarded to the decoder.
 
 Test hook: `HPCSERVE_FAULT_PREFILL_EXIT=<worker_id>` makes that prefill worker exit abruptly
 after computing a prefill and before pushing its KV (a crash mid-transfer).
@@ -401,6 +403,10 @@ class DisaggWorker(Worker):
                 )
             return
         rid = handoff.request.request_id
+        # Tell the frontend this worker now owns the stream (before any chunk of ours and
+        # before the prefill worker lets go), so that our leaving fails the request there.
+        announce = GenerateOutput(request_id=rid, worker_id=self.worker_id)
+        await self._nc.publish(handoff.reply, announce.model_dump_json().encode())
         task = asyncio.create_task(self._decode_handoff(handoff), name=rid)
         self._inflight[rid] = task
         task.add_done_callback(lambda _t, rid=rid: self._request_done(rid))

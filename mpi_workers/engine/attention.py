@@ -119,6 +119,16 @@ def _decode(
     vs = _gather(v_flat, meta.decode_gather_slots, meta.gather_v)
     ks = ks.view(batch, length, kv_heads, head_dim).transpose(1, 2)
     vs = vs.view(batch, length, kv_heads, head_dim).transpose(1, 2)
+    if q.is_cuda:
+        # One query per row: fold each KV head's query group into the query axis, so the
+        # masked call is plain MHA ([B, KVH, group, D]) and runs the fused kernels instead
+        # of the GQA fallback (which repeats K/V per query head).
+        group = q.shape[1] // kv_heads
+        o = F.scaled_dot_product_attention(
+            q.view(batch, kv_heads, group, head_dim), ks, vs, attn_mask=meta.decode_mask,
+            scale=scale,
+        )  # fmt: skip
+        return o.reshape(batch, kv_heads * group, head_dim)
     o = F.scaled_dot_product_attention(
         q.unsqueeze(2), ks, vs, attn_mask=meta.decode_mask, scale=scale, enable_gqa=True
     )

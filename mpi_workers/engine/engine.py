@@ -23,7 +23,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import math
 import queue
 import threading
 import time
@@ -34,8 +33,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from contract.messages import GenerateOutput, GenerateRequest, LoadMetrics, SamplingParams
-from mpi_workers.engine.base import Engine, KvEventSink
+from contract.messages import GenerateOutput, GenerateRequest
 from mpi_workers.engine.block_manager import BlockManager
 from mpi_workers.engine.kv_cache import KvCache, blocks_for_budget
 from mpi_workers.engine.loader import default_dtype, load_model
@@ -44,22 +42,18 @@ from mpi_workers.engine.model_runner import ModelRunner, build_plan
 from mpi_workers.engine.sampler import Sampler, SampleRow
 from mpi_workers.engine.scheduler import ScheduledBatch, Scheduler
 from mpi_workers.engine.sequence import Sequence
+from mpi_workers.engine.streaming import (  # noqa: F401 (re-exported)
+    MAX_LOGPROBS,
+    RequestValidationError,
+    StreamingEngine,
+)
 
 if TYPE_CHECKING:
     from mpi_workers.engine.tp import TpRuntime
 
 logger = logging.getLogger(__name__)
 
-MAX_LOGPROBS = 20
 DEFAULT_KV_MEMORY_BYTES = 512 * 2**20
-
-
-class RequestValidationError(ValueError):
-    """A bad request; `param` names the offending field (also first in the message)."""
-
-    def __init__(self, param: str, message: str) -> None:
-        super().__init__(f"{param}: {message}")
-        self.param = param
 
 
 @dataclass
@@ -74,19 +68,6 @@ class EngineStats:
     num_preemptions: int = 0
     num_finished: int = 0
     num_errors: int = 0
-
-
-class _Stream:
-    """The caller's side of one request: where its outputs go."""
-
-    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
-        self.loop = loop
-        self.queue: asyncio.Queue[GenerateOutput] = asyncio.Queue()
-
-    def push(self, out: GenerateOutput) -> None:
-        # RuntimeError: the caller's loop is closed; nobody is listening.
-        with contextlib.suppress(RuntimeError):
-            self.loop.call_soon_threadsafe(self.queue.put_nowait, out)
 
 
 def pool_sizes(
@@ -108,7 +89,7 @@ def pool_sizes(
     return num_blocks, limit
 
 
-class TorchEngine(Engine):
+class TorchEngine(StreamingEngine):
     """Plain-PyTorch Llama-family engine with paged KV, prefix caching, continuous batching."""
 
     def __init__(
@@ -126,6 +107,7 @@ class TorchEngine(Engine):
         model_name: str | None = None,
         seed: int | None = None,
         tp: TpRuntime | None = None,
+        enforce_eager: bool | None = None,
     ) -> None:
         self.model_dir = Path(model_dir)
         self.model_name = model_name or self.model_dir.name
@@ -142,7 +124,8 @@ class TorchEngine(Engine):
             max_model_len, tp_size,
         )  # fmt: skip
         if tp is not None:  # followers size their shard's model and cache exactly like us
-            tp.broadcast_object({"num_blocks": num_blocks, "max_model_len": limit})
+            tp.broadcast_object({"num_blocks": num_blocks, "max_model_len": limit,
+                                 "enforce_eager": enforce_eager})  # fmt: skip
         self.max_model_len = limit
         self.max_num_batched_tokens = max(max_num_batched_tokens, 1)
         self.model = load_model(
@@ -154,20 +137,18 @@ class TorchEngine(Engine):
         )
         self.block_manager = BlockManager(num_blocks, block_size, enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, max_num_seqs, self.max_num_batched_tokens)
-        self.runner = ModelRunner(self.model, self.kv_cache)
+        self.runner = ModelRunner(self.model, self.kv_cache, enforce_eager, max_num_seqs)
         self.sampler = Sampler(seed)
         self.stats = EngineStats()
-        self._sink: KvEventSink | None = None
+        self._init_streaming()
         self._commands: queue.Queue[tuple[str, Any]] = queue.Queue()
-        self._streams: dict[str, _Stream] = {}
-        self._streams_lock = threading.Lock()
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
         self.failed: str | None = None  # why the TP group failed (fatal; None: healthy)
         self._fatal_handler: Callable[[str], None] | None = None
         self._fatal_lock = threading.Lock()
         self._step_started: float | None = None
-        self.step_timeout_s = (tp_step_timeout_s() if tp else 0.0)
+        self.step_timeout_s = tp_step_timeout_s() if tp else 0.0
 
     # ----- lifecycle -----------------------------------------------------------------------
     async def start(self) -> None:
@@ -202,45 +183,6 @@ class TorchEngine(Engine):
                 _run_call(*arg)
 
     # ----- requests ------------------------------------------------------------------------
-    def validate(self, request: GenerateRequest) -> None:
-        """Raise RequestValidationError (a ValueError) naming the first bad field."""
-        ids = request.token_ids
-        p: SamplingParams = request.sampling
-        if not ids:
-            raise RequestValidationError("token_ids", "the prompt is empty")
-        if len(ids) >= self.max_model_len:
-            raise RequestValidationError(
-                "token_ids",
-                f"prompt of {len(ids)} tokens leaves no room under max_model_len "
-                f"{self.max_model_len}",
-            )
-        if min(ids) < 0 or max(ids) >= self.vocab_size:
-            raise RequestValidationError("token_ids", f"ids must lie in [0, {self.vocab_size})")
-        if p.max_tokens < 1:
-            raise RequestValidationError("max_tokens", "must be >= 1")
-        if not p.temperature >= 0.0 or math.isinf(p.temperature):
-            raise RequestValidationError("temperature", "must be a finite number >= 0")
-        if not 0.0 < p.top_p <= 1.0:
-            raise RequestValidationError("top_p", "must be in (0, 1]")
-        if p.top_k < -1:
-            raise RequestValidationError("top_k", "must be -1, 0 (disabled) or >= 1")
-        if not 0.0 <= p.min_p <= 1.0:
-            raise RequestValidationError("min_p", "must be in [0, 1]")
-        if not p.repetition_penalty > 0.0:
-            raise RequestValidationError("repetition_penalty", "must be > 0")
-        for name in ("presence_penalty", "frequency_penalty"):
-            if not -2.0 <= getattr(p, name) <= 2.0:
-                raise RequestValidationError(name, "must be in [-2, 2]")
-        if p.logprobs is not None and not 0 <= p.logprobs <= MAX_LOGPROBS:
-            raise RequestValidationError("logprobs", f"must be in [0, {MAX_LOGPROBS}]")
-        if any(t < 0 or t >= self.vocab_size for t in p.stop_token_ids):
-            raise RequestValidationError(
-                "stop_token_ids", f"ids must lie in [0, {self.vocab_size})"
-            )
-        with self._streams_lock:
-            if request.request_id in self._streams:
-                raise RequestValidationError("request_id", "a request with this id is running")
-
     def generate(self, request: GenerateRequest) -> AsyncIterator[GenerateOutput]:
         """Validate now (ValueError before any work), then stream outputs when iterated."""
         self.validate(request)
@@ -248,12 +190,10 @@ class TorchEngine(Engine):
             raise RuntimeError(f"engine failed: {self.failed}")
         if self._thread is None:
             raise RuntimeError("engine not started: await engine.start() first")
-        stream = _Stream(asyncio.get_running_loop())
         seq = self._make_sequence(request)
-        with self._streams_lock:
-            self._streams[request.request_id] = stream
+        stream = self._open_stream(request.request_id)
         self._commands.put(("add", seq))
-        return _OutputStream(self, request.request_id, stream)
+        return stream
 
     def stream_sequence(self, seq: Sequence, *, add: bool = True) -> AsyncIterator[GenerateOutput]:
         """Stream a sequence built by the caller (disaggregated serving: a prefill that holds
@@ -261,12 +201,10 @@ class TorchEngine(Engine):
         on the stepping thread itself through `call_in_engine_thread`."""
         if self._thread is None:
             raise RuntimeError("engine not started: await engine.start() first")
-        stream = _Stream(asyncio.get_running_loop())
-        with self._streams_lock:
-            self._streams[seq.request_id] = stream
+        stream = self._open_stream(seq.request_id)
         if add:
             self._commands.put(("add", seq))
-        return _OutputStream(self, seq.request_id, stream)
+        return stream
 
     async def call_in_engine_thread(self, fn: Callable[[], Any]) -> Any:
         """Run `fn()` on the stepping thread between steps and return its result: the block
@@ -314,24 +252,6 @@ class TorchEngine(Engine):
         done = loop.create_future()
         self._commands.put((kind, (value, (loop, done))))
         await done
-
-    # ----- observation ---------------------------------------------------------------------
-    def load_metrics(self) -> LoadMetrics:
-        bm = self.block_manager
-        free = bm.num_free_blocks
-        return LoadMetrics(
-            active_sequences=len(self.scheduler.running),
-            waiting_sequences=len(self.scheduler.waiting),
-            total_blocks=bm.num_blocks,
-            free_blocks=free,
-            active_blocks=bm.num_blocks - free,
-        )
-
-    def set_kv_event_sink(self, sink: KvEventSink | None) -> None:
-        self._sink = sink
-
-    def cached_block_hashes(self) -> list[int]:
-        return self.block_manager.cached_hashes()
 
     # ----- the stepping thread -------------------------------------------------------------
     def _loop(self) -> None:
@@ -453,6 +373,11 @@ class TorchEngine(Engine):
             elif seq.pending_tokens:
                 self._deliver(seq)
 
+    def _on_finish(self, seq: Sequence, reason: str) -> None:
+        self.stats.num_finished += 1
+        if reason == "error":
+            self.stats.num_errors += 1
+
     def _append_token(self, seq: Sequence, token: int, logprob: Any) -> None:
         seq.token_ids.append(token)
         seq.pending_tokens.append(token)
@@ -464,43 +389,6 @@ class TorchEngine(Engine):
             seq.finish_reason = "stop"
         elif seq.num_tokens >= seq.max_len:
             seq.finish_reason = "length"
-
-    def _finish(self, seq: Sequence, reason: str, error: str | None = None) -> None:
-        seq.finish_reason = reason
-        seq.error = error
-        self.scheduler.remove(seq)
-        self.stats.num_finished += 1
-        if reason == "error":
-            self.stats.num_errors += 1
-        self._deliver(seq)
-        with self._streams_lock:
-            self._streams.pop(seq.request_id, None)
-
-    def _deliver(self, seq: Sequence) -> None:
-        with self._streams_lock:
-            stream = self._streams.get(seq.request_id)
-        out = GenerateOutput(
-            request_id=seq.request_id,
-            token_ids=seq.pending_tokens,
-            logprobs=seq.pending_logprobs if seq.sampling.logprobs is not None else None,
-            finish_reason=seq.finish_reason,
-            num_prompt_tokens=seq.num_prompt_tokens,
-            num_cached_tokens=seq.num_cached_tokens,
-            error=seq.error,
-        )
-        seq.pending_tokens = []
-        seq.pending_logprobs = []
-        if stream is not None:
-            stream.push(out)
-
-    def _publish_events(self) -> None:
-        events = self.block_manager.take_events()
-        sink = self._sink
-        if events and sink is not None:
-            try:
-                sink(events)
-            except Exception:
-                logger.exception("KV event sink failed; events of this step are lost")
 
     # ----- convenience for scripts and tests -----------------------------------------------
     async def generate_all(self, request: GenerateRequest) -> GenerateOutput:
@@ -521,42 +409,6 @@ class TorchEngine(Engine):
                 "logprobs": logprobs if last.logprobs is not None else None,
             }
         )
-
-
-class _OutputStream:
-    """The async iterator `generate()` returns; closing it early (even before the first
-    `__anext__`), cancelling a wait on it, or dropping it aborts the request."""
-
-    def __init__(self, engine: TorchEngine, request_id: str, stream: _Stream) -> None:
-        self._engine = engine
-        self.request_id = request_id
-        self._stream = stream
-        self._done = False
-
-    def __aiter__(self) -> _OutputStream:
-        return self
-
-    async def __anext__(self) -> GenerateOutput:
-        if self._done:
-            raise StopAsyncIteration
-        try:
-            out = await self._stream.queue.get()
-        except asyncio.CancelledError:
-            self._done = True
-            self._engine.abort_nowait(self.request_id)
-            raise
-        if out.finish_reason is not None:
-            self._done = True
-        return out
-
-    async def aclose(self) -> None:
-        if not self._done:
-            self._done = True
-            await self._engine.abort(self.request_id)
-
-    def __del__(self) -> None:
-        if not self._done:
-            self._engine.abort_nowait(self.request_id)
 
 
 def tp_step_timeout_s() -> float:

@@ -24,25 +24,17 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from contract.config import MockerConfig
-from contract.messages import GenerateOutput, GenerateRequest, LoadMetrics
-from mpi_workers.engine.base import Engine, KvEventSink
+from contract.messages import GenerateOutput, GenerateRequest
 from mpi_workers.engine.block_manager import BlockManager
 from mpi_workers.engine.scheduler import ScheduledBatch, Scheduler
 from mpi_workers.engine.sequence import SeqStatus, Sequence
+from mpi_workers.engine.streaming import StreamingEngine
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_VOCAB_SIZE = 32000
 DEFAULT_MAX_MODEL_LEN = 8192
 _MASK64 = (1 << 64) - 1
-
-
-class MockerValidationError(ValueError):
-    """A bad request; `param` names the offending field (also first in the message)."""
-
-    def __init__(self, param: str, message: str) -> None:
-        super().__init__(f"{param}: {message}")
-        self.param = param
 
 
 @dataclass
@@ -87,10 +79,11 @@ def _mix64(x: int) -> int:
     return x ^ (x >> 31)
 
 
-class MockerEngine(Engine):
+class MockerEngine(StreamingEngine):
     """Real block manager and scheduler, simulated time, pseudo tokens."""
 
     simulated = True
+    produces_logprobs = False
 
     def __init__(
         self,
@@ -119,8 +112,7 @@ class MockerEngine(Engine):
         self.block_manager = BlockManager(num_blocks, block_size, enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, max_num_seqs, max(max_num_batched_tokens, 1))
         self.stats = MockerStats()
-        self._sink: KvEventSink | None = None
-        self._queues: dict[str, asyncio.Queue[GenerateOutput]] = {}
+        self._init_streaming()
         self._seeds: dict[str, int] = {}
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
@@ -141,25 +133,8 @@ class MockerEngine(Engine):
             self._finish(seq, "abort")
 
     # ----- requests ------------------------------------------------------------------------
-    def _validate(self, request: GenerateRequest) -> None:
-        ids = request.token_ids
-        if not ids:
-            raise MockerValidationError("token_ids", "the prompt is empty")
-        if len(ids) >= self.max_model_len:
-            raise MockerValidationError(
-                "token_ids",
-                f"prompt of {len(ids)} tokens leaves no room under max_model_len "
-                f"{self.max_model_len}",
-            )
-        if min(ids) < 0 or max(ids) >= self.vocab_size:
-            raise MockerValidationError("token_ids", f"ids must lie in [0, {self.vocab_size})")
-        if request.sampling.max_tokens < 1:
-            raise MockerValidationError("max_tokens", "must be >= 1")
-        if request.request_id in self._queues:
-            raise MockerValidationError("request_id", "a request with this id is running")
-
     def generate(self, request: GenerateRequest) -> AsyncIterator[GenerateOutput]:
-        self._validate(request)
+        self.validate(request)
         if self._task is None:
             raise RuntimeError("engine not started: await engine.start() first")
         max_len = min(len(request.token_ids) + request.sampling.max_tokens, self.max_model_len)
@@ -171,35 +146,20 @@ class MockerEngine(Engine):
         )
         digest = hashlib.blake2b(repr(request.token_ids).encode(), digest_size=8).digest()
         self._seeds[request.request_id] = int.from_bytes(digest, "little")
-        queue: asyncio.Queue[GenerateOutput] = asyncio.Queue()
-        self._queues[request.request_id] = queue
+        stream = self._open_stream(request.request_id)
         self.scheduler.add(seq)
         self._wake.set()
-        return _MockerStream(self, request.request_id, queue)
+        return stream
 
     async def abort(self, request_id: str) -> None:
+        self.abort_nowait(request_id)
+
+    def abort_nowait(self, request_id: str) -> None:
+        """Aborts are synchronous here: the stepping task runs on this event loop."""
         seq = self.scheduler.find(request_id)
         if seq is not None:
             self._finish(seq, "abort")
             self._publish_events()
-
-    # ----- observation ---------------------------------------------------------------------
-    def load_metrics(self) -> LoadMetrics:
-        bm = self.block_manager
-        free = bm.num_free_blocks
-        return LoadMetrics(
-            active_sequences=len(self.scheduler.running),
-            waiting_sequences=len(self.scheduler.waiting),
-            total_blocks=bm.num_blocks,
-            free_blocks=free,
-            active_blocks=bm.num_blocks - free,
-        )
-
-    def set_kv_event_sink(self, sink: KvEventSink | None) -> None:
-        self._sink = sink
-
-    def cached_block_hashes(self) -> list[int]:
-        return self.block_manager.cached_hashes()
 
     # ----- timing model --------------------------------------------------------------------
     def step_time_s(self, batch: ScheduledBatch) -> float:
@@ -278,78 +238,9 @@ class MockerEngine(Engine):
             elif seq.pending_tokens:
                 self._deliver(seq)
 
-    def _finish(self, seq: Sequence, reason: str) -> None:
+    def _on_finish(self, seq: Sequence, reason: str) -> None:
         if seq.admitted_once and seq.status is not SeqStatus.FINISHED:
             self.stats.num_prompt_tokens += seq.num_prompt_tokens
             self.stats.num_cached_prompt_tokens += seq.num_cached_tokens
-        seq.finish_reason = reason
-        self.scheduler.remove(seq)
         self.stats.num_finished += 1
-        self._deliver(seq)
-        self._queues.pop(seq.request_id, None)
         self._seeds.pop(seq.request_id, None)
-
-    def _deliver(self, seq: Sequence) -> None:
-        queue = self._queues.get(seq.request_id)
-        out = GenerateOutput(
-            request_id=seq.request_id,
-            token_ids=seq.pending_tokens,
-            finish_reason=seq.finish_reason,  # type: ignore[arg-type]
-            num_prompt_tokens=seq.num_prompt_tokens,
-            num_cached_tokens=seq.num_cached_tokens,
-        )
-        seq.pending_tokens = []
-        if queue is not None:
-            queue.put_nowait(out)
-
-    def _publish_events(self) -> None:
-        events = self.block_manager.take_events()
-        if events and self._sink is not None:
-            try:
-                self._sink(events)
-            except Exception:
-                logger.exception("KV event sink failed; events of this step are lost")
-
-
-class _MockerStream:
-    """What `generate()` returns; closing it early (or dropping it) aborts the request."""
-
-    def __init__(
-        self, engine: MockerEngine, request_id: str, queue: asyncio.Queue[GenerateOutput]
-    ) -> None:
-        self._engine = engine
-        self.request_id = request_id
-        self._queue = queue
-        self._done = False
-
-    def __aiter__(self) -> _MockerStream:
-        return self
-
-    async def __anext__(self) -> GenerateOutput:
-        if self._done:
-            raise StopAsyncIteration
-        try:
-            out = await self._queue.get()
-        except asyncio.CancelledError:
-            self._abort_soon()
-            raise
-        if out.finish_reason is not None:
-            self._done = True
-        return out
-
-    async def aclose(self) -> None:
-        if not self._done:
-            self._done = True
-            await self._engine.abort(self.request_id)
-
-    def _abort_soon(self) -> None:
-        self._done = True
-        seq = self._engine.scheduler.find(self.request_id)
-        if seq is not None:
-            self._engine._finish(seq, "abort")
-            self._engine._publish_events()
-
-    def __del__(self) -> None:
-        if not self._done:
-            with contextlib.suppress(Exception):
-                self._abort_soon()

@@ -11,12 +11,14 @@ layers.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import torch
 
 from mpi_workers.engine.attention import AttentionMetadata, PrefillChunk
+from mpi_workers.engine.cuda_graph import DecodeGraphs
 from mpi_workers.engine.kv_cache import KvCache
 from mpi_workers.engine.model import LlamaForCausalLM
 
@@ -60,13 +62,52 @@ def build_plan(batch: ScheduledBatch) -> tuple[StepPlan, list[Sequence]]:
     return plan, sample_seqs
 
 
+def enforce_eager_default() -> bool:
+    """HPCSERVE_ENFORCE_EAGER=1 turns CUDA-graph decode off (same value on every TP rank)."""
+    return os.environ.get("HPCSERVE_ENFORCE_EAGER", "") not in ("", "0", "false", "no")
+
+
 class ModelRunner:
-    def __init__(self, model: LlamaForCausalLM, kv_cache: KvCache) -> None:
+    def __init__(
+        self,
+        model: LlamaForCausalLM,
+        kv_cache: KvCache,
+        enforce_eager: bool | None = None,
+        max_num_seqs: int = 512,
+    ) -> None:
         self.model = model
         self.kv_cache = kv_cache
         self.block_size = kv_cache.block_size
         self.device = kv_cache.k[0].device
+        self.graphs: DecodeGraphs | None = None
+        if enforce_eager is None:
+            enforce_eager = enforce_eager_default()
+        if self.device.type == "cuda":
+            # cuDNN attention builds an execution plan per new shape (tens of ms): with a
+            # context that grows every decode step that is paid on every step.
+            torch.backends.cuda.enable_cudnn_sdp(False)
+            # Under TP the capture of the NCCL all-reduces hung on the H200 pair (not yet
+            # understood): graphs stay off there unless HPCSERVE_TP_CUDA_GRAPHS=1.
+            tp_graphs = os.environ.get("HPCSERVE_TP_CUDA_GRAPHS", "") == "1"
+            if not enforce_eager and (model.tp.size == 1 or tp_graphs):
+                self._add_scratch_block()
+                max_blocks = -(-model.rotary.cos.shape[0] // self.block_size)
+                self.graphs = DecodeGraphs(
+                    model, self.block_size, min(max_blocks, kv_cache.num_blocks),
+                    kv_cache.num_blocks * self.block_size, self.device, max_num_seqs,
+                )  # fmt: skip
         model.bind_kv_cache(kv_cache.k, kv_cache.v)
+
+    def _add_scratch_block(self) -> None:
+        """One block past the pool (never handed out) where graph padding rows write."""
+        cache = self.kv_cache
+        empty = [torch.empty(0)] * len(cache.k)
+        self.model.bind_kv_cache(empty, empty)  # drop the layers' references to the old pool
+        for kv in (cache.k, cache.v):
+            for i in range(len(kv)):
+                shape, dtype = (kv[i].shape[0] + 1, *kv[i].shape[1:]), kv[i].dtype
+                kv[i] = torch.empty(0)  # free before allocating: peak is one layer's extra
+                kv[i] = torch.zeros(shape, dtype=dtype, device=self.device)
 
     def _slots(self, block_tables: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """Cache slots of `positions` ([..., L]) through `block_tables` ([..., blocks])."""
@@ -135,8 +176,11 @@ class ModelRunner:
     def execute(self, plan: StepPlan) -> torch.Tensor | None:
         """Forward a plan; logits [sampled rows, vocab] (None: nothing sampled, or a TP
         follower, which still takes part in every collective)."""
-        input_ids, positions, meta = self.tensors(plan)
-        hidden = self.model(input_ids, positions, meta)
+        if self.graphs is not None and self.graphs.accepts(plan):
+            hidden = self.graphs.run(plan)
+        else:
+            input_ids, positions, meta = self.tensors(plan)
+            hidden = self.model(input_ids, positions, meta)
         rows = plan.sample_rows
         if not rows:
             return None

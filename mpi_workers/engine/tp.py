@@ -26,6 +26,7 @@ logger = logging.getLogger(__name__)
 
 DEFAULT_TIMEOUT_S = float(os.environ.get("HPCSERVE_TP_TIMEOUT_S", "120"))
 CONTROL_TIMEOUT = timedelta(days=7)  # followers wait this long for the next step
+HEAD_BYTES = 16384  # one control broadcast carries plans up to this size
 
 
 def rendezvous_host(comm: Any) -> str:
@@ -45,6 +46,7 @@ class TpRuntime:
         self.size = size
         self.device = device
         self._control = control
+        self._head = torch.zeros(HEAD_BYTES, dtype=torch.uint8)
         self.group = TpGroup(rank, size, self.all_reduce, self.gather)
 
     @classmethod
@@ -86,17 +88,32 @@ class TpRuntime:
         return None
 
     def broadcast_object(self, obj: Any = None) -> Any:
-        """Rank 0 sends `obj` (pickled) to every rank; each returns it."""
+        """Rank 0 sends `obj` (pickled) to every rank; each returns it.
+
+        One gloo broadcast of a fixed-size buffer (8-byte length + the start of the payload)
+        carries a step plan of a typical decode batch whole; only a larger payload costs a
+        second broadcast for the rest (each broadcast is a round trip the step waits for).
+        """
+        head = self._head
         if self.rank == 0:
-            payload = torch.frombuffer(bytearray(pickle.dumps(obj)), dtype=torch.uint8)
-            length = torch.tensor([payload.numel()], dtype=torch.int64)
-        else:
-            length = torch.zeros(1, dtype=torch.int64)
-        dist.broadcast(length, src=0, group=self._control)
-        if self.rank != 0:
-            payload = torch.empty(int(length.item()), dtype=torch.uint8)
-        dist.broadcast(payload, src=0, group=self._control)
-        return obj if self.rank == 0 else pickle.loads(payload.numpy().tobytes())
+            data = pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
+            n = len(data)
+            first = min(n, HEAD_BYTES - 8)
+            head[:8] = torch.tensor([n], dtype=torch.int64).view(torch.uint8)
+            head[8 : 8 + first] = torch.frombuffer(bytearray(data[:first]), dtype=torch.uint8)
+        dist.broadcast(head, src=0, group=self._control)
+        if self.rank == 0:
+            if n > first:
+                rest = torch.frombuffer(bytearray(data[first:]), dtype=torch.uint8)
+                dist.broadcast(rest, src=0, group=self._control)
+            return obj
+        n = int(head[:8].view(torch.int64).item())
+        data = head[8 : 8 + min(n, HEAD_BYTES - 8)].numpy().tobytes()
+        if n > HEAD_BYTES - 8:
+            rest = torch.empty(n - (HEAD_BYTES - 8), dtype=torch.uint8)
+            dist.broadcast(rest, src=0, group=self._control)
+            data += rest.numpy().tobytes()
+        return pickle.loads(data)
 
     def close(self) -> None:
         if dist.is_initialized():

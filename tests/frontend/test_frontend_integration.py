@@ -358,7 +358,7 @@ async def test_python_m_frontend_serves_and_stops_cleanly(
     import signal
     import sys
 
-    from hpcserve.processes import free_port
+    from contract.readiness import free_port
 
     port = free_port("127.0.0.1")
     config = tmp_path / "deploy.yaml"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import random
 from collections import Counter
 from pathlib import Path
@@ -11,7 +12,7 @@ import pytest
 from pydantic import ValidationError
 
 from contract.discovery import WorkerCard
-from contract.messages import LoadMetrics
+from contract.messages import GenerateOutput, LoadMetrics
 from frontend import errors
 from frontend.openai_schemas import ChatCompletionRequest, CompletionRequest
 from frontend.router import (
@@ -22,6 +23,7 @@ from frontend.router import (
     make_router,
 )
 from frontend.tokenization import IncrementalDetokenizer, StopMatcher, TextTokenizer
+from frontend.worker_client import RequestStream, WorkerClient, WorkerLost
 
 CHAT: dict[str, Any] = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
 
@@ -321,3 +323,38 @@ def test_cached_template_encoding_equals_plain_encode(
     plain = tokenizer.encode(text, add_special_tokens=False)
     assert tokenizer.encode_chat(messages) == plain
     assert tokenizer.encode_chat(messages) == plain  # second time from the cache
+
+
+def _card(worker_id: str, role: str) -> WorkerCard:
+    return WorkerCard(
+        worker_id=worker_id, role=role, model="m", block_size=16, subject=f"{worker_id}.gen",
+        abort_subject=f"{worker_id}.abort", capacity=4, max_model_len=64,
+    )  # fmt: skip
+
+
+async def test_handoff_chunk_moves_the_request_to_the_decode_worker() -> None:
+    prefill, decode = _card("prefill-1", "prefill"), _card("decode-1", "decode")
+    tracker = LoadTracker()
+    client = WorkerClient("nats://unused", "d", tracker)
+    client.on_workers_changed({c.worker_id: c for c in (prefill, decode)})
+    stream = RequestStream(client, prefill, "r1")
+    client._streams["r1"] = stream
+    tracker.started(prefill.worker_id)
+    chunks = [
+        GenerateOutput(request_id="r1", token_ids=[5]),  # the prefill's first token
+        GenerateOutput(request_id="r1", worker_id="decode-1"),  # the hand-off announcement
+        GenerateOutput(request_id="r1", token_ids=[6]),
+    ]
+    for chunk in chunks:
+        stream.queue.put_nowait(chunk.model_dump_json().encode())
+    deadline = asyncio.get_running_loop().time() + 5
+    assert (await stream.next(deadline)).token_ids == [5]
+    assert (await stream.next(deadline)).token_ids == [6]  # the announcement is consumed
+    assert stream.card is decode
+    assert dict(tracker.in_flight) == {"decode-1": 1}
+    client.on_workers_changed({prefill.worker_id: prefill})  # the decode worker died
+    with pytest.raises(WorkerLost) as info:
+        await stream.next(deadline)
+    assert info.value.worker_id == "decode-1"
+    stream.close()
+    assert client.in_flight == 0 and not tracker.in_flight

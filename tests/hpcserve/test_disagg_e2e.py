@@ -16,7 +16,7 @@ import nats
 import openai
 import pytest
 import yaml
-from up_helpers import UpProcess
+from up_helpers import UpProcess, openai_client, started
 
 from contract.bus import load_metrics_subject
 from contract.messages import GenerateRequest, LoadMetrics, SamplingParams
@@ -92,19 +92,15 @@ def reference(model_dir: Path, tokenizer: TextTokenizer) -> dict[tuple[int, str]
 def up(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory):
     strategy, transport = request.param
     run_dir = tmp_path_factory.mktemp(f"disagg-{strategy}-{transport}") / "run"
-    process = UpProcess(
+    with started(
         [
             "configs/local-disagg.yaml", "--set", "frontend.port=0",
             "--set", f"disaggregation.strategy={strategy}",
             "--set", f"disaggregation.kv_transfer={transport}",
         ],
         run_dir,
-    )  # fmt: skip
-    try:
-        process.base_url = process.wait_ready(timeout_s=300)  # type: ignore[attr-defined]
+    ) as process:  # fmt: skip
         yield process
-    finally:
-        process.kill_all()
 
 
 @pytest.fixture(scope="module")
@@ -113,7 +109,7 @@ def prompt_ids(tokenizer: TextTokenizer) -> list[list[int]]:
 
 
 def _client(up: UpProcess) -> openai.OpenAI:
-    return openai.OpenAI(base_url=up.base_url, api_key="none", max_retries=0, timeout=120)
+    return openai_client(up)
 
 
 def test_single_requests_match_aggregated(

@@ -14,7 +14,7 @@ from collections.abc import Iterator
 
 import httpx
 import pytest
-from up_helpers import UpProcess
+from up_helpers import UpProcess, started
 
 pytestmark = pytest.mark.slow
 
@@ -22,21 +22,15 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def up(tmp_path_factory: pytest.TempPathFactory) -> Iterator[UpProcess]:
     run_dir = tmp_path_factory.mktemp("up-kv") / "run"
-    process = UpProcess(
-        ["configs/local-mocker-kv.yaml", "--set", "frontend.port=0",
-         "--set", "engine.mocker.speedup=20"],
-        run_dir,
-    )  # fmt: skip
-    try:
-        process.base_url = process.wait_ready(timeout_s=300)  # type: ignore[attr-defined]
+    args = ["configs/local-mocker-kv.yaml", "--set", "frontend.port=0",
+            "--set", "engine.mocker.speedup=20"]  # fmt: skip
+    with started(args, run_dir) as process:
         yield process
-    finally:
-        process.kill_all()
 
 
 @pytest.fixture(scope="module")
 def http(up: UpProcess) -> Iterator[httpx.Client]:
-    with httpx.Client(base_url=up.base_url, timeout=60) as client:  # type: ignore[attr-defined]
+    with httpx.Client(base_url=up.base_url, timeout=60) as client:
         yield client
 
 
@@ -51,7 +45,7 @@ def cached(body: dict) -> int:
 
 
 def test_eight_simulated_workers_registered(up: UpProcess, http: httpx.Client) -> None:
-    assert http.get(up.base_url.removesuffix("/v1") + "/health").json()["workers"] == 8  # type: ignore[attr-defined]
+    assert http.get(up.base_url.removesuffix("/v1") + "/health").json()["workers"] == 8
     workers = [name for name in up.pids() if name.startswith("worker-")]
     assert len(set(workers)) == 8
     body = complete(http, [5, 6, 7, 8], max_tokens=3)

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import openai
 import pytest
-from up_helpers import UpProcess, alive, processes_mentioning
+from up_helpers import UpProcess, alive, openai_client, processes_mentioning, started
 
 pytestmark = pytest.mark.slow
 
@@ -29,17 +29,13 @@ PROMPT_IDS = [1, 9690, 198, 2683, 314, 260, 3575, 282, 4649, 47, 2]
 @pytest.fixture(scope="module")
 def up(tmp_path_factory: pytest.TempPathFactory) -> Iterator[UpProcess]:
     run_dir = tmp_path_factory.mktemp("up-tp") / "run"
-    process = UpProcess(["configs/local-tp3.yaml", "--set", "frontend.port=0"], run_dir)
-    try:
-        process.base_url = process.wait_ready(timeout_s=300)  # type: ignore[attr-defined]
+    with started(["configs/local-tp3.yaml", "--set", "frontend.port=0"], run_dir) as process:
         yield process
-    finally:
-        process.kill_all()
 
 
 @pytest.fixture(scope="module")
 def client(up: UpProcess) -> openai.OpenAI:
-    return openai.OpenAI(base_url=up.base_url, api_key="none", max_retries=0, timeout=120)
+    return openai_client(up)
 
 
 def rank_pids(run_dir: Path) -> dict[int, int]:

@@ -12,6 +12,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 READY = re.compile(r"^hpcserve ready: (http://\S+/v1)$")
@@ -22,6 +23,7 @@ class UpProcess:
 
     def __init__(self, args: list[str], run_dir: Path, env: dict[str, str] | None = None) -> None:
         self.run_dir = run_dir
+        self.base_url = ""  # set by `started()` once ready
         argv = [sys.executable, "-m", "hpcserve", "up", *args, "--set", f"run_dir={run_dir}"]
         self.popen = subprocess.Popen(
             argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
@@ -88,6 +90,24 @@ class UpProcess:
             for pid in self.pids().values():
                 with contextlib.suppress(ProcessLookupError, PermissionError):
                     os.killpg(pid, signal.SIGKILL)
+
+
+@contextlib.contextmanager
+def started(args: list[str], run_dir: Path, timeout_s: float = 300) -> Iterator[UpProcess]:
+    """`hpcserve up ARGS` until ready (its `base_url` set); everything killed on exit."""
+    process = UpProcess(args, run_dir)
+    try:
+        process.base_url = process.wait_ready(timeout_s=timeout_s)
+        yield process
+    finally:
+        process.kill_all()
+
+
+def openai_client(up: UpProcess, timeout: float = 120):
+    """A synchronous OpenAI client for the deployment, without retries."""
+    import openai
+
+    return openai.OpenAI(base_url=up.base_url, api_key="none", max_retries=0, timeout=timeout)
 
 
 def alive(pid: int) -> bool:

@@ -19,10 +19,12 @@ import pytest
 
 from contract import bus
 from contract.config import DisaggregationConfig
-from contract.discovery import WorkerCard
+from contract.discovery import WorkerCard, WorkerDirectory
 from contract.messages import GenerateOutput, GenerateRequest, SamplingParams
 from frontend.app import FrontendState
 from frontend.errors import OpenAIError
+from frontend.router import LoadTracker
+from frontend.worker_client import WorkerClient, WorkerLost
 from mpi_workers.disagg.worker import DisaggWorker
 
 pytestmark = pytest.mark.slow
@@ -183,6 +185,58 @@ async def test_prefill_first_streams_first_token_then_decode_continues(
         assert chunks[0].token_ids == expected[:1]
         assert chunks[-1].finish_reason == "error"
         assert "KV transfer from prefill failed" in chunks[-1].error
+
+
+def crash_on_first_decode_chunk(worker: DisaggWorker) -> asyncio.Event:
+    """The worker's card leaves etcd and it streams nothing more: a crash mid-decode."""
+    crashed = asyncio.Event()
+
+    async def publish(*args, **kwargs) -> None:
+        if worker._registration is not None:
+            await worker._registration.close()
+            worker._registration = None
+        crashed.set()
+        await asyncio.Event().wait()
+
+    worker._publish = publish  # type: ignore[method-assign]
+    return crashed
+
+
+async def test_prefill_first_decode_worker_dying_fails_the_request_at_the_frontend(
+    engines, etcd_endpoint: str, nats_url: str
+) -> None:
+    """The frontend follows the hand-off: the decode worker leaving ends the request at
+    once (WorkerLost) although the prefill worker it was sent to is still alive."""
+    roles = ["prefill-a", "decode"]
+    async with deployment(
+        engines, etcd_endpoint, nats_url, roles, strategy="prefill_first"
+    ) as workers:
+        prefill = workers["prefill-a"]
+        tracker = LoadTracker()
+        client = WorkerClient(nats_url, prefill.deployment, tracker)
+        directory = WorkerDirectory(etcd_endpoint, prefill.deployment)
+        directory.add_listener(client.on_workers_changed)
+        await directory.start()
+        await client.start("test-frontend")
+        crash_on_first_decode_chunk(workers["decode"])
+        try:
+            stream = await client.open(prefill.card, request(max_tokens=64))
+            deadline = asyncio.get_running_loop().time() + 30  # far below request_timeout_s
+            first = await stream.next(deadline)
+            assert first.token_ids and first.finish_reason is None
+            with pytest.raises(WorkerLost) as info:
+                while True:
+                    output = await stream.next(deadline)
+                    assert output.finish_reason is None, output
+            # (usually after `crashed`; on a loaded host the 2 s lease may lapse earlier,
+            # which is the same departure seen sooner)
+            assert info.value.worker_id == "decode"
+            assert stream.card.worker_id == "decode"
+            stream.close()
+            assert client.in_flight == 0 and not tracker.in_flight
+        finally:
+            await client.stop()
+            await directory.stop()
 
 
 async def test_prefix_reuse_transfers_only_the_missing_blocks(

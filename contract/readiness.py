@@ -1,0 +1,73 @@
+"""Readiness probes shared by the local launcher and the Slurm batch script (stdlib only).
+
+Port open, HTTP health, and the number of keys under an etcd prefix (registered workers),
+read through etcd's JSON gateway so that no gRPC client is needed in a batch shell.
+Also `free_port`, how both pick ports for the services they start.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import socket
+import urllib.error
+import urllib.request
+from collections.abc import Callable
+
+PROBE_ERRORS = (urllib.error.URLError, OSError, ValueError)
+
+
+def port_open(host: str, port: int, timeout: float = 0.5) -> bool:
+    """True when `host:port` accepts a TCP connection."""
+    try:
+        with socket.create_connection((host, port), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def http_ok(url: str, timeout: float = 2.0) -> bool:
+    """True when GET `url` answers 2xx."""
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as response:
+            return 200 <= response.status < 300
+    except PROBE_ERRORS:
+        return False
+
+
+def etcd_key_count(endpoint: str, prefix: str, timeout: float = 2.0) -> int:
+    """Keys under `prefix`, through etcd's JSON gateway (no gRPC client needed)."""
+    key = prefix.encode()
+    range_end = key[:-1] + bytes([key[-1] + 1])
+    body = json.dumps(
+        {
+            "key": base64.b64encode(key).decode(),
+            "range_end": base64.b64encode(range_end).decode(),
+            "count_only": True,
+        }
+    ).encode()
+    request = urllib.request.Request(
+        endpoint.rstrip("/") + "/v3/kv/range", data=body, method="POST",
+        headers={"Content-Type": "application/json"},
+    )  # fmt: skip
+    with urllib.request.urlopen(request, timeout=timeout) as response:
+        return int(json.loads(response.read()).get("count", 0))
+
+
+def keys_registered(endpoint: str, prefix: str, count: int = 1) -> Callable[[], bool]:
+    """A check: at least `count` keys under `prefix` (False while etcd is unreachable)."""
+
+    def registered() -> bool:
+        try:
+            return etcd_key_count(endpoint, prefix) >= count
+        except PROBE_ERRORS:
+            return False
+
+    return registered
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port free on `host` right now (the OS picks it)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((host, 0))
+        return sock.getsockname()[1]

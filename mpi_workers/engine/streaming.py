@@ -1,0 +1,224 @@
+"""`StreamingEngine`: the asyncio plumbing every scheduler-driven engine shares.
+
+An engine built on `BlockManager` + `Scheduler` (the torch engine, the mocker) streams each
+request's outputs into a per-request asyncio queue. This module owns that side once:
+request validation (`RequestValidationError` naming the field), the stream registry, output
+delivery from the stepping side (a thread or the event loop), finishing a sequence, load
+metrics and KV event publishing. A subclass keeps only how it steps (`start`, `shutdown`,
+`generate`, `abort`, `abort_nowait`) and what it counts when a sequence finishes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import math
+import threading
+from typing import TYPE_CHECKING
+
+from contract.messages import GenerateOutput, GenerateRequest, LoadMetrics, SamplingParams
+from mpi_workers.engine.base import Engine, KvEventSink
+
+if TYPE_CHECKING:
+    from mpi_workers.engine.block_manager import BlockManager
+    from mpi_workers.engine.scheduler import Scheduler
+    from mpi_workers.engine.sequence import Sequence
+
+logger = logging.getLogger(__name__)
+
+MAX_LOGPROBS = 20
+
+
+class RequestValidationError(ValueError):
+    """A bad request; `param` names the offending field (also first in the message)."""
+
+    def __init__(self, param: str, message: str) -> None:
+        super().__init__(f"{param}: {message}")
+        self.param = param
+
+
+def validate_request(request: GenerateRequest, max_model_len: int, vocab_size: int) -> None:
+    """Raise RequestValidationError naming the first bad field of `request`."""
+    ids = request.token_ids
+    p: SamplingParams = request.sampling
+    if not ids:
+        raise RequestValidationError("token_ids", "the prompt is empty")
+    if len(ids) >= max_model_len:
+        raise RequestValidationError(
+            "token_ids",
+            f"prompt of {len(ids)} tokens leaves no room under max_model_len {max_model_len}",
+        )
+    if min(ids) < 0 or max(ids) >= vocab_size:
+        raise RequestValidationError("token_ids", f"ids must lie in [0, {vocab_size})")
+    if p.max_tokens < 1:
+        raise RequestValidationError("max_tokens", "must be >= 1")
+    if not p.temperature >= 0.0 or math.isinf(p.temperature):
+        raise RequestValidationError("temperature", "must be a finite number >= 0")
+    if not 0.0 < p.top_p <= 1.0:
+        raise RequestValidationError("top_p", "must be in (0, 1]")
+    if p.top_k < -1:
+        raise RequestValidationError("top_k", "must be -1, 0 (disabled) or >= 1")
+    if not 0.0 <= p.min_p <= 1.0:
+        raise RequestValidationError("min_p", "must be in [0, 1]")
+    if not p.repetition_penalty > 0.0:
+        raise RequestValidationError("repetition_penalty", "must be > 0")
+    for name in ("presence_penalty", "frequency_penalty"):
+        if not -2.0 <= getattr(p, name) <= 2.0:
+            raise RequestValidationError(name, "must be in [-2, 2]")
+    if p.logprobs is not None and not 0 <= p.logprobs <= MAX_LOGPROBS:
+        raise RequestValidationError("logprobs", f"must be in [0, {MAX_LOGPROBS}]")
+    if any(t < 0 or t >= vocab_size for t in p.stop_token_ids):
+        raise RequestValidationError("stop_token_ids", f"ids must lie in [0, {vocab_size})")
+
+
+class _Stream:
+    """The caller's side of one request: where its outputs go (pushed from any thread)."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self.queue: asyncio.Queue[GenerateOutput] = asyncio.Queue()
+
+    def push(self, out: GenerateOutput) -> None:
+        try:
+            same_loop = asyncio.get_running_loop() is self.loop
+        except RuntimeError:  # a stepping thread: no loop of its own
+            same_loop = False
+        if same_loop:
+            self.queue.put_nowait(out)
+            return
+        # RuntimeError: the caller's loop is closed; nobody is listening.
+        with contextlib.suppress(RuntimeError):
+            self.loop.call_soon_threadsafe(self.queue.put_nowait, out)
+
+
+class StreamingEngine(Engine):
+    """Streams, validation, delivery and events over a `BlockManager` and a `Scheduler`.
+
+    Subclasses set `block_manager`, `scheduler`, `max_model_len`, `vocab_size` and call
+    `_init_streaming()`; they implement `abort_nowait` (abort from sync code, any thread).
+    """
+
+    block_manager: BlockManager
+    scheduler: Scheduler
+    produces_logprobs: bool = True  # False: chunks carry logprobs=None even when asked
+
+    def _init_streaming(self) -> None:
+        self._sink: KvEventSink | None = None
+        self._streams: dict[str, _Stream] = {}
+        self._streams_lock = threading.Lock()
+
+    # ----- requests ------------------------------------------------------------------------
+    def validate(self, request: GenerateRequest) -> None:
+        """Raise RequestValidationError (a ValueError) naming the first bad field."""
+        validate_request(request, self.max_model_len, self.vocab_size)
+        with self._streams_lock:
+            if request.request_id in self._streams:
+                raise RequestValidationError("request_id", "a request with this id is running")
+
+    def _open_stream(self, request_id: str) -> OutputStream:
+        """Register the caller's queue for `request_id` (call from the caller's loop)."""
+        stream = _Stream(asyncio.get_running_loop())
+        with self._streams_lock:
+            self._streams[request_id] = stream
+        return OutputStream(self, request_id, stream)
+
+    def abort_nowait(self, request_id: str) -> None:
+        """Ask for an abort without waiting (sync code: a cancelled or dropped stream)."""
+        raise NotImplementedError
+
+    # ----- observation ---------------------------------------------------------------------
+    def load_metrics(self) -> LoadMetrics:
+        bm = self.block_manager
+        free = bm.num_free_blocks
+        return LoadMetrics(
+            active_sequences=len(self.scheduler.running),
+            waiting_sequences=len(self.scheduler.waiting),
+            total_blocks=bm.num_blocks,
+            free_blocks=free,
+            active_blocks=bm.num_blocks - free,
+        )
+
+    def set_kv_event_sink(self, sink: KvEventSink | None) -> None:
+        self._sink = sink
+
+    def cached_block_hashes(self) -> list[int]:
+        return self.block_manager.cached_hashes()
+
+    # ----- the stepping side ---------------------------------------------------------------
+    def _on_finish(self, seq: Sequence, reason: str) -> None:
+        """Count a finishing sequence (called before it leaves the scheduler)."""
+
+    def _finish(self, seq: Sequence, reason: str, error: str | None = None) -> None:
+        self._on_finish(seq, reason)
+        seq.finish_reason = reason
+        seq.error = error
+        self.scheduler.remove(seq)
+        self._deliver(seq)
+        with self._streams_lock:
+            self._streams.pop(seq.request_id, None)
+
+    def _deliver(self, seq: Sequence) -> None:
+        """Send the tokens produced since the last chunk (and the finish reason, if any)."""
+        with self._streams_lock:
+            stream = self._streams.get(seq.request_id)
+        wants_logprobs = self.produces_logprobs and seq.sampling.logprobs is not None
+        out = GenerateOutput(
+            request_id=seq.request_id,
+            token_ids=seq.pending_tokens,
+            logprobs=seq.pending_logprobs if wants_logprobs else None,
+            finish_reason=seq.finish_reason,  # type: ignore[arg-type]
+            num_prompt_tokens=seq.num_prompt_tokens,
+            num_cached_tokens=seq.num_cached_tokens,
+            error=seq.error,
+        )
+        seq.pending_tokens = []
+        seq.pending_logprobs = []
+        if stream is not None:
+            stream.push(out)
+
+    def _publish_events(self) -> None:
+        events = self.block_manager.take_events()
+        sink = self._sink
+        if events and sink is not None:
+            try:
+                sink(events)
+            except Exception:
+                logger.exception("KV event sink failed; events of this step are lost")
+
+
+class OutputStream:
+    """The async iterator `generate()` returns; closing it early (even before the first
+    `__anext__`), cancelling a wait on it, or dropping it aborts the request."""
+
+    def __init__(self, engine: StreamingEngine, request_id: str, stream: _Stream) -> None:
+        self._engine = engine
+        self.request_id = request_id
+        self._stream = stream
+        self._done = False
+
+    def __aiter__(self) -> OutputStream:
+        return self
+
+    async def __anext__(self) -> GenerateOutput:
+        if self._done:
+            raise StopAsyncIteration
+        try:
+            out = await self._stream.queue.get()
+        except asyncio.CancelledError:
+            self._done = True
+            self._engine.abort_nowait(self.request_id)
+            raise
+        if out.finish_reason is not None:
+            self._done = True
+        return out
+
+    async def aclose(self) -> None:
+        if not self._done:
+            self._done = True
+            await self._engine.abort(self.request_id)
+
+    def __del__(self) -> None:
+        if not self._done:
+            with contextlib.suppress(Exception):
+                self._engine.abort_nowait(self.request_id)
