@@ -130,7 +130,8 @@ def test_sbatch_job_writes_its_output(slurm_env: dict[str, str], tmp_path: Path)
 
 
 def test_scancel_leaves_no_step_process(slurm_env: dict[str, str], tmp_path: Path) -> None:
-    # Each task writes its own pid, then becomes `sleep` (same pid).
+    # Each task writes its own pid (to a temp name, renamed once complete, so a reader never
+    # sees a half-written file), then becomes `sleep` (same pid).
     job_id = _run(
         [
             "sbatch",
@@ -140,7 +141,8 @@ def test_scancel_leaves_no_step_process(slurm_env: dict[str, str], tmp_path: Pat
             "-o",
             "/dev/null",
             "--wrap",
-            "srun bash -c 'echo $$ > pid-$SLURMD_NODENAME; exec sleep 300'",
+            "srun bash -c 'echo $$ > tmp-$SLURMD_NODENAME && mv tmp-$SLURMD_NODENAME"
+            " pid-$SLURMD_NODENAME; exec sleep 300'",
         ],
         slurm_env,
     ).strip()
