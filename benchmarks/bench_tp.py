@@ -311,8 +311,8 @@ def main() -> int:
     say(f"TP={tp_size} shard built in {time.perf_counter() - t0:.1f} s; measuring")
     result = measure(Driver(runner, tp, device), cfg, args)
     tp.broadcast_object(None)
-    tp.close()
     report(base, result, tp_size, args)
+    tp.close()
     return 0
 
 

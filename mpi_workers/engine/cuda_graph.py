@@ -11,12 +11,17 @@ no sequence's cache. Logits are computed outside the graph.
 
 Graphs are captured lazily, the first time a shape is seen. Under tensor parallelism every
 rank runs the same plans, so every rank captures the same graphs in the same order and the
-NCCL all-reduces recorded in them line up.
+NCCL all-reduces recorded in them line up. Graphs that recorded NCCL collectives hold the
+communicator: destroying the process group while they live hangs (seen on the H200 pair,
+NCCL 2.28: this, not the capture, was the "TP capture hang"), so `release_all()` drops
+every live graph first (`TpRuntime.close` calls it).
 """
 
 from __future__ import annotations
 
+import gc
 import logging
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -27,6 +32,16 @@ from mpi_workers.engine.model import LlamaForCausalLM
 logger = logging.getLogger(__name__)
 
 MIN_CONTEXT_BLOCKS = 16
+_LIVE: weakref.WeakSet[DecodeGraphs] = weakref.WeakSet()
+
+
+def release_all() -> None:
+    """Drop every live decode graph (and its pool), then wait for the GPU."""
+    for graphs in list(_LIVE):
+        graphs.release()
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
 
 
 def batch_bucket(n: int) -> int:
@@ -88,6 +103,12 @@ class DecodeGraphs:
         self.device = device
         self.max_batch = batch_bucket(max_batch)
         self.graphs: dict[tuple[int, int], _Graph] = {}
+        self.pool = None
+        _LIVE.add(self)
+
+    def release(self) -> None:
+        """Free the captured graphs; later steps capture again."""
+        self.graphs.clear()
         self.pool = None
 
     def accepts(self, plan) -> bool:

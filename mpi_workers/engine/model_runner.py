@@ -86,9 +86,9 @@ class ModelRunner:
             # cuDNN attention builds an execution plan per new shape (tens of ms): with a
             # context that grows every decode step that is paid on every step.
             torch.backends.cuda.enable_cudnn_sdp(False)
-            # Under TP the capture of the NCCL all-reduces hung on the H200 pair (not yet
-            # understood): graphs stay off there unless HPCSERVE_TP_CUDA_GRAPHS=1.
-            tp_graphs = os.environ.get("HPCSERVE_TP_CUDA_GRAPHS", "") == "1"
+            # Under TP the NCCL all-reduces are captured in the graphs too (every rank
+            # captures the same shapes in the same order). HPCSERVE_TP_CUDA_GRAPHS=0 opts out.
+            tp_graphs = os.environ.get("HPCSERVE_TP_CUDA_GRAPHS", "1") not in ("0", "false", "no")
             if not enforce_eager and (model.tp.size == 1 or tp_graphs):
                 self._add_scratch_block()
                 max_blocks = -(-model.rotary.cos.shape[0] // self.block_size)

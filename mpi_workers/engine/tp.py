@@ -117,6 +117,11 @@ class TpRuntime:
 
     def close(self) -> None:
         if dist.is_initialized():
+            if self.device.type == "cuda":
+                # Live CUDA graphs holding NCCL collectives make the destroy below hang.
+                from mpi_workers.engine.cuda_graph import release_all
+
+                release_all()
             dist.destroy_process_group()
 
 
