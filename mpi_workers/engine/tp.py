@@ -10,10 +10,12 @@ Only torch and mpi4py are imported here: the GPU benchmark uses this module as i
 
 from __future__ import annotations
 
+import fcntl
 import logging
 import os
 import pickle
 import socket
+import struct
 from datetime import timedelta
 from typing import Any
 
@@ -29,13 +31,48 @@ CONTROL_TIMEOUT = timedelta(days=7)  # followers wait this long for the next ste
 HEAD_BYTES = 16384  # one control broadcast carries plans up to this size
 
 
+def node_name() -> str:
+    """This rank's node. Slurm's name first: nodes may share one hostname (containers, the
+    network-namespace test cluster), and only SLURMD_NODENAME tells them apart."""
+    return os.environ.get("SLURMD_NODENAME") or socket.gethostname()
+
+
 def rendezvous_host(comm: Any) -> str:
-    """Loopback when the group shares one host, else this host's address (override:
+    """Loopback when the group shares one node, else this node's address (override:
     HPCSERVE_TP_HOST on rank 0)."""
-    names = comm.allgather(socket.gethostname())
+    names = comm.allgather(node_name())
     if len(set(names)) == 1:
         return "127.0.0.1"
-    return os.environ.get("HPCSERVE_TP_HOST") or socket.gethostbyname(socket.gethostname())
+    return os.environ.get("HPCSERVE_TP_HOST") or socket.gethostbyname(node_name())
+
+
+def interface_of(address: str) -> str | None:
+    """The local network interface that holds `address` (Linux), or None."""
+    siocgifaddr = 0x8915
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        for _, name in socket.if_nameindex():
+            request = struct.pack("256s", name.encode()[:15])
+            try:
+                reply = fcntl.ioctl(sock.fileno(), siocgifaddr, request)
+            except OSError:
+                continue
+            if socket.inet_ntoa(reply[20:24]) == address:
+                return name
+    return None
+
+
+def pin_gloo_interface() -> None:
+    """Gloo finds its own address by resolving the hostname, which is wrong where nodes share
+    one (containers, network namespaces): point it at the interface of this node's address."""
+    if os.environ.get("GLOO_SOCKET_IFNAME"):
+        return
+    try:
+        interface = interface_of(socket.gethostbyname(node_name()))
+    except OSError:
+        return
+    if interface is not None and interface != "lo":
+        os.environ["GLOO_SOCKET_IFNAME"] = interface
+        logger.info("gloo uses interface %s (node %s)", interface, node_name())
 
 
 class TpRuntime:
@@ -60,11 +97,13 @@ class TpRuntime:
             store = dist.TCPStore(host, 0, size, is_master=True, wait_for_workers=False)
             address = (host, store.port)
         else:
-            comm.allgather(socket.gethostname())
+            comm.allgather(node_name())
         host, port = comm.bcast(address, root=0)
         if store is None:
             store = dist.TCPStore(host, port, size, is_master=False)
         backend = "nccl" if device.type == "cuda" else "gloo"
+        if host != "127.0.0.1":
+            pin_gloo_interface()
         dist.init_process_group(
             backend, store=store, rank=rank, world_size=size,
             timeout=timedelta(seconds=timeout_s),

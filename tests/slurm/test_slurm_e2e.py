@@ -156,6 +156,28 @@ def test_sbatch_job_serves_and_cancels(slurm_env: dict[str, str], model_dir: Pat
     assert job_status(job_id).state == "FINISHED"
 
 
+def test_tp_group_spanning_three_nodes_serves_and_cancels(
+    slurm_env: dict[str, str], model_dir: Path
+) -> None:
+    """One TP=3 engine, one rank per node (srun --mpi=pmi2 over n1..n3), gloo across nodes."""
+    config = CONFIG.parent / "slurm-agg-tp3.yaml"
+    out = hpcserve(slurm_env, "submit", str(config), "--set", f"model.path={model_dir}")
+    job_id = re.search(r"^job (\S+)$", out, re.M).group(1)  # type: ignore[union-attr]
+    job_dir = Path(re.search(r"^dir (\S+)$", out, re.M).group(1))  # type: ignore[union-attr]
+    try:
+        status = wait_state(job_id, "READY")
+        assert "Paris" in ask_paris(status.url or "")
+        log = hpcserve(slurm_env, "logs", job_id, "worker-agg-g0-i0")
+        for rank, node in enumerate(("n1", "n2", "n3")):
+            assert f"rank{rank}] mpi_workers.engine.tp: gloo uses interface eth0 (node {node})" in (
+                log
+            )
+    finally:
+        hpcserve(slurm_env, "cancel", job_id)
+    assert_nothing_left(job_dir)
+    assert job_status(job_id).state == "FINISHED"
+
+
 def test_submitit_job_serves_and_cancels(slurm_env: dict[str, str], model_dir: Path) -> None:
     from contract.config import load_config
 
