@@ -14,6 +14,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+from cluster_helpers import running_cluster
 
 pytestmark = [
     pytest.mark.slow,
@@ -23,7 +24,6 @@ pytestmark = [
     ),
 ]
 
-CLUSTER_SH = Path(__file__).resolve().parents[2] / "slurm" / "testing" / "cluster.sh"
 NODES = 3
 
 
@@ -59,24 +59,8 @@ def _alive(pid: int) -> bool:
 @pytest.fixture(scope="module")
 def slurm_env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
     """Bring up a 3-node cluster for the module; always tear it down, even after failures."""
-    env = dict(os.environ)
-    env["HPCSERVE_SLURM_DIR"] = str(tmp_path_factory.mktemp("slurm-cluster"))
-    try:
-        up = subprocess.run(
-            ["bash", str(CLUSTER_SH), "up", str(NODES)],
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=180,
-            check=False,
-        )
-        assert up.returncode == 0, f"cluster.sh up failed:\n{up.stdout}\n{up.stderr}"
-        export = up.stdout.strip().splitlines()[-1]
-        assert export.startswith("export SLURM_CONF="), up.stdout
-        env["SLURM_CONF"] = export.partition("=")[2]
+    with running_cluster(tmp_path_factory, NODES) as env:
         yield env
-    finally:
-        subprocess.run(["bash", str(CLUSTER_SH), "down"], env=env, timeout=120, check=False)
 
 
 def test_all_nodes_idle(slurm_env: dict[str, str]) -> None:

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import openai
 import pytest
+from cluster_helpers import running_cluster
 
 from slurm.jobs import JobStatus, cancel, job_status, submit_with_submitit
 
@@ -29,7 +30,6 @@ pytestmark = [
 ]
 
 REPO = Path(__file__).resolve().parents[2]
-CLUSTER_SH = REPO / "slurm" / "testing" / "cluster.sh"
 CONFIG = REPO / "configs" / "slurm-agg.yaml"
 HEAD_URL = "http://10.99.0.11:8000/v1"
 QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
@@ -40,31 +40,19 @@ OURS = ("nats-server", "etcd", "mpi_workers", "-m frontend", "slurm.wait_ready",
 @pytest.fixture(scope="module")
 def slurm_env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
     """A 3-node cluster for the module (always torn down); SLURM_CONF set in this process too."""
-    env = dict(os.environ)
-    env["HPCSERVE_SLURM_DIR"] = str(tmp_path_factory.mktemp("slurm-cluster"))
-    env["HPCSERVE_SLURM_JOBS"] = str(tmp_path_factory.mktemp("slurm-jobs"))
     saved = {key: os.environ.get(key) for key in ("SLURM_CONF", "HPCSERVE_SLURM_JOBS")}
-    try:
-        up = subprocess.run(
-            ["bash", str(CLUSTER_SH), "up", "3"],
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=180,
-            check=False,
-        )
-        assert up.returncode == 0, f"cluster.sh up failed:\n{up.stdout}\n{up.stderr}"
-        env["SLURM_CONF"] = up.stdout.strip().splitlines()[-1].partition("=")[2]
+    with running_cluster(tmp_path_factory, 3) as env:
+        env["HPCSERVE_SLURM_JOBS"] = str(tmp_path_factory.mktemp("slurm-jobs"))
         os.environ["SLURM_CONF"] = env["SLURM_CONF"]
         os.environ["HPCSERVE_SLURM_JOBS"] = env["HPCSERVE_SLURM_JOBS"]
-        yield env
-    finally:
-        subprocess.run(["bash", str(CLUSTER_SH), "down"], env=env, timeout=120, check=False)
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
+        try:
+            yield env
+        finally:
+            for key, value in saved.items():
+                if value is None:
+                    os.environ.pop(key, None)
+                else:
+                    os.environ[key] = value
 
 
 def hpcserve(env: dict[str, str], *args: str, timeout: float = 120) -> str:

@@ -1,0 +1,38 @@
+"""The namespace Slurm test cluster, brought up by the modules that need it."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+
+CLUSTER_SH = Path(__file__).resolve().parents[2] / "slurm" / "testing" / "cluster.sh"
+
+
+@contextmanager
+def running_cluster(
+    tmp_path_factory: pytest.TempPathFactory, nodes: int
+) -> Iterator[dict[str, str]]:
+    """`cluster.sh up N`, yield an environment with SLURM_CONF; always `down`, even on failure."""
+    env = dict(os.environ)
+    env["HPCSERVE_SLURM_DIR"] = str(tmp_path_factory.mktemp("slurm-cluster"))
+    try:
+        up = subprocess.run(
+            ["bash", str(CLUSTER_SH), "up", str(nodes)],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=180,
+            check=False,
+        )
+        assert up.returncode == 0, f"cluster.sh up failed:\n{up.stdout}\n{up.stderr}"
+        export = up.stdout.strip().splitlines()[-1]
+        assert export.startswith("export SLURM_CONF="), up.stdout
+        env["SLURM_CONF"] = export.partition("=")[2]
+        yield env
+    finally:
+        subprocess.run(["bash", str(CLUSTER_SH), "down"], env=env, timeout=120, check=False)
