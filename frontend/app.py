@@ -271,6 +271,7 @@ class FrontendState:
                 reconcile_interval_s=kv.reconcile_interval_s,
             )
             self.router = KvRouter(kv, self.kv_feed.index, self.tracker)
+            self.metrics.track_kv_index(self.kv_feed.index.num_blocks)
         else:
             self.router = make_router(config.frontend.router, self.tracker)
         self.directory = WorkerDirectory(config.services.etcd.endpoint, config.name)

@@ -40,6 +40,10 @@ class KvIndex:
         self._holders: dict[int, set[str]] = {}
         self._blocks: dict[str, set[int]] = {}
 
+    def num_blocks(self) -> int:
+        """Distinct block hashes held by any worker."""
+        return len(self._holders)
+
     def store(self, worker_id: str, hashes: Iterable[int]) -> None:
         mine = self._blocks.setdefault(worker_id, set())
         for h in hashes:

@@ -6,6 +6,8 @@ Latencies are what users feel: time to first token and the gap between streamed 
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
     CollectorRegistry,
@@ -98,6 +100,15 @@ class FrontendMetrics:
             "generated tokens of finished requests",
             registry=self.registry,
         )
+
+    def track_kv_index(self, num_blocks: Callable[[], int]) -> None:
+        """Expose the KV router's index size (read at scrape time)."""
+        gauge = Gauge(
+            "hpcserve_frontend_kv_index_blocks",
+            "distinct KV block hashes the KV router knows workers hold",
+            registry=self.registry,
+        )
+        gauge.set_function(num_blocks)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

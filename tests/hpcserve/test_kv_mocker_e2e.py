@@ -44,6 +44,22 @@ def cached(body: dict) -> int:
     return (body["usage"].get("prompt_tokens_details") or {}).get("cached_tokens", 0)
 
 
+def kv_index_blocks(up: UpProcess, http: httpx.Client) -> float:
+    metrics = http.get(up.base_url.removesuffix("/v1") + "/metrics").text
+    for line in metrics.splitlines():
+        if line.startswith("hpcserve_frontend_kv_index_blocks "):
+            return float(line.split()[1])
+    raise AssertionError("no hpcserve_frontend_kv_index_blocks in /metrics")
+
+
+def wait_for_kv_index(up: UpProcess, http: httpx.Client, at_least: float) -> None:
+    """Poll until the worker's KV events (worker → NATS → frontend) reached the router's index."""
+    deadline = time.monotonic() + 30
+    while kv_index_blocks(up, http) < at_least:
+        assert time.monotonic() < deadline, f"KV index below {at_least} blocks after 30 s"
+        time.sleep(0.05)
+
+
 def test_eight_simulated_workers_registered(up: UpProcess, http: httpx.Client) -> None:
     assert http.get(up.base_url.removesuffix("/v1") + "/health").json()["workers"] == 8
     workers = [name for name in up.pids() if name.startswith("worker-")]
@@ -52,13 +68,16 @@ def test_eight_simulated_workers_registered(up: UpProcess, http: httpx.Client) -
     assert body["simulated"] is True and body["usage"]["completion_tokens"] == 3
 
 
-def test_repeated_long_prefix_goes_to_the_worker_that_cached_it(http: httpx.Client) -> None:
+def test_repeated_long_prefix_goes_to_the_worker_that_cached_it(
+    up: UpProcess, http: httpx.Client
+) -> None:
     rng = random.Random(1)
     for conversation in range(3):
         prefix = [rng.randrange(100, 40000) for _ in range(320)]  # 20 blocks
+        known = kv_index_blocks(up, http)
         first = complete(http, [*prefix, 1, 2, 3])
         assert cached(first) == 0, f"conversation {conversation}: a fresh prefix was cached"
-        time.sleep(0.3)  # the KV events travel worker → NATS → frontend index
+        wait_for_kv_index(up, http, known + 20)  # the prefix's 20 blocks are known
         for turn in range(5):
             body = complete(http, [*prefix, 50 + turn, 60 + turn, 70, 80])
             assert cached(body) >= 320, (conversation, turn, body["usage"])
