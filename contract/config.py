@@ -185,7 +185,10 @@ class DeploymentConfig(_Section):
 
 def _check_disaggregation(config: DeploymentConfig) -> None:
     """Roles prefill/decode come together (or decode alone with local-prefill fallback);
-    fills in the strategy's default (the seed's: prefill_first with the kv router)."""
+    fills in the strategy's default (the seed's: prefill_first with the kv router).
+    Their TP degrees may differ: KV travels with every global head and each group's leader
+    maps it to its ranks' heads (whether a degree splits the model's heads is checked
+    against the model at launch, naming `workers.N.tp`)."""
     disagg = config.disaggregation
     if disagg.strategy is None:
         disagg.strategy = "prefill_first" if config.frontend.router == "kv" else "decode_first"
@@ -209,13 +212,6 @@ def _check_disaggregation(config: DeploymentConfig) -> None:
         raise ValueError(
             "disaggregation.strategy: prefill_first needs a prefill worker group"
         )
-    for index, group in enumerate(config.workers):
-        if group.role in ("prefill", "decode") and group.tp != 1:
-            raise ValueError(
-                f"workers.{index}.tp: KV transfer between tensor-parallel groups is not wired "
-                "yet (head mapping is ready in mpi_workers.kv_transfer.layout); use tp 1 "
-                "for prefill/decode workers"
-            )
 
 
 def load_config(

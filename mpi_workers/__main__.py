@@ -62,6 +62,11 @@ def main(argv: list[str] | None = None) -> int:
     if not 0 <= args.group < len(config.workers):
         logger.error("--group %d: the config has %d group(s)", args.group, len(config.workers))
         return 2
+    spec = config.workers[args.group]
+    if spec.tp > 1 and spec.role in ("prefill", "decode") and args.engine_factory is None:
+        from mpi_workers.kv_transfer import preload
+
+        preload(config.disaggregation.kv_transfer)  # before mpi4py loads MPI (see preload)
     try:
         ranks = resolve_rank_group(config, args.group, args.index)
     except ConfigError as exc:

@@ -1,7 +1,9 @@
 """A tensor-parallel follower rank: hold a shard, run every step the leader broadcasts.
 
 The follower has no scheduler, no NATS, no etcd: it receives the pool sizes once, then
-`StepPlan`s until the leader sends None (shutdown). Any error (including a dead leader,
+`StepPlan`s until the leader sends None (shutdown); between steps it may send a group
+command with a `follow(kv_cache, tp)` method (`kv_transfer.shards`: KV moved to or from
+this rank's heads in disaggregated serving). Any error (including a dead leader,
 which surfaces as a closed connection) ends the process non-zero, so the leader's next
 collective fails at once instead of hanging.
 """
@@ -18,7 +20,7 @@ import torch
 from mpi_workers.engine.kv_cache import KvCache
 from mpi_workers.engine.loader import load_model
 from mpi_workers.engine.model_config import load_model_config
-from mpi_workers.engine.model_runner import ModelRunner
+from mpi_workers.engine.model_runner import ModelRunner, StepPlan
 from mpi_workers.engine.tp import TpRuntime
 
 logger = logging.getLogger(__name__)
@@ -55,7 +57,10 @@ def follow(runner: ModelRunner, tp: TpRuntime) -> int:
             plan = tp.broadcast_object()
             if plan is None:
                 break
-            runner.execute(plan)
+            if isinstance(plan, StepPlan):
+                runner.execute(plan)
+            else:  # a group command (disaggregation: KV to or from this rank's heads)
+                plan.follow(runner.kv_cache, tp)
             steps += 1
     logger.info("leader said stop after %d steps (%.0f s)", steps, time.monotonic() - start)
     tp.close()

@@ -6,6 +6,8 @@ Token-identical output with aggregated serving follows from doing exactly what t
 aggregated engine does: the prefill worker runs the prompt as one request and samples the
 first token with the request's generator; the decode worker imports the prompt's KV and the
 generator's state and continues from the same sequence state an aggregated engine would have.
+Under tensor parallelism the KV moves between the leader and its ranks' head shards on the
+stepping thread (`export_on_thread`, `import_on_thread`; see `kv_transfer.shards`).
 """
 
 from __future__ import annotations
@@ -18,7 +20,9 @@ import torch
 
 from contract.messages import GenerateOutput, GenerateRequest
 from mpi_workers.engine.sequence import SeqStatus, Sequence
+from mpi_workers.kv_transfer.blocks import staging_shape
 from mpi_workers.kv_transfer.layout import KvLayout
+from mpi_workers.kv_transfer.shards import KvGather, KvScatter, lead_gather, lead_scatter
 
 
 @dataclass
@@ -35,26 +39,54 @@ class Reservation:
 
 
 def kv_layout(engine: Any) -> KvLayout:
+    """This group's side of the handshake: the model's global KV heads and our TP degree
+    (the transfer itself always carries every global head: see `staging_for`)."""
     cfg = engine.config
-    tp = getattr(engine, "tp", None)
     return KvLayout(
         num_layers=cfg.num_layers,
         block_size=engine.block_size,
         num_kv_heads=cfg.num_kv_heads,
         head_dim=cfg.head_dim,
         dtype=str(engine.dtype).removeprefix("torch."),
-        tp_size=tp.size if tp is not None else 1,
+        tp_size=tp_size(engine),
     )
 
 
-def check_single_rank(engine: Any) -> None:
-    """KV transfer moves the leader's cache only: a TP group would need every rank's shard."""
+def tp_size(engine: Any) -> int:
     tp = getattr(engine, "tp", None)
-    if tp is not None and tp.size > 1:
-        raise NotImplementedError(
-            "KV transfer with tensor parallelism (tp > 1) is not wired yet: each rank would "
-            "send its head range (see kv_transfer.layout.plan_head_transfers)"
-        )
+    return tp.size if tp is not None else 1
+
+
+def staging_for(engine: Any, num_blocks: int) -> torch.Tensor:
+    """An empty transfer buffer for `num_blocks`: every *global* KV head of the model,
+    whatever this group's TP degree (the leader scatters or gathers the rank shards)."""
+    cache, cfg = engine.kv_cache, engine.config
+    _, block_size, _, head_dim = cache.k[0].shape
+    shape = staging_shape(num_blocks, len(cache.k), block_size, cfg.num_kv_heads, head_dim)
+    return torch.empty(shape, dtype=cache.k[0].dtype, device=cache.k[0].device)
+
+
+def export_on_thread(engine: Any, block_ids: list[int]) -> torch.Tensor:
+    """Under TP (stepping thread): every rank's heads of `block_ids`, joined on the leader."""
+    if not block_ids:
+        return staging_for(engine, 0)
+    return engine.run_group_command(
+        KvGather(list(block_ids)),
+        lambda: lead_gather(engine.tp, engine.kv_cache, block_ids, engine.config.num_kv_heads),
+    )
+
+
+def import_on_thread(engine: Any, staging: torch.Tensor, block_ids: list[int]) -> None:
+    """Under TP (stepping thread): write the received global staging into every rank's heads
+    of `block_ids`."""
+    if not block_ids:
+        return
+    engine.run_group_command(
+        KvScatter(list(block_ids)),
+        lambda: lead_scatter(
+            engine.tp, engine.kv_cache, staging, block_ids, engine.config.num_kv_heads
+        ),
+    )
 
 
 def prompt_blocks(engine: Any, num_prompt_tokens: int) -> int:

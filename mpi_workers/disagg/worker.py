@@ -14,6 +14,10 @@ then streams the rest to the same reply inbox. Held blocks are freed once packed
 sending, or after the transfer timeout if nobody asks. Aborts reaching the prefill worker
 are forwarded to the decoder.
 
+Tensor parallelism: the transfer endpoint is the group leader's; the KV on the wire always
+holds every global KV head, and the leader scatters (decode) or gathers (prefill) the ranks'
+head shards on the stepping thread (`kv_transfer.shards`), so prefill and decode TP may differ.
+
 Test hook: `HPCSERVE_FAULT_PREFILL_EXIT=<worker_id>` makes that prefill worker exit abruptly
 after computing a prefill and before pushing its KV (a crash mid-transfer).
 """
@@ -48,7 +52,7 @@ from contract.discovery import KvTransferInfo, WorkerCard, WorkerDirectory
 from contract.messages import AbortRequest, GenerateOutput, GenerateRequest
 from mpi_workers.disagg import engine_ops as ops
 from mpi_workers.kv_transfer import KvTransport, make_transport
-from mpi_workers.kv_transfer.blocks import pack_blocks, staging_shape, unpack_blocks
+from mpi_workers.kv_transfer.blocks import pack_blocks, unpack_blocks
 from mpi_workers.worker import Worker, error_param
 
 logger = logging.getLogger(__name__)
@@ -88,7 +92,6 @@ class DisaggWorker(Worker):
         super().__init__(engine, **kwargs)
         if self.role not in ("prefill", "decode"):
             raise ValueError(f"DisaggWorker serves roles prefill/decode, not {self.role!r}")
-        ops.check_single_rank(engine)
         self.disagg = disaggregation
         self.strategy = disaggregation.strategy or "decode_first"
         self.transport: KvTransport | None = None
@@ -269,11 +272,26 @@ class DisaggWorker(Worker):
                 raise RuntimeError("KV pool full: no blocks free for the prompt's transfer")
             await asyncio.sleep(0.05)
 
-    def _staging(self, num_blocks: int) -> torch.Tensor:
-        cache = self.engine.kv_cache
-        _, block_size, heads, head_dim = cache.k[0].shape
-        shape = staging_shape(num_blocks, len(cache.k), block_size, heads, head_dim)
-        return torch.empty(shape, dtype=cache.k[0].dtype, device=cache.k[0].device)
+    async def _import_kv(self, staging: torch.Tensor, block_ids: list[int]) -> None:
+        """Write received KV (every global head) into our reserved blocks. TP 1: off the
+        stepping thread (the blocks are reserved: no step touches them). TP > 1: on the
+        stepping thread, which scatters each rank its heads between two steps."""
+        engine = self.engine
+        if ops.tp_size(engine) == 1:
+            cache = engine.kv_cache
+            await asyncio.to_thread(unpack_blocks, staging, cache.k, cache.v, block_ids)
+            return
+        await engine.call_in_engine_thread(
+            lambda: ops.import_on_thread(engine, staging, block_ids)
+        )
+
+    async def _export_kv(self, block_ids: list[int]) -> torch.Tensor:
+        """Our held blocks' KV with every global head (TP > 1: gathered from every rank)."""
+        engine = self.engine
+        if ops.tp_size(engine) == 1:
+            cache = engine.kv_cache
+            return await asyncio.to_thread(pack_blocks, cache.k, cache.v, block_ids)
+        return await engine.call_in_engine_thread(lambda: ops.export_on_thread(engine, block_ids))
 
     async def _receive_kv(
         self, reservation: ops.Reservation, prefill: WorkerCard, send: Any
@@ -282,7 +300,7 @@ class DisaggWorker(Worker):
         worker), and wait for both the reply and the data; unpack into the reserved blocks."""
         assert self.transport is not None and self._nc is not None
         transfer_id = f"{reservation.seq.request_id}-{uuid.uuid4().hex[:8]}"
-        staging = self._staging(len(reservation.missing_blocks))
+        staging = ops.staging_for(self.engine, len(reservation.missing_blocks))
         ticket = self.transport.expect(transfer_id, staging, self.layout)
         landed = self.transport.future(transfer_id)
         timeout = self.disagg.transfer_timeout_s
@@ -320,10 +338,7 @@ class DisaggWorker(Worker):
         finally:
             reply_task.cancel()
             self.transport.cancel(transfer_id)
-        cache = self.engine.kv_cache
-        await asyncio.to_thread(
-            unpack_blocks, staging, cache.k, cache.v, reservation.missing_blocks
-        )
+        await self._import_kv(staging, reservation.missing_blocks)
         return reply_task.result()
 
     @staticmethod
@@ -481,9 +496,8 @@ class DisaggWorker(Worker):
 
     async def _pack_and_free(self, seq: Any, num_prompt_tokens: int, skip: int) -> torch.Tensor:
         blocks = seq.block_table[skip : ops.prompt_blocks(self.engine, num_prompt_tokens)]
-        cache = self.engine.kv_cache
         try:
-            return await asyncio.to_thread(pack_blocks, cache.k, cache.v, blocks)
+            return await self._export_kv(blocks)
         finally:
             await self._free_soon(seq)
 

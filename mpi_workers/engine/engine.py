@@ -212,10 +212,33 @@ class TorchEngine(StreamingEngine):
         frees blocks this way). Runs inline when the thread is not running."""
         if self._thread is None:
             return fn()
+        if self.failed is not None:
+            raise RuntimeError(f"engine failed: {self.failed}")
         loop = asyncio.get_running_loop()
         done = loop.create_future()
         self._commands.put(("call", (fn, (loop, done))))
         return await done
+
+    def run_group_command(self, command: Any, lead: Callable[[], Any]) -> Any:
+        """On the stepping thread (inside `call_in_engine_thread`): send `command` to the TP
+        followers on the step-plan channel (they run `command.follow(kv_cache, tp)`), then
+        run the leader's half `lead()` and return its result. Disaggregation moves KV between
+        the leader and the ranks' head shards this way. It is a step like any other: the
+        watchdog bounds it, and a failure is fatal to the group (the ranks may now disagree)."""
+        if self.tp is None:
+            return lead()
+        if self.failed is not None:
+            raise RuntimeError(f"engine failed: {self.failed}")
+        self._step_started = time.monotonic()
+        try:
+            self.tp.broadcast_object(command)
+            return lead()
+        except Exception as exc:
+            logger.exception("tensor-parallel %s failed", type(command).__name__)
+            self._fail_group(f"{type(exc).__name__}: {exc}")
+            raise
+        finally:
+            self._step_started = None
 
     def _make_sequence(self, request: GenerateRequest) -> Sequence:
         p = request.sampling
@@ -310,6 +333,13 @@ class TorchEngine(StreamingEngine):
             kind, arg = self._commands.get_nowait()
             if kind == "add":
                 self._finish(arg, "error", error=f"tensor-parallel group failed: {reason}")
+            elif kind in ("abort", "reset_prefix_cache") and arg[1] is not None:
+                arg[1][0].call_soon_threadsafe(_resolve, arg[1][1])
+            elif kind == "call":  # a waiting caller (disaggregation) must not hang
+                loop, future = arg[1]
+                error = RuntimeError(f"tensor-parallel group failed: {reason}")
+                with contextlib.suppress(RuntimeError):
+                    loop.call_soon_threadsafe(_settle, future, None, error)
         if self._fatal_handler is not None:
             self._fatal_handler(reason)
 

@@ -126,6 +126,21 @@ class TpRuntime:
         dist.gather(x, None, dst=0)
         return None
 
+    def scatter(self, out: torch.Tensor, parts: list[torch.Tensor] | None = None) -> torch.Tensor:
+        """Rank 0 sends `parts[r]` to rank r (equal shapes, contiguous); every rank's `out`
+        receives its part. On the data group: device tensors, the group's bounded timeout."""
+        dist.scatter(out, parts if self.rank == 0 else None, src=0)
+        return out
+
+    def gather_list(self, x: torch.Tensor) -> list[torch.Tensor] | None:
+        """Every rank's `x` (equal shapes) on rank 0, in rank order; None elsewhere."""
+        if self.rank == 0:
+            parts = [torch.empty_like(x) for _ in range(self.size)]
+            dist.gather(x.contiguous(), parts, dst=0)
+            return parts
+        dist.gather(x.contiguous(), None, dst=0)
+        return None
+
     def broadcast_object(self, obj: Any = None) -> Any:
         """Rank 0 sends `obj` (pickled) to every rank; each returns it.
 

@@ -31,6 +31,20 @@ def make_transport(backend: str, name: str = "hpcserve") -> KvTransport:
     raise ValueError(f"kv_transfer: unknown backend {backend!r}; use one of {BACKENDS}")
 
 
+def preload(backend: str) -> None:
+    """Load `backend`'s native libraries now, before mpi4py loads MPI.
+
+    Why: ucxx ships its own (newer) UCX, and pip's MPICH links an older one; whichever is
+    loaded first provides `libucs` for the whole process, and ucxx then fails on the older one
+    (`libuct.so: undefined symbol`), while MPICH runs fine on the newer. So a TP rank of a
+    prefill/decode group loads ucxx first. Other backends need nothing.
+    """
+    if backend == "ucx":
+        from mpi_workers.kv_transfer.ucx import _import_ucxx
+
+        _import_ucxx()
+
+
 __all__ = [
     "BACKENDS",
     "KvLayout",
@@ -38,4 +52,5 @@ __all__ = [
     "KvTransport",
     "TransferError",
     "make_transport",
+    "preload",
 ]

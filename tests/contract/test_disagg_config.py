@@ -57,11 +57,13 @@ def test_roles_must_come_in_pairs_or_with_fallback() -> None:
         )  # fmt: skip
 
 
-def test_disaggregation_needs_the_torch_engine_and_tp1_for_now() -> None:
+def test_disaggregation_needs_the_torch_engine_and_tp_may_differ() -> None:
     with pytest.raises(ConfigError, match=r"engine\.kind .torch."):
         _load("engine.kind=mocker")
-    with pytest.raises(ConfigError, match=r"workers\.1\.tp: KV transfer between tensor-parallel"):
-        _load("workers.1.tp=3")
+    assert [g.tp for g in _load("workers.1.tp=3").workers] == [1, 3]
+    assert [g.tp for g in _load("workers.0.tp=3").workers] == [3, 1]
+    tp3 = load_config("configs/local-disagg-tp3.yaml", environ={})
+    assert [(g.role, g.tp) for g in tp3.workers] == [("prefill", 1), ("decode", 3)]
     with pytest.raises(ConfigError, match="kv_transfer"):
         _load("disaggregation.kv_transfer=carrier_pigeon")
 
