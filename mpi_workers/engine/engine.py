@@ -235,8 +235,9 @@ class TorchEngine(StreamingEngine):
             return lead()
         except Exception as exc:
             logger.exception("tensor-parallel %s failed", type(command).__name__)
-            self._fail_group(f"{type(exc).__name__}: {exc}")
-            raise
+            reason = f"{type(exc).__name__}: {exc}"
+            self._fail_group(reason)
+            raise RuntimeError(f"tensor-parallel group failed: {reason}") from exc
         finally:
             self._step_started = None
 

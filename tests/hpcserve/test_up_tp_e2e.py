@@ -18,7 +18,14 @@ from pathlib import Path
 
 import openai
 import pytest
-from up_helpers import UpProcess, alive, openai_client, processes_mentioning, started
+from up_helpers import (
+    UpProcess,
+    alive,
+    openai_client,
+    processes_mentioning,
+    rank_pids,
+    started,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -36,20 +43,6 @@ def up(tmp_path_factory: pytest.TempPathFactory) -> Iterator[UpProcess]:
 @pytest.fixture(scope="module")
 def client(up: UpProcess) -> openai.OpenAI:
     return openai_client(up)
-
-
-def rank_pids(run_dir: Path) -> dict[int, int]:
-    """MPI rank -> PID of the real rank processes (children of the rank guards)."""
-    ranks = {}
-    for pid in processes_mentioning(str(run_dir)):
-        try:
-            env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        if b"HPCSERVE_RANK_GUARD=child" in env:
-            rank = next(v for v in env if v.startswith(b"PMI_RANK="))
-            ranks[int(rank.split(b"=")[1])] = pid
-    return ranks
 
 
 def tp1_tokens(model_dir: Path, prompt: list[int], max_tokens: int) -> list[int]:

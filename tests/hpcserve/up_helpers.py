@@ -132,3 +132,17 @@ def processes_mentioning(text: str) -> list[int]:
         if text in cmdline and alive(int(entry.name)):
             found.append(int(entry.name))
     return found
+
+
+def rank_pids(run_dir: Path) -> dict[int, int]:
+    """MPI rank -> PID of the real rank processes (children of the rank guards)."""
+    ranks = {}
+    for pid in processes_mentioning(str(run_dir)):
+        try:
+            env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if b"HPCSERVE_RANK_GUARD=child" in env:
+            rank = next(v for v in env if v.startswith(b"PMI_RANK="))
+            ranks[int(rank.split(b"=")[1])] = pid
+    return ranks

@@ -53,7 +53,7 @@ async def test_group_command_runs_between_steps_and_a_failure_is_fatal(
         assert result == "lead ran" and tp.sent[-1] is command
 
         tp.fail_with = RuntimeError("Connection closed by peer")
-        with pytest.raises(RuntimeError, match="Connection closed"):
+        with pytest.raises(RuntimeError, match="group failed: RuntimeError: Connection closed"):
             await asyncio.wait_for(
                 engine.call_in_engine_thread(
                     lambda: engine.run_group_command(KvGather([3]), lambda: None)

@@ -1,0 +1,197 @@
+"""`hpcserve up configs/local-disagg-tp3.yaml` end to end, prefill and decode of differing TP:
+a TP 1 prefill worker feeding a TP 3 decode worker (3 MPI ranks, one KV head each;
+decode_first over the `tcp` transport), and the reverse, TP 3 prefill -> TP 1 decode
+(prefill_first over `ucx`). Outputs must be token-identical to aggregated serving of the
+same model, greedy and with seeded sampling, one at a time and all at once.
+
+The aggregated reference is the built-in engine run in this test process (TP 1) on the same
+token ids, as in test_disagg_e2e.py. One deployment per direction (a module-scoped
+parametrized fixture); each one's last test kills a follower rank of its TP group while idle:
+the next request fails with a clear error (no hang) and the deployment stops.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import openai
+import pytest
+from up_helpers import UpProcess, alive, openai_client, rank_pids, started
+
+from contract.messages import GenerateRequest, SamplingParams
+from frontend.tokenization import TextTokenizer
+
+pytestmark = pytest.mark.slow
+
+PROMPTS = [
+    "The capital of France is",
+    "Write a haiku about the sea.",
+    "def fibonacci(n):",
+    "Explain why the sky is blue in one sentence. " * 3,  # > 2 blocks: multi-block transfer
+    "Once upon a time, in a small village,",
+]
+MAX_TOKENS = 20
+# (test id, --set overrides, the TP group's worker, its first group command)
+DEPLOYMENTS = [
+    (
+        "prefill1-decode3-tcp",
+        ["disaggregation.kv_transfer=tcp", "disaggregation.strategy=decode_first"],
+        "worker-decode-g1-i0",
+        "KvScatter",
+    ),
+    (
+        "prefill3-decode1-ucx",
+        [
+            "disaggregation.kv_transfer=ucx", "disaggregation.strategy=prefill_first",
+            "workers.0.tp=3", "workers.1.tp=1",
+        ],
+        "worker-prefill-g0-i0",
+        "step",
+    ),
+]  # fmt: skip
+
+
+def cases() -> list[tuple[int, dict]]:
+    """Every prompt greedy and with seeded sampling."""
+    out = []
+    for i in range(len(PROMPTS)):
+        out.append((i, {"temperature": 0.0}))
+        out.append((i, {"temperature": 0.9, "top_p": 0.95, "seed": 2000 + i}))
+    return out
+
+
+@pytest.fixture(scope="module")
+def tokenizer(model_dir: Path) -> TextTokenizer:
+    return TextTokenizer(model_dir)
+
+
+@pytest.fixture(scope="module")
+def prompt_ids(tokenizer: TextTokenizer) -> list[list[int]]:
+    return [tokenizer.encode(p) for p in PROMPTS]
+
+
+@pytest.fixture(scope="module")
+def reference(model_dir: Path, tokenizer: TextTokenizer, prompt_ids: list[list[int]]) -> dict:
+    """Aggregated serving's text for every case (all at once in one TP 1 engine)."""
+    from mpi_workers.engine.engine import TorchEngine
+
+    engine = TorchEngine(
+        model_dir, block_size=16, kv_cache_memory_bytes=64 * 2**20, max_model_len=4096
+    )
+
+    async def run() -> list:
+        await engine.start()
+        try:
+            return await asyncio.gather(
+                *(
+                    engine.generate_all(
+                        GenerateRequest(
+                            request_id=f"ref-{n}",
+                            token_ids=prompt_ids[i],
+                            sampling=SamplingParams(max_tokens=MAX_TOKENS, **params),
+                        )
+                    )
+                    for n, (i, params) in enumerate(cases())
+                )
+            )
+        finally:
+            await engine.shutdown()
+
+    outs = asyncio.run(run())
+    return {
+        (i, json.dumps(params)): tokenizer.decode(out.token_ids)
+        for (i, params), out in zip(cases(), outs, strict=True)
+    }
+
+
+@pytest.fixture(scope="module", params=DEPLOYMENTS, ids=lambda d: d[0])
+def deployment(request: pytest.FixtureRequest) -> tuple:
+    return request.param
+
+
+@pytest.fixture(scope="module")
+def up(deployment: tuple, tmp_path_factory: pytest.TempPathFactory) -> Iterator[UpProcess]:
+    name, overrides, _, _ = deployment
+    run_dir = tmp_path_factory.mktemp(f"disagg-{name}") / "run"
+    args = ["configs/local-disagg-tp3.yaml", "--set", "frontend.port=0"]
+    for override in overrides:
+        args += ["--set", override]
+    with started(args, run_dir) as process:
+        yield process
+
+
+def test_one_group_has_three_ranks(up: UpProcess) -> None:
+    assert sorted(rank_pids(up.run_dir)) == [0, 1, 2]  # the TP 1 worker is no MPI rank
+
+
+def test_single_requests_match_aggregated(
+    up: UpProcess, reference: dict, prompt_ids: list[list[int]]
+) -> None:
+    client = openai_client(up)
+    model = client.models.list().data[0].id
+    for i, params in cases()[4:8]:  # greedy and seeded; a short and a multi-block prompt
+        response = client.completions.create(
+            model=model, prompt=prompt_ids[i], max_tokens=MAX_TOKENS, **params
+        )
+        assert response.choices[0].text == reference[(i, json.dumps(params))], (i, params)
+
+
+def test_concurrent_requests_match_aggregated(
+    up: UpProcess, reference: dict, prompt_ids: list[list[int]]
+) -> None:
+    async def run() -> list[str]:
+        client = openai.AsyncOpenAI(
+            base_url=up.base_url, api_key="none", max_retries=0, timeout=180
+        )
+        model = (await client.models.list()).data[0].id
+        responses = await asyncio.gather(
+            *(
+                client.completions.create(
+                    model=model, prompt=prompt_ids[i], max_tokens=MAX_TOKENS, **params
+                )
+                for i, params in cases()
+            )
+        )
+        await client.close()
+        return [r.choices[0].text for r in responses]
+
+    texts = asyncio.run(run())
+    for (i, params), text in zip(cases(), texts, strict=True):
+        assert text == reference[(i, json.dumps(params))], (i, params)
+
+
+def test_dead_follower_fails_the_request_and_the_group(
+    up: UpProcess, deployment: tuple, prompt_ids: list[list[int]]
+) -> None:
+    """Runs last: it brings the deployment down. A follower killed while idle is noticed at
+    the TP group's next collective (TP 3 decode: the KV scatter; TP 3 prefill: the prefill
+    step): that request fails at once, the TP worker deregisters and exits non-zero, and
+    `hpcserve up` stops everything."""
+    _, _, worker, first_command = deployment
+    ranks = rank_pids(up.run_dir)
+    os.kill(ranks[2], signal.SIGKILL)
+    deadline = time.monotonic() + 30
+    while alive(ranks[2]):
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    client = openai_client(up, timeout=90)
+    model = client.models.list().data[0].id
+    started_at = time.monotonic()
+    with pytest.raises(openai.APIStatusError) as error:
+        client.completions.create(
+            model=model, prompt=prompt_ids[0], max_tokens=MAX_TOKENS, temperature=0.0
+        )
+    assert time.monotonic() - started_at < 60
+    message = str(error.value)  # the request's own error, or the worker's as it stops
+    assert "tensor-parallel group failed" in message or "engine failed" in message, message
+    assert up.finish(timeout_s=90) == 1, up.output
+    assert f"{worker} exited with code" in up.output
+    log = (up.run_dir / "logs" / f"{worker}.log").read_text()
+    assert f"tensor-parallel {first_command} failed" in log and "deregistered" in log
+    assert [pid for pid in ranks.values() if alive(pid)] == []
