@@ -1,10 +1,12 @@
 """Gather a sequence's KV blocks into one contiguous staging tensor, and scatter it back.
 
 Why staging: a block of one layer is contiguous in the paged cache, but a transfer covers
-every layer's K and V and (under TP) only a range of heads, which is strided. One packed
-tensor `[blocks, layers, 2 (K, V), block_size, heads, head_dim]` is one registered buffer
-and one message, whatever the TP split. Both functions run off the engine's stepping thread
-(the blocks involved are held by the transfer, so no step writes them meanwhile).
+every layer's K and V (and, inside a TP group, a rank's range of heads, which is strided).
+One packed tensor `[blocks, layers, 2 (K, V), block_size, heads, head_dim]` is one registered
+buffer and one message. On the wire it holds every KV head of the model whatever the TP
+split; `shards` moves head ranges between a group's leader and its ranks. At TP 1 both
+functions run off the engine's stepping thread (the blocks involved are held by the
+transfer, so no step writes them meanwhile); under TP they run on it, between two steps.
 """
 
 from __future__ import annotations

@@ -18,7 +18,12 @@ class KvLayoutMismatch(ValueError):
 
 @dataclass(frozen=True)
 class KvLayout:
-    """The shape of one side's KV pool, as exchanged in every transfer handshake."""
+    """The shape of one side's KV pool, as exchanged in every transfer handshake.
+
+    `num_kv_heads` is the model's and `tp_size` the side's own degree: the two sides may
+    differ in `tp_size` because the transferred staging always holds every global head (each
+    group's leader splits or joins its ranks' ranges, see `shards`).
+    """
 
     num_layers: int
     block_size: int
