@@ -2,7 +2,9 @@
 
 Cases: batch 1 and batch 8 (greedy, EOS ignored so both sides produce exactly
 `--new-tokens`), and a prefix-cache case (a long shared prefix: time to first token cold vs.
-warm). The last line is `speedup_vs_hf bs1=<x> bs8=<y>`.
+warm). Each of `--dtypes` (default float32, the CPU default, then bfloat16) runs ours vs HF
+in that same dtype. The last line is `speedup_vs_hf bs1=<x> bs8=<y>` for the first dtype;
+the line before it the same for the others, e.g. `speedup_vs_hf[bfloat16] ...`.
 """
 
 from __future__ import annotations
@@ -80,13 +82,14 @@ def run_hf(model, tokenizer, batch: list[list[int]], new_tokens: int) -> tuple[f
     return (out.shape[1] - width) * len(batch) / elapsed, elapsed
 
 
-async def main_async(args: argparse.Namespace) -> None:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+async def compare(
+    model_dir: Path, tokenizer, dtype: torch.dtype, args: argparse.Namespace
+) -> tuple[list[tuple[str, float, float]], dict[int, float], TorchEngine]:
+    """Our engine and HF generate in `dtype`, batch 1 and 8; (rows, speedups, our engine)."""
+    from transformers import AutoModelForCausalLM
 
-    model_dir = Path(args.model) if args.model else prepare_default_model()
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    torch.set_num_threads(args.threads)
-    engine = TorchEngine(model_dir, num_blocks=args.num_blocks, max_num_seqs=16)
+    name = str(dtype).removeprefix("torch.")
+    engine = TorchEngine(model_dir, dtype=dtype, num_blocks=args.num_blocks, max_num_seqs=16)
     await engine.start()
     rows = []
     ours: dict[int, float] = {}
@@ -96,36 +99,63 @@ async def main_async(args: argparse.Namespace) -> None:
     for bs in (1, 8):
         batch = prompts(tokenizer, bs)
         runs = [
-            await run_engine(engine, batch, args.new_tokens, f"bs{bs}-{r}")
+            await run_engine(engine, batch, args.new_tokens, f"{name}-bs{bs}-{r}")
             for r in range(args.repeats)
         ]
         ours[bs], t_ours = max(runs)
-        rows.append((f"engine bs={bs}", ours[bs], t_ours))
-    hf = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+        rows.append((f"engine {name} bs={bs}", ours[bs], t_ours))
+    hf = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).eval()
     run_hf(hf, tokenizer, prompts(tokenizer, 1), 8)
     for bs in (1, 8):
         batch = prompts(tokenizer, bs)
         theirs[bs], t_hf = max(
             run_hf(hf, tokenizer, batch, args.new_tokens) for _ in range(args.repeats)
         )
-        rows.append((f"hf generate bs={bs}", theirs[bs], t_hf))
+        rows.append((f"hf {name} bs={bs}", theirs[bs], t_hf))
+    del hf
+    return rows, {bs: ours[bs] / theirs[bs] for bs in (1, 8)}, engine
 
+
+async def prefix_case(engine: TorchEngine, tokenizer, prefix_tokens: int) -> str:
+    """TTFT of a long prompt cold, then of one sharing all but its last blocks."""
     prefix = prompts(tokenizer, 1)[0]
     filler = tokenizer("The quick brown fox jumps over the lazy dog. " * 80)["input_ids"]
-    shared = (filler * 4)[: args.prefix_tokens]
+    shared = (filler * 4)[:prefix_tokens]
     cold = await ttft(engine, shared + prefix, "cold")
     warm = await ttft(engine, shared + prefix[:-3] + [prefix[-1]], "warm")
-
-    print(f"\n{'case':<22}{'tok/s':>10}{'seconds':>10}   (best of {args.repeats})")
-    for name, tps, secs in rows:
-        print(f"{name:<22}{tps:>10.1f}{secs:>10.2f}")
-    print(
-        f"\nprefix cache ({len(shared)}-token shared prefix): TTFT cold {cold * 1e3:.0f} ms, "
-        f"warm {warm * 1e3:.0f} ms, ratio {cold / warm:.1f}x; "
+    return (
+        f"\nprefix cache ({len(shared)}-token shared prefix, {engine.dtype}): TTFT cold "
+        f"{cold * 1e3:.0f} ms, warm {warm * 1e3:.0f} ms, ratio {cold / warm:.1f}x; "
         f"cached prompt tokens {engine.stats.num_cached_prompt_tokens}"
     )
-    await engine.shutdown()
-    print(f"speedup_vs_hf bs1={ours[1] / theirs[1]:.2f} bs8={ours[8] / theirs[8]:.2f}")
+
+
+async def main_async(args: argparse.Namespace) -> None:
+    from transformers import AutoTokenizer
+
+    model_dir = Path(args.model) if args.model else prepare_default_model()
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    torch.set_num_threads(args.threads)
+    dtypes = [getattr(torch, name) for name in args.dtypes]
+    rows: list[tuple[str, float, float]] = []
+    speedups: dict[str, dict[int, float]] = {}
+    prefix_line = ""
+    for dtype in dtypes:
+        dtype_rows, speedups[str(dtype)], engine = await compare(model_dir, tokenizer, dtype, args)
+        rows += dtype_rows
+        if dtype == dtypes[0]:  # the prefix-cache case, in the default dtype
+            prefix_line = await prefix_case(engine, tokenizer, args.prefix_tokens)
+        await engine.shutdown()
+
+    print(f"\n{'case':<24}{'tok/s':>10}{'seconds':>10}   (best of {args.repeats})")
+    for name, tps, secs in rows:
+        print(f"{name:<24}{tps:>10.1f}{secs:>10.2f}")
+    print(prefix_line)
+    # Each dtype against HF in the same dtype; the last line is the first dtype (the default).
+    for dtype in reversed(dtypes):
+        ratio = speedups[str(dtype)]
+        tag = "" if dtype == dtypes[0] else f"[{str(dtype).removeprefix('torch.')}]"
+        print(f"speedup_vs_hf{tag} bs1={ratio[1]:.2f} bs8={ratio[8]:.2f}")
 
 
 def main() -> None:
@@ -136,6 +166,10 @@ def main() -> None:
     parser.add_argument("--num-blocks", type=int, default=512)
     parser.add_argument("--repeats", type=int, default=2, help="best of N runs per case")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument(
+        "--dtypes", nargs="+", default=["float32", "bfloat16"],
+        help="each runs ours vs HF in that dtype; the first one is the last line's",
+    )  # fmt: skip
     asyncio.run(main_async(parser.parse_args()))
 
 

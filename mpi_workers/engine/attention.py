@@ -35,6 +35,9 @@ class AttentionMetadata:
     num_decode: int = 0
     decode_max_len: int = 0
     decode_gather_slots: torch.Tensor | None = None  # [num_decode * decode_max_len]
+    # or, instead of slots, whole blocks: [num_decode * decode_max_len / block_size] block ids
+    decode_gather_blocks: torch.Tensor | None = None
+    block_size: int = 0  # tokens per cache block (for decode_gather_blocks)
     decode_mask: torch.Tensor | None = None  # [num_decode, 1, 1, decode_max_len] bool or None
     prefills: list[PrefillChunk] = field(default_factory=list)
     cos: torch.Tensor | None = None  # RoPE tables for this step's positions
@@ -43,10 +46,19 @@ class AttentionMetadata:
     gather_v: torch.Tensor | None = None
 
     def prepare_buffers(self, num_kv_heads: int, head_dim: int, dtype: torch.dtype) -> None:
-        """Allocate the K/V gather buffers once for the largest read of this step."""
+        """Allocate the K/V gather buffers once for the largest read of this step, and turn
+        boolean masks into additive ones of `dtype` once (SDPA would convert a bool mask in
+        every layer; adding 0.0 leaves the kept scores bitwise unchanged)."""
+        if self.decode_mask is not None and self.decode_mask.dtype == torch.bool:
+            self.decode_mask = additive_mask(self.decode_mask, dtype)
+        for chunk in self.prefills:
+            if chunk.mask is not None and chunk.mask.dtype == torch.bool:
+                chunk.mask = additive_mask(chunk.mask, dtype)
         sizes = [len(p.gather_slots) for p in self.prefills if p.gather_slots is not None]
         if self.decode_gather_slots is not None:
             sizes.append(len(self.decode_gather_slots))
+        if self.decode_gather_blocks is not None:
+            sizes.append(self.num_decode * self.decode_max_len)
         if sizes:
             n = max(sizes)
             device = self.slot_mapping.device
@@ -58,6 +70,13 @@ class AttentionMetadata:
         # Query i sits at context position kv_len - q_len + i and sees keys up to it.
         ones = torch.ones(q_len, kv_len, dtype=torch.bool, device=device)
         return ones.tril(diagonal=kv_len - q_len)
+
+
+def additive_mask(keep: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """0 where `keep`, -inf elsewhere (what SDPA adds to the scores)."""
+    return torch.zeros(keep.shape, dtype=dtype, device=keep.device).masked_fill_(
+        ~keep, float("-inf")
+    )
 
 
 def _gather(cache: torch.Tensor, slots: torch.Tensor, buf: torch.Tensor) -> torch.Tensor:
@@ -115,21 +134,23 @@ def _decode(
     batch, _, head_dim = q.shape
     kv_heads = k_flat.shape[1]
     length = meta.decode_max_len
-    ks = _gather(k_flat, meta.decode_gather_slots, meta.gather_k)
-    vs = _gather(v_flat, meta.decode_gather_slots, meta.gather_v)
+    if meta.decode_gather_blocks is not None:
+        # Whole blocks: one row per block instead of one per token (fewer, longer copies).
+        blocks = meta.decode_gather_blocks
+        row = (-1, meta.block_size * kv_heads, head_dim)
+        used = batch * length
+        ks = _gather(k_flat.view(row), blocks, meta.gather_k[:used].view(row))
+        vs = _gather(v_flat.view(row), blocks, meta.gather_v[:used].view(row))
+    else:
+        ks = _gather(k_flat, meta.decode_gather_slots, meta.gather_k)
+        vs = _gather(v_flat, meta.decode_gather_slots, meta.gather_v)
     ks = ks.view(batch, length, kv_heads, head_dim).transpose(1, 2)
     vs = vs.view(batch, length, kv_heads, head_dim).transpose(1, 2)
-    if q.is_cuda:
-        # One query per row: fold each KV head's query group into the query axis, so the
-        # masked call is plain MHA ([B, KVH, group, D]) and runs the fused kernels instead
-        # of the GQA fallback (which repeats K/V per query head).
-        group = q.shape[1] // kv_heads
-        o = F.scaled_dot_product_attention(
-            q.view(batch, kv_heads, group, head_dim), ks, vs, attn_mask=meta.decode_mask,
-            scale=scale,
-        )  # fmt: skip
-        return o.reshape(batch, kv_heads * group, head_dim)
+    # One query per row: fold each KV head's query group into the query axis, so the masked
+    # call is plain MHA ([B, KVH, group, D]) and runs the fused kernels instead of the GQA
+    # fallback (which repeats K/V per query head). Measured faster on CPU and GPU.
+    group = q.shape[1] // kv_heads
     o = F.scaled_dot_product_attention(
-        q.unsqueeze(2), ks, vs, attn_mask=meta.decode_mask, scale=scale, enable_gqa=True
+        q.view(batch, kv_heads, group, head_dim), ks, vs, attn_mask=meta.decode_mask, scale=scale
     )
-    return o.squeeze(2)
+    return o.reshape(batch, kv_heads * group, head_dim)

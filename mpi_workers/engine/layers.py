@@ -10,6 +10,7 @@ vocab-parallel embedding, and a gather of the vocab-parallel logits (`TpGroup`).
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -79,35 +80,66 @@ def mkl_packing_available() -> bool:
     )
 
 
+def onednn_packing_available(dtype: torch.dtype) -> bool:
+    """oneDNN prepacked linear for this low-precision dtype on this CPU (bf16: AVX512-BF16 or
+    AMX; fp16: AVX512-FP16 or AMX-FP16). HPCSERVE_ONEDNN_LINEAR=0 turns it off."""
+    if os.environ.get("HPCSERVE_ONEDNN_LINEAR", "1") in ("0", "false", "no"):
+        return False
+    if not torch.backends.mkldnn.is_available():
+        return False
+    if dtype == torch.bfloat16:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    if dtype == torch.float16:
+        return bool(torch.ops.mkldnn._is_mkldnn_fp16_supported())
+    return False
+
+
 class InferenceWeight:
     """A frozen [out, in] weight laid out for fast CPU inference.
 
-    Measured on 2 cores (fp32, SmolLM2 shapes): `x @ W_t` with W_t contiguous [in, out] beats
-    `F.linear(x, W)` for one row, and MKL's packed GEMM (weights packed once for a row count
-    of `pack_rows`) is ~2x faster again for small batches (2..pack_rows rows, zero-padded).
+    Measured on 2 cores (SmolLM2 shapes, see benchmarks/README.md):
+    - fp32: `x @ W_t` with W_t contiguous [in, out] beats `F.linear(x, W)` for one row, and
+      MKL's packed GEMM (weights packed once for a row count of `pack_rows`) is ~2x faster
+      again for small batches (2..pack_rows rows, zero-padded).
+    - bf16/fp16: oneDNN's prepacked weight (`mkldnn._reorder_linear_weight`, the layout
+      inductor's freezing pass uses; AMX where the CPU has it) is 1.2-3x faster than `x @ W_t`
+      at every row count. The plain copy is dropped then: only the packed one is ever read.
     """
 
     def __init__(self, weight: torch.Tensor, pack_rows: int | None) -> None:
-        self.weight_t = weight.t().contiguous()
         self.pack_rows = pack_rows
-        self.packed = None
-        cpu_fp32 = weight.device.type == "cpu" and weight.dtype == torch.float32
-        if pack_rows and cpu_fp32 and mkl_packing_available():
+        self.packed: torch.Tensor | None = None  # MKL fp32 packing
+        self.onednn: torch.Tensor | None = None  # oneDNN low-precision packing
+        self.weight_t: torch.Tensor | None = None
+        self._weight: torch.Tensor | None = None
+        on_cpu = weight.device.type == "cpu"
+        if pack_rows and on_cpu and onednn_packing_available(weight.dtype):
+            self.onednn = torch.ops.mkldnn._reorder_linear_weight(weight.contiguous(), pack_rows)
+            self.out_features, self.in_features = weight.shape
+            return
+        self.weight_t = weight.t().contiguous()
+        self._weight = self.weight_t.t()
+        if pack_rows and on_cpu and weight.dtype == torch.float32 and mkl_packing_available():
             self.packed = torch.ops.mkl._mkl_reorder_linear_weight(weight, pack_rows)
 
     @property
     def weight(self) -> torch.Tensor:
-        """The [out, in] view of the same storage (no copy)."""
-        return self.weight_t.t()
+        """The [out, in] weight (a view of the inference copy), or an empty tensor when
+        only the oneDNN-packed layout is kept."""
+        if self._weight is None:
+            return torch.empty(0, dtype=self.onednn.dtype if self.onednn is not None else None)
+        return self._weight
 
     def matmul(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        if self.onednn is not None:
+            return torch.ops.mkldnn._linear_pointwise(x, self.onednn, bias, "none", [], "")
         rows = x.shape[0]
         if self.packed is not None and 1 < rows <= self.pack_rows:
             if rows < self.pack_rows:
                 padded = x.new_zeros(self.pack_rows, x.shape[1])
                 padded[:rows] = x
                 x = padded
-            out = torch.ops.mkl._mkl_linear(x, self.packed, self.weight, None, self.pack_rows)
+            out = torch.ops.mkl._mkl_linear(x, self.packed, self._weight, None, self.pack_rows)
             out = out[:rows]
             return out + bias if bias is not None else out
         if bias is not None:
@@ -302,10 +334,11 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(hidden), requires_grad=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = x.dtype
+        if x.dtype == torch.float32:  # same math as below without the two no-op casts
+            return self.weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps))
         x32 = x.float()
         x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x32.to(dtype)
+        return self.weight * x32.to(x.dtype)
 
 
 def rope_inv_freq(head_dim: int, theta: float, scaling: dict[str, Any] | None) -> torch.Tensor:
@@ -343,15 +376,22 @@ class RotaryEmbedding(nn.Module):
         emb = torch.cat((freqs, freqs), dim=-1)
         self.register_buffer("cos", emb.cos(), persistent=False)
         self.register_buffer("sin", emb.sin(), persistent=False)
+        half = head_dim // 2
+        signed = torch.cat((-emb.sin()[:, :half], emb.sin()[:, half:]), dim=-1)
+        self.register_buffer("sin_signed", signed, persistent=False)
 
     def lookup(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
+        """(cos, signed sin) rows for `positions`, as `apply_rope` takes them."""
         cos = self.cos.index_select(0, positions).to(dtype).unsqueeze(1)
-        sin = self.sin.index_select(0, positions).to(dtype).unsqueeze(1)
+        sin = self.sin_signed.index_select(0, positions).to(dtype).unsqueeze(1)
         return cos, sin
 
 
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate-half RoPE on [tokens, heads, head_dim] (HF's non-interleaved layout)."""
-    half = x.shape[-1] // 2
-    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-    return x * cos + rotated * sin
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor) -> torch.Tensor:
+    """Rotate-half RoPE on [tokens, heads, head_dim] (HF's non-interleaved layout).
+
+    HF computes x*cos + cat(-x2, x1)*sin; with sin's first half negated once in the table,
+    cat(x2, x1) is a roll and the result is bitwise the same in three ops instead of six.
+    """
+    rotated = x.roll(x.shape[-1] // 2, -1).mul_(sin_signed)
+    return rotated.add_(x * cos)

@@ -164,13 +164,16 @@ class ModelRunner:
             tables[row, : len(table)] = torch.tensor(table, dtype=torch.long)
         tables = tables.to(dev)
         slot_parts.append(self._slots(tables, positions.unsqueeze(1)).squeeze(1))
-        span = torch.arange(max_len, device=dev).expand(num_decode, max_len)
-        meta.decode_gather_slots = self._slots(tables, span).reshape(-1)
+        # Read whole blocks (the tail of each row's last block is masked out).
+        padded_len = max_blocks * self.block_size
+        meta.decode_gather_blocks = tables.reshape(-1)
+        meta.block_size = self.block_size
         meta.num_decode = num_decode
-        meta.decode_max_len = max_len
-        if min(lengths) != max_len:
+        meta.decode_max_len = padded_len
+        if min(lengths) != padded_len:
+            span = torch.arange(padded_len, device=dev)
             lens = torch.tensor(lengths, device=dev).unsqueeze(1)
-            meta.decode_mask = (span < lens).view(num_decode, 1, 1, max_len)
+            meta.decode_mask = (span < lens).view(num_decode, 1, 1, padded_len)
 
     @torch.inference_mode()
     def execute(self, plan: StepPlan) -> torch.Tensor | None:
