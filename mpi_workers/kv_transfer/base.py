@@ -50,6 +50,17 @@ def byte_view(tensor: torch.Tensor) -> Any:
     return flat.numpy() if flat.device.type == "cpu" else flat
 
 
+async def wait_for_device(tensor: torch.Tensor) -> None:
+    """Until the kernels that wrote `tensor` (a CUDA tensor) have finished, off the event loop.
+
+    Why: UCX and NIXL read GPU memory with their own copy engines and streams, which do not
+    wait for PyTorch's stream: without this, a just-packed staging tensor can leave before the
+    pack kernels have run. Device-wide, since the pack may have run on another thread's stream.
+    """
+    if tensor.device.type == "cuda":
+        await asyncio.to_thread(torch.cuda.synchronize, tensor.device)
+
+
 def header_for(ticket: Ticket, tensor: torch.Tensor, layout: KvLayout) -> dict[str, Any]:
     """The sender's half of the handshake; raises before any byte moves when it cannot fit."""
     remote = KvLayout.from_dict(ticket["layout"])
@@ -158,5 +169,10 @@ class KvTransport(ABC):
 
 def log_rate(what: str, nbytes: int, started: float) -> None:
     elapsed = max(time.perf_counter() - started, 1e-9)
-    logger.debug("%s %.2f MiB in %.1f ms (%.0f MiB/s)", what, nbytes / 2**20, elapsed * 1e3,
-                 nbytes / 2**20 / elapsed)
+    logger.debug(
+        "%s %.2f MiB in %.1f ms (%.0f MiB/s)",
+        what,
+        nbytes / 2**20,
+        elapsed * 1e3,
+        nbytes / 2**20 / elapsed,
+    )

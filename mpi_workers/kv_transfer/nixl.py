@@ -2,8 +2,9 @@
 the sender's registered buffer into the receiver's registered buffer, completion announced
 to the receiver by a NIXL notification carrying the transfer id.
 
-Both buffers are registered with NIXL (DRAM here; VRAM when the tensors live on CUDA: that
-path is present but untested on this CPU-only machine). The receiver's agent metadata and
+Both buffers are registered with NIXL (DRAM for CPU tensors, VRAM for CUDA tensors; the
+GPU→GPU figures are in benchmarks/README.md). A CUDA tensor is written only once the kernels
+that produced it have finished (`wait_for_device`). The receiver's agent metadata and
 memory descriptors travel inside the ticket, so no side channel (NIXL's own listener) is
 needed: the ticket already goes over NATS.
 """
@@ -13,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import importlib
 import logging
 import os
 import time
@@ -28,6 +30,7 @@ from mpi_workers.kv_transfer.base import (
     TransferError,
     header_for,
     log_rate,
+    wait_for_device,
 )
 from mpi_workers.kv_transfer.layout import KvLayout
 
@@ -42,13 +45,15 @@ def _import_nixl():
     try:
         from nixl._api import nixl_agent, nixl_agent_config
     except ImportError:
-        try:  # the CUDA 12 build without the `nixl` meta package
-            from nixl_cu12._api import nixl_agent, nixl_agent_config
-        except ImportError as exc:  # pragma: no cover - depends on the install
-            raise ImportError(
-                "kv_transfer 'nixl' needs nixl: pip install nixl-cu12 && "
-                "pip install --no-deps nixl"
-            ) from exc
+        for module in ("nixl_cu12", "nixl_cu13"):  # a build without the `nixl` meta package
+            try:
+                api = importlib.import_module(f"{module}._api")
+            except ImportError:
+                continue
+            return api.nixl_agent, api.nixl_agent_config
+        raise ImportError(
+            "kv_transfer 'nixl' needs nixl: pip install nixl-cu12 && pip install --no-deps nixl"
+        ) from None
     return nixl_agent, nixl_agent_config
 
 
@@ -116,7 +121,15 @@ class NixlTransport(KvTransport):
 
     def _remote(self, ticket: Ticket) -> str:
         """Load the receiver's metadata on every push: it carries the keys of memory it
-        registered since the last time (a cached copy fails with NIXL_ERR_NOT_FOUND)."""
+        registered since the last time (a cached copy fails with NIXL_ERR_NOT_FOUND).
+
+        Known GPU limitation (2×H200, serving; the one-shot benchmark transfers work): a load
+        fails with NIXL_ERR_NOT_ALLOWED, which NIXL returns for a descriptor it already holds
+        (same address, length, device) with other keys ("metadata updates" unsupported), and
+        then every later load of that agent fails (NIXL_ERR_INVALID_PARAM; forgetting the agent
+        first did not clear it). Our reading: the receiver registers each staging buffer anew
+        and the CUDA caching allocator hands out the same address again. The fix belongs on the
+        receiver: register its receive memory once (a pool) and reuse the registrations."""
         remote = self._agent.add_remote_agent(base64.b64decode(ticket["metadata"]))
         name = remote.decode() if isinstance(remote, bytes) else remote
         self._remote_agents[ticket["agent"]] = name
@@ -128,6 +141,7 @@ class NixlTransport(KvTransport):
             raise TransferError(f"receiver speaks {ticket.get('backend')!r}, this sender nixl")
         started = time.perf_counter()
         data = tensor.detach().contiguous()
+        await wait_for_device(data)  # NIXL's WRITE does not wait for PyTorch's stream
         registration = None
         handle = None
         try:

@@ -1,7 +1,8 @@
 """UCX transport over the `ucxx` package (UCX-Py's successor): tagged send/recv straight
 into the receiver's buffer. UCX registers the buffers itself (its registration cache) for
-rendezvous transfers; CUDA tensors go through the CUDA array interface (GPU→GPU when UCX
-has a CUDA transport; that path is present but untested on this CPU-only machine).
+rendezvous transfers; CUDA tensors go through the CUDA array interface (GPU→GPU over UCX's
+cuda_ipc/cuda_copy transports; measured on 2×H200 in benchmarks/README.md). A CUDA tensor is
+sent only once the kernels that wrote it have finished (`wait_for_device`).
 
 On a machine without a GPU, `UCX_TLS` defaults to `tcp` here: UCX's shared-memory
 transports fail in some sandboxes and TCP always works.
@@ -25,6 +26,7 @@ from mpi_workers.kv_transfer.base import (
     byte_view,
     header_for,
     log_rate,
+    wait_for_device,
 )
 from mpi_workers.kv_transfer.layout import KvLayout
 
@@ -104,6 +106,7 @@ class UcxTransport(KvTransport):
             if answer != "OK":
                 raise TransferError(f"receiver refused the KV transfer: {answer[4:]}")
             data = tensor.detach().contiguous()
+            await wait_for_device(data)
             step = "data"
             await ep.send(byte_view(data))
             step = "confirmation"
