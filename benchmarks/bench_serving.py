@@ -155,17 +155,18 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-async def run_served(config: DeploymentConfig, workload) -> dict[int, Level]:
-    deployment = await asyncio.to_thread(start_deployment, config, lambda _m: None)
+async def run_served(
+    config: DeploymentConfig, workload, start=start_deployment
+) -> dict[int, Level]:
+    """`start(config, say)` starts the deployment (bench_disagg places workers on GPUs)."""
+    deployment = await asyncio.to_thread(start, config, lambda _m: None)
     pids = {planned.name: managed.pid for planned, managed in deployment.processes}
     pids["bench client"] = os.getpid()
     before = {name: cpu_seconds(pid) for name, pid in pids.items()}
     t0 = time.perf_counter()
     try:
         limits = httpx.Limits(max_connections=128, max_keepalive_connections=128)
-        async with httpx.AsyncClient(
-            base_url=deployment.url, timeout=600, limits=limits
-        ) as client:
+        async with httpx.AsyncClient(base_url=deployment.url, timeout=600, limits=limits) as client:
             model = (await client.get("/models")).json()["data"][0]["id"]
             await served_one(client, model, workload[0][1][0], 4)
             results = {}
