@@ -112,8 +112,28 @@ async def compare(
             run_hf(hf, tokenizer, batch, args.new_tokens) for _ in range(args.repeats)
         )
         rows.append((f"hf {name} bs={bs}", theirs[bs], t_hf))
+    weight_bytes = sum(p.numel() * p.element_size() for p in hf.parameters())
     del hf
+    floor_ms = weight_bytes / read_bandwidth() * 1e3
+    hf_step_ms = 8 / theirs[8] * 1e3
+    print(
+        f"{name}: decode reads every weight once per step ({weight_bytes / 2**20:.0f} MiB): "
+        f"floor {floor_ms:.1f} ms/step at this machine's read bandwidth; HF bs=8 "
+        f"{hf_step_ms:.1f} ms/step, ours {8 / ours[8] * 1e3:.1f} -> at most "
+        f"{hf_step_ms / floor_ms:.1f}x HF at bs=8 for any engine"
+    )
     return rows, {bs: ours[bs] / theirs[bs] for bs in (1, 8)}, engine
+
+
+def read_bandwidth(mib: int = 512) -> float:
+    """Bytes/s of summing a buffer larger than the caches (best of 3)."""
+    buf = torch.ones(mib * 2**20 // 4)
+    best = float("inf")
+    for _ in range(3):
+        start = time.perf_counter()
+        buf.sum()
+        best = min(best, time.perf_counter() - start)
+    return buf.numel() * 4 / best
 
 
 async def prefix_case(engine: TorchEngine, tokenizer, prefix_tokens: int) -> str:

@@ -144,7 +144,11 @@ class DecodeGraphs:
             self._forward(packed, batch, blocks)
         torch.cuda.current_stream(self.device).wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self.pool):
+        # thread_local: a capture happens lazily while the worker serves, and other threads
+        # (KV transfer receive/pack in disaggregation) may use CUDA meanwhile; in the default
+        # global mode their calls invalidate the capture (cudaErrorStreamCaptureInvalidated,
+        # seen on 2xH200 with prefill_first at concurrency 8).
+        with torch.cuda.graph(graph, pool=self.pool, capture_error_mode="thread_local"):
             hidden = self._forward(packed, batch, blocks)
         if self.pool is None:
             self.pool = graph.pool()

@@ -391,7 +391,7 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor) -> 
     """Rotate-half RoPE on [tokens, heads, head_dim] (HF's non-interleaved layout).
 
     HF computes x*cos + cat(-x2, x1)*sin; with sin's first half negated once in the table,
-    cat(x2, x1) is a roll and the result is bitwise the same in three ops instead of six.
+    cat(x2, x1) is a flip of the two halves and the result is bitwise the same in fewer ops.
     """
-    rotated = x.roll(x.shape[-1] // 2, -1).mul_(sin_signed)
-    return rotated.add_(x * cos)
+    swapped = x.unflatten(-1, (2, x.shape[-1] // 2)).flip(-2).flatten(-2)
+    return swapped.mul_(sin_signed).add_(x * cos)

@@ -55,10 +55,12 @@ async def wait_for_device(tensor: torch.Tensor) -> None:
 
     Why: UCX and NIXL read GPU memory with their own copy engines and streams, which do not
     wait for PyTorch's stream: without this, a just-packed staging tensor can leave before the
-    pack kernels have run. Device-wide, since the pack may have run on another thread's stream.
+    pack kernels have run. The engine (packs and steps alike) runs on the device's default
+    stream, so that stream is waited for, not the whole device: a device-wide sync from this
+    thread would also invalidate a CUDA graph the engine thread may be capturing.
     """
     if tensor.device.type == "cuda":
-        await asyncio.to_thread(torch.cuda.synchronize, tensor.device)
+        await asyncio.to_thread(torch.cuda.default_stream(tensor.device).synchronize)
 
 
 def header_for(ticket: Ticket, tensor: torch.Tensor, layout: KvLayout) -> dict[str, Any]:
