@@ -16,7 +16,7 @@ import nats
 import openai
 import pytest
 import yaml
-from up_helpers import UpProcess, openai_client, started
+from up_helpers import UpProcess, concurrent_completions, openai_client, started
 
 from contract.bus import load_metrics_subject
 from contract.messages import GenerateRequest, LoadMetrics, SamplingParams
@@ -139,23 +139,8 @@ def test_single_requests_match_aggregated(
 def test_16_concurrent_requests_match_aggregated(
     up: UpProcess, reference: dict, prompt_ids: list[list[int]]
 ) -> None:
-    async def run() -> list[str]:
-        client = openai.AsyncOpenAI(
-            base_url=up.base_url, api_key="none", max_retries=0, timeout=180
-        )
-        model = (await client.models.list()).data[0].id
-        responses = await asyncio.gather(
-            *(
-                client.completions.create(
-                    model=model, prompt=prompt_ids[i], max_tokens=MAX_TOKENS, **params
-                )
-                for i, params in cases()
-            )
-        )
-        await client.close()
-        return [r.choices[0].text for r in responses]
-
-    texts = asyncio.run(run())
+    requests = [(prompt_ids[i], params) for i, params in cases()]
+    texts = concurrent_completions(up, requests, MAX_TOKENS)
     for (i, params), text in zip(cases(), texts, strict=True):
         assert text == reference[(i, json.dumps(params))], (i, params)
 

@@ -22,7 +22,14 @@ from pathlib import Path
 
 import openai
 import pytest
-from up_helpers import UpProcess, alive, openai_client, rank_pids, started
+from up_helpers import (
+    UpProcess,
+    alive,
+    concurrent_completions,
+    openai_client,
+    rank_pids,
+    started,
+)
 
 from contract.messages import GenerateRequest, SamplingParams
 from frontend.tokenization import TextTokenizer
@@ -145,23 +152,8 @@ def test_single_requests_match_aggregated(
 def test_concurrent_requests_match_aggregated(
     up: UpProcess, reference: dict, prompt_ids: list[list[int]]
 ) -> None:
-    async def run() -> list[str]:
-        client = openai.AsyncOpenAI(
-            base_url=up.base_url, api_key="none", max_retries=0, timeout=180
-        )
-        model = (await client.models.list()).data[0].id
-        responses = await asyncio.gather(
-            *(
-                client.completions.create(
-                    model=model, prompt=prompt_ids[i], max_tokens=MAX_TOKENS, **params
-                )
-                for i, params in cases()
-            )
-        )
-        await client.close()
-        return [r.choices[0].text for r in responses]
-
-    texts = asyncio.run(run())
+    requests = [(prompt_ids[i], params) for i, params in cases()]
+    texts = concurrent_completions(up, requests, MAX_TOKENS)
     for (i, params), text in zip(cases(), texts, strict=True):
         assert text == reference[(i, json.dumps(params))], (i, params)
 

@@ -146,3 +146,31 @@ def rank_pids(run_dir: Path) -> dict[int, int]:
             rank = next(v for v in env if v.startswith(b"PMI_RANK="))
             ranks[int(rank.split(b"=")[1])] = pid
     return ranks
+
+
+def concurrent_completions(
+    up: UpProcess, requests: list[tuple[list[int], dict]], max_tokens: int
+) -> list[str]:
+    """Send every (prompt ids, sampling params) at once with the async openai client; texts
+    in request order."""
+    import asyncio
+
+    import openai
+
+    async def run() -> list[str]:
+        client = openai.AsyncOpenAI(
+            base_url=up.base_url, api_key="none", max_retries=0, timeout=180
+        )
+        model = (await client.models.list()).data[0].id
+        responses = await asyncio.gather(
+            *(
+                client.completions.create(
+                    model=model, prompt=prompt, max_tokens=max_tokens, **params
+                )
+                for prompt, params in requests
+            )
+        )
+        await client.close()
+        return [r.choices[0].text for r in responses]
+
+    return asyncio.run(run())
