@@ -183,6 +183,16 @@ class Worker:
                 await self._nc.close()
         logger.info("stopped")
 
+    async def settle_failed_requests(self, timeout_s: float = 5.0) -> None:
+        """After a fatal engine failure: let every in-flight request publish its error reply
+        and flush NATS *before* deregistering. Otherwise the frontend may see the worker
+        leave first and answer 503 "worker left" instead of the engine's error."""
+        if self._inflight:
+            await asyncio.wait(list(self._inflight.values()), timeout=timeout_s)
+        if self._nc is not None:
+            with contextlib.suppress(Exception):
+                await self._nc.flush(timeout=2)
+
     def _on_engine_fatal(self, reason: str) -> None:
         """Called from an engine thread: the engine cannot serve any more; stop the worker."""
         self.failed_reason = reason
@@ -344,6 +354,7 @@ async def serve_until_signal(worker: Worker, on_ready: Callable[[], None] | None
         task.cancel()
     if worker.failed_reason is not None:
         logger.error("engine failed (%s); deregistering and exiting", worker.failed_reason)
+        await worker.settle_failed_requests()
     else:
         logger.info("signal received; stopping")
     await worker.stop()
