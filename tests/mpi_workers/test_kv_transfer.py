@@ -210,3 +210,67 @@ def _line(stream, prefix: str) -> str:
         if line.startswith(prefix):
             return line[len(prefix) :]
     raise AssertionError(f"no {prefix!r} line")
+
+
+def _spy_registrations(transport, seen: list[tuple[str, int, int]]) -> None:
+    """Record every (agent, address, length) a NIXL transport registers."""
+    register = transport._agent.register_memory
+
+    def spy(tensor, *args, **kwargs):
+        descs = register(tensor, *args, **kwargs)
+        nbytes = tensor.numel() * tensor.element_size()
+        seen.append((transport.agent_name, tensor.data_ptr(), nbytes))
+        return descs
+
+    transport._agent.register_memory = spy
+
+
+async def test_nixl_reused_addresses_never_re_register() -> None:
+    """The GPU serving failure's pattern, on the CPU: every transfer's source and destination
+    sit at the addresses of the previous one's (as when the CUDA caching allocator hands a
+    freed staging buffer out again), in three sizes. Each must land intact; no agent may
+    register an address range twice (a peer that loaded the range refuses new keys for it:
+    NIXL_ERR_NOT_ALLOWED); the sender loads the receiver's metadata only when the receiver's
+    registered memory grew; and a cancelled transfer's late write lands in memory that no
+    later transfer uses."""
+    sender, receiver = make_transport("nixl", "p"), make_transport("nixl", "d")
+    seen: list[tuple[str, int, int]] = []
+    _spy_registrations(sender, seen)
+    _spy_registrations(receiver, seen)
+    await sender.start()
+    await receiver.start()
+    try:
+        src_store, dst_store = torch.empty(2**18), torch.empty(2**18)
+        sizes = [2**16, 2**17 + 5, 2**18]
+        for i in range(18):
+            n = sizes[i % len(sizes)]
+            src, dest = src_store[:n], dst_store[:n]
+            src.copy_(torch.arange(n, dtype=torch.float32) + i)
+            dest.zero_()
+            ticket = receiver.expect(f"r{i}", dest, LAYOUT)
+            await asyncio.gather(sender.push(ticket, src, LAYOUT), receiver.wait(f"r{i}", 30))
+            assert torch.equal(dest, src), f"transfer {i} landed wrong"
+        assert len(seen) == len(set(seen)), f"an address range was registered twice: {seen}"
+        assert len(seen) <= 4  # one block per size class and side, not one per transfer
+        assert sender.metadata_loads == receiver._arena.generation <= 2
+
+        # a late write to a cancelled expectation must not reach a later transfer's memory
+        late = receiver.expect("late", torch.zeros(2**16), LAYOUT)
+        receiver.cancel("late")
+        dest = dst_store[: 2**16]
+        dest.zero_()
+        ticket = receiver.expect("next", dest, LAYOUT)
+        assert ticket["descs"] != late["descs"]
+        await sender.push(late, torch.full((2**16,), 7.0), LAYOUT)
+        src = torch.arange(2**16, dtype=torch.float32)
+        await asyncio.gather(sender.push(ticket, src, LAYOUT), receiver.wait("next", 30))
+        assert torch.equal(dest, src)
+        for _ in range(200):  # the late write's notification frees its block again
+            if not receiver._orphans:
+                break
+            await asyncio.sleep(0.01)
+        assert not receiver._orphans
+        assert len(seen) == len(set(seen))
+    finally:
+        await sender.close()
+        await receiver.close()
