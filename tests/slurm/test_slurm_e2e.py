@@ -2,7 +2,8 @@
 
 `hpcserve submit configs/slurm-agg.yaml` (head n1: etcd, NATS, frontend; workers on n2, n3)
 → READY → the official openai client on the head's address → `hpcserve cancel` → nothing
-left on any node. The same through submitit, and a worker that fails at start.
+left on any node. The same for a TP group spanning the three nodes, for disaggregated
+serving (prefill on n2, decode on n3), through submitit, and a worker that fails at start.
 """
 
 from __future__ import annotations
@@ -162,6 +163,30 @@ def test_tp_group_spanning_three_nodes_serves_and_cancels(
             )
     finally:
         hpcserve(slurm_env, "cancel", job_id)
+    assert_nothing_left(job_dir)
+    assert job_status(job_id).state == "FINISHED"
+
+
+def test_disaggregated_job_moves_kv_between_nodes(
+    slurm_env: dict[str, str], model_dir: Path
+) -> None:
+    """configs/slurm-disagg.yaml: head on n1, the prefill worker on n2, the decode worker on
+    n3; each prompt's KV goes from n2 to n3 over UCX (decode_first)."""
+    env = {**slurm_env, "HPCSERVE_LOG_LEVEL": "DEBUG"}  # KV pushes are logged at DEBUG
+    config = CONFIG.parent / "slurm-disagg.yaml"
+    out = hpcserve(env, "submit", str(config), "--set", f"model.path={model_dir}")
+    job_id = re.search(r"^job (\S+)$", out, re.M).group(1)  # type: ignore[union-attr]
+    job_dir = Path(re.search(r"^dir (\S+)$", out, re.M).group(1))  # type: ignore[union-attr]
+    try:
+        status = wait_state(job_id, "READY")
+        assert "Paris" in ask_paris(status.url or "")
+        prefill = hpcserve(env, "logs", job_id, "worker-prefill-g0-i0")
+        decode = hpcserve(env, "logs", job_id, "worker-decode-g1-i0")
+        assert "KV over ucx at 10.99.0.12:" in prefill  # n2
+        assert "KV over ucx at 10.99.0.13:" in decode  # n3
+        assert re.search(r"ucx push [\d.]+ MiB", prefill), prefill[-2000:]
+    finally:
+        hpcserve(env, "cancel", job_id)
     assert_nothing_left(job_dir)
     assert job_status(job_id).state == "FINISHED"
 
