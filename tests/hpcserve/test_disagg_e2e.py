@@ -16,10 +16,17 @@ import nats
 import openai
 import pytest
 import yaml
-from up_helpers import UpProcess, concurrent_completions, openai_client, started
+from up_helpers import (
+    UpProcess,
+    aggregated_texts,
+    concurrent_completions,
+    greedy_and_seeded,
+    openai_client,
+    started,
+)
 
 from contract.bus import load_metrics_subject
-from contract.messages import GenerateRequest, LoadMetrics, SamplingParams
+from contract.messages import LoadMetrics
 from frontend.tokenization import TextTokenizer
 
 pytestmark = pytest.mark.slow
@@ -45,11 +52,7 @@ COMBOS = [
 
 def cases() -> list[tuple[int, dict]]:
     """16 requests: every prompt greedy and with seeded sampling."""
-    out = []
-    for i in range(len(PROMPTS)):
-        out.append((i, {"temperature": 0.0}))
-        out.append((i, {"temperature": 0.9, "top_p": 0.95, "seed": 1000 + i}))
-    return out
+    return greedy_and_seeded(len(PROMPTS), 1000)
 
 
 @pytest.fixture(scope="module")
@@ -60,32 +63,8 @@ def tokenizer(model_dir: Path) -> TextTokenizer:
 @pytest.fixture(scope="module")
 def reference(model_dir: Path, tokenizer: TextTokenizer) -> dict[tuple[int, str], str]:
     """Aggregated serving's text for every case: all 16 run at once in one engine."""
-    from mpi_workers.engine.engine import TorchEngine
-
-    engine = TorchEngine(
-        model_dir, block_size=16, kv_cache_memory_bytes=256 * 2**20, max_model_len=4096
-    )
-
-    async def run() -> dict[tuple[int, str], str]:
-        await engine.start()
-        try:
-            requests = [
-                GenerateRequest(
-                    request_id=f"ref-{n}",
-                    token_ids=tokenizer.encode(PROMPTS[i]),
-                    sampling=SamplingParams(max_tokens=MAX_TOKENS, **params),
-                )
-                for n, (i, params) in enumerate(cases())
-            ]
-            outs = await asyncio.gather(*(engine.generate_all(r) for r in requests))
-        finally:
-            await engine.shutdown()
-        return {
-            (i, json.dumps(params)): tokenizer.decode(out.token_ids)
-            for (i, params), out in zip(cases(), outs, strict=True)
-        }
-
-    return asyncio.run(run())
+    prompt_ids = [tokenizer.encode(p) for p in PROMPTS]
+    return aggregated_texts(model_dir, tokenizer, prompt_ids, cases(), MAX_TOKENS)
 
 
 @pytest.fixture(scope="module", params=COMBOS, ids=lambda c: f"{c[0]}-{c[1]}")

@@ -12,7 +12,6 @@ the next request fails with a clear error (no hang) and the deployment stops.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import os
 import signal
@@ -24,14 +23,15 @@ import openai
 import pytest
 from up_helpers import (
     UpProcess,
+    aggregated_texts,
     alive,
     concurrent_completions,
+    greedy_and_seeded,
     openai_client,
     rank_pids,
     started,
 )
 
-from contract.messages import GenerateRequest, SamplingParams
 from frontend.tokenization import TextTokenizer
 
 pytestmark = pytest.mark.slow
@@ -66,11 +66,7 @@ DEPLOYMENTS = [
 
 def cases() -> list[tuple[int, dict]]:
     """Every prompt greedy and with seeded sampling."""
-    out = []
-    for i in range(len(PROMPTS)):
-        out.append((i, {"temperature": 0.0}))
-        out.append((i, {"temperature": 0.9, "top_p": 0.95, "seed": 2000 + i}))
-    return out
+    return greedy_and_seeded(len(PROMPTS), 2000)
 
 
 @pytest.fixture(scope="module")
@@ -86,35 +82,7 @@ def prompt_ids(tokenizer: TextTokenizer) -> list[list[int]]:
 @pytest.fixture(scope="module")
 def reference(model_dir: Path, tokenizer: TextTokenizer, prompt_ids: list[list[int]]) -> dict:
     """Aggregated serving's text for every case (all at once in one TP 1 engine)."""
-    from mpi_workers.engine.engine import TorchEngine
-
-    engine = TorchEngine(
-        model_dir, block_size=16, kv_cache_memory_bytes=64 * 2**20, max_model_len=4096
-    )
-
-    async def run() -> list:
-        await engine.start()
-        try:
-            return await asyncio.gather(
-                *(
-                    engine.generate_all(
-                        GenerateRequest(
-                            request_id=f"ref-{n}",
-                            token_ids=prompt_ids[i],
-                            sampling=SamplingParams(max_tokens=MAX_TOKENS, **params),
-                        )
-                    )
-                    for n, (i, params) in enumerate(cases())
-                )
-            )
-        finally:
-            await engine.shutdown()
-
-    outs = asyncio.run(run())
-    return {
-        (i, json.dumps(params)): tokenizer.decode(out.token_ids)
-        for (i, params), out in zip(cases(), outs, strict=True)
-    }
+    return aggregated_texts(model_dir, tokenizer, prompt_ids, cases(), MAX_TOKENS)
 
 
 @pytest.fixture(scope="module", params=DEPLOYMENTS, ids=lambda d: d[0])

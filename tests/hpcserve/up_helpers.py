@@ -174,3 +174,52 @@ def concurrent_completions(
         return [r.choices[0].text for r in responses]
 
     return asyncio.run(run())
+
+
+def greedy_and_seeded(num_prompts: int, seed_base: int) -> list[tuple[int, dict]]:
+    """(prompt index, sampling params): every prompt greedy and with seeded sampling."""
+    out: list[tuple[int, dict]] = []
+    for i in range(num_prompts):
+        out.append((i, {"temperature": 0.0}))
+        out.append((i, {"temperature": 0.9, "top_p": 0.95, "seed": seed_base + i}))
+    return out
+
+
+def aggregated_texts(
+    model_dir: Path, tokenizer, prompt_ids: list[list[int]], cases: list[tuple[int, dict]],
+    max_tokens: int,
+) -> dict[tuple[int, str], str]:
+    """Aggregated serving's text for every case, keyed (prompt index, params as JSON): all at
+    once in one in-process TP 1 engine (the reference disaggregated serving must equal)."""
+    import asyncio
+
+    from contract.messages import GenerateRequest, SamplingParams
+    from mpi_workers.engine.engine import TorchEngine
+
+    engine = TorchEngine(
+        model_dir, block_size=16, kv_cache_memory_bytes=64 * 2**20, max_model_len=4096
+    )
+
+    async def run() -> list:
+        await engine.start()
+        try:
+            return await asyncio.gather(
+                *(
+                    engine.generate_all(
+                        GenerateRequest(
+                            request_id=f"ref-{n}",
+                            token_ids=prompt_ids[i],
+                            sampling=SamplingParams(max_tokens=max_tokens, **params),
+                        )
+                    )
+                    for n, (i, params) in enumerate(cases)
+                )
+            )
+        finally:
+            await engine.shutdown()
+
+    outs = asyncio.run(run())
+    return {
+        (i, json.dumps(params)): tokenizer.decode(out.token_ids)
+        for (i, params), out in zip(cases, outs, strict=True)
+    }
