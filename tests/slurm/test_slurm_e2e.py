@@ -8,6 +8,7 @@ serving (prefill on n2, decode on n3), through submitit, and a worker that fails
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import subprocess
@@ -124,11 +125,27 @@ def ask_paris(url: str) -> str:
     return response.choices[0].message.content or ""
 
 
-def test_sbatch_job_serves_and_cancels(slurm_env: dict[str, str], model_dir: Path) -> None:
-    out = hpcserve(slurm_env, "submit", str(CONFIG), "--set", f"model.path={model_dir}")
+@contextlib.contextmanager
+def submitted(
+    env: dict[str, str], config: Path, model_dir: Path, *sets: str
+) -> Iterator[tuple[str, Path]]:
+    """`hpcserve submit` a config: yields (job id, job dir); on the way out the job is
+    cancelled, and (if the body passed) nothing of it may be left on any node."""
+    args = ["--set", f"model.path={model_dir}"]
+    for item in sets:
+        args += ["--set", item]
+    out = hpcserve(env, "submit", str(config), *args)
     job_id = re.search(r"^job (\S+)$", out, re.M).group(1)  # type: ignore[union-attr]
     job_dir = Path(re.search(r"^dir (\S+)$", out, re.M).group(1))  # type: ignore[union-attr]
     try:
+        yield job_id, job_dir
+    finally:
+        hpcserve(env, "cancel", job_id)
+    assert_nothing_left(job_dir)
+
+
+def test_sbatch_job_serves_and_cancels(slurm_env: dict[str, str], model_dir: Path) -> None:
+    with submitted(slurm_env, CONFIG, model_dir) as (job_id, job_dir):
         status = wait_state(job_id, "READY")
         assert status.url == HEAD_URL
         assert len(leftovers(job_dir)) >= 5  # the detector sees the running deployment
@@ -139,9 +156,6 @@ def test_sbatch_job_serves_and_cancels(slurm_env: dict[str, str], model_dir: Pat
             components
         )
         assert "registered" in hpcserve(slurm_env, "logs", job_id, "worker-agg-g0-i1")
-    finally:
-        hpcserve(slurm_env, "cancel", job_id)
-    assert_nothing_left(job_dir)
     assert job_status(job_id).state == "FINISHED"
 
 
@@ -150,20 +164,13 @@ def test_tp_group_spanning_three_nodes_serves_and_cancels(
 ) -> None:
     """One TP=3 engine, one rank per node (srun --mpi=pmi2 over n1..n3), gloo across nodes."""
     config = CONFIG.parent / "slurm-agg-tp3.yaml"
-    out = hpcserve(slurm_env, "submit", str(config), "--set", f"model.path={model_dir}")
-    job_id = re.search(r"^job (\S+)$", out, re.M).group(1)  # type: ignore[union-attr]
-    job_dir = Path(re.search(r"^dir (\S+)$", out, re.M).group(1))  # type: ignore[union-attr]
-    try:
+    with submitted(slurm_env, config, model_dir) as (job_id, _job_dir):
         status = wait_state(job_id, "READY")
         assert "Paris" in ask_paris(status.url or "")
         log = hpcserve(slurm_env, "logs", job_id, "worker-agg-g0-i0")
         for rank, node in enumerate(("n1", "n2", "n3")):
-            assert f"rank{rank}] mpi_workers.engine.tp: gloo uses interface eth0 (node {node})" in (
-                log
-            )
-    finally:
-        hpcserve(slurm_env, "cancel", job_id)
-    assert_nothing_left(job_dir)
+            expected = f"rank{rank}] mpi_workers.engine.tp: gloo uses interface eth0 (node {node})"
+            assert expected in log
     assert job_status(job_id).state == "FINISHED"
 
 
@@ -174,10 +181,7 @@ def test_disaggregated_job_moves_kv_between_nodes(
     n3; each prompt's KV goes from n2 to n3 over UCX (decode_first)."""
     env = {**slurm_env, "HPCSERVE_LOG_LEVEL": "DEBUG"}  # KV pushes are logged at DEBUG
     config = CONFIG.parent / "slurm-disagg.yaml"
-    out = hpcserve(env, "submit", str(config), "--set", f"model.path={model_dir}")
-    job_id = re.search(r"^job (\S+)$", out, re.M).group(1)  # type: ignore[union-attr]
-    job_dir = Path(re.search(r"^dir (\S+)$", out, re.M).group(1))  # type: ignore[union-attr]
-    try:
+    with submitted(env, config, model_dir) as (job_id, _job_dir):
         status = wait_state(job_id, "READY")
         assert "Paris" in ask_paris(status.url or "")
         prefill = hpcserve(env, "logs", job_id, "worker-prefill-g0-i0")
@@ -185,9 +189,6 @@ def test_disaggregated_job_moves_kv_between_nodes(
         assert "KV over ucx at 10.99.0.12:" in prefill  # n2
         assert "KV over ucx at 10.99.0.13:" in decode  # n3
         assert re.search(r"ucx push [\d.]+ MiB", prefill), prefill[-2000:]
-    finally:
-        hpcserve(env, "cancel", job_id)
-    assert_nothing_left(job_dir)
     assert job_status(job_id).state == "FINISHED"
 
 
@@ -207,16 +208,9 @@ def test_submitit_job_serves_and_cancels(slurm_env: dict[str, str], model_dir: P
 
 def test_worker_failing_at_start_fails_the_job(slurm_env: dict[str, str], model_dir: Path):
     # engine.device=cuda only matters to the workers: torch here has no CUDA.
-    out = hpcserve(slurm_env, "submit", str(CONFIG), "--set", f"model.path={model_dir}",
-                   "--set", "engine.device=cuda")  # fmt: skip
-    job_id = re.search(r"^job (\S+)$", out, re.M).group(1)  # type: ignore[union-attr]
-    job_dir = Path(re.search(r"^dir (\S+)$", out, re.M).group(1))  # type: ignore[union-attr]
-    try:
+    with submitted(slurm_env, CONFIG, model_dir, "engine.device=cuda") as (job_id, _job_dir):
         status = wait_state(job_id, "FAILED", timeout_s=120)
         assert status.component is not None and status.component.startswith("worker-agg-g0-")
         assert "CUDA" in (status.log_tail or "")
         text = hpcserve(slurm_env, "status", job_id)
         assert text.startswith(f"FAILED {status.component}") and "CUDA" in text
-    finally:
-        hpcserve(slurm_env, "cancel", job_id)
-    assert_nothing_left(job_dir)
