@@ -296,25 +296,22 @@ def start_on_gpus(config, say):
     on GPU 0, decode on GPU 1, agg workers round-robin over the GPUs."""
     import torch
 
-    from hpcserve.launcher import prepare_deployment, spawn_deployment, stop_deployment
+    from hpcserve.launcher import start_deployment
 
     gpus = max(1, torch.cuda.device_count())
-    deployment = prepare_deployment(config, say)
-    agg = 0
-    for planned in deployment.plan:
-        if planned.role not in WORKER_ROLES:
-            continue
-        if planned.role == "agg":
-            gpu, agg = agg % gpus, agg + 1
-        else:
-            gpu = (0 if planned.role == "prefill" else 1) % gpus
-        planned.env["CUDA_VISIBLE_DEVICES"] = str(gpu)  # a frozen dataclass, a mutable dict
-    try:
-        spawn_deployment(deployment, say)
-    except BaseException:
-        stop_deployment(deployment, say)
-        raise
-    return deployment
+
+    def pin_gpus(deployment) -> None:
+        agg = 0
+        for planned in deployment.plan:
+            if planned.role not in WORKER_ROLES:
+                continue
+            if planned.role == "agg":
+                gpu, agg = agg % gpus, agg + 1
+            else:
+                gpu = (0 if planned.role == "prefill" else 1) % gpus
+            planned.env["CUDA_VISIBLE_DEVICES"] = str(gpu)  # a frozen dataclass, a mutable dict
+
+    return start_deployment(config, say, adjust=pin_gpus)
 
 
 async def serve_levels(config, workload, start=None) -> dict:

@@ -194,9 +194,16 @@ def spawn_deployment(deployment: Deployment, say: Say = _say) -> None:
         _start_stage(deployment, [p for p in deployment.plan if p.stage == stage], say)
 
 
-def start_deployment(config: DeploymentConfig, say: Say = _say) -> Deployment:
-    """Prepare and spawn; on failure everything started is stopped again."""
+def start_deployment(
+    config: DeploymentConfig,
+    say: Say = _say,
+    adjust: Callable[[Deployment], None] | None = None,
+) -> Deployment:
+    """Prepare and spawn; on failure everything started is stopped again. `adjust` may edit
+    the plan in between (a benchmark pins each worker to a GPU through its env)."""
     deployment = prepare_deployment(config, say)
+    if adjust is not None:
+        adjust(deployment)
     try:
         spawn_deployment(deployment, say)
     except BaseException:
