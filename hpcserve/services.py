@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 from contract.plan import etcd_argv, nats_argv, service_binary
@@ -27,8 +28,8 @@ def start_etcd(
     client_port, peer_port = free_port(host), free_port(host)
     client_url, peer_url = f"http://{host}:{client_port}", f"http://{host}:{peer_port}"
     argv = etcd_argv(find_binary("etcd"), str(run_dir / "etcd-data"), client_url, peer_url)
-    process = ManagedProcess.spawn("etcd", argv, run_dir / "logs" / "etcd.log")
-    process.wait_ready(lambda: port_open(host, client_port), timeout_s)
+    log = run_dir / "logs" / "etcd.log"
+    process = _spawn_ready("etcd", argv, log, lambda: port_open(host, client_port), timeout_s)
     return process, client_url
 
 
@@ -38,6 +39,19 @@ def start_nats(
     """Start nats-server; returns the process and its client URL."""
     port = free_port(host)
     argv = nats_argv(find_binary("nats-server"), host, port)
-    process = ManagedProcess.spawn("nats", argv, run_dir / "logs" / "nats.log")
-    process.wait_ready(lambda: port_open(host, port), timeout_s)
+    log = run_dir / "logs" / "nats.log"
+    process = _spawn_ready("nats", argv, log, lambda: port_open(host, port), timeout_s)
     return process, f"nats://{host}:{port}"
+
+
+def _spawn_ready(
+    name: str, argv: list[str], log: Path, ready: Callable[[], bool], timeout_s: float
+) -> ManagedProcess:
+    """Spawn and wait until `ready`; a process that never gets ready is stopped again."""
+    process = ManagedProcess.spawn(name, argv, log)
+    try:
+        process.wait_ready(ready, timeout_s)
+    except BaseException:
+        process.stop()
+        raise
+    return process

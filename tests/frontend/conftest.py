@@ -265,12 +265,19 @@ async def start_frontend(
         )
     )
     task = asyncio.get_running_loop().create_task(server.serve())
-    async with asyncio.timeout(20):
-        while not server.started:
-            if task.done():
-                task.result()
-                raise RuntimeError("uvicorn stopped during start-up")
-            await asyncio.sleep(0.01)
+    try:
+        async with asyncio.timeout(20):
+            while not server.started:
+                if task.done():
+                    task.result()
+                    raise RuntimeError("uvicorn stopped during start-up")
+                await asyncio.sleep(0.01)
+    except BaseException:  # never leave a half-started server running
+        server.should_exit = True
+        task.cancel()
+        with contextlib.suppress(BaseException):
+            await task
+        raise
     return server, task, app
 
 

@@ -391,8 +391,7 @@ async def test_python_m_frontend_serves_and_stops_cleanly(
             assert models["data"][0]["id"] == model_dir.name
     finally:
         process.send_signal(signal.SIGTERM)
-        async with asyncio.timeout(15):
-            _, stderr = await process.communicate()
+        _, stderr = await _communicate_or_kill(process, 15)
     assert process.returncode == 0
     assert b"[frontend]" in stderr
 
@@ -404,8 +403,21 @@ async def test_python_m_frontend_serves_and_stops_cleanly(
         "frontend.port=-5",
         stderr=asyncio.subprocess.PIPE,
     )
-    _, stderr = await bad.communicate()
+    _, stderr = await _communicate_or_kill(bad, 60)
     assert bad.returncode == 2 and b"frontend.port" in stderr
+
+
+async def _communicate_or_kill(
+    process: asyncio.subprocess.Process, timeout_s: float
+) -> tuple[bytes, bytes]:
+    """Its output once it exits; killed (and the test failed) if it outlives `timeout_s`."""
+    try:
+        async with asyncio.timeout(timeout_s):
+            return await process.communicate()
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
 
 
 async def test_dead_worker_with_live_lease_fails_over_at_once(make_frontend: Any) -> None:

@@ -146,7 +146,9 @@ async def test_periodic_reconcile_asks_every_worker() -> None:
     await feed.start()
     try:
         feed.on_workers_changed({"a": card("a"), "b": card("b")})
-        await asyncio.sleep(0.2)
+        async with asyncio.timeout(10):  # reconciles every 0.05 s: poll for the second round
+            while min(workers.asked.count("a"), workers.asked.count("b")) < 2:
+                await asyncio.sleep(0.01)
     finally:
         await feed.stop()
     assert workers.asked.count("a") >= 2 and workers.asked.count("b") >= 2
