@@ -14,7 +14,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from contract.disagg import strategy_from_env
+from contract.disagg import Strategy, default_strategy, strategy_from_env
 from contract.slurm_config import SlurmConfig
 
 ENV_PREFIX = "HPCSERVE__"
@@ -138,7 +138,7 @@ class ServicesConfig(_Section):
 class DisaggregationConfig(_Section):
     """Prefill/decode split: used when workers have roles `prefill` and `decode`."""
 
-    strategy: Literal["decode_first", "prefill_first"] | None = Field(
+    strategy: Strategy | None = Field(
         default=None,
         description="null: prefill_first with frontend.router kv, else decode_first; "
         "env DISAGGREGATION_STRATEGY overrides",
@@ -191,7 +191,7 @@ def _check_disaggregation(config: DeploymentConfig) -> None:
     against the model at launch, naming `workers.N.tp`)."""
     disagg = config.disaggregation
     if disagg.strategy is None:
-        disagg.strategy = "prefill_first" if config.frontend.router == "kv" else "decode_first"
+        disagg.strategy = default_strategy(config.frontend.router)
     roles = {group.role for group in config.workers}
     if not roles & {"prefill", "decode"}:
         return

@@ -105,14 +105,10 @@ def prefill_sequence(engine: Any, request: GenerateRequest) -> Sequence:
 
 
 def first_finish_reason(engine: Any, request: GenerateRequest, token: int) -> str | None:
-    """Why the request ends at its first token under its real limits (the engine's rule)."""
+    """Why the request ends at its first token under its real limits."""
     p = request.sampling
-    if (not p.ignore_eos and token in engine.eos_token_ids) or token in p.stop_token_ids:
-        return "stop"
     max_len = min(len(request.token_ids) + p.max_tokens, engine.max_model_len)
-    if len(request.token_ids) + 1 >= max_len:
-        return "length"
-    return None
+    return engine.finish_reason(p, token, len(request.token_ids) + 1, max_len)
 
 
 def free_on_thread(engine: Any, seq: Sequence) -> None:

@@ -35,7 +35,6 @@ from typing import Any
 
 import torch
 from nats.errors import NoRespondersError
-from nats.errors import TimeoutError as NatsTimeoutError
 
 from contract.config import DisaggregationConfig
 from contract.disagg import (
@@ -277,7 +276,7 @@ class DisaggWorker(Worker):
         stepping thread (the blocks are reserved: no step touches them). TP > 1: on the
         stepping thread, which scatters each rank its heads between two steps."""
         engine = self.engine
-        if ops.tp_size(engine) == 1:
+        if self.layout.tp_size == 1:
             cache = engine.kv_cache
             await asyncio.to_thread(unpack_blocks, staging, cache.k, cache.v, block_ids)
             return
@@ -288,7 +287,7 @@ class DisaggWorker(Worker):
     async def _export_kv(self, block_ids: list[int]) -> torch.Tensor:
         """Our held blocks' KV with every global head (TP > 1: gathered from every rank)."""
         engine = self.engine
-        if ops.tp_size(engine) == 1:
+        if self.layout.tp_size == 1:
             cache = engine.kv_cache
             return await asyncio.to_thread(pack_blocks, cache.k, cache.v, block_ids)
         return await engine.call_in_engine_thread(lambda: ops.export_on_thread(engine, block_ids))
@@ -329,7 +328,7 @@ class DisaggWorker(Worker):
                     raise RemoteFailure(
                         f"prefill worker {prefill.worker_id} did not finish within {timeout:.0f} s"
                     ) from None
-                except (NoRespondersError, NatsTimeoutError) as exc:
+                except NoRespondersError as exc:
                     raise RemoteFailure(
                         f"prefill worker {prefill.worker_id} is not answering ({exc!r})"
                     ) from None
@@ -506,10 +505,14 @@ class DisaggWorker(Worker):
             logger.error("%s %s set: exiting abruptly mid-transfer", self.tag, FAULT_ENV)
             os._exit(17)
 
-    async def _on_remote_prefill(self, msg) -> None:
-        task = asyncio.create_task(self._remote_prefill_task(msg))
+    def _spawn(self, coro: Any) -> None:
+        """Run `coro` as a background task of this worker (cancelled at stop)."""
+        task = asyncio.ensure_future(coro)
         self._background.append(task)
         task.add_done_callback(self._background.remove)
+
+    async def _on_remote_prefill(self, msg) -> None:
+        self._spawn(self._remote_prefill_task(msg))
 
     async def _remote_prefill_task(self, msg) -> None:
         assert self._nc is not None and self.transport is not None
@@ -591,17 +594,10 @@ class DisaggWorker(Worker):
             return
         seq, timer = held
         timer.cancel()
-        engine = self.engine
-        task = asyncio.ensure_future(
-            engine.call_in_engine_thread(lambda: ops.free_on_thread(engine, seq))
-        )
-        self._background.append(task)
-        task.add_done_callback(self._background.remove)
+        self._spawn(self._free_soon(seq))
 
     async def _on_kv_push(self, msg) -> None:
-        task = asyncio.create_task(self._kv_push_task(msg))
-        self._background.append(task)
-        task.add_done_callback(self._background.remove)
+        self._spawn(self._kv_push_task(msg))
 
     async def _kv_push_task(self, msg) -> None:
         assert self._nc is not None and self.transport is not None

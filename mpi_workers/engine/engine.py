@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from contract.messages import GenerateOutput, GenerateRequest
+from contract.messages import GenerateOutput, GenerateRequest, SamplingParams
 from mpi_workers.engine.block_manager import BlockManager
 from mpi_workers.engine.kv_cache import KvCache, blocks_for_budget
 from mpi_workers.engine.loader import default_dtype, load_model
@@ -415,11 +415,20 @@ class TorchEngine(StreamingEngine):
         if logprob is not None:
             seq.pending_logprobs.append(logprob)
         self.stats.num_generated_tokens += 1
-        p = seq.sampling
-        if (not p.ignore_eos and token in self.eos_token_ids) or token in p.stop_token_ids:
-            seq.finish_reason = "stop"
-        elif seq.num_tokens >= seq.max_len:
-            seq.finish_reason = "length"
+        reason = self.finish_reason(seq.sampling, token, seq.num_tokens, seq.max_len)
+        if reason is not None:
+            seq.finish_reason = reason
+
+    def finish_reason(
+        self, sampling: SamplingParams, token: int, num_tokens: int, max_len: int
+    ) -> str | None:
+        """Whether a sequence of `num_tokens` ending in `token` stops there, and why (the one
+        rule; disaggregated prefill applies it to the first token too)."""
+        if (not sampling.ignore_eos and token in self.eos_token_ids) or (
+            token in sampling.stop_token_ids
+        ):
+            return "stop"
+        return "length" if num_tokens >= max_len else None
 
     # ----- convenience for scripts and tests -----------------------------------------------
     async def generate_all(self, request: GenerateRequest) -> GenerateOutput:

@@ -78,9 +78,10 @@ class TcpTransport(KvTransport):
                     raise TransferError("sender closed the connection mid-transfer")
                 target[offset : offset + len(data)] = data
                 offset += len(data)
-            if staging is not None:  # GPU destination: one host-to-device copy
+            if staging is not None:  # GPU destination: one host-to-device copy, off the loop
                 src = torch.frombuffer(staging, dtype=torch.uint8)
-                pending.buffer.reshape(-1).view(torch.uint8).copy_(src)
+                dest = pending.buffer.reshape(-1).view(torch.uint8)
+                await asyncio.to_thread(dest.copy_, src)
             self._landed(pending.transfer_id, offset)
             writer.write(_frame(b"DONE"))
             await writer.drain()
@@ -103,8 +104,8 @@ class TcpTransport(KvTransport):
             if answer != "OK":
                 raise TransferError(f"receiver refused the KV transfer: {answer[4:]}")
             data = tensor.detach().contiguous()
-            if data.device.type != "cpu":
-                data = data.cpu()
+            if data.device.type != "cpu":  # a synchronous device-to-host copy: off the loop
+                data = await asyncio.to_thread(data.cpu)
             writer.write(memoryview(byte_view(data)))
             await writer.drain()
             if (await _read_frame(reader)) != b"DONE":
