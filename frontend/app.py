@@ -47,7 +47,6 @@ logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
 Kind = Literal["chat", "completion"]
-SERVING_ROLES = ("agg",)  # without disaggregation; see contract.disagg.serving_roles
 _JSON = "application/json"
 _SSE_DONE = b"data: [DONE]\n\n"
 

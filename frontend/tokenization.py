@@ -182,10 +182,6 @@ class TextTokenizer:
         env.globals["strftime_now"] = strftime_now
         return env.from_string(source)
 
-    @property
-    def has_chat_template(self) -> bool:
-        return self._chat_template is not None
-
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         return self._tokenizer.encode(text, add_special_tokens=add_special_tokens).ids
 
@@ -242,14 +238,12 @@ class IncrementalDetokenizer:
         self._prefix_offset = 0
         self._read_offset = len(context)
         self._prefix_text = tokenizer.decode(context) if context else ""
-        self.num_output_tokens = 0
 
     def add(self, token_ids: Sequence[int]) -> str:
         """The text that `token_ids` complete; may be "" while a character is incomplete."""
         if not token_ids:
             return ""
         self._ids.extend(token_ids)
-        self.num_output_tokens += len(token_ids)
         text = self._tokenizer.decode(self._ids[self._prefix_offset :])
         if len(text) > len(self._prefix_text) and not text.endswith(REPLACEMENT_CHAR):
             delta = text[len(self._prefix_text) :]
@@ -283,10 +277,6 @@ class StopMatcher:
         self._hold = max((len(stop) for stop in self._stops), default=1) - 1
         self._buffer = ""
         self.stopped = False
-
-    @property
-    def active(self) -> bool:
-        return bool(self._stops)
 
     def feed(self, text: str) -> tuple[str, bool]:
         if self.stopped:
