@@ -124,8 +124,11 @@ class TorchEngine(StreamingEngine):
             max_model_len, tp_size,
         )  # fmt: skip
         if tp is not None:  # followers size their shard's model and cache exactly like us
+            # (max_num_seqs too: it bounds the CUDA-graph batch, and leader and followers
+            # must pick the same path for every step or their collectives mismatch)
             tp.broadcast_object({"num_blocks": num_blocks, "max_model_len": limit,
-                                 "enforce_eager": enforce_eager})  # fmt: skip
+                                 "enforce_eager": enforce_eager,
+                                 "max_num_seqs": max_num_seqs})  # fmt: skip
         self.max_model_len = limit
         self.max_num_batched_tokens = max(max_num_batched_tokens, 1)
         self.model = load_model(
@@ -375,12 +378,10 @@ class TorchEngine(StreamingEngine):
     def step(self, batch: ScheduledBatch) -> None:
         """Forward one scheduled batch, sample, update sequences, deliver outputs."""
         self.stats.num_steps += 1
-        if self.tp is None:
-            logits, sampled = self.runner.run(batch)
-        else:  # followers run the same plan on their shards
-            plan, sampled = build_plan(batch)
+        plan, sampled = build_plan(batch)
+        if self.tp is not None:  # followers run the same plan on their shards
             self.tp.broadcast_object(plan)
-            logits = self.runner.execute(plan)
+        logits = self.runner.execute(plan)
         for seq, n in zip(batch.seqs, batch.num_tokens, strict=True):
             lo = seq.num_computed
             self.stats.num_computed_tokens += n

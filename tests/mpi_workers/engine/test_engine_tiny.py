@@ -115,14 +115,16 @@ async def test_closing_the_generator_aborts_and_frees(engine):
 
 
 async def test_failing_step_fails_only_that_request(engine, monkeypatch):
-    real_run = engine.runner.run
+    import mpi_workers.engine.engine as engine_module
+
+    real_plan = engine_module.build_plan
 
     def flaky(batch):
         if any(s.request_id == "boom" for s in batch.seqs):
             raise RuntimeError("injected fault")
-        return real_run(batch)
+        return real_plan(batch)
 
-    monkeypatch.setattr(engine.runner, "run", flaky)
+    monkeypatch.setattr(engine_module, "build_plan", flaky)
     out = await engine.generate_all(req(rid="boom", max_tokens=3))
     assert out.finish_reason == "error" and "injected fault" in out.error
     ok = await engine.generate_all(req(max_tokens=3, ignore_eos=True))
