@@ -20,7 +20,7 @@ import torch
 
 from contract.messages import GenerateOutput, GenerateRequest
 from mpi_workers.engine.sequence import SeqStatus, Sequence
-from mpi_workers.kv_transfer.blocks import staging_shape
+from mpi_workers.kv_transfer.blocks import empty_staging
 from mpi_workers.kv_transfer.layout import KvLayout
 from mpi_workers.kv_transfer.shards import KvGather, KvScatter, lead_gather, lead_scatter
 
@@ -60,10 +60,7 @@ def tp_size(engine: Any) -> int:
 def staging_for(engine: Any, num_blocks: int) -> torch.Tensor:
     """An empty transfer buffer for `num_blocks`: every *global* KV head of the model,
     whatever this group's TP degree (the leader scatters or gathers the rank shards)."""
-    cache, cfg = engine.kv_cache, engine.config
-    _, block_size, _, head_dim = cache.k[0].shape
-    shape = staging_shape(num_blocks, len(cache.k), block_size, cfg.num_kv_heads, head_dim)
-    return torch.empty(shape, dtype=cache.k[0].dtype, device=cache.k[0].device)
+    return empty_staging(engine.kv_cache.k, num_blocks, engine.config.num_kv_heads)
 
 
 def export_on_thread(engine: Any, block_ids: list[int]) -> torch.Tensor:

@@ -22,7 +22,6 @@ class PrefillChunk:
 
     start: int
     end: int
-    context_len: int  # tokens of this sequence in the cache after the step (prefix + chunk)
     gather_slots: torch.Tensor | None  # slots of all context tokens; None: no cached prefix
     mask: torch.Tensor | None = None  # bottom-right causal mask when gather_slots is set
 

@@ -62,10 +62,6 @@ class BlockManager:
     def cached_hashes(self) -> list[int]:
         return list(self._hash_to_block)
 
-    def block_ids(self, seq: Sequence) -> list[int]:
-        """Disaggregation hook: the blocks holding `seq`'s KV, in token order."""
-        return list(seq.block_table)
-
     # ----- prefix cache --------------------------------------------------------------------
     def _lookup(self, seq: Sequence) -> list[tuple[int, int]]:
         """(hash, block id) of the longest cached prefix of `seq`, leaving >= 1 token to compute."""
@@ -110,10 +106,6 @@ class BlockManager:
         self.allocate(seq, cached + num_tokens)
         return True
 
-    def admit_budget(self, seq: Sequence) -> int:
-        """Tokens of `seq` the prefix cache would serve now (no state change)."""
-        return len(self._lookup(seq)) * self.block_size
-
     # ----- allocation ----------------------------------------------------------------------
     def _take_free_block(self) -> int:
         block_id, _ = self._free.popitem(last=False)
@@ -138,13 +130,6 @@ class BlockManager:
         new = [self._take_free_block() for _ in range(need)]
         seq.block_table.extend(new)
         return new
-
-    def allocate_for_import(self, seq: Sequence, num_tokens: int) -> list[int]:
-        """Disaggregation hook: blocks into which another worker's KV for `seq` will be copied.
-
-        After the copy the caller sets `seq.num_computed` and calls `commit(seq)`.
-        """
-        return self.allocate(seq, num_tokens)
 
     def free(self, seq: Sequence) -> None:
         """Release `seq`'s blocks; hashed ones stay reusable until reclaimed (tail first)."""

@@ -115,7 +115,6 @@ class InferenceWeight:
         on_cpu = weight.device.type == "cpu"
         if pack_rows and on_cpu and onednn_packing_available(weight.dtype):
             self.onednn = torch.ops.mkldnn._reorder_linear_weight(weight.contiguous(), pack_rows)
-            self.out_features, self.in_features = weight.shape
             return
         self.weight_t = weight.t().contiguous()
         self._weight = self.weight_t.t()
@@ -188,8 +187,6 @@ class _TpLinear(nn.Module):
 class ColumnParallelLinear(_TpLinear):
     """Output features are split across ranks; no communication needed after it."""
 
-    tp_style = "column"
-
     def __init__(self, in_features: int, out_features: int, bias: bool, tp: TpGroup) -> None:
         super().__init__(in_features, out_features // tp.size, bias, tp)
 
@@ -244,8 +241,6 @@ class QKVParallelLinear(ColumnParallelLinear):
 
 class RowParallelLinear(_TpLinear):
     """Input features are split across ranks; partial outputs are summed (all-reduce)."""
-
-    tp_style = "row"
 
     def __init__(self, in_features: int, out_features: int, bias: bool, tp: TpGroup) -> None:
         super().__init__(in_features // tp.size, out_features, bias, tp)
@@ -381,11 +376,11 @@ class RotaryEmbedding(nn.Module):
         inv_freq = rope_inv_freq(head_dim, theta, scaling)
         freqs = torch.arange(max_positions, dtype=torch.int64).float()[:, None] * inv_freq
         emb = torch.cat((freqs, freqs), dim=-1)
+        sin, half = emb.sin(), head_dim // 2
         self.register_buffer("cos", emb.cos(), persistent=False)
-        self.register_buffer("sin", emb.sin(), persistent=False)
-        half = head_dim // 2
-        signed = torch.cat((-emb.sin()[:, :half], emb.sin()[:, half:]), dim=-1)
-        self.register_buffer("sin_signed", signed, persistent=False)
+        self.register_buffer(
+            "sin_signed", torch.cat((-sin[:, :half], sin[:, half:]), dim=-1), persistent=False
+        )
 
     def lookup(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
         """(cos, signed sin) rows for `positions`, as `apply_rope` takes them."""

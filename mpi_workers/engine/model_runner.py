@@ -142,7 +142,7 @@ class ModelRunner:
             if done > 0:
                 gather = self._slots(table, torch.arange(ctx, device=dev))
                 mask = AttentionMetadata.bottom_right_mask(n, ctx, dev)
-            meta.prefills.append(PrefillChunk(start, start + n, ctx, gather, mask))
+            meta.prefills.append(PrefillChunk(start, start + n, gather, mask))
         meta.slot_mapping = torch.cat(slot_parts) if len(slot_parts) > 1 else slot_parts[0]
         return input_ids, positions, meta
 
@@ -158,11 +158,8 @@ class ModelRunner:
         num_decode = len(lengths)
         max_len = max(lengths)
         max_blocks = -(-max_len // self.block_size)
-        tables = torch.zeros(num_decode, max_blocks, dtype=torch.long)
-        for row, block_table in enumerate(plan.decode_tables):
-            table = block_table[:max_blocks]
-            tables[row, : len(table)] = torch.tensor(table, dtype=torch.long)
-        tables = tables.to(dev)
+        rows = [t[:max_blocks] + [0] * (max_blocks - len(t)) for t in plan.decode_tables]
+        tables = torch.tensor(rows, dtype=torch.long, device=dev)
         slot_parts.append(self._slots(tables, positions.unsqueeze(1)).squeeze(1))
         # Read whole blocks (the tail of each row's last block is masked out).
         padded_len = max_blocks * self.block_size
@@ -190,8 +187,3 @@ class ModelRunner:
         if len(rows) != hidden.shape[0]:
             hidden = hidden.index_select(0, torch.tensor(rows, device=hidden.device))
         return self.model.compute_logits(hidden)
-
-    def run(self, batch: ScheduledBatch) -> tuple[torch.Tensor | None, list[Sequence]]:
-        """Forward the step; logits [num sampled, vocab] (None if nothing is sampled)."""
-        plan, sample_seqs = build_plan(batch)
-        return self.execute(plan), sample_seqs

@@ -59,14 +59,6 @@ class Sequence:
         return len(self.token_ids)
 
     @property
-    def num_output_tokens(self) -> int:
-        return len(self.token_ids) - self.num_prompt_tokens
-
-    @property
-    def output_token_ids(self) -> list[int]:
-        return self.token_ids[self.num_prompt_tokens :]
-
-    @property
     def remaining(self) -> int:
         """Tokens still without KV; the step that computes the last one samples a new token."""
         return len(self.token_ids) - self.num_computed

@@ -119,12 +119,8 @@ class TpRuntime:
 
     def gather(self, x: torch.Tensor) -> torch.Tensor | None:
         """Concatenate every rank's `x` along the last dim on rank 0; None elsewhere."""
-        if self.rank == 0:
-            parts = [torch.empty_like(x) for _ in range(self.size)]
-            dist.gather(x, parts, dst=0)
-            return torch.cat(parts, dim=-1)
-        dist.gather(x, None, dst=0)
-        return None
+        parts = self.gather_list(x)
+        return None if parts is None else torch.cat(parts, dim=-1)
 
     def scatter(self, out: torch.Tensor, parts: list[torch.Tensor] | None = None) -> torch.Tensor:
         """Rank 0 sends `parts[r]` to rank r (equal shapes, contiguous); every rank's `out`

@@ -20,6 +20,17 @@ def staging_shape(
     return (num_blocks, num_layers, 2, block_size, num_heads, head_dim)
 
 
+def empty_staging(
+    k: list[torch.Tensor], num_blocks: int, num_heads: int | None = None
+) -> torch.Tensor:
+    """An uninitialised staging tensor for `num_blocks` of a cache shaped like `k` (per layer
+    [blocks, block_size, heads, head_dim]), with `num_heads` heads (default: the cache's)."""
+    _, block_size, local_heads, head_dim = k[0].shape
+    heads = local_heads if num_heads is None else num_heads
+    shape = staging_shape(num_blocks, len(k), block_size, heads, head_dim)
+    return torch.empty(shape, dtype=k[0].dtype, device=k[0].device)
+
+
 def pack_blocks(
     k: list[torch.Tensor],
     v: list[torch.Tensor],
@@ -27,13 +38,9 @@ def pack_blocks(
     heads: tuple[int, int] | None = None,
 ) -> torch.Tensor:
     """Copy `block_ids` of every layer (local heads [lo, hi), default all) into staging."""
-    _, block_size, num_heads, head_dim = k[0].shape
-    lo, hi = heads or (0, num_heads)
+    lo, hi = heads or (0, k[0].shape[2])
     index = torch.tensor(block_ids, dtype=torch.long, device=k[0].device)
-    out = torch.empty(
-        staging_shape(len(block_ids), len(k), block_size, hi - lo, head_dim),
-        dtype=k[0].dtype, device=k[0].device,
-    )  # fmt: skip
+    out = empty_staging(k, len(block_ids), hi - lo)
     for layer, (k_layer, v_layer) in enumerate(zip(k, v, strict=True)):
         out[:, layer, 0] = k_layer.index_select(0, index)[:, :, lo:hi]
         out[:, layer, 1] = v_layer.index_select(0, index)[:, :, lo:hi]

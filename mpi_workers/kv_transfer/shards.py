@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from mpi_workers.kv_transfer.blocks import pack_blocks, staging_shape, unpack_blocks
+from mpi_workers.kv_transfer.blocks import empty_staging, pack_blocks, unpack_blocks
 from mpi_workers.kv_transfer.layout import plan_head_transfers
 
 if TYPE_CHECKING:
@@ -61,14 +61,6 @@ def join_heads(parts: list[torch.Tensor], num_kv_heads: int) -> torch.Tensor:
     return out
 
 
-def _local_staging(cache: Any, num_blocks: int) -> torch.Tensor:
-    _, block_size, heads, head_dim = cache.k[0].shape
-    return torch.empty(
-        staging_shape(num_blocks, len(cache.k), block_size, heads, head_dim),
-        dtype=cache.k[0].dtype, device=cache.k[0].device,
-    )  # fmt: skip
-
-
 @dataclass(frozen=True)
 class KvScatter:
     """Step-plan command: receive your heads of `block_ids` from the leader, write them."""
@@ -76,7 +68,7 @@ class KvScatter:
     block_ids: list[int]
 
     def follow(self, cache: Any, tp: TpRuntime) -> None:
-        part = tp.scatter(_local_staging(cache, len(self.block_ids)))
+        part = tp.scatter(empty_staging(cache.k, len(self.block_ids)))
         unpack_blocks(part, cache.k, cache.v, self.block_ids)
 
 
