@@ -24,6 +24,10 @@ from contract.discovery import workers_prefix
 ReadinessKind = Literal["port", "registrations", "http"]
 
 STAGE_SERVICES, STAGE_WORKERS, STAGE_FRONTEND = 0, 1, 2
+# Seconds a stop waits after SIGTERM before SIGKILL (local launcher and sbatch script alike);
+# workers get longer than their own drain bound (30 s).
+STOP_TIMEOUT_S = 15
+WORKER_STOP_TIMEOUT_S = 45
 
 
 @dataclass(frozen=True)

@@ -26,9 +26,17 @@ from pathlib import Path
 import yaml
 
 from contract.config import ENV_PREFIX, ConfigError, DeploymentConfig, cache_dir
-from contract.plan import PlannedProcess, Readiness, plan_deployment, split_url
+from contract.plan import (
+    STAGE_WORKERS,
+    STOP_TIMEOUT_S,
+    WORKER_STOP_TIMEOUT_S,
+    PlannedProcess,
+    Readiness,
+    plan_deployment,
+    split_url,
+)
 from contract.readiness import free_port, http_ok, keys_registered, port_open
-from hpcserve.model_prepare import prepare_default_model
+from hpcserve.model_prepare import is_prepared, prepare_default_model
 from hpcserve.processes import ManagedProcess, ProcessFailed
 from hpcserve.services import find_binary
 from mpi_workers import mpirun
@@ -36,8 +44,6 @@ from mpi_workers.ranks import check_model_tp
 
 READY_TIMEOUT_S = {"etcd": 30.0, "nats": 30.0, "frontend": 120.0}
 WORKER_READY_TIMEOUT_S = 600.0
-WORKER_STOP_TIMEOUT_S = 45.0  # longer than the worker's own drain bound (30 s)
-STOP_TIMEOUT_S = 15.0
 
 Say = Callable[[str], None]
 
@@ -60,8 +66,7 @@ class Deployment:
 
     @property
     def url(self) -> str:
-        host = self.config.frontend.host
-        host = "127.0.0.1" if host in ("0.0.0.0", "") else host
+        host = _probe_host(self.config.frontend.host)
         return f"http://{host}:{self.config.frontend.port}/v1"
 
     def write_pids(self) -> None:
@@ -95,7 +100,7 @@ def resolve_config(
             raise ConfigError(f"model.path: {model_path} is not a model folder (no config.json)")
     else:
         model_path = config.model.resolved_path()
-        if not (model_path / ".complete").is_file():
+        if not is_prepared(model_path):
             say("preparing the default model (one time)")
         model_path = prepare_default_model()
     data["model"]["path"] = str(model_path.resolve())
@@ -241,7 +246,7 @@ def stop_deployment(deployment: Deployment, say: Say = _say) -> None:
 
         def stop(item: tuple[PlannedProcess, ManagedProcess]) -> None:
             planned, managed = item
-            timeout = WORKER_STOP_TIMEOUT_S if planned.stage == 1 else STOP_TIMEOUT_S
+            timeout = WORKER_STOP_TIMEOUT_S if planned.stage == STAGE_WORKERS else STOP_TIMEOUT_S
             code = managed.stop(timeout)
             say(f"stopped {planned.name} (exit {code})")
 

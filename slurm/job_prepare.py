@@ -23,6 +23,7 @@ import yaml
 from contract.config import ConfigError, DeploymentConfig, load_config
 from contract.plan import PlannedProcess, Readiness, plan_deployment, service_binary
 from contract.readiness import free_port
+from slurm.render import slurm_options
 from slurm.slicing import Slicing, SlicingError, slice_nodes
 from slurm.steps import check_names, group_needs, var_suffix
 
@@ -125,13 +126,13 @@ def render_plan_sh(plan: list[PlannedProcess], slicing: Slicing, head_addr: str,
 
 def prepare(config_path: Path, job_dir: Path, nodes: list[str], out: Path) -> None:
     config = load_config(config_path, environ={})
-    slurm = config.slurm
+    slurm = slurm_options(config)
     try:
         slicing = slice_nodes(
             nodes, group_needs(config),
-            gpus_per_node=slurm.gpus_per_node if slurm else 0,
-            head_hosts_workers=slurm.head_hosts_workers if slurm else False,
-            ranks_per_node=slurm.ranks_per_node if slurm else None,
+            gpus_per_node=slurm.gpus_per_node,
+            head_hosts_workers=slurm.head_hosts_workers,
+            ranks_per_node=slurm.ranks_per_node,
         )  # fmt: skip
     except SlicingError as exc:
         raise ConfigError(str(exc)) from None

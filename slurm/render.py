@@ -16,15 +16,20 @@ from pathlib import Path
 import jinja2
 
 from contract.config import ConfigError, DeploymentConfig
-from contract.plan import STAGE_FRONTEND, STAGE_SERVICES, STAGE_WORKERS, PlannedProcess
+from contract.plan import (
+    STAGE_FRONTEND,
+    STAGE_SERVICES,
+    STAGE_WORKERS,
+    STOP_TIMEOUT_S,
+    WORKER_STOP_TIMEOUT_S,
+    PlannedProcess,
+)
 from contract.slurm_config import SlurmConfig
 from slurm.slicing import SlicingError, nodes_needed
 from slurm.steps import check_names, group_needs, placeholder_plan, var_suffix
 
 TEMPLATE_DIR = Path(__file__).parent / "templates"
 TEMPLATE = "sbatch.sh.j2"
-STOP_TIMEOUT_S = 15
-WORKER_STOP_TIMEOUT_S = 45  # longer than a worker's own drain bound (30 s)
 _CONT = " \\\n    "
 
 

@@ -24,7 +24,6 @@ import pytest
 from up_helpers import (
     UpProcess,
     aggregated_texts,
-    alive,
     concurrent_completions,
     greedy_and_seeded,
     openai_client,
@@ -33,6 +32,7 @@ from up_helpers import (
 )
 
 from frontend.tokenization import TextTokenizer
+from slurm.wait_ready import pid_alive
 
 pytestmark = pytest.mark.slow
 
@@ -137,7 +137,7 @@ def test_dead_follower_fails_the_request_and_the_group(
     ranks = rank_pids(up.run_dir)
     os.kill(ranks[2], signal.SIGKILL)
     deadline = time.monotonic() + 30
-    while alive(ranks[2]):
+    while pid_alive(ranks[2]):
         assert time.monotonic() < deadline
         time.sleep(0.05)
     client = openai_client(up, timeout=90)
@@ -154,4 +154,4 @@ def test_dead_follower_fails_the_request_and_the_group(
     assert f"{worker} exited with code" in up.output
     log = (up.run_dir / "logs" / f"{worker}.log").read_text()
     assert f"tensor-parallel {first_command} failed" in log and "deregistered" in log
-    assert [pid for pid in ranks.values() if alive(pid)] == []
+    assert [pid for pid in ranks.values() if pid_alive(pid)] == []

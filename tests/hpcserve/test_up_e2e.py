@@ -13,7 +13,9 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
-from up_helpers import UpProcess, alive, openai_client, processes_mentioning, started
+from up_helpers import UpProcess, openai_client, processes_mentioning, started
+
+from slurm.wait_ready import pid_alive
 
 pytestmark = pytest.mark.slow
 
@@ -124,10 +126,10 @@ def test_malformed_json_is_400(up: UpProcess) -> None:
 def test_sigterm_stops_everything(up: UpProcess) -> None:
     pids = up.pids()
     assert set(pids) == {"etcd", "nats", "worker-agg-g0-i0", "frontend"}
-    assert all(alive(pid) for pid in pids.values())
+    assert all(pid_alive(pid) for pid in pids.values())
     up.popen.send_signal(signal.SIGTERM)
     assert up.finish(timeout_s=90) == 0, up.output
-    assert [name for name, pid in pids.items() if alive(pid)] == [], up.output
+    assert [name for name, pid in pids.items() if pid_alive(pid)] == [], up.output
     assert processes_mentioning(str(up.run_dir)) == []
     logs = Path(up.run_dir) / "logs"
     assert {p.name for p in logs.iterdir()} >= {

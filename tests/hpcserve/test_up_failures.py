@@ -10,9 +10,10 @@ from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
-from up_helpers import UpProcess, alive, processes_mentioning
+from up_helpers import UpProcess, processes_mentioning
 
 from hpcserve.cli import app
+from slurm.wait_ready import pid_alive
 
 
 @pytest.mark.slow
@@ -28,7 +29,7 @@ def test_a_dying_worker_stops_the_deployment(tmp_path: Path) -> None:
     assert code == 1, up.output
     assert re.search(r"worker-agg-g0-i0 exited with code -9", up.output), up.output
     assert "registered agg-g0-i0" in up.output  # the dead worker's log tail is shown
-    assert [name for name, pid in pids.items() if alive(pid)] == []
+    assert [name for name, pid in pids.items() if pid_alive(pid)] == []
     assert processes_mentioning(str(tmp_path / "run")) == []
 
 

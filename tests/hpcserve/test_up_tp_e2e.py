@@ -20,12 +20,13 @@ import openai
 import pytest
 from up_helpers import (
     UpProcess,
-    alive,
     openai_client,
     processes_mentioning,
     rank_pids,
     started,
 )
+
+from slurm.wait_ready import pid_alive
 
 pytestmark = pytest.mark.slow
 
@@ -124,7 +125,7 @@ def test_follower_killed_mid_request(up: UpProcess, client: openai.OpenAI) -> No
     text = log.read_text()
     assert "deregistered" in text and "engine failed" in text
     assert "died from signal SIGKILL" in text
-    assert [pid for pid in ranks.values() if alive(pid)] == []
+    assert [pid for pid in ranks.values() if pid_alive(pid)] == []
     assert processes_mentioning(str(up.run_dir)) == []
 
 
@@ -140,7 +141,7 @@ def test_sigterm_stops_every_rank(tmp_path: Path) -> None:
         up.popen.send_signal(signal.SIGTERM)
         assert up.finish(timeout_s=90) == 0, up.output
         assert "stopped worker-agg-g0-i0 (exit 0)" in up.output
-        assert [pid for pid in ranks.values() if alive(pid)] == []
+        assert [pid for pid in ranks.values() if pid_alive(pid)] == []
         assert processes_mentioning(str(run_dir)) == []
         log = (run_dir / "logs" / "worker-agg-g0-i0.log").read_text()
         assert log.count("leader said stop") == 2

@@ -15,6 +15,8 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+from slurm.wait_ready import pid_alive
+
 READY = re.compile(r"^hpcserve ready: (http://\S+/v1)$")
 
 
@@ -110,15 +112,6 @@ def openai_client(up: UpProcess, timeout: float = 120):
     return openai.OpenAI(base_url=up.base_url, api_key="none", max_retries=0, timeout=timeout)
 
 
-def alive(pid: int) -> bool:
-    """True for a running process (a zombie counts as gone)."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    return stat.rsplit(")", 1)[1].split()[0] != "Z"
-
-
 def processes_mentioning(text: str) -> list[int]:
     """Live PIDs whose command line contains `text` (e.g. a run folder)."""
     found = []
@@ -129,7 +122,7 @@ def processes_mentioning(text: str) -> list[int]:
             cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
         except OSError:
             continue
-        if text in cmdline and alive(int(entry.name)):
+        if text in cmdline and pid_alive(int(entry.name)):
             found.append(int(entry.name))
     return found
 

@@ -16,6 +16,8 @@ from pathlib import Path
 import pytest
 from cluster_helpers import running_cluster
 
+from slurm.wait_ready import pid_alive
+
 pytestmark = [
     pytest.mark.slow,
     pytest.mark.skipif(
@@ -45,15 +47,6 @@ def _wait_for(check: Callable[[], bool], what: str, timeout: float = 30) -> None
 
 def _job_state(job_id: str, env: dict[str, str]) -> str:
     return _run(["squeue", "-h", "-t", "all", "-j", job_id, "-o", "%T"], env).strip()
-
-
-def _alive(pid: int) -> bool:
-    """True for a running process; a zombie waiting for its parent counts as gone."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    return stat.rpartition(")")[2].split()[0] != "Z"
 
 
 @pytest.fixture(scope="module")
@@ -132,8 +125,8 @@ def test_scancel_leaves_no_step_process(slurm_env: dict[str, str], tmp_path: Pat
     ).strip()
     _wait_for(lambda: len(list(tmp_path.glob("pid-n*"))) == 2, "both tasks to start")
     pids = [int(path.read_text()) for path in tmp_path.glob("pid-n*")]
-    _wait_for(lambda: all(_alive(pid) for pid in pids), "task pids to be visible", 5)
+    _wait_for(lambda: all(pid_alive(pid) for pid in pids), "task pids to be visible", 5)
 
     _run(["scancel", job_id], slurm_env)
-    _wait_for(lambda: not any(_alive(pid) for pid in pids), "tasks to end after scancel")
+    _wait_for(lambda: not any(pid_alive(pid) for pid in pids), "tasks to end after scancel")
     _wait_for(lambda: _job_state(job_id, slurm_env) == "CANCELLED", f"job {job_id} to be cancelled")
