@@ -150,18 +150,23 @@ class Sampler:
         if all(w is None for w in wanted):
             return [None] * len(rows)
         logprobs = logits.log_softmax(dim=-1)
+        # Everything to the host in one go (on a GPU each element read would be a sync).
+        index = torch.tensor(tokens, device=logprobs.device).unsqueeze(1)
+        chosen = logprobs.gather(1, index).squeeze(1).tolist()
         top_n = max(w or 0 for w in wanted)
-        top = logprobs.topk(top_n, dim=-1) if top_n else None
+        top_vals: list[list[float]] = []
+        top_ids: list[list[int]] = []
+        if top_n:
+            top = logprobs.topk(top_n, dim=-1)
+            top_vals, top_ids = top.values.tolist(), top.indices.tolist()
         result: list[TokenLogprob | None] = []
         for i, (w, tok) in enumerate(zip(wanted, tokens, strict=True)):
             if w is None:
                 result.append(None)
                 continue
-            entry = TokenLogprob(token_id=tok, logprob=float(logprobs[i, tok]))
-            if w and top is not None:
-                vals, ids = top.values[i, :w].tolist(), top.indices[i, :w].tolist()
-                entry.top = [
-                    TopLogprob(token_id=t, logprob=v) for t, v in zip(ids, vals, strict=True)
-                ]
+            entry = TokenLogprob(token_id=tok, logprob=chosen[i])
+            if w:
+                pairs = zip(top_ids[i][:w], top_vals[i][:w], strict=True)
+                entry.top = [TopLogprob(token_id=t, logprob=v) for t, v in pairs]
             result.append(entry)
         return result
