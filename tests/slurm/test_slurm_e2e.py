@@ -3,7 +3,8 @@
 `hpcserve submit configs/slurm-agg.yaml` (head n1: etcd, NATS, frontend; workers on n2, n3)
 → READY → the official openai client on the head's address → `hpcserve cancel` → nothing
 left on any node. The same for a TP group spanning the three nodes, for disaggregated
-serving (prefill on n2, decode on n3), through submitit, and a worker that fails at start.
+serving (prefill on n2, decode on n3), through submitit, and a worker that fails at start
+or is killed while serving (FAILED, naming it; a cancel instead ends FINISHED).
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -214,3 +216,33 @@ def test_worker_failing_at_start_fails_the_job(slurm_env: dict[str, str], model_
         assert "CUDA" in (status.log_tail or "")
         text = hpcserve(slurm_env, "status", job_id)
         assert text.startswith(f"FAILED {status.component}") and "CUDA" in text
+
+
+def step_pids(step_name: str) -> list[int]:
+    """Our worker processes started by the srun step named `step_name` (its job name)."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            cmdline = (entry / "cmdline").read_bytes()
+            environ = (entry / "environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if b"mpi_workers" in cmdline and f"SLURM_JOB_NAME={step_name}".encode() in environ:
+            pids.append(int(entry.name))
+    return pids
+
+
+def test_worker_killed_while_serving_fails_the_job(slurm_env: dict[str, str], model_dir: Path):
+    """A crash is not a cancel: the step that ended is named, and the job stops the rest."""
+    with submitted(slurm_env, CONFIG, model_dir) as (job_id, _job_dir):
+        wait_state(job_id, "READY")
+        pids = step_pids("worker-agg-g0-i1")
+        assert pids, "no worker process found for step worker-agg-g0-i1"
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        status = wait_state(job_id, "FAILED", timeout_s=60)
+        assert status.component == "worker-agg-g0-i1", status.describe()
+        assert "exited while serving" in (status.message or "")
