@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from mpi_workers.engine import kernels
+
 
 @dataclass
 class PrefillChunk:
@@ -38,6 +40,8 @@ class AttentionMetadata:
     decode_gather_blocks: torch.Tensor | None = None
     block_size: int = 0  # tokens per cache block (for decode_gather_blocks)
     decode_mask: torch.Tensor | None = None  # [num_decode, 1, 1, decode_max_len] bool or None
+    decode_block_tables: torch.Tensor | None = None  # [num_decode, blocks] (CPU kernel)
+    decode_lens: torch.Tensor | None = None  # [num_decode] context lengths (CPU kernel)
     prefills: list[PrefillChunk] = field(default_factory=list)
     cos: torch.Tensor | None = None  # RoPE tables for this step's positions
     sin: torch.Tensor | None = None
@@ -101,10 +105,10 @@ def paged_attention(
     k_flat.index_copy_(0, meta.slot_mapping, k)
     v_flat.index_copy_(0, meta.slot_mapping, v)
     if meta.num_decode == num_tokens and meta.num_decode > 0:
-        return _decode(q, k_flat, v_flat, meta, scale)
+        return _decode(q, k_cache, v_cache, meta, scale)
     out = torch.empty_like(q)
     if meta.num_decode:
-        out[: meta.num_decode] = _decode(q[: meta.num_decode], k_flat, v_flat, meta, scale)
+        out[: meta.num_decode] = _decode(q[: meta.num_decode], k_cache, v_cache, meta, scale)
     for chunk in meta.prefills:
         qs = q[chunk.start : chunk.end].transpose(0, 1).unsqueeze(0)
         if chunk.gather_slots is None:
@@ -125,13 +129,21 @@ def paged_attention(
 
 def _decode(
     q: torch.Tensor,
-    k_flat: torch.Tensor,
-    v_flat: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
     meta: AttentionMetadata,
     scale: float,
 ) -> torch.Tensor:
+    if meta.decode_block_tables is not None and meta.decode_lens is not None:
+        out = kernels.paged_decode_attention(
+            q, k_cache, v_cache, meta.decode_block_tables, meta.decode_lens, scale
+        )
+        if out is not None:
+            return out
     batch, _, head_dim = q.shape
-    kv_heads = k_flat.shape[1]
+    kv_heads = k_cache.shape[2]
+    k_flat = k_cache.view(-1, kv_heads, head_dim)
+    v_flat = v_cache.view(-1, kv_heads, head_dim)
     length = meta.decode_max_len
     if meta.decode_gather_blocks is not None:
         # Whole blocks: one row per block instead of one per token (fewer, longer copies).

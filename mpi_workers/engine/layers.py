@@ -124,7 +124,7 @@ class InferenceWeight:
         self._weight = self.weight_t.t()
         if not (pack_rows and on_cpu and weight.dtype == torch.float32):
             return
-        if kernels.skinny_gemm_available():
+        if kernels.available():
             self.skinny = kernels.SkinnyWeight(weight)
         elif mkl_packing_available():
             self.packed = torch.ops.mkl._mkl_reorder_linear_weight(weight, pack_rows)

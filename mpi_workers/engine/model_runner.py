@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from mpi_workers.engine import kernels
 from mpi_workers.engine.attention import AttentionMetadata, PrefillChunk
 from mpi_workers.engine.cuda_graph import DecodeGraphs
 from mpi_workers.engine.kv_cache import KvCache
@@ -79,6 +80,11 @@ class ModelRunner:
         self.kv_cache = kv_cache
         self.block_size = kv_cache.block_size
         self.device = kv_cache.k[0].device
+        # fp32 on CPU: decode attention reads the cache in place (kernels.paged_decode_attention)
+        cache = kv_cache.k[0]
+        self.decode_kernel = (
+            cache.device.type == "cpu" and cache.dtype == torch.float32 and kernels.available()
+        )
         self.graphs: DecodeGraphs | None = None
         if enforce_eager is None:
             enforce_eager = enforce_eager_default()
@@ -167,6 +173,9 @@ class ModelRunner:
         meta.block_size = self.block_size
         meta.num_decode = num_decode
         meta.decode_max_len = padded_len
+        if self.decode_kernel:
+            meta.decode_block_tables = tables
+            meta.decode_lens = torch.tensor(lengths, dtype=torch.long)
         if min(lengths) != padded_len:
             span = torch.arange(padded_len, device=dev)
             lens = torch.tensor(lengths, device=dev).unsqueeze(1)

@@ -1,12 +1,15 @@
 """CPU kernels of our own, in C, built once per machine with the system compiler.
 
-Only where the libraries fall short: `skinny_gemm.c` is the fp32 GEMM of a batched decode
-step (2..8 rows), where MKL's packed GEMM streams the weights at ~2/3 of the speed this
-kernel does (benchmarks/README.md). The shared library is built on first use into
-`<cache>/kernels/` (keyed by the source, the compiler and its flags; built under a temporary
-name and renamed, so ranks building at once never load half a file) and called through
-ctypes, which releases the GIL. Without a C compiler, without AVX-512, or with
-HPCSERVE_CPU_KERNELS=0, `skinny_gemm()` returns None and callers keep the MKL path.
+Only where the libraries fall short (figures in benchmarks/README.md):
+- `skinny_gemm.c`: the fp32 GEMM of a batched decode step (2..8 rows), where MKL's packed
+  GEMM streams the weights at ~2/3 of this kernel's speed;
+- `paged_decode_attention.c`: decode attention read in place from the paged KV cache, where
+  the PyTorch path copies every sequence's blocks out first (two index_selects per layer).
+The shared library is built on first use into `<cache>/kernels/` (keyed by the sources, the
+compiler and its flags; built under a temporary name and renamed, so ranks building at once
+never load half a file) and called through ctypes, which releases the GIL. Without a C
+compiler, without AVX-512, or with HPCSERVE_CPU_KERNELS=0, `available()` is False and callers
+keep the PyTorch/MKL paths.
 """
 
 from __future__ import annotations
@@ -27,10 +30,11 @@ from contract.config import cache_dir
 
 logger = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).with_name("skinny_gemm.c")
+SOURCES = [Path(__file__).with_name(name) for name in ("skinny_gemm.c", "paged_decode_attention.c")]
 # -mavx512f rather than -march=native: the cached file stays valid on any AVX-512 CPU
 # (a shared home directory across node types), and the kernel needs nothing newer.
 FLAGS = ["-O3", "-mavx512f", "-mfma", "-fopenmp", "-shared", "-fPIC"]
+LIBS = ["-lm"]
 MAX_ROWS = 8
 GROUP = 32  # output columns per packed group (skinny_gemm.c)
 
@@ -47,21 +51,21 @@ def _build(compiler: str) -> Path:
     version = subprocess.run(
         [compiler, "--version"], capture_output=True, text=True, check=True, timeout=30
     ).stdout
-    key = hashlib.sha256(
-        SOURCE.read_bytes() + " ".join(FLAGS).encode() + version.encode()
-    ).hexdigest()[:16]
-    target = cache_dir() / "kernels" / f"skinny_gemm-{key}.so"
+    digest = hashlib.sha256(" ".join(FLAGS + LIBS).encode() + version.encode())
+    for source in SOURCES:
+        digest.update(source.read_bytes())
+    target = cache_dir() / "kernels" / f"hpcserve_kernels-{digest.hexdigest()[:16]}.so"
     if target.exists():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
         built = Path(tmp) / target.name
         result = subprocess.run(
-            [compiler, *FLAGS, str(SOURCE), "-o", str(built)],
+            [compiler, *FLAGS, *map(str, SOURCES), "-o", str(built), *LIBS],
             capture_output=True, text=True, check=False, timeout=120,
         )  # fmt: skip
         if result.returncode != 0:
-            raise RuntimeError(f"{compiler} failed on {SOURCE.name}:\n{result.stderr[-2000:]}")
+            raise RuntimeError(f"{compiler} failed on the kernels:\n{result.stderr[-2000:]}")
         os.replace(built, target)
     logger.info("built %s", target)
     return target
@@ -89,11 +93,46 @@ def _library() -> ctypes.CDLL | None:
     lib.hpcs_pack_weight.restype = None
     lib.hpcs_skinny_gemm.argtypes = [ptr, ptr, ptr, ptr, i64, i64, i64, ctypes.c_int]
     lib.hpcs_skinny_gemm.restype = ctypes.c_int
+    lib.hpcs_paged_decode_attention.argtypes = (
+        [ptr, ptr, ptr, ptr, i64, ptr, ptr, ptr] + [i64] * 6 + [ctypes.c_float, ctypes.c_int]
+    )
+    lib.hpcs_paged_decode_attention.restype = ctypes.c_int
     return lib
 
 
-def skinny_gemm_available() -> bool:
+def available() -> bool:
     return _library() is not None
+
+
+def paged_decode_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    lengths: torch.Tensor,
+    scale: float,
+) -> torch.Tensor | None:
+    """softmax(q K^T * scale) V for one query per sequence, K/V read in place.
+
+    q: [batch, heads, head_dim] fp32; caches: [blocks, block_size, kv_heads, head_dim];
+    block_tables: [batch, max_blocks] int64; lengths: [batch] int64 (context incl. this token).
+    None where the kernel does not handle the case (the caller takes the PyTorch path).
+    """
+    lib = _library()
+    if lib is None or q.dtype != torch.float32 or k_cache.dtype != torch.float32:
+        return None
+    batch, heads, head_dim = q.shape
+    _, block_size, kv_heads, _ = k_cache.shape
+    q = q.contiguous()
+    max_len = block_tables.shape[1] * block_size
+    out = torch.empty_like(q)
+    scores = torch.empty(batch * heads * max_len, dtype=torch.float32)
+    status = lib.hpcs_paged_decode_attention(
+        q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), block_tables.data_ptr(),
+        block_tables.shape[1], lengths.data_ptr(), out.data_ptr(), scores.data_ptr(),
+        batch, heads, kv_heads, head_dim, block_size, max_len, scale, torch.get_num_threads(),
+    )  # fmt: skip
+    return out if status == 0 else None
 
 
 class SkinnyWeight:

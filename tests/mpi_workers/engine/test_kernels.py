@@ -1,19 +1,22 @@
-"""Our C kernels (mpi_workers/engine/kernels): the skinny GEMM of batched decode steps.
+"""Our C kernels (mpi_workers/engine/kernels): the skinny GEMM of batched decode steps and
+decode attention read in place from the paged cache.
 
-Compared with a float64 reference on shapes that exercise the 32-column groups' tails, the
-row counts 1..8, the build cache, and the MKL fallback when the kernels are turned off.
+The GEMM against a float64 reference on shapes that exercise the 32-column groups' tails and
+the row counts 1..8; attention against SDPA over the gathered blocks (lengths on and around
+block edges, GQA groups, shuffled block tables); the build cache; the fallbacks.
 """
 
 from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from mpi_workers.engine import kernels
 from mpi_workers.engine.layers import InferenceWeight, mkl_packing_available
 
 needs_kernel = pytest.mark.skipif(
-    not kernels.skinny_gemm_available(), reason="no C compiler or no AVX-512 on this machine"
+    not kernels.available(), reason="no C compiler or no AVX-512 on this machine"
 )
 
 
@@ -78,3 +81,64 @@ def test_the_build_is_cached_per_source_and_compiler(
     stamp = built.stat().st_mtime_ns
     assert kernels._build(compiler) == built and built.stat().st_mtime_ns == stamp
     assert [p.name for p in built.parent.iterdir()] == [built.name]  # no temp files left
+
+
+def _sdpa_reference(q, k_cache, v_cache, tables, lengths, scale) -> torch.Tensor:
+    """The PyTorch path: gather each sequence's tokens, then plain SDPA per sequence."""
+    block_size, kv_heads = k_cache.shape[1], k_cache.shape[2]
+    heads, head_dim = q.shape[1], q.shape[2]
+    rows = []
+    for b, length in enumerate(lengths.tolist()):
+        tokens = torch.arange(length)
+        blocks, offsets = tables[b, tokens // block_size], tokens % block_size
+        k = k_cache[blocks, offsets].transpose(0, 1)  # [kv_heads, length, head_dim]
+        v = v_cache[blocks, offsets].transpose(0, 1)
+        query = q[b].view(kv_heads, heads // kv_heads, head_dim)
+        rows.append(F.scaled_dot_product_attention(query, k, v, scale=scale).reshape(heads, -1))
+    return torch.stack(rows)
+
+
+@needs_kernel
+@pytest.mark.parametrize(
+    ("heads", "kv_heads", "head_dim", "block_size"),
+    [(9, 3, 64, 16), (4, 4, 128, 32), (8, 1, 16, 4)],
+)
+def test_paged_decode_attention_equals_sdpa(heads, kv_heads, head_dim, block_size) -> None:
+    g = torch.Generator().manual_seed(heads * head_dim)
+    lengths = torch.tensor([1, block_size - 1, block_size, block_size + 1, 5 * block_size + 3])
+    max_blocks = -(-int(lengths.max()) // block_size)
+    num_blocks = len(lengths) * max_blocks + 3
+    k_cache = torch.randn(num_blocks, block_size, kv_heads, head_dim, generator=g)
+    v_cache = torch.randn(num_blocks, block_size, kv_heads, head_dim, generator=g)
+    tables = torch.randperm(num_blocks, generator=g)[: len(lengths) * max_blocks]
+    tables = tables.view(len(lengths), max_blocks).contiguous()
+    q = torch.randn(len(lengths), heads, head_dim, generator=g)
+    scale = head_dim**-0.5
+    got = kernels.paged_decode_attention(q, k_cache, v_cache, tables, lengths, scale)
+    assert got is not None
+    expected = _sdpa_reference(q, k_cache, v_cache, tables, lengths, scale)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+@needs_kernel
+def test_paged_decode_attention_declines_what_it_does_not_handle() -> None:
+    """None (the caller keeps the PyTorch path), never a wrong answer or a stray write."""
+    tables, lengths = torch.zeros(1, 1, dtype=torch.long), torch.tensor([3])
+    cache = torch.randn(2, 4, 1, 40)  # head_dim 40: not a multiple of 16
+    assert (
+        kernels.paged_decode_attention(torch.randn(1, 2, 40), cache, cache, tables, lengths, 1.0)
+        is None
+    )
+    cache = torch.randn(2, 4, 1, 16)
+    too_long = torch.tensor([5])  # more tokens than the table's one block of 4
+    assert (
+        kernels.paged_decode_attention(torch.randn(1, 2, 16), cache, cache, tables, too_long, 1.0)
+        is None
+    )
+    bf16 = cache.bfloat16()
+    assert (
+        kernels.paged_decode_attention(
+            torch.randn(1, 2, 16).bfloat16(), bf16, bf16, tables, lengths, 1.0
+        )
+        is None
+    )

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from contract.messages import SamplingParams
+from mpi_workers.engine import kernels
 from mpi_workers.engine.block_manager import BlockManager
 from mpi_workers.engine.kv_cache import KvCache
 from mpi_workers.engine.loader import load_model
@@ -125,3 +126,23 @@ def test_sharded_checkpoint_with_index_loads(tmp_path, tiny_model_writer, tiny_l
     b = load_model(tiny_llama_dir, load_model_config(tiny_llama_dir), 64)
     for (name, pa), (_, pb) in zip(a.named_parameters(), b.named_parameters(), strict=True):
         assert torch.equal(pa, pb), name
+
+
+@pytest.mark.skipif(not kernels.available(), reason="no C compiler or no AVX-512 here")
+def test_decode_kernel_matches_pytorch_path(tiny_llama_dir):
+    """Decode attention read in place by our CPU kernel == the gather + SDPA path."""
+    ids = list(range(3, 40))
+    outs = []
+    for use_kernel in (True, False):
+        h = Harness(tiny_llama_dir)
+        assert h.model.model.layers[0].self_attn.head_dim % 16 == 0  # the kernel takes it
+        h.runner.decode_kernel = use_kernel
+        seqs = [new_seq(ids[: 5 + 7 * i], str(i)) for i in range(3)]  # 5, 12, 19 tokens
+        h.step(seqs, [s.num_tokens for s in seqs])
+        steps = []
+        for token in (7, 9, 11):  # cross the 4-token block edges
+            for s in seqs:
+                s.token_ids.append(token)
+            steps.append(torch.cat(h.step(seqs, [1, 1, 1])))
+        outs.append(torch.cat(steps))
+    torch.testing.assert_close(outs[0], outs[1], atol=1e-5, rtol=1e-5)
