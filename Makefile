@@ -13,13 +13,18 @@ ARGS   ?=
 setup: $(STAMP)
 
 $(STAMP): pyproject.toml
-	@# python3-venv is the one system package we may need (Debian splits ensurepip out).
+	@# python3-venv is the one system package we need (Debian splits ensurepip out); gcc builds
+	@# our CPU kernels (optional: without it the engine uses MKL/PyTorch paths).
 	@if ! $(PYTHON) -c 'import ensurepip, venv' 2>/dev/null; then \
 	  if [ "$$(id -u)" = 0 ]; then \
 	    apt-get update -qq && apt-get install -y -qq python3-venv; \
 	  else \
 	    echo "missing python3-venv: install it (apt-get install python3-venv)"; exit 1; \
 	  fi; \
+	fi
+	@if ! command -v cc >/dev/null && [ "$$(id -u)" = 0 ]; then \
+	  apt-get update -qq && apt-get install -y -qq gcc libc6-dev || \
+	    echo "no C compiler: the engine uses MKL/PyTorch instead of its CPU kernels"; \
 	fi
 	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
 	@# torch first, pinned: 2.13.0 resolves to the CPU build; plain `torch` pulls GBs of CUDA.
