@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mpi_workers.engine import kernels
 from mpi_workers.engine.attention import AttentionMetadata, paged_attention
 from mpi_workers.engine.layers import (
     InferenceWeight,
@@ -111,6 +112,7 @@ class LlamaForCausalLM(nn.Module):
         self.model.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.rotary = RotaryEmbedding(cfg.head_dim, max_positions, cfg.rope_theta, cfg.rope_scaling)
         self._tied_head: InferenceWeight | None = None
+        self._native_decode: kernels.DecodeLayers | None = None  # fp32 CPU decode steps
         if cfg.tie_word_embeddings:
             self.lm_head = None
         else:
@@ -138,12 +140,32 @@ class LlamaForCausalLM(nn.Module):
         h = self.model.embed_tokens(input_ids)
         if input_embeds is not None:
             h[embeds_mask] = input_embeds.to(h.dtype)
+        elif self._native_decode is not None and self._native_decode_step(h, positions, meta):
+            return self.model.norm(h)
         meta.cos, meta.sin = self.rotary.lookup(positions, h.dtype)
         layer0 = self.model.layers[0].self_attn
         meta.prepare_buffers(layer0.num_kv_heads, layer0.head_dim, h.dtype)
         for layer in self.model.layers:
             h = layer(h, meta)
         return self.model.norm(h)
+
+    def _native_decode_step(
+        self, h: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata
+    ) -> bool:
+        """A decode-only step of up to 8 rows through `kernels.DecodeLayers` (all layers in
+        one native call); False: not such a step, h untouched, the PyTorch layers run."""
+        native = self._native_decode
+        if (
+            native is None
+            or meta.num_decode != h.shape[0]
+            or h.shape[0] > native.MAX_ROWS
+            or meta.decode_block_tables is None
+            or meta.decode_lens is None
+        ):
+            return False
+        return native.run(
+            h, positions, meta.slot_mapping, meta.decode_block_tables, meta.decode_lens
+        )
 
     def prepare_inference(self, pack_rows: int | None = 8) -> None:
         """After loading: relayout every linear weight (and the vocab head) for fast matmuls."""
@@ -153,6 +175,15 @@ class LlamaForCausalLM(nn.Module):
         if self.lm_head is None:
             weight = self.model.embed_tokens.weight.data
             self._tied_head = InferenceWeight(weight, pack_rows if weight.is_cpu else None)
+        layers = list(self.model.layers)
+        if (
+            self.tp.size == 1
+            and kernels.decode_layers_enabled()
+            and kernels.DecodeLayers.supports(layers)
+        ):
+            self._native_decode = kernels.DecodeLayers(
+                layers, self.rotary.cos, self.rotary.sin_signed
+            )
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor | None:
         """Logits [rows, vocab]; under TP every rank must call it (a gather), and only rank 0

@@ -4,7 +4,9 @@ Only where the libraries fall short (figures in benchmarks/README.md):
 - `skinny_gemm.c`: the fp32 GEMM of a batched decode step (2..8 rows), where MKL's packed
   GEMM streams the weights at ~2/3 of this kernel's speed;
 - `paged_decode_attention.c`: decode attention read in place from the paged KV cache, where
-  the PyTorch path copies every sequence's blocks out first (two index_selects per layer).
+  the PyTorch path copies every sequence's blocks out first (two index_selects per layer);
+- `decode_layers.c`: all decoder layers of a decode step in one call (`DecodeLayers`), where
+  PyTorch spends more on dispatching ~100 small ops per layer than on their arithmetic.
 The shared library is built on first use into `<cache>/kernels/` (keyed by the sources, the
 compiler and its flags; built under a temporary name and renamed, so ranks building at once
 never load half a file) and called through ctypes, which releases the GIL. Without a C
@@ -23,6 +25,7 @@ import shutil
 import subprocess
 import tempfile
 from pathlib import Path
+from typing import Any, ClassVar
 
 import torch
 
@@ -30,10 +33,14 @@ from contract.config import cache_dir
 
 logger = logging.getLogger(__name__)
 
-SOURCES = [Path(__file__).with_name(name) for name in ("skinny_gemm.c", "paged_decode_attention.c")]
+SOURCES = [
+    Path(__file__).with_name(name)
+    for name in ("skinny_gemm.c", "paged_decode_attention.c", "decode_layers.c")
+]
 # -mavx512f rather than -march=native: the cached file stays valid on any AVX-512 CPU
 # (a shared home directory across node types), and the kernel needs nothing newer.
-FLAGS = ["-O3", "-mavx512f", "-mfma", "-fopenmp", "-shared", "-fPIC"]
+# -ffp-contract=off: the scalar code (norms, RoPE) rounds like PyTorch's separate mul and add.
+FLAGS = ["-O3", "-mavx512f", "-mfma", "-ffp-contract=off", "-fopenmp", "-shared", "-fPIC"]
 LIBS = ["-lm"]
 MAX_ROWS = 8
 GROUP = 32  # output columns per packed group (skinny_gemm.c)
@@ -97,6 +104,11 @@ def _library() -> ctypes.CDLL | None:
         [ptr, ptr, ptr, ptr, i64, ptr, ptr, ptr] + [i64] * 6 + [ctypes.c_float, ctypes.c_int]
     )
     lib.hpcs_paged_decode_attention.restype = ctypes.c_int
+    lib.hpcs_decode_scratch_floats.argtypes = [ptr, i64, i64]
+    lib.hpcs_decode_scratch_floats.restype = i64
+    lib.hpcs_decode_layers.argtypes = [ptr, i64, ptr, ptr, i64] + [ptr] * 5 + [i64, ptr, ptr]
+    lib.hpcs_decode_layers.argtypes.append(ctypes.c_int)
+    lib.hpcs_decode_layers.restype = ctypes.c_int
     return lib
 
 
@@ -165,3 +177,111 @@ class SkinnyWeight:
             rows, self.out_features, self.in_features, torch.get_num_threads(),
         )  # fmt: skip
         return y
+
+
+def decode_layers_enabled() -> bool:
+    """HPCSERVE_CPU_DECODE_LAYERS=0 keeps the per-op PyTorch decoder (A/B, debugging)."""
+    off = os.environ.get("HPCSERVE_CPU_DECODE_LAYERS", "1") in ("0", "false", "no")
+    return available() and not off
+
+
+class _Layer(ctypes.Structure):
+    _fields_: ClassVar = [
+        (name, ctypes.c_void_p)
+        for name in (
+            "input_norm", "post_norm", "qkv", "qkv_bias", "o", "gate_up", "gate_up_bias",
+            "down", "down_bias", "k_cache", "v_cache",
+        )
+    ]  # fmt: skip
+
+
+class _Shape(ctypes.Structure):
+    _fields_: ClassVar = [
+        *((name, ctypes.c_int64) for name in (
+            "hidden", "heads", "kv_heads", "head_dim", "intermediate", "block_size",
+        )),
+        ("eps", ctypes.c_float),
+        ("scale", ctypes.c_float),
+    ]  # fmt: skip
+
+
+def _ptr(tensor: torch.Tensor | None) -> int | None:
+    return None if tensor is None else tensor.data_ptr()
+
+
+class DecodeLayers:
+    """`decode_layers.c` over a loaded model's layers: `run()` replaces the decoder layers of a
+    decode step of 1..8 rows (fp32, one rank). Weights are the layers' `SkinnyWeight` packings;
+    the KV caches are looked up at each call (the runner binds them after loading)."""
+
+    MAX_ROWS = MAX_ROWS
+
+    def __init__(self, layers: list[Any], cos: torch.Tensor, sin_signed: torch.Tensor) -> None:
+        lib = _library()
+        if lib is None:
+            raise RuntimeError("the CPU kernels are not available on this machine")
+        self._lib = lib
+        self._layers = layers
+        self.cos, self.sin_signed = cos.contiguous(), sin_signed.contiguous()
+        attn = layers[0].self_attn
+        mlp = layers[0].mlp
+        self.shape = _Shape(
+            hidden=attn.o_proj.fast.skinny.out_features,
+            heads=attn.num_heads,
+            kv_heads=attn.num_kv_heads,
+            head_dim=attn.head_dim,
+            intermediate=mlp.split,
+            eps=layers[0].input_layernorm.eps,
+            scale=attn.scale,
+        )
+        self._structs = (_Layer * len(layers))()
+        for struct, layer in zip(self._structs, layers, strict=True):
+            a, m = layer.self_attn, layer.mlp
+            struct.input_norm = _ptr(layer.input_layernorm.weight)
+            struct.post_norm = _ptr(layer.post_attention_layernorm.weight)
+            struct.qkv, struct.qkv_bias = _ptr(a.qkv_proj.fast.skinny.packed), _ptr(a.qkv_proj.bias)
+            struct.o = _ptr(a.o_proj.fast.skinny.packed)
+            struct.gate_up = _ptr(m.gate_up_proj.fast.skinny.packed)
+            struct.gate_up_bias = _ptr(m.gate_up_proj.bias)
+            struct.down = _ptr(m.down_proj.fast.skinny.packed)
+            struct.down_bias = _ptr(m.down_proj.bias)
+
+    @staticmethod
+    def supports(layers: list[Any]) -> bool:
+        """Every linear has its skinny packing, o_proj has no bias, heads fit the kernel."""
+        for layer in layers:
+            a, m = layer.self_attn, layer.mlp
+            linears = (a.qkv_proj, a.o_proj, m.gate_up_proj, m.down_proj)
+            if any(lin.fast is None or lin.fast.skinny is None for lin in linears):
+                return False
+            if a.o_proj.bias is not None or a.head_dim % 16 or a.head_dim > 256:
+                return False
+        return True
+
+    def run(
+        self,
+        h: torch.Tensor,
+        positions: torch.Tensor,
+        slots: torch.Tensor,
+        block_tables: torch.Tensor,
+        lengths: torch.Tensor,
+    ) -> bool:
+        """Every layer on h [rows, hidden] in place; False (h untouched) if declined."""
+        rows = h.shape[0]
+        if not 1 <= rows <= MAX_ROWS or h.dtype != torch.float32 or not h.is_contiguous():
+            return False
+        self.shape.block_size = self._layers[0].self_attn.k_cache.shape[1]
+        for struct, layer in zip(self._structs, self._layers, strict=True):
+            struct.k_cache = _ptr(layer.self_attn.k_cache)
+            struct.v_cache = _ptr(layer.self_attn.v_cache)
+        max_len = block_tables.shape[1] * self.shape.block_size
+        shape = ctypes.addressof(self.shape)
+        floats = self._lib.hpcs_decode_scratch_floats(shape, rows, max_len)
+        scratch = torch.empty(floats, dtype=torch.float32)
+        status = self._lib.hpcs_decode_layers(
+            ctypes.addressof(self._structs), len(self._layers), shape, h.data_ptr(), rows,
+            self.cos.data_ptr(), self.sin_signed.data_ptr(), positions.data_ptr(),
+            slots.data_ptr(), block_tables.data_ptr(), block_tables.shape[1],
+            lengths.data_ptr(), scratch.data_ptr(), torch.get_num_threads(),
+        )  # fmt: skip
+        return status == 0

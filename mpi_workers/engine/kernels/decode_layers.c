@@ -1,0 +1,138 @@
+/* Every decoder layer of a decode step (up to 8 rows, fp32) in one call from Python.
+ *
+ * A decode step in PyTorch is ~100 small ops per layer (norms, RoPE, KV writes, attention,
+ * SiLU, residuals) around four matmuls; at these sizes their dispatch costs more than their
+ * arithmetic. Here a layer is: RMSNorm -> QKV (skinny GEMM) -> RoPE -> KV write -> paged
+ * attention -> O -> residual -> RMSNorm -> gate/up -> SiLU * up -> down -> residual, each step
+ * written the way HF's Llama computes it (fp32 RMSNorm as x * rsqrt(mean(x^2) + eps) then
+ * weight *, rotate-half RoPE with a signed sin table, silu(g) = g / (1 + exp(-g))); the file is
+ * built with -ffp-contract=off so no multiply-add is fused behind our back.
+ * Built by kernels/__init__.py with skinny_gemm.c and paged_decode_attention.c.
+ */
+#include <math.h>
+#include <stddef.h>
+#include <stdint.h>
+
+int hpcs_skinny_gemm(const float *x, const float *packed, float *y, float *xt, int64_t m,
+                     int64_t n, int64_t k, int threads);
+int hpcs_paged_decode_attention(const float *q, const float *k_cache, const float *v_cache,
+                                const int64_t *tables, int64_t max_blocks, const int64_t *lens,
+                                float *out, float *scores, int64_t batch, int64_t heads,
+                                int64_t kv_heads, int64_t head_dim, int64_t block_size,
+                                int64_t max_len, float scale, int threads);
+
+/* One layer's weights: packed linears (skinny_gemm.c layout), optional biases (NULL: none). */
+typedef struct {
+    const float *input_norm, *post_norm;
+    const float *qkv, *qkv_bias, *o, *gate_up, *gate_up_bias, *down, *down_bias;
+    float *k_cache, *v_cache; /* [blocks, block_size, kv_heads, head_dim] */
+} hpcs_layer;
+
+typedef struct {
+    int64_t hidden, heads, kv_heads, head_dim, intermediate, block_size;
+    float eps, scale;
+} hpcs_shape;
+
+static void rms_norm(const float *h, const float *weight, float *out, int64_t m, int64_t hidden,
+                     float eps) {
+    for (int64_t r = 0; r < m; r++) {
+        const float *x = h + r * hidden;
+        float sum = 0.0f;
+        for (int64_t i = 0; i < hidden; i++) sum += x[i] * x[i];
+        const float inv = 1.0f / sqrtf(sum / (float)hidden + eps);
+        for (int64_t i = 0; i < hidden; i++) out[r * hidden + i] = weight[i] * (x[i] * inv);
+    }
+}
+
+static void add_bias(float *y, const float *bias, int64_t m, int64_t n) {
+    if (!bias) return;
+    for (int64_t r = 0; r < m; r++)
+        for (int64_t i = 0; i < n; i++) y[r * n + i] += bias[i];
+}
+
+/* In place on heads [count, head_dim] of one row: x * cos + swap_halves(x) * sin_signed. */
+static void rope(float *x, int64_t count, int64_t head_dim, const float *cos,
+                 const float *sin_signed) {
+    const int64_t half = head_dim / 2;
+    float rotated[256];
+    for (int64_t h = 0; h < count; h++) {
+        float *v = x + h * head_dim;
+        for (int64_t i = 0; i < head_dim; i++) {
+            const float swapped = i < half ? v[i + half] : v[i - half];
+            rotated[i] = swapped * sin_signed[i] + v[i] * cos[i];
+        }
+        for (int64_t i = 0; i < head_dim; i++) v[i] = rotated[i];
+    }
+}
+
+/* Floats of scratch hpcs_decode_layers needs for m rows and max_len context tokens. */
+int64_t hpcs_decode_scratch_floats(const hpcs_shape *s, int64_t m, int64_t max_len) {
+    const int64_t qkv = (s->heads + 2 * s->kv_heads) * s->head_dim;
+    const int64_t widest = s->intermediate > s->hidden ? s->intermediate : s->hidden;
+    return m * s->hidden * 2 + m * qkv + m * s->heads * s->head_dim + m * 2 * s->intermediate +
+           m * s->intermediate + widest * 8 + m * s->heads * max_len;
+}
+
+/* h [m, hidden] is the residual stream, updated in place through every layer (the caller
+ * applies the final norm). Returns -1, having touched nothing, for shapes it does not handle;
+ * past those checks the calls below cannot fail. */
+int hpcs_decode_layers(const hpcs_layer *layers, int64_t num_layers, const hpcs_shape *s,
+                       float *h, int64_t m, const float *cos_table, const float *sin_table,
+                       const int64_t *positions, const int64_t *slots, const int64_t *tables,
+                       int64_t max_blocks, const int64_t *lens, float *scratch, int threads) {
+    const int64_t hidden = s->hidden, head_dim = s->head_dim, inter = s->intermediate;
+    const int64_t q_width = s->heads * head_dim, kv_width = s->kv_heads * head_dim;
+    const int64_t qkv_width = q_width + 2 * kv_width;
+    const int64_t max_len = max_blocks * s->block_size;
+    if (m < 1 || m > 8 || head_dim > 256 || head_dim % 16 || s->heads % s->kv_heads) return -1;
+    for (int64_t r = 0; r < m; r++)
+        if (lens[r] < 1 || lens[r] > max_len || positions[r] < 0) return -1;
+    float *x = scratch;                       /* [m, hidden] normed input */
+    float *delta = x + m * hidden;            /* [m, hidden] a sublayer's output */
+    float *qkv = delta + m * hidden;          /* [m, qkv_width] */
+    float *attn = qkv + m * qkv_width;        /* [m, heads * head_dim] */
+    float *gate_up = attn + m * q_width;      /* [m, 2 * inter] */
+    float *act = gate_up + m * 2 * inter;     /* [m, inter] */
+    float *xt = act + m * inter;              /* GEMM scratch [widest, 8] */
+    const int64_t widest = inter > hidden ? inter : hidden;
+    float *scores = xt + widest * 8;          /* [m * heads * max_len] */
+    for (int64_t l = 0; l < num_layers; l++) {
+        const hpcs_layer *layer = &layers[l];
+        rms_norm(h, layer->input_norm, x, m, hidden, s->eps);
+        hpcs_skinny_gemm(x, layer->qkv, qkv, xt, m, qkv_width, hidden, threads);
+        add_bias(qkv, layer->qkv_bias, m, qkv_width);
+        for (int64_t r = 0; r < m; r++) {
+            float *row = qkv + r * qkv_width;
+            const float *c = cos_table + positions[r] * head_dim;
+            const float *sn = sin_table + positions[r] * head_dim;
+            rope(row, s->heads + s->kv_heads, head_dim, c, sn); /* q heads, then k heads */
+            float *k_slot = layer->k_cache + slots[r] * kv_width;
+            float *v_slot = layer->v_cache + slots[r] * kv_width;
+            for (int64_t i = 0; i < kv_width; i++) {
+                k_slot[i] = row[q_width + i];
+                v_slot[i] = row[q_width + kv_width + i];
+            }
+        }
+        /* q rows are strided inside qkv: compact them into delta (free until O) */
+        for (int64_t r = 0; r < m; r++)
+            for (int64_t i = 0; i < q_width; i++) delta[r * q_width + i] = qkv[r * qkv_width + i];
+        hpcs_paged_decode_attention(delta, layer->k_cache, layer->v_cache, tables, max_blocks, lens,
+                                    attn, scores, m, s->heads, s->kv_heads, head_dim,
+                                    s->block_size, max_len, s->scale, threads);
+        hpcs_skinny_gemm(attn, layer->o, delta, xt, m, hidden, q_width, threads);
+        for (int64_t i = 0; i < m * hidden; i++) h[i] = h[i] + delta[i];
+        rms_norm(h, layer->post_norm, x, m, hidden, s->eps);
+        hpcs_skinny_gemm(x, layer->gate_up, gate_up, xt, m, 2 * inter, hidden, threads);
+        add_bias(gate_up, layer->gate_up_bias, m, 2 * inter);
+#pragma omp parallel for schedule(static) num_threads(threads)
+        for (int64_t j = 0; j < m * inter; j++) {
+            const int64_t r = j / inter, i = j % inter;
+            const float g = gate_up[r * 2 * inter + i];
+            act[j] = g / (1.0f + expf(-g)) * gate_up[r * 2 * inter + inter + i];
+        }
+        hpcs_skinny_gemm(act, layer->down, delta, xt, m, hidden, inter, threads);
+        add_bias(delta, layer->down_bias, m, hidden);
+        for (int64_t i = 0; i < m * hidden; i++) h[i] = h[i] + delta[i];
+    }
+    return 0;
+}
