@@ -31,11 +31,11 @@ def hf_logits(model_dir, token_ids: list[int]) -> torch.Tensor:
 class Harness:
     """Model + cache + block manager, driving the runner by hand."""
 
-    def __init__(self, model_dir, pack_rows=8):
+    def __init__(self, model_dir, pack_rows=8, num_blocks=64):
         cfg = load_model_config(model_dir)
         self.model = load_model(model_dir, cfg, 256, pack_rows=pack_rows)
-        self.bm = BlockManager(64, 4)
-        self.runner = ModelRunner(self.model, KvCache(cfg, 64, 4, torch.float32, "cpu"))
+        self.bm = BlockManager(num_blocks, 4)
+        self.runner = ModelRunner(self.model, KvCache(cfg, num_blocks, 4, torch.float32, "cpu"))
 
     def step(self, seqs: list[Sequence], counts: list[int]) -> torch.Tensor:
         """Compute `counts` new tokens per sequence; logits of every token, in batch order."""
@@ -128,21 +128,45 @@ def test_sharded_checkpoint_with_index_loads(tmp_path, tiny_model_writer, tiny_l
         assert torch.equal(pa, pb), name
 
 
-@pytest.mark.skipif(not kernels.available(), reason="no C compiler or no AVX-512 here")
-def test_decode_kernel_matches_pytorch_path(tiny_llama_dir):
-    """Decode attention read in place by our CPU kernel == the gather + SDPA path."""
-    ids = list(range(3, 40))
-    outs = []
-    for use_kernel in (True, False):
-        h = Harness(tiny_llama_dir)
-        assert h.model.model.layers[0].self_attn.head_dim % 16 == 0  # the kernel takes it
-        h.runner.decode_kernel = use_kernel
-        seqs = [new_seq(ids[: 5 + 7 * i], str(i)) for i in range(3)]  # 5, 12, 19 tokens
-        h.step(seqs, [s.num_tokens for s in seqs])
-        steps = []
-        for token in (7, 9, 11):  # cross the 4-token block edges
-            for s in seqs:
-                s.token_ids.append(token)
-            steps.append(torch.cat(h.step(seqs, [1, 1, 1])))
-        outs.append(torch.cat(steps))
-    torch.testing.assert_close(outs[0], outs[1], atol=1e-5, rtol=1e-5)
+def _decode_logits(model_dir, mode: str, rows: int = 3) -> torch.Tensor:
+    """Logits of three decode steps of `rows` sequences (5, 8, 11, ... tokens: the 4-token
+    blocks' edges are crossed), decoded the `mode` way."""
+    h = Harness(model_dir, num_blocks=128)
+    assert h.model.model.layers[0].self_attn.head_dim % 16 == 0  # the kernels take it
+    h.runner.decode_kernel = mode != "pytorch"
+    native = h.model._native_decode
+    if mode == "native-layers":
+        assert native is not None
+        calls = []
+        run = native.run
+        native.run = lambda *args: calls.append(1) or run(*args)
+    else:
+        h.model._native_decode = None
+    ids = list(range(3, 3 + 5 + 3 * rows))
+    seqs = [new_seq(ids[: 5 + 3 * i], str(i)) for i in range(rows)]
+    h.step(seqs, [s.num_tokens for s in seqs])
+    steps = []
+    for token in (7, 9, 11):
+        for s in seqs:
+            s.token_ids.append(token)
+        steps.append(torch.cat(h.step(seqs, [1] * rows)))
+    if mode == "native-layers":
+        assert len(calls) == 3 if rows <= 8 else not calls  # > 8 rows: the PyTorch layers
+    return torch.cat(steps)
+
+
+needs_kernels = pytest.mark.skipif(not kernels.available(), reason="no C compiler or AVX-512")
+
+
+@needs_kernels
+@pytest.mark.parametrize("kind", ["llama", "qwen2"])
+@pytest.mark.parametrize("mode", ["attention-kernel", "native-layers"])
+@pytest.mark.parametrize("rows", [1, 3, 8, 9])
+def test_cpu_kernel_decode_matches_pytorch_path(kind, mode, rows, tiny_llama_dir, tiny_qwen2_dir):
+    """Decode read by our attention kernel, or every layer in one native call, == the
+    PyTorch layers with gather + SDPA (qwen2: q/k/v biases)."""
+    model_dir = tiny_llama_dir if kind == "llama" else tiny_qwen2_dir
+    expected = _decode_logits(model_dir, "pytorch", rows)
+    torch.testing.assert_close(
+        _decode_logits(model_dir, mode, rows), expected, atol=1e-5, rtol=1e-5
+    )
