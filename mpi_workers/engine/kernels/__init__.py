@@ -37,11 +37,12 @@ SOURCES = [
     Path(__file__).with_name(name)
     for name in ("skinny_gemm.c", "paged_decode_attention.c", "decode_layers.c")
 ]
+HEADER = Path(__file__).with_name("vector_math.h")
 # -mavx512f rather than -march=native: the cached file stays valid on any AVX-512 CPU
 # (a shared home directory across node types), and the kernel needs nothing newer.
 # -ffp-contract=off: the scalar code (norms, RoPE) rounds like PyTorch's separate mul and add.
 FLAGS = ["-O3", "-mavx512f", "-mfma", "-ffp-contract=off", "-fopenmp", "-shared", "-fPIC"]
-LIBS = ["-lm"]
+LIBS = ["-lmvec", "-lm"]  # libmvec: glibc's vector exp (vector_math.h)
 MAX_ROWS = 8
 GROUP = 32  # output columns per packed group (skinny_gemm.c)
 
@@ -59,7 +60,7 @@ def _build(compiler: str) -> Path:
         [compiler, "--version"], capture_output=True, text=True, check=True, timeout=30
     ).stdout
     digest = hashlib.sha256(" ".join(FLAGS + LIBS).encode() + version.encode())
-    for source in SOURCES:
+    for source in [*SOURCES, HEADER]:
         digest.update(source.read_bytes())
     target = cache_dir() / "kernels" / f"hpcserve_kernels-{digest.hexdigest()[:16]}.so"
     if target.exists():
@@ -98,7 +99,7 @@ def _library() -> ctypes.CDLL | None:
     i64, ptr = ctypes.c_int64, ctypes.c_void_p
     lib.hpcs_pack_weight.argtypes = [ptr, ptr, i64, i64]
     lib.hpcs_pack_weight.restype = None
-    lib.hpcs_skinny_gemm.argtypes = [ptr, ptr, ptr, ptr, i64, i64, i64, ctypes.c_int]
+    lib.hpcs_skinny_gemm.argtypes = [ptr, ptr, ptr, i64, i64, i64, ctypes.c_int]
     lib.hpcs_skinny_gemm.restype = ctypes.c_int
     lib.hpcs_paged_decode_attention.argtypes = (
         [ptr, ptr, ptr, ptr, i64, ptr, ptr, ptr] + [i64] * 6 + [ctypes.c_float, ctypes.c_int]
@@ -171,9 +172,8 @@ class SkinnyWeight:
             raise ValueError(f"skinny GEMM takes 1..{MAX_ROWS} float32 rows, got {rows}")
         x = x.contiguous()
         y = torch.empty(rows, self.out_features, dtype=torch.float32)
-        scratch = torch.empty(self.in_features * MAX_ROWS, dtype=torch.float32)
         self._lib.hpcs_skinny_gemm(
-            x.data_ptr(), self.packed.data_ptr(), y.data_ptr(), scratch.data_ptr(),
+            x.data_ptr(), self.packed.data_ptr(), y.data_ptr(),
             rows, self.out_features, self.in_features, torch.get_num_threads(),
         )  # fmt: skip
         return y

@@ -5,7 +5,7 @@
  * arithmetic. Here a layer is: RMSNorm -> QKV (skinny GEMM) -> RoPE -> KV write -> paged
  * attention -> O -> residual -> RMSNorm -> gate/up -> SiLU * up -> down -> residual, each step
  * written the way HF's Llama computes it (fp32 RMSNorm as x * rsqrt(mean(x^2) + eps) then
- * weight *, rotate-half RoPE with a signed sin table, silu(g) = g / (1 + exp(-g))); the file is
+ * weight *, rotate-half RoPE with a signed sin table, silu(g) = g / (1 + exp(-g))); the files are
  * built with -ffp-contract=off so no multiply-add is fused behind our back.
  * Built by kernels/__init__.py with skinny_gemm.c and paged_decode_attention.c.
  */
@@ -13,8 +13,10 @@
 #include <stddef.h>
 #include <stdint.h>
 
-int hpcs_skinny_gemm(const float *x, const float *packed, float *y, float *xt, int64_t m,
-                     int64_t n, int64_t k, int threads);
+#include "vector_math.h"
+
+int hpcs_skinny_gemm(const float *x, const float *packed, float *y, int64_t m, int64_t n,
+                     int64_t k, int threads);
 int hpcs_paged_decode_attention(const float *q, const float *k_cache, const float *v_cache,
                                 const int64_t *tables, int64_t max_blocks, const int64_t *lens,
                                 float *out, float *scores, int64_t batch, int64_t heads,
@@ -65,12 +67,29 @@ static void rope(float *x, int64_t count, int64_t head_dim, const float *cos,
     }
 }
 
+/* act[r, i] = silu(gate[r, i]) * up[r, i], gate_up rows being [gate | up]. */
+static void silu_times_up(const float *gate_up, float *act, int64_t m, int64_t inter,
+                          int threads) {
+    const __m512 one = _mm512_set1_ps(1.0f), zero = _mm512_setzero_ps();
+    const int64_t chunks = (inter + 15) / 16;
+#pragma omp parallel for schedule(static) num_threads(threads)
+    for (int64_t j = 0; j < m * chunks; j++) {
+        const int64_t r = j / chunks, i = (j % chunks) * 16;
+        const __mmask16 mask = tail_mask(inter - i);
+        const float *gate = gate_up + r * 2 * inter + i;
+        const __m512 g = _mm512_maskz_loadu_ps(mask, gate);
+        const __m512 u = _mm512_maskz_loadu_ps(mask, gate + inter);
+        const __m512 e = _ZGVeN16v_expf(_mm512_sub_ps(zero, g));
+        const __m512 silu = _mm512_div_ps(g, _mm512_add_ps(one, e));
+        _mm512_mask_storeu_ps(act + r * inter + i, mask, _mm512_mul_ps(silu, u));
+    }
+}
+
 /* Floats of scratch hpcs_decode_layers needs for m rows and max_len context tokens. */
 int64_t hpcs_decode_scratch_floats(const hpcs_shape *s, int64_t m, int64_t max_len) {
     const int64_t qkv = (s->heads + 2 * s->kv_heads) * s->head_dim;
-    const int64_t widest = s->intermediate > s->hidden ? s->intermediate : s->hidden;
     return m * s->hidden * 2 + m * qkv + m * s->heads * s->head_dim + m * 2 * s->intermediate +
-           m * s->intermediate + widest * 8 + m * s->heads * max_len;
+           m * s->intermediate + m * s->heads * max_len;
 }
 
 /* h [m, hidden] is the residual stream, updated in place through every layer (the caller
@@ -93,13 +112,11 @@ int hpcs_decode_layers(const hpcs_layer *layers, int64_t num_layers, const hpcs_
     float *attn = qkv + m * qkv_width;        /* [m, heads * head_dim] */
     float *gate_up = attn + m * q_width;      /* [m, 2 * inter] */
     float *act = gate_up + m * 2 * inter;     /* [m, inter] */
-    float *xt = act + m * inter;              /* GEMM scratch [widest, 8] */
-    const int64_t widest = inter > hidden ? inter : hidden;
-    float *scores = xt + widest * 8;          /* [m * heads * max_len] */
+    float *scores = act + m * inter;          /* [m * heads * max_len] */
     for (int64_t l = 0; l < num_layers; l++) {
         const hpcs_layer *layer = &layers[l];
         rms_norm(h, layer->input_norm, x, m, hidden, s->eps);
-        hpcs_skinny_gemm(x, layer->qkv, qkv, xt, m, qkv_width, hidden, threads);
+        hpcs_skinny_gemm(x, layer->qkv, qkv, m, qkv_width, hidden, threads);
         add_bias(qkv, layer->qkv_bias, m, qkv_width);
         for (int64_t r = 0; r < m; r++) {
             float *row = qkv + r * qkv_width;
@@ -119,18 +136,13 @@ int hpcs_decode_layers(const hpcs_layer *layers, int64_t num_layers, const hpcs_
         hpcs_paged_decode_attention(delta, layer->k_cache, layer->v_cache, tables, max_blocks, lens,
                                     attn, scores, m, s->heads, s->kv_heads, head_dim,
                                     s->block_size, max_len, s->scale, threads);
-        hpcs_skinny_gemm(attn, layer->o, delta, xt, m, hidden, q_width, threads);
+        hpcs_skinny_gemm(attn, layer->o, delta, m, hidden, q_width, threads);
         for (int64_t i = 0; i < m * hidden; i++) h[i] = h[i] + delta[i];
         rms_norm(h, layer->post_norm, x, m, hidden, s->eps);
-        hpcs_skinny_gemm(x, layer->gate_up, gate_up, xt, m, 2 * inter, hidden, threads);
+        hpcs_skinny_gemm(x, layer->gate_up, gate_up, m, 2 * inter, hidden, threads);
         add_bias(gate_up, layer->gate_up_bias, m, 2 * inter);
-#pragma omp parallel for schedule(static) num_threads(threads)
-        for (int64_t j = 0; j < m * inter; j++) {
-            const int64_t r = j / inter, i = j % inter;
-            const float g = gate_up[r * 2 * inter + i];
-            act[j] = g / (1.0f + expf(-g)) * gate_up[r * 2 * inter + inter + i];
-        }
-        hpcs_skinny_gemm(act, layer->down, delta, xt, m, hidden, inter, threads);
+        silu_times_up(gate_up, act, m, inter, threads);
+        hpcs_skinny_gemm(act, layer->down, delta, m, hidden, inter, threads);
         add_bias(delta, layer->down_bias, m, hidden);
         for (int64_t i = 0; i < m * hidden; i++) h[i] = h[i] + delta[i];
     }

@@ -3,11 +3,13 @@
  * The PyTorch path first copies every sequence's blocks into a contiguous buffer (two
  * index_selects per layer) and then runs SDPA over the padded batch; here each (sequence,
  * query head) task walks its block table and reads K/V where they lie. Softmax is the plain
- * two-pass one (max, then exp and sum) over the scaled scores. Built by kernels/__init__.py.
+ * two-pass one (max, then exp and sum, vectorized) over the scaled scores. Built by kernels/__init__.py.
  */
 #include <immintrin.h>
 #include <math.h>
 #include <stdint.h>
+
+#include "vector_math.h"
 
 #define MAX_VECTORS 16 /* head_dim up to 256 */
 
@@ -43,11 +45,7 @@ int hpcs_paged_decode_attention(const float *q, const float *k_cache, const floa
             s[t] = dot(query, k_cache + slot * row + kvh * head_dim, vectors) * scale;
             top = s[t] > top ? s[t] : top;
         }
-        float total = 0.0f;
-        for (int64_t t = 0; t < len; t++) {
-            s[t] = expf(s[t] - top);
-            total += s[t];
-        }
+        const float total = exp_shifted_sum(s, len, top);
         __m512 acc[MAX_VECTORS];
         for (int64_t i = 0; i < vectors; i++) acc[i] = _mm512_setzero_ps();
         for (int64_t t = 0; t < len; t++) {

@@ -26,7 +26,7 @@ void hpcs_pack_weight(const float *w, float *out, int64_t n, int64_t k) {
 #define DECLARE(r) __m512 lo##r = _mm512_setzero_ps(), hi##r = _mm512_setzero_ps();
 #define MULTIPLY(r)                                                   \
     if (rows > r) {                                                   \
-        __m512 xr = _mm512_set1_ps(xt[kk * 8 + r]);                   \
+        __m512 xr = _mm512_set1_ps(x[r * k + kk]);                   \
         lo##r = _mm512_fmadd_ps(xr, w_lo, lo##r);                     \
         hi##r = _mm512_fmadd_ps(xr, w_hi, hi##r);                     \
     }
@@ -36,9 +36,9 @@ void hpcs_pack_weight(const float *w, float *out, int64_t n, int64_t k) {
         _mm512_mask_storeu_ps(y + r * n + col + 16, mask_hi, hi##r);  \
     }
 
-/* One 32-column group for ROWS rows; xt is x transposed to [k][8]. */
+/* One 32-column group for ROWS rows of x (each x row stays in L1 across the group). */
 #define GROUP_KERNEL(ROWS)                                                                  \
-    static void group_##ROWS(const float *xt, const float *wg, float *y, int64_t n,          \
+    static void group_##ROWS(const float *x,  const float *wg, float *y, int64_t n,          \
                              int64_t k, int64_t col) {                                       \
         const int rows = ROWS;                                                               \
         DECLARE(0) DECLARE(1) DECLARE(2) DECLARE(3)                                          \
@@ -65,15 +65,13 @@ typedef void (*group_fn)(const float *, const float *, float *, int64_t, int64_t
 static const group_fn GROUP_FOR_ROWS[9] = {0,       group_1, group_2, group_3, group_4,
                                            group_5, group_6, group_7, group_8};
 
-/* xt: scratch of k * 8 floats. threads: the caller's torch thread count (same OpenMP pool). */
-int hpcs_skinny_gemm(const float *x, const float *packed, float *y, float *xt, int64_t m,
-                     int64_t n, int64_t k, int threads) {
+/* threads: the caller's torch thread count (the same OpenMP pool as torch's). */
+int hpcs_skinny_gemm(const float *x, const float *packed, float *y, int64_t m, int64_t n,
+                     int64_t k, int threads) {
     if (m < 1 || m > 8) return -1;
-    for (int64_t kk = 0; kk < k; kk++)
-        for (int64_t r = 0; r < 8; r++) xt[kk * 8 + r] = r < m ? x[r * k + kk] : 0.0f;
     group_fn run = GROUP_FOR_ROWS[m];
     int64_t groups = (n + GROUP - 1) / GROUP;
 #pragma omp parallel for schedule(static) num_threads(threads)
-    for (int64_t g = 0; g < groups; g++) run(xt, packed + g * k * GROUP, y, n, k, g * GROUP);
+    for (int64_t g = 0; g < groups; g++) run(x, packed + g * k * GROUP, y, n, k, g * GROUP);
     return 0;
 }
