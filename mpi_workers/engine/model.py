@@ -178,8 +178,8 @@ class LlamaForCausalLM(nn.Module):
         layers = list(self.model.layers)
         if (
             self.tp.size == 1
+            and kernels.DecodeLayers.supports(layers)  # first: False on GPU, nothing built
             and kernels.decode_layers_enabled()
-            and kernels.DecodeLayers.supports(layers)
         ):
             self._native_decode = kernels.DecodeLayers(
                 layers, self.rotary.cos, self.rotary.sin_signed
