@@ -100,10 +100,11 @@ class InferenceWeight:
     """A frozen [out, in] weight laid out for fast CPU inference.
 
     Measured on 2 cores (SmolLM2 shapes, see benchmarks/README.md):
-    - fp32: `x @ W_t` with W_t contiguous [in, out] beats `F.linear(x, W)` for one row (and
-      serves prefill), and for small batches (2..pack_rows rows) our AVX-512 kernel
-      (`kernels.SkinnyWeight`) is ~1.3x faster than MKL's packed GEMM, which is ~2x faster
-      than `x @ W_t`; MKL's packing is the fallback where the kernel cannot be built.
+    - fp32: for decode batches (1..8 rows) our AVX-512 kernel (`kernels.SkinnyWeight`, huge
+      pages) is ~1.45x faster than MKL's packed GEMM at 8 rows, which is ~2x faster than
+      `x @ W_t`, and as fast as `torch.mm` at one row; MKL's packing is the fallback where the
+      kernel cannot be built. Prefill takes `x @ W_t` (W_t contiguous [in, out]: faster than
+      `F.linear(x, W)`).
     - bf16/fp16: oneDNN's prepacked weight (`mkldnn._reorder_linear_weight`, the layout
       inductor's freezing pass uses; AMX where the CPU has it) is 1.2-3x faster than `x @ W_t`
       at every row count. The plain copy is dropped then: only the packed one is ever read.
@@ -141,7 +142,7 @@ class InferenceWeight:
         if self.onednn is not None:
             return torch.ops.mkldnn._linear_pointwise(x, self.onednn, bias, "none", [], "")
         rows = x.shape[0]
-        if self.skinny is not None and 1 < rows <= min(self.pack_rows or 0, kernels.MAX_ROWS):
+        if self.skinny is not None and rows <= min(self.pack_rows or 0, kernels.MAX_ROWS):
             out = self.skinny.matmul(x)
             return out.add_(bias) if bias is not None else out
         if self.packed is not None and 1 < rows <= self.pack_rows:

@@ -169,12 +169,14 @@ class LlamaForCausalLM(nn.Module):
 
     def prepare_inference(self, pack_rows: int | None = 8) -> None:
         """After loading: relayout every linear weight (and the vocab head) for fast matmuls."""
-        for module in self.modules():
-            if isinstance(module, _TpLinear):
-                module.prepare_inference(pack_rows if module.weight.device.type == "cpu" else None)
-        if self.lm_head is None:
-            weight = self.model.embed_tokens.weight.data
-            self._tied_head = InferenceWeight(weight, pack_rows if weight.is_cpu else None)
+        with kernels.huge_page_arena():
+            for module in self.modules():
+                if isinstance(module, _TpLinear):
+                    on_cpu = module.weight.device.type == "cpu"
+                    module.prepare_inference(pack_rows if on_cpu else None)
+            if self.lm_head is None:
+                weight = self.model.embed_tokens.weight.data
+                self._tied_head = InferenceWeight(weight, pack_rows if weight.is_cpu else None)
         layers = list(self.model.layers)
         if (
             self.tp.size == 1

@@ -46,11 +46,11 @@ def test_skinny_gemm_refuses_what_it_cannot_compute() -> None:
 
 
 @needs_kernel
-def test_inference_weight_uses_the_kernel_for_small_batches() -> None:
+def test_inference_weight_uses_the_kernel_for_decode_batches() -> None:
     weight, bias = torch.randn(96, 64), torch.randn(96)
     fast = InferenceWeight(weight, pack_rows=8)
     assert fast.skinny is not None and fast.packed is None  # no MKL copy kept beside it
-    for rows in (1, 2, 8, 40):  # 1 row and prefill use torch.mm on the plain copy
+    for rows in (1, 2, 8, 40):  # prefill (40 rows) uses torch.mm on the plain copy
         x = torch.randn(rows, 64)
         torch.testing.assert_close(fast.matmul(x, bias), x @ weight.t() + bias)
 
@@ -142,3 +142,17 @@ def test_paged_decode_attention_declines_what_it_does_not_handle() -> None:
         )
         is None
     )
+
+
+@needs_kernel
+def test_weights_packed_in_an_arena_share_huge_page_chunks() -> None:
+    weights = [torch.randn(96, 64), torch.randn(50, 33), torch.randn(2048, 2080)]
+    with kernels.huge_page_arena():
+        packed = [kernels.SkinnyWeight(w) for w in weights]
+    first, second, big = (p.packed.data_ptr() for p in packed)
+    assert first % (2 << 20) == 0 and second % 64 == 0  # chunk start, then 64-byte slices
+    assert second - first == 3 * 64 * 32 * 4  # 96 outputs: three 32-column groups of k=64
+    assert big % (2 << 20) == 0  # a weight over 16 MiB gets a chunk of its own
+    for skinny, weight in zip(packed, weights, strict=True):
+        x = torch.randn(3, weight.shape[1])
+        torch.testing.assert_close(skinny.matmul(x), x @ weight.t(), rtol=1e-4, atol=1e-3)
