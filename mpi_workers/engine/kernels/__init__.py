@@ -1,8 +1,9 @@
 """CPU kernels of our own, in C, built once per machine with the system compiler.
 
 Only where the libraries fall short (figures in benchmarks/README.md):
-- `skinny_gemm.c`: the fp32 GEMM of a batched decode step (2..8 rows), where MKL's packed
-  GEMM streams the weights at ~2/3 of this kernel's speed;
+- `skinny_gemm.c`: the fp32 GEMM of a decode step (1..8 rows), where MKL's packed GEMM
+  streams the weights at ~2/3 of this kernel's speed at 8 rows; the packed weights sit on
+  transparent huge pages (`huge_page_arena`);
 - `paged_decode_attention.c`: decode attention read in place from the paged KV cache, where
   the PyTorch path copies every sequence's blocks out first (two index_selects per layer);
 - `decode_layers.c`: all decoder layers of a decode step in one call (`DecodeLayers`), where
@@ -256,6 +257,7 @@ class _Shape(ctypes.Structure):
     _fields_: ClassVar = [
         *((name, ctypes.c_int64) for name in (
             "hidden", "heads", "kv_heads", "head_dim", "intermediate", "block_size",
+            "num_blocks", "max_positions",
         )),
         ("eps", ctypes.c_float),
         ("scale", ctypes.c_float),
@@ -288,6 +290,7 @@ class DecodeLayers:
             kv_heads=attn.num_kv_heads,
             head_dim=attn.head_dim,
             intermediate=mlp.split,
+            max_positions=self.cos.shape[0],
             eps=layers[0].input_layernorm.eps,
             scale=attn.scale,
         )
@@ -323,11 +326,13 @@ class DecodeLayers:
         block_tables: torch.Tensor,
         lengths: torch.Tensor,
     ) -> bool:
-        """Every layer on h [rows, hidden] in place; False (h untouched) if declined."""
+        """Every layer on h [rows, hidden] in place; False (h untouched) if declined, also for
+        metadata pointing outside the cache or the RoPE tables (the kernel checks it all)."""
         rows = h.shape[0]
         if not 1 <= rows <= MAX_ROWS or h.dtype != torch.float32 or not h.is_contiguous():
             return False
-        self.shape.block_size = self._layers[0].self_attn.k_cache.shape[1]
+        cache = self._layers[0].self_attn.k_cache
+        self.shape.num_blocks, self.shape.block_size = cache.shape[0], cache.shape[1]
         for struct, layer in zip(self._structs, self._layers, strict=True):
             struct.k_cache = _ptr(layer.self_attn.k_cache)
             struct.v_cache = _ptr(layer.self_attn.v_cache)

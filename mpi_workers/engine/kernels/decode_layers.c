@@ -32,6 +32,7 @@ typedef struct {
 
 typedef struct {
     int64_t hidden, heads, kv_heads, head_dim, intermediate, block_size;
+    int64_t num_blocks, max_positions; /* bounds of the cache and of the RoPE tables */
     float eps, scale;
 } hpcs_shape;
 
@@ -104,8 +105,15 @@ int hpcs_decode_layers(const hpcs_layer *layers, int64_t num_layers, const hpcs_
     const int64_t qkv_width = q_width + 2 * kv_width;
     const int64_t max_len = max_blocks * s->block_size;
     if (m < 1 || m > 8 || head_dim > 256 || head_dim % 16 || s->heads % s->kv_heads) return -1;
-    for (int64_t r = 0; r < m; r++)
-        if (lens[r] < 1 || lens[r] > max_len || positions[r] < 0) return -1;
+    const int64_t slots_in_cache = s->num_blocks * s->block_size;
+    for (int64_t r = 0; r < m; r++) {
+        if (lens[r] < 1 || lens[r] > max_len) return -1;
+        if (positions[r] < 0 || positions[r] >= s->max_positions) return -1;
+        if (slots[r] < 0 || slots[r] >= slots_in_cache) return -1;
+        for (int64_t b = 0; b < (lens[r] + s->block_size - 1) / s->block_size; b++)
+            if (tables[r * max_blocks + b] < 0 || tables[r * max_blocks + b] >= s->num_blocks)
+                return -1;
+    }
     float *x = scratch;                       /* [m, hidden] normed input */
     float *delta = x + m * hidden;            /* [m, hidden] a sublayer's output */
     float *qkv = delta + m * hidden;          /* [m, qkv_width] */

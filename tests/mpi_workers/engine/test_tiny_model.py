@@ -170,3 +170,29 @@ def test_cpu_kernel_decode_matches_pytorch_path(kind, mode, rows, tiny_llama_dir
     torch.testing.assert_close(
         _decode_logits(model_dir, mode, rows), expected, atol=1e-5, rtol=1e-5
     )
+
+
+@needs_kernels
+def test_native_decode_declines_metadata_outside_the_cache(tiny_llama_dir):
+    """Bad slots, block ids or positions: the kernel refuses before touching anything."""
+    h = Harness(tiny_llama_dir)  # 64 blocks of 4 tokens
+    native = h.model._native_decode
+    assert native is not None
+    hidden = torch.randn(2, h.model.config.hidden_size)
+    good = dict(
+        positions=torch.tensor([5, 9]),
+        slots=torch.tensor([5, 13]),
+        block_tables=torch.tensor([[0, 1, 2], [2, 3, 4]]),
+        lengths=torch.tensor([6, 10]),
+    )
+    bad_cases = {
+        "slots": torch.tensor([5, 64 * 4]),
+        "block_tables": torch.tensor([[0, 1, 2], [2, 3, 64]]),
+        "positions": torch.tensor([5, 256]),  # the model's RoPE tables hold 256 positions
+        "lengths": torch.tensor([6, 13]),  # more than 3 blocks of 4
+    }
+    for name, value in bad_cases.items():
+        before = hidden.clone()
+        assert not native.run(before, **{**good, name: value}), name
+        assert torch.equal(before, hidden), name
+    assert native.run(hidden.clone(), **good)
