@@ -100,7 +100,7 @@ class InferenceWeight:
     """A frozen [out, in] weight laid out for fast CPU inference.
 
     Measured on 2 cores (SmolLM2 shapes, see benchmarks/README.md):
-    - fp32: for decode batches (1..8 rows) our AVX-512 kernel (`kernels.SkinnyWeight`, huge
+    - fp32: for decode batches (1..32 rows) our AVX-512 kernel (`kernels.SkinnyWeight`, huge
       pages) is ~1.45x faster than MKL's packed GEMM at 8 rows, which is ~2x faster than
       `x @ W_t`, and as fast as `torch.mm` at one row; MKL's packing is the fallback where the
       kernel cannot be built. Prefill takes `x @ W_t` (W_t contiguous [in, out]: faster than
@@ -142,7 +142,7 @@ class InferenceWeight:
         if self.onednn is not None:
             return torch.ops.mkldnn._linear_pointwise(x, self.onednn, bias, "none", [], "")
         rows = x.shape[0]
-        if self.skinny is not None and rows <= min(self.pack_rows or 0, kernels.MAX_ROWS):
+        if self.skinny is not None and rows <= kernels.MAX_ROWS:
             out = self.skinny.matmul(x)
             return out.add_(bias) if bias is not None else out
         if self.packed is not None and 1 < rows <= self.pack_rows:

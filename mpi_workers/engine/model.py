@@ -152,7 +152,7 @@ class LlamaForCausalLM(nn.Module):
     def _native_decode_step(
         self, h: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata
     ) -> bool:
-        """A decode-only step of up to 8 rows through `kernels.DecodeLayers` (all layers in
+        """A decode-only step of up to `MAX_ROWS` rows through `kernels.DecodeLayers` (all layers in
         one native call); False: not such a step, h untouched, the PyTorch layers run."""
         native = self._native_decode
         if (

@@ -1,4 +1,4 @@
-/* Every decoder layer of a decode step (up to 8 rows, fp32) in one call from Python.
+/* Every decoder layer of a decode step (fp32, any batch the caller allows) in one call.
  *
  * A decode step in PyTorch is ~100 small ops per layer (norms, RoPE, KV writes, attention,
  * SiLU, residuals) around four matmuls; at these sizes their dispatch costs more than their
@@ -104,7 +104,7 @@ int hpcs_decode_layers(const hpcs_layer *layers, int64_t num_layers, const hpcs_
     const int64_t q_width = s->heads * head_dim, kv_width = s->kv_heads * head_dim;
     const int64_t qkv_width = q_width + 2 * kv_width;
     const int64_t max_len = max_blocks * s->block_size;
-    if (m < 1 || m > 8 || head_dim > 256 || head_dim % 16 || s->heads % s->kv_heads) return -1;
+    if (m < 1 || head_dim > 256 || head_dim % 16 || s->heads % s->kv_heads) return -1;
     const int64_t slots_in_cache = s->num_blocks * s->block_size;
     for (int64_t r = 0; r < m; r++) {
         if (lens[r] < 1 || lens[r] > max_len) return -1;

@@ -1,4 +1,4 @@
-/* y[m, n] = x[m, k] @ W^T for m <= 8 rows: the GEMM of a batched decode step, fp32, AVX-512.
+/* y[m, n] = x[m, k] @ W^T for a few rows (a decode step's batch), fp32, AVX-512.
  *
  * A decode step multiplies a few rows by every weight, so its cost is streaming the weights.
  * W is packed once into groups of 32 output columns stored k-major ([group][k][32]), so each
@@ -65,13 +65,17 @@ typedef void (*group_fn)(const float *, const float *, float *, int64_t, int64_t
 static const group_fn GROUP_FOR_ROWS[9] = {0,       group_1, group_2, group_3, group_4,
                                            group_5, group_6, group_7, group_8};
 
-/* threads: the caller's torch thread count (the same OpenMP pool as torch's). */
+/* threads: the caller's torch thread count (the same OpenMP pool as torch's). More than 8
+ * rows go 8 at a time over each group while it is still in L2: the weights still stream once. */
 int hpcs_skinny_gemm(const float *x, const float *packed, float *y, int64_t m, int64_t n,
                      int64_t k, int threads) {
-    if (m < 1 || m > 8) return -1;
-    group_fn run = GROUP_FOR_ROWS[m];
+    if (m < 1) return -1;
     int64_t groups = (n + GROUP - 1) / GROUP;
 #pragma omp parallel for schedule(static) num_threads(threads)
-    for (int64_t g = 0; g < groups; g++) run(x, packed + g * k * GROUP, y, n, k, g * GROUP);
+    for (int64_t g = 0; g < groups; g++)
+        for (int64_t r = 0; r < m; r += 8) {
+            const int64_t rows = m - r < 8 ? m - r : 8;
+            GROUP_FOR_ROWS[rows](x + r * k, packed + g * k * GROUP, y + r * n, n, k, g * GROUP);
+        }
     return 0;
 }

@@ -1,9 +1,10 @@
 """Our C kernels (mpi_workers/engine/kernels): the skinny GEMM of batched decode steps and
 decode attention read in place from the paged cache.
 
-The GEMM against a float64 reference on shapes that exercise the 32-column groups' tails and
-the row counts 1..8; attention against SDPA over the gathered blocks (lengths on and around
-block edges, GQA groups, shuffled block tables); the build cache; the fallbacks.
+The GEMM against a float64 reference on shapes that exercise the 32-column groups' tails, the
+row counts 1..8 and the 8-row chunks of larger batches; attention against SDPA over the
+gathered blocks (lengths on and around block edges, GQA groups, shuffled block tables); the
+build cache; the fallbacks.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ needs_kernel = pytest.mark.skipif(
 
 @needs_kernel
 @pytest.mark.parametrize("shape", [(1, 5), (17, 64), (50, 33), (96, 576), (700, 129)])
-@pytest.mark.parametrize("rows", range(1, 9))
+@pytest.mark.parametrize("rows", [*range(1, 10), 16, 19, 32])
 def test_skinny_gemm_equals_matmul(rows: int, shape: tuple[int, int]) -> None:
     out_features, in_features = shape
     g = torch.Generator().manual_seed(rows * 1000 + out_features)
@@ -37,8 +38,8 @@ def test_skinny_gemm_equals_matmul(rows: int, shape: tuple[int, int]) -> None:
 @needs_kernel
 def test_skinny_gemm_refuses_what_it_cannot_compute() -> None:
     skinny = kernels.SkinnyWeight(torch.randn(32, 16))
-    with pytest.raises(ValueError, match=r"1\.\.8 float32 rows, got 9"):
-        skinny.matmul(torch.randn(9, 16))
+    with pytest.raises(ValueError, match=r"1\.\.32 float32 rows, got 33"):
+        skinny.matmul(torch.randn(33, 16))
     with pytest.raises(ValueError, match="float32 rows"):
         skinny.matmul(torch.randn(2, 16, dtype=torch.float64))
     with pytest.raises(ValueError, match="float32 CPU weight"):
@@ -50,7 +51,7 @@ def test_inference_weight_uses_the_kernel_for_decode_batches() -> None:
     weight, bias = torch.randn(96, 64), torch.randn(96)
     fast = InferenceWeight(weight, pack_rows=8)
     assert fast.skinny is not None and fast.packed is None  # no MKL copy kept beside it
-    for rows in (1, 2, 8, 40):  # prefill (40 rows) uses torch.mm on the plain copy
+    for rows in (1, 2, 8, 20, 40):  # prefill (40 rows) uses torch.mm on the plain copy
         x = torch.randn(rows, 64)
         torch.testing.assert_close(fast.matmul(x, bias), x @ weight.t() + bias)
 

@@ -129,9 +129,9 @@ def test_sharded_checkpoint_with_index_loads(tmp_path, tiny_model_writer, tiny_l
 
 
 def _decode_logits(model_dir, mode: str, rows: int = 3) -> torch.Tensor:
-    """Logits of three decode steps of `rows` sequences (5, 8, 11, ... tokens: the 4-token
-    blocks' edges are crossed), decoded the `mode` way."""
-    h = Harness(model_dir, num_blocks=128)
+    """Logits of three decode steps of `rows` sequences (5, 8, ..., 26 tokens, repeating: the
+    4-token blocks' edges are crossed), decoded the `mode` way."""
+    h = Harness(model_dir, num_blocks=512)
     assert h.model.model.layers[0].self_attn.head_dim % 16 == 0  # the kernels take it
     h.runner.decode_kernel = mode != "pytorch"
     native = h.model._native_decode
@@ -142,8 +142,8 @@ def _decode_logits(model_dir, mode: str, rows: int = 3) -> torch.Tensor:
         native.run = lambda *args: calls.append(1) or run(*args)
     else:
         h.model._native_decode = None
-    ids = list(range(3, 3 + 5 + 3 * rows))
-    seqs = [new_seq(ids[: 5 + 3 * i], str(i)) for i in range(rows)]
+    ids = list(range(3, 3 + 5 + 3 * 7))
+    seqs = [new_seq(ids[: 5 + 3 * (i % 8)], str(i)) for i in range(rows)]
     h.step(seqs, [s.num_tokens for s in seqs])
     steps = []
     for token in (7, 9, 11):
@@ -151,7 +151,7 @@ def _decode_logits(model_dir, mode: str, rows: int = 3) -> torch.Tensor:
             s.token_ids.append(token)
         steps.append(torch.cat(h.step(seqs, [1] * rows)))
     if mode == "native-layers":
-        assert len(calls) == 3 if rows <= 8 else not calls  # > 8 rows: the PyTorch layers
+        assert len(calls) == 3 if rows <= kernels.MAX_ROWS else not calls  # else PyTorch
     return torch.cat(steps)
 
 
@@ -161,10 +161,11 @@ needs_kernels = pytest.mark.skipif(not kernels.available(), reason="no C compile
 @needs_kernels
 @pytest.mark.parametrize("kind", ["llama", "qwen2"])
 @pytest.mark.parametrize("mode", ["attention-kernel", "native-layers"])
-@pytest.mark.parametrize("rows", [1, 3, 8, 9])
+@pytest.mark.parametrize("rows", [1, 3, 8, 9, 32, 33])
 def test_cpu_kernel_decode_matches_pytorch_path(kind, mode, rows, tiny_llama_dir, tiny_qwen2_dir):
     """Decode read by our attention kernel, or every layer in one native call, == the
-    PyTorch layers with gather + SDPA (qwen2: q/k/v biases)."""
+    PyTorch layers with gather + SDPA (qwen2: q/k/v biases); 9 and 32 rows go through the GEMM
+    8 rows at a time, 33 rows (past MAX_ROWS) fall back to the PyTorch layers."""
     model_dir = tiny_llama_dir if kind == "llama" else tiny_qwen2_dir
     expected = _decode_logits(model_dir, "pytorch", rows)
     torch.testing.assert_close(
