@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from contract.messages import SamplingParams, TokenLogprob, TopLogprob
+from mpi_workers.engine import kernels
 
 
 @dataclass
@@ -109,7 +110,9 @@ class Sampler:
     ) -> tuple[list[int], list[TokenLogprob | None]]:
         logits = apply_penalties(logits.float(), rows)
         greedy = [r.params.temperature == 0.0 for r in rows]
-        chosen = logits.argmax(dim=-1)
+        chosen = kernels.argmax_rows(logits)
+        if chosen is None:
+            chosen = logits.argmax(dim=-1)
         sampled_idx = [i for i, g in enumerate(greedy) if not g]
         if sampled_idx:
             chosen = chosen.clone()

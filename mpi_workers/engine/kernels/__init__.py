@@ -7,7 +7,8 @@ Only where the libraries fall short (figures in benchmarks/README.md):
 - `paged_decode_attention.c`: decode attention read in place from the paged KV cache, where
   the PyTorch path copies every sequence's blocks out first (two index_selects per layer);
 - `decode_layers.c`: all decoder layers of a decode step in one call (`DecodeLayers`), where
-  PyTorch spends more on dispatching ~100 small ops per layer than on their arithmetic.
+  PyTorch spends more on dispatching ~100 small ops per layer than on their arithmetic;
+- `argmax.c`: greedy sampling's argmax, where torch's runs at ~1 GB/s.
 The shared library is built on first use into `<cache>/kernels/` (keyed by the sources, the
 compiler and its flags; built under a temporary name and renamed, so ranks building at once
 never load half a file) and called through ctypes, which releases the GIL. Without a C
@@ -38,7 +39,7 @@ logger = logging.getLogger(__name__)
 
 SOURCES = [
     Path(__file__).with_name(name)
-    for name in ("skinny_gemm.c", "paged_decode_attention.c", "decode_layers.c")
+    for name in ("skinny_gemm.c", "paged_decode_attention.c", "decode_layers.c", "argmax.c")
 ]
 HEADER = Path(__file__).with_name("vector_math.h")
 # -mavx512f rather than -march=native: the cached file stays valid on any AVX-512 CPU
@@ -115,11 +116,27 @@ def _library() -> ctypes.CDLL | None:
     lib.hpcs_decode_layers.argtypes = [ptr, i64, ptr, ptr, i64] + [ptr] * 5 + [i64, ptr, ptr]
     lib.hpcs_decode_layers.argtypes.append(ctypes.c_int)
     lib.hpcs_decode_layers.restype = ctypes.c_int
+    lib.hpcs_argmax_rows.argtypes = [ptr, i64, i64, ptr, ctypes.c_int]
+    lib.hpcs_argmax_rows.restype = None
     return lib
 
 
 def available() -> bool:
     return _library() is not None
+
+
+def argmax_rows(x: torch.Tensor) -> torch.Tensor | None:
+    """`x.argmax(dim=-1)` of a 2-D float32 CPU tensor (same ties and NaN rule), ~20x faster at
+    a vocabulary's width; None where the kernels are unavailable."""
+    lib = _library()
+    if lib is None or x.dtype != torch.float32 or x.dim() != 2 or x.device.type != "cpu":
+        return None
+    x = x.contiguous()
+    out = torch.empty(x.shape[0], dtype=torch.long)
+    lib.hpcs_argmax_rows(
+        x.data_ptr(), x.shape[0], x.shape[1], out.data_ptr(), torch.get_num_threads()
+    )
+    return out
 
 
 def paged_decode_attention(

@@ -157,3 +157,17 @@ def test_weights_packed_in_an_arena_share_huge_page_chunks() -> None:
     for skinny, weight in zip(packed, weights, strict=True):
         x = torch.randn(3, weight.shape[1])
         torch.testing.assert_close(skinny.matmul(x), x @ weight.t(), rtol=1e-4, atol=1e-3)
+
+
+@needs_kernel
+@pytest.mark.parametrize("width", [1, 5, 16, 17, 49152])
+def test_argmax_rows_equals_torch(width: int) -> None:
+    g = torch.Generator().manual_seed(width)
+    x = torch.randn(6, width, generator=g)
+    x[1] = x[1, 0]  # all tied: the first index
+    x[2] = float("-inf")
+    if width > 3:
+        x[3, width // 2] = x[3, -1] = float("inf")  # tied infinities
+        x[4, 2] = x[4, 3] = float("nan")  # NaN is the maximum, the first one wins
+    torch.testing.assert_close(kernels.argmax_rows(x), x.argmax(dim=-1), rtol=0, atol=0)
+    assert kernels.argmax_rows(x.bfloat16()) is None  # the caller keeps torch's
