@@ -89,8 +89,8 @@ static void silu_times_up(const float *gate_up, float *act, int64_t m, int64_t i
 /* Floats of scratch hpcs_decode_layers needs for m rows and max_len context tokens. */
 int64_t hpcs_decode_scratch_floats(const hpcs_shape *s, int64_t m, int64_t max_len) {
     const int64_t qkv = (s->heads + 2 * s->kv_heads) * s->head_dim;
-    return m * s->hidden * 2 + m * qkv + m * s->heads * s->head_dim + m * 2 * s->intermediate +
-           m * s->intermediate + m * s->heads * max_len;
+    return m * s->hidden * 2 + m * qkv + 2 * m * s->heads * s->head_dim +
+           m * 2 * s->intermediate + m * s->intermediate + m * s->heads * max_len;
 }
 
 /* h [m, hidden] is the residual stream, updated in place through every layer (the caller
@@ -117,7 +117,8 @@ int hpcs_decode_layers(const hpcs_layer *layers, int64_t num_layers, const hpcs_
     float *x = scratch;                       /* [m, hidden] normed input */
     float *delta = x + m * hidden;            /* [m, hidden] a sublayer's output */
     float *qkv = delta + m * hidden;          /* [m, qkv_width] */
-    float *attn = qkv + m * qkv_width;        /* [m, heads * head_dim] */
+    float *q = qkv + m * qkv_width;           /* [m, heads * head_dim] queries, compacted */
+    float *attn = q + m * q_width;            /* [m, heads * head_dim] */
     float *gate_up = attn + m * q_width;      /* [m, 2 * inter] */
     float *act = gate_up + m * 2 * inter;     /* [m, inter] */
     float *scores = act + m * inter;          /* [m * heads * max_len] */
@@ -138,10 +139,10 @@ int hpcs_decode_layers(const hpcs_layer *layers, int64_t num_layers, const hpcs_
                 v_slot[i] = row[q_width + kv_width + i];
             }
         }
-        /* q rows are strided inside qkv: compact them into delta (free until O) */
+        /* q rows are strided inside qkv: attention takes them compacted */
         for (int64_t r = 0; r < m; r++)
-            for (int64_t i = 0; i < q_width; i++) delta[r * q_width + i] = qkv[r * qkv_width + i];
-        hpcs_paged_decode_attention(delta, layer->k_cache, layer->v_cache, tables, max_blocks, lens,
+            for (int64_t i = 0; i < q_width; i++) q[r * q_width + i] = qkv[r * qkv_width + i];
+        hpcs_paged_decode_attention(q, layer->k_cache, layer->v_cache, tables, max_blocks, lens,
                                     attn, scores, m, s->heads, s->kv_heads, head_dim,
                                     s->block_size, max_len, s->scale, threads);
         hpcs_skinny_gemm(attn, layer->o, delta, m, hidden, q_width, threads);

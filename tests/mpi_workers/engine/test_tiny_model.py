@@ -158,15 +158,23 @@ def _decode_logits(model_dir, mode: str, rows: int = 3) -> torch.Tensor:
 needs_kernels = pytest.mark.skipif(not kernels.available(), reason="no C compiler or AVX-512")
 
 
+@pytest.fixture(scope="module")
+def tiny_wide_heads_dir(tmp_path_factory, tiny_model_writer):
+    """heads x head_dim (4 x 32) wider than hidden (64), as some Mistral/Qwen configs have."""
+    return tiny_model_writer(tmp_path_factory.mktemp("tiny-wide"), "llama", head_dim=32)
+
+
 @needs_kernels
-@pytest.mark.parametrize("kind", ["llama", "qwen2"])
+@pytest.mark.parametrize("kind", ["llama", "qwen2", "wide-heads"])
 @pytest.mark.parametrize("mode", ["attention-kernel", "native-layers"])
 @pytest.mark.parametrize("rows", [1, 3, 8, 9, 32, 33])
-def test_cpu_kernel_decode_matches_pytorch_path(kind, mode, rows, tiny_llama_dir, tiny_qwen2_dir):
+def test_cpu_kernel_decode_matches_pytorch_path(
+    kind, mode, rows, tiny_llama_dir, tiny_qwen2_dir, tiny_wide_heads_dir
+):
     """Decode read by our attention kernel, or every layer in one native call, == the
     PyTorch layers with gather + SDPA (qwen2: q/k/v biases); 9 and 32 rows go through the GEMM
     8 rows at a time, 33 rows (past MAX_ROWS) fall back to the PyTorch layers."""
-    model_dir = tiny_llama_dir if kind == "llama" else tiny_qwen2_dir
+    model_dir = {"llama": tiny_llama_dir, "qwen2": tiny_qwen2_dir}.get(kind, tiny_wide_heads_dir)
     expected = _decode_logits(model_dir, "pytorch", rows)
     torch.testing.assert_close(
         _decode_logits(model_dir, mode, rows), expected, atol=1e-5, rtol=1e-5
