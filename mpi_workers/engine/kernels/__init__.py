@@ -128,8 +128,10 @@ def available() -> bool:
 def argmax_rows(x: torch.Tensor) -> torch.Tensor | None:
     """`x.argmax(dim=-1)` of a 2-D float32 CPU tensor (same ties and NaN rule), ~20x faster at
     a vocabulary's width; None where the kernels are unavailable."""
+    if x.dtype != torch.float32 or x.dim() != 2 or x.device.type != "cpu":
+        return None  # checked first: GPU workers never build the library for this
     lib = _library()
-    if lib is None or x.dtype != torch.float32 or x.dim() != 2 or x.device.type != "cpu":
+    if lib is None:
         return None
     x = x.contiguous()
     out = torch.empty(x.shape[0], dtype=torch.long)
