@@ -1,4 +1,5 @@
-"""Shared fixtures: real etcd and nats-server for the whole session, and the prepared model."""
+"""Shared fixtures: real etcd and nats-server for the whole session, the prepared model and
+its tokenizer."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from frontend.tokenization import TextTokenizer
 from hpcserve.model_prepare import prepare_default_model
 from hpcserve.services import start_etcd, start_nats
 
@@ -38,3 +40,8 @@ def nats_url(services_dir: Path) -> Iterator[str]:
 def model_dir() -> Path:
     """The default SmolLM2, converted once per machine."""
     return prepare_default_model()
+
+
+@pytest.fixture(scope="session")
+def tokenizer(model_dir: Path) -> TextTokenizer:
+    return TextTokenizer(model_dir)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import random
 from collections import Counter
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -209,11 +208,6 @@ TEXTS = [
     "emoji run 🎉🎉🎉 and 한국어 and Ελληνικά",
     "plain ascii text with numbers 12345",
 ]
-
-
-@pytest.fixture(scope="module")
-def tokenizer(model_dir: Path) -> TextTokenizer:
-    return TextTokenizer(model_dir)
 
 
 def test_tokenizer_reads_model_folder(tokenizer: TextTokenizer) -> None:

@@ -13,13 +13,12 @@ import json
 from pathlib import Path
 
 import nats
-import openai
 import pytest
 import yaml
 from up_helpers import (
     UpProcess,
     aggregated_texts,
-    concurrent_completions,
+    assert_concurrent_match_reference,
     greedy_and_seeded,
     openai_client,
     started,
@@ -56,11 +55,6 @@ def cases() -> list[tuple[int, dict]]:
 
 
 @pytest.fixture(scope="module")
-def tokenizer(model_dir: Path) -> TextTokenizer:
-    return TextTokenizer(model_dir)
-
-
-@pytest.fixture(scope="module")
 def reference(model_dir: Path, tokenizer: TextTokenizer) -> dict[tuple[int, str], str]:
     """Aggregated serving's text for every case: all 16 run at once in one engine."""
     prompt_ids = [tokenizer.encode(p) for p in PROMPTS]
@@ -87,14 +81,10 @@ def prompt_ids(tokenizer: TextTokenizer) -> list[list[int]]:
     return [tokenizer.encode(p) for p in PROMPTS]
 
 
-def _client(up: UpProcess) -> openai.OpenAI:
-    return openai_client(up)
-
-
 def test_single_requests_match_aggregated(
     up: UpProcess, reference: dict, prompt_ids: list[list[int]]
 ) -> None:
-    client = _client(up)
+    client = openai_client(up)
     model = client.models.list().data[0].id
     for i, params in cases()[:6]:
         response = client.completions.create(
@@ -118,10 +108,7 @@ def test_single_requests_match_aggregated(
 def test_16_concurrent_requests_match_aggregated(
     up: UpProcess, reference: dict, prompt_ids: list[list[int]]
 ) -> None:
-    requests = [(prompt_ids[i], params) for i, params in cases()]
-    texts = concurrent_completions(up, requests, MAX_TOKENS)
-    for (i, params), text in zip(cases(), texts, strict=True):
-        assert text == reference[(i, json.dumps(params))], (i, params)
+    assert_concurrent_match_reference(up, prompt_ids, cases(), reference, MAX_TOKENS)
 
 
 def test_no_blocks_leak(up: UpProcess) -> None:

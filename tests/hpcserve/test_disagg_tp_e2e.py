@@ -24,7 +24,7 @@ import pytest
 from up_helpers import (
     UpProcess,
     aggregated_texts,
-    concurrent_completions,
+    assert_concurrent_match_reference,
     greedy_and_seeded,
     openai_client,
     rank_pids,
@@ -67,11 +67,6 @@ DEPLOYMENTS = [
 def cases() -> list[tuple[int, dict]]:
     """Every prompt greedy and with seeded sampling."""
     return greedy_and_seeded(len(PROMPTS), 2000)
-
-
-@pytest.fixture(scope="module")
-def tokenizer(model_dir: Path) -> TextTokenizer:
-    return TextTokenizer(model_dir)
 
 
 @pytest.fixture(scope="module")
@@ -120,10 +115,7 @@ def test_single_requests_match_aggregated(
 def test_concurrent_requests_match_aggregated(
     up: UpProcess, reference: dict, prompt_ids: list[list[int]]
 ) -> None:
-    requests = [(prompt_ids[i], params) for i, params in cases()]
-    texts = concurrent_completions(up, requests, MAX_TOKENS)
-    for (i, params), text in zip(cases(), texts, strict=True):
-        assert text == reference[(i, json.dumps(params))], (i, params)
+    assert_concurrent_match_reference(up, prompt_ids, cases(), reference, MAX_TOKENS)
 
 
 def test_dead_follower_fails_the_request_and_the_group(

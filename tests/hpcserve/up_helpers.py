@@ -169,6 +169,17 @@ def concurrent_completions(
     return asyncio.run(run())
 
 
+def assert_concurrent_match_reference(
+    up: UpProcess, prompt_ids: list[list[int]], cases: list[tuple[int, dict]],
+    reference: dict[tuple[int, str], str], max_tokens: int,
+) -> None:
+    """Every case sent at once; each text equals the reference's (`aggregated_texts`)."""
+    requests = [(prompt_ids[i], params) for i, params in cases]
+    texts = concurrent_completions(up, requests, max_tokens)
+    for (i, params), text in zip(cases, texts, strict=True):
+        assert text == reference[(i, json.dumps(params))], (i, params)
+
+
 def greedy_and_seeded(num_prompts: int, seed_base: int) -> list[tuple[int, dict]]:
     """(prompt index, sampling params): every prompt greedy and with seeded sampling."""
     out: list[tuple[int, dict]] = []
