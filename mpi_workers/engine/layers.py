@@ -10,7 +10,6 @@ vocab-parallel embedding, and a gather of the vocab-parallel logits (`TpGroup`).
 from __future__ import annotations
 
 import math
-import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -19,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from contract.config import env_flag
 from mpi_workers.engine import kernels
 
 
@@ -85,7 +85,7 @@ def mkl_packing_available() -> bool:
 def onednn_packing_available(dtype: torch.dtype) -> bool:
     """oneDNN prepacked linear for this low-precision dtype on this CPU (bf16: AVX512-BF16 or
     AMX; fp16: AVX512-FP16 or AMX-FP16). HPCSERVE_ONEDNN_LINEAR=0 turns it off."""
-    if os.environ.get("HPCSERVE_ONEDNN_LINEAR", "1") in ("0", "false", "no"):
+    if not env_flag("HPCSERVE_ONEDNN_LINEAR", True):
         return False
     if not torch.backends.mkldnn.is_available():
         return False

@@ -11,12 +11,12 @@ layers.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import torch
 
+from contract.config import env_flag
 from mpi_workers.engine import kernels
 from mpi_workers.engine.attention import AttentionMetadata, PrefillChunk
 from mpi_workers.engine.cuda_graph import DecodeGraphs
@@ -65,7 +65,7 @@ def build_plan(batch: ScheduledBatch) -> tuple[StepPlan, list[Sequence]]:
 
 def enforce_eager_default() -> bool:
     """HPCSERVE_ENFORCE_EAGER=1 turns CUDA-graph decode off (same value on every TP rank)."""
-    return os.environ.get("HPCSERVE_ENFORCE_EAGER", "") not in ("", "0", "false", "no")
+    return env_flag("HPCSERVE_ENFORCE_EAGER", False)
 
 
 class ModelRunner:
@@ -94,7 +94,7 @@ class ModelRunner:
             torch.backends.cuda.enable_cudnn_sdp(False)
             # Under TP the NCCL all-reduces are captured in the graphs too (every rank
             # captures the same shapes in the same order). HPCSERVE_TP_CUDA_GRAPHS=0 opts out.
-            tp_graphs = os.environ.get("HPCSERVE_TP_CUDA_GRAPHS", "1") not in ("0", "false", "no")
+            tp_graphs = env_flag("HPCSERVE_TP_CUDA_GRAPHS", True)
             if not enforce_eager and (model.tp.size == 1 or tp_graphs):
                 self._add_scratch_block()
                 max_blocks = -(-model.rotary.cos.shape[0] // self.block_size)

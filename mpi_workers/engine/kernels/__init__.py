@@ -33,7 +33,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from contract.config import cache_dir
+from contract.config import cache_dir, env_flag
 
 logger = logging.getLogger(__name__)
 
@@ -54,7 +54,7 @@ GROUP = 32  # output columns per packed group (skinny_gemm.c)
 
 
 def enabled() -> bool:
-    return os.environ.get("HPCSERVE_CPU_KERNELS", "1") not in ("0", "false", "no")
+    return env_flag("HPCSERVE_CPU_KERNELS", True)
 
 
 def _compiler() -> str | None:
@@ -260,8 +260,7 @@ class SkinnyWeight:
 
 def decode_layers_enabled() -> bool:
     """HPCSERVE_CPU_DECODE_LAYERS=0 keeps the per-op PyTorch decoder (A/B, debugging)."""
-    off = os.environ.get("HPCSERVE_CPU_DECODE_LAYERS", "1") in ("0", "false", "no")
-    return available() and not off
+    return env_flag("HPCSERVE_CPU_DECODE_LAYERS", True) and available()
 
 
 class _Layer(ctypes.Structure):
