@@ -138,8 +138,9 @@ def _decode(
         out = kernels.paged_decode_attention(
             q, k_cache, v_cache, meta.decode_block_tables, meta.decode_lens, scale
         )
-        if out is not None:
-            return out
+        if out is None:  # the runner checked the shapes: only bad metadata gets here
+            raise RuntimeError("decode attention refused the step's block tables or lengths")
+        return out
     batch, _, head_dim = q.shape
     kv_heads = k_cache.shape[2]
     k_flat = k_cache.view(-1, kv_heads, head_dim)

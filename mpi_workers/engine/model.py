@@ -123,6 +123,8 @@ class LlamaForCausalLM(nn.Module):
         for layer, k, v in zip(self.model.layers, k_caches, v_caches, strict=True):
             layer.self_attn.k_cache = k
             layer.self_attn.v_cache = v
+        if self._native_decode is not None:
+            self._native_decode.bind_kv_cache(k_caches, v_caches)
 
     def forward(
         self,
@@ -140,7 +142,7 @@ class LlamaForCausalLM(nn.Module):
         h = self.model.embed_tokens(input_ids)
         if input_embeds is not None:
             h[embeds_mask] = input_embeds.to(h.dtype)
-        elif self._native_decode is not None and self._native_decode_step(h, positions, meta):
+        elif self._native_decode_step(h, positions, meta):
             return self.model.norm(h)
         meta.cos, meta.sin = self.rotary.lookup(positions, h.dtype)
         layer0 = self.model.layers[0].self_attn

@@ -80,10 +80,14 @@ class ModelRunner:
         self.kv_cache = kv_cache
         self.block_size = kv_cache.block_size
         self.device = kv_cache.k[0].device
-        # fp32 on CPU: decode attention reads the cache in place (kernels.paged_decode_attention)
-        cache = kv_cache.k[0]
+        # fp32 on CPU: decode attention reads the cache in place (kernels.paged_decode_attention),
+        # so decode steps need only block tables and lengths (no gather list, no mask).
+        cache, attn = kv_cache.k[0], model.model.layers[0].self_attn
         self.decode_kernel = (
-            cache.device.type == "cpu" and cache.dtype == torch.float32 and kernels.available()
+            cache.device.type == "cpu"
+            and cache.dtype == torch.float32
+            and kernels.decode_attention_supports(attn.num_heads, attn.num_kv_heads, attn.head_dim)
+            and kernels.available()
         )
         self.graphs: DecodeGraphs | None = None
         if enforce_eager is None:
@@ -167,15 +171,16 @@ class ModelRunner:
         rows = [t[:max_blocks] + [0] * (max_blocks - len(t)) for t in plan.decode_tables]
         tables = torch.tensor(rows, dtype=torch.long, device=dev)
         slot_parts.append(self._slots(tables, positions.unsqueeze(1)).squeeze(1))
-        # Read whole blocks (the tail of each row's last block is masked out).
         padded_len = max_blocks * self.block_size
-        meta.decode_gather_blocks = tables.reshape(-1)
         meta.block_size = self.block_size
         meta.num_decode = num_decode
         meta.decode_max_len = padded_len
         if self.decode_kernel:
             meta.decode_block_tables = tables
             meta.decode_lens = torch.tensor(lengths, dtype=torch.long)
+            return
+        # Read whole blocks (the tail of each row's last block is masked out).
+        meta.decode_gather_blocks = tables.reshape(-1)
         if min(lengths) != padded_len:
             span = torch.arange(padded_len, device=dev)
             lens = torch.tensor(lengths, device=dev).unsqueeze(1)

@@ -125,6 +125,11 @@ def available() -> bool:
     return _library() is not None
 
 
+def decode_attention_supports(heads: int, kv_heads: int, head_dim: int) -> bool:
+    """The head shapes `paged_decode_attention.c` (and so `decode_layers.c`) takes."""
+    return head_dim % 16 == 0 and head_dim <= 256 and heads % kv_heads == 0
+
+
 def argmax_rows(x: torch.Tensor) -> torch.Tensor | None:
     """`x.argmax(dim=-1)` of a 2-D float32 CPU tensor (same ties and NaN rule), ~20x faster at
     a vocabulary's width; None where the kernels are unavailable."""
@@ -291,7 +296,8 @@ def _ptr(tensor: torch.Tensor | None) -> int | None:
 class DecodeLayers:
     """`decode_layers.c` over a loaded model's layers: `run()` replaces the decoder layers of a
     decode step of 1..MAX_ROWS rows (fp32, one rank). Weights are the layers' `SkinnyWeight`
-    packings; the KV caches are looked up at each call (the runner binds them after loading)."""
+    packings; the KV caches arrive with `bind_kv_cache` (the runner binds them after loading;
+    until then every step is declined)."""
 
     MAX_ROWS = MAX_ROWS
 
@@ -326,6 +332,13 @@ class DecodeLayers:
             struct.down = _ptr(m.down_proj.fast.skinny.packed)
             struct.down_bias = _ptr(m.down_proj.bias)
 
+    def bind_kv_cache(self, k_caches: list[torch.Tensor], v_caches: list[torch.Tensor]) -> None:
+        """Each layer's [blocks, block_size, kv_heads, head_dim] caches (kept referenced)."""
+        self._caches = (k_caches, v_caches)
+        self.shape.num_blocks, self.shape.block_size = k_caches[0].shape[0], k_caches[0].shape[1]
+        for struct, k, v in zip(self._structs, k_caches, v_caches, strict=True):
+            struct.k_cache, struct.v_cache = _ptr(k), _ptr(v)
+
     @staticmethod
     def supports(layers: list[Any]) -> bool:
         """Every linear has its skinny packing, o_proj has no bias, heads fit the kernel."""
@@ -334,7 +347,9 @@ class DecodeLayers:
             linears = (a.qkv_proj, a.o_proj, m.gate_up_proj, m.down_proj)
             if any(lin.fast is None or lin.fast.skinny is None for lin in linears):
                 return False
-            if a.o_proj.bias is not None or a.head_dim % 16 or a.head_dim > 256:
+            if a.o_proj.bias is not None:
+                return False
+            if not decode_attention_supports(a.num_heads, a.num_kv_heads, a.head_dim):
                 return False
         return True
 
@@ -351,11 +366,6 @@ class DecodeLayers:
         rows = h.shape[0]
         if not 1 <= rows <= MAX_ROWS or h.dtype != torch.float32 or not h.is_contiguous():
             return False
-        cache = self._layers[0].self_attn.k_cache
-        self.shape.num_blocks, self.shape.block_size = cache.shape[0], cache.shape[1]
-        for struct, layer in zip(self._structs, self._layers, strict=True):
-            struct.k_cache = _ptr(layer.self_attn.k_cache)
-            struct.v_cache = _ptr(layer.self_attn.v_cache)
         max_len = block_tables.shape[1] * self.shape.block_size
         shape = ctypes.addressof(self.shape)
         floats = self._lib.hpcs_decode_scratch_floats(shape, rows, max_len)
