@@ -299,8 +299,6 @@ class DecodeLayers:
     packings; the KV caches arrive with `bind_kv_cache` (the runner binds them after loading;
     until then every step is declined)."""
 
-    MAX_ROWS = MAX_ROWS
-
     def __init__(self, layers: list[Any], cos: torch.Tensor, sin_signed: torch.Tensor) -> None:
         lib = _library()
         if lib is None:
