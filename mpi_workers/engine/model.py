@@ -154,12 +154,13 @@ class LlamaForCausalLM(nn.Module):
     def _native_decode_step(
         self, h: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata
     ) -> bool:
-        """A decode-only step through `kernels.DecodeLayers` (all layers in one native call);
-        False: not such a step or too many rows, h untouched, the PyTorch layers run."""
+        """A decode-only step of up to `kernels.MAX_ROWS` rows through `kernels.DecodeLayers`
+        (all layers in one native call); False: not such a step, the PyTorch layers run."""
         native = self._native_decode
         if (
             native is None
             or meta.num_decode != h.shape[0]
+            or h.shape[0] > kernels.MAX_ROWS
             or meta.decode_block_tables is None
             or meta.decode_lens is None
         ):
