@@ -21,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from contract.messages import GenerateRequest, SamplingParams
 from hpcserve.model_prepare import prepare_default_model
-from mpi_workers.engine.engine import TorchEngine
+from mpi_workers.engine.torch.engine import TorchEngine
 
 QUESTIONS = [
     "What is the capital of France?",

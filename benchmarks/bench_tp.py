@@ -30,11 +30,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch
 
-from mpi_workers.engine.kv_cache import KvCache
-from mpi_workers.engine.layers import RotaryEmbedding, TpGroup
-from mpi_workers.engine.model import LlamaForCausalLM
-from mpi_workers.engine.model_config import ModelConfig
-from mpi_workers.engine.model_runner import ModelRunner, StepPlan
+from mpi_workers.engine.torch.kv_cache import KvCache
+from mpi_workers.engine.torch.layers import RotaryEmbedding, TpGroup
+from mpi_workers.engine.torch.model import LlamaForCausalLM
+from mpi_workers.engine.torch.model_config import ModelConfig
+from mpi_workers.engine.torch.model_runner import ModelRunner, StepPlan
 
 SHAPES = {
     # name: (vocab, hidden, intermediate, layers, heads, kv heads, tied, rope theta)
@@ -261,7 +261,7 @@ def main() -> int:
         return 2
     from mpi4py import MPI
 
-    from mpi_workers.engine.tp import TpRuntime, pick_device
+    from mpi_workers.engine.torch.tp import TpRuntime, pick_device
 
     comm = MPI.COMM_WORLD
     rank = comm.Get_rank()

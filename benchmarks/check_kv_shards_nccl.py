@@ -17,7 +17,7 @@ from mpi4py import MPI
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from mpi_workers.engine.tp import TpRuntime, pick_device
+from mpi_workers.engine.torch.tp import TpRuntime, pick_device
 from mpi_workers.kv_transfer.blocks import pack_blocks
 from mpi_workers.kv_transfer.layout import head_range
 from mpi_workers.kv_transfer.shards import KvGather, KvScatter, lead_gather, lead_scatter

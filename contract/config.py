@@ -79,8 +79,48 @@ class MockerConfig(_Section):
     num_blocks: int = Field(default=8192, ge=1, description="KV pool; engine.num_blocks wins")
 
 
+class TrtllmConfig(_Section):
+    """`engine.kind: trtllm`: TensorRT-LLM's LLM API (PyTorch backend) on NVIDIA GPUs.
+
+    Arguments go to `tensorrt_llm.LLM` in this order, each overriding the last: the fields
+    below, then the YAML at `extra_engine_args` (TensorRT-LLM's own keys, as in
+    `configs/engine_configs/`), then `override_engine_args` (deep-merged). A worker group's
+    `tp` is `tensor_parallel_size`; its ranks are `tp * pipeline_parallel_size`.
+    """
+
+    model: str | None = Field(
+        default=None, description="HF folder or TensorRT-LLM checkpoint; default: model.path"
+    )
+    tokenizer: str | None = Field(default=None, description="default: the model folder")
+    extra_engine_args: str | None = Field(
+        default=None, description="path to a TensorRT-LLM engine YAML (LLM API keys)"
+    )
+    override_engine_args: dict[str, Any] = Field(
+        default_factory=dict, description="LLM API keys deep-merged over everything else"
+    )
+    free_gpu_memory_fraction: float = Field(default=0.9, gt=0, le=1)
+    max_batch_size: int | None = Field(default=None, ge=1)
+    max_num_tokens: int | None = Field(default=None, ge=1)
+    max_seq_len: int | None = Field(default=None, ge=1)
+    pipeline_parallel_size: int = Field(default=1, ge=1)
+    moe_expert_parallel_size: int | None = Field(default=None, ge=1)
+    enable_attention_dp: bool = False
+    gpus_per_node: int | None = Field(default=None, ge=1)
+    enable_block_reuse: bool = Field(
+        default=True, description="KV block reuse (prefix caching); the KV router needs it"
+    )
+    event_buffer_max_size: int = Field(
+        default=100_000, ge=0, description="KV event buffer; 0 turns KV events off"
+    )
+    launch: Literal["llmapi-launch", "spawn"] = Field(
+        default="llmapi-launch",
+        description="llmapi-launch: every rank started by mpirun/srun under "
+        "trtllm-llmapi-launch; spawn: one process, the LLM spawns its ranks (one node, no Slurm)",
+    )
+
+
 class EngineConfig(_Section):
-    kind: Literal["torch", "mocker"] = "torch"
+    kind: Literal["torch", "mocker", "trtllm"] = "torch"
     device: Literal["auto", "cpu", "cuda"] = "auto"
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     block_size: int = Field(default=16, ge=1, le=1024)
@@ -91,12 +131,21 @@ class EngineConfig(_Section):
     max_model_len: int | None = Field(default=None, ge=1)
     torch_threads: int | None = Field(default=None, ge=1)
     mocker: MockerConfig = Field(default_factory=MockerConfig)
+    trtllm: TrtllmConfig = Field(default_factory=TrtllmConfig)
 
 
 class WorkerGroupConfig(_Section):
     role: Role = "agg"
     count: int = Field(default=1, ge=1)
     tp: int = Field(default=1, ge=1)
+
+
+def group_ranks(config: DeploymentConfig, group: WorkerGroupConfig) -> int:
+    """MPI ranks of one worker of `group`: its TP degree, times the pipeline stages of a
+    TensorRT-LLM engine."""
+    if config.engine.kind == "trtllm":
+        return group.tp * config.engine.trtllm.pipeline_parallel_size
+    return group.tp
 
 
 class KvRouterConfig(_Section):
@@ -185,9 +234,9 @@ class DeploymentConfig(_Section):
     def _only_agg_for_now(self) -> DeploymentConfig:
         _check_disaggregation(self)
         for index, group in enumerate(self.workers):
-            if group.tp > 1 and self.engine.kind != "torch":
+            if group.tp > 1 and self.engine.kind == "mocker":
                 raise ValueError(
-                    f"workers.{index}.tp: tensor parallelism needs engine.kind 'torch'"
+                    f"workers.{index}.tp: tensor parallelism needs engine.kind torch or trtllm"
                 )
         return self
 
@@ -205,9 +254,9 @@ def _check_disaggregation(config: DeploymentConfig) -> None:
     if not roles & {"prefill", "decode"}:
         return
     where = next(i for i, g in enumerate(config.workers) if g.role in ("prefill", "decode"))
-    if config.engine.kind != "torch":
+    if config.engine.kind == "mocker":
         raise ValueError(
-            f"workers.{where}.role: prefill/decode roles need engine.kind 'torch' "
+            f"workers.{where}.role: prefill/decode roles need engine.kind torch or trtllm "
             "(the KV cache moves between them)"
         )
     if "decode" not in roles:

@@ -119,8 +119,8 @@ def run_tp_rank(
     args: argparse.Namespace, config: DeploymentConfig, ranks: RankGroup, model_path: Path
 ) -> int:
     """One rank of a tensor-parallel group: the leader serves, the others follow."""
-    from mpi_workers.engine.tp import TpRuntime, pick_device
-    from mpi_workers.follower import build_follower_runner, follow, ignore_stop_signals
+    from mpi_workers.engine.torch.follower import build_follower_runner, follow, ignore_stop_signals
+    from mpi_workers.engine.torch.tp import TpRuntime, pick_device
 
     if config.engine.kind != "torch" or args.engine_factory:
         logger.error("workers.%d.tp: tp > 1 needs engine.kind torch", ranks.group)

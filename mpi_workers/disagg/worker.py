@@ -49,7 +49,7 @@ from contract.disagg import (
 )
 from contract.discovery import KvTransferInfo, WorkerCard, WorkerDirectory
 from contract.messages import AbortRequest, GenerateOutput, GenerateRequest
-from mpi_workers.disagg import engine_ops as ops
+from mpi_workers.engine.torch import disagg_ops as ops
 from mpi_workers.kv_transfer import KvTransport, make_transport
 from mpi_workers.kv_transfer.blocks import pack_blocks, unpack_blocks
 from mpi_workers.worker import Worker, error_param

@@ -12,7 +12,7 @@ from contract.config import DeploymentConfig
 from mpi_workers.engine.base import Engine
 
 if TYPE_CHECKING:
-    from mpi_workers.engine.tp import TpRuntime
+    from mpi_workers.engine.torch.tp import TpRuntime
 
 
 def torch_placement(config: DeploymentConfig, tp: TpRuntime | None = None) -> tuple[Any, Any]:
@@ -36,7 +36,7 @@ def build_torch_engine(
     config: DeploymentConfig, model_path: Path, tp: TpRuntime | None = None
 ) -> Engine:
     """The built-in PyTorch engine, configured from `config.engine` (a TP leader with `tp`)."""
-    from mpi_workers.engine.engine import TorchEngine
+    from mpi_workers.engine.torch.engine import TorchEngine
 
     engine_config = config.engine
     device, dtype = torch_placement(config, tp)

@@ -29,7 +29,7 @@ from mpi_workers.kv_transfer.blocks import empty_staging, pack_blocks, unpack_bl
 from mpi_workers.kv_transfer.layout import plan_head_transfers
 
 if TYPE_CHECKING:
-    from mpi_workers.engine.tp import TpRuntime
+    from mpi_workers.engine.torch.tp import TpRuntime
 
 HEADS = 4  # the heads dimension of a staging tensor [blocks, layers, 2, block_size, heads, dim]
 

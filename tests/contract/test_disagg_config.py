@@ -57,8 +57,8 @@ def test_roles_must_come_in_pairs_or_with_fallback() -> None:
         )  # fmt: skip
 
 
-def test_disaggregation_needs_the_torch_engine_and_tp_may_differ() -> None:
-    with pytest.raises(ConfigError, match=r"engine\.kind .torch."):
+def test_disaggregation_needs_a_real_kv_cache_and_tp_may_differ() -> None:
+    with pytest.raises(ConfigError, match=r"engine\.kind torch or trtllm"):
         _load("engine.kind=mocker")
     assert [g.tp for g in _load("workers.1.tp=3").workers] == [1, 3]
     assert [g.tp for g in _load("workers.0.tp=3").workers] == [3, 1]

@@ -48,7 +48,7 @@ def client(up: UpProcess) -> openai.OpenAI:
 
 def tp1_tokens(model_dir: Path, prompt: list[int], max_tokens: int) -> list[int]:
     from contract.messages import GenerateRequest, SamplingParams
-    from mpi_workers.engine.engine import TorchEngine
+    from mpi_workers.engine.torch.engine import TorchEngine
 
     async def run() -> list[int]:
         engine = TorchEngine(model_dir, num_blocks=64)
@@ -109,7 +109,7 @@ def test_follower_killed_mid_request(up: UpProcess, client: openai.OpenAI) -> No
     asker.start()
     log = up.run_dir / "logs" / "worker-agg-g0-i0.log"
     deadline = time.monotonic() + 60
-    while log.read_text().count("mpi_workers.follower") < 2:
+    while log.read_text().count("mpi_workers.engine.torch.follower") < 2:
         assert time.monotonic() < deadline
         time.sleep(0.1)
     time.sleep(1.0)  # decoding by now

@@ -198,7 +198,7 @@ def aggregated_texts(
     import asyncio
 
     from contract.messages import GenerateRequest, SamplingParams
-    from mpi_workers.engine.engine import TorchEngine
+    from mpi_workers.engine.torch.engine import TorchEngine
 
     engine = TorchEngine(
         model_dir, block_size=16, kv_cache_memory_bytes=64 * 2**20, max_model_len=4096

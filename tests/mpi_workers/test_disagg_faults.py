@@ -36,7 +36,7 @@ _ids = itertools.count()
 @pytest.fixture(scope="module")
 def engines(model_dir: Path):
     """Three engines (prefill a, prefill b, decode), reused by every test's workers."""
-    from mpi_workers.engine.engine import TorchEngine
+    from mpi_workers.engine.torch.engine import TorchEngine
 
     return {
         name: TorchEngine(model_dir, block_size=16, num_blocks=64, max_num_seqs=8)

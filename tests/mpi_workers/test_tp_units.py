@@ -7,7 +7,7 @@ import pytest
 from contract.config import ConfigError, load_config
 from contract.plan import plan_deployment
 from hpcserve.launcher import find_mpirun, mpi_launcher
-from mpi_workers.engine.layers import TpGroup, kv_head_range, vocab_shard
+from mpi_workers.engine.torch.layers import TpGroup, kv_head_range, vocab_shard
 from mpi_workers.ranks import check_tp_fits, resolve_rank_group
 
 SMOL = {"num_attention_heads": 9, "num_key_value_heads": 3, "intermediate_size": 1536}
@@ -39,7 +39,7 @@ def test_tp_is_accepted_but_disaggregated_roles_still_rejected() -> None:
     assert config("workers.0.tp=3").workers[0].tp == 3
     with pytest.raises(ConfigError, match=r"workers\.0\.role"):
         config("workers.0.role=prefill", "workers.0.tp=2")
-    with pytest.raises(ConfigError, match=r"workers\.0\.tp: .*engine.kind 'torch'"):
+    with pytest.raises(ConfigError, match=r"workers\.0\.tp: .*engine.kind torch or trtllm"):
         config("workers.0.tp=2", "engine.kind=mocker")
 
 

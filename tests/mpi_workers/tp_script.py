@@ -21,8 +21,8 @@ import sys
 import torch
 
 from contract.messages import GenerateRequest, SamplingParams
-from mpi_workers.engine.engine import TorchEngine
-from mpi_workers.engine.model_runner import StepPlan
+from mpi_workers.engine.torch.engine import TorchEngine
+from mpi_workers.engine.torch.model_runner import StepPlan
 
 
 def parse() -> argparse.Namespace:
@@ -81,12 +81,12 @@ def main() -> int:
     if size > 1:
         from mpi4py import MPI
 
-        from mpi_workers.engine.tp import TpRuntime
+        from mpi_workers.engine.torch.tp import TpRuntime
 
         tp = TpRuntime.init(MPI.COMM_WORLD, torch.device("cpu"), timeout_s=30)
     kwargs = dict(num_blocks=256, block_size=4, max_num_seqs=8)
     if tp is not None and tp.rank != 0:
-        from mpi_workers.follower import build_follower_runner, follow
+        from mpi_workers.engine.torch.follower import build_follower_runner, follow
 
         runner = build_follower_runner(args.model_dir, tp, torch.float32, 4)
         if tp.rank == args.kill_rank:

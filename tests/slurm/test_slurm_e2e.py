@@ -171,7 +171,9 @@ def test_tp_group_spanning_three_nodes_serves_and_cancels(
         assert "Paris" in ask_paris(status.url or "")
         log = hpcserve(slurm_env, "logs", job_id, "worker-agg-g0-i0")
         for rank, node in enumerate(("n1", "n2", "n3")):
-            expected = f"rank{rank}] mpi_workers.engine.tp: gloo uses interface eth0 (node {node})"
+            expected = (
+                f"rank{rank}] mpi_workers.engine.torch.tp: gloo uses interface eth0 (node {node})"
+            )
             assert expected in log
     assert job_status(job_id).state == "FINISHED"
 

@@ -10,14 +10,14 @@ import pytest
 import torch
 
 from contract.messages import SamplingParams
-from mpi_workers.engine import kernels
 from mpi_workers.engine.block_manager import BlockManager
-from mpi_workers.engine.kv_cache import KvCache
-from mpi_workers.engine.loader import load_model
-from mpi_workers.engine.model_config import load_model_config
-from mpi_workers.engine.model_runner import ModelRunner
 from mpi_workers.engine.scheduler import ScheduledBatch
 from mpi_workers.engine.sequence import Sequence
+from mpi_workers.engine.torch import kernels
+from mpi_workers.engine.torch.kv_cache import KvCache
+from mpi_workers.engine.torch.loader import load_model
+from mpi_workers.engine.torch.model_config import load_model_config
+from mpi_workers.engine.torch.model_runner import ModelRunner
 
 
 def hf_logits(model_dir, token_ids: list[int]) -> torch.Tensor:

@@ -26,8 +26,8 @@ from dataclasses import dataclass
 
 import torch
 
-from mpi_workers.engine.attention import AttentionMetadata
-from mpi_workers.engine.model import LlamaForCausalLM
+from mpi_workers.engine.torch.attention import AttentionMetadata
+from mpi_workers.engine.torch.model import LlamaForCausalLM
 
 logger = logging.getLogger(__name__)
 

@@ -7,8 +7,8 @@ import json
 import pytest
 import torch
 
-from mpi_workers.engine.layers import rope_inv_freq
-from mpi_workers.engine.model_config import load_model_config, parse_model_config
+from mpi_workers.engine.torch.layers import rope_inv_freq
+from mpi_workers.engine.torch.model_config import load_model_config, parse_model_config
 
 BASE = dict(
     vocab_size=100,

@@ -7,7 +7,7 @@ import asyncio
 import pytest
 
 from contract.messages import GenerateRequest, SamplingParams
-from mpi_workers.engine.engine import TorchEngine
+from mpi_workers.engine.torch.engine import TorchEngine
 
 _counter = iter(range(10**6))
 
@@ -115,7 +115,7 @@ async def test_closing_the_generator_aborts_and_frees(engine):
 
 
 async def test_failing_step_fails_only_that_request(engine, monkeypatch):
-    import mpi_workers.engine.engine as engine_module
+    import mpi_workers.engine.torch.engine as engine_module
 
     real_plan = engine_module.build_plan
 

@@ -1,4 +1,4 @@
-"""Our C kernels (mpi_workers/engine/kernels): the skinny GEMM of batched decode steps and
+"""Our C kernels (mpi_workers/engine/torch/kernels): the skinny GEMM of batched decode steps and
 decode attention read in place from the paged cache.
 
 The GEMM against a float64 reference on shapes that exercise the 32-column groups' tails, the
@@ -13,8 +13,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from mpi_workers.engine import kernels
-from mpi_workers.engine.layers import InferenceWeight, mkl_packing_available
+from mpi_workers.engine.torch import kernels
+from mpi_workers.engine.torch.layers import InferenceWeight, mkl_packing_available
 
 needs_kernel = pytest.mark.skipif(
     not kernels.available(), reason="no C compiler or no AVX-512 on this machine"

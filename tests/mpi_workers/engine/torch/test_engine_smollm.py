@@ -12,7 +12,7 @@ import torch
 
 from contract.block_hash import block_hashes
 from contract.messages import GenerateRequest, KvRemoved, KvStored, SamplingParams
-from mpi_workers.engine.engine import TorchEngine
+from mpi_workers.engine.torch.engine import TorchEngine
 
 pytestmark = pytest.mark.slow
 

@@ -17,11 +17,11 @@ from typing import TYPE_CHECKING
 import torch
 
 from contract.config import env_flag
-from mpi_workers.engine import kernels
-from mpi_workers.engine.attention import AttentionMetadata, PrefillChunk
-from mpi_workers.engine.cuda_graph import DecodeGraphs
-from mpi_workers.engine.kv_cache import KvCache
-from mpi_workers.engine.model import LlamaForCausalLM
+from mpi_workers.engine.torch import kernels
+from mpi_workers.engine.torch.attention import AttentionMetadata, PrefillChunk
+from mpi_workers.engine.torch.cuda_graph import DecodeGraphs
+from mpi_workers.engine.torch.kv_cache import KvCache
+from mpi_workers.engine.torch.model import LlamaForCausalLM
 
 if TYPE_CHECKING:  # the GPU benchmark drives execute() without the scheduler's imports
     from mpi_workers.engine.scheduler import ScheduledBatch

@@ -11,8 +11,8 @@ from typing import Any
 import pytest
 import torch
 
-from mpi_workers.engine.engine import TorchEngine
-from mpi_workers.engine.layers import TpGroup
+from mpi_workers.engine.torch.engine import TorchEngine
+from mpi_workers.engine.torch.layers import TpGroup
 from mpi_workers.kv_transfer.shards import KvGather, KvScatter
 
 

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from contract.config import env_flag
-from mpi_workers.engine import kernels
+from mpi_workers.engine.torch import kernels
 
 
 @dataclass(frozen=True)

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from contract.messages import SamplingParams, TokenLogprob, TopLogprob
-from mpi_workers.engine import kernels
+from mpi_workers.engine.torch import kernels
 
 
 @dataclass

@@ -10,7 +10,7 @@ import logging
 
 import torch
 
-from mpi_workers.engine.model_config import ModelConfig
+from mpi_workers.engine.torch.model_config import ModelConfig
 
 logger = logging.getLogger(__name__)
 

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from mpi_workers.engine import kernels
+from mpi_workers.engine.torch import kernels
 
 
 @dataclass

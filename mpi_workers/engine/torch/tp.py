@@ -22,7 +22,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from mpi_workers.engine.layers import TpGroup
+from mpi_workers.engine.torch.layers import TpGroup
 
 logger = logging.getLogger(__name__)
 
@@ -169,7 +169,7 @@ class TpRuntime:
         if dist.is_initialized():
             if self.device.type == "cuda":
                 # Live CUDA graphs holding NCCL collectives make the destroy below hang.
-                from mpi_workers.engine.cuda_graph import release_all
+                from mpi_workers.engine.torch.cuda_graph import release_all
 
                 release_all()
             dist.destroy_process_group()

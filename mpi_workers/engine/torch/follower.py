@@ -17,11 +17,11 @@ from pathlib import Path
 
 import torch
 
-from mpi_workers.engine.kv_cache import KvCache
-from mpi_workers.engine.loader import load_model
-from mpi_workers.engine.model_config import load_model_config
-from mpi_workers.engine.model_runner import ModelRunner, StepPlan
-from mpi_workers.engine.tp import TpRuntime
+from mpi_workers.engine.torch.kv_cache import KvCache
+from mpi_workers.engine.torch.loader import load_model
+from mpi_workers.engine.torch.model_config import load_model_config
+from mpi_workers.engine.torch.model_runner import ModelRunner, StepPlan
+from mpi_workers.engine.torch.tp import TpRuntime
 
 logger = logging.getLogger(__name__)
 
@@ -37,7 +37,7 @@ def build_follower_runner(
     model_dir: Path, tp: TpRuntime, dtype: torch.dtype | None, block_size: int
 ) -> ModelRunner:
     """Receive the leader's pool sizes, load this rank's shard and its KV cache."""
-    from mpi_workers.engine.loader import default_dtype
+    from mpi_workers.engine.torch.loader import default_dtype
 
     sizes = tp.broadcast_object()
     dtype = dtype or default_dtype(tp.device)

@@ -12,7 +12,7 @@ finish_reason "length" at `max_model_len`. `max_model_len` itself is capped at w
 pool can hold, so every accepted request can always finish, alone if need be.
 
 Tensor parallelism: with a `TpRuntime` this engine is the group's leader. Each step's
-`StepPlan` is broadcast to the followers (`mpi_workers.follower`) before the forward; a
+`StepPlan` is broadcast to the followers (`mpi_workers.engine.torch.follower`) before the forward; a
 failing TP step (a dead or stuck rank: collective error, or no progress for the group's
 timeout, seen by a watchdog) is fatal: every request ends with an error, the fatal handler
 tells the worker to deregister and exit non-zero.
@@ -35,11 +35,6 @@ import torch
 
 from contract.messages import GenerateOutput, GenerateRequest, SamplingParams
 from mpi_workers.engine.block_manager import BlockManager
-from mpi_workers.engine.kv_cache import KvCache, blocks_for_budget
-from mpi_workers.engine.loader import default_dtype, load_model
-from mpi_workers.engine.model_config import load_model_config
-from mpi_workers.engine.model_runner import ModelRunner, build_plan
-from mpi_workers.engine.sampler import Sampler, SampleRow
 from mpi_workers.engine.scheduler import ScheduledBatch, Scheduler
 from mpi_workers.engine.sequence import Sequence
 from mpi_workers.engine.streaming import (  # noqa: F401 (re-exported)
@@ -47,9 +42,14 @@ from mpi_workers.engine.streaming import (  # noqa: F401 (re-exported)
     RequestValidationError,
     StreamingEngine,
 )
+from mpi_workers.engine.torch.kv_cache import KvCache, blocks_for_budget
+from mpi_workers.engine.torch.loader import default_dtype, load_model
+from mpi_workers.engine.torch.model_config import load_model_config
+from mpi_workers.engine.torch.model_runner import ModelRunner, build_plan
+from mpi_workers.engine.torch.sampler import Sampler, SampleRow
 
 if TYPE_CHECKING:
-    from mpi_workers.engine.tp import TpRuntime
+    from mpi_workers.engine.torch.tp import TpRuntime
 
 logger = logging.getLogger(__name__)
 
@@ -454,7 +454,7 @@ class TorchEngine(StreamingEngine):
 
 def tp_step_timeout_s() -> float:
     """How long one TP step may take before the group is declared failed."""
-    from mpi_workers.engine.tp import DEFAULT_TIMEOUT_S
+    from mpi_workers.engine.torch.tp import DEFAULT_TIMEOUT_S
 
     return DEFAULT_TIMEOUT_S + 10.0
 

@@ -14,12 +14,12 @@ import torch
 import torch.nn.functional as F
 
 from contract.messages import GenerateRequest, SamplingParams
-from mpi_workers.engine.engine import TorchEngine
-from mpi_workers.engine.kv_cache import KvCache
-from mpi_workers.engine.layers import InferenceWeight, onednn_packing_available
-from mpi_workers.engine.loader import load_model
-from mpi_workers.engine.model_config import load_model_config
-from mpi_workers.engine.model_runner import ModelRunner, StepPlan
+from mpi_workers.engine.torch.engine import TorchEngine
+from mpi_workers.engine.torch.kv_cache import KvCache
+from mpi_workers.engine.torch.layers import InferenceWeight, onednn_packing_available
+from mpi_workers.engine.torch.loader import load_model
+from mpi_workers.engine.torch.model_config import load_model_config
+from mpi_workers.engine.torch.model_runner import ModelRunner, StepPlan
 
 needs_bf16 = pytest.mark.skipif(
     not onednn_packing_available(torch.bfloat16), reason="CPU without oneDNN bf16 support"

@@ -14,9 +14,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mpi_workers.engine import kernels
-from mpi_workers.engine.attention import AttentionMetadata, paged_attention
-from mpi_workers.engine.layers import (
+from mpi_workers.engine.torch import kernels
+from mpi_workers.engine.torch.attention import AttentionMetadata, paged_attention
+from mpi_workers.engine.torch.layers import (
     InferenceWeight,
     MergedColumnParallelLinear,
     ParallelLMHead,
@@ -29,7 +29,7 @@ from mpi_workers.engine.layers import (
     _TpLinear,
     apply_rope,
 )
-from mpi_workers.engine.model_config import ModelConfig
+from mpi_workers.engine.torch.model_config import ModelConfig
 
 
 class Attention(nn.Module):

@@ -7,7 +7,7 @@ import math
 import torch
 
 from contract.messages import SamplingParams
-from mpi_workers.engine.sampler import (
+from mpi_workers.engine.torch.sampler import (
     Sampler,
     SampleRow,
     apply_min_p,

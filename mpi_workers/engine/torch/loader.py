@@ -14,9 +14,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from mpi_workers.engine.layers import RotaryEmbedding, TpGroup, materialize
-from mpi_workers.engine.model import LlamaForCausalLM
-from mpi_workers.engine.model_config import ModelConfig
+from mpi_workers.engine.torch.layers import RotaryEmbedding, TpGroup, materialize
+from mpi_workers.engine.torch.model import LlamaForCausalLM
+from mpi_workers.engine.torch.model_config import ModelConfig
 
 logger = logging.getLogger(__name__)
 
