@@ -138,6 +138,10 @@ class WorkerGroupConfig(_Section):
     role: Role = "agg"
     count: int = Field(default=1, ge=1)
     tp: int = Field(default=1, ge=1)
+    engine_args: str | None = Field(
+        default=None,
+        description="TensorRT-LLM YAML for this group; overrides engine.trtllm.extra_engine_args",
+    )
 
 
 def group_ranks(config: DeploymentConfig, group: WorkerGroupConfig) -> int:
@@ -289,6 +293,7 @@ def load_config(
         if loaded is not None and not isinstance(loaded, dict):
             raise ConfigError(f"{path}: the top level must be a mapping")
         data = loaded or {}
+        _anchor_engine_yaml(data, Path(path).parent)
     environ = os.environ if environ is None else environ
     for key, value in sorted(environ.items()):
         if key.startswith(ENV_PREFIX) and len(key) > len(ENV_PREFIX):
@@ -306,6 +311,22 @@ def load_config(
         return DeploymentConfig.model_validate(data)
     except ValidationError as exc:
         raise ConfigError(_describe(exc)) from None
+
+
+def _anchor_engine_yaml(data: dict[str, Any], config_dir: Path) -> None:
+    """A relative `engine.trtllm.extra_engine_args` (or `workers.N.engine_args`) in a config
+    file names a file beside it (as the seed's `engine_configs/` do); made absolute so resolved
+    copies keep pointing there."""
+    engine = data.get("engine")
+    trtllm = engine.get("trtllm") if isinstance(engine, dict) else None
+    holders = [(trtllm, "extra_engine_args")] if isinstance(trtllm, dict) else []
+    workers = data.get("workers")
+    if isinstance(workers, list):
+        holders += [(group, "engine_args") for group in workers if isinstance(group, dict)]
+    for holder, key in holders:
+        value = holder.get(key)
+        if isinstance(value, str) and value and not Path(value).expanduser().is_absolute():
+            holder[key] = str((config_dir / value).resolve())
 
 
 def _parse_value(text: str) -> Any:

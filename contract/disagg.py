@@ -7,6 +7,10 @@ frontend sends it to a prefill worker, which computes the first token, streams i
 the request to a decode worker (`DecodeHandoff`), which reserves blocks and asks the prefill
 worker to push the KV (`KvPushRequest`), then streams the rest to the same reply inbox.
 KV tickets are opaque JSON made by `mpi_workers.kv_transfer` (backend, address, layout).
+
+Engines that move their own KV (TensorRT-LLM's cache transceiver) use the same messages
+without tickets or holds: the prefill side returns `disaggregated_params` (the engine's
+opaque handle, JSON) and the decode side streams every token, the first one included.
 """
 
 from __future__ import annotations
@@ -61,7 +65,7 @@ class RemotePrefillRequest(_Message):
 
     version: int = PROTOCOL_VERSION
     request: GenerateRequest
-    ticket: dict[str, Any]
+    ticket: dict[str, Any] | None = None  # None: the engine moves the KV itself
     skip_blocks: int = 0
     decode_worker_id: str = ""
 
@@ -73,6 +77,7 @@ class PrefillResult(_Message):
     request_id: str
     first: GenerateOutput | None = None
     generator_state: str | None = None  # base64 of torch.Generator.get_state()
+    disaggregated_params: dict[str, Any] | None = None  # engine-moved KV: its handle
     error: str | None = None
     error_param: str | None = None
 
@@ -86,7 +91,8 @@ class DecodeHandoff(_Message):
     generator_state: str | None = None
     reply: str
     prefill_worker_id: str
-    hold_id: str
+    hold_id: str = ""  # our kv_transfer: the prefill worker's hold of the blocks
+    disaggregated_params: dict[str, Any] | None = None  # engine-moved KV: its handle
 
 
 class KvPushRequest(_Message):

@@ -97,7 +97,7 @@ def serve(args: argparse.Namespace, config: DeploymentConfig, ranks: RankGroup, 
     """Run the worker (the group's leader) until a signal (0) or an engine failure (1)."""
     group = config.workers[ranks.group]
     services = config.services
-    worker_cls, extra = worker_class(config, group.role)  # prefill/decode: DisaggWorker
+    worker_cls, extra = worker_class(config, group.role, engine)
     worker = worker_cls(
         engine,
         **extra,

@@ -126,9 +126,7 @@ class Worker:
         self._loop = asyncio.get_running_loop()
         await self.engine.start()
         self.engine.set_kv_event_sink(self._kv_sink)
-        set_fatal_handler = getattr(self.engine, "set_fatal_handler", None)
-        if set_fatal_handler is not None:
-            set_fatal_handler(self._on_engine_fatal)
+        self.engine.set_fatal_handler(self._on_engine_fatal)
         self._nc = await bus.connect(self.nats_url, name=f"worker-{self.worker_id}")
         self._subscriptions = [
             await self._nc.subscribe(self.subject, cb=self._on_generate),

@@ -50,11 +50,14 @@ class FakeEngine(Engine):
         for event in self._abort_events.values():
             event.set()
 
-    async def generate(self, request: GenerateRequest) -> AsyncIterator[GenerateOutput]:
+    def validate(self, request: GenerateRequest) -> None:
         if request.sampling.max_tokens < 1:
             raise ValueError(f"max_tokens: must be >= 1, got {request.sampling.max_tokens}")
         if not request.token_ids:
             raise ValueError("token_ids: the prompt is empty")
+
+    async def generate(self, request: GenerateRequest) -> AsyncIterator[GenerateOutput]:
+        self.validate(request)
         self.requests.append(request)
         aborted = self._abort_events.setdefault(request.request_id, asyncio.Event())
         last = request.token_ids[-1]

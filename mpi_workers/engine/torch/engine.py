@@ -42,6 +42,7 @@ from mpi_workers.engine.streaming import (  # noqa: F401 (re-exported)
     RequestValidationError,
     StreamingEngine,
 )
+from mpi_workers.engine.torch.disagg_ops import TorchKvHandoff
 from mpi_workers.engine.torch.kv_cache import KvCache, blocks_for_budget
 from mpi_workers.engine.torch.loader import default_dtype, load_model
 from mpi_workers.engine.torch.model_config import load_model_config
@@ -89,7 +90,7 @@ def pool_sizes(
     return num_blocks, limit
 
 
-class TorchEngine(StreamingEngine):
+class TorchEngine(StreamingEngine, TorchKvHandoff):
     """Plain-PyTorch Llama-family engine with paged KV, prefix caching, continuous batching."""
 
     def __init__(
@@ -193,7 +194,7 @@ class TorchEngine(StreamingEngine):
             raise RuntimeError(f"engine failed: {self.failed}")
         if self._thread is None:
             raise RuntimeError("engine not started: await engine.start() first")
-        seq = self._make_sequence(request)
+        seq = self.make_sequence(request)
         stream = self._open_stream(request.request_id)
         self._commands.put(("add", seq))
         return stream
@@ -244,7 +245,7 @@ class TorchEngine(StreamingEngine):
         finally:
             self._step_started = None
 
-    def _make_sequence(self, request: GenerateRequest) -> Sequence:
+    def make_sequence(self, request: GenerateRequest) -> Sequence:
         p = request.sampling
         generator = None
         if p.seed is not None:
