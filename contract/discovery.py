@@ -46,6 +46,8 @@ class WorkerCard(BaseModel):
     max_model_len: int
     simulated: bool = False
     kv_transfer: KvTransferInfo | None = None  # prefill and decode roles only
+    engine: str = ""  # torch | mocker | trtllm
+    unsupported_params: list[str] = []  # SamplingParams fields the engine cannot honour
 
 
 def workers_prefix(deployment: str) -> str:

@@ -352,9 +352,34 @@ class FrontendState:
                 f"no worker is registered for deployment {self.config.name!r}; "
                 "retry when /health says ok"
             )
+        candidates = able_workers(candidates, request)
         card = self.router.choose(candidates, request)
         self.check_disaggregated_peer(card)
         return card
+
+
+def able_workers(candidates: list[WorkerCard], request: GenerateRequest) -> list[WorkerCard]:
+    """The candidates whose engine honours every sampling field `request` sets (away from
+    its default); 400 naming the field when none does (an engine declares what it cannot
+    do in its card: the mocker has no logprobs)."""
+    if not any(card.unsupported_params for card in candidates):
+        return candidates
+    sampling = request.sampling
+    used = {
+        name
+        for name, field in SamplingParams.model_fields.items()
+        if getattr(sampling, name) != field.get_default(call_default_factory=True)
+    }
+    able = [card for card in candidates if not used & set(card.unsupported_params)]
+    if able:
+        return able
+    name = sorted(used & set(candidates[0].unsupported_params))[0]
+    engine = candidates[0].engine or "this"
+    raise errors.bad_request(
+        f"{name}: the {engine} engine serving model {candidates[0].model!r} does not "
+        "support this parameter",
+        param=name,
+    )
 
 
 def _check_context(prepared: Prepared, card: WorkerCard) -> None:

@@ -116,6 +116,8 @@ class Worker:
             capacity=self.capacity,
             max_model_len=self.engine.max_model_len,
             simulated=self.engine.simulated,
+            engine=self.engine.kind,
+            unsupported_params=sorted(self.engine.unsupported_params),
         )
 
     @property

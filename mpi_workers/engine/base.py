@@ -32,6 +32,7 @@ FatalHandler = Callable[[str], None]
 class Engine(ABC):
     """An LLM engine driven by asyncio callers; the heavy stepping happens off the event loop."""
 
+    kind: str = "custom"  # the `engine.kind` that builds it
     model_name: str
     block_size: int
     max_model_len: int

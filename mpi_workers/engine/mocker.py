@@ -82,8 +82,9 @@ def _mix64(x: int) -> int:
 class MockerEngine(StreamingEngine):
     """Real block manager and scheduler, simulated time, pseudo tokens."""
 
+    kind = "mocker"
     simulated = True
-    produces_logprobs = False
+    unsupported_params = frozenset({"logprobs"})  # simulated tokens have no distribution
 
     def __init__(
         self,

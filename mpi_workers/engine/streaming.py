@@ -101,7 +101,6 @@ class StreamingEngine(Engine):
 
     block_manager: BlockManager
     scheduler: Scheduler
-    produces_logprobs: bool = True  # False: chunks carry logprobs=None even when asked
 
     def _init_streaming(self) -> None:
         self._sink: KvEventSink | None = None
@@ -162,7 +161,9 @@ class StreamingEngine(Engine):
         """Send the tokens produced since the last chunk (and the finish reason, if any)."""
         with self._streams_lock:
             stream = self._streams.get(seq.request_id)
-        wants_logprobs = self.produces_logprobs and seq.sampling.logprobs is not None
+        wants_logprobs = (
+            seq.sampling.logprobs is not None and "logprobs" not in self.unsupported_params
+        )
         out = GenerateOutput(
             request_id=seq.request_id,
             token_ids=seq.pending_tokens,

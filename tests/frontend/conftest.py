@@ -47,6 +47,7 @@ class FakeBehaviour:
     error_on_seed: int | None = None  # answer a request with this seed by a ValueError
     max_model_len: int = 8192
     simulated: bool = False
+    unsupported_params: list[str] = field(default_factory=list)  # declared in the card
     listen: bool = True  # False: registered but not subscribed (a dead worker, lease alive)
     garbage: bool = False  # answer with bytes that are not a GenerateOutput
 
@@ -88,6 +89,8 @@ class FakeEchoWorker:
             capacity=8,
             max_model_len=self.behaviour.max_model_len,
             simulated=self.behaviour.simulated,
+            engine="fake",
+            unsupported_params=self.behaviour.unsupported_params,
         )
 
     async def start(self, register: bool = True) -> FakeEchoWorker:

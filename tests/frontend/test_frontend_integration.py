@@ -141,6 +141,33 @@ async def test_raw_shapes_logprobs_and_simulated(make_frontend: Any) -> None:
         assert data["usage"]["prompt_tokens"] == 3
 
 
+async def test_a_parameter_the_engine_lacks_is_refused_naming_it(make_frontend: Any) -> None:
+    """An engine declares what it cannot do in its card (the mocker: logprobs); the frontend
+    answers 400 naming the parameter instead of silently dropping it."""
+    fe = await make_frontend()
+    worker = await fe.add_worker(unsupported_params=["logprobs"])
+    async with fe.client() as client:
+        for body in (
+            {**CHAT, "logprobs": True, "max_tokens": 2},
+            {"model": "smol", "prompt": "hi", "logprobs": 1, "max_tokens": 2},
+        ):
+            path = "/v1/chat/completions" if "messages" in body else "/v1/completions"
+            response = await client.post(path, json=body)
+            assert response.status_code == 400, response.text
+            error = response.json()["error"]
+            assert error["param"] == "logprobs" and "fake engine" in error["message"]
+        assert not worker.requests
+        response = await client.post("/v1/chat/completions", json={**CHAT, "max_tokens": 2})
+        assert response.status_code == 200, response.text
+        # a second worker that has logprobs takes such requests; the first one is skipped
+        await fe.add_worker()
+        body = {**CHAT, "logprobs": True, "max_tokens": 2}
+        for _ in range(3):
+            response = await client.post("/v1/chat/completions", json=body)
+            assert response.status_code == 200, response.text
+        assert len(worker.requests) == 1
+
+
 async def test_stop_string_truncates_and_aborts(make_frontend: Any) -> None:
     fe = await make_frontend()
     worker = await fe.add_worker(delay_s=0.002)

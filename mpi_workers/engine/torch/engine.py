@@ -93,6 +93,8 @@ def pool_sizes(
 class TorchEngine(StreamingEngine, TorchKvHandoff):
     """Plain-PyTorch Llama-family engine with paged KV, prefix caching, continuous batching."""
 
+    kind = "torch"
+
     def __init__(
         self,
         model_dir: str | Path,
