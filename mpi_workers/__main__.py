@@ -63,7 +63,8 @@ def main(argv: list[str] | None = None) -> int:
         logger.error("--group %d: the config has %d group(s)", args.group, len(config.workers))
         return 2
     spec = config.workers[args.group]
-    if spec.tp > 1 and spec.role in ("prefill", "decode") and args.engine_factory is None:
+    torch_tp = config.engine.kind == "torch" and spec.tp > 1
+    if torch_tp and spec.role in ("prefill", "decode") and args.engine_factory is None:
         from mpi_workers.kv_transfer import preload
 
         preload(config.disaggregation.kv_transfer)  # before mpi4py loads MPI (see preload)
@@ -78,6 +79,8 @@ def main(argv: list[str] | None = None) -> int:
         logger.error("services.etcd.endpoint and services.nats.endpoint must be set")
         return 2
     model_path = config.model.resolved_path()
+    if config.engine.kind == "trtllm" and config.engine.trtllm.model:
+        model_path = Path(config.engine.trtllm.model).expanduser()
     needs_model = args.engine_factory is None and config.engine.kind != "mocker"
     if needs_model and not (model_path / "config.json").is_file():
         logger.error(
@@ -87,9 +90,15 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if ranks.size > 1:
         return run_tp_rank(args, config, ranks, model_path)
-    factory = load_factory(args.engine_factory) if args.engine_factory else build_engine
     logger.info("loading engine for %s", model_path)
-    engine = factory(config, model_path)
+    try:
+        if args.engine_factory:
+            engine = load_factory(args.engine_factory)(config, model_path)
+        else:
+            engine = build_engine(config, model_path, args.group)
+    except (ConfigError, ValueError) as exc:  # e.g. an engine YAML key TensorRT-LLM rejects
+        logger.error("engine %s cannot start: %s", config.engine.kind, exc)
+        return 2
     return serve(args, config, ranks, engine)
 
 

@@ -44,6 +44,10 @@ def resolve_rank_group(
     Raises ConfigError naming `workers.N.tp` when the world size fits neither launch shape.
     """
     spec = config.workers[group]
+    if config.engine.kind == "trtllm":
+        # TensorRT-LLM runs its own ranks: trtllm-llmapi-launch hides the MPI world from
+        # our worker (rank 0's command), which is one process holding the `LLM`.
+        return RankGroup(spec.role, group, index, 0, 1)
     if spec.tp == 1 and world is None:
         return RankGroup(spec.role, group, index, 0, 1)
     if world is None:

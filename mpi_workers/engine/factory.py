@@ -5,11 +5,14 @@ Engines are imported lazily so that a mocker worker never pays for importing tor
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from contract.config import DeploymentConfig
+from contract.config import ConfigError, DeploymentConfig
 from mpi_workers.engine.base import Engine
+
+logger = logging.getLogger(__name__)
 
 if TYPE_CHECKING:
     from mpi_workers.engine.torch.tp import TpRuntime
@@ -72,7 +75,45 @@ def build_mocker_engine(config: DeploymentConfig, model_path: Path | None) -> En
     )
 
 
-def build_engine(config: DeploymentConfig, model_path: Path) -> Engine:
+def build_trtllm_engine(config: DeploymentConfig, model_path: Path, group: int) -> Engine:
+    """The TensorRT-LLM adapter for worker group `group` (its `tp`, its engine YAML).
+    Raises ConfigError naming the field when the merged args cannot work with our router."""
+    from mpi_workers.engine.model_shape import ModelShape
+    from mpi_workers.engine.trtllm.engine import TrtllmEngine
+    from mpi_workers.engine.trtllm.llm_args import build_llm_args, tokens_per_block
+
+    spec = config.workers[group]
+    args = build_llm_args(config, spec, model_path)
+    block_size = tokens_per_block(args) or config.engine.block_size
+    if block_size != config.engine.block_size:
+        raise ConfigError(
+            f"engine.block_size: {config.engine.block_size}, but the engine YAML sets "
+            f"kv_cache_config.tokens_per_block {block_size}; the KV router hashes blocks of "
+            "engine.block_size tokens: make them equal"
+        )
+    shape = ModelShape.from_folder(args.get("tokenizer") or args["model"])
+    max_len = args.get("max_seq_len") or shape.max_position_embeddings
+    kv = args["kv_cache_config"]
+    events = bool(kv.get("event_buffer_max_size")) and kv.get("enable_block_reuse", True)
+    logger.info(
+        "TensorRT-LLM engine: model %s, tp %d, pp %d, KV events %s",
+        args["model"], args.get("tensor_parallel_size", 1),
+        args.get("pipeline_parallel_size", 1), "on" if events else "off",
+    )  # fmt: skip
+    return TrtllmEngine(
+        args,
+        model_name=config.model.served_model_name(),
+        shape=shape,
+        block_size=block_size,
+        max_model_len=int(max_len),
+        kv_events=events,
+    )
+
+
+def build_engine(config: DeploymentConfig, model_path: Path, group: int = 0) -> Engine:
+    """The engine `config.engine.kind` names, for worker group `group`."""
     if config.engine.kind == "mocker":
         return build_mocker_engine(config, model_path)
+    if config.engine.kind == "trtllm":
+        return build_trtllm_engine(config, model_path, group)
     return build_torch_engine(config, model_path)

@@ -17,23 +17,20 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
-import json
 import logging
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from pathlib import Path
 
 from contract.config import MockerConfig
 from contract.messages import GenerateOutput, GenerateRequest
 from mpi_workers.engine.block_manager import BlockManager
+from mpi_workers.engine.model_shape import ModelShape
 from mpi_workers.engine.scheduler import ScheduledBatch, Scheduler
 from mpi_workers.engine.sequence import SeqStatus, Sequence
 from mpi_workers.engine.streaming import StreamingEngine
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_VOCAB_SIZE = 32000
-DEFAULT_MAX_MODEL_LEN = 8192
 _MASK64 = (1 << 64) - 1
 
 
@@ -45,30 +42,6 @@ class MockerStats:
     num_generated_tokens: int = 0
     num_finished: int = 0
     simulated_busy_s: float = 0.0  # sum of the step times slept
-
-
-@dataclass
-class ModelShape:
-    """What the mocker takes from a model folder: vocabulary, context length, EOS ids."""
-
-    vocab_size: int = DEFAULT_VOCAB_SIZE
-    max_position_embeddings: int = DEFAULT_MAX_MODEL_LEN
-    eos_token_ids: tuple[int, ...] = ()
-
-    @classmethod
-    def from_folder(cls, model_dir: str | Path | None) -> ModelShape:
-        """Read `config.json` when there is one; defaults otherwise (no weights needed)."""
-        path = Path(model_dir) / "config.json" if model_dir else None
-        if path is None or not path.is_file():
-            return cls()
-        data = json.loads(path.read_text())
-        eos = data.get("eos_token_id")
-        eos_ids = tuple(eos) if isinstance(eos, list) else (() if eos is None else (eos,))
-        return cls(
-            vocab_size=int(data.get("vocab_size", DEFAULT_VOCAB_SIZE)),
-            max_position_embeddings=int(data.get("max_position_embeddings", DEFAULT_MAX_MODEL_LEN)),
-            eos_token_ids=tuple(int(t) for t in eos_ids),
-        )
 
 
 def _mix64(x: int) -> int:

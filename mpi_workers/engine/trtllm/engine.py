@@ -1,0 +1,394 @@
+"""`TrtllmEngine`: our `Engine` over TensorRT-LLM's `LLM` (PyTorch backend).
+
+Requests: our `SamplingParams` are mapped field by field onto TensorRT-LLM's (`detokenize`
+off: the frontend detokenizes), `generate_async(streaming=True)` yields cumulative outputs
+that become our deltas; a client gone or an abort calls `abort()`; a `RequestError` ends the
+stream with an error chunk. KV events (`get_kv_cache_events_async`) are re-hashed into our
+block hashes for the KV router; iteration stats (`get_stats_async`) feed the load metrics.
+
+Disaggregation (`NativeKvHandoff`): the prefill worker runs `context_only` (max_tokens 1,
+not streamed) and returns the `DisaggregatedParams` as JSON (`opaque_state` base64); the
+decode worker runs `generation_only` with them and TensorRT-LLM emits the first token itself.
+The KV moves through TensorRT-LLM's cache transceiver (UCX or NIXL, set in the engine YAML).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import dataclasses
+import json
+import logging
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+from contract.messages import (
+    GenerateOutput,
+    GenerateRequest,
+    LoadMetrics,
+    SamplingParams,
+    TokenLogprob,
+    TopLogprob,
+)
+from mpi_workers.engine.base import Engine, KvEventSink, NativeKvHandoff
+from mpi_workers.engine.model_shape import ModelShape
+from mpi_workers.engine.streaming import RequestValidationError, validate_request
+from mpi_workers.engine.trtllm.kv_events import KvEventTranslator
+
+logger = logging.getLogger(__name__)
+
+FINISH_REASONS = {"stop": "stop", "length": "length", "cancelled": "abort", "timeout": "error"}
+POLL_TIMEOUT_S = 0.5  # how long one KV-event / stats poll waits for the engine
+SILENT_ROUTER_S = 10.0  # finished requests but no KV event for this long: warn (once)
+# DisaggregatedParams fields that name GPU-local handles: meaningless on another worker.
+LOCAL_HANDLES = (
+    "multimodal_embedding_handles",
+    "mrope_position_ids_handle",
+    "mrope_position_deltas_handle",
+)
+
+
+class TrtllmEngine(Engine, NativeKvHandoff):
+    kind = "trtllm"
+
+    def __init__(
+        self,
+        llm_args: dict[str, Any],
+        *,
+        model_name: str,
+        shape: ModelShape,
+        block_size: int,
+        max_model_len: int,
+        kv_events: bool,
+    ) -> None:
+        from tensorrt_llm import LLM
+
+        self.model_name = model_name
+        self.block_size = block_size
+        self.max_model_len = max_model_len
+        self.vocab_size = shape.vocab_size
+        self.kv_events = kv_events
+        self.llm = LLM(**llm_args)  # unknown keys: ValueError naming the key
+        self._running: dict[str, Any] = {}  # request id -> RequestOutput
+        self._aborts: dict[str, asyncio.Event] = {}
+        self._sink: KvEventSink | None = None
+        self._translator = KvEventTranslator(block_size)
+        self._stats: dict[str, Any] = {}
+        self._tasks: list[asyncio.Task[None]] = []
+        self._events_seen = False
+        self._first_finish: float | None = None
+        self._warned_silent = False
+
+    # ----- lifecycle -----------------------------------------------------------------------
+    async def start(self) -> None:
+        if self._tasks:
+            return
+        self._tasks = [asyncio.create_task(self._poll_stats(), name="trtllm-stats")]
+        if self.kv_events:
+            self._tasks.append(asyncio.create_task(self._drain_kv_events(), name="trtllm-kv"))
+
+    async def shutdown(self) -> None:
+        for request_id in list(self._running):
+            await self.abort(request_id)
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        self._tasks = []
+        await asyncio.to_thread(self.llm.shutdown)
+
+    # ----- requests ------------------------------------------------------------------------
+    def validate(self, request: GenerateRequest) -> None:
+        validate_request(request, self.max_model_len, self.vocab_size)
+        if request.request_id in self._running:
+            raise RequestValidationError("request_id", "a request with this id is running")
+
+    def generate(self, request: GenerateRequest) -> AsyncIterator[GenerateOutput]:
+        self.validate(request)
+        return self._run(request, self.sampling_params(request.sampling), None, None)
+
+    async def abort(self, request_id: str) -> None:
+        result = self._running.get(request_id)
+        if result is None:
+            return
+        self._aborts[request_id].set()
+        result.abort()
+
+    def sampling_params(self, p: SamplingParams, **fixed: Any) -> Any:
+        """Our sampling fields in TensorRT-LLM's names. Greedy is top_k 1 (TensorRT-LLM samples
+        greedily when top_k and top_p are unset, and rejects temperature 0 in some versions)."""
+        from tensorrt_llm import SamplingParams as TrtSamplingParams
+
+        greedy = p.temperature == 0.0
+        kwargs: dict[str, Any] = {
+            "max_tokens": p.max_tokens,
+            "temperature": None if greedy else p.temperature,
+            "top_k": 1 if greedy else (p.top_k if p.top_k > 0 else None),
+            "top_p": None if greedy else p.top_p,
+            "min_p": p.min_p or None,
+            "repetition_penalty": None if p.repetition_penalty == 1.0 else p.repetition_penalty,
+            "presence_penalty": p.presence_penalty or None,
+            "frequency_penalty": p.frequency_penalty or None,
+            "seed": p.seed,
+            "stop_token_ids": list(p.stop_token_ids) or None,
+            "ignore_eos": p.ignore_eos,
+            "logprobs": None if p.logprobs is None else max(p.logprobs, 1),
+            "detokenize": False,
+        }
+        kwargs.update(fixed)
+        return TrtSamplingParams(**kwargs)
+
+    async def _run(
+        self,
+        request: GenerateRequest,
+        sampling: Any,
+        disaggregated_params: Any,
+        cached_override: int | None,
+    ) -> AsyncIterator[GenerateOutput]:
+        """Stream `request` through `generate_async`; every chunk holds the new tokens."""
+        from tensorrt_llm.executor.utils import RequestError
+
+        rid = request.request_id
+        result = self.llm.generate_async(
+            {"prompt_token_ids": list(request.token_ids)},
+            sampling_params=sampling,
+            streaming=True,
+            disaggregated_params=disaggregated_params,
+        )
+        aborted = asyncio.Event()
+        self._running[rid], self._aborts[rid] = result, aborted
+        sent = 0
+        finished = False
+        try:
+            async for out in _until(result, aborted):
+                completion = out.outputs[0]
+                ids = list(completion.token_ids)
+                reason = _finish_reason(out, completion)
+                cached = getattr(out, "cached_tokens", 0) or 0  # absent before 1.1
+                chunk = GenerateOutput(
+                    request_id=rid,
+                    token_ids=ids[sent:],
+                    logprobs=_logprobs(completion, ids, sent, request.sampling.logprobs),
+                    finish_reason=reason,  # type: ignore[arg-type]
+                    num_prompt_tokens=len(request.token_ids),
+                    num_cached_tokens=cached if cached_override is None else cached_override,
+                    error="TensorRT-LLM timed out the request" if reason == "error" else None,
+                )
+                sent = max(sent, len(ids))
+                if chunk.token_ids or reason is not None:
+                    yield chunk
+                if reason is not None:
+                    finished = True
+                    self._note_finished()
+                    return
+            finished = True
+            yield GenerateOutput(
+                request_id=rid, finish_reason="abort" if aborted.is_set() else "error",
+                error=None if aborted.is_set() else "TensorRT-LLM ended the stream unfinished",
+                num_prompt_tokens=len(request.token_ids),
+            )  # fmt: skip
+        except RequestError as exc:
+            finished = True
+            yield GenerateOutput(request_id=rid, finish_reason="error",
+                                 error=f"TensorRT-LLM rejected the request: {exc}")  # fmt: skip
+        finally:
+            if not finished:  # the consumer left (client gone, cancelled): stop the engine
+                with contextlib.suppress(Exception):
+                    result.abort()
+            self._running.pop(rid, None)
+            self._aborts.pop(rid, None)
+
+    # ----- disaggregation ------------------------------------------------------------------
+    async def prefill_only(self, request: GenerateRequest) -> tuple[GenerateOutput, dict]:
+        from tensorrt_llm.executor.utils import RequestError
+        from tensorrt_llm.llmapi import DisaggregatedParams
+
+        self.validate(request)
+        sampling = self.sampling_params(request.sampling, max_tokens=1)
+        result = self.llm.generate_async(
+            {"prompt_token_ids": list(request.token_ids)},
+            sampling_params=sampling,
+            streaming=False,
+            disaggregated_params=DisaggregatedParams(request_type="context_only"),
+        )
+        rid = request.request_id
+        aborted = asyncio.Event()
+        self._running[rid], self._aborts[rid] = result, aborted
+        try:
+            out = await result.aresult()
+        except RequestError as exc:
+            raise RuntimeError(f"TensorRT-LLM rejected the context phase: {exc}") from exc
+        except asyncio.CancelledError:
+            result.abort()
+            raise
+        finally:
+            self._running.pop(rid, None)
+            self._aborts.pop(rid, None)
+        if aborted.is_set():
+            raise RuntimeError("the context phase was aborted")
+        params = out.outputs[0].disaggregated_params or out.disaggregated_params
+        if params is None:
+            raise RuntimeError(
+                "TensorRT-LLM returned no disaggregated_params for a context-only request "
+                "(set cache_transceiver_config in the prefill engine YAML)"
+            )
+        cached = getattr(out, "cached_tokens", 0) or 0
+        first = GenerateOutput(
+            request_id=rid, num_prompt_tokens=len(request.token_ids), num_cached_tokens=cached
+        )
+        return first, {"disaggregated_params": encode_params(params), "num_cached_tokens": cached}
+
+    def generate_from_prefill(
+        self, request: GenerateRequest, prefill: dict[str, Any]
+    ) -> AsyncIterator[GenerateOutput]:
+        self.validate(request)
+        params = decode_params(prefill["disaggregated_params"])
+        cached = int(prefill.get("num_cached_tokens", 0))
+        return self._run(request, self.sampling_params(request.sampling), params, cached)
+
+    # ----- observation ---------------------------------------------------------------------
+    def load_metrics(self) -> LoadMetrics:
+        kv = self._stats.get("kvCacheStats") or {}
+        total = int(kv.get("maxNumBlocks", 0))
+        used = int(kv.get("usedNumBlocks", 0))
+        return LoadMetrics(
+            active_sequences=len(self._running),
+            waiting_sequences=int(self._stats.get("numQueuedRequests", 0)),
+            total_blocks=total,
+            free_blocks=int(kv.get("freeNumBlocks", total - used)),
+            active_blocks=used,
+        )
+
+    def set_kv_event_sink(self, sink: KvEventSink | None) -> None:
+        self._sink = sink
+
+    def cached_block_hashes(self) -> list[int]:
+        return self._translator.cached_hashes()
+
+    async def _drain_kv_events(self) -> None:
+        """Poll TensorRT-LLM's KV event buffer; publish what the router can use."""
+        while True:
+            raw = [
+                _as_dict(event)
+                async for event in self.llm.get_kv_cache_events_async(timeout=POLL_TIMEOUT_S)
+            ]
+            if raw:
+                self._events_seen = True
+                events = self._translator.translate(raw)
+                if events and self._sink is not None:
+                    try:
+                        self._sink(events)
+                    except Exception:
+                        logger.exception("KV event sink failed; these events are lost")
+            self._warn_if_silent()
+            await asyncio.sleep(0)
+
+    async def _poll_stats(self) -> None:
+        while True:
+            async for stat in self.llm.get_stats_async(timeout=POLL_TIMEOUT_S):
+                self._stats = _as_dict(stat)
+            await asyncio.sleep(0.05)
+
+    def _note_finished(self) -> None:
+        if self._first_finish is None:
+            self._first_finish = time.monotonic()
+
+    def _warn_if_silent(self) -> None:
+        """A KV router fed by a worker that sends no events routes blind: say so, once."""
+        if self._events_seen or self._warned_silent or self._first_finish is None:
+            return
+        if time.monotonic() - self._first_finish > SILENT_ROUTER_S:
+            self._warned_silent = True
+            logger.warning(
+                "no KV cache event from TensorRT-LLM %.0f s after the first finished request: "
+                "the KV router gets nothing from this worker (check kv_cache_config."
+                "enable_block_reuse and event_buffer_max_size in the engine YAML)",
+                SILENT_ROUTER_S,
+            )
+
+
+async def _until(result: Any, aborted: asyncio.Event) -> AsyncIterator[Any]:
+    """The outputs of `result` until it ends or `aborted` is set (an engine that sends no
+    final output after `abort()` must not hang the stream)."""
+    iterator = result.__aiter__()
+    stop = asyncio.ensure_future(aborted.wait())
+    try:
+        while True:
+            step = asyncio.ensure_future(iterator.__anext__())
+            await asyncio.wait({step, stop}, return_when=asyncio.FIRST_COMPLETED)
+            if not step.done():
+                step.cancel()
+                with contextlib.suppress(BaseException):
+                    await step
+                return
+            try:
+                yield step.result()
+            except StopAsyncIteration:
+                return
+    finally:
+        stop.cancel()
+
+
+def _finish_reason(out: Any, completion: Any) -> str | None:
+    reason = completion.finish_reason
+    if reason in FINISH_REASONS:
+        return FINISH_REASONS[reason]
+    return "stop" if out.finished and reason is None else None
+
+
+def _logprobs(
+    completion: Any, ids: list[int], sent: int, wanted: int | None
+) -> list[TokenLogprob] | None:
+    """Our logprob entries of tokens `sent..`: TensorRT-LLM gives per token either a dict
+    {token id: Logprob(logprob, rank)} (the chosen token and the top alternatives) or a float."""
+    if wanted is None:
+        return None
+    entries = list(completion.logprobs or [])
+    result: list[TokenLogprob] = []
+    for position in range(sent, min(len(ids), len(entries))):
+        token, entry = ids[position], entries[position]
+        if isinstance(entry, dict):
+            chosen = entry.get(token)
+            ranked = sorted(entry.items(), key=lambda item: -item[1].logprob)
+            logprob = chosen.logprob if chosen is not None else ranked[0][1].logprob
+            top = [TopLogprob(token_id=t, logprob=lp.logprob) for t, lp in ranked[:wanted]]
+        else:
+            logprob, top = float(entry), []
+        result.append(TokenLogprob(token_id=token, logprob=logprob, top=top))
+    return result
+
+
+def _as_dict(item: Any) -> dict[str, Any]:
+    """Events and stats come as dicts or as their JSON text, depending on the version."""
+    return json.loads(item) if isinstance(item, (str, bytes)) else dict(item)
+
+
+def encode_params(params: Any) -> dict[str, Any]:
+    """`DisaggregatedParams` as JSON: set fields only, `opaque_state` base64, enums by value."""
+    encoded: dict[str, Any] = {}
+    for field in dataclasses.fields(params):
+        value = getattr(params, field.name)
+        if value is None or field.name in LOCAL_HANDLES:
+            continue
+        if isinstance(value, bytes):
+            value = base64.b64encode(value).decode()
+        elif hasattr(value, "value") and not isinstance(value, (int, float, str)):
+            value = value.value  # an enum (schedule_style)
+        encoded[field.name] = value
+    return encoded
+
+
+def decode_params(encoded: dict[str, Any]) -> Any:
+    """The prefill side's params, as a `generation_only` request of this worker's version
+    (fields it does not know are dropped)."""
+    from tensorrt_llm.llmapi import DisaggregatedParams
+
+    known = {field.name for field in dataclasses.fields(DisaggregatedParams)}
+    values = {k: v for k, v in encoded.items() if k in known and k not in LOCAL_HANDLES}
+    if isinstance(values.get("opaque_state"), str):
+        values["opaque_state"] = base64.b64decode(values["opaque_state"])
+    values["request_type"] = "generation_only"
+    return DisaggregatedParams(**values)
