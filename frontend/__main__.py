@@ -12,6 +12,7 @@ import contextlib
 import gc
 import importlib.util
 import logging
+import os
 import signal
 import sys
 
@@ -44,7 +45,11 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
         metavar="KEY=VALUE",
         help="override a config field, e.g. --set frontend.port=8001 (repeatable)",
     )
-    parser.add_argument("--log-level", default="info", help="debug, info, warning, error")
+    parser.add_argument(
+        "--log-level",
+        default=os.environ.get("HPCSERVE_LOG_LEVEL", "info"),
+        help="debug, info, warning, error (default: $HPCSERVE_LOG_LEVEL or info)",
+    )
     return parser.parse_args(argv)
 
 

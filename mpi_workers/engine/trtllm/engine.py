@@ -116,6 +116,7 @@ class TrtllmEngine(Engine, NativeKvHandoff):
             return
         self._aborts[request_id].set()
         result.abort()
+        logger.info("request %s aborted in TensorRT-LLM", request_id)
 
     def sampling_params(self, p: SamplingParams, **fixed: Any) -> Any:
         """Our sampling fields in TensorRT-LLM's names. Greedy is top_k 1 (TensorRT-LLM samples
@@ -198,6 +199,7 @@ class TrtllmEngine(Engine, NativeKvHandoff):
             if not finished:  # the consumer left (client gone, cancelled): stop the engine
                 with contextlib.suppress(Exception):
                     result.abort()
+                    logger.info("request %s aborted in TensorRT-LLM (stream closed)", rid)
             self._running.pop(rid, None)
             self._aborts.pop(rid, None)
 
@@ -269,15 +271,13 @@ class TrtllmEngine(Engine, NativeKvHandoff):
         return self._translator.cached_hashes()
 
     async def _drain_kv_events(self) -> None:
-        """Poll TensorRT-LLM's KV event buffer; publish what the router can use."""
+        """Poll TensorRT-LLM's KV event buffer; publish each event the router can use as it
+        arrives (the iterator only ends after `POLL_TIMEOUT_S` without events: waiting for
+        its end would hold events back for as long as traffic lasts)."""
         while True:
-            raw = [
-                _as_dict(event)
-                async for event in self.llm.get_kv_cache_events_async(timeout=POLL_TIMEOUT_S)
-            ]
-            if raw:
+            async for raw in self.llm.get_kv_cache_events_async(timeout=POLL_TIMEOUT_S):
                 self._events_seen = True
-                events = self._translator.translate(raw)
+                events = self._translator.translate([_as_dict(raw)])
                 if events and self._sink is not None:
                     try:
                         self._sink(events)
