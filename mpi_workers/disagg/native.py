@@ -51,41 +51,11 @@ class NativeDisaggWorker(PeerWorker):
 
     # ----- decode role -------------------------------------------------------------------
 
-    async def _serve_decode_first(self, request: GenerateRequest, reply: str) -> None:
-        rid = request.request_id
-        tried: set[str] = set()
-        failures: list[str] = []
-        while len(tried) < 2:
-            prefill = self._pick("prefill", tried)
-            if prefill is None:
-                break
-            tried.add(prefill.worker_id)
-            try:
-                params = await self._remote_prefill(prefill, request)
-            except RequestRejected as exc:
-                await self._reply_error(reply, rid, str(exc), exc.param)
-                return
-            except RemoteFailure as exc:
-                logger.warning("%s remote prefill of %s failed: %s", self.tag, rid, exc)
-                failures.append(str(exc))
-                continue
-            await self._decode(request, params, reply)
-            return
-        if not tried:
-            if self.disagg.fallback_local_prefill:
-                logger.info("%s no prefill worker; serving %s locally", self.tag, rid)
-                await super(PeerWorker, self)._serve(request, reply)
-                return
-            message = (
-                f"no prefill worker is registered for deployment {self.deployment!r}; "
-                "the decode worker cannot serve the request"
-            )
-        else:
-            message = (
-                f"remote prefill failed on {', '.join(sorted(tried))}: {'; '.join(failures)}"
-            )
-        await self._reply_error(reply, rid, message, None)
-
+    async def _prefill_remotely_then_decode(
+        self, prefill: WorkerCard, request: GenerateRequest, reply: str
+    ) -> None:
+        params = await self._remote_prefill(prefill, request)
+        await self._decode(request, params, reply)
     async def _remote_prefill(
         self, prefill: WorkerCard, request: GenerateRequest
     ) -> dict[str, Any]:

@@ -127,6 +127,45 @@ class PeerWorker(Worker):
             await self._reply_error(reply, request.request_id, f"{exc}", None)
 
     async def _serve_decode_first(self, request: GenerateRequest, reply: str) -> None:
+        """decode role: prefill on a prefill worker (a second one if the first fails), then
+        decode here; with no prefill worker, serve locally when allowed, else fail clearly."""
+        rid = request.request_id
+        tried: set[str] = set()
+        failures: list[str] = []
+        while len(tried) < 2:
+            prefill = self._pick("prefill", tried)
+            if prefill is None:
+                break
+            tried.add(prefill.worker_id)
+            try:
+                await self._prefill_remotely_then_decode(prefill, request, reply)
+            except RequestRejected as exc:
+                await self._reply_error(reply, rid, str(exc), exc.param)
+            except RemoteFailure as exc:
+                logger.warning("%s remote prefill of %s failed: %s", self.tag, rid, exc)
+                failures.append(str(exc))
+                continue
+            return
+        if not tried:
+            if self.disagg.fallback_local_prefill:
+                logger.info("%s no prefill worker; serving %s locally", self.tag, rid)
+                await super()._serve(request, reply)
+                return
+            message = (
+                f"no prefill worker is registered for deployment {self.deployment!r}; "
+                "the decode worker cannot serve the request"
+            )
+        else:
+            message = (
+                f"remote prefill failed on {', '.join(sorted(tried))}: {'; '.join(failures)}"
+            )
+        await self._reply_error(reply, rid, message, None)
+
+    async def _prefill_remotely_then_decode(
+        self, prefill: WorkerCard, request: GenerateRequest, reply: str
+    ) -> None:
+        """Have `prefill` compute the prompt, then decode and stream here. RemoteFailure:
+        that prefill worker failed (another may not); RequestRejected: the request is bad."""
         raise NotImplementedError
 
     async def _serve_prefill_first(self, request: GenerateRequest, reply: str) -> None:
