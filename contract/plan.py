@@ -7,6 +7,11 @@ up` passes its `mpirun` (`mpi_launcher`) and gets `mpirun -n TP python -m mpi_wo
 Slurm passes none and starts the ranks with srun. Processes are started stage by stage
 (services, workers, frontend): all of a stage at once, then each one's readiness is awaited
 before the next stage starts.
+
+A TensorRT-LLM group (`engine.kind: trtllm`) has tp * pipeline_parallel_size ranks, each
+started under `trtllm-llmapi-launch` (its rank 0 runs our worker without MPI in its
+environment; the others become TensorRT-LLM's MPI workers). With `engine.trtllm.launch:
+spawn`, or one rank, the worker is a plain single process.
 """
 
 from __future__ import annotations
@@ -18,7 +23,7 @@ from pathlib import Path
 from typing import Literal
 from urllib.parse import urlsplit
 
-from contract.config import DeploymentConfig
+from contract.config import DeploymentConfig, WorkerGroupConfig, group_ranks
 from contract.discovery import workers_prefix
 
 ReadinessKind = Literal["port", "registrations", "http"]
@@ -28,6 +33,11 @@ STAGE_SERVICES, STAGE_WORKERS, STAGE_FRONTEND = 0, 1, 2
 # workers get longer than their own drain bound (30 s).
 STOP_TIMEOUT_S = 15
 WORKER_STOP_TIMEOUT_S = 45
+# TensorRT-LLM's per-rank wrapper script (shipped with `tensorrt_llm`, on PATH in its image).
+TRTLLM_LAUNCHER = "trtllm-llmapi-launch"
+# Worker env of TensorRT-LLM prefill/decode groups: UCX for the KV cache transceiver when the
+# engine YAML leaves `cache_transceiver_config.backend` at DEFAULT (Dynamo's default).
+TRTLLM_DISAGG_ENV = {"TRTLLM_USE_UCX_KVCACHE": "1"}
 
 
 @dataclass(frozen=True)
@@ -65,7 +75,7 @@ class PlannedProcess:
     env: dict[str, str] = field(default_factory=dict)  # added to the inherited environment
     group: int | None = None
     index: int | None = None
-    ranks: int = 1  # MPI ranks of this process (tensor-parallel degree)
+    ranks: int = 1  # MPI ranks the launcher starts (tp, times pp for TensorRT-LLM)
 
 
 def split_url(url: str, default_port: int) -> tuple[str, int]:
@@ -106,6 +116,60 @@ def worker_id(role: str, group: int, index: int) -> str:
     return f"{role}-g{group}-i{index}"
 
 
+def uses_llmapi_launch(config: DeploymentConfig, group: WorkerGroupConfig) -> bool:
+    """A TensorRT-LLM group whose ranks each run under `trtllm-llmapi-launch`."""
+    return (
+        config.engine.kind == "trtllm"
+        and config.engine.trtllm.launch == "llmapi-launch"
+        and group_ranks(config, group) > 1
+    )
+
+
+def process_ranks(config: DeploymentConfig, group: WorkerGroupConfig) -> int:
+    """MPI ranks the launcher (mpirun, srun) starts for one worker of `group`: a TensorRT-LLM
+    `spawn` group is one process (the LLM spawns its own ranks on this node)."""
+    if config.engine.kind == "trtllm" and config.engine.trtllm.launch == "spawn":
+        return 1
+    return group_ranks(config, group)
+
+
+def needs_mpi_launcher(config: DeploymentConfig) -> bool:
+    """Whether a local deployment needs `mpirun`: some worker has more than one rank."""
+    return any(process_ranks(config, group) > 1 for group in config.workers)
+
+
+def worker_env(config: DeploymentConfig, group: WorkerGroupConfig) -> dict[str, str]:
+    """What a worker of `group` adds to the inherited environment."""
+    env = {"PYTHONUNBUFFERED": "1"}
+    if config.engine.kind == "trtllm" and group.role in ("prefill", "decode"):
+        env.update(TRTLLM_DISAGG_ENV)
+    return env
+
+
+def worker_argv(
+    config: DeploymentConfig,
+    group_index: int,
+    index: int,
+    *,
+    config_file: str,
+    python: str,
+    mpi_launcher: tuple[str, ...] | None,
+) -> tuple[str, ...]:
+    """One worker's argv: the per-rank command (under `trtllm-llmapi-launch` for a
+    TensorRT-LLM group), prefixed by `mpi_launcher -n RANKS` when it has more than one rank."""
+    group = config.workers[group_index]
+    argv: tuple[str, ...] = (
+        python, "-m", "mpi_workers", "--config", config_file,
+        "--group", str(group_index), "--index", str(index),
+    )  # fmt: skip
+    if uses_llmapi_launch(config, group):
+        argv = (TRTLLM_LAUNCHER, *argv)
+    ranks = process_ranks(config, group)
+    if ranks > 1 and mpi_launcher:
+        argv = (*mpi_launcher, "-n", str(ranks), *argv)
+    return argv
+
+
 def plan_deployment(
     config: DeploymentConfig,
     *,
@@ -119,8 +183,8 @@ def plan_deployment(
 ) -> list[PlannedProcess]:
     """Every process of the deployment, in start order.
 
-    `mpi_launcher` (e.g. `("mpirun", "--allow-run-as-root")`): prefix of a tp > 1 worker's
-    argv, followed by `-n TP`; None leaves the per-rank argv (the caller starts the ranks).
+    `mpi_launcher` (e.g. `("mpirun", "--allow-run-as-root")`): prefix of a multi-rank worker's
+    argv, followed by `-n RANKS`; None leaves the per-rank argv (the caller starts the ranks).
 
     `config` must be resolved: `services.*.endpoint` set (for started services too) and
     `frontend.port` not 0. `config_file` is where that resolved config is written; every
@@ -155,12 +219,10 @@ def plan_deployment(
     total = sum(group.count for group in config.workers)
     for group_index, group in enumerate(config.workers):
         for index in range(group.count):
-            argv = (
-                python, "-m", "mpi_workers", "--config", config_file,
-                "--group", str(group_index), "--index", str(index),
+            argv = worker_argv(
+                config, group_index, index,
+                config_file=config_file, python=python, mpi_launcher=mpi_launcher,
             )  # fmt: skip
-            if group.tp > 1 and mpi_launcher:
-                argv = (*mpi_launcher, "-n", str(group.tp), *argv)
             ready = Readiness(
                 "registrations",
                 etcd_endpoint=services.etcd.endpoint,
@@ -170,8 +232,8 @@ def plan_deployment(
             plan.append(
                 PlannedProcess(
                     f"worker-{worker_id(group.role, group_index, index)}",
-                    group.role, STAGE_WORKERS, argv, ready, dict(common_env),
-                    group=group_index, index=index, ranks=group.tp,
+                    group.role, STAGE_WORKERS, argv, ready, worker_env(config, group),
+                    group=group_index, index=index, ranks=process_ranks(config, group),
                 )
             )  # fmt: skip
 

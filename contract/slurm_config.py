@@ -33,6 +33,17 @@ class ContainerConfig(BaseModel):
         default_factory=list, description="`host_path:container_path[:flags]`, as pyxis takes them"
     )
     workdir: str | None = Field(default=None, description="`--container-workdir`")
+    env: list[str] = Field(
+        default_factory=list,
+        description="`--container-env=A,B`: variables whose job values win over the image's",
+    )
+    mount_home: bool = Field(
+        default=False, description="false: `--no-container-mount-home` (the image's own home)"
+    )
+    entrypoint: bool = Field(
+        default=False,
+        description="false: `--no-container-entrypoint` (steps run our command directly)",
+    )
 
     @field_validator("image", "workdir")
     @classmethod
@@ -40,6 +51,14 @@ class ContainerConfig(BaseModel):
         if value is not None and (not value.strip() or any(c.isspace() for c in value)):
             raise ValueError("must be non-empty and contain no whitespace")
         return value
+
+    @field_validator("env")
+    @classmethod
+    def _env_names(cls, names: list[str]) -> list[str]:
+        for index, name in enumerate(names):
+            if not _ENV_NAME_RE.match(name):
+                raise ValueError(f"item {index} ({name!r}) is not an environment variable name")
+        return names
 
     @field_validator("mounts")
     @classmethod

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import sys
 import time
@@ -29,11 +30,14 @@ from contract.config import ENV_PREFIX, ConfigError, DeploymentConfig, cache_dir
 from contract.plan import (
     STAGE_WORKERS,
     STOP_TIMEOUT_S,
+    TRTLLM_LAUNCHER,
     WORKER_STOP_TIMEOUT_S,
     PlannedProcess,
     Readiness,
+    needs_mpi_launcher,
     plan_deployment,
     split_url,
+    uses_llmapi_launch,
 )
 from contract.readiness import free_port, http_ok, keys_registered, port_open
 from hpcserve.model_prepare import is_prepared, prepare_default_model
@@ -159,7 +163,8 @@ def find_mpirun() -> str:
     found = mpirun.find_mpirun()
     if not found:
         raise ConfigError(
-            "workers.N.tp: tp > 1 needs `mpirun` (pip install mpich mpi4py, or Open MPI)"
+            "workers.N.tp: tp > 1 (or TensorRT-LLM's tp * pipeline_parallel_size) needs "
+            "`mpirun` (pip install mpich mpi4py, or Open MPI)"
         )
     return found
 
@@ -169,12 +174,26 @@ def mpi_launcher(path: str | None = None) -> tuple[str, ...]:
     return mpirun.mpi_launcher(path or find_mpirun())
 
 
+def check_trtllm_launcher(config: DeploymentConfig) -> None:
+    """Multi-rank TensorRT-LLM groups start every rank under `trtllm-llmapi-launch`, which
+    comes with `tensorrt_llm`: say so before anything starts, not in a worker's log."""
+    for index, group in enumerate(config.workers):
+        if uses_llmapi_launch(config, group) and shutil.which(TRTLLM_LAUNCHER) is None:
+            raise ConfigError(
+                f"engine.kind trtllm: {TRTLLM_LAUNCHER} is not on PATH: run inside NVIDIA's "
+                "TensorRT-LLM container or `pip install tensorrt_llm` from NVIDIA's index "
+                f"(workers.{index} has more than one rank; engine.trtllm.launch: "
+                "llmapi-launch)"
+            )
+
+
 def prepare_deployment(config: DeploymentConfig, say: Say = _say) -> Deployment:
     """Resolve the config, write it to the run folder, and plan; nothing is started yet."""
+    check_trtllm_launcher(config)
     run_dir = new_run_dir(config)
     resolved, peer_port = resolve_config(config, run_dir, say)
     check_external_services(resolved)
-    needs_mpi = any(group.tp > 1 for group in resolved.workers)
+    needs_mpi = needs_mpi_launcher(resolved)
     if needs_mpi and resolved.engine.kind == "torch":
         check_model_tp(resolved.model.resolved_path(), resolved)
     config_file = run_dir / "config.yaml"

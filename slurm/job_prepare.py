@@ -14,9 +14,11 @@ import argparse
 import logging
 import os
 import shlex
+import shutil
 import socket
 import sys
 from pathlib import Path
+from typing import Any
 
 import yaml
 
@@ -29,6 +31,9 @@ from slurm.steps import check_names, group_needs, var_suffix
 
 logger = logging.getLogger("slurm.job_prepare")
 
+# Inside `slurm.container` the components run the image's own Python and service binaries
+# (containers/trtllm/Dockerfile installs hpcserve, etcd and nats-server there), not ours.
+CONTAINER_PYTHON = "python3"
 READY_TIMEOUT_S = {"etcd": 30, "nats": 30, "frontend": 180}
 WORKER_READY_TIMEOUT_S = 600
 LOOPBACK = ("127.0.0.1", "localhost", "")
@@ -56,13 +61,20 @@ def find_binary(name: str) -> str:
 def resolve(
     config: DeploymentConfig, job_dir: Path, head_addr: str
 ) -> tuple[DeploymentConfig, int | None]:
-    """Endpoints on the head's address, free ports, the model path checked, run_dir = job dir."""
+    """Endpoints on the head's address, free ports, the model path checked, run_dir = job dir.
+
+    With `slurm.container` the model path is the container's view (its mounts), which this
+    step, run on the head outside the container, cannot see: the components check it there.
+    """
     data = config.model_dump(mode="json")
     data["run_dir"] = str(job_dir)
     model_path = config.model.resolved_path()
-    if config.engine.kind != "mocker" and not (model_path / "config.json").is_file():
+    in_container = config.slurm is not None and config.slurm.container is not None
+    needs_folder = config.engine.kind != "mocker" and not in_container
+    if needs_folder and not (model_path / "config.json").is_file():
         raise ConfigError(f"model.path: {model_path} is not a model folder (no config.json)")
     data["model"]["path"] = str(model_path)
+    _copy_engine_yamls(data, job_dir)
     if config.frontend.host in LOOPBACK:
         data["frontend"]["host"] = head_addr
     bind = data["frontend"]["host"]
@@ -75,6 +87,23 @@ def resolve(
     if config.services.nats.start:
         data["services"]["nats"]["endpoint"] = f"nats://{head_addr}:{free_port(head_addr)}"
     return DeploymentConfig.model_validate(data), peer_port
+
+
+def _copy_engine_yamls(data: dict[str, Any], job_dir: Path) -> None:
+    """TensorRT-LLM engine YAMLs the head can read are copied into the job dir and the config
+    points at the copies: the job records what it ran, and a container (which mounts the job
+    dir) sees them. A path the head cannot read is left alone (a path inside the image)."""
+    trtllm = data["engine"]["trtllm"]
+    holders = [(trtllm, "extra_engine_args", "engine")]
+    holders += [(group, "engine_args", f"group{g}") for g, group in enumerate(data["workers"])]
+    for holder, key, prefix in holders:
+        value = holder.get(key)
+        if not value or not Path(value).is_file():
+            continue
+        copy = job_dir / "engine_configs" / f"{prefix}-{Path(value).name}"
+        copy.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(value, copy)
+        holder[key] = str(copy)
 
 
 def frontend_url(config: DeploymentConfig, head_addr: str) -> str:
@@ -141,13 +170,19 @@ def prepare(config_path: Path, job_dir: Path, nodes: list[str], out: Path) -> No
     config_file = job_dir / "config.yaml"
     config_file.write_text(yaml.safe_dump(resolved.model_dump(mode="json"), sort_keys=False))
     services = resolved.services
+    if slurm.container is None:
+        python = sys.executable
+        etcd = find_binary("etcd") if services.etcd.start else "etcd"
+        nats = find_binary("nats-server") if services.nats.start else "nats-server"
+    else:
+        python, etcd, nats = CONTAINER_PYTHON, "etcd", "nats-server"
     plan = plan_deployment(
         resolved,
         config_file=str(config_file),
         run_dir=str(job_dir),
-        python=sys.executable,
-        etcd_binary=find_binary("etcd") if services.etcd.start else "etcd",
-        nats_binary=find_binary("nats-server") if services.nats.start else "nats-server",
+        python=python,
+        etcd_binary=etcd,
+        nats_binary=nats,
         etcd_peer_port=peer_port,
     )
     check_names(plan, config)

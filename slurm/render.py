@@ -92,14 +92,26 @@ def sbatch_lines(config: DeploymentConfig, job_dir: str) -> list[str]:
     return [f"#SBATCH {option}" for option in options] + list(slurm.extra_sbatch_lines)
 
 
-def container_options(slurm: SlurmConfig) -> list[str]:
-    if slurm.container is None:
+def container_options(slurm: SlurmConfig, job_dir: str) -> list[str]:
+    """pyxis flags of every srun step. The job dir is mounted at its own path (the resolved
+    config, logs and engine YAMLs live there). Home is not mounted and the image's entrypoint
+    not run unless asked (as srt-slurm does): a step runs our command in the image as it is."""
+    container = slurm.container
+    if container is None:
         return []
-    options = [f"--container-image={slurm.container.image}"]
-    if slurm.container.mounts:
-        options.append(f"--container-mounts={','.join(slurm.container.mounts)}")
-    if slurm.container.workdir:
-        options.append(f"--container-workdir={slurm.container.workdir}")
+    if "," in job_dir or ":" in job_dir:
+        raise ConfigError(
+            f"run_dir: the job dir {job_dir!r} is mounted into slurm.container; pyxis mounts "
+            "cannot hold ',' or ':'"
+        )
+    options = [f"--container-image={container.image}"]
+    options.append(f"--container-mounts={','.join([*container.mounts, f'{job_dir}:{job_dir}'])}")
+    if container.workdir:
+        options.append(f"--container-workdir={container.workdir}")
+    if container.env:
+        options.append(f"--container-env={','.join(container.env)}")
+    options.append(f"--{'' if container.mount_home else 'no-'}container-mount-home")
+    options.append(f"--{'' if container.entrypoint else 'no-'}container-entrypoint")
     return [shlex.quote(option) for option in options]
 
 
@@ -115,19 +127,21 @@ def _launch(stage: int, name: str, option_rows: list[list[str]], var: str) -> st
     return _CONT.join(rows)
 
 
-def head_step(process: PlannedProcess, slurm: SlurmConfig) -> Step:
+def head_step(process: PlannedProcess, slurm: SlurmConfig, job_dir: str) -> Step:
     """etcd, NATS, frontend: one task on the head, overlapping whatever else runs there."""
     var = var_suffix(process.name)
     rows = [
         ["--overlap", "--mpi=none", "-N1", "-n1", '-w "$HEAD"'],
         [_export(process)],
-        container_options(slurm),
+        container_options(slurm, job_dir),
     ]
     return Step(process.name, var, _launch(process.stage, process.name, rows, var))
 
 
-def worker_step(process: PlannedProcess, slurm: SlurmConfig) -> Step:
-    """One engine instance: one MPI step over its node slice, ntasks = its TP ranks."""
+def worker_step(process: PlannedProcess, slurm: SlurmConfig, job_dir: str) -> Step:
+    """One engine instance: one MPI step over its node slice, ntasks = its ranks (tp, times pp
+    for TensorRT-LLM). One rule for the MPI plugin, every engine alike: `slurm.mpi_plugin`
+    (default pmix, what TensorRT-LLM's Open MPI needs under trtllm-llmapi-launch)."""
     var = var_suffix(process.name)
     ranks = [f"--mpi={slurm.mpi_plugin}", f'-N "$NNODES_{var}"', f'-n "$NTASKS_{var}"']
     placement = [f'--ntasks-per-node="$RPN_{var}"', f'-w "$NODES_{var}"']
@@ -136,7 +150,7 @@ def worker_step(process: PlannedProcess, slurm: SlurmConfig) -> Step:
         resources.append(f'--gpus-per-node="$RPN_{var}"')
     if slurm.cpus_per_task is not None:
         resources.append(f"--cpus-per-task={slurm.cpus_per_task}")
-    rows = [ranks, placement, [*resources, _export(process)], container_options(slurm)]
+    rows = [ranks, placement, [*resources, _export(process)], container_options(slurm, job_dir)]
     return Step(process.name, var, _launch(process.stage, process.name, rows, var))
 
 
@@ -150,9 +164,9 @@ def render_script(
     slurm = slurm_options(config)
     plan = placeholder_plan(config)
     check_names(plan, config)
-    services = [head_step(p, slurm) for p in plan if p.stage == STAGE_SERVICES]
-    workers = [worker_step(p, slurm) for p in plan if p.stage == STAGE_WORKERS]
-    frontend = next(head_step(p, slurm) for p in plan if p.stage == STAGE_FRONTEND)
+    services = [head_step(p, slurm, job_dir) for p in plan if p.stage == STAGE_SERVICES]
+    workers = [worker_step(p, slurm, job_dir) for p in plan if p.stage == STAGE_WORKERS]
+    frontend = next(head_step(p, slurm, job_dir) for p in plan if p.stage == STAGE_FRONTEND)
     env = jinja2.Environment(
         loader=jinja2.FileSystemLoader(TEMPLATE_DIR),
         undefined=jinja2.StrictUndefined,

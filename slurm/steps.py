@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import re
 
-from contract.config import DeploymentConfig
+from contract.config import ConfigError, DeploymentConfig, group_ranks
 from contract.plan import PlannedProcess, plan_deployment
 from slurm.slicing import GroupNeed
 
@@ -22,10 +22,27 @@ def var_suffix(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9_]", "_", name)
 
 
+def check_slurm_launch(config: DeploymentConfig) -> None:
+    """Every multi-rank engine must be startable as one srun step of its ranks: TensorRT-LLM's
+    `spawn` (MPI_Comm_spawn from one process) does not work under Slurm's PMIx."""
+    if config.engine.kind != "trtllm" or config.engine.trtllm.launch != "spawn":
+        return
+    for index, group in enumerate(config.workers):
+        ranks = group_ranks(config, group)
+        if ranks > 1:
+            raise ConfigError(
+                f"engine.trtllm.launch: spawn cannot start workers.{index}'s {ranks} ranks "
+                "under Slurm (MPI_Comm_spawn does not work under Slurm's PMIx); use "
+                "llmapi-launch (each rank an srun task under trtllm-llmapi-launch)"
+            )
+
+
 def group_needs(config: DeploymentConfig) -> list[GroupNeed]:
-    """One slicing group per engine instance (one srun step): its MPI ranks are its TP size."""
+    """One slicing group per engine instance (one srun step): its MPI ranks are its TP size
+    (times the pipeline stages of a TensorRT-LLM engine)."""
+    check_slurm_launch(config)
     return [
-        GroupNeed(f"worker-{group.role}-g{g}-i{i}", group.tp)
+        GroupNeed(f"worker-{group.role}-g{g}-i{i}", group_ranks(config, group))
         for g, group in enumerate(config.workers)
         for i in range(group.count)
     ]

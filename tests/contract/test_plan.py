@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from contract.config import load_config
-from contract.plan import plan_deployment
+from contract.plan import TRTLLM_LAUNCHER, needs_mpi_launcher, plan_deployment
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -72,3 +72,77 @@ def test_unresolved_config_is_refused() -> None:
         plan_deployment(load_config(environ={}), config_file="c", run_dir="r")
     with pytest.raises(ValueError, match=r"frontend\.port"):
         plan_deployment(resolved("frontend.port=0"), config_file="c", run_dir="r")
+
+
+def trtllm(*overrides: str):
+    return resolved("engine.kind=trtllm", *overrides)
+
+
+def worker(plan):
+    return next(p for p in plan if p.group is not None)
+
+
+WORKER_ARGV = ("py", "-m", "mpi_workers", "--config", "c.yaml", "--group", "0", "--index", "0")
+
+
+def test_trtllm_group_ranks_run_under_llmapi_launch() -> None:
+    """tp * pp ranks, each `trtllm-llmapi-launch python -m mpi_workers ...`; locally behind
+    the mpirun prefix, under Slurm (no launcher) the per-rank argv for srun."""
+    config = trtllm("workers.0.tp=2", "engine.trtllm.pipeline_parallel_size=2")
+    per_rank = worker(plan_deployment(config, config_file="c.yaml", run_dir="r", python="py"))
+    assert per_rank.argv == (TRTLLM_LAUNCHER, *WORKER_ARGV)
+    assert per_rank.ranks == 4
+    local = worker(
+        plan_deployment(
+            config, config_file="c.yaml", run_dir="r", python="py",
+            mpi_launcher=("mpirun", "--oversubscribe"),
+        )
+    )  # fmt: skip
+    assert local.argv == ("mpirun", "--oversubscribe", "-n", "4", TRTLLM_LAUNCHER, *WORKER_ARGV)
+    assert TRTLLM_LAUNCHER == "trtllm-llmapi-launch"
+    assert needs_mpi_launcher(config)
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        ("workers.0.tp=1",),  # one rank: the LLM in our worker process, no MPI
+        ("workers.0.tp=2", "engine.trtllm.launch=spawn"),  # the LLM spawns its ranks
+    ],
+)
+def test_trtllm_single_process_groups(overrides: tuple[str, ...]) -> None:
+    config = trtllm(*overrides)
+    process = worker(
+        plan_deployment(
+            config, config_file="c.yaml", run_dir="r", python="py", mpi_launcher=("mpirun",)
+        )
+    )
+    assert process.argv == WORKER_ARGV
+    assert process.ranks == 1
+    assert not needs_mpi_launcher(config)
+
+
+def test_trtllm_disagg_workers_get_ucx_kv_env() -> None:
+    two = "workers=[{role: prefill}, {role: decode}]"
+    config = trtllm(two)
+    plan = plan_deployment(config, config_file="c.yaml", run_dir="r")
+    envs = {p.role: p.env for p in plan if p.group is not None}
+    assert envs["prefill"] == envs["decode"] == {
+        "PYTHONUNBUFFERED": "1", "TRTLLM_USE_UCX_KVCACHE": "1",
+    }  # fmt: skip
+    torch = resolved(two)
+    plan = plan_deployment(torch, config_file="c.yaml", run_dir="r")
+    assert all("TRTLLM_USE_UCX_KVCACHE" not in p.env for p in plan)
+    agg = worker(plan_deployment(trtllm(), config_file="c.yaml", run_dir="r"))
+    assert agg.env == {"PYTHONUNBUFFERED": "1"}
+
+
+def test_torch_tp_keeps_its_argv() -> None:
+    config = resolved("workers.0.tp=3")
+    process = worker(
+        plan_deployment(
+            config, config_file="c.yaml", run_dir="r", python="py", mpi_launcher=("mpirun",)
+        )
+    )
+    assert process.argv == ("mpirun", "-n", "3", *WORKER_ARGV)
+    assert process.ranks == 3

@@ -143,9 +143,21 @@ INVALID = [
     ),
     (
         "container-extra",
-        {"container": {"image": "x", "env": {}}},
-        "slurm.container.env",
+        {"container": {"image": "x", "environment": {}}},
+        "slurm.container.environment",
         "Extra inputs",
+    ),
+    (
+        "container-env-name",
+        {"container": {"image": "x", "env": ["OK", "NOT-OK"]}},
+        "slurm.container.env",
+        "item 1",
+    ),
+    (
+        "container-env-mapping",
+        {"container": {"image": "x", "env": {"A": "1"}}},
+        "slurm.container.env",
+        "list",
     ),
 ]
 
@@ -161,3 +173,14 @@ def test_invalid_names_the_field(data: dict, field: str, word: str) -> None:
 
 def test_ranks_per_node_for_cpu_only() -> None:
     assert SlurmConfig(ranks_per_node=3).ranks_per_node == 3
+
+
+def test_container_defaults_and_flags() -> None:
+    """pyxis: home not mounted, entrypoint not run, unless asked; env names pass through."""
+    container = SlurmConfig.model_validate({"container": {"image": "img"}}).container
+    assert container is not None
+    assert (container.env, container.mount_home, container.entrypoint) == ([], False, False)
+    given = {"image": "img", "env": ["HF_TOKEN"], "mount_home": True, "entrypoint": True}
+    container = SlurmConfig.model_validate({"container": given}).container
+    assert container is not None
+    assert (container.env, container.mount_home, container.entrypoint) == (["HF_TOKEN"], True, True)

@@ -18,7 +18,8 @@ from pydantic import model_validator
 
 from contract.config import ConfigError, DeploymentConfig, load_config
 from slurm.jobs import submitit_parameters
-from slurm.render import render_script, sbatch_lines
+from slurm.render import container_options, render_script, sbatch_lines
+from slurm.steps import group_needs
 
 REPO = Path(__file__).resolve().parents[2]
 GOLDEN = Path(__file__).parent / "golden"
@@ -41,7 +42,13 @@ def load(name: str) -> DeploymentConfig:
     return load_config(path, environ={})
 
 
-@pytest.mark.parametrize("name", ["slurm-agg", "slurm-multi", "slurm-tp-multinode", "slurm-disagg"])
+GOLDEN_CONFIGS = [
+    "slurm-agg", "slurm-multi", "slurm-tp-multinode", "slurm-disagg",
+    "slurm-trtllm-agg", "slurm-trtllm-disagg", "slurm-trtllm-llama4-eagle",
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("name", GOLDEN_CONFIGS)
 def test_golden(name: str) -> None:
     text = render_script(load(name), job_dir=JOB_DIR, python=PYTHON)
     golden = GOLDEN / f"{name}.sbatch"
@@ -50,7 +57,7 @@ def test_golden(name: str) -> None:
     assert text == golden.read_text(), f"{golden} differs; see this module's docstring"
 
 
-@pytest.mark.parametrize("name", ["slurm-agg", "slurm-multi", "slurm-tp-multinode", "slurm-disagg"])
+@pytest.mark.parametrize("name", GOLDEN_CONFIGS)
 def test_script_is_valid_bash(name: str, tmp_path: Path) -> None:
     script = tmp_path / "job.sh"
     script.write_text(render_script(load(name), job_dir=JOB_DIR, python=PYTHON))
@@ -119,3 +126,113 @@ def test_submitit_parameters_match_the_header() -> None:
     # No time limit in the config: not submitit's 5-minute default.
     agg = load_config(REPO / "configs" / "slurm-agg.yaml", ["slurm.time_limit=null"], environ={})
     assert submitit_parameters(agg)["timeout_min"] == 60
+
+
+def test_trtllm_group_is_one_step_of_tp_times_pp_ranks() -> None:
+    """tp 8 x pp 2: one srun step of 16 tasks over two 8-GPU nodes; the head shares node 1."""
+    config = load("slurm-trtllm-agg")
+    assert [need.ranks for need in group_needs(config)] == [16]
+    text = render_script(config, job_dir=JOB_DIR, python=PYTHON)
+    assert "#SBATCH --nodes=2" in text and "#SBATCH --ntasks-per-node=8" in text
+    assert 'launch 1 worker-agg-g0-i0 --mpi=pmix -N "$NNODES_worker_agg_g0_i0"' in text
+
+
+def test_trtllm_disagg_steps_carry_the_ucx_env() -> None:
+    text = render_script(load("slurm-trtllm-disagg"), job_dir=JOB_DIR, python=PYTHON)
+    assert text.count("--export=ALL,PYTHONUNBUFFERED=1,TRTLLM_USE_UCX_KVCACHE=1") == 3
+    assert "#SBATCH --nodes=2" in text  # 2 prefill x TP4 on one node, decode TP8 on the other
+
+
+def test_mpi_plugin_is_one_rule_for_every_engine() -> None:
+    """Worker steps take `slurm.mpi_plugin` (default pmix), TensorRT-LLM's like the others."""
+    config = load_config(
+        REPO / "configs" / "slurm-trtllm-agg.yaml", ["slurm.mpi_plugin=pmi2"], environ={}
+    )
+    text = render_script(config, job_dir=JOB_DIR, python=PYTHON)
+    assert "--mpi=pmi2 -N" in text and "--mpi=pmix" not in text
+
+
+def test_trtllm_spawn_is_refused_under_slurm() -> None:
+    config = load_config(
+        REPO / "configs" / "slurm-trtllm-agg.yaml", ["engine.trtllm.launch=spawn"], environ={}
+    )
+    with pytest.raises(ConfigError, match=r"engine\.trtllm\.launch: spawn .*workers\.0.*16 ranks"):
+        render_script(config, job_dir=JOB_DIR, python=PYTHON)
+    one_rank = load_config(
+        REPO / "configs" / "slurm-trtllm-agg.yaml",
+        ["engine.trtllm.launch=spawn", "workers.0.tp=1", "engine.trtllm.pipeline_parallel_size=1"],
+        environ={},
+    )
+    render_script(one_rank, job_dir=JOB_DIR, python=PYTHON)  # one process: nothing to spawn
+
+
+def test_container_flags() -> None:
+    config = load_config(
+        REPO / "configs" / "slurm-multi.yaml",
+        ["slurm.container.env=[HF_TOKEN,NCCL_DEBUG]", "slurm.container.mount_home=true",
+         "slurm.container.entrypoint=true"],
+        environ={},
+    )  # fmt: skip
+    assert config.slurm is not None
+    assert container_options(config.slurm, JOB_DIR) == [
+        "'--container-image=nvcr.io#nvidia/pytorch:24.05-py3'",
+        f"--container-mounts=/models:/models:ro,/scratch:/scratch,{JOB_DIR}:{JOB_DIR}",
+        "--container-workdir=/scratch",
+        "--container-env=HF_TOKEN,NCCL_DEBUG",
+        "--container-mount-home",
+        "--container-entrypoint",
+    ]
+    text = render_script(load("slurm-multi"), job_dir=JOB_DIR, python=PYTHON)
+    # Defaults, on every step (head and workers alike), as srt-slurm renders them.
+    assert text.count("--no-container-mount-home --no-container-entrypoint") == 9
+    with pytest.raises(ConfigError, match="run_dir"):
+        container_options(config.slurm, "/jobs/a,b")
+
+
+def test_job_prepare_trtllm_in_a_container(tmp_path: Path) -> None:
+    """At job start: 2 x 2 ranks per step under trtllm-llmapi-launch, the image's python3 and
+    service binaries, the engine YAMLs copied into the job dir, the model path the container's."""
+    from slurm.job_prepare import prepare
+
+    config = load_config(
+        REPO / "configs" / "slurm-trtllm-disagg.yaml",
+        ["workers.0.count=1", "workers.0.tp=2", "workers.1.tp=2", "slurm.gpus_per_node=2",
+         "engine.trtllm.gpus_per_node=2"],
+        environ={},
+    )  # fmt: skip
+    (tmp_path / "deployment.yaml").write_text(yaml.safe_dump(config.model_dump(mode="json")))
+    out = tmp_path / "plan.sh"
+    prepare(tmp_path / "deployment.yaml", tmp_path, ["localhost", "w1"], out)
+    resolved = yaml.safe_load((tmp_path / "config.yaml").read_text())
+    copies = [group["engine_args"] for group in resolved["workers"]]
+    assert copies == [
+        str(tmp_path / "engine_configs" / "group0-prefill.yaml"),
+        str(tmp_path / "engine_configs" / "group1-decode.yaml"),
+    ]
+    assert (tmp_path / "engine_configs" / "group1-decode.yaml").read_text() == (
+        REPO / "configs" / "engine_configs" / "decode.yaml"
+    ).read_text()
+    script = f"set -eu; source {out}; " + (
+        'echo "${ARGV_worker_decode_g1_i0[*]}"; echo "$NTASKS_worker_decode_g1_i0";'
+        ' echo "${ARGV_etcd[0]} ${ARGV_nats[0]} ${ARGV_frontend[0]}"'
+    )
+    lines = subprocess.run(["bash", "-c", script], capture_output=True, text=True,
+                           check=True).stdout.splitlines()  # fmt: skip
+    assert lines[0] == (
+        f"trtllm-llmapi-launch python3 -m mpi_workers --config {tmp_path}/config.yaml "
+        "--group 1 --index 0"
+    )
+    assert lines[1] == "2"
+    assert lines[2] == "etcd nats-server python3"
+
+
+def test_job_prepare_refuses_trtllm_spawn(tmp_path: Path) -> None:
+    from slurm.job_prepare import main
+
+    config = load_config(REPO / "configs" / "slurm-trtllm-agg.yaml", environ={})
+    data = config.model_dump(mode="json")
+    data["engine"]["trtllm"]["launch"] = "spawn"
+    (tmp_path / "deployment.yaml").write_text(yaml.safe_dump(data))
+    args = ["--job-dir", str(tmp_path), "--config", str(tmp_path / "deployment.yaml")]
+    assert main([*args, "--out", str(tmp_path / "plan.sh"), "localhost", "w1"]) == 2
+    assert not (tmp_path / "plan.sh").exists()

@@ -26,6 +26,14 @@ def engine_yaml(config: DeploymentConfig, group: WorkerGroupConfig) -> str | Non
     return group.engine_args or config.engine.trtllm.extra_engine_args
 
 
+def yaml_field(config: DeploymentConfig, group: WorkerGroupConfig) -> str:
+    """The config field that named the group's engine YAML (for error messages)."""
+    if group.engine_args:
+        index = next(i for i, g in enumerate(config.workers) if g is group)
+        return f"workers.{index}.engine_args"
+    return "engine.trtllm.extra_engine_args"
+
+
 def base_args(config: DeploymentConfig, group: WorkerGroupConfig, model_path: Path) -> dict:
     """Layer 1: what our config says, in the LLM API's own names."""
     t = config.engine.trtllm
@@ -67,13 +75,13 @@ def build_llm_args(
     yaml_path = engine_yaml(config, group)
     if yaml_path:
         if not Path(yaml_path).is_file():
-            raise ConfigError(f"engine.trtllm.extra_engine_args: no such file {yaml_path}")
+            raise ConfigError(f"{yaml_field(config, group)}: no such file {yaml_path}")
         from tensorrt_llm.llmapi.llm_utils import update_llm_args_with_extra_options
 
         try:
             args = update_llm_args_with_extra_options(args, yaml_path)
         except (ValueError, TypeError) as exc:  # pydantic errors are ValueErrors
-            raise ConfigError(f"engine YAML {yaml_path}: {exc}") from exc
+            raise ConfigError(f"{yaml_field(config, group)} ({yaml_path}): {exc}") from exc
         args[KV_CACHE_CONFIG] = {**ours, **as_dict(args[KV_CACHE_CONFIG])}
     deep_update(args, config.engine.trtllm.override_engine_args)
     return args

@@ -1,0 +1,166 @@
+"""The TensorRT-LLM adapter in-process, against the TEST DOUBLE of `tensorrt_llm`
+(`tests/trtllm_double`; the real library cannot be installed here)."""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+import uuid
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from contract.config import ConfigError, load_config
+from contract.messages import GenerateOutput, GenerateRequest, SamplingParams
+from mpi_workers.engine.factory import build_engine
+from mpi_workers.engine.trtllm.engine import TrtllmEngine, decode_params, encode_params
+from mpi_workers.engine.trtllm.llm_args import build_llm_args
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[3] / "trtllm_double"))
+from double_env import activate
+
+activate()
+
+REPO = Path(__file__).resolve().parents[4]
+
+
+def config(*overrides: str, path: str = "configs/local-trtllm-agg.yaml"):
+    return load_config(REPO / path, overrides, environ={})
+
+
+@pytest.fixture
+async def engine(model_dir: Path) -> AsyncIterator[TrtllmEngine]:
+    """One engine that can serve both phases (a KV cache transceiver configured)."""
+    eng = build_engine(
+        config("engine.trtllm.override_engine_args={cache_transceiver_config: {backend: UCX}}"),
+        model_dir,
+    )
+    assert isinstance(eng, TrtllmEngine)
+    await eng.start()
+    try:
+        yield eng
+    finally:
+        await eng.shutdown()
+
+
+def request(prompt: list[int], **sampling) -> GenerateRequest:
+    return GenerateRequest(
+        request_id=uuid.uuid4().hex, token_ids=prompt, sampling=SamplingParams(**sampling)
+    )
+
+
+async def collect(stream: AsyncIterator[GenerateOutput]) -> tuple[list[int], GenerateOutput]:
+    tokens: list[int] = []
+    last = None
+    async for chunk in stream:
+        tokens.extend(chunk.token_ids)
+        last = chunk
+    assert last is not None and last.finish_reason is not None
+    return tokens, last
+
+
+def test_llm_args_layers(model_dir: Path, tmp_path: Path) -> None:
+    yaml_file = tmp_path / "engine.yaml"
+    yaml_file.write_text("max_batch_size: 7\nkv_cache_config:\n  free_gpu_memory_fraction: 0.5\n")
+    cfg = config(
+        f"engine.trtllm.extra_engine_args={yaml_file}", "workers.0.tp=2",
+        "engine.trtllm.override_engine_args={kv_cache_config: {host_cache_size: 1024}}",
+    )  # fmt: skip
+    args = build_llm_args(cfg, cfg.workers[0], model_dir)
+    assert args["tensor_parallel_size"] == 2 and args["max_batch_size"] == 7
+    kv = args["kv_cache_config"]
+    assert kv["free_gpu_memory_fraction"] == 0.5  # the YAML over our field
+    assert kv["tokens_per_block"] == 16 and kv["enable_block_reuse"] is True  # ours kept
+    assert kv["event_buffer_max_size"] > 0 and kv["host_cache_size"] == 1024  # override last
+
+
+def test_a_bad_yaml_key_names_the_key(model_dir: Path, tmp_path: Path) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("not_an_llm_api_key: 1\n")
+    with pytest.raises(ValueError, match="not_an_llm_api_key"):
+        build_engine(config(f"engine.trtllm.extra_engine_args={bad}"), model_dir)
+    nested = tmp_path / "nested.yaml"
+    nested.write_text("kv_cache_config:\n  no_such_kv_field: 1\n")
+    with pytest.raises(ValueError, match="no_such_kv_field"):
+        build_engine(config(f"engine.trtllm.extra_engine_args={nested}"), model_dir)
+    other_block = tmp_path / "block.yaml"
+    other_block.write_text("kv_cache_config:\n  tokens_per_block: 32\n")
+    with pytest.raises(ConfigError, match=r"engine\.block_size"):
+        build_engine(config(f"engine.trtllm.extra_engine_args={other_block}"), model_dir)
+
+
+async def test_stream_is_deltas_with_finish_and_usage(engine: TrtllmEngine) -> None:
+    chunks = [c async for c in engine.generate(request([5, 6, 7, 8], max_tokens=6,
+                                                       temperature=0.0, ignore_eos=True))]
+    assert sum(len(c.token_ids) for c in chunks) == 6
+    assert [c.finish_reason for c in chunks][-1] == "length"
+    assert all(c.finish_reason is None for c in chunks[:-1])
+    assert chunks[-1].num_prompt_tokens == 4
+    again, _ = await collect(engine.generate(request([5, 6, 7, 8], max_tokens=6,
+                                                     temperature=0.0, ignore_eos=True)))
+    assert again == [t for c in chunks for t in c.token_ids]
+
+
+async def test_bad_requests_name_the_field(engine: TrtllmEngine) -> None:
+    with pytest.raises(ValueError, match=r"^max_tokens"):
+        engine.generate(request([1, 2], max_tokens=0))
+    with pytest.raises(ValueError, match=r"^token_ids"):
+        engine.generate(request([10**9]))
+
+
+async def test_abort_ends_the_stream_and_reaches_the_engine(engine: TrtllmEngine) -> None:
+    req = request([1, 2, 3], max_tokens=1000, ignore_eos=True)
+    stream = engine.generate(req)
+    first = await anext(stream)
+    assert first.finish_reason is None
+    in_engine = engine._running[req.request_id]  # the double's RequestOutput
+    await engine.abort(req.request_id)
+    rest = [c async for c in stream]
+    assert rest[-1].finish_reason == "abort"
+    assert in_engine.aborted()
+    # a consumer that walks away (client disconnect) aborts it too
+    req = request([1, 2, 3], max_tokens=1000, ignore_eos=True)
+    stream = engine.generate(req)
+    await anext(stream)
+    in_engine = engine._running[req.request_id]
+    await stream.aclose()
+    assert in_engine.aborted()
+    assert engine.load_metrics().active_sequences == 0
+
+
+async def test_context_then_generation_equals_aggregated(engine: TrtllmEngine) -> None:
+    for sampling in ({"temperature": 0.0}, {"temperature": 0.8, "seed": 11}, {"max_tokens": 1}):
+        params = {"max_tokens": 9, **sampling}
+        agg, _ = await collect(engine.generate(request([3, 1, 4, 1, 5, 9, 2, 6], **params)))
+        req = request([3, 1, 4, 1, 5, 9, 2, 6], **params)
+        first, blob = await engine.prefill_only(req)
+        assert first.token_ids == [] and first.num_prompt_tokens == 8
+        assert isinstance(blob["disaggregated_params"]["opaque_state"], str)  # base64 JSON
+        decoded = decode_params(blob["disaggregated_params"])
+        assert decoded.request_type == "generation_only"
+        opaque = blob["disaggregated_params"]["opaque_state"]
+        assert encode_params(decoded)["opaque_state"] == opaque
+        disagg, _ = await collect(engine.generate_from_prefill(req, blob))
+        assert disagg == agg, sampling
+
+
+async def test_kv_events_arrive_rehashed_and_stats_feed_load(engine: TrtllmEngine) -> None:
+    from contract.block_hash import block_hashes
+
+    received: list = []
+    engine.set_kv_event_sink(received.extend)
+    prompt = list(range(200, 248))  # 3 blocks of 16
+    await collect(engine.generate(request(prompt, max_tokens=2)))
+    for _ in range(100):
+        if any(e.kind == "stored" for e in received):
+            break
+        await asyncio.sleep(0.05)
+    stored = [b.block_hash for e in received if e.kind == "stored" for b in e.blocks]
+    assert block_hashes(prompt, 16)[:3] == stored[:3]
+    assert set(block_hashes(prompt, 16)) <= set(engine.cached_block_hashes())
+    for _ in range(100):
+        if engine.load_metrics().total_blocks:
+            break
+        await asyncio.sleep(0.05)
+    assert engine.load_metrics().total_blocks > 0
