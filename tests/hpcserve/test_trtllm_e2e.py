@@ -165,6 +165,19 @@ def test_disaggregated_gives_the_aggregated_tokens(
         )
 
 
+def test_tensor_parallel_group_runs_under_mpirun_and_the_launcher(tmp_path: Path) -> None:
+    """tp 2 locally: `mpirun -n 2 trtllm-llmapi-launch python -m mpi_workers ...`; rank 0 is
+    our worker holding the LLM, which reaches the 2-rank MPI world through the leader."""
+    args = ["configs/local-trtllm-agg.yaml", "--set", "workers.0.tp=2"]
+    with deployment(args, tmp_path / "run") as up, httpx.Client(
+        base_url=up.base_url, timeout=60
+    ) as http:
+        assert complete(http, PROMPTS[0])["usage"]["completion_tokens"] >= 1
+        log = (up.run_dir / "logs" / "worker-agg-g0-i0.log").read_text()
+        assert "MPI session: 2 ranks" in log, log
+        assert "trtllm-llmapi-launch" in up.output or "trtllm-llmapi-launch" in log
+
+
 def test_a_bad_engine_yaml_key_fails_at_start_naming_it(tmp_path: Path) -> None:
     bad = tmp_path / "bad.yaml"
     bad.write_text("max_batch_size: 8\nnot_an_llm_api_key: 1\n")

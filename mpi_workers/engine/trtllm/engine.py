@@ -41,6 +41,7 @@ logger = logging.getLogger(__name__)
 
 FINISH_REASONS = {"stop": "stop", "length": "length", "cancelled": "abort", "timeout": "error"}
 POLL_TIMEOUT_S = 0.5  # how long one KV-event / stats poll waits for the engine
+MIN_POLL_S = 0.05  # a poll that returns sooner (nothing buffered, or turned off) waits this
 SILENT_ROUTER_S = 10.0  # finished requests but no KV event for this long: warn (once)
 # DisaggregatedParams fields that name GPU-local handles: meaningless on another worker.
 LOCAL_HANDLES = (
@@ -275,6 +276,7 @@ class TrtllmEngine(Engine, NativeKvHandoff):
         arrives (the iterator only ends after `POLL_TIMEOUT_S` without events: waiting for
         its end would hold events back for as long as traffic lasts)."""
         while True:
+            started = time.monotonic()
             async for raw in self.llm.get_kv_cache_events_async(timeout=POLL_TIMEOUT_S):
                 self._events_seen = True
                 events = self._translator.translate([_as_dict(raw)])
@@ -284,13 +286,15 @@ class TrtllmEngine(Engine, NativeKvHandoff):
                     except Exception:
                         logger.exception("KV event sink failed; these events are lost")
             self._warn_if_silent()
-            await asyncio.sleep(0)
+            # an engine with events off answers at once: do not spin
+            await asyncio.sleep(max(0.0, MIN_POLL_S - (time.monotonic() - started)))
 
     async def _poll_stats(self) -> None:
         while True:
+            started = time.monotonic()
             async for stat in self.llm.get_stats_async(timeout=POLL_TIMEOUT_S):
                 self._stats = _as_dict(stat)
-            await asyncio.sleep(0.05)
+            await asyncio.sleep(max(0.0, MIN_POLL_S - (time.monotonic() - started)))
 
     def _note_finished(self) -> None:
         if self._first_finish is None:

@@ -164,3 +164,31 @@ async def test_kv_events_arrive_rehashed_and_stats_feed_load(engine: TrtllmEngin
             break
         await asyncio.sleep(0.05)
     assert engine.load_metrics().total_blocks > 0
+
+
+async def test_a_worker_whose_engine_sends_no_kv_events_warns_once(
+    model_dir: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A KV router fed by a silent worker routes blind: the adapter says so, once."""
+    from mpi_workers.engine.model_shape import ModelShape
+    from mpi_workers.engine.trtllm import engine as engine_module
+
+    monkeypatch.setattr(engine_module, "SILENT_ROUTER_S", 0.2)
+    # the engine buffers no events (the override: layer 3 wins over the YAML's buffer)...
+    cfg = config("engine.trtllm.override_engine_args={kv_cache_config: {event_buffer_max_size: 0}}")
+    args = build_llm_args(cfg, cfg.workers[0], model_dir)
+    eng = TrtllmEngine(  # ...but the worker was told to expect them
+        args, model_name="m", shape=ModelShape.from_folder(model_dir), block_size=16,
+        max_model_len=2048, kv_events=True,
+    )  # fmt: skip
+    await eng.start()
+    try:
+        await collect(eng.generate(request(list(range(300, 340)), max_tokens=2)))
+        for _ in range(60):
+            if "no KV cache event" in caplog.text:
+                break
+            await asyncio.sleep(0.05)
+        await asyncio.sleep(1.2)  # two more polls: still one warning
+    finally:
+        await eng.shutdown()
+    assert caplog.text.count("no KV cache event from TensorRT-LLM") == 1
