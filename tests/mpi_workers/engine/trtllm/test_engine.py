@@ -192,3 +192,13 @@ async def test_a_worker_whose_engine_sends_no_kv_events_warns_once(
     finally:
         await eng.shutdown()
     assert caplog.text.count("no KV cache event from TensorRT-LLM") == 1
+
+
+async def test_a_request_error_ends_the_stream_with_an_error_chunk(engine: TrtllmEngine) -> None:
+    """TensorRT-LLM reports some failures only while streaming (`RequestError`; here: the KV
+    cache cannot hold the request): the client gets an error, never a hang."""
+    req = request([1, 2, 3], max_tokens=6000, ignore_eos=True)
+    chunks = [c async for c in engine.generate(req)]
+    assert chunks[-1].finish_reason == "error"
+    assert chunks[-1].error is not None and "TensorRT-LLM rejected" in chunks[-1].error
+    assert engine.load_metrics().active_sequences == 0
