@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from mpi_workers.engine.torch import kernels
+from mpi_workers.engine.torch import kernels, triton_attention
 
 
 @dataclass
@@ -40,8 +40,9 @@ class AttentionMetadata:
     decode_gather_blocks: torch.Tensor | None = None
     block_size: int = 0  # tokens per cache block (for decode_gather_blocks)
     decode_mask: torch.Tensor | None = None  # [num_decode, 1, 1, decode_max_len] bool or None
-    decode_block_tables: torch.Tensor | None = None  # [num_decode, blocks] (CPU kernel)
-    decode_lens: torch.Tensor | None = None  # [num_decode] context lengths (CPU kernel)
+    # For the paged decode kernels (CPU C kernel, CUDA Triton), instead of gather + mask:
+    decode_block_tables: torch.Tensor | None = None  # [num_decode, blocks]
+    decode_lens: torch.Tensor | None = None  # [num_decode] context lengths
     prefills: list[PrefillChunk] = field(default_factory=list)
     cos: torch.Tensor | None = None  # RoPE tables for this step's positions
     sin: torch.Tensor | None = None
@@ -135,6 +136,11 @@ def _decode(
     scale: float,
 ) -> torch.Tensor:
     if meta.decode_block_tables is not None and meta.decode_lens is not None:
+        if q.is_cuda:  # Triton: K/V read in place, split-K for small batches
+            return triton_attention.paged_decode_attention(
+                q, k_cache, v_cache, meta.decode_block_tables, meta.decode_lens, scale,
+                meta.decode_max_len,
+            )  # fmt: skip
         out = kernels.paged_decode_attention(
             q, k_cache, v_cache, meta.decode_block_tables, meta.decode_lens, scale
         )

@@ -63,10 +63,17 @@ def decode_metadata(
     lens: torch.Tensor,
     slots: torch.Tensor,
     block_size: int,
+    paged_kernel: bool = False,
 ) -> AttentionMetadata:
-    """Decode metadata computed on the device from padded tables [B, blocks] (graph-safe)."""
+    """Decode metadata computed on the device from padded tables [B, blocks] (graph-safe).
+    With the paged kernel the tables and lengths are all it needs (no gather, no mask)."""
     batch, blocks = tables.shape
     length = blocks * block_size
+    if paged_kernel:
+        return AttentionMetadata(
+            slot_mapping=slots, num_decode=batch, decode_max_len=length, block_size=block_size,
+            decode_block_tables=tables, decode_lens=lens,
+        )  # fmt: skip
     span = torch.arange(length, device=tables.device)
     block_ids = torch.gather(tables, 1, (span // block_size).expand(batch, length))
     gather = (block_ids * block_size + span % block_size).reshape(-1)
@@ -95,6 +102,7 @@ class DecodeGraphs:
         scratch_slot: int,
         device: torch.device,
         max_batch: int = 512,
+        paged_kernel: bool = False,
     ) -> None:
         self.model = model
         self.block_size = block_size
@@ -102,6 +110,7 @@ class DecodeGraphs:
         self.scratch_slot = scratch_slot
         self.device = device
         self.max_batch = batch_bucket(max_batch)
+        self.paged_kernel = paged_kernel
         self.graphs: dict[tuple[int, int], _Graph] = {}
         self.pool = None
         _LIVE.add(self)
@@ -133,7 +142,7 @@ class DecodeGraphs:
     def _forward(self, packed: torch.Tensor, batch: int, blocks: int) -> torch.Tensor:
         ids, pos, slots, lens = packed[: 4 * batch].view(4, batch).unbind(0)
         tables = packed[4 * batch :].view(batch, blocks)
-        meta = decode_metadata(tables, pos, lens, slots, self.block_size)
+        meta = decode_metadata(tables, pos, lens, slots, self.block_size, self.paged_kernel)
         return self.model(ids, pos, meta)
 
     def _capture(self, batch: int, blocks: int, host: torch.Tensor) -> _Graph:

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mpi_workers.engine.torch import kernels
+from mpi_workers.engine.torch import kernels, triton_ops
 from mpi_workers.engine.torch.attention import AttentionMetadata, paged_attention
 from mpi_workers.engine.torch.layers import (
     InferenceWeight,
@@ -45,13 +45,15 @@ class Attention(nn.Module):
         self.num_kv_heads = self.qkv_proj.num_kv_heads
         self.head_dim = cfg.head_dim
         self.scale = cfg.head_dim**-0.5
+        self.fused = False  # CUDA: RoPE in one Triton kernel (set at load)
         self.k_cache = torch.empty(0)
         self.v_cache = torch.empty(0)
 
     def forward(self, x: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         tokens = x.shape[0]
         qkv = self.qkv_proj(x).view(tokens, self.num_heads + 2 * self.num_kv_heads, self.head_dim)
-        qk = apply_rope(qkv[:, : self.num_heads + self.num_kv_heads], meta.cos, meta.sin)
+        rotate = triton_ops.rope if self.fused else apply_rope
+        qk = rotate(qkv[:, : self.num_heads + self.num_kv_heads], meta.cos, meta.sin)
         q = qk[:, : self.num_heads]
         k = qk[:, self.num_heads :]
         v = qkv[:, self.num_heads + self.num_kv_heads :]
@@ -70,9 +72,12 @@ class MLP(nn.Module):
         )
         self.down_proj = RowParallelLinear(size, cfg.hidden_size, cfg.mlp_bias, tp)
         self.split = size // tp.size
+        self.fused = False  # CUDA: SiLU·mul in one Triton kernel (set at load)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate_up = self.gate_up_proj(x)
+        if self.fused:
+            return self.down_proj(triton_ops.silu_mul(gate_up, self.split))
         return self.down_proj(F.silu(gate_up[:, : self.split]) * gate_up[:, self.split :])
 
 
@@ -113,6 +118,7 @@ class LlamaForCausalLM(nn.Module):
         self.rotary = RotaryEmbedding(cfg.head_dim, max_positions, cfg.rope_theta, cfg.rope_scaling)
         self._tied_head: InferenceWeight | None = None
         self._native_decode: kernels.DecodeLayers | None = None  # fp32 CPU decode steps
+        self.fused = False  # CUDA: Triton norms (residual adds fused in), RoPE, SiLU·mul
         if cfg.tie_word_embeddings:
             self.lm_head = None
         else:
@@ -147,9 +153,22 @@ class LlamaForCausalLM(nn.Module):
         meta.cos, meta.sin = self.rotary.lookup(positions, h.dtype)
         layer0 = self.model.layers[0].self_attn
         meta.prepare_buffers(layer0.num_kv_heads, layer0.head_dim, h.dtype)
+        if self.fused:
+            return self._fused_layers(h, meta)
         for layer in self.model.layers:
             h = layer(h, meta)
         return self.model.norm(h)
+
+    def _fused_layers(self, h: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        """The same decoder with each residual add fused into the norm after it (CUDA): `h`
+        is the residual stream, `x` the normalised input of the next block."""
+        layers = self.model.layers
+        x = layers[0].input_layernorm(h)
+        for index, layer in enumerate(layers):
+            x = layer.post_attention_layernorm.add_and_norm(layer.self_attn(x, meta), h)
+            after = layers[index + 1].input_layernorm if index + 1 < len(layers) else None
+            x = (after or self.model.norm).add_and_norm(layer.mlp(x), h)
+        return x
 
     def _native_decode_step(
         self, h: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata
@@ -180,6 +199,10 @@ class LlamaForCausalLM(nn.Module):
                 weight = self.model.embed_tokens.weight.data
                 self._tied_head = InferenceWeight(weight, pack_rows if weight.is_cpu else None)
         layers = list(self.model.layers)
+        self.fused = triton_ops.available(self.model.norm.weight.device)
+        for module in self.modules():
+            if isinstance(module, (RMSNorm, Attention, MLP)):
+                module.fused = self.fused
         if (
             self.tp.size == 1
             and kernels.DecodeLayers.supports(layers)  # first: False on GPU, nothing built

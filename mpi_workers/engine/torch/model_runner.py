@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from contract.config import env_flag
-from mpi_workers.engine.torch import kernels
+from mpi_workers.engine.torch import kernels, triton_attention
 from mpi_workers.engine.torch.attention import AttentionMetadata, PrefillChunk
 from mpi_workers.engine.torch.cuda_graph import DecodeGraphs
 from mpi_workers.engine.torch.kv_cache import KvCache
@@ -63,6 +63,20 @@ def build_plan(batch: ScheduledBatch) -> tuple[StepPlan, list[Sequence]]:
     return plan, sample_seqs
 
 
+def paged_decode_kernel(cache: torch.Tensor, attn: torch.nn.Module) -> bool:
+    """Whether decode attention reads the paged cache in place on this device: our Triton
+    kernel on CUDA, our C kernel for fp32 on CPU; else gather + masked SDPA."""
+    shape = (attn.num_heads, attn.num_kv_heads, attn.head_dim)
+    if cache.device.type == "cuda":
+        return triton_attention.available(cache.device) and triton_attention.supports(*shape)
+    return (
+        cache.device.type == "cpu"
+        and cache.dtype == torch.float32
+        and kernels.decode_attention_supports(*shape)
+        and kernels.available()
+    )
+
+
 def enforce_eager_default() -> bool:
     """HPCSERVE_ENFORCE_EAGER=1 turns CUDA-graph decode off (same value on every TP rank)."""
     return env_flag("HPCSERVE_ENFORCE_EAGER", False)
@@ -80,15 +94,9 @@ class ModelRunner:
         self.kv_cache = kv_cache
         self.block_size = kv_cache.block_size
         self.device = kv_cache.k[0].device
-        # fp32 on CPU: decode attention reads the cache in place (kernels.paged_decode_attention),
-        # so decode steps need only block tables and lengths (no gather list, no mask).
-        cache, attn = kv_cache.k[0], model.model.layers[0].self_attn
-        self.decode_kernel = (
-            cache.device.type == "cpu"
-            and cache.dtype == torch.float32
-            and kernels.decode_attention_supports(attn.num_heads, attn.num_kv_heads, attn.head_dim)
-            and kernels.available()
-        )
+        # Decode attention reads the cache in place (block tables and lengths, no gather list,
+        # no mask) with our C kernel (fp32 on CPU) or our Triton kernel (CUDA).
+        self.decode_kernel = paged_decode_kernel(kv_cache.k[0], model.model.layers[0].self_attn)
         self.graphs: DecodeGraphs | None = None
         if enforce_eager is None:
             enforce_eager = enforce_eager_default()
@@ -105,6 +113,7 @@ class ModelRunner:
                 self.graphs = DecodeGraphs(
                     model, self.block_size, min(max_blocks, kv_cache.num_blocks),
                     kv_cache.num_blocks * self.block_size, self.device, max_num_seqs,
+                    paged_kernel=self.decode_kernel,
                 )  # fmt: skip
         model.bind_kv_cache(kv_cache.k, kv_cache.v)
 
@@ -177,7 +186,7 @@ class ModelRunner:
         meta.decode_max_len = padded_len
         if self.decode_kernel:
             meta.decode_block_tables = tables
-            meta.decode_lens = torch.tensor(lengths, dtype=torch.long)
+            meta.decode_lens = torch.tensor(lengths, dtype=torch.long, device=dev)
             return
         # Read whole blocks (the tail of each row's last block is masked out).
         meta.decode_gather_blocks = tables.reshape(-1)
