@@ -137,33 +137,11 @@ class NativeDisaggWorker(PeerWorker):
 
     # ----- prefill role ------------------------------------------------------------------
 
-    async def _on_remote_prefill(self, msg) -> None:
-        self._spawn(self._remote_prefill_task(msg))
-
-    async def _remote_prefill_task(self, msg) -> None:
-        assert self._nc is not None
-        try:
-            message = RemotePrefillRequest.model_validate_json(msg.data)
-        except ValueError as exc:
-            logger.error("%s malformed RemotePrefillRequest: %s", self.tag, exc)
-            return
-        request = message.request
-        try:
-            self.engine.validate(request)
-            first, params = await self.kv.prefill_only(request)
-            result = PrefillResult(
-                request_id=request.request_id, first=first, disaggregated_params=params
-            )
-        except ValueError as exc:
-            result = PrefillResult(
-                request_id=request.request_id, error=str(exc), error_param=error_param(exc)
-            )
-        except Exception as exc:
-            logger.warning("%s prefill of %s failed: %s", self.tag, request.request_id, exc)
-            result = PrefillResult(request_id=request.request_id, error=f"{exc}")
-        if msg.reply:
-            with contextlib.suppress(Exception):
-                await self._nc.publish(msg.reply, result.model_dump_json().encode())
+    async def _prefill_for(self, message: RemotePrefillRequest) -> PrefillResult:
+        first, params = await self.kv.prefill_only(message.request)
+        return PrefillResult(
+            request_id=message.request.request_id, first=first, disaggregated_params=params
+        )
 
     async def _serve_prefill_first(self, request: GenerateRequest, reply: str) -> None:
         first, params = await self.kv.prefill_only(request)

@@ -17,7 +17,13 @@ from collections.abc import Callable, Coroutine, Iterator
 from typing import Any
 
 from contract.config import DisaggregationConfig
-from contract.disagg import DecodeHandoff, KvPushResult, decode_subject
+from contract.disagg import (
+    DecodeHandoff,
+    KvPushResult,
+    PrefillResult,
+    RemotePrefillRequest,
+    decode_subject,
+)
 from contract.discovery import WorkerCard, WorkerDirectory
 from contract.messages import AbortRequest, GenerateOutput, GenerateRequest
 from mpi_workers.worker import Worker, error_param
@@ -197,6 +203,35 @@ class PeerWorker(Worker):
         self._inflight[request_id] = task
         task.add_done_callback(lambda _t, rid=request_id: self._request_done(rid))
         self._metrics_changed = True
+
+    async def _on_remote_prefill(self, msg) -> None:
+        self._spawn(self._answer_remote_prefill(msg))
+
+    async def _answer_remote_prefill(self, msg) -> None:
+        """prefill role, decode_first: run `_prefill_for` and answer with its `PrefillResult`
+        (a bad request: the error naming its parameter; any other failure: the error)."""
+        assert self._nc is not None
+        try:
+            message = RemotePrefillRequest.model_validate_json(msg.data)
+        except ValueError as exc:
+            logger.error("%s malformed RemotePrefillRequest: %s", self.tag, exc)
+            return
+        rid = message.request.request_id
+        try:
+            self.engine.validate(message.request)
+            result = await self._prefill_for(message)
+        except ValueError as exc:
+            result = PrefillResult(request_id=rid, error=str(exc), error_param=error_param(exc))
+        except Exception as exc:
+            logger.warning("%s prefill of %s failed: %s", self.tag, rid, exc)
+            result = PrefillResult(request_id=rid, error=f"{exc}")
+        if msg.reply:
+            with contextlib.suppress(Exception):
+                await self._nc.publish(msg.reply, result.model_dump_json().encode())
+
+    async def _prefill_for(self, message: RemotePrefillRequest) -> PrefillResult:
+        """Compute the prompt of a decode worker's request and hand its KV over."""
+        raise NotImplementedError
 
     async def _announce(self, handoff: DecodeHandoff) -> None:
         """Tell the frontend this worker now owns the stream (before any chunk of ours and

@@ -50,7 +50,6 @@ from contract.messages import GenerateOutput, GenerateRequest
 from mpi_workers.disagg.peers import PeerWorker, RemoteFailure, RequestRejected
 from mpi_workers.engine.base import BlockKvHandoff, HeldPrefill, KvReservation
 from mpi_workers.kv_transfer import KvTransport, make_transport
-from mpi_workers.worker import error_param
 
 logger = logging.getLogger(__name__)
 
@@ -301,37 +300,16 @@ class DisaggWorker(PeerWorker):
             logger.error("%s %s set: exiting abruptly mid-transfer", self.tag, FAULT_ENV)
             os._exit(17)
 
-    async def _on_remote_prefill(self, msg) -> None:
-        self._spawn(self._remote_prefill_task(msg))
-
-    async def _remote_prefill_task(self, msg) -> None:
-        assert self._nc is not None and self.transport is not None
-        try:
-            message = RemotePrefillRequest.model_validate_json(msg.data)
-        except ValueError as exc:
-            logger.error("%s malformed RemotePrefillRequest: %s", self.tag, exc)
-            return
-        request = message.request
-        try:
-            if message.ticket is None:
-                raise RuntimeError("RemotePrefillRequest without a KV ticket")
-            self.engine.validate(request)
-            held = await self._prefill(request)
-            staging = await self._export(held, message.skip_blocks)
-            self._maybe_crash()
-            await self.transport.push(message.ticket, staging, self.layout)
-            result = PrefillResult(request_id=request.request_id, first=held.first,
-                                   generator_state=held.sampler_state)  # fmt: skip
-        except ValueError as exc:
-            result = PrefillResult(
-                request_id=request.request_id, error=str(exc), error_param=error_param(exc)
-            )
-        except Exception as exc:
-            logger.warning("%s prefill of %s failed: %s", self.tag, request.request_id, exc)
-            result = PrefillResult(request_id=request.request_id, error=f"{exc}")
-        if msg.reply:
-            with contextlib.suppress(Exception):
-                await self._nc.publish(msg.reply, result.model_dump_json().encode())
+    async def _prefill_for(self, message: RemotePrefillRequest) -> PrefillResult:
+        assert self.transport is not None
+        if message.ticket is None:
+            raise RuntimeError("RemotePrefillRequest without a KV ticket")
+        held = await self._prefill(message.request)
+        staging = await self._export(held, message.skip_blocks)
+        self._maybe_crash()
+        await self.transport.push(message.ticket, staging, self.layout)
+        return PrefillResult(request_id=message.request.request_id, first=held.first,
+                             generator_state=held.sampler_state)  # fmt: skip
 
     async def _serve_prefill_first(self, request: GenerateRequest, reply: str) -> None:
         rid = request.request_id

@@ -92,8 +92,8 @@ def namespace_inodes() -> set[str]:
     }
 
 
-def leftovers(job_dir: Path) -> list[str]:
-    """Live processes of the job: any naming its dir, or one of ours inside a node namespace."""
+def leftovers(job_dir: Path, ours: tuple[str, ...] = OURS) -> list[str]:
+    """Live processes of the job: any naming its dir, or one of `ours` in a node namespace."""
     inodes, found = namespace_inodes(), []
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit() or int(entry.name) == os.getpid():
@@ -106,7 +106,7 @@ def leftovers(job_dir: Path) -> list[str]:
             continue
         if state == "Z" or not cmdline:
             continue
-        if str(job_dir) in cmdline or (netns in inodes and any(w in cmdline for w in OURS)):
+        if str(job_dir) in cmdline or (netns in inodes and any(w in cmdline for w in ours)):
             found.append(f"{entry.name}: {cmdline[:160]}")
     return found
 

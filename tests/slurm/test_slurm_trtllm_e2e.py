@@ -19,7 +19,7 @@ from test_slurm_e2e import (  # one cluster helper set: the same fixture and job
     OURS,
     ask_paris,
     hpcserve,
-    namespace_inodes,
+    leftovers,
     slurm_env,  # noqa: F401  (the module's 3-node cluster fixture)
     submitted,
     wait_state,
@@ -92,22 +92,7 @@ def write_config(path: Path) -> Path:
 
 def trtllm_leftovers(job_dir: Path) -> list[str]:
     """Live processes of the job, TensorRT-LLM's included (see test_slurm_e2e.leftovers)."""
-    inodes, found = namespace_inodes(), []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit() or int(entry.name) == os.getpid():
-            continue
-        try:
-            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-            state = (entry / "stat").read_text().rpartition(")")[2].split()[0]
-            netns = os.readlink(entry / "ns" / "net")
-        except OSError:
-            continue
-        if state == "Z" or not cmdline:
-            continue
-        mine = netns in inodes and any(word in cmdline for word in TRTLLM_PROCESSES)
-        if str(job_dir) in cmdline or mine:
-            found.append(f"{entry.name}: {cmdline[:160]}")
-    return found
+    return leftovers(job_dir, TRTLLM_PROCESSES)
 
 
 def test_trtllm_group_over_two_nodes_serves_and_cancels(
