@@ -125,7 +125,14 @@ class EngineConfig(_Section):
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     block_size: int = Field(default=16, ge=1, le=1024)
     num_blocks: int | None = Field(default=None, ge=1, description="overrides kv_cache_memory_mb")
-    kv_cache_memory_mb: int = Field(default=512, ge=1)
+    kv_cache_memory_mb: int | None = Field(
+        default=None, ge=1,
+        description="KV pool per rank; null: 512 on CPU, sized by gpu_memory_utilization on GPU",
+    )  # fmt: skip
+    gpu_memory_utilization: float = Field(
+        default=0.9, gt=0, le=1,
+        description="GPU: the fraction of the GPU's memory for weights, KV cache and graphs",
+    )  # fmt: skip
     max_num_seqs: int = Field(default=64, ge=1)
     max_num_batched_tokens: int = Field(default=1024, ge=1)
     max_model_len: int | None = Field(default=None, ge=1)

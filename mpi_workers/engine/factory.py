@@ -49,7 +49,10 @@ def build_torch_engine(
         dtype=dtype,
         block_size=engine_config.block_size,
         num_blocks=engine_config.num_blocks,
-        kv_cache_memory_bytes=engine_config.kv_cache_memory_mb * 2**20,
+        kv_cache_memory_bytes=(
+            engine_config.kv_cache_memory_mb * 2**20 if engine_config.kv_cache_memory_mb else None
+        ),
+        gpu_memory_utilization=engine_config.gpu_memory_utilization,
         max_num_seqs=engine_config.max_num_seqs,
         max_num_batched_tokens=engine_config.max_num_batched_tokens,
         max_model_len=engine_config.max_model_len,

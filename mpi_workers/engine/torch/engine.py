@@ -43,7 +43,7 @@ from mpi_workers.engine.streaming import (  # noqa: F401 (re-exported)
     StreamingEngine,
 )
 from mpi_workers.engine.torch.disagg_ops import TorchKvHandoff
-from mpi_workers.engine.torch.kv_cache import KvCache, blocks_for_budget
+from mpi_workers.engine.torch.kv_cache import KvCache, blocks_for_budget, gpu_kv_budget
 from mpi_workers.engine.torch.loader import default_dtype, load_model
 from mpi_workers.engine.torch.model_config import load_model_config
 from mpi_workers.engine.torch.model_runner import ModelRunner, build_plan
@@ -79,11 +79,19 @@ def pool_sizes(
     kv_cache_memory_bytes: int | None,
     max_model_len: int | None,
     tp_size: int = 1,
+    device: torch.device | None = None,
+    gpu_memory_utilization: float = 0.9,
 ) -> tuple[int, int]:
-    """(KV blocks per rank, max model length) for a memory budget per rank."""
+    """(KV blocks per rank, max model length) for a memory budget per rank. With no budget
+    given, a GPU's pool is what `gpu_memory_utilization` of its memory leaves after the
+    weights (the CPU's: DEFAULT_KV_MEMORY_BYTES)."""
     if num_blocks is None:
-        budget = kv_cache_memory_bytes or DEFAULT_KV_MEMORY_BYTES
-        num_blocks = blocks_for_budget(cfg, block_size, dtype, budget, tp_size)
+        budget = kv_cache_memory_bytes
+        if budget is None and device is not None and device.type == "cuda":
+            budget = gpu_kv_budget(cfg, dtype, device, gpu_memory_utilization, tp_size)
+            logger.info("KV cache: %.1f GiB of GPU memory", budget / 2**30)
+        num_blocks = blocks_for_budget(cfg, block_size, dtype, budget or DEFAULT_KV_MEMORY_BYTES,
+                                       tp_size)  # fmt: skip
     limit = min(max_model_len or cfg.max_position_embeddings, num_blocks * block_size)
     if max_model_len and limit < max_model_len:
         logger.warning("max_model_len capped to %d tokens: the KV pool holds no more", limit)
@@ -103,6 +111,7 @@ class TorchEngine(StreamingEngine, TorchKvHandoff):
         block_size: int = 16,
         num_blocks: int | None = None,
         kv_cache_memory_bytes: int | None = None,
+        gpu_memory_utilization: float = 0.9,
         max_num_seqs: int = 32,
         max_num_batched_tokens: int = 2048,
         max_model_len: int | None = None,
@@ -124,7 +133,7 @@ class TorchEngine(StreamingEngine, TorchKvHandoff):
         tp_size = tp.size if tp else 1
         num_blocks, limit = pool_sizes(
             self.config, block_size, self.dtype, num_blocks, kv_cache_memory_bytes,
-            max_model_len, tp_size,
+            max_model_len, tp_size, self.device, gpu_memory_utilization,
         )  # fmt: skip
         if tp is not None:  # followers size their shard's model and cache exactly like us
             # (max_num_seqs too: it bounds the CUDA-graph batch, and leader and followers

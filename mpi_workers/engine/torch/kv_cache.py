@@ -15,6 +15,38 @@ from mpi_workers.engine.torch.model_config import ModelConfig
 logger = logging.getLogger(__name__)
 
 
+GPU_RESERVE_BYTES = 2 * 2**30  # activations, logits, CUDA graphs and the allocator's slack
+
+
+def weight_bytes(cfg: ModelConfig, dtype: torch.dtype, tp_size: int = 1) -> int:
+    """The model's weights on one rank (estimated from the config, before loading: the KV
+    pool is sized first because the RoPE tables depend on the context it allows)."""
+    q, kv = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
+    layer = cfg.hidden_size * (q + 2 * kv) + q * cfg.hidden_size
+    layer += 3 * cfg.hidden_size * cfg.intermediate_size
+    head = 1 if cfg.tie_word_embeddings else 2
+    elem = torch.empty(0, dtype=dtype).element_size()
+    return elem * (cfg.num_layers * layer + head * cfg.vocab_size * cfg.hidden_size) // tp_size
+
+
+def gpu_kv_budget(
+    cfg: ModelConfig, dtype: torch.dtype, device: torch.device, utilization: float, tp_size: int
+) -> int:
+    """Bytes for the KV pool on this GPU: `utilization` of its memory, less the weights and a
+    reserve for activations and graphs; never more than is free now (other processes)."""
+    free, total = torch.cuda.mem_get_info(device)
+    weights = weight_bytes(cfg, dtype, tp_size)
+    budget = min(int(utilization * total), free) - weights - GPU_RESERVE_BYTES
+    if budget <= 0:
+        raise ValueError(
+            f"engine.gpu_memory_utilization: {utilization} of {total / 2**30:.1f} GiB "
+            f"({free / 2**30:.1f} GiB free) leaves no room for the KV cache after "
+            f"{weights / 2**30:.1f} GiB of weights and a {GPU_RESERVE_BYTES / 2**30:.0f} GiB "
+            "reserve"
+        )
+    return budget
+
+
 def bytes_per_block(cfg: ModelConfig, block_size: int, dtype: torch.dtype, tp_size: int = 1) -> int:
     kv_heads = max(1, cfg.num_kv_heads // tp_size)
     elem = torch.empty(0, dtype=dtype).element_size()

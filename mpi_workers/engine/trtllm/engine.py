@@ -319,6 +319,7 @@ async def _until(result: Any, aborted: asyncio.Event) -> AsyncIterator[Any]:
     final output after `abort()` must not hang the stream)."""
     iterator = result.__aiter__()
     stop = asyncio.ensure_future(aborted.wait())
+    step: asyncio.Future[Any] | None = None
     try:
         while True:
             step = asyncio.ensure_future(iterator.__anext__())
@@ -332,8 +333,10 @@ async def _until(result: Any, aborted: asyncio.Event) -> AsyncIterator[Any]:
                 yield step.result()
             except StopAsyncIteration:
                 return
-    finally:
+    finally:  # also when the consumer closes us mid-wait: leave no task behind
         stop.cancel()
+        if step is not None and not step.done():
+            step.cancel()
 
 
 def _finish_reason(out: Any, completion: Any) -> str | None:

@@ -138,3 +138,20 @@ def test_fused_layers_match_the_pytorch_layers(dtype) -> None:
     qk = qkv[:, : 32 + 8]  # a strided view, as in the attention layer
     expected = apply_rope(qk.clone(), cos, sin)
     assert torch.allclose(triton_ops.rope(qk, cos, sin), expected, **tolerance)
+
+
+def test_gpu_kv_pool_is_sized_from_free_memory(tiny_llama_dir) -> None:
+    from mpi_workers.engine.torch.engine import TorchEngine
+    from mpi_workers.engine.torch.kv_cache import GPU_RESERVE_BYTES, bytes_per_block
+
+    free, total = torch.cuda.mem_get_info()
+    engine = TorchEngine(tiny_llama_dir, device="cuda", dtype=torch.float32, block_size=16,
+                         gpu_memory_utilization=0.5)  # fmt: skip
+    pool = engine.kv_cache.num_blocks * bytes_per_block(engine.config, 16, torch.float32)
+    expected = min(total // 2, free) - GPU_RESERVE_BYTES  # the tiny model's weights: ~0
+    assert 0.97 * expected < pool <= expected
+    del engine
+    torch.cuda.empty_cache()
+    with pytest.raises(ValueError, match=r"engine\.gpu_memory_utilization"):
+        TorchEngine(tiny_llama_dir, device="cuda", dtype=torch.float32, block_size=16,
+                    gpu_memory_utilization=0.01)  # fmt: skip
