@@ -78,6 +78,7 @@ class TrtllmEngine(Engine, NativeKvHandoff):
         self._translator = KvEventTranslator(block_size)
         self._stats: dict[str, Any] = {}
         self._tasks: list[asyncio.Task[None]] = []
+        self._stopping = False
         self._events_seen = False
         self._first_finish: float | None = None
         self._warned_silent = False
@@ -93,11 +94,13 @@ class TrtllmEngine(Engine, NativeKvHandoff):
     async def shutdown(self) -> None:
         for request_id in list(self._running):
             await self.abort(request_id)
+        # The polls also watch `_stopping`: a library wait that swallows one cancellation
+        # (Python 3.11's wait_for can) must not keep them alive, nor hang the shutdown.
+        self._stopping = True
         for task in self._tasks:
             task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        if self._tasks:
+            await asyncio.wait(self._tasks, timeout=2 * POLL_TIMEOUT_S + 1)
         self._tasks = []
         await asyncio.to_thread(self.llm.shutdown)
 
@@ -275,7 +278,7 @@ class TrtllmEngine(Engine, NativeKvHandoff):
         """Poll TensorRT-LLM's KV event buffer; publish each event the router can use as it
         arrives (the iterator only ends after `POLL_TIMEOUT_S` without events: waiting for
         its end would hold events back for as long as traffic lasts)."""
-        while True:
+        while not self._stopping:
             started = time.monotonic()
             async for raw in self.llm.get_kv_cache_events_async(timeout=POLL_TIMEOUT_S):
                 self._events_seen = True
@@ -290,7 +293,7 @@ class TrtllmEngine(Engine, NativeKvHandoff):
             await asyncio.sleep(max(0.0, MIN_POLL_S - (time.monotonic() - started)))
 
     async def _poll_stats(self) -> None:
-        while True:
+        while not self._stopping:
             started = time.monotonic()
             async for stat in self.llm.get_stats_async(timeout=POLL_TIMEOUT_S):
                 self._stats = _as_dict(stat)
