@@ -317,29 +317,39 @@ class TrtllmEngine(Engine, NativeKvHandoff):
             )
 
 
+_END = object()
+
+
 async def _until(result: Any, aborted: asyncio.Event) -> AsyncIterator[Any]:
     """The outputs of `result` until it ends or `aborted` is set (an engine that sends no
-    final output after `abort()` must not hang the stream)."""
-    iterator = result.__aiter__()
-    stop = asyncio.ensure_future(aborted.wait())
-    step: asyncio.Future[Any] | None = None
+    final output after `abort()` must not hang the stream).
+
+    One pump task per request moves outputs into a queue, and one waiter puts the end
+    marker there on abort: no task is created per token."""
+    queue: asyncio.Queue[Any] = asyncio.Queue()
+
+    async def pump() -> None:
+        try:
+            async for out in result:
+                queue.put_nowait(out)
+        except Exception as exc:  # re-raised in the consumer
+            queue.put_nowait(exc)
+        finally:
+            queue.put_nowait(_END)
+
+    async def on_abort() -> None:
+        await aborted.wait()
+        queue.put_nowait(_END)
+
+    tasks = [asyncio.ensure_future(pump()), asyncio.ensure_future(on_abort())]
     try:
-        while True:
-            step = asyncio.ensure_future(iterator.__anext__())
-            await asyncio.wait({step, stop}, return_when=asyncio.FIRST_COMPLETED)
-            if not step.done():
-                step.cancel()
-                with contextlib.suppress(BaseException):
-                    await step
-                return
-            try:
-                yield step.result()
-            except StopAsyncIteration:
-                return
+        while (item := await queue.get()) is not _END:
+            if isinstance(item, Exception):
+                raise item
+            yield item
     finally:  # also when the consumer closes us mid-wait: leave no task behind
-        stop.cancel()
-        if step is not None and not step.done():
-            step.cancel()
+        for task in tasks:
+            task.cancel()
 
 
 def _finish_reason(out: Any, completion: Any) -> str | None:
