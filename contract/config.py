@@ -320,17 +320,27 @@ def load_config(
         raise ConfigError(_describe(exc)) from None
 
 
-def _anchor_engine_yaml(data: dict[str, Any], config_dir: Path) -> None:
-    """A relative `engine.trtllm.extra_engine_args` (or `workers.N.engine_args`) in a config
-    file names a file beside it (as the seed's `engine_configs/` do); made absolute so resolved
-    copies keep pointing there."""
+def engine_yaml_fields(data: dict[str, Any]) -> list[tuple[dict[str, Any], str, str]]:
+    """Every place a raw config dict names a TensorRT-LLM engine YAML, as (holder, key,
+    label): `engine.trtllm.extra_engine_args` and each `workers.N.engine_args`. The one
+    list the loader (anchoring relative paths) and the job set-up (copying the files) share."""
     engine = data.get("engine")
     trtllm = engine.get("trtllm") if isinstance(engine, dict) else None
-    holders = [(trtllm, "extra_engine_args")] if isinstance(trtllm, dict) else []
+    fields = [(trtllm, "extra_engine_args", "engine")] if isinstance(trtllm, dict) else []
     workers = data.get("workers")
     if isinstance(workers, list):
-        holders += [(group, "engine_args") for group in workers if isinstance(group, dict)]
-    for holder, key in holders:
+        fields += [
+            (group, "engine_args", f"group{index}")
+            for index, group in enumerate(workers)
+            if isinstance(group, dict)
+        ]
+    return fields
+
+
+def _anchor_engine_yaml(data: dict[str, Any], config_dir: Path) -> None:
+    """A relative engine YAML path in a config file names a file beside it (as the seed's
+    `engine_configs/` do); made absolute so resolved copies keep pointing there."""
+    for holder, key, _ in engine_yaml_fields(data):
         value = holder.get(key)
         if isinstance(value, str) and value and not Path(value).expanduser().is_absolute():
             holder[key] = str((config_dir / value).resolve())

@@ -22,7 +22,7 @@ from typing import Any
 
 import yaml
 
-from contract.config import ConfigError, DeploymentConfig, load_config
+from contract.config import ConfigError, DeploymentConfig, engine_yaml_fields, load_config
 from contract.plan import PlannedProcess, Readiness, plan_deployment, service_binary
 from contract.readiness import free_port
 from slurm.render import slurm_options
@@ -93,10 +93,7 @@ def _copy_engine_yamls(data: dict[str, Any], job_dir: Path) -> None:
     """TensorRT-LLM engine YAMLs the head can read are copied into the job dir and the config
     points at the copies: the job records what it ran, and a container (which mounts the job
     dir) sees them. A path the head cannot read is left alone (a path inside the image)."""
-    trtllm = data["engine"]["trtllm"]
-    holders = [(trtllm, "extra_engine_args", "engine")]
-    holders += [(group, "engine_args", f"group{g}") for g, group in enumerate(data["workers"])]
-    for holder, key, prefix in holders:
+    for holder, key, prefix in engine_yaml_fields(data):
         value = holder.get(key)
         if not value or not Path(value).is_file():
             continue
