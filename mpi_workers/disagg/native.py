@@ -56,6 +56,7 @@ class NativeDisaggWorker(PeerWorker):
     ) -> None:
         params = await self._remote_prefill(prefill, request)
         await self._decode(request, params, reply)
+
     async def _remote_prefill(
         self, prefill: WorkerCard, request: GenerateRequest
     ) -> dict[str, Any]:
@@ -103,20 +104,9 @@ class NativeDisaggWorker(PeerWorker):
         if not finished:
             await self._reply_error(reply, request.request_id, "decode stream ended early", None)
 
-    async def _on_handoff(self, msg) -> None:
-        """prefill_first: accept a prefilled request at once, then decode it."""
-        try:
-            handoff = DecodeHandoff.model_validate_json(msg.data)
-            self.engine.validate(handoff.request)
-            if handoff.disaggregated_params is None:
-                raise ValueError("disaggregated_params: the hand-off carries no KV handle")
-        except ValueError as exc:
-            await self._reply_handoff(msg, False, str(exc))
-            return
-        await self._announce(handoff)
-        rid = handoff.request.request_id
-        self._track(rid, asyncio.create_task(self._decode_handoff(handoff), name=rid))
-        await self._reply_handoff(msg, True)
+    def _check_handoff(self, handoff: DecodeHandoff) -> None:
+        if handoff.disaggregated_params is None:
+            raise ValueError("disaggregated_params: the hand-off carries no KV handle")
 
     async def _decode_handoff(self, handoff: DecodeHandoff) -> None:
         request = handoff.request

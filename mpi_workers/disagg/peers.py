@@ -233,6 +233,28 @@ class PeerWorker(Worker):
         """Compute the prompt of a decode worker's request and hand its KV over."""
         raise NotImplementedError
 
+    async def _on_handoff(self, msg) -> None:
+        """decode role, prefill_first: accept a prefilled request at once (or refuse it with
+        the reason), then take its KV over and decode it in `_decode_handoff`."""
+        try:
+            handoff = DecodeHandoff.model_validate_json(msg.data)
+            self.engine.validate(handoff.request)
+            self._check_handoff(handoff)
+        except ValueError as exc:
+            await self._reply_handoff(msg, False, str(exc))
+            return
+        await self._announce(handoff)
+        rid = handoff.request.request_id
+        self._track(rid, asyncio.create_task(self._decode_handoff(handoff), name=rid))
+        await self._reply_handoff(msg, True)
+
+    def _check_handoff(self, handoff: DecodeHandoff) -> None:
+        """Raise ValueError when `handoff` lacks what this worker's transfer needs."""
+
+    async def _decode_handoff(self, handoff: DecodeHandoff) -> None:
+        """Take the prefilled KV of an accepted hand-off over and stream its decode."""
+        raise NotImplementedError
+
     async def _announce(self, handoff: DecodeHandoff) -> None:
         """Tell the frontend this worker now owns the stream (before any chunk of ours and
         before the prefill worker lets go), so that our leaving fails the request there."""

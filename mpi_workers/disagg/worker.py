@@ -129,6 +129,7 @@ class DisaggWorker(PeerWorker):
             await self.kv.release_reservation(reservation)
             return
         await self._decode(reservation, result.first, result.generator_state, reply)
+
     async def _reserve(self, request: GenerateRequest) -> KvReservation:
         deadline = asyncio.get_running_loop().time() + RESERVE_WAIT_S
         while True:
@@ -236,19 +237,6 @@ class DisaggWorker(PeerWorker):
             await self._reply_error(
                 reply, reservation.request_id, "decode stream ended early", None
             )
-
-    async def _on_handoff(self, msg) -> None:
-        """prefill_first: accept a prefilled request at once, then import and decode it."""
-        try:
-            handoff = DecodeHandoff.model_validate_json(msg.data)
-            self.engine.validate(handoff.request)
-        except ValueError as exc:
-            await self._reply_handoff(msg, False, str(exc))
-            return
-        await self._announce(handoff)
-        rid = handoff.request.request_id
-        self._track(rid, asyncio.create_task(self._decode_handoff(handoff), name=rid))
-        await self._reply_handoff(msg, True)
 
     async def _decode_handoff(self, handoff: DecodeHandoff) -> None:
         request, reply = handoff.request, handoff.reply
