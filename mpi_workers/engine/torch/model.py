@@ -89,10 +89,6 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MLP(cfg, tp)
 
-    def forward(self, h: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
-        h = h + self.self_attn(self.input_layernorm(h), meta)
-        return h + self.mlp(self.post_attention_layernorm(h))
-
 
 class LlamaForCausalLM(nn.Module):
     """The decoder plus its (possibly tied) vocabulary head; parameter names follow HF."""
@@ -153,15 +149,12 @@ class LlamaForCausalLM(nn.Module):
         meta.cos, meta.sin = self.rotary.lookup(positions, h.dtype)
         layer0 = self.model.layers[0].self_attn
         meta.prepare_buffers(layer0.num_kv_heads, layer0.head_dim, h.dtype)
-        if self.fused:
-            return self._fused_layers(h, meta)
-        for layer in self.model.layers:
-            h = layer(h, meta)
-        return self.model.norm(h)
+        return self._decoder_layers(h, meta)
 
-    def _fused_layers(self, h: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
-        """The same decoder with each residual add fused into the norm after it (CUDA): `h`
-        is the residual stream, `x` the normalised input of the next block."""
+    def _decoder_layers(self, h: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        """All layers and the final norm over the residual stream `h` (updated in place);
+        `x` is the normalised input of the next block. Each residual add happens inside the
+        norm after it: one Triton kernel on CUDA, an in-place add then the norm elsewhere."""
         layers = self.model.layers
         x = layers[0].input_layernorm(h)
         for index, layer in enumerate(layers):
