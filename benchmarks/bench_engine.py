@@ -5,6 +5,11 @@ Cases: batch 1 and batch 8 (greedy, EOS ignored so both sides produce exactly
 warm). Each of `--dtypes` (default float32, the CPU default, then bfloat16) runs ours vs HF
 in that same dtype. The last line is `speedup_vs_hf bs1=<x> bs8=<y>` for the first dtype;
 the line before it the same for the others, e.g. `speedup_vs_hf[bfloat16] ...`.
+
+`--device cuda --shape llama8b|smollm2` measures the engine on one GPU instead (random
+weights; synchronous vs overlapped stepping vs a hand-written reference loop; see
+`bench_gpu_engine.py`, which it runs), ending in `gpu_engine bs1_roofline=<x>
+bs128_tok_s=<y> e2e_bs128_tok_s=<z> vs_reference_bs128=<r>`.
 """
 
 from __future__ import annotations
@@ -179,6 +184,9 @@ async def main_async(args: argparse.Namespace) -> None:
 
 
 def main() -> None:
+    if "--device" in sys.argv:
+        gpu_main()
+        return
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--model", default=None, help="HF model folder (default: SmolLM2-135M)")
     parser.add_argument("--new-tokens", type=int, default=128)
@@ -191,6 +199,20 @@ def main() -> None:
         help="each runs ours vs HF in that dtype; the first one is the last line's",
     )  # fmt: skip
     asyncio.run(main_async(parser.parse_args()))
+
+
+def gpu_main() -> None:
+    """`--device cuda [--shape S] [--prompt N] [--new-tokens N]`: the GPU engine benchmark."""
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--device", choices=["cuda"], required=True)
+    parser.add_argument("--shape", choices=["llama8b", "smollm2"], default="llama8b")
+    parser.add_argument("--prompt", type=int, default=512)
+    parser.add_argument("--new-tokens", type=int, default=128)
+    args = parser.parse_args()
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from bench_gpu_engine import main_async as gpu_main_async
+
+    asyncio.run(gpu_main_async(args))
 
 
 if __name__ == "__main__":

@@ -84,6 +84,13 @@ def decode_metadata(
     )  # fmt: skip
 
 
+def fill_pending(input_ids: torch.Tensor, pending: torch.Tensor) -> None:
+    """Overlapped scheduling: replace each placeholder id `-(k + 1)` in `input_ids` by
+    `pending[k]` (the token the step in flight samples in its row k), in place on the device."""
+    index = input_ids.neg().sub_(1).clamp_(min=0)
+    input_ids.copy_(torch.where(input_ids < 0, pending[index], input_ids))
+
+
 @dataclass
 class _Graph:
     graph: torch.cuda.CUDAGraph
@@ -145,8 +152,7 @@ class DecodeGraphs:
         meta = decode_metadata(tables, pos, lens, slots, self.block_size, self.paged_kernel)
         return self.model(ids, pos, meta)
 
-    def _capture(self, batch: int, blocks: int, host: torch.Tensor) -> _Graph:
-        packed = host.to(self.device)
+    def _capture(self, batch: int, blocks: int, packed: torch.Tensor) -> _Graph:
         stream = torch.cuda.Stream(self.device)
         stream.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(stream):  # warm-up (writes this step's K/V: replay rewrites it)
@@ -164,17 +170,20 @@ class DecodeGraphs:
         logger.info("captured decode graph: batch %d, %d context blocks", batch, blocks)
         return _Graph(graph, packed, hidden)
 
-    def run(self, plan) -> torch.Tensor:
-        """Hidden states [rows of the plan, hidden]; valid until the next run."""
+    def run(self, plan, pending: torch.Tensor | None = None) -> torch.Tensor:
+        """Hidden states [rows of the plan, hidden]; valid until the next run. `pending`:
+        the in-flight step's tokens for the plan's placeholder ids (`fill_pending`)."""
         n = len(plan.input_ids)
         batch = batch_bucket(n)
         need = -(-max(plan.decode_lens) // self.block_size)
         blocks = block_bucket(need, self.max_blocks)
-        host = self._pack(plan, batch, blocks)
+        host = self._pack(plan, batch, blocks).pin_memory()
         entry = self.graphs.get((batch, blocks))
+        packed = torch.empty_like(host, device=self.device) if entry is None else entry.packed
+        packed.copy_(host, non_blocking=True)
+        if pending is not None:
+            fill_pending(packed[:batch], pending)
         if entry is None:
-            entry = self.graphs[(batch, blocks)] = self._capture(batch, blocks, host)
-        else:
-            entry.packed.copy_(host, non_blocking=True)
+            entry = self.graphs[(batch, blocks)] = self._capture(batch, blocks, packed)
         entry.graph.replay()
         return entry.hidden[:n]

@@ -33,10 +33,11 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from contract.config import env_flag
 from contract.messages import GenerateOutput, GenerateRequest, SamplingParams
 from mpi_workers.engine.block_manager import BlockManager
 from mpi_workers.engine.scheduler import ScheduledBatch, Scheduler
-from mpi_workers.engine.sequence import Sequence
+from mpi_workers.engine.sequence import SeqStatus, Sequence
 from mpi_workers.engine.streaming import (  # noqa: F401 (re-exported)
     MAX_LOGPROBS,
     RequestValidationError,
@@ -62,6 +63,7 @@ class EngineStats:
     """Monotonic counters (read them from any thread; they are plain ints)."""
 
     num_steps: int = 0
+    num_overlapped_steps: int = 0  # launched while the step before was still in flight
     num_computed_tokens: int = 0
     num_computed_prompt_tokens: int = 0  # prompt tokens whose KV was computed (not cached)
     num_cached_prompt_tokens: int = 0  # prompt tokens served from the prefix cache
@@ -98,6 +100,25 @@ def pool_sizes(
     return num_blocks, limit
 
 
+@dataclass
+class InFlightStep:
+    """A launched step whose sampled tokens are still on the GPU (overlapped scheduling).
+    Each sampled sequence holds a placeholder `-(k + 1)` at `slots[k]` of its token list
+    until the step is resolved."""
+
+    seqs: list[Sequence]
+    sampled: list[Sequence]
+    slots: list[int]
+    tokens: torch.Tensor | None  # [sampled] token ids on the device
+    host: torch.Tensor | None  # their pinned host copy, valid once `copied` has happened
+    copied: torch.cuda.Event | None  # None on the CPU (`host` is `tokens`)
+
+
+def overlap_default() -> bool:
+    """HPCSERVE_OVERLAP_SCHEDULING=0 turns overlapped scheduling off (CUDA, one rank)."""
+    return env_flag("HPCSERVE_OVERLAP_SCHEDULING", True)
+
+
 class TorchEngine(StreamingEngine, TorchKvHandoff):
     """Plain-PyTorch Llama-family engine with paged KV, prefix caching, continuous batching."""
 
@@ -120,6 +141,7 @@ class TorchEngine(StreamingEngine, TorchKvHandoff):
         seed: int | None = None,
         tp: TpRuntime | None = None,
         enforce_eager: bool | None = None,
+        overlap: bool | None = None,
     ) -> None:
         self.model_dir = Path(model_dir)
         self.model_name = model_name or self.model_dir.name
@@ -164,6 +186,13 @@ class TorchEngine(StreamingEngine, TorchKvHandoff):
         self._fatal_lock = threading.Lock()
         self._step_started: float | None = None
         self.step_timeout_s = tp_step_timeout_s() if tp else 0.0
+        # Overlapped scheduling: on one GPU the host schedules and launches step N+1 while
+        # the GPU still runs step N (TP followers would need the tokens: not under TP).
+        # `overlap=True` forces it (on the CPU too, where it gains nothing: tests use it).
+        if overlap is None:
+            overlap = self.device.type == "cuda" and overlap_default()
+        self.overlap = overlap and tp is None
+        self._inflight: InFlightStep | None = None
 
     # ----- lifecycle -----------------------------------------------------------------------
     async def start(self) -> None:
@@ -183,6 +212,7 @@ class TorchEngine(StreamingEngine, TorchKvHandoff):
         # A failed TP step may leave the thread blocked in a collective: don't wait for it.
         await asyncio.to_thread(self._thread.join, 5.0 if self.failed else None)
         self._thread = None
+        self._inflight = None  # its sequences are aborted just below
         if self.tp is not None and self.failed is None:
             self.tp.broadcast_object(None)  # followers leave their loop
             self.tp.close()
@@ -297,7 +327,10 @@ class TorchEngine(StreamingEngine, TorchKvHandoff):
         logger.info("engine loop started (%s, %s)", self.device, self.dtype)
         with torch.inference_mode():
             while not self._stop.is_set():
-                self._drain_commands(block=not self.scheduler.has_work())
+                idle = not self.scheduler.has_work()
+                if idle and self._inflight is not None:
+                    self._settle_inflight()  # before waiting: deliver what it sampled
+                self._drain_commands(block=idle)
                 if self._stop.is_set():
                     break
                 if self.scheduler.has_work():
@@ -320,10 +353,12 @@ class TorchEngine(StreamingEngine, TorchKvHandoff):
                 if waiter is not None:
                     waiter[0].call_soon_threadsafe(_resolve, waiter[1])
             elif kind == "reset_prefix_cache":
+                self._settle_inflight()
                 self.block_manager.reset_prefix_cache()
                 self._publish_events()
                 arg[1][0].call_soon_threadsafe(_resolve, arg[1][1])
             elif kind == "call":
+                self._settle_inflight()  # disaggregation hooks see every token in place
                 _run_call(*arg)
                 self._publish_events()
             try:
@@ -369,23 +404,94 @@ class TorchEngine(StreamingEngine, TorchKvHandoff):
 
     def _step_guarded(self) -> None:
         batch = ScheduledBatch()
+        previous = self._inflight
         try:
             batch = self.scheduler.schedule()
-            if batch:
-                self._step_started = time.monotonic()
-                self.step(batch)
+            if batch and self.overlap and self._can_launch(batch):
+                self._launch(batch, previous)  # step N+1 queued behind step N on the GPU ...
+                if previous is not None:
+                    self._resolve(previous)  # ... while the host takes step N's tokens
+            else:
+                if previous is not None:
+                    self._inflight = None
+                    self._resolve(previous)
+                    batch.seqs, batch.num_tokens = _unfinished(batch)
+                if batch:
+                    self._step_started = time.monotonic()
+                    self.step(batch)
         except Exception as exc:  # one bad step must not kill the loop or hang callers
             self._step_started = None
             if self.tp is not None:  # the ranks may now disagree: the group cannot go on
                 logger.exception("tensor-parallel step failed")
                 self._fail_group(f"{type(exc).__name__}: {exc}")
                 return
-            logger.exception("engine step failed; failing its %d requests", len(batch.seqs))
-            for seq in batch.seqs:
-                if seq.finish_reason is None:
+            failed = list(batch.seqs)
+            for flight in (previous, self._inflight):
+                failed += flight.seqs if flight is not None else []
+            self._inflight = None
+            logger.exception("engine step failed; failing its %d requests", len(failed))
+            for seq in failed:
+                if seq.status is not SeqStatus.FINISHED:
                     self._finish(seq, "error", error=f"{type(exc).__name__}: {exc}")
         self._step_started = None
         self._publish_events()
+
+    def _can_launch(self, batch: ScheduledBatch) -> bool:
+        """Whether `batch` can run before the step in flight is resolved: its sampled rows
+        need nothing from the host (`Sampler.on_device`) and no disaggregated prefill holds
+        its blocks for a transfer."""
+        rows = []
+        for seq, n in zip(batch.seqs, batch.num_tokens, strict=True):
+            if seq.hold_blocks:
+                return False
+            if seq.num_computed + n == seq.num_tokens:
+                rows.append(SampleRow(seq.sampling, seq.token_ids, seq.num_prompt_tokens,
+                                      seq.generator))  # fmt: skip
+        return self.sampler.on_device(rows)
+
+    def _launch(self, batch: ScheduledBatch, previous: InFlightStep | None) -> None:
+        """Queue the forward and sampling of `batch` on the GPU and return at once: its
+        input ids that are still placeholders take the previous step's tokens on the GPU,
+        and its own sampled tokens go to pinned memory asynchronously."""
+        self.stats.num_steps += 1
+        self.stats.num_overlapped_steps += previous is not None
+        plan, sampled = build_plan(batch)
+        logits = self.runner.execute(plan, previous.tokens if previous is not None else None)
+        self._advance(batch)
+        tokens = host = copied = None
+        slots: list[int] = []
+        if sampled:
+            assert logits is not None
+            rows = [SampleRow(s.sampling, s.token_ids, s.num_prompt_tokens, s.generator)
+                    for s in sampled]  # fmt: skip
+            tokens = host = self.sampler.choose(logits.float(), rows)
+            if tokens.device.type == "cuda":
+                host = torch.empty(len(sampled), dtype=torch.long, pin_memory=True)
+                host.copy_(tokens, non_blocking=True)
+                copied = torch.cuda.Event()
+                copied.record()
+            for k, seq in enumerate(sampled):
+                seq.token_ids.append(-(k + 1))
+                slots.append(len(seq.token_ids) - 1)
+        self._inflight = InFlightStep(list(batch.seqs), sampled, slots, tokens, host, copied)
+
+    def _resolve(self, flight: InFlightStep) -> None:
+        """Wait for `flight`'s tokens, put them in place of its placeholders, then commit,
+        deliver and finish as a synchronous step does. A sequence that finishes here was
+        already launched in the next step: that step's token for it is dropped."""
+        if flight.copied is not None:
+            flight.copied.synchronize()
+        tokens = flight.host.tolist() if flight.host is not None else []
+        for seq, slot, token in zip(flight.sampled, flight.slots, tokens, strict=True):
+            if seq.status is not SeqStatus.FINISHED:
+                self._append_token(seq, token, None, slot)
+        self._settle(flight.seqs)
+
+    def _settle_inflight(self) -> None:
+        """Resolve the step in flight, if any (before anything reads tokens or blocks)."""
+        flight, self._inflight = self._inflight, None
+        if flight is not None:
+            self._resolve(flight)
 
     def step(self, batch: ScheduledBatch) -> None:
         """Forward one scheduled batch, sample, update sequences, deliver outputs."""
@@ -394,11 +500,7 @@ class TorchEngine(StreamingEngine, TorchKvHandoff):
         if self.tp is not None:  # followers run the same plan on their shards
             self.tp.broadcast_object(plan)
         logits = self.runner.execute(plan)
-        for seq, n in zip(batch.seqs, batch.num_tokens, strict=True):
-            lo = seq.num_computed
-            self.stats.num_computed_tokens += n
-            self.stats.num_computed_prompt_tokens += max(0, min(lo + n, seq.num_prompt_tokens) - lo)
-            seq.num_computed = lo + n
+        self._advance(batch)
         if sampled:
             rows = [
                 SampleRow(s.sampling, s.token_ids, s.num_prompt_tokens, s.generator)
@@ -407,11 +509,25 @@ class TorchEngine(StreamingEngine, TorchKvHandoff):
             tokens, logprobs = self.sampler(logits, rows)
             for seq, token, lp in zip(sampled, tokens, logprobs, strict=True):
                 self._append_token(seq, token, lp)
-        for seq in batch.seqs:
+        self._settle(batch.seqs)
+
+    def _advance(self, batch: ScheduledBatch) -> None:
+        """Count the batch's tokens as computed."""
+        for seq, n in zip(batch.seqs, batch.num_tokens, strict=True):
+            lo = seq.num_computed
+            self.stats.num_computed_tokens += n
+            self.stats.num_computed_prompt_tokens += max(0, min(lo + n, seq.num_prompt_tokens) - lo)
+            seq.num_computed = lo + n
+
+    def _settle(self, seqs: list[Sequence]) -> None:
+        """After a step's tokens are in place: publish full blocks, then deliver new tokens
+        and finish the sequences that ended."""
+        live = [seq for seq in seqs if seq.status is not SeqStatus.FINISHED]
+        for seq in live:
             self.block_manager.commit(seq)
         self.stats.num_preemptions = self.scheduler.num_preemptions
         self.stats.num_cached_prompt_tokens = self.scheduler.num_cached_prompt_tokens
-        for seq in batch.seqs:
+        for seq in live:
             if seq.finish_reason is not None:
                 self._finish(seq, seq.finish_reason)
             elif seq.pending_tokens:
@@ -422,15 +538,24 @@ class TorchEngine(StreamingEngine, TorchKvHandoff):
         if reason == "error":
             self.stats.num_errors += 1
 
-    def _append_token(self, seq: Sequence, token: int, logprob: Any) -> None:
-        seq.token_ids.append(token)
+    def _append_token(
+        self, seq: Sequence, token: int, logprob: Any, slot: int | None = None
+    ) -> None:
+        """Add a sampled token (or put it at `slot`, in place of its placeholder; a sequence
+        that ends there drops the placeholder of the step launched after it)."""
+        if slot is None:
+            seq.token_ids.append(token)
+            slot = len(seq.token_ids) - 1
+        else:
+            seq.token_ids[slot] = token
         seq.pending_tokens.append(token)
         if logprob is not None:
             seq.pending_logprobs.append(logprob)
         self.stats.num_generated_tokens += 1
-        reason = self.finish_reason(seq.sampling, token, seq.num_tokens, seq.max_len)
+        reason = self.finish_reason(seq.sampling, token, slot + 1, seq.max_len)
         if reason is not None:
             seq.finish_reason = reason
+            del seq.token_ids[slot + 1 :]
 
     def finish_reason(
         self, sampling: SamplingParams, token: int, num_tokens: int, max_len: int
@@ -462,6 +587,14 @@ class TorchEngine(StreamingEngine, TorchKvHandoff):
                 "logprobs": logprobs if last.logprobs is not None else None,
             }
         )
+
+
+def _unfinished(batch: ScheduledBatch) -> tuple[list[Sequence], list[int]]:
+    """The batch without the sequences that finished while it waited (resolving the step
+    in flight ended them; their blocks are already freed)."""
+    kept = [(seq, n) for seq, n in zip(batch.seqs, batch.num_tokens, strict=True)
+            if seq.status is not SeqStatus.FINISHED]  # fmt: skip
+    return [seq for seq, _ in kept], [n for _, n in kept]
 
 
 def tp_step_timeout_s() -> float:

@@ -19,7 +19,8 @@ import torch
 from contract.config import env_flag
 from mpi_workers.engine.torch import kernels, triton_attention
 from mpi_workers.engine.torch.attention import AttentionMetadata, PrefillChunk
-from mpi_workers.engine.torch.cuda_graph import DecodeGraphs
+from mpi_workers.engine.torch.cuda_graph import DecodeGraphs, fill_pending
+from mpi_workers.engine.torch.host_copy import to_device
 from mpi_workers.engine.torch.kv_cache import KvCache
 from mpi_workers.engine.torch.model import LlamaForCausalLM
 
@@ -145,15 +146,15 @@ class ModelRunner:
     def tensors(self, plan: StepPlan) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
         """(input_ids, positions, attention metadata) of a plan, on this rank's device."""
         dev = self.device
-        input_ids = torch.tensor(plan.input_ids, dtype=torch.long, device=dev)
-        positions = torch.tensor(plan.positions, dtype=torch.long, device=dev)
+        input_ids = to_device(plan.input_ids, torch.long, dev)
+        positions = to_device(plan.positions, torch.long, dev)
         meta = AttentionMetadata(slot_mapping=torch.empty(0, dtype=torch.long))
         slot_parts: list[torch.Tensor] = []
         if plan.decode_tables:
             num_decode = len(plan.decode_tables)
             self._prepare_decode(plan, meta, positions[:num_decode], slot_parts)
         for start, n, done, block_table in plan.prefills:
-            table = torch.tensor(block_table, dtype=torch.long, device=dev)
+            table = to_device(block_table, torch.long, dev)
             chunk_pos = positions[start : start + n]
             slot_parts.append(self._slots(table, chunk_pos))
             ctx = done + n
@@ -178,7 +179,7 @@ class ModelRunner:
         max_len = max(lengths)
         max_blocks = -(-max_len // self.block_size)
         rows = [t[:max_blocks] + [0] * (max_blocks - len(t)) for t in plan.decode_tables]
-        tables = torch.tensor(rows, dtype=torch.long, device=dev)
+        tables = to_device(rows, torch.long, dev)
         slot_parts.append(self._slots(tables, positions.unsqueeze(1)).squeeze(1))
         padded_len = max_blocks * self.block_size
         meta.block_size = self.block_size
@@ -186,27 +187,39 @@ class ModelRunner:
         meta.decode_max_len = padded_len
         if self.decode_kernel:
             meta.decode_block_tables = tables
-            meta.decode_lens = torch.tensor(lengths, dtype=torch.long, device=dev)
+            meta.decode_lens = to_device(lengths, torch.long, dev)
             return
         # Read whole blocks (the tail of each row's last block is masked out).
         meta.decode_gather_blocks = tables.reshape(-1)
         if min(lengths) != padded_len:
             span = torch.arange(padded_len, device=dev)
-            lens = torch.tensor(lengths, device=dev).unsqueeze(1)
+            lens = to_device(lengths, torch.long, dev).unsqueeze(1)
             meta.decode_mask = (span < lens).view(num_decode, 1, 1, padded_len)
 
     @torch.inference_mode()
-    def execute(self, plan: StepPlan) -> torch.Tensor | None:
+    def execute(
+        self, plan: StepPlan, pending: torch.Tensor | None = None
+    ) -> torch.Tensor | None:
         """Forward a plan; logits [sampled rows, vocab] (None: nothing sampled, or a TP
-        follower, which still takes part in every collective)."""
+        follower, which still takes part in every collective).
+
+        Overlapped scheduling: an input id `-(k + 1)` stands for the token the step still
+        in flight samples in its row k; `pending` holds those tokens on the device, and
+        they are put in place on the GPU (no host sync)."""
+        fill = None
+        if pending is not None and plan.input_ids and min(plan.input_ids) < 0:
+            fill = pending
         if self.graphs is not None and self.graphs.accepts(plan):
-            hidden = self.graphs.run(plan)
+            hidden = self.graphs.run(plan, fill)
         else:
             input_ids, positions, meta = self.tensors(plan)
+            if fill is not None:
+                fill_pending(input_ids, fill)
             hidden = self.model(input_ids, positions, meta)
         rows = plan.sample_rows
         if not rows:
             return None
         if len(rows) != hidden.shape[0]:
-            hidden = hidden.index_select(0, torch.tensor(rows, device=hidden.device))
+            hidden = hidden.index_select(0, to_device(rows, torch.long, hidden.device))
         return self.model.compute_logits(hidden)
+

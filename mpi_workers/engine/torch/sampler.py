@@ -15,6 +15,7 @@ import torch
 
 from contract.messages import SamplingParams, TokenLogprob, TopLogprob
 from mpi_workers.engine.torch import kernels
+from mpi_workers.engine.torch.host_copy import to_device
 
 
 @dataclass
@@ -96,7 +97,8 @@ def apply_min_p(logits: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:
 
 
 class Sampler:
-    """Stateless apart from a fallback generator for unseeded requests."""
+    """Stateless apart from the fallback generators for unseeded requests (one on the CPU,
+    one per device, both from the engine's seed)."""
 
     def __init__(self, seed: int | None = None) -> None:
         self.generator = torch.Generator()
@@ -104,46 +106,74 @@ class Sampler:
             self.generator.manual_seed(seed)
         else:
             self.generator.seed()
+        self._device_generators: dict[torch.device, torch.Generator] = {}
+
+    @staticmethod
+    def on_device(rows: list[SampleRow]) -> bool:
+        """Whether `choose` can sample these rows without the host: no penalties (they read
+        the token history), no logprobs, no request seed (its generator lives on the CPU).
+        Overlapped scheduling launches such steps before the previous tokens are known."""
+        return all(
+            r.params.logprobs is None
+            and r.params.repetition_penalty == 1.0
+            and not r.params.presence_penalty
+            and not r.params.frequency_penalty
+            and (r.params.temperature == 0.0 or r.generator is None)
+            for r in rows
+        )
 
     def __call__(
         self, logits: torch.Tensor, rows: list[SampleRow]
     ) -> tuple[list[int], list[TokenLogprob | None]]:
         logits = apply_penalties(logits.float(), rows)
-        greedy = [r.params.temperature == 0.0 for r in rows]
+        tokens = self.choose(logits, rows).tolist()
+        return tokens, self._logprobs(logits, tokens, rows)
+
+    def choose(self, logits: torch.Tensor, rows: list[SampleRow]) -> torch.Tensor:
+        """The next token of every row, left on the logits' device (float32 logits, after
+        penalties). No host sync, except for seeded rows on a GPU."""
         chosen = kernels.argmax_rows(logits)
         if chosen is None:
             chosen = logits.argmax(dim=-1)
-        sampled_idx = [i for i, g in enumerate(greedy) if not g]
+        sampled_idx = [i for i, r in enumerate(rows) if r.params.temperature != 0.0]
         if sampled_idx:
-            chosen = chosen.clone()
             sub_rows = [rows[i] for i in sampled_idx]
-            sub = logits[sampled_idx] if len(sampled_idx) < len(rows) else logits
-            draws = self._sample(sub, sub_rows)
-            chosen[sampled_idx] = draws
-        tokens = chosen.tolist()
-        return tokens, self._logprobs(logits, tokens, rows)
+            if len(sampled_idx) == len(rows):
+                return self._sample(logits, sub_rows)
+            index = to_device(sampled_idx, torch.long, logits.device)
+            chosen = chosen.index_copy(0, index, self._sample(logits[index], sub_rows))
+        return chosen
 
     def _sample(self, logits: torch.Tensor, rows: list[SampleRow]) -> torch.Tensor:
         device = logits.device
-        temps = torch.tensor([r.params.temperature for r in rows], device=device)
+        temps = to_device([r.params.temperature for r in rows], torch.float32, device)
         logits = logits / temps.unsqueeze(-1)
         if any(r.params.top_k > 0 for r in rows):
-            top_k = torch.tensor([r.params.top_k for r in rows], device=device)
+            top_k = to_device([r.params.top_k for r in rows], torch.long, device)
             logits = apply_top_k(logits, top_k)
         if any(r.params.top_p < 1.0 for r in rows):
-            logits = apply_top_p(
-                logits, torch.tensor([r.params.top_p for r in rows], device=device)
-            )
+            top_p = to_device([r.params.top_p for r in rows], torch.float32, device)
+            logits = apply_top_p(logits, top_p)
         if any(r.params.min_p > 0.0 for r in rows):
-            logits = apply_min_p(
-                logits, torch.tensor([r.params.min_p for r in rows], device=device)
-            )
+            min_p = to_device([r.params.min_p for r in rows], torch.float32, device)
+            logits = apply_min_p(logits, min_p)
         probs = logits.softmax(dim=-1)
-        out = torch.empty(len(rows), dtype=torch.long, device=device)
-        for i, r in enumerate(rows):
-            gen = r.generator if r.generator is not None else self.generator
-            out[i] = torch.multinomial(probs[i], 1, generator=gen)[0]
+        # One draw for the whole batch from the engine's generator on the logits' device ...
+        out = torch.multinomial(probs, 1, generator=self._generator_for(device))[:, 0]
+        for i, r in enumerate(rows):  # ... but a seeded request draws from its own (CPU)
+            if r.generator is not None:  # generator: the same tokens whatever shares its batch
+                row = probs[i] if device.type == "cpu" else probs[i].cpu()
+                out[i] = torch.multinomial(row, 1, generator=r.generator)[0]
         return out
+
+    def _generator_for(self, device: torch.device) -> torch.Generator:
+        if device.type == "cpu":
+            return self.generator
+        if device not in self._device_generators:
+            generator = torch.Generator(device=device)
+            generator.manual_seed(self.generator.initial_seed())
+            self._device_generators[device] = generator
+        return self._device_generators[device]
 
     @staticmethod
     def _logprobs(
@@ -154,7 +184,7 @@ class Sampler:
             return [None] * len(rows)
         logprobs = logits.log_softmax(dim=-1)
         # Everything to the host in one go (on a GPU each element read would be a sync).
-        index = torch.tensor(tokens, device=logprobs.device).unsqueeze(1)
+        index = to_device(tokens, torch.long, logprobs.device).unsqueeze(1)
         chosen = logprobs.gather(1, index).squeeze(1).tolist()
         top_n = max(w or 0 for w in wanted)
         top_vals: list[list[float]] = []

@@ -70,8 +70,9 @@ def _requests(prompts, **sampling):
             for i, p in enumerate(prompts)]  # fmt: skip
 
 
+@pytest.mark.parametrize("overlap", [True, False])
 @pytest.mark.parametrize("eager", [False, True])
-def test_engine_on_cuda_matches_transformers_greedy(tiny_llama_dir, eager) -> None:
+def test_engine_on_cuda_matches_transformers_greedy(tiny_llama_dir, eager, overlap) -> None:
     """(A plain test running its own loop: the GPU machine has no pytest-asyncio.)"""
     import asyncio
 
@@ -89,9 +90,10 @@ def test_engine_on_cuda_matches_transformers_greedy(tiny_llama_dir, eager) -> No
             expected.append(out[0, len(prompt) :].tolist())
     engine = TorchEngine(
         tiny_llama_dir, device="cuda", dtype=torch.float32, block_size=16, num_blocks=64,
-        enforce_eager=eager,
+        enforce_eager=eager, overlap=overlap,
     )  # fmt: skip
     assert engine.runner.decode_kernel  # the Triton kernel serves decode
+    assert engine.overlap is overlap
 
     async def serve() -> None:
         await engine.start()
@@ -106,6 +108,50 @@ def test_engine_on_cuda_matches_transformers_greedy(tiny_llama_dir, eager) -> No
             await engine.shutdown()
 
     asyncio.run(serve())
+
+
+def test_sampling_on_cuda_seeded_and_unseeded(tiny_llama_dir) -> None:
+    """Temperature sampling on the GPU: unseeded rows draw on the device (and overlap), a
+    seeded request gives the same tokens with and without overlap, whatever its batch."""
+    import asyncio
+
+    from mpi_workers.engine.torch.engine import TorchEngine
+
+    prompts = [list(range(5, 5 + n)) for n in (3, 17, 40, 64)]
+
+    def seeded():
+        request = _requests(prompts[:1], seed=11)[0]
+        request.sampling.temperature = 0.8
+        return [request]
+
+    def unseeded():
+        requests = _requests(prompts[1:], top_p=0.9)
+        for request in requests:
+            request.sampling.temperature = 1.0
+            request.request_id = f"u-{request.request_id}"
+        return requests
+
+    def run(overlap: bool, requests):
+        engine = TorchEngine(tiny_llama_dir, device="cuda", dtype=torch.float32, block_size=16,
+                             num_blocks=64, overlap=overlap)  # fmt: skip
+
+        async def serve():
+            await engine.start()
+            try:
+                return await asyncio.gather(*(engine.generate_all(r) for r in requests))
+            finally:
+                await engine.shutdown()
+
+        return asyncio.run(serve()), engine
+
+    alone, _ = run(False, seeded())
+    mixed, engine = run(True, seeded() + unseeded())
+    assert mixed[0].token_ids == alone[0].token_ids
+    assert all(len(o.token_ids) == 16 and o.finish_reason == "length" for o in mixed)
+    assert engine.stats.num_overlapped_steps == 0  # the seeded row keeps steps synchronous
+    drawn, engine = run(True, unseeded())
+    assert all(len(o.token_ids) == 16 for o in drawn)
+    assert engine.stats.num_overlapped_steps > 0
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
