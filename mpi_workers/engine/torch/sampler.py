@@ -83,8 +83,9 @@ def apply_top_p(logits: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
     sorted_logits, order = logits.sort(dim=-1, descending=True)
     probs = sorted_logits.softmax(dim=-1)
     before = probs.cumsum(dim=-1) - probs  # mass strictly before each token
-    drop_sorted = before >= top_p.unsqueeze(-1)
-    drop_sorted[:, 0] = False  # always keep the best token
+    drop_sorted = (before >= top_p.unsqueeze(-1)) & (top_p < 1.0).unsqueeze(-1)
+    drop_sorted[:, 0] = False  # always keep the best token (and all of a top_p 1 row: its
+    # float cumsum can reach 1.0 before the tail)
     drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
     return logits.masked_fill(drop, float("-inf"))
 
