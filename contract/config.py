@@ -141,6 +141,14 @@ class EngineConfig(_Section):
     trtllm: TrtllmConfig = Field(default_factory=TrtllmConfig)
 
 
+class RestartPolicy(_Section):
+    """How the supervisor answers a component's crash: start it again after a backoff that
+    doubles each time (capped at a minute), at most `max_restarts` times in all."""
+
+    max_restarts: int = Field(default=3, ge=0, description="0: never restart")
+    backoff_s: float = Field(default=2.0, ge=0, description="wait before the first restart")
+
+
 class WorkerGroupConfig(_Section):
     role: Role = "agg"
     count: int = Field(default=1, ge=1)
@@ -148,6 +156,12 @@ class WorkerGroupConfig(_Section):
     engine_args: str | None = Field(
         default=None,
         description="TensorRT-LLM YAML for this group; overrides engine.trtllm.extra_engine_args",
+    )
+    restart: RestartPolicy = Field(default_factory=RestartPolicy)
+    critical: bool = Field(
+        default=True,
+        description="a worker of this group out of restarts fails the deployment (false: "
+        "the others serve on)",
     )
 
 
@@ -183,6 +197,11 @@ class FrontendConfig(_Section):
     no_worker_timeout_s: float = Field(
         default=0.0, ge=0, description="how long a request waits for a worker before 503"
     )
+    # a request whose worker dies mid-stream continues on another one (prompt + tokens so far)
+    migration_limit: int = Field(
+        default=3, ge=0, description="re-sends per request after worker loss; 0: fail instead"
+    )
+    restart: RestartPolicy = Field(default_factory=RestartPolicy)  # always critical
 
 
 class ServiceConfig(_Section):
@@ -190,6 +209,9 @@ class ServiceConfig(_Section):
     endpoint: str | None = Field(
         default=None, description="use this running service instead of starting one"
     )
+    restart: RestartPolicy = Field(
+        default_factory=lambda: RestartPolicy(backoff_s=0.5)
+    )  # a started service is always critical
 
     @model_validator(mode="after")
     def _endpoint_when_not_started(self) -> ServiceConfig:

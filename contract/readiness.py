@@ -1,7 +1,8 @@
 """Readiness probes shared by the local launcher and the Slurm batch script (stdlib only).
 
 Port open, HTTP health, and the number of keys under an etcd prefix (registered workers),
-read through etcd's JSON gateway so that no gRPC client is needed in a batch shell.
+read through etcd's JSON gateway so that no gRPC client is needed in a batch shell; one
+key's create revision and its deletion (the supervisor's view of a restarted worker).
 Also `free_port`, how both pick ports for the services they start.
 """
 
@@ -39,19 +40,36 @@ def etcd_key_count(endpoint: str, prefix: str, timeout: float = 2.0) -> int:
     """Keys under `prefix`, through etcd's JSON gateway (no gRPC client needed)."""
     key = prefix.encode()
     range_end = key[:-1] + bytes([key[-1] + 1])
-    body = json.dumps(
-        {
-            "key": base64.b64encode(key).decode(),
-            "range_end": base64.b64encode(range_end).decode(),
-            "count_only": True,
-        }
-    ).encode()
+    body = {
+        "key": base64.b64encode(key).decode(),
+        "range_end": base64.b64encode(range_end).decode(),
+        "count_only": True,
+    }
+    return int(_etcd_call(endpoint, "/v3/kv/range", body, timeout).get("count", 0))
+
+
+def _etcd_call(endpoint: str, path: str, body: dict, timeout: float) -> dict:
     request = urllib.request.Request(
-        endpoint.rstrip("/") + "/v3/kv/range", data=body, method="POST",
+        endpoint.rstrip("/") + path, data=json.dumps(body).encode(), method="POST",
         headers={"Content-Type": "application/json"},
     )  # fmt: skip
     with urllib.request.urlopen(request, timeout=timeout) as response:
-        return int(json.loads(response.read()).get("count", 0))
+        return json.loads(response.read())
+
+
+def etcd_key_revision(endpoint: str, key: str, timeout: float = 2.0) -> int | None:
+    """The create revision of exactly `key` (None: absent). A worker that registers again
+    after a restart has a new one, however its stale key from before lingered."""
+    body = {"key": base64.b64encode(key.encode()).decode(), "keys_only": True}
+    kvs = _etcd_call(endpoint, "/v3/kv/range", body, timeout).get("kvs") or []
+    return int(kvs[0]["create_revision"]) if kvs else None
+
+
+def etcd_delete_key(endpoint: str, key: str, timeout: float = 2.0) -> bool:
+    """Delete exactly `key`; True when it was there. The supervisor drops a dead worker's
+    registration at once instead of waiting for its lease to lapse."""
+    body = {"key": base64.b64encode(key.encode()).decode()}
+    return int(_etcd_call(endpoint, "/v3/kv/deleterange", body, timeout).get("deleted", 0)) > 0
 
 
 def keys_registered(endpoint: str, prefix: str, count: int = 1) -> Callable[[], bool]:

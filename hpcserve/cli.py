@@ -232,6 +232,49 @@ def logs(
 
 
 @app.command()
+def drain(
+    target: Annotated[str, typer.Argument(help="Slurm job id or job dir, or a local run folder")],
+    worker: Annotated[str, typer.Argument(help="e.g. worker-agg-g0-i1 (see pids.json)")],
+    timeout: Annotated[float, typer.Option(help="seconds to wait for the supervisor")] = 30.0,
+) -> None:
+    """Take one worker out of service: it leaves routing, finishes what it holds and exits;
+    the supervisor does not restart it."""
+    import json
+    import time
+
+    from contract.supervisor import DRAIN_DIR
+
+    folder = Path(target).expanduser()
+    if not (folder / "pids.json").is_file():
+        from slurm.jobs import JobError, find_job_dir
+
+        try:
+            folder = find_job_dir(target)
+        except JobError as exc:
+            typer.echo(f"hpcserve: {exc}", err=True)
+            raise typer.Exit(1) from None
+    try:
+        names = json.loads((folder / "pids.json").read_text())
+    except (OSError, ValueError):
+        typer.echo(f"hpcserve: {folder} has no running deployment (no pids.json)", err=True)
+        raise typer.Exit(1) from None
+    workers = sorted(name for name in names if name.startswith("worker-"))
+    if worker not in workers:
+        typer.echo(f"hpcserve: no worker {worker!r}; there are: {', '.join(workers)}", err=True)
+        raise typer.Exit(2)
+    request = folder / DRAIN_DIR / worker
+    request.parent.mkdir(exist_ok=True)
+    request.touch()
+    deadline = time.monotonic() + timeout
+    while request.exists():  # the supervisor takes the request within a poll (0.2 s)
+        if time.monotonic() > deadline:
+            typer.echo(f"hpcserve: no supervisor took the request in {timeout:.0f} s", err=True)
+            raise typer.Exit(1)
+        time.sleep(0.1)
+    typer.echo(f"draining {worker}")
+
+
+@app.command()
 def cancel(job: JobArg) -> None:
     """scancel the job, then wait (bounded) until it and all its steps are gone."""
     from slurm.jobs import JobError

@@ -4,22 +4,22 @@
    services we start and for frontend port 0. The resolved config is written to
    `run_dir/config.yaml`; every component reads that file (environment overrides were
    applied once, here, and are not passed on).
-2. Spawn `contract.plan.plan_deployment(...)` stage by stage, each process with its log in
-   `run_dir/logs/` and its readiness awaited (no sleeps); PIDs go to `run_dir/pids.json`.
-3. Print `hpcserve ready: http://HOST:PORT/v1`, then watch: if any child exits, stop all and
-   fail with its log tail. SIGINT/SIGTERM stop everything in reverse order, stage by stage.
+2. Hand `contract.plan.plan_deployment(...)` to the supervisor (`contract.supervisor`, the
+   same one the Slurm job runs), which starts it stage by stage, each process a local
+   process group with its log in `run_dir/logs/` and its readiness awaited (no sleeps); PIDs
+   go to `run_dir/pids.json`.
+3. Print `hpcserve ready: http://HOST:PORT/v1`, then serve: a crashed component is restarted
+   under its restart policy; a critical one out of restarts stops all and fails with its log
+   tail. SIGINT/SIGTERM stop everything in reverse order, stage by stage.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import signal
 import sys
-import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -28,26 +28,20 @@ import yaml
 
 from contract.config import ENV_PREFIX, ConfigError, DeploymentConfig, cache_dir
 from contract.plan import (
-    STAGE_WORKERS,
-    STOP_TIMEOUT_S,
     TRTLLM_LAUNCHER,
-    WORKER_STOP_TIMEOUT_S,
     PlannedProcess,
-    Readiness,
     needs_mpi_launcher,
     plan_deployment,
     split_url,
     uses_llmapi_launch,
 )
-from contract.readiness import free_port, http_ok, keys_registered, port_open
+from contract.processes import ManagedProcess
+from contract.readiness import free_port, port_open
+from contract.supervisor import DeploymentFailed, Supervisor
 from hpcserve.model_prepare import is_prepared, prepare_default_model
-from hpcserve.processes import ManagedProcess, ProcessFailed
 from hpcserve.services import find_binary
 from mpi_workers import mpirun
 from mpi_workers.ranks import check_model_tp
-
-READY_TIMEOUT_S = {"etcd": 30.0, "nats": 30.0, "frontend": 120.0}
-WORKER_READY_TIMEOUT_S = 600.0
 
 Say = Callable[[str], None]
 
@@ -66,16 +60,19 @@ class Deployment:
     run_dir: Path
     config_file: Path
     plan: list[PlannedProcess]
-    processes: list[tuple[PlannedProcess, ManagedProcess]] = field(default_factory=list)
+    supervisor: Supervisor | None = field(default=None, repr=False)
 
     @property
     def url(self) -> str:
         host = _probe_host(self.config.frontend.host)
         return f"http://{host}:{self.config.frontend.port}/v1"
 
-    def write_pids(self) -> None:
-        pids = {planned.name: managed.pid for planned, managed in self.processes}
-        (self.run_dir / "pids.json").write_text(json.dumps(pids, indent=2) + "\n")
+    @property
+    def processes(self) -> list[tuple[PlannedProcess, ManagedProcess]]:
+        """The processes running now (a restarted component: its latest process)."""
+        if self.supervisor is None:
+            return []
+        return [(c.planned, c.process) for c in self.supervisor.components if c.process]
 
 
 def new_run_dir(config: DeploymentConfig) -> Path:
@@ -128,17 +125,6 @@ def resolve_config(
 
 def _probe_host(host: str) -> str:
     return "127.0.0.1" if host in ("0.0.0.0", "") else host
-
-
-def readiness_check(ready: Readiness) -> Callable[[], bool]:
-    if ready.kind == "port":
-        assert ready.host is not None and ready.port is not None
-        return lambda: port_open(ready.host, ready.port)
-    if ready.kind == "http":
-        assert ready.url is not None
-        return lambda: http_ok(ready.url)
-    assert ready.etcd_endpoint is not None and ready.prefix is not None
-    return keys_registered(ready.etcd_endpoint, ready.prefix, ready.count or 1)
 
 
 def child_env() -> dict[str, str]:
@@ -212,10 +198,25 @@ def prepare_deployment(config: DeploymentConfig, say: Say = _say) -> Deployment:
     return Deployment(resolved, run_dir, config_file, plan)
 
 
+def local_launch(deployment: Deployment) -> Callable[[PlannedProcess], ManagedProcess]:
+    """How the supervisor starts a component here: a local process group, log appended."""
+    env = child_env()
+
+    def launch(planned: PlannedProcess) -> ManagedProcess:
+        log_path = deployment.run_dir / "logs" / f"{planned.name}.log"
+        return ManagedProcess.spawn(planned.name, planned.argv, log_path,
+                                    env={**env, **planned.env})  # fmt: skip
+
+    return launch
+
+
 def spawn_deployment(deployment: Deployment, say: Say = _say) -> None:
     """Start the plan stage by stage; the caller stops `deployment` whatever happens."""
-    for stage in sorted({p.stage for p in deployment.plan}):
-        _start_stage(deployment, [p for p in deployment.plan if p.stage == stage], say)
+    deployment.supervisor = Supervisor(
+        deployment.config, deployment.plan, local_launch(deployment),
+        run_dir=deployment.run_dir, say=say,
+    )  # fmt: skip
+    deployment.supervisor.start()
 
 
 def start_deployment(
@@ -224,7 +225,8 @@ def start_deployment(
     adjust: Callable[[Deployment], None] | None = None,
 ) -> Deployment:
     """Prepare and spawn; on failure everything started is stopped again. `adjust` may edit
-    the plan in between (a benchmark pins each worker to a GPU through its env)."""
+    the plan in between (a benchmark pins each worker to a GPU through its env). Nothing
+    watches the result: `serve_deployment` does (restarts), or the caller."""
     deployment = prepare_deployment(config, say)
     if adjust is not None:
         adjust(deployment)
@@ -236,50 +238,16 @@ def start_deployment(
     return deployment
 
 
-def _start_stage(deployment: Deployment, stage: list[PlannedProcess], say: Say) -> None:
-    env = child_env()
-    started = []
-    for planned in stage:
-        log_path = deployment.run_dir / "logs" / f"{planned.name}.log"
-        managed = ManagedProcess.spawn(
-            planned.name, planned.argv, log_path, env={**env, **planned.env}
-        )
-        deployment.processes.append((planned, managed))
-        deployment.write_pids()
-        say(f"started {planned.name} (pid {managed.pid}, log {log_path})")
-        started.append((planned, managed))
-    for planned, managed in started:
-        timeout = READY_TIMEOUT_S.get(planned.role, WORKER_READY_TIMEOUT_S)
-        t0 = time.monotonic()
-        managed.wait_ready(readiness_check(planned.ready), timeout, poll_s=0.1)
-        say(f"{planned.name} ready in {time.monotonic() - t0:.1f} s ({planned.ready.describe()})")
+def serve_deployment(deployment: Deployment) -> None:
+    """Watch and restart until a critical component is down for good (DeploymentFailed)."""
+    assert deployment.supervisor is not None
+    deployment.supervisor.serve()
 
 
 def stop_deployment(deployment: Deployment, say: Say = _say) -> None:
     """Stop every process, last stage first; one stage's processes in parallel."""
-    by_stage: dict[int, list[tuple[PlannedProcess, ManagedProcess]]] = {}
-    for planned, managed in deployment.processes:
-        by_stage.setdefault(planned.stage, []).append((planned, managed))
-    for stage in sorted(by_stage, reverse=True):
-        group = list(reversed(by_stage[stage]))
-
-        def stop(item: tuple[PlannedProcess, ManagedProcess]) -> None:
-            planned, managed = item
-            timeout = WORKER_STOP_TIMEOUT_S if planned.stage == STAGE_WORKERS else STOP_TIMEOUT_S
-            code = managed.stop(timeout)
-            say(f"stopped {planned.name} (exit {code})")
-
-        with ThreadPoolExecutor(max_workers=max(1, len(group))) as pool:
-            list(pool.map(stop, group))
-
-
-def watch(deployment: Deployment, poll_s: float = 0.2) -> ManagedProcess:
-    """Block until a child exits; return it."""
-    while True:
-        for _planned, managed in deployment.processes:
-            if not managed.running():
-                return managed
-        time.sleep(poll_s)
+    if deployment.supervisor is not None:
+        deployment.supervisor.stop()
 
 
 def _raise_interrupted(signum: int, _frame: object) -> None:
@@ -287,7 +255,7 @@ def _raise_interrupted(signum: int, _frame: object) -> None:
 
 
 def run_up(config: DeploymentConfig, say: Say = _say) -> int:
-    """Start, serve until a signal (exit 0) or a child's death (exit 1), stop everything."""
+    """Start, serve until a signal (exit 0) or a critical failure (exit 1), stop everything."""
     previous = {
         sig: signal.signal(sig, _raise_interrupted) for sig in (signal.SIGINT, signal.SIGTERM)
     }
@@ -296,17 +264,17 @@ def run_up(config: DeploymentConfig, say: Say = _say) -> int:
         deployment = prepare_deployment(config, say)
         try:
             spawn_deployment(deployment, say)
-        except ProcessFailed as exc:
+        except DeploymentFailed as exc:
             print(f"hpcserve: start-up failed: {exc}", file=sys.stderr, flush=True)
             return 1
         print(f"hpcserve ready: {deployment.url}", flush=True)
-        dead = watch(deployment)
-        print(
-            f"hpcserve: {dead.name} exited with code {dead.popen.returncode}; stopping all."
-            f" Its log {dead.log_path} ends:\n{dead.log_tail()}",
-            file=sys.stderr, flush=True,
-        )  # fmt: skip
-        return 1
+        try:
+            serve_deployment(deployment)
+        except DeploymentFailed as exc:
+            print(f"hpcserve: {exc}\nhpcserve: {exc.component} is critical; stopping all.",
+                  file=sys.stderr, flush=True)  # fmt: skip
+            return 1
+        return 0
     except Interrupted as exc:
         say(f"{exc}: stopping")
         return 0

@@ -6,8 +6,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 from contract.plan import etcd_argv, nats_argv, service_binary
+from contract.processes import ManagedProcess
 from contract.readiness import free_port, port_open
-from hpcserve.processes import ManagedProcess
 
 
 def find_binary(name: str) -> str:

@@ -1,42 +1,57 @@
-"""`python -m slurm.job_prepare`: at job start, on the head node, turn the allocation into a plan.
+"""At job start, on the head node: turn the allocation into the job's plan.
 
-The sbatch script knows only what was known at submit time. This step adds what only the
-running job knows: the node list (sliced: head first, then worker groups), the head's
-address and free ports for etcd/NATS. It writes the resolved config (`<job_dir>/config.yaml`,
-which every component reads) and `plan.sh`, bash variables the script sources: each step's
-argv (from `contract.plan.plan_deployment`, the same plan `hpcserve up` spawns), readiness
-check and node slice.
+The sbatch script knows only what was known at submit time. This adds what only the running
+job knows: the node list (sliced: head first, then worker groups), the head's address and
+free ports for etcd/NATS. It writes the resolved config (`<job_dir>/config.yaml`, which every
+component reads) and returns the plan (`contract.plan.plan_deployment`, the same plan `hpcserve
+up` spawns) with each worker's node slice, for the supervisor (`slurm.supervise`) to run as
+srun steps.
 """
 
 from __future__ import annotations
 
-import argparse
 import logging
 import os
-import shlex
 import shutil
 import socket
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import yaml
 
 from contract.config import ConfigError, DeploymentConfig, engine_yaml_fields, load_config
-from contract.plan import PlannedProcess, Readiness, plan_deployment, service_binary
+from contract.plan import PlannedProcess, plan_deployment, service_binary
 from contract.readiness import free_port
+from contract.slurm_config import SlurmConfig
 from slurm.render import slurm_options
 from slurm.slicing import Slicing, SlicingError, slice_nodes
-from slurm.steps import check_names, group_needs, var_suffix
+from slurm.steps import check_names, group_needs
 
 logger = logging.getLogger("slurm.job_prepare")
 
 # Inside `slurm.container` the components run the image's own Python and service binaries
 # (containers/trtllm/Dockerfile installs hpcserve, etcd and nats-server there), not ours.
 CONTAINER_PYTHON = "python3"
-READY_TIMEOUT_S = {"etcd": 30, "nats": 30, "frontend": 180}
-WORKER_READY_TIMEOUT_S = 600
 LOOPBACK = ("127.0.0.1", "localhost", "")
+
+
+@dataclass(frozen=True)
+class PreparedJob:
+    """What the supervisor needs to run the job: the resolved config, its plan, where each
+    worker runs, and where the frontend answers."""
+
+    config: DeploymentConfig
+    plan: list[PlannedProcess]
+    slicing: Slicing
+    head_addr: str
+    url: str
+    job_dir: Path
+
+    @property
+    def slurm(self) -> SlurmConfig:
+        return slurm_options(self.config)
 
 
 def head_address(head: str) -> str:
@@ -108,49 +123,8 @@ def frontend_url(config: DeploymentConfig, head_addr: str) -> str:
     return f"http://{head_addr if host == '0.0.0.0' else host}:{config.frontend.port}/v1"
 
 
-def ready_args(process: PlannedProcess, health_url: str) -> list[str]:
-    ready: Readiness = process.ready
-    if process.role == "frontend":
-        return ["--url", health_url, "--timeout", str(READY_TIMEOUT_S["frontend"])]
-    timeout = str(READY_TIMEOUT_S.get(process.role, WORKER_READY_TIMEOUT_S))
-    if ready.kind == "port":
-        return ["--port", f"{ready.host}:{ready.port}", "--timeout", timeout]
-    if ready.kind == "http":
-        return ["--url", str(ready.url), "--timeout", timeout]
-    return [
-        "--etcd", str(ready.etcd_endpoint), "--prefix", str(ready.prefix),
-        "--count", str(ready.count), "--timeout", timeout,
-    ]  # fmt: skip
-
-
-def _array(name: str, items: list[str] | tuple[str, ...]) -> str:
-    return f"{name}=({' '.join(shlex.quote(item) for item in items)})"
-
-
-def render_plan_sh(plan: list[PlannedProcess], slicing: Slicing, head_addr: str, url: str) -> str:
-    lines = [
-        "# Written by slurm.job_prepare at job start; sourced by the job script.",
-        f"HEAD={shlex.quote(slicing.head)}",
-        f"HEAD_ADDR={shlex.quote(head_addr)}",
-        f"FRONTEND_URL={shlex.quote(url)}",
-    ]
-    health = url.removesuffix("/v1") + "/health"
-    for process in plan:
-        suffix = var_suffix(process.name)
-        lines.append(_array(f"ARGV_{suffix}", process.argv))
-        lines.append(_array(f"READY_{suffix}", ready_args(process, health)))
-        if process.group is not None:
-            where = slicing.group(process.name)
-            lines += [
-                f"NODES_{suffix}={shlex.quote(','.join(where.nodes))}",
-                f"NNODES_{suffix}={len(where.nodes)}",
-                f"RPN_{suffix}={where.ranks_per_node}",
-                f"NTASKS_{suffix}={where.ranks}",
-            ]
-    return "\n".join(lines) + "\n"
-
-
-def prepare(config_path: Path, job_dir: Path, nodes: list[str], out: Path) -> None:
+def prepare(config_path: Path, job_dir: Path, nodes: list[str]) -> PreparedJob:
+    """Slice `nodes`, resolve and write the config, plan; ConfigError names what is wrong."""
     config = load_config(config_path, environ={})
     slurm = slurm_options(config)
     try:
@@ -184,30 +158,10 @@ def prepare(config_path: Path, job_dir: Path, nodes: list[str], out: Path) -> No
     )
     check_names(plan, config)
     url = frontend_url(resolved, head_addr)
-    out.write_text(render_plan_sh(plan, slicing, head_addr, url))
     logger.info("head %s (%s); frontend %s", slicing.head, head_addr, url)
     for group in slicing.groups:
         logger.info("%s on %s, %d rank(s) per node", group.name, ",".join(group.nodes),
                     group.ranks_per_node)  # fmt: skip
     if slicing.unused:
         logger.warning("allocated but unused: %s", ",".join(slicing.unused))
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m slurm.job_prepare", description=__doc__)
-    parser.add_argument("--job-dir", required=True, type=Path)
-    parser.add_argument("--config", required=True, type=Path, help="the submitted config")
-    parser.add_argument("--out", required=True, type=Path, help="plan.sh to write")
-    parser.add_argument("nodes", nargs="+", help="scontrol show hostnames order")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="job_prepare: %(message)s", stream=sys.stderr)
-    try:
-        prepare(args.config, args.job_dir.resolve(), args.nodes, args.out)
-    except ConfigError as exc:
-        logger.error("%s", exc)
-        return 2
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
+    return PreparedJob(resolved, plan, slicing, head_addr, url, job_dir)

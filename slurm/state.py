@@ -1,6 +1,6 @@
 """The job's state file (`<job_dir>/state.json`): the one place the running job tells the outside.
 
-The sbatch script writes it as it goes (`python -m slurm.state JOB_DIR STATE ...`);
+The job's supervisor (`slurm.supervise`) writes it as it goes;
 `hpcserve status` reads it and combines it with what Slurm says. Writes are atomic (rename),
 and FAILED is final: a later FINISHED (the script's exit trap) keeps the failure.
 """
@@ -13,7 +13,7 @@ import os
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Literal, get_args
+from typing import Any, Literal, get_args
 
 State = Literal["PENDING", "STARTING", "READY", "FAILED", "FINISHED"]
 STATES: tuple[str, ...] = get_args(State)
@@ -29,6 +29,7 @@ class JobState:
     log: str | None = None  # that component's log file
     message: str | None = None
     stage: str | None = None  # STARTING: services | workers | frontend
+    restarts: dict[str, int] | None = None  # component -> times the supervisor restarted it
     updated: float = 0.0
 
 
@@ -42,8 +43,9 @@ def read_state(job_dir: str | Path) -> JobState | None:
     return JobState(**{key: value for key, value in data.items() if key in fields})
 
 
-def write_state(job_dir: str | Path, state: State, **fields: str | None) -> JobState:
-    """Record `state`; keeps fields (job_id, url) of earlier writes unless given again."""
+def write_state(job_dir: str | Path, state: State, **fields: Any) -> JobState:
+    """Record `state`; keeps fields (job_id, url, restarts) of earlier writes unless given
+    again."""
     if state not in STATES:
         raise ValueError(f"unknown state {state!r}; one of {', '.join(STATES)}")
     previous = read_state(job_dir)
@@ -52,6 +54,7 @@ def write_state(job_dir: str | Path, state: State, **fields: str | None) -> JobS
     merged = {
         "job_id": previous.job_id if previous else None,
         "url": previous.url if previous else None,
+        "restarts": previous.restarts if previous else None,
     }
     merged.update({key: value for key, value in fields.items() if value is not None})
     new = JobState(state=state, updated=time.time(), **merged)  # type: ignore[arg-type]

@@ -1,13 +1,11 @@
-"""How the deployment plan's processes map onto srun steps: step names, the bash variables
-that carry each step's argv and placement, and the node slicing input.
+"""How the deployment plan's processes map onto srun steps: step names and the node slicing
+input (one slicing group per worker, one srun step each).
 
 Shared by the renderer (at `hpcserve render/submit` time) and `slurm.job_prepare` (at job
-start, on the head node), so the script's variable names and the plan's processes agree.
+start, on the head node), so the checks at submit time are the ones the job relies on.
 """
 
 from __future__ import annotations
-
-import re
 
 from contract.config import ConfigError, DeploymentConfig, group_ranks
 from contract.plan import PlannedProcess, plan_deployment
@@ -15,11 +13,6 @@ from slurm.slicing import GroupNeed
 
 PLACEHOLDER_ETCD = "http://head:2379"
 PLACEHOLDER_NATS = "nats://head:4222"
-
-
-def var_suffix(name: str) -> str:
-    """A step name (`worker-agg-g0-i0`) as a bash identifier suffix (`worker_agg_g0_i0`)."""
-    return re.sub(r"[^A-Za-z0-9_]", "_", name)
 
 
 def check_slurm_launch(config: DeploymentConfig) -> None:

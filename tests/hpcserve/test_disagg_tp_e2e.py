@@ -31,8 +31,8 @@ from up_helpers import (
     started,
 )
 
+from contract.processes import pid_alive
 from frontend.tokenization import TextTokenizer
-from slurm.wait_ready import pid_alive
 
 pytestmark = pytest.mark.slow
 

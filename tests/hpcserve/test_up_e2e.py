@@ -15,7 +15,7 @@ import openai
 import pytest
 from up_helpers import UpProcess, openai_client, processes_mentioning, started
 
-from slurm.wait_ready import pid_alive
+from contract.processes import pid_alive
 
 pytestmark = pytest.mark.slow
 

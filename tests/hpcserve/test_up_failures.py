@@ -10,15 +10,47 @@ from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
-from up_helpers import UpProcess, processes_mentioning
+from up_helpers import UpProcess, openai_client, processes_mentioning
 
+from contract.processes import pid_alive
 from hpcserve.cli import app
-from slurm.wait_ready import pid_alive
 
 
 @pytest.mark.slow
-def test_a_dying_worker_stops_the_deployment(tmp_path: Path) -> None:
-    up = UpProcess(["configs/local-agg.yaml", "--set", "frontend.port=0"], tmp_path / "run")
+def test_a_crashed_worker_is_restarted_and_serves_again(tmp_path: Path) -> None:
+    """Real model: kill -9 the only worker; the supervisor starts it again (its key dropped
+    at once), it registers anew, and the next request is answered. SIGTERM then stops all."""
+    args = ["configs/local-agg.yaml", "--set", "frontend.port=0",
+            "--set", "workers.0.restart.backoff_s=0.2"]  # fmt: skip
+    up = UpProcess(args, tmp_path / "run")
+    try:
+        up.base_url = up.wait_ready(timeout_s=300)
+        old = up.pids()["worker-agg-g0-i0"]
+        os.kill(old, signal.SIGKILL)
+        up.wait_for_line(re.compile(r"worker-agg-g0-i0 exited with code -9; restart 1 of 3"), 30)
+        up.wait_for_line(re.compile(r"worker-agg-g0-i0 is back \(restart 1\)"), 300)
+        assert up.pids()["worker-agg-g0-i0"] != old
+        client = openai_client(up)
+        model = client.models.list().data[0].id
+        answer = client.chat.completions.create(
+            model=model, messages=[{"role": "user", "content": "What is the capital of France?"}],
+            temperature=0, max_tokens=20,
+        )  # fmt: skip
+        assert "Paris" in (answer.choices[0].message.content or "")
+        pids = up.pids()
+        up.popen.send_signal(signal.SIGTERM)
+        assert up.finish(timeout_s=90) == 0, up.output
+    finally:
+        up.kill_all()
+    assert [name for name, pid in pids.items() if pid_alive(pid)] == []
+    assert processes_mentioning(str(tmp_path / "run")) == []
+
+
+@pytest.mark.slow
+def test_a_critical_worker_out_of_restarts_stops_the_deployment(tmp_path: Path) -> None:
+    args = ["configs/local-mocker-kv.yaml", "--set", "frontend.port=0", "--set",
+            "workers.0.count=2", "--set", "workers.0.restart.max_restarts=0"]  # fmt: skip
+    up = UpProcess(args, tmp_path / "run")
     try:
         up.wait_ready(timeout_s=300)
         pids = up.pids()
@@ -27,9 +59,38 @@ def test_a_dying_worker_stops_the_deployment(tmp_path: Path) -> None:
     finally:
         up.kill_all()
     assert code == 1, up.output
-    assert re.search(r"worker-agg-g0-i0 exited with code -9", up.output), up.output
+    assert re.search(r"worker-agg-g0-i0 exited with code -9; no restarts left", up.output)
     assert "registered agg-g0-i0" in up.output  # the dead worker's log tail is shown
+    assert "worker-agg-g0-i0 is critical; stopping all" in up.output
     assert [name for name, pid in pids.items() if pid_alive(pid)] == []
+    assert processes_mentioning(str(tmp_path / "run")) == []
+
+
+@pytest.mark.slow
+def test_drained_worker_leaves_and_is_not_restarted(tmp_path: Path) -> None:
+    args = ["configs/local-mocker-kv.yaml", "--set", "frontend.port=0", "--set",
+            "workers.0.count=2"]  # fmt: skip
+    up = UpProcess(args, tmp_path / "run")
+    try:
+        up.base_url = up.wait_ready(timeout_s=300)
+        pid = up.pids()["worker-agg-g0-i1"]
+        runner = CliRunner()
+        result = runner.invoke(app, ["drain", str(tmp_path / "run"), "worker-agg-g0-nope"])
+        assert result.exit_code == 2 and "worker-agg-g0-i1" in result.output
+        result = runner.invoke(app, ["drain", str(tmp_path / "run"), "worker-agg-g0-i1"])
+        assert result.exit_code == 0, result.output
+        up.wait_for_line(re.compile(r"worker-agg-g0-i1 drained and left \(exit 0\)"), 60)
+        assert not pid_alive(pid)
+        client = openai_client(up)
+        model = client.models.list().data[0].id
+        for _ in range(3):  # the other worker serves on
+            answer = client.completions.create(model=model, prompt="Hello", max_tokens=4)
+            assert answer.choices[0].finish_reason in ("length", "stop")
+        assert up.popen.poll() is None and "restart 1 of" not in up.output
+        up.popen.send_signal(signal.SIGTERM)
+        assert up.finish(timeout_s=90) == 0, up.output
+    finally:
+        up.kill_all()
     assert processes_mentioning(str(tmp_path / "run")) == []
 
 

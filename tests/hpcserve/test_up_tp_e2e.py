@@ -26,7 +26,7 @@ from up_helpers import (
     started,
 )
 
-from slurm.wait_ready import pid_alive
+from contract.processes import pid_alive
 
 pytestmark = pytest.mark.slow
 

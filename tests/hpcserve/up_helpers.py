@@ -15,7 +15,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from slurm.wait_ready import pid_alive
+from contract.processes import pid_alive
 
 READY = re.compile(r"^hpcserve ready: (http://\S+/v1)$")
 

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 from cluster_helpers import running_cluster
 
-from slurm.wait_ready import pid_alive
+from contract.processes import pid_alive
 
 pytestmark = [
     pytest.mark.slow,

@@ -17,9 +17,12 @@ import yaml
 from pydantic import model_validator
 
 from contract.config import ConfigError, DeploymentConfig, load_config
+from slurm.job_prepare import PreparedJob
 from slurm.jobs import submitit_parameters
-from slurm.render import container_options, render_script, sbatch_lines
-from slurm.steps import group_needs
+from slurm.render import render_script, sbatch_lines, slurm_options
+from slurm.slicing import slice_nodes
+from slurm.srun import container_options, srun_argv
+from slurm.steps import group_needs, placeholder_plan
 
 REPO = Path(__file__).resolve().parents[2]
 GOLDEN = Path(__file__).parent / "golden"
@@ -40,6 +43,19 @@ def load(name: str) -> DeploymentConfig:
     if name == "slurm-tp-multinode":
         return FutureConfig.model_validate(yaml.safe_load(path.read_text()))
     return load_config(path, environ={})
+
+
+def srun_steps(config: DeploymentConfig, nodes: int) -> dict[str, list[str]]:
+    """The srun command of every component as the job's supervisor would build it, on an
+    allocation of `nodes` nodes (n0 the head)."""
+    slurm = slurm_options(config)
+    slicing = slice_nodes(
+        [f"n{i}" for i in range(nodes)], group_needs(config), gpus_per_node=slurm.gpus_per_node,
+        head_hosts_workers=slurm.head_hosts_workers, ranks_per_node=slurm.ranks_per_node,
+    )  # fmt: skip
+    plan = placeholder_plan(config)
+    job = PreparedJob(config, plan, slicing, "10.0.0.1", "http://10.0.0.1:8000/v1", Path(JOB_DIR))
+    return {process.name: srun_argv(process, job) for process in plan}
 
 
 GOLDEN_CONFIGS = [
@@ -66,11 +82,15 @@ def test_script_is_valid_bash(name: str, tmp_path: Path) -> None:
 
 
 def test_tp_group_is_one_step_of_tp_ranks() -> None:
-    text = render_script(load("slurm-tp-multinode"), job_dir=JOB_DIR, python=PYTHON)
+    config = load("slurm-tp-multinode")
+    text = render_script(config, job_dir=JOB_DIR, python=PYTHON)
     assert "#SBATCH --nodes=5" in text  # head + 2 groups x 2 nodes of 4 GPUs
     assert "#SBATCH --ntasks-per-node=4" in text
-    assert text.count("launch 1 worker-") == 2
-    assert "--mpi=pmix" in text
+    assert 'exec "$PYTHON" -m slurm.supervise --job-dir "$JOB_DIR" "${NODES[@]}"' in text
+    workers = [argv for name, argv in srun_steps(config, 5).items() if name.startswith("worker")]
+    assert len(workers) == 2
+    for argv in workers:
+        assert {"--mpi=pmix", "--nodes=2", "--ntasks=8", "--ntasks-per-node=4"} <= set(argv)
 
 
 def test_header_derives_nodes_and_keeps_given_ones() -> None:
@@ -134,12 +154,15 @@ def test_trtllm_group_is_one_step_of_tp_times_pp_ranks() -> None:
     assert [need.ranks for need in group_needs(config)] == [16]
     text = render_script(config, job_dir=JOB_DIR, python=PYTHON)
     assert "#SBATCH --nodes=2" in text and "#SBATCH --ntasks-per-node=8" in text
-    assert 'launch 1 worker-agg-g0-i0 --mpi=pmix -N "$NNODES_worker_agg_g0_i0"' in text
+    argv = srun_steps(config, 2)["worker-agg-g0-i0"]
+    assert {"--mpi=pmix", "--nodes=2", "--ntasks=16", "--gpus-per-node=8"} <= set(argv)
 
 
 def test_trtllm_disagg_steps_carry_the_ucx_env() -> None:
-    text = render_script(load("slurm-trtllm-disagg"), job_dir=JOB_DIR, python=PYTHON)
-    assert text.count("--export=ALL,PYTHONUNBUFFERED=1,TRTLLM_USE_UCX_KVCACHE=1") == 3
+    config = load("slurm-trtllm-disagg")
+    steps = srun_steps(config, 2).values()
+    assert sum("--export=ALL,PYTHONUNBUFFERED=1,TRTLLM_USE_UCX_KVCACHE=1" in a for a in steps) == 3
+    text = render_script(config, job_dir=JOB_DIR, python=PYTHON)
     assert "#SBATCH --nodes=2" in text  # 2 prefill x TP4 on one node, decode TP8 on the other
 
 
@@ -148,8 +171,10 @@ def test_mpi_plugin_is_one_rule_for_every_engine() -> None:
     config = load_config(
         REPO / "configs" / "slurm-trtllm-agg.yaml", ["slurm.mpi_plugin=pmi2"], environ={}
     )
-    text = render_script(config, job_dir=JOB_DIR, python=PYTHON)
-    assert "--mpi=pmi2 -N" in text and "--mpi=pmix" not in text
+    steps = srun_steps(config, 2)
+    assert "--mpi=pmi2" in steps["worker-agg-g0-i0"]
+    assert all("--mpi=pmix" not in argv for argv in steps.values())
+    assert "--mpi=none" in steps["frontend"]  # the head's one-task steps need no MPI
 
 
 def test_trtllm_spawn_is_refused_under_slurm() -> None:
@@ -175,18 +200,23 @@ def test_container_flags() -> None:
     )  # fmt: skip
     assert config.slurm is not None
     assert container_options(config.slurm, JOB_DIR) == [
-        "'--container-image=nvcr.io#nvidia/pytorch:24.05-py3'",
+        "--container-image=nvcr.io#nvidia/pytorch:24.05-py3",
         f"--container-mounts=/models:/models:ro,/scratch:/scratch,{JOB_DIR}:{JOB_DIR}",
         "--container-workdir=/scratch",
         "--container-env=HF_TOKEN,NCCL_DEBUG",
         "--container-mount-home",
         "--container-entrypoint",
     ]
-    text = render_script(load("slurm-multi"), job_dir=JOB_DIR, python=PYTHON)
+    multi = load("slurm-multi")
+    steps = srun_steps(multi, 4)
     # Defaults, on every step (head and workers alike), as srt-slurm renders them.
-    assert text.count("--no-container-mount-home --no-container-entrypoint") == 9
+    assert len(steps) == 9
+    for argv in steps.values():
+        assert "--no-container-mount-home" in argv and "--no-container-entrypoint" in argv
     with pytest.raises(ConfigError, match="run_dir"):
         container_options(config.slurm, "/jobs/a,b")
+    with pytest.raises(ConfigError, match="run_dir"):
+        render_script(multi, job_dir="/jobs/a:b", python=PYTHON)
 
 
 def test_job_prepare_trtllm_in_a_container(tmp_path: Path) -> None:
@@ -201,8 +231,7 @@ def test_job_prepare_trtllm_in_a_container(tmp_path: Path) -> None:
         environ={},
     )  # fmt: skip
     (tmp_path / "deployment.yaml").write_text(yaml.safe_dump(config.model_dump(mode="json")))
-    out = tmp_path / "plan.sh"
-    prepare(tmp_path / "deployment.yaml", tmp_path, ["localhost", "w1"], out)
+    job = prepare(tmp_path / "deployment.yaml", tmp_path, ["localhost", "w1"])
     resolved = yaml.safe_load((tmp_path / "config.yaml").read_text())
     copies = [group["engine_args"] for group in resolved["workers"]]
     assert copies == [
@@ -212,27 +241,33 @@ def test_job_prepare_trtllm_in_a_container(tmp_path: Path) -> None:
     assert (tmp_path / "engine_configs" / "group1-decode.yaml").read_text() == (
         REPO / "configs" / "engine_configs" / "decode.yaml"
     ).read_text()
-    script = f"set -eu; source {out}; " + (
-        'echo "${ARGV_worker_decode_g1_i0[*]}"; echo "$NTASKS_worker_decode_g1_i0";'
-        ' echo "${ARGV_etcd[0]} ${ARGV_nats[0]} ${ARGV_frontend[0]}"'
+    argv = {process.name: process.argv for process in job.plan}
+    assert list(argv["worker-decode-g1-i0"]) == [
+        "trtllm-llmapi-launch", "python3", "-m", "mpi_workers", "--config",
+        f"{tmp_path}/config.yaml", "--group", "1", "--index", "0",
+    ]  # fmt: skip
+    assert job.slicing.group("worker-decode-g1-i0").ranks == 2
+    assert [argv[name][0] for name in ("etcd", "nats", "frontend")] == [
+        "etcd", "nats-server", "python3",
+    ]  # fmt: skip
+    step = srun_argv(next(p for p in job.plan if p.name == "worker-decode-g1-i0"), job)
+    assert "--container-image=/shared/containers/hpcserve-trtllm-1.2.0.sqsh" in step
+    assert f"--container-mounts=/shared:/shared,{tmp_path}:{tmp_path}" in step or any(
+        flag.startswith("--container-mounts=") and flag.endswith(f"{tmp_path}:{tmp_path}")
+        for flag in step
     )
-    lines = subprocess.run(["bash", "-c", script], capture_output=True, text=True,
-                           check=True).stdout.splitlines()  # fmt: skip
-    assert lines[0] == (
-        f"trtllm-llmapi-launch python3 -m mpi_workers --config {tmp_path}/config.yaml "
-        "--group 1 --index 0"
-    )
-    assert lines[1] == "2"
-    assert lines[2] == "etcd nats-server python3"
 
 
-def test_job_prepare_refuses_trtllm_spawn(tmp_path: Path) -> None:
-    from slurm.job_prepare import main
+def test_supervisor_refuses_trtllm_spawn(tmp_path: Path) -> None:
+    from slurm.state import read_state
+    from slurm.supervise import main
 
     config = load_config(REPO / "configs" / "slurm-trtllm-agg.yaml", environ={})
     data = config.model_dump(mode="json")
     data["engine"]["trtllm"]["launch"] = "spawn"
+    (tmp_path / "logs").mkdir()
     (tmp_path / "deployment.yaml").write_text(yaml.safe_dump(data))
-    args = ["--job-dir", str(tmp_path), "--config", str(tmp_path / "deployment.yaml")]
-    assert main([*args, "--out", str(tmp_path / "plan.sh"), "localhost", "w1"]) == 2
-    assert not (tmp_path / "plan.sh").exists()
+    assert main(["--job-dir", str(tmp_path), "localhost", "w1"]) == 2
+    state = read_state(tmp_path)
+    assert state is not None and (state.state, state.component) == ("FAILED", "prepare")
+    assert "engine.trtllm.launch: spawn" in (state.message or "")

@@ -4,7 +4,8 @@
 → READY → the official openai client on the head's address → `hpcserve cancel` → nothing
 left on any node. The same for a TP group spanning the three nodes, for disaggregated
 serving (prefill on n2, decode on n3), through submitit, and a worker that fails at start
-or is killed while serving (FAILED, naming it; a cancel instead ends FINISHED).
+or is killed while serving: the supervisor restarts it (a new step that serves again) until
+its restarts are spent, then the job is FAILED naming it; a cancel instead ends FINISHED.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import pytest
 from cluster_helpers import running_cluster
 
 from slurm.jobs import JobStatus, cancel, job_status, submit_with_submitit
+from slurm.state import read_state
 
 pytestmark = [
     pytest.mark.slow,
@@ -38,7 +40,7 @@ CONFIG = REPO / "configs" / "slurm-agg.yaml"
 HEAD_URL = "http://10.99.0.11:8000/v1"
 QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
 # What a deployment runs; none of it may outlive the job.
-OURS = ("nats-server", "etcd", "mpi_workers", "-m frontend", "slurm.wait_ready", "slurmstepd")
+OURS = ("nats-server", "etcd", "mpi_workers", "-m frontend", "slurm.supervise", "slurmstepd")
 
 
 @pytest.fixture(scope="module")
@@ -236,15 +238,45 @@ def step_pids(step_name: str) -> list[int]:
     return pids
 
 
-def test_worker_killed_while_serving_fails_the_job(slurm_env: dict[str, str], model_dir: Path):
-    """A crash is not a cancel: the step that ended is named, and the job stops the rest."""
-    with submitted(slurm_env, CONFIG, model_dir) as (job_id, _job_dir):
+def kill_step(step_name: str) -> None:
+    pids = step_pids(step_name)
+    assert pids, f"no worker process found for step {step_name}"
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+
+
+def test_worker_killed_while_serving_is_restarted(slurm_env: dict[str, str], model_dir: Path):
+    """A crash is not a cancel: the supervisor starts a new step for the worker on its node
+    slice, the job stays READY, and the worker serves again."""
+    with submitted(slurm_env, CONFIG, model_dir,
+                   "workers.0.restart.backoff_s=0.2") as (job_id, job_dir):  # fmt: skip
         wait_state(job_id, "READY")
-        pids = step_pids("worker-agg-g0-i1")
-        assert pids, "no worker process found for step worker-agg-g0-i1"
-        for pid in pids:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
+        before = step_pids("worker-agg-g0-i1")
+        kill_step("worker-agg-g0-i1")
+        deadline = time.monotonic() + 120
+        while True:
+            state = read_state(job_dir)
+            back = step_pids("worker-agg-g0-i1")
+            if state and state.restarts == {"worker-agg-g0-i1": 1} and back:
+                break
+            assert time.monotonic() < deadline, hpcserve(slurm_env, "status", job_id)
+            time.sleep(0.5)
+        assert not set(back) & set(before)
+        status = wait_state(job_id, "READY")
+        log = hpcserve(slurm_env, "logs", job_id, "worker-agg-g0-i1")
+        assert log.count("registered") >= 2, log[-2000:]  # the old run's lines stay
+        sbatch_log = hpcserve(slurm_env, "logs", job_id, "sbatch")
+        assert re.search(r"worker-agg-g0-i1 is back \(restart 1\)", sbatch_log), sbatch_log
+        for _ in range(4):  # round robin: both workers answer
+            assert "Paris" in ask_paris(status.url or "")
+
+
+def test_critical_worker_out_of_restarts_fails_the_job(slurm_env: dict[str, str], model_dir):
+    with submitted(slurm_env, CONFIG, model_dir,
+                   "workers.0.restart.max_restarts=0") as (job_id, _job_dir):  # fmt: skip
+        wait_state(job_id, "READY")
+        kill_step("worker-agg-g0-i1")
         status = wait_state(job_id, "FAILED", timeout_s=60)
         assert status.component == "worker-agg-g0-i1", status.describe()
-        assert "exited while serving" in (status.message or "")
+        assert "no restarts left" in (status.message or "")

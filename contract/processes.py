@@ -80,6 +80,11 @@ class ManagedProcess:
                 )
             time.sleep(poll_s)
 
+    def terminate(self) -> None:
+        """SIGTERM the process group and return (a drain: the process exits when done)."""
+        if self.running():
+            _signal_group(self.pid, signal.SIGTERM)
+
     def stop(self, timeout_s: float = 15.0) -> int | None:
         """SIGTERM the process group, then SIGKILL what is left after `timeout_s`."""
         family = descendants(self.pid)
@@ -96,6 +101,15 @@ class ManagedProcess:
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.kill(pid, signal.SIGKILL)
         return self.popen.returncode
+
+
+def pid_alive(pid: int) -> bool:
+    """True for a running process; a zombie (exited, not yet reaped) is gone."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rpartition(")")[2].split()[0] != "Z"
 
 
 def descendants(pid: int) -> list[int]:

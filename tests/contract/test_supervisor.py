@@ -1,0 +1,202 @@
+"""The supervisor against real processes and a real etcd: start order, readiness, restarts
+after crashes (the dead worker's key dropped at once, the new one told apart from it), drain,
+critical and non-critical components out of restarts, the ordered stop.
+
+The components are small Python processes standing in for etcd/NATS/workers: a "service"
+listens on a port, a "worker" puts its registration key into etcd (as a real worker does,
+through the same key layout) and exits 0 on SIGTERM (a drain)."""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import signal
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from contract.config import DeploymentConfig
+from contract.discovery import worker_key
+from contract.plan import STAGE_FRONTEND, STAGE_SERVICES, STAGE_WORKERS, PlannedProcess, Readiness
+from contract.processes import pid_alive
+from contract.readiness import etcd_key_revision, free_port
+from contract.supervisor import DRAIN_DIR, DeploymentFailed, Supervisor
+
+SERVICE = """
+import signal, socket, sys, time
+s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind(("127.0.0.1", int(sys.argv[1]))); s.listen()
+while True: time.sleep(1)
+"""
+
+WORKER = """
+import base64, json, signal, sys, time, urllib.request
+endpoint, key = sys.argv[1], sys.argv[2]
+signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # a drain: finish, exit 0
+body = {"key": base64.b64encode(key.encode()).decode(), "value": base64.b64encode(b"{}").decode()}
+request = urllib.request.Request(endpoint + "/v3/kv/put", data=json.dumps(body).encode(),
+                                 method="POST", headers={"Content-Type": "application/json"})
+urllib.request.urlopen(request, timeout=5).read()
+print("registered", flush=True)
+while True: time.sleep(1)
+"""
+
+
+def make_config(etcd: str, name: str, **group) -> DeploymentConfig:
+    group.setdefault("restart", {"max_restarts": 1, "backoff_s": 0.1})
+    return DeploymentConfig.model_validate({
+        "name": name,
+        "engine": {"kind": "mocker"},
+        "workers": [{"count": 2, **group}],
+        "services": {"etcd": {"start": False, "endpoint": etcd},
+                     "nats": {"start": True, "endpoint": "nats://127.0.0.1:1",
+                              "restart": {"max_restarts": 1, "backoff_s": 0.1}}},
+    })  # fmt: skip
+
+
+def make_plan(config: DeploymentConfig) -> list[PlannedProcess]:
+    etcd = config.services.etcd.endpoint
+    assert etcd is not None
+    port = free_port()
+    plan = [PlannedProcess("nats", "nats", STAGE_SERVICES, (sys.executable, "-c", SERVICE,
+                           str(port)), Readiness("port", "127.0.0.1", port))]  # fmt: skip
+    for index in range(2):
+        wid = f"agg-g0-i{index}"
+        argv = (sys.executable, "-c", WORKER, etcd, worker_key(config.name, "agg", wid))
+        ready = Readiness("registrations", etcd_endpoint=etcd,
+                          prefix=worker_key(config.name, "agg", ""), count=2)  # fmt: skip
+        plan.append(PlannedProcess(f"worker-{wid}", "agg", STAGE_WORKERS, argv, ready,
+                                   group=0, index=index))  # fmt: skip
+    front = free_port()
+    plan.append(PlannedProcess("frontend", "frontend", STAGE_FRONTEND,
+                               (sys.executable, "-c", SERVICE, str(front)),
+                               Readiness("port", "127.0.0.1", front)))  # fmt: skip
+    return plan
+
+
+def supervise(tmp_path: Path, config: DeploymentConfig) -> tuple[Supervisor, list[str]]:
+    from contract.processes import ManagedProcess
+
+    said: list[str] = []
+
+    def launch(planned: PlannedProcess) -> ManagedProcess:
+        return ManagedProcess.spawn(planned.name, planned.argv,
+                                    tmp_path / "logs" / f"{planned.name}.log")  # fmt: skip
+
+    return Supervisor(config, make_plan(config), launch, run_dir=tmp_path, say=said.append), said
+
+
+def poll_until(supervisor: Supervisor, done, timeout_s: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not done():
+        assert supervisor.poll()
+        assert time.monotonic() < deadline, supervisor.phases()
+        time.sleep(0.05)
+
+
+def pid_of(supervisor: Supervisor, name: str) -> int:
+    component = next(c for c in supervisor.components if c.name == name)
+    assert component.process is not None
+    return component.process.pid
+
+
+def etcd_get(etcd: str, key: str) -> bool:
+    body = {"key": base64.b64encode(key.encode()).decode()}
+    request = urllib.request.Request(etcd + "/v3/kv/range", data=json.dumps(body).encode(),
+                                     method="POST", headers={"Content-Type": "application/json"})
+    return bool(json.loads(urllib.request.urlopen(request, timeout=5).read()).get("kvs"))
+
+
+def test_crashed_worker_is_restarted_and_registers_anew(tmp_path, etcd_endpoint) -> None:
+    config = make_config(etcd_endpoint, "sup-restart")
+    supervisor, said = supervise(tmp_path, config)
+    try:
+        supervisor.start()
+        assert said[0].startswith("started nats") and said[-1].startswith("frontend ready")
+        key = worker_key(config.name, "agg", "agg-g0-i1")
+        old_revision = etcd_key_revision(etcd_endpoint, key)
+        old_pid = pid_of(supervisor, "worker-agg-g0-i1")
+        os.killpg(old_pid, signal.SIGKILL)
+        poll_until(supervisor, lambda: supervisor.phases()["worker-agg-g0-i1"] == "waiting")
+        assert not etcd_get(etcd_endpoint, key)  # dropped at once, not after a lease
+        poll_until(supervisor, lambda: supervisor.phases()["worker-agg-g0-i1"] == "ready")
+        assert supervisor.restarts() == {"worker-agg-g0-i1": 1}
+        assert pid_of(supervisor, "worker-agg-g0-i1") != old_pid
+        assert etcd_key_revision(etcd_endpoint, key) not in (None, old_revision)
+        assert any("worker-agg-g0-i1 is back (restart 1)" in line for line in said)
+        pids = json.loads((tmp_path / "pids.json").read_text())
+        assert pids["worker-agg-g0-i1"] == pid_of(supervisor, "worker-agg-g0-i1")
+        # A crashed service is restarted too (its port readiness).
+        os.killpg(pid_of(supervisor, "nats"), signal.SIGKILL)
+        poll_until(supervisor, lambda: supervisor.restarts().get("nats") == 1
+                   and supervisor.phases()["nats"] == "ready")  # fmt: skip
+    finally:
+        supervisor.stop()
+    assert not any(pid_alive(pid) for pid in json.loads((tmp_path / "pids.json").read_text())
+                   .values())  # fmt: skip
+
+
+def test_drained_worker_stays_down_and_critical_exhaustion_fails(tmp_path, etcd_endpoint):
+    config = make_config(etcd_endpoint, "sup-drain")
+    supervisor, _said = supervise(tmp_path, config)
+    try:
+        supervisor.start()
+        (tmp_path / DRAIN_DIR).mkdir()
+        (tmp_path / DRAIN_DIR / "worker-agg-g0-i0").touch()
+        poll_until(supervisor, lambda: supervisor.phases()["worker-agg-g0-i0"] == "drained")
+        assert not (tmp_path / DRAIN_DIR / "worker-agg-g0-i0").exists()
+        for _ in range(10):  # not restarted
+            assert supervisor.poll()
+        assert supervisor.phases()["worker-agg-g0-i0"] == "drained"
+        # The other worker crashes twice: one restart allowed, then the deployment fails.
+        os.killpg(pid_of(supervisor, "worker-agg-g0-i1"), signal.SIGKILL)
+        poll_until(supervisor, lambda: supervisor.restarts() == {"worker-agg-g0-i1": 1}
+                   and supervisor.phases()["worker-agg-g0-i1"] == "ready")  # fmt: skip
+        os.killpg(pid_of(supervisor, "worker-agg-g0-i1"), signal.SIGKILL)
+        with pytest.raises(DeploymentFailed, match="no restarts left") as failure:
+            poll_until(supervisor, lambda: False)
+        assert failure.value.component == "worker-agg-g0-i1"
+    finally:
+        supervisor.stop()
+
+
+def test_non_critical_worker_out_of_restarts_leaves_the_rest_serving(tmp_path, etcd_endpoint):
+    config = make_config(etcd_endpoint, "sup-noncritical", critical=False,
+                         restart={"max_restarts": 0, "backoff_s": 0.1})  # fmt: skip
+    supervisor, said = supervise(tmp_path, config)
+    try:
+        supervisor.start()
+        os.killpg(pid_of(supervisor, "worker-agg-g0-i0"), signal.SIGKILL)
+        poll_until(supervisor, lambda: supervisor.phases()["worker-agg-g0-i0"] == "given_up")
+        assert any("not critical: the others serve on" in line for line in said)
+        assert supervisor.phases()["worker-agg-g0-i1"] == "ready"
+        assert supervisor.poll()
+    finally:
+        supervisor.stop()
+
+
+def test_a_component_dying_at_start_fails_naming_it(tmp_path, etcd_endpoint) -> None:
+    config = make_config(etcd_endpoint, "sup-start")
+    plan = make_plan(config)
+    plan[1] = PlannedProcess("worker-agg-g0-i0", "agg", STAGE_WORKERS,
+                             (sys.executable, "-c", "import sys; print('no GPU'); sys.exit(3)"),
+                             plan[1].ready, group=0, index=0)  # fmt: skip
+    from contract.processes import ManagedProcess
+
+    def launch(planned: PlannedProcess) -> ManagedProcess:
+        return ManagedProcess.spawn(planned.name, planned.argv,
+                                    tmp_path / "logs" / f"{planned.name}.log")  # fmt: skip
+
+    supervisor = Supervisor(config, plan, launch, run_dir=tmp_path, say=lambda _m: None)
+    try:
+        with pytest.raises(DeploymentFailed, match="exited with code 3 before it was ready"
+                           ) as failure:  # fmt: skip
+            supervisor.start()
+        assert failure.value.component == "worker-agg-g0-i0"
+        assert "no GPU" in str(failure.value)
+    finally:
+        supervisor.stop()
