@@ -104,17 +104,25 @@ class WorkerRegistration:
         await self._client.put(self._key, self._value, lease=self._lease)
 
     async def _keep_alive(self) -> None:
+        failed = False
         while True:
             await asyncio.sleep(self._ttl_s / 3)
             try:
+                if failed:  # etcd was away (restarted, maybe without its data): put the
+                    # card again under a fresh lease rather than trust the old one
+                    await self._put_with_new_lease()
+                    logger.info("etcd reachable again; registration renewed")
+                    failed = False
+                    continue
                 assert self._lease is not None
                 await self._lease.refresh()
                 remaining = await self._lease.remaining_ttl()
-                if remaining <= 0:  # lapsed while we were away (etcd restart, long pause)
+                if remaining <= 0:  # lapsed while we were away (a long pause)
                     logger.warning("etcd lease lapsed; registering again")
                     await self._put_with_new_lease()
             except Exception as exc:  # etcd briefly unreachable: keep trying
                 logger.warning("etcd keep-alive failed: %s", exc)
+                failed = True
 
 
 WorkersListener = Callable[[dict[str, WorkerCard]], None]

@@ -6,6 +6,7 @@ import os
 import re
 import signal
 import socket
+import time
 from pathlib import Path
 
 import pytest
@@ -92,6 +93,67 @@ def test_drained_worker_leaves_and_is_not_restarted(tmp_path: Path) -> None:
     finally:
         up.kill_all()
     assert processes_mentioning(str(tmp_path / "run")) == []
+
+
+@pytest.mark.slow
+def test_etcd_restarted_by_the_supervisor_while_serving(tmp_path: Path) -> None:
+    """kill -9 etcd under load: the supervisor starts it again on its data; requests keep
+    being answered throughout and both workers are registered afterwards."""
+    import threading
+
+    import yaml
+
+    from contract.discovery import workers_prefix
+    from contract.readiness import etcd_key_count
+
+    args = ["configs/local-mocker-kv.yaml", "--set", "frontend.port=0", "--set",
+            "workers.0.count=2", "--set", "engine.mocker.speedup=20"]  # fmt: skip
+    up = UpProcess(args, tmp_path / "run")
+    outcomes: list[str] = []
+    stop = threading.Event()
+    try:
+        up.base_url = up.wait_ready(timeout_s=300)
+        client = openai_client(up, timeout=60)
+        model = client.models.list().data[0].id
+
+        def load() -> None:
+            while not stop.is_set():
+                try:
+                    answer = client.completions.create(model=model, prompt="Hello there",
+                                                       max_tokens=16)  # fmt: skip
+                    outcomes.append(answer.choices[0].finish_reason or "none")
+                except Exception as exc:  # recorded: the test fails on any
+                    outcomes.append(f"error: {exc!r}")
+
+        threads = [threading.Thread(target=load) for _ in range(4)]
+        for thread in threads:
+            thread.start()
+        wait_until(lambda: len(outcomes) >= 8)
+        os.killpg(up.pids()["etcd"], signal.SIGKILL)
+        up.wait_for_line(re.compile(r"etcd exited with code -9; restart 1 of 3"), 30)
+        up.wait_for_line(re.compile(r"etcd is back \(restart 1\)"), 60)
+        done = len(outcomes)
+        wait_until(lambda: len(outcomes) >= done + 16)
+        stop.set()
+        for thread in threads:
+            thread.join(60)
+        config = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
+        endpoint = config["services"]["etcd"]["endpoint"]
+        wait_until(lambda: etcd_key_count(endpoint, workers_prefix(config["name"])) == 2)
+        up.popen.send_signal(signal.SIGTERM)
+        assert up.finish(timeout_s=90) == 0, up.output
+    finally:
+        stop.set()
+        up.kill_all()
+    assert [o for o in outcomes if o.startswith("error")] == [], outcomes
+    assert set(outcomes) <= {"length", "stop"}
+
+
+def wait_until(condition, timeout_s: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, "condition not met in time"
+        time.sleep(0.1)
 
 
 def test_config_errors_exit_2_naming_the_field(tmp_path: Path) -> None:
