@@ -3,8 +3,9 @@
 A request is validated, tokenized, routed to a worker from the etcd directory, sent over
 NATS, and its token stream is detokenized (and cut at stop strings) into an OpenAI response
 or SSE stream. The first chunk is awaited before the HTTP status is sent, so worker-side
-input errors are real 400s even for streams, and a worker lost before its first chunk is
-retried on another one. A client that goes away aborts the request on the worker.
+input errors are real 400s even for streams. A worker lost before the first token is replaced
+by another one; one lost later hands the request on to another (`frontend.migration`). A
+client that goes away aborts the request on the worker.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from frontend.errors import OpenAIError
 from frontend.kv_index import KvIndex, KvIndexFeed
 from frontend.kv_router import KvRouter
 from frontend.metrics import FrontendMetrics
+from frontend.migration import MigratingStream, Route
 from frontend.openai_schemas import ChatCompletionRequest, CompletionRequest
 from frontend.router import LoadTracker, Router, make_router
 from frontend.tokenization import (
@@ -41,7 +43,7 @@ from frontend.tokenization import (
     StopMatcher,
     TextTokenizer,
 )
-from frontend.worker_client import RequestStream, WorkerClient, WorkerLost
+from frontend.worker_client import WorkerClient
 
 logger = logging.getLogger(__name__)
 
@@ -382,8 +384,9 @@ def able_workers(candidates: list[WorkerCard], request: GenerateRequest) -> list
     )
 
 
-def _check_context(prepared: Prepared, card: WorkerCard) -> None:
-    """400 context_length_exceeded when the prompt (+ max_tokens) does not fit the worker."""
+def _check_context(prepared: Prepared, request: GenerateRequest, card: WorkerCard) -> None:
+    """400 context_length_exceeded when the prompt (+ max_tokens) does not fit the worker;
+    sets `request`'s max_tokens: the user's, else all the context leaves."""
     limit = card.max_model_len
     prompt_len = len(prepared.prompt_ids)
     if prompt_len >= limit:
@@ -400,9 +403,23 @@ def _check_context(prepared: Prepared, card: WorkerCard) -> None:
                 f"the {prepared.prompt_param}, {prepared.user_max_tokens} for the completion).",
                 param="max_tokens",
             )
-        prepared.sampling.max_tokens = prepared.user_max_tokens
+        request.sampling.max_tokens = prepared.user_max_tokens
     else:
-        prepared.sampling.max_tokens = limit - prompt_len
+        request.sampling.max_tokens = limit - prompt_len
+
+
+def _route_for(state: FrontendState, prepared: Prepared) -> Route:
+    """The routing of `prepared`'s attempts: the router's pick, then the context check.
+    A continuation (prompt + tokens so far) keeps the budget `continuation()` left it: the
+    workers of a deployment share engine.max_model_len, so it fits wherever the first did."""
+
+    async def route(request: GenerateRequest, exclude: set[str]) -> WorkerCard:
+        card = await state.pick_worker(request, exclude)
+        if len(request.token_ids) == len(prepared.prompt_ids):
+            _check_context(prepared, request, card)
+        return card
+
+    return route
 
 
 def _raise_for_worker_error(output: GenerateOutput, card: WorkerCard) -> None:
@@ -623,70 +640,57 @@ def create_app(config: DeploymentConfig) -> FastAPI:
         return params
 
     async def _start(
-        state: FrontendState, prepared: Prepared, deadline: float, exclude: set[str] | None = None
-    ) -> tuple[RequestStream, GenerateOutput]:
-        """Send to a worker and wait for its first chunk; a worker lost first is replaced."""
-        exclude = set() if exclude is None else exclude
-        while True:
-            gen_request = GenerateRequest(
-                request_id=uuid.uuid4().hex,
-                token_ids=prepared.prompt_ids,
-                sampling=prepared.sampling,
-            )
-            card = await state.pick_worker(gen_request, exclude)
-            _check_context(prepared, card)
-            try:
-                stream = await state.client.open(card, gen_request)
-            except Exception as exc:
-                raise errors.no_worker(f"cannot reach worker {card.worker_id}: {exc}") from None
-            try:
-                first = await stream.next(deadline)
-                _raise_for_worker_error(first, card)
-            except WorkerLost as exc:
-                stream.close()
-                logger.warning("%s; retrying on another worker", exc)
-                exclude.add(exc.worker_id)
-                continue
-            except TimeoutError:
-                stream.close()
-                raise errors.timed_out(config.frontend.request_timeout_s) from None
-            except BaseException:
-                stream.close()
-                raise
-            return stream, first
+        state: FrontendState, prepared: Prepared, deadline: float
+    ) -> tuple[MigratingStream, GenerateOutput]:
+        """Send to a worker and wait for its first chunk (a worker error there is an HTTP
+        error, even for a stream)."""
+        request = GenerateRequest(
+            request_id=uuid.uuid4().hex,
+            token_ids=prepared.prompt_ids,
+            sampling=prepared.sampling,
+        )
+        stream = MigratingStream(
+            state.client,
+            _route_for(state, prepared),
+            request,
+            limit=config.frontend.migration_limit,
+            metrics=state.metrics,
+        )
+        try:
+            first = await stream.next(deadline)
+            _raise_for_worker_error(first, stream.card)
+        except TimeoutError:
+            stream.close()
+            raise errors.timed_out(config.frontend.request_timeout_s) from None
+        except BaseException:
+            stream.close()
+            raise
+        return stream, first
 
     async def _complete(state: FrontendState, prepared: Prepared, deadline: float) -> Response:
-        exclude: set[str] = set()
-        while True:
-            stream, output = await _start(state, prepared, deadline, exclude)
-            generation = Generation(state, prepared)
-            text_parts: list[str] = []
-            logprobs: list[TokenLogprob] = []
-            try:
-                while True:
-                    text, entries = generation.consume(output)
-                    if text:
-                        text_parts.append(text)
-                    if entries and prepared.logprobs is not None:
-                        logprobs.extend(entries)
-                    if generation.finish_reason is not None:
-                        break
-                    output = await stream.next(deadline)
-                    _raise_for_worker_error(output, stream.card)
-            except WorkerLost as exc:
-                logger.warning("%s; restarting the request on another worker", exc)
-                exclude.add(exc.worker_id)
-                continue
-            except TimeoutError:
-                raise errors.timed_out(config.frontend.request_timeout_s) from None
-            finally:
-                stream.close()
-            generation.record()
-            return _json(
-                _full_response(
-                    state, prepared, generation, "".join(text_parts), logprobs, stream.card
-                )
-            )
+        stream, output = await _start(state, prepared, deadline)
+        generation = Generation(state, prepared)
+        text_parts: list[str] = []
+        logprobs: list[TokenLogprob] = []
+        try:
+            while True:
+                text, entries = generation.consume(output)
+                if text:
+                    text_parts.append(text)
+                if entries and prepared.logprobs is not None:
+                    logprobs.extend(entries)
+                if generation.finish_reason is not None:
+                    break
+                output = await stream.next(deadline)
+                _raise_for_worker_error(output, stream.card)
+        except TimeoutError:
+            raise errors.timed_out(config.frontend.request_timeout_s) from None
+        finally:
+            stream.close()
+        generation.record()
+        return _json(
+            _full_response(state, prepared, generation, "".join(text_parts), logprobs, stream.card)
+        )
 
     def _full_response(
         state: FrontendState,
@@ -737,7 +741,7 @@ def create_app(config: DeploymentConfig) -> FastAPI:
     async def _stream_events(
         state: FrontendState,
         prepared: Prepared,
-        stream: RequestStream,
+        stream: MigratingStream,
         output: GenerateOutput,
         deadline: float,
     ) -> AsyncIterator[bytes]:
@@ -800,7 +804,7 @@ def create_app(config: DeploymentConfig) -> FastAPI:
                     yield event(None if chat else "", [], finish)
                     break
                 # chunks that queued up while we were sending go out as one event
-                if (pending_text or pending_entries) and stream.queue.empty():
+                if (pending_text or pending_entries) and not stream.has_pending:
                     yield event(pending_text, pending_entries, None)
                     pending_text, pending_entries = "", []
                 output = await stream.next(deadline)
@@ -813,8 +817,6 @@ def create_app(config: DeploymentConfig) -> FastAPI:
                 yield _sse(usage_chunk)
         except OpenAIError as exc:
             yield _sse(exc.body())
-        except WorkerLost as exc:
-            yield _sse(errors.worker_failed(str(exc)).body())
         except TimeoutError:
             yield _sse(errors.timed_out(config.frontend.request_timeout_s).body())
         finally:

@@ -100,6 +100,15 @@ class FrontendMetrics:
             "generated tokens of finished requests",
             registry=self.registry,
         )
+        self.migrations = Counter(
+            "hpcserve_frontend_migrations",
+            "requests re-sent to another worker after losing theirs mid-stream (migrated), "
+            "or failed because no worker or no migration was left (exhausted)",
+            ["outcome"],
+            registry=self.registry,
+        )
+        for outcome in ("migrated", "exhausted"):  # both series exist from the start, at 0
+            self.migrations.labels(outcome)
 
     def track_kv_index(self, num_blocks: Callable[[], int]) -> None:
         """Expose the KV router's index size (read at scrape time)."""

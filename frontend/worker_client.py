@@ -74,7 +74,9 @@ class RequestStream:
         else:
             item = queue.get_nowait()
         if isinstance(item, BaseException):
-            self.finished = True  # nobody is left to abort
+            # a worker that left the directory may only be draining (SIGTERM revokes the lease
+            # first): close() still sends it the abort; a dead one never hears it
+            self.finished = not isinstance(item, WorkerLost)
             raise item
         try:
             output = GenerateOutput.model_validate_json(item)
