@@ -55,6 +55,8 @@ READY_TIMEOUT_S = {"etcd": 30.0, "nats": 30.0, "frontend": 180.0}
 WORKER_READY_TIMEOUT_S = 600.0
 MAX_BACKOFF_S = 60.0
 DRAIN_DIR = "drain"  # <run dir>/drain/<component>: `hpcserve drain` asks for a drain here
+# <run dir>/supervisor.json: restarts and phase per component (the frontend's /metrics reads it)
+SUPERVISOR_FILE = "supervisor.json"
 
 Launch = Callable[[PlannedProcess], ManagedProcess]
 Say = Callable[[str], None]
@@ -332,22 +334,28 @@ class Supervisor:
     # ----- reporting -----------------------------------------------------------------------
     def _changed(self) -> None:
         self.write_pids()
+        _write_json(self.run_dir / SUPERVISOR_FILE,
+                    {"restarts": self.restarts(), "phases": self.phases()})  # fmt: skip
         if self.on_change is not None:
             self.on_change(self)
 
     def write_pids(self) -> None:
-        """`<run dir>/pids.json`, replaced atomically (others read it at any time)."""
+        """`<run dir>/pids.json`: each component's current PID."""
         pids = {c.name: c.process.pid for c in self.components if c.process is not None}
-        path = self.run_dir / "pids.json"
-        tmp = path.with_name(f".pids.json.{os.getpid()}")
-        tmp.write_text(json.dumps(pids, indent=2) + "\n")
-        tmp.replace(path)
+        _write_json(self.run_dir / "pids.json", pids)
 
     def restarts(self) -> dict[str, int]:
         return {c.name: c.restarts for c in self.components if c.restarts}
 
     def phases(self) -> dict[str, str]:
         return {c.name: c.phase for c in self.components}
+
+
+def _write_json(path: Path, data: object) -> None:
+    """Replace `path` atomically: others read it at any time."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}")
+    tmp.write_text(json.dumps(data, indent=2) + "\n")
+    tmp.replace(path)
 
 
 __all__ = ["DeploymentFailed", "Policy", "ProcessFailed", "Supervisor", "policy_for"]
