@@ -29,6 +29,7 @@ from contract.config import DeploymentConfig
 from contract.disagg import serving_roles
 from contract.discovery import WorkerCard, WorkerDirectory
 from contract.messages import GenerateOutput, GenerateRequest, SamplingParams, TokenLogprob
+from contract.supervisor import SUPERVISOR_FILE
 from frontend import errors
 from frontend.errors import OpenAIError
 from frontend.kv_index import KvIndex, KvIndexFeed
@@ -275,6 +276,8 @@ class FrontendState:
             self.metrics.track_kv_index(self.kv_feed.index.num_blocks)
         else:
             self.router = make_router(config.frontend.router, self.tracker)
+        if config.run_dir:  # restarts as the deployment's supervisor records them
+            self.metrics.track_supervisor(Path(config.run_dir) / SUPERVISOR_FILE)
         self.directory = WorkerDirectory(config.services.etcd.endpoint, config.name)
         self.client = WorkerClient(config.services.nats.endpoint, config.name, self.tracker)
         self.started = int(time.time())

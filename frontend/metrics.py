@@ -6,7 +6,9 @@ Latencies are what users feel: time to first token and the gap between streamed 
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import json
+from collections.abc import Callable, Iterator
+from pathlib import Path
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -16,6 +18,7 @@ from prometheus_client import (
     Histogram,
     generate_latest,
 )
+from prometheus_client.core import CounterMetricFamily
 
 _LATENCY_BUCKETS = (
     0.001,
@@ -119,5 +122,29 @@ class FrontendMetrics:
         )
         gauge.set_function(num_blocks)
 
+    def track_supervisor(self, status_file: Path) -> None:
+        """Expose the supervisor's restart count per component (`hpcserve_component_restarts
+        _total`), read from its status file at scrape time: the supervisor serves no HTTP."""
+        self.registry.register(_SupervisorCollector(status_file))
+
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+class _SupervisorCollector:
+    def __init__(self, status_file: Path) -> None:
+        self.status_file = status_file
+
+    def collect(self) -> Iterator[CounterMetricFamily]:
+        family = CounterMetricFamily(
+            "hpcserve_component_restarts",
+            "times the supervisor restarted a component after it crashed",
+            labels=["component"],
+        )
+        try:
+            restarts = json.loads(self.status_file.read_text()).get("restarts", {})
+        except (OSError, ValueError):
+            restarts = {}
+        for component, count in sorted(restarts.items()):
+            family.add_metric([component], float(count))
+        yield family

@@ -7,6 +7,7 @@ import re
 import signal
 import socket
 import time
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -38,6 +39,8 @@ def test_a_crashed_worker_is_restarted_and_serves_again(tmp_path: Path) -> None:
             temperature=0, max_tokens=20,
         )  # fmt: skip
         assert "Paris" in (answer.choices[0].message.content or "")
+        metrics = urllib.request.urlopen(up.base_url.removesuffix("/v1") + "/metrics").read()
+        assert b'hpcserve_component_restarts_total{component="worker-agg-g0-i0"} 1.0' in metrics
         pids = up.pids()
         up.popen.send_signal(signal.SIGTERM)
         assert up.finish(timeout_s=90) == 0, up.output
