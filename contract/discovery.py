@@ -10,10 +10,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import uuid
 from collections.abc import Callable
 
 import aetcd
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from contract.messages import PROTOCOL_VERSION
 
@@ -48,6 +49,10 @@ class WorkerCard(BaseModel):
     kv_transfer: KvTransferInfo | None = None  # prefill and decode roles only
     engine: str = ""  # torch | mocker | trtllm
     unsupported_params: list[str] = []  # SamplingParams fields the engine cannot honour
+    draining: bool = False  # leaving: no new requests, but its streams go on (not a loss)
+    # One per worker process: a restarted worker keeps its worker_id but not its instance
+    # (a request that lost the old one may go to the new one).
+    instance: str = Field(default_factory=lambda: uuid.uuid4().hex)
 
 
 def workers_prefix(deployment: str) -> str:
@@ -86,6 +91,13 @@ class WorkerRegistration:
     async def open(self) -> None:
         await self._put_with_new_lease()
         self._keepalive = asyncio.create_task(self._keep_alive(), name="etcd-keepalive")
+
+    async def mark_draining(self) -> None:
+        """Re-put the card with `draining: true` under the same lease: routers stop sending
+        to this worker, and its streams are not taken for lost (a delete would be)."""
+        card = WorkerCard.model_validate_json(self._value).model_copy(update={"draining": True})
+        self._value = card.model_dump_json().encode()
+        await self._client.put(self._key, self._value, lease=self._lease)
 
     async def close(self) -> None:
         """Remove the card now instead of waiting for the lease to lapse."""

@@ -312,11 +312,12 @@ class FrontendState:
         return serving_roles(self.config.disaggregation.strategy)
 
     def candidates(self, exclude: set[str]) -> list[WorkerCard]:
+        """Routable workers of the serving roles; `exclude` holds worker instances."""
         roles = self.serving_roles
         return [
             card
             for card in self.directory.workers.values()
-            if card.role in roles and card.worker_id not in exclude
+            if card.role in roles and card.instance not in exclude and not card.draining
         ]
 
     def check_disaggregated_peer(self, card: WorkerCard) -> None:

@@ -77,7 +77,7 @@ class MigratingStream:
         self._metrics = metrics
         self._prompt_tokens = len(request.token_ids)
         self._cached_tokens = 0  # as the first attempt reported them
-        self.exclude: set[str] = set()  # workers that failed this request
+        self.exclude: set[str] = set()  # worker instances that failed this request
         self.generated = 0  # tokens produced across all attempts
         self.migrations = 0
 
@@ -134,7 +134,7 @@ class MigratingStream:
         """Re-send after `lost`; a final chunk when the lost attempt had used its budget."""
         assert self._stream is not None
         self._stream.close()  # releases the router's accounting, aborts it on a draining worker
-        self.exclude.add(lost.worker_id)
+        self.exclude.add(self._stream.card.instance)  # not its id: a restart may serve it
         if self.generated == 0:
             logger.warning("%s before its first token; retrying on another worker", lost)
             await self._open(continuation(self._request, []))

@@ -6,9 +6,10 @@ Life of a worker:
 `GenerateRequest` runs in its own task that streams each `GenerateOutput` chunk as JSON to the
 request's reply subject; 5. publish `LoadMetrics` every `METRICS_INTERVAL_S` and right after a
 request starts or ends, and the engine's KV events as seq-numbered `KvEventBatch`es;
-6. on SIGTERM/SIGINT, or when the engine reports a fatal failure (a tensor-parallel rank
-died): deregister first (revoke the lease) so no new requests come, let
-in-flight requests finish (bounded by `drain_timeout_s`), shut the engine down, exit 0.
+6. on SIGTERM/SIGINT: mark the card draining so no new requests come, let in-flight
+requests finish (bounded by `drain_timeout_s`), deregister, shut the engine down, exit 0.
+When the engine reports a fatal failure (a tensor-parallel rank died): withhold its error
+replies and deregister at once, so the frontend migrates the requests; exit 1.
 
 Bad requests. The engine raises `ValueError` naming the parameter before any work; the worker
 answers with one final chunk: finish_reason "error", `error` = the message, `error_param` =
@@ -151,17 +152,33 @@ class Worker:
         )  # fmt: skip
 
     async def stop(self) -> None:
-        """Deregister, drain in-flight requests (bounded), shut the engine down."""
-        if self._registration is not None:
-            await self._registration.close()
-            self._registration = None
-            logger.info("deregistered; draining %d in-flight request(s)", self.inflight)
-        deadline = time.monotonic() + self.drain_timeout_s
-        # Requests sent before the frontend saw the deregistration still arrive: serve them.
-        while self._inflight and time.monotonic() < deadline:
-            await asyncio.wait(list(self._inflight.values()), timeout=deadline - time.monotonic())
+        """Drain, deregister, shut the engine down.
+
+        Healthy (SIGTERM, `hpcserve drain`): the card is marked draining (routers send no
+        more; the frontend keeps the streams), in-flight requests finish, bounded by
+        `drain_timeout_s`; what is left then is cancelled unanswered and the card removed,
+        so the frontend migrates those requests instead of seeing them aborted. After a
+        fatal engine failure nothing can finish: the card goes at once (the frontend
+        migrates every stream; the engine's error replies were withheld)."""
+        registration, self._registration = self._registration, None
+        if registration is not None and self.failed_reason is None:
+            with contextlib.suppress(Exception):
+                await registration.mark_draining()
+            logger.info("draining %d in-flight request(s); no new ones", self.inflight)
+            deadline = time.monotonic() + self.drain_timeout_s
+            while self._inflight and time.monotonic() < deadline:
+                await asyncio.wait(list(self._inflight.values()),
+                                   timeout=deadline - time.monotonic())  # fmt: skip
+            if self._inflight:
+                logger.warning("drain timed out; handing %d request(s) back to the frontend",
+                               self.inflight)  # fmt: skip
+        for task in list(self._inflight.values()):
+            task.cancel()  # unanswered: the frontend migrates them once the card is gone
         if self._inflight:
-            logger.warning("drain timed out; aborting %d request(s)", self.inflight)
+            await asyncio.wait(list(self._inflight.values()), timeout=5)
+        if registration is not None:
+            await registration.close()
+            logger.info("deregistered")
         self.engine.set_kv_event_sink(None)
         await self.engine.shutdown()  # unfinished requests end with finish_reason "abort"
         if self._inflight:
@@ -182,16 +199,6 @@ class Worker:
             with contextlib.suppress(Exception):
                 await self._nc.close()
         logger.info("stopped")
-
-    async def settle_failed_requests(self, timeout_s: float = 5.0) -> None:
-        """After a fatal engine failure: let every in-flight request publish its error reply
-        and flush NATS *before* deregistering. Otherwise the frontend may see the worker
-        leave first and answer 503 "worker left" instead of the engine's error."""
-        if self._inflight:
-            await asyncio.wait(list(self._inflight.values()), timeout=timeout_s)
-        if self._nc is not None:
-            with contextlib.suppress(Exception):
-                await self._nc.flush(timeout=2)
 
     def _on_engine_fatal(self, reason: str) -> None:
         """Called from an engine thread: the engine cannot serve any more; stop the worker."""
@@ -233,6 +240,9 @@ class Worker:
         finished = False
         try:
             async for output in self.engine.generate(request):
+                if output.finish_reason == "error" and self.engine.failed is not None:
+                    return  # the engine, not the request, failed: withheld, and the
+                    # frontend migrates the request once this worker's card is gone
                 await self._nc.publish(reply, output.model_dump_json().encode())
                 finished = output.finish_reason is not None
         except ValueError as exc:
@@ -354,7 +364,6 @@ async def serve_until_signal(worker: Worker, on_ready: Callable[[], None] | None
         task.cancel()
     if worker.failed_reason is not None:
         logger.error("engine failed (%s); deregistering and exiting", worker.failed_reason)
-        await worker.settle_failed_requests()
     else:
         logger.info("signal received; stopping")
     await worker.stop()

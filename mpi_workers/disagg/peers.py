@@ -92,6 +92,7 @@ class PeerWorker(Worker):
                 card
                 for card in self.directory.workers.values()
                 if card.role == role and card.worker_id not in exclude and self.is_peer(card)
+                and not card.draining
             ),
             key=lambda card: card.worker_id,
         )
@@ -190,6 +191,8 @@ class PeerWorker(Worker):
 
     async def _publish(self, reply: str, output: GenerateOutput) -> None:
         assert self._nc is not None
+        if output.finish_reason == "error" and self.engine.failed is not None:
+            return  # the engine failed, not the request: the frontend migrates it
         await self._nc.publish(reply, output.model_dump_json().encode())
 
     def _spawn(self, coro: Any) -> None:

@@ -41,6 +41,9 @@ class Engine(ABC):
     # Request fields (`SamplingParams` names) this engine cannot honour: a request that sets
     # one away from its default is refused at the frontend, naming the field.
     unsupported_params: frozenset[str] = frozenset()
+    # Why the engine can serve no more (a tensor-parallel rank died); set before its requests
+    # are failed, so the worker can tell those errors from a request's own. None: healthy.
+    failed: str | None = None
 
     @abstractmethod
     async def start(self) -> None:

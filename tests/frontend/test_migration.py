@@ -28,6 +28,7 @@ def card(worker_id: str) -> WorkerCard:
     return WorkerCard(
         worker_id=worker_id, role="agg", model="m", block_size=16, subject=f"{worker_id}.gen",
         abort_subject=f"{worker_id}.abort", capacity=4, max_model_len=4096,
+        instance=f"{worker_id}-1",
     )  # fmt: skip
 
 
@@ -117,7 +118,7 @@ def in_order_route(client: ScriptedClient, calls: list[set[str]]) -> Any:
     async def route(req: GenerateRequest, exclude: set[str]) -> WorkerCard:
         calls.append(set(exclude))
         for worker_id in sorted(client._workers):
-            if worker_id not in exclude:
+            if client._workers[worker_id].instance not in exclude:
                 return client._workers[worker_id]
         raise errors.no_worker("no worker is available: none left")
 
@@ -161,7 +162,7 @@ async def test_a_lost_worker_hands_the_request_on_with_prompt_plus_tokens() -> N
     stream.close()
 
     assert tokens(outputs) == [21, 22, 23, 24, 25, 26]
-    assert [w for w, _ in client.opened] == ["a", "b"] and calls == [set(), {"a"}]
+    assert [w for w, _ in client.opened] == ["a", "b"] and calls == [set(), {"a-1"}]
     resumed = client.opened[1][1]
     assert resumed.token_ids == [*PROMPT, 21, 22, 23] and resumed.sampling.max_tokens == 7
     # the continuation's chunks report the request's prompt and the first attempt's cache
