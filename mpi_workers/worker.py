@@ -267,6 +267,8 @@ class Worker:
     ) -> None:
         if not reply or self._nc is None:
             return
+        if self.engine.failed is not None:
+            return  # the engine failed, not the request: the frontend migrates it
         chunk = GenerateOutput(
             request_id=request_id, finish_reason="error", error=error, error_param=param
         )
