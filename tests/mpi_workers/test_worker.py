@@ -22,7 +22,13 @@ import yaml
 from fake_engine import FakeEngine
 
 from contract import bus
-from contract.discovery import WorkerDirectory, etcd_client, worker_key, workers_prefix
+from contract.discovery import (
+    WorkerCard,
+    WorkerDirectory,
+    etcd_client,
+    worker_key,
+    workers_prefix,
+)
 from contract.messages import (
     AbortRequest,
     GenerateOutput,
@@ -256,8 +262,19 @@ async def _has_keys(etcd_endpoint: str, deployment: str, count: int) -> bool:
     return len(await registered_keys(etcd_endpoint, deployment)) == count
 
 
+async def _card_draining(etcd_endpoint: str, deployment: str) -> bool:
+    client: aetcd.Client = etcd_client(etcd_endpoint)
+    try:
+        result = await client.get_prefix(workers_prefix(deployment).encode())
+        return any(WorkerCard.model_validate_json(kv.value).draining for kv in result)
+    finally:
+        await client.close()
+
+
 @pytest.mark.slow
-async def test_sigterm_deregisters_then_drains(tmp_path: Path, etcd_endpoint: str, nats_url: str):
+async def test_sigterm_marks_draining_then_finishes_then_deregisters(
+    tmp_path: Path, etcd_endpoint: str, nats_url: str
+):
     deployment = unique_deployment()
     config_path = write_config(tmp_path, deployment, etcd_endpoint, nats_url, 10)
     process = spawn_worker(config_path, token_delay_s=0.1)
@@ -271,11 +288,12 @@ async def test_sigterm_deregisters_then_drains(tmp_path: Path, etcd_endpoint: st
         collecting = asyncio.create_task(stream(nc, subject, request, timeout_s=30))
         await asyncio.sleep(0.5)  # a few tokens in
         process.send_signal(signal.SIGTERM)
-        # Deregistered at once, long before the 2 s request ends...
-        took = await wait_for(lambda: _has_keys(etcd_endpoint, deployment, 0), 1.5, 0.05)
+        # Out of routing at once (the card says draining), long before the 2 s request ends...
+        took = await wait_for(lambda: _card_draining(etcd_endpoint, deployment), 1.5, 0.05)
         assert not collecting.done()
-        # ...and the request still finishes in full.
+        # ...and the request still finishes in full; then the card goes.
         chunks = await collecting
+        await wait_for(lambda: _has_keys(etcd_endpoint, deployment, 0), 10)
         exit_code = await asyncio.to_thread(process.wait, 15)
     finally:
         await nc.close()
