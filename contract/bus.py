@@ -7,6 +7,8 @@ Event plane: workers publish `KvEventBatch` and `LoadMetrics` on deployment-wide
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
+
 import nats
 from nats.aio.client import Client as NatsClient
 
@@ -34,12 +36,17 @@ def load_metrics_subject(deployment: str) -> str:
     return f"hpcserve.{deployment}.load"
 
 
-async def connect(url: str, name: str) -> NatsClient:
-    """Connect with reconnects that outlast a short NATS restart."""
+async def connect(
+    url: str, name: str, reconnected: Callable[[], Awaitable[None]] | None = None
+) -> NatsClient:
+    """Connect with reconnects that outlast a short NATS restart; `reconnected()` runs after
+    each one (messages published meanwhile may be gone: NATS delivers at most once)."""
+    options = {"reconnected_cb": reconnected} if reconnected is not None else {}
     return await nats.connect(
         servers=[url],
         name=name,
         max_reconnect_attempts=-1,
         reconnect_time_wait=0.5,
         connect_timeout=5,
+        **options,
     )

@@ -11,9 +11,10 @@ seeded sampling cannot be continued bit-exactly (the sampler's RNG state died wi
 worker), and presence/frequency penalties see the earlier tokens as prompt, not output.
 
 Only `WorkerLost` migrates. A worker's own error reply (finish_reason "error") is an answer,
-not a loss. A worker stopping on SIGTERM revokes its etcd lease before it drains, which the
-frontend cannot tell from a crash (both are a directory delete): its requests migrate too,
-and the draining worker gets the usual abort for the attempt the frontend gave up.
+not a loss; so is a TP group's failure, which withholds its errors and deregisters so that
+its requests come here. A draining worker (SIGTERM, `hpcserve drain`) marks its card
+`draining` and keeps its streams; only what it still holds at its drain timeout is handed
+back (the card goes, unanswered): those migrate, and the worker gets the usual abort.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from contract.messages import GenerateOutput, GenerateRequest
 from frontend import errors
 from frontend.errors import OpenAIError
 from frontend.metrics import FrontendMetrics
-from frontend.worker_client import RequestStream, WorkerClient, WorkerLost
+from frontend.worker_client import ConnectionLost, RequestStream, WorkerClient, WorkerLost
 
 logger = logging.getLogger(__name__)
 
@@ -134,7 +135,8 @@ class MigratingStream:
         """Re-send after `lost`; a final chunk when the lost attempt had used its budget."""
         assert self._stream is not None
         self._stream.close()  # releases the router's accounting, aborts it on a draining worker
-        self.exclude.add(self._stream.card.instance)  # not its id: a restart may serve it
+        if not isinstance(lost, ConnectionLost):  # a reconnect is no fault of the worker
+            self.exclude.add(self._stream.card.instance)  # not its id: a restart may serve it
         if self.generated == 0:
             logger.warning("%s before its first token; retrying on another worker", lost)
             await self._open(continuation(self._request, []))

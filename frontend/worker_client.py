@@ -41,6 +41,14 @@ class WorkerLost(Exception):
         self.worker_id = worker_id
 
 
+class ConnectionLost(WorkerLost):
+    """NATS reconnected while the request streamed: chunks sent meanwhile may be gone, so
+    the request continues afresh (the worker itself is fine: it is not excluded)."""
+
+    def __init__(self, worker_id: str) -> None:
+        super().__init__(worker_id, "was cut off by a NATS reconnect")
+
+
 class RequestStream:
     """The replies of one request; `close()` aborts it on the worker unless it finished."""
 
@@ -74,8 +82,8 @@ class RequestStream:
         else:
             item = queue.get_nowait()
         if isinstance(item, BaseException):
-            # a worker that left the directory may only be draining (SIGTERM revokes the lease
-            # first): close() still sends it the abort; a dead one never hears it
+            # a worker that left the directory may still be alive (a drain past its timeout
+            # hands requests back): close() still sends it the abort; a dead one never hears it
             self.finished = not isinstance(item, WorkerLost)
             raise item
         try:
@@ -119,7 +127,7 @@ class WorkerClient:
         return len(self._streams)
 
     async def start(self, name: str = "hpcserve-frontend") -> None:
-        self._nc = await connect(self._url, name)
+        self._nc = await connect(self._url, name, reconnected=self._on_reconnected)
         self._prefix = self._nc.new_inbox()
         await self._nc.subscribe(f"{self._prefix}.>", cb=self._on_reply)
         await self._nc.subscribe(load_metrics_subject(self._deployment), cb=self._on_load)
@@ -217,6 +225,13 @@ class WorkerClient:
             stream.queue.put_nowait(lost)
             return
         stream.queue.put_nowait(msg.data)
+
+    async def _on_reconnected(self) -> None:
+        """Every stream open across a NATS reconnect continues afresh (migration)."""
+        logger.warning("NATS reconnected; %d open request(s) continue afresh", self.in_flight)
+        for stream in list(self._streams.values()):
+            if not stream.finished:
+                stream.queue.put_nowait(ConnectionLost(stream.card.worker_id))
 
     async def _on_load(self, msg: Msg) -> None:
         try:

@@ -177,6 +177,25 @@ async def test_a_lost_worker_hands_the_request_on_with_prompt_plus_tokens() -> N
     assert client.aborts == [("a.abort", "first")]
 
 
+async def test_a_nats_reconnect_continues_on_the_same_worker() -> None:
+    """Chunks sent while NATS reconnected may be gone: the request continues afresh, and the
+    worker (not at fault) stays eligible."""
+    client = ScriptedClient({"a": [chunk(21, 22)]})  # each attempt replays this script
+    calls: list[set[str]] = []
+    stream = MigratingStream(
+        client, in_order_route(client, calls), request(max_tokens=5), limit=3,
+        metrics=FrontendMetrics(),
+    )  # fmt: skip
+    assert (await stream.next(deadline())).token_ids == [21, 22]
+    await client._on_reconnected()
+    resumed = await stream.next(deadline())
+    assert resumed.token_ids == [21, 22]  # the fresh attempt's first chunk
+    assert [w for w, _ in client.opened] == ["a", "a"] and calls == [set(), set()]
+    assert client.opened[1][1].token_ids == [*PROMPT, 21, 22]
+    assert client.opened[1][1].sampling.max_tokens == 3
+    stream.close()
+
+
 async def test_the_migration_limit_ends_in_a_503() -> None:
     client = ScriptedClient({"a": [chunk(21)], "b": [chunk(22)], "c": [chunk(23)]})
     metrics = FrontendMetrics()

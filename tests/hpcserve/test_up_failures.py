@@ -99,9 +99,11 @@ def test_drained_worker_leaves_and_is_not_restarted(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-def test_etcd_restarted_by_the_supervisor_while_serving(tmp_path: Path) -> None:
-    """kill -9 etcd under load: the supervisor starts it again on its data; requests keep
-    being answered throughout and both workers are registered afterwards."""
+@pytest.mark.parametrize("service", ["etcd", "nats"])
+def test_service_restarted_by_the_supervisor_while_serving(tmp_path: Path, service: str) -> None:
+    """kill -9 etcd (or NATS) under load: the supervisor starts it again (etcd on its data);
+    workers and frontend reconnect by themselves; requests keep being answered throughout
+    and both workers are registered afterwards."""
     import threading
 
     import yaml
@@ -132,9 +134,9 @@ def test_etcd_restarted_by_the_supervisor_while_serving(tmp_path: Path) -> None:
         for thread in threads:
             thread.start()
         wait_until(lambda: len(outcomes) >= 8)
-        os.killpg(up.pids()["etcd"], signal.SIGKILL)
-        up.wait_for_line(re.compile(r"etcd exited with code -9; restart 1 of 3"), 30)
-        up.wait_for_line(re.compile(r"etcd is back \(restart 1\)"), 60)
+        os.killpg(up.pids()[service], signal.SIGKILL)
+        up.wait_for_line(re.compile(rf"{service} exited with code -9; restart 1 of 3"), 30)
+        up.wait_for_line(re.compile(rf"{service} is back \(restart 1\)"), 60)
         done = len(outcomes)
         wait_until(lambda: len(outcomes) >= done + 16)
         stop.set()
