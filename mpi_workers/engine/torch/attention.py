@@ -97,14 +97,17 @@ def paged_attention(
     v_cache: torch.Tensor,
     meta: AttentionMetadata,
     scale: float,
+    cached: bool = False,
 ) -> torch.Tensor:
-    """q: [T, H, D]; k, v: [T, KVH, D]; caches: [num_blocks, block_size, KVH, D] -> [T, H, D]."""
+    """q: [T, H, D]; k, v: [T, KVH, D]; caches: [num_blocks, block_size, KVH, D] -> [T, H, D].
+    `cached`: k and v are already in the caches at `meta.slot_mapping` (the fused RoPE)."""
     num_tokens, _, head_dim = q.shape
     kv_heads = k.shape[1]
     k_flat = k_cache.view(-1, kv_heads, head_dim)
     v_flat = v_cache.view(-1, kv_heads, head_dim)
-    k_flat.index_copy_(0, meta.slot_mapping, k)
-    v_flat.index_copy_(0, meta.slot_mapping, v)
+    if not cached:
+        k_flat.index_copy_(0, meta.slot_mapping, k)
+        v_flat.index_copy_(0, meta.slot_mapping, v)
     if meta.num_decode == num_tokens and meta.num_decode > 0:
         return _decode(q, k_cache, v_cache, meta, scale)
     out = torch.empty_like(q)

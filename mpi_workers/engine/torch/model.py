@@ -45,19 +45,22 @@ class Attention(nn.Module):
         self.num_kv_heads = self.qkv_proj.num_kv_heads
         self.head_dim = cfg.head_dim
         self.scale = cfg.head_dim**-0.5
-        self.fused = False  # CUDA: RoPE in one Triton kernel (set at load)
+        self.fused = False  # CUDA: RoPE + K/V cache writes in one Triton kernel (set at load)
         self.k_cache = torch.empty(0)
         self.v_cache = torch.empty(0)
 
     def forward(self, x: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         tokens = x.shape[0]
-        qkv = self.qkv_proj(x).view(tokens, self.num_heads + 2 * self.num_kv_heads, self.head_dim)
-        rotate = triton_ops.rope if self.fused else apply_rope
-        qk = rotate(qkv[:, : self.num_heads + self.num_kv_heads], meta.cos, meta.sin)
-        q = qk[:, : self.num_heads]
-        k = qk[:, self.num_heads :]
-        v = qkv[:, self.num_heads + self.num_kv_heads :]
-        o = paged_attention(q, k, v, self.k_cache, self.v_cache, meta, self.scale)
+        heads, kv_heads = self.num_heads, self.num_kv_heads
+        qkv = self.qkv_proj(x).view(tokens, heads + 2 * kv_heads, self.head_dim)
+        if self.fused:  # RoPE and the K/V cache writes in one kernel
+            qk = triton_ops.rope_and_cache(qkv, meta.cos, meta.sin, self.k_cache, self.v_cache,
+                                           meta.slot_mapping, heads, kv_heads)  # fmt: skip
+        else:
+            qk = apply_rope(qkv[:, : heads + kv_heads], meta.cos, meta.sin)
+        q, k, v = qk[:, :heads], qk[:, heads:], qkv[:, heads + kv_heads :]
+        o = paged_attention(q, k, v, self.k_cache, self.v_cache, meta, self.scale,
+                            cached=self.fused)  # fmt: skip
         return self.o_proj(o.reshape(tokens, self.num_heads * self.head_dim))
 
 

@@ -182,9 +182,17 @@ def test_fused_layers_match_the_pytorch_layers(dtype) -> None:
     positions = torch.tensor([0, 3, 17, 63], device="cuda")
     cos, sin = rotary.lookup(positions, dtype)
     qkv = torch.randn(4, 32 + 2 * 8, 128, device="cuda").to(dtype)
-    qk = qkv[:, : 32 + 8]  # a strided view, as in the attention layer
-    expected = apply_rope(qk.clone(), cos, sin)
-    assert torch.allclose(triton_ops.rope(qk, cos, sin), expected, **tolerance)
+    expected = apply_rope(qkv[:, : 32 + 8].clone(), cos, sin)
+    k_cache = torch.zeros(6, 16, 8, 128, device="cuda", dtype=dtype)
+    v_cache = torch.zeros_like(k_cache)
+    slots = torch.tensor([5, 17, 40, 95], device="cuda")  # any cache slots
+    qk = triton_ops.rope_and_cache(qkv, cos, sin, k_cache, v_cache, slots, 32, 8)
+    assert torch.allclose(qk, expected, **tolerance)
+    assert torch.equal(k_cache.view(-1, 8, 128)[slots], qk[:, 32:])  # the rotated K rows
+    assert torch.equal(v_cache.view(-1, 8, 128)[slots], qkv[:, 40:])  # V as it is
+    others = torch.ones(96, dtype=torch.bool, device="cuda")
+    others[slots] = False
+    assert not k_cache.view(-1, 8, 128)[others].any() and not v_cache.view(-1, 8, 128)[others].any()
 
 
 def test_gpu_kv_pool_is_sized_from_free_memory(tiny_llama_dir) -> None:
