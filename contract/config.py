@@ -202,6 +202,9 @@ class FrontendConfig(_Section):
         default=3, ge=0, description="re-sends per request after worker loss; 0: fail instead"
     )
     restart: RestartPolicy = Field(default_factory=RestartPolicy)  # always critical
+    max_request_bytes: int = Field(
+        default=16 * 2**20, ge=1024, description="larger request bodies get a 413, unread"
+    )
 
 
 class ServiceConfig(_Section):

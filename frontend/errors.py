@@ -16,6 +16,9 @@ from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response
 
+from contract.discovery import WorkerCard
+from contract.messages import GenerateOutput
+
 logger = logging.getLogger(__name__)
 
 # pydantic puts union-branch and validator tags into `loc`; they are not field names
@@ -87,6 +90,13 @@ def model_not_found(model: str) -> OpenAIError:
 
 def context_length_exceeded(message: str, param: str) -> OpenAIError:
     return OpenAIError(400, message, param=param, code="context_length_exceeded")
+
+
+def request_too_large(limit: int) -> OpenAIError:
+    return OpenAIError(
+        413, f"the request body is larger than {limit} bytes (frontend.max_request_bytes)",
+        code="request_too_large",
+    )  # fmt: skip
 
 
 def no_worker(message: str) -> OpenAIError:
@@ -172,3 +182,14 @@ def install_handlers(app: FastAPI) -> None:
     async def _unexpected(_: Request, exc: Exception) -> Response:
         logger.exception("unexpected error: %s", exc)
         return OpenAIError(500, f"internal error: {exc}", type="server_error").response()
+
+
+def raise_for_worker_error(output: GenerateOutput, card: WorkerCard) -> None:
+    """The HTTP error a worker's failing chunk stands for (none for a good chunk)."""
+    if output.finish_reason == "error":
+        message = output.error or "the worker failed the request"
+        if output.error_param:
+            raise bad_request(message, param=output.error_param)
+        raise OpenAIError(500, f"worker {card.worker_id}: {message}", type="server_error")
+    if output.finish_reason == "abort":
+        raise no_worker(f"worker {card.worker_id} aborted the request")

@@ -13,7 +13,7 @@ import logging
 import re
 from collections.abc import Sequence
 from datetime import datetime
-from functools import lru_cache
+from functools import cached_property, lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -207,6 +207,13 @@ class TextTokenizer:
     def encode_chat(self, messages: list[dict[str, Any]]) -> list[int]:
         # the template writes the special tokens itself
         return self.encode_template_output(self.render_chat(messages))
+
+    @cached_property
+    def max_token_chars(self) -> int:
+        """The most characters of text one token can stand for (its longest vocabulary
+        entry; a byte-level piece covers one byte, at most one character, per symbol): a
+        text of N characters is at least N / this many tokens, known without tokenizing."""
+        return max((len(piece) for piece in self._tokenizer.get_vocab()), default=1) or 1
 
     @lru_cache(maxsize=65536)  # noqa: B019 - one tokenizer per process, lives as long
     def token_piece(self, token_id: int) -> tuple[str, list[int]]:

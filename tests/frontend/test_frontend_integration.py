@@ -58,6 +58,33 @@ async def test_health_live_models_before_and_after_worker(make_frontend: Any) ->
         assert models["object"] == "list" and models["data"][0]["id"] == "smol"
 
 
+async def test_openapi_documents_every_endpoint(make_frontend: Any) -> None:
+    fe = await make_frontend()
+    async with fe.client() as client:
+        schema = (await client.get("/openapi.json")).json()
+        docs = await client.get("/docs")
+    assert docs.status_code == 200 and "swagger" in docs.text.lower()
+    assert sorted(schema["paths"]) == [
+        "/health", "/live", "/metrics", "/v1/chat/completions", "/v1/completions", "/v1/models",
+    ]  # fmt: skip
+    chat = schema["paths"]["/v1/chat/completions"]["post"]
+    body = chat["requestBody"]["content"]["application/json"]["schema"]["$ref"]
+    assert body.endswith("/ChatCompletionRequest")
+    ok = chat["responses"]["200"]["content"]
+    assert ok["application/json"]["schema"]["$ref"].endswith("/ChatCompletionResponse")
+    assert "text/event-stream" in ok
+    assert chat["responses"]["400"]["content"]["application/json"]["schema"]["$ref"].endswith(
+        "/ErrorResponse"
+    )
+    assert "422" not in chat["responses"]  # bad input is a 400 in OpenAI's shape
+    fields = schema["components"]["schemas"]["ChatCompletionRequest"]["properties"]
+    assert {"messages", "max_tokens", "temperature", "stream", "logprobs"} <= set(fields)
+    completion = schema["paths"]["/v1/completions"]["post"]["responses"]["200"]
+    assert completion["content"]["application/json"]["schema"]["$ref"].endswith(
+        "/CompletionResponse"
+    )
+
+
 async def test_openai_client_stream_and_non_stream_agree(make_frontend: Any) -> None:
     fe = await make_frontend()
     await fe.add_worker(tokens_per_chunk=2)
@@ -246,6 +273,38 @@ async def test_input_errors(make_frontend: Any) -> None:
         # unknown fields are ignored
         response = await post("/v1/chat/completions", json={**CHAT, "whatever": 1, "user": "u"})
         assert response.status_code == 200
+
+
+async def test_oversized_bodies_and_hopeless_prompts_are_refused_cheaply(make_frontend: Any):
+    """A body past frontend.max_request_bytes is a 413 (declared or chunked, never read
+    whole); a text prompt that cannot fit even at the longest token per step is refused
+    before it is tokenized; neither reaches a worker or the router."""
+    fe = await make_frontend(max_request_bytes=8192)
+    worker = await fe.add_worker(max_model_len=64)
+    big = {**CHAT, "messages": [{"role": "user", "content": "x" * 10_000}]}
+    async with fe.client() as client:
+        error = assert_error(await client.post("/v1/chat/completions", json=big), 413, None,
+                             "request_too_large")  # fmt: skip
+        assert "8192" in error["message"]
+
+        async def chunks():  # no Content-Length: counted while read
+            for _ in range(20):
+                yield b" " * 1000
+
+        chunked = await client.post("/v1/completions", content=chunks(),
+                                    headers={"Content-Type": "application/json"})  # fmt: skip
+        assert_error(chunked, 413, None, "request_too_large")
+        hopeless = {**CHAT, "messages": [{"role": "user", "content": "y" * 6000}]}
+        error = assert_error(await client.post("/v1/chat/completions", json=hopeless), 400,
+                             "messages", "context_length_exceeded")  # fmt: skip
+        assert "at least" in error["message"] and "6000 characters" in error["message"]
+        prompt = {"model": "smol", "prompt": "z" * 6000, "max_tokens": 4}
+        error = assert_error(await client.post("/v1/completions", json=prompt), 400, "prompt",
+                             "context_length_exceeded")  # fmt: skip
+        assert worker.requests == []  # (6,000 characters fit the body: refused by length)
+        assert not fe.app.state.frontend.tracker.in_flight  # no router entry left behind
+        ok = await client.post("/v1/chat/completions", json=CHAT)
+        assert ok.status_code == 200, ok.text
 
 
 async def test_no_worker_timeout_waits_for_a_worker(make_frontend: Any) -> None:

@@ -13,10 +13,10 @@ import pytest
 from contract.discovery import WorkerCard
 from contract.messages import AbortRequest, GenerateOutput, GenerateRequest, SamplingParams
 from frontend import errors
-from frontend.app import Generation
 from frontend.errors import OpenAIError
 from frontend.metrics import FrontendMetrics
 from frontend.migration import MigratingStream, continuation
+from frontend.responses import Generation
 from frontend.router import LoadTracker
 from frontend.tokenization import TextTokenizer
 from frontend.worker_client import RequestStream, WorkerClient

@@ -21,9 +21,9 @@ from contract import bus
 from contract.config import DisaggregationConfig
 from contract.discovery import WorkerCard, WorkerDirectory
 from contract.messages import GenerateOutput, GenerateRequest, SamplingParams
-from frontend.app import FrontendState
 from frontend.errors import OpenAIError
 from frontend.router import LoadTracker
+from frontend.state import FrontendState
 from frontend.worker_client import WorkerClient, WorkerLost
 from mpi_workers.disagg.worker import DisaggWorker
 

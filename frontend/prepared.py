@@ -1,0 +1,57 @@
+"""A request as the frontend knows it before any worker sees it: the parsed body, the prompt's
+token ids and the sampling settings, and what the response needs (ids, stops, stream)."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from typing import Literal
+
+from contract.messages import SamplingParams
+from frontend.openai_schemas import ChatCompletionRequest, CompletionRequest
+
+Kind = Literal["chat", "completion"]
+
+
+class Prepared:
+    """Everything known about a request before it is sent to a worker."""
+
+    __slots__ = (
+        "arrival",
+        "created",
+        "include_usage",
+        "kind",
+        "logprobs",
+        "model",
+        "prompt_ids",
+        "prompt_param",
+        "response_id",
+        "sampling",
+        "stops",
+        "stream",
+        "user_max_tokens",
+    )
+
+    def __init__(
+        self,
+        kind: Kind,
+        body: ChatCompletionRequest | CompletionRequest,
+        model: str,
+        prompt_ids: list[int],
+        sampling: SamplingParams,
+        arrival: float,
+    ) -> None:
+        self.kind = kind
+        self.arrival = arrival
+        self.created = int(time.time())
+        prefix = "chatcmpl-" if kind == "chat" else "cmpl-"
+        self.response_id = prefix + uuid.uuid4().hex
+        self.model = model
+        self.prompt_ids = prompt_ids
+        self.prompt_param = "messages" if kind == "chat" else "prompt"
+        self.sampling = sampling
+        self.user_max_tokens = body.requested_max_tokens()
+        self.stops = body.stop_strings()
+        self.stream = body.stream
+        self.include_usage = body.include_usage_in_stream()
+        self.logprobs = body.requested_logprobs()

@@ -1,0 +1,280 @@
+"""The request path of the generation endpoints: parse and validate the body, tokenize,
+check the context length (before routing, so a refused request leaves no trace in the
+router), route, stream from the worker (migrating on a lost worker), and answer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import Awaitable
+from typing import TypeVar
+
+from starlette.requests import Request
+from starlette.responses import Response
+
+from contract.discovery import WorkerCard
+from contract.messages import GenerateOutput, GenerateRequest, SamplingParams, TokenLogprob
+from frontend import errors
+from frontend.errors import raise_for_worker_error
+from frontend.migration import MigratingStream, Route
+from frontend.openai_schemas import ChatCompletionRequest, CompletionRequest
+from frontend.prepared import Kind, Prepared
+from frontend.responses import (
+    Generation,
+    SSEResponse,
+    full_response,
+    json_response,
+    stream_events,
+)
+from frontend.state import FrontendState
+from frontend.tokenization import ChatTemplateError
+
+T = TypeVar("T")
+
+
+class ClientGone(Exception):
+    """The HTTP client disconnected before the response was ready."""
+
+
+def check_context(prepared: Prepared, request: GenerateRequest, limit: int) -> None:
+    """400 context_length_exceeded when the prompt (+ max_tokens) does not fit `limit`
+    tokens; sets `request`'s max_tokens: the user's, else all the context leaves."""
+    prompt_len = len(prepared.prompt_ids)
+    if prompt_len >= limit:
+        raise errors.context_length_exceeded(
+            f"This model's maximum context length is {limit} tokens. However, your "
+            f"{prepared.prompt_param} has {prompt_len} tokens, which leaves no room for output.",
+            param=prepared.prompt_param,
+        )
+    if prepared.user_max_tokens is not None:
+        if prompt_len + prepared.user_max_tokens > limit:
+            raise errors.context_length_exceeded(
+                f"This model's maximum context length is {limit} tokens. However, you "
+                f"requested {prompt_len + prepared.user_max_tokens} tokens ({prompt_len} in "
+                f"the {prepared.prompt_param}, {prepared.user_max_tokens} for the completion).",
+                param="max_tokens",
+            )
+        request.sampling.max_tokens = prepared.user_max_tokens
+    else:
+        request.sampling.max_tokens = limit - prompt_len
+
+
+def _route_for(state: FrontendState, prepared: Prepared, checked: bool) -> Route:
+    """The routing of `prepared`'s attempts: the router's pick, then (when no worker was
+    up to check against before routing) the context check. A continuation (prompt + tokens
+    so far) keeps the budget `continuation()` left it: the workers of a deployment share
+    engine.max_model_len, so it fits wherever the first did."""
+
+    async def route(request: GenerateRequest, exclude: set[str]) -> WorkerCard:
+        card = await state.pick_worker(request, exclude)
+        if not checked and len(request.token_ids) == len(prepared.prompt_ids):
+            check_context(prepared, request, card.max_model_len)
+        return card
+
+    return route
+
+
+async def guard_disconnect(request: Request, work: Awaitable[T]) -> T:
+    """Await `work`; if the client disconnects meanwhile, cancel it and raise ClientGone."""
+    task = asyncio.current_task()
+    assert task is not None
+    gone = False
+
+    async def watch() -> None:
+        nonlocal gone
+        while True:
+            message = await request.receive()
+            if message["type"] == "http.disconnect":
+                gone = True
+                task.cancel()
+                return
+
+    watcher = asyncio.get_running_loop().create_task(watch())
+    try:
+        return await work
+    except asyncio.CancelledError:
+        if gone:
+            task.uncancel()
+            raise ClientGone() from None
+        raise
+    finally:
+        watcher.cancel()
+
+
+async def handle(state: FrontendState, request: Request, kind: Kind) -> Response:
+    arrival = time.perf_counter()
+    raw = await _read_body(request, state.config.frontend.max_request_bytes)
+    data = errors.parse_json_body(raw)
+    body: ChatCompletionRequest | CompletionRequest
+    if kind == "chat":
+        body = ChatCompletionRequest.model_validate(data)
+    else:
+        body = CompletionRequest.model_validate(data)
+    if body.model is not None and body.model != state.served_name:
+        raise errors.model_not_found(body.model)
+    _refuse_what_cannot_fit(state, body)
+    prompt_ids = _prompt_ids(state, body)
+    prepared = Prepared(kind, body, state.served_name, prompt_ids, _sampling(state, body), arrival)
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + state.config.frontend.request_timeout_s
+    if prepared.stream:
+        stream, first = await guard_disconnect(request, _start(state, prepared, deadline))
+        return SSEResponse(stream_events(state, prepared, stream, first, deadline), [stream.close])
+    return await guard_disconnect(request, _complete(state, prepared, deadline))
+
+
+async def _read_body(request: Request, limit: int) -> bytes:
+    """The body, or a 413 as soon as it is known to pass `limit` bytes (a declared
+    Content-Length before reading anything, else while reading)."""
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise errors.request_too_large(limit)
+    parts: list[bytes] = []
+    size = 0
+    async for part in request.stream():
+        size += len(part)
+        if size > limit:
+            raise errors.request_too_large(limit)
+        parts.append(part)
+    return b"".join(parts)
+
+
+def _refuse_what_cannot_fit(
+    state: FrontendState, body: ChatCompletionRequest | CompletionRequest
+) -> None:
+    """400 context_length_exceeded, before tokenizing, for a text prompt so long that even
+    at the tokenizer's longest token per step it could not fit (a megabyte prompt would
+    otherwise cost seconds of frontend CPU to be refused after all)."""
+    limit = state.context_limit()
+    if limit is None:
+        return
+    if isinstance(body, ChatCompletionRequest):
+        chars, param = sum(len(m.text()) for m in body.messages), "messages"
+    elif isinstance(body.prompt, str):
+        chars, param = len(body.prompt), "prompt"
+    else:
+        return  # token ids: counted exactly, as they are
+    at_least = -(-chars // state.tokenizer.max_token_chars)
+    if at_least >= limit:
+        raise errors.context_length_exceeded(
+            f"This model's maximum context length is {limit} tokens. However, your {param} "
+            f"is at least {at_least} tokens long ({chars} characters), which leaves no room "
+            "for output.",
+            param=param,
+        )
+
+
+def _prompt_ids(state: FrontendState, body: ChatCompletionRequest | CompletionRequest) -> list[int]:
+    tokenizer = state.tokenizer
+    if isinstance(body, ChatCompletionRequest):
+        # most HF templates know no "developer" role; it is OpenAI's new name for system
+        messages = [
+            {"role": "system" if m.role == "developer" else m.role, "content": m.text()}
+            for m in body.messages
+        ]
+        try:
+            ids = tokenizer.encode_chat(messages)
+        except ChatTemplateError as exc:
+            raise errors.bad_request(str(exc), param="messages") from None
+        param = "messages"
+    else:
+        prompt = body.prompt
+        param = "prompt"
+        if isinstance(prompt, str):
+            ids = tokenizer.encode(prompt, add_special_tokens=True)
+        else:
+            vocab = tokenizer.vocab_size
+            bad = next((t for t in prompt if not 0 <= t < vocab), None)  # type: ignore[operator]
+            if bad is not None:
+                raise errors.bad_request(
+                    f"prompt: token id {bad} is outside the vocabulary (0..{vocab - 1})",
+                    param="prompt",
+                )
+            ids = list(prompt)  # type: ignore[arg-type]
+    if not ids:
+        raise errors.bad_request(f"{param}: the prompt is empty", param=param)
+    return ids
+
+
+def _sampling(
+    state: FrontendState, body: ChatCompletionRequest | CompletionRequest
+) -> SamplingParams:
+    params = SamplingParams(
+        ignore_eos=body.ignore_eos,
+        stop_token_ids=[] if body.ignore_eos else list(state.tokenizer.eos_token_ids),
+        seed=body.seed,
+        logprobs=body.requested_logprobs(),
+    )
+    for name in (
+        "temperature",
+        "top_p",
+        "top_k",
+        "min_p",
+        "repetition_penalty",
+        "presence_penalty",
+        "frequency_penalty",
+    ):
+        value = getattr(body, name)
+        if value is not None:
+            setattr(params, name, value)
+    return params
+
+
+async def _start(
+    state: FrontendState, prepared: Prepared, deadline: float
+) -> tuple[MigratingStream, GenerateOutput]:
+    """Send to a worker and wait for its first chunk (a worker error there is an HTTP
+    error, even for a stream)."""
+    request = GenerateRequest(
+        request_id=uuid.uuid4().hex,
+        token_ids=prepared.prompt_ids,
+        sampling=prepared.sampling,
+    )
+    limit = state.context_limit()
+    if limit is not None:  # refused before routing: nothing to undo in the router
+        check_context(prepared, request, limit)
+    stream = MigratingStream(
+        state.client,
+        _route_for(state, prepared, checked=limit is not None),
+        request,
+        limit=state.config.frontend.migration_limit,
+        metrics=state.metrics,
+    )
+    try:
+        first = await stream.next(deadline)
+        raise_for_worker_error(first, stream.card)
+    except TimeoutError:
+        stream.close()
+        raise errors.timed_out(state.config.frontend.request_timeout_s) from None
+    except BaseException:
+        stream.close()
+        raise
+    return stream, first
+
+
+async def _complete(state: FrontendState, prepared: Prepared, deadline: float) -> Response:
+    stream, output = await _start(state, prepared, deadline)
+    generation = Generation(state, prepared)
+    text_parts: list[str] = []
+    logprobs: list[TokenLogprob] = []
+    try:
+        while True:
+            text, entries = generation.consume(output)
+            if text:
+                text_parts.append(text)
+            if entries and prepared.logprobs is not None:
+                logprobs.extend(entries)
+            if generation.finish_reason is not None:
+                break
+            output = await stream.next(deadline)
+            raise_for_worker_error(output, stream.card)
+    except TimeoutError:
+        raise errors.timed_out(state.config.frontend.request_timeout_s) from None
+    finally:
+        stream.close()
+    generation.record()
+    return json_response(
+        full_response(state, prepared, generation, "".join(text_parts), logprobs, stream.card)
+    )

@@ -1,0 +1,176 @@
+"""What the endpoints share: the tokenizer, the worker directory and client, the router,
+the metrics; and the choice of a worker for a request (`pick_worker`)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from pathlib import Path
+
+from contract.config import DeploymentConfig
+from contract.disagg import serving_roles
+from contract.discovery import WorkerCard, WorkerDirectory
+from contract.messages import GenerateRequest, SamplingParams
+from contract.supervisor import SUPERVISOR_FILE
+from frontend import errors
+from frontend.kv_index import KvIndex, KvIndexFeed
+from frontend.kv_router import KvRouter
+from frontend.metrics import FrontendMetrics
+from frontend.router import LoadTracker, Router, make_router
+from frontend.tokenization import TextTokenizer
+from frontend.worker_client import WorkerClient
+
+
+def check_config(config: DeploymentConfig) -> None:
+    """ValueError naming the field when the launcher left out what the frontend needs."""
+    if not config.model.path:
+        raise ValueError("model.path: the frontend needs the model folder (for its tokenizer)")
+    if not (Path(config.model.path) / "tokenizer.json").is_file():
+        raise ValueError(f"model.path: {config.model.path} has no tokenizer.json")
+    if not config.services.etcd.endpoint:
+        raise ValueError("services.etcd.endpoint: the frontend needs etcd's address")
+    if not config.services.nats.endpoint:
+        raise ValueError("services.nats.endpoint: the frontend needs NATS's address")
+
+
+class FrontendState:
+    """What the endpoints share; built in the lifespan."""
+
+    def __init__(self, config: DeploymentConfig) -> None:
+        check_config(config)
+        self.config = config
+        model_path = str(config.model.path)
+        assert config.services.etcd.endpoint and config.services.nats.endpoint
+        self.served_name = config.model.served_name or Path(model_path).name
+        self.tokenizer = TextTokenizer(model_path)
+        self.metrics = FrontendMetrics()
+        self.tracker = LoadTracker()
+        self.kv_feed: KvIndexFeed | None = None
+        self.router: Router
+        if config.frontend.router == "kv":
+            kv = config.frontend.kv_router
+            self.kv_feed = KvIndexFeed(
+                KvIndex(),
+                nats_url=config.services.nats.endpoint,
+                deployment=config.name,
+                reconcile_interval_s=kv.reconcile_interval_s,
+            )
+            self.router = KvRouter(kv, self.kv_feed.index, self.tracker)
+            self.metrics.track_kv_index(self.kv_feed.index.num_blocks)
+        else:
+            self.router = make_router(config.frontend.router, self.tracker)
+        if config.run_dir:  # restarts as the deployment's supervisor records them
+            self.metrics.track_supervisor(Path(config.run_dir) / SUPERVISOR_FILE)
+        self.directory = WorkerDirectory(config.services.etcd.endpoint, config.name)
+        self.client = WorkerClient(config.services.nats.endpoint, config.name, self.tracker)
+        self.started = int(time.time())
+        self._worker_joined = asyncio.Event()
+
+    async def start(self) -> None:
+        await self.client.start()
+        self.directory.add_listener(self.client.on_workers_changed)
+        self.directory.add_listener(self._on_workers_changed)
+        if self.kv_feed is not None:  # before the first sync: every worker gets a snapshot
+            await self.kv_feed.start()
+            self.directory.add_listener(self.kv_feed.on_workers_changed)
+            assert isinstance(self.router, KvRouter)
+            self.directory.add_listener(self.router.on_workers_changed)
+        await self.directory.start()
+
+    async def stop(self) -> None:
+        await self.directory.stop()
+        if self.kv_feed is not None:
+            await self.kv_feed.stop()
+        await self.client.stop()
+
+    def _on_workers_changed(self, workers: dict[str, WorkerCard]) -> None:
+        if workers:
+            self._worker_joined.set()
+        else:
+            self._worker_joined.clear()
+
+    def context_limit(self) -> int | None:
+        """The context length every routable worker takes (None: no worker yet)."""
+        return min((card.max_model_len for card in self.candidates(set())), default=None)
+
+    @property
+    def serving_roles(self) -> tuple[str, ...]:
+        """agg, plus the disaggregation strategy's entry role (decode or prefill)."""
+        return serving_roles(self.config.disaggregation.strategy)
+
+    def candidates(self, exclude: set[str]) -> list[WorkerCard]:
+        """Routable workers of the serving roles; `exclude` holds worker instances."""
+        roles = self.serving_roles
+        return [
+            card
+            for card in self.directory.workers.values()
+            if card.role in roles and card.instance not in exclude and not card.draining
+        ]
+
+    def check_disaggregated_peer(self, card: WorkerCard) -> None:
+        """503 when `card` needs the other half of a disaggregated pair and none is up."""
+        if card.role not in ("prefill", "decode"):
+            return
+        peer = "decode" if card.role == "prefill" else "prefill"
+        if peer == "prefill" and self.config.disaggregation.fallback_local_prefill:
+            return
+        if not any(c.role == peer for c in self.directory.workers.values()):
+            raise errors.no_worker(
+                f"no {peer} worker is registered for deployment {self.config.name!r}: "
+                f"{card.role} workers cannot serve alone; retry when one is up"
+            )
+
+    async def pick_worker(self, request: GenerateRequest, exclude: set[str]) -> WorkerCard:
+        """A worker from the directory; waits up to no_worker_timeout_s, then 503."""
+        candidates = self.candidates(exclude)
+        wait_s = self.config.frontend.no_worker_timeout_s
+        if not candidates and wait_s > 0:
+            deadline = asyncio.get_running_loop().time() + wait_s
+            while not candidates:
+                remaining = deadline - asyncio.get_running_loop().time()
+                if remaining <= 0:
+                    break
+                self._worker_joined.clear()
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(min(remaining, 0.25)):
+                        await self._worker_joined.wait()
+                candidates = self.candidates(exclude)
+        if not candidates:
+            if exclude:
+                raise errors.no_worker(
+                    "no worker is available: the worker serving this request left and no "
+                    "other worker is registered"
+                )
+            raise errors.no_worker(
+                f"no worker is registered for deployment {self.config.name!r}; "
+                "retry when /health says ok"
+            )
+        candidates = able_workers(candidates, request)
+        card = self.router.choose(candidates, request)
+        self.check_disaggregated_peer(card)
+        return card
+
+
+def able_workers(candidates: list[WorkerCard], request: GenerateRequest) -> list[WorkerCard]:
+    """The candidates whose engine honours every sampling field `request` sets (away from
+    its default); 400 naming the field when none does (an engine declares what it cannot
+    do in its card: the mocker has no logprobs)."""
+    if not any(card.unsupported_params for card in candidates):
+        return candidates
+    sampling = request.sampling
+    used = {
+        name
+        for name, field in SamplingParams.model_fields.items()
+        if getattr(sampling, name) != field.get_default(call_default_factory=True)
+    }
+    able = [card for card in candidates if not used & set(card.unsupported_params)]
+    if able:
+        return able
+    name = sorted(used & set(candidates[0].unsupported_params))[0]
+    engine = candidates[0].engine or "this"
+    raise errors.bad_request(
+        f"{name}: the {engine} engine serving model {candidates[0].model!r} does not "
+        "support this parameter",
+        param=name,
+    )
