@@ -38,9 +38,12 @@ class SamplingParams(_Message):
 
 class GenerateRequest(_Message):
     version: int = PROTOCOL_VERSION
-    request_id: str
+    request_id: str  # this attempt's id (replies and aborts are matched by it)
     token_ids: list[int]
     sampling: SamplingParams = Field(default_factory=SamplingParams)
+    # The id the client sees (the response's `id`, and its X-Request-Id header): the same
+    # across a request's attempts, so worker log lines can be matched to a client's request.
+    client_id: str | None = None
 
 
 class TopLogprob(_Message):

@@ -43,6 +43,7 @@ def continuation(request: GenerateRequest, produced: Sequence[int]) -> GenerateR
     leak into the new one."""
     return GenerateRequest(
         request_id=uuid.uuid4().hex,
+        client_id=request.client_id,
         token_ids=[*request.token_ids, *produced],
         sampling=request.sampling.model_copy(
             update={"max_tokens": request.sampling.max_tokens - len(produced)}
@@ -171,8 +172,8 @@ class MigratingStream:
             raise
         self._metrics.migrations.labels("migrated").inc()
         logger.warning(
-            "%s after %d generated tokens; continuing on %s as %s (migration %d of at most %d)",
-            lost, self.generated, self.card.worker_id, request.request_id,
-            self.migrations, self._limit,
+            "request %s: %s after %d generated tokens; continuing on %s as %s (migration %d of "
+            "at most %d)", request.client_id, lost, self.generated, self.card.worker_id,
+            request.request_id, self.migrations, self._limit,
         )  # fmt: skip
         return None

@@ -121,7 +121,11 @@ async def handle(state: FrontendState, request: Request, kind: Kind) -> Response
     deadline = loop.time() + state.config.frontend.request_timeout_s
     if prepared.stream:
         stream, first = await guard_disconnect(request, _start(state, prepared, deadline))
-        return SSEResponse(stream_events(state, prepared, stream, first, deadline), [stream.close])
+        response = SSEResponse(
+            stream_events(state, prepared, stream, first, deadline), [stream.close]
+        )
+        response.headers["X-Request-Id"] = prepared.response_id
+        return response
     return await guard_disconnect(request, _complete(state, prepared, deadline))
 
 
@@ -229,6 +233,7 @@ async def _start(
     error, even for a stream)."""
     request = GenerateRequest(
         request_id=uuid.uuid4().hex,
+        client_id=prepared.response_id,
         token_ids=prepared.prompt_ids,
         sampling=prepared.sampling,
     )
@@ -275,6 +280,8 @@ async def _complete(state: FrontendState, prepared: Prepared, deadline: float) -
     finally:
         stream.close()
     generation.record()
-    return json_response(
+    response = json_response(
         full_response(state, prepared, generation, "".join(text_parts), logprobs, stream.card)
     )
+    response.headers["X-Request-Id"] = prepared.response_id
+    return response

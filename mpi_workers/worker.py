@@ -226,6 +226,7 @@ class Worker:
         if not msg.reply:
             logger.error("request %s has no reply subject; dropped", request.request_id)
             return
+        logger.debug("request %s: %d prompt tokens", _named(request), len(request.token_ids))
         task = asyncio.create_task(self._serve(request, msg.reply), name=request.request_id)
         self._inflight[request.request_id] = task
         task.add_done_callback(lambda _t, rid=request.request_id: self._request_done(rid))
@@ -246,7 +247,7 @@ class Worker:
                 await self._nc.publish(reply, output.model_dump_json().encode())
                 finished = output.finish_reason is not None
         except ValueError as exc:
-            logger.info("rejected %s: %s", request.request_id, exc)
+            logger.info("rejected %s: %s", _named(request), exc)
             await self._reply_error(reply, request.request_id, str(exc), error_param(exc))
             return
         except asyncio.CancelledError:
@@ -254,7 +255,7 @@ class Worker:
                 await self.engine.abort(request.request_id)
             raise
         except Exception as exc:
-            logger.exception("request %s failed", request.request_id)
+            logger.exception("request %s failed", _named(request))
             await self._reply_error(reply, request.request_id, f"engine error: {exc}", None)
             return
         if not finished:  # the stream must always end with a finish reason
@@ -343,6 +344,13 @@ class Worker:
                 await self._nc.publish(subject, metrics.model_dump_json().encode())
             except Exception as exc:
                 logger.warning("load metrics not published: %s", exc)
+
+
+def _named(request: GenerateRequest) -> str:
+    """A request as log lines name it: its attempt id and the id its client sees."""
+    if request.client_id:
+        return f"{request.request_id} (client {request.client_id})"
+    return request.request_id
 
 
 def _request_id_of(data: bytes) -> str:

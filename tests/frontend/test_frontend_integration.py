@@ -58,6 +58,21 @@ async def test_health_live_models_before_and_after_worker(make_frontend: Any) ->
         assert models["object"] == "list" and models["data"][0]["id"] == "smol"
 
 
+async def test_the_client_visible_id_reaches_the_worker(make_frontend: Any) -> None:
+    fe = await make_frontend()
+    worker = await fe.add_worker()
+    async with fe.client() as client:
+        response = await client.post("/v1/chat/completions", json=CHAT)
+        streamed = await client.post("/v1/chat/completions", json={**CHAT, "stream": True})
+    body = response.json()
+    assert response.headers["x-request-id"] == body["id"]
+    assert streamed.headers["x-request-id"].startswith("chatcmpl-")
+    assert [r.client_id for r in worker.requests] == [
+        body["id"], streamed.headers["x-request-id"],
+    ]  # fmt: skip
+    assert all(r.request_id != r.client_id for r in worker.requests)  # the attempt's own id
+
+
 async def test_openapi_documents_every_endpoint(make_frontend: Any) -> None:
     fe = await make_frontend()
     async with fe.client() as client:
