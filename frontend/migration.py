@@ -19,6 +19,7 @@ back (the card goes, unanswered): those migrate, and the worker gets the usual a
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
@@ -28,9 +29,17 @@ from contract.messages import GenerateOutput, GenerateRequest
 from frontend import errors
 from frontend.errors import OpenAIError
 from frontend.metrics import FrontendMetrics
-from frontend.worker_client import ConnectionLost, RequestStream, WorkerClient, WorkerLost
+from frontend.worker_client import (
+    ConnectionLost,
+    NotListening,
+    RequestStream,
+    WorkerClient,
+    WorkerLost,
+)
 
 logger = logging.getLogger(__name__)
+
+UNHEARD_RETRIES = 6  # backoffs 0.05 .. 1.6 s: about 3 s for a worker to answer again
 
 Route = Callable[[GenerateRequest, set[str]], Awaitable[WorkerCard]]
 """Picks the worker for a request, excluding the given worker ids (the app's routing)."""
@@ -79,6 +88,7 @@ class MigratingStream:
         self._metrics = metrics
         self._prompt_tokens = len(request.token_ids)
         self._cached_tokens = 0  # as the first attempt reported them
+        self._unheard = 0  # attempts nobody was listening for (NotListening), in a row
         self.exclude: set[str] = set()  # worker instances that failed this request
         self.generated = 0  # tokens produced across all attempts
         self.migrations = 0
@@ -136,6 +146,17 @@ class MigratingStream:
         """Re-send after `lost`; a final chunk when the lost attempt had used its budget."""
         assert self._stream is not None
         self._stream.close()  # releases the router's accounting, aborts it on a draining worker
+        if isinstance(lost, NotListening) and self._unheard < UNHEARD_RETRIES:
+            # The attempt never arrived: route it again after a short backoff, excluding no
+            # one yet (after a NATS restart the workers re-subscribe within a moment; a dead
+            # worker's card is dropped by its supervisor meanwhile). Not a migration.
+            delay = 0.05 * 2**self._unheard
+            self._unheard += 1
+            logger.info("%s; routing the attempt again in %.2f s", lost, delay)
+            await asyncio.sleep(delay)
+            await self._open(continuation(self._request, []))
+            return None
+        self._unheard = 0
         if not isinstance(lost, ConnectionLost):  # a reconnect is no fault of the worker
             self.exclude.add(self._stream.card.instance)  # not its id: a restart may serve it
         if self.generated == 0:

@@ -41,6 +41,14 @@ class WorkerLost(Exception):
         self.worker_id = worker_id
 
 
+class NotListening(WorkerLost):
+    """NATS had nobody on the worker's subject: it died (its card not yet gone), or it is
+    re-subscribing after a NATS restart. The request never reached it."""
+
+    def __init__(self, worker_id: str) -> None:
+        super().__init__(worker_id, "is not listening on its subject")
+
+
 class ConnectionLost(WorkerLost):
     """NATS reconnected while the request streamed: chunks sent meanwhile may be gone, so
     the request continues afresh (the worker itself is fine: it is not excluded)."""
@@ -221,8 +229,7 @@ class WorkerClient:
         if not msg.data and msg.headers and msg.headers.get("Status") == "503":
             # NATS "no responders": nobody listens on the worker's subject (it died and its
             # lease has not lapsed yet); fail over now instead of waiting for the TTL
-            lost = WorkerLost(stream.card.worker_id, "is not listening on its subject")
-            stream.queue.put_nowait(lost)
+            stream.queue.put_nowait(NotListening(stream.card.worker_id))
             return
         stream.queue.put_nowait(msg.data)
 

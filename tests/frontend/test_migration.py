@@ -19,7 +19,7 @@ from frontend.migration import MigratingStream, continuation
 from frontend.responses import Generation
 from frontend.router import LoadTracker
 from frontend.tokenization import TextTokenizer
-from frontend.worker_client import RequestStream, WorkerClient
+from frontend.worker_client import NotListening, RequestStream, WorkerClient
 
 PROMPT = [11, 12, 13, 14]
 
@@ -194,6 +194,32 @@ async def test_a_nats_reconnect_continues_on_the_same_worker() -> None:
     assert client.opened[1][1].token_ids == [*PROMPT, 21, 22]
     assert client.opened[1][1].sampling.max_tokens == 3
     stream.close()
+
+
+async def test_an_attempt_nobody_heard_is_routed_again_without_excluding() -> None:
+    """NATS "no responders" (a worker re-subscribing after a NATS restart): the attempt is
+    sent again after a short backoff, to the same worker if the router says so."""
+
+    class DeafOnce(ScriptedClient):
+        async def open(self, card: WorkerCard, request: GenerateRequest) -> RequestStream:
+            stream = await super().open(card, request)
+            if len(self.opened) == 1:  # the first attempt was never heard
+                while not stream.queue.empty():
+                    stream.queue.get_nowait()
+                stream.queue.put_nowait(NotListening(card.worker_id))
+            return stream
+
+    client = DeafOnce({"a": [chunk(21, 22), chunk(23, finish="length")]})
+    calls: list[set[str]] = []
+    stream = MigratingStream(
+        client, in_order_route(client, calls), request(max_tokens=3), limit=0,
+        metrics=FrontendMetrics(),
+    )  # fmt: skip
+    outputs = await drain(stream)
+    stream.close()
+    assert tokens(outputs) == [21, 22, 23]
+    assert [w for w, _ in client.opened] == ["a", "a"] and calls == [set(), set()]
+    assert stream.migrations == 0  # limit 0 and still served: not a migration
 
 
 async def test_the_migration_limit_ends_in_a_503() -> None:
