@@ -18,6 +18,7 @@ import jinja2
 from contract.config import ConfigError, DeploymentConfig
 from contract.slurm_config import SlurmConfig
 from slurm.slicing import SlicingError, nodes_needed
+from slurm.srun import container_options
 from slurm.steps import check_names, group_needs, placeholder_plan
 
 TEMPLATE_DIR = Path(__file__).parent / "templates"
@@ -85,11 +86,7 @@ def render_script(
         raise ConfigError(f"run_dir: the job dir {job_dir!r} must not contain whitespace")
     slurm = slurm_options(config)
     check_names(placeholder_plan(config), config)
-    if slurm.container is not None and ("," in job_dir or ":" in job_dir):
-        raise ConfigError(
-            f"run_dir: the job dir {job_dir!r} is mounted into slurm.container; pyxis mounts "
-            "cannot hold ',' or ':'"
-        )
+    container_options(slurm, job_dir)  # a job dir pyxis cannot mount fails at submit time
     env = jinja2.Environment(
         loader=jinja2.FileSystemLoader(TEMPLATE_DIR),
         undefined=jinja2.StrictUndefined,

@@ -11,10 +11,14 @@ appended to.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from contract.config import ConfigError
 from contract.plan import PlannedProcess
 from contract.slurm_config import SlurmConfig
-from slurm.job_prepare import PreparedJob
+
+if TYPE_CHECKING:  # job_prepare imports the renderer, which imports container_options
+    from slurm.job_prepare import PreparedJob
 
 
 def container_options(slurm: SlurmConfig, job_dir: str) -> list[str]:
