@@ -44,6 +44,13 @@ class AttentionMetadata:
     decode_block_tables: torch.Tensor | None = None  # [num_decode, blocks]
     decode_lens: torch.Tensor | None = None  # [num_decode] context lengths
     prefills: list[PrefillChunk] = field(default_factory=list)
+    # CUDA varlen kernel, instead of `prefills`: rows from `varlen_first` on are query runs
+    # [query_start[s], query_start[s + 1]) (relative to varlen_first) over their paged context.
+    varlen_first: int = 0
+    varlen_tables: torch.Tensor | None = None  # [runs, blocks]
+    varlen_query_start: torch.Tensor | None = None  # [runs + 1]
+    varlen_context_lens: torch.Tensor | None = None  # [runs], new tokens included
+    varlen_programs: int | None = None  # fixed launch shape (graphs); None: from the shapes
     cos: torch.Tensor | None = None  # RoPE tables for this step's positions
     sin: torch.Tensor | None = None
     gather_k: torch.Tensor | None = None  # preallocated gather buffers shared by layers
@@ -110,6 +117,8 @@ def paged_attention(
         v_flat.index_copy_(0, meta.slot_mapping, v)
     if meta.num_decode == num_tokens and meta.num_decode > 0:
         return _decode(q, k_cache, v_cache, meta, scale)
+    if meta.varlen_tables is not None:
+        return _varlen(q, k_cache, v_cache, meta, scale)
     out = torch.empty_like(q)
     if meta.num_decode:
         out[: meta.num_decode] = _decode(q[: meta.num_decode], k_cache, v_cache, meta, scale)
@@ -128,6 +137,27 @@ def paged_attention(
                 qs, ks, vs, attn_mask=chunk.mask, scale=scale, enable_gqa=True
             )
         out[chunk.start : chunk.end] = o.squeeze(0).transpose(0, 1)
+    return out
+
+
+def _varlen(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    meta: AttentionMetadata,
+    scale: float,
+) -> torch.Tensor:
+    """Decode rows (if any) through the split-K decode kernel, every query run after them
+    through the varlen kernel: K/V read in place, a cached prefix included."""
+    assert meta.varlen_query_start is not None and meta.varlen_context_lens is not None
+    first = meta.varlen_first
+    runs = triton_attention.paged_varlen_attention(
+        q[first:], k_cache, v_cache, meta.varlen_tables, meta.varlen_query_start,
+        meta.varlen_context_lens, scale, meta.varlen_programs,
+    )  # fmt: skip
+    if first == 0:
+        return runs
+    out = torch.cat([_decode(q[:first], k_cache, v_cache, meta, scale), runs])
     return out
 
 

@@ -162,7 +162,8 @@ class TorchEngine(StreamingEngine, TorchKvHandoff):
             # must pick the same path for every step or their collectives mismatch)
             tp.broadcast_object({"num_blocks": num_blocks, "max_model_len": limit,
                                  "enforce_eager": enforce_eager,
-                                 "max_num_seqs": max_num_seqs})  # fmt: skip
+                                 "max_num_seqs": max_num_seqs,
+                                 "max_num_batched_tokens": max_num_batched_tokens})  # fmt: skip
         self.max_model_len = limit
         self.max_num_batched_tokens = max(max_num_batched_tokens, 1)
         self.model = load_model(
@@ -174,7 +175,9 @@ class TorchEngine(StreamingEngine, TorchKvHandoff):
         )
         self.block_manager = BlockManager(num_blocks, block_size, enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, max_num_seqs, self.max_num_batched_tokens)
-        self.runner = ModelRunner(self.model, self.kv_cache, enforce_eager, max_num_seqs)
+        self.runner = ModelRunner(
+            self.model, self.kv_cache, enforce_eager, max_num_seqs, self.max_num_batched_tokens
+        )
         self.sampler = Sampler(seed)
         self.stats = EngineStats()
         self._init_streaming()
