@@ -10,12 +10,13 @@ by every layer (measured fastest on CPU; see the engine-anchors note).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 
-from mpi_workers.engine.torch import kernels, triton_attention
+from mpi_workers.engine.torch import triton_attention
 
 
 @dataclass
@@ -40,7 +41,8 @@ class AttentionMetadata:
     decode_gather_blocks: torch.Tensor | None = None
     block_size: int = 0  # tokens per cache block (for decode_gather_blocks)
     decode_mask: torch.Tensor | None = None  # [num_decode, 1, 1, decode_max_len] bool or None
-    # For the paged decode kernels (CPU C kernel, CUDA Triton), instead of gather + mask:
+    # For the device path's paged decode kernel (CPU C, CUDA Triton), instead of gather + mask:
+    decode_attention: Callable[..., torch.Tensor] | None = None
     decode_block_tables: torch.Tensor | None = None  # [num_decode, blocks]
     decode_lens: torch.Tensor | None = None  # [num_decode] context lengths
     prefills: list[PrefillChunk] = field(default_factory=list)
@@ -168,18 +170,11 @@ def _decode(
     meta: AttentionMetadata,
     scale: float,
 ) -> torch.Tensor:
-    if meta.decode_block_tables is not None and meta.decode_lens is not None:
-        if q.is_cuda:  # Triton: K/V read in place, split-K for small batches
-            return triton_attention.paged_decode_attention(
-                q, k_cache, v_cache, meta.decode_block_tables, meta.decode_lens, scale,
-                meta.decode_max_len,
-            )  # fmt: skip
-        out = kernels.paged_decode_attention(
-            q, k_cache, v_cache, meta.decode_block_tables, meta.decode_lens, scale
-        )
-        if out is None:  # the runner checked the shapes: only bad metadata gets here
-            raise RuntimeError("decode attention refused the step's block tables or lengths")
-        return out
+    if meta.decode_attention is not None:  # K/V read in place (the device path's kernel)
+        return meta.decode_attention(
+            q, k_cache, v_cache, meta.decode_block_tables, meta.decode_lens, scale,
+            meta.decode_max_len,
+        )  # fmt: skip
     batch, _, head_dim = q.shape
     kv_heads = k_cache.shape[2]
     k_flat = k_cache.view(-1, kv_heads, head_dim)

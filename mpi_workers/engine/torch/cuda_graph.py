@@ -30,6 +30,7 @@ from __future__ import annotations
 import gc
 import logging
 import weakref
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -81,16 +82,16 @@ def decode_metadata(
     lens: torch.Tensor,
     slots: torch.Tensor,
     block_size: int,
-    paged_kernel: bool = False,
+    decode_attention: Callable[..., torch.Tensor] | None = None,
 ) -> AttentionMetadata:
     """Decode metadata computed on the device from padded tables [B, blocks] (graph-safe).
-    With the paged kernel the tables and lengths are all it needs (no gather, no mask)."""
+    A paged decode kernel needs only the tables and lengths (no gather, no mask)."""
     batch, blocks = tables.shape
     length = blocks * block_size
-    if paged_kernel:
+    if decode_attention is not None:
         return AttentionMetadata(
             slot_mapping=slots, num_decode=batch, decode_max_len=length, block_size=block_size,
-            decode_block_tables=tables, decode_lens=lens,
+            decode_attention=decode_attention, decode_block_tables=tables, decode_lens=lens,
         )  # fmt: skip
     span = torch.arange(length, device=tables.device)
     block_ids = torch.gather(tables, 1, (span // block_size).expand(batch, length))
@@ -128,7 +129,7 @@ class StepGraphs:
         scratch_slot: int,
         device: torch.device,
         max_batch: int = 512,
-        paged_kernel: bool = False,
+        decode_attention: Callable[..., torch.Tensor] | None = None,
         varlen: bool = False,
         max_mixed_tokens: int = 0,
     ) -> None:
@@ -138,7 +139,7 @@ class StepGraphs:
         self.scratch_slot = scratch_slot
         self.device = device
         self.max_batch = batch_bucket(max_batch)
-        self.paged_kernel = paged_kernel
+        self.decode_attention = decode_attention
         self.max_mixed_tokens = max_mixed_tokens if varlen else 0
         self.graphs: dict[tuple[int, int], _Graph] = {}
         self.mixed: dict[tuple[int, int, int], _Graph] = {}
@@ -184,7 +185,7 @@ class StepGraphs:
     def _forward(self, packed: torch.Tensor, batch: int, blocks: int) -> torch.Tensor:
         ids, pos, slots, lens = packed[: 4 * batch].view(4, batch).unbind(0)
         tables = packed[4 * batch :].view(batch, blocks)
-        meta = decode_metadata(tables, pos, lens, slots, self.block_size, self.paged_kernel)
+        meta = decode_metadata(tables, pos, lens, slots, self.block_size, self.decode_attention)
         return self.model(ids, pos, meta)
 
     def _capture(self, batch: int, blocks: int, packed: torch.Tensor) -> _Graph:

@@ -178,7 +178,7 @@ class TorchEngine(StreamingEngine, TorchKvHandoff):
         self.runner = ModelRunner(
             self.model, self.kv_cache, enforce_eager, max_num_seqs, self.max_num_batched_tokens
         )
-        self.sampler = Sampler(seed)
+        self.sampler = Sampler(seed, native_argmax=self.model.path.native_argmax)
         self.stats = EngineStats()
         self._init_streaming()
         self._commands: queue.Queue[tuple[str, Any]] = queue.Queue()

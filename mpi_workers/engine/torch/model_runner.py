@@ -18,7 +18,6 @@ from typing import TYPE_CHECKING
 import torch
 
 from contract.config import env_flag
-from mpi_workers.engine.torch import kernels, triton_attention
 from mpi_workers.engine.torch.attention import AttentionMetadata, PrefillChunk
 from mpi_workers.engine.torch.cuda_graph import StepGraphs, fill_pending
 from mpi_workers.engine.torch.host_copy import to_device
@@ -65,20 +64,6 @@ def build_plan(batch: ScheduledBatch) -> tuple[StepPlan, list[Sequence]]:
     return plan, sample_seqs
 
 
-def paged_decode_kernel(cache: torch.Tensor, attn: torch.nn.Module) -> bool:
-    """Whether decode attention reads the paged cache in place on this device: our Triton
-    kernel on CUDA, our C kernel for fp32 on CPU; else gather + masked SDPA."""
-    shape = (attn.num_heads, attn.num_kv_heads, attn.head_dim)
-    if cache.device.type == "cuda":
-        return triton_attention.available(cache.device) and triton_attention.supports(*shape)
-    return (
-        cache.device.type == "cpu"
-        and cache.dtype == torch.float32
-        and kernels.decode_attention_supports(*shape)
-        and kernels.available()
-    )
-
-
 # Mixed steps of more tokens run eagerly: compute-bound, the launches are a small share.
 MAX_MIXED_GRAPH_TOKENS = 2048
 
@@ -102,10 +87,10 @@ class ModelRunner:
         self.block_size = kv_cache.block_size
         self.device = kv_cache.k[0].device
         # Decode attention reads the cache in place (block tables and lengths, no gather list,
-        # no mask) with our C kernel (fp32 on CPU) or our Triton kernel (CUDA).
-        self.decode_kernel = paged_decode_kernel(kv_cache.k[0], model.model.layers[0].self_attn)
-        # Prefill chunks (a cached prefix included) read the cache in place too (CUDA).
-        self.varlen_kernel = self.decode_kernel and self.device.type == "cuda"
+        # no mask) where the model's device path has a kernel for it (C on CPU, Triton on
+        # CUDA); prefill chunks too, a cached prefix included, with the varlen kernel.
+        self.decode_attention = model.path.paged_decode
+        self.varlen_kernel = model.path.varlen_attention
         self.graphs: StepGraphs | None = None
         if enforce_eager is None:
             enforce_eager = enforce_eager_default()
@@ -124,7 +109,8 @@ class ModelRunner:
                 self.graphs = StepGraphs(
                     model, self.block_size, min(max_blocks, kv_cache.num_blocks),
                     kv_cache.num_blocks * self.block_size, self.device, max_num_seqs,
-                    paged_kernel=self.decode_kernel, varlen=self.varlen_kernel and mixed_graphs,
+                    decode_attention=self.decode_attention,
+                    varlen=self.varlen_kernel and mixed_graphs,
                     max_mixed_tokens=min(max_num_batched_tokens, MAX_MIXED_GRAPH_TOKENS),
                 )  # fmt: skip
         model.bind_kv_cache(kv_cache.k, kv_cache.v)
@@ -224,7 +210,8 @@ class ModelRunner:
         meta.block_size = self.block_size
         meta.num_decode = num_decode
         meta.decode_max_len = padded_len
-        if self.decode_kernel:
+        if self.decode_attention is not None:
+            meta.decode_attention = self.decode_attention
             meta.decode_block_tables = tables
             meta.decode_lens = to_device(lengths, torch.long, dev)
             return

@@ -101,7 +101,8 @@ class Sampler:
     """Stateless apart from the fallback generators for unseeded requests (one on the CPU,
     one per device, both from the engine's seed)."""
 
-    def __init__(self, seed: int | None = None) -> None:
+    def __init__(self, seed: int | None = None, native_argmax: bool = False) -> None:
+        self.native_argmax = native_argmax  # the device path's C argmax (fp32 CPU logits)
         self.generator = torch.Generator()
         if seed is not None:
             self.generator.manual_seed(seed)
@@ -133,7 +134,7 @@ class Sampler:
     def choose(self, logits: torch.Tensor, rows: list[SampleRow]) -> torch.Tensor:
         """The next token of every row, left on the logits' device (float32 logits, after
         penalties). No host sync, except for seeded rows on a GPU."""
-        chosen = kernels.argmax_rows(logits)
+        chosen = kernels.argmax_rows(logits) if self.native_argmax else None
         if chosen is None:
             chosen = logits.argmax(dim=-1)
         sampled_idx = [i for i, r in enumerate(rows) if r.params.temperature != 0.0]

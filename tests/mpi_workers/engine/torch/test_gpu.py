@@ -143,7 +143,8 @@ def test_engine_on_cuda_matches_transformers_greedy(tiny_llama_dir, eager, overl
         tiny_llama_dir, device="cuda", dtype=torch.float32, block_size=16, num_blocks=64,
         enforce_eager=eager, overlap=overlap,
     )  # fmt: skip
-    assert engine.runner.decode_kernel  # the Triton kernel serves decode
+    assert engine.model.path.name == "cuda-triton"
+    assert engine.runner.decode_attention is not None  # the Triton kernel serves decode
     assert engine.overlap is overlap
 
     async def serve() -> None:
