@@ -111,17 +111,16 @@ class Sampler:
         self._device_generators: dict[torch.device, torch.Generator] = {}
 
     @staticmethod
-    def on_device(rows: list[SampleRow]) -> bool:
-        """Whether `choose` can sample these rows without the host: no penalties (they read
-        the token history), no logprobs, no request seed (its generator lives on the CPU).
+    def on_device(params: SamplingParams, generator: torch.Generator | None) -> bool:
+        """Whether `choose` can sample a row without the host: no penalties (they read the
+        token history), no logprobs, no request seed (its generator lives on the CPU).
         Overlapped scheduling launches such steps before the previous tokens are known."""
-        return all(
-            r.params.logprobs is None
-            and r.params.repetition_penalty == 1.0
-            and not r.params.presence_penalty
-            and not r.params.frequency_penalty
-            and (r.params.temperature == 0.0 or r.generator is None)
-            for r in rows
+        return (
+            params.logprobs is None
+            and params.repetition_penalty == 1.0
+            and not params.presence_penalty
+            and not params.frequency_penalty
+            and (params.temperature == 0.0 or generator is None)
         )
 
     def __call__(

@@ -115,6 +115,24 @@ def test_paged_varlen_attention_matches_float64(dtype, heads, kv_heads, dim) -> 
     assert torch.allclose(out[:used].double().cpu(), ref[:used], atol=tolerance, rtol=tolerance)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(("rows", "out", "inp"), [(1, 960, 576), (3, 100, 129), (16, 4096, 1536)])
+def test_triton_skinny_linear_matches_float64(dtype, rows, out, inp) -> None:
+    from mpi_workers.engine.torch.triton_linear import skinny_linear
+
+    torch.manual_seed(rows)
+    x = torch.randn(rows, inp, dtype=dtype, device="cuda")
+    weight = torch.randn(out, inp, dtype=dtype, device="cuda") / inp**0.5
+    bias = torch.randn(out, dtype=dtype, device="cuda")
+    expected = x.double() @ weight.double().t() + bias.double()
+    tolerance = 1e-4 if dtype == torch.float32 else 3e-2
+    got = skinny_linear(x, weight, bias)
+    assert got.dtype == dtype
+    torch.testing.assert_close(got.double(), expected, atol=tolerance, rtol=tolerance)
+    torch.testing.assert_close(skinny_linear(x, weight).double(), expected - bias.double(),
+                               atol=tolerance, rtol=tolerance)  # fmt: skip
+
+
 def _requests(prompts, **sampling):
     params = SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True, **sampling)
     return [GenerateRequest(request_id=f"r{i}", token_ids=p, sampling=params)
