@@ -26,7 +26,7 @@ except ImportError:  # pragma: no cover - exercised on CPU-only machines
 MAX_ROWS = 16
 # Row counts up to which the CUDA device path prefers this kernel to cuBLAS
 # (benchmarks/bench_gpu_linear.py); HPCSERVE_TRITON_LINEAR_ROWS overrides it (0: off).
-DEFAULT_ROWS = min(int(os.environ.get("HPCSERVE_TRITON_LINEAR_ROWS", "16")), MAX_ROWS)
+DEFAULT_ROWS = min(int(os.environ.get("HPCSERVE_TRITON_LINEAR_ROWS", "0")), MAX_ROWS)
 
 
 def available(device: torch.device) -> bool:
