@@ -176,15 +176,23 @@ def group_ranks(config: DeploymentConfig, group: WorkerGroupConfig) -> int:
 class KvRouterConfig(_Section):
     """KV-aware routing (Dynamo's cost model; lowest wins, see `frontend.kv_router`):
 
-    prefill = max(own pending prefill blocks + prompt blocks - overlap_credit x cached, 0)
-    cost    = prefill_load_scale x prefill + decode blocks (deduplicated) + new blocks.
+    prefill = own pending prefill blocks
+              + uncached_weight x max(prompt blocks - overlap_credit x cached blocks, 0)
+    cost    = prefill_load_scale x prefill + decode blocks (deduplicated) + new blocks
     """
 
     overlap_credit: float = Field(
         default=1.0, ge=0, le=1, description="credit per cached prefix block; 0 ignores caches"
     )
+    uncached_weight: float = Field(
+        default=2.0,
+        ge=1,
+        description="weight of the request's own uncached blocks in the prefill term: 1 is "
+        "its own wait only (Dynamo); 2 adds the wait it imposes on the worker's next "
+        "requests, so a hit behind one fresh prefill beats recomputing the prefix elsewhere",
+    )
     prefill_load_scale: float = Field(
-        default=1.0, ge=0, description="weight of the prefill term against the decode term"
+        default=4.0, ge=0, description="weight of the prefill term against the decode term"
     )
     overlap_score_weight: float | None = Field(
         default=None,

@@ -1,27 +1,34 @@
 """KV-aware routing: send a request where its prompt prefix is cached, weighed against load.
 
-The cost model is Dynamo 1.6's (lowest wins), in KV blocks of the worker's own block size:
+The cost model is Dynamo 1.6's (lowest wins), in KV blocks of the worker's own block size,
+with one addition (`uncached_weight`):
 
-    prefill = max(pending_prefill + prompt_blocks - overlap_credit x cached_blocks, 0)
-    decode  = active_blocks + new_blocks
-    cost    = prefill_load_scale x prefill + decode
+    uncached = max(prompt_blocks - overlap_credit x cached_blocks, 0)
+    prefill  = pending_prefill + uncached_weight x uncached
+    decode   = active_blocks + new_blocks
+    cost     = prefill_load_scale x prefill + decode
 
 - `cached_blocks`: the leading prompt blocks the worker caches: from its KV events
   (`KvIndex`), or, for a worker that publishes none, from the prompts routed to it
-  (`RoutedPrefixIndex`, approximate); prompts of our in-flight requests that already got
-  their first output count too (cached on the worker, their KV events may still be on the way);
+  (`RoutedPrefixIndex`, approximate); prompts of our in-flight requests there count too
+  (their KV events are still on the way, or the engine is computing them right now);
 - `pending_prefill`: uncached prompt blocks of requests we routed there that have not sent
-  their first output yet (this frontend knows exactly when each prefill ends);
+  their first output yet (this frontend sees exactly when each prefill ends);
 - `active_blocks`: the worker's KV footprint, deduplicated: shared prefix blocks count once,
-  as they do in the engine. The larger of its last `LoadMetrics.active_blocks` (which sees
-  other frontends' requests but lags; reduced by the blocks of our requests that finished
-  since) and our own in-flight prompts' distinct blocks;
+  as in the engine. The larger of its last `LoadMetrics.active_blocks` (which sees other
+  frontends' requests but lags; reduced by the blocks of our requests that finished since)
+  and our own in-flight prompts' distinct blocks;
 - `new_blocks`: the prompt blocks the worker does not already hold for a running request.
 
-Deduplication is why it wins without tuning: a worker serving ten requests over one system
-prompt holds that prompt once, so it is not repelled as "busy" from the eleventh (the old
-`overlap x prefill + active` model counted the prefix ten times and spread a hot prefix over
-every worker, recomputing it everywhere).
+Why these defaults win without tuning (measured through HTTP, benchmarks/bench_router.py):
+the old `overlap x prefill + active` counted a shared prefix once per running request, so a
+worker serving a hot system prompt looked busy and the prompt was recomputed everywhere.
+Deduplicating fixes that; `uncached_weight` 2 makes a hit that waits behind one fresh
+prefill beat recomputing the prefix elsewhere (the recompute also delays the next requests
+there and duplicates the prefix in a cache smaller than the working set); and
+`prefill_load_scale` 4 lets prefill work, which is what time to first token is made of,
+outweigh KV footprint, which mainly costs memory (Dynamo's 1 ties the two, and ties go the
+wrong way half the time).
 
 Prompts are hashed at each candidate's block size (its card), so no setting has to match the
 engine's. A worker that finished requests but published no KV event within
@@ -97,7 +104,6 @@ class KvRouter:
         self._in_flight: dict[str, _InFlight] = {}
         self._footprint: dict[str, Counter[int]] = {}  # worker -> our prompts' block hashes
         self._partial: dict[str, int] = {}  # worker -> our prompts' partial last blocks
-        self._prefilled: dict[str, Counter[int]] = {}  # ... of requests past their prefill
         self._pending: dict[str, int] = {}  # worker -> prefill blocks not computed yet
         # worker -> (the report current when our requests finished, blocks they released)
         self._released: dict[str, tuple[object, int]] = {}
@@ -135,13 +141,12 @@ class KvRouter:
 
     # ----- in-flight accounting ------------------------------------------------------------
     def request_prefilled(self, request_id: str) -> None:
-        """Its prompt is computed: no more pending prefill, and its blocks count as cached."""
+        """Its prompt is computed: no more pending prefill on its worker."""
         entry = self._in_flight.get(request_id)
         if entry is None or not entry.prefill:
             return
         self._add(self._pending, entry.worker_id, -entry.prefill)
         entry.prefill = 0
-        self._prefilled.setdefault(entry.worker_id, Counter()).update(entry.hashes)
 
     def request_finished(self, request_id: str) -> None:
         entry = self._in_flight.get(request_id)
@@ -165,8 +170,6 @@ class KvRouter:
         self._add(self._partial, worker_id, -(entry.blocks - len(entry.hashes)))
         if entry.prefill:
             self._add(self._pending, worker_id, -entry.prefill)
-        else:
-            _subtract(self._prefilled, worker_id, entry.hashes)
 
     @staticmethod
     def _add(table: dict[str, int], worker_id: str, amount: int) -> None:
@@ -235,7 +238,8 @@ class KvRouter:
             overlap = self._overlap(worker_id, hashes)
             footprint = self._footprint.get(worker_id, Counter())
             new = total - sum(1 for h in hashes if h in footprint)
-            prefill = max(self.pending_prefill(worker_id) + total - credit * overlap, 0.0)
+            uncached = max(total - credit * overlap, 0.0)
+            prefill = self.pending_prefill(worker_id) + self.config.uncached_weight * uncached
             active = max(self._reported_active(worker_id), self.own_blocks(worker_id)) + new
             cost = scale * prefill + active
             result.append(WorkerScore(worker_id, overlap, prefill, active, cost))
@@ -244,11 +248,11 @@ class KvRouter:
     def _overlap(self, worker_id: str, hashes: Sequence[int]) -> int:
         index = self.index if self.publishes(worker_id) else self.routed
         cached = index.overlaps(hashes, (worker_id,))[worker_id]
-        prefilled = self._prefilled.get(worker_id)
-        if prefilled and cached < len(hashes):
+        in_flight = self._footprint.get(worker_id)
+        if in_flight and cached < len(hashes):  # events still on the way, or not yet stored
             depth = 0
             for h in hashes:
-                if h not in prefilled:
+                if h not in in_flight:
                     break
                 depth += 1
             cached = max(cached, depth)
@@ -275,9 +279,8 @@ class KvRouter:
             self._add(self._partial, worker_id, blocks - len(hashes))
             self._add(self._pending, worker_id, prefill)
         logger.debug(
-            "kv route %s → %s (overlap %d blocks, cost %.1f) DIAG %s",
+            "kv route %s → %s (overlap %d blocks, cost %.1f)",
             request_id, card.worker_id, pick.overlap_blocks, pick.cost,
-            [(s.worker_id[-1], s.overlap_blocks, s.prefill_blocks, s.active_blocks) for s in scores],
         )  # fmt: skip
         return card
 
