@@ -129,8 +129,10 @@ class KvRouter:
         self._warned &= set(workers)
         size = self.config.block_size
         for card in workers.values():
-            if size is not None and card.block_size != size and card.worker_id not in (
-                self._warned_block_size
+            if (
+                size is not None
+                and card.block_size != size
+                and card.worker_id not in (self._warned_block_size)
             ):
                 self._warned_block_size.add(card.worker_id)
                 logger.warning(
