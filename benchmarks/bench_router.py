@@ -238,6 +238,7 @@ async def run_policy(
             async for out in engines[card.worker_id].generate(request):
                 if out.token_ids and first is None:
                     first = time.perf_counter()
+                    tracker.prefilled(request.request_id)  # as the frontend's RequestStream
                 output.extend(out.token_ids)
                 if out.finish_reason is not None:
                     result.prompt_tokens += out.num_prompt_tokens
@@ -462,6 +463,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add("--http-num-blocks", type=int, default=1400, help="KV blocks per worker")
     add("--http-speedup", type=float, default=1.0)
     add("--workloads", default="system_prompts,multi_turn,no_prefix")
+    add("--repeat", type=int, default=1, help="HTTP: rounds, alternating the policy order")
     add("--http", action=argparse.BooleanOptionalAction, default=True)
     add("--inproc", action=argparse.BooleanOptionalAction, default=False)
     add("--conversations", type=int, default=96)
@@ -509,17 +511,27 @@ async def http_main(args: argparse.Namespace) -> tuple[float, float, float]:
     tokenizer = TextTokenizer(str(model or default_model_dir()))
     workloads = http_workloads(args)
     results: dict[str, HttpResult] = {}
-    for workload in args.workloads.split(","):
-        for policy in ("round_robin", "kv"):
-            t0 = time.perf_counter()
-            result = await run_http_policy(policy, workloads[workload], args, tokenizer)
-            results[f"{workload}/{policy}"] = result
-            logger.info("%s/%s done in %.1f s", workload, policy, time.perf_counter() - t0)
+    # alternating rounds: a machine whose load drifts (other jobs) skews both policies alike
+    for round_ in range(args.repeat):
+        for workload in args.workloads.split(","):
+            policies = ("round_robin", "kv") if round_ % 2 == 0 else ("kv", "round_robin")
+            for policy in policies:
+                t0 = time.perf_counter()
+                one = await run_http_policy(policy, workloads[workload], args, tokenizer)
+                logger.info("%s/%s done in %.1f s", workload, policy, time.perf_counter() - t0)
+                merged = results.setdefault(f"{workload}/{policy}", HttpResult(policy))
+                merged.ttft_ms += one.ttft_ms
+                merged.hit_ttft_ms += one.hit_ttft_ms
+                merged.prompt_tokens += one.prompt_tokens
+                merged.cached_tokens += one.cached_tokens
+                merged.oracle_tokens += one.oracle_tokens
+                merged.duration_s += one.duration_s
     logger.info(
         "through HTTP: %d mocker workers (%d KV blocks each, prefill %.2f ms/token), %d "
-        "streaming chat requests per workload, %d at a time, %d output tokens\n%s",
+        "streaming chat requests per workload and round (%d), %d at a time, %d output "
+        "tokens\n%s",
         args.workers, args.http_num_blocks, args.http_prefill_ms_per_token, args.http_requests,
-        args.concurrency, args.max_tokens, _table(results),
+        args.repeat, args.concurrency, args.max_tokens, _table(results),
     )  # fmt: skip
 
     def ratio(workload: str) -> float:
