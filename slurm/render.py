@@ -73,6 +73,8 @@ def sbatch_lines(config: DeploymentConfig, job_dir: str) -> list[str]:
         options.append("--exclusive")
     if slurm.constraint is not None:
         options.append(f"--constraint={slurm.constraint}")
+    # The time limit's warning (and the drain that follows) goes to the supervisor only (B:).
+    options.append(f"--signal=B:USR1@{slurm.drain_s}")
     options.append(f"--output={job_dir}/logs/sbatch.log")
     return [f"#SBATCH {option}" for option in options] + list(slurm.extra_sbatch_lines)
 

@@ -1,0 +1,127 @@
+"""Deployments that outlive their Slurm jobs, on the 3-node namespace cluster (mocker engine).
+
+- the time limit's warning (SIGUSR1 to the batch script, as `--signal=B:USR1@drain_s` sends
+  it): a request in flight completes, the job drains and ends FINISHED "time limit";
+- preemption's signals (SIGCONT + SIGTERM to the batch script and every step): drain,
+  FINISHED "preempted", nothing left;
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import openai
+import pytest
+from cluster_helpers import running_cluster
+from test_slurm_e2e import assert_nothing_left, hpcserve, submitted, wait_state
+
+from slurm.jobs import job_status
+from slurm.state import read_state
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(
+        os.geteuid() != 0,
+        reason="the Slurm test cluster needs root (network namespaces, slurmd as root)",
+    ),
+]
+
+REPO = Path(__file__).resolve().parents[2]
+CONFIG = REPO / "configs" / "slurm-mocker.yaml"
+PROMPT = [{"role": "user", "content": "Count to ten."}]
+
+
+@pytest.fixture(scope="module")
+def slurm_env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
+    saved = {key: os.environ.get(key) for key in ("SLURM_CONF", "HPCSERVE_SLURM_JOBS")}
+    with running_cluster(tmp_path_factory, 3) as env:
+        env["HPCSERVE_SLURM_JOBS"] = str(tmp_path_factory.mktemp("slurm-jobs"))
+        os.environ["SLURM_CONF"] = env["SLURM_CONF"]
+        os.environ["HPCSERVE_SLURM_JOBS"] = env["HPCSERVE_SLURM_JOBS"]
+        try:
+            yield env
+        finally:
+            for key, value in saved.items():
+                if value is None:
+                    os.environ.pop(key, None)
+                else:
+                    os.environ[key] = value
+
+
+def client(url: str) -> openai.OpenAI:
+    return openai.OpenAI(base_url=url, api_key="none", max_retries=0, timeout=60)
+
+
+def stream_tokens(url: str, max_tokens: int) -> int:
+    """One streamed chat completion; the number of content chunks received."""
+    api = client(url)
+    model = api.models.list().data[0].id
+    chunks = 0
+    stream = api.chat.completions.create(
+        model=model, messages=PROMPT, max_tokens=max_tokens, stream=True,
+        extra_body={"ignore_eos": True},
+    )  # fmt: skip
+    for chunk in stream:
+        if chunk.choices and chunk.choices[0].delta.content:
+            chunks += 1
+    return chunks
+
+
+def scancel(env: dict[str, str], *args: str) -> None:
+    subprocess.run(["scancel", *args], env=env, check=True, timeout=30)
+
+
+def wait_finished(job_id: str, timeout_s: float = 90) -> None:
+    deadline = time.monotonic() + timeout_s
+    while job_status(job_id).state != "FINISHED":
+        assert time.monotonic() < deadline, job_status(job_id).describe()
+        time.sleep(0.3)
+
+
+def test_time_limit_warning_drains_and_finishes(slurm_env: dict[str, str], model_dir: Path):
+    """SIGUSR1 to the batch script only (what `--signal=B:USR1@drain_s` does): the request
+    in flight completes in full, then the job ends by itself, FINISHED "time limit"."""
+    with submitted(slurm_env, CONFIG, model_dir,
+                   "engine.mocker.decode_ms_base=20") as (job_id, job_dir):  # fmt: skip
+        url = wait_state(job_id, "READY").url or ""
+        result: dict[str, int | BaseException] = {}
+
+        def long_request() -> None:
+            try:
+                result["chunks"] = stream_tokens(url, 150)  # ~3 s at 20 ms a token
+            except BaseException as exc:
+                result["error"] = exc
+
+        thread = threading.Thread(target=long_request)
+        thread.start()
+        time.sleep(1.0)  # the request is streaming
+        scancel(slurm_env, "--batch", "--signal=USR1", job_id)
+        thread.join(60)
+        assert "error" not in result, result
+        assert result["chunks"] >= 140, result
+        wait_finished(job_id)
+        state = read_state(job_dir)
+        assert state is not None and state.reason == "time limit", state
+        assert "workers drained" in (state.message or ""), state
+        log = hpcserve(slurm_env, "logs", job_id, "sbatch")
+        assert "ending (time limit): draining the workers" in log
+        assert job_status(job_id).describe().startswith("FINISHED (time limit)")
+        assert_nothing_left(job_dir)
+
+
+def test_preemption_signals_drain_and_finish(slurm_env: dict[str, str], model_dir: Path):
+    """Preemption sends SIGCONT and SIGTERM to the batch script and every step while the
+    job is still RUNNING: the job drains and ends FINISHED "preempted", nothing left."""
+    with submitted(slurm_env, CONFIG, model_dir) as (job_id, job_dir):
+        wait_state(job_id, "READY")
+        scancel(slurm_env, "--full", "--signal=CONT", job_id)
+        scancel(slurm_env, "--full", "--signal=TERM", job_id)
+        wait_finished(job_id)
+        state = read_state(job_dir)
+        assert state is not None and (state.state, state.reason) == ("FINISHED", "preempted")
+        assert_nothing_left(job_dir)
