@@ -7,6 +7,8 @@
     hpcserve render CONFIG [--set ...]                 print the sbatch script of a deployment
     hpcserve submit CONFIG [--set ...] [--via submitit] submit it to Slurm; prints job id and dir
     hpcserve status JOB | logs JOB [COMPONENT] | cancel JOB     follow a submitted job
+    hpcserve status DEPLOYMENT                          its generations, worker jobs, gateway
+    hpcserve gateway DEPLOYMENT [--port P]             one stable endpoint across its jobs
 
 Config errors exit with code 2 and name the field.
 """
@@ -190,17 +192,19 @@ def submit(
 
 @app.command()
 def status(
-    job: JobArg,
+    job: Annotated[str, typer.Argument(help="job id, job dir, or deployment name")],
     as_json: Annotated[bool, typer.Option("--json", help="one JSON object")] = False,
 ) -> None:
-    """PENDING / STARTING / READY (URL) / FAILED (component, log tail) / FINISHED."""
+    """PENDING / STARTING / READY (URL) / DRAINING / FAILED (component, log tail) / FINISHED
+    (reason); for a deployment name: its generations, worker jobs and gateway."""
     import dataclasses
     import json
 
+    from slurm.deployment import deployment_status, is_deployment
     from slurm.jobs import JobError, job_status
 
     try:
-        found = job_status(job)
+        found = deployment_status(job) if is_deployment(job) else job_status(job)
     except JobError as exc:
         typer.echo(f"hpcserve: {exc}", err=True)
         raise typer.Exit(1) from None
@@ -208,6 +212,26 @@ def status(
         typer.echo(json.dumps(dataclasses.asdict(found), default=str))
     else:
         typer.echo(found.describe())
+
+
+@app.command()
+def gateway(
+    deployment: Annotated[str, typer.Argument(help="deployment name (its config's `name`)")],
+    host: Annotated[str, typer.Option(help="address to listen on")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="port to listen on")] = 8100,
+) -> None:
+    """One stable OpenAI endpoint for a deployment: forwards to its live generation, switches
+    to a successor once READY (requests in flight finish where they started), 503 only while
+    no generation is up. Runs until Ctrl-C/SIGTERM."""
+    from slurm.gateway import serve
+
+    logging.basicConfig(level=logging.INFO, format="hpcserve gateway: %(message)s",
+                        stream=sys.stdout)  # fmt: skip
+    if port <= 0:
+        typer.echo("hpcserve: --port must be a port number (1-65535)", err=True)
+        raise typer.Exit(2)
+    typer.echo(f"gateway for {deployment}: http://{host}:{port}/v1")
+    serve(deployment, host, port)
 
 
 @app.command()
