@@ -299,12 +299,18 @@ def drain(
 
 
 @app.command()
-def cancel(job: JobArg) -> None:
-    """scancel the job, then wait (bounded) until it and all its steps are gone."""
+def cancel(job: Annotated[str, typer.Argument(help="job id, job dir, or deployment name")]) -> None:
+    """scancel the job, then wait (bounded) until it and all its steps are gone; for a
+    deployment name: every generation and worker job of it."""
+    from slurm.deployment import cancel_deployment, is_deployment
     from slurm.jobs import JobError
     from slurm.jobs import cancel as cancel_job
 
     try:
+        if is_deployment(job):
+            cancelled = cancel_deployment(job)
+            typer.echo(f"cancelled jobs: {', '.join(cancelled) or 'none was running'}")
+            return
         seconds = cancel_job(job)
     except JobError as exc:
         typer.echo(f"hpcserve: {exc}", err=True)

@@ -111,3 +111,22 @@ def deployment_status(name: str) -> DeploymentStatus:
     status.generations = [job_status(str(job_dir)) for _, job_dir in generations(name)]
     status.worker_jobs = [job_status(str(job_dir)) for _, job_dir in worker_jobs(name)]
     return status
+
+
+def cancel_deployment(name: str, rounds: int = 3) -> list[str]:
+    """scancel every generation and worker job of the deployment still known to Slurm (a
+    generation may submit its successor meanwhile: repeated until none is left); the job
+    ids cancelled."""
+    from slurm.jobs import ACTIVE, cancel, slurm_state
+
+    cancelled: list[str] = []
+    for _ in range(rounds):
+        active = [(job_id, job_dir)
+                  for job_id, job_dir in [*worker_jobs(name), *reversed(generations(name))]
+                  if (slurm_state(job_id) or "GONE").split()[0] in ACTIVE]  # fmt: skip
+        if not active:
+            break
+        for job_id, job_dir in active:
+            cancel(str(job_dir))
+            cancelled.append(job_id)
+    return cancelled

@@ -19,11 +19,13 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
 
 from contract.config import ConfigError
 from contract.plan import STAGE_FRONTEND, STAGE_SERVICES, STAGE_WORKERS, PlannedProcess
 from contract.processes import ManagedProcess
+from contract.readiness import PROBE_ERRORS
 from contract.supervisor import DeploymentFailed, Supervisor
 from slurm.job_prepare import PreparedJob, prepare
 from slurm.lifecycle import Ending, termination_reason, warning_reason
@@ -36,6 +38,7 @@ logger = logging.getLogger("slurm.supervise")
 STAGE_NAMES = {STAGE_SERVICES: "services", STAGE_WORKERS: "workers", STAGE_FRONTEND: "frontend"}
 ACTIVE = ("RUNNING", "CONFIGURING")
 POLL_S = 0.2
+FRONTEND_IDLE_S = 10.0  # after the workers drained: the frontend's last bytes go out
 
 
 class Interrupted(BaseException):
@@ -101,9 +104,36 @@ def _raise_interrupted(signum: int, _frame: object) -> None:
     raise Interrupted(signal.Signals(signum).name)
 
 
-def drain_and_finish(job_dir: Path, supervisor: Supervisor, ending: Ending) -> None:
+def in_flight(frontend_base: str) -> float | None:
+    """The frontend's requests in flight (its /metrics gauge); None when it does not answer."""
+    try:
+        with urllib.request.urlopen(f"{frontend_base}/metrics", timeout=2) as response:
+            text = response.read().decode()
+    except PROBE_ERRORS:
+        return None
+    for line in text.splitlines():
+        if line.startswith("hpcserve_frontend_requests_in_flight "):
+            return float(line.split()[1])
+    return None
+
+
+def wait_frontend_idle(frontend_base: str, deadline: float) -> bool:
+    """Until the frontend has sent every response (the workers' last tokens included) out."""
+    while True:
+        count = in_flight(frontend_base)
+        if count is None or count <= 0:
+            return True
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.1)
+
+
+def drain_and_finish(
+    job_dir: Path, supervisor: Supervisor, ending: Ending, frontend_base: str
+) -> None:
     """The graceful end: DRAINING (the gateway stops sending here, the frontend routes no new
-    request to a draining worker), every worker finishes what it holds, FINISHED + reason."""
+    request to a draining worker), every worker finishes what it holds, the frontend sends
+    the last of it out, then the ordered stop and FINISHED + reason."""
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1):
         signal.signal(sig, signal.SIG_IGN)  # preemption's second SIGTERM: keep draining
     reason = ending.reason or "stopped"
@@ -112,7 +142,11 @@ def drain_and_finish(job_dir: Path, supervisor: Supervisor, ending: Ending) -> N
     logger.info("ending (%s): draining the workers (at most %.0f s)", reason, budget)
     t0 = time.monotonic()
     left = supervisor.drain_workers(budget)
+    idle = wait_frontend_idle(frontend_base, deadline=time.monotonic() + FRONTEND_IDLE_S)
     took = time.monotonic() - t0
+    if not idle:
+        logger.warning("the frontend still had requests in flight %.0f s after the drain",
+                       FRONTEND_IDLE_S)  # fmt: skip
     if left:
         message = f"job ended ({reason}); {', '.join(left)} still busy after {took:.0f} s"
     else:
@@ -138,6 +172,7 @@ def run(job_dir: Path, nodes: list[str]) -> int:
             write_state(job_dir, "FAILED", component="prepare", message=str(exc),
                         log=str(job_dir / "logs" / "sbatch.log"))  # fmt: skip
             return 2
+        frontend_base = job.url.removesuffix("/v1")
         ending = Ending(job.slurm, job_id)
         signal.signal(signal.SIGUSR1,
                       lambda *_: ending.request(warning_reason(job_dir)))  # type: ignore[union-attr]  # fmt: skip
@@ -161,7 +196,7 @@ def run(job_dir: Path, nodes: list[str]) -> int:
         print(f"hpcserve ready: {job.url}", flush=True)
         while supervisor.poll():
             if ending.requested and after_ready.handed_over(ending):
-                drain_and_finish(job_dir, supervisor, ending)
+                drain_and_finish(job_dir, supervisor, ending, frontend_base)
                 supervisor = None  # stopped
                 return 0
             after_ready.tick(ending)
@@ -181,7 +216,7 @@ def run(job_dir: Path, nodes: list[str]) -> int:
             write_state(job_dir, "FINISHED", message=f"job ended ({exc}) before it started")
             return 143
         ending.request(termination_reason(job_id))
-        drain_and_finish(job_dir, supervisor, ending)
+        drain_and_finish(job_dir, supervisor, ending, frontend_base)
         supervisor = None  # stopped
         return 0
     finally:

@@ -4,12 +4,15 @@
   it): a request in flight completes, the job drains and ends FINISHED "time limit";
 - preemption's signals (SIGCONT + SIGTERM to the batch script and every step): drain,
   FINISHED "preempted", nothing left;
+- a 2-minute job with `slurm.successor`: a client loop through `hpcserve gateway` across
+  the switch to the next generation fails no request; both generations in `hpcserve status`.
 """
 
 from __future__ import annotations
 
 import os
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -20,6 +23,8 @@ import pytest
 from cluster_helpers import running_cluster
 from test_slurm_e2e import assert_nothing_left, hpcserve, submitted, wait_state
 
+from contract.readiness import free_port, http_ok
+from slurm.deployment import generations
 from slurm.jobs import job_status
 from slurm.state import read_state
 
@@ -57,11 +62,12 @@ def client(url: str) -> openai.OpenAI:
     return openai.OpenAI(base_url=url, api_key="none", max_retries=0, timeout=60)
 
 
-def stream_tokens(url: str, max_tokens: int) -> int:
-    """One streamed chat completion; the number of content chunks received."""
+def stream_tokens(url: str, max_tokens: int) -> tuple[int, str | None]:
+    """One streamed chat completion: (content chunks received, the finish reason); a stream
+    cut short has no finish reason."""
     api = client(url)
     model = api.models.list().data[0].id
-    chunks = 0
+    chunks, finish = 0, None
     stream = api.chat.completions.create(
         model=model, messages=PROMPT, max_tokens=max_tokens, stream=True,
         extra_body={"ignore_eos": True},
@@ -69,7 +75,9 @@ def stream_tokens(url: str, max_tokens: int) -> int:
     for chunk in stream:
         if chunk.choices and chunk.choices[0].delta.content:
             chunks += 1
-    return chunks
+        if chunk.choices and chunk.choices[0].finish_reason:
+            finish = chunk.choices[0].finish_reason
+    return chunks, finish
 
 
 def scancel(env: dict[str, str], *args: str) -> None:
@@ -89,11 +97,11 @@ def test_time_limit_warning_drains_and_finishes(slurm_env: dict[str, str], model
     with submitted(slurm_env, CONFIG, model_dir,
                    "engine.mocker.decode_ms_base=20") as (job_id, job_dir):  # fmt: skip
         url = wait_state(job_id, "READY").url or ""
-        result: dict[str, int | BaseException] = {}
+        result: dict[str, object] = {}
 
         def long_request() -> None:
             try:
-                result["chunks"] = stream_tokens(url, 150)  # ~3 s at 20 ms a token
+                result["chunks"], result["finish"] = stream_tokens(url, 150)  # ~3 s
             except BaseException as exc:
                 result["error"] = exc
 
@@ -103,7 +111,7 @@ def test_time_limit_warning_drains_and_finishes(slurm_env: dict[str, str], model
         scancel(slurm_env, "--batch", "--signal=USR1", job_id)
         thread.join(60)
         assert "error" not in result, result
-        assert result["chunks"] >= 140, result
+        assert result["finish"] == "length" and result["chunks"] > 100, result
         wait_finished(job_id)
         state = read_state(job_dir)
         assert state is not None and state.reason == "time limit", state
@@ -124,4 +132,79 @@ def test_preemption_signals_drain_and_finish(slurm_env: dict[str, str], model_di
         wait_finished(job_id)
         state = read_state(job_dir)
         assert state is not None and (state.state, state.reason) == ("FINISHED", "preempted")
+        assert_nothing_left(job_dir)
+
+
+class ClientLoop(threading.Thread):
+    """Requests through the gateway, one after another (streamed and not), until stopped;
+    every failure is kept."""
+
+    def __init__(self, url: str) -> None:
+        super().__init__(daemon=True)
+        self.url = url
+        self.done = 0
+        self.failures: list[str] = []
+        self.stop = threading.Event()
+
+    def run(self) -> None:
+        while not self.stop.is_set():
+            try:
+                if self.done % 2:
+                    chunks, finish = stream_tokens(self.url, 40)
+                    assert finish == "length" and chunks > 0, (chunks, finish)
+                else:
+                    api = client(self.url)
+                    model = api.models.list().data[0].id
+                    answer = api.chat.completions.create(model=model, messages=PROMPT,
+                                                         max_tokens=8)  # fmt: skip
+                    assert answer.choices[0].message.content
+                self.done += 1
+            except Exception as exc:
+                self.failures.append(f"{type(exc).__name__}: {exc}")
+
+
+def test_successor_and_gateway_switch_without_failed_requests(
+    slurm_env: dict[str, str], model_dir: Path
+) -> None:
+    name = "lifecycle-succ"
+    port = free_port()
+    gateway = subprocess.Popen(
+        [sys.executable, "-m", "hpcserve", "gateway", name, "--port", str(port)],
+        cwd=REPO, env=slurm_env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    loop = ClientLoop(f"http://127.0.0.1:{port}/v1")
+    sets = [f"name={name}", "slurm.time_limit=2", "slurm.drain_s=30", "slurm.successor=true",
+            "slurm.successor_lead_s=100"]  # fmt: skip
+    try:
+        with submitted(slurm_env, CONFIG, model_dir, *sets) as (first, first_dir):
+            wait_state(first, "READY")
+            deadline = time.monotonic() + 30
+            while not http_ok(f"http://127.0.0.1:{port}/gateway/health"):
+                assert gateway.poll() is None and time.monotonic() < deadline
+                time.sleep(0.2)
+            loop.start()
+            wait_finished(first, timeout_s=240)  # the time limit's warning, then the drain
+            state = read_state(first_dir)
+            assert state is not None and state.reason == "time limit", state
+            assert state.successor is not None
+            served_before_end = loop.done
+            time.sleep(3)  # the loop goes on through the gateway on the successor
+            loop.stop.set()
+            loop.join(60)
+            status = hpcserve(slurm_env, "status", name)
+            ids = [job_id for job_id, _ in generations(name)]
+            assert len(ids) >= 2 and ids[0] == first, status
+            assert f"job {first}: FINISHED (time limit)" in status, status
+            # Later generations chain on (each submits its own successor): one of them serves.
+            assert any(f"job {job_id}: READY" in status for job_id in ids[1:]), status
+            assert f"gateway: http://127.0.0.1:{port}/v1" in status, status
+            hpcserve(slurm_env, "cancel", name)
+    finally:
+        loop.stop.set()
+        gateway.terminate()
+        gateway.wait(10)
+    assert loop.failures == [], loop.failures[:5]
+    assert loop.done > served_before_end > 10
+    for job_id, job_dir in generations(name):
+        assert job_status(job_id).state in ("FINISHED", "FAILED"), job_id
         assert_nothing_left(job_dir)
