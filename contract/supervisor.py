@@ -282,7 +282,7 @@ class Supervisor:
         planned = component.planned
         if planned.group is None or planned.index is None:
             return None
-        wid = worker_id(planned.role, planned.group, planned.index)
+        wid = planned.worker_id or worker_id(planned.role, planned.group, planned.index)
         return worker_key(self.config.name, planned.role, wid)
 
     def _forget_registration(self, component: Component) -> None:

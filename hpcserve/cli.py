@@ -9,6 +9,7 @@
     hpcserve status JOB | logs JOB [COMPONENT] | cancel JOB     follow a submitted job
     hpcserve status DEPLOYMENT                          its generations, worker jobs, gateway
     hpcserve gateway DEPLOYMENT [--port P]             one stable endpoint across its jobs
+    hpcserve scale DEPLOYMENT --role R --add N | --remove N   worker-only jobs join / leave
 
 Config errors exit with code 2 and name the field.
 """
@@ -232,6 +233,33 @@ def gateway(
         raise typer.Exit(2)
     typer.echo(f"gateway for {deployment}: http://{host}:{port}/v1")
     serve(deployment, host, port)
+
+
+@app.command()
+def scale(
+    deployment: Annotated[str, typer.Argument(help="deployment name (its config's `name`)")],
+    role: Annotated[str, typer.Option(help="worker role: agg, prefill or decode")] = "agg",
+    add: Annotated[int, typer.Option(help="submit this many worker-only jobs")] = 0,
+    remove: Annotated[int, typer.Option(help="drain and end this many (newest first)")] = 0,
+) -> None:
+    """Grow or shrink a running deployment by worker-only Slurm jobs (one worker each):
+    they join its live generation's etcd/NATS and get traffic; removed ones drain first."""
+    from contract.config import ConfigError
+    from slurm.jobs import JobError
+    from slurm.jobs import scale as scale_jobs
+
+    if (add > 0) == (remove > 0) or add < 0 or remove < 0:
+        typer.echo("hpcserve: give one of --add N or --remove N (N >= 1)", err=True)
+        raise typer.Exit(2)
+    try:
+        ids = scale_jobs(deployment, role, add=add, remove=remove)
+    except ConfigError as exc:
+        typer.echo(f"hpcserve: {exc}", err=True)
+        raise typer.Exit(2) from None
+    except JobError as exc:
+        typer.echo(f"hpcserve: {exc}", err=True)
+        raise typer.Exit(1) from None
+    typer.echo(f"{'submitted' if add else 'removed'} worker jobs: {' '.join(ids)}")
 
 
 @app.command()

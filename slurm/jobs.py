@@ -363,3 +363,15 @@ def check_submittable(config: DeploymentConfig) -> None:
     The model path is checked at job start, on the head: it may exist only on the cluster.
     """
     node_count(config)
+
+
+def scale(deployment: str, role: str, *, add: int = 0, remove: int = 0) -> list[str]:
+    """Add `add` worker-only jobs of `role` to a running deployment, or drain and end its
+    newest `remove` ones (`slurm.worker_job`); the job ids submitted or removed."""
+    from slurm.worker_job import remove_worker_jobs, submit_worker_jobs
+
+    if bool(add) == bool(remove):
+        raise ValueError("give exactly one of add or remove (a positive count)")
+    if add:
+        return [job.job_id for job in submit_worker_jobs(deployment, role, add)]
+    return remove_worker_jobs(deployment, role, remove)

@@ -61,7 +61,7 @@ def end_time(job_id: str | None) -> float | None:
 def termination_reason(job_id: str | None) -> str:
     """Why a SIGTERM came, from the job's state in squeue at that moment."""
     state = (squeue_field(job_id, "%T") or "") if job_id else ""
-    if state.startswith("CANCELLED"):
+    if state.startswith(("CANCELLED", "COMPLETING")):  # scancel: COMPLETING while it ends
         return "cancelled"
     if state.startswith("TIMEOUT"):
         return "time limit"

@@ -20,6 +20,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 
 from contract.config import ConfigError
@@ -142,7 +143,9 @@ def drain_and_finish(
     logger.info("ending (%s): draining the workers (at most %.0f s)", reason, budget)
     t0 = time.monotonic()
     left = supervisor.drain_workers(budget)
-    idle = wait_frontend_idle(frontend_base, deadline=time.monotonic() + FRONTEND_IDLE_S)
+    idle = not frontend_base or wait_frontend_idle(
+        frontend_base, deadline=time.monotonic() + FRONTEND_IDLE_S
+    )
     took = time.monotonic() - t0
     if not idle:
         logger.warning("the frontend still had requests in flight %.0f s after the drain",
@@ -156,7 +159,16 @@ def drain_and_finish(
     write_state(job_dir, "FINISHED", reason=reason, message=message)
 
 
-def run(job_dir: Path, nodes: list[str]) -> int:
+PrepareJob = Callable[[Path, list[str]], PreparedJob]
+
+
+def prepare_deployment(job_dir: Path, nodes: list[str]) -> PreparedJob:
+    return prepare(job_dir / "deployment.yaml", job_dir, nodes)
+
+
+def run(job_dir: Path, nodes: list[str], prepare_job: PrepareJob = prepare_deployment) -> int:
+    """Run the job in `job_dir` on `nodes`: a whole deployment, or (`prepare_job` of
+    `slurm.worker_job`) worker-only; both end the same way."""
     job_id = os.environ.get("SLURM_JOB_ID")
     write_state(job_dir, "STARTING", job_id=job_id, stage="prepare")
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -166,13 +178,13 @@ def run(job_dir: Path, nodes: list[str]) -> int:
     ending: Ending | None = None
     try:
         try:
-            job = prepare(job_dir / "deployment.yaml", job_dir, nodes)
+            job = prepare_job(job_dir, nodes)
         except ConfigError as exc:
             logger.error("%s", exc)
             write_state(job_dir, "FAILED", component="prepare", message=str(exc),
                         log=str(job_dir / "logs" / "sbatch.log"))  # fmt: skip
             return 2
-        frontend_base = job.url.removesuffix("/v1")
+        frontend_base = job.url.removesuffix("/v1")  # "" in a worker job: no frontend
         ending = Ending(job.slurm, job_id)
         signal.signal(signal.SIGUSR1,
                       lambda *_: ending.request(warning_reason(job_dir)))  # type: ignore[union-attr]  # fmt: skip
@@ -192,8 +204,8 @@ def run(job_dir: Path, nodes: list[str]) -> int:
         serving = True
         ending.learn_end()
         after_ready = successor_plan(job, ending)
-        write_state(job_dir, "READY", url=job.url)
-        print(f"hpcserve ready: {job.url}", flush=True)
+        write_state(job_dir, "READY", url=job.url or None)
+        print(f"hpcserve ready: {job.url or 'workers registered'}", flush=True)
         while supervisor.poll():
             if ending.requested and after_ready.handed_over(ending):
                 drain_and_finish(job_dir, supervisor, ending, frontend_base)

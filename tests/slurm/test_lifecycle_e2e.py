@@ -5,7 +5,9 @@
 - preemption's signals (SIGCONT + SIGTERM to the batch script and every step): drain,
   FINISHED "preempted", nothing left;
 - a 2-minute job with `slurm.successor`: a client loop through `hpcserve gateway` across
-  the switch to the next generation fails no request; both generations in `hpcserve status`.
+  the switch to the next generation fails no request; both generations in `hpcserve status`;
+- `hpcserve scale --add 1`: a worker-only job joins and serves (the generation's own worker
+  drained away); `--remove 1` drains it, FINISHED "removed", nothing of it left.
 """
 
 from __future__ import annotations
@@ -21,10 +23,10 @@ from pathlib import Path
 import openai
 import pytest
 from cluster_helpers import running_cluster
-from test_slurm_e2e import assert_nothing_left, hpcserve, submitted, wait_state
+from test_slurm_e2e import assert_nothing_left, hpcserve, leftovers, submitted, wait_state
 
 from contract.readiness import free_port, http_ok
-from slurm.deployment import generations
+from slurm.deployment import generations, worker_jobs
 from slurm.jobs import job_status
 from slurm.state import read_state
 
@@ -208,3 +210,49 @@ def test_successor_and_gateway_switch_without_failed_requests(
     for job_id, job_dir in generations(name):
         assert job_status(job_id).state in ("FINISHED", "FAILED"), job_id
         assert_nothing_left(job_dir)
+
+
+def ask(url: str) -> str:
+    api = client(url)
+    model = api.models.list().data[0].id
+    answer = api.chat.completions.create(model=model, messages=PROMPT, max_tokens=8)
+    return answer.choices[0].message.content or ""
+
+
+def test_scale_adds_a_worker_job_that_serves_and_removes_it(
+    slurm_env: dict[str, str], model_dir: Path
+) -> None:
+    name = "lifecycle-scale"
+    with submitted(slurm_env, CONFIG, model_dir, f"name={name}") as (job_id, gen_dir):
+        url = wait_state(job_id, "READY").url or ""
+        out = hpcserve(slurm_env, "scale", name, "--role", "agg", "--add", "1")
+        worker_job = out.split()[-1]
+        worker_dir = dict(worker_jobs(name))[worker_job]
+        wait_state(worker_job, "READY", timeout_s=120)
+        log = hpcserve(slurm_env, "logs", worker_job, f"worker-agg-j{worker_job}-i0")
+        assert f"registered agg-j{worker_job}-i0" in log, log[-2000:]
+        # The generation's own worker leaves: from now on only the worker job can answer.
+        hpcserve(slurm_env, "drain", job_id, "worker-agg-g0-i0")
+        deadline = time.monotonic() + 60
+        while "drained" not in (gen_dir / "supervisor.json").read_text():
+            assert time.monotonic() < deadline
+            time.sleep(0.3)
+        for _ in range(4):
+            assert ask(url)
+        status = hpcserve(slurm_env, "status", name)
+        assert f"job {worker_job}: READY" in status, status
+
+        out = hpcserve(slurm_env, "scale", name, "--role", "agg", "--remove", "1")
+        assert out.split()[-1] == worker_job
+        state = read_state(worker_dir)
+        assert state is not None and (state.state, state.reason) == ("FINISHED", "removed")
+        deadline = time.monotonic() + 15  # the generation still runs: look for workers only
+        while left := leftovers(worker_dir, ("mpi_workers", "slurm.worker_job")):
+            assert time.monotonic() < deadline, left
+            time.sleep(0.2)
+        with pytest.raises(openai.APIStatusError) as caught:  # no worker is left
+            ask(url)
+        assert caught.value.status_code == 503
+        assert f"job {worker_job}: FINISHED (removed)" in hpcserve(slurm_env, "status", name)
+    state = read_state(gen_dir)
+    assert state is not None and (state.state, state.reason) == ("FINISHED", "cancelled"), state
