@@ -1,6 +1,7 @@
 """The `hpcserve` command.
 
     hpcserve up [CONFIG] [--set key.path=value ...]     run a deployment on this machine
+    hpcserve up --in-allocation CONFIG                 ... or in the current Slurm allocation
     hpcserve config show [CONFIG] [--set ...]          print the resolved config
     hpcserve plan [CONFIG] [--set ...]                 print the processes `up` would start
     hpcserve model prepare [--force]                   convert the default model (one time)
@@ -70,18 +71,56 @@ def _load(config: Path | None, overrides: list[str] | None) -> DeploymentConfig:
 
 
 @app.command()
-def up(config: ConfigArg = None, set_: SetOption = None) -> None:
+def up(
+    config: ConfigArg = None,
+    set_: SetOption = None,
+    in_allocation: Annotated[
+        bool,
+        typer.Option("--in-allocation", help="run the Slurm job's plan (srun steps) inside "
+                     "the salloc/sbatch allocation this runs in, without a new job"),
+    ] = False,
+) -> None:
     """Start etcd, NATS, the workers and the frontend; stop them all on Ctrl-C/SIGTERM."""
     from hpcserve.launcher import run_up
 
     logging.basicConfig(level=logging.INFO, format="hpcserve: %(message)s", stream=sys.stdout)
     deployment = _load(config, set_)
+    if in_allocation:
+        _up_in_allocation(deployment)
     try:
         code = run_up(deployment)
     except ConfigError as exc:
         typer.echo(f"hpcserve: {exc}", err=True)
         raise typer.Exit(2) from None
     raise typer.Exit(code)
+
+
+def _up_in_allocation(deployment: DeploymentConfig) -> None:
+    from slurm.allocation import run_in_allocation
+    from slurm.jobs import JobError, check_submittable
+
+    try:
+        check_submittable(deployment)
+        deployment = _with_model_path(deployment)
+        code = run_in_allocation(deployment)
+    except ConfigError as exc:
+        typer.echo(f"hpcserve: {exc}", err=True)
+        raise typer.Exit(2) from None
+    except JobError as exc:
+        typer.echo(f"hpcserve: {exc}", err=True)
+        raise typer.Exit(1) from None
+    raise typer.Exit(code)
+
+
+def _with_model_path(deployment: DeploymentConfig) -> DeploymentConfig:
+    """The prepared default model's path filled in (a job reads it on the head)."""
+    if deployment.model.path or deployment.engine.kind == "mocker":
+        return deployment
+    from hpcserve.model_prepare import prepare_default_model
+
+    data = deployment.model_dump(mode="json")
+    data["model"]["path"] = str(prepare_default_model())
+    return DeploymentConfig.model_validate(data)
 
 
 @config_app.command("show")
@@ -175,13 +214,7 @@ def submit(
     if via not in ("sbatch", "submitit"):
         typer.echo(f"hpcserve: --via must be sbatch or submitit, not {via!r}", err=True)
         raise typer.Exit(2)
-    deployment = _slurm_config(config, set_)
-    if not deployment.model.path and deployment.engine.kind != "mocker":
-        from hpcserve.model_prepare import prepare_default_model
-
-        data = deployment.model_dump(mode="json")
-        data["model"]["path"] = str(prepare_default_model())
-        deployment = DeploymentConfig.model_validate(data)
+    deployment = _with_model_path(_slurm_config(config, set_))
     try:
         job = (submit_with_submitit if via == "submitit" else sbatch_submit)(deployment)
     except (JobError, ConfigError) as exc:

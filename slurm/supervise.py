@@ -166,9 +166,13 @@ def prepare_deployment(job_dir: Path, nodes: list[str]) -> PreparedJob:
     return prepare(job_dir / "deployment.yaml", job_dir, nodes)
 
 
-def run(job_dir: Path, nodes: list[str], prepare_job: PrepareJob = prepare_deployment) -> int:
+def run(
+    job_dir: Path, nodes: list[str], prepare_job: PrepareJob = prepare_deployment,
+    in_allocation: bool = False,
+) -> int:  # fmt: skip
     """Run the job in `job_dir` on `nodes`: a whole deployment, or (`prepare_job` of
-    `slurm.worker_job`) worker-only; both end the same way."""
+    `slurm.worker_job`) worker-only; both end the same way. `in_allocation`: run by
+    `hpcserve up --in-allocation`, where SIGINT/SIGTERM come from the user ("stopped")."""
     job_id = os.environ.get("SLURM_JOB_ID")
     write_state(job_dir, "STARTING", job_id=job_id, stage="prepare")
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -227,7 +231,8 @@ def run(job_dir: Path, nodes: list[str], prepare_job: PrepareJob = prepare_deplo
         if supervisor is None or ending is None:
             write_state(job_dir, "FINISHED", message=f"job ended ({exc}) before it started")
             return 143
-        ending.request(termination_reason(job_id))
+        reason = termination_reason(job_id)
+        ending.request("stopped" if in_allocation and reason == "preempted" else reason)
         drain_and_finish(job_dir, supervisor, ending, frontend_base)
         supervisor = None  # stopped
         return 0

@@ -56,3 +56,17 @@ def test_successor_config_is_the_submitted_one_in_a_fresh_dir(tmp_path: Path) ->
 def test_job_env_is_dropped_for_another_job() -> None:
     env = strip_job_env({"SLURM_JOB_ID": "3", "SLURM_CONF": "/c", "SBATCH_X": "1", "PATH": "/b"})
     assert env == {"SLURM_CONF": "/c", "PATH": "/b"}
+
+
+def test_up_in_allocation_outside_one_says_so() -> None:
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
+    result = subprocess.run(
+        [sys.executable, "-m", "hpcserve", "up", "--in-allocation", "configs/slurm-mocker.yaml"],
+        env=env, capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert result.returncode == 2, result.stderr
+    assert "--in-allocation: not inside a Slurm allocation" in result.stderr

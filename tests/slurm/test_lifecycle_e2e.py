@@ -7,7 +7,9 @@
 - a 2-minute job with `slurm.successor`: a client loop through `hpcserve gateway` across
   the switch to the next generation fails no request; both generations in `hpcserve status`;
 - `hpcserve scale --add 1`: a worker-only job joins and serves (the generation's own worker
-  drained away); `--remove 1` drains it, FINISHED "removed", nothing of it left.
+  drained away); `--remove 1` drains it, FINISHED "removed", nothing of it left;
+- `hpcserve up --in-allocation` under `salloc`: serves from the allocation's nodes without a
+  new job; SIGTERM drains and stops it, FINISHED "stopped", the allocation released.
 """
 
 from __future__ import annotations
@@ -256,3 +258,46 @@ def test_scale_adds_a_worker_job_that_serves_and_removes_it(
         assert f"job {worker_job}: FINISHED (removed)" in hpcserve(slurm_env, "status", name)
     state = read_state(gen_dir)
     assert state is not None and (state.state, state.reason) == ("FINISHED", "cancelled"), state
+
+
+def test_up_in_allocation_serves_and_cleans_up(slurm_env: dict[str, str], model_dir: Path,
+                                               tmp_path: Path) -> None:  # fmt: skip
+    name = "lifecycle-alloc"
+    pid_file = tmp_path / "hpcserve.pid"
+    command = (f"echo $$ > {pid_file}; exec {sys.executable} -m hpcserve up --in-allocation "
+               f"{CONFIG} --set name={name} --set model.path={model_dir}")  # fmt: skip
+    salloc = subprocess.Popen(
+        ["salloc", "-N2", "-J", name, "bash", "-c", command], cwd=REPO, env=slurm_env,
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 120
+        while not generations(name):
+            assert salloc.poll() is None and time.monotonic() < deadline
+            time.sleep(0.3)
+        job_id, job_dir = generations(name)[0]
+        try:
+            url = wait_state(job_id, "READY").url or ""
+        except AssertionError as exc:
+            salloc.kill()
+            said = salloc.communicate()[0][-3000:]
+            raise AssertionError(f"{exc}\nsalloc said:\n{said}") from None
+        assert url.startswith("http://10.99.0.11:")  # the allocation's first node is the head
+        assert ask(url)
+        assert "salloc" not in (job_dir / "job_id").read_text()
+        squeue = subprocess.run(["squeue", "-h", "-o", "%i"], env=slurm_env, text=True,
+                                capture_output=True, check=True).stdout.split()  # fmt: skip
+        assert squeue == [job_id]  # no new job: the salloc allocation only
+        os.kill(int(pid_file.read_text()), 15)
+        out, _ = salloc.communicate(timeout=90)
+        assert salloc.returncode == 0, out[-3000:]
+    finally:
+        if salloc.poll() is None:
+            salloc.kill()
+            salloc.wait(10)
+    state = read_state(job_dir)
+    assert state is not None and (state.state, state.reason) == ("FINISHED", "stopped"), state
+    assert_nothing_left(job_dir)
+    squeue = subprocess.run(["squeue", "-h", "-o", "%i"], env=slurm_env, text=True,
+                            capture_output=True, check=True).stdout.split()  # fmt: skip
+    assert squeue == [], squeue
