@@ -307,8 +307,8 @@ def job_status(job: str) -> JobStatus:
         return JobStatus("FINISHED", url=recorded.url if recorded else None,
                          message=recorded.message if recorded else None,
                          reason=recorded.reason if recorded else None, **base)  # fmt: skip
-    if in_slurm == "PENDING":
-        return JobStatus("PENDING", **base)
+    if in_slurm is not None and in_slurm.split()[0].startswith(("PENDING", "REQUEUE")):
+        return JobStatus("PENDING", **base)  # queued, or requeued (the last run's file)
     if word == "PENDING" and in_slurm is not None:
         word = "STARTING"  # running, before the script's first write
     return JobStatus(word, url=recorded.url if recorded else None,

@@ -11,7 +11,8 @@ workers finish what they hold, stop the rest, state FINISHED with a reason):
 - **preemption** (and `scontrol requeue`): Slurm sets the job's end to now + GraceTime and
   sends SIGCONT and SIGTERM to the batch script and every step at once, then SIGKILL at the
   new end. The workers drain on their own SIGTERM; the supervisor waits for them.
-- **scancel**: SIGTERM to everything too, with the job already CANCELLED in squeue.
+- **scancel**: SIGTERM to everything too, the job already COMPLETING/CANCELLED in squeue;
+  `scontrol requeue` the same, with Slurm's restart count already one above this run's.
 - **removal** (`hpcserve scale --remove`): a `remove` file in the job dir, then SIGUSR1.
 
 The reason is told apart by what squeue says at the time of the SIGTERM.
@@ -61,8 +62,8 @@ def end_time(job_id: str | None) -> float | None:
 def termination_reason(job_id: str | None) -> str:
     """Why a SIGTERM came, from the job's state in squeue at that moment."""
     state = (squeue_field(job_id, "%T") or "") if job_id else ""
-    if state.startswith(("CANCELLED", "COMPLETING")):  # scancel: COMPLETING while it ends
-        return "cancelled"
+    if state.startswith(("CANCELLED", "COMPLETING")):  # scancel and requeue: COMPLETING
+        return "requeued" if requeued(job_id) else "cancelled"
     if state.startswith("TIMEOUT"):
         return "time limit"
     if state.startswith("REQUEUE"):
@@ -72,6 +73,23 @@ def termination_reason(job_id: str | None) -> str:
     # Still RUNNING (or PREEMPTED): nobody cancelled it, so this is preemption's warning
     # (SIGCONT + SIGTERM, GraceTime before the end).
     return "preempted"
+
+
+def requeued(job_id: str | None) -> bool:
+    """`scontrol requeue` (or a requeueing preemption) ends this run: Slurm has already
+    counted the next run (`Restarts=` above this run's SLURM_RESTART_COUNT)."""
+    if not job_id:
+        return False
+    try:
+        result = subprocess.run(["scontrol", "show", "job", "-o", job_id],
+                                capture_output=True, text=True, timeout=10)  # fmt: skip
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+    for field in result.stdout.split():
+        key, _, value = field.partition("=")
+        if key == "Restarts" and value.isdigit():
+            return int(value) > int(os.environ.get("SLURM_RESTART_COUNT") or 0)
+    return False
 
 
 def warning_reason(job_dir: Path) -> str:

@@ -76,6 +76,7 @@ def sbatch_lines(config: DeploymentConfig, job_dir: str) -> list[str]:
     # The time limit's warning (and the drain that follows) goes to the supervisor only (B:).
     options.append(f"--signal=B:USR1@{slurm.drain_s}")
     options.append(f"--output={job_dir}/logs/sbatch.log")
+    options.append("--open-mode=append")  # a requeued job's rerun keeps the first run's lines
     return [f"#SBATCH {option}" for option in options] + list(slurm.extra_sbatch_lines)
 
 

@@ -3,7 +3,8 @@
 - the time limit's warning (SIGUSR1 to the batch script, as `--signal=B:USR1@drain_s` sends
   it): a request in flight completes, the job drains and ends FINISHED "time limit";
 - preemption's signals (SIGCONT + SIGTERM to the batch script and every step): drain,
-  FINISHED "preempted", nothing left;
+  FINISHED "preempted", nothing left; `scontrol requeue`: drain, FINISHED "requeued", the
+  job queued again;
 - a 2-minute job with `slurm.successor`: a client loop through `hpcserve gateway` across
   the switch to the next generation fails no request; both generations in `hpcserve status`;
 - `hpcserve scale --add 1`: a worker-only job joins and serves (the generation's own worker
@@ -301,3 +302,24 @@ def test_up_in_allocation_serves_and_cleans_up(slurm_env: dict[str, str], model_
     squeue = subprocess.run(["squeue", "-h", "-o", "%i"], env=slurm_env, text=True,
                             capture_output=True, check=True).stdout.split()  # fmt: skip
     assert squeue == [], squeue
+
+
+def test_requeue_drains_and_the_job_is_queued_again(slurm_env: dict[str, str], model_dir: Path):
+    """`scontrol requeue`: the running job drains and ends FINISHED "requeued" (told apart
+    from scancel by Slurm's restart count), and Slurm queues it again (same job, same dir;
+    `hpcserve status` says PENDING, not FINISHED). Its rerun is not awaited: Slurm holds a
+    requeued job for a while."""
+    with submitted(slurm_env, CONFIG, model_dir) as (job_id, job_dir):
+        wait_state(job_id, "READY")
+        subprocess.run(["scontrol", "requeue", job_id], env=slurm_env, check=True, timeout=30)
+        deadline = time.monotonic() + 60
+        while (state := read_state(job_dir)) is None or state.state != "FINISHED":
+            assert time.monotonic() < deadline, state
+            time.sleep(0.2)
+        assert state.reason == "requeued", state
+        assert "ending (requeued): draining the workers" in hpcserve(slurm_env, "logs", job_id,
+                                                                      "sbatch")  # fmt: skip
+        deadline = time.monotonic() + 30
+        while job_status(job_id).state != "PENDING":
+            assert time.monotonic() < deadline, job_status(job_id).describe()
+            time.sleep(0.2)
