@@ -5,7 +5,7 @@
 - preemption's signals (SIGCONT + SIGTERM to the batch script and every step): drain,
   FINISHED "preempted", nothing left; `scontrol requeue`: drain, FINISHED "requeued", the
   job queued again;
-- a 2-minute job with `slurm.successor`: a client loop through `hpcserve gateway` across
+- a 1-minute job with `slurm.successor`: a client loop through `hpcserve gateway` across
   the switch to the next generation fails no request; both generations in `hpcserve status`;
 - `hpcserve scale --add 1`: a worker-only job joins and serves (the generation's own worker
   drained away); `--remove 1` drains it, FINISHED "removed", nothing of it left;
@@ -178,8 +178,10 @@ def test_successor_and_gateway_switch_without_failed_requests(
         cwd=REPO, env=slurm_env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )  # fmt: skip
     loop = ClientLoop(f"http://127.0.0.1:{port}/v1")
-    sets = [f"name={name}", "slurm.time_limit=2", "slurm.drain_s=30", "slurm.successor=true",
-            "slurm.successor_lead_s=100"]  # fmt: skip
+    # A 1-minute job whose successor is due at once (lead 55 s); Slurm sends the warning
+    # 20 s before the limit, or up to a minute earlier: the hand-over waits for READY.
+    sets = [f"name={name}", "slurm.time_limit=1", "slurm.drain_s=20", "slurm.successor=true",
+            "slurm.successor_lead_s=55"]  # fmt: skip
     try:
         with submitted(slurm_env, CONFIG, model_dir, *sets) as (first, first_dir):
             wait_state(first, "READY")
