@@ -47,13 +47,15 @@ class Gateway:
         self.name = name
         self.refresh_s = refresh_s
         self.upstreams: list[tuple[str, str]] = []  # (job id, base URL without /v1)
-        self.gone: set[str] = set()  # job ids Slurm no longer runs
+        self.ready_ids: list[str] = []  # every generation whose state file says READY
+        self.gone: set[str] = set()  # of those, the ones Slurm does not run (now)
         self.session: aiohttp.ClientSession | None = None
         self._tasks: list[asyncio.Task[None]] = []
 
     # ----- upstreams -----------------------------------------------------------------------
     async def refresh(self) -> None:
         ready = await asyncio.to_thread(ready_generations, self.name)
+        self.ready_ids = [job_id for job_id, _ in ready]
         upstreams = [(job_id, url.removesuffix("/").removesuffix("/v1"))
                      for job_id, url in ready if job_id not in self.gone]  # fmt: skip
         if upstreams[:1] != self.upstreams[:1]:
@@ -71,7 +73,7 @@ class Gateway:
         """A job killed outright (node failure) never writes FINISHED: ask Slurm."""
         while True:
             await asyncio.sleep(SLURM_CHECK_S)
-            ids = [job_id for job_id, _ in self.upstreams]
+            ids = list(self.ready_ids)  # gone ones too: a requeued job may run again
             if not ids:
                 continue
             with contextlib.suppress(OSError):
@@ -84,7 +86,7 @@ class Gateway:
                     continue
                 running = {line.split()[0] for line in out.decode().splitlines()
                            if line.split()[1:] == ["RUNNING"]}  # fmt: skip
-                self.gone |= set(ids) - running
+                self.gone = set(ids) - running
 
     # ----- requests ------------------------------------------------------------------------
     async def handle(self, request: web.Request) -> web.StreamResponse:
