@@ -256,7 +256,9 @@ async def test_input_errors(make_frontend: Any) -> None:
             ("chat", {**CHAT, "top_p": 0}, 400, "top_p", None),
             ("chat", {**CHAT, "presence_penalty": -3}, 400, "presence_penalty", None),
             ("chat", {**CHAT, "stop": ["a", "b", "c", "d", "e"]}, 400, "stop", None),
-            ("chat", {**CHAT, "n": 2}, 400, "n", None),
+            ("chat", {**CHAT, "n": 0}, 400, "n", None),
+            ("chat", {**CHAT, "n": 17}, 400, "n", None),  # frontend.max_n defaults to 16
+            ("completions", {"model": "smol", "prompt": "x", "n": 17}, 400, "n", None),
             ("chat", {**CHAT, "max_tokens": 0}, 400, "max_tokens", None),
             ("chat", {**CHAT, "top_logprobs": 30, "logprobs": True}, 400, "top_logprobs", None),
             ("chat", {**CHAT, "model": "gpt-9"}, 404, "model", "model_not_found"),
