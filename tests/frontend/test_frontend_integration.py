@@ -93,7 +93,8 @@ async def test_openapi_documents_every_endpoint(make_frontend: Any) -> None:
     )
     assert "422" not in chat["responses"]  # bad input is a 400 in OpenAI's shape
     fields = schema["components"]["schemas"]["ChatCompletionRequest"]["properties"]
-    assert {"messages", "max_tokens", "temperature", "stream", "logprobs"} <= set(fields)
+    assert {"messages", "max_tokens", "temperature", "stream", "logprobs", "n"} <= set(fields)
+    assert "seed + i" in fields["n"]["description"]
     completion = schema["paths"]["/v1/completions"]["post"]["responses"]["200"]
     assert completion["content"]["application/json"]["schema"]["$ref"].endswith(
         "/CompletionResponse"
