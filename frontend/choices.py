@@ -57,7 +57,7 @@ class ChoiceStreams:
     def __init__(self, streams: list[MigratingStream]) -> None:
         self.streams = streams
         self._ready: deque[tuple[int, GenerateOutput]] = deque()  # read before `start` ended
-        self._queue: asyncio.Queue[_Item] = asyncio.Queue()
+        self._queue: asyncio.Queue[_Item] | None = None  # the pumps' (n > 1 only)
         self._pumps: list[asyncio.Task[None]] = []
         self._done: set[int] = set()  # choices that ended (finish read, or closed)
 
@@ -74,7 +74,7 @@ class ChoiceStreams:
         """Whether a chunk is already waiting (the caller may batch it into one event)."""
         if self._ready:
             return True
-        if self.n == 1:
+        if self._queue is None:
             return self.streams[0].has_pending
         return not self._queue.empty()
 
@@ -90,6 +90,7 @@ class ChoiceStreams:
                 raise_for_worker_error(first, self.card(0))
                 self._ready.append((0, first))
                 return
+            self._queue = asyncio.Queue()
             self._pumps = [
                 asyncio.get_running_loop().create_task(self._pump(index, deadline))
                 for index in range(self.n)
@@ -143,12 +144,14 @@ class ChoiceStreams:
     async def _take(self, deadline: float) -> tuple[int, GenerateOutput]:
         """The next chunk from the pumps of a choice still running; a choice's failure is
         raised here. Chunks of choices that ended meanwhile (a stop string) are dropped."""
+        queue = self._queue
+        assert queue is not None, "start() first"
         while True:
-            if self._queue.empty():
+            if queue.empty():
                 async with asyncio.timeout_at(deadline):
-                    index, item = await self._queue.get()
+                    index, item = await queue.get()
             else:
-                index, item = self._queue.get_nowait()
+                index, item = queue.get_nowait()
             if index in self._done:
                 continue
             if isinstance(item, BaseException):
@@ -160,15 +163,17 @@ class ChoiceStreams:
         """Forward choice `index`'s chunks into the shared queue until its final chunk or
         its failure (which the reader raises)."""
         stream = self.streams[index]
+        queue = self._queue
+        assert queue is not None
         while True:
             try:
                 output = await stream.next(deadline)
             except asyncio.CancelledError:
                 raise
             except BaseException as exc:  # a lost request, a timeout: the reader decides
-                self._queue.put_nowait((index, exc))
+                queue.put_nowait((index, exc))
                 return
-            self._queue.put_nowait((index, output))
+            queue.put_nowait((index, output))
             if output.finish_reason is not None:
                 return
 
