@@ -56,6 +56,7 @@ class ChoiceStreams:
 
     def __init__(self, streams: list[MigratingStream]) -> None:
         self.streams = streams
+        self._single = streams[0] if len(streams) == 1 else None  # read directly, no pumps
         self._ready: deque[tuple[int, GenerateOutput]] = deque()  # read before `start` ended
         self._queue: asyncio.Queue[_Item] | None = None  # the pumps' (n > 1 only)
         self._pumps: list[asyncio.Task[None]] = []
@@ -74,9 +75,9 @@ class ChoiceStreams:
         """Whether a chunk is already waiting (the caller may batch it into one event)."""
         if self._ready:
             return True
-        if self._queue is None:
-            return self.streams[0].has_pending
-        return not self._queue.empty()
+        if self._single is not None:
+            return self._single.has_pending
+        return self._queue is not None and not self._queue.empty()
 
     async def start(self, deadline: float) -> None:
         """Send every choice (choice 0 first: the others follow its worker) and wait until
@@ -85,9 +86,9 @@ class ChoiceStreams:
         try:
             for stream in self.streams:
                 await stream.open()
-            if self.n == 1:
-                first = await self.streams[0].next(deadline)
-                raise_for_worker_error(first, self.card(0))
+            if self._single is not None:
+                first = await self._single.next(deadline)
+                raise_for_worker_error(first, self._single.card)
                 self._ready.append((0, first))
                 return
             self._queue = asyncio.Queue()
@@ -113,10 +114,12 @@ class ChoiceStreams:
             if index not in self._done:
                 self._note_finish(index, output)
                 return index, output
-        if self.n == 1:
-            output = await self.streams[0].next(deadline)
-            raise_for_worker_error(output, self.card(0))
-            self._note_finish(0, output)
+        single = self._single
+        if single is not None:  # the common case: as cheap as reading the stream itself
+            output = await single.next(deadline)
+            if output.finish_reason is not None:
+                raise_for_worker_error(output, single.card)
+                self._done.add(0)
             return 0, output
         index, output = await self._take(deadline)
         self._note_finish(index, output)
@@ -156,7 +159,8 @@ class ChoiceStreams:
                 continue
             if isinstance(item, BaseException):
                 raise item
-            raise_for_worker_error(item, self.card(index))
+            if item.finish_reason is not None:
+                raise_for_worker_error(item, self.card(index))
             return index, item
 
     async def _pump(self, index: int, deadline: float) -> None:

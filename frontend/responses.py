@@ -277,8 +277,10 @@ async def stream_events(
     }
     if choices.card(0).simulated:
         head["simulated"] = True
-    completion_logprobs = [CompletionLogprobs(state.tokenizer) for _ in range(n)]
     want_logprobs = prepared.logprobs is not None
+    completion_logprobs = [
+        CompletionLogprobs(state.tokenizer) for _ in range(n if want_logprobs and not chat else 0)
+    ]
     include_usage = prepared.include_usage
 
     def event(
