@@ -140,13 +140,25 @@ async def test_a_lost_worker_moves_each_choice_on(make_frontend: Any) -> None:
     }
 
 
-async def test_n_over_the_configured_cap_is_400(make_frontend: Any) -> None:
+async def test_n_over_the_configured_cap_and_the_context_check_are_400s(
+    make_frontend: Any,
+) -> None:
     fe = await make_frontend(max_n=2)
-    worker = await fe.add_worker()
+    worker = await fe.add_worker(max_model_len=64)
     async with fe.client() as client:
         error = assert_error(
             await client.post("/v1/chat/completions", json={**CHAT, "n": 3}), 400, "n"
         )
         assert "frontend.max_n" in error["message"]
-        assert (await client.post("/v1/chat/completions", json={**CHAT, "n": 2})).status_code == 200
+        too_long = {**CHAT, "n": 2, "max_tokens": 60}  # each choice's prompt + max_tokens
+        assert_error(
+            await client.post("/v1/chat/completions", json=too_long), 400, "max_tokens",
+            "context_length_exceeded",
+        )  # fmt: skip
+        assert not worker.requests
+        response = await client.post("/v1/chat/completions", json={**CHAT, "n": 2})
+        assert response.status_code == 200
     assert len(worker.requests) == 2
+    # the budget the context leaves goes to every choice
+    room = 64 - len(worker.requests[0].token_ids)
+    assert {r.sampling.max_tokens for r in worker.requests} == {room}
