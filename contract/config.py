@@ -249,6 +249,9 @@ class FrontendConfig(_Section):
     max_request_bytes: int = Field(
         default=16 * 2**20, ge=1024, description="larger request bodies get a 413, unread"
     )
+    max_n: int = Field(
+        default=16, ge=1, description="most choices (`n`) one completion request may ask for"
+    )
 
 
 class ServiceConfig(_Section):
