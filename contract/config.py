@@ -205,6 +205,13 @@ class FrontendConfig(_Section):
     max_request_bytes: int = Field(
         default=16 * 2**20, ge=1024, description="larger request bodies get a 413, unread"
     )
+    workers: int | None = Field(
+        default=None,
+        ge=1,
+        le=64,
+        description="frontend processes sharing the port (SO_REUSEPORT), each supervised; "
+        "null: one per spare core of the head node (contract.plan.frontend_processes)",
+    )
 
 
 class ServiceConfig(_Section):

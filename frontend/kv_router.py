@@ -156,7 +156,10 @@ class KvRouter:
         for card in candidates:
             overlap = overlaps.get(card.worker_id, 0)
             prefill = total_blocks - overlap
-            active = max(self._reported_active(card.worker_id), self.own_blocks(card.worker_id))
+            routed = self.own_blocks(card.worker_id) + self.tracker.peer_blocks.get(
+                card.worker_id, 0
+            )  # this process's and the other frontend processes' (frontend.load_share)
+            active = max(self._reported_active(card.worker_id), routed)
             result.append(
                 WorkerScore(card.worker_id, overlap, prefill, active, weight * prefill + active)
             )
