@@ -78,6 +78,8 @@ def create_app(config: DeploymentConfig) -> FastAPI:
             body["in_flight"] = {
                 card.worker_id: state.tracker.requests_on(card.worker_id) for card in workers
             }
+            if state.kv_feed is not None:
+                body["kv_index_blocks"] = state.kv_feed.index.num_blocks()
         return json_response(body)
 
     async def metrics(request: Request) -> Response:
