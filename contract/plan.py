@@ -223,6 +223,7 @@ def plan_deployment(
     etcd_peer_port: int | None = None,
     mpi_launcher: tuple[str, ...] | None = None,
     head_worker_ranks: int | None = None,
+    frontend_count: int | None = None,
 ) -> list[PlannedProcess]:
     """Every process of the deployment, in start order.
 
@@ -233,7 +234,8 @@ def plan_deployment(
     `frontend.port` not 0. `config_file` is where that resolved config is written; every
     component reads it. `etcd_peer_port` defaults to the client port + 1.
     `head_worker_ranks`: worker ranks on the frontend's node (None: all of them), for the
-    automatic number of frontend processes (`frontend_processes`).
+    automatic number of frontend processes (`frontend_processes`); `frontend_count` sets
+    that number instead (a preview made away from the head node).
     """
     services = config.services
     if not services.etcd.endpoint or not services.nats.endpoint:
@@ -287,7 +289,8 @@ def plan_deployment(
 
     plan += frontend_plan(
         config, config_file, run_dir, python,
-        frontend_processes(config, head_worker_ranks=head_worker_ranks), common_env,
+        frontend_count or frontend_processes(config, head_worker_ranks=head_worker_ranks),
+        common_env,
     )  # fmt: skip
     return plan
 
