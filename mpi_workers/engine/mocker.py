@@ -161,6 +161,8 @@ class MockerEngine(StreamingEngine):
         """The deterministic pseudo token for `seq`'s next position; never EOS or a stop id."""
         seed = self._seeds.get(seq.request_id, 0)
         token = _mix64(seed ^ seq.num_tokens) % self.vocab_size
+        if token not in self._banned_base and token not in seq.sampling.stop_token_ids:
+            return token  # the common case: no set built per token
         banned = self._banned_base.union(seq.sampling.stop_token_ids)
         while token in banned and len(banned) < self.vocab_size:
             token = (token + 1) % self.vocab_size
