@@ -45,6 +45,10 @@ class GenerateRequest(_Message):
     # The id the client sees (the response's `id`, and its X-Request-Id header): the same
     # across a request's attempts, so worker log lines can be matched to a client's request.
     client_id: str | None = None
+    # The sender reads batches: its reply subject is `<inbox>.<request_id>`, and the chunks a
+    # worker step produced for several of its requests may come as one JSON array of chunks
+    # on `<inbox>.batch` (`batch_subject`): one NATS message per step, not per request.
+    batch_replies: bool = False
 
 
 class TopLogprob(_Message):
@@ -79,6 +83,19 @@ class GenerateOutput(_Message):
     error: str | None = None
     error_param: str | None = None
     worker_id: str | None = None
+
+
+BATCH_SUFFIX = "batch"  # request ids are hex: no request's reply subject ends so
+
+
+def batch_subject(reply: str) -> str:
+    """Where the batched chunks for the requests replying to `reply`'s inbox go."""
+    return f"{reply.rsplit('.', 1)[0]}.{BATCH_SUFFIX}"
+
+
+def outputs_json(outputs: list[GenerateOutput]) -> bytes:
+    """A batch of chunks (for one inbox) as a JSON array."""
+    return b"[" + b",".join(output_json(output) for output in outputs) + b"]"
 
 
 def output_json(output: GenerateOutput) -> bytes:

@@ -16,11 +16,12 @@ from collections.abc import Mapping
 
 from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
-from pydantic import ValidationError
+from pydantic import TypeAdapter, ValidationError
 
 from contract.bus import abort_subject, connect, load_metrics_subject, worker_subject
 from contract.discovery import WorkerCard
 from contract.messages import (
+    BATCH_SUFFIX,
     PROTOCOL_VERSION,
     AbortRequest,
     GenerateOutput,
@@ -31,6 +32,8 @@ from frontend import errors
 from frontend.router import LoadTracker
 
 logger = logging.getLogger(__name__)
+
+_BATCH = TypeAdapter(list[GenerateOutput])
 
 
 class WorkerLost(Exception):
@@ -66,7 +69,7 @@ class RequestStream:
         self._client = client
         self.card = card
         self.request_id = request_id
-        self.queue: asyncio.Queue[bytes | BaseException] = asyncio.Queue()
+        self.queue: asyncio.Queue[bytes | GenerateOutput | BaseException] = asyncio.Queue()
         self.finished = False
 
     async def next(self, deadline: float) -> GenerateOutput:
@@ -89,18 +92,21 @@ class RequestStream:
                 item = await queue.get()
         else:
             item = queue.get_nowait()
-        if isinstance(item, BaseException):
+        if isinstance(item, GenerateOutput):  # from a batch: parsed already
+            output = item
+        elif isinstance(item, BaseException):
             # a worker that left the directory may still be alive (a drain past its timeout
             # hands requests back): close() still sends it the abort; a dead one never hears it
             self.finished = not isinstance(item, WorkerLost)
             raise item
-        try:
-            output = GenerateOutput.model_validate_json(item)
-        except ValidationError as exc:
-            self.finished = True
-            raise errors.worker_failed(
-                f"worker {self.card.worker_id} sent a malformed reply: {exc}"
-            ) from None
+        else:
+            try:
+                output = GenerateOutput.model_validate_json(item)
+            except ValidationError as exc:
+                self.finished = True
+                raise errors.worker_failed(
+                    f"worker {self.card.worker_id} sent a malformed reply: {exc}"
+                ) from None
         if output.version != PROTOCOL_VERSION:
             self.finished = True
             raise errors.worker_failed(
@@ -162,6 +168,7 @@ class WorkerClient:
         stream = RequestStream(self, card, request.request_id)
         self._streams[request.request_id] = stream
         self._tracker.started(card.worker_id)
+        request.batch_replies = True  # `_on_reply` reads `<inbox>.batch`
         try:
             await self._nc.publish(
                 card.subject,
@@ -223,6 +230,9 @@ class WorkerClient:
 
     async def _on_reply(self, msg: Msg) -> None:
         request_id = msg.subject[len(self._prefix) + 1 :]
+        if request_id == BATCH_SUFFIX:
+            self._on_batch(msg.data)
+            return
         stream = self._streams.get(request_id)
         if stream is None:
             return
@@ -232,6 +242,19 @@ class WorkerClient:
             stream.queue.put_nowait(NotListening(stream.card.worker_id))
             return
         stream.queue.put_nowait(msg.data)
+
+    def _on_batch(self, data: bytes) -> None:
+        """Chunks of several requests that one worker step produced (`batch_replies`)."""
+        try:
+            outputs = _BATCH.validate_json(data)
+        except ValidationError as exc:
+            logger.error("malformed batch of replies dropped (its requests time out): %s", exc)
+            return
+        streams = self._streams
+        for output in outputs:
+            stream = streams.get(output.request_id)
+            if stream is not None:
+                stream.queue.put_nowait(output)
 
     async def _on_reconnected(self) -> None:
         """Every stream open across a NATS reconnect continues afresh (migration)."""

@@ -42,7 +42,9 @@ from contract.messages import (
     KvEventBatch,
     KvSnapshot,
     SamplingParams,
+    batch_subject,
     output_json,
+    outputs_json,
 )
 from mpi_workers.engine.base import Engine
 from mpi_workers.engine.streaming import OutputStream
@@ -102,7 +104,8 @@ class Worker:
         self._metrics_changed = False
         self._kv_queue: asyncio.Queue[list[KvEvent]] = asyncio.Queue()
         self._kv_seq = 0
-        self._outbox: list[tuple[str, bytes]] = []  # (reply subject, chunk) not yet published
+        # (reply subject, batch subject or None, chunk) not yet published
+        self._outbox: list[tuple[str, str | None, GenerateOutput]] = []
         self._outbox_ready = asyncio.Event()
         self._background: list[asyncio.Task[None]] = []
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -247,7 +250,7 @@ class Worker:
         try:
             stream = self.engine.generate(request)
             if isinstance(stream, OutputStream):  # a scheduler-driven engine: no per-token hop
-                await self._serve_listening(stream, reply)
+                await self._serve_listening(stream, reply, request.batch_replies)
                 return
             async for output in stream:
                 if output.finish_reason == "error" and self.engine.failed is not None:
@@ -272,18 +275,19 @@ class Worker:
                 reply, request.request_id, "engine stream ended without finish_reason", None
             )
 
-    async def _serve_listening(self, stream: OutputStream, reply: str) -> None:
+    async def _serve_listening(self, stream: OutputStream, reply: str, batch: bool) -> None:
         """Each output goes straight into the outbox (`_publish_outbox_forever` sends what
         a step produced for all requests in one wake-up); this task only waits for the end.
         Cancelled (drain timeout, stop): the engine aborts the request, as with iteration."""
         done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        batch_to = batch_subject(reply) if batch else None
 
         def on_output(output: GenerateOutput) -> None:
             if output.finish_reason is not None and not done.done():
                 done.set_result(None)
             if output.finish_reason == "error" and self.engine.failed is not None:
                 return  # withheld: the frontend migrates the request (see above)
-            self._outbox.append((reply, output_json(output)))
+            self._outbox.append((reply, batch_to, output))
             self._outbox_ready.set()
 
         stream.listen(on_output)
@@ -295,16 +299,27 @@ class Worker:
             raise
 
     async def _publish_outbox_forever(self) -> None:
+        """What the last step(s) produced: one message per request, except that the chunks
+        of requests whose sender reads batches go as one message per sender's inbox."""
         assert self._nc is not None
         while True:
             await self._outbox_ready.wait()
             self._outbox_ready.clear()
-            batch, self._outbox = self._outbox, []
-            for reply, payload in batch:
+            pending, self._outbox = self._outbox, []
+            batches: dict[str, list[GenerateOutput]] = {}
+            singles: list[tuple[str, bytes]] = []
+            for reply, batch_to, output in pending:
+                if batch_to is None:
+                    singles.append((reply, output_json(output)))
+                else:
+                    batches.setdefault(batch_to, []).append(output)
+            for batch_to, outputs in batches.items():
+                singles.append((batch_to, outputs_json(outputs)))
+            for subject, payload in singles:
                 try:
-                    await self._nc.publish(reply, payload)
+                    await self._nc.publish(subject, payload)
                 except Exception as exc:  # the frontend times the request out
-                    logger.warning("reply to %s not published: %s", reply, exc)
+                    logger.warning("reply to %s not published: %s", subject, exc)
 
     async def _reply_error(
         self, reply: str, request_id: str, error: str, param: str | None
