@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import re
 from collections.abc import Mapping
 
 from nats.aio.client import Client as NatsClient
@@ -34,6 +35,7 @@ from frontend.router import LoadTracker
 logger = logging.getLogger(__name__)
 
 _BATCH = TypeAdapter(list[GenerateOutput])
+_REQUEST_ID = re.compile(rb'"request_id"\s*:\s*"([^"]*)"')
 
 
 class WorkerLost(Exception):
@@ -245,12 +247,17 @@ class WorkerClient:
 
     def _on_batch(self, data: bytes) -> None:
         """Chunks of several requests that one worker step produced (`batch_replies`)."""
+        streams = self._streams
         try:
             outputs = _BATCH.validate_json(data)
-        except ValidationError as exc:
-            logger.error("malformed batch of replies dropped (its requests time out): %s", exc)
+        except ValidationError as exc:  # fail the requests it names rather than let them wait
+            logger.error("malformed batch of replies: %s", exc)
+            for match in _REQUEST_ID.finditer(data):
+                stream = streams.get(match.group(1).decode(errors="replace"))
+                if stream is not None:
+                    why = f"worker {stream.card.worker_id} sent a malformed reply: {exc}"
+                    stream.queue.put_nowait(errors.worker_failed(why))
             return
-        streams = self._streams
         for output in outputs:
             stream = streams.get(output.request_id)
             if stream is not None:

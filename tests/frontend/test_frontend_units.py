@@ -375,3 +375,26 @@ def test_both_detokenizer_paths_equal_a_full_decode(
             text += detok.add(ids[i : i + step])
             i += step
         assert text + detok.finish() == tokenizer.decode(ids), ids
+
+
+async def test_a_batch_of_replies_reaches_each_request_and_a_malformed_one_fails_them() -> None:
+    from contract.messages import outputs_json
+
+    card = _card("agg-1", "agg")
+    client = WorkerClient("nats://unused", "d", LoadTracker())
+    streams = {rid: RequestStream(client, card, rid) for rid in ("r1", "r2")}
+    client._streams.update(streams)
+    client._on_batch(outputs_json([
+        GenerateOutput(request_id="r1", token_ids=[5]),
+        GenerateOutput(request_id="r2", token_ids=[7, 8]),
+        GenerateOutput(request_id="gone", token_ids=[9]),  # finished meanwhile: dropped
+        GenerateOutput(request_id="r1", token_ids=[6], finish_reason="length"),
+    ]))  # fmt: skip
+    deadline = asyncio.get_running_loop().time() + 5
+    assert (await streams["r1"].next(deadline)).token_ids == [5]
+    assert (await streams["r1"].next(deadline)).finish_reason == "length"
+    assert (await streams["r2"].next(deadline)).token_ids == [7, 8]
+    client._on_batch(b'[{"request_id": "r2", "token_ids": "not a list"}]')
+    with pytest.raises(errors.OpenAIError) as info:
+        await streams["r2"].next(deadline)
+    assert info.value.status == 502 and "malformed" in str(info.value)
