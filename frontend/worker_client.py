@@ -35,6 +35,7 @@ from frontend.router import LoadTracker
 logger = logging.getLogger(__name__)
 
 _BATCH = TypeAdapter(list[GenerateOutput])
+_PAST_DEADLINE = object()  # queued by a request's deadline timer
 _REQUEST_ID = re.compile(rb'"request_id"\s*:\s*"([^"]*)"')
 
 
@@ -65,14 +66,22 @@ class ConnectionLost(WorkerLost):
 class RequestStream:
     """The replies of one request; `close()` aborts it on the worker unless it finished."""
 
-    __slots__ = ("_client", "card", "finished", "queue", "request_id")
+    __slots__ = ("_client", "_timer", "_timer_at", "card", "finished", "queue", "request_id")
 
     def __init__(self, client: WorkerClient, card: WorkerCard, request_id: str) -> None:
         self._client = client
         self.card = card
         self.request_id = request_id
-        self.queue: asyncio.Queue[bytes | GenerateOutput | BaseException] = asyncio.Queue()
+        self.queue: asyncio.Queue[bytes | GenerateOutput | BaseException | object] = asyncio.Queue()
         self.finished = False
+        # one timer per request deadline, not one per wait (asyncio.timeout_at per token)
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_at: float | None = None
+
+    def cancel_timer(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = self._timer_at = None
 
     async def next(self, deadline: float) -> GenerateOutput:
         """The next chunk; TimeoutError past `deadline` (loop time), WorkerLost if it left.
@@ -90,12 +99,19 @@ class RequestStream:
     async def _next(self, deadline: float) -> GenerateOutput:
         queue = self.queue
         if queue.empty():
-            async with asyncio.timeout_at(deadline):
-                item = await queue.get()
+            if self._timer_at != deadline:  # the deadline puts _PAST_DEADLINE in the queue
+                self.cancel_timer()
+                loop = asyncio.get_running_loop()
+                self._timer = loop.call_at(deadline, queue.put_nowait, _PAST_DEADLINE)
+                self._timer_at = deadline
+            item = await queue.get()
         else:
             item = queue.get_nowait()
         if isinstance(item, GenerateOutput):  # from a batch: parsed already
             output = item
+        elif item is _PAST_DEADLINE:
+            self._timer = self._timer_at = None
+            raise TimeoutError
         elif isinstance(item, BaseException):
             # a worker that left the directory may still be alive (a drain past its timeout
             # hands requests back): close() still sends it the abort; a dead one never hears it
@@ -184,6 +200,7 @@ class WorkerClient:
         return stream
 
     def _release(self, stream: RequestStream) -> None:
+        stream.cancel_timer()
         if self._streams.pop(stream.request_id, None) is None:
             return
         self._tracker.finished(stream.card.worker_id, stream.request_id)
