@@ -36,6 +36,11 @@ def load_metrics_subject(deployment: str) -> str:
     return f"hpcserve.{deployment}.load"
 
 
+def frontend_load_subject(deployment: str) -> str:
+    """Where each frontend process shares its in-flight requests per worker (load_share)."""
+    return f"hpcserve.{deployment}.frontend_load"
+
+
 async def connect(
     url: str, name: str, reconnected: Callable[[], Awaitable[None]] | None = None
 ) -> NatsClient:

@@ -252,6 +252,13 @@ class FrontendConfig(_Section):
     max_n: int = Field(
         default=16, ge=1, description="most choices (`n`) one completion request may ask for"
     )
+    workers: int | None = Field(
+        default=None,
+        ge=1,
+        le=64,
+        description="frontend processes sharing the port (SO_REUSEPORT), each supervised; "
+        "null: one per spare core of the head node (contract.plan.frontend_processes)",
+    )
 
 
 class ServiceConfig(_Section):

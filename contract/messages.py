@@ -6,8 +6,9 @@ carries `version` so that a mismatched frontend and worker fail loudly instead o
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
+import orjson
 from pydantic import BaseModel, ConfigDict, Field
 
 PROTOCOL_VERSION = 1
@@ -44,6 +45,10 @@ class GenerateRequest(_Message):
     # The id the client sees (the response's `id`, and its X-Request-Id header): the same
     # across a request's attempts, so worker log lines can be matched to a client's request.
     client_id: str | None = None
+    # The sender reads batches: its reply subject is `<inbox>.<request_id>`, and the chunks a
+    # worker step produced for several of its requests may come as one JSON array of chunks
+    # on `<inbox>.batch` (`batch_subject`): one NATS message per step, not per request.
+    batch_replies: bool = False
 
 
 class TopLogprob(_Message):
@@ -78,6 +83,45 @@ class GenerateOutput(_Message):
     error: str | None = None
     error_param: str | None = None
     worker_id: str | None = None
+
+
+BATCH_SUFFIX = "batch"  # request ids are hex: no request's reply subject ends so
+
+
+def batch_subject(reply: str) -> str:
+    """Where the batched chunks for the requests replying to `reply`'s inbox go."""
+    return f"{reply.rsplit('.', 1)[0]}.{BATCH_SUFFIX}"
+
+
+def outputs_json(outputs: list[GenerateOutput]) -> bytes:
+    """A batch of chunks (for one inbox) as a JSON array."""
+    return b"[" + b",".join(output_json(output) for output in outputs) + b"]"
+
+
+def output_json(output: GenerateOutput) -> bytes:
+    """`output` as JSON for the wire, fast: orjson, and fields at their defaults left out
+    (the reader's model fills them in). A worker sends one per request per step, so
+    pydantic's serializer was a good part of its CPU per token."""
+    if output.logprobs is not None:  # nested models: pydantic's own serializer
+        return output.model_dump_json(exclude_defaults=True).encode()
+    data: dict[str, Any] = {
+        "version": output.version,
+        "request_id": output.request_id,
+        "token_ids": output.token_ids,
+    }
+    if output.finish_reason is not None:
+        data["finish_reason"] = output.finish_reason
+    if output.num_prompt_tokens:
+        data["num_prompt_tokens"] = output.num_prompt_tokens
+    if output.num_cached_tokens:
+        data["num_cached_tokens"] = output.num_cached_tokens
+    if output.error is not None:
+        data["error"] = output.error
+    if output.error_param is not None:
+        data["error_param"] = output.error_param
+    if output.worker_id is not None:
+        data["worker_id"] = output.worker_id
+    return orjson.dumps(data)
 
 
 class AbortRequest(_Message):

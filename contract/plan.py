@@ -16,6 +16,7 @@ spawn`, or one rank, the worker is a plain single process.
 
 from __future__ import annotations
 
+import os
 import shutil
 import sys
 from dataclasses import dataclass, field
@@ -134,6 +135,47 @@ def process_ranks(config: DeploymentConfig, group: WorkerGroupConfig) -> int:
     return group_ranks(config, group)
 
 
+# An automatic `frontend.workers` stops here: each process holds a tokenizer, a full KV index
+# and its connections (~150 MB), and past this the head node's NATS becomes the limit.
+MAX_AUTO_FRONTEND_PROCESSES = 8
+FRONTEND_PROCESS_ENV = "HPCSERVE_FRONTEND_PROCESS"  # "<index>/<count>" of a multi-process frontend
+METRICS_DIR_ENV = "PROMETHEUS_MULTIPROC_DIR"  # prometheus-client's multiprocess mode
+
+
+def head_cpus() -> int:
+    """CPUs this process may run on (a Slurm job step's share of the node, not the node)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def frontend_processes(
+    config: DeploymentConfig, *, cpus: int | None = None, head_worker_ranks: int | None = None
+) -> int:
+    """How many frontend processes share the port: `frontend.workers`, or when null one per
+    spare core of the head node: its CPUs minus the worker ranks placed there minus one for
+    etcd and NATS (when started here), at least 1, at most MAX_AUTO_FRONTEND_PROCESSES.
+    `head_worker_ranks` None: every worker runs on this machine (`hpcserve up`)."""
+    if config.frontend.workers is not None:
+        return config.frontend.workers
+    if head_worker_ranks is None:
+        head_worker_ranks = sum(
+            group.count * process_ranks(config, group) for group in config.workers
+        )
+    services = 1 if config.services.etcd.start or config.services.nats.start else 0
+    spare = (cpus if cpus is not None else head_cpus()) - head_worker_ranks - services
+    return max(1, min(MAX_AUTO_FRONTEND_PROCESSES, spare))
+
+
+def clear_frontend_metrics(plan: list[PlannedProcess]) -> None:
+    """Empty the frontend processes' shared metrics folder before a deployment starts (a
+    reused run_dir would otherwise add the last deployment's counters to this one's)."""
+    for folder in {p.env[METRICS_DIR_ENV] for p in plan if METRICS_DIR_ENV in p.env}:
+        shutil.rmtree(folder, ignore_errors=True)
+        Path(folder).mkdir(parents=True, exist_ok=True)
+
+
 def needs_mpi_launcher(config: DeploymentConfig) -> bool:
     """Whether a local deployment needs `mpirun`: some worker has more than one rank."""
     return any(process_ranks(config, group) > 1 for group in config.workers)
@@ -181,6 +223,8 @@ def plan_deployment(
     nats_binary: str = "nats-server",
     etcd_peer_port: int | None = None,
     mpi_launcher: tuple[str, ...] | None = None,
+    head_worker_ranks: int | None = None,
+    frontend_count: int | None = None,
 ) -> list[PlannedProcess]:
     """Every process of the deployment, in start order.
 
@@ -190,6 +234,9 @@ def plan_deployment(
     `config` must be resolved: `services.*.endpoint` set (for started services too) and
     `frontend.port` not 0. `config_file` is where that resolved config is written; every
     component reads it. `etcd_peer_port` defaults to the client port + 1.
+    `head_worker_ranks`: worker ranks on the frontend's node (None: all of them), for the
+    automatic number of frontend processes (`frontend_processes`); `frontend_count` sets
+    that number instead (a preview made away from the head node).
     """
     services = config.services
     if not services.etcd.endpoint or not services.nats.endpoint:
@@ -212,7 +259,10 @@ def plan_deployment(
         host, port = split_url(services.nats.endpoint, 4222)
         plan.append(
             PlannedProcess(
-                "nats", "nats", STAGE_SERVICES, tuple(nats_argv(nats_binary, host, port)),
+                "nats",
+                "nats",
+                STAGE_SERVICES,
+                tuple(nats_argv(nats_binary, host, port)),
                 Readiness("port", host, port),
             )
         )
@@ -238,14 +288,40 @@ def plan_deployment(
                 )
             )  # fmt: skip
 
+    plan += frontend_plan(
+        config, config_file, run_dir, python,
+        frontend_count or frontend_processes(config, head_worker_ranks=head_worker_ranks),
+        common_env,
+    )  # fmt: skip
+    return plan
+
+
+def frontend_plan(
+    config: DeploymentConfig,
+    config_file: str,
+    run_dir: str,
+    python: str,
+    count: int,
+    common_env: dict[str, str],
+) -> list[PlannedProcess]:
+    """One process `frontend`, or `count` processes `frontend-0..` that bind the same port
+    with SO_REUSEPORT (the kernel spreads connections over them), each supervised and
+    restarted on its own. A process only listens once its start-up is done, so the shared
+    port's /health is the readiness of each: a connection never reaches one still starting.
+    Several processes share their /metrics through prometheus-client's multiprocess mode
+    (`<run_dir>/frontend-metrics`) and their routing load over NATS (`frontend.load_share`)."""
     host, port = config.frontend.host, config.frontend.port
     probe_host = "127.0.0.1" if host in ("0.0.0.0", "") else host
-    plan.append(
-        PlannedProcess(
-            "frontend", "frontend", STAGE_FRONTEND,
-            (python, "-m", "frontend", "--config", config_file),
-            Readiness("http", url=f"http://{probe_host}:{port}/health"),
-            dict(common_env),
+    ready = Readiness("http", url=f"http://{probe_host}:{port}/health")
+    argv = (python, "-m", "frontend", "--config", config_file)
+    if count == 1:
+        return [PlannedProcess("frontend", "frontend", STAGE_FRONTEND, argv, ready,
+                               dict(common_env))]  # fmt: skip
+    metrics_dir = f"{run_dir}/frontend-metrics"
+    plan = []
+    for index in range(count):
+        env = {**common_env, FRONTEND_PROCESS_ENV: f"{index}/{count}", METRICS_DIR_ENV: metrics_dir}
+        plan.append(
+            PlannedProcess(f"frontend-{index}", "frontend", STAGE_FRONTEND, argv, ready, env)
         )
-    )  # fmt: skip
     return plan

@@ -3,6 +3,10 @@
 The launcher (`hpcserve up`, the Slurm job) fills in `services.*.endpoint` and
 `model.path`; this only loads the config and runs uvicorn with the fast settings measured in
 shared/notes/serving-facts.md (uvloop, httptools, no access log, gc frozen after start-up).
+
+One of several processes sharing the port (`frontend.workers` > 1; the plan sets
+HPCSERVE_FRONTEND_PROCESS=INDEX/COUNT), it binds with SO_REUSEPORT; uvicorn listens only
+after the app's start-up, so the kernel never hands a connection to a process still starting.
 """
 
 from __future__ import annotations
@@ -14,12 +18,14 @@ import importlib.util
 import logging
 import os
 import signal
+import socket
 import sys
 
 import uvicorn
 
 from contract.config import ConfigError, load_config
 from frontend.app import create_app
+from frontend.state import process_slot
 
 logger = logging.getLogger("frontend")
 
@@ -32,6 +38,18 @@ class _FrozenGcServer(uvicorn.Server):
         gc.collect()
         gc.freeze()
         logger.info("start-up objects frozen out of the garbage collector")
+
+
+def shared_socket(host: str, port: int) -> socket.socket:
+    """A socket bound to `host:port` with SO_REUSEPORT (not yet listening): the frontend
+    processes of a deployment each bind one and the kernel spreads connections over them."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    sock.bind((host, port))
+    sock.set_inheritable(True)
+    return sock
 
 
 def _parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -62,10 +80,20 @@ def main(argv: list[str] | None = None) -> int:
     )
     try:
         config = load_config(args.config, args.overrides)
+        index, count = process_slot()
         app = create_app(config)
     except (ConfigError, ValueError) as exc:
         logger.error("%s", exc)
         return 2
+    sockets = None
+    if count > 1:
+        try:
+            sockets = [shared_socket(config.frontend.host, config.frontend.port)]
+        except OSError as exc:
+            logger.error("frontend.port: cannot bind %s:%d with SO_REUSEPORT: %s",
+                         config.frontend.host, config.frontend.port, exc)  # fmt: skip
+            return 2
+        logger.info("frontend process %d of %d on a shared port", index, count)
     has_uvloop = importlib.util.find_spec("uvloop") is not None
     has_httptools = importlib.util.find_spec("httptools") is not None
     uv_config = uvicorn.Config(
@@ -83,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
     # uvicorn re-raises the signal that stopped it; a requested stop is a clean exit
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     with contextlib.suppress(KeyboardInterrupt):
-        server.run()
+        server.run(sockets=sockets)
     return 0 if server.started else 3  # 3: start-up failed (uvicorn's convention)
 
 

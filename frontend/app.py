@@ -28,6 +28,8 @@ from frontend.state import FrontendState, check_config
 
 logger = logging.getLogger(__name__)
 
+PROCESS_HEADER = "X-Hpcserve-Frontend"  # which frontend process served (frontend.workers > 1)
+
 try:
     VERSION = importlib.metadata.version("hpcserve")
 except importlib.metadata.PackageNotFoundError:  # a source tree that was not installed
@@ -70,7 +72,15 @@ def create_app(config: DeploymentConfig) -> FastAPI:
         workers = state.candidates(set())
         if not workers:
             return json_response({"status": "no workers", "workers": 0}, status=503)
-        return json_response({"status": "ok", "workers": len(workers)})
+        body: dict[str, object] = {"status": "ok", "workers": len(workers)}
+        if state.process_count > 1:  # which process answered, and the load it routes by
+            body["process"] = state.process_index
+            body["in_flight"] = {
+                card.worker_id: state.tracker.requests_on(card.worker_id) for card in workers
+            }
+            if state.kv_feed is not None:
+                body["kv_index_blocks"] = state.kv_feed.index.num_blocks()
+        return json_response(body)
 
     async def metrics(request: Request) -> Response:
         state = state_of(request)
@@ -119,6 +129,8 @@ def create_app(config: DeploymentConfig) -> FastAPI:
         try:
             response = await handle(state, request, kind)
             status = str(response.status_code)
+            if state.process_count > 1:
+                response.headers[PROCESS_HEADER] = str(state.process_index)
             if isinstance(response, SSEResponse):
                 streaming = True
                 response.on_close.append(state.metrics.in_flight.dec)

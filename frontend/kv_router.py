@@ -242,7 +242,9 @@ class KvRouter:
             new = total - sum(1 for h in hashes if h in footprint)
             uncached = max(total - credit * overlap, 0.0)
             prefill = self.pending_prefill(worker_id) + self.config.uncached_weight * uncached
-            active = max(self._reported_active(worker_id), self.own_blocks(worker_id)) + new
+            # this process's routed blocks and the other frontend processes' (load_share)
+            routed = self.own_blocks(worker_id) + self.tracker.peer_blocks.get(worker_id, 0)
+            active = max(self._reported_active(worker_id), routed) + new
             cost = scale * prefill + active
             result.append(WorkerScore(worker_id, overlap, prefill, active, cost))
         return result

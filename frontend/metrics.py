@@ -2,11 +2,19 @@
 
 Each app gets its own registry so that several apps in one process (tests) do not collide.
 Latencies are what users feel: time to first token and the gap between streamed tokens.
+
+Several frontend processes (`frontend.workers` > 1) share one port, so a scrape reaches any
+one of them: they run prometheus-client's multiprocess mode (`PROMETHEUS_MULTIPROC_DIR`, set
+by the plan before Python starts): every process writes its values to files there and each
+`/metrics` answers with the sum over all processes (counters and histograms summed, the
+in-flight gauge summed over live processes). The KV index size is per process (each holds a
+full index) and reported by the answering one.
 """
 
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -17,8 +25,9 @@ from prometheus_client import (
     Gauge,
     Histogram,
     generate_latest,
+    multiprocess,
 )
-from prometheus_client.core import CounterMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 _LATENCY_BUCKETS = (
     0.001,
@@ -64,6 +73,14 @@ class FrontendMetrics:
 
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
+        # what /metrics renders: this registry, or in multiprocess mode every process's files
+        self.scrape_registry = self.registry
+        self.multiprocess_dir = os.environ.get("PROMETHEUS_MULTIPROC_DIR") or None
+        if self.multiprocess_dir is not None:
+            Path(self.multiprocess_dir).mkdir(parents=True, exist_ok=True)
+            _forget_dead_processes(self.multiprocess_dir)
+            self.scrape_registry = CollectorRegistry()
+            multiprocess.MultiProcessCollector(self.scrape_registry, self.multiprocess_dir)
         self.requests = Counter(
             "hpcserve_frontend_requests",
             "HTTP requests by endpoint and status",
@@ -74,6 +91,7 @@ class FrontendMetrics:
             "hpcserve_frontend_requests_in_flight",
             "requests being served now",
             registry=self.registry,
+            multiprocess_mode="livesum",
         )
         self.ttft = Histogram(
             "hpcserve_frontend_time_to_first_token_seconds",
@@ -121,20 +139,38 @@ class FrontendMetrics:
 
     def track_kv_index(self, num_blocks: Callable[[], int]) -> None:
         """Expose the KV router's index size (read at scrape time)."""
-        gauge = Gauge(
-            "hpcserve_frontend_kv_index_blocks",
-            "distinct KV block hashes the KV router knows workers hold",
-            registry=self.registry,
-        )
-        gauge.set_function(num_blocks)
+        self.scrape_registry.register(_KvIndexCollector(num_blocks))
 
     def track_supervisor(self, status_file: Path) -> None:
         """Expose the supervisor's restart count per component (`hpcserve_component_restarts
         _total`), read from its status file at scrape time: the supervisor serves no HTTP."""
-        self.registry.register(_SupervisorCollector(status_file))
+        self.scrape_registry.register(_SupervisorCollector(status_file))
 
     def render(self) -> bytes:
-        return generate_latest(self.registry)
+        return generate_latest(self.scrape_registry)
+
+
+def _forget_dead_processes(folder: str) -> None:
+    """Drop the live-gauge files of processes that are gone (a restarted frontend process
+    has a new pid; its predecessor's in-flight count must not stay in the sum)."""
+    for path in Path(folder).glob("gauge_live*_*.db"):
+        pid = path.stem.rsplit("_", 1)[-1]
+        if pid.isdigit() and not Path(f"/proc/{pid}").exists():
+            multiprocess.mark_process_dead(int(pid), folder)
+
+
+class _KvIndexCollector:
+    """The KV router's index size, read at scrape time (this process's own index)."""
+
+    def __init__(self, num_blocks: Callable[[], int]) -> None:
+        self.num_blocks = num_blocks
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        yield GaugeMetricFamily(
+            "hpcserve_frontend_kv_index_blocks",
+            "distinct KV block hashes the KV router knows workers hold",
+            value=float(self.num_blocks()),
+        )
 
 
 class _SupervisorCollector:

@@ -24,16 +24,23 @@ class Router(Protocol):
 
 
 class LoadTracker:
-    """In-flight counts kept by this frontend plus the workers' last published LoadMetrics."""
+    """In-flight counts kept by this frontend process, those the deployment's other frontend
+    processes share (`frontend.load_share`: `peer_requests`, `peer_blocks`), and the workers'
+    last published LoadMetrics."""
 
     def __init__(self) -> None:
         self.in_flight: defaultdict[str, int] = defaultdict(int)
         self.metrics: dict[str, LoadMetrics] = {}
         self.finish_listeners: list[Callable[[str], None]] = []  # get the request id
         self.prefill_listeners: list[Callable[[str], None]] = []  # first output arrived
+        self.peer_requests: dict[str, int] = {}  # worker -> other processes' in-flight requests
+        self.peer_blocks: dict[str, int] = {}  # worker -> their routed prompt blocks (kv)
+        self.on_change: Callable[[], None] | None = None  # our in-flight counts changed
 
     def started(self, worker_id: str) -> None:
         self.in_flight[worker_id] += 1
+        if self.on_change is not None:
+            self.on_change()
 
     def finished(self, worker_id: str, request_id: str | None = None) -> None:
         count = self.in_flight.get(worker_id, 0) - 1
@@ -44,6 +51,12 @@ class LoadTracker:
         if request_id is not None:
             for listener in self.finish_listeners:
                 listener(request_id)
+        if self.on_change is not None:
+            self.on_change()
+
+    def requests_on(self, worker_id: str) -> int:
+        """In-flight requests on a worker routed by every frontend process of the deployment."""
+        return self.in_flight.get(worker_id, 0) + self.peer_requests.get(worker_id, 0)
 
     def prefilled(self, request_id: str) -> None:
         """The worker sent `request_id`'s first output: its prompt is computed and cached."""
@@ -57,8 +70,8 @@ class LoadTracker:
         self.metrics.pop(worker_id, None)
 
     def load(self, card: WorkerCard) -> float:
-        """Sequences on the worker relative to its capacity; our own count is a floor."""
-        own = self.in_flight.get(card.worker_id, 0)
+        """Sequences on the worker relative to its capacity; the frontends' count is a floor."""
+        own = self.requests_on(card.worker_id)
         reported = self.metrics.get(card.worker_id)
         busy = own
         if reported is not None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import time
 from pathlib import Path
 
@@ -12,10 +13,12 @@ from contract.config import DeploymentConfig
 from contract.disagg import serving_roles
 from contract.discovery import WorkerCard, WorkerDirectory
 from contract.messages import GenerateRequest, SamplingParams
+from contract.plan import FRONTEND_PROCESS_ENV
 from contract.supervisor import SUPERVISOR_FILE
 from frontend import errors
 from frontend.kv_index import KvIndex, KvIndexFeed
 from frontend.kv_router import KvRouter
+from frontend.load_share import LoadShare
 from frontend.metrics import FrontendMetrics
 from frontend.router import LoadTracker, Router, make_router
 from frontend.tokenization import TextTokenizer
@@ -32,6 +35,21 @@ def check_config(config: DeploymentConfig) -> None:
         raise ValueError("services.etcd.endpoint: the frontend needs etcd's address")
     if not config.services.nats.endpoint:
         raise ValueError("services.nats.endpoint: the frontend needs NATS's address")
+
+
+def process_slot() -> tuple[int, int]:
+    """(index, count) of this process among the frontend processes sharing the port, from
+    the plan's environment (`contract.plan.frontend_plan`); (0, 1) when it runs alone."""
+    value = os.environ.get(FRONTEND_PROCESS_ENV, "")
+    if not value:
+        return 0, 1
+    try:
+        index, count = (int(part) for part in value.split("/"))
+    except ValueError:
+        raise ValueError(f"{FRONTEND_PROCESS_ENV}={value!r}: expected INDEX/COUNT") from None
+    if not 0 <= index < count:
+        raise ValueError(f"{FRONTEND_PROCESS_ENV}={value!r}: index outside 0..count-1")
+    return index, count
 
 
 class FrontendState:
@@ -67,11 +85,20 @@ class FrontendState:
             self.metrics.track_supervisor(Path(config.run_dir) / SUPERVISOR_FILE)
         self.directory = WorkerDirectory(config.services.etcd.endpoint, config.name)
         self.client = WorkerClient(config.services.nats.endpoint, config.name, self.tracker)
+        self.process_index, self.process_count = process_slot()
+        self.load_share: LoadShare | None = None
+        if self.process_count > 1:  # the other processes' routed requests count here too
+            blocks_of = self.router.own_blocks if isinstance(self.router, KvRouter) else None
+            self.load_share = LoadShare(
+                config.services.nats.endpoint, config.name, self.tracker, blocks_of
+            )
         self.started = int(time.time())
         self._worker_joined = asyncio.Event()
 
     async def start(self) -> None:
         await self.client.start()
+        if self.load_share is not None:
+            await self.load_share.start()
         self.directory.add_listener(self.client.on_workers_changed)
         self.directory.add_listener(self._on_workers_changed)
         if self.kv_feed is not None:  # before the first sync: every worker gets a snapshot
@@ -85,6 +112,8 @@ class FrontendState:
         await self.directory.stop()
         if self.kv_feed is not None:
             await self.kv_feed.stop()
+        if self.load_share is not None:
+            await self.load_share.stop()
         await self.client.stop()
 
     def _on_workers_changed(self, workers: dict[str, WorkerCard]) -> None:
@@ -155,6 +184,14 @@ class FrontendState:
         return card
 
 
+# computed once: pydantic's get_default(call_default_factory=True) inspects the factory's
+# signature on every call (~0.3 ms a request on the hot path)
+_SAMPLING_DEFAULTS = {
+    name: field.get_default(call_default_factory=True)
+    for name, field in SamplingParams.model_fields.items()
+}
+
+
 def able_workers(candidates: list[WorkerCard], request: GenerateRequest) -> list[WorkerCard]:
     """The candidates whose engine honours every sampling field `request` sets (away from
     its default); 400 naming the field when none does (an engine declares what it cannot
@@ -163,9 +200,7 @@ def able_workers(candidates: list[WorkerCard], request: GenerateRequest) -> list
         return candidates
     sampling = request.sampling
     used = {
-        name
-        for name, field in SamplingParams.model_fields.items()
-        if getattr(sampling, name) != field.get_default(call_default_factory=True)
+        name for name, default in _SAMPLING_DEFAULTS.items() if getattr(sampling, name) != default
     }
     able = [card for card in candidates if not used & set(card.unsupported_params)]
     if able:

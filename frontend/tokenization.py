@@ -8,6 +8,7 @@ holding back text that might still become one.
 
 from __future__ import annotations
 
+import codecs
 import json
 import logging
 import re
@@ -215,6 +216,19 @@ class TextTokenizer:
         text of N characters is at least N / this many tokens, known without tokenizing."""
         return max((len(piece) for piece in self._tokenizer.get_vocab()), default=1) or 1
 
+    @property
+    def byte_level(self) -> bool:
+        """Whether every token decodes to a fixed byte string (a ByteLevel decoder)."""
+        return self._byte_level
+
+    @lru_cache(maxsize=262144)  # noqa: B019 - one tokenizer per process, lives as long
+    def token_bytes(self, token_id: int) -> bytes:
+        """What `token_id` adds to a decode with skip_special_tokens (b"" for a special
+        token): its exact UTF-8 bytes, even when it holds only part of a character."""
+        if token_id in self.special_token_ids:
+            return b""
+        return bytes(self.token_piece(token_id)[1])
+
     @lru_cache(maxsize=65536)  # noqa: B019 - one tokenizer per process, lives as long
     def token_piece(self, token_id: int) -> tuple[str, list[int]]:
         """One token as (text, its UTF-8 bytes) for logprobs; bytes are exact for byte-level
@@ -236,10 +250,19 @@ class IncrementalDetokenizer:
     Text that ends in U+FFFD (an incomplete UTF-8 sequence) is held back until the next
     tokens complete it; `finish()` releases whatever is left, so the concatenated deltas equal
     a full decode of all output ids.
+
+    A byte-level BPE tokenizer (GPT-2 style, SmolLM, Llama 3, Qwen) takes a fast path: each
+    token is a fixed run of UTF-8 bytes (`TextTokenizer.token_bytes`, cached), fed to an
+    incremental UTF-8 decoder: no decode of a growing window per token (two tokenizer calls).
     """
 
     def __init__(self, tokenizer: TextTokenizer, prompt_ids: Sequence[int] = ()) -> None:
         self._tokenizer = tokenizer
+        self._bytes: codecs.IncrementalDecoder | None = None
+        if tokenizer.byte_level:
+            self._bytes = codecs.getincrementaldecoder("utf-8")(errors="replace")
+            self._token_bytes = tokenizer.token_bytes
+            return
         context = list(prompt_ids[-_INITIAL_CONTEXT_TOKENS:])
         self._ids: list[int] = context
         self._prefix_offset = 0
@@ -250,6 +273,11 @@ class IncrementalDetokenizer:
         """The text that `token_ids` complete; may be "" while a character is incomplete."""
         if not token_ids:
             return ""
+        if self._bytes is not None:
+            token_bytes = self._token_bytes
+            if len(token_ids) == 1:
+                return self._bytes.decode(token_bytes(token_ids[0]))
+            return self._bytes.decode(b"".join(token_bytes(t) for t in token_ids))
         self._ids.extend(token_ids)
         text = self._tokenizer.decode(self._ids[self._prefix_offset :])
         if len(text) > len(self._prefix_text) and not text.endswith(REPLACEMENT_CHAR):
@@ -264,6 +292,8 @@ class IncrementalDetokenizer:
 
     def finish(self) -> str:
         """Whatever is still held back (an incomplete character at the very end included)."""
+        if self._bytes is not None:
+            return self._bytes.decode(b"", final=True)
         text = self._tokenizer.decode(self._ids[self._prefix_offset :])
         delta = text[len(self._prefix_text) :]
         self._prefix_offset = self._read_offset = len(self._ids)

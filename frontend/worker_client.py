@@ -12,15 +12,17 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import re
 from collections.abc import Mapping
 
 from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
-from pydantic import ValidationError
+from pydantic import TypeAdapter, ValidationError
 
 from contract.bus import abort_subject, connect, load_metrics_subject, worker_subject
 from contract.discovery import WorkerCard
 from contract.messages import (
+    BATCH_SUFFIX,
     PROTOCOL_VERSION,
     AbortRequest,
     GenerateOutput,
@@ -31,6 +33,10 @@ from frontend import errors
 from frontend.router import LoadTracker
 
 logger = logging.getLogger(__name__)
+
+_BATCH = TypeAdapter(list[GenerateOutput])
+_PAST_DEADLINE = object()  # queued by a request's deadline timer
+_REQUEST_ID = re.compile(rb'"request_id"\s*:\s*"([^"]*)"')
 
 
 class WorkerLost(Exception):
@@ -60,15 +66,25 @@ class ConnectionLost(WorkerLost):
 class RequestStream:
     """The replies of one request; `close()` aborts it on the worker unless it finished."""
 
-    __slots__ = ("_client", "card", "finished", "prefilled", "queue", "request_id")
+    __slots__ = (
+        "_client", "_timer", "_timer_at", "card", "finished", "prefilled", "queue", "request_id",
+    )  # fmt: skip
 
     def __init__(self, client: WorkerClient, card: WorkerCard, request_id: str) -> None:
         self._client = client
         self.card = card
         self.request_id = request_id
-        self.queue: asyncio.Queue[bytes | BaseException] = asyncio.Queue()
+        self.queue: asyncio.Queue[bytes | GenerateOutput | BaseException | object] = asyncio.Queue()
         self.finished = False
         self.prefilled = False  # the first output arrived (routers stop counting its prefill)
+        # one timer per request deadline, not one per wait (asyncio.timeout_at per token)
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_at: float | None = None
+
+    def cancel_timer(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = self._timer_at = None
 
     async def next(self, deadline: float) -> GenerateOutput:
         """The next chunk; TimeoutError past `deadline` (loop time), WorkerLost if it left.
@@ -86,22 +102,32 @@ class RequestStream:
     async def _next(self, deadline: float) -> GenerateOutput:
         queue = self.queue
         if queue.empty():
-            async with asyncio.timeout_at(deadline):
-                item = await queue.get()
+            if self._timer_at != deadline:  # the deadline puts _PAST_DEADLINE in the queue
+                self.cancel_timer()
+                loop = asyncio.get_running_loop()
+                self._timer = loop.call_at(deadline, queue.put_nowait, _PAST_DEADLINE)
+                self._timer_at = deadline
+            item = await queue.get()
         else:
             item = queue.get_nowait()
-        if isinstance(item, BaseException):
+        if isinstance(item, GenerateOutput):  # from a batch: parsed already
+            output = item
+        elif item is _PAST_DEADLINE:
+            self._timer = self._timer_at = None
+            raise TimeoutError
+        elif isinstance(item, BaseException):
             # a worker that left the directory may still be alive (a drain past its timeout
             # hands requests back): close() still sends it the abort; a dead one never hears it
             self.finished = not isinstance(item, WorkerLost)
             raise item
-        try:
-            output = GenerateOutput.model_validate_json(item)
-        except ValidationError as exc:
-            self.finished = True
-            raise errors.worker_failed(
-                f"worker {self.card.worker_id} sent a malformed reply: {exc}"
-            ) from None
+        else:
+            try:
+                output = GenerateOutput.model_validate_json(item)
+            except ValidationError as exc:
+                self.finished = True
+                raise errors.worker_failed(
+                    f"worker {self.card.worker_id} sent a malformed reply: {exc}"
+                ) from None
         if output.version != PROTOCOL_VERSION:
             self.finished = True
             raise errors.worker_failed(
@@ -166,6 +192,7 @@ class WorkerClient:
         stream = RequestStream(self, card, request.request_id)
         self._streams[request.request_id] = stream
         self._tracker.started(card.worker_id)
+        request.batch_replies = True  # `_on_reply` reads `<inbox>.batch`
         try:
             await self._nc.publish(
                 card.subject,
@@ -179,6 +206,7 @@ class WorkerClient:
         return stream
 
     def _release(self, stream: RequestStream) -> None:
+        stream.cancel_timer()
         if self._streams.pop(stream.request_id, None) is None:
             return
         self._tracker.finished(stream.card.worker_id, stream.request_id)
@@ -227,6 +255,9 @@ class WorkerClient:
 
     async def _on_reply(self, msg: Msg) -> None:
         request_id = msg.subject[len(self._prefix) + 1 :]
+        if request_id == BATCH_SUFFIX:
+            self._on_batch(msg.data)
+            return
         stream = self._streams.get(request_id)
         if stream is None:
             return
@@ -236,6 +267,24 @@ class WorkerClient:
             stream.queue.put_nowait(NotListening(stream.card.worker_id))
             return
         stream.queue.put_nowait(msg.data)
+
+    def _on_batch(self, data: bytes) -> None:
+        """Chunks of several requests that one worker step produced (`batch_replies`)."""
+        streams = self._streams
+        try:
+            outputs = _BATCH.validate_json(data)
+        except ValidationError as exc:  # fail the requests it names rather than let them wait
+            logger.error("malformed batch of replies: %s", exc)
+            for match in _REQUEST_ID.finditer(data):
+                stream = streams.get(match.group(1).decode(errors="replace"))
+                if stream is not None:
+                    why = f"worker {stream.card.worker_id} sent a malformed reply: {exc}"
+                    stream.queue.put_nowait(errors.worker_failed(why))
+            return
+        for output in outputs:
+            stream = streams.get(output.request_id)
+            if stream is not None:
+                stream.queue.put_nowait(output)
 
     async def _on_reconnected(self) -> None:
         """Every stream open across a NATS reconnect continues afresh (migration)."""

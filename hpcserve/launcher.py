@@ -30,6 +30,7 @@ from contract.config import ENV_PREFIX, ConfigError, DeploymentConfig, cache_dir
 from contract.plan import (
     TRTLLM_LAUNCHER,
     PlannedProcess,
+    clear_frontend_metrics,
     needs_mpi_launcher,
     plan_deployment,
     split_url,
@@ -194,6 +195,7 @@ def prepare_deployment(config: DeploymentConfig, say: Say = _say) -> Deployment:
         etcd_peer_port=peer_port,
         mpi_launcher=mpi_launcher() if needs_mpi else None,
     )
+    clear_frontend_metrics(plan)
     say(f"run folder {run_dir}")
     return Deployment(resolved, run_dir, config_file, plan)
 

@@ -42,8 +42,12 @@ from contract.messages import (
     KvEventBatch,
     KvSnapshot,
     SamplingParams,
+    batch_subject,
+    output_json,
+    outputs_json,
 )
 from mpi_workers.engine.base import Engine
+from mpi_workers.engine.streaming import OutputStream
 
 logger = logging.getLogger(__name__)
 
@@ -100,6 +104,9 @@ class Worker:
         self._metrics_changed = False
         self._kv_queue: asyncio.Queue[list[KvEvent]] = asyncio.Queue()
         self._kv_seq = 0
+        # (reply subject, batch subject or None, chunk) not yet published
+        self._outbox: list[tuple[str, str | None, GenerateOutput]] = []
+        self._outbox_ready = asyncio.Event()
         self._background: list[asyncio.Task[None]] = []
         self._loop: asyncio.AbstractEventLoop | None = None
         self.failed_reason: str | None = None  # set when the engine failed for good
@@ -141,6 +148,7 @@ class Worker:
         self._background = [
             asyncio.create_task(self._publish_metrics_forever(), name="load-metrics"),
             asyncio.create_task(self._publish_kv_forever(), name="kv-events"),
+            asyncio.create_task(self._publish_outbox_forever(), name="replies"),
         ]
         self._registration = WorkerRegistration(
             self.etcd_endpoint, self.deployment, self.card, self.lease_ttl_s
@@ -245,11 +253,15 @@ class Worker:
         assert self._nc is not None
         finished = False
         try:
-            async for output in self.engine.generate(request):
+            stream = self.engine.generate(request)
+            if isinstance(stream, OutputStream):  # a scheduler-driven engine: no per-token hop
+                await self._serve_listening(stream, reply, request.batch_replies)
+                return
+            async for output in stream:
                 if output.finish_reason == "error" and self.engine.failed is not None:
                     return  # the engine, not the request, failed: withheld, and the
                     # frontend migrates the request once this worker's card is gone
-                await self._nc.publish(reply, output.model_dump_json().encode())
+                await self._nc.publish(reply, output_json(output))
                 finished = output.finish_reason is not None
         except ValueError as exc:
             logger.info("rejected %s: %s", _named(request), exc)
@@ -268,6 +280,52 @@ class Worker:
                 reply, request.request_id, "engine stream ended without finish_reason", None
             )
 
+    async def _serve_listening(self, stream: OutputStream, reply: str, batch: bool) -> None:
+        """Each output goes straight into the outbox (`_publish_outbox_forever` sends what
+        a step produced for all requests in one wake-up); this task only waits for the end.
+        Cancelled (drain timeout, stop): the engine aborts the request, as with iteration."""
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        batch_to = batch_subject(reply) if batch else None
+
+        def on_output(output: GenerateOutput) -> None:
+            if output.finish_reason is not None and not done.done():
+                done.set_result(None)
+            if output.finish_reason == "error" and self.engine.failed is not None:
+                return  # withheld: the frontend migrates the request (see above)
+            self._outbox.append((reply, batch_to, output))
+            self._outbox_ready.set()
+
+        stream.listen(on_output)
+        try:
+            await done
+        except asyncio.CancelledError:
+            with contextlib.suppress(Exception):
+                await stream.aclose()
+            raise
+
+    async def _publish_outbox_forever(self) -> None:
+        """What the last step(s) produced: one message per request, except that the chunks
+        of requests whose sender reads batches go as one message per sender's inbox."""
+        assert self._nc is not None
+        while True:
+            await self._outbox_ready.wait()
+            self._outbox_ready.clear()
+            pending, self._outbox = self._outbox, []
+            batches: dict[str, list[GenerateOutput]] = {}
+            singles: list[tuple[str, bytes]] = []
+            for reply, batch_to, output in pending:
+                if batch_to is None:
+                    singles.append((reply, output_json(output)))
+                else:
+                    batches.setdefault(batch_to, []).append(output)
+            for batch_to, outputs in batches.items():
+                singles.append((batch_to, outputs_json(outputs)))
+            for subject, payload in singles:
+                try:
+                    await self._nc.publish(subject, payload)
+                except Exception as exc:  # the frontend times the request out
+                    logger.warning("reply to %s not published: %s", subject, exc)
+
     async def _reply_error(
         self, reply: str, request_id: str, error: str, param: str | None
     ) -> None:
@@ -279,7 +337,7 @@ class Worker:
             request_id=request_id, finish_reason="error", error=error, error_param=param
         )
         with contextlib.suppress(Exception):
-            await self._nc.publish(reply, chunk.model_dump_json().encode())
+            await self._nc.publish(reply, output_json(chunk))
 
     async def _on_abort(self, msg) -> None:
         try:

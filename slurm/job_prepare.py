@@ -23,7 +23,12 @@ from typing import Any
 import yaml
 
 from contract.config import ConfigError, DeploymentConfig, engine_yaml_fields, load_config
-from contract.plan import PlannedProcess, plan_deployment, service_binary
+from contract.plan import (
+    PlannedProcess,
+    clear_frontend_metrics,
+    plan_deployment,
+    service_binary,
+)
 from contract.readiness import free_port
 from contract.slurm_config import SlurmConfig
 from slurm.render import slurm_options
@@ -166,7 +171,11 @@ def prepare(config_path: Path, job_dir: Path, nodes: list[str]) -> PreparedJob:
         etcd_binary=etcd,
         nats_binary=nats,
         etcd_peer_port=peer_port,
+        head_worker_ranks=sum(
+            group.ranks_per_node for group in slicing.groups if slicing.head in group.nodes
+        ),
     )
+    clear_frontend_metrics(plan)
     check_names(plan, config)
     plan = [probe_from_anywhere(process, head_addr) for process in plan]
     url = frontend_url(resolved, head_addr)

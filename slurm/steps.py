@@ -42,14 +42,19 @@ def group_needs(config: DeploymentConfig) -> list[GroupNeed]:
 
 
 def placeholder_plan(config: DeploymentConfig) -> list[PlannedProcess]:
-    """The plan's shape (names, stages, env) before the head's address and ports are known."""
+    """The plan's shape (names, stages, env) before the head's address and ports are known
+    (one frontend process unless `frontend.workers` says more)."""
     data = config.model_dump(mode="json")
     for name, url in (("etcd", PLACEHOLDER_ETCD), ("nats", PLACEHOLDER_NATS)):
         data["services"][name]["endpoint"] = data["services"][name]["endpoint"] or url
     if data["frontend"]["port"] == 0:
         data["frontend"]["port"] = 8000
     resolved = type(config).model_validate(data)
-    return plan_deployment(resolved, config_file="JOB_DIR/config.yaml", run_dir="JOB_DIR")
+    # an automatic frontend.workers is decided in the job, on the head node's cores
+    return plan_deployment(
+        resolved, config_file="JOB_DIR/config.yaml", run_dir="JOB_DIR",
+        frontend_count=config.frontend.workers or 1,
+    )  # fmt: skip
 
 
 def check_names(plan: list[PlannedProcess], config: DeploymentConfig) -> None:

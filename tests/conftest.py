@@ -3,6 +3,7 @@ its tokenizer."""
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -11,6 +12,10 @@ import pytest
 from frontend.tokenization import TextTokenizer
 from hpcserve.model_prepare import prepare_default_model
 from hpcserve.services import start_etcd, start_nats
+
+# One frontend process unless a test asks for more (`--set frontend.workers=N` wins): the
+# automatic count (one per spare core) differs between machines.
+os.environ.setdefault("HPCSERVE__FRONTEND__WORKERS", "1")
 
 
 @pytest.fixture(scope="session")

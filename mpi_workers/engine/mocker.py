@@ -33,6 +33,7 @@ from mpi_workers.engine.streaming import StreamingEngine
 logger = logging.getLogger(__name__)
 
 _MASK64 = (1 << 64) - 1
+_MIN_SLEEP_S = 0.002  # shorter step times are summed before sleeping (see MockerEngine._sleep)
 
 
 @dataclass
@@ -90,6 +91,7 @@ class MockerEngine(StreamingEngine):
         self._init_streaming()
         self._seeds: dict[str, int] = {}
         self._wake = asyncio.Event()
+        self._debt_s = 0.0  # simulated step time not yet slept (see _sleep)
         self._task: asyncio.Task[None] | None = None
 
     # ----- lifecycle -----------------------------------------------------------------------
@@ -166,6 +168,8 @@ class MockerEngine(StreamingEngine):
         """The deterministic pseudo token for `seq`'s next position; never EOS or a stop id."""
         seed = self._seeds.get(seq.request_id, 0)
         token = _mix64(seed ^ seq.num_tokens) % self.vocab_size
+        if token not in self._banned_base and token not in seq.sampling.stop_token_ids:
+            return token  # the common case: no set built per token
         banned = self._banned_base.union(seq.sampling.stop_token_ids)
         while token in banned and len(banned) < self.vocab_size:
             token = (token + 1) % self.vocab_size
@@ -177,6 +181,7 @@ class MockerEngine(StreamingEngine):
             if not self.scheduler.has_work():
                 self._wake.clear()
                 await self._wake.wait()
+                self._debt_s = 0.0  # idle time is no step's
                 continue
             batch = self.scheduler.schedule()
             if not batch:  # nothing fits right now; wait for a finish or an abort
@@ -184,7 +189,7 @@ class MockerEngine(StreamingEngine):
                 continue
             delay = self.step_time_s(batch)
             self.stats.simulated_busy_s += delay
-            await asyncio.sleep(delay)  # sleep(0) still yields to the other tasks
+            await self._sleep(delay)
             try:
                 self._apply(batch)
             except Exception:  # a bookkeeping bug must not hang every caller
@@ -193,6 +198,21 @@ class MockerEngine(StreamingEngine):
                     if seq.status is not SeqStatus.FINISHED:
                         self._finish(seq, "error")
             self._publish_events()
+
+    async def _sleep(self, delay: float) -> None:
+        """Take `delay` seconds of simulated step time, exactly on average: the event loop
+        wakes at best every ~1 ms (epoll's resolution), so sleeping each microsecond step of
+        a sped-up model would make every step last a millisecond. Short steps only yield;
+        their time adds up to a debt slept off (by the clock) once it is worth a timer."""
+        self._debt_s += delay
+        if self._debt_s < _MIN_SLEEP_S:
+            await asyncio.sleep(0)  # still lets the other tasks (replies, requests) run
+            return
+        loop = asyncio.get_running_loop()
+        start = loop.time()
+        await asyncio.sleep(self._debt_s)
+        # overslept: the next steps run that much sooner (bounded: a stall is not repaid)
+        self._debt_s = max(self._debt_s - (loop.time() - start), -_MIN_SLEEP_S)
 
     def _apply(self, batch: ScheduledBatch) -> None:
         self.stats.num_steps += 1

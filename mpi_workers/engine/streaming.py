@@ -15,6 +15,7 @@ import contextlib
 import logging
 import math
 import threading
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from contract.messages import GenerateOutput, GenerateRequest, LoadMetrics, SamplingParams
@@ -73,11 +74,15 @@ def validate_request(request: GenerateRequest, max_model_len: int, vocab_size: i
 
 
 class _Stream:
-    """The caller's side of one request: where its outputs go (pushed from any thread)."""
+    """The caller's side of one request: where its outputs go (pushed from any thread):
+    its queue, or once the caller `listen`s, straight to its callback."""
+
+    __slots__ = ("listener", "loop", "queue")
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self.loop = loop
         self.queue: asyncio.Queue[GenerateOutput] = asyncio.Queue()
+        self.listener: Callable[[GenerateOutput], None] | None = None
 
     def push(self, out: GenerateOutput) -> None:
         try:
@@ -85,11 +90,18 @@ class _Stream:
         except RuntimeError:  # a stepping thread: no loop of its own
             same_loop = False
         if same_loop:
-            self.queue.put_nowait(out)
+            self.deliver(out)
             return
         # RuntimeError: the caller's loop is closed; nobody is listening.
         with contextlib.suppress(RuntimeError):
-            self.loop.call_soon_threadsafe(self.queue.put_nowait, out)
+            self.loop.call_soon_threadsafe(self.deliver, out)
+
+    def deliver(self, out: GenerateOutput) -> None:
+        """On the caller's loop (so a `listen` in between keeps the order)."""
+        if self.listener is not None:
+            self.listener(out)
+        else:
+            self.queue.put_nowait(out)
 
 
 class StreamingEngine(Engine):
@@ -200,6 +212,26 @@ class OutputStream:
 
     def __aiter__(self) -> OutputStream:
         return self
+
+    def listen(self, callback: Callable[[GenerateOutput], None]) -> None:
+        """Deliver every output to `callback` (on the caller's loop) instead of the async
+        iterator: no task wake-up per output. Outputs already queued go first, in order.
+        The last output has `finish_reason` set; abort with `aclose()` as usual."""
+        stream = self._stream
+        while not stream.queue.empty():
+            out = stream.queue.get_nowait()
+            if out.finish_reason is not None:
+                self._done = True
+            callback(out)
+        if self._done:
+            return
+
+        def deliver(out: GenerateOutput) -> None:
+            if out.finish_reason is not None:
+                self._done = True
+            callback(out)
+
+        stream.listener = deliver
 
     async def __anext__(self) -> GenerateOutput:
         if self._done:

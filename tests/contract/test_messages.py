@@ -20,6 +20,7 @@ from contract.messages import (
     StoredBlock,
     TokenLogprob,
     TopLogprob,
+    output_json,
 )
 
 MESSAGES = [
@@ -69,3 +70,19 @@ def test_unknown_fields_and_reasons_are_rejected() -> None:
         GenerateRequest.model_validate_json('{"request_id": "r", "token_ids": [], "extra": 1}')
     with pytest.raises(ValidationError):
         GenerateOutput(request_id="r", finish_reason="tired")
+
+
+@pytest.mark.parametrize(
+    "output",
+    [
+        GenerateOutput(request_id="r", token_ids=[1, 2]),
+        GenerateOutput(request_id="r", token_ids=[3], finish_reason="length",
+                       num_prompt_tokens=7, num_cached_tokens=4),
+        GenerateOutput(request_id="r", finish_reason="error", error="bad", error_param="top_p"),
+        GenerateOutput(request_id="r", worker_id="decode-g1-i0"),
+        GenerateOutput(request_id="r", token_ids=[5], logprobs=[TokenLogprob(token_id=5,
+                       logprob=-0.5, top=[TopLogprob(token_id=6, logprob=-1.0)])]),
+    ],
+)  # fmt: skip
+def test_output_json_reads_back_as_the_same_output(output: GenerateOutput) -> None:
+    assert GenerateOutput.model_validate_json(output_json(output)) == output

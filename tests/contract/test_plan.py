@@ -7,7 +7,15 @@ from pathlib import Path
 import pytest
 
 from contract.config import load_config
-from contract.plan import TRTLLM_LAUNCHER, needs_mpi_launcher, plan_deployment
+from contract.plan import (
+    FRONTEND_PROCESS_ENV,
+    MAX_AUTO_FRONTEND_PROCESSES,
+    METRICS_DIR_ENV,
+    TRTLLM_LAUNCHER,
+    frontend_processes,
+    needs_mpi_launcher,
+    plan_deployment,
+)
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -19,6 +27,7 @@ def resolved(*overrides: str):
             "services.etcd.endpoint=http://127.0.0.1:2379",
             "services.nats.endpoint=nats://127.0.0.1:4222",
             "model.path=/models/m",
+            "frontend.workers=1",  # the automatic count depends on the machine's cores
             *overrides,
         ],
         environ={},
@@ -146,3 +155,31 @@ def test_torch_tp_keeps_its_argv() -> None:
     )
     assert process.argv == ("mpirun", "-n", "3", *WORKER_ARGV)
     assert process.ranks == 3
+
+
+def test_frontend_processes_default_to_the_spare_cores_of_the_head() -> None:
+    config = resolved("workers.0.count=3", "frontend.workers=null")  # automatic
+    assert config.frontend.workers is None
+    assert frontend_processes(config, cpus=2) == 1  # no spare core: today's one process
+    assert frontend_processes(config, cpus=8) == 8 - 3 - 1  # minus workers, etcd + NATS
+    assert frontend_processes(config, cpus=64) == MAX_AUTO_FRONTEND_PROCESSES
+    assert frontend_processes(config, cpus=8, head_worker_ranks=0) == 7  # workers elsewhere
+    external = resolved("services.etcd.start=false", "services.nats.start=false",
+                        "services.etcd.endpoint=http://e:1", "services.nats.endpoint=nats://n:2",
+                        "frontend.workers=null")  # fmt: skip
+    assert frontend_processes(external, cpus=8, head_worker_ranks=0) == 8
+    assert frontend_processes(resolved("frontend.workers=3"), cpus=1) == 3  # as asked
+
+
+def test_several_frontend_processes_share_the_port() -> None:
+    plan = plan_deployment(resolved("frontend.workers=3"), config_file="c.yaml", run_dir="/r")
+    frontends = [p for p in plan if p.role == "frontend"]
+    assert [p.name for p in frontends] == ["frontend-0", "frontend-1", "frontend-2"]
+    for index, process in enumerate(frontends):
+        assert process.argv[-4:] == ("-m", "frontend", "--config", "c.yaml")
+        assert process.env[FRONTEND_PROCESS_ENV] == f"{index}/3"
+        assert process.env[METRICS_DIR_ENV] == "/r/frontend-metrics"
+        assert process.ready.url == "http://127.0.0.1:8000/health"
+    one = plan_deployment(resolved("frontend.workers=1"), config_file="c.yaml", run_dir="/r")
+    assert [p.name for p in one if p.role == "frontend"] == ["frontend"]
+    assert FRONTEND_PROCESS_ENV not in one[-1].env

@@ -237,8 +237,9 @@ def test_detokenizer_never_emits_broken_utf8(
     deltas.append(detok.finish())
     assert all("\ufffd" not in delta for delta in deltas)
     assert "".join(deltas) == tokenizer.decode(ids) == text
-    # a multi-byte character really was split across tokens here
-    if text != TEXTS[2]:
+    # a multi-byte character really was split across tokens here (one token at a time: a
+    # token holding only part of a character adds no text yet)
+    if text != TEXTS[2] and chunk == 1:
         assert any(delta == "" for delta in deltas[:-1])
 
 
@@ -357,3 +358,48 @@ async def test_handoff_chunk_moves_the_request_to_the_decode_worker() -> None:
     assert info.value.worker_id == "decode-1"
     stream.close()
     assert client.in_flight == 0 and not tracker.in_flight
+
+
+@pytest.mark.parametrize("byte_level", [True, False])
+def test_both_detokenizer_paths_equal_a_full_decode(
+    tokenizer: TextTokenizer, byte_level: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The byte-level fast path (token bytes + an incremental UTF-8 decoder) and the decode
+    window agree with `decode()` on random ids: split characters, special tokens and all."""
+    assert tokenizer.byte_level  # SmolLM2's tokenizer: the fast path is the one served
+    monkeypatch.setattr(tokenizer, "_byte_level", byte_level)
+    rng = random.Random(7)
+    specials = sorted(tokenizer.special_token_ids)
+    for _ in range(20):
+        ids = [rng.randrange(tokenizer.vocab_size) for _ in range(rng.randrange(1, 40))]
+        ids.insert(rng.randrange(len(ids)), specials[0])
+        detok = IncrementalDetokenizer(tokenizer)
+        text, i = "", 0
+        while i < len(ids):
+            step = rng.randrange(1, 4)
+            text += detok.add(ids[i : i + step])
+            i += step
+        assert text + detok.finish() == tokenizer.decode(ids), ids
+
+
+async def test_a_batch_of_replies_reaches_each_request_and_a_malformed_one_fails_them() -> None:
+    from contract.messages import outputs_json
+
+    card = _card("agg-1", "agg")
+    client = WorkerClient("nats://unused", "d", LoadTracker())
+    streams = {rid: RequestStream(client, card, rid) for rid in ("r1", "r2")}
+    client._streams.update(streams)
+    client._on_batch(outputs_json([
+        GenerateOutput(request_id="r1", token_ids=[5]),
+        GenerateOutput(request_id="r2", token_ids=[7, 8]),
+        GenerateOutput(request_id="gone", token_ids=[9]),  # finished meanwhile: dropped
+        GenerateOutput(request_id="r1", token_ids=[6], finish_reason="length"),
+    ]))  # fmt: skip
+    deadline = asyncio.get_running_loop().time() + 5
+    assert (await streams["r1"].next(deadline)).token_ids == [5]
+    assert (await streams["r1"].next(deadline)).finish_reason == "length"
+    assert (await streams["r2"].next(deadline)).token_ids == [7, 8]
+    client._on_batch(b'[{"request_id": "r2", "token_ids": "not a list"}]')
+    with pytest.raises(errors.OpenAIError) as info:
+        await streams["r2"].next(deadline)
+    assert info.value.status == 502 and "malformed" in str(info.value)

@@ -309,3 +309,56 @@ async def test_sigterm_marks_draining_then_finishes_then_deregisters(
     assert worker_key(deployment, "agg", "agg-g0-i0") not in await registered_keys(
         etcd_endpoint, deployment
     )
+
+
+async def test_one_step_for_one_inbox_is_one_batch_message(
+    etcd_endpoint: str, nats_url: str
+) -> None:
+    """Requests that say `batch_replies` get a step's chunks as one JSON array on
+    `<inbox>.batch`; each request's chunks stay in order and end with its finish reason. A
+    request that does not say so gets its chunks one by one on its own reply subject."""
+    from pydantic import TypeAdapter
+
+    from contract.config import MockerConfig
+    from contract.messages import BATCH_SUFFIX
+    from mpi_workers.engine.mocker import MockerEngine, ModelShape
+
+    engine = MockerEngine(MockerConfig(speedup=1000.0), num_blocks=64,
+                          shape=ModelShape(vocab_size=100, eos_token_ids=(2,)))  # fmt: skip
+    worker = Worker(engine, deployment=unique_deployment(), worker_id="agg-g0-i0", role="agg",
+                    nats_url=nats_url, etcd_endpoint=etcd_endpoint, lease_ttl_s=5,
+                    capacity=8)  # fmt: skip
+    await worker.start()
+    nc = await bus.connect(nats_url, "test")
+    try:
+        inbox = nc.new_inbox()
+        subscription = await nc.subscribe(f"{inbox}.>")
+        ids = ["b0", "b1", "b2", "single"]
+        for rid in ids:
+            request = GenerateRequest(request_id=rid, token_ids=[5, 6, 7, len(rid)],
+                                      sampling=SamplingParams(max_tokens=6),
+                                      batch_replies=rid != "single")  # fmt: skip
+            await nc.publish(worker.subject, request.model_dump_json().encode(),
+                             reply=f"{inbox}.{rid}")  # fmt: skip
+        chunks: dict[str, list[GenerateOutput]] = {rid: [] for rid in ids}
+        batch_sizes = []
+        async with asyncio.timeout(20):
+            while not all(c and c[-1].finish_reason for c in chunks.values()):
+                msg = await subscription.next_msg(timeout=20)
+                if msg.subject == f"{inbox}.{BATCH_SUFFIX}":
+                    batch = TypeAdapter(list[GenerateOutput]).validate_json(msg.data)
+                    assert "single" not in {out.request_id for out in batch}
+                    batch_sizes.append(len(batch))
+                else:
+                    batch = [GenerateOutput.model_validate_json(msg.data)]
+                    assert msg.subject == f"{inbox}.single" == f"{inbox}.{batch[0].request_id}"
+                for out in batch:
+                    chunks[out.request_id].append(out)
+        assert max(batch_sizes) > 1  # the three batching requests stepped together
+        for rid, outs in chunks.items():
+            assert sum(len(out.token_ids) for out in outs) == 6, rid
+            assert [out.finish_reason for out in outs][-1] == "length"
+            assert all(out.finish_reason is None for out in outs[:-1])
+    finally:
+        await nc.close()
+        await worker.stop()

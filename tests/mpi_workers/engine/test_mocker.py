@@ -187,3 +187,28 @@ def test_factory_builds_a_mocker_from_config(tmp_path: Path) -> None:
     assert (eng.vocab_size, eng.max_model_len, eng.block_size) == (777, 300, 8)
     assert eng.timing.speedup == 10
     assert isinstance(build_engine(config, tmp_path / "missing"), MockerEngine)
+
+
+async def test_listening_gets_every_output_in_order_like_iterating(engine) -> None:
+    """`OutputStream.listen` (the worker's path: no task wake-up per token) delivers what
+    iteration would: outputs queued before it first, then each one as it comes, the last
+    with the finish reason; the same tokens as iterating the same prompt."""
+    import asyncio
+
+    prompt = list(range(10, 30))
+    expected, _ = await run(engine, request("iterated", prompt, max_tokens=12))
+    stream = engine.generate(request("listened", prompt, max_tokens=12))
+    await asyncio.sleep(0.01)  # let a few steps queue outputs before listening
+    outputs = []
+    done = asyncio.get_running_loop().create_future()
+
+    def on_output(out) -> None:
+        outputs.append(out)
+        if out.finish_reason is not None:
+            done.set_result(None)
+
+    stream.listen(on_output)
+    await asyncio.wait_for(done, 10)
+    assert [t for out in outputs for t in out.token_ids] == expected
+    assert [out.finish_reason for out in outputs][-1] == "length"
+    assert all(out.finish_reason is None for out in outputs[:-1])

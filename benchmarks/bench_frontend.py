@@ -1,0 +1,377 @@
+"""The frontend's cost per request, side by side with NVIDIA Dynamo's, and its scale-out.
+
+Both stacks serve eight simulated workers on this machine, one stack at a time, under the
+same load from an aiohttp client in this process (chat requests, fixed output lengths):
+
+- hpcserve: `hpcserve up configs/local-mocker-kv.yaml` (the launcher, in this process) with
+  `engine.mocker.speedup` high, so the frontend and the workers' request path are what is
+  measured, not the simulated GPU time;
+- Dynamo 1.6.1: `python -m dynamo.mocker --num-workers 8 --speedup-ratio 1000 --model-path M
+  --discovery-backend file` and `python -m dynamo.frontend --discovery-backend file` from a
+  separate venv (`--dynamo-venv`, default /work/dynvenv; made by
+  `python -m venv V && V/bin/pip install --no-deps ai-dynamo==1.6.1 ai-dynamo-runtime==1.6.1`
+  plus their dependencies except `aisimulate`). Missing: that half is skipped, said so.
+
+Per scenario (non-stream 16 tokens at c=64, stream 32 tokens at c=64, non-stream 16 tokens
+at c=1) it prints req/s, latency p50/p99, and CPU per request: the frontend process(es)' and
+the workers' user+system CPU time (/proc) during the scenario divided by its requests. For
+hpcserve it also calls one worker directly over NATS at c=1 (the "added latency" baseline).
+The last line: `frontend_vs_dynamo cpu_per_req_ratio=<x> stream_req_s_ratio=<y>` (x: hpcserve
+frontend CPU per streamed request / Dynamo's; y: hpcserve streamed req/s / Dynamo's).
+
+    python benchmarks/bench_frontend.py [--requests 1500] [--dynamo-venv /work/dynvenv]
+
+`--workers-sweep` instead measures hpcserve's non-stream throughput with frontend.workers =
+1, 2, 4, 8 (give it a machine with the cores: ~16; on 2 cores it only shows contention):
+
+    python benchmarks/bench_frontend.py --workers-sweep [--sweep 1 2 4 8] [--requests 6000]
+
+Last line there: `frontend_workers_sweep w1_req_s=... w2_req_s=... scaling_w<max>=<x>`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import os
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+import aiohttp
+import orjson
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from contract import bus
+from contract.config import default_model_dir, load_config
+from contract.messages import GenerateOutput, GenerateRequest, SamplingParams
+from contract.readiness import free_port, http_ok
+from hpcserve.launcher import start_deployment, stop_deployment
+
+REPO = Path(__file__).resolve().parents[1]
+QUESTION = "Explain in one paragraph why the sky looks blue during the day."
+
+
+@dataclass(frozen=True)
+class Scenario:
+    name: str
+    stream: bool
+    max_tokens: int
+    concurrency: int
+    share: float  # of --requests
+
+
+SCENARIOS = (
+    Scenario("non-stream 16 tok c=64", False, 16, 64, 1.0),
+    Scenario("stream 32 tok c=64", True, 32, 64, 1.0),
+    Scenario("non-stream 16 tok c=1", False, 16, 1, 0.15),
+)
+
+
+@dataclass
+class Result:
+    scenario: Scenario
+    requests: int
+    wall_s: float
+    latencies: list[float]
+    frontend_cpu_s: float
+    worker_cpu_s: float
+
+    @property
+    def req_s(self) -> float:
+        return self.requests / self.wall_s
+
+    def p(self, q: float) -> float:
+        ordered = sorted(self.latencies)
+        return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+    @property
+    def frontend_ms_per_req(self) -> float:
+        return 1000 * self.frontend_cpu_s / self.requests
+
+    @property
+    def worker_ms_per_req(self) -> float:
+        return 1000 * self.worker_cpu_s / self.requests
+
+
+def cpu_seconds(pids: list[int]) -> float:
+    """User + system CPU seconds of these processes and their children (Linux /proc)."""
+    total = 0.0
+    ticks = os.sysconf("SC_CLK_TCK")
+    for pid in pids:
+        for task in [pid, *_descendants(pid)]:
+            try:
+                fields = Path(f"/proc/{task}/stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            total += (int(fields[11]) + int(fields[12])) / ticks
+    return total
+
+
+def _descendants(pid: int) -> list[int]:
+    try:
+        children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    except OSError:
+        return []
+    found = [int(child) for child in children]
+    for child in list(found):
+        found += _descendants(child)
+    return found
+
+
+# ---- load --------------------------------------------------------------------------------
+
+
+async def drive(url: str, model: str, scenario: Scenario, count: int) -> tuple[list[float], float]:
+    """`count` chat requests, `scenario.concurrency` at a time; (latencies, wall seconds)."""
+    body = orjson.dumps(
+        {
+            "model": model,
+            "messages": [{"role": "user", "content": QUESTION}],
+            "max_tokens": scenario.max_tokens,
+            "ignore_eos": True,
+            "stream": scenario.stream,
+        }
+    )
+    headers = {"content-type": "application/json"}
+    latencies: list[float] = []
+    remaining = count
+    connector = aiohttp.TCPConnector(limit=scenario.concurrency)
+    async with aiohttp.ClientSession(connector=connector) as session:
+
+        async def one_client() -> None:
+            nonlocal remaining
+            while remaining > 0:
+                remaining -= 1
+                t0 = time.perf_counter()
+                async with session.post(url, data=body, headers=headers) as response:
+                    data = await response.read()
+                    if response.status != 200:
+                        raise RuntimeError(f"HTTP {response.status}: {data[:300]!r}")
+                if scenario.stream and not data.rstrip().endswith(b"data: [DONE]"):
+                    raise RuntimeError(f"stream did not end with [DONE]: {data[-200:]!r}")
+                latencies.append(time.perf_counter() - t0)
+
+        t0 = time.perf_counter()
+        await asyncio.gather(*(one_client() for _ in range(scenario.concurrency)))
+        return latencies, time.perf_counter() - t0
+
+
+async def measure(
+    url: str, model: str, frontend_pids: list[int], worker_pids: list[int], requests: int
+) -> list[Result]:
+    await drive(url, model, SCENARIOS[1], 64)  # warm-up: connections, caches, JITs
+    results = []
+    for scenario in SCENARIOS:
+        count = max(20, int(requests * scenario.share))
+        fe0, wk0 = cpu_seconds(frontend_pids), cpu_seconds(worker_pids)
+        latencies, wall = await drive(url, model, scenario, count)
+        fe1, wk1 = cpu_seconds(frontend_pids), cpu_seconds(worker_pids)
+        results.append(Result(scenario, count, wall, latencies, fe1 - fe0, wk1 - wk0))
+    return results
+
+
+async def direct_worker_p50(nats_url: str, subject: str, count: int) -> float:
+    """p50 of a 16-token request sent straight to one mocker worker over NATS (no frontend)."""
+    import nats
+
+    nc = await nats.connect(nats_url)
+    inbox = nc.new_inbox()
+    done: asyncio.Queue[None] = asyncio.Queue()
+
+    async def on_reply(msg) -> None:  # type: ignore[no-untyped-def]
+        if GenerateOutput.model_validate_json(msg.data).finish_reason is not None:
+            done.put_nowait(None)
+
+    await nc.subscribe(f"{inbox}.>", cb=on_reply)
+    latencies = []
+    for _ in range(count):
+        request = GenerateRequest(
+            request_id=uuid.uuid4().hex,
+            token_ids=list(range(100, 130)),
+            sampling=SamplingParams(max_tokens=16, ignore_eos=True),
+        )
+        t0 = time.perf_counter()
+        await nc.publish(subject, request.model_dump_json().encode(),
+                         reply=f"{inbox}.{request.request_id}")  # fmt: skip
+        await done.get()
+        latencies.append(time.perf_counter() - t0)
+    await nc.close()
+    return sorted(latencies)[len(latencies) // 2]
+
+
+# ---- the two stacks ----------------------------------------------------------------------
+
+
+def hpcserve_config(frontend_workers: int, speedup: float):
+    return load_config(
+        REPO / "configs" / "local-mocker-kv.yaml",
+        [
+            "frontend.port=0",
+            f"frontend.workers={frontend_workers}",
+            f"engine.mocker.speedup={speedup}",
+        ],
+    )
+
+
+async def run_hpcserve(requests: int, frontend_workers: int, speedup: float, direct: bool):
+    config = hpcserve_config(frontend_workers, speedup)
+    deployment = await asyncio.to_thread(start_deployment, config, lambda _m: None)
+    try:
+        pids = {planned.name: managed.pid for planned, managed in deployment.processes}
+        frontends = [pid for name, pid in pids.items() if name.startswith("frontend")]
+        workers = [pid for name, pid in pids.items() if name.startswith("worker-")]
+        url = deployment.url + "/chat/completions"
+        model = deployment.config.model.served_name or Path(str(deployment.config.model.path)).name
+        results = await measure(url, model, frontends, workers, requests)
+        direct_p50 = None
+        if direct:
+            assert deployment.config.services.nats.endpoint
+            subject = bus.worker_subject(deployment.config.name, "agg-g0-i0")
+            direct_p50 = await direct_worker_p50(
+                deployment.config.services.nats.endpoint, subject, max(20, requests // 7)
+            )
+        return results, direct_p50
+    finally:
+        await asyncio.to_thread(stop_deployment, deployment, lambda _m: None)
+
+
+@contextlib.contextmanager
+def dynamo_stack(venv: Path, model_dir: Path, workdir: Path):
+    """Dynamo's mocker (8 workers) and frontend on a free port; yields (url, model, pids)."""
+    python = venv / "bin" / "python"
+    port = free_port("127.0.0.1")
+    env = dict(os.environ, DYN_FILE_DISCOVERY_DIR=str(workdir / "discovery"))
+    env.pop("PYTHONPATH", None)
+    procs = []
+    try:
+        for name, argv in (
+            ("mocker", ["-m", "dynamo.mocker", "--num-workers", "8", "--speedup-ratio", "1000",
+                        "--model-path", str(model_dir), "--discovery-backend", "file"]),
+            ("frontend", ["-m", "dynamo.frontend", "--discovery-backend", "file",
+                          "--http-port", str(port)]),
+        ):  # fmt: skip
+            log = (workdir / f"dynamo-{name}.log").open("w")
+            command, tmp = [str(python), *argv], workdir
+            procs.append(
+                subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=tmp)
+            )
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 120
+        while not _dynamo_ready(url, str(model_dir)):
+            if time.monotonic() > deadline or any(p.poll() is not None for p in procs):
+                raise RuntimeError(f"Dynamo did not come up; logs in {workdir}")
+            time.sleep(0.2)
+        yield url + "/v1/chat/completions", str(model_dir), [p.pid for p in procs]
+    finally:
+        for proc in procs:
+            proc.terminate()
+        for proc in procs:
+            try:
+                proc.wait(15)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+
+
+def _dynamo_ready(url: str, model: str) -> bool:
+    if not http_ok(url + "/v1/models"):
+        return False
+    import httpx
+
+    try:
+        data = httpx.get(url + "/v1/models", timeout=2).json()["data"]
+    except (httpx.HTTPError, ValueError, KeyError):
+        return False
+    return any(entry["id"] == model for entry in data)
+
+
+async def run_dynamo(venv: Path, requests: int) -> list[Result] | None:
+    if not (venv / "bin" / "python").is_file():
+        print(f"Dynamo half skipped: no venv at {venv} (see this script's docstring)")
+        return None
+    check = subprocess.run([str(venv / "bin" / "python"), "-c", "import dynamo.frontend"],
+                           capture_output=True, text=True)  # fmt: skip
+    if check.returncode != 0:
+        print(f"Dynamo half skipped: {venv} cannot import dynamo.frontend: {check.stderr[-300:]}")
+        return None
+    with (
+        tempfile.TemporaryDirectory(prefix="bench-dynamo-") as tmp,
+        dynamo_stack(venv, default_model_dir(), Path(tmp)) as (url, model, pids),
+    ):
+        frontend_pid, mocker_pid = pids[1], pids[0]
+        return await measure(url, model, [frontend_pid], [mocker_pid], requests)
+
+
+# ---- report ------------------------------------------------------------------------------
+
+
+def table(label: str, results: list[Result]) -> None:
+    print(f"\n{label}")
+    print(f"  {'scenario':<24} {'req/s':>8} {'p50 ms':>8} {'p99 ms':>8} "
+          f"{'frontend CPU ms/req':>20} {'worker CPU ms/req':>18}")  # fmt: skip
+    for r in results:
+        print(f"  {r.scenario.name:<24} {r.req_s:8.0f} {1000 * r.p(0.5):8.2f} "
+              f"{1000 * r.p(0.99):8.2f} {r.frontend_ms_per_req:20.3f} "
+              f"{r.worker_ms_per_req:18.3f}")  # fmt: skip
+
+
+async def compare(args: argparse.Namespace) -> None:
+    ours, direct_p50 = await run_hpcserve(args.requests, args.frontend_workers, args.speedup, True)
+    table(f"hpcserve (local-mocker-kv, 8 mockers, speedup {args.speedup:g}, "
+          f"frontend.workers={args.frontend_workers})", ours)  # fmt: skip
+    c1 = ours[2]
+    if direct_p50 is not None:
+        print(f"  c=1 added latency p50: {1000 * (c1.p(0.5) - direct_p50):.2f} ms "
+              f"(worker called directly over NATS: {1000 * direct_p50:.2f} ms)")  # fmt: skip
+    theirs = None if args.skip_dynamo else await run_dynamo(Path(args.dynamo_venv), args.requests)
+    if theirs is None:
+        print("frontend_vs_dynamo skipped=1 (no Dynamo run)")
+        return
+    table("Dynamo 1.6.1 (dynamo.mocker --num-workers 8 --speedup-ratio 1000)", theirs)
+    print("\nhpcserve / Dynamo per scenario (CPU per request: lower is better):")
+    for a, b in zip(ours, theirs, strict=True):
+        print(f"  {a.scenario.name:<24} req/s {a.req_s / b.req_s:5.2f}x  "
+              f"frontend CPU/req {a.frontend_ms_per_req / b.frontend_ms_per_req:5.2f}x  "
+              f"worker CPU/req {a.worker_ms_per_req / b.worker_ms_per_req:5.2f}x")  # fmt: skip
+    cpu_ratio = ours[1].frontend_ms_per_req / theirs[1].frontend_ms_per_req
+    nonstream_cpu_ratio = ours[0].frontend_ms_per_req / theirs[0].frontend_ms_per_req
+    print(f"frontend_vs_dynamo cpu_per_req_ratio={cpu_ratio:.2f} "
+          f"nonstream_cpu_per_req_ratio={nonstream_cpu_ratio:.2f} "
+          f"stream_req_s_ratio={ours[1].req_s / theirs[1].req_s:.2f}")  # fmt: skip
+
+
+async def sweep(args: argparse.Namespace) -> None:
+    rates = {}
+    for count in args.sweep:
+        results, _ = await run_hpcserve(args.requests, count, args.speedup, False)
+        table(f"hpcserve frontend.workers={count}", results)
+        rates[count] = results[0].req_s
+    first = args.sweep[0]
+    parts = " ".join(f"w{n}_req_s={rate:.0f}" for n, rate in rates.items())
+    last = args.sweep[-1]
+    print(f"frontend_workers_sweep {parts} scaling_w{last}={rates[last] / rates[first]:.2f}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--requests", type=int, default=1500, help="per c=64 scenario")
+    parser.add_argument("--speedup", type=float, default=1000.0, help="engine.mocker.speedup")
+    parser.add_argument("--frontend-workers", type=int, default=1)
+    parser.add_argument("--dynamo-venv", default="/work/dynvenv")
+    parser.add_argument("--skip-dynamo", action="store_true")
+    parser.add_argument("--workers-sweep", action="store_true")
+    parser.add_argument("--sweep", type=int, nargs="+", default=[1, 2, 4, 8])
+    args = parser.parse_args()
+    asyncio.run(sweep(args) if args.workers_sweep else compare(args))
+
+
+if __name__ == "__main__":
+    main()

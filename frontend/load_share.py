@@ -1,0 +1,194 @@
+"""Router load accounting across the frontend processes of one deployment.
+
+Each frontend process counts the requests it routed and has not finished, per worker
+(`LoadTracker.in_flight`, plus the KV router's prompt blocks). With several processes sharing
+the port (`frontend.workers`), each also needs the others' counts, or N processes would each
+send their next request to the same "idle" worker. So each process publishes its whole
+current count (not deltas) on one NATS subject that every process subscribes to plainly:
+
+- coalesced: a change schedules one publish `FLUSH_S` later, so the cost is bounded by
+  1/FLUSH_S messages per second per process, whatever the request rate;
+- absolute: a lost or reordered message is repaired by the next one (`seq` orders them);
+- a heartbeat every `HEARTBEAT_S` re-sends it; a process not heard from for `EXPIRE_S` (it
+  crashed: its requests died with it) is dropped; a stopping one says goodbye (empty state).
+
+The workers' own `LoadMetrics` still see everything, late; this covers the gap.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import orjson
+from nats.aio.client import Client as NatsClient
+from nats.aio.msg import Msg
+
+from contract.bus import connect, frontend_load_subject
+from frontend.router import LoadTracker
+
+logger = logging.getLogger(__name__)
+
+FLUSH_S = 0.002
+HEARTBEAT_S = 1.0
+EXPIRE_S = 3.0
+
+
+@dataclass
+class PeerLoad:
+    """What one other frontend process last said it has in flight."""
+
+    seq: int
+    heard: float  # monotonic
+    workers: dict[str, tuple[int, int]] = field(default_factory=dict)  # requests, blocks
+
+
+def encode_load(
+    frontend_id: str, seq: int, workers: dict[str, tuple[int, int]], bye: bool = False
+) -> bytes:
+    return orjson.dumps({"id": frontend_id, "seq": seq, "workers": workers, "bye": bye})
+
+
+class PeerLoads:
+    """The other processes' counts, summed per worker into the tracker (no I/O: unit-tested)."""
+
+    def __init__(self, tracker: LoadTracker, own_id: str) -> None:
+        self.tracker = tracker
+        self.own_id = own_id
+        self.peers: dict[str, PeerLoad] = {}
+
+    def apply(self, data: bytes, now: float) -> bool:
+        """Apply one message; False when it is ours, stale or malformed."""
+        try:
+            message = orjson.loads(data)
+            frontend_id = str(message["id"])
+            seq = int(message["seq"])
+            workers = {
+                str(w): (int(counts[0]), int(counts[1]))
+                for w, counts in dict(message["workers"]).items()
+            }
+            bye = bool(message.get("bye", False))
+        except (ValueError, KeyError, TypeError, IndexError) as exc:
+            logger.warning("ignoring a malformed frontend load message: %s", exc)
+            return False
+        if frontend_id == self.own_id:
+            return False
+        peer = self.peers.get(frontend_id)
+        if peer is not None and seq <= peer.seq:
+            return False
+        if bye:
+            self.peers.pop(frontend_id, None)
+        else:
+            self.peers[frontend_id] = PeerLoad(seq, now, workers)
+        self._sum()
+        return True
+
+    def expire(self, now: float) -> None:
+        gone = [fid for fid, peer in self.peers.items() if now - peer.heard > EXPIRE_S]
+        for frontend_id in gone:
+            logger.info("frontend process %s silent for %.0f s: its load dropped",
+                        frontend_id, EXPIRE_S)  # fmt: skip
+            del self.peers[frontend_id]
+        if gone:
+            self._sum()
+
+    def _sum(self) -> None:
+        requests: dict[str, int] = {}
+        blocks: dict[str, int] = {}
+        for peer in self.peers.values():
+            for worker_id, (count, nblocks) in peer.workers.items():
+                requests[worker_id] = requests.get(worker_id, 0) + count
+                blocks[worker_id] = blocks.get(worker_id, 0) + nblocks
+        self.tracker.peer_requests = requests
+        self.tracker.peer_blocks = blocks
+
+
+class LoadShare:
+    """Publishes this process's in-flight counts and applies the other processes' ones."""
+
+    def __init__(
+        self,
+        nats_url: str,
+        deployment: str,
+        tracker: LoadTracker,
+        blocks_of: Callable[[str], int] | None = None,
+        frontend_id: str | None = None,
+    ) -> None:
+        self.frontend_id = frontend_id or uuid.uuid4().hex[:12]
+        self._url = nats_url
+        self._subject = frontend_load_subject(deployment)
+        self._tracker = tracker
+        self._blocks_of = blocks_of
+        self.peers = PeerLoads(tracker, self.frontend_id)
+        self._nc: NatsClient | None = None
+        self._seq = 0
+        self._flush_due = False
+        self._heartbeat: asyncio.Task[None] | None = None
+        self._sending: set[asyncio.Task[None]] = set()
+
+    async def start(self) -> None:
+        self._nc = await connect(self._url, f"hpcserve-frontend-load-{self.frontend_id}")
+        await self._nc.subscribe(self._subject, cb=self._on_message)
+        await self._nc.flush()
+        self._tracker.on_change = self.changed
+        self._heartbeat = asyncio.get_running_loop().create_task(self._beat_forever())
+        self._send()  # peers learn of us at once
+
+    async def stop(self) -> None:
+        self._tracker.on_change = None
+        if self._heartbeat is not None:
+            self._heartbeat.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._heartbeat
+        if self._nc is None:
+            return
+        with contextlib.suppress(Exception):
+            self._seq += 1
+            goodbye = encode_load(self.frontend_id, self._seq, {}, bye=True)
+            await self._nc.publish(self._subject, goodbye)
+            async with asyncio.timeout(2):
+                await self._nc.drain()
+
+    def own_counts(self) -> dict[str, tuple[int, int]]:
+        blocks_of = self._blocks_of
+        return {
+            worker_id: (count, blocks_of(worker_id) if blocks_of is not None else 0)
+            for worker_id, count in self._tracker.in_flight.items()
+        }
+
+    def changed(self) -> None:
+        """LoadTracker hook: publish the new counts soon (one message for a burst)."""
+        if not self._flush_due:
+            self._flush_due = True
+            asyncio.get_running_loop().call_later(FLUSH_S, self._send)
+
+    def _send(self) -> None:
+        self._flush_due = False
+        if self._nc is None or self._nc.is_closed:
+            return
+        self._seq += 1
+        payload = encode_load(self.frontend_id, self._seq, self.own_counts())
+        task = asyncio.get_running_loop().create_task(self._publish(payload))
+        self._sending.add(task)
+        task.add_done_callback(self._sending.discard)
+
+    async def _publish(self, payload: bytes) -> None:
+        try:
+            assert self._nc is not None
+            await self._nc.publish(self._subject, payload)
+        except Exception as exc:  # the next change or heartbeat repairs it
+            logger.debug("frontend load not published: %s", exc)
+
+    async def _on_message(self, msg: Msg) -> None:
+        self.peers.apply(msg.data, time.monotonic())
+
+    async def _beat_forever(self) -> None:
+        while True:
+            await asyncio.sleep(HEARTBEAT_S)
+            self.peers.expire(time.monotonic())
+            self._send()

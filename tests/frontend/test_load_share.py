@@ -1,0 +1,111 @@
+"""The load-sharing protocol of several frontend processes (`frontend.load_share`).
+
+Units for `PeerLoads` (ordering, goodbye, expiry, malformed input), then two `LoadShare`s
+over the session's real nats-server, as two frontend processes would use it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+
+from contract.discovery import WorkerCard
+from frontend import load_share
+from frontend.load_share import LoadShare, PeerLoads, encode_load
+from frontend.router import LeastLoadedRouter, LoadTracker
+
+
+def card(worker_id: str) -> WorkerCard:
+    return WorkerCard(
+        worker_id=worker_id, role="agg", model="m", block_size=16,
+        subject=f"s.{worker_id}", abort_subject=f"a.{worker_id}", capacity=4,
+        max_model_len=4096,
+    )  # fmt: skip
+
+
+def test_peer_counts_are_summed_per_worker() -> None:
+    tracker = LoadTracker()
+    peers = PeerLoads(tracker, own_id="me")
+    assert peers.apply(encode_load("a", 1, {"w0": (2, 10), "w1": (1, 4)}), now=0.0)
+    assert peers.apply(encode_load("b", 1, {"w0": (3, 6)}), now=0.0)
+    assert tracker.peer_requests == {"w0": 5, "w1": 1}
+    assert tracker.peer_blocks == {"w0": 16, "w1": 4}
+    tracker.started("w1")
+    assert tracker.requests_on("w1") == 2  # ours plus the peer's
+    assert tracker.load(card("w1")) == 2 / 4
+
+
+def test_messages_are_absolute_and_ordered() -> None:
+    tracker = LoadTracker()
+    peers = PeerLoads(tracker, own_id="me")
+    peers.apply(encode_load("a", 5, {"w0": (4, 0)}), now=0.0)
+    assert not peers.apply(encode_load("a", 4, {"w0": (9, 0)}), now=0.0)  # late: ignored
+    assert tracker.peer_requests == {"w0": 4}
+    peers.apply(encode_load("a", 6, {}), now=0.0)  # all finished: the worker's count goes
+    assert tracker.peer_requests == {}
+    assert not peers.apply(encode_load("me", 9, {"w0": (7, 0)}), now=0.0)  # our own echo
+    assert tracker.peer_requests == {}
+
+
+def test_goodbye_and_silence_drop_a_peer() -> None:
+    tracker = LoadTracker()
+    peers = PeerLoads(tracker, own_id="me")
+    peers.apply(encode_load("a", 1, {"w0": (1, 1)}), now=0.0)
+    peers.apply(encode_load("b", 1, {"w0": (2, 2)}), now=0.0)
+    peers.apply(encode_load("a", 2, {}, bye=True), now=0.0)
+    assert tracker.peer_requests == {"w0": 2}
+    peers.expire(now=load_share.EXPIRE_S / 2)
+    assert tracker.peer_requests == {"w0": 2}
+    peers.expire(now=load_share.EXPIRE_S + 0.1)  # b crashed: its requests died with it
+    assert tracker.peer_requests == {} and peers.peers == {}
+
+
+@pytest.mark.parametrize(
+    "data", [b"not json", b'{"id": "a"}', b'{"id": "a", "seq": 1, "workers": {"w": [1]}}']
+)
+def test_malformed_messages_are_ignored(data: bytes) -> None:
+    tracker = LoadTracker()
+    peers = PeerLoads(tracker, own_id="me")
+    assert not peers.apply(data, now=0.0)
+    assert tracker.peer_requests == {}
+
+
+async def _until(condition, timeout_s: float = 5.0) -> None:  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, "condition not met in time"
+        await asyncio.sleep(0.005)
+
+
+def test_two_processes_see_each_others_requests_over_nats(nats_url: str) -> None:
+    async def run() -> None:
+        trackers = [LoadTracker(), LoadTracker()]
+        blocks = [{"w0": 12}, {"w1": 3}]
+        shares = [
+            LoadShare(nats_url, "ls-test", trackers[i], blocks[i].get, frontend_id=f"p{i}")
+            for i in range(2)
+        ]
+        for share in shares:
+            await share.start()
+        try:
+            # process 0 routes two requests to w0, process 1 one to w1
+            trackers[0].started("w0")
+            trackers[0].started("w0")
+            trackers[1].started("w1")
+            await _until(lambda: trackers[1].peer_requests == {"w0": 2})
+            await _until(lambda: trackers[0].peer_requests == {"w1": 1})
+            assert trackers[1].peer_blocks == {"w0": 12} and trackers[0].peer_blocks == {"w1": 3}
+            # each one's least-loaded choice now avoids the worker the other one loaded
+            cards = [card("w0"), card("w1"), card("w2")]
+            assert trackers[1].requests_on("w0") == 2 and trackers[0].requests_on("w1") == 1
+            assert LeastLoadedRouter(trackers[1]).choose(cards, None).worker_id == "w2"
+            trackers[0].finished("w0")
+            await _until(lambda: trackers[1].peer_requests == {"w0": 1})
+        finally:
+            await shares[0].stop()
+        await _until(lambda: trackers[1].peer_requests == {})  # its goodbye
+        await shares[1].stop()
+
+    asyncio.run(run())

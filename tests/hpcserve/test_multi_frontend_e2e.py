@@ -1,0 +1,154 @@
+"""`hpcserve up` with two frontend processes sharing the port (`frontend.workers: 2`), two
+mocker workers and the KV router: requests spread over both processes and all succeed, each
+process keeps the complete KV index, each routes by the load of both, /metrics sums both,
+and the supervisor restarts a killed frontend process while the other one serves on.
+
+Which process answered: the `X-Hpcserve-Frontend` header of a generation response and the
+`process` field of /health. Each request goes on a fresh connection (the kernel spreads
+connections, not requests, over SO_REUSEPORT sockets).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import threading
+import time
+from collections.abc import Iterator
+
+import httpx
+import pytest
+from up_helpers import UpProcess, started
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def up(tmp_path_factory: pytest.TempPathFactory) -> Iterator[UpProcess]:
+    run_dir = tmp_path_factory.mktemp("up-multi-frontend") / "run"
+    args = ["configs/local-mocker-kv.yaml", "--set", "frontend.port=0",
+            "--set", "frontend.workers=2", "--set", "workers.0.count=2",
+            "--set", "engine.mocker.speedup=4"]  # fmt: skip
+    with started(args, run_dir) as process:
+        yield process
+
+
+def root(up: UpProcess) -> str:
+    return up.base_url.removesuffix("/v1")
+
+
+def health_of_each(up: UpProcess, timeout_s: float = 30) -> dict[int, dict]:
+    """/health as each of the two processes answers it (fresh connections until both did)."""
+    seen: dict[int, dict] = {}
+    deadline = time.monotonic() + timeout_s
+    while len(seen) < 2:
+        assert time.monotonic() < deadline, f"only processes {sorted(seen)} answered"
+        body = httpx.get(root(up) + "/health", timeout=10).json()
+        seen[body["process"]] = body
+    return seen
+
+
+def complete(up: UpProcess, prompt: list[int], max_tokens: int = 4) -> httpx.Response:
+    response = httpx.post(up.base_url + "/completions", timeout=60,
+                          json={"prompt": prompt, "max_tokens": max_tokens})  # fmt: skip
+    assert response.status_code == 200, response.text
+    return response
+
+
+def test_two_frontend_processes_are_supervised(up: UpProcess) -> None:
+    pids = up.pids()
+    assert {"frontend-0", "frontend-1"} <= set(pids) and "frontend" not in pids
+    assert pids["frontend-0"] != pids["frontend-1"]
+    assert all(body["workers"] == 2 for body in health_of_each(up).values())
+
+
+def test_requests_spread_over_both_processes_and_all_succeed(up: UpProcess) -> None:
+    served_by = [complete(up, [7, 8, 9, i]).headers["X-Hpcserve-Frontend"] for i in range(24)]
+    assert set(served_by) == {"0", "1"}, served_by
+    # /metrics answers the sum over both processes, whichever one is asked
+    totals = set()
+    for _ in range(6):
+        text = httpx.get(root(up) + "/metrics", timeout=10).text
+        match = re.search(
+            r'^hpcserve_frontend_requests_total\{endpoint="completions",status="200"\} (\S+)$',
+            text, re.MULTILINE,
+        )  # fmt: skip
+        assert match, text[:2000]
+        totals.add(float(match.group(1)))
+    assert totals == {24.0}
+
+
+def test_each_process_keeps_the_complete_kv_index(up: UpProcess) -> None:
+    before = min(body["kv_index_blocks"] for body in health_of_each(up).values())
+    for i in range(6):  # 6 fresh prefixes of 8 blocks each, through either process
+        complete(up, [1000 + 200 * i + t for t in range(128)] + [1, 2], max_tokens=2)
+    deadline = time.monotonic() + 30
+    while True:
+        blocks = {p: body["kv_index_blocks"] for p, body in health_of_each(up).items()}
+        if min(blocks.values()) >= before + 48:
+            break
+        assert time.monotonic() < deadline, f"KV index incomplete in a process: {blocks}"
+        time.sleep(0.1)
+
+
+def test_each_process_routes_by_the_load_of_both(up: UpProcess) -> None:
+    """Streams held open through both processes: each process's view of in-flight requests
+    per worker (what its router reads) counts them all, not only its own."""
+    stop = threading.Event()
+    opened: list[str] = []
+    lock = threading.Lock()
+
+    def hold_stream() -> None:
+        with httpx.Client(timeout=120) as client, client.stream(
+            "POST", up.base_url + "/completions",
+            json={"prompt": [3, 4, 5], "max_tokens": 3000, "stream": True},
+        ) as response:  # fmt: skip
+            assert response.status_code == 200
+            lines = response.iter_lines()
+            next(lines)  # the first chunk: the request runs on a worker now
+            with lock:
+                opened.append(response.headers["X-Hpcserve-Frontend"])
+            while not stop.is_set():
+                time.sleep(0.02)
+
+    threads = []
+    try:
+        deadline = time.monotonic() + 60
+        while len(set(opened)) < 2 or len(threads) < 4:  # streams through both processes
+            assert time.monotonic() < deadline and len(threads) < 16, opened
+            thread = threading.Thread(target=hold_stream, daemon=True)
+            thread.start()
+            threads.append(thread)
+            while len(opened) < len(threads):
+                assert time.monotonic() < deadline, "a stream did not start"
+                time.sleep(0.01)
+        expected = len(threads)
+        deadline = time.monotonic() + 10
+        while True:
+            views = {p: sum(b["in_flight"].values()) for p, b in health_of_each(up).items()}
+            if set(views.values()) == {expected}:
+                break
+            assert time.monotonic() < deadline, f"{expected} streams open; views {views}"
+            time.sleep(0.05)
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join(timeout=30)
+    deadline = time.monotonic() + 10
+    while any(sum(b["in_flight"].values()) for b in health_of_each(up).values()):
+        assert time.monotonic() < deadline, "closed streams still counted"
+        time.sleep(0.05)
+
+
+def test_a_killed_frontend_process_is_restarted_while_the_other_serves(up: UpProcess) -> None:
+    old = up.pids()["frontend-1"]
+    os.killpg(old, signal.SIGKILL)
+    # the surviving process serves meanwhile (a connection only reaches a listening socket)
+    for i in range(5):
+        assert complete(up, [9, 9, i]).headers["X-Hpcserve-Frontend"] == "0"
+    up.wait_for_line(re.compile(r"frontend-1 is back \(restart 1\)"), timeout_s=120)
+    assert up.pids()["frontend-1"] != old
+    assert {p for p in health_of_each(up)} == {0, 1}
+    text = httpx.get(root(up) + "/metrics", timeout=10).text
+    assert 'hpcserve_component_restarts_total{component="frontend-1"} 1.0' in text
