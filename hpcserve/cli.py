@@ -7,6 +7,8 @@
     hpcserve render CONFIG [--set ...]                 print the sbatch script of a deployment
     hpcserve submit CONFIG [--set ...] [--via submitit] submit it to Slurm; prints job id and dir
     hpcserve status JOB | logs JOB [COMPONENT] | cancel JOB     follow a submitted job
+    hpcserve bench TARGET [--concurrency 1,2,4 ...]    load sweep with aiperf (config/job/URL)
+    hpcserve bench compare RUN...                      overlay runs: table and pareto plots
 
 Config errors exit with code 2 and name the field.
 """
@@ -23,6 +25,7 @@ import typer
 import yaml
 
 from contract.config import ConfigError, DeploymentConfig, load_config
+from hpcserve.bench.commands import bench_app
 
 app = typer.Typer(
     name="hpcserve",
@@ -35,6 +38,7 @@ config_app = typer.Typer(help="Inspect deployment configs.", no_args_is_help=Tru
 model_app = typer.Typer(help="Prepare models.", no_args_is_help=True)
 app.add_typer(config_app, name="config")
 app.add_typer(model_app, name="model")
+app.add_typer(bench_app, name="bench")
 
 DEFAULT_CONFIG = Path("configs") / "local-agg.yaml"
 _REPO_ROOT = Path(__file__).resolve().parents[1]
