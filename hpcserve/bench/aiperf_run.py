@@ -6,19 +6,22 @@ them (`--use-server-token-count`: the usage numbers, not a second tokenization).
 process per point (its own sweep mode starts a fresh process per point too, and keeps no
 better per-point record). It writes into the point's folder:
 
-- `profile_export_aiperf.json`: the summary read here (`read_summary`): per metric a dict with
+- `profile_export_aiperf.json`: the summary read here (`read_measured`): per metric a dict with
   `unit`, `avg` and, for distributions, `p50`/`p90`/`p99`; `request_count` counts the requests
   answered without an error, `error_request_count` the failed ones, `error_summary` lists the
   errors by kind. aiperf exits 0 even when every request failed: `results.invalid_reason`
   judges the figures.
-- `profile_export_aiperf.csv` and `profile_export.jsonl` (one line per request, written as
-  requests finish: the progress display counts its lines).
+- `profile_export.jsonl`: one line per request (with `error` for a failed one), written as
+  requests finish: the progress display counts its lines, and when aiperf gives up without a
+  summary (it exits 1 when every request failed) the point's counts come from it.
+- `profile_export_aiperf.csv`: the summary as a table (kept for the reader).
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+import re
 import shutil
 import sys
 import time
@@ -159,13 +162,36 @@ def _count_lines(path: Path) -> int:
         return 0
 
 
-def read_summary(artifact_dir: Path) -> Measured | None:
-    """The point's figures from aiperf's summary export; None when there is none."""
+def read_measured(artifact_dir: Path) -> Measured | None:
+    """The point's figures: from aiperf's summary export, else (aiperf gave up, e.g. because
+    every request failed) counted from its per-request records; None when neither exists."""
     try:
-        data = json.loads((artifact_dir / SUMMARY_FILE).read_text())
+        return measured_from_summary(json.loads((artifact_dir / SUMMARY_FILE).read_text()))
     except (OSError, ValueError):
+        pass
+    try:
+        lines = (artifact_dir / RECORDS_FILE).read_text().splitlines()
+    except OSError:
         return None
-    return measured_from_summary(data)
+    return measured_from_records([json.loads(line) for line in lines if line.strip()])
+
+
+def measured_from_records(records: list[dict[str, Any]]) -> Measured:
+    """Counts only (requests, errors, output tokens): what survives when aiperf wrote no
+    summary. Rates and latencies stay 0/None: the point is invalid anyway."""
+    failed = [record for record in records if record.get("error")]
+    tokens = sum(
+        int((record.get("metrics") or {}).get("output_sequence_length", {}).get("value") or 0)
+        for record in records
+        if not record.get("error")
+    )
+    examples = [_error_text({"error_details": record["error"]}) for record in failed]
+    return Measured(
+        successful=len(records) - len(failed), errors=len(failed),
+        error_examples=list(dict.fromkeys(examples))[:MAX_ERROR_EXAMPLES],
+        output_tokens=tokens, duration_s=0.0, requests_per_s=0.0, output_tok_s=0.0,
+        output_tok_s_per_user=0.0, ttft_ms=None, itl_ms=None, latency_ms=None,
+    )  # fmt: skip
 
 
 def measured_from_summary(data: dict[str, Any]) -> Measured:
@@ -218,10 +244,12 @@ def _error_text(item: dict[str, Any]) -> str:
 
 
 def failure_line(log_path: Path) -> str:
-    """The last non-empty line of aiperf's log: what it said before it gave up."""
+    """What aiperf said before it gave up: its last ERROR line, else its last line."""
     try:
         lines = [line.strip() for line in log_path.read_text(errors="replace").splitlines()]
     except OSError:
         return ""
     lines = [line for line in lines if line]
-    return lines[-1][:300] if lines else ""
+    errors = [line for line in lines if " ERROR " in f" {line} "]
+    chosen = (errors or lines or [""])[-1]
+    return re.sub(r"^[\d:.]+ +ERROR +", "", chosen).split(" (")[0][:300]

@@ -100,12 +100,11 @@ class BenchRun(BaseModel):
 def invalid_reason(
     measured: Measured | None, requests_asked: int | None, failure: str | None = None
 ) -> str:
-    """Why a point cannot count as a measurement; "" when it can."""
-    if failure:
-        return failure
+    """Why a point cannot count as a measurement; "" when it can. `failure`: aiperf's own
+    failure (it exited non-zero), reported first."""
+    reasons = [failure] if failure else []
     if measured is None:
-        return "aiperf wrote no summary"
-    reasons = []
+        return "; ".join([*reasons, "aiperf wrote no results"])
     if measured.errors:
         example = f": {measured.error_examples[0]}" if measured.error_examples else ""
         reasons.append(f"{measured.errors} request(s) failed{example}")

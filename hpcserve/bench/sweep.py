@@ -36,7 +36,7 @@ from hpcserve.bench.aiperf_run import (
     aiperf_command,
     aiperf_version,
     failure_line,
-    read_summary,
+    read_measured,
     run_aiperf,
 )
 from hpcserve.bench.plots import write_plots
@@ -212,8 +212,8 @@ def run_sweep(target: Target, folder: Path, progress: Progress) -> BenchRun:
         logger.info("concurrency %d: %s", concurrency, " ".join(argv))
         progress.point_started(index, concurrency, asked)
         code = run_aiperf(argv, log, point_dir, progress.requests_done, target.tick)
-        failure = None if code == 0 else f"aiperf exited {code}: {failure_line(log)} (log {log})"
-        point = judge_point(concurrency, asked, read_summary(point_dir), target.gpus,
+        failure = None if code == 0 else f"aiperf exited {code}: {failure_line(log)}"
+        point = judge_point(concurrency, asked, read_measured(point_dir), target.gpus,
                             f"{AIPERF_DIR}/{name}", failure)  # fmt: skip
         run.points.append(point)
         write_run(run, folder)
