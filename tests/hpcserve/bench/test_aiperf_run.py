@@ -105,7 +105,8 @@ def test_recorded_streaming_summary() -> None:
                          (measured.itl_ms, "inter_token_latency"),
                          (measured.latency_ms, "request_latency")):  # fmt: skip
         assert ours is not None
-        assert (ours.p50, ours.p90, ours.p99) == tuple(raw[theirs][s] for s in ("p50", "p90", "p99"))
+        stats = ("p50", "p90", "p99")
+        assert (ours.p50, ours.p90, ours.p99) == tuple(raw[theirs][s] for s in stats)
         assert ours.p50 <= ours.p90 <= ours.p99
     assert not measured.cancelled
 

@@ -84,17 +84,18 @@ def test_frontier_of_a_known_set() -> None:
     assert pareto_frontier([(1, 1), (1, 1)]) == [0]
 
 
+def beaten(points: list[tuple[int, int]], i: int) -> bool:
+    x, y = points[i]
+    return any(ox >= x and oy >= y and (ox, oy) != (x, y) for ox, oy in points)
+
+
 def test_frontier_against_the_definition_on_random_sets() -> None:
     rng = random.Random(3)
     for _ in range(200):
         points = [(rng.randint(0, 12), rng.randint(0, 12)) for _ in range(rng.randint(1, 9))]
         frontier = pareto_frontier(points)
 
-        def beaten(i: int) -> bool:
-            x, y = points[i]
-            return any(ox >= x and oy >= y and (ox, oy) != (x, y) for ox, oy in points)
-
-        expected = {i for i in range(len(points)) if not beaten(i)}
+        expected = {i for i in range(len(points)) if not beaten(points, i)}
         kept = {points[i] for i in frontier}
         assert kept == {points[i] for i in expected}
         assert len(kept) == len(frontier)  # one index per distinct frontier point
