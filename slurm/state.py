@@ -30,6 +30,7 @@ class JobState:
     message: str | None = None
     stage: str | None = None  # STARTING: services | workers | frontend
     restarts: dict[str, int] | None = None  # component -> times the supervisor restarted it
+    benchmark: str | None = None  # the benchmark step: running | valid | invalid (exit N)
     updated: float = 0.0
 
 
@@ -55,6 +56,7 @@ def write_state(job_dir: str | Path, state: State, **fields: Any) -> JobState:
         "job_id": previous.job_id if previous else None,
         "url": previous.url if previous else None,
         "restarts": previous.restarts if previous else None,
+        "benchmark": previous.benchmark if previous else None,
     }
     merged.update({key: value for key, value in fields.items() if value is not None})
     new = JobState(state=state, updated=time.time(), **merged)  # type: ignore[arg-type]

@@ -5,7 +5,8 @@ environment lines. It slices the allocation and resolves the config (`slurm.job_
 then runs the same supervisor as `hpcserve up` (`contract.supervisor`) with every component an
 srun step (`slurm.srun`): stages in order with readiness checks, restarts under each
 component's policy, the ordered stop. Progress and failures go to `<job dir>/state.json`
-(`hpcserve status`). scancel (SIGTERM) stops every step, last stage first, and ends FINISHED.
+(`hpcserve status`). With a `benchmark:` section a sweep runs as one more step once READY
+(`slurm.benchmark`). scancel (SIGTERM) stops every step, last stage first, and ends FINISHED.
 """
 
 from __future__ import annotations
@@ -16,12 +17,20 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 from contract.config import ConfigError
-from contract.plan import STAGE_FRONTEND, STAGE_SERVICES, STAGE_WORKERS, PlannedProcess
+from contract.plan import (
+    STAGE_FRONTEND,
+    STAGE_SERVICES,
+    STAGE_WORKERS,
+    STOP_TIMEOUT_S,
+    PlannedProcess,
+)
 from contract.processes import ManagedProcess
 from contract.supervisor import DeploymentFailed, Supervisor
+from slurm.benchmark import STEP_NAME, benchmark_process, verdict
 from slurm.job_prepare import PreparedJob, prepare
 from slurm.srun import srun_argv
 from slurm.state import write_state
@@ -61,6 +70,31 @@ def srun_launch(job: PreparedJob):
     return launch
 
 
+def run_benchmark(job: PreparedJob, supervisor: Supervisor, step: ManagedProcess) -> int | None:
+    """Watch the deployment while the benchmark step runs; then record its verdict. Returns
+    the job's exit code when the job ends here (`benchmark.then: exit`, or the job is being
+    torn down), None to serve on."""
+    assert job.config.benchmark is not None
+    logger.info("benchmark started (step %s, log %s)", step.pid, step.log_path)
+    write_state(job.job_dir, "READY", benchmark="running")
+    while step.running():
+        if not supervisor.poll():  # scancel: the job is ending
+            write_state(job.job_dir, "FINISHED", message="job ended during the benchmark")
+            return 0
+        time.sleep(0.2)
+    result = verdict(step.popen.returncode, job.job_dir)
+    logger.info("%s", result.message)
+    write_state(job.job_dir, "READY", benchmark=result.word)
+    if job.config.benchmark.then == "serve":
+        return None
+    if result.valid:
+        write_state(job.job_dir, "FINISHED", message=result.message)
+        return 0
+    write_state(job.job_dir, "FAILED", component=STEP_NAME, message=result.message,
+                log=str(step.log_path))  # fmt: skip
+    return 1
+
+
 def _raise_interrupted(signum: int, _frame: object) -> None:
     raise Interrupted(signal.Signals(signum).name)
 
@@ -71,6 +105,7 @@ def run(job_dir: Path, nodes: list[str]) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, _raise_interrupted)
     supervisor: Supervisor | None = None
+    bench_step: ManagedProcess | None = None
     try:
         try:
             job = prepare(job_dir / "deployment.yaml", job_dir, nodes)
@@ -94,6 +129,11 @@ def run(job_dir: Path, nodes: list[str]) -> int:
         serving = True
         write_state(job_dir, "READY", url=job.url)
         print(f"hpcserve ready: {job.url}", flush=True)
+        if job.config.benchmark is not None:
+            bench_step = srun_launch(job)(benchmark_process(job))
+            ended = run_benchmark(job, supervisor, bench_step)
+            if ended is not None:
+                return ended
         supervisor.serve()
         write_state(job_dir, "FINISHED", message="job ended (its steps were stopped)")
         return 0
@@ -111,6 +151,9 @@ def run(job_dir: Path, nodes: list[str]) -> int:
     finally:
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, signal.SIG_IGN)  # the ordered stop runs to its end
+        if bench_step is not None:
+            code = bench_step.stop(STOP_TIMEOUT_S)
+            logger.info("stopped benchmark (exit %s)", code)
         if supervisor is not None:
             supervisor.stop()
 
