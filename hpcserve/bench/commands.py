@@ -104,15 +104,14 @@ def bench_run(
 ) -> None:  # fmt: skip
     """Sweep TARGET over concurrencies with aiperf; exit 1 if a point is invalid.
 
-    Writes bench.json, bench.csv, pareto.png and latency.png into the run folder. A point is
-    invalid with failed requests, zero output tokens, or fewer completed requests than asked.
+    Invalid: failed requests, zero output tokens, or fewer completed requests than asked.
     """
     import logging
 
     from contract.config import BenchmarkConfig, ConfigError, load_config
     from contract.supervisor import DeploymentFailed
     from hpcserve.bench.aiperf_run import AiperfMissing
-    from hpcserve.bench.display import SweepDisplay, runs_table
+    from hpcserve.bench.display import SweepDisplay, console, runs_table
     from hpcserve.bench.sweep import (
         TargetError,
         config_target,
@@ -168,9 +167,7 @@ def bench_run(
     except KeyboardInterrupt as exc:
         where = f"; what was measured is in {folder}" if folder else ""
         raise _fail(f"interrupted ({exc or 'SIGINT'}){where}", 130) from None
-    from rich.console import Console
-
-    Console().print(runs_table([run]))
+    console().print(runs_table([run]))
     typer.echo(f"results: {folder}/bench.json, bench.csv, pareto.png, latency.png")
     bad = [point for point in run.points if not point.valid]
     if bad:
@@ -197,10 +194,9 @@ def bench_compare(
     Writes compare.csv, pareto.png and latency.png: one colour and one frontier per run.
     """
     from pydantic import ValidationError
-    from rich.console import Console
 
     from contract.config import cache_dir
-    from hpcserve.bench.display import runs_table
+    from hpcserve.bench.display import console, runs_table
     from hpcserve.bench.plots import write_plots
     from hpcserve.bench.results import load_run, write_table
 
@@ -220,7 +216,7 @@ def bench_compare(
     folder.mkdir(parents=True, exist_ok=True)
     write_table(folder / "compare.csv", loaded)
     write_plots(loaded, folder)
-    Console().print(runs_table(loaded))
+    console().print(runs_table(loaded))
     typer.echo(f"compared {len(loaded)} runs: {folder}/compare.csv, pareto.png, latency.png")
     invalid = [run.label for run in loaded if not run.valid]
     if invalid:

@@ -21,12 +21,20 @@ from rich.table import Table
 
 from hpcserve.bench.results import BenchRun, Percentiles, PointResult
 
+LOG_WIDTH = 200  # off a terminal (a job's log) the table is not squeezed into 80 columns
+
+
+def console() -> Console:
+    """A console for the table and the lines: the terminal's width, or LOG_WIDTH in a log."""
+    probe = Console()
+    return probe if probe.is_terminal else Console(width=LOG_WIDTH)
+
 
 class SweepDisplay:
     """`hpcserve bench`'s `sweep.Progress`: a rich progress bar, one line per point."""
 
-    def __init__(self, total_points: int, console: Console | None = None) -> None:
-        self.console = console or Console()
+    def __init__(self, total_points: int, out: Console | None = None) -> None:
+        self.console = out or console()
         self.total_points = total_points
         self.bar = Progress(
             SpinnerColumn(), TextColumn("{task.description}"), BarColumn(),
