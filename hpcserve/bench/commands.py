@@ -13,10 +13,14 @@ import json
 import signal
 from datetime import datetime
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from typer.core import TyperGroup
+
+if TYPE_CHECKING:  # the sweep imports matplotlib: only a sweep loads it, not every command
+    from hpcserve.bench.results import BenchRun
+    from hpcserve.bench.sweep import Target
 
 
 class _BenchGroup(TyperGroup):
@@ -110,16 +114,9 @@ def bench_run(
 
     from contract.config import BenchmarkConfig, ConfigError, load_config
     from contract.supervisor import DeploymentFailed
+    from hpcserve.bench import sweep
     from hpcserve.bench.aiperf_run import AiperfMissing
-    from hpcserve.bench.display import SweepDisplay, console, runs_table
-    from hpcserve.bench.sweep import (
-        TargetError,
-        config_target,
-        job_target,
-        new_run_folder,
-        run_sweep,
-        url_target,
-    )
+    from hpcserve.bench.display import console, runs_table
 
     logging.basicConfig(level=logging.WARNING, format="hpcserve: %(message)s")
     shared = {"system_prompt_tokens": system_prompt_tokens, "prefix_prompts": prefix_prompts,
@@ -145,22 +142,22 @@ def bench_run(
         if target.startswith(("http://", "https://")):
             config = load_config(None, overrides)
             bench = config.benchmark or BenchmarkConfig()
-            found = url_target(target, bench, model, tokenizer)
-            folder = new_run_folder(found.label, out)
-            run = _sweep_with_display(found, folder, run_sweep, SweepDisplay)
+            found = sweep.url_target(target, bench, model, tokenizer)
+            folder = sweep.new_run_folder(found.label, out)
+            run = _sweep_with_display(found, folder)
         elif Path(target).is_file():
             # A free frontend port unless --set says otherwise: a sweep needs no fixed one.
             config = load_config(Path(target), ["frontend.port=0", *overrides])
-            with config_target(config, target, model, say=typer.echo) as found:
-                folder = new_run_folder(found.label, out)
-                run = _sweep_with_display(found, folder, run_sweep, SweepDisplay)
+            with sweep.config_target(config, target, model, say=typer.echo) as found:
+                folder = sweep.new_run_folder(found.label, out)
+                run = _sweep_with_display(found, folder)
         else:
-            found = job_target(target, overrides, model)
-            folder = new_run_folder(found.label, out)
-            run = _sweep_with_display(found, folder, run_sweep, SweepDisplay)
+            found = sweep.job_target(target, overrides, model)
+            folder = sweep.new_run_folder(found.label, out)
+            run = _sweep_with_display(found, folder)
     except ConfigError as exc:
         raise _fail(str(exc), 2) from None
-    except (TargetError, AiperfMissing) as exc:
+    except (sweep.TargetError, AiperfMissing) as exc:
         raise _fail(str(exc), 1) from None
     except DeploymentFailed as exc:
         raise _fail(f"the deployment failed during the sweep: {exc}", 1) from None
@@ -175,11 +172,14 @@ def bench_run(
             f"concurrency {p.concurrency}: {p.reason}" for p in bad), 1)  # fmt: skip
 
 
-def _sweep_with_display(found: Any, folder: Path, run_sweep: Any, display_cls: Any) -> Any:
+def _sweep_with_display(found: Target, folder: Path) -> BenchRun:
+    from hpcserve.bench import sweep
+    from hpcserve.bench.display import SweepDisplay
+
     typer.echo(f"benchmarking {found.url} (model {found.model}, {found.gpus} GPU: "
                f"{found.gpus_from}) into {folder}")  # fmt: skip
-    with display_cls(len(found.bench.concurrency)) as display:
-        return run_sweep(found, folder, display)
+    with SweepDisplay(len(found.bench.concurrency)) as display:
+        return sweep.run_sweep(found, folder, display)
 
 
 @bench_app.command("compare")
