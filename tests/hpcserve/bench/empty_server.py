@@ -35,16 +35,30 @@ async def chat(request: Request):
     usage = {"prompt_tokens": 10, "completion_tokens": 0, "total_tokens": 10}
     if not body.get("stream"):
         usage_field = {"usage": usage} if MODE == "empty" else {}
-        return JSONResponse({
-            "id": "empty", "object": "chat.completion", "created": created, "model": MODEL,
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
-                         "finish_reason": "stop"}],
-            **usage_field,
-        })
+        return JSONResponse(
+            {
+                "id": "empty",
+                "object": "chat.completion",
+                "created": created,
+                "model": MODEL,
+                "choices": [
+                    {
+                        "index": 0,
+                        "message": {"role": "assistant", "content": text},
+                        "finish_reason": "stop",
+                    }
+                ],
+                **usage_field,
+            }
+        )
 
     def events():
-        base = {"id": "empty", "object": "chat.completion.chunk", "created": created,
-                "model": MODEL}
+        base = {
+            "id": "empty",
+            "object": "chat.completion.chunk",
+            "created": created,
+            "model": MODEL,
+        }
         deltas = [({"role": "assistant", "content": ""}, None)]
         deltas += [({"content": word + " "}, None) for word in text.split()]
         for delta, finish in [*deltas, ({}, "stop")]:

@@ -113,7 +113,9 @@ def test_compare_overlays_both_runs(
     assert result.returncode == 0, result.stderr
     rows = list(csv.DictReader((tmp_path / "compare.csv").open()))
     assert [(r["label"], r["concurrency"]) for r in rows] == [
-        ("mocker", "1"), ("mocker", "2"), ("smollm2", "2")
+        ("mocker", "1"),
+        ("mocker", "2"),
+        ("smollm2", "2"),
     ]
     image = mpimg.imread(tmp_path / "pareto.png")[:, :, :3]
     for index in (0, 1):  # both runs' colours are in the picture

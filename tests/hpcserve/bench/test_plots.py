@@ -85,7 +85,10 @@ def test_pareto_artists_hold_the_valid_points_and_the_frontiers(pareto) -> None:
                                              for p in AGG.points)  # fmt: skip
     frontier = by_gid(axes, "frontier-0")
     assert list(zip(frontier.get_xdata(), frontier.get_ydata(), strict=True)) == [
-        (40, 420), (70, 300), (90, 170), (100, 100)
+        (40, 420),
+        (70, 300),
+        (90, 170),
+        (100, 100),
     ]  # (60, 250) is beaten by (70, 300)
     disagg_frontier = by_gid(axes, "frontier-1")
     assert list(disagg_frontier.get_xdata()) == [30, 95, 120]  # the invalid point is not on it
@@ -94,7 +97,8 @@ def test_pareto_artists_hold_the_valid_points_and_the_frontiers(pareto) -> None:
     assert sorted(labels) == sorted(f"c{p.concurrency}" for r in (AGG, DISAGG)
                                     for p in r.points if p.valid)  # fmt: skip
     assert [t.get_text() for t in axes.get_legend().get_texts()][:2] == [
-        "agg (1 GPU)", "disagg (1 GPU)"
+        "agg (1 GPU)",
+        "disagg (1 GPU)",
     ]
 
 
@@ -122,7 +126,9 @@ def test_latency_figure_plots_p50_and_p99_against_concurrency(tmp_path: Path) ->
     image = mpimg.imread(path)
     ttft, itl, e2e = figure.axes
     assert [a.get_title() for a in figure.axes] == [
-        "time to first token (ms)", "inter-token latency (ms)", "end-to-end latency (ms)"
+        "time to first token (ms)",
+        "inter-token latency (ms)",
+        "end-to-end latency (ms)",
     ]
     line = by_gid(ttft, "ttft_ms-p50-0")
     assert list(line.get_xdata()) == [1, 2, 3, 4, 8]  # sorted by concurrency
