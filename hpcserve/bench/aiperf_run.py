@@ -82,9 +82,12 @@ def aiperf_argv(
     tokenizer: str | Path,
     concurrency: int,
     artifact_dir: Path,
+    point_index: int = 0,
     aiperf: list[str] | None = None,
 ) -> list[str]:
-    """The `aiperf profile` command line of one point of `bench`'s sweep."""
+    """The `aiperf profile` command line of point `point_index` of `bench`'s sweep. Each point
+    draws its prompts with seed + index: the same seed at every point would send a later point
+    the earlier one's prompts, all prefix-cache hits."""
     argv = [
         *(aiperf or ["aiperf"]), "profile",
         "--model", model,
@@ -96,7 +99,7 @@ def aiperf_argv(
         "--output-tokens-mean", str(bench.output_tokens.mean),
         "--output-tokens-stddev", _number(bench.output_tokens.stddev),
         "--tokenizer", str(tokenizer),
-        "--random-seed", str(bench.seed),
+        "--random-seed", str(bench.seed + point_index),
         "--request-timeout-seconds", _number(bench.request_timeout_s),
         "--use-server-token-count",
         "--artifact-dir", str(artifact_dir),
@@ -219,6 +222,7 @@ def measured_from_summary(data: dict[str, Any]) -> Measured:
         ttft_ms=_percentiles(data, "time_to_first_token"),
         itl_ms=_percentiles(data, "inter_token_latency"),
         latency_ms=_percentiles(data, "request_latency"),
+        cached_prompt_pct=_avg(data, "overall_usage_prompt_cache_read_pct"),
         cancelled=bool(data.get("was_cancelled")),
     )
 

@@ -48,6 +48,7 @@ class Measured(BaseModel):
     ttft_ms: Percentiles | None  # streaming only
     itl_ms: Percentiles | None  # streaming only
     latency_ms: Percentiles | None
+    cached_prompt_pct: float = 0.0  # prompt tokens the server found in its prefix cache
     cancelled: bool = False
 
 
@@ -69,6 +70,7 @@ class PointResult(BaseModel):
     ttft_ms: Percentiles | None
     itl_ms: Percentiles | None
     latency_ms: Percentiles | None
+    cached_prompt_pct: float = 0.0  # prefix-cache hits (%): the KV router's effect
     valid: bool
     reason: str  # why it is invalid; "" when valid
     error_examples: list[str] = []
@@ -149,6 +151,7 @@ def judge_point(
         ttft_ms=measured.ttft_ms,
         itl_ms=measured.itl_ms,
         latency_ms=measured.latency_ms,
+        cached_prompt_pct=measured.cached_prompt_pct,
         valid=not reason,
         reason=reason,
         error_examples=measured.error_examples,
@@ -177,7 +180,8 @@ CSV_COLUMNS = [
     "duration_s", "requests_per_s", "output_tok_s", "output_tok_s_per_user",
     "output_tok_s_per_gpu",
     "ttft_p50_ms", "ttft_p90_ms", "ttft_p99_ms", "itl_p50_ms", "itl_p90_ms", "itl_p99_ms",
-    "latency_p50_ms", "latency_p90_ms", "latency_p99_ms", "valid", "reason",
+    "latency_p50_ms", "latency_p90_ms", "latency_p99_ms", "cached_prompt_pct", "valid",
+    "reason",
 ]  # fmt: skip
 
 

@@ -206,7 +206,7 @@ def run_sweep(target: Target, folder: Path, progress: Progress) -> BenchRun:
         asked = bench.requests_at(concurrency)
         argv = aiperf_argv(
             bench, url=target.url, model=target.model, tokenizer=target.tokenizer,
-            concurrency=concurrency, artifact_dir=point_dir, aiperf=aiperf,
+            concurrency=concurrency, artifact_dir=point_dir, point_index=index, aiperf=aiperf,
         )  # fmt: skip
         log = folder / AIPERF_DIR / f"{name}.log"
         logger.info("concurrency %d: %s", concurrency, " ".join(argv))

@@ -26,9 +26,10 @@ def bench(*overrides: str) -> BenchmarkConfig:
     return config.benchmark
 
 
-def argv_of(b: BenchmarkConfig, concurrency: int = 4) -> list[str]:
+def argv_of(b: BenchmarkConfig, concurrency: int = 4, index: int = 0) -> list[str]:
     return aiperf_argv(b, url="http://10.0.0.1:8000/v1", model="m", tokenizer="/tok",
-                       concurrency=concurrency, artifact_dir=Path("/out/c4"))  # fmt: skip
+                       concurrency=concurrency, artifact_dir=Path("/out/c4"),
+                       point_index=index)  # fmt: skip
 
 
 def option(argv: list[str], name: str) -> str:
@@ -55,6 +56,8 @@ def test_argv_of_the_default_workload() -> None:
     for flag in ("--streaming", "--use-server-token-count"):
         assert flag in argv
     assert "--benchmark-duration" not in argv and "--conversation-turn-mean" not in argv
+    # the third point draws other prompts (else all prefix-cache hits), the same every run
+    assert option(argv_of(bench("seed=7"), index=2), "--random-seed") == "9"
 
 
 def test_argv_follows_every_workload_field() -> None:
@@ -109,6 +112,10 @@ def test_recorded_streaming_summary() -> None:
         assert (ours.p50, ours.p90, ours.p99) == tuple(raw[theirs][s] for s in stats)
         assert ours.p50 <= ours.p90 <= ours.p99
     assert not measured.cancelled
+    # recorded before prompts were seeded per point: c4 re-sent c1's prompts (the trap)
+    assert measured.cached_prompt_pct == pytest.approx(960 / 1128 * 100)
+    first = read_measured(DATA / "stream_c1")
+    assert first is not None and first.cached_prompt_pct == pytest.approx(192 / 1128 * 100)
 
 
 def test_recorded_non_streaming_summary_has_no_ttft_or_itl() -> None:

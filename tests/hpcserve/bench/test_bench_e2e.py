@@ -76,6 +76,9 @@ def test_mocker_sweep_of_two_concurrencies(mocker_run: tuple[Path, Path, str]) -
     assert run.target == "configs/local-mocker-kv.yaml" and run.finished
     for point in run.points:
         assert (folder / point.artifacts / "profile_export_aiperf.json").is_file()
+        # fresh prompts at each point: only the chat template's first block is a cache hit
+        # (a point re-sending the last one's prompts would be at 70 % and more)
+        assert point.cached_prompt_pct < 50, point
     rows = list(csv.DictReader((folder / "bench.csv").open()))
     assert [(r["concurrency"], r["valid"]) for r in rows] == [("1", "True"), ("2", "True")]
     assert "point 1/2: concurrency 1, 6 requests" in stdout
