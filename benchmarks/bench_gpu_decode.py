@@ -81,9 +81,10 @@ def main() -> int:
         set_fused(model, fused)
         cache = KvCache(cfg, per_seq * max(BATCHES), BLOCK, dtype, device, 1)
         runner = ModelRunner(model, cache, max_num_seqs=max(BATCHES))
-        runner.decode_kernel = paged
-        if runner.graphs is not None:
-            runner.graphs.paged_kernel = paged
+        if not paged:  # gather + masked SDPA instead of the device path's kernel
+            runner.decode_attention = None
+            if runner.graphs is not None:
+                runner.graphs.decode_attention = None
         driver = Driver(runner, None, device)
         for batch in BATCHES:
             seconds = driver.time_plan(decode_plan(batch, args.context), args.iters)

@@ -6,7 +6,9 @@ prompts of --prompt tokens, --new-tokens generated. Measured: the decode step at
 last request's first token / the time since), and batch-128 end to end (prefill included).
 Each figure is taken with synchronous stepping and with overlapped scheduling on the same
 engine, and against a minimal hand-written reference loop (contiguous KV, one CUDA graph)
-run in the same process. The last line: `gpu_engine bs1_roofline=<x> bs128_tok_s=<y>
+run in the same process. A busy-server case: the same 128 requests with a 512-token step
+budget, so most steps mix prefill chunks with decode rows, with mixed-step CUDA graphs on and
+off (eager) on the same engine. The last line: `gpu_engine bs1_roofline=<x> bs128_tok_s=<y>
 e2e_bs128_tok_s=<z> vs_reference_bs128=<r>`.
 
     python3 benchmarks/bench_gpu_engine.py --shape llama8b
@@ -178,6 +180,25 @@ async def measure(engine: TorchEngine, args: argparse.Namespace, tag: str) -> di
     }
 
 
+async def measure_mixed(engine: TorchEngine, args: argparse.Namespace) -> dict[str, float]:
+    """End-to-end tok/s of batch 128 under a 512-token step budget (chunked prefill beside
+    decode rows), mixed-step graphs on and off."""
+    graphs = engine.runner.graphs
+    assert graphs is not None
+    budget, cap = engine.scheduler.max_num_batched_tokens, graphs.max_mixed_tokens
+    engine.scheduler.max_num_batched_tokens = 512
+    figures = {}
+    try:
+        await run(engine, 128, args.prompt, args.new_tokens, "mixed-warmup")  # capture
+        for mode, limit in (("graphs", 512), ("eager", 0)):
+            graphs.max_mixed_tokens = limit
+            total, _, _ = await run(engine, 128, args.prompt, args.new_tokens, f"mixed-{mode}")
+            figures[mode] = 128 * args.new_tokens / total
+    finally:
+        engine.scheduler.max_num_batched_tokens, graphs.max_mixed_tokens = budget, cap
+    return figures
+
+
 async def main_async(args: argparse.Namespace) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
@@ -198,6 +219,7 @@ async def main_async(args: argparse.Namespace) -> None:
             for mode, overlap in (("synchronous", False), ("overlapped", True)):
                 engine.overlap = overlap  # read at every step: same engine, same graphs
                 figures[mode] = await measure(engine, args, mode)
+            mixed = await measure_mixed(engine, args)
         finally:
             await engine.shutdown()
         context = args.prompt + args.new_tokens // 2
@@ -215,6 +237,9 @@ async def main_async(args: argparse.Namespace) -> None:
     print(f"{'reference loop':<22}{ref1 * 1e3:>12.2f}{roofline / ref1:>10.2f}"
           f"{128 / ref128:>13.0f}{ref128 * 1e3:>10.2f}")  # fmt: skip
     print(f"(roofline {roofline * 1e3:.2f} ms at 4.17 TB/s; context {context})")
+    print(f"busy server (512-token steps, e2e tok/s): mixed-step graphs {mixed['graphs']:.0f}, "
+          f"eager {mixed['eager']:.0f}; "
+          f"mixed_graphs_vs_eager={mixed['graphs'] / mixed['eager']:.2f}")
     over, sync = figures["overlapped"], figures["synchronous"]
     print(f"overlap_vs_sync bs1={sync['bs1_step_s'] / over['bs1_step_s']:.2f} "
           f"bs128={over['bs128_decode_tok_s'] / sync['bs128_decode_tok_s']:.2f} "

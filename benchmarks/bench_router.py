@@ -1,28 +1,35 @@
-"""Routing policies compared on a prefix-heavy chat workload, with simulated (mocker) workers.
+"""Routing policies compared on prefix-heavy chat workloads, with simulated (mocker) workers.
 
-Part 1 (in one process, no HTTP): N `MockerEngine`s (real block managers, real KV events, the
-timing model), a workload of multi-turn conversations over a few shared system prompts, and
-the same conversations replayed under round_robin, least_loaded, kv and an oracle (the kv
-cost function fed with every worker's true cache, instantly). The kv router is the real
-`KvRouter` over the real `KvIndex`, fed through `KvIndexFeed` (seq checks, snapshots at start)
-with the KV events delayed by `--event-delay-ms` (the NATS hop); load metrics reach the
-`LoadTracker` every `--metrics-ms`, as the workers publish them. Times are simulated
-milliseconds (wall time × speedup).
+Part 1, through HTTP (the default): for each workload and policy, a local deployment of
+`configs/local-mocker-kv.yaml` started through hpcserve's launcher (etcd, NATS, 8 mocker
+workers with real block managers and KV events, the frontend) with `frontend.router` set to
+the policy, and an async client streaming chat requests, `--concurrency` at a time:
 
-Part 2 (`--overhead`, on by default): the frontend's own cost. `hpcserve up`'s processes
-(etcd, NATS, mocker workers with a zero-time model, the frontend with the kv router) started
-through the launcher; 1-token completions by token ids: requests/s and latency p50, which is
-all overhead since the engine takes no time.
+- system_prompts: each request one of `--http-systems` long system prompts (~3,400 tokens)
+  plus a short unique question (the workload of issue 14);
+- multi_turn: conversations whose every turn resends the whole history;
+- no_prefix: every prompt unique (the router must not lose to round robin here).
 
-    python benchmarks/bench_router.py [--workers 8] [--conversations 128] [--no-overhead]
+Each worker caches `--http-num-blocks` blocks: a few system prompts, far fewer than all.
+TTFT is wall time to the first streamed token; the hit rate is cached / prompt tokens as the
+frontend reports them (`usage.prompt_tokens_details.cached_tokens`); the oracle hit rate is
+the tokens in blocks some earlier request of the run already had (no router can hit more).
 
-The last line is `kv_vs_round_robin ttft_p50_speedup=<x> hit_rate_vs_oracle=<y>`.
+Part 2 (`--inproc`): the same router in one process without HTTP (N `MockerEngine`s, KV
+events delayed by `--event-delay-ms`, simulated time), with an exact-cache oracle router.
+
+    python benchmarks/bench_router.py [--workers 8] [--inproc]
+
+The last line is `router kv_vs_rr_ttft_p50=<x> hit_rate_vs_oracle=<y> no_prefix_ratio=<z>`:
+round-robin TTFT p50 / kv TTFT p50 on system_prompts and on no_prefix (> 1: kv faster), and
+kv's hit rate / the oracle's, the lower of system_prompts and multi_turn.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import logging
 import random
 import statistics
@@ -172,7 +179,7 @@ async def run_policy(
     elif name == "least_loaded":
         router = LeastLoadedRouter(tracker)
     elif name == "oracle":
-        oracle_config = KvRouterConfig(block_size=BLOCK, overlap_score_weight=args.overlap_weight)
+        oracle_config = KvRouterConfig(**args.kv_settings)
         router = KvRouter(oracle_config, OracleIndex(engines), tracker, seed=1)
     else:  # kv
 
@@ -181,7 +188,7 @@ async def run_policy(
             return KvSnapshot(worker_id=worker_id, seq=seqs[worker_id], block_hashes=hashes)
 
         feed = KvIndexFeed(KvIndex(), fetch, reconcile_interval_s=3600)
-        kv_config = KvRouterConfig(block_size=BLOCK, overlap_score_weight=args.overlap_weight)
+        kv_config = KvRouterConfig(**args.kv_settings)
         router = KvRouter(kv_config, feed.index, tracker, seed=1)
         feed.on_workers_changed(cards)
         router.on_workers_changed(cards)
@@ -231,6 +238,7 @@ async def run_policy(
             async for out in engines[card.worker_id].generate(request):
                 if out.token_ids and first is None:
                     first = time.perf_counter()
+                    tracker.prefilled(request.request_id)  # as the frontend's RequestStream
                 output.extend(out.token_ids)
                 if out.finish_reason is not None:
                     result.prompt_tokens += out.num_prompt_tokens
@@ -261,58 +269,178 @@ async def run_policy(
     return result
 
 
-# ----- frontend overhead --------------------------------------------------------------------
-async def measure_overhead(args: argparse.Namespace) -> tuple[float, float]:
-    """Requests/s and latency p50 (ms) of 1-token completions through a real deployment."""
+# ----- through HTTP -------------------------------------------------------------------------
+WORDS = (  # noqa: SIM905 - a word list reads best as text
+    "the of and to in is that for it as was with be by on not he this are or his from at "
+    "which but have an they you were her she there been one all we their has would when "
+    "what if will each about how up out them then many some so these would other into "
+    "more time could two like him see now long very only over new sound take little work "
+    "know place year live me back give most good man think say great where help through "
+    "much before line right too mean old any same tell boy follow came want show also "
+    "around form three small set put end does another well large must big even such "
+    "because turn"
+).split()
+
+
+@dataclass
+class HttpChat:
+    """One chat request of a workload: its messages, and which conversation it continues."""
+
+    messages: list[dict[str, str]]
+    conversation: int | None = None  # multi-turn: the next turn waits for this one
+
+
+@dataclass
+class HttpResult:
+    name: str
+    ttft_ms: list[float] = field(default_factory=list)
+    hit_ttft_ms: list[float] = field(default_factory=list)  # of requests with a cache hit
+    prompt_tokens: int = 0
+    cached_tokens: int = 0
+    oracle_tokens: int = 0  # prompt tokens in blocks an earlier request of the run already had
+    duration_s: float = 0.0
+
+    @property
+    def hit_rate(self) -> float:
+        return self.cached_tokens / max(self.prompt_tokens, 1)
+
+    @property
+    def oracle_hit_rate(self) -> float:
+        return self.oracle_tokens / max(self.prompt_tokens, 1)
+
+    def p(self, q: float) -> float:
+        data = sorted(self.ttft_ms)
+        return data[min(len(data) - 1, int(q * len(data)))] if data else float("nan")
+
+
+def _text(rng: random.Random, words: int) -> str:
+    return " ".join(rng.choice(WORDS) for _ in range(words))
+
+
+def http_workloads(args: argparse.Namespace) -> dict[str, list[list[HttpChat]]]:
+    """Each workload: a list of request chains (a chain's requests run in order, chains
+    concurrently up to --concurrency)."""
+    rng = random.Random(args.seed)
+    systems = [f"System prompt {i}. " + _text(rng, args.http_system_words)
+               for i in range(args.http_systems)]  # fmt: skip
+    shared = [
+        [HttpChat([{"role": "system", "content": rng.choice(systems)},
+                   {"role": "user", "content": f"Question {i}: {_text(rng, 12)}?"}])]
+        for i in range(args.http_requests)
+    ]  # fmt: skip
+    turns = []
+    per = max(1, args.http_requests // args.http_turns)
+    for c in range(per):
+        chain = []
+        history: list[dict[str, str]] = [
+            {"role": "system", "content": f"Conversation {c}. " + _text(rng, 300)}
+        ]
+        for _ in range(args.http_turns):
+            history = [*history, {"role": "user", "content": _text(rng, 120)}]
+            chain.append(HttpChat(list(history), conversation=c))
+            history = [*history, {"role": "assistant", "content": _text(rng, args.max_tokens)}]
+        turns.append(chain)
+    unique = [
+        [HttpChat([{"role": "system",
+                    "content": f"Unique {i}. " + _text(rng, args.http_system_words)},
+                   {"role": "user", "content": _text(rng, 12)}])]
+        for i in range(args.http_requests)
+    ]  # fmt: skip
+    return {"system_prompts": shared, "multi_turn": turns, "no_prefix": unique}
+
+
+async def run_http_policy(
+    router: str, workload: list[list[HttpChat]], args: argparse.Namespace, tokenizer: object
+) -> HttpResult:
+    """Start the mocker deployment with `frontend.router=router`, run `workload`, stop it."""
     import httpx
 
     from hpcserve.launcher import start_deployment, stop_deployment
 
-    run_dir = Path(tempfile.mkdtemp(prefix="bench-router-"))
-    config = load_config(
-        overrides=[
-            "name=bench-router",
-            "engine.kind=mocker",
-            "engine.mocker.prefill_ms_per_token=0",
-            "engine.mocker.decode_ms_base=0",
-            "engine.mocker.decode_ms_per_seq=0",
-            "engine.mocker.decode_ms_per_ctx_token=0",
-            f"workers.0.count={args.overhead_workers}",
-            "frontend.router=kv",
-            "frontend.port=0",
-            f"run_dir={run_dir}",
-        ],
-        environ={},
-    )
+    run_dir = Path(tempfile.mkdtemp(prefix=f"bench-router-{router}-"))
+    overrides = [
+        "name=bench-router-http",
+        f"frontend.router={router}",
+        "frontend.port=0",
+        f"engine.mocker.prefill_ms_per_token={args.http_prefill_ms_per_token}",
+        f"engine.mocker.speedup={args.http_speedup}",
+        f"engine.num_blocks={args.http_num_blocks}",
+        f"workers.0.count={args.workers}",
+        f"run_dir={run_dir}",
+        *args.set,
+    ]
+    config = load_config(args.config, overrides=overrides, environ={})
     deployment = await asyncio.to_thread(start_deployment, config, lambda _m: None)
+    result = HttpResult(router)
+    seen: set[int] = set()
     try:
-        rng = random.Random(3)
-        prompts = [[rng.randrange(3, 40000) for _ in range(64)] for _ in range(64)]
-        limits = httpx.Limits(max_connections=args.overhead_concurrency)
-        async with httpx.AsyncClient(base_url=deployment.url, timeout=60, limits=limits) as client:
+        limits = httpx.Limits(max_connections=args.concurrency + 4)
+        async with httpx.AsyncClient(base_url=deployment.url, timeout=600, limits=limits) as client:
+            await _wait_workers(client, deployment.url, args.workers)
+            chains = iter(workload)
+            size = config.engine.block_size
+            hashes_of = {  # before the clock starts: the client's CPU is the frontend's too
+                id(chat): block_hashes(tokenizer.encode_chat(chat.messages), size)  # type: ignore[attr-defined]
+                for chain in workload for chat in chain
+            }  # fmt: skip
 
-            async def one(i: int) -> float:
+            async def one(chat: HttpChat) -> None:
+                hashes = hashes_of[id(chat)]
+                known = 0
+                for h in hashes:
+                    if h not in seen:
+                        break
+                    known += 1
+                seen.update(hashes)
+                body = {"messages": chat.messages, "max_tokens": args.max_tokens,
+                        "stream": True, "stream_options": {"include_usage": True}}  # fmt: skip
                 t0 = time.perf_counter()
-                body = {"prompt": prompts[i % len(prompts)], "max_tokens": 1}
-                response = await client.post("/completions", json=body)
-                response.raise_for_status()
-                return time.perf_counter() - t0
+                first = None
+                usage = None
+                async with client.stream("POST", "/chat/completions", json=body) as response:
+                    response.raise_for_status()
+                    async for line in response.aiter_lines():
+                        if not line.startswith("data: ") or line == "data: [DONE]":
+                            continue
+                        chunk = json.loads(line[6:])
+                        if first is None and chunk.get("choices"):
+                            first = time.perf_counter()
+                        if chunk.get("usage"):
+                            usage = chunk["usage"]
+                assert first is not None and usage is not None
+                result.ttft_ms.append((first - t0) * 1000.0)
+                result.prompt_tokens += usage["prompt_tokens"]
+                details = usage.get("prompt_tokens_details") or {}
+                result.cached_tokens += details.get("cached_tokens", 0)
+                if details.get("cached_tokens", 0):
+                    result.hit_ttft_ms.append((first - t0) * 1000.0)
+                result.oracle_tokens += min(known * config.engine.block_size,
+                                            usage["prompt_tokens"] - 1)  # fmt: skip
 
-            for i in range(20):  # warm-up, and a sequential latency sample
-                await one(i)
-            sequential = [await one(i) for i in range(100)]
-            semaphore = asyncio.Semaphore(args.overhead_concurrency)
-
-            async def bounded(i: int) -> float:
-                async with semaphore:
-                    return await one(i)
+            async def lane() -> None:
+                for chain in chains:
+                    for chat in chain:
+                        await one(chat)
 
             t0 = time.perf_counter()
-            await asyncio.gather(*(bounded(i) for i in range(args.overhead_requests)))
-            rps = args.overhead_requests / (time.perf_counter() - t0)
-        return rps, statistics.median(sequential) * 1000.0
+            await asyncio.gather(*(lane() for _ in range(args.concurrency)))
+            result.duration_s = time.perf_counter() - t0
     finally:
         await asyncio.to_thread(stop_deployment, deployment, lambda _m: None)
+    return result
+
+
+async def _wait_workers(client: object, url: str, workers: int) -> None:
+    """Until /health counts every worker (the launcher waits for the frontend only)."""
+    deadline = time.monotonic() + 120
+    health = url.removesuffix("/v1") + "/health"
+    while True:
+        response = await client.get(health)  # type: ignore[attr-defined]
+        if response.status_code == 200 and response.json().get("workers", 0) >= workers:
+            return
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{workers} workers did not register within 120 s")
+        await asyncio.sleep(0.2)
 
 
 # ----- main ---------------------------------------------------------------------------------
@@ -320,6 +448,24 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add = parser.add_argument
     add("--workers", type=int, default=8)
+    add("--concurrency", type=int, default=16, help="HTTP: requests in flight")
+    add("--max-tokens", type=int, default=16, help="HTTP: output tokens per request")
+    add(
+        "--config",
+        default=str(Path(__file__).resolve().parents[1] / "configs/local-mocker-kv.yaml"),
+    )
+    add("--set", action="append", default=[], help="HTTP: extra config overrides key=value")
+    add("--http-systems", type=int, default=32)
+    add("--http-system-words", type=int, default=3300, help="~3,400 tokens")
+    add("--http-requests", type=int, default=240)
+    add("--http-turns", type=int, default=6)
+    add("--http-prefill-ms-per-token", type=float, default=0.5)
+    add("--http-num-blocks", type=int, default=1400, help="KV blocks per worker")
+    add("--http-speedup", type=float, default=1.0)
+    add("--workloads", default="system_prompts,multi_turn,no_prefix")
+    add("--repeat", type=int, default=1, help="HTTP: rounds, alternating the policy order")
+    add("--http", action=argparse.BooleanOptionalAction, default=True)
+    add("--inproc", action=argparse.BooleanOptionalAction, default=False)
     add("--conversations", type=int, default=96)
     add("--turns", type=int, default=10)
     add("--systems", type=int, default=8, help="distinct shared system prompts")
@@ -338,35 +484,80 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add("--event-delay-ms", type=float, default=2.0, help="wall ms; the NATS hop")
     add("--metrics-ms", type=float, default=50.0, help="wall ms between load reports")
     add("--seed", type=int, default=0)
-    add(
-        "--overlap-weight", type=float, default=8.0,
-        help="frontend.kv_router.overlap_score_weight for the kv and oracle runs (a kv run at "
-        "the config default 1.0 is shown too)",
+    args = parser.parse_args(argv)
+    args.kv_settings = {}  # in-process: the config defaults, as a user gets them
+    return args
+
+
+def _table(results: dict[str, HttpResult]) -> str:
+    lines = [
+        f"{'workload/policy':<26} {'hit_rate':>8} {'oracle':>7} {'ttft_p50_ms':>11} "
+        f"{'ttft_p90_ms':>11} {'hit_ttft_p50':>12} {'requests':>8} {'wall_s':>7}"
+    ]
+    for name, r in results.items():
+        hit_p50 = statistics.median(r.hit_ttft_ms) if r.hit_ttft_ms else float("nan")
+        lines.append(
+            f"{name:<26} {r.hit_rate:>8.3f} {r.oracle_hit_rate:>7.3f} {r.p(0.5):>11.0f} "
+            f"{r.p(0.9):>11.0f} {hit_p50:>12.0f} {len(r.ttft_ms):>8d} {r.duration_s:>7.1f}"
+        )
+    return "\n".join(lines)
+
+
+async def http_main(args: argparse.Namespace) -> tuple[float, float, float]:
+    from contract.config import default_model_dir
+    from frontend.tokenization import TextTokenizer
+
+    model = load_config(args.config, overrides=args.set, environ={}).model.path
+    tokenizer = TextTokenizer(str(model or default_model_dir()))
+    workloads = http_workloads(args)
+    results: dict[str, HttpResult] = {}
+    # alternating rounds: a machine whose load drifts (other jobs) skews both policies alike
+    for round_ in range(args.repeat):
+        for workload in args.workloads.split(","):
+            policies = ("round_robin", "kv") if round_ % 2 == 0 else ("kv", "round_robin")
+            for policy in policies:
+                t0 = time.perf_counter()
+                one = await run_http_policy(policy, workloads[workload], args, tokenizer)
+                logger.info("%s/%s done in %.1f s", workload, policy, time.perf_counter() - t0)
+                merged = results.setdefault(f"{workload}/{policy}", HttpResult(policy))
+                merged.ttft_ms += one.ttft_ms
+                merged.hit_ttft_ms += one.hit_ttft_ms
+                merged.prompt_tokens += one.prompt_tokens
+                merged.cached_tokens += one.cached_tokens
+                merged.oracle_tokens += one.oracle_tokens
+                merged.duration_s += one.duration_s
+    logger.info(
+        "through HTTP: %d mocker workers (%d KV blocks each, prefill %.2f ms/token), %d "
+        "streaming chat requests per workload and round (%d), %d at a time, %d output "
+        "tokens\n%s",
+        args.workers, args.http_num_blocks, args.http_prefill_ms_per_token, args.http_requests,
+        args.repeat, args.concurrency, args.max_tokens, _table(results),
     )  # fmt: skip
-    add("--overhead", action=argparse.BooleanOptionalAction, default=True)
-    add("--overhead-workers", type=int, default=2)
-    add("--overhead-requests", type=int, default=600)
-    add("--overhead-concurrency", type=int, default=32)
-    return parser.parse_args(argv)
+
+    def ratio(workload: str) -> float:
+        rr, kv = results.get(f"{workload}/round_robin"), results.get(f"{workload}/kv")
+        return rr.p(0.5) / kv.p(0.5) if rr and kv else float("nan")
+
+    vs_oracle = [
+        r.hit_rate / max(r.oracle_hit_rate, 1e-9)
+        for name, r in results.items()
+        if name.endswith("/kv") and not name.startswith("no_prefix")
+    ]
+    return ratio("system_prompts"), min(vs_oracle, default=float("nan")), ratio("no_prefix")
 
 
-async def main_async(args: argparse.Namespace) -> None:
+async def inproc_main(args: argparse.Namespace) -> None:
     conversations = make_workload(args)
     results: dict[str, Result] = {}
-    runs = [("round_robin", args), ("least_loaded", args), ("kv", args), ("oracle", args)]
-    if args.overlap_weight != 1.0:
-        runs.insert(3, ("kv(w=1.0)", argparse.Namespace(**{**vars(args), "overlap_weight": 1.0})))
-    for name, run_args in runs:
+    for name in ("round_robin", "least_loaded", "kv", "oracle"):
         t0 = time.perf_counter()
-        results[name] = await run_policy(name, conversations, run_args)
+        results[name] = await run_policy(name, conversations, args)
         logger.info("%s done in %.1f s wall", name, time.perf_counter() - t0)
-    any_result = results["round_robin"]
     logger.info(
-        "workload: %d workers, %d conversations x %d turns over %d system prompts of %d "
-        "tokens; prefix-sharing ratio %.3f (prompt tokens in blocks an earlier request had); "
-        "kv and oracle with overlap_score_weight %.1f",
+        "in-process workload: %d workers, %d conversations x %d turns over %d system prompts "
+        "of %d tokens; prefix-sharing ratio %.3f; kv router at the config defaults",
         args.workers, args.conversations, args.turns, args.systems, args.system_tokens,
-        any_result.sharing, args.overlap_weight,
+        results["round_robin"].sharing,
     )  # fmt: skip
     header = (
         f"{'policy':<13} {'hit_rate':>8} {'ttft_p50_ms':>11} {'ttft_p90_ms':>11} "
@@ -378,26 +569,23 @@ async def main_async(args: argparse.Namespace) -> None:
             f"{name:<13} {r.hit_rate:>8.3f} {r.p(0.5):>11.1f} {r.p(0.9):>11.1f} "
             f"{r.throughput:>10.0f} {len(r.ttft_ms):>8d}"
         )
-    logger.info("results (simulated time)\n%s", "\n".join(lines))
     rr, kv, oracle = results["round_robin"], results["kv"], results["oracle"]
     logger.info(
-        "kv/round_robin: hit rate x%.2f, ttft p50 speedup x%.2f, p90 speedup x%.2f, "
-        "throughput x%.2f; oracle hit rate %.3f",
-        kv.hit_rate / max(rr.hit_rate, 1e-9), rr.p(0.5) / kv.p(0.5), rr.p(0.9) / kv.p(0.9),
-        kv.throughput / rr.throughput, oracle.hit_rate,
+        "in-process results (simulated time)\n%s\nkv/round_robin: ttft p50 x%.2f, hit rate "
+        "vs oracle %.3f",
+        "\n".join(lines), rr.p(0.5) / kv.p(0.5), kv.hit_rate / max(oracle.hit_rate, 1e-9),
     )  # fmt: skip
-    if args.overhead:
-        rps, p50 = await measure_overhead(args)
-        logger.info(
-            "frontend overhead (%d zero-time mocker workers, kv router, HTTP + NATS): "
-            "%.0f requests/s at concurrency %d; added latency p50 %.2f ms (1-token request)",
-            args.overhead_workers, rps, args.overhead_concurrency, p50,
-        )  # fmt: skip
-    speedup = rr.p(0.5) / kv.p(0.5)
-    vs_oracle = kv.hit_rate / max(oracle.hit_rate, 1e-9)
-    sys.stdout.write(
-        f"kv_vs_round_robin ttft_p50_speedup={speedup:.2f} hit_rate_vs_oracle={vs_oracle:.3f}\n"
-    )
+
+
+async def main_async(args: argparse.Namespace) -> None:
+    if args.inproc:
+        await inproc_main(args)
+    if args.http:
+        speedup, vs_oracle, no_prefix = await http_main(args)
+        sys.stdout.write(
+            f"router kv_vs_rr_ttft_p50={speedup:.2f} hit_rate_vs_oracle={vs_oracle:.3f} "
+            f"no_prefix_ratio={no_prefix:.2f}\n"
+        )
 
 
 def main() -> None:

@@ -140,7 +140,7 @@ def build_model(cfg: ModelConfig, tp: TpGroup, device, dtype, seed: int, max_pos
                 param.data.copy_(full)
             del full
     model.rotary = RotaryEmbedding(cfg.head_dim, max_pos, cfg.rope_theta, None).to(device)
-    model.prepare_inference(8 if torch.device(device).type == "cpu" else None)
+    model.prepare_inference()  # the device path follows the weights' device and dtype
     return model.eval()
 
 

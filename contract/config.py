@@ -175,18 +175,62 @@ def group_ranks(config: DeploymentConfig, group: WorkerGroupConfig) -> int:
 
 
 class KvRouterConfig(_Section):
-    """KV-aware routing: cost = overlap_score_weight * prefill blocks + active blocks."""
+    """KV-aware routing (Dynamo's cost model; lowest wins, see `frontend.kv_router`):
 
-    overlap_score_weight: float = Field(default=1.0, ge=0)
+    prefill = own pending prefill blocks
+              + uncached_weight x max(prompt blocks - overlap_credit x cached blocks, 0)
+    cost    = prefill_load_scale x prefill + decode blocks (deduplicated) + new blocks
+    """
+
+    overlap_credit: float = Field(
+        default=1.0, ge=0, le=1, description="credit per cached prefix block; 0 ignores caches"
+    )
+    uncached_weight: float = Field(
+        default=2.0,
+        ge=1,
+        description="weight of the request's own uncached blocks in the prefill term: 1 is "
+        "its own wait only (Dynamo); 2 adds the wait it imposes on the worker's next "
+        "requests, so a hit behind one fresh prefill beats recomputing the prefix elsewhere",
+    )
+    prefill_load_scale: float = Field(
+        default=4.0, ge=0, description="weight of the prefill term against the decode term"
+    )
+    overlap_score_weight: float | None = Field(
+        default=None,
+        ge=0,
+        description="deprecated (the old cost model); when set, used as prefill_load_scale",
+    )
     router_temperature: float = Field(
         default=0.0, ge=0, description="0: cheapest worker; > 0: softmax sampling over -cost"
     )
-    block_size: int = Field(
-        default=16, ge=1, le=1024, description="must equal every routed worker's block size"
+    block_size: int | None = Field(
+        default=None,
+        ge=1,
+        le=1024,
+        description="deprecated: prompts are hashed at each worker's own block size (its card)",
     )
     reconcile_interval_s: float = Field(
         default=30.0, gt=0, description="how often the KV index asks every worker for a snapshot"
     )
+    approx_ttl_s: float = Field(
+        default=120.0,
+        gt=0,
+        description="how long a routed prompt counts as cached for a worker that publishes "
+        "no KV events (the approximate index)",
+    )
+    events_grace_s: float = Field(
+        default=10.0,
+        gt=0,
+        description="a worker that finished requests but published no KV event for this long "
+        "is warned about (once) and routed by the approximate index",
+    )
+
+    @property
+    def load_scale(self) -> float:
+        """prefill_load_scale, or the deprecated overlap_score_weight when that is set."""
+        if self.overlap_score_weight is not None:
+            return self.overlap_score_weight
+        return self.prefill_load_scale
 
 
 class FrontendConfig(_Section):
@@ -205,6 +249,9 @@ class FrontendConfig(_Section):
     restart: RestartPolicy = Field(default_factory=RestartPolicy)  # always critical
     max_request_bytes: int = Field(
         default=16 * 2**20, ge=1024, description="larger request bodies get a 413, unread"
+    )
+    max_n: int = Field(
+        default=16, ge=1, description="most choices (`n`) one completion request may ask for"
     )
 
 

@@ -76,6 +76,7 @@ class PlannedProcess:
     group: int | None = None
     index: int | None = None
     ranks: int = 1  # MPI ranks the launcher starts (tp, times pp for TensorRT-LLM)
+    worker_id: str | None = None  # a worker's registered id when not role-gG-iI (worker jobs)
 
 
 def split_url(url: str, default_port: int) -> tuple[str, int]:

@@ -119,6 +119,24 @@ class SlurmConfig(BaseModel):
     head_hosts_workers: bool = Field(
         default=False, description="place worker ranks on the head node too"
     )
+    drain_s: int = Field(
+        default=120,
+        ge=10,
+        description="Slurm signals the job (`--signal=B:USR1@drain_s`) this many seconds before "
+        "its time limit: the deployment hands over to its successor (if any), drains its "
+        "workers and ends FINISHED with reason 'time limit'. Slurm may signal up to 60 s early",
+    )
+    successor: bool = Field(
+        default=False,
+        description="submit the next generation of this deployment `successor_lead_s` before "
+        "the time limit, so the service outlives the job (needs time_limit)",
+    )
+    successor_lead_s: int = Field(
+        default=600,
+        ge=1,
+        description="how long before the time limit the successor is submitted: its queue "
+        "wait plus start-up must fit in it (at once when the job is shorter)",
+    )
 
     @field_validator("partition", "account", "qos", "constraint")
     @classmethod
@@ -202,6 +220,20 @@ class SlurmConfig(BaseModel):
             text = str(item).lower() if isinstance(item, bool) else str(item)
             result[key] = _one_line(text, key)
         return result
+
+    @field_validator("successor")
+    @classmethod
+    def _successor_needs_limit(cls, value: bool, info: ValidationInfo) -> bool:
+        if value and info.data.get("time_limit") is None:
+            raise ValueError("needs slurm.time_limit (the successor is timed from it)")
+        return value
+
+    @property
+    def time_limit_seconds(self) -> int | None:
+        if self.time_limit is None:
+            return None
+        hours, minutes, seconds = (int(part) for part in self.time_limit.split(":"))
+        return hours * 3600 + minutes * 60 + seconds
 
     @property
     def time_limit_minutes(self) -> int | None:

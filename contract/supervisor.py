@@ -282,7 +282,7 @@ class Supervisor:
         planned = component.planned
         if planned.group is None or planned.index is None:
             return None
-        wid = worker_id(planned.role, planned.group, planned.index)
+        wid = planned.worker_id or worker_id(planned.role, planned.group, planned.index)
         return worker_key(self.config.name, planned.role, wid)
 
     def _forget_registration(self, component: Component) -> None:
@@ -330,6 +330,31 @@ class Supervisor:
                 self.say(f"draining {component.name}")
                 changed = True
         return changed
+
+    def drain_workers(self, timeout_s: float, poll_s: float = 0.2) -> list[str]:
+        """The graceful end of the whole deployment (time limit, preemption): SIGTERM every
+        worker at once (each deregisters, finishes its streams and exits 0) and wait, bounded,
+        until all are gone; the frontend and services still run, so held streams complete.
+        Returns the workers still running at the deadline (the ordered stop ends them)."""
+        workers = [c for c in self.components
+                   if c.planned.stage == STAGE_WORKERS and c.process is not None]  # fmt: skip
+        for component in workers:
+            assert component.process is not None
+            if component.process.running():
+                component.process.terminate()
+                component.phase = "draining"
+        self._changed()
+        deadline = time.monotonic() + timeout_s
+        while True:
+            left = [c for c in workers if c.process is not None and c.process.running()]
+            if not left or time.monotonic() > deadline:
+                break
+            time.sleep(poll_s)
+        for component in workers:
+            if component not in left:
+                component.phase = "drained"
+        self._changed()
+        return [c.name for c in left]
 
     # ----- reporting -----------------------------------------------------------------------
     def _changed(self) -> None:

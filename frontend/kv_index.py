@@ -10,7 +10,12 @@ no candidate holds.
 joins, a frontend (re)start and a periodic timer all trigger a reconcile: the worker is asked
 for a `KvSnapshot` (its full set of cached hashes as of a seq), the index replaces that
 worker's blocks with it and replays the batches that arrived meanwhile. A worker that leaves
-the `WorkerDirectory` (lease lapse) loses all its blocks at once.
+the `WorkerDirectory` (lease lapse) loses all its blocks at once. The feed also remembers
+which workers ever published a block (`published`): the router warns about the others.
+
+`RoutedPrefixIndex` is the fallback for workers that publish no KV events: the blocks of the
+prompts the router sent them, each forgotten `ttl_s` after it was last routed (Dynamo's
+approximate mode): the engine's real cache is unknown, so a guess that ages out.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -108,6 +114,40 @@ class KvIndex:
         return scores
 
 
+class RoutedPrefixIndex(KvIndex):
+    """A `KvIndex` of the prompts routed to each worker, each block kept `ttl_s` after it
+    was last routed there: an approximation of the worker's cache when it reports none."""
+
+    def __init__(self, ttl_s: float = 120.0) -> None:
+        super().__init__()
+        self.ttl_s = ttl_s
+        self._touched: OrderedDict[tuple[str, int], float] = OrderedDict()  # oldest first
+
+    def routed(self, worker_id: str, hashes: Iterable[int], now: float) -> None:
+        """`worker_id` got a prompt with these block hashes at `now`."""
+        hashes = list(hashes)
+        self.store(worker_id, hashes)
+        for h in hashes:
+            key = (worker_id, h)
+            self._touched[key] = now
+            self._touched.move_to_end(key)
+        self.expire(now)
+
+    def expire(self, now: float) -> None:
+        """Forget the blocks last routed more than `ttl_s` before `now`."""
+        while self._touched:
+            (worker_id, h), at = next(iter(self._touched.items()))
+            if now - at <= self.ttl_s:
+                return
+            del self._touched[(worker_id, h)]
+            self.remove(worker_id, (h,))
+
+    def drop_worker(self, worker_id: str) -> None:
+        super().drop_worker(worker_id)
+        for key in [key for key in self._touched if key[0] == worker_id]:
+            del self._touched[key]
+
+
 @dataclass
 class _WorkerSync:
     """Where one worker's event stream stands."""
@@ -143,6 +183,7 @@ class KvIndexFeed:
         self._reconciler: asyncio.Task[None] | None = None
         self.num_gaps = 0
         self.num_snapshots = 0
+        self.published: set[str] = set()  # workers that ever reported a cached block
 
     # ----- lifecycle -----------------------------------------------------------------------
     async def start(self) -> None:
@@ -171,6 +212,7 @@ class KvIndexFeed:
         for gone in self._workers - current:
             self.index.drop_worker(gone)
             self._sync.pop(gone, None)
+            self.published.discard(gone)
             logger.info("KV index: dropped worker %s", gone)
         joined = current - self._workers
         self._workers = current
@@ -191,6 +233,8 @@ class KvIndexFeed:
         worker_id = batch.worker_id
         if worker_id not in self._workers:
             return  # unknown or gone: its join (snapshot) will cover it
+        if batch.events:
+            self.published.add(worker_id)
         sync = self._sync.setdefault(worker_id, _WorkerSync())
         if sync.pending:
             sync.buffer.append(batch)
@@ -242,6 +286,8 @@ class KvIndexFeed:
         if sync is None or worker_id not in self._workers:
             return  # left while we asked
         self.num_snapshots += 1
+        if snapshot.block_hashes:
+            self.published.add(worker_id)
         self.index.replace(worker_id, snapshot.block_hashes)
         sync.last_seq = snapshot.seq
         buffered, sync.buffer, sync.pending = sorted(sync.buffer, key=_seq), [], False

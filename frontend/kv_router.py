@@ -1,22 +1,40 @@
-"""KV-aware routing: send a request where its prompt prefix is already cached, unless busy.
+"""KV-aware routing: send a request where its prompt prefix is cached, weighed against load.
 
-Per candidate worker:
+The cost model is Dynamo 1.6's (lowest wins), in KV blocks of the worker's own block size,
+with one addition (`uncached_weight`):
 
-    cost = overlap_score_weight × prefill_blocks + active_blocks
+    uncached = max(prompt_blocks - overlap_credit x cached_blocks, 0)
+    prefill  = pending_prefill + uncached_weight x uncached
+    decode   = active_blocks + new_blocks
+    cost     = prefill_load_scale x prefill + decode
 
-- `prefill_blocks`: the request's prompt blocks minus the leading blocks the worker already
-  caches (from the `KvIndex`): the prefill work the worker would still do;
-- `active_blocks`: KV blocks held by running sequences: the larger of what the worker last
-  reported (`LoadMetrics.active_blocks`, which also sees other frontends' requests but lags)
-  and this router's own in-flight accounting (prompt blocks of requests it routed that have
-  not finished, always current). The larger one, not the sum: the report includes ours;
-  and a report that predates some of our finished requests is reduced by their blocks, so a
-  stale report does not repel the next turn of a conversation from the worker that has it.
+- `cached_blocks`: the leading prompt blocks the worker caches: from its KV events
+  (`KvIndex`), or, for a worker that publishes none, from the prompts routed to it
+  (`RoutedPrefixIndex`, approximate); prompts of our in-flight requests there count too
+  (their KV events are still on the way, or the engine is computing them right now);
+- `pending_prefill`: uncached prompt blocks of requests we routed there that have not sent
+  their first output yet (this frontend sees exactly when each prefill ends);
+- `active_blocks`: the worker's KV footprint, deduplicated: shared prefix blocks count once,
+  as in the engine. The larger of its last `LoadMetrics.active_blocks` (which sees other
+  frontends' requests but lags; reduced by the blocks of our requests that finished since)
+  and our own in-flight prompts' distinct blocks;
+- `new_blocks`: the prompt blocks the worker does not already hold for a running request.
 
-Temperature 0 picks the cheapest worker (ties at random); temperature > 0 samples with
-softmax(-(cost - min cost) / temperature). Prompt block hashes come from `contract.block_hash`
-at the configured block size; a worker with another block size would be mis-scored, so it is
-refused for KV routing (logged once as an error) instead of being silently mis-routed.
+Why these defaults win without tuning (measured through HTTP, benchmarks/bench_router.py):
+the old `overlap x prefill + active` counted a shared prefix once per running request, so a
+worker serving a hot system prompt looked busy and the prompt was recomputed everywhere.
+Deduplicating fixes that; `uncached_weight` 2 makes a hit that waits behind one fresh
+prefill beat recomputing the prefix elsewhere (the recompute also delays the next requests
+there and duplicates the prefix in a cache smaller than the working set); and
+`prefill_load_scale` 4 lets prefill work, which is what time to first token is made of,
+outweigh KV footprint, which mainly costs memory (Dynamo's 1 ties the two, and ties go the
+wrong way half the time).
+
+Prompts are hashed at each candidate's block size (its card), so no setting has to match the
+engine's. A worker that finished requests but published no KV event within
+`events_grace_s` is warned about once; until it publishes, it is scored from the prompts
+routed to it. Temperature 0 picks the cheapest worker (ties at random); temperature > 0
+samples with softmax(-(cost - min cost) / temperature).
 """
 
 from __future__ import annotations
@@ -25,15 +43,15 @@ import logging
 import math
 import random
 import time
-from collections.abc import Mapping, Sequence
+from collections import Counter
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from contract.block_hash import block_hashes
 from contract.config import KvRouterConfig
 from contract.discovery import WorkerCard
-from frontend import errors
-from frontend.kv_index import KvIndex
+from frontend.kv_index import KvIndex, RoutedPrefixIndex
 from frontend.router import LoadTracker
 
 logger = logging.getLogger(__name__)
@@ -45,15 +63,17 @@ class WorkerScore:
 
     worker_id: str
     overlap_blocks: int
-    prefill_blocks: int
-    active_blocks: int
+    prefill_blocks: float  # the prefill term, before prefill_load_scale
+    active_blocks: int  # the decode term: footprint + new blocks
     cost: float
 
 
 @dataclass
 class _InFlight:
     worker_id: str
-    blocks: int
+    hashes: list[int]  # the prompt's full-block hashes (at the worker's block size)
+    blocks: int  # all the prompt's blocks, the partial last one included
+    prefill: int  # blocks still to compute when routed; 0 once the first output came
     since: float
 
 
@@ -66,65 +86,100 @@ class KvRouter:
         index: KvIndex,
         tracker: LoadTracker,
         *,
+        publishes: Callable[[str], bool] | None = None,
         seed: int | None = None,
         forget_after_s: float = 3600.0,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
+        """`publishes(worker_id)`: whether the worker ever reported a cached block (the
+        KV index feed knows); None: every worker is taken to publish."""
         self.config = config
         self.index = index
+        self.routed = RoutedPrefixIndex(config.approx_ttl_s)
         self.tracker = tracker
+        self._publishes = publishes
         self._random = random.Random(seed)
         self._forget_after_s = forget_after_s
-        self._refused: set[str] = set()
+        self._clock = clock
         self._in_flight: dict[str, _InFlight] = {}
-        self._own_blocks: dict[str, int] = {}
+        self._footprint: dict[str, Counter[int]] = {}  # worker -> our prompts' block hashes
+        self._partial: dict[str, int] = {}  # worker -> our prompts' partial last blocks
+        self._pending: dict[str, int] = {}  # worker -> prefill blocks not computed yet
         # worker -> (the report current when our requests finished, blocks they released)
         self._released: dict[str, tuple[object, int]] = {}
+        self._silent_since: dict[str, float] = {}  # first finish seen without any KV event
+        self._warned: set[str] = set()
+        self._warned_block_size: set[str] = set()
         self.last_scores: list[WorkerScore] = []
         tracker.finish_listeners.append(self.request_finished)
+        tracker.prefill_listeners.append(self.request_prefilled)
 
     # ----- registration --------------------------------------------------------------------
-    def accepts(self, card: WorkerCard) -> bool:
-        """False (and one error log) for a worker whose block size differs from ours."""
-        if card.block_size == self.config.block_size:
-            self._refused.discard(card.worker_id)
-            return True
-        if card.worker_id not in self._refused:
-            self._refused.add(card.worker_id)
-            logger.error(
-                "worker %s refused for KV routing: its block_size %d differs from "
-                "frontend.kv_router.block_size %d (set engine.block_size and "
-                "frontend.kv_router.block_size to the same value)",
-                card.worker_id, card.block_size, self.config.block_size,
-            )  # fmt: skip
-        return False
-
     def on_workers_changed(self, workers: Mapping[str, WorkerCard]) -> None:
-        for card in workers.values():
-            self.accepts(card)
-        self._refused &= set(workers)
         for request_id, entry in list(self._in_flight.items()):
             if entry.worker_id not in workers:
                 self._drop(request_id)
-        for worker_id in list(self._released):
+        for worker_id in self.routed.workers:
             if worker_id not in workers:
-                del self._released[worker_id]
+                self.routed.drop_worker(worker_id)
+        for table in (self._released, self._silent_since):
+            for worker_id in list(table):
+                if worker_id not in workers:
+                    del table[worker_id]
+        self._warned &= set(workers)
+        size = self.config.block_size
+        for card in workers.values():
+            if (
+                size is not None
+                and card.block_size != size
+                and card.worker_id not in (self._warned_block_size)
+            ):
+                self._warned_block_size.add(card.worker_id)
+                logger.warning(
+                    "frontend.kv_router.block_size %d is ignored for worker %s: prompts are "
+                    "hashed at the worker's own block size %d (drop the setting)",
+                    size, card.worker_id, card.block_size,
+                )  # fmt: skip
 
     # ----- in-flight accounting ------------------------------------------------------------
+    def request_prefilled(self, request_id: str) -> None:
+        """Its prompt is computed: no more pending prefill on its worker."""
+        entry = self._in_flight.get(request_id)
+        if entry is None or not entry.prefill:
+            return
+        self._add(self._pending, entry.worker_id, -entry.prefill)
+        entry.prefill = 0
+
     def request_finished(self, request_id: str) -> None:
+        entry = self._in_flight.get(request_id)
+        if entry is not None and entry.hashes:
+            self._note_silence(entry.worker_id)
         self._drop(request_id)
 
     def _drop(self, request_id: str) -> None:
         entry = self._in_flight.pop(request_id, None)
-        if entry is not None:
-            report = self.tracker.metrics.get(entry.worker_id)
-            seen, released = self._released.get(entry.worker_id, (None, 0))
-            released = released + entry.blocks if seen is report else entry.blocks
-            self._released[entry.worker_id] = (report, released)
-            left = self._own_blocks.get(entry.worker_id, 0) - entry.blocks
-            if left > 0:
-                self._own_blocks[entry.worker_id] = left
-            else:
-                self._own_blocks.pop(entry.worker_id, None)
+        if entry is None:
+            return
+        worker_id = entry.worker_id
+        report = self.tracker.metrics.get(worker_id)
+        seen, released = self._released.get(worker_id, (None, 0))
+        footprint = self._footprint.get(worker_id, Counter())
+        freed = sum(1 for h in set(entry.hashes) if footprint.get(h, 0) == 1)
+        freed += entry.blocks - len(entry.hashes)
+        released = released + freed if seen is report else freed
+        self._released[worker_id] = (report, released)
+        _subtract(self._footprint, worker_id, entry.hashes)
+        self._add(self._partial, worker_id, -(entry.blocks - len(entry.hashes)))
+        if entry.prefill:
+            self._add(self._pending, worker_id, -entry.prefill)
+
+    @staticmethod
+    def _add(table: dict[str, int], worker_id: str, amount: int) -> None:
+        left = table.get(worker_id, 0) + amount
+        if left > 0:
+            table[worker_id] = left
+        else:
+            table.pop(worker_id, None)
 
     def _forget_stale(self, now: float) -> None:
         """Requests routed but never sent (e.g. rejected as too long) must not count forever."""
@@ -133,7 +188,11 @@ class KvRouter:
             self._drop(request_id)
 
     def own_blocks(self, worker_id: str) -> int:
-        return self._own_blocks.get(worker_id, 0)
+        """The distinct KV blocks our in-flight requests' prompts hold on `worker_id`."""
+        return len(self._footprint.get(worker_id, ())) + self._partial.get(worker_id, 0)
+
+    def pending_prefill(self, worker_id: str) -> int:
+        return self._pending.get(worker_id, 0)
 
     def _reported_active(self, worker_id: str) -> int:
         report = self.tracker.metrics.get(worker_id)
@@ -144,44 +203,83 @@ class KvRouter:
             return max(0, report.active_blocks - released)
         return report.active_blocks
 
+    # ----- workers without KV events -------------------------------------------------------
+    def publishes(self, worker_id: str) -> bool:
+        return self._publishes is None or self._publishes(worker_id)
+
+    def _note_silence(self, worker_id: str) -> None:
+        """A request with full blocks finished on `worker_id`: it should have stored some."""
+        if self.publishes(worker_id):
+            self._silent_since.pop(worker_id, None)
+            return
+        now = self._clock()
+        since = self._silent_since.setdefault(worker_id, now)
+        if now - since >= self.config.events_grace_s and worker_id not in self._warned:
+            self._warned.add(worker_id)
+            logger.warning(
+                "worker %s has published no KV event %.0f s after serving requests: is its "
+                "engine's KV event publishing off? Routing it by the prompts sent to it "
+                "(approximate) instead",
+                worker_id, now - since,
+            )  # fmt: skip
+
     # ----- choosing ------------------------------------------------------------------------
     def scores(
         self, candidates: Sequence[WorkerCard], token_ids: Sequence[int]
     ) -> list[WorkerScore]:
-        hashes = block_hashes(token_ids, self.config.block_size)
-        total_blocks = -(-len(token_ids) // self.config.block_size)
-        overlaps = self.index.overlaps(hashes, [card.worker_id for card in candidates])
-        weight = self.config.overlap_score_weight
+        credit, scale = self.config.overlap_credit, self.config.load_scale
+        by_size: dict[int, list[int]] = {}
         result = []
         for card in candidates:
-            overlap = overlaps.get(card.worker_id, 0)
-            prefill = total_blocks - overlap
-            active = max(self._reported_active(card.worker_id), self.own_blocks(card.worker_id))
-            result.append(
-                WorkerScore(card.worker_id, overlap, prefill, active, weight * prefill + active)
-            )
+            worker_id = card.worker_id
+            size = card.block_size
+            hashes = by_size.get(size)
+            if hashes is None:
+                hashes = by_size[size] = block_hashes(token_ids, size)
+            total = -(-len(token_ids) // size)
+            overlap = self._overlap(worker_id, hashes)
+            footprint = self._footprint.get(worker_id, Counter())
+            new = total - sum(1 for h in hashes if h in footprint)
+            uncached = max(total - credit * overlap, 0.0)
+            prefill = self.pending_prefill(worker_id) + self.config.uncached_weight * uncached
+            active = max(self._reported_active(worker_id), self.own_blocks(worker_id)) + new
+            cost = scale * prefill + active
+            result.append(WorkerScore(worker_id, overlap, prefill, active, cost))
         return result
 
+    def _overlap(self, worker_id: str, hashes: Sequence[int]) -> int:
+        index = self.index if self.publishes(worker_id) else self.routed
+        cached = index.overlaps(hashes, (worker_id,))[worker_id]
+        in_flight = self._footprint.get(worker_id)
+        if in_flight and cached < len(hashes):  # events still on the way, or not yet stored
+            depth = 0
+            for h in hashes:
+                if h not in in_flight:
+                    break
+                depth += 1
+            cached = max(cached, depth)
+        return cached
+
     def choose(self, candidates: Sequence[WorkerCard], request: Any) -> WorkerCard:
-        eligible = [card for card in candidates if self.accepts(card)]
-        if not eligible:
-            raise errors.no_worker(
-                "no worker can be KV-routed: every registered worker's block size differs "
-                f"from frontend.kv_router.block_size {self.config.block_size}"
-            )
         token_ids: Sequence[int] = request.token_ids
-        scores = self.scores(eligible, token_ids)
+        scores = self.scores(candidates, token_ids)
         self.last_scores = scores
         pick = self._pick(scores)
-        card = next(c for c in eligible if c.worker_id == pick.worker_id)
-        now = time.monotonic()
+        card = next(c for c in candidates if c.worker_id == pick.worker_id)
+        now = self._clock()
         self._forget_stale(now)
+        hashes = block_hashes(token_ids, card.block_size)
+        self.routed.routed(card.worker_id, hashes, now)
         request_id = getattr(request, "request_id", None)
         if request_id is not None:
             self._drop(request_id)
-            blocks = -(-len(token_ids) // self.config.block_size)
-            self._in_flight[request_id] = _InFlight(card.worker_id, blocks, now)
-            self._own_blocks[card.worker_id] = self._own_blocks.get(card.worker_id, 0) + blocks
+            worker_id = card.worker_id
+            blocks = -(-len(token_ids) // card.block_size)
+            prefill = max(blocks - pick.overlap_blocks, 1)
+            self._in_flight[request_id] = _InFlight(worker_id, hashes, blocks, prefill, now)
+            self._footprint.setdefault(worker_id, Counter()).update(hashes)
+            self._add(self._partial, worker_id, blocks - len(hashes))
+            self._add(self._pending, worker_id, prefill)
         logger.debug(
             "kv route %s → %s (overlap %d blocks, cost %.1f)",
             request_id, card.worker_id, pick.overlap_blocks, pick.cost,
@@ -196,3 +294,17 @@ class KvRouter:
             return tied[0] if len(tied) == 1 else self._random.choice(tied)
         weights = [math.exp(-(score.cost - lowest) / temperature) for score in scores]
         return self._random.choices(scores, weights=weights, k=1)[0]
+
+
+def _subtract(table: dict[str, Counter[int]], worker_id: str, hashes: Sequence[int]) -> None:
+    counter = table.get(worker_id)
+    if counter is None:
+        return
+    for h in hashes:
+        left = counter.get(h, 0) - 1
+        if left > 0:
+            counter[h] = left
+        else:
+            counter.pop(h, None)
+    if not counter:
+        del table[worker_id]

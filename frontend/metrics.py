@@ -95,7 +95,13 @@ class FrontendMetrics:
         )
         self.prompt_tokens = Counter(
             "hpcserve_frontend_prompt_tokens",
-            "prompt tokens of finished requests",
+            "prompt tokens of finished requests (once per request, whatever its n)",
+            registry=self.registry,
+        )
+        self.cached_prompt_tokens = Counter(
+            "hpcserve_frontend_cached_prompt_tokens",
+            "prompt tokens the engines took from their prefix cache instead of computing them "
+            "(each of a request's n choices counts its own)",
             registry=self.registry,
         )
         self.completion_tokens = Counter(

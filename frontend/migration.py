@@ -99,9 +99,20 @@ class MigratingStream:
         return self._stream.card
 
     @property
+    def opened(self) -> bool:
+        """Whether an attempt was sent (its `card` is known)."""
+        return self._stream is not None
+
+    @property
     def has_pending(self) -> bool:
         """Whether a chunk is already queued (the caller may batch it into one event)."""
         return self._stream is not None and not self._stream.queue.empty()
+
+    async def open(self) -> WorkerCard:
+        """Route and send the first attempt now (else the first `next()` does); its worker."""
+        if self._stream is None:
+            await self._open(self._request)
+        return self.card
 
     async def next(self, deadline: float) -> GenerateOutput:
         """The next chunk of the request; TimeoutError past `deadline` (loop time)."""

@@ -65,9 +65,13 @@ class _SamplingFields(_Request):
     presence_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
     frequency_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
     repetition_penalty: float | None = Field(default=None, gt=0.0)
-    seed: int | None = None
+    seed: int | None = Field(default=None, ge=-(2**63), le=2**63 - 1)
     stop: str | list[str] | None = None
-    n: int | None = Field(default=None, ge=1)
+    n: int | None = Field(
+        default=None, ge=1,
+        description="how many choices to generate for the prompt (at most frontend.max_n); "
+        "with a `seed`, choice i samples with seed + i",
+    )  # fmt: skip
     ignore_eos: bool = False
     user: str | None = None
 
@@ -81,12 +85,8 @@ class _SamplingFields(_Request):
                 raise ValueError("stop strings must not be empty")
         return value
 
-    @field_validator("n")
-    @classmethod
-    def _check_n(cls, value: int | None) -> int | None:
-        if value is not None and value > 1:
-            raise ValueError("n > 1 is not supported; send n separate requests instead")
-        return value
+    def num_choices(self) -> int:
+        return self.n or 1
 
     def stop_strings(self) -> list[str]:
         if self.stop is None:
@@ -124,6 +124,7 @@ class CompletionRequest(_SamplingFields):
     logprobs: int | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)
     echo: bool = False
     suffix: str | None = None
+    best_of: int | None = Field(default=None, ge=1)
 
     @field_validator("prompt")
     @classmethod
@@ -151,6 +152,15 @@ class CompletionRequest(_SamplingFields):
         if value:
             raise ValueError("suffix is not supported")
         return value
+
+    @model_validator(mode="after")
+    def _best_of_is_n(self) -> CompletionRequest:
+        if self.best_of is not None and self.best_of != self.num_choices():
+            raise ValueError(
+                "best_of: only best_of equal to n is supported (every generated choice is "
+                "returned); leave best_of out"
+            )
+        return self
 
     def requested_max_tokens(self) -> int | None:
         return self.max_tokens

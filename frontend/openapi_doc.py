@@ -50,7 +50,8 @@ def _errors(*codes: int) -> dict[int | str, dict[str, Any]]:
 def _stream_of(model: type[BaseModel]) -> dict[str, Any]:
     return {"text/event-stream": {"schema": {
         "description": f"with `stream: true`: server-sent events, each `data: <{model.__name__}>`"
-                       ", then `data: [DONE]`",
+                       " (with `n` > 1 the choices' chunks interleave, each naming its choice's "
+                       "`index`), then `data: [DONE]` once every choice has finished",
         "type": "string",
     }}}  # fmt: skip
 

@@ -1,5 +1,6 @@
 """A request as the frontend knows it before any worker sees it: the parsed body, the prompt's
-token ids and the sampling settings, and what the response needs (ids, stops, stream)."""
+token ids and the sampling settings, and what the response needs (ids, stops, stream, the
+number of choices)."""
 
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ class Prepared:
         "kind",
         "logprobs",
         "model",
+        "n",
         "prompt_ids",
         "prompt_param",
         "response_id",
@@ -53,5 +55,6 @@ class Prepared:
         self.user_max_tokens = body.requested_max_tokens()
         self.stops = body.stop_strings()
         self.stream = body.stream
+        self.n = body.num_choices()
         self.include_usage = body.include_usage_in_stream()
         self.logprobs = body.requested_logprobs()

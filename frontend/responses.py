@@ -1,20 +1,22 @@
 """OpenAI response building: the full JSON response, the SSE event stream, usage and
-logprobs, from a request's `GenerateOutput` chunks (`Generation` turns them into text)."""
+logprobs, from a request's `GenerateOutput` chunks (`Generation` turns one choice's chunks
+into text). A request of `n` choices has one `Generation` per choice; its usage counts the
+prompt once and the completion tokens of every choice (as OpenAI and vLLM do)."""
 
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any
 
 import orjson
 from starlette.responses import Response, StreamingResponse
 
-from contract.discovery import WorkerCard
 from contract.messages import GenerateOutput, TokenLogprob
 from frontend import errors
-from frontend.errors import OpenAIError, raise_for_worker_error
-from frontend.migration import MigratingStream
+from frontend.choices import ChoiceStreams
+from frontend.errors import OpenAIError
+from frontend.metrics import FrontendMetrics
 from frontend.prepared import Prepared
 from frontend.state import FrontendState
 from frontend.tokenization import IncrementalDetokenizer, StopMatcher, TextTokenizer
@@ -55,13 +57,33 @@ class SSEResponse(StreamingResponse):
                 callback()
 
 
-class Generation:
-    """Turns GenerateOutput chunks into text deltas, logprobs, usage and a finish reason."""
+class FirstToken:
+    """Observes a request's time to first token once, whichever of its choices is first."""
 
-    def __init__(self, state: FrontendState, prepared: Prepared) -> None:
+    __slots__ = ("_arrival", "_metrics", "seen")
+
+    def __init__(self, metrics: FrontendMetrics, arrival: float) -> None:
+        self._metrics = metrics
+        self._arrival = arrival
+        self.seen = False
+
+    def observe(self, now: float) -> None:
+        if not self.seen:
+            self.seen = True
+            self._metrics.ttft.observe(now - self._arrival)
+
+
+class Generation:
+    """Turns one choice's GenerateOutput chunks into text deltas, logprobs, usage and a
+    finish reason; the choices of one request share their `FirstToken`."""
+
+    def __init__(
+        self, state: FrontendState, prepared: Prepared, first_token: FirstToken | None = None
+    ) -> None:
         self._tokenizer = state.tokenizer
         self._metrics = state.metrics
         self._prepared = prepared
+        self._first_token = first_token or FirstToken(state.metrics, prepared.arrival)
         self._detok = IncrementalDetokenizer(state.tokenizer, prepared.prompt_ids)
         self._stops = StopMatcher(prepared.stops)
         self.prompt_tokens = len(prepared.prompt_ids)
@@ -83,7 +105,7 @@ class Generation:
         if count:
             now = time.perf_counter()
             if self._last_token_time is None:
-                self._metrics.ttft.observe(now - self._prepared.arrival)
+                self._first_token.observe(now)
             else:
                 self._metrics.itl.observe((now - self._last_token_time) / count)
             self._last_token_time = now
@@ -101,19 +123,8 @@ class Generation:
         return emitted, logprobs
 
     def usage(self) -> dict[str, Any]:
-        usage: dict[str, Any] = {
-            "prompt_tokens": self.prompt_tokens,
-            "completion_tokens": self.completion_tokens,
-            "total_tokens": self.prompt_tokens + self.completion_tokens,
-        }
-        if self.cached_tokens:
-            usage["prompt_tokens_details"] = {"cached_tokens": self.cached_tokens}
-        return usage
-
-    def record(self) -> None:
-        self._metrics.prompt_tokens.inc(self.prompt_tokens)
-        self._metrics.completion_tokens.inc(self.completion_tokens)
-        self._metrics.duration.observe(time.perf_counter() - self._prepared.arrival)
+        """This choice's usage, as if it were the request's only one."""
+        return usage_of([self])
 
     # ---- logprobs in OpenAI shapes --------------------------------------------------------
 
@@ -130,6 +141,51 @@ class Generation:
                 {"token": text, "logprob": entry.logprob, "bytes": raw, "top_logprobs": top}
             )
         return content
+
+
+def usage_of(generations: Sequence[Generation]) -> dict[str, Any]:
+    """A request's usage: the prompt once, the completion tokens of every choice; cached
+    tokens are the prompt tokens every choice found in the prefix cache (the least of them:
+    the first choice's, normally, as the others share the blocks it computed)."""
+    prompt = generations[0].prompt_tokens
+    completion = sum(g.completion_tokens for g in generations)
+    usage: dict[str, Any] = {
+        "prompt_tokens": prompt,
+        "completion_tokens": completion,
+        "total_tokens": prompt + completion,
+    }
+    cached = min(g.cached_tokens for g in generations)
+    if cached:
+        usage["prompt_tokens_details"] = {"cached_tokens": cached}
+    return usage
+
+
+def record(metrics: FrontendMetrics, prepared: Prepared, generations: Sequence[Generation]) -> None:
+    """Count a finished request in the metrics: its prompt once, every choice's tokens."""
+    metrics.prompt_tokens.inc(generations[0].prompt_tokens)
+    metrics.completion_tokens.inc(sum(g.completion_tokens for g in generations))
+    metrics.cached_prompt_tokens.inc(sum(g.cached_tokens for g in generations))
+    metrics.duration.observe(time.perf_counter() - prepared.arrival)
+
+
+class ChoiceText:
+    """One choice's whole text and logprobs, gathered for a response that is not streamed."""
+
+    __slots__ = ("generation", "logprobs", "parts")
+
+    def __init__(self, generation: Generation) -> None:
+        self.generation = generation
+        self.parts: list[str] = []
+        self.logprobs: list[TokenLogprob] = []
+
+    def add(self, output: GenerateOutput, want_logprobs: bool) -> bool:
+        """Take a chunk; whether the choice finished with it (or with a stop string)."""
+        text, entries = self.generation.consume(output)
+        if text:
+            self.parts.append(text)
+        if entries and want_logprobs:
+            self.logprobs.extend(entries)
+        return self.generation.finish_reason is not None
 
 
 class CompletionLogprobs:
@@ -160,61 +216,58 @@ class CompletionLogprobs:
 
 
 def full_response(
-    state: FrontendState,
-    prepared: Prepared,
-    generation: Generation,
-    text: str,
-    logprobs: list[TokenLogprob],
-    card: WorkerCard,
+    state: FrontendState, prepared: Prepared, choices: list[ChoiceText], simulated: bool
 ) -> dict[str, Any]:
-    choice: dict[str, Any]
-    if prepared.kind == "chat":
-        choice = {
-            "index": 0,
-            "message": {"role": "assistant", "content": text},
-            "logprobs": (
-                {"content": generation.chat_logprobs(logprobs)}
-                if prepared.logprobs is not None
-                else None
-            ),
-            "finish_reason": generation.finish_reason,
-        }
-        obj = "chat.completion"
-    else:
-        choice = {
-            "index": 0,
-            "text": text,
-            "logprobs": (
-                CompletionLogprobs(state.tokenizer).build(logprobs)
-                if prepared.logprobs is not None
-                else None
-            ),
-            "finish_reason": generation.finish_reason,
-        }
-        obj = "text_completion"
+    """The JSON body of a response that is not streamed: one choice per `ChoiceText`."""
+    chat = prepared.kind == "chat"
+    want_logprobs = prepared.logprobs is not None
+    body: list[dict[str, Any]] = []
+    for index, choice in enumerate(choices):
+        generation = choice.generation
+        text = "".join(choice.parts)
+        if chat:
+            body.append({
+                "index": index,
+                "message": {"role": "assistant", "content": text},
+                "logprobs": (
+                    {"content": generation.chat_logprobs(choice.logprobs)}
+                    if want_logprobs else None
+                ),
+                "finish_reason": generation.finish_reason,
+            })  # fmt: skip
+        else:
+            body.append({
+                "index": index,
+                "text": text,
+                "logprobs": (
+                    CompletionLogprobs(state.tokenizer).build(choice.logprobs)
+                    if want_logprobs else None
+                ),
+                "finish_reason": generation.finish_reason,
+            })  # fmt: skip
     response: dict[str, Any] = {
         "id": prepared.response_id,
-        "object": obj,
+        "object": "chat.completion" if chat else "text_completion",
         "created": prepared.created,
         "model": prepared.model,
-        "choices": [choice],
-        "usage": generation.usage(),
+        "choices": body,
+        "usage": usage_of([choice.generation for choice in choices]),
         "system_fingerprint": None,
     }
-    if card.simulated:
+    if simulated:
         response["simulated"] = True
     return response
 
 
 async def stream_events(
-    state: FrontendState,
-    prepared: Prepared,
-    stream: MigratingStream,
-    output: GenerateOutput,
-    deadline: float,
+    state: FrontendState, prepared: Prepared, choices: ChoiceStreams, deadline: float
 ) -> AsyncIterator[bytes]:
-    """SSE events: (chat) a role chunk, content chunks, the finish chunk, usage, [DONE]."""
-    generation = Generation(state, prepared)
+    """SSE events: (chat) a role chunk per choice, then content chunks of the choices as
+    their tokens arrive (each names its choice's `index`), each choice's finish chunk,
+    usage of them all, [DONE] once all have finished (or one failed: an error event)."""
+    n = choices.n
+    first_token = FirstToken(state.metrics, prepared.arrival)
+    generations = [Generation(state, prepared, first_token) for _ in range(n)]
     chat = prepared.kind == "chat"
     head: dict[str, Any] = {
         "id": prepared.response_id,
@@ -222,71 +275,83 @@ async def stream_events(
         "created": prepared.created,
         "model": prepared.model,
     }
-    if stream.card.simulated:
+    if choices.card(0).simulated:
         head["simulated"] = True
-    completion_logprobs = CompletionLogprobs(state.tokenizer) if not chat else None
     want_logprobs = prepared.logprobs is not None
+    completion_logprobs = [
+        CompletionLogprobs(state.tokenizer) for _ in range(n if want_logprobs and not chat else 0)
+    ]
+    include_usage = prepared.include_usage
 
-    def event(text: str | None, entries: list[TokenLogprob], finish: str | None) -> bytes:
+    def event(
+        index: int, text: str | None, entries: list[TokenLogprob], finish: str | None
+    ) -> bytes:
         choice: dict[str, Any]
         if chat:
             delta: dict[str, Any] = {} if text is None else {"content": text}
-            choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
+            choice = {"index": index, "delta": delta, "logprobs": None, "finish_reason": finish}
             if want_logprobs and entries:
-                choice["logprobs"] = {"content": generation.chat_logprobs(entries)}
+                choice["logprobs"] = {"content": generations[index].chat_logprobs(entries)}
         else:
-            choice = {"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish}
-            if want_logprobs and entries and completion_logprobs is not None:
-                choice["logprobs"] = completion_logprobs.build(entries)
+            choice = {"index": index, "text": text or "", "logprobs": None, "finish_reason": finish}
+            if want_logprobs and entries:
+                choice["logprobs"] = completion_logprobs[index].build(entries)
         chunk = dict(head)
         chunk["choices"] = [choice]
-        if prepared.include_usage:
+        if include_usage:
             chunk["usage"] = None
         return _sse(chunk)
 
     try:
         if chat:
-            role_chunk = dict(head)
-            role_chunk["choices"] = [
-                {
-                    "index": 0,
-                    "delta": {"role": "assistant", "content": ""},
-                    "logprobs": None,
-                    "finish_reason": None,
-                }
-            ]
-            if prepared.include_usage:
-                role_chunk["usage"] = None
-            yield _sse(role_chunk)
-        pending_text = ""
-        pending_entries: list[TokenLogprob] = []
-        while True:
+            for index in range(n):
+                role_chunk = dict(head)
+                role_chunk["choices"] = [
+                    {
+                        "index": index,
+                        "delta": {"role": "assistant", "content": ""},
+                        "logprobs": None,
+                        "finish_reason": None,
+                    }
+                ]
+                if include_usage:
+                    role_chunk["usage"] = None
+                yield _sse(role_chunk)
+        pending_text = [""] * n
+        pending_entries: list[list[TokenLogprob]] = [[] for _ in range(n)]
+        left = n
+        while left:
+            index, output = await choices.next(deadline)
+            generation = generations[index]
             text, entries = generation.consume(output)
-            pending_text += text
+            pending_text[index] += text
             if want_logprobs:
-                pending_entries.extend(entries)
+                pending_entries[index].extend(entries)
             finish = generation.finish_reason
             if finish is not None:
-                if pending_text or pending_entries:
-                    yield event(pending_text, pending_entries, None)
-                yield event(None if chat else "", [], finish)
-                break
-            # chunks that queued up while we were sending go out as one event
-            if (pending_text or pending_entries) and not stream.has_pending:
-                yield event(pending_text, pending_entries, None)
-                pending_text, pending_entries = "", []
-            output = await stream.next(deadline)
-            raise_for_worker_error(output, stream.card)
-        generation.record()
-        if prepared.include_usage:
+                left -= 1
+                if output.finish_reason is None:  # a stop string: the worker may stop now
+                    choices.finish(index)
+                if pending_text[index] or pending_entries[index]:
+                    yield event(index, pending_text[index], pending_entries[index], None)
+                    pending_text[index], pending_entries[index] = "", []
+                yield event(index, None if chat else "", [], finish)
+            # chunks that queued up while we were sending go out as one event per choice
+            if left and not choices.has_pending:
+                for i in range(n):
+                    if pending_text[i] or pending_entries[i]:
+                        yield event(i, pending_text[i], pending_entries[i], None)
+                        pending_text[i], pending_entries[i] = "", []
+        record(state.metrics, prepared, generations)
+        if include_usage:
             usage_chunk = dict(head)
             usage_chunk["choices"] = []
-            usage_chunk["usage"] = generation.usage()
+            usage_chunk["usage"] = usage_of(generations)
             yield _sse(usage_chunk)
     except OpenAIError as exc:
         yield _sse(exc.body())
     except TimeoutError:
         yield _sse(errors.timed_out(state.config.frontend.request_timeout_s).body())
     finally:
-        stream.close()
+        choices.close()
     yield _SSE_DONE

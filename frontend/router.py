@@ -30,6 +30,7 @@ class LoadTracker:
         self.in_flight: defaultdict[str, int] = defaultdict(int)
         self.metrics: dict[str, LoadMetrics] = {}
         self.finish_listeners: list[Callable[[str], None]] = []  # get the request id
+        self.prefill_listeners: list[Callable[[str], None]] = []  # first output arrived
 
     def started(self, worker_id: str) -> None:
         self.in_flight[worker_id] += 1
@@ -43,6 +44,11 @@ class LoadTracker:
         if request_id is not None:
             for listener in self.finish_listeners:
                 listener(request_id)
+
+    def prefilled(self, request_id: str) -> None:
+        """The worker sent `request_id`'s first output: its prompt is computed and cached."""
+        for listener in self.prefill_listeners:
+            listener(request_id)
 
     def update(self, metrics: LoadMetrics) -> None:
         self.metrics[metrics.worker_id] = metrics

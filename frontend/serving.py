@@ -1,6 +1,7 @@
 """The request path of the generation endpoints: parse and validate the body, tokenize,
 check the context length (before routing, so a refused request leaves no trace in the
-router), route, stream from the worker (migrating on a lost worker), and answer.
+router), route, stream from the worker (migrating on a lost worker), and answer. A request
+for `n` choices sends n engine requests to one worker (`frontend.choices`).
 """
 
 from __future__ import annotations
@@ -15,17 +16,20 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from contract.discovery import WorkerCard
-from contract.messages import GenerateOutput, GenerateRequest, SamplingParams, TokenLogprob
+from contract.messages import GenerateRequest, SamplingParams
 from frontend import errors
-from frontend.errors import raise_for_worker_error
+from frontend.choices import ChoiceStreams, choice_requests
 from frontend.migration import MigratingStream, Route
 from frontend.openai_schemas import ChatCompletionRequest, CompletionRequest
 from frontend.prepared import Kind, Prepared
 from frontend.responses import (
+    ChoiceText,
+    FirstToken,
     Generation,
     SSEResponse,
     full_response,
     json_response,
+    record,
     stream_events,
 )
 from frontend.state import FrontendState
@@ -61,19 +65,41 @@ def check_context(prepared: Prepared, request: GenerateRequest, limit: int) -> N
         request.sampling.max_tokens = limit - prompt_len
 
 
-def _route_for(state: FrontendState, prepared: Prepared, checked: bool) -> Route:
+def _route_for(
+    state: FrontendState,
+    prepared: Prepared,
+    checked: bool,
+    follow: MigratingStream | None = None,
+) -> Route:
     """The routing of `prepared`'s attempts: the router's pick, then (when no worker was
     up to check against before routing) the context check. A continuation (prompt + tokens
     so far) keeps the budget `continuation()` left it: the workers of a deployment share
-    engine.max_model_len, so it fits wherever the first did."""
+    engine.max_model_len, so it fits wherever the first did. With `follow` (choice 0 of the
+    request), a first attempt goes to that choice's worker while it is routable: there the
+    prompt's KV blocks are shared; a continuation is routed afresh."""
 
     async def route(request: GenerateRequest, exclude: set[str]) -> WorkerCard:
-        card = await state.pick_worker(request, exclude)
-        if not checked and len(request.token_ids) == len(prepared.prompt_ids):
+        first = len(request.token_ids) == len(prepared.prompt_ids)
+        card = _followed(state, follow, exclude) if first else None
+        if card is None:
+            card = await state.pick_worker(request, exclude)
+        if not checked and first:
             check_context(prepared, request, card.max_model_len)
         return card
 
     return route
+
+
+def _followed(
+    state: FrontendState, follow: MigratingStream | None, exclude: set[str]
+) -> WorkerCard | None:
+    """The worker of `follow` if it was sent and that worker is still a candidate."""
+    if follow is None or not follow.opened:
+        return None
+    card = follow.card
+    if any(c.worker_id == card.worker_id for c in state.candidates(exclude)):
+        return card
+    return None
 
 
 async def guard_disconnect(request: Request, work: Awaitable[T]) -> T:
@@ -114,16 +140,19 @@ async def handle(state: FrontendState, request: Request, kind: Kind) -> Response
         body = CompletionRequest.model_validate(data)
     if body.model is not None and body.model != state.served_name:
         raise errors.model_not_found(body.model)
+    max_n = state.config.frontend.max_n
+    if body.num_choices() > max_n:
+        raise errors.bad_request(
+            f"n: at most {max_n} choices per request (frontend.max_n), not {body.n}", param="n"
+        )
     _refuse_what_cannot_fit(state, body)
     prompt_ids = _prompt_ids(state, body)
     prepared = Prepared(kind, body, state.served_name, prompt_ids, _sampling(state, body), arrival)
     loop = asyncio.get_running_loop()
     deadline = loop.time() + state.config.frontend.request_timeout_s
     if prepared.stream:
-        stream, first = await guard_disconnect(request, _start(state, prepared, deadline))
-        response = SSEResponse(
-            stream_events(state, prepared, stream, first, deadline), [stream.close]
-        )
+        choices = await guard_disconnect(request, _start(state, prepared, deadline))
+        response = SSEResponse(stream_events(state, prepared, choices, deadline), [choices.close])
         response.headers["X-Request-Id"] = prepared.response_id
         return response
     return await guard_disconnect(request, _complete(state, prepared, deadline))
@@ -226,11 +255,9 @@ def _sampling(
     return params
 
 
-async def _start(
-    state: FrontendState, prepared: Prepared, deadline: float
-) -> tuple[MigratingStream, GenerateOutput]:
-    """Send to a worker and wait for its first chunk (a worker error there is an HTTP
-    error, even for a stream)."""
+async def _start(state: FrontendState, prepared: Prepared, deadline: float) -> ChoiceStreams:
+    """Send every choice to a worker and wait for each one's first chunk (a worker error
+    there is an HTTP error, even for a stream)."""
     request = GenerateRequest(
         request_id=uuid.uuid4().hex,
         client_id=prepared.response_id,
@@ -240,48 +267,45 @@ async def _start(
     limit = state.context_limit()
     if limit is not None:  # refused before routing: nothing to undo in the router
         check_context(prepared, request, limit)
-    stream = MigratingStream(
-        state.client,
-        _route_for(state, prepared, checked=limit is not None),
-        request,
-        limit=state.config.frontend.migration_limit,
-        metrics=state.metrics,
-    )
+    checked = limit is not None
+    streams: list[MigratingStream] = []
+    for choice in choice_requests(request, prepared.n):
+        follow = streams[0] if streams else None
+        streams.append(
+            MigratingStream(
+                state.client,
+                _route_for(state, prepared, checked, follow),
+                choice,
+                limit=state.config.frontend.migration_limit,
+                metrics=state.metrics,
+            )
+        )
+    choices = ChoiceStreams(streams)
     try:
-        first = await stream.next(deadline)
-        raise_for_worker_error(first, stream.card)
+        await choices.start(deadline)
     except TimeoutError:
-        stream.close()
         raise errors.timed_out(state.config.frontend.request_timeout_s) from None
-    except BaseException:
-        stream.close()
-        raise
-    return stream, first
+    return choices
 
 
 async def _complete(state: FrontendState, prepared: Prepared, deadline: float) -> Response:
-    stream, output = await _start(state, prepared, deadline)
-    generation = Generation(state, prepared)
-    text_parts: list[str] = []
-    logprobs: list[TokenLogprob] = []
+    choices = await _start(state, prepared, deadline)
+    first_token = FirstToken(state.metrics, prepared.arrival)
+    texts = [ChoiceText(Generation(state, prepared, first_token)) for _ in range(prepared.n)]
+    want_logprobs = prepared.logprobs is not None
+    left = prepared.n
     try:
-        while True:
-            text, entries = generation.consume(output)
-            if text:
-                text_parts.append(text)
-            if entries and prepared.logprobs is not None:
-                logprobs.extend(entries)
-            if generation.finish_reason is not None:
-                break
-            output = await stream.next(deadline)
-            raise_for_worker_error(output, stream.card)
+        while left:
+            index, output = await choices.next(deadline)
+            if texts[index].add(output, want_logprobs):
+                left -= 1
+                if output.finish_reason is None:  # a stop string: the worker may stop now
+                    choices.finish(index)
     except TimeoutError:
         raise errors.timed_out(state.config.frontend.request_timeout_s) from None
     finally:
-        stream.close()
-    generation.record()
-    response = json_response(
-        full_response(state, prepared, generation, "".join(text_parts), logprobs, stream.card)
-    )
+        choices.close()
+    record(state.metrics, prepared, [text.generation for text in texts])
+    response = json_response(full_response(state, prepared, texts, choices.card(0).simulated))
     response.headers["X-Request-Id"] = prepared.response_id
     return response

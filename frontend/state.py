@@ -56,7 +56,10 @@ class FrontendState:
                 deployment=config.name,
                 reconcile_interval_s=kv.reconcile_interval_s,
             )
-            self.router = KvRouter(kv, self.kv_feed.index, self.tracker)
+            published = self.kv_feed.published
+            self.router = KvRouter(
+                kv, self.kv_feed.index, self.tracker, publishes=published.__contains__
+            )
             self.metrics.track_kv_index(self.kv_feed.index.num_blocks)
         else:
             self.router = make_router(config.frontend.router, self.tracker)

@@ -60,7 +60,7 @@ class ConnectionLost(WorkerLost):
 class RequestStream:
     """The replies of one request; `close()` aborts it on the worker unless it finished."""
 
-    __slots__ = ("_client", "card", "finished", "queue", "request_id")
+    __slots__ = ("_client", "card", "finished", "prefilled", "queue", "request_id")
 
     def __init__(self, client: WorkerClient, card: WorkerCard, request_id: str) -> None:
         self._client = client
@@ -68,6 +68,7 @@ class RequestStream:
         self.request_id = request_id
         self.queue: asyncio.Queue[bytes | BaseException] = asyncio.Queue()
         self.finished = False
+        self.prefilled = False  # the first output arrived (routers stop counting its prefill)
 
     async def next(self, deadline: float) -> GenerateOutput:
         """The next chunk; TimeoutError past `deadline` (loop time), WorkerLost if it left.
@@ -109,6 +110,9 @@ class RequestStream:
             )
         if output.finish_reason is not None:
             self.finished = True
+        if not self.prefilled and (output.token_ids or output.finish_reason is not None):
+            self.prefilled = True
+            self._client._tracker.prefilled(self.request_id)
         return output
 
     def close(self) -> None:

@@ -1,12 +1,16 @@
 """The `hpcserve` command.
 
     hpcserve up [CONFIG] [--set key.path=value ...]     run a deployment on this machine
+    hpcserve up --in-allocation CONFIG                 ... or in the current Slurm allocation
     hpcserve config show [CONFIG] [--set ...]          print the resolved config
     hpcserve plan [CONFIG] [--set ...]                 print the processes `up` would start
     hpcserve model prepare [--force]                   convert the default model (one time)
     hpcserve render CONFIG [--set ...]                 print the sbatch script of a deployment
     hpcserve submit CONFIG [--set ...] [--via submitit] submit it to Slurm; prints job id and dir
     hpcserve status JOB | logs JOB [COMPONENT] | cancel JOB     follow a submitted job
+    hpcserve status DEPLOYMENT                          its generations, worker jobs, gateway
+    hpcserve gateway DEPLOYMENT [--port P]             one stable endpoint across its jobs
+    hpcserve scale DEPLOYMENT --role R --add N | --remove N   worker-only jobs join / leave
     hpcserve bench TARGET [--concurrency 1,2,4 ...]    load sweep with aiperf (config/job/URL)
     hpcserve bench compare RUN...                      overlay runs: table and pareto plots
 
@@ -71,18 +75,56 @@ def _load(config: Path | None, overrides: list[str] | None) -> DeploymentConfig:
 
 
 @app.command()
-def up(config: ConfigArg = None, set_: SetOption = None) -> None:
+def up(
+    config: ConfigArg = None,
+    set_: SetOption = None,
+    in_allocation: Annotated[
+        bool,
+        typer.Option("--in-allocation", help="run the Slurm job's plan (srun steps) inside "
+                     "the salloc/sbatch allocation this runs in, without a new job"),
+    ] = False,
+) -> None:
     """Start etcd, NATS, the workers and the frontend; stop them all on Ctrl-C/SIGTERM."""
     from hpcserve.launcher import run_up
 
     logging.basicConfig(level=logging.INFO, format="hpcserve: %(message)s", stream=sys.stdout)
     deployment = _load(config, set_)
+    if in_allocation:
+        _up_in_allocation(deployment)
     try:
         code = run_up(deployment)
     except ConfigError as exc:
         typer.echo(f"hpcserve: {exc}", err=True)
         raise typer.Exit(2) from None
     raise typer.Exit(code)
+
+
+def _up_in_allocation(deployment: DeploymentConfig) -> None:
+    from slurm.allocation import run_in_allocation
+    from slurm.jobs import JobError, check_submittable
+
+    try:
+        check_submittable(deployment)
+        deployment = _with_model_path(deployment)
+        code = run_in_allocation(deployment)
+    except ConfigError as exc:
+        typer.echo(f"hpcserve: {exc}", err=True)
+        raise typer.Exit(2) from None
+    except JobError as exc:
+        typer.echo(f"hpcserve: {exc}", err=True)
+        raise typer.Exit(1) from None
+    raise typer.Exit(code)
+
+
+def _with_model_path(deployment: DeploymentConfig) -> DeploymentConfig:
+    """The prepared default model's path filled in (a job reads it on the head)."""
+    if deployment.model.path or deployment.engine.kind == "mocker":
+        return deployment
+    from hpcserve.model_prepare import prepare_default_model
+
+    data = deployment.model_dump(mode="json")
+    data["model"]["path"] = str(prepare_default_model())
+    return DeploymentConfig.model_validate(data)
 
 
 @config_app.command("show")
@@ -176,13 +218,7 @@ def submit(
     if via not in ("sbatch", "submitit"):
         typer.echo(f"hpcserve: --via must be sbatch or submitit, not {via!r}", err=True)
         raise typer.Exit(2)
-    deployment = _slurm_config(config, set_)
-    if not deployment.model.path and deployment.engine.kind != "mocker":
-        from hpcserve.model_prepare import prepare_default_model
-
-        data = deployment.model_dump(mode="json")
-        data["model"]["path"] = str(prepare_default_model())
-        deployment = DeploymentConfig.model_validate(data)
+    deployment = _with_model_path(_slurm_config(config, set_))
     try:
         job = (submit_with_submitit if via == "submitit" else sbatch_submit)(deployment)
     except (JobError, ConfigError) as exc:
@@ -194,17 +230,19 @@ def submit(
 
 @app.command()
 def status(
-    job: JobArg,
+    job: Annotated[str, typer.Argument(help="job id, job dir, or deployment name")],
     as_json: Annotated[bool, typer.Option("--json", help="one JSON object")] = False,
 ) -> None:
-    """PENDING / STARTING / READY (URL) / FAILED (component, log tail) / FINISHED."""
+    """PENDING / STARTING / READY (URL) / DRAINING / FAILED (component, log tail) / FINISHED
+    (reason); for a deployment name: its generations, worker jobs and gateway."""
     import dataclasses
     import json
 
+    from slurm.deployment import deployment_status, is_deployment
     from slurm.jobs import JobError, job_status
 
     try:
-        found = job_status(job)
+        found = deployment_status(job) if is_deployment(job) else job_status(job)
     except JobError as exc:
         typer.echo(f"hpcserve: {exc}", err=True)
         raise typer.Exit(1) from None
@@ -212,6 +250,53 @@ def status(
         typer.echo(json.dumps(dataclasses.asdict(found), default=str))
     else:
         typer.echo(found.describe())
+
+
+@app.command()
+def gateway(
+    deployment: Annotated[str, typer.Argument(help="deployment name (its config's `name`)")],
+    host: Annotated[str, typer.Option(help="address to listen on")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="port to listen on")] = 8100,
+) -> None:
+    """One stable OpenAI endpoint for a deployment: forwards to its live generation, switches
+    to a successor once READY (requests in flight finish where they started), 503 only while
+    no generation is up. Runs until Ctrl-C/SIGTERM."""
+    from slurm.gateway import serve
+
+    logging.basicConfig(level=logging.INFO, format="hpcserve gateway: %(message)s",
+                        stream=sys.stdout)  # fmt: skip
+    if port <= 0:
+        typer.echo("hpcserve: --port must be a port number (1-65535)", err=True)
+        raise typer.Exit(2)
+    typer.echo(f"gateway for {deployment}: http://{host}:{port}/v1")
+    serve(deployment, host, port)
+
+
+@app.command()
+def scale(
+    deployment: Annotated[str, typer.Argument(help="deployment name (its config's `name`)")],
+    role: Annotated[str, typer.Option(help="worker role: agg, prefill or decode")] = "agg",
+    add: Annotated[int, typer.Option(help="submit this many worker-only jobs")] = 0,
+    remove: Annotated[int, typer.Option(help="drain and end this many (newest first)")] = 0,
+) -> None:
+    """Grow or shrink a running deployment by worker-only Slurm jobs (one worker each):
+    they join its live generation's etcd/NATS and get traffic; removed ones drain first."""
+    from contract.config import ConfigError
+    from slurm.jobs import JobError
+    from slurm.jobs import scale as scale_jobs
+
+    if (add > 0) == (remove > 0) or add < 0 or remove < 0:
+        typer.echo("hpcserve: give one of --add N or --remove N (N >= 1)", err=True)
+        raise typer.Exit(2)
+    try:
+        ids = scale_jobs(deployment, role, add=add, remove=remove)
+    except ConfigError as exc:
+        typer.echo(f"hpcserve: {exc}", err=True)
+        raise typer.Exit(2) from None
+    except JobError as exc:
+        typer.echo(f"hpcserve: {exc}", err=True)
+        raise typer.Exit(1) from None
+    typer.echo(f"{'submitted' if add else 'removed'} worker jobs: {' '.join(ids)}")
 
 
 @app.command()
@@ -279,12 +364,18 @@ def drain(
 
 
 @app.command()
-def cancel(job: JobArg) -> None:
-    """scancel the job, then wait (bounded) until it and all its steps are gone."""
+def cancel(job: Annotated[str, typer.Argument(help="job id, job dir, or deployment name")]) -> None:
+    """scancel the job, then wait (bounded) until it and all its steps are gone; for a
+    deployment name: every generation and worker job of it."""
+    from slurm.deployment import cancel_deployment, is_deployment
     from slurm.jobs import JobError
     from slurm.jobs import cancel as cancel_job
 
     try:
+        if is_deployment(job):
+            cancelled = cancel_deployment(job)
+            typer.echo(f"cancelled jobs: {', '.join(cancelled) or 'none was running'}")
+            return
         seconds = cancel_job(job)
     except JobError as exc:
         typer.echo(f"hpcserve: {exc}", err=True)

@@ -43,6 +43,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--config", required=True, help="resolved deployment config (YAML)")
     parser.add_argument("--group", type=int, default=0, help="index into config.workers")
     parser.add_argument("--index", type=int, default=0, help="instance within the group")
+    parser.add_argument("--worker-id", default=None,
+                        help="registered id (default ROLE-gGROUP-iINDEX); worker jobs name theirs")
     parser.add_argument("--drain-timeout", type=float, default=30.0, help="seconds (SIGTERM)")
     parser.add_argument("--engine-factory", default=None, help="module:callable (tests)")
     return parser.parse_args(argv)
@@ -111,7 +113,7 @@ def serve(args: argparse.Namespace, config: DeploymentConfig, ranks: RankGroup, 
         engine,
         **extra,
         deployment=config.name,
-        worker_id=worker_id(group.role, ranks.group, ranks.index),
+        worker_id=args.worker_id or worker_id(group.role, ranks.group, ranks.index),
         role=group.role,
         nats_url=services.nats.endpoint,
         etcd_endpoint=services.etcd.endpoint,

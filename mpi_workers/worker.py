@@ -176,6 +176,11 @@ class Worker:
             task.cancel()  # unanswered: the frontend migrates them once the card is gone
         if self._inflight:
             await asyncio.wait(list(self._inflight.values()), timeout=5)
+        if self._nc is not None:
+            # The last tokens must reach the frontend before the card goes: it watches etcd
+            # and NATS apart, and a card gone first would read as a worker lost mid-stream.
+            with contextlib.suppress(Exception):
+                await self._nc.flush(timeout=2)
         if registration is not None:
             await registration.close()
             logger.info("deregistered")

@@ -10,6 +10,7 @@ srun steps.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import shutil
@@ -118,6 +119,16 @@ def _copy_engine_yamls(data: dict[str, Any], job_dir: Path) -> None:
         holder[key] = str(copy)
 
 
+def probe_from_anywhere(process: PlannedProcess, head_addr: str) -> PlannedProcess:
+    """The frontend's health probe on the head's address, not loopback: the supervisor runs
+    on the head in a batch job, but anywhere in the allocation under `up --in-allocation`."""
+    ready = process.ready
+    if process.role != "frontend" or ready.url is None or "://127.0.0.1:" not in ready.url:
+        return process
+    url = ready.url.replace("://127.0.0.1:", f"://{head_addr}:", 1)
+    return dataclasses.replace(process, ready=dataclasses.replace(ready, url=url))
+
+
 def frontend_url(config: DeploymentConfig, head_addr: str) -> str:
     host = config.frontend.host
     return f"http://{head_addr if host == '0.0.0.0' else host}:{config.frontend.port}/v1"
@@ -157,6 +168,7 @@ def prepare(config_path: Path, job_dir: Path, nodes: list[str]) -> PreparedJob:
         etcd_peer_port=peer_port,
     )
     check_names(plan, config)
+    plan = [probe_from_anywhere(process, head_addr) for process in plan]
     url = frontend_url(resolved, head_addr)
     logger.info("head %s (%s); frontend %s", slicing.head, head_addr, url)
     for group in slicing.groups:

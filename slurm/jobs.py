@@ -75,9 +75,12 @@ class JobStatus:
     message: str | None = None
     log_tail: str | None = None
     benchmark: str | None = None  # the benchmark step's word (running, valid, invalid ...)
+    reason: str | None = None  # DRAINING/FINISHED: time limit | preempted | cancelled | removed
 
     def describe(self) -> str:
         head = f"{self.state}"
+        if self.reason and self.state in ("DRAINING", "FINISHED"):
+            head += f" ({self.reason})"
         if self.state == "READY" and self.url:
             head += f" {self.url}"
         if self.state == "FAILED":
@@ -124,33 +127,61 @@ def prepare_job_dir(config: DeploymentConfig, python: str = sys.executable) -> P
     return job_dir
 
 
-def _record(job_dir: Path, job_id: str, via: str) -> SubmittedJob:
-    (job_dir / "job_id").write_text(job_id + "\n")
-    by_id = jobs_root() / "by-id"
-    by_id.mkdir(parents=True, exist_ok=True)
-    link = by_id / job_id
+def deployment_dir(name: str) -> Path:
+    """A deployment across jobs: `generations/<job id>` and `workers/<job id>` link to the
+    job dirs of its generations and worker jobs; `gateway.json` names its gateway."""
+    return jobs_root() / "deployments" / name
+
+
+def _link(folder: Path, job_id: str, job_dir: Path) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    link = folder / job_id
     with contextlib.suppress(FileNotFoundError):
         link.unlink()
     link.symlink_to(job_dir)
+
+
+def _record(
+    job_dir: Path, job_id: str, via: str, deployment: str | None = None,
+    kind: str = "generations",
+) -> SubmittedJob:  # fmt: skip
+    """Remember the job: its id in the job dir, `by-id/<id>`, and in its deployment's
+    `generations/` (a whole deployment) or `workers/` (a worker job)."""
+    (job_dir / "job_id").write_text(job_id + "\n")
+    _link(jobs_root() / "by-id", job_id, job_dir)
+    if deployment is not None:
+        _link(deployment_dir(deployment) / kind, job_id, job_dir)
     logger.info("submitted job %s (%s), dir %s", job_id, via, job_dir)
     return SubmittedJob(job_id, job_dir, via)
 
 
-def _run(argv: list[str], timeout: float = 30) -> subprocess.CompletedProcess[str]:
+def _run(
+    argv: list[str], timeout: float = 30, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
     try:
-        return subprocess.run(argv, capture_output=True, text=True, timeout=timeout, check=False)
+        return subprocess.run(argv, capture_output=True, text=True, timeout=timeout,
+                              check=False, env=env)  # fmt: skip
     except FileNotFoundError as exc:
         raise JobError(f"{argv[0]} not found: is Slurm installed here?") from exc
 
 
-def submit(config: DeploymentConfig, python: str = sys.executable) -> SubmittedJob:
-    """`sbatch` the rendered script; returns the job id and dir."""
+def submit(
+    config: DeploymentConfig, python: str = sys.executable, env: dict[str, str] | None = None
+) -> SubmittedJob:
+    """`sbatch` the rendered script; returns the job id and dir. The job is a generation of
+    the deployment `config.name` (`deployment_dir`)."""
     job_dir = prepare_job_dir(config, python)
-    result = _run(["sbatch", "--parsable", str(job_dir / "job.sh")])
+    return sbatch_job_dir(job_dir, config.name, "generations", env)
+
+
+def sbatch_job_dir(
+    job_dir: Path, deployment: str, kind: str, env: dict[str, str] | None = None
+) -> SubmittedJob:
+    result = _run(["sbatch", "--parsable", str(job_dir / "job.sh")], env=env)
     if result.returncode != 0:
         raise JobError(f"sbatch failed ({result.returncode}): {result.stderr.strip()}")
     job_id = result.stdout.strip().split(";")[0]
-    return _record(job_dir, job_id, "sbatch")
+    return _record(job_dir, job_id, "sbatch", deployment, kind)
 
 
 def run_script_on_head(script: str, log: str) -> int:
@@ -206,7 +237,7 @@ def submit_with_submitit(config: DeploymentConfig, python: str = sys.executable)
     job = executor.submit(
         run_script_on_head, str(job_dir / "job.sh"), str(job_dir / "logs" / "sbatch.log")
     )
-    return _record(job_dir, str(job.job_id), "submitit")
+    return _record(job_dir, str(job.job_id), "submitit", config.name)
 
 
 def find_job_dir(job: str) -> Path:
@@ -271,19 +302,22 @@ def job_status(job: str) -> JobStatus:
             **base,
         )
     ended = in_slurm is None or in_slurm.split()[0] not in ACTIVE
-    if in_slurm is not None and in_slurm.split()[0] in SLURM_FAILED:
+    finished = recorded is not None and recorded.state == "FINISHED"
+    if in_slurm is not None and in_slurm.split()[0] in SLURM_FAILED and not finished:
         log = job_dir / "logs" / "sbatch.log"
         return JobStatus("FAILED", component="job", message=f"Slurm says {in_slurm}",
                          log_tail=log_tail(log), **base)  # fmt: skip
     if ended and job_id is not None:
         return JobStatus("FINISHED", url=recorded.url if recorded else None,
-                         message=recorded.message if recorded else None, **base)  # fmt: skip
-    if in_slurm == "PENDING":
-        return JobStatus("PENDING", **base)
+                         message=recorded.message if recorded else None,
+                         reason=recorded.reason if recorded else None, **base)  # fmt: skip
+    if in_slurm is not None and in_slurm.split()[0].startswith(("PENDING", "REQUEUE")):
+        return JobStatus("PENDING", **base)  # queued, or requeued (the last run's file)
     if word == "PENDING" and in_slurm is not None:
         word = "STARTING"  # running, before the script's first write
     return JobStatus(word, url=recorded.url if recorded else None,
-                     message=recorded.stage if recorded else None, **base)  # fmt: skip
+                     message=recorded.stage if recorded else None,
+                     reason=recorded.reason if recorded else None, **base)  # fmt: skip
 
 
 def list_logs(job: str) -> list[str]:
@@ -310,7 +344,8 @@ def cancel(job: str, timeout_s: float = 60.0) -> float:
         raise JobError(f"{job_dir}: no job id recorded (was it submitted?)")
     started = time.monotonic()
     result = _run(["scancel", job_id])
-    if result.returncode != 0 and "Invalid job id" not in result.stderr:
+    gone = ("Invalid job id", "already completing or completed")
+    if result.returncode != 0 and not any(word in result.stderr for word in gone):
         raise JobError(f"scancel {job_id} failed: {result.stderr.strip()}")
     deadline = started + timeout_s
     while True:
@@ -332,3 +367,15 @@ def check_submittable(config: DeploymentConfig) -> None:
     The model path is checked at job start, on the head: it may exist only on the cluster.
     """
     node_count(config)
+
+
+def scale(deployment: str, role: str, *, add: int = 0, remove: int = 0) -> list[str]:
+    """Add `add` worker-only jobs of `role` to a running deployment, or drain and end its
+    newest `remove` ones (`slurm.worker_job`); the job ids submitted or removed."""
+    from slurm.worker_job import remove_worker_jobs, submit_worker_jobs
+
+    if bool(add) == bool(remove):
+        raise ValueError("give exactly one of add or remove (a positive count)")
+    if add:
+        return [job.job_id for job in submit_worker_jobs(deployment, role, add)]
+    return remove_worker_jobs(deployment, role, remove)

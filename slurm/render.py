@@ -73,14 +73,19 @@ def sbatch_lines(config: DeploymentConfig, job_dir: str) -> list[str]:
         options.append("--exclusive")
     if slurm.constraint is not None:
         options.append(f"--constraint={slurm.constraint}")
+    # The time limit's warning (and the drain that follows) goes to the supervisor only (B:).
+    options.append(f"--signal=B:USR1@{slurm.drain_s}")
     options.append(f"--output={job_dir}/logs/sbatch.log")
+    options.append("--open-mode=append")  # a requeued job's rerun keeps the first run's lines
     return [f"#SBATCH {option}" for option in options] + list(slurm.extra_sbatch_lines)
 
 
 def render_script(
-    config: DeploymentConfig, *, job_dir: str | Path, python: str, source: str | None = None
+    config: DeploymentConfig, *, job_dir: str | Path, python: str, source: str | None = None,
+    module: str = "slurm.supervise",
 ) -> str:
-    """The sbatch script of `config` for a job whose files live in `job_dir`."""
+    """The sbatch script of `config` for a job whose files live in `job_dir`; `module` is
+    the supervisor it runs (`slurm.worker_job` for a worker-only job)."""
     job_dir = str(job_dir)
     if any(c.isspace() for c in job_dir) or any(c.isspace() for c in python):
         raise ConfigError(f"run_dir: the job dir {job_dir!r} must not contain whitespace")
@@ -101,6 +106,7 @@ def render_script(
         sbatch_lines=sbatch_lines(config, job_dir),
         job_dir=shlex.quote(job_dir),
         python=shlex.quote(python),
+        module=module,
         setup_lines=slurm.setup_lines,
         env_lines=[f"export {key}={shlex.quote(value)}" for key, value in slurm.env.items()],
     )

@@ -15,7 +15,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Literal, get_args
 
-State = Literal["PENDING", "STARTING", "READY", "FAILED", "FINISHED"]
+# DRAINING: the job is ending (time limit, preemption, removal): no new requests, held
+# ones finish; the gateway sends new ones elsewhere.
+State = Literal["PENDING", "STARTING", "READY", "DRAINING", "FAILED", "FINISHED"]
 STATES: tuple[str, ...] = get_args(State)
 STATE_FILE = "state.json"
 
@@ -31,6 +33,8 @@ class JobState:
     stage: str | None = None  # STARTING: services | workers | frontend
     restarts: dict[str, int] | None = None  # component -> times the supervisor restarted it
     benchmark: str | None = None  # the benchmark step: running | valid | invalid (exit N)
+    reason: str | None = None  # DRAINING/FINISHED: time limit | preempted | cancelled | removed
+    successor: str | None = None  # the job dir of the next generation, once submitted
     updated: float = 0.0
 
 
@@ -57,6 +61,8 @@ def write_state(job_dir: str | Path, state: State, **fields: Any) -> JobState:
         "url": previous.url if previous else None,
         "restarts": previous.restarts if previous else None,
         "benchmark": previous.benchmark if previous else None,
+        "reason": previous.reason if previous else None,
+        "successor": previous.successor if previous else None,
     }
     merged.update({key: value for key, value in fields.items() if value is not None})
     new = JobState(state=state, updated=time.time(), **merged)  # type: ignore[arg-type]
@@ -71,12 +77,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m slurm.state", description=__doc__)
     parser.add_argument("job_dir")
     parser.add_argument("state", choices=STATES)
-    for name in ("job-id", "url", "component", "log", "message", "stage"):
+    for name in ("job-id", "url", "component", "log", "message", "stage", "reason"):
         parser.add_argument(f"--{name}")
     args = parser.parse_args(argv)
     write_state(
         args.job_dir, args.state, job_id=args.job_id, url=args.url, component=args.component,
-        log=args.log, message=args.message, stage=args.stage,
+        log=args.log, message=args.message, stage=args.stage, reason=args.reason,
     )  # fmt: skip
     return 0
 

@@ -80,6 +80,10 @@ class BlockManager:
             parent = h
         return hits
 
+    def num_cached_blocks(self, seq: Sequence) -> int:
+        """Full blocks of `seq`'s prefix that `admit` would take from the prefix cache."""
+        return len(self._lookup(seq))
+
     def admit(self, seq: Sequence, num_tokens: int) -> bool:
         """Give a sequence with no blocks its cached prefix plus fresh blocks for `num_tokens`.
 

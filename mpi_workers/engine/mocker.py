@@ -8,8 +8,9 @@ exactly the built-in engine's) and replaces the forward pass with a timing model
 
 a step that mixes both costs the sum; every time is divided by `speedup`. Stepping is an
 asyncio task (a step is a sleep plus cheap bookkeeping), so many mockers share one process or
-one machine. Tokens are deterministic pseudo-random ids (a hash of the prompt and the
-position) that avoid EOS and the stop ids, so a request always runs to `max_tokens`.
+one machine. Tokens are deterministic pseudo-random ids (a hash of the prompt, the position
+and, for seeded sampling at temperature > 0, the seed) that avoid EOS and the stop ids, so a
+request always runs to `max_tokens`. Unseeded requests with the same prompt get the same tokens.
 """
 
 from __future__ import annotations
@@ -119,7 +120,11 @@ class MockerEngine(StreamingEngine):
             max_len=max_len,
         )
         digest = hashlib.blake2b(repr(request.token_ids).encode(), digest_size=8).digest()
-        self._seeds[request.request_id] = int.from_bytes(digest, "little")
+        seed = int.from_bytes(digest, "little")
+        sampling = request.sampling
+        if sampling.seed is not None and sampling.temperature > 0:  # seeded sampling differs
+            seed = _mix64(seed ^ (sampling.seed & _MASK64))  # per seed (the n choices' seeds)
+        self._seeds[request.request_id] = seed
         stream = self._open_stream(request.request_id)
         self.scheduler.add(seq)
         self._wake.set()

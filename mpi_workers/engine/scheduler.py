@@ -5,6 +5,12 @@ of a partly prefilled prompt), then admits waiting sequences with (chunked) pref
 under `max_num_batched_tokens` and `max_num_seqs`. When the pool runs out of blocks the
 newest running sequence is preempted: its blocks are freed (hashed ones stay in the prefix
 cache) and it goes back to the front of the waiting queue to be recomputed later.
+
+Requests with a common prompt that arrive together (the `n` choices of one OpenAI request,
+or one system prompt sent by many users at once) compute it once: a waiting sequence whose
+next uncached prompt block a running sequence is still computing (or has computed but not
+yet published) waits until that block is in the prefix cache, then is admitted with the
+shared prefix as a cache hit. The others behind it in the queue are admitted meanwhile.
 """
 
 from __future__ import annotations
@@ -41,6 +47,7 @@ class Scheduler:
         self.running: list[Sequence] = []
         self.num_preemptions = 0
         self.num_cached_prompt_tokens = 0
+        self.num_deferred_admissions = 0  # steps a sequence waited for a shared prefix
 
     def add(self, seq: Sequence) -> None:
         seq.status = SeqStatus.WAITING
@@ -95,9 +102,14 @@ class Scheduler:
             batch.num_tokens.append(n)
             budget -= n
             index += 1
-        # 2. Waiting sequences in order, while there is room; no preemption for them.
+        # 2. Waiting sequences in order, while there is room; no preemption for them. One
+        # whose prompt blocks a running sequence is computing right now waits a step or more.
+        deferred: list[Sequence] = []
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
+            if self._awaits_shared_prefix(seq):
+                deferred.append(self.waiting.popleft())
+                continue
             if not self.bm.admit(seq, budget):
                 break
             self.waiting.popleft()
@@ -111,4 +123,38 @@ class Scheduler:
             batch.seqs.append(seq)
             batch.num_tokens.append(n)
             budget -= n
+        self.waiting.extendleft(reversed(deferred))
+        self.num_deferred_admissions += len(deferred)
         return batch
+
+    def _awaits_shared_prefix(self, seq: Sequence) -> bool:
+        """Whether a running sequence holds the block that would extend `seq`'s cached
+        prefix without having published it yet (it is computing it, or computed it in a step
+        not yet committed): admitting `seq` now would compute those tokens a second time."""
+        bm = self.bm
+        if not bm.enable_prefix_caching:
+            return False
+        bs = bm.block_size
+        first = seq.token_ids[:bs]
+        if len(first) < bs:
+            return False
+        # cheap filter first: running sequences with unpublished full blocks and the same
+        # first block (hashing `seq`'s prefix only when one exists)
+        sharers = [
+            other
+            for other in self.running
+            if len(other.block_hashes) < other.num_tokens // bs and other.token_ids[:bs] == first
+        ]
+        if not sharers:
+            return False
+        cached = bm.num_cached_blocks(seq)
+        end = (cached + 1) * bs  # the next block `seq` would have to compute
+        if end > seq.num_tokens - 1:  # the last token is always computed: no block to share
+            return False
+        want = seq.token_ids[:end]
+        return any(
+            len(other.block_hashes) <= cached
+            and other.num_tokens >= end
+            and other.token_ids[:end] == want
+            for other in sharers
+        )

@@ -200,3 +200,24 @@ def test_a_component_dying_at_start_fails_naming_it(tmp_path, etcd_endpoint) -> 
         assert "no GPU" in str(failure.value)
     finally:
         supervisor.stop()
+
+
+def test_drain_workers_ends_every_worker_first_and_leaves_the_rest(tmp_path, etcd_endpoint):
+    """The graceful end of a job: every worker gets its drain signal at once and exits 0;
+    the frontend and services are still up for the streams being finished."""
+    supervisor, _said = supervise(tmp_path, make_config(etcd_endpoint, "drain-all"))
+    supervisor.start()
+    try:
+        assert supervisor.drain_workers(timeout_s=10) == []
+        phases = supervisor.phases()
+        assert phases["worker-agg-g0-i0"] == phases["worker-agg-g0-i1"] == "drained"
+        for component in supervisor.components:
+            assert component.process is not None
+            if component.planned.stage == STAGE_WORKERS:
+                assert component.process.popen.returncode == 0
+            else:
+                assert component.process.running(), component.name
+        saved = json.loads((tmp_path / "supervisor.json").read_text())
+        assert saved["phases"]["worker-agg-g0-i1"] == "drained"
+    finally:
+        supervisor.stop()

@@ -93,7 +93,8 @@ async def test_openapi_documents_every_endpoint(make_frontend: Any) -> None:
     )
     assert "422" not in chat["responses"]  # bad input is a 400 in OpenAI's shape
     fields = schema["components"]["schemas"]["ChatCompletionRequest"]["properties"]
-    assert {"messages", "max_tokens", "temperature", "stream", "logprobs"} <= set(fields)
+    assert {"messages", "max_tokens", "temperature", "stream", "logprobs", "n"} <= set(fields)
+    assert "seed + i" in fields["n"]["description"]
     completion = schema["paths"]["/v1/completions"]["post"]["responses"]["200"]
     assert completion["content"]["application/json"]["schema"]["$ref"].endswith(
         "/CompletionResponse"
@@ -256,7 +257,9 @@ async def test_input_errors(make_frontend: Any) -> None:
             ("chat", {**CHAT, "top_p": 0}, 400, "top_p", None),
             ("chat", {**CHAT, "presence_penalty": -3}, 400, "presence_penalty", None),
             ("chat", {**CHAT, "stop": ["a", "b", "c", "d", "e"]}, 400, "stop", None),
-            ("chat", {**CHAT, "n": 2}, 400, "n", None),
+            ("chat", {**CHAT, "n": 0}, 400, "n", None),
+            ("chat", {**CHAT, "n": 17}, 400, "n", None),  # frontend.max_n defaults to 16
+            ("completions", {"model": "smol", "prompt": "x", "n": 17}, 400, "n", None),
             ("chat", {**CHAT, "max_tokens": 0}, 400, "max_tokens", None),
             ("chat", {**CHAT, "top_logprobs": 30, "logprobs": True}, 400, "top_logprobs", None),
             ("chat", {**CHAT, "model": "gpt-9"}, 404, "model", "model_not_found"),

@@ -58,7 +58,9 @@ def error_for(model: type, data: dict[str, Any]) -> errors.OpenAIError:
         ({"repetition_penalty": 0}, "repetition_penalty"),
         ({"stop": ["1", "2", "3", "4", "5"]}, "stop"),
         ({"stop": 5}, "stop"),
-        ({"n": 3}, "n"),
+        ({"n": 0}, "n"),
+        ({"n": "two"}, "n"),
+        ({"seed": 2**63}, "seed"),
         ({"max_tokens": -1}, "max_tokens"),
         ({"max_completion_tokens": 0}, "max_completion_tokens"),
         ({"seed": "abc"}, "seed"),
@@ -114,6 +116,9 @@ def test_chat_request_accepts_openai_shapes() -> None:
         ({"prompt": 5}, "prompt"),
         ({"logprobs": 21}, "logprobs"),
         ({"echo": True}, "echo"),
+        ({"n": 0}, "n"),
+        ({"best_of": 3}, "best_of"),
+        ({"n": 2, "best_of": 3}, "best_of"),
     ],
 )
 def test_completion_request_errors(patch: dict[str, Any], param: str) -> None:

@@ -1,4 +1,9 @@
-"""KvRouter: cost choices on hand-made states, temperature sampling, block-size refusal."""
+"""KvRouter: the cost model on hand-made states, in-flight accounting, temperature sampling,
+per-worker block sizes, and the fallback for workers that publish no KV events.
+
+Defaults: overlap_credit 1, uncached_weight 2, prefill_load_scale 4; PROMPT is 8 blocks, so
+an idle worker without the prefix costs 4 x 2 x 8 + 8 new blocks = 72.
+"""
 
 from __future__ import annotations
 
@@ -10,14 +15,14 @@ import pytest
 from contract.block_hash import block_hashes
 from contract.config import KvRouterConfig, load_config
 from contract.discovery import WorkerCard
-from contract.messages import GenerateRequest, LoadMetrics
-from frontend.errors import OpenAIError
-from frontend.kv_index import KvIndex
+from contract.messages import GenerateRequest, KvEventBatch, KvStored, LoadMetrics, StoredBlock
+from frontend.kv_index import KvIndex, KvIndexFeed, RoutedPrefixIndex
 from frontend.kv_router import KvRouter
 from frontend.router import LoadTracker
 
 PROMPT = list(range(1000, 1000 + 16 * 8))  # 8 blocks
 HASHES = block_hashes(PROMPT, 16)
+OTHER = list(range(5000, 5000 + 16 * 8))  # 8 blocks sharing nothing with PROMPT
 
 
 def card(worker_id: str, block_size: int = 16) -> WorkerCard:
@@ -31,124 +36,96 @@ def req(rid: str, tokens: list[int] = PROMPT) -> GenerateRequest:
     return GenerateRequest(request_id=rid, token_ids=tokens)
 
 
-def make(**config) -> tuple[KvRouter, KvIndex, LoadTracker]:
+def make(publishes=None, clock=None, **config) -> tuple[KvRouter, KvIndex, LoadTracker]:
     index, tracker = KvIndex(), LoadTracker()
-    return KvRouter(KvRouterConfig(**config), index, tracker, seed=7), index, tracker
+    extra = {"clock": clock} if clock is not None else {}
+    router = KvRouter(
+        KvRouterConfig(**config), index, tracker, publishes=publishes, seed=7, **extra
+    )
+    return router, index, tracker
 
 
 def busy(tracker: LoadTracker, worker_id: str, active_blocks: int) -> None:
     tracker.update(LoadMetrics(worker_id=worker_id, active_blocks=active_blocks))
 
 
+def costs(router: KvRouter) -> dict[str, float]:
+    return {s.worker_id: s.cost for s in router.last_scores}
+
+
 def test_idle_workers_prefer_the_longest_cached_prefix() -> None:
     router, index, _ = make()
     index.store("a", HASHES[:3])
     index.store("b", HASHES[:6])
-    cards = [card("a"), card("b"), card("c")]
-    assert router.choose(cards, req("r1")).worker_id == "b"
-    costs = {s.worker_id: s.cost for s in router.last_scores}
-    assert costs == {"a": 5, "b": 2, "c": 8}
+    assert router.choose([card("a"), card("b"), card("c")], req("r1")).worker_id == "b"
+    # 4 x 2 x uncached + 8 new blocks
+    assert costs(router) == {"a": 4 * 2 * 5 + 8, "b": 4 * 2 * 2 + 8, "c": 72}
+
+
+def test_a_shared_prefix_counts_once_so_a_hot_prompt_stays_on_its_worker() -> None:
+    """Five requests over one cached system prompt: the worker holds the prompt once, so
+    it is not repelled as busy (the old model counted the prefix per request)."""
+    router, index, _ = make()
+    index.store("a", HASHES)
+    cards = [card("a"), card("b")]
+    for i in range(5):
+        tokens = [*PROMPT[:112], *range(9000 + 16 * i, 9016 + 16 * i)]  # 7 shared + 1 own
+        assert router.choose(cards, req(f"r{i}", tokens)).worker_id == "a"
+    assert router.own_blocks("a") == 7 + 5  # distinct blocks, not 5 x 8
+    assert router.pending_prefill("a") == 5  # one uncached block each
+
+
+def test_a_hit_behind_one_fresh_prefill_beats_recomputing_elsewhere() -> None:
+    router, index, _ = make()
+    index.store("a", HASHES)
+    router.choose([card("a")], req("fresh", OTHER))  # a now computes 8 uncached blocks
+    assert router.pending_prefill("a") == 8
+    assert router.choose([card("a"), card("b")], req("hit")).worker_id == "a"
+    assert costs(router) == {"a": 4 * 8 + (8 + 8), "b": 72}
+    # Dynamo's weight 1 (the request's own wait only) sends it to recompute on b
+    dynamo, index2, _ = make(uncached_weight=1.0)
+    index2.store("a", HASHES)
+    dynamo.choose([card("a")], req("fresh", OTHER))
+    assert dynamo.choose([card("a"), card("b")], req("hit")).worker_id == "b"
 
 
 def test_a_busy_cache_holder_loses_to_an_idle_worker() -> None:
-    router, index, tracker = make()
-    index.store("a", HASHES)  # everything cached: prefill cost 0
-    busy(tracker, "a", 20)  # but 20 active blocks
-    busy(tracker, "b", 5)  # b: 8 prefill + 5 = 13 < 20
+    router, index, _ = make()
+    index.store("a", HASHES)
+    for i in range(3):  # three fresh 8-block prefills pending on a: 4 x 24 + 32 = 128
+        router.choose([card("a")], req(f"fresh{i}", [*range(20000 + 200 * i, 20128 + 200 * i)]))
     assert router.choose([card("a"), card("b")], req("r1")).worker_id == "b"
-    busy(tracker, "a", 12)  # now 12 < 13
-    assert router.choose([card("a"), card("b")], req("r2")).worker_id == "a"
 
 
-def test_overlap_weight_trades_prefill_against_load() -> None:
-    router, index, tracker = make(overlap_score_weight=3.0)
-    index.store("a", HASHES)
-    busy(tracker, "a", 20)  # a: 0 + 20; b: 3*8 + 0 = 24
-    assert router.choose([card("a"), card("b")], req("r1")).worker_id == "a"
-
-
-def test_own_in_flight_blocks_count_until_finished() -> None:
-    router, index, tracker = make()
-    cards = [card("a"), card("b")]
-    index.store("a", HASHES)
-    index.store("b", HASHES)
-    first = router.choose(cards, req("r1")).worker_id
-    assert router.own_blocks(first) == 8
-    second = router.choose(cards, req("r2")).worker_id
-    assert second != first  # the first one now carries 8 in-flight blocks
-    tracker.started(first)
-    tracker.finished(first, "r1")  # what WorkerClient does when the stream ends
-    assert router.own_blocks(first) == 0 and router.own_blocks(second) == 8
-    # reported load and our own count do not add up: the report already includes ours
-    busy(tracker, second, 5)
-    scores = {s.worker_id: s.active_blocks for s in router.scores(cards, PROMPT)}
-    assert scores[second] == 8
-
-
-def test_ties_are_broken_randomly() -> None:
-    router, _, _ = make()
-    cards = [card("a"), card("b")]
-    picks = Counter()
-    for i in range(400):
-        picks[router.choose(cards, req(f"r{i}")).worker_id] += 1
-        router.request_finished(f"r{i}")
-    assert 140 < picks["a"] < 260
-
-
-def test_temperature_samples_softmax_of_negative_cost() -> None:
-    router, index, _ = make(router_temperature=1.0)
-    index.store("a", HASHES[:2])  # cost a = 6, b = 8: p(a) = 1 / (1 + e^-2) = 0.881
-    cards = [card("a"), card("b")]
-    picks = Counter()
-    for i in range(4000):
-        picks[router.choose(cards, req(f"r{i}")).worker_id] += 1
-        router.request_finished(f"r{i}")
-    assert picks["a"] / 4000 == pytest.approx(0.881, abs=0.025)
-    cold, index2, _ = make(router_temperature=1000.0)  # very hot: nearly uniform
-    index2.store("a", HASHES[:2])
-    hot = Counter()
-    for i in range(2000):
-        hot[cold.choose(cards, req(f"r{i}")).worker_id] += 1
-        cold.request_finished(f"r{i}")
-    assert hot["a"] / 2000 == pytest.approx(0.5, abs=0.05)
-
-
-def test_block_size_mismatch_is_refused_with_an_error(caplog: pytest.LogCaptureFixture) -> None:
-    router, index, _ = make(block_size=16)
-    index.store("odd", HASHES)  # would look perfect if its block size were ignored
-    with caplog.at_level(logging.ERROR, logger="frontend.kv_router"):
-        router.on_workers_changed({"odd": card("odd", block_size=32), "ok": card("ok")})
-        for i in range(5):
-            assert router.choose([card("odd", 32), card("ok")], req(f"r{i}")).worker_id == "ok"
-    refusals = [r for r in caplog.records if "refused for KV routing" in r.getMessage()]
-    assert len(refusals) == 1 and "block_size 32" in refusals[0].getMessage()
-    with pytest.raises(OpenAIError) as info:
-        router.choose([card("odd", 32)], req("r9"))
-    assert info.value.status == 503
-
-
-def test_workers_leaving_release_their_in_flight_blocks() -> None:
-    router, _, _ = make()
+def test_pending_prefill_ends_with_the_first_output_and_footprint_with_the_finish() -> None:
+    router, _, tracker = make()
     picked = router.choose([card("a")], req("r1")).worker_id
-    assert router.own_blocks(picked) == 8
-    router.on_workers_changed({})
-    assert router.own_blocks(picked) == 0
+    assert (router.pending_prefill(picked), router.own_blocks(picked)) == (8, 8)
+    tracker.prefilled("r1")  # what RequestStream does on the first output
+    assert (router.pending_prefill(picked), router.own_blocks(picked)) == (0, 8)
+    tracker.started(picked)
+    tracker.finished(picked, "r1")  # what WorkerClient does when the stream ends
+    assert (router.pending_prefill(picked), router.own_blocks(picked)) == (0, 0)
 
 
-def test_config_fields_and_overrides() -> None:
-    config = load_config(
-        overrides=[
-            "frontend.router=kv",
-            "frontend.kv_router.overlap_score_weight=2.5",
-            "frontend.kv_router.router_temperature=0.5",
-            "frontend.kv_router.block_size=32",
-        ],
-        environ={"HPCSERVE__FRONTEND__KV_ROUTER__RECONCILE_INTERVAL_S": "7"},
-    )
-    kv = config.frontend.kv_router
-    assert config.frontend.router == "kv"
-    assert (kv.overlap_score_weight, kv.router_temperature, kv.block_size) == (2.5, 0.5, 32)
-    assert kv.reconcile_interval_s == 7
+def test_an_in_flight_prompt_counts_as_cached_before_its_events_arrive() -> None:
+    router, _, _ = make()
+    cards = [card("a"), card("b")]
+    first = router.choose(cards, req("r1")).worker_id
+    for i in range(2, 6):  # the index is still empty: only our in-flight record knows
+        assert router.choose(cards, req(f"r{i}")).worker_id == first
+
+
+def test_reported_load_and_our_own_do_not_add_up() -> None:
+    router, index, tracker = make()
+    index.store("a", HASHES)
+    router.choose([card("a")], req("r1"))
+    busy(tracker, "a", 5)  # the report includes our 8 blocks: the larger one counts
+    scores = {s.worker_id: s.active_blocks for s in router.scores([card("a")], OTHER)}
+    assert scores["a"] == 8 + 8
+    busy(tracker, "a", 30)  # another frontend's requests show in the report
+    scores = {s.worker_id: s.active_blocks for s in router.scores([card("a")], OTHER)}
+    assert scores["a"] == 30 + 8
 
 
 def test_a_report_older_than_our_finishes_does_not_repel_the_next_turn() -> None:
@@ -160,7 +137,134 @@ def test_a_report_older_than_our_finishes_does_not_repel_the_next_turn() -> None
     tracker.started("a")
     tracker.finished("a", "r1")
     scores = {s.worker_id: s.active_blocks for s in router.scores(cards, PROMPT)}
-    assert scores["a"] == 0  # the stale report's 8 blocks are ours and were released
-    assert router.choose(cards, req("r2")).worker_id == "a"
+    assert scores["a"] == 0 + 8  # the stale report's 8 blocks were ours and were released
     busy(tracker, "a", 3)  # a fresh report is taken as it is
-    assert {s.worker_id: s.active_blocks for s in router.scores(cards, PROMPT)}["a"] == 8
+    assert {s.worker_id: s.active_blocks for s in router.scores(cards, PROMPT)}["a"] == 3 + 8
+
+
+def test_ties_are_broken_randomly() -> None:
+    router, _, _ = make()
+    cards = [card("a"), card("b")]
+    picks: Counter[str] = Counter()
+    for i in range(400):
+        picks[router.choose(cards, req(f"r{i}")).worker_id] += 1
+        router.request_finished(f"r{i}")
+    assert 140 < picks["a"] < 260
+
+
+def test_temperature_samples_softmax_of_negative_cost() -> None:
+    router, index, _ = make(router_temperature=8.0)
+    index.store("a", HASHES[:2])  # cost a = 4 x 12 + 8 = 56, b = 72: p(a) = 1/(1 + e^-2)
+    cards = [card("a"), card("b")]
+    picks: Counter[str] = Counter()
+    for i in range(4000):
+        picks[router.choose(cards, req(f"r{i}")).worker_id] += 1
+        router.request_finished(f"r{i}")
+    assert picks["a"] / 4000 == pytest.approx(0.881, abs=0.025)
+
+
+def test_each_worker_is_scored_at_its_own_block_size(caplog: pytest.LogCaptureFixture) -> None:
+    router, index, _ = make(block_size=16)  # deprecated setting: warned about, not obeyed
+    index.store("big", block_hashes(PROMPT, 32))  # 4 blocks of 32, all cached
+    with caplog.at_level(logging.WARNING, logger="frontend.kv_router"):
+        router.on_workers_changed({"big": card("big", 32), "small": card("small")})
+        router.on_workers_changed({"big": card("big", 32), "small": card("small")})
+    assert router.choose([card("big", 32), card("small")], req("r1")).worker_id == "big"
+    scores = {s.worker_id: s.overlap_blocks for s in router.last_scores}
+    assert scores == {"big": 4, "small": 0}
+    warnings = [r for r in caplog.records if "is ignored for worker big" in r.getMessage()]
+    assert len(warnings) == 1
+
+
+def test_workers_leaving_release_their_in_flight_blocks() -> None:
+    router, _, _ = make()
+    picked = router.choose([card("a")], req("r1")).worker_id
+    assert router.own_blocks(picked) == 8
+    router.on_workers_changed({})
+    assert (router.own_blocks(picked), router.pending_prefill(picked)) == (0, 0)
+
+
+def test_config_fields_overrides_and_the_deprecated_weight() -> None:
+    config = load_config(
+        overrides=[
+            "frontend.router=kv",
+            "frontend.kv_router.prefill_load_scale=2.5",
+            "frontend.kv_router.router_temperature=0.5",
+            "frontend.kv_router.uncached_weight=1",
+        ],
+        environ={"HPCSERVE__FRONTEND__KV_ROUTER__RECONCILE_INTERVAL_S": "7"},
+    )
+    kv = config.frontend.kv_router
+    assert (kv.load_scale, kv.router_temperature, kv.uncached_weight) == (2.5, 0.5, 1.0)
+    assert kv.reconcile_interval_s == 7 and kv.block_size is None
+    assert KvRouterConfig(overlap_score_weight=8).load_scale == 8
+    assert KvRouterConfig().load_scale == 4
+
+
+# ----- workers without KV events ----------------------------------------------------------
+def test_routed_prefix_index_forgets_after_its_ttl() -> None:
+    index = RoutedPrefixIndex(ttl_s=120)
+    index.routed("a", HASHES, now=0.0)
+    index.routed("b", HASHES[:4], now=100.0)
+    assert index.overlaps(HASHES, ["a", "b"]) == {"a": 8, "b": 4}
+    index.routed("a", HASHES[:2], now=110.0)  # routed again: these two stay longer
+    index.expire(now=125.0)
+    assert index.overlaps(HASHES, ["a", "b"]) == {"a": 2, "b": 4}
+    index.expire(now=300.0)
+    assert index.num_blocks() == 0
+
+
+def test_a_silent_worker_is_routed_by_its_routed_prompts() -> None:
+    router, index, tracker = make(publishes=lambda worker_id: False)
+    cards = [card("a"), card("b")]
+    first = router.choose(cards, req("r1")).worker_id
+    tracker.started(first)
+    tracker.finished(first, "r1")  # gone from in-flight: only the routed index remembers
+    assert index.num_blocks() == 0
+    for i in range(2, 6):
+        assert router.choose(cards, req(f"r{i}")).worker_id == first
+        router.request_finished(f"r{i}")
+
+
+def test_a_publishing_worker_is_scored_from_its_events_only() -> None:
+    router, index, _ = make(publishes=lambda worker_id: worker_id == "a")
+    router.routed.routed("a", HASHES, now=0.0)  # a guess that a's events contradict
+    index.store("b", HASHES)  # b publishes nothing, but this index is not b's source
+    router.choose([card("a"), card("b")], req("r1", OTHER))
+    assert {s.worker_id: s.overlap_blocks for s in router.scores([card("a")], PROMPT)} == {"a": 0}
+
+
+def test_a_worker_that_publishes_nothing_is_warned_about_once(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    now = [0.0]
+    published: set[str] = set()
+    router, _, tracker = make(
+        publishes=published.__contains__, clock=lambda: now[0], events_grace_s=10
+    )
+    with caplog.at_level(logging.WARNING, logger="frontend.kv_router"):
+        for i in range(6):
+            now[0] = 4.0 * i
+            picked = router.choose([card("quiet")], req(f"r{i}")).worker_id
+            tracker.started(picked)
+            tracker.finished(picked, f"r{i}")
+    warnings = [r for r in caplog.records if "published no KV event" in r.getMessage()]
+    assert len(warnings) == 1 and "quiet" in warnings[0].getMessage()
+    caplog.clear()
+    published.add("loud")
+    with caplog.at_level(logging.WARNING, logger="frontend.kv_router"):
+        for i in range(6):
+            now[0] = 100.0 + 4.0 * i
+            router.choose([card("loud")], req(f"l{i}"))
+            tracker.finished("loud", f"l{i}")
+    assert not [r for r in caplog.records if "published no KV event" in r.getMessage()]
+
+
+def test_the_feed_knows_which_workers_published() -> None:
+    feed = KvIndexFeed(KvIndex(), fetch_snapshot=None)
+    feed._workers = {"a", "b"}  # as on_workers_changed leaves it, without the snapshots
+    feed.handle_batch(KvEventBatch(worker_id="a", seq=1, events=[]))
+    assert feed.published == set()
+    stored = KvStored(parent_hash=None, blocks=[StoredBlock(block_hash=HASHES[0], num_tokens=16)])
+    feed.handle_batch(KvEventBatch(worker_id="a", seq=2, events=[stored]))
+    assert feed.published == {"a"}

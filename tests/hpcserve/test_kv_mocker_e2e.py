@@ -8,6 +8,7 @@ the prefix (round robin would hit about one time in eight).
 
 from __future__ import annotations
 
+import asyncio
 import random
 import time
 from collections.abc import Iterator
@@ -81,3 +82,34 @@ def test_repeated_long_prefix_goes_to_the_worker_that_cached_it(
         for turn in range(5):
             body = complete(http, [*prefix, 50 + turn, 60 + turn, 70, 80])
             assert cached(body) >= 320, (conversation, turn, body["usage"])
+
+
+def test_concurrent_repeats_land_on_the_workers_holding_their_prefixes(
+    up: UpProcess, http: httpx.Client
+) -> None:
+    """Six cached prefixes, then four requests per prefix all at once: every one hits.
+
+    Under concurrency the router sees its own in-flight requests pile onto the holders;
+    a cost that counted each request's whole prompt as load (the old model) spread them
+    over idle workers, where they missed."""
+    rng = random.Random(2)
+    prefixes = [[rng.randrange(100, 40000) for _ in range(320)] for _ in range(6)]
+    known = kv_index_blocks(up, http)
+    for prefix in prefixes:
+        assert cached(complete(http, [*prefix, 1, 2, 3])) == 0
+    wait_for_kv_index(up, http, known + 6 * 20)
+
+    async def burst() -> list[dict]:
+        async with httpx.AsyncClient(base_url=up.base_url, timeout=60) as client:
+
+            async def one(prefix: list[int], i: int) -> dict:
+                body = {"prompt": [*prefix, 900 + i, 901 + i, 902], "max_tokens": 8}
+                response = await client.post("/completions", json=body)
+                assert response.status_code == 200, response.text
+                return response.json()
+
+            return await asyncio.gather(*(one(prefix, i) for i in range(4) for prefix in prefixes))
+
+    bodies = asyncio.run(burst())
+    misses = [body["usage"] for body in bodies if cached(body) < 320]
+    assert not misses, f"{len(misses)} of {len(bodies)} concurrent repeats missed: {misses}"

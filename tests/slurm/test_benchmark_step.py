@@ -1,6 +1,6 @@
 """The benchmark step of a job: its srun command, and what its exit code does to the job
 (state.json, `benchmark.then`). The step is a real process here (a Python exiting with the
-verdict's code); the supervisor is a stand-in that only counts its polls."""
+verdict's code)."""
 
 from __future__ import annotations
 
@@ -15,21 +15,9 @@ from contract.processes import ManagedProcess
 from slurm.benchmark import benchmark_process
 from slurm.state import read_state, write_state
 from slurm.steps import placeholder_plan
-from slurm.supervise import run_benchmark
+from slurm.supervise import benchmark_done, stop_benchmark
 
 REPO = Path(__file__).resolve().parents[2]
-
-
-class CountingSupervisor:
-    """Stands in for `contract.supervisor.Supervisor`: `poll()` says the job goes on."""
-
-    def __init__(self, ending_after: int | None = None) -> None:
-        self.polls = 0
-        self.ending_after = ending_after
-
-    def poll(self) -> bool:
-        self.polls += 1
-        return self.ending_after is None or self.polls < self.ending_after
 
 
 def job(tmp_path: Path, then: str) -> SimpleNamespace:
@@ -61,28 +49,22 @@ def test_the_step_is_hpcserve_bench_on_the_head_with_the_frontends_python(tmp_pa
     ("serve", 0, "READY", None), ("serve", 1, "READY", None),
 ])  # fmt: skip
 def test_the_verdict_and_then(tmp_path: Path, then: str, code: int, state: str, ends) -> None:
-    supervisor = CountingSupervisor()
-    result = run_benchmark(job(tmp_path, then), supervisor, step(tmp_path, code))
+    finished = step(tmp_path, code)
+    finished.popen.wait(30)
+    result = benchmark_done(job(tmp_path, then), finished)
     assert result == ends
     recorded = read_state(tmp_path)
     assert recorded is not None and recorded.state == state
     assert recorded.benchmark == ("valid" if code == 0 else f"invalid (exit {code})")
     assert recorded.url == "http://10.99.0.11:8000/v1"
-    assert supervisor.polls >= 1  # the deployment was watched while the sweep ran
     if state == "FAILED":
         assert recorded.component == "benchmark"
         assert recorded.log == str(tmp_path / "logs" / "benchmark.log")
         assert "benchmark exited 1" in (recorded.message or "")
 
 
-def test_a_job_torn_down_during_the_sweep_ends_finished(tmp_path: Path) -> None:
-    running = step(tmp_path, 0, seconds=30)
-    try:
-        result = run_benchmark(job(tmp_path, "serve"), CountingSupervisor(ending_after=2),
-                               running)  # fmt: skip
-    finally:
-        running.stop(5)
-    assert result == 0
-    recorded = read_state(tmp_path)
-    assert recorded is not None and recorded.state == "FINISHED"
-    assert recorded.benchmark == "running"
+def test_a_running_step_is_stopped(tmp_path: Path) -> None:
+    running = step(tmp_path, 0, seconds=60)
+    stop_benchmark(running)
+    assert not running.running()
+    stop_benchmark(None)  # no step: nothing to do

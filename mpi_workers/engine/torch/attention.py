@@ -10,12 +10,13 @@ by every layer (measured fastest on CPU; see the engine-anchors note).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 
-from mpi_workers.engine.torch import kernels, triton_attention
+from mpi_workers.engine.torch import triton_attention
 
 
 @dataclass
@@ -40,10 +41,18 @@ class AttentionMetadata:
     decode_gather_blocks: torch.Tensor | None = None
     block_size: int = 0  # tokens per cache block (for decode_gather_blocks)
     decode_mask: torch.Tensor | None = None  # [num_decode, 1, 1, decode_max_len] bool or None
-    # For the paged decode kernels (CPU C kernel, CUDA Triton), instead of gather + mask:
+    # For the device path's paged decode kernel (CPU C, CUDA Triton), instead of gather + mask:
+    decode_attention: Callable[..., torch.Tensor] | None = None
     decode_block_tables: torch.Tensor | None = None  # [num_decode, blocks]
     decode_lens: torch.Tensor | None = None  # [num_decode] context lengths
     prefills: list[PrefillChunk] = field(default_factory=list)
+    # CUDA varlen kernel, instead of `prefills`: rows from `varlen_first` on are query runs
+    # [query_start[s], query_start[s + 1]) (relative to varlen_first) over their paged context.
+    varlen_first: int = 0
+    varlen_tables: torch.Tensor | None = None  # [runs, blocks]
+    varlen_query_start: torch.Tensor | None = None  # [runs + 1]
+    varlen_context_lens: torch.Tensor | None = None  # [runs], new tokens included
+    varlen_programs: int | None = None  # fixed launch shape (graphs); None: from the shapes
     cos: torch.Tensor | None = None  # RoPE tables for this step's positions
     sin: torch.Tensor | None = None
     gather_k: torch.Tensor | None = None  # preallocated gather buffers shared by layers
@@ -110,6 +119,8 @@ def paged_attention(
         v_flat.index_copy_(0, meta.slot_mapping, v)
     if meta.num_decode == num_tokens and meta.num_decode > 0:
         return _decode(q, k_cache, v_cache, meta, scale)
+    if meta.varlen_tables is not None:
+        return _varlen(q, k_cache, v_cache, meta, scale)
     out = torch.empty_like(q)
     if meta.num_decode:
         out[: meta.num_decode] = _decode(q[: meta.num_decode], k_cache, v_cache, meta, scale)
@@ -131,6 +142,27 @@ def paged_attention(
     return out
 
 
+def _varlen(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    meta: AttentionMetadata,
+    scale: float,
+) -> torch.Tensor:
+    """Decode rows (if any) through the split-K decode kernel, every query run after them
+    through the varlen kernel: K/V read in place, a cached prefix included."""
+    assert meta.varlen_query_start is not None and meta.varlen_context_lens is not None
+    first = meta.varlen_first
+    runs = triton_attention.paged_varlen_attention(
+        q[first:], k_cache, v_cache, meta.varlen_tables, meta.varlen_query_start,
+        meta.varlen_context_lens, scale, meta.varlen_programs,
+    )  # fmt: skip
+    if first == 0:
+        return runs
+    out = torch.cat([_decode(q[:first], k_cache, v_cache, meta, scale), runs])
+    return out
+
+
 def _decode(
     q: torch.Tensor,
     k_cache: torch.Tensor,
@@ -138,18 +170,11 @@ def _decode(
     meta: AttentionMetadata,
     scale: float,
 ) -> torch.Tensor:
-    if meta.decode_block_tables is not None and meta.decode_lens is not None:
-        if q.is_cuda:  # Triton: K/V read in place, split-K for small batches
-            return triton_attention.paged_decode_attention(
-                q, k_cache, v_cache, meta.decode_block_tables, meta.decode_lens, scale,
-                meta.decode_max_len,
-            )  # fmt: skip
-        out = kernels.paged_decode_attention(
-            q, k_cache, v_cache, meta.decode_block_tables, meta.decode_lens, scale
-        )
-        if out is None:  # the runner checked the shapes: only bad metadata gets here
-            raise RuntimeError("decode attention refused the step's block tables or lengths")
-        return out
+    if meta.decode_attention is not None:  # K/V read in place (the device path's kernel)
+        return meta.decode_attention(
+            q, k_cache, v_cache, meta.decode_block_tables, meta.decode_lens, scale,
+            meta.decode_max_len,
+        )  # fmt: skip
     batch, _, head_dim = q.shape
     kv_heads = k_cache.shape[2]
     k_flat = k_cache.view(-1, kv_heads, head_dim)

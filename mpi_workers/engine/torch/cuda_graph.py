@@ -1,4 +1,4 @@
-"""CUDA-graph replay of decode steps (CUDA devices only; the CPU always runs eagerly).
+"""CUDA-graph replay of forward steps (CUDA devices only; the CPU always runs eagerly).
 
 A pure-decode step (every row one new token) is padded to a batch bucket (1, 2, 4, 8, 16,
 32, ...) and a context bucket (a block count, four buckets per octave from 16 blocks), so
@@ -8,6 +8,14 @@ tables), copied in with one host-to-device copy; everything else (gather slots, 
 mask, RoPE rows) is computed on the GPU inside the graph. Padding rows write their K/V to a
 scratch slot past the pool's last block, read block 0 and attend to one key, so they touch
 no sequence's cache. Logits are computed outside the graph.
+
+Mixed steps (prefill chunks, with or without a cached prefix, beside decode rows) replay
+graphs too when the varlen attention kernel is available: every sequence of the step is a
+query run (a decode row a run of one) and the whole step is one varlen attention launch per
+layer, so a graph keyed by (token bucket, run bucket, context-block bucket) serves it. Write
+slots are computed on the GPU from the block tables; padding tokens write to the scratch
+slot and belong to no run. At most `MAX_MIXED_GRAPHS` such shapes are captured; a step of a
+new shape past that, or of more than `max_mixed_tokens` tokens, runs eagerly.
 
 Graphs are captured lazily, the first time a shape is seen. Under tensor parallelism every
 rank runs the same plans, so every rank captures the same graphs in the same order and the
@@ -22,17 +30,20 @@ from __future__ import annotations
 import gc
 import logging
 import weakref
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
+from mpi_workers.engine.torch import triton_attention
 from mpi_workers.engine.torch.attention import AttentionMetadata
 from mpi_workers.engine.torch.model import LlamaForCausalLM
 
 logger = logging.getLogger(__name__)
 
 MIN_CONTEXT_BLOCKS = 16
-_LIVE: weakref.WeakSet[DecodeGraphs] = weakref.WeakSet()
+MAX_MIXED_GRAPHS = 48
+_LIVE: weakref.WeakSet[StepGraphs] = weakref.WeakSet()
 
 
 def release_all() -> None:
@@ -49,6 +60,14 @@ def batch_bucket(n: int) -> int:
     return 1 << max(0, n - 1).bit_length()
 
 
+def token_bucket(n: int) -> int:
+    """Mixed-step token bucket: powers of two up to 256, then multiples of 128 (a padded
+    step of several hundred tokens is compute-bound: pad little)."""
+    if n <= 256:
+        return max(16, batch_bucket(n))
+    return -(-n // 128) * 128
+
+
 def block_bucket(n: int, max_blocks: int) -> int:
     """Context bucket in blocks: 16, 20, 24, 28, 32, 40, 48, ... (at most max_blocks)."""
     b = MIN_CONTEXT_BLOCKS
@@ -63,16 +82,16 @@ def decode_metadata(
     lens: torch.Tensor,
     slots: torch.Tensor,
     block_size: int,
-    paged_kernel: bool = False,
+    decode_attention: Callable[..., torch.Tensor] | None = None,
 ) -> AttentionMetadata:
     """Decode metadata computed on the device from padded tables [B, blocks] (graph-safe).
-    With the paged kernel the tables and lengths are all it needs (no gather, no mask)."""
+    A paged decode kernel needs only the tables and lengths (no gather, no mask)."""
     batch, blocks = tables.shape
     length = blocks * block_size
-    if paged_kernel:
+    if decode_attention is not None:
         return AttentionMetadata(
             slot_mapping=slots, num_decode=batch, decode_max_len=length, block_size=block_size,
-            decode_block_tables=tables, decode_lens=lens,
+            decode_attention=decode_attention, decode_block_tables=tables, decode_lens=lens,
         )  # fmt: skip
     span = torch.arange(length, device=tables.device)
     block_ids = torch.gather(tables, 1, (span // block_size).expand(batch, length))
@@ -98,8 +117,9 @@ class _Graph:
     hidden: torch.Tensor  # [batch, hidden] static output
 
 
-class DecodeGraphs:
-    """Lazily captured decode graphs keyed by (batch bucket, context-block bucket)."""
+class StepGraphs:
+    """Lazily captured step graphs: decode steps keyed by (batch bucket, context-block
+    bucket), mixed steps (with `varlen`) by (token, run and context-block buckets)."""
 
     def __init__(
         self,
@@ -109,7 +129,9 @@ class DecodeGraphs:
         scratch_slot: int,
         device: torch.device,
         max_batch: int = 512,
-        paged_kernel: bool = False,
+        decode_attention: Callable[..., torch.Tensor] | None = None,
+        varlen: bool = False,
+        max_mixed_tokens: int = 0,
     ) -> None:
         self.model = model
         self.block_size = block_size
@@ -117,19 +139,33 @@ class DecodeGraphs:
         self.scratch_slot = scratch_slot
         self.device = device
         self.max_batch = batch_bucket(max_batch)
-        self.paged_kernel = paged_kernel
+        self.decode_attention = decode_attention
+        self.max_mixed_tokens = max_mixed_tokens if varlen else 0
         self.graphs: dict[tuple[int, int], _Graph] = {}
+        self.mixed: dict[tuple[int, int, int], _Graph] = {}
         self.pool = None
         _LIVE.add(self)
 
     def release(self) -> None:
         """Free the captured graphs; later steps capture again."""
         self.graphs.clear()
+        self.mixed.clear()
         self.pool = None
 
     def accepts(self, plan) -> bool:
         n = len(plan.decode_tables)
-        return n > 0 and not plan.prefills and n == len(plan.input_ids) and n <= self.max_batch
+        if not plan.prefills:
+            return 0 < n == len(plan.input_ids) and n <= self.max_batch
+        if len(plan.input_ids) > self.max_mixed_tokens:
+            return False
+        return self._mixed_key(plan) in self.mixed or len(self.mixed) < MAX_MIXED_GRAPHS
+
+    def run(self, plan, pending: torch.Tensor | None = None) -> torch.Tensor:
+        """Hidden states [rows of the plan, hidden]; valid until the next run. `pending`:
+        the in-flight step's tokens for the plan's placeholder ids (`fill_pending`)."""
+        if plan.prefills:
+            return self._run_mixed(plan, pending)
+        return self._run_decode(plan, pending)
 
     def _pack(self, plan, batch: int, blocks: int) -> torch.Tensor:
         n, bs, pad = len(plan.input_ids), self.block_size, batch - len(plan.input_ids)
@@ -149,14 +185,19 @@ class DecodeGraphs:
     def _forward(self, packed: torch.Tensor, batch: int, blocks: int) -> torch.Tensor:
         ids, pos, slots, lens = packed[: 4 * batch].view(4, batch).unbind(0)
         tables = packed[4 * batch :].view(batch, blocks)
-        meta = decode_metadata(tables, pos, lens, slots, self.block_size, self.paged_kernel)
+        meta = decode_metadata(tables, pos, lens, slots, self.block_size, self.decode_attention)
         return self.model(ids, pos, meta)
 
     def _capture(self, batch: int, blocks: int, packed: torch.Tensor) -> _Graph:
+        graph = self._record(lambda: self._forward(packed, batch, blocks), packed)
+        logger.info("captured decode graph: batch %d, %d context blocks", batch, blocks)
+        return graph
+
+    def _record(self, forward, packed: torch.Tensor) -> _Graph:
         stream = torch.cuda.Stream(self.device)
         stream.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(stream):  # warm-up (writes this step's K/V: replay rewrites it)
-            self._forward(packed, batch, blocks)
+            forward()
         torch.cuda.current_stream(self.device).wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
         # thread_local: a capture happens lazily while the worker serves, and other threads
@@ -164,15 +205,76 @@ class DecodeGraphs:
         # global mode their calls invalidate the capture (cudaErrorStreamCaptureInvalidated,
         # seen on 2xH200 with prefill_first at concurrency 8).
         with torch.cuda.graph(graph, pool=self.pool, capture_error_mode="thread_local"):
-            hidden = self._forward(packed, batch, blocks)
+            hidden = forward()
         if self.pool is None:
             self.pool = graph.pool()
-        logger.info("captured decode graph: batch %d, %d context blocks", batch, blocks)
         return _Graph(graph, packed, hidden)
 
-    def run(self, plan, pending: torch.Tensor | None = None) -> torch.Tensor:
-        """Hidden states [rows of the plan, hidden]; valid until the next run. `pending`:
-        the in-flight step's tokens for the plan's placeholder ids (`fill_pending`)."""
+    # Mixed steps: packed = [ids T | positions T | query_start R+1 | context lens R | tables]
+
+    def _mixed_key(self, plan) -> tuple[int, int, int]:
+        runs = len(plan.decode_tables) + len(plan.prefills)
+        longest = max(
+            max(plan.decode_lens, default=0),
+            max((done + n for _, n, done, _ in plan.prefills), default=0),
+        )
+        blocks = block_bucket(-(-longest // self.block_size), self.max_blocks)
+        return token_bucket(len(plan.input_ids)), max(8, batch_bucket(runs)), blocks
+
+    def _pack_mixed(self, plan, tokens: int, runs: int, blocks: int) -> torch.Tensor:
+        n = len(plan.input_ids)
+        starts = list(range(len(plan.decode_tables)))
+        starts += [start for start, *_ in plan.prefills]
+        lens = [*plan.decode_lens, *(done + k for _, k, done, _ in plan.prefills)]
+        tables = [*plan.decode_tables, *(table for *_, table in plan.prefills)]
+        pad_runs = runs - len(lens)
+        flat: list[int] = [*plan.input_ids, *[0] * (tokens - n), *plan.positions]
+        flat += [0] * (tokens - n)
+        flat += [*starts, *[n] * (pad_runs + 1), *lens, *[1] * pad_runs]
+        for table in tables:
+            row = table[:blocks]
+            flat.extend(row)
+            flat.extend([0] * (blocks - len(row)))
+        flat.extend([0] * (blocks * pad_runs))
+        return torch.tensor(flat, dtype=torch.long)
+
+    def _forward_mixed(self, packed: torch.Tensor, tokens: int, runs: int, blocks: int):
+        ids, pos = packed[: 2 * tokens].view(2, tokens).unbind(0)
+        query_start = packed[2 * tokens : 2 * tokens + runs + 1]
+        lens = packed[2 * tokens + runs + 1 : 2 * tokens + 2 * runs + 1]
+        tables = packed[2 * tokens + 2 * runs + 1 :].view(runs, blocks)
+        token = torch.arange(tokens, device=packed.device)
+        run = torch.searchsorted(query_start[1:], token, right=True).clamp_(max=runs - 1)
+        block = tables[run, torch.div(pos, self.block_size, rounding_mode="floor")]
+        slots = block * self.block_size + pos % self.block_size
+        slots = torch.where(token < query_start[-1], slots, self.scratch_slot)
+        group = self.model.config.num_heads // self.model.config.num_kv_heads
+        meta = AttentionMetadata(
+            slot_mapping=slots, varlen_tables=tables, varlen_query_start=query_start,
+            varlen_context_lens=lens,
+            varlen_programs=triton_attention.varlen_programs(tokens, runs, group),
+        )  # fmt: skip
+        return self.model(ids, pos, meta)
+
+    def _run_mixed(self, plan, pending: torch.Tensor | None) -> torch.Tensor:
+        key = tokens, runs, blocks = self._mixed_key(plan)
+        host = self._pack_mixed(plan, tokens, runs, blocks).pin_memory()
+        entry = self.mixed.get(key)
+        packed = torch.empty_like(host, device=self.device) if entry is None else entry.packed
+        packed.copy_(host, non_blocking=True)
+        if pending is not None:
+            fill_pending(packed[:tokens], pending)
+        if entry is None:
+            entry = self.mixed[key] = self._record(
+                lambda: self._forward_mixed(packed, tokens, runs, blocks), packed
+            )
+            logger.info(
+                "captured mixed-step graph: %d tokens, %d runs, %d context blocks", *key
+            )
+        entry.graph.replay()
+        return entry.hidden[: len(plan.input_ids)]
+
+    def _run_decode(self, plan, pending: torch.Tensor | None) -> torch.Tensor:
         n = len(plan.input_ids)
         batch = batch_bucket(n)
         need = -(-max(plan.decode_lens) // self.block_size)

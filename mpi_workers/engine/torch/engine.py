@@ -119,6 +119,11 @@ def overlap_default() -> bool:
     return env_flag("HPCSERVE_OVERLAP_SCHEDULING", True)
 
 
+def sample_rows(seqs: list[Sequence]) -> list[SampleRow]:
+    """The sampler's view of each sampled sequence, in the step's row order."""
+    return [SampleRow(s.sampling, s.token_ids, s.num_prompt_tokens, s.generator) for s in seqs]
+
+
 class TorchEngine(StreamingEngine, TorchKvHandoff):
     """Plain-PyTorch Llama-family engine with paged KV, prefix caching, continuous batching."""
 
@@ -162,7 +167,8 @@ class TorchEngine(StreamingEngine, TorchKvHandoff):
             # must pick the same path for every step or their collectives mismatch)
             tp.broadcast_object({"num_blocks": num_blocks, "max_model_len": limit,
                                  "enforce_eager": enforce_eager,
-                                 "max_num_seqs": max_num_seqs})  # fmt: skip
+                                 "max_num_seqs": max_num_seqs,
+                                 "max_num_batched_tokens": max_num_batched_tokens})  # fmt: skip
         self.max_model_len = limit
         self.max_num_batched_tokens = max(max_num_batched_tokens, 1)
         self.model = load_model(
@@ -174,8 +180,10 @@ class TorchEngine(StreamingEngine, TorchKvHandoff):
         )
         self.block_manager = BlockManager(num_blocks, block_size, enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, max_num_seqs, self.max_num_batched_tokens)
-        self.runner = ModelRunner(self.model, self.kv_cache, enforce_eager, max_num_seqs)
-        self.sampler = Sampler(seed)
+        self.runner = ModelRunner(
+            self.model, self.kv_cache, enforce_eager, max_num_seqs, self.max_num_batched_tokens
+        )
+        self.sampler = Sampler(seed, native_argmax=self.model.path.native_argmax)
         self.stats = EngineStats()
         self._init_streaming()
         self._commands: queue.Queue[tuple[str, Any]] = queue.Queue()
@@ -440,14 +448,14 @@ class TorchEngine(StreamingEngine, TorchKvHandoff):
         """Whether `batch` can run before the step in flight is resolved: its sampled rows
         need nothing from the host (`Sampler.on_device`) and no disaggregated prefill holds
         its blocks for a transfer."""
-        rows = []
-        for seq, n in zip(batch.seqs, batch.num_tokens, strict=True):
-            if seq.hold_blocks:
-                return False
-            if seq.num_computed + n == seq.num_tokens:
-                rows.append(SampleRow(seq.sampling, seq.token_ids, seq.num_prompt_tokens,
-                                      seq.generator))  # fmt: skip
-        return self.sampler.on_device(rows)
+        return all(
+            not seq.hold_blocks
+            and (
+                seq.num_computed + n < seq.num_tokens  # not sampled in this step
+                or self.sampler.on_device(seq.sampling, seq.generator)
+            )
+            for seq, n in zip(batch.seqs, batch.num_tokens, strict=True)
+        )
 
     def _launch(self, batch: ScheduledBatch, previous: InFlightStep | None) -> None:
         """Queue the forward and sampling of `batch` on the GPU and return at once: its
@@ -462,9 +470,7 @@ class TorchEngine(StreamingEngine, TorchKvHandoff):
         slots: list[int] = []
         if sampled:
             assert logits is not None
-            rows = [SampleRow(s.sampling, s.token_ids, s.num_prompt_tokens, s.generator)
-                    for s in sampled]  # fmt: skip
-            tokens = host = self.sampler.choose(logits.float(), rows)
+            tokens = host = self.sampler.choose(logits.float(), sample_rows(sampled))
             if tokens.device.type == "cuda":
                 host = torch.empty(len(sampled), dtype=torch.long, pin_memory=True)
                 host.copy_(tokens, non_blocking=True)
@@ -502,11 +508,7 @@ class TorchEngine(StreamingEngine, TorchKvHandoff):
         logits = self.runner.execute(plan)
         self._advance(batch)
         if sampled:
-            rows = [
-                SampleRow(s.sampling, s.token_ids, s.num_prompt_tokens, s.generator)
-                for s in sampled
-            ]
-            tokens, logprobs = self.sampler(logits, rows)
+            tokens, logprobs = self.sampler(logits, sample_rows(sampled))
             for seq, token, lp in zip(sampled, tokens, logprobs, strict=True):
                 self._append_token(seq, token, lp)
         self._settle(batch.seqs)

@@ -44,7 +44,10 @@ def build_follower_runner(
     cfg = load_model_config(model_dir)
     model = load_model(model_dir, cfg, sizes["max_model_len"], tp.device, dtype, tp=tp.group)
     cache = KvCache(cfg, sizes["num_blocks"], block_size, dtype, tp.device, tp.size)
-    return ModelRunner(model, cache, sizes["enforce_eager"], sizes["max_num_seqs"])
+    return ModelRunner(
+        model, cache, sizes["enforce_eager"], sizes["max_num_seqs"],
+        max(sizes["max_num_batched_tokens"], 1),
+    )  # fmt: skip
 
 
 def follow(runner: ModelRunner, tp: TpRuntime) -> int:

@@ -19,7 +19,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from contract.config import env_flag
-from mpi_workers.engine.torch import kernels, triton_ops
+from mpi_workers.engine.torch import kernels, triton_linear, triton_ops
+from mpi_workers.engine.torch.device_path import DevicePath
 
 
 @dataclass(frozen=True)
@@ -112,15 +113,15 @@ class InferenceWeight:
       step at 128 rows on an H200, Llama-8B shape, bitwise-equal logits).
     """
 
-    def __init__(self, weight: torch.Tensor, pack_rows: int | None) -> None:
-        self.pack_rows = pack_rows
+    def __init__(self, weight: torch.Tensor, path: DevicePath) -> None:
+        pack_rows = self.pack_rows = path.pack_rows
         self.skinny: kernels.SkinnyWeight | None = None  # our fp32 decode kernel
         self.packed: torch.Tensor | None = None  # MKL fp32 packing (fallback)
         self.onednn: torch.Tensor | None = None  # oneDNN low-precision packing
         self.weight_t: torch.Tensor | None = None
         self._weight: torch.Tensor | None = None
-        on_cpu = weight.device.type == "cpu"
-        if not on_cpu:  # GPU: cuBLAS is fastest on the [out, in] layout (`F.linear`)
+        self.triton_rows = path.triton_linear_rows  # CUDA: Triton below cuBLAS's sweet spot
+        if path.weights_as_loaded:  # GPU: cuBLAS is fastest on the [out, in] layout (`F.linear`)
             self._weight = weight.contiguous()
             return
         if pack_rows and onednn_packing_available(weight.dtype):
@@ -130,7 +131,7 @@ class InferenceWeight:
         self._weight = self.weight_t.t()
         if not (pack_rows and weight.dtype == torch.float32):
             return
-        if kernels.available():
+        if path.skinny_linear:
             self.skinny = kernels.SkinnyWeight(weight)
         elif mkl_packing_available():
             self.packed = torch.ops.mkl._mkl_reorder_linear_weight(weight, pack_rows)
@@ -158,7 +159,9 @@ class InferenceWeight:
             out = torch.ops.mkl._mkl_linear(x, self.packed, self._weight, None, self.pack_rows)
             out = out[:rows]
             return out + bias if bias is not None else out
-        if self.weight_t is None:  # GPU
+        if self.weight_t is None:  # weights as loaded (GPU)
+            if rows <= self.triton_rows:
+                return triton_linear.skinny_linear(x, self._weight, bias)
             return F.linear(x, self._weight, bias)
         if bias is not None:
             return torch.addmm(bias, x, self.weight_t)
@@ -187,9 +190,9 @@ class _TpLinear(nn.Module):
             self.register_parameter("bias", None)
         self.fast: InferenceWeight | None = None
 
-    def prepare_inference(self, pack_rows: int | None) -> None:
+    def prepare_inference(self, path: DevicePath) -> None:
         """Relayout the loaded weight for inference; the parameter keeps its values."""
-        self.fast = InferenceWeight(self.weight.data, pack_rows)
+        self.fast = InferenceWeight(self.weight.data, path)
         self.weight.data = self.fast.weight  # share storage: no second copy
 
     def weight_loader(

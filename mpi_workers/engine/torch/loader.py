@@ -95,5 +95,5 @@ def load_model(
     model.rotary = RotaryEmbedding(
         cfg.head_dim, max_positions, cfg.rope_theta, cfg.rope_scaling
     ).to(device)
-    model.prepare_inference(pack_rows)
+    model.prepare_inference(pack_rows=pack_rows)
     return model.eval()

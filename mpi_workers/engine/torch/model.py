@@ -8,6 +8,7 @@ and what it attends to. Logits are computed only for the rows that are sampled
 
 from __future__ import annotations
 
+import logging
 from typing import ClassVar
 
 import torch
@@ -16,6 +17,8 @@ from torch import nn
 
 from mpi_workers.engine.torch import kernels, triton_ops
 from mpi_workers.engine.torch.attention import AttentionMetadata, paged_attention
+from mpi_workers.engine.torch.device_path import DevicePath
+from mpi_workers.engine.torch.device_path import choose as choose_device_path
 from mpi_workers.engine.torch.layers import (
     InferenceWeight,
     MergedColumnParallelLinear,
@@ -30,6 +33,8 @@ from mpi_workers.engine.torch.layers import (
     apply_rope,
 )
 from mpi_workers.engine.torch.model_config import ModelConfig
+
+logger = logging.getLogger(__name__)
 
 
 class Attention(nn.Module):
@@ -117,7 +122,7 @@ class LlamaForCausalLM(nn.Module):
         self.rotary = RotaryEmbedding(cfg.head_dim, max_positions, cfg.rope_theta, cfg.rope_scaling)
         self._tied_head: InferenceWeight | None = None
         self._native_decode: kernels.DecodeLayers | None = None  # fp32 CPU decode steps
-        self.fused = False  # CUDA: Triton norms (residual adds fused in), RoPE, SiLU·mul
+        self.path = DevicePath("unprepared", weights_as_loaded=True)  # set at load
         if cfg.tie_word_embeddings:
             self.lm_head = None
         else:
@@ -184,26 +189,30 @@ class LlamaForCausalLM(nn.Module):
             h, positions, meta.slot_mapping, meta.decode_block_tables, meta.decode_lens
         )
 
-    def prepare_inference(self, pack_rows: int | None = 8) -> None:
-        """After loading: relayout every linear weight (and the vocab head) for fast matmuls."""
+    def prepare_inference(self, path: DevicePath | None = None, pack_rows: int | None = 8) -> None:
+        """After loading: take the device path (chosen here from the weights' device and dtype
+        unless given), relayout every linear weight (and the vocab head) for it and switch the
+        layers to its kernels."""
+        if path is None:
+            attn = self.model.layers[0].self_attn
+            weight = self.model.norm.weight
+            path = choose_device_path(
+                weight.device, weight.dtype, attn.num_heads, attn.num_kv_heads, attn.head_dim,
+                self.tp.size, pack_rows,
+            )  # fmt: skip
+        self.path = path
+        logger.info("device path: %s", path.name)
         with kernels.huge_page_arena():
             for module in self.modules():
                 if isinstance(module, _TpLinear):
-                    on_cpu = module.weight.device.type == "cpu"
-                    module.prepare_inference(pack_rows if on_cpu else None)
+                    module.prepare_inference(path)
             if self.lm_head is None:
-                weight = self.model.embed_tokens.weight.data
-                self._tied_head = InferenceWeight(weight, pack_rows if weight.is_cpu else None)
-        layers = list(self.model.layers)
-        self.fused = triton_ops.available(self.model.norm.weight.device)
+                self._tied_head = InferenceWeight(self.model.embed_tokens.weight.data, path)
         for module in self.modules():
             if isinstance(module, (RMSNorm, Attention, MLP)):
-                module.fused = self.fused
-        if (
-            self.tp.size == 1
-            and kernels.DecodeLayers.supports(layers)  # first: False on GPU, nothing built
-            and kernels.decode_layers_enabled()
-        ):
+                module.fused = path.fused_layers
+        layers = list(self.model.layers)
+        if path.native_decode_layers and kernels.DecodeLayers.supports(layers):
             self._native_decode = kernels.DecodeLayers(
                 layers, self.rotary.cos, self.rotary.sin_signed
             )

@@ -11,15 +11,15 @@ layers.
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import torch
 
 from contract.config import env_flag
-from mpi_workers.engine.torch import kernels, triton_attention
 from mpi_workers.engine.torch.attention import AttentionMetadata, PrefillChunk
-from mpi_workers.engine.torch.cuda_graph import DecodeGraphs, fill_pending
+from mpi_workers.engine.torch.cuda_graph import StepGraphs, fill_pending
 from mpi_workers.engine.torch.host_copy import to_device
 from mpi_workers.engine.torch.kv_cache import KvCache
 from mpi_workers.engine.torch.model import LlamaForCausalLM
@@ -64,18 +64,8 @@ def build_plan(batch: ScheduledBatch) -> tuple[StepPlan, list[Sequence]]:
     return plan, sample_seqs
 
 
-def paged_decode_kernel(cache: torch.Tensor, attn: torch.nn.Module) -> bool:
-    """Whether decode attention reads the paged cache in place on this device: our Triton
-    kernel on CUDA, our C kernel for fp32 on CPU; else gather + masked SDPA."""
-    shape = (attn.num_heads, attn.num_kv_heads, attn.head_dim)
-    if cache.device.type == "cuda":
-        return triton_attention.available(cache.device) and triton_attention.supports(*shape)
-    return (
-        cache.device.type == "cpu"
-        and cache.dtype == torch.float32
-        and kernels.decode_attention_supports(*shape)
-        and kernels.available()
-    )
+# Mixed steps of more tokens run eagerly: compute-bound, the launches are a small share.
+MAX_MIXED_GRAPH_TOKENS = 2048
 
 
 def enforce_eager_default() -> bool:
@@ -90,15 +80,18 @@ class ModelRunner:
         kv_cache: KvCache,
         enforce_eager: bool | None = None,
         max_num_seqs: int = 512,
+        max_num_batched_tokens: int = 2048,
     ) -> None:
         self.model = model
         self.kv_cache = kv_cache
         self.block_size = kv_cache.block_size
         self.device = kv_cache.k[0].device
         # Decode attention reads the cache in place (block tables and lengths, no gather list,
-        # no mask) with our C kernel (fp32 on CPU) or our Triton kernel (CUDA).
-        self.decode_kernel = paged_decode_kernel(kv_cache.k[0], model.model.layers[0].self_attn)
-        self.graphs: DecodeGraphs | None = None
+        # no mask) where the model's device path has a kernel for it (C on CPU, Triton on
+        # CUDA); prefill chunks too, a cached prefix included, with the varlen kernel.
+        self.decode_attention = model.path.paged_decode
+        self.varlen_kernel = model.path.varlen_attention
+        self.graphs: StepGraphs | None = None
         if enforce_eager is None:
             enforce_eager = enforce_eager_default()
         if self.device.type == "cuda":
@@ -108,13 +101,17 @@ class ModelRunner:
             # Under TP the NCCL all-reduces are captured in the graphs too (every rank
             # captures the same shapes in the same order). HPCSERVE_TP_CUDA_GRAPHS=0 opts out.
             tp_graphs = env_flag("HPCSERVE_TP_CUDA_GRAPHS", True)
+            # Mixed prefill + decode steps replay graphs too; HPCSERVE_MIXED_CUDA_GRAPHS=0: eager.
+            mixed_graphs = env_flag("HPCSERVE_MIXED_CUDA_GRAPHS", True)
             if not enforce_eager and (model.tp.size == 1 or tp_graphs):
                 self._add_scratch_block()
                 max_blocks = -(-model.rotary.cos.shape[0] // self.block_size)
-                self.graphs = DecodeGraphs(
+                self.graphs = StepGraphs(
                     model, self.block_size, min(max_blocks, kv_cache.num_blocks),
                     kv_cache.num_blocks * self.block_size, self.device, max_num_seqs,
-                    paged_kernel=self.decode_kernel,
+                    decode_attention=self.decode_attention,
+                    varlen=self.varlen_kernel and mixed_graphs,
+                    max_mixed_tokens=min(max_num_batched_tokens, MAX_MIXED_GRAPH_TOKENS),
                 )  # fmt: skip
         model.bind_kv_cache(kv_cache.k, kv_cache.v)
 
@@ -153,7 +150,12 @@ class ModelRunner:
         if plan.decode_tables:
             num_decode = len(plan.decode_tables)
             self._prepare_decode(plan, meta, positions[:num_decode], slot_parts)
-        for start, n, done, block_table in plan.prefills:
+        if plan.prefills and self.varlen_kernel:
+            slot_parts.append(self._prepare_varlen(plan, meta, positions))
+            plan_prefills = []
+        else:
+            plan_prefills = plan.prefills
+        for start, n, done, block_table in plan_prefills:
             table = to_device(block_table, torch.long, dev)
             chunk_pos = positions[start : start + n]
             slot_parts.append(self._slots(table, chunk_pos))
@@ -165,6 +167,29 @@ class ModelRunner:
             meta.prefills.append(PrefillChunk(start, start + n, gather, mask))
         meta.slot_mapping = torch.cat(slot_parts) if len(slot_parts) > 1 else slot_parts[0]
         return input_ids, positions, meta
+
+    def _prepare_varlen(
+        self, plan: StepPlan, meta: AttentionMetadata, positions: torch.Tensor
+    ) -> torch.Tensor:
+        """Varlen-kernel metadata of the plan's prefill chunks; returns their write slots."""
+        first = plan.prefills[0][0]
+        width = max(len(table) for *_, table in plan.prefills)
+        tables = [table + [0] * (width - len(table)) for *_, table in plan.prefills]
+        starts = [start - first for start, *_ in plan.prefills]
+        starts.append(len(plan.input_ids) - first)
+        lens = [done + n for _, n, done, _ in plan.prefills]
+        flat = [*starts, *lens, *itertools.chain.from_iterable(tables)]
+        packed = to_device(flat, torch.long, self.device)
+        runs = len(lens)
+        meta.varlen_first = first
+        meta.varlen_query_start = packed[: runs + 1]
+        meta.varlen_context_lens = packed[runs + 1 : 2 * runs + 1]
+        meta.varlen_tables = packed[2 * runs + 1 :].view(runs, width)
+        rows = torch.repeat_interleave(
+            torch.arange(runs, device=self.device),
+            meta.varlen_query_start.diff(), output_size=len(plan.input_ids) - first,
+        )
+        return self._slots(meta.varlen_tables[rows], positions[first:].unsqueeze(1)).squeeze(1)
 
     def _prepare_decode(
         self,
@@ -185,7 +210,8 @@ class ModelRunner:
         meta.block_size = self.block_size
         meta.num_decode = num_decode
         meta.decode_max_len = padded_len
-        if self.decode_kernel:
+        if self.decode_attention is not None:
+            meta.decode_attention = self.decode_attention
             meta.decode_block_tables = tables
             meta.decode_lens = to_device(lengths, torch.long, dev)
             return

@@ -101,7 +101,8 @@ class Sampler:
     """Stateless apart from the fallback generators for unseeded requests (one on the CPU,
     one per device, both from the engine's seed)."""
 
-    def __init__(self, seed: int | None = None) -> None:
+    def __init__(self, seed: int | None = None, native_argmax: bool = False) -> None:
+        self.native_argmax = native_argmax  # the device path's C argmax (fp32 CPU logits)
         self.generator = torch.Generator()
         if seed is not None:
             self.generator.manual_seed(seed)
@@ -110,17 +111,16 @@ class Sampler:
         self._device_generators: dict[torch.device, torch.Generator] = {}
 
     @staticmethod
-    def on_device(rows: list[SampleRow]) -> bool:
-        """Whether `choose` can sample these rows without the host: no penalties (they read
-        the token history), no logprobs, no request seed (its generator lives on the CPU).
+    def on_device(params: SamplingParams, generator: torch.Generator | None) -> bool:
+        """Whether `choose` can sample a row without the host: no penalties (they read the
+        token history), no logprobs, no request seed (its generator lives on the CPU).
         Overlapped scheduling launches such steps before the previous tokens are known."""
-        return all(
-            r.params.logprobs is None
-            and r.params.repetition_penalty == 1.0
-            and not r.params.presence_penalty
-            and not r.params.frequency_penalty
-            and (r.params.temperature == 0.0 or r.generator is None)
-            for r in rows
+        return (
+            params.logprobs is None
+            and params.repetition_penalty == 1.0
+            and not params.presence_penalty
+            and not params.frequency_penalty
+            and (params.temperature == 0.0 or generator is None)
         )
 
     def __call__(
@@ -133,7 +133,7 @@ class Sampler:
     def choose(self, logits: torch.Tensor, rows: list[SampleRow]) -> torch.Tensor:
         """The next token of every row, left on the logits' device (float32 logits, after
         penalties). No host sync, except for seeded rows on a GPU."""
-        chosen = kernels.argmax_rows(logits)
+        chosen = kernels.argmax_rows(logits) if self.native_argmax else None
         if chosen is None:
             chosen = logits.argmax(dim=-1)
         sampled_idx = [i for i, r in enumerate(rows) if r.params.temperature != 0.0]

@@ -12,6 +12,12 @@ idle) the context is cut into splits run in parallel, each writing a partial out
 log-sum-exp; a second kernel combines them. The split count depends only on the batch, the
 KV heads and the padded context length, so a CUDA graph captured for one (batch, context)
 bucket keeps one launch shape.
+
+Varlen ("unified") attention: `paged_varlen_attention` serves a flat batch of query runs of
+any lengths (prefill chunks, with or without a cached prefix, and decode rows as runs of one)
+in one launch, every key read in place through the block tables. A prefix-cache hit thus
+costs no copy, and because the launch shape depends only on the padded token and sequence
+counts, a mixed prefill + decode step can be captured in a CUDA graph.
 """
 
 from __future__ import annotations
@@ -107,7 +113,137 @@ def paged_decode_attention(
     return out
 
 
+VARLEN_ROWS = 64  # query rows (tokens x query heads of one KV head) per program
+
+
+def varlen_programs(num_tokens: int, num_seqs: int, group: int) -> int:
+    """Programs per KV head that cover any split of `num_tokens` into `num_seqs` runs."""
+    block_q = VARLEN_ROWS // _group_pad(group)
+    return num_tokens // block_q + num_seqs
+
+
+def _group_pad(group: int) -> int:
+    return max(1, triton.next_power_of_2(group)) if triton is not None else group
+
+
+def paged_varlen_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    query_start: torch.Tensor,
+    context_lens: torch.Tensor,
+    scale: float,
+    programs: int | None = None,
+) -> torch.Tensor:
+    """Causal attention of query runs over their paged context.
+
+    q: [T, H, D] (run s holds rows query_start[s]:query_start[s+1]); block_tables: [S, blocks];
+    context_lens: [S], each run's context length after the step (its new tokens included,
+    already written to the cache), so run s's i-th query sits at position
+    context_lens[s] - run_length + i. Rows past query_start[S] are left as they are.
+    `programs` fixes the launch shape (a graph captures it): at least
+    `varlen_programs(T, S, group)`."""
+    num_tokens, heads, head_dim = q.shape
+    _, block_size, kv_heads, _ = k_cache.shape
+    num_seqs = block_tables.shape[0]
+    group = heads // kv_heads
+    group_pad = _group_pad(group)
+    if programs is None:
+        programs = varlen_programs(num_tokens, num_seqs, group)
+    out = torch.empty_like(q)
+    q = q.contiguous()
+    k_flat = k_cache.view(-1, kv_heads, head_dim)
+    v_flat = v_cache.view(-1, kv_heads, head_dim)
+    _varlen_kernel[(programs, kv_heads)](
+        q, k_flat, v_flat, block_tables, query_start, context_lens, out,
+        q.stride(0), q.stride(1), k_flat.stride(0), k_flat.stride(1), block_tables.stride(0),
+        out.stride(0), out.stride(1), scale, num_seqs,
+        GROUP=group, GROUP_PAD=group_pad, BLOCK_Q=VARLEN_ROWS // group_pad, D=head_dim,
+        D_PAD=triton.next_power_of_2(head_dim), BLOCK_SIZE=block_size, BLOCK_N=BLOCK_N,
+        IEEE=q.dtype == torch.float32, num_warps=4, num_stages=2,
+    )  # fmt: skip
+    return out
+
+
 if triton is not None:
+
+    @triton.jit
+    def _varlen_kernel(
+        Q, K, V, Tables, QueryStart, ContextLens, Out,
+        stride_qt, stride_qh, stride_kslot, stride_kh, stride_tb, stride_ot, stride_oh,
+        scale, num_seqs,
+        GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, BLOCK_Q: tl.constexpr,
+        D: tl.constexpr, D_PAD: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
+        IEEE: tl.constexpr,
+    ):  # fmt: skip
+        # Program p serves query block j of run s, where run s's blocks are numbered from
+        # query_start[s] // BLOCK_Q + s (monotonic in s): binary search for s.
+        pid = tl.program_id(0)
+        kvh = tl.program_id(1)
+        lo = pid * 0
+        hi = pid * 0 + num_seqs - 1
+        while lo < hi:  # the last run s with first_block(s) <= pid
+            mid = (lo + hi + 1) // 2
+            first = tl.load(QueryStart + mid).to(tl.int32) // BLOCK_Q + mid
+            if first <= pid:
+                lo = mid
+            else:
+                hi = mid - 1
+        s = lo
+        run_start = tl.load(QueryStart + s)
+        run_end = tl.load(QueryStart + s + 1)
+        tok0 = run_start + (pid - (run_start // BLOCK_Q + s)) * BLOCK_Q
+        if tok0 < run_end:  # else a spare program (the grid covers any split of T)
+            context = tl.load(ContextLens + s)
+            offset = context - (run_end - run_start)  # position of the run's first query
+            r = tl.arange(0, BLOCK_Q * GROUP_PAD)
+            tok = tok0 + r // GROUP_PAD
+            g = r % GROUP_PAD
+            d = tl.arange(0, D_PAD)
+            row_ok = (tok < run_end) & (g < GROUP)
+            d_ok = d < D
+            head = kvh * GROUP + g
+            q = tl.load(
+                Q + tok[:, None].to(tl.int64) * stride_qt + head[:, None] * stride_qh + d[None, :],
+                mask=row_ok[:, None] & d_ok[None, :], other=0.0,
+            )  # fmt: skip
+            # Rows past the run behave as its last query (their keys are all valid).
+            q_pos = offset + tl.minimum(tok, run_end - 1) - run_start
+            kv_end = tl.minimum(offset + tl.minimum(tok0 + BLOCK_Q, run_end) - run_start, context)
+            m_i = tl.full([BLOCK_Q * GROUP_PAD], float("-inf"), dtype=tl.float32)
+            l_i = tl.zeros([BLOCK_Q * GROUP_PAD], dtype=tl.float32)
+            acc = tl.zeros([BLOCK_Q * GROUP_PAD, D_PAD], dtype=tl.float32)
+            for n0 in range(0, kv_end, BLOCK_N):
+                t = n0 + tl.arange(0, BLOCK_N)
+                t_ok = t < kv_end
+                block = tl.load(Tables + s * stride_tb + t // BLOCK_SIZE, mask=t_ok, other=0)
+                rows = (block.to(tl.int64) * BLOCK_SIZE + t % BLOCK_SIZE) * stride_kslot
+                kv_mask = t_ok[:, None] & d_ok[None, :]
+                offsets = rows[:, None] + kvh * stride_kh + d[None, :]
+                k = tl.load(K + offsets, mask=kv_mask, other=0.0)
+                if IEEE:
+                    scores = tl.dot(q, tl.trans(k), input_precision="ieee")
+                else:
+                    scores = tl.dot(q, tl.trans(k))
+                seen = t_ok[None, :] & (t[None, :] <= q_pos[:, None])
+                scores = tl.where(seen, scores * scale, float("-inf"))
+                m_new = tl.maximum(m_i, tl.max(scores, 1))  # key 0 is seen by every row
+                p = tl.exp(scores - m_new[:, None])
+                alpha = tl.exp(m_i - m_new)
+                l_i = l_i * alpha + tl.sum(p, 1)
+                v = tl.load(V + offsets, mask=kv_mask, other=0.0)
+                if IEEE:
+                    acc = acc * alpha[:, None] + tl.dot(p, v, input_precision="ieee")
+                else:
+                    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+                m_i = m_new
+            o = acc / l_i[:, None]
+            tl.store(
+                Out + tok[:, None].to(tl.int64) * stride_ot + head[:, None] * stride_oh
+                + d[None, :],
+                o.to(Out.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :],
+            )  # fmt: skip
 
     @triton.jit
     def _split_kernel(

@@ -74,6 +74,24 @@ async def test_prefix_hit_is_reported_and_skips_prefill_time(engine) -> None:
     assert engine.stats.num_cached_prompt_tokens == 64
 
 
+async def test_choices_sent_together_prefill_once_and_seeds_make_them_differ(engine) -> None:
+    """The n choices of one request: one prompt, seeds seed + i, all submitted at once."""
+    import asyncio
+
+    prompt = list(range(3, 53))  # 50 tokens: 3 full blocks of 16 can be shared
+    reqs = [request(f"c{i}", prompt, max_tokens=8, temperature=0.8, seed=40 + i)
+            for i in range(4)]  # fmt: skip
+    results = await asyncio.gather(*(run(engine, r) for r in reqs))
+    assert [last.num_cached_tokens for _, last in results] == [0, 48, 48, 48]
+    assert engine.stats.num_cached_prompt_tokens == 3 * 48
+    assert len({tuple(tokens) for tokens, _ in results}) == 4  # the seeds differ
+    again, _ = await run(engine, request("again", prompt, 8, temperature=0.8, seed=42))
+    assert again == results[2][0]  # reproducible per seed
+    greedy, _ = await run(engine, request("g", prompt, 8, temperature=0.0, seed=42))
+    plain, _ = await run(engine, request("p", prompt, 8, temperature=0.0))
+    assert greedy == plain  # a seed changes nothing at temperature 0
+
+
 async def test_eviction_emits_removed() -> None:
     eng = MockerEngine(FAST, shape=ModelShape(vocab_size=100), num_blocks=4)
     events: list[KvEvent] = []

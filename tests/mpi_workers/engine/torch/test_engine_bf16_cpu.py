@@ -14,12 +14,19 @@ import torch
 import torch.nn.functional as F
 
 from contract.messages import GenerateRequest, SamplingParams
+from mpi_workers.engine.torch.device_path import choose
 from mpi_workers.engine.torch.engine import TorchEngine
 from mpi_workers.engine.torch.kv_cache import KvCache
 from mpi_workers.engine.torch.layers import InferenceWeight, onednn_packing_available
 from mpi_workers.engine.torch.loader import load_model
 from mpi_workers.engine.torch.model_config import load_model_config
 from mpi_workers.engine.torch.model_runner import ModelRunner, StepPlan
+
+
+def cpu_path(dtype: torch.dtype):
+    """This machine's CPU path (C kernels where they build), packing for 8 rows."""
+    return choose("cpu", dtype, heads=2, kv_heads=2, head_dim=16, pack_rows=8)
+
 
 needs_bf16 = pytest.mark.skipif(
     not onednn_packing_available(torch.bfloat16), reason="CPU without oneDNN bf16 support"
@@ -33,7 +40,7 @@ def test_onednn_packed_linear_matches_plain_linear(rows: int) -> None:
     weight = torch.randn(96, 64, generator=g).bfloat16()
     bias = torch.randn(96, generator=g).bfloat16()
     x = torch.randn(rows, 64, generator=g).bfloat16()
-    fast = InferenceWeight(weight, pack_rows=8)
+    fast = InferenceWeight(weight, cpu_path(weight.dtype))
     assert fast.onednn is not None
     assert fast.weight.numel() == 0  # the plain copy is dropped: no second copy in memory
     expected = F.linear(x.float(), weight.float(), bias.float())
@@ -45,7 +52,7 @@ def test_onednn_packed_linear_matches_plain_linear(rows: int) -> None:
 def test_onednn_can_be_turned_off(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("HPCSERVE_ONEDNN_LINEAR", "0")
     assert not onednn_packing_available(torch.bfloat16)
-    fast = InferenceWeight(torch.randn(8, 4).bfloat16(), pack_rows=8)
+    fast = InferenceWeight(torch.randn(8, 4).bfloat16(), cpu_path(torch.bfloat16))
     assert fast.onednn is None and fast.weight.shape == (8, 4)
     assert not onednn_packing_available(torch.float32)
 

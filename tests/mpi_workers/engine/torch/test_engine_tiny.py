@@ -149,6 +149,22 @@ async def test_many_concurrent_requests_and_metrics(engine):
     assert m.total_blocks == 32 and m.active_sequences == 0
 
 
+async def test_choices_of_one_prompt_share_its_prefill(engine):
+    """The n choices of one request (seeds seed + i) compute the prompt once between them,
+    and sharing it changes no token: each equals the same request run alone."""
+    await wait_idle(engine)
+    prompt = list(range(40, 58))  # 18 tokens: 4 full blocks of 4 can be shared
+    before = engine.stats.num_computed_prompt_tokens
+    reqs = [req(prompt, max_tokens=5, ignore_eos=True, temperature=1.0, seed=7 + i)
+            for i in range(4)]  # fmt: skip
+    outs = await asyncio.gather(*(engine.generate_all(r) for r in reqs))
+    assert engine.stats.num_computed_prompt_tokens - before == 18 + 3 * 2
+    assert sorted(o.num_cached_tokens for o in outs) == [0, 16, 16, 16]
+    assert len({tuple(o.token_ids) for o in outs}) > 1  # different seeds, different samples
+    alone = await engine.generate_all(reqs[2].model_copy(update={"request_id": "alone-2"}))
+    assert alone.token_ids == outs[2].token_ids
+
+
 async def test_shutdown_aborts_unfinished(tiny_llama_dir):
     e = TorchEngine(tiny_llama_dir, block_size=4, num_blocks=32)
     await e.start()

@@ -1,8 +1,9 @@
 """GPU paths of the torch engine (`pytest -m gpu` on a CUDA machine; skipped without CUDA).
 
-The Triton paged decode attention against a float64 reference over random block tables and
-ragged lengths; the engine on CUDA (CUDA graphs with the kernel, and eager) token-identical to
-transformers in fp32 greedy, with prefix-cache hits giving the same tokens as misses.
+The Triton paged decode and varlen attention against a float64 reference over random block
+tables and ragged lengths; the engine on CUDA (CUDA graphs with the kernels, mixed
+prefill + decode steps in graphs, and eager) token-identical to transformers in fp32 greedy,
+with prefix-cache hits giving the same tokens as misses.
 """
 
 from __future__ import annotations
@@ -64,6 +65,74 @@ def test_paged_decode_attention_matches_float64(dtype, heads, kv_heads, dim, spl
     assert torch.allclose(out.double().cpu(), ref, atol=tolerance, rtol=tolerance)
 
 
+def varlen_reference(q, k_cache, v_cache, tables, query_start, context_lens, scale):
+    """float64 causal attention of each query run over its paged context."""
+    out = torch.zeros(q.shape, dtype=torch.float64)
+    for s in range(len(context_lens)):
+        a, b, n = int(query_start[s]), int(query_start[s + 1]), int(context_lens[s])
+        for i in range(b - a):
+            seen = n - (b - a) + i + 1
+            row = torch.tensor([seen] * 1)
+            out[a + i] = reference(q[a + i : a + i + 1], k_cache, v_cache, tables[s : s + 1],
+                                   row, scale)[0]  # fmt: skip
+    return out
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(("heads", "kv_heads", "dim"), [(32, 8, 128), (9, 3, 64), (4, 4, 80)])
+def test_paged_varlen_attention_matches_float64(dtype, heads, kv_heads, dim) -> None:
+    """Prefill runs with and without a cached prefix and decode rows (runs of one) in one
+    launch, over shuffled blocks; padding runs and spare programs touch nothing."""
+    from mpi_workers.engine.torch.triton_attention import (
+        paged_varlen_attention,
+        varlen_programs,
+    )
+
+    torch.manual_seed(0)
+    block_size, num_blocks = 16, 96
+    runs = [(7, 7), (1, 300), (40, 140), (1, 1), (64, 64), (3, 33), (0, 1)]  # (new, context)
+    k_cache = torch.randn(num_blocks, block_size, kv_heads, dim, dtype=dtype, device="cuda")
+    v_cache = torch.randn_like(k_cache)
+    order = torch.randperm(num_blocks).tolist()
+    tables = torch.zeros(len(runs), 24, dtype=torch.long)
+    for s, (_, context) in enumerate(runs):
+        need = -(-context // block_size)
+        tables[s, :need] = torch.tensor([order.pop() for _ in range(need)])
+    starts = [0]
+    for new, _ in runs:
+        starts.append(starts[-1] + new)
+    tokens = starts[-1] + 5  # rows past the last run stay untouched
+    q = torch.randn(tokens, heads, dim, dtype=dtype, device="cuda")
+    query_start = torch.tensor(starts, device="cuda")
+    lens = torch.tensor([c for _, c in runs], device="cuda")
+    scale = dim**-0.5
+    programs = varlen_programs(tokens, len(runs), heads // kv_heads)
+    out = paged_varlen_attention(q, k_cache, v_cache, tables.cuda(), query_start, lens, scale,
+                                 programs)  # fmt: skip
+    ref = varlen_reference(q, k_cache, v_cache, tables, query_start, lens, scale)
+    tolerance = 2e-5 if dtype == torch.float32 else 2e-2
+    used = starts[-1]
+    assert torch.allclose(out[:used].double().cpu(), ref[:used], atol=tolerance, rtol=tolerance)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(("rows", "out", "inp"), [(1, 960, 576), (3, 100, 129), (16, 4096, 1536)])
+def test_triton_skinny_linear_matches_float64(dtype, rows, out, inp) -> None:
+    from mpi_workers.engine.torch.triton_linear import skinny_linear
+
+    torch.manual_seed(rows)
+    x = torch.randn(rows, inp, dtype=dtype, device="cuda")
+    weight = torch.randn(out, inp, dtype=dtype, device="cuda") / inp**0.5
+    bias = torch.randn(out, dtype=dtype, device="cuda")
+    expected = x.double() @ weight.double().t() + bias.double()
+    tolerance = 1e-4 if dtype == torch.float32 else 3e-2
+    got = skinny_linear(x, weight, bias)
+    assert got.dtype == dtype
+    torch.testing.assert_close(got.double(), expected, atol=tolerance, rtol=tolerance)
+    torch.testing.assert_close(skinny_linear(x, weight).double(), expected - bias.double(),
+                               atol=tolerance, rtol=tolerance)  # fmt: skip
+
+
 def _requests(prompts, **sampling):
     params = SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True, **sampling)
     return [GenerateRequest(request_id=f"r{i}", token_ids=p, sampling=params)
@@ -92,7 +161,8 @@ def test_engine_on_cuda_matches_transformers_greedy(tiny_llama_dir, eager, overl
         tiny_llama_dir, device="cuda", dtype=torch.float32, block_size=16, num_blocks=64,
         enforce_eager=eager, overlap=overlap,
     )  # fmt: skip
-    assert engine.runner.decode_kernel  # the Triton kernel serves decode
+    assert engine.model.path.name == "cuda-triton"
+    assert engine.runner.decode_attention is not None  # the Triton kernel serves decode
     assert engine.overlap is overlap
 
     async def serve() -> None:
@@ -108,6 +178,41 @@ def test_engine_on_cuda_matches_transformers_greedy(tiny_llama_dir, eager, overl
             await engine.shutdown()
 
     asyncio.run(serve())
+
+
+def test_mixed_steps_replay_graphs_and_match_transformers(tiny_llama_dir) -> None:
+    """Chunked prefill (20 tokens a step) beside decode rows: mixed steps run in CUDA graphs
+    (the varlen kernel, K/V read in place) and the tokens equal transformers' fp32 greedy."""
+    import asyncio
+
+    from transformers import AutoModelForCausalLM
+
+    from mpi_workers.engine.torch.engine import TorchEngine
+
+    prompts = [list(range(7, 7 + n)) for n in (5, 45, 33, 70, 12)]
+    hf = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32).cuda().eval()
+    expected = []
+    with torch.inference_mode():
+        for prompt in prompts:
+            ids = torch.tensor([prompt], device="cuda")
+            out = hf.generate(ids, max_new_tokens=16, min_new_tokens=16, do_sample=False)
+            expected.append(out[0, len(prompt) :].tolist())
+    engine = TorchEngine(
+        tiny_llama_dir, device="cuda", dtype=torch.float32, block_size=16, num_blocks=96,
+        max_num_batched_tokens=20,
+    )  # fmt: skip
+
+    async def serve() -> None:
+        await engine.start()
+        try:
+            # 20 tokens a step: the short prompts decode while the long ones still prefill
+            outs = await asyncio.gather(*(engine.generate_all(r) for r in _requests(prompts)))
+            assert [o.token_ids for o in outs] == expected
+        finally:
+            await engine.shutdown()
+
+    asyncio.run(serve())
+    assert engine.runner.graphs is not None and engine.runner.graphs.mixed
 
 
 def test_sampling_on_cuda_seeded_and_unseeded(tiny_llama_dir) -> None:

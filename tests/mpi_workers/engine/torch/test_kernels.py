@@ -14,7 +14,13 @@ import torch
 import torch.nn.functional as F
 
 from mpi_workers.engine.torch import kernels
+from mpi_workers.engine.torch.device_path import choose
 from mpi_workers.engine.torch.layers import InferenceWeight, mkl_packing_available
+
+
+def cpu_path(dtype: torch.dtype):
+    """This machine's CPU path (C kernels where they build), packing for 8 rows."""
+    return choose("cpu", dtype, heads=2, kv_heads=2, head_dim=16, pack_rows=8)
 
 needs_kernel = pytest.mark.skipif(
     not kernels.available(), reason="no C compiler or no AVX-512 on this machine"
@@ -49,7 +55,7 @@ def test_skinny_gemm_refuses_what_it_cannot_compute() -> None:
 @needs_kernel
 def test_inference_weight_uses_the_kernel_for_decode_batches() -> None:
     weight, bias = torch.randn(96, 64), torch.randn(96)
-    fast = InferenceWeight(weight, pack_rows=8)
+    fast = InferenceWeight(weight, cpu_path(weight.dtype))
     assert fast.skinny is not None and fast.packed is None  # no MKL copy kept beside it
     for rows in (1, 2, 8, 20, 40):  # prefill (40 rows) uses torch.mm on the plain copy
         x = torch.randn(rows, 64)
@@ -62,7 +68,7 @@ def test_turned_off_the_mkl_packing_serves(monkeypatch: pytest.MonkeyPatch) -> N
     kernels._library.cache_clear()
     try:
         weight = torch.randn(96, 64)
-        fast = InferenceWeight(weight, pack_rows=8)
+        fast = InferenceWeight(weight, cpu_path(weight.dtype))
         assert fast.skinny is None and fast.packed is not None
         x = torch.randn(5, 64)
         torch.testing.assert_close(fast.matmul(x), x @ weight.t())

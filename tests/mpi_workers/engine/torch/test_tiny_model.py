@@ -133,7 +133,10 @@ def _decode_logits(model_dir, mode: str, rows: int = 3) -> torch.Tensor:
     4-token blocks' edges are crossed), decoded the `mode` way."""
     h = Harness(model_dir, num_blocks=512)
     assert h.model.model.layers[0].self_attn.head_dim % 16 == 0  # the kernels take it
-    h.runner.decode_kernel = mode != "pytorch"
+    if mode == "pytorch":
+        h.runner.decode_attention = None
+    else:
+        assert h.runner.decode_attention is not None
     native = h.model._native_decode
     if mode == "native-layers":
         assert native is not None
