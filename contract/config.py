@@ -7,9 +7,10 @@ Every error names the dotted field it is about.
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -302,6 +303,89 @@ class DisaggregationConfig(_Section):
     )
 
 
+class LengthDistribution(_Section):
+    """Token lengths drawn from a normal distribution (aiperf's synthetic prompts)."""
+
+    mean: int = Field(ge=1)
+    stddev: float = Field(default=0.0, ge=0)
+
+
+class SharedPrefixConfig(_Section):
+    """A workload whose requests share prefixes, for router comparisons (a KV-aware router
+    sends a repeated prefix to the worker that holds it). At most one of the two prefix kinds;
+    `turns > 1` makes every session a conversation whose turns resend the history."""
+
+    system_prompt_tokens: int = Field(
+        default=0, ge=0, description="one system prompt of this length shared by every request"
+    )
+    prefix_prompts: int = Field(
+        default=0, ge=0, description="a pool of this many prefixes, one picked per request"
+    )
+    prefix_tokens: int = Field(default=0, ge=0, description="length of each pooled prefix")
+    turns: int = Field(default=1, ge=1, description="turns per conversation (multi-turn)")
+
+    @model_validator(mode="after")
+    def _one_prefix_kind(self) -> SharedPrefixConfig:
+        if self.system_prompt_tokens and (self.prefix_prompts or self.prefix_tokens):
+            raise ValueError(
+                "prefix_prompts: a shared system prompt and a prefix pool exclude each other"
+            )
+        if bool(self.prefix_prompts) != bool(self.prefix_tokens):
+            raise ValueError("prefix_tokens: prefix_prompts and prefix_tokens go together")
+        return self
+
+
+class BenchmarkConfig(_Section):
+    """A load sweep (`hpcserve bench`, or a Slurm job's step after READY): aiperf at each
+    concurrency in turn, the same synthetic workload at every point."""
+
+    concurrency: list[Annotated[int, Field(ge=1)]] = Field(
+        default_factory=lambda: [1, 2, 4, 8], min_length=1,
+        description="concurrent requests of each point, in sweep order",
+    )  # fmt: skip
+    requests: int | None = Field(
+        default=None, ge=1,
+        description="requests per point; null (and no duration_s): max(16, 4 * concurrency)",
+    )  # fmt: skip
+    duration_s: float | None = Field(
+        default=None, gt=0, description="seconds per point instead of a request count"
+    )
+    input_tokens: LengthDistribution = Field(default_factory=lambda: LengthDistribution(mean=128))
+    output_tokens: LengthDistribution = Field(default_factory=lambda: LengthDistribution(mean=64))
+    ignore_eos: bool = Field(
+        default=True, description="generate exactly the drawn output length (no early EOS)"
+    )
+    streaming: bool = Field(default=True, description="SSE streaming (TTFT and ITL need it)")
+    endpoint: Literal["chat", "completions"] = "chat"
+    shared_prefix: SharedPrefixConfig | None = None
+    seed: int = Field(default=0, ge=0, description="aiperf's --random-seed: the same prompts")
+    warmup_requests: int = Field(default=0, ge=0, description="unmeasured requests per point")
+    request_timeout_s: float = Field(default=600.0, gt=0)
+    gpus: int | None = Field(
+        default=None, ge=1,
+        description="divides output tok/s into tok/s/GPU; null: the deployment's worker ranks",
+    )  # fmt: skip
+    label: str | None = Field(
+        default=None, description="the run's name in tables and plots; default: the config name"
+    )
+    then: Literal["exit", "serve"] = Field(
+        default="serve",
+        description="in a Slurm job, after the sweep: exit (end the job) or serve on",
+    )
+
+    @model_validator(mode="after")
+    def _count_or_duration(self) -> BenchmarkConfig:
+        if self.requests is not None and self.duration_s is not None:
+            raise ValueError("duration_s: give requests or duration_s, not both")
+        return self
+
+    def requests_at(self, concurrency: int) -> int | None:
+        """Requests asked for at one point; None when the point runs for `duration_s`."""
+        if self.duration_s is not None:
+            return None
+        return self.requests if self.requests is not None else max(16, 4 * concurrency)
+
+
 class DeploymentConfig(_Section):
     name: str = Field(default="hpcserve", pattern=r"^[A-Za-z0-9_.-]+$")
     model: ModelConfig = Field(default_factory=ModelConfig)
@@ -318,6 +402,10 @@ class DeploymentConfig(_Section):
     )
     slurm: SlurmConfig | None = Field(
         default=None, description="Slurm job options; used by `hpcserve render/submit`, not by `up`"
+    )
+    benchmark: BenchmarkConfig | None = Field(
+        default=None,
+        description="a load sweep: `hpcserve bench` defaults; in a Slurm job a step after READY",
     )
 
     @model_validator(mode="after")
@@ -457,13 +545,19 @@ def _set_dotted(data: dict[str, Any], dotted: str, value: Any) -> None:
             node = child
 
 
+_FIELD_PREFIX = re.compile(r"^[A-Za-z_][\w.]*: ")
+
+
 def _describe(exc: ValidationError) -> str:
     lines = []
     for error in exc.errors():
         field = ".".join(str(part) for part in error["loc"]) or "config"
         message = error["msg"].removeprefix("Value error, ")
-        if message.startswith(f"{field}:") or ":" in message.split(" ")[0]:
+        names_field = _FIELD_PREFIX.match(message) is not None
+        if message.startswith(f"{field}:") or (names_field and not error["loc"]):
             lines.append(message)
+        elif names_field:  # a section's validator naming one of its fields
+            lines.append(f"{field}.{message}")
         else:
             lines.append(f"{field}: {message}")
     return "invalid config: " + "; ".join(lines)

@@ -11,6 +11,8 @@
     hpcserve status DEPLOYMENT                          its generations, worker jobs, gateway
     hpcserve gateway DEPLOYMENT [--port P]             one stable endpoint across its jobs
     hpcserve scale DEPLOYMENT --role R --add N | --remove N   worker-only jobs join / leave
+    hpcserve bench TARGET [--concurrency 1,2,4 ...]    load sweep with aiperf (config/job/URL)
+    hpcserve bench compare RUN...                      overlay runs: table and pareto plots
 
 Config errors exit with code 2 and name the field.
 """
@@ -27,6 +29,7 @@ import typer
 import yaml
 
 from contract.config import ConfigError, DeploymentConfig, load_config
+from hpcserve.bench.commands import bench_app
 
 app = typer.Typer(
     name="hpcserve",
@@ -39,6 +42,7 @@ config_app = typer.Typer(help="Inspect deployment configs.", no_args_is_help=Tru
 model_app = typer.Typer(help="Prepare models.", no_args_is_help=True)
 app.add_typer(config_app, name="config")
 app.add_typer(model_app, name="model")
+app.add_typer(bench_app, name="bench")
 
 DEFAULT_CONFIG = Path("configs") / "local-agg.yaml"
 _REPO_ROOT = Path(__file__).resolve().parents[1]

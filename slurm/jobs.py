@@ -74,6 +74,7 @@ class JobStatus:
     component: str | None = None
     message: str | None = None
     log_tail: str | None = None
+    benchmark: str | None = None  # the benchmark step's word (running, valid, invalid ...)
     reason: str | None = None  # DRAINING/FINISHED: time limit | preempted | cancelled | removed
 
     def describe(self) -> str:
@@ -86,6 +87,8 @@ class JobStatus:
             head += f" {self.component or 'job'}" + (f": {self.message}" if self.message else "")
         lines = [head, f"job {self.job_id or '?'} (slurm: {self.slurm_state or 'gone'}), "
                        f"dir {self.job_dir}"]  # fmt: skip
+        if self.benchmark:
+            lines.append(f"benchmark: {self.benchmark} ({self.job_dir / 'benchmark'})")
         if self.log_tail:
             lines += [f"--- last lines of {self.component or 'job'}'s log:", self.log_tail]
         return "\n".join(lines)
@@ -286,7 +289,8 @@ def job_status(job: str) -> JobStatus:
     recorded: JobState | None = read_state(job_dir)
     in_slurm = slurm_state(job_id) if job_id else None
     word = recorded.state if recorded else "PENDING"
-    base = {"job_id": job_id, "job_dir": job_dir, "slurm_state": in_slurm}
+    base = {"job_id": job_id, "job_dir": job_dir, "slurm_state": in_slurm,
+            "benchmark": recorded.benchmark if recorded else None}  # fmt: skip
     if word == "FAILED":
         assert recorded is not None
         return JobStatus(

@@ -32,6 +32,7 @@ class JobState:
     message: str | None = None
     stage: str | None = None  # STARTING: services | workers | frontend
     restarts: dict[str, int] | None = None  # component -> times the supervisor restarted it
+    benchmark: str | None = None  # the benchmark step: running | valid | invalid (exit N)
     reason: str | None = None  # DRAINING/FINISHED: time limit | preempted | cancelled | removed
     successor: str | None = None  # the job dir of the next generation, once submitted
     updated: float = 0.0
@@ -59,6 +60,7 @@ def write_state(job_dir: str | Path, state: State, **fields: Any) -> JobState:
         "job_id": previous.job_id if previous else None,
         "url": previous.url if previous else None,
         "restarts": previous.restarts if previous else None,
+        "benchmark": previous.benchmark if previous else None,
         "reason": previous.reason if previous else None,
         "successor": previous.successor if previous else None,
     }

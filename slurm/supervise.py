@@ -8,6 +8,7 @@ component's policy, the ordered stop. Progress and failures go to `<job dir>/sta
 (`hpcserve status`). The end of the job (time limit warning, preemption, scancel, removal;
 see `slurm.lifecycle`) drains the workers first, then stops the rest, and ends FINISHED with
 the reason; with `slurm.successor` the next generation is submitted before (`slurm.successor`).
+With a `benchmark:` section a sweep runs as one more step once READY (`slurm.benchmark`).
 """
 
 from __future__ import annotations
@@ -24,10 +25,17 @@ from collections.abc import Callable
 from pathlib import Path
 
 from contract.config import ConfigError
-from contract.plan import STAGE_FRONTEND, STAGE_SERVICES, STAGE_WORKERS, PlannedProcess
+from contract.plan import (
+    STAGE_FRONTEND,
+    STAGE_SERVICES,
+    STAGE_WORKERS,
+    STOP_TIMEOUT_S,
+    PlannedProcess,
+)
 from contract.processes import ManagedProcess
 from contract.readiness import PROBE_ERRORS
 from contract.supervisor import DeploymentFailed, Supervisor
+from slurm.benchmark import STEP_NAME, benchmark_process, verdict
 from slurm.job_prepare import PreparedJob, prepare
 from slurm.lifecycle import Ending, termination_reason, warning_reason
 from slurm.srun import srun_argv
@@ -99,6 +107,36 @@ def srun_launch(job: PreparedJob):
         return SrunStep.spawn(process.name, srun_argv(process, job), log)
 
     return launch
+
+
+def start_benchmark(job: PreparedJob) -> ManagedProcess:
+    """The benchmark step (`slurm.benchmark`), started once the job is READY."""
+    step = srun_launch(job)(benchmark_process(job))
+    logger.info("benchmark started (pid %s, log %s)", step.pid, step.log_path)
+    write_state(job.job_dir, "READY", benchmark="running")
+    return step
+
+
+def benchmark_done(job: PreparedJob, step: ManagedProcess) -> int | None:
+    """Record the finished step's verdict. Returns the job's exit code when the job ends here
+    (`benchmark.then: exit`: 0 valid, 1 not), None to serve on."""
+    assert job.config.benchmark is not None
+    result = verdict(step.popen.returncode, job.job_dir)
+    logger.info("%s", result.message)
+    write_state(job.job_dir, "READY", benchmark=result.word)
+    if job.config.benchmark.then == "serve":
+        return None
+    if result.valid:
+        write_state(job.job_dir, "FINISHED", message=result.message)
+        return 0
+    write_state(job.job_dir, "FAILED", component=STEP_NAME, message=result.message,
+                log=str(step.log_path))  # fmt: skip
+    return 1
+
+
+def stop_benchmark(step: ManagedProcess | None) -> None:
+    if step is not None and step.running():
+        logger.info("stopping the benchmark (exit %s)", step.stop(STOP_TIMEOUT_S))
 
 
 def _raise_interrupted(signum: int, _frame: object) -> None:
@@ -180,6 +218,7 @@ def run(
     signal.signal(signal.SIGUSR1, signal.SIG_IGN)  # until `ending` exists
     supervisor: Supervisor | None = None
     ending: Ending | None = None
+    bench_step: ManagedProcess | None = None
     try:
         try:
             job = prepare_job(job_dir, nodes)
@@ -210,11 +249,19 @@ def run(
         after_ready = successor_plan(job, ending)
         write_state(job_dir, "READY", url=job.url or None)
         print(f"hpcserve ready: {job.url or 'workers registered'}", flush=True)
+        if job.config.benchmark is not None and job.url:
+            bench_step = start_benchmark(job)
         while supervisor.poll():
             if ending.requested and after_ready.handed_over(ending):
+                stop_benchmark(bench_step)
                 drain_and_finish(job_dir, supervisor, ending, frontend_base)
                 supervisor = None  # stopped
                 return 0
+            if bench_step is not None and not bench_step.running():
+                ended = benchmark_done(job, bench_step)
+                bench_step = None
+                if ended is not None:
+                    return ended
             after_ready.tick(ending)
             time.sleep(POLL_S)
         write_state(job_dir, "FINISHED", message="job ended (its steps were stopped)")
@@ -233,12 +280,14 @@ def run(
             return 143
         reason = termination_reason(job_id)
         ending.request("stopped" if in_allocation and reason == "preempted" else reason)
+        stop_benchmark(bench_step)
         drain_and_finish(job_dir, supervisor, ending, frontend_base)
         supervisor = None  # stopped
         return 0
     finally:
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1):
             signal.signal(sig, signal.SIG_IGN)  # the ordered stop runs to its end
+        stop_benchmark(bench_step)
         if supervisor is not None:
             supervisor.stop()
 

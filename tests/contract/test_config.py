@@ -66,6 +66,10 @@ def test_set_into_lists_and_typed_values() -> None:
         (["workers.5.count=1"], "workers.5"),
         (["frontend=1", "frontend.port=2"], "frontend"),
         (["noequals"], "noequals"),
+        (["benchmark.concurrency=[4, 0]"], "benchmark.concurrency.1"),
+        (["benchmark.requests=8", "benchmark.duration_s=5"], "benchmark.duration_s"),
+        (["benchmark.shared_prefix.prefix_prompts=2"], "benchmark.shared_prefix.prefix_tokens"),
+        (["slurm.env={A: [1]}"], "slurm.env.A"),
     ],
 )
 def test_errors_name_the_field(overrides: list[str], field: str) -> None:
