@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-from mpi_workers.engine.torch import kernels, triton_attention, triton_linear, triton_ops
+from mpi_workers.engine.torch import kernels, triton_attention, triton_ops
 
 # (q, k_cache, v_cache, block_tables, lens, scale, max_len) -> attention output [B, H, D]
 PagedDecode = Callable[..., torch.Tensor]
@@ -34,7 +34,6 @@ class DevicePath:
     paged_decode: PagedDecode | None = None  # decode attention reading the cache in place
     varlen_attention: bool = False  # prefill runs read the cache in place (Triton)
     skinny_linear: bool = False  # C GEMM for fp32 decode rows
-    triton_linear_rows: int = 0  # CUDA: linears of up to this many rows in Triton, not cuBLAS
     native_decode_layers: bool = False  # a whole fp32 decode step in one C call
     native_argmax: bool = False  # C row argmax of fp32 CPU logits
 
@@ -56,7 +55,7 @@ def choose(
         return DevicePath(
             "cuda-triton", weights_as_loaded=True, fused_layers=True,
             paged_decode=triton_attention.paged_decode_attention if paged else None,
-            varlen_attention=paged, triton_linear_rows=triton_linear.DEFAULT_ROWS,
+            varlen_attention=paged,
         )  # fmt: skip
     if not kernels.available():
         return DevicePath("cpu-pytorch", weights_as_loaded=False, pack_rows=pack_rows)

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from contract.config import env_flag
-from mpi_workers.engine.torch import kernels, triton_linear, triton_ops
+from mpi_workers.engine.torch import kernels, triton_ops
 from mpi_workers.engine.torch.device_path import DevicePath
 
 
@@ -120,7 +120,6 @@ class InferenceWeight:
         self.onednn: torch.Tensor | None = None  # oneDNN low-precision packing
         self.weight_t: torch.Tensor | None = None
         self._weight: torch.Tensor | None = None
-        self.triton_rows = path.triton_linear_rows  # CUDA: Triton below cuBLAS's sweet spot
         if path.weights_as_loaded:  # GPU: cuBLAS is fastest on the [out, in] layout (`F.linear`)
             self._weight = weight.contiguous()
             return
@@ -160,8 +159,6 @@ class InferenceWeight:
             out = out[:rows]
             return out + bias if bias is not None else out
         if self.weight_t is None:  # weights as loaded (GPU)
-            if rows <= self.triton_rows:
-                return triton_linear.skinny_linear(x, self._weight, bias)
             return F.linear(x, self._weight, bias)
         if bias is not None:
             return torch.addmm(bias, x, self.weight_t)
