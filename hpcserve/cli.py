@@ -19,9 +19,11 @@ Config errors exit with code 2 and name the field.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import shlex
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated
 
@@ -65,13 +67,25 @@ def default_config_path() -> Path | None:
     return None
 
 
-def _load(config: Path | None, overrides: list[str] | None) -> DeploymentConfig:
-    path = config if config is not None else default_config_path()
+@contextlib.contextmanager
+def _exit_on_errors() -> Iterator[None]:
+    """A config error exits 2, a Slurm job error 1, each with its message (no traceback)."""
+    from slurm.jobs import JobError
+
     try:
-        return load_config(path, overrides or [])
+        yield
     except ConfigError as exc:
         typer.echo(f"hpcserve: {exc}", err=True)
         raise typer.Exit(2) from None
+    except JobError as exc:
+        typer.echo(f"hpcserve: {exc}", err=True)
+        raise typer.Exit(1) from None
+
+
+def _load(config: Path | None, overrides: list[str] | None) -> DeploymentConfig:
+    path = config if config is not None else default_config_path()
+    with _exit_on_errors():
+        return load_config(path, overrides or [])
 
 
 @app.command()
@@ -91,28 +105,19 @@ def up(
     deployment = _load(config, set_)
     if in_allocation:
         _up_in_allocation(deployment)
-    try:
+    with _exit_on_errors():
         code = run_up(deployment)
-    except ConfigError as exc:
-        typer.echo(f"hpcserve: {exc}", err=True)
-        raise typer.Exit(2) from None
     raise typer.Exit(code)
 
 
 def _up_in_allocation(deployment: DeploymentConfig) -> None:
     from slurm.allocation import run_in_allocation
-    from slurm.jobs import JobError, check_submittable
+    from slurm.jobs import check_submittable
 
-    try:
+    with _exit_on_errors():
         check_submittable(deployment)
         deployment = _with_model_path(deployment)
         code = run_in_allocation(deployment)
-    except ConfigError as exc:
-        typer.echo(f"hpcserve: {exc}", err=True)
-        raise typer.Exit(2) from None
-    except JobError as exc:
-        typer.echo(f"hpcserve: {exc}", err=True)
-        raise typer.Exit(1) from None
     raise typer.Exit(code)
 
 
@@ -176,11 +181,8 @@ def _slurm_config(config: Path, overrides: list[str] | None) -> DeploymentConfig
     from slurm.jobs import check_submittable
 
     deployment = _load(config, overrides)
-    try:
+    with _exit_on_errors():
         check_submittable(deployment)
-    except ConfigError as exc:
-        typer.echo(f"hpcserve: {exc}", err=True)
-        raise typer.Exit(2) from None
     return deployment
 
 
@@ -198,11 +200,8 @@ def render(
 
     deployment = _slurm_config(config, set_)
     target = job_dir or deployment.run_dir or str(jobs_root() / f"{deployment.name}-JOBDIR")
-    try:
+    with _exit_on_errors():
         typer.echo(render_script(deployment, job_dir=target, python=sys.executable), nl=False)
-    except ConfigError as exc:
-        typer.echo(f"hpcserve: {exc}", err=True)
-        raise typer.Exit(2) from None
 
 
 @app.command()
@@ -239,13 +238,10 @@ def status(
     import json
 
     from slurm.deployment import deployment_status, is_deployment
-    from slurm.jobs import JobError, job_status
+    from slurm.jobs import job_status
 
-    try:
+    with _exit_on_errors():
         found = deployment_status(job) if is_deployment(job) else job_status(job)
-    except JobError as exc:
-        typer.echo(f"hpcserve: {exc}", err=True)
-        raise typer.Exit(1) from None
     if as_json:
         typer.echo(json.dumps(dataclasses.asdict(found), default=str))
     else:
@@ -281,21 +277,13 @@ def scale(
 ) -> None:
     """Grow or shrink a running deployment by worker-only Slurm jobs (one worker each):
     they join its live generation's etcd/NATS and get traffic; removed ones drain first."""
-    from contract.config import ConfigError
-    from slurm.jobs import JobError
     from slurm.jobs import scale as scale_jobs
 
     if (add > 0) == (remove > 0) or add < 0 or remove < 0:
         typer.echo("hpcserve: give one of --add N or --remove N (N >= 1)", err=True)
         raise typer.Exit(2)
-    try:
+    with _exit_on_errors():
         ids = scale_jobs(deployment, role, add=add, remove=remove)
-    except ConfigError as exc:
-        typer.echo(f"hpcserve: {exc}", err=True)
-        raise typer.Exit(2) from None
-    except JobError as exc:
-        typer.echo(f"hpcserve: {exc}", err=True)
-        raise typer.Exit(1) from None
     typer.echo(f"{'submitted' if add else 'removed'} worker jobs: {' '.join(ids)}")
 
 
@@ -306,16 +294,13 @@ def logs(
     tail: Annotated[int, typer.Option(help="last N lines; 0: all")] = 0,
 ) -> None:
     """List a job's component logs, or print one."""
-    from slurm.jobs import JobError, list_logs, log_path
+    from slurm.jobs import list_logs, log_path
 
-    try:
+    with _exit_on_errors():
         if component is None:
             typer.echo("\n".join(list_logs(job)))
             return
         text = log_path(job, component).read_text(errors="replace")
-    except JobError as exc:
-        typer.echo(f"hpcserve: {exc}", err=True)
-        raise typer.Exit(1) from None
     lines = text.splitlines()
     typer.echo("\n".join(lines[-tail:] if tail else lines))
 
@@ -335,13 +320,10 @@ def drain(
 
     folder = Path(target).expanduser()
     if not (folder / "pids.json").is_file():
-        from slurm.jobs import JobError, find_job_dir
+        from slurm.jobs import find_job_dir
 
-        try:
+        with _exit_on_errors():
             folder = find_job_dir(target)
-        except JobError as exc:
-            typer.echo(f"hpcserve: {exc}", err=True)
-            raise typer.Exit(1) from None
     try:
         names = json.loads((folder / "pids.json").read_text())
     except (OSError, ValueError):
@@ -368,18 +350,14 @@ def cancel(job: Annotated[str, typer.Argument(help="job id, job dir, or deployme
     """scancel the job, then wait (bounded) until it and all its steps are gone; for a
     deployment name: every generation and worker job of it."""
     from slurm.deployment import cancel_deployment, is_deployment
-    from slurm.jobs import JobError
     from slurm.jobs import cancel as cancel_job
 
-    try:
+    with _exit_on_errors():
         if is_deployment(job):
             cancelled = cancel_deployment(job)
             typer.echo(f"cancelled jobs: {', '.join(cancelled) or 'none was running'}")
             return
         seconds = cancel_job(job)
-    except JobError as exc:
-        typer.echo(f"hpcserve: {exc}", err=True)
-        raise typer.Exit(1) from None
     typer.echo(f"cancelled; all steps gone after {seconds:.1f} s")
 
 
