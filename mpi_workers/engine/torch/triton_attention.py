@@ -169,6 +169,34 @@ def paged_varlen_attention(
 if triton is not None:
 
     @triton.jit
+    def _attend_tile(
+        q, K, V, table, t, t_ok, seen, kvh, d, d_ok, stride_kslot, stride_kh, scale,
+        m_i, l_i, acc, BLOCK_SIZE: tl.constexpr, IEEE: tl.constexpr,
+    ):  # fmt: skip
+        """Keys `t` (read through the block-table row `table`) into the online softmax of
+        q's rows, `seen` masking scores: the new (row max, row sum, accumulator)."""
+        block = tl.load(table + t // BLOCK_SIZE, mask=t_ok, other=0)
+        rows = (block.to(tl.int64) * BLOCK_SIZE + t % BLOCK_SIZE) * stride_kslot
+        kv_mask = t_ok[:, None] & d_ok[None, :]
+        offsets = rows[:, None] + kvh * stride_kh + d[None, :]
+        k = tl.load(K + offsets, mask=kv_mask, other=0.0)
+        if IEEE:  # noqa: SIM108 (a constexpr branch: one dot compiled, not a select)
+            scores = tl.dot(q, tl.trans(k), input_precision="ieee")
+        else:
+            scores = tl.dot(q, tl.trans(k))
+        scores = tl.where(seen, scores * scale, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(scores, 1))
+        p = tl.exp(scores - m_new[:, None])
+        alpha = tl.exp(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(V + offsets, mask=kv_mask, other=0.0)
+        if IEEE:
+            acc = acc * alpha[:, None] + tl.dot(p, v, input_precision="ieee")
+        else:
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        return m_new, l_i, acc
+
+    @triton.jit
     def _varlen_kernel(
         Q, K, V, Tables, QueryStart, ContextLens, Out,
         stride_qt, stride_qh, stride_kslot, stride_kh, stride_tb, stride_ot, stride_oh,
@@ -217,27 +245,11 @@ if triton is not None:
             for n0 in range(0, kv_end, BLOCK_N):
                 t = n0 + tl.arange(0, BLOCK_N)
                 t_ok = t < kv_end
-                block = tl.load(Tables + s * stride_tb + t // BLOCK_SIZE, mask=t_ok, other=0)
-                rows = (block.to(tl.int64) * BLOCK_SIZE + t % BLOCK_SIZE) * stride_kslot
-                kv_mask = t_ok[:, None] & d_ok[None, :]
-                offsets = rows[:, None] + kvh * stride_kh + d[None, :]
-                k = tl.load(K + offsets, mask=kv_mask, other=0.0)
-                if IEEE:
-                    scores = tl.dot(q, tl.trans(k), input_precision="ieee")
-                else:
-                    scores = tl.dot(q, tl.trans(k))
-                seen = t_ok[None, :] & (t[None, :] <= q_pos[:, None])
-                scores = tl.where(seen, scores * scale, float("-inf"))
-                m_new = tl.maximum(m_i, tl.max(scores, 1))  # key 0 is seen by every row
-                p = tl.exp(scores - m_new[:, None])
-                alpha = tl.exp(m_i - m_new)
-                l_i = l_i * alpha + tl.sum(p, 1)
-                v = tl.load(V + offsets, mask=kv_mask, other=0.0)
-                if IEEE:
-                    acc = acc * alpha[:, None] + tl.dot(p, v, input_precision="ieee")
-                else:
-                    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-                m_i = m_new
+                seen = t_ok[None, :] & (t[None, :] <= q_pos[:, None])  # key 0: seen by all rows
+                m_i, l_i, acc = _attend_tile(
+                    q, K, V, Tables + s * stride_tb, t, t_ok, seen, kvh, d, d_ok,
+                    stride_kslot, stride_kh, scale, m_i, l_i, acc, BLOCK_SIZE, IEEE,
+                )  # fmt: skip
             o = acc / l_i[:, None]
             tl.store(
                 Out + tok[:, None].to(tl.int64) * stride_ot + head[:, None] * stride_oh
@@ -276,26 +288,10 @@ if triton is not None:
         for n0 in range(start, end, BLOCK_N):
             t = n0 + tl.arange(0, BLOCK_N)
             t_ok = t < end
-            block = tl.load(Tables + b * stride_tb + t // BLOCK_SIZE, mask=t_ok, other=0)
-            rows = (block.to(tl.int64) * BLOCK_SIZE + t % BLOCK_SIZE) * stride_kslot
-            kv_mask = t_ok[:, None] & d_ok[None, :]
-            offsets = rows[:, None] + kvh * stride_kh + d[None, :]
-            k = tl.load(K + offsets, mask=kv_mask, other=0.0)
-            if IEEE:
-                scores = tl.dot(q, tl.trans(k), input_precision="ieee")
-            else:
-                scores = tl.dot(q, tl.trans(k))
-            scores = tl.where(t_ok[None, :], scores * scale, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(scores, 1))
-            p = tl.exp(scores - m_new[:, None])
-            alpha = tl.exp(m_i - m_new)
-            l_i = l_i * alpha + tl.sum(p, 1)
-            v = tl.load(V + offsets, mask=kv_mask, other=0.0)
-            if IEEE:
-                acc = acc * alpha[:, None] + tl.dot(p, v, input_precision="ieee")
-            else:
-                acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-            m_i = m_new
+            m_i, l_i, acc = _attend_tile(
+                q, K, V, Tables + b * stride_tb, t, t_ok, t_ok[None, :], kvh, d, d_ok,
+                stride_kslot, stride_kh, scale, m_i, l_i, acc, BLOCK_SIZE, IEEE,
+            )  # fmt: skip
         has = l_i > 0.0
         o = tl.where(has[:, None], acc / tl.where(has, l_i, 1.0)[:, None], 0.0)
         out_mask = g_ok[:, None] & d_ok[None, :]

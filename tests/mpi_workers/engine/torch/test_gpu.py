@@ -115,6 +115,21 @@ def test_paged_varlen_attention_matches_float64(dtype, heads, kv_heads, dim) -> 
     assert torch.allclose(out[:used].double().cpu(), ref[:used], atol=tolerance, rtol=tolerance)
 
 
+def transformers_greedy(model_dir, prompts, new_tokens: int = 16) -> list[list[int]]:
+    """transformers' fp32 greedy continuation of each prompt on the GPU."""
+    from transformers import AutoModelForCausalLM
+
+    hf = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).cuda().eval()
+    expected = []
+    with torch.inference_mode():
+        for prompt in prompts:
+            ids = torch.tensor([prompt], device="cuda")
+            out = hf.generate(ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                              do_sample=False)  # fmt: skip
+            expected.append(out[0, len(prompt) :].tolist())
+    return expected
+
+
 def _requests(prompts, **sampling):
     params = SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True, **sampling)
     return [GenerateRequest(request_id=f"r{i}", token_ids=p, sampling=params)
@@ -127,18 +142,10 @@ def test_engine_on_cuda_matches_transformers_greedy(tiny_llama_dir, eager, overl
     """(A plain test running its own loop: the GPU machine has no pytest-asyncio.)"""
     import asyncio
 
-    from transformers import AutoModelForCausalLM
-
     from mpi_workers.engine.torch.engine import TorchEngine
 
     prompts = [list(range(5, 5 + n)) for n in (3, 17, 40, 64)]
-    hf = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32).cuda().eval()
-    expected = []
-    with torch.inference_mode():
-        for prompt in prompts:
-            ids = torch.tensor([prompt], device="cuda")
-            out = hf.generate(ids, max_new_tokens=16, min_new_tokens=16, do_sample=False)
-            expected.append(out[0, len(prompt) :].tolist())
+    expected = transformers_greedy(tiny_llama_dir, prompts)
     engine = TorchEngine(
         tiny_llama_dir, device="cuda", dtype=torch.float32, block_size=16, num_blocks=64,
         enforce_eager=eager, overlap=overlap,
@@ -167,18 +174,10 @@ def test_mixed_steps_replay_graphs_and_match_transformers(tiny_llama_dir) -> Non
     (the varlen kernel, K/V read in place) and the tokens equal transformers' fp32 greedy."""
     import asyncio
 
-    from transformers import AutoModelForCausalLM
-
     from mpi_workers.engine.torch.engine import TorchEngine
 
     prompts = [list(range(7, 7 + n)) for n in (5, 45, 33, 70, 12)]
-    hf = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32).cuda().eval()
-    expected = []
-    with torch.inference_mode():
-        for prompt in prompts:
-            ids = torch.tensor([prompt], device="cuda")
-            out = hf.generate(ids, max_new_tokens=16, min_new_tokens=16, do_sample=False)
-            expected.append(out[0, len(prompt) :].tolist())
+    expected = transformers_greedy(tiny_llama_dir, prompts)
     engine = TorchEngine(
         tiny_llama_dir, device="cuda", dtype=torch.float32, block_size=16, num_blocks=96,
         max_num_batched_tokens=20,
