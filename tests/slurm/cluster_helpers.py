@@ -36,3 +36,24 @@ def running_cluster(
         yield env
     finally:
         subprocess.run(["bash", str(CLUSTER_SH), "down"], env=env, timeout=120, check=False)
+
+
+@contextmanager
+def cluster_for_this_process(
+    tmp_path_factory: pytest.TempPathFactory, nodes: int
+) -> Iterator[dict[str, str]]:
+    """`running_cluster` with its SLURM_CONF and a fresh jobs root (HPCSERVE_SLURM_JOBS) also
+    set in this process (the Python job API reads them); both restored afterwards."""
+    keys = ("SLURM_CONF", "HPCSERVE_SLURM_JOBS")
+    saved = {key: os.environ.get(key) for key in keys}
+    with running_cluster(tmp_path_factory, nodes) as env:
+        env["HPCSERVE_SLURM_JOBS"] = str(tmp_path_factory.mktemp("slurm-jobs"))
+        os.environ.update({key: env[key] for key in keys})
+        try:
+            yield env
+        finally:
+            for key, value in saved.items():
+                if value is None:
+                    os.environ.pop(key, None)
+                else:
+                    os.environ[key] = value

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import openai
 import pytest
-from cluster_helpers import running_cluster
+from cluster_helpers import cluster_for_this_process
 from test_slurm_e2e import assert_nothing_left, hpcserve, leftovers, submitted, wait_state
 
 from contract.readiness import free_port, http_ok
@@ -48,19 +48,8 @@ PROMPT = [{"role": "user", "content": "Count to ten."}]
 
 @pytest.fixture(scope="module")
 def slurm_env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
-    saved = {key: os.environ.get(key) for key in ("SLURM_CONF", "HPCSERVE_SLURM_JOBS")}
-    with running_cluster(tmp_path_factory, 3) as env:
-        env["HPCSERVE_SLURM_JOBS"] = str(tmp_path_factory.mktemp("slurm-jobs"))
-        os.environ["SLURM_CONF"] = env["SLURM_CONF"]
-        os.environ["HPCSERVE_SLURM_JOBS"] = env["HPCSERVE_SLURM_JOBS"]
-        try:
-            yield env
-        finally:
-            for key, value in saved.items():
-                if value is None:
-                    os.environ.pop(key, None)
-                else:
-                    os.environ[key] = value
+    with cluster_for_this_process(tmp_path_factory, 3) as env:
+        yield env
 
 
 def client(url: str) -> openai.OpenAI:

@@ -13,7 +13,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from cluster_helpers import running_cluster
+from cluster_helpers import cluster_for_this_process
 from test_slurm_e2e import CONFIG, HEAD_URL, hpcserve, submitted, wait_state
 
 from hpcserve.bench.results import load_run
@@ -30,18 +30,8 @@ pytestmark = [
 
 @pytest.fixture(scope="module")
 def slurm_env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
-    saved = {key: os.environ.get(key) for key in ("SLURM_CONF", "HPCSERVE_SLURM_JOBS")}
-    with running_cluster(tmp_path_factory, 2) as env:
-        env["HPCSERVE_SLURM_JOBS"] = str(tmp_path_factory.mktemp("slurm-jobs"))
-        os.environ.update({key: env[key] for key in saved})
-        try:
-            yield env
-        finally:
-            for key, value in saved.items():
-                if value is None:
-                    os.environ.pop(key, None)
-                else:
-                    os.environ[key] = value
+    with cluster_for_this_process(tmp_path_factory, 2) as env:
+        yield env
 
 
 def test_benchmark_step_runs_after_ready_and_ends_the_job(

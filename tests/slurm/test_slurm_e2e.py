@@ -22,7 +22,7 @@ from pathlib import Path
 
 import openai
 import pytest
-from cluster_helpers import running_cluster
+from cluster_helpers import cluster_for_this_process
 
 from slurm.jobs import JobStatus, cancel, job_status, submit_with_submitit
 from slurm.state import read_state
@@ -46,19 +46,8 @@ OURS = ("nats-server", "etcd", "mpi_workers", "-m frontend", "slurm.supervise", 
 @pytest.fixture(scope="module")
 def slurm_env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
     """A 3-node cluster for the module (always torn down); SLURM_CONF set in this process too."""
-    saved = {key: os.environ.get(key) for key in ("SLURM_CONF", "HPCSERVE_SLURM_JOBS")}
-    with running_cluster(tmp_path_factory, 3) as env:
-        env["HPCSERVE_SLURM_JOBS"] = str(tmp_path_factory.mktemp("slurm-jobs"))
-        os.environ["SLURM_CONF"] = env["SLURM_CONF"]
-        os.environ["HPCSERVE_SLURM_JOBS"] = env["HPCSERVE_SLURM_JOBS"]
-        try:
-            yield env
-        finally:
-            for key, value in saved.items():
-                if value is None:
-                    os.environ.pop(key, None)
-                else:
-                    os.environ[key] = value
+    with cluster_for_this_process(tmp_path_factory, 3) as env:
+        yield env
 
 
 def hpcserve(env: dict[str, str], *args: str, timeout: float = 120) -> str:
