@@ -386,6 +386,27 @@ class BenchmarkConfig(_Section):
         return self.requests if self.requests is not None else max(16, 4 * concurrency)
 
 
+class MultimodalConfig(_Section):
+    """Images in chat messages (`image_url` parts) for a vision-language model: where they
+    may come from and how big they may be."""
+
+    allow_remote: bool = Field(
+        default=False, description="fetch http(s):// image URLs (else refused with a 400)"
+    )
+    allowed_local_media_path: str | None = Field(
+        default=None,
+        description="local files (file:// or a path) only under this folder; default: none",
+    )
+    max_media_bytes: int = Field(
+        default=50 * 2**20, ge=1024, description="largest image or embedding file, in bytes"
+    )
+    max_image_pixels: int = Field(
+        default=50_000_000, ge=1, description="largest decoded image (width × height)"
+    )
+    max_images_per_request: int = Field(default=8, ge=1)
+    fetch_timeout_s: float = Field(default=10.0, gt=0, description="http(s) image download")
+
+
 class DeploymentConfig(_Section):
     name: str = Field(default="hpcserve", pattern=r"^[A-Za-z0-9_.-]+$")
     model: ModelConfig = Field(default_factory=ModelConfig)
@@ -396,6 +417,7 @@ class DeploymentConfig(_Section):
     frontend: FrontendConfig = Field(default_factory=FrontendConfig)
     disaggregation: DisaggregationConfig = Field(default_factory=DisaggregationConfig)
     services: ServicesConfig = Field(default_factory=ServicesConfig)
+    multimodal: MultimodalConfig = Field(default_factory=MultimodalConfig)
     run_dir: str | None = Field(
         default=None,
         description="logs, pids and service data; default: ~/.cache/hpcserve/runs/NAME-TIME",

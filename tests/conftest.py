@@ -50,3 +50,19 @@ def model_dir() -> Path:
 @pytest.fixture(scope="session")
 def tokenizer(model_dir: Path) -> TextTokenizer:
     return TextTokenizer(model_dir)
+
+
+@pytest.fixture(scope="session")
+def tiny_vlm_dir(model_dir: Path) -> Path:
+    """A tiny RANDOM-weight LLaVA (CLIP tower), built once per machine."""
+    from hpcserve.tiny_vlm import prepare_tiny_vlm
+
+    return prepare_tiny_vlm(tower="clip")
+
+
+@pytest.fixture(scope="session")
+def tiny_vlm_siglip_dir(model_dir: Path) -> Path:
+    """The same with a SigLIP tower (no class token, every patch a feature row)."""
+    from hpcserve.tiny_vlm import prepare_tiny_vlm
+
+    return prepare_tiny_vlm(tower="siglip")

@@ -41,6 +41,9 @@ class Engine(ABC):
     # Request fields (`SamplingParams` names) this engine cannot honour: a request that sets
     # one away from its default is refused at the frontend, naming the field.
     unsupported_params: frozenset[str] = frozenset()
+    # The `MediaRef` kinds ("image", "embeds") this engine takes; the worker card lists them
+    # and the frontend refuses images no worker can take.
+    media_kinds: frozenset[str] = frozenset()
     # Why the engine can serve no more (a tensor-parallel rank died); set before its requests
     # are failed, so the worker can tell those errors from a request's own. None: healthy.
     failed: str | None = None
@@ -57,9 +60,20 @@ class Engine(ABC):
     def validate(self, request: GenerateRequest) -> None:
         """Raise ValueError naming the first bad field of `request` (no work is done)."""
 
+    def prepare_media(self, request: GenerateRequest, payloads: list[bytes]) -> Any:
+        """This engine's inputs for `request.media`, from their fetched payloads (same
+        order): decoded, preprocessed and checked. The worker calls it in a thread (off the
+        event loop) and passes the result to `generate(request, media=...)`. ValueError
+        naming the request field ("messages") for media it cannot use."""
+        del payloads
+        raise ValueError(f"messages: engine {self.kind} takes no images ({len(request.media)})")
+
     @abstractmethod
-    def generate(self, request: GenerateRequest) -> AsyncIterator[GenerateOutput]:
-        """Stream new tokens; the last chunk has finish_reason.
+    def generate(
+        self, request: GenerateRequest, media: Any = None
+    ) -> AsyncIterator[GenerateOutput]:
+        """Stream new tokens; the last chunk has finish_reason. `media`: what
+        `prepare_media` made of `request.media` (None for a text request).
 
         Bad input raises ValueError naming the parameter before any work is scheduled.
         Closing the iterator early aborts the request.

@@ -40,3 +40,20 @@ def test_same_in_another_process() -> None:
         env={"PYTHONHASHSEED": "123"},
     )  # fmt: skip
     assert out.stdout.strip() == str(block_hashes(list(range(32)), 16))
+
+
+def test_media_extras_separate_images_and_keep_text_blocks() -> None:
+    from contract.block_hash import block_hashes, media_block_extras
+
+    ids = [7] * 4 + [99] * 20 + [8] * 8  # an image run at 4..23 in 16-token blocks
+    plain = block_hashes(ids, 16)
+    one = block_hashes(ids, 16, media_block_extras([(4, 20, 111)], 16))
+    same = block_hashes(ids, 16, media_block_extras([(4, 20, 111)], 16))
+    other = block_hashes(ids, 16, media_block_extras([(4, 20, 222)], 16))
+    assert one == same
+    assert one[0] != other[0] and one[1] != other[1]  # both blocks hold image positions
+    assert one[0] != plain[0]
+    assert block_hashes(ids, 16, {}) == plain
+    # the same image one token later is another prefix
+    shifted = media_block_extras([(5, 20, 111)], 16)
+    assert block_hashes(ids, 16, shifted)[0] != one[0]
