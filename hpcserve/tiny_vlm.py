@@ -95,9 +95,8 @@ def _build(out_dir: Path, tokenizer_dir: Path, tower: Tower, seed: int) -> None:
     )  # fmt: skip
     if tower == "clip":
         vision = CLIPVisionConfig(projection_dim=32, **vision_args)
-        image_processor = CLIPImageProcessor(
-            size={"shortest_edge": IMAGE_SIZE}, crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE}
-        )
+        square = {"height": IMAGE_SIZE, "width": IMAGE_SIZE}
+        image_processor = CLIPImageProcessor(size={"shortest_edge": IMAGE_SIZE}, crop_size=square)
         strategy, extra_tokens = "default", 1
     else:
         vision = SiglipVisionConfig(**vision_args)
