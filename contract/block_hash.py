@@ -28,9 +28,7 @@ def hash_block(parent_hash: int | None, token_ids: Sequence[int], extra: int | N
     return int.from_bytes(digest.digest(), "little")
 
 
-def media_block_extras(
-    media: Iterable[tuple[int, int, int]], block_size: int
-) -> dict[int, int]:
+def media_block_extras(media: Iterable[tuple[int, int, int]], block_size: int) -> dict[int, int]:
     """Block index → a 64-bit digest of the images overlapping that block, for `media`
     given as (offset, length, content_hash) per image: each image's hash and where its run
     starts relative to the block. Blocks without image positions have no entry."""
