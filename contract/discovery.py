@@ -49,6 +49,7 @@ class WorkerCard(BaseModel):
     kv_transfer: KvTransferInfo | None = None  # prefill and decode roles only
     engine: str = ""  # torch | mocker | trtllm
     unsupported_params: list[str] = []  # SamplingParams fields the engine cannot honour
+    media: list[str] = []  # MediaRef kinds the engine takes ("image", "embeds"); [] text only
     draining: bool = False  # leaving: no new requests, but its streams go on (not a loss)
     # One per worker process: a restarted worker keeps its worker_id but not its instance
     # (a request that lost the old one may go to the new one).
