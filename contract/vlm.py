@@ -49,7 +49,9 @@ def vlm_info_from_config(raw: dict[str, Any]) -> VlmInfo | None:
         raise ValueError(f"vision_feature_select_strategy {strategy!r}: 'default' or 'full'")
     patches = (int(vision.get("image_size", 224)) // int(vision.get("patch_size", 16))) ** 2
     class_token = tower in _CLASS_TOKEN_TOWERS
-    tokens = patches + (1 if class_token and strategy == "full" else 0)
+    # LlavaProcessor's count: the class token (CLIP) joins the patches, and the "default"
+    # strategy drops the first row whatever the tower (transformers' get_image_features)
+    tokens = patches + (1 if class_token else 0) - (1 if strategy == "default" else 0)
     text = raw.get("text_config") or {}
     token_id = raw.get("image_token_index", raw.get("image_token_id"))
     if not isinstance(token_id, int):

@@ -3,6 +3,8 @@
 Rules (the points where KV events are born):
 - a full block gets its hash (contract.block_hash) only after its KV has been computed;
   that is a `KvStored` event;
+- a block holding image positions hashes the image too (`Sequence.block_extras`), so only
+  the same image at the same place is a hit;
 - a prefix hit compares the stored token ids too (collision guard) and never covers the
   last token of a sequence, so at least one token is computed and yields logits;
 - freed blocks keep their hash and stay reusable until the pool needs them; they are
@@ -72,7 +74,7 @@ class BlockManager:
         bs = self.block_size
         for i in range((seq.num_tokens - 1) // bs):
             chunk = seq.token_ids[i * bs : (i + 1) * bs]
-            h = hash_block(parent, chunk)
+            h = hash_block(parent, chunk, seq.block_extras.get(i))
             block_id = self._hash_to_block.get(h)
             if block_id is None or self.blocks[block_id].token_ids != tuple(chunk):
                 break
@@ -159,7 +161,7 @@ class BlockManager:
         for idx in range(len(seq.block_hashes), seq.num_computed // bs):
             parent = seq.block_hashes[-1] if seq.block_hashes else None
             chunk = seq.token_ids[idx * bs : (idx + 1) * bs]
-            h = hash_block(parent, chunk)
+            h = hash_block(parent, chunk, seq.block_extras.get(idx))
             seq.block_hashes.append(h)
             block = self.blocks[seq.block_table[idx]]
             if block.block_hash == h or h in self._hash_to_block:

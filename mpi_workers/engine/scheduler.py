@@ -152,9 +152,16 @@ class Scheduler:
         if end > seq.num_tokens - 1:  # the last token is always computed: no block to share
             return False
         want = seq.token_ids[:end]
+        extras = _extras_below(seq, cached + 1)
         return any(
             len(other.block_hashes) <= cached
             and other.num_tokens >= end
             and other.token_ids[:end] == want
+            and _extras_below(other, cached + 1) == extras
             for other in sharers
         )
+
+
+def _extras_below(seq: Sequence, num_blocks: int) -> dict[int, int]:
+    """The image hashes of `seq`'s first `num_blocks` blocks (equal prefixes share them)."""
+    return {i: h for i, h in seq.block_extras.items() if i < num_blocks}

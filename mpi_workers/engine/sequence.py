@@ -15,6 +15,25 @@ if TYPE_CHECKING:  # torch only for the annotation: the mocker runs without impo
 _arrival = itertools.count()
 
 
+@dataclass(eq=False)
+class SeqMedia:
+    """One image of a sequence: its placeholder run [offset, offset + length) in the token
+    ids and what fills it. `features` (rows [length, hidden] on the model's device) are
+    computed from `pixels` once, when a step first needs them, and kept for the sequence's
+    life (a preempted sequence recomputes its KV from them); an "embeds" payload is its
+    features from the start."""
+
+    offset: int
+    length: int
+    content_hash: int
+    pixels: torch.Tensor | None = None  # [1, C, H, W] as the image processor made them
+    features: torch.Tensor | None = None
+
+    @property
+    def end(self) -> int:
+        return self.offset + self.length
+
+
 class SeqStatus(enum.Enum):
     WAITING = "waiting"
     RUNNING = "running"
@@ -50,6 +69,10 @@ class Sequence:
     # Disaggregated prefill: keep the blocks when the sequence finishes; whoever set this
     # frees them (BlockManager.free on the stepping thread) once the KV has been sent.
     hold_blocks: bool = False
+    # Images in prompt order, and `contract.block_hash.media_block_extras` of them: blocks
+    # holding image positions hash the image too.
+    media: list[SeqMedia] = field(default_factory=list)
+    block_extras: dict[int, int] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.num_prompt_tokens = len(self.token_ids)

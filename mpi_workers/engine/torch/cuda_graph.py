@@ -153,6 +153,8 @@ class StepGraphs:
         self.pool = None
 
     def accepts(self, plan) -> bool:
+        if getattr(plan, "embeds", None) is not None:
+            return False  # image feature rows: eager (their count and places vary)
         n = len(plan.decode_tables)
         if not plan.prefills:
             return 0 < n == len(plan.input_ids) and n <= self.max_batch

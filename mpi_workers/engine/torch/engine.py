@@ -11,8 +11,16 @@ Length policy: a prompt must be shorter than `max_model_len` (else ValueError on
 finish_reason "length" at `max_model_len`. `max_model_len` itself is capped at what the KV
 pool can hold, so every accepted request can always finish, alone if need be.
 
+Vision-language models (LLaVA family: `vision.py`): `prepare_media` (a worker thread)
+decodes and preprocesses each image with the model folder's own transformers image
+processor, or checks a precomputed embedding; the sequence carries them (`SeqMedia`). The
+stepping thread runs the vision encoder for an image when the first chunk touching it is
+scheduled and keeps the features for the sequence's life; each chunk takes the feature rows
+of the image positions inside it (`model_runner.build_plan`).
+
 Tensor parallelism: with a `TpRuntime` this engine is the group's leader. Each step's
-`StepPlan` is broadcast to the followers (`mpi_workers.engine.torch.follower`) before the forward; a
+`StepPlan` is broadcast to the followers (`mpi_workers.engine.torch.follower`) before the forward
+(with the step's image feature rows: only the leader holds the vision encoder); a
 failing TP step (a dead or stuck rank: collective error, or no progress for the group's
 timeout, seen by a watchdog) is fatal: every request ends with an error, the fatal handler
 tells the worker to deregister and exit non-zero.
@@ -22,6 +30,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import queue
 import threading
@@ -33,11 +42,12 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from contract.config import env_flag
-from contract.messages import GenerateOutput, GenerateRequest, SamplingParams
+from contract.block_hash import media_block_extras
+from contract.config import MultimodalConfig, env_flag
+from contract.messages import GenerateOutput, GenerateRequest, MediaRef, SamplingParams
 from mpi_workers.engine.block_manager import BlockManager
 from mpi_workers.engine.scheduler import ScheduledBatch, Scheduler
-from mpi_workers.engine.sequence import SeqStatus, Sequence
+from mpi_workers.engine.sequence import SeqMedia, SeqStatus, Sequence
 from mpi_workers.engine.streaming import (  # noqa: F401 (re-exported)
     MAX_LOGPROBS,
     RequestValidationError,
@@ -47,7 +57,7 @@ from mpi_workers.engine.torch.disagg_ops import TorchKvHandoff
 from mpi_workers.engine.torch.kv_cache import KvCache, blocks_for_budget, gpu_kv_budget
 from mpi_workers.engine.torch.loader import default_dtype, load_model
 from mpi_workers.engine.torch.model_config import load_model_config
-from mpi_workers.engine.torch.model_runner import ModelRunner, build_plan
+from mpi_workers.engine.torch.model_runner import ModelRunner, StepPlan, build_plan
 from mpi_workers.engine.torch.sampler import Sampler, SampleRow
 
 if TYPE_CHECKING:
@@ -147,6 +157,7 @@ class TorchEngine(StreamingEngine, TorchKvHandoff):
         tp: TpRuntime | None = None,
         enforce_eager: bool | None = None,
         overlap: bool | None = None,
+        max_image_pixels: int = MultimodalConfig.model_fields["max_image_pixels"].default,
     ) -> None:
         self.model_dir = Path(model_dir)
         self.model_name = model_name or self.model_dir.name
@@ -184,6 +195,16 @@ class TorchEngine(StreamingEngine, TorchKvHandoff):
             self.model, self.kv_cache, enforce_eager, max_num_seqs, self.max_num_batched_tokens
         )
         self.sampler = Sampler(seed, native_argmax=self.model.path.native_argmax)
+        self.vision = None  # the leader's vision encoder (a vision-language model)
+        self.max_image_pixels = max_image_pixels
+        self._image_processor: Any = None
+        self._processor_lock = threading.Lock()
+        if self.config.vision is not None:
+            from mpi_workers.engine.torch.vision import load_vision_encoder
+
+            self.vision = load_vision_encoder(self.model_dir, self.config.vision, self.device,
+                                              self.dtype)  # fmt: skip
+            self.media_kinds = frozenset({"image", "embeds"})
         self.stats = EngineStats()
         self._init_streaming()
         self._commands: queue.Queue[tuple[str, Any]] = queue.Queue()
@@ -236,14 +257,17 @@ class TorchEngine(StreamingEngine, TorchKvHandoff):
                 _run_call(*arg)
 
     # ----- requests ------------------------------------------------------------------------
-    def generate(self, request: GenerateRequest) -> AsyncIterator[GenerateOutput]:
-        """Validate now (ValueError before any work), then stream outputs when iterated."""
+    def generate(
+        self, request: GenerateRequest, media: list[SeqMedia] | None = None
+    ) -> AsyncIterator[GenerateOutput]:
+        """Validate now (ValueError before any work), then stream outputs when iterated.
+        `media`: `prepare_media`'s result for `request.media`."""
         self.validate(request)
         if self.failed is not None:
             raise RuntimeError(f"engine failed: {self.failed}")
         if self._thread is None:
             raise RuntimeError("engine not started: await engine.start() first")
-        seq = self.make_sequence(request)
+        seq = self.make_sequence(request, media)
         stream = self._open_stream(request.request_id)
         self._commands.put(("add", seq))
         return stream
@@ -294,7 +318,15 @@ class TorchEngine(StreamingEngine, TorchKvHandoff):
         finally:
             self._step_started = None
 
-    def make_sequence(self, request: GenerateRequest) -> Sequence:
+    def make_sequence(
+        self, request: GenerateRequest, media: list[SeqMedia] | None = None
+    ) -> Sequence:
+        """The engine's state of `request`; `media` (from `prepare_media`) is required when
+        the request has images, except on a decode worker's reservation, which has its
+        images' hashes from `request.media` and gets the media later."""
+        if request.media and media is not None and len(media) != len(request.media):
+            raise ValueError(f"messages: {len(media)} prepared media for "
+                             f"{len(request.media)} images")  # fmt: skip
         p = request.sampling
         generator = None
         if p.seed is not None:
@@ -307,7 +339,155 @@ class TorchEngine(StreamingEngine, TorchKvHandoff):
             sampling=p,
             max_len=max_len,
             generator=generator,
-        )
+            media=list(media or []),
+            block_extras=media_block_extras(
+                ((m.offset, m.length, m.content_hash) for m in request.media), self.block_size
+            ) if request.media else {},
+        )  # fmt: skip
+
+    # ----- images ----------------------------------------------------------------------------
+    def validate(self, request: GenerateRequest) -> None:
+        """The text checks, then each image's placeholder run (ValueError naming "messages")."""
+        super().validate(request)
+        if not request.media:
+            return
+        vision = self.config.vision
+        if vision is None:
+            raise RequestValidationError(
+                "messages", f"model {self.model_name} is text-only: it takes no images"
+            )
+        previous_end = 0
+        for index, ref in enumerate(request.media):
+            where = f"image {index + 1}"
+            if ref.kind not in self.media_kinds:
+                raise RequestValidationError("messages", f"{where}: kind {ref.kind!r} not taken")
+            if ref.offset < previous_end or ref.offset + ref.length > len(request.token_ids):
+                raise RequestValidationError(
+                    "messages", f"{where}: placeholder run outside the prompt or overlapping"
+                )
+            previous_end = ref.offset + ref.length
+            run = request.token_ids[ref.offset : previous_end]
+            if any(token != vision.image_token_id for token in run):
+                raise RequestValidationError(
+                    "messages", f"{where}: its positions do not all hold the image token"
+                )
+            if ref.kind == "image" and ref.length != vision.tokens_per_image:
+                raise RequestValidationError(
+                    "messages", f"{where}: {ref.length} placeholder tokens, the model "
+                    f"takes {vision.tokens_per_image} per image",
+                )  # fmt: skip
+
+    def prepare_media(self, request: GenerateRequest, payloads: list[bytes]) -> list[SeqMedia]:
+        """Decode + preprocess each image (the model folder's transformers image processor)
+        or check each embedding (dtype, [length, hidden]); runs in a worker thread."""
+        if len(payloads) != len(request.media):
+            raise RequestValidationError(
+                "messages", f"{len(payloads)} payloads for {len(request.media)} images"
+            )
+        prepared = []
+        for index, (ref, payload) in enumerate(zip(request.media, payloads, strict=True)):
+            item = SeqMedia(ref.offset, ref.length, ref.content_hash)
+            if ref.kind == "image":
+                item.pixels = self._image_pixels(index, payload)
+            else:
+                item.features = self._embeds(index, ref, payload)
+            prepared.append(item)
+        return prepared
+
+    def _image_pixels(self, index: int, payload: bytes) -> torch.Tensor:
+        from io import BytesIO
+
+        from PIL import Image
+
+        where = f"image {index + 1}"
+        try:
+            with Image.open(BytesIO(payload)) as image:
+                pixels = image.width * image.height
+                if pixels > self.max_image_pixels:
+                    raise RequestValidationError(
+                        "messages", f"{where}: {image.width}x{image.height} exceeds "
+                        f"{self.max_image_pixels} pixels",
+                    )  # fmt: skip
+                image.load()
+                decoded = image.copy()
+        except RequestValidationError:
+            raise
+        except Exception as exc:  # PIL raises many kinds for a broken file
+            raise RequestValidationError(
+                "messages", f"{where} could not be decoded: {type(exc).__name__}: {exc}"
+            ) from None
+        values = self.image_processor()(images=[decoded], return_tensors="pt")["pixel_values"]
+        vision = self.config.vision
+        assert vision is not None
+        want = (1, vision.num_channels, vision.image_size, vision.image_size)
+        if tuple(values.shape) != want:
+            raise RequestValidationError(
+                "messages", f"{where}: preprocessed to {list(values.shape)}, the tower takes "
+                f"{list(want)}",
+            )  # fmt: skip
+        return values
+
+    def _embeds(self, index: int, ref: MediaRef, payload: bytes) -> torch.Tensor:
+        vision = self.config.vision
+        assert vision is not None
+        where = f"image {index + 1} (embeddings)"
+        dtypes = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+        dtype = dtypes.get(ref.dtype or "")
+        if dtype is None:
+            raise RequestValidationError("messages", f"{where}: dtype {ref.dtype!r}: one of "
+                                         f"{sorted(dtypes)}")  # fmt: skip
+        want = [ref.length, vision.text_hidden_size]
+        if ref.shape != want:
+            raise RequestValidationError(
+                "messages", f"{where}: shape {ref.shape}, the model takes {want} "
+                "([placeholder tokens, hidden size])",
+            )  # fmt: skip
+        if len(payload) != want[0] * want[1] * dtype.itemsize:
+            raise RequestValidationError(
+                "messages", f"{where}: {len(payload)} bytes do not hold a {ref.dtype} {want}"
+            )
+        return torch.frombuffer(bytearray(payload), dtype=dtype).view(*want)
+
+    def image_processor(self) -> Any:
+        """The model folder's image processor, loaded once: the one transformers'
+        AutoProcessor builds, so pixel values equal the reference's (lazy: transformers is
+        heavy, and text models never need it)."""
+        with self._processor_lock:
+            if self._image_processor is None:
+                from transformers import AutoImageProcessor, AutoProcessor
+
+                try:
+                    processor = AutoProcessor.from_pretrained(str(self.model_dir))
+                    self._image_processor = processor.image_processor
+                except (OSError, ValueError, AttributeError):
+                    self._image_processor = AutoImageProcessor.from_pretrained(
+                        str(self.model_dir)
+                    )
+            return self._image_processor
+
+    def _encode_media(self, batch: ScheduledBatch) -> None:
+        """Stepping thread: features of the images the batch's chunks touch and that have
+        none yet (one encoder call for all of them); embeddings onto the device."""
+        todo: list[SeqMedia] = []
+        for seq, n in zip(batch.seqs, batch.num_tokens, strict=True):
+            lo, hi = seq.num_computed, seq.num_computed + n
+            for media in seq.media:
+                if media.offset >= hi or media.end <= lo:
+                    continue
+                if media.features is None:
+                    if media.pixels is None:
+                        raise RuntimeError(f"{seq.request_id}: image without its payload")
+                    todo.append(media)
+                elif media.features.device != self.device or media.features.dtype != self.dtype:
+                    media.features = media.features.to(self.device, self.dtype)
+        if not todo:
+            return
+        assert self.vision is not None
+        pixels = torch.cat([media.pixels for media in todo]).to(self.device)
+        features = self.vision.encode(pixels)
+        for media, rows in zip(todo, features, strict=True):
+            media.features = rows
+            media.pixels = None  # the features stand for the image from now on
 
     async def abort(self, request_id: str) -> None:
         """Stop `request_id`; returns once its blocks are freed (no-op if unknown/finished)."""
@@ -463,6 +643,7 @@ class TorchEngine(StreamingEngine, TorchKvHandoff):
         and its own sampled tokens go to pinned memory asynchronously."""
         self.stats.num_steps += 1
         self.stats.num_overlapped_steps += previous is not None
+        self._encode_media(batch)
         plan, sampled = build_plan(batch)
         logits = self.runner.execute(plan, previous.tokens if previous is not None else None)
         self._advance(batch)
@@ -502,9 +683,10 @@ class TorchEngine(StreamingEngine, TorchKvHandoff):
     def step(self, batch: ScheduledBatch) -> None:
         """Forward one scheduled batch, sample, update sequences, deliver outputs."""
         self.stats.num_steps += 1
+        self._encode_media(batch)
         plan, sampled = build_plan(batch)
         if self.tp is not None:  # followers run the same plan on their shards
-            self.tp.broadcast_object(plan)
+            self.tp.broadcast_object(_for_followers(plan))
         logits = self.runner.execute(plan)
         self._advance(batch)
         if sampled:
@@ -536,6 +718,7 @@ class TorchEngine(StreamingEngine, TorchKvHandoff):
                 self._deliver(seq)
 
     def _on_finish(self, seq: Sequence, reason: str) -> None:
+        seq.media = []  # the image features go with the sequence
         self.stats.num_finished += 1
         if reason == "error":
             self.stats.num_errors += 1
@@ -571,13 +754,15 @@ class TorchEngine(StreamingEngine, TorchKvHandoff):
         return "length" if num_tokens >= max_len else None
 
     # ----- convenience for scripts and tests -----------------------------------------------
-    async def generate_all(self, request: GenerateRequest) -> GenerateOutput:
+    async def generate_all(
+        self, request: GenerateRequest, media: list[SeqMedia] | None = None
+    ) -> GenerateOutput:
         """Run a request to completion; one output with every token (and the finish reason)."""
         tokens: list[int] = []
         logprobs: list[Any] = []
         last = None
         start = time.perf_counter()
-        async for out in self.generate(request):
+        async for out in self.generate(request, media):
             tokens.extend(out.token_ids)
             logprobs.extend(out.logprobs or [])
             last = out
@@ -589,6 +774,14 @@ class TorchEngine(StreamingEngine, TorchKvHandoff):
                 "logprobs": logprobs if last.logprobs is not None else None,
             }
         )
+
+
+def _for_followers(plan: StepPlan) -> StepPlan:
+    """`plan` as broadcast: image feature rows on the CPU (followers load them onto their
+    own device)."""
+    if plan.embeds is None or plan.embeds.device.type == "cpu":
+        return plan
+    return dataclasses.replace(plan, embeds=plan.embeds.cpu())
 
 
 def _unfinished(batch: ScheduledBatch) -> tuple[list[Sequence], list[int]]:

@@ -41,20 +41,39 @@ def _default_loader(param: nn.Parameter, loaded: object, shard_id: object = None
     param.data.copy_(materialize(loaded))
 
 
+def decoder_param_name(name: str) -> str | None:
+    """A vision-language checkpoint's decoder tensor under the text model's name (None: a
+    vision tower or projector tensor). transformers 5 spells `model.language_model.X` and
+    `lm_head.X`; the original LLaVA layout `language_model.model.X` and
+    `language_model.lm_head.X`."""
+    for prefix in ("model.language_model.", "language_model.model."):
+        if name.startswith(prefix):
+            return "model." + name[len(prefix) :]
+    if name.startswith("language_model.lm_head."):
+        return name.removeprefix("language_model.")
+    if name.startswith("lm_head."):
+        return name
+    return None
+
+
 def load_weights(model: LlamaForCausalLM, model_dir: str | Path) -> None:
     """Copy every checkpoint tensor into `model`; complain about missing or unknown ones.
 
     Tensors are handed to the weight loaders as lazy slices, so a TP rank reads only its shard.
+    A vision-language checkpoint's decoder tensors are renamed (`decoder_param_name`) and its
+    vision tensors left to `vision.load_vision_encoder`.
     """
     from safetensors import safe_open  # lazy: the GPU benchmark runs without safetensors
 
     model_dir = Path(model_dir)
     params = dict(model.named_parameters())
     loaded: set[str] = set()
+    vlm = model.config.vision is not None
     for path in checkpoint_files(model_dir):
         with safe_open(str(path), framework="pt") as f:
-            for name in f.keys():  # noqa: SIM118 (safe_open is not a dict)
-                if "rotary_emb.inv_freq" in name:
+            for stored in f.keys():  # noqa: SIM118 (safe_open is not a dict)
+                name = decoder_param_name(stored) if vlm else stored
+                if name is None or "rotary_emb.inv_freq" in name:
                     continue
                 if name == "lm_head.weight" and model.lm_head is None:
                     continue  # tied: some checkpoints still store a copy
@@ -67,7 +86,7 @@ def load_weights(model: LlamaForCausalLM, model_dir: str | Path) -> None:
                 if param is None:
                     raise KeyError(f"checkpoint tensor {name!r} has no place in the model")
                 loader = getattr(param, "weight_loader", _default_loader)
-                loader(param, f.get_slice(name), shard_id)
+                loader(param, f.get_slice(stored), shard_id)
                 loaded.add(target)
     missing = set(params) - loaded
     if missing:

@@ -1,5 +1,8 @@
 """Read a Hugging Face `config.json` (Llama, Qwen2, Mistral) into one typed, validated record.
 
+A LLaVA-family vision-language model (`model_type: llava`) is its decoder's `ModelConfig`
+(from `text_config`) with the vision facts in `vision` (`vision.VisionConfig`).
+
 The model, the loader and the KV cache only ever look at `ModelConfig`, so the quirks of the
 different HF config spellings (old `rope_theta` + `rope_scaling` vs. transformers 5
 `rope_parameters`, eos id lists in `generation_config.json`) are handled here once.
@@ -7,11 +10,15 @@ different HF config spellings (old `rope_theta` + `rope_scaling` vs. transformer
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from mpi_workers.engine.torch.vision import VisionConfig
 
 logger = logging.getLogger(__name__)
 
@@ -41,6 +48,7 @@ class ModelConfig:
     eos_token_ids: tuple[int, ...] = ()
     bos_token_id: int | None = None
     hidden_act: str = "silu"
+    vision: VisionConfig | None = None  # a vision-language model's tower and projector
     extra: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
     @property
@@ -133,4 +141,35 @@ def load_model_config(model_dir: str | Path) -> ModelConfig:
     raw = json.loads((model_dir / "config.json").read_text())
     gen_path = model_dir / "generation_config.json"
     generation = json.loads(gen_path.read_text()) if gen_path.is_file() else None
+    if raw.get("model_type") == "llava" or "vision_config" in raw:
+        return parse_vlm_config(raw, generation)
     return parse_model_config(raw, generation)
+
+
+def parse_vlm_config(
+    raw: dict[str, Any], generation: dict[str, Any] | None = None
+) -> ModelConfig:
+    """The decoder's `ModelConfig` of a `llava` config.json, with its `vision` facts.
+
+    Older checkpoints spell only what differs from the decoder's defaults in `text_config`
+    (llava-1.5: a vocab size and a max length): transformers' own config class fills the
+    rest when transformers is installed."""
+    from mpi_workers.engine.torch.vision import parse_vision_config
+
+    vision = parse_vision_config(raw)
+    text = dict(raw.get("text_config") or {})
+    text.setdefault("model_type", "llama")
+    try:
+        from transformers import AutoConfig
+
+        defaults = AutoConfig.for_model(text["model_type"]).to_dict()
+        text = {**defaults, **text}
+    except (ImportError, ValueError):
+        pass
+    if "tie_word_embeddings" not in (raw.get("text_config") or {}):
+        text["tie_word_embeddings"] = bool(raw.get("tie_word_embeddings", False))
+    cfg = parse_model_config(text, generation)
+    if cfg.hidden_size != vision.text_hidden_size:
+        raise ValueError(f"text_config.hidden_size {cfg.hidden_size}: the projector outputs "
+                         f"{vision.text_hidden_size}")  # fmt: skip
+    return dataclasses.replace(cfg, vision=vision, extra=raw)

@@ -40,6 +40,23 @@ class StepPlan:
     prefills: list[tuple[int, int, int, list[int]]] = field(default_factory=list)
     # (start row, new tokens, tokens already in the cache, block table) per prefill chunk
     sample_rows: list[int] = field(default_factory=list)
+    # Image rows: flat-batch rows whose input is an image feature row (`embeds`, same order)
+    # instead of their token's embedding. Under TP the leader ships the rows in the plan.
+    embed_rows: list[int] = field(default_factory=list)
+    embeds: torch.Tensor | None = None  # [len(embed_rows), hidden]
+
+
+def _image_rows(seq: Sequence, done: int, n: int, start: int, plan: StepPlan,
+                parts: list[torch.Tensor]) -> None:  # fmt: skip
+    """Add the feature rows of `seq`'s images at positions [done, done + n) (flat rows from
+    `start`): a chunk takes the rows of the image positions inside it."""
+    for media in seq.media:
+        lo, hi = max(done, media.offset), min(done + n, media.end)
+        if lo >= hi:
+            continue
+        assert media.features is not None, "image features are computed before the plan"
+        parts.append(media.features[lo - media.offset : hi - media.offset])
+        plan.embed_rows.extend(range(start + lo - done, start + hi - done))
 
 
 def build_plan(batch: ScheduledBatch) -> tuple[StepPlan, list[Sequence]]:
@@ -47,10 +64,13 @@ def build_plan(batch: ScheduledBatch) -> tuple[StepPlan, list[Sequence]]:
     order = sorted(range(len(batch.seqs)), key=lambda i: batch.num_tokens[i] > 1)
     plan = StepPlan()
     sample_seqs: list[Sequence] = []
+    embeds: list[torch.Tensor] = []
     for i in order:
         seq, n = batch.seqs[i], batch.num_tokens[i]
         start = len(plan.input_ids)
         done = seq.num_computed
+        if seq.media:
+            _image_rows(seq, done, n, start, plan, embeds)
         plan.input_ids.extend(seq.token_ids[done : done + n])
         plan.positions.extend(range(done, done + n))
         if n == 1:
@@ -61,6 +81,8 @@ def build_plan(batch: ScheduledBatch) -> tuple[StepPlan, list[Sequence]]:
         if done + n == seq.num_tokens:
             sample_seqs.append(seq)
             plan.sample_rows.append(start + n - 1)
+    if embeds:
+        plan.embeds = embeds[0] if len(embeds) == 1 else torch.cat(embeds)
     return plan, sample_seqs
 
 
@@ -237,11 +259,16 @@ class ModelRunner:
             fill = pending
         if self.graphs is not None and self.graphs.accepts(plan):
             hidden = self.graphs.run(plan, fill)
-        else:
+        else:  # steps with image rows run eagerly
             input_ids, positions, meta = self.tensors(plan)
             if fill is not None:
                 fill_pending(input_ids, fill)
-            hidden = self.model(input_ids, positions, meta)
+            embeds = mask = None
+            if plan.embeds is not None:
+                embeds = plan.embeds.to(self.device)
+                mask = torch.zeros(len(plan.input_ids), dtype=torch.bool, device=self.device)
+                mask[to_device(plan.embed_rows, torch.long, self.device)] = True
+            hidden = self.model(input_ids, positions, meta, embeds, mask)
         rows = plan.sample_rows
         if not rows:
             return None
