@@ -11,6 +11,12 @@ requests finish (bounded by `drain_timeout_s`), deregister, shut the engine down
 When the engine reports a fatal failure (a tensor-parallel rank died): withhold its error
 replies and deregister at once, so the frontend migrates the requests; exit 1.
 
+Images. A request with `media` names payloads the frontend serves on its media subject: the
+worker fetches each (`contract.media.fetch_media`, size and hash checked), has the engine
+decode and preprocess them in a thread (`Engine.prepare_media`), then generates with them.
+A payload the engine cannot use is a bad request (ValueError naming "messages"); one that
+cannot be fetched ends the request with an error chunk.
+
 Bad requests. The engine raises `ValueError` naming the parameter before any work; the worker
 answers with one final chunk: finish_reason "error", `error` = the message, `error_param` =
 the parameter. Convention (shared with the engine): the exception has a `param` attribute, or
@@ -28,11 +34,13 @@ import re
 import signal
 import time
 from collections.abc import Callable
+from typing import Any
 
 from pydantic import ValidationError
 
 from contract import bus
 from contract.discovery import WorkerCard, WorkerRegistration
+from contract.media import MediaUnavailable, fetch_media
 from contract.messages import (
     PROTOCOL_VERSION,
     AbortRequest,
@@ -53,6 +61,7 @@ logger = logging.getLogger(__name__)
 
 METRICS_INTERVAL_S = 0.5  # at least this often
 METRICS_POLL_S = 0.05  # after a change, at most this late
+MEDIA_FETCH_TIMEOUT_S = 30.0  # per chunk of an image payload from the frontend
 _PARAM_NAMES = frozenset(GenerateRequest.model_fields) | frozenset(SamplingParams.model_fields)
 _LEADING_NAME = re.compile(r"^\s*['\"`]?([A-Za-z_][A-Za-z0-9_]*)['\"`]?\s*(?::|\s|$)")
 
@@ -126,6 +135,7 @@ class Worker:
             simulated=self.engine.simulated,
             engine=self.engine.kind,
             unsupported_params=sorted(self.engine.unsupported_params),
+            media=sorted(self.engine.media_kinds),
         )
 
     @property
@@ -253,7 +263,11 @@ class Worker:
         assert self._nc is not None
         finished = False
         try:
-            stream = self.engine.generate(request)
+            media = await self.prepare_media(request)
+            if media is None:
+                stream = self.engine.generate(request)
+            else:
+                stream = self.engine.generate(request, media=media)
             if isinstance(stream, OutputStream):  # a scheduler-driven engine: no per-token hop
                 await self._serve_listening(stream, reply, request.batch_replies)
                 return
@@ -267,6 +281,10 @@ class Worker:
             logger.info("rejected %s: %s", _named(request), exc)
             await self._reply_error(reply, request.request_id, str(exc), error_param(exc))
             return
+        except MediaUnavailable as exc:
+            logger.warning("%s: %s", _named(request), exc)
+            await self._reply_error(reply, request.request_id, f"image unavailable: {exc}", None)
+            return
         except asyncio.CancelledError:
             with contextlib.suppress(Exception):
                 await self.engine.abort(request.request_id)
@@ -279,6 +297,29 @@ class Worker:
             await self._reply_error(
                 reply, request.request_id, "engine stream ended without finish_reason", None
             )
+
+    async def prepare_media(self, request: GenerateRequest) -> Any:
+        """The engine's inputs for `request.media` (None for a text request): the request is
+        validated first, then every payload fetched from the frontend at once and prepared
+        in a thread. ValueError naming the field; MediaUnavailable."""
+        if not request.media:
+            return None
+        missing = {ref.kind for ref in request.media} - self.engine.media_kinds
+        if missing:
+            raise ValueError(
+                f"messages: engine {self.engine.kind} of model {self.model_name} takes no "
+                f"{' or '.join(sorted(missing))} input"
+            )
+        self.engine.validate(request)  # before any byte is fetched
+        assert self._nc is not None
+        nc = self._nc
+        fetches = [
+            fetch_media(nc, ref.subject, ref.media_id, ref.nbytes, ref.content_hash,
+                        timeout_s=MEDIA_FETCH_TIMEOUT_S)
+            for ref in request.media
+        ]  # fmt: skip
+        payloads = await asyncio.gather(*fetches)
+        return await asyncio.to_thread(self.engine.prepare_media, request, list(payloads))
 
     async def _serve_listening(self, stream: OutputStream, reply: str, batch: bool) -> None:
         """Each output goes straight into the outbox (`_publish_outbox_forever` sends what

@@ -18,6 +18,10 @@ The engine does its part through `BlockKvHandoff` (hold, export, reserve, import
 under tensor parallelism the transfer endpoint is the group leader's and the KV on the wire
 holds every global KV head, so prefill and decode TP may differ.
 
+Images: the prefill worker fetches and encodes them; the decode worker fetches and prepares
+them too (its reservation hashes image blocks with their image, and a preempted decode
+recomputes its prompt from them), but only encodes them if it has to recompute.
+
 Test hook: `HPCSERVE_FAULT_PREFILL_EXIT=<worker_id>` makes that prefill worker exit abruptly
 after computing a prefill and before pushing its KV (a crash mid-transfer).
 """
@@ -50,6 +54,7 @@ from contract.messages import GenerateOutput, GenerateRequest
 from mpi_workers.disagg.peers import PeerWorker, RemoteFailure, RequestRejected
 from mpi_workers.engine.base import BlockKvHandoff, HeldPrefill, KvReservation
 from mpi_workers.kv_transfer import KvTransport, make_transport
+from mpi_workers.worker import error_param
 
 logger = logging.getLogger(__name__)
 
@@ -122,7 +127,11 @@ class DisaggWorker(PeerWorker):
     async def _prefill_remotely_then_decode(
         self, prefill: WorkerCard, request: GenerateRequest, reply: str
     ) -> None:
-        reservation, result = await self._remote_prefill(prefill, request)
+        try:
+            media = await self.prepare_media(request)
+        except ValueError as exc:
+            raise RequestRejected(str(exc), error_param(exc)) from None
+        reservation, result = await self._remote_prefill(prefill, request, media)
         assert result.first is not None
         await self._publish(reply, result.first)
         if result.first.finish_reason is not None:
@@ -130,10 +139,10 @@ class DisaggWorker(PeerWorker):
             return
         await self._decode(reservation, result.first, result.generator_state, reply)
 
-    async def _reserve(self, request: GenerateRequest) -> KvReservation:
+    async def _reserve(self, request: GenerateRequest, media: Any = None) -> KvReservation:
         deadline = asyncio.get_running_loop().time() + RESERVE_WAIT_S
         while True:
-            reservation = await self.kv.reserve(request)
+            reservation = await self.kv.reserve(request, media)
             if reservation is not None:
                 return reservation
             if asyncio.get_running_loop().time() > deadline:
@@ -198,10 +207,10 @@ class DisaggWorker(PeerWorker):
         raise RemoteFailure(f"prefill worker {prefill.worker_id}: {error}")
 
     async def _remote_prefill(
-        self, prefill: WorkerCard, request: GenerateRequest
+        self, prefill: WorkerCard, request: GenerateRequest, media: Any = None
     ) -> tuple[KvReservation, PrefillResult]:
         assert self._nc is not None
-        reservation = await self._reserve(request)
+        reservation = await self._reserve(request, media)
         subject = prefill_subject(self.deployment, prefill.worker_id)
 
         async def send(ticket: dict[str, Any], timeout: float) -> PrefillResult:
@@ -244,7 +253,8 @@ class DisaggWorker(PeerWorker):
         try:
             if prefill is None:
                 raise RemoteFailure(f"prefill worker {handoff.prefill_worker_id} is gone")
-            reservation = await self._reserve(request)
+            media = await self.prepare_media(request)
+            reservation = await self._reserve(request, media)
             subject = kv_push_subject(self.deployment, prefill.worker_id)
 
             async def send(ticket: dict[str, Any], timeout: float) -> KvPushResult:
@@ -275,8 +285,9 @@ class DisaggWorker(PeerWorker):
     # ----- prefill role ------------------------------------------------------------------
 
     async def _prefill(self, request: GenerateRequest) -> HeldPrefill:
+        media = await self.prepare_media(request)  # ValueError: the request is bad
         try:
-            return await self.kv.prefill_and_hold(request)
+            return await self.kv.prefill_and_hold(request, media)
         except RuntimeError as exc:
             raise RemoteFailure(str(exc)) from exc
 
@@ -301,7 +312,11 @@ class DisaggWorker(PeerWorker):
 
     async def _serve_prefill_first(self, request: GenerateRequest, reply: str) -> None:
         rid = request.request_id
-        held = await self._prefill(request)
+        try:
+            held = await self._prefill(request)
+        except ValueError as exc:
+            await self._reply_error(reply, rid, str(exc), error_param(exc))
+            return
         await self._publish(reply, held.first)
         if held.first.finish_reason is not None:
             await self.kv.release_held(held)

@@ -141,9 +141,10 @@ class BlockKvHandoff(ABC):
 
     # prefill side
     @abstractmethod
-    async def prefill_and_hold(self, request: GenerateRequest) -> HeldPrefill:
+    async def prefill_and_hold(self, request: GenerateRequest, media: Any = None) -> HeldPrefill:
         """Compute the prompt and its first token; keep the blocks until exported or released.
-        `first.finish_reason` is set when the request ends at its first token."""
+        `first.finish_reason` is set when the request ends at its first token. `media`:
+        `prepare_media`'s result for the request's images (the prefill side encodes them)."""
 
     @abstractmethod
     async def export_held(self, held: HeldPrefill, skip_blocks: int) -> torch.Tensor:
@@ -155,9 +156,12 @@ class BlockKvHandoff(ABC):
 
     # decode side
     @abstractmethod
-    async def reserve(self, request: GenerateRequest) -> KvReservation | None:
-        """Blocks for the whole prompt (reusing cached prefix blocks); None if the pool is
-        short right now."""
+    async def reserve(
+        self, request: GenerateRequest, media: Any = None
+    ) -> KvReservation | None:
+        """Blocks for the whole prompt (reusing cached prefix blocks: image blocks hash their
+        image); None if the pool is short right now. `media`: `prepare_media`'s result,
+        kept for a recompute of the prompt should the decode be preempted."""
 
     @abstractmethod
     async def import_kv(self, reservation: KvReservation, staging: torch.Tensor) -> None:

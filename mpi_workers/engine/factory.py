@@ -58,6 +58,7 @@ def build_torch_engine(
         max_model_len=engine_config.max_model_len,
         model_name=config.model.served_model_name(),
         tp=tp,
+        max_image_pixels=config.multimodal.max_image_pixels,
     )
 
 

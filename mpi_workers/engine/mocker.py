@@ -21,6 +21,7 @@ import hashlib
 import logging
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from typing import Any
 
 from contract.config import MockerConfig
 from contract.messages import GenerateOutput, GenerateRequest
@@ -110,7 +111,10 @@ class MockerEngine(StreamingEngine):
             self._finish(seq, "abort")
 
     # ----- requests ------------------------------------------------------------------------
-    def generate(self, request: GenerateRequest) -> AsyncIterator[GenerateOutput]:
+    def generate(
+        self, request: GenerateRequest, media: Any = None
+    ) -> AsyncIterator[GenerateOutput]:
+        del media  # the mocker takes no images (`media_kinds` is empty)
         self.validate(request)
         if self._task is None:
             raise RuntimeError("engine not started: await engine.start() first")

@@ -38,6 +38,7 @@ class FakeEngine(Engine):
         self.stopped = False
         self.aborted: list[str] = []
         self.requests: list[GenerateRequest] = []
+        self.media: list[Any] = []  # what `generate` got as `media`, per request
         self._abort_events: dict[str, asyncio.Event] = {}
         self._sink: KvEventSink | None = None
         self._hashes: list[int] = []
@@ -56,9 +57,12 @@ class FakeEngine(Engine):
         if not request.token_ids:
             raise ValueError("token_ids: the prompt is empty")
 
-    async def generate(self, request: GenerateRequest) -> AsyncIterator[GenerateOutput]:
+    async def generate(
+        self, request: GenerateRequest, media: Any = None
+    ) -> AsyncIterator[GenerateOutput]:
         self.validate(request)
         self.requests.append(request)
+        self.media.append(media)
         aborted = self._abort_events.setdefault(request.request_id, asyncio.Event())
         last = request.token_ids[-1]
         try:

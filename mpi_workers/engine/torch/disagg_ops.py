@@ -4,6 +4,9 @@ Token-identical output with aggregated serving follows from doing exactly what t
 aggregated engine does: the prefill worker runs the prompt as one request and samples the
 first token with the request's generator; the decode worker imports the prompt's KV and the
 generator's state and continues from the same sequence state an aggregated engine would have.
+Images: the prefill side encodes them; the decode side's blocks hash them the same way (a
+prefix hit there skips their transfer) and it keeps the prepared media, so a preempted
+decode recomputes its prompt exactly.
 
 The block manager and scheduler are only touched on the stepping thread
 (`call_in_engine_thread`). Under tensor parallelism the KV moves between the leader and its
@@ -23,7 +26,7 @@ import torch
 
 from contract.messages import GenerateOutput, GenerateRequest, SamplingParams
 from mpi_workers.engine.base import BlockKvHandoff, HeldPrefill, KvReservation
-from mpi_workers.engine.sequence import SeqStatus, Sequence
+from mpi_workers.engine.sequence import SeqMedia, SeqStatus, Sequence
 from mpi_workers.kv_transfer.blocks import empty_staging, pack_blocks, unpack_blocks
 from mpi_workers.kv_transfer.layout import KvLayout
 from mpi_workers.kv_transfer.shards import KvGather, KvScatter, lead_gather, lead_scatter
@@ -53,7 +56,9 @@ class TorchKvHandoff(BlockKvHandoff):
         async def call_in_engine_thread(self, fn: Callable[[], Any]) -> Any: ...
         def run_group_command(self, command: Any, lead: Callable[[], Any]) -> Any: ...
         def stream_sequence(self, seq: Sequence, *, add: bool = True) -> Any: ...
-        def make_sequence(self, request: GenerateRequest) -> Sequence: ...
+        def make_sequence(
+            self, request: GenerateRequest, media: list[SeqMedia] | None = None
+        ) -> Sequence: ...
         def finish_reason(
             self, sampling: SamplingParams, token: int, num_tokens: int, max_len: int
         ) -> str | None: ...
@@ -78,8 +83,10 @@ class TorchKvHandoff(BlockKvHandoff):
         return empty_staging(self.kv_cache.k, num_blocks, self.config.num_kv_heads)
 
     # ----- prefill side --------------------------------------------------------------------
-    async def prefill_and_hold(self, request: GenerateRequest) -> HeldPrefill:
-        seq = self.make_sequence(request)  # run as a one-token request that keeps its blocks
+    async def prefill_and_hold(
+        self, request: GenerateRequest, media: list[SeqMedia] | None = None
+    ) -> HeldPrefill:
+        seq = self.make_sequence(request, media)  # a one-token request that keeps its blocks
         seq.max_len = min(seq.num_prompt_tokens + 1, seq.max_len)
         seq.hold_blocks = True
         last: GenerateOutput | None = None
@@ -135,9 +142,11 @@ class TorchKvHandoff(BlockKvHandoff):
         )
 
     # ----- decode side ---------------------------------------------------------------------
-    async def reserve(self, request: GenerateRequest) -> KvReservation | None:
+    async def reserve(
+        self, request: GenerateRequest, media: list[SeqMedia] | None = None
+    ) -> KvReservation | None:
         def on_thread() -> KvReservation | None:
-            seq = self.make_sequence(request)
+            seq = self.make_sequence(request, media)  # image blocks hash their image
             if not self.block_manager.admit(seq, seq.num_tokens):
                 return None
             skip = seq.num_computed // self.block_size
