@@ -22,7 +22,7 @@ answers with one final chunk: finish_reason "error", `error` = the message, `err
 the parameter. Convention (shared with the engine): the exception has a `param` attribute, or
 its message starts with the parameter's name, followed by ':' or a space
 ("max_tokens: must be >= 1", "temperature must be >= 0"). Only names of `GenerateRequest` and
-`SamplingParams` fields are taken as parameters.
+`SamplingParams` fields, and "messages" (a bad image), are taken as parameters.
 """
 
 from __future__ import annotations
@@ -62,7 +62,11 @@ logger = logging.getLogger(__name__)
 METRICS_INTERVAL_S = 0.5  # at least this often
 METRICS_POLL_S = 0.05  # after a change, at most this late
 MEDIA_FETCH_TIMEOUT_S = 30.0  # per chunk of an image payload from the frontend
-_PARAM_NAMES = frozenset(GenerateRequest.model_fields) | frozenset(SamplingParams.model_fields)
+# "messages": the chat request's field that holds the images (their payloads are refused
+# by the worker, which only sees `media`)
+_PARAM_NAMES = (
+    frozenset(GenerateRequest.model_fields) | frozenset(SamplingParams.model_fields) | {"messages"}
+)
 _LEADING_NAME = re.compile(r"^\s*['\"`]?([A-Za-z_][A-Za-z0-9_]*)['\"`]?\s*(?::|\s|$)")
 
 
@@ -309,7 +313,7 @@ class Worker:
             raise ValueError(
                 f"messages: engine {self.engine.kind} of model {self.model_name} takes no "
                 f"{' or '.join(sorted(missing))} input"
-            )
+            )  # "messages" is a parameter name here (see error_param)
         self.engine.validate(request)  # before any byte is fetched
         assert self._nc is not None
         nc = self._nc
