@@ -292,3 +292,21 @@ def preempt(engine: TorchEngine, request_id: str) -> bool:
     engine.scheduler._preempt(seq)
     engine.block_manager.reset_prefix_cache()
     return True
+
+
+async def test_overlapped_scheduling_with_images(tiny_vlm_dir, clip_ref) -> None:
+    """Overlapped steps (forced on the CPU) encode and place the image rows alike; two
+    concurrent requests with different images each get transformers' answer."""
+    engine = await start(tiny_vlm_dir, overlap=True, max_num_batched_tokens=48)
+    try:
+        cases = [[vi.image_bytes(95)], [vi.image_bytes(96), vi.image_bytes(97)]]
+        inputs = [clip_ref.inputs(images) for images in cases]
+        outs = await asyncio.gather(*(
+            run(engine, images, ids_of(x), f"overlap-{i}")
+            for i, (images, x) in enumerate(zip(cases, inputs, strict=True))
+        ))  # fmt: skip
+        assert engine.stats.num_overlapped_steps > 0
+        for out, x in zip(outs, inputs, strict=True):
+            assert out.token_ids == clip_ref.generate(x)
+    finally:
+        await engine.shutdown()
