@@ -31,6 +31,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import importlib.util
 import logging
 import queue
 import threading
@@ -201,6 +202,11 @@ class TorchEngine(StreamingEngine, TorchKvHandoff):
         self._processor_lock = threading.Lock()
         if self.config.vision is not None:
             from mpi_workers.engine.torch.vision import load_vision_encoder
+
+            for module in ("transformers", "PIL"):  # image decoding and preprocessing
+                if importlib.util.find_spec(module) is None:
+                    raise RuntimeError(f"{self.model_dir} is a vision-language model: its "
+                                       f"images need {module} (pip install 'hpcserve[vlm]')")
 
             self.vision = load_vision_encoder(self.model_dir, self.config.vision, self.device,
                                               self.dtype)  # fmt: skip
