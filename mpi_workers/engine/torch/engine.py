@@ -273,6 +273,10 @@ class TorchEngine(StreamingEngine, TorchKvHandoff):
             raise RuntimeError(f"engine failed: {self.failed}")
         if self._thread is None:
             raise RuntimeError("engine not started: await engine.start() first")
+        if request.media and media is None:
+            raise RequestValidationError(
+                "messages", "the request's images were not prepared (prepare_media)"
+            )
         seq = self.make_sequence(request, media)
         stream = self._open_stream(request.request_id)
         self._commands.put(("add", seq))
