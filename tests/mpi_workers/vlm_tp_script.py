@@ -28,6 +28,12 @@ from mpi_workers.engine.torch.engine import TorchEngine
 BLOCK_SIZE = 4
 
 
+def build_engine(model_dir: str | Path, tp=None) -> TorchEngine:
+    """The engine of every run (TP=1 in the test process, TP=N under mpirun)."""
+    return TorchEngine(model_dir, tp=tp, num_blocks=256, block_size=BLOCK_SIZE, max_num_seqs=4,
+                       max_num_batched_tokens=40)  # fmt: skip
+
+
 async def lead(engine: TorchEngine, max_tokens: int) -> dict:
     from transformers import AutoProcessor
 
@@ -69,9 +75,7 @@ def main() -> int:
         from mpi_workers.engine.torch.follower import build_follower_runner, follow
 
         return follow(build_follower_runner(Path(model_dir), tp, torch.float32, BLOCK_SIZE), tp)
-    engine = TorchEngine(model_dir, tp=tp, num_blocks=256, block_size=BLOCK_SIZE, max_num_seqs=4,
-                         max_num_batched_tokens=40)  # fmt: skip
-    result = asyncio.run(lead(engine, max_tokens))
+    result = asyncio.run(lead(build_engine(model_dir, tp), max_tokens))
     result["tp"] = size
     print(json.dumps(result), flush=True)
     return 0
