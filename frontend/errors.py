@@ -117,11 +117,23 @@ def timed_out(seconds: float) -> OpenAIError:
 
 
 def loc_to_param(loc: tuple[int | str, ...]) -> str | None:
-    """('messages', 0, 'role') → 'messages.0.role', dropping pydantic's branch tags."""
-    parts = [
-        str(part)
+    """('messages', 0, 'role') → 'messages.0.role', dropping pydantic's branch tags (and
+    a discriminated union's tag: ('content', 1, 'image_url', 'image_url', 'url') is
+    'content.1.image_url.url')."""
+    kept = [
+        part
         for part in loc
         if isinstance(part, int) or (part not in _LOC_NOISE and "[" not in part)
+    ]
+    parts = [
+        str(part)
+        for index, part in enumerate(kept)
+        if not (
+            isinstance(part, str)
+            and 0 < index < len(kept) - 1
+            and isinstance(kept[index - 1], int)
+            and kept[index + 1] == part
+        )
     ]
     return ".".join(parts) or None
 
