@@ -155,6 +155,20 @@ def from_validation_errors(errors: list[dict[str, Any]]) -> OpenAIError:
         param, message = head, rest
     if first.get("type") == "missing":
         message = "field required"
+    if first.get("type") in ("union_tag_invalid", "union_tag_not_found"):
+        # a discriminated union (content parts): name the tag field and what it may be
+        ctx = first.get("ctx") or {}
+        field = str(ctx.get("discriminator", "type")).strip("'\"")
+        param = f"{param}.{field}" if param else field
+        tag = ctx.get("tag")
+        expected = ctx.get("expected_tags", "")
+        message = (
+            f"{tag!r} is not supported; expected one of {expected}"
+            if tag is not None
+            else f"field required; expected one of {expected}"
+            if expected
+            else "field required"
+        )
     return bad_request(f"{param}: {message}" if param else message, param=param)
 
 

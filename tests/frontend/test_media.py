@@ -212,7 +212,11 @@ async def test_embeddings_load_and_every_bad_one_is_refused(tmp_path: Path) -> N
     marker = tmp_path / "pwned"
     (tmp_path / "evil.pt").write_bytes(pickle.dumps(_Exploit(marker)))
     await refused(mm, "evil.pt", "weights_only")
-    assert not marker.exists()  # nothing of it ran
+    buffer = io.BytesIO()
+    torch.save({"x": _Exploit(marker)}, buffer)  # torch's own zip format, same payload
+    (tmp_path / "evil.bin").write_bytes(buffer.getvalue())
+    await refused(mm, "evil.bin", "weights_only")
+    assert not marker.exists()  # nothing of either ran
 
     (tmp_path / "wide.pt").write_bytes(tensor_file(torch.zeros(64, 32)))
     await refused(mm, "wide.pt", "32 wide", "hidden size is 64")

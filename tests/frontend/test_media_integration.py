@@ -143,7 +143,7 @@ async def test_embeddings_travel_as_raw_tensor_bytes_and_refusals_are_400s(
             "allow_remote",
         )
         unknown = {"messages": [{"role": "user", "content": [{"type": "video", "x": 1}]}]}
-        await refused(unknown, "messages.0.content.0", "video")
+        await refused(unknown, "messages.0.content.0.type", "video")
     assert len(fe.app.state.frontend.media_store) == 0
 
     text_fe = await make_frontend()  # SmolLM2: a text model
