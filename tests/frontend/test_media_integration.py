@@ -4,6 +4,7 @@ pulls each payload over the media side channel (as a real worker does) and answe
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import io
 from pathlib import Path
@@ -152,3 +153,39 @@ async def test_embeddings_travel_as_raw_tensor_bytes_and_refusals_are_400s(
         answer = await client.post("/v1/chat/completions", json=image_chat("cat.pt"))
     assert answer.status_code == 400 and answer.json()["error"]["param"] == "messages"
     assert "takes no images" in answer.json()["error"]["message"]
+
+
+def noise_png(seed: int, side: int = 28) -> bytes:
+    pixels = np.random.default_rng(seed).integers(0, 256, (side, side, 3), dtype=np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+async def test_a_full_store_answers_503_until_a_stream_ends_or_its_client_leaves(
+    make_frontend: Any, tiny_vlm_dir: Path
+) -> None:
+    first, second = noise_png(1), noise_png(2)
+    assert 2048 < len(first) <= 4096 and 2048 < len(second) <= 4096
+    fe = await make_frontend(
+        model=tiny_vlm_dir, multimodal={"max_media_bytes": 4096, "store_max_bytes": 4096}
+    )
+    await fe.add_worker(media=["image"], delay_s=0.05)
+    store = fe.app.state.frontend.media_store
+    slow = image_chat(data_url(first), stream=True, max_tokens=200, ignore_eos=True)
+    async with fe.client() as client:
+        async with client.stream("POST", "/v1/chat/completions", json=slow) as streaming:
+            assert streaming.status_code == 200
+            async for _ in streaming.aiter_bytes():
+                break  # the first event came: the worker has the image, the stream runs
+            assert store.bytes == len(first)
+            full = await client.post("/v1/chat/completions", json=image_chat(data_url(second)))
+            assert full.status_code == 503, full.text
+            assert full.json()["error"]["code"] == "media_store_full"
+        # the client left mid-stream: its image is released
+        async with asyncio.timeout(10):
+            while len(store):
+                await asyncio.sleep(0.02)
+        again = await client.post("/v1/chat/completions", json=image_chat(data_url(second)))
+        assert again.status_code == 200, again.text
+    assert len(store) == 0
