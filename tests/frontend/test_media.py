@@ -117,7 +117,7 @@ async def image_server() -> AsyncIterator[str]:
         response = web.StreamResponse(headers={"Content-Type": "image/png"})
         await response.prepare(request)
         await response.write(image[:10])
-        await asyncio.sleep(5)  # the client gives up long before
+        await asyncio.sleep(1.5)  # the client gives up (0.5 s) long before
         with contextlib.suppress(ConnectionError):
             await response.write(image[10:])
         return response
