@@ -421,6 +421,20 @@ class MultimodalConfig(_Section):
     )
     max_images_per_request: int = Field(default=8, ge=1)
     fetch_timeout_s: float = Field(default=10.0, gt=0, description="http(s) image download")
+    store_max_bytes: int = Field(
+        default=2 * 2**30,
+        ge=1024,
+        description="the payloads of in-flight requests one frontend process holds for the "
+        "workers, in bytes; past it new image requests get a 503",
+    )
+
+    @model_validator(mode="after")
+    def _store_holds_one(self) -> MultimodalConfig:
+        if self.store_max_bytes < self.max_media_bytes:
+            raise ValueError(
+                "store_max_bytes: must be at least max_media_bytes (one image must fit)"
+            )
+        return self
 
 
 class DeploymentConfig(_Section):
@@ -483,9 +497,7 @@ def _check_disaggregation(config: DeploymentConfig) -> None:
             "(or disaggregation.fallback_local_prefill: true)"
         )
     if "prefill" not in roles and disagg.strategy == "prefill_first":
-        raise ValueError(
-            "disaggregation.strategy: prefill_first needs a prefill worker group"
-        )
+        raise ValueError("disaggregation.strategy: prefill_first needs a prefill worker group")
 
 
 def load_config(
