@@ -124,19 +124,19 @@ class TrtllmEngine(Engine, NativeKvHandoff):
 
     # ----- requests ------------------------------------------------------------------------
     def validate(self, request: GenerateRequest) -> None:
-        validate_request(request, self.max_model_len, self.vocab_size)
-        if request.request_id in self._running:
-            raise RequestValidationError("request_id", "a request with this id is running")
         kinds = {ref.kind for ref in request.media} - self.media_kinds
-        if kinds:
+        if kinds:  # first: a text model's vocabulary has no image token either
             raise RequestValidationError(
                 "messages", f"this TensorRT-LLM worker takes no {' or '.join(sorted(kinds))}"
             )
+        validate_request(request, self.max_model_len, self.vocab_size)
+        if request.request_id in self._running:
+            raise RequestValidationError("request_id", "a request with this id is running")
 
     def prepare_media(self, request: GenerateRequest, payloads: list[bytes]) -> TrtllmMedia:
         """RGB PIL images or [rows, hidden] tensors for `request.media` (worker thread)."""
-        if self._vlm is None:
-            return super().prepare_media(request, payloads)
+        if self._vlm is None:  # param set: the worker's name table has no "messages"
+            raise RequestValidationError("messages", "this TensorRT-LLM worker takes no images")
         return prepare(request, payloads, self._vlm)
 
     def generate(
