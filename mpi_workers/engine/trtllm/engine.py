@@ -93,7 +93,7 @@ class TrtllmEngine(Engine, NativeKvHandoff):
         self._running: dict[str, Any] = {}  # request id -> RequestOutput
         self._aborts: dict[str, asyncio.Event] = {}
         self._sink: KvEventSink | None = None
-        self._translator = KvEventTranslator(block_size)
+        self._translator = KvEventTranslator(block_size, shape.vocab_size)
         self._stats: dict[str, Any] = {}
         self._tasks: list[asyncio.Task[None]] = []
         self._stopping = False

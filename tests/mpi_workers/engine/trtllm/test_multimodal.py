@@ -4,6 +4,7 @@ folds a digest of the images into its fake tokens)."""
 
 from __future__ import annotations
 
+import asyncio
 import io
 import json
 import sys
@@ -364,3 +365,25 @@ def test_the_double_refuses_malformed_multimodal_inputs(
             )
     finally:
         text.llm.shutdown()
+
+
+async def test_kv_events_of_an_image_request_stop_at_its_first_image(
+    engine: TrtllmEngine,
+) -> None:
+    """The router hears of the text blocks before the first image, never of image blocks
+    (TensorRT-LLM names them by its own image hash, which our frontend cannot compute)."""
+    from contract.block_hash import block_hashes
+
+    seen: list = []
+    engine.set_kv_event_sink(seen.extend)
+    text = list(range(100, 140))  # 40 text tokens: 2 full blocks of 16 before the image
+    req = request([*text, *[IMG] * 64, 5, 6], [image_ref(png((1, 2, 3)), 40)], max_tokens=2)
+    await run(engine, req, [png((1, 2, 3))])
+    for _ in range(100):
+        if seen:
+            break
+        await asyncio.sleep(0.05)
+    stored = [
+        block.block_hash for event in seen if event.kind == "stored" for block in event.blocks
+    ]
+    assert stored == block_hashes(text, 16)[:2]
