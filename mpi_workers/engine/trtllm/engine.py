@@ -45,7 +45,6 @@ from mpi_workers.engine.trtllm.kv_events import KvEventTranslator
 from mpi_workers.engine.trtllm.multimodal import (
     TrtllmMedia,
     apply_patch,
-    collapse_placeholders,
     prepare,
     prompt_patch,
     vlm_of,
@@ -137,14 +136,15 @@ class TrtllmEngine(Engine, NativeKvHandoff):
         """RGB PIL images or [rows, hidden] tensors for `request.media` (worker thread)."""
         if self._vlm is None:  # param set: the worker's name table has no "messages"
             raise RequestValidationError("messages", "this TensorRT-LLM worker takes no images")
-        return prepare(request, payloads, self._vlm)
+        return prepare(request, payloads, self._vlm, self.llm.tokenizer)
 
     def generate(
         self, request: GenerateRequest, media: Any = None
     ) -> AsyncIterator[GenerateOutput]:
         self.validate(request)
         inputs = self._inputs(request, media)
-        return self._run(request, inputs, self.sampling_params(request.sampling), None, None)
+        sampling = self.sampling_params(request.sampling, **_text_fixed(inputs))
+        return self._run(request, inputs, sampling, None, None)
 
     def _inputs(self, request: GenerateRequest, media: Any) -> dict[str, Any]:
         """The prompt as `generate_async` takes it: token ids, plus TensorRT-LLM's multimodal
@@ -161,10 +161,7 @@ class TrtllmEngine(Engine, NativeKvHandoff):
             raise RequestValidationError(
                 "messages", f"{len(request.media)} images but {len(media.items)} prepared"
             )
-        return {
-            "prompt_token_ids": collapse_placeholders(request, self._vlm.image_token_id),
-            media.key: {"image": list(media.items)},
-        }
+        return media.inputs()
 
     async def abort(self, request_id: str) -> None:
         result = self._running.get(request_id)
@@ -272,7 +269,7 @@ class TrtllmEngine(Engine, NativeKvHandoff):
 
         self.validate(request)
         inputs = self._inputs(request, media)
-        sampling = self.sampling_params(request.sampling, max_tokens=1)
+        sampling = self.sampling_params(request.sampling, max_tokens=1, **_text_fixed(inputs))
         result = self.llm.generate_async(
             inputs,
             sampling_params=sampling,
@@ -395,6 +392,11 @@ class TrtllmEngine(Engine, NativeKvHandoff):
 
 
 _END = object()
+
+
+def _text_fixed(inputs: dict[str, Any]) -> dict[str, Any]:
+    """A text prompt (embeddings) already holds the template's special tokens."""
+    return {"add_special_tokens": False} if "prompt" in inputs else {}
 
 
 async def _until(result: Any, aborted: asyncio.Event) -> AsyncIterator[Any]:

@@ -13,6 +13,13 @@ What TensorRT-LLM's LLM API takes (PyTorch flow), and where that is written down
   processors without `supports_token_id_mm_expansion` detokenize the ids and run the HF
   processor, which also expands each `<image>`). Our frontend already expanded each image to
   `MediaRef.length` copies, so every run is collapsed back to one token here.
+- Embeddings go in with the TEXT prompt (`{"prompt", "multi_modal_embeddings"}`), as Dynamo
+  1.6.1 sends them for TensorRT-LLM 1.3.0rc29 ("temporary workaround to bypass TRT-LLM's bug
+  where token IDs & embeddings are not processed correctly", TRTLLM-11294, in Dynamo's
+  `multimodal_processor.py`; older `_preprocess` versions take the plain `prompt_token_ids`
+  branch first and drop the embeddings). The text is our collapsed ids decoded by
+  TensorRT-LLM's own tokenizer, and re-encoding it must give the same ids (checked here,
+  `add_special_tokens` off), so the prompt is the one the client's template made.
 - `_preprocess` takes `multi_modal_data` first and then silently ignores
   `multi_modal_embeddings`: a request holding both images and embeddings cannot be passed
   through (Dynamo's docs say the same: "either image URLs or embedding file paths in a single
@@ -47,10 +54,22 @@ TORCH_DTYPES = ("float32", "float16", "bfloat16")
 class TrtllmMedia:
     """A request's media as TensorRT-LLM takes them: `key` is the input dict's key
     ("multi_modal_data" for images, "multi_modal_embeddings" for embeddings), `items` the
-    RGB PIL images or [rows, hidden] tensors in prompt order."""
+    RGB PIL images or [rows, hidden] tensors in prompt order; `prompt_ids` the request's ids
+    with each placeholder run collapsed, `text` those ids as text (embeddings only)."""
 
     key: str
     items: list[Any]
+    prompt_ids: list[int]
+    text: str | None = None
+
+    def inputs(self) -> dict[str, Any]:
+        """The `generate_async` input dict."""
+        prompt: dict[str, Any] = (
+            {"prompt": self.text}
+            if self.text is not None
+            else {"prompt_token_ids": self.prompt_ids}
+        )
+        return {**prompt, self.key: {"image": list(self.items)}}
 
 
 def vlm_of(model_dir: str | Path) -> VlmInfo | None:
@@ -66,9 +85,12 @@ def vlm_of(model_dir: str | Path) -> VlmInfo | None:
         return None
 
 
-def prepare(request: GenerateRequest, payloads: list[bytes], vlm: VlmInfo) -> TrtllmMedia:
-    """Decode `request.media`'s fetched payloads (same order) into TensorRT-LLM's inputs.
-    ValueError naming "messages" for media TensorRT-LLM cannot take."""
+def prepare(
+    request: GenerateRequest, payloads: list[bytes], vlm: VlmInfo, tokenizer: Any
+) -> TrtllmMedia:
+    """Decode `request.media`'s fetched payloads (same order) into TensorRT-LLM's inputs
+    (`tokenizer`: TensorRT-LLM's, for the embeddings' text prompt). ValueError naming
+    "messages" for media TensorRT-LLM cannot take."""
     media = request.media
     if len(payloads) != len(media):
         raise RequestValidationError(
@@ -82,21 +104,30 @@ def prepare(request: GenerateRequest, payloads: list[bytes], vlm: VlmInfo) -> Tr
             "messages",
             "TensorRT-LLM takes either images or precomputed embeddings in one request, not both",
         )
+    collapsed = collapse_placeholders(request, vlm.image_token_id)
+    pairs = list(enumerate(zip(media, payloads, strict=True)))
     if kinds == {"image"}:
-        return TrtllmMedia(
-            "multi_modal_data",
-            [
-                _image(i, ref, p, vlm)
-                for i, (ref, p) in enumerate(zip(media, payloads, strict=True))
-            ],
+        images = [_image(i, ref, p, vlm) for i, (ref, p) in pairs]
+        return TrtllmMedia("multi_modal_data", images, collapsed)
+    tensors = [_embedding(i, ref, p, vlm) for i, (ref, p) in pairs]
+    return TrtllmMedia("multi_modal_embeddings", tensors, collapsed, _text(collapsed, tokenizer))
+
+
+def _text(ids: list[int], tokenizer: Any) -> str:
+    """`ids` as the text prompt TensorRT-LLM tokenizes back into exactly `ids`."""
+    if tokenizer is None:
+        raise RequestValidationError(
+            "messages",
+            "precomputed embeddings need TensorRT-LLM's tokenizer (skip_tokenizer_init is set)",
         )
-    return TrtllmMedia(
-        "multi_modal_embeddings",
-        [
-            _embedding(i, ref, p, vlm)
-            for i, (ref, p) in enumerate(zip(media, payloads, strict=True))
-        ],
-    )
+    text = tokenizer.decode(ids, skip_special_tokens=False)
+    if list(tokenizer.encode(text, add_special_tokens=False)) != ids:
+        raise RequestValidationError(
+            "messages",
+            "this prompt does not survive the detokenize/retokenize round trip TensorRT-LLM "
+            "needs to place precomputed embeddings",
+        )
+    return text
 
 
 def _image(index: int, ref: MediaRef, payload: bytes, vlm: VlmInfo) -> Any:

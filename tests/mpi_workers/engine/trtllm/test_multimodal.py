@@ -177,8 +177,10 @@ async def test_embeddings_reach_tensorrt_llm_as_tensors_of_their_dtype(
     req = request(two_image_prompt(), [ref1, ref2])
     await run(engine, req, [p1, p2])
     inputs, _ = last_inputs(engine)
-    assert set(inputs) == {"prompt_token_ids", "multi_modal_embeddings"}
-    assert inputs["prompt_token_ids"] == COLLAPSED
+    # the text prompt, as Dynamo 1.6.1 sends embeddings (TRTLLM-11294): TensorRT-LLM's own
+    # tokenizer turns it back into exactly our collapsed ids
+    assert set(inputs) == {"prompt", "multi_modal_embeddings"}
+    assert engine.llm.tokenizer.encode(inputs["prompt"], add_special_tokens=False) == COLLAPSED
     tensors = inputs["multi_modal_embeddings"]["image"]
     assert [(t.dtype, tuple(t.shape)) for t in tensors] == [(torch.bfloat16, (64, 64))] * 2
     assert torch.equal(tensors[0], first) and torch.equal(tensors[1], second)
@@ -232,23 +234,32 @@ async def test_what_tensorrt_llm_cannot_take_is_refused_naming_messages(
     req, _ = image_request(red, red)
     assert "image 2 cannot be decoded" in refused(engine.prepare_media, req, [red, broken])
     assert "header said" in refused(
-        engine.prepare_media, request(two_image_prompt()[:68], [image_ref(red, 2, width=41)]), [red]
+        engine.prepare_media, request(two_image_prompt()[:67], [image_ref(red, 2, width=41)]), [red]
     )
     wide, wide_bytes = embeds_ref(embeds(1)[:, :32].contiguous(), 2, shape=[64, 32])
     assert "shape" in refused(
-        engine.prepare_media, request(two_image_prompt()[:68], [wide]), [wide_bytes]
+        engine.prepare_media, request(two_image_prompt()[:67], [wide]), [wide_bytes]
     )
     short_ref, short_bytes = embeds_ref(embeds(1), 2)
     assert "bytes" in refused(
-        engine.prepare_media, request(two_image_prompt()[:68], [short_ref]), [short_bytes[:-4]]
+        engine.prepare_media, request(two_image_prompt()[:67], [short_ref]), [short_bytes[:-4]]
     )
+    # embeddings go in as text: ids that TensorRT-LLM's tokenizer would merge differently
+    tokenizer = engine.llm.tokenizer
+    unmerged = tokenizer.encode("h", add_special_tokens=False) + tokenizer.encode(
+        "ello", add_special_tokens=False
+    )
+    assert tokenizer.encode("hello", add_special_tokens=False) != unmerged
+    odd_ref, odd_bytes = embeds_ref(embeds(1), len(unmerged))
+    odd = request([*unmerged, *[IMG] * 64], [odd_ref])
+    assert "round trip" in refused(engine.prepare_media, odd, [odd_bytes])
     # placeholder runs that do not match the ids, or a stray image token in the text
     shifted = request(two_image_prompt(), [image_ref(red, 3), image_ref(red, 67)])
-    prepared = engine.prepare_media(shifted, [red, red])
-    assert "placeholder run" in refused(engine.generate, shifted, media=prepared)
+    assert "placeholder run" in refused(engine.prepare_media, shifted, [red, red])
     stray = request([IMG, *two_image_prompt()], [image_ref(red, 3), image_ref(red, 68)])
-    prepared = engine.prepare_media(stray, [red, red])
-    assert "outside its images' placeholder runs" in refused(engine.generate, stray, media=prepared)
+    assert "outside its images' placeholder runs" in refused(
+        engine.prepare_media, stray, [red, red]
+    )
     # media never prepared: refused, not silently served as text
     assert "not prepared" in refused(engine.generate, image_request(red, red)[0])
     assert len(engine.llm._double_inputs) == submitted  # nothing reached TensorRT-LLM
@@ -290,7 +301,17 @@ async def test_context_then_generation_with_images_equals_aggregated(
         )
         assert disagg == agg, sampling
         assert last.num_prompt_tokens == len(req.token_ids)
-    # another image's KV cannot be decoded as this one's (the double checks the prompt)
+    # the same with precomputed embeddings (their context phase gets the text prompt)
+    tensors = [embeds_ref(embeds(seed), offset) for seed, offset in ((4, 2), (5, 67))]
+    refs, payloads = [r for r, _ in tensors], [p for _, p in tensors]
+    agg = await run(engine, request(two_image_prompt(), refs), payloads)
+    req = request(two_image_prompt(), refs)
+    _, blob = await engine.prefill_only(req, media=engine.prepare_media(req, payloads))
+    assert "multi_modal_embeddings" in last_inputs(engine)[0]
+    disagg, _ = await collect(engine.generate_from_prefill(req, json.loads(json.dumps(blob))))
+    assert set(last_inputs(engine)[0]) == {"prompt_token_ids"}
+    assert disagg == agg
+    # the decode side cannot do without the expanded prompt
     req, payloads = image_request(red, blue)
     _, blob = await engine.prefill_only(req, media=engine.prepare_media(req, payloads))
     del blob["multimodal_prompt"]
