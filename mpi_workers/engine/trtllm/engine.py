@@ -12,10 +12,11 @@ decode worker runs `generation_only` with them and TensorRT-LLM emits the first 
 The KV moves through TensorRT-LLM's cache transceiver (UCX or NIXL, set in the engine YAML).
 
 Images and precomputed embeddings (`multimodal.py`): `prepare_media` decodes them in a worker
-thread; the prompt goes in as `{"prompt_token_ids", "multi_modal_data" | "multi_modal_embeddings"}`
-with each placeholder run collapsed to one image token. A disaggregated request carries them
-on the prefill side only: the decode side sends the prompt as the context phase expanded it
-(passed along in the prefill blob) and no media.
+thread and collapses each placeholder run to one image token; images go in as
+`{"prompt_token_ids", "multi_modal_data"}`, embeddings as `{"prompt", "multi_modal_embeddings"}`
+(the ids as text, as Dynamo sends them). A disaggregated request carries them on the prefill
+side only: the decode side sends the prompt as the context phase expanded it (passed along in
+the prefill blob) and no media.
 """
 
 from __future__ import annotations
@@ -320,10 +321,9 @@ class TrtllmEngine(Engine, NativeKvHandoff):
         ids = list(request.token_ids)
         if request.media:
             patch = prefill.get("multimodal_prompt")
-            if not isinstance(patch, dict):
-                raise RequestValidationError(
-                    "disaggregated_params",
-                    "the prefill worker sent no expanded prompt for this image request",
+            if not isinstance(patch, dict):  # not the client's fault: no 4xx
+                raise RuntimeError(
+                    "the prefill worker sent no expanded prompt for this image request"
                 )
             ids = apply_patch(ids, patch)
         inputs = {"prompt_token_ids": ids}

@@ -233,8 +233,6 @@ def apply_patch(ours: list[int], patch: dict[str, Any]) -> list[int]:
     ids = list(ours)
     for start, segment in patch.get("prompt_segments", []):
         if start < 0 or start + len(segment) > len(ids):
-            raise RequestValidationError(
-                "disaggregated_params", "a prompt segment lies outside the prompt"
-            )
+            raise RuntimeError("the prefill worker's prompt segment lies outside the prompt")
         ids[start : start + len(segment)] = [int(t) for t in segment]
     return ids

@@ -315,7 +315,7 @@ async def test_context_then_generation_with_images_equals_aggregated(
     req, payloads = image_request(red, blue)
     _, blob = await engine.prefill_only(req, media=engine.prepare_media(req, payloads))
     del blob["multimodal_prompt"]
-    with pytest.raises(ValueError, match="disaggregated_params: the prefill worker sent no"):
+    with pytest.raises(RuntimeError, match="the prefill worker sent no expanded prompt"):
         engine.generate_from_prefill(req, blob)
 
 
