@@ -12,6 +12,7 @@ is faked by the executor in `tensorrt_llm._double` (see README.md).
 from __future__ import annotations
 
 import atexit
+import collections
 import itertools
 import logging
 import os
@@ -118,9 +119,9 @@ class BaseLLM:
         self._tokenizer = self._make_tokenizer()
         self._ids = itertools.count(1)
         self._ids_lock = threading.Lock()
-        # DOUBLE ONLY: every accepted `generate_async` input dict and its request type, so a
-        # test can see what an adapter passed (e.g. its multimodal inputs).
-        self._double_inputs: list[tuple[Any, str]] = []
+        # DOUBLE ONLY: the latest accepted `generate_async` input dicts and their request
+        # types, so a test can see what an adapter passed (e.g. its multimodal inputs).
+        self._double_inputs: collections.deque[tuple[Any, str]] = collections.deque(maxlen=64)
         self._start_mpi_session()
         try:
             self._engine = Engine(self._engine_config())
