@@ -3,10 +3,11 @@
 What TensorRT-LLM's LLM API takes (PyTorch flow), and where that is written down:
 - `generate_async({"prompt_token_ids": ids, "multi_modal_data": {"image": [PIL, ...]}})` or
   `{"prompt_token_ids": ids, "multi_modal_embeddings": {"image": [tensor, ...]}}`: the
-  "fast path for token IDs & MM data" of `BaseLLM._preprocess` (NVIDIA/TensorRT-LLM
-  `tensorrt_llm/llmapi/llm.py`); `TokensPrompt.multi_modal_data` in `inputs/data.py`; the same
-  two dicts are what Dynamo's TensorRT-LLM worker builds (ai-dynamo/dynamo
-  `components/src/dynamo/trtllm/multimodal_processor.py`, `.../request_handlers/handler_base.py`).
+  "fast path for token IDs & MM data" of `BaseLLM._preprocess` in the newest source
+  (NVIDIA/TensorRT-LLM `tensorrt_llm/llmapi/llm.py`); `TokensPrompt.multi_modal_data` in
+  `inputs/data.py`. Dynamo's TensorRT-LLM worker (ai-dynamo/dynamo
+  `components/src/dynamo/trtllm/multimodal_processor.py`, `.../request_handlers/handler_base.py`)
+  sends the first dict for images; for embeddings see below.
 - `ids` hold ONE image token per image: the model's input processor expands each into that
   image's feature rows itself (`LlavaNextInputProcessor._postprocess`: "mm_token_positions",
   one per media; `attach_multimodal_embeddings`: one [rows, hidden] tensor per image token;
