@@ -24,7 +24,8 @@ frontend CPU per streamed request / Dynamo's; y: hpcserve streamed req/s / Dynam
 `--workers-sweep` instead measures hpcserve's non-stream throughput with frontend.workers =
 1, 2, 4, 8 (give it a machine with the cores: ~16; on 2 cores it only shows contention):
 
-    python benchmarks/bench_frontend.py --workers-sweep [--sweep 1 2 4 8] [--requests 6000]
+    python benchmarks/bench_frontend.py --workers-sweep [--sweep 1 2 4 8] [--requests 6000] \
+        [--client-processes 4]
 
 Last line there: `frontend_workers_sweep w1_req_s=... w2_req_s=... scaling_w<max>=<x>`.
 """
@@ -163,15 +164,41 @@ async def drive(url: str, model: str, scenario: Scenario, count: int) -> tuple[l
         return latencies, time.perf_counter() - t0
 
 
+def _drive_in_process(url: str, model: str, scenario: Scenario, count: int):
+    return asyncio.run(drive(url, model, scenario, count))
+
+
+async def drive_from(
+    processes: int, url: str, model: str, scenario: Scenario, count: int
+) -> tuple[list[float], float]:
+    """`drive` split over `processes` client processes (one Python client tops out near a
+    core's worth of requests: too few for several frontend processes on many cores)."""
+    if processes <= 1 or scenario.concurrency < processes:
+        return await drive(url, model, scenario, count)
+    from concurrent.futures import ProcessPoolExecutor
+
+    share = Scenario(scenario.name, scenario.stream, scenario.max_tokens,
+                     scenario.concurrency // processes, scenario.share)  # fmt: skip
+    loop = asyncio.get_running_loop()
+    with ProcessPoolExecutor(processes) as pool:
+        parts = await asyncio.gather(*(
+            loop.run_in_executor(pool, _drive_in_process, url, model, share, count // processes)
+            for _ in range(processes)
+        ))  # fmt: skip
+    return [t for latencies, _ in parts for t in latencies], max(wall for _, wall in parts)
+
+
 async def measure(
-    url: str, model: str, frontend_pids: list[int], worker_pids: list[int], requests: int
+    url: str, model: str, frontend_pids: list[int], worker_pids: list[int], requests: int,
+    client_processes: int = 1,
 ) -> list[Result]:
     await drive(url, model, SCENARIOS[1], 64)  # warm-up: connections, caches, JITs
     results = []
     for scenario in SCENARIOS:
         count = max(20, int(requests * scenario.share))
         fe0, wk0 = cpu_seconds(frontend_pids), cpu_seconds(worker_pids)
-        latencies, wall = await drive(url, model, scenario, count)
+        latencies, wall = await drive_from(client_processes, url, model, scenario, count)
+        count = len(latencies)
         fe1, wk1 = cpu_seconds(frontend_pids), cpu_seconds(worker_pids)
         results.append(Result(scenario, count, wall, latencies, fe1 - fe0, wk1 - wk0))
     return results
@@ -220,7 +247,9 @@ def hpcserve_config(frontend_workers: int, speedup: float):
     )
 
 
-async def run_hpcserve(requests: int, frontend_workers: int, speedup: float, direct: bool):
+async def run_hpcserve(
+    requests: int, frontend_workers: int, speedup: float, direct: bool, client_processes: int = 1
+):
     config = hpcserve_config(frontend_workers, speedup)
     deployment = await asyncio.to_thread(start_deployment, config, lambda _m: None)
     try:
@@ -229,7 +258,7 @@ async def run_hpcserve(requests: int, frontend_workers: int, speedup: float, dir
         workers = [pid for name, pid in pids.items() if name.startswith("worker-")]
         url = deployment.url + "/chat/completions"
         model = deployment.config.model.served_name or Path(str(deployment.config.model.path)).name
-        results = await measure(url, model, frontends, workers, requests)
+        results = await measure(url, model, frontends, workers, requests, client_processes)
         direct_p50 = None
         if direct:
             assert deployment.config.services.nats.endpoint
@@ -349,7 +378,8 @@ async def compare(args: argparse.Namespace) -> None:
 async def sweep(args: argparse.Namespace) -> None:
     rates = {}
     for count in args.sweep:
-        results, _ = await run_hpcserve(args.requests, count, args.speedup, False)
+        results, _ = await run_hpcserve(args.requests, count, args.speedup, False,
+                                        args.client_processes)  # fmt: skip
         table(f"hpcserve frontend.workers={count}", results)
         rates[count] = results[0].req_s
     first = args.sweep[0]
@@ -369,6 +399,10 @@ def main() -> None:
     parser.add_argument("--skip-dynamo", action="store_true")
     parser.add_argument("--workers-sweep", action="store_true")
     parser.add_argument("--sweep", type=int, nargs="+", default=[1, 2, 4, 8])
+    parser.add_argument(
+        "--client-processes", type=int, default=1,
+        help="load client processes in --workers-sweep (4 on 16 cores)",
+    )  # fmt: skip
     args = parser.parse_args()
     asyncio.run(sweep(args) if args.workers_sweep else compare(args))
 

@@ -54,16 +54,32 @@ def default_model_dir() -> Path:
     return cache_dir() / "models" / DEFAULT_MODEL_NAME
 
 
+PreparedModel = Literal["smollm2", "tiny-vlm", "tiny-vlm-siglip"]
+
+
+def prepared_model_dir(prepared: PreparedModel) -> Path:
+    """Where `hpcserve model prepare` puts each model it can build (no hub download)."""
+    if prepared == "smollm2":
+        return default_model_dir()
+    tower = "siglip" if prepared == "tiny-vlm-siglip" else "clip"
+    return cache_dir() / "models" / f"tiny-random-llava-{tower}"
+
+
 class ModelConfig(_Section):
     path: str | None = Field(
-        default=None, description="HF model folder; empty means the prepared default SmolLM2"
+        default=None, description="HF model folder; empty means the prepared model `prepared`"
+    )
+    prepared: PreparedModel = Field(
+        default="smollm2",
+        description="with path empty: the model built on first use — the default SmolLM2, or "
+        "a tiny RANDOM-weight vision-language model (tiny-vlm: CLIP tower; tiny-vlm-siglip)",
     )
     served_name: str | None = Field(
         default=None, description="name clients use in `model`; default: the folder name"
     )
 
     def resolved_path(self) -> Path:
-        return Path(self.path).expanduser() if self.path else default_model_dir()
+        return Path(self.path).expanduser() if self.path else prepared_model_dir(self.prepared)
 
     def served_model_name(self) -> str:
         return self.served_name or self.resolved_path().name
@@ -405,6 +421,20 @@ class MultimodalConfig(_Section):
     )
     max_images_per_request: int = Field(default=8, ge=1)
     fetch_timeout_s: float = Field(default=10.0, gt=0, description="http(s) image download")
+    store_max_bytes: int = Field(
+        default=2 * 2**30,
+        ge=1024,
+        description="the payloads of in-flight requests one frontend process holds for the "
+        "workers, in bytes; past it new image requests get a 503",
+    )
+
+    @model_validator(mode="after")
+    def _store_holds_one(self) -> MultimodalConfig:
+        if self.store_max_bytes < self.max_media_bytes:
+            raise ValueError(
+                "store_max_bytes: must be at least max_media_bytes (one image must fit)"
+            )
+        return self
 
 
 class DeploymentConfig(_Section):
@@ -467,9 +497,7 @@ def _check_disaggregation(config: DeploymentConfig) -> None:
             "(or disaggregation.fallback_local_prefill: true)"
         )
     if "prefill" not in roles and disagg.strategy == "prefill_first":
-        raise ValueError(
-            "disaggregation.strategy: prefill_first needs a prefill worker group"
-        )
+        raise ValueError("disaggregation.strategy: prefill_first needs a prefill worker group")
 
 
 def load_config(

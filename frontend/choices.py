@@ -46,6 +46,7 @@ def choice_requests(first: GenerateRequest, n: int) -> list[GenerateRequest]:
                 client_id=first.client_id,
                 token_ids=first.token_ids,
                 sampling=sampling,
+                media=first.media,
             )
         )
     return requests
@@ -180,4 +181,3 @@ class ChoiceStreams:
             queue.put_nowait((index, output))
             if output.finish_reason is not None:
                 return
-

@@ -117,11 +117,23 @@ def timed_out(seconds: float) -> OpenAIError:
 
 
 def loc_to_param(loc: tuple[int | str, ...]) -> str | None:
-    """('messages', 0, 'role') → 'messages.0.role', dropping pydantic's branch tags."""
-    parts = [
-        str(part)
+    """('messages', 0, 'role') → 'messages.0.role', dropping pydantic's branch tags (and
+    a discriminated union's tag: ('content', 1, 'image_url', 'image_url', 'url') is
+    'content.1.image_url.url')."""
+    kept = [
+        part
         for part in loc
         if isinstance(part, int) or (part not in _LOC_NOISE and "[" not in part)
+    ]
+    parts = [
+        str(part)
+        for index, part in enumerate(kept)
+        if not (
+            isinstance(part, str)
+            and 0 < index < len(kept) - 1
+            and isinstance(kept[index - 1], int)
+            and kept[index + 1] == part
+        )
     ]
     return ".".join(parts) or None
 
@@ -143,6 +155,20 @@ def from_validation_errors(errors: list[dict[str, Any]]) -> OpenAIError:
         param, message = head, rest
     if first.get("type") == "missing":
         message = "field required"
+    if first.get("type") in ("union_tag_invalid", "union_tag_not_found"):
+        # a discriminated union (content parts): name the tag field and what it may be
+        ctx = first.get("ctx") or {}
+        field = str(ctx.get("discriminator", "type")).strip("'\"")
+        param = f"{param}.{field}" if param else field
+        tag = ctx.get("tag")
+        expected = ctx.get("expected_tags", "")
+        message = (
+            f"{tag!r} is not supported; expected one of {expected}"
+            if tag is not None
+            else f"field required; expected one of {expected}"
+            if expected
+            else "field required"
+        )
     return bad_request(f"{param}: {message}" if param else message, param=param)
 
 

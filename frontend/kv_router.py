@@ -48,9 +48,10 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from contract.block_hash import block_hashes
+from contract.block_hash import block_hashes, media_block_extras
 from contract.config import KvRouterConfig
 from contract.discovery import WorkerCard
+from contract.messages import MediaRef
 from frontend.kv_index import KvIndex, RoutedPrefixIndex
 from frontend.router import LoadTracker
 
@@ -225,8 +226,13 @@ class KvRouter:
 
     # ----- choosing ------------------------------------------------------------------------
     def scores(
-        self, candidates: Sequence[WorkerCard], token_ids: Sequence[int]
+        self,
+        candidates: Sequence[WorkerCard],
+        token_ids: Sequence[int],
+        media: Sequence[MediaRef] = (),
     ) -> list[WorkerScore]:
+        """`media`: the request's images (their blocks hash the image too: a different
+        image is no prefix hit, the same one is)."""
         credit, scale = self.config.overlap_credit, self.config.load_scale
         by_size: dict[int, list[int]] = {}
         result = []
@@ -235,7 +241,7 @@ class KvRouter:
             size = card.block_size
             hashes = by_size.get(size)
             if hashes is None:
-                hashes = by_size[size] = block_hashes(token_ids, size)
+                hashes = by_size[size] = prompt_hashes(token_ids, size, media)
             total = -(-len(token_ids) // size)
             overlap = self._overlap(worker_id, hashes)
             footprint = self._footprint.get(worker_id, Counter())
@@ -264,13 +270,14 @@ class KvRouter:
 
     def choose(self, candidates: Sequence[WorkerCard], request: Any) -> WorkerCard:
         token_ids: Sequence[int] = request.token_ids
-        scores = self.scores(candidates, token_ids)
+        media: Sequence[MediaRef] = getattr(request, "media", ())
+        scores = self.scores(candidates, token_ids, media)
         self.last_scores = scores
         pick = self._pick(scores)
         card = next(c for c in candidates if c.worker_id == pick.worker_id)
         now = self._clock()
         self._forget_stale(now)
-        hashes = block_hashes(token_ids, card.block_size)
+        hashes = prompt_hashes(token_ids, card.block_size, media)
         self.routed.routed(card.worker_id, hashes, now)
         request_id = getattr(request, "request_id", None)
         if request_id is not None:
@@ -296,6 +303,19 @@ class KvRouter:
             return tied[0] if len(tied) == 1 else self._random.choice(tied)
         weights = [math.exp(-(score.cost - lowest) / temperature) for score in scores]
         return self._random.choices(scores, weights=weights, k=1)[0]
+
+
+def prompt_hashes(
+    token_ids: Sequence[int], block_size: int, media: Sequence[MediaRef] = ()
+) -> list[int]:
+    """The full-block hashes of a prompt as its worker's engine computes them: blocks with
+    image positions hash the image's content too (`contract.block_hash`)."""
+    if not media:
+        return block_hashes(token_ids, block_size)
+    extras = media_block_extras(
+        ((ref.offset, ref.length, ref.content_hash) for ref in media), block_size
+    )
+    return block_hashes(token_ids, block_size, extras)
 
 
 def _subtract(table: dict[str, Counter[int]], worker_id: str, hashes: Sequence[int]) -> None:

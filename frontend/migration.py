@@ -57,6 +57,7 @@ def continuation(request: GenerateRequest, produced: Sequence[int]) -> GenerateR
         sampling=request.sampling.model_copy(
             update={"max_tokens": request.sampling.max_tokens - len(produced)}
         ),
+        media=request.media,  # the images sit in the prompt part, where they were
     )
 
 

@@ -8,7 +8,7 @@ check what the hot path (plain dicts, orjson) emits.
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -26,9 +26,27 @@ class TextPart(_Request):
     text: str
 
 
+class ImageURL(_Request):
+    url: str = Field(
+        min_length=1,
+        description="data:image/...;base64,..., http(s):// (multimodal.allow_remote), or a "
+        "file under multimodal.allowed_local_media_path; a name ending in .pt, .pth, .bin or "
+        ".safetensors is a precomputed image embedding [tokens, hidden]",
+    )
+    detail: Literal["auto", "low", "high"] | None = None  # accepted; the model's size is used
+
+
+class ImagePart(_Request):
+    type: Literal["image_url"]
+    image_url: ImageURL
+
+
+ContentPart = Annotated[TextPart | ImagePart, Field(discriminator="type")]
+
+
 class ChatMessage(_Request):
     role: Role
-    content: str | list[TextPart] | None = None
+    content: str | list[ContentPart] | None = None
     name: str | None = None
 
     @model_validator(mode="after")
@@ -44,7 +62,17 @@ class ChatMessage(_Request):
             return ""
         if isinstance(self.content, str):
             return self.content
-        return "".join(part.text for part in self.content)
+        return "".join(part.text for part in self.content if isinstance(part, TextPart))
+
+    def image_urls(self) -> list[tuple[int, str]]:
+        """(part index, url) of each image part, in order."""
+        if self.content is None or isinstance(self.content, str):
+            return []
+        return [
+            (index, part.image_url.url)
+            for index, part in enumerate(self.content)
+            if isinstance(part, ImagePart)
+        ]
 
 
 class StreamOptions(_Request):
@@ -113,6 +141,17 @@ class ChatCompletionRequest(_SamplingFields):
 
     def requested_max_tokens(self) -> int | None:
         return self.max_completion_tokens if self.max_completion_tokens else self.max_tokens
+
+    def image_parts(self) -> list[tuple[str, str]]:
+        """(param, url) of every image part of the request, in prompt order; the param
+        names the part's URL (`messages.0.content.1.image_url.url`)."""
+        if all(isinstance(m.content, str) or m.content is None for m in self.messages):
+            return []  # the text hot path: nothing to walk
+        return [
+            (f"messages.{m}.content.{p}.image_url.url", url)
+            for m, message in enumerate(self.messages)
+            for p, url in message.image_urls()
+        ]
 
     def requested_logprobs(self) -> int | None:
         """Contract convention: None = no logprobs; 0 = chosen token only; k = also top k."""

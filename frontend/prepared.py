@@ -8,7 +8,7 @@ import time
 import uuid
 from typing import Literal
 
-from contract.messages import SamplingParams
+from contract.messages import MediaRef, SamplingParams
 from frontend.openai_schemas import ChatCompletionRequest, CompletionRequest
 
 Kind = Literal["chat", "completion"]
@@ -23,6 +23,7 @@ class Prepared:
         "include_usage",
         "kind",
         "logprobs",
+        "media",
         "model",
         "n",
         "prompt_ids",
@@ -42,6 +43,7 @@ class Prepared:
         prompt_ids: list[int],
         sampling: SamplingParams,
         arrival: float,
+        media: list[MediaRef] | None = None,
     ) -> None:
         self.kind = kind
         self.arrival = arrival
@@ -50,6 +52,7 @@ class Prepared:
         self.response_id = prefix + uuid.uuid4().hex
         self.model = model
         self.prompt_ids = prompt_ids
+        self.media = media or []  # the images' placeholder runs in prompt_ids
         self.prompt_param = "messages" if kind == "chat" else "prompt"
         self.sampling = sampling
         self.user_max_tokens = body.requested_max_tokens()

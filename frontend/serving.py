@@ -10,15 +10,17 @@ import asyncio
 import time
 import uuid
 from collections.abc import Awaitable
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from starlette.requests import Request
 from starlette.responses import Response
 
 from contract.discovery import WorkerCard
-from contract.messages import GenerateRequest, SamplingParams
+from contract.messages import GenerateRequest, MediaRef, SamplingParams
 from frontend import errors
 from frontend.choices import ChoiceStreams, choice_requests
+from frontend.media import MediaItem, kind_of
+from frontend.media_store import MediaHold
 from frontend.migration import MigratingStream, Route
 from frontend.openai_schemas import ChatCompletionRequest, CompletionRequest
 from frontend.prepared import Kind, Prepared
@@ -32,7 +34,7 @@ from frontend.responses import (
     record,
     stream_events,
 )
-from frontend.state import FrontendState
+from frontend.state import FrontendState, media_workers
 from frontend.tokenization import ChatTemplateError
 
 T = TypeVar("T")
@@ -146,16 +148,32 @@ async def handle(state: FrontendState, request: Request, kind: Kind) -> Response
             f"n: at most {max_n} choices per request (frontend.max_n), not {body.n}", param="n"
         )
     _refuse_what_cannot_fit(state, body)
-    prompt_ids = _prompt_ids(state, body)
-    prepared = Prepared(kind, body, state.served_name, prompt_ids, _sampling(state, body), arrival)
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + state.config.frontend.request_timeout_s
-    if prepared.stream:
-        choices = await guard_disconnect(request, _start(state, prepared, deadline))
-        response = SSEResponse(stream_events(state, prepared, choices, deadline), [choices.close])
-        response.headers["X-Request-Id"] = prepared.response_id
-        return response
-    return await guard_disconnect(request, _complete(state, prepared, deadline))
+    images = body.image_parts() if isinstance(body, ChatCompletionRequest) else []
+    hold: MediaHold | None = None
+    try:
+        media: list[MediaRef] = []
+        if images:
+            assert isinstance(body, ChatCompletionRequest)
+            prompt_ids, media, hold = await guard_disconnect(
+                request, _prepare_images(state, body, images)
+            )
+        else:
+            prompt_ids = _prompt_ids(state, body)
+        sampling = _sampling(state, body)
+        prepared = Prepared(kind, body, state.served_name, prompt_ids, sampling, arrival, media)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + state.config.frontend.request_timeout_s
+        if prepared.stream:
+            choices = await guard_disconnect(request, _start(state, prepared, deadline))
+            on_close = [choices.close] if hold is None else [choices.close, hold.release]
+            response = SSEResponse(stream_events(state, prepared, choices, deadline), on_close)
+            hold = None  # the stream releases it when it ends
+            response.headers["X-Request-Id"] = prepared.response_id
+            return response
+        return await guard_disconnect(request, _complete(state, prepared, deadline))
+    finally:
+        if hold is not None:  # answered, refused, or the client left: workers are done
+            hold.release()
 
 
 async def _read_body(request: Request, limit: int) -> bytes:
@@ -228,7 +246,117 @@ def _prompt_ids(state: FrontendState, body: ChatCompletionRequest | CompletionRe
             ids = list(prompt)  # type: ignore[arg-type]
     if not ids:
         raise errors.bad_request(f"{param}: the prompt is empty", param=param)
+    if state.vlm is not None and state.vlm.image_token_id in ids:
+        raise errors.bad_request(
+            f"{param}: the prompt holds the model's image placeholder token "
+            f"(id {state.vlm.image_token_id}) but no image; send images as image_url parts",
+            param=param,
+        )
     return ids
+
+
+async def _prepare_images(
+    state: FrontendState, body: ChatCompletionRequest, images: list[tuple[str, str]]
+) -> tuple[list[int], list[MediaRef], MediaHold]:
+    """A chat request with image parts: the prompt's ids with each image's placeholder run
+    (the chat template writes one image token per image; it is repeated once per feature
+    row, as transformers' LLaVA processor does), the images loaded and checked
+    (`frontend.media`), held in the media store for the workers; their MediaRefs."""
+    vlm, intake = state.vlm, state.media_intake
+    if vlm is None or intake is None:
+        raise errors.bad_request(
+            f"messages: model {state.served_name!r} is a text-only model and takes no images",
+            param="messages",
+        )
+    limit = state.config.multimodal.max_images_per_request
+    if len(images) > limit:
+        raise errors.bad_request(
+            f"{images[limit][0]}: at most {limit} images per request "
+            f"(multimodal.max_images_per_request), not {len(images)}",
+            param=images[limit][0],
+        )
+    kinds: set[str] = {kind_of(url) for _, url in images}
+    candidates = state.candidates(set())
+    if candidates:  # refused before anything is loaded (routing checks again)
+        media_workers(candidates, kinds)
+    ids = _encode_chat(state, _template_messages(body))
+    count = ids.count(vlm.image_token_id)
+    if count != len(images):
+        raise errors.bad_request(
+            f"messages: the chat template wrote {count} image placeholders for "
+            f"{len(images)} images (is the image token in the text?)",
+            param="messages",
+        )
+    loaded = await asyncio.gather(
+        *(intake.load(url, param) for param, url in images), return_exceptions=True
+    )
+    for outcome in loaded:
+        if isinstance(outcome, BaseException):
+            raise outcome
+    items: list[MediaItem] = loaded  # type: ignore[assignment]
+    hold = state.media_store.hold([(item.payload, item.content_hash) for item in items])
+    try:
+        expanded, media = _expand(ids, vlm.image_token_id, items, hold, state.media_subject)
+    except BaseException:
+        hold.release()
+        raise
+    return expanded, media, hold
+
+
+def _template_messages(body: ChatCompletionRequest) -> list[dict[str, Any]]:
+    """The messages as a multimodal chat template takes them: a content with parts becomes
+    text parts and `{"type": "image"}` items (transformers' convention)."""
+    messages: list[dict[str, Any]] = []
+    for message in body.messages:
+        role = "system" if message.role == "developer" else message.role
+        content = message.content
+        if content is None or isinstance(content, str):
+            messages.append({"role": role, "content": content or ""})
+            continue
+        parts = [
+            {"type": "text", "text": part.text} if part.type == "text" else {"type": "image"}
+            for part in content
+        ]
+        messages.append({"role": role, "content": parts})
+    return messages
+
+
+def _encode_chat(state: FrontendState, messages: list[dict[str, Any]]) -> list[int]:
+    try:
+        return state.tokenizer.encode_chat(messages)
+    except ChatTemplateError as exc:
+        raise errors.bad_request(str(exc), param="messages") from None
+
+
+def _expand(
+    ids: list[int], image_token: int, items: list[MediaItem], hold: MediaHold, subject: str
+) -> tuple[list[int], list[MediaRef]]:
+    """Each image token of `ids` repeated to its image's run length, and the MediaRefs."""
+    expanded: list[int] = []
+    media: list[MediaRef] = []
+    start = 0
+    for index, item in enumerate(items):
+        position = ids.index(image_token, start)
+        expanded.extend(ids[start:position])
+        media.append(
+            MediaRef(
+                kind=item.kind,
+                offset=len(expanded),
+                length=item.length,
+                content_hash=item.content_hash,
+                subject=subject,
+                media_id=hold.media_ids[index],
+                nbytes=len(item.payload),
+                dtype=item.dtype,
+                shape=list(item.shape) if item.shape else None,
+                width=item.width,
+                height=item.height,
+            )
+        )
+        expanded.extend([image_token] * item.length)
+        start = position + 1
+    expanded.extend(ids[start:])
+    return expanded, media
 
 
 def _sampling(
@@ -263,6 +391,7 @@ async def _start(state: FrontendState, prepared: Prepared, deadline: float) -> C
         client_id=prepared.response_id,
         token_ids=prepared.prompt_ids,
         sampling=prepared.sampling,
+        media=prepared.media,
     )
     limit = state.context_limit()
     if limit is not None:  # refused before routing: nothing to undo in the router

@@ -7,18 +7,24 @@ import asyncio
 import contextlib
 import os
 import time
+import uuid
 from pathlib import Path
+from typing import Any
 
 from contract.config import DeploymentConfig
 from contract.disagg import serving_roles
 from contract.discovery import WorkerCard, WorkerDirectory
+from contract.media import media_subject, serve_media
 from contract.messages import GenerateRequest, SamplingParams
 from contract.plan import FRONTEND_PROCESS_ENV
 from contract.supervisor import SUPERVISOR_FILE
+from contract.vlm import VlmInfo, load_vlm_info
 from frontend import errors
 from frontend.kv_index import KvIndex, KvIndexFeed
 from frontend.kv_router import KvRouter
 from frontend.load_share import LoadShare
+from frontend.media import MediaIntake
+from frontend.media_store import MediaStore
 from frontend.metrics import FrontendMetrics
 from frontend.router import LoadTracker, Router, make_router
 from frontend.tokenization import TextTokenizer
@@ -62,6 +68,20 @@ class FrontendState:
         assert config.services.etcd.endpoint and config.services.nats.endpoint
         self.served_name = config.model.served_name or Path(model_path).name
         self.tokenizer = TextTokenizer(model_path)
+        try:
+            self.vlm: VlmInfo | None = load_vlm_info(model_path)
+        except ValueError as exc:
+            raise ValueError(f"model.path: {model_path}: {exc}") from None
+        # images: checked here, held in the store, fetched by the workers from this
+        # process's own media subject (several frontend processes: one subject each)
+        self.frontend_id = uuid.uuid4().hex[:12]
+        self.media_subject = media_subject(config.name, self.frontend_id)
+        mm = config.multimodal
+        self.media_intake = MediaIntake(mm, self.vlm) if self.vlm is not None else None
+        self.media_store = MediaStore(
+            mm.store_max_bytes, ttl_s=config.frontend.request_timeout_s + 60.0
+        )
+        self._media_subscription: Any = None
         self.metrics = FrontendMetrics()
         self.tracker = LoadTracker()
         self.kv_feed: KvIndexFeed | None = None
@@ -97,6 +117,10 @@ class FrontendState:
 
     async def start(self) -> None:
         await self.client.start()
+        if self.media_intake is not None:
+            self._media_subscription = await serve_media(
+                self.client.nats, self.media_subject, self.media_store.lookup
+            )
         if self.load_share is not None:
             await self.load_share.start()
         self.directory.add_listener(self.client.on_workers_changed)
@@ -114,6 +138,8 @@ class FrontendState:
             await self.kv_feed.stop()
         if self.load_share is not None:
             await self.load_share.stop()
+        if self.media_intake is not None:
+            await self.media_intake.close()
         await self.client.stop()
 
     def _on_workers_changed(self, workers: dict[str, WorkerCard]) -> None:
@@ -179,6 +205,8 @@ class FrontendState:
                 "retry when /health says ok"
             )
         candidates = able_workers(candidates, request)
+        if request.media:
+            candidates = media_workers(candidates, {m.kind for m in request.media})
         card = self.router.choose(candidates, request)
         self.check_disaggregated_peer(card)
         return card
@@ -211,4 +239,20 @@ def able_workers(candidates: list[WorkerCard], request: GenerateRequest) -> list
         f"{name}: the {engine} engine serving model {candidates[0].model!r} does not "
         "support this parameter",
         param=name,
+    )
+
+
+def media_workers(candidates: list[WorkerCard], kinds: set[str]) -> list[WorkerCard]:
+    """The candidates whose engine takes every media kind in `kinds` (its card's `media`);
+    400 (param `messages`) when none does."""
+    able = [card for card in candidates if kinds <= set(card.media)]
+    if able:
+        return able
+    what = "images" if kinds == {"image"} else "precomputed image embeddings"
+    if "image" in kinds and "embeds" in kinds:
+        what = "images and precomputed image embeddings"
+    engine = candidates[0].engine or "this"
+    raise errors.bad_request(
+        f"messages: model {candidates[0].model!r} (the {engine} engine) takes no {what}",
+        param="messages",
     )

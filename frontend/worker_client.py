@@ -164,6 +164,12 @@ class WorkerClient:
     def in_flight(self) -> int:
         return len(self._streams)
 
+    @property
+    def nats(self) -> NatsClient:
+        """The connection (the media store serves its payloads on it too)."""
+        assert self._nc is not None, "start() first"
+        return self._nc
+
     async def start(self, name: str = "hpcserve-frontend") -> None:
         self._nc = await connect(self._url, name, reconnected=self._on_reconnected)
         self._prefix = self._nc.new_inbox()

@@ -126,10 +126,10 @@ def _with_model_path(deployment: DeploymentConfig) -> DeploymentConfig:
     """The prepared default model's path filled in (a job reads it on the head)."""
     if deployment.model.path or deployment.engine.kind == "mocker":
         return deployment
-    from hpcserve.model_prepare import prepare_default_model
+    from hpcserve.model_prepare import prepare_model
 
     data = deployment.model_dump(mode="json")
-    data["model"]["path"] = str(prepare_default_model())
+    data["model"]["path"] = str(prepare_model(deployment.model.prepared))
     return DeploymentConfig.model_validate(data)
 
 

@@ -39,7 +39,7 @@ from contract.plan import (
 from contract.processes import ManagedProcess
 from contract.readiness import free_port, port_open
 from contract.supervisor import DeploymentFailed, Supervisor
-from hpcserve.model_prepare import is_prepared, prepare_default_model
+from hpcserve.model_prepare import is_prepared, prepare_model
 from hpcserve.services import find_binary
 from mpi_workers import mpirun
 from mpi_workers.ranks import check_model_tp
@@ -103,8 +103,8 @@ def resolve_config(
     else:
         model_path = config.model.resolved_path()
         if not is_prepared(model_path):
-            say("preparing the default model (one time)")
-        model_path = prepare_default_model()
+            say(f"preparing the model {config.model.prepared} (one time)")
+        model_path = prepare_model(config.model.prepared)
     data["model"]["path"] = str(model_path.resolve())
     probe = _probe_host(config.frontend.host)
     if config.frontend.port == 0:

@@ -13,7 +13,12 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from contract.config import DEFAULT_MODEL_NAME, cache_dir, default_model_dir  # noqa: F401 (re-exported)
+from contract.config import (  # noqa: F401 (re-exported)
+    DEFAULT_MODEL_NAME,
+    PreparedModel,
+    cache_dir,
+    default_model_dir,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -64,6 +69,15 @@ def prepare_default_model(target: Path | None = None, force: bool = False) -> Pa
         if staging.exists():
             shutil.rmtree(staging, ignore_errors=True)
     return target
+
+
+def prepare_model(prepared: PreparedModel = "smollm2") -> Path:
+    """The folder of `model.prepared`, built on first use."""
+    if prepared == "smollm2":
+        return prepare_default_model()
+    from hpcserve.tiny_vlm import prepare_tiny_vlm
+
+    return prepare_tiny_vlm(tower="siglip" if prepared == "tiny-vlm-siglip" else "clip")
 
 
 def _convert(gguf_path: Path, out_dir: Path) -> None:

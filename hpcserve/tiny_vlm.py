@@ -16,7 +16,7 @@ import tempfile
 from pathlib import Path
 from typing import Literal
 
-from contract.config import cache_dir
+from contract.config import prepared_model_dir
 
 logger = logging.getLogger(__name__)
 
@@ -42,7 +42,7 @@ CHAT_TEMPLATE = (
 
 
 def tiny_vlm_dir(tower: Tower = "clip") -> Path:
-    return cache_dir() / "models" / f"tiny-random-llava-{tower}"
+    return prepared_model_dir("tiny-vlm-siglip" if tower == "siglip" else "tiny-vlm")
 
 
 def prepare_tiny_vlm(

@@ -184,12 +184,16 @@ class NativeKvHandoff(ABC):
     the prefill side returns an opaque JSON-able blob that the decode side needs."""
 
     @abstractmethod
-    async def prefill_only(self, request: GenerateRequest) -> tuple[GenerateOutput, dict[str, Any]]:
+    async def prefill_only(
+        self, request: GenerateRequest, media: Any = None
+    ) -> tuple[GenerateOutput, dict[str, Any]]:
         """Run the prompt's context phase; (a chunk with usage counts, the blob for decode).
+        `media`: what `prepare_media` made of `request.media` (None for a text request).
         Raises ValueError naming a bad parameter, RuntimeError when the engine failed it."""
 
     @abstractmethod
     def generate_from_prefill(
         self, request: GenerateRequest, prefill: dict[str, Any]
     ) -> AsyncIterator[GenerateOutput]:
-        """Decode after a remote context phase; the stream starts with the first token."""
+        """Decode after a remote context phase; the stream starts with the first token.
+        Takes no media: the KV holds the images, and the blob what decode needs of them."""

@@ -26,6 +26,9 @@ class ModelShape:
         if path is None or not path.is_file():
             return cls()
         data = json.loads(path.read_text())
+        # A vision-language folder (LLaVA) keeps the decoder's sizes under `text_config`.
+        text = data.get("text_config") if isinstance(data.get("text_config"), dict) else {}
+        data = {**text, **{k: v for k, v in data.items() if v is not None}}
         eos = data.get("eos_token_id")
         eos_ids = tuple(eos) if isinstance(eos, list) else (() if eos is None else (eos,))
         return cls(

@@ -22,6 +22,7 @@ import uvicorn
 from contract.bus import abort_subject, connect, worker_subject
 from contract.config import DeploymentConfig
 from contract.discovery import WorkerCard, WorkerRegistration
+from contract.media import MediaUnavailable, fetch_media
 from contract.messages import (
     AbortRequest,
     GenerateOutput,
@@ -50,6 +51,7 @@ class FakeBehaviour:
     unsupported_params: list[str] = field(default_factory=list)  # declared in the card
     listen: bool = True  # False: registered but not subscribed (a dead worker, lease alive)
     garbage: bool = False  # answer with bytes that are not a GenerateOutput
+    media: list[str] = field(default_factory=list)  # media kinds in the card; fetched if any
 
 
 class FakeEchoWorker:
@@ -70,6 +72,7 @@ class FakeEchoWorker:
         self.behaviour = behaviour
         self.requests: list[GenerateRequest] = []
         self.aborted: list[str] = []
+        self.fetched: dict[str, bytes] = {}  # media_id -> payload pulled from the frontend
         self.received = asyncio.Event()
         self.abort_received = asyncio.Event()
         self._abort_flags: set[str] = set()
@@ -91,6 +94,7 @@ class FakeEchoWorker:
             simulated=self.behaviour.simulated,
             engine="fake",
             unsupported_params=self.behaviour.unsupported_params,
+            media=self.behaviour.media,
         )
 
     async def start(self, register: bool = True) -> FakeEchoWorker:
@@ -145,6 +149,15 @@ class FakeEchoWorker:
         if self.behaviour.garbage:
             await self._nc.publish(reply, b'{"tokens": "not a GenerateOutput"}')
             return
+        for ref in request.media:  # as a real worker does before computing the prompt
+            try:
+                self.fetched[ref.media_id] = await fetch_media(
+                    self._nc, ref.subject, ref.media_id, ref.nbytes, ref.content_hash, 10.0
+                )
+            except MediaUnavailable as exc:
+                out = GenerateOutput(request_id=rid, finish_reason="error", error=str(exc))
+                await self._nc.publish(reply, out.model_dump_json().encode())
+                return
         if (
             self.behaviour.error_on_seed is not None
             and sampling.seed == self.behaviour.error_on_seed
@@ -298,11 +311,17 @@ async def make_frontend(
 
     script = TextTokenizer(model_dir).encode(SCRIPT_TEXT, add_special_tokens=False)
 
-    async def factory(**frontend: Any) -> FrontendHarness:
+    async def factory(
+        model: Path | None = None,
+        served_name: str = "smol",
+        multimodal: dict[str, Any] | None = None,
+        **frontend: Any,
+    ) -> FrontendHarness:
         config = DeploymentConfig.model_validate(
             {
                 "name": f"test-{uuid.uuid4().hex[:10]}",
-                "model": {"path": str(model_dir), "served_name": "smol"},
+                "model": {"path": str(model or model_dir), "served_name": served_name},
+                "multimodal": multimodal or {},
                 "frontend": {"port": 0, **frontend},
                 "services": {
                     "etcd": {"start": False, "endpoint": etcd_endpoint},

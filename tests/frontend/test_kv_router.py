@@ -12,12 +12,19 @@ from collections import Counter
 
 import pytest
 
-from contract.block_hash import block_hashes
+from contract.block_hash import block_hashes, media_block_extras
 from contract.config import KvRouterConfig, load_config
 from contract.discovery import WorkerCard
-from contract.messages import GenerateRequest, KvEventBatch, KvStored, LoadMetrics, StoredBlock
+from contract.messages import (
+    GenerateRequest,
+    KvEventBatch,
+    KvStored,
+    LoadMetrics,
+    MediaRef,
+    StoredBlock,
+)
 from frontend.kv_index import KvIndex, KvIndexFeed, RoutedPrefixIndex
-from frontend.kv_router import KvRouter
+from frontend.kv_router import KvRouter, prompt_hashes
 from frontend.router import LoadTracker
 
 PROMPT = list(range(1000, 1000 + 16 * 8))  # 8 blocks
@@ -268,3 +275,37 @@ def test_the_feed_knows_which_workers_published() -> None:
     stored = KvStored(parent_hash=None, blocks=[StoredBlock(block_hash=HASHES[0], num_tokens=16)])
     feed.handle_batch(KvEventBatch(worker_id="a", seq=2, events=[stored]))
     assert feed.published == {"a"}
+
+
+# ----- images ------------------------------------------------------------------------------
+def image_request(rid: str, image_hash: int) -> GenerateRequest:
+    """PROMPT with an image's 40 placeholder tokens (id 7) at 20..59 (blocks 1..3)."""
+    tokens = [*PROMPT[:20], *[7] * 40, *PROMPT[60:]]
+    ref = MediaRef(
+        kind="image", offset=20, length=40, content_hash=image_hash, subject="s",
+        media_id="m", nbytes=1,
+    )  # fmt: skip
+    return GenerateRequest(request_id=rid, token_ids=tokens, media=[ref])
+
+
+def test_image_blocks_hash_the_image_as_the_engine_does() -> None:
+    request = image_request("r", 1234)
+    text_only = block_hashes(request.token_ids, 16)
+    with_image = prompt_hashes(request.token_ids, 16, request.media)
+    extras = media_block_extras([(20, 40, 1234)], 16)
+    assert with_image == block_hashes(request.token_ids, 16, extras)
+    assert with_image[0] == text_only[0]  # the block before the image is plain text
+    assert all(a != b for a, b in zip(with_image[1:], text_only[1:], strict=True))
+    assert prompt_hashes(PROMPT, 16) == HASHES  # text only: unchanged
+
+
+def test_the_same_image_is_a_prefix_hit_and_a_different_one_is_not() -> None:
+    router, index, _ = make()
+    seen = image_request("first", 1234)
+    index.store("a", prompt_hashes(seen.token_ids, 16, seen.media))
+    cards = [card("a"), card("b")]
+    assert router.choose(cards, image_request("same", 1234)).worker_id == "a"
+    assert {s.worker_id: s.overlap_blocks for s in router.last_scores} == {"a": 8, "b": 0}
+    router.choose(cards, image_request("other", 999))
+    # only the text block before the image is shared
+    assert {s.worker_id: s.overlap_blocks for s in router.last_scores}["a"] == 1

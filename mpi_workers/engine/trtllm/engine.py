@@ -10,6 +10,13 @@ Disaggregation (`NativeKvHandoff`): the prefill worker runs `context_only` (max_
 not streamed) and returns the `DisaggregatedParams` as JSON (`opaque_state` base64); the
 decode worker runs `generation_only` with them and TensorRT-LLM emits the first token itself.
 The KV moves through TensorRT-LLM's cache transceiver (UCX or NIXL, set in the engine YAML).
+
+Images and precomputed embeddings (`multimodal.py`): `prepare_media` decodes them in a worker
+thread and collapses each placeholder run to one image token; images go in as
+`{"prompt_token_ids", "multi_modal_data"}`, embeddings as `{"prompt", "multi_modal_embeddings"}`
+(the ids as text, as Dynamo sends them). A disaggregated request carries them on the prefill
+side only: the decode side sends the prompt as the context phase expanded it (passed along in
+the prefill blob) and no media.
 """
 
 from __future__ import annotations
@@ -36,6 +43,13 @@ from mpi_workers.engine.base import Engine, KvEventSink, NativeKvHandoff
 from mpi_workers.engine.model_shape import ModelShape
 from mpi_workers.engine.streaming import RequestValidationError, validate_request
 from mpi_workers.engine.trtllm.kv_events import KvEventTranslator
+from mpi_workers.engine.trtllm.multimodal import (
+    TrtllmMedia,
+    apply_patch,
+    prepare,
+    prompt_patch,
+    vlm_of,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -66,6 +80,10 @@ class TrtllmEngine(Engine, NativeKvHandoff):
     ) -> None:
         from tensorrt_llm import LLM
 
+        # Images only for a VLM whose placeholders our frontend knows how to expand.
+        self._vlm = vlm_of(llm_args["model"])
+        if self._vlm is not None:
+            self.media_kinds = frozenset({"image", "embeds"})
         self.model_name = model_name
         self.block_size = block_size
         self.max_model_len = max_model_len
@@ -75,7 +93,7 @@ class TrtllmEngine(Engine, NativeKvHandoff):
         self._running: dict[str, Any] = {}  # request id -> RequestOutput
         self._aborts: dict[str, asyncio.Event] = {}
         self._sink: KvEventSink | None = None
-        self._translator = KvEventTranslator(block_size)
+        self._translator = KvEventTranslator(block_size, shape.vocab_size)
         self._stats: dict[str, Any] = {}
         self._tasks: list[asyncio.Task[None]] = []
         self._stopping = False
@@ -106,13 +124,45 @@ class TrtllmEngine(Engine, NativeKvHandoff):
 
     # ----- requests ------------------------------------------------------------------------
     def validate(self, request: GenerateRequest) -> None:
+        kinds = {ref.kind for ref in request.media} - self.media_kinds
+        if kinds:  # first: a text model's vocabulary has no image token either
+            raise RequestValidationError(
+                "messages", f"this TensorRT-LLM worker takes no {' or '.join(sorted(kinds))}"
+            )
         validate_request(request, self.max_model_len, self.vocab_size)
         if request.request_id in self._running:
             raise RequestValidationError("request_id", "a request with this id is running")
 
-    def generate(self, request: GenerateRequest) -> AsyncIterator[GenerateOutput]:
+    def prepare_media(self, request: GenerateRequest, payloads: list[bytes]) -> TrtllmMedia:
+        """RGB PIL images or [rows, hidden] tensors for `request.media` (worker thread)."""
+        if self._vlm is None:  # param set: the worker's name table has no "messages"
+            raise RequestValidationError("messages", "this TensorRT-LLM worker takes no images")
+        return prepare(request, payloads, self._vlm, self.llm.tokenizer)
+
+    def generate(
+        self, request: GenerateRequest, media: Any = None
+    ) -> AsyncIterator[GenerateOutput]:
         self.validate(request)
-        return self._run(request, self.sampling_params(request.sampling), None, None)
+        inputs = self._inputs(request, media)
+        sampling = self.sampling_params(request.sampling, **_text_fixed(inputs))
+        return self._run(request, inputs, sampling, None, None)
+
+    def _inputs(self, request: GenerateRequest, media: Any) -> dict[str, Any]:
+        """The prompt as `generate_async` takes it: token ids, plus TensorRT-LLM's multimodal
+        dict with each placeholder run collapsed to one image token (see `multimodal.py`)."""
+        if not request.media:
+            if media is not None:
+                raise RequestValidationError("messages", "media given for a text-only request")
+            return {"prompt_token_ids": list(request.token_ids)}
+        if self._vlm is None or not isinstance(media, TrtllmMedia):
+            raise RequestValidationError(
+                "messages", "the request's images were not prepared (prepare_media)"
+            )
+        if len(media.items) != len(request.media):
+            raise RequestValidationError(
+                "messages", f"{len(request.media)} images but {len(media.items)} prepared"
+            )
+        return media.inputs()
 
     async def abort(self, request_id: str) -> None:
         result = self._running.get(request_id)
@@ -149,6 +199,7 @@ class TrtllmEngine(Engine, NativeKvHandoff):
     async def _run(
         self,
         request: GenerateRequest,
+        inputs: dict[str, Any],
         sampling: Any,
         disaggregated_params: Any,
         cached_override: int | None,
@@ -158,7 +209,7 @@ class TrtllmEngine(Engine, NativeKvHandoff):
 
         rid = request.request_id
         result = self.llm.generate_async(
-            {"prompt_token_ids": list(request.token_ids)},
+            inputs,
             sampling_params=sampling,
             streaming=True,
             disaggregated_params=disaggregated_params,
@@ -208,14 +259,20 @@ class TrtllmEngine(Engine, NativeKvHandoff):
             self._aborts.pop(rid, None)
 
     # ----- disaggregation ------------------------------------------------------------------
-    async def prefill_only(self, request: GenerateRequest) -> tuple[GenerateOutput, dict]:
+    async def prefill_only(
+        self, request: GenerateRequest, media: Any = None
+    ) -> tuple[GenerateOutput, dict]:
+        """The context phase (with the request's images, if any); the blob carries the
+        disaggregated params and, for an image request, the prompt as TensorRT-LLM expanded
+        it (`prompt_patch`): the decode side sends that instead of the images."""
         from tensorrt_llm.executor.utils import RequestError
         from tensorrt_llm.llmapi import DisaggregatedParams
 
         self.validate(request)
-        sampling = self.sampling_params(request.sampling, max_tokens=1)
+        inputs = self._inputs(request, media)
+        sampling = self.sampling_params(request.sampling, max_tokens=1, **_text_fixed(inputs))
         result = self.llm.generate_async(
-            {"prompt_token_ids": list(request.token_ids)},
+            inputs,
             sampling_params=sampling,
             streaming=False,
             disaggregated_params=DisaggregatedParams(request_type="context_only"),
@@ -245,15 +302,32 @@ class TrtllmEngine(Engine, NativeKvHandoff):
         first = GenerateOutput(
             request_id=rid, num_prompt_tokens=len(request.token_ids), num_cached_tokens=cached
         )
-        return first, {"disaggregated_params": encode_params(params), "num_cached_tokens": cached}
+        blob: dict[str, Any] = {
+            "disaggregated_params": encode_params(params),
+            "num_cached_tokens": cached,
+        }
+        if request.media:
+            blob["multimodal_prompt"] = prompt_patch(request.token_ids, list(out.prompt_token_ids))
+        return first, blob
 
     def generate_from_prefill(
         self, request: GenerateRequest, prefill: dict[str, Any]
     ) -> AsyncIterator[GenerateOutput]:
+        """Decode after a remote context phase. An image request needs no images here, only
+        the prompt as the context phase expanded it (the KV holds the images)."""
         self.validate(request)
         params = decode_params(prefill["disaggregated_params"])
         cached = int(prefill.get("num_cached_tokens", 0))
-        return self._run(request, self.sampling_params(request.sampling), params, cached)
+        ids = list(request.token_ids)
+        if request.media:
+            patch = prefill.get("multimodal_prompt")
+            if not isinstance(patch, dict):  # not the client's fault: no 4xx
+                raise RuntimeError(
+                    "the prefill worker sent no expanded prompt for this image request"
+                )
+            ids = apply_patch(ids, patch)
+        inputs = {"prompt_token_ids": ids}
+        return self._run(request, inputs, self.sampling_params(request.sampling), params, cached)
 
     # ----- observation ---------------------------------------------------------------------
     def load_metrics(self) -> LoadMetrics:
@@ -318,6 +392,11 @@ class TrtllmEngine(Engine, NativeKvHandoff):
 
 
 _END = object()
+
+
+def _text_fixed(inputs: dict[str, Any]) -> dict[str, Any]:
+    """A text prompt (embeddings) already holds the template's special tokens."""
+    return {"add_special_tokens": False} if "prompt" in inputs else {}
 
 
 async def _until(result: Any, aborted: asyncio.Event) -> AsyncIterator[Any]:

@@ -7,6 +7,13 @@ Rules (as Dynamo's publisher): a stored event stops at its first partial block; 
 largest attention window seen in the `created` event is kept (sliding-window layers repeat
 events for their own window); an event whose parent we never saw is dropped (the router
 could not place it).
+
+Blocks holding image rows: TensorRT-LLM's input processor marks them with ids past the
+vocabulary (`vocab_size + 1`) and keys them by its own image hashes, which are not our
+`MediaRef.content_hash`: our hash of such a block could never match the frontend's (its
+blocks hold `<image>` ids and our image hash) and would merge different images into one
+name. So a stored event stops at its first block with an out-of-vocabulary id, like at a
+partial block: the router sees text prefixes up to the first image, never a false image hit.
 """
 
 from __future__ import annotations
@@ -22,8 +29,9 @@ logger = logging.getLogger(__name__)
 
 
 class KvEventTranslator:
-    def __init__(self, block_size: int) -> None:
+    def __init__(self, block_size: int, vocab_size: int | None = None) -> None:
         self.block_size = block_size
+        self.vocab_size = vocab_size  # ids at or past it are image rows (None: no check)
         self.window_size: int | None = None
         self._ours: dict[int, int] = {}  # TensorRT-LLM block hash -> our block hash
 
@@ -68,6 +76,8 @@ class KvEventTranslator:
             tokens = [int(token["token_id"]) for token in block.get("tokens", [])]
             if len(tokens) != self.block_size:
                 break  # a partial block: the router only knows full ones
+            if self.vocab_size is not None and any(t >= self.vocab_size or t < 0 for t in tokens):
+                break  # image rows: named by TensorRT-LLM's image hash, not ours
             ours = hash_block(parent, tokens)
             self._ours[block["block_hash"]] = ours
             blocks.append(StoredBlock(block_hash=ours, num_tokens=len(tokens)))

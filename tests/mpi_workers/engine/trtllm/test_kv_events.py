@@ -71,3 +71,17 @@ def test_partial_blocks_other_windows_and_orphans_are_dropped() -> None:
         KvStored(parent_hash=None, blocks=[{"block_hash": block_hashes([1, 2, 3, 4], 4)[0],
                                             "num_tokens": 4}])
     ]  # fmt: skip
+
+
+def test_a_stored_event_stops_at_the_first_block_with_image_rows() -> None:
+    translator = KvEventTranslator(BLOCK, vocab_size=1000)
+    translator.translate([created()])
+    image_row = 1001  # TensorRT-LLM marks image rows past the vocabulary
+    events = translator.translate(
+        [stored(None, [(1, [1, 2, 3, 4]), (2, [5, image_row, image_row, 6]), (3, [7, 8, 9, 10])])]
+    )
+    assert events == [
+        KvStored(parent_hash=None, blocks=[{"block_hash": block_hashes([1, 2, 3, 4], 4)[0],
+                                            "num_tokens": 4}])
+    ]  # fmt: skip
+    assert translator.translate([stored(2, [(4, [1, 1, 1, 1])])]) == []  # its children too

@@ -233,7 +233,14 @@ class Engine:
         cfg, prompt = self.config, request.prompt
         if not prompt:
             return "The prompt is empty: prompt_token_ids must hold at least one token"
-        bad = next((t for t in prompt if not 0 <= t < cfg.vocab_size), None)
+        if request.kind == "generation_only" and cfg.cache_transceiver:
+            error = check_transfer(request, cfg.tokens_per_block)  # also brings the images' digest
+            if error is not None:
+                return error
+        bad = next(
+            (t for t in prompt if not 0 <= t < cfg.vocab_size and t != request.mm_placeholder),
+            None,
+        )
         if bad is not None:
             return (
                 f"Token ID {bad} in the prompt is out of the vocabulary range [0, {cfg.vocab_size})"
@@ -248,10 +255,6 @@ class Engine:
                 f"disaggregated_params.request_type={request.kind!r} needs a KV cache "
                 "transceiver: construct the LLM with cache_transceiver_config"
             )
-        if request.kind == "generation_only":
-            error = check_transfer(request, cfg.tokens_per_block)
-            if error is not None:
-                return error
         request.max_new = (
             1
             if request.kind == "context_only"
@@ -286,9 +289,10 @@ class Engine:
             request.cached_tokens = match.tokens
         reused = len(match.hashes)
         pool.count_lookup(reused, pool.blocks_for(len(request.prompt)) - reused)
-        request.sequences = new_sequences(
-            request, hashing.absorb(hashing.initial_state(), request.prompt)
-        )
+        state = hashing.absorb(hashing.initial_state(), request.prompt)
+        if request.mm_digest is not None:  # the "vision tower": the images steer the tokens
+            state = hashing.absorb(state, (request.mm_digest,))
+        request.sequences = new_sequences(request, state)
         for seq in request.sequences:
             seq.kv_len = len(request.prompt)
             self._fit_private(request, seq)

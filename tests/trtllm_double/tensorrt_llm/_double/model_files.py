@@ -55,6 +55,10 @@ class ModelInfo:
     tokenizer_eos_id: int | None
     tokenizer_pad_id: int | None
     has_tokenizer_file: bool = field(default=False)
+    # A vision-language model (LLaVA layout): the image token, rows per image, row width.
+    image_token_id: int | None = None
+    image_tokens: int | None = None
+    hidden_size: int | None = None
 
 
 def load_model_info(model: Path) -> ModelInfo:
@@ -80,7 +84,27 @@ def load_model_info(model: Path) -> ModelInfo:
         tokenizer_eos_id=tok_eos if tok_eos is not None else (eos[0] if eos else None),
         tokenizer_pad_id=tok_pad,
         has_tokenizer_file=(model / "tokenizer.json").is_file(),
+        **_vision_facts(config, text_config),
     )
+
+
+def _vision_facts(config: dict[str, Any], text_config: dict[str, Any]) -> dict[str, Any]:
+    """Image token, rows per image ((image_size / patch_size)^2, + the CLIP class token
+    under the "full" feature strategy) and hidden size, for a folder with a vision tower."""
+    vision = config.get("vision_config")
+    token = config.get("image_token_index", config.get("image_token_id"))
+    if not isinstance(vision, dict) or not isinstance(token, int):
+        return {}
+    patches = (int(vision.get("image_size", 224)) // int(vision.get("patch_size", 16))) ** 2
+    clip_full = vision.get("model_type", "clip_vision_model") == "clip_vision_model" and (
+        config.get("vision_feature_select_strategy", "default") == "full"
+    )
+    hidden = text_config.get("hidden_size", config.get("hidden_size"))
+    return {
+        "image_token_id": token,
+        "image_tokens": patches + (1 if clip_full else 0),
+        "hidden_size": int(hidden) if isinstance(hidden, int) else None,
+    }
 
 
 def _tokenizer_special_ids(model: Path) -> tuple[int | None, int | None]:

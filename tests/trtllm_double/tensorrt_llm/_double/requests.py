@@ -16,6 +16,7 @@ from typing import Literal
 from ..disaggregated_params import DisaggregatedParams
 from ..sampling_params import SamplingParams
 from . import hashing
+from .multimodal import salted
 from .queues import WakeQueue
 from .responses import EngineFinish, Response
 
@@ -77,6 +78,11 @@ class Request:
     end_id: int  # -1: never ends on a token
     stop_words: list[list[int]]
     bad_tokens: frozenset[int]
+    # Multimodal: the digest of the images folded into the token rule, and the id marking
+    # image rows in `prompt` (allowed although out of vocabulary); generation_only requests
+    # get both from the context phase's opaque_state (they travel with the KV).
+    mm_digest: int | None = None
+    mm_placeholder: int | None = None
     sequences: list[Sequence] = field(default_factory=list)
     chain: list[int] = field(default_factory=list)  # stored prompt blocks, referenced
     first_tokens: list[int] = field(default_factory=list)  # first token of each sequence
@@ -169,6 +175,8 @@ def opaque_state(request: Request, tokens_per_block: int, first_tokens: list[int
             "first_gen_tokens": first_tokens,
             "tokens_per_block": tokens_per_block,
             "ctx_request_id": request.request_id,
+            "mm_digest": request.mm_digest,
+            "mm_placeholder": request.mm_placeholder,
         }
     ).encode()
 
@@ -199,4 +207,8 @@ def check_transfer(request: Request, tokens_per_block: int) -> str | None:
         )
     if list(state.get("first_gen_tokens") or []) != list(params.first_gen_tokens):
         return "KV cache transfer failed: first_gen_tokens differ from the context phase's"
+    if state.get("mm_digest") is not None:  # the images' KV came along
+        request.mm_digest = int(state["mm_digest"])
+        request.mm_placeholder = state.get("mm_placeholder")
+        request.salt_id = salted(request.salt_id, request.mm_digest)
     return None

@@ -12,6 +12,7 @@ is faked by the executor in `tensorrt_llm._double` (see README.md).
 from __future__ import annotations
 
 import atexit
+import collections
 import itertools
 import logging
 import os
@@ -26,6 +27,7 @@ from typing import Any, Literal
 from .._double import hashing
 from .._double.engine import Engine, EngineConfig
 from .._double.model_files import LightTokenizer, ModelInfo, load_model_info
+from .._double.multimodal import ExpandedPrompt, expand, salted
 from .._double.proxy import (
     ENV_ADDR,
     ENV_CONNECT_TIMEOUT,
@@ -117,6 +119,9 @@ class BaseLLM:
         self._tokenizer = self._make_tokenizer()
         self._ids = itertools.count(1)
         self._ids_lock = threading.Lock()
+        # DOUBLE ONLY: the latest accepted `generate_async` input dicts and their request
+        # types, so a test can see what an adapter passed (e.g. its multimodal inputs).
+        self._double_inputs: collections.deque[tuple[Any, str]] = collections.deque(maxlen=64)
         self._start_mpi_session()
         try:
             self._engine = Engine(self._engine_config())
@@ -295,8 +300,9 @@ class BaseLLM:
         _reject_unsupported(
             params, lora_request, prompt_adapter_request, disaggregated_params, self.args
         )
-        prompt, token_ids = self._prompt_tokens(inputs, params)
+        prompt, token_ids, multimodal = self._prompt_tokens(inputs, params, kind)
         self._check_arguments(len(token_ids), params, is_gen_only=kind == "generation_only")
+        self._double_inputs.append((inputs, kind))
         with self._ids_lock:
             request_id = next(self._ids)
         queue: WakeQueue[Any] = WakeQueue()
@@ -313,6 +319,9 @@ class BaseLLM:
         )
         ignore_eos = params.ignore_eos
         end_id = -1 if ignore_eos or params.end_id is None else int(params.end_id)
+        salt_id = hashing.string_id(cache_salt) if cache_salt is not None else None
+        if multimodal is not None:
+            salt_id = salted(salt_id, multimodal.digest)
         engine.submit(
             Request(
                 request_id=request_id,
@@ -322,10 +331,12 @@ class BaseLLM:
                 queue=queue,
                 kind=kind,
                 disagg=disaggregated_params,
-                salt_id=hashing.string_id(cache_salt) if cache_salt is not None else None,
+                salt_id=salt_id,
                 end_id=end_id,
                 stop_words=[] if ignore_eos else params._get_stop_words(),
                 bad_tokens=frozenset(w[0] for w in params._get_bad_words() if len(w) == 1),
+                mm_digest=multimodal.digest if multimodal is not None else None,
+                mm_placeholder=multimodal.placeholder if multimodal is not None else None,
             )
         )
         return result
@@ -358,7 +369,9 @@ class BaseLLM:
         )
         return sampling_params
 
-    def _prompt_tokens(self, inputs: Any, params: SamplingParams) -> tuple[str | None, list[int]]:
+    def _prompt_tokens(
+        self, inputs: Any, params: SamplingParams, kind: RequestKind
+    ) -> tuple[str | None, list[int], ExpandedPrompt | None]:
         prompt: str | None = None
         if isinstance(inputs, str):
             inputs = {"prompt": inputs}
@@ -366,8 +379,17 @@ class BaseLLM:
             inputs = {"prompt_token_ids": inputs}
         if not isinstance(inputs, Mapping):
             raise TypeError(f"The inputs must be type str or list of int, but got {type(inputs)}")
-        if inputs.get("multi_modal_data") or inputs.get("multi_modal_embeddings"):
-            raise ValueError("multimodal inputs are not supported by the TensorRT-LLM test double")
+        multimodal_given = (
+            inputs.get("multi_modal_data") is not None
+            or inputs.get("multi_modal_embeddings") is not None
+        )
+        if multimodal_given and kind == "generation_only":
+            raise ValueError(
+                "multimodal inputs on a generation_only request: the KV from the context phase "
+                "already holds the images (the real LLM would re-run the vision tower for "
+                "nothing); send the context phase's prompt_token_ids alone "
+                "(TensorRT-LLM test double)"
+            )
         if "prompt_token_ids" in inputs:
             token_ids = [int(t) for t in inputs["prompt_token_ids"]]
         elif "prompt" in inputs:
@@ -379,7 +401,10 @@ class BaseLLM:
             raise TypeError(f"The inputs must be type str or list of int, but got {type(inputs)}")
         if params.truncate_prompt_tokens is not None:
             token_ids = token_ids[-params.truncate_prompt_tokens :]
-        return prompt, token_ids
+        multimodal = expand(inputs, token_ids, self._info) if multimodal_given else None
+        if multimodal is not None:
+            token_ids = multimodal.token_ids  # RequestOutput.prompt_token_ids: the expanded ids
+        return prompt, token_ids, multimodal
 
     def _check_arguments(self, prompt_len: int, params: SamplingParams, is_gen_only: bool) -> None:
         args = self.args
