@@ -11,6 +11,9 @@ one itself). A prefill worker that fails, leaves or times out is replaced once.
 prefill role, `prefill_first`: run the context phase, hand the request and its params to a
 decode worker (`DecodeHandoff`), which announces itself on the reply inbox and streams the
 whole answer. Nothing is streamed by the prefill worker.
+
+Images: only the prefill worker fetches and prepares them (`Worker.prepare_media`); the
+decode side gets what it needs of them in the engine's blob.
 """
 
 from __future__ import annotations
@@ -128,13 +131,19 @@ class NativeDisaggWorker(PeerWorker):
     # ----- prefill role ------------------------------------------------------------------
 
     async def _prefill_for(self, message: RemotePrefillRequest) -> PrefillResult:
-        first, params = await self.kv.prefill_only(message.request)
+        media = await self.prepare_media(message.request)  # ValueError: the request is bad
+        first, params = await self.kv.prefill_only(message.request, media)
         return PrefillResult(
             request_id=message.request.request_id, first=first, disaggregated_params=params
         )
 
     async def _serve_prefill_first(self, request: GenerateRequest, reply: str) -> None:
-        first, params = await self.kv.prefill_only(request)
+        try:
+            media = await self.prepare_media(request)
+        except ValueError as exc:
+            await self._reply_error(reply, request.request_id, str(exc), error_param(exc))
+            return
+        first, params = await self.kv.prefill_only(request, media)
         handoff = DecodeHandoff(
             request=request, first=first, reply=reply, prefill_worker_id=self.worker_id,
             disaggregated_params=params,
