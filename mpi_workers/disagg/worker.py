@@ -19,8 +19,9 @@ under tensor parallelism the transfer endpoint is the group leader's and the KV 
 holds every global KV head, so prefill and decode TP may differ.
 
 Images: the prefill worker fetches and encodes them; the decode worker fetches and prepares
-them too (its reservation hashes image blocks with their image, and a preempted decode
-recomputes its prompt from them), but only encodes them if it has to recompute.
+them too, while the prompt is computed remotely (its reservation hashes image blocks with
+their image from `request.media` alone; a preempted decode recomputes its prompt from the
+media), but only encodes them if it has to recompute.
 
 Test hook: `HPCSERVE_FAULT_PREFILL_EXIT=<worker_id>` makes that prefill worker exit abruptly
 after computing a prefill and before pushing its KV (a crash mid-transfer).
@@ -127,17 +128,33 @@ class DisaggWorker(PeerWorker):
     async def _prefill_remotely_then_decode(
         self, prefill: WorkerCard, request: GenerateRequest, reply: str
     ) -> None:
+        media_task = self._prepare_beside(request)
         try:
-            media = await self.prepare_media(request)
-        except ValueError as exc:
-            raise RequestRejected(str(exc), error_param(exc)) from None
-        reservation, result = await self._remote_prefill(prefill, request, media)
+            reservation, result = await self._remote_prefill(prefill, request)
+        except BaseException:
+            media_task.cancel()
+            raise
+        try:
+            media = await media_task
+        except BaseException as exc:
+            await self.kv.release_reservation(reservation)
+            if isinstance(exc, ValueError):
+                raise RequestRejected(str(exc), error_param(exc)) from None
+            raise
         assert result.first is not None
         await self._publish(reply, result.first)
         if result.first.finish_reason is not None:
             await self.kv.release_reservation(reservation)
             return
-        await self._decode(reservation, result.first, result.generator_state, reply)
+        await self._decode(reservation, result.first, result.generator_state, reply, media)
+
+    def _prepare_beside(self, request: GenerateRequest) -> asyncio.Future[Any]:
+        """The decode side's media (kept for a recompute of the prompt), fetched and
+        prepared while the prefill worker computes the prompt; its blocks' hashes need only
+        `request.media`."""
+        task = asyncio.ensure_future(self.prepare_media(request))
+        task.add_done_callback(lambda t: t.cancelled() or t.exception())  # always retrieved
+        return task
 
     async def _reserve(self, request: GenerateRequest, media: Any = None) -> KvReservation:
         deadline = asyncio.get_running_loop().time() + RESERVE_WAIT_S
@@ -235,11 +252,12 @@ class DisaggWorker(PeerWorker):
         return reservation, result
 
     async def _decode(
-        self, reservation: KvReservation, first: GenerateOutput, state: str | None, reply: str
+        self, reservation: KvReservation, first: GenerateOutput, state: str | None, reply: str,
+        media: Any = None,
     ) -> None:
         """Run the imported prompt from its first token; stream every later chunk."""
         finished = False
-        async for output in self.kv.decode_reserved(reservation, first, state):
+        async for output in self.kv.decode_reserved(reservation, first, state, media):
             await self._publish(reply, output)
             finished = output.finish_reason is not None
         if not finished:
@@ -253,8 +271,12 @@ class DisaggWorker(PeerWorker):
         try:
             if prefill is None:
                 raise RemoteFailure(f"prefill worker {handoff.prefill_worker_id} is gone")
-            media = await self.prepare_media(request)
-            reservation = await self._reserve(request, media)
+            media_task = self._prepare_beside(request)
+            try:
+                reservation = await self._reserve(request)
+            except BaseException:
+                media_task.cancel()
+                raise
             subject = kv_push_subject(self.deployment, prefill.worker_id)
 
             async def send(ticket: dict[str, Any], timeout: float) -> KvPushResult:
@@ -268,14 +290,18 @@ class DisaggWorker(PeerWorker):
 
             try:
                 await self._receive_kv(reservation, prefill, send)
+                media = await media_task
             except BaseException:
+                media_task.cancel()
                 await self.kv.release_reservation(reservation)
                 raise
-            await self._decode(reservation, handoff.first, handoff.generator_state, reply)
+            await self._decode(reservation, handoff.first, handoff.generator_state, reply, media)
         except asyncio.CancelledError:
             with contextlib.suppress(Exception):
                 await self.engine.abort(request.request_id)
             raise
+        except ValueError as exc:  # the request's media are bad
+            await self._reply_error(reply, request.request_id, str(exc), error_param(exc))
         except Exception as exc:
             logger.warning("%s handoff of %s failed: %s", self.tag, request.request_id, exc)
             await self._reply_error(

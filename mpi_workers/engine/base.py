@@ -173,10 +173,12 @@ class BlockKvHandoff(ABC):
 
     @abstractmethod
     def decode_reserved(
-        self, reservation: KvReservation, first: GenerateOutput, sampler_state: str | None
+        self, reservation: KvReservation, first: GenerateOutput, sampler_state: str | None,
+        media: Any = None,
     ) -> AsyncIterator[GenerateOutput]:
         """Run the imported prompt from its first token (already sent to the client); stream
-        every later chunk. Closing the stream early aborts it."""
+        every later chunk. Closing the stream early aborts it. `media`: `prepare_media`'s
+        result, if not given to `reserve` (a preempted decode recomputes its prompt)."""
 
 
 class NativeKvHandoff(ABC):

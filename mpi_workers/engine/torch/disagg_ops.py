@@ -177,10 +177,13 @@ class TorchKvHandoff(BlockKvHandoff):
         await self._free_soon(reservation.handle)
 
     async def decode_reserved(
-        self, reservation: KvReservation, first: GenerateOutput, sampler_state: str | None
+        self, reservation: KvReservation, first: GenerateOutput, sampler_state: str | None,
+        media: list[SeqMedia] | None = None,
     ) -> AsyncIterator[GenerateOutput]:
         seq: Sequence = reservation.handle
         seq.generator = _restore_generator(sampler_state)
+        if media is not None:  # not yet stepped: set before the stepping thread sees it
+            seq.media = list(media)
         stream = self.stream_sequence(seq, add=False)
         try:
             await self.call_in_engine_thread(lambda: self._activate(seq, first))

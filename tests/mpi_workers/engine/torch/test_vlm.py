@@ -261,13 +261,14 @@ async def test_disaggregated_prefill_then_decode_equals_aggregated(
         await clip_engine.reset_prefix_cache()
         held = await clip_engine.prefill_and_hold(request, prefill_media)
         decode_media = decode.prepare_media(request, images)
-        reservation = await decode.reserve(request, decode_media)
+        reservation = await decode.reserve(request)  # the hashes need only request.media
         assert reservation is not None and reservation.skip_blocks == 0
         staging = await clip_engine.export_held(held, reservation.skip_blocks)
         await decode.import_kv(reservation, staging)
         tokens = list(held.first.token_ids)
         preempted = False
-        async for output in decode.decode_reserved(reservation, held.first, held.sampler_state):
+        async for output in decode.decode_reserved(reservation, held.first, held.sampler_state,
+                                                   decode_media):  # fmt: skip
             tokens.extend(output.token_ids)
             if not preempted and output.finish_reason is None:
                 preempted = await decode.call_in_engine_thread(lambda: preempt(decode, "dis"))
