@@ -169,9 +169,10 @@ def test_tensor_parallel_group_runs_under_mpirun_and_the_launcher(tmp_path: Path
     """tp 2 locally: `mpirun -n 2 trtllm-llmapi-launch python -m mpi_workers ...`; rank 0 is
     our worker holding the LLM, which reaches the 2-rank MPI world through the leader."""
     args = ["configs/local-trtllm-agg.yaml", "--set", "workers.0.tp=2"]
-    with deployment(args, tmp_path / "run") as up, httpx.Client(
-        base_url=up.base_url, timeout=60
-    ) as http:
+    with (
+        deployment(args, tmp_path / "run") as up,
+        httpx.Client(base_url=up.base_url, timeout=60) as http,
+    ):
         assert complete(http, PROMPTS[0])["usage"]["completion_tokens"] >= 1
         log = (up.run_dir / "logs" / "worker-agg-g0-i0.log").read_text()
         assert "MPI session: 2 ranks" in log, log
@@ -193,3 +194,56 @@ def test_a_bad_engine_yaml_key_fails_at_start_naming_it(tmp_path: Path) -> None:
         up.kill_all()
     assert code != 0, up.output
     assert "not_an_llm_api_key" in up.output, up.output
+
+
+def image_chat(http: httpx.Client, *images: bytes) -> str:
+    """A greedy chat answer to a question about `images` (data: URLs)."""
+    import base64
+
+    parts = [{"type": "text", "text": "Describe the image"}] + [
+        {"type": "image_url",
+         "image_url": {"url": "data:image/png;base64," + base64.b64encode(i).decode()}}
+        for i in images
+    ]  # fmt: skip
+    body = {"messages": [{"role": "user", "content": parts}], "max_tokens": 8, "temperature": 0}
+    response = http.post("/chat/completions", json=body)
+    assert response.status_code == 200, response.text
+    return response.json()["choices"][0]["message"]["content"]
+
+
+def noise_png(seed: int) -> bytes:
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    pixels = np.random.default_rng(seed).integers(0, 256, (48, 64, 3), dtype=np.uint8)
+    out = io.BytesIO()
+    Image.fromarray(pixels).save(out, format="PNG")
+    return out.getvalue()
+
+
+def test_images_pass_through_aggregated_and_disaggregated(tmp_path: Path) -> None:
+    """The tiny VLM folder on the double: images travel frontend → NATS side channel → worker
+    → `multi_modal_data` (the double's tokens depend on the pixels), and a prefill_first
+    disaggregated pair answers as the aggregated worker does."""
+    first, second = noise_png(1), noise_png(2)
+    vlm = ["--set", "model.prepared=tiny-vlm"]
+    with (
+        deployment(["configs/local-trtllm-agg.yaml", *vlm], tmp_path / "agg") as up,
+        httpx.Client(base_url=up.base_url, timeout=60) as http,
+    ):
+        expected = [
+            image_chat(http, first),
+            image_chat(http, second),
+            image_chat(http, first, second),
+        ]
+        assert image_chat(http, first) == expected[0]
+        assert len(set(expected)) == 3
+    args = ["configs/local-trtllm-disagg.yaml", *vlm]
+    with (
+        deployment(args, tmp_path / "disagg", DISAGGREGATION_STRATEGY="prefill_first") as up,
+        httpx.Client(base_url=up.base_url, timeout=60) as http,
+    ):
+        got = [image_chat(http, first), image_chat(http, second), image_chat(http, first, second)]
+    assert got == expected
