@@ -31,7 +31,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-import importlib.util
 import logging
 import queue
 import threading
@@ -45,7 +44,7 @@ import torch
 
 from contract.block_hash import media_block_extras
 from contract.config import MultimodalConfig, env_flag
-from contract.messages import GenerateOutput, GenerateRequest, MediaRef, SamplingParams
+from contract.messages import GenerateOutput, GenerateRequest, SamplingParams
 from mpi_workers.engine.block_manager import BlockManager
 from mpi_workers.engine.scheduler import ScheduledBatch, Scheduler
 from mpi_workers.engine.sequence import SeqMedia, SeqStatus, Sequence
@@ -57,12 +56,14 @@ from mpi_workers.engine.streaming import (  # noqa: F401 (re-exported)
 from mpi_workers.engine.torch.disagg_ops import TorchKvHandoff
 from mpi_workers.engine.torch.kv_cache import KvCache, blocks_for_budget, gpu_kv_budget
 from mpi_workers.engine.torch.loader import default_dtype, load_model
+from mpi_workers.engine.torch.media_inputs import MediaInputs
 from mpi_workers.engine.torch.model_config import load_model_config
 from mpi_workers.engine.torch.model_runner import ModelRunner, StepPlan, build_plan
 from mpi_workers.engine.torch.sampler import Sampler, SampleRow
 
 if TYPE_CHECKING:
     from mpi_workers.engine.torch.tp import TpRuntime
+    from mpi_workers.engine.torch.vision import VisionEncoder
 
 logger = logging.getLogger(__name__)
 
@@ -196,21 +197,12 @@ class TorchEngine(StreamingEngine, TorchKvHandoff):
             self.model, self.kv_cache, enforce_eager, max_num_seqs, self.max_num_batched_tokens
         )
         self.sampler = Sampler(seed, native_argmax=self.model.path.native_argmax)
-        self.vision = None  # the leader's vision encoder (a vision-language model)
-        self.max_image_pixels = max_image_pixels
-        self._image_processor: Any = None
-        self._processor_lock = threading.Lock()
+        self.media_inputs: MediaInputs | None = None  # a vision-language model's images
         if self.config.vision is not None:
-            from mpi_workers.engine.torch.vision import load_vision_encoder
-
-            for module in ("transformers", "PIL"):  # image decoding and preprocessing
-                if importlib.util.find_spec(module) is None:
-                    raise RuntimeError(f"{self.model_dir} is a vision-language model: its "
-                                       f"images need {module} (pip install 'hpcserve[vlm]')")
-
-            self.vision = load_vision_encoder(self.model_dir, self.config.vision, self.device,
-                                              self.dtype)  # fmt: skip
-            self.media_kinds = frozenset({"image", "embeds"})
+            self.media_inputs = MediaInputs(
+                self.model_dir, self.config.vision, self.device, self.dtype, max_image_pixels
+            )
+            self.media_kinds = MediaInputs.kinds
         self.stats = EngineStats()
         self._init_streaming()
         self._commands: queue.Queue[tuple[str, Any]] = queue.Queue()
@@ -361,143 +353,28 @@ class TorchEngine(StreamingEngine, TorchKvHandoff):
         super().validate(request)
         if not request.media:
             return
-        vision = self.config.vision
-        if vision is None:
+        if self.media_inputs is None:
             raise RequestValidationError(
                 "messages", f"model {self.model_name} is text-only: it takes no images"
             )
-        previous_end = 0
-        for index, ref in enumerate(request.media):
-            where = f"image {index + 1}"
-            if ref.kind not in self.media_kinds:
-                raise RequestValidationError("messages", f"{where}: kind {ref.kind!r} not taken")
-            if ref.offset < previous_end or ref.offset + ref.length > len(request.token_ids):
-                raise RequestValidationError(
-                    "messages", f"{where}: placeholder run outside the prompt or overlapping"
-                )
-            previous_end = ref.offset + ref.length
-            run = request.token_ids[ref.offset : previous_end]
-            if any(token != vision.image_token_id for token in run):
-                raise RequestValidationError(
-                    "messages", f"{where}: its positions do not all hold the image token"
-                )
-            if ref.kind == "image" and ref.length != vision.tokens_per_image:
-                raise RequestValidationError(
-                    "messages", f"{where}: {ref.length} placeholder tokens, the model "
-                    f"takes {vision.tokens_per_image} per image",
-                )  # fmt: skip
+        self.media_inputs.validate(request)
 
     def prepare_media(self, request: GenerateRequest, payloads: list[bytes]) -> list[SeqMedia]:
-        """Decode + preprocess each image (the model folder's transformers image processor)
-        or check each embedding (dtype, [length, hidden]); runs in a worker thread."""
-        if len(payloads) != len(request.media):
+        """Decode + preprocess each image or check each embedding (a worker thread)."""
+        if self.media_inputs is None:
             raise RequestValidationError(
-                "messages", f"{len(payloads)} payloads for {len(request.media)} images"
+                "messages", f"model {self.model_name} is text-only: it takes no images"
             )
-        prepared = []
-        for index, (ref, payload) in enumerate(zip(request.media, payloads, strict=True)):
-            item = SeqMedia(ref.offset, ref.length, ref.content_hash)
-            if ref.kind == "image":
-                item.pixels = self._image_pixels(index, payload)
-            else:
-                item.features = self._embeds(index, ref, payload)
-            prepared.append(item)
-        return prepared
+        return self.media_inputs.prepare(request, payloads)
 
-    def _image_pixels(self, index: int, payload: bytes) -> torch.Tensor:
-        from io import BytesIO
-
-        from PIL import Image
-
-        where = f"image {index + 1}"
-        try:
-            with Image.open(BytesIO(payload)) as image:
-                pixels = image.width * image.height
-                if pixels > self.max_image_pixels:
-                    raise RequestValidationError(
-                        "messages", f"{where}: {image.width}x{image.height} exceeds "
-                        f"{self.max_image_pixels} pixels",
-                    )  # fmt: skip
-                image.load()
-                decoded = image.copy()
-        except RequestValidationError:
-            raise
-        except Exception as exc:  # PIL raises many kinds for a broken file
-            raise RequestValidationError(
-                "messages", f"{where} could not be decoded: {type(exc).__name__}: {exc}"
-            ) from None
-        values = self.image_processor()(images=[decoded], return_tensors="pt")["pixel_values"]
-        vision = self.config.vision
-        assert vision is not None
-        want = (1, vision.num_channels, vision.image_size, vision.image_size)
-        if tuple(values.shape) != want:
-            raise RequestValidationError(
-                "messages", f"{where}: preprocessed to {list(values.shape)}, the tower takes "
-                f"{list(want)}",
-            )  # fmt: skip
-        return values
-
-    def _embeds(self, index: int, ref: MediaRef, payload: bytes) -> torch.Tensor:
-        vision = self.config.vision
-        assert vision is not None
-        where = f"image {index + 1} (embeddings)"
-        dtypes = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-        dtype = dtypes.get(ref.dtype or "")
-        if dtype is None:
-            raise RequestValidationError("messages", f"{where}: dtype {ref.dtype!r}: one of "
-                                         f"{sorted(dtypes)}")  # fmt: skip
-        want = [ref.length, vision.text_hidden_size]
-        if ref.shape != want:
-            raise RequestValidationError(
-                "messages", f"{where}: shape {ref.shape}, the model takes {want} "
-                "([placeholder tokens, hidden size])",
-            )  # fmt: skip
-        if len(payload) != want[0] * want[1] * dtype.itemsize:
-            raise RequestValidationError(
-                "messages", f"{where}: {len(payload)} bytes do not hold a {ref.dtype} {want}"
-            )
-        return torch.frombuffer(bytearray(payload), dtype=dtype).view(*want)
-
-    def image_processor(self) -> Any:
-        """The model folder's image processor, loaded once: the one transformers'
-        AutoProcessor builds, so pixel values equal the reference's (lazy: transformers is
-        heavy, and text models never need it)."""
-        with self._processor_lock:
-            if self._image_processor is None:
-                from transformers import AutoImageProcessor, AutoProcessor
-
-                try:
-                    processor = AutoProcessor.from_pretrained(str(self.model_dir))
-                    self._image_processor = processor.image_processor
-                except (OSError, ValueError, AttributeError):
-                    self._image_processor = AutoImageProcessor.from_pretrained(
-                        str(self.model_dir)
-                    )
-            return self._image_processor
+    @property
+    def vision(self) -> VisionEncoder | None:
+        """The vision encoder (the leader's; None for a text-only model)."""
+        return None if self.media_inputs is None else self.media_inputs.encoder
 
     def _encode_media(self, batch: ScheduledBatch) -> None:
-        """Stepping thread: features of the images the batch's chunks touch and that have
-        none yet (one encoder call for all of them); embeddings onto the device."""
-        todo: list[SeqMedia] = []
-        for seq, n in zip(batch.seqs, batch.num_tokens, strict=True):
-            lo, hi = seq.num_computed, seq.num_computed + n
-            for media in seq.media:
-                if media.offset >= hi or media.end <= lo:
-                    continue
-                if media.features is None:
-                    if media.pixels is None:
-                        raise RuntimeError(f"{seq.request_id}: image without its payload")
-                    todo.append(media)
-                elif media.features.device != self.device or media.features.dtype != self.dtype:
-                    media.features = media.features.to(self.device, self.dtype)
-        if not todo:
-            return
-        assert self.vision is not None
-        pixels = torch.cat([media.pixels for media in todo]).to(self.device)
-        features = self.vision.encode(pixels)
-        for media, rows in zip(todo, features, strict=True):
-            media.features = rows
-            media.pixels = None  # the features stand for the image from now on
+        if self.media_inputs is not None:
+            self.media_inputs.encode(batch.seqs, batch.num_tokens)
 
     async def abort(self, request_id: str) -> None:
         """Stop `request_id`; returns once its blocks are freed (no-op if unknown/finished)."""

@@ -220,7 +220,7 @@ def test_bad_payloads_refused_naming_messages(clip_engine, clip_ref, case, match
     if case == "broken image":
         payload = payload[:40] + b"\0" * 200
     elif case == "too many pixels":
-        monkeypatch.setattr(clip_engine, "max_image_pixels", 4000)
+        monkeypatch.setattr(clip_engine.media_inputs, "max_image_pixels", 4000)
     else:
         offset, length = refs[0].offset, refs[0].length
         hidden = info.hidden_size - 1 if case == "embeds shape" else info.hidden_size
