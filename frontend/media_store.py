@@ -51,8 +51,11 @@ class MediaStore:
         max_bytes: int,
         ttl_s: float,
         clock: Callable[[], float] = time.monotonic,
+        on_size: Callable[[int], None] | None = None,
     ) -> None:
+        """`on_size(bytes)` hears every change of the bytes held (the metrics gauge)."""
         self.max_bytes = max_bytes
+        self._on_size = on_size
         self.ttl_s = ttl_s
         self._clock = clock
         self._entries: dict[str, _Entry] = {}
@@ -98,6 +101,8 @@ class MediaStore:
             else:
                 entry.holders += 1
                 entry.expires = max(entry.expires, expires)
+        if new and self._on_size is not None:
+            self._on_size(self.bytes)
         return MediaHold(self, ids)
 
     def lookup(self, media_id: str) -> bytes | None:
@@ -123,6 +128,8 @@ class MediaStore:
         entry = self._entries.pop(media_id, None)
         if entry is not None:
             self.bytes -= len(entry.payload)
+            if self._on_size is not None:
+                self._on_size(self.bytes)
 
     def _expire(self, now: float) -> None:
         expired = [media_id for media_id, e in self._entries.items() if e.expires <= now]

@@ -136,6 +136,33 @@ class FrontendMetrics:
         )
         for outcome in ("migrated", "exhausted"):  # both series exist from the start, at 0
             self.migrations.labels(outcome)
+        self.media_items = Counter(
+            "hpcserve_frontend_media_items",
+            "images (kind image) and precomputed embedding files (kind embeds) accepted",
+            ["kind"],
+            registry=self.registry,
+        )
+        self.media_bytes = Counter(
+            "hpcserve_frontend_media_bytes",
+            "bytes of the accepted media payloads (what the workers fetch)",
+            ["kind"],
+            registry=self.registry,
+        )
+        for kind in ("image", "embeds"):
+            self.media_items.labels(kind)
+            self.media_bytes.labels(kind)
+        self.media_intake = Histogram(
+            "hpcserve_frontend_media_intake_seconds",
+            "loading and checking one request's images (download, header, embedding, hash)",
+            buckets=_LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.media_store_bytes = Gauge(
+            "hpcserve_frontend_media_store_bytes",
+            "media bytes held for requests in flight (multimodal.store_max_bytes bounds it)",
+            registry=self.registry,
+            multiprocess_mode="livesum",
+        )
 
     def track_kv_index(self, num_blocks: Callable[[], int]) -> None:
         """Expose the KV router's index size (read at scrape time)."""

@@ -287,6 +287,7 @@ async def _prepare_images(
             f"{len(images)} images (is the image token in the text?)",
             param="messages",
         )
+    started = time.perf_counter()
     loaded = await asyncio.gather(
         *(intake.load(url, param) for param, url in images), return_exceptions=True
     )
@@ -294,6 +295,11 @@ async def _prepare_images(
         if isinstance(outcome, BaseException):
             raise outcome
     items: list[MediaItem] = loaded  # type: ignore[assignment]
+    metrics = state.metrics
+    metrics.media_intake.observe(time.perf_counter() - started)
+    for item in items:
+        metrics.media_items.labels(item.kind).inc()
+        metrics.media_bytes.labels(item.kind).inc(len(item.payload))
     hold = state.media_store.hold([(item.payload, item.content_hash) for item in items])
     try:
         expanded, media = _expand(ids, vlm.image_token_id, items, hold, state.media_subject)

@@ -78,11 +78,12 @@ class FrontendState:
         self.media_subject = media_subject(config.name, self.frontend_id)
         mm = config.multimodal
         self.media_intake = MediaIntake(mm, self.vlm) if self.vlm is not None else None
-        self.media_store = MediaStore(
-            mm.store_max_bytes, ttl_s=config.frontend.request_timeout_s + 60.0
-        )
-        self._media_subscription: Any = None
         self.metrics = FrontendMetrics()
+        self.media_store = MediaStore(
+            mm.store_max_bytes, ttl_s=config.frontend.request_timeout_s + 60.0,
+            on_size=self.metrics.media_store_bytes.set,
+        )  # fmt: skip
+        self._media_subscription: Any = None
         self.tracker = LoadTracker()
         self.kv_feed: KvIndexFeed | None = None
         self.router: Router

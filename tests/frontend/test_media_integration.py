@@ -81,6 +81,15 @@ async def test_a_multi_megapixel_image_reaches_the_worker_intact_and_is_then_for
         )
         assert text.status_code == 200 and worker.requests[-1].media == []
 
+        # what an operator sees: two images accepted, their bytes, nothing held any more
+        metrics = (await client.get("/metrics")).text
+        assert 'hpcserve_frontend_media_items_total{kind="image"} 2.0' in metrics
+        sent = next(line for line in metrics.splitlines()
+                    if line.startswith('hpcserve_frontend_media_bytes_total{kind="image"}'))
+        assert float(sent.split()[-1]) == len(big_png) + len(buffer.getvalue())
+        assert "hpcserve_frontend_media_store_bytes 0.0" in metrics
+        assert "hpcserve_frontend_media_intake_seconds_count 2.0" in metrics
+
 
 async def test_the_seeds_example_request_is_answered(
     make_frontend: Any, tiny_vlm_dir: Path
