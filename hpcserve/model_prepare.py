@@ -11,6 +11,7 @@ import importlib.util
 import logging
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 from contract.config import (  # noqa: F401 (re-exported)
@@ -52,11 +53,18 @@ def prepare_default_model(target: Path | None = None, force: bool = False) -> Pa
         return target
     gguf_path = find_packaged_gguf()
     logger.info("converting %s into %s (one time)", gguf_path, target)
+    return build_folder(target, lambda staging: _convert(gguf_path, staging), str(gguf_path))
+
+
+def build_folder(target: Path, build: Callable[[Path], None], marker: str) -> Path:
+    """Run `build(staging)` in a fresh folder beside `target`, then mark it complete and
+    move it into place in one rename: a crash mid-build never leaves a folder that looks
+    finished (`is_prepared`)."""
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".prepare-", dir=target.parent))
     try:
-        _convert(gguf_path, staging)
-        (staging / _COMPLETE_MARKER).write_text(str(gguf_path) + "\n")
+        build(staging)
+        (staging / _COMPLETE_MARKER).write_text(marker + "\n")
         # mkdtemp makes the folder 0o700 and safetensors writes its file 0o600; other users
         # (and containers running as another uid) must read them.
         staging.chmod(0o755)

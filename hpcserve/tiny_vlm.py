@@ -11,8 +11,6 @@ the built-in engine against transformers' own forward on such folders.
 from __future__ import annotations
 
 import logging
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Literal
 
@@ -24,7 +22,6 @@ Tower = Literal["clip", "siglip"]
 IMAGE_TOKEN = "<image>"
 IMAGE_SIZE = 64
 PATCH_SIZE = 8
-_COMPLETE_MARKER = ".complete"
 
 # ChatML (SmolLM2's own layout) with image parts: one IMAGE_TOKEN per image, where it stands.
 CHAT_TEMPLATE = (
@@ -49,24 +46,16 @@ def prepare_tiny_vlm(
     target: Path | None = None, tower: Tower = "clip", force: bool = False, seed: int = 0
 ) -> Path:
     """Build the tiny random VLM once (idempotent: a finished folder is returned as is)."""
-    from hpcserve.model_prepare import prepare_default_model
+    from hpcserve.model_prepare import build_folder, is_prepared, prepare_default_model
 
     target = Path(target) if target is not None else tiny_vlm_dir(tower)
-    if (target / _COMPLETE_MARKER).is_file() and not force:
+    if is_prepared(target) and not force:
         return target
     tokenizer_dir = prepare_default_model()
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".tiny-vlm-", dir=target.parent))
-    try:
-        _build(staging, tokenizer_dir, tower, seed)
-        (staging / _COMPLETE_MARKER).write_text(f"random weights, seed {seed}, tower {tower}\n")
-        staging.chmod(0o755)
-        if target.exists():
-            shutil.rmtree(target)
-        staging.rename(target)
-    finally:
-        if staging.exists():
-            shutil.rmtree(staging, ignore_errors=True)
+    build_folder(
+        target, lambda staging: _build(staging, tokenizer_dir, tower, seed),
+        f"random weights, seed {seed}, tower {tower}",
+    )  # fmt: skip
     logger.info("tiny random VLM (%s tower) in %s", tower, target)
     return target
 
