@@ -17,7 +17,6 @@ import vlm_inputs as vi
 from contract import bus
 from contract.config import DisaggregationConfig
 from contract.media import serve_media
-from contract.messages import GenerateOutput, GenerateRequest
 from contract.vlm import load_vlm_info
 from mpi_workers.disagg.worker import DisaggWorker
 
@@ -66,21 +65,6 @@ async def deployment(engines, etcd_endpoint: str, nats_url: str, strategy: str
             assert bm.num_free_blocks == bm.num_blocks, f"{worker_id} leaked KV blocks"
 
 
-async def send(nc, subject: str, request: GenerateRequest, timeout: float = 60):
-    inbox = nc.new_inbox()
-    subscription = await nc.subscribe(inbox)
-    await nc.publish(subject, request.model_dump_json().encode(), reply=inbox)
-    chunks: list[GenerateOutput] = []
-    try:
-        while True:
-            msg = await subscription.next_msg(timeout=timeout)
-            chunks.append(GenerateOutput.model_validate_json(msg.data))
-            if chunks[-1].finish_reason is not None:
-                return chunks
-    finally:
-        await subscription.unsubscribe()
-
-
 @pytest.mark.parametrize("strategy", ["decode_first", "prefill_first"])
 async def test_image_request_disaggregated_equals_aggregated(
     engines, tiny_vlm_dir: Path, etcd_endpoint: str, nats_url: str, strategy: str
@@ -110,13 +94,13 @@ async def test_image_request_disaggregated_equals_aggregated(
         await engine.shutdown()
         async with deployment(engines, etcd_endpoint, nats_url, strategy) as workers:
             entry = workers["decode-a" if strategy == "decode_first" else "prefill-a"]
-            chunks = await send(frontend, entry.subject, vi.request("dis", ids, refs, 8))
+            chunks = await vi.reply_chunks(frontend, entry.subject, vi.request("dis", ids, refs, 8))
             assert chunks[-1].finish_reason in ("length", "stop"), chunks[-1].error
             assert [t for c in chunks for t in c.token_ids] == expected.token_ids
             assert served.count("img") >= 2  # both sides fetched it (one chunk each)
 
             bad = vi.image_refs(ids, token, [store["broken"]], media_ids=["broken"])
-            chunks = await send(frontend, entry.subject, vi.request("bad", ids, bad, 8))
+            chunks = await vi.reply_chunks(frontend, entry.subject, vi.request("bad", ids, bad, 8))
             assert chunks[-1].finish_reason == "error"
             assert chunks[-1].error_param == "messages", chunks[-1].error
     finally:

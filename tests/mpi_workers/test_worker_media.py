@@ -18,7 +18,7 @@ from fake_engine import FakeEngine
 from contract import bus
 from contract.discovery import WorkerDirectory
 from contract.media import MAX_CHUNK_BYTES, serve_media
-from contract.messages import GenerateOutput, GenerateRequest
+from contract.messages import GenerateOutput
 from contract.vlm import load_vlm_info
 from mpi_workers.engine.torch.engine import TorchEngine
 from mpi_workers.worker import Worker
@@ -34,22 +34,6 @@ def worker_for(engine, etcd_endpoint: str, nats_url: str) -> Worker:
         role="agg", nats_url=nats_url, etcd_endpoint=etcd_endpoint, lease_ttl_s=5, capacity=4,
         drain_timeout_s=5,
     )  # fmt: skip
-
-
-async def stream(nc, subject: str, request: GenerateRequest, timeout_s: float = 60):
-    inbox = nc.new_inbox()
-    subscription = await nc.subscribe(inbox)
-    await nc.publish(subject, request.model_dump_json().encode(), reply=inbox)
-    chunks: list[GenerateOutput] = []
-    try:
-        while True:
-            msg = await subscription.next_msg(timeout=timeout_s)
-            chunk = GenerateOutput.model_validate_json(msg.data)
-            chunks.append(chunk)
-            if chunk.finish_reason is not None:
-                return chunks
-    finally:
-        await subscription.unsubscribe()
 
 
 def tokens(chunks: list[GenerateOutput]) -> list[int]:
@@ -87,7 +71,7 @@ async def test_worker_fetches_prepares_and_generates(
         direct = await engine.generate_all(
             direct_request, engine.prepare_media(direct_request, images)
         )
-        chunks = await stream(frontend, worker.subject, vi.request("nats", ids, refs, 6))
+        chunks = await vi.reply_chunks(frontend, worker.subject, vi.request("nats", ids, refs, 6))
         assert chunks[-1].finish_reason in ("length", "stop"), chunks[-1].error
         assert tokens(chunks) == direct.token_ids
         assert chunks[-1].num_cached_tokens > 0  # the same images: the direct run's blocks
@@ -95,19 +79,21 @@ async def test_worker_fetches_prepares_and_generates(
         broken = images[1][:50] + b"\0" * 100
         store["broken"] = broken
         bad_refs = vi.image_refs(ids, token, [images[0], broken], media_ids=["big", "broken"])
-        chunks = await stream(frontend, worker.subject, vi.request("bad", ids, bad_refs, 6))
+        bad = vi.request("bad", ids, bad_refs, 6)
+        chunks = await vi.reply_chunks(frontend, worker.subject, bad)
         assert len(chunks) == 1 and chunks[0].finish_reason == "error"
         assert chunks[0].error_param == "messages"
         assert "image 2 could not be decoded" in (chunks[0].error or "")
 
         gone = vi.image_refs(ids, token, images, media_ids=["big", "forgotten"])
-        chunks = await stream(frontend, worker.subject, vi.request("gone", ids, gone, 6))
+        chunks = await vi.reply_chunks(frontend, worker.subject, vi.request("gone", ids, gone, 6))
         assert len(chunks) == 1 and chunks[0].finish_reason == "error"
         assert "unknown or expired media" in (chunks[0].error or "")
         assert chunks[0].error_param is None
 
         wrong_run = [refs[0].model_copy(update={"length": refs[0].length - 1}), refs[1]]
-        chunks = await stream(frontend, worker.subject, vi.request("run", ids, wrong_run, 6))
+        wrong = vi.request("run", ids, wrong_run, 6)
+        chunks = await vi.reply_chunks(frontend, worker.subject, wrong)
         assert chunks[-1].error_param == "messages"
     finally:
         await worker.stop()
@@ -132,7 +118,7 @@ async def test_text_engine_refuses_images_before_fetching(
         assert worker.card.media == []
         ids = [5, 6, 7, 8]
         refs = vi.image_refs([5, 9, 9, 8], 9, [vi.image_bytes(1)])
-        chunks = await stream(frontend, worker.subject, vi.request("img", ids, refs, 3))
+        chunks = await vi.reply_chunks(frontend, worker.subject, vi.request("img", ids, refs, 3))
         await asyncio.sleep(0.1)
     finally:
         await worker.stop()

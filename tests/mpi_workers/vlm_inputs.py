@@ -9,7 +9,7 @@ from typing import Any
 import torch
 
 from contract.media import content_hash
-from contract.messages import GenerateRequest, MediaRef, SamplingParams
+from contract.messages import GenerateOutput, GenerateRequest, MediaRef, SamplingParams
 
 SUBJECT = "hpcserve.test.media.frontend0"
 
@@ -86,3 +86,20 @@ def request(rid: str, token_ids: list[int], media: list[MediaRef], max_tokens: i
         request_id=rid, token_ids=token_ids, media=media,
         sampling=SamplingParams(max_tokens=max_tokens, **sampling),
     )  # fmt: skip
+
+
+async def reply_chunks(nc: Any, subject: str, request: GenerateRequest, timeout_s: float = 60):
+    """Send `request` to a worker's subject as the frontend does; every chunk of its reply,
+    up to the one with a finish reason."""
+    inbox = nc.new_inbox()
+    subscription = await nc.subscribe(inbox)
+    await nc.publish(subject, request.model_dump_json().encode(), reply=inbox)
+    chunks: list[GenerateOutput] = []
+    try:
+        while True:
+            msg = await subscription.next_msg(timeout=timeout_s)
+            chunks.append(GenerateOutput.model_validate_json(msg.data))
+            if chunks[-1].finish_reason is not None:
+                return chunks
+    finally:
+        await subscription.unsubscribe()
