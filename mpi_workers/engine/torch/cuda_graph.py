@@ -14,8 +14,11 @@ graphs too when the varlen attention kernel is available: every sequence of the 
 query run (a decode row a run of one) and the whole step is one varlen attention launch per
 layer, so a graph keyed by (token bucket, run bucket, context-block bucket) serves it. Write
 slots are computed on the GPU from the block tables; padding tokens write to the scratch
-slot and belong to no run. At most `MAX_MIXED_GRAPHS` such shapes are captured; a step of a
-new shape past that, or of more than `max_mixed_tokens` tokens, runs eagerly.
+slot and belong to no run. A step holding image feature rows (a vision-language prompt)
+replays its own graphs, whose static inputs add the rows' embeddings and a row mask (written
+before each replay; the model takes marked rows instead of the token embedding). At most
+`MAX_MIXED_GRAPHS` such shapes are captured; a step of a new shape past that, or of more
+than `max_mixed_tokens` tokens, runs eagerly.
 
 Graphs are captured lazily, the first time a shape is seen. Under tensor parallelism every
 rank runs the same plans, so every rank captures the same graphs in the same order and the
@@ -37,6 +40,7 @@ import torch
 
 from mpi_workers.engine.torch import triton_attention
 from mpi_workers.engine.torch.attention import AttentionMetadata
+from mpi_workers.engine.torch.host_copy import to_device
 from mpi_workers.engine.torch.model import LlamaForCausalLM
 
 logger = logging.getLogger(__name__)
@@ -110,11 +114,24 @@ def fill_pending(input_ids: torch.Tensor, pending: torch.Tensor) -> None:
     input_ids.copy_(torch.where(input_ids < 0, pending[index], input_ids))
 
 
+def place_image_rows(plan, embeds: torch.Tensor, mask: torch.Tensor) -> None:
+    """Put the plan's image feature rows at their flat rows of `embeds` ([>= tokens,
+    hidden] on the device) and mark them in `mask`; other rows are left as they are and
+    unmarked (the model takes only marked rows)."""
+    assert plan.embeds is not None
+    rows = to_device(plan.embed_rows, torch.long, embeds.device)
+    mask.zero_()
+    mask[rows] = True
+    embeds[rows] = plan.embeds.to(embeds.device, embeds.dtype, non_blocking=True)
+
+
 @dataclass
 class _Graph:
     graph: torch.cuda.CUDAGraph
     packed: torch.Tensor  # [4 * batch + batch * blocks] int64 on the device
     hidden: torch.Tensor  # [batch, hidden] static output
+    embeds: torch.Tensor | None = None  # image steps: [tokens, hidden] feature rows in place
+    mask: torch.Tensor | None = None  # [tokens] bool: the rows that take `embeds`
 
 
 class StepGraphs:
@@ -142,7 +159,7 @@ class StepGraphs:
         self.decode_attention = decode_attention
         self.max_mixed_tokens = max_mixed_tokens if varlen else 0
         self.graphs: dict[tuple[int, int], _Graph] = {}
-        self.mixed: dict[tuple[int, int, int], _Graph] = {}
+        self.mixed: dict[tuple[int, int, int, bool], _Graph] = {}
         self.pool = None
         _LIVE.add(self)
 
@@ -153,11 +170,9 @@ class StepGraphs:
         self.pool = None
 
     def accepts(self, plan) -> bool:
-        if getattr(plan, "embeds", None) is not None:
-            return False  # image feature rows: eager (their count and places vary)
         n = len(plan.decode_tables)
-        if not plan.prefills:
-            return 0 < n == len(plan.input_ids) and n <= self.max_batch
+        if not plan.prefills:  # (a one-token image chunk, with image rows: eager)
+            return 0 < n == len(plan.input_ids) <= self.max_batch and plan.embeds is None
         if len(plan.input_ids) > self.max_mixed_tokens:
             return False
         return self._mixed_key(plan) in self.mixed or len(self.mixed) < MAX_MIXED_GRAPHS
@@ -214,14 +229,15 @@ class StepGraphs:
 
     # Mixed steps: packed = [ids T | positions T | query_start R+1 | context lens R | tables]
 
-    def _mixed_key(self, plan) -> tuple[int, int, int]:
+    def _mixed_key(self, plan) -> tuple[int, int, int, bool]:
         runs = len(plan.decode_tables) + len(plan.prefills)
         longest = max(
             max(plan.decode_lens, default=0),
             max((done + n for _, n, done, _ in plan.prefills), default=0),
         )
         blocks = block_bucket(-(-longest // self.block_size), self.max_blocks)
-        return token_bucket(len(plan.input_ids)), max(8, batch_bucket(runs)), blocks
+        tokens = token_bucket(len(plan.input_ids))
+        return tokens, max(8, batch_bucket(runs)), blocks, plan.embeds is not None
 
     def _pack_mixed(self, plan, tokens: int, runs: int, blocks: int) -> torch.Tensor:
         n = len(plan.input_ids)
@@ -240,7 +256,10 @@ class StepGraphs:
         flat.extend([0] * (blocks * pad_runs))
         return torch.tensor(flat, dtype=torch.long)
 
-    def _forward_mixed(self, packed: torch.Tensor, tokens: int, runs: int, blocks: int):
+    def _forward_mixed(
+        self, packed: torch.Tensor, tokens: int, runs: int, blocks: int,
+        embeds: torch.Tensor | None = None, mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:  # fmt: skip
         ids, pos = packed[: 2 * tokens].view(2, tokens).unbind(0)
         query_start = packed[2 * tokens : 2 * tokens + runs + 1]
         lens = packed[2 * tokens + runs + 1 : 2 * tokens + 2 * runs + 1]
@@ -256,23 +275,34 @@ class StepGraphs:
             varlen_context_lens=lens,
             varlen_programs=triton_attention.varlen_programs(tokens, runs, group),
         )  # fmt: skip
-        return self.model(ids, pos, meta)
+        return self.model(ids, pos, meta, embeds, mask)
 
     def _run_mixed(self, plan, pending: torch.Tensor | None) -> torch.Tensor:
-        key = tokens, runs, blocks = self._mixed_key(plan)
+        key = tokens, runs, blocks, images = self._mixed_key(plan)
         host = self._pack_mixed(plan, tokens, runs, blocks).pin_memory()
         entry = self.mixed.get(key)
         packed = torch.empty_like(host, device=self.device) if entry is None else entry.packed
         packed.copy_(host, non_blocking=True)
         if pending is not None:
             fill_pending(packed[:tokens], pending)
+        embeds = mask = None
+        if images:
+            if entry is None:
+                hidden_size = self.model.config.hidden_size
+                embeds = torch.zeros(tokens, hidden_size, dtype=self.model.dtype,
+                                     device=self.device)  # fmt: skip
+                mask = torch.zeros(tokens, dtype=torch.bool, device=self.device)
+            else:
+                embeds, mask = entry.embeds, entry.mask
+            assert embeds is not None and mask is not None
+            place_image_rows(plan, embeds, mask)
         if entry is None:
             entry = self.mixed[key] = self._record(
-                lambda: self._forward_mixed(packed, tokens, runs, blocks), packed
+                lambda: self._forward_mixed(packed, tokens, runs, blocks, embeds, mask), packed
             )
-            logger.info(
-                "captured mixed-step graph: %d tokens, %d runs, %d context blocks", *key
-            )
+            entry.embeds, entry.mask = embeds, mask
+            logger.info("captured mixed-step graph: %d tokens, %d runs, %d context blocks%s",
+                        tokens, runs, blocks, ", image rows" if images else "")  # fmt: skip
         entry.graph.replay()
         return entry.hidden[: len(plan.input_ids)]
 

@@ -128,6 +128,11 @@ class LlamaForCausalLM(nn.Module):
         else:
             self.lm_head = ParallelLMHead(cfg.hidden_size, cfg.vocab_size, tp)
 
+    @property
+    def dtype(self) -> torch.dtype:
+        """The activations' dtype (the norms' weights: never a relaid-out or packed weight)."""
+        return self.model.norm.weight.dtype
+
     def bind_kv_cache(self, k_caches: list[torch.Tensor], v_caches: list[torch.Tensor]) -> None:
         """Point every layer at its slice of the paged cache."""
         for layer, k, v in zip(self.model.layers, k_caches, v_caches, strict=True):
@@ -146,12 +151,14 @@ class LlamaForCausalLM(nn.Module):
     ) -> torch.Tensor:
         """Hidden states [T, hidden] of the flat token batch.
 
-        Multimodal hook: rows where `embeds_mask` is True take `input_embeds` (one row per
-        True) instead of the token embedding.
+        Multimodal hook: rows where `embeds_mask` ([T] bool) is True take the same row of
+        `input_embeds` ([T, hidden]: image feature rows in place) instead of the token
+        embedding; no data-dependent shapes, so a CUDA graph can hold it.
         """
         h = self.model.embed_tokens(input_ids)
         if input_embeds is not None:
-            h[embeds_mask] = input_embeds.to(h.dtype)
+            assert embeds_mask is not None
+            h = torch.where(embeds_mask.unsqueeze(1), input_embeds.to(h.dtype), h)
         elif self._native_decode_step(h, positions, meta):
             return self.model.norm(h)
         meta.cos, meta.sin = self.rotary.lookup(positions, h.dtype)

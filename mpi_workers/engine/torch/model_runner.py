@@ -19,7 +19,7 @@ import torch
 
 from contract.config import env_flag
 from mpi_workers.engine.torch.attention import AttentionMetadata, PrefillChunk
-from mpi_workers.engine.torch.cuda_graph import StepGraphs, fill_pending
+from mpi_workers.engine.torch.cuda_graph import StepGraphs, fill_pending, place_image_rows
 from mpi_workers.engine.torch.host_copy import to_device
 from mpi_workers.engine.torch.kv_cache import KvCache
 from mpi_workers.engine.torch.model import LlamaForCausalLM
@@ -259,15 +259,16 @@ class ModelRunner:
             fill = pending
         if self.graphs is not None and self.graphs.accepts(plan):
             hidden = self.graphs.run(plan, fill)
-        else:  # steps with image rows run eagerly
+        else:
             input_ids, positions, meta = self.tensors(plan)
             if fill is not None:
                 fill_pending(input_ids, fill)
             embeds = mask = None
             if plan.embeds is not None:
-                embeds = plan.embeds.to(self.device)
-                mask = torch.zeros(len(plan.input_ids), dtype=torch.bool, device=self.device)
-                mask[to_device(plan.embed_rows, torch.long, self.device)] = True
+                shape = (len(plan.input_ids), plan.embeds.shape[1])
+                embeds = torch.zeros(shape, dtype=self.model.dtype, device=self.device)
+                mask = torch.empty(shape[0], dtype=torch.bool, device=self.device)
+                place_image_rows(plan, embeds, mask)
             hidden = self.model(input_ids, positions, meta, embeds, mask)
         rows = plan.sample_rows
         if not rows:
