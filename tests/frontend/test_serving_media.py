@@ -19,6 +19,7 @@ from contract.vlm import load_vlm_info
 from frontend.errors import OpenAIError
 from frontend.media import MediaIntake
 from frontend.media_store import MediaStore
+from frontend.metrics import FrontendMetrics
 from frontend.openai_schemas import ChatCompletionRequest
 from frontend.serving import _prepare_images
 from frontend.tokenization import TextTokenizer
@@ -42,6 +43,7 @@ def fake_state(model: Path, cards: list[WorkerCard] = (), **multimodal: Any) -> 
         media_store=MediaStore(10 * 2**20, ttl_s=60),
         media_subject="hpcserve.test.media.fe1",
         candidates=lambda exclude: list(cards),
+        metrics=FrontendMetrics(),
     )
 
 
