@@ -73,6 +73,7 @@ class VisionConfig:
     projector_bias: bool
     text_hidden_size: int
     image_token_id: int
+    tokens_per_image: int  # contract.vlm's count: the frontend places exactly these rows
 
     @property
     def class_token(self) -> bool:
@@ -81,12 +82,6 @@ class VisionConfig:
     @property
     def num_patches(self) -> int:
         return (self.image_size // self.patch_size) ** 2
-
-    @property
-    def tokens_per_image(self) -> int:
-        # transformers' "default" drops the first row, whatever the tower (LlavaProcessor
-        # counts the same way)
-        return self.num_patches + self.class_token - (self.select_strategy == "default")
 
     @property
     def layers_to_run(self) -> int:
@@ -110,7 +105,6 @@ def parse_vision_config(raw: dict[str, Any]) -> VisionConfig:
     for index in layers:
         if not -(num_layers + 1) <= index <= num_layers:
             raise ValueError(f"vision_feature_layer {index}: the tower has {num_layers} layers")
-    text = raw.get("text_config") or {}
     cfg = VisionConfig(
         tower=info.vision_model_type,
         hidden_size=int(vision.get("hidden_size", 1024 if clip else 1152)),
@@ -127,8 +121,9 @@ def parse_vision_config(raw: dict[str, Any]) -> VisionConfig:
         select_strategy=str(raw.get("vision_feature_select_strategy", "default")),
         projector_act=str(raw.get("projector_hidden_act", "gelu")),
         projector_bias=bool(raw.get("multimodal_projector_bias", True)),
-        text_hidden_size=int(text.get("hidden_size", info.hidden_size)),
+        text_hidden_size=info.hidden_size,
         image_token_id=info.image_token_id,
+        tokens_per_image=info.tokens_per_image,
     )
     activation(cfg.hidden_act, "vision_config.hidden_act")
     activation(cfg.projector_act, "projector_hidden_act")
