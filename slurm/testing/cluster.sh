@@ -24,6 +24,11 @@ CTL_ADDR="${SUBNET_PREFIX}.1"
 CTL_PORT="${HPCSERVE_SLURM_CTL_PORT:-6817}"
 NODE_CPUS="${HPCSERVE_SLURM_CPUS:-$(nproc)}"
 HOSTS_TAG="# hpcserve-slurm-test"
+# Who owns the cluster that is up (the bridge is machine-wide): "OWNER_PID STATE_DIR MUNGE_DIR".
+# The owner is the process that asked for it (HPCSERVE_SLURM_OWNER_PID, else our parent); a
+# cluster whose owner is gone was left by a run that was killed, and the next `up` clears it.
+OWNER_FILE="${HPCSERVE_SLURM_OWNER_FILE:-/run/hpcserve-slurm-cluster.owner}"
+OWNER_PID="${HPCSERVE_SLURM_OWNER_PID:-$PPID}"
 READY_TIMEOUT_S="${HPCSERVE_SLURM_READY_TIMEOUT:-30}"
 STOP_TIMEOUT_S=5           # daemons: TERM, then KILL after this
 TASK_STOP_TIMEOUT_S=1      # node-namespace processes (slurmstepd ignores TERM)
@@ -280,10 +285,30 @@ cmd_down() {
     stop_pidfile "$MUNGE_DIR/munged.pid"
     net_down
     hosts_remove
+    rm -f "$OWNER_FILE"
     # Only remove a directory this script made, and keep it when asked (failed up: logs).
     if [[ "${1:-}" != --keep-state && -f "$STATE_DIR/.hpcserve-slurm" ]]; then
         rm -rf "$STATE_DIR" "$MUNGE_DIR"
     fi
+}
+
+# A cluster is up already: refuse when its owner still runs; clear it when the owner is gone
+# (a killed test run leaves daemonized slurmctld/slurmd, namespaces and the bridge behind).
+clear_abandoned_cluster() {
+    local owner="" owner_state="" owner_munge=""
+    [[ -f "$OWNER_FILE" ]] && read -r owner owner_state owner_munge <"$OWNER_FILE"
+    if [[ -n "$owner" ]] && pid_alive "$owner"; then
+        die "a cluster is already up for pid $owner (run 'down' first); state in $owner_state"
+    fi
+    if [[ -z "$owner" ]] && pgrep -x slurmctld >/dev/null; then
+        die "a cluster is already up (slurmctld runs; run 'down' first); state in $STATE_DIR"
+    fi
+    log "clearing a cluster whose owner ${owner:-(unknown)} is gone (state ${owner_state:-unknown})"
+    (
+        STATE_DIR=${owner_state:-$STATE_DIR}
+        MUNGE_DIR=${owner_munge:-$MUNGE_DIR}
+        cmd_down
+    )
 }
 
 # After a failed up: show the log tails, stop everything, keep the logs for a look.
@@ -305,7 +330,7 @@ cmd_up() {
     [[ "$n" =~ ^[0-9]+$ ]] && ((n >= 1 && n <= MAX_NODES)) || die "usage: up N (1..$MAX_NODES)"
     ((EUID == 0)) || die "needs root (network namespaces, slurmd as root)"
     if [[ -f "$STATE_DIR/run/slurmctld.pid" ]] || ip link show "$BRIDGE" >/dev/null 2>&1; then
-        die "a cluster is already up (run 'down' first); state in $STATE_DIR"
+        clear_abandoned_cluster
     fi
     ensure_packages
     for tool in slurmctld slurmd munged sinfo nsenter ip runuser; do
@@ -321,6 +346,7 @@ cmd_up() {
     hosts_add "$n"
     write_config "$n"
     daemons_up "$n"
+    echo "$OWNER_PID $STATE_DIR $MUNGE_DIR" >"$OWNER_FILE"
     trap - EXIT INT TERM
 
     echo "export SLURM_CONF=$STATE_DIR/slurm.conf"

@@ -20,6 +20,7 @@ def running_cluster(
     """`cluster.sh up N`, yield an environment with SLURM_CONF; always `down`, even on failure."""
     env = dict(os.environ)
     env["HPCSERVE_SLURM_DIR"] = str(tmp_path_factory.mktemp("slurm-cluster"))
+    env["HPCSERVE_SLURM_OWNER_PID"] = str(os.getpid())
     try:
         up = subprocess.run(
             ["bash", str(CLUSTER_SH), "up", str(nodes)],
