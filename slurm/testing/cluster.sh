@@ -24,9 +24,11 @@ CTL_ADDR="${SUBNET_PREFIX}.1"
 CTL_PORT="${HPCSERVE_SLURM_CTL_PORT:-6817}"
 NODE_CPUS="${HPCSERVE_SLURM_CPUS:-$(nproc)}"
 HOSTS_TAG="# hpcserve-slurm-test"
-# Who owns the cluster that is up (the bridge is machine-wide): "OWNER_PID STATE_DIR MUNGE_DIR".
-# The owner is the process that asked for it (HPCSERVE_SLURM_OWNER_PID, else our parent); a
-# cluster whose owner is gone was left by a run that was killed, and the next `up` clears it.
+# Who owns the cluster that is up (the bridge is machine-wide):
+# "OWNER_PID OWNER_START STATE_DIR MUNGE_DIR" (OWNER_START: the owner's start time, so a
+# recycled pid is no owner). The owner is the process that asked for it
+# (HPCSERVE_SLURM_OWNER_PID, else our parent); a cluster whose owner is gone was left by a run
+# that was killed, and the next `up` clears it.
 OWNER_FILE="${HPCSERVE_SLURM_OWNER_FILE:-/run/hpcserve-slurm-cluster.owner}"
 OWNER_PID="${HPCSERVE_SLURM_OWNER_PID:-$PPID}"
 READY_TIMEOUT_S="${HPCSERVE_SLURM_READY_TIMEOUT:-30}"
@@ -60,6 +62,15 @@ pid_alive() {
     [[ "${stat:0:1}" != Z ]]
 }
 pid_dead() { ! pid_alive "$1"; }
+
+# A process's start time (clock ticks after boot, /proc/PID/stat field 22); empty if gone.
+start_time() {
+    local stat
+    stat=$(cat "/proc/$1/stat" 2>/dev/null) || return 0
+    stat=${stat##*) }
+    read -r -a fields <<<"$stat"
+    echo "${fields[19]}"
+}
 
 all_dead() {
     local pid
@@ -295,9 +306,10 @@ cmd_down() {
 # A cluster is up already: refuse when its owner still runs; clear it when the owner is gone
 # (a killed test run leaves daemonized slurmctld/slurmd, namespaces and the bridge behind).
 clear_abandoned_cluster() {
-    local owner="" owner_state="" owner_munge=""
-    [[ -f "$OWNER_FILE" ]] && read -r owner owner_state owner_munge <"$OWNER_FILE"
-    if [[ -n "$owner" ]] && pid_alive "$owner"; then
+    local owner="" owner_start="" owner_state="" owner_munge=""
+    [[ -f "$OWNER_FILE" ]] && read -r owner owner_start owner_state owner_munge <"$OWNER_FILE"
+    if [[ -n "$owner" ]] && pid_alive "$owner" && [[ "$(start_time "$owner")" == "$owner_start" ]]
+    then
         die "a cluster is already up for pid $owner (run 'down' first); state in $owner_state"
     fi
     if [[ -z "$owner" ]] && pgrep -x slurmctld >/dev/null; then
@@ -346,7 +358,7 @@ cmd_up() {
     hosts_add "$n"
     write_config "$n"
     daemons_up "$n"
-    echo "$OWNER_PID $STATE_DIR $MUNGE_DIR" >"$OWNER_FILE"
+    echo "$OWNER_PID $(start_time "$OWNER_PID") $STATE_DIR $MUNGE_DIR" >"$OWNER_FILE"
     trap - EXIT INT TERM
 
     echo "export SLURM_CONF=$STATE_DIR/slurm.conf"

@@ -70,3 +70,22 @@ def test_up_clears_a_cluster_whose_owner_is_gone(
         owner.kill()
         owner.wait()
         _cluster_sh(["down"], first)
+
+
+def test_a_recycled_owner_pid_is_no_owner(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """The owner file names a live pid, but a process started at another time holds it (a
+    machine restored from a snapshot): the cluster is abandoned all the same."""
+    first = dict(os.environ)
+    first["HPCSERVE_SLURM_DIR"] = str(tmp_path_factory.mktemp("recycled"))
+    first["HPCSERVE_SLURM_OWNER_PID"] = str(os.getpid())
+    owner_file = Path("/run/hpcserve-slurm-cluster.owner")
+    try:
+        up = _cluster_sh(["up", "1"], first)
+        assert up.returncode == 0, up.stderr
+        pid, _start, *dirs = owner_file.read_text().split()
+        assert pid == str(os.getpid())
+        owner_file.write_text(" ".join([pid, "1", *dirs]) + "\n")  # another start time
+        with running_cluster(tmp_path_factory, 1) as env:
+            assert owner_file.read_text().split()[2] == env["HPCSERVE_SLURM_DIR"]
+    finally:
+        _cluster_sh(["down"], first)
