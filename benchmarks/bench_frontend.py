@@ -83,6 +83,7 @@ class Result:
     latencies: list[float]
     frontend_cpu_s: float
     worker_cpu_s: float
+    sse_events: int = 0  # streamed scenarios: `data:` events received in all
 
     @property
     def req_s(self) -> float:
@@ -129,8 +130,11 @@ def _descendants(pid: int) -> list[int]:
 # ---- load --------------------------------------------------------------------------------
 
 
-async def drive(url: str, model: str, scenario: Scenario, count: int) -> tuple[list[float], float]:
-    """`count` chat requests, `scenario.concurrency` at a time; (latencies, wall seconds)."""
+async def drive(
+    url: str, model: str, scenario: Scenario, count: int
+) -> tuple[list[float], float, int]:
+    """`count` chat requests, `scenario.concurrency` at a time; (latencies, wall seconds,
+    SSE events received: how finely each stack cut its streams)."""
     body = orjson.dumps(
         {
             "model": model,
@@ -143,11 +147,12 @@ async def drive(url: str, model: str, scenario: Scenario, count: int) -> tuple[l
     headers = {"content-type": "application/json"}
     latencies: list[float] = []
     remaining = count
+    events = 0
     connector = aiohttp.TCPConnector(limit=scenario.concurrency)
     async with aiohttp.ClientSession(connector=connector) as session:
 
         async def one_client() -> None:
-            nonlocal remaining
+            nonlocal remaining, events
             while remaining > 0:
                 remaining -= 1
                 t0 = time.perf_counter()
@@ -155,13 +160,15 @@ async def drive(url: str, model: str, scenario: Scenario, count: int) -> tuple[l
                     data = await response.read()
                     if response.status != 200:
                         raise RuntimeError(f"HTTP {response.status}: {data[:300]!r}")
-                if scenario.stream and not data.rstrip().endswith(b"data: [DONE]"):
-                    raise RuntimeError(f"stream did not end with [DONE]: {data[-200:]!r}")
+                if scenario.stream:
+                    if not data.rstrip().endswith(b"data: [DONE]"):
+                        raise RuntimeError(f"stream did not end with [DONE]: {data[-200:]!r}")
+                    events += data.count(b"data: ")
                 latencies.append(time.perf_counter() - t0)
 
         t0 = time.perf_counter()
         await asyncio.gather(*(one_client() for _ in range(scenario.concurrency)))
-        return latencies, time.perf_counter() - t0
+        return latencies, time.perf_counter() - t0, events
 
 
 def _drive_in_process(url: str, model: str, scenario: Scenario, count: int):
@@ -170,7 +177,7 @@ def _drive_in_process(url: str, model: str, scenario: Scenario, count: int):
 
 async def drive_from(
     processes: int, url: str, model: str, scenario: Scenario, count: int
-) -> tuple[list[float], float]:
+) -> tuple[list[float], float, int]:
     """`drive` split over `processes` client processes (one Python client tops out near a
     core's worth of requests: too few for several frontend processes on many cores)."""
     if processes <= 1 or scenario.concurrency < processes:
@@ -185,7 +192,8 @@ async def drive_from(
             loop.run_in_executor(pool, _drive_in_process, url, model, share, count // processes)
             for _ in range(processes)
         ))  # fmt: skip
-    return [t for latencies, _ in parts for t in latencies], max(wall for _, wall in parts)
+    latencies = [t for part in parts for t in part[0]]
+    return latencies, max(part[1] for part in parts), sum(part[2] for part in parts)
 
 
 async def measure(
@@ -197,10 +205,12 @@ async def measure(
     for scenario in SCENARIOS:
         count = max(20, int(requests * scenario.share))
         fe0, wk0 = cpu_seconds(frontend_pids), cpu_seconds(worker_pids)
-        latencies, wall = await drive_from(client_processes, url, model, scenario, count)
+        latencies, wall, events = await drive_from(
+            client_processes, url, model, scenario, count
+        )
         count = len(latencies)
         fe1, wk1 = cpu_seconds(frontend_pids), cpu_seconds(worker_pids)
-        results.append(Result(scenario, count, wall, latencies, fe1 - fe0, wk1 - wk0))
+        results.append(Result(scenario, count, wall, latencies, fe1 - fe0, wk1 - wk0, events))
     return results
 
 
@@ -343,11 +353,12 @@ async def run_dynamo(venv: Path, requests: int) -> list[Result] | None:
 def table(label: str, results: list[Result]) -> None:
     print(f"\n{label}")
     print(f"  {'scenario':<24} {'req/s':>8} {'p50 ms':>8} {'p99 ms':>8} "
-          f"{'frontend CPU ms/req':>20} {'worker CPU ms/req':>18}")  # fmt: skip
+          f"{'frontend CPU ms/req':>20} {'worker CPU ms/req':>18} {'events/req':>10}")  # fmt: skip
     for r in results:
         print(f"  {r.scenario.name:<24} {r.req_s:8.0f} {1000 * r.p(0.5):8.2f} "
               f"{1000 * r.p(0.99):8.2f} {r.frontend_ms_per_req:20.3f} "
-              f"{r.worker_ms_per_req:18.3f}")  # fmt: skip
+              f"{r.worker_ms_per_req:18.3f} "
+              f"{r.sse_events / r.requests if r.scenario.stream else float('nan'):10.1f}")  # fmt: skip
 
 
 async def compare(args: argparse.Namespace) -> None:
