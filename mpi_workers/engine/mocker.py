@@ -19,6 +19,7 @@ import asyncio
 import contextlib
 import hashlib
 import logging
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
@@ -35,6 +36,7 @@ logger = logging.getLogger(__name__)
 
 _MASK64 = (1 << 64) - 1
 _MIN_SLEEP_S = 0.002  # shorter step times are summed before sleeping (see MockerEngine._sleep)
+_YIELD_EVERY_S = 0.0005  # short steps run back to back for this long between yields
 
 
 @dataclass
@@ -93,6 +95,7 @@ class MockerEngine(StreamingEngine):
         self._seeds: dict[str, int] = {}
         self._wake = asyncio.Event()
         self._debt_s = 0.0  # simulated step time not yet slept (see _sleep)
+        self._yielded_at = 0.0  # perf_counter of the last yield to the event loop
         self._task: asyncio.Task[None] | None = None
 
     # ----- lifecycle -----------------------------------------------------------------------
@@ -206,15 +209,21 @@ class MockerEngine(StreamingEngine):
     async def _sleep(self, delay: float) -> None:
         """Take `delay` seconds of simulated step time, exactly on average: the event loop
         wakes at best every ~1 ms (epoll's resolution), so sleeping each microsecond step of
-        a sped-up model would make every step last a millisecond. Short steps only yield;
-        their time adds up to a debt slept off (by the clock) once it is worth a timer."""
+        a sped-up model would make every step last a millisecond. Short steps add up to a
+        debt slept off (by the clock) once it is worth a timer; meanwhile they run back to
+        back, yielding to the loop (new requests, aborts, the outputs' publisher) every
+        `_YIELD_EVERY_S`: a step's outputs still go out as their own chunks, but the worker
+        publishes those of several steps in one message, and no step pays a loop turn."""
         self._debt_s += delay
         if self._debt_s < _MIN_SLEEP_S:
-            await asyncio.sleep(0)  # still lets the other tasks (replies, requests) run
+            if time.perf_counter() - self._yielded_at >= _YIELD_EVERY_S:
+                await asyncio.sleep(0)
+                self._yielded_at = time.perf_counter()
             return
         loop = asyncio.get_running_loop()
         start = loop.time()
         await asyncio.sleep(self._debt_s)
+        self._yielded_at = time.perf_counter()
         # overslept: the next steps run that much sooner (bounded: a stall is not repaid)
         self._debt_s = max(self._debt_s - (loop.time() - start), -_MIN_SLEEP_S)
 
