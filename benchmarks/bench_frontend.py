@@ -98,6 +98,10 @@ class Result:
         return 1000 * self.frontend_cpu_s / self.requests
 
     @property
+    def events_per_req(self) -> float:
+        return self.sse_events / self.requests if self.scenario.stream else float("nan")
+
+    @property
     def worker_ms_per_req(self) -> float:
         return 1000 * self.worker_cpu_s / self.requests
 
@@ -197,7 +201,11 @@ async def drive_from(
 
 
 async def measure(
-    url: str, model: str, frontend_pids: list[int], worker_pids: list[int], requests: int,
+    url: str,
+    model: str,
+    frontend_pids: list[int],
+    worker_pids: list[int],
+    requests: int,
     client_processes: int = 1,
 ) -> list[Result]:
     await drive(url, model, SCENARIOS[1], 64)  # warm-up: connections, caches, JITs
@@ -205,9 +213,7 @@ async def measure(
     for scenario in SCENARIOS:
         count = max(20, int(requests * scenario.share))
         fe0, wk0 = cpu_seconds(frontend_pids), cpu_seconds(worker_pids)
-        latencies, wall, events = await drive_from(
-            client_processes, url, model, scenario, count
-        )
+        latencies, wall, events = await drive_from(client_processes, url, model, scenario, count)
         count = len(latencies)
         fe1, wk1 = cpu_seconds(frontend_pids), cpu_seconds(worker_pids)
         results.append(Result(scenario, count, wall, latencies, fe1 - fe0, wk1 - wk0, events))
@@ -357,8 +363,7 @@ def table(label: str, results: list[Result]) -> None:
     for r in results:
         print(f"  {r.scenario.name:<24} {r.req_s:8.0f} {1000 * r.p(0.5):8.2f} "
               f"{1000 * r.p(0.99):8.2f} {r.frontend_ms_per_req:20.3f} "
-              f"{r.worker_ms_per_req:18.3f} "
-              f"{r.sse_events / r.requests if r.scenario.stream else float('nan'):10.1f}")  # fmt: skip
+              f"{r.worker_ms_per_req:18.3f} {r.events_per_req:10.1f}")  # fmt: skip
 
 
 async def compare(args: argparse.Namespace) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import random
 
 import orjson
@@ -14,8 +15,8 @@ from contract.messages import (
     AbortRequest,
     GenerateOutput,
     GenerateRequest,
-    KvEvent,
     KvBatchOps,
+    KvEvent,
     KvEventBatch,
     KvRemoved,
     KvStored,
@@ -153,9 +154,12 @@ def test_fast_kv_batch_parse_equals_the_pydantic_parse() -> None:
             data = orjson.dumps(shape)
             assert _fast_ops(data) == _pydantic_ops(data), shape
     assert _fast_ops(b"{not json") is ValueError
-    huge = (b'{"version": 1, "worker_id": "w", "seq": 1, "events": [{"kind": "removed", '
-            b'"block_hashes": [' + str(2**70).encode() + b"]}]}")  # past orjson's ints
-    assert _fast_ops(huge) == _pydantic_ops(huge) != ValueError
+    huge = (
+        b'{"version": 1, "worker_id": "w", "seq": 1, "events": [{"kind": "removed", '
+        b'"block_hashes": [' + str(2**70).encode() + b"]}]}"
+    )  # past orjson's ints
+    assert _fast_ops(huge) == _pydantic_ops(huge)
+    assert _fast_ops(huge) is not ValueError
 
 
 def _random_outputs(rng: random.Random) -> list[GenerateOutput]:
@@ -199,7 +203,8 @@ def test_coalesced_outputs_carry_the_same_stream_per_request() -> None:
         for request_id in "abc":
             mine = [o for o in outputs if o.request_id == request_id]
             theirs = [o for o in coalesced if o.request_id == request_id]
-            assert [t for o in theirs for t in o.token_ids] == [t for o in mine for t in o.token_ids]
+            tokens = [t for o in mine for t in o.token_ids]
+            assert [t for o in theirs for t in o.token_ids] == tokens
             assert [e for o in theirs for e in o.logprobs or []] == [
                 e for o in mine for e in o.logprobs or []
             ]
@@ -214,6 +219,6 @@ def test_coalesced_outputs_carry_the_same_stream_per_request() -> None:
                 assert max(o.num_prompt_tokens for o in theirs) == max(
                     o.num_prompt_tokens for o in mine
                 )
-            for prev, nxt in zip(theirs, theirs[1:], strict=False):  # only a hand-off splits
+            for prev, nxt in itertools.pairwise(theirs):  # only a hand-off splits
                 assert prev.worker_id is not None or nxt.worker_id is not None
     assert joined_some
