@@ -56,6 +56,7 @@ from contract.readiness import free_port, http_ok
 from hpcserve.launcher import start_deployment, stop_deployment
 
 REPO = Path(__file__).resolve().parents[1]
+DYNAMO_ROUTER = {"kv": "kv", "round_robin": "round-robin"}  # frontend.router -> --router-mode
 QUESTION = "Explain in one paragraph why the sky looks blue during the day."
 
 
@@ -252,21 +253,27 @@ async def direct_worker_p50(nats_url: str, subject: str, count: int) -> float:
 # ---- the two stacks ----------------------------------------------------------------------
 
 
-def hpcserve_config(frontend_workers: int, speedup: float):
+def hpcserve_config(frontend_workers: int, speedup: float, router: str = "kv"):
     return load_config(
         REPO / "configs" / "local-mocker-kv.yaml",
         [
             "frontend.port=0",
             f"frontend.workers={frontend_workers}",
             f"engine.mocker.speedup={speedup}",
+            f"frontend.router={router}",
         ],
     )
 
 
 async def run_hpcserve(
-    requests: int, frontend_workers: int, speedup: float, direct: bool, client_processes: int = 1
+    requests: int,
+    frontend_workers: int,
+    speedup: float,
+    direct: bool,
+    client_processes: int = 1,
+    router: str = "kv",
 ):
-    config = hpcserve_config(frontend_workers, speedup)
+    config = hpcserve_config(frontend_workers, speedup, router)
     deployment = await asyncio.to_thread(start_deployment, config, lambda _m: None)
     try:
         pids = {planned.name: managed.pid for planned, managed in deployment.processes}
@@ -288,7 +295,7 @@ async def run_hpcserve(
 
 
 @contextlib.contextmanager
-def dynamo_stack(venv: Path, model_dir: Path, workdir: Path):
+def dynamo_stack(venv: Path, model_dir: Path, workdir: Path, speedup: float, router: str):
     """Dynamo's mocker (8 workers) and frontend on a free port; yields (url, model, pids)."""
     python = venv / "bin" / "python"
     port = free_port("127.0.0.1")
@@ -297,10 +304,11 @@ def dynamo_stack(venv: Path, model_dir: Path, workdir: Path):
     procs = []
     try:
         for name, argv in (
-            ("mocker", ["-m", "dynamo.mocker", "--num-workers", "8", "--speedup-ratio", "1000",
+            ("mocker", ["-m", "dynamo.mocker", "--num-workers", "8",
+                        "--speedup-ratio", f"{speedup:g}",
                         "--model-path", str(model_dir), "--discovery-backend", "file"]),
             ("frontend", ["-m", "dynamo.frontend", "--discovery-backend", "file",
-                          "--http-port", str(port)]),
+                          "--http-port", str(port), "--router-mode", DYNAMO_ROUTER[router]]),
         ):  # fmt: skip
             log = (workdir / f"dynamo-{name}.log").open("w")
             command, tmp = [str(python), *argv], workdir
@@ -336,7 +344,7 @@ def _dynamo_ready(url: str, model: str) -> bool:
     return any(entry["id"] == model for entry in data)
 
 
-async def run_dynamo(venv: Path, requests: int) -> list[Result] | None:
+async def run_dynamo(venv: Path, requests: int, speedup: float, router: str) -> list[Result] | None:
     if not (venv / "bin" / "python").is_file():
         print(f"Dynamo half skipped: no venv at {venv} (see this script's docstring)")
         return None
@@ -347,7 +355,7 @@ async def run_dynamo(venv: Path, requests: int) -> list[Result] | None:
         return None
     with (
         tempfile.TemporaryDirectory(prefix="bench-dynamo-") as tmp,
-        dynamo_stack(venv, default_model_dir(), Path(tmp)) as (url, model, pids),
+        dynamo_stack(venv, default_model_dir(), Path(tmp), speedup, router) as (url, model, pids),
     ):
         frontend_pid, mocker_pid = pids[1], pids[0]
         return await measure(url, model, [frontend_pid], [mocker_pid], requests)
@@ -367,18 +375,23 @@ def table(label: str, results: list[Result]) -> None:
 
 
 async def compare(args: argparse.Namespace) -> None:
-    ours, direct_p50 = await run_hpcserve(args.requests, args.frontend_workers, args.speedup, True)
+    ours, direct_p50 = await run_hpcserve(
+        args.requests, args.frontend_workers, args.speedup, True, router=args.router
+    )
     table(f"hpcserve (local-mocker-kv, 8 mockers, speedup {args.speedup:g}, "
-          f"frontend.workers={args.frontend_workers})", ours)  # fmt: skip
+          f"frontend.workers={args.frontend_workers}, router {args.router})", ours)  # fmt: skip
     c1 = ours[2]
     if direct_p50 is not None:
         print(f"  c=1 added latency p50: {1000 * (c1.p(0.5) - direct_p50):.2f} ms "
               f"(worker called directly over NATS: {1000 * direct_p50:.2f} ms)")  # fmt: skip
-    theirs = None if args.skip_dynamo else await run_dynamo(Path(args.dynamo_venv), args.requests)
+    theirs = None
+    if not args.skip_dynamo:
+        theirs = await run_dynamo(Path(args.dynamo_venv), args.requests, args.speedup, args.router)
     if theirs is None:
         print("frontend_vs_dynamo skipped=1 (no Dynamo run)")
         return
-    table("Dynamo 1.6.1 (dynamo.mocker --num-workers 8 --speedup-ratio 1000)", theirs)
+    table(f"Dynamo 1.6.1 (dynamo.mocker --num-workers 8 --speedup-ratio {args.speedup:g}, "
+          f"router {DYNAMO_ROUTER[args.router]})", theirs)  # fmt: skip
     print("\nhpcserve / Dynamo per scenario (CPU per request: lower is better):")
     for a, b in zip(ours, theirs, strict=True):
         print(f"  {a.scenario.name:<24} req/s {a.req_s / b.req_s:5.2f}x  "
@@ -395,7 +408,7 @@ async def sweep(args: argparse.Namespace) -> None:
     rates = {}
     for count in args.sweep:
         results, _ = await run_hpcserve(args.requests, count, args.speedup, False,
-                                        args.client_processes)  # fmt: skip
+                                        args.client_processes, args.router)  # fmt: skip
         table(f"hpcserve frontend.workers={count}", results)
         rates[count] = results[0].req_s
     first = args.sweep[0]
@@ -411,6 +424,10 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=1500, help="per c=64 scenario")
     parser.add_argument("--speedup", type=float, default=1000.0, help="engine.mocker.speedup")
     parser.add_argument("--frontend-workers", type=int, default=1)
+    parser.add_argument(
+        "--router", choices=sorted(DYNAMO_ROUTER), default="kv",
+        help="the router of both stacks (Dynamo: --router-mode kv / round-robin)",
+    )  # fmt: skip
     parser.add_argument("--dynamo-venv", default="/work/dynvenv")
     parser.add_argument("--skip-dynamo", action="store_true")
     parser.add_argument("--workers-sweep", action="store_true")
