@@ -29,8 +29,8 @@ from frontend import errors
 from frontend.errors import OpenAIError
 from frontend.openapi_doc import openapi_schema
 from frontend.prepared import Kind
-from frontend.responses import SSEResponse, json_response
-from frontend.serving import ClientGone, handle
+from frontend.responses import ClientGone, SSEResponse, json_response
+from frontend.serving import handle
 from frontend.state import FrontendState, check_config
 
 logger = logging.getLogger(__name__)

@@ -33,15 +33,12 @@ from frontend.responses import (
     json_response,
     record,
     stream_events,
+    until_disconnect,
 )
 from frontend.state import FrontendState, media_workers
 from frontend.tokenization import ChatTemplateError
 
 T = TypeVar("T")
-
-
-class ClientGone(Exception):
-    """The HTTP client disconnected before the response was ready."""
 
 
 def check_context(prepared: Prepared, request: GenerateRequest, limit: int) -> None:
@@ -106,29 +103,7 @@ def _followed(
 
 async def guard_disconnect(request: Request, work: Awaitable[T]) -> T:
     """Await `work`; if the client disconnects meanwhile, cancel it and raise ClientGone."""
-    task = asyncio.current_task()
-    assert task is not None
-    gone = False
-
-    async def watch() -> None:
-        nonlocal gone
-        while True:
-            message = await request.receive()
-            if message["type"] == "http.disconnect":
-                gone = True
-                task.cancel()
-                return
-
-    watcher = asyncio.get_running_loop().create_task(watch())
-    try:
-        return await work
-    except asyncio.CancelledError:
-        if gone:
-            task.uncancel()
-            raise ClientGone() from None
-        raise
-    finally:
-        watcher.cancel()
+    return await until_disconnect(request.receive, work)
 
 
 async def handle(state: FrontendState, request: Request, kind: Kind) -> Response:
