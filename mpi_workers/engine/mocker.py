@@ -96,6 +96,7 @@ class MockerEngine(StreamingEngine):
         self._wake = asyncio.Event()
         self._debt_s = 0.0  # simulated step time not yet slept (see _sleep)
         self._yielded_at = 0.0  # perf_counter of the last yield to the event loop
+        self._undelivered: dict[str, Sequence] = {}  # tokens made since the last yield
         self._task: asyncio.Task[None] | None = None
 
     # ----- lifecycle -----------------------------------------------------------------------
@@ -186,12 +187,14 @@ class MockerEngine(StreamingEngine):
     async def _run(self) -> None:
         while True:
             if not self.scheduler.has_work():
+                self._flush()
                 self._wake.clear()
                 await self._wake.wait()
                 self._debt_s = 0.0  # idle time is no step's
                 continue
             batch = self.scheduler.schedule()
             if not batch:  # nothing fits right now; wait for a finish or an abort
+                self._flush()
                 await asyncio.sleep(0.001)
                 continue
             delay = self.step_time_s(batch)
@@ -204,7 +207,17 @@ class MockerEngine(StreamingEngine):
                 for seq in batch.seqs:
                     if seq.status is not SeqStatus.FINISHED:
                         self._finish(seq, "error")
-            self._publish_events()
+
+    def _flush(self) -> None:
+        """Before the stepping task yields: the tokens of the steps since the last yield,
+        one chunk per request (a finishing request's went out with its finish), and the
+        steps' KV events, one batch."""
+        if self._undelivered:
+            for seq in self._undelivered.values():
+                if seq.pending_tokens and seq.status is not SeqStatus.FINISHED:
+                    self._deliver(seq)
+            self._undelivered.clear()
+        self._publish_events()
 
     async def _sleep(self, delay: float) -> None:
         """Take `delay` seconds of simulated step time, exactly on average: the event loop
@@ -212,14 +225,16 @@ class MockerEngine(StreamingEngine):
         a sped-up model would make every step last a millisecond. Short steps add up to a
         debt slept off (by the clock) once it is worth a timer; meanwhile they run back to
         back, yielding to the loop (new requests, aborts, the outputs' publisher) every
-        `_YIELD_EVERY_S`: a step's outputs still go out as their own chunks, but the worker
-        publishes those of several steps in one message, and no step pays a loop turn."""
+        `_YIELD_EVERY_S`: the tokens of those steps go out as one chunk per request (as a
+        fast engine's do when its reader lags), and no step pays a loop turn or a message."""
         self._debt_s += delay
         if self._debt_s < _MIN_SLEEP_S:
             if time.perf_counter() - self._yielded_at >= _YIELD_EVERY_S:
+                self._flush()
                 await asyncio.sleep(0)
                 self._yielded_at = time.perf_counter()
             return
+        self._flush()
         loop = asyncio.get_running_loop()
         start = loop.time()
         await asyncio.sleep(self._debt_s)
@@ -248,7 +263,7 @@ class MockerEngine(StreamingEngine):
             if seq.finish_reason is not None:
                 self._finish(seq, seq.finish_reason)
             elif seq.pending_tokens:
-                self._deliver(seq)
+                self._undelivered[seq.request_id] = seq  # delivered at the next yield
 
     def _on_finish(self, seq: Sequence, reason: str) -> None:
         if seq.admitted_once and seq.status is not SeqStatus.FINISHED:
