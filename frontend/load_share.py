@@ -136,6 +136,7 @@ class LoadShare:
         self._nc: NatsClient | None = None
         self._seq = 0
         self._flush_due = False
+        self._last_sent: dict[str, tuple[int, int]] | None = None
         self._heartbeat: asyncio.Task[None] | None = None
         self._sending: set[asyncio.Task[None]] = set()
 
@@ -175,12 +176,18 @@ class LoadShare:
             self._flush_due = True
             asyncio.get_running_loop().call_later(FLUSH_S, self._send)
 
-    def _send(self) -> None:
+    def _send(self, heartbeat: bool = False) -> None:
+        """Publish our counts; a change that came back to what we last said sends nothing
+        (a request that started and finished within one flush), a heartbeat always sends."""
         self._flush_due = False
         if self._nc is None or self._nc.is_closed:
             return
+        counts = self.own_counts()
+        if counts == self._last_sent and not heartbeat:
+            return
+        self._last_sent = counts
         self._seq += 1
-        payload = encode_load(self.frontend_id, self._seq, self.own_counts())
+        payload = encode_load(self.frontend_id, self._seq, counts)
         task = asyncio.get_running_loop().create_task(self._publish(payload))
         self._sending.add(task)
         task.add_done_callback(self._sending.discard)
@@ -199,4 +206,4 @@ class LoadShare:
         while True:
             await asyncio.sleep(HEARTBEAT_S)
             self.peers.expire(time.monotonic())
-            self._send()
+            self._send(heartbeat=True)
