@@ -12,14 +12,21 @@ same load from an aiohttp client in this process (chat requests, fixed output le
   `python -m venv V && V/bin/pip install --no-deps ai-dynamo==1.6.1 ai-dynamo-runtime==1.6.1`
   plus their dependencies except `aisimulate`). Missing: that half is skipped, said so.
 
+Both use the same router (`--router kv`: frontend.router kv, Dynamo `--router-mode kv`;
+`--router round_robin`: Dynamo's default) and the same `--speedup` (engine.mocker.speedup,
+Dynamo's `--speedup-ratio`).
+
 Per scenario (non-stream 16 tokens at c=64, stream 32 tokens at c=64, non-stream 16 tokens
 at c=1) it prints req/s, latency p50/p99, and CPU per request: the frontend process(es)' and
-the workers' user+system CPU time (/proc) during the scenario divided by its requests. For
-hpcserve it also calls one worker directly over NATS at c=1 (the "added latency" baseline).
+the workers' user+system CPU time (/proc) during the scenario divided by its requests; for
+streams also the SSE events per request (how finely each stack cut them: at speedup 1000 a
+whole request takes a fraction of a millisecond of simulated time). For hpcserve it also
+calls one worker directly over NATS at c=1 (the "added latency" baseline).
 The last line: `frontend_vs_dynamo cpu_per_req_ratio=<x> stream_req_s_ratio=<y>` (x: hpcserve
 frontend CPU per streamed request / Dynamo's; y: hpcserve streamed req/s / Dynamo's).
 
-    python benchmarks/bench_frontend.py [--requests 1500] [--dynamo-venv /work/dynvenv]
+    python benchmarks/bench_frontend.py [--requests 1500] [--router kv|round_robin] \
+        [--speedup 1000] [--dynamo-venv /work/dynvenv]
 
 `--workers-sweep` instead measures hpcserve's non-stream throughput with frontend.workers =
 1, 2, 4, 8 (give it a machine with the cores: ~16; on 2 cores it only shows contention):
