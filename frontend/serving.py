@@ -7,8 +7,8 @@ for `n` choices sends n engine requests to one worker (`frontend.choices`).
 from __future__ import annotations
 
 import asyncio
+import secrets
 import time
-import uuid
 from collections.abc import Awaitable
 from typing import Any, TypeVar
 
@@ -368,7 +368,7 @@ async def _start(state: FrontendState, prepared: Prepared, deadline: float) -> C
     """Send every choice to a worker and wait for each one's first chunk (a worker error
     there is an HTTP error, even for a stream)."""
     request = GenerateRequest(
-        request_id=uuid.uuid4().hex,
+        request_id=secrets.token_hex(16),
         client_id=prepared.response_id,
         token_ids=prepared.prompt_ids,
         sampling=prepared.sampling,
