@@ -8,7 +8,11 @@ exactly the built-in engine's) and replaces the forward pass with a timing model
 
 a step that mixes both costs the sum; every time is divided by `speedup`. Stepping is an
 asyncio task (a step is a sleep plus cheap bookkeeping), so many mockers share one process or
-one machine. Tokens are deterministic pseudo-random ids (a hash of the prompt, the position
+one machine. Steps shorter than the event loop's timer resolution (a large `speedup`) run
+back to back between yields (`_sleep`), and the tokens they made reach the caller as one
+chunk per request: a sped-up mocker streams in chunks of several tokens.
+
+Tokens are deterministic pseudo-random ids (a hash of the prompt, the position
 and, for seeded sampling at temperature > 0, the seed) that avoid EOS and the stop ids, so a
 request always runs to `max_tokens`. Unseeded requests with the same prompt get the same tokens.
 """
