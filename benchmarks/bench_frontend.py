@@ -12,14 +12,21 @@ same load from an aiohttp client in this process (chat requests, fixed output le
   `python -m venv V && V/bin/pip install --no-deps ai-dynamo==1.6.1 ai-dynamo-runtime==1.6.1`
   plus their dependencies except `aisimulate`). Missing: that half is skipped, said so.
 
+Both use the same router (`--router kv`: frontend.router kv, Dynamo `--router-mode kv`;
+`--router round_robin`: Dynamo's default) and the same `--speedup` (engine.mocker.speedup,
+Dynamo's `--speedup-ratio`).
+
 Per scenario (non-stream 16 tokens at c=64, stream 32 tokens at c=64, non-stream 16 tokens
 at c=1) it prints req/s, latency p50/p99, and CPU per request: the frontend process(es)' and
-the workers' user+system CPU time (/proc) during the scenario divided by its requests. For
-hpcserve it also calls one worker directly over NATS at c=1 (the "added latency" baseline).
+the workers' user+system CPU time (/proc) during the scenario divided by its requests; for
+streams also the SSE events per request (how finely each stack cut them: at speedup 1000 a
+whole request takes a fraction of a millisecond of simulated time). For hpcserve it also
+calls one worker directly over NATS at c=1 (the "added latency" baseline).
 The last line: `frontend_vs_dynamo cpu_per_req_ratio=<x> stream_req_s_ratio=<y>` (x: hpcserve
 frontend CPU per streamed request / Dynamo's; y: hpcserve streamed req/s / Dynamo's).
 
-    python benchmarks/bench_frontend.py [--requests 1500] [--dynamo-venv /work/dynvenv]
+    python benchmarks/bench_frontend.py [--requests 1500] [--router kv|round_robin] \
+        [--speedup 1000] [--dynamo-venv /work/dynvenv]
 
 `--workers-sweep` instead measures hpcserve's non-stream throughput with frontend.workers =
 1, 2, 4, 8 (give it a machine with the cores: ~16; on 2 cores it only shows contention):
@@ -56,6 +63,7 @@ from contract.readiness import free_port, http_ok
 from hpcserve.launcher import start_deployment, stop_deployment
 
 REPO = Path(__file__).resolve().parents[1]
+DYNAMO_ROUTER = {"kv": "kv", "round_robin": "round-robin"}  # frontend.router -> --router-mode
 QUESTION = "Explain in one paragraph why the sky looks blue during the day."
 
 
@@ -83,6 +91,7 @@ class Result:
     latencies: list[float]
     frontend_cpu_s: float
     worker_cpu_s: float
+    sse_events: int = 0  # streamed scenarios: `data:` events received in all
 
     @property
     def req_s(self) -> float:
@@ -95,6 +104,10 @@ class Result:
     @property
     def frontend_ms_per_req(self) -> float:
         return 1000 * self.frontend_cpu_s / self.requests
+
+    @property
+    def events_per_req(self) -> float:
+        return self.sse_events / self.requests if self.scenario.stream else float("nan")
 
     @property
     def worker_ms_per_req(self) -> float:
@@ -129,8 +142,11 @@ def _descendants(pid: int) -> list[int]:
 # ---- load --------------------------------------------------------------------------------
 
 
-async def drive(url: str, model: str, scenario: Scenario, count: int) -> tuple[list[float], float]:
-    """`count` chat requests, `scenario.concurrency` at a time; (latencies, wall seconds)."""
+async def drive(
+    url: str, model: str, scenario: Scenario, count: int
+) -> tuple[list[float], float, int]:
+    """`count` chat requests, `scenario.concurrency` at a time; (latencies, wall seconds,
+    SSE events received: how finely each stack cut its streams)."""
     body = orjson.dumps(
         {
             "model": model,
@@ -143,11 +159,12 @@ async def drive(url: str, model: str, scenario: Scenario, count: int) -> tuple[l
     headers = {"content-type": "application/json"}
     latencies: list[float] = []
     remaining = count
+    events = 0
     connector = aiohttp.TCPConnector(limit=scenario.concurrency)
     async with aiohttp.ClientSession(connector=connector) as session:
 
         async def one_client() -> None:
-            nonlocal remaining
+            nonlocal remaining, events
             while remaining > 0:
                 remaining -= 1
                 t0 = time.perf_counter()
@@ -155,13 +172,15 @@ async def drive(url: str, model: str, scenario: Scenario, count: int) -> tuple[l
                     data = await response.read()
                     if response.status != 200:
                         raise RuntimeError(f"HTTP {response.status}: {data[:300]!r}")
-                if scenario.stream and not data.rstrip().endswith(b"data: [DONE]"):
-                    raise RuntimeError(f"stream did not end with [DONE]: {data[-200:]!r}")
+                if scenario.stream:
+                    if not data.rstrip().endswith(b"data: [DONE]"):
+                        raise RuntimeError(f"stream did not end with [DONE]: {data[-200:]!r}")
+                    events += data.count(b"data: ")
                 latencies.append(time.perf_counter() - t0)
 
         t0 = time.perf_counter()
         await asyncio.gather(*(one_client() for _ in range(scenario.concurrency)))
-        return latencies, time.perf_counter() - t0
+        return latencies, time.perf_counter() - t0, events
 
 
 def _drive_in_process(url: str, model: str, scenario: Scenario, count: int):
@@ -170,7 +189,7 @@ def _drive_in_process(url: str, model: str, scenario: Scenario, count: int):
 
 async def drive_from(
     processes: int, url: str, model: str, scenario: Scenario, count: int
-) -> tuple[list[float], float]:
+) -> tuple[list[float], float, int]:
     """`drive` split over `processes` client processes (one Python client tops out near a
     core's worth of requests: too few for several frontend processes on many cores)."""
     if processes <= 1 or scenario.concurrency < processes:
@@ -185,11 +204,16 @@ async def drive_from(
             loop.run_in_executor(pool, _drive_in_process, url, model, share, count // processes)
             for _ in range(processes)
         ))  # fmt: skip
-    return [t for latencies, _ in parts for t in latencies], max(wall for _, wall in parts)
+    latencies = [t for part in parts for t in part[0]]
+    return latencies, max(part[1] for part in parts), sum(part[2] for part in parts)
 
 
 async def measure(
-    url: str, model: str, frontend_pids: list[int], worker_pids: list[int], requests: int,
+    url: str,
+    model: str,
+    frontend_pids: list[int],
+    worker_pids: list[int],
+    requests: int,
     client_processes: int = 1,
 ) -> list[Result]:
     await drive(url, model, SCENARIOS[1], 64)  # warm-up: connections, caches, JITs
@@ -197,10 +221,10 @@ async def measure(
     for scenario in SCENARIOS:
         count = max(20, int(requests * scenario.share))
         fe0, wk0 = cpu_seconds(frontend_pids), cpu_seconds(worker_pids)
-        latencies, wall = await drive_from(client_processes, url, model, scenario, count)
+        latencies, wall, events = await drive_from(client_processes, url, model, scenario, count)
         count = len(latencies)
         fe1, wk1 = cpu_seconds(frontend_pids), cpu_seconds(worker_pids)
-        results.append(Result(scenario, count, wall, latencies, fe1 - fe0, wk1 - wk0))
+        results.append(Result(scenario, count, wall, latencies, fe1 - fe0, wk1 - wk0, events))
     return results
 
 
@@ -236,21 +260,27 @@ async def direct_worker_p50(nats_url: str, subject: str, count: int) -> float:
 # ---- the two stacks ----------------------------------------------------------------------
 
 
-def hpcserve_config(frontend_workers: int, speedup: float):
+def hpcserve_config(frontend_workers: int, speedup: float, router: str = "kv"):
     return load_config(
         REPO / "configs" / "local-mocker-kv.yaml",
         [
             "frontend.port=0",
             f"frontend.workers={frontend_workers}",
             f"engine.mocker.speedup={speedup}",
+            f"frontend.router={router}",
         ],
     )
 
 
 async def run_hpcserve(
-    requests: int, frontend_workers: int, speedup: float, direct: bool, client_processes: int = 1
+    requests: int,
+    frontend_workers: int,
+    speedup: float,
+    direct: bool,
+    client_processes: int = 1,
+    router: str = "kv",
 ):
-    config = hpcserve_config(frontend_workers, speedup)
+    config = hpcserve_config(frontend_workers, speedup, router)
     deployment = await asyncio.to_thread(start_deployment, config, lambda _m: None)
     try:
         pids = {planned.name: managed.pid for planned, managed in deployment.processes}
@@ -272,7 +302,7 @@ async def run_hpcserve(
 
 
 @contextlib.contextmanager
-def dynamo_stack(venv: Path, model_dir: Path, workdir: Path):
+def dynamo_stack(venv: Path, model_dir: Path, workdir: Path, speedup: float, router: str):
     """Dynamo's mocker (8 workers) and frontend on a free port; yields (url, model, pids)."""
     python = venv / "bin" / "python"
     port = free_port("127.0.0.1")
@@ -281,10 +311,11 @@ def dynamo_stack(venv: Path, model_dir: Path, workdir: Path):
     procs = []
     try:
         for name, argv in (
-            ("mocker", ["-m", "dynamo.mocker", "--num-workers", "8", "--speedup-ratio", "1000",
+            ("mocker", ["-m", "dynamo.mocker", "--num-workers", "8",
+                        "--speedup-ratio", f"{speedup:g}",
                         "--model-path", str(model_dir), "--discovery-backend", "file"]),
             ("frontend", ["-m", "dynamo.frontend", "--discovery-backend", "file",
-                          "--http-port", str(port)]),
+                          "--http-port", str(port), "--router-mode", DYNAMO_ROUTER[router]]),
         ):  # fmt: skip
             log = (workdir / f"dynamo-{name}.log").open("w")
             command, tmp = [str(python), *argv], workdir
@@ -320,7 +351,7 @@ def _dynamo_ready(url: str, model: str) -> bool:
     return any(entry["id"] == model for entry in data)
 
 
-async def run_dynamo(venv: Path, requests: int) -> list[Result] | None:
+async def run_dynamo(venv: Path, requests: int, speedup: float, router: str) -> list[Result] | None:
     if not (venv / "bin" / "python").is_file():
         print(f"Dynamo half skipped: no venv at {venv} (see this script's docstring)")
         return None
@@ -331,7 +362,7 @@ async def run_dynamo(venv: Path, requests: int) -> list[Result] | None:
         return None
     with (
         tempfile.TemporaryDirectory(prefix="bench-dynamo-") as tmp,
-        dynamo_stack(venv, default_model_dir(), Path(tmp)) as (url, model, pids),
+        dynamo_stack(venv, default_model_dir(), Path(tmp), speedup, router) as (url, model, pids),
     ):
         frontend_pid, mocker_pid = pids[1], pids[0]
         return await measure(url, model, [frontend_pid], [mocker_pid], requests)
@@ -343,26 +374,31 @@ async def run_dynamo(venv: Path, requests: int) -> list[Result] | None:
 def table(label: str, results: list[Result]) -> None:
     print(f"\n{label}")
     print(f"  {'scenario':<24} {'req/s':>8} {'p50 ms':>8} {'p99 ms':>8} "
-          f"{'frontend CPU ms/req':>20} {'worker CPU ms/req':>18}")  # fmt: skip
+          f"{'frontend CPU ms/req':>20} {'worker CPU ms/req':>18} {'events/req':>10}")  # fmt: skip
     for r in results:
         print(f"  {r.scenario.name:<24} {r.req_s:8.0f} {1000 * r.p(0.5):8.2f} "
               f"{1000 * r.p(0.99):8.2f} {r.frontend_ms_per_req:20.3f} "
-              f"{r.worker_ms_per_req:18.3f}")  # fmt: skip
+              f"{r.worker_ms_per_req:18.3f} {r.events_per_req:10.1f}")  # fmt: skip
 
 
 async def compare(args: argparse.Namespace) -> None:
-    ours, direct_p50 = await run_hpcserve(args.requests, args.frontend_workers, args.speedup, True)
+    ours, direct_p50 = await run_hpcserve(
+        args.requests, args.frontend_workers, args.speedup, True, router=args.router
+    )
     table(f"hpcserve (local-mocker-kv, 8 mockers, speedup {args.speedup:g}, "
-          f"frontend.workers={args.frontend_workers})", ours)  # fmt: skip
+          f"frontend.workers={args.frontend_workers}, router {args.router})", ours)  # fmt: skip
     c1 = ours[2]
     if direct_p50 is not None:
         print(f"  c=1 added latency p50: {1000 * (c1.p(0.5) - direct_p50):.2f} ms "
               f"(worker called directly over NATS: {1000 * direct_p50:.2f} ms)")  # fmt: skip
-    theirs = None if args.skip_dynamo else await run_dynamo(Path(args.dynamo_venv), args.requests)
+    theirs = None
+    if not args.skip_dynamo:
+        theirs = await run_dynamo(Path(args.dynamo_venv), args.requests, args.speedup, args.router)
     if theirs is None:
         print("frontend_vs_dynamo skipped=1 (no Dynamo run)")
         return
-    table("Dynamo 1.6.1 (dynamo.mocker --num-workers 8 --speedup-ratio 1000)", theirs)
+    table(f"Dynamo 1.6.1 (dynamo.mocker --num-workers 8 --speedup-ratio {args.speedup:g}, "
+          f"router {DYNAMO_ROUTER[args.router]})", theirs)  # fmt: skip
     print("\nhpcserve / Dynamo per scenario (CPU per request: lower is better):")
     for a, b in zip(ours, theirs, strict=True):
         print(f"  {a.scenario.name:<24} req/s {a.req_s / b.req_s:5.2f}x  "
@@ -379,7 +415,7 @@ async def sweep(args: argparse.Namespace) -> None:
     rates = {}
     for count in args.sweep:
         results, _ = await run_hpcserve(args.requests, count, args.speedup, False,
-                                        args.client_processes)  # fmt: skip
+                                        args.client_processes, args.router)  # fmt: skip
         table(f"hpcserve frontend.workers={count}", results)
         rates[count] = results[0].req_s
     first = args.sweep[0]
@@ -395,6 +431,10 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=1500, help="per c=64 scenario")
     parser.add_argument("--speedup", type=float, default=1000.0, help="engine.mocker.speedup")
     parser.add_argument("--frontend-workers", type=int, default=1)
+    parser.add_argument(
+        "--router", choices=sorted(DYNAMO_ROUTER), default="kv",
+        help="the router of both stacks (Dynamo: --router-mode kv / round-robin)",
+    )  # fmt: skip
     parser.add_argument("--dynamo-venv", default="/work/dynvenv")
     parser.add_argument("--skip-dynamo", action="store_true")
     parser.add_argument("--workers-sweep", action="store_true")

@@ -6,7 +6,7 @@ carries `version` so that a mismatched frontend and worker fail loudly instead o
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, NamedTuple
 
 import orjson
 from pydantic import BaseModel, ConfigDict, Field
@@ -122,6 +122,39 @@ def batch_subject(reply: str) -> str:
     return f"{reply.rsplit('.', 1)[0]}.{BATCH_SUFFIX}"
 
 
+def coalesce_outputs(outputs: list[GenerateOutput]) -> list[GenerateOutput]:
+    """`outputs` (in order) with each request's consecutive chunks joined into one, where
+    the protocol allows: a chunk carries the tokens produced since the previous one, so
+    two chunks of a request become one with both chunks' tokens (and logprobs), the later
+    one's counts and finish reason. A chunk that announces a new owner (`worker_id`) or
+    follows an error or a finish is kept apart. Chunks of other requests keep their order;
+    the inputs are not modified."""
+    result: list[GenerateOutput] = []
+    last: dict[str, int] = {}  # request id -> index in result of its latest chunk
+    for output in outputs:
+        index = last.get(output.request_id)
+        if index is not None:
+            prev = result[index]
+            if (
+                prev.finish_reason is None
+                and prev.error is None
+                and prev.worker_id is None
+                and output.worker_id is None
+                and (prev.logprobs is None) == (output.logprobs is None)
+            ):
+                joined = output.model_copy()
+                joined.token_ids = prev.token_ids + output.token_ids
+                if prev.logprobs is not None and output.logprobs is not None:
+                    joined.logprobs = prev.logprobs + output.logprobs
+                joined.num_prompt_tokens = output.num_prompt_tokens or prev.num_prompt_tokens
+                joined.num_cached_tokens = output.num_cached_tokens or prev.num_cached_tokens
+                result[index] = joined
+                continue
+        last[output.request_id] = len(result)
+        result.append(output)
+    return result
+
+
 def outputs_json(outputs: list[GenerateOutput]) -> bytes:
     """A batch of chunks (for one inbox) as a JSON array."""
     return b"[" + b",".join(output_json(output) for output in outputs) + b"]"
@@ -186,6 +219,72 @@ class KvEventBatch(_Message):
     worker_id: str
     seq: int
     events: list[KvEvent]
+
+
+class KvBatchOps(NamedTuple):
+    """A `KvEventBatch` as plain data for the KV index's hot path: each event an
+    `(stored, block_hashes)` pair (stored: True for KvStored's blocks, False for KvRemoved)."""
+
+    worker_id: str
+    seq: int
+    events: list[tuple[bool, list[int]]]
+
+    @classmethod
+    def of(cls, batch: KvEventBatch) -> KvBatchOps:
+        return cls(batch.worker_id, batch.seq, [
+            (True, [b.block_hash for b in e.blocks]) if isinstance(e, KvStored)
+            else (False, list(e.block_hashes))
+            for e in batch.events
+        ])  # fmt: skip
+
+
+_BATCH_KEYS = frozenset(KvEventBatch.model_fields)
+_STORED_KEYS = frozenset(KvStored.model_fields)
+_REMOVED_KEYS = frozenset(KvRemoved.model_fields)
+_BLOCK_KEYS = frozenset(StoredBlock.model_fields)
+
+
+def parse_kv_event_batch(data: bytes) -> KvBatchOps:
+    """`KvEventBatch.model_validate_json(data)` as `KvBatchOps`, fast: every frontend process
+    parses every worker's batches, and pydantic's model building was most of that cost.
+
+    orjson reads the batch; one exactly in the shape workers write (no missing or extra
+    field, ints as ints) becomes tuples directly. Anything else goes through the pydantic
+    model, so what is accepted, what it means, and the ValueError for a bad batch are the
+    schema's (`KvEventBatch` stays the documented format)."""
+    try:
+        message = orjson.loads(data)
+        if message.keys() != _BATCH_KEYS:
+            raise ValueError
+        worker_id, seq, version = message["worker_id"], message["seq"], message["version"]
+        if type(worker_id) is not str or type(seq) is not int or type(version) is not int:
+            raise ValueError
+        events: list[tuple[bool, list[int]]] = []
+        for event in message["events"]:
+            kind = event["kind"]
+            if kind == "stored" and event.keys() == _STORED_KEYS:
+                parent = event["parent_hash"]
+                if parent is not None and type(parent) is not int:
+                    raise ValueError
+                hashes = []
+                for block in event["blocks"]:
+                    if block.keys() != _BLOCK_KEYS:
+                        raise ValueError
+                    h, n = block["block_hash"], block["num_tokens"]
+                    if type(h) is not int or type(n) is not int:
+                        raise ValueError
+                    hashes.append(h)
+                events.append((True, hashes))
+            elif kind == "removed" and event.keys() == _REMOVED_KEYS:
+                hashes = event["block_hashes"]
+                if type(hashes) is not list or any(type(h) is not int for h in hashes):
+                    raise ValueError
+                events.append((False, hashes))
+            else:
+                raise ValueError
+        return KvBatchOps(worker_id, seq, events)
+    except (ValueError, TypeError, KeyError, AttributeError):
+        return KvBatchOps.of(KvEventBatch.model_validate_json(data))
 
 
 class KvSnapshot(_Message):

@@ -4,26 +4,33 @@ Routes are thin: each endpoint hands its request to `serving.handle` (generation
 answers from the shared state (`frontend.state`: health, models, metrics). Response
 building lives in `frontend.responses`, the request as known before routing in
 `frontend.prepared`.
+
+The two generation routes are the hot path: `FrontendApp` dispatches them itself, before
+FastAPI's middleware stack (server-error, exception, exit-stack, body-limit and telemetry
+layers: a good part of the frontend's CPU per request, and nothing these endpoints use), with
+the same error mapping (`errors.error_response`). Every other path goes through FastAPI.
 """
 
 from __future__ import annotations
 
 import importlib.metadata
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
+from typing import Any
 
 from fastapi import FastAPI, Request
 from pydantic import ValidationError
 from starlette.responses import Response
+from starlette.types import Receive, Scope, Send
 
 from contract.config import DeploymentConfig
 from frontend import errors
 from frontend.errors import OpenAIError
 from frontend.openapi_doc import openapi_schema
 from frontend.prepared import Kind
-from frontend.responses import SSEResponse, json_response
-from frontend.serving import ClientGone, handle
+from frontend.responses import ClientGone, SSEResponse, json_response
+from frontend.serving import handle
 from frontend.state import FrontendState, check_config
 
 logger = logging.getLogger(__name__)
@@ -34,6 +41,33 @@ try:
     VERSION = importlib.metadata.version("hpcserve")
 except importlib.metadata.PackageNotFoundError:  # a source tree that was not installed
     VERSION = "0"
+
+
+Endpoint = Callable[[Request], Awaitable[Response]]
+
+
+class FrontendApp(FastAPI):
+    """FastAPI, except that POSTs to the generation routes (`direct`) skip its middleware
+    stack: the endpoint is called with a plain Starlette `Request`, an exception it raises
+    becomes the same OpenAI error body the exception handlers would make."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.direct: dict[str, Endpoint] = {}
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["method"] == "POST" and not self.root_path:
+            endpoint = self.direct.get(scope["path"])
+            if endpoint is not None:
+                scope["app"] = self
+                request = Request(scope, receive, send)
+                try:
+                    response = await endpoint(request)
+                except Exception as exc:
+                    response = errors.error_response(exc)
+                await response(scope, receive, send)
+                return
+        await super().__call__(scope, receive, send)
 
 
 def create_app(config: DeploymentConfig) -> FastAPI:
@@ -56,7 +90,7 @@ def create_app(config: DeploymentConfig) -> FastAPI:
         finally:
             await state.stop()
 
-    app = FastAPI(title="hpcserve", version=VERSION, lifespan=lifespan, redoc_url=None)
+    app = FrontendApp(title="hpcserve", version=VERSION, lifespan=lifespan, redoc_url=None)
     schema = openapi_schema("hpcserve", VERSION)
     app.openapi = lambda: schema  # type: ignore[method-assign]
     errors.install_handlers(app)
@@ -119,6 +153,7 @@ def create_app(config: DeploymentConfig) -> FastAPI:
     app.router.add_route("/v1/models", models, methods=["GET"])
     app.router.add_route("/v1/chat/completions", chat_completions, methods=["POST"])
     app.router.add_route("/v1/completions", completions, methods=["POST"])
+    app.direct = {"/v1/chat/completions": chat_completions, "/v1/completions": completions}
 
     async def _serve(request: Request, kind: Kind) -> Response:
         state = state_of(request)

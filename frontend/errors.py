@@ -183,31 +183,31 @@ def parse_json_body(raw: bytes) -> Any:
     return data
 
 
+def error_response(exc: Exception) -> Response:
+    """The OpenAI error response for an exception leaving a request handler (the one
+    mapping both FastAPI's exception handlers and the app's direct generation routes use)."""
+    if isinstance(exc, OpenAIError):
+        return exc.response()
+    if isinstance(exc, ValidationError):
+        return from_validation_errors(exc.errors()).response()  # type: ignore[arg-type]
+    if isinstance(exc, RequestValidationError):
+        return from_validation_errors(list(exc.errors())).response()
+    if isinstance(exc, StarletteHTTPException):
+        kind = "invalid_request_error" if exc.status_code < 500 else "server_error"
+        return OpenAIError(exc.status_code, str(exc.detail), type=kind).response()
+    logger.error("unexpected error: %s", exc, exc_info=exc)
+    return OpenAIError(500, f"internal error: {exc}", type="server_error").response()
+
+
 def install_handlers(app: FastAPI) -> None:
     """Make every error leaving the app an OpenAI error body."""
 
-    @app.exception_handler(OpenAIError)
-    async def _openai_error(_: Request, exc: OpenAIError) -> Response:
-        return exc.response()
+    async def handler(_: Request, exc: Exception) -> Response:
+        return error_response(exc)
 
-    @app.exception_handler(ValidationError)
-    async def _validation_error(_: Request, exc: ValidationError) -> Response:
-        return from_validation_errors(exc.errors()).response()  # type: ignore[arg-type]
-
-    @app.exception_handler(RequestValidationError)
-    async def _request_validation_error(_: Request, exc: RequestValidationError) -> Response:
-        return from_validation_errors(list(exc.errors())).response()
-
-    @app.exception_handler(StarletteHTTPException)
-    async def _http_error(_: Request, exc: StarletteHTTPException) -> Response:
-        kind = "invalid_request_error" if exc.status_code < 500 else "server_error"
-        error = OpenAIError(exc.status_code, str(exc.detail), type=kind)
-        return error.response()
-
-    @app.exception_handler(Exception)
-    async def _unexpected(_: Request, exc: Exception) -> Response:
-        logger.exception("unexpected error: %s", exc)
-        return OpenAIError(500, f"internal error: {exc}", type="server_error").response()
+    for kind in (OpenAIError, ValidationError, RequestValidationError, StarletteHTTPException,
+                 Exception):  # fmt: skip
+        app.add_exception_handler(kind, handler)
 
 
 def raise_for_worker_error(output: GenerateOutput, card: WorkerCard) -> None:

@@ -32,7 +32,15 @@ from nats.aio.msg import Msg
 
 from contract.bus import connect, kv_events_subject, kv_snapshot_subject
 from contract.discovery import WorkerCard
-from contract.messages import KvEvent, KvEventBatch, KvRemoved, KvSnapshot, KvStored
+from contract.messages import (
+    KvBatchOps,
+    KvEvent,
+    KvEventBatch,
+    KvRemoved,
+    KvSnapshot,
+    KvStored,
+    parse_kv_event_batch,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -74,6 +82,14 @@ class KvIndex:
                 self.store(worker_id, (b.block_hash for b in event.blocks))
             elif isinstance(event, KvRemoved):
                 self.remove(worker_id, event.block_hashes)
+
+    def apply_ops(self, worker_id: str, ops: Iterable[tuple[bool, list[int]]]) -> None:
+        """`apply` for events as `KvBatchOps` pairs (stored?, hashes)."""
+        for stored, hashes in ops:
+            if stored:
+                self.store(worker_id, hashes)
+            else:
+                self.remove(worker_id, hashes)
 
     def replace(self, worker_id: str, hashes: Iterable[int]) -> None:
         """Make `hashes` exactly the worker's blocks (a snapshot)."""
@@ -154,7 +170,7 @@ class _WorkerSync:
 
     last_seq: int | None = None  # None: never synced
     pending: bool = False  # a snapshot request is in flight
-    buffer: list[KvEventBatch] = field(default_factory=list)  # batches seen meanwhile
+    buffer: list[KvBatchOps] = field(default_factory=list)  # batches seen meanwhile
 
 
 class KvIndexFeed:
@@ -222,14 +238,16 @@ class KvIndexFeed:
     # ----- events --------------------------------------------------------------------------
     async def _on_events(self, msg: Msg) -> None:
         try:
-            batch = KvEventBatch.model_validate_json(msg.data)
+            batch = parse_kv_event_batch(msg.data)  # KvEventBatch's schema, parsed fast
         except ValueError as exc:
             logger.warning("ignoring malformed KV event batch: %s", exc)
             return
         self.handle_batch(batch)
 
-    def handle_batch(self, batch: KvEventBatch) -> None:
+    def handle_batch(self, batch: KvEventBatch | KvBatchOps) -> None:
         """Apply in seq order; on a gap or an unsynced worker, reconcile by snapshot."""
+        if isinstance(batch, KvEventBatch):
+            batch = KvBatchOps.of(batch)
         worker_id = batch.worker_id
         if worker_id not in self._workers:
             return  # unknown or gone: its join (snapshot) will cover it
@@ -240,11 +258,11 @@ class KvIndexFeed:
             sync.buffer.append(batch)
             return
         if sync.last_seq is not None and batch.seq == sync.last_seq + 1:
-            self.index.apply(worker_id, batch.events)
+            self.index.apply_ops(worker_id, batch.events)
             sync.last_seq = batch.seq
         elif batch.seq == 1:  # first batch of a (re)started worker: nothing before it counts
             self.index.replace(worker_id, ())
-            self.index.apply(worker_id, batch.events)
+            self.index.apply_ops(worker_id, batch.events)
             sync.last_seq = 1
         elif sync.last_seq is not None and batch.seq <= sync.last_seq:
             logger.debug("KV index: stale batch %d from %s ignored", batch.seq, worker_id)
@@ -295,7 +313,7 @@ class KvIndexFeed:
             if batch.seq > sync.last_seq:
                 if batch.seq != sync.last_seq + 1:
                     logger.warning("KV index: %s still has a gap after its snapshot", worker_id)
-                self.index.apply(worker_id, batch.events)
+                self.index.apply_ops(worker_id, batch.events)
                 sync.last_seq = batch.seq
         logger.debug(
             "KV index: %s synced at seq %d (%d blocks)",
@@ -309,7 +327,7 @@ class KvIndexFeed:
             return
         buffered, sync.buffer, sync.pending = sorted(sync.buffer, key=_seq), [], False
         for batch in buffered:
-            self.index.apply(worker_id, batch.events)
+            self.index.apply_ops(worker_id, batch.events)
             sync.last_seq = batch.seq
 
     async def _fetch_over_nats(self, worker_id: str) -> KvSnapshot:
@@ -326,5 +344,5 @@ class KvIndexFeed:
                 self.request_snapshot(worker_id)
 
 
-def _seq(batch: KvEventBatch) -> int:
+def _seq(batch: KvBatchOps) -> int:
     return batch.seq

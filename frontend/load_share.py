@@ -55,12 +55,20 @@ def encode_load(
 
 
 class PeerLoads:
-    """The other processes' counts, summed per worker into the tracker (no I/O: unit-tested)."""
+    """The other processes' counts, summed per worker into the tracker (no I/O: unit-tested).
+
+    With N processes each one hears N - 1 peers, every few milliseconds each: a message
+    updates the sums by its own peer's difference (the workers it names), not by summing
+    every peer again."""
 
     def __init__(self, tracker: LoadTracker, own_id: str) -> None:
         self.tracker = tracker
         self.own_id = own_id
         self.peers: dict[str, PeerLoad] = {}
+        self._requests: dict[str, int] = {}  # worker -> the peers' in-flight requests
+        self._blocks: dict[str, int] = {}  # worker -> their routed prompt blocks
+        tracker.peer_requests = self._requests
+        tracker.peer_blocks = self._blocks
 
     def apply(self, data: bytes, now: float) -> bool:
         """Apply one message; False when it is ours, stale or malformed."""
@@ -81,11 +89,13 @@ class PeerLoads:
         peer = self.peers.get(frontend_id)
         if peer is not None and seq <= peer.seq:
             return False
+        if peer is not None:
+            self._count(peer.workers, -1)
         if bye:
             self.peers.pop(frontend_id, None)
         else:
             self.peers[frontend_id] = PeerLoad(seq, now, workers)
-        self._sum()
+            self._count(workers, 1)
         return True
 
     def expire(self, now: float) -> None:
@@ -93,19 +103,17 @@ class PeerLoads:
         for frontend_id in gone:
             logger.info("frontend process %s silent for %.0f s: its load dropped",
                         frontend_id, EXPIRE_S)  # fmt: skip
-            del self.peers[frontend_id]
-        if gone:
-            self._sum()
+            self._count(self.peers.pop(frontend_id).workers, -1)
 
-    def _sum(self) -> None:
-        requests: dict[str, int] = {}
-        blocks: dict[str, int] = {}
-        for peer in self.peers.values():
-            for worker_id, (count, nblocks) in peer.workers.items():
-                requests[worker_id] = requests.get(worker_id, 0) + count
-                blocks[worker_id] = blocks.get(worker_id, 0) + nblocks
-        self.tracker.peer_requests = requests
-        self.tracker.peer_blocks = blocks
+    def _count(self, workers: dict[str, tuple[int, int]], sign: int) -> None:
+        """Add (sign 1) or take away (-1) one peer's counts; workers at zero leave the sums."""
+        for table, position in ((self._requests, 0), (self._blocks, 1)):
+            for worker_id, counts in workers.items():
+                left = table.get(worker_id, 0) + sign * counts[position]
+                if left:
+                    table[worker_id] = left
+                else:
+                    table.pop(worker_id, None)
 
 
 class LoadShare:
@@ -128,6 +136,7 @@ class LoadShare:
         self._nc: NatsClient | None = None
         self._seq = 0
         self._flush_due = False
+        self._last_sent: dict[str, tuple[int, int]] | None = None
         self._heartbeat: asyncio.Task[None] | None = None
         self._sending: set[asyncio.Task[None]] = set()
 
@@ -167,12 +176,18 @@ class LoadShare:
             self._flush_due = True
             asyncio.get_running_loop().call_later(FLUSH_S, self._send)
 
-    def _send(self) -> None:
+    def _send(self, heartbeat: bool = False) -> None:
+        """Publish our counts; a change that came back to what we last said sends nothing
+        (a request that started and finished within one flush), a heartbeat always sends."""
         self._flush_due = False
         if self._nc is None or self._nc.is_closed:
             return
+        counts = self.own_counts()
+        if counts == self._last_sent and not heartbeat:
+            return
+        self._last_sent = counts
         self._seq += 1
-        payload = encode_load(self.frontend_id, self._seq, self.own_counts())
+        payload = encode_load(self.frontend_id, self._seq, counts)
         task = asyncio.get_running_loop().create_task(self._publish(payload))
         self._sending.add(task)
         task.add_done_callback(self._sending.discard)
@@ -191,4 +206,4 @@ class LoadShare:
         while True:
             await asyncio.sleep(HEARTBEAT_S)
             self.peers.expire(time.monotonic())
-            self._send()
+            self._send(heartbeat=True)

@@ -4,8 +4,8 @@ number of choices)."""
 
 from __future__ import annotations
 
+import secrets
 import time
-import uuid
 from typing import Literal
 
 from contract.messages import MediaRef, SamplingParams
@@ -49,7 +49,7 @@ class Prepared:
         self.arrival = arrival
         self.created = int(time.time())
         prefix = "chatcmpl-" if kind == "chat" else "cmpl-"
-        self.response_id = prefix + uuid.uuid4().hex
+        self.response_id = prefix + secrets.token_hex(16)  # 32 hex digits, as uuid4().hex (cheaper)
         self.model = model
         self.prompt_ids = prompt_ids
         self.media = media or []  # the images' placeholder runs in prompt_ids

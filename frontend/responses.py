@@ -5,12 +5,14 @@ prompt once and the completion tokens of every choice (as OpenAI and vLLM do).""
 
 from __future__ import annotations
 
+import asyncio
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
-from typing import Any
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from typing import Any, TypeVar
 
 import orjson
 from starlette.responses import Response, StreamingResponse
+from starlette.types import Receive, Scope, Send
 
 from contract.messages import GenerateOutput, TokenLogprob
 from frontend import errors
@@ -21,6 +23,7 @@ from frontend.prepared import Prepared
 from frontend.state import FrontendState
 from frontend.tokenization import IncrementalDetokenizer, StopMatcher, TextTokenizer
 
+T = TypeVar("T")
 _JSON = "application/json"
 _SSE_DONE = b"data: [DONE]\n\n"
 
@@ -33,12 +36,46 @@ def _sse(data: Any) -> bytes:
     return b"data: " + orjson.dumps(data) + b"\n\n"
 
 
+class ClientGone(Exception):
+    """The HTTP client disconnected before the response was ready."""
+
+
+async def until_disconnect(receive: Receive, work: Awaitable[T]) -> T:
+    """Await `work`; if the client disconnects meanwhile (an `http.disconnect` from
+    `receive`), cancel it and raise ClientGone. One watcher task, no task group."""
+    task = asyncio.current_task()
+    assert task is not None
+    gone = False
+
+    async def watch() -> None:
+        nonlocal gone
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                gone = True
+                task.cancel()
+                return
+
+    watcher = asyncio.get_running_loop().create_task(watch())
+    try:
+        return await work
+    except asyncio.CancelledError:
+        if gone:
+            task.uncancel()
+            raise ClientGone() from None
+        raise
+    finally:
+        watcher.cancel()
+
+
 class SSEResponse(StreamingResponse):
     """A StreamingResponse that runs `on_close` callbacks however it ends.
 
     Starlette may cancel a stream before its generator ever started (client gone at once);
     the generator's `finally` would then never run, so the abort and the in-flight count
-    are settled here instead.
+    are settled here instead. The client's leaving is watched by `until_disconnect`: what
+    Starlette does with an anyio task group (two tasks and cancel scopes per stream), with
+    one watcher task.
     """
 
     def __init__(self, content: AsyncIterator[bytes], on_close: list[Callable[[], None]]) -> None:
@@ -49,9 +86,11 @@ class SSEResponse(StreamingResponse):
         )
         self.on_close = on_close
 
-    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         try:
-            await super().__call__(scope, receive, send)
+            await until_disconnect(receive, self.stream_response(send))
+        except ClientGone:
+            pass
         finally:
             for callback in self.on_close:
                 callback()

@@ -7,8 +7,8 @@ for `n` choices sends n engine requests to one worker (`frontend.choices`).
 from __future__ import annotations
 
 import asyncio
+import secrets
 import time
-import uuid
 from collections.abc import Awaitable
 from typing import Any, TypeVar
 
@@ -33,15 +33,12 @@ from frontend.responses import (
     json_response,
     record,
     stream_events,
+    until_disconnect,
 )
 from frontend.state import FrontendState, media_workers
 from frontend.tokenization import ChatTemplateError
 
 T = TypeVar("T")
-
-
-class ClientGone(Exception):
-    """The HTTP client disconnected before the response was ready."""
 
 
 def check_context(prepared: Prepared, request: GenerateRequest, limit: int) -> None:
@@ -106,29 +103,7 @@ def _followed(
 
 async def guard_disconnect(request: Request, work: Awaitable[T]) -> T:
     """Await `work`; if the client disconnects meanwhile, cancel it and raise ClientGone."""
-    task = asyncio.current_task()
-    assert task is not None
-    gone = False
-
-    async def watch() -> None:
-        nonlocal gone
-        while True:
-            message = await request.receive()
-            if message["type"] == "http.disconnect":
-                gone = True
-                task.cancel()
-                return
-
-    watcher = asyncio.get_running_loop().create_task(watch())
-    try:
-        return await work
-    except asyncio.CancelledError:
-        if gone:
-            task.uncancel()
-            raise ClientGone() from None
-        raise
-    finally:
-        watcher.cancel()
+    return await until_disconnect(request.receive, work)
 
 
 async def handle(state: FrontendState, request: Request, kind: Kind) -> Response:
@@ -393,7 +368,7 @@ async def _start(state: FrontendState, prepared: Prepared, deadline: float) -> C
     """Send every choice to a worker and wait for each one's first chunk (a worker error
     there is an HTTP error, even for a stream)."""
     request = GenerateRequest(
-        request_id=uuid.uuid4().hex,
+        request_id=secrets.token_hex(16),
         client_id=prepared.response_id,
         token_ids=prepared.prompt_ids,
         sampling=prepared.sampling,

@@ -112,6 +112,8 @@ class TextTokenizer:
         self.max_model_len: int | None = model_config.get("max_position_embeddings")
         self._byte_level = self._uses_byte_level()
         self._chat_template = self._compile_chat_template(tokenizer_config)
+        # the template's globals, copied once: `render` copies them into every context
+        self._template_globals = dict(self._chat_template.globals) if self._chat_template else {}
 
     def _special_splitter(self) -> re.Pattern[str] | None:
         """A regex that splits text at added tokens, when encoding the pieces one by one is
@@ -193,13 +195,21 @@ class TextTokenizer:
         """The prompt text for `messages`, ending with the assistant's turn opener."""
         if self._chat_template is None:
             raise ChatTemplateError("this model has no chat template; use /v1/completions")
+        template = self._chat_template
+        variables = {
+            **self._template_globals,
+            "messages": messages,
+            "add_generation_prompt": True,
+            "bos_token": self.bos_token or "",
+            "eos_token": self.eos_token or "",
+        }
         try:
-            return self._chat_template.render(
-                messages=messages,
-                add_generation_prompt=True,
-                bos_token=self.bos_token or "",
-                eos_token=self.eos_token or "",
-            )
+            # Template.render, less its per-call merge of the globals (a third of its time)
+            context = template.new_context(variables, shared=True)
+            try:
+                return template.environment.concat(template.root_render_func(context))  # type: ignore[attr-defined]
+            except Exception:
+                template.environment.handle_exception()
         except ChatTemplateError:
             raise
         except jinja2.TemplateError as exc:

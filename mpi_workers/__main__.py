@@ -13,8 +13,9 @@ import importlib
 import logging
 import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from pathlib import Path
+from typing import Any
 
 from contract.config import ConfigError, DeploymentConfig, load_config
 from contract.plan import worker_id
@@ -104,6 +105,19 @@ def main(argv: list[str] | None = None) -> int:
     return serve(args, config, ranks, engine)
 
 
+def run_event_loop(main: Coroutine[Any, Any, None]) -> None:
+    """`asyncio.run(main)`, on uvloop where it is installed (uvicorn[standard] brings it):
+    its loop turns cost a fraction of asyncio's, and a worker's request path (NATS in and
+    out, one engine step's outputs per loop turn) is mostly loop turns."""
+    try:
+        import uvloop
+    except ImportError:
+        asyncio.run(main)
+        return
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        runner.run(main)
+
+
 def serve(args: argparse.Namespace, config: DeploymentConfig, ranks: RankGroup, engine: Engine):
     """Run the worker (the group's leader) until a signal (0) or an engine failure (1)."""
     group = config.workers[ranks.group]
@@ -122,7 +136,7 @@ def serve(args: argparse.Namespace, config: DeploymentConfig, ranks: RankGroup, 
         model_name=config.model.served_model_name(),
         drain_timeout_s=args.drain_timeout,
     )
-    asyncio.run(serve_until_signal(worker))
+    run_event_loop(serve_until_signal(worker))
     return 1 if worker.failed_reason else 0
 
 

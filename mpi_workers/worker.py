@@ -51,6 +51,7 @@ from contract.messages import (
     KvSnapshot,
     SamplingParams,
     batch_subject,
+    coalesce_outputs,
     output_json,
     outputs_json,
 )
@@ -350,15 +351,18 @@ class Worker:
 
     async def _publish_outbox_forever(self) -> None:
         """What the last step(s) produced: one message per request, except that the chunks
-        of requests whose sender reads batches go as one message per sender's inbox."""
+        of requests whose sender reads batches go as one message per sender's inbox; a
+        request's chunks of several steps (a fast engine) go as one (`coalesce_outputs`)."""
         assert self._nc is not None
         while True:
             await self._outbox_ready.wait()
             self._outbox_ready.clear()
             pending, self._outbox = self._outbox, []
+            routes = {output.request_id: (reply, batch_to) for reply, batch_to, output in pending}
             batches: dict[str, list[GenerateOutput]] = {}
             singles: list[tuple[str, bytes]] = []
-            for reply, batch_to, output in pending:
+            for output in coalesce_outputs([output for _, _, output in pending]):
+                reply, batch_to = routes[output.request_id]
                 if batch_to is None:
                     singles.append((reply, output_json(output)))
                 else:

@@ -8,7 +8,11 @@ exactly the built-in engine's) and replaces the forward pass with a timing model
 
 a step that mixes both costs the sum; every time is divided by `speedup`. Stepping is an
 asyncio task (a step is a sleep plus cheap bookkeeping), so many mockers share one process or
-one machine. Tokens are deterministic pseudo-random ids (a hash of the prompt, the position
+one machine. Steps shorter than the event loop's timer resolution (a large `speedup`) run
+back to back between yields (`_sleep`), and the tokens they made reach the caller as one
+chunk per request: a sped-up mocker streams in chunks of several tokens.
+
+Tokens are deterministic pseudo-random ids (a hash of the prompt, the position
 and, for seeded sampling at temperature > 0, the seed) that avoid EOS and the stop ids, so a
 request always runs to `max_tokens`. Unseeded requests with the same prompt get the same tokens.
 """
@@ -19,6 +23,7 @@ import asyncio
 import contextlib
 import hashlib
 import logging
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
@@ -35,6 +40,7 @@ logger = logging.getLogger(__name__)
 
 _MASK64 = (1 << 64) - 1
 _MIN_SLEEP_S = 0.002  # shorter step times are summed before sleeping (see MockerEngine._sleep)
+_YIELD_EVERY_S = 0.0005  # short steps run back to back for this long between yields
 
 
 @dataclass
@@ -93,6 +99,8 @@ class MockerEngine(StreamingEngine):
         self._seeds: dict[str, int] = {}
         self._wake = asyncio.Event()
         self._debt_s = 0.0  # simulated step time not yet slept (see _sleep)
+        self._yielded_at = 0.0  # perf_counter of the last yield to the event loop
+        self._undelivered: dict[str, Sequence] = {}  # tokens made since the last yield
         self._task: asyncio.Task[None] | None = None
 
     # ----- lifecycle -----------------------------------------------------------------------
@@ -183,12 +191,14 @@ class MockerEngine(StreamingEngine):
     async def _run(self) -> None:
         while True:
             if not self.scheduler.has_work():
+                self._flush()
                 self._wake.clear()
                 await self._wake.wait()
                 self._debt_s = 0.0  # idle time is no step's
                 continue
             batch = self.scheduler.schedule()
             if not batch:  # nothing fits right now; wait for a finish or an abort
+                self._flush()
                 await asyncio.sleep(0.001)
                 continue
             delay = self.step_time_s(batch)
@@ -201,20 +211,38 @@ class MockerEngine(StreamingEngine):
                 for seq in batch.seqs:
                     if seq.status is not SeqStatus.FINISHED:
                         self._finish(seq, "error")
-            self._publish_events()
+
+    def _flush(self) -> None:
+        """Before the stepping task yields: the tokens of the steps since the last yield,
+        one chunk per request (a finishing request's went out with its finish), and the
+        steps' KV events, one batch."""
+        if self._undelivered:
+            for seq in self._undelivered.values():
+                if seq.pending_tokens and seq.status is not SeqStatus.FINISHED:
+                    self._deliver(seq)
+            self._undelivered.clear()
+        self._publish_events()
 
     async def _sleep(self, delay: float) -> None:
         """Take `delay` seconds of simulated step time, exactly on average: the event loop
         wakes at best every ~1 ms (epoll's resolution), so sleeping each microsecond step of
-        a sped-up model would make every step last a millisecond. Short steps only yield;
-        their time adds up to a debt slept off (by the clock) once it is worth a timer."""
+        a sped-up model would make every step last a millisecond. Short steps add up to a
+        debt slept off (by the clock) once it is worth a timer; meanwhile they run back to
+        back, yielding to the loop (new requests, aborts, the outputs' publisher) every
+        `_YIELD_EVERY_S`: the tokens of those steps go out as one chunk per request (as a
+        fast engine's do when its reader lags), and no step pays a loop turn or a message."""
         self._debt_s += delay
         if self._debt_s < _MIN_SLEEP_S:
-            await asyncio.sleep(0)  # still lets the other tasks (replies, requests) run
+            if time.perf_counter() - self._yielded_at >= _YIELD_EVERY_S:
+                self._flush()
+                await asyncio.sleep(0)
+                self._yielded_at = time.perf_counter()
             return
+        self._flush()
         loop = asyncio.get_running_loop()
         start = loop.time()
         await asyncio.sleep(self._debt_s)
+        self._yielded_at = time.perf_counter()
         # overslept: the next steps run that much sooner (bounded: a stall is not repaid)
         self._debt_s = max(self._debt_s - (loop.time() - start), -_MIN_SLEEP_S)
 
@@ -239,7 +267,7 @@ class MockerEngine(StreamingEngine):
             if seq.finish_reason is not None:
                 self._finish(seq, seq.finish_reason)
             elif seq.pending_tokens:
-                self._deliver(seq)
+                self._undelivered[seq.request_id] = seq  # delivered at the next yield
 
     def _on_finish(self, seq: Sequence, reason: str) -> None:
         if seq.admitted_once and seq.status is not SeqStatus.FINISHED:

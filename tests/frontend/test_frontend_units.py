@@ -21,7 +21,12 @@ from frontend.router import (
     RoundRobinRouter,
     make_router,
 )
-from frontend.tokenization import IncrementalDetokenizer, StopMatcher, TextTokenizer
+from frontend.tokenization import (
+    ChatTemplateError,
+    IncrementalDetokenizer,
+    StopMatcher,
+    TextTokenizer,
+)
 from frontend.worker_client import RequestStream, WorkerClient, WorkerLost
 
 CHAT: dict[str, Any] = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
@@ -323,6 +328,26 @@ def test_cached_template_encoding_equals_plain_encode(
     plain = tokenizer.encode(text, add_special_tokens=False)
     assert tokenizer.encode_chat(messages) == plain
     assert tokenizer.encode_chat(messages) == plain  # second time from the cache
+
+
+def test_chat_render_equals_the_templates_own_render(tokenizer: TextTokenizer) -> None:
+    """render_chat skips Template.render's per-call copy of the globals; the text is the
+    same as Template.render's on random conversations, and the template's own errors
+    still come out as ChatTemplateError."""
+    rng = random.Random(3)
+    template = tokenizer._chat_template
+    assert template is not None
+    for _ in range(50):
+        messages = [
+            {"role": rng.choice(["system", "user", "assistant"]), "content": rng.choice(TEXTS)}
+            for _ in range(rng.randrange(1, 6))
+        ]
+        expected = template.render(messages=messages, add_generation_prompt=True,
+                                   bos_token=tokenizer.bos_token or "",
+                                   eos_token=tokenizer.eos_token or "")  # fmt: skip
+        assert tokenizer.render_chat(messages) == expected
+    with pytest.raises(ChatTemplateError, match="the chat template failed"):
+        tokenizer.render_chat([{"role": "user", "content": "hi"}, 3])  # type: ignore[list-item]
 
 
 def _card(worker_id: str, role: str) -> WorkerCard:

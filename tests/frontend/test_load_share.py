@@ -7,6 +7,7 @@ over the session's real nats-server, as two frontend processes would use it.
 from __future__ import annotations
 
 import asyncio
+import random
 import time
 
 import pytest
@@ -35,6 +36,36 @@ def test_peer_counts_are_summed_per_worker() -> None:
     tracker.started("w1")
     assert tracker.requests_on("w1") == 2  # ours plus the peer's
     assert tracker.load(card("w1")) == 2 / 4
+
+
+def test_sums_kept_by_differences_equal_a_fresh_sum() -> None:
+    """Random messages from four peers (stale ones, goodbyes, silence among them): the
+    running sums always equal the sum of what each live peer last said."""
+    rng = random.Random(5)
+    tracker = LoadTracker()
+    peers = PeerLoads(tracker, own_id="me")
+    seqs = dict.fromkeys("abcd", 0)
+    expired = 0
+    for step in range(2000):
+        peer = rng.choice("abcd")
+        seqs[peer] += 1
+        seq = seqs[peer] - (3 if rng.random() < 0.1 else 0)  # now and then a stale one
+        workers = {f"w{i}": (rng.randrange(4), rng.randrange(20))
+                   for i in rng.sample(range(6), rng.randrange(4))}  # fmt: skip
+        peers.apply(encode_load(peer, seq, workers, bye=rng.random() < 0.05), now=step * 0.01)
+        if step % 50 == 49:  # those not heard in the last two steps go
+            before = len(peers.peers)
+            peers.expire(step * 0.01 + load_share.EXPIRE_S - 0.015)
+            expired += before - len(peers.peers)
+        requests: dict[str, int] = {}
+        blocks: dict[str, int] = {}
+        for said in peers.peers.values():
+            for worker_id, (count, nblocks) in said.workers.items():
+                requests[worker_id] = requests.get(worker_id, 0) + count
+                blocks[worker_id] = blocks.get(worker_id, 0) + nblocks
+        assert tracker.peer_requests == {w: n for w, n in requests.items() if n}
+        assert tracker.peer_blocks == {w: n for w, n in blocks.items() if n}
+    assert expired
 
 
 def test_messages_are_absolute_and_ordered() -> None:

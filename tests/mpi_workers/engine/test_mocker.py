@@ -212,3 +212,25 @@ async def test_listening_gets_every_output_in_order_like_iterating(engine) -> No
     assert [t for out in outputs for t in out.token_ids] == expected
     assert [out.finish_reason for out in outputs][-1] == "length"
     assert all(out.finish_reason is None for out in outputs[:-1])
+
+
+async def test_short_steps_reach_the_caller_in_chunks_of_several_tokens() -> None:
+    """Sped up below the loop's timer resolution, the tokens of the steps run between two
+    yields come as one chunk (the same tokens, in order); at real-time steps (5 ms, above
+    the 2 ms the mocker sums before sleeping) every step's token is its own chunk."""
+    shape = ModelShape(vocab_size=100, eos_token_ids=(2,))
+    prompt = list(range(3, 40))
+    streams: dict[float, list[list[int]]] = {}
+    for speedup in (1e6, 1.0):
+        eng = MockerEngine(MockerConfig(speedup=speedup), shape=shape, num_blocks=64)
+        await eng.start()
+        try:
+            chunks = [out.token_ids async for out in eng.generate(request("r", prompt, 12))]
+        finally:
+            await eng.shutdown()
+        streams[speedup] = chunks
+    fast, real_time = streams[1e6], streams[1.0]
+    assert [t for c in fast for t in c] == [t for c in real_time for t in c]
+    assert len([t for c in fast for t in c]) == 12
+    assert len(fast) < 12  # 12 steps in far less than the 0.5 ms between yields
+    assert [len(c) for c in real_time if c] == [1] * 12
