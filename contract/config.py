@@ -219,6 +219,14 @@ class KvRouterConfig(_Section):
     router_temperature: float = Field(
         default=0.0, ge=0, description="0: cheapest worker; > 0: softmax sampling over -cost"
     )
+    tie_band: float = Field(
+        default=1.0,
+        ge=0,
+        description="costs within tie_band x the request's own prompt blocks of the cheapest "
+        "count as tied, and ties go to the worker routed to least recently: a difference "
+        "smaller than what the request itself adds (mostly other requests' decode footprint) "
+        "says nothing about when its prefill starts, how long ago each worker got work does",
+    )
     block_size: int | None = Field(
         default=None,
         ge=1,

@@ -111,6 +111,7 @@ class KvRouter:
         self._silent_since: dict[str, float] = {}  # first finish seen without any KV event
         self._warned: set[str] = set()
         self._warned_block_size: set[str] = set()
+        self._last_routed: dict[str, float] = {}  # worker -> when we last routed to it
         self.last_scores: list[WorkerScore] = []
         tracker.finish_listeners.append(self.request_finished)
         tracker.prefill_listeners.append(self.request_prefilled)
@@ -273,9 +274,11 @@ class KvRouter:
         media: Sequence[MediaRef] = getattr(request, "media", ())
         scores = self.scores(candidates, token_ids, media)
         self.last_scores = scores
-        pick = self._pick(scores)
+        size = min(card.block_size for card in candidates)
+        pick = self._pick(scores, -(-len(token_ids) // size))
         card = next(c for c in candidates if c.worker_id == pick.worker_id)
         now = self._clock()
+        self._last_routed[card.worker_id] = now
         self._forget_stale(now)
         hashes = prompt_hashes(token_ids, card.block_size, media)
         self.routed.routed(card.worker_id, hashes, now)
@@ -295,12 +298,21 @@ class KvRouter:
         )  # fmt: skip
         return card
 
-    def _pick(self, scores: list[WorkerScore]) -> WorkerScore:
+    def _pick(self, scores: list[WorkerScore], prompt_blocks: int) -> WorkerScore:
         lowest = min(score.cost for score in scores)
         temperature = self.config.router_temperature
         if temperature <= 0:
-            tied = [score for score in scores if score.cost == lowest]
-            return tied[0] if len(tied) == 1 else self._random.choice(tied)
+            best = min(scores, key=lambda s: s.cost)
+            band = self.config.tie_band * prompt_blocks
+            tied = [
+                s for s in scores
+                if s.cost <= lowest + band and s.prefill_blocks <= best.prefill_blocks
+            ]  # fmt: skip
+            if len(tied) == 1:
+                return tied[0]
+            # least recently routed: its earlier requests have had the longest to prefill
+            last = self._last_routed
+            return min(tied, key=lambda s: (last.get(s.worker_id, -math.inf), s.worker_id))
         weights = [math.exp(-(score.cost - lowest) / temperature) for score in scores]
         return self._random.choices(scores, weights=weights, k=1)[0]
 
