@@ -278,7 +278,6 @@ class KvRouter:
         pick = self._pick(scores, -(-len(token_ids) // size))
         card = next(c for c in candidates if c.worker_id == pick.worker_id)
         now = self._clock()
-        self._last_routed[card.worker_id] = now
         self._forget_stale(now)
         hashes = prompt_hashes(token_ids, card.block_size, media)
         self.routed.routed(card.worker_id, hashes, now)
@@ -292,10 +291,21 @@ class KvRouter:
             self._footprint.setdefault(worker_id, Counter()).update(hashes)
             self._add(self._partial, worker_id, blocks - len(hashes))
             self._add(self._pending, worker_id, prefill)
-        logger.debug(
-            "kv route %s → %s (overlap %d blocks, cost %.1f)",
-            request_id, card.worker_id, pick.overlap_blocks, pick.cost,
-        )  # fmt: skip
+        if logger.isEnabledFor(logging.DEBUG):  # what each candidate looked like, for tuning
+            logger.debug(
+                "kv route %s → %s (overlap %d blocks, cost %.1f); candidates: %s",
+                request_id, card.worker_id, pick.overlap_blocks, pick.cost,
+                " ".join(
+                    f"{s.worker_id}[n={self.tracker.requests_on(s.worker_id)} "
+                    f"hit={s.overlap_blocks} prefill={s.prefill_blocks:.0f} "
+                    f"pending={self.pending_prefill(s.worker_id)} "
+                    f"reported={self._reported_active(s.worker_id)} "
+                    f"routed={self.own_blocks(s.worker_id)} decode={s.active_blocks} "
+                    f"cost={s.cost:.0f} idle={now - self._last_routed.get(s.worker_id, now):.2f}s]"
+                    for s in scores
+                ),
+            )  # fmt: skip
+        self._last_routed[card.worker_id] = now
         return card
 
     def _pick(self, scores: list[WorkerScore], prompt_blocks: int) -> WorkerScore:
