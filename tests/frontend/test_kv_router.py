@@ -277,7 +277,7 @@ def test_config_fields_overrides_and_the_deprecated_weight() -> None:
     assert KvRouterConfig(overlap_score_weight=8).load_scale == 8
     assert KvRouterConfig().load_scale == 4
     assert KvRouterConfig().tie_band == 1.5
-    with pytest.raises(ConfigError, match="frontend.kv_router.tie_band"):
+    with pytest.raises(ConfigError, match=r"frontend\.kv_router\.tie_band"):
         load_config(overrides=["frontend.kv_router.tie_band=-1"], environ={})
 
 
