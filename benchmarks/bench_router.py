@@ -300,6 +300,8 @@ class HttpResult:
     oracle_tokens: int = 0  # prompt tokens in blocks an earlier request of the run already had
     duration_s: float = 0.0
     round_p50_ms: list[float] = field(default_factory=list)  # each round's own TTFT p50
+    frontend_cpu_s: float = 0.0  # CPU the frontend process used during the requests
+    workers_cpu_s: float = 0.0  # and the worker processes, together
 
     @property
     def hit_rate(self) -> float:
@@ -434,12 +436,38 @@ async def run_http_policy(
                     for chat in chain:
                         await one(chat)
 
+            cpu0 = _cpu_seconds(deployment)
             t0 = time.perf_counter()
             await asyncio.gather(*(lane() for _ in range(args.concurrency)))
             result.duration_s = time.perf_counter() - t0
+            cpu1 = _cpu_seconds(deployment)
+            result.frontend_cpu_s = cpu1[0] - cpu0[0]
+            result.workers_cpu_s = cpu1[1] - cpu0[1]
     finally:
         await asyncio.to_thread(stop_deployment, deployment, lambda _m: None)
     return result
+
+
+def _cpu_seconds(deployment: object) -> tuple[float, float]:
+    """(frontend, workers) CPU seconds so far: a policy that costs CPU on this shared
+    machine slows everything else, which the TTFT alone would not tell apart."""
+    import psutil
+
+    frontend = workers = 0.0
+    for planned, process in deployment.processes:  # type: ignore[attr-defined]
+        used = 0.0
+        try:
+            root = psutil.Process(process.pid)
+            for proc in [root, *root.children(recursive=True)]:  # mpirun's ranks too
+                times = proc.cpu_times()
+                used += times.user + times.system
+        except psutil.Error:
+            continue
+        if planned.name.startswith("frontend"):
+            frontend += used
+        elif planned.name.startswith("worker"):
+            workers += used
+    return frontend, workers
 
 
 async def _wait_workers(client: object, url: str, workers: int) -> None:
@@ -510,13 +538,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def _table(results: dict[str, HttpResult]) -> str:
     lines = [
         f"{'workload/policy':<36} {'hit_rate':>8} {'oracle':>7} {'ttft_p50_ms':>11} "
-        f"{'ttft_p90_ms':>11} {'hit_ttft_p50':>12} {'requests':>8} {'wall_s':>7}"
+        f"{'ttft_p90_ms':>11} {'hit_ttft_p50':>12} {'requests':>8} {'wall_s':>7} "
+        f"{'fe_cpu_s':>8} {'wk_cpu_s':>8}"
     ]
     for name, r in results.items():
         hit_p50 = statistics.median(r.hit_ttft_ms) if r.hit_ttft_ms else float("nan")
         lines.append(
             f"{name:<36} {r.hit_rate:>8.3f} {r.oracle_hit_rate:>7.3f} {r.p(0.5):>11.0f} "
-            f"{r.p(0.9):>11.0f} {hit_p50:>12.0f} {len(r.ttft_ms):>8d} {r.duration_s:>7.1f}"
+            f"{r.p(0.9):>11.0f} {hit_p50:>12.0f} {len(r.ttft_ms):>8d} {r.duration_s:>7.1f} "
+            f"{r.frontend_cpu_s:>8.1f} {r.workers_cpu_s:>8.1f}"
         )
     return "\n".join(lines)
 
@@ -549,6 +579,8 @@ async def http_main(args: argparse.Namespace) -> tuple[float, float, float]:
                 merged.cached_tokens += one.cached_tokens
                 merged.oracle_tokens += one.oracle_tokens
                 merged.duration_s += one.duration_s
+                merged.frontend_cpu_s += one.frontend_cpu_s
+                merged.workers_cpu_s += one.workers_cpu_s
                 merged.round_p50_ms.append(one.p(0.5))
     logger.info(
         "through HTTP: %d mocker workers (%d KV blocks each, prefill %.2f ms/token), %d "
