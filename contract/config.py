@@ -196,6 +196,8 @@ class KvRouterConfig(_Section):
     prefill = own pending prefill blocks
               + uncached_weight x max(prompt blocks - overlap_credit x cached blocks, 0)
     cost    = prefill_load_scale x prefill + decode blocks (deduplicated) + new blocks
+
+    Workers within tie_band (at no more prefill than the cheapest) take turns.
     """
 
     overlap_credit: float = Field(

@@ -30,11 +30,30 @@ there and duplicates the prefix in a cache smaller than the working set); and
 outweigh KV footprint, which mainly costs memory (Dynamo's 1 ties the two, and ties go the
 wrong way half the time).
 
+Ties, and `tie_band` (1.5): temperature 0 picks the cheapest worker, but every worker whose
+cost is within `tie_band` x the request's own prompt blocks of the cheapest AND whose prefill
+term is no larger than the cheapest's counts as tied, and ties go to the worker routed to
+least recently. Why (measured, issue 14): with prompts sharing nothing, the costs differ only
+by pending prefill and decode footprint. Pending prefill counts a prompt whole until its first
+output, so "one prefill pending" looks the same on a worker that just got it and on one nearly
+done; the decode term then decided, and in a closed loop it always picked the worker whose
+other request had just finished, i.e. the one whose remaining request had just started its
+prefill. New requests queued behind fresh prefills and the kv router lost to round robin
+(TTFT p50 x0.74; least_loaded, which also prefers the emptier worker, x0.90). A decode
+footprint difference smaller than what the request itself adds says nothing about when its
+prefill starts; how long ago each worker last got work does (its queue has had that long to
+drain), and taking turns spreads arrivals evenly as round robin does. Only workers with no
+more prefill work than the cheapest may tie, so a cached prefix is never traded for taking
+turns (hits lower the prefill term). `tie_band` 0 is the old rule (footprint decides; exact
+ties go to the least recently routed). Temperature > 0 samples with
+softmax(-(cost - min cost) / temperature) instead.
+
 Prompts are hashed at each candidate's block size (its card), so no setting has to match the
 engine's. A worker that finished requests but published no KV event within
 `events_grace_s` is warned about once; until it publishes, it is scored from the prompts
-routed to it. Temperature 0 picks the cheapest worker (ties at random); temperature > 0
-samples with softmax(-(cost - min cost) / temperature).
+routed to it. At debug level every decision is logged with each candidate's terms (requests
+on it, cached blocks, prefill, pending, reported and routed blocks, cost, time since it was
+last routed to).
 """
 
 from __future__ import annotations
