@@ -222,7 +222,7 @@ class KvRouterConfig(_Section):
         default=0.0, ge=0, description="0: cheapest worker; > 0: softmax sampling over -cost"
     )
     tie_band: float = Field(
-        default=1.5,
+        default=4.0,
         ge=0,
         description="costs within tie_band x the request's own prompt blocks of the cheapest "
         "count as tied, and ties go to the worker routed to least recently: a difference "

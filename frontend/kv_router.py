@@ -30,7 +30,7 @@ there and duplicates the prefix in a cache smaller than the working set); and
 outweigh KV footprint, which mainly costs memory (Dynamo's 1 ties the two, and ties go the
 wrong way half the time).
 
-Ties, and `tie_band` (1.5): temperature 0 picks the cheapest worker, but every worker whose
+Ties, and `tie_band` (4): temperature 0 picks the cheapest worker, but every worker whose
 cost is within `tie_band` x the request's own prompt blocks of the cheapest AND whose prefill
 term is no larger than the cheapest's counts as tied, and ties go to the worker routed to
 least recently. Why (measured, issue 14): with prompts sharing nothing, the costs differ only

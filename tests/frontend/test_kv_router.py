@@ -209,7 +209,7 @@ def test_a_footprint_beyond_the_band_still_decides() -> None:
     clock = Clock()
     router, _, tracker = make(clock=clock)
     _one_prefilling_on_a_and_one_more_decoding_on_b(router, clock)
-    busy(tracker, "b", 16 + 13)  # another frontend's 13 blocks too: 8 + 13 > 1.5 x 8
+    busy(tracker, "b", 16 + 33)  # another frontend's 33 blocks too: 8 + 33 > 4 x 8
     assert router.choose([card("a"), card("b")], req("new", OTHER)).worker_id == "a"
 
 
@@ -276,7 +276,7 @@ def test_config_fields_overrides_and_the_deprecated_weight() -> None:
     assert kv.reconcile_interval_s == 7 and kv.block_size is None
     assert KvRouterConfig(overlap_score_weight=8).load_scale == 8
     assert KvRouterConfig().load_scale == 4
-    assert KvRouterConfig().tie_band == 1.5
+    assert KvRouterConfig().tie_band == 4
     with pytest.raises(ConfigError, match=r"frontend\.kv_router\.tie_band"):
         load_config(overrides=["frontend.kv_router.tie_band=-1"], environ={})
 
