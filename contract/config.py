@@ -224,10 +224,11 @@ class KvRouterConfig(_Section):
     tie_band: float = Field(
         default=4.0,
         ge=0,
-        description="costs within tie_band x the request's own prompt blocks of the cheapest "
+        description="costs within tie_band x the request's own prompt blocks of the cheapest, "
+        "at no more prefill work than it, "
         "count as tied, and ties go to the worker routed to least recently: a difference "
-        "smaller than what the request itself adds (mostly other requests' decode footprint) "
-        "says nothing about when its prefill starts, how long ago each worker got work does",
+        "of a few such requests' decode footprint says nothing about when its prefill "
+        "starts, how long ago each worker got work does (frontend.kv_router docstring)",
     )
     block_size: int | None = Field(
         default=None,
