@@ -213,6 +213,23 @@ def test_a_footprint_beyond_the_band_still_decides() -> None:
     assert router.choose([card("a"), card("b")], req("new", OTHER)).worker_id == "a"
 
 
+def test_without_a_queue_the_emptiest_worker_still_wins() -> None:
+    """No prefill pending at the cheapest: the request starts at once, and the worker running
+    fewer requests is held up less by its prefill (a miss must not land on a hot worker whose
+    hits would wait behind it), however long ago the other got work."""
+    clock = Clock()
+    router, _, _ = make(clock=clock)
+    clock.now = 1.0
+    router.choose([card("b")], req("b-decoding", OTHER))
+    router.request_prefilled("b-decoding")
+    clock.now = 2.0
+    router.choose([card("a")], req("a-old"))
+    router.request_finished("a-old")  # a: idle, but routed to after b
+    clock.now = 3.0
+    fresh = [*range(40000, 40128)]
+    assert router.choose([card("a"), card("b")], req("new", fresh)).worker_id == "a"
+
+
 def test_the_band_never_trades_a_cache_hit_for_taking_turns() -> None:
     """A worker with more prefill work than the cheapest is never tied with it: a cache
     holder routed to a moment ago still gets the hit over an idle worker waiting its turn."""
