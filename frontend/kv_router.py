@@ -30,30 +30,29 @@ there and duplicates the prefix in a cache smaller than the working set); and
 outweigh KV footprint, which mainly costs memory (Dynamo's 1 ties the two, and ties go the
 wrong way half the time).
 
-Ties, and `tie_band` (4): temperature 0 picks the cheapest worker, but when the cheapest has
-prefill work pending (the request will wait in a queue), every worker whose cost is within
-`tie_band` x the request's own prompt blocks of the cheapest AND whose prefill term is no
-larger than the cheapest's counts as tied, and ties go to the worker routed to least recently.
-With no queue at the cheapest, only exact ties go by least recently routed: the request starts
-at once, and the decode footprint (requests running there) tells how many others its prefill
-will hold up (with shared system prompts, the hits that follow on a hot worker: taking turns
-there doubled their TTFT). Why (measured, issue 14): with prompts sharing nothing, the costs
-differ only by pending prefill and decode footprint. Pending prefill counts a prompt whole
-until its first output, so "one prefill pending" looks the same on a worker that just got it
-and on one nearly done; the decode term then decided, and in a closed loop it always picked the
-worker whose other request had just finished, i.e. the one whose remaining request had just
-started its prefill. New requests queued behind fresh prefills and the kv router lost to round
-robin (TTFT p50 x0.74; least_loaded, which also prefers the emptier worker, x0.90). A decode
-footprint difference of a few requests like this one says nothing about when its prefill
-starts; how long ago each worker last got work does (its queue has had that long to drain), and
-taking turns spreads arrivals evenly as round robin does. Only workers with no more prefill
-work than the cheapest may tie, so a cached prefix is never traded for taking turns (hits lower
-the prefill term). Why 4: through HTTP on prompts sharing nothing, 1.5 (one request's footprint
-plus noise) still lost about half the rounds (x0.85-1.0 of round robin), 4 and 100 won
-(x1.13-1.15 over two rounds); 4 keeps the decode footprint deciding when it differs by more
-than four of the request's prompts (short prompts, long outputs). `tie_band` 0 is the old rule
-(footprint decides; exact ties go to the least recently routed). Temperature > 0 samples with
-softmax(-(cost - min cost) / temperature) instead.
+Ties, and `tie_band` (4): temperature 0 picks the cheapest worker, but every worker whose cost
+is within `tie_band` x the request's own prompt blocks of the cheapest, whose prefill term is
+no larger than the cheapest's, and which runs at most one request more than the cheapest counts
+as tied, and ties go to the worker routed to least recently. Why (measured, issue 14): with
+prompts sharing nothing, the costs differ only by pending prefill and decode footprint. Pending
+prefill counts a prompt whole until its first output, so "one prefill pending" looks the same
+on a worker that just got it and on one nearly done; the decode term then decided, and in a
+closed loop it always picked the worker whose other request had just finished, i.e. the one
+whose remaining request had just started its prefill. New requests queued behind fresh prefills
+and the kv router lost to round robin (TTFT p50 x0.74; least_loaded, which also prefers the
+emptier worker, x0.90). A decode footprint difference of a few requests like this one says
+nothing about when its prefill starts; how long ago each worker last got work does (its queue
+has had that long to drain), and taking turns spreads arrivals evenly as round robin does. The
+two other conditions keep what the cost knows: a cached prefix lowers the prefill term, so it
+is never traded for taking turns; and a prefill holds up every request running where it lands,
+which the deduplicated footprint hides on a worker serving many hits of one system prompt
+(without the request-count condition misses landed on such hot workers and their hits' TTFT
+doubled). Why 4: through HTTP on prompts sharing nothing, 1.5 still lost about half the rounds
+(x0.85-1.0 of round robin), 4 and 100 won (x1.13-1.15 over two rounds); 4 keeps the decode
+footprint deciding when it differs by more than four of the request's prompts (short prompts,
+long outputs). `tie_band` 0 is the old rule (footprint decides; exact ties go to the least
+recently routed). Temperature > 0 samples with softmax(-(cost - min cost) / temperature)
+instead.
 
 Prompts are hashed at each candidate's block size (its card), so no setting has to match the
 engine's. A worker that finished requests but published no KV event within
@@ -339,13 +338,14 @@ class KvRouter:
         temperature = self.config.router_temperature
         if temperature <= 0:
             best = min(scores, key=lambda s: s.cost)
-            # a queue to wait in: how long ago each worker got work says whose drains first;
-            # no queue: the request starts at once and the emptiest worker is best
-            queued = self.pending_prefill(best.worker_id) > 0
-            band = self.config.tie_band * prompt_blocks if queued else 0.0
+            band = self.config.tie_band * prompt_blocks
+            # a prefill holds up every request running where it lands: at most one more
+            # than at the cheapest (a hot worker's many hits share few blocks, but all wait)
+            most = self.tracker.requests_on(best.worker_id) + 1
             tied = [
                 s for s in scores
                 if s.cost <= lowest + band and s.prefill_blocks <= best.prefill_blocks
+                and self.tracker.requests_on(s.worker_id) <= most
             ]  # fmt: skip
             if len(tied) == 1:
                 return tied[0]

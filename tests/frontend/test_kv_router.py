@@ -213,21 +213,25 @@ def test_a_footprint_beyond_the_band_still_decides() -> None:
     assert router.choose([card("a"), card("b")], req("new", OTHER)).worker_id == "a"
 
 
-def test_without_a_queue_the_emptiest_worker_still_wins() -> None:
-    """No prefill pending at the cheapest: the request starts at once, and the worker running
-    fewer requests is held up less by its prefill (a miss must not land on a hot worker whose
-    hits would wait behind it), however long ago the other got work."""
+def test_a_worker_running_more_requests_does_not_tie() -> None:
+    """A hot worker serving many hits of one prompt holds few distinct blocks, but a fresh
+    prefill there holds up every one of them: it may tie only running at most one request
+    more than the cheapest, however long ago it got work."""
     clock = Clock()
-    router, _, _ = make(clock=clock)
+    router, _, tracker = make(clock=clock)
     clock.now = 1.0
-    router.choose([card("b")], req("b-decoding", OTHER))
-    router.request_prefilled("b-decoding")
+    for i in range(3):  # three hits of one prompt on b: 8 distinct blocks, 3 requests
+        router.choose([card("b")], req(f"b{i}"))
+        router.request_prefilled(f"b{i}")
+        tracker.started("b")
     clock.now = 2.0
-    router.choose([card("a")], req("a-old"))
+    router.choose([card("a")], req("a-old", OTHER))
     router.request_finished("a-old")  # a: idle, but routed to after b
     clock.now = 3.0
     fresh = [*range(40000, 40128)]
     assert router.choose([card("a"), card("b")], req("new", fresh)).worker_id == "a"
+    scores = {s.worker_id: s for s in router.last_scores}
+    assert scores["b"].cost - scores["a"].cost == 8  # in the band: only the count decides
 
 
 def test_the_band_never_trades_a_cache_hit_for_taking_turns() -> None:
