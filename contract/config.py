@@ -225,7 +225,7 @@ class KvRouterConfig(_Section):
         default=4.0,
         ge=0,
         description="costs within tie_band x the request's own prompt blocks of the cheapest, "
-        "at no more prefill work than it, "
+        "at no more prefill work than it and at most one more running request, "
         "count as tied, and ties go to the worker routed to least recently: a difference "
         "of a few such requests' decode footprint says nothing about when its prefill "
         "starts, how long ago each worker got work does (frontend.kv_router docstring)",
