@@ -299,6 +299,9 @@ class HttpResult:
     cached_tokens: int = 0
     oracle_tokens: int = 0  # prompt tokens in blocks an earlier request of the run already had
     duration_s: float = 0.0
+    round_p50_ms: list[float] = field(default_factory=list)  # each round's own TTFT p50
+    frontend_cpu_s: float = 0.0  # CPU the frontend process used during the requests
+    workers_cpu_s: float = 0.0  # and the worker processes, together
 
     @property
     def hit_rate(self) -> float:
@@ -349,18 +352,29 @@ def http_workloads(args: argparse.Namespace) -> dict[str, list[list[HttpChat]]]:
     return {"system_prompts": shared, "multi_turn": turns, "no_prefix": unique}
 
 
+def policy_overrides(policy: str) -> tuple[str, list[str]]:
+    """`kv:tie_band=0,prefill_load_scale=8` -> ("kv", [frontend.kv_router.tie_band=0, ...]):
+    a policy with kv_router settings of its own (to compare settings in one run)."""
+    router, _, settings = policy.partition(":")
+    return router, [f"frontend.kv_router.{kv}" for kv in settings.split(",") if kv]
+
+
 async def run_http_policy(
-    router: str, workload: list[list[HttpChat]], args: argparse.Namespace, tokenizer: object
+    policy: str, workload: list[list[HttpChat]], args: argparse.Namespace, tokenizer: object
 ) -> HttpResult:
-    """Start the mocker deployment with `frontend.router=router`, run `workload`, stop it."""
+    """Start the mocker deployment with `frontend.router` (and kv_router settings) of
+    `policy`, run `workload`, stop it."""
     import httpx
 
     from hpcserve.launcher import start_deployment, stop_deployment
 
+    router, kv_overrides = policy_overrides(policy)
     run_dir = Path(tempfile.mkdtemp(prefix=f"bench-router-{router}-"))
+    logger.debug("%s: deployment logs in %s/logs", policy, run_dir)
     overrides = [
         "name=bench-router-http",
         f"frontend.router={router}",
+        *kv_overrides,
         "frontend.port=0",
         f"engine.mocker.prefill_ms_per_token={args.http_prefill_ms_per_token}",
         f"engine.mocker.speedup={args.http_speedup}",
@@ -371,7 +385,7 @@ async def run_http_policy(
     ]
     config = load_config(args.config, overrides=overrides, environ={})
     deployment = await asyncio.to_thread(start_deployment, config, lambda _m: None)
-    result = HttpResult(router)
+    result = HttpResult(policy)
     seen: set[int] = set()
     try:
         limits = httpx.Limits(max_connections=args.concurrency + 4)
@@ -422,12 +436,38 @@ async def run_http_policy(
                     for chat in chain:
                         await one(chat)
 
+            cpu0 = _cpu_seconds(deployment)
             t0 = time.perf_counter()
             await asyncio.gather(*(lane() for _ in range(args.concurrency)))
             result.duration_s = time.perf_counter() - t0
+            cpu1 = _cpu_seconds(deployment)
+            result.frontend_cpu_s = cpu1[0] - cpu0[0]
+            result.workers_cpu_s = cpu1[1] - cpu0[1]
     finally:
         await asyncio.to_thread(stop_deployment, deployment, lambda _m: None)
     return result
+
+
+def _cpu_seconds(deployment: object) -> tuple[float, float]:
+    """(frontend, workers) CPU seconds so far: a policy that costs CPU on this shared
+    machine slows everything else, which the TTFT alone would not tell apart."""
+    import psutil
+
+    frontend = workers = 0.0
+    for planned, process in deployment.processes:  # type: ignore[attr-defined]
+        used = 0.0
+        try:
+            root = psutil.Process(process.pid)
+            for proc in [root, *root.children(recursive=True)]:  # mpirun's ranks too
+                times = proc.cpu_times()
+                used += times.user + times.system
+        except psutil.Error:
+            continue
+        if planned.name.startswith("frontend"):
+            frontend += used
+        elif planned.name.startswith("worker"):
+            workers += used
+    return frontend, workers
 
 
 async def _wait_workers(client: object, url: str, workers: int) -> None:
@@ -463,7 +503,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add("--http-num-blocks", type=int, default=1400, help="KV blocks per worker")
     add("--http-speedup", type=float, default=1.0)
     add("--workloads", default="system_prompts,multi_turn,no_prefix")
-    add("--repeat", type=int, default=1, help="HTTP: rounds, alternating the policy order")
+    add("--repeat", type=int, default=1, help="HTTP: rounds, rotating the policy order")
+    add(
+        "--policies",
+        default="round_robin;kv",
+        help="HTTP: ';'-separated; `kv:key=value,...` adds kv_router settings (e.g. "
+        "'round_robin;kv;kv:tie_band=0')",
+    )
     add("--http", action=argparse.BooleanOptionalAction, default=True)
     add("--inproc", action=argparse.BooleanOptionalAction, default=False)
     add("--conversations", type=int, default=96)
@@ -491,14 +537,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def _table(results: dict[str, HttpResult]) -> str:
     lines = [
-        f"{'workload/policy':<26} {'hit_rate':>8} {'oracle':>7} {'ttft_p50_ms':>11} "
-        f"{'ttft_p90_ms':>11} {'hit_ttft_p50':>12} {'requests':>8} {'wall_s':>7}"
+        f"{'workload/policy':<36} {'hit_rate':>8} {'oracle':>7} {'ttft_p50_ms':>11} "
+        f"{'ttft_p90_ms':>11} {'hit_ttft_p50':>12} {'requests':>8} {'wall_s':>7} "
+        f"{'fe_cpu_s':>8} {'wk_cpu_s':>8}"
     ]
     for name, r in results.items():
         hit_p50 = statistics.median(r.hit_ttft_ms) if r.hit_ttft_ms else float("nan")
         lines.append(
-            f"{name:<26} {r.hit_rate:>8.3f} {r.oracle_hit_rate:>7.3f} {r.p(0.5):>11.0f} "
-            f"{r.p(0.9):>11.0f} {hit_p50:>12.0f} {len(r.ttft_ms):>8d} {r.duration_s:>7.1f}"
+            f"{name:<36} {r.hit_rate:>8.3f} {r.oracle_hit_rate:>7.3f} {r.p(0.5):>11.0f} "
+            f"{r.p(0.9):>11.0f} {hit_p50:>12.0f} {len(r.ttft_ms):>8d} {r.duration_s:>7.1f} "
+            f"{r.frontend_cpu_s:>8.1f} {r.workers_cpu_s:>8.1f}"
         )
     return "\n".join(lines)
 
@@ -510,15 +558,20 @@ async def http_main(args: argparse.Namespace) -> tuple[float, float, float]:
     model = load_config(args.config, overrides=args.set, environ={}).model.path
     tokenizer = TextTokenizer(str(model or default_model_dir()))
     workloads = http_workloads(args)
+    policies = args.policies.split(";")
+    if "round_robin" not in policies or "kv" not in policies:
+        raise SystemExit("--policies: needs round_robin and kv (the ratios compare the two)")
     results: dict[str, HttpResult] = {}
-    # alternating rounds: a machine whose load drifts (other jobs) skews both policies alike
+    # rotating order: a machine whose load drifts (other jobs) skews every policy alike
     for round_ in range(args.repeat):
         for workload in args.workloads.split(","):
-            policies = ("round_robin", "kv") if round_ % 2 == 0 else ("kv", "round_robin")
-            for policy in policies:
+            shift = round_ % len(policies)
+            for policy in policies[shift:] + policies[:shift]:
                 t0 = time.perf_counter()
                 one = await run_http_policy(policy, workloads[workload], args, tokenizer)
-                logger.info("%s/%s done in %.1f s", workload, policy, time.perf_counter() - t0)
+                logger.info("%s/%s round %d: ttft p50 %.0f ms, hit rate %.3f (%.1f s)",
+                            workload, policy, round_, one.p(0.5), one.hit_rate,
+                            time.perf_counter() - t0)  # fmt: skip
                 merged = results.setdefault(f"{workload}/{policy}", HttpResult(policy))
                 merged.ttft_ms += one.ttft_ms
                 merged.hit_ttft_ms += one.hit_ttft_ms
@@ -526,6 +579,9 @@ async def http_main(args: argparse.Namespace) -> tuple[float, float, float]:
                 merged.cached_tokens += one.cached_tokens
                 merged.oracle_tokens += one.oracle_tokens
                 merged.duration_s += one.duration_s
+                merged.frontend_cpu_s += one.frontend_cpu_s
+                merged.workers_cpu_s += one.workers_cpu_s
+                merged.round_p50_ms.append(one.p(0.5))
     logger.info(
         "through HTTP: %d mocker workers (%d KV blocks each, prefill %.2f ms/token), %d "
         "streaming chat requests per workload and round (%d), %d at a time, %d output "
@@ -534,10 +590,21 @@ async def http_main(args: argparse.Namespace) -> tuple[float, float, float]:
         args.repeat, args.concurrency, args.max_tokens, _table(results),
     )  # fmt: skip
 
-    def ratio(workload: str) -> float:
-        rr, kv = results.get(f"{workload}/round_robin"), results.get(f"{workload}/kv")
-        return rr.p(0.5) / kv.p(0.5) if rr and kv else float("nan")
+    def ratio(workload: str, policy: str = "kv") -> float:
+        rr, other = results.get(f"{workload}/round_robin"), results.get(f"{workload}/{policy}")
+        return rr.p(0.5) / other.p(0.5) if rr and other else float("nan")
 
+    lines = []
+    for name, r in results.items():
+        workload, policy = name.split("/", 1)
+        if policy == "round_robin":
+            continue
+        rr = results[f"{workload}/round_robin"]
+        per_round = [a / b for a, b in zip(rr.round_p50_ms, r.round_p50_ms, strict=True)]
+        lines.append(f"{name:<40} x{ratio(workload, policy):.2f} (rounds "
+                     + " ".join(f"x{x:.2f}" for x in per_round) + ")")  # fmt: skip
+    logger.info("TTFT p50, round_robin / policy (> 1: faster than round robin), pooled and "
+                "per round:\n%s", "\n".join(lines))  # fmt: skip
     vs_oracle = [
         r.hit_rate / max(r.oracle_hit_rate, 1e-9)
         for name, r in results.items()

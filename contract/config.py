@@ -196,6 +196,8 @@ class KvRouterConfig(_Section):
     prefill = own pending prefill blocks
               + uncached_weight x max(prompt blocks - overlap_credit x cached blocks, 0)
     cost    = prefill_load_scale x prefill + decode blocks (deduplicated) + new blocks
+
+    Workers within tie_band (at no more prefill than the cheapest) take turns.
     """
 
     overlap_credit: float = Field(
@@ -218,6 +220,15 @@ class KvRouterConfig(_Section):
     )
     router_temperature: float = Field(
         default=0.0, ge=0, description="0: cheapest worker; > 0: softmax sampling over -cost"
+    )
+    tie_band: float = Field(
+        default=4.0,
+        ge=0,
+        description="costs within tie_band x the request's own prompt blocks of the cheapest, "
+        "at no more prefill work than it and at most one more running request, "
+        "count as tied, and ties go to the worker routed to least recently: a difference "
+        "of a few such requests' decode footprint says nothing about when its prefill "
+        "starts, how long ago each worker got work does (frontend.kv_router docstring)",
     )
     block_size: int | None = Field(
         default=None,

@@ -30,11 +30,36 @@ there and duplicates the prefix in a cache smaller than the working set); and
 outweigh KV footprint, which mainly costs memory (Dynamo's 1 ties the two, and ties go the
 wrong way half the time).
 
+Ties, and `tie_band` (4): temperature 0 picks the cheapest worker, but every worker whose cost
+is within `tie_band` x the request's own prompt blocks of the cheapest, whose prefill term is
+no larger than the cheapest's, and which runs at most one request more than the cheapest counts
+as tied, and ties go to the worker routed to least recently. Why (measured, issue 14): with
+prompts sharing nothing, the costs differ only by pending prefill and decode footprint. Pending
+prefill counts a prompt whole until its first output, so "one prefill pending" looks the same
+on a worker that just got it and on one nearly done; the decode term then decided, and in a
+closed loop it always picked the worker whose other request had just finished, i.e. the one
+whose remaining request had just started its prefill. New requests queued behind fresh prefills
+and the kv router lost to round robin (TTFT p50 x0.74; least_loaded, which also prefers the
+emptier worker, x0.90). A decode footprint difference of a few requests like this one says
+nothing about when its prefill starts; how long ago each worker last got work does (its queue
+has had that long to drain), and taking turns spreads arrivals evenly as round robin does. The
+two other conditions keep what the cost knows: a cached prefix lowers the prefill term, so it
+is never traded for taking turns; and a prefill holds up every request running where it lands,
+which the deduplicated footprint hides on a worker serving many hits of one system prompt
+(without the request-count condition misses landed on such hot workers and their hits' TTFT
+doubled). Why 4: through HTTP on prompts sharing nothing, 1.5 still lost about half the rounds
+(x0.85-1.0 of round robin), 4 and 100 won (x1.13-1.15 over two rounds); 4 keeps the decode
+footprint deciding when it differs by more than four of the request's prompts (short prompts,
+long outputs). `tie_band` 0 is the old rule (footprint decides; exact ties go to the least
+recently routed). Temperature > 0 samples with softmax(-(cost - min cost) / temperature)
+instead.
+
 Prompts are hashed at each candidate's block size (its card), so no setting has to match the
 engine's. A worker that finished requests but published no KV event within
 `events_grace_s` is warned about once; until it publishes, it is scored from the prompts
-routed to it. Temperature 0 picks the cheapest worker (ties at random); temperature > 0
-samples with softmax(-(cost - min cost) / temperature).
+routed to it. At debug level every decision is logged with each candidate's terms (requests
+on it, cached blocks, prefill, pending, reported and routed blocks, cost, time since it was
+last routed to).
 """
 
 from __future__ import annotations
@@ -111,6 +136,7 @@ class KvRouter:
         self._silent_since: dict[str, float] = {}  # first finish seen without any KV event
         self._warned: set[str] = set()
         self._warned_block_size: set[str] = set()
+        self._last_routed: dict[str, float] = {}  # worker -> when we last routed to it
         self.last_scores: list[WorkerScore] = []
         tracker.finish_listeners.append(self.request_finished)
         tracker.prefill_listeners.append(self.request_prefilled)
@@ -273,7 +299,8 @@ class KvRouter:
         media: Sequence[MediaRef] = getattr(request, "media", ())
         scores = self.scores(candidates, token_ids, media)
         self.last_scores = scores
-        pick = self._pick(scores)
+        size = min(card.block_size for card in candidates)
+        pick = self._pick(scores, -(-len(token_ids) // size))
         card = next(c for c in candidates if c.worker_id == pick.worker_id)
         now = self._clock()
         self._forget_stale(now)
@@ -289,18 +316,42 @@ class KvRouter:
             self._footprint.setdefault(worker_id, Counter()).update(hashes)
             self._add(self._partial, worker_id, blocks - len(hashes))
             self._add(self._pending, worker_id, prefill)
-        logger.debug(
-            "kv route %s → %s (overlap %d blocks, cost %.1f)",
-            request_id, card.worker_id, pick.overlap_blocks, pick.cost,
-        )  # fmt: skip
+        if logger.isEnabledFor(logging.DEBUG):  # what each candidate looked like, for tuning
+            logger.debug(
+                "kv route %s → %s (overlap %d blocks, cost %.1f); candidates: %s",
+                request_id, card.worker_id, pick.overlap_blocks, pick.cost,
+                " ".join(
+                    f"{s.worker_id}[n={self.tracker.requests_on(s.worker_id)} "
+                    f"hit={s.overlap_blocks} prefill={s.prefill_blocks:.0f} "
+                    f"pending={self.pending_prefill(s.worker_id)} "
+                    f"reported={self._reported_active(s.worker_id)} "
+                    f"routed={self.own_blocks(s.worker_id)} decode={s.active_blocks} "
+                    f"cost={s.cost:.0f} idle={now - self._last_routed.get(s.worker_id, now):.2f}s]"
+                    for s in scores
+                ),
+            )  # fmt: skip
+        self._last_routed[card.worker_id] = now
         return card
 
-    def _pick(self, scores: list[WorkerScore]) -> WorkerScore:
+    def _pick(self, scores: list[WorkerScore], prompt_blocks: int) -> WorkerScore:
         lowest = min(score.cost for score in scores)
         temperature = self.config.router_temperature
         if temperature <= 0:
-            tied = [score for score in scores if score.cost == lowest]
-            return tied[0] if len(tied) == 1 else self._random.choice(tied)
+            best = min(scores, key=lambda s: s.cost)
+            band = self.config.tie_band * prompt_blocks
+            # a prefill holds up every request running where it lands: at most one more
+            # than at the cheapest (a hot worker's many hits share few blocks, but all wait)
+            most = self.tracker.requests_on(best.worker_id) + 1
+            tied = [
+                s for s in scores
+                if s.cost <= lowest + band and s.prefill_blocks <= best.prefill_blocks
+                and self.tracker.requests_on(s.worker_id) <= most
+            ]  # fmt: skip
+            if len(tied) == 1:
+                return tied[0]
+            # least recently routed: its earlier requests have had the longest to prefill
+            last = self._last_routed
+            return min(tied, key=lambda s: (last.get(s.worker_id, -math.inf), s.worker_id))
         weights = [math.exp(-(score.cost - lowest) / temperature) for score in scores]
         return self._random.choices(scores, weights=weights, k=1)[0]
 

@@ -13,7 +13,7 @@ from collections import Counter
 import pytest
 
 from contract.block_hash import block_hashes, media_block_extras
-from contract.config import KvRouterConfig, load_config
+from contract.config import ConfigError, KvRouterConfig, load_config
 from contract.discovery import WorkerCard
 from contract.messages import (
     GenerateRequest,
@@ -149,14 +149,105 @@ def test_a_report_older_than_our_finishes_does_not_repel_the_next_turn() -> None
     assert {s.worker_id: s.active_blocks for s in router.scores(cards, PROMPT)}["a"] == 3 + 8
 
 
-def test_ties_are_broken_randomly() -> None:
-    router, _, _ = make()
-    cards = [card("a"), card("b")]
-    picks: Counter[str] = Counter()
-    for i in range(400):
-        picks[router.choose(cards, req(f"r{i}")).worker_id] += 1
+class Clock:
+    """A clock the test moves by hand."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_ties_go_to_the_least_recently_routed_worker() -> None:
+    """Equal workers take turns (not at random): the one routed to longest ago has had the
+    longest to work off what it got."""
+    clock = Clock()
+    router, _, _ = make(clock=clock)
+    cards = [card("a"), card("b"), card("c")]
+    picks = []
+    for i in range(9):
+        clock.now += 1.0
+        picks.append(router.choose(cards, req(f"r{i}", OTHER)).worker_id)
         router.request_finished(f"r{i}")
-    assert 140 < picks["a"] < 260
+    assert picks == ["a", "b", "c"] * 3
+
+
+def _one_prefilling_on_a_and_one_more_decoding_on_b(router: KvRouter, clock: Clock) -> None:
+    """b: a request decoding and one routed at t=2 still prefilling; a: one routed at t=3
+    still prefilling. Equal prefill work, b holds one more request's blocks."""
+    fresh = [[*range(30000 + 1000 * i, 30128 + 1000 * i)] for i in range(3)]  # 8 blocks each
+    clock.now = 1.0
+    router.choose([card("b")], req("b-decoding", fresh[0]))
+    router.request_prefilled("b-decoding")
+    clock.now = 2.0
+    router.choose([card("b")], req("b-prefilling", fresh[1]))
+    clock.now = 3.0
+    router.choose([card("a")], req("a-prefilling", fresh[2]))
+    clock.now = 4.0
+
+
+def test_decode_footprint_within_the_band_does_not_decide_how_long_ago_does() -> None:
+    """The closed-loop trap of the no-prefix workload: every worker is mid-prefill and the
+    one whose other request just finished holds fewer blocks. The old rule sent every new
+    request there (behind a prefill that had just started); the tie band sends it to b,
+    whose prefill started earlier."""
+    clock = Clock()
+    router, _, _ = make(clock=clock)
+    _one_prefilling_on_a_and_one_more_decoding_on_b(router, clock)
+    assert router.choose([card("a"), card("b")], req("new", OTHER)).worker_id == "b"
+    scores = {s.worker_id: s for s in router.last_scores}
+    assert scores["a"].prefill_blocks == scores["b"].prefill_blocks
+    assert scores["b"].cost - scores["a"].cost == 8  # one request's footprint, in the band
+
+    old, _, _ = make(clock=clock, tie_band=0.0)  # footprint decides: a
+    _one_prefilling_on_a_and_one_more_decoding_on_b(old, clock)
+    assert old.choose([card("a"), card("b")], req("new", OTHER)).worker_id == "a"
+
+
+def test_a_footprint_beyond_the_band_still_decides() -> None:
+    clock = Clock()
+    router, _, tracker = make(clock=clock)
+    _one_prefilling_on_a_and_one_more_decoding_on_b(router, clock)
+    busy(tracker, "b", 16 + 33)  # another frontend's 33 blocks too: 8 + 33 > 4 x 8
+    assert router.choose([card("a"), card("b")], req("new", OTHER)).worker_id == "a"
+
+
+def test_a_worker_running_more_requests_does_not_tie() -> None:
+    """A hot worker serving many hits of one prompt holds few distinct blocks, but a fresh
+    prefill there holds up every one of them: it may tie only running at most one request
+    more than the cheapest, however long ago it got work."""
+    clock = Clock()
+    router, _, tracker = make(clock=clock)
+    clock.now = 1.0
+    for i in range(3):  # three hits of one prompt on b: 8 distinct blocks, 3 requests
+        router.choose([card("b")], req(f"b{i}"))
+        router.request_prefilled(f"b{i}")
+        tracker.started("b")
+    clock.now = 2.0
+    router.choose([card("a")], req("a-old", OTHER))
+    router.request_finished("a-old")  # a: idle, but routed to after b
+    clock.now = 3.0
+    fresh = [*range(40000, 40128)]
+    assert router.choose([card("a"), card("b")], req("new", fresh)).worker_id == "a"
+    scores = {s.worker_id: s for s in router.last_scores}
+    assert scores["b"].cost - scores["a"].cost == 8  # in the band: only the count decides
+
+
+def test_the_band_never_trades_a_cache_hit_for_taking_turns() -> None:
+    """A worker with more prefill work than the cheapest is never tied with it: a cache
+    holder routed to a moment ago still gets the hit over an idle worker waiting its turn."""
+    clock = Clock()
+    router, index, _ = make(clock=clock, tie_band=100.0)
+    index.store("a", HASHES[:2])  # a: 4 x 2 x 6 + 8 = 56; b: 72, within a wide band
+    clock.now = 1.0
+    router.choose([card("b")], req("b-old", OTHER))
+    router.request_finished("b-old")
+    clock.now = 2.0
+    router.choose([card("a")], req("a-new", OTHER))
+    router.request_finished("a-new")
+    clock.now = 3.0
+    assert router.choose([card("a"), card("b")], req("hit")).worker_id == "a"
 
 
 def test_temperature_samples_softmax_of_negative_cost() -> None:
@@ -206,6 +297,9 @@ def test_config_fields_overrides_and_the_deprecated_weight() -> None:
     assert kv.reconcile_interval_s == 7 and kv.block_size is None
     assert KvRouterConfig(overlap_score_weight=8).load_scale == 8
     assert KvRouterConfig().load_scale == 4
+    assert KvRouterConfig().tie_band == 4
+    with pytest.raises(ConfigError, match=r"frontend\.kv_router\.tie_band"):
+        load_config(overrides=["frontend.kv_router.tie_band=-1"], environ={})
 
 
 # ----- workers without KV events ----------------------------------------------------------
