@@ -15,6 +15,7 @@ import struct
 from collections.abc import Iterable, Mapping, Sequence
 
 _NO_PARENT = 0
+_U64 = struct.Struct("<Q")
 
 
 def hash_block(parent_hash: int | None, token_ids: Sequence[int], extra: int | None = None) -> int:
@@ -49,11 +50,24 @@ def block_hashes(
     token_ids: Sequence[int], block_size: int, extras: Mapping[int, int] | None = None
 ) -> list[int]:
     """Hashes of every full block of `token_ids`, in order; a partial tail block has none.
-    `extras`: `media_block_extras` of the request's images (None or empty: text only)."""
+    `extras`: `media_block_extras` of the request's images (None or empty: text only).
+
+    The same hashes as chaining `hash_block`, computed from one packing of the whole prompt
+    (the frontend hashes every prompt at each block size its workers use, so this is on the
+    request path)."""
+    full = len(token_ids) // block_size
+    if not full:
+        return []
+    packed = struct.pack(f"<{full * block_size}i", *token_ids[: full * block_size])
+    width = 4 * block_size
+    blake2b, pack_u64 = hashlib.blake2b, _U64.pack
     hashes: list[int] = []
-    parent: int | None = None
-    for index, start in enumerate(range(0, len(token_ids) - block_size + 1, block_size)):
+    parent = _NO_PARENT
+    for index in range(full):
+        data = pack_u64(parent) + packed[index * width : (index + 1) * width]
         extra = extras.get(index) if extras else None
-        parent = hash_block(parent, token_ids[start : start + block_size], extra)
+        if extra is not None:
+            data += pack_u64(extra)
+        parent = int.from_bytes(blake2b(data, digest_size=8).digest(), "little")
         hashes.append(parent)
     return hashes

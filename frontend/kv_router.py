@@ -210,7 +210,11 @@ class KvRouter:
 
     def _forget_stale(self, now: float) -> None:
         """Requests routed but never sent (e.g. rejected as too long) must not count forever."""
-        stale = [rid for rid, e in self._in_flight.items() if now - e.since > self._forget_after_s]
+        stale = []
+        for request_id, entry in self._in_flight.items():  # in routing order: oldest first
+            if now - entry.since <= self._forget_after_s:
+                break
+            stale.append(request_id)
         for request_id in stale:
             self._drop(request_id)
 
@@ -256,11 +260,14 @@ class KvRouter:
         candidates: Sequence[WorkerCard],
         token_ids: Sequence[int],
         media: Sequence[MediaRef] = (),
+        by_size: dict[int, list[int]] | None = None,
     ) -> list[WorkerScore]:
         """`media`: the request's images (their blocks hash the image too: a different
-        image is no prefix hit, the same one is)."""
+        image is no prefix hit, the same one is). `by_size`: filled with the prompt's
+        hashes at each candidate block size (for the caller to reuse)."""
         credit, scale = self.config.overlap_credit, self.config.load_scale
-        by_size: dict[int, list[int]] = {}
+        if by_size is None:
+            by_size = {}
         result = []
         for card in candidates:
             worker_id = card.worker_id
@@ -270,8 +277,8 @@ class KvRouter:
                 hashes = by_size[size] = prompt_hashes(token_ids, size, media)
             total = -(-len(token_ids) // size)
             overlap = self._overlap(worker_id, hashes)
-            footprint = self._footprint.get(worker_id, Counter())
-            new = total - sum(1 for h in hashes if h in footprint)
+            footprint = self._footprint.get(worker_id)
+            new = total - sum(map(footprint.__contains__, hashes)) if footprint else total
             uncached = max(total - credit * overlap, 0.0)
             prefill = self.pending_prefill(worker_id) + self.config.uncached_weight * uncached
             # this process's routed blocks and the other frontend processes' (load_share)
@@ -297,15 +304,17 @@ class KvRouter:
     def choose(self, candidates: Sequence[WorkerCard], request: Any) -> WorkerCard:
         token_ids: Sequence[int] = request.token_ids
         media: Sequence[MediaRef] = getattr(request, "media", ())
-        scores = self.scores(candidates, token_ids, media)
+        by_size: dict[int, list[int]] = {}
+        scores = self.scores(candidates, token_ids, media, by_size)
         self.last_scores = scores
         size = min(card.block_size for card in candidates)
         pick = self._pick(scores, -(-len(token_ids) // size))
         card = next(c for c in candidates if c.worker_id == pick.worker_id)
         now = self._clock()
         self._forget_stale(now)
-        hashes = prompt_hashes(token_ids, card.block_size, media)
-        self.routed.routed(card.worker_id, hashes, now)
+        hashes = by_size[card.block_size]
+        if not self.publishes(card.worker_id):  # scored from its events otherwise
+            self.routed.routed(card.worker_id, hashes, now)
         request_id = getattr(request, "request_id", None)
         if request_id is not None:
             self._drop(request_id)

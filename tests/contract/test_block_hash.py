@@ -57,3 +57,20 @@ def test_media_extras_separate_images_and_keep_text_blocks() -> None:
     # the same image one token later is another prefix
     shifted = media_block_extras([(5, 20, 111)], 16)
     assert block_hashes(ids, 16, shifted)[0] != one[0]
+
+
+def test_block_hashes_equal_chained_hash_block_on_random_prompts() -> None:
+    """`block_hashes` packs the prompt once; it must name every block as `hash_block` does,
+    image extras included."""
+    import random
+
+    rng = random.Random(3)
+    for _ in range(200):
+        size = rng.choice([1, 4, 16, 32])
+        tokens = [rng.randrange(0, 2**31) for _ in range(rng.randrange(0, 200))]
+        extras = {i: rng.randrange(2**64) for i in range(10) if rng.random() < 0.3}
+        chained, parent = [], None
+        for index in range(len(tokens) // size):
+            parent = hash_block(parent, tokens[index * size : (index + 1) * size], extras.get(index))
+            chained.append(parent)
+        assert block_hashes(tokens, size, extras) == chained
