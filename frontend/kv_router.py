@@ -343,10 +343,10 @@ class KvRouter:
         return card
 
     def _pick(self, scores: list[WorkerScore], prompt_blocks: int) -> WorkerScore:
-        lowest = min(score.cost for score in scores)
+        best = min(scores, key=lambda s: s.cost)
+        lowest = best.cost
         temperature = self.config.router_temperature
         if temperature <= 0:
-            best = min(scores, key=lambda s: s.cost)
             band = self.config.tie_band * prompt_blocks
             # a prefill holds up every request running where it lands: at most one more
             # than at the cheapest (a hot worker's many hits share few blocks, but all wait)

@@ -71,6 +71,7 @@ def test_block_hashes_equal_chained_hash_block_on_random_prompts() -> None:
         extras = {i: rng.randrange(2**64) for i in range(10) if rng.random() < 0.3}
         chained, parent = [], None
         for index in range(len(tokens) // size):
-            parent = hash_block(parent, tokens[index * size : (index + 1) * size], extras.get(index))
+            block = tokens[index * size : (index + 1) * size]
+            parent = hash_block(parent, block, extras.get(index))
             chained.append(parent)
         assert block_hashes(tokens, size, extras) == chained
