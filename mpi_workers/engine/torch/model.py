@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mpi_workers.engine.torch import kernels, triton_ops
+from mpi_workers.engine.torch import kernels, triton_ops, triton_row
 from mpi_workers.engine.torch.attention import AttentionMetadata, paged_attention
 from mpi_workers.engine.torch.device_path import DevicePath
 from mpi_workers.engine.torch.device_path import choose as choose_device_path
@@ -55,9 +55,14 @@ class Attention(nn.Module):
         self.v_cache = torch.empty(0)
 
     def forward(self, x: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
-        tokens = x.shape[0]
+        return self.o_proj(self.attend(self.qkv_proj(x), meta))
+
+    def attend(self, qkv: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        """RoPE, the K/V cache writes and attention over the QKV projection's output
+        [tokens, (heads + 2 kv_heads) x head_dim] -> [tokens, heads x head_dim]."""
+        tokens = qkv.shape[0]
         heads, kv_heads = self.num_heads, self.num_kv_heads
-        qkv = self.qkv_proj(x).view(tokens, heads + 2 * kv_heads, self.head_dim)
+        qkv = qkv.view(tokens, heads + 2 * kv_heads, self.head_dim)
         if self.fused:  # RoPE and the K/V cache writes in one kernel
             qk = triton_ops.rope_and_cache(qkv, meta.cos, meta.sin, self.k_cache, self.v_cache,
                                            meta.slot_mapping, heads, kv_heads)  # fmt: skip
@@ -66,7 +71,7 @@ class Attention(nn.Module):
         q, k, v = qk[:, :heads], qk[:, heads:], qkv[:, heads + kv_heads :]
         o = paged_attention(q, k, v, self.k_cache, self.v_cache, meta, self.scale,
                             cached=self.fused)  # fmt: skip
-        return self.o_proj(o.reshape(tokens, self.num_heads * self.head_dim))
+        return o.reshape(tokens, self.num_heads * self.head_dim)
 
 
 class MLP(nn.Module):
@@ -171,12 +176,32 @@ class LlamaForCausalLM(nn.Module):
         `x` is the normalised input of the next block. Each residual add happens inside the
         norm after it: one Triton kernel on CUDA, an in-place add then the norm elsewhere."""
         layers = self.model.layers
+        if self.path.row_linears and h.shape[0] == 1 and self.tp.size == 1:
+            return self._one_row_layers(h, meta)
         x = layers[0].input_layernorm(h)
         for index, layer in enumerate(layers):
             x = layer.post_attention_layernorm.add_and_norm(layer.self_attn(x, meta), h)
             after = layers[index + 1].input_layernorm if index + 1 < len(layers) else None
             x = (after or self.model.norm).add_and_norm(layer.mlp(x), h)
         return x
+
+    def _one_row_layers(self, h: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        """`_decoder_layers` for a step of one token on CUDA: four kernels per layer around
+        attention, each linear with its norm, SiLU·mul or residual add fused in
+        (`triton_row`); what batch 1 decode spends outside reading the weights."""
+        for layer in self.model.layers:
+            attn, mlp = layer.self_attn, layer.mlp
+            ln1, ln2 = layer.input_layernorm, layer.post_attention_layernorm
+            qkv = triton_row.row_linear(
+                h, attn.qkv_proj.weight, attn.qkv_proj.bias, norm_weight=ln1.weight, eps=ln1.eps
+            )
+            triton_row.row_linear(attn.attend(qkv, meta), attn.o_proj.weight, residual=h)
+            act = triton_row.row_linear(
+                h, mlp.gate_up_proj.weight, mlp.gate_up_proj.bias,
+                norm_weight=ln2.weight, eps=ln2.eps, glu_split=mlp.split,
+            )  # fmt: skip
+            triton_row.row_linear(act, mlp.down_proj.weight, mlp.down_proj.bias, residual=h)
+        return self.model.norm(h)
 
     def _native_decode_step(
         self, h: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata
