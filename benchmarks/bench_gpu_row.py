@@ -127,10 +127,16 @@ def sweep(layers: Layers, bandwidth: float) -> None:
         )  # fmt: skip
         print(f"  {name:<18} cuBLAS F.linear {ideal / cublas:.3f} of bw; default {default}")
         results = []
-        for block_n in (4, 8, 16, 32):
-            for block_k in (256, 512, 1024):
-                for warps in (4, 8):
-                    blocks = (block_n, block_k, warps)
+        configs = [
+            (block_n, block_k, warps, stages)
+            for block_n in (4, 8, 16)
+            for block_k in (512, 1024, 2048)
+            for warps in (4, 8)
+            for stages in (1, 3)
+            if block_n * block_k <= 32768
+        ]
+        for blocks in configs:
+            if blocks:
 
                     def run(x=x, ws=weights, kw=kwargs, b=blocks) -> None:
                         for w in ws:

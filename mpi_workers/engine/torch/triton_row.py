@@ -30,11 +30,11 @@ except ImportError:  # pragma: no cover - CPU-only installs
     tl = None
 
 
-def blocks_for(n: int, k: int, glu: bool) -> tuple[int, int, int]:
-    """(BLOCK_N, BLOCK_K, warps) for an [n, k] weight (see benchmarks/bench_gpu_row.py)."""
+def blocks_for(n: int, k: int, glu: bool) -> tuple[int, int, int, int]:
+    """(BLOCK_N, BLOCK_K, warps, stages) for an [n, k] weight (see benchmarks/bench_gpu_row.py)."""
     block_k = 512 if k >= 512 else triton.next_power_of_2(k)
     block_n = 8 if glu else 16
-    return block_n, block_k, 4
+    return block_n, block_k, 4, 1
 
 
 def row_linear(
@@ -46,7 +46,7 @@ def row_linear(
     eps: float = 0.0,
     glu_split: int | None = None,
     residual: torch.Tensor | None = None,
-    blocks: tuple[int, int, int] | None = None,
+    blocks: tuple[int, int, int, int] | None = None,
 ) -> torch.Tensor:
     """One row `x` [1, K] times `weight` [N, K]^T (+ bias), with optional fusions:
 
@@ -55,21 +55,21 @@ def row_linear(
       the result is SiLU(gate)·up, [1, split];
     - `residual` [1, N]: the result is added into it in place and it is returned.
 
-    `blocks`: (BLOCK_N, BLOCK_K, warps) instead of `blocks_for`'s (for the tuning sweep).
+    `blocks`: (BLOCK_N, BLOCK_K, warps, stages) instead of `blocks_for`'s (for the tuning sweep).
     """
     rows, k = x.shape
     if rows != 1:
         raise ValueError(f"row_linear takes one row, got {rows}")
     n = glu_split if glu_split is not None else weight.shape[0]
     out = residual if residual is not None else x.new_empty(1, n)
-    block_n, block_k, warps = blocks or blocks_for(n, k, glu_split is not None)
+    block_n, block_k, warps, stages = blocks or blocks_for(n, k, glu_split is not None)
     _row_linear_kernel[(triton.cdiv(n, block_n),)](
         x, norm_weight if norm_weight is not None else x, weight,
         bias if bias is not None else x, out,
         n, k, weight.stride(0), glu_split or 0, eps,
         NORM=norm_weight is not None, GLU=glu_split is not None,
         RESIDUAL=residual is not None, HAS_BIAS=bias is not None,
-        BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps,
+        BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps, num_stages=stages,
     )  # fmt: skip
     return out
 
@@ -106,10 +106,13 @@ if triton is not None:
                 x = (scale * normed.to(tl.float32)).to(dt)
             xf = x.to(tl.float32)[None, :]
             mask = n_ok[:, None] & k_ok[None, :]
-            w = tl.load(rows + k[None, :], mask=mask, other=0.0)
+            w = tl.load(rows + k[None, :], mask=mask, other=0.0, eviction_policy="evict_first")
             acc += w.to(tl.float32) * xf
             if GLU:
-                u = tl.load(rows + SPLIT * stride_w + k[None, :], mask=mask, other=0.0)
+                u = tl.load(
+                    rows + SPLIT * stride_w + k[None, :], mask=mask, other=0.0,
+                    eviction_policy="evict_first",
+                )  # fmt: skip
                 acc_up += u.to(tl.float32) * xf
         out = tl.sum(acc, 1)
         if HAS_BIAS:
