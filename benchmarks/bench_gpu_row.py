@@ -1,15 +1,17 @@
-"""One-row decode linears on one GPU: `triton_row` (linear + its norm, SiLU·mul or residual add
-in one kernel) against cuBLAS plus the separate Triton kernels the other paths launch.
+"""One-row decode linears on one GPU: `triton_row` (O and down with the residual add, down with
+SiLU·mul, fused) against cuBLAS plus the separate kernels the many-row path launches.
 
-1. Every linear of the Llama-3.1-8B and SmolLM2-135M shapes (bf16, random weights, enough
+1. O and down of the Llama-3.1-8B and SmolLM2-135M shapes (bf16, random weights, enough
    copies that the weights stream from HBM, not L2), alone, for a sweep of block sizes:
-   time per call and fraction of the copy bandwidth, beside `F.linear`'s.
+   time per call and fraction of the copy bandwidth, beside `F.linear`'s (with the kernels
+   the fusions replace).
 2. A decoder layer without attention, both ways, in one CUDA graph over several layers:
-   `add_and_norm` + QKV, O, `add_and_norm` + gate/up + SiLU·mul, down  vs  the four fused
-   kernels of `LlamaForCausalLM._one_row_layers`.
+   the many-row path (`add_and_norm` + QKV, O, `add_and_norm` + gate/up, SiLU·mul, down) vs
+   `LlamaForCausalLM._one_row_layers`' (norm + QKV, O into the residual, norm + gate/up,
+   SiLU·mul + down into the residual).
 
 Last line: `gpu_row llama8b_layer_vs_baseline=<x> smollm2_layer_vs_baseline=<y>` (time
-ratios, > 1: the fused kernels are faster).
+ratios, > 1: the one-row path is faster).
 
     python3 benchmarks/bench_gpu_row.py [--sweep]
 """
@@ -91,87 +93,76 @@ class Layers:
             y = F.linear(act, self.down[i])
             x = triton_ops.rms_norm(y, self.norm[0], EPS, h)
 
-    def fused(self) -> None:
-        h = self.h
+    def one_row(self) -> None:
+        h, x = self.h, triton_ops.rms_norm(self.h, self.norm[0], EPS)
         for i in range(self.count):
-            triton_row.row_linear(h, self.qkv[i], norm_weight=self.norm[0], eps=EPS)
+            F.linear(x, self.qkv[i])
             triton_row.row_linear(self.attn, self.o[i], residual=h)
-            act = triton_row.row_linear(
-                h, self.gate_up[i], norm_weight=self.norm[1], eps=EPS, glu_split=self.inter
-            )
-            triton_row.row_linear(act, self.down[i], residual=h)
-        triton_ops.rms_norm(h, self.norm[0], EPS)
+            gate_up = F.linear(triton_ops.rms_norm(h, self.norm[1], EPS), self.gate_up[i])
+            triton_row.row_linear(gate_up, self.down[i], residual=h, glu_input=True)
+            x = triton_ops.rms_norm(h, self.norm[0], EPS)
 
 
-def sweep(layers: Layers, bandwidth: float) -> None:
-    cases = {
-        "qkv+norm": (layers.qkv, dict(norm_weight=layers.norm[0], eps=EPS), layers.h),
-        "o+residual": (layers.o, dict(residual=layers.h), layers.attn),
-        "gate_up+norm+glu": (
-            layers.gate_up,
-            dict(norm_weight=layers.norm[1], eps=EPS, glu_split=layers.inter),
-            layers.h,
+def sweep(name: str, layers: Layers, bandwidth: float) -> None:
+    gate_up = torch.randn(1, 2 * layers.inter, dtype=layers.h.dtype, device="cuda")
+    cases = {  # name: weights, row_linear kwargs, its input, what cuBLAS runs instead
+        "o+residual": (
+            layers.o, dict(residual=layers.h), layers.attn,
+            lambda x, w: F.linear(x, w),
         ),
-        "down+residual": (
-            layers.down, dict(residual=layers.h),
-            torch.randn(1, layers.inter, dtype=layers.h.dtype, device="cuda"),
+        "silu_mul+down+residual": (
+            layers.down, dict(residual=layers.h, glu_input=True), gate_up,
+            lambda x, w: F.linear(triton_ops.silu_mul(x, layers.inter), w),
         ),
     }  # fmt: skip
-    for name, (weights, kwargs, x) in cases.items():
+    for case, (weights, kwargs, x, cublas_call) in cases.items():
         nbytes = sum(w.numel() * w.element_size() for w in weights)
         ideal = nbytes / bandwidth
-        cublas = seconds_per_pass(lambda x=x, ws=weights: [F.linear(x, w) for w in ws])
-        default = triton_row.blocks_for(
-            kwargs.get("glu_split") or weights[0].shape[0], weights[0].shape[1],
-            "glu_split" in kwargs,
-        )  # fmt: skip
-        print(f"  {name:<18} cuBLAS F.linear {ideal / cublas:.3f} of bw; default {default}")
+        cublas = seconds_per_pass(lambda x=x, ws=weights, c=cublas_call: [c(x, w) for w in ws])
+        default = triton_row.blocks_for(*weights[0].shape)
+        print(f"  {name} {case:<24} cuBLAS {ideal / cublas:.3f} of bw; default {default}")
         results = []
         configs = [
             (block_n, block_k, warps, stages)
-            for block_n in (4, 8, 16)
-            for block_k in (512, 1024, 2048)
+            for block_n in (2, 4, 8, 16)
+            for block_k in (256, 512, 1024, 2048)
             for warps in (4, 8)
-            for stages in (1, 3)
-            if block_n * block_k <= 32768
+            for stages in (1,)
         ]
-        for blocks in configs:
-            if blocks:
+        for blocks in [default, *configs]:
 
-                    def run(x=x, ws=weights, kw=kwargs, b=blocks) -> None:
-                        for w in ws:
-                            triton_row.row_linear(x, w, blocks=b, **kw)
+            def run(x=x, ws=weights, kw=kwargs, b=blocks) -> None:
+                for w in ws:
+                    triton_row.row_linear(x, w, blocks=b, **kw)
 
-                    try:
-                        t = seconds_per_pass(run, passes=3)
-                    except Exception as error:  # a config that does not compile
-                        print(f"    {blocks}: {type(error).__name__}")
-                        continue
-                    results.append((t, blocks))
-        results.sort()
-        for t, blocks in results[:5]:
-            print(f"    {blocks}: {ideal / t:.3f} of bw, {cublas / t:.3f}x F.linear")
+            try:
+                t = seconds_per_pass(run, passes=3)
+            except Exception as error:  # a config that does not compile
+                print(f"    {blocks}: {type(error).__name__}")
+                continue
+            results.append((t, blocks))
+        for t, blocks in [results[0], *sorted(results[1:])[:4]]:
+            print(f"    {blocks}: {ideal / t:.3f} of bw, {cublas / t:.3f}x cuBLAS")
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--sweep", action="store_true", help="also sweep block sizes (8B)")
+    parser.add_argument("--sweep", action="store_true", help="also sweep block sizes")
     args = parser.parse_args()
     bandwidth = copy_bandwidth()
     print(f"copy bandwidth {bandwidth / 1e12:.2f} TB/s")
     ratios = {}
     for shape in SHAPES:
         layers = Layers(shape)
-        if args.sweep and shape == "llama8b":
-            print(f"{shape}: sweep")
-            sweep(layers, bandwidth)
+        if args.sweep:
+            sweep(shape, layers, bandwidth)
         baseline_h = layers.h.clone()
         base = seconds_per_pass(layers.baseline) / layers.count
         layers.h.copy_(baseline_h)
-        fused = seconds_per_pass(layers.fused) / layers.count
+        fused = seconds_per_pass(layers.one_row) / layers.count
         ratios[shape] = base / fused
         print(f"{shape}: one layer without attention: baseline {base * 1e6:.1f} us, "
-              f"fused {fused * 1e6:.1f} us ({base / fused:.3f}x)")  # fmt: skip
+              f"one-row {fused * 1e6:.1f} us ({base / fused:.3f}x)")  # fmt: skip
     print(
         f"gpu_row llama8b_layer_vs_baseline={ratios['llama8b']:.3f} "
         f"smollm2_layer_vs_baseline={ratios['smollm2']:.3f}"

@@ -302,49 +302,41 @@ def test_gpu_kv_pool_is_sized_from_free_memory(tiny_llama_dir) -> None:
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize(("n", "k"), [(4096, 4096), (37, 200), (960, 576), (1000, 1536)])
+@pytest.mark.parametrize(("n", "k"), [(4096, 4096), (37, 200), (576, 1536), (1000, 14336)])
 def test_row_linears_match_the_pytorch_layers(dtype, n, k) -> None:
     """Each fusion of `triton_row.row_linear` against the layers it replaces (ragged sizes:
-    blocks that overhang N and K)."""
+    blocks that overhang N and K; K 14336 takes the long-K blocks)."""
     import torch.nn.functional as F
 
     from mpi_workers.engine.torch import triton_row
-    from mpi_workers.engine.torch.layers import RMSNorm
 
     torch.manual_seed(0)
     tolerance = dict(atol=1e-4, rtol=1e-4) if dtype == torch.float32 else dict(atol=3e-2, rtol=3e-2)
     h = torch.randn(1, k, device="cuda").to(dtype)
     weight = (torch.randn(n, k, device="cuda") / k**0.5).to(dtype)
     bias = torch.randn(n, device="cuda").to(dtype)
-    norm = RMSNorm(k, 1e-5).cuda().to(dtype)
-    norm.weight.data.uniform_(0.5, 1.5)
 
     def close(actual, expected) -> None:
         torch.testing.assert_close(actual, expected, **tolerance)
 
     close(triton_row.row_linear(h, weight), F.linear(h, weight))
     close(triton_row.row_linear(h, weight, bias), F.linear(h, weight, bias))
-    normed = norm(h)
-    close(
-        triton_row.row_linear(h, weight, bias, norm_weight=norm.weight, eps=1e-5),
-        F.linear(normed, weight, bias),
-    )
-    gate_up = (torch.randn(2 * n, k, device="cuda") / k**0.5).to(dtype)
-    gate_up_bias = torch.randn(2 * n, device="cuda").to(dtype)
-    y = F.linear(normed, gate_up, gate_up_bias)
-    close(
-        triton_row.row_linear(
-            h, gate_up, gate_up_bias, norm_weight=norm.weight, eps=1e-5, glu_split=n
-        ),
-        F.silu(y[:, :n]) * y[:, n:],
-    )
     residual = torch.randn(1, n, device="cuda").to(dtype)
-    expected = residual + F.linear(h, weight)
-    out = triton_row.row_linear(h, weight, residual=residual)
+    expected = residual + F.linear(h, weight, bias)
+    out = triton_row.row_linear(h, weight, bias, residual=residual)
     assert out is residual  # the residual stream, updated in place
+    close(residual, expected)
+    gate_up = torch.randn(1, 2 * k, device="cuda").to(dtype)
+    act = F.silu(gate_up[:, :k]) * gate_up[:, k:]  # HF's MLP: both rounded to the dtype
+    close(triton_row.row_linear(gate_up, weight, glu_input=True), F.linear(act, weight))
+    residual = torch.randn(1, n, device="cuda").to(dtype)
+    expected = residual + F.linear(act, weight, bias)
+    triton_row.row_linear(gate_up, weight, bias, residual=residual, glu_input=True)
     close(residual, expected)
     with pytest.raises(ValueError, match="one row"):
         triton_row.row_linear(torch.ones(2, k, device="cuda", dtype=dtype), weight)
+    with pytest.raises(ValueError, match="does not fit"):
+        triton_row.row_linear(h, weight, glu_input=True)
 
 
 @pytest.mark.parametrize("eager", [False, True])
