@@ -16,8 +16,8 @@ from dataclasses import dataclass
 
 import torch
 
-from contract.config import env_flag
 from mpi_workers.engine.torch import kernels, triton_attention, triton_ops
+from mpi_workers.engine.torch.env_switches import env_flag
 
 # (q, k_cache, v_cache, block_tables, lens, scale, max_len) -> attention output [B, H, D]
 PagedDecode = Callable[..., torch.Tensor]
