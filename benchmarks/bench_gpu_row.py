@@ -123,11 +123,10 @@ def sweep(name: str, layers: Layers, bandwidth: float) -> None:
         print(f"  {name} {case:<24} cuBLAS {ideal / cublas:.3f} of bw; default {default}")
         results = []
         configs = [
-            (block_n, block_k, warps, stages)
+            (block_n, block_k, warps, 1)
             for block_n in (2, 4, 8, 16)
             for block_k in (256, 512, 1024, 2048)
             for warps in (4, 8)
-            for stages in (1,)
         ]
         for blocks in [default, *configs]:
 

@@ -33,7 +33,7 @@ class DevicePath:
     weights_as_loaded: bool
     pack_rows: int | None = None
     fused_layers: bool = False  # Triton norms, RoPE + K/V write, SiLU·mul
-    row_linears: bool = False  # one-row steps: Triton linears with norm/SiLU/residual fused
+    row_linears: bool = False  # one-row steps: O and down in Triton (`triton_row`)
     paged_decode: PagedDecode | None = None  # decode attention reading the cache in place
     varlen_attention: bool = False  # prefill runs read the cache in place (Triton)
     skinny_linear: bool = False  # C GEMM for fp32 decode rows
