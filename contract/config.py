@@ -40,15 +40,6 @@ def cache_dir() -> Path:
     return Path(os.environ.get("HPCSERVE_CACHE", Path.home() / ".cache" / "hpcserve"))
 
 
-def env_flag(name: str, default: bool) -> bool:
-    """A switch from the environment (debug and A/B toggles outside the config schema):
-    unset or empty means `default`; "0", "false", "no" mean off; anything else on."""
-    value = os.environ.get(name, "").strip().lower()
-    if not value:
-        return default
-    return value not in ("0", "false", "no")
-
-
 def default_model_dir() -> Path:
     """The prepared default model (`hpcserve model prepare` writes it)."""
     return cache_dir() / "models" / DEFAULT_MODEL_NAME

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from contract.config import ConfigError, DeploymentConfig, env_flag, load_config
+from contract.config import ConfigError, DeploymentConfig, load_config
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -89,16 +89,3 @@ def test_bad_files(tmp_path: Path) -> None:
     bad.write_text("- a\n- b\n")
     with pytest.raises(ConfigError, match="mapping"):
         load_config(bad, environ={})
-
-
-@pytest.mark.parametrize(
-    ("value", "default", "expected"),
-    [(None, True, True), ("", True, True), ("", False, False), ("0", True, False),
-     ("false", True, False), (" No ", True, False), ("1", False, True), ("yes", False, True)],
-)  # fmt: skip
-def test_env_flag(monkeypatch, value, default, expected) -> None:
-    if value is None:
-        monkeypatch.delenv("HPCSERVE_TEST_FLAG", raising=False)
-    else:
-        monkeypatch.setenv("HPCSERVE_TEST_FLAG", value)
-    assert env_flag("HPCSERVE_TEST_FLAG", default) is expected

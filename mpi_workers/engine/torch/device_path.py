@@ -2,7 +2,8 @@
 
 The torch engine has three implementations of the same calls: Triton kernels on CUDA (RMSNorm
 with the residual add, RoPE with the K/V cache write, SiLU·mul, paged decode and varlen
-attention), our C kernels for fp32 on AVX-512 CPUs (a skinny GEMM for decode rows, paged decode
+attention, one-row linears with their norm, SiLU·mul or residual add fused in), our C kernels
+for fp32 on AVX-512 CPUs (a skinny GEMM for decode rows, paged decode
 attention, a whole decode step's layers in one call, row argmax), and plain PyTorch everywhere.
 `choose()` decides from the device, dtype, head shape and TP size; the model, its layers, the
 runner and the sampler read the answer and probe neither devices nor kernel libraries.
@@ -16,6 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from mpi_workers.engine.torch import kernels, triton_attention, triton_ops
+from mpi_workers.engine.torch.env_switches import env_flag
 
 # (q, k_cache, v_cache, block_tables, lens, scale, max_len) -> attention output [B, H, D]
 PagedDecode = Callable[..., torch.Tensor]
@@ -31,6 +33,7 @@ class DevicePath:
     weights_as_loaded: bool
     pack_rows: int | None = None
     fused_layers: bool = False  # Triton norms, RoPE + K/V write, SiLU·mul
+    row_linears: bool = False  # one-row steps: O and down in Triton (`triton_row`)
     paged_decode: PagedDecode | None = None  # decode attention reading the cache in place
     varlen_attention: bool = False  # prefill runs read the cache in place (Triton)
     skinny_linear: bool = False  # C GEMM for fp32 decode rows
@@ -54,6 +57,7 @@ def choose(
         paged = triton_attention.supports(heads, kv_heads, head_dim)
         return DevicePath(
             "cuda-triton", weights_as_loaded=True, fused_layers=True,
+            row_linears=tp_size == 1 and env_flag("HPCSERVE_ROW_LINEARS", True),
             paged_decode=triton_attention.paged_decode_attention if paged else None,
             varlen_attention=paged,
         )  # fmt: skip

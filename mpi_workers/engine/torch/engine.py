@@ -43,7 +43,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from contract.block_hash import media_block_extras
-from contract.config import MultimodalConfig, env_flag
+from contract.config import MultimodalConfig
 from contract.messages import GenerateOutput, GenerateRequest, SamplingParams
 from mpi_workers.engine.block_manager import BlockManager
 from mpi_workers.engine.scheduler import ScheduledBatch, Scheduler
@@ -54,6 +54,7 @@ from mpi_workers.engine.streaming import (  # noqa: F401 (re-exported)
     StreamingEngine,
 )
 from mpi_workers.engine.torch.disagg_ops import TorchKvHandoff
+from mpi_workers.engine.torch.env_switches import env_flag
 from mpi_workers.engine.torch.kv_cache import KvCache, blocks_for_budget, gpu_kv_budget
 from mpi_workers.engine.torch.loader import default_dtype, load_model
 from mpi_workers.engine.torch.media_inputs import MediaInputs

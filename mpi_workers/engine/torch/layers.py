@@ -18,9 +18,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from contract.config import env_flag
 from mpi_workers.engine.torch import kernels, triton_ops
 from mpi_workers.engine.torch.device_path import DevicePath
+from mpi_workers.engine.torch.env_switches import env_flag
 
 
 @dataclass(frozen=True)

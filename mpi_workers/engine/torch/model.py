@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mpi_workers.engine.torch import kernels, triton_ops
+from mpi_workers.engine.torch import kernels, triton_ops, triton_row
 from mpi_workers.engine.torch.attention import AttentionMetadata, paged_attention
 from mpi_workers.engine.torch.device_path import DevicePath
 from mpi_workers.engine.torch.device_path import choose as choose_device_path
@@ -55,9 +55,14 @@ class Attention(nn.Module):
         self.v_cache = torch.empty(0)
 
     def forward(self, x: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
-        tokens = x.shape[0]
+        return self.o_proj(self.attend(self.qkv_proj(x), meta))
+
+    def attend(self, qkv: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        """RoPE, the K/V cache writes and attention over the QKV projection's output
+        [tokens, (heads + 2 kv_heads) x head_dim] -> [tokens, heads x head_dim]."""
+        tokens = qkv.shape[0]
         heads, kv_heads = self.num_heads, self.num_kv_heads
-        qkv = self.qkv_proj(x).view(tokens, heads + 2 * kv_heads, self.head_dim)
+        qkv = qkv.view(tokens, heads + 2 * kv_heads, self.head_dim)
         if self.fused:  # RoPE and the K/V cache writes in one kernel
             qk = triton_ops.rope_and_cache(qkv, meta.cos, meta.sin, self.k_cache, self.v_cache,
                                            meta.slot_mapping, heads, kv_heads)  # fmt: skip
@@ -66,7 +71,7 @@ class Attention(nn.Module):
         q, k, v = qk[:, :heads], qk[:, heads:], qkv[:, heads + kv_heads :]
         o = paged_attention(q, k, v, self.k_cache, self.v_cache, meta, self.scale,
                             cached=self.fused)  # fmt: skip
-        return self.o_proj(o.reshape(tokens, self.num_heads * self.head_dim))
+        return o.reshape(tokens, self.num_heads * self.head_dim)
 
 
 class MLP(nn.Module):
@@ -171,11 +176,32 @@ class LlamaForCausalLM(nn.Module):
         `x` is the normalised input of the next block. Each residual add happens inside the
         norm after it: one Triton kernel on CUDA, an in-place add then the norm elsewhere."""
         layers = self.model.layers
+        if self.path.row_linears and h.shape[0] == 1 and self.tp.size == 1:
+            return self._one_row_layers(h, meta)
         x = layers[0].input_layernorm(h)
         for index, layer in enumerate(layers):
             x = layer.post_attention_layernorm.add_and_norm(layer.self_attn(x, meta), h)
             after = layers[index + 1].input_layernorm if index + 1 < len(layers) else None
             x = (after or self.model.norm).add_and_norm(layer.mlp(x), h)
+        return x
+
+    def _one_row_layers(self, h: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        """`_decoder_layers` for a step of one token on CUDA: O and down add into the residual
+        stream themselves, down computes SiLU·mul as it reads its input (`triton_row`), so
+        the norms only normalise: 2 kernels a layer fewer than the many-row path, and no
+        split-K reduces."""
+        layers = self.model.layers
+        x = layers[0].input_layernorm(h)
+        for index, layer in enumerate(layers):
+            attn, mlp = layer.self_attn, layer.mlp
+            attended = attn.attend(attn.qkv_proj(x), meta)
+            triton_row.row_linear(attended, attn.o_proj.weight, attn.o_proj.bias, residual=h)
+            gate_up = mlp.gate_up_proj(layer.post_attention_layernorm(h))
+            triton_row.row_linear(
+                gate_up, mlp.down_proj.weight, mlp.down_proj.bias, residual=h, glu_input=True
+            )
+            after = layers[index + 1].input_layernorm if index + 1 < len(layers) else None
+            x = (after or self.model.norm)(h)
         return x
 
     def _native_decode_step(

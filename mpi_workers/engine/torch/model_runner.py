@@ -17,9 +17,9 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from contract.config import env_flag
 from mpi_workers.engine.torch.attention import AttentionMetadata, PrefillChunk
 from mpi_workers.engine.torch.cuda_graph import StepGraphs, fill_pending, place_image_rows
+from mpi_workers.engine.torch.env_switches import env_flag
 from mpi_workers.engine.torch.host_copy import to_device
 from mpi_workers.engine.torch.kv_cache import KvCache
 from mpi_workers.engine.torch.model import LlamaForCausalLM

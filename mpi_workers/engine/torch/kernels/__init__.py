@@ -33,7 +33,8 @@ from typing import Any, ClassVar
 
 import torch
 
-from contract.config import cache_dir, env_flag
+from contract.config import cache_dir
+from mpi_workers.engine.torch.env_switches import env_flag
 
 logger = logging.getLogger(__name__)
 

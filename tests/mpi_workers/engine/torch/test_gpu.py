@@ -299,3 +299,81 @@ def test_gpu_kv_pool_is_sized_from_free_memory(tiny_llama_dir) -> None:
     with pytest.raises(ValueError, match=r"engine\.gpu_memory_utilization"):
         TorchEngine(tiny_llama_dir, device="cuda", dtype=torch.float32, block_size=16,
                     gpu_memory_utilization=0.01)  # fmt: skip
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(("n", "k"), [(4096, 4096), (37, 200), (576, 1536), (1000, 14336)])
+def test_row_linears_match_the_pytorch_layers(dtype, n, k) -> None:
+    """Each fusion of `triton_row.row_linear` against the layers it replaces (ragged sizes:
+    blocks that overhang N and K; K 14336 takes the long-K blocks)."""
+    import torch.nn.functional as F
+
+    from mpi_workers.engine.torch import triton_row
+
+    torch.manual_seed(0)
+    tolerance = dict(atol=1e-4, rtol=1e-4) if dtype == torch.float32 else dict(atol=3e-2, rtol=3e-2)
+    h = torch.randn(1, k, device="cuda").to(dtype)
+    weight = (torch.randn(n, k, device="cuda") / k**0.5).to(dtype)
+    bias = torch.randn(n, device="cuda").to(dtype)
+
+    def close(actual, expected) -> None:
+        torch.testing.assert_close(actual, expected, **tolerance)
+
+    close(triton_row.row_linear(h, weight), F.linear(h, weight))
+    close(triton_row.row_linear(h, weight, bias), F.linear(h, weight, bias))
+    residual = torch.randn(1, n, device="cuda").to(dtype)
+    expected = residual + F.linear(h, weight, bias)
+    out = triton_row.row_linear(h, weight, bias, residual=residual)
+    assert out is residual  # the residual stream, updated in place
+    close(residual, expected)
+    gate_up = torch.randn(1, 2 * k, device="cuda").to(dtype)
+    act = F.silu(gate_up[:, :k]) * gate_up[:, k:]  # HF's MLP: both rounded to the dtype
+    close(triton_row.row_linear(gate_up, weight, glu_input=True), F.linear(act, weight))
+    residual = torch.randn(1, n, device="cuda").to(dtype)
+    expected = residual + F.linear(act, weight, bias)
+    triton_row.row_linear(gate_up, weight, bias, residual=residual, glu_input=True)
+    close(residual, expected)
+    with pytest.raises(ValueError, match="one row"):
+        triton_row.row_linear(torch.ones(2, k, device="cuda", dtype=dtype), weight)
+    with pytest.raises(ValueError, match="does not fit"):
+        triton_row.row_linear(h, weight, glu_input=True)
+
+
+@pytest.mark.parametrize("eager", [False, True])
+def test_one_row_steps_match_transformers_greedy(tiny_llama_dir, eager) -> None:
+    """A lone sequence decodes one row per step: the fused row linears serve every layer
+    (graph and eager), token-identical to transformers in fp32."""
+    import asyncio
+
+    from mpi_workers.engine.torch import triton_row
+    from mpi_workers.engine.torch.engine import TorchEngine
+
+    prompts = [list(range(7, 7 + 29))]
+    expected = transformers_greedy(tiny_llama_dir, prompts)
+    engine = TorchEngine(
+        tiny_llama_dir, device="cuda", dtype=torch.float32, block_size=16, num_blocks=64,
+        enforce_eager=eager,
+    )  # fmt: skip
+    assert engine.model.path.row_linears
+    calls = 0
+    original = triton_row.row_linear
+
+    def counting(*args, **kwargs):
+        nonlocal calls
+        calls += 1
+        return original(*args, **kwargs)
+
+    async def serve() -> list[list[int]]:
+        await engine.start()
+        try:
+            outs = await asyncio.gather(*(engine.generate_all(r) for r in _requests(prompts)))
+            return [o.token_ids for o in outs]
+        finally:
+            await engine.shutdown()
+
+    triton_row.row_linear = counting
+    try:
+        assert asyncio.run(serve()) == expected
+    finally:
+        triton_row.row_linear = original
+    assert calls > 0  # eager: every one-row step; graphs: at capture
