@@ -92,6 +92,13 @@ class Result:
     frontend_cpu_s: float
     worker_cpu_s: float
     sse_events: int = 0  # streamed scenarios: `data:` events received in all
+    client_cpu_s: float = 0.0  # the load clients' own CPU
+    other_cpu_s: float = 0.0  # the rest of the stack (NATS, etcd)
+    frontend_cpu_each: tuple[float, ...] = ()  # per frontend process
+
+    def cores(self, cpu_s: float) -> float:
+        """CPU seconds spent during the scenario as cores kept busy on average."""
+        return cpu_s / self.wall_s
 
     @property
     def req_s(self) -> float:
@@ -144,9 +151,10 @@ def _descendants(pid: int) -> list[int]:
 
 async def drive(
     url: str, model: str, scenario: Scenario, count: int
-) -> tuple[list[float], float, int]:
+) -> tuple[list[float], float, int, float]:
     """`count` chat requests, `scenario.concurrency` at a time; (latencies, wall seconds,
-    SSE events received: how finely each stack cut its streams)."""
+    SSE events received: how finely each stack cut its streams, this client's CPU seconds)."""
+    cpu0 = time.process_time()
     body = orjson.dumps(
         {
             "model": model,
@@ -180,7 +188,7 @@ async def drive(
 
         t0 = time.perf_counter()
         await asyncio.gather(*(one_client() for _ in range(scenario.concurrency)))
-        return latencies, time.perf_counter() - t0, events
+        return latencies, time.perf_counter() - t0, events, time.process_time() - cpu0
 
 
 def _drive_in_process(url: str, model: str, scenario: Scenario, count: int):
@@ -189,7 +197,7 @@ def _drive_in_process(url: str, model: str, scenario: Scenario, count: int):
 
 async def drive_from(
     processes: int, url: str, model: str, scenario: Scenario, count: int
-) -> tuple[list[float], float, int]:
+) -> tuple[list[float], float, int, float]:
     """`drive` split over `processes` client processes (one Python client tops out near a
     core's worth of requests: too few for several frontend processes on many cores)."""
     if processes <= 1 or scenario.concurrency < processes:
@@ -205,7 +213,8 @@ async def drive_from(
             for _ in range(processes)
         ))  # fmt: skip
     latencies = [t for part in parts for t in part[0]]
-    return latencies, max(part[1] for part in parts), sum(part[2] for part in parts)
+    wall = max(part[1] for part in parts)
+    return latencies, wall, sum(part[2] for part in parts), sum(part[3] for part in parts)
 
 
 async def measure(
@@ -215,16 +224,28 @@ async def measure(
     worker_pids: list[int],
     requests: int,
     client_processes: int = 1,
+    other_pids: list[int] | None = None,
+    concurrency: int = 64,
 ) -> list[Result]:
     await drive(url, model, SCENARIOS[1], 64)  # warm-up: connections, caches, JITs
+    others = other_pids or []
     results = []
     for scenario in SCENARIOS:
+        if scenario.concurrency > 1 and concurrency != scenario.concurrency:
+            name = scenario.name.replace(f"c={scenario.concurrency}", f"c={concurrency}")
+            scenario = Scenario(name, scenario.stream, scenario.max_tokens, concurrency,
+                                scenario.share)  # fmt: skip
         count = max(20, int(requests * scenario.share))
-        fe0, wk0 = cpu_seconds(frontend_pids), cpu_seconds(worker_pids)
-        latencies, wall, events = await drive_from(client_processes, url, model, scenario, count)
+        fe0 = [cpu_seconds([pid]) for pid in frontend_pids]
+        wk0, ot0 = cpu_seconds(worker_pids), cpu_seconds(others)
+        latencies, wall, events, client_cpu = await drive_from(
+            client_processes, url, model, scenario, count
+        )
         count = len(latencies)
-        fe1, wk1 = cpu_seconds(frontend_pids), cpu_seconds(worker_pids)
-        results.append(Result(scenario, count, wall, latencies, fe1 - fe0, wk1 - wk0, events))
+        fe = [cpu_seconds([pid]) - before for pid, before in zip(frontend_pids, fe0, strict=True)]
+        wk, ot = cpu_seconds(worker_pids) - wk0, cpu_seconds(others) - ot0
+        results.append(Result(scenario, count, wall, latencies, sum(fe), wk, events,
+                              client_cpu, ot, tuple(fe)))  # fmt: skip
     return results
 
 
@@ -279,6 +300,7 @@ async def run_hpcserve(
     direct: bool,
     client_processes: int = 1,
     router: str = "kv",
+    concurrency: int = 64,
 ):
     config = hpcserve_config(frontend_workers, speedup, router)
     deployment = await asyncio.to_thread(start_deployment, config, lambda _m: None)
@@ -286,9 +308,11 @@ async def run_hpcserve(
         pids = {planned.name: managed.pid for planned, managed in deployment.processes}
         frontends = [pid for name, pid in pids.items() if name.startswith("frontend")]
         workers = [pid for name, pid in pids.items() if name.startswith("worker-")]
+        others = [pid for name, pid in pids.items() if pid not in frontends + workers]
         url = deployment.url + "/chat/completions"
         model = deployment.config.model.served_name or Path(str(deployment.config.model.path)).name
-        results = await measure(url, model, frontends, workers, requests, client_processes)
+        results = await measure(url, model, frontends, workers, requests, client_processes,
+                                others, concurrency)  # fmt: skip
         direct_p50 = None
         if direct:
             assert deployment.config.services.nats.endpoint
@@ -411,17 +435,35 @@ async def compare(args: argparse.Namespace) -> None:
           f"stream_req_s_ratio={ours[1].req_s / theirs[1].req_s:.2f}")  # fmt: skip
 
 
+def cores_table(results: list[Result]) -> None:
+    """Where the machine's cores went: a frontend process near 1.0 is saturated; the sum of
+    all columns near the core count means the machine, not the frontend, set the rate."""
+    print(f"  {'scenario':<24} {'cores busy: frontends (each)':<40} {'workers':>8} "
+          f"{'clients':>8} {'nats+etcd':>9} {'total':>6}")  # fmt: skip
+    for r in results:
+        each = " ".join(f"{r.cores(cpu):.2f}" for cpu in r.frontend_cpu_each)
+        parts = (r.frontend_cpu_s, r.worker_cpu_s, r.client_cpu_s, r.other_cpu_s)
+        print(f"  {r.scenario.name:<24} {f'{r.cores(r.frontend_cpu_s):.2f} ({each})':<40} "
+              f"{r.cores(r.worker_cpu_s):8.2f} {r.cores(r.client_cpu_s):8.2f} "
+              f"{r.cores(r.other_cpu_s):9.2f} {r.cores(sum(parts)):6.2f}")  # fmt: skip
+
+
 async def sweep(args: argparse.Namespace) -> None:
     rates = {}
     for count in args.sweep:
         results, _ = await run_hpcserve(args.requests, count, args.speedup, False,
-                                        args.client_processes, args.router)  # fmt: skip
-        table(f"hpcserve frontend.workers={count}", results)
+                                        args.client_processes, args.router,
+                                        args.concurrency)  # fmt: skip
+        table(f"hpcserve frontend.workers={count} (router {args.router}, "
+              f"{os.cpu_count()} cores here)", results)  # fmt: skip
+        cores_table(results)
         rates[count] = results[0].req_s
     first = args.sweep[0]
     parts = " ".join(f"w{n}_req_s={rate:.0f}" for n, rate in rates.items())
     last = args.sweep[-1]
-    print(f"frontend_workers_sweep {parts} scaling_w{last}={rates[last] / rates[first]:.2f}")
+    ratios = " ".join(f"x{n}={rate / rates[first]:.2f}" for n, rate in rates.items())
+    scaling = rates[last] / rates[first]
+    print(f"frontend_workers_sweep {parts} {ratios} scaling_w{last}={scaling:.2f}")
 
 
 def main() -> None:
@@ -442,6 +484,10 @@ def main() -> None:
     parser.add_argument(
         "--client-processes", type=int, default=1,
         help="load client processes in --workers-sweep (4 on 16 cores)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--concurrency", type=int, default=64,
+        help="requests in flight in the c=64 scenarios of --workers-sweep",
     )  # fmt: skip
     args = parser.parse_args()
     asyncio.run(sweep(args) if args.workers_sweep else compare(args))
