@@ -36,6 +36,21 @@ def http_ok(url: str, timeout: float = 2.0) -> bool:
         return False
 
 
+def http_ok_from(url: str, process: int, timeout: float = 2.0) -> bool:
+    """True when GET `url` answers 2xx with `"process": process` in its JSON body: one of
+    several processes sharing a port (SO_REUSEPORT) is ready only once it answers itself,
+    not when a sibling does. Each probe is a new connection, which the kernel hands to any
+    listening process, so a process still starting is simply not seen yet."""
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as response:
+            if not 200 <= response.status < 300:
+                return False
+            body = json.loads(response.read())
+    except PROBE_ERRORS:
+        return False
+    return isinstance(body, dict) and body.get("process") == process
+
+
 def etcd_key_count(endpoint: str, prefix: str, timeout: float = 2.0) -> int:
     """Keys under `prefix`, through etcd's JSON gateway (no gRPC client needed)."""
     key = prefix.encode()
