@@ -95,6 +95,8 @@ class Result:
     client_cpu_s: float = 0.0  # the load clients' own CPU
     other_cpu_s: float = 0.0  # the rest of the stack (NATS, etcd)
     frontend_cpu_each: tuple[float, ...] = ()  # per frontend process
+    served_each: tuple[int, ...] = ()  # requests answered per frontend process (several)
+    connections_each: tuple[int, ...] = ()  # client connections per frontend process
 
     def cores(self, cpu_s: float) -> float:
         """CPU seconds spent during the scenario as cores kept busy on average."""
@@ -149,12 +151,28 @@ def _descendants(pid: int) -> list[int]:
 # ---- load --------------------------------------------------------------------------------
 
 
-async def drive(
-    url: str, model: str, scenario: Scenario, count: int
-) -> tuple[list[float], float, int, float]:
-    """`count` chat requests, `scenario.concurrency` at a time; (latencies, wall seconds,
-    SSE events received: how finely each stack cut its streams, this client's CPU seconds)."""
+PROCESS_HEADER = "X-Hpcserve-Frontend"  # which of several frontend processes answered
+
+
+@dataclass
+class Load:
+    """What one client saw: latencies, wall seconds, SSE events (how finely each stack cut its
+    streams), its own CPU seconds, and per frontend process (several only): requests answered
+    and the distinct connections that carried them."""
+
+    latencies: list[float]
+    wall_s: float
+    events: int
+    client_cpu_s: float
+    per_process: dict[str, int]
+    connections: dict[str, set[int]]
+
+
+async def drive(url: str, model: str, scenario: Scenario, count: int) -> Load:
+    """`count` chat requests, `scenario.concurrency` at a time."""
     cpu0 = time.process_time()
+    per_process: dict[str, int] = {}
+    connections: dict[str, set[int]] = {}
     body = orjson.dumps(
         {
             "model": model,
@@ -169,7 +187,21 @@ async def drive(
     remaining = count
     events = 0
     connector = aiohttp.TCPConnector(limit=scenario.concurrency)
-    async with aiohttp.ClientSession(connector=connector) as session:
+
+    async def on_headers(_session: object, _context: object, params: object) -> None:
+        """Which frontend process answered, over which connection (while it is attached)."""
+        response = params.response  # type: ignore[attr-defined]
+        process = response.headers.get(PROCESS_HEADER)
+        if process is not None:
+            per_process[process] = per_process.get(process, 0) + 1
+            # the connection may be back in the pool already (a body read with the headers)
+            protocol = getattr(response, "_protocol", None)  # aiohttp's, set in start()
+            if protocol is not None:
+                connections.setdefault(process, set()).add(id(protocol))
+
+    trace = aiohttp.TraceConfig()
+    trace.on_request_end.append(on_headers)
+    async with aiohttp.ClientSession(connector=connector, trace_configs=[trace]) as session:
 
         async def one_client() -> None:
             nonlocal remaining, events
@@ -188,16 +220,15 @@ async def drive(
 
         t0 = time.perf_counter()
         await asyncio.gather(*(one_client() for _ in range(scenario.concurrency)))
-        return latencies, time.perf_counter() - t0, events, time.process_time() - cpu0
+        wall = time.perf_counter() - t0
+    return Load(latencies, wall, events, time.process_time() - cpu0, per_process, connections)
 
 
 def _drive_in_process(url: str, model: str, scenario: Scenario, count: int):
     return asyncio.run(drive(url, model, scenario, count))
 
 
-async def drive_from(
-    processes: int, url: str, model: str, scenario: Scenario, count: int
-) -> tuple[list[float], float, int, float]:
+async def drive_from(processes: int, url: str, model: str, scenario: Scenario, count: int) -> Load:
     """`drive` split over `processes` client processes (one Python client tops out near a
     core's worth of requests: too few for several frontend processes on many cores)."""
     if processes <= 1 or scenario.concurrency < processes:
@@ -212,9 +243,21 @@ async def drive_from(
             loop.run_in_executor(pool, _drive_in_process, url, model, share, count // processes)
             for _ in range(processes)
         ))  # fmt: skip
-    latencies = [t for part in parts for t in part[0]]
-    wall = max(part[1] for part in parts)
-    return latencies, wall, sum(part[2] for part in parts), sum(part[3] for part in parts)
+    per_process: dict[str, int] = {}
+    connections: dict[str, set[int]] = {}
+    for index, part in enumerate(parts):
+        for process, served in part.per_process.items():
+            per_process[process] = per_process.get(process, 0) + served
+        for process, seen in part.connections.items():  # ids are per client process
+            connections.setdefault(process, set()).update((index, c) for c in seen)
+    return Load(
+        [t for part in parts for t in part.latencies],
+        max(part.wall_s for part in parts),
+        sum(part.events for part in parts),
+        sum(part.client_cpu_s for part in parts),
+        per_process,
+        connections,
+    )
 
 
 async def measure(
@@ -238,14 +281,14 @@ async def measure(
         count = max(20, int(requests * scenario.share))
         fe0 = [cpu_seconds([pid]) for pid in frontend_pids]
         wk0, ot0 = cpu_seconds(worker_pids), cpu_seconds(others)
-        latencies, wall, events, client_cpu = await drive_from(
-            client_processes, url, model, scenario, count
-        )
-        count = len(latencies)
+        load = await drive_from(client_processes, url, model, scenario, count)
         fe = [cpu_seconds([pid]) - before for pid, before in zip(frontend_pids, fe0, strict=True)]
         wk, ot = cpu_seconds(worker_pids) - wk0, cpu_seconds(others) - ot0
-        results.append(Result(scenario, count, wall, latencies, sum(fe), wk, events,
-                              client_cpu, ot, tuple(fe)))  # fmt: skip
+        served = tuple(load.per_process.get(str(i), 0) for i in range(len(frontend_pids)))
+        conns = tuple(len(load.connections.get(str(i), ())) for i in range(len(frontend_pids)))
+        results.append(Result(scenario, len(load.latencies), load.wall_s, load.latencies, sum(fe),
+                              wk, load.events, load.client_cpu_s, ot, tuple(fe), served,
+                              conns))  # fmt: skip
     return results
 
 
@@ -446,6 +489,10 @@ def cores_table(results: list[Result]) -> None:
         print(f"  {r.scenario.name:<24} {f'{r.cores(r.frontend_cpu_s):.2f} ({each})':<40} "
               f"{r.cores(r.worker_cpu_s):8.2f} {r.cores(r.client_cpu_s):8.2f} "
               f"{r.cores(r.other_cpu_s):9.2f} {r.cores(sum(parts)):6.2f}")  # fmt: skip
+        if len(r.served_each) > 1:
+            shares = " ".join(f"{n / max(1, r.requests):.2f}" for n in r.served_each)
+            conns = " ".join(str(n) for n in r.connections_each)
+            print(f"  {'':<24} requests share per process: {shares}; connections: {conns}")
 
 
 async def sweep(args: argparse.Namespace) -> None:
