@@ -21,7 +21,8 @@ at c=1) it prints req/s, latency p50/p99, and CPU per request: the frontend proc
 the workers' user+system CPU time (/proc) during the scenario divided by its requests; for
 streams also the SSE events per request (how finely each stack cut them: at speedup 1000 a
 whole request takes a fraction of a millisecond of simulated time). For hpcserve it also
-calls one worker directly over NATS at c=1 (the "added latency" baseline).
+calls one worker directly over NATS at c=1 (the "added latency" baseline), and times the same
+client against a bare uvicorn app (the HTTP floor: what any Python front door costs here).
 The last line: `frontend_vs_dynamo cpu_per_req_ratio=<x> stream_req_s_ratio=<y>` (x: hpcserve
 frontend CPU per streamed request / Dynamo's; y: hpcserve streamed req/s / Dynamo's).
 
@@ -59,7 +60,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from contract import bus
 from contract.config import default_model_dir, load_config
 from contract.messages import GenerateOutput, GenerateRequest, SamplingParams
-from contract.readiness import free_port, http_ok
+from contract.readiness import free_port, http_ok, port_open
 from hpcserve.launcher import start_deployment, stop_deployment
 
 REPO = Path(__file__).resolve().parents[1]
@@ -321,6 +322,44 @@ async def direct_worker_p50(nats_url: str, subject: str, count: int) -> float:
     return sorted(latencies)[len(latencies) // 2]
 
 
+_BARE_APP = """
+import sys, uvicorn
+BODY = b'{"id": "chatcmpl-0", "object": "chat.completion", "choices": [{"index": 0, ' \\
+       b'"message": {"role": "assistant", "content": "' + b"x" * 80 + b'"}}]}'
+async def app(scope, receive, send):
+    if scope["type"] != "http":
+        return
+    while (await receive()).get("more_body"):
+        pass
+    await send({"type": "http.response.start", "status": 200, "headers": [
+        (b"content-type", b"application/json"), (b"content-length", b"%d" % len(BODY))]})
+    await send({"type": "http.response.body", "body": BODY})
+uvicorn.run(app, host="127.0.0.1", port=int(sys.argv[1]), loop="uvloop", http="httptools",
+            lifespan="off", access_log=False, log_level="warning")
+"""
+
+
+async def http_floor_p50(count: int) -> float:
+    """p50 of the same c=1 chat POST against a bare uvicorn app (uvloop, httptools, a fixed
+    small JSON answer): what any Python HTTP front door costs this client and machine."""
+    port = free_port("127.0.0.1")
+    server = subprocess.Popen([sys.executable, "-c", _BARE_APP, str(port)])
+    try:
+        url = f"http://127.0.0.1:{port}/v1/chat/completions"
+        deadline = time.monotonic() + 30
+        while not await asyncio.to_thread(port_open, "127.0.0.1", port):
+            if time.monotonic() > deadline or server.poll() is not None:
+                raise RuntimeError("the bare uvicorn app did not come up")
+            await asyncio.sleep(0.05)
+        scenario = Scenario("bare", False, 16, 1, 1.0)
+        await drive(url, "bare", scenario, 50)
+        latencies = (await drive(url, "bare", scenario, count)).latencies
+        return sorted(latencies)[len(latencies) // 2]
+    finally:
+        server.terminate()
+        server.wait(10)
+
+
 # ---- the two stacks ----------------------------------------------------------------------
 
 
@@ -456,8 +495,10 @@ async def compare(args: argparse.Namespace) -> None:
           f"frontend.workers={args.frontend_workers}, router {args.router})", ours)  # fmt: skip
     c1 = ours[2]
     if direct_p50 is not None:
+        floor = await http_floor_p50(c1.requests)
         print(f"  c=1 added latency p50: {1000 * (c1.p(0.5) - direct_p50):.2f} ms "
-              f"(worker called directly over NATS: {1000 * direct_p50:.2f} ms)")  # fmt: skip
+              f"(worker called directly over NATS: {1000 * direct_p50:.2f} ms; this client "
+              f"against a bare uvicorn app: {1000 * floor:.2f} ms)")  # fmt: skip
     theirs = None
     if not args.skip_dynamo:
         theirs = await run_dynamo(Path(args.dynamo_venv), args.requests, args.speedup, args.router)
