@@ -62,3 +62,26 @@ def test_nothing_listening_is_not_ready() -> None:
     from contract.readiness import free_port
 
     assert not http_ok_from(f"http://127.0.0.1:{free_port('127.0.0.1')}/health", 0)
+
+
+def test_a_process_found_among_siblings_within_one_poll(health_url: str) -> None:
+    """Each connection lands on any process: one poll tries fresh connections until one
+    reaches the process asked for (here every fourth answer is process 3's)."""
+    calls = 0
+    original = _Health.do_GET
+
+    def rotate(self: _Health) -> None:
+        nonlocal calls
+        _Health.body = {"status": "ok", "workers": 1, "process": calls % 4}
+        calls += 1
+        original(self)
+
+    _Health.do_GET = rotate  # type: ignore[method-assign]
+    try:
+        assert http_ok_from(health_url, 3)
+        assert 1 < calls <= 32
+        calls = 0
+        assert not http_ok_from(health_url, 7, attempts=8)  # no such process
+        assert calls == 8
+    finally:
+        _Health.do_GET = original  # type: ignore[method-assign]
