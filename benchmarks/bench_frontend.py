@@ -21,7 +21,8 @@ at c=1) it prints req/s, latency p50/p99, and CPU per request: the frontend proc
 the workers' user+system CPU time (/proc) during the scenario divided by its requests; for
 streams also the SSE events per request (how finely each stack cut them: at speedup 1000 a
 whole request takes a fraction of a millisecond of simulated time). For hpcserve it also
-calls one worker directly over NATS at c=1 (the "added latency" baseline).
+calls one worker directly over NATS at c=1 (the "added latency" baseline), and times the same
+client against a bare uvicorn app (the HTTP floor: what any Python front door costs here).
 The last line: `frontend_vs_dynamo cpu_per_req_ratio=<x> stream_req_s_ratio=<y>` (x: hpcserve
 frontend CPU per streamed request / Dynamo's; y: hpcserve streamed req/s / Dynamo's).
 
@@ -59,7 +60,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from contract import bus
 from contract.config import default_model_dir, load_config
 from contract.messages import GenerateOutput, GenerateRequest, SamplingParams
-from contract.readiness import free_port, http_ok
+from contract.readiness import free_port, http_ok, port_open
 from hpcserve.launcher import start_deployment, stop_deployment
 
 REPO = Path(__file__).resolve().parents[1]
@@ -92,6 +93,15 @@ class Result:
     frontend_cpu_s: float
     worker_cpu_s: float
     sse_events: int = 0  # streamed scenarios: `data:` events received in all
+    client_cpu_s: float = 0.0  # the load clients' own CPU
+    other_cpu_s: float = 0.0  # the rest of the stack (NATS, etcd)
+    frontend_cpu_each: tuple[float, ...] = ()  # per frontend process
+    served_each: tuple[int, ...] = ()  # requests answered per frontend process (several)
+    connections_each: tuple[int, ...] = ()  # client connections per frontend process
+
+    def cores(self, cpu_s: float) -> float:
+        """CPU seconds spent during the scenario as cores kept busy on average."""
+        return cpu_s / self.wall_s
 
     @property
     def req_s(self) -> float:
@@ -142,11 +152,28 @@ def _descendants(pid: int) -> list[int]:
 # ---- load --------------------------------------------------------------------------------
 
 
-async def drive(
-    url: str, model: str, scenario: Scenario, count: int
-) -> tuple[list[float], float, int]:
-    """`count` chat requests, `scenario.concurrency` at a time; (latencies, wall seconds,
-    SSE events received: how finely each stack cut its streams)."""
+PROCESS_HEADER = "X-Hpcserve-Frontend"  # which of several frontend processes answered
+
+
+@dataclass
+class Load:
+    """What one client saw: latencies, wall seconds, SSE events (how finely each stack cut its
+    streams), its own CPU seconds, and per frontend process (several only): requests answered
+    and the distinct connections that carried them."""
+
+    latencies: list[float]
+    wall_s: float
+    events: int
+    client_cpu_s: float
+    per_process: dict[str, int]
+    connections: dict[str, set[int]]
+
+
+async def drive(url: str, model: str, scenario: Scenario, count: int) -> Load:
+    """`count` chat requests, `scenario.concurrency` at a time."""
+    cpu0 = time.process_time()
+    per_process: dict[str, int] = {}
+    connections: dict[str, set[int]] = {}
     body = orjson.dumps(
         {
             "model": model,
@@ -161,7 +188,21 @@ async def drive(
     remaining = count
     events = 0
     connector = aiohttp.TCPConnector(limit=scenario.concurrency)
-    async with aiohttp.ClientSession(connector=connector) as session:
+
+    async def on_headers(_session: object, _context: object, params: object) -> None:
+        """Which frontend process answered, over which connection (while it is attached)."""
+        response = params.response  # type: ignore[attr-defined]
+        process = response.headers.get(PROCESS_HEADER)
+        if process is not None:
+            per_process[process] = per_process.get(process, 0) + 1
+            # the connection may be back in the pool already (a body read with the headers)
+            protocol = getattr(response, "_protocol", None)  # aiohttp's, set in start()
+            if protocol is not None:
+                connections.setdefault(process, set()).add(id(protocol))
+
+    trace = aiohttp.TraceConfig()
+    trace.on_request_end.append(on_headers)
+    async with aiohttp.ClientSession(connector=connector, trace_configs=[trace]) as session:
 
         async def one_client() -> None:
             nonlocal remaining, events
@@ -180,16 +221,15 @@ async def drive(
 
         t0 = time.perf_counter()
         await asyncio.gather(*(one_client() for _ in range(scenario.concurrency)))
-        return latencies, time.perf_counter() - t0, events
+        wall = time.perf_counter() - t0
+    return Load(latencies, wall, events, time.process_time() - cpu0, per_process, connections)
 
 
 def _drive_in_process(url: str, model: str, scenario: Scenario, count: int):
     return asyncio.run(drive(url, model, scenario, count))
 
 
-async def drive_from(
-    processes: int, url: str, model: str, scenario: Scenario, count: int
-) -> tuple[list[float], float, int]:
+async def drive_from(processes: int, url: str, model: str, scenario: Scenario, count: int) -> Load:
     """`drive` split over `processes` client processes (one Python client tops out near a
     core's worth of requests: too few for several frontend processes on many cores)."""
     if processes <= 1 or scenario.concurrency < processes:
@@ -204,8 +244,21 @@ async def drive_from(
             loop.run_in_executor(pool, _drive_in_process, url, model, share, count // processes)
             for _ in range(processes)
         ))  # fmt: skip
-    latencies = [t for part in parts for t in part[0]]
-    return latencies, max(part[1] for part in parts), sum(part[2] for part in parts)
+    per_process: dict[str, int] = {}
+    connections: dict[str, set[int]] = {}
+    for index, part in enumerate(parts):
+        for process, served in part.per_process.items():
+            per_process[process] = per_process.get(process, 0) + served
+        for process, seen in part.connections.items():  # ids are per client process
+            connections.setdefault(process, set()).update((index, c) for c in seen)
+    return Load(
+        [t for part in parts for t in part.latencies],
+        max(part.wall_s for part in parts),
+        sum(part.events for part in parts),
+        sum(part.client_cpu_s for part in parts),
+        per_process,
+        connections,
+    )
 
 
 async def measure(
@@ -215,16 +268,28 @@ async def measure(
     worker_pids: list[int],
     requests: int,
     client_processes: int = 1,
+    other_pids: list[int] | None = None,
+    concurrency: int = 64,
 ) -> list[Result]:
     await drive(url, model, SCENARIOS[1], 64)  # warm-up: connections, caches, JITs
+    others = other_pids or []
     results = []
     for scenario in SCENARIOS:
+        if scenario.concurrency > 1 and concurrency != scenario.concurrency:
+            name = scenario.name.replace(f"c={scenario.concurrency}", f"c={concurrency}")
+            scenario = Scenario(name, scenario.stream, scenario.max_tokens, concurrency,
+                                scenario.share)  # fmt: skip
         count = max(20, int(requests * scenario.share))
-        fe0, wk0 = cpu_seconds(frontend_pids), cpu_seconds(worker_pids)
-        latencies, wall, events = await drive_from(client_processes, url, model, scenario, count)
-        count = len(latencies)
-        fe1, wk1 = cpu_seconds(frontend_pids), cpu_seconds(worker_pids)
-        results.append(Result(scenario, count, wall, latencies, fe1 - fe0, wk1 - wk0, events))
+        fe0 = [cpu_seconds([pid]) for pid in frontend_pids]
+        wk0, ot0 = cpu_seconds(worker_pids), cpu_seconds(others)
+        load = await drive_from(client_processes, url, model, scenario, count)
+        fe = [cpu_seconds([pid]) - before for pid, before in zip(frontend_pids, fe0, strict=True)]
+        wk, ot = cpu_seconds(worker_pids) - wk0, cpu_seconds(others) - ot0
+        served = tuple(load.per_process.get(str(i), 0) for i in range(len(frontend_pids)))
+        conns = tuple(len(load.connections.get(str(i), ())) for i in range(len(frontend_pids)))
+        results.append(Result(scenario, len(load.latencies), load.wall_s, load.latencies, sum(fe),
+                              wk, load.events, load.client_cpu_s, ot, tuple(fe), served,
+                              conns))  # fmt: skip
     return results
 
 
@@ -257,6 +322,44 @@ async def direct_worker_p50(nats_url: str, subject: str, count: int) -> float:
     return sorted(latencies)[len(latencies) // 2]
 
 
+_BARE_APP = """
+import sys, uvicorn
+BODY = b'{"id": "chatcmpl-0", "object": "chat.completion", "choices": [{"index": 0, ' \\
+       b'"message": {"role": "assistant", "content": "' + b"x" * 80 + b'"}}]}'
+async def app(scope, receive, send):
+    if scope["type"] != "http":
+        return
+    while (await receive()).get("more_body"):
+        pass
+    await send({"type": "http.response.start", "status": 200, "headers": [
+        (b"content-type", b"application/json"), (b"content-length", b"%d" % len(BODY))]})
+    await send({"type": "http.response.body", "body": BODY})
+uvicorn.run(app, host="127.0.0.1", port=int(sys.argv[1]), loop="uvloop", http="httptools",
+            lifespan="off", access_log=False, log_level="warning")
+"""
+
+
+async def http_floor_p50(count: int) -> float:
+    """p50 of the same c=1 chat POST against a bare uvicorn app (uvloop, httptools, a fixed
+    small JSON answer): what any Python HTTP front door costs this client and machine."""
+    port = free_port("127.0.0.1")
+    server = subprocess.Popen([sys.executable, "-c", _BARE_APP, str(port)])
+    try:
+        url = f"http://127.0.0.1:{port}/v1/chat/completions"
+        deadline = time.monotonic() + 30
+        while not await asyncio.to_thread(port_open, "127.0.0.1", port):
+            if time.monotonic() > deadline or server.poll() is not None:
+                raise RuntimeError("the bare uvicorn app did not come up")
+            await asyncio.sleep(0.05)
+        scenario = Scenario("bare", False, 16, 1, 1.0)
+        await drive(url, "bare", scenario, 50)
+        latencies = (await drive(url, "bare", scenario, count)).latencies
+        return sorted(latencies)[len(latencies) // 2]
+    finally:
+        server.terminate()
+        server.wait(10)
+
+
 # ---- the two stacks ----------------------------------------------------------------------
 
 
@@ -279,6 +382,7 @@ async def run_hpcserve(
     direct: bool,
     client_processes: int = 1,
     router: str = "kv",
+    concurrency: int = 64,
 ):
     config = hpcserve_config(frontend_workers, speedup, router)
     deployment = await asyncio.to_thread(start_deployment, config, lambda _m: None)
@@ -286,9 +390,11 @@ async def run_hpcserve(
         pids = {planned.name: managed.pid for planned, managed in deployment.processes}
         frontends = [pid for name, pid in pids.items() if name.startswith("frontend")]
         workers = [pid for name, pid in pids.items() if name.startswith("worker-")]
+        others = [pid for name, pid in pids.items() if pid not in frontends + workers]
         url = deployment.url + "/chat/completions"
         model = deployment.config.model.served_name or Path(str(deployment.config.model.path)).name
-        results = await measure(url, model, frontends, workers, requests, client_processes)
+        results = await measure(url, model, frontends, workers, requests, client_processes,
+                                others, concurrency)  # fmt: skip
         direct_p50 = None
         if direct:
             assert deployment.config.services.nats.endpoint
@@ -389,8 +495,10 @@ async def compare(args: argparse.Namespace) -> None:
           f"frontend.workers={args.frontend_workers}, router {args.router})", ours)  # fmt: skip
     c1 = ours[2]
     if direct_p50 is not None:
+        floor = await http_floor_p50(c1.requests)
         print(f"  c=1 added latency p50: {1000 * (c1.p(0.5) - direct_p50):.2f} ms "
-              f"(worker called directly over NATS: {1000 * direct_p50:.2f} ms)")  # fmt: skip
+              f"(worker called directly over NATS: {1000 * direct_p50:.2f} ms; this client "
+              f"against a bare uvicorn app: {1000 * floor:.2f} ms)")  # fmt: skip
     theirs = None
     if not args.skip_dynamo:
         theirs = await run_dynamo(Path(args.dynamo_venv), args.requests, args.speedup, args.router)
@@ -411,17 +519,39 @@ async def compare(args: argparse.Namespace) -> None:
           f"stream_req_s_ratio={ours[1].req_s / theirs[1].req_s:.2f}")  # fmt: skip
 
 
+def cores_table(results: list[Result]) -> None:
+    """Where the machine's cores went: a frontend process near 1.0 is saturated; the sum of
+    all columns near the core count means the machine, not the frontend, set the rate."""
+    print(f"  {'scenario':<24} {'cores busy: frontends (each)':<40} {'workers':>8} "
+          f"{'clients':>8} {'nats+etcd':>9} {'total':>6}")  # fmt: skip
+    for r in results:
+        each = " ".join(f"{r.cores(cpu):.2f}" for cpu in r.frontend_cpu_each)
+        parts = (r.frontend_cpu_s, r.worker_cpu_s, r.client_cpu_s, r.other_cpu_s)
+        print(f"  {r.scenario.name:<24} {f'{r.cores(r.frontend_cpu_s):.2f} ({each})':<40} "
+              f"{r.cores(r.worker_cpu_s):8.2f} {r.cores(r.client_cpu_s):8.2f} "
+              f"{r.cores(r.other_cpu_s):9.2f} {r.cores(sum(parts)):6.2f}")  # fmt: skip
+        if len(r.served_each) > 1:
+            shares = " ".join(f"{n / max(1, r.requests):.2f}" for n in r.served_each)
+            conns = " ".join(str(n) for n in r.connections_each)
+            print(f"  {'':<24} requests share per process: {shares}; connections: {conns}")
+
+
 async def sweep(args: argparse.Namespace) -> None:
     rates = {}
     for count in args.sweep:
         results, _ = await run_hpcserve(args.requests, count, args.speedup, False,
-                                        args.client_processes, args.router)  # fmt: skip
-        table(f"hpcserve frontend.workers={count}", results)
+                                        args.client_processes, args.router,
+                                        args.concurrency)  # fmt: skip
+        table(f"hpcserve frontend.workers={count} (router {args.router}, "
+              f"{os.cpu_count()} cores here)", results)  # fmt: skip
+        cores_table(results)
         rates[count] = results[0].req_s
     first = args.sweep[0]
     parts = " ".join(f"w{n}_req_s={rate:.0f}" for n, rate in rates.items())
     last = args.sweep[-1]
-    print(f"frontend_workers_sweep {parts} scaling_w{last}={rates[last] / rates[first]:.2f}")
+    ratios = " ".join(f"x{n}={rate / rates[first]:.2f}" for n, rate in rates.items())
+    scaling = rates[last] / rates[first]
+    print(f"frontend_workers_sweep {parts} {ratios} scaling_w{last}={scaling:.2f}")
 
 
 def main() -> None:
@@ -442,6 +572,10 @@ def main() -> None:
     parser.add_argument(
         "--client-processes", type=int, default=1,
         help="load client processes in --workers-sweep (4 on 16 cores)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--concurrency", type=int, default=64,
+        help="requests in flight in the c=64 scenarios of --workers-sweep",
     )  # fmt: skip
     args = parser.parse_args()
     asyncio.run(sweep(args) if args.workers_sweep else compare(args))

@@ -19,7 +19,7 @@ from __future__ import annotations
 import os
 import shutil
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Literal
 from urllib.parse import urlsplit
@@ -47,7 +47,8 @@ class Readiness:
 
     - `port`: a TCP connect to `host:port` succeeds.
     - `registrations`: etcd at `etcd_endpoint` holds at least `count` keys under `prefix`.
-    - `http`: GET `url` answers 2xx.
+    - `http`: GET `url` answers 2xx (with `process` set: answered by that process of a
+      multi-process frontend, whose /health names it).
     """
 
     kind: ReadinessKind
@@ -57,12 +58,15 @@ class Readiness:
     prefix: str | None = None
     count: int | None = None
     url: str | None = None
+    process: int | None = None
 
     def describe(self) -> str:
         if self.kind == "port":
             return f"port {self.host}:{self.port} open"
         if self.kind == "registrations":
             return f"{self.count} key(s) under {self.prefix} in etcd"
+        if self.process is not None:
+            return f"GET {self.url} → 2xx from process {self.process}"
         return f"GET {self.url} → 2xx"
 
 
@@ -306,8 +310,10 @@ def frontend_plan(
 ) -> list[PlannedProcess]:
     """One process `frontend`, or `count` processes `frontend-0..` that bind the same port
     with SO_REUSEPORT (the kernel spreads connections over them), each supervised and
-    restarted on its own. A process only listens once its start-up is done, so the shared
-    port's /health is the readiness of each: a connection never reaches one still starting.
+    restarted on its own. A process only listens once its start-up is done (a connection
+    never reaches one still starting), and each is ready once the shared port's /health is
+    answered by that process itself: a sibling's answer says nothing of it, and a load
+    started at the first answer would pin its connections to the processes up by then.
     Several processes share their /metrics through prometheus-client's multiprocess mode
     (`<run_dir>/frontend-metrics`) and their routing load over NATS (`frontend.load_share`)."""
     host, port = config.frontend.host, config.frontend.port
@@ -321,7 +327,6 @@ def frontend_plan(
     plan = []
     for index in range(count):
         env = {**common_env, FRONTEND_PROCESS_ENV: f"{index}/{count}", METRICS_DIR_ENV: metrics_dir}
-        plan.append(
-            PlannedProcess(f"frontend-{index}", "frontend", STAGE_FRONTEND, argv, ready, env)
-        )
+        own = replace(ready, process=index)
+        plan.append(PlannedProcess(f"frontend-{index}", "frontend", STAGE_FRONTEND, argv, own, env))
     return plan

@@ -11,6 +11,7 @@ from __future__ import annotations
 import base64
 import json
 import socket
+import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable
@@ -34,6 +35,29 @@ def http_ok(url: str, timeout: float = 2.0) -> bool:
             return 200 <= response.status < 300
     except PROBE_ERRORS:
         return False
+
+
+def http_ok_from(url: str, process: int, timeout: float = 2.0, attempts: int = 32) -> bool:
+    """True when GET `url` answers 2xx with `"process": process` in its JSON body: one of
+    several processes sharing a port (SO_REUSEPORT) is ready only once it answers itself,
+    not when a sibling does. Each GET is a new connection, which the kernel hands to any
+    listening process, so up to `attempts` of them (within `timeout` in all) are made, or
+    a poll would find one process of eight once in eight tries."""
+    deadline = time.monotonic() + timeout
+    for _ in range(attempts):
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            return False
+        try:
+            with urllib.request.urlopen(url, timeout=remaining) as response:
+                if not 200 <= response.status < 300:
+                    return False
+                body = json.loads(response.read())
+        except PROBE_ERRORS:
+            return False
+        if isinstance(body, dict) and body.get("process") == process:
+            return True
+    return False
 
 
 def etcd_key_count(endpoint: str, prefix: str, timeout: float = 2.0) -> int:

@@ -45,6 +45,7 @@ from contract.readiness import (
     etcd_delete_key,
     etcd_key_revision,
     http_ok,
+    http_ok_from,
     keys_registered,
     port_open,
 )
@@ -101,6 +102,8 @@ def readiness_check(ready: Readiness) -> Callable[[], bool]:
         return lambda: port_open(ready.host, ready.port)
     if ready.kind == "http":
         assert ready.url is not None
+        if ready.process is not None:
+            return lambda: http_ok_from(ready.url, ready.process)
         return lambda: http_ok(ready.url)
     assert ready.etcd_endpoint is not None and ready.prefix is not None
     return keys_registered(ready.etcd_endpoint, ready.prefix, ready.count or 1)

@@ -103,6 +103,9 @@ def main(argv: list[str] | None = None) -> int:
         loop="uvloop" if has_uvloop else "asyncio",
         http="httptools" if has_httptools else "h11",
         access_log=False,
+        # nothing here reads the client's address: X-Forwarded-* parsing (a middleware
+        # around every request) is work for no one
+        proxy_headers=False,
         log_config=None,  # keep our logging format
         log_level=args.log_level,
         timeout_keep_alive=30,

@@ -115,6 +115,10 @@ class FrontendState:
             )
         self.started = int(time.time())
         self._worker_joined = asyncio.Event()
+        # the routable workers and their shortest context, kept until the directory changes
+        # (three reads per request otherwise, each a scan of every card)
+        self._routable: list[WorkerCard] | None = None
+        self._context_limit: int | None = None
 
     async def start(self) -> None:
         await self.client.start()
@@ -144,6 +148,7 @@ class FrontendState:
         await self.client.stop()
 
     def _on_workers_changed(self, workers: dict[str, WorkerCard]) -> None:
+        self._routable = None
         if workers:
             self._worker_joined.set()
         else:
@@ -151,7 +156,8 @@ class FrontendState:
 
     def context_limit(self) -> int | None:
         """The context length every routable worker takes (None: no worker yet)."""
-        return min((card.max_model_len for card in self.candidates(set())), default=None)
+        self.candidates(set())  # fills the cache the directory's changes clear
+        return self._context_limit
 
     @property
     def serving_roles(self) -> tuple[str, ...]:
@@ -159,13 +165,21 @@ class FrontendState:
         return serving_roles(self.config.disaggregation.strategy)
 
     def candidates(self, exclude: set[str]) -> list[WorkerCard]:
-        """Routable workers of the serving roles; `exclude` holds worker instances."""
-        roles = self.serving_roles
-        return [
-            card
-            for card in self.directory.workers.values()
-            if card.role in roles and card.instance not in exclude and not card.draining
-        ]
+        """Routable workers of the serving roles; `exclude` holds worker instances. The
+        list may be shared between calls: read it, do not change it."""
+        routable = self._routable
+        if routable is None:
+            roles = self.serving_roles
+            routable = [
+                card
+                for card in self.directory.workers.values()
+                if card.role in roles and not card.draining
+            ]
+            self._routable = routable
+            self._context_limit = min((c.max_model_len for c in routable), default=None)
+        if exclude:
+            return [card for card in routable if card.instance not in exclude]
+        return routable
 
     def check_disaggregated_peer(self, card: WorkerCard) -> None:
         """503 when `card` needs the other half of a disaggregated pair and none is up."""
@@ -225,12 +239,17 @@ def able_workers(candidates: list[WorkerCard], request: GenerateRequest) -> list
     """The candidates whose engine honours every sampling field `request` sets (away from
     its default); 400 naming the field when none does (an engine declares what it cannot
     do in its card: the mocker has no logprobs)."""
-    if not any(card.unsupported_params for card in candidates):
+    unsupported = {name for card in candidates for name in card.unsupported_params}
+    if not unsupported:
         return candidates
     sampling = request.sampling
-    used = {
-        name for name, default in _SAMPLING_DEFAULTS.items() if getattr(sampling, name) != default
+    used = {  # only the fields some candidate cannot do matter
+        name
+        for name in unsupported
+        if name in _SAMPLING_DEFAULTS and getattr(sampling, name) != _SAMPLING_DEFAULTS[name]
     }
+    if not used:
+        return candidates
     able = [card for card in candidates if not used & set(card.unsupported_params)]
     if able:
         return able

@@ -180,6 +180,8 @@ def test_several_frontend_processes_share_the_port() -> None:
         assert process.env[FRONTEND_PROCESS_ENV] == f"{index}/3"
         assert process.env[METRICS_DIR_ENV] == "/r/frontend-metrics"
         assert process.ready.url == "http://127.0.0.1:8000/health"
+        assert process.ready.process == index  # ready once it answers, not a sibling
     one = plan_deployment(resolved("frontend.workers=1"), config_file="c.yaml", run_dir="/r")
     assert [p.name for p in one if p.role == "frontend"] == ["frontend"]
+    assert one[-1].ready.process is None
     assert FRONTEND_PROCESS_ENV not in one[-1].env

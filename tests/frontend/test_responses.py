@@ -4,6 +4,7 @@ usage and metrics, over a scripted in-process client (no NATS) and the real toke
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 from types import SimpleNamespace
@@ -31,12 +32,15 @@ from frontend.openai_schemas import (
 )
 from frontend.prepared import Prepared
 from frontend.responses import (
+    WATCH_AFTER_S,
     ChoiceText,
+    ClientGone,
     FirstToken,
     Generation,
     full_response,
     record,
     stream_events,
+    until_disconnect,
     usage_of,
 )
 from frontend.tokenization import TextTokenizer
@@ -271,3 +275,45 @@ async def test_one_choice_streams_as_before(tokenizer: TextTokenizer, kind: str)
     )
     assert text == "Just one answer"
     assert len(client.opened) == 1
+
+
+async def test_until_disconnect_reads_nothing_from_a_fast_request() -> None:
+    """A request answered within WATCH_AFTER_S starts no watcher: `receive` is never read."""
+    reads = 0
+
+    async def receive() -> dict:
+        nonlocal reads
+        reads += 1
+        await asyncio.Event().wait()  # the client stays
+        return {"type": "http.disconnect"}
+
+    async def work() -> str:
+        await asyncio.sleep(0)
+        return "answered"
+
+    assert await until_disconnect(receive, work()) == "answered"
+    await asyncio.sleep(WATCH_AFTER_S * 2)
+    assert reads == 0
+
+
+async def test_until_disconnect_cancels_a_slow_request_whose_client_left() -> None:
+    """The client left before the watcher started: its first read sees the disconnect, the
+    work is cancelled and ClientGone raised (a few WATCH_AFTER_S at most)."""
+    cancelled = asyncio.Event()
+
+    async def receive() -> dict:
+        return {"type": "http.disconnect"}
+
+    async def work() -> None:
+        try:
+            await asyncio.sleep(30)
+        except asyncio.CancelledError:
+            cancelled.set()
+            raise
+
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    with pytest.raises(ClientGone):
+        await until_disconnect(receive, work())
+    assert cancelled.is_set()
+    assert loop.time() - started < 10 * WATCH_AFTER_S

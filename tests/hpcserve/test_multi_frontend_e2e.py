@@ -152,3 +152,38 @@ def test_a_killed_frontend_process_is_restarted_while_the_other_serves(up: UpPro
     assert {p for p in health_of_each(up)} == {0, 1}
     text = httpx.get(root(up) + "/metrics", timeout=10).text
     assert 'hpcserve_component_restarts_total{component="frontend-1"} 1.0' in text
+
+
+def _listening_sockets(port: int) -> int:
+    """LISTEN sockets on `port` (one per frontend process bound with SO_REUSEPORT)."""
+    count = 0
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with open(table) as rows:
+            for row in list(rows)[1:]:
+                fields = row.split()
+                if fields[3] == "0A" and int(fields[1].rsplit(":", 1)[1], 16) == port:
+                    count += 1
+    return count
+
+
+def test_every_frontend_process_listens_once_the_deployment_is_ready(tmp_path) -> None:
+    """A load started at "ready" must find every process: one still starting when a sibling
+    already answered /health got no connection of it (before, `ready` came with 1 to 4 of 4
+    listening). Four processes, each ready only once it answers /health itself."""
+    from pathlib import Path
+    from urllib.parse import urlsplit
+
+    from contract.config import load_config
+    from hpcserve.launcher import start_deployment, stop_deployment
+
+    repo = Path(__file__).resolve().parents[2]
+    config = load_config(repo / "configs" / "local-mocker-kv.yaml", [
+        "frontend.port=0", "frontend.workers=4", "workers.0.count=1", f"run_dir={tmp_path}",
+    ])  # fmt: skip
+    deployment = start_deployment(config, say=lambda _m: None)
+    try:
+        port = urlsplit(deployment.url).port
+        assert port is not None
+        assert _listening_sockets(port) == 4
+    finally:
+        stop_deployment(deployment, say=lambda _m: None)
