@@ -230,6 +230,11 @@ class KvRouterConfig(_Section):
         "of a few such requests' decode footprint says nothing about when its prefill "
         "starts, how long ago each worker got work does (frontend.kv_router docstring)",
     )
+    prefill_progress: bool = Field(
+        default=True,
+        description="count a worker's pending prefill as computed at its measured rate "
+        "since it started on it (false: each prompt whole until its first output)",
+    )
     block_size: int | None = Field(
         default=None,
         ge=1,
