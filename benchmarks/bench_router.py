@@ -368,8 +368,13 @@ def http_workloads(args: argparse.Namespace) -> dict[str, list[list[HttpChat]]]:
                    {"role": "user", "content": _text(rng, 12)}])]
         for i in range(args.http_requests)
     ]  # fmt: skip
-    return {"system_prompts": shared, "multi_turn": turns, "multi_turn_lockstep": lockstep,
-            "small_cache": shared, "no_prefix": unique}
+    return {
+        "system_prompts": shared,
+        "multi_turn": turns,
+        "multi_turn_lockstep": lockstep,
+        "small_cache": shared,
+        "no_prefix": unique,
+    }
 
 
 def policy_overrides(policy: str) -> tuple[str, list[str]]:
@@ -530,9 +535,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add("--http-system-words", type=int, default=3300, help="~3,400 tokens")
     add("--http-requests", type=int, default=240)
     add("--http-turns", type=int, default=6)
-    add("--http-think-ms", type=float, default=1000.0,
+    add(
+        "--http-think-ms",
+        type=float,
+        default=1000.0,
         help="multi_turn: mean user think time before each turn, in model time (wall time "
-        "x --http-speedup)")
+        "x --http-speedup)",
+    )
     add("--http-prefill-ms-per-token", type=float, default=0.5)
     add("--http-num-blocks", type=int, default=1400, help="KV blocks per worker")
     add("--http-small-cache-blocks", type=int, default=700, help="small_cache: per worker")

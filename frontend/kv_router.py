@@ -40,22 +40,22 @@ as tied, and ties go to the worker routed to least recently. Why (measured, issu
 prompts sharing nothing, the costs differ only by pending prefill and decode footprint. Pending
 prefill counted a prompt whole until its first output (before `prefill_progress`), so "one
 prefill pending" looked the same on a worker that just got it and on one nearly done; the
-decode term then decided, and in a closed loop it always picked the worker whose other request had just finished, i.e. the one
-whose remaining request had just started its prefill. New requests queued behind fresh prefills
-and the kv router lost to round robin (TTFT p50 x0.74; least_loaded, which also prefers the
-emptier worker, x0.90). A decode footprint difference of a few requests like this one says
-nothing about when its prefill starts; how long ago each worker last got work does (its queue
-has had that long to drain), and taking turns spreads arrivals evenly as round robin does. The
-two other conditions keep what the cost knows: a cached prefix lowers the prefill term, so it
-is never traded for taking turns; and a prefill holds up every request running where it lands,
-which the deduplicated footprint hides on a worker serving many hits of one system prompt
-(without the request-count condition misses landed on such hot workers and their hits' TTFT
-doubled). Why 4: through HTTP on prompts sharing nothing, 1.5 still lost about half the rounds
-(x0.85-1.0 of round robin), 4 and 100 won (x1.13-1.15 over two rounds); 4 keeps the decode
-footprint deciding when it differs by more than four of the request's prompts (short prompts,
-long outputs). `tie_band` 0 is the old rule (footprint decides; exact ties go to the least
-recently routed). Temperature > 0 samples with softmax(-(cost - min cost) / temperature)
-instead.
+decode term then decided, and in a closed loop it always picked the worker whose other request
+had just finished, i.e. the one whose remaining request had just started its prefill. New
+requests queued behind fresh prefills and the kv router lost to round robin (TTFT p50 x0.74;
+least_loaded, which also prefers the emptier worker, x0.90). A decode footprint difference of a
+few requests like this one says nothing about when its prefill starts; how long ago each worker
+last got work does (its queue has had that long to drain), and taking turns spreads arrivals
+evenly as round robin does. The two other conditions keep what the cost knows: a cached prefix
+lowers the prefill term, so it is never traded for taking turns; and a prefill holds up every
+request running where it lands, which the deduplicated footprint hides on a worker serving many
+hits of one system prompt (without the request-count condition misses landed on such hot
+workers and their hits' TTFT doubled). Why 4: through HTTP on prompts sharing nothing, 1.5
+still lost about half the rounds (x0.85-1.0 of round robin), 4 and 100 won (x1.13-1.15 over two
+rounds); 4 keeps the decode footprint deciding when it differs by more than four of the
+request's prompts (short prompts, long outputs). `tie_band` 0 is the old rule (footprint
+decides; exact ties go to the least recently routed). Temperature > 0 samples with
+softmax(-(cost - min cost) / temperature) instead.
 
 Prompts are hashed at each candidate's block size (its card), so no setting has to match the
 engine's. A worker that finished requests but published no KV event within
