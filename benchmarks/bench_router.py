@@ -368,12 +368,18 @@ def http_workloads(args: argparse.Namespace) -> dict[str, list[list[HttpChat]]]:
                    {"role": "user", "content": _text(rng, 12)}])]
         for i in range(args.http_requests)
     ]  # fmt: skip
+    unique_paced = [  # the same prompts, each after a user's pause
+        [HttpChat(chain[0].messages, think_s=think.expovariate(1.0 / mean_think_s))]
+        if mean_think_s > 0 else chain
+        for chain in unique
+    ]  # fmt: skip
     return {
         "system_prompts": shared,
         "multi_turn": turns,
         "multi_turn_lockstep": lockstep,
         "small_cache": shared,
-        "no_prefix": unique,
+        "no_prefix": unique_paced,
+        "no_prefix_lockstep": unique,
     }
 
 
@@ -440,6 +446,7 @@ async def run_http_policy(
                 t0 = time.perf_counter()
                 first = None
                 usage = None
+                response_id = ""
                 async with client.stream("POST", "/chat/completions", json=body) as response:
                     response.raise_for_status()
                     async for line in response.aiter_lines():
@@ -448,6 +455,7 @@ async def run_http_policy(
                         chunk = json.loads(line[6:])
                         if first is None and chunk.get("choices"):
                             first = time.perf_counter()
+                            response_id = chunk.get("id", "")
                         if chunk.get("usage"):
                             usage = chunk["usage"]
                 assert first is not None and usage is not None
@@ -460,7 +468,7 @@ async def run_http_policy(
                 result.records.append({
                     "start_s": t0 - started, "ttft_ms": (first - t0) * 1000.0,
                     "prompt": usage["prompt_tokens"], "cached": details.get("cached_tokens", 0),
-                    "known": known * size, "conversation": chat.conversation or -1,
+                    "known": known * size, "conversation": chat.conversation or -1, "id": response_id,
                 })  # fmt: skip
                 result.oracle_tokens += min(known * config.engine.block_size,
                                             usage["prompt_tokens"] - 1)  # fmt: skip

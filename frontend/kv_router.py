@@ -71,7 +71,7 @@ import logging
 import math
 import random
 import time
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -164,6 +164,8 @@ class KvRouter:
         # worker -> when it started on its pending prefills (the first routed onto an idle
         # worker, or the last first output there), and how fast it computes them
         self._prefill_start: dict[str, float] = {}
+        # worker -> our requests routed there, oldest first (those prefilled are skipped)
+        self._prefill_queue: dict[str, deque[_InFlight]] = {}
         self._prefill_rate: dict[str, PrefillRate] = {}
         # worker -> (the report current when our requests finished, blocks they released)
         self._released: dict[str, tuple[object, int]] = {}
@@ -183,7 +185,11 @@ class KvRouter:
         for worker_id in self.routed.workers:
             if worker_id not in workers:
                 self.routed.drop_worker(worker_id)
-        for table in (self._released, self._silent_since, self._prefill_start, self._prefill_rate):
+        tables = (
+            self._released, self._silent_since, self._prefill_start, self._prefill_rate,
+            self._prefill_queue,
+        )  # fmt: skip
+        for table in tables:
             for worker_id in list(table):
                 if worker_id not in workers:
                     del table[worker_id]
@@ -213,7 +219,15 @@ class KvRouter:
         worker_id = entry.worker_id
         now = self._clock()
         began = max(entry.since, self._prefill_start.get(worker_id, entry.since))
-        self._prefill_rate.setdefault(worker_id, PrefillRate()).add(entry.prefill, now - began)
+        rate = self._prefill_rate.setdefault(worker_id, PrefillRate())
+        rate.add(entry.prefill, now - began)
+        if logger.isEnabledFor(logging.DEBUG):
+            logger.debug(
+                "kv prefilled %s on %s: %d blocks in %.3f s (%.3f s since routed); "
+                "rate %.0f blocks/s",
+                request_id, worker_id, entry.prefill, now - began, now - entry.since,
+                rate.per_second,
+            )  # fmt: skip
         self._add(self._pending, worker_id, -entry.prefill)
         entry.prefill = 0
         self._prefill_start[worker_id] = now
@@ -238,9 +252,11 @@ class KvRouter:
         self._released[worker_id] = (report, released)
         _subtract(self._footprint, worker_id, entry.hashes)
         self._add(self._partial, worker_id, -(entry.blocks - len(entry.hashes)))
-        if entry.prefill:  # ended before its first output: the worker moves on now
+        if entry.prefill:  # ended before its first output
             self._add(self._pending, worker_id, -entry.prefill)
-            self._prefill_start[worker_id] = self._clock()
+            if entry is self._prefill_head(worker_id):  # the worker moves on now
+                self._prefill_start[worker_id] = self._clock()
+            entry.prefill = 0
 
     @staticmethod
     def _add(table: dict[str, int], worker_id: str, amount: int) -> None:
@@ -269,16 +285,26 @@ class KvRouter:
         without a first output yet, less what the worker has computed of them since it
         started on them at its measured rate. Counting each prompt whole until its first
         output made a worker that had nearly finished a prefill look as busy as one that
-        had just got it (issue 14: no-prefix load lost to round robin). Never below the
-        last block: an overdue prefill is not done until its first output says so."""
+        had just got it (issue 14: no-prefix load lost to round robin). The progress runs
+        through the oldest prompt only, to its last block: an overdue prefill is not done
+        until its first output says so, and the prompts after it have not started."""
         pending = self._pending.get(worker_id, 0)
         if not pending:
+            self._prefill_queue.pop(worker_id, None)
             return 0
         rate = self._prefill_rate.get(worker_id)
         if rate is None or not self.config.prefill_progress:
             return pending
+        head = self._prefill_head(worker_id)
         done = rate.per_second * max(self._clock() - self._prefill_start[worker_id], 0.0)
-        return max(pending - done, 1.0)
+        return pending - min(done, head.prefill - 1.0) if head is not None else pending
+
+    def _prefill_head(self, worker_id: str) -> _InFlight | None:
+        """The oldest of our requests still prefilling on `worker_id` (the one it works on)."""
+        queue = self._prefill_queue.get(worker_id)
+        while queue and not queue[0].prefill:  # prefilled or gone: the next one's turn
+            queue.popleft()
+        return queue[0] if queue else None
 
     def _reported_active(self, worker_id: str) -> int:
         report = self.tracker.metrics.get(worker_id)
@@ -378,14 +404,17 @@ class KvRouter:
             prefill = max(blocks - pick.overlap_blocks, 1)
             if not self._pending.get(worker_id):
                 self._prefill_start[worker_id] = now
-            self._in_flight[request_id] = _InFlight(worker_id, hashes, blocks, prefill, now)
+                self._prefill_queue.pop(worker_id, None)
+            entry = _InFlight(worker_id, hashes, blocks, prefill, now)
+            self._in_flight[request_id] = entry
+            self._prefill_queue.setdefault(worker_id, deque()).append(entry)
             self._footprint.setdefault(worker_id, Counter()).update(hashes)
             self._add(self._partial, worker_id, blocks - len(hashes))
             self._add(self._pending, worker_id, prefill)
         if logger.isEnabledFor(logging.DEBUG):  # what each candidate looked like, for tuning
             logger.debug(
-                "kv route %s → %s (overlap %d blocks, cost %.1f); candidates: %s",
-                request_id, card.worker_id, pick.overlap_blocks, pick.cost,
+                "kv route %s (client %s) → %s (overlap %d blocks, cost %.1f); candidates: %s",
+                request_id, getattr(request, "client_id", None), card.worker_id, pick.overlap_blocks, pick.cost,
                 " ".join(
                     f"{s.worker_id}[n={self.tracker.requests_on(s.worker_id)} "
                     f"hit={s.overlap_blocks} prefill={s.prefill_blocks:.0f} "

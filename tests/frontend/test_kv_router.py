@@ -268,8 +268,11 @@ def test_a_worker_learns_its_prefill_rate_from_first_outputs() -> None:
     assert router.pending_prefill("a") == 8  # r2 starts now
     clock.now = 1.5
     assert router.pending_prefill("a") == pytest.approx(4.0)
-    clock.now = 5.0  # overdue: not done until its first output says so
-    assert router.pending_prefill("a") == 1.0
+    router.choose([card("a")], req("r3", _fresh(3)))
+    assert router.pending_prefill("a") == pytest.approx(4.0 + 8)
+    clock.now = 5.0  # r2 overdue: not done until its first output says so, r3 not begun
+    assert router.pending_prefill("a") == 1.0 + 8
+    router.request_finished("r3")
     router.request_prefilled("r2")
     assert router.pending_prefill("a") == 0
     # the second sample counts from r1's first output (when a could start on r2): 8 in 4 s
