@@ -414,7 +414,8 @@ class KvRouter:
         if logger.isEnabledFor(logging.DEBUG):  # what each candidate looked like, for tuning
             logger.debug(
                 "kv route %s (client %s) → %s (overlap %d blocks, cost %.1f); candidates: %s",
-                request_id, getattr(request, "client_id", None), card.worker_id, pick.overlap_blocks, pick.cost,
+                request_id, getattr(request, "client_id", None), card.worker_id,
+                pick.overlap_blocks, pick.cost,
                 " ".join(
                     f"{s.worker_id}[n={self.tracker.requests_on(s.worker_id)} "
                     f"hit={s.overlap_blocks} prefill={s.prefill_blocks:.0f} "
