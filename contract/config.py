@@ -193,7 +193,8 @@ def group_ranks(config: DeploymentConfig, group: WorkerGroupConfig) -> int:
 class KvRouterConfig(_Section):
     """KV-aware routing (Dynamo's cost model; lowest wins, see `frontend.kv_router`):
 
-    prefill = own pending prefill blocks
+    prefill = own pending prefill blocks (less what the worker computed of them since,
+              at its measured rate: prefill_progress)
               + uncached_weight x max(prompt blocks - overlap_credit x cached blocks, 0)
     cost    = prefill_load_scale x prefill + decode blocks (deduplicated) + new blocks
 
