@@ -445,9 +445,13 @@ class KvRouter:
             ]  # fmt: skip
             if len(tied) == 1:
                 return tied[0]
-            # least recently routed: its earlier requests have had the longest to prefill
+            # the least prefill ahead (time to first token is made of it), then the least
+            # recently routed: its earlier requests have had the longest to prefill
             last = self._last_routed
-            return min(tied, key=lambda s: (last.get(s.worker_id, -math.inf), s.worker_id))
+            return min(
+                tied,
+                key=lambda s: (s.prefill_blocks, last.get(s.worker_id, -math.inf), s.worker_id),
+            )
         weights = [math.exp(-(score.cost - lowest) / temperature) for score in scores]
         return self._random.choices(scores, weights=weights, k=1)[0]
 

@@ -306,6 +306,32 @@ def test_a_prefill_nearly_done_is_less_work_than_one_just_begun() -> None:
             assert pending == {"a": 16, "b": 8}
 
 
+def test_ties_go_to_the_least_prefill_before_the_least_recently_routed() -> None:
+    """b is cheapest (one prompt, 1 block of its prefill left) and routed to longest ago; a
+    runs two decoding requests (more footprint) with no prefill ahead. They tie (within the
+    band, a runs one request more): the new prompt goes to a, where it starts at once."""
+    clock = Clock()
+    router, _, tracker = make(clock=clock)
+    router.choose([card("b")], req("b0", _fresh(0)))
+    clock.now = 1.0
+    router.request_prefilled("b0")  # b: 8 blocks/s
+    router.request_finished("b0")
+    router.choose([card("b")], req("b1", _fresh(1)))
+    tracker.started("b")
+    for i, t in ((2, 1.05), (3, 1.15)):  # a: two requests, both past their prefill
+        clock.now = t
+        router.choose([card("a")], req(f"a{i}", _fresh(i)))
+        tracker.started("a")
+        clock.now = t + 0.05
+        router.request_prefilled(f"a{i}")
+    clock.now = 1.875
+    assert router.choose([card("a"), card("b")], req("new", OTHER)).worker_id == "a"
+    scores = {s.worker_id: s for s in router.last_scores}
+    assert scores["b"].prefill_blocks == pytest.approx(1 + 16)  # 7 of b1's 8 blocks done
+    assert scores["a"].prefill_blocks == 16
+    assert scores["b"].cost < scores["a"].cost <= scores["b"].cost + 4 * 8
+
+
 def test_a_request_ending_before_its_first_output_lets_the_next_start() -> None:
     clock = Clock()
     router, _, tracker = make(clock=clock)
