@@ -36,10 +36,11 @@ wrong way half the time).
 Ties, and `tie_band` (4): temperature 0 picks the cheapest worker, but every worker whose cost
 is within `tie_band` x the request's own prompt blocks of the cheapest, whose prefill term is
 no larger than the cheapest's, and which runs at most one request more than the cheapest counts
-as tied, and ties go to the worker routed to least recently. Why (measured, issue 14): with
-prompts sharing nothing, the costs differ only by pending prefill and decode footprint. Pending
-prefill counted a prompt whole until its first output (before `prefill_progress`), so "one
-prefill pending" looked the same on a worker that just got it and on one nearly done; the
+as tied, and the tied worker with the least prefill ahead takes the request (time to first
+token is made of it), among equals the one routed to least recently. Why (measured, issue 14):
+with prompts sharing nothing, the costs differ only by pending prefill and decode footprint.
+Pending prefill counted a prompt whole until its first output (before `prefill_progress`), so
+"one prefill pending" looked the same on a worker that just got it and on one nearly done; the
 decode term then decided, and in a closed loop it always picked the worker whose other request
 had just finished, i.e. the one whose remaining request had just started its prefill. New
 requests queued behind fresh prefills and the kv router lost to round robin (TTFT p50 x0.74;
@@ -54,8 +55,11 @@ workers and their hits' TTFT doubled). Why 4: through HTTP on prompts sharing no
 still lost about half the rounds (x0.85-1.0 of round robin), 4 and 100 won (x1.13-1.15 over two
 rounds); 4 keeps the decode footprint deciding when it differs by more than four of the
 request's prompts (short prompts, long outputs). `tie_band` 0 is the old rule (footprint
-decides; exact ties go to the least recently routed). Temperature > 0 samples with
-softmax(-(cost - min cost) / temperature) instead.
+decides; exact ties go to the least prefill, then the least recently routed). Why the least
+prefill first (second round): with `prefill_progress` a worker nearly through its prefill can
+be the cheapest by its smaller footprint while a tied worker whose requests are all decoding
+has none ahead; least-recently-routed sent the new prompt to wait behind the first. A
+temperature above 0 samples with softmax(-(cost - min cost) / temperature) instead.
 
 Prompts are hashed at each candidate's block size (its card), so no setting has to match the
 engine's. A worker that finished requests but published no KV event within
