@@ -7,8 +7,22 @@ the policy, and an async client streaming chat requests, `--concurrency` at a ti
 
 - system_prompts: each request one of `--http-systems` long system prompts (~3,400 tokens)
   plus a short unique question (the workload of issue 14);
-- multi_turn: conversations whose every turn resends the whole history;
-- no_prefix: every prompt unique (the router must not lose to round robin here).
+- multi_turn: conversations whose every turn resends the whole history, after the user's
+  think time (exponential, mean `--http-think-ms` of model time, before every turn);
+- multi_turn_lockstep: the same conversations with no think time (the workload until issue
+  14's second round, kept to compare; not run by default). All lanes start together and
+  never pause, so two conversations sharing a worker send their turns into the same engine
+  step, finish together and do it again, turn after turn: each hit waits for the other's
+  prefill (in-process replay: a hit arriving alone 84 ms, with its partner 165 ms), which
+  no placement can avoid once a conversation is cached where it is (real users pause);
+- small_cache: system_prompts' requests on workers caching `--http-small-cache-blocks`
+  blocks each, so that all caches together hold fewer blocks than the system prompts
+  (700 x 8 = 5,600 < 32 x ~213 = ~6,800): the router must partition the prompts, and some
+  are evicted whatever it does (the oracle hit rate, blocks seen before, is then out of
+  reach);
+- no_prefix: every prompt unique, each after a user's think time as in multi_turn (the router
+  must not lose to round robin here); no_prefix_lockstep: the same prompts with no pause (the
+  workload until the second round of issue 14; not run by default).
 
 Each worker caches `--http-num-blocks` blocks: a few system prompts, far fewer than all.
 TTFT is wall time to the first streamed token; the hit rate is cached / prompt tokens as the
@@ -20,9 +34,11 @@ events delayed by `--event-delay-ms`, simulated time), with an exact-cache oracl
 
     python benchmarks/bench_router.py [--workers 8] [--inproc]
 
-The last line is `router kv_vs_rr_ttft_p50=<x> hit_rate_vs_oracle=<y> no_prefix_ratio=<z>`:
-round-robin TTFT p50 / kv TTFT p50 on system_prompts and on no_prefix (> 1: kv faster), and
-kv's hit rate / the oracle's, the lower of system_prompts and multi_turn.
+The last line is `router kv_vs_rr_ttft_p50=<x> multi_turn_ratio=<m> small_cache_ratio=<c>
+hit_rate_vs_oracle=<y> no_prefix_ratio=<z>`: round-robin TTFT p50 / kv TTFT p50 on
+system_prompts, multi_turn, small_cache and no_prefix (> 1: kv faster; nan: not run), and kv's
+hit rate / the oracle's, the lower of system_prompts and multi_turn (small_cache's oracle
+ignores the capacity, so it is left out).
 """
 
 from __future__ import annotations
@@ -288,6 +304,7 @@ class HttpChat:
 
     messages: list[dict[str, str]]
     conversation: int | None = None  # multi-turn: the next turn waits for this one
+    think_s: float = 0.0  # wall seconds the client waits before sending it (user think time)
 
 
 @dataclass
@@ -302,6 +319,7 @@ class HttpResult:
     round_p50_ms: list[float] = field(default_factory=list)  # each round's own TTFT p50
     frontend_cpu_s: float = 0.0  # CPU the frontend process used during the requests
     workers_cpu_s: float = 0.0  # and the worker processes, together
+    records: list[dict[str, float]] = field(default_factory=list)  # one per request (--dump)
 
     @property
     def hit_rate(self) -> float:
@@ -331,25 +349,42 @@ def http_workloads(args: argparse.Namespace) -> dict[str, list[list[HttpChat]]]:
                    {"role": "user", "content": f"Question {i}: {_text(rng, 12)}?"}])]
         for i in range(args.http_requests)
     ]  # fmt: skip
-    turns = []
+    turns, lockstep = [], []
     per = max(1, args.http_requests // args.http_turns)
+    think = random.Random(args.seed + 1)  # its own: the texts stay those of think time 0
+    mean_think_s = args.http_think_ms / 1000.0 / args.http_speedup
     for c in range(per):
-        chain = []
+        chain, still = [], []
         history: list[dict[str, str]] = [
             {"role": "system", "content": f"Conversation {c}. " + _text(rng, 300)}
         ]
         for _ in range(args.http_turns):
             history = [*history, {"role": "user", "content": _text(rng, 120)}]
-            chain.append(HttpChat(list(history), conversation=c))
+            pause = think.expovariate(1.0 / mean_think_s) if mean_think_s > 0 else 0.0
+            chain.append(HttpChat(list(history), conversation=c, think_s=pause))
+            still.append(HttpChat(list(history), conversation=c))
             history = [*history, {"role": "assistant", "content": _text(rng, args.max_tokens)}]
         turns.append(chain)
+        lockstep.append(still)
     unique = [
         [HttpChat([{"role": "system",
                     "content": f"Unique {i}. " + _text(rng, args.http_system_words)},
                    {"role": "user", "content": _text(rng, 12)}])]
         for i in range(args.http_requests)
     ]  # fmt: skip
-    return {"system_prompts": shared, "multi_turn": turns, "no_prefix": unique}
+    unique_paced = [  # the same prompts, each after a user's pause
+        [HttpChat(chain[0].messages, think_s=think.expovariate(1.0 / mean_think_s))]
+        if mean_think_s > 0 else chain
+        for chain in unique
+    ]  # fmt: skip
+    return {
+        "system_prompts": shared,
+        "multi_turn": turns,
+        "multi_turn_lockstep": lockstep,
+        "small_cache": shared,
+        "no_prefix": unique_paced,
+        "no_prefix_lockstep": unique,
+    }
 
 
 def policy_overrides(policy: str) -> tuple[str, list[str]]:
@@ -360,7 +395,11 @@ def policy_overrides(policy: str) -> tuple[str, list[str]]:
 
 
 async def run_http_policy(
-    policy: str, workload: list[list[HttpChat]], args: argparse.Namespace, tokenizer: object
+    policy: str,
+    workload: list[list[HttpChat]],
+    args: argparse.Namespace,
+    tokenizer: object,
+    num_blocks: int | None = None,
 ) -> HttpResult:
     """Start the mocker deployment with `frontend.router` (and kv_router settings) of
     `policy`, run `workload`, stop it."""
@@ -378,7 +417,7 @@ async def run_http_policy(
         "frontend.port=0",
         f"engine.mocker.prefill_ms_per_token={args.http_prefill_ms_per_token}",
         f"engine.mocker.speedup={args.http_speedup}",
-        f"engine.num_blocks={args.http_num_blocks}",
+        f"engine.num_blocks={num_blocks or args.http_num_blocks}",
         f"workers.0.count={args.workers}",
         f"run_dir={run_dir}",
         *args.set,
@@ -411,6 +450,7 @@ async def run_http_policy(
                 t0 = time.perf_counter()
                 first = None
                 usage = None
+                response_id = ""
                 async with client.stream("POST", "/chat/completions", json=body) as response:
                     response.raise_for_status()
                     async for line in response.aiter_lines():
@@ -419,6 +459,7 @@ async def run_http_policy(
                         chunk = json.loads(line[6:])
                         if first is None and chunk.get("choices"):
                             first = time.perf_counter()
+                            response_id = chunk.get("id", "")
                         if chunk.get("usage"):
                             usage = chunk["usage"]
                 assert first is not None and usage is not None
@@ -428,16 +469,24 @@ async def run_http_policy(
                 result.cached_tokens += details.get("cached_tokens", 0)
                 if details.get("cached_tokens", 0):
                     result.hit_ttft_ms.append((first - t0) * 1000.0)
+                result.records.append({
+                    "start_s": t0 - started, "ttft_ms": (first - t0) * 1000.0,
+                    "prompt": usage["prompt_tokens"], "cached": details.get("cached_tokens", 0),
+                    "known": known * size, "conversation": chat.conversation or -1,
+                    "id": response_id,
+                })  # fmt: skip
                 result.oracle_tokens += min(known * config.engine.block_size,
                                             usage["prompt_tokens"] - 1)  # fmt: skip
 
             async def lane() -> None:
                 for chain in chains:
                     for chat in chain:
+                        if chat.think_s:
+                            await asyncio.sleep(chat.think_s)
                         await one(chat)
 
             cpu0 = _cpu_seconds(deployment)
-            t0 = time.perf_counter()
+            t0 = started = time.perf_counter()
             await asyncio.gather(*(lane() for _ in range(args.concurrency)))
             result.duration_s = time.perf_counter() - t0
             cpu1 = _cpu_seconds(deployment)
@@ -499,10 +548,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add("--http-system-words", type=int, default=3300, help="~3,400 tokens")
     add("--http-requests", type=int, default=240)
     add("--http-turns", type=int, default=6)
+    add(
+        "--http-think-ms",
+        type=float,
+        default=1000.0,
+        help="multi_turn: mean user think time before each turn, in model time (wall time "
+        "x --http-speedup)",
+    )
     add("--http-prefill-ms-per-token", type=float, default=0.5)
     add("--http-num-blocks", type=int, default=1400, help="KV blocks per worker")
+    add("--http-small-cache-blocks", type=int, default=700, help="small_cache: per worker")
     add("--http-speedup", type=float, default=1.0)
-    add("--workloads", default="system_prompts,multi_turn,no_prefix")
+    add("--workloads", default="system_prompts,multi_turn,small_cache,no_prefix")
     add("--repeat", type=int, default=1, help="HTTP: rounds, rotating the policy order")
     add(
         "--policies",
@@ -510,6 +567,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="HTTP: ';'-separated; `kv:key=value,...` adds kv_router settings (e.g. "
         "'round_robin;kv;kv:tie_band=0')",
     )
+    add("--dump", help="HTTP: write each run's per-request records (JSON) into this folder")
     add("--http", action=argparse.BooleanOptionalAction, default=True)
     add("--inproc", action=argparse.BooleanOptionalAction, default=False)
     add("--conversations", type=int, default=96)
@@ -551,7 +609,7 @@ def _table(results: dict[str, HttpResult]) -> str:
     return "\n".join(lines)
 
 
-async def http_main(args: argparse.Namespace) -> tuple[float, float, float]:
+async def http_main(args: argparse.Namespace) -> dict[str, float]:
     from contract.config import default_model_dir
     from frontend.tokenization import TextTokenizer
 
@@ -568,7 +626,10 @@ async def http_main(args: argparse.Namespace) -> tuple[float, float, float]:
             shift = round_ % len(policies)
             for policy in policies[shift:] + policies[:shift]:
                 t0 = time.perf_counter()
-                one = await run_http_policy(policy, workloads[workload], args, tokenizer)
+                blocks = args.http_small_cache_blocks if workload == "small_cache" else None
+                one = await run_http_policy(
+                    policy, workloads[workload], args, tokenizer, num_blocks=blocks
+                )
                 logger.info("%s/%s round %d: ttft p50 %.0f ms, hit rate %.3f (%.1f s)",
                             workload, policy, round_, one.p(0.5), one.hit_rate,
                             time.perf_counter() - t0)  # fmt: skip
@@ -582,6 +643,10 @@ async def http_main(args: argparse.Namespace) -> tuple[float, float, float]:
                 merged.frontend_cpu_s += one.frontend_cpu_s
                 merged.workers_cpu_s += one.workers_cpu_s
                 merged.round_p50_ms.append(one.p(0.5))
+                if args.dump:
+                    path = Path(args.dump) / f"{workload}-{policy}-{round_}.json"
+                    path.parent.mkdir(parents=True, exist_ok=True)
+                    path.write_text(json.dumps(one.records))
     logger.info(
         "through HTTP: %d mocker workers (%d KV blocks each, prefill %.2f ms/token), %d "
         "streaming chat requests per workload and round (%d), %d at a time, %d output "
@@ -608,9 +673,15 @@ async def http_main(args: argparse.Namespace) -> tuple[float, float, float]:
     vs_oracle = [
         r.hit_rate / max(r.oracle_hit_rate, 1e-9)
         for name, r in results.items()
-        if name.endswith("/kv") and not name.startswith("no_prefix")
+        if name.endswith("/kv") and name.split("/")[0] in ("system_prompts", "multi_turn")
     ]
-    return ratio("system_prompts"), min(vs_oracle, default=float("nan")), ratio("no_prefix")
+    return {
+        "kv_vs_rr_ttft_p50": ratio("system_prompts"),
+        "multi_turn_ratio": ratio("multi_turn"),
+        "small_cache_ratio": ratio("small_cache"),
+        "hit_rate_vs_oracle": min(vs_oracle, default=float("nan")),
+        "no_prefix_ratio": ratio("no_prefix"),
+    }
 
 
 async def inproc_main(args: argparse.Namespace) -> None:
@@ -648,10 +719,9 @@ async def main_async(args: argparse.Namespace) -> None:
     if args.inproc:
         await inproc_main(args)
     if args.http:
-        speedup, vs_oracle, no_prefix = await http_main(args)
+        summary = await http_main(args)
         sys.stdout.write(
-            f"router kv_vs_rr_ttft_p50={speedup:.2f} hit_rate_vs_oracle={vs_oracle:.3f} "
-            f"no_prefix_ratio={no_prefix:.2f}\n"
+            "router " + " ".join(f"{key}={value:.3f}" for key, value in summary.items()) + "\n"
         )
 
 

@@ -184,7 +184,8 @@ def group_ranks(config: DeploymentConfig, group: WorkerGroupConfig) -> int:
 class KvRouterConfig(_Section):
     """KV-aware routing (Dynamo's cost model; lowest wins, see `frontend.kv_router`):
 
-    prefill = own pending prefill blocks
+    prefill = own pending prefill blocks (less what the worker computed of them since,
+              at its measured rate: prefill_progress)
               + uncached_weight x max(prompt blocks - overlap_credit x cached blocks, 0)
     cost    = prefill_load_scale x prefill + decode blocks (deduplicated) + new blocks
 
@@ -217,9 +218,14 @@ class KvRouterConfig(_Section):
         ge=0,
         description="costs within tie_band x the request's own prompt blocks of the cheapest, "
         "at no more prefill work than it and at most one more running request, "
-        "count as tied, and ties go to the worker routed to least recently: a difference "
-        "of a few such requests' decode footprint says nothing about when its prefill "
-        "starts, how long ago each worker got work does (frontend.kv_router docstring)",
+        "count as tied, and ties go to the least prefill ahead, then the worker routed to "
+        "least recently: a difference of a few such requests' decode footprint says nothing "
+        "about when its prefill starts (frontend.kv_router docstring)",
+    )
+    prefill_progress: bool = Field(
+        default=True,
+        description="count a worker's pending prefill as computed at its measured rate "
+        "since it started on it (false: each prompt whole until its first output)",
     )
     block_size: int | None = Field(
         default=None,

@@ -13,7 +13,10 @@ with one addition (`uncached_weight`):
   (`RoutedPrefixIndex`, approximate); prompts of our in-flight requests there count too
   (their KV events are still on the way, or the engine is computing them right now);
 - `pending_prefill`: uncached prompt blocks of requests we routed there that have not sent
-  their first output yet (this frontend sees exactly when each prefill ends);
+  their first output yet (this frontend sees exactly when each prefill ends), less what the
+  worker has computed of them since it started on them (`prefill_progress`): its rate is
+  learned from its first outputs (`PrefillRate`), and it starts on its next prompt when it
+  gets one idle or sends a first output (engines take prompts first come, first served);
 - `active_blocks`: the worker's KV footprint, deduplicated: shared prefix blocks count once,
   as in the engine. The larger of its last `LoadMetrics.active_blocks` (which sees other
   frontends' requests but lags; reduced by the blocks of our requests that finished since)
@@ -33,26 +36,30 @@ wrong way half the time).
 Ties, and `tie_band` (4): temperature 0 picks the cheapest worker, but every worker whose cost
 is within `tie_band` x the request's own prompt blocks of the cheapest, whose prefill term is
 no larger than the cheapest's, and which runs at most one request more than the cheapest counts
-as tied, and ties go to the worker routed to least recently. Why (measured, issue 14): with
-prompts sharing nothing, the costs differ only by pending prefill and decode footprint. Pending
-prefill counts a prompt whole until its first output, so "one prefill pending" looks the same
-on a worker that just got it and on one nearly done; the decode term then decided, and in a
-closed loop it always picked the worker whose other request had just finished, i.e. the one
-whose remaining request had just started its prefill. New requests queued behind fresh prefills
-and the kv router lost to round robin (TTFT p50 x0.74; least_loaded, which also prefers the
-emptier worker, x0.90). A decode footprint difference of a few requests like this one says
-nothing about when its prefill starts; how long ago each worker last got work does (its queue
-has had that long to drain), and taking turns spreads arrivals evenly as round robin does. The
-two other conditions keep what the cost knows: a cached prefix lowers the prefill term, so it
-is never traded for taking turns; and a prefill holds up every request running where it lands,
-which the deduplicated footprint hides on a worker serving many hits of one system prompt
-(without the request-count condition misses landed on such hot workers and their hits' TTFT
-doubled). Why 4: through HTTP on prompts sharing nothing, 1.5 still lost about half the rounds
-(x0.85-1.0 of round robin), 4 and 100 won (x1.13-1.15 over two rounds); 4 keeps the decode
-footprint deciding when it differs by more than four of the request's prompts (short prompts,
-long outputs). `tie_band` 0 is the old rule (footprint decides; exact ties go to the least
-recently routed). Temperature > 0 samples with softmax(-(cost - min cost) / temperature)
-instead.
+as tied, and the tied worker with the least prefill ahead takes the request (time to first
+token is made of it), among equals the one routed to least recently. Why (measured, issue 14):
+with prompts sharing nothing, the costs differ only by pending prefill and decode footprint.
+Pending prefill counted a prompt whole until its first output (before `prefill_progress`), so
+"one prefill pending" looked the same on a worker that just got it and on one nearly done; the
+decode term then decided, and in a closed loop it always picked the worker whose other request
+had just finished, i.e. the one whose remaining request had just started its prefill. New
+requests queued behind fresh prefills and the kv router lost to round robin (TTFT p50 x0.74;
+least_loaded, which also prefers the emptier worker, x0.90). A decode footprint difference of a
+few requests like this one says nothing about when its prefill starts; how long ago each worker
+last got work does (its queue has had that long to drain), and taking turns spreads arrivals
+evenly as round robin does. The two other conditions keep what the cost knows: a cached prefix
+lowers the prefill term, so it is never traded for taking turns; and a prefill holds up every
+request running where it lands, which the deduplicated footprint hides on a worker serving many
+hits of one system prompt (without the request-count condition misses landed on such hot
+workers and their hits' TTFT doubled). Why 4: through HTTP on prompts sharing nothing, 1.5
+still lost about half the rounds (x0.85-1.0 of round robin), 4 and 100 won (x1.13-1.15 over two
+rounds); 4 keeps the decode footprint deciding when it differs by more than four of the
+request's prompts (short prompts, long outputs). `tie_band` 0 is the old rule (footprint
+decides; exact ties go to the least prefill, then the least recently routed). Why the least
+prefill first (second round): with `prefill_progress` a worker nearly through its prefill can
+be the cheapest by its smaller footprint while a tied worker whose requests are all decoding
+has none ahead; least-recently-routed sent the new prompt to wait behind the first. A
+temperature above 0 samples with softmax(-(cost - min cost) / temperature) instead.
 
 Prompts are hashed at each candidate's block size (its card), so no setting has to match the
 engine's. A worker that finished requests but published no KV event within
@@ -68,7 +75,7 @@ import logging
 import math
 import random
 import time
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -100,7 +107,34 @@ class _InFlight:
     hashes: list[int]  # the prompt's full-block hashes (at the worker's block size)
     blocks: int  # all the prompt's blocks, the partial last one included
     prefill: int  # blocks still to compute when routed; 0 once the first output came
-    since: float
+    since: float  # when it was routed
+
+
+class PrefillRate:
+    """How fast one worker computes prompt blocks, learned from its first outputs: each
+    sample is a request's prefill blocks over the time from when the worker could start
+    on them (routed, or the previous prefill there ended) to its first output. Blocks and
+    seconds are decayed sums (not a mean of ratios), so long prefills, whose timing the
+    fixed latencies barely touch, weigh most."""
+
+    __slots__ = ("blocks", "seconds")
+
+    DECAY = 0.9  # each sample keeps this much of the ones before it
+
+    def __init__(self) -> None:
+        self.blocks = 0.0
+        self.seconds = 0.0
+
+    def add(self, blocks: int, seconds: float) -> None:
+        if blocks <= 0 or seconds <= 0:
+            return
+        self.blocks = self.blocks * self.DECAY + blocks
+        self.seconds = self.seconds * self.DECAY + seconds
+
+    @property
+    def per_second(self) -> float:
+        """Blocks per second; 0 until the first sample (no progress is assumed then)."""
+        return self.blocks / self.seconds if self.seconds > 0 else 0.0
 
 
 class KvRouter:
@@ -131,6 +165,12 @@ class KvRouter:
         self._footprint: dict[str, Counter[int]] = {}  # worker -> our prompts' block hashes
         self._partial: dict[str, int] = {}  # worker -> our prompts' partial last blocks
         self._pending: dict[str, int] = {}  # worker -> prefill blocks not computed yet
+        # worker -> when it started on its pending prefills (the first routed onto an idle
+        # worker, or the last first output there), and how fast it computes them
+        self._prefill_start: dict[str, float] = {}
+        # worker -> our requests routed there, oldest first (those prefilled are skipped)
+        self._prefill_queue: dict[str, deque[_InFlight]] = {}
+        self._prefill_rate: dict[str, PrefillRate] = {}
         # worker -> (the report current when our requests finished, blocks they released)
         self._released: dict[str, tuple[object, int]] = {}
         self._silent_since: dict[str, float] = {}  # first finish seen without any KV event
@@ -149,7 +189,11 @@ class KvRouter:
         for worker_id in self.routed.workers:
             if worker_id not in workers:
                 self.routed.drop_worker(worker_id)
-        for table in (self._released, self._silent_since):
+        tables = (
+            self._released, self._silent_since, self._prefill_start, self._prefill_rate,
+            self._prefill_queue,
+        )  # fmt: skip
+        for table in tables:
             for worker_id in list(table):
                 if worker_id not in workers:
                     del table[worker_id]
@@ -170,12 +214,27 @@ class KvRouter:
 
     # ----- in-flight accounting ------------------------------------------------------------
     def request_prefilled(self, request_id: str) -> None:
-        """Its prompt is computed: no more pending prefill on its worker."""
+        """Its prompt is computed: no more pending prefill on its worker, which starts on
+        the next one now (the engine schedules prompts first come, first served); how long
+        this one took since the worker could start on it is a sample of the worker's rate."""
         entry = self._in_flight.get(request_id)
         if entry is None or not entry.prefill:
             return
-        self._add(self._pending, entry.worker_id, -entry.prefill)
+        worker_id = entry.worker_id
+        now = self._clock()
+        began = max(entry.since, self._prefill_start.get(worker_id, entry.since))
+        rate = self._prefill_rate.setdefault(worker_id, PrefillRate())
+        rate.add(entry.prefill, now - began)
+        if logger.isEnabledFor(logging.DEBUG):
+            logger.debug(
+                "kv prefilled %s on %s: %d blocks in %.3f s (%.3f s since routed); "
+                "rate %.0f blocks/s",
+                request_id, worker_id, entry.prefill, now - began, now - entry.since,
+                rate.per_second,
+            )  # fmt: skip
+        self._add(self._pending, worker_id, -entry.prefill)
         entry.prefill = 0
+        self._prefill_start[worker_id] = now
 
     def request_finished(self, request_id: str) -> None:
         entry = self._in_flight.get(request_id)
@@ -197,8 +256,11 @@ class KvRouter:
         self._released[worker_id] = (report, released)
         _subtract(self._footprint, worker_id, entry.hashes)
         self._add(self._partial, worker_id, -(entry.blocks - len(entry.hashes)))
-        if entry.prefill:
+        if entry.prefill:  # ended before its first output
             self._add(self._pending, worker_id, -entry.prefill)
+            if entry is self._prefill_head(worker_id):  # the worker moves on now
+                self._prefill_start[worker_id] = self._clock()
+            entry.prefill = 0
 
     @staticmethod
     def _add(table: dict[str, int], worker_id: str, amount: int) -> None:
@@ -222,8 +284,31 @@ class KvRouter:
         """The distinct KV blocks our in-flight requests' prompts hold on `worker_id`."""
         return len(self._footprint.get(worker_id, ())) + self._partial.get(worker_id, 0)
 
-    def pending_prefill(self, worker_id: str) -> int:
-        return self._pending.get(worker_id, 0)
+    def pending_prefill(self, worker_id: str) -> float:
+        """Prefill blocks our requests still wait for on `worker_id`: those routed there
+        without a first output yet, less what the worker has computed of them since it
+        started on them at its measured rate. Counting each prompt whole until its first
+        output made a worker that had nearly finished a prefill look as busy as one that
+        had just got it (issue 14: no-prefix load lost to round robin). The progress runs
+        through the oldest prompt only, to its last block: an overdue prefill is not done
+        until its first output says so, and the prompts after it have not started."""
+        pending = self._pending.get(worker_id, 0)
+        if not pending:
+            self._prefill_queue.pop(worker_id, None)
+            return 0
+        rate = self._prefill_rate.get(worker_id)
+        if rate is None or not self.config.prefill_progress:
+            return pending
+        head = self._prefill_head(worker_id)
+        done = rate.per_second * max(self._clock() - self._prefill_start[worker_id], 0.0)
+        return pending - min(done, head.prefill - 1.0) if head is not None else pending
+
+    def _prefill_head(self, worker_id: str) -> _InFlight | None:
+        """The oldest of our requests still prefilling on `worker_id` (the one it works on)."""
+        queue = self._prefill_queue.get(worker_id)
+        while queue and not queue[0].prefill:  # prefilled or gone: the next one's turn
+            queue.popleft()
+        return queue[0] if queue else None
 
     def _reported_active(self, worker_id: str) -> int:
         report = self.tracker.metrics.get(worker_id)
@@ -321,18 +406,24 @@ class KvRouter:
             worker_id = card.worker_id
             blocks = -(-len(token_ids) // card.block_size)
             prefill = max(blocks - pick.overlap_blocks, 1)
-            self._in_flight[request_id] = _InFlight(worker_id, hashes, blocks, prefill, now)
+            if not self._pending.get(worker_id):
+                self._prefill_start[worker_id] = now
+                self._prefill_queue.pop(worker_id, None)
+            entry = _InFlight(worker_id, hashes, blocks, prefill, now)
+            self._in_flight[request_id] = entry
+            self._prefill_queue.setdefault(worker_id, deque()).append(entry)
             self._footprint.setdefault(worker_id, Counter()).update(hashes)
             self._add(self._partial, worker_id, blocks - len(hashes))
             self._add(self._pending, worker_id, prefill)
         if logger.isEnabledFor(logging.DEBUG):  # what each candidate looked like, for tuning
             logger.debug(
-                "kv route %s → %s (overlap %d blocks, cost %.1f); candidates: %s",
-                request_id, card.worker_id, pick.overlap_blocks, pick.cost,
+                "kv route %s (client %s) → %s (overlap %d blocks, cost %.1f); candidates: %s",
+                request_id, getattr(request, "client_id", None), card.worker_id,
+                pick.overlap_blocks, pick.cost,
                 " ".join(
                     f"{s.worker_id}[n={self.tracker.requests_on(s.worker_id)} "
                     f"hit={s.overlap_blocks} prefill={s.prefill_blocks:.0f} "
-                    f"pending={self.pending_prefill(s.worker_id)} "
+                    f"pending={self.pending_prefill(s.worker_id):.0f} "
                     f"reported={self._reported_active(s.worker_id)} "
                     f"routed={self.own_blocks(s.worker_id)} decode={s.active_blocks} "
                     f"cost={s.cost:.0f} idle={now - self._last_routed.get(s.worker_id, now):.2f}s]"
@@ -358,9 +449,13 @@ class KvRouter:
             ]  # fmt: skip
             if len(tied) == 1:
                 return tied[0]
-            # least recently routed: its earlier requests have had the longest to prefill
+            # the least prefill ahead (time to first token is made of it), then the least
+            # recently routed: its earlier requests have had the longest to prefill
             last = self._last_routed
-            return min(tied, key=lambda s: (last.get(s.worker_id, -math.inf), s.worker_id))
+            return min(
+                tied,
+                key=lambda s: (s.prefill_blocks, last.get(s.worker_id, -math.inf), s.worker_id),
+            )
         weights = [math.exp(-(score.cost - lowest) / temperature) for score in scores]
         return self._random.choices(scores, weights=weights, k=1)[0]
 

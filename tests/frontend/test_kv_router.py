@@ -250,6 +250,104 @@ def test_the_band_never_trades_a_cache_hit_for_taking_turns() -> None:
     assert router.choose([card("a"), card("b")], req("hit")).worker_id == "a"
 
 
+# ----- pending prefill: progress at the measured rate ---------------------------------------
+def _fresh(i: int, blocks: int = 8) -> list[int]:
+    return [*range(60000 + 2000 * i, 60000 + 2000 * i + 16 * blocks)]
+
+
+def test_a_worker_learns_its_prefill_rate_from_first_outputs() -> None:
+    """Two 8-block prompts queued on a at t=0: the first output of the first at t=1 is a
+    sample of 8 blocks/s; the second started then, so at t=1.5 half of it is left."""
+    clock = Clock()
+    router, _, _ = make(clock=clock)
+    router.choose([card("a")], req("r1", _fresh(1)))
+    router.choose([card("a")], req("r2", _fresh(2)))
+    assert router.pending_prefill("a") == 16  # no sample yet: every prompt counts whole
+    clock.now = 1.0
+    router.request_prefilled("r1")
+    assert router.pending_prefill("a") == 8  # r2 starts now
+    clock.now = 1.5
+    assert router.pending_prefill("a") == pytest.approx(4.0)
+    router.choose([card("a")], req("r3", _fresh(3)))
+    assert router.pending_prefill("a") == pytest.approx(4.0 + 8)
+    clock.now = 5.0  # r2 overdue: not done until its first output says so, r3 not begun
+    assert router.pending_prefill("a") == 1.0 + 8
+    router.request_finished("r3")
+    router.request_prefilled("r2")
+    assert router.pending_prefill("a") == 0
+    # the second sample counts from r1's first output (when a could start on r2): 8 in 4 s
+    assert router._prefill_rate["a"].per_second == pytest.approx((8 * 0.9 + 8) / (0.9 + 4))
+
+
+def test_a_prefill_nearly_done_is_less_work_than_one_just_begun() -> None:
+    """The no-prefix trap: a holds a 16-block prefill it started 0.9 s ago at 16 blocks/s
+    (1.6 left), b an 8-block one it got 0.1 s ago (6.4 left). Counted whole until the first
+    output (the old rule, and prefill_progress false), a looked twice as busy."""
+    for progress, expected in ((True, "a"), (False, "b")):
+        clock = Clock()
+        router, _, _ = make(clock=clock, prefill_progress=progress)
+        for i, (worker_id, blocks) in enumerate((("a", 16), ("b", 8))):  # 16 blocks/s each
+            clock.now += 1.0
+            router.choose([card(worker_id)], req(f"{worker_id}0", _fresh(i, blocks)))
+            clock.now += blocks / 16
+            router.request_prefilled(f"{worker_id}0")
+            router.request_finished(f"{worker_id}0")
+        clock.now = 10.0
+        router.choose([card("a")], req("a1", _fresh(10, 16)))
+        clock.now = 10.8
+        router.choose([card("b")], req("b1", _fresh(11, 8)))
+        clock.now = 10.9
+        picked = router.choose([card("a"), card("b")], req("new", OTHER)).worker_id
+        assert picked == expected, progress
+        pending = {s.worker_id: s.prefill_blocks - 2 * 8 for s in router.last_scores}
+        if progress:
+            assert pending == pytest.approx({"a": 1.6, "b": 6.4})
+        else:
+            assert pending == {"a": 16, "b": 8}
+
+
+def test_ties_go_to_the_least_prefill_before_the_least_recently_routed() -> None:
+    """b is cheapest (one prompt, 1 block of its prefill left) and routed to longest ago; a
+    runs two decoding requests (more footprint) with no prefill ahead. They tie (within the
+    band, a runs one request more): the new prompt goes to a, where it starts at once."""
+    clock = Clock()
+    router, _, tracker = make(clock=clock)
+    router.choose([card("b")], req("b0", _fresh(0)))
+    clock.now = 1.0
+    router.request_prefilled("b0")  # b: 8 blocks/s
+    router.request_finished("b0")
+    router.choose([card("b")], req("b1", _fresh(1)))
+    tracker.started("b")
+    for i, t in ((2, 1.05), (3, 1.15)):  # a: two requests, both past their prefill
+        clock.now = t
+        router.choose([card("a")], req(f"a{i}", _fresh(i)))
+        tracker.started("a")
+        clock.now = t + 0.05
+        router.request_prefilled(f"a{i}")
+    clock.now = 1.875
+    assert router.choose([card("a"), card("b")], req("new", OTHER)).worker_id == "a"
+    scores = {s.worker_id: s for s in router.last_scores}
+    assert scores["b"].prefill_blocks == pytest.approx(1 + 16)  # 7 of b1's 8 blocks done
+    assert scores["a"].prefill_blocks == 16
+    assert scores["b"].cost < scores["a"].cost <= scores["b"].cost + 4 * 8
+
+
+def test_a_request_ending_before_its_first_output_lets_the_next_start() -> None:
+    clock = Clock()
+    router, _, tracker = make(clock=clock)
+    router.choose([card("a")], req("r0", _fresh(0)))
+    clock.now = 1.0
+    router.request_prefilled("r0")  # 8 blocks/s
+    router.choose([card("a")], req("r1", _fresh(1)))
+    router.choose([card("a")], req("r2", _fresh(2)))
+    clock.now = 1.5
+    tracker.started("a")
+    tracker.finished("a", "r1")  # aborted mid-prefill: a moves on to r2 now
+    assert router.pending_prefill("a") == 8
+    clock.now = 2.0
+    assert router.pending_prefill("a") == pytest.approx(4.0)
+
+
 def test_temperature_samples_softmax_of_negative_cost() -> None:
     router, index, _ = make(router_temperature=8.0)
     index.store("a", HASHES[:2])  # cost a = 4 x 12 + 8 = 56, b = 72: p(a) = 1/(1 + e^-2)
@@ -298,6 +396,7 @@ def test_config_fields_overrides_and_the_deprecated_weight() -> None:
     assert KvRouterConfig(overlap_score_weight=8).load_scale == 8
     assert KvRouterConfig().load_scale == 4
     assert KvRouterConfig().tie_band == 4
+    assert KvRouterConfig().prefill_progress is True
     with pytest.raises(ConfigError, match=r"frontend\.kv_router\.tie_band"):
         load_config(overrides=["frontend.kv_router.tie_band=-1"], environ={})
 
