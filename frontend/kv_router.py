@@ -294,7 +294,6 @@ class KvRouter:
         until its first output says so, and the prompts after it have not started."""
         pending = self._pending.get(worker_id, 0)
         if not pending:
-            self._prefill_queue.pop(worker_id, None)
             return 0
         rate = self._prefill_rate.get(worker_id)
         if rate is None or not self.config.prefill_progress:
