@@ -472,7 +472,8 @@ async def run_http_policy(
                 result.records.append({
                     "start_s": t0 - started, "ttft_ms": (first - t0) * 1000.0,
                     "prompt": usage["prompt_tokens"], "cached": details.get("cached_tokens", 0),
-                    "known": known * size, "conversation": chat.conversation or -1,
+                    "known": known * size,
+                    "conversation": -1 if chat.conversation is None else chat.conversation,
                     "id": response_id,
                 })  # fmt: skip
                 result.oracle_tokens += min(known * config.engine.block_size,
