@@ -33,9 +33,19 @@ frontend CPU per streamed request / Dynamo's; y: hpcserve streamed req/s / Dynam
 1, 2, 4, 8 (give it a machine with the cores: ~16; on 2 cores it only shows contention):
 
     python benchmarks/bench_frontend.py --workers-sweep [--sweep 1 2 4 8] [--requests 6000] \
-        [--client-processes 4]
+        [--client-processes 4] [--concurrency 64] [--concurrency-per-process]
 
+(`--concurrency-per-process`: N processes get N x --concurrency in flight, so each process
+runs at the same load; a process's CPU per request grows as its load falls, see README.)
 Last line there: `frontend_workers_sweep w1_req_s=... w2_req_s=... scaling_w<max>=<x>`.
+
+`--ab-tree OLD_CHECKOUT` instead measures the c=1 added latency of this tree's frontend and
+of OLD_CHECKOUT's, both serving one deployment at once, in alternated blocks (the worker
+called directly and the bare uvicorn app in the same rotation):
+
+    python benchmarks/bench_frontend.py --ab-tree /path/to/old [--ab-rounds 6] [--ab-block 200]
+
+Last line there: `frontend_c1_ab old_added_ms=... new_added_ms=... ratio=...`.
 """
 
 from __future__ import annotations
@@ -295,6 +305,12 @@ async def measure(
 
 async def direct_worker_p50(nats_url: str, subject: str, count: int) -> float:
     """p50 of a 16-token request sent straight to one mocker worker over NATS (no frontend)."""
+    latencies = await direct_worker_latencies(nats_url, subject, count)
+    return sorted(latencies)[len(latencies) // 2]
+
+
+async def direct_worker_latencies(nats_url: str, subject: str, count: int) -> list[float]:
+    """`count` 16-token requests sent straight to one mocker worker over NATS, one at a time."""
     import nats
 
     nc = await nats.connect(nats_url)
@@ -319,7 +335,7 @@ async def direct_worker_p50(nats_url: str, subject: str, count: int) -> float:
         await done.get()
         latencies.append(time.perf_counter() - t0)
     await nc.close()
-    return sorted(latencies)[len(latencies) // 2]
+    return latencies
 
 
 _BARE_APP = """
@@ -342,19 +358,25 @@ uvicorn.run(app, host="127.0.0.1", port=int(sys.argv[1]), loop="uvloop", http="h
 async def http_floor_p50(count: int) -> float:
     """p50 of the same c=1 chat POST against a bare uvicorn app (uvloop, httptools, a fixed
     small JSON answer): what any Python HTTP front door costs this client and machine."""
+    async with bare_uvicorn() as url:
+        scenario = Scenario("bare", False, 16, 1, 1.0)
+        await drive(url, "bare", scenario, 50)
+        latencies = (await drive(url, "bare", scenario, count)).latencies
+        return sorted(latencies)[len(latencies) // 2]
+
+
+@contextlib.asynccontextmanager
+async def bare_uvicorn():
+    """The bare uvicorn app of `http_floor_p50` on a free port; yields its URL."""
     port = free_port("127.0.0.1")
     server = subprocess.Popen([sys.executable, "-c", _BARE_APP, str(port)])
     try:
-        url = f"http://127.0.0.1:{port}/v1/chat/completions"
         deadline = time.monotonic() + 30
         while not await asyncio.to_thread(port_open, "127.0.0.1", port):
             if time.monotonic() > deadline or server.poll() is not None:
                 raise RuntimeError("the bare uvicorn app did not come up")
             await asyncio.sleep(0.05)
-        scenario = Scenario("bare", False, 16, 1, 1.0)
-        await drive(url, "bare", scenario, 50)
-        latencies = (await drive(url, "bare", scenario, count)).latencies
-        return sorted(latencies)[len(latencies) // 2]
+        yield f"http://127.0.0.1:{port}/v1/chat/completions"
     finally:
         server.terminate()
         server.wait(10)
@@ -474,6 +496,92 @@ async def run_dynamo(venv: Path, requests: int, speedup: float, router: str) -> 
         return await measure(url, model, [frontend_pid], [mocker_pid], requests)
 
 
+# ---- c=1 A/B: this tree's frontend beside another tree's -----------------------------------
+
+
+@contextlib.contextmanager
+def frontend_from(tree: Path, config_file: Path, log: Path):
+    """A second frontend process, run from `tree` (another checkout: the code before a
+    change), serving the same deployment (its config file) on a free port; yields its URL."""
+    port = free_port("127.0.0.1")
+    env = dict(os.environ, PYTHONPATH=str(tree))
+    argv = [sys.executable, "-m", "frontend", "--config", str(config_file),
+            "--set", f"frontend.port={port}", "--log-level", "warning"]  # fmt: skip
+    with log.open("w") as out:
+        proc = subprocess.Popen(argv, cwd=tree, env=env, stdout=out, stderr=subprocess.STDOUT)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 120
+        while not http_ok(url + "/health"):
+            if time.monotonic() > deadline or proc.poll() is not None:
+                raise RuntimeError(f"the frontend from {tree} did not come up; log {log}")
+            time.sleep(0.1)
+        yield url + "/v1/chat/completions"
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+async def c1_ab(args: argparse.Namespace) -> None:
+    """c=1 added latency of this tree's frontend and of `--ab-tree`'s, both serving one
+    deployment at once, in alternated blocks (so both see the same machine load), with the
+    worker called directly and the bare uvicorn app in the same rotation."""
+    config = hpcserve_config(1, args.speedup, args.router)
+    deployment = await asyncio.to_thread(start_deployment, config, lambda _m: None)
+    block, rounds = args.ab_block, args.ab_rounds
+    try:
+        model = deployment.config.model.served_name or Path(str(deployment.config.model.path)).name
+        assert deployment.config.services.nats.endpoint
+        nats_url = deployment.config.services.nats.endpoint
+        subject = bus.worker_subject(deployment.config.name, "agg-g0-i0")
+        log = deployment.run_dir / "logs" / "frontend-ab.log"
+        with frontend_from(Path(args.ab_tree).resolve(), deployment.config_file, log) as other:
+            async with bare_uvicorn() as bare:
+                urls = {"new": deployment.url + "/chat/completions", "old": other, "bare": bare}
+                scenario = Scenario("c1", False, 16, 1, 1.0)
+                for url in urls.values():
+                    await drive(url, model, SCENARIOS[1] if url != bare else scenario, 64)
+                    await drive(url, model, scenario, 50)
+                await direct_worker_latencies(nats_url, subject, 50)
+                latencies: dict[str, list[list[float]]] = {k: [] for k in (*urls, "direct")}
+                for index in range(rounds):
+                    order = ["old", "new"] if index % 2 == 0 else ["new", "old"]
+                    for name in [*order, "bare"]:
+                        load = await drive(urls[name], model, scenario, block)
+                        latencies[name].append(load.latencies)
+                    latencies["direct"].append(
+                        await direct_worker_latencies(nats_url, subject, block)
+                    )
+    finally:
+        await asyncio.to_thread(stop_deployment, deployment, lambda _m: None)
+
+    def p50(values: list[float]) -> float:
+        return 1000 * sorted(values)[len(values) // 2]
+
+    print(f"c=1 A/B, {rounds} rounds of {block} requests each (p50 ms; added = p50 - direct)")
+    print(f"  {'round':<6} {'old':>7} {'new':>7} {'direct':>7} {'bare':>7} "
+          f"{'old added':>10} {'new added':>10} {'new/old':>8}")  # fmt: skip
+    for index in range(rounds):
+        old, new, direct, bare_ms = (
+            p50(latencies[k][index]) for k in ("old", "new", "direct", "bare")
+        )
+        ratio = (new - direct) / (old - direct)
+        print(f"  {index:<6} {old:7.3f} {new:7.3f} {direct:7.3f} {bare_ms:7.3f} "
+              f"{old - direct:10.3f} {new - direct:10.3f} {ratio:8.2f}")  # fmt: skip
+    every = {k: p50([t for part in v for t in part]) for k, v in latencies.items()}
+    old_added, new_added = every["old"] - every["direct"], every["new"] - every["direct"]
+    print(f"  {'all':<6} {every['old']:7.3f} {every['new']:7.3f} {every['direct']:7.3f} "
+          f"{every['bare']:7.3f} {old_added:10.3f} {new_added:10.3f} "
+          f"{new_added / old_added:8.2f}")  # fmt: skip
+    print(
+        f"frontend_c1_ab old_added_ms={old_added:.3f} new_added_ms={new_added:.3f} "
+        f"ratio={new_added / old_added:.2f} bare_ms={every['bare']:.3f} cores={os.cpu_count()}"
+    )
+
+
 # ---- report ------------------------------------------------------------------------------
 
 
@@ -539,9 +647,10 @@ def cores_table(results: list[Result]) -> None:
 async def sweep(args: argparse.Namespace) -> None:
     rates = {}
     for count in args.sweep:
+        concurrency = args.concurrency * (count if args.concurrency_per_process else 1)
         results, _ = await run_hpcserve(args.requests, count, args.speedup, False,
                                         args.client_processes, args.router,
-                                        args.concurrency)  # fmt: skip
+                                        concurrency)  # fmt: skip
         table(f"hpcserve frontend.workers={count} (router {args.router}, "
               f"{os.cpu_count()} cores here)", results)  # fmt: skip
         cores_table(results)
@@ -577,7 +686,20 @@ def main() -> None:
         "--concurrency", type=int, default=64,
         help="requests in flight in the c=64 scenarios of --workers-sweep",
     )  # fmt: skip
+    parser.add_argument(
+        "--concurrency-per-process", action="store_true",
+        help="--workers-sweep: --concurrency per frontend process (the same load on each)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--ab-tree", default=None,
+        help="c=1 A/B: another checkout whose frontend runs beside this one's (alternated)",
+    )  # fmt: skip
+    parser.add_argument("--ab-rounds", type=int, default=6, help="--ab-tree: rounds")
+    parser.add_argument("--ab-block", type=int, default=200, help="--ab-tree: requests a block")
     args = parser.parse_args()
+    if args.ab_tree:
+        asyncio.run(c1_ab(args))
+        return
     asyncio.run(sweep(args) if args.workers_sweep else compare(args))
 
 
