@@ -504,7 +504,9 @@ def frontend_from(tree: Path, config_file: Path, log: Path):
     """A second frontend process, run from `tree` (another checkout: the code before a
     change), serving the same deployment (its config file) on a free port; yields its URL."""
     port = free_port("127.0.0.1")
-    env = dict(os.environ, PYTHONPATH=str(tree))
+    env = dict(
+        os.environ, PYTHONPATH=os.pathsep.join([str(tree), os.environ.get("PYTHONPATH", "")])
+    )
     argv = [sys.executable, "-m", "frontend", "--config", str(config_file),
             "--set", f"frontend.port={port}", "--log-level", "warning"]  # fmt: skip
     with log.open("w") as out:
