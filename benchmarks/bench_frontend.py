@@ -39,13 +39,15 @@ frontend CPU per streamed request / Dynamo's; y: hpcserve streamed req/s / Dynam
 runs at the same load; a process's CPU per request grows as its load falls, see README.)
 Last line there: `frontend_workers_sweep w1_req_s=... w2_req_s=... scaling_w<max>=<x>`.
 
-`--ab-tree OLD_CHECKOUT` instead measures the c=1 added latency of this tree's frontend and
-of OLD_CHECKOUT's, both serving one deployment at once, in alternated blocks (the worker
-called directly and the bare uvicorn app in the same rotation):
+`--ab-tree CHECKOUT` instead measures the c=1 added latency of this tree's frontend (A) and
+of CHECKOUT's (B: the code before a change, or this tree with `--ab-set KEY=VALUE` config
+overrides), both serving one deployment at once, in alternated blocks (the worker called
+directly and the bare uvicorn app in the same rotation):
 
     python benchmarks/bench_frontend.py --ab-tree /path/to/old [--ab-rounds 6] [--ab-block 200]
+    python benchmarks/bench_frontend.py --ab-tree . --ab-set frontend.busy_poll_us=2000
 
-Last line there: `frontend_c1_ab old_added_ms=... new_added_ms=... ratio=...`.
+Last line there: `frontend_c1_ab a_added_ms=... b_added_ms=... b_over_a=...`.
 """
 
 from __future__ import annotations
@@ -393,8 +395,12 @@ def hpcserve_config(frontend_workers: int, speedup: float, router: str = "kv"):
             f"frontend.workers={frontend_workers}",
             f"engine.mocker.speedup={speedup}",
             f"frontend.router={router}",
+            *EXTRA_SETTINGS,
         ],
     )
+
+
+EXTRA_SETTINGS: list[str] = []  # --set: more config overrides of the hpcserve stack
 
 
 async def run_hpcserve(
@@ -500,15 +506,18 @@ async def run_dynamo(venv: Path, requests: int, speedup: float, router: str) -> 
 
 
 @contextlib.contextmanager
-def frontend_from(tree: Path, config_file: Path, log: Path):
+def frontend_from(tree: Path, config_file: Path, log: Path, overrides: list[str]):
     """A second frontend process, run from `tree` (another checkout: the code before a
-    change), serving the same deployment (its config file) on a free port; yields its URL."""
+    change; or this one with other settings, `overrides`), serving the same deployment (its
+    config file) on a free port; yields its URL."""
     port = free_port("127.0.0.1")
     env = dict(
         os.environ, PYTHONPATH=os.pathsep.join([str(tree), os.environ.get("PYTHONPATH", "")])
     )
     argv = [sys.executable, "-m", "frontend", "--config", str(config_file),
             "--set", f"frontend.port={port}", "--log-level", "warning"]  # fmt: skip
+    for override in overrides:
+        argv += ["--set", override]
     with log.open("w") as out:
         proc = subprocess.Popen(argv, cwd=tree, env=env, stdout=out, stderr=subprocess.STDOUT)
     try:
@@ -528,9 +537,10 @@ def frontend_from(tree: Path, config_file: Path, log: Path):
 
 
 async def c1_ab(args: argparse.Namespace) -> None:
-    """c=1 added latency of this tree's frontend and of `--ab-tree`'s, both serving one
-    deployment at once, in alternated blocks (so both see the same machine load), with the
-    worker called directly and the bare uvicorn app in the same rotation."""
+    """c=1 added latency of this tree's frontend (A) and of `--ab-tree`'s with `--ab-set`
+    overrides (B), both serving one deployment at once, in alternated blocks (so both see
+    the same machine load), with the worker called directly and the bare uvicorn app in
+    the same rotation."""
     config = hpcserve_config(1, args.speedup, args.router)
     deployment = await asyncio.to_thread(start_deployment, config, lambda _m: None)
     block, rounds = args.ab_block, args.ab_rounds
@@ -540,9 +550,10 @@ async def c1_ab(args: argparse.Namespace) -> None:
         nats_url = deployment.config.services.nats.endpoint
         subject = bus.worker_subject(deployment.config.name, "agg-g0-i0")
         log = deployment.run_dir / "logs" / "frontend-ab.log"
-        with frontend_from(Path(args.ab_tree).resolve(), deployment.config_file, log) as other:
+        tree = Path(args.ab_tree).resolve()
+        with frontend_from(tree, deployment.config_file, log, args.ab_set) as other:
             async with bare_uvicorn() as bare:
-                urls = {"new": deployment.url + "/chat/completions", "old": other, "bare": bare}
+                urls = {"A": deployment.url + "/chat/completions", "B": other, "bare": bare}
                 scenario = Scenario("c1", False, 16, 1, 1.0)
                 for url in urls.values():
                     await drive(url, model, SCENARIOS[1] if url != bare else scenario, 64)
@@ -550,7 +561,7 @@ async def c1_ab(args: argparse.Namespace) -> None:
                 await direct_worker_latencies(nats_url, subject, 50)
                 latencies: dict[str, list[list[float]]] = {k: [] for k in (*urls, "direct")}
                 for index in range(rounds):
-                    order = ["old", "new"] if index % 2 == 0 else ["new", "old"]
+                    order = ["B", "A"] if index % 2 == 0 else ["A", "B"]
                     for name in [*order, "bare"]:
                         load = await drive(urls[name], model, scenario, block)
                         latencies[name].append(load.latencies)
@@ -564,23 +575,22 @@ async def c1_ab(args: argparse.Namespace) -> None:
         return 1000 * sorted(values)[len(values) // 2]
 
     print(f"c=1 A/B, {rounds} rounds of {block} requests each (p50 ms; added = p50 - direct)")
-    print(f"  {'round':<6} {'old':>7} {'new':>7} {'direct':>7} {'bare':>7} "
-          f"{'old added':>10} {'new added':>10} {'new/old':>8}")  # fmt: skip
+    print(f"  A: this tree's frontend; B: {tree}'s, settings {' '.join(args.ab_set) or 'same'}")
+    print(f"  {'round':<6} {'A':>7} {'B':>7} {'direct':>7} {'bare':>7} "
+          f"{'A added':>10} {'B added':>10} {'B/A':>8}")  # fmt: skip
     for index in range(rounds):
-        old, new, direct, bare_ms = (
-            p50(latencies[k][index]) for k in ("old", "new", "direct", "bare")
-        )
-        ratio = (new - direct) / (old - direct)
-        print(f"  {index:<6} {old:7.3f} {new:7.3f} {direct:7.3f} {bare_ms:7.3f} "
-              f"{old - direct:10.3f} {new - direct:10.3f} {ratio:8.2f}")  # fmt: skip
+        a, b, direct, bare_ms = (p50(latencies[k][index]) for k in ("A", "B", "direct", "bare"))
+        ratio = (b - direct) / (a - direct)
+        print(f"  {index:<6} {a:7.3f} {b:7.3f} {direct:7.3f} {bare_ms:7.3f} "
+              f"{a - direct:10.3f} {b - direct:10.3f} {ratio:8.2f}")  # fmt: skip
     every = {k: p50([t for part in v for t in part]) for k, v in latencies.items()}
-    old_added, new_added = every["old"] - every["direct"], every["new"] - every["direct"]
-    print(f"  {'all':<6} {every['old']:7.3f} {every['new']:7.3f} {every['direct']:7.3f} "
-          f"{every['bare']:7.3f} {old_added:10.3f} {new_added:10.3f} "
-          f"{new_added / old_added:8.2f}")  # fmt: skip
+    a_added, b_added = every["A"] - every["direct"], every["B"] - every["direct"]
+    print(f"  {'all':<6} {every['A']:7.3f} {every['B']:7.3f} {every['direct']:7.3f} "
+          f"{every['bare']:7.3f} {a_added:10.3f} {b_added:10.3f} "
+          f"{b_added / a_added:8.2f}")  # fmt: skip
     print(
-        f"frontend_c1_ab old_added_ms={old_added:.3f} new_added_ms={new_added:.3f} "
-        f"ratio={new_added / old_added:.2f} bare_ms={every['bare']:.3f} cores={os.cpu_count()}"
+        f"frontend_c1_ab a_added_ms={a_added:.3f} b_added_ms={b_added:.3f} "
+        f"b_over_a={b_added / a_added:.2f} bare_ms={every['bare']:.3f} cores={os.cpu_count()}"
     )
 
 
@@ -696,9 +706,18 @@ def main() -> None:
         "--ab-tree", default=None,
         help="c=1 A/B: another checkout whose frontend runs beside this one's (alternated)",
     )  # fmt: skip
+    parser.add_argument(
+        "--ab-set", action="append", default=[], metavar="KEY=VALUE",
+        help="--ab-tree: a config override for its frontend only (repeatable)",
+    )  # fmt: skip
     parser.add_argument("--ab-rounds", type=int, default=6, help="--ab-tree: rounds")
     parser.add_argument("--ab-block", type=int, default=200, help="--ab-tree: requests a block")
+    parser.add_argument(
+        "--set", dest="settings", action="append", default=[], metavar="KEY=VALUE",
+        help="a config override of the hpcserve stack (repeatable): frontend.busy_poll_us=2000",
+    )  # fmt: skip
     args = parser.parse_args()
+    EXTRA_SETTINGS.extend(args.settings)
     if args.ab_tree:
         asyncio.run(c1_ab(args))
         return
