@@ -66,6 +66,7 @@ from pathlib import Path
 
 import aiohttp
 import orjson
+import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -551,7 +552,12 @@ async def c1_ab(args: argparse.Namespace) -> None:
         subject = bus.worker_subject(deployment.config.name, "agg-g0-i0")
         log = deployment.run_dir / "logs" / "frontend-ab.log"
         tree = Path(args.ab_tree).resolve()
-        with frontend_from(tree, deployment.config_file, log, args.ab_set) as other:
+        # B's config: what differs from the defaults (an older tree's schema may not know
+        # a newer field, even at its default)
+        config_b = deployment.run_dir / "config-b.yaml"
+        resolved = deployment.config.model_dump(mode="json", exclude_defaults=True)
+        config_b.write_text(yaml.safe_dump(resolved, sort_keys=False))
+        with frontend_from(tree, config_b, log, args.ab_set) as other:
             async with bare_uvicorn() as bare:
                 urls = {"A": deployment.url + "/chat/completions", "B": other, "bare": bare}
                 scenario = Scenario("c1", False, 16, 1, 1.0)

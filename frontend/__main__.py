@@ -2,8 +2,7 @@
 
 The launcher (`hpcserve up`, the Slurm job) fills in `services.*.endpoint` and
 `model.path`; this only loads the config and runs uvicorn with the fast settings measured in
-shared/notes/serving-facts.md (uvloop, httptools, no access log, gc frozen after start-up),
-with each response's head written together with its body (`frontend.http_protocol`).
+shared/notes/serving-facts.md (uvloop, httptools, no access log, gc frozen after start-up).
 
 One of several processes sharing the port (`frontend.workers` > 1; the plan sets
 HPCSERVE_FRONTEND_PROCESS=INDEX/COUNT), it binds with SO_REUSEPORT; uvicorn listens only
@@ -13,7 +12,6 @@ after the app's start-up, so the kernel never hands a connection to a process st
 from __future__ import annotations
 
 import argparse
-import asyncio
 import contextlib
 import gc
 import importlib.util
@@ -98,17 +96,12 @@ def main(argv: list[str] | None = None) -> int:
         logger.info("frontend process %d of %d on a shared port", index, count)
     has_uvloop = importlib.util.find_spec("uvloop") is not None
     has_httptools = importlib.util.find_spec("httptools") is not None
-    http: type[asyncio.Protocol] | str = "h11"
-    if has_httptools:
-        from frontend.http_protocol import HeadWithBodyProtocol
-
-        http = HeadWithBodyProtocol  # a response's head and body in one write
     uv_config = uvicorn.Config(
         app,
         host=config.frontend.host,
         port=config.frontend.port,
         loop="uvloop" if has_uvloop else "asyncio",
-        http=http,
+        http="httptools" if has_httptools else "h11",
         access_log=False,
         # nothing here reads the client's address: X-Forwarded-* parsing (a middleware
         # around every request) is work for no one
