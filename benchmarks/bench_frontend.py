@@ -33,9 +33,21 @@ frontend CPU per streamed request / Dynamo's; y: hpcserve streamed req/s / Dynam
 1, 2, 4, 8 (give it a machine with the cores: ~16; on 2 cores it only shows contention):
 
     python benchmarks/bench_frontend.py --workers-sweep [--sweep 1 2 4 8] [--requests 6000] \
-        [--client-processes 4]
+        [--client-processes 4] [--concurrency 64] [--concurrency-per-process]
 
+(`--concurrency-per-process`: N processes get N x --concurrency in flight, so each process
+runs at the same load; a process's CPU per request grows as its load falls, see README.)
 Last line there: `frontend_workers_sweep w1_req_s=... w2_req_s=... scaling_w<max>=<x>`.
+
+`--ab-tree CHECKOUT` instead measures the c=1 added latency of this tree's frontend (A) and
+of CHECKOUT's (B: the code before a change, or this tree with `--ab-set KEY=VALUE` config
+overrides), both serving one deployment at once, in alternated blocks (the worker called
+directly and the bare uvicorn app in the same rotation):
+
+    python benchmarks/bench_frontend.py --ab-tree /path/to/old [--ab-rounds 6] [--ab-block 200]
+    python benchmarks/bench_frontend.py --ab-tree . --ab-set frontend.busy_poll_us=2000
+
+Last line there: `frontend_c1_ab a_added_ms=... b_added_ms=... b_over_a=...`.
 """
 
 from __future__ import annotations
@@ -54,6 +66,7 @@ from pathlib import Path
 
 import aiohttp
 import orjson
+import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -295,6 +308,12 @@ async def measure(
 
 async def direct_worker_p50(nats_url: str, subject: str, count: int) -> float:
     """p50 of a 16-token request sent straight to one mocker worker over NATS (no frontend)."""
+    latencies = await direct_worker_latencies(nats_url, subject, count)
+    return sorted(latencies)[len(latencies) // 2]
+
+
+async def direct_worker_latencies(nats_url: str, subject: str, count: int) -> list[float]:
+    """`count` 16-token requests sent straight to one mocker worker over NATS, one at a time."""
     import nats
 
     nc = await nats.connect(nats_url)
@@ -319,7 +338,7 @@ async def direct_worker_p50(nats_url: str, subject: str, count: int) -> float:
         await done.get()
         latencies.append(time.perf_counter() - t0)
     await nc.close()
-    return sorted(latencies)[len(latencies) // 2]
+    return latencies
 
 
 _BARE_APP = """
@@ -342,19 +361,25 @@ uvicorn.run(app, host="127.0.0.1", port=int(sys.argv[1]), loop="uvloop", http="h
 async def http_floor_p50(count: int) -> float:
     """p50 of the same c=1 chat POST against a bare uvicorn app (uvloop, httptools, a fixed
     small JSON answer): what any Python HTTP front door costs this client and machine."""
+    async with bare_uvicorn() as url:
+        scenario = Scenario("bare", False, 16, 1, 1.0)
+        await drive(url, "bare", scenario, 50)
+        latencies = (await drive(url, "bare", scenario, count)).latencies
+        return sorted(latencies)[len(latencies) // 2]
+
+
+@contextlib.asynccontextmanager
+async def bare_uvicorn():
+    """The bare uvicorn app of `http_floor_p50` on a free port; yields its URL."""
     port = free_port("127.0.0.1")
     server = subprocess.Popen([sys.executable, "-c", _BARE_APP, str(port)])
     try:
-        url = f"http://127.0.0.1:{port}/v1/chat/completions"
         deadline = time.monotonic() + 30
         while not await asyncio.to_thread(port_open, "127.0.0.1", port):
             if time.monotonic() > deadline or server.poll() is not None:
                 raise RuntimeError("the bare uvicorn app did not come up")
             await asyncio.sleep(0.05)
-        scenario = Scenario("bare", False, 16, 1, 1.0)
-        await drive(url, "bare", scenario, 50)
-        latencies = (await drive(url, "bare", scenario, count)).latencies
-        return sorted(latencies)[len(latencies) // 2]
+        yield f"http://127.0.0.1:{port}/v1/chat/completions"
     finally:
         server.terminate()
         server.wait(10)
@@ -371,8 +396,12 @@ def hpcserve_config(frontend_workers: int, speedup: float, router: str = "kv"):
             f"frontend.workers={frontend_workers}",
             f"engine.mocker.speedup={speedup}",
             f"frontend.router={router}",
+            *EXTRA_SETTINGS,
         ],
     )
+
+
+EXTRA_SETTINGS: list[str] = []  # --set: more config overrides of the hpcserve stack
 
 
 async def run_hpcserve(
@@ -474,6 +503,103 @@ async def run_dynamo(venv: Path, requests: int, speedup: float, router: str) -> 
         return await measure(url, model, [frontend_pid], [mocker_pid], requests)
 
 
+# ---- c=1 A/B: this tree's frontend beside another tree's -----------------------------------
+
+
+@contextlib.contextmanager
+def frontend_from(tree: Path, config_file: Path, log: Path, overrides: list[str]):
+    """A second frontend process, run from `tree` (another checkout: the code before a
+    change; or this one with other settings, `overrides`), serving the same deployment (its
+    config file) on a free port; yields its URL."""
+    port = free_port("127.0.0.1")
+    env = dict(
+        os.environ, PYTHONPATH=os.pathsep.join([str(tree), os.environ.get("PYTHONPATH", "")])
+    )
+    argv = [sys.executable, "-m", "frontend", "--config", str(config_file),
+            "--set", f"frontend.port={port}", "--log-level", "warning"]  # fmt: skip
+    for override in overrides:
+        argv += ["--set", override]
+    with log.open("w") as out:
+        proc = subprocess.Popen(argv, cwd=tree, env=env, stdout=out, stderr=subprocess.STDOUT)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 120
+        while not http_ok(url + "/health"):
+            if time.monotonic() > deadline or proc.poll() is not None:
+                raise RuntimeError(f"the frontend from {tree} did not come up; log {log}")
+            time.sleep(0.1)
+        yield url + "/v1/chat/completions"
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+async def c1_ab(args: argparse.Namespace) -> None:
+    """c=1 added latency of this tree's frontend (A) and of `--ab-tree`'s with `--ab-set`
+    overrides (B), both serving one deployment at once, in alternated blocks (so both see
+    the same machine load), with the worker called directly and the bare uvicorn app in
+    the same rotation."""
+    config = hpcserve_config(1, args.speedup, args.router)
+    deployment = await asyncio.to_thread(start_deployment, config, lambda _m: None)
+    block, rounds = args.ab_block, args.ab_rounds
+    try:
+        model = deployment.config.model.served_name or Path(str(deployment.config.model.path)).name
+        assert deployment.config.services.nats.endpoint
+        nats_url = deployment.config.services.nats.endpoint
+        subject = bus.worker_subject(deployment.config.name, "agg-g0-i0")
+        log = deployment.run_dir / "logs" / "frontend-ab.log"
+        tree = Path(args.ab_tree).resolve()
+        # B's config: what differs from the defaults (an older tree's schema may not know
+        # a newer field, even at its default)
+        config_b = deployment.run_dir / "config-b.yaml"
+        resolved = deployment.config.model_dump(mode="json", exclude_defaults=True)
+        config_b.write_text(yaml.safe_dump(resolved, sort_keys=False))
+        with frontend_from(tree, config_b, log, args.ab_set) as other:
+            async with bare_uvicorn() as bare:
+                urls = {"A": deployment.url + "/chat/completions", "B": other, "bare": bare}
+                scenario = Scenario("c1", False, 16, 1, 1.0)
+                for url in urls.values():
+                    await drive(url, model, SCENARIOS[1] if url != bare else scenario, 64)
+                    await drive(url, model, scenario, 50)
+                await direct_worker_latencies(nats_url, subject, 50)
+                latencies: dict[str, list[list[float]]] = {k: [] for k in (*urls, "direct")}
+                for index in range(rounds):
+                    order = ["B", "A"] if index % 2 == 0 else ["A", "B"]
+                    for name in [*order, "bare"]:
+                        load = await drive(urls[name], model, scenario, block)
+                        latencies[name].append(load.latencies)
+                    latencies["direct"].append(
+                        await direct_worker_latencies(nats_url, subject, block)
+                    )
+    finally:
+        await asyncio.to_thread(stop_deployment, deployment, lambda _m: None)
+
+    def p50(values: list[float]) -> float:
+        return 1000 * sorted(values)[len(values) // 2]
+
+    print(f"c=1 A/B, {rounds} rounds of {block} requests each (p50 ms; added = p50 - direct)")
+    print(f"  A: this tree's frontend; B: {tree}'s, settings {' '.join(args.ab_set) or 'same'}")
+    print(f"  {'round':<6} {'A':>7} {'B':>7} {'direct':>7} {'bare':>7} "
+          f"{'A added':>10} {'B added':>10} {'B/A':>8}")  # fmt: skip
+    for index in range(rounds):
+        a, b, direct, bare_ms = (p50(latencies[k][index]) for k in ("A", "B", "direct", "bare"))
+        ratio = (b - direct) / (a - direct)
+        print(f"  {index:<6} {a:7.3f} {b:7.3f} {direct:7.3f} {bare_ms:7.3f} "
+              f"{a - direct:10.3f} {b - direct:10.3f} {ratio:8.2f}")  # fmt: skip
+    every = {k: p50([t for part in v for t in part]) for k, v in latencies.items()}
+    a_added, b_added = every["A"] - every["direct"], every["B"] - every["direct"]
+    print(f"  {'all':<6} {every['A']:7.3f} {every['B']:7.3f} {every['direct']:7.3f} "
+          f"{every['bare']:7.3f} {a_added:10.3f} {b_added:10.3f} "
+          f"{b_added / a_added:8.2f}")  # fmt: skip
+    print(
+        f"frontend_c1_ab a_added_ms={a_added:.3f} b_added_ms={b_added:.3f} "
+        f"b_over_a={b_added / a_added:.2f} bare_ms={every['bare']:.3f} cores={os.cpu_count()}"
+    )
+
+
 # ---- report ------------------------------------------------------------------------------
 
 
@@ -539,9 +665,10 @@ def cores_table(results: list[Result]) -> None:
 async def sweep(args: argparse.Namespace) -> None:
     rates = {}
     for count in args.sweep:
+        concurrency = args.concurrency * (count if args.concurrency_per_process else 1)
         results, _ = await run_hpcserve(args.requests, count, args.speedup, False,
                                         args.client_processes, args.router,
-                                        args.concurrency)  # fmt: skip
+                                        concurrency)  # fmt: skip
         table(f"hpcserve frontend.workers={count} (router {args.router}, "
               f"{os.cpu_count()} cores here)", results)  # fmt: skip
         cores_table(results)
@@ -577,7 +704,29 @@ def main() -> None:
         "--concurrency", type=int, default=64,
         help="requests in flight in the c=64 scenarios of --workers-sweep",
     )  # fmt: skip
+    parser.add_argument(
+        "--concurrency-per-process", action="store_true",
+        help="--workers-sweep: --concurrency per frontend process (the same load on each)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--ab-tree", default=None,
+        help="c=1 A/B: another checkout whose frontend runs beside this one's (alternated)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--ab-set", action="append", default=[], metavar="KEY=VALUE",
+        help="--ab-tree: a config override for its frontend only (repeatable)",
+    )  # fmt: skip
+    parser.add_argument("--ab-rounds", type=int, default=6, help="--ab-tree: rounds")
+    parser.add_argument("--ab-block", type=int, default=200, help="--ab-tree: requests a block")
+    parser.add_argument(
+        "--set", dest="settings", action="append", default=[], metavar="KEY=VALUE",
+        help="a config override of the hpcserve stack (repeatable): frontend.busy_poll_us=2000",
+    )  # fmt: skip
     args = parser.parse_args()
+    EXTRA_SETTINGS.extend(args.settings)
+    if args.ab_tree:
+        asyncio.run(c1_ab(args))
+        return
     asyncio.run(sweep(args) if args.workers_sweep else compare(args))
 
 

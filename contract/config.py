@@ -284,6 +284,16 @@ class FrontendConfig(_Section):
         description="frontend processes sharing the port (SO_REUSEPORT), each supervised; "
         "null: one per spare core of the head node (contract.plan.frontend_processes)",
     )
+    busy_poll_us: int = Field(
+        default=0,
+        ge=0,
+        le=1_000_000,
+        description="keep each frontend process's event loop polling, not sleeping, for up "
+        "to this long after sending a request or receiving a reply while requests wait: a "
+        "process woken from an idle core costs ~0.1-0.3 ms per request at low load (see "
+        "benchmarks/README.md), at the price of a busy core while requests are in flight; "
+        "0: off (the right choice when cores are shared)",
+    )
 
 
 class ServiceConfig(_Section):

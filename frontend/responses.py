@@ -84,6 +84,24 @@ async def until_disconnect(receive: Receive, work: Awaitable[T]) -> T:
             watcher.cancel()
 
 
+class AnsweredResponse(Response):
+    """A whole (non-streamed) JSON answer whose request's bookkeeping (`after`: releasing
+    its router entries, counting it in the metrics) runs once the answer is sent, however
+    the sending ends: the client does not wait for work it does not need (at c=1 that
+    work was ~40 µs of a request's path)."""
+
+    def __init__(self, data: Any, after: list[Callable[[], None]]) -> None:
+        super().__init__(orjson.dumps(data), media_type=_JSON)
+        self.after = after
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            for callback in self.after:
+                callback()
+
+
 class SSEResponse(StreamingResponse):
     """A StreamingResponse that runs `on_close` callbacks however it ends.
 

@@ -7,6 +7,7 @@ for `n` choices sends n engine requests to one worker (`frontend.choices`).
 from __future__ import annotations
 
 import asyncio
+import functools
 import secrets
 import time
 from collections.abc import Awaitable
@@ -25,12 +26,12 @@ from frontend.migration import MigratingStream, Route
 from frontend.openai_schemas import ChatCompletionRequest, CompletionRequest
 from frontend.prepared import Kind, Prepared
 from frontend.responses import (
+    AnsweredResponse,
     ChoiceText,
     FirstToken,
     Generation,
     SSEResponse,
     full_response,
-    json_response,
     record,
     stream_events,
     until_disconnect,
@@ -411,11 +412,17 @@ async def _complete(state: FrontendState, prepared: Prepared, deadline: float) -
                 left -= 1
                 if output.finish_reason is None:  # a stop string: the worker may stop now
                     choices.finish(index)
+        data = full_response(state, prepared, texts, choices.card(0).simulated)
     except TimeoutError:
-        raise errors.timed_out(state.config.frontend.request_timeout_s) from None
-    finally:
         choices.close()
-    record(state.metrics, prepared, [text.generation for text in texts])
-    response = json_response(full_response(state, prepared, texts, choices.card(0).simulated))
+        raise errors.timed_out(state.config.frontend.request_timeout_s) from None
+    except BaseException:
+        choices.close()
+        raise
+    generations = [text.generation for text in texts]
+    # the router's release and the metrics wait until the answer is sent
+    response = AnsweredResponse(
+        data, [choices.close, functools.partial(record, state.metrics, prepared, generations)]
+    )
     response.headers["X-Request-Id"] = prepared.response_id
     return response

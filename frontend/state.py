@@ -105,7 +105,12 @@ class FrontendState:
         if config.run_dir:  # restarts as the deployment's supervisor records them
             self.metrics.track_supervisor(Path(config.run_dir) / SUPERVISOR_FILE)
         self.directory = WorkerDirectory(config.services.etcd.endpoint, config.name)
-        self.client = WorkerClient(config.services.nats.endpoint, config.name, self.tracker)
+        self.client = WorkerClient(
+            config.services.nats.endpoint,
+            config.name,
+            self.tracker,
+            busy_poll_s=config.frontend.busy_poll_us / 1e6,
+        )
         self.process_index, self.process_count = process_slot()
         self.load_share: LoadShare | None = None
         if self.process_count > 1:  # the other processes' routed requests count here too

@@ -5,6 +5,8 @@ per-request queues by the last subject token (the request id). One subscription 
 would halve streaming throughput (see shared/notes/serving-facts.md). A request whose worker
 leaves the WorkerDirectory gets a `WorkerLost` instead of waiting forever. A chunk naming a
 `worker_id` moves the request to that worker (prefill_first hand-off to a decode worker).
+With `frontend.busy_poll_us`, the event loop keeps polling while requests wait (see
+`WorkerClient._keep_polling`).
 """
 
 from __future__ import annotations
@@ -149,7 +151,9 @@ class RequestStream:
 class WorkerClient:
     """NATS connection, the shared reply inbox, and the load-metrics subscription."""
 
-    def __init__(self, nats_url: str, deployment: str, tracker: LoadTracker) -> None:
+    def __init__(
+        self, nats_url: str, deployment: str, tracker: LoadTracker, busy_poll_s: float = 0.0
+    ) -> None:
         self._url = nats_url
         self._deployment = deployment
         self._tracker = tracker
@@ -159,10 +163,18 @@ class WorkerClient:
         self._background: set[asyncio.Task[None]] = set()
         self._workers: dict[str, WorkerCard] = {}  # the directory as last seen
         self._seen: set[str] = set()  # every worker id the directory ever listed
+        self._busy_poll_s = busy_poll_s  # frontend.busy_poll_us
+        self._poll_until = 0.0  # loop time the busy poll runs to (pushed on by activity)
+        self._poller: asyncio.Task[None] | None = None
 
     @property
     def in_flight(self) -> int:
         return len(self._streams)
+
+    @property
+    def busy_polling(self) -> bool:
+        """Whether the event loop is kept polling now (`frontend.busy_poll_us`)."""
+        return self._poller is not None
 
     @property
     def nats(self) -> NatsClient:
@@ -179,6 +191,8 @@ class WorkerClient:
         logger.info("connected to NATS at %s; replies on %s.>", self._url, self._prefix)
 
     async def stop(self) -> None:
+        if self._poller is not None:
+            self._poller.cancel()
         for stream in list(self._streams.values()):
             stream.queue.put_nowait(ConnectionError("the frontend is shutting down"))
         if self._background:
@@ -209,7 +223,27 @@ class WorkerClient:
             stream.finished = True
             self._release(stream)
             raise
+        if self._busy_poll_s:
+            self._keep_polling()
         return stream
+
+    def _keep_polling(self) -> None:
+        """Busy poll (`frontend.busy_poll_us`): until `busy_poll_s` after this call, while
+        requests wait, the loop turns without sleeping in epoll, so the reply finds the
+        process running on a warm core instead of waking it (at c=1 on 16 idle cores, each
+        wake-up of a sleeping process cost ~0.1-0.2 ms: benchmarks/README.md)."""
+        loop = asyncio.get_running_loop()
+        self._poll_until = loop.time() + self._busy_poll_s
+        if self._poller is None:
+            self._poller = loop.create_task(self._busy_poll())
+
+    async def _busy_poll(self) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            while self._streams and loop.time() < self._poll_until:
+                await asyncio.sleep(0)  # one loop turn: its epoll does not wait
+        finally:
+            self._poller = None
 
     def _release(self, stream: RequestStream) -> None:
         stream.cancel_timer()
@@ -267,6 +301,8 @@ class WorkerClient:
         stream = self._streams.get(request_id)
         if stream is None:
             return
+        if self._busy_poll_s:
+            self._keep_polling()
         if not msg.data and msg.headers and msg.headers.get("Status") == "503":
             # NATS "no responders": nobody listens on the worker's subject (it died and its
             # lease has not lapsed yet); fail over now instead of waiting for the TTL
@@ -277,6 +313,8 @@ class WorkerClient:
     def _on_batch(self, data: bytes) -> None:
         """Chunks of several requests that one worker step produced (`batch_replies`)."""
         streams = self._streams
+        if self._busy_poll_s:
+            self._keep_polling()
         try:
             outputs = _BATCH.validate_json(data)
         except ValidationError as exc:  # fail the requests it names rather than let them wait

@@ -428,3 +428,39 @@ async def test_a_batch_of_replies_reaches_each_request_and_a_malformed_one_fails
     with pytest.raises(errors.OpenAIError) as info:
         await streams["r2"].next(deadline)
     assert info.value.status == 502 and "malformed" in str(info.value)
+
+
+async def test_busy_poll_runs_while_requests_wait_and_not_past_its_time() -> None:
+    """`frontend.busy_poll_us`: a reply (or a sent request) keeps the loop polling while
+    requests wait; it stops when none is left, or `busy_poll_s` after the last activity;
+    off by default."""
+    from contract.messages import outputs_json
+
+    card = _card("agg-1", "agg")
+    reply = outputs_json([GenerateOutput(request_id="r1", token_ids=[5])])
+    client = WorkerClient("nats://unused", "d", LoadTracker(), busy_poll_s=60.0)
+    stream = RequestStream(client, card, "r1")
+    client._streams["r1"] = stream
+    assert not client.busy_polling
+    client._on_batch(reply)
+    assert client.busy_polling
+    poller = client._poller
+    assert poller is not None
+    deadline = asyncio.get_running_loop().time() + 5
+    assert (await stream.next(deadline)).token_ids == [5]
+    assert client.busy_polling  # the request still waits for more
+    stream.close()  # no request left: the poll ends
+    await asyncio.wait_for(poller, 30)
+    assert not client.busy_polling
+
+    short = WorkerClient("nats://unused", "d", LoadTracker(), busy_poll_s=0.001)
+    short._streams["r1"] = RequestStream(short, card, "r1")
+    short._on_batch(reply)
+    assert short._poller is not None
+    await asyncio.wait_for(short._poller, 30)  # its time is up, the request still waits
+    assert not short.busy_polling and short.in_flight == 1
+
+    default = WorkerClient("nats://unused", "d", LoadTracker())
+    default._streams["r1"] = RequestStream(default, card, "r1")
+    default._on_batch(reply)
+    assert not default.busy_polling

@@ -33,6 +33,7 @@ from frontend.openai_schemas import (
 from frontend.prepared import Prepared
 from frontend.responses import (
     WATCH_AFTER_S,
+    AnsweredResponse,
     ChoiceText,
     ClientGone,
     FirstToken,
@@ -318,3 +319,28 @@ async def test_until_disconnect_cancels_a_slow_request_whose_client_left() -> No
         await until_disconnect(receive, work())
     assert cancelled.is_set()
     assert loop.time() - started < work_s  # cancelled, not waited out (no speed limit)
+
+
+def test_an_answer_is_sent_before_its_bookkeeping() -> None:
+    """The router release and the metrics (`after`) run once the body was handed to the
+    server, and still run when sending fails (a client gone): nothing is left in flight."""
+    events: list[str] = []
+
+    async def send(message: dict[str, Any]) -> None:
+        events.append(message["type"])
+
+    async def receive() -> dict[str, Any]:
+        return {"type": "http.disconnect"}
+
+    after = [lambda: events.append("release"), lambda: events.append("metrics")]
+    scope = {"type": "http", "method": "POST", "path": "/v1/chat/completions"}
+    asyncio.run(AnsweredResponse({"id": "x"}, after)(scope, receive, send))
+    assert events == ["http.response.start", "http.response.body", "release", "metrics"]
+
+    async def broken_send(message: dict[str, Any]) -> None:
+        raise OSError("connection reset")
+
+    events.clear()
+    with pytest.raises(OSError):
+        asyncio.run(AnsweredResponse({"id": "x"}, after)(scope, receive, broken_send))
+    assert events == ["release", "metrics"]
