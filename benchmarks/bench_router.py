@@ -16,10 +16,16 @@ the policy, and an async client streaming chat requests, `--concurrency` at a ti
   prefill (in-process replay: a hit arriving alone 84 ms, with its partner 165 ms), which
   no placement can avoid once a conversation is cached where it is (real users pause);
 - small_cache: system_prompts' requests on workers caching `--http-small-cache-blocks`
-  blocks each, so that all caches together hold fewer blocks than the system prompts
-  (700 x 8 = 5,600 < 32 x ~213 = ~6,800): the router must partition the prompts, and some
-  are evicted whatever it does (the oracle hit rate, blocks seen before, is then out of
-  reach);
+  blocks each (1,000; system_prompts' workers cache 1,400). The prompts hold 6,784
+  distinct full blocks (at 160 requests; 32 system prompts of 207 blocks and the
+  questions'): one cache holds 15% of them (4.8 of the 32 prompts), all eight together
+  1.18x, so the router must partition the prompts across the workers (a prompt duplicated
+  on a second worker evicts another one there) and balance the load while doing so. Until
+  issue 14's third round the workers cached 700 blocks each: 5,600 together, fewer than
+  the prompts' blocks, so some prompt was evicted whatever the router did: an in-process
+  replay placing each system prompt on one worker (prompt i on worker i mod 8, no router)
+  reached x1.42 of round robin there (x23 at 1,000 blocks). The run logs each workload's
+  working set against the caches;
 - no_prefix: every prompt unique, each after a user's think time as in multi_turn (the router
   must not lose to round robin here); no_prefix_lockstep: the same prompts with no pause (the
   workload until the second round of issue 14; not run by default).
@@ -387,6 +393,15 @@ def http_workloads(args: argparse.Namespace) -> dict[str, list[list[HttpChat]]]:
     }
 
 
+def working_set_blocks(workload: list[list[HttpChat]], tokenizer: object, block_size: int) -> int:
+    """The distinct full prompt blocks of a workload: what all caches together must hold
+    for every repeated prefix to stay cached (each worker's cache holding a share of it)."""
+    return len({
+        h for chain in workload for chat in chain
+        for h in block_hashes(tokenizer.encode_chat(chat.messages), block_size)  # type: ignore[attr-defined]
+    })  # fmt: skip
+
+
 def policy_overrides(policy: str) -> tuple[str, list[str]]:
     """`kv:tie_band=0,prefill_load_scale=8` -> ("kv", [frontend.kv_router.tie_band=0, ...]):
     a policy with kv_router settings of its own (to compare settings in one run)."""
@@ -558,7 +573,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     add("--http-prefill-ms-per-token", type=float, default=0.5)
     add("--http-num-blocks", type=int, default=1400, help="KV blocks per worker")
-    add("--http-small-cache-blocks", type=int, default=700, help="small_cache: per worker")
+    add(
+        "--http-small-cache-blocks",
+        type=int,
+        default=1000,
+        help="small_cache: KV blocks per worker (all together must hold the working set)",
+    )
     add("--http-speedup", type=float, default=1.0)
     add("--workloads", default="system_prompts,multi_turn,small_cache,no_prefix")
     add("--repeat", type=int, default=1, help="HTTP: rounds, rotating the policy order")
@@ -621,6 +641,16 @@ async def http_main(args: argparse.Namespace) -> dict[str, float]:
     if "round_robin" not in policies or "kv" not in policies:
         raise SystemExit("--policies: needs round_robin and kv (the ratios compare the two)")
     results: dict[str, HttpResult] = {}
+    block_size = load_config(args.config, overrides=args.set, environ={}).engine.block_size
+    for workload in args.workloads.split(","):
+        blocks = args.http_small_cache_blocks if workload == "small_cache" else args.http_num_blocks
+        needed = working_set_blocks(workloads[workload], tokenizer, block_size)
+        logger.info(
+            "%s: working set %d prompt blocks; caches %d x %d = %d blocks (%.2fx the working "
+            "set, one worker %.2fx)",
+            workload, needed, args.workers, blocks, args.workers * blocks,
+            args.workers * blocks / needed, blocks / needed,
+        )  # fmt: skip
     # rotating order: a machine whose load drifts (other jobs) skews every policy alike
     for round_ in range(args.repeat):
         for workload in args.workloads.split(","):

@@ -218,9 +218,10 @@ class KvRouterConfig(_Section):
         ge=0,
         description="costs within tie_band x the request's own prompt blocks of the cheapest, "
         "at no more prefill work than it and at most one more running request, "
-        "count as tied, and ties go to the least prefill ahead, then the worker routed to "
-        "least recently: a difference of a few such requests' decode footprint says nothing "
-        "about when its prefill starts (frontend.kv_router docstring)",
+        "count as tied, and ties go to the least prefill ahead, then the worker whose cache "
+        "drew the fewest recent hits, then the one routed to least recently: a difference "
+        "of a few such requests' decode footprint says nothing about when its prefill "
+        "starts (frontend.kv_router docstring)",
     )
     prefill_progress: bool = Field(
         default=True,

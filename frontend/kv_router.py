@@ -37,7 +37,8 @@ Ties, and `tie_band` (4): temperature 0 picks the cheapest worker, but every wor
 is within `tie_band` x the request's own prompt blocks of the cheapest, whose prefill term is
 no larger than the cheapest's, and which runs at most one request more than the cheapest counts
 as tied, and the tied worker with the least prefill ahead takes the request (time to first
-token is made of it), among equals the one routed to least recently. Why (measured, issue 14):
+token is made of it), among equals the one whose cache drew the fewest of the latest 64 cache
+hits, then the one routed to least recently. Why (measured, issue 14):
 with prompts sharing nothing, the costs differ only by pending prefill and decode footprint.
 Pending prefill counted a prompt whole until its first output (before `prefill_progress`), so
 "one prefill pending" looked the same on a worker that just got it and on one nearly done; the
@@ -58,7 +59,12 @@ request's prompts (short prompts, long outputs). `tie_band` 0 is the old rule (f
 decides; exact ties go to the least prefill, then the least recently routed). Why the least
 prefill first (second round): with `prefill_progress` a worker nearly through its prefill can
 be the cheapest by its smaller footprint while a tied worker whose requests are all decoding
-has none ahead; least-recently-routed sent the new prompt to wait behind the first. A
+has none ahead; least-recently-routed sent the new prompt to wait behind the first. Why the
+hit demand (third round): a prompt cached nowhere ties on every idle worker, and every hit
+arriving where it lands waits for its whole prefill; taking turns sent it to hot workers as
+often as to cold ones (in-process replays of system_prompts: 31-35 of 126 hits waited more
+than 300 ms, 14-15 of them for their own prompt's first prefill; with the demand 29-31 over
+five runs each; no change on prompts sharing nothing, where no worker has hits). A
 temperature above 0 samples with softmax(-(cost - min cost) / temperature) instead.
 
 Prompts are hashed at each candidate's block size (its card), so no setting has to match the
@@ -88,6 +94,10 @@ from frontend.kv_index import KvIndex, RoutedPrefixIndex
 from frontend.router import LoadTracker
 
 logger = logging.getLogger(__name__)
+
+# how many of the latest cache hits (on any worker) measure which workers' caches draw the
+# most requests: ~8 a worker at 8 workers, few enough to follow a shift in what users ask
+_RECENT_HITS = 64
 
 
 @dataclass
@@ -177,6 +187,10 @@ class KvRouter:
         self._warned: set[str] = set()
         self._warned_block_size: set[str] = set()
         self._last_routed: dict[str, float] = {}  # worker -> when we last routed to it
+        # the workers the latest _RECENT_HITS requests with a cache hit went to, and how
+        # many of them each got (its cache's demand)
+        self._recent_hits: deque[str] = deque()
+        self._hit_demand: Counter[str] = Counter()
         self.last_scores: list[WorkerScore] = []
         tracker.finish_listeners.append(self.request_finished)
         tracker.prefill_listeners.append(self.request_prefilled)
@@ -189,6 +203,10 @@ class KvRouter:
         for worker_id in self.routed.workers:
             if worker_id not in workers:
                 self.routed.drop_worker(worker_id)
+        for worker_id in list(self._hit_demand):
+            if worker_id not in workers:
+                del self._hit_demand[worker_id]
+        self._recent_hits = deque(w for w in self._recent_hits if w in workers)
         tables = (
             self._released, self._silent_since, self._prefill_start, self._prefill_rate,
             self._prefill_queue,
@@ -350,40 +368,63 @@ class KvRouter:
         image is no prefix hit, the same one is). `by_size`: filled with the prompt's
         hashes at each candidate block size (for the caller to reuse)."""
         credit, scale = self.config.overlap_credit, self.config.load_scale
+        uncached_weight = self.config.uncached_weight
         if by_size is None:
             by_size = {}
+        overlaps = self._overlaps(candidates, token_ids, media, by_size)
+        peer_blocks = self.tracker.peer_blocks
         result = []
         for card in candidates:
             worker_id = card.worker_id
-            size = card.block_size
-            hashes = by_size.get(size)
-            if hashes is None:
-                hashes = by_size[size] = prompt_hashes(token_ids, size, media)
-            total = -(-len(token_ids) // size)
-            overlap = self._overlap(worker_id, hashes)
+            hashes = by_size[card.block_size]
+            total = -(-len(token_ids) // card.block_size)
+            overlap = overlaps[worker_id]
             footprint = self._footprint.get(worker_id)
             new = total - sum(map(footprint.__contains__, hashes)) if footprint else total
             uncached = max(total - credit * overlap, 0.0)
-            prefill = self.pending_prefill(worker_id) + self.config.uncached_weight * uncached
+            prefill = self.pending_prefill(worker_id) + uncached_weight * uncached
             # this process's routed blocks and the other frontend processes' (load_share)
-            routed = self.own_blocks(worker_id) + self.tracker.peer_blocks.get(worker_id, 0)
+            routed = self.own_blocks(worker_id) + peer_blocks.get(worker_id, 0)
             active = max(self._reported_active(worker_id), routed) + new
             cost = scale * prefill + active
             result.append(WorkerScore(worker_id, overlap, prefill, active, cost))
         return result
 
-    def _overlap(self, worker_id: str, hashes: Sequence[int]) -> int:
-        index = self.index if self.publishes(worker_id) else self.routed
-        cached = index.overlaps(hashes, (worker_id,))[worker_id]
-        in_flight = self._footprint.get(worker_id)
-        if in_flight and cached < len(hashes):  # events still on the way, or not yet stored
-            depth = 0
-            for h in hashes:
-                if h not in in_flight:
-                    break
-                depth += 1
-            cached = max(cached, depth)
-        return cached
+    def _overlaps(
+        self,
+        candidates: Sequence[WorkerCard],
+        token_ids: Sequence[int],
+        media: Sequence[MediaRef],
+        by_size: dict[int, list[int]],
+    ) -> dict[str, int]:
+        """Each candidate's cached prefix of the prompt, in blocks: one walk of the index
+        per block size for all candidates that publish KV events (one walk per candidate
+        cost ~4 us each at 8 workers, on the c=1 path), the routed-prompt index for the
+        others; a prefix our in-flight requests put there counts even before its events."""
+        groups: dict[tuple[int, bool], list[str]] = {}
+        sizes: dict[str, int] = {}
+        for card in candidates:
+            size = sizes[card.worker_id] = card.block_size
+            if size not in by_size:
+                by_size[size] = prompt_hashes(token_ids, size, media)
+            groups.setdefault((size, self.publishes(card.worker_id)), []).append(card.worker_id)
+        result: dict[str, int] = {}
+        for (size, publishes), worker_ids in groups.items():
+            index = self.index if publishes else self.routed
+            result.update(index.overlaps(by_size[size], worker_ids))
+        for worker_id, cached in result.items():
+            in_flight = self._footprint.get(worker_id)
+            if not in_flight:
+                continue
+            hashes = by_size[sizes[worker_id]]
+            if cached < len(hashes):  # events still on the way, or not yet stored
+                depth = 0
+                for h in hashes:
+                    if h not in in_flight:
+                        break
+                    depth += 1
+                result[worker_id] = max(cached, depth)
+        return result
 
     def choose(self, candidates: Sequence[WorkerCard], request: Any) -> WorkerCard:
         token_ids: Sequence[int] = request.token_ids
@@ -414,6 +455,8 @@ class KvRouter:
             self._footprint.setdefault(worker_id, Counter()).update(hashes)
             self._add(self._partial, worker_id, blocks - len(hashes))
             self._add(self._pending, worker_id, prefill)
+        if pick.overlap_blocks:
+            self._note_hit(card.worker_id)
         if logger.isEnabledFor(logging.DEBUG):  # what each candidate looked like, for tuning
             logger.debug(
                 "kv route %s (client %s) → %s (overlap %d blocks, cost %.1f); candidates: %s",
@@ -421,7 +464,8 @@ class KvRouter:
                 pick.overlap_blocks, pick.cost,
                 " ".join(
                     f"{s.worker_id}[n={self.tracker.requests_on(s.worker_id)} "
-                    f"hit={s.overlap_blocks} prefill={s.prefill_blocks:.0f} "
+                    f"hit={s.overlap_blocks} demand={self.hit_demand(s.worker_id)} "
+                    f"prefill={s.prefill_blocks:.0f} "
                     f"pending={self.pending_prefill(s.worker_id):.0f} "
                     f"reported={self._reported_active(s.worker_id)} "
                     f"routed={self.own_blocks(s.worker_id)} decode={s.active_blocks} "
@@ -431,6 +475,20 @@ class KvRouter:
             )  # fmt: skip
         self._last_routed[card.worker_id] = now
         return card
+
+    def _note_hit(self, worker_id: str) -> None:
+        self._recent_hits.append(worker_id)
+        self._hit_demand[worker_id] += 1
+        if len(self._recent_hits) > _RECENT_HITS:
+            oldest = self._recent_hits.popleft()
+            self._hit_demand[oldest] -= 1
+            if not self._hit_demand[oldest]:
+                del self._hit_demand[oldest]
+
+    def hit_demand(self, worker_id: str) -> int:
+        """How many of the latest cache hits went to `worker_id`: how many requests its
+        cached prefixes draw, each of which waits for any prefill it starts meanwhile."""
+        return self._hit_demand.get(worker_id, 0)
 
     def _pick(self, scores: list[WorkerScore], prompt_blocks: int) -> WorkerScore:
         best = min(scores, key=lambda s: s.cost)
@@ -449,12 +507,16 @@ class KvRouter:
             if len(tied) == 1:
                 return tied[0]
             # the least prefill ahead (time to first token is made of it), then the least
-            # recently routed: its earlier requests have had the longest to prefill
-            last = self._last_routed
+            # demand for its cache (the hits that would wait for this prefill), then the
+            # least recently routed: its earlier requests have had the longest to prefill
+            last, demand = self._last_routed, self._hit_demand
             return min(
                 tied,
-                key=lambda s: (s.prefill_blocks, last.get(s.worker_id, -math.inf), s.worker_id),
-            )
+                key=lambda s: (
+                    s.prefill_blocks, demand.get(s.worker_id, 0),
+                    last.get(s.worker_id, -math.inf), s.worker_id,
+                ),
+            )  # fmt: skip
         weights = [math.exp(-(score.cost - lowest) / temperature) for score in scores]
         return self._random.choices(scores, weights=weights, k=1)[0]
 

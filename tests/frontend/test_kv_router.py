@@ -250,6 +250,33 @@ def test_the_band_never_trades_a_cache_hit_for_taking_turns() -> None:
     assert router.choose([card("a"), card("b")], req("hit")).worker_id == "a"
 
 
+def test_a_prompt_cached_nowhere_goes_where_fewest_hits_would_wait_for_it() -> None:
+    """Idle workers tie on a new prompt; a's cache draws the hits (three of the latest),
+    and every hit arriving while it computes the prompt would wait for it there. Taking
+    turns sent it to a (routed to longest ago): issue 14, in-process replays of
+    system_prompts, hits queued behind such a miss on a hot worker."""
+    clock = Clock()
+    router, index, _ = make(clock=clock)
+    index.store("a", HASHES)
+    clock.now = 1.0
+    for i in range(3):
+        assert router.choose([card("a"), card("b")], req(f"hit{i}")).worker_id == "a"
+        router.request_prefilled(f"hit{i}")
+        router.request_finished(f"hit{i}")
+    clock.now = 2.0
+    router.choose([card("b")], req("b-old", OTHER))
+    router.request_finished("b-old")
+    clock.now = 3.0
+    assert router.choose([card("a"), card("b")], req("new", _fresh(5))).worker_id == "b"
+    assert (router.hit_demand("a"), router.hit_demand("b")) == (3, 0)
+    # only the latest hits count: what users ask shifts
+    index.store("b", HASHES)
+    for i in range(64):
+        router.choose([card("b")], req(f"b{i}"))
+        router.request_finished(f"b{i}")
+    assert (router.hit_demand("a"), router.hit_demand("b")) == (0, 64)
+
+
 # ----- pending prefill: progress at the measured rate ---------------------------------------
 def _fresh(i: int, blocks: int = 8) -> list[int]:
     return [*range(60000 + 2000 * i, 60000 + 2000 * i + 16 * blocks)]

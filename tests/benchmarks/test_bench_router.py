@@ -1,0 +1,21 @@
+"""bench_router's workloads measure what issue 14's goals name."""
+
+from __future__ import annotations
+
+from benchmarks.bench_router import http_workloads, parse_args, working_set_blocks
+from contract.config import load_config
+from frontend.tokenization import TextTokenizer
+
+
+def test_small_cache_fits_all_caches_together_but_not_one(tokenizer: TextTokenizer) -> None:
+    """The case a KV router is for: the prompts' blocks fit in the workers' caches together
+    but not in one, so placing each prefix on one worker can keep it cached and spreading it
+    cannot. With fewer blocks in all caches than in the prompts (700 blocks a worker until
+    issue 14's third round) some prompt is evicted whatever the router does."""
+    args = parse_args(["--http-requests", "160"])
+    block_size = load_config(args.config, environ={}).engine.block_size
+    needed = working_set_blocks(http_workloads(args)["small_cache"], tokenizer, block_size)
+    per_worker = args.http_small_cache_blocks
+    assert per_worker * args.workers >= 1.1 * needed  # room for the running requests too
+    assert per_worker < needed / 4  # each worker must leave most prompts to the others
+    assert per_worker < args.http_num_blocks  # smaller caches than system_prompts'
