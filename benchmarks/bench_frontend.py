@@ -510,7 +510,7 @@ async def run_dynamo(venv: Path, requests: int, speedup: float, router: str) -> 
 def frontend_from(tree: Path, config_file: Path, log: Path, overrides: list[str]):
     """A second frontend process, run from `tree` (another checkout: the code before a
     change; or this one with other settings, `overrides`), serving the same deployment (its
-    config file) on a free port; yields its URL."""
+    config file) on a free port; yields (its URL, its pid)."""
     port = free_port("127.0.0.1")
     env = dict(
         os.environ, PYTHONPATH=os.pathsep.join([str(tree), os.environ.get("PYTHONPATH", "")])
@@ -528,7 +528,7 @@ def frontend_from(tree: Path, config_file: Path, log: Path, overrides: list[str]
             if time.monotonic() > deadline or proc.poll() is not None:
                 raise RuntimeError(f"the frontend from {tree} did not come up; log {log}")
             time.sleep(0.1)
-        yield url + "/v1/chat/completions"
+        yield url + "/v1/chat/completions", proc.pid
     finally:
         proc.terminate()
         try:
@@ -557,7 +557,10 @@ async def c1_ab(args: argparse.Namespace) -> None:
         config_b = deployment.run_dir / "config-b.yaml"
         resolved = deployment.config.model_dump(mode="json", exclude_defaults=True)
         config_b.write_text(yaml.safe_dump(resolved, sort_keys=False))
-        with frontend_from(tree, config_b, log, args.ab_set) as other:
+        pid_a = next(m.pid for p, m in deployment.processes if p.name.startswith("frontend"))
+        with frontend_from(tree, config_b, log, args.ab_set) as (other, pid_b):
+            pids = {"A": pid_a, "B": pid_b}
+            cpu: dict[str, float] = {"A": 0.0, "B": 0.0}  # their CPU seconds in the blocks
             async with bare_uvicorn() as bare:
                 urls = {"A": deployment.url + "/chat/completions", "B": other, "bare": bare}
                 scenario = Scenario("c1", False, 16, 1, 1.0)
@@ -569,8 +572,11 @@ async def c1_ab(args: argparse.Namespace) -> None:
                 for index in range(rounds):
                     order = ["B", "A"] if index % 2 == 0 else ["A", "B"]
                     for name in [*order, "bare"]:
+                        before = cpu_seconds([pids[name]]) if name in pids else 0.0
                         load = await drive(urls[name], model, scenario, block)
                         latencies[name].append(load.latencies)
+                        if name in pids:
+                            cpu[name] += cpu_seconds([pids[name]]) - before
                     latencies["direct"].append(
                         await direct_worker_latencies(nats_url, subject, block)
                     )
@@ -594,9 +600,12 @@ async def c1_ab(args: argparse.Namespace) -> None:
     print(f"  {'all':<6} {every['A']:7.3f} {every['B']:7.3f} {every['direct']:7.3f} "
           f"{every['bare']:7.3f} {a_added:10.3f} {b_added:10.3f} "
           f"{b_added / a_added:8.2f}")  # fmt: skip
+    cpu_a, cpu_b = (1000 * cpu[k] / (rounds * block) for k in ("A", "B"))
+    print(f"  frontend CPU per c=1 request (ms): A {cpu_a:.3f}, B {cpu_b:.3f}")
     print(
         f"frontend_c1_ab a_added_ms={a_added:.3f} b_added_ms={b_added:.3f} "
-        f"b_over_a={b_added / a_added:.2f} bare_ms={every['bare']:.3f} cores={os.cpu_count()}"
+        f"b_over_a={b_added / a_added:.2f} a_cpu_ms={cpu_a:.3f} b_cpu_ms={cpu_b:.3f} "
+        f"b_cpu_over_a={cpu_b / cpu_a:.2f} bare_ms={every['bare']:.3f} cores={os.cpu_count()}"
     )
 
 

@@ -180,7 +180,7 @@ def create_app(config: DeploymentConfig) -> FastAPI:
             status = "400"
             raise
         finally:
-            state.metrics.requests.labels(endpoint, status).inc()
+            state.metrics.count_request(endpoint, status)
             if not streaming:
                 state.metrics.in_flight.dec()
 

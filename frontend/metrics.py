@@ -87,6 +87,7 @@ class FrontendMetrics:
             ["endpoint", "status"],
             registry=self.registry,
         )
+        self._request_children: dict[tuple[str, str], Counter] = {}
         self.in_flight = Gauge(
             "hpcserve_frontend_requests_in_flight",
             "requests being served now",
@@ -163,6 +164,15 @@ class FrontendMetrics:
             registry=self.registry,
             multiprocess_mode="livesum",
         )
+
+    def count_request(self, endpoint: str, status: str) -> None:
+        """One more `requests` sample; the labelled child is kept (`labels()` takes a lock
+        and builds its key on every call: a measurable part of a c=1 request's metrics)."""
+        child = self._request_children.get((endpoint, status))
+        if child is None:
+            child = self.requests.labels(endpoint, status)
+            self._request_children[(endpoint, status)] = child
+        child.inc()
 
     def track_kv_index(self, num_blocks: Callable[[], int]) -> None:
         """Expose the KV router's index size (read at scrape time)."""

@@ -13,7 +13,7 @@ import time
 from collections.abc import Awaitable
 from typing import Any, TypeVar
 
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 
 from contract.discovery import WorkerCard
@@ -154,18 +154,27 @@ async def handle(state: FrontendState, request: Request, kind: Kind) -> Response
 
 async def _read_body(request: Request, limit: int) -> bytes:
     """The body, or a 413 as soon as it is known to pass `limit` bytes (a declared
-    Content-Length before reading anything, else while reading)."""
+    Content-Length before reading anything, else while reading). Read from the ASGI
+    messages themselves: Starlette's `request.stream()` is an async generator around the
+    same loop, a few µs more per request for nothing here."""
     declared = request.headers.get("content-length", "")
     if declared.isdigit() and int(declared) > limit:
         raise errors.request_too_large(limit)
+    receive = request.receive
     parts: list[bytes] = []
     size = 0
-    async for part in request.stream():
-        size += len(part)
-        if size > limit:
-            raise errors.request_too_large(limit)
-        parts.append(part)
-    return b"".join(parts)
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            raise ClientDisconnect()
+        part = message.get("body", b"")
+        if part:
+            size += len(part)
+            if size > limit:
+                raise errors.request_too_large(limit)
+            parts.append(part)
+        if not message.get("more_body", False):
+            return parts[0] if len(parts) == 1 else b"".join(parts)
 
 
 def _refuse_what_cannot_fit(

@@ -27,7 +27,7 @@ from frontend.tokenization import (
     StopMatcher,
     TextTokenizer,
 )
-from frontend.worker_client import RequestStream, WorkerClient, WorkerLost
+from frontend.worker_client import Inbox, RequestStream, WorkerClient, WorkerLost
 
 CHAT: dict[str, Any] = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
 
@@ -464,3 +464,27 @@ async def test_busy_poll_runs_while_requests_wait_and_not_past_its_time() -> Non
     default._streams["r1"] = RequestStream(default, card, "r1")
     default._on_batch(reply)
     assert not default.busy_polling
+
+
+async def test_inbox_hands_items_over_in_order_and_survives_a_cancelled_reader() -> None:
+    inbox = Inbox()
+    assert inbox.empty()
+    with pytest.raises(asyncio.QueueEmpty):
+        inbox.get_nowait()
+    reader = asyncio.ensure_future(inbox.get())
+    await asyncio.sleep(0)
+    reader.cancel()  # a request cancelled while it waited (client gone, deadline)
+    with pytest.raises(asyncio.CancelledError):
+        await reader
+    inbox.put_nowait("a")  # no error for the cancelled waiter; the item is kept
+    inbox.put_nowait("b")
+    assert not inbox.empty()
+    assert await inbox.get() == "a"
+    waiting = asyncio.ensure_future(inbox.get())
+    assert await waiting == "b"
+    late = asyncio.ensure_future(inbox.get())
+    await asyncio.sleep(0)
+    assert not late.done()
+    asyncio.get_running_loop().call_soon(inbox.put_nowait, "c")
+    assert await asyncio.wait_for(late, 1) == "c"
+    assert inbox.empty()
