@@ -111,13 +111,55 @@ class WorkerScore:
     cost: float
 
 
-@dataclass
 class _InFlight:
-    worker_id: str
-    hashes: list[int]  # the prompt's full-block hashes (at the worker's block size)
-    blocks: int  # all the prompt's blocks, the partial last one included
-    prefill: int  # blocks still to compute when routed; 0 once the first output came
-    since: float  # when it was routed
+    """One of our requests on a worker, from routing to its finish."""
+
+    __slots__ = ("blocks", "hashes", "prefill", "since", "worker_id")
+
+    def __init__(
+        self, worker_id: str, hashes: list[int], blocks: int, prefill: int, since: float
+    ) -> None:
+        self.worker_id = worker_id
+        self.hashes = hashes  # the prompt's full-block hashes (at the worker's block size)
+        self.blocks = blocks  # all the prompt's blocks, the partial last one included
+        self.prefill = prefill  # blocks still to compute when routed; 0 once it first output
+        self.since = since  # when it was routed
+
+
+class _Terms:
+    """The cost terms of one choice, one list entry per candidate in the candidates' order
+    (plain lists: a WorkerScore per candidate cost more than the scoring itself, and only
+    tests, benchmarks and the debug log read them: `scores` builds them)."""
+
+    __slots__ = ("actives", "candidates", "costs", "min_block_size", "overlaps", "prefills")
+
+    def __init__(
+        self,
+        candidates: Sequence[WorkerCard],
+        overlaps: list[int],
+        prefills: list[float],
+        actives: list[int],
+        costs: list[float],
+        min_block_size: int,
+    ) -> None:
+        self.candidates = candidates
+        self.overlaps = overlaps  # cached prefix blocks
+        self.prefills = prefills  # the prefill term, before prefill_load_scale
+        self.actives = actives  # the decode term: footprint + new blocks
+        self.costs = costs
+        self.min_block_size = min_block_size
+
+    def scores(self) -> list[WorkerScore]:
+        return [
+            WorkerScore(card.worker_id, *terms)
+            for card, *terms in zip(
+                self.candidates, self.overlaps, self.prefills, self.actives, self.costs,
+                strict=True,
+            )
+        ]  # fmt: skip
+
+
+_NOTHING_RELEASED: tuple[object, int] = (None, 0)
 
 
 class PrefillRate:
@@ -191,7 +233,7 @@ class KvRouter:
         # many of them each got (its cache's demand)
         self._recent_hits: deque[str] = deque()
         self._hit_demand: Counter[str] = Counter()
-        self.last_scores: list[WorkerScore] = []
+        self._last_terms: _Terms | None = None
         tracker.finish_listeners.append(self.request_finished)
         tracker.prefill_listeners.append(self.request_prefilled)
 
@@ -209,7 +251,7 @@ class KvRouter:
         self._recent_hits = deque(w for w in self._recent_hits if w in workers)
         tables = (
             self._released, self._silent_since, self._prefill_start, self._prefill_rate,
-            self._prefill_queue,
+            self._prefill_queue, self._footprint,
         )  # fmt: skip
         for table in tables:
             for worker_id in list(table):
@@ -265,15 +307,22 @@ class KvRouter:
         if entry is None:
             return
         worker_id = entry.worker_id
+        partial = entry.blocks - len(entry.hashes)
+        freed = partial  # blocks only this request held: its partial one, and ...
+        footprint = self._footprint.get(worker_id)
+        if footprint is not None:
+            for h in entry.hashes:
+                left = footprint.get(h, 0) - 1
+                if left > 0:
+                    footprint[h] = left
+                else:  # ... the full ones no other of our requests there holds
+                    footprint.pop(h, None)
+                    freed += 1
         report = self.tracker.metrics.get(worker_id)
-        seen, released = self._released.get(worker_id, (None, 0))
-        footprint = self._footprint.get(worker_id, Counter())
-        freed = sum(1 for h in set(entry.hashes) if footprint.get(h, 0) == 1)
-        freed += entry.blocks - len(entry.hashes)
-        released = released + freed if seen is report else freed
-        self._released[worker_id] = (report, released)
-        _subtract(self._footprint, worker_id, entry.hashes)
-        self._add(self._partial, worker_id, -(entry.blocks - len(entry.hashes)))
+        seen, released = self._released.get(worker_id, _NOTHING_RELEASED)
+        self._released[worker_id] = (report, released + freed if seen is report else freed)
+        if partial:
+            self._add(self._partial, worker_id, -partial)
         if entry.prefill:  # ended before its first output
             self._add(self._pending, worker_id, -entry.prefill)
             if entry is self._prefill_head(worker_id):  # the worker moves on now
@@ -290,8 +339,13 @@ class KvRouter:
 
     def _forget_stale(self, now: float) -> None:
         """Requests routed but never sent (e.g. rejected as too long) must not count forever."""
+        if not self._in_flight:
+            return
+        oldest = next(iter(self._in_flight.values()))  # in routing order: oldest first
+        if now - oldest.since <= self._forget_after_s:
+            return
         stale = []
-        for request_id, entry in self._in_flight.items():  # in routing order: oldest first
+        for request_id, entry in self._in_flight.items():
             if now - entry.since <= self._forget_after_s:
                 break
             stale.append(request_id)
@@ -357,6 +411,11 @@ class KvRouter:
             )  # fmt: skip
 
     # ----- choosing ------------------------------------------------------------------------
+    @property
+    def last_scores(self) -> list[WorkerScore]:
+        """How each candidate of the last `choose` scored (tests, benchmarks)."""
+        return self._last_terms.scores() if self._last_terms is not None else []
+
     def scores(
         self,
         candidates: Sequence[WorkerCard],
@@ -364,31 +423,73 @@ class KvRouter:
         media: Sequence[MediaRef] = (),
         by_size: dict[int, list[int]] | None = None,
     ) -> list[WorkerScore]:
-        """`media`: the request's images (their blocks hash the image too: a different
-        image is no prefix hit, the same one is). `by_size`: filled with the prompt's
-        hashes at each candidate block size (for the caller to reuse)."""
-        credit, scale = self.config.overlap_credit, self.config.load_scale
-        uncached_weight = self.config.uncached_weight
+        """Each candidate's cost terms for a prompt, without routing it. `media`: the
+        request's images (their blocks hash the image too: a different image is no prefix
+        hit, the same one is). `by_size`: filled with the prompt's hashes at each candidate
+        block size (for the caller to reuse)."""
         if by_size is None:
             by_size = {}
-        overlaps = self._overlaps(candidates, token_ids, media, by_size)
+        return self._terms(candidates, token_ids, media, by_size).scores()
+
+    def _terms(
+        self,
+        candidates: Sequence[WorkerCard],
+        token_ids: Sequence[int],
+        media: Sequence[MediaRef],
+        by_size: dict[int, list[int]],
+    ) -> _Terms:
+        """The cost model of the module docstring, every candidate in one loop (on the
+        request path: one dict lookup per table, no call per candidate unless it has
+        prefill pending or a report)."""
+        config = self.config
+        credit, scale, weight = config.overlap_credit, config.load_scale, config.uncached_weight
+        cached_blocks = self._overlaps(candidates, token_ids, media, by_size)
+        footprints, partials, pendings = self._footprint, self._partial, self._pending
+        metrics, releases = self.tracker.metrics, self._released
         peer_blocks = self.tracker.peer_blocks
-        result = []
+        tokens = len(token_ids)
+        overlaps: list[int] = []
+        prefills: list[float] = []
+        actives: list[int] = []
+        costs: list[float] = []
         for card in candidates:
-            worker_id = card.worker_id
-            hashes = by_size[card.block_size]
-            total = -(-len(token_ids) // card.block_size)
-            overlap = overlaps[worker_id]
-            footprint = self._footprint.get(worker_id)
-            new = total - sum(map(footprint.__contains__, hashes)) if footprint else total
-            uncached = max(total - credit * overlap, 0.0)
-            prefill = self.pending_prefill(worker_id) + uncached_weight * uncached
+            worker_id, size = card.worker_id, card.block_size
+            total = -(-tokens // size)
+            overlap = cached_blocks[worker_id]
+            own = partials.get(worker_id, 0)  # our in-flight prompts' distinct blocks there
+            new = total  # the prompt's blocks it does not hold for a running request yet
+            footprint = footprints.get(worker_id)
+            if footprint:
+                hashes = by_size[size]
+                own += len(footprint)
+                new -= sum(map(footprint.__contains__, hashes))
+                if overlap < len(hashes):  # our prompts' events still on the way
+                    depth = 0
+                    for h in hashes:
+                        if h not in footprint:
+                            break
+                        depth += 1
+                    overlap = max(overlap, depth)
+            uncached = total - credit * overlap
+            prefill = weight * uncached if uncached > 0 else 0.0
+            if worker_id in pendings:
+                prefill = self.pending_prefill(worker_id) + prefill
             # this process's routed blocks and the other frontend processes' (load_share)
-            routed = self.own_blocks(worker_id) + peer_blocks.get(worker_id, 0)
-            active = max(self._reported_active(worker_id), routed) + new
-            cost = scale * prefill + active
-            result.append(WorkerScore(worker_id, overlap, prefill, active, cost))
-        return result
+            routed = own + peer_blocks.get(worker_id, 0)
+            report = metrics.get(worker_id)
+            if report is not None:
+                reported = report.active_blocks
+                seen, released = releases.get(worker_id, _NOTHING_RELEASED)
+                if seen is report:  # the report predates these finishes: it still counts them
+                    reported = reported - released if reported > released else 0
+                if reported > routed:
+                    routed = reported
+            active = routed + new
+            overlaps.append(overlap)
+            prefills.append(prefill)
+            actives.append(active)
+            costs.append(scale * prefill + active)
+        return _Terms(candidates, overlaps, prefills, actives, costs, min(by_size))
 
     def _overlaps(
         self,
@@ -397,84 +498,98 @@ class KvRouter:
         media: Sequence[MediaRef],
         by_size: dict[int, list[int]],
     ) -> dict[str, int]:
-        """Each candidate's cached prefix of the prompt, in blocks: one walk of the index
-        per block size for all candidates that publish KV events (one walk per candidate
-        cost ~4 us each at 8 workers, on the c=1 path), the routed-prompt index for the
-        others; a prefix our in-flight requests put there counts even before its events."""
-        groups: dict[tuple[int, bool], list[str]] = {}
-        sizes: dict[str, int] = {}
-        for card in candidates:
-            size = sizes[card.worker_id] = card.block_size
+        """Each candidate's cached prefix of the prompt in blocks, as its KV events say (the
+        routed-prompt index for a worker that publishes none): one walk of the index per
+        block size for all candidates (one walk per candidate cost ~4 us each at 8 workers,
+        on the c=1 path); the prompt is hashed once per block size."""
+        worker_ids = [card.worker_id for card in candidates]
+        sizes = {card.block_size for card in candidates}
+        publishes = self._publishes
+        silent = () if publishes is None else [w for w in worker_ids if not publishes(w)]
+        for size in sizes:
             if size not in by_size:
                 by_size[size] = prompt_hashes(token_ids, size, media)
-            groups.setdefault((size, self.publishes(card.worker_id)), []).append(card.worker_id)
+        if len(sizes) == 1 and not silent:  # the usual case
+            return self.index.overlaps(by_size[candidates[0].block_size], worker_ids)
+        groups: dict[tuple[int, bool], list[str]] = {}
+        for card in candidates:
+            key = (card.block_size, card.worker_id not in silent)
+            groups.setdefault(key, []).append(card.worker_id)
         result: dict[str, int] = {}
-        for (size, publishes), worker_ids in groups.items():
-            index = self.index if publishes else self.routed
-            result.update(index.overlaps(by_size[size], worker_ids))
-        for worker_id, cached in result.items():
-            in_flight = self._footprint.get(worker_id)
-            if not in_flight:
-                continue
-            hashes = by_size[sizes[worker_id]]
-            if cached < len(hashes):  # events still on the way, or not yet stored
-                depth = 0
-                for h in hashes:
-                    if h not in in_flight:
-                        break
-                    depth += 1
-                result[worker_id] = max(cached, depth)
+        for (size, publishing), group in groups.items():
+            index = self.index if publishing else self.routed
+            result.update(index.overlaps(by_size[size], group))
         return result
 
     def choose(self, candidates: Sequence[WorkerCard], request: Any) -> WorkerCard:
         token_ids: Sequence[int] = request.token_ids
         media: Sequence[MediaRef] = getattr(request, "media", ())
         by_size: dict[int, list[int]] = {}
-        scores = self.scores(candidates, token_ids, media, by_size)
-        self.last_scores = scores
-        size = min(card.block_size for card in candidates)
-        pick = self._pick(scores, -(-len(token_ids) // size))
-        card = next(c for c in candidates if c.worker_id == pick.worker_id)
+        terms = self._last_terms = self._terms(candidates, token_ids, media, by_size)
+        picked = self._pick(terms, -(-len(token_ids) // terms.min_block_size))
+        card = candidates[picked]
+        worker_id = card.worker_id
+        overlap = terms.overlaps[picked]
         now = self._clock()
         self._forget_stale(now)
         hashes = by_size[card.block_size]
-        if not self.publishes(card.worker_id):  # scored from its events otherwise
-            self.routed.routed(card.worker_id, hashes, now)
+        if not self.publishes(worker_id):  # scored from its events otherwise
+            self.routed.routed(worker_id, hashes, now)
         request_id = getattr(request, "request_id", None)
         if request_id is not None:
-            self._drop(request_id)
-            worker_id = card.worker_id
-            blocks = -(-len(token_ids) // card.block_size)
-            prefill = max(blocks - pick.overlap_blocks, 1)
-            if not self._pending.get(worker_id):
-                self._prefill_start[worker_id] = now
-                self._prefill_queue.pop(worker_id, None)
-            entry = _InFlight(worker_id, hashes, blocks, prefill, now)
-            self._in_flight[request_id] = entry
-            self._prefill_queue.setdefault(worker_id, deque()).append(entry)
-            self._footprint.setdefault(worker_id, Counter()).update(hashes)
-            self._add(self._partial, worker_id, blocks - len(hashes))
-            self._add(self._pending, worker_id, prefill)
-        if pick.overlap_blocks:
-            self._note_hit(card.worker_id)
+            self._start(request_id, worker_id, hashes, -(-len(token_ids) // card.block_size),
+                        overlap, now)  # fmt: skip
+        if overlap:
+            self._note_hit(worker_id)
         if logger.isEnabledFor(logging.DEBUG):  # what each candidate looked like, for tuning
-            logger.debug(
-                "kv route %s (client %s) → %s (overlap %d blocks, cost %.1f); candidates: %s",
-                request_id, getattr(request, "client_id", None), card.worker_id,
-                pick.overlap_blocks, pick.cost,
-                " ".join(
-                    f"{s.worker_id}[n={self.tracker.requests_on(s.worker_id)} "
-                    f"hit={s.overlap_blocks} demand={self.hit_demand(s.worker_id)} "
-                    f"prefill={s.prefill_blocks:.0f} "
-                    f"pending={self.pending_prefill(s.worker_id):.0f} "
-                    f"reported={self._reported_active(s.worker_id)} "
-                    f"routed={self.own_blocks(s.worker_id)} decode={s.active_blocks} "
-                    f"cost={s.cost:.0f} idle={now - self._last_routed.get(s.worker_id, now):.2f}s]"
-                    for s in scores
-                ),
-            )  # fmt: skip
-        self._last_routed[card.worker_id] = now
+            self._log_choice(request, terms, picked, now)
+        self._last_routed[worker_id] = now
         return card
+
+    def _start(
+        self, request_id: str, worker_id: str, hashes: list[int], blocks: int, overlap: int,
+        now: float,
+    ) -> None:  # fmt: skip
+        """Count a request routed to `worker_id` in its footprint and pending prefill."""
+        if request_id in self._in_flight:
+            self._drop(request_id)
+        prefill = max(blocks - overlap, 1)
+        pending = self._pending.get(worker_id, 0)
+        queue = self._prefill_queue.get(worker_id)
+        if queue is None:
+            queue = self._prefill_queue[worker_id] = deque()
+        if not pending:  # idle: it starts on this prompt now
+            self._prefill_start[worker_id] = now
+            queue.clear()
+        entry = _InFlight(worker_id, hashes, blocks, prefill, now)
+        self._in_flight[request_id] = entry
+        queue.append(entry)
+        footprint = self._footprint.get(worker_id)
+        if footprint is None:
+            footprint = self._footprint[worker_id] = Counter()
+        footprint.update(hashes)
+        if blocks > len(hashes):
+            self._partial[worker_id] = self._partial.get(worker_id, 0) + blocks - len(hashes)
+        self._pending[worker_id] = pending + prefill
+
+    def _log_choice(self, request: Any, terms: _Terms, picked: int, now: float) -> None:
+        scores = terms.scores()
+        pick = scores[picked]
+        logger.debug(
+            "kv route %s (client %s) → %s (overlap %d blocks, cost %.1f); candidates: %s",
+            getattr(request, "request_id", None), getattr(request, "client_id", None),
+            pick.worker_id, pick.overlap_blocks, pick.cost,
+            " ".join(
+                f"{s.worker_id}[n={self.tracker.requests_on(s.worker_id)} "
+                f"hit={s.overlap_blocks} demand={self.hit_demand(s.worker_id)} "
+                f"prefill={s.prefill_blocks:.0f} "
+                f"pending={self.pending_prefill(s.worker_id):.0f} "
+                f"reported={self._reported_active(s.worker_id)} "
+                f"routed={self.own_blocks(s.worker_id)} decode={s.active_blocks} "
+                f"cost={s.cost:.0f} idle={now - self._last_routed.get(s.worker_id, now):.2f}s]"
+                for s in scores
+            ),
+        )  # fmt: skip
 
     def _note_hit(self, worker_id: str) -> None:
         self._recent_hits.append(worker_id)
@@ -490,35 +605,38 @@ class KvRouter:
         cached prefixes draw, each of which waits for any prefill it starts meanwhile."""
         return self._hit_demand.get(worker_id, 0)
 
-    def _pick(self, scores: list[WorkerScore], prompt_blocks: int) -> WorkerScore:
-        best = min(scores, key=lambda s: s.cost)
-        lowest = best.cost
+    def _pick(self, terms: _Terms, prompt_blocks: int) -> int:
+        """The index of the chosen candidate."""
+        costs, prefills = terms.costs, terms.prefills
+        lowest = min(costs)
+        best = costs.index(lowest)  # the first cheapest, in the candidates' order
         temperature = self.config.router_temperature
-        if temperature <= 0:
-            band = self.config.tie_band * prompt_blocks
-            # a prefill holds up every request running where it lands: at most one more
-            # than at the cheapest (a hot worker's many hits share few blocks, but all wait)
-            most = self.tracker.requests_on(best.worker_id) + 1
-            tied = [
-                s for s in scores
-                if s.cost <= lowest + band and s.prefill_blocks <= best.prefill_blocks
-                and self.tracker.requests_on(s.worker_id) <= most
-            ]  # fmt: skip
-            if len(tied) == 1:
-                return tied[0]
-            # the least prefill ahead (time to first token is made of it), then the least
-            # demand for its cache (the hits that would wait for this prefill), then the
-            # least recently routed: its earlier requests have had the longest to prefill
-            last, demand = self._last_routed, self._hit_demand
-            return min(
-                tied,
-                key=lambda s: (
-                    s.prefill_blocks, demand.get(s.worker_id, 0),
-                    last.get(s.worker_id, -math.inf), s.worker_id,
-                ),
-            )  # fmt: skip
-        weights = [math.exp(-(score.cost - lowest) / temperature) for score in scores]
-        return self._random.choices(scores, weights=weights, k=1)[0]
+        if temperature > 0:
+            weights = [math.exp(-(cost - lowest) / temperature) for cost in costs]
+            return self._random.choices(range(len(costs)), weights=weights, k=1)[0]
+        candidates, requests_on = terms.candidates, self.tracker.requests_on
+        limit = lowest + self.config.tie_band * prompt_blocks
+        best_prefill = prefills[best]
+        # a prefill holds up every request running where it lands: at most one more than
+        # at the cheapest (a hot worker's many hits share few blocks, but all wait)
+        most = requests_on(candidates[best].worker_id) + 1
+        tied = [
+            i for i, cost in enumerate(costs)
+            if cost <= limit and prefills[i] <= best_prefill
+            and requests_on(candidates[i].worker_id) <= most
+        ]  # fmt: skip
+        if len(tied) == 1:
+            return tied[0]
+        # the least prefill ahead (time to first token is made of it), then the least
+        # demand for its cache (the hits that would wait for this prefill), then the least
+        # recently routed: its earlier requests have had the longest to prefill
+        last, demand = self._last_routed, self._hit_demand
+
+        def tie_break(i: int) -> tuple[float, int, float, str]:
+            worker_id = candidates[i].worker_id
+            return prefills[i], demand.get(worker_id, 0), last.get(worker_id, -math.inf), worker_id
+
+        return min(tied, key=tie_break)
 
 
 def prompt_hashes(
@@ -532,17 +650,3 @@ def prompt_hashes(
         ((ref.offset, ref.length, ref.content_hash) for ref in media), block_size
     )
     return block_hashes(token_ids, block_size, extras)
-
-
-def _subtract(table: dict[str, Counter[int]], worker_id: str, hashes: Sequence[int]) -> None:
-    counter = table.get(worker_id)
-    if counter is None:
-        return
-    for h in hashes:
-        left = counter.get(h, 0) - 1
-        if left > 0:
-            counter[h] = left
-        else:
-            counter.pop(h, None)
-    if not counter:
-        del table[worker_id]
