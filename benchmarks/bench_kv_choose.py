@@ -9,12 +9,12 @@ No I/O: a `KvIndex` filled by hand, a `LoadTracker`, the router. Two scenarios:
   of 4 system prompts (~600 tokens) plus a unique question; each request prefills (first
   output) and finishes 16 requests after it was routed.
 
-`--baseline PATH` times another version of `frontend/kv_router.py` too (e.g. main's, written
-out with `git show main:frontend/kv_router.py > /tmp/kv_router_main.py`), alternating the two
-in rounds so that machine load falls on both alike, and checks that both chose the same
-workers. Requests are built before the timing (their pydantic validation is not the router's).
+`--baseline DIR` times another tree's `frontend/kv_router.py` too (with its `kv_index.py` and
+`contract/block_hash.py`), e.g. main's checkout, alternating the two in rounds so that machine
+load falls on both alike, and checks that both chose the same workers. Requests are built
+before the timing (their pydantic validation is not the router's).
 
-    python benchmarks/bench_kv_choose.py [--baseline /tmp/kv_router_main.py] [--rounds 5]
+    python benchmarks/bench_kv_choose.py [--baseline /work/main] [--rounds 5]
 
 Last line: `kv_choose c1_us=<x> loaded_us=<y>` (and `c1_vs_baseline=<r> loaded_vs_baseline=<r>`,
 this tree's time / the baseline's: < 1 is faster).
@@ -39,7 +39,6 @@ from contract.config import KvRouterConfig
 from contract.discovery import WorkerCard
 from contract.messages import GenerateRequest, LoadMetrics
 from frontend import kv_router
-from frontend.kv_index import KvIndex
 from frontend.router import LoadTracker
 
 WORKERS = 8
@@ -53,8 +52,8 @@ def card(worker_id: str) -> WorkerCard:
     )  # fmt: skip
 
 
-def load_module(path: str) -> ModuleType:
-    spec = importlib.util.spec_from_file_location("kv_router_baseline", path)
+def load_module(path: Path, name: str) -> ModuleType:
+    spec = importlib.util.spec_from_file_location(name, path)
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module  # its dataclasses look their module up there
@@ -67,7 +66,7 @@ Scenario = Callable[[ModuleType, int], tuple[float, list[str]]]
 
 def c1(module: ModuleType, n: int) -> tuple[float, list[str]]:
     """Seconds for `n` requests at concurrency 1, and the workers chosen."""
-    index, tracker = KvIndex(), LoadTracker()
+    index, tracker = module.KvIndex(), LoadTracker()
     router = module.KvRouter(KvRouterConfig(), index, tracker, seed=7)
     cards = [card(f"w{i}") for i in range(WORKERS)]
     prompt = list(range(100, 140))
@@ -87,7 +86,7 @@ def c1(module: ModuleType, n: int) -> tuple[float, list[str]]:
 
 def loaded(module: ModuleType, n: int) -> tuple[float, list[str]]:
     """Seconds for `n` requests with 16 in flight (prefilled and finished 16 later)."""
-    index, tracker = KvIndex(), LoadTracker()
+    index, tracker = module.KvIndex(), LoadTracker()
     clock = iter(range(10**9)).__next__  # 1 s a request: deterministic prefill rates
     router = module.KvRouter(KvRouterConfig(), index, tracker, seed=7, clock=clock)
     cards = [card(f"w{i}") for i in range(WORKERS)]
@@ -119,13 +118,25 @@ def loaded(module: ModuleType, n: int) -> tuple[float, list[str]]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--baseline", help="another kv_router.py to time against this tree's")
+    parser.add_argument(
+        "--baseline",
+        help="another tree (its frontend/kv_router.py and contract/block_hash.py) to time "
+        "against this one",
+    )
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--requests", type=int, default=3000)
     args = parser.parse_args()
     modules = {"this": kv_router}
     if args.baseline:
-        modules["baseline"] = load_module(args.baseline)
+        tree = Path(args.baseline)
+        baseline = load_module(tree / "frontend/kv_router.py", "kv_router_baseline")
+        # and its block hashing, which prompt_hashes looks up in its module
+        hashing = load_module(tree / "contract/block_hash.py", "block_hash_baseline")
+        baseline.block_hashes = hashing.block_hashes
+        baseline.media_block_extras = hashing.media_block_extras
+        # and its KV index (the scenarios build `module.KvIndex`)
+        baseline.KvIndex = load_module(tree / "frontend/kv_index.py", "kv_index_baseline").KvIndex
+        modules["baseline"] = baseline
     scenarios: dict[str, Scenario] = {"c1": c1, "loaded": loaded}
     per_request: dict[tuple[str, str], list[float]] = {}
     for _ in range(args.rounds):

@@ -58,7 +58,7 @@ import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Collection, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -148,17 +148,18 @@ class OracleIndex(KvIndex):
         super().__init__()
         self._engines = engines
 
-    def overlaps(self, hashes: Sequence[int], candidates: Collection[str]) -> dict[str, int]:
-        scores = {}
-        for worker_id in candidates:
-            cached = self._engines[worker_id].block_manager._hash_to_block
+    def prefix_depths(self, hashes: Sequence[int]) -> dict[str, int]:
+        depths = {}
+        for worker_id, engine in self._engines.items():
+            cached = engine.block_manager._hash_to_block
             depth = 0
             for h in hashes:
                 if h not in cached:
                     break
                 depth += 1
-            scores[worker_id] = depth
-        return scores
+            if depth:
+                depths[worker_id] = depth
+        return depths
 
 
 def card_of(worker_id: str) -> WorkerCard:

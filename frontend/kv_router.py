@@ -443,11 +443,13 @@ class KvRouter:
         prefill pending or a report)."""
         config = self.config
         credit, scale, weight = config.overlap_credit, config.load_scale, config.uncached_weight
-        cached_blocks = self._overlaps(candidates, token_ids, media, by_size)
         footprints, partials, pendings = self._footprint, self._partial, self._pending
         metrics, releases = self.tracker.metrics, self._released
         peer_blocks = self.tracker.peer_blocks
         tokens = len(token_ids)
+        publishes = self._publishes
+        cached: dict[str, int] = {}  # worker -> its cached prefix in blocks, from KV events
+        cached_size = 0  # the block size `cached` is for (of workers that publish them)
         overlaps: list[int] = []
         prefills: list[float] = []
         actives: list[int] = []
@@ -455,12 +457,16 @@ class KvRouter:
         for card in candidates:
             worker_id, size = card.worker_id, card.block_size
             total = -(-tokens // size)
-            overlap = cached_blocks[worker_id]
+            hashes = by_size.get(size)
+            if hashes is None:  # hashed once per block size
+                hashes = by_size[size] = prompt_hashes(token_ids, size, media)
+            if size != cached_size or (publishes is not None and not publishes(worker_id)):
+                cached, cached_size = self._cached_prefixes(worker_id, size, hashes)
+            overlap = cached.get(worker_id, 0)
             own = partials.get(worker_id, 0)  # our in-flight prompts' distinct blocks there
             new = total  # the prompt's blocks it does not hold for a running request yet
             footprint = footprints.get(worker_id)
             if footprint:
-                hashes = by_size[size]
                 own += len(footprint)
                 new -= sum(map(footprint.__contains__, hashes))
                 if overlap < len(hashes):  # our prompts' events still on the way
@@ -491,35 +497,16 @@ class KvRouter:
             costs.append(scale * prefill + active)
         return _Terms(candidates, overlaps, prefills, actives, costs, min(by_size))
 
-    def _overlaps(
-        self,
-        candidates: Sequence[WorkerCard],
-        token_ids: Sequence[int],
-        media: Sequence[MediaRef],
-        by_size: dict[int, list[int]],
-    ) -> dict[str, int]:
-        """Each candidate's cached prefix of the prompt in blocks, as its KV events say (the
-        routed-prompt index for a worker that publishes none): one walk of the index per
-        block size for all candidates (one walk per candidate cost ~4 us each at 8 workers,
-        on the c=1 path); the prompt is hashed once per block size."""
-        worker_ids = [card.worker_id for card in candidates]
-        sizes = {card.block_size for card in candidates}
-        publishes = self._publishes
-        silent = () if publishes is None else [w for w in worker_ids if not publishes(w)]
-        for size in sizes:
-            if size not in by_size:
-                by_size[size] = prompt_hashes(token_ids, size, media)
-        if len(sizes) == 1 and not silent:  # the usual case
-            return self.index.overlaps(by_size[candidates[0].block_size], worker_ids)
-        groups: dict[tuple[int, bool], list[str]] = {}
-        for card in candidates:
-            key = (card.block_size, card.worker_id not in silent)
-            groups.setdefault(key, []).append(card.worker_id)
-        result: dict[str, int] = {}
-        for (size, publishing), group in groups.items():
-            index = self.index if publishing else self.routed
-            result.update(index.overlaps(by_size[size], group))
-        return result
+    def _cached_prefixes(
+        self, worker_id: str, size: int, hashes: list[int]
+    ) -> tuple[dict[str, int], int]:
+        """The prompt's cached prefix on each worker holding its first block, at this block
+        size: from the KV events (one walk of the index for all workers of that size), or for
+        a worker that publishes none, from the prompts routed to it (`cached_size` 0: this
+        walk serves that worker only)."""
+        if self.publishes(worker_id):
+            return self.index.prefix_depths(hashes), size
+        return self.routed.prefix_depths(hashes), 0
 
     def choose(self, candidates: Sequence[WorkerCard], request: Any) -> WorkerCard:
         token_ids: Sequence[int] = request.token_ids
