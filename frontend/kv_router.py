@@ -126,6 +126,20 @@ class _InFlight:
         self.since = since  # when it was routed
 
 
+class _OnWorker:
+    """Our in-flight requests on one worker, summed as they start, prefill and finish
+    (kept while there is one, so a worker without any costs one lookup to score)."""
+
+    __slots__ = ("footprint", "partial", "pending", "queue", "requests")
+
+    def __init__(self) -> None:
+        self.requests = 0
+        self.footprint: Counter[int] = Counter()  # their prompts' full-block hashes
+        self.partial = 0  # their prompts' partial last blocks
+        self.pending = 0  # prefill blocks not computed yet
+        self.queue: deque[_InFlight] = deque()  # oldest first (prefilled ones are skipped)
+
+
 class _Terms:
     """The cost terms of one choice, one list entry per candidate in the candidates' order
     (plain lists: a WorkerScore per candidate cost more than the scoring itself, and only
@@ -214,14 +228,10 @@ class KvRouter:
         self._forget_after_s = forget_after_s
         self._clock = clock
         self._in_flight: dict[str, _InFlight] = {}
-        self._footprint: dict[str, Counter[int]] = {}  # worker -> our prompts' block hashes
-        self._partial: dict[str, int] = {}  # worker -> our prompts' partial last blocks
-        self._pending: dict[str, int] = {}  # worker -> prefill blocks not computed yet
+        self._on_worker: dict[str, _OnWorker] = {}
         # worker -> when it started on its pending prefills (the first routed onto an idle
         # worker, or the last first output there), and how fast it computes them
         self._prefill_start: dict[str, float] = {}
-        # worker -> our requests routed there, oldest first (those prefilled are skipped)
-        self._prefill_queue: dict[str, deque[_InFlight]] = {}
         self._prefill_rate: dict[str, PrefillRate] = {}
         # worker -> (the report current when our requests finished, blocks they released)
         self._released: dict[str, tuple[object, int]] = {}
@@ -251,7 +261,6 @@ class KvRouter:
         self._recent_hits = deque(w for w in self._recent_hits if w in workers)
         tables = (
             self._released, self._silent_since, self._prefill_start, self._prefill_rate,
-            self._prefill_queue, self._footprint,
         )  # fmt: skip
         for table in tables:
             for worker_id in list(table):
@@ -292,7 +301,7 @@ class KvRouter:
                 request_id, worker_id, entry.prefill, now - began, now - entry.since,
                 rate.per_second,
             )  # fmt: skip
-        self._add(self._pending, worker_id, -entry.prefill)
+        self._on_worker[worker_id].pending -= entry.prefill
         entry.prefill = 0
         self._prefill_start[worker_id] = now
 
@@ -307,35 +316,29 @@ class KvRouter:
         if entry is None:
             return
         worker_id = entry.worker_id
+        on = self._on_worker[worker_id]
         partial = entry.blocks - len(entry.hashes)
         freed = partial  # blocks only this request held: its partial one, and ...
-        footprint = self._footprint.get(worker_id)
-        if footprint is not None:
-            for h in entry.hashes:
-                left = footprint.get(h, 0) - 1
-                if left > 0:
-                    footprint[h] = left
-                else:  # ... the full ones no other of our requests there holds
-                    footprint.pop(h, None)
-                    freed += 1
+        footprint = on.footprint
+        for h in entry.hashes:
+            left = footprint.get(h, 0) - 1
+            if left > 0:
+                footprint[h] = left
+            else:  # ... the full ones no other of our requests there holds
+                footprint.pop(h, None)
+                freed += 1
         report = self.tracker.metrics.get(worker_id)
         seen, released = self._released.get(worker_id, _NOTHING_RELEASED)
         self._released[worker_id] = (report, released + freed if seen is report else freed)
-        if partial:
-            self._add(self._partial, worker_id, -partial)
+        on.partial -= partial
         if entry.prefill:  # ended before its first output
-            self._add(self._pending, worker_id, -entry.prefill)
-            if entry is self._prefill_head(worker_id):  # the worker moves on now
+            on.pending -= entry.prefill
+            if entry is self._prefill_head(on):  # the worker moves on now
                 self._prefill_start[worker_id] = self._clock()
             entry.prefill = 0
-
-    @staticmethod
-    def _add(table: dict[str, int], worker_id: str, amount: int) -> None:
-        left = table.get(worker_id, 0) + amount
-        if left > 0:
-            table[worker_id] = left
-        else:
-            table.pop(worker_id, None)
+        on.requests -= 1
+        if not on.requests:
+            del self._on_worker[worker_id]
 
     def _forget_stale(self, now: float) -> None:
         """Requests routed but never sent (e.g. rejected as too long) must not count forever."""
@@ -354,7 +357,8 @@ class KvRouter:
 
     def own_blocks(self, worker_id: str) -> int:
         """The distinct KV blocks our in-flight requests' prompts hold on `worker_id`."""
-        return len(self._footprint.get(worker_id, ())) + self._partial.get(worker_id, 0)
+        on = self._on_worker.get(worker_id)
+        return len(on.footprint) + on.partial if on is not None else 0
 
     def pending_prefill(self, worker_id: str) -> float:
         """Prefill blocks our requests still wait for on `worker_id`: those routed there
@@ -364,19 +368,21 @@ class KvRouter:
         had just got it (issue 14: no-prefix load lost to round robin). The progress runs
         through the oldest prompt only, to its last block: an overdue prefill is not done
         until its first output says so, and the prompts after it have not started."""
-        pending = self._pending.get(worker_id, 0)
-        if not pending:
+        on = self._on_worker.get(worker_id)
+        if on is None or not on.pending:
             return 0
+        pending = on.pending
         rate = self._prefill_rate.get(worker_id)
         if rate is None or not self.config.prefill_progress:
             return pending
-        head = self._prefill_head(worker_id)
+        head = self._prefill_head(on)
         done = rate.per_second * max(self._clock() - self._prefill_start[worker_id], 0.0)
         return pending - min(done, head.prefill - 1.0) if head is not None else pending
 
-    def _prefill_head(self, worker_id: str) -> _InFlight | None:
-        """The oldest of our requests still prefilling on `worker_id` (the one it works on)."""
-        queue = self._prefill_queue.get(worker_id)
+    @staticmethod
+    def _prefill_head(on: _OnWorker) -> _InFlight | None:
+        """The oldest of our requests still prefilling on a worker (the one it works on)."""
+        queue = on.queue
         while queue and not queue[0].prefill:  # prefilled or gone: the next one's turn
             queue.popleft()
         return queue[0] if queue else None
@@ -443,7 +449,7 @@ class KvRouter:
         prefill pending or a report)."""
         config = self.config
         credit, scale, weight = config.overlap_credit, config.load_scale, config.uncached_weight
-        footprints, partials, pendings = self._footprint, self._partial, self._pending
+        on_worker = self._on_worker
         metrics, releases = self.tracker.metrics, self._released
         peer_blocks = self.tracker.peer_blocks
         tokens = len(token_ids)
@@ -463,22 +469,24 @@ class KvRouter:
             if size != cached_size or (publishes is not None and not publishes(worker_id)):
                 cached, cached_size = self._cached_prefixes(worker_id, size, hashes)
             overlap = cached.get(worker_id, 0)
-            own = partials.get(worker_id, 0)  # our in-flight prompts' distinct blocks there
+            own = 0  # our in-flight prompts' distinct blocks there
             new = total  # the prompt's blocks it does not hold for a running request yet
-            footprint = footprints.get(worker_id)
-            if footprint:
-                own += len(footprint)
-                new -= sum(map(footprint.__contains__, hashes))
-                if overlap < len(hashes):  # our prompts' events still on the way
-                    depth = 0
-                    for h in hashes:
-                        if h not in footprint:
-                            break
-                        depth += 1
-                    overlap = max(overlap, depth)
+            on = on_worker.get(worker_id)
+            if on is not None:
+                footprint = on.footprint
+                own = len(footprint) + on.partial
+                if footprint:
+                    new -= sum(map(footprint.__contains__, hashes))
+                    if overlap < len(hashes):  # our prompts' events still on the way
+                        depth = 0
+                        for h in hashes:
+                            if h not in footprint:
+                                break
+                            depth += 1
+                        overlap = max(overlap, depth)
             uncached = total - credit * overlap
             prefill = weight * uncached if uncached > 0 else 0.0
-            if worker_id in pendings:
+            if on is not None and on.pending:
                 prefill = self.pending_prefill(worker_id) + prefill
             # this process's routed blocks and the other frontend processes' (load_share)
             routed = own + peer_blocks.get(worker_id, 0)
@@ -541,23 +549,19 @@ class KvRouter:
         if request_id in self._in_flight:
             self._drop(request_id)
         prefill = max(blocks - overlap, 1)
-        pending = self._pending.get(worker_id, 0)
-        queue = self._prefill_queue.get(worker_id)
-        if queue is None:
-            queue = self._prefill_queue[worker_id] = deque()
-        if not pending:  # idle: it starts on this prompt now
+        on = self._on_worker.get(worker_id)
+        if on is None:
+            on = self._on_worker[worker_id] = _OnWorker()
+        if not on.pending:  # it starts on this prompt now
             self._prefill_start[worker_id] = now
-            queue.clear()
+            on.queue.clear()
         entry = _InFlight(worker_id, hashes, blocks, prefill, now)
         self._in_flight[request_id] = entry
-        queue.append(entry)
-        footprint = self._footprint.get(worker_id)
-        if footprint is None:
-            footprint = self._footprint[worker_id] = Counter()
-        footprint.update(hashes)
-        if blocks > len(hashes):
-            self._partial[worker_id] = self._partial.get(worker_id, 0) + blocks - len(hashes)
-        self._pending[worker_id] = pending + prefill
+        on.requests += 1
+        on.queue.append(entry)
+        on.footprint.update(hashes)
+        on.partial += blocks - len(hashes)
+        on.pending += prefill
 
     def _log_choice(self, request: Any, terms: _Terms, picked: int, now: float) -> None:
         scores = terms.scores()
