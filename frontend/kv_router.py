@@ -128,12 +128,11 @@ class _InFlight:
 
 class _OnWorker:
     """Our in-flight requests on one worker, summed as they start, prefill and finish
-    (kept while there is one, so a worker without any costs one lookup to score)."""
+    (one lookup per candidate to score; kept, empty, while the worker has none)."""
 
-    __slots__ = ("footprint", "partial", "pending", "queue", "requests")
+    __slots__ = ("footprint", "partial", "pending", "queue")
 
     def __init__(self) -> None:
-        self.requests = 0
         self.footprint: Counter[int] = Counter()  # their prompts' full-block hashes
         self.partial = 0  # their prompts' partial last blocks
         self.pending = 0  # prefill blocks not computed yet
@@ -261,6 +260,7 @@ class KvRouter:
         self._recent_hits = deque(w for w in self._recent_hits if w in workers)
         tables = (
             self._released, self._silent_since, self._prefill_start, self._prefill_rate,
+            self._on_worker,
         )  # fmt: skip
         for table in tables:
             for worker_id in list(table):
@@ -306,15 +306,19 @@ class KvRouter:
         self._prefill_start[worker_id] = now
 
     def request_finished(self, request_id: str) -> None:
-        entry = self._in_flight.get(request_id)
-        if entry is not None and entry.hashes:
-            self._note_silence(entry.worker_id)
-        self._drop(request_id)
+        entry = self._in_flight.pop(request_id, None)
+        if entry is not None:
+            if entry.hashes:
+                self._note_silence(entry.worker_id)
+            self._release(entry)
 
     def _drop(self, request_id: str) -> None:
         entry = self._in_flight.pop(request_id, None)
-        if entry is None:
-            return
+        if entry is not None:
+            self._release(entry)
+
+    def _release(self, entry: _InFlight) -> None:
+        """Take a request that left `_in_flight` out of its worker's sums."""
         worker_id = entry.worker_id
         on = self._on_worker[worker_id]
         partial = entry.blocks - len(entry.hashes)
@@ -336,9 +340,6 @@ class KvRouter:
             if entry is self._prefill_head(on):  # the worker moves on now
                 self._prefill_start[worker_id] = self._clock()
             entry.prefill = 0
-        on.requests -= 1
-        if not on.requests:
-            del self._on_worker[worker_id]
 
     def _forget_stale(self, now: float) -> None:
         """Requests routed but never sent (e.g. rejected as too long) must not count forever."""
@@ -557,7 +558,6 @@ class KvRouter:
             on.queue.clear()
         entry = _InFlight(worker_id, hashes, blocks, prefill, now)
         self._in_flight[request_id] = entry
-        on.requests += 1
         on.queue.append(entry)
         on.footprint.update(hashes)
         on.partial += blocks - len(hashes)
@@ -605,17 +605,18 @@ class KvRouter:
         if temperature > 0:
             weights = [math.exp(-(cost - lowest) / temperature) for cost in costs]
             return self._random.choices(range(len(costs)), weights=weights, k=1)[0]
-        candidates, requests_on = terms.candidates, self.tracker.requests_on
         limit = lowest + self.config.tie_band * prompt_blocks
         best_prefill = prefills[best]
+        tied = [
+            i for i, cost in enumerate(costs) if cost <= limit and prefills[i] <= best_prefill
+        ]  # fmt: skip
+        if len(tied) == 1:  # the cheapest alone
+            return best
         # a prefill holds up every request running where it lands: at most one more than
         # at the cheapest (a hot worker's many hits share few blocks, but all wait)
+        candidates, requests_on = terms.candidates, self.tracker.requests_on
         most = requests_on(candidates[best].worker_id) + 1
-        tied = [
-            i for i, cost in enumerate(costs)
-            if cost <= limit and prefills[i] <= best_prefill
-            and requests_on(candidates[i].worker_id) <= most
-        ]  # fmt: skip
+        tied = [i for i in tied if requests_on(candidates[i].worker_id) <= most]
         if len(tied) == 1:
             return tied[0]
         # the least prefill ahead (time to first token is made of it), then the least
