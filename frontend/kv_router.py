@@ -73,6 +73,14 @@ engine's. A worker that finished requests but published no KV event within
 routed to it. At debug level every decision is logged with each candidate's terms (requests
 on it, cached blocks, prefill, pending, reported and routed blocks, cost, time since it was
 last routed to).
+
+The request path is kept cheap (issue 14, fourth round: `choose` plus the finish at
+concurrency 1 over 8 workers cost ~0.47x of the per-candidate version, with the same
+decisions: benchmarks/bench_kv_choose.py, tests/frontend/test_kv_router_replay.py): the prompt
+is hashed once per block size, the KV index walked once per block size for all workers
+(`KvIndex.prefix_depths`), every candidate scored in one loop over per-worker sums of our
+requests that starting, prefilling and finishing keep up to date (`_OnWorker`: one lookup per
+candidate), and `WorkerScore`s are built only for tests, benchmarks and the debug log.
 """
 
 from __future__ import annotations
@@ -163,13 +171,13 @@ class _Terms:
         self.min_block_size = min_block_size
 
     def scores(self) -> list[WorkerScore]:
+        terms = zip(
+            self.candidates, self.overlaps, self.prefills, self.actives, self.costs, strict=True
+        )
         return [
-            WorkerScore(card.worker_id, *terms)
-            for card, *terms in zip(
-                self.candidates, self.overlaps, self.prefills, self.actives, self.costs,
-                strict=True,
-            )
-        ]  # fmt: skip
+            WorkerScore(card.worker_id, overlap, prefill, active, cost)
+            for card, overlap, prefill, active, cost in terms
+        ]
 
 
 _NOTHING_RELEASED: tuple[object, int] = (None, 0)
@@ -292,7 +300,9 @@ class KvRouter:
         worker_id = entry.worker_id
         now = self._clock()
         began = max(entry.since, self._prefill_start.get(worker_id, entry.since))
-        rate = self._prefill_rate.setdefault(worker_id, PrefillRate())
+        rate = self._prefill_rate.get(worker_id)
+        if rate is None:
+            rate = self._prefill_rate[worker_id] = PrefillRate()
         rate.add(entry.prefill, now - began)
         if logger.isEnabledFor(logging.DEBUG):
             logger.debug(
