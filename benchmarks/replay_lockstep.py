@@ -80,6 +80,8 @@ class Run:
     stacked: int = 0  # routed onto a worker running our request while another ran none
     ahead: list[int] = field(default_factory=list)  # our prefills ahead on the chosen worker
     workers: list[str] = field(default_factory=list)
+    # per request: (worker, routed at s, first output at the frontend s, finished s)
+    timeline: list[tuple[str, float, float, float]] = field(default_factory=list)
     duration_s: float = 0.0
 
     def p(self, q: float) -> float:
@@ -191,6 +193,7 @@ async def replay(policy: str, prompts: list[list[int]], args: argparse.Namespace
         tracker.finished(worker_id, request.request_id)
         assert first is not None
         run.ttft_ms.append((first - t0) * 1000.0)
+        run.timeline.append((worker_id, t0, first, loop.time()))
         await asyncio.sleep(hop())  # to the client, whose next request comes back as fast
 
     async def lane() -> None:
