@@ -471,12 +471,14 @@ class KvRouter:
         prefills: list[float] = []
         actives: list[int] = []
         costs: list[float] = []
+        size_now, total, hashes = 0, 0, []
         for card in candidates:
             worker_id, size = card.worker_id, card.block_size
-            total = -(-tokens // size)
-            hashes = by_size.get(size)
-            if hashes is None:  # hashed once per block size
-                hashes = by_size[size] = prompt_hashes(token_ids, size, media)
+            if size != size_now:  # the prompt at this block size (hashed once per size)
+                size_now, total = size, -(-tokens // size)
+                hashes = by_size.get(size)
+                if hashes is None:
+                    hashes = by_size[size] = prompt_hashes(token_ids, size, media)
             if size != cached_size or (publishes is not None and not publishes(worker_id)):
                 cached, cached_size = self._cached_prefixes(worker_id, size, hashes)
             overlap = cached.get(worker_id, 0)
@@ -539,7 +541,7 @@ class KvRouter:
         now = self._clock()
         self._forget_stale(now)
         hashes = by_size[card.block_size]
-        if not self.publishes(worker_id):  # scored from its events otherwise
+        if self._publishes is not None and not self._publishes(worker_id):  # else: its events
             self.routed.routed(worker_id, hashes, now)
         request_id = getattr(request, "request_id", None)
         if request_id is not None:
