@@ -16,8 +16,10 @@ before the timing (their pydantic validation is not the router's).
 
     python benchmarks/bench_kv_choose.py [--baseline /work/main] [--rounds 5]
 
-Last line: `kv_choose c1_us=<x> loaded_us=<y>` (and `c1_vs_baseline=<r> loaded_vs_baseline=<r>`,
-this tree's time / the baseline's, the median of the rounds' ratios: < 1 is faster).
+Last line: `kv_choose c1_us=<x> loaded_us=<y>` (the best rounds' µs per request) and with a
+baseline `c1_vs_baseline=<r> loaded_vs_baseline=<r>`: each tree's best round over the other's
+(< 1: faster; on a shared machine the best round is the least disturbed one, as in `timeit`;
+every round's ratio is printed too).
 """
 
 from __future__ import annotations
@@ -154,11 +156,11 @@ def main() -> None:
     for (scenario_name, name), values in per_request.items():
         median = statistics.median(values)
         sys.stdout.write(
-            f"{scenario_name:<7} {name:<9} µs/request median {median:6.1f} "
+            f"{scenario_name:<7} {name:<9} µs/request median {median:6.1f} best {min(values):6.1f} "
             f"(rounds: {' '.join(f'{v:.1f}' for v in values)})\n"
         )
         if name == "this":
-            summary[f"{scenario_name}_us"] = median
+            summary[f"{scenario_name}_us"] = min(values)  # the best round, as the ratios
     if args.baseline:
         for scenario_name in scenarios:
             pairs = zip(
@@ -166,12 +168,15 @@ def main() -> None:
                 per_request[(scenario_name, "baseline")],
                 strict=True,
             )
-            ratios = [this / base for this, base in pairs]  # each round's, then the median
+            ratios = [this / base for this, base in pairs]
+            best = min(per_request[(scenario_name, "this")]) / min(
+                per_request[(scenario_name, "baseline")]
+            )
             sys.stdout.write(
                 f"{scenario_name:<7} this / baseline per round: "
-                f"{' '.join(f'{r:.2f}' for r in ratios)}\n"
+                f"{' '.join(f'{r:.2f}' for r in ratios)}; best round / best round {best:.2f}\n"
             )
-            summary[f"{scenario_name}_vs_baseline"] = statistics.median(ratios)
+            summary[f"{scenario_name}_vs_baseline"] = best
         sys.stdout.write("the same choices in every round\n")
     sys.stdout.write(
         "kv_choose " + " ".join(f"{key}={value:.3f}" for key, value in summary.items()) + "\n"
