@@ -456,8 +456,8 @@ class KvRouter:
         by_size: dict[int, list[int]],
     ) -> _Terms:
         """The cost model of the module docstring, every candidate in one loop (on the
-        request path: one dict lookup per table, no call per candidate unless it has
-        prefill pending or a report)."""
+        request path: a few dict lookups per candidate, and a call only where our requests
+        have prefill pending)."""
         config = self.config
         credit, scale, weight = config.overlap_credit, config.load_scale, config.uncached_weight
         on_worker = self._on_worker
@@ -509,7 +509,7 @@ class KvRouter:
                 seen, released = releases.get(worker_id, _NOTHING_RELEASED)
                 if seen is report:  # the report predates these finishes: it still counts them
                     reported = reported - released if reported > released else 0
-                if reported > routed:
+                if reported > routed:  # the larger of the two footprints
                     routed = reported
             active = routed + new
             overlaps.append(overlap)
