@@ -272,6 +272,30 @@ def pin_process(pid: int, cpus: tuple[int, ...]) -> None:
                 os.sched_setaffinity(thread, cpus)
 
 
+def _spin(cpu: int) -> float:
+    """Seconds a fixed pure-Python loop (dict updates, the interpreter's own kind of work)
+    takes on `cpu`."""
+    os.sched_setaffinity(0, {cpu})
+    table: dict[int, int] = {}
+    t0 = time.perf_counter()
+    for i in range(2_000_000):
+        table[i & 1023] = table.get(i & 1023, 0) + i
+    return time.perf_counter() - t0
+
+
+def cpu_speed_when_busy(cpus: list[int]) -> tuple[float, float]:
+    """How much slower one CPU runs the same loop when all of `cpus` run it at once than
+    when it runs alone (mean and slowest CPU, as time ratios). Above 1: the CPUs share
+    something underneath (a virtual machine's CPUs on one physical core's hyperthreads, a
+    shared turbo budget), so N busy frontend CPUs are not N times one."""
+    from concurrent.futures import ProcessPoolExecutor
+
+    with ProcessPoolExecutor(len(cpus)) as pool:
+        alone = min(pool.submit(_spin, cpus[-1]).result() for _ in range(2))
+        together = list(pool.map(_spin, cpus))
+    return sum(together) / len(together) / alone, max(together) / alone
+
+
 def apply_layout(layout: CpuLayout, frontend_pids: list[int], other_pids: list[int]) -> None:
     """This process (and so the load clients it starts from now on) and `other_pids` on the
     rest's CPUs, frontend process i on its own."""
@@ -817,6 +841,10 @@ def pinning_plan(args: argparse.Namespace) -> tuple[list[tuple[int, ...]], int, 
           + ("a whole physical core (its siblings left idle)" if whole and threads != [1]
              else "one CPU of a physical core of its own" + (
                  "" if threads == [1] else " (its sibling CPUs go to the rest)")))  # fmt: skip
+    mean, worst = cpu_speed_when_busy([cpu for core in cores for cpu in core])
+    print(f"--pin: a pure-Python loop takes x{mean:.2f} as long (slowest CPU x{worst:.2f}) "
+          f"when all {cpus} CPUs run it at once as on one CPU alone: above 1, this machine's "
+          "CPUs slow each other down (the rows with many busy CPUs run slower CPUs)")  # fmt: skip
     return cores, rest_min, whole
 
 

@@ -121,3 +121,14 @@ def test_apply_layout_pins_processes_their_threads_and_children() -> None:
         for process in (frontend, other):
             process.kill()
             process.wait()
+
+
+@pytest.mark.skipif(not hasattr(os, "sched_setaffinity"), reason="needs Linux")
+def test_cpu_speed_when_busy_is_a_ratio_to_one_cpu_alone() -> None:
+    """The calibration --pin prints: one CPU alone against every CPU at once (a ratio of
+    seconds, so never far below 1: running together cannot make a CPU faster)."""
+    from benchmarks.bench_frontend import cpu_speed_when_busy
+
+    cpus = sorted(os.sched_getaffinity(0))[:2]
+    mean, worst = cpu_speed_when_busy(cpus)
+    assert 0.5 < mean <= worst
