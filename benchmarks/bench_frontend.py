@@ -826,10 +826,11 @@ def cores_table(results: list[Result], layout: CpuLayout | None = None) -> None:
             print(f"  {'':<24} requests share per process: {shares}; connections: {conns}")
 
 
-def pinning_plan(args: argparse.Namespace) -> tuple[list[tuple[int, ...]], int, bool]:
+def pinning_plan(args: argparse.Namespace) -> tuple[list[tuple[int, ...]], int, bool, float]:
     """--pin: this machine's cores (the CPUs this process may use, grouped by physical core),
-    the CPUs the rest keeps at least, and whether each frontend gets a whole physical core
-    (decided once for the sweep's widest row); printed."""
+    the CPUs the rest keeps at least, whether each frontend gets a whole physical core
+    (decided once for the sweep's widest row), and how much slower a CPU runs with all of
+    them busy; printed."""
     cores = physical_cores(os.sched_getaffinity(0))
     cpus = sum(len(core) for core in cores)
     rest_min = args.pin_rest_min if args.pin_rest_min is not None else cpus // 2
@@ -845,7 +846,7 @@ def pinning_plan(args: argparse.Namespace) -> tuple[list[tuple[int, ...]], int, 
     print(f"--pin: a pure-Python loop takes x{mean:.2f} as long (slowest CPU x{worst:.2f}) "
           f"when all {cpus} CPUs run it at once as on one CPU alone: above 1, this machine's "
           "CPUs slow each other down (the rows with many busy CPUs run slower CPUs)")  # fmt: skip
-    return cores, rest_min, whole
+    return cores, rest_min, whole, mean
 
 
 async def sweep(args: argparse.Namespace) -> None:
@@ -855,7 +856,7 @@ async def sweep(args: argparse.Namespace) -> None:
         concurrency = args.concurrency * (count if args.concurrency_per_process else 1)
         layout = None
         if plan is not None:
-            cores, rest_min, whole = plan
+            cores, rest_min, whole, _ = plan
             layout = plan_pinning(cores, count, rest_min, whole)
         results, _ = await run_hpcserve(args.requests, count, args.speedup, False,
                                         args.client_processes, args.router,
@@ -871,7 +872,8 @@ async def sweep(args: argparse.Namespace) -> None:
     last = args.sweep[-1]
     ratios = " ".join(f"x{n}={rate / rates[first]:.2f}" for n, rate in rates.items())
     scaling = rates[last] / rates[first]
-    print(f"frontend_workers_sweep {parts} {ratios} scaling_w{last}={scaling:.2f}")
+    pinned = "" if plan is None else f" pinned=1 busy_cpu_slowdown={plan[3]:.2f}"
+    print(f"frontend_workers_sweep {parts} {ratios} scaling_w{last}={scaling:.2f}{pinned}")
 
 
 def main() -> None:
