@@ -41,7 +41,8 @@ runs at the same load; a process's CPU per request grows as its load falls, see 
 process, its load clients, the simulated workers, NATS, etcd) the rest, so that the sweep
 measures the frontends with the cores they are given rather than the machine: the layout,
 read from /sys (hyperthread siblings), is printed; see `plan_pinning`.
-Last line there: `frontend_workers_sweep w1_req_s=... w2_req_s=... scaling_w<max>=<x>`.
+Last line there: `frontend_workers_sweep w1_req_s=... w2_req_s=... scaling_w<max>=<x>`
+(with `--pin` also `pinned=1 busy_cpu_slowdown=<how much slower a CPU runs with all busy>`).
 
 `--ab-tree CHECKOUT` instead measures the c=1 added latency of this tree's frontend (A) and
 of CHECKOUT's (B: the code before a change, or this tree with `--ab-set KEY=VALUE` config
