@@ -37,7 +37,12 @@ frontend CPU per streamed request / Dynamo's; y: hpcserve streamed req/s / Dynam
 
 (`--concurrency-per-process`: N processes get N x --concurrency in flight, so each process
 runs at the same load; a process's CPU per request grows as its load falls, see README.)
-Last line there: `frontend_workers_sweep w1_req_s=... w2_req_s=... scaling_w<max>=<x>`.
+`--pin` (Linux) gives each frontend process CPUs of its own and everything else (this
+process, its load clients, the simulated workers, NATS, etcd) the rest, so that the sweep
+measures the frontends with the cores they are given rather than the machine: the layout,
+read from /sys (hyperthread siblings), is printed; see `plan_pinning`.
+Last line there: `frontend_workers_sweep w1_req_s=... w2_req_s=... scaling_w<max>=<x>`
+(with `--pin` also `pinned=1 busy_cpu_slowdown=<how much slower a CPU runs with all busy>`).
 
 `--ab-tree CHECKOUT` instead measures the c=1 added latency of this tree's frontend (A) and
 of CHECKOUT's (B: the code before a change, or this tree with `--ab-set KEY=VALUE` config
@@ -160,6 +165,149 @@ def _descendants(pid: int) -> list[int]:
     for child in list(found):
         found += _descendants(child)
     return found
+
+
+# ---- CPU pinning (--pin) ---------------------------------------------------------------
+
+
+def parse_cpu_list(text: str) -> list[int]:
+    """A kernel CPU list ("0-3,8,10-11") as CPU numbers."""
+    cpus: list[int] = []
+    for part in text.strip().split(","):
+        if not part:
+            continue
+        first, _, last = part.partition("-")
+        cpus.extend(range(int(first), int(last or first) + 1))
+    return cpus
+
+
+def physical_cores(
+    cpus: set[int], sys_cpu: Path = Path("/sys/devices/system/cpu")
+) -> list[tuple[int, ...]]:
+    """`cpus` grouped by physical core (hyperthread siblings in one tuple), read from
+    /sys/devices/system/cpu/cpuN/topology/thread_siblings_list; a CPU whose topology is not
+    readable is a core of its own. Ordered by each core's lowest CPU."""
+    cores: dict[tuple[int, ...], None] = {}
+    for cpu in sorted(cpus):
+        try:
+            listed = (sys_cpu / f"cpu{cpu}" / "topology" / "thread_siblings_list").read_text()
+            siblings = tuple(sorted(c for c in parse_cpu_list(listed) if c in cpus)) or (cpu,)
+        except (OSError, ValueError):
+            siblings = (cpu,)
+        cores[siblings] = None
+    return sorted(cores, key=lambda core: core[0])
+
+
+@dataclass(frozen=True)
+class CpuLayout:
+    """Which CPUs each frontend process may run on, and which the rest of the stack may."""
+
+    frontends: tuple[tuple[int, ...], ...]
+    rest: tuple[int, ...]
+    whole_cores: bool  # each frontend has a whole physical core (its siblings idle)
+
+    def describe(self) -> str:
+        each = "; ".join(
+            f"frontend-{i} CPU {','.join(map(str, cpus))}" for i, cpus in enumerate(self.frontends)
+        )
+        return f"{each}; rest ({len(self.rest)} CPUs) {_cpu_ranges(self.rest)}"
+
+
+def _cpu_ranges(cpus: tuple[int, ...]) -> str:
+    """CPU numbers in the kernel's list form: 0-7,12."""
+    runs: list[list[int]] = []
+    for cpu in sorted(cpus):
+        if runs and cpu == runs[-1][1] + 1:
+            runs[-1][1] = cpu
+        else:
+            runs.append([cpu, cpu])
+    return ",".join(str(a) if a == b else f"{a}-{b}" for a, b in runs)
+
+
+def whole_cores_fit(cores: list[tuple[int, ...]], frontends: int, rest_min: int) -> bool:
+    """Whether `frontends` whole physical cores can go to the frontends leaving the rest at
+    least `rest_min` CPUs."""
+    if frontends > len(cores):
+        return False
+    taken = sum(len(core) for core in cores[len(cores) - frontends :])
+    return sum(len(core) for core in cores) - taken >= rest_min
+
+
+def plan_pinning(
+    cores: list[tuple[int, ...]], frontends: int, rest_min: int, whole_cores: bool
+) -> CpuLayout:
+    """Frontend i gets the i-th physical core from the top (CPU 0's core, where the kernel
+    does most of its own work, is the last one taken): with `whole_cores` all of that core's
+    hyperthreads, so no other process shares its execution units; otherwise one hyperthread of
+    it, its siblings going to the rest (each frontend still on a core of its own, beside the
+    rest's work). The rest gets every other CPU. A sweep decides `whole_cores` once, for its
+    widest row (`whole_cores_fit`), so that its rows differ only in the number of frontends.
+    ValueError where the rest would keep fewer than `rest_min` CPUs."""
+    if frontends > len(cores):
+        raise ValueError(
+            f"--pin: {frontends} frontend processes need {frontends} physical cores, "
+            f"this machine has {len(cores)}"
+        )
+    given = list(reversed(cores[len(cores) - frontends :]))
+    mine = [core if whole_cores else core[:1] for core in given]
+    taken = {cpu for cpus in mine for cpu in cpus}
+    rest = tuple(cpu for core in cores for cpu in core if cpu not in taken)
+    if len(rest) < rest_min:
+        raise ValueError(
+            f"--pin: {frontends} frontend processes would leave {len(rest)} CPUs for the "
+            f"clients, workers, NATS and etcd (--pin-rest-min {rest_min})"
+        )
+    return CpuLayout(tuple(mine), rest, whole_cores)
+
+
+def pin_process(pid: int, cpus: tuple[int, ...]) -> None:
+    """Every thread of `pid` and of its descendants may run only on `cpus` (threads and
+    processes they start later inherit it)."""
+    for process in [pid, *_descendants(pid)]:
+        try:
+            threads = [int(t) for t in os.listdir(f"/proc/{process}/task")]
+        except OSError:
+            continue  # gone meanwhile
+        for thread in threads:
+            with contextlib.suppress(ProcessLookupError):
+                os.sched_setaffinity(thread, cpus)
+
+
+def _spin(cpu: int) -> float:
+    """Seconds a fixed pure-Python loop (dict updates, the interpreter's own kind of work)
+    takes on `cpu`."""
+    os.sched_setaffinity(0, {cpu})
+    table: dict[int, int] = {}
+    t0 = time.perf_counter()
+    for i in range(2_000_000):
+        table[i & 1023] = table.get(i & 1023, 0) + i
+    return time.perf_counter() - t0
+
+
+def cpu_speed_when_busy(cpus: list[int]) -> tuple[float, float]:
+    """How much slower one CPU runs the same loop when all of `cpus` run it at once than
+    when it runs alone (mean and slowest CPU, as time ratios). Above 1: the CPUs share
+    something underneath (a virtual machine's CPUs on one physical core's hyperthreads, a
+    shared turbo budget), so N busy frontend CPUs are not N times one."""
+    from concurrent.futures import ProcessPoolExecutor
+
+    with ProcessPoolExecutor(len(cpus)) as pool:
+        alone = min(pool.submit(_spin, cpus[-1]).result() for _ in range(2))
+        together = list(pool.map(_spin, cpus))
+    return sum(together) / len(together) / alone, max(together) / alone
+
+
+def apply_layout(layout: CpuLayout, frontend_pids: list[int], other_pids: list[int]) -> None:
+    """This process (and so the load clients it starts from now on) and `other_pids` on the
+    rest's CPUs, frontend process i on its own."""
+    if len(frontend_pids) != len(layout.frontends):
+        raise ValueError(f"{len(frontend_pids)} frontend processes, a layout for "
+                         f"{len(layout.frontends)}")  # fmt: skip
+    pin_process(os.getpid(), layout.rest)
+    for pid in other_pids:
+        pin_process(pid, layout.rest)
+    for pid, cpus in zip(frontend_pids, layout.frontends, strict=True):
+        pin_process(pid, cpus)
 
 
 # ---- load --------------------------------------------------------------------------------
@@ -412,7 +560,9 @@ async def run_hpcserve(
     client_processes: int = 1,
     router: str = "kv",
     concurrency: int = 64,
+    layout: CpuLayout | None = None,
 ):
+    """One deployment measured; with `layout`, its processes pinned to it first (--pin)."""
     config = hpcserve_config(frontend_workers, speedup, router)
     deployment = await asyncio.to_thread(start_deployment, config, lambda _m: None)
     try:
@@ -420,6 +570,8 @@ async def run_hpcserve(
         frontends = [pid for name, pid in pids.items() if name.startswith("frontend")]
         workers = [pid for name, pid in pids.items() if name.startswith("worker-")]
         others = [pid for name, pid in pids.items() if pid not in frontends + workers]
+        if layout is not None:
+            apply_layout(layout, frontends, workers + others)
         url = deployment.url + "/chat/completions"
         model = deployment.config.model.served_name or Path(str(deployment.config.model.path)).name
         results = await measure(url, model, frontends, workers, requests, client_processes,
@@ -654,9 +806,10 @@ async def compare(args: argparse.Namespace) -> None:
           f"stream_req_s_ratio={ours[1].req_s / theirs[1].req_s:.2f}")  # fmt: skip
 
 
-def cores_table(results: list[Result]) -> None:
+def cores_table(results: list[Result], layout: CpuLayout | None = None) -> None:
     """Where the machine's cores went: a frontend process near 1.0 is saturated; the sum of
-    all columns near the core count means the machine, not the frontend, set the rate."""
+    all columns near the core count means the machine, not the frontend, set the rate (with
+    --pin: workers + clients + nats/etcd near the rest's CPUs means the rest set it)."""
     print(f"  {'scenario':<24} {'cores busy: frontends (each)':<40} {'workers':>8} "
           f"{'clients':>8} {'nats+etcd':>9} {'total':>6}")  # fmt: skip
     for r in results:
@@ -665,29 +818,63 @@ def cores_table(results: list[Result]) -> None:
         print(f"  {r.scenario.name:<24} {f'{r.cores(r.frontend_cpu_s):.2f} ({each})':<40} "
               f"{r.cores(r.worker_cpu_s):8.2f} {r.cores(r.client_cpu_s):8.2f} "
               f"{r.cores(r.other_cpu_s):9.2f} {r.cores(sum(parts)):6.2f}")  # fmt: skip
+        if layout is not None:
+            rest = r.cores(r.worker_cpu_s + r.client_cpu_s + r.other_cpu_s)
+            print(f"  {'':<24} the rest: {rest:.2f} of its {len(layout.rest)} CPUs busy")
         if len(r.served_each) > 1:
             shares = " ".join(f"{n / max(1, r.requests):.2f}" for n in r.served_each)
             conns = " ".join(str(n) for n in r.connections_each)
             print(f"  {'':<24} requests share per process: {shares}; connections: {conns}")
 
 
+def pinning_plan(args: argparse.Namespace) -> tuple[list[tuple[int, ...]], int, bool, float]:
+    """--pin: this machine's cores (the CPUs this process may use, grouped by physical core),
+    the CPUs the rest keeps at least, whether each frontend gets a whole physical core
+    (decided once for the sweep's widest row), and how much slower a CPU runs with all of
+    them busy; printed."""
+    cores = physical_cores(os.sched_getaffinity(0))
+    cpus = sum(len(core) for core in cores)
+    rest_min = args.pin_rest_min if args.pin_rest_min is not None else cpus // 2
+    whole = whole_cores_fit(cores, max(args.sweep), rest_min)
+    threads = sorted({len(core) for core in cores})
+    print(f"--pin: {cpus} CPUs in {len(cores)} physical cores ({'/'.join(map(str, threads))} "
+          f"hyperthread(s) a core: {' '.join(_cpu_ranges(core) for core in cores)}); the rest "
+          f"keeps >= {rest_min} CPUs; each frontend process gets "
+          + ("a whole physical core (its siblings left idle)" if whole and threads != [1]
+             else "one CPU of a physical core of its own" + (
+                 "" if threads == [1] else " (its sibling CPUs go to the rest)")))  # fmt: skip
+    mean, worst = cpu_speed_when_busy([cpu for core in cores for cpu in core])
+    print(f"--pin: a pure-Python loop takes x{mean:.2f} as long (slowest CPU x{worst:.2f}) "
+          f"when all {cpus} CPUs run it at once as on one CPU alone: above 1, this machine's "
+          "CPUs slow each other down (the rows with many busy CPUs run slower CPUs)")  # fmt: skip
+    return cores, rest_min, whole, mean
+
+
 async def sweep(args: argparse.Namespace) -> None:
     rates = {}
+    plan = pinning_plan(args) if args.pin else None
     for count in args.sweep:
         concurrency = args.concurrency * (count if args.concurrency_per_process else 1)
+        layout = None
+        if plan is not None:
+            cores, rest_min, whole, _ = plan
+            layout = plan_pinning(cores, count, rest_min, whole)
         results, _ = await run_hpcserve(args.requests, count, args.speedup, False,
                                         args.client_processes, args.router,
-                                        concurrency)  # fmt: skip
-        table(f"hpcserve frontend.workers={count} (router {args.router}, "
-              f"{os.cpu_count()} cores here)", results)  # fmt: skip
-        cores_table(results)
+                                        concurrency, layout)  # fmt: skip
+        where = f"{os.cpu_count()} cores here"
+        if layout is not None:
+            where += f", pinned: {layout.describe()}"
+        table(f"hpcserve frontend.workers={count} (router {args.router}, {where})", results)
+        cores_table(results, layout)
         rates[count] = results[0].req_s
     first = args.sweep[0]
     parts = " ".join(f"w{n}_req_s={rate:.0f}" for n, rate in rates.items())
     last = args.sweep[-1]
     ratios = " ".join(f"x{n}={rate / rates[first]:.2f}" for n, rate in rates.items())
     scaling = rates[last] / rates[first]
-    print(f"frontend_workers_sweep {parts} {ratios} scaling_w{last}={scaling:.2f}")
+    pinned = "" if plan is None else f" pinned=1 busy_cpu_slowdown={plan[3]:.2f}"
+    print(f"frontend_workers_sweep {parts} {ratios} scaling_w{last}={scaling:.2f}{pinned}")
 
 
 def main() -> None:
@@ -718,6 +905,15 @@ def main() -> None:
         help="--workers-sweep: --concurrency per frontend process (the same load on each)",
     )  # fmt: skip
     parser.add_argument(
+        "--pin", action="store_true",
+        help="--workers-sweep (Linux): each frontend process on CPUs of its own, all else on "
+        "the rest (layout printed)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--pin-rest-min", type=int, default=None,
+        help="--pin: CPUs the clients, workers, NATS and etcd keep at least (default: half)",
+    )  # fmt: skip
+    parser.add_argument(
         "--ab-tree", default=None,
         help="c=1 A/B: another checkout whose frontend runs beside this one's (alternated)",
     )  # fmt: skip
@@ -732,6 +928,8 @@ def main() -> None:
         help="a config override of the hpcserve stack (repeatable): frontend.busy_poll_us=2000",
     )  # fmt: skip
     args = parser.parse_args()
+    if args.pin and not (args.workers_sweep and hasattr(os, "sched_setaffinity")):
+        parser.error("--pin: only with --workers-sweep, on Linux (os.sched_setaffinity)")
     EXTRA_SETTINGS.extend(args.settings)
     if args.ab_tree:
         asyncio.run(c1_ab(args))

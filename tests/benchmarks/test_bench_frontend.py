@@ -1,0 +1,134 @@
+"""bench_frontend --pin: the CPU layout it reads from /sys and gives the processes."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from benchmarks.bench_frontend import (
+    CpuLayout,
+    apply_layout,
+    parse_cpu_list,
+    physical_cores,
+    plan_pinning,
+    whole_cores_fit,
+)
+
+
+def fake_sys(root: Path, siblings: dict[int, str]) -> Path:
+    """A /sys/devices/system/cpu with these thread_siblings_list contents."""
+    for cpu, listed in siblings.items():
+        topology = root / f"cpu{cpu}" / "topology"
+        topology.mkdir(parents=True)
+        (topology / "thread_siblings_list").write_text(listed + "\n")
+    return root
+
+
+def test_parse_cpu_list() -> None:
+    assert parse_cpu_list("0-3,8,10-11\n") == [0, 1, 2, 3, 8, 10, 11]
+    assert parse_cpu_list("5") == [5]
+
+
+def test_physical_cores_keep_hyperthread_siblings_together(tmp_path: Path) -> None:
+    """16 CPUs, 8 cores, siblings n and n+8 (how Linux numbers them on x86 servers)."""
+    root = fake_sys(tmp_path, {cpu: f"{cpu % 8},{cpu % 8 + 8}" for cpu in range(16)})
+    cores = physical_cores(set(range(16)), root)
+    assert cores == [(n, n + 8) for n in range(8)]
+    # only the CPUs this process may use count; a sibling outside them is not a CPU here
+    assert physical_cores({0, 8, 3}, root) == [(0, 8), (3,)]
+    # no topology readable: each CPU a core of its own
+    assert physical_cores({0, 1}, tmp_path / "missing") == [(0,), (1,)]
+
+
+def test_whole_cores_while_the_rest_keeps_half() -> None:
+    cores = [(n, n + 8) for n in range(8)]
+    assert whole_cores_fit(cores, 4, rest_min=8)
+    assert not whole_cores_fit(cores, 8, rest_min=8)  # 8 whole cores leave nothing
+    layout = plan_pinning(cores, 4, rest_min=8, whole_cores=True)
+    assert layout.frontends == ((7, 15), (6, 14), (5, 13), (4, 12))
+    assert sorted(layout.rest) == [0, 1, 2, 3, 8, 9, 10, 11]
+    assert layout.whole_cores
+
+
+def test_one_hyperthread_each_on_its_own_core() -> None:
+    """8 frontends on 8 cores of 2 hyperthreads: one CPU each, no two frontends on one core,
+    their siblings to the rest."""
+    cores = [(n, n + 8) for n in range(8)]
+    layout = plan_pinning(cores, 8, rest_min=8, whole_cores=False)
+    assert layout.frontends == tuple((n,) for n in range(7, -1, -1))
+    assert sorted(layout.rest) == list(range(8, 16))
+    physical = {cpu: index for index, core in enumerate(cores) for cpu in core}
+    assert len({physical[cpus[0]] for cpus in layout.frontends}) == 8
+    assert not set(layout.rest) & {cpu for cpus in layout.frontends for cpu in cpus}
+
+
+def test_no_hyperthreads_cpu_zero_last() -> None:
+    cores = [(n,) for n in range(16)]
+    layout = plan_pinning(cores, 2, rest_min=8, whole_cores=True)
+    assert layout.frontends == ((15,), (14,))
+    assert layout.rest == tuple(range(14))
+    assert "rest (14 CPUs) 0-13" in layout.describe()
+
+
+def test_refuses_a_layout_that_starves_the_rest() -> None:
+    with pytest.raises(ValueError, match="leave 6 CPUs"):
+        plan_pinning([(n,) for n in range(16)], 10, rest_min=8, whole_cores=True)
+    with pytest.raises(ValueError, match="physical cores"):
+        plan_pinning([(0, 1), (2, 3)], 3, rest_min=0, whole_cores=False)
+
+
+@pytest.mark.skipif(
+    not hasattr(os, "sched_setaffinity") or len(os.sched_getaffinity(0)) < 2,
+    reason="needs Linux and two CPUs",
+)
+def test_apply_layout_pins_processes_their_threads_and_children() -> None:
+    """A frontend stand-in (with a thread and a child process) goes to its CPU, another
+    process to the rest; this process goes to the rest too (its load clients inherit it)."""
+    first, second = sorted(os.sched_getaffinity(0))[:2]
+    before = os.sched_getaffinity(0)
+    code = (
+        "import subprocess, sys, threading, time\n"
+        "threading.Thread(target=time.sleep, args=(60,), daemon=True).start()\n"
+        "subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)'])\n"
+        "print('up', flush=True); time.sleep(60)\n"
+    )
+    frontend = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    child = 0
+    try:
+        assert frontend.stdout is not None and frontend.stdout.readline() == "up\n"
+        apply_layout(CpuLayout(((second,),), (first,), False), [frontend.pid], [other.pid])
+        tasks = [int(t) for t in os.listdir(f"/proc/{frontend.pid}/task")]
+        assert len(tasks) >= 2
+        assert all(os.sched_getaffinity(t) == {second} for t in tasks)
+        child = int(Path(f"/proc/{frontend.pid}/task/{frontend.pid}/children").read_text())
+        assert os.sched_getaffinity(child) == {second}
+        assert os.sched_getaffinity(other.pid) == {first}
+        assert os.sched_getaffinity(0) == {first}
+    finally:
+        for task in os.listdir(f"/proc/{os.getpid()}/task"):
+            os.sched_setaffinity(int(task), before)
+        if not child:  # the stand-in's own child, started before "up"
+            listed = Path(f"/proc/{frontend.pid}/task/{frontend.pid}/children").read_text()
+            child = int(listed.split()[0]) if listed.split() else 0
+        if child:
+            os.kill(child, signal.SIGKILL)
+        for process in (frontend, other):
+            process.kill()
+            process.wait()
+
+
+@pytest.mark.skipif(not hasattr(os, "sched_setaffinity"), reason="needs Linux")
+def test_cpu_speed_when_busy_is_a_ratio_to_one_cpu_alone() -> None:
+    """The calibration --pin prints: one CPU alone against every CPU at once (a ratio of
+    seconds, so never far below 1: running together cannot make a CPU faster)."""
+    from benchmarks.bench_frontend import cpu_speed_when_busy
+
+    cpus = sorted(os.sched_getaffinity(0))[:2]
+    mean, worst = cpu_speed_when_busy(cpus)
+    assert 0.5 < mean <= worst
