@@ -377,8 +377,11 @@ class KvRouter:
         started on them at its measured rate. Counting each prompt whole until its first
         output made a worker that had nearly finished a prefill look as busy as one that
         had just got it (issue 14: no-prefix load lost to round robin). The progress runs
-        through the oldest prompt only, to its last block: an overdue prefill is not done
-        until its first output says so, and the prompts after it have not started."""
+        through every prompt queued there, to the last block: engines chunk prefill, so the
+        next prompt's blocks start in the last steps of one (issue 14, fourth round: capped
+        at the oldest prompt, two prompts routed together looked busier than one just
+        begun, and requests arriving together paired up on one worker for good); an overdue
+        prefill is not done until a first output says so."""
         on = self._on_worker.get(worker_id)
         if on is None or not on.pending:
             return 0
@@ -388,7 +391,7 @@ class KvRouter:
             return pending
         head = self._prefill_head(on)
         done = rate.per_second * max(self._clock() - self._prefill_start[worker_id], 0.0)
-        return pending - min(done, head.prefill - 1.0) if head is not None else pending
+        return pending - min(done, pending - 1.0) if head is not None else pending
 
     @staticmethod
     def _prefill_head(on: _OnWorker) -> _InFlight | None:

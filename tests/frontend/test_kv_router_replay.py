@@ -1,12 +1,15 @@
 """The fast KvRouter decides as the reference one did (issue 14: choose's cost halved).
 
-`reference_kv_router.py` is main's router before the rewrite (d8bb23d), kept verbatim. Both
-routers get the same random trace: requests over a few shared prefixes (and identical
-prompts, so that costs tie), first outputs, finishes (some before the first output), KV
-events storing and removing blocks, workers' load reports, other frontend processes'
-counts, workers leaving and joining, re-routed request ids, requests forgotten as stale,
-mixed block sizes and workers without KV events. Every choice, every candidate's cost terms
-and the accounting read by others (own blocks, pending prefill, hit demand) must match.
+`reference_kv_router.py` is main's router before the rewrite (d8bb23d), kept verbatim; the
+one rule this round changed on purpose (prefill progress runs through every prompt queued on
+a worker, not the oldest only: `_pending_prefill_through_the_queue`) is applied to it here,
+so what is compared is the rewrite itself. Both routers get the same random trace: requests
+over a few shared prefixes (and identical prompts, so that costs tie), first outputs,
+finishes (some before the first output), KV events storing and removing blocks, workers'
+load reports, other frontend processes' counts, workers leaving and joining, re-routed
+request ids, requests forgotten as stale, mixed block sizes and workers without KV events.
+Every choice, every candidate's cost terms and the accounting read by others (own blocks,
+pending prefill, hit demand) must match.
 """
 
 from __future__ import annotations
@@ -40,6 +43,23 @@ def _reference() -> ModuleType:
 
 
 REFERENCE = _reference()
+
+
+def _pending_prefill_through_the_queue(self: Any, worker_id: str) -> float:
+    """The reference's `pending_prefill` with issue 14's fourth-round rule: the progress
+    is capped at the worker's last pending block, not at the oldest prompt's."""
+    pending = self._pending.get(worker_id, 0)
+    if not pending:
+        return 0
+    rate = self._prefill_rate.get(worker_id)
+    if rate is None or not self.config.prefill_progress:
+        return pending
+    head = self._prefill_head(worker_id)
+    done = rate.per_second * max(self._clock() - self._prefill_start[worker_id], 0.0)
+    return pending - min(done, pending - 1.0) if head is not None else pending
+
+
+REFERENCE.KvRouter.pending_prefill = _pending_prefill_through_the_queue
 
 
 def card(worker_id: str, block_size: int) -> WorkerCard:
