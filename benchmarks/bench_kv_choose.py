@@ -11,7 +11,7 @@ No I/O: a `KvIndex` filled by hand, a `LoadTracker`, the router. Two scenarios:
 
 `--baseline DIR` times another tree's `frontend/kv_router.py` too (with its `kv_index.py` and
 `contract/block_hash.py`), e.g. main's checkout, alternating the two in rounds so that machine
-load falls on both alike, and checks that both chose the same workers. Requests are built
+load falls on both alike, and counts the requests the two routed differently. Requests are built
 before the timing (their pydantic validation is not the router's).
 
     python benchmarks/bench_kv_choose.py [--baseline /work/main] [--rounds 5]
@@ -141,6 +141,7 @@ def main() -> None:
         modules["baseline"] = baseline
     scenarios: dict[str, Scenario] = {"c1": c1, "loaded": loaded}
     per_request: dict[tuple[str, str], list[float]] = {}
+    differ: dict[str, int] = {}  # scenario -> requests the two trees routed differently
     for _ in range(args.rounds):
         for scenario_name, scenario in scenarios.items():
             chosen = {}
@@ -150,8 +151,8 @@ def main() -> None:
                 per_request.setdefault((scenario_name, name), []).append(
                     seconds / args.requests * 1e6
                 )
-            if len(set(map(tuple, chosen.values()))) > 1:
-                sys.exit(f"{scenario_name}: the two routers chose differently")
+            if len(chosen) == 2:  # the same decisions unless a rule changed between trees
+                differ[scenario_name] = sum(a != b for a, b in zip(*chosen.values(), strict=True))
     summary = {}
     for (scenario_name, name), values in per_request.items():
         median = statistics.median(values)
@@ -177,7 +178,11 @@ def main() -> None:
                 f"{' '.join(f'{r:.2f}' for r in ratios)}; best round / best round {best:.2f}\n"
             )
             summary[f"{scenario_name}_vs_baseline"] = best
-        sys.stdout.write("the same choices in every round\n")
+        sys.stdout.write(
+            "requests routed differently by the two trees (last round): "
+            + ", ".join(f"{name} {count} of {args.requests}" for name, count in differ.items())
+            + "\n"
+        )
     sys.stdout.write(
         "kv_choose " + " ".join(f"{key}={value:.3f}" for key, value in summary.items()) + "\n"
     )

@@ -75,7 +75,7 @@ on it, cached blocks, prefill, pending, reported and routed blocks, cost, time s
 last routed to).
 
 The request path is kept cheap (issue 14, fourth round: `choose` plus the finish at
-concurrency 1 over 8 workers cost ~0.47x of the per-candidate version, with the same
+concurrency 1 over 8 workers cost 0.45-0.47x of the per-candidate version, with the same
 decisions: benchmarks/bench_kv_choose.py, tests/frontend/test_kv_router_replay.py): the prompt
 is hashed once per block size, the KV index walked once per block size for all workers
 (`KvIndex.prefix_depths`), every candidate scored in one loop over per-worker sums of our
