@@ -40,11 +40,18 @@ events delayed by `--event-delay-ms`, simulated time), with an exact-cache oracl
 
     python benchmarks/bench_router.py [--workers 8] [--inproc]
 
+The table gives each run's TTFT p50, mean and `at_floor`, the share of requests within 1.25x
+of the workload's prefill floor (its 5th percentile TTFT over all policies): with prompts
+sharing nothing in lockstep TTFT has two humps (nothing ahead / one prefill ahead) and the
+p50 falls on the edge between them, so the mean and that share say which policy made requests
+wait (`benchmarks/replay_lockstep.py` replays that workload in simulated time).
+
 The last line is `router kv_vs_rr_ttft_p50=<x> multi_turn_ratio=<m> small_cache_ratio=<c>
-hit_rate_vs_oracle=<y> no_prefix_ratio=<z>`: round-robin TTFT p50 / kv TTFT p50 on
-system_prompts, multi_turn, small_cache and no_prefix (> 1: kv faster; nan: not run), and kv's
-hit rate / the oracle's, the lower of system_prompts and multi_turn (small_cache's oracle
-ignores the capacity, so it is left out).
+hit_rate_vs_oracle=<y> no_prefix_ratio=<z> no_prefix_lockstep_mean_ratio=<w>`: round-robin
+TTFT p50 / kv TTFT p50 on system_prompts, multi_turn, small_cache and no_prefix (> 1: kv
+faster; nan: not run), kv's hit rate / the oracle's, the lower of system_prompts and
+multi_turn (small_cache's oracle ignores the capacity, so it is left out), and round robin's
+mean TTFT / kv's on no_prefix_lockstep.
 """
 
 from __future__ import annotations
@@ -58,7 +65,7 @@ import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Collection, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -148,17 +155,18 @@ class OracleIndex(KvIndex):
         super().__init__()
         self._engines = engines
 
-    def overlaps(self, hashes: Sequence[int], candidates: Collection[str]) -> dict[str, int]:
-        scores = {}
-        for worker_id in candidates:
-            cached = self._engines[worker_id].block_manager._hash_to_block
+    def prefix_depths(self, hashes: Sequence[int]) -> dict[str, int]:
+        depths = {}
+        for worker_id, engine in self._engines.items():
+            cached = engine.block_manager._hash_to_block
             depth = 0
             for h in hashes:
                 if h not in cached:
                     break
                 depth += 1
-            scores[worker_id] = depth
-        return scores
+            if depth:
+                depths[worker_id] = depth
+        return depths
 
 
 def card_of(worker_id: str) -> WorkerCard:
@@ -323,6 +331,7 @@ class HttpResult:
     oracle_tokens: int = 0  # prompt tokens in blocks an earlier request of the run already had
     duration_s: float = 0.0
     round_p50_ms: list[float] = field(default_factory=list)  # each round's own TTFT p50
+    round_mean_ms: list[float] = field(default_factory=list)  # and its mean TTFT
     frontend_cpu_s: float = 0.0  # CPU the frontend process used during the requests
     workers_cpu_s: float = 0.0  # and the worker processes, together
     records: list[dict[str, float]] = field(default_factory=list)  # one per request (--dump)
@@ -338,6 +347,15 @@ class HttpResult:
     def p(self, q: float) -> float:
         data = sorted(self.ttft_ms)
         return data[min(len(data) - 1, int(q * len(data)))] if data else float("nan")
+
+    @property
+    def mean(self) -> float:
+        return statistics.fmean(self.ttft_ms) if self.ttft_ms else float("nan")
+
+    def at_floor(self, floor_ms: float) -> float:
+        """The share of requests whose TTFT is within 1.25x of `floor_ms` (the workload's
+        fastest, see `_floors`): nothing, or little, ahead of them on their worker."""
+        return sum(t <= 1.25 * floor_ms for t in self.ttft_ms) / max(len(self.ttft_ms), 1)
 
 
 def _text(rng: random.Random, words: int) -> str:
@@ -614,16 +632,31 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def _floors(results: dict[str, HttpResult]) -> dict[str, float]:
+    """Each workload's prefill floor: the 5th percentile TTFT over all its policies' requests
+    (a request with nothing ahead of it; the minimum would be one lucky request)."""
+    pooled: dict[str, list[float]] = {}
+    for name, r in results.items():
+        pooled.setdefault(name.split("/")[0], []).extend(r.ttft_ms)
+    return {workload: sorted(ttfts)[int(0.05 * len(ttfts))] for workload, ttfts in pooled.items()}
+
+
 def _table(results: dict[str, HttpResult]) -> str:
+    """`at_floor`: the share of requests within 1.25x of the workload's prefill floor. With
+    prompts sharing nothing in lockstep, TTFT is two humps (nothing ahead / one prefill
+    ahead) and the p50 falls on the edge between them: the mean and this share say which
+    policy made requests wait (issue 14, fourth round)."""
+    floors = _floors(results)
     lines = [
         f"{'workload/policy':<36} {'hit_rate':>8} {'oracle':>7} {'ttft_p50_ms':>11} "
-        f"{'ttft_p90_ms':>11} {'hit_ttft_p50':>12} {'requests':>8} {'wall_s':>7} "
-        f"{'fe_cpu_s':>8} {'wk_cpu_s':>8}"
+        f"{'ttft_mean':>9} {'at_floor':>8} {'ttft_p90_ms':>11} {'hit_ttft_p50':>12} "
+        f"{'requests':>8} {'wall_s':>7} {'fe_cpu_s':>8} {'wk_cpu_s':>8}"
     ]
     for name, r in results.items():
         hit_p50 = statistics.median(r.hit_ttft_ms) if r.hit_ttft_ms else float("nan")
         lines.append(
             f"{name:<36} {r.hit_rate:>8.3f} {r.oracle_hit_rate:>7.3f} {r.p(0.5):>11.0f} "
+            f"{r.mean:>9.0f} {r.at_floor(floors[name.split('/')[0]]):>8.2f} "
             f"{r.p(0.9):>11.0f} {hit_p50:>12.0f} {len(r.ttft_ms):>8d} {r.duration_s:>7.1f} "
             f"{r.frontend_cpu_s:>8.1f} {r.workers_cpu_s:>8.1f}"
         )
@@ -674,6 +707,7 @@ async def http_main(args: argparse.Namespace) -> dict[str, float]:
                 merged.frontend_cpu_s += one.frontend_cpu_s
                 merged.workers_cpu_s += one.workers_cpu_s
                 merged.round_p50_ms.append(one.p(0.5))
+                merged.round_mean_ms.append(one.mean)
                 if args.dump:
                     path = Path(args.dump) / f"{workload}-{policy}-{round_}.json"
                     path.parent.mkdir(parents=True, exist_ok=True)
@@ -686,9 +720,11 @@ async def http_main(args: argparse.Namespace) -> dict[str, float]:
         args.repeat, args.concurrency, args.max_tokens, _table(results),
     )  # fmt: skip
 
-    def ratio(workload: str, policy: str = "kv") -> float:
+    def ratio(workload: str, policy: str = "kv", mean: bool = False) -> float:
         rr, other = results.get(f"{workload}/round_robin"), results.get(f"{workload}/{policy}")
-        return rr.p(0.5) / other.p(0.5) if rr and other else float("nan")
+        if not rr or not other:
+            return float("nan")
+        return rr.mean / other.mean if mean else rr.p(0.5) / other.p(0.5)
 
     lines = []
     for name, r in results.items():
@@ -697,9 +733,12 @@ async def http_main(args: argparse.Namespace) -> dict[str, float]:
             continue
         rr = results[f"{workload}/round_robin"]
         per_round = [a / b for a, b in zip(rr.round_p50_ms, r.round_p50_ms, strict=True)]
-        lines.append(f"{name:<40} x{ratio(workload, policy):.2f} (rounds "
-                     + " ".join(f"x{x:.2f}" for x in per_round) + ")")  # fmt: skip
-    logger.info("TTFT p50, round_robin / policy (> 1: faster than round robin), pooled and "
+        means = [a / b for a, b in zip(rr.round_mean_ms, r.round_mean_ms, strict=True)]
+        lines.append(f"{name:<40} p50 x{ratio(workload, policy):.2f} (rounds "
+                     + " ".join(f"x{x:.2f}" for x in per_round)
+                     + f"), mean x{ratio(workload, policy, mean=True):.2f} (rounds "
+                     + " ".join(f"x{x:.2f}" for x in means) + ")")  # fmt: skip
+    logger.info("TTFT, round_robin / policy (> 1: faster than round robin), pooled and "
                 "per round:\n%s", "\n".join(lines))  # fmt: skip
     vs_oracle = [
         r.hit_rate / max(r.oracle_hit_rate, 1e-9)
@@ -712,6 +751,7 @@ async def http_main(args: argparse.Namespace) -> dict[str, float]:
         "small_cache_ratio": ratio("small_cache"),
         "hit_rate_vs_oracle": min(vs_oracle, default=float("nan")),
         "no_prefix_ratio": ratio("no_prefix"),
+        "no_prefix_lockstep_mean_ratio": ratio("no_prefix_lockstep", mean=True),
     }
 
 

@@ -115,19 +115,32 @@ class KvIndex:
 
     def overlaps(self, hashes: Sequence[int], candidates: Collection[str]) -> dict[str, int]:
         """For each candidate, how many leading blocks of `hashes` it holds (0 if none)."""
-        scores = dict.fromkeys(candidates, 0)
-        active = set(scores)
-        for depth, h in enumerate(hashes):
-            holders = self._holders.get(h)
-            still = active & holders if holders else set()
+        depths = self.prefix_depths(hashes)
+        return {worker_id: depths.get(worker_id, 0) for worker_id in candidates}
+
+    def prefix_depths(self, hashes: Sequence[int]) -> dict[str, int]:
+        """Every worker holding the first of `hashes` → how many leading ones it holds (the
+        router's view: no candidate list to build, and a prompt cached nowhere costs one
+        lookup). A worker holding none is absent."""
+        holders = self._holders.get(hashes[0]) if hashes else None
+        if not holders:
+            return {}
+        depths: dict[str, int] = {}
+        active = holders  # never changed in place: the index's own set
+        for depth in range(1, len(hashes)):
+            holders = self._holders.get(hashes[depth])
+            if not holders:
+                return {**depths, **dict.fromkeys(active, depth)}
+            if active <= holders:  # all of them go on
+                continue
+            still = active & holders
             for worker_id in active - still:
-                scores[worker_id] = depth
+                depths[worker_id] = depth
+            if not still:
+                return depths
             active = still
-            if not active:
-                return scores
-        for worker_id in active:
-            scores[worker_id] = len(hashes)
-        return scores
+        depths.update(dict.fromkeys(active, len(hashes)))
+        return depths
 
 
 class RoutedPrefixIndex(KvIndex):

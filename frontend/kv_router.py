@@ -73,6 +73,14 @@ engine's. A worker that finished requests but published no KV event within
 routed to it. At debug level every decision is logged with each candidate's terms (requests
 on it, cached blocks, prefill, pending, reported and routed blocks, cost, time since it was
 last routed to).
+
+The request path is kept cheap (issue 14, fourth round: `choose` plus the finish at
+concurrency 1 over 8 workers cost 0.45-0.47x of the per-candidate version, with the same
+decisions: benchmarks/bench_kv_choose.py, tests/frontend/test_kv_router_replay.py): the prompt
+is hashed once per block size, the KV index walked once per block size for all workers
+(`KvIndex.prefix_depths`), every candidate scored in one loop over per-worker sums of our
+requests that starting, prefilling and finishing keep up to date (`_OnWorker`: one lookup per
+candidate), and `WorkerScore`s are built only for tests, benchmarks and the debug log.
 """
 
 from __future__ import annotations
@@ -111,13 +119,68 @@ class WorkerScore:
     cost: float
 
 
-@dataclass
 class _InFlight:
-    worker_id: str
-    hashes: list[int]  # the prompt's full-block hashes (at the worker's block size)
-    blocks: int  # all the prompt's blocks, the partial last one included
-    prefill: int  # blocks still to compute when routed; 0 once the first output came
-    since: float  # when it was routed
+    """One of our requests on a worker, from routing to its finish."""
+
+    __slots__ = ("blocks", "hashes", "prefill", "since", "worker_id")
+
+    def __init__(
+        self, worker_id: str, hashes: list[int], blocks: int, prefill: int, since: float
+    ) -> None:
+        self.worker_id = worker_id
+        self.hashes = hashes  # the prompt's full-block hashes (at the worker's block size)
+        self.blocks = blocks  # all the prompt's blocks, the partial last one included
+        self.prefill = prefill  # blocks still to compute when routed; 0 once it first output
+        self.since = since  # when it was routed
+
+
+class _OnWorker:
+    """Our in-flight requests on one worker, summed as they start, prefill and finish
+    (one lookup per candidate to score; kept, empty, while the worker has none)."""
+
+    __slots__ = ("footprint", "partial", "pending", "queue")
+
+    def __init__(self) -> None:
+        self.footprint: Counter[int] = Counter()  # their prompts' full-block hashes
+        self.partial = 0  # their prompts' partial last blocks
+        self.pending = 0  # prefill blocks not computed yet
+        self.queue: deque[_InFlight] = deque()  # oldest first (prefilled ones are skipped)
+
+
+class _Terms:
+    """The cost terms of one choice, one list entry per candidate in the candidates' order
+    (plain lists: a WorkerScore per candidate cost more than the scoring itself, and only
+    tests, benchmarks and the debug log read them: `scores` builds them)."""
+
+    __slots__ = ("actives", "candidates", "costs", "min_block_size", "overlaps", "prefills")
+
+    def __init__(
+        self,
+        candidates: Sequence[WorkerCard],
+        overlaps: list[int],
+        prefills: list[float],
+        actives: list[int],
+        costs: list[float],
+        min_block_size: int,
+    ) -> None:
+        self.candidates = candidates
+        self.overlaps = overlaps  # cached prefix blocks
+        self.prefills = prefills  # the prefill term, before prefill_load_scale
+        self.actives = actives  # the decode term: footprint + new blocks
+        self.costs = costs
+        self.min_block_size = min_block_size
+
+    def scores(self) -> list[WorkerScore]:
+        terms = zip(
+            self.candidates, self.overlaps, self.prefills, self.actives, self.costs, strict=True
+        )
+        return [
+            WorkerScore(card.worker_id, overlap, prefill, active, cost)
+            for card, overlap, prefill, active, cost in terms
+        ]
+
+
+_NOTHING_RELEASED: tuple[object, int] = (None, 0)
 
 
 class PrefillRate:
@@ -172,14 +235,10 @@ class KvRouter:
         self._forget_after_s = forget_after_s
         self._clock = clock
         self._in_flight: dict[str, _InFlight] = {}
-        self._footprint: dict[str, Counter[int]] = {}  # worker -> our prompts' block hashes
-        self._partial: dict[str, int] = {}  # worker -> our prompts' partial last blocks
-        self._pending: dict[str, int] = {}  # worker -> prefill blocks not computed yet
+        self._on_worker: dict[str, _OnWorker] = {}
         # worker -> when it started on its pending prefills (the first routed onto an idle
         # worker, or the last first output there), and how fast it computes them
         self._prefill_start: dict[str, float] = {}
-        # worker -> our requests routed there, oldest first (those prefilled are skipped)
-        self._prefill_queue: dict[str, deque[_InFlight]] = {}
         self._prefill_rate: dict[str, PrefillRate] = {}
         # worker -> (the report current when our requests finished, blocks they released)
         self._released: dict[str, tuple[object, int]] = {}
@@ -191,7 +250,7 @@ class KvRouter:
         # many of them each got (its cache's demand)
         self._recent_hits: deque[str] = deque()
         self._hit_demand: Counter[str] = Counter()
-        self.last_scores: list[WorkerScore] = []
+        self._last_terms: _Terms | None = None
         tracker.finish_listeners.append(self.request_finished)
         tracker.prefill_listeners.append(self.request_prefilled)
 
@@ -209,7 +268,7 @@ class KvRouter:
         self._recent_hits = deque(w for w in self._recent_hits if w in workers)
         tables = (
             self._released, self._silent_since, self._prefill_start, self._prefill_rate,
-            self._prefill_queue,
+            self._on_worker,
         )  # fmt: skip
         for table in tables:
             for worker_id in list(table):
@@ -241,7 +300,9 @@ class KvRouter:
         worker_id = entry.worker_id
         now = self._clock()
         began = max(entry.since, self._prefill_start.get(worker_id, entry.since))
-        rate = self._prefill_rate.setdefault(worker_id, PrefillRate())
+        rate = self._prefill_rate.get(worker_id)
+        if rate is None:
+            rate = self._prefill_rate[worker_id] = PrefillRate()
         rate.add(entry.prefill, now - began)
         if logger.isEnabledFor(logging.DEBUG):
             logger.debug(
@@ -250,48 +311,55 @@ class KvRouter:
                 request_id, worker_id, entry.prefill, now - began, now - entry.since,
                 rate.per_second,
             )  # fmt: skip
-        self._add(self._pending, worker_id, -entry.prefill)
+        self._on_worker[worker_id].pending -= entry.prefill
         entry.prefill = 0
         self._prefill_start[worker_id] = now
 
     def request_finished(self, request_id: str) -> None:
-        entry = self._in_flight.get(request_id)
-        if entry is not None and entry.hashes:
-            self._note_silence(entry.worker_id)
-        self._drop(request_id)
+        entry = self._in_flight.pop(request_id, None)
+        if entry is not None:
+            if entry.hashes:
+                self._note_silence(entry.worker_id)
+            self._release(entry)
 
     def _drop(self, request_id: str) -> None:
         entry = self._in_flight.pop(request_id, None)
-        if entry is None:
-            return
+        if entry is not None:
+            self._release(entry)
+
+    def _release(self, entry: _InFlight) -> None:
+        """Take a request that left `_in_flight` out of its worker's sums."""
         worker_id = entry.worker_id
+        on = self._on_worker[worker_id]
+        partial = entry.blocks - len(entry.hashes)
+        freed = partial  # blocks only this request held: its partial one, and ...
+        footprint = on.footprint
+        for h in entry.hashes:
+            left = footprint.get(h, 0) - 1
+            if left > 0:
+                footprint[h] = left
+            else:  # ... the full ones no other of our requests there holds
+                footprint.pop(h, None)
+                freed += 1
         report = self.tracker.metrics.get(worker_id)
-        seen, released = self._released.get(worker_id, (None, 0))
-        footprint = self._footprint.get(worker_id, Counter())
-        freed = sum(1 for h in set(entry.hashes) if footprint.get(h, 0) == 1)
-        freed += entry.blocks - len(entry.hashes)
-        released = released + freed if seen is report else freed
-        self._released[worker_id] = (report, released)
-        _subtract(self._footprint, worker_id, entry.hashes)
-        self._add(self._partial, worker_id, -(entry.blocks - len(entry.hashes)))
+        seen, released = self._released.get(worker_id, _NOTHING_RELEASED)
+        self._released[worker_id] = (report, released + freed if seen is report else freed)
+        on.partial -= partial
         if entry.prefill:  # ended before its first output
-            self._add(self._pending, worker_id, -entry.prefill)
-            if entry is self._prefill_head(worker_id):  # the worker moves on now
+            on.pending -= entry.prefill
+            if entry is self._prefill_head(on):  # the worker moves on now
                 self._prefill_start[worker_id] = self._clock()
             entry.prefill = 0
 
-    @staticmethod
-    def _add(table: dict[str, int], worker_id: str, amount: int) -> None:
-        left = table.get(worker_id, 0) + amount
-        if left > 0:
-            table[worker_id] = left
-        else:
-            table.pop(worker_id, None)
-
     def _forget_stale(self, now: float) -> None:
         """Requests routed but never sent (e.g. rejected as too long) must not count forever."""
+        if not self._in_flight:
+            return
+        oldest = next(iter(self._in_flight.values()))  # in routing order: oldest first
+        if now - oldest.since <= self._forget_after_s:
+            return
         stale = []
-        for request_id, entry in self._in_flight.items():  # in routing order: oldest first
+        for request_id, entry in self._in_flight.items():
             if now - entry.since <= self._forget_after_s:
                 break
             stale.append(request_id)
@@ -300,7 +368,8 @@ class KvRouter:
 
     def own_blocks(self, worker_id: str) -> int:
         """The distinct KV blocks our in-flight requests' prompts hold on `worker_id`."""
-        return len(self._footprint.get(worker_id, ())) + self._partial.get(worker_id, 0)
+        on = self._on_worker.get(worker_id)
+        return len(on.footprint) + on.partial if on is not None else 0
 
     def pending_prefill(self, worker_id: str) -> float:
         """Prefill blocks our requests still wait for on `worker_id`: those routed there
@@ -308,21 +377,26 @@ class KvRouter:
         started on them at its measured rate. Counting each prompt whole until its first
         output made a worker that had nearly finished a prefill look as busy as one that
         had just got it (issue 14: no-prefix load lost to round robin). The progress runs
-        through the oldest prompt only, to its last block: an overdue prefill is not done
-        until its first output says so, and the prompts after it have not started."""
-        pending = self._pending.get(worker_id, 0)
-        if not pending:
+        through every prompt queued there, to the last block: engines chunk prefill, so the
+        next prompt's blocks start in the last steps of one (issue 14, fourth round: capped
+        at the oldest prompt, two prompts routed together looked busier than one just
+        begun, and requests arriving together paired up on one worker for good); an overdue
+        prefill is not done until a first output says so."""
+        on = self._on_worker.get(worker_id)
+        if on is None or not on.pending:
             return 0
+        pending = on.pending
         rate = self._prefill_rate.get(worker_id)
         if rate is None or not self.config.prefill_progress:
             return pending
-        head = self._prefill_head(worker_id)
+        head = self._prefill_head(on)
         done = rate.per_second * max(self._clock() - self._prefill_start[worker_id], 0.0)
-        return pending - min(done, head.prefill - 1.0) if head is not None else pending
+        return pending - min(done, pending - 1.0) if head is not None else pending
 
-    def _prefill_head(self, worker_id: str) -> _InFlight | None:
-        """The oldest of our requests still prefilling on `worker_id` (the one it works on)."""
-        queue = self._prefill_queue.get(worker_id)
+    @staticmethod
+    def _prefill_head(on: _OnWorker) -> _InFlight | None:
+        """The oldest of our requests still prefilling on a worker (the one it works on)."""
+        queue = on.queue
         while queue and not queue[0].prefill:  # prefilled or gone: the next one's turn
             queue.popleft()
         return queue[0] if queue else None
@@ -357,6 +431,11 @@ class KvRouter:
             )  # fmt: skip
 
     # ----- choosing ------------------------------------------------------------------------
+    @property
+    def last_scores(self) -> list[WorkerScore]:
+        """How each candidate of the last `choose` scored (tests, benchmarks)."""
+        return self._last_terms.scores() if self._last_terms is not None else []
+
     def scores(
         self,
         candidates: Sequence[WorkerCard],
@@ -364,117 +443,159 @@ class KvRouter:
         media: Sequence[MediaRef] = (),
         by_size: dict[int, list[int]] | None = None,
     ) -> list[WorkerScore]:
-        """`media`: the request's images (their blocks hash the image too: a different
-        image is no prefix hit, the same one is). `by_size`: filled with the prompt's
-        hashes at each candidate block size (for the caller to reuse)."""
-        credit, scale = self.config.overlap_credit, self.config.load_scale
-        uncached_weight = self.config.uncached_weight
+        """Each candidate's cost terms for a prompt, without routing it. `media`: the
+        request's images (their blocks hash the image too: a different image is no prefix
+        hit, the same one is). `by_size`: filled with the prompt's hashes at each candidate
+        block size (for the caller to reuse)."""
         if by_size is None:
             by_size = {}
-        overlaps = self._overlaps(candidates, token_ids, media, by_size)
-        peer_blocks = self.tracker.peer_blocks
-        result = []
-        for card in candidates:
-            worker_id = card.worker_id
-            hashes = by_size[card.block_size]
-            total = -(-len(token_ids) // card.block_size)
-            overlap = overlaps[worker_id]
-            footprint = self._footprint.get(worker_id)
-            new = total - sum(map(footprint.__contains__, hashes)) if footprint else total
-            uncached = max(total - credit * overlap, 0.0)
-            prefill = self.pending_prefill(worker_id) + uncached_weight * uncached
-            # this process's routed blocks and the other frontend processes' (load_share)
-            routed = self.own_blocks(worker_id) + peer_blocks.get(worker_id, 0)
-            active = max(self._reported_active(worker_id), routed) + new
-            cost = scale * prefill + active
-            result.append(WorkerScore(worker_id, overlap, prefill, active, cost))
-        return result
+        return self._terms(candidates, token_ids, media, by_size).scores()
 
-    def _overlaps(
+    def _terms(
         self,
         candidates: Sequence[WorkerCard],
         token_ids: Sequence[int],
         media: Sequence[MediaRef],
         by_size: dict[int, list[int]],
-    ) -> dict[str, int]:
-        """Each candidate's cached prefix of the prompt, in blocks: one walk of the index
-        per block size for all candidates that publish KV events (one walk per candidate
-        cost ~4 us each at 8 workers, on the c=1 path), the routed-prompt index for the
-        others; a prefix our in-flight requests put there counts even before its events."""
-        groups: dict[tuple[int, bool], list[str]] = {}
-        sizes: dict[str, int] = {}
+    ) -> _Terms:
+        """The cost model of the module docstring, every candidate in one loop (on the
+        request path: a few dict lookups per candidate, and a call only where our requests
+        have prefill pending)."""
+        config = self.config
+        credit, scale, weight = config.overlap_credit, config.load_scale, config.uncached_weight
+        on_worker = self._on_worker
+        metrics, releases = self.tracker.metrics, self._released
+        peer_blocks = self.tracker.peer_blocks
+        tokens = len(token_ids)
+        publishes = self._publishes
+        cached: dict[str, int] = {}  # worker -> its cached prefix in blocks, from KV events
+        cached_size = 0  # the block size `cached` is for (of workers that publish them)
+        overlaps: list[int] = []
+        prefills: list[float] = []
+        actives: list[int] = []
+        costs: list[float] = []
+        size_now, total, hashes = 0, 0, []
         for card in candidates:
-            size = sizes[card.worker_id] = card.block_size
-            if size not in by_size:
-                by_size[size] = prompt_hashes(token_ids, size, media)
-            groups.setdefault((size, self.publishes(card.worker_id)), []).append(card.worker_id)
-        result: dict[str, int] = {}
-        for (size, publishes), worker_ids in groups.items():
-            index = self.index if publishes else self.routed
-            result.update(index.overlaps(by_size[size], worker_ids))
-        for worker_id, cached in result.items():
-            in_flight = self._footprint.get(worker_id)
-            if not in_flight:
-                continue
-            hashes = by_size[sizes[worker_id]]
-            if cached < len(hashes):  # events still on the way, or not yet stored
-                depth = 0
-                for h in hashes:
-                    if h not in in_flight:
-                        break
-                    depth += 1
-                result[worker_id] = max(cached, depth)
-        return result
+            worker_id, size = card.worker_id, card.block_size
+            if size != size_now:  # the prompt at this block size (hashed once per size)
+                size_now, total = size, -(-tokens // size)
+                hashes = by_size.get(size)
+                if hashes is None:
+                    hashes = by_size[size] = prompt_hashes(token_ids, size, media)
+            if size != cached_size or (publishes is not None and not publishes(worker_id)):
+                cached, cached_size = self._cached_prefixes(worker_id, size, hashes)
+            overlap = cached.get(worker_id, 0)
+            own = 0  # our in-flight prompts' distinct blocks there
+            new = total  # the prompt's blocks it does not hold for a running request yet
+            on = on_worker.get(worker_id)
+            if on is not None:
+                footprint = on.footprint
+                own = len(footprint) + on.partial
+                if footprint:
+                    new -= sum(map(footprint.__contains__, hashes))
+                    if overlap < len(hashes):  # our prompts' events still on the way
+                        depth = 0
+                        for h in hashes:
+                            if h not in footprint:
+                                break
+                            depth += 1
+                        overlap = max(overlap, depth)
+            uncached = total - credit * overlap
+            prefill = weight * uncached if uncached > 0 else 0.0
+            if on is not None and on.pending:
+                prefill = self.pending_prefill(worker_id) + prefill
+            # this process's routed blocks and the other frontend processes' (load_share)
+            routed = own + peer_blocks.get(worker_id, 0)
+            report = metrics.get(worker_id)
+            if report is not None:
+                reported = report.active_blocks
+                seen, released = releases.get(worker_id, _NOTHING_RELEASED)
+                if seen is report:  # the report predates these finishes: it still counts them
+                    reported = reported - released if reported > released else 0
+                if reported > routed:  # the larger of the two footprints
+                    routed = reported
+            active = routed + new
+            overlaps.append(overlap)
+            prefills.append(prefill)
+            actives.append(active)
+            costs.append(scale * prefill + active)
+        return _Terms(candidates, overlaps, prefills, actives, costs, min(by_size))
+
+    def _cached_prefixes(
+        self, worker_id: str, size: int, hashes: list[int]
+    ) -> tuple[dict[str, int], int]:
+        """The prompt's cached prefix on each worker holding its first block, at this block
+        size: from the KV events (one walk of the index for all workers of that size), or for
+        a worker that publishes none, from the prompts routed to it (`cached_size` 0: this
+        walk serves that worker only)."""
+        if self.publishes(worker_id):
+            return self.index.prefix_depths(hashes), size
+        return self.routed.prefix_depths(hashes), 0
 
     def choose(self, candidates: Sequence[WorkerCard], request: Any) -> WorkerCard:
         token_ids: Sequence[int] = request.token_ids
         media: Sequence[MediaRef] = getattr(request, "media", ())
         by_size: dict[int, list[int]] = {}
-        scores = self.scores(candidates, token_ids, media, by_size)
-        self.last_scores = scores
-        size = min(card.block_size for card in candidates)
-        pick = self._pick(scores, -(-len(token_ids) // size))
-        card = next(c for c in candidates if c.worker_id == pick.worker_id)
+        terms = self._last_terms = self._terms(candidates, token_ids, media, by_size)
+        picked = self._pick(terms, -(-len(token_ids) // terms.min_block_size))
+        card = candidates[picked]
+        worker_id = card.worker_id
+        overlap = terms.overlaps[picked]
         now = self._clock()
         self._forget_stale(now)
         hashes = by_size[card.block_size]
-        if not self.publishes(card.worker_id):  # scored from its events otherwise
-            self.routed.routed(card.worker_id, hashes, now)
+        if self._publishes is not None and not self._publishes(worker_id):  # else: its events
+            self.routed.routed(worker_id, hashes, now)
         request_id = getattr(request, "request_id", None)
         if request_id is not None:
-            self._drop(request_id)
-            worker_id = card.worker_id
-            blocks = -(-len(token_ids) // card.block_size)
-            prefill = max(blocks - pick.overlap_blocks, 1)
-            if not self._pending.get(worker_id):
-                self._prefill_start[worker_id] = now
-                self._prefill_queue.pop(worker_id, None)
-            entry = _InFlight(worker_id, hashes, blocks, prefill, now)
-            self._in_flight[request_id] = entry
-            self._prefill_queue.setdefault(worker_id, deque()).append(entry)
-            self._footprint.setdefault(worker_id, Counter()).update(hashes)
-            self._add(self._partial, worker_id, blocks - len(hashes))
-            self._add(self._pending, worker_id, prefill)
-        if pick.overlap_blocks:
-            self._note_hit(card.worker_id)
+            self._start(request_id, worker_id, hashes, -(-len(token_ids) // card.block_size),
+                        overlap, now)  # fmt: skip
+        if overlap:
+            self._note_hit(worker_id)
         if logger.isEnabledFor(logging.DEBUG):  # what each candidate looked like, for tuning
-            logger.debug(
-                "kv route %s (client %s) → %s (overlap %d blocks, cost %.1f); candidates: %s",
-                request_id, getattr(request, "client_id", None), card.worker_id,
-                pick.overlap_blocks, pick.cost,
-                " ".join(
-                    f"{s.worker_id}[n={self.tracker.requests_on(s.worker_id)} "
-                    f"hit={s.overlap_blocks} demand={self.hit_demand(s.worker_id)} "
-                    f"prefill={s.prefill_blocks:.0f} "
-                    f"pending={self.pending_prefill(s.worker_id):.0f} "
-                    f"reported={self._reported_active(s.worker_id)} "
-                    f"routed={self.own_blocks(s.worker_id)} decode={s.active_blocks} "
-                    f"cost={s.cost:.0f} idle={now - self._last_routed.get(s.worker_id, now):.2f}s]"
-                    for s in scores
-                ),
-            )  # fmt: skip
-        self._last_routed[card.worker_id] = now
+            self._log_choice(request, terms, picked, now)
+        self._last_routed[worker_id] = now
         return card
+
+    def _start(
+        self, request_id: str, worker_id: str, hashes: list[int], blocks: int, overlap: int,
+        now: float,
+    ) -> None:  # fmt: skip
+        """Count a request routed to `worker_id` in its footprint and pending prefill."""
+        if request_id in self._in_flight:
+            self._drop(request_id)
+        prefill = max(blocks - overlap, 1)
+        on = self._on_worker.get(worker_id)
+        if on is None:
+            on = self._on_worker[worker_id] = _OnWorker()
+        if not on.pending:  # it starts on this prompt now
+            self._prefill_start[worker_id] = now
+            on.queue.clear()
+        entry = _InFlight(worker_id, hashes, blocks, prefill, now)
+        self._in_flight[request_id] = entry
+        on.queue.append(entry)
+        on.footprint.update(hashes)
+        on.partial += blocks - len(hashes)
+        on.pending += prefill
+
+    def _log_choice(self, request: Any, terms: _Terms, picked: int, now: float) -> None:
+        scores = terms.scores()
+        pick = scores[picked]
+        logger.debug(
+            "kv route %s (client %s) → %s (overlap %d blocks, cost %.1f); candidates: %s",
+            getattr(request, "request_id", None), getattr(request, "client_id", None),
+            pick.worker_id, pick.overlap_blocks, pick.cost,
+            " ".join(
+                f"{s.worker_id}[n={self.tracker.requests_on(s.worker_id)} "
+                f"hit={s.overlap_blocks} demand={self.hit_demand(s.worker_id)} "
+                f"prefill={s.prefill_blocks:.0f} "
+                f"pending={self.pending_prefill(s.worker_id):.0f} "
+                f"reported={self._reported_active(s.worker_id)} "
+                f"routed={self.own_blocks(s.worker_id)} decode={s.active_blocks} "
+                f"cost={s.cost:.0f} idle={now - self._last_routed.get(s.worker_id, now):.2f}s]"
+                for s in scores
+            ),
+        )  # fmt: skip
 
     def _note_hit(self, worker_id: str) -> None:
         self._recent_hits.append(worker_id)
@@ -490,35 +611,39 @@ class KvRouter:
         cached prefixes draw, each of which waits for any prefill it starts meanwhile."""
         return self._hit_demand.get(worker_id, 0)
 
-    def _pick(self, scores: list[WorkerScore], prompt_blocks: int) -> WorkerScore:
-        best = min(scores, key=lambda s: s.cost)
-        lowest = best.cost
+    def _pick(self, terms: _Terms, prompt_blocks: int) -> int:
+        """The index of the chosen candidate."""
+        costs, prefills = terms.costs, terms.prefills
+        lowest = min(costs)
+        best = costs.index(lowest)  # the first cheapest, in the candidates' order
         temperature = self.config.router_temperature
-        if temperature <= 0:
-            band = self.config.tie_band * prompt_blocks
-            # a prefill holds up every request running where it lands: at most one more
-            # than at the cheapest (a hot worker's many hits share few blocks, but all wait)
-            most = self.tracker.requests_on(best.worker_id) + 1
-            tied = [
-                s for s in scores
-                if s.cost <= lowest + band and s.prefill_blocks <= best.prefill_blocks
-                and self.tracker.requests_on(s.worker_id) <= most
-            ]  # fmt: skip
-            if len(tied) == 1:
-                return tied[0]
-            # the least prefill ahead (time to first token is made of it), then the least
-            # demand for its cache (the hits that would wait for this prefill), then the
-            # least recently routed: its earlier requests have had the longest to prefill
-            last, demand = self._last_routed, self._hit_demand
-            return min(
-                tied,
-                key=lambda s: (
-                    s.prefill_blocks, demand.get(s.worker_id, 0),
-                    last.get(s.worker_id, -math.inf), s.worker_id,
-                ),
-            )  # fmt: skip
-        weights = [math.exp(-(score.cost - lowest) / temperature) for score in scores]
-        return self._random.choices(scores, weights=weights, k=1)[0]
+        if temperature > 0:
+            weights = [math.exp(-(cost - lowest) / temperature) for cost in costs]
+            return self._random.choices(range(len(costs)), weights=weights, k=1)[0]
+        limit = lowest + self.config.tie_band * prompt_blocks
+        best_prefill = prefills[best]
+        tied = [
+            i for i, cost in enumerate(costs) if cost <= limit and prefills[i] <= best_prefill
+        ]  # fmt: skip
+        if len(tied) == 1:  # the cheapest alone
+            return best
+        # a prefill holds up every request running where it lands: at most one more than
+        # at the cheapest (a hot worker's many hits share few blocks, but all wait)
+        candidates, requests_on = terms.candidates, self.tracker.requests_on
+        most = requests_on(candidates[best].worker_id) + 1
+        tied = [i for i in tied if requests_on(candidates[i].worker_id) <= most]
+        if len(tied) == 1:
+            return tied[0]
+        # the least prefill ahead (time to first token is made of it), then the least
+        # demand for its cache (the hits that would wait for this prefill), then the least
+        # recently routed: its earlier requests have had the longest to prefill
+        last, demand = self._last_routed, self._hit_demand
+
+        def tie_break(i: int) -> tuple[float, int, float, str]:
+            worker_id = candidates[i].worker_id
+            return prefills[i], demand.get(worker_id, 0), last.get(worker_id, -math.inf), worker_id
+
+        return min(tied, key=tie_break)
 
 
 def prompt_hashes(
@@ -532,17 +657,3 @@ def prompt_hashes(
         ((ref.offset, ref.length, ref.content_hash) for ref in media), block_size
     )
     return block_hashes(token_ids, block_size, extras)
-
-
-def _subtract(table: dict[str, Counter[int]], worker_id: str, hashes: Sequence[int]) -> None:
-    counter = table.get(worker_id)
-    if counter is None:
-        return
-    for h in hashes:
-        left = counter.get(h, 0) - 1
-        if left > 0:
-            counter[h] = left
-        else:
-            counter.pop(h, None)
-    if not counter:
-        del table[worker_id]

@@ -297,8 +297,8 @@ def test_a_worker_learns_its_prefill_rate_from_first_outputs() -> None:
     assert router.pending_prefill("a") == pytest.approx(4.0)
     router.choose([card("a")], req("r3", _fresh(3)))
     assert router.pending_prefill("a") == pytest.approx(4.0 + 8)
-    clock.now = 5.0  # r2 overdue: not done until its first output says so, r3 not begun
-    assert router.pending_prefill("a") == 1.0 + 8
+    clock.now = 5.0  # r2 overdue and r3 too: not done until a first output says so
+    assert router.pending_prefill("a") == 1.0
     router.request_finished("r3")
     router.request_prefilled("r2")
     assert router.pending_prefill("a") == 0
@@ -331,6 +331,30 @@ def test_a_prefill_nearly_done_is_less_work_than_one_just_begun() -> None:
             assert pending == pytest.approx({"a": 1.6, "b": 6.4})
         else:
             assert pending == {"a": 16, "b": 8}
+
+
+def test_progress_runs_through_every_prompt_queued() -> None:
+    """Two requests whose streams ended together come back together. a got two 8-block
+    prompts at t=0 (8 blocks/s: 1.6 left at t=1.8), b one at t=1.75 (7.6 left): the next
+    goes to a. With the progress capped at the oldest prompt (until issue 14's fourth round)
+    a looked busier (9) and every pair of arrivals stayed paired on one worker."""
+    clock = Clock()
+    router, _, _ = make(clock=clock)
+    for worker_id in ("a", "b"):  # each learns 8 blocks/s
+        router.choose([card(worker_id)], req(f"{worker_id}0", _fresh(0 if worker_id == "a" else 1)))
+    clock.now = 1.0
+    for worker_id in ("a", "b"):
+        router.request_prefilled(f"{worker_id}0")
+        router.request_finished(f"{worker_id}0")
+    clock.now = 2.0
+    router.choose([card("a")], req("a1", _fresh(2)))
+    router.choose([card("a")], req("a2", _fresh(3)))
+    clock.now = 3.75
+    router.choose([card("b")], req("b1", _fresh(4)))
+    clock.now = 3.8
+    assert router.pending_prefill("a") == pytest.approx(1.6)
+    assert router.pending_prefill("b") == pytest.approx(7.6)
+    assert router.choose([card("b"), card("a")], req("new", _fresh(5))).worker_id == "a"
 
 
 def test_ties_go_to_the_least_prefill_before_the_least_recently_routed() -> None:

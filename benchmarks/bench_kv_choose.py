@@ -1,0 +1,192 @@
+"""The KV router's request-path cost: `KvRouter.choose` plus the finish, µs per request.
+
+No I/O: a `KvIndex` filled by hand, a `LoadTracker`, the router. Two scenarios:
+
+- c1: what a frontend at concurrency 1 does (issue 14's in-situ profile): 8 workers, a short
+  chat prompt (40 tokens) cached on one worker, every other worker caching other prompts;
+  each request is chosen, started and finished before the next;
+- loaded: 16 requests in flight over 8 workers that publish `LoadMetrics`, each prompt one
+  of 4 system prompts (~600 tokens) plus a unique question; each request prefills (first
+  output) and finishes 16 requests after it was routed.
+
+`--baseline DIR` times another tree's `frontend/kv_router.py` too (with its `kv_index.py` and
+`contract/block_hash.py`), e.g. main's checkout, alternating the two in rounds so that machine
+load falls on both alike, and counts the requests the two routed differently. Requests are built
+before the timing (their pydantic validation is not the router's).
+
+    python benchmarks/bench_kv_choose.py [--baseline /work/main] [--rounds 5]
+
+Last line: `kv_choose c1_us=<x> loaded_us=<y>` (the best rounds' µs per request) and with a
+baseline `c1_vs_baseline=<r> loaded_vs_baseline=<r>`: each tree's best round over the other's
+(< 1: faster; on a shared machine the best round is the least disturbed one, as in `timeit`;
+every round's ratio is printed too).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import random
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from types import ModuleType
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from contract.block_hash import block_hashes
+from contract.config import KvRouterConfig
+from contract.discovery import WorkerCard
+from contract.messages import GenerateRequest, LoadMetrics
+from frontend import kv_router
+from frontend.router import LoadTracker
+
+WORKERS = 8
+BLOCK = 16
+
+
+def card(worker_id: str) -> WorkerCard:
+    return WorkerCard(
+        worker_id=worker_id, role="agg", model="m", block_size=BLOCK, subject="s",
+        abort_subject="a", capacity=8, max_model_len=4096,
+    )  # fmt: skip
+
+
+def load_module(path: Path, name: str) -> ModuleType:
+    spec = importlib.util.spec_from_file_location(name, path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+Scenario = Callable[[ModuleType, int], tuple[float, list[str]]]
+
+
+def c1(module: ModuleType, n: int) -> tuple[float, list[str]]:
+    """Seconds for `n` requests at concurrency 1, and the workers chosen."""
+    index, tracker = module.KvIndex(), LoadTracker()
+    router = module.KvRouter(KvRouterConfig(), index, tracker, seed=7)
+    cards = [card(f"w{i}") for i in range(WORKERS)]
+    prompt = list(range(100, 140))
+    for i in range(WORKERS):
+        index.store(f"w{i}", block_hashes(list(range(1000 * i, 1000 * i + 160)), BLOCK))
+    index.store("w3", block_hashes(prompt, BLOCK))
+    requests = [GenerateRequest(request_id=f"r{k}", token_ids=prompt) for k in range(n)]
+    chosen = []
+    t0 = time.perf_counter()
+    for request in requests:
+        worker_id = router.choose(cards, request).worker_id
+        tracker.started(worker_id)
+        tracker.finished(worker_id, request.request_id)
+        chosen.append(worker_id)
+    return time.perf_counter() - t0, chosen
+
+
+def loaded(module: ModuleType, n: int) -> tuple[float, list[str]]:
+    """Seconds for `n` requests with 16 in flight (prefilled and finished 16 later)."""
+    index, tracker = module.KvIndex(), LoadTracker()
+    clock = iter(range(10**9)).__next__  # 1 s a request: deterministic prefill rates
+    router = module.KvRouter(KvRouterConfig(), index, tracker, seed=7, clock=clock)
+    cards = [card(f"w{i}") for i in range(WORKERS)]
+    rng = random.Random(1)
+    systems = [[rng.randrange(3, 32000) for _ in range(600)] for _ in range(4)]
+    requests = [
+        GenerateRequest(
+            request_id=f"r{k}",
+            token_ids=rng.choice(systems) + [rng.randrange(3, 32000) for _ in range(30)],
+        )
+        for k in range(n)
+    ]
+    for i in range(WORKERS):
+        tracker.update(LoadMetrics(worker_id=f"w{i}", active_blocks=40 * i))
+    chosen: list[str] = []
+    t0 = time.perf_counter()
+    for k, request in enumerate(requests):
+        worker_id = router.choose(cards, request).worker_id
+        tracker.started(worker_id)
+        chosen.append(worker_id)
+        if k % 64 == 0:  # the engine's KV events: the prompt is cached there now
+            index.store(worker_id, block_hashes(request.token_ids, BLOCK))
+        if k >= 16:
+            done = requests[k - 16]
+            tracker.prefilled(done.request_id)
+            tracker.finished(chosen[k - 16], done.request_id)
+    return time.perf_counter() - t0, chosen
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument(
+        "--baseline",
+        help="another tree (its frontend/kv_router.py and contract/block_hash.py) to time "
+        "against this one",
+    )
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--requests", type=int, default=3000)
+    args = parser.parse_args()
+    modules = {"this": kv_router}
+    if args.baseline:
+        tree = Path(args.baseline)
+        baseline = load_module(tree / "frontend/kv_router.py", "kv_router_baseline")
+        # and its block hashing, which prompt_hashes looks up in its module
+        hashing = load_module(tree / "contract/block_hash.py", "block_hash_baseline")
+        baseline.block_hashes = hashing.block_hashes
+        baseline.media_block_extras = hashing.media_block_extras
+        # and its KV index (the scenarios build `module.KvIndex`)
+        baseline.KvIndex = load_module(tree / "frontend/kv_index.py", "kv_index_baseline").KvIndex
+        modules["baseline"] = baseline
+    scenarios: dict[str, Scenario] = {"c1": c1, "loaded": loaded}
+    per_request: dict[tuple[str, str], list[float]] = {}
+    differ: dict[str, int] = {}  # scenario -> requests the two trees routed differently
+    for _ in range(args.rounds):
+        for scenario_name, scenario in scenarios.items():
+            chosen = {}
+            for name, module in modules.items():
+                scenario(module, 200)  # warm-up
+                seconds, chosen[name] = scenario(module, args.requests)
+                per_request.setdefault((scenario_name, name), []).append(
+                    seconds / args.requests * 1e6
+                )
+            if len(chosen) == 2:  # the same decisions unless a rule changed between trees
+                differ[scenario_name] = sum(a != b for a, b in zip(*chosen.values(), strict=True))
+    summary = {}
+    for (scenario_name, name), values in per_request.items():
+        median = statistics.median(values)
+        sys.stdout.write(
+            f"{scenario_name:<7} {name:<9} µs/request median {median:6.1f} best {min(values):6.1f} "
+            f"(rounds: {' '.join(f'{v:.1f}' for v in values)})\n"
+        )
+        if name == "this":
+            summary[f"{scenario_name}_us"] = min(values)  # the best round, as the ratios
+    if args.baseline:
+        for scenario_name in scenarios:
+            pairs = zip(
+                per_request[(scenario_name, "this")],
+                per_request[(scenario_name, "baseline")],
+                strict=True,
+            )
+            ratios = [this / base for this, base in pairs]
+            best = min(per_request[(scenario_name, "this")]) / min(
+                per_request[(scenario_name, "baseline")]
+            )
+            sys.stdout.write(
+                f"{scenario_name:<7} this / baseline per round: "
+                f"{' '.join(f'{r:.2f}' for r in ratios)}; best round / best round {best:.2f}\n"
+            )
+            summary[f"{scenario_name}_vs_baseline"] = best
+        sys.stdout.write(
+            "requests routed differently by the two trees (last round): "
+            + ", ".join(f"{name} {count} of {args.requests}" for name, count in differ.items())
+            + "\n"
+        )
+    sys.stdout.write(
+        "kv_choose " + " ".join(f"{key}={value:.3f}" for key, value in summary.items()) + "\n"
+    )
+
+
+if __name__ == "__main__":
+    main()

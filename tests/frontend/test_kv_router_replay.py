@@ -1,0 +1,196 @@
+"""The fast KvRouter decides as the reference one did (issue 14: choose's cost halved).
+
+`reference_kv_router.py` is main's router before the rewrite (d8bb23d), kept verbatim; the
+one rule this round changed on purpose (prefill progress runs through every prompt queued on
+a worker, not the oldest only: `_pending_prefill_through_the_queue`) is applied to it here,
+so what is compared is the rewrite itself. Both routers get the same random trace: requests
+over a few shared prefixes (and identical prompts, so that costs tie), first outputs,
+finishes (some before the first output), KV events storing and removing blocks, workers'
+load reports, other frontend processes' counts, workers leaving and joining, re-routed
+request ids, requests forgotten as stale, mixed block sizes and workers without KV events.
+Every choice, every candidate's cost terms and the accounting read by others (own blocks,
+pending prefill, hit demand) must match.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import random
+import sys
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import pytest
+
+from contract.block_hash import block_hashes
+from contract.config import KvRouterConfig
+from contract.discovery import WorkerCard
+from contract.messages import GenerateRequest, LoadMetrics
+from frontend.kv_index import KvIndex
+from frontend.kv_router import KvRouter
+from frontend.router import LoadTracker
+
+
+def _reference() -> ModuleType:
+    path = Path(__file__).with_name("reference_kv_router.py")
+    spec = importlib.util.spec_from_file_location("reference_kv_router", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+REFERENCE = _reference()
+
+
+def _pending_prefill_through_the_queue(self: Any, worker_id: str) -> float:
+    """The reference's `pending_prefill` with issue 14's fourth-round rule: the progress
+    is capped at the worker's last pending block, not at the oldest prompt's."""
+    pending = self._pending.get(worker_id, 0)
+    if not pending:
+        return 0
+    rate = self._prefill_rate.get(worker_id)
+    if rate is None or not self.config.prefill_progress:
+        return pending
+    head = self._prefill_head(worker_id)
+    done = rate.per_second * max(self._clock() - self._prefill_start[worker_id], 0.0)
+    return pending - min(done, pending - 1.0) if head is not None else pending
+
+
+REFERENCE.KvRouter.pending_prefill = _pending_prefill_through_the_queue
+
+
+def card(worker_id: str, block_size: int) -> WorkerCard:
+    return WorkerCard(
+        worker_id=worker_id, role="agg", model="m", block_size=block_size, subject="s",
+        abort_subject="a", capacity=8, max_model_len=1 << 16,
+    )  # fmt: skip
+
+
+class Side:
+    """One router with its own index, tracker and the workers that publish KV events."""
+
+    def __init__(self, router_class: Any, config: KvRouterConfig, clock: Any) -> None:
+        self.index, self.tracker = KvIndex(), LoadTracker()
+        self.published: set[str] = set()
+        self.router = router_class(
+            config, self.index, self.tracker, publishes=self.published.__contains__,
+            seed=3, forget_after_s=50.0, clock=clock,
+        )  # fmt: skip
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def replay(seed: int, config: KvRouterConfig, steps: int = 1500) -> int:
+    """Run one random trace through both routers; returns how many choices were checked."""
+    rng = random.Random(seed)
+    clock = Clock()
+    sides = [Side(REFERENCE.KvRouter, config, clock), Side(KvRouter, config, clock)]
+    sizes = {f"w{i}": (32 if i == 5 else 16) for i in range(7)}
+    live = set(list(sizes)[:6])
+    for side in sides:
+        side.published.update(w for w in sizes if w != "w4")  # w4: no KV events
+        side.router.on_workers_changed({w: card(w, sizes[w]) for w in sorted(live)})
+    prefixes = [[rng.randrange(32000) for _ in range(rng.choice((16, 40, 96)))] for _ in range(5)]
+    in_flight: dict[str, tuple[str, list[int]]] = {}  # request id -> (worker, tokens)
+    routed: list[tuple[str, list[int]]] = []
+    choices = 0
+    for step in range(steps):
+        action = rng.random()
+        if action < 0.40 and live:  # route a request
+            if rng.random() < 0.3:  # an identical prompt again: ties
+                tokens = list(rng.choice(prefixes))
+            else:
+                suffix = [rng.randrange(32000) for _ in range(rng.randrange(0, 40))]
+                tokens = rng.choice(prefixes) + suffix
+            if in_flight and rng.random() < 0.05:
+                request_id = rng.choice(list(in_flight))  # routed again (e.g. migrated)
+            else:
+                request_id = f"r{step}"
+            cards = [card(w, sizes[w]) for w in sorted(live) if rng.random() < 0.9]
+            cards = cards or [card(w, sizes[w]) for w in sorted(live)]
+            request = GenerateRequest(request_id=request_id, token_ids=tokens)
+            picks = [side.router.choose(cards, request).worker_id for side in sides]
+            assert picks[0] == picks[1], f"step {step}: {picks}"
+            reference_scores, scores = (side.router.last_scores for side in sides)
+            assert [vars(s) for s in reference_scores] == [vars(s) for s in scores]
+            choices += 1
+            if request_id in in_flight:
+                for side in sides:
+                    side.tracker.finished(in_flight[request_id][0])  # the old attempt's count
+            for side in sides:
+                side.tracker.started(picks[0])
+            in_flight[request_id] = (picks[0], tokens)
+            routed.append((picks[0], tokens))
+        elif action < 0.55 and in_flight:  # a first output
+            request_id = rng.choice(list(in_flight))
+            for side in sides:
+                side.tracker.prefilled(request_id)
+        elif action < 0.70 and in_flight:  # a finish (sometimes before its first output)
+            request_id = rng.choice(list(in_flight))
+            worker_id, _ = in_flight.pop(request_id)
+            for side in sides:
+                side.tracker.finished(worker_id, request_id)
+        elif action < 0.80 and routed:  # the engine's KV events: a prompt stored
+            worker_id, tokens = rng.choice(routed[-20:])
+            hashes = block_hashes(tokens, sizes[worker_id])[: rng.randrange(len(tokens) // 16 + 1)]
+            for side in sides:
+                if worker_id != "w4":
+                    side.index.store(worker_id, hashes)
+        elif action < 0.85 and routed:  # ... and evicted
+            worker_id, tokens = rng.choice(routed)
+            hashes = block_hashes(tokens, sizes[worker_id])[rng.randrange(len(tokens) // 16 + 1) :]
+            for side in sides:
+                side.index.remove(worker_id, hashes)
+        elif action < 0.92:  # a load report, or another frontend process's counts
+            worker_id = rng.choice(list(sizes))
+            blocks, requests = rng.randrange(0, 60), rng.randrange(0, 3)
+            kind = rng.random()
+            for side in sides:
+                if kind < 0.6:
+                    side.tracker.update(LoadMetrics(worker_id=worker_id, active_blocks=blocks))
+                elif kind < 0.8:
+                    side.tracker.peer_blocks[worker_id] = blocks
+                    side.tracker.peer_requests[worker_id] = requests
+                else:
+                    side.tracker.peer_blocks.pop(worker_id, None)
+                    side.tracker.peer_requests.pop(worker_id, None)
+        elif action < 0.93:  # a worker leaves or joins
+            worker_id = rng.choice(list(sizes))
+            live ^= {worker_id}
+            for side in sides:
+                side.router.on_workers_changed({w: card(w, sizes[w]) for w in sorted(live)})
+            for request_id in [r for r, (w, _) in in_flight.items() if w not in live]:
+                del in_flight[request_id]
+        clock.now += rng.choice((0.0, 0.0, 0.001, 0.05, 0.3, 2.0, 60.0 if step % 97 == 0 else 1.0))
+        for worker_id in sizes:
+            reference, fast = (side.router for side in sides)
+            assert reference.own_blocks(worker_id) == fast.own_blocks(worker_id)
+            assert reference.pending_prefill(worker_id) == fast.pending_prefill(worker_id)
+            assert reference.hit_demand(worker_id) == fast.hit_demand(worker_id)
+    return choices
+
+
+CONFIGS = {
+    "defaults": KvRouterConfig(),
+    "tie_band 0": KvRouterConfig(tie_band=0),
+    "no prefill progress": KvRouterConfig(prefill_progress=False),
+    "credit and weights": KvRouterConfig(
+        overlap_credit=0.5, uncached_weight=1.5, prefill_load_scale=1.0
+    ),
+    "temperature": KvRouterConfig(router_temperature=4.0),
+}
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_the_fast_router_chooses_as_the_reference_did(name: str) -> None:
+    for seed in range(4):
+        assert replay(seed, CONFIGS[name]) > 400
