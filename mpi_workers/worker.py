@@ -36,6 +36,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+import orjson
 from pydantic import ValidationError
 
 from contract import bus
@@ -47,16 +48,14 @@ from contract.messages import (
     GenerateOutput,
     GenerateRequest,
     KvEvent,
-    KvEventBatch,
     KvSnapshot,
+    KvStored,
     SamplingParams,
     batch_subject,
-    coalesce_outputs,
     output_json,
-    outputs_json,
 )
 from mpi_workers.engine.base import Engine
-from mpi_workers.engine.streaming import OutputStream
+from mpi_workers.engine.streaming import Chunk, OutputStream
 
 logger = logging.getLogger(__name__)
 
@@ -119,7 +118,7 @@ class Worker:
         self._kv_queue: asyncio.Queue[list[KvEvent]] = asyncio.Queue()
         self._kv_seq = 0
         # (reply subject, batch subject or None, chunk) not yet published
-        self._outbox: list[tuple[str, str | None, GenerateOutput]] = []
+        self._outbox: list[tuple[str, str | None, Chunk]] = []
         self._outbox_ready = asyncio.Event()
         self._background: list[asyncio.Task[None]] = []
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -333,15 +332,15 @@ class Worker:
         done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         batch_to = batch_subject(reply) if batch else None
 
-        def on_output(output: GenerateOutput) -> None:
-            if output.finish_reason is not None and not done.done():
+        def on_output(chunk: Chunk) -> None:
+            if chunk.finish_reason is not None and not done.done():
                 done.set_result(None)
-            if output.finish_reason == "error" and self.engine.failed is not None:
+            if chunk.finish_reason == "error" and self.engine.failed is not None:
                 return  # withheld: the frontend migrates the request (see above)
-            self._outbox.append((reply, batch_to, output))
+            self._outbox.append((reply, batch_to, chunk))
             self._outbox_ready.set()
 
-        stream.listen(on_output)
+        stream.listen_chunks(on_output)
         try:
             await done
         except asyncio.CancelledError:
@@ -351,25 +350,24 @@ class Worker:
 
     async def _publish_outbox_forever(self) -> None:
         """What the last step(s) produced: one message per request, except that the chunks
-        of requests whose sender reads batches go as one message per sender's inbox; a
-        request's chunks of several steps (a fast engine) go as one (`coalesce_outputs`)."""
+        of requests whose sender reads batches go as one message per sender's inbox (one
+        JSON array, encoded in one call); a request's chunks of several steps (a fast
+        engine) go as one (`Chunk.then`)."""
         assert self._nc is not None
         while True:
             await self._outbox_ready.wait()
             self._outbox_ready.clear()
             pending, self._outbox = self._outbox, []
-            routes = {output.request_id: (reply, batch_to) for reply, batch_to, output in pending}
-            batches: dict[str, list[GenerateOutput]] = {}
-            singles: list[tuple[str, bytes]] = []
-            for output in coalesce_outputs([output for _, _, output in pending]):
-                reply, batch_to = routes[output.request_id]
+            batches: dict[str, list[dict[str, Any] | orjson.Fragment]] = {}
+            messages: list[tuple[str, bytes]] = []
+            for reply, batch_to, chunk in _coalesced(pending):
                 if batch_to is None:
-                    singles.append((reply, output_json(output)))
+                    messages.append((reply, orjson.dumps(_wire(chunk))))
                 else:
-                    batches.setdefault(batch_to, []).append(output)
-            for batch_to, outputs in batches.items():
-                singles.append((batch_to, outputs_json(outputs)))
-            for subject, payload in singles:
+                    batches.setdefault(batch_to, []).append(_wire(chunk))
+            for batch_to, items in batches.items():
+                messages.append((batch_to, orjson.dumps(items)))
+            for subject, payload in messages:
                 try:
                     await self._nc.publish(subject, payload)
                 except Exception as exc:  # the frontend times the request out
@@ -403,9 +401,15 @@ class Worker:
     # event plane
 
     def _kv_sink(self, events: list[KvEvent]) -> None:
-        """Called from the engine's stepping thread: hop onto the event loop."""
-        if self._loop is not None and not self._loop.is_closed():
-            self._loop.call_soon_threadsafe(self._kv_queue.put_nowait, events)
+        """Called by the engine once per step with events: from its stepping thread (hop
+        onto the event loop), or on the loop itself (the mocker: no wake-up of the loop)."""
+        loop = self._loop
+        if loop is None or loop.is_closed():
+            return
+        if asyncio._get_running_loop() is loop:
+            self._kv_queue.put_nowait(events)
+        else:
+            loop.call_soon_threadsafe(self._kv_queue.put_nowait, events)
 
     async def _on_kv_snapshot(self, msg) -> None:
         """Reply with every cached block hash as of the last published batch `seq`.
@@ -433,9 +437,8 @@ class Worker:
         while True:
             events = await self._kv_queue.get()
             self._kv_seq += 1
-            batch = KvEventBatch(worker_id=self.worker_id, seq=self._kv_seq, events=events)
             try:
-                await self._nc.publish(subject, batch.model_dump_json().encode())
+                await self._nc.publish(subject, kv_batch_json(self.worker_id, self._kv_seq, events))
             except Exception as exc:
                 logger.warning("KV event batch %d not published: %s", self._kv_seq, exc)
 
@@ -456,6 +459,67 @@ class Worker:
                 await self._nc.publish(subject, metrics.model_dump_json().encode())
             except Exception as exc:
                 logger.warning("load metrics not published: %s", exc)
+
+
+def _coalesced(
+    pending: list[tuple[str, str | None, Chunk]],
+) -> list[tuple[str, str | None, Chunk]]:
+    """`pending` with each request's consecutive chunks joined where the protocol allows
+    (`Chunk.then`); the requests keep the order of their first chunk."""
+    if len(pending) < 2:
+        return pending
+    result: list[tuple[str, str | None, Chunk]] = []
+    last: dict[str, int] = {}  # request id -> index in result of its latest chunk
+    for entry in pending:
+        chunk = entry[2]
+        index = last.get(chunk.request_id)
+        if index is not None:
+            reply, batch_to, prev = result[index]
+            joined = prev.then(chunk)
+            if joined is not None:
+                result[index] = (reply, batch_to, joined)
+                continue
+        last[chunk.request_id] = len(result)
+        result.append(entry)
+    return result
+
+
+def _wire(chunk: Chunk) -> dict[str, Any] | orjson.Fragment:
+    """`chunk` as `output_json` writes its `GenerateOutput` (fields at their defaults left
+    out), as a dict orjson encodes with the rest of its message."""
+    if chunk.logprobs is not None:  # nested models: pydantic's serializer
+        return orjson.Fragment(output_json(chunk.output()))
+    data: dict[str, Any] = {
+        "version": PROTOCOL_VERSION,
+        "request_id": chunk.request_id,
+        "token_ids": chunk.token_ids,
+    }
+    if chunk.finish_reason is not None:
+        data["finish_reason"] = chunk.finish_reason
+    if chunk.num_prompt_tokens:
+        data["num_prompt_tokens"] = chunk.num_prompt_tokens
+    if chunk.num_cached_tokens:
+        data["num_cached_tokens"] = chunk.num_cached_tokens
+    if chunk.error is not None:
+        data["error"] = chunk.error
+    return data
+
+
+def kv_batch_json(worker_id: str, seq: int, events: list[KvEvent]) -> bytes:
+    """`KvEventBatch(worker_id=..., seq=..., events=...).model_dump_json()`, by orjson from
+    the events' fields (a batch per step or two under load: the model's serializer cost
+    more than the rest of publishing it)."""
+    wire: list[dict[str, Any]] = []
+    for event in events:
+        if isinstance(event, KvStored):
+            blocks = [
+                {"block_hash": b.block_hash, "num_tokens": b.num_tokens} for b in event.blocks
+            ]
+            wire.append({"kind": "stored", "parent_hash": event.parent_hash, "blocks": blocks})
+        else:
+            wire.append({"kind": "removed", "block_hashes": event.block_hashes})
+    message = {"version": PROTOCOL_VERSION, "worker_id": worker_id, "seq": seq, "events": wire}
+    return orjson.dumps(message)
 
 
 def _named(request: GenerateRequest) -> str:

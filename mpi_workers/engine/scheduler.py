@@ -92,12 +92,13 @@ class Scheduler:
             seq = self.running[index]
             n = min(seq.remaining, budget)
             need = self.bm.num_new_blocks(seq, seq.num_computed + n)
-            while not self.bm.can_allocate(need) and self.running[-1] is not seq:
-                self._preempt(self.running[-1])
-            if not self.bm.can_allocate(need):
-                self._preempt(seq)  # it is the newest: it waits for the others to finish
-                break
-            self.bm.allocate(seq, seq.num_computed + n)
+            if need:  # most decode steps fit in the last block: nothing to check or take
+                while not self.bm.can_allocate(need) and self.running[-1] is not seq:
+                    self._preempt(self.running[-1])
+                if not self.bm.can_allocate(need):
+                    self._preempt(seq)  # it is the newest: it waits for the others to finish
+                    break
+                self.bm.allocate(seq, seq.num_computed + n)
             batch.seqs.append(seq)
             batch.num_tokens.append(n)
             budget -= n
