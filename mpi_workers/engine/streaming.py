@@ -143,7 +143,10 @@ class _Stream:
 
     def push(self, chunk: Chunk) -> None:
         if asyncio._get_running_loop() is self.loop:  # the mocker: steps on this loop
-            self.deliver(chunk)
+            if self.listener is not None:
+                self.listener(chunk)
+            else:
+                self.queue.put_nowait(chunk)
             return
         # A stepping thread (no loop of its own). RuntimeError: the caller's loop is
         # closed; nobody is listening.
