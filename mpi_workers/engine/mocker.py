@@ -178,7 +178,11 @@ class MockerEngine(StreamingEngine):
 
     def _token_at(self, seq: Sequence) -> int:
         """The deterministic pseudo token for `seq`'s next position; never EOS or a stop id."""
-        token = _mix64(self._seeds.get(seq.request_id, 0) ^ len(seq.token_ids)) % self.vocab_size
+        x = self._seeds.get(seq.request_id, 0) ^ len(seq.token_ids)
+        x = (x + 0x9E3779B97F4A7C15) & _MASK64  # _mix64(x), inline: this runs per token
+        x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+        x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
+        token = (x ^ (x >> 31)) % self.vocab_size
         stop_ids = seq.sampling.stop_token_ids
         if token not in self._banned_base and (not stop_ids or token not in stop_ids):
             return token  # the common case: no set built per token
@@ -217,9 +221,12 @@ class MockerEngine(StreamingEngine):
         one chunk per request (a finishing request's went out with its finish), and the
         steps' KV events, one batch."""
         if self._undelivered:
-            for seq in self._undelivered.values():
-                if seq.pending_tokens and seq.status is not SeqStatus.FINISHED:
-                    self._deliver(seq)
+            finished = SeqStatus.FINISHED
+            self._deliver_all(
+                seq
+                for seq in self._undelivered.values()
+                if seq.pending_tokens and seq.status is not finished
+            )
             self._undelivered.clear()
         self._publish_events()
 

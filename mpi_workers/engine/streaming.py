@@ -15,7 +15,7 @@ import contextlib
 import logging
 import math
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, NamedTuple
 
 from contract.messages import (
@@ -228,26 +228,32 @@ class StreamingEngine(Engine):
 
     def _deliver(self, seq: Sequence) -> None:
         """Send the tokens produced since the last chunk (and the finish reason, if any)."""
+        self._deliver_all((seq,))
+
+    def _deliver_all(self, seqs: Iterable[Sequence]) -> None:
+        """`_deliver` for each of `seqs` in order: one lock and one look-up of what their
+        chunks share (the mocker delivers every running request's token each step)."""
+        logprobs_ok = "logprobs" not in self.unsupported_params
         with self._streams_lock:
-            stream = self._streams.get(seq.request_id)
-        logprobs = None
-        if seq.sampling.logprobs is not None and "logprobs" not in self.unsupported_params:
-            logprobs = seq.pending_logprobs
-            seq.pending_logprobs = []
-        elif seq.pending_logprobs:
-            seq.pending_logprobs = []
-        chunk = Chunk(
-            seq.request_id,
-            seq.pending_tokens,
-            logprobs,
-            seq.finish_reason,
-            seq.num_prompt_tokens,
-            seq.num_cached_tokens,
-            seq.error,
-        )
-        seq.pending_tokens = []
-        if stream is not None:
-            stream.push(chunk)
+            targets = [(seq, self._streams.get(seq.request_id)) for seq in seqs]
+        for seq, stream in targets:
+            logprobs = None
+            if seq.pending_logprobs or seq.sampling.logprobs is not None:
+                if logprobs_ok and seq.sampling.logprobs is not None:
+                    logprobs = seq.pending_logprobs
+                seq.pending_logprobs = []
+            chunk = Chunk(
+                seq.request_id,
+                seq.pending_tokens,
+                logprobs,
+                seq.finish_reason,
+                seq.num_prompt_tokens,
+                seq.num_cached_tokens,
+                seq.error,
+            )
+            seq.pending_tokens = []
+            if stream is not None:
+                stream.push(chunk)
 
     def _publish_events(self) -> None:
         events = self.block_manager.take_events()
@@ -279,7 +285,8 @@ class OutputStream:
         self.listen_chunks(lambda chunk: callback(chunk.output()))
 
     def listen_chunks(self, callback: Callable[[Chunk], None]) -> None:
-        """`listen`, with each output as the engine's `Chunk` (no model built per output)."""
+        """`listen`, with each output as the engine's `Chunk` (no model built per output)
+        handed straight from the engine to `callback`."""
         stream = self._stream
         queue = stream._queue
         while queue is not None and not queue.empty():
@@ -287,15 +294,13 @@ class OutputStream:
             if chunk.finish_reason is not None:
                 self._done = True
             callback(chunk)
-        if self._done:
-            return
+        if not self._done:
+            stream.listener = callback
 
-        def deliver(chunk: Chunk) -> None:
-            if chunk.finish_reason is not None:
-                self._done = True
-            callback(chunk)
-
-        stream.listener = deliver
+    def _open(self) -> bool:
+        """Whether the request still runs for this caller: not closed here, and not yet
+        finished by the engine (which forgets a stream as it sends its last chunk)."""
+        return not self._done and self._engine._streams.get(self.request_id) is self._stream
 
     async def __anext__(self) -> GenerateOutput:
         if self._done:
@@ -311,11 +316,11 @@ class OutputStream:
         return chunk.output()
 
     async def aclose(self) -> None:
-        if not self._done:
+        if self._open():
             self._done = True
             await self._engine.abort(self.request_id)
 
     def __del__(self) -> None:
-        if not self._done:
+        if self._open():
             with contextlib.suppress(Exception):
                 self._engine.abort_nowait(self.request_id)
