@@ -141,8 +141,10 @@ class _Stream:
             self._queue = asyncio.Queue()
         return self._queue
 
-    def push(self, chunk: Chunk) -> None:
-        if asyncio._get_running_loop() is self.loop:  # the mocker: steps on this loop
+    def push(self, chunk: Chunk, running: asyncio.AbstractEventLoop | None) -> None:
+        """`running`: the pusher's running loop (`asyncio._get_running_loop()`, asked once
+        per step by the caller: in Python 3.11 each call is a getpid() system call)."""
+        if running is self.loop:  # the mocker: steps on this loop
             if self.listener is not None:
                 self.listener(chunk)
             else:
@@ -234,6 +236,7 @@ class StreamingEngine(Engine):
         """`_deliver` for each of `seqs` in order: one lock and one look-up of what their
         chunks share (the mocker delivers every running request's token each step)."""
         logprobs_ok = "logprobs" not in self.unsupported_params
+        running = asyncio._get_running_loop()  # None on a stepping thread
         with self._streams_lock:
             targets = [(seq, self._streams.get(seq.request_id)) for seq in seqs]
         for seq, stream in targets:
@@ -253,7 +256,7 @@ class StreamingEngine(Engine):
             )
             seq.pending_tokens = []
             if stream is not None:
-                stream.push(chunk)
+                stream.push(chunk, running)
 
     def _publish_events(self) -> None:
         events = self.block_manager.take_events()
