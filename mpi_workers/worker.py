@@ -115,7 +115,7 @@ class Worker:
         self._registration: WorkerRegistration | None = None
         self._inflight: dict[str, asyncio.Task[None]] = {}
         self._metrics_changed = False
-        self._kv_queue: asyncio.Queue[list[KvEvent]] = asyncio.Queue()
+        self._kv_pending: list[list[KvEvent]] = []  # the engine's batches, not yet published
         self._kv_seq = 0
         # (reply subject, batch subject or None, chunk) not yet published
         self._outbox: list[tuple[str, str | None, Chunk]] = []
@@ -161,8 +161,7 @@ class Worker:
         ]
         self._background = [
             asyncio.create_task(self._publish_metrics_forever(), name="load-metrics"),
-            asyncio.create_task(self._publish_kv_forever(), name="kv-events"),
-            asyncio.create_task(self._publish_outbox_forever(), name="replies"),
+            asyncio.create_task(self._publish_outbox_forever(), name="replies-and-kv"),
         ]
         self._registration = WorkerRegistration(
             self.etcd_endpoint, self.deployment, self.card, self.lease_ttl_s
@@ -352,12 +351,15 @@ class Worker:
         """What the last step(s) produced: one message per request, except that the chunks
         of requests whose sender reads batches go as one message per sender's inbox (one
         JSON array, encoded in one call); a request's chunks of several steps (a fast
-        engine) go as one (`Chunk.then`)."""
+        engine) go as one (`Chunk.then`). Then the engine's KV event batches, each with the
+        next `seq` (one wake-up of one task for all a step publishes)."""
         assert self._nc is not None
+        kv_subject = bus.kv_events_subject(self.deployment)
         while True:
             await self._outbox_ready.wait()
             self._outbox_ready.clear()
             pending, self._outbox = self._outbox, []
+            kv_batches, self._kv_pending = self._kv_pending, []
             batches: dict[str, list[dict[str, Any] | orjson.Fragment]] = {}
             messages: list[tuple[str, bytes]] = []
             for reply, batch_to, chunk in _coalesced(pending):
@@ -372,6 +374,14 @@ class Worker:
                     await self._nc.publish(subject, payload)
                 except Exception as exc:  # the frontend times the request out
                     logger.warning("reply to %s not published: %s", subject, exc)
+            for events in kv_batches:
+                self._kv_seq += 1
+                try:
+                    await self._nc.publish(
+                        kv_subject, kv_batch_json(self.worker_id, self._kv_seq, events)
+                    )
+                except Exception as exc:
+                    logger.warning("KV event batch %d not published: %s", self._kv_seq, exc)
 
     async def _reply_error(
         self, reply: str, request_id: str, error: str, param: str | None
@@ -407,9 +417,14 @@ class Worker:
         if loop is None or loop.is_closed():
             return
         if asyncio._get_running_loop() is loop:
-            self._kv_queue.put_nowait(events)
+            self._queue_kv(events)
         else:
-            loop.call_soon_threadsafe(self._kv_queue.put_nowait, events)
+            loop.call_soon_threadsafe(self._queue_kv, events)
+
+    def _queue_kv(self, events: list[KvEvent]) -> None:
+        """On the loop: the replies' publisher sends the batch (after the step's replies)."""
+        self._kv_pending.append(events)
+        self._outbox_ready.set()
 
     async def _on_kv_snapshot(self, msg) -> None:
         """Reply with every cached block hash as of the last published batch `seq`.
@@ -431,16 +446,6 @@ class Worker:
             await self._nc.publish(msg.reply, snapshot.model_dump_json().encode())
         except Exception as exc:
             logger.warning("KV snapshot not sent: %s", exc)
-
-    async def _publish_kv_forever(self) -> None:
-        subject = bus.kv_events_subject(self.deployment)
-        while True:
-            events = await self._kv_queue.get()
-            self._kv_seq += 1
-            try:
-                await self._nc.publish(subject, kv_batch_json(self.worker_id, self._kv_seq, events))
-            except Exception as exc:
-                logger.warning("KV event batch %d not published: %s", self._kv_seq, exc)
 
     async def _publish_metrics_forever(self) -> None:
         # A plain poll: asyncio.wait_for on an Event can hang on cancel in Python 3.11.
