@@ -114,7 +114,10 @@ class Worker:
         self._subscriptions: list = []
         self._registration: WorkerRegistration | None = None
         self._inflight: dict[str, asyncio.Task[None]] = {}
-        self._metrics_changed = False
+        self._metrics_changed = False  # a request started or ended since the last report
+        self._metrics_sent_at = -1e9  # loop.time() of the last load report
+        self._outbox_at = -1e9  # loop.time() of the replies' publisher's last pass
+        self._metrics_waiter: asyncio.Future[None] | None = None
         self._kv_pending: list[list[KvEvent]] = []  # the engine's batches, not yet published
         self._kv_seq = 0
         # (reply subject, batch subject or None, chunk) not yet published
@@ -256,11 +259,26 @@ class Worker:
         task = asyncio.create_task(self._serve(request, msg.reply), name=request.request_id)
         self._inflight[request.request_id] = task
         task.add_done_callback(lambda _t, rid=request.request_id: self._request_done(rid))
-        self._metrics_changed = True
+        self._note_load_change()
 
     def _request_done(self, request_id: str) -> None:
         self._inflight.pop(request_id, None)
+        self._note_load_change()
+
+    def _note_load_change(self) -> None:
+        """A request started or ended: the load report is due (at most `METRICS_POLL_S`
+        after the last). While the engine steps, the replies' publisher sends it with a
+        step's replies; otherwise (`_metrics_quiet`) the metrics task is woken for it."""
         self._metrics_changed = True
+        waiter = self._metrics_waiter
+        if waiter is not None and not waiter.done() and self._metrics_quiet():
+            waiter.set_result(None)
+
+    def _metrics_quiet(self) -> bool:
+        """No request in flight, or no replies published lately: the replies' publisher
+        will not send the next load report; the metrics task must."""
+        assert self._loop is not None
+        return not self._inflight or self._loop.time() - self._outbox_at > METRICS_POLL_S
 
     async def _serve(self, request: GenerateRequest, reply: str) -> None:
         assert self._nc is not None
@@ -355,6 +373,7 @@ class Worker:
         next `seq` (one wake-up of one task for all a step publishes)."""
         assert self._nc is not None
         kv_subject = bus.kv_events_subject(self.deployment)
+        loop = asyncio.get_running_loop()
         while True:
             await self._outbox_ready.wait()
             self._outbox_ready.clear()
@@ -382,6 +401,9 @@ class Worker:
                     )
                 except Exception as exc:
                     logger.warning("KV event batch %d not published: %s", self._kv_seq, exc)
+            self._outbox_at = now = loop.time()
+            if self._metrics_changed and now - self._metrics_sent_at >= METRICS_POLL_S:
+                await self._publish_metrics()  # with this step's replies: no wake-up of its own
 
     async def _reply_error(
         self, reply: str, request_id: str, error: str, param: str | None
@@ -448,22 +470,46 @@ class Worker:
             logger.warning("KV snapshot not sent: %s", exc)
 
     async def _publish_metrics_forever(self) -> None:
-        # A plain poll: asyncio.wait_for on an Event can hang on cancel in Python 3.11.
-        subject = bus.load_metrics_subject(self.deployment)
-        last = 0.0
+        """Load reports: every `METRICS_INTERVAL_S`, and at most `METRICS_POLL_S` after a
+        request started or ended. While the engine steps, the replies' publisher sends the
+        latter with a step's replies, and this task sleeps the interval (it used to poll
+        every `METRICS_POLL_S`: a wake-up of an idle worker 20 times a second)."""
+        loop = asyncio.get_running_loop()
         while True:
-            await asyncio.sleep(METRICS_POLL_S)
-            now = time.monotonic()
-            if not self._metrics_changed and now - last < METRICS_INTERVAL_S:
+            now = loop.time()
+            if self._metrics_changed and self._metrics_quiet():
+                due = self._metrics_sent_at + METRICS_POLL_S
+            else:
+                due = self._metrics_sent_at + METRICS_INTERVAL_S
+            if now < due:
+                # A plain timer and future: asyncio.wait_for on an Event can hang on cancel
+                # in Python 3.11. `_note_load_change` ends the wait early.
+                waiter = self._metrics_waiter = loop.create_future()
+                timer = loop.call_later(due - now, _resolve, waiter)
+                try:
+                    await waiter
+                finally:
+                    timer.cancel()
+                    self._metrics_waiter = None
                 continue
-            self._metrics_changed, last = False, now
-            try:
-                metrics = self.engine.load_metrics().model_copy(
-                    update={"worker_id": self.worker_id}
-                )
-                await self._nc.publish(subject, metrics.model_dump_json().encode())
-            except Exception as exc:
-                logger.warning("load metrics not published: %s", exc)
+            await self._publish_metrics()
+
+    async def _publish_metrics(self) -> None:
+        assert self._loop is not None and self._nc is not None
+        self._metrics_changed, self._metrics_sent_at = False, self._loop.time()
+        try:
+            metrics = self.engine.load_metrics()
+            metrics.worker_id = self.worker_id
+            await self._nc.publish(
+                bus.load_metrics_subject(self.deployment), metrics.model_dump_json().encode()
+            )
+        except Exception as exc:
+            logger.warning("load metrics not published: %s", exc)
+
+
+def _resolve(waiter: asyncio.Future[None]) -> None:
+    if not waiter.done():
+        waiter.set_result(None)
 
 
 def _coalesced(

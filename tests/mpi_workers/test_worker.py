@@ -432,3 +432,35 @@ def test_kv_batch_json_is_the_schema_and_takes_the_fast_parse(
 
     monkeypatch.setattr(KvEventBatch, "model_validate_json", slow_path)
     assert parse_kv_event_batch(data) == expected
+
+
+async def test_load_change_wakes_the_metrics_task_only_when_no_step_will_report_it() -> None:
+    """While requests are in flight and replies went out lately, the replies' publisher
+    sends the load report with a step's replies: a start or end does not wake the metrics
+    task. With no request left, or no replies lately, it does (the report must not wait
+    for the 0.5 s interval)."""
+    from mpi_workers.worker import METRICS_POLL_S
+
+    worker = Worker(FakeEngine(), deployment="d", worker_id="agg-g0-i0", role="agg",
+                    nats_url="nats://unused", etcd_endpoint="unused", lease_ttl_s=5,
+                    capacity=4)  # fmt: skip
+    loop = asyncio.get_running_loop()
+    worker._loop = loop
+    busy = loop.create_future()
+    worker._inflight = {"r1": busy, "r2": busy}  # type: ignore[dict-item]
+
+    def change(outbox_age_s: float, done: str | None = None) -> bool:
+        worker._outbox_at = loop.time() - outbox_age_s
+        waiter = worker._metrics_waiter = loop.create_future()
+        if done is None:
+            worker._note_load_change()
+        else:
+            worker._request_done(done)
+        return waiter.done()
+
+    assert not change(0.001)  # stepping: the next step's replies carry the report
+    assert worker._metrics_changed
+    assert change(METRICS_POLL_S * 2)  # no replies lately: the task reports
+    assert not change(0.001, done="r1")  # r2 still runs
+    assert change(0.001, done="r2")  # the last one ended: no step will report it
+    busy.cancel()
