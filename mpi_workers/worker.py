@@ -4,8 +4,10 @@ Life of a worker:
 1. build and start the engine; 2. subscribe to its generate and abort subjects;
 3. register its `WorkerCard` in etcd under a lease (kept alive); 4. serve: every
 `GenerateRequest` runs in its own task that streams each `GenerateOutput` chunk as JSON to the
-request's reply subject; 5. publish `LoadMetrics` every `METRICS_INTERVAL_S` and right after a
-request starts or ends, and the engine's KV events as seq-numbered `KvEventBatch`es;
+request's reply subject; 5. publish `LoadMetrics` every `METRICS_INTERVAL_S` and at most
+`METRICS_POLL_S` after a request starts or ends, and the engine's KV events as seq-numbered
+`KvEventBatch`es (a scheduler-driven engine's replies, KV events and load reports of one step
+go out from one publishing task, in one pass);
 6. on SIGTERM/SIGINT: mark the card draining so no new requests come, let in-flight
 requests finish (bounded by `drain_timeout_s`), deregister, shut the engine down, exit 0.
 When the engine reports a fatal failure (a tensor-parallel rank died): withhold its error
