@@ -4,8 +4,10 @@ Life of a worker:
 1. build and start the engine; 2. subscribe to its generate and abort subjects;
 3. register its `WorkerCard` in etcd under a lease (kept alive); 4. serve: every
 `GenerateRequest` runs in its own task that streams each `GenerateOutput` chunk as JSON to the
-request's reply subject; 5. publish `LoadMetrics` every `METRICS_INTERVAL_S` and right after a
-request starts or ends, and the engine's KV events as seq-numbered `KvEventBatch`es;
+request's reply subject; 5. publish `LoadMetrics` every `METRICS_INTERVAL_S` and at most
+`METRICS_POLL_S` after a request starts or ends, and the engine's KV events as seq-numbered
+`KvEventBatch`es (a scheduler-driven engine's replies, KV events and load reports of one step
+go out from one publishing task, in one pass);
 6. on SIGTERM/SIGINT: mark the card draining so no new requests come, let in-flight
 requests finish (bounded by `drain_timeout_s`), deregister, shut the engine down, exit 0.
 When the engine reports a fatal failure (a tensor-parallel rank died): withhold its error
@@ -36,6 +38,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+import orjson
 from pydantic import ValidationError
 
 from contract import bus
@@ -47,16 +50,14 @@ from contract.messages import (
     GenerateOutput,
     GenerateRequest,
     KvEvent,
-    KvEventBatch,
     KvSnapshot,
+    KvStored,
     SamplingParams,
     batch_subject,
-    coalesce_outputs,
     output_json,
-    outputs_json,
 )
 from mpi_workers.engine.base import Engine
-from mpi_workers.engine.streaming import OutputStream
+from mpi_workers.engine.streaming import Chunk, OutputStream
 
 logger = logging.getLogger(__name__)
 
@@ -115,11 +116,14 @@ class Worker:
         self._subscriptions: list = []
         self._registration: WorkerRegistration | None = None
         self._inflight: dict[str, asyncio.Task[None]] = {}
-        self._metrics_changed = False
-        self._kv_queue: asyncio.Queue[list[KvEvent]] = asyncio.Queue()
+        self._metrics_changed = False  # a request started or ended since the last report
+        self._metrics_sent_at = -1e9  # loop.time() of the last load report
+        self._outbox_at = -1e9  # loop.time() of the replies' publisher's last pass
+        self._metrics_waiter: asyncio.Future[None] | None = None
+        self._kv_pending: list[list[KvEvent]] = []  # the engine's batches, not yet published
         self._kv_seq = 0
         # (reply subject, batch subject or None, chunk) not yet published
-        self._outbox: list[tuple[str, str | None, GenerateOutput]] = []
+        self._outbox: list[tuple[str, str | None, Chunk]] = []
         self._outbox_ready = asyncio.Event()
         self._background: list[asyncio.Task[None]] = []
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -162,8 +166,7 @@ class Worker:
         ]
         self._background = [
             asyncio.create_task(self._publish_metrics_forever(), name="load-metrics"),
-            asyncio.create_task(self._publish_kv_forever(), name="kv-events"),
-            asyncio.create_task(self._publish_outbox_forever(), name="replies"),
+            asyncio.create_task(self._publish_outbox_forever(), name="replies-and-kv"),
         ]
         self._registration = WorkerRegistration(
             self.etcd_endpoint, self.deployment, self.card, self.lease_ttl_s
@@ -258,11 +261,26 @@ class Worker:
         task = asyncio.create_task(self._serve(request, msg.reply), name=request.request_id)
         self._inflight[request.request_id] = task
         task.add_done_callback(lambda _t, rid=request.request_id: self._request_done(rid))
-        self._metrics_changed = True
+        self._note_load_change()
 
     def _request_done(self, request_id: str) -> None:
         self._inflight.pop(request_id, None)
+        self._note_load_change()
+
+    def _note_load_change(self) -> None:
+        """A request started or ended: the load report is due (at most `METRICS_POLL_S`
+        after the last). While the engine steps, the replies' publisher sends it with a
+        step's replies; otherwise (`_metrics_quiet`) the metrics task is woken for it."""
         self._metrics_changed = True
+        waiter = self._metrics_waiter
+        if waiter is not None and not waiter.done() and self._metrics_quiet():
+            waiter.set_result(None)
+
+    def _metrics_quiet(self) -> bool:
+        """No request in flight, or no replies published lately: the replies' publisher
+        will not send the next load report; the metrics task must."""
+        assert self._loop is not None
+        return not self._inflight or self._loop.time() - self._outbox_at > METRICS_POLL_S
 
     async def _serve(self, request: GenerateRequest, reply: str) -> None:
         assert self._nc is not None
@@ -333,15 +351,15 @@ class Worker:
         done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         batch_to = batch_subject(reply) if batch else None
 
-        def on_output(output: GenerateOutput) -> None:
-            if output.finish_reason is not None and not done.done():
+        def on_output(chunk: Chunk) -> None:
+            if chunk.finish_reason is not None and not done.done():
                 done.set_result(None)
-            if output.finish_reason == "error" and self.engine.failed is not None:
+            if chunk.finish_reason == "error" and self.engine.failed is not None:
                 return  # withheld: the frontend migrates the request (see above)
-            self._outbox.append((reply, batch_to, output))
+            self._outbox.append((reply, batch_to, chunk))
             self._outbox_ready.set()
 
-        stream.listen(on_output)
+        stream.listen_chunks(on_output)
         try:
             await done
         except asyncio.CancelledError:
@@ -351,29 +369,43 @@ class Worker:
 
     async def _publish_outbox_forever(self) -> None:
         """What the last step(s) produced: one message per request, except that the chunks
-        of requests whose sender reads batches go as one message per sender's inbox; a
-        request's chunks of several steps (a fast engine) go as one (`coalesce_outputs`)."""
+        of requests whose sender reads batches go as one message per sender's inbox (one
+        JSON array, encoded in one call); a request's chunks of several steps (a fast
+        engine) go as one (`Chunk.then`). Then the engine's KV event batches, each with the
+        next `seq` (one wake-up of one task for all a step publishes)."""
         assert self._nc is not None
+        kv_subject = bus.kv_events_subject(self.deployment)
+        loop = asyncio.get_running_loop()
         while True:
             await self._outbox_ready.wait()
             self._outbox_ready.clear()
             pending, self._outbox = self._outbox, []
-            routes = {output.request_id: (reply, batch_to) for reply, batch_to, output in pending}
-            batches: dict[str, list[GenerateOutput]] = {}
-            singles: list[tuple[str, bytes]] = []
-            for output in coalesce_outputs([output for _, _, output in pending]):
-                reply, batch_to = routes[output.request_id]
+            kv_batches, self._kv_pending = self._kv_pending, []
+            batches: dict[str, list[dict[str, Any] | orjson.Fragment]] = {}
+            messages: list[tuple[str, bytes]] = []
+            for reply, batch_to, chunk in _coalesced(pending):
                 if batch_to is None:
-                    singles.append((reply, output_json(output)))
+                    messages.append((reply, orjson.dumps(_wire(chunk))))
                 else:
-                    batches.setdefault(batch_to, []).append(output)
-            for batch_to, outputs in batches.items():
-                singles.append((batch_to, outputs_json(outputs)))
-            for subject, payload in singles:
+                    batches.setdefault(batch_to, []).append(_wire(chunk))
+            for batch_to, items in batches.items():
+                messages.append((batch_to, orjson.dumps(items)))
+            for subject, payload in messages:
                 try:
                     await self._nc.publish(subject, payload)
                 except Exception as exc:  # the frontend times the request out
                     logger.warning("reply to %s not published: %s", subject, exc)
+            for events in kv_batches:
+                self._kv_seq += 1
+                try:
+                    await self._nc.publish(
+                        kv_subject, kv_batch_json(self.worker_id, self._kv_seq, events)
+                    )
+                except Exception as exc:
+                    logger.warning("KV event batch %d not published: %s", self._kv_seq, exc)
+            self._outbox_at = now = loop.time()
+            if self._metrics_changed and now - self._metrics_sent_at >= METRICS_POLL_S:
+                await self._publish_metrics()  # with this step's replies: no wake-up of its own
 
     async def _reply_error(
         self, reply: str, request_id: str, error: str, param: str | None
@@ -403,9 +435,20 @@ class Worker:
     # event plane
 
     def _kv_sink(self, events: list[KvEvent]) -> None:
-        """Called from the engine's stepping thread: hop onto the event loop."""
-        if self._loop is not None and not self._loop.is_closed():
-            self._loop.call_soon_threadsafe(self._kv_queue.put_nowait, events)
+        """Called by the engine once per step with events: from its stepping thread (hop
+        onto the event loop), or on the loop itself (the mocker: no wake-up of the loop)."""
+        loop = self._loop
+        if loop is None or loop.is_closed():
+            return
+        if asyncio._get_running_loop() is loop:
+            self._queue_kv(events)
+        else:
+            loop.call_soon_threadsafe(self._queue_kv, events)
+
+    def _queue_kv(self, events: list[KvEvent]) -> None:
+        """On the loop: the replies' publisher sends the batch (after the step's replies)."""
+        self._kv_pending.append(events)
+        self._outbox_ready.set()
 
     async def _on_kv_snapshot(self, msg) -> None:
         """Reply with every cached block hash as of the last published batch `seq`.
@@ -428,34 +471,108 @@ class Worker:
         except Exception as exc:
             logger.warning("KV snapshot not sent: %s", exc)
 
-    async def _publish_kv_forever(self) -> None:
-        subject = bus.kv_events_subject(self.deployment)
-        while True:
-            events = await self._kv_queue.get()
-            self._kv_seq += 1
-            batch = KvEventBatch(worker_id=self.worker_id, seq=self._kv_seq, events=events)
-            try:
-                await self._nc.publish(subject, batch.model_dump_json().encode())
-            except Exception as exc:
-                logger.warning("KV event batch %d not published: %s", self._kv_seq, exc)
-
     async def _publish_metrics_forever(self) -> None:
-        # A plain poll: asyncio.wait_for on an Event can hang on cancel in Python 3.11.
-        subject = bus.load_metrics_subject(self.deployment)
-        last = 0.0
+        """Load reports: every `METRICS_INTERVAL_S`, and at most `METRICS_POLL_S` after a
+        request started or ended. While the engine steps, the replies' publisher sends the
+        latter with a step's replies, and this task sleeps the interval (it used to poll
+        every `METRICS_POLL_S`: a wake-up of an idle worker 20 times a second)."""
+        loop = asyncio.get_running_loop()
         while True:
-            await asyncio.sleep(METRICS_POLL_S)
-            now = time.monotonic()
-            if not self._metrics_changed and now - last < METRICS_INTERVAL_S:
+            now = loop.time()
+            if self._metrics_changed and self._metrics_quiet():
+                due = self._metrics_sent_at + METRICS_POLL_S
+            else:
+                due = self._metrics_sent_at + METRICS_INTERVAL_S
+            if now < due:
+                # A plain timer and future: asyncio.wait_for on an Event can hang on cancel
+                # in Python 3.11. `_note_load_change` ends the wait early.
+                waiter = self._metrics_waiter = loop.create_future()
+                timer = loop.call_later(due - now, _resolve, waiter)
+                try:
+                    await waiter
+                finally:
+                    timer.cancel()
+                    self._metrics_waiter = None
                 continue
-            self._metrics_changed, last = False, now
-            try:
-                metrics = self.engine.load_metrics().model_copy(
-                    update={"worker_id": self.worker_id}
-                )
-                await self._nc.publish(subject, metrics.model_dump_json().encode())
-            except Exception as exc:
-                logger.warning("load metrics not published: %s", exc)
+            await self._publish_metrics()
+
+    async def _publish_metrics(self) -> None:
+        assert self._loop is not None and self._nc is not None
+        self._metrics_changed, self._metrics_sent_at = False, self._loop.time()
+        try:
+            metrics = self.engine.load_metrics()
+            metrics.worker_id = self.worker_id
+            await self._nc.publish(
+                bus.load_metrics_subject(self.deployment), metrics.model_dump_json().encode()
+            )
+        except Exception as exc:
+            logger.warning("load metrics not published: %s", exc)
+
+
+def _resolve(waiter: asyncio.Future[None]) -> None:
+    if not waiter.done():
+        waiter.set_result(None)
+
+
+def _coalesced(
+    pending: list[tuple[str, str | None, Chunk]],
+) -> list[tuple[str, str | None, Chunk]]:
+    """`pending` with each request's consecutive chunks joined where the protocol allows
+    (`Chunk.then`); the requests keep the order of their first chunk."""
+    if len(pending) < 2:
+        return pending
+    result: list[tuple[str, str | None, Chunk]] = []
+    last: dict[str, int] = {}  # request id -> index in result of its latest chunk
+    for entry in pending:
+        chunk = entry[2]
+        index = last.get(chunk.request_id)
+        if index is not None:
+            reply, batch_to, prev = result[index]
+            joined = prev.then(chunk)
+            if joined is not None:
+                result[index] = (reply, batch_to, joined)
+                continue
+        last[chunk.request_id] = len(result)
+        result.append(entry)
+    return result
+
+
+def _wire(chunk: Chunk) -> dict[str, Any] | orjson.Fragment:
+    """`chunk` as `output_json` writes its `GenerateOutput` (fields at their defaults left
+    out), as a dict orjson encodes with the rest of its message."""
+    if chunk.logprobs is not None:  # nested models: pydantic's serializer
+        return orjson.Fragment(output_json(chunk.output()))
+    data: dict[str, Any] = {
+        "version": PROTOCOL_VERSION,
+        "request_id": chunk.request_id,
+        "token_ids": chunk.token_ids,
+    }
+    if chunk.finish_reason is not None:
+        data["finish_reason"] = chunk.finish_reason
+    if chunk.num_prompt_tokens:
+        data["num_prompt_tokens"] = chunk.num_prompt_tokens
+    if chunk.num_cached_tokens:
+        data["num_cached_tokens"] = chunk.num_cached_tokens
+    if chunk.error is not None:
+        data["error"] = chunk.error
+    return data
+
+
+def kv_batch_json(worker_id: str, seq: int, events: list[KvEvent]) -> bytes:
+    """`KvEventBatch(worker_id=..., seq=..., events=...).model_dump_json()`, by orjson from
+    the events' fields (a batch per step or two under load: the model's serializer cost
+    more than the rest of publishing it)."""
+    wire: list[dict[str, Any]] = []
+    for event in events:
+        if isinstance(event, KvStored):
+            blocks = [
+                {"block_hash": b.block_hash, "num_tokens": b.num_tokens} for b in event.blocks
+            ]
+            wire.append({"kind": "stored", "parent_hash": event.parent_hash, "blocks": blocks})
+        else:
+            wire.append({"kind": "removed", "block_hashes": event.block_hashes})
+    message = {"version": PROTOCOL_VERSION, "worker_id": worker_id, "seq": seq, "events": wire}
+    return orjson.dumps(message)
 
 
 def _named(request: GenerateRequest) -> str:

@@ -205,7 +205,7 @@ class PeerWorker(Worker):
         """Count `task` as an in-flight request of ours (drained at stop, abortable)."""
         self._inflight[request_id] = task
         task.add_done_callback(lambda _t, rid=request_id: self._request_done(rid))
-        self._metrics_changed = True
+        self._note_load_change()
 
     async def _on_remote_prefill(self, msg) -> None:
         self._spawn(self._answer_remote_prefill(msg))

@@ -164,7 +164,7 @@ class MockerEngine(StreamingEngine):
         for seq, n in zip(batch.seqs, batch.num_tokens, strict=True):
             if n == 1 and seq.num_computed >= seq.num_prompt_tokens:
                 decode_seqs += 1
-                context += seq.num_tokens
+                context += len(seq.token_ids)
             else:
                 prefill_tokens += n
         ms = t.prefill_ms_per_token * prefill_tokens
@@ -178,11 +178,15 @@ class MockerEngine(StreamingEngine):
 
     def _token_at(self, seq: Sequence) -> int:
         """The deterministic pseudo token for `seq`'s next position; never EOS or a stop id."""
-        seed = self._seeds.get(seq.request_id, 0)
-        token = _mix64(seed ^ seq.num_tokens) % self.vocab_size
-        if token not in self._banned_base and token not in seq.sampling.stop_token_ids:
+        x = self._seeds.get(seq.request_id, 0) ^ len(seq.token_ids)
+        x = (x + 0x9E3779B97F4A7C15) & _MASK64  # _mix64(x), inline: this runs per token
+        x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+        x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
+        token = (x ^ (x >> 31)) % self.vocab_size
+        stop_ids = seq.sampling.stop_token_ids
+        if token not in self._banned_base and (not stop_ids or token not in stop_ids):
             return token  # the common case: no set built per token
-        banned = self._banned_base.union(seq.sampling.stop_token_ids)
+        banned = self._banned_base.union(stop_ids)
         while token in banned and len(banned) < self.vocab_size:
             token = (token + 1) % self.vocab_size
         return token
@@ -217,9 +221,12 @@ class MockerEngine(StreamingEngine):
         one chunk per request (a finishing request's went out with its finish), and the
         steps' KV events, one batch."""
         if self._undelivered:
-            for seq in self._undelivered.values():
-                if seq.pending_tokens and seq.status is not SeqStatus.FINISHED:
-                    self._deliver(seq)
+            finished = SeqStatus.FINISHED
+            self._deliver_all(
+                seq
+                for seq in self._undelivered.values()
+                if seq.pending_tokens and seq.status is not finished
+            )
             self._undelivered.clear()
         self._publish_events()
 
@@ -247,27 +254,37 @@ class MockerEngine(StreamingEngine):
         self._debt_s = max(self._debt_s - (loop.time() - start), -_MIN_SLEEP_S)
 
     def _apply(self, batch: ScheduledBatch) -> None:
+        """The step's bookkeeping: new tokens, full blocks hashed (KV events), finishes.
+        At real-time pace this runs once per ~5 ms step for every running request, so it
+        reads plain attributes and calls the block manager only when a block filled."""
         self.stats.num_steps += 1
-        live = [
-            (seq, n)
-            for seq, n in zip(batch.seqs, batch.num_tokens, strict=True)
-            if seq.status is SeqStatus.RUNNING  # aborted or preempted while we slept: skip
-        ]
-        for seq, n in live:
-            seq.num_computed += n
-            if seq.num_computed >= seq.num_tokens:
+        bm = self.block_manager
+        block_size = bm.block_size
+        undelivered = self._undelivered
+        finished: list[Sequence] = []
+        generated = 0
+        for seq, n in zip(batch.seqs, batch.num_tokens, strict=True):
+            if seq.status is not SeqStatus.RUNNING:  # aborted or preempted while we slept
+                continue
+            computed = seq.num_computed + n
+            seq.num_computed = computed
+            tokens = seq.token_ids
+            if computed >= len(tokens):
                 token = self._token_at(seq)
-                seq.token_ids.append(token)
+                tokens.append(token)
                 seq.pending_tokens.append(token)
-                self.stats.num_generated_tokens += 1
-                if seq.num_tokens >= seq.max_len:
+                generated += 1
+                if len(tokens) >= seq.max_len:
                     seq.finish_reason = "length"
-            self.block_manager.commit(seq)
-        for seq, _ in live:
+            if computed >= (len(seq.block_hashes) + 1) * block_size:
+                bm.commit(seq)  # a block became full: hash and publish it
             if seq.finish_reason is not None:
-                self._finish(seq, seq.finish_reason)
+                finished.append(seq)
             elif seq.pending_tokens:
-                self._undelivered[seq.request_id] = seq  # delivered at the next yield
+                undelivered[seq.request_id] = seq  # delivered at the next yield
+        self.stats.num_generated_tokens += generated
+        for seq in finished:  # after every commit of the step, as before any finish
+            self._finish(seq, seq.finish_reason)  # type: ignore[arg-type]
 
     def _on_finish(self, seq: Sequence, reason: str) -> None:
         if seq.admitted_once and seq.status is not SeqStatus.FINISHED:

@@ -15,10 +15,16 @@ import contextlib
 import logging
 import math
 import threading
-from collections.abc import Callable
-from typing import TYPE_CHECKING
+from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING, NamedTuple
 
-from contract.messages import GenerateOutput, GenerateRequest, LoadMetrics, SamplingParams
+from contract.messages import (
+    GenerateOutput,
+    GenerateRequest,
+    LoadMetrics,
+    SamplingParams,
+    TokenLogprob,
+)
 from mpi_workers.engine.base import Engine, KvEventSink
 
 if TYPE_CHECKING:
@@ -73,35 +79,88 @@ def validate_request(request: GenerateRequest, max_model_len: int, vocab_size: i
         raise RequestValidationError("stop_token_ids", f"ids must lie in [0, {vocab_size})")
 
 
+class Chunk(NamedTuple):
+    """One output as the stepping side makes it: `GenerateOutput`'s fields, not validated
+    (the engine built them). A listener that only forwards outputs (the worker: to JSON and
+    NATS) takes these and pays for no model per request per step; `output()` is the model
+    an iterating caller gets."""
+
+    request_id: str
+    token_ids: list[int]
+    logprobs: list[TokenLogprob] | None
+    finish_reason: str | None
+    num_prompt_tokens: int
+    num_cached_tokens: int
+    error: str | None
+
+    def output(self) -> GenerateOutput:
+        return GenerateOutput(
+            request_id=self.request_id,
+            token_ids=self.token_ids,
+            logprobs=self.logprobs,
+            finish_reason=self.finish_reason,  # type: ignore[arg-type]
+            num_prompt_tokens=self.num_prompt_tokens,
+            num_cached_tokens=self.num_cached_tokens,
+            error=self.error,
+        )
+
+    def then(self, later: Chunk) -> Chunk | None:
+        """This chunk and the same request's `later` one as one chunk (both chunks' tokens
+        and logprobs, the later one's counts and finish reason), or None where the protocol
+        keeps them apart (after a finish or an error; with logprobs on one side only). The
+        rule of `contract.messages.coalesce_outputs`, for chunks."""
+        if (
+            self.finish_reason is not None
+            or self.error is not None
+            or (self.logprobs is None) != (later.logprobs is None)
+        ):
+            return None
+        return later._replace(
+            token_ids=self.token_ids + later.token_ids,
+            logprobs=None if later.logprobs is None else self.logprobs + later.logprobs,  # type: ignore[operator]
+            num_prompt_tokens=later.num_prompt_tokens or self.num_prompt_tokens,
+            num_cached_tokens=later.num_cached_tokens or self.num_cached_tokens,
+        )
+
+
 class _Stream:
     """The caller's side of one request: where its outputs go (pushed from any thread):
-    its queue, or once the caller `listen`s, straight to its callback."""
+    its queue (made on first use: a listening caller never needs one), or once the caller
+    `listen`s, straight to its callback."""
 
-    __slots__ = ("listener", "loop", "queue")
+    __slots__ = ("_queue", "listener", "loop")
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self.loop = loop
-        self.queue: asyncio.Queue[GenerateOutput] = asyncio.Queue()
-        self.listener: Callable[[GenerateOutput], None] | None = None
+        self._queue: asyncio.Queue[Chunk] | None = None
+        self.listener: Callable[[Chunk], None] | None = None
 
-    def push(self, out: GenerateOutput) -> None:
-        try:
-            same_loop = asyncio.get_running_loop() is self.loop
-        except RuntimeError:  # a stepping thread: no loop of its own
-            same_loop = False
-        if same_loop:
-            self.deliver(out)
+    @property
+    def queue(self) -> asyncio.Queue[Chunk]:
+        if self._queue is None:
+            self._queue = asyncio.Queue()
+        return self._queue
+
+    def push(self, chunk: Chunk, running: asyncio.AbstractEventLoop | None) -> None:
+        """`running`: the pusher's running loop (`asyncio._get_running_loop()`, asked once
+        per step by the caller: in Python 3.11 each call is a getpid() system call)."""
+        if running is self.loop:  # the mocker: steps on this loop
+            if self.listener is not None:
+                self.listener(chunk)
+            else:
+                self.queue.put_nowait(chunk)
             return
-        # RuntimeError: the caller's loop is closed; nobody is listening.
+        # A stepping thread (no loop of its own). RuntimeError: the caller's loop is
+        # closed; nobody is listening.
         with contextlib.suppress(RuntimeError):
-            self.loop.call_soon_threadsafe(self.deliver, out)
+            self.loop.call_soon_threadsafe(self.deliver, chunk)
 
-    def deliver(self, out: GenerateOutput) -> None:
+    def deliver(self, chunk: Chunk) -> None:
         """On the caller's loop (so a `listen` in between keeps the order)."""
         if self.listener is not None:
-            self.listener(out)
+            self.listener(chunk)
         else:
-            self.queue.put_nowait(out)
+            self.queue.put_nowait(chunk)
 
 
 class StreamingEngine(Engine):
@@ -171,24 +230,33 @@ class StreamingEngine(Engine):
 
     def _deliver(self, seq: Sequence) -> None:
         """Send the tokens produced since the last chunk (and the finish reason, if any)."""
+        self._deliver_all((seq,))
+
+    def _deliver_all(self, seqs: Iterable[Sequence]) -> None:
+        """`_deliver` for each of `seqs` in order: one lock and one look-up of what their
+        chunks share (the mocker delivers every running request's token each step)."""
+        logprobs_ok = "logprobs" not in self.unsupported_params
+        running = asyncio._get_running_loop()  # None on a stepping thread
         with self._streams_lock:
-            stream = self._streams.get(seq.request_id)
-        wants_logprobs = (
-            seq.sampling.logprobs is not None and "logprobs" not in self.unsupported_params
-        )
-        out = GenerateOutput(
-            request_id=seq.request_id,
-            token_ids=seq.pending_tokens,
-            logprobs=seq.pending_logprobs if wants_logprobs else None,
-            finish_reason=seq.finish_reason,  # type: ignore[arg-type]
-            num_prompt_tokens=seq.num_prompt_tokens,
-            num_cached_tokens=seq.num_cached_tokens,
-            error=seq.error,
-        )
-        seq.pending_tokens = []
-        seq.pending_logprobs = []
-        if stream is not None:
-            stream.push(out)
+            targets = [(seq, self._streams.get(seq.request_id)) for seq in seqs]
+        for seq, stream in targets:
+            logprobs = None
+            if seq.pending_logprobs or seq.sampling.logprobs is not None:
+                if logprobs_ok and seq.sampling.logprobs is not None:
+                    logprobs = seq.pending_logprobs
+                seq.pending_logprobs = []
+            chunk = Chunk(
+                seq.request_id,
+                seq.pending_tokens,
+                logprobs,
+                seq.finish_reason,
+                seq.num_prompt_tokens,
+                seq.num_cached_tokens,
+                seq.error,
+            )
+            seq.pending_tokens = []
+            if stream is not None:
+                stream.push(chunk, running)
 
     def _publish_events(self) -> None:
         events = self.block_manager.take_events()
@@ -217,41 +285,45 @@ class OutputStream:
         """Deliver every output to `callback` (on the caller's loop) instead of the async
         iterator: no task wake-up per output. Outputs already queued go first, in order.
         The last output has `finish_reason` set; abort with `aclose()` as usual."""
+        self.listen_chunks(lambda chunk: callback(chunk.output()))
+
+    def listen_chunks(self, callback: Callable[[Chunk], None]) -> None:
+        """`listen`, with each output as the engine's `Chunk` (no model built per output)
+        handed straight from the engine to `callback`."""
         stream = self._stream
-        while not stream.queue.empty():
-            out = stream.queue.get_nowait()
-            if out.finish_reason is not None:
+        queue = stream._queue
+        while queue is not None and not queue.empty():
+            chunk = queue.get_nowait()
+            if chunk.finish_reason is not None:
                 self._done = True
-            callback(out)
-        if self._done:
-            return
+            callback(chunk)
+        if not self._done:
+            stream.listener = callback
 
-        def deliver(out: GenerateOutput) -> None:
-            if out.finish_reason is not None:
-                self._done = True
-            callback(out)
-
-        stream.listener = deliver
+    def _open(self) -> bool:
+        """Whether the request still runs for this caller: not closed here, and not yet
+        finished by the engine (which forgets a stream as it sends its last chunk)."""
+        return not self._done and self._engine._streams.get(self.request_id) is self._stream
 
     async def __anext__(self) -> GenerateOutput:
         if self._done:
             raise StopAsyncIteration
         try:
-            out = await self._stream.queue.get()
+            chunk = await self._stream.queue.get()
         except asyncio.CancelledError:
             self._done = True
             self._engine.abort_nowait(self.request_id)
             raise
-        if out.finish_reason is not None:
+        if chunk.finish_reason is not None:
             self._done = True
-        return out
+        return chunk.output()
 
     async def aclose(self) -> None:
-        if not self._done:
+        if self._open():
             self._done = True
             await self._engine.abort(self.request_id)
 
     def __del__(self) -> None:
-        if not self._done:
+        if self._open():
             with contextlib.suppress(Exception):
                 self._engine.abort_nowait(self.request_id)

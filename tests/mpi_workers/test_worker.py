@@ -362,3 +362,105 @@ async def test_one_step_for_one_inbox_is_one_batch_message(
     finally:
         await nc.close()
         await worker.stop()
+
+
+def test_outbox_chunks_coalesce_and_encode_as_their_outputs() -> None:
+    """The outbox joins a request's consecutive chunks as `coalesce_outputs` joins their
+    outputs (not past a finish, nor across logprobs on one side only), keeps each
+    request's route, and writes each chunk byte for byte as `output_json` writes its
+    `GenerateOutput`."""
+    import orjson
+
+    from contract.messages import TokenLogprob, coalesce_outputs, output_json
+    from mpi_workers.engine.streaming import Chunk
+    from mpi_workers.worker import _coalesced, _wire
+
+    lp = [TokenLogprob(token_id=9, logprob=-0.5)]
+    chunks = [
+        Chunk("a", [1], None, None, 20, 16, None),
+        Chunk("b", [5], None, None, 30, 0, None),
+        Chunk("a", [2, 3], None, None, 20, 16, None),
+        Chunk("b", [6], None, "length", 30, 0, None),
+        Chunk("b", [7], None, None, 30, 0, None),  # after a finish: kept apart
+        Chunk("c", [9], lp, None, 4, 0, None),
+        Chunk("c", [8], None, "error", 4, 0, "engine error: x"),  # logprobs on one side
+    ]
+    routes = {"a": ("in.a", "in.batch"), "b": ("in.b", None), "c": ("in.c", "in.batch")}
+    pending = [(*routes[c.request_id], c) for c in chunks]
+    joined = _coalesced(pending)
+    expected = coalesce_outputs([c.output() for c in chunks])
+    assert [c.output() for _, _, c in joined] == expected
+    assert [(r, b) for r, b, _ in joined] == [routes[out.request_id] for out in expected]
+    assert joined[0][2].token_ids == [1, 2, 3] and joined[0][2].num_cached_tokens == 16
+    for _, _, chunk in joined:
+        assert orjson.dumps(_wire(chunk)) == output_json(chunk.output())
+    batch = orjson.dumps([_wire(c) for _, _, c in joined])
+    assert batch == b"[" + b",".join(output_json(c.output()) for _, _, c in joined) + b"]"
+
+
+def test_kv_batch_json_is_the_schema_and_takes_the_fast_parse(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The worker writes KV batches by hand (orjson): the same JSON as
+    `KvEventBatch.model_dump_json()`, so routers parse it on their fast path."""
+    import orjson
+
+    from contract.messages import (
+        KvBatchOps,
+        KvEventBatch,
+        KvRemoved,
+        KvStored,
+        StoredBlock,
+        parse_kv_event_batch,
+    )
+    from mpi_workers.worker import kv_batch_json
+
+    events = [
+        KvStored(parent_hash=None, blocks=[StoredBlock(block_hash=2**64 - 1, num_tokens=16)]),
+        KvStored(parent_hash=2**64 - 1, blocks=[StoredBlock(block_hash=7, num_tokens=16),
+                                                StoredBlock(block_hash=8, num_tokens=16)]),
+        KvRemoved(block_hashes=[3, 4]),
+    ]  # fmt: skip
+    data = kv_batch_json("agg-g0-i0", 12, events)
+    schema = KvEventBatch(worker_id="agg-g0-i0", seq=12, events=events)
+    assert orjson.loads(data) == orjson.loads(schema.model_dump_json())
+    assert KvEventBatch.model_validate_json(data) == schema
+    expected = KvBatchOps.of(schema)
+
+    def slow_path(*args, **kwargs):
+        raise AssertionError("parsed through the schema, not the fast path")
+
+    monkeypatch.setattr(KvEventBatch, "model_validate_json", slow_path)
+    assert parse_kv_event_batch(data) == expected
+
+
+async def test_load_change_wakes_the_metrics_task_only_when_no_step_will_report_it() -> None:
+    """While requests are in flight and replies went out lately, the replies' publisher
+    sends the load report with a step's replies: a start or end does not wake the metrics
+    task. With no request left, or no replies lately, it does (the report must not wait
+    for the 0.5 s interval)."""
+    from mpi_workers.worker import METRICS_POLL_S
+
+    worker = Worker(FakeEngine(), deployment="d", worker_id="agg-g0-i0", role="agg",
+                    nats_url="nats://unused", etcd_endpoint="unused", lease_ttl_s=5,
+                    capacity=4)  # fmt: skip
+    loop = asyncio.get_running_loop()
+    worker._loop = loop
+    busy = loop.create_future()
+    worker._inflight = {"r1": busy, "r2": busy}  # type: ignore[dict-item]
+
+    def change(outbox_age_s: float, done: str | None = None) -> bool:
+        worker._outbox_at = loop.time() - outbox_age_s
+        waiter = worker._metrics_waiter = loop.create_future()
+        if done is None:
+            worker._note_load_change()
+        else:
+            worker._request_done(done)
+        return waiter.done()
+
+    assert not change(0.001)  # stepping: the next step's replies carry the report
+    assert worker._metrics_changed
+    assert change(METRICS_POLL_S * 2)  # no replies lately: the task reports
+    assert not change(0.001, done="r1")  # r2 still runs
+    assert change(0.001, done="r2")  # the last one ended: no step will report it
+    busy.cancel()

@@ -234,3 +234,69 @@ async def test_short_steps_reach_the_caller_in_chunks_of_several_tokens() -> Non
     assert len([t for c in fast for t in c]) == 12
     assert len(fast) < 12  # 12 steps in far less than the 0.5 ms between yields
     assert [len(c) for c in real_time if c] == [1] * 12
+
+
+async def test_kv_events_of_blocks_filled_while_decoding_chain_in_order(engine) -> None:
+    """A step calls the block manager only when a block filled: the blocks a request
+    fills while decoding are still each stored once, in order, each the parent of the
+    next, with the contract's hashes of prompt + generated tokens."""
+    events: list[KvEvent] = []
+    engine.set_kv_event_sink(events.extend)
+    prompt = list(range(3, 23))  # 20 tokens: 1 full block, 3 more filled by decoding
+    tokens, _ = await run(engine, request("a", prompt, max_tokens=45))
+    stored = [e for e in events if isinstance(e, KvStored)]
+    hashes = [b.block_hash for e in stored for b in e.blocks]
+    # the last token is sampled from a step that computes the one before it: its KV is never
+    # computed, so a block it would complete stays unstored
+    assert hashes == block_hashes([*prompt, *tokens][: len(prompt) + len(tokens) - 1], 16)
+    assert len(hashes) == 4  # 64 tokens with KV: the prompt's block and 3 filled by decoding
+    parents = [e.parent_hash for e in stored]
+    assert parents[0] is None
+    assert all(p == hashes[i - 1] for i, p in enumerate(parents) if i)  # one block per event
+
+
+async def test_listened_chunks_are_the_outputs_and_closing_aborts_only_a_running_request(
+    engine,
+) -> None:
+    """`listen_chunks` (the worker's path) gets the engine's `Chunk`s: each one's `output()`
+    is what iteration yields. Closing a listened stream aborts the request while it runs
+    (its blocks are freed), and is a no-op once the engine finished it."""
+    import asyncio
+
+    from mpi_workers.engine.streaming import Chunk
+
+    prompt = list(range(10, 30))
+    expected = [out async for out in engine.generate(request("iterated", prompt, 6))]
+    chunks: list[Chunk] = []
+    done = asyncio.get_running_loop().create_future()
+
+    def on_chunk(chunk: Chunk) -> None:
+        chunks.append(chunk)
+        if chunk.finish_reason is not None:
+            done.set_result(None)
+
+    stream = engine.generate(request("listened", prompt, 6))
+    stream.listen_chunks(on_chunk)
+    await asyncio.wait_for(done, 10)
+    got = [chunk.output() for chunk in chunks]
+    assert [t for o in got for t in o.token_ids] == [t for o in expected for t in o.token_ids]
+    apart = {"request_id", "token_ids", "num_cached_tokens"}  # the second one hits the cache
+    assert got[-1].model_dump(exclude=apart) == expected[-1].model_dump(exclude=apart)
+    assert got[-1].num_cached_tokens == 16 and got[-1].finish_reason == "length"
+    aborted: list[str] = []
+    real_abort = engine.abort
+    engine.abort = lambda rid: aborted.append(rid) or real_abort(rid)  # type: ignore[method-assign]
+    await stream.aclose()  # finished: nothing to abort
+    assert aborted == []
+
+    slow = MockerEngine(MockerConfig(decode_ms_base=50.0), shape=ModelShape(vocab_size=100))
+    await slow.start()
+    try:
+        running = slow.generate(request("long", prompt, max_tokens=1000))
+        running.listen_chunks(lambda chunk: None)
+        await asyncio.sleep(0.1)
+        assert slow.load_metrics().active_blocks > 0
+        await running.aclose()
+        assert slow.load_metrics().active_blocks == 0 and slow.scheduler.find("long") is None
+    finally:
+        await slow.shutdown()
