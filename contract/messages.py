@@ -166,24 +166,43 @@ def output_json(output: GenerateOutput) -> bytes:
     pydantic's serializer was a good part of its CPU per token."""
     if output.logprobs is not None:  # nested models: pydantic's own serializer
         return output.model_dump_json(exclude_defaults=True).encode()
-    data: dict[str, Any] = {
-        "version": output.version,
-        "request_id": output.request_id,
-        "token_ids": output.token_ids,
-    }
-    if output.finish_reason is not None:
-        data["finish_reason"] = output.finish_reason
-    if output.num_prompt_tokens:
-        data["num_prompt_tokens"] = output.num_prompt_tokens
-    if output.num_cached_tokens:
-        data["num_cached_tokens"] = output.num_cached_tokens
-    if output.error is not None:
-        data["error"] = output.error
-    if output.error_param is not None:
-        data["error_param"] = output.error_param
-    if output.worker_id is not None:
-        data["worker_id"] = output.worker_id
-    return orjson.dumps(data)
+    return orjson.dumps(
+        output_fields(
+            output.request_id, output.token_ids, output.finish_reason,
+            output.num_prompt_tokens, output.num_cached_tokens, output.error,
+            output.error_param, output.worker_id, output.version,
+        )
+    )  # fmt: skip
+
+
+def output_fields(
+    request_id: str,
+    token_ids: list[int],
+    finish_reason: str | None,
+    num_prompt_tokens: int,
+    num_cached_tokens: int,
+    error: str | None,
+    error_param: str | None = None,
+    worker_id: str | None = None,
+    version: int = PROTOCOL_VERSION,
+) -> dict[str, Any]:
+    """A `GenerateOutput` without logprobs as the dict `output_json` encodes, fields at their
+    defaults left out (the worker's outbox encodes its chunks through this too, without a
+    model per chunk)."""
+    data: dict[str, Any] = {"version": version, "request_id": request_id, "token_ids": token_ids}
+    if finish_reason is not None:
+        data["finish_reason"] = finish_reason
+    if num_prompt_tokens:
+        data["num_prompt_tokens"] = num_prompt_tokens
+    if num_cached_tokens:
+        data["num_cached_tokens"] = num_cached_tokens
+    if error is not None:
+        data["error"] = error
+    if error_param is not None:
+        data["error_param"] = error_param
+    if worker_id is not None:
+        data["worker_id"] = worker_id
+    return data
 
 
 class AbortRequest(_Message):

@@ -54,6 +54,7 @@ from contract.messages import (
     KvStored,
     SamplingParams,
     batch_subject,
+    output_fields,
     output_json,
 )
 from mpi_workers.engine.base import Engine
@@ -542,20 +543,10 @@ def _wire(chunk: Chunk) -> dict[str, Any] | orjson.Fragment:
     out), as a dict orjson encodes with the rest of its message."""
     if chunk.logprobs is not None:  # nested models: pydantic's serializer
         return orjson.Fragment(output_json(chunk.output()))
-    data: dict[str, Any] = {
-        "version": PROTOCOL_VERSION,
-        "request_id": chunk.request_id,
-        "token_ids": chunk.token_ids,
-    }
-    if chunk.finish_reason is not None:
-        data["finish_reason"] = chunk.finish_reason
-    if chunk.num_prompt_tokens:
-        data["num_prompt_tokens"] = chunk.num_prompt_tokens
-    if chunk.num_cached_tokens:
-        data["num_cached_tokens"] = chunk.num_cached_tokens
-    if chunk.error is not None:
-        data["error"] = chunk.error
-    return data
+    return output_fields(
+        chunk.request_id, chunk.token_ids, chunk.finish_reason, chunk.num_prompt_tokens,
+        chunk.num_cached_tokens, chunk.error,
+    )  # fmt: skip
 
 
 def kv_batch_json(worker_id: str, seq: int, events: list[KvEvent]) -> bytes:
