@@ -178,11 +178,8 @@ class MockerEngine(StreamingEngine):
 
     def _token_at(self, seq: Sequence) -> int:
         """The deterministic pseudo token for `seq`'s next position; never EOS or a stop id."""
-        x = self._seeds.get(seq.request_id, 0) ^ len(seq.token_ids)
-        x = (x + 0x9E3779B97F4A7C15) & _MASK64  # _mix64(x), inline: this runs per token
-        x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
-        x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
-        token = (x ^ (x >> 31)) % self.vocab_size
+        seed = self._seeds.get(seq.request_id, 0)
+        token = _mix64(seed ^ len(seq.token_ids)) % self.vocab_size
         stop_ids = seq.sampling.stop_token_ids
         if token not in self._banned_base and (not stop_ids or token not in stop_ids):
             return token  # the common case: no set built per token

@@ -88,13 +88,11 @@ class Scheduler:
         budget = self.max_num_batched_tokens
         # 1. Running sequences, oldest first; preempt from the newest end when short of blocks.
         index = 0
-        block_size = self.bm.block_size
         while index < len(self.running) and budget > 0:
             seq = self.running[index]
-            n = min(len(seq.token_ids) - seq.num_computed, budget)  # seq.remaining
-            # bm.num_new_blocks, inline: this loop runs for every running sequence each step
-            need = -(-(seq.num_computed + n) // block_size) - len(seq.block_table)
-            if need > 0:  # most decode steps fit in the last block: nothing to check or take
+            n = min(seq.remaining, budget)
+            need = self.bm.num_new_blocks(seq, seq.num_computed + n)
+            if need:  # most decode steps fit in the last block: nothing to check or take
                 while not self.bm.can_allocate(need) and self.running[-1] is not seq:
                     self._preempt(self.running[-1])
                 if not self.bm.can_allocate(need):

@@ -145,10 +145,7 @@ class _Stream:
         """`running`: the pusher's running loop (`asyncio._get_running_loop()`, asked once
         per step by the caller: in Python 3.11 each call is a getpid() system call)."""
         if running is self.loop:  # the mocker: steps on this loop
-            if self.listener is not None:
-                self.listener(chunk)
-            else:
-                self.queue.put_nowait(chunk)
+            self.deliver(chunk)
             return
         # A stepping thread (no loop of its own). RuntimeError: the caller's loop is
         # closed; nobody is listening.
