@@ -122,39 +122,6 @@ def batch_subject(reply: str) -> str:
     return f"{reply.rsplit('.', 1)[0]}.{BATCH_SUFFIX}"
 
 
-def coalesce_outputs(outputs: list[GenerateOutput]) -> list[GenerateOutput]:
-    """`outputs` (in order) with each request's consecutive chunks joined into one, where
-    the protocol allows: a chunk carries the tokens produced since the previous one, so
-    two chunks of a request become one with both chunks' tokens (and logprobs), the later
-    one's counts and finish reason. A chunk that announces a new owner (`worker_id`) or
-    follows an error or a finish is kept apart. Chunks of other requests keep their order;
-    the inputs are not modified."""
-    result: list[GenerateOutput] = []
-    last: dict[str, int] = {}  # request id -> index in result of its latest chunk
-    for output in outputs:
-        index = last.get(output.request_id)
-        if index is not None:
-            prev = result[index]
-            if (
-                prev.finish_reason is None
-                and prev.error is None
-                and prev.worker_id is None
-                and output.worker_id is None
-                and (prev.logprobs is None) == (output.logprobs is None)
-            ):
-                joined = output.model_copy()
-                joined.token_ids = prev.token_ids + output.token_ids
-                if prev.logprobs is not None and output.logprobs is not None:
-                    joined.logprobs = prev.logprobs + output.logprobs
-                joined.num_prompt_tokens = output.num_prompt_tokens or prev.num_prompt_tokens
-                joined.num_cached_tokens = output.num_cached_tokens or prev.num_cached_tokens
-                result[index] = joined
-                continue
-        last[output.request_id] = len(result)
-        result.append(output)
-    return result
-
-
 def outputs_json(outputs: list[GenerateOutput]) -> bytes:
     """A batch of chunks (for one inbox) as a JSON array."""
     return b"[" + b",".join(output_json(output) for output in outputs) + b"]"

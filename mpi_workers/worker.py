@@ -58,7 +58,7 @@ from contract.messages import (
     output_json,
 )
 from mpi_workers.engine.base import Engine
-from mpi_workers.engine.streaming import Chunk, OutputStream
+from mpi_workers.engine.streaming import Chunk, OutputStream, coalesce_chunks
 
 logger = logging.getLogger(__name__)
 
@@ -372,7 +372,7 @@ class Worker:
         """What the last step(s) produced: one message per request, except that the chunks
         of requests whose sender reads batches go as one message per sender's inbox (one
         JSON array, encoded in one call); a request's chunks of several steps (a fast
-        engine) go as one (`Chunk.then`). Then the engine's KV event batches, each with the
+        engine) go as one (`coalesce_chunks`). Then the engine's KV event batches, each with the
         next `seq` (one wake-up of one task for all a step publishes)."""
         assert self._nc is not None
         kv_subject = bus.kv_events_subject(self.deployment)
@@ -384,7 +384,9 @@ class Worker:
             kv_batches, self._kv_pending = self._kv_pending, []
             batches: dict[str, list[dict[str, Any] | orjson.Fragment]] = {}
             messages: list[tuple[str, bytes]] = []
-            for reply, batch_to, chunk in _coalesced(pending):
+            routes = {chunk.request_id: (reply, batch_to) for reply, batch_to, chunk in pending}
+            for chunk in coalesce_chunks([chunk for _, _, chunk in pending]):
+                reply, batch_to = routes[chunk.request_id]
                 if batch_to is None:
                     messages.append((reply, orjson.dumps(_wire(chunk))))
                 else:
@@ -513,29 +515,6 @@ class Worker:
 def _resolve(waiter: asyncio.Future[None]) -> None:
     if not waiter.done():
         waiter.set_result(None)
-
-
-def _coalesced(
-    pending: list[tuple[str, str | None, Chunk]],
-) -> list[tuple[str, str | None, Chunk]]:
-    """`pending` with each request's consecutive chunks joined where the protocol allows
-    (`Chunk.then`); the requests keep the order of their first chunk."""
-    if len(pending) < 2:
-        return pending
-    result: list[tuple[str, str | None, Chunk]] = []
-    last: dict[str, int] = {}  # request id -> index in result of its latest chunk
-    for entry in pending:
-        chunk = entry[2]
-        index = last.get(chunk.request_id)
-        if index is not None:
-            reply, batch_to, prev = result[index]
-            joined = prev.then(chunk)
-            if joined is not None:
-                result[index] = (reply, batch_to, joined)
-                continue
-        last[chunk.request_id] = len(result)
-        result.append(entry)
-    return result
 
 
 def _wire(chunk: Chunk) -> dict[str, Any] | orjson.Fragment:

@@ -107,8 +107,8 @@ class Chunk(NamedTuple):
     def then(self, later: Chunk) -> Chunk | None:
         """This chunk and the same request's `later` one as one chunk (both chunks' tokens
         and logprobs, the later one's counts and finish reason), or None where the protocol
-        keeps them apart (after a finish or an error; with logprobs on one side only). The
-        rule of `contract.messages.coalesce_outputs`, for chunks."""
+        keeps them apart (after a finish or an error; with logprobs on one side only): a
+        chunk carries the tokens produced since the previous one."""
         if (
             self.finish_reason is not None
             or self.error is not None
@@ -121,6 +121,26 @@ class Chunk(NamedTuple):
             num_prompt_tokens=later.num_prompt_tokens or self.num_prompt_tokens,
             num_cached_tokens=later.num_cached_tokens or self.num_cached_tokens,
         )
+
+
+def coalesce_chunks(chunks: list[Chunk]) -> list[Chunk]:
+    """`chunks` (in order) with each request's consecutive chunks joined where the
+    protocol allows (`Chunk.then`: a fast engine's chunks of several steps that meet in the
+    worker's outbox go as one); chunks of other requests keep their order."""
+    if len(chunks) < 2:
+        return chunks
+    result: list[Chunk] = []
+    last: dict[str, int] = {}  # request id -> index in result of its latest chunk
+    for chunk in chunks:
+        index = last.get(chunk.request_id)
+        if index is not None:
+            joined = result[index].then(chunk)
+            if joined is not None:
+                result[index] = joined
+                continue
+        last[chunk.request_id] = len(result)
+        result.append(chunk)
+    return result
 
 
 class _Stream:

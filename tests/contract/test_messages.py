@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import itertools
 import random
 
 import orjson
@@ -25,7 +24,6 @@ from contract.messages import (
     StoredBlock,
     TokenLogprob,
     TopLogprob,
-    coalesce_outputs,
     output_json,
     parse_kv_event_batch,
 )
@@ -160,65 +158,3 @@ def test_fast_kv_batch_parse_equals_the_pydantic_parse() -> None:
     )  # past orjson's ints
     assert _fast_ops(huge) == _pydantic_ops(huge)
     assert _fast_ops(huge) is not ValueError
-
-
-def _random_outputs(rng: random.Random) -> list[GenerateOutput]:
-    """Chunks of three interleaved requests as a worker's outbox holds them."""
-    outputs: list[GenerateOutput] = []
-    finished: set[str] = set()
-    for _ in range(rng.randrange(0, 15)):
-        request_id = rng.choice("abc")
-        if request_id in finished:
-            continue
-        with_logprobs = request_id == "c"
-        tokens = [rng.randrange(1000) for _ in range(rng.randrange(0, 3))]
-        roll = rng.random()
-        output = GenerateOutput(
-            request_id=request_id,
-            token_ids=tokens,
-            logprobs=[TokenLogprob(token_id=t, logprob=-1.0) for t in tokens]
-            if with_logprobs else None,
-            num_prompt_tokens=rng.choice([0, 7]),
-            num_cached_tokens=rng.choice([0, 3]),
-            finish_reason="length" if roll < 0.15 else None,
-            worker_id="d1" if 0.15 <= roll < 0.25 else None,
-        )  # fmt: skip
-        if output.finish_reason is not None:
-            finished.add(request_id)
-        outputs.append(output)
-    return outputs
-
-
-def test_coalesced_outputs_carry_the_same_stream_per_request() -> None:
-    """Joining a request's consecutive chunks keeps its tokens, logprobs, hand-off
-    announcements and finish in order; counts come from the last chunk that had them."""
-    rng = random.Random(7)
-    joined_some = False
-    for _ in range(400):
-        outputs = _random_outputs(rng)
-        before = [o.model_copy(deep=True) for o in outputs]
-        coalesced = coalesce_outputs(outputs)
-        assert outputs == before  # inputs untouched
-        joined_some |= len(coalesced) < len(outputs)
-        for request_id in "abc":
-            mine = [o for o in outputs if o.request_id == request_id]
-            theirs = [o for o in coalesced if o.request_id == request_id]
-            tokens = [t for o in mine for t in o.token_ids]
-            assert [t for o in theirs for t in o.token_ids] == tokens
-            assert [e for o in theirs for e in o.logprobs or []] == [
-                e for o in mine for e in o.logprobs or []
-            ]
-            assert [o.worker_id for o in theirs if o.worker_id] == [
-                o.worker_id for o in mine if o.worker_id
-            ]
-            assert [o.finish_reason for o in theirs if o.finish_reason] == [
-                o.finish_reason for o in mine if o.finish_reason
-            ]
-            if mine:
-                assert theirs[-1].finish_reason == mine[-1].finish_reason
-                assert max(o.num_prompt_tokens for o in theirs) == max(
-                    o.num_prompt_tokens for o in mine
-                )
-            for prev, nxt in itertools.pairwise(theirs):  # only a hand-off splits
-                assert prev.worker_id is not None or nxt.worker_id is not None
-    assert joined_some

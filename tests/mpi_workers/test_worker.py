@@ -365,15 +365,14 @@ async def test_one_step_for_one_inbox_is_one_batch_message(
 
 
 def test_outbox_chunks_coalesce_and_encode_as_their_outputs() -> None:
-    """The outbox joins a request's consecutive chunks as `coalesce_outputs` joins their
-    outputs (not past a finish, nor across logprobs on one side only), keeps each
-    request's route, and writes each chunk byte for byte as `output_json` writes its
-    `GenerateOutput`."""
+    """The outbox joins a request's consecutive chunks (not past a finish, nor across
+    logprobs on one side only) and writes each chunk byte for byte as `output_json` writes
+    its `GenerateOutput`."""
     import orjson
 
-    from contract.messages import TokenLogprob, coalesce_outputs, output_json
-    from mpi_workers.engine.streaming import Chunk
-    from mpi_workers.worker import _coalesced, _wire
+    from contract.messages import TokenLogprob, output_json
+    from mpi_workers.engine.streaming import Chunk, coalesce_chunks
+    from mpi_workers.worker import _wire
 
     lp = [TokenLogprob(token_id=9, logprob=-0.5)]
     chunks = [
@@ -385,17 +384,16 @@ def test_outbox_chunks_coalesce_and_encode_as_their_outputs() -> None:
         Chunk("c", [9], lp, None, 4, 0, None),
         Chunk("c", [8], None, "error", 4, 0, "engine error: x"),  # logprobs on one side
     ]
-    routes = {"a": ("in.a", "in.batch"), "b": ("in.b", None), "c": ("in.c", "in.batch")}
-    pending = [(*routes[c.request_id], c) for c in chunks]
-    joined = _coalesced(pending)
-    expected = coalesce_outputs([c.output() for c in chunks])
-    assert [c.output() for _, _, c in joined] == expected
-    assert [(r, b) for r, b, _ in joined] == [routes[out.request_id] for out in expected]
-    assert joined[0][2].token_ids == [1, 2, 3] and joined[0][2].num_cached_tokens == 16
-    for _, _, chunk in joined:
+    joined = coalesce_chunks(chunks)
+    assert [(c.request_id, c.token_ids, c.finish_reason) for c in joined] == [
+        ("a", [1, 2, 3], None), ("b", [5, 6], "length"), ("b", [7], None),
+        ("c", [9], None), ("c", [8], "error"),
+    ]  # fmt: skip
+    assert joined[0].num_cached_tokens == 16 and joined[1].num_prompt_tokens == 30
+    for chunk in joined:
         assert orjson.dumps(_wire(chunk)) == output_json(chunk.output())
-    batch = orjson.dumps([_wire(c) for _, _, c in joined])
-    assert batch == b"[" + b",".join(output_json(c.output()) for _, _, c in joined) + b"]"
+    batch = orjson.dumps([_wire(c) for c in joined])
+    assert batch == b"[" + b",".join(output_json(c.output()) for c in joined) + b"]"
 
 
 def test_kv_batch_json_is_the_schema_and_takes_the_fast_parse(
