@@ -51,9 +51,9 @@ from contract.messages import (
     GenerateRequest,
     KvEvent,
     KvSnapshot,
-    KvStored,
     SamplingParams,
     batch_subject,
+    kv_batch_json,
     output_fields,
     output_json,
 )
@@ -526,23 +526,6 @@ def _wire(chunk: Chunk) -> dict[str, Any] | orjson.Fragment:
         chunk.request_id, chunk.token_ids, chunk.finish_reason, chunk.num_prompt_tokens,
         chunk.num_cached_tokens, chunk.error,
     )  # fmt: skip
-
-
-def kv_batch_json(worker_id: str, seq: int, events: list[KvEvent]) -> bytes:
-    """`KvEventBatch(worker_id=..., seq=..., events=...).model_dump_json()`, by orjson from
-    the events' fields (a batch per step or two under load: the model's serializer cost
-    more than the rest of publishing it)."""
-    wire: list[dict[str, Any]] = []
-    for event in events:
-        if isinstance(event, KvStored):
-            blocks = [
-                {"block_hash": b.block_hash, "num_tokens": b.num_tokens} for b in event.blocks
-            ]
-            wire.append({"kind": "stored", "parent_hash": event.parent_hash, "blocks": blocks})
-        else:
-            wire.append({"kind": "removed", "block_hashes": event.block_hashes})
-    message = {"version": PROTOCOL_VERSION, "worker_id": worker_id, "seq": seq, "events": wire}
-    return orjson.dumps(message)
 
 
 def _named(request: GenerateRequest) -> str:

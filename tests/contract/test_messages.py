@@ -158,3 +158,39 @@ def test_fast_kv_batch_parse_equals_the_pydantic_parse() -> None:
     )  # past orjson's ints
     assert _fast_ops(huge) == _pydantic_ops(huge)
     assert _fast_ops(huge) is not ValueError
+
+
+def test_kv_batch_json_is_the_schema_and_takes_the_fast_parse(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The worker writes KV batches by hand (orjson): the same JSON as
+    `KvEventBatch.model_dump_json()`, so routers parse it on their fast path."""
+    import orjson
+
+    from contract.messages import (
+        KvBatchOps,
+        KvEventBatch,
+        KvRemoved,
+        KvStored,
+        StoredBlock,
+        kv_batch_json,
+        parse_kv_event_batch,
+    )
+
+    events = [
+        KvStored(parent_hash=None, blocks=[StoredBlock(block_hash=2**64 - 1, num_tokens=16)]),
+        KvStored(parent_hash=2**64 - 1, blocks=[StoredBlock(block_hash=7, num_tokens=16),
+                                                StoredBlock(block_hash=8, num_tokens=16)]),
+        KvRemoved(block_hashes=[3, 4]),
+    ]  # fmt: skip
+    data = kv_batch_json("agg-g0-i0", 12, events)
+    schema = KvEventBatch(worker_id="agg-g0-i0", seq=12, events=events)
+    assert orjson.loads(data) == orjson.loads(schema.model_dump_json())
+    assert KvEventBatch.model_validate_json(data) == schema
+    expected = KvBatchOps.of(schema)
+
+    def slow_path(*args, **kwargs):
+        raise AssertionError("parsed through the schema, not the fast path")
+
+    monkeypatch.setattr(KvEventBatch, "model_validate_json", slow_path)
+    assert parse_kv_event_batch(data) == expected

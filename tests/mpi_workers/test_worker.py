@@ -396,42 +396,6 @@ def test_outbox_chunks_coalesce_and_encode_as_their_outputs() -> None:
     assert batch == b"[" + b",".join(output_json(c.output()) for c in joined) + b"]"
 
 
-def test_kv_batch_json_is_the_schema_and_takes_the_fast_parse(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    """The worker writes KV batches by hand (orjson): the same JSON as
-    `KvEventBatch.model_dump_json()`, so routers parse it on their fast path."""
-    import orjson
-
-    from contract.messages import (
-        KvBatchOps,
-        KvEventBatch,
-        KvRemoved,
-        KvStored,
-        StoredBlock,
-        parse_kv_event_batch,
-    )
-    from mpi_workers.worker import kv_batch_json
-
-    events = [
-        KvStored(parent_hash=None, blocks=[StoredBlock(block_hash=2**64 - 1, num_tokens=16)]),
-        KvStored(parent_hash=2**64 - 1, blocks=[StoredBlock(block_hash=7, num_tokens=16),
-                                                StoredBlock(block_hash=8, num_tokens=16)]),
-        KvRemoved(block_hashes=[3, 4]),
-    ]  # fmt: skip
-    data = kv_batch_json("agg-g0-i0", 12, events)
-    schema = KvEventBatch(worker_id="agg-g0-i0", seq=12, events=events)
-    assert orjson.loads(data) == orjson.loads(schema.model_dump_json())
-    assert KvEventBatch.model_validate_json(data) == schema
-    expected = KvBatchOps.of(schema)
-
-    def slow_path(*args, **kwargs):
-        raise AssertionError("parsed through the schema, not the fast path")
-
-    monkeypatch.setattr(KvEventBatch, "model_validate_json", slow_path)
-    assert parse_kv_event_batch(data) == expected
-
-
 async def test_load_change_wakes_the_metrics_task_only_when_no_step_will_report_it() -> None:
     """While requests are in flight and replies went out lately, the replies' publisher
     sends the load report with a step's replies: a start or end does not wake the metrics
