@@ -65,9 +65,10 @@ import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -176,6 +177,81 @@ def card_of(worker_id: str) -> WorkerCard:
     )  # fmt: skip
 
 
+@dataclass
+class SimulatedRouting:
+    """A policy's router over in-process mockers, fed as a frontend's is: KV events after
+    `event_delay_ms`, load reports every `metrics_ms` (this script's in-process run and
+    replay_lockstep.py)."""
+
+    router: Router
+    tracker: LoadTracker
+    feed: KvIndexFeed | None
+    reporter: asyncio.Task[None]
+
+    async def stop(self) -> None:
+        self.reporter.cancel()
+        if self.feed is not None:
+            await self.feed.stop()
+
+
+async def start_routing(
+    policy: str,
+    engines: dict[str, MockerEngine],
+    kv_settings: dict[str, Any],
+    event_delay_ms: float,
+    metrics_ms: float,
+    clock: Callable[[], float] | None = None,
+) -> SimulatedRouting:
+    """`policy`: round_robin, least_loaded, oracle (the KV router over the engines' exact
+    caches) or kv (over the index their KV events build); the engines are started."""
+    cards = {worker_id: card_of(worker_id) for worker_id in engines}
+    tracker = LoadTracker()
+    loop = asyncio.get_running_loop()
+    seqs = dict.fromkeys(engines, 0)
+    clocked: dict[str, Any] = {} if clock is None else {"clock": clock}
+    feed: KvIndexFeed | None = None
+    router: Router
+    if policy == "round_robin":
+        router = RoundRobinRouter()
+    elif policy == "least_loaded":
+        router = LeastLoadedRouter(tracker)
+    elif policy == "oracle":
+        config = KvRouterConfig(**kv_settings)
+        router = KvRouter(config, OracleIndex(engines), tracker, seed=1, **clocked)
+    else:  # kv
+
+        async def fetch(worker_id: str) -> KvSnapshot:
+            hashes = engines[worker_id].cached_block_hashes()
+            return KvSnapshot(worker_id=worker_id, seq=seqs[worker_id], block_hashes=hashes)
+
+        feed = KvIndexFeed(KvIndex(), fetch, reconcile_interval_s=3600)
+        config = KvRouterConfig(**kv_settings)
+        router = KvRouter(config, feed.index, tracker, seed=1, **clocked)
+        feed.on_workers_changed(cards)
+        router.on_workers_changed(cards)
+
+    for worker_id, engine in engines.items():
+        if feed is not None:
+
+            def sink(
+                events: list[KvEvent], worker_id: str = worker_id, feed: KvIndexFeed = feed
+            ) -> None:
+                seqs[worker_id] += 1
+                batch = KvEventBatch(worker_id=worker_id, seq=seqs[worker_id], events=events)
+                loop.call_later(event_delay_ms / 1000.0, feed.handle_batch, batch)
+
+            engine.set_kv_event_sink(sink)
+        await engine.start()
+
+    async def report_load() -> None:
+        while True:
+            for worker_id, engine in engines.items():
+                tracker.update(engine.load_metrics().model_copy(update={"worker_id": worker_id}))
+            await asyncio.sleep(metrics_ms / 1000.0)
+
+    return SimulatedRouting(router, tracker, feed, asyncio.create_task(report_load()))
+
+
 async def run_policy(
     name: str, conversations: list[Conversation], args: argparse.Namespace
 ) -> Result:
@@ -199,49 +275,10 @@ async def run_policy(
         for i in range(args.workers)
     }
     cards = {worker_id: card_of(worker_id) for worker_id in engines}
-    tracker = LoadTracker()
-    loop = asyncio.get_running_loop()
-    seqs = dict.fromkeys(engines, 0)
-    feed: KvIndexFeed | None = None
-    router: Router
-    if name == "round_robin":
-        router = RoundRobinRouter()
-    elif name == "least_loaded":
-        router = LeastLoadedRouter(tracker)
-    elif name == "oracle":
-        oracle_config = KvRouterConfig(**args.kv_settings)
-        router = KvRouter(oracle_config, OracleIndex(engines), tracker, seed=1)
-    else:  # kv
-
-        async def fetch(worker_id: str) -> KvSnapshot:
-            hashes = engines[worker_id].cached_block_hashes()
-            return KvSnapshot(worker_id=worker_id, seq=seqs[worker_id], block_hashes=hashes)
-
-        feed = KvIndexFeed(KvIndex(), fetch, reconcile_interval_s=3600)
-        kv_config = KvRouterConfig(**args.kv_settings)
-        router = KvRouter(kv_config, feed.index, tracker, seed=1)
-        feed.on_workers_changed(cards)
-        router.on_workers_changed(cards)
-
-    for worker_id, engine in engines.items():
-        if feed is not None:
-
-            def sink(events: list[KvEvent], worker_id: str = worker_id) -> None:
-                seqs[worker_id] += 1
-                batch = KvEventBatch(worker_id=worker_id, seq=seqs[worker_id], events=events)
-                loop.call_later(args.event_delay_ms / 1000.0, feed.handle_batch, batch)
-
-            engine.set_kv_event_sink(sink)
-        await engine.start()
-
-    async def publish_metrics() -> None:
-        while True:
-            for worker_id, engine in engines.items():
-                metrics = engine.load_metrics().model_copy(update={"worker_id": worker_id})
-                tracker.update(metrics)
-            await asyncio.sleep(args.metrics_ms / 1000.0)
-
-    metrics_task = asyncio.create_task(publish_metrics())
+    routing = await start_routing(
+        name, engines, args.kv_settings, args.event_delay_ms, args.metrics_ms
+    )
+    router, tracker = routing.router, routing.tracker
     result = Result(name)
     counter = 0
 
@@ -291,9 +328,7 @@ async def run_policy(
     t0 = time.perf_counter()
     await asyncio.gather(*(converse(conv) for conv in conversations))
     result.duration_ms = (time.perf_counter() - t0) * 1000.0 * speed
-    metrics_task.cancel()
-    if feed is not None:
-        await feed.stop()
+    await routing.stop()
     for engine in engines.values():
         await engine.shutdown()
     return result

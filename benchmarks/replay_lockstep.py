@@ -38,17 +38,11 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from contract.config import KvRouterConfig, MockerConfig
-from contract.discovery import WorkerCard
-from contract.messages import GenerateRequest, KvEvent, KvEventBatch, KvSnapshot, SamplingParams
-from frontend.kv_index import KvIndex, KvIndexFeed
-from frontend.kv_router import KvRouter
-from frontend.router import LeastLoadedRouter, LoadTracker, RoundRobinRouter, Router
+from benchmarks.bench_router import BLOCK, VOCAB, card_of, start_routing
+from contract.config import MockerConfig
+from contract.messages import GenerateRequest, SamplingParams
 from mpi_workers.engine import mocker as mocker_module
 from mpi_workers.engine.mocker import MockerEngine, ModelShape
-
-VOCAB = 32000
-BLOCK = 16
 
 
 class _JumpingSelector(selectors.DefaultSelector):  # type: ignore[misc,valid-type]
@@ -96,13 +90,6 @@ class Run:
         return sum(t <= 1.25 * floor_ms for t in self.ttft_ms) / len(self.ttft_ms)
 
 
-def card_of(worker_id: str) -> WorkerCard:
-    return WorkerCard(
-        worker_id=worker_id, role="agg", model="mocker", block_size=BLOCK, subject="-",
-        abort_subject="-", capacity=64, max_model_len=32768, simulated=True,
-    )  # fmt: skip
-
-
 async def replay(policy: str, prompts: list[list[int]], args: argparse.Namespace) -> Run:
     loop = asyncio.get_running_loop()
     timing = MockerConfig(prefill_ms_per_token=args.prefill_ms_per_token)  # the rest: yaml's
@@ -118,47 +105,12 @@ async def replay(policy: str, prompts: list[list[int]], args: argparse.Namespace
         for i in range(args.workers)
     }
     cards = [card_of(worker_id) for worker_id in engines]
-    tracker = LoadTracker()
-    seqs = dict.fromkeys(engines, 0)
-    feed: KvIndexFeed | None = None
-    router: Router
-    if policy == "round_robin":
-        router = RoundRobinRouter()
-    elif policy == "least_loaded":
-        router = LeastLoadedRouter(tracker)
-    else:
-        settings = {}
-        if policy.startswith("kv:"):  # kv:key=value,key=value
-            settings = dict(item.split("=", 1) for item in policy[3:].split(",") if item)
-
-        async def fetch(worker_id: str) -> KvSnapshot:
-            hashes = engines[worker_id].cached_block_hashes()
-            return KvSnapshot(worker_id=worker_id, seq=seqs[worker_id], block_hashes=hashes)
-
-        feed = KvIndexFeed(KvIndex(), fetch, reconcile_interval_s=3600)
-        config = KvRouterConfig(**settings)
-        router = KvRouter(config, feed.index, tracker, seed=1, clock=loop.time)
-        workers = {card.worker_id: card for card in cards}
-        feed.on_workers_changed(workers)
-        router.on_workers_changed(workers)
-    for worker_id, engine in engines.items():
-        if feed is not None:
-
-            def sink(events: list[KvEvent], worker_id: str = worker_id) -> None:
-                seqs[worker_id] += 1
-                batch = KvEventBatch(worker_id=worker_id, seq=seqs[worker_id], events=events)
-                loop.call_later(args.event_delay_ms / 1000.0, feed.handle_batch, batch)
-
-            engine.set_kv_event_sink(sink)
-        await engine.start()
-
-    async def report_load() -> None:
-        while True:
-            for worker_id, engine in engines.items():
-                tracker.update(engine.load_metrics().model_copy(update={"worker_id": worker_id}))
-            await asyncio.sleep(args.metrics_ms / 1000.0)
-
-    reporter = asyncio.create_task(report_load())
+    router_name, _, settings = policy.partition(":")  # kv:key=value,key=value
+    kv_settings = dict(item.split("=", 1) for item in settings.split(",") if item)
+    routing = await start_routing(
+        router_name, engines, kv_settings, args.event_delay_ms, args.metrics_ms, loop.time
+    )
+    router, tracker = routing.router, routing.tracker
     run = Run(policy)
     queue = iter(enumerate(prompts))
     prefilling: set[str] = set()  # our requests without a first output yet
@@ -207,9 +159,7 @@ async def replay(policy: str, prompts: list[list[int]], args: argparse.Namespace
     t0 = loop.time()
     await asyncio.gather(*(lane() for _ in range(args.lanes)))
     run.duration_s = loop.time() - t0
-    reporter.cancel()
-    if feed is not None:
-        await feed.stop()
+    await routing.stop()
     for engine in engines.values():
         await engine.shutdown()
     return run
