@@ -10,6 +10,11 @@ load reports, other frontend processes' counts, workers leaving and joining, re-
 request ids, requests forgotten as stale, mixed block sizes and workers without KV events.
 Every choice, every candidate's cost terms and the accounting read by others (own blocks,
 pending prefill, hit demand) must match.
+
+A later change that alters a decision rule on purpose applies that rule to the reference
+here the same way (a small function replacing the reference's method, said in its name), so
+that every other rule stays checked; a redesign of the router retires this test and the
+reference together.
 """
 
 from __future__ import annotations
