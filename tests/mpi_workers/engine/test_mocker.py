@@ -293,8 +293,9 @@ async def test_listened_chunks_are_the_outputs_and_closing_aborts_only_a_running
     await slow.start()
     try:
         running = slow.generate(request("long", prompt, max_tokens=1000))
-        running.listen_chunks(lambda chunk: None)
-        await asyncio.sleep(0.1)
+        first = asyncio.get_running_loop().create_future()
+        running.listen_chunks(lambda chunk: first.done() or first.set_result(None))
+        await asyncio.wait_for(first, 10)  # running: its first token is out
         assert slow.load_metrics().active_blocks > 0
         await running.aclose()
         assert slow.load_metrics().active_blocks == 0 and slow.scheduler.find("long") is None
