@@ -41,8 +41,10 @@ def _spin_until(cpu: int, stop: multiprocessing.synchronize.Event) -> None:
             i += 1
 
 
-def slowdown_beside(ref: int, other: int, rounds: int, alone: float) -> float:
-    """Time of the loop on `ref` while `other` spins, over its time alone (best of rounds)."""
+def slowdown_beside(ref: int, other: int, rounds: int) -> float:
+    """Time of the loop on `ref` while `other` spins, over its time alone measured just
+    before (best of `rounds` each: the host's own load drifts between pairs)."""
+    alone = min(spin_once(ref) for _ in range(rounds))
     stop = multiprocessing.Event()
     spinner = multiprocessing.Process(target=_spin_until, args=(other, stop), daemon=True)
     spinner.start()
@@ -57,13 +59,9 @@ def slowdown_beside(ref: int, other: int, rounds: int, alone: float) -> float:
 
 
 def pair_slowdowns(ref: int, cpus: list[int], rounds: int) -> dict[int, float]:
-    """`slowdown_beside` for every CPU of `cpus` other than `ref`, against a fresh alone time
-    measured around them (the host's own load drifts)."""
-    alone = min(spin_once(ref) for _ in range(rounds + 1))
-    found = {other: slowdown_beside(ref, other, rounds, alone) for other in cpus if other != ref}
-    alone_after = min(spin_once(ref) for _ in range(rounds + 1))
-    drift = alone_after / alone
-    return {other: ratio / max(1.0, drift) for other, ratio in found.items()}
+    """`slowdown_beside` for every CPU of `cpus` other than `ref`."""
+    spin_once(ref)  # warm: the first run of a fresh process is slower
+    return {other: slowdown_beside(ref, other, rounds) for other in cpus if other != ref}
 
 
 def main() -> None:
