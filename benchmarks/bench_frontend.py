@@ -66,7 +66,7 @@ import sys
 import tempfile
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import aiohttp
@@ -116,6 +116,9 @@ class Result:
     frontend_cpu_each: tuple[float, ...] = ()  # per frontend process
     served_each: tuple[int, ...] = ()  # requests answered per frontend process (several)
     connections_each: tuple[int, ...] = ()  # client connections per frontend process
+    worker_cpu_each: tuple[float, ...] = ()  # per simulated worker process
+    client_cpu_each: tuple[float, ...] = ()  # per load client process
+    other_cpu_each: dict[str, float] = field(default_factory=dict)  # nats, etcd, ...
 
     def cores(self, cpu_s: float) -> float:
         """CPU seconds spent during the scenario as cores kept busy on average."""
@@ -328,6 +331,7 @@ class Load:
     client_cpu_s: float
     per_process: dict[str, int]
     connections: dict[str, set[int]]
+    client_cpu_each: tuple[float, ...] = ()  # several client processes: each one's CPU
 
 
 async def drive(url: str, model: str, scenario: Scenario, count: int) -> Load:
@@ -419,6 +423,7 @@ async def drive_from(processes: int, url: str, model: str, scenario: Scenario, c
         sum(part.client_cpu_s for part in parts),
         per_process,
         connections,
+        tuple(part.client_cpu_s for part in parts),
     )
 
 
@@ -431,26 +436,35 @@ async def measure(
     client_processes: int = 1,
     other_pids: list[int] | None = None,
     concurrency: int = 64,
+    other_names: list[str] | None = None,
+    scenarios: tuple[Scenario, ...] = SCENARIOS,
 ) -> list[Result]:
+    """The scenarios in turn; CPU of each frontend, worker, client and other process
+    (`other_names`: what each of `other_pids` is, e.g. nats, etcd) per scenario."""
     await drive(url, model, SCENARIOS[1], 64)  # warm-up: connections, caches, JITs
     others = other_pids or []
+    names = other_names or [str(pid) for pid in others]
     results = []
-    for scenario in SCENARIOS:
+    for scenario in scenarios:
         if scenario.concurrency > 1 and concurrency != scenario.concurrency:
             name = scenario.name.replace(f"c={scenario.concurrency}", f"c={concurrency}")
             scenario = Scenario(name, scenario.stream, scenario.max_tokens, concurrency,
                                 scenario.share)  # fmt: skip
         count = max(20, int(requests * scenario.share))
         fe0 = [cpu_seconds([pid]) for pid in frontend_pids]
-        wk0, ot0 = cpu_seconds(worker_pids), cpu_seconds(others)
+        wk0 = [cpu_seconds([pid]) for pid in worker_pids]
+        ot0 = [cpu_seconds([pid]) for pid in others]
         load = await drive_from(client_processes, url, model, scenario, count)
         fe = [cpu_seconds([pid]) - before for pid, before in zip(frontend_pids, fe0, strict=True)]
-        wk, ot = cpu_seconds(worker_pids) - wk0, cpu_seconds(others) - ot0
+        wk_each = [cpu_seconds([p]) - before for p, before in zip(worker_pids, wk0, strict=True)]
+        ot_each = [cpu_seconds([p]) - before for p, before in zip(others, ot0, strict=True)]
+        wk, ot = sum(wk_each), sum(ot_each)
         served = tuple(load.per_process.get(str(i), 0) for i in range(len(frontend_pids)))
         conns = tuple(len(load.connections.get(str(i), ())) for i in range(len(frontend_pids)))
         results.append(Result(scenario, len(load.latencies), load.wall_s, load.latencies, sum(fe),
                               wk, load.events, load.client_cpu_s, ot, tuple(fe), served,
-                              conns))  # fmt: skip
+                              conns, tuple(wk_each), load.client_cpu_each or (load.client_cpu_s,),
+                              dict(zip(names, ot_each, strict=True))))  # fmt: skip
     return results
 
 
@@ -561,6 +575,7 @@ async def run_hpcserve(
     router: str = "kv",
     concurrency: int = 64,
     layout: CpuLayout | None = None,
+    scenarios: tuple[Scenario, ...] = SCENARIOS,
 ):
     """One deployment measured; with `layout`, its processes pinned to it first (--pin)."""
     config = hpcserve_config(frontend_workers, speedup, router)
@@ -569,13 +584,14 @@ async def run_hpcserve(
         pids = {planned.name: managed.pid for planned, managed in deployment.processes}
         frontends = [pid for name, pid in pids.items() if name.startswith("frontend")]
         workers = [pid for name, pid in pids.items() if name.startswith("worker-")]
-        others = [pid for name, pid in pids.items() if pid not in frontends + workers]
+        other_names = [name for name, pid in pids.items() if pid not in frontends + workers]
+        others = [pids[name] for name in other_names]
         if layout is not None:
             apply_layout(layout, frontends, workers + others)
         url = deployment.url + "/chat/completions"
         model = deployment.config.model.served_name or Path(str(deployment.config.model.path)).name
         results = await measure(url, model, frontends, workers, requests, client_processes,
-                                others, concurrency)  # fmt: skip
+                                others, concurrency, other_names, scenarios)  # fmt: skip
         direct_p50 = None
         if direct:
             assert deployment.config.services.nats.endpoint
@@ -806,6 +822,27 @@ async def compare(args: argparse.Namespace) -> None:
           f"stream_req_s_ratio={ours[1].req_s / theirs[1].req_s:.2f}")  # fmt: skip
 
 
+def component_line(r: Result) -> str:
+    """Each shared part's busiest process (cores) and CPU per request (ms): a process near
+    1.00 is at its CPU's limit; a part whose ms/request grows with the rate costs the
+    frontends' scale-out (the workers, NATS and the clients serve every frontend)."""
+
+    def spread(values: tuple[float, ...]) -> str:
+        if not values:
+            return "-"
+        return f"{r.cores(min(values)):.2f}-{r.cores(max(values)):.2f}"
+
+    per_req = 1000 / max(1, r.requests)
+    others = " ".join(
+        f"{name} {r.cores(cpu):.2f} ({cpu * per_req:.3f} ms/req)"
+        for name, cpu in r.other_cpu_each.items()
+    )
+    return (
+        f"each: workers {spread(r.worker_cpu_each)} ({r.worker_cpu_s * per_req:.3f} ms/req), "
+        f"clients {spread(r.client_cpu_each)} ({r.client_cpu_s * per_req:.3f} ms/req), {others}"
+    )
+
+
 def cores_table(results: list[Result], layout: CpuLayout | None = None) -> None:
     """Where the machine's cores went: a frontend process near 1.0 is saturated; the sum of
     all columns near the core count means the machine, not the frontend, set the rate (with
@@ -821,6 +858,7 @@ def cores_table(results: list[Result], layout: CpuLayout | None = None) -> None:
         if layout is not None:
             rest = r.cores(r.worker_cpu_s + r.client_cpu_s + r.other_cpu_s)
             print(f"  {'':<24} the rest: {rest:.2f} of its {len(layout.rest)} CPUs busy")
+        print(f"  {'':<24} {component_line(r)}")
         if len(r.served_each) > 1:
             shares = " ".join(f"{n / max(1, r.requests):.2f}" for n in r.served_each)
             conns = " ".join(str(n) for n in r.connections_each)
@@ -861,7 +899,8 @@ async def sweep(args: argparse.Namespace) -> None:
             layout = plan_pinning(cores, count, rest_min, whole)
         results, _ = await run_hpcserve(args.requests, count, args.speedup, False,
                                         args.client_processes, args.router,
-                                        concurrency, layout)  # fmt: skip
+                                        concurrency, layout,
+                                        SCENARIOS[:2] if args.skip_c1 else SCENARIOS)  # fmt: skip
         where = f"{os.cpu_count()} cores here"
         if layout is not None:
             where += f", pinned: {layout.describe()}"
@@ -899,6 +938,10 @@ def main() -> None:
     parser.add_argument(
         "--concurrency", type=int, default=64,
         help="requests in flight in the c=64 scenarios of --workers-sweep",
+    )  # fmt: skip
+    parser.add_argument(
+        "--skip-c1", action="store_true",
+        help="--workers-sweep: leave out the c=1 scenario (its rate says nothing of scale-out)",
     )  # fmt: skip
     parser.add_argument(
         "--concurrency-per-process", action="store_true",

@@ -26,7 +26,7 @@ from frontend.load_share import LoadShare
 from frontend.media import MediaIntake
 from frontend.media_store import MediaStore
 from frontend.metrics import FrontendMetrics
-from frontend.router import LoadTracker, Router, make_router
+from frontend.router import LoadTracker, Router, make_router, reads_load
 from frontend.tokenization import TextTokenizer
 from frontend.worker_client import WorkerClient
 
@@ -105,15 +105,17 @@ class FrontendState:
         if config.run_dir:  # restarts as the deployment's supervisor records them
             self.metrics.track_supervisor(Path(config.run_dir) / SUPERVISOR_FILE)
         self.directory = WorkerDirectory(config.services.etcd.endpoint, config.name)
+        routes_by_load = reads_load(self.router)
         self.client = WorkerClient(
             config.services.nats.endpoint,
             config.name,
             self.tracker,
             busy_poll_s=config.frontend.busy_poll_us / 1e6,
+            load_metrics=routes_by_load,
         )
         self.process_index, self.process_count = process_slot()
         self.load_share: LoadShare | None = None
-        if self.process_count > 1:  # the other processes' routed requests count here too
+        if self.process_count > 1 and routes_by_load:  # the others' routed requests count too
             blocks_of = self.router.own_blocks if isinstance(self.router, KvRouter) else None
             self.load_share = LoadShare(
                 config.services.nats.endpoint, config.name, self.tracker, blocks_of

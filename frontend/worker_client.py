@@ -187,10 +187,16 @@ class RequestStream:
 
 
 class WorkerClient:
-    """NATS connection, the shared reply inbox, and the load-metrics subscription."""
+    """NATS connection, the shared reply inbox, and the load-metrics subscription (only
+    where the router reads load: `load_metrics`)."""
 
     def __init__(
-        self, nats_url: str, deployment: str, tracker: LoadTracker, busy_poll_s: float = 0.0
+        self,
+        nats_url: str,
+        deployment: str,
+        tracker: LoadTracker,
+        busy_poll_s: float = 0.0,
+        load_metrics: bool = True,
     ) -> None:
         self._url = nats_url
         self._deployment = deployment
@@ -204,6 +210,7 @@ class WorkerClient:
         self._busy_poll_s = busy_poll_s  # frontend.busy_poll_us
         self._poll_until = 0.0  # loop time the busy poll runs to (pushed on by activity)
         self._poller: asyncio.Task[None] | None = None
+        self._load_metrics = load_metrics  # subscribe to the workers' LoadMetrics
 
     @property
     def in_flight(self) -> int:
@@ -224,7 +231,8 @@ class WorkerClient:
         self._nc = await connect(self._url, name, reconnected=self._on_reconnected)
         self._prefix = self._nc.new_inbox()
         await self._nc.subscribe(f"{self._prefix}.>", cb=self._on_reply)
-        await self._nc.subscribe(load_metrics_subject(self._deployment), cb=self._on_load)
+        if self._load_metrics:  # a router that reads no load leaves them unparsed
+            await self._nc.subscribe(load_metrics_subject(self._deployment), cb=self._on_load)
         await self._nc.flush()
         logger.info("connected to NATS at %s; replies on %s.>", self._url, self._prefix)
 

@@ -12,10 +12,13 @@ import time
 
 import pytest
 
+from contract.bus import connect, frontend_load_subject, load_metrics_subject
 from contract.discovery import WorkerCard
+from contract.messages import LoadMetrics
+from contract.plan import FRONTEND_PROCESS_ENV
 from frontend import load_share
 from frontend.load_share import LoadShare, PeerLoads, encode_load
-from frontend.router import LeastLoadedRouter, LoadTracker
+from frontend.router import LeastLoadedRouter, LoadTracker, make_router, reads_load
 
 
 def card(worker_id: str) -> WorkerCard:
@@ -140,3 +143,37 @@ def test_two_processes_see_each_others_requests_over_nats(nats_url: str) -> None
         await shares[1].stop()
 
     asyncio.run(run())
+
+
+@pytest.mark.parametrize("mode", ["round_robin", "random", "least_loaded"])
+def test_reads_load_says_which_routers_read_the_tracker(mode: str) -> None:
+    assert reads_load(make_router(mode, LoadTracker())) is (mode == "least_loaded")
+
+
+async def test_load_blind_router_processes_neither_share_nor_parse_load(
+    make_frontend, nats_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two frontend processes (`frontend.workers: 2`): with least_loaded each applies the
+    other's counts and the workers' load reports; with round robin, which reads neither,
+    a process subscribes to neither (their parsing grew with the deployment's rate)."""
+    monkeypatch.setenv(FRONTEND_PROCESS_ENV, "0/2")
+    blind = await make_frontend(router="round_robin")
+    reading = await make_frontend(router="least_loaded")
+    blind_state, reading_state = blind.app.state.frontend, reading.app.state.frontend
+    assert blind_state.load_share is None and reading_state.load_share is not None
+    nc = await connect(nats_url, "test-peer")
+    try:
+        for harness in (blind, reading):
+            name = harness.config.name
+            peer = encode_load("peer-process", 1, {"w0": (3, 0)})
+            await nc.publish(frontend_load_subject(name), peer)
+            report = LoadMetrics(worker_id="w0", active_sequences=5, waiting_sequences=1)
+            await nc.publish(load_metrics_subject(name), report.model_dump_json().encode())
+        await nc.flush()
+        tracker = reading_state.tracker
+        await _until(lambda: tracker.peer_requests == {"w0": 3} and "w0" in tracker.metrics)
+        # the same messages went to the round-robin process first, on the same connection
+        assert blind_state.tracker.peer_requests == {}
+        assert blind_state.tracker.metrics == {}
+    finally:
+        await nc.close()
