@@ -430,8 +430,8 @@ async def _complete(state: FrontendState, prepared: Prepared, deadline: float) -
         raise
     generations = [text.generation for text in texts]
     # the router's release and the metrics wait until the answer is sent
-    response = AnsweredResponse(
-        data, [choices.close, functools.partial(record, state.metrics, prepared, generations)]
+    return AnsweredResponse(
+        data,
+        [choices.close, functools.partial(record, state.metrics, prepared, generations)],
+        prepared.response_id,
     )
-    response.headers["X-Request-Id"] = prepared.response_id
-    return response
