@@ -13,6 +13,7 @@ the same error mapping (`errors.error_response`). Every other path goes through 
 
 from __future__ import annotations
 
+import functools
 import importlib.metadata
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -29,7 +30,7 @@ from frontend import errors
 from frontend.errors import OpenAIError
 from frontend.openapi_doc import openapi_schema
 from frontend.prepared import Kind
-from frontend.responses import ClientGone, SSEResponse, json_response
+from frontend.responses import AnsweredResponse, ClientGone, SSEResponse, json_response
 from frontend.serving import handle
 from frontend.state import FrontendState, check_config
 
@@ -158,9 +159,10 @@ def create_app(config: DeploymentConfig) -> FastAPI:
     async def _serve(request: Request, kind: Kind) -> Response:
         state = state_of(request)
         endpoint = "chat" if kind == "chat" else "completions"
-        state.metrics.in_flight.inc()
+        metrics = state.metrics
+        metrics.in_flight.inc()
         status = "500"
-        streaming = False
+        streaming = counted = False
         try:
             response = await handle(state, request, kind)
             status = str(response.status_code)
@@ -168,7 +170,10 @@ def create_app(config: DeploymentConfig) -> FastAPI:
                 response.headers[PROCESS_HEADER] = str(state.process_index)
             if isinstance(response, SSEResponse):
                 streaming = True
-                response.on_close.append(state.metrics.in_flight.dec)
+                response.on_close.append(metrics.in_flight.dec)
+            elif isinstance(response, AnsweredResponse):  # counted once sent, as its release
+                counted = True
+                response.after.append(functools.partial(metrics.count_answered, endpoint, status))
             return response
         except OpenAIError as exc:
             status = str(exc.status)
@@ -180,8 +185,9 @@ def create_app(config: DeploymentConfig) -> FastAPI:
             status = "400"
             raise
         finally:
-            state.metrics.count_request(endpoint, status)
-            if not streaming:
-                state.metrics.in_flight.dec()
+            if not counted:
+                metrics.count_request(endpoint, status)
+                if not streaming:
+                    metrics.in_flight.dec()
 
     return app

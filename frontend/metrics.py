@@ -174,6 +174,11 @@ class FrontendMetrics:
             self._request_children[(endpoint, status)] = child
         child.inc()
 
+    def count_answered(self, endpoint: str, status: str) -> None:
+        """A whole answer was sent: one more `requests` sample, one fewer in flight."""
+        self.count_request(endpoint, status)
+        self.in_flight.dec()
+
     def track_kv_index(self, num_blocks: Callable[[], int]) -> None:
         """Expose the KV router's index size (read at scrape time)."""
         self.scrape_registry.register(_KvIndexCollector(num_blocks))

@@ -157,8 +157,8 @@ async def _read_body(request: Request, limit: int) -> bytes:
     Content-Length before reading anything, else while reading). Read from the ASGI
     messages themselves: Starlette's `request.stream()` is an async generator around the
     same loop, a few µs more per request for nothing here."""
-    declared = request.headers.get("content-length", "")
-    if declared.isdigit() and int(declared) > limit:
+    declared = _content_length(request.scope["headers"])
+    if declared is not None and declared > limit:
         raise errors.request_too_large(limit)
     receive = request.receive
     parts: list[bytes] = []
@@ -175,6 +175,15 @@ async def _read_body(request: Request, limit: int) -> bytes:
             parts.append(part)
         if not message.get("more_body", False):
             return parts[0] if len(parts) == 1 else b"".join(parts)
+
+
+def _content_length(headers: list[tuple[bytes, bytes]]) -> int | None:
+    """The Content-Length a request declares (None: none, or not a number), read from the
+    ASGI scope's headers (lower-cased names) without building Starlette's `Headers`."""
+    for name, value in headers:
+        if name == b"content-length":
+            return int(value) if value.isdigit() else None
+    return None
 
 
 def _refuse_what_cannot_fit(
@@ -430,8 +439,8 @@ async def _complete(state: FrontendState, prepared: Prepared, deadline: float) -
         raise
     generations = [text.generation for text in texts]
     # the router's release and the metrics wait until the answer is sent
-    response = AnsweredResponse(
-        data, [choices.close, functools.partial(record, state.metrics, prepared, generations)]
+    return AnsweredResponse(
+        data,
+        [choices.close, functools.partial(record, state.metrics, prepared, generations)],
+        prepared.response_id,
     )
-    response.headers["X-Request-Id"] = prepared.response_id
-    return response

@@ -8,6 +8,7 @@ import contextlib
 import os
 import time
 import uuid
+from collections.abc import Collection
 from pathlib import Path
 from typing import Any
 
@@ -126,6 +127,7 @@ class FrontendState:
         # (three reads per request otherwise, each a scan of every card)
         self._routable: list[WorkerCard] | None = None
         self._context_limit: int | None = None
+        self._unsupported: frozenset[str] = frozenset()  # params some routable worker lacks
 
     async def start(self) -> None:
         await self.client.start()
@@ -184,6 +186,7 @@ class FrontendState:
             ]
             self._routable = routable
             self._context_limit = min((c.max_model_len for c in routable), default=None)
+            self._unsupported = frozenset(n for c in routable for n in c.unsupported_params)
         if exclude:
             return [card for card in routable if card.instance not in exclude]
         return routable
@@ -226,7 +229,7 @@ class FrontendState:
                 f"no worker is registered for deployment {self.config.name!r}; "
                 "retry when /health says ok"
             )
-        candidates = able_workers(candidates, request)
+        candidates = able_workers(candidates, request, self._unsupported)
         if request.media:
             candidates = media_workers(candidates, {m.kind for m in request.media})
         card = self.router.choose(candidates, request)
@@ -242,11 +245,17 @@ _SAMPLING_DEFAULTS = {
 }
 
 
-def able_workers(candidates: list[WorkerCard], request: GenerateRequest) -> list[WorkerCard]:
+def able_workers(
+    candidates: list[WorkerCard],
+    request: GenerateRequest,
+    unsupported: Collection[str] | None = None,
+) -> list[WorkerCard]:
     """The candidates whose engine honours every sampling field `request` sets (away from
     its default); 400 naming the field when none does (an engine declares what it cannot
-    do in its card: the mocker has no logprobs)."""
-    unsupported = {name for card in candidates for name in card.unsupported_params}
+    do in its card: the mocker has no logprobs). `unsupported`: the params some candidate
+    lacks, or a superset of them (the routable workers', kept with them); else collected."""
+    if unsupported is None:
+        unsupported = {name for card in candidates for name in card.unsupported_params}
     if not unsupported:
         return candidates
     sampling = request.sampling

@@ -29,6 +29,7 @@ REPLACEMENT_CHAR = "\ufffd"
 # merges come out as they would in a full decode.
 _INITIAL_CONTEXT_TOKENS = 5
 _MAX_CACHED_PIECE = 4096  # characters; longer pieces (big user messages) are not cached
+_UTF8_DECODER = codecs.getincrementaldecoder("utf-8")  # looked up once, one made per request
 
 
 class ChatTemplateError(ValueError):
@@ -270,7 +271,7 @@ class IncrementalDetokenizer:
         self._tokenizer = tokenizer
         self._bytes: codecs.IncrementalDecoder | None = None
         if tokenizer.byte_level:
-            self._bytes = codecs.getincrementaldecoder("utf-8")(errors="replace")
+            self._bytes = _UTF8_DECODER(errors="replace")
             self._token_bytes = tokenizer.token_bytes
             return
         context = list(prompt_ids[-_INITIAL_CONTEXT_TOKENS:])
@@ -287,7 +288,7 @@ class IncrementalDetokenizer:
             token_bytes = self._token_bytes
             if len(token_ids) == 1:
                 return self._bytes.decode(token_bytes(token_ids[0]))
-            return self._bytes.decode(b"".join(token_bytes(t) for t in token_ids))
+            return self._bytes.decode(b"".join(map(token_bytes, token_ids)))
         self._ids.extend(token_ids)
         text = self._tokenizer.decode(self._ids[self._prefix_offset :])
         if len(text) > len(self._prefix_text) and not text.endswith(REPLACEMENT_CHAR):

@@ -32,6 +32,7 @@ from contract.messages import (
     GenerateOutput,
     GenerateRequest,
     LoadMetrics,
+    request_json,
 )
 from frontend import errors
 from frontend.router import LoadTracker
@@ -258,11 +259,12 @@ class WorkerClient:
         stream = RequestStream(self, card, request.request_id)
         self._streams[request.request_id] = stream
         self._tracker.started(card.worker_id)
-        request.batch_replies = True  # `_on_reply` reads `<inbox>.batch`
+        if not request.batch_replies:  # `_on_reply` reads `<inbox>.batch`
+            request.batch_replies = True
         try:
             await self._nc.publish(
                 card.subject,
-                request.model_dump_json().encode(),
+                request_json(request),
                 reply=f"{self._prefix}.{request.request_id}",
             )
         except BaseException:

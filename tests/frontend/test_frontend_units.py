@@ -11,7 +11,7 @@ import pytest
 from pydantic import ValidationError
 
 from contract.discovery import WorkerCard
-from contract.messages import GenerateOutput, LoadMetrics
+from contract.messages import GenerateOutput, GenerateRequest, LoadMetrics, SamplingParams
 from frontend import errors
 from frontend.openai_schemas import ChatCompletionRequest, CompletionRequest
 from frontend.router import (
@@ -21,6 +21,7 @@ from frontend.router import (
     RoundRobinRouter,
     make_router,
 )
+from frontend.state import able_workers
 from frontend.tokenization import (
     ChatTemplateError,
     IncrementalDetokenizer,
@@ -488,3 +489,34 @@ async def test_inbox_hands_items_over_in_order_and_survives_a_cancelled_reader()
     asyncio.get_running_loop().call_soon(inbox.put_nowait, "c")
     assert await asyncio.wait_for(late, 1) == "c"
     assert inbox.empty()
+
+
+def _able(candidates: list[WorkerCard], request: GenerateRequest, *unsupported: Any) -> Any:
+    """able_workers' outcome: the worker ids, or the error it raised."""
+    try:
+        return [c.worker_id for c in able_workers(candidates, request, *unsupported)]
+    except errors.OpenAIError as exc:
+        return (exc.status, exc.param, exc.message)
+
+
+def test_able_workers_with_the_routable_workers_unsupported_set() -> None:
+    """pick_worker hands able_workers the params some *routable* worker lacks (kept with the
+    routable list), a superset of the candidates' own after exclusions: the same workers, or
+    the same 400, as when it collects them from the candidates."""
+    rng = random.Random(14)
+    params = ["logprobs", "seed", "top_k", "min_p"]
+    for _ in range(400):
+        routable = [
+            card(f"w{i}").model_copy(
+                update={"unsupported_params": rng.sample(params, rng.randint(0, 2))}
+            )
+            for i in range(rng.randint(1, 5))
+        ]
+        superset = frozenset(n for c in routable for n in c.unsupported_params)
+        candidates = [c for c in routable if rng.random() < 0.7] or routable[:1]
+        sampling = SamplingParams(
+            logprobs=rng.choice([None, 0, 2]), seed=rng.choice([None, 5]),
+            top_k=rng.choice([0, 7]), min_p=rng.choice([0.0, 0.1]),
+        )  # fmt: skip
+        request = GenerateRequest(request_id="r", token_ids=[1], sampling=sampling)
+        assert _able(candidates, request, superset) == _able(candidates, request)

@@ -10,7 +10,9 @@ import time
 from types import SimpleNamespace
 from typing import Any
 
+import orjson
 import pytest
+from starlette.responses import Response
 from test_choices import PerSeedClient, choices_over
 from test_migration import chunk, deadline
 
@@ -344,3 +346,33 @@ def test_an_answer_is_sent_before_its_bookkeeping() -> None:
     with pytest.raises(OSError):
         asyncio.run(AnsweredResponse({"id": "x"}, after)(scope, receive, broken_send))
     assert events == ["release", "metrics"]
+
+
+def _sent_by(response: Response) -> list[tuple[Any, ...]]:
+    """What `response` hands the server: (type, status, headers, body) per message."""
+    sent: list[dict[str, Any]] = []
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    async def receive() -> dict[str, Any]:
+        return {"type": "http.disconnect"}
+
+    scope = {"type": "http", "method": "POST", "path": "/v1/chat/completions"}
+    asyncio.run(response(scope, receive, send))
+    return [(m["type"], m.get("status"), m.get("headers"), m.get("body")) for m in sent]
+
+
+def test_an_answer_has_the_head_starlette_would_write() -> None:
+    """AnsweredResponse writes its head itself: the same status and headers (in order) as
+    Starlette's Response with the X-Request-Id header set, and the same body."""
+    data = {"id": "chatcmpl-1", "choices": [{"message": {"content": "héllo"}}]}
+    for request_id in ("chatcmpl-1", None):
+        expected = Response(orjson.dumps(data), media_type="application/json")
+        if request_id is not None:
+            expected.headers["X-Request-Id"] = request_id
+        answered = AnsweredResponse(data, [], request_id)
+        assert _sent_by(answered) == _sent_by(expected)
+        assert answered.status_code == 200
+        answered.headers["X-Hpcserve-Frontend"] = "3"  # one more, as several processes add
+        assert answered.raw_headers[-1] == (b"x-hpcserve-frontend", b"3")
