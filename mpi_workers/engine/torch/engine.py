@@ -77,13 +77,11 @@ class EngineStats:
 
     num_steps: int = 0
     num_overlapped_steps: int = 0  # launched while the step before was still in flight
-    num_computed_tokens: int = 0
     num_computed_prompt_tokens: int = 0  # prompt tokens whose KV was computed (not cached)
     num_cached_prompt_tokens: int = 0  # prompt tokens served from the prefix cache
     num_generated_tokens: int = 0
     num_preemptions: int = 0
     num_finished: int = 0
-    num_errors: int = 0
 
 
 def pool_sizes(
@@ -587,7 +585,6 @@ class TorchEngine(StreamingEngine, TorchKvHandoff):
         """Count the batch's tokens as computed."""
         for seq, n in zip(batch.seqs, batch.num_tokens, strict=True):
             lo = seq.num_computed
-            self.stats.num_computed_tokens += n
             self.stats.num_computed_prompt_tokens += max(0, min(lo + n, seq.num_prompt_tokens) - lo)
             seq.num_computed = lo + n
 
@@ -608,8 +605,6 @@ class TorchEngine(StreamingEngine, TorchKvHandoff):
     def _on_finish(self, seq: Sequence, reason: str) -> None:
         seq.media = []  # the image features go with the sequence
         self.stats.num_finished += 1
-        if reason == "error":
-            self.stats.num_errors += 1
 
     def _append_token(
         self, seq: Sequence, token: int, logprob: Any, slot: int | None = None
