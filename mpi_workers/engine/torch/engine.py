@@ -48,11 +48,7 @@ from contract.messages import GenerateOutput, GenerateRequest, SamplingParams
 from mpi_workers.engine.block_manager import BlockManager
 from mpi_workers.engine.scheduler import ScheduledBatch, Scheduler
 from mpi_workers.engine.sequence import SeqMedia, SeqStatus, Sequence
-from mpi_workers.engine.streaming import (  # noqa: F401 (re-exported)
-    MAX_LOGPROBS,
-    RequestValidationError,
-    StreamingEngine,
-)
+from mpi_workers.engine.streaming import RequestValidationError, StreamingEngine
 from mpi_workers.engine.torch.disagg_ops import TorchKvHandoff
 from mpi_workers.engine.torch.env_switches import env_flag
 from mpi_workers.engine.torch.kv_cache import KvCache, blocks_for_budget, gpu_kv_budget
