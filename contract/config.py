@@ -149,6 +149,10 @@ class EngineConfig(_Section):
     trtllm: TrtllmConfig = Field(default_factory=TrtllmConfig)
 
 
+# Where an engine built directly (tests, benchmarks) takes its defaults from: one definition.
+ENGINE_DEFAULTS = EngineConfig()
+
+
 class RestartPolicy(_Section):
     """How the supervisor answers a component's crash: start it again after a backoff that
     doubles each time (capped at a minute), at most `max_restarts` times in all."""

@@ -28,7 +28,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
-from contract.config import MockerConfig
+from contract.config import ENGINE_DEFAULTS, MockerConfig
 from contract.messages import GenerateOutput, GenerateRequest
 from mpi_workers.engine.block_manager import BlockManager
 from mpi_workers.engine.model_shape import ModelShape
@@ -69,10 +69,10 @@ class MockerEngine(StreamingEngine):
         *,
         model_name: str = "mocker",
         shape: ModelShape | None = None,
-        block_size: int = 16,
+        block_size: int = ENGINE_DEFAULTS.block_size,
         num_blocks: int | None = None,
-        max_num_seqs: int = 64,
-        max_num_batched_tokens: int = 2048,
+        max_num_seqs: int = ENGINE_DEFAULTS.max_num_seqs,
+        max_num_batched_tokens: int = 2048,  # not the config's 1024: the tests rest on it
         max_model_len: int | None = None,
         enable_prefix_caching: bool = True,
     ) -> None:

@@ -43,7 +43,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from contract.block_hash import media_block_extras
-from contract.config import MultimodalConfig
+from contract.config import ENGINE_DEFAULTS, MultimodalConfig
 from contract.messages import GenerateOutput, GenerateRequest, SamplingParams
 from mpi_workers.engine.block_manager import BlockManager
 from mpi_workers.engine.scheduler import ScheduledBatch, Scheduler
@@ -89,7 +89,7 @@ def pool_sizes(
     max_model_len: int | None,
     tp_size: int = 1,
     device: torch.device | None = None,
-    gpu_memory_utilization: float = 0.9,
+    gpu_memory_utilization: float = ENGINE_DEFAULTS.gpu_memory_utilization,
 ) -> tuple[int, int]:
     """(KV blocks per rank, max model length) for a memory budget per rank. With no budget
     given, a GPU's pool is what `gpu_memory_utilization` of its memory leaves after the
@@ -141,10 +141,11 @@ class TorchEngine(StreamingEngine, TorchKvHandoff):
         model_dir: str | Path,
         device: str | torch.device = "cpu",
         dtype: torch.dtype | None = None,
-        block_size: int = 16,
+        block_size: int = ENGINE_DEFAULTS.block_size,
         num_blocks: int | None = None,
         kv_cache_memory_bytes: int | None = None,
-        gpu_memory_utilization: float = 0.9,
+        gpu_memory_utilization: float = ENGINE_DEFAULTS.gpu_memory_utilization,
+        # Not the config's (64, 1024): the tests' and benchmarks' figures rest on these.
         max_num_seqs: int = 32,
         max_num_batched_tokens: int = 2048,
         max_model_len: int | None = None,
