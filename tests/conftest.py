@@ -10,11 +10,11 @@ from pathlib import Path
 
 import pytest
 from durations_baseline import BASELINE, DurationsPlugin
+from real_services import start_etcd, start_nats
 from suite_markers import add_derived_markers
 
 from frontend.tokenization import TextTokenizer
 from hpcserve.model_prepare import prepare_default_model
-from hpcserve.services import start_etcd, start_nats
 
 # One frontend process unless a test asks for more (`--set frontend.workers=N` wins): the
 # automatic count (one per spare core) differs between machines.
