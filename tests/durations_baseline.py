@@ -55,6 +55,17 @@ def slower_than_baseline(
     return sorted(slower, key=lambda row: row[2] - row[1], reverse=True)
 
 
+def run_against_baseline(now: dict[str, float], baseline: dict[str, float], name: str) -> str:
+    """One line: this run's time for the tests the baseline has, against the baseline's."""
+    known = [n for n in now if n in baseline]
+    ran, was = sum(now[n] for n in known), sum(baseline[n] for n in known)
+    ratio = f" (x{ran / was:.2f} the baseline)" if was > 0 else ""
+    return (
+        f"this run: {ran:.1f} s for the {len(known)} tests in {name}, which has {was:.1f} s "
+        f"for them{ratio}; {len(now) - len(known)} tests not in it"
+    )
+
+
 class DurationsPlugin:
     """Sums each test's phases as they report; compares or writes at the end of the run."""
 
@@ -82,14 +93,8 @@ class DurationsPlugin:
             self.path.write_text(format_baseline(kept))
             terminalreporter.write_line(f"durations of {len(now)} tests written to {self.path}")
             return
-        known = [n for n in now if n in baseline]
-        ran, was = sum(now[n] for n in known), sum(baseline[n] for n in known)
         terminalreporter.section("durations against the baseline")
-        terminalreporter.write_line(
-            f"{len(known)} tests in the baseline took {ran:.1f} s, there {was:.1f} s"
-            + (f" (x{ran / was:.2f})" if was > 0 else "")
-            + f"; {len(now) - len(known)} tests not in it ({self.path.name})"
-        )
+        terminalreporter.write_line(run_against_baseline(now, baseline, self.path.name))
         slower = slower_than_baseline(now, baseline)
         for node_id, before, seconds in slower:
             terminalreporter.write_line(f"  {seconds:8.2f} s, was {before:.2f} s: {node_id}")

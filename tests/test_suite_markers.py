@@ -7,7 +7,12 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from durations_baseline import format_baseline, read_baseline, slower_than_baseline
+from durations_baseline import (
+    format_baseline,
+    read_baseline,
+    run_against_baseline,
+    slower_than_baseline,
+)
 from suite_markers import SLOW_KINDS
 
 
@@ -46,3 +51,9 @@ def test_slower_names_only_doubled_tests_past_the_noise_floor() -> None:
     baseline = {"doubled": 2.0, "noise": 0.01, "faster": 5.0, "same": 3.0, "most": 1.0}
     now = {"doubled": 4.5, "noise": 0.05, "faster": 1.0, "same": 5.9, "most": 9.0, "new": 7.0}
     assert slower_than_baseline(now, baseline) == [("most", 1.0, 9.0), ("doubled", 2.0, 4.5)]
+
+
+def test_the_run_line_puts_this_run_against_the_baseline() -> None:
+    line = run_against_baseline({"a": 3.0, "b": 1.0, "new": 5.0}, {"a": 1.0, "b": 1.0}, "f.txt")
+    assert line == "this run: 4.0 s for the 2 tests in f.txt, which has 2.0 s for them " \
+        "(x2.00 the baseline); 1 tests not in it"
