@@ -8,7 +8,7 @@ STAMP  := $(VENV)/.hpcserve-setup.stamp
 CONFIG ?= configs/local-agg.yaml
 ARGS   ?=
 
-.PHONY: setup up test test-fast lint bench clean
+.PHONY: setup up test test-fast durations-baseline lint bench clean
 
 setup: $(STAMP)
 
@@ -45,6 +45,11 @@ test: setup
 
 test-fast: setup
 	$(VENV)/bin/python -m pytest -q -m 'not slow' $(ARGS)
+
+# Every test, its times written to tests/durations_baseline.txt (commit the file): later runs
+# name the tests that got more than 2x slower than it.
+durations-baseline: setup
+	$(VENV)/bin/python -m pytest -q --write-durations-baseline $(ARGS)
 
 lint: setup
 	$(VENV)/bin/ruff check .

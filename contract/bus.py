@@ -3,6 +3,8 @@
 Request plane: the frontend publishes a `GenerateRequest` to a worker's `generate` subject
 with a reply subject under its own inbox; the worker streams `GenerateOutput` chunks there.
 Event plane: workers publish `KvEventBatch` and `LoadMetrics` on deployment-wide subjects.
+Disaggregated serving's worker-to-worker subjects (contract.disagg's messages) are here too:
+every subject name is built in this one module.
 """
 
 from __future__ import annotations
@@ -26,6 +28,26 @@ def abort_subject(deployment: str, worker_id: str) -> str:
 def kv_snapshot_subject(deployment: str, worker_id: str) -> str:
     """Request/reply: a worker answers with a `KvSnapshot` of its cached block hashes."""
     return f"hpcserve.{deployment}.worker.{worker_id}.kv_snapshot"
+
+
+def prefill_subject(deployment: str, worker_id: str) -> str:
+    """decode_first: a decode worker asks this prefill worker to prefill and push the KV."""
+    return f"hpcserve.{deployment}.worker.{worker_id}.prefill"
+
+
+def decode_subject(deployment: str, worker_id: str) -> str:
+    """prefill_first: a prefill worker hands a request with a first token to this decoder."""
+    return f"hpcserve.{deployment}.worker.{worker_id}.decode"
+
+
+def kv_push_subject(deployment: str, worker_id: str) -> str:
+    """prefill_first: a decode worker asks this prefill worker to push held KV to a ticket."""
+    return f"hpcserve.{deployment}.worker.{worker_id}.kv_push"
+
+
+def media_subject(deployment: str, frontend_id: str) -> str:
+    """Where one frontend process answers chunk requests for the media it holds."""
+    return f"hpcserve.{deployment}.media.{frontend_id}"
 
 
 def kv_events_subject(deployment: str) -> str:

@@ -149,6 +149,10 @@ class EngineConfig(_Section):
     trtllm: TrtllmConfig = Field(default_factory=TrtllmConfig)
 
 
+# Where an engine built directly (tests, benchmarks) takes its defaults from: one definition.
+ENGINE_DEFAULTS = EngineConfig()
+
+
 class RestartPolicy(_Section):
     """How the supervisor answers a component's crash: start it again after a backoff that
     doubles each time (capped at a minute), at most `max_restarts` times in all."""
@@ -232,7 +236,8 @@ class KvRouterConfig(_Section):
         default=None,
         ge=1,
         le=1024,
-        description="deprecated: prompts are hashed at each worker's own block size (its card)",
+        description="deprecated: prompts are hashed at each worker's own block size (its "
+        "card); if set, it must equal engine.block_size",
     )
     reconcile_interval_s: float = Field(
         default=30.0, gt=0, description="how often the KV index asks every worker for a snapshot"
@@ -482,6 +487,13 @@ class DeploymentConfig(_Section):
     @model_validator(mode="after")
     def _only_agg_for_now(self) -> DeploymentConfig:
         _check_disaggregation(self)
+        routed_size = self.frontend.kv_router.block_size
+        if routed_size is not None and routed_size != self.engine.block_size:
+            raise ValueError(
+                f"frontend.kv_router.block_size: {routed_size} differs from engine.block_size "
+                f"{self.engine.block_size}; the router hashes prompts at each worker's own "
+                "block size (drop the setting)"
+            )
         for index, group in enumerate(self.workers):
             if group.tp > 1 and self.engine.kind == "mocker":
                 raise ValueError(

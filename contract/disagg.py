@@ -41,21 +41,6 @@ def strategy_from_env(environ: Mapping[str, str]) -> str | None:
     return value or None
 
 
-def prefill_subject(deployment: str, worker_id: str) -> str:
-    """decode_first: a decode worker asks this prefill worker to prefill and push the KV."""
-    return f"hpcserve.{deployment}.worker.{worker_id}.prefill"
-
-
-def decode_subject(deployment: str, worker_id: str) -> str:
-    """prefill_first: a prefill worker hands a request with a first token to this decoder."""
-    return f"hpcserve.{deployment}.worker.{worker_id}.decode"
-
-
-def kv_push_subject(deployment: str, worker_id: str) -> str:
-    """prefill_first: a decode worker asks this prefill worker to push held KV to a ticket."""
-    return f"hpcserve.{deployment}.worker.{worker_id}.kv_push"
-
-
 class _Message(BaseModel):
     model_config = ConfigDict(extra="forbid")
 

@@ -3,8 +3,8 @@ worker without passing NATS's message size limit (1 MiB by default).
 
 The frontend keeps each request's media payloads (the image file's bytes as the client sent
 them; an embedding tensor's raw bytes) in memory and answers chunk requests for them on its
-own subject (`media_subject`: one per frontend process). A `GenerateRequest` names each payload
-with a `MediaRef` (id, size, content hash); the worker pulls the chunks it needs
+own subject (`contract.bus.media_subject`: one per frontend process). A `GenerateRequest`
+names each payload with a `MediaRef` (id, size, content hash); the worker pulls the chunks it needs
 (`fetch_media`: several in flight, each at most the server's `max_payload`), joins them and
 checks the size and the hash before using a byte of it. A payload thus crosses the bus once
 per worker that computes it, in messages of the bus's own size limit, and nothing of it sits
@@ -44,11 +44,6 @@ class MediaChunkRequest(BaseModel):
     media_id: str
     offset: int
     length: int
-
-
-def media_subject(deployment: str, frontend_id: str) -> str:
-    """Where one frontend process answers chunk requests for the media it holds."""
-    return f"hpcserve.{deployment}.media.{frontend_id}"
 
 
 def content_hash(payload: bytes) -> int:

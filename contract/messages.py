@@ -20,8 +20,68 @@ class _Message(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=False)
 
 
+class Bounds(NamedTuple):
+    """The values one sampling field admits: defined once, applied by the OpenAI request
+    schema (as pydantic constraints: a 400 naming the field) and again by the engine (its
+    own callers skip the frontend: `validate_request`)."""
+
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False  # (low, high] instead of [low, high]
+
+    def constraints(self) -> dict[str, float]:
+        """Keyword arguments of `pydantic.Field`."""
+        found: dict[str, float] = {}
+        if self.low is not None:
+            found["gt" if self.low_open else "ge"] = self.low
+        if self.high is not None:
+            found["le"] = self.high
+        return found
+
+    def admits(self, value: float) -> bool:
+        """Whether `value` lies within (NaN never does)."""
+        if self.low is not None and not (value > self.low if self.low_open else value >= self.low):
+            return False
+        return self.high is None or value <= self.high
+
+    def describe(self) -> str:
+        """`must be in (0, 1]`, `must be >= 1`: the tail of an error message."""
+        low, high = (f"{v:g}" if isinstance(v, float) else str(v) for v in (self.low, self.high))
+        if self.high is None:
+            return f"must be {'>' if self.low_open else '>='} {low}"
+        if self.low is None:
+            return f"must be <= {high}"
+        return f"must be in {'(' if self.low_open else '['}{low}, {high}]"
+
+
+MAX_LOGPROBS = 20  # top logprobs per token, as OpenAI allows
+
+# The one definition of the sampling fields' ranges (OpenAI's and vLLM's documentation).
+SAMPLING_BOUNDS: dict[str, Bounds] = {
+    "max_tokens": Bounds(1),
+    "temperature": Bounds(0.0, 2.0),
+    "top_p": Bounds(0.0, 1.0, low_open=True),
+    "top_k": Bounds(-1),  # -1 or 0: no top-k cut
+    "min_p": Bounds(0.0, 1.0),
+    "presence_penalty": Bounds(-2.0, 2.0),
+    "frequency_penalty": Bounds(-2.0, 2.0),
+    "repetition_penalty": Bounds(0.0, low_open=True),
+    "seed": Bounds(-(2**63), 2**63 - 1),
+    "logprobs": Bounds(0, MAX_LOGPROBS),
+}
+
+
+def sampling_range_error(params: SamplingParams) -> tuple[str, str] | None:
+    """(field, message) of the first field of `params` outside SAMPLING_BOUNDS, or None."""
+    for name, bounds in SAMPLING_BOUNDS.items():
+        value = getattr(params, name)
+        if value is not None and not bounds.admits(value):
+            return name, bounds.describe()
+    return None
+
+
 class SamplingParams(_Message):
-    """Per-request decoding settings; the engine validates ranges (ValueError naming the field)."""
+    """Per-request decoding settings; ranges in SAMPLING_BOUNDS (the engine checks them)."""
 
     max_tokens: int = 16
     temperature: float = 1.0

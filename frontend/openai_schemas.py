@@ -12,9 +12,15 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from contract.messages import SAMPLING_BOUNDS
+
 Role = Literal["system", "user", "assistant", "developer", "tool"]
 MAX_STOP_STRINGS = 4
-MAX_TOP_LOGPROBS = 20
+
+
+def _bounded(name: str, **kwargs: Any) -> Any:
+    """A field whose range is the one of `contract.messages.SAMPLING_BOUNDS[name]`."""
+    return Field(default=None, **SAMPLING_BOUNDS[name].constraints(), **kwargs)
 
 
 class _Request(BaseModel):
@@ -80,20 +86,20 @@ class StreamOptions(_Request):
 
 
 class _SamplingFields(_Request):
-    """Fields shared by both endpoints; ranges follow the OpenAI and vLLM documentation."""
+    """Fields shared by both endpoints; ranges are contract.messages.SAMPLING_BOUNDS."""
 
     model: str | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
-    max_tokens: int | None = Field(default=None, ge=1)
-    temperature: float | None = Field(default=None, ge=0.0, le=2.0)
-    top_p: float | None = Field(default=None, gt=0.0, le=1.0)
-    top_k: int | None = Field(default=None, ge=-1)
-    min_p: float | None = Field(default=None, ge=0.0, le=1.0)
-    presence_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
-    frequency_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
-    repetition_penalty: float | None = Field(default=None, gt=0.0)
-    seed: int | None = Field(default=None, ge=-(2**63), le=2**63 - 1)
+    max_tokens: int | None = _bounded("max_tokens")
+    temperature: float | None = _bounded("temperature")
+    top_p: float | None = _bounded("top_p")
+    top_k: int | None = _bounded("top_k")
+    min_p: float | None = _bounded("min_p")
+    presence_penalty: float | None = _bounded("presence_penalty")
+    frequency_penalty: float | None = _bounded("frequency_penalty")
+    repetition_penalty: float | None = _bounded("repetition_penalty")
+    seed: int | None = _bounded("seed")
     stop: str | list[str] | None = None
     n: int | None = Field(
         default=None, ge=1,
@@ -129,9 +135,9 @@ class _SamplingFields(_Request):
 
 class ChatCompletionRequest(_SamplingFields):
     messages: list[ChatMessage] = Field(min_length=1)
-    max_completion_tokens: int | None = Field(default=None, ge=1)
+    max_completion_tokens: int | None = _bounded("max_tokens")
     logprobs: bool = False
-    top_logprobs: int | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)
+    top_logprobs: int | None = _bounded("logprobs")
 
     @model_validator(mode="after")
     def _top_logprobs_needs_logprobs(self) -> ChatCompletionRequest:
@@ -160,7 +166,7 @@ class ChatCompletionRequest(_SamplingFields):
 
 class CompletionRequest(_SamplingFields):
     prompt: str | list[int] | list[str] | list[list[int]]
-    logprobs: int | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)
+    logprobs: int | None = _bounded("logprobs")
     echo: bool = False
     suffix: str | None = None
     best_of: int | None = Field(default=None, ge=1)

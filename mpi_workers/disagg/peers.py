@@ -16,13 +16,13 @@ import logging
 from collections.abc import Callable, Coroutine, Iterator
 from typing import Any
 
+from contract.bus import decode_subject
 from contract.config import DisaggregationConfig
 from contract.disagg import (
     DecodeHandoff,
     KvPushResult,
     PrefillResult,
     RemotePrefillRequest,
-    decode_subject,
 )
 from contract.discovery import WorkerCard, WorkerDirectory
 from contract.messages import AbortRequest, GenerateOutput, GenerateRequest

@@ -40,15 +40,13 @@ from typing import Any
 import torch
 from nats.errors import NoRespondersError
 
+from contract.bus import decode_subject, kv_push_subject, prefill_subject
 from contract.disagg import (
     DecodeHandoff,
     KvPushRequest,
     KvPushResult,
     PrefillResult,
     RemotePrefillRequest,
-    decode_subject,
-    kv_push_subject,
-    prefill_subject,
 )
 from contract.discovery import KvTransferInfo, WorkerCard
 from contract.messages import GenerateOutput, GenerateRequest

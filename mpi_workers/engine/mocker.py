@@ -28,7 +28,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
-from contract.config import MockerConfig
+from contract.config import ENGINE_DEFAULTS, MockerConfig
 from contract.messages import GenerateOutput, GenerateRequest
 from mpi_workers.engine.block_manager import BlockManager
 from mpi_workers.engine.model_shape import ModelShape
@@ -45,12 +45,7 @@ _YIELD_EVERY_S = 0.0005  # short steps run back to back for this long between yi
 
 @dataclass
 class MockerStats:
-    num_steps: int = 0
-    num_prompt_tokens: int = 0  # prompt tokens of admitted requests
-    num_cached_prompt_tokens: int = 0  # of those, served from the prefix cache
-    num_generated_tokens: int = 0
-    num_finished: int = 0
-    simulated_busy_s: float = 0.0  # sum of the step times slept
+    num_cached_prompt_tokens: int = 0  # prompt tokens of finished requests served from cache
 
 
 def _mix64(x: int) -> int:
@@ -74,10 +69,10 @@ class MockerEngine(StreamingEngine):
         *,
         model_name: str = "mocker",
         shape: ModelShape | None = None,
-        block_size: int = 16,
+        block_size: int = ENGINE_DEFAULTS.block_size,
         num_blocks: int | None = None,
-        max_num_seqs: int = 64,
-        max_num_batched_tokens: int = 2048,
+        max_num_seqs: int = ENGINE_DEFAULTS.max_num_seqs,
+        max_num_batched_tokens: int = 2048,  # not the config's 1024: the tests rest on it
         max_model_len: int | None = None,
         enable_prefix_caching: bool = True,
     ) -> None:
@@ -203,7 +198,6 @@ class MockerEngine(StreamingEngine):
                 await asyncio.sleep(0.001)
                 continue
             delay = self.step_time_s(batch)
-            self.stats.simulated_busy_s += delay
             await self._sleep(delay)
             try:
                 self._apply(batch)
@@ -254,12 +248,10 @@ class MockerEngine(StreamingEngine):
         """The step's bookkeeping: new tokens, full blocks hashed (KV events), finishes.
         At real-time pace this runs once per ~5 ms step for every running request, so it
         reads plain attributes and calls the block manager only when a block filled."""
-        self.stats.num_steps += 1
         bm = self.block_manager
         block_size = bm.block_size
         undelivered = self._undelivered
         finished: list[Sequence] = []
-        generated = 0
         for seq, n in zip(batch.seqs, batch.num_tokens, strict=True):
             if seq.status is not SeqStatus.RUNNING:  # aborted or preempted while we slept
                 continue
@@ -270,7 +262,6 @@ class MockerEngine(StreamingEngine):
                 token = self._token_at(seq)
                 tokens.append(token)
                 seq.pending_tokens.append(token)
-                generated += 1
                 if len(tokens) >= seq.max_len:
                     seq.finish_reason = "length"
             if computed >= (len(seq.block_hashes) + 1) * block_size:
@@ -279,13 +270,10 @@ class MockerEngine(StreamingEngine):
                 finished.append(seq)
             elif seq.pending_tokens:
                 undelivered[seq.request_id] = seq  # delivered at the next yield
-        self.stats.num_generated_tokens += generated
         for seq in finished:  # after every commit of the step, as before any finish
             self._finish(seq, seq.finish_reason)  # type: ignore[arg-type]
 
     def _on_finish(self, seq: Sequence, reason: str) -> None:
         if seq.admitted_once and seq.status is not SeqStatus.FINISHED:
-            self.stats.num_prompt_tokens += seq.num_prompt_tokens
             self.stats.num_cached_prompt_tokens += seq.num_cached_tokens
-        self.stats.num_finished += 1
         self._seeds.pop(seq.request_id, None)

@@ -13,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import math
 import threading
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, NamedTuple
@@ -24,6 +23,7 @@ from contract.messages import (
     LoadMetrics,
     SamplingParams,
     TokenLogprob,
+    sampling_range_error,
 )
 from mpi_workers.engine.base import Engine, KvEventSink
 
@@ -33,8 +33,6 @@ if TYPE_CHECKING:
     from mpi_workers.engine.sequence import Sequence
 
 logger = logging.getLogger(__name__)
-
-MAX_LOGPROBS = 20
 
 
 class RequestValidationError(ValueError):
@@ -58,23 +56,9 @@ def validate_request(request: GenerateRequest, max_model_len: int, vocab_size: i
         )
     if min(ids) < 0 or max(ids) >= vocab_size:
         raise RequestValidationError("token_ids", f"ids must lie in [0, {vocab_size})")
-    if p.max_tokens < 1:
-        raise RequestValidationError("max_tokens", "must be >= 1")
-    if not p.temperature >= 0.0 or math.isinf(p.temperature):
-        raise RequestValidationError("temperature", "must be a finite number >= 0")
-    if not 0.0 < p.top_p <= 1.0:
-        raise RequestValidationError("top_p", "must be in (0, 1]")
-    if p.top_k < -1:
-        raise RequestValidationError("top_k", "must be -1, 0 (disabled) or >= 1")
-    if not 0.0 <= p.min_p <= 1.0:
-        raise RequestValidationError("min_p", "must be in [0, 1]")
-    if not p.repetition_penalty > 0.0:
-        raise RequestValidationError("repetition_penalty", "must be > 0")
-    for name in ("presence_penalty", "frequency_penalty"):
-        if not -2.0 <= getattr(p, name) <= 2.0:
-            raise RequestValidationError(name, "must be in [-2, 2]")
-    if p.logprobs is not None and not 0 <= p.logprobs <= MAX_LOGPROBS:
-        raise RequestValidationError("logprobs", f"must be in [0, {MAX_LOGPROBS}]")
+    bad = sampling_range_error(p)
+    if bad is not None:
+        raise RequestValidationError(*bad)
     if any(t < 0 or t >= vocab_size for t in p.stop_token_ids):
         raise RequestValidationError("stop_token_ids", f"ids must lie in [0, {vocab_size})")
 

@@ -86,7 +86,6 @@ class KvTransport(ABC):
         self.address = ""
         self._pending: dict[str, Pending] = {}
         self.bytes_received = 0
-        self.bytes_sent = 0
 
     @abstractmethod
     async def start(self, host: str = "127.0.0.1") -> str:

@@ -321,5 +321,4 @@ class NixlTransport(KvTransport):
                     self._agent.release_xfer_handle(handle)
             if done or not posted:
                 self._arena.give(block)
-        self.bytes_sent += nbytes
         log_rate("nixl push", nbytes, started)

@@ -114,5 +114,4 @@ class TcpTransport(KvTransport):
             raise TransferError(f"KV transfer to {ticket['address']} broke: {exc}") from exc
         finally:
             writer.close()
-        self.bytes_sent += header["nbytes"]
         log_rate("tcp push", header["nbytes"], started)

@@ -125,5 +125,4 @@ class UcxTransport(KvTransport):
                 await ep.close()
             except Exception as exc:
                 logger.debug("UCX endpoint close: %s", exc)
-        self.bytes_sent += header["nbytes"]
         log_rate("ucx push", header["nbytes"], started)

@@ -60,6 +60,7 @@ def test_set_into_lists_and_typed_values() -> None:
         (["frontend.port=70000"], "frontend.port"),
         (["frontend.prot=1"], "frontend.prot"),
         (["engine.block_size=0"], "engine.block_size"),
+        (["frontend.kv_router.block_size=32"], "frontend.kv_router.block_size"),
         (["frontend.router=fastest"], "frontend.router"),
         (["services.nats.start=false"], "services.nats"),
         (["workers.0.role=prefill"], "workers.0.role"),
@@ -80,6 +81,14 @@ def test_errors_name_the_field(overrides: list[str], field: str) -> None:
     with pytest.raises(ConfigError) as info:
         load_config(overrides=overrides, environ={})
     assert field in str(info.value)
+
+
+def test_kv_router_block_size_is_the_engines() -> None:
+    """Deprecated: the router hashes at each worker's block size; equal to the engine's it is
+    accepted (an old config still loads), different it is an error (above)."""
+    config = load_config(overrides=["frontend.kv_router.block_size=32", "engine.block_size=32"],
+                         environ={})  # fmt: skip
+    assert config.frontend.kv_router.block_size == config.engine.block_size == 32
 
 
 def test_bad_files(tmp_path: Path) -> None:

@@ -7,13 +7,12 @@ import os
 
 import pytest
 
-from contract.bus import connect
+from contract.bus import connect, media_subject
 from contract.media import (
     MediaUnavailable,
     chunk_size,
     content_hash,
     fetch_media,
-    media_subject,
     serve_media,
 )
 

@@ -6,12 +6,13 @@ from pathlib import Path
 
 import pytest
 
-from contract.config import load_config
+from contract.config import ConfigError, load_config
 from contract.plan import (
     FRONTEND_PROCESS_ENV,
     MAX_AUTO_FRONTEND_PROCESSES,
     METRICS_DIR_ENV,
     TRTLLM_LAUNCHER,
+    find_binary,
     frontend_processes,
     needs_mpi_launcher,
     plan_deployment,
@@ -185,3 +186,10 @@ def test_several_frontend_processes_share_the_port() -> None:
     assert [p.name for p in one if p.role == "frontend"] == ["frontend"]
     assert one[-1].ready.process is None
     assert FRONTEND_PROCESS_ENV not in one[-1].env
+
+
+def test_a_missing_service_binary_is_a_config_error_naming_its_field(monkeypatch) -> None:
+    monkeypatch.setenv("PATH", "")
+    monkeypatch.setattr("sys.executable", "/nonexistent/python")
+    with pytest.raises(ConfigError, match=r"^services\.nats: nats-server not found"):
+        find_binary("nats-server")

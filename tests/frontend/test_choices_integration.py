@@ -12,7 +12,7 @@ import openai
 import pytest
 from test_frontend_integration import CHAT, assert_error, sse_events
 
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.integration
 
 
 async def test_all_choices_go_to_one_worker_with_seed_plus_index(make_frontend: Any) -> None:

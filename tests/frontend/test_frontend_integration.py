@@ -18,7 +18,7 @@ from frontend.openai_schemas import (
     CompletionResponse,
 )
 
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.integration
 
 CHAT = {"model": "smol", "messages": [{"role": "user", "content": "Say hello"}]}
 

@@ -17,7 +17,7 @@ from PIL import Image
 
 from contract.media import content_hash
 
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.integration
 
 SEED_MODEL = "meta-llama/Llama-4-Maverick-17B-128E-Instruct"
 

@@ -22,7 +22,7 @@ from contract.messages import (
 )
 from frontend.tokenization import TextTokenizer
 
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.integration
 
 PROMPT = [1, 2, 3, 4, 5]
 STORY = (

@@ -28,7 +28,7 @@ from contract.bus import load_metrics_subject
 from contract.messages import LoadMetrics
 from frontend.tokenization import TextTokenizer
 
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.e2e
 
 PROMPTS = [
     "The capital of France is",

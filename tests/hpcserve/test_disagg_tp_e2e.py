@@ -34,7 +34,7 @@ from up_helpers import (
 from contract.processes import pid_alive
 from frontend.tokenization import TextTokenizer
 
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.e2e
 
 PROMPTS = [
     "The capital of France is",

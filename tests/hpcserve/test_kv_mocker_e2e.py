@@ -17,7 +17,7 @@ import httpx
 import pytest
 from up_helpers import UpProcess, started
 
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.e2e
 
 
 @pytest.fixture(scope="module")

@@ -32,7 +32,7 @@ import pytest
 from contract.config import load_config
 from hpcserve.launcher import Deployment, start_deployment, stop_deployment
 
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.e2e
 
 REPO = Path(__file__).resolve().parents[2]
 LEASE_TTL_S = 3

@@ -18,7 +18,7 @@ import openai
 import pytest
 from up_helpers import UpProcess, openai_client, started
 
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.e2e
 
 QUESTION = [{"role": "user", "content": "Name a colour."}]
 BLOCK_SIZE = 16  # configs/local-agg.yaml engine.block_size

@@ -24,7 +24,7 @@ from up_helpers import UpProcess, processes_mentioning
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "trtllm_double"))
 from double_env import double_environ
 
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.e2e
 
 PROMPTS = [[1, 9906, 11, 1070, 416, 346, 30], [504, 3575, 282, 4649, 314], [42] * 40]
 

@@ -17,7 +17,7 @@ from up_helpers import UpProcess, openai_client, processes_mentioning, started
 
 from contract.processes import pid_alive
 
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.e2e
 
 QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
 

@@ -18,7 +18,7 @@ from contract.processes import pid_alive
 from hpcserve.cli import app
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_a_crashed_worker_is_restarted_and_serves_again(tmp_path: Path) -> None:
     """Real model: kill -9 the only worker; the supervisor starts it again (its key dropped
     at once), it registers anew, and the next request is answered. SIGTERM then stops all."""
@@ -50,7 +50,7 @@ def test_a_crashed_worker_is_restarted_and_serves_again(tmp_path: Path) -> None:
     assert processes_mentioning(str(tmp_path / "run")) == []
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_a_critical_worker_out_of_restarts_stops_the_deployment(tmp_path: Path) -> None:
     args = ["configs/local-mocker-kv.yaml", "--set", "frontend.port=0", "--set",
             "workers.0.count=2", "--set", "workers.0.restart.max_restarts=0"]  # fmt: skip
@@ -70,7 +70,7 @@ def test_a_critical_worker_out_of_restarts_stops_the_deployment(tmp_path: Path) 
     assert processes_mentioning(str(tmp_path / "run")) == []
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_drained_worker_leaves_and_is_not_restarted(tmp_path: Path) -> None:
     args = ["configs/local-mocker-kv.yaml", "--set", "frontend.port=0", "--set",
             "workers.0.count=2"]  # fmt: skip
@@ -98,7 +98,7 @@ def test_drained_worker_leaves_and_is_not_restarted(tmp_path: Path) -> None:
     assert processes_mentioning(str(tmp_path / "run")) == []
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 @pytest.mark.parametrize("service", ["etcd", "nats"])
 def test_service_restarted_by_the_supervisor_while_serving(tmp_path: Path, service: str) -> None:
     """kill -9 etcd (or NATS) under load: the supervisor starts it again (etcd on its data);

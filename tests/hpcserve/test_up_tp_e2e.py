@@ -29,7 +29,7 @@ from up_helpers import (
 
 from contract.processes import pid_alive
 
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.e2e
 
 QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
 PROMPT_IDS = [1, 9690, 198, 2683, 314, 260, 3575, 282, 4649, 47, 2]

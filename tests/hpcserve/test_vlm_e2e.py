@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 from up_helpers import UpProcess, openai_client, started
 
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.e2e
 
 MAX_TOKENS = 12
 QUESTION = "Describe the image"

@@ -27,7 +27,7 @@ from frontend.state import FrontendState
 from frontend.worker_client import WorkerClient, WorkerLost
 from mpi_workers.disagg.worker import DisaggWorker
 
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.integration
 
 PROMPT = list(range(100, 140))  # 40 tokens: 3 blocks of 16
 _ids = itertools.count()

@@ -20,7 +20,7 @@ from contract.media import serve_media
 from contract.vlm import load_vlm_info
 from mpi_workers.disagg.worker import DisaggWorker
 
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.integration
 
 _ids = itertools.count()
 

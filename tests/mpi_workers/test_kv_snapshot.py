@@ -11,7 +11,7 @@ from contract.block_hash import block_hashes
 from frontend.kv_index import KvIndex, KvIndexFeed
 
 
-@pytest.mark.slow
+@pytest.mark.integration
 async def test_snapshot_over_nats_from_a_real_worker(nats_url: str, etcd_endpoint: str) -> None:
     """A mocker worker answers kv_snapshot; a feed that started late rebuilds from it."""
     from contract.config import MockerConfig

@@ -14,7 +14,7 @@ import pytest
 
 from hpcserve.launcher import mpi_launcher
 
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.integration
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]

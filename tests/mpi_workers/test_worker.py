@@ -243,7 +243,7 @@ async def wait_for(predicate, timeout_s: float, poll_s: float = 0.1) -> float:
     return time.monotonic() - start
 
 
-@pytest.mark.slow
+@pytest.mark.integration
 async def test_lease_lapses_after_kill_9(tmp_path: Path, etcd_endpoint: str, nats_url: str):
     deployment, ttl = unique_deployment(), 3
     process = spawn_worker(write_config(tmp_path, deployment, etcd_endpoint, nats_url, ttl), 0)
@@ -271,7 +271,7 @@ async def _card_draining(etcd_endpoint: str, deployment: str) -> bool:
         await client.close()
 
 
-@pytest.mark.slow
+@pytest.mark.integration
 async def test_sigterm_marks_draining_then_finishes_then_deregisters(
     tmp_path: Path, etcd_endpoint: str, nats_url: str
 ):

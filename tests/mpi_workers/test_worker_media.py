@@ -23,7 +23,7 @@ from contract.vlm import load_vlm_info
 from mpi_workers.engine.torch.engine import TorchEngine
 from mpi_workers.worker import Worker
 
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.integration
 
 _names = itertools.count()
 

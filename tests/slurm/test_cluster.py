@@ -19,7 +19,7 @@ from cluster_helpers import running_cluster
 from contract.processes import pid_alive
 
 pytestmark = [
-    pytest.mark.slow,
+    pytest.mark.slurm,
     pytest.mark.skipif(
         os.geteuid() != 0,
         reason="the Slurm test cluster needs root (network namespaces, slurmd as root)",

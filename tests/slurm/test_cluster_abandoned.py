@@ -13,7 +13,7 @@ from cluster_helpers import CLUSTER_SH, running_cluster
 from contract.processes import pid_alive
 
 pytestmark = [
-    pytest.mark.slow,
+    pytest.mark.slurm,
     pytest.mark.skipif(
         os.geteuid() != 0,
         reason="the Slurm test cluster needs root (network namespaces, slurmd as root)",

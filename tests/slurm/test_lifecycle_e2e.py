@@ -34,7 +34,8 @@ from slurm.jobs import job_status
 from slurm.state import read_state
 
 pytestmark = [
-    pytest.mark.slow,
+    pytest.mark.slurm,
+    pytest.mark.e2e,
     pytest.mark.skipif(
         os.geteuid() != 0,
         reason="the Slurm test cluster needs root (network namespaces, slurmd as root)",

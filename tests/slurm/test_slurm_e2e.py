@@ -28,7 +28,8 @@ from slurm.jobs import JobStatus, cancel, job_status, submit_with_submitit
 from slurm.state import read_state
 
 pytestmark = [
-    pytest.mark.slow,
+    pytest.mark.slurm,
+    pytest.mark.e2e,
     pytest.mark.skipif(
         os.geteuid() != 0,
         reason="the Slurm test cluster needs root (network namespaces, slurmd as root)",

@@ -32,7 +32,8 @@ DOUBLE = REPO / "tests" / "trtllm_double"
 ENGINE = REPO / "mpi_workers" / "engine" / "trtllm"
 
 pytestmark = [
-    pytest.mark.slow,
+    pytest.mark.slurm,
+    pytest.mark.e2e,
     pytest.mark.skipif(
         os.geteuid() != 0,
         reason="the Slurm test cluster needs root (network namespaces, slurmd as root)",

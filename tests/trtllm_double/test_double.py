@@ -580,7 +580,7 @@ def double_environ_without_spawn() -> dict[str, str]:
     return env
 
 
-@pytest.mark.slow
+@pytest.mark.integration
 @pytest.mark.skipif(
     shutil.which("mpirun", path=str(Path(sys.executable).parent)) is None,
     reason="needs the venv's mpirun",
@@ -592,7 +592,7 @@ def test_mpirun_launch_two_ranks(model_dir: Path) -> None:
     assert "MPI session: 2 ranks on" in output and "tokens [" in output
 
 
-@pytest.mark.slow
+@pytest.mark.integration
 @pytest.mark.skipif(
     shutil.which("mpirun", path=str(Path(sys.executable).parent)) is None,
     reason="needs the venv's mpirun",
@@ -606,7 +606,7 @@ def test_mpirun_launch_rank_mismatch_fails_fast(model_dir: Path) -> None:
     assert time.monotonic() - started < 60
 
 
-@pytest.mark.slow
+@pytest.mark.integration
 def test_launcher_returns_the_command_status() -> None:
     env = double_environ_without_spawn()
     command = ["trtllm-llmapi-launch", sys.executable, "-c", "import sys; sys.exit(3)"]

@@ -43,16 +43,12 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from contract.block_hash import media_block_extras
-from contract.config import MultimodalConfig
+from contract.config import ENGINE_DEFAULTS, MultimodalConfig
 from contract.messages import GenerateOutput, GenerateRequest, SamplingParams
 from mpi_workers.engine.block_manager import BlockManager
 from mpi_workers.engine.scheduler import ScheduledBatch, Scheduler
 from mpi_workers.engine.sequence import SeqMedia, SeqStatus, Sequence
-from mpi_workers.engine.streaming import (  # noqa: F401 (re-exported)
-    MAX_LOGPROBS,
-    RequestValidationError,
-    StreamingEngine,
-)
+from mpi_workers.engine.streaming import RequestValidationError, StreamingEngine
 from mpi_workers.engine.torch.disagg_ops import TorchKvHandoff
 from mpi_workers.engine.torch.env_switches import env_flag
 from mpi_workers.engine.torch.kv_cache import KvCache, blocks_for_budget, gpu_kv_budget
@@ -77,13 +73,11 @@ class EngineStats:
 
     num_steps: int = 0
     num_overlapped_steps: int = 0  # launched while the step before was still in flight
-    num_computed_tokens: int = 0
     num_computed_prompt_tokens: int = 0  # prompt tokens whose KV was computed (not cached)
     num_cached_prompt_tokens: int = 0  # prompt tokens served from the prefix cache
     num_generated_tokens: int = 0
     num_preemptions: int = 0
     num_finished: int = 0
-    num_errors: int = 0
 
 
 def pool_sizes(
@@ -95,7 +89,7 @@ def pool_sizes(
     max_model_len: int | None,
     tp_size: int = 1,
     device: torch.device | None = None,
-    gpu_memory_utilization: float = 0.9,
+    gpu_memory_utilization: float = ENGINE_DEFAULTS.gpu_memory_utilization,
 ) -> tuple[int, int]:
     """(KV blocks per rank, max model length) for a memory budget per rank. With no budget
     given, a GPU's pool is what `gpu_memory_utilization` of its memory leaves after the
@@ -147,10 +141,11 @@ class TorchEngine(StreamingEngine, TorchKvHandoff):
         model_dir: str | Path,
         device: str | torch.device = "cpu",
         dtype: torch.dtype | None = None,
-        block_size: int = 16,
+        block_size: int = ENGINE_DEFAULTS.block_size,
         num_blocks: int | None = None,
         kv_cache_memory_bytes: int | None = None,
-        gpu_memory_utilization: float = 0.9,
+        gpu_memory_utilization: float = ENGINE_DEFAULTS.gpu_memory_utilization,
+        # Not the config's (64, 1024): the tests' and benchmarks' figures rest on these.
         max_num_seqs: int = 32,
         max_num_batched_tokens: int = 2048,
         max_model_len: int | None = None,
@@ -587,7 +582,6 @@ class TorchEngine(StreamingEngine, TorchKvHandoff):
         """Count the batch's tokens as computed."""
         for seq, n in zip(batch.seqs, batch.num_tokens, strict=True):
             lo = seq.num_computed
-            self.stats.num_computed_tokens += n
             self.stats.num_computed_prompt_tokens += max(0, min(lo + n, seq.num_prompt_tokens) - lo)
             seq.num_computed = lo + n
 
@@ -608,8 +602,6 @@ class TorchEngine(StreamingEngine, TorchKvHandoff):
     def _on_finish(self, seq: Sequence, reason: str) -> None:
         seq.media = []  # the image features go with the sequence
         self.stats.num_finished += 1
-        if reason == "error":
-            self.stats.num_errors += 1
 
     def _append_token(
         self, seq: Sequence, token: int, logprob: Any, slot: int | None = None

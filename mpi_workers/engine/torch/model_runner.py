@@ -154,14 +154,6 @@ class ModelRunner:
         blocks = torch.gather(block_tables, -1, torch.div(positions, bs, rounding_mode="floor"))
         return blocks * bs + positions % bs
 
-    def prepare(
-        self, batch: ScheduledBatch
-    ) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata, list[Sequence], list[int]]:
-        """Build (input_ids, positions, metadata, sampled seqs, their flat row indices)."""
-        plan, sample_seqs = build_plan(batch)
-        input_ids, positions, meta = self.tensors(plan)
-        return input_ids, positions, meta, sample_seqs, plan.sample_rows
-
     def tensors(self, plan: StepPlan) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
         """(input_ids, positions, attention metadata) of a plan, on this rank's device."""
         dev = self.device

@@ -18,7 +18,7 @@ from contract.processes import pid_alive
 from hpcserve.bench.plots import run_color
 from hpcserve.bench.results import BenchRun, load_run
 
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.e2e
 
 REPO = Path(__file__).resolve().parents[3]
 

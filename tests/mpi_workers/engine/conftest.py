@@ -13,10 +13,6 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 
-def pytest_configure(config: pytest.Config) -> None:
-    config.addinivalue_line("markers", "slow: loads the real model (still runs by default)")
-
-
 @pytest.fixture(scope="session")
 def smol_dir() -> Path:
     from hpcserve.model_prepare import prepare_default_model

@@ -71,7 +71,7 @@ def _prefill_logits(model_dir, dtype: torch.dtype, ids: list[int]) -> torch.Tens
 
 
 @needs_bf16
-@pytest.mark.slow
+@pytest.mark.model
 def test_smollm_bf16_logits_track_hf_bf16_and_fp32(smol_dir) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -94,7 +94,7 @@ def test_smollm_bf16_logits_track_hf_bf16_and_fp32(smol_dir) -> None:
 
 
 @needs_bf16
-@pytest.mark.slow
+@pytest.mark.model
 def test_smollm_bf16_engine_answers(smol_dir) -> None:
     from transformers import AutoTokenizer
 

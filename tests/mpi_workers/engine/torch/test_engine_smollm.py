@@ -14,7 +14,7 @@ from contract.block_hash import block_hashes
 from contract.messages import GenerateRequest, KvRemoved, KvStored, SamplingParams
 from mpi_workers.engine.torch.engine import TorchEngine
 
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.model
 
 NEW_TOKENS = 24
 SYSTEM = (

@@ -17,7 +17,7 @@ from mpi_workers.engine.torch import kernels
 from mpi_workers.engine.torch.kv_cache import KvCache
 from mpi_workers.engine.torch.loader import load_model
 from mpi_workers.engine.torch.model_config import load_model_config
-from mpi_workers.engine.torch.model_runner import ModelRunner
+from mpi_workers.engine.torch.model_runner import ModelRunner, build_plan
 
 
 def hf_logits(model_dir, token_ids: list[int]) -> torch.Tensor:
@@ -43,9 +43,9 @@ class Harness:
             self.bm.allocate(s, s.num_computed + n)
         batch = ScheduledBatch(list(seqs), list(counts))
         with torch.inference_mode():
-            ids, pos, meta, _, _ = self.runner.prepare(batch)
+            ids, pos, meta = self.runner.tensors(build_plan(batch)[0])
             logits = self.model.compute_logits(self.model(ids, pos, meta))
-        # prepare() puts single-token sequences first: undo that ordering.
+        # build_plan() puts single-token sequences first: undo that ordering.
         order = sorted(range(len(seqs)), key=lambda i: counts[i] > 1)
         starts, offset = {}, 0
         for i in order:

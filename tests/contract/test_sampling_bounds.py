@@ -1,0 +1,67 @@
+"""The sampling ranges are defined once (contract.messages.SAMPLING_BOUNDS): the OpenAI
+request schema and the engine's request check admit and refuse the same values, each
+refusal naming the field."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+from pydantic import ValidationError
+
+from contract.messages import SAMPLING_BOUNDS, Bounds, GenerateRequest, SamplingParams
+from frontend.openai_schemas import CompletionRequest
+from mpi_workers.engine.streaming import RequestValidationError, validate_request
+
+
+def edge_values(bounds: Bounds) -> list[tuple[float, bool]]:
+    """(value, admitted) at and just past each end of `bounds`."""
+    values: list[tuple[float, bool]] = []
+    for end, inward, closed in (
+        (bounds.low, 1, not bounds.low_open),
+        (bounds.high, -1, True),
+    ):
+        if end is None:
+            continue
+        step = 1 if isinstance(end, int) else 0.01
+        values += [(end, closed), (end - inward * step, False), (end + inward * step, True)]
+    return values
+
+
+def engine_admits(name: str, value: float) -> bool:
+    params = SamplingParams(**{name: value})
+    try:
+        validate_request(GenerateRequest(request_id="r", token_ids=[1], sampling=params), 64, 10)
+    except RequestValidationError as error:
+        assert error.param == name
+        return False
+    return True
+
+
+def schema_admits(name: str, value: float) -> bool:
+    try:
+        CompletionRequest(prompt="hi", **{name: value})
+    except ValidationError as error:
+        assert error.errors()[0]["loc"] == (name,)
+        return False
+    return True
+
+
+@pytest.mark.parametrize("name", sorted(SAMPLING_BOUNDS))
+def test_schema_and_engine_admit_the_same_values(name: str) -> None:
+    for value, admitted in edge_values(SAMPLING_BOUNDS[name]):
+        assert engine_admits(name, value) is admitted, (name, value)
+        assert schema_admits(name, value) is admitted, (name, value)
+
+
+@pytest.mark.parametrize("value", [math.nan, math.inf, -math.inf])
+def test_no_float_range_admits_nan_or_infinity(value: float) -> None:
+    assert not engine_admits("temperature", value)
+    assert not Bounds(0.0, low_open=True).admits(math.nan)
+
+
+def test_descriptions_name_the_interval() -> None:
+    assert SAMPLING_BOUNDS["top_p"].describe() == "must be in (0, 1]"
+    assert SAMPLING_BOUNDS["max_tokens"].describe() == "must be >= 1"
+    assert SAMPLING_BOUNDS["repetition_penalty"].describe() == "must be > 0"
+    assert SAMPLING_BOUNDS["seed"].describe() == f"must be in [{-(2**63)}, {2**63 - 1}]"
