@@ -29,6 +29,10 @@ from frontend.state import process_slot
 
 logger = logging.getLogger("frontend")
 
+# one component's debug lines (the KV router's per-decision log) without everything else's,
+# which at debug level would slow the frontend being measured
+DEBUG_LOGGERS_ENV = "HPCSERVE_DEBUG_LOGGERS"
+
 
 class _FrozenGcServer(uvicorn.Server):
     """Freezes everything allocated during start-up out of the collector's reach."""
@@ -68,6 +72,12 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
         default=os.environ.get("HPCSERVE_LOG_LEVEL", "info"),
         help="debug, info, warning, error (default: $HPCSERVE_LOG_LEVEL or info)",
     )
+    parser.add_argument(
+        "--debug-loggers",
+        default=os.environ.get(DEBUG_LOGGERS_ENV, ""),
+        help="comma-separated loggers to log at debug level whatever --log-level says, e.g. "
+        f"frontend.kv_router (default: ${DEBUG_LOGGERS_ENV})",
+    )
     return parser.parse_args(argv)
 
 
@@ -78,6 +88,8 @@ def main(argv: list[str] | None = None) -> int:
         format="[frontend] %(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
+    for name in filter(None, (part.strip() for part in args.debug_loggers.split(","))):
+        logging.getLogger(name).setLevel(logging.DEBUG)
     try:
         config = load_config(args.config, args.overrides)
         index, count = process_slot()
