@@ -223,6 +223,14 @@ class KvRouterConfig(_Section):
         "of a few such requests' decode footprint says nothing about when its prefill "
         "starts (frontend.kv_router docstring)",
     )
+    pending_tolerance: float = Field(
+        default=0.25,
+        ge=0,
+        description="pending prefill estimates within pending_tolerance x the request's own "
+        "prompt blocks of each other count as equal in the tie_band, where taking turns "
+        "decides: through HTTP the estimate was off by ~0.2 s of prefill either way and "
+        "sent requests behind later prefills than round robin did (0: exact)",
+    )
     prefill_progress: bool = Field(
         default=True,
         description="count a worker's pending prefill as computed at its measured rate "
