@@ -217,7 +217,8 @@ class KvRouterConfig(_Section):
         default=4.0,
         ge=0,
         description="costs within tie_band x the request's own prompt blocks of the cheapest, "
-        "at no more prefill work than it and at most one more running request, "
+        "at no more prefill work than it (see pending_tolerance) and, where its cache draws "
+        "hits, at most one more running request, "
         "count as tied, and ties go to the least prefill ahead, then the worker whose cache "
         "drew the fewest recent hits, then the one routed to least recently: a difference "
         "of a few such requests' decode footprint says nothing about when its prefill "

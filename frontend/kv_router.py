@@ -35,10 +35,12 @@ wrong way half the time).
 
 Ties, and `tie_band` (4): temperature 0 picks the cheapest worker, but every worker whose cost
 is within `tie_band` x the request's own prompt blocks of the cheapest, whose prefill term is
-no larger than the cheapest's, and which runs at most one request more than the cheapest counts
-as tied, and the tied worker with the least prefill ahead takes the request (time to first
-token is made of it), among equals the one whose cache drew the fewest of the latest 64 cache
-hits, then the one routed to least recently. Why (measured, issue 14):
+no larger than the cheapest's (its pending part up to `pending_tolerance` x the prompt's
+blocks less), and which, if its cache draws hits, runs at most one request more than the
+cheapest counts as tied, and the tied worker with the least prefill ahead (within the same
+tolerance) takes the request (time to first token is made of it), among equals the one whose
+cache drew the fewest of the latest 64 cache hits, then the one routed to least recently.
+Why (measured, issue 14):
 with prompts sharing nothing, the costs differ only by pending prefill and decode footprint.
 Pending prefill counted a prompt whole until its first output (before `prefill_progress`), so
 "one prefill pending" looked the same on a worker that just got it and on one nearly done; the
@@ -64,7 +66,15 @@ hit demand (third round): a prompt cached nowhere ties on every idle worker, and
 arriving where it lands waits for its whole prefill; taking turns sent it to hot workers as
 often as to cold ones (in-process replays of system_prompts: 31-35 of 126 hits waited more
 than 300 ms, 14-15 of them for their own prompt's first prefill; with the demand 29-31 over
-five runs each; no change on prompts sharing nothing, where no worker has hits). A
+five runs each; no change on prompts sharing nothing, where no worker has hits). Why the
+tolerance and the count only where hits wait (fifth round): on prompts sharing nothing in
+lockstep through HTTP, the frontend's timelines (benchmarks/router_timeline.py) showed the
+pending estimate off by ~0.2 s of prefill either way (a prompt started on an idle worker pays
+latencies a queued one does not; workers' prefills vary): kv departed from taking turns in
+31-42 of 160 choices, as often for the worse as for the better, and the count kept out
+workers whose extra requests only decoded, about to finish. Now it takes turns like round
+robin (148-153 of 160 choices) and departs where the estimates differ by more (7-12
+choices, whose prefills ahead ended 0.6-1.0 s sooner on average than the turn's). A
 temperature above 0 samples with softmax(-(cost - min cost) / temperature) instead.
 
 Prompts are hashed at each candidate's block size (its card), so no setting has to match the
