@@ -81,6 +81,14 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def debug_loggers(names: str) -> list[str]:
+    """Set each of the comma-separated loggers to debug level; returns their names."""
+    chosen = [name for name in (part.strip() for part in names.split(",")) if name]
+    for name in chosen:
+        logging.getLogger(name).setLevel(logging.DEBUG)
+    return chosen
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parse_args(argv)
     logging.basicConfig(
@@ -88,8 +96,7 @@ def main(argv: list[str] | None = None) -> int:
         format="[frontend] %(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
-    for name in filter(None, (part.strip() for part in args.debug_loggers.split(","))):
-        logging.getLogger(name).setLevel(logging.DEBUG)
+    debug_loggers(args.debug_loggers)
     try:
         config = load_config(args.config, args.overrides)
         index, count = process_slot()

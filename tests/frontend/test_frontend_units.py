@@ -488,3 +488,22 @@ async def test_inbox_hands_items_over_in_order_and_survives_a_cancelled_reader()
     asyncio.get_running_loop().call_soon(inbox.put_nowait, "c")
     assert await asyncio.wait_for(late, 1) == "c"
     assert inbox.empty()
+
+
+def test_debug_loggers_set_only_the_named_loggers_to_debug() -> None:
+    """HPCSERVE_DEBUG_LOGGERS: the KV router's decisions without everyone else's debug lines."""
+    import logging
+
+    from frontend.__main__ import debug_loggers
+
+    names = ("frontend.kv_router", "frontend.timeline")
+    saved = {name: logging.getLogger(name).level for name in (*names, "frontend.app")}
+    try:
+        assert debug_loggers(" frontend.kv_router,,frontend.timeline ") == list(names)
+        for name in names:
+            assert logging.getLogger(name).level == logging.DEBUG
+        assert logging.getLogger("frontend.app").level == saved["frontend.app"]
+        assert debug_loggers("") == []
+    finally:
+        for name, level in saved.items():
+            logging.getLogger(name).setLevel(level)
