@@ -668,12 +668,14 @@ class KvRouter:
         ]  # fmt: skip
         if len(tied) == 1:
             return tied[0]
-        # the least prefill ahead (time to first token is made of it; within the slack of
-        # the estimate, equal), then the least demand for its cache (the hits that would
-        # wait for this prefill), then the least recently routed: its earlier requests have
-        # had the longest to prefill
+        # the least prefill ahead (time to first token is made of it; estimates within the
+        # slack of each other are equal, but nothing pending is known exactly and beats
+        # them), then the least demand for its cache (the hits that would wait for this
+        # prefill), then the least recently routed: its earlier requests have had the
+        # longest to prefill
         least = min(prefills[i] for i in tied)
-        tied = [i for i in tied if least_possible(i) <= least]
+        clear = [i for i in tied if not pendings[i] and prefills[i] == least]
+        tied = clear or [i for i in tied if least_possible(i) <= least]
 
         def tie_break(i: int) -> tuple[int, float, str]:
             worker_id = candidates[i].worker_id

@@ -379,27 +379,53 @@ def _one_block_left_on_b_and_two_decoding_on_a(**config) -> tuple[KvRouter, Load
 
 
 def test_ties_go_to_the_least_prefill_before_the_least_recently_routed() -> None:
-    """With the estimate taken as exact (`pending_tolerance` 0): b is cheapest (one prompt,
-    1 block of its prefill left) and routed to longest ago; a runs two decoding requests
-    (more footprint) with no prefill ahead. They tie (within the band, a runs one request
-    more): the new prompt goes to a, where it starts at once."""
-    router, _ = _one_block_left_on_b_and_two_decoding_on_a(pending_tolerance=0)
-    assert router.choose([card("a"), card("b")], req("new", OTHER)).worker_id == "a"
-    scores = {s.worker_id: s for s in router.last_scores}
-    assert scores["b"].prefill_blocks == pytest.approx(1 + 16)  # 7 of b1's 8 blocks done
-    assert scores["a"].prefill_blocks == 16
-    assert scores["b"].cost < scores["a"].cost <= scores["b"].cost + 4 * 8
+    """b is cheapest (one prompt, 1 block of its prefill left) and routed to longest ago; a
+    runs two decoding requests (more footprint) with no prefill ahead. They tie (within the
+    band, a runs one request more): the new prompt goes to a, where it starts at once. b's 1
+    block is within `pending_tolerance` (0.25 x 8 blocks) of nothing, but nothing pending is
+    no estimate; with the tolerance 0 the same."""
+    for config in ({}, {"pending_tolerance": 0}):
+        router, _ = _one_block_left_on_b_and_two_decoding_on_a(**config)
+        assert router.choose([card("a"), card("b")], req("new", OTHER)).worker_id == "a"
+        scores = {s.worker_id: s for s in router.last_scores}
+        assert scores["b"].prefill_blocks == pytest.approx(1 + 16)  # 7 of b1's 8 blocks done
+        assert scores["a"].prefill_blocks == 16
+        assert scores["b"].cost < scores["a"].cost <= scores["b"].cost + 4 * 8
+
+
+def _two_prefills_under_way(**config) -> KvRouter:
+    """b computes 4 blocks/s, a 16 (learned from one 8-block prompt each); at 3.875 b's
+    next prompt (routed at 3.0) has 4.5 blocks left, a's (routed at 3.2) 1 block."""
+    clock = Clock()
+    router, _, _ = make(clock=clock, **config)
+    router.choose([card("b")], req("b0", _fresh(0)))
+    clock.now = 2.0
+    router.choose([card("a")], req("a0", _fresh(1)))
+    router.request_prefilled("b0")
+    router.request_finished("b0")
+    clock.now = 2.5
+    router.request_prefilled("a0")
+    router.request_finished("a0")
+    clock.now = 3.0
+    router.choose([card("b")], req("b1", _fresh(2)))
+    clock.now = 3.2
+    router.choose([card("a")], req("a1", _fresh(3)))
+    clock.now = 3.875
+    assert router.pending_prefill("b") == pytest.approx(4.5)
+    assert router.pending_prefill("a") == pytest.approx(1.0)
+    return router
 
 
 def test_pending_prefill_within_the_estimates_slack_takes_turns() -> None:
-    """The same workers at the default `pending_tolerance` (0.25 x the new prompt's 8
-    blocks = 2 blocks): b's 1 block left is within what the estimate can be off by (through
-    HTTP ~0.2 s of prefill: issue 14, fifth round), so b and a count as equally clear and
-    the one routed to least recently takes the prompt; 3 blocks left are not."""
-    router, _ = _one_block_left_on_b_and_two_decoding_on_a()
-    assert router.choose([card("a"), card("b")], req("new", OTHER)).worker_id == "b"
-    router, _ = _one_block_left_on_b_and_two_decoding_on_a(pending_tolerance=0.1)
-    assert router.choose([card("a"), card("b")], req("new", OTHER)).worker_id == "a"
+    """Both workers have a prefill under way; a 32-block prompt's slack (0.25 x 32 = 8
+    blocks) covers the 3.5 blocks between the two estimates, which through HTTP were off by
+    ~0.2 s of prefill either way (issue 14, fifth round): b, routed to least recently, takes
+    it; taken as exact (`pending_tolerance` 0), a's smaller estimate wins."""
+    prompt = _fresh(4, blocks=32)
+    router = _two_prefills_under_way()
+    assert router.choose([card("a"), card("b")], req("new", prompt)).worker_id == "b"
+    router = _two_prefills_under_way(pending_tolerance=0)
+    assert router.choose([card("a"), card("b")], req("new", prompt)).worker_id == "a"
 
 
 def test_a_worker_running_more_requests_ties_when_its_cache_draws_no_hits() -> None:

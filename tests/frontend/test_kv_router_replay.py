@@ -74,8 +74,8 @@ REFERENCE.KvRouter.pending_prefill = _pending_prefill_through_the_queue
 def _pick_with_pending_slack(self: Any, scores: list[Any], prompt_blocks: int) -> Any:
     """The reference's `_pick` with issue 14's fifth-round rules: a worker's pending prefill
     counts up to `pending_tolerance` x the prompt's blocks less (an estimate) in the band and
-    among the least prefill, and the request-count condition applies to workers with hit
-    demand only."""
+    among the least prefill, unless a worker with none pending has the least, and the
+    request-count condition applies to workers with hit demand only."""
     best = min(scores, key=lambda s: s.cost)
     lowest = best.cost
     temperature = self.config.router_temperature
@@ -96,8 +96,11 @@ def _pick_with_pending_slack(self: Any, scores: list[Any], prompt_blocks: int) -
         and (requests_on(s.worker_id) <= most or not demand.get(s.worker_id))
     ]  # fmt: skip
     least = min(s.prefill_blocks for s in tied)
+    clear = [
+        s for s in tied if not self.pending_prefill(s.worker_id) and s.prefill_blocks == least
+    ]  # fmt: skip
     return min(
-        (s for s in tied if least_possible(s) <= least),
+        clear or [s for s in tied if least_possible(s) <= least],
         key=lambda s: (demand.get(s.worker_id, 0), last.get(s.worker_id, -math.inf), s.worker_id),
     )
 
