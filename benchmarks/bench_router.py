@@ -60,7 +60,9 @@ import argparse
 import asyncio
 import json
 import logging
+import os
 import random
+import shutil
 import statistics
 import sys
 import tempfile
@@ -82,6 +84,7 @@ from contract.messages import (
     KvSnapshot,
     SamplingParams,
 )
+from frontend.__main__ import DEBUG_LOGGERS_ENV
 from frontend.kv_index import KvIndex, KvIndexFeed
 from frontend.kv_router import KvRouter
 from frontend.router import LeastLoadedRouter, LoadTracker, RoundRobinRouter, Router
@@ -369,6 +372,7 @@ class HttpResult:
     round_mean_ms: list[float] = field(default_factory=list)  # and its mean TTFT
     frontend_cpu_s: float = 0.0  # CPU the frontend process used during the requests
     workers_cpu_s: float = 0.0  # and the worker processes, together
+    frontend_log: Path | None = None  # the deployment's frontend log (kept after it stops)
     records: list[dict[str, float]] = field(default_factory=list)  # one per request (--dump)
 
     @property
@@ -563,6 +567,7 @@ async def run_http_policy(
             result.workers_cpu_s = cpu1[1] - cpu0[1]
     finally:
         await asyncio.to_thread(stop_deployment, deployment, lambda _m: None)
+    result.frontend_log = run_dir / "logs" / "frontend.log"
     return result
 
 
@@ -642,6 +647,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "'round_robin;kv;kv:tie_band=0')",
     )
     add("--dump", help="HTTP: write each run's per-request records (JSON) into this folder")
+    add(
+        "--router-log",
+        action="store_true",
+        help="HTTP, with --dump: the frontend logs the KV router's decisions and each "
+        "request's timeline (frontend.kv_router, frontend.timeline at debug level), copied "
+        "beside each run's records (benchmarks/router_timeline.py reads them)",
+    )
     add("--http", action=argparse.BooleanOptionalAction, default=True)
     add("--inproc", action=argparse.BooleanOptionalAction, default=False)
     add("--conversations", type=int, default=96)
@@ -705,6 +717,8 @@ async def http_main(args: argparse.Namespace) -> dict[str, float]:
     model = load_config(args.config, overrides=args.set, environ={}).model.path
     tokenizer = TextTokenizer(str(model or default_model_dir()))
     workloads = http_workloads(args)
+    if args.router_log:  # the deployments' frontends inherit it (python -m frontend)
+        os.environ[DEBUG_LOGGERS_ENV] = "frontend.kv_router,frontend.timeline"
     policies = args.policies.split(";")
     if "round_robin" not in policies or "kv" not in policies:
         raise SystemExit("--policies: needs round_robin and kv (the ratios compare the two)")
@@ -747,6 +761,8 @@ async def http_main(args: argparse.Namespace) -> dict[str, float]:
                     path = Path(args.dump) / f"{workload}-{policy}-{round_}.json"
                     path.parent.mkdir(parents=True, exist_ok=True)
                     path.write_text(json.dumps(one.records))
+                    if args.router_log and one.frontend_log and one.frontend_log.exists():
+                        shutil.copy(one.frontend_log, path.with_suffix(".frontend.log"))
     logger.info(
         "through HTTP: %d mocker workers (%d KV blocks each, prefill %.2f ms/token), %d "
         "streaming chat requests per workload and round (%d), %d at a time, %d output "

@@ -221,11 +221,20 @@ class KvRouterConfig(_Section):
         default=4.0,
         ge=0,
         description="costs within tie_band x the request's own prompt blocks of the cheapest, "
-        "at no more prefill work than it and at most one more running request, "
+        "at no more prefill work than it (see pending_tolerance) and, where its cache draws "
+        "hits, at most one more running request, "
         "count as tied, and ties go to the least prefill ahead, then the worker whose cache "
         "drew the fewest recent hits, then the one routed to least recently: a difference "
         "of a few such requests' decode footprint says nothing about when its prefill "
         "starts (frontend.kv_router docstring)",
+    )
+    pending_tolerance: float = Field(
+        default=0.25,
+        ge=0,
+        description="pending prefill estimates within pending_tolerance x the request's own "
+        "prompt blocks of each other count as equal in the tie_band, where taking turns "
+        "decides: through HTTP the estimate was off by ~0.2 s of prefill either way and "
+        "sent requests behind later prefills than round robin did (0: exact)",
     )
     prefill_progress: bool = Field(
         default=True,

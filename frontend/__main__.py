@@ -29,6 +29,10 @@ from frontend.state import process_slot
 
 logger = logging.getLogger("frontend")
 
+# one component's debug lines (the KV router's per-decision log) without everything else's,
+# which at debug level would slow the frontend being measured
+DEBUG_LOGGERS_ENV = "HPCSERVE_DEBUG_LOGGERS"
+
 
 class _FrozenGcServer(uvicorn.Server):
     """Freezes everything allocated during start-up out of the collector's reach."""
@@ -68,7 +72,21 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
         default=os.environ.get("HPCSERVE_LOG_LEVEL", "info"),
         help="debug, info, warning, error (default: $HPCSERVE_LOG_LEVEL or info)",
     )
+    parser.add_argument(
+        "--debug-loggers",
+        default=os.environ.get(DEBUG_LOGGERS_ENV, ""),
+        help="comma-separated loggers to log at debug level whatever --log-level says, e.g. "
+        f"frontend.kv_router (default: ${DEBUG_LOGGERS_ENV})",
+    )
     return parser.parse_args(argv)
+
+
+def debug_loggers(names: str) -> list[str]:
+    """Set each of the comma-separated loggers to debug level; returns their names."""
+    chosen = [name for name in (part.strip() for part in names.split(",")) if name]
+    for name in chosen:
+        logging.getLogger(name).setLevel(logging.DEBUG)
+    return chosen
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -78,6 +96,7 @@ def main(argv: list[str] | None = None) -> int:
         format="[frontend] %(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
+    debug_loggers(args.debug_loggers)
     try:
         config = load_config(args.config, args.overrides)
         index, count = process_slot()

@@ -35,10 +35,12 @@ wrong way half the time).
 
 Ties, and `tie_band` (4): temperature 0 picks the cheapest worker, but every worker whose cost
 is within `tie_band` x the request's own prompt blocks of the cheapest, whose prefill term is
-no larger than the cheapest's, and which runs at most one request more than the cheapest counts
-as tied, and the tied worker with the least prefill ahead takes the request (time to first
-token is made of it), among equals the one whose cache drew the fewest of the latest 64 cache
-hits, then the one routed to least recently. Why (measured, issue 14):
+no larger than the cheapest's (its pending part up to `pending_tolerance` x the prompt's
+blocks less), and which, if its cache draws hits, runs at most one request more than the
+cheapest counts as tied, and the tied worker with the least prefill ahead (within the same
+tolerance) takes the request (time to first token is made of it), among equals the one whose
+cache drew the fewest of the latest 64 cache hits, then the one routed to least recently.
+Why (measured, issue 14):
 with prompts sharing nothing, the costs differ only by pending prefill and decode footprint.
 Pending prefill counted a prompt whole until its first output (before `prefill_progress`), so
 "one prefill pending" looked the same on a worker that just got it and on one nearly done; the
@@ -64,7 +66,17 @@ hit demand (third round): a prompt cached nowhere ties on every idle worker, and
 arriving where it lands waits for its whole prefill; taking turns sent it to hot workers as
 often as to cold ones (in-process replays of system_prompts: 31-35 of 126 hits waited more
 than 300 ms, 14-15 of them for their own prompt's first prefill; with the demand 29-31 over
-five runs each; no change on prompts sharing nothing, where no worker has hits). A
+five runs each; no change on prompts sharing nothing, where no worker has hits). Why the
+tolerance and the count only where hits wait (fifth round): on prompts sharing nothing in
+lockstep through HTTP, the frontend's timelines (benchmarks/router_timeline.py) showed the
+pending estimate off by ~0.2 s of prefill either way (a prompt started on an idle worker pays
+latencies a queued one does not; workers' prefills vary): kv departed from taking turns in
+31-42 of 160 choices, as often for the worse as for the better, and the count kept out
+workers whose extra requests only decoded, about to finish. Now it takes turns like round
+robin (148-153 of 160 choices) and departs where the estimates differ by more (7-12
+choices, whose prefills ahead ended 0.6-1.0 s sooner on average than the turn's); a worker
+with nothing pending is no estimate and still beats one within the slack (paced prompts
+lost 2% of mean TTFT without that). A
 temperature above 0 samples with softmax(-(cost - min cost) / temperature) instead.
 
 Prompts are hashed at each candidate's block size (its card), so no setting has to match the
@@ -152,13 +164,16 @@ class _Terms:
     (plain lists: a WorkerScore per candidate cost more than the scoring itself, and only
     tests, benchmarks and the debug log read them: `scores` builds them)."""
 
-    __slots__ = ("actives", "candidates", "costs", "min_block_size", "overlaps", "prefills")
+    __slots__ = (
+        "actives", "candidates", "costs", "min_block_size", "overlaps", "pendings", "prefills"
+    )  # fmt: skip
 
     def __init__(
         self,
         candidates: Sequence[WorkerCard],
         overlaps: list[int],
         prefills: list[float],
+        pendings: list[float],
         actives: list[int],
         costs: list[float],
         min_block_size: int,
@@ -166,6 +181,7 @@ class _Terms:
         self.candidates = candidates
         self.overlaps = overlaps  # cached prefix blocks
         self.prefills = prefills  # the prefill term, before prefill_load_scale
+        self.pendings = pendings  # its estimated part: our prefills queued there
         self.actives = actives  # the decode term: footprint + new blocks
         self.costs = costs
         self.min_block_size = min_block_size
@@ -472,6 +488,7 @@ class KvRouter:
         cached_size = 0  # the block size `cached` is for (of workers that publish them)
         overlaps: list[int] = []
         prefills: list[float] = []
+        pendings: list[float] = []
         actives: list[int] = []
         costs: list[float] = []
         size_now, total, hashes = 0, 0, []
@@ -502,8 +519,10 @@ class KvRouter:
                         overlap = max(overlap, depth)
             uncached = total - credit * overlap
             prefill = weight * uncached if uncached > 0 else 0.0
+            pending = 0.0
             if on is not None and on.pending:
-                prefill = self.pending_prefill(worker_id) + prefill
+                pending = self.pending_prefill(worker_id)
+                prefill += pending
             # this process's routed blocks and the other frontend processes' (load_share)
             routed = own + peer_blocks.get(worker_id, 0)
             report = metrics.get(worker_id)
@@ -517,9 +536,10 @@ class KvRouter:
             active = routed + new
             overlaps.append(overlap)
             prefills.append(prefill)
+            pendings.append(pending)
             actives.append(active)
             costs.append(scale * prefill + active)
-        return _Terms(candidates, overlaps, prefills, actives, costs, min(by_size))
+        return _Terms(candidates, overlaps, prefills, pendings, actives, costs, min(by_size))
 
     def _cached_prefixes(
         self, worker_id: str, size: int, hashes: list[int]
@@ -621,27 +641,47 @@ class KvRouter:
             weights = [math.exp(-(cost - lowest) / temperature) for cost in costs]
             return self._random.choices(range(len(costs)), weights=weights, k=1)[0]
         limit = lowest + self.config.tie_band * prompt_blocks
+        # the pending prefill is an estimate (issue 14, fifth round: through HTTP it was off
+        # by ~0.2 s of prefill either way): differences within the slack do not count
+        slack = self.config.pending_tolerance * prompt_blocks
+        pendings = terms.pendings
+
+        def least_possible(i: int) -> float:
+            return prefills[i] - min(pendings[i], slack)
+
         best_prefill = prefills[best]
         tied = [
-            i for i, cost in enumerate(costs) if cost <= limit and prefills[i] <= best_prefill
+            i for i, cost in enumerate(costs)
+            if cost <= limit and least_possible(i) <= best_prefill
         ]  # fmt: skip
         if len(tied) == 1:  # the cheapest alone
             return best
         # a prefill holds up every request running where it lands: at most one more than
-        # at the cheapest (a hot worker's many hits share few blocks, but all wait)
+        # at the cheapest where the worker's cache draws hits (a hot worker's many hits
+        # share few blocks, but all wait); a worker drawing none has no hits for it to hold
+        # up (its requests' own prefills are in its prefill term already)
         candidates, requests_on = terms.candidates, self.tracker.requests_on
+        last, demand = self._last_routed, self._hit_demand
         most = requests_on(candidates[best].worker_id) + 1
-        tied = [i for i in tied if requests_on(candidates[i].worker_id) <= most]
+        tied = [
+            i for i in tied
+            if requests_on(candidates[i].worker_id) <= most
+            or not demand.get(candidates[i].worker_id)
+        ]  # fmt: skip
         if len(tied) == 1:
             return tied[0]
-        # the least prefill ahead (time to first token is made of it), then the least
-        # demand for its cache (the hits that would wait for this prefill), then the least
-        # recently routed: its earlier requests have had the longest to prefill
-        last, demand = self._last_routed, self._hit_demand
+        # the least prefill ahead (time to first token is made of it; estimates within the
+        # slack of each other are equal, but nothing pending is known exactly and beats
+        # them), then the least demand for its cache (the hits that would wait for this
+        # prefill), then the least recently routed: its earlier requests have had the
+        # longest to prefill
+        least = min(prefills[i] for i in tied)
+        clear = [i for i in tied if not pendings[i] and prefills[i] == least]
+        tied = clear or [i for i in tied if least_possible(i) <= least]
 
-        def tie_break(i: int) -> tuple[float, int, float, str]:
+        def tie_break(i: int) -> tuple[int, float, str]:
             worker_id = candidates[i].worker_id
-            return prefills[i], demand.get(worker_id, 0), last.get(worker_id, -math.inf), worker_id
+            return demand.get(worker_id, 0), last.get(worker_id, -math.inf), worker_id
 
         return min(tied, key=tie_break)
 

@@ -16,6 +16,7 @@ import collections
 import contextlib
 import logging
 import re
+import time
 from collections.abc import Mapping
 from typing import Any
 
@@ -38,6 +39,9 @@ from frontend import errors
 from frontend.router import LoadTracker
 
 logger = logging.getLogger(__name__)
+# at debug level, each request's way through this process (sent to a worker, first output,
+# released) with monotonic times: per-worker timelines of a run (benchmarks/router_timeline.py)
+_timeline = logging.getLogger("frontend.timeline")
 
 _BATCH = TypeAdapter(list[GenerateOutput])
 _PAST_DEADLINE = object()  # queued by a request's deadline timer
@@ -179,6 +183,8 @@ class RequestStream:
             self.finished = True
         if not self.prefilled and (output.token_ids or output.finish_reason is not None):
             self.prefilled = True
+            if _timeline.isEnabledFor(logging.DEBUG):
+                _timeline.debug("first output %s at %.4f", self.request_id, time.monotonic())
             self._client._tracker.prefilled(self.request_id)
         return output
 
@@ -259,6 +265,9 @@ class WorkerClient:
         stream = RequestStream(self, card, request.request_id)
         self._streams[request.request_id] = stream
         self._tracker.started(card.worker_id)
+        if _timeline.isEnabledFor(logging.DEBUG):
+            _timeline.debug("sent %s to %s at %.4f", request.request_id, card.worker_id,
+                            time.monotonic())  # fmt: skip
         if not request.batch_replies:  # `_on_reply` reads `<inbox>.batch`
             request.batch_replies = True
         try:
@@ -298,6 +307,8 @@ class WorkerClient:
         if self._streams.pop(stream.request_id, None) is None:
             return
         self._tracker.finished(stream.card.worker_id, stream.request_id)
+        if _timeline.isEnabledFor(logging.DEBUG):
+            _timeline.debug("released %s at %.4f", stream.request_id, time.monotonic())
         if not stream.finished:
             stream.finished = True
             self._publish_soon(

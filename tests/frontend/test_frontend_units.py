@@ -520,3 +520,22 @@ def test_able_workers_with_the_routable_workers_unsupported_set() -> None:
         )  # fmt: skip
         request = GenerateRequest(request_id="r", token_ids=[1], sampling=sampling)
         assert _able(candidates, request, superset) == _able(candidates, request)
+
+
+def test_debug_loggers_set_only_the_named_loggers_to_debug() -> None:
+    """HPCSERVE_DEBUG_LOGGERS: the KV router's decisions without everyone else's debug lines."""
+    import logging
+
+    from frontend.__main__ import debug_loggers
+
+    names = ("frontend.kv_router", "frontend.timeline")
+    saved = {name: logging.getLogger(name).level for name in (*names, "frontend.app")}
+    try:
+        assert debug_loggers(" frontend.kv_router,,frontend.timeline ") == list(names)
+        for name in names:
+            assert logging.getLogger(name).level == logging.DEBUG
+        assert logging.getLogger("frontend.app").level == saved["frontend.app"]
+        assert debug_loggers("") == []
+    finally:
+        for name, level in saved.items():
+            logging.getLogger(name).setLevel(level)

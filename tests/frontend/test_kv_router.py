@@ -357,30 +357,96 @@ def test_progress_runs_through_every_prompt_queued() -> None:
     assert router.choose([card("b"), card("a")], req("new", _fresh(5))).worker_id == "a"
 
 
-def test_ties_go_to_the_least_prefill_before_the_least_recently_routed() -> None:
-    """b is cheapest (one prompt, 1 block of its prefill left) and routed to longest ago; a
-    runs two decoding requests (more footprint) with no prefill ahead. They tie (within the
-    band, a runs one request more): the new prompt goes to a, where it starts at once."""
+def _one_block_left_on_b_and_two_decoding_on_a(**config) -> tuple[KvRouter, LoadTracker]:
+    """b (routed to at 1.0) has 1 block of its 8-block prefill left at 1.875; a runs two
+    requests (routed to at 1.05 and 1.15), both past their prefill."""
     clock = Clock()
-    router, _, tracker = make(clock=clock)
+    router, _, tracker = make(clock=clock, **config)
     router.choose([card("b")], req("b0", _fresh(0)))
     clock.now = 1.0
     router.request_prefilled("b0")  # b: 8 blocks/s
     router.request_finished("b0")
     router.choose([card("b")], req("b1", _fresh(1)))
     tracker.started("b")
-    for i, t in ((2, 1.05), (3, 1.15)):  # a: two requests, both past their prefill
+    for i, t in ((2, 1.05), (3, 1.15)):
         clock.now = t
         router.choose([card("a")], req(f"a{i}", _fresh(i)))
         tracker.started("a")
         clock.now = t + 0.05
         router.request_prefilled(f"a{i}")
     clock.now = 1.875
-    assert router.choose([card("a"), card("b")], req("new", OTHER)).worker_id == "a"
-    scores = {s.worker_id: s for s in router.last_scores}
-    assert scores["b"].prefill_blocks == pytest.approx(1 + 16)  # 7 of b1's 8 blocks done
-    assert scores["a"].prefill_blocks == 16
-    assert scores["b"].cost < scores["a"].cost <= scores["b"].cost + 4 * 8
+    return router, tracker
+
+
+def test_ties_go_to_the_least_prefill_before_the_least_recently_routed() -> None:
+    """b is cheapest (one prompt, 1 block of its prefill left) and routed to longest ago; a
+    runs two decoding requests (more footprint) with no prefill ahead. They tie (within the
+    band, a runs one request more): the new prompt goes to a, where it starts at once. b's 1
+    block is within `pending_tolerance` (0.25 x 8 blocks) of nothing, but nothing pending is
+    no estimate; with the tolerance 0 the same."""
+    for config in ({}, {"pending_tolerance": 0}):
+        router, _ = _one_block_left_on_b_and_two_decoding_on_a(**config)
+        assert router.choose([card("a"), card("b")], req("new", OTHER)).worker_id == "a"
+        scores = {s.worker_id: s for s in router.last_scores}
+        assert scores["b"].prefill_blocks == pytest.approx(1 + 16)  # 7 of b1's 8 blocks done
+        assert scores["a"].prefill_blocks == 16
+        assert scores["b"].cost < scores["a"].cost <= scores["b"].cost + 4 * 8
+
+
+def _two_prefills_under_way(**config) -> KvRouter:
+    """b computes 4 blocks/s, a 16 (learned from one 8-block prompt each); at 3.875 b's
+    next prompt (routed at 3.0) has 4.5 blocks left, a's (routed at 3.2) 1 block."""
+    clock = Clock()
+    router, _, _ = make(clock=clock, **config)
+    router.choose([card("b")], req("b0", _fresh(0)))
+    clock.now = 2.0
+    router.choose([card("a")], req("a0", _fresh(1)))
+    router.request_prefilled("b0")
+    router.request_finished("b0")
+    clock.now = 2.5
+    router.request_prefilled("a0")
+    router.request_finished("a0")
+    clock.now = 3.0
+    router.choose([card("b")], req("b1", _fresh(2)))
+    clock.now = 3.2
+    router.choose([card("a")], req("a1", _fresh(3)))
+    clock.now = 3.875
+    assert router.pending_prefill("b") == pytest.approx(4.5)
+    assert router.pending_prefill("a") == pytest.approx(1.0)
+    return router
+
+
+def test_pending_prefill_within_the_estimates_slack_takes_turns() -> None:
+    """Both workers have a prefill under way; a 32-block prompt's slack (0.25 x 32 = 8
+    blocks) covers the 3.5 blocks between the two estimates, which through HTTP were off by
+    ~0.2 s of prefill either way (issue 14, fifth round): b, routed to least recently, takes
+    it; taken as exact (`pending_tolerance` 0), a's smaller estimate wins."""
+    prompt = _fresh(4, blocks=32)
+    router = _two_prefills_under_way()
+    assert router.choose([card("a"), card("b")], req("new", prompt)).worker_id == "b"
+    router = _two_prefills_under_way(pending_tolerance=0)
+    assert router.choose([card("a"), card("b")], req("new", prompt)).worker_id == "a"
+
+
+def test_a_worker_running_more_requests_ties_when_its_cache_draws_no_hits() -> None:
+    """Prompts sharing nothing (no hits anywhere): b runs three requests past their prefill
+    (they only decode), a runs none but was routed to after b. No hit on b waits for a
+    prefill there, so the request count does not keep b out of the band; routed to least
+    recently, b takes the prompt (in lockstep, b's requests are about to finish while a
+    fresh prompt elsewhere still has its whole prefill ahead)."""
+    clock = Clock()
+    router, _, tracker = make(clock=clock)
+    clock.now = 1.0
+    for i in range(3):
+        router.choose([card("b")], req(f"b{i}", _fresh(i, blocks=2)))
+        router.request_prefilled(f"b{i}")
+        tracker.started("b")
+    clock.now = 2.0
+    router.choose([card("a")], req("a-old", _fresh(3, blocks=2)))
+    router.request_finished("a-old")
+    clock.now = 3.0
+    assert router.hit_demand("b") == 0
+    assert router.choose([card("a"), card("b")], req("new", _fresh(4))).worker_id == "b"
 
 
 def test_a_request_ending_before_its_first_output_lets_the_next_start() -> None:

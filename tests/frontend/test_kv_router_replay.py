@@ -1,13 +1,16 @@
 """The fast KvRouter decides as the reference one did (issue 14: choose's cost halved).
 
 `reference_kv_router.py` is main's router before the rewrite (d8bb23d), kept verbatim; the
-one rule this round changed on purpose (prefill progress runs through every prompt queued on
-a worker, not the oldest only: `_pending_prefill_through_the_queue`) is applied to it here,
-so what is compared is the rewrite itself. Both routers get the same random trace: requests
-over a few shared prefixes (and identical prompts, so that costs tie), first outputs,
-finishes (some before the first output), KV events storing and removing blocks, workers'
-load reports, other frontend processes' counts, workers leaving and joining, re-routed
-request ids, requests forgotten as stale, mixed block sizes and workers without KV events.
+rules changed on purpose since are applied to it here, so what is compared is the rewrite
+itself: prefill progress runs through every prompt queued on a worker, not the oldest only
+(fourth round: `_pending_prefill_through_the_queue`); pending prefill within the estimate's
+slack counts as equal in the tie band, and the request-count condition holds only for
+workers whose caches draw hits (fifth round: `_pick_with_pending_slack`). Both routers get
+the same random trace: requests over a few shared prefixes (and identical prompts, so that
+costs tie), first outputs, finishes (some before the first output), KV events storing and
+removing blocks, workers' load reports, other frontend processes' counts, workers leaving
+and joining, re-routed request ids, requests forgotten as stale, mixed block sizes and
+workers without KV events.
 Every choice, every candidate's cost terms and the accounting read by others (own blocks,
 pending prefill, hit demand) must match.
 
@@ -20,6 +23,7 @@ reference together.
 from __future__ import annotations
 
 import importlib.util
+import math
 import random
 import sys
 from pathlib import Path
@@ -65,6 +69,43 @@ def _pending_prefill_through_the_queue(self: Any, worker_id: str) -> float:
 
 
 REFERENCE.KvRouter.pending_prefill = _pending_prefill_through_the_queue
+
+
+def _pick_with_pending_slack(self: Any, scores: list[Any], prompt_blocks: int) -> Any:
+    """The reference's `_pick` with issue 14's fifth-round rules: a worker's pending prefill
+    counts up to `pending_tolerance` x the prompt's blocks less (an estimate) in the band and
+    among the least prefill, unless a worker with none pending has the least, and the
+    request-count condition applies to workers with hit demand only."""
+    best = min(scores, key=lambda s: s.cost)
+    lowest = best.cost
+    temperature = self.config.router_temperature
+    if temperature > 0:
+        weights = [math.exp(-(score.cost - lowest) / temperature) for score in scores]
+        return self._random.choices(scores, weights=weights, k=1)[0]
+    slack = self.config.pending_tolerance * prompt_blocks
+    requests_on, demand, last = self.tracker.requests_on, self._hit_demand, self._last_routed
+
+    def least_possible(s: Any) -> float:
+        return s.prefill_blocks - min(self.pending_prefill(s.worker_id), slack)
+
+    most = requests_on(best.worker_id) + 1
+    tied = [
+        s for s in scores
+        if s.cost <= lowest + self.config.tie_band * prompt_blocks
+        and least_possible(s) <= best.prefill_blocks
+        and (requests_on(s.worker_id) <= most or not demand.get(s.worker_id))
+    ]  # fmt: skip
+    least = min(s.prefill_blocks for s in tied)
+    clear = [
+        s for s in tied if not self.pending_prefill(s.worker_id) and s.prefill_blocks == least
+    ]  # fmt: skip
+    return min(
+        clear or [s for s in tied if least_possible(s) <= least],
+        key=lambda s: (demand.get(s.worker_id, 0), last.get(s.worker_id, -math.inf), s.worker_id),
+    )
+
+
+REFERENCE.KvRouter._pick = _pick_with_pending_slack
 
 
 def card(worker_id: str, block_size: int) -> WorkerCard:
@@ -187,6 +228,7 @@ def replay(seed: int, config: KvRouterConfig, steps: int = 1500) -> int:
 CONFIGS = {
     "defaults": KvRouterConfig(),
     "tie_band 0": KvRouterConfig(tie_band=0),
+    "exact pending": KvRouterConfig(pending_tolerance=0),
     "no prefill progress": KvRouterConfig(prefill_progress=False),
     "credit and weights": KvRouterConfig(
         overlap_credit=0.5, uncached_weight=1.5, prefill_load_scale=1.0
