@@ -3,8 +3,8 @@
 With `frontend.workers: N` every frontend process hears its N - 1 peers' in-flight counts
 (`frontend.load_share`, up to one message per peer every 2 ms under load) and every worker's
 `LoadMetrics` (up to 20 a second each); a router that reads load needs both, round robin and
-random read neither (`frontend.router.reads_load`). Here one process's NATS side listens as a
-load-reading router's does ("reads": LoadShare + the workers' load reports) or as round
+random read neither (`contract.config.LOAD_READING_ROUTERS`). Here one process's NATS side
+listens as a load-reading router's does ("reads": LoadShare + the workers' load reports) or as round
 robin's does ("blind"), alternated, while a child process publishes the traffic of N - 1
 busy peers and 8 workers at their real rates; the listener's CPU over the window is what
 that traffic costs it (the listener does nothing else).
@@ -27,12 +27,13 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from hpcserve.services import start_nats
+
 from contract.bus import connect, frontend_load_subject, load_metrics_subject
 from contract.messages import LoadMetrics
 from frontend.load_share import FLUSH_S, LoadShare, encode_load
 from frontend.router import LoadTracker
 from frontend.worker_client import WorkerClient
-from hpcserve.services import start_nats
 
 WORKERS = 8
 REPORT_S = 0.05  # a busy worker's load report interval (mpi_workers.worker.METRICS_POLL_S)

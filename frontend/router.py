@@ -113,14 +113,6 @@ class LeastLoadedRouter:
         return tied[next(self._counter) % len(tied)]
 
 
-def reads_load(router: Router) -> bool:
-    """Whether `router` reads load (in-flight counts, the workers' LoadMetrics): round robin
-    and random do not, so their frontend processes neither share counts with each other nor
-    parse the workers' load reports (per-request work that would grow with the deployment's
-    rate, not with the process's own; benchmarks/README.md, branch rrscale)."""
-    return not isinstance(router, RoundRobinRouter | RandomRouter)
-
-
 def make_router(mode: str, tracker: LoadTracker) -> Router:
     if mode == "round_robin":
         return RoundRobinRouter()

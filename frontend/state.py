@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from contract.bus import media_subject
-from contract.config import DeploymentConfig
+from contract.config import LOAD_READING_ROUTERS, DeploymentConfig
 from contract.disagg import serving_roles
 from contract.discovery import WorkerCard, WorkerDirectory
 from contract.media import serve_media
@@ -28,7 +28,7 @@ from frontend.load_share import LoadShare
 from frontend.media import MediaIntake
 from frontend.media_store import MediaStore
 from frontend.metrics import FrontendMetrics
-from frontend.router import LoadTracker, Router, make_router, reads_load
+from frontend.router import LoadTracker, Router, make_router
 from frontend.tokenization import TextTokenizer
 from frontend.worker_client import WorkerClient
 
@@ -107,7 +107,9 @@ class FrontendState:
         if config.run_dir:  # restarts as the deployment's supervisor records them
             self.metrics.track_supervisor(Path(config.run_dir) / SUPERVISOR_FILE)
         self.directory = WorkerDirectory(config.services.etcd.endpoint, config.name)
-        routes_by_load = reads_load(self.router)
+        # round robin and random read no load: their processes neither share counts nor parse
+        # load reports (work that grows with the deployment's rate; benchmarks/README.md)
+        routes_by_load = config.frontend.router in LOAD_READING_ROUTERS
         self.client = WorkerClient(
             config.services.nats.endpoint,
             config.name,
@@ -249,14 +251,12 @@ _SAMPLING_DEFAULTS = {
 def able_workers(
     candidates: list[WorkerCard],
     request: GenerateRequest,
-    unsupported: Collection[str] | None = None,
+    unsupported: Collection[str],
 ) -> list[WorkerCard]:
     """The candidates whose engine honours every sampling field `request` sets (away from
     its default); 400 naming the field when none does (an engine declares what it cannot
     do in its card: the mocker has no logprobs). `unsupported`: the params some candidate
-    lacks, or a superset of them (the routable workers', kept with them); else collected."""
-    if unsupported is None:
-        unsupported = {name for card in candidates for name in card.unsupported_params}
+    lacks, or a superset of them (the routable workers', kept with them)."""
     if not unsupported:
         return candidates
     sampling = request.sampling

@@ -26,7 +26,13 @@ from pathlib import Path
 
 import yaml
 
-from contract.config import ENV_PREFIX, ConfigError, DeploymentConfig, cache_dir
+from contract.config import (
+    ENV_PREFIX,
+    LOAD_READING_ROUTERS,
+    ConfigError,
+    DeploymentConfig,
+    cache_dir,
+)
 from contract.plan import (
     TRTLLM_LAUNCHER,
     PlannedProcess,
@@ -208,7 +214,7 @@ def per_process_rotation_note(config: DeploymentConfig, frontends: int) -> str |
     round robin (or random) router picks on its own, so their choices collide like random
     ones (on the device, no_prefix_lockstep at 7 processes: TTFT p50 1,691 ms against kv's
     1,056; benchmarks/README.md), while kv's processes share their in-flight counts."""
-    if frontends < 2 or config.frontend.router not in ("round_robin", "random"):
+    if frontends < 2 or config.frontend.router in LOAD_READING_ROUTERS:
         return None
     return (
         f"{frontends} frontend processes each route {config.frontend.router} on their own, "

@@ -519,7 +519,8 @@ def test_able_workers_with_the_routable_workers_unsupported_set() -> None:
             top_k=rng.choice([0, 7]), min_p=rng.choice([0.0, 0.1]),
         )  # fmt: skip
         request = GenerateRequest(request_id="r", token_ids=[1], sampling=sampling)
-        assert _able(candidates, request, superset) == _able(candidates, request)
+        own = {n for c in candidates for n in c.unsupported_params}
+        assert _able(candidates, request, superset) == _able(candidates, request, own)
 
 
 def test_debug_loggers_set_only_the_named_loggers_to_debug() -> None:

@@ -13,12 +13,13 @@ import time
 import pytest
 
 from contract.bus import connect, frontend_load_subject, load_metrics_subject
+from contract.config import LOAD_READING_ROUTERS
 from contract.discovery import WorkerCard
 from contract.messages import LoadMetrics
 from contract.plan import FRONTEND_PROCESS_ENV
 from frontend import load_share
 from frontend.load_share import LoadShare, PeerLoads, encode_load
-from frontend.router import LeastLoadedRouter, LoadTracker, make_router, reads_load
+from frontend.router import LeastLoadedRouter, LoadTracker, make_router
 
 
 def card(worker_id: str) -> WorkerCard:
@@ -145,9 +146,23 @@ def test_two_processes_see_each_others_requests_over_nats(nats_url: str) -> None
     asyncio.run(run())
 
 
+class _UnreadTracker(LoadTracker):
+    """A tracker whose load must not be read."""
+
+    def load(self, card: WorkerCard) -> float:
+        raise AssertionError("read the load")
+
+
 @pytest.mark.parametrize("mode", ["round_robin", "random", "least_loaded"])
-def test_reads_load_says_which_routers_read_the_tracker(mode: str) -> None:
-    assert reads_load(make_router(mode, LoadTracker())) is (mode == "least_loaded")
+def test_load_reading_routers_are_the_ones_that_read_the_tracker(mode: str) -> None:
+    router = make_router(mode, _UnreadTracker())
+    cards = [card(f"w{i}") for i in range(3)]
+    reads = False
+    try:
+        router.choose(cards, None)
+    except AssertionError:
+        reads = True
+    assert reads is (mode in LOAD_READING_ROUTERS)
 
 
 async def test_load_blind_router_processes_neither_share_nor_parse_load(
