@@ -173,6 +173,23 @@ class OracleIndex(KvIndex):
         return depths
 
 
+def mocker_engines(
+    timing: MockerConfig, ids: Sequence[str], num_blocks: int, max_num_batched_tokens: int
+) -> dict[str, MockerEngine]:
+    """In-process simulated workers (this script's vocabulary and block size), by id."""
+    return {
+        worker_id: MockerEngine(
+            timing,
+            shape=ModelShape(vocab_size=VOCAB, max_position_embeddings=32768),
+            block_size=BLOCK,
+            num_blocks=num_blocks,
+            max_num_seqs=64,
+            max_num_batched_tokens=max_num_batched_tokens,
+        )
+        for worker_id in ids
+    }
+
+
 def card_of(worker_id: str) -> WorkerCard:
     return WorkerCard(
         worker_id=worker_id, role="agg", model="mocker", block_size=BLOCK, subject="-",
@@ -266,17 +283,8 @@ async def run_policy(
         speedup=args.speedup,
     )
     speed = args.speedup
-    engines = {
-        f"mock-{i}": MockerEngine(
-            timing,
-            shape=ModelShape(vocab_size=VOCAB, max_position_embeddings=32768),
-            block_size=BLOCK,
-            num_blocks=args.num_blocks,
-            max_num_seqs=64,
-            max_num_batched_tokens=4096,
-        )
-        for i in range(args.workers)
-    }
+    ids = [f"mock-{i}" for i in range(args.workers)]
+    engines = mocker_engines(timing, ids, args.num_blocks, max_num_batched_tokens=4096)
     cards = {worker_id: card_of(worker_id) for worker_id in engines}
     routing = await start_routing(
         name, engines, args.kv_settings, args.event_delay_ms, args.metrics_ms

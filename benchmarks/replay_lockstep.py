@@ -38,11 +38,10 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.bench_router import BLOCK, VOCAB, card_of, start_routing
+from benchmarks.bench_router import VOCAB, card_of, mocker_engines, start_routing
 from contract.config import MockerConfig
 from contract.messages import GenerateRequest, SamplingParams
 from mpi_workers.engine import mocker as mocker_module
-from mpi_workers.engine.mocker import MockerEngine, ModelShape
 
 
 class _JumpingSelector(selectors.DefaultSelector):  # type: ignore[misc,valid-type]
@@ -93,17 +92,8 @@ class Run:
 async def replay(policy: str, prompts: list[list[int]], args: argparse.Namespace) -> Run:
     loop = asyncio.get_running_loop()
     timing = MockerConfig(prefill_ms_per_token=args.prefill_ms_per_token)  # the rest: yaml's
-    engines = {
-        f"w{i}": MockerEngine(
-            timing,
-            shape=ModelShape(vocab_size=VOCAB, max_position_embeddings=32768),
-            block_size=BLOCK,
-            num_blocks=args.num_blocks,
-            max_num_seqs=64,
-            max_num_batched_tokens=2048,
-        )
-        for i in range(args.workers)
-    }
+    ids = [f"w{i}" for i in range(args.workers)]
+    engines = mocker_engines(timing, ids, args.num_blocks, max_num_batched_tokens=2048)
     cards = [card_of(worker_id) for worker_id in engines]
     router_name, _, settings = policy.partition(":")  # kv:key=value,key=value
     kv_settings = dict(item.split("=", 1) for item in settings.split(",") if item)
