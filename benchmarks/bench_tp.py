@@ -76,7 +76,7 @@ def spawn_mpirun(tp: int) -> int:
     """Started alone with --tp N > 1: re-run this script as N ranks."""
     import subprocess
 
-    from mpi_workers.mpirun import find_mpirun, mpi_launcher
+    from contract.mpirun import find_mpirun, mpi_launcher
 
     mpirun = find_mpirun()
     if mpirun is None:

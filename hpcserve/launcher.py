@@ -26,6 +26,7 @@ from pathlib import Path
 
 import yaml
 
+from contract import mpirun
 from contract.config import (
     ENV_PREFIX,
     LOAD_READING_ROUTERS,
@@ -33,6 +34,7 @@ from contract.config import (
     DeploymentConfig,
     cache_dir,
 )
+from contract.model_fit import check_model_tp
 from contract.plan import (
     TRTLLM_LAUNCHER,
     PlannedProcess,
@@ -47,8 +49,6 @@ from contract.processes import ManagedProcess
 from contract.readiness import free_port, port_open
 from contract.supervisor import DeploymentFailed, Supervisor
 from hpcserve.model_prepare import is_prepared, prepare_model
-from mpi_workers import mpirun
-from mpi_workers.ranks import check_model_tp
 
 Say = Callable[[str], None]
 
@@ -152,7 +152,7 @@ def check_external_services(config: DeploymentConfig) -> None:
 
 
 def find_mpirun() -> str:
-    """The local `mpirun` (see `mpi_workers.mpirun`); ConfigError when there is none."""
+    """The local `mpirun` (see `contract.mpirun`); ConfigError when there is none."""
     found = mpirun.find_mpirun()
     if not found:
         raise ConfigError(

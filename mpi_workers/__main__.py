@@ -18,13 +18,14 @@ from pathlib import Path
 from typing import Any
 
 from contract.config import ConfigError, DeploymentConfig, load_config
+from contract.model_fit import check_model_tp
 from contract.plan import worker_id
 from mpi_workers.disagg import worker_class
 from mpi_workers.engine.base import Engine
 from mpi_workers.engine.factory import build_engine, build_torch_engine, torch_placement
 from mpi_workers.logging_setup import configure_logging, mpi_rank, worker_tag
 from mpi_workers.rank_guard import launched_as_mpi_rank, run_guarded
-from mpi_workers.ranks import RankGroup, check_model_tp, resolve_rank_group
+from mpi_workers.ranks import RankGroup, resolve_rank_group
 from mpi_workers.worker import serve_until_signal
 
 logger = logging.getLogger("mpi_workers")

@@ -8,9 +8,7 @@ from contract.config import ConfigError, load_config
 from contract.plan import plan_deployment
 from hpcserve.launcher import find_mpirun, mpi_launcher
 from mpi_workers.engine.torch.layers import TpGroup, kv_head_range, vocab_shard
-from mpi_workers.ranks import check_tp_fits, resolve_rank_group
-
-SMOL = {"num_attention_heads": 9, "num_key_value_heads": 3, "intermediate_size": 1536}
+from mpi_workers.ranks import resolve_rank_group
 
 
 class FakeComm:
@@ -68,19 +66,6 @@ def test_one_world_split_into_every_instance() -> None:
 def test_wrong_world_size_names_the_field() -> None:
     with pytest.raises(ConfigError, match=r"workers\.0\.tp: the MPI world has 2 rank\(s\)"):
         resolve_rank_group(config("workers.0.tp=3"), 0, 0, FakeComm(0, 2))
-
-
-def test_tp_must_divide_heads() -> None:
-    check_tp_fits(SMOL, 3, "workers.0.tp")
-    check_tp_fits(SMOL, 1, "workers.0.tp")
-    with pytest.raises(ConfigError, match=r"workers\.1\.tp: tp 2 does not divide .*9 attention"):
-        check_tp_fits(SMOL, 2, "workers.1.tp")
-    # 8 heads, 2 KV heads: tp 4 replicates each KV head on 2 ranks; tp 8 too; 3 fails.
-    raw = {"num_attention_heads": 8, "num_key_value_heads": 2, "intermediate_size": 64}
-    check_tp_fits(raw, 4, "w")
-    raw6 = {"num_attention_heads": 12, "num_key_value_heads": 4, "intermediate_size": 48}
-    with pytest.raises(ConfigError, match="4 KV heads"):
-        check_tp_fits(raw6, 6, "w")
 
 
 def test_kv_heads_split_or_replicated() -> None:
