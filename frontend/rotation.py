@@ -1,0 +1,80 @@
+"""One round-robin rotation for all the frontend processes of a deployment.
+
+Several frontend processes share the port (`frontend.workers` > 1) and each routes the
+requests the kernel hands it. With a rotation of its own each, their choices collide like
+random ones (benchmarks/README.md, "One rotation across frontend processes"), so they take
+turns from one counter instead: 8 bytes of a file the plan names (`ROTATION_FILE_ENV`, in the
+run folder), mapped by every process, read and incremented per choice. Whoever comes first
+creates it; a restarted process maps it again and goes on from where the others are; the
+supervisor removes it when the deployment stops.
+
+No lock: the read and the write are two memory accesses a fraction of a microsecond apart.
+Two processes inside that window take the same ticket, and a process descheduled inside it
+writes back an older value, so the rotation steps back; either costs one repeated choice,
+never an error. `benchmarks/bench_rotation.py` measures how often, and what a lock would cost.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import mmap
+import os
+from collections.abc import Iterator, Mapping
+
+from contract.plan import ROTATION_FILE_ENV
+
+logger = logging.getLogger(__name__)
+
+COUNTER_BYTES = 8
+_WRAP = 1 << 64
+
+
+class SharedRotation:
+    """Tickets 0, 1, 2, ... drawn from a counter file that other processes map too."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            # a second process opening it before the first one sized it: both size it to 8
+            # bytes, which leaves a counter already there as it is
+            if os.fstat(fd).st_size < COUNTER_BYTES:
+                os.ftruncate(fd, COUNTER_BYTES)
+            self._map = mmap.mmap(fd, COUNTER_BYTES)
+        finally:
+            os.close(fd)
+        self._counter = memoryview(self._map).cast("Q")
+
+    def __iter__(self) -> Iterator[int]:
+        return self
+
+    def __next__(self) -> int:
+        counter = self._counter
+        ticket = counter[0]
+        counter[0] = (ticket + 1) % _WRAP
+        return ticket
+
+    def close(self) -> None:
+        self._counter.release()
+        self._map.close()
+
+
+def process_rotation(process_count: int, environ: Mapping[str, str] = os.environ) -> Iterator[int]:
+    """The round-robin tickets of this frontend process: its own count when it runs alone;
+    the deployment's shared counter when it is one of several, or (with a warning) its own
+    count when the plan named no counter file or it cannot be opened."""
+    if process_count < 2:
+        return itertools.count()
+    path = environ.get(ROTATION_FILE_ENV, "")
+    if not path:
+        logger.warning("%s is unset: round robin rotates in this frontend process only, so "
+                       "the %d processes' choices collide", ROTATION_FILE_ENV,
+                       process_count)  # fmt: skip
+        return itertools.count()
+    try:
+        return SharedRotation(path)
+    except OSError as exc:
+        logger.warning("%s=%s: cannot map the shared round-robin counter (%s); this process "
+                       "rotates on its own", ROTATION_FILE_ENV, path, exc)  # fmt: skip
+        return itertools.count()
