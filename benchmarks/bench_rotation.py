@@ -1,28 +1,31 @@
-"""What round robin's shared rotation costs and how often it repeats a choice.
+"""What round robin's shared rotation costs, and what its lock buys.
 
-Several frontend processes draw round robin's tickets from one mapped counter without a lock
+Several frontend processes draw round robin's tickets from one counter file under a `flock`
 (`frontend.rotation`). This prints:
 
 1. microseconds per `RoundRobinRouter.choose` over 8 workers: the process's own count (one
-   frontend process), the shared counter, and the shared counter under an exclusive `flock`
-   (the lock it does not take), alternated over `--rounds` rounds, per round as ratios to
-   the own count, with the load average;
-2. repeated tickets when `--processes` processes draw at once: flat out (every process
-   drawing back to back, the worst case) and paced at `--rate` choices a second in all (a
-   busy deployment: the scale-out runs reached ~13,000 requests/s on 16 cores). A repeated
-   ticket (two processes inside the read-write window, or one descheduled there writing
-   back an older value) is one choice that repeats a neighbour's worker.
+   frontend process), the shared counter (flock'd) and the same counter without the lock,
+   alternated over `--rounds` rounds, per round as ratios to the own count, with the load
+   average;
+2. `--processes` processes drawing together, flat out (back to back) and paced at `--rate`
+   choices a second in all (the scale-out runs reached ~13,000 requests/s on 16 cores) with
+   every process due at the same instants (as a lockstep client's requests arrive), for the
+   own counts (what each process did before), the unlocked and the shared counter:
+   repeated tickets (an unlocked read-write window two processes shared, or a process
+   descheduled there writing back an older value), early repeats (a draw whose worker is
+   among the 7 drawn just before it by any process, in the clock's order: 0 for one exact
+   rotation, ~0.66 for independent uniform choices; the clock read after each draw puts a
+   floor under it), and the slowest draws (a process waiting for the lock).
 
     python benchmarks/bench_rotation.py [--processes 7] [--rate 10000]
 
-Last line: `rotation own_us=… shared_us=… locked_us=… repeated_flat_out=… repeated_paced=…`
-(shares of all draws).
+Last line: `rotation own_us=… shared_us=… unlocked_us=… early_paced_own=…
+early_paced_unlocked=… early_paced_shared=… shared_draw_max_us=…`.
 """
 
 from __future__ import annotations
 
 import argparse
-import fcntl
 import itertools
 import multiprocessing
 import os
@@ -54,22 +57,20 @@ CARDS = [
 ]
 
 
-class LockedRotation:
-    """The shared counter behind an exclusive flock: exact, at a system call or two more."""
-
-    def __init__(self, path: str) -> None:
-        self._shared = SharedRotation(path)
-        self._fd = os.open(path, os.O_RDWR)
-
-    def __iter__(self) -> Iterator[int]:
-        return self
+class UnlockedRotation(SharedRotation):
+    """The shared counter read and written without the lock (the first version)."""
 
     def __next__(self) -> int:
-        fcntl.flock(self._fd, fcntl.LOCK_EX)
-        try:
-            return next(self._shared)
-        finally:
-            fcntl.flock(self._fd, fcntl.LOCK_UN)
+        counter = self._counter
+        ticket = counter[0]
+        counter[0] = ticket + 1
+        return ticket
+
+
+def rotation(mode: str, path: str) -> Iterator[int]:
+    if mode == "own":
+        return itertools.count()
+    return SharedRotation(path) if mode == "shared" else UnlockedRotation(path)
 
 
 def per_choose_us(router: RoundRobinRouter, count: int) -> float:
@@ -82,11 +83,9 @@ def per_choose_us(router: RoundRobinRouter, count: int) -> float:
 def draw(
     mode: str, path: str, count: int, gap_s: float, start: float, out: multiprocessing.Queue
 ) -> None:
-    """One process: `count` tickets, one every `gap_s` from `start` (0: back to back), each
-    with the monotonic clock (one for all processes) read right after it."""
-    rotation: Iterator[int] = {
-        "own": itertools.count, "shared": SharedRotation, "locked": LockedRotation
-    }[mode](*(() if mode == "own" else (path,)))  # fmt: skip
+    """One process: `count` tickets, one every `gap_s` from `start` (0: back to back); each
+    with the monotonic clock (one for all processes) read after it and its duration."""
+    tickets = rotation(mode, path)
     while time.time() < start:
         pass
     draws = []
@@ -96,16 +95,16 @@ def draw(
             due += gap_s
             while (wait := due - time.perf_counter()) > 0:
                 time.sleep(wait)
-        draws.append((next(rotation), time.monotonic_ns()))
+        t0 = time.perf_counter_ns()
+        ticket = next(tickets)
+        draws.append((ticket, time.monotonic_ns(), time.perf_counter_ns() - t0))
     out.put(draws)
 
 
 def draw_together(
     mode: str, processes: int, per_process: int, gap_s: float, folder: str
-) -> tuple[float, float]:
-    """(repeated tickets, early repeats) as shares of all draws of `processes` processes:
-    a ticket drawn twice, and a draw whose worker (of 8) is among the 7 drawn just before
-    it by any process (0 for one exact rotation, ~0.66 for independent uniform choices)."""
+) -> tuple[float, float, float, float]:
+    """(repeated tickets, early repeats, p99.9 and max draw µs) of `processes` processes."""
     path = os.path.join(folder, f"draws-{mode}-{gap_s}")
     SharedRotation(path).close()  # created before anyone draws
     out: multiprocessing.Queue = multiprocessing.Queue()
@@ -119,10 +118,17 @@ def draw_together(
     draws = [d for _ in workers for d in out.get()]
     for worker in workers:
         worker.join()
-    tickets = [ticket for ticket, _ in draws]
-    in_order = [ticket % len(CARDS) for ticket, _ in sorted(draws, key=lambda d: d[1])]
-    early = sum(w in in_order[max(0, i - len(CARDS) + 1) : i] for i, w in enumerate(in_order))
-    return 1 - len(set(tickets)) / len(tickets), early / len(in_order)
+    tickets = [ticket for ticket, _, _ in draws]
+    in_order = [ticket % len(CARDS) for ticket, _, _ in sorted(draws, key=lambda d: d[1])]
+    window = len(CARDS) - 1
+    early = sum(w in in_order[max(0, i - window) : i] for i, w in enumerate(in_order))
+    took = sorted(ns / 1e3 for _, _, ns in draws)
+    return (
+        1 - len(set(tickets)) / len(tickets),
+        early / len(in_order),
+        took[int(0.999 * (len(took) - 1))],
+        took[-1],
+    )
 
 
 def main() -> None:
@@ -130,48 +136,41 @@ def main() -> None:
     parser.add_argument("--processes", type=int, default=7)
     parser.add_argument("--rate", type=float, default=10000.0, help="paced: choices/s in all")
     parser.add_argument("--paced-s", type=float, default=3.0)
-    parser.add_argument("--flat-out", type=int, default=200000, help="tickets per process")
+    parser.add_argument("--flat-out", type=int, default=50000, help="tickets per process")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--chooses", type=int, default=200000)
     args = parser.parse_args()
+    modes = ("own", "shared", "unlocked")
     with tempfile.TemporaryDirectory() as folder:
-        kinds = {
-            "own": RoundRobinRouter(),
-            "shared": RoundRobinRouter(SharedRotation(os.path.join(folder, "shared"))),
-            "locked": RoundRobinRouter(LockedRotation(os.path.join(folder, "locked"))),
-        }
-        timings: dict[str, list[float]] = {name: [] for name in kinds}
+        routers = {mode: RoundRobinRouter(rotation(mode, f"{folder}/{mode}")) for mode in modes}
+        timings: dict[str, list[float]] = {mode: [] for mode in modes}
         for round_ in range(args.rounds):
-            names = list(kinds)[round_ % 3 :] + list(kinds)[: round_ % 3]  # rotating order
-            for name in names:
-                timings[name].append(per_choose_us(kinds[name], args.chooses))
+            for mode in modes[round_ % 3 :] + modes[: round_ % 3]:  # rotating order
+                timings[mode].append(per_choose_us(routers[mode], args.chooses))
             own = timings["own"][-1]
-            shared, locked = timings["shared"][-1] / own, timings["locked"][-1] / own
+            shared, unlocked = timings["shared"][-1] / own, timings["unlocked"][-1] / own
             print(f"round {round_}: choose own {own:.3f} us, shared x{shared:.2f}, "
-                  f"locked x{locked:.2f}; load {os.getloadavg()[0]:.2f}")  # fmt: skip
-        us = {name: statistics.median(values) for name, values in timings.items()}
+                  f"unlocked x{unlocked:.2f}; load {os.getloadavg()[0]:.2f}")  # fmt: skip
+        us = {mode: statistics.median(values) for mode, values in timings.items()}
         print("choose, median over rounds: " + ", ".join(f"{k} {v:.3f} us" for k, v in us.items()))
-        per_process = int(args.rate * args.paced_s / args.processes)
+        gap = args.processes / args.rate
+        paced = int(args.rate * args.paced_s / args.processes)
         found = {}
-        for mode, gap_s, count in (
-            ("shared", 0.0, args.flat_out),
-            ("own", args.processes / args.rate, per_process),
-            ("shared", args.processes / args.rate, per_process),
-            ("locked", args.processes / args.rate, per_process),
-        ):
-            found[mode, gap_s] = repeated, early = draw_together(
+        for mode, gap_s, count in [(m, 0.0, args.flat_out) for m in modes[1:]] + [
+            (m, gap, paced) for m in modes
+        ]:
+            found[mode, gap_s] = repeated, early, p999, most = draw_together(
                 mode, args.processes, count, gap_s, folder
             )
-            pace = f"at {args.rate:.0f} choices/s in all" if gap_s else "flat out"
-            print(f"{args.processes} processes, {mode} rotation, {pace}, {count} draws each: "
-                  f"repeated tickets {repeated:.2e}, early repeats {early:.2e} of the draws; "
-                  f"load {os.getloadavg()[0]:.2f}")  # fmt: skip
-    gap = args.processes / args.rate
+            pace = f"at {args.rate:.0f}/s in all" if gap_s else "flat out"
+            print(f"{args.processes} processes, {mode:<8} {pace:<16} {count:>6} draws each: "
+                  f"repeated tickets {repeated:.2e}, early repeats {early:.2e}; draw p99.9 "
+                  f"{p999:.1f} us, max {most:.0f} us; load {os.getloadavg()[0]:.2f}")  # fmt: skip
     print(f"rotation own_us={us['own']:.3f} shared_us={us['shared']:.3f} "
-          f"locked_us={us['locked']:.3f} "
-          f"early_flat_out={found['shared', 0.0][1]:.2e} early_paced={found['shared', gap][1]:.2e} "
-          f"early_paced_own={found['own', gap][1]:.2e} "
-          f"early_paced_locked={found['locked', gap][1]:.2e}")  # fmt: skip
+          f"unlocked_us={us['unlocked']:.3f} early_paced_own={found['own', gap][1]:.2e} "
+          f"early_paced_unlocked={found['unlocked', gap][1]:.2e} "
+          f"early_paced_shared={found['shared', gap][1]:.2e} "
+          f"shared_draw_max_us={max(found['shared', g][3] for g in (0.0, gap)):.0f}")  # fmt: skip
 
 
 if __name__ == "__main__":

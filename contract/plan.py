@@ -16,6 +16,7 @@ spawn`, or one rank, the worker is a plain single process.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 import sys
@@ -195,6 +196,14 @@ def clear_frontend_metrics(plan: list[PlannedProcess]) -> None:
         Path(folder).mkdir(parents=True, exist_ok=True)
 
 
+def rotation_file(name: str, run_dir: str) -> str:
+    """The frontend processes' round-robin counter: in /dev/shm, node-local memory (the lock
+    taken on it per choice would be a server round trip on a network file system), named by
+    the deployment and its run folder (two deployments of one name on a node: two files)."""
+    digest = hashlib.sha256(run_dir.encode()).hexdigest()[:12]
+    return f"/dev/shm/hpcserve-{name}-{digest}.rotation"
+
+
 def remove_frontend_rotation(plan: list[PlannedProcess]) -> None:
     """Remove the frontend processes' round-robin counter once the deployment has stopped
     (while it serves, a restarted process maps the same one again)."""
@@ -338,7 +347,7 @@ def frontend_plan(
     started at the first answer would pin its connections to the processes up by then.
     Several processes share their /metrics through prometheus-client's multiprocess mode
     (`<run_dir>/frontend-metrics`), their routing load over NATS (`frontend.load_share`) and
-    one round-robin rotation (`<run_dir>/frontend-rotation`, `frontend.rotation`)."""
+    one round-robin rotation (`rotation_file`, `frontend.rotation`)."""
     host, port = config.frontend.host, config.frontend.port
     probe_host = "127.0.0.1" if host in ("0.0.0.0", "") else host
     ready = Readiness("http", url=f"http://{probe_host}:{port}/health")
@@ -347,7 +356,7 @@ def frontend_plan(
         return [PlannedProcess("frontend", "frontend", STAGE_FRONTEND, argv, ready,
                                dict(common_env))]  # fmt: skip
     shared = {METRICS_DIR_ENV: f"{run_dir}/frontend-metrics",
-              ROTATION_FILE_ENV: f"{run_dir}/frontend-rotation"}  # fmt: skip
+              ROTATION_FILE_ENV: rotation_file(config.name, run_dir)}  # fmt: skip
     plan = []
     for index in range(count):
         env = {**common_env, FRONTEND_PROCESS_ENV: f"{index}/{count}", **shared}

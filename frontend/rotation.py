@@ -3,19 +3,21 @@
 Several frontend processes share the port (`frontend.workers` > 1) and each routes the
 requests the kernel hands it. With a rotation of its own each, their choices collide like
 random ones (benchmarks/README.md, "One rotation across frontend processes"), so they take
-turns from one counter instead: 8 bytes of a file the plan names (`ROTATION_FILE_ENV`, in the
-run folder), mapped by every process, read and incremented per choice. Whoever comes first
-creates it; a restarted process maps it again and goes on from where the others are; the
-supervisor removes it when the deployment stops.
+turns from one counter instead: 8 bytes of a file the plan names (`ROTATION_FILE_ENV`, in
+/dev/shm: node-local memory), mapped by every process, read and incremented per choice under
+an exclusive `flock`. Whoever comes first creates it; a restarted process maps it again and
+goes on from where the others are; the supervisor removes it when the deployment stops.
 
-No lock: the read and the write are two memory accesses a fraction of a microsecond apart.
-Two processes inside that window take the same ticket, and a process descheduled inside it
-writes back an older value, so the rotation steps back; either costs one repeated choice,
-never an error. `benchmarks/bench_rotation.py` measures how often, and what a lock would cost.
+Why a lock: without one, two processes choosing at the same instant (a lockstep client's
+requests arrive together) read the same value; on the device 7 unlocked processes drawing
+together repeated 12.5% of their tickets and round robin fell back to colliding. The lock
+costs two system calls, ~1.5 µs a choice there (benchmarks/bench_rotation.py), and is held
+for two memory accesses; a process dying while holding it releases it with its descriptor.
 """
 
 from __future__ import annotations
 
+import fcntl
 import itertools
 import logging
 import mmap
@@ -35,15 +37,16 @@ class SharedRotation:
 
     def __init__(self, path: str) -> None:
         self.path = path
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+        self._fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
         try:
             # a second process opening it before the first one sized it: both size it to 8
             # bytes, which leaves a counter already there as it is
-            if os.fstat(fd).st_size < COUNTER_BYTES:
-                os.ftruncate(fd, COUNTER_BYTES)
-            self._map = mmap.mmap(fd, COUNTER_BYTES)
-        finally:
-            os.close(fd)
+            if os.fstat(self._fd).st_size < COUNTER_BYTES:
+                os.ftruncate(self._fd, COUNTER_BYTES)
+            self._map = mmap.mmap(self._fd, COUNTER_BYTES)
+        except OSError:
+            os.close(self._fd)
+            raise
         self._counter = memoryview(self._map).cast("Q")
 
     def __iter__(self) -> Iterator[int]:
@@ -51,13 +54,18 @@ class SharedRotation:
 
     def __next__(self) -> int:
         counter = self._counter
-        ticket = counter[0]
-        counter[0] = (ticket + 1) % _WRAP
+        fcntl.flock(self._fd, fcntl.LOCK_EX)
+        try:
+            ticket = counter[0]
+            counter[0] = (ticket + 1) % _WRAP
+        finally:
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
         return ticket
 
     def close(self) -> None:
         self._counter.release()
         self._map.close()
+        os.close(self._fd)
 
 
 def process_rotation(process_count: int, environ: Mapping[str, str] = os.environ) -> Iterator[int]:

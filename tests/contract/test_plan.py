@@ -18,6 +18,7 @@ from contract.plan import (
     needs_mpi_launcher,
     plan_deployment,
     remove_frontend_rotation,
+    rotation_file,
 )
 
 REPO = Path(__file__).resolve().parents[2]
@@ -182,7 +183,7 @@ def test_several_frontend_processes_share_the_port() -> None:
         assert process.argv[-4:] == ("-m", "frontend", "--config", "c.yaml")
         assert process.env[FRONTEND_PROCESS_ENV] == f"{index}/3"
         assert process.env[METRICS_DIR_ENV] == "/r/frontend-metrics"
-        assert process.env[ROTATION_FILE_ENV] == "/r/frontend-rotation"  # one for all
+        assert process.env[ROTATION_FILE_ENV] == rotation_file("local-agg", "/r")  # one for all
         assert process.ready.url == "http://127.0.0.1:8000/health"
         assert process.ready.process == index  # ready once it answers, not a sibling
     one = plan_deployment(resolved("frontend.workers=1"), config_file="c.yaml", run_dir="/r")
@@ -195,7 +196,9 @@ def test_several_frontend_processes_share_the_port() -> None:
 def test_the_shared_rotation_file_is_removed_after_the_stop(tmp_path: Path) -> None:
     plan = plan_deployment(resolved("frontend.workers=2"), config_file="c.yaml",
                            run_dir=str(tmp_path))  # fmt: skip
-    counter = tmp_path / "frontend-rotation"
+    counter = Path(rotation_file("local-agg", str(tmp_path)))
+    assert counter.parent == Path("/dev/shm")  # node-local memory, not the run folder
+    assert rotation_file("local-agg", str(tmp_path / "other")) != str(counter)
     counter.write_bytes(bytes(8))
     remove_frontend_rotation(plan)
     assert not counter.exists()

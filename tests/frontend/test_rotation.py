@@ -6,9 +6,11 @@ from __future__ import annotations
 
 import itertools
 import logging
+import multiprocessing
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import pytest
@@ -155,3 +157,27 @@ async def test_two_frontends_on_one_counter_alternate_their_workers(
         assert len(served) == 1
         chosen.append((served[0], served[0].worker_id))
     assert [worker_id for _, worker_id in chosen] == ["w0", "w1"] * 3
+
+
+def _draw_flat_out(path: str, count: int, start: float, out: multiprocessing.Queue) -> None:
+    rotation = SharedRotation(path)
+    while time.time() < start:
+        pass
+    out.put([next(rotation) for _ in range(count)])
+
+
+def test_processes_drawing_at_once_never_share_a_ticket(tmp_path: Path) -> None:
+    """Four processes drawing back to back from the same instant: every ticket once (the
+    lock; without it, on the device, 7 such processes repeated half their tickets)."""
+    path = str(tmp_path / "rotation")
+    SharedRotation(path).close()
+    out: multiprocessing.Queue = multiprocessing.Queue()
+    start = time.time() + 0.3
+    drawers = [multiprocessing.Process(target=_draw_flat_out, args=(path, 20000, start, out))
+               for _ in range(4)]  # fmt: skip
+    for drawer in drawers:
+        drawer.start()
+    tickets = sorted(t for _ in drawers for t in out.get(timeout=60))
+    for drawer in drawers:
+        drawer.join(timeout=10)
+    assert tickets == list(range(80000))
