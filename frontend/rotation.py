@@ -29,6 +29,7 @@ from contract.plan import ROTATION_FILE_ENV
 logger = logging.getLogger(__name__)
 
 COUNTER_BYTES = 8
+SPIN_TRIES = 64  # non-blocking tries (~1 µs each) before sleeping on the lock
 _WRAP = 1 << 64
 
 
@@ -54,13 +55,25 @@ class SharedRotation:
 
     def __next__(self) -> int:
         counter = self._counter
-        fcntl.flock(self._fd, fcntl.LOCK_EX)
+        self._lock()
         try:
             ticket = counter[0]
             counter[0] = (ticket + 1) % _WRAP
         finally:
             fcntl.flock(self._fd, fcntl.LOCK_UN)
         return ticket
+
+    def _lock(self) -> None:
+        """Take the lock, retrying a while before waiting for it in the kernel: it is held
+        for a microsecond, and a waiter put to sleep takes up to ~0.3 ms to wake (device, 7
+        processes drawing at the same instants: p99.9 of a draw 278 µs sleeping)."""
+        for _ in range(SPIN_TRIES):
+            try:
+                fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                return
+            except BlockingIOError:
+                pass
+        fcntl.flock(self._fd, fcntl.LOCK_EX)  # its holder was descheduled: sleep
 
     def close(self) -> None:
         self._counter.release()
