@@ -10,9 +10,9 @@ goes on from where the others are; the supervisor removes it when the deployment
 
 Why a lock: without one, two processes choosing at the same instant (a lockstep client's
 requests arrive together) read the same value; on the device 7 unlocked processes drawing
-together repeated 12.5% of their tickets and round robin fell back to colliding. The lock
-costs two system calls, ~1.5 µs a choice there (benchmarks/bench_rotation.py), and is held
-for two memory accesses; a process dying while holding it releases it with its descriptor.
+together repeated 8-12% of their tickets. The lock costs two system calls, ~2 µs a choice
+there (benchmarks/bench_rotation.py), and is held for two memory accesses; a process dying
+while holding it releases it with its descriptor.
 """
 
 from __future__ import annotations
