@@ -87,23 +87,24 @@ def test_two_os_processes_alternate_exactly(tmp_path: Path) -> None:
         for line in sys.stdin:
             print(router.choose(cards, None).worker_id, flush=True)
     """)
-    child = subprocess.Popen([sys.executable, "-c", child_code], stdin=subprocess.PIPE,
-                             stdout=subprocess.PIPE, text=True)  # fmt: skip
-    try:
-        assert child.stdin is not None and child.stdout is not None
-        assert child.stdout.readline().strip() == "ready"
-        router = RoundRobinRouter(SharedRotation(path))
-        cards = [card("a"), card("b")]
-        chosen = []
-        for _ in range(5):
-            chosen.append(router.choose(cards, None).worker_id)
-            child.stdin.write("next\n")
-            child.stdin.flush()
-            chosen.append(child.stdout.readline().strip())
-        assert chosen == ["a", "b"] * 5
-    finally:
-        child.kill()
-        child.wait()
+    with subprocess.Popen([sys.executable, "-c", child_code], stdin=subprocess.PIPE,
+                          stdout=subprocess.PIPE, text=True) as child:  # fmt: skip
+        try:
+            assert child.stdin is not None and child.stdout is not None
+            assert child.stdout.readline().strip() == "ready"
+            rotation = SharedRotation(path)
+            router = RoundRobinRouter(rotation)
+            cards = [card("a"), card("b")]
+            chosen = []
+            for _ in range(5):
+                chosen.append(router.choose(cards, None).worker_id)
+                child.stdin.write("next\n")
+                child.stdin.flush()
+                chosen.append(child.stdout.readline().strip())
+            assert chosen == ["a", "b"] * 5
+            rotation.close()
+        finally:
+            child.kill()
 
 
 def test_one_process_keeps_its_own_count_and_makes_no_file(tmp_path: Path) -> None:
