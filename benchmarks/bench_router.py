@@ -469,9 +469,14 @@ def working_set_blocks(workload: list[list[HttpChat]], tokenizer: object, block_
 
 def policy_overrides(policy: str) -> tuple[str, list[str]]:
     """`kv:tie_band=0,prefill_load_scale=8` -> ("kv", [frontend.kv_router.tie_band=0, ...]):
-    a policy with kv_router settings of its own (to compare settings in one run)."""
+    a policy with kv_router settings of its own (to compare settings in one run); a trailing
+    `@N` runs it with N frontend processes (`round_robin@1`: frontend.workers=1)."""
+    policy, _, processes = policy.partition("@")
     router, _, settings = policy.partition(":")
-    return router, [f"frontend.kv_router.{kv}" for kv in settings.split(",") if kv]
+    overrides = [f"frontend.kv_router.{kv}" for kv in settings.split(",") if kv]
+    if processes:
+        overrides.append(f"frontend.workers={int(processes)}")
+    return router, overrides
 
 
 async def run_http_policy(
@@ -487,13 +492,12 @@ async def run_http_policy(
 
     from hpcserve.launcher import start_deployment, stop_deployment
 
-    router, kv_overrides = policy_overrides(policy)
+    router, policy_settings = policy_overrides(policy)
     run_dir = Path(tempfile.mkdtemp(prefix=f"bench-router-{router}-"))
     logger.debug("%s: deployment logs in %s/logs", policy, run_dir)
     overrides = [
         "name=bench-router-http",
         f"frontend.router={router}",
-        *kv_overrides,
         "frontend.port=0",
         f"engine.mocker.prefill_ms_per_token={args.http_prefill_ms_per_token}",
         f"engine.mocker.speedup={args.http_speedup}",
@@ -501,6 +505,7 @@ async def run_http_policy(
         f"workers.0.count={args.workers}",
         f"run_dir={run_dir}",
         *args.set,
+        *policy_settings,  # after --set: the policy's own win
     ]
     config = load_config(args.config, overrides=overrides, environ={})
     deployment = await asyncio.to_thread(start_deployment, config, lambda _m: None)
@@ -651,8 +656,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add(
         "--policies",
         default="round_robin;kv",
-        help="HTTP: ';'-separated; `kv:key=value,...` adds kv_router settings (e.g. "
-        "'round_robin;kv;kv:tie_band=0')",
+        help="HTTP: ';'-separated; `kv:key=value,...` adds kv_router settings, `@N` runs N "
+        "frontend processes (e.g. 'round_robin;kv;kv:tie_band=0;round_robin@1'; the others "
+        "get frontend.workers as --set or the config says: null, one per spare core)",
     )
     add("--dump", help="HTTP: write each run's per-request records (JSON) into this folder")
     add(
@@ -728,8 +734,8 @@ async def http_main(args: argparse.Namespace) -> dict[str, float]:
     if args.router_log:  # the deployments' frontends inherit it (python -m frontend)
         os.environ[DEBUG_LOGGERS_ENV] = "frontend.kv_router,frontend.timeline"
     policies = args.policies.split(";")
-    if "round_robin" not in policies or "kv" not in policies:
-        raise SystemExit("--policies: needs round_robin and kv (the ratios compare the two)")
+    if "round_robin" not in policies:
+        raise SystemExit("--policies: needs round_robin (every ratio is against it)")
     results: dict[str, HttpResult] = {}
     block_size = load_config(args.config, overrides=args.set, environ={}).engine.block_size
     for workload in args.workloads.split(","):

@@ -23,8 +23,8 @@ ENV_PREFIX = "HPCSERVE__"
 Role = Literal["agg", "prefill", "decode"]
 RouterMode = Literal["round_robin", "random", "least_loaded", "kv"]
 # The routers that read load (in-flight counts, the workers' LoadMetrics): only their frontend
-# processes share counts with each other and parse the load reports; round robin and random
-# pick in each process on its own.
+# processes share counts with each other and parse the load reports; round robin shares only
+# its rotation (`frontend.rotation`), random nothing.
 LOAD_READING_ROUTERS: frozenset[str] = frozenset({"least_loaded", "kv"})
 
 

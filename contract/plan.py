@@ -16,6 +16,7 @@ spawn`, or one rank, the worker is a plain single process.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 import sys
@@ -158,6 +159,7 @@ def process_ranks(config: DeploymentConfig, group: WorkerGroupConfig) -> int:
 MAX_AUTO_FRONTEND_PROCESSES = 8
 FRONTEND_PROCESS_ENV = "HPCSERVE_FRONTEND_PROCESS"  # "<index>/<count>" of a multi-process frontend
 METRICS_DIR_ENV = "PROMETHEUS_MULTIPROC_DIR"  # prometheus-client's multiprocess mode
+ROTATION_FILE_ENV = "HPCSERVE_FRONTEND_ROTATION"  # their one round-robin counter file
 
 
 def head_cpus() -> int:
@@ -192,6 +194,21 @@ def clear_frontend_metrics(plan: list[PlannedProcess]) -> None:
     for folder in {p.env[METRICS_DIR_ENV] for p in plan if METRICS_DIR_ENV in p.env}:
         shutil.rmtree(folder, ignore_errors=True)
         Path(folder).mkdir(parents=True, exist_ok=True)
+
+
+def rotation_file(name: str, run_dir: str) -> str:
+    """The frontend processes' round-robin counter: in /dev/shm, node-local memory (the lock
+    taken on it per choice would be a server round trip on a network file system), named by
+    the deployment and its run folder (two deployments of one name on a node: two files)."""
+    digest = hashlib.sha256(run_dir.encode()).hexdigest()[:12]
+    return f"/dev/shm/hpcserve-{name}-{digest}.rotation"
+
+
+def remove_frontend_rotation(plan: list[PlannedProcess]) -> None:
+    """Remove the frontend processes' round-robin counter once the deployment has stopped
+    (while it serves, a restarted process maps the same one again)."""
+    for path in {p.env[ROTATION_FILE_ENV] for p in plan if ROTATION_FILE_ENV in p.env}:
+        Path(path).unlink(missing_ok=True)
 
 
 def needs_mpi_launcher(config: DeploymentConfig) -> bool:
@@ -329,7 +346,8 @@ def frontend_plan(
     answered by that process itself: a sibling's answer says nothing of it, and a load
     started at the first answer would pin its connections to the processes up by then.
     Several processes share their /metrics through prometheus-client's multiprocess mode
-    (`<run_dir>/frontend-metrics`) and their routing load over NATS (`frontend.load_share`)."""
+    (`<run_dir>/frontend-metrics`), their routing load over NATS (`frontend.load_share`) and
+    one round-robin rotation (`rotation_file`, `frontend.rotation`)."""
     host, port = config.frontend.host, config.frontend.port
     probe_host = "127.0.0.1" if host in ("0.0.0.0", "") else host
     ready = Readiness("http", url=f"http://{probe_host}:{port}/health")
@@ -337,10 +355,11 @@ def frontend_plan(
     if count == 1:
         return [PlannedProcess("frontend", "frontend", STAGE_FRONTEND, argv, ready,
                                dict(common_env))]  # fmt: skip
-    metrics_dir = f"{run_dir}/frontend-metrics"
+    shared = {METRICS_DIR_ENV: f"{run_dir}/frontend-metrics",
+              ROTATION_FILE_ENV: rotation_file(config.name, run_dir)}  # fmt: skip
     plan = []
     for index in range(count):
-        env = {**common_env, FRONTEND_PROCESS_ENV: f"{index}/{count}", METRICS_DIR_ENV: metrics_dir}
+        env = {**common_env, FRONTEND_PROCESS_ENV: f"{index}/{count}", **shared}
         own = replace(ready, process=index)
         plan.append(PlannedProcess(f"frontend-{index}", "frontend", STAGE_FRONTEND, argv, own, env))
     return plan

@@ -37,6 +37,7 @@ from contract.plan import (
     WORKER_STOP_TIMEOUT_S,
     PlannedProcess,
     Readiness,
+    remove_frontend_rotation,
     worker_id,
 )
 from contract.processes import ManagedProcess, ProcessFailed
@@ -188,7 +189,8 @@ class Supervisor:
             self._changed()
 
     def stop(self) -> None:
-        """Stop every process, last stage first; one stage's processes in parallel."""
+        """Stop every process, last stage first; one stage's processes in parallel; then
+        remove what the frontend processes shared while serving (their round-robin counter)."""
         for stage in sorted({c.planned.stage for c in self.components}, reverse=True):
             group = [c for c in reversed(self.components) if c.planned.stage == stage]
             group = [c for c in group if c.process is not None]
@@ -200,6 +202,7 @@ class Supervisor:
 
             with ThreadPoolExecutor(max_workers=max(1, len(group))) as pool:
                 list(pool.map(stop, group))
+        remove_frontend_rotation([c.planned for c in self.components])
 
     # ----- serving -------------------------------------------------------------------------
     def serve(self, poll_s: float = 0.2) -> None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import itertools
 import random
 from collections import defaultdict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any, Protocol
 
 from contract.discovery import WorkerCard
@@ -80,10 +80,12 @@ class LoadTracker:
 
 
 class RoundRobinRouter:
-    """Cycles through the workers in worker_id order, so the order is stable as they join."""
+    """Cycles through the workers in worker_id order, so the order is stable as they join.
+    `rotation`: the tickets it draws, one per choice; its own count by default, the
+    deployment's shared one when several frontend processes route (`frontend.rotation`)."""
 
-    def __init__(self) -> None:
-        self._counter = itertools.count()
+    def __init__(self, rotation: Iterator[int] | None = None) -> None:
+        self._counter = rotation if rotation is not None else itertools.count()
 
     def choose(self, candidates: Sequence[WorkerCard], request: Any) -> WorkerCard:
         ordered = sorted(candidates, key=lambda card: card.worker_id)
@@ -113,9 +115,12 @@ class LeastLoadedRouter:
         return tied[next(self._counter) % len(tied)]
 
 
-def make_router(mode: str, tracker: LoadTracker) -> Router:
+def make_router(mode: str, tracker: LoadTracker, rotation: Iterator[int] | None = None) -> Router:
+    """The router `mode` names; `rotation`: round robin's tickets (see RoundRobinRouter).
+    Random needs nothing shared: independent uniform choices are as random in N processes
+    as in one."""
     if mode == "round_robin":
-        return RoundRobinRouter()
+        return RoundRobinRouter(rotation)
     if mode == "random":
         return RandomRouter()
     if mode == "least_loaded":

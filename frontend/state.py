@@ -8,7 +8,7 @@ import contextlib
 import os
 import time
 import uuid
-from collections.abc import Collection
+from collections.abc import Collection, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +28,7 @@ from frontend.load_share import LoadShare
 from frontend.media import MediaIntake
 from frontend.media_store import MediaStore
 from frontend.metrics import FrontendMetrics
+from frontend.rotation import SharedRotation, process_rotation
 from frontend.router import LoadTracker, Router, make_router
 from frontend.tokenization import TextTokenizer
 from frontend.worker_client import WorkerClient
@@ -87,6 +88,8 @@ class FrontendState:
         )  # fmt: skip
         self._media_subscription: Any = None
         self.tracker = LoadTracker()
+        self.process_index, self.process_count = process_slot()
+        self.rotation: Iterator[int] | None = None  # round robin's tickets
         self.kv_feed: KvIndexFeed | None = None
         self.router: Router
         if config.frontend.router == "kv":
@@ -103,7 +106,9 @@ class FrontendState:
             )
             self.metrics.track_kv_index(self.kv_feed.index.num_blocks)
         else:
-            self.router = make_router(config.frontend.router, self.tracker)
+            if config.frontend.router == "round_robin":  # one rotation over all processes
+                self.rotation = process_rotation(self.process_count)
+            self.router = make_router(config.frontend.router, self.tracker, self.rotation)
         if config.run_dir:  # restarts as the deployment's supervisor records them
             self.metrics.track_supervisor(Path(config.run_dir) / SUPERVISOR_FILE)
         self.directory = WorkerDirectory(config.services.etcd.endpoint, config.name)
@@ -117,7 +122,6 @@ class FrontendState:
             busy_poll_s=config.frontend.busy_poll_us / 1e6,
             load_metrics=routes_by_load,
         )
-        self.process_index, self.process_count = process_slot()
         self.load_share: LoadShare | None = None
         if self.process_count > 1 and routes_by_load:  # the others' routed requests count too
             blocks_of = self.router.own_blocks if isinstance(self.router, KvRouter) else None
@@ -158,6 +162,8 @@ class FrontendState:
         if self.media_intake is not None:
             await self.media_intake.close()
         await self.client.stop()
+        if isinstance(self.rotation, SharedRotation):  # the file stays for the others
+            self.rotation.close()
 
     def _on_workers_changed(self, workers: dict[str, WorkerCard]) -> None:
         self._routable = None

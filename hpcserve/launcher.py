@@ -29,7 +29,6 @@ import yaml
 from contract import mpirun
 from contract.config import (
     ENV_PREFIX,
-    LOAD_READING_ROUTERS,
     ConfigError,
     DeploymentConfig,
     cache_dir,
@@ -203,24 +202,7 @@ def prepare_deployment(config: DeploymentConfig, say: Say = _say) -> Deployment:
     )
     clear_frontend_metrics(plan)
     say(f"run folder {run_dir}")
-    note = per_process_rotation_note(resolved, sum(p.role == "frontend" for p in plan))
-    if note:
-        say(note)
     return Deployment(resolved, run_dir, config_file, plan)
-
-
-def per_process_rotation_note(config: DeploymentConfig, frontends: int) -> str | None:
-    """What a user should know when several frontend processes route without load: each
-    round robin (or random) router picks on its own, so their choices collide like random
-    ones (on the device, no_prefix_lockstep at 7 processes: TTFT p50 1,691 ms against kv's
-    1,056; benchmarks/README.md), while kv's processes share their in-flight counts."""
-    if frontends < 2 or config.frontend.router in LOAD_READING_ROUTERS:
-        return None
-    return (
-        f"{frontends} frontend processes each route {config.frontend.router} on their own, "
-        "so their choices collide like random ones; frontend.router kv (or least_loaded) "
-        "shares the in-flight counts between them (or set frontend.workers=1)"
-    )
 
 
 def local_launch(deployment: Deployment) -> Callable[[PlannedProcess], ManagedProcess]:

@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
-from benchmarks.bench_router import http_workloads, parse_args, working_set_blocks
+from benchmarks.bench_router import (
+    http_workloads,
+    parse_args,
+    policy_overrides,
+    working_set_blocks,
+)
 from contract.config import load_config
 from frontend.tokenization import TextTokenizer
 
@@ -19,3 +24,12 @@ def test_small_cache_fits_all_caches_together_but_not_one(tokenizer: TextTokeniz
     assert per_worker * args.workers >= 1.1 * needed  # room for the running requests too
     assert per_worker < needed / 4  # each worker must leave most prompts to the others
     assert per_worker < args.http_num_blocks  # smaller caches than system_prompts'
+
+
+def test_a_policy_names_its_settings_and_frontend_processes() -> None:
+    assert policy_overrides("round_robin") == ("round_robin", [])
+    assert policy_overrides("kv:tie_band=0,x=1@7") == (
+        "kv",
+        ["frontend.kv_router.tie_band=0", "frontend.kv_router.x=1", "frontend.workers=7"],
+    )
+    assert policy_overrides("round_robin@1") == ("round_robin", ["frontend.workers=1"])

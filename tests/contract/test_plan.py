@@ -11,11 +11,14 @@ from contract.plan import (
     FRONTEND_PROCESS_ENV,
     MAX_AUTO_FRONTEND_PROCESSES,
     METRICS_DIR_ENV,
+    ROTATION_FILE_ENV,
     TRTLLM_LAUNCHER,
     find_binary,
     frontend_processes,
     needs_mpi_launcher,
     plan_deployment,
+    remove_frontend_rotation,
+    rotation_file,
 )
 
 REPO = Path(__file__).resolve().parents[2]
@@ -180,12 +183,26 @@ def test_several_frontend_processes_share_the_port() -> None:
         assert process.argv[-4:] == ("-m", "frontend", "--config", "c.yaml")
         assert process.env[FRONTEND_PROCESS_ENV] == f"{index}/3"
         assert process.env[METRICS_DIR_ENV] == "/r/frontend-metrics"
+        assert process.env[ROTATION_FILE_ENV] == rotation_file("local-agg", "/r")  # one for all
         assert process.ready.url == "http://127.0.0.1:8000/health"
         assert process.ready.process == index  # ready once it answers, not a sibling
     one = plan_deployment(resolved("frontend.workers=1"), config_file="c.yaml", run_dir="/r")
     assert [p.name for p in one if p.role == "frontend"] == ["frontend"]
     assert one[-1].ready.process is None
     assert FRONTEND_PROCESS_ENV not in one[-1].env
+    assert ROTATION_FILE_ENV not in one[-1].env  # one process rotates on its own
+
+
+def test_the_shared_rotation_file_is_removed_after_the_stop(tmp_path: Path) -> None:
+    plan = plan_deployment(resolved("frontend.workers=2"), config_file="c.yaml",
+                           run_dir=str(tmp_path))  # fmt: skip
+    counter = Path(rotation_file("local-agg", str(tmp_path)))
+    assert counter.parent == Path("/dev/shm")  # node-local memory, not the run folder
+    assert rotation_file("local-agg", str(tmp_path / "other")) != str(counter)
+    counter.write_bytes(bytes(8))
+    remove_frontend_rotation(plan)
+    assert not counter.exists()
+    remove_frontend_rotation(plan)  # already gone: nothing to do
 
 
 def test_a_missing_service_binary_is_a_config_error_naming_its_field(monkeypatch) -> None:

@@ -7,38 +7,23 @@ from pathlib import Path
 import pytest
 
 from contract.config import load_config
-from hpcserve.launcher import per_process_rotation_note, prepare_deployment
+from contract.plan import ROTATION_FILE_ENV, rotation_file
+from hpcserve.launcher import prepare_deployment
 
 MOCKER = Path(__file__).resolve().parents[2] / "configs" / "local-mocker-kv.yaml"
 
 
-@pytest.mark.parametrize("router", ["round_robin", "random"])
-def test_several_processes_routing_without_load_are_told_to_share_counts(router: str) -> None:
-    config = load_config(overrides=[f"frontend.router={router}"], environ={})
-    note = per_process_rotation_note(config, 7)
-    assert note is not None
-    assert note.startswith(f"7 frontend processes each route {router} on their own")
-    assert "frontend.router kv" in note
-
-
-@pytest.mark.parametrize(
-    ("router", "frontends"),
-    [("round_robin", 1), ("kv", 7), ("least_loaded", 4)],
-)
-def test_no_note_for_one_process_or_a_router_that_shares_counts(
-    router: str, frontends: int
+@pytest.mark.parametrize("router", ["round_robin", "random", "kv"])
+def test_several_frontend_processes_need_no_note_about_their_router(
+    router: str, tmp_path: Path
 ) -> None:
-    config = load_config(overrides=[f"frontend.router={router}"], environ={})
-    assert per_process_rotation_note(config, frontends) is None
-
-
-@pytest.mark.parametrize(("router", "told"), [("round_robin", True), ("kv", False)])
-def test_up_says_it_when_planning_several_frontend_processes(
-    router: str, told: bool, tmp_path: Path
-) -> None:
+    """Round robin rotates once over all the frontend processes (their shared counter,
+    `frontend.rotation`); random is as random in several processes as in one: neither is worse for
+    several processes, so `up` says nothing about it (it used to say their choices collide)."""
     sets = [f"run_dir={tmp_path / 'run'}", "frontend.port=0", "frontend.workers=2",
             f"frontend.router={router}"]  # fmt: skip
     said: list[str] = []
-    prepare_deployment(load_config(MOCKER, sets, environ={}), said.append)
-    notes = [line for line in said if "frontend processes each route" in line]
-    assert len(notes) == (1 if told else 0), said
+    deployment = prepare_deployment(load_config(MOCKER, sets, environ={}), said.append)
+    assert not [line for line in said if "collide" in line or "on their own" in line], said
+    rotations = {p.env[ROTATION_FILE_ENV] for p in deployment.plan if p.role == "frontend"}
+    assert rotations == {rotation_file("local-mocker-kv", str(tmp_path / "run"))}

@@ -187,3 +187,68 @@ def test_every_frontend_process_listens_once_the_deployment_is_ready(tmp_path) -
         assert _listening_sockets(port) == 4
     finally:
         stop_deployment(deployment, say=lambda _m: None)
+
+
+def test_round_robin_takes_turns_across_the_processes(tmp_path) -> None:
+    """Round robin, two frontend processes, two workers: streams opened one after another,
+    each on a fresh connection, whichever process the kernel gives it. Stopped once each
+    process routed an odd number of them: one rotation over both puts an even total half on
+    each worker; a rotation per process would put both processes' odd one on the first
+    worker (two more there). The counter file is gone after the stop."""
+    from pathlib import Path
+
+    from contract.config import load_config
+    from contract.plan import ROTATION_FILE_ENV
+    from hpcserve.launcher import start_deployment, stop_deployment
+
+    repo = Path(__file__).resolve().parents[2]
+    config = load_config(repo / "configs" / "local-mocker-kv.yaml", [
+        "frontend.port=0", "frontend.workers=2", "frontend.router=round_robin",
+        "workers.0.count=2", f"run_dir={tmp_path}",
+    ])  # fmt: skip
+    deployment = start_deployment(config, say=lambda _m: None)
+    counter = Path(next(p.env[ROTATION_FILE_ENV] for p in deployment.plan
+                        if p.role == "frontend"))  # fmt: skip
+    base = deployment.url.removesuffix("/v1")
+    streams: list[tuple[httpx.Client, httpx.Response, Iterator[str]]] = []
+    try:
+        deadline = time.monotonic() + 60
+        while sum(b["workers"] for b in health_of_base(base).values()) < 4:
+            assert time.monotonic() < deadline, "workers did not register"
+            time.sleep(0.1)
+        routed = {"0": 0, "1": 0}
+        while not (routed["0"] % 2 and routed["1"] % 2):
+            assert len(streams) < 40, routed
+            client = httpx.Client(timeout=120)
+            response = client.send(client.build_request(
+                "POST", deployment.url + "/completions",
+                json={"prompt": [3, 4, 5], "max_tokens": 3000, "stream": True},
+            ), stream=True)  # fmt: skip
+            lines = response.iter_lines()  # kept: a dropped iterator closes the stream
+            streams.append((client, response, lines))
+            assert response.status_code == 200
+            next(lines)  # the first chunk: routed and running on a worker
+            routed[response.headers["X-Hpcserve-Frontend"]] += 1
+        per_worker: dict[str, int] = {}
+        for body in health_of_base(base).values():  # each process counts what it routed
+            for worker, count in body["in_flight"].items():
+                per_worker[worker] = per_worker.get(worker, 0) + count
+        assert sorted(per_worker.values()) == [len(streams) // 2] * 2, (routed, per_worker)
+        assert counter.stat().st_size == 8  # the processes' shared counter
+    finally:
+        for client, response, _ in streams:
+            response.close()
+            client.close()
+        stop_deployment(deployment, say=lambda _m: None)
+    assert not counter.exists()
+
+
+def health_of_base(base: str, timeout_s: float = 30) -> dict[int, dict]:
+    """/health as each of the two processes answers it (fresh connections until both did)."""
+    seen: dict[int, dict] = {}
+    deadline = time.monotonic() + timeout_s
+    while len(seen) < 2:
+        assert time.monotonic() < deadline, f"only processes {sorted(seen)} answered"
+        body = httpx.get(base + "/health", timeout=10).json()
+        seen[body["process"]] = body
+    return seen
