@@ -75,6 +75,7 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.http_load import run_raw
 from contract import bus
 from contract.config import default_model_dir, load_config
 from contract.messages import GenerateOutput, GenerateRequest, SamplingParams
@@ -119,6 +120,7 @@ class Result:
     worker_cpu_each: tuple[float, ...] = ()  # per simulated worker process
     client_cpu_each: tuple[float, ...] = ()  # per load client process
     other_cpu_each: dict[str, float] = field(default_factory=dict)  # nats, etcd, ...
+    busy_each_cpu: dict[int, float] = field(default_factory=dict)  # /proc/stat, all processes
 
     def cores(self, cpu_s: float) -> float:
         """CPU seconds spent during the scenario as cores kept busy on average."""
@@ -157,6 +159,24 @@ def cpu_seconds(pids: list[int]) -> float:
                 continue
             total += (int(fields[11]) + int(fields[12])) / ticks
     return total
+
+
+def busy_seconds_by_cpu(stat: Path = Path("/proc/stat")) -> dict[int, float]:
+    """Seconds each CPU has been busy since boot (all but idle and iowait, /proc/stat): what
+    any process or the kernel (the loopback network's softirqs too) spent there."""
+    ticks = os.sysconf("SC_CLK_TCK")
+    busy: dict[int, float] = {}
+    try:
+        lines = stat.read_text().splitlines()
+    except OSError:
+        return busy
+    for line in lines:
+        name, *values = line.split()
+        if not name.startswith("cpu") or name == "cpu":
+            continue
+        user, nice, system, _idle, _iowait, irq, softirq, steal = map(int, values[:8])
+        busy[int(name[3:])] = (user + nice + system + irq + softirq + steal) / ticks
+    return busy
 
 
 def _descendants(pid: int) -> list[int]:
@@ -339,15 +359,7 @@ async def drive(url: str, model: str, scenario: Scenario, count: int) -> Load:
     cpu0 = time.process_time()
     per_process: dict[str, int] = {}
     connections: dict[str, set[int]] = {}
-    body = orjson.dumps(
-        {
-            "model": model,
-            "messages": [{"role": "user", "content": QUESTION}],
-            "max_tokens": scenario.max_tokens,
-            "ignore_eos": True,
-            "stream": scenario.stream,
-        }
-    )
+    body = chat_body(model, scenario)
     headers = {"content-type": "application/json"}
     latencies: list[float] = []
     remaining = count
@@ -390,14 +402,45 @@ async def drive(url: str, model: str, scenario: Scenario, count: int) -> Load:
     return Load(latencies, wall, events, time.process_time() - cpu0, per_process, connections)
 
 
-def _drive_in_process(url: str, model: str, scenario: Scenario, count: int):
+def chat_body(model: str, scenario: Scenario) -> bytes:
+    """The one chat request every load client sends in `scenario`."""
+    return orjson.dumps(
+        {
+            "model": model,
+            "messages": [{"role": "user", "content": QUESTION}],
+            "max_tokens": scenario.max_tokens,
+            "ignore_eos": True,
+            "stream": scenario.stream,
+        }
+    )
+
+
+CLIENTS = ("aiohttp", "raw")  # --client: aiohttp (`drive`) or http_load's cheap one
+
+
+def drive_raw_client(url: str, model: str, scenario: Scenario, count: int) -> Load:
+    """`count` requests of `scenario` from `http_load` (a client ~10x cheaper per request than
+    aiohttp: see that module), in a fresh event loop of this process."""
+    out = run_raw(url, chat_body(model, scenario), scenario.concurrency, count, scenario.stream)
+    return Load(out.latencies, out.wall_s, out.events, out.cpu_s, out.per_process,
+                out.connections)  # fmt: skip
+
+
+def _drive_in_process(url: str, model: str, scenario: Scenario, count: int, client: str) -> Load:
+    if client == "raw":
+        return drive_raw_client(url, model, scenario, count)
     return asyncio.run(drive(url, model, scenario, count))
 
 
-async def drive_from(processes: int, url: str, model: str, scenario: Scenario, count: int) -> Load:
-    """`drive` split over `processes` client processes (one Python client tops out near a
-    core's worth of requests: too few for several frontend processes on many cores)."""
+async def drive_from(
+    processes: int, url: str, model: str, scenario: Scenario, count: int, client: str = "aiohttp"
+) -> Load:
+    """`drive` (or with `client` "raw", `http_load`'s client) split over `processes` client
+    processes (one Python client tops out near a core's worth of requests: too few for
+    several frontend processes on many cores)."""
     if processes <= 1 or scenario.concurrency < processes:
+        if client == "raw":
+            return await asyncio.to_thread(drive_raw_client, url, model, scenario, count)
         return await drive(url, model, scenario, count)
     from concurrent.futures import ProcessPoolExecutor
 
@@ -406,7 +449,8 @@ async def drive_from(processes: int, url: str, model: str, scenario: Scenario, c
     loop = asyncio.get_running_loop()
     with ProcessPoolExecutor(processes) as pool:
         parts = await asyncio.gather(*(
-            loop.run_in_executor(pool, _drive_in_process, url, model, share, count // processes)
+            loop.run_in_executor(pool, _drive_in_process, url, model, share,
+                                 count // processes, client)
             for _ in range(processes)
         ))  # fmt: skip
     per_process: dict[str, int] = {}
@@ -438,9 +482,11 @@ async def measure(
     concurrency: int = 64,
     other_names: list[str] | None = None,
     scenarios: tuple[Scenario, ...] = SCENARIOS,
+    client: str = "aiohttp",
 ) -> list[Result]:
     """The scenarios in turn; CPU of each frontend, worker, client and other process
-    (`other_names`: what each of `other_pids` is, e.g. nats, etcd) per scenario."""
+    (`other_names`: what each of `other_pids` is, e.g. nats, etcd) per scenario; the load
+    from `client` (CLIENTS)."""
     await drive(url, model, SCENARIOS[1], 64)  # warm-up: connections, caches, JITs
     others = other_pids or []
     names = other_names or [str(pid) for pid in others]
@@ -451,20 +497,22 @@ async def measure(
             scenario = Scenario(name, scenario.stream, scenario.max_tokens, concurrency,
                                 scenario.share)  # fmt: skip
         count = max(20, int(requests * scenario.share))
+        busy0 = busy_seconds_by_cpu()
         fe0 = [cpu_seconds([pid]) for pid in frontend_pids]
         wk0 = [cpu_seconds([pid]) for pid in worker_pids]
         ot0 = [cpu_seconds([pid]) for pid in others]
-        load = await drive_from(client_processes, url, model, scenario, count)
+        load = await drive_from(client_processes, url, model, scenario, count, client)
         fe = [cpu_seconds([pid]) - before for pid, before in zip(frontend_pids, fe0, strict=True)]
         wk_each = [cpu_seconds([p]) - before for p, before in zip(worker_pids, wk0, strict=True)]
         ot_each = [cpu_seconds([p]) - before for p, before in zip(others, ot0, strict=True)]
+        busy = {cpu: t - busy0.get(cpu, t) for cpu, t in busy_seconds_by_cpu().items()}
         wk, ot = sum(wk_each), sum(ot_each)
         served = tuple(load.per_process.get(str(i), 0) for i in range(len(frontend_pids)))
         conns = tuple(len(load.connections.get(str(i), ())) for i in range(len(frontend_pids)))
         results.append(Result(scenario, len(load.latencies), load.wall_s, load.latencies, sum(fe),
                               wk, load.events, load.client_cpu_s, ot, tuple(fe), served,
                               conns, tuple(wk_each), load.client_cpu_each or (load.client_cpu_s,),
-                              dict(zip(names, ot_each, strict=True))))  # fmt: skip
+                              dict(zip(names, ot_each, strict=True)), busy))  # fmt: skip
     return results
 
 
@@ -576,6 +624,7 @@ async def run_hpcserve(
     concurrency: int = 64,
     layout: CpuLayout | None = None,
     scenarios: tuple[Scenario, ...] = SCENARIOS,
+    client: str = "aiohttp",
 ):
     """One deployment measured; with `layout`, its processes pinned to it first (--pin)."""
     config = hpcserve_config(frontend_workers, speedup, router)
@@ -591,7 +640,8 @@ async def run_hpcserve(
         url = deployment.url + "/chat/completions"
         model = deployment.config.model.served_name or Path(str(deployment.config.model.path)).name
         results = await measure(url, model, frontends, workers, requests, client_processes,
-                                others, concurrency, other_names, scenarios)  # fmt: skip
+                                others, concurrency, other_names, scenarios,
+                                client)  # fmt: skip
         direct_p50 = None
         if direct:
             assert deployment.config.services.nats.endpoint
@@ -857,7 +907,13 @@ def cores_table(results: list[Result], layout: CpuLayout | None = None) -> None:
               f"{r.cores(r.other_cpu_s):9.2f} {r.cores(sum(parts)):6.2f}")  # fmt: skip
         if layout is not None:
             rest = r.cores(r.worker_cpu_s + r.client_cpu_s + r.other_cpu_s)
-            print(f"  {'':<24} the rest: {rest:.2f} of its {len(layout.rest)} CPUs busy")
+            seen = r.cores(sum(r.busy_each_cpu.get(cpu, 0.0) for cpu in layout.rest))
+            print(f"  {'':<24} the rest: {rest:.2f} of its {len(layout.rest)} CPUs busy "
+                  f"({seen:.2f} by /proc/stat: every process and the kernel)")  # fmt: skip
+        elif r.busy_each_cpu:
+            seen = r.cores(sum(r.busy_each_cpu.values()))
+            print(f"  {'':<24} the machine: {seen:.2f} of {len(r.busy_each_cpu)} CPUs busy "
+                  "(/proc/stat: every process and the kernel)")  # fmt: skip
         print(f"  {'':<24} {component_line(r)}")
         if len(r.served_each) > 1:
             shares = " ".join(f"{n / max(1, r.requests):.2f}" for n in r.served_each)
@@ -888,32 +944,127 @@ def pinning_plan(args: argparse.Namespace) -> tuple[list[tuple[int, ...]], int, 
     return cores, rest_min, whole, mean
 
 
+SATURATED = 0.90  # a process busy this share of its one CPU (or more) is at its limit
+
+
+def what_bounds(r: Result, layout: CpuLayout | None, cpus: int) -> str:
+    """What set a sweep row's rate: "frontends" where every frontend process is saturated
+    and no shared part is at its limit; otherwise "stack: ..." naming the shared parts at
+    their limit (a single-threaded worker or client process at SATURATED; the CPUs the rest
+    of the stack may use, or the whole machine unpinned, SATURATED full), or "neither" where
+    the frontends had CPU to spare and nothing shared was full (too little load offered). A
+    row bound by the stack says nothing of the frontends' scale-out."""
+    limits = []
+    if r.worker_cpu_each and r.cores(max(r.worker_cpu_each)) >= SATURATED:
+        limits.append("a worker")
+    if r.client_cpu_each and r.cores(max(r.client_cpu_each)) >= SATURATED:
+        limits.append("a client")
+    shared = list(layout.rest) if layout is not None else list(r.busy_each_cpu)
+    busy = r.cores(sum(r.busy_each_cpu.get(cpu, 0.0) for cpu in shared))
+    if shared and busy >= SATURATED * len(shared):
+        limits.append(f"the rest's CPUs ({busy:.1f} of {len(shared)} busy)" if layout is not None
+                      else f"the machine ({busy:.1f} of {len(shared)} CPUs busy)")  # fmt: skip
+    if limits:
+        return "stack: " + ", ".join(limits)
+    if r.frontend_cpu_each and r.cores(min(r.frontend_cpu_each)) >= SATURATED:
+        return "frontends"
+    low = min((r.cores(cpu) for cpu in r.frontend_cpu_each), default=0.0)
+    return f"neither (a frontend at {low:.2f})"
+
+
+@dataclass
+class SweepRow:
+    """One sweep row's figures for the summary: a deployment of `width` frontend processes."""
+
+    router: str
+    width: int
+    run: int  # which pass of the sweep
+    scenario: str
+    req_s: float
+    frontend_ms: float  # frontend CPU per request
+    bound: str  # what_bounds
+
+
+def summarize(rows: list[SweepRow]) -> None:
+    """Per router and scenario, each width's req/s as a ratio to N=1 of the same pass, whether
+    it reaches 0.8*N, and what bound the row; then one line per router."""
+    first = min(row.width for row in rows)
+    print(f"\nscale-out (req/s per pass, x the same pass's N={first}; the goal is >= 0.8*N where "
+          "the frontends set the rate; stack-bound rows measure the simulated stack)")  # fmt: skip
+    keys = sorted({(row.router, row.scenario) for row in rows})
+    for router, scenario in keys:
+        print(f"  {router}, {scenario}")
+        print(f"    {'N':>3} {'req/s':>16} {'x N=1':>14} {'0.8N':>5} {'met':>5} "
+              f"{'fe ms/req':>11}  bound by")  # fmt: skip
+        mine = [row for row in rows if (row.router, row.scenario) == (router, scenario)]
+        base = {row.run: row.req_s for row in mine if row.width == first}
+        for width in sorted({row.width for row in mine}):
+            at = sorted((row for row in mine if row.width == width), key=lambda row: row.run)
+            ratios = [row.req_s / base[row.run] for row in at if row.run in base]
+            need = 0.8 * width / first
+            met = "/".join(("yes" if x >= need else "no") for x in ratios)
+            print(f"    {width:>3} {' '.join(f'{row.req_s:.0f}' for row in at):>16} "
+                  f"{' '.join(f'x{x:.2f}' for x in ratios):>14} {need:5.1f} {met:>5} "
+                  f"{' '.join(f'{row.frontend_ms:.3f}' for row in at):>11}  "
+                  f"{'; '.join(row.bound for row in at)}")  # fmt: skip
+    for router in sorted({row.router for row in rows}):
+        mine = [row for row in rows if row.router == router]
+        fair = [row for row in mine if row.bound == "frontends"]
+        widths = sorted({row.width for row in fair})
+        print(f"frontend_workers_sweep router={router} frontend_bound_widths="
+              f"{','.join(map(str, widths)) or '-'} stack_bound_rows="
+              f"{sum(row.bound.startswith('stack') for row in mine)}/{len(mine)}")  # fmt: skip
+
+
 async def sweep(args: argparse.Namespace) -> None:
-    rates = {}
+    """Each router at each width of `--sweep`, `--passes` times: the widths up then down in
+    alternate passes and the routers' order alternating by width, so that a drift of the
+    machine falls on both sides; each row its own deployment."""
     plan = pinning_plan(args) if args.pin else None
-    for count in args.sweep:
-        concurrency = args.concurrency * (count if args.concurrency_per_process else 1)
-        layout = None
-        if plan is not None:
-            cores, rest_min, whole, _ = plan
-            layout = plan_pinning(cores, count, rest_min, whole)
-        results, _ = await run_hpcserve(args.requests, count, args.speedup, False,
-                                        args.client_processes, args.router,
-                                        concurrency, layout,
-                                        SCENARIOS[:2] if args.skip_c1 else SCENARIOS)  # fmt: skip
-        where = f"{os.cpu_count()} cores here"
-        if layout is not None:
-            where += f", pinned: {layout.describe()}"
-        table(f"hpcserve frontend.workers={count} (router {args.router}, {where})", results)
-        cores_table(results, layout)
-        rates[count] = results[0].req_s
-    first = args.sweep[0]
-    parts = " ".join(f"w{n}_req_s={rate:.0f}" for n, rate in rates.items())
-    last = args.sweep[-1]
-    ratios = " ".join(f"x{n}={rate / rates[first]:.2f}" for n, rate in rates.items())
-    scaling = rates[last] / rates[first]
-    pinned = "" if plan is None else f" pinned=1 busy_cpu_slowdown={plan[3]:.2f}"
-    print(f"frontend_workers_sweep {parts} {ratios} scaling_w{last}={scaling:.2f}{pinned}")
+    routers = args.routers or [args.router]
+    cpus = os.cpu_count() or 1
+    rows: list[SweepRow] = []
+    turn = 0
+    for run in range(args.passes):
+        widths = args.sweep if run % 2 == 0 else list(reversed(args.sweep))
+        for count in widths:
+            order = routers if turn % 2 == 0 else list(reversed(routers))
+            turn += 1
+            for router in order:
+                rows += await sweep_row(args, plan, router, count, run, cpus)
+    summarize(rows)
+
+
+async def sweep_row(
+    args: argparse.Namespace, plan: tuple | None, router: str, count: int, run: int, cpus: int
+) -> list[SweepRow]:
+    """One deployment of `count` frontend processes measured; its tables printed."""
+    concurrency = args.concurrency * (count if args.concurrency_per_process else 1)
+    layout = None
+    if plan is not None:
+        cores, rest_min, whole, _ = plan
+        layout = plan_pinning(cores, count, rest_min, whole)
+    load = f"{os.getloadavg()[0]:.1f}"
+    results, _ = await run_hpcserve(args.requests, count, args.speedup, False,
+                                    args.client_processes, router, concurrency, layout,
+                                    SCENARIOS[:2] if args.skip_c1 else SCENARIOS,
+                                    args.client)  # fmt: skip
+    workers = hpcserve_config(count, args.speedup, router).workers[0].count
+    where = f"{cpus} CPUs, load average {load} before, {workers} simulated workers, "
+    where += f"{args.client_processes} {args.client} client process(es)"
+    if layout is not None:
+        where += f"; pinned: {layout.describe()}"
+    table(f"hpcserve frontend.workers={count} pass {run} (router {router}, {where})", results)
+    cores_table(results, layout)
+    rows = []
+    for r in results:
+        if r.scenario.concurrency == 1:
+            continue
+        bound = what_bounds(r, layout, cpus)
+        print(f"  {r.scenario.name}: bound by {bound}")
+        rows.append(SweepRow(router, count, run, r.scenario.name, r.req_s,
+                             r.frontend_ms_per_req, bound))  # fmt: skip
+    return rows
 
 
 def main() -> None:
@@ -948,6 +1099,24 @@ def main() -> None:
         help="--workers-sweep: --concurrency per frontend process (the same load on each)",
     )  # fmt: skip
     parser.add_argument(
+        "--routers", nargs="+", choices=sorted(DYNAMO_ROUTER), default=None,
+        help="--workers-sweep: these routers, alternated within the sweep (default: --router)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--passes", type=int, default=1,
+        help="--workers-sweep: times over the widths, up then down (ratios within a pass)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--client", choices=CLIENTS, default="raw",
+        help="--workers-sweep: the load client (raw: benchmarks/http_load.py, ~10x cheaper "
+        "per request than aiohttp)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--sim-workers", type=int, default=None,
+        help="--workers-sweep: simulated worker processes (workers.0.count; the config's 8 "
+        "cost ~1.8x the CPU per request of 4)",
+    )  # fmt: skip
+    parser.add_argument(
         "--pin", action="store_true",
         help="--workers-sweep (Linux): each frontend process on CPUs of its own, all else on "
         "the rest (layout printed)",
@@ -974,6 +1143,8 @@ def main() -> None:
     if args.pin and not (args.workers_sweep and hasattr(os, "sched_setaffinity")):
         parser.error("--pin: only with --workers-sweep, on Linux (os.sched_setaffinity)")
     EXTRA_SETTINGS.extend(args.settings)
+    if args.sim_workers is not None:
+        EXTRA_SETTINGS.append(f"workers.0.count={args.sim_workers}")
     if args.ab_tree:
         asyncio.run(c1_ab(args))
         return
