@@ -979,33 +979,37 @@ class SweepRow:
     router: str
     width: int
     run: int  # which pass of the sweep
-    scenario: str
+    scenario: str  # its name without the concurrency (which grows with the width)
     req_s: float
     frontend_ms: float  # frontend CPU per request
     bound: str  # what_bounds
 
 
 def summarize(rows: list[SweepRow]) -> None:
-    """Per router and scenario, each width's req/s as a ratio to N=1 of the same pass, whether
-    it reaches 0.8*N, and what bound the row; then one line per router."""
+    """Per router and scenario, each width's req/s per pass and as a ratio to the narrowest
+    width of the same pass, and the mean over passes against the narrowest width's mean
+    (passes run the widths up and down, so a drift of the machine cancels there), whether
+    that reaches 0.8*N, and what bound each pass's row; then one line per router."""
     first = min(row.width for row in rows)
-    print(f"\nscale-out (req/s per pass, x the same pass's N={first}; the goal is >= 0.8*N where "
-          "the frontends set the rate; stack-bound rows measure the simulated stack)")  # fmt: skip
+    print(f"\nscale-out (req/s per pass, x the same pass's N={first}; mean: the passes' mean "
+          f"over N={first}'s; the goal is >= 0.8*N where the frontends set the rate; stack-bound "
+          "rows measure the simulated stack)")  # fmt: skip
     keys = sorted({(row.router, row.scenario) for row in rows})
     for router, scenario in keys:
         print(f"  {router}, {scenario}")
-        print(f"    {'N':>3} {'req/s':>16} {'x N=1':>14} {'0.8N':>5} {'met':>5} "
-              f"{'fe ms/req':>11}  bound by")  # fmt: skip
+        print(f"    {'N':>3} {'req/s':>18} {'x N=1':>16} {'mean':>6} {'0.8N':>5} {'met':>4} "
+              f"{'fe ms/req':>13}  bound by")  # fmt: skip
         mine = [row for row in rows if (row.router, row.scenario) == (router, scenario)]
         base = {row.run: row.req_s for row in mine if row.width == first}
         for width in sorted({row.width for row in mine}):
             at = sorted((row for row in mine if row.width == width), key=lambda row: row.run)
             ratios = [row.req_s / base[row.run] for row in at if row.run in base]
+            mean = sum(row.req_s for row in at) / len(at) / (sum(base.values()) / len(base))
             need = 0.8 * width / first
-            met = "/".join(("yes" if x >= need else "no") for x in ratios)
-            print(f"    {width:>3} {' '.join(f'{row.req_s:.0f}' for row in at):>16} "
-                  f"{' '.join(f'x{x:.2f}' for x in ratios):>14} {need:5.1f} {met:>5} "
-                  f"{' '.join(f'{row.frontend_ms:.3f}' for row in at):>11}  "
+            print(f"    {width:>3} {' '.join(f'{row.req_s:.0f}' for row in at):>18} "
+                  f"{' '.join(f'x{x:.2f}' for x in ratios):>16} x{mean:<5.2f} {need:5.1f} "
+                  f"{'yes' if mean >= need else 'no':>4} "
+                  f"{' '.join(f'{row.frontend_ms:.3f}' for row in at):>13}  "
                   f"{'; '.join(row.bound for row in at)}")  # fmt: skip
     for router in sorted({row.router for row in rows}):
         mine = [row for row in rows if row.router == router]
@@ -1062,8 +1066,9 @@ async def sweep_row(
             continue
         bound = what_bounds(r, layout, cpus)
         print(f"  {r.scenario.name}: bound by {bound}")
-        rows.append(SweepRow(router, count, run, r.scenario.name, r.req_s,
-                             r.frontend_ms_per_req, bound))  # fmt: skip
+        kind = r.scenario.name.split(" c=")[0]  # the same scenario at every width's load
+        rows.append(SweepRow(router, count, run, kind, r.req_s, r.frontend_ms_per_req,
+                             bound))  # fmt: skip
     return rows
 
 

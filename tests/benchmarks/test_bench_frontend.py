@@ -180,3 +180,24 @@ def test_busy_seconds_by_cpu_reads_proc_stat(tmp_path: Path) -> None:
     )
     assert busy_seconds_by_cpu(stat) == {0: 2.0, 3: 3.0}
     assert busy_seconds_by_cpu(tmp_path / "missing") == {}
+
+
+def test_sweep_summary_ratios_per_pass_and_mean(capsys: pytest.CaptureFixture[str]) -> None:
+    """A scenario's rows of every width form one table (their names differ in concurrency
+    only); each pass against its own N=1, the mean against N=1's mean; the router's line
+    lists the widths where the frontends set the rate."""
+    from benchmarks.bench_frontend import SweepRow, summarize
+
+    rows = [
+        SweepRow("kv", 1, 0, "non-stream 16 tok", 1000.0, 0.3, "frontends"),
+        SweepRow("kv", 2, 0, "non-stream 16 tok", 1500.0, 0.4, "frontends"),
+        SweepRow("kv", 2, 1, "non-stream 16 tok", 2100.0, 0.3, "stack: a worker"),
+        SweepRow("kv", 1, 1, "non-stream 16 tok", 1200.0, 0.3, "frontends"),
+    ]
+    summarize(rows)
+    out = capsys.readouterr().out
+    assert out.count("kv, non-stream 16 tok") == 1
+    line = next(x for x in out.splitlines() if x.strip().startswith("2 "))
+    assert "x1.50 x1.75" in line and "x1.64" in line and line.split()[6:8] == ["1.6", "yes"]
+    assert "frontends; stack: a worker" in line
+    assert "router=kv frontend_bound_widths=1,2 stack_bound_rows=1/4" in out
