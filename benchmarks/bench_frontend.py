@@ -75,7 +75,6 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.cpu_probe import CpuProbe
 from benchmarks.http_load import run_raw
 from contract import bus
 from contract.config import default_model_dir, load_config
@@ -122,12 +121,6 @@ class Result:
     client_cpu_each: tuple[float, ...] = ()  # per load client process
     other_cpu_each: dict[str, float] = field(default_factory=dict)  # nats, etcd, ...
     busy_each_cpu: dict[int, float] = field(default_factory=dict)  # /proc/stat, all processes
-    cpu_slowdown: float = float("nan")  # cpu_probe: the CPUs' speed at rest / during this
-
-    @property
-    def frontend_idle_ms_per_req(self) -> float:
-        """Frontend CPU per request in CPU time at rest (the probe's slowdown taken out)."""
-        return self.frontend_ms_per_req / self.cpu_slowdown
 
     def cores(self, cpu_s: float) -> float:
         """CPU seconds spent during the scenario as cores kept busy on average."""
@@ -490,7 +483,6 @@ async def measure(
     other_names: list[str] | None = None,
     scenarios: tuple[Scenario, ...] = SCENARIOS,
     client: str = "aiohttp",
-    probe: CpuProbe | None = None,
 ) -> list[Result]:
     """The scenarios in turn; CPU of each frontend, worker, client and other process
     (`other_names`: what each of `other_pids` is, e.g. nats, etcd) per scenario; the load
@@ -509,8 +501,7 @@ async def measure(
         fe0 = [cpu_seconds([pid]) for pid in frontend_pids]
         wk0 = [cpu_seconds([pid]) for pid in worker_pids]
         ot0 = [cpu_seconds([pid]) for pid in others]
-        with probe.running() if probe else contextlib.nullcontext([]) as probed:
-            load = await drive_from(client_processes, url, model, scenario, count, client)
+        load = await drive_from(client_processes, url, model, scenario, count, client)
         fe = [cpu_seconds([pid]) - before for pid, before in zip(frontend_pids, fe0, strict=True)]
         wk_each = [cpu_seconds([p]) - before for p, before in zip(worker_pids, wk0, strict=True)]
         ot_each = [cpu_seconds([p]) - before for p, before in zip(others, ot0, strict=True)]
@@ -521,8 +512,7 @@ async def measure(
         results.append(Result(scenario, len(load.latencies), load.wall_s, load.latencies, sum(fe),
                               wk, load.events, load.client_cpu_s, ot, tuple(fe), served,
                               conns, tuple(wk_each), load.client_cpu_each or (load.client_cpu_s,),
-                              dict(zip(names, ot_each, strict=True)), busy,
-                              probe.slowdown(probed) if probe else float("nan")))  # fmt: skip
+                              dict(zip(names, ot_each, strict=True)), busy))  # fmt: skip
     return results
 
 
@@ -635,7 +625,6 @@ async def run_hpcserve(
     layout: CpuLayout | None = None,
     scenarios: tuple[Scenario, ...] = SCENARIOS,
     client: str = "aiohttp",
-    probe: CpuProbe | None = None,
 ):
     """One deployment measured; with `layout`, its processes pinned to it first (--pin)."""
     config = hpcserve_config(frontend_workers, speedup, router)
@@ -652,7 +641,7 @@ async def run_hpcserve(
         model = deployment.config.model.served_name or Path(str(deployment.config.model.path)).name
         results = await measure(url, model, frontends, workers, requests, client_processes,
                                 others, concurrency, other_names, scenarios,
-                                client, probe)  # fmt: skip
+                                client)  # fmt: skip
         direct_p50 = None
         if direct:
             assert deployment.config.services.nats.endpoint
@@ -994,7 +983,6 @@ class SweepRow:
     req_s: float
     frontend_ms: float  # frontend CPU per request
     bound: str  # what_bounds
-    slowdown: float = float("nan")  # cpu_probe: how much slower the CPUs ran than at rest
 
 
 def summarize(rows: list[SweepRow]) -> None:
@@ -1023,23 +1011,6 @@ def summarize(rows: list[SweepRow]) -> None:
                   f"{'yes' if mean >= need else 'no':>4} "
                   f"{' '.join(f'{row.frontend_ms:.3f}' for row in at):>13}  "
                   f"{'; '.join(row.bound for row in at)}")  # fmt: skip
-    probed = [row for row in rows if row.slowdown == row.slowdown]
-    if probed:
-        print("\nfrontend CPU per request at N over N=1's, as measured / with the CPUs' slowdown "
-              "(cpu_probe) taken out (1.00: the same work per request; the rest of a rise is "
-              "the machine's CPUs running slower)")  # fmt: skip
-    for router, scenario in keys if probed else ():
-        mine = [row for row in probed if (row.router, row.scenario) == (router, scenario)]
-        base = {row.run: row for row in mine if row.width == first}
-        parts = []
-        for row in sorted(mine, key=lambda row: (row.width, row.run)):
-            if row.width == first or row.run not in base:
-                continue
-            b = base[row.run]
-            raw = row.frontend_ms / b.frontend_ms
-            rest = raw * b.slowdown / row.slowdown
-            parts.append(f"N={row.width}: x{raw:.2f} / x{rest:.2f} (CPUs x{row.slowdown:.2f})")
-        print(f"  {router}, {scenario}: " + "; ".join(parts))
     for router in sorted({row.router for row in rows}):
         mine = [row for row in rows if row.router == router]
         fair = [row for row in mine if row.bound == "frontends"]
@@ -1054,13 +1025,6 @@ async def sweep(args: argparse.Namespace) -> None:
     alternate passes and the routers' order alternating by width, so that a drift of the
     machine falls on both sides; each row its own deployment."""
     plan = pinning_plan(args) if args.pin else None
-    probe = None
-    if plan is not None:
-        cores, rest_min, whole, _ = plan
-        widest = plan_pinning(cores, max(args.sweep), rest_min, whole)
-        probe = CpuProbe(widest.rest[-1])
-        print(f"cpu_probe: CPU {probe.cpu} (the rest's in every row), the loop's CPU time at "
-              f"rest {1000 * probe.calibrate():.2f} ms")  # fmt: skip
     routers = args.routers or [args.router]
     cpus = os.cpu_count() or 1
     rows: list[SweepRow] = []
@@ -1071,18 +1035,12 @@ async def sweep(args: argparse.Namespace) -> None:
             order = routers if turn % 2 == 0 else list(reversed(routers))
             turn += 1
             for router in order:
-                rows += await sweep_row(args, plan, router, count, run, cpus, probe)
+                rows += await sweep_row(args, plan, router, count, run, cpus)
     summarize(rows)
 
 
 async def sweep_row(
-    args: argparse.Namespace,
-    plan: tuple | None,
-    router: str,
-    count: int,
-    run: int,
-    cpus: int,
-    probe: CpuProbe | None = None,
+    args: argparse.Namespace, plan: tuple | None, router: str, count: int, run: int, cpus: int
 ) -> list[SweepRow]:
     """One deployment of `count` frontend processes measured; its tables printed."""
     concurrency = args.concurrency * (count if args.concurrency_per_process else 1)
@@ -1094,7 +1052,7 @@ async def sweep_row(
     results, _ = await run_hpcserve(args.requests, count, args.speedup, False,
                                     args.client_processes, router, concurrency, layout,
                                     SCENARIOS[:2] if args.skip_c1 else SCENARIOS,
-                                    args.client, probe)  # fmt: skip
+                                    args.client)  # fmt: skip
     workers = hpcserve_config(count, args.speedup, router).workers[0].count
     where = f"{cpus} CPUs, load average {load} before, {workers} simulated workers, "
     where += f"{args.client_processes} {args.client} client process(es)"
@@ -1107,14 +1065,10 @@ async def sweep_row(
         if r.scenario.concurrency == 1:
             continue
         bound = what_bounds(r, layout, cpus)
-        probed = ""
-        if probe is not None:
-            probed = (f"; CPUs x{r.cpu_slowdown:.2f} as slow as at rest (cpu_probe), frontend "
-                      f"{r.frontend_idle_ms_per_req:.3f} ms/req in CPU time at rest")  # fmt: skip
-        print(f"  {r.scenario.name}: bound by {bound}{probed}")
+        print(f"  {r.scenario.name}: bound by {bound}")
         kind = r.scenario.name.split(" c=")[0]  # the same scenario at every width's load
         rows.append(SweepRow(router, count, run, kind, r.req_s, r.frontend_ms_per_req,
-                             bound, r.cpu_slowdown))  # fmt: skip
+                             bound))  # fmt: skip
     return rows
 
 
