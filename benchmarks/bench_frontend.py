@@ -29,20 +29,27 @@ frontend CPU per streamed request / Dynamo's; y: hpcserve streamed req/s / Dynam
     python benchmarks/bench_frontend.py [--requests 1500] [--router kv|round_robin] \
         [--speedup 1000] [--dynamo-venv /work/dynvenv]
 
-`--workers-sweep` instead measures hpcserve's non-stream throughput with frontend.workers =
-1, 2, 4, 8 (give it a machine with the cores: ~16; on 2 cores it only shows contention):
+`--workers-sweep` instead measures hpcserve's throughput with frontend.workers = 1, 2, 4, 8
+(give it a machine with the cores: ~16; on 2 cores it only shows contention), each width a
+deployment of its own, the load from `benchmarks/http_load.py` (`--client raw`, ~0.04 ms of
+CPU a request against aiohttp's ~0.2: the client is not what it measures):
 
-    python benchmarks/bench_frontend.py --workers-sweep [--sweep 1 2 4 8] [--requests 6000] \
-        [--client-processes 4] [--concurrency 64] [--concurrency-per-process]
+    python benchmarks/bench_frontend.py --workers-sweep --pin --sweep 1 2 4 6 8 \
+        --routers round_robin kv --passes 2 --sim-workers 4 --client-processes 4 \
+        --concurrency 32 --concurrency-per-process --skip-c1 [--requests 12000]
 
 (`--concurrency-per-process`: N processes get N x --concurrency in flight, so each process
 runs at the same load; a process's CPU per request grows as its load falls, see README.)
 `--pin` (Linux) gives each frontend process CPUs of its own and everything else (this
 process, its load clients, the simulated workers, NATS, etcd) the rest, so that the sweep
 measures the frontends with the cores they are given rather than the machine: the layout,
-read from /sys (hyperthread siblings), is printed; see `plan_pinning`.
-Last line there: `frontend_workers_sweep w1_req_s=... w2_req_s=... scaling_w<max>=<x>`
-(with `--pin` also `pinned=1 busy_cpu_slowdown=<how much slower a CPU runs with all busy>`).
+read from /sys (hyperthread siblings), is printed; see `plan_pinning`. `--passes` runs the
+widths up, then down, and so on, the routers' order alternating by width. Each row says what
+bound it (`what_bounds`: the frontends, or a shared part at its limit: a stack-bound row
+measures the simulated stack, not the frontends' scale-out). The summary gives per router
+and scenario each width's req/s, its ratio to N=1 per pass and the passes' mean ratio, and
+one line per router: `frontend_workers_sweep router=<r> frontend_bound_widths=1,2,...
+stack_bound_rows=<k>/<rows>`.
 
 `--ab-tree CHECKOUT` instead measures the c=1 added latency of this tree's frontend (A) and
 of CHECKOUT's (B: the code before a change, or this tree with `--ab-set KEY=VALUE` config
