@@ -954,7 +954,7 @@ def pinning_plan(args: argparse.Namespace) -> tuple[list[tuple[int, ...]], int, 
 SATURATED = 0.90  # a process busy this share of its one CPU (or more) is at its limit
 
 
-def what_bounds(r: Result, layout: CpuLayout | None, cpus: int) -> str:
+def what_bounds(r: Result, layout: CpuLayout | None) -> str:
     """What set a sweep row's rate: "frontends" where every frontend process is saturated
     and no shared part is at its limit; otherwise "stack: ..." naming the shared parts at
     their limit (a single-threaded worker or client process at SATURATED; the CPUs the rest
@@ -1033,7 +1033,6 @@ async def sweep(args: argparse.Namespace) -> None:
     machine falls on both sides; each row its own deployment."""
     plan = pinning_plan(args) if args.pin else None
     routers = args.routers or [args.router]
-    cpus = os.cpu_count() or 1
     rows: list[SweepRow] = []
     turn = 0
     for run in range(args.passes):
@@ -1042,12 +1041,12 @@ async def sweep(args: argparse.Namespace) -> None:
             order = routers if turn % 2 == 0 else list(reversed(routers))
             turn += 1
             for router in order:
-                rows += await sweep_row(args, plan, router, count, run, cpus)
+                rows += await sweep_row(args, plan, router, count, run)
     summarize(rows)
 
 
 async def sweep_row(
-    args: argparse.Namespace, plan: tuple | None, router: str, count: int, run: int, cpus: int
+    args: argparse.Namespace, plan: tuple | None, router: str, count: int, run: int
 ) -> list[SweepRow]:
     """One deployment of `count` frontend processes measured; its tables printed."""
     concurrency = args.concurrency * (count if args.concurrency_per_process else 1)
@@ -1061,7 +1060,7 @@ async def sweep_row(
                                     SCENARIOS[:2] if args.skip_c1 else SCENARIOS,
                                     args.client)  # fmt: skip
     workers = hpcserve_config(count, args.speedup, router).workers[0].count
-    where = f"{cpus} CPUs, load average {load} before, {workers} simulated workers, "
+    where = f"{os.cpu_count()} CPUs, load average {load} before, {workers} simulated workers, "
     where += f"{args.client_processes} {args.client} client process(es)"
     if layout is not None:
         where += f"; pinned: {layout.describe()}"
@@ -1071,7 +1070,7 @@ async def sweep_row(
     for r in results:
         if r.scenario.concurrency == 1:
             continue
-        bound = what_bounds(r, layout, cpus)
+        bound = what_bounds(r, layout)
         print(f"  {r.scenario.name}: bound by {bound}")
         kind = r.scenario.name.split(" c=")[0]  # the same scenario at every width's load
         rows.append(SweepRow(router, count, run, kind, r.req_s, r.frontend_ms_per_req,

@@ -156,18 +156,18 @@ def test_what_bounds_a_sweep_row() -> None:
     with CPU to spare and nothing full: neither."""
     layout = CpuLayout(((15,), (14,)), tuple(range(14)), False)
     quiet = {cpu: 3.0 for cpu in range(14)} | {14: 9.6, 15: 9.5}
-    assert what_bounds(sweep_result(busy_each_cpu=quiet), layout, 16) == "frontends"
+    assert what_bounds(sweep_result(busy_each_cpu=quiet), layout) == "frontends"
     assert what_bounds(sweep_result(worker_cpu_each=(9.2, 3.0), busy_each_cpu=quiet),
-                       layout, 16) == "stack: a worker"  # fmt: skip
-    assert what_bounds(sweep_result(client_cpu_each=(9.5,)), layout, 16) == "stack: a client"
+                       layout) == "stack: a worker"  # fmt: skip
+    assert what_bounds(sweep_result(client_cpu_each=(9.5,)), layout) == "stack: a client"
     full = {cpu: 9.5 for cpu in range(14)}
-    assert what_bounds(sweep_result(busy_each_cpu=full), layout, 16).startswith(
+    assert what_bounds(sweep_result(busy_each_cpu=full), layout).startswith(
         "stack: the rest's CPUs (13.3 of 14 busy)"
     )
     # unpinned: the whole machine's CPUs
-    assert "the machine" in what_bounds(sweep_result(busy_each_cpu=full), None, 14)
+    assert "the machine" in what_bounds(sweep_result(busy_each_cpu=full), None)
     idle = sweep_result(frontend_cpu_each=(9.5, 4.0), busy_each_cpu=quiet)
-    assert what_bounds(idle, layout, 16) == "neither (a frontend at 0.40)"
+    assert what_bounds(idle, layout) == "neither (a frontend at 0.40)"
 
 
 def test_busy_seconds_by_cpu_reads_proc_stat(tmp_path: Path) -> None:
