@@ -422,32 +422,50 @@ def chat_body(model: str, scenario: Scenario) -> bytes:
     )
 
 
-CLIENTS = ("aiohttp", "raw")  # --client: aiohttp (`drive`) or http_load's cheap one
+# --client: aiohttp (`drive`), http_load's cheap one, or that one with its connections
+# spread evenly over the frontend processes (`http_load.balanced_sockets`)
+CLIENTS = ("aiohttp", "raw", "balanced")
 
 
-def drive_raw_client(url: str, model: str, scenario: Scenario, count: int) -> Load:
-    """`count` requests of `scenario` from `http_load` (a client ~10x cheaper per request than
-    aiohttp: see that module), in a fresh event loop of this process."""
-    out = run_raw(url, chat_body(model, scenario), scenario.concurrency, count, scenario.stream)
+def drive_raw_client(
+    url: str, model: str, scenario: Scenario, count: int, balance_over: int = 0
+) -> Load:
+    """`count` requests of `scenario` from `http_load` (a client ~5x cheaper per request than
+    aiohttp: see that module), in a fresh event loop of this process; with `balance_over`,
+    as many connections to each of that many frontend processes."""
+    out = run_raw(url, chat_body(model, scenario), scenario.concurrency, count, scenario.stream,
+                  balance_over)  # fmt: skip
     return Load(out.latencies, out.wall_s, out.events, out.cpu_s, out.per_process,
                 out.connections)  # fmt: skip
 
 
-def _drive_in_process(url: str, model: str, scenario: Scenario, count: int, client: str) -> Load:
-    if client == "raw":
-        return drive_raw_client(url, model, scenario, count)
+def _drive_in_process(
+    url: str, model: str, scenario: Scenario, count: int, client: str, frontends: int
+) -> Load:
+    if client in ("raw", "balanced"):
+        balance = frontends if client == "balanced" else 0
+        return drive_raw_client(url, model, scenario, count, balance)
     return asyncio.run(drive(url, model, scenario, count))
 
 
 async def drive_from(
-    processes: int, url: str, model: str, scenario: Scenario, count: int, client: str = "aiohttp"
+    processes: int,
+    url: str,
+    model: str,
+    scenario: Scenario,
+    count: int,
+    client: str = "aiohttp",
+    frontends: int = 1,
 ) -> Load:
-    """`drive` (or with `client` "raw", `http_load`'s client) split over `processes` client
-    processes (one Python client tops out near a core's worth of requests: too few for
-    several frontend processes on many cores)."""
+    """`drive` (or `client` "raw"/"balanced": `http_load`'s client, "balanced" spreading
+    each client process's connections evenly over `frontends` processes) split over
+    `processes` client processes (one Python client tops out near a core's worth of
+    requests: too few for several frontend processes on many cores)."""
     if processes <= 1 or scenario.concurrency < processes:
-        if client == "raw":
-            return await asyncio.to_thread(drive_raw_client, url, model, scenario, count)
+        if client != "aiohttp":
+            return await asyncio.to_thread(
+                _drive_in_process, url, model, scenario, count, client, frontends
+            )
         return await drive(url, model, scenario, count)
     from concurrent.futures import ProcessPoolExecutor
 
@@ -457,7 +475,7 @@ async def drive_from(
     with ProcessPoolExecutor(processes) as pool:
         parts = await asyncio.gather(*(
             loop.run_in_executor(pool, _drive_in_process, url, model, share,
-                                 count // processes, client)
+                                 count // processes, client, frontends)
             for _ in range(processes)
         ))  # fmt: skip
     per_process: dict[str, int] = {}
@@ -504,15 +522,19 @@ async def measure(
             scenario = Scenario(name, scenario.stream, scenario.max_tokens, concurrency,
                                 scenario.share)  # fmt: skip
         count = max(20, int(requests * scenario.share))
-        busy0 = busy_seconds_by_cpu()
+        busy0, window0 = busy_seconds_by_cpu(), time.perf_counter()
         fe0 = [cpu_seconds([pid]) for pid in frontend_pids]
         wk0 = [cpu_seconds([pid]) for pid in worker_pids]
         ot0 = [cpu_seconds([pid]) for pid in others]
-        load = await drive_from(client_processes, url, model, scenario, count, client)
+        load = await drive_from(client_processes, url, model, scenario, count, client,
+                                len(frontend_pids))  # fmt: skip
         fe = [cpu_seconds([pid]) - before for pid, before in zip(frontend_pids, fe0, strict=True)]
         wk_each = [cpu_seconds([p]) - before for p, before in zip(worker_pids, wk0, strict=True)]
         ot_each = [cpu_seconds([p]) - before for p, before in zip(others, ot0, strict=True)]
-        busy = {cpu: t - busy0.get(cpu, t) for cpu, t in busy_seconds_by_cpu().items()}
+        # busy seconds over the clients' own wall time (`cores` divides by it): the window
+        # also held the client processes' start and connection set-up
+        scale = load.wall_s / max(1e-9, time.perf_counter() - window0)
+        busy = {cpu: (t - busy0.get(cpu, t)) * scale for cpu, t in busy_seconds_by_cpu().items()}
         wk, ot = sum(wk_each), sum(ot_each)
         served = tuple(load.per_process.get(str(i), 0) for i in range(len(frontend_pids)))
         conns = tuple(len(load.connections.get(str(i), ())) for i in range(len(frontend_pids)))
@@ -1119,8 +1141,9 @@ def main() -> None:
     )  # fmt: skip
     parser.add_argument(
         "--client", choices=CLIENTS, default="raw",
-        help="--workers-sweep: the load client (raw: benchmarks/http_load.py, ~10x cheaper "
-        "per request than aiohttp)",
+        help="--workers-sweep: the load client (raw: benchmarks/http_load.py, ~5x cheaper "
+        "per request than aiohttp; balanced: the same with each client process's connections "
+        "spread evenly over the frontend processes)",
     )  # fmt: skip
     parser.add_argument(
         "--sim-workers", type=int, default=None,

@@ -12,15 +12,26 @@ answered) and sends the next request from the callback that completed the last o
 
 A request counts when its whole answer has arrived; a non-200 answer or a closed connection
 fails the run (RuntimeError naming what came back). Streams must end with `data: [DONE]`.
+
+Several frontend processes share one port (SO_REUSEPORT), and the kernel spreads connections
+by a hash: 64 connections over 6 processes landed 21-44 on one each, so "the same load on
+each process" was ±40 %. With `balance_over=N` each connection first asks `GET /health` (a
+several-process frontend names the process that answered, `"process": i`; far cheaper than
+a chat request, and not counted) and is kept only while that process has fewer than
+concurrency/N connections.
 """
 
 from __future__ import annotations
 
 import asyncio
+import socket
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from urllib.parse import urlsplit
+
+import orjson
 
 PROCESS_HEADER = b"x-hpcserve-frontend"  # which of several frontend processes answered
 _DONE = b"data: [DONE]"
@@ -207,10 +218,86 @@ def request_bytes(url: str, body: bytes) -> tuple[str, int, bytes]:
     return parts.hostname, port, head.encode() + body
 
 
-async def drive_raw(url: str, body: bytes, concurrency: int, count: int, stream: bool) -> Outcome:
-    """`count` POSTs of `body` to `url`, `concurrency` connections each with one in flight."""
+def health_request(host: str, port: int) -> bytes:
+    """The `GET /health` that tells which frontend process holds a connection."""
+    return f"GET /health HTTP/1.1\r\nHost: {host}:{port}\r\n\r\n".encode()
+
+
+async def _answered_by(sock: socket.socket, request: bytes) -> str:
+    """Send `health_request` on `sock`, read the whole answer: the frontend process that sent
+    it (its `"process"`)."""
+    loop = asyncio.get_running_loop()
+    await loop.sock_sendall(sock, request)
+    parser = ResponseParser()
+    while True:
+        data = await loop.sock_recv(sock, 65536)
+        if not data:
+            raise RuntimeError("connection closed before its first answer")
+        if parser.feed(data):
+            break
+    if parser.status != 200:
+        raise RuntimeError(f"/health: HTTP {parser.status}: {bytes(parser.body[:300])!r}")
+    process = orjson.loads(parser.body).get("process")
+    if process is None:
+        raise RuntimeError(f"/health names no process: cannot balance: {bytes(parser.body)!r}")
+    return str(process)
+
+
+async def balanced_sockets(
+    host: str, port: int, concurrency: int, processes: int
+) -> list[socket.socket]:
+    """`concurrency` connected sockets, concurrency/processes to each frontend process (known
+    by its answer to `health_request` on the socket); the surplus closed.
+    ValueError where concurrency is no multiple of processes; RuntimeError after 20 tries a
+    connection without the balance."""
+    if concurrency % processes:
+        raise ValueError(f"balance_over: {concurrency} connections do not split over "
+                         f"{processes} processes")  # fmt: skip
+    loop = asyncio.get_running_loop()
+    request = health_request(host, port)
+    each = concurrency // processes
+    kept: dict[str, list[socket.socket]] = {}
+    tries = 0
+    try:
+        while sum(len(socks) for socks in kept.values()) < concurrency:
+            tries += 1
+            if tries > 20 * concurrency:
+                seen = {process: len(socks) for process, socks in kept.items()}
+                raise RuntimeError(f"balance_over={processes}: after {tries - 1} connections "
+                                   f"still {seen} of {each} each")  # fmt: skip
+            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            sock.setblocking(False)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            try:
+                await loop.sock_connect(sock, (host, port))
+                process = await _answered_by(sock, request)
+            except BaseException:
+                sock.close()
+                raise
+            mine = kept.setdefault(process, [])
+            if len(mine) < each:
+                mine.append(sock)
+            else:
+                sock.close()
+    except BaseException:
+        for socks in kept.values():
+            for sock in socks:
+                sock.close()
+        raise
+    return [sock for socks in kept.values() for sock in socks]
+
+
+async def drive_raw(
+    url: str, body: bytes, concurrency: int, count: int, stream: bool, balance_over: int = 0
+) -> Outcome:
+    """`count` POSTs of `body` to `url`, `concurrency` connections each with one in flight;
+    with `balance_over` > 1, as many connections to each of that many frontend processes
+    (`balanced_sockets`, before the clock starts)."""
     host, port, request = request_bytes(url, body)
     loop = asyncio.get_running_loop()
+    socks: list[socket.socket | None] = [None] * concurrency
+    if balance_over > 1:
+        socks = list(await balanced_sockets(host, port, concurrency, balance_over))
     outcome = Outcome()
     remaining = count
 
@@ -227,11 +314,12 @@ async def drive_raw(url: str, body: bytes, concurrency: int, count: int, stream:
     transports = []
     try:
         for index, done in enumerate(finished):
-            transport, _ = await loop.create_connection(
-                lambda i=index, d=done: _Connection(i, request, stream, take, outcome, d),
-                host,
-                port,
-            )
+            factory = partial(_Connection, index, request, stream, take, outcome, done)
+            sock = socks[index]
+            if sock is None:
+                transport, _ = await loop.create_connection(factory, host, port)
+            else:
+                transport, _ = await loop.create_connection(factory, sock=sock)
             transports.append(transport)
         await asyncio.gather(*finished)
     finally:
@@ -242,10 +330,13 @@ async def drive_raw(url: str, body: bytes, concurrency: int, count: int, stream:
     return outcome
 
 
-def run_raw(url: str, body: bytes, concurrency: int, count: int, stream: bool) -> Outcome:
+def run_raw(
+    url: str, body: bytes, concurrency: int, count: int, stream: bool, balance_over: int = 0
+) -> Outcome:
     """`drive_raw` in a fresh event loop (uvloop where installed): a client process's entry."""
+    run = drive_raw(url, body, concurrency, count, stream, balance_over)
     try:
         import uvloop
     except ImportError:
-        return asyncio.run(drive_raw(url, body, concurrency, count, stream))
-    return uvloop.run(drive_raw(url, body, concurrency, count, stream))
+        return asyncio.run(run)
+    return uvloop.run(run)
