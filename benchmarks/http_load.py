@@ -248,8 +248,8 @@ async def balanced_sockets(
 ) -> list[socket.socket]:
     """`concurrency` connected sockets, concurrency/processes to each frontend process (known
     by its answer to `health_request` on the socket); the surplus closed.
-    ValueError where concurrency is no multiple of processes; RuntimeError after 20 tries a
-    connection without the balance."""
+    ValueError where concurrency is no multiple of processes; RuntimeError where 20 x
+    concurrency connections did not reach the balance (a process that never answers)."""
     if concurrency % processes:
         raise ValueError(f"balance_over: {concurrency} connections do not split over "
                          f"{processes} processes")  # fmt: skip
