@@ -29,20 +29,27 @@ frontend CPU per streamed request / Dynamo's; y: hpcserve streamed req/s / Dynam
     python benchmarks/bench_frontend.py [--requests 1500] [--router kv|round_robin] \
         [--speedup 1000] [--dynamo-venv /work/dynvenv]
 
-`--workers-sweep` instead measures hpcserve's non-stream throughput with frontend.workers =
-1, 2, 4, 8 (give it a machine with the cores: ~16; on 2 cores it only shows contention):
+`--workers-sweep` instead measures hpcserve's throughput with frontend.workers = 1, 2, 4, 8
+(give it a machine with the cores: ~16; on 2 cores it only shows contention), each width a
+deployment of its own, the load from `benchmarks/http_load.py` (`--client raw`, ~0.04 ms of
+CPU a request against aiohttp's ~0.2: the client is not what it measures):
 
-    python benchmarks/bench_frontend.py --workers-sweep [--sweep 1 2 4 8] [--requests 6000] \
-        [--client-processes 4] [--concurrency 64] [--concurrency-per-process]
+    python benchmarks/bench_frontend.py --workers-sweep --pin --sweep 1 2 4 6 8 \
+        --routers round_robin kv --passes 2 --sim-workers 4 --client-processes 4 \
+        --concurrency 32 --concurrency-per-process --skip-c1 [--requests 12000]
 
 (`--concurrency-per-process`: N processes get N x --concurrency in flight, so each process
 runs at the same load; a process's CPU per request grows as its load falls, see README.)
 `--pin` (Linux) gives each frontend process CPUs of its own and everything else (this
 process, its load clients, the simulated workers, NATS, etcd) the rest, so that the sweep
 measures the frontends with the cores they are given rather than the machine: the layout,
-read from /sys (hyperthread siblings), is printed; see `plan_pinning`.
-Last line there: `frontend_workers_sweep w1_req_s=... w2_req_s=... scaling_w<max>=<x>`
-(with `--pin` also `pinned=1 busy_cpu_slowdown=<how much slower a CPU runs with all busy>`).
+read from /sys (hyperthread siblings), is printed; see `plan_pinning`. `--passes` runs the
+widths up, then down, and so on, the routers' order alternating by width. Each row says what
+bound it (`what_bounds`: the frontends, or a shared part at its limit: a stack-bound row
+measures the simulated stack, not the frontends' scale-out). The summary gives per router
+and scenario each width's req/s, its ratio to N=1 per pass and the passes' mean ratio, and
+one line per router: `frontend_workers_sweep router=<r> frontend_bound_widths=1,2,...
+stack_bound_rows=<k>/<rows>`.
 
 `--ab-tree CHECKOUT` instead measures the c=1 added latency of this tree's frontend (A) and
 of CHECKOUT's (B: the code before a change, or this tree with `--ab-set KEY=VALUE` config
@@ -75,6 +82,7 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.http_load import run_raw
 from contract import bus
 from contract.config import default_model_dir, load_config
 from contract.messages import GenerateOutput, GenerateRequest, SamplingParams
@@ -119,6 +127,7 @@ class Result:
     worker_cpu_each: tuple[float, ...] = ()  # per simulated worker process
     client_cpu_each: tuple[float, ...] = ()  # per load client process
     other_cpu_each: dict[str, float] = field(default_factory=dict)  # nats, etcd, ...
+    busy_each_cpu: dict[int, float] = field(default_factory=dict)  # /proc/stat, all processes
 
     def cores(self, cpu_s: float) -> float:
         """CPU seconds spent during the scenario as cores kept busy on average."""
@@ -157,6 +166,24 @@ def cpu_seconds(pids: list[int]) -> float:
                 continue
             total += (int(fields[11]) + int(fields[12])) / ticks
     return total
+
+
+def busy_seconds_by_cpu(stat: Path = Path("/proc/stat")) -> dict[int, float]:
+    """Seconds each CPU has been busy since boot (all but idle and iowait, /proc/stat): what
+    any process or the kernel (the loopback network's softirqs too) spent there."""
+    ticks = os.sysconf("SC_CLK_TCK")
+    busy: dict[int, float] = {}
+    try:
+        lines = stat.read_text().splitlines()
+    except OSError:
+        return busy
+    for line in lines:
+        name, *values = line.split()
+        if not name.startswith("cpu") or name == "cpu":
+            continue
+        user, nice, system, _idle, _iowait, irq, softirq, steal = map(int, values[:8])
+        busy[int(name[3:])] = (user + nice + system + irq + softirq + steal) / ticks
+    return busy
 
 
 def _descendants(pid: int) -> list[int]:
@@ -339,15 +366,7 @@ async def drive(url: str, model: str, scenario: Scenario, count: int) -> Load:
     cpu0 = time.process_time()
     per_process: dict[str, int] = {}
     connections: dict[str, set[int]] = {}
-    body = orjson.dumps(
-        {
-            "model": model,
-            "messages": [{"role": "user", "content": QUESTION}],
-            "max_tokens": scenario.max_tokens,
-            "ignore_eos": True,
-            "stream": scenario.stream,
-        }
-    )
+    body = chat_body(model, scenario)
     headers = {"content-type": "application/json"}
     latencies: list[float] = []
     remaining = count
@@ -390,14 +409,63 @@ async def drive(url: str, model: str, scenario: Scenario, count: int) -> Load:
     return Load(latencies, wall, events, time.process_time() - cpu0, per_process, connections)
 
 
-def _drive_in_process(url: str, model: str, scenario: Scenario, count: int):
+def chat_body(model: str, scenario: Scenario) -> bytes:
+    """The one chat request every load client sends in `scenario`."""
+    return orjson.dumps(
+        {
+            "model": model,
+            "messages": [{"role": "user", "content": QUESTION}],
+            "max_tokens": scenario.max_tokens,
+            "ignore_eos": True,
+            "stream": scenario.stream,
+        }
+    )
+
+
+# --client: aiohttp (`drive`), http_load's cheap one, or that one with its connections
+# spread evenly over the frontend processes (`http_load.balanced_sockets`)
+CLIENTS = ("aiohttp", "raw", "balanced")
+
+
+def drive_raw_client(
+    url: str, model: str, scenario: Scenario, count: int, balance_over: int = 0
+) -> Load:
+    """`count` requests of `scenario` from `http_load` (a client ~5x cheaper per request than
+    aiohttp: see that module), in a fresh event loop of this process; with `balance_over`,
+    as many connections to each of that many frontend processes."""
+    out = run_raw(url, chat_body(model, scenario), scenario.concurrency, count, scenario.stream,
+                  balance_over)  # fmt: skip
+    return Load(out.latencies, out.wall_s, out.events, out.cpu_s, out.per_process,
+                out.connections)  # fmt: skip
+
+
+def _drive_in_process(
+    url: str, model: str, scenario: Scenario, count: int, client: str, frontends: int
+) -> Load:
+    if client in ("raw", "balanced"):
+        balance = frontends if client == "balanced" else 0
+        return drive_raw_client(url, model, scenario, count, balance)
     return asyncio.run(drive(url, model, scenario, count))
 
 
-async def drive_from(processes: int, url: str, model: str, scenario: Scenario, count: int) -> Load:
-    """`drive` split over `processes` client processes (one Python client tops out near a
-    core's worth of requests: too few for several frontend processes on many cores)."""
+async def drive_from(
+    processes: int,
+    url: str,
+    model: str,
+    scenario: Scenario,
+    count: int,
+    client: str = "aiohttp",
+    frontends: int = 1,
+) -> Load:
+    """`drive` (or `client` "raw"/"balanced": `http_load`'s client, "balanced" spreading
+    each client process's connections evenly over `frontends` processes) split over
+    `processes` client processes (one Python client tops out near a core's worth of
+    requests: too few for several frontend processes on many cores)."""
     if processes <= 1 or scenario.concurrency < processes:
+        if client != "aiohttp":
+            return await asyncio.to_thread(
+                _drive_in_process, url, model, scenario, count, client, frontends
+            )
         return await drive(url, model, scenario, count)
     from concurrent.futures import ProcessPoolExecutor
 
@@ -406,7 +474,8 @@ async def drive_from(processes: int, url: str, model: str, scenario: Scenario, c
     loop = asyncio.get_running_loop()
     with ProcessPoolExecutor(processes) as pool:
         parts = await asyncio.gather(*(
-            loop.run_in_executor(pool, _drive_in_process, url, model, share, count // processes)
+            loop.run_in_executor(pool, _drive_in_process, url, model, share,
+                                 count // processes, client, frontends)
             for _ in range(processes)
         ))  # fmt: skip
     per_process: dict[str, int] = {}
@@ -438,9 +507,11 @@ async def measure(
     concurrency: int = 64,
     other_names: list[str] | None = None,
     scenarios: tuple[Scenario, ...] = SCENARIOS,
+    client: str = "aiohttp",
 ) -> list[Result]:
     """The scenarios in turn; CPU of each frontend, worker, client and other process
-    (`other_names`: what each of `other_pids` is, e.g. nats, etcd) per scenario."""
+    (`other_names`: what each of `other_pids` is, e.g. nats, etcd) per scenario; the load
+    from `client` (CLIENTS)."""
     await drive(url, model, SCENARIOS[1], 64)  # warm-up: connections, caches, JITs
     others = other_pids or []
     names = other_names or [str(pid) for pid in others]
@@ -451,20 +522,26 @@ async def measure(
             scenario = Scenario(name, scenario.stream, scenario.max_tokens, concurrency,
                                 scenario.share)  # fmt: skip
         count = max(20, int(requests * scenario.share))
+        busy0, window0 = busy_seconds_by_cpu(), time.perf_counter()
         fe0 = [cpu_seconds([pid]) for pid in frontend_pids]
         wk0 = [cpu_seconds([pid]) for pid in worker_pids]
         ot0 = [cpu_seconds([pid]) for pid in others]
-        load = await drive_from(client_processes, url, model, scenario, count)
+        load = await drive_from(client_processes, url, model, scenario, count, client,
+                                len(frontend_pids))  # fmt: skip
         fe = [cpu_seconds([pid]) - before for pid, before in zip(frontend_pids, fe0, strict=True)]
         wk_each = [cpu_seconds([p]) - before for p, before in zip(worker_pids, wk0, strict=True)]
         ot_each = [cpu_seconds([p]) - before for p, before in zip(others, ot0, strict=True)]
+        # busy seconds over the clients' own wall time (`cores` divides by it): the window
+        # also held the client processes' start and connection set-up
+        scale = load.wall_s / max(1e-9, time.perf_counter() - window0)
+        busy = {cpu: (t - busy0.get(cpu, t)) * scale for cpu, t in busy_seconds_by_cpu().items()}
         wk, ot = sum(wk_each), sum(ot_each)
         served = tuple(load.per_process.get(str(i), 0) for i in range(len(frontend_pids)))
         conns = tuple(len(load.connections.get(str(i), ())) for i in range(len(frontend_pids)))
         results.append(Result(scenario, len(load.latencies), load.wall_s, load.latencies, sum(fe),
                               wk, load.events, load.client_cpu_s, ot, tuple(fe), served,
                               conns, tuple(wk_each), load.client_cpu_each or (load.client_cpu_s,),
-                              dict(zip(names, ot_each, strict=True))))  # fmt: skip
+                              dict(zip(names, ot_each, strict=True)), busy))  # fmt: skip
     return results
 
 
@@ -576,6 +653,7 @@ async def run_hpcserve(
     concurrency: int = 64,
     layout: CpuLayout | None = None,
     scenarios: tuple[Scenario, ...] = SCENARIOS,
+    client: str = "aiohttp",
 ):
     """One deployment measured; with `layout`, its processes pinned to it first (--pin)."""
     config = hpcserve_config(frontend_workers, speedup, router)
@@ -591,7 +669,8 @@ async def run_hpcserve(
         url = deployment.url + "/chat/completions"
         model = deployment.config.model.served_name or Path(str(deployment.config.model.path)).name
         results = await measure(url, model, frontends, workers, requests, client_processes,
-                                others, concurrency, other_names, scenarios)  # fmt: skip
+                                others, concurrency, other_names, scenarios,
+                                client)  # fmt: skip
         direct_p50 = None
         if direct:
             assert deployment.config.services.nats.endpoint
@@ -857,7 +936,13 @@ def cores_table(results: list[Result], layout: CpuLayout | None = None) -> None:
               f"{r.cores(r.other_cpu_s):9.2f} {r.cores(sum(parts)):6.2f}")  # fmt: skip
         if layout is not None:
             rest = r.cores(r.worker_cpu_s + r.client_cpu_s + r.other_cpu_s)
-            print(f"  {'':<24} the rest: {rest:.2f} of its {len(layout.rest)} CPUs busy")
+            seen = r.cores(sum(r.busy_each_cpu.get(cpu, 0.0) for cpu in layout.rest))
+            print(f"  {'':<24} the rest: {rest:.2f} of its {len(layout.rest)} CPUs busy "
+                  f"({seen:.2f} by /proc/stat: every process and the kernel)")  # fmt: skip
+        elif r.busy_each_cpu:
+            seen = r.cores(sum(r.busy_each_cpu.values()))
+            print(f"  {'':<24} the machine: {seen:.2f} of {len(r.busy_each_cpu)} CPUs busy "
+                  "(/proc/stat: every process and the kernel)")  # fmt: skip
         print(f"  {'':<24} {component_line(r)}")
         if len(r.served_each) > 1:
             shares = " ".join(f"{n / max(1, r.requests):.2f}" for n in r.served_each)
@@ -888,32 +973,131 @@ def pinning_plan(args: argparse.Namespace) -> tuple[list[tuple[int, ...]], int, 
     return cores, rest_min, whole, mean
 
 
+SATURATED = 0.90  # a process busy this share of its one CPU (or more) is at its limit
+
+
+def what_bounds(r: Result, layout: CpuLayout | None) -> str:
+    """What set a sweep row's rate: "frontends" where every frontend process is saturated
+    and no shared part is at its limit; otherwise "stack: ..." naming the shared parts at
+    their limit (a single-threaded worker or client process at SATURATED; the CPUs the rest
+    of the stack may use, or the whole machine unpinned, SATURATED full), or "neither" where
+    the frontends had CPU to spare and nothing shared was full (too little load offered). A
+    row bound by the stack says nothing of the frontends' scale-out."""
+    limits = []
+    if r.worker_cpu_each and r.cores(max(r.worker_cpu_each)) >= SATURATED:
+        limits.append("a worker")
+    if r.client_cpu_each and r.cores(max(r.client_cpu_each)) >= SATURATED:
+        limits.append("a client")
+    shared = list(layout.rest) if layout is not None else list(r.busy_each_cpu)
+    busy = r.cores(sum(r.busy_each_cpu.get(cpu, 0.0) for cpu in shared))
+    if shared and busy >= SATURATED * len(shared):
+        limits.append(f"the rest's CPUs ({busy:.1f} of {len(shared)} busy)" if layout is not None
+                      else f"the machine ({busy:.1f} of {len(shared)} CPUs busy)")  # fmt: skip
+    if limits:
+        return "stack: " + ", ".join(limits)
+    if r.frontend_cpu_each and r.cores(min(r.frontend_cpu_each)) >= SATURATED:
+        return "frontends"
+    low = min((r.cores(cpu) for cpu in r.frontend_cpu_each), default=0.0)
+    return f"neither (a frontend at {low:.2f})"
+
+
+@dataclass
+class SweepRow:
+    """One sweep row's figures for the summary: a deployment of `width` frontend processes."""
+
+    router: str
+    width: int
+    run: int  # which pass of the sweep
+    scenario: str  # its name without the concurrency (which grows with the width)
+    req_s: float
+    frontend_ms: float  # frontend CPU per request
+    bound: str  # what_bounds
+
+
+def summarize(rows: list[SweepRow]) -> None:
+    """Per router and scenario, each width's req/s per pass and as a ratio to the narrowest
+    width of the same pass, and the mean over passes against the narrowest width's mean
+    (passes run the widths up and down, so a drift of the machine cancels there), whether
+    that reaches 0.8*N, and what bound each pass's row; then one line per router."""
+    first = min(row.width for row in rows)
+    print(f"\nscale-out (req/s per pass, x the same pass's N={first}; mean: the passes' mean "
+          f"over N={first}'s; the goal is >= 0.8*N where the frontends set the rate; stack-bound "
+          "rows measure the simulated stack)")  # fmt: skip
+    keys = sorted({(row.router, row.scenario) for row in rows})
+    for router, scenario in keys:
+        print(f"  {router}, {scenario}")
+        print(f"    {'N':>3} {'req/s':>18} {'x N=1':>16} {'mean':>6} {'0.8N':>5} {'met':>4} "
+              f"{'fe ms/req':>13}  bound by")  # fmt: skip
+        mine = [row for row in rows if (row.router, row.scenario) == (router, scenario)]
+        base = {row.run: row.req_s for row in mine if row.width == first}
+        for width in sorted({row.width for row in mine}):
+            at = sorted((row for row in mine if row.width == width), key=lambda row: row.run)
+            ratios = [row.req_s / base[row.run] for row in at if row.run in base]
+            mean = sum(row.req_s for row in at) / len(at) / (sum(base.values()) / len(base))
+            need = 0.8 * width / first
+            print(f"    {width:>3} {' '.join(f'{row.req_s:.0f}' for row in at):>18} "
+                  f"{' '.join(f'x{x:.2f}' for x in ratios):>16} x{mean:<5.2f} {need:5.1f} "
+                  f"{'yes' if mean >= need else 'no':>4} "
+                  f"{' '.join(f'{row.frontend_ms:.3f}' for row in at):>13}  "
+                  f"{'; '.join(row.bound for row in at)}")  # fmt: skip
+    for router in sorted({row.router for row in rows}):
+        mine = [row for row in rows if row.router == router]
+        fair = [row for row in mine if row.bound == "frontends"]
+        widths = sorted({row.width for row in fair})
+        print(f"frontend_workers_sweep router={router} frontend_bound_widths="
+              f"{','.join(map(str, widths)) or '-'} stack_bound_rows="
+              f"{sum(row.bound.startswith('stack') for row in mine)}/{len(mine)}")  # fmt: skip
+
+
 async def sweep(args: argparse.Namespace) -> None:
-    rates = {}
+    """Each router at each width of `--sweep`, `--passes` times: the widths up then down in
+    alternate passes and the routers' order alternating by width, so that a drift of the
+    machine falls on both sides; each row its own deployment."""
     plan = pinning_plan(args) if args.pin else None
-    for count in args.sweep:
-        concurrency = args.concurrency * (count if args.concurrency_per_process else 1)
-        layout = None
-        if plan is not None:
-            cores, rest_min, whole, _ = plan
-            layout = plan_pinning(cores, count, rest_min, whole)
-        results, _ = await run_hpcserve(args.requests, count, args.speedup, False,
-                                        args.client_processes, args.router,
-                                        concurrency, layout,
-                                        SCENARIOS[:2] if args.skip_c1 else SCENARIOS)  # fmt: skip
-        where = f"{os.cpu_count()} cores here"
-        if layout is not None:
-            where += f", pinned: {layout.describe()}"
-        table(f"hpcserve frontend.workers={count} (router {args.router}, {where})", results)
-        cores_table(results, layout)
-        rates[count] = results[0].req_s
-    first = args.sweep[0]
-    parts = " ".join(f"w{n}_req_s={rate:.0f}" for n, rate in rates.items())
-    last = args.sweep[-1]
-    ratios = " ".join(f"x{n}={rate / rates[first]:.2f}" for n, rate in rates.items())
-    scaling = rates[last] / rates[first]
-    pinned = "" if plan is None else f" pinned=1 busy_cpu_slowdown={plan[3]:.2f}"
-    print(f"frontend_workers_sweep {parts} {ratios} scaling_w{last}={scaling:.2f}{pinned}")
+    routers = args.routers or [args.router]
+    rows: list[SweepRow] = []
+    turn = 0
+    for run in range(args.passes):
+        widths = args.sweep if run % 2 == 0 else list(reversed(args.sweep))
+        for count in widths:
+            order = routers if turn % 2 == 0 else list(reversed(routers))
+            turn += 1
+            for router in order:
+                rows += await sweep_row(args, plan, router, count, run)
+    summarize(rows)
+
+
+async def sweep_row(
+    args: argparse.Namespace, plan: tuple | None, router: str, count: int, run: int
+) -> list[SweepRow]:
+    """One deployment of `count` frontend processes measured; its tables printed."""
+    concurrency = args.concurrency * (count if args.concurrency_per_process else 1)
+    layout = None
+    if plan is not None:
+        cores, rest_min, whole, _ = plan
+        layout = plan_pinning(cores, count, rest_min, whole)
+    load = f"{os.getloadavg()[0]:.1f}"
+    results, _ = await run_hpcserve(args.requests, count, args.speedup, False,
+                                    args.client_processes, router, concurrency, layout,
+                                    SCENARIOS[:2] if args.skip_c1 else SCENARIOS,
+                                    args.client)  # fmt: skip
+    workers = hpcserve_config(count, args.speedup, router).workers[0].count
+    where = f"{os.cpu_count()} CPUs, load average {load} before, {workers} simulated workers, "
+    where += f"{args.client_processes} {args.client} client process(es)"
+    if layout is not None:
+        where += f"; pinned: {layout.describe()}"
+    table(f"hpcserve frontend.workers={count} pass {run} (router {router}, {where})", results)
+    cores_table(results, layout)
+    rows = []
+    for r in results:
+        if r.scenario.concurrency == 1:
+            continue
+        bound = what_bounds(r, layout)
+        print(f"  {r.scenario.name}: bound by {bound}")
+        kind = r.scenario.name.split(" c=")[0]  # the same scenario at every width's load
+        rows.append(SweepRow(router, count, run, kind, r.req_s, r.frontend_ms_per_req,
+                             bound))  # fmt: skip
+    return rows
 
 
 def main() -> None:
@@ -948,6 +1132,25 @@ def main() -> None:
         help="--workers-sweep: --concurrency per frontend process (the same load on each)",
     )  # fmt: skip
     parser.add_argument(
+        "--routers", nargs="+", choices=sorted(DYNAMO_ROUTER), default=None,
+        help="--workers-sweep: these routers, alternated within the sweep (default: --router)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--passes", type=int, default=1,
+        help="--workers-sweep: times over the widths, up then down (ratios within a pass)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--client", choices=CLIENTS, default="raw",
+        help="--workers-sweep: the load client (raw: benchmarks/http_load.py, ~5x cheaper "
+        "per request than aiohttp; balanced: the same with each client process's connections "
+        "spread evenly over the frontend processes)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--sim-workers", type=int, default=None,
+        help="--workers-sweep: simulated worker processes (workers.0.count; the config's 8 "
+        "cost ~1.8x the CPU per request of 4)",
+    )  # fmt: skip
+    parser.add_argument(
         "--pin", action="store_true",
         help="--workers-sweep (Linux): each frontend process on CPUs of its own, all else on "
         "the rest (layout printed)",
@@ -974,6 +1177,8 @@ def main() -> None:
     if args.pin and not (args.workers_sweep and hasattr(os, "sched_setaffinity")):
         parser.error("--pin: only with --workers-sweep, on Linux (os.sched_setaffinity)")
     EXTRA_SETTINGS.extend(args.settings)
+    if args.sim_workers is not None:
+        EXTRA_SETTINGS.append(f"workers.0.count={args.sim_workers}")
     if args.ab_tree:
         asyncio.run(c1_ab(args))
         return

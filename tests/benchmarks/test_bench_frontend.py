@@ -11,11 +11,15 @@ from pathlib import Path
 import pytest
 
 from benchmarks.bench_frontend import (
+    SCENARIOS,
     CpuLayout,
+    Result,
     apply_layout,
+    busy_seconds_by_cpu,
     parse_cpu_list,
     physical_cores,
     plan_pinning,
+    what_bounds,
     whole_cores_fit,
 )
 
@@ -132,3 +136,68 @@ def test_cpu_speed_when_busy_is_a_ratio_to_one_cpu_alone() -> None:
     cpus = sorted(os.sched_getaffinity(0))[:2]
     mean, worst = cpu_speed_when_busy(cpus)
     assert 0.5 < mean <= worst
+
+
+def sweep_result(**each: object) -> Result:
+    """A 10-second scenario's figures: CPU seconds per process and per CPU."""
+    fields: dict = dict(frontend_cpu_each=(9.5, 9.6), worker_cpu_each=(5.0, 5.0),
+                        client_cpu_each=(2.0,), busy_each_cpu={})  # fmt: skip
+    fields.update(each)
+    return Result(
+        SCENARIOS[0], 10_000, 10.0, [0.01], sum(fields["frontend_cpu_each"]),
+        sum(fields["worker_cpu_each"]), client_cpu_s=sum(fields["client_cpu_each"]),
+        other_cpu_s=1.0, **fields,
+    )  # fmt: skip
+
+
+def test_what_bounds_a_sweep_row() -> None:
+    """Frontends saturated and nothing shared full: the frontends; a worker or client process
+    at its CPU's limit or the rest's CPUs full (by /proc/stat): the stack, named; frontends
+    with CPU to spare and nothing full: neither."""
+    layout = CpuLayout(((15,), (14,)), tuple(range(14)), False)
+    quiet = {cpu: 3.0 for cpu in range(14)} | {14: 9.6, 15: 9.5}
+    assert what_bounds(sweep_result(busy_each_cpu=quiet), layout) == "frontends"
+    assert what_bounds(sweep_result(worker_cpu_each=(9.2, 3.0), busy_each_cpu=quiet),
+                       layout) == "stack: a worker"  # fmt: skip
+    assert what_bounds(sweep_result(client_cpu_each=(9.5,)), layout) == "stack: a client"
+    full = {cpu: 9.5 for cpu in range(14)}
+    assert what_bounds(sweep_result(busy_each_cpu=full), layout).startswith(
+        "stack: the rest's CPUs (13.3 of 14 busy)"
+    )
+    # unpinned: the whole machine's CPUs
+    assert "the machine" in what_bounds(sweep_result(busy_each_cpu=full), None)
+    idle = sweep_result(frontend_cpu_each=(9.5, 4.0), busy_each_cpu=quiet)
+    assert what_bounds(idle, layout) == "neither (a frontend at 0.40)"
+
+
+def test_busy_seconds_by_cpu_reads_proc_stat(tmp_path: Path) -> None:
+    """Busy is all but idle and iowait (steal too: time the CPU was not ours), per CPU."""
+    ticks = os.sysconf("SC_CLK_TCK")
+    stat = tmp_path / "stat"
+    stat.write_text(
+        f"cpu  9 9 9 9 9 9 9 9 0 0\ncpu0 {ticks} 0 {ticks} 500 7 0 0 0 0 0\n"
+        f"cpu3 0 0 0 100 0 {ticks} {ticks} {ticks} 0 0\nintr 1 2 3\n"
+    )
+    assert busy_seconds_by_cpu(stat) == {0: 2.0, 3: 3.0}
+    assert busy_seconds_by_cpu(tmp_path / "missing") == {}
+
+
+def test_sweep_summary_ratios_per_pass_and_mean(capsys: pytest.CaptureFixture[str]) -> None:
+    """A scenario's rows of every width form one table (their names differ in concurrency
+    only); each pass against its own N=1, the mean against N=1's mean; the router's line
+    lists the widths where the frontends set the rate."""
+    from benchmarks.bench_frontend import SweepRow, summarize
+
+    rows = [
+        SweepRow("kv", 1, 0, "non-stream 16 tok", 1000.0, 0.3, "frontends"),
+        SweepRow("kv", 2, 0, "non-stream 16 tok", 1500.0, 0.4, "frontends"),
+        SweepRow("kv", 2, 1, "non-stream 16 tok", 2100.0, 0.3, "stack: a worker"),
+        SweepRow("kv", 1, 1, "non-stream 16 tok", 1200.0, 0.3, "frontends"),
+    ]
+    summarize(rows)
+    out = capsys.readouterr().out
+    assert out.count("kv, non-stream 16 tok") == 1
+    line = next(x for x in out.splitlines() if x.strip().startswith("2 "))
+    assert "x1.50 x1.75" in line and "x1.64" in line and line.split()[6:8] == ["1.6", "yes"]
+    assert "frontends; stack: a worker" in line
+    assert "router=kv frontend_bound_widths=1,2 stack_bound_rows=1/4" in out
