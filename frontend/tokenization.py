@@ -22,6 +22,8 @@ import jinja2
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import Tokenizer
 
+from frontend.chat_templates import Renderer, known_renderer
+
 logger = logging.getLogger(__name__)
 
 REPLACEMENT_CHAR = "\ufffd"
@@ -112,7 +114,10 @@ class TextTokenizer:
         self.vocab_size: int = self._tokenizer.get_vocab_size(with_added_tokens=True)
         self.max_model_len: int | None = model_config.get("max_position_embeddings")
         self._byte_level = self._uses_byte_level()
-        self._chat_template = self._compile_chat_template(tokenizer_config)
+        source = self._chat_template_source(tokenizer_config)
+        self._chat_template = self._compile_chat_template(source) if source else None
+        # a known template is rendered without jinja (frontend.chat_templates)
+        self._fast_render: Renderer | None = known_renderer(source) if source else None
         # the template's globals, copied once: `render` copies them into every context
         self._template_globals = dict(self._chat_template.globals) if self._chat_template else {}
 
@@ -155,21 +160,19 @@ class TextTokenizer:
         except Exception:
             return False
 
-    def _compile_chat_template(self, tokenizer_config: dict[str, Any]) -> jinja2.Template | None:
-        source: str | None = None
+    def _chat_template_source(self, tokenizer_config: dict[str, Any]) -> str | None:
         template_file = self.model_dir / "chat_template.jinja"
         if template_file.is_file():
-            source = template_file.read_text()
-        else:
-            configured = tokenizer_config.get("chat_template")
-            if isinstance(configured, str):
-                source = configured
-            elif isinstance(configured, list):  # [{"name": "default", "template": ...}, ...]
-                named = {item.get("name"): item.get("template") for item in configured}
-                source = named.get("default") or next(iter(named.values()), None)
-        if not source:
-            return None
+            return template_file.read_text()
+        configured = tokenizer_config.get("chat_template")
+        if isinstance(configured, str):
+            return configured
+        if isinstance(configured, list):  # [{"name": "default", "template": ...}, ...]
+            named = {item.get("name"): item.get("template") for item in configured}
+            return named.get("default") or next(iter(named.values()), None)
+        return None
 
+    def _compile_chat_template(self, source: str) -> jinja2.Template:
         def raise_exception(message: str) -> None:
             raise ChatTemplateError(message)
 
@@ -194,6 +197,10 @@ class TextTokenizer:
 
     def render_chat(self, messages: list[dict[str, Any]]) -> str:
         """The prompt text for `messages`, ending with the assistant's turn opener."""
+        if self._fast_render is not None:
+            text = self._fast_render(messages, True)
+            if text is not None:
+                return text
         if self._chat_template is None:
             raise ChatTemplateError("this model has no chat template; use /v1/completions")
         template = self._chat_template
