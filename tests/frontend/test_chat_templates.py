@@ -168,3 +168,40 @@ def test_piecewise_encoding_equals_whole_encoding(tokenizer: TextTokenizer) -> N
             assert tokenizer.encode_template_output(raw) == tokenizer.encode(
                 raw, add_special_tokens=False
             ), raw
+
+
+ASCII_FRAGMENTS = [
+    *(chr(code) for code in range(128)),  # every ASCII character, controls included
+    "'s", "'t", "'re", "'ve", "'m", "'ll", "'d", "'S", "''", "don't", "it's", " 's",
+    "  ", "   ", " \n", "\n ", "\r\n", "\t\t", "\x0b\x0c", "\x1c\x1d\x1e\x1f", " \x1c ",
+    "Hello", " world", "abc123", "123abc", "3.14159", " 42", "...", " !?", "a_b", "--x",
+    "<|im_", "|>", "<|endoftext", "http://example.com/a?b=c&d=e", "x = y + 1;",
+    "a" * 70, " " * 70, "7" * 70, "#" * 70,  # pre-tokens past the word cache's 64 characters
+]  # fmt: skip
+
+
+def test_ascii_word_split_equals_the_library(tokenizer: TextTokenizer) -> None:
+    """For ASCII text the tokenizer splits pre-tokens itself (GPT-2's regex, Oniguruma's
+    \\s) and keeps each one's ids: the same ids as the library's encode of the whole text,
+    and the split covers the whole text."""
+    from frontend.tokenization import _ASCII_WORDS
+
+    assert tokenizer._ascii_words  # SmolLM2's tokenizer is GPT-2-like: the path is tested
+    assert tokenizer._special_split is not None
+    rng = random.Random(21)
+    for count in range(4000):
+        text = "".join(rng.choice(ASCII_FRAGMENTS) for _ in range(rng.randrange(1, 30)))
+        if count % 50 == 0:
+            text *= 4200 // len(text) + 1  # past the piece cache's 4,096 characters too
+        assert "".join(_ASCII_WORDS.findall(text)) == text
+        whole = tokenizer.encode(text, add_special_tokens=False)
+        if tokenizer._special_split.search(text) is None:  # pieces hold no added token
+            assert tokenizer._encode_text(text) == whole, repr(text)
+        assert tokenizer.encode_template_output(text) == whole, repr(text)
+
+
+def test_word_cache_keeps_short_pre_tokens_only(tokenizer: TextTokenizer) -> None:
+    TextTokenizer._encode_word.cache_clear()
+    ids = tokenizer._encode_text("x" * 100 + " hello")
+    assert ids == tokenizer.encode("x" * 100 + " hello", add_special_tokens=False)
+    assert TextTokenizer._encode_word.cache_info().currsize == 1  # " hello"; the run is not
