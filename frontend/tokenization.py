@@ -149,7 +149,7 @@ class TextTokenizer:
         """Whether text is tokenized as GPT-2's: no normalizer, the ByteLevel pre-tokenizer's
         own regex and no prefix space, BPE without dropout. Then an ASCII text's ids are its
         pre-tokens' ids one after another (BPE merges never cross a pre-token), and
-        `_encode_words` may split it itself and keep each pre-token's ids."""
+        `_encode_text` may split it itself and keep each pre-token's ids."""
         try:
             spec = json.loads(self._tokenizer.to_str())
         except Exception:  # a tokenizer that cannot describe itself: the library's way only
