@@ -60,6 +60,9 @@ directly and the bare uvicorn app in the same rotation):
     python benchmarks/bench_frontend.py --ab-tree . --ab-set frontend.busy_poll_us=2000
 
 Last line there: `frontend_c1_ab a_added_ms=... b_added_ms=... b_over_a=...`.
+Its requests repeat one question, so the frontend's tokenizer finds every piece of the
+prompt cached; `--ab-new-prompts` numbers each question instead (each prompt new, as a
+new user's: the user's text is tokenized every time; the system prompt stays cached).
 """
 
 from __future__ import annotations
@@ -753,6 +756,25 @@ async def run_dynamo(venv: Path, requests: int, speedup: float, router: str) -> 
 # ---- c=1 A/B: this tree's frontend beside another tree's -----------------------------------
 
 
+async def drive_new_prompts(url: str, model: str, count: int, first: int) -> list[float]:
+    """`count` c=1 chat requests (16 tokens, not streamed) whose questions are numbered from
+    `first`: no prompt repeats, so none is found whole in the tokenizer's piece cache."""
+    latencies: list[float] = []
+    headers = {"content-type": "application/json"}
+    async with aiohttp.ClientSession() as session:
+        for number in range(first, first + count):
+            content = f"{QUESTION} (question {number})"
+            body = orjson.dumps({"model": model, "max_tokens": 16, "ignore_eos": True,
+                                 "messages": [{"role": "user", "content": content}]})  # fmt: skip
+            t0 = time.perf_counter()
+            async with session.post(url, data=body, headers=headers) as response:
+                data = await response.read()
+                if response.status != 200:
+                    raise RuntimeError(f"HTTP {response.status}: {data[:300]!r}")
+            latencies.append(time.perf_counter() - t0)
+    return latencies
+
+
 @contextlib.contextmanager
 def frontend_from(tree: Path, config_file: Path, log: Path, overrides: list[str]):
     """A second frontend process, run from `tree` (another checkout: the code before a
@@ -820,8 +842,12 @@ async def c1_ab(args: argparse.Namespace) -> None:
                     order = ["B", "A"] if index % 2 == 0 else ["A", "B"]
                     for name in [*order, "bare"]:
                         before = cpu_seconds([pids[name]]) if name in pids else 0.0
-                        load = await drive(urls[name], model, scenario, block)
-                        latencies[name].append(load.latencies)
+                        if args.ab_new_prompts and name in pids:  # A and B get the same ones
+                            first = (index + 1) * block
+                            times = await drive_new_prompts(urls[name], model, block, first)
+                        else:
+                            times = (await drive(urls[name], model, scenario, block)).latencies
+                        latencies[name].append(times)
                         if name in pids:
                             cpu[name] += cpu_seconds([pids[name]]) - before
                     latencies["direct"].append(
@@ -834,7 +860,8 @@ async def c1_ab(args: argparse.Namespace) -> None:
         return 1000 * sorted(values)[len(values) // 2]
 
     print(f"c=1 A/B, {rounds} rounds of {block} requests each (p50 ms; added = p50 - direct)")
-    print(f"  A: this tree's frontend; B: {tree}'s, settings {' '.join(args.ab_set) or 'same'}")
+    print(f"  A: this tree's frontend; B: {tree}'s, settings {' '.join(args.ab_set) or 'same'}"
+          f"; prompts {'new each request' if args.ab_new_prompts else 'one repeated'}")  # fmt: skip
     print(f"  {'round':<6} {'A':>7} {'B':>7} {'direct':>7} {'bare':>7} "
           f"{'A added':>10} {'B added':>10} {'B/A':>8}")  # fmt: skip
     for index in range(rounds):
@@ -1169,6 +1196,10 @@ def main() -> None:
     )  # fmt: skip
     parser.add_argument("--ab-rounds", type=int, default=6, help="--ab-tree: rounds")
     parser.add_argument("--ab-block", type=int, default=200, help="--ab-tree: requests a block")
+    parser.add_argument(
+        "--ab-new-prompts", action="store_true",
+        help="--ab-tree: a new (numbered) question each request instead of one repeated",
+    )  # fmt: skip
     parser.add_argument(
         "--set", dest="settings", action="append", default=[], metavar="KEY=VALUE",
         help="a config override of the hpcserve stack (repeatable): frontend.busy_poll_us=2000",
