@@ -12,9 +12,11 @@ one machine. Steps shorter than the event loop's timer resolution (a large `spee
 back to back between yields (`_sleep`), and the tokens they made reach the caller as one
 chunk per request: a sped-up mocker streams in chunks of several tokens.
 
-Tokens are deterministic pseudo-random ids (a hash of the prompt, the position
-and, for seeded sampling at temperature > 0, the seed) that avoid EOS and the stop ids, so a
-request always runs to `max_tokens`. Unseeded requests with the same prompt get the same tokens.
+Tokens are deterministic pseudo-random ids (a hash of the prompt, the position and, for
+sampling at temperature > 0, the seed if one is given and the choice's index if it is not
+choice 0) that avoid EOS and the stop ids, so a request always runs to `max_tokens`. Unseeded
+requests with the same prompt get the same tokens (the benchmarks compare policies on the same
+texts); a request's `n` choices at temperature > 0 differ from each other, as sampled ones do.
 """
 
 from __future__ import annotations
@@ -128,12 +130,7 @@ class MockerEngine(StreamingEngine):
             sampling=request.sampling,
             max_len=max_len,
         )
-        digest = hashlib.blake2b(repr(request.token_ids).encode(), digest_size=8).digest()
-        seed = int.from_bytes(digest, "little")
-        sampling = request.sampling
-        if sampling.seed is not None and sampling.temperature > 0:  # seeded sampling differs
-            seed = _mix64(seed ^ (sampling.seed & _MASK64))  # per seed (the n choices' seeds)
-        self._seeds[request.request_id] = seed
+        self._seeds[request.request_id] = self.token_seed(request)
         stream = self._open_stream(request.request_id)
         self.scheduler.add(seq)
         self._wake.set()
@@ -170,6 +167,21 @@ class MockerEngine(StreamingEngine):
                 + t.decode_ms_per_ctx_token * context
             )
         return ms / 1000.0 / t.speedup
+
+    @staticmethod
+    def token_seed(request: GenerateRequest) -> int:
+        """What `request`'s pseudo tokens hash besides their positions: its prompt and, when
+        it samples (temperature > 0), its seed if given and its choice index past choice 0
+        (so that choice 0 and every single-choice request keep the tokens they always had)."""
+        digest = hashlib.blake2b(repr(request.token_ids).encode(), digest_size=8).digest()
+        seed = int.from_bytes(digest, "little")
+        sampling = request.sampling
+        if sampling.temperature > 0:
+            if sampling.seed is not None:
+                seed = _mix64(seed ^ (sampling.seed & _MASK64))
+            if request.choice_index:  # a round of its own: choice i is not seed i's sample
+                seed = _mix64(_mix64(seed) ^ request.choice_index)
+        return seed
 
     def _token_at(self, seq: Sequence) -> int:
         """The deterministic pseudo token for `seq`'s next position; never EOS or a stop id."""
