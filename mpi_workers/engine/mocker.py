@@ -201,14 +201,15 @@ class MockerEngine(StreamingEngine):
 
     # ----- stepping ------------------------------------------------------------------------
     def _advance(self) -> None:
-        """Run steps until one must wait: schedule a step, take its simulated time (`delay`)
-        and apply it. The event loop wakes at best every ~1 ms (epoll's resolution), so
-        sleeping each microsecond step of a sped-up model would make every step last a
-        millisecond: short steps add up to a debt slept off (by the clock) once it is worth a
-        timer; meanwhile they run back to back, yielding to the loop (new requests, aborts,
-        the outputs' publisher) every `_YIELD_EVERY_S`: the tokens of those steps go out as
-        one chunk per request (as a fast engine's do when its reader lags), and no step pays
-        a loop turn or a message. Idle (no work), it stops; `generate` starts it again."""
+        """Run steps until one must wait: schedule a step, take its simulated time
+        (`step_time_s`) and apply it. The event loop wakes at best every ~1 ms (epoll's
+        resolution), so sleeping each microsecond step of a sped-up model would make every
+        step last a millisecond: short steps add up to a debt slept off (by the clock) once
+        it is worth a timer; meanwhile they run back to back, yielding to the loop (new
+        requests, aborts, the outputs' publisher) every `_YIELD_EVERY_S`: the tokens of those
+        steps go out as one chunk per request (as a fast engine's do when its reader lags),
+        and no step pays a loop turn or a message. Idle (no work), it stops; `generate`
+        starts it again."""
         loop = self._loop
         self._next = None
         if loop is None:  # shut down
