@@ -352,3 +352,24 @@ async def test_listened_chunks_are_the_outputs_and_closing_aborts_only_a_running
         assert slow.load_metrics().active_blocks == 0 and slow.scheduler.find("long") is None
     finally:
         await slow.shutdown()
+
+
+async def test_shutdown_aborts_running_requests_and_a_restarted_engine_serves() -> None:
+    """Stepping is timer callbacks: shutdown cancels the pending one (requests in flight end
+    with "abort", new ones are refused) and a later start steps again."""
+    eng = MockerEngine(MockerConfig(speedup=1.0), shape=ModelShape(vocab_size=100), num_blocks=64)
+    await eng.start()
+    stream = eng.generate(request("long", list(range(3, 20)), max_tokens=1000))
+    first = await anext(stream)  # real-time pace: ~5 ms a token, far from done
+    await eng.shutdown()
+    rest = [out async for out in stream]
+    assert rest and rest[-1].finish_reason == "abort"
+    assert len(first.token_ids) + sum(len(out.token_ids) for out in rest) < 1000
+    with pytest.raises(RuntimeError, match="not started"):
+        eng.generate(request("late", [5, 6, 7]))
+    await eng.start()
+    try:
+        tokens, last = await run(eng, request("again", [5, 6, 7], max_tokens=3))
+        assert len(tokens) == 3 and last.finish_reason == "length"
+    finally:
+        await eng.shutdown()
