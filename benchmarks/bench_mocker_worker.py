@@ -14,6 +14,15 @@ the rounds, and of the per-round ratios).
 
     python benchmarks/bench_mocker_worker.py [--ab-tree /path/to/old] [--rounds 4] \
         [--requests 800] [--workers 4] [--in-flight 8] [--max-tokens 32] [--speedup 1]
+
+`--engine-only` measures the mocker engine alone, without NATS or a worker: per round and
+side a fresh process (run from the side's tree) drives `--engines` MockerEngines on one
+uvloop loop, `--in-flight` requests each, and reports its CPU per request. B is `--ab-tree`'s
+engine, or this tree's with `--ab-engines` engines per process (several simulated workers
+sharing one process, as Dynamo's `--num-workers`). Last line `mocker_engine_ab ...`.
+
+    python benchmarks/bench_mocker_worker.py --engine-only --ab-tree /path/to/old [--rounds 8]
+    python benchmarks/bench_mocker_worker.py --engine-only --ab-engines 4 [--engines 1]
 """
 
 from __future__ import annotations
@@ -105,6 +114,81 @@ class Driver:
                     raise RuntimeError(f"no worker answers on {subject}") from None
 
 
+_ENGINE_RUN = """
+import asyncio, random, sys, time
+import uvloop
+from contract.config import MockerConfig
+from contract.messages import GenerateRequest, SamplingParams
+from mpi_workers.engine.mocker import MockerEngine
+engines_n, in_flight, requests, max_tokens, prompt_tokens, speedup = map(float, sys.argv[1:7])
+
+async def main():
+    engines = [MockerEngine(MockerConfig(speedup=speedup), num_blocks=8192)
+               for _ in range(int(engines_n))]
+    for engine in engines:
+        await engine.start()
+    rng, sent = random.Random(14), [0]
+
+    async def lane(engine):
+        while sent[0] < requests:
+            sent[0] += 1
+            request = GenerateRequest(
+                request_id=f"r{sent[0]}",
+                token_ids=[rng.randrange(100, 30000) for _ in range(int(prompt_tokens))],
+                sampling=SamplingParams(max_tokens=int(max_tokens), ignore_eos=True))
+            done = asyncio.get_running_loop().create_future()
+
+            def on_chunk(chunk):  # as the worker listens: the engine's chunks, no model
+                if chunk.finish_reason is not None and not done.done():
+                    done.set_result(None)
+            stream = engine.generate(request)  # kept: a dropped stream aborts its request
+            stream.listen_chunks(on_chunk)
+            await done
+
+    cpu, wall = time.process_time(), time.perf_counter()
+    await asyncio.gather(*(lane(e) for e in engines for _ in range(int(in_flight))))
+    print(1000 * (time.process_time() - cpu) / requests, requests / (time.perf_counter() - wall))
+    for engine in engines:
+        await engine.shutdown()
+
+with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+    runner.run(main())
+"""
+
+
+def engine_round(tree: Path, engines: int, args: argparse.Namespace) -> tuple[float, float]:
+    """(CPU ms per request, req/s) of `engines` MockerEngines of `tree` in a fresh process."""
+    requests = args.requests * engines
+    argv = [sys.executable, "-c", _ENGINE_RUN, str(engines), str(args.in_flight),
+            str(requests), str(args.max_tokens), str(args.prompt_tokens), str(args.speedup)]
+    env = dict(os.environ, PYTHONPATH=str(tree))
+    out = subprocess.run(argv, cwd=tree, env=env, capture_output=True, text=True, check=True)
+    ms, rate = out.stdout.split()
+    return float(ms), float(rate)
+
+
+def engine_only(args: argparse.Namespace) -> None:
+    b_tree = Path(args.ab_tree).resolve() if args.ab_tree else REPO
+    sides = {"A": (REPO, args.engines), "B": (b_tree, args.ab_engines or args.engines)}
+    print(f"engine only: A {REPO} x{sides['A'][1]} engines, B {b_tree} x{sides['B'][1]} "
+          f"engines per process, {args.in_flight} in flight each, {args.max_tokens} tokens, "
+          f"speedup {args.speedup:g}, {args.requests} requests per engine a round")  # fmt: skip
+    ratios = []
+    per_req: dict[str, list[float]] = {"A": [], "B": []}
+    for number in range(1, args.rounds + 1):
+        line = [f"round {number}"]
+        for side, (tree, engines) in sides.items():
+            ms, rate = engine_round(tree, engines, args)
+            per_req[side].append(ms)
+            line.append(f"{side}: {rate:6.0f} req/s {ms:6.3f} ms CPU/req")
+        ratios.append(per_req["B"][-1] / per_req["A"][-1])
+        load = Path("/proc/loadavg").read_text().split()[0]
+        print("  ".join(line) + f"  B/A x{ratios[-1]:.2f}  load {load}", flush=True)
+    print(f"mocker_engine_ab a_ms_per_req={statistics.median(per_req['A']):.3f} "
+          f"b_ms_per_req={statistics.median(per_req['B']):.3f} "
+          f"b_over_a={statistics.median(ratios):.2f}")  # fmt: skip
+
+
 def start_b_workers(tree: Path, config_file: Path, count: int, log_dir: Path):
     """`count` workers run from `tree`, joining the deployment of `config_file`."""
     env = dict(os.environ, PYTHONPATH=str(tree))
@@ -193,7 +277,14 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=32)
     parser.add_argument("--prompt-tokens", type=int, default=40)
     parser.add_argument("--speedup", type=float, default=1.0, help="engine.mocker.speedup")
-    asyncio.run(main_async(parser.parse_args()))
+    parser.add_argument("--engine-only", action="store_true", help="the engine alone (no NATS)")
+    parser.add_argument("--engines", type=int, default=1, help="--engine-only: per process (A)")
+    parser.add_argument("--ab-engines", type=int, default=None, help="--engine-only: B's")
+    args = parser.parse_args()
+    if args.engine_only:
+        engine_only(args)
+        return
+    asyncio.run(main_async(args))
 
 
 if __name__ == "__main__":
