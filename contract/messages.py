@@ -131,6 +131,10 @@ class GenerateRequest(_Message):
     # The id the client sees (the response's `id`, and its X-Request-Id header): the same
     # across a request's attempts, so worker log lines can be matched to a client's request.
     client_id: str | None = None
+    # Which of the client request's `n` choices this is (frontend.choices); 0 for a request of
+    # one choice. A seeded choice also has its own seed (`choice_seed`); an engine whose
+    # unseeded samples do not differ by themselves (the mocker's pseudo tokens) mixes it in.
+    choice_index: int = Field(default=0, ge=0)
     # The sender reads batches: its reply subject is `<inbox>.<request_id>`, and the chunks a
     # worker step produced for several of its requests may come as one JSON array of chunks
     # on `<inbox>.batch` (`batch_subject`): one NATS message per step, not per request.
@@ -138,6 +142,14 @@ class GenerateRequest(_Message):
     # Images (or their precomputed embeddings), in prompt order; their placeholder runs in
     # token_ids never overlap.
     media: list[MediaRef] = Field(default_factory=list)
+
+
+def choice_seed(seed: int, index: int) -> int:
+    """The seed choice `index` of a request seeded with `seed` samples with: seed + index
+    (vLLM's convention: the choices differ from each other, each is reproducible, choice 0
+    is the request's own sample), wrapped around within SAMPLING_BOUNDS' signed 64 bits so
+    that the largest seed's n > 1 choices stay valid seeds."""
+    return (seed + index + 2**63) % 2**64 - 2**63
 
 
 def request_json(request: GenerateRequest) -> bytes:

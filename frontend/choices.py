@@ -1,13 +1,14 @@
 """The `n` choices of one request: one engine request per choice, all sent to one worker so
 that they share the prompt's KV blocks, read back as one stream of (choice index, chunk).
 
-Choice i is the prompt with the request's sampling settings; with a `seed`, choice i samples
-with seed + i (the choices differ, and each is reproducible: vLLM's convention). Greedy
-choices (temperature 0) are identical. Choice 0 is routed like any request; the others follow
-it to its worker (while that worker is routable), whose prefix cache then holds the prompt's
-blocks for them: the engine's scheduler admits them once choice 0 has published those blocks,
-so the prompt is prefilled once. From then on each choice is on its own: a lost worker
-migrates each choice's stream separately (`MigratingStream`), a stop string ends only its own.
+Choice i is the prompt with the request's sampling settings and `choice_index` i; with a
+`seed`, choice i samples with seed + i (`contract.messages.choice_seed`: the choices differ,
+and each is reproducible: vLLM's convention). Greedy choices (temperature 0) are identical.
+Choice 0 is routed like any request; the others follow it to its worker (while that worker is
+routable), whose prefix cache then holds the prompt's blocks for them: the engine's scheduler
+admits them once choice 0 has published those blocks, so the prompt is prefilled once. From
+then on each choice is on its own: a lost worker migrates each choice's stream separately
+(`MigratingStream`), a stop string ends only its own.
 
 With one choice the chunks come straight from its stream (the common case costs nothing
 extra). With several, one pump task per choice forwards its chunks into a shared queue in
@@ -22,7 +23,7 @@ import uuid
 from collections import deque
 
 from contract.discovery import WorkerCard
-from contract.messages import GenerateOutput, GenerateRequest
+from contract.messages import GenerateOutput, GenerateRequest, choice_seed
 from frontend.errors import raise_for_worker_error
 from frontend.migration import MigratingStream
 
@@ -31,13 +32,13 @@ _Item = tuple[int, GenerateOutput | BaseException]
 
 def choice_requests(first: GenerateRequest, n: int) -> list[GenerateRequest]:
     """`first` (choice 0) and the engine requests of choices 1..n-1: a fresh id each, the same
-    prompt and sampling, the seed (if any) plus the choice's index."""
+    prompt and sampling, the choice's index, the seed (if any) `choice_seed`'s."""
     requests = [first]
     seed = first.sampling.seed
     for index in range(1, n):
         sampling = first.sampling
         if seed is not None:
-            sampling = sampling.model_copy(update={"seed": seed + index})
+            sampling = sampling.model_copy(update={"seed": choice_seed(seed, index)})
         else:
             sampling = sampling.model_copy()
         requests.append(
@@ -46,6 +47,7 @@ def choice_requests(first: GenerateRequest, n: int) -> list[GenerateRequest]:
                 client_id=first.client_id,
                 token_ids=first.token_ids,
                 sampling=sampling,
+                choice_index=index,
                 media=first.media,
             )
         )

@@ -54,6 +54,7 @@ def continuation(request: GenerateRequest, produced: Sequence[int]) -> GenerateR
         request_id=uuid.uuid4().hex,
         client_id=request.client_id,
         token_ids=[*request.token_ids, *produced],
+        choice_index=request.choice_index,
         sampling=request.sampling.model_copy(
             update={"max_tokens": request.sampling.max_tokens - len(produced)}
         ),

@@ -6,21 +6,24 @@ exactly the built-in engine's) and replaces the forward pass with a timing model
 - prefill: `prefill_ms_per_token` × tokens computed (cached prefix tokens are free);
 - decode: `decode_ms_base + decode_ms_per_seq × batch + decode_ms_per_ctx_token × context`;
 
-a step that mixes both costs the sum; every time is divided by `speedup`. Stepping is an
-asyncio task (a step is a sleep plus cheap bookkeeping), so many mockers share one process or
-one machine. Steps shorter than the event loop's timer resolution (a large `speedup`) run
-back to back between yields (`_sleep`), and the tokens they made reach the caller as one
-chunk per request: a sped-up mocker streams in chunks of several tokens.
+a step that mixes both costs the sum; every time is divided by `speedup`. Stepping runs on
+the event loop as timer callbacks (a step is a timer plus cheap bookkeeping; no task, no
+future per step: at real-time pace a step's wake-up is most of a worker's CPU), so many
+mockers share one process or one machine. Steps shorter than the event loop's timer
+resolution (a large `speedup`) run back to back between yields (`_advance`), and the tokens
+they made reach the caller as one chunk per request: a sped-up mocker streams in chunks of
+several tokens.
 
-Tokens are deterministic pseudo-random ids (a hash of the prompt, the position
-and, for seeded sampling at temperature > 0, the seed) that avoid EOS and the stop ids, so a
-request always runs to `max_tokens`. Unseeded requests with the same prompt get the same tokens.
+Tokens are deterministic pseudo-random ids (a hash of the prompt, the position and, for
+sampling at temperature > 0, the seed if one is given and the choice's index if it is not
+choice 0) that avoid EOS and the stop ids, so a request always runs to `max_tokens`. Unseeded
+requests with the same prompt get the same tokens (the benchmarks compare policies on the same
+texts); a request's `n` choices at temperature > 0 differ from each other, as sampled ones do.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import hashlib
 import logging
 import time
@@ -39,7 +42,7 @@ from mpi_workers.engine.streaming import StreamingEngine
 logger = logging.getLogger(__name__)
 
 _MASK64 = (1 << 64) - 1
-_MIN_SLEEP_S = 0.002  # shorter step times are summed before sleeping (see MockerEngine._sleep)
+_MIN_SLEEP_S = 0.002  # shorter step times are summed before sleeping (MockerEngine._advance)
 _YIELD_EVERY_S = 0.0005  # short steps run back to back for this long between yields
 
 
@@ -92,24 +95,24 @@ class MockerEngine(StreamingEngine):
         self.stats = MockerStats()
         self._init_streaming()
         self._seeds: dict[str, int] = {}
-        self._wake = asyncio.Event()
-        self._debt_s = 0.0  # simulated step time not yet slept (see _sleep)
+        self._debt_s = 0.0  # simulated step time not yet slept (see _advance)
         self._yielded_at = 0.0  # perf_counter of the last yield to the event loop
         self._undelivered: dict[str, Sequence] = {}  # tokens made since the last yield
-        self._task: asyncio.Task[None] | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None  # set by start()
+        self._next: asyncio.Handle | None = None  # the pending call of the stepping; None: idle
 
     # ----- lifecycle -----------------------------------------------------------------------
     async def start(self) -> None:
-        if self._task is None:
-            self._task = asyncio.create_task(self._run(), name=f"mocker-{id(self):x}")
+        if self._loop is None:
+            self._loop = asyncio.get_running_loop()
 
     async def shutdown(self) -> None:
-        if self._task is None:
+        if self._loop is None:
             return
-        self._task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await self._task
-        self._task = None
+        if self._next is not None:
+            self._next.cancel()
+            self._next = None
+        self._loop = None
         for seq in list(self.scheduler.running) + list(self.scheduler.waiting):
             self._finish(seq, "abort")
 
@@ -119,7 +122,8 @@ class MockerEngine(StreamingEngine):
     ) -> AsyncIterator[GenerateOutput]:
         del media  # the mocker takes no images (`media_kinds` is empty)
         self.validate(request)
-        if self._task is None:
+        loop = self._loop
+        if loop is None:
             raise RuntimeError("engine not started: await engine.start() first")
         max_len = min(len(request.token_ids) + request.sampling.max_tokens, self.max_model_len)
         seq = Sequence(
@@ -128,15 +132,12 @@ class MockerEngine(StreamingEngine):
             sampling=request.sampling,
             max_len=max_len,
         )
-        digest = hashlib.blake2b(repr(request.token_ids).encode(), digest_size=8).digest()
-        seed = int.from_bytes(digest, "little")
-        sampling = request.sampling
-        if sampling.seed is not None and sampling.temperature > 0:  # seeded sampling differs
-            seed = _mix64(seed ^ (sampling.seed & _MASK64))  # per seed (the n choices' seeds)
-        self._seeds[request.request_id] = seed
+        self._seeds[request.request_id] = self.token_seed(request)
         stream = self._open_stream(request.request_id)
         self.scheduler.add(seq)
-        self._wake.set()
+        if self._next is None:  # idle: step from the next loop turn on
+            self._debt_s = 0.0  # idle time is no step's
+            self._next = loop.call_soon(self._advance)
         return stream
 
     async def abort(self, request_id: str) -> None:
@@ -171,6 +172,21 @@ class MockerEngine(StreamingEngine):
             )
         return ms / 1000.0 / t.speedup
 
+    @staticmethod
+    def token_seed(request: GenerateRequest) -> int:
+        """What `request`'s pseudo tokens hash besides their positions: its prompt and, when
+        it samples (temperature > 0), its seed if given and its choice index past choice 0
+        (so that choice 0 and every single-choice request keep the tokens they always had)."""
+        digest = hashlib.blake2b(repr(request.token_ids).encode(), digest_size=8).digest()
+        seed = int.from_bytes(digest, "little")
+        sampling = request.sampling
+        if sampling.temperature > 0:
+            if sampling.seed is not None:
+                seed = _mix64(seed ^ (sampling.seed & _MASK64))
+            if request.choice_index:  # a round of its own: choice i is not seed i's sample
+                seed = _mix64(_mix64(seed) ^ request.choice_index)
+        return seed
+
     def _token_at(self, seq: Sequence) -> int:
         """The deterministic pseudo token for `seq`'s next position; never EOS or a stop id."""
         seed = self._seeds.get(seq.request_id, 0)
@@ -184,33 +200,64 @@ class MockerEngine(StreamingEngine):
         return token
 
     # ----- stepping ------------------------------------------------------------------------
-    async def _run(self) -> None:
+    def _advance(self) -> None:
+        """Run steps until one must wait: schedule a step, take its simulated time
+        (`step_time_s`) and apply it. The event loop wakes at best every ~1 ms (epoll's
+        resolution), so sleeping each microsecond step of a sped-up model would make every
+        step last a millisecond: short steps add up to a debt slept off (by the clock) once
+        it is worth a timer; meanwhile they run back to back, yielding to the loop (new
+        requests, aborts, the outputs' publisher) every `_YIELD_EVERY_S`: the tokens of those
+        steps go out as one chunk per request (as a fast engine's do when its reader lags),
+        and no step pays a loop turn or a message. Idle (no work), it stops; `generate`
+        starts it again."""
+        loop = self._loop
+        self._next = None
+        if loop is None:  # shut down
+            return
         while True:
             if not self.scheduler.has_work():
                 self._flush()
-                self._wake.clear()
-                await self._wake.wait()
-                self._debt_s = 0.0  # idle time is no step's
-                continue
+                return
             batch = self.scheduler.schedule()
             if not batch:  # nothing fits right now; wait for a finish or an abort
                 self._flush()
-                await asyncio.sleep(0.001)
-                continue
-            delay = self.step_time_s(batch)
-            await self._sleep(delay)
-            try:
-                self._apply(batch)
-            except Exception:  # a bookkeeping bug must not hang every caller
-                logger.exception("mocker step failed; failing its requests")
-                for seq in batch.seqs:
-                    if seq.status is not SeqStatus.FINISHED:
-                        self._finish(seq, "error")
+                self._next = loop.call_later(0.001, self._advance)
+                return
+            self._debt_s += self.step_time_s(batch)
+            if self._debt_s >= _MIN_SLEEP_S:
+                self._flush()
+                self._next = loop.call_later(self._debt_s, self._woke, batch, loop.time())
+                return
+            if time.perf_counter() - self._yielded_at >= _YIELD_EVERY_S:
+                self._flush()
+                self._next = loop.call_soon(self._woke, batch, None)
+                return
+            self._apply_step(batch)
+
+    def _woke(self, batch: ScheduledBatch, slept_from: float | None) -> None:
+        """The end of `batch`'s step (a timer's, or a yield's: `slept_from` None): apply it,
+        then go on stepping."""
+        self._yielded_at = time.perf_counter()
+        if slept_from is not None and self._loop is not None:
+            # overslept: the next steps run that much sooner (bounded: a stall is not repaid)
+            slept = self._loop.time() - slept_from
+            self._debt_s = max(self._debt_s - slept, -_MIN_SLEEP_S)
+        self._apply_step(batch)
+        self._advance()
+
+    def _apply_step(self, batch: ScheduledBatch) -> None:
+        try:
+            self._apply(batch)
+        except Exception:  # a bookkeeping bug must not hang every caller
+            logger.exception("mocker step failed; failing its requests")
+            for seq in batch.seqs:
+                if seq.status is not SeqStatus.FINISHED:
+                    self._finish(seq, "error")
 
     def _flush(self) -> None:
-        """Before the stepping task yields: the tokens of the steps since the last yield,
-        one chunk per request (a finishing request's went out with its finish), and the
-        steps' KV events, one batch."""
+        """Before the stepping yields: the tokens of the steps since the last yield, one
+        chunk per request (a finishing request's went out with its finish), and the steps'
+        KV events, one batch."""
         if self._undelivered:
             finished = SeqStatus.FINISHED
             self._deliver_all(
@@ -221,29 +268,6 @@ class MockerEngine(StreamingEngine):
             self._undelivered.clear()
         self._publish_events()
 
-    async def _sleep(self, delay: float) -> None:
-        """Take `delay` seconds of simulated step time, exactly on average: the event loop
-        wakes at best every ~1 ms (epoll's resolution), so sleeping each microsecond step of
-        a sped-up model would make every step last a millisecond. Short steps add up to a
-        debt slept off (by the clock) once it is worth a timer; meanwhile they run back to
-        back, yielding to the loop (new requests, aborts, the outputs' publisher) every
-        `_YIELD_EVERY_S`: the tokens of those steps go out as one chunk per request (as a
-        fast engine's do when its reader lags), and no step pays a loop turn or a message."""
-        self._debt_s += delay
-        if self._debt_s < _MIN_SLEEP_S:
-            if time.perf_counter() - self._yielded_at >= _YIELD_EVERY_S:
-                self._flush()
-                await asyncio.sleep(0)
-                self._yielded_at = time.perf_counter()
-            return
-        self._flush()
-        loop = asyncio.get_running_loop()
-        start = loop.time()
-        await asyncio.sleep(self._debt_s)
-        self._yielded_at = time.perf_counter()
-        # overslept: the next steps run that much sooner (bounded: a stall is not repaid)
-        self._debt_s = max(self._debt_s - (loop.time() - start), -_MIN_SLEEP_S)
-
     def _apply(self, batch: ScheduledBatch) -> None:
         """The step's bookkeeping: new tokens, full blocks hashed (KV events), finishes.
         At real-time pace this runs once per ~5 ms step for every running request, so it
@@ -251,15 +275,20 @@ class MockerEngine(StreamingEngine):
         bm = self.block_manager
         block_size = bm.block_size
         undelivered = self._undelivered
+        seeds, vocab_size, banned = self._seeds, self.vocab_size, self._banned_base
+        running = SeqStatus.RUNNING
         finished: list[Sequence] = []
         for seq, n in zip(batch.seqs, batch.num_tokens, strict=True):
-            if seq.status is not SeqStatus.RUNNING:  # aborted or preempted while we slept
+            if seq.status is not running:  # aborted or preempted while we slept
                 continue
             computed = seq.num_computed + n
             seq.num_computed = computed
             tokens = seq.token_ids
             if computed >= len(tokens):
-                token = self._token_at(seq)
+                # `_token_at`'s common case written out: no EOS or stop id drawn
+                token = _mix64(seeds.get(seq.request_id, 0) ^ len(tokens)) % vocab_size
+                if token in banned or token in seq.sampling.stop_token_ids:
+                    token = self._token_at(seq)
                 tokens.append(token)
                 seq.pending_tokens.append(token)
                 if len(tokens) >= seq.max_len:

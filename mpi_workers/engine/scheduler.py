@@ -87,20 +87,30 @@ class Scheduler:
         batch = ScheduledBatch()
         budget = self.max_num_batched_tokens
         # 1. Running sequences, oldest first; preempt from the newest end when short of blocks.
+        # Every step of a real-time mocker runs this for every running sequence: plain reads
+        # (`seq.remaining` and `bm.num_new_blocks` written out), the block manager called only
+        # when a block is needed.
+        bm = self.bm
+        block_size = bm.block_size
+        running = self.running
+        seqs, counts = batch.seqs, batch.num_tokens
         index = 0
-        while index < len(self.running) and budget > 0:
-            seq = self.running[index]
-            n = min(seq.remaining, budget)
-            need = self.bm.num_new_blocks(seq, seq.num_computed + n)
-            if need:  # most decode steps fit in the last block: nothing to check or take
-                while not self.bm.can_allocate(need) and self.running[-1] is not seq:
-                    self._preempt(self.running[-1])
-                if not self.bm.can_allocate(need):
+        while index < len(running) and budget > 0:
+            seq = running[index]
+            computed = seq.num_computed
+            n = len(seq.token_ids) - computed
+            if n > budget:
+                n = budget
+            need = -(-(computed + n) // block_size) - len(seq.block_table)
+            if need > 0:  # most decode steps fit in the last block: nothing to check or take
+                while not bm.can_allocate(need) and running[-1] is not seq:
+                    self._preempt(running[-1])
+                if not bm.can_allocate(need):
                     self._preempt(seq)  # it is the newest: it waits for the others to finish
                     break
-                self.bm.allocate(seq, seq.num_computed + n)
-            batch.seqs.append(seq)
-            batch.num_tokens.append(n)
+                bm.allocate(seq, computed + n)
+            seqs.append(seq)
+            counts.append(n)
             budget -= n
             index += 1
         # 2. Waiting sequences in order, while there is room; no preemption for them. One

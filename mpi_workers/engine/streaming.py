@@ -256,7 +256,12 @@ class StreamingEngine(Engine):
                 seq.error,
             )
             seq.pending_tokens = []
-            if stream is not None:
+            if stream is None:
+                continue
+            listener = stream.listener
+            if listener is not None and running is stream.loop:
+                listener(chunk)  # `push` and `deliver` written out: once per token and step
+            else:
                 stream.push(chunk, running)
 
     def _publish_events(self) -> None:

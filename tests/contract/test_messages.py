@@ -11,6 +11,7 @@ from pydantic import TypeAdapter, ValidationError
 from contract.discovery import WorkerCard
 from contract.messages import (
     PROTOCOL_VERSION,
+    SAMPLING_BOUNDS,
     AbortRequest,
     GenerateOutput,
     GenerateRequest,
@@ -25,6 +26,7 @@ from contract.messages import (
     StoredBlock,
     TokenLogprob,
     TopLogprob,
+    choice_seed,
     output_json,
     parse_kv_event_batch,
     request_json,
@@ -219,6 +221,7 @@ def _random_request(rng: random.Random) -> GenerateRequest:
         sampling=sampling,
         client_id=rng.choice([None, "chatcmpl-x", 'cmpl-\u00e9"quoted"']),
         batch_replies=rng.random() < 0.5,
+        choice_index=rng.choice([0, 0, 1, rng.randint(2, 15)]),
     )
 
 
@@ -234,6 +237,16 @@ def test_request_json_writes_what_pydantic_writes() -> None:
     request.batch_replies = not request.batch_replies
     request.sampling.max_tokens = 3
     assert request_json(request) == request.model_dump_json().encode()
+
+
+def test_choice_seed_is_seed_plus_index_within_64_signed_bits() -> None:
+    assert [choice_seed(100, i) for i in range(3)] == [100, 101, 102]
+    assert choice_seed(-5, 2) == -3
+    top = SAMPLING_BOUNDS["seed"].high
+    assert choice_seed(top, 0) == top
+    assert choice_seed(top, 1) == SAMPLING_BOUNDS["seed"].low  # wraps: still a valid seed
+    assert len({choice_seed(top - 1, i) for i in range(4)}) == 4
+    assert all(SAMPLING_BOUNDS["seed"].admits(choice_seed(top, i)) for i in range(16))
 
 
 def test_request_json_with_media_goes_through_pydantic() -> None:

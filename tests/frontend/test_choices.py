@@ -93,6 +93,7 @@ async def read_all(choices: ChoiceStreams) -> dict[int, list[int]]:
 def test_choice_i_samples_with_seed_plus_i_and_its_own_id() -> None:
     requests = choice_requests(first_request(seed=100, temperature=0.7), 4)
     assert [r.sampling.seed for r in requests] == [100, 101, 102, 103]
+    assert [r.choice_index for r in requests] == [0, 1, 2, 3]
     assert len({r.request_id for r in requests}) == 4
     assert {r.client_id for r in requests} == {"chatcmpl-1"}
     assert all(r.token_ids == PROMPT and r.sampling.temperature == 0.7 for r in requests)
@@ -100,6 +101,9 @@ def test_choice_i_samples_with_seed_plus_i_and_its_own_id() -> None:
     unseeded = choice_requests(first_request(temperature=0.0), 3)
     assert [r.sampling.seed for r in unseeded] == [None, None, None]
     assert unseeded[1].sampling is not unseeded[0].sampling  # each has its own budget
+    assert [r.choice_index for r in unseeded] == [0, 1, 2]
+    top = 2**63 - 1  # the largest seed a request may give: its other choices wrap around
+    assert [r.sampling.seed for r in choice_requests(first_request(seed=top), 2)] == [top, -(2**63)]
     assert choice_requests(first_request(), 1) == [first_request()]
 
 

@@ -1,16 +1,22 @@
-"""`n` choices through the real frontend (uvicorn, etcd, nats-server) with FAKE workers: all
+"""`n` choices through the real frontend (uvicorn, etcd, nats-server) with FAKE workers (and
+one real simulated worker, whose choices must differ as sampled ones do): all
 choices on one worker, their seeds, the official client's view, aborts of every choice on a
 disconnect or a failing choice, per-choice migration, the frontend.max_n cap."""
 
 from __future__ import annotations
 
 import asyncio
+from pathlib import Path
 from typing import Any
 
 import httpx
 import openai
 import pytest
 from test_frontend_integration import CHAT, assert_error, sse_events
+
+from contract.config import MockerConfig
+from mpi_workers.engine.mocker import MockerEngine, ModelShape
+from mpi_workers.worker import Worker
 
 pytestmark = pytest.mark.integration
 
@@ -34,6 +40,7 @@ async def test_all_choices_go_to_one_worker_with_seed_plus_index(make_frontend: 
             )
     for worker in (first, second):
         assert [r.sampling.seed for r in worker.requests] == [70, 71, 72, 73]
+        assert [r.choice_index for r in worker.requests] == [0, 1, 2, 3]  # on the wire
         assert len({r.client_id for r in worker.requests}) == 1
         assert len({tuple(r.token_ids) for r in worker.requests}) == 1
     assert first.requests[0].client_id != second.requests[0].client_id
@@ -162,3 +169,40 @@ async def test_n_over_the_configured_cap_and_the_context_check_are_400s(
     # the budget the context leaves goes to every choice
     room = 64 - len(worker.requests[0].token_ids)
     assert {r.sampling.max_tokens for r in worker.requests} == {room}
+
+
+async def test_the_mockers_sampled_choices_differ_and_seeded_ones_repeat(
+    make_frontend: Any, model_dir: Path
+) -> None:
+    """A real simulated worker (MockerEngine served by `Worker`) behind the frontend: an
+    unseeded n=3 request at temperature > 0 answers three different texts, choice 0 the text
+    a single-choice request gets; seeded choices differ and come back the same; greedy ones
+    are one text."""
+    fe = await make_frontend()
+    engine = MockerEngine(MockerConfig(speedup=1000.0), model_name="smol",
+                          shape=ModelShape.from_folder(model_dir), num_blocks=256)  # fmt: skip
+    worker = Worker(engine, deployment=fe.config.name, worker_id="agg-g0-i0", role="agg",
+                    nats_url=fe.nats_url, etcd_endpoint=fe.etcd_endpoint, lease_ttl_s=5,
+                    capacity=8, drain_timeout_s=5)  # fmt: skip
+    await worker.start()
+    try:
+        await fe.wait_for_workers(lambda ids: "agg-g0-i0" in ids)
+
+        async def texts(**body: Any) -> list[str]:
+            async with fe.client() as client:
+                response = await client.post(
+                    "/v1/chat/completions", json={**CHAT, "max_tokens": 8, **body}
+                )
+            assert response.status_code == 200, response.text
+            choices = sorted(response.json()["choices"], key=lambda c: c["index"])
+            return [c["message"]["content"] for c in choices]
+
+        sampled = await texts(n=3, temperature=0.9)
+        assert len(set(sampled)) == 3 and all(sampled)
+        assert await texts(temperature=0.9) == sampled[:1]
+        seeded = await texts(n=3, temperature=0.9, seed=11)
+        assert len(set(seeded)) == 3
+        assert await texts(n=3, temperature=0.9, seed=11) == seeded
+        assert len(set(await texts(n=3, temperature=0.0))) == 1
+    finally:
+        await worker.stop()

@@ -56,6 +56,8 @@ def test_continuation_appends_the_tokens_and_shrinks_the_budget() -> None:
     assert others == {k: v for k, v in before["sampling"].items() if k != "max_tokens"}
     assert resumed.request_id != original.request_id  # replies are keyed by request id
     assert original.model_dump() == before  # the original is left alone
+    second_choice = original.model_copy(update={"choice_index": 2})
+    assert continuation(second_choice, [21]).choice_index == 2  # it stays that choice
 
 
 def test_continuation_of_a_continuation_and_of_nothing() -> None:

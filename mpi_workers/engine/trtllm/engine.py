@@ -38,6 +38,7 @@ from contract.messages import (
     SamplingParams,
     TokenLogprob,
     TopLogprob,
+    choice_seed,
 )
 from mpi_workers.engine.base import Engine, KvEventSink, NativeKvHandoff
 from mpi_workers.engine.model_shape import ModelShape
@@ -144,7 +145,7 @@ class TrtllmEngine(Engine, NativeKvHandoff):
     ) -> AsyncIterator[GenerateOutput]:
         self.validate(request)
         inputs = self._inputs(request, media)
-        sampling = self.sampling_params(request.sampling, **_text_fixed(inputs))
+        sampling = self.sampling_params(choice_sampling(request), **_text_fixed(inputs))
         return self._run(request, inputs, sampling, None, None)
 
     def _inputs(self, request: GenerateRequest, media: Any) -> dict[str, Any]:
@@ -270,7 +271,9 @@ class TrtllmEngine(Engine, NativeKvHandoff):
 
         self.validate(request)
         inputs = self._inputs(request, media)
-        sampling = self.sampling_params(request.sampling, max_tokens=1, **_text_fixed(inputs))
+        sampling = self.sampling_params(
+            choice_sampling(request), max_tokens=1, **_text_fixed(inputs)
+        )
         result = self.llm.generate_async(
             inputs,
             sampling_params=sampling,
@@ -327,7 +330,8 @@ class TrtllmEngine(Engine, NativeKvHandoff):
                 )
             ids = apply_patch(ids, patch)
         inputs = {"prompt_token_ids": ids}
-        return self._run(request, inputs, self.sampling_params(request.sampling), params, cached)
+        sampling = self.sampling_params(choice_sampling(request))
+        return self._run(request, inputs, sampling, params, cached)
 
     # ----- observation ---------------------------------------------------------------------
     def load_metrics(self) -> LoadMetrics:
@@ -392,6 +396,18 @@ class TrtllmEngine(Engine, NativeKvHandoff):
 
 
 _END = object()
+
+
+def choice_sampling(request: GenerateRequest) -> SamplingParams:
+    """`request`'s sampling settings as TensorRT-LLM must get them: an unseeded request samples
+    with TensorRT-LLM's fixed default seed, so the `n` choices of one unseeded request at
+    temperature > 0 would all be one text; choice i > 0 samples with `choice_seed(0, i)`
+    instead (deterministic as TensorRT-LLM's unseeded sampling is, the same on a prefill and
+    a decode worker). Seeded choices have their own seeds already (`frontend.choices`)."""
+    p = request.sampling
+    if p.seed is None and p.temperature > 0 and request.choice_index:
+        return p.model_copy(update={"seed": choice_seed(0, request.choice_index)})
+    return p
 
 
 def _text_fixed(inputs: dict[str, Any]) -> dict[str, Any]:

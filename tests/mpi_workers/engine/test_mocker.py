@@ -9,7 +9,14 @@ import pytest
 
 from contract.block_hash import block_hashes
 from contract.config import MockerConfig, load_config
-from contract.messages import GenerateRequest, KvEvent, KvRemoved, KvStored, SamplingParams
+from contract.messages import (
+    GenerateRequest,
+    KvEvent,
+    KvRemoved,
+    KvStored,
+    SamplingParams,
+    choice_seed,
+)
 from mpi_workers.engine.factory import build_engine
 from mpi_workers.engine.mocker import MockerEngine, ModelShape
 from mpi_workers.engine.scheduler import ScheduledBatch
@@ -90,6 +97,50 @@ async def test_choices_sent_together_prefill_once_and_seeds_make_them_differ(eng
     greedy, _ = await run(engine, request("g", prompt, 8, temperature=0.0, seed=42))
     plain, _ = await run(engine, request("p", prompt, 8, temperature=0.0))
     assert greedy == plain  # a seed changes nothing at temperature 0
+
+
+# main's tokens (dd69b76, before the choice index) for the prompt 3..52, 12 tokens at
+# temperature 0.8, on `engine`'s 100-token vocabulary: what the benchmarks' texts rest on
+FROZEN_UNSEEDED = [47, 12, 40, 52, 45, 75, 16, 62, 1, 14, 19, 70]
+FROZEN_SEED_42 = [30, 72, 85, 6, 53, 89, 39, 64, 46, 29, 46, 6]
+
+
+def choice(rid: str, prompt: list[int], index: int, **sampling) -> GenerateRequest:
+    """Choice `index` of a request, as the frontend sends it (`frontend.choices`)."""
+    seed = sampling.pop("seed", None)
+    if seed is not None:
+        sampling["seed"] = choice_seed(seed, index)
+    return GenerateRequest(
+        request_id=rid, token_ids=prompt, choice_index=index,
+        sampling=SamplingParams(max_tokens=12, **sampling),
+    )  # fmt: skip
+
+
+async def test_choices_differ_by_index_and_choice_0_keeps_its_tokens(engine) -> None:
+    """Unseeded choices at temperature > 0 differ from each other (their index is mixed in);
+    choice 0 keeps the tokens it had before the index existed; seeded choices differ and
+    repeat themselves; greedy choices are one text."""
+    prompt = list(range(3, 53))
+    unseeded = [(await run(engine, choice(f"u{i}", prompt, i, temperature=0.8)))[0]
+                for i in range(4)]  # fmt: skip
+    assert unseeded[0] == FROZEN_UNSEEDED
+    assert len({tuple(tokens) for tokens in unseeded}) == 4
+    again, _ = await run(engine, choice("u2-again", prompt, 2, temperature=0.8))
+    assert again == unseeded[2]
+
+    seeded = [(await run(engine, choice(f"s{i}", prompt, i, temperature=0.8, seed=42)))[0]
+              for i in range(4)]  # fmt: skip
+    assert seeded[0] == FROZEN_SEED_42
+    assert len({tuple(tokens) for tokens in seeded + unseeded}) == 8
+    again, _ = await run(engine, choice("s3-again", prompt, 3, temperature=0.8, seed=42))
+    assert again == seeded[3]
+    # choice 1 of seed 42 samples with seed 43 but is not the seed-43 request's sample
+    seed_43, _ = await run(engine, choice("s43", prompt, 0, temperature=0.8, seed=43))
+    assert seed_43 != seeded[1]
+
+    greedy = [(await run(engine, choice(f"g{i}", prompt, i, temperature=0.0)))[0]
+              for i in range(3)]  # fmt: skip
+    assert greedy[0] == greedy[1] == greedy[2]
 
 
 async def test_eviction_emits_removed() -> None:
@@ -301,3 +352,24 @@ async def test_listened_chunks_are_the_outputs_and_closing_aborts_only_a_running
         assert slow.load_metrics().active_blocks == 0 and slow.scheduler.find("long") is None
     finally:
         await slow.shutdown()
+
+
+async def test_shutdown_aborts_running_requests_and_a_restarted_engine_serves() -> None:
+    """Stepping is timer callbacks: shutdown cancels the pending one (requests in flight end
+    with "abort", new ones are refused) and a later start steps again."""
+    eng = MockerEngine(MockerConfig(speedup=1.0), shape=ModelShape(vocab_size=100), num_blocks=64)
+    await eng.start()
+    stream = eng.generate(request("long", list(range(3, 20)), max_tokens=1000))
+    first = await anext(stream)  # real-time pace: ~5 ms a token, far from done
+    await eng.shutdown()
+    rest = [out async for out in stream]
+    assert rest and rest[-1].finish_reason == "abort"
+    assert len(first.token_ids) + sum(len(out.token_ids) for out in rest) < 1000
+    with pytest.raises(RuntimeError, match="not started"):
+        eng.generate(request("late", [5, 6, 7]))
+    await eng.start()
+    try:
+        tokens, last = await run(eng, request("again", [5, 6, 7], max_tokens=3))
+        assert len(tokens) == 3 and last.finish_reason == "length"
+    finally:
+        await eng.shutdown()

@@ -129,6 +129,29 @@ async def test_abort_ends_the_stream_and_reaches_the_engine(engine: TrtllmEngine
     assert engine.load_metrics().active_sequences == 0
 
 
+async def test_unseeded_sampled_choices_differ_and_choice_0_is_tensorrt_llms_own(
+    engine: TrtllmEngine,
+) -> None:
+    """TensorRT-LLM samples an unseeded request with one fixed default seed (the double: 0),
+    so the n choices of an unseeded request would be one text: choice i > 0 gets a seed of
+    its own; choice 0, greedy choices and seeded ones are left as they were."""
+    prompt = [3, 1, 4, 1, 5, 9, 2, 6]
+
+    async def sample(index: int, **sampling) -> list[int]:
+        req = request(prompt, max_tokens=8, **sampling)
+        req.choice_index = index
+        tokens, _ = await collect(engine.generate(req))
+        return tokens
+
+    sampled = [await sample(i, temperature=0.8) for i in range(3)]
+    assert len({tuple(t) for t in sampled}) == 3
+    assert sampled[0] == await sample(0, temperature=0.8)  # TensorRT-LLM's own unseeded sample
+    assert sampled[2] == await sample(2, temperature=0.8)  # deterministic, as unseeded is there
+    greedy = [await sample(i, temperature=0.0) for i in range(2)]
+    assert greedy[0] == greedy[1]
+    assert await sample(1, temperature=0.8, seed=7) == await sample(0, temperature=0.8, seed=7)
+
+
 async def test_context_then_generation_equals_aggregated(engine: TrtllmEngine) -> None:
     for sampling in ({"temperature": 0.0}, {"temperature": 0.8, "seed": 11}, {"max_tokens": 1}):
         params = {"max_tokens": 9, **sampling}
