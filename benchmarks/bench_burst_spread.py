@@ -66,7 +66,7 @@ async def run_policy(policy: str, args: argparse.Namespace) -> list[int]:
     run_dir = Path(tempfile.mkdtemp(prefix="bench-burst-"))
     sets = [
         "name=bench-burst", "frontend.port=0", f"workers.0.count={args.workers}",
-        f"run_dir={run_dir}", *overrides_of(policy),
+        f"run_dir={run_dir}", *overrides_of(policy), *getattr(args, "set", []),
     ]  # fmt: skip
     config = load_config(REPO / "configs" / "local-mocker-kv.yaml", sets, environ={})
     deployment = await asyncio.to_thread(start_deployment, config, lambda _m: None)
@@ -138,6 +138,8 @@ def main() -> None:
     parser.add_argument("--bursts", type=int, default=5)
     parser.add_argument("--repeat", type=int, default=1)
     parser.add_argument("--max-tokens", type=int, default=3000)
+    parser.add_argument("--set", action="append", default=[],
+                        help="extra config overrides key=value, for every policy")  # fmt: skip
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout)
     logging.getLogger("httpx").setLevel(logging.WARNING)
     asyncio.run(main_async(parser.parse_args()))

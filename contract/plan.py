@@ -160,6 +160,7 @@ MAX_AUTO_FRONTEND_PROCESSES = 8
 FRONTEND_PROCESS_ENV = "HPCSERVE_FRONTEND_PROCESS"  # "<index>/<count>" of a multi-process frontend
 METRICS_DIR_ENV = "PROMETHEUS_MULTIPROC_DIR"  # prometheus-client's multiprocess mode
 ROTATION_FILE_ENV = "HPCSERVE_FRONTEND_ROTATION"  # their one round-robin counter file
+LOAD_TABLE_ENV = "HPCSERVE_FRONTEND_LOAD_TABLE"  # their in-flight counts (frontend.load_table)
 
 
 def head_cpus() -> int:
@@ -196,18 +197,29 @@ def clear_frontend_metrics(plan: list[PlannedProcess]) -> None:
         Path(folder).mkdir(parents=True, exist_ok=True)
 
 
-def rotation_file(name: str, run_dir: str) -> str:
-    """The frontend processes' round-robin counter: in /dev/shm, node-local memory (the lock
-    taken on it per choice would be a server round trip on a network file system), named by
-    the deployment and its run folder (two deployments of one name on a node: two files)."""
+def _frontend_shm_file(name: str, run_dir: str, kind: str) -> str:
+    """A file the frontend processes share in /dev/shm, node-local memory (a lock or a store
+    per request would be a server round trip on a network file system), named by the
+    deployment and its run folder (two deployments of one name on a node: two files)."""
     digest = hashlib.sha256(run_dir.encode()).hexdigest()[:12]
-    return f"/dev/shm/hpcserve-{name}-{digest}.rotation"
+    return f"/dev/shm/hpcserve-{name}-{digest}.{kind}"
 
 
-def remove_frontend_rotation(plan: list[PlannedProcess]) -> None:
-    """Remove the frontend processes' round-robin counter once the deployment has stopped
-    (while it serves, a restarted process maps the same one again)."""
-    for path in {p.env[ROTATION_FILE_ENV] for p in plan if ROTATION_FILE_ENV in p.env}:
+def rotation_file(name: str, run_dir: str) -> str:
+    """The frontend processes' round-robin counter (`frontend.rotation`)."""
+    return _frontend_shm_file(name, run_dir, "rotation")
+
+
+def load_table_file(name: str, run_dir: str) -> str:
+    """The frontend processes' in-flight counts per worker (`frontend.load_table`)."""
+    return _frontend_shm_file(name, run_dir, "load")
+
+
+def remove_frontend_shared_files(plan: list[PlannedProcess]) -> None:
+    """Remove the frontend processes' round-robin counter and load table once the deployment
+    has stopped (while it serves, a restarted process maps the same ones again)."""
+    envs = (ROTATION_FILE_ENV, LOAD_TABLE_ENV)
+    for path in {p.env[env] for p in plan for env in envs if env in p.env}:
         Path(path).unlink(missing_ok=True)
 
 
@@ -346,8 +358,8 @@ def frontend_plan(
     answered by that process itself: a sibling's answer says nothing of it, and a load
     started at the first answer would pin its connections to the processes up by then.
     Several processes share their /metrics through prometheus-client's multiprocess mode
-    (`<run_dir>/frontend-metrics`), their routing load over NATS (`frontend.load_share`) and
-    one round-robin rotation (`rotation_file`, `frontend.rotation`)."""
+    (`<run_dir>/frontend-metrics`), their in-flight counts (`load_table_file`,
+    `frontend.load_table`) and one round-robin rotation (`rotation_file`, `frontend.rotation`)."""
     host, port = config.frontend.host, config.frontend.port
     probe_host = "127.0.0.1" if host in ("0.0.0.0", "") else host
     ready = Readiness("http", url=f"http://{probe_host}:{port}/health")
@@ -356,7 +368,8 @@ def frontend_plan(
         return [PlannedProcess("frontend", "frontend", STAGE_FRONTEND, argv, ready,
                                dict(common_env))]  # fmt: skip
     shared = {METRICS_DIR_ENV: f"{run_dir}/frontend-metrics",
-              ROTATION_FILE_ENV: rotation_file(config.name, run_dir)}  # fmt: skip
+              ROTATION_FILE_ENV: rotation_file(config.name, run_dir),
+              LOAD_TABLE_ENV: load_table_file(config.name, run_dir)}  # fmt: skip
     plan = []
     for index in range(count):
         env = {**common_env, FRONTEND_PROCESS_ENV: f"{index}/{count}", **shared}

@@ -37,7 +37,7 @@ from contract.plan import (
     WORKER_STOP_TIMEOUT_S,
     PlannedProcess,
     Readiness,
-    remove_frontend_rotation,
+    remove_frontend_shared_files,
     worker_id,
 )
 from contract.processes import ManagedProcess, ProcessFailed
@@ -190,7 +190,8 @@ class Supervisor:
 
     def stop(self) -> None:
         """Stop every process, last stage first; one stage's processes in parallel; then
-        remove what the frontend processes shared while serving (their round-robin counter)."""
+        remove what the frontend processes shared while serving (their round-robin counter
+        and load table)."""
         for stage in sorted({c.planned.stage for c in self.components}, reverse=True):
             group = [c for c in reversed(self.components) if c.planned.stage == stage]
             group = [c for c in group if c.process is not None]
@@ -202,7 +203,7 @@ class Supervisor:
 
             with ThreadPoolExecutor(max_workers=max(1, len(group))) as pool:
                 list(pool.map(stop, group))
-        remove_frontend_rotation([c.planned for c in self.components])
+        remove_frontend_shared_files([c.planned for c in self.components])
 
     # ----- serving -------------------------------------------------------------------------
     def serve(self, poll_s: float = 0.2) -> None:

@@ -1,4 +1,5 @@
-"""Router load accounting across the frontend processes of one deployment.
+"""Router load accounting across the frontend processes of one deployment, over NATS: the
+fallback where the shared memory table (`frontend.load_table`) cannot be mapped.
 
 Each frontend process counts the requests it routed and has not finished, per worker
 (`LoadTracker.in_flight`, plus the KV router's prompt blocks). With several processes sharing
@@ -170,7 +171,7 @@ class LoadShare:
             for worker_id, count in self._tracker.in_flight.items()
         }
 
-    def changed(self) -> None:
+    def changed(self, worker_id: str = "") -> None:
         """LoadTracker hook: publish the new counts soon (one message for a burst)."""
         if not self._flush_due:
             self._flush_due = True

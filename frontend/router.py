@@ -10,7 +10,7 @@ from __future__ import annotations
 import itertools
 import random
 from collections import defaultdict
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, Protocol
 
 from contract.discovery import WorkerCard
@@ -25,22 +25,24 @@ class Router(Protocol):
 
 class LoadTracker:
     """In-flight counts kept by this frontend process, those the deployment's other frontend
-    processes share (`frontend.load_share`: `peer_requests`, `peer_blocks`), and the workers'
-    last published LoadMetrics."""
+    processes share (`peer_requests`, `peer_blocks`: read from their shared memory table,
+    `frontend.load_table`, or summed from NATS, `frontend.load_share`), and the workers' last
+    published LoadMetrics."""
 
     def __init__(self) -> None:
         self.in_flight: defaultdict[str, int] = defaultdict(int)
         self.metrics: dict[str, LoadMetrics] = {}
         self.finish_listeners: list[Callable[[str], None]] = []  # get the request id
         self.prefill_listeners: list[Callable[[str], None]] = []  # first output arrived
-        self.peer_requests: dict[str, int] = {}  # worker -> other processes' in-flight requests
-        self.peer_blocks: dict[str, int] = {}  # worker -> their routed prompt blocks (kv)
-        self.on_change: Callable[[], None] | None = None  # our in-flight counts changed
+        # worker -> the other processes' in-flight requests, their routed prompt blocks (kv)
+        self.peer_requests: Mapping[str, int] = {}
+        self.peer_blocks: Mapping[str, int] = {}
+        self.on_change: Callable[[str], None] | None = None  # our count on a worker changed
 
     def started(self, worker_id: str) -> None:
         self.in_flight[worker_id] += 1
         if self.on_change is not None:
-            self.on_change()
+            self.on_change(worker_id)
 
     def finished(self, worker_id: str, request_id: str | None = None) -> None:
         count = self.in_flight.get(worker_id, 0) - 1
@@ -51,8 +53,8 @@ class LoadTracker:
         if request_id is not None:
             for listener in self.finish_listeners:
                 listener(request_id)
-        if self.on_change is not None:
-            self.on_change()
+        if self.on_change is not None:  # after the listeners: the kv router's blocks went
+            self.on_change(worker_id)
 
     def requests_on(self, worker_id: str) -> int:
         """In-flight requests on a worker routed by every frontend process of the deployment."""

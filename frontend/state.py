@@ -25,6 +25,7 @@ from frontend import errors
 from frontend.kv_index import KvIndex, KvIndexFeed
 from frontend.kv_router import KvRouter
 from frontend.load_share import LoadShare
+from frontend.load_table import TableLoadShare, process_load_share
 from frontend.media import MediaIntake
 from frontend.media_store import MediaStore
 from frontend.metrics import FrontendMetrics
@@ -122,12 +123,14 @@ class FrontendState:
             busy_poll_s=config.frontend.busy_poll_us / 1e6,
             load_metrics=routes_by_load,
         )
-        self.load_share: LoadShare | None = None
+        self.load_share: TableLoadShare | LoadShare | None = None
         if self.process_count > 1 and routes_by_load:  # the others' routed requests count too
             blocks_of = self.router.own_blocks if isinstance(self.router, KvRouter) else None
-            self.load_share = LoadShare(
-                config.services.nats.endpoint, config.name, self.tracker, blocks_of
-            )
+            nats_url = config.services.nats.endpoint
+            self.load_share = process_load_share(
+                os.environ, self.process_index, self.process_count, self.tracker, blocks_of,
+                lambda: LoadShare(nats_url, config.name, self.tracker, blocks_of),
+            )  # fmt: skip
         self.started = int(time.time())
         self._worker_joined = asyncio.Event()
         # the routable workers and their shortest context, kept until the directory changes

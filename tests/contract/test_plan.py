@@ -9,15 +9,17 @@ import pytest
 from contract.config import ConfigError, load_config
 from contract.plan import (
     FRONTEND_PROCESS_ENV,
+    LOAD_TABLE_ENV,
     MAX_AUTO_FRONTEND_PROCESSES,
     METRICS_DIR_ENV,
     ROTATION_FILE_ENV,
     TRTLLM_LAUNCHER,
     find_binary,
     frontend_processes,
+    load_table_file,
     needs_mpi_launcher,
     plan_deployment,
-    remove_frontend_rotation,
+    remove_frontend_shared_files,
     rotation_file,
 )
 
@@ -184,6 +186,7 @@ def test_several_frontend_processes_share_the_port() -> None:
         assert process.env[FRONTEND_PROCESS_ENV] == f"{index}/3"
         assert process.env[METRICS_DIR_ENV] == "/r/frontend-metrics"
         assert process.env[ROTATION_FILE_ENV] == rotation_file("local-agg", "/r")  # one for all
+        assert process.env[LOAD_TABLE_ENV] == load_table_file("local-agg", "/r")
         assert process.ready.url == "http://127.0.0.1:8000/health"
         assert process.ready.process == index  # ready once it answers, not a sibling
     one = plan_deployment(resolved("frontend.workers=1"), config_file="c.yaml", run_dir="/r")
@@ -191,18 +194,23 @@ def test_several_frontend_processes_share_the_port() -> None:
     assert one[-1].ready.process is None
     assert FRONTEND_PROCESS_ENV not in one[-1].env
     assert ROTATION_FILE_ENV not in one[-1].env  # one process rotates on its own
+    assert LOAD_TABLE_ENV not in one[-1].env  # and counts alone
 
 
-def test_the_shared_rotation_file_is_removed_after_the_stop(tmp_path: Path) -> None:
+def test_the_shared_files_are_removed_after_the_stop(tmp_path: Path) -> None:
     plan = plan_deployment(resolved("frontend.workers=2"), config_file="c.yaml",
                            run_dir=str(tmp_path))  # fmt: skip
     counter = Path(rotation_file("local-agg", str(tmp_path)))
-    assert counter.parent == Path("/dev/shm")  # node-local memory, not the run folder
+    table = Path(load_table_file("local-agg", str(tmp_path)))
+    for path in (counter, table):
+        assert path.parent == Path("/dev/shm")  # node-local memory, not the run folder
+        path.write_bytes(bytes(8))
     assert rotation_file("local-agg", str(tmp_path / "other")) != str(counter)
-    counter.write_bytes(bytes(8))
-    remove_frontend_rotation(plan)
-    assert not counter.exists()
-    remove_frontend_rotation(plan)  # already gone: nothing to do
+    assert load_table_file("local-agg", str(tmp_path / "other")) != str(table)
+    assert table != counter
+    remove_frontend_shared_files(plan)
+    assert not counter.exists() and not table.exists()
+    remove_frontend_shared_files(plan)  # already gone: nothing to do
 
 
 def test_a_missing_service_binary_is_a_config_error_naming_its_field(monkeypatch) -> None:

@@ -1,0 +1,236 @@
+"""The frontend processes' shared in-flight counts (`frontend.load_table`): trackers on one
+file see each other's counts at once; a restarted index, a dead process and a clean stop
+leave no count behind; the name table's bounds; the NATS fallback; two real frontends."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from contract.discovery import WorkerCard
+from contract.plan import FRONTEND_PROCESS_ENV, LOAD_TABLE_ENV
+from frontend import load_table
+from frontend.load_share import LoadShare
+from frontend.load_table import (
+    COLUMNS,
+    LoadTable,
+    TableFull,
+    TableLoadShare,
+    process_load_share,
+)
+from frontend.router import LeastLoadedRouter, LoadTracker
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def card(worker_id: str) -> WorkerCard:
+    return WorkerCard(
+        worker_id=worker_id, role="agg", model="m", block_size=16,
+        subject=f"s.{worker_id}", abort_subject=f"a.{worker_id}", capacity=4,
+        max_model_len=4096,
+    )  # fmt: skip
+
+
+def shared(path: Path, index: int, count: int, blocks: dict[str, int] | None = None):  # type: ignore[no-untyped-def]
+    """A tracker of process `index` of `count` sharing through the table at `path`."""
+    tracker = LoadTracker()
+    blocks_of = (lambda worker_id: blocks.get(worker_id, 0)) if blocks else None
+    share = TableLoadShare(LoadTable(str(path), index, count), tracker, blocks_of)
+    share.attach()
+    return tracker, share
+
+
+def test_two_trackers_on_one_file_see_each_others_counts_at_once(tmp_path: Path) -> None:
+    path = tmp_path / "load"
+    blocks = [{"w0": 12}, {"w1": 3}]
+    (first, _), (second, _) = (shared(path, i, 3, blocks[i]) for i in range(2))
+    first.started("w0")
+    first.started("w0")
+    second.started("w1")
+    # no message, no wait: the next read sees it
+    assert second.peer_requests == {"w0": 2} and first.peer_requests == {"w1": 1}
+    assert second.peer_blocks == {"w0": 12} and first.peer_blocks == {"w1": 3}
+    assert second.requests_on("w0") == 2 and first.requests_on("w1") == 1
+    cards = [card("w0"), card("w1"), card("w2")]
+    assert LeastLoadedRouter(second).choose(cards, None).worker_id == "w2"
+    first.finished("w0")
+    assert second.peer_requests.get("w0", 0) == 1
+    first.finished("w0")
+    assert second.peer_requests == {} and second.peer_requests.get("w0", 0) == 0
+    assert second.peer_requests.get("never-named", 0) == 0
+
+
+def test_counts_before_the_table_was_attached_are_written_at_once(tmp_path: Path) -> None:
+    path = tmp_path / "load"
+    tracker = LoadTracker()
+    tracker.started("w3")
+    TableLoadShare(LoadTable(str(path), 0, 2), tracker).attach()
+    other, _ = shared(path, 1, 2)
+    assert other.peer_requests == {"w3": 1}
+
+
+def test_a_restarted_index_clears_its_row(tmp_path: Path) -> None:
+    path = tmp_path / "load"
+    crashed, _ = shared(path, 0, 2)
+    other, _ = shared(path, 1, 2)
+    crashed.started("w0")
+    crashed.started("w1")
+    assert other.peer_requests == {"w0": 1, "w1": 1}
+    # process 0 died without a word (its requests with it); the supervisor starts index 0 again
+    restarted, _ = shared(path, 0, 2)
+    assert other.peer_requests == {}
+    restarted.started("w1")
+    assert other.peer_requests == {"w1": 1}
+
+
+def test_a_clean_stop_clears_the_row_and_its_pid(tmp_path: Path) -> None:
+    import asyncio
+
+    path = tmp_path / "load"
+    stopping, share = shared(path, 0, 2)
+    other, _ = shared(path, 1, 2)
+    stopping.started("w0")
+    asyncio.run(share.stop())
+    assert other.peer_requests == {}
+    reader = LoadTable(str(path), 1, 2)
+    assert reader.check_rows(alive=lambda pid: False) == []  # no pid left to check
+    reader.close()
+
+
+def test_the_row_of_a_dead_process_is_ignored(tmp_path: Path) -> None:
+    """A real second process claims row 1 and routes two requests to w0, then is killed:
+    its row counts while it lives and not once it is gone (until its index restarts)."""
+    path = tmp_path / "load"
+    tracker, share = shared(path, 0, 2)
+    child_code = textwrap.dedent(f"""
+        import sys
+        sys.path.insert(0, {str(REPO)!r})
+        from frontend.load_table import LoadTable, TableLoadShare
+        from frontend.router import LoadTracker
+        tracker = LoadTracker()
+        TableLoadShare(LoadTable({str(path)!r}, 1, 2), tracker).attach()
+        tracker.started("w0")
+        tracker.started("w0")
+        print("routed", flush=True)
+        sys.stdin.read()
+    """)
+    with subprocess.Popen([sys.executable, "-c", child_code], stdin=subprocess.PIPE,
+                          stdout=subprocess.PIPE, text=True) as child:  # fmt: skip
+        assert child.stdout is not None
+        assert child.stdout.readline().strip() == "routed"
+        share.table.check_rows()
+        assert tracker.peer_requests == {"w0": 2}
+        os.kill(child.pid, signal.SIGKILL)
+        child.wait()
+    assert share.table.check_rows() == [1]
+    assert tracker.peer_requests == {} and tracker.requests_on("w0") == 0
+
+
+def test_a_zombie_is_not_alive() -> None:
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    try:
+        os.waitid(os.P_PID, child.pid, os.WEXITED | os.WNOWAIT)  # exited, not reaped
+        assert not load_table.process_alive(child.pid)
+        assert load_table.process_alive(os.getpid())
+    finally:
+        child.wait()
+
+
+def test_more_workers_than_columns_is_a_clear_error_once(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    path = tmp_path / "load"
+    table = LoadTable(str(path), 0, 2)
+    for column in range(COLUMNS):
+        assert table.column_for(f"w{column}") == column
+    with pytest.raises(TableFull, match=f"all {COLUMNS} worker columns"):
+        table.column_for("one-more")
+    with pytest.raises(TableFull, match="longer than"):
+        LoadTable(str(path), 1, 2).column_for("x" * 200)
+    # through the tracker: the request is still counted in its process, the error said once
+    tracker = LoadTracker()
+    TableLoadShare(table, tracker).attach()
+    with caplog.at_level(logging.ERROR, logger="frontend.load_table"):
+        tracker.started("one-more")
+        tracker.started("one-more")
+    assert tracker.requests_on("one-more") == 2
+    assert caplog.text.count("one-more") == 1
+    # another process reading the full table finds every name
+    reader = LoadTable(str(path), 1, 2)
+    assert reader.column_for(f"w{COLUMNS - 1}") == COLUMNS - 1
+    assert len(reader.named_workers()) == COLUMNS
+
+
+@pytest.mark.parametrize("rows", [(2, 2), (-1, 2), (0, 65)])
+def test_rows_out_of_range_are_refused(tmp_path: Path, rows: tuple[int, int]) -> None:
+    with pytest.raises(ValueError, match=LOAD_TABLE_ENV):
+        LoadTable(str(tmp_path / "load"), *rows)
+
+
+@pytest.mark.parametrize("where", ["unset", "no such folder", "not a table"])
+def test_without_a_usable_table_a_process_shares_over_nats_and_says_so(
+    where: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    path = tmp_path / ("gone/load" if where == "no such folder" else "load")
+    if where == "not a table":
+        path.write_bytes(b"something else")
+    environ = {} if where == "unset" else {LOAD_TABLE_ENV: str(path)}
+    fallback = LoadShare("nats://127.0.0.1:1", "d", LoadTracker())
+    with caplog.at_level(logging.WARNING, logger="frontend.load_table"):
+        chosen = process_load_share(environ, 0, 2, LoadTracker(), None, lambda: fallback)
+    assert chosen is fallback
+    assert LOAD_TABLE_ENV in caplog.text and "NATS" in caplog.text
+
+
+def test_a_table_of_another_layout_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "load"
+    LoadTable(str(path), 0, 2).close()
+    with open(path, "r+b") as raw:
+        raw.seek(4)
+        raw.write((99).to_bytes(4, sys.byteorder))  # another version
+    with pytest.raises(OSError, match="version"):
+        LoadTable(str(path), 1, 2)
+
+
+async def test_two_frontends_on_one_table_spread_held_requests(
+    make_frontend, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two real frontends (processes 0 and 1 of 2) on one table, least_loaded, each with the
+    same three workers (two deployments of FAKE workers, so each request's worker is known):
+    three streams held open through them in turn land on three different workers. Each on
+    its own view, the second would go to the first one's worker (w0 twice)."""
+    monkeypatch.setenv(LOAD_TABLE_ENV, str(tmp_path / "load"))
+    frontends = []
+    for index in range(2):
+        monkeypatch.setenv(FRONTEND_PROCESS_ENV, f"{index}/2")
+        harness = await make_frontend(router="least_loaded")
+        assert isinstance(harness.app.state.frontend.load_share, TableLoadShare)
+        for worker_id in ("w2", "w1", "w0"):
+            await harness.add_worker(worker_id, delay_s=0.2)
+        frontends.append(harness)
+    async with contextlib.AsyncExitStack() as stack:
+        for i in range(3):
+            client = await stack.enter_async_context(frontends[i % 2].client())
+            response = await stack.enter_async_context(client.stream(
+                "POST", "/v1/completions",
+                json={"prompt": "hi", "max_tokens": 40, "stream": True},  # ~4 s of tokens
+            ))  # fmt: skip
+            assert response.status_code == 200
+            lines = response.aiter_lines()
+            stack.push_async_callback(lines.aclose)
+            await anext(lines)  # routed and running
+        per_worker: dict[str, int] = {}
+        for worker in frontends[0].workers + frontends[1].workers:
+            if worker.requests:
+                per_worker[worker.worker_id] = per_worker.get(worker.worker_id, 0) + len(
+                    worker.requests
+                )
+        assert per_worker == {"w0": 1, "w1": 1, "w2": 1}
