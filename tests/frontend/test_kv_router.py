@@ -477,6 +477,19 @@ def test_without_hits_a_decode_footprint_beyond_the_band_loses_its_turn() -> Non
         assert router.choose([card("a"), card("b")], req("new", OTHER)).worker_id == expected
 
 
+def test_turns_follow_the_routing_order_when_the_clock_repeats() -> None:
+    """b then a were routed to at the same clock reading (a simulated clock, a coarse
+    one): b's turn comes first, not the first name (issue 14, sixth round: in replays the
+    name order stacked prompts on w0 at t=0)."""
+    clock = Clock()
+    router, _, _ = make(clock=clock)
+    for i, worker_id in enumerate(("b", "a")):
+        router.choose([card(worker_id)], req(f"{worker_id}0", _fresh(i)))
+        router.request_finished(f"{worker_id}0")
+    assert router.choose([card("a"), card("b")], req("new", OTHER)).worker_id == "b"
+    assert router.choose([card("a"), card("b")], req("next", _fresh(3))).worker_id == "a"
+
+
 def test_a_hit_anywhere_keeps_the_cost_rules() -> None:
     """The same two prefills under way as above, but b's cache drew a hit lately: the
     turns rule stands aside and a's smaller estimate (beyond the slack) decides."""

@@ -136,6 +136,20 @@ def _pick_taking_turns_without_hits(self: Any, scores: list[Any], prompt_blocks:
 
 
 REFERENCE.KvRouter._pick = _pick_taking_turns_without_hits
+_reference_choose = REFERENCE.KvRouter.choose
+
+
+def _choose_in_routing_order(self: Any, candidates: Any, request: Any) -> Any:
+    """The reference's `choose` with issue 14's sixth-round rule: turns follow the routing
+    order (`_last_routed` holds the choice's number, not the clock's reading, which this
+    trace repeats)."""
+    card = _reference_choose(self, candidates, request)
+    self._choices = getattr(self, "_choices", 0) + 1
+    self._last_routed[card.worker_id] = self._choices
+    return card
+
+
+REFERENCE.KvRouter.choose = _choose_in_routing_order
 
 
 def card(worker_id: str, block_size: int) -> WorkerCard:
