@@ -83,7 +83,7 @@ was a little above another's looked one prompt dearer; each term is now bounded 
 (pending prefill within a prompt of the least, decode blocks within the band), and turns
 decide among those, nothing pending first (sixth round: over 96 simulated-time replays of
 the lockstep closed loop the summed cost lost up to 8% of mean TTFT to round robin, each a
-handful of departures from turns; per term, kv is within 2% of round robin in each). Turns
+handful of departures from turns; per term, kv's mean is within 2% of round robin's in each). Turns
 follow the routing order, not the clock, whose readings can be equal (simulated, coarse). A
 temperature above 0 samples with softmax(-(cost - min cost) / temperature) instead.
 
