@@ -709,8 +709,9 @@ class KvRouter:
     def _take_turns(self, terms: _Terms, prompt_blocks: int, best: int) -> int:
         """The choice where no cache is involved (no candidate holds any of the prompt, no
         worker's cache draws hits): the least recently routed worker among those whose
-        pending prefill is within the estimate's slack of the least and whose decode blocks
-        are within the tie band of the least, one with nothing pending first. The two
+        pending prefill is within one prompt of the least (the tie band over the prefill's
+        weight) and whose decode blocks are within the tie band of the least, one with
+        nothing pending first. The two
         terms are bounded each on its own, not by their sum: there a worker whose extra
         requests only decode and whose pending prefill is a little above another's looked
         one prompt dearer and lost its turn, as did pending estimates a little apart, and
