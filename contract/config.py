@@ -240,6 +240,14 @@ class KvRouterConfig(_Section):
         "decides: through HTTP the estimate was off by ~0.2 s of prefill either way and "
         "sent requests behind later prefills than round robin did (0: exact)",
     )
+    turns_without_hits: bool = Field(
+        default=True,
+        description="where no candidate caches any of the prompt and no worker's cache "
+        "draws hits, take turns among the workers whose pending prefill and whose decode "
+        "blocks are each within the tie band of the least (tie_band x the prompt's blocks "
+        "of cost), a worker with nothing pending first (false: the tie_band rules on the "
+        "summed cost decide; needs tie_band > 0)",
+    )
     prefill_progress: bool = Field(
         default=True,
         description="count a worker's pending prefill as computed at its measured rate "

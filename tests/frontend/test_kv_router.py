@@ -309,10 +309,12 @@ def test_a_worker_learns_its_prefill_rate_from_first_outputs() -> None:
 def test_a_prefill_nearly_done_is_less_work_than_one_just_begun() -> None:
     """The no-prefix trap: a holds a 16-block prefill it started 0.9 s ago at 16 blocks/s
     (1.6 left), b an 8-block one it got 0.1 s ago (6.4 left). Counted whole until the first
-    output (the old rule, and prefill_progress false), a looked twice as busy."""
+    output (the old rule, and prefill_progress false), a looked twice as busy. (Without any
+    cache hit, estimates within a prompt of each other take turns: the cost rules here are
+    those of prompts with hits.)"""
     for progress, expected in ((True, "a"), (False, "b")):
         clock = Clock()
-        router, _, _ = make(clock=clock, prefill_progress=progress)
+        router, _, _ = make(clock=clock, prefill_progress=progress, turns_without_hits=False)
         for i, (worker_id, blocks) in enumerate((("a", 16), ("b", 8))):  # 16 blocks/s each
             clock.now += 1.0
             router.choose([card(worker_id)], req(f"{worker_id}0", _fresh(i, blocks)))
@@ -420,11 +422,80 @@ def test_pending_prefill_within_the_estimates_slack_takes_turns() -> None:
     """Both workers have a prefill under way; a 32-block prompt's slack (0.25 x 32 = 8
     blocks) covers the 3.5 blocks between the two estimates, which through HTTP were off by
     ~0.2 s of prefill either way (issue 14, fifth round): b, routed to least recently, takes
-    it; taken as exact (`pending_tolerance` 0), a's smaller estimate wins."""
+    it; taken as exact (`pending_tolerance` 0), a's smaller estimate wins. (The rules of
+    prompts with hits: without any, turns decide within a whole prompt, below.)"""
     prompt = _fresh(4, blocks=32)
+    router = _two_prefills_under_way(turns_without_hits=False)
+    assert router.choose([card("a"), card("b")], req("new", prompt)).worker_id == "b"
+    router = _two_prefills_under_way(pending_tolerance=0, turns_without_hits=False)
+    assert router.choose([card("a"), card("b")], req("new", prompt)).worker_id == "a"
+
+
+def test_without_hits_pending_estimates_within_a_prompt_take_turns() -> None:
+    """No cache holds any of the prompt and none draws hits: a's estimate (1 block) and
+    b's (4.5) are within one 8-block prompt (the tie band, 4 x 8 blocks of cost, over the
+    prefill's weight 4) of each other, so b, routed to least recently, takes it; with the
+    cost rules (`turns_without_hits` false) a's estimate is less by more than the slack
+    (0.25 x 8 blocks) and a takes it."""
+    prompt = _fresh(4, blocks=8)
     router = _two_prefills_under_way()
     assert router.choose([card("a"), card("b")], req("new", prompt)).worker_id == "b"
-    router = _two_prefills_under_way(pending_tolerance=0)
+    router = _two_prefills_under_way(turns_without_hits=False)
+    assert router.choose([card("a"), card("b")], req("new", prompt)).worker_id == "a"
+
+
+def test_without_hits_pending_beyond_a_prompt_loses_its_turn() -> None:
+    """The same state with a 2-block prompt: b's 4.5 blocks pending are more than one such
+    prompt above a's 1, so a takes it although b's turn came first."""
+    router = _two_prefills_under_way()
+    prompt = _fresh(4, blocks=2)
+    assert router.choose([card("a"), card("b")], req("new", prompt)).worker_id == "a"
+
+
+def test_without_hits_nothing_pending_beats_the_turn() -> None:
+    """b was routed to least recently but has 1 block of prefill left; a runs two
+    requests that only decode: nothing pending is known exactly and takes the prompt."""
+    router, _ = _one_block_left_on_b_and_two_decoding_on_a()
+    assert router.choose([card("a"), card("b")], req("new", OTHER)).worker_id == "a"
+
+
+def test_without_hits_a_decode_footprint_beyond_the_band_loses_its_turn() -> None:
+    """Nothing pending anywhere; b, routed to least recently, reports 4 x 8 + 1 blocks more
+    than a (beyond the tie band of the 8-block prompt): a takes it; at 4 x 8 more, b's
+    turn."""
+    for extra, expected in ((4 * 8 + 1, "a"), (4 * 8, "b")):
+        clock = Clock()
+        router, _, tracker = make(clock=clock)
+        router.choose([card("b")], req("b0", _fresh(0)))
+        router.request_finished("b0")
+        clock.now = 1.0
+        router.choose([card("a")], req("a0", _fresh(1)))
+        router.request_finished("a0")
+        busy(tracker, "a", 8)
+        busy(tracker, "b", 8 + extra)
+        clock.now = 2.0
+        assert router.choose([card("a"), card("b")], req("new", OTHER)).worker_id == expected
+
+
+def test_turns_follow_the_routing_order_when_the_clock_repeats() -> None:
+    """b then a were routed to at the same clock reading (a simulated clock, a coarse
+    one): b's turn comes first, not the first name (issue 14, sixth round: in replays the
+    name order stacked prompts on w0 at t=0)."""
+    clock = Clock()
+    router, _, _ = make(clock=clock)
+    for i, worker_id in enumerate(("b", "a")):
+        router.choose([card(worker_id)], req(f"{worker_id}0", _fresh(i)))
+        router.request_finished(f"{worker_id}0")
+    assert router.choose([card("a"), card("b")], req("new", OTHER)).worker_id == "b"
+    assert router.choose([card("a"), card("b")], req("next", _fresh(3))).worker_id == "a"
+
+
+def test_a_hit_anywhere_keeps_the_cost_rules() -> None:
+    """The same two prefills under way as above, but b's cache drew a hit lately: the
+    turns rule stands aside and a's smaller estimate (beyond the slack) decides."""
+    router = _two_prefills_under_way()
+    router._note_hit("b")  # as a request with a cached prefix routed there does
+    prompt = _fresh(4, blocks=8)
     assert router.choose([card("a"), card("b")], req("new", prompt)).worker_id == "a"
 
 

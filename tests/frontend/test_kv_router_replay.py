@@ -105,7 +105,51 @@ def _pick_with_pending_slack(self: Any, scores: list[Any], prompt_blocks: int) -
     )
 
 
-REFERENCE.KvRouter._pick = _pick_with_pending_slack
+def _pick_taking_turns_without_hits(self: Any, scores: list[Any], prompt_blocks: int) -> Any:
+    """`_pick_with_pending_slack` with issue 14's sixth-round rule: where no candidate
+    caches any of the prompt and no worker's cache draws hits, the least recently routed of
+    the workers whose pending prefill is within tie_band x prompt blocks / load scale of
+    the least and whose decode blocks are within tie_band x prompt blocks of the least,
+    one with nothing pending first."""
+    config = self.config
+    if (
+        config.router_temperature > 0
+        or not config.turns_without_hits
+        or config.tie_band <= 0
+        or self._hit_demand
+        or any(s.overlap_blocks for s in scores)
+    ):
+        return _pick_with_pending_slack(self, scores, prompt_blocks)
+    pending = {s.worker_id: self.pending_prefill(s.worker_id) for s in scores}
+    band = config.tie_band * prompt_blocks
+    scale = config.load_scale
+    most_pending = min(pending.values()) + (band / scale if scale > 0 else math.inf)
+    most_active = min(s.active_blocks for s in scores) + band
+    pool = [
+        s for s in scores if pending[s.worker_id] <= most_pending and s.active_blocks <= most_active
+    ]  # fmt: skip
+    if not pool:
+        return min(scores, key=lambda s: s.cost)
+    pool = [s for s in pool if not pending[s.worker_id]] or pool
+    last = self._last_routed
+    return min(pool, key=lambda s: (last.get(s.worker_id, -math.inf), s.worker_id))
+
+
+REFERENCE.KvRouter._pick = _pick_taking_turns_without_hits
+_reference_choose = REFERENCE.KvRouter.choose
+
+
+def _choose_in_routing_order(self: Any, candidates: Any, request: Any) -> Any:
+    """The reference's `choose` with issue 14's sixth-round rule: turns follow the routing
+    order (`_last_routed` holds the choice's number, not the clock's reading, which this
+    trace repeats)."""
+    card = _reference_choose(self, candidates, request)
+    self._choices = getattr(self, "_choices", 0) + 1
+    self._last_routed[card.worker_id] = self._choices
+    return card
+
+
+REFERENCE.KvRouter.choose = _choose_in_routing_order
 
 
 def card(worker_id: str, block_size: int) -> WorkerCard:
@@ -229,6 +273,7 @@ CONFIGS = {
     "defaults": KvRouterConfig(),
     "tie_band 0": KvRouterConfig(tie_band=0),
     "exact pending": KvRouterConfig(pending_tolerance=0),
+    "cost rules without hits": KvRouterConfig(turns_without_hits=False),
     "no prefill progress": KvRouterConfig(prefill_progress=False),
     "credit and weights": KvRouterConfig(
         overlap_credit=0.5, uncached_weight=1.5, prefill_load_scale=1.0
