@@ -112,7 +112,7 @@ import time
 from collections import Counter, deque
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 from contract.block_hash import block_hashes, media_block_extras
 from contract.config import KvRouterConfig
@@ -126,6 +126,15 @@ logger = logging.getLogger(__name__)
 # how many of the latest cache hits (on any worker) measure which workers' caches draw the
 # most requests: ~8 a worker at 8 workers, few enough to follow a shift in what users ask
 _RECENT_HITS = 64
+
+
+class TurnBook(Protocol):
+    """When each worker was last routed to (a dict in one process; `SharedTurns` across
+    the frontend processes of a deployment)."""
+
+    def get(self, worker_id: str, default: int, /) -> int: ...
+
+    def __setitem__(self, worker_id: str, stamp: int, /) -> None: ...
 
 
 @dataclass
@@ -271,9 +280,11 @@ class KvRouter:
         self._warned_block_size: set[str] = set()
         self._last_routed: dict[str, float] = {}  # worker -> when we last routed to it
         # worker -> the number of our last choice of it: turns follow the routing order
-        # (clock readings can be equal: a simulated clock, a coarse one)
-        self._turn: dict[str, int] = {}
+        # (clock readings can be equal: a simulated clock, a coarse one); with several
+        # frontend processes, the deployment's turns instead (`share_turns`)
+        self._turn: TurnBook = {}
         self._choices = 0
+        self._turn_stamp: Callable[[], int] | None = None  # shared turns' clock
         # the workers the latest _RECENT_HITS requests with a cache hit went to, and how
         # many of them each got (its cache's demand)
         self._recent_hits: deque[str] = deque()
@@ -588,8 +599,15 @@ class KvRouter:
             self._log_choice(request, terms, picked, now)
         self._last_routed[worker_id] = now
         self._choices += 1
-        self._turn[worker_id] = self._choices
+        self._turn[worker_id] = self._turn_stamp() if self._turn_stamp else self._choices
         return card
+
+    def share_turns(self, turns: TurnBook, stamp: Callable[[], int]) -> None:
+        """Take turns with the deployment's other frontend processes: `turns` holds when any
+        of them last routed to each worker, on the clock `stamp` reads
+        (`frontend.load_table.SharedTurns`)."""
+        self._turn = turns
+        self._turn_stamp = stamp
 
     def _start(
         self, request_id: str, worker_id: str, hashes: list[int], blocks: int, overlap: int,

@@ -20,6 +20,9 @@ head: `contract.plan.frontend_plan` is its only source), so they share one file 
   a hash would need collision handling and a reader could not tell two workers apart). A
   column is never reused: `COLUMNS` names in all, then `TableFull` (the worker's counts stay
   in its process, said once);
+- the KV router's turns: one 8-byte cell per column, the monotonic time (one clock for every
+  process of the node) any process last routed to that worker, so "the least recently routed"
+  means across the deployment (`SharedTurns`); last writer wins, no lock;
 - a crashed process: its row holds its pid; rows whose process is gone (checked every
   `LIVENESS_S`) are left out of the sums, and the restarted process (same index) clears its
   row before it routes. A stopping one clears its row and pid.
@@ -33,6 +36,7 @@ import fcntl
 import logging
 import mmap
 import os
+import time
 from collections.abc import Callable, Iterator, Mapping
 from typing import TYPE_CHECKING
 
@@ -45,7 +49,7 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 MAGIC = 0x544C5048  # "HPLT"
-VERSION = 1
+VERSION = 2
 ROWS = 64  # the most frontend processes (`frontend.workers` <= 64)
 COLUMNS = 1024  # the most distinct worker ids over a deployment's life
 NAME_BYTES = 128  # a column's name slot: its length (1 byte), then the UTF-8 worker id
@@ -57,7 +61,8 @@ _PIDS = _HEADER
 _NAMES = _PIDS + 4 * ROWS
 _REQUESTS = _NAMES + COLUMNS * NAME_BYTES
 _BLOCKS = _REQUESTS + 4 * COLUMNS * ROWS
-SIZE = _BLOCKS + 4 * COLUMNS * ROWS  # 640 KiB, allocated by tmpfs as it is written
+_TURNS = _BLOCKS + 4 * COLUMNS * ROWS
+SIZE = _TURNS + 8 * COLUMNS  # 648 KiB, allocated by tmpfs as it is written
 
 
 class TableFull(ValueError):
@@ -100,7 +105,8 @@ class LoadTable:
         self._pids = view[_PIDS:_NAMES].cast("I")
         self._names = view[_NAMES:_REQUESTS]
         self._requests = view[_REQUESTS:_BLOCKS].cast("i")
-        self._blocks = view[_BLOCKS:SIZE].cast("i")
+        self._blocks = view[_BLOCKS:_TURNS].cast("i")
+        self._turns = view[_TURNS:SIZE].cast("q")
         self._columns: dict[str, int] = {}  # worker id -> column, as far as we read the names
         self._dead: list[int] = []  # other rows whose process is gone: left out of the sums
 
@@ -157,6 +163,20 @@ class LoadTable:
         for row in self._dead:
             total -= cells[base + row]
         return total
+
+    # ----- the KV router's turns (one cell per worker, shared by every row) ------------------
+    def mark_turn(self, worker_id: str, stamp: int) -> None:
+        """Some process routed to `worker_id` at `stamp` (TableFull: no column is left)."""
+        self._turns[self.column_for(worker_id)] = stamp
+
+    def turn_of(self, worker_id: str) -> int | None:
+        """When any process last routed to `worker_id` (None: none yet)."""
+        column = self._columns.get(worker_id)
+        if column is None:
+            column = self._find(worker_id)
+            if column is None:
+                return None
+        return self._turns[column] or None
 
     def named_workers(self) -> list[str]:
         """Every worker id with a column (in column order)."""
@@ -227,7 +247,9 @@ class LoadTable:
             self._columns[bytes(names[slot + 1 : slot + 1 + length]).decode()] = column
 
     def close(self) -> None:
-        for view in (self._header, self._pids, self._names, self._requests, self._blocks):
+        views = (self._header, self._pids, self._names, self._requests, self._blocks,
+                 self._turns)  # fmt: skip
+        for view in views:
             view.release()
         self._map.close()
         os.close(self._fd)
@@ -271,6 +293,32 @@ class PeerCounts(Mapping[str, int]):
 
     def __len__(self) -> int:
         return sum(1 for _ in self)
+
+
+class SharedTurns:
+    """The KV router's record of when each worker was last routed to, kept in the table so
+    that its turns are the deployment's, not one process's: each process saw only its own
+    choices, so requests arriving together in several processes all went to the worker each
+    thought least recently used (benchmarks/README.md, "Shared turns")."""
+
+    def __init__(self, table: LoadTable) -> None:
+        self._table = table
+        self._unshared: dict[str, int] = {}  # workers without a column: this process's view
+
+    @staticmethod
+    def stamp() -> int:
+        """A turn's time: CLOCK_MONOTONIC, one clock for every process of the node."""
+        return time.monotonic_ns()
+
+    def get(self, worker_id: str, default: int = -1) -> int:
+        turn = self._table.turn_of(worker_id)
+        return turn if turn is not None else self._unshared.get(worker_id, default)
+
+    def __setitem__(self, worker_id: str, stamp: int) -> None:
+        try:
+            self._table.mark_turn(worker_id, stamp)
+        except TableFull:  # said by the load share's writes; turns stay in this process
+            self._unshared[worker_id] = stamp
 
 
 class TableLoadShare:

@@ -25,7 +25,7 @@ from frontend import errors
 from frontend.kv_index import KvIndex, KvIndexFeed
 from frontend.kv_router import KvRouter
 from frontend.load_share import LoadShare
-from frontend.load_table import TableLoadShare, process_load_share
+from frontend.load_table import SharedTurns, TableLoadShare, process_load_share
 from frontend.media import MediaIntake
 from frontend.media_store import MediaStore
 from frontend.metrics import FrontendMetrics
@@ -131,6 +131,9 @@ class FrontendState:
                 os.environ, self.process_index, self.process_count, self.tracker, blocks_of,
                 lambda: LoadShare(nats_url, config.name, self.tracker, blocks_of),
             )  # fmt: skip
+            if isinstance(self.load_share, TableLoadShare) and isinstance(self.router, KvRouter):
+                # the least recently routed worker: across the processes, not in each one
+                self.router.share_turns(SharedTurns(self.load_share.table), SharedTurns.stamp)
         self.started = int(time.time())
         self._worker_joined = asyncio.Event()
         # the routable workers and their shortest context, kept until the directory changes

@@ -15,13 +15,18 @@ from pathlib import Path
 
 import pytest
 
+from contract.config import KvRouterConfig
 from contract.discovery import WorkerCard
+from contract.messages import GenerateRequest
 from contract.plan import FRONTEND_PROCESS_ENV, LOAD_TABLE_ENV
 from frontend import load_table
+from frontend.kv_index import KvIndex
+from frontend.kv_router import KvRouter
 from frontend.load_share import LoadShare
 from frontend.load_table import (
     COLUMNS,
     LoadTable,
+    SharedTurns,
     TableFull,
     TableLoadShare,
     process_load_share,
@@ -234,3 +239,46 @@ async def test_two_frontends_on_one_table_spread_held_requests(
                     worker.requests
                 )
         assert per_worker == {"w0": 1, "w1": 1, "w2": 1}
+
+
+def kv_process(path: Path, index: int, count: int, share_turns: bool):  # type: ignore[no-untyped-def]
+    """A KV router of frontend process `index`, sharing counts (and turns, if asked) through
+    the table at `path`, as `FrontendState` wires it."""
+    tracker = LoadTracker()
+    router = KvRouter(KvRouterConfig(), KvIndex(), tracker, seed=7)
+    share = TableLoadShare(LoadTable(str(path), index, count), tracker, router.own_blocks)
+    share.attach()
+    if share_turns:
+        router.share_turns(SharedTurns(share.table), SharedTurns.stamp)
+    return router, tracker
+
+
+@pytest.mark.parametrize("share_turns", [True, False])
+def test_kv_routers_of_two_processes_take_turns_together(tmp_path: Path, share_turns) -> None:
+    """A burst arriving in two processes onto idle workers, prompts sharing nothing: with the
+    turns in the table each request goes to a worker none has routed to yet; with each
+    process's own turns the second process repeats the first one's choices."""
+    processes = [kv_process(tmp_path / "load", i, 2, share_turns) for i in range(2)]
+    workers = [card(f"w{i}") for i in range(4)]
+    chosen = []
+    for number in range(4):
+        router, tracker = processes[number % 2]
+        prompt = list(range(10_000 * (number + 1), 10_000 * (number + 1) + 64))
+        worker_id = router.choose(workers, GenerateRequest(request_id=f"r{number}",
+                                                           token_ids=prompt)).worker_id
+        tracker.started(worker_id)
+        chosen.append(worker_id)
+    if share_turns:
+        assert sorted(chosen) == ["w0", "w1", "w2", "w3"]
+    else:
+        assert len(set(chosen)) < 4  # what the shared turns mend
+
+
+def test_shared_turns_are_one_record_for_every_process(tmp_path: Path) -> None:
+    first, second = (SharedTurns(LoadTable(str(tmp_path / "load"), i, 2)) for i in range(2))
+    assert second.get("w0", -1) == -1  # nobody routed there yet
+    first["w0"] = 5
+    second["w1"] = 7
+    assert (first.get("w0", -1), first.get("w1", -1)) == (5, 7)
+    assert (second.get("w0", -1), second.get("w1", -1)) == (5, 7)
+    assert SharedTurns.stamp() <= SharedTurns.stamp()
