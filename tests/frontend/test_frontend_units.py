@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 from pydantic import ValidationError
+from worker_cards import worker_card
 
 from contract.discovery import WorkerCard
 from contract.messages import GenerateOutput, GenerateRequest, LoadMetrics, SamplingParams
@@ -152,16 +153,7 @@ def test_missing_prompt_and_bad_json() -> None:
 
 
 def card(worker_id: str, capacity: int = 8) -> WorkerCard:
-    return WorkerCard(
-        worker_id=worker_id,
-        role="agg",
-        model="m",
-        block_size=16,
-        subject=f"s.{worker_id}",
-        abort_subject=f"a.{worker_id}",
-        capacity=capacity,
-        max_model_len=100,
-    )
+    return worker_card(worker_id, capacity=capacity, max_model_len=100)
 
 
 def test_round_robin_order_is_stable() -> None:

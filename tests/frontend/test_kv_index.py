@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 
+from worker_cards import worker_card
+
 from contract.block_hash import block_hashes
 from contract.discovery import WorkerCard
 from contract.messages import KvEventBatch, KvRemoved, KvSnapshot, KvStored, StoredBlock
@@ -24,9 +26,9 @@ def batch(worker: str, seq: int, *events) -> KvEventBatch:
 
 
 def card(worker_id: str, block_size: int = 16) -> WorkerCard:
-    return WorkerCard(
-        worker_id=worker_id, role="agg", model="m", block_size=block_size, subject="s",
-        abort_subject="a", capacity=8, max_model_len=4096, simulated=True,
+    return worker_card(
+        worker_id, block_size=block_size, subject="s", abort_subject="a", capacity=8,
+        simulated=True,
     )  # fmt: skip
 
 

@@ -11,6 +11,7 @@ import logging
 from collections import Counter
 
 import pytest
+from worker_cards import worker_card
 
 from contract.block_hash import block_hashes, media_block_extras
 from contract.config import ConfigError, KvRouterConfig, load_config
@@ -33,10 +34,7 @@ OTHER = list(range(5000, 5000 + 16 * 8))  # 8 blocks sharing nothing with PROMPT
 
 
 def card(worker_id: str, block_size: int = 16) -> WorkerCard:
-    return WorkerCard(
-        worker_id=worker_id, role="agg", model="m", block_size=block_size, subject="s",
-        abort_subject="a", capacity=8, max_model_len=4096,
-    )  # fmt: skip
+    return worker_card(worker_id, block_size=block_size, subject="s", abort_subject="a", capacity=8)
 
 
 def req(rid: str, tokens: list[int] = PROMPT) -> GenerateRequest:

@@ -11,6 +11,7 @@ import random
 import time
 
 import pytest
+from worker_cards import worker_card
 
 from contract.bus import connect, frontend_load_subject, load_metrics_subject
 from contract.config import LOAD_READING_ROUTERS
@@ -23,11 +24,7 @@ from frontend.router import LeastLoadedRouter, LoadTracker, make_router
 
 
 def card(worker_id: str) -> WorkerCard:
-    return WorkerCard(
-        worker_id=worker_id, role="agg", model="m", block_size=16,
-        subject=f"s.{worker_id}", abort_subject=f"a.{worker_id}", capacity=4,
-        max_model_len=4096,
-    )  # fmt: skip
+    return worker_card(worker_id)
 
 
 def test_peer_counts_are_summed_per_worker() -> None:

@@ -9,6 +9,7 @@ from types import SimpleNamespace
 from typing import Any
 
 import pytest
+from worker_cards import worker_card
 
 from contract.discovery import WorkerCard
 from contract.messages import AbortRequest, GenerateOutput, GenerateRequest, SamplingParams
@@ -25,11 +26,8 @@ PROMPT = [11, 12, 13, 14]
 
 
 def card(worker_id: str) -> WorkerCard:
-    return WorkerCard(
-        worker_id=worker_id, role="agg", model="m", block_size=16, subject=f"{worker_id}.gen",
-        abort_subject=f"{worker_id}.abort", capacity=4, max_model_len=4096,
-        instance=f"{worker_id}-1",
-    )  # fmt: skip
+    return worker_card(worker_id, subject=f"{worker_id}.gen", abort_subject=f"{worker_id}.abort",
+                       instance=f"{worker_id}-1")  # fmt: skip
 
 
 def request(max_tokens: int = 10, **sampling: Any) -> GenerateRequest:

@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
+from worker_cards import worker_card
 
 from contract.discovery import WorkerCard
 from contract.plan import FRONTEND_PROCESS_ENV, ROTATION_FILE_ENV
@@ -24,11 +25,7 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 def card(worker_id: str) -> WorkerCard:
-    return WorkerCard(
-        worker_id=worker_id, role="agg", model="m", block_size=16,
-        subject=f"s.{worker_id}", abort_subject=f"a.{worker_id}", capacity=4,
-        max_model_len=4096,
-    )  # fmt: skip
+    return worker_card(worker_id)
 
 
 CARDS = [card(name) for name in ("c", "a", "b")]
