@@ -187,14 +187,10 @@ class MockerEngine(StreamingEngine):
                 seed = _mix64(_mix64(seed) ^ request.choice_index)
         return seed
 
-    def _token_at(self, seq: Sequence) -> int:
-        """The deterministic pseudo token for `seq`'s next position; never EOS or a stop id."""
-        seed = self._seeds.get(seq.request_id, 0)
-        token = _mix64(seed ^ len(seq.token_ids)) % self.vocab_size
-        stop_ids = seq.sampling.stop_token_ids
-        if token not in self._banned_base and (not stop_ids or token not in stop_ids):
-            return token  # the common case: no set built per token
-        banned = self._banned_base.union(stop_ids)
+    def _allowed(self, seq: Sequence, token: int) -> int:
+        """`token` if it is neither EOS nor one of `seq`'s stop ids, else the next id that is
+        neither (the rare case of `_apply`'s draw)."""
+        banned = self._banned_base.union(seq.sampling.stop_token_ids)
         while token in banned and len(banned) < self.vocab_size:
             token = (token + 1) % self.vocab_size
         return token
@@ -285,10 +281,10 @@ class MockerEngine(StreamingEngine):
             seq.num_computed = computed
             tokens = seq.token_ids
             if computed >= len(tokens):
-                # `_token_at`'s common case written out: no EOS or stop id drawn
+                # the pseudo token for this position (never EOS or a stop id)
                 token = _mix64(seeds.get(seq.request_id, 0) ^ len(tokens)) % vocab_size
                 if token in banned or token in seq.sampling.stop_token_ids:
-                    token = self._token_at(seq)
+                    token = self._allowed(seq, token)
                 tokens.append(token)
                 seq.pending_tokens.append(token)
                 if len(tokens) >= seq.max_len:
