@@ -83,8 +83,9 @@ was a little above another's looked one prompt dearer; each term is now bounded 
 (pending prefill within a prompt of the least, decode blocks within the band), and turns
 decide among those, nothing pending first (sixth round: over 96 simulated-time replays of
 the lockstep closed loop the summed cost lost up to 8% of mean TTFT to round robin, each a
-handful of departures from turns; per term, kv's mean is within 2% of round robin's in each). Turns
-follow the routing order, not the clock, whose readings can be equal (simulated, coarse). A
+handful of departures from turns; per term, kv's mean is within 2% of round robin's in each).
+Turns follow the routing order, not the clock, whose readings can be equal (simulated,
+coarse); with several frontend processes, the order of all their choices (`share_turns`). A
 temperature above 0 samples with softmax(-(cost - min cost) / temperature) instead.
 
 Prompts are hashed at each candidate's block size (its card), so no setting has to match the
@@ -105,6 +106,7 @@ candidate), and `WorkerScore`s are built only for tests, benchmarks and the debu
 
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 import random
@@ -278,13 +280,13 @@ class KvRouter:
         self._silent_since: dict[str, float] = {}  # first finish seen without any KV event
         self._warned: set[str] = set()
         self._warned_block_size: set[str] = set()
-        self._last_routed: dict[str, float] = {}  # worker -> when we last routed to it
-        # worker -> the number of our last choice of it: turns follow the routing order
-        # (clock readings can be equal: a simulated clock, a coarse one); with several
-        # frontend processes, the deployment's turns instead (`share_turns`)
+        # worker -> when we last routed to it (the debug log's idle time)
+        self._last_routed: dict[str, float] = {}
+        # worker -> the stamp of our last choice of it: our choices' numbers, so turns follow
+        # the routing order (clock readings can be equal: a simulated clock, a coarse one);
+        # with several frontend processes the deployment's turns instead (`share_turns`)
         self._turn: TurnBook = {}
-        self._choices = 0
-        self._turn_stamp: Callable[[], int] | None = None  # shared turns' clock
+        self._turn_stamp: Callable[[], int] = itertools.count(1).__next__
         # the workers the latest _RECENT_HITS requests with a cache hit went to, and how
         # many of them each got (its cache's demand)
         self._recent_hits: deque[str] = deque()
@@ -598,8 +600,7 @@ class KvRouter:
         if logger.isEnabledFor(logging.DEBUG):  # what each candidate looked like, for tuning
             self._log_choice(request, terms, picked, now)
         self._last_routed[worker_id] = now
-        self._choices += 1
-        self._turn[worker_id] = self._turn_stamp() if self._turn_stamp else self._choices
+        self._turn[worker_id] = self._turn_stamp()
         return card
 
     def share_turns(self, turns: TurnBook, stamp: Callable[[], int]) -> None:
@@ -729,13 +730,13 @@ class KvRouter:
         worker's cache draws hits): the least recently routed worker among those whose
         pending prefill is within one prompt of the least (the tie band over the prefill's
         weight) and whose decode blocks are within the tie band of the least, one with
-        nothing pending first. The two
-        terms are bounded each on its own, not by their sum: there a worker whose extra
-        requests only decode and whose pending prefill is a little above another's looked
-        one prompt dearer and lost its turn, as did pending estimates a little apart, and
-        each such departure from turns moved the closed loop off round robin's (issue 14,
-        sixth round: replays in simulated time lost up to 8 % of mean TTFT to a handful of
-        them); nothing pending is known exactly and still beats an estimate."""
+        nothing pending first. The two terms are bounded each on its own, not by their
+        sum: there a worker whose extra requests only decode and whose pending prefill is a
+        little above another's looked one prompt dearer and lost its turn, as did pending
+        estimates a little apart, and each such departure from turns moved the closed loop
+        off round robin's (issue 14, sixth round: replays in simulated time lost up to 8 %
+        of mean TTFT to a handful of them); nothing pending is known exactly and still
+        beats an estimate."""
         config = self.config
         pendings, actives, candidates = terms.pendings, terms.actives, terms.candidates
         band = config.tie_band * prompt_blocks  # in cost: prefill blocks weigh load_scale
