@@ -34,13 +34,13 @@ import asyncio
 import contextlib
 import fcntl
 import logging
-import mmap
 import os
 import time
 from collections.abc import Callable, Iterator, Mapping
 from typing import TYPE_CHECKING
 
 from contract.plan import LOAD_TABLE_ENV
+from frontend.shared_memory import map_shared_file
 
 if TYPE_CHECKING:
     from frontend.load_share import LoadShare
@@ -78,15 +78,9 @@ class LoadTable:
         self.path = path
         self.row = row
         self.rows_used = rows_used
-        self._fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+        self._fd, self._map = map_shared_file(path, SIZE)
         try:
             with self._locked(fcntl.LOCK_EX):
-                size = os.fstat(self._fd).st_size
-                if size == 0:
-                    os.ftruncate(self._fd, SIZE)
-                elif size != SIZE:
-                    raise OSError(f"{path}: {size} bytes, not a load table of {SIZE}")
-                self._map = mmap.mmap(self._fd, SIZE)
                 header = memoryview(self._map)[:_HEADER].cast("I")
                 expected = (MAGIC, VERSION, ROWS, COLUMNS, NAME_BYTES)
                 if header[0] == 0:  # the first to map it: magic last, once the rest is there
@@ -95,9 +89,9 @@ class LoadTable:
                     header[0] = MAGIC
                 elif tuple(header[:5]) != expected:
                     header.release()
-                    self._map.close()
                     raise OSError(f"{path}: not a load table of this version")
         except BaseException:
+            self._map.close()
             os.close(self._fd)
             raise
         self._header = header

@@ -20,11 +20,11 @@ from __future__ import annotations
 import fcntl
 import itertools
 import logging
-import mmap
 import os
 from collections.abc import Iterator, Mapping
 
 from contract.plan import ROTATION_FILE_ENV
+from frontend.shared_memory import map_shared_file
 
 logger = logging.getLogger(__name__)
 
@@ -38,16 +38,7 @@ class SharedRotation:
 
     def __init__(self, path: str) -> None:
         self.path = path
-        self._fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
-        try:
-            # a second process opening it before the first one sized it: both size it to 8
-            # bytes, which leaves a counter already there as it is
-            if os.fstat(self._fd).st_size < COUNTER_BYTES:
-                os.ftruncate(self._fd, COUNTER_BYTES)
-            self._map = mmap.mmap(self._fd, COUNTER_BYTES)
-        except OSError:
-            os.close(self._fd)
-            raise
+        self._fd, self._map = map_shared_file(path, COUNTER_BYTES)
         self._counter = memoryview(self._map).cast("Q")
 
     def __iter__(self) -> Iterator[int]:
