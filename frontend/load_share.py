@@ -171,8 +171,9 @@ class LoadShare:
             for worker_id, count in self._tracker.in_flight.items()
         }
 
-    def changed(self, worker_id: str = "") -> None:
-        """LoadTracker hook: publish the new counts soon (one message for a burst)."""
+    def changed(self, worker_id: str) -> None:
+        """LoadTracker hook: publish the new counts soon (one message for a burst; it sends
+        every worker's count, so which one changed does not matter)."""
         if not self._flush_due:
             self._flush_due = True
             asyncio.get_running_loop().call_later(FLUSH_S, self._send)
