@@ -700,13 +700,13 @@ class KvRouter:
         # at the cheapest where the worker's cache draws hits (a hot worker's many hits
         # share few blocks, but all wait); a worker drawing none has no hits for it to hold
         # up (its requests' own prefills are in its prefill term already)
-        candidates, requests_on = terms.candidates, self.tracker.requests_on
-        last, demand = self._turn, self._hit_demand
-        most = requests_on(candidates[best].worker_id) + 1
+        # each count read once: with several frontend processes they are live readings of
+        # the shared load table, and a second reading could drop every worker, the cheapest too
+        candidates, last, demand = terms.candidates, self._turn, self._hit_demand
+        on = {i: self.tracker.requests_on(candidates[i].worker_id) for i in tied}
+        most = on[best] + 1
         tied = [
-            i for i in tied
-            if requests_on(candidates[i].worker_id) <= most
-            or not demand.get(candidates[i].worker_id)
+            i for i in tied if on[i] <= most or not demand.get(candidates[i].worker_id)
         ]  # fmt: skip
         if len(tied) == 1:
             return tied[0]
