@@ -25,7 +25,6 @@ import uvicorn
 
 from contract.config import ConfigError, load_config
 from frontend.app import create_app
-from frontend.http_protocol import frontend_protocol
 from frontend.state import process_slot
 
 logger = logging.getLogger("frontend")
@@ -115,13 +114,13 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         logger.info("frontend process %d of %d on a shared port", index, count)
     has_uvloop = importlib.util.find_spec("uvloop") is not None
+    has_httptools = importlib.util.find_spec("httptools") is not None
     uv_config = uvicorn.Config(
         app,
         host=config.frontend.host,
         port=config.frontend.port,
         loop="uvloop" if has_uvloop else "asyncio",
-        # uvicorn's own protocol, its transport corking a whole answer into one write
-        http=frontend_protocol(),
+        http="httptools" if has_httptools else "h11",
         access_log=False,
         # nothing here reads the client's address: X-Forwarded-* parsing (a middleware
         # around every request) is work for no one

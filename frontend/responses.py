@@ -18,7 +18,6 @@ from contract.messages import GenerateOutput, TokenLogprob
 from frontend import errors
 from frontend.choices import ChoiceStreams
 from frontend.errors import OpenAIError
-from frontend.http_protocol import current_connection
 from frontend.metrics import FrontendMetrics
 from frontend.prepared import Prepared
 from frontend.state import FrontendState
@@ -95,8 +94,7 @@ class AnsweredResponse(Response):
     Its head is written here, the headers Starlette's `Response` would make for it
     (content-length, content-type, then `X-Request-Id` when given) without that class's
     header building and `MutableHeaders`: a few µs of every answer's path. `headers` still
-    works for adding one (several frontend processes name theirs). Under the frontend's
-    uvicorn protocol, head and body leave in one socket write (`frontend.http_protocol`)."""
+    works for adding one (several frontend processes name theirs)."""
 
     def __init__(
         self, data: Any, after: list[Callable[[], None]], request_id: str | None = None
@@ -110,15 +108,10 @@ class AnsweredResponse(Response):
         self.after = after
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        connection = current_connection()  # head and body in one write (http_protocol)
         try:
-            if connection is not None:
-                connection.cork()
             await send({"type": "http.response.start", "status": 200, "headers": self.raw_headers})
             await send({"type": "http.response.body", "body": self.body})
         finally:
-            if connection is not None:
-                connection.uncork()
             for callback in self.after:
                 callback()
 

@@ -31,7 +31,6 @@ from contract.messages import (
     TopLogprob,
 )
 from frontend.app import create_app
-from frontend.http_protocol import frontend_protocol
 
 EOS_ID = 2
 # what the fake "generates": token ids of this text (the real tokenizer's), then EOS
@@ -279,7 +278,6 @@ async def start_frontend(
             access_log=False,
             log_level="warning",
             lifespan="on",
-            http=frontend_protocol(),  # as `python -m frontend` serves
         )
     )
     task = asyncio.get_running_loop().create_task(server.serve())
