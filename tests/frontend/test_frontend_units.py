@@ -260,6 +260,25 @@ def test_token_piece_bytes_are_exact(tokenizer: TextTokenizer) -> None:
     assert tokenizer.token_piece(2)[0] == "<|im_end|>"
 
 
+def test_token_bytes_of_the_whole_vocabulary_are_exact(tokenizer: TextTokenizer) -> None:
+    """The start-up table of every token's bytes: each token decodes alone as the library
+    decodes it (special tokens to nothing); any run of tokens to the library's decode of the
+    run (bytes of partial characters joined); ids past the vocabulary still answer."""
+    assert len(tokenizer._token_bytes_table) == tokenizer.vocab_size
+    for token in range(tokenizer.vocab_size):
+        raw = tokenizer.token_bytes(token)
+        assert raw.decode("utf-8", errors="replace") == tokenizer.decode([token]), token
+        assert raw == (b"" if token in tokenizer.special_token_ids
+                       else bytes(tokenizer.token_piece(token)[1]))  # fmt: skip
+    rng = random.Random(7)
+    for _ in range(300):
+        ids = [rng.randrange(tokenizer.vocab_size) for _ in range(rng.randrange(1, 12))]
+        raw = b"".join(map(tokenizer.token_bytes, ids))
+        assert raw.decode("utf-8", errors="replace") == tokenizer.decode(ids), ids
+    past = tokenizer.vocab_size + 3
+    assert tokenizer.token_bytes(past) == bytes(tokenizer.token_piece(past)[1])
+
+
 def run_stops(stops: list[str], pieces: list[str]) -> tuple[list[str], bool]:
     matcher = StopMatcher(stops)
     out: list[str] = []
