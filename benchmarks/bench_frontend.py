@@ -86,6 +86,7 @@ import yaml
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.http_load import run_raw
+from benchmarks.proc_counters import ProcessWork, Work
 from contract import bus
 from contract.config import default_model_dir, load_config
 from contract.messages import GenerateOutput, GenerateRequest, SamplingParams
@@ -131,6 +132,9 @@ class Result:
     client_cpu_each: tuple[float, ...] = ()  # per load client process
     other_cpu_each: dict[str, float] = field(default_factory=dict)  # nats, etcd, ...
     busy_each_cpu: dict[int, float] = field(default_factory=dict)  # /proc/stat, all processes
+    frontend_work: Work = field(default_factory=Work)  # the frontends' counters, summed
+    other_work: dict[str, Work] = field(default_factory=dict)  # nats, etcd: the same
+    perf_error: str | None = None  # why there are no instruction counts
 
     def cores(self, cpu_s: float) -> float:
         """CPU seconds spent during the scenario as cores kept busy on average."""
@@ -519,6 +523,7 @@ async def measure(
     others = other_pids or []
     names = other_names or [str(pid) for pid in others]
     results = []
+    counted = ProcessWork(frontend_pids + others)
     for scenario in scenarios:
         if scenario.concurrency > 1 and concurrency != scenario.concurrency:
             name = scenario.name.replace(f"c={scenario.concurrency}", f"c={concurrency}")
@@ -529,9 +534,11 @@ async def measure(
         fe0 = [cpu_seconds([pid]) for pid in frontend_pids]
         wk0 = [cpu_seconds([pid]) for pid in worker_pids]
         ot0 = [cpu_seconds([pid]) for pid in others]
+        work0 = counted.take()
         load = await drive_from(client_processes, url, model, scenario, count, client,
                                 len(frontend_pids))  # fmt: skip
         fe = [cpu_seconds([pid]) - before for pid, before in zip(frontend_pids, fe0, strict=True)]
+        work = [after - before for after, before in zip(counted.take(), work0, strict=True)]
         wk_each = [cpu_seconds([p]) - before for p, before in zip(worker_pids, wk0, strict=True)]
         ot_each = [cpu_seconds([p]) - before for p, before in zip(others, ot0, strict=True)]
         # busy seconds over the clients' own wall time (`cores` divides by it): the window
@@ -544,7 +551,11 @@ async def measure(
         results.append(Result(scenario, len(load.latencies), load.wall_s, load.latencies, sum(fe),
                               wk, load.events, load.client_cpu_s, ot, tuple(fe), served,
                               conns, tuple(wk_each), load.client_cpu_each or (load.client_cpu_s,),
-                              dict(zip(names, ot_each, strict=True)), busy))  # fmt: skip
+                              dict(zip(names, ot_each, strict=True)), busy,
+                              sum(work[:len(frontend_pids)], Work()),
+                              dict(zip(names, work[len(frontend_pids):], strict=True)),
+                              counted.perf_error))  # fmt: skip
+    counted.close()
     return results
 
 
@@ -949,6 +960,30 @@ def component_line(r: Result) -> str:
     )
 
 
+def work_line(r: Result) -> str:
+    """What the frontend processes did per request, in counts a slower CPU does not change
+    (proc_counters): read/write system calls, bytes in, context switches, and where the
+    kernel lets us, user-space instructions and cycles; NATS's bytes out per request beside
+    (what it fans out to every subscriber). Counts flat with N and cycles rising: the same
+    work ran slower; counts rising: more work per request."""
+    w, n = r.frontend_work, max(1, r.requests)
+    tick_ms = 1000 / os.sysconf("SC_CLK_TCK")
+    line = (f"frontends per request: user {w.user_ticks * tick_ms / n:.3f} ms, kernel "
+            f"{w.system_ticks * tick_ms / n:.3f} ms, {w.read_calls / n:.2f} reads, "
+            f"{w.write_calls / n:.2f} writes, "
+            f"{w.read_bytes / n / 1024:.2f} KiB in, {w.voluntary_switches / n:.3f} sleeps, "
+            f"{w.involuntary_switches / n:.3f} preemptions")  # fmt: skip
+    if w.instructions:
+        line += (f", {w.instructions / n / 1000:.0f}k instructions, {w.cycles / n / 1000:.0f}k "
+                 f"cycles (IPC {w.instructions / max(1, w.cycles):.2f})")  # fmt: skip
+    elif r.perf_error:
+        line += f" (no instruction counts: {r.perf_error})"
+    nats = r.other_work.get("nats")
+    if nats is not None:
+        line += f"; nats {nats.write_bytes / n / 1024:.2f} KiB out"
+    return line
+
+
 def cores_table(results: list[Result], layout: CpuLayout | None = None) -> None:
     """Where the machine's cores went: a frontend process near 1.0 is saturated; the sum of
     all columns near the core count means the machine, not the frontend, set the rate (with
@@ -971,6 +1006,7 @@ def cores_table(results: list[Result], layout: CpuLayout | None = None) -> None:
             print(f"  {'':<24} the machine: {seen:.2f} of {len(r.busy_each_cpu)} CPUs busy "
                   "(/proc/stat: every process and the kernel)")  # fmt: skip
         print(f"  {'':<24} {component_line(r)}")
+        print(f"  {'':<24} {work_line(r)}")
         if len(r.served_each) > 1:
             shares = " ".join(f"{n / max(1, r.requests):.2f}" for n in r.served_each)
             conns = " ".join(str(n) for n in r.connections_each)
