@@ -132,6 +132,7 @@ class Result:
     client_cpu_each: tuple[float, ...] = ()  # per load client process
     other_cpu_each: dict[str, float] = field(default_factory=dict)  # nats, etcd, ...
     busy_each_cpu: dict[int, float] = field(default_factory=dict)  # /proc/stat, all processes
+    start_spread_s: float = 0.0  # between the client processes' first requests
     frontend_work: Work = field(default_factory=Work)  # the frontends' counters, summed
     other_work: dict[str, Work] = field(default_factory=dict)  # nats, etcd: the same
     perf_error: str | None = None  # why there are no instruction counts
@@ -366,6 +367,9 @@ class Load:
     per_process: dict[str, int]
     connections: dict[str, set[int]]
     client_cpu_each: tuple[float, ...] = ()  # several client processes: each one's CPU
+    started_at: float = 0.0  # time.monotonic() of its first request (raw clients; 0: unknown)
+    ended_at: float = 0.0
+    start_spread_s: float = 0.0  # several client processes: their first requests' spread
 
 
 async def drive(url: str, model: str, scenario: Scenario, count: int) -> Load:
@@ -435,23 +439,34 @@ CLIENTS = ("aiohttp", "raw", "balanced")
 
 
 def drive_raw_client(
-    url: str, model: str, scenario: Scenario, count: int, balance_over: int = 0
+    url: str,
+    model: str,
+    scenario: Scenario,
+    count: int,
+    balance_over: int = 0,
+    start_at: float | None = None,
 ) -> Load:
     """`count` requests of `scenario` from `http_load` (a client ~5x cheaper per request than
     aiohttp: see that module), in a fresh event loop of this process; with `balance_over`,
     as many connections to each of that many frontend processes."""
     out = run_raw(url, chat_body(model, scenario), scenario.concurrency, count, scenario.stream,
-                  balance_over)  # fmt: skip
+                  balance_over, start_at)  # fmt: skip
     return Load(out.latencies, out.wall_s, out.events, out.cpu_s, out.per_process,
-                out.connections)  # fmt: skip
+                out.connections, started_at=out.started_at, ended_at=out.ended_at)  # fmt: skip
 
 
 def _drive_in_process(
-    url: str, model: str, scenario: Scenario, count: int, client: str, frontends: int
+    url: str,
+    model: str,
+    scenario: Scenario,
+    count: int,
+    client: str,
+    frontends: int,
+    start_at: float | None = None,
 ) -> Load:
     if client in ("raw", "balanced"):
         balance = frontends if client == "balanced" else 0
-        return drive_raw_client(url, model, scenario, count, balance)
+        return drive_raw_client(url, model, scenario, count, balance, start_at)
     return asyncio.run(drive(url, model, scenario, count))
 
 
@@ -479,10 +494,11 @@ async def drive_from(
     share = Scenario(scenario.name, scenario.stream, scenario.max_tokens,
                      scenario.concurrency // processes, scenario.share)  # fmt: skip
     loop = asyncio.get_running_loop()
+    start_at = time.monotonic() + CLIENT_START_LEAD_S  # the raw clients start together
     with ProcessPoolExecutor(processes) as pool:
         parts = await asyncio.gather(*(
             loop.run_in_executor(pool, _drive_in_process, url, model, share,
-                                 count // processes, client, frontends)
+                                 count // processes, client, frontends, start_at)
             for _ in range(processes)
         ))  # fmt: skip
     per_process: dict[str, int] = {}
@@ -494,13 +510,28 @@ async def drive_from(
             connections.setdefault(process, set()).update((index, c) for c in seen)
     return Load(
         [t for part in parts for t in part.latencies],
-        max(part.wall_s for part in parts),
+        union_wall_s(parts),
         sum(part.events for part in parts),
         sum(part.client_cpu_s for part in parts),
         per_process,
         connections,
         tuple(part.client_cpu_s for part in parts),
+        start_spread_s=max(p.started_at for p in parts) - min(p.started_at for p in parts),
     )
+
+
+CLIENT_START_LEAD_S = 1.0  # client processes start, connect and balance within it (N <= 8)
+
+
+def union_wall_s(parts: list[Load]) -> float:
+    """The seconds from the first client process's first request to the last one's end: the
+    window all of the parts' requests were answered in. The longest part alone understates it
+    when the parts ran staggered (balancing takes each its own time), and that overstated
+    req/s most where runs are short: the widest rows (benchmarks/README.md, branch scale2).
+    Parts that did not record their times (aiohttp): the longest part's wall."""
+    if all(part.started_at and part.ended_at for part in parts):
+        return max(p.ended_at for p in parts) - min(p.started_at for p in parts)
+    return max(part.wall_s for part in parts)
 
 
 async def measure(
@@ -552,9 +583,10 @@ async def measure(
                               wk, load.events, load.client_cpu_s, ot, tuple(fe), served,
                               conns, tuple(wk_each), load.client_cpu_each or (load.client_cpu_s,),
                               dict(zip(names, ot_each, strict=True)), busy,
-                              sum(work[:len(frontend_pids)], Work()),
-                              dict(zip(names, work[len(frontend_pids):], strict=True)),
-                              counted.perf_error))  # fmt: skip
+                              start_spread_s=load.start_spread_s,
+                              frontend_work=sum(work[:len(frontend_pids)], Work()),
+                              other_work=dict(zip(names, work[len(frontend_pids):], strict=True)),
+                              perf_error=counted.perf_error))  # fmt: skip
     counted.close()
     return results
 
@@ -1010,7 +1042,8 @@ def cores_table(results: list[Result], layout: CpuLayout | None = None) -> None:
         if len(r.served_each) > 1:
             shares = " ".join(f"{n / max(1, r.requests):.2f}" for n in r.served_each)
             conns = " ".join(str(n) for n in r.connections_each)
-            print(f"  {'':<24} requests share per process: {shares}; connections: {conns}")
+            print(f"  {'':<24} requests share per process: {shares}; connections: {conns}; "
+                  f"client processes started within {1000 * r.start_spread_s:.0f} ms")  # fmt: skip
 
 
 def pinning_plan(args: argparse.Namespace) -> tuple[list[tuple[int, ...]], int, bool, float]:
@@ -1134,13 +1167,15 @@ async def sweep_row(
     args: argparse.Namespace, plan: tuple | None, router: str, count: int, run: int
 ) -> list[SweepRow]:
     """One deployment of `count` frontend processes measured; its tables printed."""
-    concurrency = args.concurrency * (count if args.concurrency_per_process else 1)
+    per_process = count if args.concurrency_per_process else 1
+    concurrency = args.concurrency * per_process
+    requests = args.requests * per_process  # each process's run as long as at N=1
     layout = None
     if plan is not None:
         cores, rest_min, whole, _ = plan
         layout = plan_pinning(cores, count, rest_min, whole)
     load = f"{os.getloadavg()[0]:.1f}"
-    results, _ = await run_hpcserve(args.requests, count, args.speedup, False,
+    results, _ = await run_hpcserve(requests, count, args.speedup, False,
                                     args.client_processes, router, concurrency, layout,
                                     SCENARIOS[:2] if args.skip_c1 else SCENARIOS,
                                     args.client)  # fmt: skip
@@ -1192,7 +1227,8 @@ def main() -> None:
     )  # fmt: skip
     parser.add_argument(
         "--concurrency-per-process", action="store_true",
-        help="--workers-sweep: --concurrency per frontend process (the same load on each)",
+        help="--workers-sweep: --concurrency and --requests per frontend process (the same "
+        "load on each, runs as long at every width)",
     )  # fmt: skip
     parser.add_argument(
         "--routers", nargs="+", choices=sorted(DYNAMO_ROUTER), default=None,

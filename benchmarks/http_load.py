@@ -39,12 +39,15 @@ _DONE = b"data: [DONE]"
 
 @dataclass
 class Outcome:
-    """What one client saw: each request's latency, the wall seconds of the whole run, SSE
-    events received (streams), its own CPU seconds, and per frontend process the requests it
-    answered and the connections (by index) that carried them."""
+    """What one client saw: each request's latency, the wall seconds of the whole run (and
+    when it started and ended, for the union of several clients' runs), SSE events received
+    (streams), its own CPU seconds, and per frontend process the requests it answered and the
+    connections (by index) that carried them."""
 
     latencies: list[float] = field(default_factory=list)
     wall_s: float = 0.0
+    started_at: float = 0.0  # time.monotonic() (one clock for every process of the machine)
+    ended_at: float = 0.0
     events: int = 0
     cpu_s: float = 0.0
     per_process: dict[str, int] = field(default_factory=dict)
@@ -288,16 +291,26 @@ async def balanced_sockets(
 
 
 async def drive_raw(
-    url: str, body: bytes, concurrency: int, count: int, stream: bool, balance_over: int = 0
+    url: str,
+    body: bytes,
+    concurrency: int,
+    count: int,
+    stream: bool,
+    balance_over: int = 0,
+    start_at: float | None = None,
 ) -> Outcome:
     """`count` POSTs of `body` to `url`, `concurrency` connections each with one in flight;
     with `balance_over` > 1, as many connections to each of that many frontend processes
-    (`balanced_sockets`, before the clock starts)."""
+    (`balanced_sockets`, before the clock starts). `start_at` (time.monotonic()): the first
+    request waits for it, so that several client processes, each connecting and balancing
+    at its own pace, send their load together (a client late for it starts at once)."""
     host, port, request = request_bytes(url, body)
     loop = asyncio.get_running_loop()
     socks: list[socket.socket | None] = [None] * concurrency
     if balance_over > 1:
         socks = list(await balanced_sockets(host, port, concurrency, balance_over))
+    if start_at is not None and start_at > time.monotonic():
+        await asyncio.sleep(start_at - time.monotonic())
     outcome = Outcome()
     remaining = count
 
@@ -310,6 +323,7 @@ async def drive_raw(
 
     cpu0 = time.process_time()
     finished = [loop.create_future() for _ in range(concurrency)]
+    outcome.started_at = time.monotonic()
     t0 = time.perf_counter()
     transports = []
     try:
@@ -326,15 +340,22 @@ async def drive_raw(
         for transport in transports:
             transport.close()
     outcome.wall_s = time.perf_counter() - t0
+    outcome.ended_at = time.monotonic()
     outcome.cpu_s = time.process_time() - cpu0
     return outcome
 
 
 def run_raw(
-    url: str, body: bytes, concurrency: int, count: int, stream: bool, balance_over: int = 0
+    url: str,
+    body: bytes,
+    concurrency: int,
+    count: int,
+    stream: bool,
+    balance_over: int = 0,
+    start_at: float | None = None,
 ) -> Outcome:
     """`drive_raw` in a fresh event loop (uvloop where installed): a client process's entry."""
-    run = drive_raw(url, body, concurrency, count, stream, balance_over)
+    run = drive_raw(url, body, concurrency, count, stream, balance_over, start_at)
     try:
         import uvloop
     except ImportError:

@@ -201,3 +201,16 @@ def test_sweep_summary_ratios_per_pass_and_mean(capsys: pytest.CaptureFixture[st
     assert "x1.50 x1.75" in line and "x1.64" in line and line.split()[6:8] == ["1.6", "yes"]
     assert "frontends; stack: a worker" in line
     assert "router=kv frontend_bound_widths=1,2 stack_bound_rows=1/4" in out
+
+
+def test_several_clients_rate_over_the_union_of_their_runs() -> None:
+    """Two client processes of 1 s each, the second started 0.5 s later: their requests
+    were answered in 1.5 s, not in the longest part's 1 s (which overstated req/s by 1.5)."""
+    from benchmarks.bench_frontend import Load, union_wall_s
+
+    def part(start: float) -> Load:
+        return Load([0.01] * 100, 1.0, 0, 0.1, {}, {}, started_at=start, ended_at=start + 1.0)
+
+    assert union_wall_s([part(100.0), part(100.5)]) == pytest.approx(1.5)
+    unknown = Load([0.01] * 100, 1.2, 0, 0.1, {}, {})  # aiohttp: no times recorded
+    assert union_wall_s([part(100.0), unknown]) == pytest.approx(1.2)

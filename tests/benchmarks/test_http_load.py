@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 
 import pytest
 
@@ -183,3 +184,16 @@ async def test_balance_refuses_what_cannot_be_balanced() -> None:
         host, port, _ = request_bytes(url, b"{}")
         with pytest.raises(RuntimeError, match="names no process"):
             await balanced_sockets(host, port, 2, 2)
+
+
+async def test_drive_waits_for_its_start_time_and_records_its_window() -> None:
+    """The first request goes at `start_at`, not before (client processes start together);
+    the run's window is recorded on the one clock every process reads."""
+    server, listening, url = await serve(plain)
+    async with listening:
+        start_at = time.monotonic() + 0.3
+        outcome = await drive_raw(url, b"{}", concurrency=2, count=20, stream=False,
+                                  start_at=start_at)  # fmt: skip
+    assert server.requests == 20
+    assert start_at <= outcome.started_at < outcome.ended_at <= time.monotonic()
+    assert outcome.ended_at - outcome.started_at >= outcome.wall_s * 0.9
