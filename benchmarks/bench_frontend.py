@@ -520,7 +520,7 @@ async def drive_from(
     )
 
 
-CLIENT_START_LEAD_S = 1.0  # client processes start, connect and balance within it (N <= 8)
+CLIENT_START_LEAD_S = 0.5  # client processes start, connect and balance within it (N <= 8)
 
 
 def union_wall_s(parts: list[Load]) -> float:
@@ -1126,6 +1126,9 @@ def summarize(rows: list[SweepRow]) -> None:
               f"{'fe ms/req':>13}  bound by")  # fmt: skip
         mine = [row for row in rows if (row.router, row.scenario) == (router, scenario)]
         base = {row.run: row.req_s for row in mine if row.width == first}
+        if not base:  # the narrowest row failed in every pass: no ratio to give
+            print(f"    no N={first} row")
+            continue
         for width in sorted({row.width for row in mine}):
             at = sorted((row for row in mine if row.width == width), key=lambda row: row.run)
             ratios = [row.req_s / base[row.run] for row in at if row.run in base]
@@ -1152,6 +1155,7 @@ async def sweep(args: argparse.Namespace) -> None:
     plan = pinning_plan(args) if args.pin else None
     routers = args.routers or [args.router]
     rows: list[SweepRow] = []
+    failed: list[str] = []  # rows whose deployment answered an error (said, then left out)
     turn = 0
     for run in range(args.passes):
         widths = args.sweep if run % 2 == 0 else list(reversed(args.sweep))
@@ -1159,8 +1163,14 @@ async def sweep(args: argparse.Namespace) -> None:
             order = routers if turn % 2 == 0 else list(reversed(routers))
             turn += 1
             for router in order:
-                rows += await sweep_row(args, plan, router, count, run)
+                try:
+                    rows += await sweep_row(args, plan, router, count, run)
+                except RuntimeError as exc:  # an error answer: that row, not the sweep, ends
+                    failed.append(f"router {router} N={count} pass {run}: {exc}")
+                    print(f"row failed: {failed[-1]}")
     summarize(rows)
+    for line in failed:
+        print(f"frontend_workers_sweep failed_row {line}")
 
 
 async def sweep_row(

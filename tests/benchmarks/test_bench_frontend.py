@@ -214,3 +214,30 @@ def test_several_clients_rate_over_the_union_of_their_runs() -> None:
     assert union_wall_s([part(100.0), part(100.5)]) == pytest.approx(1.5)
     unknown = Load([0.01] * 100, 1.2, 0, 0.1, {}, {})  # aiohttp: no times recorded
     assert union_wall_s([part(100.0), unknown]) == pytest.approx(1.2)
+
+
+def test_a_failed_row_is_said_and_the_sweep_goes_on(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A deployment answering an error (RuntimeError from the load client) ends its row
+    only: the other rows are summarized and the failure named at the end."""
+    import argparse
+    import asyncio
+
+    from benchmarks import bench_frontend
+    from benchmarks.bench_frontend import SweepRow
+
+    async def row(_args, _plan, router: str, count: int, run: int) -> list[SweepRow]:  # type: ignore[no-untyped-def]
+        if (router, count) == ("kv", 2):
+            raise RuntimeError("HTTP 500: internal error")
+        return [SweepRow(router, count, run, "non-stream 16 tok", 1000.0 * count, 0.3,
+                         "frontends")]  # fmt: skip
+
+    monkeypatch.setattr(bench_frontend, "sweep_row", row)
+    args = argparse.Namespace(pin=False, routers=["round_robin", "kv"], router="kv", passes=1,
+                              sweep=[1, 2])  # fmt: skip
+    asyncio.run(bench_frontend.sweep(args))
+    out = capsys.readouterr().out
+    assert "failed_row router kv N=2 pass 0: HTTP 500" in out
+    assert "router=round_robin frontend_bound_widths=1,2" in out
+    assert "router=kv frontend_bound_widths=1 " in out
