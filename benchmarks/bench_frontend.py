@@ -85,7 +85,7 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.http_load import run_raw
+from benchmarks.http_load import NUMBER_MARK, run_raw
 from benchmarks.proc_counters import ProcessWork, Work
 from contract import bus
 from contract.config import default_model_dir, load_config
@@ -420,12 +420,20 @@ async def drive(url: str, model: str, scenario: Scenario, count: int) -> Load:
     return Load(latencies, wall, events, time.process_time() - cpu0, per_process, connections)
 
 
+NEW_PROMPTS: list[int] = []  # --new-prompts REPEAT: [REPEAT] (the raw clients only)
+
+
 def chat_body(model: str, scenario: Scenario) -> bytes:
-    """The one chat request every load client sends in `scenario`."""
+    """The one chat request every load client sends in `scenario`; with `--new-prompts`,
+    its question is numbered anew each request (http_load's NUMBER_MARK) and repeated, so
+    every prompt's blocks after the chat template's head are new to every worker."""
+    content = QUESTION
+    if NEW_PROMPTS:
+        content = NUMBER_MARK.decode() + " " + " ".join([QUESTION] * NEW_PROMPTS[0])
     return orjson.dumps(
         {
             "model": model,
-            "messages": [{"role": "user", "content": QUESTION}],
+            "messages": [{"role": "user", "content": content}],
             "max_tokens": scenario.max_tokens,
             "ignore_eos": True,
             "stream": scenario.stream,
@@ -1255,6 +1263,12 @@ def main() -> None:
         "spread evenly over the frontend processes)",
     )  # fmt: skip
     parser.add_argument(
+        "--new-prompts", type=int, default=None, metavar="REPEAT",
+        help="--workers-sweep (raw/balanced clients): a new prompt each request, a number "
+        "then the question REPEAT times (40: ~600 tokens), so the workers' KV events carry "
+        "every prompt's blocks to every frontend process (the default question is cached)",
+    )  # fmt: skip
+    parser.add_argument(
         "--sim-workers", type=int, default=None,
         help="--workers-sweep: simulated worker processes (workers.0.count; the config's 8 "
         "cost ~1.8x the CPU per request of 4)",
@@ -1289,6 +1303,10 @@ def main() -> None:
     args = parser.parse_args()
     if args.pin and not (args.workers_sweep and hasattr(os, "sched_setaffinity")):
         parser.error("--pin: only with --workers-sweep, on Linux (os.sched_setaffinity)")
+    if args.new_prompts is not None:
+        if not (args.workers_sweep and args.client != "aiohttp") or args.new_prompts < 1:
+            parser.error("--new-prompts: a repeat >= 1, with --workers-sweep and a raw client")
+        NEW_PROMPTS.append(args.new_prompts)
     EXTRA_SETTINGS.extend(args.settings)
     if args.sim_workers is not None:
         EXTRA_SETTINGS.append(f"workers.0.count={args.sim_workers}")
