@@ -1007,11 +1007,9 @@ def work_line(r: Result) -> str:
     (what it fans out to every subscriber). Counts flat with N and cycles rising: the same
     work ran slower; counts rising: more work per request."""
     w, n = r.frontend_work, max(1, r.requests)
-    tick_ms = 1000 / os.sysconf("SC_CLK_TCK")
-    line = (f"frontends per request: user {w.user_ticks * tick_ms / n:.3f} ms, kernel "
-            f"{w.system_ticks * tick_ms / n:.3f} ms, {w.read_calls / n:.2f} reads, "
-            f"{w.write_calls / n:.2f} writes, "
-            f"{w.read_bytes / n / 1024:.2f} KiB in, {w.voluntary_switches / n:.3f} sleeps, "
+    user, kernel, reads, writes, kib, sleeps = work_counts(r)
+    line = (f"frontends per request: user {user:.3f} ms, kernel {kernel:.3f} ms, {reads:.2f} "
+            f"reads, {writes:.2f} writes, {kib:.2f} KiB in, {sleeps:.3f} sleeps, "
             f"{w.involuntary_switches / n:.3f} preemptions")  # fmt: skip
     if w.instructions:
         line += (f", {w.instructions / n / 1000:.0f}k instructions, {w.cycles / n / 1000:.0f}k "
@@ -1116,6 +1114,19 @@ class SweepRow:
     req_s: float
     frontend_ms: float  # frontend CPU per request
     bound: str  # what_bounds
+    # the frontends' work per request (WORK_COUNTS: proc_counters), () where not counted
+    counts: tuple[float, ...] = ()
+
+
+WORK_COUNTS = ("user ms", "kernel ms", "reads", "writes", "KiB in", "sleeps")
+
+
+def work_counts(r: Result) -> tuple[float, ...]:
+    """A row's WORK_COUNTS per request, over all its frontend processes."""
+    w, n = r.frontend_work, max(1, r.requests)
+    tick_ms = 1000 / os.sysconf("SC_CLK_TCK")
+    return (w.user_ticks * tick_ms / n, w.system_ticks * tick_ms / n, w.read_calls / n,
+            w.write_calls / n, w.read_bytes / n / 1024, w.voluntary_switches / n)  # fmt: skip
 
 
 def summarize(rows: list[SweepRow]) -> None:
@@ -1147,6 +1158,13 @@ def summarize(rows: list[SweepRow]) -> None:
                   f"{'yes' if mean >= need else 'no':>4} "
                   f"{' '.join(f'{row.frontend_ms:.3f}' for row in at):>13}  "
                   f"{'; '.join(row.bound for row in at)}")  # fmt: skip
+        counted = [row for row in mine if row.counts]
+        if counted:  # the same work per request at every width, or more of it?
+            print(f"    frontend work per request (passes' mean): {', '.join(WORK_COUNTS)}")
+            for width in sorted({row.width for row in counted}):
+                at = [row.counts for row in counted if row.width == width]
+                means = [sum(values) / len(at) for values in zip(*at, strict=True)]
+                print(f"    {width:>3} " + " ".join(f"{value:.3f}" for value in means))
     for router in sorted({row.router for row in rows}):
         mine = [row for row in rows if row.router == router]
         fair = [row for row in mine if row.bound == "frontends"]
@@ -1212,7 +1230,7 @@ async def sweep_row(
         print(f"  {r.scenario.name}: bound by {bound}")
         kind = r.scenario.name.split(" c=")[0]  # the same scenario at every width's load
         rows.append(SweepRow(router, count, run, kind, r.req_s, r.frontend_ms_per_req,
-                             bound))  # fmt: skip
+                             bound, work_counts(r)))  # fmt: skip
     return rows
 
 

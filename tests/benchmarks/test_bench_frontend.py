@@ -241,3 +241,23 @@ def test_a_failed_row_is_said_and_the_sweep_goes_on(
     assert "failed_row router kv N=2 pass 0: HTTP 500" in out
     assert "router=round_robin frontend_bound_widths=1,2" in out
     assert "router=kv frontend_bound_widths=1 " in out
+
+
+def test_sweep_summary_shows_the_work_per_request_by_width(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """Rows that counted the frontends' work give one line per width, the passes' mean of
+    each count: the same work at every width, or more of it."""
+    from benchmarks.bench_frontend import WORK_COUNTS, SweepRow, summarize
+
+    def row(width: int, run: int, user: float, kib: float) -> SweepRow:
+        return SweepRow("kv", width, run, "stream 32 tok", 1000.0 * width, user, "frontends",
+                        (user, 0.02, 1.1, 6.1, kib, 0.05))  # fmt: skip
+
+    summarize([row(1, 0, 0.30, 0.60), row(1, 1, 0.32, 0.62), row(8, 0, 0.40, 0.70),
+               row(8, 1, 0.44, 0.74)])  # fmt: skip
+    out = capsys.readouterr().out
+    assert f"frontend work per request (passes' mean): {', '.join(WORK_COUNTS)}" in out
+    lines = [x.split() for x in out.splitlines()]
+    assert ["1", "0.310", "0.020", "1.100", "6.100", "0.610", "0.050"] in lines
+    assert ["8", "0.420", "0.020", "1.100", "6.100", "0.720", "0.050"] in lines
