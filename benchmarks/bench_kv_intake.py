@@ -91,6 +91,67 @@ def timed_intake(feed, parse, batches: list[bytes]) -> float:  # type: ignore[no
     return time.process_time() - t0
 
 
+def _publish(url: str, subject: str, batches: list[bytes]) -> None:
+    """A child process: publish `batches` on `subject`, then wait for NATS to have them."""
+    import asyncio
+
+    from contract.bus import connect
+
+    async def run() -> None:
+        publisher = await connect(url, "bench-kv-intake-publisher")
+        for data in batches:
+            await publisher.publish(subject, data)
+        await publisher.flush()
+        await publisher.close()
+
+    asyncio.run(run())
+
+
+async def over_nats(batches: list[bytes], warm: int, workers: int) -> None:
+    """This tree's feed subscribed to a real nats-server, the timed batches published by a
+    child process: this process's CPU per batch received (nats-py's read, its hand-over to
+    the subscription's task, then our parse and apply), against the direct parse and apply
+    of the same batches by an equal feed."""
+    import asyncio
+    import multiprocessing
+    import tempfile
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+    from real_services import start_nats
+
+    from contract.bus import kv_events_subject
+
+    parse = messages.parse_kv_event_batch
+    timed = batches[warm:]
+    direct = timed_intake(warmed_feed(kv_index, parse, batches[:warm], workers), parse, timed)
+    final = {f"w{w}": sum(1 for k in range(len(batches)) if k % workers == w)
+             for w in range(workers)}  # fmt: skip
+    with tempfile.TemporaryDirectory(prefix="bench-kv-intake-") as tmp:
+        nats_server, url = start_nats(Path(tmp))
+        try:
+            feed = warmed_feed(kv_index, parse, batches[:warm], workers)
+            feed._nats_url, feed._deployment = url, "bench"
+            await feed.start()
+            subject = kv_events_subject("bench")
+            child = multiprocessing.Process(target=_publish, args=(url, subject, timed))
+            cpu0 = time.process_time()
+            child.start()
+            deadline = time.monotonic() + 120
+            while any(feed._sync[w].last_seq != seq for w, seq in final.items()):
+                if time.monotonic() > deadline:
+                    raise RuntimeError("over NATS: not every batch arrived in 120 s")
+                await asyncio.sleep(0.002)
+            cpu = time.process_time() - cpu0
+            child.join()
+            await feed.stop()
+        finally:
+            nats_server.stop()
+    n = len(timed)
+    print(f"over NATS: {cpu / n * 1e6:.1f} µs of the subscriber's CPU a batch, direct parse + "
+          f"apply {direct / n * 1e6:.1f} µs: NATS's delivery {(cpu - direct) / n * 1e6:.1f} µs "
+          f"a message (gaps {feed.num_gaps})")  # fmt: skip
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--baseline", help="another tree to time alternately (e.g. /work/main)")
@@ -99,9 +160,17 @@ def main() -> None:
     parser.add_argument("--blocks", type=int, default=37, help="full blocks a prompt stores")
     parser.add_argument("--resident", type=int, default=200, help="prompts a worker keeps")
     parser.add_argument("--batches", type=int, default=6000, help="timed, after the warm-up")
+    parser.add_argument(
+        "--over-nats", action="store_true",
+        help="also: this tree's feed fed through a real nats-server (NATS's share per batch)",
+    )  # fmt: skip
     args = parser.parse_args()
     warm = args.workers * args.resident  # every worker evicting from the first timed batch
     batches = worker_batches(args.workers, warm + args.batches, args.blocks, args.resident)
+    if args.over_nats:
+        import asyncio
+
+        asyncio.run(over_nats(batches, warm, args.workers))
     sides = {"this": (kv_index, messages.parse_kv_event_batch)}
     if args.baseline:
         base = Path(args.baseline)
