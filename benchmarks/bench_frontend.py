@@ -46,10 +46,15 @@ measures the frontends with the cores they are given rather than the machine: th
 read from /sys (hyperthread siblings), is printed; see `plan_pinning`. `--passes` runs the
 widths up, then down, and so on, the routers' order alternating by width. Each row says what
 bound it (`what_bounds`: the frontends, or a shared part at its limit: a stack-bound row
-measures the simulated stack, not the frontends' scale-out). The summary gives per router
-and scenario each width's req/s, its ratio to N=1 per pass and the passes' mean ratio, and
-one line per router: `frontend_workers_sweep router=<r> frontend_bound_widths=1,2,...
-stack_bound_rows=<k>/<rows>`.
+measures the simulated stack, not the frontends' scale-out). A row's rate is over the union
+of its client processes' runs (they start together). Each row also prints what the frontends
+did per request in counts a slower CPU does not change (`benchmarks/proc_counters.py`:
+syscalls, bytes in, user/kernel CPU, sleeps): counts flat while CPU per request rises means the
+same work ran slower. `--new-prompts REPEAT` numbers each request's prompt anew (the default
+question is cached after the first request, so the KV events carry nothing). The summary
+gives per router and scenario each width's req/s, its ratio to N=1 per pass and the passes'
+mean ratio, the work per request by width, and one line per router:
+`frontend_workers_sweep router=<r> frontend_bound_widths=1,2,... stack_bound_rows=<k>/<rows>`.
 
 `--ab-tree CHECKOUT` instead measures the c=1 added latency of this tree's frontend (A) and
 of CHECKOUT's (B: the code before a change, or this tree with `--ab-set KEY=VALUE` config
