@@ -46,10 +46,15 @@ measures the frontends with the cores they are given rather than the machine: th
 read from /sys (hyperthread siblings), is printed; see `plan_pinning`. `--passes` runs the
 widths up, then down, and so on, the routers' order alternating by width. Each row says what
 bound it (`what_bounds`: the frontends, or a shared part at its limit: a stack-bound row
-measures the simulated stack, not the frontends' scale-out). The summary gives per router
-and scenario each width's req/s, its ratio to N=1 per pass and the passes' mean ratio, and
-one line per router: `frontend_workers_sweep router=<r> frontend_bound_widths=1,2,...
-stack_bound_rows=<k>/<rows>`.
+measures the simulated stack, not the frontends' scale-out). A row's rate is over the union
+of its client processes' runs (they start together). Each row also prints what the frontends
+did per request in counts a slower CPU does not change (`benchmarks/proc_counters.py`:
+syscalls, bytes in, user/kernel CPU, sleeps): counts flat while CPU per request rises means the
+same work ran slower. `--new-prompts REPEAT` numbers each request's prompt anew (the default
+question is cached after the first request, so the KV events carry nothing). The summary
+gives per router and scenario each width's req/s, its ratio to N=1 per pass and the passes'
+mean ratio, the work per request by width, and one line per router:
+`frontend_workers_sweep router=<r> frontend_bound_widths=1,2,... stack_bound_rows=<k>/<rows>`.
 
 `--ab-tree CHECKOUT` instead measures the c=1 added latency of this tree's frontend (A) and
 of CHECKOUT's (B: the code before a change, or this tree with `--ab-set KEY=VALUE` config
@@ -85,7 +90,8 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.http_load import run_raw
+from benchmarks.http_load import NUMBER_MARK, run_raw
+from benchmarks.proc_counters import ProcessWork, Work
 from contract import bus
 from contract.config import default_model_dir, load_config
 from contract.messages import GenerateOutput, GenerateRequest, SamplingParams
@@ -131,6 +137,10 @@ class Result:
     client_cpu_each: tuple[float, ...] = ()  # per load client process
     other_cpu_each: dict[str, float] = field(default_factory=dict)  # nats, etcd, ...
     busy_each_cpu: dict[int, float] = field(default_factory=dict)  # /proc/stat, all processes
+    start_spread_s: float = 0.0  # between the client processes' first requests
+    frontend_work: Work = field(default_factory=Work)  # the frontends' counters, summed
+    other_work: dict[str, Work] = field(default_factory=dict)  # nats, etcd: the same
+    perf_error: str | None = None  # why there are no instruction counts
 
     def cores(self, cpu_s: float) -> float:
         """CPU seconds spent during the scenario as cores kept busy on average."""
@@ -362,6 +372,9 @@ class Load:
     per_process: dict[str, int]
     connections: dict[str, set[int]]
     client_cpu_each: tuple[float, ...] = ()  # several client processes: each one's CPU
+    started_at: float = 0.0  # time.monotonic() of its first request (raw clients; 0: unknown)
+    ended_at: float = 0.0
+    start_spread_s: float = 0.0  # several client processes: their first requests' spread
 
 
 async def drive(url: str, model: str, scenario: Scenario, count: int) -> Load:
@@ -412,12 +425,20 @@ async def drive(url: str, model: str, scenario: Scenario, count: int) -> Load:
     return Load(latencies, wall, events, time.process_time() - cpu0, per_process, connections)
 
 
+NEW_PROMPTS: list[int] = []  # --new-prompts REPEAT: [REPEAT] (the raw clients only)
+
+
 def chat_body(model: str, scenario: Scenario) -> bytes:
-    """The one chat request every load client sends in `scenario`."""
+    """The one chat request every load client sends in `scenario`; with `--new-prompts`,
+    its question is numbered anew each request (http_load's NUMBER_MARK) and repeated, so
+    every prompt's blocks after the chat template's head are new to every worker."""
+    content = QUESTION
+    if NEW_PROMPTS:
+        content = NUMBER_MARK.decode() + " " + " ".join([QUESTION] * NEW_PROMPTS[0])
     return orjson.dumps(
         {
             "model": model,
-            "messages": [{"role": "user", "content": QUESTION}],
+            "messages": [{"role": "user", "content": content}],
             "max_tokens": scenario.max_tokens,
             "ignore_eos": True,
             "stream": scenario.stream,
@@ -431,23 +452,34 @@ CLIENTS = ("aiohttp", "raw", "balanced")
 
 
 def drive_raw_client(
-    url: str, model: str, scenario: Scenario, count: int, balance_over: int = 0
+    url: str,
+    model: str,
+    scenario: Scenario,
+    count: int,
+    balance_over: int = 0,
+    start_at: float | None = None,
 ) -> Load:
     """`count` requests of `scenario` from `http_load` (a client ~5x cheaper per request than
     aiohttp: see that module), in a fresh event loop of this process; with `balance_over`,
     as many connections to each of that many frontend processes."""
     out = run_raw(url, chat_body(model, scenario), scenario.concurrency, count, scenario.stream,
-                  balance_over)  # fmt: skip
+                  balance_over, start_at)  # fmt: skip
     return Load(out.latencies, out.wall_s, out.events, out.cpu_s, out.per_process,
-                out.connections)  # fmt: skip
+                out.connections, started_at=out.started_at, ended_at=out.ended_at)  # fmt: skip
 
 
 def _drive_in_process(
-    url: str, model: str, scenario: Scenario, count: int, client: str, frontends: int
+    url: str,
+    model: str,
+    scenario: Scenario,
+    count: int,
+    client: str,
+    frontends: int,
+    start_at: float | None = None,
 ) -> Load:
     if client in ("raw", "balanced"):
         balance = frontends if client == "balanced" else 0
-        return drive_raw_client(url, model, scenario, count, balance)
+        return drive_raw_client(url, model, scenario, count, balance, start_at)
     return asyncio.run(drive(url, model, scenario, count))
 
 
@@ -475,10 +507,11 @@ async def drive_from(
     share = Scenario(scenario.name, scenario.stream, scenario.max_tokens,
                      scenario.concurrency // processes, scenario.share)  # fmt: skip
     loop = asyncio.get_running_loop()
+    start_at = time.monotonic() + CLIENT_START_LEAD_S  # the raw clients start together
     with ProcessPoolExecutor(processes) as pool:
         parts = await asyncio.gather(*(
             loop.run_in_executor(pool, _drive_in_process, url, model, share,
-                                 count // processes, client, frontends)
+                                 count // processes, client, frontends, start_at)
             for _ in range(processes)
         ))  # fmt: skip
     per_process: dict[str, int] = {}
@@ -490,13 +523,28 @@ async def drive_from(
             connections.setdefault(process, set()).update((index, c) for c in seen)
     return Load(
         [t for part in parts for t in part.latencies],
-        max(part.wall_s for part in parts),
+        union_wall_s(parts),
         sum(part.events for part in parts),
         sum(part.client_cpu_s for part in parts),
         per_process,
         connections,
         tuple(part.client_cpu_s for part in parts),
+        start_spread_s=max(p.started_at for p in parts) - min(p.started_at for p in parts),
     )
+
+
+CLIENT_START_LEAD_S = 0.5  # client processes start, connect and balance within it (N <= 8)
+
+
+def union_wall_s(parts: list[Load]) -> float:
+    """The seconds from the first client process's first request to the last one's end: the
+    window all of the parts' requests were answered in. The longest part alone understates it
+    when the parts ran staggered (balancing takes each its own time), and that overstated
+    req/s most where runs are short: the widest rows (benchmarks/README.md, branch scale2).
+    Parts that did not record their times (aiohttp): the longest part's wall."""
+    if all(part.started_at and part.ended_at for part in parts):
+        return max(p.ended_at for p in parts) - min(p.started_at for p in parts)
+    return max(part.wall_s for part in parts)
 
 
 async def measure(
@@ -519,6 +567,7 @@ async def measure(
     others = other_pids or []
     names = other_names or [str(pid) for pid in others]
     results = []
+    counted = ProcessWork(frontend_pids + others)
     for scenario in scenarios:
         if scenario.concurrency > 1 and concurrency != scenario.concurrency:
             name = scenario.name.replace(f"c={scenario.concurrency}", f"c={concurrency}")
@@ -529,9 +578,11 @@ async def measure(
         fe0 = [cpu_seconds([pid]) for pid in frontend_pids]
         wk0 = [cpu_seconds([pid]) for pid in worker_pids]
         ot0 = [cpu_seconds([pid]) for pid in others]
+        work0 = counted.take()
         load = await drive_from(client_processes, url, model, scenario, count, client,
                                 len(frontend_pids))  # fmt: skip
         fe = [cpu_seconds([pid]) - before for pid, before in zip(frontend_pids, fe0, strict=True)]
+        work = [after - before for after, before in zip(counted.take(), work0, strict=True)]
         wk_each = [cpu_seconds([p]) - before for p, before in zip(worker_pids, wk0, strict=True)]
         ot_each = [cpu_seconds([p]) - before for p, before in zip(others, ot0, strict=True)]
         # busy seconds over the clients' own wall time (`cores` divides by it): the window
@@ -544,7 +595,12 @@ async def measure(
         results.append(Result(scenario, len(load.latencies), load.wall_s, load.latencies, sum(fe),
                               wk, load.events, load.client_cpu_s, ot, tuple(fe), served,
                               conns, tuple(wk_each), load.client_cpu_each or (load.client_cpu_s,),
-                              dict(zip(names, ot_each, strict=True)), busy))  # fmt: skip
+                              dict(zip(names, ot_each, strict=True)), busy,
+                              start_spread_s=load.start_spread_s,
+                              frontend_work=sum(work[:len(frontend_pids)], Work()),
+                              other_work=dict(zip(names, work[len(frontend_pids):], strict=True)),
+                              perf_error=counted.perf_error))  # fmt: skip
+    counted.close()
     return results
 
 
@@ -949,6 +1005,28 @@ def component_line(r: Result) -> str:
     )
 
 
+def work_line(r: Result) -> str:
+    """What the frontend processes did per request, in counts a slower CPU does not change
+    (proc_counters): read/write system calls, bytes in, context switches, and where the
+    kernel lets us, user-space instructions and cycles; NATS's bytes out per request beside
+    (what it fans out to every subscriber). Counts flat with N and cycles rising: the same
+    work ran slower; counts rising: more work per request."""
+    w, n = r.frontend_work, max(1, r.requests)
+    user, kernel, reads, writes, kib, sleeps = work_counts(r)
+    line = (f"frontends per request: user {user:.3f} ms, kernel {kernel:.3f} ms, {reads:.2f} "
+            f"reads, {writes:.2f} writes, {kib:.2f} KiB in, {sleeps:.3f} sleeps, "
+            f"{w.involuntary_switches / n:.3f} preemptions")  # fmt: skip
+    if w.instructions:
+        line += (f", {w.instructions / n / 1000:.0f}k instructions, {w.cycles / n / 1000:.0f}k "
+                 f"cycles (IPC {w.instructions / max(1, w.cycles):.2f})")  # fmt: skip
+    elif r.perf_error:
+        line += f" (no instruction counts: {r.perf_error})"
+    nats = r.other_work.get("nats")
+    if nats is not None:
+        line += f"; nats {nats.write_bytes / n / 1024:.2f} KiB out"
+    return line
+
+
 def cores_table(results: list[Result], layout: CpuLayout | None = None) -> None:
     """Where the machine's cores went: a frontend process near 1.0 is saturated; the sum of
     all columns near the core count means the machine, not the frontend, set the rate (with
@@ -971,10 +1049,12 @@ def cores_table(results: list[Result], layout: CpuLayout | None = None) -> None:
             print(f"  {'':<24} the machine: {seen:.2f} of {len(r.busy_each_cpu)} CPUs busy "
                   "(/proc/stat: every process and the kernel)")  # fmt: skip
         print(f"  {'':<24} {component_line(r)}")
+        print(f"  {'':<24} {work_line(r)}")
         if len(r.served_each) > 1:
             shares = " ".join(f"{n / max(1, r.requests):.2f}" for n in r.served_each)
             conns = " ".join(str(n) for n in r.connections_each)
-            print(f"  {'':<24} requests share per process: {shares}; connections: {conns}")
+            print(f"  {'':<24} requests share per process: {shares}; connections: {conns}; "
+                  f"client processes started within {1000 * r.start_spread_s:.0f} ms")  # fmt: skip
 
 
 def pinning_plan(args: argparse.Namespace) -> tuple[list[tuple[int, ...]], int, bool, float]:
@@ -1039,6 +1119,19 @@ class SweepRow:
     req_s: float
     frontend_ms: float  # frontend CPU per request
     bound: str  # what_bounds
+    # the frontends' work per request (WORK_COUNTS: proc_counters), () where not counted
+    counts: tuple[float, ...] = ()
+
+
+WORK_COUNTS = ("user ms", "kernel ms", "reads", "writes", "KiB in", "sleeps")
+
+
+def work_counts(r: Result) -> tuple[float, ...]:
+    """A row's WORK_COUNTS per request, over all its frontend processes."""
+    w, n = r.frontend_work, max(1, r.requests)
+    tick_ms = 1000 / os.sysconf("SC_CLK_TCK")
+    return (w.user_ticks * tick_ms / n, w.system_ticks * tick_ms / n, w.read_calls / n,
+            w.write_calls / n, w.read_bytes / n / 1024, w.voluntary_switches / n)  # fmt: skip
 
 
 def summarize(rows: list[SweepRow]) -> None:
@@ -1057,6 +1150,9 @@ def summarize(rows: list[SweepRow]) -> None:
               f"{'fe ms/req':>13}  bound by")  # fmt: skip
         mine = [row for row in rows if (row.router, row.scenario) == (router, scenario)]
         base = {row.run: row.req_s for row in mine if row.width == first}
+        if not base:  # the narrowest row failed in every pass: no ratio to give
+            print(f"    no N={first} row")
+            continue
         for width in sorted({row.width for row in mine}):
             at = sorted((row for row in mine if row.width == width), key=lambda row: row.run)
             ratios = [row.req_s / base[row.run] for row in at if row.run in base]
@@ -1067,6 +1163,13 @@ def summarize(rows: list[SweepRow]) -> None:
                   f"{'yes' if mean >= need else 'no':>4} "
                   f"{' '.join(f'{row.frontend_ms:.3f}' for row in at):>13}  "
                   f"{'; '.join(row.bound for row in at)}")  # fmt: skip
+        counted = [row for row in mine if row.counts]
+        if counted:  # the same work per request at every width, or more of it?
+            print(f"    frontend work per request (passes' mean): {', '.join(WORK_COUNTS)}")
+            for width in sorted({row.width for row in counted}):
+                at = [row.counts for row in counted if row.width == width]
+                means = [sum(values) / len(at) for values in zip(*at, strict=True)]
+                print(f"    {width:>3} " + " ".join(f"{value:.3f}" for value in means))
     for router in sorted({row.router for row in rows}):
         mine = [row for row in rows if row.router == router]
         fair = [row for row in mine if row.bound == "frontends"]
@@ -1083,6 +1186,7 @@ async def sweep(args: argparse.Namespace) -> None:
     plan = pinning_plan(args) if args.pin else None
     routers = args.routers or [args.router]
     rows: list[SweepRow] = []
+    failed: list[str] = []  # rows whose deployment answered an error (said, then left out)
     turn = 0
     for run in range(args.passes):
         widths = args.sweep if run % 2 == 0 else list(reversed(args.sweep))
@@ -1090,21 +1194,29 @@ async def sweep(args: argparse.Namespace) -> None:
             order = routers if turn % 2 == 0 else list(reversed(routers))
             turn += 1
             for router in order:
-                rows += await sweep_row(args, plan, router, count, run)
+                try:
+                    rows += await sweep_row(args, plan, router, count, run)
+                except RuntimeError as exc:  # an error answer: that row, not the sweep, ends
+                    failed.append(f"router {router} N={count} pass {run}: {exc}")
+                    print(f"row failed: {failed[-1]}")
     summarize(rows)
+    for line in failed:
+        print(f"frontend_workers_sweep failed_row {line}")
 
 
 async def sweep_row(
     args: argparse.Namespace, plan: tuple | None, router: str, count: int, run: int
 ) -> list[SweepRow]:
     """One deployment of `count` frontend processes measured; its tables printed."""
-    concurrency = args.concurrency * (count if args.concurrency_per_process else 1)
+    per_process = count if args.concurrency_per_process else 1
+    concurrency = args.concurrency * per_process
+    requests = args.requests * per_process  # each process's run as long as at N=1
     layout = None
     if plan is not None:
         cores, rest_min, whole, _ = plan
         layout = plan_pinning(cores, count, rest_min, whole)
     load = f"{os.getloadavg()[0]:.1f}"
-    results, _ = await run_hpcserve(args.requests, count, args.speedup, False,
+    results, _ = await run_hpcserve(requests, count, args.speedup, False,
                                     args.client_processes, router, concurrency, layout,
                                     SCENARIOS[:2] if args.skip_c1 else SCENARIOS,
                                     args.client)  # fmt: skip
@@ -1123,7 +1235,7 @@ async def sweep_row(
         print(f"  {r.scenario.name}: bound by {bound}")
         kind = r.scenario.name.split(" c=")[0]  # the same scenario at every width's load
         rows.append(SweepRow(router, count, run, kind, r.req_s, r.frontend_ms_per_req,
-                             bound))  # fmt: skip
+                             bound, work_counts(r)))  # fmt: skip
     return rows
 
 
@@ -1156,7 +1268,8 @@ def main() -> None:
     )  # fmt: skip
     parser.add_argument(
         "--concurrency-per-process", action="store_true",
-        help="--workers-sweep: --concurrency per frontend process (the same load on each)",
+        help="--workers-sweep: --concurrency and --requests per frontend process (the same "
+        "load on each, runs as long at every width)",
     )  # fmt: skip
     parser.add_argument(
         "--routers", nargs="+", choices=sorted(DYNAMO_ROUTER), default=None,
@@ -1171,6 +1284,12 @@ def main() -> None:
         help="--workers-sweep: the load client (raw: benchmarks/http_load.py, ~5x cheaper "
         "per request than aiohttp; balanced: the same with each client process's connections "
         "spread evenly over the frontend processes)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--new-prompts", type=int, default=None, metavar="REPEAT",
+        help="--workers-sweep (raw/balanced clients): a new prompt each request, a number "
+        "then the question REPEAT times (40: ~600 tokens), so the workers' KV events carry "
+        "every prompt's blocks to every frontend process (the default question is cached)",
     )  # fmt: skip
     parser.add_argument(
         "--sim-workers", type=int, default=None,
@@ -1207,6 +1326,10 @@ def main() -> None:
     args = parser.parse_args()
     if args.pin and not (args.workers_sweep and hasattr(os, "sched_setaffinity")):
         parser.error("--pin: only with --workers-sweep, on Linux (os.sched_setaffinity)")
+    if args.new_prompts is not None:
+        if not (args.workers_sweep and args.client != "aiohttp") or args.new_prompts < 1:
+            parser.error("--new-prompts: a repeat >= 1, with --workers-sweep and a raw client")
+        NEW_PROMPTS.append(args.new_prompts)
     EXTRA_SETTINGS.extend(args.settings)
     if args.sim_workers is not None:
         EXTRA_SETTINGS.append(f"workers.0.count={args.sim_workers}")

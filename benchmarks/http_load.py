@@ -10,6 +10,10 @@ answered) and sends the next request from the callback that completed the last o
     outcome = await drive_raw("http://127.0.0.1:8000/v1/chat/completions", body,
                               concurrency=64, count=20000, stream=True)
 
+A body holding `NUMBER_MARK` is sent with it replaced by a number no other request of the run
+had (`numbered_requests`): a new prompt each request, as new users' (the sweep's
+`--new-prompts`: the workers' KV events then carry every prompt's blocks to every frontend).
+
 A request counts when its whole answer has arrived; a non-200 answer or a closed connection
 fails the run (RuntimeError naming what came back). Streams must end with `data: [DONE]`.
 
@@ -24,6 +28,8 @@ concurrency/N connections.
 from __future__ import annotations
 
 import asyncio
+import itertools
+import os
 import socket
 import time
 from collections.abc import Callable
@@ -39,12 +45,15 @@ _DONE = b"data: [DONE]"
 
 @dataclass
 class Outcome:
-    """What one client saw: each request's latency, the wall seconds of the whole run, SSE
-    events received (streams), its own CPU seconds, and per frontend process the requests it
-    answered and the connections (by index) that carried them."""
+    """What one client saw: each request's latency, the wall seconds of the whole run (and
+    when it started and ended, for the union of several clients' runs), SSE events received
+    (streams), its own CPU seconds, and per frontend process the requests it answered and the
+    connections (by index) that carried them."""
 
     latencies: list[float] = field(default_factory=list)
     wall_s: float = 0.0
+    started_at: float = 0.0  # time.monotonic() (one clock for every process of the machine)
+    ended_at: float = 0.0
     events: int = 0
     cpu_s: float = 0.0
     per_process: dict[str, int] = field(default_factory=dict)
@@ -126,13 +135,13 @@ class ResponseParser:
 
 
 class _Connection(asyncio.Protocol):
-    """One keep-alive connection sending `request` again as soon as each answer is whole,
-    while the shared budget (`take`) gives it another."""
+    """One keep-alive connection sending `request` (or what `request()` makes, each time)
+    again as soon as each answer is whole, while the shared budget (`take`) gives it another."""
 
     def __init__(
         self,
         index: int,
-        request: bytes,
+        request: bytes | Callable[[], bytes],
         stream: bool,
         take: Callable[[], bool],
         outcome: Outcome,
@@ -161,7 +170,8 @@ class _Connection(asyncio.Protocol):
         self._waiting = True
         self._sent_at = time.perf_counter()
         assert self._transport is not None
-        self._transport.write(self._request)
+        request = self._request
+        self._transport.write(request if isinstance(request, bytes) else request())
 
     def data_received(self, data: bytes) -> None:
         try:
@@ -216,6 +226,29 @@ def request_bytes(url: str, body: bytes) -> tuple[str, int, bytes]:
         f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
     )
     return parts.hostname, port, head.encode() + body
+
+
+NUMBER_MARK = b"@@n@@"  # in a body: replaced by a number no other request of the run had
+
+
+def numbered_requests(request: bytes, tag: str) -> Callable[[], bytes]:
+    """Each call: `request` (a whole POST from `request_bytes`) with its body's
+    `NUMBER_MARK` replaced by `tag`-k for the k-th call, Content-Length to match: a new
+    prompt every request (`tag` tells client processes apart)."""
+    head, _, body = request.partition(b"\r\n\r\n")
+    head = head[: head.lower().index(b"content-length:")] + b"Content-Length: "
+    before, mark, after = body.partition(NUMBER_MARK)
+    if not mark:
+        raise ValueError(f"numbered_requests: the body has no {NUMBER_MARK!r}")
+    fixed = len(before) + len(after)
+    numbers = itertools.count()
+    prefix = tag.encode() + b"-"
+
+    def make() -> bytes:
+        number = prefix + str(next(numbers)).encode()
+        return b"%s%d\r\n\r\n%s%s%s" % (head, fixed + len(number), before, number, after)
+
+    return make
 
 
 def health_request(host: str, port: int) -> bytes:
@@ -288,16 +321,30 @@ async def balanced_sockets(
 
 
 async def drive_raw(
-    url: str, body: bytes, concurrency: int, count: int, stream: bool, balance_over: int = 0
+    url: str,
+    body: bytes,
+    concurrency: int,
+    count: int,
+    stream: bool,
+    balance_over: int = 0,
+    start_at: float | None = None,
 ) -> Outcome:
     """`count` POSTs of `body` to `url`, `concurrency` connections each with one in flight;
     with `balance_over` > 1, as many connections to each of that many frontend processes
-    (`balanced_sockets`, before the clock starts)."""
-    host, port, request = request_bytes(url, body)
+    (`balanced_sockets`, before the clock starts); a `body` holding `NUMBER_MARK` is numbered
+    anew each request (`numbered_requests`). `start_at` (time.monotonic()): the first
+    request waits for it, so that several client processes, each connecting and balancing
+    at its own pace, send their load together (a client late for it starts at once)."""
+    host, port, whole = request_bytes(url, body)
+    request: bytes | Callable[[], bytes] = whole
+    if NUMBER_MARK in body:  # a new prompt each request, numbered apart from other clients'
+        request = numbered_requests(whole, str(os.getpid()))
     loop = asyncio.get_running_loop()
     socks: list[socket.socket | None] = [None] * concurrency
     if balance_over > 1:
         socks = list(await balanced_sockets(host, port, concurrency, balance_over))
+    if start_at is not None and start_at > time.monotonic():
+        await asyncio.sleep(start_at - time.monotonic())
     outcome = Outcome()
     remaining = count
 
@@ -310,6 +357,7 @@ async def drive_raw(
 
     cpu0 = time.process_time()
     finished = [loop.create_future() for _ in range(concurrency)]
+    outcome.started_at = time.monotonic()
     t0 = time.perf_counter()
     transports = []
     try:
@@ -326,15 +374,22 @@ async def drive_raw(
         for transport in transports:
             transport.close()
     outcome.wall_s = time.perf_counter() - t0
+    outcome.ended_at = time.monotonic()
     outcome.cpu_s = time.process_time() - cpu0
     return outcome
 
 
 def run_raw(
-    url: str, body: bytes, concurrency: int, count: int, stream: bool, balance_over: int = 0
+    url: str,
+    body: bytes,
+    concurrency: int,
+    count: int,
+    stream: bool,
+    balance_over: int = 0,
+    start_at: float | None = None,
 ) -> Outcome:
     """`drive_raw` in a fresh event loop (uvloop where installed): a client process's entry."""
-    run = drive_raw(url, body, concurrency, count, stream, balance_over)
+    run = drive_raw(url, body, concurrency, count, stream, balance_over, start_at)
     try:
         import uvloop
     except ImportError:

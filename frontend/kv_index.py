@@ -48,38 +48,76 @@ SnapshotFetcher = Callable[[str], Awaitable[KvSnapshot]]
 
 
 class KvIndex:
-    """Block hash → set of worker ids; no I/O, so it is cheap to test and to query."""
+    """Block hash → the workers holding it; no I/O, so it is cheap to test and to query.
+
+    Every frontend process applies every worker's events (the whole deployment's rate, not
+    its own share), so a store or remove is one dict operation per hash where it can be: a
+    hash's holders are a frozenset, the same object for every hash one worker holds alone
+    (most of them), replaced, never changed in place, when a second worker stores it."""
 
     def __init__(self) -> None:
-        self._holders: dict[int, set[str]] = {}
+        self._holders: dict[int, frozenset[str]] = {}
         self._blocks: dict[str, set[int]] = {}
+        self._alone: dict[str, frozenset[str]] = {}  # worker -> frozenset({worker}), shared
 
     def num_blocks(self) -> int:
         """Distinct block hashes held by any worker."""
         return len(self._holders)
 
+    def _only(self, worker_id: str) -> frozenset[str]:
+        alone = self._alone.get(worker_id)
+        if alone is None:
+            alone = self._alone[worker_id] = frozenset((worker_id,))
+        return alone
+
     def store(self, worker_id: str, hashes: Iterable[int]) -> None:
-        mine = self._blocks.setdefault(worker_id, set())
-        for h in hashes:
-            self._holders.setdefault(h, set()).add(worker_id)
-            mine.add(h)
+        hashes = hashes if isinstance(hashes, list | tuple | set) else list(hashes)
+        alone = self._only(worker_id)
+        holders = self._holders
+        present = holders.keys() & hashes  # usually none: a new prompt's blocks
+        before = {h: holders[h] for h in present}
+        holders.update(dict.fromkeys(hashes, alone))  # in C, not a Python loop per hash
+        for h, held in before.items():
+            if worker_id not in held:
+                holders[h] = held | alone
+            elif held is not alone:
+                holders[h] = held
+        mine = self._blocks.get(worker_id)
+        if mine is None:
+            self._blocks[worker_id] = set(hashes)
+        else:
+            mine.update(hashes)
 
     def remove(self, worker_id: str, hashes: Iterable[int]) -> None:
         mine = self._blocks.get(worker_id)
         if mine is None:
             return
+        hashes = hashes if isinstance(hashes, list | tuple | set) else list(hashes)
+        mine.difference_update(hashes)
+        self._forget(worker_id, hashes)
+
+    def _forget(self, worker_id: str, hashes: Iterable[int]) -> None:
+        """`worker_id` no longer holds `hashes` (its own set already updated)."""
+        holders = self._holders
+        get = holders.get
+        alone = self._only(worker_id)
         for h in hashes:
-            mine.discard(h)
-            holders = self._holders.get(h)
-            if holders is not None:
-                holders.discard(worker_id)
-                if not holders:
-                    del self._holders[h]
+            held = get(h)
+            if held is alone:  # most: held by this worker only
+                del holders[h]
+            elif held is not None and worker_id in held:
+                rest = held - alone
+                if not rest:
+                    del holders[h]
+                elif len(rest) == 1:  # the one left: its shared set, so `is alone` holds
+                    holders[h] = self._only(next(iter(rest)))
+                else:
+                    holders[h] = rest
 
     def apply(self, worker_id: str, events: Iterable[KvEvent]) -> None:
         for event in events:
             if isinstance(event, KvStored):
-                self.store(worker_id, (b.block_hash for b in event.blocks))
+                self.store(worker_id, [b.block_hash for b in event.blocks])
             elif isinstance(event, KvRemoved):
                 self.remove(worker_id, event.block_hashes)
 
@@ -99,12 +137,7 @@ class KvIndex:
     def drop_worker(self, worker_id: str) -> None:
         mine = self._blocks.pop(worker_id, None)
         if mine:
-            for h in mine:
-                holders = self._holders.get(h)
-                if holders is not None:
-                    holders.discard(worker_id)
-                    if not holders:
-                        del self._holders[h]
+            self._forget(worker_id, mine)
 
     def blocks_of(self, worker_id: str) -> set[int]:
         return set(self._blocks.get(worker_id, ()))
@@ -126,7 +159,7 @@ class KvIndex:
         if not holders:
             return {}
         depths: dict[str, int] = {}
-        active = holders  # never changed in place: the index's own set
+        active = holders  # a frozenset of the index's: never changed in place
         for depth in range(1, len(hashes)):
             holders = self._holders.get(hashes[depth])
             if not holders:

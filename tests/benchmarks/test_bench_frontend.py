@@ -201,3 +201,63 @@ def test_sweep_summary_ratios_per_pass_and_mean(capsys: pytest.CaptureFixture[st
     assert "x1.50 x1.75" in line and "x1.64" in line and line.split()[6:8] == ["1.6", "yes"]
     assert "frontends; stack: a worker" in line
     assert "router=kv frontend_bound_widths=1,2 stack_bound_rows=1/4" in out
+
+
+def test_several_clients_rate_over_the_union_of_their_runs() -> None:
+    """Two client processes of 1 s each, the second started 0.5 s later: their requests
+    were answered in 1.5 s, not in the longest part's 1 s (which overstated req/s by 1.5)."""
+    from benchmarks.bench_frontend import Load, union_wall_s
+
+    def part(start: float) -> Load:
+        return Load([0.01] * 100, 1.0, 0, 0.1, {}, {}, started_at=start, ended_at=start + 1.0)
+
+    assert union_wall_s([part(100.0), part(100.5)]) == pytest.approx(1.5)
+    unknown = Load([0.01] * 100, 1.2, 0, 0.1, {}, {})  # aiohttp: no times recorded
+    assert union_wall_s([part(100.0), unknown]) == pytest.approx(1.2)
+
+
+def test_a_failed_row_is_said_and_the_sweep_goes_on(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A deployment answering an error (RuntimeError from the load client) ends its row
+    only: the other rows are summarized and the failure named at the end."""
+    import argparse
+    import asyncio
+
+    from benchmarks import bench_frontend
+    from benchmarks.bench_frontend import SweepRow
+
+    async def row(_args, _plan, router: str, count: int, run: int) -> list[SweepRow]:  # type: ignore[no-untyped-def]
+        if (router, count) == ("kv", 2):
+            raise RuntimeError("HTTP 500: internal error")
+        return [SweepRow(router, count, run, "non-stream 16 tok", 1000.0 * count, 0.3,
+                         "frontends")]  # fmt: skip
+
+    monkeypatch.setattr(bench_frontend, "sweep_row", row)
+    args = argparse.Namespace(pin=False, routers=["round_robin", "kv"], router="kv", passes=1,
+                              sweep=[1, 2])  # fmt: skip
+    asyncio.run(bench_frontend.sweep(args))
+    out = capsys.readouterr().out
+    assert "failed_row router kv N=2 pass 0: HTTP 500" in out
+    assert "router=round_robin frontend_bound_widths=1,2" in out
+    assert "router=kv frontend_bound_widths=1 " in out
+
+
+def test_sweep_summary_shows_the_work_per_request_by_width(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """Rows that counted the frontends' work give one line per width, the passes' mean of
+    each count: the same work at every width, or more of it."""
+    from benchmarks.bench_frontend import WORK_COUNTS, SweepRow, summarize
+
+    def row(width: int, run: int, user: float, kib: float) -> SweepRow:
+        return SweepRow("kv", width, run, "stream 32 tok", 1000.0 * width, user, "frontends",
+                        (user, 0.02, 1.1, 6.1, kib, 0.05))  # fmt: skip
+
+    summarize([row(1, 0, 0.30, 0.60), row(1, 1, 0.32, 0.62), row(8, 0, 0.40, 0.70),
+               row(8, 1, 0.44, 0.74)])  # fmt: skip
+    out = capsys.readouterr().out
+    assert f"frontend work per request (passes' mean): {', '.join(WORK_COUNTS)}" in out
+    lines = [x.split() for x in out.splitlines()]
+    assert ["1", "0.310", "0.020", "1.100", "6.100", "0.610", "0.050"] in lines
+    assert ["8", "0.420", "0.020", "1.100", "6.100", "0.720", "0.050"] in lines

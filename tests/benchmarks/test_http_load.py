@@ -3,10 +3,18 @@
 from __future__ import annotations
 
 import asyncio
+import time
 
+import orjson
 import pytest
 
-from benchmarks.http_load import ResponseParser, balanced_sockets, drive_raw, request_bytes
+from benchmarks.http_load import (
+    NUMBER_MARK,
+    ResponseParser,
+    balanced_sockets,
+    drive_raw,
+    request_bytes,
+)
 
 PLAIN = b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 11\r\n"
 SSE_EVENTS = [b'data: {"i": 0}\n\n', b'data: {"i": 1}\n\n', b"data: [DONE]\n\n"]
@@ -74,6 +82,7 @@ class Server:
         self.requests = 0
         self.health = 0  # GET /health answered
         self.connections = 0
+        self.bodies: list[bytes] = []  # each POST's body, as read by its Content-Length
 
     async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.connections += 1
@@ -88,7 +97,7 @@ class Server:
                                  % (len(body), body))  # fmt: skip
                     continue
                 length = int(head.lower().split(b"content-length:")[1].split(b"\r\n")[0])
-                await reader.readexactly(length)
+                self.bodies.append(await reader.readexactly(length))
                 self.requests += 1
                 answer = self.answer(self.requests)
                 if process is not None:
@@ -183,3 +192,30 @@ async def test_balance_refuses_what_cannot_be_balanced() -> None:
         host, port, _ = request_bytes(url, b"{}")
         with pytest.raises(RuntimeError, match="names no process"):
             await balanced_sockets(host, port, 2, 2)
+
+
+async def test_drive_waits_for_its_start_time_and_records_its_window() -> None:
+    """The first request goes at `start_at`, not before (client processes start together);
+    the run's window is recorded on the one clock every process reads."""
+    server, listening, url = await serve(plain)
+    async with listening:
+        start_at = time.monotonic() + 0.3
+        outcome = await drive_raw(url, b"{}", concurrency=2, count=20, stream=False,
+                                  start_at=start_at)  # fmt: skip
+    assert server.requests == 20
+    assert start_at <= outcome.started_at < outcome.ended_at <= time.monotonic()
+    assert outcome.ended_at - outcome.started_at >= outcome.wall_s * 0.9
+
+
+async def test_a_marked_body_is_a_new_prompt_each_request() -> None:
+    """A body holding NUMBER_MARK goes out numbered anew each request, its Content-Length
+    right for each (the server reads exactly each body and the next request after it)."""
+    server, listening, url = await serve(plain)
+    body = b'{"messages": [{"content": "' + NUMBER_MARK + b' why is the sky blue"}]}'
+    async with listening:
+        outcome = await drive_raw(url, body, concurrency=3, count=120, stream=False)
+    assert len(outcome.latencies) == 120 and len(server.bodies) == 120
+    assert len(set(server.bodies)) == 120  # no two alike
+    for sent in server.bodies:
+        assert NUMBER_MARK not in sent and sent.endswith(b' why is the sky blue"}]}')
+        assert orjson.loads(sent)["messages"][0]["content"].split()[0].count("-") == 1

@@ -150,6 +150,17 @@ def test_fast_kv_batch_parse_equals_the_pydantic_parse() -> None:
             {**message, "events": [*message["events"],
                                    {"kind": "stored", "parent_hash": "1",
                                     "blocks": [{"block_hash": False, "num_tokens": 16}]}]},
+            *({**message, "events": [*message["events"],
+                                     {"kind": "stored", "parent_hash": None, "blocks": blocks}]}
+              for blocks in (
+                  [{"block_hash": 3, "x": 16}],  # two keys, not the two
+                  [{"block_hash": 3, "num_tokens": True}],
+                  [{"block_hash": 3, "num_tokens": 16.0}],
+                  [{"block_hash": 3, "num_tokens": 16}, [3, 16]],
+                  [{"block_hash": 3, "num_tokens": 16}, {"block_hash": 4}],
+                  {"block_hash": 3, "num_tokens": 16},
+                  [],
+              )),
             [message],
         ]  # fmt: skip
         for shape in bent:

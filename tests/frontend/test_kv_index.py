@@ -154,3 +154,45 @@ async def test_periodic_reconcile_asks_every_worker() -> None:
     finally:
         await feed.stop()
     assert workers.asked.count("a") >= 2 and workers.asked.count("b") >= 2
+
+
+def test_index_matches_a_plain_model_under_random_changes() -> None:
+    """Stores, removes, replaces and drops of three workers over a small hash space (so that
+    workers share hashes, store what they hold and remove what they do not): the index's
+    holders, sizes and prefix depths equal a dict of sets kept beside it, after every step."""
+    import random
+
+    rng = random.Random(14)
+    index = KvIndex()
+    model: dict[str, set[int]] = {}
+    workers = ["a", "b", "c"]
+    for step in range(3000):
+        worker = rng.choice(workers)
+        hashes = [rng.randrange(40) for _ in range(rng.randrange(0, 8))]
+        action = rng.random()
+        if action < 0.5:
+            index.store(worker, hashes if step % 2 else iter(hashes))  # lists and iterables
+            model.setdefault(worker, set()).update(hashes)
+        elif action < 0.85:
+            index.remove(worker, hashes)
+            if worker in model:
+                model[worker].difference_update(hashes)
+        elif action < 0.95:
+            index.replace(worker, hashes)
+            model[worker] = set(hashes)
+        else:
+            index.drop_worker(worker)
+            model.pop(worker, None)
+        held = {h for blocks in model.values() for h in blocks}
+        assert index.num_blocks() == len(held), step
+        for w in workers:
+            assert index.blocks_of(w) == model.get(w, set()), step
+        probe = [rng.randrange(40) for _ in range(6)]
+        expected = {}
+        for w, blocks in model.items():
+            depth = 0
+            while depth < len(probe) and probe[depth] in blocks:
+                depth += 1
+            if depth:
+                expected[w] = depth
+        assert index.prefix_depths(probe) == expected, step

@@ -1,0 +1,213 @@
+"""What a frontend process pays to keep its KV index current: µs per worker event batch, parsed
+(`contract.messages.parse_kv_event_batch`) and applied (`KvIndexFeed.handle_batch`).
+
+Every frontend process of a deployment applies every worker's batches (each keeps the whole
+index), so at N processes each pays for the deployment's N× its own rate: per request it
+routes, N times the cost of one request's batches. The scale-out sweep's prompt is one
+repeated question, cached after the first request, so there that cost is nil
+(benchmarks/README.md, branch scale2); with new prompts it is not. Here: `--workers` workers,
+each request a new prompt of `--blocks` full blocks stored in one batch, and once a worker holds
+`--resident` prompts each batch also removes its oldest prompt's blocks (the mocker's eviction),
+so a batch carries `--blocks` stored and as many removed hashes.
+
+`--baseline DIR` times another tree's `frontend/kv_index.py` and `parse_kv_event_batch` (its
+`contract/messages.py`) too, e.g. main's checkout, the two alternated in rounds so that the
+machine's load falls on both alike, and checks both end with the same index.
+
+    python benchmarks/bench_kv_intake.py [--baseline /work/main] [--rounds 6]
+
+Each side's CPU time (not wall time: a busy machine's descheduling is not counted) over the same
+chunks of batches, the sides alternated chunk by chunk. Last line: `kv_intake
+us_per_batch=<mean> [baseline_us=<mean> vs_baseline=<median of the chunks' ratios>]`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import os
+import random
+import statistics
+import sys
+import time
+from pathlib import Path
+from types import ModuleType
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from contract import messages
+from contract.messages import KvRemoved, KvStored, StoredBlock, kv_batch_json
+from frontend import kv_index
+
+
+def load_module(path: Path, name: str) -> ModuleType:
+    spec = importlib.util.spec_from_file_location(name, path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+def worker_batches(workers: int, count: int, blocks: int, resident: int) -> list[bytes]:
+    """`count` batches on the wire, the workers' in turn, each with its next `seq`."""
+    rng = random.Random(1)
+    seqs = [0] * workers
+    held: list[list[list[int]]] = [[] for _ in range(workers)]
+    out = []
+    for k in range(count):
+        w = k % workers
+        hashes = [rng.getrandbits(63) for _ in range(blocks)]
+        events: list = [
+            KvStored(parent_hash=None, blocks=[StoredBlock(block_hash=h, num_tokens=16)
+                                               for h in hashes])
+        ]  # fmt: skip
+        held[w].append(hashes)
+        if len(held[w]) > resident:
+            events.append(KvRemoved(block_hashes=held[w].pop(0)))
+        seqs[w] += 1
+        out.append(kv_batch_json(f"w{w}", seqs[w], events))
+    return out
+
+
+def warmed_feed(index_module: ModuleType, parse, batches: list[bytes], workers: int):  # type: ignore[no-untyped-def]
+    """A feed of `index_module` that has applied `batches` (the index at its working size)."""
+    feed = index_module.KvIndexFeed(index_module.KvIndex())
+    # no event loop here: the workers are known and synced by hand, not by the directory
+    feed._workers = {f"w{w}" for w in range(workers)}
+    for w in range(workers):
+        feed._sync[f"w{w}"] = index_module._WorkerSync(last_seq=0)
+    for data in batches:
+        feed.handle_batch(parse(data))
+    return feed
+
+
+def timed_intake(feed, parse, batches: list[bytes]) -> float:  # type: ignore[no-untyped-def]
+    """CPU seconds (this process's: time it was descheduled by a busy machine not counted)
+    to parse and apply `batches`."""
+    t0 = time.process_time()
+    for data in batches:
+        feed.handle_batch(parse(data))
+    return time.process_time() - t0
+
+
+def _publish(url: str, subject: str, batches: list[bytes]) -> None:
+    """A child process: publish `batches` on `subject`, then wait for NATS to have them."""
+    import asyncio
+
+    from contract.bus import connect
+
+    async def run() -> None:
+        publisher = await connect(url, "bench-kv-intake-publisher")
+        for data in batches:
+            await publisher.publish(subject, data)
+        await publisher.flush()
+        await publisher.close()
+
+    asyncio.run(run())
+
+
+async def over_nats(batches: list[bytes], warm: int, workers: int) -> None:
+    """This tree's feed subscribed to a real nats-server, the timed batches published by a
+    child process: this process's CPU per batch received (nats-py's read, its hand-over to
+    the subscription's task, then our parse and apply), against the direct parse and apply
+    of the same batches by an equal feed."""
+    import asyncio
+    import multiprocessing
+    import tempfile
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+    from real_services import start_nats
+
+    from contract.bus import kv_events_subject
+
+    parse = messages.parse_kv_event_batch
+    timed = batches[warm:]
+    direct = timed_intake(warmed_feed(kv_index, parse, batches[:warm], workers), parse, timed)
+    final = {f"w{w}": sum(1 for k in range(len(batches)) if k % workers == w)
+             for w in range(workers)}  # fmt: skip
+    with tempfile.TemporaryDirectory(prefix="bench-kv-intake-") as tmp:
+        nats_server, url = start_nats(Path(tmp))
+        try:
+            feed = warmed_feed(kv_index, parse, batches[:warm], workers)
+            feed._nats_url, feed._deployment = url, "bench"
+            await feed.start()
+            subject = kv_events_subject("bench")
+            child = multiprocessing.Process(target=_publish, args=(url, subject, timed))
+            cpu0 = time.process_time()
+            child.start()
+            deadline = time.monotonic() + 120
+            while any(feed._sync[w].last_seq != seq for w, seq in final.items()):
+                if time.monotonic() > deadline:
+                    raise RuntimeError("over NATS: not every batch arrived in 120 s")
+                await asyncio.sleep(0.002)
+            cpu = time.process_time() - cpu0
+            child.join()
+            await feed.stop()
+        finally:
+            nats_server.stop()
+    n = len(timed)
+    print(f"over NATS: {cpu / n * 1e6:.1f} µs of the subscriber's CPU a batch, direct parse + "
+          f"apply {direct / n * 1e6:.1f} µs: NATS's delivery {(cpu - direct) / n * 1e6:.1f} µs "
+          f"a message (gaps {feed.num_gaps})")  # fmt: skip
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--baseline", help="another tree to time alternately (e.g. /work/main)")
+    parser.add_argument("--rounds", type=int, default=20, help="chunks, sides alternated")
+    parser.add_argument("--workers", type=int, default=6)
+    parser.add_argument("--blocks", type=int, default=37, help="full blocks a prompt stores")
+    parser.add_argument("--resident", type=int, default=200, help="prompts a worker keeps")
+    parser.add_argument("--batches", type=int, default=6000, help="timed, after the warm-up")
+    parser.add_argument(
+        "--over-nats", action="store_true",
+        help="also: this tree's feed fed through a real nats-server (NATS's share per batch)",
+    )  # fmt: skip
+    args = parser.parse_args()
+    warm = args.workers * args.resident  # every worker evicting from the first timed batch
+    batches = worker_batches(args.workers, warm + args.batches, args.blocks, args.resident)
+    if args.over_nats:
+        import asyncio
+
+        asyncio.run(over_nats(batches, warm, args.workers))
+    sides = {"this": (kv_index, messages.parse_kv_event_batch)}
+    if args.baseline:
+        base = Path(args.baseline)
+        base_messages = load_module(base / "contract" / "messages.py", "baseline_messages")
+        base_index = load_module(base / "frontend" / "kv_index.py", "baseline_kv_index")
+        sides["baseline"] = (base_index, base_messages.parse_kv_event_batch)
+    feeds = {name: warmed_feed(module, parse, batches[:warm], args.workers)
+             for name, (module, parse) in sides.items()}  # fmt: skip
+    timed = batches[warm:]
+    size = max(1, len(timed) // args.rounds)
+    spent = dict.fromkeys(sides, 0.0)
+    ratios = []
+    for r in range(args.rounds):
+        chunk = timed[r * size : (r + 1) * size]
+        order = list(sides) if r % 2 == 0 else list(reversed(sides))
+        took = {name: timed_intake(feeds[name], sides[name][1], chunk) for name in order}
+        for name in sides:
+            spent[name] += took[name]
+        line = f"round {r}: " + ", ".join(
+            f"{n} {took[n] / len(chunk) * 1e6:.1f} µs a batch" for n in sides
+        )
+        if "baseline" in took:
+            ratios.append(took["this"] / took["baseline"])
+            line += f", this/baseline x{ratios[-1]:.3f}"
+        print(f"{line}, load {os.getloadavg()[0]:.2f}")
+    if "baseline" in feeds:  # both applied the same batches: the same index
+        assert feeds["this"].index._holders.keys() == feeds["baseline"].index._holders.keys()
+    mean = {name: cpu / (size * args.rounds) for name, cpu in spent.items()}
+    us = mean["this"] * 1e6
+    print(f"per request routed at N frontend processes (a batch per request): N x {us:.1f} µs "
+          f"({args.blocks} stored + {args.blocks} removed hashes a batch)")  # fmt: skip
+    last = f"kv_intake us_per_batch={us:.1f}"
+    if ratios:
+        last += (f" baseline_us={mean['baseline'] * 1e6:.1f} "
+                 f"vs_baseline={statistics.median(ratios):.3f}")  # fmt: skip
+    print(last)
+
+
+if __name__ == "__main__":
+    main()
