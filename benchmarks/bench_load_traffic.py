@@ -27,7 +27,6 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from hpcserve.services import start_nats
 
 from contract.bus import connect, frontend_load_subject, load_metrics_subject
 from contract.messages import LoadMetrics
@@ -99,6 +98,9 @@ async def listen_round(url: str, reads: bool, peers: int, seconds: float) -> tup
 
 
 async def main_async(args: argparse.Namespace) -> None:
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+    from real_services import start_nats  # the tests' readiness-checked nats-server
+
     with tempfile.TemporaryDirectory(prefix="bench-load-traffic-") as tmp:
         nats, url = start_nats(Path(tmp))
         try:
