@@ -53,7 +53,8 @@ def test_a_crashed_worker_is_restarted_and_serves_again(tmp_path: Path) -> None:
 @pytest.mark.e2e
 def test_a_critical_worker_out_of_restarts_stops_the_deployment(tmp_path: Path) -> None:
     args = ["configs/local-mocker-kv.yaml", "--set", "frontend.port=0", "--set",
-            "workers.0.count=2", "--set", "workers.0.restart.max_restarts=0"]  # fmt: skip
+            "workers.0.count=2", "--set", "workers.0.restart.max_restarts=0",
+            "--set", "workers.0.per_process=1"]  # fmt: skip
     up = UpProcess(args, tmp_path / "run")
     try:
         up.wait_ready(timeout_s=300)
@@ -73,7 +74,7 @@ def test_a_critical_worker_out_of_restarts_stops_the_deployment(tmp_path: Path) 
 @pytest.mark.e2e
 def test_drained_worker_leaves_and_is_not_restarted(tmp_path: Path) -> None:
     args = ["configs/local-mocker-kv.yaml", "--set", "frontend.port=0", "--set",
-            "workers.0.count=2"]  # fmt: skip
+            "workers.0.count=2", "--set", "workers.0.per_process=1"]  # fmt: skip
     up = UpProcess(args, tmp_path / "run")
     try:
         up.base_url = up.wait_ready(timeout_s=300)
@@ -112,7 +113,8 @@ def test_service_restarted_by_the_supervisor_while_serving(tmp_path: Path, servi
     from contract.readiness import etcd_key_count
 
     args = ["configs/local-mocker-kv.yaml", "--set", "frontend.port=0", "--set",
-            "workers.0.count=2", "--set", "engine.mocker.speedup=20"]  # fmt: skip
+            "workers.0.count=2", "--set", "engine.mocker.speedup=20",
+            "--set", "workers.0.per_process=1"]  # fmt: skip
     up = UpProcess(args, tmp_path / "run")
     outcomes: list[str] = []
     stop = threading.Event()
