@@ -15,8 +15,9 @@ replies and deregister at once, so the frontend migrates the requests; exit 1.
 
 Several simulated workers in one process (`workers.N.per_process`): each `Worker` keeps its
 own id, card, lease and subjects, and they share the process's event loop and one NATS
-connection (`nc`), whose owner (`serve_until_signal`) opens and closes it. Each worker's
-tasks run with its own log tag (`mpi_workers.logging_setup.worker_log_tag`).
+connection (`Worker.use_connection`), which `serve_until_signal` opens and closes. Each
+worker's tasks log with its own tag (`mpi_workers.logging_setup.worker_log_tag`); one
+worker's fatal engine failure stops them all (the supervisor restarts the process).
 
 Images. A request with `media` names payloads the frontend serves on its media subject: the
 worker fetches each (`contract.media.fetch_media`, size and hash checked), has the engine
