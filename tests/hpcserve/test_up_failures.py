@@ -194,6 +194,14 @@ def test_config_show_and_plan(tmp_path: Path) -> None:
     worker = "python3 -m mpi_workers --config RUN_DIR/config.yaml --group 0 --index 0"
     assert worker in result.output
     assert "[stage 2] frontend" in result.output
+    assert result.output.splitlines()[-1] == "1 worker(s) in 1 process(es)"
+    result = runner.invoke(app, ["plan", "configs/local-mocker-kv.yaml",
+                                 "--set", "workers.0.count=6"])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert "[stage 1] worker-agg-g0-i0-3 (agg)" in result.output
+    assert "hosts 2 workers: agg-g0-i4, agg-g0-i5" in result.output
+    assert "ready when 6 key(s) under hpcserve/local-mocker-kv/workers/" in result.output
+    assert result.output.splitlines()[-1] == "6 worker(s) in 2 process(es)"
 
 
 def test_a_busy_frontend_port_is_a_config_error(tmp_path: Path) -> None:
