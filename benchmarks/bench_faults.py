@@ -153,6 +153,7 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         up = Up(["configs/local-mocker-kv.yaml", "--set", "frontend.port=0",
                  "--set", f"workers.0.count={args.workers}",
+                 "--set", "workers.0.per_process=1",  # a kill takes one worker, not four
                  "--set", f"engine.mocker.speedup={args.speedup}",
                  "--set", "workers.0.restart.max_restarts=100",
                  "--set", "workers.0.restart.backoff_s=0.5"], Path(tmp) / "run")  # fmt: skip

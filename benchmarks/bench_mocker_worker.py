@@ -15,6 +15,13 @@ the rounds, and of the per-round ratios).
     python benchmarks/bench_mocker_worker.py [--ab-tree /path/to/old] [--rounds 4] \
         [--requests 800] [--workers 4] [--in-flight 8] [--max-tokens 32] [--speedup 1]
 
+`--per-process K` hosts side A's workers K to a process (`workers.N.per_process`, default 1);
+`--ab-per-process K2` adds side B to the same deployment: as many workers of this tree,
+K2 to a process (a second worker group, ids agg-g1-iN), e.g. one process per worker against
+the mocker's default four:
+
+    python benchmarks/bench_mocker_worker.py --workers 8 --per-process 1 --ab-per-process 4
+
 `--engine-only` measures the mocker engine alone, without NATS or a worker: per round and
 side a fresh process (run from the side's tree) drives `--engines` MockerEngines on one
 uvloop loop, `--in-flight` requests each, and reports its CPU per request. B is `--ab-tree`'s
@@ -45,7 +52,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench_frontend import cpu_seconds
 
 from contract import bus
-from contract.config import load_config
+from contract.config import DeploymentConfig, load_config
 from hpcserve.launcher import start_deployment, stop_deployment
 
 REPO = Path(__file__).resolve().parents[1]
@@ -208,15 +215,25 @@ async def main_async(args: argparse.Namespace) -> None:
     config = load_config(
         REPO / "configs" / "local-mocker-kv.yaml",
         ["frontend.port=0", f"engine.mocker.speedup={args.speedup}",
-         f"workers.0.count={args.workers}"],
+         f"workers.0.count={args.workers}", f"workers.0.per_process={args.per_process}"],
     )  # fmt: skip
+    if args.ab_per_process is not None:  # side B: a second group, hosted K2 to a process
+        data = config.model_dump(mode="json")
+        data["workers"].append({**data["workers"][0], "per_process": args.ab_per_process})
+        config = DeploymentConfig.model_validate(data)
     deployment = await asyncio.to_thread(start_deployment, config, lambda _m: None)
     b_procs: list[subprocess.Popen[bytes]] = []
     try:
         name = deployment.config.name
-        sides = {"A": ([bus.worker_subject(name, f"agg-g0-i{i}") for i in range(args.workers)],
-                       [m.pid for p, m in deployment.processes if p.name.startswith("worker-")])}
-        if args.ab_tree:
+
+        def group_side(group: int) -> tuple[list[str], list[int]]:
+            subjects = [bus.worker_subject(name, f"agg-g{group}-i{i}") for i in range(args.workers)]
+            return subjects, [m.pid for p, m in deployment.processes if p.group == group]
+
+        sides = {"A": group_side(0)}
+        if args.ab_per_process is not None:
+            sides["B"] = group_side(1)
+        elif args.ab_tree:
             b_procs = start_b_workers(Path(args.ab_tree).resolve(), deployment.config_file,
                                       args.workers, deployment.run_dir)  # fmt: skip
             sides["B"] = ([bus.worker_subject(name, f"agg-b-i{i}") for i in range(args.workers)],
@@ -229,13 +246,18 @@ async def main_async(args: argparse.Namespace) -> None:
                 await driver.wait_ready(subject)
         for subjects, _ in sides.values():  # warm-up
             await driver.round(subjects, args.in_flight, args.requests // 4)
+        hosting = {side: f"{len(pids)} process(es)" for side, (_, pids) in sides.items()}
+        print(f"worker processes: {hosting}")
         print(f"{args.workers} workers a side, {args.in_flight} in flight each, "
               f"{args.max_tokens} tokens, speedup {args.speedup:g}, {args.requests} requests "
               "a round")  # fmt: skip
         per_req: dict[str, list[float]] = {side: [] for side in sides}
         for number in range(1, args.rounds + 1):
             line = [f"round {number}"]
-            for side, (subjects, pids) in sides.items():
+            order = list(sides.items())
+            if number % 2 == 0:  # B first every other round: neither side always goes first
+                order.reverse()
+            for side, (subjects, pids) in order:
                 cpu0 = cpu_seconds(pids)
                 seconds = await driver.round(subjects, args.in_flight, args.requests)
                 ms = 1000 * (cpu_seconds(pids) - cpu0) / args.requests
@@ -277,6 +299,9 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=32)
     parser.add_argument("--prompt-tokens", type=int, default=40)
     parser.add_argument("--speedup", type=float, default=1.0, help="engine.mocker.speedup")
+    parser.add_argument("--per-process", type=int, default=1, help="A's workers per process")
+    parser.add_argument("--ab-per-process", type=int, default=None,
+                        help="side B: as many workers of this tree, this many per process")
     parser.add_argument("--engine-only", action="store_true", help="the engine alone (no NATS)")
     parser.add_argument("--engines", type=int, default=1, help="--engine-only: per process (A)")
     parser.add_argument("--ab-engines", type=int, default=None, help="--engine-only: B's")

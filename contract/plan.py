@@ -25,7 +25,13 @@ from pathlib import Path
 from typing import Literal
 from urllib.parse import urlsplit
 
-from contract.config import ConfigError, DeploymentConfig, WorkerGroupConfig, group_ranks
+from contract.config import (
+    ConfigError,
+    DeploymentConfig,
+    WorkerGroupConfig,
+    group_ranks,
+    workers_per_process,
+)
 from contract.discovery import workers_prefix
 
 ReadinessKind = Literal["port", "registrations", "http"]
@@ -82,7 +88,9 @@ class PlannedProcess:
     group: int | None = None
     index: int | None = None
     ranks: int = 1  # MPI ranks the launcher starts (tp, times pp for TensorRT-LLM)
-    worker_id: str | None = None  # a worker's registered id when not role-gG-iI (worker jobs)
+    # a worker process's registered ids: instances `index`.. of its group (one each, unless
+    # it hosts several simulated workers), or a worker job's own id
+    worker_ids: tuple[str, ...] = ()
 
 
 def split_url(url: str, default_port: int) -> tuple[str, int]:
@@ -137,6 +145,40 @@ def worker_id(role: str, group: int, index: int) -> str:
     return f"{role}-g{group}-i{index}"
 
 
+@dataclass(frozen=True)
+class WorkerProcess:
+    """One worker process of a group: instances `index` .. `index + instances - 1`."""
+
+    group: int
+    role: str
+    index: int
+    instances: int
+
+    @property
+    def worker_ids(self) -> tuple[str, ...]:
+        last = self.index + self.instances
+        return tuple(worker_id(self.role, self.group, i) for i in range(self.index, last))
+
+    @property
+    def name(self) -> str:
+        """`worker-agg-g0-i1`, or `worker-agg-g0-i4-7` for a process hosting i4..i7."""
+        last = f"-{self.index + self.instances - 1}" if self.instances > 1 else ""
+        return f"worker-{worker_id(self.role, self.group, self.index)}{last}"
+
+
+def worker_processes(config: DeploymentConfig) -> list[WorkerProcess]:
+    """Every worker process of the deployment, group by group: a group's `count` workers
+    split into processes of `workers_per_process` consecutive instances (the last takes
+    the rest). The plan, the Slurm slicing and the frontend's core count all use this list."""
+    processes = []
+    for group_index, group in enumerate(config.workers):
+        hosted = workers_per_process(config, group)
+        for first in range(0, group.count, hosted):
+            instances = min(hosted, group.count - first)
+            processes.append(WorkerProcess(group_index, group.role, first, instances))
+    return processes
+
+
 def uses_llmapi_launch(config: DeploymentConfig, group: WorkerGroupConfig) -> bool:
     """A TensorRT-LLM group whose ranks each run under `trtllm-llmapi-launch`."""
     return (
@@ -182,7 +224,7 @@ def frontend_processes(
         return config.frontend.workers
     if head_worker_ranks is None:
         head_worker_ranks = sum(
-            group.count * process_ranks(config, group) for group in config.workers
+            process_ranks(config, config.workers[p.group]) for p in worker_processes(config)
         )
     services = 1 if config.services.etcd.start or config.services.nats.start else 0
     spare = (cpus if cpus is not None else head_cpus()) - head_worker_ranks - services
@@ -244,14 +286,18 @@ def worker_argv(
     config_file: str,
     python: str,
     mpi_launcher: tuple[str, ...] | None,
+    instances: int = 1,
 ) -> tuple[str, ...]:
-    """One worker's argv: the per-rank command (under `trtllm-llmapi-launch` for a
-    TensorRT-LLM group), prefixed by `mpi_launcher -n RANKS` when it has more than one rank."""
+    """One worker process's argv: the per-rank command (under `trtllm-llmapi-launch` for a
+    TensorRT-LLM group), prefixed by `mpi_launcher -n RANKS` when it has more than one rank;
+    `--instances K` when it hosts instances `index`..`index + K - 1`."""
     group = config.workers[group_index]
     argv: tuple[str, ...] = (
         python, "-m", "mpi_workers", "--config", config_file,
         "--group", str(group_index), "--index", str(index),
     )  # fmt: skip
+    if instances > 1:
+        argv = (*argv, "--instances", str(instances))
     if uses_llmapi_launch(config, group):
         argv = (TRTLLM_LAUNCHER, *argv)
     ranks = process_ranks(config, group)
@@ -314,26 +360,26 @@ def plan_deployment(
             )
         )
 
-    total = sum(group.count for group in config.workers)
-    for group_index, group in enumerate(config.workers):
-        for index in range(group.count):
-            argv = worker_argv(
-                config, group_index, index,
-                config_file=config_file, python=python, mpi_launcher=mpi_launcher,
-            )  # fmt: skip
-            ready = Readiness(
-                "registrations",
-                etcd_endpoint=services.etcd.endpoint,
-                prefix=workers_prefix(config.name),
-                count=total,
+    total = sum(group.count for group in config.workers)  # workers, not processes
+    ready = Readiness(
+        "registrations",
+        etcd_endpoint=services.etcd.endpoint,
+        prefix=workers_prefix(config.name),
+        count=total,
+    )
+    for process in worker_processes(config):
+        group = config.workers[process.group]
+        argv = worker_argv(
+            config, process.group, process.index, config_file=config_file, python=python,
+            mpi_launcher=mpi_launcher, instances=process.instances,
+        )  # fmt: skip
+        plan.append(
+            PlannedProcess(
+                process.name, group.role, STAGE_WORKERS, argv, ready, worker_env(config, group),
+                group=process.group, index=process.index, ranks=process_ranks(config, group),
+                worker_ids=process.worker_ids,
             )
-            plan.append(
-                PlannedProcess(
-                    f"worker-{worker_id(group.role, group_index, index)}",
-                    group.role, STAGE_WORKERS, argv, ready, worker_env(config, group),
-                    group=group_index, index=index, ranks=process_ranks(config, group),
-                )
-            )  # fmt: skip
+        )  # fmt: skip
 
     plan += frontend_plan(
         config, config_file, run_dir, python,

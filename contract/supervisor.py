@@ -38,7 +38,6 @@ from contract.plan import (
     PlannedProcess,
     Readiness,
     remove_frontend_shared_files,
-    worker_id,
 )
 from contract.processes import ManagedProcess, ProcessFailed
 from contract.readiness import (
@@ -129,7 +128,8 @@ class Component:
     restarts: int = 0
     due: float = 0.0  # waiting: when to start again; starting: the readiness deadline
     check: Callable[[], bool] = field(default=lambda: False)
-    stale_revision: int | None = None  # a restarted worker's old registration
+    # a restarted worker process's old registrations: key → revision (None: none was left)
+    stale_revisions: dict[str, int | None] = field(default_factory=dict)
 
     @property
     def name(self) -> str:
@@ -285,35 +285,37 @@ class Supervisor:
                  f"log {component.process.log_path})")  # fmt: skip
 
     # ----- worker registrations ------------------------------------------------------------
-    def _registration_key(self, component: Component) -> str | None:
+    def _registration_keys(self, component: Component) -> list[str]:
+        """The etcd keys of every worker the process hosts (one, or several simulated ones)."""
         planned = component.planned
-        if planned.group is None or planned.index is None:
-            return None
-        wid = planned.worker_id or worker_id(planned.role, planned.group, planned.index)
-        return worker_key(self.config.name, planned.role, wid)
+        return [worker_key(self.config.name, planned.role, wid) for wid in planned.worker_ids]
 
     def _forget_registration(self, component: Component) -> None:
-        """Drop a dead worker's key now: its streams fail over at once, new requests go
-        elsewhere, and a restarted instance is told apart from the stale key."""
-        key = self._registration_key(component)
+        """Drop a dead worker process's keys now: its streams fail over at once, new requests
+        go elsewhere, and a restarted instance is told apart from the stale keys."""
         endpoint = self.config.services.etcd.endpoint
-        if key is None or endpoint is None:
+        if endpoint is None:
             return
-        with contextlib.suppress(*PROBE_ERRORS):
-            component.stale_revision = etcd_key_revision(endpoint, key)
-            etcd_delete_key(endpoint, key)
+        for key in self._registration_keys(component):
+            with contextlib.suppress(*PROBE_ERRORS):
+                component.stale_revisions[key] = etcd_key_revision(endpoint, key)
+                etcd_delete_key(endpoint, key)
 
     def _registered_anew(self, component: Component) -> Callable[[], bool]:
-        key = self._registration_key(component)
+        """True once every worker the restarted process hosts has registered again."""
+        keys = self._registration_keys(component)
         endpoint = self.config.services.etcd.endpoint
-        assert key is not None and endpoint is not None
+        assert keys and endpoint is not None
 
         def registered() -> bool:
-            try:
-                revision = etcd_key_revision(endpoint, key)
-            except PROBE_ERRORS:
-                return False
-            return revision is not None and revision != component.stale_revision
+            for key in keys:
+                try:
+                    revision = etcd_key_revision(endpoint, key)
+                except PROBE_ERRORS:
+                    return False
+                if revision is None or revision == component.stale_revisions.get(key):
+                    return False
+            return True
 
         return registered
 

@@ -152,10 +152,17 @@ def plan(config: ConfigArg = None, set_: SetOption = None) -> None:
     if data["frontend"]["port"] == 0:
         data["frontend"]["port"] = 8000
     resolved = DeploymentConfig.model_validate(data)
-    for process in plan_deployment(resolved, config_file="RUN_DIR/config.yaml", run_dir="RUN_DIR"):
+    processes = plan_deployment(resolved, config_file="RUN_DIR/config.yaml", run_dir="RUN_DIR")
+    for process in processes:
         typer.echo(f"[stage {process.stage}] {process.name} ({process.role})")
+        if len(process.worker_ids) > 1:
+            typer.echo(f"    hosts {len(process.worker_ids)} workers: "
+                       f"{', '.join(process.worker_ids)}")  # fmt: skip
         typer.echo(f"    {shlex.join(process.argv)}")
         typer.echo(f"    ready when {process.ready.describe()}")
+    hosts = [p for p in processes if p.group is not None]
+    workers = sum(len(p.worker_ids) for p in hosts)
+    typer.echo(f"{workers} worker(s) in {len(hosts)} process(es)")
 
 
 @model_app.command("prepare")

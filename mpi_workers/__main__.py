@@ -1,4 +1,5 @@
-"""`python -m mpi_workers --config FILE --group G --index I`: run one worker of a deployment.
+"""`python -m mpi_workers --config FILE --group G --index I [--instances K]`: run one worker
+of a deployment, or K simulated (mocker) workers I..I+K-1 in this one process.
 
 The config is the resolved one `hpcserve up` writes into the run folder (service endpoints and
 model path filled in). `--engine-factory module:callable` replaces the engine (tests, plug-in
@@ -45,6 +46,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--config", required=True, help="resolved deployment config (YAML)")
     parser.add_argument("--group", type=int, default=0, help="index into config.workers")
     parser.add_argument("--index", type=int, default=0, help="instance within the group")
+    parser.add_argument("--instances", type=int, default=1,
+                        help="host instances INDEX..INDEX+K-1 here (engine.kind mocker)")
     parser.add_argument("--worker-id", default=None,
                         help="registered id (default ROLE-gGROUP-iINDEX); worker jobs name theirs")
     parser.add_argument("--drain-timeout", type=float, default=30.0, help="seconds (SIGTERM)")
@@ -57,6 +60,9 @@ def main(argv: list[str] | None = None) -> int:
         return run_guarded(["-m", "mpi_workers", *(sys.argv[1:] if argv is None else argv)])
     args = parse_args(argv)
     configure_logging(f"[worker g{args.group} i{args.index} rank{mpi_rank()}]")
+    if args.instances < 1 or (args.instances > 1 and args.worker_id):
+        logger.error("--instances: at least 1, and 1 with --worker-id (one id)")
+        return 2
     try:
         # The launcher's resolved file is complete: no environment overrides on top.
         config = load_config(args.config, environ={})
@@ -77,7 +83,13 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         logger.error("%s", exc)
         return 2
-    configure_logging(worker_tag(ranks.role, ranks.group, ranks.index, ranks.rank))
+    configure_logging(
+        worker_tag(ranks.role, ranks.group, ranks.index, ranks.rank, args.instances)
+    )
+    if args.instances > 1 and (config.engine.kind != "mocker" or ranks.size > 1):
+        logger.error("--instances: several workers in one process need engine.kind mocker "
+                     "(workers.%d.per_process)", args.group)  # fmt: skip
+        return 2
     services = config.services
     if not services.etcd.endpoint or not services.nats.endpoint:
         logger.error("services.etcd.endpoint and services.nats.endpoint must be set")
@@ -94,16 +106,17 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if ranks.size > 1:
         return run_tp_rank(args, config, ranks, model_path)
-    logger.info("loading engine for %s", model_path)
+    logger.info("loading %d engine(s) for %s", args.instances, model_path)
     try:
         if args.engine_factory:
-            engine = load_factory(args.engine_factory)(config, model_path)
+            factory = load_factory(args.engine_factory)
+            engines = [factory(config, model_path) for _ in range(args.instances)]
         else:
-            engine = build_engine(config, model_path, args.group)
+            engines = [build_engine(config, model_path, args.group) for _ in range(args.instances)]
     except (ConfigError, ValueError) as exc:  # e.g. an engine YAML key TensorRT-LLM rejects
         logger.error("engine %s cannot start: %s", config.engine.kind, exc)
         return 2
-    return serve(args, config, ranks, engine)
+    return serve(args, config, ranks, engines)
 
 
 def run_event_loop(main: Coroutine[Any, Any, None]) -> None:
@@ -119,26 +132,34 @@ def run_event_loop(main: Coroutine[Any, Any, None]) -> None:
         runner.run(main)
 
 
-def serve(args: argparse.Namespace, config: DeploymentConfig, ranks: RankGroup, engine: Engine):
-    """Run the worker (the group's leader) until a signal (0) or an engine failure (1)."""
+def serve(
+    args: argparse.Namespace, config: DeploymentConfig, ranks: RankGroup, engines: list[Engine]
+) -> int:
+    """Run the worker (the group's leader), or the simulated workers instances `ranks.index`..
+    this process hosts, one per engine, until a signal (0) or an engine failure (1)."""
     group = config.workers[ranks.group]
     services = config.services
-    worker_cls, extra = worker_class(config, group.role, engine)
-    worker = worker_cls(
-        engine,
-        **extra,
-        deployment=config.name,
-        worker_id=args.worker_id or worker_id(group.role, ranks.group, ranks.index),
-        role=group.role,
-        nats_url=services.nats.endpoint,
-        etcd_endpoint=services.etcd.endpoint,
-        lease_ttl_s=services.lease_ttl_s,
-        capacity=config.engine.max_num_seqs,
-        model_name=config.model.served_model_name(),
-        drain_timeout_s=args.drain_timeout,
-    )
-    run_event_loop(serve_until_signal(worker))
-    return 1 if worker.failed_reason else 0
+    hosted = len(engines) > 1
+    workers = []
+    for offset, engine in enumerate(engines):
+        index = ranks.index + offset
+        worker_cls, extra = worker_class(config, group.role, engine)
+        workers.append(worker_cls(
+            engine,
+            **extra,
+            deployment=config.name,
+            worker_id=args.worker_id or worker_id(group.role, ranks.group, index),
+            role=group.role,
+            nats_url=services.nats.endpoint,
+            etcd_endpoint=services.etcd.endpoint,
+            lease_ttl_s=services.lease_ttl_s,
+            capacity=config.engine.max_num_seqs,
+            model_name=config.model.served_model_name(),
+            drain_timeout_s=args.drain_timeout,
+            log_tag=worker_tag(group.role, ranks.group, index, ranks.rank) if hosted else None,
+        ))  # fmt: skip
+    run_event_loop(serve_until_signal(workers))
+    return 1 if any(worker.failed_reason for worker in workers) else 0
 
 
 def run_tp_rank(
@@ -169,7 +190,7 @@ def run_tp_rank(
     try:
         if ranks.is_leader:
             logger.info("loading engine shard for %s", model_path)
-            code = serve(args, config, ranks, build_torch_engine(config, model_path, tp))
+            code = serve(args, config, ranks, [build_torch_engine(config, model_path, tp)])
         else:
             _, dtype = torch_placement(config, tp)
             runner = build_follower_runner(model_path, tp, dtype, config.engine.block_size)

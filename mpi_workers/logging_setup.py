@@ -1,13 +1,23 @@
 """Logging for worker processes: every line says which worker, role and MPI rank wrote it.
 
     2026-11-30 05:00:00,123 INFO [worker agg g0 i0 rank0] mpi_workers.worker: registered ...
+
+A process hosting several simulated workers tags itself `[worker agg g0 i0-3 rank0]`, and
+each worker's own tasks (`worker_log_tag` set in their context) `[worker agg g0 i2 rank0]`.
 """
 
 from __future__ import annotations
 
+import contextvars
 import logging
 import os
 import sys
+
+# The tag of the worker whose task is running, in a process hosting several; None: the
+# process's own tag.
+worker_log_tag: contextvars.ContextVar[str | None] = contextvars.ContextVar(
+    "worker_log_tag", default=None
+)
 
 _RANK_VARIABLES = ("OMPI_COMM_WORLD_RANK", "PMI_RANK", "PMIX_RANK", "SLURM_PROCID")
 
@@ -29,12 +39,14 @@ class TagFilter(logging.Filter):
         self.tag = tag
 
     def filter(self, record: logging.LogRecord) -> bool:
-        record.tag = self.tag
+        record.tag = worker_log_tag.get() or self.tag
         return True
 
 
-def worker_tag(role: str, group: int, index: int, rank: int) -> str:
-    return f"[worker {role} g{group} i{index} rank{rank}]"
+def worker_tag(role: str, group: int, index: int, rank: int, instances: int = 1) -> str:
+    """`[worker ROLE gG iI rankR]`; `iI-J` for a process hosting instances I..J."""
+    last = f"-{index + instances - 1}" if instances > 1 else ""
+    return f"[worker {role} g{group} i{index}{last} rank{rank}]"
 
 
 def configure_logging(tag: str, level: str | int | None = None) -> None:

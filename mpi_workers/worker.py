@@ -13,6 +13,12 @@ requests finish (bounded by `drain_timeout_s`), deregister, shut the engine down
 When the engine reports a fatal failure (a tensor-parallel rank died): withhold its error
 replies and deregister at once, so the frontend migrates the requests; exit 1.
 
+Several simulated workers in one process (`workers.N.per_process`): each `Worker` keeps its
+own id, card, lease and subjects, and they share the process's event loop and one NATS
+connection (`Worker.use_connection`), which `serve_until_signal` opens and closes. Each
+worker's tasks log with its own tag (`mpi_workers.logging_setup.worker_log_tag`); one
+worker's fatal engine failure stops them all (the supervisor restarts the process).
+
 Images. A request with `media` names payloads the frontend serves on its media subject: the
 worker fetches each (`contract.media.fetch_media`, size and hash checked), has the engine
 decode and preprocess them in a thread (`Engine.prepare_media`), then generates with them.
@@ -35,7 +41,7 @@ import logging
 import re
 import signal
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 import orjson
@@ -59,6 +65,7 @@ from contract.messages import (
 )
 from mpi_workers.engine.base import Engine
 from mpi_workers.engine.streaming import Chunk, OutputStream, coalesce_chunks
+from mpi_workers.logging_setup import worker_log_tag
 
 logger = logging.getLogger(__name__)
 
@@ -100,8 +107,13 @@ class Worker:
         capacity: int,
         model_name: str | None = None,
         drain_timeout_s: float = 30.0,
+        log_tag: str | None = None,
     ) -> None:
+        """`log_tag`: what this worker's log lines say instead of the process's tag (a
+        process hosting several)."""
         self.engine = engine
+        self.log_tag = log_tag
+        self._shared_nc: Any = None  # see use_connection
         self.deployment = deployment
         self.worker_id = worker_id
         self.role = role
@@ -148,6 +160,11 @@ class Worker:
             media=sorted(self.engine.media_kinds),
         )
 
+    def use_connection(self, nc: Any) -> None:
+        """Serve on `nc` (before `start`), a NATS connection the caller owns and closes: the
+        workers of one process share one. Without it the worker opens and closes its own."""
+        self._shared_nc = nc
+
     @property
     def inflight(self) -> int:
         return len(self._inflight)
@@ -157,7 +174,10 @@ class Worker:
         await self.engine.start()
         self.engine.set_kv_event_sink(self._kv_sink)
         self.engine.set_fatal_handler(self._on_engine_fatal)
-        self._nc = await bus.connect(self.nats_url, name=f"worker-{self.worker_id}")
+        if self._shared_nc is not None:
+            self._nc = self._shared_nc
+        else:
+            self._nc = await bus.connect(self.nats_url, name=f"worker-{self.worker_id}")
         self._subscriptions = [
             await self._nc.subscribe(self.subject, cb=self._on_generate),
             await self._nc.subscribe(self.abort_subject, cb=self._on_abort),
@@ -225,7 +245,7 @@ class Worker:
         for task in self._background:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
-        if self._nc is not None:
+        if self._nc is not None and self._shared_nc is None:
             with contextlib.suppress(Exception):
                 await self._nc.flush(timeout=2)
             with contextlib.suppress(Exception):
@@ -540,22 +560,53 @@ def _request_id_of(data: bytes) -> str:
     return match.group(1).decode(errors="replace") if match else ""
 
 
-async def serve_until_signal(worker: Worker, on_ready: Callable[[], None] | None = None) -> None:
-    """Start `worker`, serve until SIGTERM, SIGINT or a fatal engine failure, then stop it
-    (`worker.failed_reason` tells the last case apart)."""
+async def serve_until_signal(
+    workers: Sequence[Worker], on_ready: Callable[[], None] | None = None
+) -> None:
+    """Start `workers` (one, or the simulated workers a process hosts), serve until SIGTERM,
+    SIGINT or a fatal engine failure of any, then stop them all (`failed_reason` tells the
+    last case apart). Several share one NATS connection, opened here and closed last."""
     loop = asyncio.get_running_loop()
     stopping = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stopping.set)
-    await worker.start()
-    if on_ready is not None:
-        on_ready()
-    waits = [asyncio.create_task(stopping.wait()), asyncio.create_task(worker.failed.wait())]
-    await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
-    for task in waits:
-        task.cancel()
-    if worker.failed_reason is not None:
-        logger.error("engine failed (%s); deregistering and exiting", worker.failed_reason)
-    else:
-        logger.info("signal received; stopping")
-    await worker.stop()
+    shared = None
+    if len(workers) > 1:
+        first = workers[0]
+        shared = await bus.connect(first.nats_url, name=f"workers-{first.worker_id}+")
+        for worker in workers:
+            worker.use_connection(shared)
+    try:
+        await asyncio.gather(*(_as_worker(worker, worker.start()) for worker in workers))
+        if on_ready is not None:
+            on_ready()
+        waits = [asyncio.create_task(stopping.wait())]
+        waits += [asyncio.create_task(worker.failed.wait()) for worker in workers]
+        await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+        for task in waits:
+            task.cancel()
+        failed = [worker for worker in workers if worker.failed_reason is not None]
+        for worker in failed:
+            logger.error("%s: engine failed (%s); deregistering and exiting",
+                         worker.worker_id, worker.failed_reason)  # fmt: skip
+        if not failed:
+            logger.info("signal received; stopping")
+        await asyncio.gather(*(_as_worker(worker, worker.stop()) for worker in workers))
+    finally:
+        if shared is not None:
+            with contextlib.suppress(Exception):
+                await shared.flush(timeout=2)
+            with contextlib.suppress(Exception):
+                await shared.close()
+
+
+def _as_worker(worker: Worker, step: Awaitable[None]) -> asyncio.Task[None]:
+    """`step` in a task of its own whose log lines carry `worker.log_tag`: the tasks it
+    creates (subscriptions, requests, engine loop) inherit that context, and with it the tag."""
+
+    async def tagged() -> None:
+        if worker.log_tag is not None:
+            worker_log_tag.set(worker.log_tag)
+        await step
+
+    return asyncio.create_task(tagged(), name=f"{worker.worker_id}")

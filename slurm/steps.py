@@ -8,7 +8,7 @@ start, on the head node), so the checks at submit time are the ones the job reli
 from __future__ import annotations
 
 from contract.config import ConfigError, DeploymentConfig, group_ranks
-from contract.plan import PlannedProcess, plan_deployment
+from contract.plan import PlannedProcess, plan_deployment, worker_processes
 from slurm.slicing import GroupNeed
 
 PLACEHOLDER_ETCD = "http://head:2379"
@@ -31,13 +31,13 @@ def check_slurm_launch(config: DeploymentConfig) -> None:
 
 
 def group_needs(config: DeploymentConfig) -> list[GroupNeed]:
-    """One slicing group per engine instance (one srun step): its MPI ranks are its TP size
-    (times the pipeline stages of a TensorRT-LLM engine)."""
+    """One slicing group per worker process (one srun step): its MPI ranks are its TP size
+    (times the pipeline stages of a TensorRT-LLM engine); a process hosting several simulated
+    workers is one rank."""
     check_slurm_launch(config)
     return [
-        GroupNeed(f"worker-{group.role}-g{g}-i{i}", group_ranks(config, group))
-        for g, group in enumerate(config.workers)
-        for i in range(group.count)
+        GroupNeed(process.name, group_ranks(config, config.workers[process.group]))
+        for process in worker_processes(config)
     ]
 
 

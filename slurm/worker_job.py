@@ -59,7 +59,7 @@ def worker_job_config(live_config: DeploymentConfig, role: str) -> DeploymentCon
         raise ConfigError(f"--role: the deployment has no {role!r} workers (it has "
                           f"{', '.join(roles)})")  # fmt: skip
     data = live_config.model_dump(mode="json")
-    data["workers"] = [{**groups[0].model_dump(mode="json"), "count": 1}]
+    data["workers"] = [{**groups[0].model_dump(mode="json"), "count": 1, "per_process": None}]
     for service in ("etcd", "nats"):
         data["services"][service]["start"] = False
     data["run_dir"] = None
@@ -147,7 +147,7 @@ def prepare_worker_job(job_dir: Path, nodes: list[str]) -> PreparedJob:
                           prefix=worker_key(config.name, group.role, wid), count=1)  # fmt: skip
         process = PlannedProcess(
             f"worker-{wid}", group.role, STAGE_WORKERS, (*argv, "--worker-id", wid), ready,
-            worker_env(config, group), group=0, index=index, ranks=group.tp, worker_id=wid,
+            worker_env(config, group), group=0, index=index, ranks=group.tp, worker_ids=(wid,),
         )  # fmt: skip
         plan.append(process)
         needs.append(GroupNeed(process.name, group.tp))

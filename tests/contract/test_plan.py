@@ -218,3 +218,55 @@ def test_a_missing_service_binary_is_a_config_error_naming_its_field(monkeypatch
     monkeypatch.setattr("sys.executable", "/nonexistent/python")
     with pytest.raises(ConfigError, match=r"^services\.nats: nats-server not found"):
         find_binary("nats-server")
+
+
+def test_simulated_workers_share_processes_per_process_at_a_time() -> None:
+    """10 mocker workers, 4 per process: processes i0-3, i4-7, i8-9, each hosting its ids;
+    readiness still counts the 10 workers' cards; the worker count stays 10."""
+    config = resolved("engine.kind=mocker", "workers.0.count=10", "workers.0.per_process=4")
+    plan = plan_deployment(config, config_file="c.yaml", run_dir="r")
+    workers = [p for p in plan if p.group is not None]
+    assert [p.name for p in workers] == [
+        "worker-agg-g0-i0-3", "worker-agg-g0-i4-7", "worker-agg-g0-i8-9",
+    ]  # fmt: skip
+    assert [p.argv[-4:] for p in workers] == [
+        ("--index", "0", "--instances", "4"),
+        ("--index", "4", "--instances", "4"),
+        ("--index", "8", "--instances", "2"),
+    ]
+    assert workers[2].worker_ids == ("agg-g0-i8", "agg-g0-i9")
+    assert sum(len(p.worker_ids) for p in workers) == 10
+    assert all(p.ready.count == 10 and p.ranks == 1 for p in workers)
+    # one process per core of the head, not per worker, is what the frontend leaves free
+    auto = resolved("engine.kind=mocker", "workers.0.count=10", "workers.0.per_process=4",
+                    "frontend.workers=null")  # fmt: skip
+    assert frontend_processes(auto, cpus=8) == 8 - 3 - 1
+
+
+def test_the_mocker_hosts_four_per_process_by_default_and_other_engines_one() -> None:
+    mocker = plan_deployment(resolved("engine.kind=mocker", "workers.0.count=6"),
+                             config_file="c.yaml", run_dir="r")  # fmt: skip
+    assert [p.name for p in mocker if p.group is not None] == [
+        "worker-agg-g0-i0-3", "worker-agg-g0-i4-5",
+    ]  # fmt: skip
+    one = plan_deployment(resolved("engine.kind=mocker", "workers.0.count=6",
+                                   "workers.0.per_process=1"),
+                          config_file="c.yaml", run_dir="r")  # fmt: skip
+    assert [p.name for p in one if p.group is not None] == [
+        f"worker-agg-g0-i{i}" for i in range(6)
+    ]
+    assert all("--instances" not in p.argv for p in one)
+    torch = plan_deployment(resolved("workers.0.count=2"), config_file="c.yaml", run_dir="r")
+    assert [p.worker_ids for p in torch if p.group is not None] == [
+        ("agg-g0-i0",), ("agg-g0-i1",),
+    ]  # fmt: skip
+
+
+def test_several_workers_per_process_need_the_mocker() -> None:
+    with pytest.raises(ConfigError, match=r"workers\.0\.per_process: .*engine\.kind mocker"):
+        resolved("workers.0.count=2", "workers.0.per_process=2")  # torch
+    with pytest.raises(ConfigError, match=r"workers\.0\.per_process"):
+        resolved("engine.kind=trtllm", "workers.0.per_process=4")
+    with pytest.raises(ConfigError, match=r"workers\.0\.per_process"):
+        resolved("engine.kind=mocker", "workers.0.per_process=0")
+    assert resolved("workers.0.per_process=1").workers[0].per_process == 1  # allowed anywhere

@@ -35,13 +35,16 @@ while True: time.sleep(1)
 
 WORKER = """
 import base64, json, signal, sys, time, urllib.request
-endpoint, key = sys.argv[1], sys.argv[2]
+endpoint, keys = sys.argv[1], sys.argv[2:]
 signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # a drain: finish, exit 0
-body = {"key": base64.b64encode(key.encode()).decode(), "value": base64.b64encode(b"{}").decode()}
-request = urllib.request.Request(endpoint + "/v3/kv/put", data=json.dumps(body).encode(),
-                                 method="POST", headers={"Content-Type": "application/json"})
-urllib.request.urlopen(request, timeout=5).read()
-print("registered", flush=True)
+for key in keys:  # one key per worker the process hosts
+    body = {"key": base64.b64encode(key.encode()).decode(),
+            "value": base64.b64encode(b"{}").decode()}
+    request = urllib.request.Request(endpoint + "/v3/kv/put", data=json.dumps(body).encode(),
+                                     method="POST", headers={"Content-Type": "application/json"})
+    urllib.request.urlopen(request, timeout=5).read()
+    print("registered", key, flush=True)
+    time.sleep(float(__import__("os").environ.get("STAGGER_S", "0")))
 while True: time.sleep(1)
 """
 
@@ -58,19 +61,24 @@ def make_config(etcd: str, name: str, **group) -> DeploymentConfig:
     })  # fmt: skip
 
 
-def make_plan(config: DeploymentConfig) -> list[PlannedProcess]:
+def make_plan(config: DeploymentConfig, hosted: tuple[int, ...] = (1, 1)) -> list[PlannedProcess]:
+    """nats, one worker process per entry of `hosted` (hosting that many workers), frontend."""
     etcd = config.services.etcd.endpoint
     assert etcd is not None
     port = free_port()
     plan = [PlannedProcess("nats", "nats", STAGE_SERVICES, (sys.executable, "-c", SERVICE,
                            str(port)), Readiness("port", "127.0.0.1", port))]  # fmt: skip
-    for index in range(2):
-        wid = f"agg-g0-i{index}"
-        argv = (sys.executable, "-c", WORKER, etcd, worker_key(config.name, "agg", wid))
-        ready = Readiness("registrations", etcd_endpoint=etcd,
-                          prefix=worker_key(config.name, "agg", ""), count=2)  # fmt: skip
-        plan.append(PlannedProcess(f"worker-{wid}", "agg", STAGE_WORKERS, argv, ready,
-                                   group=0, index=index))  # fmt: skip
+    ready = Readiness("registrations", etcd_endpoint=etcd,
+                      prefix=worker_key(config.name, "agg", ""), count=sum(hosted))  # fmt: skip
+    first = 0
+    for count in hosted:
+        wids = tuple(f"agg-g0-i{i}" for i in range(first, first + count))
+        keys = [worker_key(config.name, "agg", wid) for wid in wids]
+        name = f"worker-{wids[0]}" + (f"-{first + count - 1}" if count > 1 else "")
+        plan.append(PlannedProcess(name, "agg", STAGE_WORKERS,
+                                   (sys.executable, "-c", WORKER, etcd, *keys), ready,
+                                   group=0, index=first, worker_ids=wids))  # fmt: skip
+        first += count
     front = free_port()
     plan.append(PlannedProcess("frontend", "frontend", STAGE_FRONTEND,
                                (sys.executable, "-c", SERVICE, str(front)),
@@ -78,16 +86,21 @@ def make_plan(config: DeploymentConfig) -> list[PlannedProcess]:
     return plan
 
 
-def supervise(tmp_path: Path, config: DeploymentConfig) -> tuple[Supervisor, list[str]]:
+def supervise(
+    tmp_path: Path, config: DeploymentConfig, hosted: tuple[int, ...] = (1, 1),
+    env: dict[str, str] | None = None,
+) -> tuple[Supervisor, list[str]]:
     from contract.processes import ManagedProcess
 
     said: list[str] = []
 
     def launch(planned: PlannedProcess) -> ManagedProcess:
         return ManagedProcess.spawn(planned.name, planned.argv,
-                                    tmp_path / "logs" / f"{planned.name}.log")  # fmt: skip
+                                    tmp_path / "logs" / f"{planned.name}.log",
+                                    env={**os.environ, **(env or {})})  # fmt: skip
 
-    return Supervisor(config, make_plan(config), launch, run_dir=tmp_path, say=said.append), said
+    plan = make_plan(config, hosted)
+    return Supervisor(config, plan, launch, run_dir=tmp_path, say=said.append), said
 
 
 def poll_until(supervisor: Supervisor, done, timeout_s: float = 30.0) -> None:
@@ -140,6 +153,42 @@ def test_crashed_worker_is_restarted_and_registers_anew(tmp_path, etcd_endpoint)
                    .values())  # fmt: skip
 
 
+def anew(etcd: str, keys: list[str], old: list[int | None]) -> list[bool]:
+    """Per key: registered with another revision than `old`'s."""
+    now = [etcd_key_revision(etcd, key) for key in keys]
+    return [rev is not None and rev != was for rev, was in zip(now, old, strict=True)]
+
+
+def test_a_process_hosting_several_workers_restarts_them_together(tmp_path, etcd_endpoint):
+    """Its death drops every card it held at once; it is back only once all of them have
+    registered anew (the restarted process registers them one by one, STAGGER_S apart)."""
+    config = make_config(etcd_endpoint, "sup-hosted")
+    supervisor, said = supervise(tmp_path, config, hosted=(3, 1), env={"STAGGER_S": "0.3"})
+    name = "worker-agg-g0-i0-2"
+    try:
+        supervisor.start()
+        keys = [worker_key(config.name, "agg", f"agg-g0-i{i}") for i in range(3)]
+        old = [etcd_key_revision(etcd_endpoint, key) for key in keys]
+        assert None not in old
+        os.killpg(pid_of(supervisor, name), signal.SIGKILL)
+        poll_until(supervisor, lambda: supervisor.phases()[name] == "waiting")
+        assert not any(etcd_get(etcd_endpoint, key) for key in keys)
+        assert etcd_get(etcd_endpoint, worker_key(config.name, "agg", "agg-g0-i3"))
+        seen_partial = False
+        deadline = time.monotonic() + 30
+        while supervisor.phases()[name] != "ready":
+            assert supervisor.poll() and time.monotonic() < deadline, supervisor.phases()
+            registered = sum(anew(etcd_endpoint, keys, old))
+            seen_partial |= 0 < registered < len(keys)
+            time.sleep(0.02)
+        assert seen_partial  # ready waited past the first card(s) of the three
+        assert all(anew(etcd_endpoint, keys, old))  # checked right after the flip to ready
+        assert supervisor.restarts() == {name: 1}
+        assert any(f"{name} is back (restart 1)" in line for line in said)
+    finally:
+        supervisor.stop()
+
+
 def test_drained_worker_stays_down_and_critical_exhaustion_fails(tmp_path, etcd_endpoint):
     config = make_config(etcd_endpoint, "sup-drain")
     supervisor, _said = supervise(tmp_path, config)
@@ -184,7 +233,8 @@ def test_a_component_dying_at_start_fails_naming_it(tmp_path, etcd_endpoint) -> 
     plan = make_plan(config)
     plan[1] = PlannedProcess("worker-agg-g0-i0", "agg", STAGE_WORKERS,
                              (sys.executable, "-c", "import sys; print('no GPU'); sys.exit(3)"),
-                             plan[1].ready, group=0, index=0)  # fmt: skip
+                             plan[1].ready, group=0, index=0,
+                             worker_ids=("agg-g0-i0",))  # fmt: skip
     from contract.processes import ManagedProcess
 
     def launch(planned: PlannedProcess) -> ManagedProcess:

@@ -4,18 +4,30 @@ One deployment for the module. The mocker reports prefix-cache hits in `num_cach
 which the frontend returns as `usage.prompt_tokens_details.cached_tokens`: with eight
 workers, a hit on every follow-up request means the router sent it to the worker that cached
 the prefix (round robin would hit about one time in eight).
+
+The eight run four per process (the mocker's default `workers.N.per_process`): each keeps its
+own id and subjects, and killing a process takes its four away and the supervisor brings them
+back together (the module's last test).
 """
 
 from __future__ import annotations
 
 import asyncio
+import os
 import random
+import re
+import signal
 import time
 from collections.abc import Iterator
 
 import httpx
 import pytest
+import yaml
 from up_helpers import UpProcess, started
+
+from contract import bus
+from contract.discovery import worker_key
+from contract.readiness import etcd_key_revision
 
 pytestmark = pytest.mark.e2e
 
@@ -61,12 +73,72 @@ def wait_for_kv_index(up: UpProcess, http: httpx.Client, at_least: float) -> Non
         time.sleep(0.05)
 
 
-def test_eight_simulated_workers_registered(up: UpProcess, http: httpx.Client) -> None:
-    assert http.get(up.base_url.removesuffix("/v1") + "/health").json()["workers"] == 8
-    workers = [name for name in up.pids() if name.startswith("worker-")]
-    assert len(set(workers)) == 8
+IDS = [f"agg-g0-i{i}" for i in range(8)]
+HOSTS = {"worker-agg-g0-i0-3": IDS[:4], "worker-agg-g0-i4-7": IDS[4:]}
+
+
+def health_workers(up: UpProcess, http: httpx.Client) -> int:
+    return http.get(up.base_url.removesuffix("/v1") + "/health").json()["workers"]
+
+
+def resolved_services(up: UpProcess) -> dict:
+    return yaml.safe_load((up.run_dir / "config.yaml").read_text())["services"]
+
+
+def test_eight_simulated_workers_registered_from_two_processes(
+    up: UpProcess, http: httpx.Client
+) -> None:
+    assert health_workers(up, http) == 8
+    assert sorted(name for name in up.pids() if name.startswith("worker-")) == sorted(HOSTS)
+    etcd = resolved_services(up)["etcd"]["endpoint"]
+    for wid in IDS:  # a card of its own per worker
+        assert etcd_key_revision(etcd, worker_key("local-mocker-kv", "agg", wid)) is not None
     body = complete(http, [5, 6, 7, 8], max_tokens=3)
     assert body["simulated"] is True and body["usage"]["completion_tokens"] == 3
+    for name, ids in HOSTS.items():  # each worker's lines carry its own tag
+        log = (up.run_dir / "logs" / f"{name}.log").read_text()
+        for wid in ids:
+            index = wid.rsplit("-i", 1)[1]
+            assert re.search(rf"\[worker agg g0 i{index} rank0\] \S+: registered {wid} ", log)
+
+
+def test_requests_are_routed_to_all_eight_ids_and_answered(
+    up: UpProcess, http: httpx.Client
+) -> None:
+    """Fresh prompts through the frontend: its requests reach each of the eight ids' own
+    generate subjects (seen on NATS) and every one is answered."""
+    import nats
+
+    nats_url = resolved_services(up)["nats"]["endpoint"]
+    generate = bus.worker_subject("local-mocker-kv", "*")
+
+    async def spread() -> set[str]:
+        seen: set[str] = set()
+        nc = await nats.connect(nats_url)
+
+        async def on_request(msg) -> None:  # type: ignore[no-untyped-def]
+            seen.add(msg.subject.split(".")[-2])
+
+        await nc.subscribe(generate, cb=on_request)
+        await nc.flush()
+        rng = random.Random(3)
+        try:
+            async with httpx.AsyncClient(base_url=up.base_url, timeout=60) as client:
+                for _ in range(8):  # rounds of 8 concurrent fresh prompts, until all seen
+                    prompts = [[rng.randrange(100, 40000) for _ in range(40)] for _ in range(8)]
+                    responses = await asyncio.gather(*(
+                        client.post("/completions", json={"prompt": p, "max_tokens": 2})
+                        for p in prompts
+                    ))  # fmt: skip
+                    assert all(r.status_code == 200 for r in responses)
+                    await nc.flush()
+                    if len(seen) == 8:
+                        break
+        finally:
+            await nc.close()
+        return seen
+
+    assert asyncio.run(spread()) == set(IDS)
 
 
 def test_repeated_long_prefix_goes_to_the_worker_that_cached_it(
@@ -113,3 +185,30 @@ def test_concurrent_repeats_land_on_the_workers_holding_their_prefixes(
     bodies = asyncio.run(burst())
     misses = [body["usage"] for body in bodies if cached(body) < 320]
     assert not misses, f"{len(misses)} of {len(bodies)} concurrent repeats missed: {misses}"
+
+
+def test_killing_a_process_takes_its_four_workers_away_and_back(
+    up: UpProcess, http: httpx.Client
+) -> None:
+    """Last in the module: SIGKILL the process hosting i4..i7: the four cards go at once
+    (the supervisor drops them), the frontend routes to the other four, and the restarted
+    process registers the four anew."""
+    etcd = resolved_services(up)["etcd"]["endpoint"]
+    name, ids = "worker-agg-g0-i4-7", IDS[4:]
+    keys = [worker_key("local-mocker-kv", "agg", wid) for wid in ids]
+    old = [etcd_key_revision(etcd, key) for key in keys]
+    old_pid = up.pids()[name]
+    os.killpg(old_pid, signal.SIGKILL)
+    deadline = time.monotonic() + 30
+    while health_workers(up, http) != 4:
+        assert time.monotonic() < deadline, "the frontend still counts the dead process's workers"
+        time.sleep(0.05)
+    assert all(etcd_key_revision(etcd, key) is None for key in keys)
+    up.wait_for_line(re.compile(rf"{name} is back \(restart 1\)"), 60)
+    assert up.pids()[name] != old_pid
+    new = [etcd_key_revision(etcd, key) for key in keys]
+    assert all(rev is not None and rev != was for rev, was in zip(new, old, strict=True))
+    while health_workers(up, http) != 8:
+        assert time.monotonic() < deadline + 60, "the frontend did not see them come back"
+        time.sleep(0.05)
+    assert complete(http, [9, 8, 7], max_tokens=2)["usage"]["completion_tokens"] == 2

@@ -61,6 +61,7 @@ def deployment(
             f"run_dir={run_dir}",
             f"services.lease_ttl_s={LEASE_TTL_S}",
             "workers.0.count=2",
+            "workers.0.per_process=1",  # each worker dies alone (the mocker hosts several)
             *overrides,
         ],
     )

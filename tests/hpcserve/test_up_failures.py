@@ -53,7 +53,8 @@ def test_a_crashed_worker_is_restarted_and_serves_again(tmp_path: Path) -> None:
 @pytest.mark.e2e
 def test_a_critical_worker_out_of_restarts_stops_the_deployment(tmp_path: Path) -> None:
     args = ["configs/local-mocker-kv.yaml", "--set", "frontend.port=0", "--set",
-            "workers.0.count=2", "--set", "workers.0.restart.max_restarts=0"]  # fmt: skip
+            "workers.0.count=2", "--set", "workers.0.restart.max_restarts=0",
+            "--set", "workers.0.per_process=1"]  # fmt: skip
     up = UpProcess(args, tmp_path / "run")
     try:
         up.wait_ready(timeout_s=300)
@@ -73,7 +74,7 @@ def test_a_critical_worker_out_of_restarts_stops_the_deployment(tmp_path: Path) 
 @pytest.mark.e2e
 def test_drained_worker_leaves_and_is_not_restarted(tmp_path: Path) -> None:
     args = ["configs/local-mocker-kv.yaml", "--set", "frontend.port=0", "--set",
-            "workers.0.count=2"]  # fmt: skip
+            "workers.0.count=2", "--set", "workers.0.per_process=1"]  # fmt: skip
     up = UpProcess(args, tmp_path / "run")
     try:
         up.base_url = up.wait_ready(timeout_s=300)
@@ -112,7 +113,8 @@ def test_service_restarted_by_the_supervisor_while_serving(tmp_path: Path, servi
     from contract.readiness import etcd_key_count
 
     args = ["configs/local-mocker-kv.yaml", "--set", "frontend.port=0", "--set",
-            "workers.0.count=2", "--set", "engine.mocker.speedup=20"]  # fmt: skip
+            "workers.0.count=2", "--set", "engine.mocker.speedup=20",
+            "--set", "workers.0.per_process=1"]  # fmt: skip
     up = UpProcess(args, tmp_path / "run")
     outcomes: list[str] = []
     stop = threading.Event()
@@ -192,6 +194,14 @@ def test_config_show_and_plan(tmp_path: Path) -> None:
     worker = "python3 -m mpi_workers --config RUN_DIR/config.yaml --group 0 --index 0"
     assert worker in result.output
     assert "[stage 2] frontend" in result.output
+    assert result.output.splitlines()[-1] == "1 worker(s) in 1 process(es)"
+    result = runner.invoke(app, ["plan", "configs/local-mocker-kv.yaml",
+                                 "--set", "workers.0.count=6"])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert "[stage 1] worker-agg-g0-i0-3 (agg)" in result.output
+    assert "hosts 2 workers: agg-g0-i4, agg-g0-i5" in result.output
+    assert "ready when 6 key(s) under hpcserve/local-mocker-kv/workers/" in result.output
+    assert result.output.splitlines()[-1] == "6 worker(s) in 2 process(es)"
 
 
 def test_a_busy_frontend_port_is_a_config_error(tmp_path: Path) -> None:

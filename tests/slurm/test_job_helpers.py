@@ -45,7 +45,7 @@ def test_prepare_writes_resolved_config_and_plan(tmp_path: Path) -> None:
     config = {
         "name": "t",
         "engine": {"kind": "mocker"},
-        "workers": [{"count": 2}],
+        "workers": [{"count": 2, "per_process": 1}],
         "frontend": {"host": "0.0.0.0", "port": 0},
         "slurm": {"ranks_per_node": 1},
     }
@@ -68,3 +68,25 @@ def test_prepare_writes_resolved_config_and_plan(tmp_path: Path) -> None:
     assert "--nodelist=localhost" in frontend and "--overlap" in frontend
     assert frontend[-4:] == ["-m", "frontend", "--config", f"{tmp_path}/config.yaml"]
     assert job.url.startswith("http://127.0.0.1:") and job.url.endswith("/v1")
+
+
+def test_simulated_workers_hosted_together_are_one_srun_step_each_process(tmp_path: Path):
+    """Five mocker workers, four per process: two srun steps (one task each) on two worker
+    nodes, the first hosting i0..i3, the second i4."""
+    config = {
+        "name": "t",
+        "engine": {"kind": "mocker"},
+        "workers": [{"count": 5, "per_process": 4}],
+        "frontend": {"host": "0.0.0.0", "port": 0},
+        "slurm": {"ranks_per_node": 1},
+    }
+    (tmp_path / "deployment.yaml").write_text(yaml.safe_dump(config))
+    job = prepare(tmp_path / "deployment.yaml", tmp_path, ["localhost", "w1", "w2"])
+    workers = [process for process in job.plan if process.group is not None]
+    assert [p.name for p in workers] == ["worker-agg-g0-i0-3", "worker-agg-g0-i4"]
+    assert [g.name for g in job.slicing.groups] == [p.name for p in workers]
+    assert workers[0].worker_ids == tuple(f"agg-g0-i{i}" for i in range(4))
+    step = srun_argv(workers[0], job)
+    assert "--job-name=worker-agg-g0-i0-3" in step and "--ntasks=1" in step
+    assert step[-4:] == ["--index", "0", "--instances", "4"]
+    assert srun_argv(workers[1], job)[-2:] == ["--index", "4"]
