@@ -1293,8 +1293,13 @@ def main() -> None:
     )  # fmt: skip
     parser.add_argument(
         "--sim-workers", type=int, default=None,
-        help="--workers-sweep: simulated worker processes (workers.0.count; the config's 8 "
-        "cost ~1.8x the CPU per request of 4)",
+        help="--workers-sweep: simulated workers (workers.0.count; the config's 8 cost ~1.8x "
+        "the CPU per request of 4), one a process unless --sim-per-process",
+    )  # fmt: skip
+    parser.add_argument(
+        "--sim-per-process", type=int, default=1,
+        help="--sim-workers: simulated workers one process hosts (workers.0.per_process; the "
+        "sweeps before it had one a process: the stack spread over the CPUs left)",
     )  # fmt: skip
     parser.add_argument(
         "--pin", action="store_true",
@@ -1333,6 +1338,7 @@ def main() -> None:
     EXTRA_SETTINGS.extend(args.settings)
     if args.sim_workers is not None:
         EXTRA_SETTINGS.append(f"workers.0.count={args.sim_workers}")
+        EXTRA_SETTINGS.append(f"workers.0.per_process={args.sim_per_process}")
     if args.ab_tree:
         asyncio.run(c1_ab(args))
         return
