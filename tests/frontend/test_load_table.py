@@ -279,3 +279,87 @@ def test_shared_turns_are_one_record_for_every_process(tmp_path: Path) -> None:
     assert (first.get("w0", -1), first.get("w1", -1)) == (5, 7)
     assert (second.get("w0", -1), second.get("w1", -1)) == (5, 7)
     assert SharedTurns.stamp() <= SharedTurns.stamp()
+
+
+def prompt_hashes_of(tokens: list[int]) -> list[int]:
+    from frontend.kv_router import prompt_hashes
+
+    return prompt_hashes(tokens, 16)
+
+
+def test_routed_prefixes_and_pending_prefill_are_the_other_rows(tmp_path: Path) -> None:
+    """Row 0 routes a 40-block prompt to w1: row 1 finds how deep any prompt shares it there
+    (at the sampled positions), row 0 itself does not count its own; counts per prompt."""
+    path = str(tmp_path / "load")
+    writer, reader = (LoadTable(path, i, 2) for i in range(2))
+    for table in (writer, reader):
+        table.claim()
+    system = list(range(640))  # 40 blocks
+    routed = prompt_hashes_of(system)
+    assert reader.peer_prefix_depths(routed) == {}
+    writer.add_prefix("w1", routed)
+    writer.add_prefix("w1", routed)  # a second request with the same prompt
+    writer.write_pending("w1", 40)
+    assert reader.peer_prefix_depths(routed) == {"w1": 40}
+    longer = prompt_hashes_of(system + list(range(5000, 5100)))
+    assert reader.peer_prefix_depths(longer) == {"w1": 32}  # its positions: ..., 31, 47
+    shares_20 = prompt_hashes_of(system[:320] + list(range(9000, 9320)))
+    assert reader.peer_prefix_depths(shares_20) == {"w1": 16}  # positions 15 and 31 sampled
+    assert reader.peer_prefix_depths(prompt_hashes_of(list(range(7000, 7640)))) == {}
+    assert writer.peer_prefix_depths(routed) == {}  # its own row is not a peer's
+    assert reader.peer_pending("w1") == 40 and writer.peer_pending("w1") == 0
+    writer.remove_prefix("w1", routed)
+    assert reader.peer_prefix_depths(routed) == {"w1": 40}  # the other request holds it
+    writer.remove_prefix("w1", routed)
+    assert reader.peer_prefix_depths(routed) == {}
+    reader.mark_prefill_start("w1", 12.5)
+    assert writer.prefill_start_of("w1") == 12.5 and writer.prefill_start_of("w9") is None
+
+
+def test_a_dead_or_restarted_process_leaves_no_prefix_or_pending(tmp_path: Path) -> None:
+    path = str(tmp_path / "load")
+    reader, crashed = LoadTable(path, 0, 2), LoadTable(path, 1, 2)
+    reader.claim()
+    crashed.claim(pid=424242)
+    routed = prompt_hashes_of(list(range(320)))
+    crashed.add_prefix("w0", routed)
+    crashed.write_pending("w0", 20)
+    assert reader.peer_prefix_depths(routed) == {"w0": 20} and reader.peer_pending("w0") == 20
+    assert reader.check_rows(alive=lambda pid: pid != 424242) == [1]
+    assert reader.peer_prefix_depths(routed) == {} and reader.peer_pending("w0") == 0
+    reader.check_rows(alive=lambda pid: True)  # its index restarts: the new process's row
+    assert reader.peer_prefix_depths(routed) == {"w0": 20}
+    LoadTable(path, 1, 2).claim()
+    assert reader.peer_prefix_depths(routed) == {} and reader.peer_pending("w0") == 0
+
+
+def kv_sharing(path: Path, index: int, count: int, share_routing: bool):  # type: ignore[no-untyped-def]
+    router, tracker = kv_process(path, index, count, share_turns=True)
+    if share_routing:
+        table = LoadTable(str(path), index, count)
+        router.share_routing(load_table.SharedRouting(table))
+    return router, tracker
+
+
+@pytest.mark.parametrize("share_routing", [True, False])
+def test_a_prompt_routed_by_another_process_draws_its_prefix(
+    tmp_path: Path, share_routing: bool
+) -> None:
+    """Process 0 routes a long system prompt's first request; before any KV event, process 1
+    gets the same system prompt with another question: with the routing shared it goes where
+    the prefix is being computed (and sees that worker's pending prefill), without it to
+    another worker, which computes the prefix again."""
+    processes = [kv_sharing(tmp_path / "load", i, 2, share_routing) for i in range(2)]
+    workers = [card(f"w{i}") for i in range(4)]
+    system = list(range(3200))
+    first, second = (router for router, _ in processes)
+    picked = first.choose(workers, GenerateRequest(request_id="a", token_ids=[*system, 1, 2]))
+    processes[0][1].started(picked.worker_id)
+    again = second.choose(workers, GenerateRequest(request_id="b", token_ids=[*system, 3, 4]))
+    if share_routing:
+        assert again.worker_id == picked.worker_id
+        assert second.pending_prefill(picked.worker_id) >= 200  # process 0's prompt, ahead
+        processes[0][1].prefilled("a")
+        assert second.pending_prefill(picked.worker_id) < 200  # only its own ~1 block left
+    else:
+        assert again.worker_id != picked.worker_id
