@@ -151,11 +151,11 @@ class PeerRouting(Protocol):
 
     def pending_changed(self, worker_id: str, blocks: int) -> None: ...
 
-    def peer_pending(self, worker_id: str) -> int: ...
-
     def prefill_started(self, worker_id: str, at: float) -> None: ...
 
-    def prefill_start(self, worker_id: str) -> float | None: ...
+    def peer_pending_since(self, worker_id: str) -> tuple[int, float]:
+        """Their pending blocks there, and when it last started on a prompt (0.0: unseen)."""
+        ...
 
     def prefix_depths(self, hashes: list[int]) -> dict[str, int]: ...
 
@@ -459,7 +459,7 @@ class KvRouter:
         prefill is not done until a first output says so."""
         on = self._on_worker.get(worker_id)
         if self._peers is not None:
-            return self._deployment_pending(worker_id, on)
+            return self._deployment_pending(worker_id, on, self._clock())
         if on is None or not on.pending:
             return 0
         pending = on.pending
@@ -470,25 +470,22 @@ class KvRouter:
         done = rate.per_second * max(self._clock() - self._prefill_start[worker_id], 0.0)
         return pending - min(done, pending - 1.0) if head is not None else pending
 
-    def _deployment_pending(self, worker_id: str, on: _OnWorker | None) -> float:
+    def _deployment_pending(self, worker_id: str, on: _OnWorker | None, now: float) -> float:
         """`pending_prefill` with several frontend processes: every process's pending
         blocks there, less the worker's progress since it last started on a prompt as any
         process saw it (a first output, or a prompt routed to it with nothing pending),
         at the rate this process learned."""
         assert self._peers is not None
-        own = on.pending if on is not None else 0
-        pending = own + self._peers.peer_pending(worker_id)
+        others, start = self._peers.peer_pending_since(worker_id)
+        pending = others + on.pending if on is not None else others
         if pending <= 0:
             return 0
         rate = self._prefill_rate.get(worker_id)
         if rate is None or not self.config.prefill_progress:
             return pending
-        start = self._peers.prefill_start(worker_id)
-        if start is None:
-            start = self._prefill_start.get(worker_id)
-            if start is None:
-                return pending
-        done = rate.per_second * max(self._clock() - start, 0.0)
+        if not start:
+            start = self._prefill_start.get(worker_id, now)
+        done = rate.per_second * (now - start if now > start else 0.0)
         return pending - min(done, pending - 1.0)
 
     @staticmethod
@@ -567,6 +564,7 @@ class KvRouter:
         tokens = len(token_ids)
         publishes = self._publishes
         peers = self._peers
+        now = self._clock() if peers is not None else 0.0
         peer_depths: dict[str, int] = {}  # worker -> the prefix other processes routed there
         cached: dict[str, int] = {}  # worker -> its cached prefix in blocks, from KV events
         cached_size = 0  # the block size `cached` is for (of workers that publish them)
@@ -608,7 +606,10 @@ class KvRouter:
             uncached = total - credit * overlap
             prefill = weight * uncached if uncached > 0 else 0.0
             pending = 0.0
-            if peers is not None or (on is not None and on.pending):
+            if peers is not None:  # every process's prompts there
+                pending = self._deployment_pending(worker_id, on, now)
+                prefill += pending
+            elif on is not None and on.pending:
                 pending = self.pending_prefill(worker_id)
                 prefill += pending
             # this process's routed blocks and the other frontend processes' (load_share)
@@ -697,7 +698,7 @@ class KvRouter:
         if not on.pending:  # it starts on this prompt now
             self._prefill_start[worker_id] = now
             on.queue.clear()
-            if peers is not None and not peers.peer_pending(worker_id):  # nothing anywhere
+            if peers is not None and not peers.peer_pending_since(worker_id)[0]:  # nothing
                 peers.prefill_started(worker_id, now)
         entry = _InFlight(worker_id, hashes, blocks, prefill, now)
         self._in_flight[request_id] = entry

@@ -178,6 +178,20 @@ class LoadTable:
         """The other live processes' pending prefill blocks on `worker_id`."""
         return self._peer_sum(self._pending, worker_id)
 
+    def peer_pending_since(self, worker_id: str) -> tuple[int, float]:
+        """`peer_pending` and `prefill_start_of` (0.0: unseen) in one column lookup (the KV
+        router reads both for every candidate)."""
+        column = self._columns.get(worker_id)
+        if column is None:
+            column = self._find(worker_id)
+            if column is None:
+                return 0, 0.0
+        cells, base = self._pending, column * ROWS
+        total = sum(cells[base : base + self.rows_used]) - cells[base + self.row]
+        for row in self._dead:
+            total -= cells[base + row]
+        return total, self._starts[column]
+
     def peer_requests(self, worker_id: str) -> int:
         """The other live processes' in-flight requests on `worker_id`."""
         return self._peer_sum(self._requests, worker_id)
@@ -264,8 +278,16 @@ class LoadTable:
         depths: dict[str, int] = {}
         by_column: dict[int, int] = {}
         first = hashes[0]
+        keys, counts, columns = self._prefix_keys, self._prefix_counts, self._prefix_columns
+        home = first % PREFIX_SLOTS
+        slots = [(home + probe) & (PREFIX_SLOTS - 1) for probe in range(PREFIX_PROBES)]
         for row in self._peer_rows:
-            for column in self._prefix_columns_of(row, first):
+            base = row * PREFIX_SLOTS
+            found = [
+                columns[base + slot] for slot in slots
+                if keys[base + slot] == first and counts[base + slot] > 0
+            ]  # fmt: skip
+            for column in found:
                 low, high = 0, len(positions) - 1  # positions[low] is known to match
                 while low < high:
                     middle = (low + high + 1) // 2
@@ -287,17 +309,6 @@ class LoadTable:
                 if worker_id is not None:
                     depths[worker_id] = depth
         return depths
-
-    def _prefix_columns_of(self, row: int, key: int) -> list[int]:
-        """The columns `row`'s live entries for `key` name."""
-        keys, counts, columns = self._prefix_keys, self._prefix_counts, self._prefix_columns
-        base, home = row * PREFIX_SLOTS, key % PREFIX_SLOTS
-        found = []
-        for probe in range(PREFIX_PROBES):
-            slot = base + ((home + probe) & (PREFIX_SLOTS - 1))
-            if keys[slot] == key and counts[slot] > 0:
-                found.append(columns[slot])
-        return found
 
     def _holds(self, row: int, key: int, column: int) -> bool:
         keys, counts, columns = self._prefix_keys, self._prefix_counts, self._prefix_columns
@@ -493,6 +504,9 @@ class SharedRouting:
 
     def __init__(self, table: LoadTable) -> None:
         self._table = table
+        # the reads on the request path: the table's own methods, no call in between
+        self.peer_pending_since = table.peer_pending_since
+        self.prefix_depths = table.peer_prefix_depths
 
     def routed(self, worker_id: str, hashes: list[int]) -> None:
         with contextlib.suppress(TableFull):
@@ -505,18 +519,9 @@ class SharedRouting:
         with contextlib.suppress(TableFull):
             self._table.write_pending(worker_id, blocks)
 
-    def peer_pending(self, worker_id: str) -> int:
-        return self._table.peer_pending(worker_id)
-
     def prefill_started(self, worker_id: str, at: float) -> None:
         with contextlib.suppress(TableFull):
             self._table.mark_prefill_start(worker_id, at)
-
-    def prefill_start(self, worker_id: str) -> float | None:
-        return self._table.prefill_start_of(worker_id)
-
-    def prefix_depths(self, hashes: list[int]) -> dict[str, int]:
-        return self._table.peer_prefix_depths(hashes)
 
 
 class TableLoadShare:

@@ -261,8 +261,9 @@ def test_kv_routers_of_two_processes_take_turns_together(tmp_path: Path, share_t
     for number in range(4):
         router, tracker = processes[number % 2]
         prompt = list(range(10_000 * (number + 1), 10_000 * (number + 1) + 64))
-        worker_id = router.choose(workers, GenerateRequest(request_id=f"r{number}",
-                                                           token_ids=prompt)).worker_id
+        worker_id = router.choose(
+            workers, GenerateRequest(request_id=f"r{number}", token_ids=prompt)
+        ).worker_id
         tracker.started(worker_id)
         chosen.append(worker_id)
     if share_turns:
@@ -314,6 +315,9 @@ def test_routed_prefixes_and_pending_prefill_are_the_other_rows(tmp_path: Path) 
     assert reader.peer_prefix_depths(routed) == {}
     reader.mark_prefill_start("w1", 12.5)
     assert writer.prefill_start_of("w1") == 12.5 and writer.prefill_start_of("w9") is None
+    writer.write_pending("w1", 7)
+    assert reader.peer_pending_since("w1") == (7, 12.5)
+    assert reader.peer_pending_since("w9") == (0, 0.0)
 
 
 def test_a_dead_or_restarted_process_leaves_no_prefix_or_pending(tmp_path: Path) -> None:
