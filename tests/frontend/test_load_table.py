@@ -367,3 +367,38 @@ def test_a_prompt_routed_by_another_process_draws_its_prefix(
         assert second.pending_prefill(picked.worker_id) < 200  # only its own ~1 block left
     else:
         assert again.worker_id != picked.worker_id
+
+
+async def test_two_kv_frontends_send_a_shared_prefix_to_one_worker(
+    make_frontend, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two real frontends (processes 0 and 1 of 2) on one table, kv, each with the same three
+    workers (FAKE workers publish no KV events): a long prompt held open through the first,
+    then the same prompt with another ending through the second, which goes where the first
+    one's prefix is. Without the shared routing the second process knows nothing of it, and
+    the shared turns send it to a worker not routed to yet."""
+    monkeypatch.setenv(LOAD_TABLE_ENV, str(tmp_path / "load"))
+    frontends = []
+    for index in range(2):
+        monkeypatch.setenv(FRONTEND_PROCESS_ENV, f"{index}/2")
+        harness = await make_frontend(router="kv")
+        for worker_id in ("w2", "w1", "w0"):
+            await harness.add_worker(worker_id, delay_s=0.2)
+        frontends.append(harness)
+    system = "You are a careful assistant who answers in plain words. " * 40
+    async with contextlib.AsyncExitStack() as stack:
+        for index, question in enumerate(("What is a cache?", "What is a prefix?")):
+            client = await stack.enter_async_context(frontends[index].client())
+            response = await stack.enter_async_context(client.stream(
+                "POST", "/v1/completions",
+                json={"prompt": system + question, "max_tokens": 40, "stream": True},
+            ))  # fmt: skip
+            assert response.status_code == 200
+            lines = response.aiter_lines()
+            stack.push_async_callback(lines.aclose)
+            await anext(lines)  # routed and running
+        served = [
+            [worker.worker_id for worker in harness.workers if worker.requests]
+            for harness in frontends
+        ]
+        assert len(served[0]) == 1 and served[1] == served[0]
