@@ -11,12 +11,16 @@ with one addition (`uncached_weight`):
 - `cached_blocks`: the leading prompt blocks the worker caches: from its KV events
   (`KvIndex`), or, for a worker that publishes none, from the prompts routed to it
   (`RoutedPrefixIndex`, approximate); prompts of our in-flight requests there count too
-  (their KV events are still on the way, or the engine is computing them right now);
+  (their KV events are still on the way, or the engine is computing them right now), and
+  with several frontend processes those of the others' (`share_routing`: a sample of their
+  block hashes in the shared load table, up to 15 blocks short);
 - `pending_prefill`: uncached prompt blocks of requests we routed there that have not sent
   their first output yet (this frontend sees exactly when each prefill ends), less what the
   worker has computed of them since it started on them (`prefill_progress`): its rate is
   learned from its first outputs (`PrefillRate`), and it starts on its next prompt when it
   gets one idle or sends a first output (engines take prompts first come, first served);
+  with several frontend processes every process's pending blocks, less the progress since
+  the worker last started on a prompt as any of them saw it;
 - `active_blocks`: the worker's KV footprint, deduplicated: shared prefix blocks count once,
   as in the engine. The larger of its last `LoadMetrics.active_blocks` (which sees other
   frontends' requests but lags; reduced by the blocks of our requests that finished since)
