@@ -402,3 +402,19 @@ async def test_two_kv_frontends_send_a_shared_prefix_to_one_worker(
             for harness in frontends
         ]
         assert len(served[0]) == 1 and served[1] == served[0]
+
+
+def test_the_peers_blocks_are_the_largest_other_row_not_their_sum(tmp_path: Path) -> None:
+    """Two other processes each routed one system prompt's requests to w0 (30 and 50 distinct
+    blocks in each): the reader counts 50, the lower bound of their union, not 80 (the
+    shared prompt twice); a dead row counts not at all."""
+    path = str(tmp_path / "load")
+    reader, first, second = (LoadTable(path, i, 3) for i in range(3))
+    for table in (reader, first):
+        table.claim()
+    second.claim(pid=434343)
+    first.write("w0", 2, 30)
+    second.write("w0", 3, 50)
+    assert reader.peer_blocks("w0") == 50 and reader.peer_requests("w0") == 5
+    reader.check_rows(alive=lambda pid: pid != 434343)
+    assert reader.peer_blocks("w0") == 30 and reader.peer_blocks("w9") == 0
