@@ -11,12 +11,16 @@ with one addition (`uncached_weight`):
 - `cached_blocks`: the leading prompt blocks the worker caches: from its KV events
   (`KvIndex`), or, for a worker that publishes none, from the prompts routed to it
   (`RoutedPrefixIndex`, approximate); prompts of our in-flight requests there count too
-  (their KV events are still on the way, or the engine is computing them right now);
+  (their KV events are still on the way, or the engine is computing them right now), and
+  with several frontend processes those of the others' (`share_routing`: a sample of their
+  block hashes in the shared load table, up to 15 blocks short);
 - `pending_prefill`: uncached prompt blocks of requests we routed there that have not sent
   their first output yet (this frontend sees exactly when each prefill ends), less what the
   worker has computed of them since it started on them (`prefill_progress`): its rate is
   learned from its first outputs (`PrefillRate`), and it starts on its next prompt when it
   gets one idle or sends a first output (engines take prompts first come, first served);
+  with several frontend processes every process's pending blocks, less the progress since
+  the worker last started on a prompt as any of them saw it;
 - `active_blocks`: the worker's KV footprint, deduplicated: shared prefix blocks count once,
   as in the engine. The larger of its last `LoadMetrics.active_blocks` (which sees other
   frontends' requests but lags; reduced by the blocks of our requests that finished since)
@@ -137,6 +141,27 @@ class TurnBook(Protocol):
     def get(self, worker_id: str, default: int, /) -> int: ...
 
     def __setitem__(self, worker_id: str, stamp: int, /) -> None: ...
+
+
+class PeerRouting(Protocol):
+    """The deployment's other frontend processes' routing, as the KV router reads and writes
+    it (`frontend.load_table.SharedRouting`): their pending prefill blocks per worker, when
+    each worker started on its current prefill (one clock, time.monotonic, for all), and
+    their in-flight prompts' prefixes, before the workers' KV events report them."""
+
+    def routed(self, worker_id: str, hashes: list[int]) -> None: ...
+
+    def released(self, worker_id: str, hashes: list[int]) -> None: ...
+
+    def pending_changed(self, worker_id: str, blocks: int) -> None: ...
+
+    def prefill_started(self, worker_id: str, at: float) -> None: ...
+
+    def peer_pending_since(self, worker_id: str) -> tuple[int, float]:
+        """Their pending blocks there, and when it last started on a prompt (0.0: unseen)."""
+        ...
+
+    def prefix_depths(self, hashes: list[int]) -> dict[str, int]: ...
 
 
 @dataclass
@@ -292,6 +317,7 @@ class KvRouter:
         self._recent_hits: deque[str] = deque()
         self._hit_demand: Counter[str] = Counter()
         self._last_terms: _Terms | None = None
+        self._peers: PeerRouting | None = None  # the other frontend processes (share_routing)
         tracker.finish_listeners.append(self.request_finished)
         tracker.prefill_listeners.append(self.request_prefilled)
 
@@ -352,9 +378,14 @@ class KvRouter:
                 request_id, worker_id, entry.prefill, now - began, now - entry.since,
                 rate.per_second,
             )  # fmt: skip
-        self._on_worker[worker_id].pending -= entry.prefill
+        on = self._on_worker[worker_id]
+        on.pending -= entry.prefill
         entry.prefill = 0
         self._prefill_start[worker_id] = now
+        peers = self._peers
+        if peers is not None:
+            peers.pending_changed(worker_id, on.pending)
+            peers.prefill_started(worker_id, now)
 
     def request_finished(self, request_id: str) -> None:
         entry = self._in_flight.pop(request_id, None)
@@ -386,11 +417,18 @@ class KvRouter:
         seen, released = self._released.get(worker_id, _NOTHING_RELEASED)
         self._released[worker_id] = (report, released + freed if seen is report else freed)
         on.partial -= partial
+        peers = self._peers
+        if peers is not None:
+            peers.released(worker_id, entry.hashes)
         if entry.prefill:  # ended before its first output
             on.pending -= entry.prefill
             if entry is self._prefill_head(on):  # the worker moves on now
-                self._prefill_start[worker_id] = self._clock()
+                now = self._prefill_start[worker_id] = self._clock()
+                if peers is not None:
+                    peers.prefill_started(worker_id, now)
             entry.prefill = 0
+            if peers is not None:
+                peers.pending_changed(worker_id, on.pending)
 
     def _forget_stale(self, now: float) -> None:
         """Requests routed but never sent (e.g. rejected as too long) must not count forever."""
@@ -424,6 +462,8 @@ class KvRouter:
         begun, and requests arriving together paired up on one worker for good); an overdue
         prefill is not done until a first output says so."""
         on = self._on_worker.get(worker_id)
+        if self._peers is not None:
+            return self._deployment_pending(worker_id, on, self._clock())
         if on is None or not on.pending:
             return 0
         pending = on.pending
@@ -433,6 +473,24 @@ class KvRouter:
         head = self._prefill_head(on)
         done = rate.per_second * max(self._clock() - self._prefill_start[worker_id], 0.0)
         return pending - min(done, pending - 1.0) if head is not None else pending
+
+    def _deployment_pending(self, worker_id: str, on: _OnWorker | None, now: float) -> float:
+        """`pending_prefill` with several frontend processes: every process's pending
+        blocks there, less the worker's progress since it last started on a prompt as any
+        process saw it (a first output, or a prompt routed to it with nothing pending),
+        at the rate this process learned."""
+        assert self._peers is not None
+        others, start = self._peers.peer_pending_since(worker_id)
+        pending = others + on.pending if on is not None else others
+        if pending <= 0:
+            return 0
+        rate = self._prefill_rate.get(worker_id)
+        if rate is None or not self.config.prefill_progress:
+            return pending
+        if not start:
+            start = self._prefill_start.get(worker_id, now)
+        done = rate.per_second * (now - start if now > start else 0.0)
+        return pending - min(done, pending - 1.0)
 
     @staticmethod
     def _prefill_head(on: _OnWorker) -> _InFlight | None:
@@ -509,6 +567,9 @@ class KvRouter:
         peer_blocks = self.tracker.peer_blocks
         tokens = len(token_ids)
         publishes = self._publishes
+        peers = self._peers
+        now = self._clock() if peers is not None else 0.0
+        peer_depths: dict[str, int] = {}  # worker -> the prefix other processes routed there
         cached: dict[str, int] = {}  # worker -> its cached prefix in blocks, from KV events
         cached_size = 0  # the block size `cached` is for (of workers that publish them)
         overlaps: list[int] = []
@@ -524,9 +585,13 @@ class KvRouter:
                 hashes = by_size.get(size)
                 if hashes is None:
                     hashes = by_size[size] = prompt_hashes(token_ids, size, media)
+                if peers is not None:
+                    peer_depths = peers.prefix_depths(hashes)
             if size != cached_size or (publishes is not None and not publishes(worker_id)):
                 cached, cached_size = self._cached_prefixes(worker_id, size, hashes)
             overlap = cached.get(worker_id, 0)
+            if peer_depths:  # routed there by another process, its KV events still to come
+                overlap = max(overlap, peer_depths.get(worker_id, 0))
             own = 0  # our in-flight prompts' distinct blocks there
             new = total  # the prompt's blocks it does not hold for a running request yet
             on = on_worker.get(worker_id)
@@ -545,7 +610,10 @@ class KvRouter:
             uncached = total - credit * overlap
             prefill = weight * uncached if uncached > 0 else 0.0
             pending = 0.0
-            if on is not None and on.pending:
+            if peers is not None:  # every process's prompts there
+                pending = self._deployment_pending(worker_id, on, now)
+                prefill += pending
+            elif on is not None and on.pending:
                 pending = self.pending_prefill(worker_id)
                 prefill += pending
             # this process's routed blocks and the other frontend processes' (load_share)
@@ -603,6 +671,15 @@ class KvRouter:
         self._turn[worker_id] = self._turn_stamp()
         return card
 
+    def share_routing(self, peers: PeerRouting) -> None:
+        """Route with the deployment's other frontend processes' pending prefill and
+        in-flight prompts, and publish ours to them (`frontend.load_table.SharedRouting`)."""
+        self._peers = peers
+        for worker_id, on in self._on_worker.items():
+            peers.pending_changed(worker_id, on.pending)
+        for entry in self._in_flight.values():
+            peers.routed(entry.worker_id, entry.hashes)
+
     def share_turns(self, turns: TurnBook, stamp: Callable[[], int]) -> None:
         """Take turns with the deployment's other frontend processes: `turns` holds when any
         of them last routed to each worker, on the clock `stamp` reads
@@ -621,15 +698,21 @@ class KvRouter:
         on = self._on_worker.get(worker_id)
         if on is None:
             on = self._on_worker[worker_id] = _OnWorker()
+        peers = self._peers
         if not on.pending:  # it starts on this prompt now
             self._prefill_start[worker_id] = now
             on.queue.clear()
+            if peers is not None and not peers.peer_pending_since(worker_id)[0]:  # nothing
+                peers.prefill_started(worker_id, now)
         entry = _InFlight(worker_id, hashes, blocks, prefill, now)
         self._in_flight[request_id] = entry
         on.queue.append(entry)
         on.footprint.update(hashes)
         on.partial += blocks - len(hashes)
         on.pending += prefill
+        if peers is not None:
+            peers.pending_changed(worker_id, on.pending)
+            peers.routed(worker_id, hashes)
 
     def _log_choice(self, request: Any, terms: _Terms, picked: int, now: float) -> None:
         scores = terms.scores()

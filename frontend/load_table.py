@@ -13,8 +13,9 @@ head: `contract.plan.frontend_plan` is its only source), so they share one file 
   holds the row's requests and prompt blocks on that worker (two arrays of 4-byte ints,
   column-major so a column's rows are one slice). Only a row's process writes it: at each
   started/finished (a prefill changes neither count), plain aligned stores, no lock;
-- readers sum a column's other rows when the router asks (`peer_requests` / `peer_blocks` of
-  `LoadTracker`, read lazily): what another process routed a microsecond ago counts;
+- readers sum a column's other rows when the router asks (`peer_requests` of `LoadTracker`,
+  read lazily; `peer_blocks`: the largest other row, see `LoadTable.peer_blocks`): what
+  another process routed a microsecond ago counts;
 - worker id -> column: a name table appended under an exclusive `flock` and read under a
   shared one, only when a process meets a worker it has no column for (workers join rarely;
   a hash would need collision handling and a reader could not tell two workers apart). A
@@ -23,6 +24,18 @@ head: `contract.plan.frontend_plan` is its only source), so they share one file 
 - the KV router's turns: one 8-byte cell per column, the monotonic time (one clock for every
   process of the node) any process last routed to that worker, so "the least recently routed"
   means across the deployment (`SharedTurns`); last writer wins, no lock;
+- the KV router's pending prefill (`SharedRouting`): a third row-per-process array, the
+  prompt blocks each process routed to a worker that have not sent a first output yet, and
+  one 8-byte cell per column, when the worker started on its current prefill (any process's
+  first output there, or a prompt routed to it with nothing pending anywhere): each process
+  saw only its own, so a worker busy with another process's prompts looked idle;
+- the KV router's recently routed prompts (`SharedRouting`): a small hash table per row
+  (`PREFIX_SLOTS` entries of block hash, column, count of our in-flight requests holding it),
+  written only by its process at each route and finish, holding a sample of each in-flight
+  prompt's chained block hashes (`prefix_positions`); readers find, in each other live row,
+  how deep a new prompt's prefix was routed to which worker, before that worker's KV events
+  say so (a system prompt's second request in another process went elsewhere and computed
+  it again: at 7 processes small_cache's hit rate fell from 0.98 to 0.63 of the oracle's);
 - a crashed process: its row holds its pid; rows whose process is gone (checked every
   `LIVENESS_S`) are left out of the sums, and the restarted process (same index) clears its
   row before it routes. A stopping one clears its row and pid.
@@ -49,11 +62,14 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 MAGIC = 0x544C5048  # "HPLT"
-VERSION = 2
+VERSION = 3
 ROWS = 64  # the most frontend processes (`frontend.workers` <= 64)
 COLUMNS = 1024  # the most distinct worker ids over a deployment's life
 NAME_BYTES = 128  # a column's name slot: its length (1 byte), then the UTF-8 worker id
 LIVENESS_S = 1.0  # how often rows of gone processes are looked for
+PREFIX_SLOTS = 4096  # a row's routed-prefix entries (a power of two): ~18 per in-flight prompt
+PREFIX_PROBES = 4  # slots an entry may sit in past its home slot's (linear probing)
+PREFIX_STRIDE = 16  # sampled block positions: 0, 1, 3, 7, then every 16th, and the last
 
 _HEADER = 64  # magic, version, rows, columns, name bytes, columns named: 4-byte ints
 _NAMED = 5  # the header's count of named columns
@@ -62,7 +78,12 @@ _NAMES = _PIDS + 4 * ROWS
 _REQUESTS = _NAMES + COLUMNS * NAME_BYTES
 _BLOCKS = _REQUESTS + 4 * COLUMNS * ROWS
 _TURNS = _BLOCKS + 4 * COLUMNS * ROWS
-SIZE = _TURNS + 8 * COLUMNS  # 648 KiB, allocated by tmpfs as it is written
+_PENDING = _TURNS + 8 * COLUMNS
+_STARTS = _PENDING + 4 * COLUMNS * ROWS
+_PREFIX_KEYS = _STARTS + 8 * COLUMNS
+_PREFIX_COLUMNS = _PREFIX_KEYS + 8 * ROWS * PREFIX_SLOTS
+_PREFIX_COUNTS = _PREFIX_COLUMNS + 4 * ROWS * PREFIX_SLOTS
+SIZE = _PREFIX_COUNTS + 4 * ROWS * PREFIX_SLOTS  # 5 MiB, allocated by tmpfs as written
 
 
 class TableFull(ValueError):
@@ -100,9 +121,17 @@ class LoadTable:
         self._names = view[_NAMES:_REQUESTS]
         self._requests = view[_REQUESTS:_BLOCKS].cast("i")
         self._blocks = view[_BLOCKS:_TURNS].cast("i")
-        self._turns = view[_TURNS:SIZE].cast("q")
+        self._turns = view[_TURNS:_PENDING].cast("q")
+        self._pending = view[_PENDING:_STARTS].cast("i")
+        self._starts = view[_STARTS:_PREFIX_KEYS].cast("d")
+        self._prefix_keys = view[_PREFIX_KEYS:_PREFIX_COLUMNS].cast("Q")
+        self._prefix_columns = view[_PREFIX_COLUMNS:_PREFIX_COUNTS].cast("i")
+        self._prefix_counts = view[_PREFIX_COUNTS:SIZE].cast("i")
         self._columns: dict[str, int] = {}  # worker id -> column, as far as we read the names
         self._dead: list[int] = []  # other rows whose process is gone: left out of the sums
+        self._peer_rows = [r for r in range(rows_used) if r != row]  # the live other rows
+        # our row's prefix entries: (block hash, column) -> slot (only we write our row)
+        self._our_prefixes: dict[tuple[int, int], int] = {}
 
     @contextlib.contextmanager
     def _locked(self, how: int) -> Iterator[None]:
@@ -130,6 +159,10 @@ class LoadTable:
             cell = column * ROWS + self.row
             self._requests[cell] = 0
             self._blocks[cell] = 0
+            self._pending[cell] = 0
+        base = self.row * PREFIX_SLOTS
+        self._prefix_counts[base : base + PREFIX_SLOTS] = _NO_COUNTS
+        self._our_prefixes.clear()
 
     def write(self, worker_id: str, requests: int, blocks: int) -> None:
         """Our row's counts on `worker_id` (TableFull: no column is left for it)."""
@@ -137,14 +170,50 @@ class LoadTable:
         self._requests[cell] = requests
         self._blocks[cell] = blocks
 
+    def write_pending(self, worker_id: str, blocks: int) -> None:
+        """Our row's pending prefill blocks on `worker_id` (TableFull: no column is left)."""
+        self._pending[self.column_for(worker_id) * ROWS + self.row] = blocks
+
     # ----- the others' rows -------------------------------------------------------------
+    def peer_pending(self, worker_id: str) -> int:
+        """The other live processes' pending prefill blocks on `worker_id`."""
+        return self._peer_sum(self._pending, worker_id)
+
+    def peer_pending_since(self, worker_id: str) -> tuple[int, float]:
+        """`peer_pending` and `prefill_start_of` (0.0: unseen) in one column lookup (the KV
+        router reads both for every candidate)."""
+        column = self._columns.get(worker_id)
+        if column is None:
+            column = self._find(worker_id)
+            if column is None:
+                return 0, 0.0
+        cells, base = self._pending, column * ROWS
+        total = sum(cells[base : base + self.rows_used]) - cells[base + self.row]
+        for row in self._dead:
+            total -= cells[base + row]
+        return total, self._starts[column]
+
     def peer_requests(self, worker_id: str) -> int:
         """The other live processes' in-flight requests on `worker_id`."""
         return self._peer_sum(self._requests, worker_id)
 
     def peer_blocks(self, worker_id: str) -> int:
-        """The other live processes' routed prompt blocks on `worker_id`."""
-        return self._peer_sum(self._blocks, worker_id)
+        """The largest other live process's routed prompt blocks on `worker_id`: a lower
+        bound of their deduplicated footprint there. Each row's blocks are distinct within
+        its process only, so a sum counted a hot system prompt once per process: a worker
+        serving one prompt's hits from 7 processes looked ~7 prompts busy, beyond the KV
+        router's tie band, and the prompt's next requests went elsewhere and computed it
+        again (small_cache at 7 processes, hit rate 0.94-0.95 of the oracle's with the
+        sum, 0.97-0.99 with the largest row; benchmarks/README.md). The worker's own
+        report (deduplicated by its engine, one load report late) lifts a bound too low:
+        the router takes the larger of the two."""
+        column = self._columns.get(worker_id)
+        if column is None:
+            column = self._find(worker_id)
+            if column is None:
+                return 0
+        cells, base = self._blocks, column * ROWS
+        return max([cells[base + row] for row in self._peer_rows], default=0)
 
     def _peer_sum(self, cells: memoryview, worker_id: str) -> int:
         column = self._columns.get(worker_id)
@@ -157,6 +226,113 @@ class LoadTable:
         for row in self._dead:
             total -= cells[base + row]
         return total
+
+    # ----- when each worker started on its current prefill (one cell per worker) -----------
+    def mark_prefill_start(self, worker_id: str, at: float) -> None:
+        """Some process saw `worker_id` start on its next prompt at `at` (monotonic s)."""
+        self._starts[self.column_for(worker_id)] = at
+
+    def prefill_start_of(self, worker_id: str) -> float | None:
+        """When `worker_id` last started on a prompt, as any process saw it (None: unseen)."""
+        column = self._columns.get(worker_id)
+        if column is None:
+            column = self._find(worker_id)
+            if column is None:
+                return None
+        return self._starts[column] or None
+
+    # ----- recently routed prompts (a hash table per row) ---------------------------------
+    def add_prefix(self, worker_id: str, hashes: list[int]) -> None:
+        """One more of our in-flight prompts on `worker_id`: its sampled block hashes count
+        once more (an entry whose probe run is full is left out: a lookup then finds a
+        shorter prefix, no false one)."""
+        column = self.column_for(worker_id)
+        ours, counts = self._our_prefixes, self._prefix_counts
+        keys, columns = self._prefix_keys, self._prefix_columns
+        base = self.row * PREFIX_SLOTS
+        for position in prefix_positions(len(hashes)):
+            key = hashes[position]
+            slot = ours.get((key, column))
+            if slot is not None:
+                counts[slot] += 1
+                continue
+            home = key % PREFIX_SLOTS
+            for probe in range(PREFIX_PROBES):
+                slot = base + ((home + probe) & (PREFIX_SLOTS - 1))
+                if not counts[slot]:  # free: its column and key first, the count makes it live
+                    columns[slot] = column
+                    keys[slot] = key
+                    counts[slot] = 1
+                    ours[key, column] = slot
+                    break
+
+    def remove_prefix(self, worker_id: str, hashes: list[int]) -> None:
+        """One of our in-flight prompts on `worker_id` finished: its entries count once less."""
+        column = self._columns.get(worker_id)
+        if column is None:
+            return
+        ours, counts = self._our_prefixes, self._prefix_counts
+        for position in prefix_positions(len(hashes)):
+            key = (hashes[position], column)
+            slot = ours.get(key)
+            if slot is None:  # left out when added
+                continue
+            left = counts[slot] - 1
+            counts[slot] = left
+            if not left:
+                del ours[key]
+
+    def peer_prefix_depths(self, hashes: list[int]) -> dict[str, int]:
+        """Worker id -> how many leading blocks of a prompt with these full-block hashes the
+        other live processes' in-flight prompts there share (at the sampled positions: up to
+        `PREFIX_STRIDE` - 1 blocks short). Hashes are chained, so a match at a position means
+        the whole prefix up to it; per row and worker a binary search over the positions."""
+        if not hashes:
+            return {}
+        positions = prefix_positions(len(hashes))
+        depths: dict[str, int] = {}
+        by_column: dict[int, int] = {}
+        first = hashes[0]
+        keys, counts, columns = self._prefix_keys, self._prefix_counts, self._prefix_columns
+        home = first % PREFIX_SLOTS
+        slots = [(home + probe) & (PREFIX_SLOTS - 1) for probe in range(PREFIX_PROBES)]
+        for row in self._peer_rows:
+            base = row * PREFIX_SLOTS
+            found = [
+                columns[base + slot] for slot in slots
+                if keys[base + slot] == first and counts[base + slot] > 0
+            ]  # fmt: skip
+            for column in found:
+                low, high = 0, len(positions) - 1  # positions[low] is known to match
+                while low < high:
+                    middle = (low + high + 1) // 2
+                    if self._holds(row, hashes[positions[middle]], column):
+                        low = middle
+                    else:
+                        high = middle - 1
+                depth = positions[low] + 1
+                if depth > by_column.get(column, 0):
+                    by_column[column] = depth
+        if by_column:
+            names = {column: worker for worker, column in self._columns.items()}
+            for column, depth in by_column.items():
+                worker_id = names.get(column)
+                if worker_id is None:
+                    self._sync_names()
+                    names = {c: w for w, c in self._columns.items()}
+                    worker_id = names.get(column)
+                if worker_id is not None:
+                    depths[worker_id] = depth
+        return depths
+
+    def _holds(self, row: int, key: int, column: int) -> bool:
+        keys, counts, columns = self._prefix_keys, self._prefix_counts, self._prefix_columns
+        base, home = row * PREFIX_SLOTS, key % PREFIX_SLOTS
+        for probe in range(PREFIX_PROBES):
+            slot = base + ((home + probe) & (PREFIX_SLOTS - 1))
+            if keys[slot] == key and counts[slot] > 0 and columns[slot] == column:
+                return True
+        return False
 
     # ----- the KV router's turns (one cell per worker, shared by every row) ------------------
     def mark_turn(self, worker_id: str, stamp: int) -> None:
@@ -189,6 +365,7 @@ class LoadTable:
         if dead != self._dead:
             logger.info("frontend load table rows of gone processes: %s (left out)", dead)
         self._dead = dead
+        self._peer_rows = [r for r in range(self.rows_used) if r != self.row and r not in dead]
         return dead
 
     # ----- columns ----------------------------------------------------------------------
@@ -242,11 +419,30 @@ class LoadTable:
 
     def close(self) -> None:
         views = (self._header, self._pids, self._names, self._requests, self._blocks,
-                 self._turns)  # fmt: skip
+                 self._turns, self._pending, self._starts, self._prefix_keys,
+                 self._prefix_columns, self._prefix_counts)  # fmt: skip
         for view in views:
             view.release()
         self._map.close()
         os.close(self._fd)
+
+
+_NO_COUNTS = memoryview(bytes(4 * PREFIX_SLOTS)).cast("i")  # a row's prefix counts, cleared
+_POSITIONS: dict[int, tuple[int, ...]] = {}
+
+
+def prefix_positions(blocks: int) -> tuple[int, ...]:
+    """The block positions of a prompt of `blocks` full blocks kept in the prefix table:
+    0, 1, 3, 7 (short prompts), every `PREFIX_STRIDE`th from 15 on, and the last (an exact
+    repeat matches whole). Any prompt's positions below its length are every other's too, so
+    a shared prefix matches at each of them up to its depth."""
+    positions = _POSITIONS.get(blocks)
+    if positions is None:
+        early = [p for p in (0, 1, 3, 7) if p < blocks]
+        strided = range(PREFIX_STRIDE - 1, blocks, PREFIX_STRIDE)
+        last = [blocks - 1] if blocks and (blocks - 1) not in (*early, *strided) else []
+        positions = _POSITIONS[blocks] = (*early, *strided, *last)
+    return positions
 
 
 def process_alive(pid: int) -> bool:
@@ -313,6 +509,34 @@ class SharedTurns:
             self._table.mark_turn(worker_id, stamp)
         except TableFull:  # said by the load share's writes; turns stay in this process
             self._unshared[worker_id] = stamp
+
+
+class SharedRouting:
+    """What the KV router's choice needs from the deployment's other frontend processes
+    besides their counts: their pending prefill per worker, when each worker started on its
+    current prefill, and how deep their in-flight prompts share a new prompt's prefix where
+    (`kv_router.PeerRouting`). A worker without a column (TableFull) is not shared."""
+
+    def __init__(self, table: LoadTable) -> None:
+        self._table = table
+        # the reads on the request path: the table's own methods, no call in between
+        self.peer_pending_since = table.peer_pending_since
+        self.prefix_depths = table.peer_prefix_depths
+
+    def routed(self, worker_id: str, hashes: list[int]) -> None:
+        with contextlib.suppress(TableFull):
+            self._table.add_prefix(worker_id, hashes)
+
+    def released(self, worker_id: str, hashes: list[int]) -> None:
+        self._table.remove_prefix(worker_id, hashes)
+
+    def pending_changed(self, worker_id: str, blocks: int) -> None:
+        with contextlib.suppress(TableFull):
+            self._table.write_pending(worker_id, blocks)
+
+    def prefill_started(self, worker_id: str, at: float) -> None:
+        with contextlib.suppress(TableFull):
+            self._table.mark_prefill_start(worker_id, at)
 
 
 class TableLoadShare:

@@ -25,7 +25,12 @@ from frontend import errors
 from frontend.kv_index import KvIndex, KvIndexFeed
 from frontend.kv_router import KvRouter
 from frontend.load_share import LoadShare
-from frontend.load_table import SharedTurns, TableLoadShare, process_load_share
+from frontend.load_table import (
+    SharedRouting,
+    SharedTurns,
+    TableLoadShare,
+    process_load_share,
+)
 from frontend.media import MediaIntake
 from frontend.media_store import MediaStore
 from frontend.metrics import FrontendMetrics
@@ -134,6 +139,8 @@ class FrontendState:
             if isinstance(self.load_share, TableLoadShare) and isinstance(self.router, KvRouter):
                 # the least recently routed worker: across the processes, not in each one
                 self.router.share_turns(SharedTurns(self.load_share.table), SharedTurns.stamp)
+                # their pending prefill and in-flight prompts too, not only their counts
+                self.router.share_routing(SharedRouting(self.load_share.table))
         self.started = int(time.time())
         self._worker_joined = asyncio.Event()
         # the routable workers and their shortest context, kept until the directory changes

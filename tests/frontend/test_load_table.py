@@ -261,8 +261,9 @@ def test_kv_routers_of_two_processes_take_turns_together(tmp_path: Path, share_t
     for number in range(4):
         router, tracker = processes[number % 2]
         prompt = list(range(10_000 * (number + 1), 10_000 * (number + 1) + 64))
-        worker_id = router.choose(workers, GenerateRequest(request_id=f"r{number}",
-                                                           token_ids=prompt)).worker_id
+        worker_id = router.choose(
+            workers, GenerateRequest(request_id=f"r{number}", token_ids=prompt)
+        ).worker_id
         tracker.started(worker_id)
         chosen.append(worker_id)
     if share_turns:
@@ -279,3 +280,141 @@ def test_shared_turns_are_one_record_for_every_process(tmp_path: Path) -> None:
     assert (first.get("w0", -1), first.get("w1", -1)) == (5, 7)
     assert (second.get("w0", -1), second.get("w1", -1)) == (5, 7)
     assert SharedTurns.stamp() <= SharedTurns.stamp()
+
+
+def prompt_hashes_of(tokens: list[int]) -> list[int]:
+    from frontend.kv_router import prompt_hashes
+
+    return prompt_hashes(tokens, 16)
+
+
+def test_routed_prefixes_and_pending_prefill_are_the_other_rows(tmp_path: Path) -> None:
+    """Row 0 routes a 40-block prompt to w1: row 1 finds how deep any prompt shares it there
+    (at the sampled positions), row 0 itself does not count its own; counts per prompt."""
+    path = str(tmp_path / "load")
+    writer, reader = (LoadTable(path, i, 2) for i in range(2))
+    for table in (writer, reader):
+        table.claim()
+    system = list(range(640))  # 40 blocks
+    routed = prompt_hashes_of(system)
+    assert reader.peer_prefix_depths(routed) == {}
+    writer.add_prefix("w1", routed)
+    writer.add_prefix("w1", routed)  # a second request with the same prompt
+    writer.write_pending("w1", 40)
+    assert reader.peer_prefix_depths(routed) == {"w1": 40}
+    longer = prompt_hashes_of(system + list(range(5000, 5100)))
+    assert reader.peer_prefix_depths(longer) == {"w1": 32}  # its positions: ..., 31, 47
+    shares_20 = prompt_hashes_of(system[:320] + list(range(9000, 9320)))
+    assert reader.peer_prefix_depths(shares_20) == {"w1": 16}  # positions 15 and 31 sampled
+    assert reader.peer_prefix_depths(prompt_hashes_of(list(range(7000, 7640)))) == {}
+    assert writer.peer_prefix_depths(routed) == {}  # its own row is not a peer's
+    assert reader.peer_pending("w1") == 40 and writer.peer_pending("w1") == 0
+    writer.remove_prefix("w1", routed)
+    assert reader.peer_prefix_depths(routed) == {"w1": 40}  # the other request holds it
+    writer.remove_prefix("w1", routed)
+    assert reader.peer_prefix_depths(routed) == {}
+    reader.mark_prefill_start("w1", 12.5)
+    assert writer.prefill_start_of("w1") == 12.5 and writer.prefill_start_of("w9") is None
+    writer.write_pending("w1", 7)
+    assert reader.peer_pending_since("w1") == (7, 12.5)
+    assert reader.peer_pending_since("w9") == (0, 0.0)
+
+
+def test_a_dead_or_restarted_process_leaves_no_prefix_or_pending(tmp_path: Path) -> None:
+    path = str(tmp_path / "load")
+    reader, crashed = LoadTable(path, 0, 2), LoadTable(path, 1, 2)
+    reader.claim()
+    crashed.claim(pid=424242)
+    routed = prompt_hashes_of(list(range(320)))
+    crashed.add_prefix("w0", routed)
+    crashed.write_pending("w0", 20)
+    assert reader.peer_prefix_depths(routed) == {"w0": 20} and reader.peer_pending("w0") == 20
+    assert reader.check_rows(alive=lambda pid: pid != 424242) == [1]
+    assert reader.peer_prefix_depths(routed) == {} and reader.peer_pending("w0") == 0
+    reader.check_rows(alive=lambda pid: True)  # its index restarts: the new process's row
+    assert reader.peer_prefix_depths(routed) == {"w0": 20}
+    LoadTable(path, 1, 2).claim()
+    assert reader.peer_prefix_depths(routed) == {} and reader.peer_pending("w0") == 0
+
+
+def kv_sharing(path: Path, index: int, count: int, share_routing: bool):  # type: ignore[no-untyped-def]
+    router, tracker = kv_process(path, index, count, share_turns=True)
+    if share_routing:
+        table = LoadTable(str(path), index, count)
+        router.share_routing(load_table.SharedRouting(table))
+    return router, tracker
+
+
+@pytest.mark.parametrize("share_routing", [True, False])
+def test_a_prompt_routed_by_another_process_draws_its_prefix(
+    tmp_path: Path, share_routing: bool
+) -> None:
+    """Process 0 routes a long system prompt's first request; before any KV event, process 1
+    gets the same system prompt with another question: with the routing shared it goes where
+    the prefix is being computed (and sees that worker's pending prefill), without it to
+    another worker, which computes the prefix again."""
+    processes = [kv_sharing(tmp_path / "load", i, 2, share_routing) for i in range(2)]
+    workers = [card(f"w{i}") for i in range(4)]
+    system = list(range(3200))
+    first, second = (router for router, _ in processes)
+    picked = first.choose(workers, GenerateRequest(request_id="a", token_ids=[*system, 1, 2]))
+    processes[0][1].started(picked.worker_id)
+    again = second.choose(workers, GenerateRequest(request_id="b", token_ids=[*system, 3, 4]))
+    if share_routing:
+        assert again.worker_id == picked.worker_id
+        assert second.pending_prefill(picked.worker_id) >= 200  # process 0's prompt, ahead
+        processes[0][1].prefilled("a")
+        assert second.pending_prefill(picked.worker_id) < 200  # only its own ~1 block left
+    else:
+        assert again.worker_id != picked.worker_id
+
+
+async def test_two_kv_frontends_send_a_shared_prefix_to_one_worker(
+    make_frontend, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two real frontends (processes 0 and 1 of 2) on one table, kv, each with the same three
+    workers (FAKE workers publish no KV events): a long prompt held open through the first,
+    then the same prompt with another ending through the second, which goes where the first
+    one's prefix is. Without the shared routing the second process knows nothing of it, and
+    the shared turns send it to a worker not routed to yet."""
+    monkeypatch.setenv(LOAD_TABLE_ENV, str(tmp_path / "load"))
+    frontends = []
+    for index in range(2):
+        monkeypatch.setenv(FRONTEND_PROCESS_ENV, f"{index}/2")
+        harness = await make_frontend(router="kv")
+        for worker_id in ("w2", "w1", "w0"):
+            await harness.add_worker(worker_id, delay_s=0.2)
+        frontends.append(harness)
+    system = "You are a careful assistant who answers in plain words. " * 40
+    async with contextlib.AsyncExitStack() as stack:
+        for index, question in enumerate(("What is a cache?", "What is a prefix?")):
+            client = await stack.enter_async_context(frontends[index].client())
+            response = await stack.enter_async_context(client.stream(
+                "POST", "/v1/completions",
+                json={"prompt": system + question, "max_tokens": 40, "stream": True},
+            ))  # fmt: skip
+            assert response.status_code == 200
+            lines = response.aiter_lines()
+            stack.push_async_callback(lines.aclose)
+            await anext(lines)  # routed and running
+        served = [
+            [worker.worker_id for worker in harness.workers if worker.requests]
+            for harness in frontends
+        ]
+        assert len(served[0]) == 1 and served[1] == served[0]
+
+
+def test_the_peers_blocks_are_the_largest_other_row_not_their_sum(tmp_path: Path) -> None:
+    """Two other processes each routed one system prompt's requests to w0 (30 and 50 distinct
+    blocks in each): the reader counts 50, the lower bound of their union, not 80 (the
+    shared prompt twice); a dead row counts not at all."""
+    path = str(tmp_path / "load")
+    reader, first, second = (LoadTable(path, i, 3) for i in range(3))
+    for table in (reader, first):
+        table.claim()
+    second.claim(pid=434343)
+    first.write("w0", 2, 30)
+    second.write("w0", 3, 50)
+    assert reader.peer_blocks("w0") == 50 and reader.peer_requests("w0") == 5
+    reader.check_rows(alive=lambda pid: pid != 434343)
+    assert reader.peer_blocks("w0") == 30 and reader.peer_blocks("w9") == 0
