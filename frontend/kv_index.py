@@ -117,7 +117,7 @@ class KvIndex:
     def apply(self, worker_id: str, events: Iterable[KvEvent]) -> None:
         for event in events:
             if isinstance(event, KvStored):
-                self.store(worker_id, [b.block_hash for b in event.blocks])
+                self.store(worker_id, event.block_hashes)
             elif isinstance(event, KvRemoved):
                 self.remove(worker_id, event.block_hashes)
 

@@ -8,7 +8,7 @@ from worker_cards import worker_card
 
 from contract.block_hash import block_hashes
 from contract.discovery import WorkerCard
-from contract.messages import KvEventBatch, KvRemoved, KvSnapshot, KvStored, StoredBlock
+from contract.messages import KvEventBatch, KvRemoved, KvSnapshot, KvStored
 from frontend.kv_index import KvIndex, KvIndexFeed
 
 PROMPT = list(range(100, 164))  # 4 blocks of 16
@@ -17,7 +17,7 @@ H = block_hashes(PROMPT, 16)
 
 def stored(hashes: list[int], parent: int | None = None) -> KvStored:
     return KvStored(
-        parent_hash=parent, blocks=[StoredBlock(block_hash=h, num_tokens=16) for h in hashes]
+        parent_hash=parent, block_hashes=list(hashes)
     )
 
 

@@ -190,7 +190,7 @@ async def test_events_and_load_metrics_are_published(started_worker: Worker, nat
     assert [b.seq for b in batches] == [1, 2]
     assert all(b.worker_id == "agg-g0-i0" for b in batches)
     assert batches[0].events[0].kind == "stored"
-    assert len(batches[1].events[0].blocks) == 4
+    assert len(batches[1].events[0].block_hashes) == 4
     assert metrics.worker_id == "agg-g0-i0"
     assert metrics.total_blocks == 100
 
