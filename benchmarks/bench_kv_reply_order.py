@@ -6,7 +6,8 @@ connections (replies: the worker client's; events: the KV index feed's), often i
 Here a child process plays the worker (a reply, then a batch, for each request) and this
 process the frontend: a handler publishes a request, waits for its reply (resolved by the
 reply subscription's callback, as `WorkerClient._on_reply` does) and notes whether a KV batch
-was applied between that callback and the handler's resuming, and how long the hop took.
+was applied between the reply's arrival (nats-py's read loop parsing it: `_process_msg`,
+wrapped here) and the handler's resuming, and how long that took.
 
 This tree's `KvIndexFeed` and `--baseline DIR`'s (e.g. main's `frontend/kv_index.py`, run with
 this tree's `contract`, so both parse the same batches) are alternated in rounds, a fresh
@@ -107,10 +108,18 @@ async def one_round(module: ModuleType, url: str, requests: int) -> dict[str, fl
     waiting: dict[str, tuple[asyncio.Future[None], list[float]]] = {}
 
     async def on_reply(msg) -> None:  # type: ignore[no-untyped-def]
-        future, marks = waiting.pop(msg.subject)
-        marks.extend((time.perf_counter(), applied[0]))
+        future, _ = waiting.pop(msg.subject)
         future.set_result(None)
 
+    parsed = nc._process_msg  # the read loop's hand-over of each message (nats-py private)
+
+    async def stamped(sid, subject, reply, data, headers) -> None:  # type: ignore[no-untyped-def]
+        waiter = waiting.get(subject.decode())
+        if waiter is not None:
+            waiter[1].extend((time.perf_counter(), applied[0]))
+        await parsed(sid, subject, reply, data, headers)
+
+    nc._process_msg = stamped
     inbox = nc.new_inbox()
     await nc.subscribe(f"{inbox}.*", cb=on_reply)
     await nc.request(REQUESTS, b"reset", timeout=5)
