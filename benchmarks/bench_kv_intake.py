@@ -12,7 +12,9 @@ so a batch carries `--blocks` stored and as many removed hashes.
 
 `--baseline DIR` times another tree's `frontend/kv_index.py` and `parse_kv_event_batch` (its
 `contract/messages.py`) too, e.g. main's checkout, the two alternated in rounds so that the
-machine's load falls on both alike, and checks both end with the same index.
+machine's load falls on both alike, and checks both end with the same index. Each side gets
+the batches as its own `kv_batch_json` writes them (protocol 1 wrote a dict per stored
+block, 2 a flat list of hashes).
 
     python benchmarks/bench_kv_intake.py [--baseline /work/main] [--rounds 6]
 
@@ -36,7 +38,6 @@ from types import ModuleType
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from contract import messages
-from contract.messages import KvRemoved, KvStored, StoredBlock, kv_batch_json
 from frontend import kv_index
 
 
@@ -49,8 +50,11 @@ def load_module(path: Path, name: str) -> ModuleType:
     return module
 
 
-def worker_batches(workers: int, count: int, blocks: int, resident: int) -> list[bytes]:
-    """`count` batches on the wire, the workers' in turn, each with its next `seq`."""
+Batch = tuple[str, int, list[tuple[bool, list[int]]]]  # worker, seq, (stored?, hashes)
+
+
+def worker_batches(workers: int, count: int, blocks: int, resident: int) -> list[Batch]:
+    """`count` batches, the workers' in turn, each with its next `seq`."""
     rng = random.Random(1)
     seqs = [0] * workers
     held: list[list[list[int]]] = [[] for _ in range(workers)]
@@ -58,16 +62,30 @@ def worker_batches(workers: int, count: int, blocks: int, resident: int) -> list
     for k in range(count):
         w = k % workers
         hashes = [rng.getrandbits(63) for _ in range(blocks)]
-        events: list = [
-            KvStored(parent_hash=None, blocks=[StoredBlock(block_hash=h, num_tokens=16)
-                                               for h in hashes])
-        ]  # fmt: skip
+        events = [(True, hashes)]
         held[w].append(hashes)
         if len(held[w]) > resident:
-            events.append(KvRemoved(block_hashes=held[w].pop(0)))
+            events.append((False, held[w].pop(0)))
         seqs[w] += 1
-        out.append(kv_batch_json(f"w{w}", seqs[w], events))
+        out.append((f"w{w}", seqs[w], events))
     return out
+
+
+def on_wire(module: ModuleType, batches: list[Batch], block_size: int = 16) -> list[bytes]:
+    """`batches` as `module`'s (a `contract/messages.py`) worker writes them."""
+    def stored(hashes: list[int]):  # type: ignore[no-untyped-def]
+        if hasattr(module, "StoredBlock"):  # protocol 1: a dict per block
+            blocks = [module.StoredBlock(block_hash=h, num_tokens=block_size) for h in hashes]
+            return module.KvStored(parent_hash=None, blocks=blocks)
+        return module.KvStored(parent_hash=None, block_hashes=hashes)
+
+    return [
+        module.kv_batch_json(worker, seq, [
+            stored(hashes) if is_stored else module.KvRemoved(block_hashes=hashes)
+            for is_stored, hashes in events
+        ])
+        for worker, seq, events in batches
+    ]  # fmt: skip
 
 
 def warmed_feed(index_module: ModuleType, parse, batches: list[bytes], workers: int):  # type: ignore[no-untyped-def]
@@ -170,27 +188,29 @@ def main() -> None:
     if args.over_nats:
         import asyncio
 
-        asyncio.run(over_nats(batches, warm, args.workers))
-    sides = {"this": (kv_index, messages.parse_kv_event_batch)}
+        asyncio.run(over_nats(on_wire(messages, batches), warm, args.workers))
+    sides = {"this": (kv_index, messages)}
     if args.baseline:
         base = Path(args.baseline)
         base_messages = load_module(base / "contract" / "messages.py", "baseline_messages")
         base_index = load_module(base / "frontend" / "kv_index.py", "baseline_kv_index")
-        sides["baseline"] = (base_index, base_messages.parse_kv_event_batch)
-    feeds = {name: warmed_feed(module, parse, batches[:warm], args.workers)
-             for name, (module, parse) in sides.items()}  # fmt: skip
-    timed = batches[warm:]
-    size = max(1, len(timed) // args.rounds)
+        sides["baseline"] = (base_index, base_messages)
+    wire = {name: on_wire(module, batches) for name, (_, module) in sides.items()}
+    parses = {name: module.parse_kv_event_batch for name, (_, module) in sides.items()}
+    feeds = {name: warmed_feed(index_module, parses[name], wire[name][:warm], args.workers)
+             for name, (index_module, _) in sides.items()}  # fmt: skip
+    size = max(1, args.batches // args.rounds)
     spent = dict.fromkeys(sides, 0.0)
     ratios = []
     for r in range(args.rounds):
-        chunk = timed[r * size : (r + 1) * size]
+        lo, hi = warm + r * size, warm + (r + 1) * size
         order = list(sides) if r % 2 == 0 else list(reversed(sides))
-        took = {name: timed_intake(feeds[name], sides[name][1], chunk) for name in order}
+        took = {name: timed_intake(feeds[name], parses[name], wire[name][lo:hi])
+                for name in order}  # fmt: skip
         for name in sides:
             spent[name] += took[name]
         line = f"round {r}: " + ", ".join(
-            f"{n} {took[n] / len(chunk) * 1e6:.1f} µs a batch" for n in sides
+            f"{n} {took[n] / size * 1e6:.1f} µs a batch" for n in sides
         )
         if "baseline" in took:
             ratios.append(took["this"] / took["baseline"])

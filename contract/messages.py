@@ -6,13 +6,12 @@ carries `version` so that a mismatched frontend and worker fail loudly instead o
 
 from __future__ import annotations
 
-import operator
 from typing import Annotated, Any, Literal, NamedTuple
 
 import orjson
 from pydantic import BaseModel, ConfigDict, Field
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2  # 2: KvStored carries a flat `block_hashes` list (was a dict per block)
 
 FinishReason = Literal["stop", "length", "abort", "error"]
 
@@ -261,17 +260,15 @@ class AbortRequest(_Message):
     request_id: str
 
 
-class StoredBlock(_Message):
-    block_hash: int
-    num_tokens: int
-
-
 class KvStored(_Message):
-    """Blocks that became reusable, in prefix order; the first one's parent is `parent_hash`."""
+    """Full blocks that became reusable, in prefix order; the first one's parent is
+    `parent_hash`. A flat list of hashes (every frontend process parses every worker's
+    events: one dict per block was most of that parse); a block is always `block_size`
+    tokens (the worker's card), as only full blocks are reusable."""
 
     kind: Literal["stored"] = "stored"
     parent_hash: int | None
-    blocks: list[StoredBlock]
+    block_hashes: list[int]
 
 
 class KvRemoved(_Message):
@@ -283,7 +280,8 @@ KvEvent = Annotated[KvStored | KvRemoved, Field(discriminator="kind")]
 
 
 class KvEventBatch(_Message):
-    """All KV events of one engine step from one worker; `seq` counts batches per worker."""
+    """A worker's KV events since its last batch (the steps of one pass of its publisher, in
+    order); `seq` counts batches per worker."""
 
     version: int = PROTOCOL_VERSION
     worker_id: str
@@ -302,8 +300,7 @@ class KvBatchOps(NamedTuple):
     @classmethod
     def of(cls, batch: KvEventBatch) -> KvBatchOps:
         return cls(batch.worker_id, batch.seq, [
-            (True, [b.block_hash for b in e.blocks]) if isinstance(e, KvStored)
-            else (False, list(e.block_hashes))
+            (isinstance(e, KvStored), list(e.block_hashes))
             for e in batch.events
         ])  # fmt: skip
 
@@ -311,26 +308,19 @@ class KvBatchOps(NamedTuple):
 _BATCH_KEYS = frozenset(KvEventBatch.model_fields)
 _STORED_KEYS = frozenset(KvStored.model_fields)
 _REMOVED_KEYS = frozenset(KvRemoved.model_fields)
-_BLOCK_KEYS = frozenset(StoredBlock.model_fields)
-_BLOCK_HASH = operator.itemgetter("block_hash")
-_NUM_TOKENS = operator.itemgetter("num_tokens")
-_TWO = {len(_BLOCK_KEYS)}  # a block has exactly its two fields (both looked up by name)
 _INT = {int}  # `type(x) is int` only: a bool or a float goes to the model, which decides
 
 
 def kv_batch_json(worker_id: str, seq: int, events: list[KvEvent]) -> bytes:
     """`KvEventBatch(worker_id=..., seq=..., events=...).model_dump_json()`, by orjson from
-    the events' fields (a batch per step or two under load: the model's serializer cost
-    more than the rest of publishing it)."""
-    wire: list[dict[str, Any]] = []
-    for event in events:
-        if isinstance(event, KvStored):
-            blocks = [
-                {"block_hash": b.block_hash, "num_tokens": b.num_tokens} for b in event.blocks
-            ]
-            wire.append({"kind": "stored", "parent_hash": event.parent_hash, "blocks": blocks})
-        else:
-            wire.append({"kind": "removed", "block_hashes": event.block_hashes})
+    the events' fields (a batch per pass under load: the model's serializer cost more than
+    the rest of publishing it)."""
+    wire: list[dict[str, Any]] = [
+        {"kind": "stored", "parent_hash": event.parent_hash, "block_hashes": event.block_hashes}
+        if isinstance(event, KvStored)
+        else {"kind": "removed", "block_hashes": event.block_hashes}
+        for event in events
+    ]
     message = {"version": PROTOCOL_VERSION, "worker_id": worker_id, "seq": seq, "events": wire}
     return orjson.dumps(message)
 
@@ -340,7 +330,8 @@ def parse_kv_event_batch(data: bytes) -> KvBatchOps:
     parses every worker's batches, and pydantic's model building was most of that cost.
 
     orjson reads the batch; one exactly in the shape workers write (no missing or extra
-    field, ints as ints) becomes tuples directly. Anything else goes through the pydantic
+    field, ints as ints) becomes tuples directly, each event's hashes the list orjson made
+    (its element types checked by one C-level map). Anything else goes through the pydantic
     model, so what is accepted, what it means, and the ValueError for a bad batch are the
     schema's (`KvEventBatch` stays the documented format)."""
     try:
@@ -357,17 +348,8 @@ def parse_kv_event_batch(data: bytes) -> KvBatchOps:
                 parent = event["parent_hash"]
                 if parent is not None and type(parent) is not int:
                     raise ValueError
-                blocks = event["blocks"]
-                if type(blocks) is not list:
-                    raise ValueError
-                # each block exactly {block_hash: int, num_tokens: int}, checked by C-level
-                # maps, not a Python loop per block (the frontends' share of the cost)
-                hashes = list(map(_BLOCK_HASH, blocks))
-                if blocks and (
-                    set(map(len, blocks)) != _TWO
-                    or not set(map(type, hashes)) <= _INT
-                    or not set(map(type, map(_NUM_TOKENS, blocks))) <= _INT
-                ):
+                hashes = event["block_hashes"]
+                if type(hashes) is not list or not set(map(type, hashes)) <= _INT:
                     raise ValueError
                 events.append((True, hashes))
             elif kind == "removed" and event.keys() == _REMOVED_KEYS:

@@ -6,10 +6,12 @@ number of its leading block hashes that worker holds, and the walk stops at the 
 no candidate holds.
 
 `KvIndexFeed` keeps the index true: it applies `KvEventBatch`es from NATS in per-worker
-`seq` order; a gap (lost or reordered batch), a worker it has not synced yet, a worker that
-joins, a frontend (re)start and a periodic timer all trigger a reconcile: the worker is asked
-for a `KvSnapshot` (its full set of cached hashes as of a seq), the index replaces that
-worker's blocks with it and replays the batches that arrived meanwhile. A worker that leaves
+`seq` order, two event-loop turns after they arrive (a worker's reply that came with them
+resumes its request's handler first: the events are off the reply's path); a gap (lost or
+reordered batch), a worker it has not synced yet, a worker that joins, a frontend (re)start
+and a periodic timer all trigger a reconcile: the worker is asked for a `KvSnapshot` (its
+full set of cached hashes as of a seq), the index replaces that worker's blocks with it and
+replays the batches that arrived meanwhile. A worker that leaves
 the `WorkerDirectory` (lease lapse) loses all its blocks at once. The feed also remembers
 which workers ever published a block (`published`): the router warns about the others.
 
@@ -117,7 +119,7 @@ class KvIndex:
     def apply(self, worker_id: str, events: Iterable[KvEvent]) -> None:
         for event in events:
             if isinstance(event, KvStored):
-                self.store(worker_id, [b.block_hash for b in event.blocks])
+                self.store(worker_id, event.block_hashes)
             elif isinstance(event, KvRemoved):
                 self.remove(worker_id, event.block_hashes)
 
@@ -243,6 +245,7 @@ class KvIndexFeed:
         self._workers: set[str] = set()
         self._tasks: set[asyncio.Task[None]] = set()
         self._reconciler: asyncio.Task[None] | None = None
+        self._arrived: list[bytes] = []  # batches received, applied two loop turns later
         self.num_gaps = 0
         self.num_snapshots = 0
         self.published: set[str] = set()  # workers that ever reported a cached block
@@ -283,12 +286,27 @@ class KvIndexFeed:
 
     # ----- events --------------------------------------------------------------------------
     async def _on_events(self, msg: Msg) -> None:
-        try:
-            batch = parse_kv_event_batch(msg.data)  # KvEventBatch's schema, parsed fast
-        except ValueError as exc:
-            logger.warning("ignoring malformed KV event batch: %s", exc)
-            return
-        self.handle_batch(batch)
+        """Keep the batch; parse and apply it (and any that follow meanwhile) two loop turns
+        later. A worker publishes a step's KV events after its replies, but they reach this
+        process on another connection, often in the same read: nats-py hands the reply to
+        its subscription's task, which wakes the request's handler a turn later, and the
+        events' task would run in between (30-40 µs for a new prompt's blocks)."""
+        if not self._arrived:
+            asyncio.get_running_loop().call_soon(self._apply_next_turn)
+        self._arrived.append(msg.data)
+
+    def _apply_next_turn(self) -> None:
+        asyncio.get_running_loop().call_soon(self._apply_arrived)
+
+    def _apply_arrived(self) -> None:
+        arrived, self._arrived = self._arrived, []
+        for data in arrived:
+            try:
+                batch = parse_kv_event_batch(data)  # KvEventBatch's schema, parsed fast
+            except ValueError as exc:
+                logger.warning("ignoring malformed KV event batch: %s", exc)
+                continue
+            self.handle_batch(batch)
 
     def handle_batch(self, batch: KvEventBatch | KvBatchOps) -> None:
         """Apply in seq order; on a gap or an unsynced worker, reconcile by snapshot."""

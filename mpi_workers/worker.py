@@ -392,8 +392,10 @@ class Worker:
         """What the last step(s) produced: one message per request, except that the chunks
         of requests whose sender reads batches go as one message per sender's inbox (one
         JSON array, encoded in one call); a request's chunks of several steps (a fast
-        engine) go as one (`coalesce_chunks`). Then the engine's KV event batches, each with the
-        next `seq` (one wake-up of one task for all a step publishes)."""
+        engine) go as one (`coalesce_chunks`). Then the engine's KV events of every step since
+        the last pass, as one batch with the next `seq` (every frontend process pays for each
+        message it receives), published once the replies are on the socket: a frontend that
+        gets both handles the reply first."""
         assert self._nc is not None
         kv_subject = bus.kv_events_subject(self.deployment)
         loop = asyncio.get_running_loop()
@@ -418,7 +420,12 @@ class Worker:
                     await self._nc.publish(subject, payload)
                 except Exception as exc:  # the frontend times the request out
                     logger.warning("reply to %s not published: %s", subject, exc)
-            for events in kv_batches:
+            if kv_batches:
+                if messages:
+                    await asyncio.sleep(0)  # nats-py's flusher writes the replies first
+                events = kv_batches[0] if len(kv_batches) == 1 else [
+                    event for step in kv_batches for event in step
+                ]  # fmt: skip
                 self._kv_seq += 1
                 try:
                     await self._nc.publish(

@@ -20,7 +20,7 @@ from collections import OrderedDict
 from dataclasses import dataclass
 
 from contract.block_hash import hash_block
-from contract.messages import KvEvent, KvRemoved, KvStored, StoredBlock
+from contract.messages import KvEvent, KvRemoved, KvStored
 from mpi_workers.engine.sequence import Sequence
 
 logger = logging.getLogger(__name__)
@@ -156,7 +156,7 @@ class BlockManager:
         if not self.enable_prefix_caching:
             return
         bs = self.block_size
-        run: list[StoredBlock] = []
+        run: list[int] = []
         run_parent: int | None = None
         for idx in range(len(seq.block_hashes), seq.num_computed // bs):
             parent = seq.block_hashes[-1] if seq.block_hashes else None
@@ -174,12 +174,12 @@ class BlockManager:
             self._hash_to_block[h] = block.block_id
             if not run:
                 run_parent = parent
-            run.append(StoredBlock(block_hash=h, num_tokens=bs))
+            run.append(h)
         self._flush_stored(run_parent, run)
 
-    def _flush_stored(self, parent: int | None, run: list[StoredBlock]) -> None:
+    def _flush_stored(self, parent: int | None, run: list[int]) -> None:
         if run:
-            self._events.append(KvStored(parent_hash=parent, blocks=list(run)))
+            self._events.append(KvStored(parent_hash=parent, block_hashes=list(run)))
 
     def _emit_removed(self, block_hash: int) -> None:
         if self._events and isinstance(self._events[-1], KvRemoved):

@@ -23,7 +23,6 @@ from contract.messages import (
     LoadMetrics,
     MediaRef,
     SamplingParams,
-    StoredBlock,
     TokenLogprob,
     TopLogprob,
     choice_seed,
@@ -48,7 +47,7 @@ MESSAGES = [
     KvEventBatch(
         worker_id="w", seq=3,
         events=[
-            KvStored(parent_hash=None, blocks=[StoredBlock(block_hash=2**63 + 5, num_tokens=16)]),
+            KvStored(parent_hash=None, block_hashes=[2**63 + 5]),
             KvRemoved(block_hashes=[1, 2]),
         ],
     ),
@@ -103,8 +102,7 @@ def _random_batch(rng: random.Random) -> KvEventBatch:
         hashes = [rng.randrange(0, 2**64) for _ in range(rng.randrange(0, 9))]
         if rng.random() < 0.6:
             parent = rng.choice([None, rng.randrange(0, 2**64)])
-            blocks = [StoredBlock(block_hash=h, num_tokens=rng.randrange(1, 65)) for h in hashes]
-            events.append(KvStored(parent_hash=parent, blocks=blocks))
+            events.append(KvStored(parent_hash=parent, block_hashes=hashes))
         else:
             events.append(KvRemoved(block_hashes=hashes))
     return KvEventBatch(worker_id=f"w{rng.randrange(99)}", seq=rng.randrange(1, 10**9),
@@ -146,20 +144,18 @@ def test_fast_kv_batch_parse_equals_the_pydantic_parse() -> None:
             {**message, "events": [*message["events"], {"kind": "removed", "block_hashes": ["7"]}]},
             {**message, "events": [*message["events"],
                                    {"kind": "stored", "parent_hash": None,
-                                    "blocks": [{"block_hash": 3, "num_tokens": 16, "x": 0}]}]},
+                                    "block_hashes": [3], "x": 0}]},
             {**message, "events": [*message["events"],
                                    {"kind": "stored", "parent_hash": "1",
-                                    "blocks": [{"block_hash": False, "num_tokens": 16}]}]},
-            *({**message, "events": [*message["events"],
-                                     {"kind": "stored", "parent_hash": None, "blocks": blocks}]}
-              for blocks in (
-                  [{"block_hash": 3, "x": 16}],  # two keys, not the two
-                  [{"block_hash": 3, "num_tokens": True}],
-                  [{"block_hash": 3, "num_tokens": 16.0}],
-                  [{"block_hash": 3, "num_tokens": 16}, [3, 16]],
-                  [{"block_hash": 3, "num_tokens": 16}, {"block_hash": 4}],
-                  {"block_hash": 3, "num_tokens": 16},
-                  [],
+                                    "block_hashes": [False]}]},
+            {**message, "events": [*message["events"],  # protocol 1's shape: refused
+                                   {"kind": "stored", "parent_hash": None,
+                                    "blocks": [{"block_hash": 3, "num_tokens": 16}]}]},
+            *({**message, "events": [*message["events"], {"kind": "stored", "parent_hash": None,
+                                                          "block_hashes": hashes}]}
+              for hashes in (
+                  [3, True], [3, 16.0], [3, "4"], [3, [4]], [3, None], {"3": 3}, 3, [],
+                  [{"block_hash": 3, "num_tokens": 16}],
               )),
             [message],
         ]  # fmt: skip
@@ -187,15 +183,13 @@ def test_kv_batch_json_is_the_schema_and_takes_the_fast_parse(
         KvEventBatch,
         KvRemoved,
         KvStored,
-        StoredBlock,
         kv_batch_json,
         parse_kv_event_batch,
     )
 
     events = [
-        KvStored(parent_hash=None, blocks=[StoredBlock(block_hash=2**64 - 1, num_tokens=16)]),
-        KvStored(parent_hash=2**64 - 1, blocks=[StoredBlock(block_hash=7, num_tokens=16),
-                                                StoredBlock(block_hash=8, num_tokens=16)]),
+        KvStored(parent_hash=None, block_hashes=[2**64 - 1]),
+        KvStored(parent_hash=2**64 - 1, block_hashes=[7, 8]),
         KvRemoved(block_hashes=[3, 4]),
     ]  # fmt: skip
     data = kv_batch_json("agg-g0-i0", 12, events)

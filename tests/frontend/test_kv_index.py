@@ -8,7 +8,7 @@ from worker_cards import worker_card
 
 from contract.block_hash import block_hashes
 from contract.discovery import WorkerCard
-from contract.messages import KvEventBatch, KvRemoved, KvSnapshot, KvStored, StoredBlock
+from contract.messages import KvEventBatch, KvRemoved, KvSnapshot, KvStored
 from frontend.kv_index import KvIndex, KvIndexFeed
 
 PROMPT = list(range(100, 164))  # 4 blocks of 16
@@ -16,9 +16,7 @@ H = block_hashes(PROMPT, 16)
 
 
 def stored(hashes: list[int], parent: int | None = None) -> KvStored:
-    return KvStored(
-        parent_hash=parent, blocks=[StoredBlock(block_hash=h, num_tokens=16) for h in hashes]
-    )
+    return KvStored(parent_hash=parent, block_hashes=list(hashes))
 
 
 def batch(worker: str, seq: int, *events) -> KvEventBatch:
@@ -96,6 +94,44 @@ async def test_feed_applies_in_order_and_snapshots_joiners() -> None:
     feed.handle_batch(batch("a", 5, KvRemoved(block_hashes=[H[2]])))
     assert feed.index.overlaps(H, ["a"]) == {"a": 2}
     assert workers.asked == ["a"] and feed.num_gaps == 0
+
+
+class Received:
+    """A NATS message as nats-py hands it to a subscription's callback (its `data`)."""
+
+    def __init__(self, data: bytes) -> None:
+        self.data = data
+
+
+async def test_events_arriving_with_a_reply_wait_for_its_handler() -> None:
+    """A reply and a KV batch that arrive together: nats-py's subscription tasks run in the
+    same loop turn, the reply's wakes its request's handler for the next turn. The handler
+    runs before the batch is applied; the batch is applied after (and stays in seq order,
+    malformed ones skipped)."""
+    workers = FakeWorkers()
+    feed = KvIndexFeed(KvIndex(), workers.fetch)
+    feed.on_workers_changed({"a": card("a")})
+    await settle()
+    reply: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+    seen: list[int] = []
+
+    async def handler() -> None:
+        await reply
+        seen.append(len(feed.index.blocks_of("a")))
+
+    waiting = asyncio.create_task(handler())
+    await asyncio.sleep(0)  # the handler waits for its reply
+    reply.set_result(None)  # the reply's subscription task, then the events' in the same turn
+    await feed._on_events(Received(batch("a", 1, stored(H[:2])).model_dump_json().encode()))
+    await feed._on_events(Received(b"{not a batch"))
+    await feed._on_events(Received(batch("a", 2, stored(H[2:], H[1])).model_dump_json().encode()))
+    await waiting
+    for _ in range(100):  # applied within a few turns
+        if feed.index.blocks_of("a"):
+            break
+        await asyncio.sleep(0)
+    assert seen == [0]
+    assert feed.index.overlaps(H, ["a"]) == {"a": 4} and feed.num_gaps == 0
 
 
 async def test_worker_loss_drops_its_blocks() -> None:

@@ -22,7 +22,6 @@ from contract.messages import (
     KvStored,
     LoadMetrics,
     MediaRef,
-    StoredBlock,
 )
 from frontend.kv_index import KvIndex, KvIndexFeed, RoutedPrefixIndex
 from frontend.kv_router import KvRouter, prompt_hashes
@@ -651,7 +650,7 @@ def test_the_feed_knows_which_workers_published() -> None:
     feed._workers = {"a", "b"}  # as on_workers_changed leaves it, without the snapshots
     feed.handle_batch(KvEventBatch(worker_id="a", seq=1, events=[]))
     assert feed.published == set()
-    stored = KvStored(parent_hash=None, blocks=[StoredBlock(block_hash=HASHES[0], num_tokens=16)])
+    stored = KvStored(parent_hash=None, block_hashes=[HASHES[0]])
     feed.handle_batch(KvEventBatch(worker_id="a", seq=2, events=[stored]))
     assert feed.published == {"a"}
 

@@ -21,7 +21,6 @@ from contract.messages import (
     GenerateRequest,
     KvStored,
     LoadMetrics,
-    StoredBlock,
 )
 from mpi_workers.engine.base import Engine, KvEventSink
 
@@ -88,10 +87,7 @@ class FakeEngine(Engine):
         hashes = block_hashes(token_ids, self.block_size)
         self._hashes.extend(hashes)
         if self._sink is not None and hashes:
-            event = KvStored(
-                parent_hash=None,
-                blocks=[StoredBlock(block_hash=h, num_tokens=self.block_size) for h in hashes],
-            )
+            event = KvStored(parent_hash=None, block_hashes=list(hashes))
             sink = self._sink
             # Like the real engine: the sink is called from another thread.
             thread = threading.Thread(target=sink, args=([event],))

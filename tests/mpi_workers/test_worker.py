@@ -34,6 +34,8 @@ from contract.messages import (
     GenerateOutput,
     GenerateRequest,
     KvEventBatch,
+    KvRemoved,
+    KvStored,
     LoadMetrics,
     SamplingParams,
 )
@@ -190,9 +192,35 @@ async def test_events_and_load_metrics_are_published(started_worker: Worker, nat
     assert [b.seq for b in batches] == [1, 2]
     assert all(b.worker_id == "agg-g0-i0" for b in batches)
     assert batches[0].events[0].kind == "stored"
-    assert len(batches[1].events[0].blocks) == 4
+    assert len(batches[1].events[0].block_hashes) == 4
     assert metrics.worker_id == "agg-g0-i0"
     assert metrics.total_blocks == 100
+
+
+
+async def test_kv_events_of_several_steps_go_as_one_batch(
+    started_worker: Worker, nats_url: str
+) -> None:
+    """Steps that ended before the publisher's pass: one message, their events in order, one
+    `seq` (every frontend process pays for each message it receives)."""
+    nc = await bus.connect(nats_url, "test")
+    try:
+        kv = await nc.subscribe(bus.kv_events_subject(started_worker.deployment))
+        await nc.flush()
+        steps = [[KvStored(parent_hash=None, block_hashes=[1, 2])],
+                 [KvStored(parent_hash=2, block_hashes=[3]), KvRemoved(block_hashes=[1])],
+                 [KvRemoved(block_hashes=[3])]]  # fmt: skip
+        for events in steps:  # on the worker's loop: queued, no pass in between
+            started_worker._kv_sink(events)
+        batch = KvEventBatch.model_validate_json((await kv.next_msg(timeout=5)).data)
+        later = [KvStored(parent_hash=None, block_hashes=[4])]
+        started_worker._kv_sink(later)  # a later pass: the next message, in order
+        after = KvEventBatch.model_validate_json((await kv.next_msg(timeout=5)).data)
+    finally:
+        await nc.close()
+    assert batch.seq == 1
+    assert batch.events == [event for events in steps for event in events]
+    assert (after.seq, after.events) == (2, later)  # no message between the two
 
 
 # worker processes

@@ -23,7 +23,7 @@ from collections.abc import Iterable
 from typing import Any
 
 from contract.block_hash import hash_block
-from contract.messages import KvEvent, KvRemoved, KvStored, StoredBlock
+from contract.messages import KvEvent, KvRemoved, KvStored
 
 logger = logging.getLogger(__name__)
 
@@ -71,7 +71,7 @@ class KvEventTranslator:
             if parent is None:
                 return None
         first_parent = parent
-        blocks: list[StoredBlock] = []
+        blocks: list[int] = []
         for block in data.get("blocks", []):
             tokens = [int(token["token_id"]) for token in block.get("tokens", [])]
             if len(tokens) != self.block_size:
@@ -80,8 +80,8 @@ class KvEventTranslator:
                 break  # image rows: named by TensorRT-LLM's image hash, not ours
             ours = hash_block(parent, tokens)
             self._ours[block["block_hash"]] = ours
-            blocks.append(StoredBlock(block_hash=ours, num_tokens=len(tokens)))
+            blocks.append(ours)
             parent = ours
         if not blocks:
             return None
-        return KvStored(parent_hash=first_parent, blocks=blocks)
+        return KvStored(parent_hash=first_parent, block_hashes=blocks)

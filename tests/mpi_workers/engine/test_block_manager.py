@@ -23,7 +23,7 @@ def compute_all(bm: BlockManager, s: Sequence) -> None:
 
 
 def stored_hashes(events) -> list[int]:
-    return [b.block_hash for e in events if isinstance(e, KvStored) for b in e.blocks]
+    return [h for e in events if isinstance(e, KvStored) for h in e.block_hashes]
 
 
 def test_commit_emits_chained_hashes_with_parent():

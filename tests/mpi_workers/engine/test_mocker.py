@@ -67,7 +67,7 @@ async def test_kv_events_match_contract_hashes(engine) -> None:
     engine.set_kv_event_sink(events.extend)
     prompt = list(range(3, 43))  # 40 tokens: 2 full blocks of 16
     await run(engine, request("a", prompt, max_tokens=1))
-    stored = [b.block_hash for e in events if isinstance(e, KvStored) for b in e.blocks]
+    stored = [h for e in events if isinstance(e, KvStored) for h in e.block_hashes]
     assert stored[:2] == block_hashes(prompt, 16)
     assert set(engine.cached_block_hashes()) >= set(block_hashes(prompt, 16))
 
@@ -296,7 +296,7 @@ async def test_kv_events_of_blocks_filled_while_decoding_chain_in_order(engine) 
     prompt = list(range(3, 23))  # 20 tokens: 1 full block, 3 more filled by decoding
     tokens, _ = await run(engine, request("a", prompt, max_tokens=45))
     stored = [e for e in events if isinstance(e, KvStored)]
-    hashes = [b.block_hash for e in stored for b in e.blocks]
+    hashes = [h for e in stored for h in e.block_hashes]
     # the last token is sampled from a step that computes the one before it: its KV is never
     # computed, so a block it would complete stays unstored
     assert hashes == block_hashes([*prompt, *tokens][: len(prompt) + len(tokens) - 1], 16)

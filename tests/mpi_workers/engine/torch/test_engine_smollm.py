@@ -148,7 +148,7 @@ async def test_prefix_cache_hit_computes_only_the_tail_and_reports_events(engine
         out1 = await engine.generate_all(greedy(first, max_tokens=2))
         assert engine.stats.num_computed_prompt_tokens - base == len(first)
         assert out1.num_cached_tokens == 0
-        stored = [b.block_hash for e in events if isinstance(e, KvStored) for b in e.blocks]
+        stored = [h for e in events if isinstance(e, KvStored) for h in e.block_hashes]
         assert stored == block_hashes(first, bs)  # 3 full blocks, in prefix order
         first_event = next(e for e in events if isinstance(e, KvStored))
         assert first_event.parent_hash is None
@@ -193,7 +193,7 @@ async def test_block_exhaustion_preempts_and_stays_exact(smol_dir, tokenizer, pr
         live: set[int] = set()
         for ev in events:
             if isinstance(ev, KvStored):
-                live.update(b.block_hash for b in ev.blocks)
+                live.update(ev.block_hashes)
             else:
                 assert set(ev.block_hashes) <= live
                 live.difference_update(ev.block_hashes)

@@ -179,7 +179,7 @@ async def test_kv_events_arrive_rehashed_and_stats_feed_load(engine: TrtllmEngin
         if any(e.kind == "stored" for e in received):
             break
         await asyncio.sleep(0.05)
-    stored = [b.block_hash for e in received if e.kind == "stored" for b in e.blocks]
+    stored = [h for e in received if e.kind == "stored" for h in e.block_hashes]
     assert block_hashes(prompt, 16)[:3] == stored[:3]
     assert set(block_hashes(prompt, 16)) <= set(engine.cached_block_hashes())
     for _ in range(100):

@@ -46,9 +46,8 @@ def test_stored_blocks_get_our_chained_hashes_and_children_chain_on_them() -> No
          stored(902, [(903, tokens[8:12])])]
     )  # fmt: skip
     assert events == [
-        KvStored(parent_hash=None, blocks=[{"block_hash": ours[0], "num_tokens": 4},
-                                           {"block_hash": ours[1], "num_tokens": 4}]),
-        KvStored(parent_hash=ours[1], blocks=[{"block_hash": ours[2], "num_tokens": 4}]),
+        KvStored(parent_hash=None, block_hashes=[ours[0], ours[1]]),
+        KvStored(parent_hash=ours[1], block_hashes=[ours[2]]),
     ]  # fmt: skip
     assert sorted(translator.cached_hashes()) == sorted(ours)
     removed = translator.translate([{"event_id": 5, "window_size": 4096,
@@ -68,8 +67,7 @@ def test_partial_blocks_other_windows_and_orphans_are_dropped() -> None:
          "data": {"type": "updated", "block_hash": 1, "priority": {"type": "event_diff"}}},
     ])  # fmt: skip
     assert events == [
-        KvStored(parent_hash=None, blocks=[{"block_hash": block_hashes([1, 2, 3, 4], 4)[0],
-                                            "num_tokens": 4}])
+        KvStored(parent_hash=None, block_hashes=[block_hashes([1, 2, 3, 4], 4)[0]])
     ]  # fmt: skip
 
 
@@ -81,7 +79,6 @@ def test_a_stored_event_stops_at_the_first_block_with_image_rows() -> None:
         [stored(None, [(1, [1, 2, 3, 4]), (2, [5, image_row, image_row, 6]), (3, [7, 8, 9, 10])])]
     )
     assert events == [
-        KvStored(parent_hash=None, blocks=[{"block_hash": block_hashes([1, 2, 3, 4], 4)[0],
-                                            "num_tokens": 4}])
+        KvStored(parent_hash=None, block_hashes=[block_hashes([1, 2, 3, 4], 4)[0]])
     ]  # fmt: skip
     assert translator.translate([stored(2, [(4, [1, 1, 1, 1])])]) == []  # its children too

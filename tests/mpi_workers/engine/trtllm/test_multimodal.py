@@ -405,6 +405,6 @@ async def test_kv_events_of_an_image_request_stop_at_its_first_image(
             break
         await asyncio.sleep(0.05)
     stored = [
-        block.block_hash for event in seen if event.kind == "stored" for block in event.blocks
+        h for event in seen if event.kind == "stored" for h in event.block_hashes
     ]
     assert stored == block_hashes(text, 16)[:2]
