@@ -26,7 +26,6 @@ us_per_batch=<mean> [baseline_us=<mean> vs_baseline=<median of the chunks' ratio
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import os
 import random
 import statistics
@@ -37,18 +36,9 @@ from types import ModuleType
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.bench_kv_choose import load_module  # a baseline tree's module by path
 from contract import messages
 from frontend import kv_index
-
-
-def load_module(path: Path, name: str) -> ModuleType:
-    spec = importlib.util.spec_from_file_location(name, path)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # its dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
-
 
 Batch = tuple[str, int, list[tuple[bool, list[int]]]]  # worker, seq, (stored?, hashes)
 
