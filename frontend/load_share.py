@@ -23,7 +23,7 @@ import contextlib
 import logging
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 import orjson
@@ -36,6 +36,7 @@ from frontend.router import LoadTracker
 logger = logging.getLogger(__name__)
 
 FLUSH_S = 0.002
+_NONE = (0, 0)  # a peer's counts on a worker it does not name
 HEARTBEAT_S = 1.0
 EXPIRE_S = 3.0
 
@@ -56,11 +57,14 @@ def encode_load(
 
 
 class PeerLoads:
-    """The other processes' counts, summed per worker into the tracker (no I/O: unit-tested).
+    """The other processes' counts per worker, into the tracker (no I/O: unit-tested): their
+    in-flight requests summed, their routed prompt blocks as the largest peer's (each
+    process deduplicates only its own blocks: a sum counted a shared system prompt once per
+    process; as `frontend.load_table.LoadTable.peer_blocks`).
 
     With N processes each one hears N - 1 peers, every few milliseconds each: a message
-    updates the sums by its own peer's difference (the workers it names), not by summing
-    every peer again."""
+    updates the request sums by its own peer's difference and the blocks of the workers it
+    names, not every worker again."""
 
     def __init__(self, tracker: LoadTracker, own_id: str) -> None:
         self.tracker = tracker
@@ -90,13 +94,16 @@ class PeerLoads:
         peer = self.peers.get(frontend_id)
         if peer is not None and seq <= peer.seq:
             return False
+        named = workers.keys()
         if peer is not None:
             self._count(peer.workers, -1)
+            named = named | peer.workers.keys()
         if bye:
             self.peers.pop(frontend_id, None)
         else:
             self.peers[frontend_id] = PeerLoad(seq, now, workers)
             self._count(workers, 1)
+        self._largest_blocks(named)
         return True
 
     def expire(self, now: float) -> None:
@@ -104,17 +111,29 @@ class PeerLoads:
         for frontend_id in gone:
             logger.info("frontend process %s silent for %.0f s: its load dropped",
                         frontend_id, EXPIRE_S)  # fmt: skip
-            self._count(self.peers.pop(frontend_id).workers, -1)
+            workers = self.peers.pop(frontend_id).workers
+            self._count(workers, -1)
+            self._largest_blocks(workers.keys())
 
     def _count(self, workers: dict[str, tuple[int, int]], sign: int) -> None:
-        """Add (sign 1) or take away (-1) one peer's counts; workers at zero leave the sums."""
-        for table, position in ((self._requests, 0), (self._blocks, 1)):
-            for worker_id, counts in workers.items():
-                left = table.get(worker_id, 0) + sign * counts[position]
-                if left:
-                    table[worker_id] = left
-                else:
-                    table.pop(worker_id, None)
+        """Add (sign 1) or take away (-1) one peer's requests; workers at zero leave the sums."""
+        table = self._requests
+        for worker_id, (requests, _blocks) in workers.items():
+            left = table.get(worker_id, 0) + sign * requests
+            if left:
+                table[worker_id] = left
+            else:
+                table.pop(worker_id, None)
+
+    def _largest_blocks(self, worker_ids: Iterable[str]) -> None:
+        """The largest peer's routed blocks on each of `worker_ids`; none leaves the table."""
+        peers = self.peers.values()
+        for worker_id in worker_ids:
+            largest = max((p.workers.get(worker_id, _NONE)[1] for p in peers), default=0)
+            if largest:
+                self._blocks[worker_id] = largest
+            else:
+                self._blocks.pop(worker_id, None)
 
 
 class LoadShare:

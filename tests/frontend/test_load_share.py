@@ -27,21 +27,24 @@ def card(worker_id: str) -> WorkerCard:
     return worker_card(worker_id)
 
 
-def test_peer_counts_are_summed_per_worker() -> None:
+def test_peer_requests_are_summed_and_blocks_are_the_largest_peers() -> None:
+    """Blocks: each process deduplicates only its own (a shared prompt in two processes'
+    requests is one prompt on the worker), as the shared memory table reads them."""
     tracker = LoadTracker()
     peers = PeerLoads(tracker, own_id="me")
     assert peers.apply(encode_load("a", 1, {"w0": (2, 10), "w1": (1, 4)}), now=0.0)
     assert peers.apply(encode_load("b", 1, {"w0": (3, 6)}), now=0.0)
     assert tracker.peer_requests == {"w0": 5, "w1": 1}
-    assert tracker.peer_blocks == {"w0": 16, "w1": 4}
+    assert tracker.peer_blocks == {"w0": 10, "w1": 4}
     tracker.started("w1")
     assert tracker.requests_on("w1") == 2  # ours plus the peer's
     assert tracker.load(card("w1")) == 2 / 4
 
 
-def test_sums_kept_by_differences_equal_a_fresh_sum() -> None:
+def test_counts_kept_by_differences_equal_a_fresh_count() -> None:
     """Random messages from four peers (stale ones, goodbyes, silence among them): the
-    running sums always equal the sum of what each live peer last said."""
+    running sums always equal the sum of what each live peer last said (requests), and the
+    blocks the largest of it."""
     rng = random.Random(5)
     tracker = LoadTracker()
     peers = PeerLoads(tracker, own_id="me")
@@ -63,7 +66,7 @@ def test_sums_kept_by_differences_equal_a_fresh_sum() -> None:
         for said in peers.peers.values():
             for worker_id, (count, nblocks) in said.workers.items():
                 requests[worker_id] = requests.get(worker_id, 0) + count
-                blocks[worker_id] = blocks.get(worker_id, 0) + nblocks
+                blocks[worker_id] = max(blocks.get(worker_id, 0), nblocks)
         assert tracker.peer_requests == {w: n for w, n in requests.items() if n}
         assert tracker.peer_blocks == {w: n for w, n in blocks.items() if n}
     assert expired
