@@ -32,6 +32,7 @@ REPLACEMENT_CHAR = "\ufffd"
 _INITIAL_CONTEXT_TOKENS = 5
 _MAX_CACHED_PIECE = 4096  # characters; longer pieces (big user messages) are not cached
 _MAX_CACHED_WORD = 64  # characters; a longer pre-token (a digit or space run, a blob) is not
+_WORD_CACHE_SIZE = 65536  # pre-tokens whose ids are kept (~10 MB at most)
 _UTF8_DECODER = codecs.getincrementaldecoder("utf-8")  # looked up once, one made per request
 # GPT-2's pre-tokenizer split (tokenizers' ByteLevel with use_regex) for ASCII text: \p{L}
 # and \p{N} as their ASCII members, \s as Oniguruma (the tokenizer's regex engine) reads it
@@ -92,6 +93,13 @@ def _byte_level_decoder() -> dict[str, int]:
     return {chr(char): byte for byte, char in zip(printable, chars, strict=True)}
 
 
+# ASCII → GPT-2's byte-level alphabet, as str.translate takes it: a printable character
+# stands for itself, a space is "Ġ", a control character another Latin letter
+_BYTE_LEVEL = {
+    byte: char for char, byte in _byte_level_decoder().items() if byte < 0x80 and chr(byte) != char
+}
+
+
 class TextTokenizer:
     """A HF model folder's tokenizer, chat template and end-of-sequence tokens."""
 
@@ -121,6 +129,8 @@ class TextTokenizer:
         )
         self._special_split = self._special_splitter()
         self._ascii_words = self._plain_byte_level_bpe()
+        self._bpe = self._tokenizer.model  # the BPE model alone, for one pre-token's ids
+        self._word_ids: dict[str, tuple[int, ...]] = {}  # ASCII pre-token → its ids
         self.vocab_size: int = self._tokenizer.get_vocab_size(with_added_tokens=True)
         self.max_model_len: int | None = model_config.get("max_position_embeddings")
         self._byte_level = self._uses_byte_level()
@@ -176,18 +186,25 @@ class TextTokenizer:
         pre-tokenizer's regex), anything else by the library."""
         if self._ascii_words and text.isascii():
             ids: list[int] = []
-            encode_word = self._encode_word
+            known = self._word_ids.get
             for word in _ASCII_WORDS.findall(text):
-                if len(word) <= _MAX_CACHED_WORD:
-                    ids.extend(encode_word(word))
-                else:
-                    ids.extend(self._tokenizer.encode(word, add_special_tokens=False).ids)
+                word_ids = known(word)
+                if word_ids is None:
+                    word_ids = self._encode_new_word(word)
+                ids += word_ids
             return ids
         return self._tokenizer.encode(text, add_special_tokens=False).ids
 
-    @lru_cache(maxsize=65536)  # noqa: B019 - one tokenizer per process, lives as long
-    def _encode_word(self, word: str) -> tuple[int, ...]:
-        return tuple(self._tokenizer.encode(word, add_special_tokens=False).ids)
+    def _encode_new_word(self, word: str) -> tuple[int, ...]:
+        """One ASCII pre-token's ids from the BPE model itself, in its byte-level alphabet:
+        ~1.7 µs against ~4-6 µs for the library's `encode` (which splits it again and
+        builds an Encoding). Kept in `_word_ids` (oldest out first) unless it is long."""
+        word_ids = tuple(token.id for token in self._bpe.tokenize(word.translate(_BYTE_LEVEL)))
+        if len(word) <= _MAX_CACHED_WORD:
+            if len(self._word_ids) >= _WORD_CACHE_SIZE:
+                del self._word_ids[next(iter(self._word_ids))]
+            self._word_ids[word] = word_ids
+        return word_ids
 
     def encode_template_output(self, text: str) -> list[int]:
         """Encode a rendered chat prompt; the pieces between special tokens are cached, so

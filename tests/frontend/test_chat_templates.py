@@ -188,6 +188,7 @@ def test_ascii_word_split_equals_the_library(tokenizer: TextTokenizer) -> None:
 
     assert tokenizer._ascii_words  # SmolLM2's tokenizer is GPT-2-like: the path is tested
     assert tokenizer._special_split is not None
+    tokenizer._word_ids.clear()  # every pre-token's ids come from the BPE model first
     rng = random.Random(21)
     for count in range(4000):
         text = "".join(rng.choice(ASCII_FRAGMENTS) for _ in range(rng.randrange(1, 30)))
@@ -201,7 +202,34 @@ def test_ascii_word_split_equals_the_library(tokenizer: TextTokenizer) -> None:
 
 
 def test_word_cache_keeps_short_pre_tokens_only(tokenizer: TextTokenizer) -> None:
-    TextTokenizer._encode_word.cache_clear()
+    tokenizer._word_ids.clear()
     ids = tokenizer._encode_text("x" * 100 + " hello")
     assert ids == tokenizer.encode("x" * 100 + " hello", add_special_tokens=False)
-    assert TextTokenizer._encode_word.cache_info().currsize == 1  # " hello"; the run is not
+    assert list(tokenizer._word_ids) == [" hello"]  # the 100-character run is not kept
+
+
+def test_word_cache_drops_its_oldest_pre_token_when_full(
+    tokenizer: TextTokenizer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("frontend.tokenization._WORD_CACHE_SIZE", 3)
+    tokenizer._word_ids.clear()
+    text = " one two three four five"
+    assert tokenizer._encode_text(text) == tokenizer.encode(text, add_special_tokens=False)
+    assert list(tokenizer._word_ids) == [" three", " four", " five"]
+
+
+def test_new_questions_of_known_words_equal_the_library(tokenizer: TextTokenizer) -> None:
+    """A new question each time, its words mostly seen before (the c=1 new-prompt case),
+    with unicode, digit and whitespace runs and added tokens mixed into the user's text."""
+    rng = random.Random(33)
+    ascii_words = ["the", "sky", "Blue", "why", "don't", "it's", "42", "2026", "3.5", "?!",
+                   "(x)", "<|im_end|>", "<|endoftext|>", "  ", "\n\n", "\t", "a" * 70]  # fmt: skip
+    all_words = [*ascii_words, "über", "naïve", "日本語", "😀"]
+    for count in range(3000):
+        words = all_words if count % 4 == 0 else ascii_words  # mostly the ASCII path
+        question = "".join(rng.choice(("", " ", "  ", "\n")) + rng.choice(words)
+                           for _ in range(rng.randrange(1, 20)))  # fmt: skip
+        question += f" (question {count})"
+        messages = [{"role": "user", "content": question}]
+        whole = tokenizer.encode(tokenizer.render_chat(messages), add_special_tokens=False)
+        assert tokenizer.encode_chat(messages) == whole, repr(question)
