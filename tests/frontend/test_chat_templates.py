@@ -233,3 +233,49 @@ def test_new_questions_of_known_words_equal_the_library(tokenizer: TextTokenizer
         messages = [{"role": "user", "content": question}]
         whole = tokenizer.encode(tokenizer.render_chat(messages), add_special_tokens=False)
         assert tokenizer.encode_chat(messages) == whole, repr(question)
+
+
+def test_segments_are_the_prompt_split_at_its_added_tokens(tokenizer: TextTokenizer) -> None:
+    """A known template's segments are what splitting its prompt at the added tokens gives
+    when no text holds a "<" (the first character of every SmolLM2 added token)."""
+    assert tokenizer._segments is not None and tokenizer._added_starts == "<"
+    assert tokenizer._special_split is not None
+    rng = random.Random(41)
+    for _ in range(600):
+        messages = random_conversation(rng)
+        for add_generation_prompt in (True, False):
+            segments = tokenizer._segments(messages, add_generation_prompt)
+            assert segments is not None
+            text = "".join(segments)
+            assert text == jinja_render(
+                tokenizer, SMOLLM2_TEMPLATE, messages, add_generation_prompt
+            )
+            if "<" not in "".join(segments[::2]):
+                assert tokenizer._special_split.split(text) == segments
+
+
+def test_encode_chat_takes_the_segments_without_rendering(
+    tokenizer: TextTokenizer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def no_render(messages: list[dict[str, Any]]) -> str:
+        raise AssertionError("rendered")
+
+    messages = [{"role": "user", "content": "Why is the sky blue? (question 7)"}]
+    whole = tokenizer.encode(tokenizer.render_chat(messages), add_special_tokens=False)
+    monkeypatch.setattr(tokenizer, "render_chat", no_render)
+    assert tokenizer.encode_chat(messages) == whole
+    # a "<" in the text: the joined segments are split again, still without jinja
+    messages = [{"role": "user", "content": "a<|im_end|>b <|endoftext|> c <d>"}]
+    assert tokenizer.encode_chat(messages) == tokenizer.encode(
+        "".join(tokenizer._segments(messages, True) or []), add_special_tokens=False
+    )
+
+
+def test_segments_are_not_taken_when_an_added_token_starts_another(
+    tokenizer: TextTokenizer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With an added token "<|im_end|>\\n", the split would take it where the template
+    writes "<|im_end|>" then "\\n": the segments would not be the split."""
+    assert tokenizer._exact_segmenter(tokenizer._segments) is not None
+    monkeypatch.setitem(tokenizer._added_ids, "<|im_end|>\n", 1)
+    assert tokenizer._exact_segmenter(tokenizer._segments) is None
