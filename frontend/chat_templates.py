@@ -17,6 +17,9 @@ from typing import Any
 
 # messages, add_generation_prompt -> the prompt text, or None: render with jinja
 Renderer = Callable[[list[dict[str, Any]], bool], str | None]
+# the same, as [text, the template's added token, text, ..., text]: the prompt is their join,
+# and the tokenizer need not split it again at the template's own added tokens
+Segmenter = Callable[[list[dict[str, Any]], bool], list[str] | None]
 
 SMOLLM2_TEMPLATE = (
     "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
@@ -25,38 +28,55 @@ SMOLLM2_TEMPLATE = (
     "message['content'] + '<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}"
     "{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
-_SMOLLM2_SYSTEM = (
-    "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging "
-    "Face<|im_end|>\n"
-)
+_START, _END = "<|im_start|>", "<|im_end|>"
+_SMOLLM2_SYSTEM = [
+    _START,
+    "system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face",
+    _END,
+    "\n",
+]
 
 
-def _render_smollm2(messages: list[dict[str, Any]], add_generation_prompt: bool) -> str | None:
+def _segment_smollm2(
+    messages: list[dict[str, Any]], add_generation_prompt: bool
+) -> list[str] | None:
     """SMOLLM2_TEMPLATE: ChatML, with SmolLM's system prompt when the first message is not
     a system message."""
-    parts: list[str] = []
+    segments = [""]
     for message in messages:
         if type(message) is not dict:
             return None
         role, content = message.get("role"), message.get("content")
         if type(role) is not str or type(content) is not str:
             return None
-        parts.append(f"<|im_start|>{role}\n{content}<|im_end|>\n")
+        segments += (_START, f"{role}\n{content}", _END, "\n")
     if messages and messages[0]["role"] != "system":
-        parts.insert(0, _SMOLLM2_SYSTEM)
+        segments[1:1] = _SMOLLM2_SYSTEM
     if add_generation_prompt:
-        parts.append("<|im_start|>assistant\n")
-    return "".join(parts)
+        segments += (_START, "assistant\n")
+    return segments
+
+
+def _render_smollm2(messages: list[dict[str, Any]], add_generation_prompt: bool) -> str | None:
+    segments = _segment_smollm2(messages, add_generation_prompt)
+    return None if segments is None else "".join(segments)
 
 
 # The source as tokenizer_config.json or chat_template.jinja holds it; the form with a
 # final newline renders the same (jinja's trim_blocks drops a newline after a block tag).
-_KNOWN: dict[str, Renderer] = {
-    SMOLLM2_TEMPLATE: _render_smollm2,
-    SMOLLM2_TEMPLATE + "\n": _render_smollm2,
+_KNOWN: dict[str, tuple[Renderer, Segmenter]] = {
+    SMOLLM2_TEMPLATE: (_render_smollm2, _segment_smollm2),
+    SMOLLM2_TEMPLATE + "\n": (_render_smollm2, _segment_smollm2),
 }
 
 
 def known_renderer(source: str) -> Renderer | None:
     """The plain-Python renderer of the chat template `source`, if it is a known one."""
-    return _KNOWN.get(source)
+    known = _KNOWN.get(source)
+    return None if known is None else known[0]
+
+
+def known_segmenter(source: str) -> Segmenter | None:
+    """The chat template `source`'s renderer as segments (`Segmenter`), if it is known."""
+    known = _KNOWN.get(source)
+    return None if known is None else known[1]

@@ -188,6 +188,7 @@ def test_ascii_word_split_equals_the_library(tokenizer: TextTokenizer) -> None:
 
     assert tokenizer._ascii_words  # SmolLM2's tokenizer is GPT-2-like: the path is tested
     assert tokenizer._special_split is not None
+    tokenizer._word_ids.clear()  # every pre-token's ids come from the BPE model first
     rng = random.Random(21)
     for count in range(4000):
         text = "".join(rng.choice(ASCII_FRAGMENTS) for _ in range(rng.randrange(1, 30)))
@@ -201,7 +202,80 @@ def test_ascii_word_split_equals_the_library(tokenizer: TextTokenizer) -> None:
 
 
 def test_word_cache_keeps_short_pre_tokens_only(tokenizer: TextTokenizer) -> None:
-    TextTokenizer._encode_word.cache_clear()
+    tokenizer._word_ids.clear()
     ids = tokenizer._encode_text("x" * 100 + " hello")
     assert ids == tokenizer.encode("x" * 100 + " hello", add_special_tokens=False)
-    assert TextTokenizer._encode_word.cache_info().currsize == 1  # " hello"; the run is not
+    assert list(tokenizer._word_ids) == [" hello"]  # the 100-character run is not kept
+
+
+def test_word_cache_drops_its_oldest_pre_token_when_full(
+    tokenizer: TextTokenizer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("frontend.tokenization._WORD_CACHE_SIZE", 3)
+    tokenizer._word_ids.clear()
+    text = " one two three four five"
+    assert tokenizer._encode_text(text) == tokenizer.encode(text, add_special_tokens=False)
+    assert list(tokenizer._word_ids) == [" three", " four", " five"]
+
+
+def test_new_questions_of_known_words_equal_the_library(tokenizer: TextTokenizer) -> None:
+    """A new question each time, its words mostly seen before (the c=1 new-prompt case),
+    with unicode, digit and whitespace runs and added tokens mixed into the user's text."""
+    rng = random.Random(33)
+    ascii_words = ["the", "sky", "Blue", "why", "don't", "it's", "42", "2026", "3.5", "?!",
+                   "(x)", "<|im_end|>", "<|endoftext|>", "  ", "\n\n", "\t", "a" * 70]  # fmt: skip
+    all_words = [*ascii_words, "über", "naïve", "日本語", "😀"]
+    for count in range(3000):
+        words = all_words if count % 4 == 0 else ascii_words  # mostly the ASCII path
+        question = "".join(rng.choice(("", " ", "  ", "\n")) + rng.choice(words)
+                           for _ in range(rng.randrange(1, 20)))  # fmt: skip
+        question += f" (question {count})"
+        messages = [{"role": "user", "content": question}]
+        whole = tokenizer.encode(tokenizer.render_chat(messages), add_special_tokens=False)
+        assert tokenizer.encode_chat(messages) == whole, repr(question)
+
+
+def test_segments_are_the_prompt_split_at_its_added_tokens(tokenizer: TextTokenizer) -> None:
+    """A known template's segments are what splitting its prompt at the added tokens gives
+    when no text holds a "<" (the first character of every SmolLM2 added token)."""
+    assert tokenizer._segments is not None and tokenizer._added_starts == "<"
+    assert tokenizer._special_split is not None
+    rng = random.Random(41)
+    for _ in range(600):
+        messages = random_conversation(rng)
+        for add_generation_prompt in (True, False):
+            segments = tokenizer._segments(messages, add_generation_prompt)
+            assert segments is not None
+            text = "".join(segments)
+            assert text == jinja_render(
+                tokenizer, SMOLLM2_TEMPLATE, messages, add_generation_prompt
+            )
+            if "<" not in "".join(segments[::2]):
+                assert tokenizer._special_split.split(text) == segments
+
+
+def test_encode_chat_takes_the_segments_without_rendering(
+    tokenizer: TextTokenizer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def no_render(messages: list[dict[str, Any]]) -> str:
+        raise AssertionError("rendered")
+
+    messages = [{"role": "user", "content": "Why is the sky blue? (question 7)"}]
+    whole = tokenizer.encode(tokenizer.render_chat(messages), add_special_tokens=False)
+    monkeypatch.setattr(tokenizer, "render_chat", no_render)
+    assert tokenizer.encode_chat(messages) == whole
+    # a "<" in the text: the joined segments are split again, still without jinja
+    messages = [{"role": "user", "content": "a<|im_end|>b <|endoftext|> c <d>"}]
+    assert tokenizer.encode_chat(messages) == tokenizer.encode(
+        "".join(tokenizer._segments(messages, True) or []), add_special_tokens=False
+    )
+
+
+def test_segments_are_not_taken_when_an_added_token_starts_another(
+    tokenizer: TextTokenizer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With an added token "<|im_end|>\\n", the split would take it where the template
+    writes "<|im_end|>" then "\\n": the segments would not be the split."""
+    assert tokenizer._exact_segmenter(tokenizer._segments) is not None
+    monkeypatch.setitem(tokenizer._added_ids, "<|im_end|>\n", 1)
+    assert tokenizer._exact_segmenter(tokenizer._segments) is None
