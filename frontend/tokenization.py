@@ -22,7 +22,7 @@ import jinja2
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import Tokenizer
 
-from frontend.chat_templates import Renderer, Segmenter, known_renderer, known_segmenter
+from frontend.chat_templates import Renderer, known_renderer
 
 logger = logging.getLogger(__name__)
 
@@ -139,7 +139,6 @@ class TextTokenizer:
         self._chat_template = self._compile_chat_template(source) if source else None
         # a known template is rendered without jinja (frontend.chat_templates)
         self._fast_render: Renderer | None = known_renderer(source) if source else None
-        self._segments = self._exact_segmenter(known_segmenter(source) if source else None)
         # the template's globals, copied once: `render` copies them into every context
         self._template_globals = dict(self._chat_template.globals) if self._chat_template else {}
 
@@ -156,22 +155,6 @@ class TextTokenizer:
             token.content: self._tokenizer.token_to_id(token.content) for token in added
         }
         return re.compile("(" + "|".join(re.escape(content) for content in contents) + ")")
-
-    def _exact_segmenter(self, segmenter: Segmenter | None) -> Segmenter | None:
-        """`segmenter` if its segments are always what splitting the prompt at the added
-        tokens gives when its texts hold no added token's first character: its tokens are
-        added tokens, and none is the start of a longer one (the split's regex would take
-        that one where the text after it continues it)."""
-        if segmenter is None or self._special_split is None:
-            return None
-        probe = segmenter([{"role": "user", "content": ""}], True) or []
-        added = self._added_ids
-        if not all(token in added for token in probe[1::2]) or any(
-            other != token and other.startswith(token) for token in added for other in added
-        ):
-            return None
-        self._added_starts = "".join(sorted({token[0] for token in added}))
-        return segmenter
 
     def _plain_byte_level_bpe(self) -> bool:
         """Whether text is tokenized as GPT-2's: no normalizer, the ByteLevel pre-tokenizer's
@@ -228,12 +211,8 @@ class TextTokenizer:
         the template's fixed parts (system prompt, role headers) are tokenized once."""
         if self._special_split is None:
             return self.encode(text, add_special_tokens=False)
-        return self._encode_split(self._special_split.split(text))
-
-    def _encode_split(self, pieces: list[str]) -> list[int]:
-        """The ids of [text, added token, text, ..., text] (a split at the added tokens)."""
         ids: list[int] = []
-        for index, piece in enumerate(pieces):
+        for index, piece in enumerate(self._special_split.split(text)):
             if index % 2:
                 ids.append(self._added_ids[piece])
             elif len(piece) > _MAX_CACHED_PIECE:
@@ -312,18 +291,7 @@ class TextTokenizer:
             raise ChatTemplateError(f"the chat template failed: {exc}") from exc
 
     def encode_chat(self, messages: list[dict[str, Any]]) -> list[int]:
-        """The prompt ids of `messages`; the template writes the special tokens itself. A
-        known template's segments are already split at its added tokens: when no text in
-        them can hold one, their ids are the split prompt's without rendering and splitting
-        it (a new question: ~40 µs of ~130 with the CPU's caches cold)."""
-        if self._segments is not None:
-            segments = self._segments(messages, True)
-            if segments is not None:
-                for text in segments[::2]:
-                    for char in self._added_starts:
-                        if char in text:  # it may hold an added token: split it again
-                            return self.encode_template_output("".join(segments))
-                return self._encode_split(segments)
+        # the template writes the special tokens itself
         return self.encode_template_output(self.render_chat(messages))
 
     @cached_property
