@@ -86,15 +86,28 @@ def verdict(policy: RatioSummary, control: RatioSummary | None) -> str:
     return "within"
 
 
+def versus_control(policy: RatioSummary, control: RatioSummary) -> RatioSummary:
+    """The policy against the control round by round (the control's TTFT / the policy's):
+    both ratios share the round's round robin run, so this pairing leaves its noise out."""
+    return summarise([p / c for p, c in zip(policy.ratios, control.ratios, strict=True)])
+
+
 def verdict_line(
     workload: str, policy: str, summary: RatioSummary, control: RatioSummary | None, what: str
 ) -> str:
-    """`no_prefix_lockstep kv_vs_rr p50 median=x ci95=[a,b] control=[c,d] ... verdict=...`."""
+    """`no_prefix_lockstep kv_vs_rr p50 median=x ci95=[a,b] control=[c,d] ... verdict=...`;
+    with a control, `vs_control=` is the round-by-round pairing with it."""
     ctl = f"control=[{control.ci95[0]:.3f},{control.ci95[1]:.3f}]" if control else "control=1"
-    ctl_median = f" control_median={control.median:.3f}" if control else ""
+    paired = ""
+    if control:
+        pair = versus_control(summary, control)
+        paired = (
+            f" control_median={control.median:.3f} vs_control={pair.median:.3f}"
+            f"[{pair.ci95[0]:.3f},{pair.ci95[1]:.3f}] vs_control_sign_p={pair.sign_p:.3f}"
+        )
     return (
         f"{workload} {policy}_vs_rr {what} median={summary.median:.3f} "
-        f"ci95=[{summary.ci95[0]:.3f},{summary.ci95[1]:.3f}] {ctl}{ctl_median} "
+        f"ci95=[{summary.ci95[0]:.3f},{summary.ci95[1]:.3f}] {ctl}{paired} "
         f"rounds={len(summary.ratios)} slower_rounds={summary.below} sign_p={summary.sign_p:.3f} "
         f"verdict={verdict(summary, control)}"
     )

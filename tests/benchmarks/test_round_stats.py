@@ -12,6 +12,7 @@ from benchmarks.round_stats import (
     summarise,
     verdict,
     verdict_lines,
+    versus_control,
 )
 
 
@@ -42,6 +43,7 @@ def test_verdict_lines_name_the_workload_policy_and_control() -> None:
     assert kv_line.startswith("no_prefix_lockstep kv_vs_rr p50 median=0.800 ci95=[0.800,0.800]")
     assert "control=[0.990,1.010]" in kv_line and kv_line.endswith("verdict=worse")
     assert "slower_rounds=6 sign_p=0.031" in kv_line
+    assert "vs_control=0.800[0.792,0.808] vs_control_sign_p=0.031" in kv_line
     assert control_line.startswith("no_prefix_lockstep round_robin:_vs_rr")
     assert "control=1 " in control_line
 
@@ -58,3 +60,12 @@ def test_dumps_pair_each_round_with_round_robins_of_the_same_round(tmp_path: Pat
     p50s, means = ratios_from_dump(tmp_path)
     assert p50s == {"no_prefix": {"kv": [0.5, 2.0]}}
     assert means["no_prefix"]["kv"] == [200 / 300, 2.0]
+
+
+def test_the_pairing_with_the_control_cancels_the_shared_round_robin_run() -> None:
+    """A round where round robin's own run was slow lifts both ratios alike: paired, the
+    policy and the control are equal in every round."""
+    policy = summarise([1.3, 0.8, 1.0, 1.1])
+    control = summarise([1.3, 0.8, 1.0, 1.1])
+    paired = versus_control(policy, control)
+    assert paired.ratios == (1.0, 1.0, 1.0, 1.0) and paired.ci95 == (1.0, 1.0)
