@@ -8,7 +8,7 @@ another name (`round_robin:`) gives the spread of round robin against itself, me
 same way. This module turns those per-round ratios into a median, a bootstrap 95 % interval
 of the median (rounds resampled), a two-sided sign test, and a verdict against the control.
 
-    python benchmarks/round_stats.py DUMP_DIR [--control round_robin:]
+    python benchmarks/round_stats.py DUMP_DIR [DUMP_DIR ...] [--control round_robin:]
 
 reads the per-request records `bench_router.py --dump DUMP_DIR` wrote
 (`{workload}-{policy}-{round}.json`) and prints one verdict line per workload and policy.
@@ -129,13 +129,20 @@ def verdict_lines(
     return lines
 
 
-def ratios_from_dump(folder: Path) -> tuple[dict[str, dict[str, list[float]]], ...]:
+def ratios_from_dump(*folders: Path) -> tuple[dict[str, dict[str, list[float]]], ...]:
     """(p50 ratios, mean ratios) per workload and policy, from bench_router's --dump files,
-    each round's run paired with round robin's of the same round."""
+    each round's run paired with round robin's of the same round (and folder: several
+    commands' rounds pool)."""
     runs: dict[tuple[str, str, int], list[float]] = {}
-    for path in folder.glob("*.json"):
-        workload, policy, round_ = path.stem.rsplit("-", 2)
-        runs[(workload, policy, int(round_))] = [r["ttft_ms"] for r in json.loads(path.read_text())]
+    offset = 0
+    for folder in folders:
+        rounds = 0
+        for path in folder.glob("*.json"):
+            workload, policy, round_ = path.stem.rsplit("-", 2)
+            ttfts = [r["ttft_ms"] for r in json.loads(path.read_text())]
+            runs[(workload, policy, offset + int(round_))] = ttfts
+            rounds = max(rounds, int(round_) + 1)
+        offset += rounds
     p50s: dict[str, dict[str, list[float]]] = {}
     means: dict[str, dict[str, list[float]]] = {}
     for (workload, policy, round_), ttfts in sorted(runs.items(), key=lambda kv: kv[0][2]):
@@ -157,10 +164,10 @@ def p50(ttfts: Sequence[float]) -> float:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("dump", type=Path)
+    parser.add_argument("dump", type=Path, nargs="+", help="--dump folders; rounds pool")
     parser.add_argument("--control", default="round_robin:")
     args = parser.parse_args(argv)
-    p50s, means = ratios_from_dump(args.dump)
+    p50s, means = ratios_from_dump(*args.dump)
     for what, per_round in (("p50", p50s), ("mean", means)):
         for workload, policies in per_round.items():
             for policy, ratios in policies.items():

@@ -69,3 +69,13 @@ def test_the_pairing_with_the_control_cancels_the_shared_round_robin_run() -> No
     control = summarise([1.3, 0.8, 1.0, 1.1])
     paired = versus_control(policy, control)
     assert paired.ratios == (1.0, 1.0, 1.0, 1.0) and paired.ci95 == (1.0, 1.0)
+
+
+def test_several_commands_dumps_pool_their_rounds(tmp_path: Path) -> None:
+    for command, (rr, kv) in enumerate([(100.0, 200.0), (300.0, 100.0)]):
+        folder = tmp_path / str(command)
+        folder.mkdir()
+        for policy, ttft in (("round_robin", rr), ("kv", kv)):
+            (folder / f"w-{policy}-0.json").write_text(json.dumps([{"ttft_ms": ttft}]))
+    p50s, _ = ratios_from_dump(tmp_path / "0", tmp_path / "1")
+    assert p50s == {"w": {"kv": [0.5, 3.0]}}
