@@ -52,6 +52,13 @@ TTFT p50 / kv TTFT p50 on system_prompts, multi_turn, small_cache and no_prefix 
 faster; nan: not run), kv's hit rate / the oracle's, the lower of system_prompts and
 multi_turn (small_cache's oracle ignores the capacity, so it is left out), and round robin's
 mean TTFT / kv's on no_prefix_lockstep.
+
+With `--repeat N` (N >= 2) each policy's rounds are paired with round robin's of the same round
+and summarised (`benchmarks/round_stats.py`): `<workload> <policy>_vs_rr p50|mean median=<x>
+ci95=[a,b] control=[c,d] ... verdict=worse|within|better`, the control being a policy that is
+round robin under another name (`--policies 'round_robin;kv;round_robin:'`): round robin's
+spread against itself, measured the same way. Many short rounds settle what one long round
+cannot (e.g. `--repeat 20 --http-requests 96 --http-speedup 4`).
 """
 
 from __future__ import annotations
@@ -74,6 +81,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks import round_stats
 from contract.block_hash import block_hashes
 from contract.config import KvRouterConfig, MockerConfig, load_config
 from contract.discovery import WorkerCard
@@ -724,6 +732,23 @@ def _table(results: dict[str, HttpResult]) -> str:
     return "\n".join(lines)
 
 
+def _per_round(results: dict[str, HttpResult], what: str) -> dict[str, dict[str, list[float]]]:
+    """Round robin's TTFT p50 (or mean) / each other policy's, one ratio per round, per
+    workload: the rounds round_stats summarises."""
+    per_round: dict[str, dict[str, list[float]]] = {}
+    for name, r in results.items():
+        workload, policy = name.split("/", 1)
+        rr = results[f"{workload}/round_robin"]
+        if policy == "round_robin":
+            continue
+        ours, theirs = (r.round_p50_ms, rr.round_p50_ms) if what == "p50" else (
+            r.round_mean_ms, rr.round_mean_ms)  # fmt: skip
+        per_round.setdefault(workload, {})[policy] = [
+            a / b for a, b in zip(theirs, ours, strict=True)
+        ]
+    return per_round
+
+
 async def http_main(args: argparse.Namespace) -> dict[str, float]:
     from contract.config import default_model_dir
     from frontend.tokenization import TextTokenizer
@@ -805,6 +830,13 @@ async def http_main(args: argparse.Namespace) -> dict[str, float]:
                      + " ".join(f"x{x:.2f}" for x in means) + ")")  # fmt: skip
     logger.info("TTFT, round_robin / policy (> 1: faster than round robin), pooled and "
                 "per round:\n%s", "\n".join(lines))  # fmt: skip
+    if args.repeat >= 2:
+        control = next((p for p in policies if p != "round_robin"
+                        and policy_overrides(p) == ("round_robin", [])), "")  # fmt: skip
+        for what, per_round in (("p50", _per_round(results, "p50")),
+                                ("mean", _per_round(results, "mean"))):  # fmt: skip
+            for line in round_stats.verdict_lines(per_round, control, what):
+                sys.stdout.write(line + "\n")
     vs_oracle = [
         r.hit_rate / max(r.oracle_hit_rate, 1e-9)
         for name, r in results.items()

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 from benchmarks.bench_router import (
+    HttpResult,
+    _per_round,
     http_workloads,
     parse_args,
     policy_overrides,
@@ -33,3 +35,15 @@ def test_a_policy_names_its_settings_and_frontend_processes() -> None:
         ["frontend.kv_router.tie_band=0", "frontend.kv_router.x=1", "frontend.workers=7"],
     )
     assert policy_overrides("round_robin@1") == ("round_robin", ["frontend.workers=1"])
+
+
+def test_each_round_pairs_with_round_robins_run_of_that_round() -> None:
+    """`--repeat N`: the ratios round_stats summarises, round robin's TTFT / the policy's,
+    one per round, in round order; round robin itself has none."""
+    results = {
+        "no_prefix/round_robin": HttpResult("round_robin", round_p50_ms=[100, 300],
+                                            round_mean_ms=[200, 600]),
+        "no_prefix/kv": HttpResult("kv", round_p50_ms=[200, 150], round_mean_ms=[100, 600]),
+    }  # fmt: skip
+    assert _per_round(results, "p50") == {"no_prefix": {"kv": [0.5, 2.0]}}
+    assert _per_round(results, "mean") == {"no_prefix": {"kv": [2.0, 1.0]}}
