@@ -175,27 +175,21 @@ class LoadTable:
         self._pending[self.column_for(worker_id) * ROWS + self.row] = blocks
 
     # ----- the others' rows -------------------------------------------------------------
-    def peer_pending(self, worker_id: str) -> int:
-        """The other live processes' pending prefill blocks on `worker_id`."""
-        return self._peer_sum(self._pending, worker_id)
-
     def peer_pending_since(self, worker_id: str) -> tuple[int, float]:
-        """`peer_pending` and `prefill_start_of` (0.0: unseen) in one column lookup (the KV
-        router reads both for every candidate)."""
-        column = self._columns.get(worker_id)
+        """The other live processes' pending prefill blocks on `worker_id`, and when it last
+        started on a prompt as any process saw it (0.0: unseen), in one column lookup (the
+        KV router reads both for every candidate)."""
+        column = self._find(worker_id)
         if column is None:
-            column = self._find(worker_id)
-            if column is None:
-                return 0, 0.0
-        cells, base = self._pending, column * ROWS
-        total = sum(cells[base : base + self.rows_used]) - cells[base + self.row]
-        for row in self._dead:
-            total -= cells[base + row]
-        return total, self._starts[column]
+            return 0, 0.0
+        return self._others_sum(self._pending, column), self._starts[column]
 
     def peer_requests(self, worker_id: str) -> int:
         """The other live processes' in-flight requests on `worker_id`."""
-        return self._peer_sum(self._requests, worker_id)
+        column = self._find(worker_id)
+        if column is None:  # no process counted anything there yet
+            return 0
+        return self._others_sum(self._requests, column)
 
     def peer_blocks(self, worker_id: str) -> int:
         """The largest other live process's routed prompt blocks on `worker_id`: a lower
@@ -207,20 +201,14 @@ class LoadTable:
         sum, 0.97-0.99 with the largest row; benchmarks/README.md). The worker's own
         report (deduplicated by its engine, one load report late) lifts a bound too low:
         the router takes the larger of the two."""
-        column = self._columns.get(worker_id)
+        column = self._find(worker_id)
         if column is None:
-            column = self._find(worker_id)
-            if column is None:
-                return 0
+            return 0
         cells, base = self._blocks, column * ROWS
         return max([cells[base + row] for row in self._peer_rows], default=0)
 
-    def _peer_sum(self, cells: memoryview, worker_id: str) -> int:
-        column = self._columns.get(worker_id)
-        if column is None:
-            column = self._find(worker_id)
-            if column is None:  # no process counted anything there yet
-                return 0
+    def _others_sum(self, cells: memoryview, column: int) -> int:
+        """A column's cells summed over the other live rows."""
         base = column * ROWS
         total = sum(cells[base : base + self.rows_used]) - cells[base + self.row]
         for row in self._dead:
@@ -231,15 +219,6 @@ class LoadTable:
     def mark_prefill_start(self, worker_id: str, at: float) -> None:
         """Some process saw `worker_id` start on its next prompt at `at` (monotonic s)."""
         self._starts[self.column_for(worker_id)] = at
-
-    def prefill_start_of(self, worker_id: str) -> float | None:
-        """When `worker_id` last started on a prompt, as any process saw it (None: unseen)."""
-        column = self._columns.get(worker_id)
-        if column is None:
-            column = self._find(worker_id)
-            if column is None:
-                return None
-        return self._starts[column] or None
 
     # ----- recently routed prompts (a hash table per row) ---------------------------------
     def add_prefix(self, worker_id: str, hashes: list[int]) -> None:
@@ -341,11 +320,9 @@ class LoadTable:
 
     def turn_of(self, worker_id: str) -> int | None:
         """When any process last routed to `worker_id` (None: none yet)."""
-        column = self._columns.get(worker_id)
+        column = self._find(worker_id)
         if column is None:
-            column = self._find(worker_id)
-            if column is None:
-                return None
+            return None
         return self._turns[column] or None
 
     def named_workers(self) -> list[str]:
@@ -371,9 +348,6 @@ class LoadTable:
     # ----- columns ----------------------------------------------------------------------
     def column_for(self, worker_id: str) -> int:
         """`worker_id`'s column, named now if no process has named it yet."""
-        column = self._columns.get(worker_id)
-        if column is not None:
-            return column
         column = self._find(worker_id)
         if column is not None:
             return column
@@ -399,11 +373,13 @@ class LoadTable:
         return column
 
     def _find(self, worker_id: str) -> int | None:
-        """The column another process named for `worker_id` since we last looked."""
-        if self._header[_NAMED] == len(self._columns):  # nothing new: one read
-            return None
-        self._sync_names()
-        return self._columns.get(worker_id)
+        """`worker_id`'s column, ours or one another process named since we last looked
+        (None: no process has named it)."""
+        column = self._columns.get(worker_id)
+        if column is None and self._header[_NAMED] != len(self._columns):  # names added
+            self._sync_names()
+            column = self._columns.get(worker_id)
+        return column
 
     def _sync_names(self) -> None:
         with self._locked(fcntl.LOCK_SH):

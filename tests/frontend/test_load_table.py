@@ -308,13 +308,13 @@ def test_routed_prefixes_and_pending_prefill_are_the_other_rows(tmp_path: Path) 
     assert reader.peer_prefix_depths(shares_20) == {"w1": 16}  # positions 15 and 31 sampled
     assert reader.peer_prefix_depths(prompt_hashes_of(list(range(7000, 7640)))) == {}
     assert writer.peer_prefix_depths(routed) == {}  # its own row is not a peer's
-    assert reader.peer_pending("w1") == 40 and writer.peer_pending("w1") == 0
+    assert reader.peer_pending_since("w1")[0] == 40 and writer.peer_pending_since("w1")[0] == 0
     writer.remove_prefix("w1", routed)
     assert reader.peer_prefix_depths(routed) == {"w1": 40}  # the other request holds it
     writer.remove_prefix("w1", routed)
     assert reader.peer_prefix_depths(routed) == {}
     reader.mark_prefill_start("w1", 12.5)
-    assert writer.prefill_start_of("w1") == 12.5 and writer.prefill_start_of("w9") is None
+    assert writer.peer_pending_since("w1")[1] == 12.5 and writer.peer_pending_since("w9")[1] == 0.0
     writer.write_pending("w1", 7)
     assert reader.peer_pending_since("w1") == (7, 12.5)
     assert reader.peer_pending_since("w9") == (0, 0.0)
@@ -328,13 +328,14 @@ def test_a_dead_or_restarted_process_leaves_no_prefix_or_pending(tmp_path: Path)
     routed = prompt_hashes_of(list(range(320)))
     crashed.add_prefix("w0", routed)
     crashed.write_pending("w0", 20)
-    assert reader.peer_prefix_depths(routed) == {"w0": 20} and reader.peer_pending("w0") == 20
+    assert reader.peer_prefix_depths(routed) == {"w0": 20}
+    assert reader.peer_pending_since("w0")[0] == 20
     assert reader.check_rows(alive=lambda pid: pid != 424242) == [1]
-    assert reader.peer_prefix_depths(routed) == {} and reader.peer_pending("w0") == 0
+    assert reader.peer_prefix_depths(routed) == {} and reader.peer_pending_since("w0")[0] == 0
     reader.check_rows(alive=lambda pid: True)  # its index restarts: the new process's row
     assert reader.peer_prefix_depths(routed) == {"w0": 20}
     LoadTable(path, 1, 2).claim()
-    assert reader.peer_prefix_depths(routed) == {} and reader.peer_pending("w0") == 0
+    assert reader.peer_prefix_depths(routed) == {} and reader.peer_pending_since("w0")[0] == 0
 
 
 def kv_sharing(path: Path, index: int, count: int, share_routing: bool):  # type: ignore[no-untyped-def]
