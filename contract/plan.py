@@ -162,8 +162,13 @@ class WorkerProcess:
     @property
     def name(self) -> str:
         """`worker-agg-g0-i1`, or `worker-agg-g0-i4-7` for a process hosting i4..i7."""
-        last = f"-{self.index + self.instances - 1}" if self.instances > 1 else ""
-        return f"worker-{worker_id(self.role, self.group, self.index)}{last}"
+        return f"worker-{self.role}-g{self.group}-{instance_span(self.index, self.instances)}"
+
+
+def instance_span(index: int, instances: int) -> str:
+    """`iI`, or `iI-J` for instances I..J of a group hosted by one process (its process
+    name and log tag)."""
+    return f"i{index}-{index + instances - 1}" if instances > 1 else f"i{index}"
 
 
 def worker_processes(config: DeploymentConfig) -> list[WorkerProcess]:

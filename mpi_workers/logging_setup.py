@@ -13,6 +13,8 @@ import logging
 import os
 import sys
 
+from contract.plan import instance_span
+
 # The tag of the worker whose task is running, in a process hosting several; None: the
 # process's own tag.
 worker_log_tag: contextvars.ContextVar[str | None] = contextvars.ContextVar(
@@ -45,8 +47,7 @@ class TagFilter(logging.Filter):
 
 def worker_tag(role: str, group: int, index: int, rank: int, instances: int = 1) -> str:
     """`[worker ROLE gG iI rankR]`; `iI-J` for a process hosting instances I..J."""
-    last = f"-{index + instances - 1}" if instances > 1 else ""
-    return f"[worker {role} g{group} i{index}{last} rank{rank}]"
+    return f"[worker {role} g{group} {instance_span(index, instances)} rank{rank}]"
 
 
 def configure_logging(tag: str, level: str | int | None = None) -> None:
