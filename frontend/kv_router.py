@@ -466,13 +466,9 @@ class KvRouter:
             return self._deployment_pending(worker_id, on, self._clock())
         if on is None or not on.pending:
             return 0
-        pending = on.pending
-        rate = self._prefill_rate.get(worker_id)
-        if rate is None or not self.config.prefill_progress:
-            return pending
-        head = self._prefill_head(on)
-        done = rate.per_second * max(self._clock() - self._prefill_start[worker_id], 0.0)
-        return pending - min(done, pending - 1.0) if head is not None else pending
+        prefilling = self._prefill_head(on) is not None
+        start = self._prefill_start.get(worker_id) if prefilling else None
+        return self._less_progress(worker_id, on.pending, start, self._clock())
 
     def _deployment_pending(self, worker_id: str, on: _OnWorker | None, now: float) -> float:
         """`pending_prefill` with several frontend processes: every process's pending
@@ -484,11 +480,19 @@ class KvRouter:
         pending = others + on.pending if on is not None else others
         if pending <= 0:
             return 0
+        return self._less_progress(
+            worker_id, pending, start or self._prefill_start.get(worker_id, now), now
+        )
+
+    def _less_progress(
+        self, worker_id: str, pending: float, start: float | None, now: float
+    ) -> float:
+        """`pending` blocks less what the worker has computed since `start` at the rate this
+        process learned, never below one block: an overdue prefill is not done until a first
+        output says so."""
         rate = self._prefill_rate.get(worker_id)
-        if rate is None or not self.config.prefill_progress:
+        if rate is None or start is None or not self.config.prefill_progress:
             return pending
-        if not start:
-            start = self._prefill_start.get(worker_id, now)
         done = rate.per_second * (now - start if now > start else 0.0)
         return pending - min(done, pending - 1.0)
 
