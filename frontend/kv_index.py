@@ -28,6 +28,7 @@ import logging
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from itertools import takewhile
 
 from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
@@ -50,40 +51,32 @@ SnapshotFetcher = Callable[[str], Awaitable[KvSnapshot]]
 
 
 class KvIndex:
-    """Block hash → the workers holding it; no I/O, so it is cheap to test and to query.
+    """Worker → the set of block hashes it holds; no I/O, so it is cheap to test and to query.
 
     Every frontend process applies every worker's events (the whole deployment's rate, not
-    its own share), so a store or remove is one dict operation per hash where it can be: a
-    hash's holders are a frozenset, the same object for every hash one worker holds alone
-    (most of them), replaced, never changed in place, when a second worker stores it."""
+    its own share), so a batch's stores and removes are one C-level set operation each
+    (`set.update`, `set.difference_update`), never a Python loop per hash; a worker that
+    leaves is one `dict.pop`. The walk pays instead: a query asks each worker's set
+    whether it holds the prompt's first block (a set lookup per worker), then each holder
+    how far it goes (`prefix_depths`)."""
 
     def __init__(self) -> None:
-        self._holders: dict[int, frozenset[str]] = {}
         self._blocks: dict[str, set[int]] = {}
-        self._alone: dict[str, frozenset[str]] = {}  # worker -> frozenset({worker}), shared
+        self._changes = 0  # bumped by every change: `num_blocks` recounts only after one
+        self._counted = (-1, 0)  # (_changes when counted, distinct hashes then)
 
     def num_blocks(self) -> int:
-        """Distinct block hashes held by any worker."""
-        return len(self._holders)
-
-    def _only(self, worker_id: str) -> frozenset[str]:
-        alone = self._alone.get(worker_id)
-        if alone is None:
-            alone = self._alone[worker_id] = frozenset((worker_id,))
-        return alone
+        """Distinct block hashes held by any worker (status and metrics, not the request
+        path: the union of the workers' sets, counted again only after a change)."""
+        changes, count = self._counted
+        if changes != self._changes:
+            sets = list(self._blocks.values())
+            count = len(sets[0].union(*sets[1:])) if sets else 0
+            self._counted = (self._changes, count)
+        return count
 
     def store(self, worker_id: str, hashes: Iterable[int]) -> None:
-        hashes = hashes if isinstance(hashes, list | tuple | set) else list(hashes)
-        alone = self._only(worker_id)
-        holders = self._holders
-        present = holders.keys() & hashes  # usually none: a new prompt's blocks
-        before = {h: holders[h] for h in present}
-        holders.update(dict.fromkeys(hashes, alone))  # in C, not a Python loop per hash
-        for h, held in before.items():
-            if worker_id not in held:
-                holders[h] = held | alone
-            elif held is not alone:
-                holders[h] = held
+        self._changes += 1
         mine = self._blocks.get(worker_id)
         if mine is None:
             self._blocks[worker_id] = set(hashes)
@@ -92,29 +85,9 @@ class KvIndex:
 
     def remove(self, worker_id: str, hashes: Iterable[int]) -> None:
         mine = self._blocks.get(worker_id)
-        if mine is None:
-            return
-        hashes = hashes if isinstance(hashes, list | tuple | set) else list(hashes)
-        mine.difference_update(hashes)
-        self._forget(worker_id, hashes)
-
-    def _forget(self, worker_id: str, hashes: Iterable[int]) -> None:
-        """`worker_id` no longer holds `hashes` (its own set already updated)."""
-        holders = self._holders
-        get = holders.get
-        alone = self._only(worker_id)
-        for h in hashes:
-            held = get(h)
-            if held is alone:  # most: held by this worker only
-                del holders[h]
-            elif held is not None and worker_id in held:
-                rest = held - alone
-                if not rest:
-                    del holders[h]
-                elif len(rest) == 1:  # the one left: its shared set, so `is alone` holds
-                    holders[h] = self._only(next(iter(rest)))
-                else:
-                    holders[h] = rest
+        if mine is not None:
+            self._changes += 1
+            mine.difference_update(hashes)
 
     def apply(self, worker_id: str, events: Iterable[KvEvent]) -> None:
         for event in events:
@@ -125,11 +98,16 @@ class KvIndex:
 
     def apply_ops(self, worker_id: str, ops: Iterable[tuple[bool, list[int]]]) -> None:
         """`apply` for events as `KvBatchOps` pairs (stored?, hashes)."""
+        mine = self._blocks.get(worker_id)
+        self._changes += 1
         for stored, hashes in ops:
-            if stored:
-                self.store(worker_id, hashes)
+            if not stored:
+                if mine is not None:
+                    mine.difference_update(hashes)
+            elif mine is None:
+                mine = self._blocks[worker_id] = set(hashes)
             else:
-                self.remove(worker_id, hashes)
+                mine.update(hashes)
 
     def replace(self, worker_id: str, hashes: Iterable[int]) -> None:
         """Make `hashes` exactly the worker's blocks (a snapshot)."""
@@ -137,9 +115,8 @@ class KvIndex:
         self.store(worker_id, hashes)
 
     def drop_worker(self, worker_id: str) -> None:
-        mine = self._blocks.pop(worker_id, None)
-        if mine:
-            self._forget(worker_id, mine)
+        if self._blocks.pop(worker_id, None) is not None:
+            self._changes += 1
 
     def blocks_of(self, worker_id: str) -> set[int]:
         return set(self._blocks.get(worker_id, ()))
@@ -155,26 +132,29 @@ class KvIndex:
 
     def prefix_depths(self, hashes: Sequence[int]) -> dict[str, int]:
         """Every worker holding the first of `hashes` → how many leading ones it holds (the
-        router's view: no candidate list to build, and a prompt cached nowhere costs one
-        lookup). A worker holding none is absent."""
-        holders = self._holders.get(hashes[0]) if hashes else None
-        if not holders:
+        router's view: no candidate list to build). A worker holding none is absent.
+
+        Per holder, in C where it can: the whole prompt (`issuperset`, when it holds the
+        last block too), else the run of held blocks (`takewhile`). Holders of a shared
+        prefix (a system prompt) mostly hold the same run: a later holder is first checked
+        against the previous one's (`issuperset` of that run, and not the next block)."""
+        if not hashes:
             return {}
+        first, last, total = hashes[0], hashes[-1], len(hashes)
         depths: dict[str, int] = {}
-        active = holders  # a frozenset of the index's: never changed in place
-        for depth in range(1, len(hashes)):
-            holders = self._holders.get(hashes[depth])
-            if not holders:
-                return {**depths, **dict.fromkeys(active, depth)}
-            if active <= holders:  # all of them go on
+        run: Sequence[int] = ()  # the previous holder's run
+        depth = 0
+        for worker_id, held in self._blocks.items():
+            if first not in held:
                 continue
-            still = active & holders
-            for worker_id in active - still:
-                depths[worker_id] = depth
-            if not still:
-                return depths
-            active = still
-        depths.update(dict.fromkeys(active, len(hashes)))
+            if run and held.issuperset(run) and (depth == total or hashes[depth] not in held):
+                pass  # the same run as the previous holder
+            elif last in held and held.issuperset(hashes):
+                depth, run = total, hashes
+            else:
+                run = list(takewhile(held.__contains__, hashes))
+                depth = len(run)
+            depths[worker_id] = depth
         return depths
 
 
