@@ -28,7 +28,8 @@ import logging
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from itertools import takewhile
+from itertools import compress, repeat, takewhile
+from operator import contains
 
 from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
@@ -51,17 +52,26 @@ SnapshotFetcher = Callable[[str], Awaitable[KvSnapshot]]
 
 
 class KvIndex:
-    """Worker → the set of block hashes it holds; no I/O, so it is cheap to test and to query.
+    """Worker → the set of block hashes it holds, plus the holders of the blocks of prefixes
+    that several workers hold; no I/O, so it is cheap to test and to query.
 
     Every frontend process applies every worker's events (the whole deployment's rate, not
     its own share), so a batch's stores and removes are one C-level set operation each
     (`set.update`, `set.difference_update`), never a Python loop per hash; a worker that
-    leaves is one `dict.pop`. The walk pays instead: a query asks each worker's set
-    whether it holds the prompt's first block (a set lookup per worker), then each holder
-    how far it goes (`prefix_depths`)."""
+    leaves is one `dict.pop`. A query asks each worker's set whether it holds the prompt's
+    first block, then each holder how far it goes: fine for a few holders, but a long
+    prefix on many workers (a system prompt) would cost holders × blocks lookups. So the
+    blocks of a prefix found on `SHARE_FROM` or more workers get an entry in `_shared`
+    (block hash → every worker holding it, exactly: kept true by each event that touches
+    one, a C-level `isdisjoint` check otherwise), and the walk goes through those with one
+    lookup per block, as a hash → holders map would."""
+
+    SHARE_FROM = 4  # holders of a prompt's first block from which its shared blocks get entries
+    SHARED_LIMIT = 1 << 15  # entries; past it the map is cleared and fills again by queries
 
     def __init__(self) -> None:
         self._blocks: dict[str, set[int]] = {}
+        self._shared: dict[int, frozenset[str]] = {}  # hash -> all its holders (some hashes)
         self._changes = 0  # bumped by every change: `num_blocks` recounts only after one
         self._counted = (-1, 0)  # (_changes when counted, distinct hashes then)
 
@@ -76,18 +86,10 @@ class KvIndex:
         return count
 
     def store(self, worker_id: str, hashes: Iterable[int]) -> None:
-        self._changes += 1
-        mine = self._blocks.get(worker_id)
-        if mine is None:
-            self._blocks[worker_id] = set(hashes)
-        else:
-            mine.update(hashes)
+        self.apply_ops(worker_id, ((True, hashes),))
 
     def remove(self, worker_id: str, hashes: Iterable[int]) -> None:
-        mine = self._blocks.get(worker_id)
-        if mine is not None:
-            self._changes += 1
-            mine.difference_update(hashes)
+        self.apply_ops(worker_id, ((False, hashes),))
 
     def apply(self, worker_id: str, events: Iterable[KvEvent]) -> None:
         for event in events:
@@ -96,18 +98,36 @@ class KvIndex:
             elif isinstance(event, KvRemoved):
                 self.remove(worker_id, event.block_hashes)
 
-    def apply_ops(self, worker_id: str, ops: Iterable[tuple[bool, list[int]]]) -> None:
+    def apply_ops(self, worker_id: str, ops: Iterable[tuple[bool, Iterable[int]]]) -> None:
         """`apply` for events as `KvBatchOps` pairs (stored?, hashes)."""
         mine = self._blocks.get(worker_id)
+        shared = self._shared
         self._changes += 1
         for stored, hashes in ops:
+            if shared and not isinstance(hashes, list | tuple | set | frozenset):
+                hashes = list(hashes)  # read twice
             if not stored:
-                if mine is not None:
-                    mine.difference_update(hashes)
+                if mine is None:
+                    continue
+                mine.difference_update(hashes)
             elif mine is None:
                 mine = self._blocks[worker_id] = set(hashes)
             else:
                 mine.update(hashes)
+            if shared and not shared.keys().isdisjoint(hashes):  # rare: a shared block
+                self._reshare(worker_id, shared.keys() & hashes, stored)
+
+    def _reshare(self, worker_id: str, hashes: Iterable[int], holds: bool) -> None:
+        """`worker_id` now holds (or no longer holds) these `_shared` blocks. Blocks with
+        the same holders keep one frozenset (the walk's `is` test)."""
+        shared, me = self._shared, frozenset((worker_id,))
+        changed: dict[frozenset[str], frozenset[str]] = {}  # old holders -> new
+        for h in hashes:
+            old = shared[h]
+            new = changed.get(old)
+            if new is None:
+                new = changed[old] = old | me if holds else old - me
+            shared[h] = new
 
     def replace(self, worker_id: str, hashes: Iterable[int]) -> None:
         """Make `hashes` exactly the worker's blocks (a snapshot)."""
@@ -115,8 +135,11 @@ class KvIndex:
         self.store(worker_id, hashes)
 
     def drop_worker(self, worker_id: str) -> None:
-        if self._blocks.pop(worker_id, None) is not None:
+        mine = self._blocks.pop(worker_id, None)
+        if mine is not None:
             self._changes += 1
+            if self._shared:
+                self._reshare(worker_id, self._shared.keys() & mine, False)
 
     def blocks_of(self, worker_id: str) -> set[int]:
         return set(self._blocks.get(worker_id, ()))
@@ -134,28 +157,64 @@ class KvIndex:
         """Every worker holding the first of `hashes` → how many leading ones it holds (the
         router's view: no candidate list to build). A worker holding none is absent.
 
-        Per holder, in C where it can: the whole prompt (`issuperset`, when it holds the
-        last block too), else the run of held blocks (`takewhile`). Holders of a shared
-        prefix (a system prompt) mostly hold the same run: a later holder is first checked
-        against the previous one's (`issuperset` of that run, and not the next block)."""
+        Through `_shared` while the blocks have entries there (as a hash → holders map:
+        the workers still on, narrowed per block), then each worker still on asks its own
+        set for the rest. Blocks that `SHARE_FROM` or more workers turn out to hold get
+        entries for the next prompt that starts with them."""
         if not hashes:
             return {}
-        first, last, total = hashes[0], hashes[-1], len(hashes)
+        shared, blocks = self._shared, self._blocks
         depths: dict[str, int] = {}
-        run: Sequence[int] = ()  # the previous holder's run
-        depth = 0
-        for worker_id, held in self._blocks.items():
-            if first not in held:
-                continue
-            if run and held.issuperset(run) and (depth == total or hashes[depth] not in held):
-                pass  # the same run as the previous holder
-            elif last in held and held.issuperset(hashes):
-                depth, run = total, hashes
+        active = shared.get(hashes[0])
+        depth, start = 1, 0  # start: the first block without a `_shared` entry
+        if active is None:  # each worker's set
+            first = repeat(hashes[0])
+            if not any(map(contains, blocks.values(), first)):
+                return depths  # cached nowhere: the most common case
+            active = frozenset(compress(blocks, map(contains, blocks.values(), first)))
+        else:  # each block's holders while it has an entry
+            for depth in range(1, len(hashes) + 1):
+                if not active or depth == len(hashes):
+                    break
+                holders = shared.get(hashes[depth])
+                if holders is None:
+                    start = depth
+                    break
+                if holders is active or active <= holders:  # all of them go on
+                    continue
+                still = active & holders
+                depths.update(dict.fromkeys(active - still, depth))
+                active = still
+        if not active:
+            return depths
+        # the workers still on, from `depth` on: each one's own set
+        sets = list(map(blocks.__getitem__, active))
+        if depth == len(hashes) or not any(map(contains, sets, repeat(hashes[depth]))):
+            depths.update(dict.fromkeys(active, depth))  # all of them stop here
+            return depths
+        rest = hashes[depth:]
+        for worker_id, held in zip(active, sets, strict=True):
+            if held.issuperset(rest):
+                depths[worker_id] = len(hashes)
             else:
-                run = list(takewhile(held.__contains__, hashes))
-                depth = len(run)
-            depths[worker_id] = depth
+                depths[worker_id] = depth + len(list(takewhile(held.__contains__, rest)))
+        if len(active) >= self.SHARE_FROM:
+            self._share(hashes, start, sorted(depths[w] for w in active)[-self.SHARE_FROM])
         return depths
+
+    def _share(self, hashes: Sequence[int], start: int, stop: int) -> None:
+        """Give `hashes[start:stop]` (blocks that several workers hold) `_shared` entries: each
+        one's holders, every worker's set asked (once per block, not once per query)."""
+        shared = self._shared
+        if len(shared) + stop - start > self.SHARED_LIMIT:
+            shared.clear()  # the prefixes of past queries: refilled by the next ones
+            start = 0
+        names, sets = list(self._blocks), list(self._blocks.values())
+        same: dict[frozenset[str], frozenset[str]] = {}  # one object for the same holders
+        for h in hashes[start:stop]:
+            if h not in shared:
+                holders = frozenset(compress(names, map(contains, sets, repeat(h))))
+                shared[h] = same.setdefault(holders, holders)
 
 
 class RoutedPrefixIndex(KvIndex):

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import random
 
+import pytest
 from worker_cards import worker_card
 
 from contract.block_hash import block_hashes
@@ -232,3 +234,67 @@ def test_index_matches_a_plain_model_under_random_changes() -> None:
             if depth:
                 expected[w] = depth
         assert index.prefix_depths(probe) == expected, step
+
+
+@pytest.mark.parametrize(("share_from", "shared_limit"), [(4, 1 << 15), (2, 1 << 15), (2, 12)])
+def test_prefix_depths_match_a_brute_force_walk(share_from: int, shared_limit: int) -> None:
+    """Eight workers storing and evicting runs of a few prompts that share prefixes (so that
+    many workers hold the same blocks and the index gives them `_shared` entries), evicting
+    single blocks from the middle too (holes), replaced by snapshots and dropped: after
+    every step, each query's depths equal a walk of plain per-worker sets written here."""
+    rng = random.Random(share_from * 100 + shared_limit)
+    index = KvIndex()
+    index.SHARE_FROM, index.SHARED_LIMIT = share_from, shared_limit
+    trunk = [rng.getrandbits(64) for _ in range(12)]
+    prompts = [
+        trunk[: rng.randrange(2, 13)] + [rng.getrandbits(64) for _ in range(rng.randrange(0, 6))]
+        for _ in range(6)
+    ]
+    model: dict[str, set[int]] = {}
+    workers = [f"w{i}" for i in range(8)]
+
+    def run() -> list[int]:
+        prompt = rng.choice(prompts)
+        start = rng.randrange(len(prompt))
+        return prompt[start : rng.randrange(start, len(prompt)) + 1]
+
+    for step in range(4000):
+        worker = rng.choice(workers)
+        action = rng.random()
+        if action < 0.45:
+            hashes = run()
+            index.store(worker, hashes if step % 2 else iter(hashes))
+            model.setdefault(worker, set()).update(hashes)
+        elif action < 0.75:
+            hashes = run() if action < 0.65 else [rng.choice(rng.choice(prompts))]
+            index.remove(worker, hashes)
+            if worker in model:
+                model[worker].difference_update(hashes)
+        elif action < 0.85:
+            hashes = run()
+            index.apply_ops(worker, [(False, hashes[1:]), (True, hashes[:1])])
+            model.setdefault(worker, set()).difference_update(hashes[1:])
+            model[worker].update(hashes[:1])
+        elif action < 0.95:
+            hashes = run()
+            index.replace(worker, hashes)
+            model[worker] = set(hashes)
+        else:
+            index.drop_worker(worker)
+            model.pop(worker, None)
+        for _ in range(3):
+            probe = rng.choice(prompts)[: rng.randrange(0, 18)]
+            if rng.random() < 0.3:
+                probe = [*probe, rng.getrandbits(64)]
+            expected = {}
+            for w, held in model.items():
+                depth = 0
+                while depth < len(probe) and probe[depth] in held:
+                    depth += 1
+                if depth:
+                    expected[w] = depth
+            assert index.prefix_depths(probe) == expected, step
+            assert index.overlaps(probe, workers) == {w: expected.get(w, 0) for w in workers}
+        assert index.num_blocks() == len(set().union(*model.values())), step
+        assert {w: index.blocks_of(w) for w in workers} == {w: model.get(w, set()) for w in workers}
+    assert index._shared, "the queries never gave shared blocks entries: the test tests less"
