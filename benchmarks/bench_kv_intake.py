@@ -8,7 +8,9 @@ repeated question, cached after the first request, so there that cost is nil
 (benchmarks/README.md, branch scale2); with new prompts it is not. Here: `--workers` workers,
 each request a new prompt of `--blocks` full blocks stored in one batch, and once a worker holds
 `--resident` prompts each batch also removes its oldest prompt's blocks (the mocker's eviction),
-so a batch carries `--blocks` stored and as many removed hashes.
+so a batch carries `--blocks` stored and as many removed hashes. Every worker also holds a
+system prompt of `--system-blocks` blocks, queried once before the timing (an index that keeps
+entries for blocks several workers hold pays to keep them true on every event).
 
 `--baseline DIR` times another tree's `frontend/kv_index.py` and `parse_kv_event_batch` (its
 `contract/messages.py`) too, e.g. main's checkout, the two alternated in rounds so that the
@@ -78,9 +80,15 @@ def on_wire(module: ModuleType, batches: list[Batch], block_size: int = 16) -> l
     ]  # fmt: skip
 
 
-def warmed_feed(index_module: ModuleType, parse, batches: list[bytes], workers: int):  # type: ignore[no-untyped-def]
-    """A feed of `index_module` that has applied `batches` (the index at its working size)."""
+def warmed_feed(index_module: ModuleType, parse, batches: list[bytes], workers: int,  # type: ignore[no-untyped-def]
+                system: list[int] = ()):  # fmt: skip
+    """A feed of `index_module` that has applied `batches` (the index at its working size),
+    every worker holding `system` (a shared system prompt's hashes, looked up once)."""
     feed = index_module.KvIndexFeed(index_module.KvIndex())
+    if system:
+        for w in range(workers):
+            feed.index.store(f"w{w}", system)
+        feed.index.prefix_depths(system)
     # no event loop here: the workers are known and synced by hand, not by the directory
     feed._workers = {f"w{w}" for w in range(workers)}
     for w in range(workers):
@@ -168,6 +176,7 @@ def main() -> None:
     parser.add_argument("--blocks", type=int, default=37, help="full blocks a prompt stores")
     parser.add_argument("--resident", type=int, default=200, help="prompts a worker keeps")
     parser.add_argument("--batches", type=int, default=6000, help="timed, after the warm-up")
+    parser.add_argument("--system-blocks", type=int, default=40, help="every worker holds")
     parser.add_argument(
         "--over-nats", action="store_true",
         help="also: this tree's feed fed through a real nats-server (NATS's share per batch)",
@@ -187,7 +196,8 @@ def main() -> None:
         sides["baseline"] = (base_index, base_messages)
     wire = {name: on_wire(module, batches) for name, (_, module) in sides.items()}
     parses = {name: module.parse_kv_event_batch for name, (_, module) in sides.items()}
-    feeds = {name: warmed_feed(index_module, parses[name], wire[name][:warm], args.workers)
+    system = [random.Random(2).getrandbits(64) for _ in range(args.system_blocks)]
+    feeds = {name: warmed_feed(index_module, parses[name], wire[name][:warm], args.workers, system)
              for name, (index_module, _) in sides.items()}  # fmt: skip
     size = max(1, args.batches // args.rounds)
     spent = dict.fromkeys(sides, 0.0)

@@ -72,6 +72,7 @@ class KvIndex:
     def __init__(self) -> None:
         self._blocks: dict[str, set[int]] = {}
         self._shared: dict[int, frozenset[str]] = {}  # hash -> all its holders (some hashes)
+        self._shared_hashes: set[int] = set()  # its keys: a set's `isdisjoint` is faster
         self._changes = 0  # bumped by every change: `num_blocks` recounts only after one
         self._counted = (-1, 0)  # (_changes when counted, distinct hashes then)
 
@@ -101,7 +102,7 @@ class KvIndex:
     def apply_ops(self, worker_id: str, ops: Iterable[tuple[bool, Iterable[int]]]) -> None:
         """`apply` for events as `KvBatchOps` pairs (stored?, hashes)."""
         mine = self._blocks.get(worker_id)
-        shared = self._shared
+        shared = self._shared_hashes
         self._changes += 1
         for stored, hashes in ops:
             if shared and not isinstance(hashes, list | tuple | set | frozenset):
@@ -114,8 +115,8 @@ class KvIndex:
                 mine = self._blocks[worker_id] = set(hashes)
             else:
                 mine.update(hashes)
-            if shared and not shared.keys().isdisjoint(hashes):  # rare: a shared block
-                self._reshare(worker_id, shared.keys() & hashes, stored)
+            if shared and not shared.isdisjoint(hashes):  # rare: a shared block
+                self._reshare(worker_id, shared.intersection(hashes), stored)
 
     def _reshare(self, worker_id: str, hashes: Iterable[int], holds: bool) -> None:
         """`worker_id` now holds (or no longer holds) these `_shared` blocks. Blocks with
@@ -139,7 +140,7 @@ class KvIndex:
         if mine is not None:
             self._changes += 1
             if self._shared:
-                self._reshare(worker_id, self._shared.keys() & mine, False)
+                self._reshare(worker_id, self._shared_hashes & mine, False)
 
     def blocks_of(self, worker_id: str) -> set[int]:
         return set(self._blocks.get(worker_id, ()))
@@ -208,6 +209,7 @@ class KvIndex:
         shared = self._shared
         if len(shared) + stop - start > self.SHARED_LIMIT:
             shared.clear()  # the prefixes of past queries: refilled by the next ones
+            self._shared_hashes.clear()
             start = 0
         names, sets = list(self._blocks), list(self._blocks.values())
         same: dict[frozenset[str], frozenset[str]] = {}  # one object for the same holders
@@ -215,6 +217,7 @@ class KvIndex:
             if h not in shared:
                 holders = frozenset(compress(names, map(contains, sets, repeat(h))))
                 shared[h] = same.setdefault(holders, holders)
+                self._shared_hashes.add(h)
 
 
 class RoutedPrefixIndex(KvIndex):
@@ -351,29 +354,31 @@ class KvIndexFeed:
         """Apply in seq order; on a gap or an unsynced worker, reconcile by snapshot."""
         if isinstance(batch, KvEventBatch):
             batch = KvBatchOps.of(batch)
-        worker_id = batch.worker_id
-        if worker_id not in self._workers:
-            return  # unknown or gone: its join (snapshot) will cover it
-        if batch.events:
+        worker_id, seq, events = batch
+        sync = self._sync.get(worker_id)  # a worker's entry goes when the worker leaves
+        if sync is None:
+            if worker_id not in self._workers:
+                return  # unknown or gone: its join (snapshot) will cover it
+            sync = self._sync[worker_id] = _WorkerSync()
+        if events and worker_id not in self.published:
             self.published.add(worker_id)
-        sync = self._sync.setdefault(worker_id, _WorkerSync())
+        last = sync.last_seq
         if sync.pending:
             sync.buffer.append(batch)
-            return
-        if sync.last_seq is not None and batch.seq == sync.last_seq + 1:
-            self.index.apply_ops(worker_id, batch.events)
-            sync.last_seq = batch.seq
-        elif batch.seq == 1:  # first batch of a (re)started worker: nothing before it counts
+        elif last is not None and seq == last + 1:  # the usual case
+            self.index.apply_ops(worker_id, events)
+            sync.last_seq = seq
+        elif seq == 1:  # first batch of a (re)started worker: nothing before it counts
             self.index.replace(worker_id, ())
-            self.index.apply_ops(worker_id, batch.events)
+            self.index.apply_ops(worker_id, events)
             sync.last_seq = 1
-        elif sync.last_seq is not None and batch.seq <= sync.last_seq:
-            logger.debug("KV index: stale batch %d from %s ignored", batch.seq, worker_id)
+        elif last is not None and seq <= last:
+            logger.debug("KV index: stale batch %d from %s ignored", seq, worker_id)
         else:
             self.num_gaps += 1
             logger.warning(
                 "KV index: %s sent batch %d after %s; reconciling by snapshot",
-                worker_id, batch.seq, sync.last_seq,
+                worker_id, seq, last,
             )  # fmt: skip
             sync.buffer.append(batch)
             self.request_snapshot(worker_id)
