@@ -169,10 +169,16 @@ class KvIndex:
         active = shared.get(hashes[0])
         depth, start = 1, 0  # start: the first block without a `_shared` entry
         if active is None:  # each worker's set
-            first = repeat(hashes[0])
-            if not any(map(contains, blocks.values(), first)):
+            holding = list(map(contains, blocks.values(), repeat(hashes[0])))
+            if True not in holding:
                 return depths  # cached nowhere: the most common case
-            active = frozenset(compress(blocks, map(contains, blocks.values(), first)))
+            names = list(compress(blocks, holding))
+            if len(names) == 1:  # on one worker: its set alone
+                held = blocks[names[0]]
+                if held.issuperset(hashes):
+                    return {names[0]: len(hashes)}
+                return {names[0]: len(list(takewhile(held.__contains__, hashes)))}
+            active = frozenset(names)
         else:  # each block's holders while it has an entry
             for depth in range(1, len(hashes) + 1):
                 if not active or depth == len(hashes):
@@ -296,9 +302,13 @@ class KvIndexFeed:
     async def start(self) -> None:
         """Subscribe to the deployment's KV events and start the periodic reconcile."""
         if self._nats_url is not None:
-            self._nc = await connect(self._nats_url, "hpcserve-frontend-kv-index")
-            await self._nc.subscribe(kv_events_subject(self._deployment), cb=self._on_events)
-            await self._nc.flush()
+            self._nc = nc = await connect(self._nats_url, "hpcserve-frontend-kv-index")
+            subject = kv_events_subject(self._deployment)
+            if callable(getattr(nc, "_process_msg", None)):
+                _take_in_read_loop(nc, (await nc.subscribe(subject))._id, self._take)
+            else:  # a nats-py without the hook: its subscription task hands them over
+                await nc.subscribe(subject, cb=self._on_events)
+            await nc.flush()
         self._reconciler = asyncio.create_task(self._reconcile_forever(), name="kv-reconcile")
 
     async def stop(self) -> None:
@@ -336,6 +346,16 @@ class KvIndexFeed:
         if not self._arrived:
             asyncio.get_running_loop().call_soon(self._apply_next_turn)
         self._arrived.append(msg.data)
+
+    def _take(self, data: bytes) -> None:
+        """`_on_events` for a batch taken from nats-py's read loop (`_take_in_read_loop`): a
+        turn earlier than its subscription task would have had it, so one turn more."""
+        if not self._arrived:
+            asyncio.get_running_loop().call_soon(self._wait_a_turn)
+        self._arrived.append(data)
+
+    def _wait_a_turn(self) -> None:
+        asyncio.get_running_loop().call_soon(self._apply_next_turn)
 
     def _apply_next_turn(self) -> None:
         asyncio.get_running_loop().call_soon(self._apply_arrived)
@@ -450,6 +470,24 @@ class KvIndexFeed:
             await asyncio.sleep(self._reconcile_interval_s)
             for worker_id in sorted(self._workers):
                 self.request_snapshot(worker_id)
+
+
+def _take_in_read_loop(nc: NatsClient, sid: int, take: Callable[[bytes], None]) -> None:
+    """Hand subscription `sid`'s messages to `take` from nats-py's protocol parser. Its own
+    path per message (a `Msg` built, queued, its subscription task woken to await a
+    callback) cost more than parsing and applying a batch; every frontend process receives
+    every worker's batches. The other subscriptions of `nc` (snapshot replies) keep it."""
+    deliver = nc._process_msg
+
+    async def process_msg(
+        msg_sid: int, subject: bytes, reply: bytes, data: bytes, headers: bytes | None
+    ) -> None:
+        if msg_sid == sid:
+            take(data)
+        else:
+            await deliver(msg_sid, subject, reply, data, headers)
+
+    nc._process_msg = process_msg  # type: ignore[method-assign]
 
 
 def _seq(batch: KvBatchOps) -> int:

@@ -136,6 +136,39 @@ async def test_events_arriving_with_a_reply_wait_for_its_handler() -> None:
     assert feed.index.overlaps(H, ["a"]) == {"a": 4} and feed.num_gaps == 0
 
 
+async def test_events_taken_in_the_read_loop_wait_for_the_handler_too() -> None:
+    """The batch handed over from nats-py's read loop (`_take`, a turn before a subscription
+    task would have had it) is applied after the handler its reply woke, in seq order."""
+    workers = FakeWorkers()
+    feed = KvIndexFeed(KvIndex(), workers.fetch)
+    feed.on_workers_changed({"a": card("a")})
+    await settle()
+    reply: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+    seen: list[int] = []
+
+    async def handler() -> None:
+        await reply
+        seen.append(len(feed.index.blocks_of("a")))
+
+    async def reply_subscription() -> None:  # nats-py's task for the reply's subscription
+        reply.set_result(None)
+
+    waiting = asyncio.create_task(handler())
+    await asyncio.sleep(0)  # the handler waits for its reply
+    # the events' connection read first, then the reply's in the same loop turn: the batches
+    # go to the feed at once, the reply to its subscription's task (which runs a turn later)
+    feed._take(batch("a", 1, stored(H[:2])).model_dump_json().encode())
+    feed._take(batch("a", 2, stored(H[2:], H[1])).model_dump_json().encode())
+    asyncio.get_running_loop().create_task(reply_subscription())
+    await waiting
+    for _ in range(100):
+        if feed.index.blocks_of("a"):
+            break
+        await asyncio.sleep(0)
+    assert seen == [0]
+    assert feed.index.overlaps(H, ["a"]) == {"a": 4} and feed.num_gaps == 0
+
+
 async def test_worker_loss_drops_its_blocks() -> None:
     workers = FakeWorkers()
     feed = KvIndexFeed(KvIndex(), workers.fetch)
@@ -298,3 +331,42 @@ def test_prefix_depths_match_a_brute_force_walk(share_from: int, shared_limit: i
         assert index.num_blocks() == len(set().union(*model.values())), step
         assert {w: index.blocks_of(w) for w in workers} == {w: model.get(w, set()) for w in workers}
     assert index._shared, "the queries never gave shared blocks entries: the test tests less"
+
+
+@pytest.mark.integration
+async def test_feed_over_real_nats_takes_batches_in_the_read_loop(nats_url: str) -> None:
+    """Through a real nats-server: the feed's connection still gets its snapshot reply (a
+    request on it), and the event batches reach the index without nats-py's per-message
+    path (its message count, kept there, sees the reply only)."""
+    import uuid
+
+    from contract.bus import connect, kv_events_subject, kv_snapshot_subject
+
+    deployment = f"kvtake-{uuid.uuid4().hex[:8]}"
+    worker = await connect(nats_url, "test-kv-worker")
+
+    async def answer(msg) -> None:  # type: ignore[no-untyped-def]
+        snapshot = KvSnapshot(worker_id="a", seq=2, block_hashes=H[:1])
+        await worker.publish(msg.reply, snapshot.model_dump_json().encode())
+
+    await worker.subscribe(kv_snapshot_subject(deployment, "a"), cb=answer)
+    await worker.flush()
+    feed = KvIndexFeed(KvIndex(), nats_url=nats_url, deployment=deployment)
+    await feed.start()
+    try:
+        feed.on_workers_changed({"a": card("a")})
+        async with asyncio.timeout(10):
+            while feed.num_snapshots == 0:
+                await asyncio.sleep(0.01)
+        for seq, hashes in ((3, H[1:3]), (4, H[3:])):
+            data = batch("a", seq, stored(hashes)).model_dump_json().encode()
+            await worker.publish(kv_events_subject(deployment), data)
+        await worker.flush()
+        async with asyncio.timeout(10):
+            while feed.index.overlaps(H, ["a"]) != {"a": 4}:
+                await asyncio.sleep(0.01)
+        assert feed.num_gaps == 0
+        assert feed._nc is not None and feed._nc.stats["in_msgs"] == 1  # the snapshot reply
+    finally:
+        await feed.stop()
+        await worker.close()
