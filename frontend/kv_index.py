@@ -76,9 +76,15 @@ class KvIndex:
         self._changes = 0  # bumped by every change: `num_blocks` recounts only after one
         self._counted = (-1, 0)  # (_changes when counted, distinct hashes then)
 
+    def num_held(self) -> int:
+        """Blocks the workers hold, a block counted once per worker holding it (what /health
+        and the metrics report: one `len` per worker, where `num_blocks` is a union)."""
+        return sum(map(len, self._blocks.values()))
+
     def num_blocks(self) -> int:
-        """Distinct block hashes held by any worker (status and metrics, not the request
-        path: the union of the workers' sets, counted again only after a change)."""
+        """Distinct block hashes held by any worker: the union of the workers' sets (tens of
+        ms at 64 workers of 8,000 blocks; counted again only after a change), for tests
+        and tools, not a status polled on the event loop (`num_held`)."""
         changes, count = self._counted
         if changes != self._changes:
             sets = list(self._blocks.values())

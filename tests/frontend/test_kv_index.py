@@ -329,6 +329,7 @@ def test_prefix_depths_match_a_brute_force_walk(share_from: int, shared_limit: i
             assert index.prefix_depths(probe) == expected, step
             assert index.overlaps(probe, workers) == {w: expected.get(w, 0) for w in workers}
         assert index.num_blocks() == len(set().union(*model.values())), step
+        assert index.num_held() == sum(map(len, model.values())), step
         assert {w: index.blocks_of(w) for w in workers} == {w: model.get(w, set()) for w in workers}
     assert index._shared, "the queries never gave shared blocks entries: the test tests less"
 
