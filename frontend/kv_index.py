@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import inspect
 import logging
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Collection, Iterable, Mapping, Sequence
@@ -310,9 +311,10 @@ class KvIndexFeed:
         if self._nats_url is not None:
             self._nc = nc = await connect(self._nats_url, "hpcserve-frontend-kv-index")
             subject = kv_events_subject(self._deployment)
-            if callable(getattr(nc, "_process_msg", None)):
+            if _read_loop_hook(nc):
                 _take_in_read_loop(nc, (await nc.subscribe(subject))._id, self._take)
             else:  # a nats-py without the hook: its subscription task hands them over
+                logger.warning("KV index: nats-py's _process_msg changed; events by callback")
                 await nc.subscribe(subject, cb=self._on_events)
             await nc.flush()
         self._reconciler = asyncio.create_task(self._reconcile_forever(), name="kv-reconcile")
@@ -476,6 +478,17 @@ class KvIndexFeed:
             await asyncio.sleep(self._reconcile_interval_s)
             for worker_id in sorted(self._workers):
                 self.request_snapshot(worker_id)
+
+
+_PROCESS_MSG_PARAMETERS = ["sid", "subject", "reply", "data", "headers"]  # nats-py 2.x
+
+
+def _read_loop_hook(nc: NatsClient) -> bool:
+    """Whether `nc` has the protocol parser's per-message call `_take_in_read_loop` wraps."""
+    process_msg = getattr(nc, "_process_msg", None)
+    if not inspect.iscoroutinefunction(process_msg):
+        return False
+    return list(inspect.signature(process_msg).parameters) == _PROCESS_MSG_PARAMETERS
 
 
 def _take_in_read_loop(nc: NatsClient, sid: int, take: Callable[[bytes], None]) -> None:
