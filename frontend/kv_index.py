@@ -1,9 +1,9 @@
 """The frontend's view of which worker caches which KV block, fed by the workers' KV events.
 
-`KvIndex` is the data: chained block hash → the workers holding that block. Because a hash
-stands for its whole prefix, a flat map is enough: a request's overlap with a worker is the
-number of its leading block hashes that worker holds, and the walk stops at the first block
-no candidate holds.
+`KvIndex` is the data: each worker's set of chained block hashes (plus, for the blocks of
+prefixes that several workers hold, block hash → its holders). Because a hash stands for its
+whole prefix, flat sets are enough: a request's overlap with a worker is the number of its
+leading block hashes that worker holds.
 
 `KvIndexFeed` keeps the index true: it applies `KvEventBatch`es from NATS in per-worker
 `seq` order, two event-loop turns after they arrive (a worker's reply that came with them
@@ -67,7 +67,7 @@ class KvIndex:
     one, a C-level `isdisjoint` check otherwise), and the walk goes through those with one
     lookup per block, as a hash → holders map would."""
 
-    SHARE_FROM = 4  # holders of a prompt's first block from which its shared blocks get entries
+    SHARE_FROM = 4  # workers holding the same blocks of a prompt from which those get entries
     SHARED_LIMIT = 1 << 15  # entries; past it the map is cleared and fills again by queries
 
     def __init__(self) -> None:
