@@ -9,6 +9,12 @@ No I/O: a `KvIndex` filled by hand, a `LoadTracker`, the router. Two scenarios:
   of 4 system prompts (~600 tokens) plus a unique question; each request prefills (first
   output) and finishes 16 requests after it was routed.
 
+`--grid` adds the index walk's cases (`KvIndex.prefix_depths` is most of what the index
+costs a choice): 8 and 64 workers, each holding `--background` blocks of other prompts, a short
+(3 blocks) and a long (220 blocks) prompt, cached nowhere, whole on one worker, or on half the
+workers: its first three quarters (a shared system prompt, a new question) or whole.
+Each is timed at concurrency 1 as `c1` (choose, start, finish) and, apart, the walk alone.
+
 `--baseline DIR` times another tree's `frontend/kv_router.py` too (with its `kv_index.py` and
 `contract/block_hash.py`), e.g. main's checkout, alternating the two in rounds so that machine
 load falls on both alike, and counts the requests the two routed differently. Requests are built
@@ -19,7 +25,8 @@ before the timing (their pydantic validation is not the router's).
 Last line: `kv_choose c1_us=<x> loaded_us=<y>` (the best rounds' µs per request) and with a
 baseline `c1_vs_baseline=<r> loaded_vs_baseline=<r>`: each tree's best round over the other's
 (< 1: faster; on a shared machine the best round is the least disturbed one, as in `timeit`;
-every round's ratio is printed too).
+every round's ratio is printed too). Times are this process's CPU time (`process_time`): on a
+busy machine the time it spent descheduled is not counted.
 """
 
 from __future__ import annotations
@@ -77,13 +84,59 @@ def c1(module: ModuleType, n: int) -> tuple[float, list[str]]:
     index.store("w3", block_hashes(prompt, BLOCK))
     requests = [GenerateRequest(request_id=f"r{k}", token_ids=prompt) for k in range(n)]
     chosen = []
-    t0 = time.perf_counter()
+    t0 = time.process_time()
     for request in requests:
         worker_id = router.choose(cards, request).worker_id
         tracker.started(worker_id)
         tracker.finished(worker_id, request.request_id)
         chosen.append(worker_id)
-    return time.perf_counter() - t0, chosen
+    return time.process_time() - t0, chosen
+
+
+def grid_case(
+    workers: int, blocks: int, cached: str, background: int
+) -> tuple[Scenario, Scenario]:
+    """(choose, walk) scenarios of one `--grid` case: `cached` is none, one, half-prefix or
+    half-whole."""
+
+    def build(module: ModuleType) -> tuple[object, list[int], list[WorkerCard]]:
+        rng = random.Random(workers * 1000 + blocks)
+        index = module.KvIndex()
+        for i in range(workers):
+            index.store(f"w{i}", [rng.getrandbits(64) for _ in range(background)])
+        prompt = [rng.randrange(3, 32000) for _ in range(blocks * BLOCK)]
+        hashes = block_hashes(prompt, BLOCK)
+        holders = {"none": 0, "one": 1}.get(cached, workers // 2)
+        held = hashes[: len(hashes) * 3 // 4] if cached == "half-prefix" else hashes
+        for i in range(holders):
+            index.store(f"w{(i * 3) % workers}", held)
+        return index, prompt, [card(f"w{i}") for i in range(workers)]
+
+    def choose(module: ModuleType, n: int) -> tuple[float, list[str]]:
+        index, prompt, cards = build(module)
+        tracker = LoadTracker()
+        router = module.KvRouter(KvRouterConfig(), index, tracker, seed=7)
+        requests = [GenerateRequest(request_id=f"r{k}", token_ids=prompt) for k in range(n)]
+        chosen = []
+        t0 = time.process_time()
+        for request in requests:
+            worker_id = router.choose(cards, request).worker_id
+            tracker.started(worker_id)
+            tracker.finished(worker_id, request.request_id)
+            chosen.append(worker_id)
+        return time.process_time() - t0, chosen
+
+    def walk(module: ModuleType, n: int) -> tuple[float, list[str]]:
+        index, prompt, _ = build(module)
+        hashes = block_hashes(prompt, BLOCK)
+        depths = index.prefix_depths  # type: ignore[attr-defined]
+        t0 = time.process_time()
+        for _ in range(n):
+            found = depths(hashes)
+        seconds = time.process_time() - t0
+        return seconds, [str(sorted(found.items()))]  # the same depths in both trees
+
+    return choose, walk
 
 
 def loaded(module: ModuleType, n: int) -> tuple[float, list[str]]:
@@ -104,7 +157,7 @@ def loaded(module: ModuleType, n: int) -> tuple[float, list[str]]:
     for i in range(WORKERS):
         tracker.update(LoadMetrics(worker_id=f"w{i}", active_blocks=40 * i))
     chosen: list[str] = []
-    t0 = time.perf_counter()
+    t0 = time.process_time()
     for k, request in enumerate(requests):
         worker_id = router.choose(cards, request).worker_id
         tracker.started(worker_id)
@@ -115,7 +168,7 @@ def loaded(module: ModuleType, n: int) -> tuple[float, list[str]]:
             done = requests[k - 16]
             tracker.prefilled(done.request_id)
             tracker.finished(chosen[k - 16], done.request_id)
-    return time.perf_counter() - t0, chosen
+    return time.process_time() - t0, chosen
 
 
 def main() -> None:
@@ -127,6 +180,8 @@ def main() -> None:
     )
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--requests", type=int, default=3000)
+    parser.add_argument("--grid", action="store_true", help="also the index walk's cases")
+    parser.add_argument("--background", type=int, default=2000, help="--grid: a worker's blocks")
     args = parser.parse_args()
     modules = {"this": kv_router}
     if args.baseline:
@@ -140,6 +195,13 @@ def main() -> None:
         baseline.KvIndex = load_module(tree / "frontend/kv_index.py", "kv_index_baseline").KvIndex
         modules["baseline"] = baseline
     scenarios: dict[str, Scenario] = {"c1": c1, "loaded": loaded}
+    if args.grid:
+        for workers in (8, 64):
+            for blocks in (3, 220):
+                for cached in ("none", "one", "half-prefix", "half-whole"):
+                    name = f"w{workers}-b{blocks}-{cached}"
+                    choose, walk = grid_case(workers, blocks, cached, args.background)
+                    scenarios[name], scenarios[f"{name}-walk"] = choose, walk
     per_request: dict[tuple[str, str], list[float]] = {}
     differ: dict[str, int] = {}  # scenario -> requests the two trees routed differently
     for _ in range(args.rounds):

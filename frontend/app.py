@@ -114,7 +114,7 @@ def create_app(config: DeploymentConfig) -> FastAPI:
                 card.worker_id: state.tracker.requests_on(card.worker_id) for card in workers
             }
             if state.kv_feed is not None:
-                body["kv_index_blocks"] = state.kv_feed.index.num_blocks()
+                body["kv_index_blocks"] = state.kv_feed.index.num_held()
         return json_response(body)
 
     async def metrics(request: Request) -> Response:

@@ -1,9 +1,9 @@
 """The frontend's view of which worker caches which KV block, fed by the workers' KV events.
 
-`KvIndex` is the data: chained block hash → the workers holding that block. Because a hash
-stands for its whole prefix, a flat map is enough: a request's overlap with a worker is the
-number of its leading block hashes that worker holds, and the walk stops at the first block
-no candidate holds.
+`KvIndex` is the data: each worker's set of chained block hashes (plus, for the blocks of
+prefixes that several workers hold, block hash → its holders). Because a hash stands for its
+whole prefix, flat sets are enough: a request's overlap with a worker is the number of its
+leading block hashes that worker holds.
 
 `KvIndexFeed` keeps the index true: it applies `KvEventBatch`es from NATS in per-worker
 `seq` order, two event-loop turns after they arrive (a worker's reply that came with them
@@ -24,10 +24,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import inspect
 import logging
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from itertools import compress, repeat, takewhile
+from operator import contains
 
 from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
@@ -50,71 +53,51 @@ SnapshotFetcher = Callable[[str], Awaitable[KvSnapshot]]
 
 
 class KvIndex:
-    """Block hash → the workers holding it; no I/O, so it is cheap to test and to query.
+    """Worker → the set of block hashes it holds, plus the holders of the blocks of prefixes
+    that several workers hold; no I/O, so it is cheap to test and to query.
 
     Every frontend process applies every worker's events (the whole deployment's rate, not
-    its own share), so a store or remove is one dict operation per hash where it can be: a
-    hash's holders are a frozenset, the same object for every hash one worker holds alone
-    (most of them), replaced, never changed in place, when a second worker stores it."""
+    its own share), so a batch's stores and removes are one C-level set operation each
+    (`set.update`, `set.difference_update`), never a Python loop per hash; a worker that
+    leaves is one `dict.pop`. A query asks each worker's set whether it holds the prompt's
+    first block, then each holder how far it goes: fine for a few holders, but a long
+    prefix on many workers (a system prompt) would cost holders × blocks lookups. So the
+    blocks of a prefix found on `SHARE_FROM` or more workers get an entry in `_shared`
+    (block hash → every worker holding it, exactly: kept true by each event that touches
+    one, a C-level `isdisjoint` check otherwise), and the walk goes through those with one
+    lookup per block, as a hash → holders map would."""
+
+    SHARE_FROM = 4  # workers holding the same blocks of a prompt from which those get entries
+    SHARED_LIMIT = 1 << 15  # entries; past it the map is cleared and fills again by queries
 
     def __init__(self) -> None:
-        self._holders: dict[int, frozenset[str]] = {}
         self._blocks: dict[str, set[int]] = {}
-        self._alone: dict[str, frozenset[str]] = {}  # worker -> frozenset({worker}), shared
+        self._shared: dict[int, frozenset[str]] = {}  # hash -> all its holders (some hashes)
+        self._shared_hashes: set[int] = set()  # its keys: a set's `isdisjoint` is faster
+        self._changes = 0  # bumped by every change: `num_blocks` recounts only after one
+        self._counted = (-1, 0)  # (_changes when counted, distinct hashes then)
+
+    def num_held(self) -> int:
+        """Blocks the workers hold, a block counted once per worker holding it (what /health
+        and the metrics report: one `len` per worker, where `num_blocks` is a union)."""
+        return sum(map(len, self._blocks.values()))
 
     def num_blocks(self) -> int:
-        """Distinct block hashes held by any worker."""
-        return len(self._holders)
-
-    def _only(self, worker_id: str) -> frozenset[str]:
-        alone = self._alone.get(worker_id)
-        if alone is None:
-            alone = self._alone[worker_id] = frozenset((worker_id,))
-        return alone
+        """Distinct block hashes held by any worker: the union of the workers' sets (tens of
+        ms at 64 workers of 8,000 blocks; counted again only after a change), for tests
+        and tools, not a status polled on the event loop (`num_held`)."""
+        changes, count = self._counted
+        if changes != self._changes:
+            sets = list(self._blocks.values())
+            count = len(sets[0].union(*sets[1:])) if sets else 0
+            self._counted = (self._changes, count)
+        return count
 
     def store(self, worker_id: str, hashes: Iterable[int]) -> None:
-        hashes = hashes if isinstance(hashes, list | tuple | set) else list(hashes)
-        alone = self._only(worker_id)
-        holders = self._holders
-        present = holders.keys() & hashes  # usually none: a new prompt's blocks
-        before = {h: holders[h] for h in present}
-        holders.update(dict.fromkeys(hashes, alone))  # in C, not a Python loop per hash
-        for h, held in before.items():
-            if worker_id not in held:
-                holders[h] = held | alone
-            elif held is not alone:
-                holders[h] = held
-        mine = self._blocks.get(worker_id)
-        if mine is None:
-            self._blocks[worker_id] = set(hashes)
-        else:
-            mine.update(hashes)
+        self.apply_ops(worker_id, ((True, hashes),))
 
     def remove(self, worker_id: str, hashes: Iterable[int]) -> None:
-        mine = self._blocks.get(worker_id)
-        if mine is None:
-            return
-        hashes = hashes if isinstance(hashes, list | tuple | set) else list(hashes)
-        mine.difference_update(hashes)
-        self._forget(worker_id, hashes)
-
-    def _forget(self, worker_id: str, hashes: Iterable[int]) -> None:
-        """`worker_id` no longer holds `hashes` (its own set already updated)."""
-        holders = self._holders
-        get = holders.get
-        alone = self._only(worker_id)
-        for h in hashes:
-            held = get(h)
-            if held is alone:  # most: held by this worker only
-                del holders[h]
-            elif held is not None and worker_id in held:
-                rest = held - alone
-                if not rest:
-                    del holders[h]
-                elif len(rest) == 1:  # the one left: its shared set, so `is alone` holds
-                    holders[h] = self._only(next(iter(rest)))
-                else:
-                    holders[h] = rest
+        self.apply_ops(worker_id, ((False, hashes),))
 
     def apply(self, worker_id: str, events: Iterable[KvEvent]) -> None:
         for event in events:
@@ -123,13 +106,36 @@ class KvIndex:
             elif isinstance(event, KvRemoved):
                 self.remove(worker_id, event.block_hashes)
 
-    def apply_ops(self, worker_id: str, ops: Iterable[tuple[bool, list[int]]]) -> None:
+    def apply_ops(self, worker_id: str, ops: Iterable[tuple[bool, Iterable[int]]]) -> None:
         """`apply` for events as `KvBatchOps` pairs (stored?, hashes)."""
+        mine = self._blocks.get(worker_id)
+        shared = self._shared_hashes
+        self._changes += 1
         for stored, hashes in ops:
-            if stored:
-                self.store(worker_id, hashes)
+            if shared and not isinstance(hashes, list | tuple | set | frozenset):
+                hashes = list(hashes)  # read twice
+            if not stored:
+                if mine is None:
+                    continue
+                mine.difference_update(hashes)
+            elif mine is None:
+                mine = self._blocks[worker_id] = set(hashes)
             else:
-                self.remove(worker_id, hashes)
+                mine.update(hashes)
+            if shared and not shared.isdisjoint(hashes):  # rare: a shared block
+                self._reshare(worker_id, shared.intersection(hashes), stored)
+
+    def _reshare(self, worker_id: str, hashes: Iterable[int], holds: bool) -> None:
+        """`worker_id` now holds (or no longer holds) these `_shared` blocks. Blocks with
+        the same holders keep one frozenset (the walk's `is` test)."""
+        shared, me = self._shared, frozenset((worker_id,))
+        changed: dict[frozenset[str], frozenset[str]] = {}  # old holders -> new
+        for h in hashes:
+            old = shared[h]
+            new = changed.get(old)
+            if new is None:
+                new = changed[old] = old | me if holds else old - me
+            shared[h] = new
 
     def replace(self, worker_id: str, hashes: Iterable[int]) -> None:
         """Make `hashes` exactly the worker's blocks (a snapshot)."""
@@ -138,8 +144,10 @@ class KvIndex:
 
     def drop_worker(self, worker_id: str) -> None:
         mine = self._blocks.pop(worker_id, None)
-        if mine:
-            self._forget(worker_id, mine)
+        if mine is not None:
+            self._changes += 1
+            if self._shared:
+                self._reshare(worker_id, self._shared_hashes & mine, False)
 
     def blocks_of(self, worker_id: str) -> set[int]:
         return set(self._blocks.get(worker_id, ()))
@@ -155,27 +163,74 @@ class KvIndex:
 
     def prefix_depths(self, hashes: Sequence[int]) -> dict[str, int]:
         """Every worker holding the first of `hashes` → how many leading ones it holds (the
-        router's view: no candidate list to build, and a prompt cached nowhere costs one
-        lookup). A worker holding none is absent."""
-        holders = self._holders.get(hashes[0]) if hashes else None
-        if not holders:
+        router's view: no candidate list to build). A worker holding none is absent.
+
+        Through `_shared` while the blocks have entries there (as a hash → holders map:
+        the workers still on, narrowed per block), then each worker still on asks its own
+        set for the rest. Blocks that `SHARE_FROM` or more workers turn out to hold get
+        entries for the next prompt that starts with them."""
+        if not hashes:
             return {}
+        shared, blocks = self._shared, self._blocks
         depths: dict[str, int] = {}
-        active = holders  # a frozenset of the index's: never changed in place
-        for depth in range(1, len(hashes)):
-            holders = self._holders.get(hashes[depth])
-            if not holders:
-                return {**depths, **dict.fromkeys(active, depth)}
-            if active <= holders:  # all of them go on
-                continue
-            still = active & holders
-            for worker_id in active - still:
-                depths[worker_id] = depth
-            if not still:
-                return depths
-            active = still
-        depths.update(dict.fromkeys(active, len(hashes)))
+        active = shared.get(hashes[0])
+        depth, start = 1, 0  # start: the first block without a `_shared` entry
+        if active is None:  # each worker's set
+            holding = list(map(contains, blocks.values(), repeat(hashes[0])))
+            if True not in holding:
+                return depths  # cached nowhere: the most common case
+            names = list(compress(blocks, holding))
+            if len(names) == 1:  # on one worker: its set alone
+                held = blocks[names[0]]
+                if held.issuperset(hashes):
+                    return {names[0]: len(hashes)}
+                return {names[0]: len(list(takewhile(held.__contains__, hashes)))}
+            active = frozenset(names)
+        else:  # each block's holders while it has an entry
+            for depth in range(1, len(hashes) + 1):
+                if not active or depth == len(hashes):
+                    break
+                holders = shared.get(hashes[depth])
+                if holders is None:
+                    start = depth
+                    break
+                if holders is active or active <= holders:  # all of them go on
+                    continue
+                still = active & holders
+                depths.update(dict.fromkeys(active - still, depth))
+                active = still
+        if not active:
+            return depths
+        # the workers still on, from `depth` on: each one's own set
+        sets = list(map(blocks.__getitem__, active))
+        if depth == len(hashes) or not any(map(contains, sets, repeat(hashes[depth]))):
+            depths.update(dict.fromkeys(active, depth))  # all of them stop here
+            return depths
+        rest = hashes[depth:]
+        for worker_id, held in zip(active, sets, strict=True):
+            if held.issuperset(rest):
+                depths[worker_id] = len(hashes)
+            else:
+                depths[worker_id] = depth + len(list(takewhile(held.__contains__, rest)))
+        if len(active) >= self.SHARE_FROM:
+            self._share(hashes, start, sorted(depths[w] for w in active)[-self.SHARE_FROM])
         return depths
+
+    def _share(self, hashes: Sequence[int], start: int, stop: int) -> None:
+        """Give `hashes[start:stop]` (blocks that several workers hold) `_shared` entries: each
+        one's holders, every worker's set asked (once per block, not once per query)."""
+        shared = self._shared
+        if len(shared) + stop - start > self.SHARED_LIMIT:
+            shared.clear()  # the prefixes of past queries: refilled by the next ones
+            self._shared_hashes.clear()
+            start = 0
+        names, sets = list(self._blocks), list(self._blocks.values())
+        same: dict[frozenset[str], frozenset[str]] = {}  # one object for the same holders
+        for h in hashes[start:stop]:
+            if h not in shared:
+                holders = frozenset(compress(names, map(contains, sets, repeat(h))))
+                shared[h] = same.setdefault(holders, holders)
+                self._shared_hashes.add(h)
 
 
 class RoutedPrefixIndex(KvIndex):
@@ -254,9 +309,14 @@ class KvIndexFeed:
     async def start(self) -> None:
         """Subscribe to the deployment's KV events and start the periodic reconcile."""
         if self._nats_url is not None:
-            self._nc = await connect(self._nats_url, "hpcserve-frontend-kv-index")
-            await self._nc.subscribe(kv_events_subject(self._deployment), cb=self._on_events)
-            await self._nc.flush()
+            self._nc = nc = await connect(self._nats_url, "hpcserve-frontend-kv-index")
+            subject = kv_events_subject(self._deployment)
+            if _read_loop_hook(nc):
+                _take_in_read_loop(nc, (await nc.subscribe(subject))._id, self._take)
+            else:  # a nats-py without the hook: its subscription task hands them over
+                logger.warning("KV index: nats-py's _process_msg changed; events by callback")
+                await nc.subscribe(subject, cb=self._on_events)
+            await nc.flush()
         self._reconciler = asyncio.create_task(self._reconcile_forever(), name="kv-reconcile")
 
     async def stop(self) -> None:
@@ -295,6 +355,16 @@ class KvIndexFeed:
             asyncio.get_running_loop().call_soon(self._apply_next_turn)
         self._arrived.append(msg.data)
 
+    def _take(self, data: bytes) -> None:
+        """`_on_events` for a batch taken from nats-py's read loop (`_take_in_read_loop`): a
+        turn earlier than its subscription task would have had it, so one turn more."""
+        if not self._arrived:
+            asyncio.get_running_loop().call_soon(self._wait_a_turn)
+        self._arrived.append(data)
+
+    def _wait_a_turn(self) -> None:
+        asyncio.get_running_loop().call_soon(self._apply_next_turn)
+
     def _apply_next_turn(self) -> None:
         asyncio.get_running_loop().call_soon(self._apply_arrived)
 
@@ -312,29 +382,31 @@ class KvIndexFeed:
         """Apply in seq order; on a gap or an unsynced worker, reconcile by snapshot."""
         if isinstance(batch, KvEventBatch):
             batch = KvBatchOps.of(batch)
-        worker_id = batch.worker_id
-        if worker_id not in self._workers:
-            return  # unknown or gone: its join (snapshot) will cover it
-        if batch.events:
+        worker_id, seq, events = batch
+        sync = self._sync.get(worker_id)  # a worker's entry goes when the worker leaves
+        if sync is None:
+            if worker_id not in self._workers:
+                return  # unknown or gone: its join (snapshot) will cover it
+            sync = self._sync[worker_id] = _WorkerSync()
+        if events and worker_id not in self.published:
             self.published.add(worker_id)
-        sync = self._sync.setdefault(worker_id, _WorkerSync())
+        last = sync.last_seq
         if sync.pending:
             sync.buffer.append(batch)
-            return
-        if sync.last_seq is not None and batch.seq == sync.last_seq + 1:
-            self.index.apply_ops(worker_id, batch.events)
-            sync.last_seq = batch.seq
-        elif batch.seq == 1:  # first batch of a (re)started worker: nothing before it counts
+        elif last is not None and seq == last + 1:  # the usual case
+            self.index.apply_ops(worker_id, events)
+            sync.last_seq = seq
+        elif seq == 1:  # first batch of a (re)started worker: nothing before it counts
             self.index.replace(worker_id, ())
-            self.index.apply_ops(worker_id, batch.events)
+            self.index.apply_ops(worker_id, events)
             sync.last_seq = 1
-        elif sync.last_seq is not None and batch.seq <= sync.last_seq:
-            logger.debug("KV index: stale batch %d from %s ignored", batch.seq, worker_id)
+        elif last is not None and seq <= last:
+            logger.debug("KV index: stale batch %d from %s ignored", seq, worker_id)
         else:
             self.num_gaps += 1
             logger.warning(
                 "KV index: %s sent batch %d after %s; reconciling by snapshot",
-                worker_id, batch.seq, sync.last_seq,
+                worker_id, seq, last,
             )  # fmt: skip
             sync.buffer.append(batch)
             self.request_snapshot(worker_id)
@@ -406,6 +478,35 @@ class KvIndexFeed:
             await asyncio.sleep(self._reconcile_interval_s)
             for worker_id in sorted(self._workers):
                 self.request_snapshot(worker_id)
+
+
+_PROCESS_MSG_PARAMETERS = ["sid", "subject", "reply", "data", "headers"]  # nats-py 2.x
+
+
+def _read_loop_hook(nc: NatsClient) -> bool:
+    """Whether `nc` has the protocol parser's per-message call `_take_in_read_loop` wraps."""
+    process_msg = getattr(nc, "_process_msg", None)
+    if not inspect.iscoroutinefunction(process_msg):
+        return False
+    return list(inspect.signature(process_msg).parameters) == _PROCESS_MSG_PARAMETERS
+
+
+def _take_in_read_loop(nc: NatsClient, sid: int, take: Callable[[bytes], None]) -> None:
+    """Hand subscription `sid`'s messages to `take` from nats-py's protocol parser. Its own
+    path per message (a `Msg` built, queued, its subscription task woken to await a
+    callback) cost more than parsing and applying a batch; every frontend process receives
+    every worker's batches. The other subscriptions of `nc` (snapshot replies) keep it."""
+    deliver = nc._process_msg
+
+    async def process_msg(
+        msg_sid: int, subject: bytes, reply: bytes, data: bytes, headers: bytes | None
+    ) -> None:
+        if msg_sid == sid:
+            take(data)
+        else:
+            await deliver(msg_sid, subject, reply, data, headers)
+
+    nc._process_msg = process_msg  # type: ignore[method-assign]
 
 
 def _seq(batch: KvBatchOps) -> int:

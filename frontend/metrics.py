@@ -210,7 +210,7 @@ class _KvIndexCollector:
     def collect(self) -> Iterator[GaugeMetricFamily]:
         yield GaugeMetricFamily(
             "hpcserve_frontend_kv_index_blocks",
-            "distinct KV block hashes the KV router knows workers hold",
+            "KV blocks the KV router knows workers hold (a block once per worker holding it)",
             value=float(self.num_blocks()),
         )
 

@@ -110,7 +110,7 @@ class FrontendState:
             self.router = KvRouter(
                 kv, self.kv_feed.index, self.tracker, publishes=published.__contains__
             )
-            self.metrics.track_kv_index(self.kv_feed.index.num_blocks)
+            self.metrics.track_kv_index(self.kv_feed.index.num_held)
         else:
             if config.frontend.router == "round_robin":  # one rotation over all processes
                 self.rotation = process_rotation(self.process_count)

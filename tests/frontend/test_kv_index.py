@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import random
 
+import pytest
 from worker_cards import worker_card
 
 from contract.block_hash import block_hashes
@@ -134,6 +136,39 @@ async def test_events_arriving_with_a_reply_wait_for_its_handler() -> None:
     assert feed.index.overlaps(H, ["a"]) == {"a": 4} and feed.num_gaps == 0
 
 
+async def test_events_taken_in_the_read_loop_wait_for_the_handler_too() -> None:
+    """The batch handed over from nats-py's read loop (`_take`, a turn before a subscription
+    task would have had it) is applied after the handler its reply woke, in seq order."""
+    workers = FakeWorkers()
+    feed = KvIndexFeed(KvIndex(), workers.fetch)
+    feed.on_workers_changed({"a": card("a")})
+    await settle()
+    reply: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+    seen: list[int] = []
+
+    async def handler() -> None:
+        await reply
+        seen.append(len(feed.index.blocks_of("a")))
+
+    async def reply_subscription() -> None:  # nats-py's task for the reply's subscription
+        reply.set_result(None)
+
+    waiting = asyncio.create_task(handler())
+    await asyncio.sleep(0)  # the handler waits for its reply
+    # the events' connection read first, then the reply's in the same loop turn: the batches
+    # go to the feed at once, the reply to its subscription's task (which runs a turn later)
+    feed._take(batch("a", 1, stored(H[:2])).model_dump_json().encode())
+    feed._take(batch("a", 2, stored(H[2:], H[1])).model_dump_json().encode())
+    asyncio.get_running_loop().create_task(reply_subscription())
+    await waiting
+    for _ in range(100):
+        if feed.index.blocks_of("a"):
+            break
+        await asyncio.sleep(0)
+    assert seen == [0]
+    assert feed.index.overlaps(H, ["a"]) == {"a": 4} and feed.num_gaps == 0
+
+
 async def test_worker_loss_drops_its_blocks() -> None:
     workers = FakeWorkers()
     feed = KvIndexFeed(KvIndex(), workers.fetch)
@@ -232,3 +267,107 @@ def test_index_matches_a_plain_model_under_random_changes() -> None:
             if depth:
                 expected[w] = depth
         assert index.prefix_depths(probe) == expected, step
+
+
+@pytest.mark.parametrize(("share_from", "shared_limit"), [(4, 1 << 15), (2, 1 << 15), (2, 12)])
+def test_prefix_depths_match_a_brute_force_walk(share_from: int, shared_limit: int) -> None:
+    """Eight workers storing and evicting runs of a few prompts that share prefixes (so that
+    many workers hold the same blocks and the index gives them `_shared` entries), evicting
+    single blocks from the middle too (holes), replaced by snapshots and dropped: after
+    every step, each query's depths equal a walk of plain per-worker sets written here."""
+    rng = random.Random(share_from * 100 + shared_limit)
+    index = KvIndex()
+    index.SHARE_FROM, index.SHARED_LIMIT = share_from, shared_limit
+    trunk = [rng.getrandbits(64) for _ in range(12)]
+    prompts = [
+        trunk[: rng.randrange(2, 13)] + [rng.getrandbits(64) for _ in range(rng.randrange(0, 6))]
+        for _ in range(6)
+    ]
+    model: dict[str, set[int]] = {}
+    workers = [f"w{i}" for i in range(8)]
+
+    def run() -> list[int]:
+        prompt = rng.choice(prompts)
+        start = rng.randrange(len(prompt))
+        return prompt[start : rng.randrange(start, len(prompt)) + 1]
+
+    for step in range(4000):
+        worker = rng.choice(workers)
+        action = rng.random()
+        if action < 0.45:
+            hashes = run()
+            index.store(worker, hashes if step % 2 else iter(hashes))
+            model.setdefault(worker, set()).update(hashes)
+        elif action < 0.75:
+            hashes = run() if action < 0.65 else [rng.choice(rng.choice(prompts))]
+            index.remove(worker, hashes)
+            if worker in model:
+                model[worker].difference_update(hashes)
+        elif action < 0.85:
+            hashes = run()
+            index.apply_ops(worker, [(False, hashes[1:]), (True, hashes[:1])])
+            model.setdefault(worker, set()).difference_update(hashes[1:])
+            model[worker].update(hashes[:1])
+        elif action < 0.95:
+            hashes = run()
+            index.replace(worker, hashes)
+            model[worker] = set(hashes)
+        else:
+            index.drop_worker(worker)
+            model.pop(worker, None)
+        for _ in range(3):
+            probe = rng.choice(prompts)[: rng.randrange(0, 18)]
+            if rng.random() < 0.3:
+                probe = [*probe, rng.getrandbits(64)]
+            expected = {}
+            for w, held in model.items():
+                depth = 0
+                while depth < len(probe) and probe[depth] in held:
+                    depth += 1
+                if depth:
+                    expected[w] = depth
+            assert index.prefix_depths(probe) == expected, step
+            assert index.overlaps(probe, workers) == {w: expected.get(w, 0) for w in workers}
+        assert index.num_blocks() == len(set().union(*model.values())), step
+        assert index.num_held() == sum(map(len, model.values())), step
+        assert {w: index.blocks_of(w) for w in workers} == {w: model.get(w, set()) for w in workers}
+    assert index._shared, "the queries never gave shared blocks entries: the test tests less"
+
+
+@pytest.mark.integration
+async def test_feed_over_real_nats_takes_batches_in_the_read_loop(nats_url: str) -> None:
+    """Through a real nats-server: the feed's connection still gets its snapshot reply (a
+    request on it), and the event batches reach the index without nats-py's per-message
+    path (its message count, kept there, sees the reply only)."""
+    import uuid
+
+    from contract.bus import connect, kv_events_subject, kv_snapshot_subject
+
+    deployment = f"kvtake-{uuid.uuid4().hex[:8]}"
+    worker = await connect(nats_url, "test-kv-worker")
+
+    async def answer(msg) -> None:  # type: ignore[no-untyped-def]
+        snapshot = KvSnapshot(worker_id="a", seq=2, block_hashes=H[:1])
+        await worker.publish(msg.reply, snapshot.model_dump_json().encode())
+
+    await worker.subscribe(kv_snapshot_subject(deployment, "a"), cb=answer)
+    await worker.flush()
+    feed = KvIndexFeed(KvIndex(), nats_url=nats_url, deployment=deployment)
+    await feed.start()
+    try:
+        feed.on_workers_changed({"a": card("a")})
+        async with asyncio.timeout(10):
+            while feed.num_snapshots == 0:
+                await asyncio.sleep(0.01)
+        for seq, hashes in ((3, H[1:3]), (4, H[3:])):
+            data = batch("a", seq, stored(hashes)).model_dump_json().encode()
+            await worker.publish(kv_events_subject(deployment), data)
+        await worker.flush()
+        async with asyncio.timeout(10):
+            while feed.index.overlaps(H, ["a"]) != {"a": 4}:
+                await asyncio.sleep(0.01)
+        assert feed.num_gaps == 0
+        assert feed._nc is not None and feed._nc.stats["in_msgs"] == 1  # the snapshot reply
+    finally:
+        await feed.stop()
+        await worker.close()
