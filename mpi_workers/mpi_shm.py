@@ -55,9 +55,12 @@ def release_segment_names(world: Any) -> list[str]:
     rank unlinked (node-local rank 0 unlinks; the others return [])."""
     from mpi4py import MPI
 
-    node = world.Split_type(MPI.COMM_TYPE_SHARED)
     try:
         mine = mapped_segment_names(Path("/proc/self/maps").read_text())
+    except OSError:  # no procfs: nothing we can name, but the collective below still runs
+        mine = set()
+    node = world.Split_type(MPI.COMM_TYPE_SHARED)
+    try:
         everyone = node.allgather(sorted(mine))
         node_rank = node.Get_rank()
     finally:
