@@ -4,7 +4,8 @@ Two launch shapes are accepted: each engine instance is its own MPI world (`hpcs
 runs `mpirun -n TP` per instance; Slurm one `srun` step per instance), or one world holds
 every instance of the config (ranks laid out group by group, instance by instance, TP
 consecutive ranks each) and is split into one communicator per instance. mpi4py is imported
-only when a group has tp > 1, so TP=1 workers never need MPI.
+only when a group has tp > 1, so TP=1 workers never need MPI; right after MPI_Init the world's
+MPICH shared-memory names are unlinked (`mpi_workers.mpi_shm`: a crashed group leaks none).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from contract.config import ConfigError, DeploymentConfig
+from mpi_workers.mpi_shm import release_segment_names
 
 
 @dataclass(frozen=True)
@@ -52,6 +54,8 @@ def resolve_rank_group(
         from mpi4py import MPI
 
         world = MPI.COMM_WORLD
+        if world.Get_size() > 1:  # no crash may leave MPICH's segments in /dev/shm
+            release_segment_names(world)
     size, rank = world.Get_size(), world.Get_rank()
     if size == spec.tp:
         return RankGroup(spec.role, group, index, rank, size, rank, 0, world if size > 1 else None)

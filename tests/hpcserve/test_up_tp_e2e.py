@@ -21,6 +21,7 @@ import openai
 import pytest
 from up_helpers import (
     UpProcess,
+    mpich_segments,
     openai_client,
     processes_mentioning,
     rank_pids,
@@ -32,6 +33,7 @@ from contract.processes import pid_alive
 pytestmark = pytest.mark.e2e
 
 QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
+SHM = Path("/dev/shm")
 PROMPT_IDS = [1, 9690, 198, 2683, 314, 260, 3575, 282, 4649, 47, 2]
 
 
@@ -127,6 +129,8 @@ def test_follower_killed_mid_stream_and_the_stream_goes_on(
         assert time.monotonic() < deadline and asker.is_alive(), outcome
         time.sleep(0.05)
     ranks = rank_pids(up.run_dir)
+    segments = mpich_segments(list(ranks.values()))
+    assert segments  # MPICH's shared memory of the group (its name already unlinked)
     os.kill(ranks[1], signal.SIGKILL)
     up.wait_for_line(re.compile(r"worker-agg-g0-i0 exited with code \S+; restart 1 of"), 60)
     up.wait_for_line(re.compile(r"worker-agg-g0-i0 is back \(restart 1\)"), 300)
@@ -143,6 +147,11 @@ def test_follower_killed_mid_stream_and_the_stream_goes_on(
     assert [pid for pid in ranks.values() if pid_alive(pid)] == []
     assert sorted(rank_pids(up.run_dir)) == [0, 1, 2]  # the new group
     assert up.popen.poll() is None
+    # The crashed group never reached MPI_Finalize, MPICH's only unlink: no name of its
+    # segments may be left in /dev/shm (tmpfs: RAM), nor of the new group's.
+    new_segments = mpich_segments(list(rank_pids(up.run_dir).values()))
+    assert new_segments and new_segments.isdisjoint(segments)
+    assert [name for name in segments | new_segments if (SHM / name).exists()] == []
 
 
 def test_sigterm_stops_every_rank(tmp_path: Path) -> None:

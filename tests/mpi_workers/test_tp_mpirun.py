@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import subprocess
 import sys
 import time
@@ -42,7 +43,9 @@ def run_script(model_dir: Path, prompts, max_tokens: int, ranks: int, *extra: st
                 *argv]  # fmt: skip
     else:
         argv = [sys.executable, *argv]
-    done = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, cwd=REPO)
+    # PYTHONPATH: the script's imports come from this checkout (its folder is sys.path[0])
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, cwd=REPO, env=env)
     lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
     return done, (json.loads(lines[-1]) if lines else None)
 

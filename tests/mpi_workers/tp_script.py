@@ -82,7 +82,9 @@ def main() -> int:
         from mpi4py import MPI
 
         from mpi_workers.engine.torch.tp import TpRuntime
+        from mpi_workers.mpi_shm import release_segment_names
 
+        release_segment_names(MPI.COMM_WORLD)  # as the product's ranks do: a killed rank leaks none
         tp = TpRuntime.init(MPI.COMM_WORLD, torch.device("cpu"), timeout_s=30)
     kwargs = dict(num_blocks=256, block_size=4, max_num_seqs=8)
     if tp is not None and tp.rank != 0:

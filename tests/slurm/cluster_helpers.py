@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-CLUSTER_SH = Path(__file__).resolve().parents[2] / "slurm" / "testing" / "cluster.sh"
+REPO = Path(__file__).resolve().parents[2]
+CLUSTER_SH = REPO / "slurm" / "testing" / "cluster.sh"
 
 
 @contextmanager
@@ -21,6 +22,9 @@ def running_cluster(
     env = dict(os.environ)
     env["HPCSERVE_SLURM_DIR"] = str(tmp_path_factory.mktemp("slurm-cluster"))
     env["HPCSERVE_SLURM_OWNER_PID"] = str(os.getpid())
+    # A job runs from its job dir, where `python -m ...` would import whichever checkout an
+    # editable install points at: the jobs run this checkout's code, as the tests do.
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
     try:
         up = subprocess.run(
             ["bash", str(CLUSTER_SH), "up", str(nodes)],
@@ -43,9 +47,10 @@ def running_cluster(
 def cluster_for_this_process(
     tmp_path_factory: pytest.TempPathFactory, nodes: int
 ) -> Iterator[dict[str, str]]:
-    """`running_cluster` with its SLURM_CONF and a fresh jobs root (HPCSERVE_SLURM_JOBS) also
-    set in this process (the Python job API reads them); both restored afterwards."""
-    keys = ("SLURM_CONF", "HPCSERVE_SLURM_JOBS")
+    """`running_cluster` with its SLURM_CONF, a fresh jobs root (HPCSERVE_SLURM_JOBS) and its
+    PYTHONPATH also set in this process (the Python job API reads them, submitit's jobs inherit
+    them); all restored afterwards."""
+    keys = ("SLURM_CONF", "HPCSERVE_SLURM_JOBS", "PYTHONPATH")
     saved = {key: os.environ.get(key) for key in keys}
     with running_cluster(tmp_path_factory, nodes) as env:
         env["HPCSERVE_SLURM_JOBS"] = str(tmp_path_factory.mktemp("slurm-jobs"))

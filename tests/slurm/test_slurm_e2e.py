@@ -260,6 +260,50 @@ def test_worker_killed_while_serving_is_restarted(slurm_env: dict[str, str], mod
             assert "Paris" in ask_paris(status.url or "")
 
 
+def mpich_segments(pids: list[int]) -> set[str]:
+    """MPICH segment names (/dev/shm/mpich_*) these processes map, unlinked or not. The test
+    cluster's nodes are network namespaces: they share this machine's /dev/shm."""
+    names = set()
+    for pid in pids:
+        with contextlib.suppress(OSError):
+            for line in Path(f"/proc/{pid}/maps").read_text().splitlines():
+                path = line.split(maxsplit=5)[5:]
+                if path and path[0].startswith("/dev/shm/mpich_"):
+                    names.add(path[0].removesuffix(" (deleted)").rpartition("/")[2])
+    return names
+
+
+def test_killed_tp_rank_leaves_no_shared_memory_on_any_node(
+    slurm_env: dict[str, str], model_dir: Path
+) -> None:
+    """A TP=3 step over n1..n3 whose rank on n2 is SIGKILLed: Slurm ends the step
+    (--kill-on-bad-exit) with no MPI_Finalize anywhere, the supervisor starts a new one. No
+    node keeps a name of the dead step's MPICH segments (each node's ranks unlinked theirs
+    at start), nor of the new step's."""
+    config = CONFIG.parent / "slurm-agg-tp3.yaml"
+    step = "worker-agg-g0-i0"
+    with submitted(slurm_env, config, model_dir,
+                   "workers.0.restart.backoff_s=0.2") as (job_id, job_dir):  # fmt: skip
+        wait_state(job_id, "READY")
+        before = step_pids(step)
+        segments = mpich_segments(before)
+        assert len(segments) == 3, segments  # one per node
+        environs = {pid: Path(f"/proc/{pid}/environ").read_bytes().split(b"\0") for pid in before}
+        rank1 = [pid for pid, env in environs.items()  # the rank itself, not its guard
+                 if b"SLURM_PROCID=1" in env and b"HPCSERVE_RANK_GUARD=child" in env]  # fmt: skip
+        assert len(rank1) == 1, before
+        os.kill(rank1[0], signal.SIGKILL)
+        deadline = time.monotonic() + 240
+        back = re.compile(rf"{step} is back \(restart 1\)")
+        while not back.search((job_dir / "logs" / "sbatch.log").read_text(errors="replace")):
+            assert time.monotonic() < deadline, hpcserve(slurm_env, "logs", job_id, "sbatch")
+            time.sleep(0.5)
+        renewed = mpich_segments(step_pids(step))
+        assert len(renewed) == 3 and renewed.isdisjoint(segments), (segments, renewed)
+        left = [name for name in segments | renewed if Path("/dev/shm", name).exists()]
+        assert left == [], left
+
+
 def test_critical_worker_out_of_restarts_fails_the_job(slurm_env: dict[str, str], model_dir):
     with submitted(slurm_env, CONFIG, model_dir,
                    "workers.0.restart.max_restarts=0") as (job_id, _job_dir):  # fmt: skip

@@ -33,6 +33,7 @@ if __name__ == "__main__":  # before MPI starts: a stop request must never kill 
 
 from mpi4py import MPI  # noqa: E402
 
+from mpi_workers.mpi_shm import release_segment_names  # noqa: E402
 from tensorrt_llm._double import proxy  # noqa: E402
 
 
@@ -90,6 +91,10 @@ def serve(addr: str, key: bytes, hello: dict, stop: threading.Event) -> None:
 
 def launch_server_main() -> int:
     comm = MPI.COMM_WORLD
+    # Test-suite hygiene, not TensorRT-LLM's behaviour: the double's ranks run on the venv's
+    # MPICH, whose /dev/shm segment a stopped deployment's killed ranks would leave behind
+    # (mpi_workers.mpi_shm); the real one brings its own Open MPI.
+    release_segment_names(comm)
     hosts = comm.gather(rank_hostname(), root=0)
     size = comm.Get_size()
     stop = _STOP

@@ -12,11 +12,13 @@ import time
 
 from mpi4py import MPI
 
+from mpi_workers.mpi_shm import release_segment_names
 from tensorrt_llm.llmapi.mgmn_leader_node import EXIT_TAG, rank_hostname
 
 
 def main() -> None:
     comm = MPI.COMM_WORLD
+    release_segment_names(comm)  # with the leader's: see mgmn_leader_node
     comm.gather(rank_hostname(), root=0)
     request = comm.irecv(source=0, tag=EXIT_TAG)
     while True:
