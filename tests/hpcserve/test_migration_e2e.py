@@ -84,15 +84,6 @@ def kill_worker(started: Deployment, name: str) -> None:
     os.killpg(pid, signal.SIGKILL)
 
 
-def kill_a_serving_worker(started: Deployment) -> None:
-    """`kill_worker` the worker with the most requests in flight (the frontend's count): on a
-    loaded machine one worker may finish its streams while the other has not begun."""
-    in_flight = httpx.get(started.url.removesuffix("/v1") + "/health").json()["in_flight"]
-    worker_id = max(in_flight, key=in_flight.get)
-    assert in_flight[worker_id] > 0, f"no worker serves a stream: {in_flight}"
-    kill_worker(started, f"worker-{worker_id}")
-
-
 def migrations(started: Deployment) -> dict[str, float]:
     text = httpx.get(started.url.removesuffix("/v1") + "/metrics").text
     found = {}
@@ -101,6 +92,52 @@ def migrations(started: Deployment) -> dict[str, float]:
             labels, value = line.rsplit(" ", 1)
             found[labels.split('"')[1]] = float(value)
     return found
+
+
+def first_tokens(started: Deployment) -> float:
+    """Requests the frontend has seen a first token of (its time-to-first-token count)."""
+    text = httpx.get(started.url.removesuffix("/v1") + "/metrics").text
+    for line in text.splitlines():
+        if line.startswith("hpcserve_frontend_time_to_first_token_seconds_count "):
+            return float(line.rsplit(" ", 1)[1])
+    return 0.0
+
+
+class MidStreamKill:
+    """Kills a worker in the middle of its streams, judged by the frontend, not by the client:
+    on a loaded 2-core machine the client read its streams seconds behind them (it saw
+    streams going after the frontend had finished them all), and one torch worker finished
+    its streams before the other had begun.
+
+    `ready(outcomes)` (a `kill_when`): every stream's first token has reached the frontend and
+    a worker still serves some (the frontend's in-flight count); `kill()` kills that worker.
+    """
+
+    LOOK_EVERY_S = 0.05  # not at every chunk: a scrape costs the frontend and the client
+
+    def __init__(self, started: Deployment, streams: int) -> None:
+        self.started = started
+        self.first_tokens = first_tokens(started) + streams  # this many once all have begun
+        self.looked = 0.0
+        self.victim: str | None = None
+
+    def ready(self, outcomes: list[Outcome]) -> bool:
+        if time.monotonic() - self.looked < self.LOOK_EVERY_S:
+            return False
+        self.looked = time.monotonic()
+        if first_tokens(self.started) < self.first_tokens:
+            return False
+        health = httpx.get(self.started.url.removesuffix("/v1") + "/health").json()
+        in_flight = health["in_flight"]
+        busiest = max(in_flight, key=in_flight.get)
+        if not in_flight[busiest]:
+            raise AssertionError(f"every stream ended before the kill: {outcomes}")
+        self.victim = busiest
+        return True
+
+    def kill(self) -> None:
+        assert self.victim is not None
+        kill_worker(self.started, f"worker-{self.victim}")
 
 
 @dataclass
@@ -148,7 +185,9 @@ async def stream_all(
         assert kill_when is not None and kill is not None
         while not kill_when(outcomes):
             progress.clear()
-            await progress.wait()
+            with contextlib.suppress(TimeoutError):  # looks again without progress too
+                async with asyncio.timeout(0.05):
+                    await progress.wait()
         kill()
 
     tasks = [asyncio.create_task(one(p, o)) for p, o in zip(prompts, outcomes, strict=True)]
@@ -173,21 +212,9 @@ def all_streaming(at_least: int) -> Callable[[list[Outcome]], bool]:
     return check
 
 
-def all_begun(at_least: int) -> Callable[[list[Outcome]], bool]:
-    """Every stream that has not finished has `at_least` chunks, and one has not finished."""
-
-    def check(outcomes: list[Outcome]) -> bool:
-        going = [o for o in outcomes if not (o.finish_reason or o.error)]
-        if not going:
-            raise AssertionError(f"every stream ended before the kill: {outcomes}")
-        return all(o.chunks >= at_least for o in going)
-
-    return check
-
-
 def test_greedy_streams_survive_a_killed_worker_token_for_token(tmp_path: Path) -> None:
-    # the kill waits for the 6th chunk of every stream still going and kills a worker that
-    # serves some. On a loaded 2-core machine the two torch workers (each with torch's
+    # the kill waits until every stream has begun and kills a worker that still serves some
+    # (MidStreamKill). On a loaded 2-core machine the two torch workers (each with torch's
     # default threads, one per core) drift far apart: streams of one ended (64 tokens) while
     # the other's had 10-11 chunks (2 of 15 runs), or none at all; "every stream at its 6th
     # chunk, none ended" (the older kill condition) cannot be waited for
@@ -200,14 +227,15 @@ def test_greedy_streams_survive_a_killed_worker_token_for_token(tmp_path: Path) 
         assert migrations(started) == {"migrated": 0.0, "exhausted": 0.0}
 
         killed_at = []
+        mid_stream = MidStreamKill(started, len(PROMPTS))
 
         def kill() -> None:
             killed_at.append(time.monotonic())
-            kill_a_serving_worker(started)
+            mid_stream.kill()
 
         t0 = time.monotonic()
         disturbed = asyncio.run(
-            stream_all(started.url, PROMPTS, max_tokens, all_begun(at_least=6), kill)
+            stream_all(started.url, PROMPTS, max_tokens, mid_stream.ready, kill)
         )
         assert killed_at, "the worker was never killed"
         for ref, got in zip(reference, disturbed, strict=True):
