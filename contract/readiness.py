@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import json
+import random
 import socket
 import time
 import urllib.error
@@ -108,8 +109,48 @@ def keys_registered(endpoint: str, prefix: str, count: int = 1) -> Callable[[], 
     return registered
 
 
+# free_port's ports: from here up, outside the kernel's ephemeral range (the ports below are
+# where services listen by custom: 8000, 6817-6818 of Slurm, 2379 of etcd, 4222 of NATS).
+FIRST_FREE_PORT = 10000
+_handed_out: set[int] = set()  # ports this process chose; their services may not listen yet
+
+
+def ephemeral_ports() -> range:
+    """The ports the kernel hands out for bind(0) and outgoing connections (this network
+    namespace's ip_local_port_range; elsewhere a range holding Linux's and macOS's)."""
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as file:
+            low, high = (int(part) for part in file.read().split())
+    except (OSError, ValueError):
+        low, high = 32768, 65535
+    return range(low, high + 1)
+
+
 def free_port(host: str = "127.0.0.1") -> int:
-    """A TCP port free on `host` right now (the OS picks it)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+    """A TCP port free on `host` right now, outside the ephemeral range, never the same one
+    twice in this process.
+
+    Why: the service that gets it binds it later (seconds later in a Slurm step). A port the
+    OS picks (bind to 0) is an ephemeral one, which any process's next outgoing connection
+    or bind(0) may take meanwhile: an etcd peer port was taken so while a job's srun steps
+    started. Outside that range only a process that asks for that very port can take it.
+    """
+    ephemeral = ephemeral_ports()
+    below = range(FIRST_FREE_PORT, max(FIRST_FREE_PORT, ephemeral.start))
+    above = range(max(FIRST_FREE_PORT, ephemeral.stop), 65536)
+    outside, pick = len(below) + len(above), random.SystemRandom()
+    for _ in range(100 if outside else 0):
+        at = pick.randrange(outside)
+        port = below[at] if at < len(below) else above[at - len(below)]
+        if port in _handed_out:
+            continue
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            try:
+                sock.bind((host, port))
+            except OSError:  # taken
+                continue
+        _handed_out.add(port)
+        return port
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:  # no such range here
         sock.bind((host, 0))
         return sock.getsockname()[1]

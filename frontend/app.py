@@ -107,12 +107,15 @@ def create_app(config: DeploymentConfig) -> FastAPI:
         workers = state.candidates(set())
         if not workers:
             return json_response({"status": "no workers", "workers": 0}, status=503)
-        body: dict[str, object] = {"status": "ok", "workers": len(workers)}
-        if state.process_count > 1:  # which process answered, and the load it routes by
-            body["process"] = state.process_index
-            body["in_flight"] = {
+        body: dict[str, object] = {
+            "status": "ok",
+            "workers": len(workers),
+            "in_flight": {  # the load it routes by: which workers serve requests now
                 card.worker_id: state.tracker.requests_on(card.worker_id) for card in workers
-            }
+            },
+        }
+        if state.process_count > 1:  # which process answered, and what it knows
+            body["process"] = state.process_index
             if state.kv_feed is not None:
                 body["kv_index_blocks"] = state.kv_feed.index.num_held()
         return json_response(body)

@@ -41,6 +41,7 @@ class ErrorResponse(BaseModel):
 class Status(BaseModel):
     status: str
     workers: int | None = None
+    in_flight: dict[str, int] | None = None  # requests each worker serves now (/health)
 
 
 def _errors(*codes: int) -> dict[int | str, dict[str, Any]]:

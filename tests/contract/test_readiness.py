@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import socket
 import threading
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -85,3 +86,16 @@ def test_a_process_found_among_siblings_within_one_poll(health_url: str) -> None
         assert calls == 8
     finally:
         _Health.do_GET = original  # type: ignore[method-assign]
+
+
+def test_free_ports_are_outside_the_ephemeral_range_and_differ() -> None:
+    """An ephemeral port could be taken by any outgoing connection before its service binds
+    it; several ports chosen before any is bound must differ."""
+    from contract.readiness import ephemeral_ports, free_port
+
+    ephemeral = ephemeral_ports()
+    ports = [free_port("127.0.0.1") for _ in range(50)]
+    assert len(set(ports)) == len(ports)
+    assert not [port for port in ports if port in ephemeral], (ports, ephemeral)
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", ports[0]))  # free indeed

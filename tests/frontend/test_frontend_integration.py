@@ -58,6 +58,23 @@ async def test_health_live_models_before_and_after_worker(make_frontend: Any) ->
         assert models["object"] == "list" and models["data"][0]["id"] == "smol"
 
 
+async def test_health_lists_each_workers_in_flight_requests(make_frontend: Any) -> None:
+    """Also with one frontend process: which worker serves requests now (the load it routes
+    by; the migration tests kill a worker that still serves streams by it)."""
+    fe = await make_frontend()
+    busy = await fe.add_worker("a-busy", silent=True)
+    async with fe.client() as client:
+        assert (await client.get("/health")).json()["in_flight"] == {"a-busy": 0}
+        pending = asyncio.create_task(client.post("/v1/chat/completions", json=CHAT))
+        async with asyncio.timeout(5):
+            await busy.received.wait()
+        await fe.add_worker("b-idle")
+        assert (await client.get("/health")).json()["in_flight"] == {"a-busy": 1, "b-idle": 0}
+        await busy.deregister()  # the request moves on to b-idle and is answered there
+        assert (await pending).status_code == 200
+        assert (await client.get("/health")).json()["in_flight"] == {"b-idle": 0}
+
+
 async def test_the_client_visible_id_reaches_the_worker(make_frontend: Any) -> None:
     fe = await make_frontend()
     worker = await fe.add_worker()
