@@ -19,9 +19,9 @@ from pathlib import Path
 
 import openai
 import pytest
+from mpich_shm import mpich_segments
 from up_helpers import (
     UpProcess,
-    mpich_segments,
     openai_client,
     processes_mentioning,
     rank_pids,

@@ -127,19 +127,6 @@ def processes_mentioning(text: str) -> list[int]:
     return found
 
 
-def mpich_segments(pids: list[int]) -> set[str]:
-    """The MPICH shared-memory segments (`mpich_shm_*` in /dev/shm) these processes map,
-    whether or not the name is still in /dev/shm."""
-    names = set()
-    for pid in pids:
-        with contextlib.suppress(OSError):
-            for line in Path(f"/proc/{pid}/maps").read_text().splitlines():
-                path = line.split(maxsplit=5)[5:]
-                if path and path[0].startswith("/dev/shm/mpich_"):
-                    names.add(path[0].removesuffix(" (deleted)").rpartition("/")[2])
-    return names
-
-
 def rank_pids(run_dir: Path) -> dict[int, int]:
     """MPI rank -> PID of the real rank processes (children of the rank guards)."""
     ranks = {}

@@ -23,6 +23,7 @@ from pathlib import Path
 import openai
 import pytest
 from cluster_helpers import cluster_for_this_process
+from mpich_shm import mpich_segments
 
 from slurm.jobs import JobStatus, cancel, job_status, submit_with_submitit
 from slurm.state import read_state
@@ -258,19 +259,6 @@ def test_worker_killed_while_serving_is_restarted(slurm_env: dict[str, str], mod
         assert log.count("registered agg-g0-i1") == 2, log[-2000:]  # the old run's lines stay
         for _ in range(4):  # round robin: both workers answer
             assert "Paris" in ask_paris(status.url or "")
-
-
-def mpich_segments(pids: list[int]) -> set[str]:
-    """MPICH segment names (/dev/shm/mpich_*) these processes map, unlinked or not. The test
-    cluster's nodes are network namespaces: they share this machine's /dev/shm."""
-    names = set()
-    for pid in pids:
-        with contextlib.suppress(OSError):
-            for line in Path(f"/proc/{pid}/maps").read_text().splitlines():
-                path = line.split(maxsplit=5)[5:]
-                if path and path[0].startswith("/dev/shm/mpich_"):
-                    names.add(path[0].removesuffix(" (deleted)").rpartition("/")[2])
-    return names
 
 
 def test_killed_tp_rank_leaves_no_shared_memory_on_any_node(
