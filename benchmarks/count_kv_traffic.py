@@ -80,7 +80,9 @@ async def count(args: argparse.Namespace, nats_url: str, etcd: str) -> None:
         del done[request.request_id]
 
     try:
-        await asyncio.sleep(0.6)  # the workers' first load reports
+        deadline = time.monotonic() + 10
+        while seen["load"][0] < len(workers) and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)  # polled: the workers' first load reports, then count
         before = {kind: list(values) for kind, values in seen.items()}
         start = time.monotonic()
         for first in range(0, args.requests, args.concurrency):
