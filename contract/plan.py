@@ -208,6 +208,9 @@ FRONTEND_PROCESS_ENV = "HPCSERVE_FRONTEND_PROCESS"  # "<index>/<count>" of a mul
 METRICS_DIR_ENV = "PROMETHEUS_MULTIPROC_DIR"  # prometheus-client's multiprocess mode
 ROTATION_FILE_ENV = "HPCSERVE_FRONTEND_ROTATION"  # their one round-robin counter file
 LOAD_TABLE_ENV = "HPCSERVE_FRONTEND_LOAD_TABLE"  # their in-flight counts (frontend.load_table)
+# Worker ranks of the deployment on this machine (`hpcserve up` only): a CPU rank takes its
+# share of the cores for its torch threads (`cpu_threads_per_rank`) instead of one per core each.
+RANKS_HERE_ENV = "HPCSERVE_WORKER_RANKS_HERE"
 
 
 def head_cpus() -> int:
@@ -273,6 +276,20 @@ def remove_frontend_shared_files(plan: list[PlannedProcess]) -> None:
 def needs_mpi_launcher(config: DeploymentConfig) -> bool:
     """Whether a local deployment needs `mpirun`: some worker has more than one rank."""
     return any(process_ranks(config, group) > 1 for group in config.workers)
+
+
+def worker_ranks_here(default: int | None = None) -> int | None:
+    """The worker ranks on this machine as the plan said (`RANKS_HERE_ENV`), else `default`."""
+    value = os.environ.get(RANKS_HERE_ENV, "")
+    return int(value) if value.isdigit() and int(value) > 0 else default
+
+
+def cpu_threads_per_rank(cpus: int, ranks_here: int) -> int:
+    """Torch threads for one CPU worker rank when `ranks_here` worker ranks share `cpus`: an
+    equal share, at least one. One thread per core in every rank oversubscribed a machine
+    running several workers (two TP=1 workers on two cores ran four busy threads, and
+    drifted apart)."""
+    return max(1, cpus // max(1, ranks_here))
 
 
 def worker_env(config: DeploymentConfig, group: WorkerGroupConfig) -> dict[str, str]:
@@ -372,15 +389,22 @@ def plan_deployment(
         prefix=workers_prefix(config.name),
         count=total,
     )
-    for process in worker_processes(config):
+    processes = worker_processes(config)
+    ranks_here = None  # on Slurm each node's share is the job's own (its srun step's tasks)
+    if head_worker_ranks is None and config.engine.kind == "torch":  # all on this machine
+        ranks_here = sum(process_ranks(config, config.workers[p.group]) for p in processes)
+    for process in processes:
         group = config.workers[process.group]
+        env = worker_env(config, group)
+        if ranks_here is not None:
+            env[RANKS_HERE_ENV] = str(ranks_here)
         argv = worker_argv(
             config, process.group, process.index, config_file=config_file, python=python,
             mpi_launcher=mpi_launcher, instances=process.instances,
         )  # fmt: skip
         plan.append(
             PlannedProcess(
-                process.name, group.role, STAGE_WORKERS, argv, ready, worker_env(config, group),
+                process.name, group.role, STAGE_WORKERS, argv, ready, env,
                 group=process.group, index=process.index, ranks=process_ranks(config, group),
                 worker_ids=process.worker_ids,
             )

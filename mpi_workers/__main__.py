@@ -20,7 +20,7 @@ from typing import Any
 
 from contract.config import ConfigError, DeploymentConfig, load_config
 from contract.model_fit import check_model_tp
-from contract.plan import worker_id
+from contract.plan import cpu_threads_per_rank, worker_id, worker_ranks_here
 from mpi_workers.disagg import worker_class
 from mpi_workers.engine.base import Engine
 from mpi_workers.engine.factory import build_engine, build_torch_engine, torch_placement
@@ -183,7 +183,8 @@ def run_tp_rank(
     if device.type == "cpu" and not config.engine.torch_threads:
         import torch
 
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // ranks.size))
+        ranks_here = worker_ranks_here(default=ranks.size)
+        torch.set_num_threads(cpu_threads_per_rank(os.cpu_count() or 1, ranks_here))
     tp = TpRuntime.init(ranks.comm, device)
     logger.info("rank %d of %d on %s (leader: world rank %d)",
                 ranks.rank, ranks.size, device, ranks.leader_world_rank)  # fmt: skip

@@ -6,10 +6,12 @@ Engines are imported lazily so that a mocker worker never pays for importing tor
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from contract.config import ConfigError, DeploymentConfig
+from contract.plan import cpu_threads_per_rank, worker_ranks_here
 from mpi_workers.engine.base import Engine
 
 logger = logging.getLogger(__name__)
@@ -31,6 +33,10 @@ def torch_placement(config: DeploymentConfig, tp: TpRuntime | None = None) -> tu
         device = tp.device
     elif device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
+    if not engine_config.torch_threads and tp is None and str(device) == "cpu":
+        ranks_here = worker_ranks_here()  # TP ranks took their share at start-up
+        if ranks_here is not None:
+            torch.set_num_threads(cpu_threads_per_rank(os.cpu_count() or 1, ranks_here))
     dtype = None if engine_config.dtype == "auto" else getattr(torch, engine_config.dtype)
     return device, dtype
 

@@ -12,8 +12,10 @@ from contract.plan import (
     LOAD_TABLE_ENV,
     MAX_AUTO_FRONTEND_PROCESSES,
     METRICS_DIR_ENV,
+    RANKS_HERE_ENV,
     ROTATION_FILE_ENV,
     TRTLLM_LAUNCHER,
+    cpu_threads_per_rank,
     find_binary,
     frontend_processes,
     load_table_file,
@@ -21,6 +23,7 @@ from contract.plan import (
     plan_deployment,
     remove_frontend_shared_files,
     rotation_file,
+    worker_ranks_here,
 )
 
 REPO = Path(__file__).resolve().parents[2]
@@ -161,6 +164,33 @@ def test_torch_tp_keeps_its_argv() -> None:
     )
     assert process.argv == ("mpirun", "-n", "3", *WORKER_ARGV)
     assert process.ranks == 3
+
+
+def test_local_torch_workers_learn_how_many_ranks_share_the_machine() -> None:
+    config = resolved("workers=[{role: agg, count: 2}, {role: agg, tp: 3}]")
+    plan = plan_deployment(config, config_file="c.yaml", run_dir="r", mpi_launcher=("mpirun",))
+    workers = [p for p in plan if p.group is not None]
+    assert [p.ranks for p in workers] == [1, 1, 3]
+    assert all(p.env[RANKS_HERE_ENV] == "5" for p in workers)
+    assert all(RANKS_HERE_ENV not in p.env for p in plan if p.group is None)
+    # Slurm plans (worker ranks placed per node) and engines without torch threads: none
+    placed = plan_deployment(config, config_file="c.yaml", run_dir="r", head_worker_ranks=0)
+    assert all(RANKS_HERE_ENV not in p.env for p in placed)
+    mocker = plan_deployment(resolved("engine.kind=mocker"), config_file="c.yaml", run_dir="r")
+    assert all(RANKS_HERE_ENV not in p.env for p in mocker)
+
+
+def test_cpu_threads_are_an_equal_share_of_the_cores(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert cpu_threads_per_rank(2, 2) == 1  # two TP=1 workers on two cores: one thread each
+    assert cpu_threads_per_rank(16, 3) == 5
+    assert cpu_threads_per_rank(2, 5) == 1  # never none
+    assert cpu_threads_per_rank(8, 1) == 8
+    monkeypatch.delenv(RANKS_HERE_ENV, raising=False)
+    assert worker_ranks_here() is None and worker_ranks_here(default=3) == 3
+    monkeypatch.setenv(RANKS_HERE_ENV, "4")
+    assert worker_ranks_here(default=3) == 4
+    monkeypatch.setenv(RANKS_HERE_ENV, "zero")
+    assert worker_ranks_here(default=3) == 3
 
 
 def test_frontend_processes_default_to_the_spare_cores_of_the_head() -> None:
