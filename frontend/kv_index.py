@@ -74,8 +74,6 @@ class KvIndex:
         self._blocks: dict[str, set[int]] = {}
         self._shared: dict[int, frozenset[str]] = {}  # hash -> all its holders (some hashes)
         self._shared_hashes: set[int] = set()  # its keys: a set's `isdisjoint` is faster
-        self._changes = 0  # bumped by every change: `num_blocks` recounts only after one
-        self._counted = (-1, 0)  # (_changes when counted, distinct hashes then)
 
     def num_held(self) -> int:
         """Blocks the workers hold, a block counted once per worker holding it (what /health
@@ -84,14 +82,10 @@ class KvIndex:
 
     def num_blocks(self) -> int:
         """Distinct block hashes held by any worker: the union of the workers' sets (tens of
-        ms at 64 workers of 8,000 blocks; counted again only after a change), for tests
-        and tools, not a status polled on the event loop (`num_held`)."""
-        changes, count = self._counted
-        if changes != self._changes:
-            sets = list(self._blocks.values())
-            count = len(sets[0].union(*sets[1:])) if sets else 0
-            self._counted = (self._changes, count)
-        return count
+        ms at 64 workers of 8,000 blocks), for tests and tools, not a status polled on the
+        event loop (`num_held`)."""
+        sets = list(self._blocks.values())
+        return len(sets[0].union(*sets[1:])) if sets else 0
 
     def store(self, worker_id: str, hashes: Iterable[int]) -> None:
         self.apply_ops(worker_id, ((True, hashes),))
@@ -110,7 +104,6 @@ class KvIndex:
         """`apply` for events as `KvBatchOps` pairs (stored?, hashes)."""
         mine = self._blocks.get(worker_id)
         shared = self._shared_hashes
-        self._changes += 1
         for stored, hashes in ops:
             if shared and not isinstance(hashes, list | tuple | set | frozenset):
                 hashes = list(hashes)  # read twice
@@ -144,10 +137,8 @@ class KvIndex:
 
     def drop_worker(self, worker_id: str) -> None:
         mine = self._blocks.pop(worker_id, None)
-        if mine is not None:
-            self._changes += 1
-            if self._shared:
-                self._reshare(worker_id, self._shared_hashes & mine, False)
+        if mine is not None and self._shared:
+            self._reshare(worker_id, self._shared_hashes & mine, False)
 
     def blocks_of(self, worker_id: str) -> set[int]:
         return set(self._blocks.get(worker_id, ()))
