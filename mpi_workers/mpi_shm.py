@@ -36,14 +36,15 @@ SEGMENT_PREFIXES = ("mpich_shm_", "mpich_vci_")
 _DELETED = " (deleted)"
 
 
-def mapped_segment_names(maps: str) -> set[str]:
-    """The MPICH segment names a `/proc/PID/maps` text maps that still exist in /dev/shm."""
+def mapped_segment_names(maps: str, *, unlinked: bool = False) -> set[str]:
+    """The MPICH segment names a `/proc/PID/maps` text maps that still have their name in
+    /dev/shm; with `unlinked` also those whose name is gone (tests: what a rank mapped)."""
     names = set()
     for line in maps.splitlines():
         fields = line.split(maxsplit=5)
-        if len(fields) < 6 or fields[5].endswith(_DELETED):
+        if len(fields) < 6 or (fields[5].endswith(_DELETED) and not unlinked):
             continue
-        path = Path(fields[5])
+        path = Path(fields[5].removesuffix(_DELETED))
         if path.parent == SHM_DIR and path.name.startswith(SEGMENT_PREFIXES):
             names.add(path.name)
     return names

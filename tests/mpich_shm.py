@@ -6,16 +6,16 @@ from __future__ import annotations
 import contextlib
 from pathlib import Path
 
+from mpi_workers.mpi_shm import mapped_segment_names
+
 
 def mpich_segments(pids: list[int]) -> set[str]:
     """The MPICH segment names (/dev/shm/mpich_*) these processes map, whether or not the
     name is still in /dev/shm. The namespace Slurm cluster's nodes share this machine's
     /dev/shm, so this holds for its ranks too."""
-    names = set()
+    names: set[str] = set()
     for pid in pids:
         with contextlib.suppress(OSError):
-            for line in Path(f"/proc/{pid}/maps").read_text().splitlines():
-                path = line.split(maxsplit=5)[5:]
-                if path and path[0].startswith("/dev/shm/mpich_"):
-                    names.add(path[0].removesuffix(" (deleted)").rpartition("/")[2])
+            maps = Path(f"/proc/{pid}/maps").read_text()
+            names |= mapped_segment_names(maps, unlinked=True)
     return names

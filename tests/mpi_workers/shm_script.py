@@ -16,25 +16,15 @@ from pathlib import Path
 
 from mpi4py import MPI
 
-from mpi_workers.mpi_shm import SEGMENT_PREFIXES, SHM_DIR, release_segment_names
-
-
-def mapped_names() -> list[str]:
-    """MPICH segment names this process maps, with or without a name left in /dev/shm."""
-    names = set()
-    for line in Path("/proc/self/maps").read_text().splitlines():
-        fields = line.split(maxsplit=5)
-        path = Path(fields[5].removesuffix(" (deleted)")) if len(fields) == 6 else None
-        if path is not None and path.parent == SHM_DIR and path.name.startswith(SEGMENT_PREFIXES):
-            names.add(path.name)
-    return sorted(names)
+from mpi_workers.mpi_shm import mapped_segment_names, release_segment_names
 
 
 def main() -> int:
     out = Path(sys.argv[1])
     world = MPI.COMM_WORLD
     unlinked = release_segment_names(world) if "--release" in sys.argv[2:] else []
-    report = {"pid": os.getpid(), "mapped": mapped_names(), "unlinked": unlinked}
+    mapped = mapped_segment_names(Path("/proc/self/maps").read_text(), unlinked=True)
+    report = {"pid": os.getpid(), "mapped": sorted(mapped), "unlinked": unlinked}
     tmp = out / f".rank{world.Get_rank()}.json"
     tmp.write_text(json.dumps(report))
     tmp.rename(out / f"rank{world.Get_rank()}.json")

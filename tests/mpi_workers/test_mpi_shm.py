@@ -40,6 +40,9 @@ def test_mapped_names_are_named_mpich_segments_in_dev_shm() -> None:
         "7f1c2f000000-7f1c2f021000 rw-p 00000000 00:00 0",
     ])  # fmt: skip
     assert mapped_segment_names(maps) == {"mpich_shm_8733be31_0", "mpich_vci_8733be31_0"}
+    assert mapped_segment_names(maps, unlinked=True) == {
+        "mpich_shm_8733be31_0", "mpich_vci_8733be31_0", "mpich_shm_4c284e2_0",
+    }  # fmt: skip
 
 
 class Group:

@@ -9,6 +9,8 @@ import os
 import subprocess
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -25,18 +27,31 @@ pytestmark = [
 ]
 
 
+@contextmanager
+def another_runs_cluster(
+    tmp_path_factory: pytest.TempPathFactory, name: str
+) -> Iterator[tuple[subprocess.Popen[bytes], dict[str, str], int]]:
+    """A one-node cluster brought up for another test run (its owner: a `sleep` we kill to
+    end that run): (owner, that run's environment, its slurmctld's PID); taken down after."""
+    owner = subprocess.Popen(["sleep", "600"])
+    env = dict(os.environ)
+    env["HPCSERVE_SLURM_DIR"] = str(tmp_path_factory.mktemp(name))
+    env["HPCSERVE_SLURM_OWNER_PID"] = str(owner.pid)
+    try:
+        up = cluster_sh(["up", "1"], env)
+        assert up.returncode == 0, up.stderr
+        ctld_pid = int(Path(env["HPCSERVE_SLURM_DIR"], "run", "slurmctld.pid").read_text())
+        yield owner, env, ctld_pid
+    finally:
+        owner.kill()
+        owner.wait()
+        cluster_sh(["down"], env)
+
+
 def test_up_clears_a_cluster_whose_owner_is_gone(
     tmp_path_factory: pytest.TempPathFactory,
 ) -> None:
-    owner = subprocess.Popen(["sleep", "600"])
-    first = dict(os.environ)
-    first["HPCSERVE_SLURM_DIR"] = str(tmp_path_factory.mktemp("abandoned"))
-    first["HPCSERVE_SLURM_OWNER_PID"] = str(owner.pid)
-    try:
-        up = cluster_sh(["up", "1"], first)
-        assert up.returncode == 0, up.stderr
-        ctld_pid = int(Path(first["HPCSERVE_SLURM_DIR"], "run", "slurmctld.pid").read_text())
-
+    with another_runs_cluster(tmp_path_factory, "abandoned") as (owner, first, ctld_pid):
         # While its owner runs, the cluster is someone's: a second `up` refuses.
         second = dict(first, HPCSERVE_SLURM_DIR=str(tmp_path_factory.mktemp("second")))
         second["HPCSERVE_SLURM_OWNER_PID"] = str(os.getpid())
@@ -59,10 +74,6 @@ def test_up_clears_a_cluster_whose_owner_is_gone(
                 check=True,
             )
             assert sinfo.stdout.split() == ["n1", "idle"]
-    finally:
-        owner.kill()
-        owner.wait()
-        cluster_sh(["down"], first)
 
 
 def test_a_recycled_owner_pid_is_no_owner(tmp_path_factory: pytest.TempPathFactory) -> None:
@@ -89,15 +100,7 @@ def test_a_cluster_of_another_live_run_is_waited_for_and_never_taken_down(
 ) -> None:
     """Two pytest runs on one machine: the second one's refused `up` must not `down` the
     first one's cluster (it stopped every process in the node namespaces and removed them)."""
-    owner = subprocess.Popen(["sleep", "600"])  # the other run
-    first = dict(os.environ)
-    first["HPCSERVE_SLURM_DIR"] = str(tmp_path_factory.mktemp("busy"))
-    first["HPCSERVE_SLURM_OWNER_PID"] = str(owner.pid)
-    try:
-        up = cluster_sh(["up", "1"], first)
-        assert up.returncode == 0, up.stderr
-        ctld_pid = int(Path(first["HPCSERVE_SLURM_DIR"], "run", "slurmctld.pid").read_text())
-
+    with another_runs_cluster(tmp_path_factory, "busy") as (owner, first, ctld_pid):
         with (
             pytest.raises(AssertionError, match=BUSY),
             running_cluster(tmp_path_factory, 1, busy_wait_s=0),
@@ -126,7 +129,3 @@ def test_a_cluster_of_another_live_run_is_waited_for_and_never_taken_down(
         waiter.join(timeout=150)
         assert not waiter.is_alive() and nodes and "idle" in nodes[0], nodes
         assert not pid_alive(ctld_pid)
-    finally:
-        owner.kill()
-        owner.wait()
-        cluster_sh(["down"], first)
