@@ -105,19 +105,32 @@ class Received:
         self.data = data
 
 
+async def feed_of_worker_a() -> KvIndexFeed:
+    """A feed that knows worker `a` and has synced it (an empty snapshot)."""
+    feed = KvIndexFeed(KvIndex(), FakeWorkers().fetch)
+    feed.on_workers_changed({"a": card("a")})
+    await settle()
+    return feed
+
+
+async def applied_to_worker_a(feed: KvIndexFeed) -> None:
+    """Let the loop turn until the feed has applied a batch of `a`'s (a few turns)."""
+    for _ in range(100):
+        if feed.index.blocks_of("a"):
+            return
+        await asyncio.sleep(0)
+
+
 async def test_events_arriving_with_a_reply_wait_for_its_handler() -> None:
     """A reply and a KV batch that arrive together: nats-py's subscription tasks run in the
     same loop turn, the reply's wakes its request's handler for the next turn. The handler
     runs before the batch is applied; the batch is applied after (and stays in seq order,
     malformed ones skipped)."""
-    workers = FakeWorkers()
-    feed = KvIndexFeed(KvIndex(), workers.fetch)
-    feed.on_workers_changed({"a": card("a")})
-    await settle()
+    feed = await feed_of_worker_a()
     reply: asyncio.Future[None] = asyncio.get_running_loop().create_future()
     seen: list[int] = []
 
-    async def handler() -> None:
+    async def handler() -> None:  # a request's handler, woken by its reply
         await reply
         seen.append(len(feed.index.blocks_of("a")))
 
@@ -128,10 +141,7 @@ async def test_events_arriving_with_a_reply_wait_for_its_handler() -> None:
     await feed._on_events(Received(b"{not a batch"))
     await feed._on_events(Received(batch("a", 2, stored(H[2:], H[1])).model_dump_json().encode()))
     await waiting
-    for _ in range(100):  # applied within a few turns
-        if feed.index.blocks_of("a"):
-            break
-        await asyncio.sleep(0)
+    await applied_to_worker_a(feed)
     assert seen == [0]
     assert feed.index.overlaps(H, ["a"]) == {"a": 4} and feed.num_gaps == 0
 
@@ -139,14 +149,11 @@ async def test_events_arriving_with_a_reply_wait_for_its_handler() -> None:
 async def test_events_taken_in_the_read_loop_wait_for_the_handler_too() -> None:
     """The batch handed over from nats-py's read loop (`_take`, a turn before a subscription
     task would have had it) is applied after the handler its reply woke, in seq order."""
-    workers = FakeWorkers()
-    feed = KvIndexFeed(KvIndex(), workers.fetch)
-    feed.on_workers_changed({"a": card("a")})
-    await settle()
+    feed = await feed_of_worker_a()
     reply: asyncio.Future[None] = asyncio.get_running_loop().create_future()
     seen: list[int] = []
 
-    async def handler() -> None:
+    async def handler() -> None:  # a request's handler, woken by its reply
         await reply
         seen.append(len(feed.index.blocks_of("a")))
 
@@ -161,10 +168,7 @@ async def test_events_taken_in_the_read_loop_wait_for_the_handler_too() -> None:
     feed._take(batch("a", 2, stored(H[2:], H[1])).model_dump_json().encode())
     asyncio.get_running_loop().create_task(reply_subscription())
     await waiting
-    for _ in range(100):
-        if feed.index.blocks_of("a"):
-            break
-        await asyncio.sleep(0)
+    await applied_to_worker_a(feed)
     assert seen == [0]
     assert feed.index.overlaps(H, ["a"]) == {"a": 4} and feed.num_gaps == 0
 
