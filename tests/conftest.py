@@ -19,6 +19,13 @@ from hpcserve.model_prepare import prepare_default_model
 # One frontend process unless a test asks for more (`--set frontend.workers=N` wins): the
 # automatic count (one per spare core) differs between machines.
 os.environ.setdefault("HPCSERVE__FRONTEND__WORKERS", "1")
+# Every process a test starts (mpirun ranks, scripts under tests/, Slurm jobs run from their job
+# folder) imports this checkout first, not whichever one an editable install points at.
+CHECKOUT = str(Path(__file__).resolve().parents[1])
+if os.environ.get("PYTHONPATH", "").split(os.pathsep)[0] != CHECKOUT:
+    os.environ["PYTHONPATH"] = os.pathsep.join(
+        filter(None, [CHECKOUT, os.environ.get("PYTHONPATH")])
+    )
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:

@@ -54,8 +54,7 @@ class Group:
         self.out = out
         argv = [*mpi_launcher(), "-n", "2", sys.executable, "-m", "mpi_workers.rank_guard",
                 SCRIPT, str(out), *(["--release"] if release else [])]  # fmt: skip
-        env = {**os.environ, "PYTHONPATH": str(REPO)}  # the script imports this checkout
-        self.process = ManagedProcess.spawn(out.name, argv, out / "group.log", env=env, cwd=REPO)
+        self.process = ManagedProcess.spawn(out.name, argv, out / "group.log", cwd=REPO)
 
     def reports(self, timeout_s: float = 60) -> list[dict]:
         """Both ranks' reports, once written (fails if the group exits first)."""

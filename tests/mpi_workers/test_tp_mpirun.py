@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
 import subprocess
 import sys
 import time
@@ -43,9 +42,7 @@ def run_script(model_dir: Path, prompts, max_tokens: int, ranks: int, *extra: st
                 *argv]  # fmt: skip
     else:
         argv = [sys.executable, *argv]
-    # PYTHONPATH: the script's imports come from this checkout (its folder is sys.path[0])
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    done = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, cwd=REPO, env=env)
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, cwd=REPO)
     lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
     return done, (json.loads(lines[-1]) if lines else None)
 

@@ -6,7 +6,6 @@ the test process)."""
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -25,8 +24,7 @@ SCRIPT = str(HERE / "vlm_tp_script.py")
 def run_script(model_dir: Path, max_tokens: int, ranks: int) -> tuple[object, dict | None]:
     argv = [*mpi_launcher(), "-n", str(ranks), sys.executable, "-m", "mpi_workers.rank_guard",
             SCRIPT, str(model_dir), str(max_tokens)]  # fmt: skip
-    env = {**os.environ, "PYTHONPATH": str(REPO)}  # the script imports this checkout's code
-    done = subprocess.run(argv, capture_output=True, text=True, timeout=300, cwd=REPO, env=env)
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=300, cwd=REPO)
     lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
     return done, (json.loads(lines[-1]) if lines else None)
 

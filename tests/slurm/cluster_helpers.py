@@ -12,8 +12,7 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[2]
-CLUSTER_SH = REPO / "slurm" / "testing" / "cluster.sh"
+CLUSTER_SH = Path(__file__).resolve().parents[2] / "slurm" / "testing" / "cluster.sh"
 # The cluster is one per machine (fixed bridge and namespace names) and another pytest run on
 # this machine may hold it: cluster.sh then refuses `up` saying BUSY; wait this long for it.
 BUSY = "a cluster is already up"
@@ -32,9 +31,6 @@ def running_cluster(
     env = dict(os.environ)
     env["HPCSERVE_SLURM_DIR"] = str(tmp_path_factory.mktemp("slurm-cluster"))
     env["HPCSERVE_SLURM_OWNER_PID"] = str(os.getpid())
-    # A job runs from its job dir, where `python -m ...` would import whichever checkout an
-    # editable install points at: the jobs run this checkout's code, as the tests do.
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
     deadline = time.monotonic() + busy_wait_s
     try:
         while True:
@@ -74,10 +70,9 @@ def cluster_sh(
 def cluster_for_this_process(
     tmp_path_factory: pytest.TempPathFactory, nodes: int
 ) -> Iterator[dict[str, str]]:
-    """`running_cluster` with its SLURM_CONF, a fresh jobs root (HPCSERVE_SLURM_JOBS) and its
-    PYTHONPATH also set in this process (the Python job API reads them, submitit's jobs inherit
-    them); all restored afterwards."""
-    keys = ("SLURM_CONF", "HPCSERVE_SLURM_JOBS", "PYTHONPATH")
+    """`running_cluster` with its SLURM_CONF and a fresh jobs root (HPCSERVE_SLURM_JOBS) also
+    set in this process (the Python job API reads them); both restored afterwards."""
+    keys = ("SLURM_CONF", "HPCSERVE_SLURM_JOBS")
     saved = {key: os.environ.get(key) for key in keys}
     with running_cluster(tmp_path_factory, nodes) as env:
         env["HPCSERVE_SLURM_JOBS"] = str(tmp_path_factory.mktemp("slurm-jobs"))

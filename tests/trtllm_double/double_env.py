@@ -1,8 +1,8 @@
 """How tests switch `import tensorrt_llm` to the TEST DOUBLE (tests/trtllm_double).
 
 In-process: `activate()` puts DOUBLE_ROOT first on sys.path. Subprocesses (workers, mpirun,
-srun): `double_environ()` returns an environment whose PYTHONPATH starts with DOUBLE_ROOT, then
-this checkout, and whose PATH starts with DOUBLE_ROOT/bin (the `trtllm-llmapi-launch` stand-in).
+srun): `double_environ()` returns an environment whose PYTHONPATH starts with DOUBLE_ROOT and
+whose PATH starts with DOUBLE_ROOT/bin (the `trtllm-llmapi-launch` stand-in).
 """
 
 from __future__ import annotations
@@ -13,9 +13,6 @@ from pathlib import Path
 
 DOUBLE_ROOT: Path = Path(__file__).resolve().parent
 BIN_DIR: Path = DOUBLE_ROOT / "bin"
-# The checkout the tests run from: the double's MPI ranks import `mpi_workers` from it (an
-# editable install may point at another checkout), wherever srun starts them.
-CHECKOUT: Path = DOUBLE_ROOT.parents[1]
 
 
 def _prepend(value: str | None, entry: str) -> str:
@@ -26,7 +23,7 @@ def _prepend(value: str | None, entry: str) -> str:
 def double_environ(base: dict[str, str] | None = None) -> dict[str, str]:
     """A copy of `base` (default: os.environ) with the double first on PYTHONPATH and PATH."""
     env = dict(os.environ if base is None else base)
-    env["PYTHONPATH"] = _prepend(_prepend(env.get("PYTHONPATH"), str(CHECKOUT)), str(DOUBLE_ROOT))
+    env["PYTHONPATH"] = _prepend(env.get("PYTHONPATH"), str(DOUBLE_ROOT))
     env["PATH"] = _prepend(env.get("PATH", os.defpath), str(BIN_DIR))
     return env
 
