@@ -21,6 +21,7 @@ from frontend.openai_schemas import (
     ChatCompletionResponse,
     CompletionRequest,
     CompletionResponse,
+    ModelCard,
     ModelList,
 )
 
@@ -80,6 +81,12 @@ def openapi_schema(title: str, version: str) -> dict[str, Any]:
     @docs.get("/v1/models", response_model=ModelList, summary="The served model")
     def models() -> None:
         """The one model this deployment serves, with its context length."""
+
+    @docs.get("/v1/models/{model}", response_model=ModelCard, responses=_errors(404),
+              summary="One model (OpenAI)")  # fmt: skip
+    def model(model: str) -> None:
+        """The served model's card, as `/v1/models` lists it; another id is a 404
+        (`model_not_found`)."""
 
     @docs.get("/health", response_model=Status, responses=_errors(503), summary="Readiness")
     def health() -> None:

@@ -32,7 +32,7 @@ from frontend.openai_schemas import (
     CompletionRequest,
     CompletionResponse,
 )
-from frontend.prepared import Prepared
+from frontend.prepared import Prepared, Prompt
 from frontend.responses import (
     WATCH_AFTER_S,
     AnsweredResponse,
@@ -66,7 +66,8 @@ def prepared_for(kind: str, **body: Any) -> Prepared:
         )
     else:
         parsed = CompletionRequest.model_validate({"prompt": PROMPT, **body})
-    return Prepared(kind, parsed, "smol", list(PROMPT), SamplingParams(), time.perf_counter())  # type: ignore[arg-type]
+    prompts = [Prompt(list(PROMPT), "messages" if kind == "chat" else "prompt")]
+    return Prepared(kind, parsed, "smol", prompts, SamplingParams(), time.perf_counter())  # type: ignore[arg-type]
 
 
 def ids(tokenizer: TextTokenizer, text: str) -> list[int]:
@@ -273,8 +274,7 @@ async def test_one_choice_streams_as_before(tokenizer: TextTokenizer, kind: str)
     assert {choice_of(e)["index"] for e in events[:-1]} == {0}
     key = "delta" if kind == "chat" else None
     text = "".join(
-        (choice_of(e)[key].get("content", "") if key else choice_of(e)["text"])
-        for e in events[:-1]
+        (choice_of(e)[key].get("content", "") if key else choice_of(e)["text"]) for e in events[:-1]
     )
     assert text == "Just one answer"
     assert len(client.opened) == 1
