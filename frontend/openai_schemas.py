@@ -103,8 +103,8 @@ class _SamplingFields(_Request):
     stop: str | list[str] | None = None
     n: int | None = Field(
         default=None, ge=1,
-        description="how many choices to generate for the prompt (at most frontend.max_n); "
-        "with a `seed`, choice i samples with seed + i",
+        description="how many choices to generate for the prompt (each prompt of a batch; at "
+        "most frontend.max_n); with a `seed`, choice i samples with seed + i",
     )  # fmt: skip
     ignore_eos: bool = False
     user: str | None = None

@@ -12,7 +12,7 @@ import asyncio
 import functools
 import secrets
 import time
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Sequence
 from typing import Any, TypeVar
 
 from starlette.requests import ClientDisconnect, Request
@@ -73,13 +73,16 @@ def _route_for(
     prompt: Prompt,
     checked: bool,
     follow: MigratingStream | None = None,
+    others: Sequence[tuple[Prompt, GenerateRequest]] = (),
 ) -> Route:
     """The routing of the attempts of one choice of `prompt`: the router's pick, then (when
-    no worker was up to check against before routing) the context check. A continuation
-    (prompt + tokens so far) keeps the budget `continuation()` left it: the workers of a
-    deployment share engine.max_model_len, so it fits wherever the first did. With `follow`
-    (choice 0 of the prompt), a first attempt goes to that choice's worker while it is
-    routable: there the prompt's KV blocks are shared; a continuation is routed afresh."""
+    no worker was up to check against before routing) the context check, of `others` too
+    (the batch's other prompts, checked by its first: before any prompt is sent). A
+    continuation (prompt + tokens so far) keeps the budget `continuation()` left it: the
+    workers of a deployment share engine.max_model_len, so it fits wherever the first did.
+    With `follow` (choice 0 of the prompt), a first attempt goes to that choice's worker
+    while it is routable: there the prompt's KV blocks are shared; a continuation is routed
+    afresh."""
 
     async def route(request: GenerateRequest, exclude: set[str]) -> WorkerCard:
         first = len(request.token_ids) == len(prompt.ids)
@@ -88,6 +91,8 @@ def _route_for(
             card = await state.pick_worker(request, exclude)
         if not checked and first:
             check_context(prepared, prompt, request, card.max_model_len)
+            for other, other_request in others:
+                check_context(prepared, other, other_request, card.max_model_len)
         return card
 
     return route
@@ -423,7 +428,8 @@ def _sampling(
 async def _start(state: FrontendState, prepared: Prepared, deadline: float) -> ChoiceStreams:
     """Send every choice to a worker and wait for each one's first chunk (a worker error
     there is an HTTP error, even for a stream). Every prompt is checked against the context
-    before any is routed; each prompt's choice 0 is routed on its own, its other choices
+    before any is routed (with no worker to check against yet: once the first is routed,
+    before it is sent); each prompt's choice 0 is routed on its own, its other choices
     follow it."""
     prompts = prepared.prompts
     sampling = prepared.sampling
@@ -443,13 +449,16 @@ async def _start(state: FrontendState, prepared: Prepared, deadline: float) -> C
         for prompt, request in zip(prompts, requests, strict=True):
             check_context(prepared, prompt, request, limit)
     checked = limit is not None
+    others = [] if checked else list(zip(prompts[1:], requests[1:], strict=True))
     streams: list[MigratingStream] = []
     for prompt, request in zip(prompts, requests, strict=True):
         follow: MigratingStream | None = None
         for choice in choice_requests(request, prepared.n):
+            route = _route_for(state, prepared, prompt, checked, follow, others)
+            others = []  # the first route checks them
             stream = MigratingStream(
                 state.client,
-                _route_for(state, prepared, prompt, checked, follow),
+                route,
                 choice,
                 limit=state.config.frontend.migration_limit,
                 metrics=state.metrics,

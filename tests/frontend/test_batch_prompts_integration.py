@@ -154,6 +154,29 @@ async def test_a_bad_prompt_in_a_batch_is_refused_by_position_before_routing(
     assert state.client.in_flight == 0 and state.tracker.requests_on(worker.worker_id) == 0
 
 
+async def test_a_batch_sent_before_any_worker_is_checked_whole_before_anything_is_sent(
+    make_frontend: Any,
+) -> None:
+    """No worker to check the context against when the batch arrives: it waits for one
+    (frontend.no_worker_timeout_s); the first prompt's routing then checks every prompt, so
+    a too-long prompt 1 is refused before prompt 0 is sent."""
+    fe = await make_frontend(no_worker_timeout_s=10)
+    state = fe.app.state.frontend
+    async with fe.client() as client:
+        body = {"model": "smol", "prompt": [[1, 2], [5] * 64], "n": 2}
+        pending = asyncio.create_task(client.post("/v1/completions", json=body))
+        async with asyncio.timeout(5):
+            while not state.metrics.in_flight._value.get():
+                await asyncio.sleep(0.01)
+        worker = await fe.add_worker(max_model_len=64)
+        assert_error(await pending, 400, "prompt.1", "context_length_exceeded")
+        # a request sent after it: its engine requests come after any the refused one sent
+        good = await client.post("/v1/completions", json={**body, "prompt": [[1, 2], [3]]})
+        assert good.status_code == 200, good.text
+    assert {r.client_id for r in worker.requests} == {good.json()["id"]}
+    assert state.client.in_flight == 0
+
+
 async def test_the_choice_cap_counts_prompts_times_n(make_frontend: Any) -> None:
     fe = await make_frontend(max_n=2, max_choices_per_request=4)
     worker = await fe.add_worker()
