@@ -200,7 +200,7 @@ def _refuse_too_many_choices(
     n = body.num_choices()
     if n > config.max_n:
         raise errors.bad_request(
-            f"n: at most {config.max_n} choices per request (frontend.max_n), not {n}",
+            f"n: at most {config.max_n} choices per prompt (frontend.max_n), not {n}",
             param="n",
         )
     if isinstance(body, CompletionRequest) and body.is_batch():
