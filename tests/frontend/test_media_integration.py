@@ -84,11 +84,8 @@ async def test_a_multi_megapixel_image_reaches_the_worker_intact_and_is_then_for
         # what an operator sees: two images accepted, their bytes, nothing held any more
         metrics = (await client.get("/metrics")).text
         assert 'hpcserve_frontend_media_items_total{kind="image"} 2.0' in metrics
-        sent = next(
-            line
-            for line in metrics.splitlines()
-            if line.startswith('hpcserve_frontend_media_bytes_total{kind="image"}')
-        )
+        sent = next(line for line in metrics.splitlines()
+                    if line.startswith('hpcserve_frontend_media_bytes_total{kind="image"}'))
         assert float(sent.split()[-1]) == len(big_png) + len(buffer.getvalue())
         assert "hpcserve_frontend_media_store_bytes 0.0" in metrics
         assert "hpcserve_frontend_media_intake_seconds_count 2.0" in metrics

@@ -308,7 +308,8 @@ async def test_one_choice_streams_as_before(tokenizer: TextTokenizer, kind: str)
     assert {choice_of(e)["index"] for e in events[:-1]} == {0}
     key = "delta" if kind == "chat" else None
     text = "".join(
-        (choice_of(e)[key].get("content", "") if key else choice_of(e)["text"]) for e in events[:-1]
+        (choice_of(e)[key].get("content", "") if key else choice_of(e)["text"])
+        for e in events[:-1]
     )
     assert text == "Just one answer"
     assert len(client.opened) == 1
