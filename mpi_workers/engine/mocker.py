@@ -64,7 +64,8 @@ class MockerEngine(StreamingEngine):
 
     kind = "mocker"
     simulated = True
-    unsupported_params = frozenset({"logprobs"})  # simulated tokens have no distribution
+    # simulated tokens have no distribution (neither the sampled ones nor the prompt's)
+    unsupported_params = frozenset({"logprobs", "prompt_logprobs"})
 
     def __init__(
         self,

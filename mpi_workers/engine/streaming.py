@@ -59,6 +59,10 @@ def validate_request(request: GenerateRequest, max_model_len: int, vocab_size: i
     bad = sampling_range_error(p)
     if bad is not None:
         raise RequestValidationError(*bad)
+    if p.prompt_logprobs is not None and len(ids) < 2:
+        raise RequestValidationError(
+            "prompt_logprobs", "a prompt of one token has no token to take a logprob of"
+        )
     if any(t < 0 or t >= vocab_size for t in p.stop_token_ids):
         raise RequestValidationError("stop_token_ids", f"ids must lie in [0, {vocab_size})")
 
@@ -76,6 +80,7 @@ class Chunk(NamedTuple):
     num_prompt_tokens: int
     num_cached_tokens: int
     error: str | None
+    prompt_logprobs: list[TokenLogprob] | None = None  # the request's first chunk only
 
     def output(self) -> GenerateOutput:
         return GenerateOutput(
@@ -86,6 +91,7 @@ class Chunk(NamedTuple):
             num_prompt_tokens=self.num_prompt_tokens,
             num_cached_tokens=self.num_cached_tokens,
             error=self.error,
+            prompt_logprobs=self.prompt_logprobs,
         )
 
     def then(self, later: Chunk) -> Chunk | None:
@@ -97,9 +103,11 @@ class Chunk(NamedTuple):
             self.finish_reason is not None
             or self.error is not None
             or (self.logprobs is None) != (later.logprobs is None)
+            or later.prompt_logprobs is not None
         ):
             return None
         return later._replace(
+            prompt_logprobs=self.prompt_logprobs,
             token_ids=self.token_ids + later.token_ids,
             logprobs=None if later.logprobs is None else self.logprobs + later.logprobs,  # type: ignore[operator]
             num_prompt_tokens=later.num_prompt_tokens or self.num_prompt_tokens,
@@ -254,6 +262,7 @@ class StreamingEngine(Engine):
                 seq.num_prompt_tokens,
                 seq.num_cached_tokens,
                 seq.error,
+                None if seq.prompt_logprobs is None else seq.take_prompt_logprobs(),
             )
             seq.pending_tokens = []
             if stream is None:
