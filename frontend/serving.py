@@ -410,6 +410,8 @@ def _sampling(
         seed=body.seed,
         logprobs=body.requested_logprobs(),
     )
+    if isinstance(body, CompletionRequest) and body.wants_prompt_logprobs():
+        params.prompt_logprobs = body.logprobs
     for name in (
         "temperature",
         "top_p",

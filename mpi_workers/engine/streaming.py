@@ -59,10 +59,6 @@ def validate_request(request: GenerateRequest, max_model_len: int, vocab_size: i
     bad = sampling_range_error(p)
     if bad is not None:
         raise RequestValidationError(*bad)
-    if p.prompt_logprobs is not None and len(ids) < 2:
-        raise RequestValidationError(
-            "prompt_logprobs", "a prompt of one token has no token to take a logprob of"
-        )
     if any(t < 0 or t >= vocab_size for t in p.stop_token_ids):
         raise RequestValidationError("stop_token_ids", f"ids must lie in [0, {vocab_size})")
 

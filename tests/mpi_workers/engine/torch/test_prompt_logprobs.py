@@ -132,6 +132,6 @@ async def test_overlapped_engine_gives_the_same(smol_dir, prompt, reference):
         await e.shutdown()
 
 
-async def test_one_token_prompt_is_refused(engine):
-    with pytest.raises(ValueError, match="prompt_logprobs"):
-        engine.generate(request([42]))
+async def test_one_token_prompt_has_no_prompt_logprobs(engine):
+    out = await engine.generate_all(request([42]))
+    assert out.prompt_logprobs == [] and len(out.token_ids) == 4
