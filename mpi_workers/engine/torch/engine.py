@@ -678,7 +678,8 @@ class TorchEngine(StreamingEngine, TorchKvHandoff):
         async for out in self.generate(request, media):
             tokens.extend(out.token_ids)
             logprobs.extend(out.logprobs or [])
-            prompt_logprobs = prompt_logprobs or out.prompt_logprobs
+            if prompt_logprobs is None:
+                prompt_logprobs = out.prompt_logprobs
             last = out
         assert last is not None
         logger.debug("%s done in %.3fs", request.request_id, time.perf_counter() - start)
