@@ -121,16 +121,9 @@ class StreamOptions(_Request):
 
 
 class ResponseFormat(_Request):
-    """OpenAI's `response_format`: only "text" (no constraint) is done."""
+    """OpenAI's `response_format`: only "text" (no constraint) is done (`_SamplingFields`)."""
 
     type: str
-
-    @field_validator("type")
-    @classmethod
-    def _text_only(cls, value: str) -> str:
-        if value != "text":
-            raise _not_yet(f'constrained output (response_format type {value!r}; only "text")')
-        return value
 
 
 class _SamplingFields(_Request):
@@ -167,6 +160,13 @@ class _SamplingFields(_Request):
         "(at most 300 entries)",
     )
     response_format: ResponseFormat | None = None
+
+    @field_validator("response_format")
+    @classmethod
+    def _text_only(cls, value: ResponseFormat | None) -> ResponseFormat | None:
+        if value is not None and value.type != "text":
+            raise _not_yet(f'constrained output (type {value.type!r}; only "text")')
+        return value
 
     @field_validator("logit_bias")
     @classmethod
