@@ -10,7 +10,7 @@ from typing import Any
 
 import openai
 import pytest
-from test_frontend_integration import CHAT, assert_error
+from test_frontend_integration import CHAT, assert_error, sse_events
 
 from contract.config import MockerConfig
 from contract.messages import MAX_LOGIT_BIAS
@@ -231,3 +231,31 @@ async def mocker_refuses_logit_bias(client: openai.AsyncOpenAI) -> None:
         model="smol", messages=MESSAGES, max_tokens=5, extra_body={"min_tokens": 5}
     )
     assert answer.usage is not None and answer.usage.completion_tokens == 5
+
+
+async def test_stop_strings_wait_for_min_tokens(make_frontend: Any) -> None:
+    """vLLM's rule: the text of the first min_tokens tokens is not matched against stop
+    strings. The fake worker writes its script (" STOP" in its middle), then EOS."""
+    fe = await make_frontend()
+    await fe.add_worker(tokens_per_chunk=3)
+    tokenizer = fe.app.state.frontend.tokenizer
+    script_text = tokenizer.decode(fe.script)
+    before_stop = "Hello there! 😀 世界 is 'world'."
+    assert script_text.startswith(before_stop + " STOP here")
+    past_stop = len(tokenizer.encode(before_stop + " STOP here", add_special_tokens=False))
+    async with fe.client() as client:
+        for stream in (False, True):
+            for min_tokens, expected in (
+                (0, before_stop),
+                (2, before_stop),
+                (past_stop, script_text),
+            ):
+                body = {**CHAT, "stop": [" STOP"], "min_tokens": min_tokens, "stream": stream}
+                response = await client.post("/v1/chat/completions", json=body)
+                assert response.status_code == 200, response.text
+                if stream:
+                    events = sse_events(response.text)[:-1]
+                    text = "".join(e["choices"][0]["delta"].get("content") or "" for e in events)
+                else:
+                    text = response.json()["choices"][0]["message"]["content"]
+                assert text == expected, (min_tokens, stream)
