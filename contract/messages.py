@@ -183,12 +183,13 @@ def request_json(request: GenerateRequest) -> bytes:
     """`request` as JSON for the wire, as `model_dump_json` writes it, but by orjson from the
     models' own attribute dicts (a third of the time: the frontend sends one per request).
     Media (nested models) go through pydantic's serializer. logit_bias's int keys become
-    strings, as JSON (and pydantic) write them."""
+    strings, as JSON (and pydantic) write them (an option that costs ~0.3 µs: only then)."""
     if request.media:
         return request.model_dump_json().encode()
     fields = dict(request.__dict__)
     fields["sampling"] = request.sampling.__dict__
-    return orjson.dumps(fields, option=orjson.OPT_NON_STR_KEYS)
+    keys = orjson.OPT_NON_STR_KEYS if request.sampling.logit_bias else 0
+    return orjson.dumps(fields, option=keys)
 
 
 class TopLogprob(_Message):
