@@ -213,13 +213,19 @@ class ChatCompletionRequest(_SamplingFields):
     function_call: Any = None  # the legacy form of tool_choice
 
     @model_validator(mode="after")
-    def _top_logprobs_needs_logprobs(self) -> ChatCompletionRequest:
+    def _check_combinations(self) -> ChatCompletionRequest:
+        """Fields valid alone but not together (one validator: it runs on every request)."""
         if self.top_logprobs and not self.logprobs:
             raise ValueError("top_logprobs: requires logprobs to be true")
+        if self.min_tokens:
+            _check_min_tokens(self.min_tokens, self.requested_max_tokens())
+        if self.tools or self.functions or self.tool_choice is not None or (
+            self.function_call is not None
+        ):
+            self._refuse_tool_calling()
         return self
 
-    @model_validator(mode="after")
-    def _no_tool_calling(self) -> ChatCompletionRequest:
+    def _refuse_tool_calling(self) -> None:
         """Refused: tools the model may call (any tool_choice but "none"), and a tool_choice
         that demands a call ("required", a named function). "auto" with no tools is
         exactly a plain request."""
@@ -229,15 +235,9 @@ class ChatCompletionRequest(_SamplingFields):
                 raise _not_yet(f"tool calling ({choice} {chosen!r})", choice)
             if getattr(self, tools) and chosen != "none":
                 raise _not_yet(f'tool calling ({tools}, unless {choice} is "none")', tools)
-        return self
 
     def requested_max_tokens(self) -> int | None:
         return self.max_completion_tokens if self.max_completion_tokens else self.max_tokens
-
-    @model_validator(mode="after")
-    def _min_tokens_within_max(self) -> ChatCompletionRequest:
-        _check_min_tokens(self.min_tokens, self.requested_max_tokens())
-        return self
 
     def image_parts(self) -> list[tuple[str, str]]:
         """(param, url) of every image part of the request, in prompt order; the param
@@ -290,12 +290,15 @@ class CompletionRequest(_SamplingFields):
         return value
 
     @model_validator(mode="after")
-    def _best_of_is_n(self) -> CompletionRequest:
+    def _check_combinations(self) -> CompletionRequest:
+        """Fields valid alone but not together (one validator: it runs on every request)."""
         if self.best_of is not None and self.best_of != self.num_choices():
             raise ValueError(
                 "best_of: only best_of equal to n is supported (every generated choice is "
                 "returned); leave best_of out"
             )
+        if self.min_tokens:
+            _check_min_tokens(self.min_tokens, self.requested_max_tokens())
         return self
 
     def requested_max_tokens(self) -> int | None:
@@ -303,11 +306,6 @@ class CompletionRequest(_SamplingFields):
 
     def requested_logprobs(self) -> int | None:
         return self.logprobs
-
-    @model_validator(mode="after")
-    def _min_tokens_within_max(self) -> CompletionRequest:
-        _check_min_tokens(self.min_tokens, self.requested_max_tokens())
-        return self
 
 
 def _check_min_tokens(min_tokens: int | None, max_tokens: int | None) -> None:
