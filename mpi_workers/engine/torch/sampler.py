@@ -71,7 +71,7 @@ def apply_logit_rules(
         logits.index_put_(where, to_device(bias_values, logits.dtype, device), accumulate=True)
     if ban_rows:
         where = (to_device(ban_rows, torch.long, device), to_device(ban_ids, torch.long, device))
-        logits.index_put_(where, torch.tensor(float("-inf"), dtype=logits.dtype, device=device))
+        logits.index_put_(where, logits.new_full((), float("-inf")))  # made on the device
     return logits
 
 
