@@ -324,7 +324,16 @@ class FrontendConfig(_Section):
         default=16 * 2**20, ge=1024, description="larger request bodies get a 413, unread"
     )
     max_n: int = Field(
-        default=16, ge=1, description="most choices (`n`) one completion request may ask for"
+        default=16,
+        ge=1,
+        description="most choices (`n`) one completion request may ask for per prompt: they "
+        "all go to one worker (they share the prompt's KV blocks)",
+    )
+    max_choices_per_request: int = Field(
+        default=256,
+        ge=1,
+        description="most choices one request may ask for in all: prompts x n (a batch of "
+        "prompts on /v1/completions; each prompt is routed on its own); at least max_n",
     )
     workers: int | None = Field(
         default=None,
@@ -343,6 +352,15 @@ class FrontendConfig(_Section):
         "benchmarks/README.md), at the price of a busy core while requests are in flight; "
         "0: off (the right choice when cores are shared)",
     )
+
+    @model_validator(mode="after")
+    def _n_within_the_choice_cap(self) -> FrontendConfig:
+        if self.max_n > self.max_choices_per_request:
+            raise ValueError(
+                f"max_n: {self.max_n} is more than max_choices_per_request "
+                f"({self.max_choices_per_request}), which caps every request's choices"
+            )
+        return self
 
 
 class ServiceConfig(_Section):

@@ -124,24 +124,27 @@ def create_app(config: DeploymentConfig) -> FastAPI:
         state = state_of(request)
         return Response(state.metrics.render(), media_type=state.metrics.content_type)
 
-    async def models(request: Request) -> Response:
-        state = state_of(request)
+    def model_card(state: FrontendState) -> dict[str, object]:
+        """The served model's card, as /v1/models lists it and /v1/models/{model} gives it."""
         workers = state.candidates(set())
         max_len = min((card.max_model_len for card in workers), default=None)
-        return json_response(
-            {
-                "object": "list",
-                "data": [
-                    {
-                        "id": state.served_name,
-                        "object": "model",
-                        "created": state.started,
-                        "owned_by": "hpcserve",
-                        "max_model_len": max_len or state.tokenizer.max_model_len,
-                    }
-                ],
-            }
-        )
+        return {
+            "id": state.served_name,
+            "object": "model",
+            "created": state.started,
+            "owned_by": "hpcserve",
+            "max_model_len": max_len or state.tokenizer.max_model_len,
+        }
+
+    async def models(request: Request) -> Response:
+        return json_response({"object": "list", "data": [model_card(state_of(request))]})
+
+    async def model(request: Request) -> Response:
+        state = state_of(request)
+        name = request.path_params["model"]
+        if name != state.served_name:
+            raise errors.model_not_found(name)
+        return json_response(model_card(state))
 
     async def chat_completions(request: Request) -> Response:
         return await _serve(request, "chat")
@@ -155,6 +158,8 @@ def create_app(config: DeploymentConfig) -> FastAPI:
     app.router.add_route("/health", health, methods=["GET"])
     app.router.add_route("/metrics", metrics, methods=["GET"])
     app.router.add_route("/v1/models", models, methods=["GET"])
+    # `path`: a served name may hold slashes (org/model), as the openai client sends it
+    app.router.add_route("/v1/models/{model:path}", model, methods=["GET"])
     app.router.add_route("/v1/chat/completions", chat_completions, methods=["POST"])
     app.router.add_route("/v1/completions", completions, methods=["POST"])
     app.direct = {"/v1/chat/completions": chat_completions, "/v1/completions": completions}

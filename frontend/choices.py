@@ -14,6 +14,10 @@ With one choice the chunks come straight from its stream (the common case costs 
 extra). With several, one pump task per choice forwards its chunks into a shared queue in
 arrival order, so the choices interleave as their tokens come. `close()` aborts every choice
 still running: a client that left, an error in any choice, or the end of the response.
+
+A batch of prompts (/v1/completions) is read the same way: its streams are every prompt's
+choices, prompt by prompt (`frontend.serving._start`); each prompt's choice 0 is routed on its
+own, so only the choices of one prompt share a worker.
 """
 
 from __future__ import annotations

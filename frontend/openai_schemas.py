@@ -144,8 +144,8 @@ class _SamplingFields(_Request):
     stop: str | list[str] | None = None
     n: int | None = Field(
         default=None, ge=1,
-        description="how many choices to generate for the prompt (at most frontend.max_n); "
-        "with a `seed`, choice i samples with seed + i",
+        description="how many choices to generate for the prompt (each prompt of a batch; at "
+        "most frontend.max_n); with a `seed`, choice i samples with seed + i",
     )  # fmt: skip
     ignore_eos: bool = False
     user: str | None = None
@@ -256,31 +256,53 @@ class ChatCompletionRequest(_SamplingFields):
 
 
 class CompletionRequest(_SamplingFields):
-    prompt: str | list[int] | list[str] | list[list[int]]
+    prompt: str | list[int] | list[str] | list[list[int]] = Field(
+        description="a prompt (text, or token ids), or a batch of them (a list of texts or of "
+        "token-id lists): one response whose choices run prompt by prompt, choice "
+        "`index` = prompt_i * n + j, usage summed over the prompts; at most "
+        "frontend.max_choices_per_request choices (prompts x n) in all",
+    )
     logprobs: int | None = _bounded("logprobs")
-    echo: bool = False
+    echo: bool = Field(
+        default=False,
+        description="each choice's text starts with its prompt (streamed: the choice's first "
+        "piece); not with `logprobs` (prompt logprobs are not computed)",
+    )
     suffix: str | None = None
     best_of: int | None = Field(default=None, ge=1)
 
     @field_validator("prompt")
     @classmethod
-    def _single_prompt(cls, value: Any) -> Any:
-        if isinstance(value, list):
-            if not value:
-                raise ValueError("prompt must not be empty")
-            if all(isinstance(item, int) for item in value):
-                return value
-            if len(value) == 1:
-                return value[0]
-            raise ValueError("a list of prompts is not supported; send one request per prompt")
+    def _prompts_not_empty(cls, value: Any) -> Any:
+        if isinstance(value, list) and not value:
+            raise ValueError("prompt must not be empty")
         return value
 
-    @field_validator("echo")
-    @classmethod
-    def _no_echo(cls, value: bool) -> bool:
-        if value:
-            raise ValueError("echo is not supported")
-        return value
+    @model_validator(mode="after")
+    def _echo_without_logprobs(self) -> CompletionRequest:
+        if self.echo and self.logprobs is not None:
+            raise ValueError(
+                "echo: echo with logprobs is not supported (it returns the prompt's logprobs, "
+                "which no engine here computes); leave out logprobs or echo"
+            )
+        return self
+
+    def prompts(self) -> list[str] | list[list[int]]:
+        """The prompts of the request: one, or the batch's, in order."""
+        prompt = self.prompt
+        if isinstance(prompt, str):
+            return [prompt]
+        if isinstance(prompt[0], int):
+            return [prompt]  # type: ignore[list-item]
+        return prompt  # type: ignore[return-value]
+
+    def is_batch(self) -> bool:
+        """Whether `prompt` is a list of prompts (its items are named `prompt.<i>`)."""
+        return isinstance(self.prompt, list) and not isinstance(self.prompt[0], int)
+
+    def prompt_param(self, index: int) -> str:
+        """What names prompt `index` in errors: `prompt`, or `prompt.<index>` in a batch."""
+        return f"prompt.{index}" if self.is_batch() else "prompt"
 
     @field_validator("suffix")
     @classmethod

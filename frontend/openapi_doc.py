@@ -21,6 +21,7 @@ from frontend.openai_schemas import (
     ChatCompletionResponse,
     CompletionRequest,
     CompletionResponse,
+    ModelCard,
     ModelList,
 )
 
@@ -51,8 +52,9 @@ def _errors(*codes: int) -> dict[int | str, dict[str, Any]]:
 def _stream_of(model: type[BaseModel]) -> dict[str, Any]:
     return {"text/event-stream": {"schema": {
         "description": f"with `stream: true`: server-sent events, each `data: <{model.__name__}>`"
-                       " (with `n` > 1 the choices' chunks interleave, each naming its choice's "
-                       "`index`), then `data: [DONE]` once every choice has finished",
+                       " (with `n` > 1, or a batch of prompts, the choices' chunks interleave, "
+                       "each naming its choice's `index`), then `data: [DONE]` once every "
+                       "choice has finished",
         "type": "string",
     }}}  # fmt: skip
 
@@ -75,11 +77,17 @@ def openapi_schema(title: str, version: str) -> dict[str, Any]:
                    **_errors(400, 404, 413, 500, 502, 503, 504)},
     )  # fmt: skip
     def completions(body: CompletionRequest) -> None:
-        """A prompt (text or token ids) in, its continuation out."""
+        """A prompt (text or token ids), or a batch of them, in; the continuations out."""
 
     @docs.get("/v1/models", response_model=ModelList, summary="The served model")
     def models() -> None:
         """The one model this deployment serves, with its context length."""
+
+    @docs.get("/v1/models/{model}", response_model=ModelCard, responses=_errors(404),
+              summary="One model (OpenAI)")  # fmt: skip
+    def model(model: str) -> None:
+        """The served model's card, as `/v1/models` lists it; another id is a 404
+        (`model_not_found`)."""
 
     @docs.get("/health", response_model=Status, responses=_errors(503), summary="Readiness")
     def health() -> None:

@@ -1,6 +1,9 @@
-"""A request as the frontend knows it before any worker sees it: the parsed body, the prompt's
-token ids and the sampling settings, and what the response needs (ids, stops, stream, the
-number of choices)."""
+"""A request as the frontend knows it before any worker sees it: the parsed body, its
+prompts' token ids and the sampling settings, and what the response needs (ids, stops,
+stream, the number of choices).
+
+A request has one prompt, or (/v1/completions) a batch of them; each prompt has `n`
+choices, so choice `index` belongs to prompt `index // n` (OpenAI's and vLLM's order)."""
 
 from __future__ import annotations
 
@@ -12,6 +15,19 @@ from contract.messages import MediaRef, SamplingParams
 from frontend.openai_schemas import ChatCompletionRequest, CompletionRequest
 
 Kind = Literal["chat", "completion"]
+
+
+class Prompt:
+    """One prompt of a request: its token ids, the parameter that names it in errors
+    (`messages`, `prompt`, `prompt.<i>` in a batch), and the text `echo` puts before its
+    choices' completions (None: no echo)."""
+
+    __slots__ = ("echo", "ids", "param")
+
+    def __init__(self, ids: list[int], param: str, echo: str | None = None) -> None:
+        self.ids = ids
+        self.param = param
+        self.echo = echo
 
 
 class Prepared:
@@ -26,8 +42,8 @@ class Prepared:
         "media",
         "model",
         "n",
-        "prompt_ids",
-        "prompt_param",
+        "num_choices",
+        "prompts",
         "response_id",
         "sampling",
         "stops",
@@ -40,7 +56,7 @@ class Prepared:
         kind: Kind,
         body: ChatCompletionRequest | CompletionRequest,
         model: str,
-        prompt_ids: list[int],
+        prompts: list[Prompt],
         sampling: SamplingParams,
         arrival: float,
         media: list[MediaRef] | None = None,
@@ -51,13 +67,17 @@ class Prepared:
         prefix = "chatcmpl-" if kind == "chat" else "cmpl-"
         self.response_id = prefix + secrets.token_hex(16)  # 32 hex digits, as uuid4().hex (cheaper)
         self.model = model
-        self.prompt_ids = prompt_ids
-        self.media = media or []  # the images' placeholder runs in prompt_ids
-        self.prompt_param = "messages" if kind == "chat" else "prompt"
+        self.prompts = prompts
+        self.media = media or []  # the images' placeholder runs in the (one) prompt's ids
         self.sampling = sampling
         self.user_max_tokens = body.requested_max_tokens()
         self.stops = body.stop_strings()
         self.stream = body.stream
-        self.n = body.num_choices()
+        self.n = body.num_choices()  # per prompt
+        self.num_choices = self.n * len(prompts)
         self.include_usage = body.include_usage_in_stream()
         self.logprobs = body.requested_logprobs()
+
+    def prompt_of(self, choice: int) -> Prompt:
+        """The prompt choice `choice` (a response index) continues."""
+        return self.prompts[choice // self.n]

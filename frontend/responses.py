@@ -1,7 +1,9 @@
 """OpenAI response building: the full JSON response, the SSE event stream, usage and
 logprobs, from a request's `GenerateOutput` chunks (`Generation` turns one choice's chunks
 into text). A request of `n` choices has one `Generation` per choice; its usage counts the
-prompt once and the completion tokens of every choice (as OpenAI and vLLM do)."""
+prompt once and the completion tokens of every choice (as OpenAI and vLLM do). A batch of
+prompts has n choices per prompt, in prompt order; its usage sums the prompts' usages. With
+`echo`, each choice's text starts with its prompt's text (streamed: its first piece)."""
 
 from __future__ import annotations
 
@@ -19,7 +21,7 @@ from frontend import errors
 from frontend.choices import ChoiceStreams
 from frontend.errors import OpenAIError
 from frontend.metrics import FrontendMetrics
-from frontend.prepared import Prepared
+from frontend.prepared import Prepared, Prompt
 from frontend.state import FrontendState
 from frontend.tokenization import IncrementalDetokenizer, StopMatcher, TextTokenizer
 
@@ -162,21 +164,27 @@ class FirstToken:
 
 class Generation:
     """Turns one choice's GenerateOutput chunks into text deltas, logprobs, usage and a
-    finish reason; the choices of one request share their `FirstToken`."""
+    finish reason; the choices of one request share their `FirstToken`. `prompt`: the
+    prompt the choice continues (default: the request's first)."""
 
     def __init__(
-        self, state: FrontendState, prepared: Prepared, first_token: FirstToken | None = None
+        self,
+        state: FrontendState,
+        prepared: Prepared,
+        first_token: FirstToken | None = None,
+        prompt: Prompt | None = None,
     ) -> None:
+        prompt_ids = (prompt or prepared.prompts[0]).ids
         self._tokenizer = state.tokenizer
         self._metrics = state.metrics
         self._prepared = prepared
         self._first_token = first_token or FirstToken(state.metrics, prepared.arrival)
-        self._detok = IncrementalDetokenizer(state.tokenizer, prepared.prompt_ids)
+        self._detok = IncrementalDetokenizer(state.tokenizer, prompt_ids)
         self._stops = StopMatcher(prepared.stops)
         # the text of the first min_tokens tokens is never matched against stop strings
         # (vLLM's rule: no stop ends the output before min_tokens)
         self._unmatched_tokens = prepared.sampling.min_tokens if prepared.stops else 0
-        self.prompt_tokens = len(prepared.prompt_ids)
+        self.prompt_tokens = len(prompt_ids)
         self.cached_tokens = 0
         self.completion_tokens = 0
         self.finish_reason: str | None = None
@@ -244,26 +252,33 @@ class Generation:
         return content
 
 
-def usage_of(generations: Sequence[Generation]) -> dict[str, Any]:
-    """A request's usage: the prompt once, the completion tokens of every choice; cached
-    tokens are the prompt tokens every choice found in the prefix cache (the least of them:
-    the first choice's, normally, as the others share the blocks it computed)."""
-    prompt = generations[0].prompt_tokens
+def usage_of(generations: Sequence[Generation], n: int | None = None) -> dict[str, Any]:
+    """A request's usage: each prompt once (the choices come `n` per prompt, in prompt
+    order; None: all are one prompt's), the completion tokens of every choice; a prompt's
+    cached tokens are those every choice of it found in the prefix cache (the least of
+    them: the first choice's, normally, as the others share the blocks it computed), summed
+    over the prompts."""
+    if n is None or len(generations) <= n:  # one prompt, the common case
+        prompt = generations[0].prompt_tokens
+        cached = min(g.cached_tokens for g in generations)
+    else:
+        groups = [generations[i : i + n] for i in range(0, len(generations), n)]
+        prompt = sum(group[0].prompt_tokens for group in groups)
+        cached = sum(min(g.cached_tokens for g in group) for group in groups)
     completion = sum(g.completion_tokens for g in generations)
     usage: dict[str, Any] = {
         "prompt_tokens": prompt,
         "completion_tokens": completion,
         "total_tokens": prompt + completion,
     }
-    cached = min(g.cached_tokens for g in generations)
     if cached:
         usage["prompt_tokens_details"] = {"cached_tokens": cached}
     return usage
 
 
 def record(metrics: FrontendMetrics, prepared: Prepared, generations: Sequence[Generation]) -> None:
-    """Count a finished request in the metrics: its prompt once, every choice's tokens."""
-    metrics.prompt_tokens.inc(generations[0].prompt_tokens)
+    """Count a finished request in the metrics: each prompt once, every choice's tokens."""
+    metrics.prompt_tokens.inc(sum(g.prompt_tokens for g in generations[:: prepared.n]))
     metrics.completion_tokens.inc(sum(g.completion_tokens for g in generations))
     metrics.cached_prompt_tokens.inc(sum(g.cached_tokens for g in generations))
     metrics.duration.observe(time.perf_counter() - prepared.arrival)
@@ -326,6 +341,9 @@ def full_response(
     for index, choice in enumerate(choices):
         generation = choice.generation
         text = "".join(choice.parts)
+        echo = prepared.prompt_of(index).echo
+        if echo is not None:
+            text = echo + text
         if chat:
             body.append({
                 "index": index,
@@ -352,7 +370,7 @@ def full_response(
         "created": prepared.created,
         "model": prepared.model,
         "choices": body,
-        "usage": usage_of([choice.generation for choice in choices]),
+        "usage": usage_of([choice.generation for choice in choices], prepared.n),
         "system_fingerprint": None,
     }
     if simulated:
@@ -363,12 +381,16 @@ def full_response(
 async def stream_events(
     state: FrontendState, prepared: Prepared, choices: ChoiceStreams, deadline: float
 ) -> AsyncIterator[bytes]:
-    """SSE events: (chat) a role chunk per choice, then content chunks of the choices as
-    their tokens arrive (each names its choice's `index`), each choice's finish chunk,
-    usage of them all, [DONE] once all have finished (or one failed: an error event)."""
-    n = choices.n
+    """SSE events: (chat) a role chunk per choice, (echo) a prompt chunk per choice, then
+    content chunks of the choices as their tokens arrive (each names its choice's `index`),
+    each choice's finish chunk, usage of them all, [DONE] once all have finished (or one
+    failed: an error event)."""
+    count = choices.n  # every prompt's choices
     first_token = FirstToken(state.metrics, prepared.arrival)
-    generations = [Generation(state, prepared, first_token) for _ in range(n)]
+    generations = [
+        Generation(state, prepared, first_token, prepared.prompt_of(index))
+        for index in range(count)
+    ]
     chat = prepared.kind == "chat"
     head: dict[str, Any] = {
         "id": prepared.response_id,
@@ -380,7 +402,8 @@ async def stream_events(
         head["simulated"] = True
     want_logprobs = prepared.logprobs is not None
     completion_logprobs = [
-        CompletionLogprobs(state.tokenizer) for _ in range(n if want_logprobs and not chat else 0)
+        CompletionLogprobs(state.tokenizer)
+        for _ in range(count if want_logprobs and not chat else 0)
     ]
     include_usage = prepared.include_usage
 
@@ -405,7 +428,7 @@ async def stream_events(
 
     try:
         if chat:
-            for index in range(n):
+            for index in range(count):
                 role_chunk = dict(head)
                 role_chunk["choices"] = [
                     {
@@ -418,16 +441,25 @@ async def stream_events(
                 if include_usage:
                     role_chunk["usage"] = None
                 yield _sse(role_chunk)
-        pending_text = [""] * n
-        pending_entries: list[list[TokenLogprob]] = [[] for _ in range(n)]
-        left = n
+        else:
+            for index in range(count):
+                echo = prepared.prompt_of(index).echo
+                if echo is not None:
+                    yield event(index, echo, [], None)
+        pending_text = [""] * count
+        pending_entries: list[list[TokenLogprob]] = [[] for _ in range(count)]
+        waiting: list[int] = []  # choices with pending text, in the order it came
+        left = count
         while left:
             index, output = await choices.next(deadline)
             generation = generations[index]
             text, entries = generation.consume(output)
+            fresh = not (pending_text[index] or pending_entries[index])
             pending_text[index] += text
             if want_logprobs:
                 pending_entries[index].extend(entries)
+            if fresh and (pending_text[index] or pending_entries[index]):
+                waiting.append(index)
             finish = generation.finish_reason
             if finish is not None:
                 left -= 1
@@ -439,15 +471,16 @@ async def stream_events(
                 yield event(index, None if chat else "", [], finish)
             # chunks that queued up while we were sending go out as one event per choice
             if left and not choices.has_pending:
-                for i in range(n):
+                for i in waiting:
                     if pending_text[i] or pending_entries[i]:
                         yield event(i, pending_text[i], pending_entries[i], None)
                         pending_text[i], pending_entries[i] = "", []
+                waiting.clear()
         record(state.metrics, prepared, generations)
         if include_usage:
             usage_chunk = dict(head)
             usage_chunk["choices"] = []
-            usage_chunk["usage"] = usage_of(generations)
+            usage_chunk["usage"] = usage_of(generations, prepared.n)
             yield _sse(usage_chunk)
     except OpenAIError as exc:
         yield _sse(exc.body())

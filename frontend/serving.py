@@ -1,7 +1,9 @@
 """The request path of the generation endpoints: parse and validate the body, tokenize,
 check the context length (before routing, so a refused request leaves no trace in the
 router), route, stream from the worker (migrating on a lost worker), and answer. A request
-for `n` choices sends n engine requests to one worker (`frontend.choices`).
+for `n` choices sends n engine requests to one worker (`frontend.choices`); a batch of
+prompts (/v1/completions) is the same fan-out over prompts x n: each prompt is tokenized,
+checked and routed on its own, its n choices follow its first to that worker.
 """
 
 from __future__ import annotations
@@ -10,7 +12,7 @@ import asyncio
 import functools
 import secrets
 import time
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Sequence
 from typing import Any, TypeVar
 
 from starlette.requests import ClientDisconnect, Request
@@ -24,7 +26,7 @@ from frontend.media import MediaItem, kind_of
 from frontend.media_store import MediaHold
 from frontend.migration import MigratingStream, Route
 from frontend.openai_schemas import ChatCompletionRequest, CompletionRequest
-from frontend.prepared import Kind, Prepared
+from frontend.prepared import Kind, Prepared, Prompt
 from frontend.responses import (
     AnsweredResponse,
     ChoiceText,
@@ -42,22 +44,22 @@ from frontend.tokenization import ChatTemplateError
 T = TypeVar("T")
 
 
-def check_context(prepared: Prepared, request: GenerateRequest, limit: int) -> None:
-    """400 context_length_exceeded when the prompt (+ max_tokens) does not fit `limit`
+def check_context(prepared: Prepared, prompt: Prompt, request: GenerateRequest, limit: int) -> None:
+    """400 context_length_exceeded when `prompt` (+ max_tokens) does not fit `limit`
     tokens; sets `request`'s max_tokens: the user's, else all the context leaves."""
-    prompt_len = len(prepared.prompt_ids)
+    prompt_len = len(prompt.ids)
     if prompt_len >= limit:
         raise errors.context_length_exceeded(
             f"This model's maximum context length is {limit} tokens. However, your "
-            f"{prepared.prompt_param} has {prompt_len} tokens, which leaves no room for output.",
-            param=prepared.prompt_param,
+            f"{prompt.param} has {prompt_len} tokens, which leaves no room for output.",
+            param=prompt.param,
         )
     if prepared.user_max_tokens is not None:
         if prompt_len + prepared.user_max_tokens > limit:
             raise errors.context_length_exceeded(
                 f"This model's maximum context length is {limit} tokens. However, you "
                 f"requested {prompt_len + prepared.user_max_tokens} tokens ({prompt_len} in "
-                f"the {prepared.prompt_param}, {prepared.user_max_tokens} for the completion).",
+                f"the {prompt.param}, {prepared.user_max_tokens} for the completion).",
                 param="max_tokens",
             )
         request.sampling.max_tokens = prepared.user_max_tokens
@@ -67,7 +69,7 @@ def check_context(prepared: Prepared, request: GenerateRequest, limit: int) -> N
             raise errors.context_length_exceeded(
                 f"This model's maximum context length is {limit} tokens. However, you "
                 f"requested at least {prompt_len + request.sampling.min_tokens} tokens "
-                f"({prompt_len} in the {prepared.prompt_param}, min_tokens "
+                f"({prompt_len} in the {prompt.param}, min_tokens "
                 f"{request.sampling.min_tokens} for the completion).",
                 param="min_tokens",
             )
@@ -76,23 +78,29 @@ def check_context(prepared: Prepared, request: GenerateRequest, limit: int) -> N
 def _route_for(
     state: FrontendState,
     prepared: Prepared,
+    prompt: Prompt,
     checked: bool,
     follow: MigratingStream | None = None,
+    others: Sequence[tuple[Prompt, GenerateRequest]] = (),
 ) -> Route:
-    """The routing of `prepared`'s attempts: the router's pick, then (when no worker was
-    up to check against before routing) the context check. A continuation (prompt + tokens
-    so far) keeps the budget `continuation()` left it: the workers of a deployment share
-    engine.max_model_len, so it fits wherever the first did. With `follow` (choice 0 of the
-    request), a first attempt goes to that choice's worker while it is routable: there the
-    prompt's KV blocks are shared; a continuation is routed afresh."""
+    """The routing of the attempts of one choice of `prompt`: the router's pick, then (when
+    no worker was up to check against before routing) the context check, of `others` too
+    (the batch's other prompts, checked by its first: before any prompt is sent). A
+    continuation (prompt + tokens so far) keeps the budget `continuation()` left it: the
+    workers of a deployment share engine.max_model_len, so it fits wherever the first did.
+    With `follow` (choice 0 of the prompt), a first attempt goes to that choice's worker
+    while it is routable: there the prompt's KV blocks are shared; a continuation is routed
+    afresh."""
 
     async def route(request: GenerateRequest, exclude: set[str]) -> WorkerCard:
-        first = len(request.token_ids) == len(prepared.prompt_ids)
+        first = len(request.token_ids) == len(prompt.ids)
         card = _followed(state, follow, exclude) if first else None
         if card is None:
             card = await state.pick_worker(request, exclude)
         if not checked and first:
-            check_context(prepared, request, card.max_model_len)
+            check_context(prepared, prompt, request, card.max_model_len)
+            for other, other_request in others:
+                check_context(prepared, other, other_request, card.max_model_len)
         return card
 
     return route
@@ -126,11 +134,7 @@ async def handle(state: FrontendState, request: Request, kind: Kind) -> Response
         body = CompletionRequest.model_validate(data)
     if body.model is not None and body.model != state.served_name:
         raise errors.model_not_found(body.model)
-    max_n = state.config.frontend.max_n
-    if body.num_choices() > max_n:
-        raise errors.bad_request(
-            f"n: at most {max_n} choices per request (frontend.max_n), not {body.n}", param="n"
-        )
+    _refuse_too_many_choices(state, body)
     _refuse_what_cannot_fit(state, body)
     images = body.image_parts() if isinstance(body, ChatCompletionRequest) else []
     hold: MediaHold | None = None
@@ -141,10 +145,11 @@ async def handle(state: FrontendState, request: Request, kind: Kind) -> Response
             prompt_ids, media, hold = await guard_disconnect(
                 request, _prepare_images(state, body, images)
             )
+            prompts = [Prompt(prompt_ids, "messages")]
         else:
-            prompt_ids = _prompt_ids(state, body)
+            prompts = _prompts(state, body)
         sampling = _sampling(state, body)
-        prepared = Prepared(kind, body, state.served_name, prompt_ids, sampling, arrival, media)
+        prepared = Prepared(kind, body, state.served_name, prompts, sampling, arrival, media)
         loop = asyncio.get_running_loop()
         deadline = loop.time() + state.config.frontend.request_timeout_s
         if prepared.stream:
@@ -194,6 +199,29 @@ def _content_length(headers: list[tuple[bytes, bytes]]) -> int | None:
     return None
 
 
+def _refuse_too_many_choices(
+    state: FrontendState, body: ChatCompletionRequest | CompletionRequest
+) -> None:
+    """400 for more choices than the config allows: `n` per prompt (frontend.max_n), and
+    prompts x n in all (frontend.max_choices_per_request)."""
+    config = state.config.frontend
+    n = body.num_choices()
+    if n > config.max_n:
+        raise errors.bad_request(
+            f"n: at most {config.max_n} choices per prompt (frontend.max_n), not {n}",
+            param="n",
+        )
+    if isinstance(body, CompletionRequest) and body.is_batch():
+        count = len(body.prompt)
+        cap = config.max_choices_per_request
+        if count * n > cap:
+            raise errors.bad_request(
+                f"prompt: {count} prompts x n={n} are {count * n} choices; at most {cap} per "
+                "request (frontend.max_choices_per_request)",
+                param="prompt",
+            )
+
+
 def _refuse_what_cannot_fit(
     state: FrontendState, body: ChatCompletionRequest | CompletionRequest
 ) -> None:
@@ -204,22 +232,27 @@ def _refuse_what_cannot_fit(
     if limit is None:
         return
     if isinstance(body, ChatCompletionRequest):
-        chars, param = sum(len(m.text()) for m in body.messages), "messages"
-    elif isinstance(body.prompt, str):
-        chars, param = len(body.prompt), "prompt"
-    else:
-        return  # token ids: counted exactly, as they are
-    at_least = -(-chars // state.tokenizer.max_token_chars)
-    if at_least >= limit:
-        raise errors.context_length_exceeded(
-            f"This model's maximum context length is {limit} tokens. However, your {param} "
-            f"is at least {at_least} tokens long ({chars} characters), which leaves no room "
-            "for output.",
-            param=param,
-        )
+        texts = [("messages", sum(len(m.text()) for m in body.messages))]
+    else:  # token ids are counted exactly, as they are
+        texts = [
+            (body.prompt_param(index), len(prompt))
+            for index, prompt in enumerate(body.prompts())
+            if isinstance(prompt, str)
+        ]
+    for param, chars in texts:
+        at_least = -(-chars // state.tokenizer.max_token_chars)
+        if at_least >= limit:
+            raise errors.context_length_exceeded(
+                f"This model's maximum context length is {limit} tokens. However, your "
+                f"{param} is at least {at_least} tokens long ({chars} characters), which "
+                "leaves no room for output.",
+                param=param,
+            )
 
 
-def _prompt_ids(state: FrontendState, body: ChatCompletionRequest | CompletionRequest) -> list[int]:
+def _prompts(state: FrontendState, body: ChatCompletionRequest | CompletionRequest) -> list[Prompt]:
+    """The request's prompts (a batch's in order), tokenized and checked; the first bad
+    one is a 400 naming it (`prompt.<i>` in a batch) before anything is routed."""
     tokenizer = state.tokenizer
     if isinstance(body, ChatCompletionRequest):
         # most HF templates know no "developer" role; it is OpenAI's new name for system
@@ -231,21 +264,30 @@ def _prompt_ids(state: FrontendState, body: ChatCompletionRequest | CompletionRe
             ids = tokenizer.encode_chat(messages)
         except ChatTemplateError as exc:
             raise errors.bad_request(str(exc), param="messages") from None
-        param = "messages"
-    else:
-        prompt = body.prompt
-        param = "prompt"
+        return [Prompt(_checked_ids(state, ids, "messages"), "messages")]
+    prompts = []
+    for index, prompt in enumerate(body.prompts()):
+        param = body.prompt_param(index)
         if isinstance(prompt, str):
             ids = tokenizer.encode(prompt, add_special_tokens=True)
         else:
             vocab = tokenizer.vocab_size
-            bad = next((t for t in prompt if not 0 <= t < vocab), None)  # type: ignore[operator]
+            bad = next((t for t in prompt if not 0 <= t < vocab), None)
             if bad is not None:
                 raise errors.bad_request(
-                    f"prompt: token id {bad} is outside the vocabulary (0..{vocab - 1})",
-                    param="prompt",
+                    f"{param}: token id {bad} is outside the vocabulary (0..{vocab - 1})",
+                    param=param,
                 )
-            ids = list(prompt)  # type: ignore[arg-type]
+            ids = list(prompt)
+        echo = None
+        if body.echo:  # the prompt as sent: its text, or its ids' (special tokens too)
+            echo = prompt if isinstance(prompt, str) else tokenizer.decode(ids, False)
+        prompts.append(Prompt(_checked_ids(state, ids, param), param, echo))
+    return prompts
+
+
+def _checked_ids(state: FrontendState, ids: list[int], param: str) -> list[int]:
+    """`ids`, or a 400 naming `param` for an empty prompt or an image token without image."""
     if not ids:
         raise errors.bad_request(f"{param}: the prompt is empty", param=param)
     if state.vlm is not None and state.vlm.image_token_id in ids:
@@ -400,30 +442,44 @@ def _sampling(
 
 async def _start(state: FrontendState, prepared: Prepared, deadline: float) -> ChoiceStreams:
     """Send every choice to a worker and wait for each one's first chunk (a worker error
-    there is an HTTP error, even for a stream)."""
-    request = GenerateRequest(
-        request_id=secrets.token_hex(16),
-        client_id=prepared.response_id,
-        token_ids=prepared.prompt_ids,
-        sampling=prepared.sampling,
-        media=prepared.media,
-    )
+    there is an HTTP error, even for a stream). Every prompt is checked against the context
+    before any is routed (with no worker to check against yet: once the first is routed,
+    before it is sent); each prompt's choice 0 is routed on its own, its other choices
+    follow it."""
+    prompts = prepared.prompts
+    sampling = prepared.sampling
+    requests = [
+        GenerateRequest(
+            request_id=secrets.token_hex(16),
+            client_id=prepared.response_id,
+            token_ids=prompt.ids,
+            # each prompt its own copy: the context check sets its max_tokens
+            sampling=sampling if len(prompts) == 1 else sampling.model_copy(),
+            media=prepared.media,
+        )
+        for prompt in prompts
+    ]
     limit = state.context_limit()
     if limit is not None:  # refused before routing: nothing to undo in the router
-        check_context(prepared, request, limit)
+        for prompt, request in zip(prompts, requests, strict=True):
+            check_context(prepared, prompt, request, limit)
     checked = limit is not None
+    others = [] if checked else list(zip(prompts[1:], requests[1:], strict=True))
     streams: list[MigratingStream] = []
-    for choice in choice_requests(request, prepared.n):
-        follow = streams[0] if streams else None
-        streams.append(
-            MigratingStream(
+    for prompt, request in zip(prompts, requests, strict=True):
+        follow: MigratingStream | None = None
+        for choice in choice_requests(request, prepared.n):
+            route = _route_for(state, prepared, prompt, checked, follow, others)
+            others = []  # the first route checks them
+            stream = MigratingStream(
                 state.client,
-                _route_for(state, prepared, checked, follow),
+                route,
                 choice,
                 limit=state.config.frontend.migration_limit,
                 metrics=state.metrics,
             )
-        )
+            follow = follow or stream
+            streams.append(stream)
     choices = ChoiceStreams(streams)
     try:
         await choices.start(deadline)
@@ -435,9 +491,12 @@ async def _start(state: FrontendState, prepared: Prepared, deadline: float) -> C
 async def _complete(state: FrontendState, prepared: Prepared, deadline: float) -> Response:
     choices = await _start(state, prepared, deadline)
     first_token = FirstToken(state.metrics, prepared.arrival)
-    texts = [ChoiceText(Generation(state, prepared, first_token)) for _ in range(prepared.n)]
+    texts = [
+        ChoiceText(Generation(state, prepared, first_token, prepared.prompt_of(index)))
+        for index in range(prepared.num_choices)
+    ]
     want_logprobs = prepared.logprobs is not None
-    left = prepared.n
+    left = prepared.num_choices
     try:
         while left:
             index, output = await choices.next(deadline)

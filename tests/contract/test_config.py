@@ -71,6 +71,7 @@ def test_set_into_lists_and_typed_values() -> None:
         (["benchmark.requests=8", "benchmark.duration_s=5"], "benchmark.duration_s"),
         (["benchmark.shared_prefix.prefix_prompts=2"], "benchmark.shared_prefix.prefix_tokens"),
         (["slurm.env={A: [1]}"], "slurm.env.A"),
+        (["frontend.max_n=300"], "frontend.max_n"),  # over max_choices_per_request
         (
             ["multimodal.store_max_bytes=2048", "multimodal.max_media_bytes=4096"],
             "multimodal.store_max_bytes",

@@ -17,6 +17,7 @@ from frontend.choices import ChoiceStreams, choice_requests
 from frontend.errors import OpenAIError
 from frontend.metrics import FrontendMetrics
 from frontend.migration import MigratingStream
+from frontend.prepared import Prompt
 from frontend.serving import _route_for
 from frontend.worker_client import RequestStream
 
@@ -249,9 +250,9 @@ class FakeState:
 async def test_the_other_choices_follow_choice_0_to_its_worker() -> None:
     cards = [card("a"), card("b"), card("c")]
     state = FakeState(cards)
-    prepared = SimpleNamespace(prompt_ids=list(PROMPT))
+    prompt = Prompt(list(PROMPT), "prompt")
     followed = SimpleNamespace(opened=True, card=cards[1])
-    route = _route_for(state, prepared, checked=True, follow=followed)  # type: ignore[arg-type]
+    route = _route_for(state, SimpleNamespace(), prompt, checked=True, follow=followed)  # type: ignore[arg-type]
     assert (await route(first_request(), set())).worker_id == "b"
     assert state.picks == 0  # the router was not asked
     # a continuation (prompt + tokens) is routed afresh, so is one excluding that worker

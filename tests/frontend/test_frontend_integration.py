@@ -98,7 +98,10 @@ async def test_openapi_documents_every_endpoint(make_frontend: Any) -> None:
     assert docs.status_code == 200 and "swagger" in docs.text.lower()
     assert sorted(schema["paths"]) == [
         "/health", "/live", "/metrics", "/v1/chat/completions", "/v1/completions", "/v1/models",
+        "/v1/models/{model}",
     ]  # fmt: skip
+    served = {getattr(route, "path_format", None) for route in fe.app.routes}
+    assert set(schema["paths"]) <= served  # documented routes are served, at those paths
     chat = schema["paths"]["/v1/chat/completions"]["post"]
     body = chat["requestBody"]["content"]["application/json"]["schema"]["$ref"]
     assert body.endswith("/ChatCompletionRequest")
@@ -290,7 +293,8 @@ async def test_input_errors(make_frontend: Any) -> None:
             ("chat", {**CHAT, "max_tokens": 60}, 400, "max_tokens", "context_length_exceeded"),
             ("chat", {**CHAT, "seed": 666}, 400, "seed", None),
             ("chat", {**CHAT, "seed": 666, "stream": True}, 400, "seed", None),
-            ("completions", {"model": "smol", "prompt": ["a", "b"]}, 400, "prompt", None),
+            ("completions", {"model": "smol", "prompt": [[1, 2], []]}, 400, "prompt.1", None),
+            ("completions", {"model": "smol", "prompt": [[1], [10**9]]}, 400, "prompt.1", None),
             ("completions", {"model": "smol", "prompt": [1, 10**9]}, 400, "prompt", None),
             ("completions", {"model": "smol", "prompt": 12}, 400, "prompt", None),
             (

@@ -116,12 +116,10 @@ def test_chat_request_accepts_openai_shapes() -> None:
 @pytest.mark.parametrize(
     ("patch", "param"),
     [
-        ({"prompt": ["a", "b"]}, "prompt"),
-        ({"prompt": [[1, 2], [3]]}, "prompt"),
         ({"prompt": []}, "prompt"),
         ({"prompt": 5}, "prompt"),
         ({"logprobs": 21}, "logprobs"),
-        ({"echo": True}, "echo"),
+        ({"echo": True, "logprobs": 0}, "echo"),
         ({"n": 0}, "n"),
         ({"best_of": 3}, "best_of"),
         ({"n": 2, "best_of": 3}, "best_of"),
@@ -133,9 +131,20 @@ def test_completion_request_errors(patch: dict[str, Any], param: str) -> None:
 
 
 def test_completion_prompt_forms() -> None:
-    assert CompletionRequest.model_validate({"prompt": [1, 2]}).prompt == [1, 2]
-    assert CompletionRequest.model_validate({"prompt": ["only"]}).prompt == "only"
-    assert CompletionRequest.model_validate({"prompt": [[4, 5]]}).prompt == [4, 5]
+    """One prompt (text or ids) or a batch of them (texts or id lists), named in errors as
+    `prompt` or `prompt.<i>`."""
+    forms: list[tuple[Any, list[Any], list[str]]] = [
+        ("hi", ["hi"], ["prompt"]),
+        ([1, 2], [[1, 2]], ["prompt"]),
+        (["only"], ["only"], ["prompt.0"]),
+        (["a", "b"], ["a", "b"], ["prompt.0", "prompt.1"]),
+        ([[4, 5], [6]], [[4, 5], [6]], ["prompt.0", "prompt.1"]),
+    ]
+    for prompt, prompts, params in forms:
+        request = CompletionRequest.model_validate({"prompt": prompt})
+        assert request.prompts() == prompts
+        assert [request.prompt_param(i) for i in range(len(prompts))] == params
+    assert CompletionRequest.model_validate({"prompt": "x", "echo": True}).echo
 
 
 def test_missing_prompt_and_bad_json() -> None:

@@ -17,6 +17,7 @@ from frontend import errors
 from frontend.errors import OpenAIError
 from frontend.metrics import FrontendMetrics
 from frontend.migration import MigratingStream, continuation
+from frontend.prepared import Prompt
 from frontend.responses import Generation
 from frontend.router import LoadTracker
 from frontend.tokenization import TextTokenizer
@@ -343,8 +344,10 @@ async def test_usage_text_and_stop_strings_continue_across_a_migration(
     )
     metrics = FrontendMetrics()
     stream = MigratingStream(client, in_order_route(client, []), first, limit=3, metrics=metrics)
-    prepared = SimpleNamespace(prompt_ids=prompt, stops=["THE END"], arrival=time.perf_counter(),
-                               sampling=first.sampling)  # fmt: skip
+    prepared = SimpleNamespace(
+        prompts=[Prompt(prompt, "prompt")], stops=["THE END"], arrival=time.perf_counter(),
+        sampling=first.sampling,
+    )
     generation = Generation(SimpleNamespace(tokenizer=tokenizer, metrics=metrics), prepared)  # type: ignore[arg-type]
     text = ""
     outputs = await drain(stream, lose={1: "a"})

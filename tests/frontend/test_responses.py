@@ -32,7 +32,7 @@ from frontend.openai_schemas import (
     CompletionRequest,
     CompletionResponse,
 )
-from frontend.prepared import Prepared
+from frontend.prepared import Prepared, Prompt
 from frontend.responses import (
     WATCH_AFTER_S,
     AnsweredResponse,
@@ -66,7 +66,8 @@ def prepared_for(kind: str, **body: Any) -> Prepared:
         )
     else:
         parsed = CompletionRequest.model_validate({"prompt": PROMPT, **body})
-    return Prepared(kind, parsed, "smol", list(PROMPT), SamplingParams(), time.perf_counter())  # type: ignore[arg-type]
+    prompts = [Prompt(list(PROMPT), "messages" if kind == "chat" else "prompt")]
+    return Prepared(kind, parsed, "smol", prompts, SamplingParams(), time.perf_counter())  # type: ignore[arg-type]
 
 
 def ids(tokenizer: TextTokenizer, text: str) -> list[int]:
@@ -127,6 +128,40 @@ def test_usage_counts_the_prompt_once_and_every_choice_completion(tokenizer: Tex
     assert ttft_count == 1  # one time to first token per request, not per choice
     warm = gathered(state, prepared, [[chunk(1, finish="stop", prompt=4, cached=3)]] * 2)
     assert usage_of([t.generation for t in warm])["prompt_tokens_details"] == {"cached_tokens": 3}
+
+
+def test_a_batch_counts_each_prompt_once_and_echoes_its_own(tokenizer: TextTokenizer) -> None:
+    """Two prompts x n=2: usage sums the prompts (each once) and every completion, cached
+    tokens per prompt (the least of its choices), summed; with echo each choice's text
+    starts with its own prompt's."""
+    state = make_state(tokenizer)
+    parsed = CompletionRequest.model_validate({"prompt": ["ab", "cde"], "n": 2, "echo": True})
+    prompts = [Prompt([1, 2, 3], "prompt.0", "ab"), Prompt([4, 5, 6, 7, 8], "prompt.1", "cde")]
+    prepared = Prepared(
+        "completion", parsed, "smol", prompts, SamplingParams(), time.perf_counter()
+    )
+    a, b = ids(tokenizer, "One two"), ids(tokenizer, "Three")
+    texts = []
+    first_token = FirstToken(state.metrics, prepared.arrival)
+    outputs = [(a, 3, 0), (a, 3, 2), (b, 5, 4), (b, 5, 4)]
+    for index, (tokens, prompt_len, cached) in enumerate(outputs):
+        text = ChoiceText(Generation(state, prepared, first_token, prepared.prompt_of(index)))
+        text.add(chunk(*tokens, finish="stop", prompt=prompt_len, cached=cached), False)
+        texts.append(text)
+    completion = 2 * len(a) + 2 * len(b)
+    body = full_response(state, prepared, texts, simulated=False)  # type: ignore[arg-type]
+    assert body["usage"] == {
+        "prompt_tokens": 8,
+        "completion_tokens": completion,
+        "total_tokens": 8 + completion,
+        "prompt_tokens_details": {"cached_tokens": 4},  # prompt 0: 0, prompt 1: 4
+    }
+    assert [c["index"] for c in body["choices"]] == [0, 1, 2, 3]
+    assert [c["text"] for c in body["choices"]] == (
+        ["ab" + tokenizer.decode(a)] * 2 + ["cde" + tokenizer.decode(b)] * 2
+    )
+    record(state.metrics, prepared, [t.generation for t in texts])
+    assert state.metrics.prompt_tokens._value.get() == 8  # each prompt once
 
 
 def test_full_chat_response_has_one_choice_per_index(tokenizer: TextTokenizer) -> None:

@@ -1,0 +1,100 @@
+"""Bad input, at random: every body the generation endpoints receive gets an answer (a
+response, or a 4xx in the OpenAI error shape), never a 500, a hang or a request the router
+keeps counting. The bodies are valid requests with a few fields replaced by values of the
+wrong type, range or shape (seeded, so a failure repeats); a FAKE worker answers."""
+
+from __future__ import annotations
+
+import json
+import random
+from typing import Any
+
+import httpx
+import pytest
+
+from tests.frontend.test_frontend_integration import sse_events
+
+pytestmark = pytest.mark.integration
+
+ROUNDS_PER_ENDPOINT = 300
+
+# values of every JSON type and the edges the parsers meet: huge and negative numbers,
+# empty and control-character strings, nested and mixed lists
+ODD_VALUES: list[Any] = [
+    None, True, False, 0, 1, -1, 2, 17, 2**31, 2**63, -(2**63), 1e308, -0.5, 0.5, 3.5,
+    "", "x", "\u0000", "😀" * 3, "a" * 5000, [], [None], [1], [1, "a"], [[1], "a"], [[]],
+    [{}], ["stop"] * 5, {}, {"a": 1}, {"type": "json_object"}, {"include_usage": "yes"},
+    [{"role": "user"}], [{"role": "user", "content": [{"type": "text"}]}],
+    [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": ""}}]}],
+]  # fmt: skip
+
+SAMPLING_FIELDS = [
+    "model", "max_tokens", "temperature", "top_p", "top_k", "min_p", "n", "stream", "stop",
+    "seed", "logprobs", "presence_penalty", "frequency_penalty", "repetition_penalty",
+    "stream_options", "ignore_eos", "user", "best_of", "logit_bias", "min_tokens",
+    "response_format", "tools", "tool_choice",
+]  # fmt: skip
+FIELDS = {
+    "chat/completions": [
+        *SAMPLING_FIELDS, "messages", "max_completion_tokens", "top_logprobs",
+    ],
+    "completions": [*SAMPLING_FIELDS, "prompt", "echo", "suffix"],
+}  # fmt: skip
+
+
+def valid_body(endpoint: str) -> dict[str, Any]:
+    body: dict[str, Any] = {"model": "smol", "max_tokens": 3}
+    if endpoint == "chat/completions":
+        body["messages"] = [{"role": "user", "content": "Say hello"}]
+    else:
+        body["prompt"] = "Say hello"
+    return body
+
+
+def odd_body(endpoint: str, rng: random.Random) -> dict[str, Any]:
+    """A valid body with one to three fields set to odd values (or removed)."""
+    body = valid_body(endpoint)
+    for _ in range(rng.randint(1, 3)):
+        field = rng.choice(FIELDS[endpoint])
+        if rng.random() < 0.1:
+            body.pop(field, None)
+        else:
+            body[field] = rng.choice(ODD_VALUES)
+    return body
+
+
+def assert_answered(response: httpx.Response, body: dict[str, Any]) -> None:
+    """A complete response, or a 4xx whose body is OpenAI's error object."""
+    where = f"body {json.dumps(body)[:300]}: {response.status_code} {response.text[:300]}"
+    assert response.status_code < 500, where
+    if response.status_code >= 400:
+        error = response.json()["error"]
+        assert set(error) == {"message", "type", "param", "code"}, where
+        assert isinstance(error["message"], str) and error["message"], where
+        assert isinstance(error["type"], str) and error["type"], where
+        return
+    if response.headers["content-type"].startswith("text/event-stream"):
+        assert sse_events(response.text)[-1] == "[DONE]", where
+    else:
+        assert response.json()["choices"], where
+
+
+@pytest.mark.parametrize("endpoint", ["chat/completions", "completions"])
+async def test_odd_bodies_get_an_answer_or_an_openai_error(
+    make_frontend: Any, endpoint: str
+) -> None:
+    fe = await make_frontend()
+    await fe.add_worker(max_model_len=256)
+    rng = random.Random(f"odd-bodies-{endpoint}")
+    statuses: dict[int, int] = {}
+    async with fe.client(timeout=20) as client:
+        for _ in range(ROUNDS_PER_ENDPOINT):
+            body = odd_body(endpoint, rng)
+            response = await client.post(f"/v1/{endpoint}", json=body)
+            assert_answered(response, body)
+            statuses[response.status_code] = statuses.get(response.status_code, 0) + 1
+        # both kinds were exercised: answers and refusals
+        assert statuses.get(200, 0) > 0 and sum(statuses.values()) > statuses.get(200, 0)
+        # nothing is left counted in flight: every refused or answered request was let go
+        health = (await client.get("/health")).json()
+        assert set(health["in_flight"].values()) == {0}, health
