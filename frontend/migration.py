@@ -47,7 +47,8 @@ Route = Callable[[GenerateRequest, set[str]], Awaitable[WorkerCard]]
 
 def continuation(request: GenerateRequest, produced: Sequence[int]) -> GenerateRequest:
     """`request` resumed after it `produced` these tokens: they join the prompt and
-    `max_tokens` shrinks by their number; sampling is otherwise unchanged. The id is fresh:
+    `max_tokens` (and `min_tokens`, down to 0) shrink by their number; sampling is
+    otherwise unchanged. The id is fresh:
     replies are matched to requests by id, and late chunks of the lost attempt must not
     leak into the new one."""
     return GenerateRequest(
@@ -56,7 +57,10 @@ def continuation(request: GenerateRequest, produced: Sequence[int]) -> GenerateR
         token_ids=[*request.token_ids, *produced],
         choice_index=request.choice_index,
         sampling=request.sampling.model_copy(
-            update={"max_tokens": request.sampling.max_tokens - len(produced)}
+            update={
+                "max_tokens": request.sampling.max_tokens - len(produced),
+                "min_tokens": max(0, request.sampling.min_tokens - len(produced)),
+            }
         ),
         media=request.media,  # the images sit in the prompt part, where they were
     )

@@ -64,7 +64,9 @@ class MockerEngine(StreamingEngine):
 
     kind = "mocker"
     simulated = True
-    unsupported_params = frozenset({"logprobs"})  # simulated tokens have no distribution
+    # Simulated tokens have no distribution to report or bias. (min_tokens needs nothing:
+    # pseudo tokens are never EOS or a stop id, so an output only ends at max_tokens.)
+    unsupported_params = frozenset({"logprobs", "logit_bias"})
 
     def __init__(
         self,

@@ -94,7 +94,6 @@ def test_chat_request_accepts_openai_shapes() -> None:
                     "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}],
                 },
                 {"role": "assistant", "content": None, "tool_calls": []},
-                {"role": "tool", "content": "42", "tool_call_id": "t"},
             ],
             "stop": "END",
             "max_completion_tokens": 7,

@@ -6,6 +6,7 @@ Rank 0 prints one JSON line: {"tp": N, "tokens": [[...] per prompt], "logits": [
 prompt position, per prompt]}. `--kill-rank R --kill-after K`: rank R SIGKILLs itself after
 following K steps (the follower-crash test); then rank 0 prints the outputs it got (and
 writes them to `--out FILE`: after a rank's death, mpirun may stop forwarding output).
+`--logit-bias '{"ID": BIAS}'` sets every request's logit_bias (the leader samples).
 """
 
 from __future__ import annotations
@@ -33,15 +34,19 @@ def parse() -> argparse.Namespace:
     parser.add_argument("--kill-rank", type=int, default=-1)
     parser.add_argument("--kill-after", type=int, default=3)
     parser.add_argument("--out", default=None, help="also write the JSON here (rank 0)")
+    parser.add_argument("--logit-bias", default="{}", help="JSON: token id -> bias")
     return parser.parse_args()
 
 
-async def lead(engine: TorchEngine, prompts: list[list[int]], max_tokens: int) -> dict:
+async def lead(
+    engine: TorchEngine, prompts: list[list[int]], max_tokens: int, bias: dict[int, float]
+) -> dict:
     await engine.start()
     requests = [
         GenerateRequest(
             request_id=f"r{i}", token_ids=p,
-            sampling=SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True),
+            sampling=SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True,
+                                    logit_bias=bias),
         )
         for i, p in enumerate(prompts)
     ]  # fmt: skip
@@ -98,7 +103,8 @@ def main() -> int:
             os.kill(os.getpid(), signal.SIGKILL)
         return follow(runner, tp)
     engine = TorchEngine(args.model_dir, tp=tp, **kwargs)
-    result = asyncio.run(lead(engine, prompts, args.max_tokens))
+    bias = {int(token): value for token, value in json.loads(args.logit_bias).items()}
+    result = asyncio.run(lead(engine, prompts, args.max_tokens, bias))
     result["tp"] = size
     result["failed"] = engine.failed
     if args.out:  # hydra may stop forwarding our output once a rank died
