@@ -13,7 +13,15 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidatorFunctionWrapHandler,
+    field_validator,
+    model_validator,
+)
 
 from contract.messages import SAMPLING_BOUNDS, logit_bias_error
 
@@ -255,6 +263,31 @@ class ChatCompletionRequest(_SamplingFields):
         return (self.top_logprobs or 0) if self.logprobs else None
 
 
+def _prompt_item_kind(item: Any) -> str | None:
+    """What a prompt list's item is as a prompt: "a token id", "a text", "a token-id list"
+    (None: none of these)."""
+    if isinstance(item, int) and not isinstance(item, bool):
+        return "a token id"
+    if isinstance(item, str):
+        return "a text"
+    if isinstance(item, list) and all(
+        isinstance(t, int) and not isinstance(t, bool) for t in item
+    ):
+        return "a token-id list"
+    return None
+
+
+def _json_kind(value: Any, in_prompt_list: bool = True) -> str:
+    """A JSON value's kind as a client would name it (in a prompt list: as a prompt item),
+    for error messages."""
+    kind = _prompt_item_kind(value) if in_prompt_list else None
+    if kind is not None:
+        return kind
+    names = {bool: "a boolean", int: "a number", float: "a number", dict: "an object"}
+    names |= {list: "a list", str: "a text"}
+    return "null" if value is None else names.get(type(value), type(value).__name__)
+
+
 class CompletionRequest(_SamplingFields):
     prompt: str | list[int] | list[str] | list[list[int]] = Field(
         description="a prompt (text, or token ids), or a batch of them (a list of texts or of "
@@ -271,12 +304,36 @@ class CompletionRequest(_SamplingFields):
     suffix: str | None = None
     best_of: int | None = Field(default=None, ge=1)
 
-    @field_validator("prompt")
+    @field_validator("prompt", mode="wrap")
     @classmethod
-    def _prompts_not_empty(cls, value: Any) -> Any:
+    def _prompt_forms(cls, value: Any, handler: ValidatorFunctionWrapHandler) -> Any:
+        """Only when pydantic refuses the prompt: say which of its items breaks which form
+        (its own errors name one branch of the union, often not the one the client meant)."""
         if isinstance(value, list) and not value:
-            raise ValueError("prompt must not be empty")
-        return value
+            raise ValueError("must not be empty")
+        try:
+            return handler(value)
+        except ValidationError:
+            if not isinstance(value, list):
+                kind = _json_kind(value, in_prompt_list=False)
+                raise ValueError(f"must be a text or a list, not {kind}") from None
+            kinds = [_prompt_item_kind(item) for item in value]
+            bad = next((i for i, kind in enumerate(kinds) if kind != kinds[0]), None)
+            if bad is None:  # every item of one kind, that kind not a prompt's
+                bad, kinds[0] = 0, None
+            if kinds[0] is None:
+                raise ValueError(
+                    f"item {bad} is {_json_kind(value[bad])}; a prompt is a text, a list of "
+                    "token ids, or a batch: a list of texts or of token-id lists"
+                ) from None
+            rule = (
+                "a prompt of token ids holds only token ids"
+                if kinds[0] == "a token id"
+                else "a batch is all texts or all token-id lists"
+            )
+            raise ValueError(
+                f"item {bad} is {_json_kind(value[bad])} but item 0 is {kinds[0]}: {rule}"
+            ) from None
 
     @model_validator(mode="after")
     def _echo_without_logprobs(self) -> CompletionRequest:
