@@ -12,8 +12,8 @@ import orjson
 from pydantic import BaseModel, ConfigDict, Field
 
 # 2: KvStored carries a flat `block_hashes` list (was a dict per block). 3: SamplingParams
-# has `prompt_logprobs` and GenerateOutput `prompt_logprobs` (a version-2 worker would refuse
-# the new field of every request: the bump makes the mismatch say so instead).
+# has `prompt_logprobs` (and `min_tokens`, `logit_bias`), GenerateOutput `prompt_logprobs`
+# (a version-2 worker would refuse the new fields of every request: the bump says why).
 PROTOCOL_VERSION = 3
 
 FinishReason = Literal["stop", "length", "abort", "error"]
@@ -72,15 +72,38 @@ SAMPLING_BOUNDS: dict[str, Bounds] = {
     "seed": Bounds(-(2**63), 2**63 - 1),
     "logprobs": Bounds(0, MAX_LOGPROBS),
     "prompt_logprobs": Bounds(0, MAX_LOGPROBS),
+    "min_tokens": Bounds(0),  # and at most max_tokens (`sampling_range_error`)
 }
+
+# logit_bias (OpenAI): token id -> a bias added to its logit before sampling.
+LOGIT_BIAS_BOUNDS = Bounds(-100.0, 100.0)
+MAX_LOGIT_BIAS = 300  # entries per request, OpenAI's limit
 
 
 def sampling_range_error(params: SamplingParams) -> tuple[str, str] | None:
-    """(field, message) of the first field of `params` outside SAMPLING_BOUNDS, or None."""
+    """(field, message) of the first field of `params` outside SAMPLING_BOUNDS (or a
+    min_tokens above max_tokens, a logit_bias too long or out of range), or None."""
     for name, bounds in SAMPLING_BOUNDS.items():
         value = getattr(params, name)
         if value is not None and not bounds.admits(value):
             return name, bounds.describe()
+    if params.min_tokens > params.max_tokens:
+        return "min_tokens", f"must be <= max_tokens ({params.max_tokens})"
+    return logit_bias_error(params.logit_bias)
+
+
+def logit_bias_error(
+    bias: dict[int, float], vocab_size: int | None = None
+) -> tuple[str, str] | None:
+    """(field, message) when `bias` has too many entries, a bias outside LOGIT_BIAS_BOUNDS
+    or (given `vocab_size`) a token id outside the vocabulary; else None."""
+    if len(bias) > MAX_LOGIT_BIAS:
+        return "logit_bias", f"at most {MAX_LOGIT_BIAS} entries, not {len(bias)}"
+    for token, value in bias.items():
+        if not LOGIT_BIAS_BOUNDS.admits(value):
+            return "logit_bias", f"the bias of token {token} {LOGIT_BIAS_BOUNDS.describe()}"
+        if vocab_size is not None and not 0 <= token < vocab_size:
+            return "logit_bias", f"token id {token} is outside the vocabulary (0..{vocab_size - 1})"
     return None
 
 
@@ -104,6 +127,10 @@ class SamplingParams(_Message):
     # An engine computing them does not read its prefix cache for the request (cached
     # positions have no hidden states to take logits from).
     prompt_logprobs: int | None = None
+    # EOS and stop_token_ids cannot end the output before this many tokens (vLLM's field)
+    min_tokens: int = 0
+    # token id -> bias added to its logit before sampling (OpenAI's field; ids as ints)
+    logit_bias: dict[int, float] = Field(default_factory=dict)
 
 
 MediaKind = Literal["image", "embeds"]
@@ -164,12 +191,14 @@ def choice_seed(seed: int, index: int) -> int:
 def request_json(request: GenerateRequest) -> bytes:
     """`request` as JSON for the wire, as `model_dump_json` writes it, but by orjson from the
     models' own attribute dicts (a third of the time: the frontend sends one per request).
-    Media (nested models) go through pydantic's serializer."""
+    Media (nested models) go through pydantic's serializer. logit_bias's int keys become
+    strings, as JSON (and pydantic) write them (an option that costs ~0.3 µs: only then)."""
     if request.media:
         return request.model_dump_json().encode()
     fields = dict(request.__dict__)
     fields["sampling"] = request.sampling.__dict__
-    return orjson.dumps(fields)
+    keys = orjson.OPT_NON_STR_KEYS if request.sampling.logit_bias else 0
+    return orjson.dumps(fields, option=keys)
 
 
 class TopLogprob(_Message):

@@ -48,11 +48,15 @@ Route = Callable[[GenerateRequest, set[str]], Awaitable[WorkerCard]]
 
 def continuation(request: GenerateRequest, produced: Sequence[int]) -> GenerateRequest:
     """`request` resumed after it `produced` these tokens: they join the prompt and
-    `max_tokens` shrinks by their number; sampling is otherwise unchanged. The id is fresh:
+    `max_tokens` (and `min_tokens`, down to 0) shrink by their number; sampling is
+    otherwise unchanged. The id is fresh:
     replies are matched to requests by id, and late chunks of the lost attempt must not
     leak into the new one. The prompt's logprobs came with the first produced token's chunk:
     a continuation after that asks for none (its prompt would be the longer one anyway)."""
-    update: dict[str, Any] = {"max_tokens": request.sampling.max_tokens - len(produced)}
+    update: dict[str, Any] = {
+        "max_tokens": request.sampling.max_tokens - len(produced),
+        "min_tokens": max(0, request.sampling.min_tokens - len(produced)),
+    }
     if produced:
         update["prompt_logprobs"] = None
     return GenerateRequest(

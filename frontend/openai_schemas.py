@@ -2,20 +2,37 @@
 
 Requests are validated here so that every bad input becomes a 400 naming the field
 (`messages.0.role`, `temperature`, ...). Unknown extra fields are ignored, as OpenAI clients
-send many we do not use. The response models document the shapes and are used by tests to
-check what the hot path (plain dicts, orjson) emits.
+send many we do not use (`user`, `store`, `metadata`, ...); but a known field whose meaning
+hpcserve does not implement yet (tool calling, constrained output) is refused by name rather
+than ignored: the client would get something other than what it asked for. The response
+models document the shapes and are used by tests to check what the hot path (plain dicts,
+orjson) emits.
 """
 
 from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidatorFunctionWrapHandler,
+    field_validator,
+    model_validator,
+)
 
-from contract.messages import SAMPLING_BOUNDS
+from contract.messages import SAMPLING_BOUNDS, logit_bias_error
 
 Role = Literal["system", "user", "assistant", "developer", "tool"]
 MAX_STOP_STRINGS = 4
+
+
+def _not_yet(what: str, param: str | None = None) -> ValueError:
+    """The refusal of a field hpcserve knows but does not implement yet; `param` names it
+    where pydantic's location does not (a model validator's)."""
+    return ValueError(f"{param + ': ' if param else ''}hpcserve does not support {what} yet")
 
 
 def _bounded(name: str, **kwargs: Any) -> Any:
@@ -54,11 +71,37 @@ class ChatMessage(_Request):
     role: Role
     content: str | list[ContentPart] | None = None
     name: str | None = None
+    # Tool calling is refused (`ChatCompletionRequest`); a history holding tool calls or tool
+    # results could only be rendered without the calls (the chat template writes role and
+    # content), so it is refused too rather than silently changed.
+    tool_calls: list[Any] | None = None
+    function_call: Any = None
+
+    @field_validator("role")
+    @classmethod
+    def _no_tool_results(cls, value: Role) -> Role:
+        if value == "tool":
+            raise _not_yet('tool calling (messages of role "tool")')
+        return value
+
+    @field_validator("tool_calls")
+    @classmethod
+    def _no_tool_calls(cls, value: list[Any] | None) -> list[Any] | None:
+        if value:
+            raise _not_yet("tool calling (assistant messages with tool_calls)")
+        return value
+
+    @field_validator("function_call")
+    @classmethod
+    def _no_function_call(cls, value: Any) -> Any:
+        if value is not None:
+            raise _not_yet("function calling (assistant messages with function_call)")
+        return value
 
     @model_validator(mode="after")
     def _content_required(self) -> ChatMessage:
-        # assistant messages may carry only tool calls; every other role needs content
-        if self.content is None and self.role not in ("assistant", "tool"):
+        # assistant messages may have no content (OpenAI allows it with refusals/tool calls)
+        if self.content is None and self.role != "assistant":
             raise ValueError("content is required for this role")
         return self
 
@@ -85,6 +128,12 @@ class StreamOptions(_Request):
     include_usage: bool = False
 
 
+class ResponseFormat(_Request):
+    """OpenAI's `response_format`: only "text" (no constraint) is done (`_SamplingFields`)."""
+
+    type: str
+
+
 class _SamplingFields(_Request):
     """Fields shared by both endpoints; ranges are contract.messages.SAMPLING_BOUNDS."""
 
@@ -108,6 +157,32 @@ class _SamplingFields(_Request):
     )  # fmt: skip
     ignore_eos: bool = False
     user: str | None = None
+    min_tokens: int | None = Field(
+        default=None, **SAMPLING_BOUNDS["min_tokens"].constraints(),
+        description="EOS and stop tokens cannot end the output before this many tokens "
+        "(vLLM's extension); at most max_tokens",
+    )  # fmt: skip
+    logit_bias: dict[int, float] | None = Field(
+        default=None,
+        description="token id -> bias in [-100, 100] added to its logit before sampling "
+        "(at most 300 entries)",
+    )
+    response_format: ResponseFormat | None = None
+
+    @field_validator("response_format")
+    @classmethod
+    def _text_only(cls, value: ResponseFormat | None) -> ResponseFormat | None:
+        if value is not None and value.type != "text":
+            raise _not_yet(f'constrained output (type {value.type!r}; only "text")')
+        return value
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _check_logit_bias(cls, value: dict[int, float] | None) -> dict[int, float] | None:
+        bad = logit_bias_error(value) if value else None
+        if bad is not None:
+            raise ValueError(bad[1])
+        return value
 
     @field_validator("stop")
     @classmethod
@@ -138,12 +213,36 @@ class ChatCompletionRequest(_SamplingFields):
     max_completion_tokens: int | None = _bounded("max_tokens")
     logprobs: bool = False
     top_logprobs: int | None = _bounded("logprobs")
+    # Tool calling is not done yet: tools are refused unless tool_choice is "none" (then the
+    # model is told of none and calls none: vLLM's behaviour without a tool parser).
+    tools: list[Any] | None = None
+    tool_choice: Any = None
+    functions: list[Any] | None = None  # the legacy form of tools
+    function_call: Any = None  # the legacy form of tool_choice
 
     @model_validator(mode="after")
-    def _top_logprobs_needs_logprobs(self) -> ChatCompletionRequest:
+    def _check_combinations(self) -> ChatCompletionRequest:
+        """Fields valid alone but not together (one validator: it runs on every request)."""
         if self.top_logprobs and not self.logprobs:
             raise ValueError("top_logprobs: requires logprobs to be true")
+        if self.min_tokens:
+            _check_min_tokens(self.min_tokens, self.requested_max_tokens())
+        if self.tools or self.functions or self.tool_choice is not None or (
+            self.function_call is not None
+        ):
+            self._refuse_tool_calling()
         return self
+
+    def _refuse_tool_calling(self) -> None:
+        """Refused: tools the model may call (any tool_choice but "none"), and a tool_choice
+        that demands a call ("required", a named function). "auto" with no tools is
+        exactly a plain request."""
+        for tools, choice in (("tools", "tool_choice"), ("functions", "function_call")):
+            chosen = getattr(self, choice)
+            if chosen is not None and chosen not in ("none", "auto"):
+                raise _not_yet(f"tool calling ({choice} {chosen!r})", choice)
+            if getattr(self, tools) and chosen != "none":
+                raise _not_yet(f'tool calling ({tools}, unless {choice} is "none")', tools)
 
     def requested_max_tokens(self) -> int | None:
         return self.max_completion_tokens if self.max_completion_tokens else self.max_tokens
@@ -162,6 +261,31 @@ class ChatCompletionRequest(_SamplingFields):
     def requested_logprobs(self) -> int | None:
         """Contract convention: None = no logprobs; 0 = chosen token only; k = also top k."""
         return (self.top_logprobs or 0) if self.logprobs else None
+
+
+def _prompt_item_kind(item: Any) -> str | None:
+    """What a prompt list's item is as a prompt: "a token id", "a text", "a token-id list"
+    (None: none of these)."""
+    if isinstance(item, int) and not isinstance(item, bool):
+        return "a token id"
+    if isinstance(item, str):
+        return "a text"
+    if isinstance(item, list) and all(
+        isinstance(t, int) and not isinstance(t, bool) for t in item
+    ):
+        return "a token-id list"
+    return None
+
+
+def _json_kind(value: Any, in_prompt_list: bool = True) -> str:
+    """A JSON value's kind as a client would name it (in a prompt list: as a prompt item),
+    for error messages."""
+    kind = _prompt_item_kind(value) if in_prompt_list else None
+    if kind is not None:
+        return kind
+    names = {bool: "a boolean", int: "a number", float: "a number", dict: "an object"}
+    names |= {list: "a list", str: "a text"}
+    return "null" if value is None else names.get(type(value), type(value).__name__)
 
 
 class CompletionRequest(_SamplingFields):
@@ -186,12 +310,36 @@ class CompletionRequest(_SamplingFields):
     suffix: str | None = None
     best_of: int | None = Field(default=None, ge=1)
 
-    @field_validator("prompt")
+    @field_validator("prompt", mode="wrap")
     @classmethod
-    def _prompts_not_empty(cls, value: Any) -> Any:
+    def _prompt_forms(cls, value: Any, handler: ValidatorFunctionWrapHandler) -> Any:
+        """Only when pydantic refuses the prompt: say which of its items breaks which form
+        (its own errors name one branch of the union, often not the one the client meant)."""
         if isinstance(value, list) and not value:
-            raise ValueError("prompt must not be empty")
-        return value
+            raise ValueError("must not be empty")
+        try:
+            return handler(value)
+        except ValidationError:
+            if not isinstance(value, list):
+                kind = _json_kind(value, in_prompt_list=False)
+                raise ValueError(f"must be a text or a list, not {kind}") from None
+            kinds = [_prompt_item_kind(item) for item in value]
+            bad = next((i for i, kind in enumerate(kinds) if kind != kinds[0]), None)
+            if bad is None:  # every item of one kind, that kind not a prompt's
+                bad, kinds[0] = 0, None
+            if kinds[0] is None:
+                raise ValueError(
+                    f"item {bad} is {_json_kind(value[bad])}; a prompt is a text, a list of "
+                    "token ids, or a batch: a list of texts or of token-id lists"
+                ) from None
+            rule = (
+                "a prompt of token ids holds only token ids"
+                if kinds[0] == "a token id"
+                else "a batch is all texts or all token-id lists"
+            )
+            raise ValueError(
+                f"item {bad} is {_json_kind(value[bad])} but item 0 is {kinds[0]}: {rule}"
+            ) from None
 
     @model_validator(mode="after")
     def _no_tokens_only_for_the_prompt(self) -> CompletionRequest:
@@ -231,12 +379,15 @@ class CompletionRequest(_SamplingFields):
         return value
 
     @model_validator(mode="after")
-    def _best_of_is_n(self) -> CompletionRequest:
+    def _check_combinations(self) -> CompletionRequest:
+        """Fields valid alone but not together (one validator: it runs on every request)."""
         if self.best_of is not None and self.best_of != self.num_choices():
             raise ValueError(
                 "best_of: only best_of equal to n is supported (every generated choice is "
                 "returned); leave best_of out"
             )
+        if self.min_tokens:
+            _check_min_tokens(self.min_tokens, self.requested_max_tokens())
         return self
 
     def requested_max_tokens(self) -> int | None:
@@ -244,6 +395,13 @@ class CompletionRequest(_SamplingFields):
 
     def requested_logprobs(self) -> int | None:
         return self.logprobs
+
+
+def _check_min_tokens(min_tokens: int | None, max_tokens: int | None) -> None:
+    """min_tokens above the requested max_tokens is a 400 naming min_tokens (without a
+    max_tokens the limit is what the context leaves: `frontend.serving.check_context`)."""
+    if min_tokens and max_tokens is not None and min_tokens > max_tokens:
+        raise ValueError(f"min_tokens: must be <= max_tokens ({max_tokens}), not {min_tokens}")
 
 
 # ---- responses (shapes; the hot path builds equivalent dicts) ----------------------------

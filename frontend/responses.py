@@ -181,6 +181,9 @@ class Generation:
         self._first_token = first_token or FirstToken(state.metrics, prepared.arrival)
         self._detok = IncrementalDetokenizer(state.tokenizer, prompt_ids)
         self._stops = StopMatcher(prepared.stops)
+        # the text of the first min_tokens tokens is never matched against stop strings
+        # (vLLM's rule: no stop ends the output before min_tokens)
+        self._unmatched_tokens = prepared.sampling.min_tokens if prepared.stops else 0
         self.prompt_ids = prompt_ids
         self.prompt_tokens = len(prompt_ids)
         # echo + logprobs: the worker's prompt logprobs (first chunk); None until they come
@@ -215,11 +218,22 @@ class Generation:
                 self._metrics.itl.observe((now - self._last_token_time) / count)
             self._last_token_time = now
             self.completion_tokens += count
-        text = self._detok.add(output.token_ids) if count else ""
+        ids = output.token_ids
         final = output.finish_reason is not None
-        if final:
-            text += self._detok.finish()
+        unmatched = ""  # text of tokens within min_tokens: emitted without stop matching
+        early = min(count, self._unmatched_tokens)
+        if early:
+            self._unmatched_tokens -= early
+            unmatched = self._detok.add(ids[:early])
+            ids = ids[early:]
+        text = self._detok.add(ids) if ids else ""
+        if final:  # the held-back tail belongs to the last tokens
+            if not ids and (early or self._unmatched_tokens):
+                unmatched += self._detok.finish()
+            else:
+                text += self._detok.finish()
         emitted, stopped = self._stops.feed(text) if text else ("", self._stops.stopped)
+        emitted = unmatched + emitted
         if stopped:
             self.finish_reason = "stop"
         elif final:

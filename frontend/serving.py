@@ -19,7 +19,7 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 
 from contract.discovery import WorkerCard
-from contract.messages import GenerateRequest, MediaRef, SamplingParams
+from contract.messages import GenerateRequest, MediaRef, SamplingParams, logit_bias_error
 from frontend import errors
 from frontend.choices import ChoiceStreams, choice_requests
 from frontend.media import MediaItem, kind_of
@@ -65,6 +65,14 @@ def check_context(prepared: Prepared, prompt: Prompt, request: GenerateRequest, 
         request.sampling.max_tokens = prepared.user_max_tokens
     else:
         request.sampling.max_tokens = limit - prompt_len
+        if request.sampling.min_tokens > request.sampling.max_tokens:
+            raise errors.context_length_exceeded(
+                f"This model's maximum context length is {limit} tokens. However, you "
+                f"requested at least {prompt_len + request.sampling.min_tokens} tokens "
+                f"({prompt_len} in the {prompt.param}, min_tokens "
+                f"{request.sampling.min_tokens} for the completion).",
+                param="min_tokens",
+            )
 
 
 def _route_for(
@@ -409,7 +417,14 @@ def _sampling(
         stop_token_ids=[] if body.ignore_eos else list(state.tokenizer.eos_token_ids),
         seed=body.seed,
         logprobs=body.requested_logprobs(),
+        min_tokens=body.min_tokens or 0,
+        logit_bias=body.logit_bias or {},
     )
+    if params.logit_bias:  # the schema checked count and range; the vocabulary is ours
+        vocab = state.tokenizer.vocab_size
+        bad = logit_bias_error(params.logit_bias, vocab)
+        if bad is not None:
+            raise errors.bad_request(f"{bad[0]}: {bad[1]}", param=bad[0])
     if isinstance(body, CompletionRequest) and body.wants_prompt_logprobs():
         params.prompt_logprobs = body.logprobs
     for name in (

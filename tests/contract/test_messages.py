@@ -219,6 +219,11 @@ def _random_request(rng: random.Random) -> GenerateRequest:
         stop_token_ids=[rng.randint(0, 10**6) for _ in range(rng.randint(0, 3))],
         ignore_eos=rng.random() < 0.5,
         logprobs=rng.choice([None, 0, rng.randint(1, 20)]),
+        min_tokens=rng.choice([0, rng.randint(1, 50)]),
+        logit_bias={
+            rng.randint(0, 10**6): rng.choice([100.0, -100.0, rng.uniform(-100, 100)])
+            for _ in range(rng.choice([0, 0, 1, 5]))
+        },
     )
     return GenerateRequest(
         request_id=f"{rng.getrandbits(128):032x}",
@@ -242,6 +247,22 @@ def test_request_json_writes_what_pydantic_writes() -> None:
     request.batch_replies = not request.batch_replies
     request.sampling.max_tokens = 3
     assert request_json(request) == request.model_dump_json().encode()
+
+
+def test_logit_bias_and_min_tokens_travel_to_prefill_and_decode_workers() -> None:
+    """The fast encoding (frontend -> worker) and the disaggregated messages (pydantic's,
+    worker -> worker) carry logit_bias with its token ids as ints again, and min_tokens."""
+    from contract.disagg import DecodeHandoff, RemotePrefillRequest
+
+    sampling = SamplingParams(max_tokens=9, min_tokens=4, logit_bias={42: 100.0, 7: -2.5})
+    request = GenerateRequest(request_id="r", token_ids=[1, 2, 3], sampling=sampling)
+    assert GenerateRequest.model_validate_json(request_json(request)).sampling == sampling
+    prefill = RemotePrefillRequest(request=request)
+    again = RemotePrefillRequest.model_validate_json(prefill.model_dump_json())
+    assert again.request.sampling == sampling
+    handoff = DecodeHandoff(request=request, first=GenerateOutput(request_id="r", token_ids=[5]),
+                            reply="inbox", prefill_worker_id="p")  # fmt: skip
+    assert DecodeHandoff.model_validate_json(handoff.model_dump_json()).request.sampling == sampling
 
 
 def test_choice_seed_is_seed_plus_index_within_64_signed_bits() -> None:

@@ -79,3 +79,30 @@ def test_descriptions_name_the_interval() -> None:
     assert SAMPLING_BOUNDS["max_tokens"].describe() == "must be >= 1"
     assert SAMPLING_BOUNDS["repetition_penalty"].describe() == "must be > 0"
     assert SAMPLING_BOUNDS["seed"].describe() == f"must be in [{-(2**63)}, {2**63 - 1}]"
+
+
+@pytest.mark.parametrize(
+    ("sampling", "param"),
+    [
+        ({"logit_bias": {10: 1.0}}, "logit_bias"),  # the vocabulary is 0..9
+        ({"logit_bias": {-1: 1.0}}, "logit_bias"),
+        ({"logit_bias": {3: 100.01}}, "logit_bias"),
+        ({"logit_bias": {3: math.nan}}, "logit_bias"),
+        ({"logit_bias": dict.fromkeys(range(301), 1.0)}, "logit_bias"),
+        ({"min_tokens": 17}, "min_tokens"),  # max_tokens defaults to 16
+        ({"min_tokens": 3, "max_tokens": 2}, "min_tokens"),
+    ],
+)
+def test_the_engine_refuses_bad_logit_bias_and_min_tokens_naming_them(
+    sampling: dict, param: str
+) -> None:
+    """Engine callers skip the frontend: validate_request checks them again."""
+    request = GenerateRequest(request_id="r", token_ids=[1], sampling=SamplingParams(**sampling))
+    with pytest.raises(RequestValidationError) as caught:
+        validate_request(request, 64, 10)
+    assert caught.value.param == param
+
+
+def test_the_engine_admits_logit_bias_at_its_bounds() -> None:
+    sampling = SamplingParams(min_tokens=16, logit_bias={0: -100.0, 9: 100.0})
+    validate_request(GenerateRequest(request_id="r", token_ids=[1], sampling=sampling), 64, 10)

@@ -94,7 +94,6 @@ def test_chat_request_accepts_openai_shapes() -> None:
                     "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}],
                 },
                 {"role": "assistant", "content": None, "tool_calls": []},
-                {"role": "tool", "content": "42", "tool_call_id": "t"},
             ],
             "stop": "END",
             "max_completion_tokens": 7,
@@ -148,6 +147,25 @@ def test_completion_prompt_forms() -> None:
         assert request.prompts() == prompts
         assert [request.prompt_param(i) for i in range(len(prompts))] == params
     assert CompletionRequest.model_validate({"prompt": "x", "echo": True}).echo
+
+
+def test_a_prompt_of_mixed_forms_is_refused_saying_which_item() -> None:
+    """pydantic's own error names one branch of the prompt union (for a text batch with
+    token ids in it: "prompt.0: should be a valid integer"); ours names the odd item."""
+    cases: list[tuple[Any, str]] = [
+        (["text", [1, 2]], "item 1 is a token-id list but item 0 is a text"),
+        ([[1, 2], "x"], "item 1 is a text but item 0 is a token-id list"),
+        ([1, "a"], "item 1 is a text but item 0 is a token id"),
+        ([None], "item 0 is null"),
+        ([[1, "a"]], "item 0 is a list"),
+        ({"a": 1}, "must be a text or a list, not an object"),
+        (5, "must be a text or a list, not a number"),
+        ([], "must not be empty"),
+    ]
+    for prompt, says in cases:
+        error = error_for(CompletionRequest, {"prompt": prompt})
+        assert error.param == "prompt", (prompt, error.param)
+        assert error.message.startswith(f"prompt: {says}"), (prompt, error.message)
 
 
 def test_missing_prompt_and_bad_json() -> None:

@@ -59,6 +59,15 @@ def test_continuation_appends_the_tokens_and_shrinks_the_budget() -> None:
     assert continuation(second_choice, [21]).choice_index == 2  # it stays that choice
 
 
+def test_continuation_shrinks_min_tokens_by_the_tokens_made() -> None:
+    """min_tokens counts the client's tokens: those made before the loss count toward it."""
+    original = request(max_tokens=10, min_tokens=5, logit_bias={7: 3.0})
+    resumed = continuation(original, [21, 22, 23])
+    assert resumed.sampling.min_tokens == 2 and resumed.sampling.max_tokens == 7
+    assert resumed.sampling.logit_bias == {7: 3.0}
+    assert continuation(resumed, [24, 25, 26]).sampling.min_tokens == 0
+
+
 def test_continuation_of_a_continuation_and_of_nothing() -> None:
     once = continuation(request(max_tokens=10), [21, 22])
     twice = continuation(once, [23])
@@ -345,6 +354,7 @@ async def test_usage_text_and_stop_strings_continue_across_a_migration(
     prepared = SimpleNamespace(
         prompts=[Prompt(prompt, "prompt")], stops=["THE END"], arrival=time.perf_counter(),
         prompt_only=False,
+        sampling=first.sampling,
     )
     generation = Generation(SimpleNamespace(tokenizer=tokenizer, metrics=metrics), prepared)  # type: ignore[arg-type]
     text = ""

@@ -111,6 +111,32 @@ def test_16_concurrent_requests_match_aggregated(
     assert_concurrent_match_reference(up, prompt_ids, cases(), reference, MAX_TOKENS)
 
 
+def test_logit_bias_and_min_tokens_reach_the_decode_side(
+    up: UpProcess, tokenizer: TextTokenizer, prompt_ids: list[list[int]]
+) -> None:
+    """The prefill worker samples the first token, the decode worker the rest: a +100 bias
+    on one token gives it at every position, and min_tokens keeps EOS away from a short
+    answer past its usual end, only if the decode side samples with them too."""
+    client = openai_client(up)
+    model = client.models.list().data[0].id
+    forced = tokenizer.encode(" banana", add_special_tokens=False)[0]
+    biased = client.completions.create(
+        model=model, prompt=prompt_ids[0], max_tokens=6, temperature=0.0,
+        logit_bias={str(forced): 100},
+    )  # fmt: skip
+    assert biased.choices[0].text == tokenizer.decode([forced] * 6)
+    question = [{"role": "user", "content": "What is the capital of France?"}]
+    short = client.chat.completions.create(
+        model=model, messages=question, max_tokens=40, temperature=0.0  # type: ignore[arg-type]
+    )
+    assert short.choices[0].finish_reason == "stop" and short.usage.completion_tokens < 16
+    held = client.chat.completions.create(
+        model=model, messages=question, max_tokens=40, temperature=0.0,  # type: ignore[arg-type]
+        extra_body={"min_tokens": 16},
+    )  # fmt: skip
+    assert held.usage.completion_tokens >= 16
+
+
 def test_no_blocks_leak(up: UpProcess) -> None:
     """Once idle, every worker's KV pool is entirely free again (cached blocks count as free)."""
     config = yaml.safe_load((up.run_dir / "config.yaml").read_text())

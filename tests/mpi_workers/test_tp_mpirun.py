@@ -103,6 +103,25 @@ def test_prompt_logprobs_tp2_equal_tp1(tiny_dirs: dict[str, Path]) -> None:
     assert result["prompt_top"] == base["prompt_top"]
 
 
+def test_logit_bias_reaches_the_sampling_leader(tiny_dirs: dict[str, Path]) -> None:
+    """Followers only run the forward; rank 0 gathers the logits and samples with the
+    request's own settings: at TP=2 (Qwen2: padded vocab shards), +100 on a token makes
+    every greedy token that one, -100 on a greedy token takes it away."""
+    model = tiny_dirs["qwen2"]
+    done, plain = run_script(model, TINY_PROMPTS, 6, 2)
+    assert done.returncode == 0 and plain is not None, done.stderr[-3000:]
+    away = plain["tokens"][0][0]
+    forced = (away + 1) % 130
+    for bias in ({forced: 100.0}, {away: -100.0}):
+        done, result = run_script(model, TINY_PROMPTS, 6, 2, "--logit-bias", json.dumps(bias))
+        assert done.returncode == 0 and result is not None, done.stderr[-3000:]
+        if forced in bias:
+            assert all(tokens == [forced] * 6 for tokens in result["tokens"])
+        else:
+            assert all(away not in tokens for tokens in result["tokens"])
+            assert result["tokens"] != plain["tokens"]
+
+
 def test_smollm2_tp3_equals_tp1(model_dir: Path) -> None:
     done, base = run_script(model_dir, SMOL_PROMPTS, 12, 1)
     assert base is not None, done.stderr[-3000:]

@@ -9,6 +9,7 @@ logprobs and top K too ("prompt_logprobs": [[logprob, ...] per prompt], "prompt_
 `--kill-rank R --kill-after K`: rank R SIGKILLs itself after
 following K steps (the follower-crash test); then rank 0 prints the outputs it got (and
 writes them to `--out FILE`: after a rank's death, mpirun may stop forwarding output).
+`--logit-bias '{"ID": BIAS}'` sets every request's logit_bias (the leader samples).
 """
 
 from __future__ import annotations
@@ -38,18 +39,23 @@ def parse() -> argparse.Namespace:
     parser.add_argument("--out", default=None, help="also write the JSON here (rank 0)")
     parser.add_argument("--prompt-logprobs", type=int, default=None)
     parser.add_argument("--chunk", type=int, default=2048, help="max_num_batched_tokens")
+    parser.add_argument("--logit-bias", default="{}", help="JSON: token id -> bias")
     return parser.parse_args()
 
 
 async def lead(
-    engine: TorchEngine, prompts: list[list[int]], max_tokens: int, prompt_logprobs: int | None
+    engine: TorchEngine,
+    prompts: list[list[int]],
+    max_tokens: int,
+    prompt_logprobs: int | None,
+    bias: dict[int, float],
 ) -> dict:
     await engine.start()
     requests = [
         GenerateRequest(
             request_id=f"r{i}", token_ids=p,
             sampling=SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True,
-                                    prompt_logprobs=prompt_logprobs),
+                                    prompt_logprobs=prompt_logprobs, logit_bias=bias),
         )
         for i, p in enumerate(prompts)
     ]  # fmt: skip
@@ -111,7 +117,8 @@ def main() -> int:
             os.kill(os.getpid(), signal.SIGKILL)
         return follow(runner, tp)
     engine = TorchEngine(args.model_dir, tp=tp, **kwargs)
-    result = asyncio.run(lead(engine, prompts, args.max_tokens, args.prompt_logprobs))
+    bias = {int(token): value for token, value in json.loads(args.logit_bias).items()}
+    result = asyncio.run(lead(engine, prompts, args.max_tokens, args.prompt_logprobs, bias))
     result["tp"] = size
     result["failed"] = engine.failed
     if args.out:  # hydra may stop forwarding our output once a rank died

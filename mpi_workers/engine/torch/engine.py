@@ -198,7 +198,9 @@ class TorchEngine(StreamingEngine, TorchKvHandoff):
         self.runner = ModelRunner(
             self.model, self.kv_cache, enforce_eager, max_num_seqs, self.max_num_batched_tokens
         )
-        self.sampler = Sampler(seed, native_argmax=self.model.path.native_argmax)
+        self.sampler = Sampler(
+            seed, native_argmax=self.model.path.native_argmax, eos_token_ids=self.eos_token_ids
+        )
         self.media_inputs: MediaInputs | None = None  # a vision-language model's images
         if self.config.vision is not None:
             self.media_inputs = MediaInputs(

@@ -3,7 +3,9 @@
 Penalties and the top-k / top-p / min-p masks are vectorised over the batch; the random draw
 is per row from the request's own `torch.Generator` (seeded when the request gives a seed),
 so a seeded request samples the same tokens whatever else shares its batch. Temperature 0
-is greedy (argmax). Logprobs are those of the model's distribution after penalties, before
+is greedy (argmax). Before the penalties, each row's `logit_bias` is added and, while it has
+made fewer than `min_tokens` tokens, its end tokens are masked (`apply_logit_rules`).
+Logprobs are those of the model's distribution after these and the penalties, before
 temperature and truncation.
 """
 
@@ -37,6 +39,40 @@ class SampleRow:
     @property
     def output_ids(self) -> list[int]:
         return self.token_ids[self.num_prompt_tokens :]
+
+
+def apply_logit_rules(
+    logits: torch.Tensor, rows: list[SampleRow], eos_token_ids: frozenset[int]
+) -> torch.Tensor:
+    """Each row's `logit_bias` added to its logits (OpenAI), and the tokens that would end
+    it (EOS unless ignore_eos, stop_token_ids) at -inf while it has made fewer than
+    `min_tokens` tokens (vLLM). One scatter each for the whole batch, on any device."""
+    bias_rows: list[int] = []
+    bias_ids: list[int] = []
+    bias_values: list[float] = []
+    ban_rows: list[int] = []
+    ban_ids: list[int] = []
+    for i, r in enumerate(rows):
+        p = r.params
+        if p.logit_bias:
+            bias_rows += [i] * len(p.logit_bias)
+            bias_ids += p.logit_bias.keys()
+            bias_values += p.logit_bias.values()
+        if p.min_tokens and len(r.token_ids) - r.num_prompt_tokens < p.min_tokens:
+            ends = set(p.stop_token_ids) if p.ignore_eos else eos_token_ids.union(p.stop_token_ids)
+            ban_rows += [i] * len(ends)
+            ban_ids += ends
+    if not bias_rows and not ban_rows:
+        return logits
+    device = logits.device
+    logits = logits.clone()
+    if bias_rows:
+        where = (to_device(bias_rows, torch.long, device), to_device(bias_ids, torch.long, device))
+        logits.index_put_(where, to_device(bias_values, logits.dtype, device), accumulate=True)
+    if ban_rows:
+        where = (to_device(ban_rows, torch.long, device), to_device(ban_ids, torch.long, device))
+        logits.index_put_(where, logits.new_full((), float("-inf")))  # made on the device
+    return logits
 
 
 def apply_penalties(
@@ -99,10 +135,17 @@ def apply_min_p(logits: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:
 
 class Sampler:
     """Stateless apart from the fallback generators for unseeded requests (one on the CPU,
-    one per device, both from the engine's seed)."""
+    one per device, both from the engine's seed). `eos_token_ids`: the model's end tokens,
+    masked for a row under its `min_tokens` (unless it ignores EOS)."""
 
-    def __init__(self, seed: int | None = None, native_argmax: bool = False) -> None:
+    def __init__(
+        self,
+        seed: int | None = None,
+        native_argmax: bool = False,
+        eos_token_ids: frozenset[int] = frozenset(),
+    ) -> None:
         self.native_argmax = native_argmax  # the device path's C argmax (fp32 CPU logits)
+        self.eos_token_ids = eos_token_ids
         self.generator = torch.Generator()
         if seed is not None:
             self.generator.manual_seed(seed)
@@ -113,10 +156,13 @@ class Sampler:
     @staticmethod
     def on_device(params: SamplingParams, generator: torch.Generator | None) -> bool:
         """Whether `choose` can sample a row without the host: no penalties (they read the
-        token history), no logprobs, no request seed (its generator lives on the CPU).
+        token history), no logit_bias or min_tokens (`apply_logit_rules`, which `choose`
+        does not apply), no logprobs, no request seed (its generator lives on the CPU).
         Overlapped scheduling launches such steps before the previous tokens are known."""
         return (
             params.logprobs is None
+            and not params.logit_bias
+            and not params.min_tokens
             and params.repetition_penalty == 1.0
             and not params.presence_penalty
             and not params.frequency_penalty
@@ -126,7 +172,8 @@ class Sampler:
     def __call__(
         self, logits: torch.Tensor, rows: list[SampleRow]
     ) -> tuple[list[int], list[TokenLogprob | None]]:
-        logits = apply_penalties(logits.float(), rows)
+        logits = apply_logit_rules(logits.float(), rows, self.eos_token_ids)
+        logits = apply_penalties(logits, rows)
         tokens = self.choose(logits, rows).tolist()
         return tokens, self._logprobs(logits, tokens, rows)
 

@@ -201,10 +201,24 @@ class TrtllmEngine(Engine, NativeKvHandoff):
             "stop_token_ids": list(p.stop_token_ids) or None,
             "ignore_eos": p.ignore_eos,
             "logprobs": None if p.logprobs is None else max(p.logprobs, 1),
+            "min_tokens": p.min_tokens or None,
+            "embedding_bias": self.embedding_bias(p.logit_bias),
             "detokenize": False,
         }
         kwargs.update(fixed)
         return TrtSamplingParams(**kwargs)
+
+    def embedding_bias(self, logit_bias: dict[int, float]) -> Any:
+        """OpenAI's logit_bias as TensorRT-LLM's `SamplingParams.embedding_bias`: a float32
+        [vocab_size] tensor added to the logits before sampling (what TensorRT-LLM's own
+        OpenAI server makes of it: `serve/openai_protocol.py`); None without a bias."""
+        if not logit_bias:
+            return None
+        import torch
+
+        bias = torch.zeros(self.vocab_size, dtype=torch.float32)
+        bias[list(logit_bias)] = torch.tensor(list(logit_bias.values()), dtype=torch.float32)
+        return bias
 
     async def _run(
         self,

@@ -214,3 +214,39 @@ async def test_prompt_longer_than_pool_is_rejected(smol_dir):
         assert len(out.token_ids) == 4
     finally:
         await e.shutdown()
+
+
+async def test_logit_bias_steers_greedy_decoding(engine, tokenizer, prompts):
+    """OpenAI's logit_bias on the real model: +100 on one token makes greedy decoding emit
+    it at every step; -100 on the greedy first token makes it pick another; a row beside
+    them in the batch keeps its own tokens."""
+    plain = await engine.generate_all(greedy(prompts[0], max_tokens=6))
+    banana = tokenizer.encode(" banana")[0]
+    away = {plain.token_ids[0]: -100.0}
+    forced, pushed_away, beside = await asyncio.gather(
+        engine.generate_all(greedy(prompts[0], max_tokens=6, logit_bias={banana: 100.0})),
+        engine.generate_all(greedy(prompts[0], max_tokens=6, logit_bias=away)),
+        engine.generate_all(greedy(prompts[0], max_tokens=6)),
+    )
+    assert forced.token_ids == [banana] * 6
+    assert pushed_away.token_ids[0] != plain.token_ids[0]
+    assert beside.token_ids == plain.token_ids
+
+
+async def test_min_tokens_keeps_eos_from_ending_a_short_answer(engine, tokenizer):
+    """A question the model answers in a few tokens then EOS (ignore_eos off): with
+    min_tokens the answer goes on past EOS's place, and EOS appears nowhere before it."""
+    ids = chat(tokenizer, "What is the capital of France?", system=False)
+    short = await engine.generate_all(greedy(ids, max_tokens=40))
+    assert short.finish_reason == "stop" and len(short.token_ids) < 16, short.token_ids
+    assert short.token_ids[-1] in engine.eos_token_ids
+    longer = await engine.generate_all(greedy(ids, max_tokens=40, min_tokens=16))
+    assert len(longer.token_ids) >= 16
+    assert not set(longer.token_ids[:16]) & engine.eos_token_ids
+    # stop_token_ids (the frontend sends EOS there) wait for min_tokens as well
+    stop = short.token_ids[1]
+    stopped = await engine.generate_all(greedy(ids, max_tokens=40, stop_token_ids=[stop]))
+    assert stopped.token_ids == short.token_ids[:2] and stopped.finish_reason == "stop"
+    held = await engine.generate_all(greedy(ids, max_tokens=40, stop_token_ids=[stop],
+                                            min_tokens=5))  # fmt: skip
+    assert len(held.token_ids) >= 5 and stop not in held.token_ids[:5]

@@ -3,7 +3,7 @@
 The Triton paged decode and varlen attention against a float64 reference over random block
 tables and ragged lengths; the engine on CUDA (CUDA graphs with the kernels, mixed
 prefill + decode steps in graphs, and eager) token-identical to transformers in fp32 greedy,
-with prefix-cache hits giving the same tokens as misses.
+with prefix-cache hits giving the same tokens as misses; logit_bias and min_tokens on CUDA.
 """
 
 from __future__ import annotations
@@ -422,3 +422,47 @@ def test_one_row_steps_match_transformers_greedy(tiny_llama_dir, eager) -> None:
     finally:
         triton_row.row_linear = original
     assert calls > 0  # eager: every one-row step; graphs: at capture
+
+
+def test_logit_bias_and_min_tokens_on_cuda(tiny_llama_dir) -> None:
+    """The sampler's logit_bias and min_tokens mask on CUDA logits equal the CPU's; in the
+    engine on CUDA with overlapped scheduling, rows that need them keep their steps
+    synchronous and get them (+100 on a token: that token every step; min_tokens: no stop
+    id before it), while a plain row beside them stays transformers' greedy."""
+    import asyncio
+
+    from mpi_workers.engine.torch.engine import TorchEngine
+    from mpi_workers.engine.torch.sampler import SampleRow, apply_logit_rules
+
+    logits = torch.randn(3, 50, generator=torch.Generator().manual_seed(0))
+    rows = [
+        SampleRow(SamplingParams(logit_bias={3: 2.5, 7: -100.0}), [1, 2], 2),
+        SampleRow(SamplingParams(min_tokens=4, stop_token_ids=[9]), [1, 2, 5], 2),
+        SampleRow(SamplingParams(), [1], 1),
+    ]
+    on_cpu = apply_logit_rules(logits, rows, frozenset({0}))
+    on_gpu = apply_logit_rules(logits.cuda(), rows, frozenset({0}))
+    assert on_gpu.device.type == "cuda" and torch.equal(on_gpu.cpu(), on_cpu)
+
+    prompts = [list(range(5, 5 + n)) for n in (3, 17, 40)]
+    expected = transformers_greedy(tiny_llama_dir, prompts)
+    forced, stop = expected[1][0] + 1, expected[2][2]
+    plain = _requests(prompts[:1])[0]
+    biased = _requests(prompts[1:2], logit_bias={forced: 100.0})[0]
+    held = _requests(prompts[2:3], min_tokens=8, stop_token_ids=[stop])[0]
+    biased.request_id, held.request_id = "biased", "held"
+    engine = TorchEngine(tiny_llama_dir, device="cuda", dtype=torch.float32, block_size=16,
+                         num_blocks=64, overlap=True)  # fmt: skip
+
+    async def serve():
+        await engine.start()
+        try:
+            return await asyncio.gather(*(engine.generate_all(r) for r in (plain, biased, held)))
+        finally:
+            await engine.shutdown()
+
+    outs = asyncio.run(serve())
+    assert outs[0].token_ids == expected[0]
+    assert outs[1].token_ids == [forced] * 16
+    assert len(outs[2].token_ids) >= 8 and stop not in outs[2].token_ids[:8]
+    assert engine.stats.num_overlapped_steps == 0  # the biased row is in every step

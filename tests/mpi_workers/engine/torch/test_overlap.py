@@ -150,3 +150,29 @@ async def test_engine_counts_generated_tokens_once(tiny_llama_dir, overlap):
         await engine.shutdown()
     assert engine.stats.num_generated_tokens >= 15
     assert engine.stats.num_finished == 3
+
+
+async def test_logit_bias_and_min_tokens_rows_take_synchronous_steps(tiny_llama_dir):
+    """The overlapped launch samples with `choose` alone, which applies no logit_bias and
+    no min_tokens mask: such rows must keep their steps synchronous, and get the same
+    tokens as without overlap (the bias and the mask applied)."""
+    probe = TorchEngine(tiny_llama_dir, block_size=4, num_blocks=64, overlap=False)
+    await probe.start()
+    first = await probe.generate_all(req(prompts(1)[0], max_tokens=6, ignore_eos=True))
+    await probe.shutdown()
+    stop, forced = first.token_ids[2], first.token_ids[0] + 1
+
+    def make():
+        ps = prompts(3)
+        return [
+            req(ps[0], max_tokens=8, stop_token_ids=[stop], min_tokens=6),
+            req(ps[1], max_tokens=5, ignore_eos=True, logit_bias={forced: 100.0}),
+            req(ps[2], max_tokens=6, ignore_eos=True),
+        ]
+
+    (sync_out, _), (over_out, over) = await both(tiny_llama_dir, make, num_blocks=64)
+    assert over_out == sync_out
+    assert over.stats.num_overlapped_steps == 0
+    tokens, _ = over_out[0]
+    assert len(tokens) >= 6 and stop not in tokens[:6]  # without min_tokens: by the 3rd
+    assert over_out[1] == ([forced] * 5, "length")

@@ -10,6 +10,7 @@ from contract.messages import SamplingParams
 from mpi_workers.engine.torch.sampler import (
     Sampler,
     SampleRow,
+    apply_logit_rules,
     apply_min_p,
     apply_penalties,
     apply_top_k,
@@ -108,3 +109,45 @@ def test_top_k_one_equals_greedy():
     rows = [row(temperature=1.5, top_k=1) for _ in range(4)]
     tokens, _ = Sampler(0)(logits, rows)
     assert tokens == logits.argmax(-1).tolist()
+
+
+def test_logit_bias_is_added_to_its_rows_tokens_only():
+    logits = torch.zeros(3, 6)
+    rows = [row(logit_bias={1: 2.5, 4: -100.0}), row(), row(logit_bias={5: 100.0})]
+    out = apply_logit_rules(logits, rows, frozenset())
+    assert out[0].tolist() == [0.0, 2.5, 0.0, 0.0, -100.0, 0.0]
+    assert out[1].tolist() == [0.0] * 6
+    assert out[2].tolist() == [0.0] * 5 + [100.0]
+    assert logits.eq(0).all()  # the caller's logits are left alone
+
+
+def test_min_tokens_masks_eos_and_stop_ids_until_enough_tokens():
+    logits = torch.zeros(4, 6)
+    eos = frozenset({5})
+    rows = [
+        row(min_tokens=3, stop_token_ids=[2], prompt=[1, 1], output=[3, 3]),  # 2 < 3: masked
+        row(min_tokens=3, stop_token_ids=[2], prompt=[1, 1], output=[3, 3, 3]),  # enough
+        row(min_tokens=3, stop_token_ids=[2], ignore_eos=True, prompt=[1]),  # EOS stays
+        row(stop_token_ids=[2]),  # no min_tokens
+    ]
+    finite = torch.isfinite(apply_logit_rules(logits, rows, eos)).tolist()
+    assert finite[0] == [True, True, False, True, True, False]
+    assert finite[1] == [True] * 6
+    assert finite[2] == [True, True, False, True, True, True]
+    assert finite[3] == [True] * 6
+
+
+def test_greedy_follows_the_bias_and_the_min_tokens_mask():
+    sampler = Sampler(seed=0, eos_token_ids=frozenset({0}))
+    logits = torch.tensor([[5.0, 1.0, 0.0, 0.0], [5.0, 1.0, 0.0, 0.0], [5.0, 1.0, 0.0, 0.0]])
+    rows = [
+        row(temperature=0.0),
+        row(temperature=0.0, logit_bias={3: 100.0}, logprobs=0),
+        row(temperature=0.0, min_tokens=1),  # EOS (0) is the argmax: masked, 1 next
+    ]
+    tokens, logprobs = sampler(logits, rows)
+    assert tokens == [0, 3, 1]
+    assert logprobs[1] is not None and logprobs[1].logprob > -1e-3  # after the bias
+    assert not Sampler.on_device(rows[1].params, None)
+    assert not Sampler.on_device(rows[2].params, None)
+    assert Sampler.on_device(rows[0].params, None)

@@ -235,3 +235,36 @@ async def test_a_request_error_ends_the_stream_with_an_error_chunk(engine: Trtll
     assert chunks[-1].finish_reason == "error"
     assert chunks[-1].error is not None and "TensorRT-LLM rejected" in chunks[-1].error
     assert engine.load_metrics().active_sequences == 0
+
+
+async def test_min_tokens_and_logit_bias_map_to_tensorrt_llms_fields(
+    engine: TrtllmEngine,
+) -> None:
+    """min_tokens is TensorRT-LLM's `min_tokens` (the double ends on its end id no sooner
+    either); logit_bias becomes `embedding_bias`, a float32 [vocab] tensor added to the
+    logits (what TensorRT-LLM's own OpenAI server makes of it); neither set, both unset."""
+    import torch
+
+    plain = engine.sampling_params(SamplingParams())
+    assert plain.min_tokens is None and plain.embedding_bias is None
+    mapped = engine.sampling_params(SamplingParams(min_tokens=5, logit_bias={3: 2.5, 40: -100}))
+    assert mapped.min_tokens == 5
+    bias = mapped.embedding_bias
+    assert isinstance(bias, torch.Tensor) and bias.dtype == torch.float32
+    assert bias.shape == (engine.vocab_size,)
+    expected = torch.zeros(engine.vocab_size)
+    expected[3], expected[40] = 2.5, -100.0
+    assert torch.equal(bias, expected)
+    # a greedy answer the double ends early on its end id: min_tokens makes it longer
+    def greedy(start: int, **sampling) -> GenerateRequest:
+        return request([start, 7, 9], max_tokens=24, temperature=0.0, **sampling)
+
+    ended = []
+    for start in range(1, 60):
+        tokens, last = await collect(engine.generate(greedy(start)))
+        if last.finish_reason == "stop" and len(tokens) < 12:
+            ended.append((start, len(tokens)))
+    assert ended, "no prompt of the double ends early: the test cannot tell"
+    for start, length in ended[:3]:
+        tokens, last = await collect(engine.generate(greedy(start, min_tokens=12)))
+        assert len(tokens) >= 12 > length, (start, tokens)
