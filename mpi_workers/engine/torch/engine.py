@@ -18,6 +18,12 @@ stepping thread runs the vision encoder for an image when the first chunk touchi
 scheduled and keeps the features for the sequence's life; each chunk takes the feature rows
 of the image positions inside it (`model_runner.build_plan`).
 
+Prompt logprobs (`SamplingParams.prompt_logprobs`, for `echo` + `logprobs`): such a request
+reads no prefix cache (its full blocks are still published); each prefill chunk's plan names
+its rows, the runner reduces their logits slice by slice to the next prompt token's logprob
+and the top k (`ModelRunner.execute`), and the sequence gathers them chunk by chunk; its first
+chunk out carries them. Those steps run synchronously (not overlapped).
+
 Tensor parallelism: with a `TpRuntime` this engine is the group's leader. Each step's
 `StepPlan` is broadcast to the followers (`mpi_workers.engine.torch.follower`) before the forward
 (with the step's image feature rows: only the leader holds the vision encoder); a
@@ -517,11 +523,12 @@ class TorchEngine(StreamingEngine, TorchKvHandoff):
 
     def _can_launch(self, batch: ScheduledBatch) -> bool:
         """Whether `batch` can run before the step in flight is resolved: its sampled rows
-        need nothing from the host (`Sampler.on_device`) and no disaggregated prefill holds
-        its blocks for a transfer."""
+        need nothing from the host (`Sampler.on_device`), no disaggregated prefill holds
+        its blocks for a transfer, and no prompt rows want their logprobs."""
         return all(
             not seq.hold_blocks
-            and not seq.prompt_logprob_positions(seq.num_computed, n)  # (`step` takes them)
+            and (seq.prompt_logprobs is None  # prompt rows: `step` takes their logprobs
+                 or not seq.prompt_logprob_positions(seq.num_computed, n))
             and (
                 seq.num_computed + n < seq.num_tokens  # not sampled in this step
                 or self.sampler.on_device(seq.sampling, seq.generator)

@@ -98,7 +98,7 @@ def build_plan(batch: ScheduledBatch) -> tuple[StepPlan, list[Sequence]]:
             plan.decode_lens.append(done + 1)
         else:
             plan.prefills.append((start, n, done, list(seq.block_table)))
-        wanted = seq.prompt_logprob_positions(done, n)
+        wanted = None if seq.prompt_logprobs is None else seq.prompt_logprob_positions(done, n)
         if wanted:
             plan.prompt_rows.extend(range(start + wanted.start - done, start + wanted.stop - done))
             plan.prompt_targets.extend(seq.token_ids[wanted.start + 1 : wanted.stop + 1])
