@@ -11,7 +11,10 @@ from typing import Annotated, Any, Literal, NamedTuple
 import orjson
 from pydantic import BaseModel, ConfigDict, Field
 
-PROTOCOL_VERSION = 2  # 2: KvStored carries a flat `block_hashes` list (was a dict per block)
+# 2: KvStored carries a flat `block_hashes` list (was a dict per block). 3: SamplingParams
+# has `prompt_logprobs` (and `min_tokens`, `logit_bias`), GenerateOutput `prompt_logprobs`
+# (a version-2 worker would refuse the new fields of every request: the bump says why).
+PROTOCOL_VERSION = 3
 
 FinishReason = Literal["stop", "length", "abort", "error"]
 
@@ -68,6 +71,7 @@ SAMPLING_BOUNDS: dict[str, Bounds] = {
     "repetition_penalty": Bounds(0.0, low_open=True),
     "seed": Bounds(-(2**63), 2**63 - 1),
     "logprobs": Bounds(0, MAX_LOGPROBS),
+    "prompt_logprobs": Bounds(0, MAX_LOGPROBS),
     "min_tokens": Bounds(0),  # and at most max_tokens (`sampling_range_error`)
 }
 
@@ -118,6 +122,11 @@ class SamplingParams(_Message):
     stop_token_ids: list[int] = Field(default_factory=list)
     ignore_eos: bool = False
     logprobs: int | None = None  # None: none; 0: chosen token only; n: also the top n
+    # The prompt's own tokens' logprobs (each given the tokens before it), for `echo` with
+    # logprobs: None: none; k: each prompt token's logprob and the top k at its position.
+    # An engine computing them does not read its prefix cache for the request (cached
+    # positions have no hidden states to take logits from).
+    prompt_logprobs: int | None = None
     # EOS and stop_token_ids cannot end the output before this many tokens (vLLM's field)
     min_tokens: int = 0
     # token id -> bias added to its logit before sampling (OpenAI's field; ids as ints)
@@ -218,6 +227,10 @@ class GenerateOutput(_Message):
     request_id: str
     token_ids: list[int] = Field(default_factory=list)
     logprobs: list[TokenLogprob] | None = None
+    # With `sampling.prompt_logprobs`: on the request's first chunk, one entry per prompt
+    # token from the second on (entry i: token i + 1 given tokens 0..i; the first prompt
+    # token has none). None on every other chunk.
+    prompt_logprobs: list[TokenLogprob] | None = None
     finish_reason: FinishReason | None = None
     num_prompt_tokens: int = 0
     num_cached_tokens: int = 0
@@ -243,7 +256,8 @@ def output_json(output: GenerateOutput) -> bytes:
     """`output` as JSON for the wire, fast: orjson, and fields at their defaults left out
     (the reader's model fills them in). A worker sends one per request per step, so
     pydantic's serializer was a good part of its CPU per token."""
-    if output.logprobs is not None:  # nested models: pydantic's own serializer
+    # nested models: pydantic's own serializer
+    if output.logprobs is not None or output.prompt_logprobs is not None:
         return output.model_dump_json(exclude_defaults=True).encode()
     return orjson.dumps(
         output_fields(

@@ -23,6 +23,7 @@ import asyncio
 import logging
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
+from typing import Any
 
 from contract.discovery import WorkerCard
 from contract.messages import GenerateOutput, GenerateRequest
@@ -50,18 +51,20 @@ def continuation(request: GenerateRequest, produced: Sequence[int]) -> GenerateR
     `max_tokens` (and `min_tokens`, down to 0) shrink by their number; sampling is
     otherwise unchanged. The id is fresh:
     replies are matched to requests by id, and late chunks of the lost attempt must not
-    leak into the new one."""
+    leak into the new one. The prompt's logprobs came with the first produced token's chunk:
+    a continuation after that asks for none (its prompt would be the longer one anyway)."""
+    update: dict[str, Any] = {
+        "max_tokens": request.sampling.max_tokens - len(produced),
+        "min_tokens": max(0, request.sampling.min_tokens - len(produced)),
+    }
+    if produced:
+        update["prompt_logprobs"] = None
     return GenerateRequest(
         request_id=uuid.uuid4().hex,
         client_id=request.client_id,
         token_ids=[*request.token_ids, *produced],
         choice_index=request.choice_index,
-        sampling=request.sampling.model_copy(
-            update={
-                "max_tokens": request.sampling.max_tokens - len(produced),
-                "min_tokens": max(0, request.sampling.min_tokens - len(produced)),
-            }
-        ),
+        sampling=request.sampling.model_copy(update=update),
         media=request.media,  # the images sit in the prompt part, where they were
     )
 

@@ -295,11 +295,17 @@ class CompletionRequest(_SamplingFields):
         "`index` = prompt_i * n + j, usage summed over the prompts; at most "
         "frontend.max_choices_per_request choices (prompts x n) in all",
     )
+    max_tokens: int | None = Field(
+        default=None, ge=0,
+        description="tokens to generate at most (>= 1); 0 only with `echo` and `logprobs`: "
+        "the prompt's tokens and logprobs alone (finish_reason length)",
+    )  # fmt: skip
     logprobs: int | None = _bounded("logprobs")
     echo: bool = Field(
         default=False,
         description="each choice's text starts with its prompt (streamed: the choice's first "
-        "piece); not with `logprobs` (prompt logprobs are not computed)",
+        "piece); with `logprobs`, its logprobs start with the prompt's tokens' (the first "
+        "token's logprob and top_logprobs null), as vLLM and OpenAI's legacy API return them",
     )
     suffix: str | None = None
     best_of: int | None = Field(default=None, ge=1)
@@ -336,13 +342,17 @@ class CompletionRequest(_SamplingFields):
             ) from None
 
     @model_validator(mode="after")
-    def _echo_without_logprobs(self) -> CompletionRequest:
-        if self.echo and self.logprobs is not None:
+    def _no_tokens_only_for_the_prompt(self) -> CompletionRequest:
+        if self.max_tokens == 0 and not self.wants_prompt_logprobs():
             raise ValueError(
-                "echo: echo with logprobs is not supported (it returns the prompt's logprobs, "
-                "which no engine here computes); leave out logprobs or echo"
+                "max_tokens: must be >= 1 (0 only with echo and logprobs: the prompt's "
+                "logprobs alone)"
             )
         return self
+
+    def wants_prompt_logprobs(self) -> bool:
+        """`echo` with `logprobs`: the response's logprobs cover the prompt's tokens too."""
+        return self.echo and self.logprobs is not None
 
     def prompts(self) -> list[str] | list[list[int]]:
         """The prompts of the request: one, or the batch's, in order."""

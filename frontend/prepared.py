@@ -43,6 +43,7 @@ class Prepared:
         "model",
         "n",
         "num_choices",
+        "prompt_only",
         "prompts",
         "response_id",
         "sampling",
@@ -71,6 +72,11 @@ class Prepared:
         self.media = media or []  # the images' placeholder runs in the (one) prompt's ids
         self.sampling = sampling
         self.user_max_tokens = body.requested_max_tokens()
+        # max_tokens 0 (echo + logprobs): the engine generates one token, which the response
+        # leaves out (every engine generates at least one; the prompt's logprobs come first)
+        self.prompt_only = self.user_max_tokens == 0
+        if self.prompt_only:
+            self.user_max_tokens = 1
         self.stops = body.stop_strings()
         self.stream = body.stream
         self.n = body.num_choices()  # per prompt

@@ -184,7 +184,11 @@ class Generation:
         # the text of the first min_tokens tokens is never matched against stop strings
         # (vLLM's rule: no stop ends the output before min_tokens)
         self._unmatched_tokens = prepared.sampling.min_tokens if prepared.stops else 0
+        self.prompt_ids = prompt_ids
         self.prompt_tokens = len(prompt_ids)
+        # echo + logprobs: the worker's prompt logprobs (first chunk); None until they come
+        self.prompt_logprobs: list[TokenLogprob] | None = None
+        self._prompt_only = prepared.prompt_only
         self.cached_tokens = 0
         self.completion_tokens = 0
         self.finish_reason: str | None = None
@@ -196,6 +200,12 @@ class Generation:
             self.prompt_tokens = output.num_prompt_tokens
         if output.num_cached_tokens:
             self.cached_tokens = output.num_cached_tokens
+        if output.prompt_logprobs is not None and self.prompt_logprobs is None:
+            self.prompt_logprobs = output.prompt_logprobs  # (a migrated attempt's: ignored)
+        if self._prompt_only:  # max_tokens 0: the one generated token is left out
+            if output.finish_reason is not None and self.finish_reason is None:
+                self.finish_reason = "length"
+            return "", []
         logprobs = output.logprobs or []
         if self.finish_reason is not None:
             return "", []
@@ -311,10 +321,23 @@ class CompletionLogprobs:
         self._piece = tokenizer.token_piece
         self.offset = 0
 
+    def build_prompt(self, generation: Generation) -> dict[str, Any]:
+        """The logprobs of `generation`'s prompt tokens (echo), offsets from the echoed
+        text's start: the first token has none (null logprob and top_logprobs)."""
+        text, _ = self._piece(generation.prompt_ids[0])
+        self.offset = len(text)
+        rest = self.build(generation.prompt_logprobs or [])
+        return {
+            "tokens": [text, *rest["tokens"]],
+            "token_logprobs": [None, *rest["token_logprobs"]],
+            "top_logprobs": [None, *rest["top_logprobs"]],
+            "text_offset": [0, *rest["text_offset"]],
+        }
+
     def build(self, entries: list[TokenLogprob]) -> dict[str, Any]:
         tokens: list[str] = []
-        token_logprobs: list[float] = []
-        top_logprobs: list[dict[str, float]] = []
+        token_logprobs: list[float | None] = []
+        top_logprobs: list[dict[str, float] | None] = []
         offsets: list[int] = []
         for entry in entries:
             text, _ = self._piece(entry.token_id)
@@ -355,13 +378,17 @@ def full_response(
                 "finish_reason": generation.finish_reason,
             })  # fmt: skip
         else:
+            logprobs = None
+            if want_logprobs:
+                built = CompletionLogprobs(state.tokenizer)
+                prompt_part = built.build_prompt(generation) if echo is not None else None
+                logprobs = built.build(choice.logprobs)
+                if prompt_part is not None:  # echo + logprobs: the prompt's tokens first
+                    logprobs = _joined(prompt_part, logprobs)
             body.append({
                 "index": index,
                 "text": text,
-                "logprobs": (
-                    CompletionLogprobs(state.tokenizer).build(choice.logprobs)
-                    if want_logprobs else None
-                ),
+                "logprobs": logprobs,
                 "finish_reason": generation.finish_reason,
             })  # fmt: skip
     response: dict[str, Any] = {
@@ -376,6 +403,11 @@ def full_response(
     if simulated:
         response["simulated"] = True
     return response
+
+
+def _joined(first: dict[str, list[Any]], then: dict[str, list[Any]]) -> dict[str, list[Any]]:
+    """Two logprobs objects of /v1/completions as one (each list `first`'s, then `then`'s)."""
+    return {key: first[key] + then[key] for key in first}
 
 
 async def stream_events(
@@ -406,6 +438,10 @@ async def stream_events(
         for _ in range(count if want_logprobs and not chat else 0)
     ]
     include_usage = prepared.include_usage
+    # echo + logprobs: a choice's echo piece carries its prompt's logprobs, which come with
+    # its first chunk: sent then
+    echo_logprobs = not chat and want_logprobs and prepared.prompts[0].echo is not None
+    echo_pending = [echo_logprobs] * count
 
     def event(
         index: int, text: str | None, entries: list[TokenLogprob], finish: str | None
@@ -426,6 +462,17 @@ async def stream_events(
             chunk["usage"] = None
         return _sse(chunk)
 
+    def echo_event(index: int, generation: Generation) -> bytes:
+        chunk = dict(head)
+        logprobs = completion_logprobs[index].build_prompt(generation)
+        text = prepared.prompt_of(index).echo
+        chunk["choices"] = [
+            {"index": index, "text": text, "logprobs": logprobs, "finish_reason": None}
+        ]
+        if include_usage:
+            chunk["usage"] = None
+        return _sse(chunk)
+
     try:
         if chat:
             for index in range(count):
@@ -441,7 +488,7 @@ async def stream_events(
                 if include_usage:
                     role_chunk["usage"] = None
                 yield _sse(role_chunk)
-        else:
+        elif not echo_logprobs:
             for index in range(count):
                 echo = prepared.prompt_of(index).echo
                 if echo is not None:
@@ -454,6 +501,9 @@ async def stream_events(
             index, output = await choices.next(deadline)
             generation = generations[index]
             text, entries = generation.consume(output)
+            if echo_pending[index]:
+                echo_pending[index] = False
+                yield echo_event(index, generation)
             fresh = not (pending_text[index] or pending_entries[index])
             pending_text[index] += text
             if want_logprobs:

@@ -425,6 +425,8 @@ def _sampling(
         bad = logit_bias_error(params.logit_bias, vocab)
         if bad is not None:
             raise errors.bad_request(f"{bad[0]}: {bad[1]}", param=bad[0])
+    if isinstance(body, CompletionRequest) and body.wants_prompt_logprobs():
+        params.prompt_logprobs = body.logprobs
     for name in (
         "temperature",
         "top_p",

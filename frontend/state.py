@@ -289,13 +289,25 @@ def able_workers(
     able = [card for card in candidates if not used & set(card.unsupported_params)]
     if able:
         return able
-    name = sorted(used & set(candidates[0].unsupported_params))[0]
+    lacking = used & set(candidates[0].unsupported_params)
+    field = "prompt_logprobs" if "prompt_logprobs" in lacking else sorted(lacking)[0]
+    name = _REQUEST_PARAM.get(field, field)
     engine = candidates[0].engine or "this"
+    what = _WHAT.get(field, "this parameter")
     raise errors.bad_request(
         f"{name}: the {engine} engine serving model {candidates[0].model!r} does not "
-        "support this parameter",
+        f"support {what}",
         param=name,
     )
+
+
+# A sampling field the request asks for under another name (echo + logprobs asks for the
+# prompt's logprobs: the error names `echo`, and it is named first: the more specific).
+_REQUEST_PARAM = {"prompt_logprobs": "echo"}
+_WHAT = {
+    "prompt_logprobs": "echo with logprobs (the prompt's logprobs; a disaggregated "
+    "deployment's prefill and decode workers do not carry them)"
+}
 
 
 def media_workers(candidates: list[WorkerCard], kinds: set[str]) -> list[WorkerCard]:

@@ -156,9 +156,15 @@ class Worker:
             max_model_len=self.engine.max_model_len,
             simulated=self.engine.simulated,
             engine=self.engine.kind,
-            unsupported_params=sorted(self.engine.unsupported_params),
+            unsupported_params=sorted(self.engine.unsupported_params | self._role_unsupported()),
             media=sorted(self.engine.media_kinds),
         )
+
+    def _role_unsupported(self) -> frozenset[str]:
+        """What this worker cannot do for its role: a prefill or decode worker of a
+        disaggregated deployment does not carry the prompt's logprobs across the hand-off
+        (the prefill worker computes the prompt, the decode worker streams the answer)."""
+        return frozenset() if self.role == "agg" else frozenset({"prompt_logprobs"})
 
     def use_connection(self, nc: Any) -> None:
         """Serve on `nc` (before `start`), a NATS connection the caller owns and closes: the
@@ -547,7 +553,7 @@ def _resolve(waiter: asyncio.Future[None]) -> None:
 def _wire(chunk: Chunk) -> dict[str, Any] | orjson.Fragment:
     """`chunk` as `output_json` writes its `GenerateOutput` (fields at their defaults left
     out), as a dict orjson encodes with the rest of its message."""
-    if chunk.logprobs is not None:  # nested models: pydantic's serializer
+    if chunk.logprobs is not None or chunk.prompt_logprobs is not None:  # nested models
         return orjson.Fragment(output_json(chunk.output()))
     return output_fields(
         chunk.request_id, chunk.token_ids, chunk.finish_reason, chunk.num_prompt_tokens,

@@ -66,8 +66,9 @@ class BlockManager:
 
     # ----- prefix cache --------------------------------------------------------------------
     def _lookup(self, seq: Sequence) -> list[tuple[int, int]]:
-        """(hash, block id) of the longest cached prefix of `seq`, leaving >= 1 token to compute."""
-        if not self.enable_prefix_caching:
+        """(hash, block id) of the longest cached prefix of `seq`, leaving >= 1 token to compute.
+        Nothing for a sequence that wants its prompt's logprobs: it computes every position."""
+        if not self.enable_prefix_caching or seq.prompt_logprobs is not None:
             return []
         hits: list[tuple[int, int]] = []
         parent: int | None = None

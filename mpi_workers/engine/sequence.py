@@ -73,9 +73,32 @@ class Sequence:
     # holding image positions hash the image too.
     media: list[SeqMedia] = field(default_factory=list)
     block_extras: dict[int, int] = field(default_factory=dict)
+    # `sampling.prompt_logprobs`: the prompt tokens' logprobs computed so far (entry i: token
+    # i + 1; filled chunk by chunk during prefill), None once delivered or when not wanted.
+    prompt_logprobs: list[TokenLogprob] | None = None
 
     def __post_init__(self) -> None:
         self.num_prompt_tokens = len(self.token_ids)
+        if self.sampling.prompt_logprobs is not None:
+            self.prompt_logprobs = []
+
+    def prompt_logprob_positions(self, done: int, n: int) -> range:
+        """The positions among [done, done + n) whose next-token logprob is still owed: each
+        prompt position but the last (the next token there is sampled), from the first not
+        yet computed (a preempted sequence recomputes its KV, not these)."""
+        if self.prompt_logprobs is None:
+            return range(0)
+        first = max(done, len(self.prompt_logprobs))
+        return range(first, max(first, min(done + n, self.num_prompt_tokens - 1)))
+
+    def take_prompt_logprobs(self) -> list[TokenLogprob] | None:
+        """The prompt's logprobs once all are computed (then forgotten: the first chunk
+        carries them), else None."""
+        entries = self.prompt_logprobs
+        if entries is None or len(entries) < self.num_prompt_tokens - 1:
+            return None
+        self.prompt_logprobs = None
+        return entries
 
     @property
     def num_tokens(self) -> int:

@@ -81,6 +81,7 @@ class Chunk(NamedTuple):
     num_prompt_tokens: int
     num_cached_tokens: int
     error: str | None
+    prompt_logprobs: list[TokenLogprob] | None = None  # the request's first chunk only
 
     def output(self) -> GenerateOutput:
         return GenerateOutput(
@@ -91,6 +92,7 @@ class Chunk(NamedTuple):
             num_prompt_tokens=self.num_prompt_tokens,
             num_cached_tokens=self.num_cached_tokens,
             error=self.error,
+            prompt_logprobs=self.prompt_logprobs,
         )
 
     def then(self, later: Chunk) -> Chunk | None:
@@ -102,9 +104,11 @@ class Chunk(NamedTuple):
             self.finish_reason is not None
             or self.error is not None
             or (self.logprobs is None) != (later.logprobs is None)
+            or later.prompt_logprobs is not None
         ):
             return None
         return later._replace(
+            prompt_logprobs=self.prompt_logprobs,
             token_ids=self.token_ids + later.token_ids,
             logprobs=None if later.logprobs is None else self.logprobs + later.logprobs,  # type: ignore[operator]
             num_prompt_tokens=later.num_prompt_tokens or self.num_prompt_tokens,
@@ -259,6 +263,7 @@ class StreamingEngine(Engine):
                 seq.num_prompt_tokens,
                 seq.num_cached_tokens,
                 seq.error,
+                None if seq.prompt_logprobs is None else seq.take_prompt_logprobs(),
             )
             seq.pending_tokens = []
             if stream is None:

@@ -221,6 +221,11 @@ async def test_echo_puts_each_prompt_before_its_completion(
             assert [pieces[i][0] for i in range(4)] == ["Hi", "Hi", "Good morning", "Good morning"]
             assert ["".join(pieces[i]) for i in range(4)] == wanted
 
+
+    # echo + logprobs asks for the prompt's logprobs: a worker declaring it cannot is refused
+    fe = await make_frontend()
+    await fe.add_worker(unsupported_params=["prompt_logprobs"])
+    async with openai_client(fe) as client:
         for stream in (False, True):
             with pytest.raises(openai.BadRequestError) as info:
                 await client.completions.create(

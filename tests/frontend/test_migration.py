@@ -77,6 +77,13 @@ def test_continuation_of_a_continuation_and_of_nothing() -> None:
     assert len({once.request_id, twice.request_id, retry.request_id}) == 3
 
 
+def test_continuation_asks_for_the_prompt_logprobs_only_before_any_token() -> None:
+    """They come with the first token's chunk: a retry before it needs them, one after not."""
+    original = request(max_tokens=10, prompt_logprobs=1)
+    assert continuation(original, []).sampling.prompt_logprobs == 1
+    assert continuation(original, [21]).sampling.prompt_logprobs is None
+
+
 # ---- the attempt loop over a scripted client -------------------------------------------
 
 
@@ -346,6 +353,7 @@ async def test_usage_text_and_stop_strings_continue_across_a_migration(
     stream = MigratingStream(client, in_order_route(client, []), first, limit=3, metrics=metrics)
     prepared = SimpleNamespace(
         prompts=[Prompt(prompt, "prompt")], stops=["THE END"], arrival=time.perf_counter(),
+        prompt_only=False,
         sampling=first.sampling,
     )
     generation = Generation(SimpleNamespace(tokenizer=tokenizer, metrics=metrics), prepared)  # type: ignore[arg-type]

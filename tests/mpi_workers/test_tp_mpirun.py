@@ -88,6 +88,21 @@ def test_tiny_tp2_tp4_equal_tp1(tiny_dirs: dict[str, Path], kind: str) -> None:
         assert_same(base, result)
 
 
+def test_prompt_logprobs_tp2_equal_tp1(tiny_dirs: dict[str, Path]) -> None:
+    """Prompt logprobs under TP (every rank takes part in each slice's logits gather; the
+    Qwen2 double's vocabulary of 130 is padded across the shards), prompts in chunks of 5."""
+    options = ("--prompt-logprobs", "3", "--chunk", "5")
+    done, base = run_script(tiny_dirs["qwen2"], TINY_PROMPTS, 4, 1, *options)
+    assert base is not None, done.stderr[-3000:]
+    assert [len(lp) for lp in base["prompt_logprobs"]] == [len(p) - 1 for p in TINY_PROMPTS]
+    done, result = run_script(tiny_dirs["qwen2"], TINY_PROMPTS, 4, 2, *options)
+    assert done.returncode == 0 and result is not None, done.stderr[-3000:]
+    assert_same(base, result)
+    for ours, theirs in zip(base["prompt_logprobs"], result["prompt_logprobs"], strict=True):
+        assert max(abs(a - b) for a, b in zip(ours, theirs, strict=True)) < LOGIT_ATOL
+    assert result["prompt_top"] == base["prompt_top"]
+
+
 def test_logit_bias_reaches_the_sampling_leader(tiny_dirs: dict[str, Path]) -> None:
     """Followers only run the forward; rank 0 gathers the logits and samples with the
     request's own settings: at TP=2 (Qwen2: padded vocab shards), +100 on a token makes

@@ -137,6 +137,16 @@ async def test_bad_request_gets_one_error_chunk_naming_the_param(
     assert version_chunks[-1].error_param == "version"
 
 
+@pytest.mark.parametrize("role", ["agg", "prefill", "decode"])
+def test_disaggregated_roles_declare_prompt_logprobs_unsupported(role: str) -> None:
+    """A prefill or decode worker does not carry the prompt's logprobs across the hand-off:
+    its card says so (the frontend then refuses echo + logprobs with a 400 naming `echo`)."""
+    worker = Worker(FakeEngine(), deployment="d", worker_id=f"{role}-g0-i0", role=role,
+                    nats_url="nats://unused", etcd_endpoint="unused", lease_ttl_s=5,
+                    capacity=1)  # fmt: skip
+    assert ("prompt_logprobs" in worker.card.unsupported_params) is (role != "agg")
+
+
 def test_error_param_convention() -> None:
     assert error_param(ValueError("max_tokens: must be >= 1")) == "max_tokens"
     assert error_param(ValueError("temperature must be >= 0")) == "temperature"

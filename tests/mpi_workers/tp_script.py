@@ -3,7 +3,10 @@
     python tests/mpi_workers/tp_script.py MODEL_DIR '[[1, 2, 3], [4, 5]]' MAX_TOKENS
 
 Rank 0 prints one JSON line: {"tp": N, "tokens": [[...] per prompt], "logits": [[...] last
-prompt position, per prompt]}. `--kill-rank R --kill-after K`: rank R SIGKILLs itself after
+prompt position, per prompt]}. `--prompt-logprobs K`: the requests want their prompt's
+logprobs and top K too ("prompt_logprobs": [[logprob, ...] per prompt], "prompt_top":
+[[[top ids] per position] per prompt]); `--chunk T`: max_num_batched_tokens.
+`--kill-rank R --kill-after K`: rank R SIGKILLs itself after
 following K steps (the follower-crash test); then rank 0 prints the outputs it got (and
 writes them to `--out FILE`: after a rank's death, mpirun may stop forwarding output).
 `--logit-bias '{"ID": BIAS}'` sets every request's logit_bias (the leader samples).
@@ -34,19 +37,25 @@ def parse() -> argparse.Namespace:
     parser.add_argument("--kill-rank", type=int, default=-1)
     parser.add_argument("--kill-after", type=int, default=3)
     parser.add_argument("--out", default=None, help="also write the JSON here (rank 0)")
+    parser.add_argument("--prompt-logprobs", type=int, default=None)
+    parser.add_argument("--chunk", type=int, default=2048, help="max_num_batched_tokens")
     parser.add_argument("--logit-bias", default="{}", help="JSON: token id -> bias")
     return parser.parse_args()
 
 
 async def lead(
-    engine: TorchEngine, prompts: list[list[int]], max_tokens: int, bias: dict[int, float]
+    engine: TorchEngine,
+    prompts: list[list[int]],
+    max_tokens: int,
+    prompt_logprobs: int | None,
+    bias: dict[int, float],
 ) -> dict:
     await engine.start()
     requests = [
         GenerateRequest(
             request_id=f"r{i}", token_ids=p,
             sampling=SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True,
-                                    logit_bias=bias),
+                                    prompt_logprobs=prompt_logprobs, logit_bias=bias),
         )
         for i, p in enumerate(prompts)
     ]  # fmt: skip
@@ -56,6 +65,11 @@ async def lead(
         "finish": [o.finish_reason for o in outs],
         "errors": [o.error for o in outs],
     }
+    if prompt_logprobs is not None:
+        result["prompt_logprobs"] = [[e.logprob for e in o.prompt_logprobs or []] for o in outs]
+        result["prompt_top"] = [
+            [[t.token_id for t in e.top] for e in o.prompt_logprobs or []] for o in outs
+        ]
     if engine.failed is None:
         result["logits"] = [prompt_logits(engine, p) for p in prompts]
     await engine.shutdown()
@@ -91,7 +105,7 @@ def main() -> int:
 
         release_segment_names(MPI.COMM_WORLD)  # as the product's ranks do: a killed rank leaks none
         tp = TpRuntime.init(MPI.COMM_WORLD, torch.device("cpu"), timeout_s=30)
-    kwargs = dict(num_blocks=256, block_size=4, max_num_seqs=8)
+    kwargs = dict(num_blocks=256, block_size=4, max_num_seqs=8, max_num_batched_tokens=args.chunk)
     if tp is not None and tp.rank != 0:
         from mpi_workers.engine.torch.follower import build_follower_runner, follow
 
@@ -104,7 +118,7 @@ def main() -> int:
         return follow(runner, tp)
     engine = TorchEngine(args.model_dir, tp=tp, **kwargs)
     bias = {int(token): value for token, value in json.loads(args.logit_bias).items()}
-    result = asyncio.run(lead(engine, prompts, args.max_tokens, bias))
+    result = asyncio.run(lead(engine, prompts, args.max_tokens, args.prompt_logprobs, bias))
     result["tp"] = size
     result["failed"] = engine.failed
     if args.out:  # hydra may stop forwarding our output once a rank died

@@ -18,6 +18,12 @@ stepping thread runs the vision encoder for an image when the first chunk touchi
 scheduled and keeps the features for the sequence's life; each chunk takes the feature rows
 of the image positions inside it (`model_runner.build_plan`).
 
+Prompt logprobs (`SamplingParams.prompt_logprobs`, for `echo` + `logprobs`): such a request
+reads no prefix cache (its full blocks are still published); each prefill chunk's plan names
+its rows, the runner reduces their logits slice by slice to the next prompt token's logprob
+and the top k (`ModelRunner.execute`), and the sequence gathers them chunk by chunk; its first
+chunk out carries them. Those steps run synchronously (not overlapped).
+
 Tensor parallelism: with a `TpRuntime` this engine is the group's leader. Each step's
 `StepPlan` is broadcast to the followers (`mpi_workers.engine.torch.follower`) before the forward
 (with the step's image feature rows: only the leader holds the vision encoder); a
@@ -44,7 +50,13 @@ import torch
 
 from contract.block_hash import media_block_extras
 from contract.config import ENGINE_DEFAULTS, MultimodalConfig
-from contract.messages import GenerateOutput, GenerateRequest, SamplingParams
+from contract.messages import (
+    GenerateOutput,
+    GenerateRequest,
+    SamplingParams,
+    TokenLogprob,
+    TopLogprob,
+)
 from mpi_workers.engine.block_manager import BlockManager
 from mpi_workers.engine.scheduler import ScheduledBatch, Scheduler
 from mpi_workers.engine.sequence import SeqMedia, SeqStatus, Sequence
@@ -55,7 +67,7 @@ from mpi_workers.engine.torch.kv_cache import KvCache, blocks_for_budget, gpu_kv
 from mpi_workers.engine.torch.loader import default_dtype, load_model
 from mpi_workers.engine.torch.media_inputs import MediaInputs
 from mpi_workers.engine.torch.model_config import load_model_config
-from mpi_workers.engine.torch.model_runner import ModelRunner, StepPlan, build_plan
+from mpi_workers.engine.torch.model_runner import ModelRunner, StepPlan, build_plan, plan_order
 from mpi_workers.engine.torch.sampler import Sampler, SampleRow
 
 if TYPE_CHECKING:
@@ -511,10 +523,12 @@ class TorchEngine(StreamingEngine, TorchKvHandoff):
 
     def _can_launch(self, batch: ScheduledBatch) -> bool:
         """Whether `batch` can run before the step in flight is resolved: its sampled rows
-        need nothing from the host (`Sampler.on_device`) and no disaggregated prefill holds
-        its blocks for a transfer."""
+        need nothing from the host (`Sampler.on_device`), no disaggregated prefill holds
+        its blocks for a transfer, and no prompt rows want their logprobs."""
         return all(
             not seq.hold_blocks
+            and (seq.prompt_logprobs is None  # prompt rows: `step` takes their logprobs
+                 or not seq.prompt_logprob_positions(seq.num_computed, n))
             and (
                 seq.num_computed + n < seq.num_tokens  # not sampled in this step
                 or self.sampler.on_device(seq.sampling, seq.generator)
@@ -573,12 +587,37 @@ class TorchEngine(StreamingEngine, TorchKvHandoff):
         if self.tp is not None:  # followers run the same plan on their shards
             self.tp.broadcast_object(_for_followers(plan))
         logits = self.runner.execute(plan)
+        if plan.prompt_rows:
+            self._take_prompt_logprobs(batch)
         self._advance(batch)
         if sampled:
             tokens, logprobs = self.sampler(logits, sample_rows(sampled))
             for seq, token, lp in zip(sampled, tokens, logprobs, strict=True):
                 self._append_token(seq, token, lp)
         self._settle(batch.seqs)
+
+    def _take_prompt_logprobs(self, batch: ScheduledBatch) -> None:
+        """Hand the step's prompt logprobs to their sequences (before `_advance`: the rows
+        are those of each sequence's `prompt_logprob_positions` in `build_plan`'s order)."""
+        found = self.runner.prompt_logprobs
+        assert found is not None, "the leader gets the logits of every prompt row"
+        chosen = found.chosen.tolist()
+        top_values, top_ids = found.top_values.tolist(), found.top_ids.tolist()
+        row = 0
+        for index in plan_order(batch):
+            seq, n = batch.seqs[index], batch.num_tokens[index]
+            positions = seq.prompt_logprob_positions(seq.num_computed, n)
+            if not positions:
+                continue
+            k = seq.sampling.prompt_logprobs or 0
+            assert seq.prompt_logprobs is not None
+            for position in positions:
+                pairs = zip(top_ids[row][:k], top_values[row][:k], strict=True)
+                seq.prompt_logprobs.append(TokenLogprob(
+                    token_id=seq.token_ids[position + 1], logprob=chosen[row],
+                    top=[TopLogprob(token_id=t, logprob=v) for t, v in pairs],
+                ))  # fmt: skip
+                row += 1
 
     def _advance(self, batch: ScheduledBatch) -> None:
         """Count the batch's tokens as computed."""
@@ -642,11 +681,14 @@ class TorchEngine(StreamingEngine, TorchKvHandoff):
         """Run a request to completion; one output with every token (and the finish reason)."""
         tokens: list[int] = []
         logprobs: list[Any] = []
+        prompt_logprobs = None
         last = None
         start = time.perf_counter()
         async for out in self.generate(request, media):
             tokens.extend(out.token_ids)
             logprobs.extend(out.logprobs or [])
+            if prompt_logprobs is None:
+                prompt_logprobs = out.prompt_logprobs
             last = out
         assert last is not None
         logger.debug("%s done in %.3fs", request.request_id, time.perf_counter() - start)
@@ -654,6 +696,7 @@ class TorchEngine(StreamingEngine, TorchKvHandoff):
             update={
                 "token_ids": tokens,
                 "logprobs": logprobs if last.logprobs is not None else None,
+                "prompt_logprobs": prompt_logprobs,
             }
         )
 

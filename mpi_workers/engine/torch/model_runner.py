@@ -44,6 +44,21 @@ class StepPlan:
     # instead of their token's embedding. Under TP the leader ships the rows in the plan.
     embed_rows: list[int] = field(default_factory=list)
     embeds: torch.Tensor | None = None  # [len(embed_rows), hidden]
+    # Prompt logprobs: flat rows whose next prompt token's logprob is wanted, that token
+    # (`prompt_targets`, same order), and how many top logprobs each row reports.
+    prompt_rows: list[int] = field(default_factory=list)
+    prompt_targets: list[int] = field(default_factory=list)
+    prompt_top: int = 0
+
+
+@dataclass
+class PromptLogprobs:
+    """`ModelRunner.execute`'s prompt logprobs of a plan's `prompt_rows`, on the host:
+    [rows] the targets' logprobs, [rows, plan.prompt_top] the top ones and their ids."""
+
+    chosen: torch.Tensor
+    top_values: torch.Tensor
+    top_ids: torch.Tensor
 
 
 def _image_rows(seq: Sequence, done: int, n: int, start: int, plan: StepPlan,
@@ -59,9 +74,14 @@ def _image_rows(seq: Sequence, done: int, n: int, start: int, plan: StepPlan,
         plan.embed_rows.extend(range(start + lo - done, start + hi - done))
 
 
+def plan_order(batch: ScheduledBatch) -> list[int]:
+    """The batch's sequences (indices) in the plan's row order: single tokens first."""
+    return sorted(range(len(batch.seqs)), key=lambda i: batch.num_tokens[i] > 1)
+
+
 def build_plan(batch: ScheduledBatch) -> tuple[StepPlan, list[Sequence]]:
     """The plan of a scheduled batch and the sequences whose rows are sampled (in order)."""
-    order = sorted(range(len(batch.seqs)), key=lambda i: batch.num_tokens[i] > 1)
+    order = plan_order(batch)
     plan = StepPlan()
     sample_seqs: list[Sequence] = []
     embeds: list[torch.Tensor] = []
@@ -78,6 +98,11 @@ def build_plan(batch: ScheduledBatch) -> tuple[StepPlan, list[Sequence]]:
             plan.decode_lens.append(done + 1)
         else:
             plan.prefills.append((start, n, done, list(seq.block_table)))
+        wanted = None if seq.prompt_logprobs is None else seq.prompt_logprob_positions(done, n)
+        if wanted:
+            plan.prompt_rows.extend(range(start + wanted.start - done, start + wanted.stop - done))
+            plan.prompt_targets.extend(seq.token_ids[wanted.start + 1 : wanted.stop + 1])
+            plan.prompt_top = max(plan.prompt_top, seq.sampling.prompt_logprobs or 0)
         if done + n == seq.num_tokens:
             sample_seqs.append(seq)
             plan.sample_rows.append(start + n - 1)
@@ -88,6 +113,9 @@ def build_plan(batch: ScheduledBatch) -> tuple[StepPlan, list[Sequence]]:
 
 # Mixed steps of more tokens run eagerly: compute-bound, the launches are a small share.
 MAX_MIXED_GRAPH_TOKENS = 2048
+# Prompt rows whose logits exist at once (each slice is reduced to logprobs before the next:
+# 512 x a 49,152-token vocabulary in float32 is 100 MB).
+PROMPT_LOGPROB_SLICE = 512
 
 
 def enforce_eager_default() -> bool:
@@ -114,6 +142,9 @@ class ModelRunner:
         self.decode_attention = model.path.paged_decode
         self.varlen_kernel = model.path.varlen_attention
         self.graphs: StepGraphs | None = None
+        # The prompt logprobs of the last `execute`'s plan (None: it asked for none; a TP
+        # follower computes them with the leader but keeps nothing).
+        self.prompt_logprobs: PromptLogprobs | None = None
         if enforce_eager is None:
             enforce_eager = enforce_eager_default()
         if self.device.type == "cuda":
@@ -249,7 +280,8 @@ class ModelRunner:
         fill = None
         if pending is not None and plan.input_ids and min(plan.input_ids) < 0:
             fill = pending
-        if self.graphs is not None and self.graphs.accepts(plan):
+        self.prompt_logprobs = None
+        if self.graphs is not None and not plan.prompt_rows and self.graphs.accepts(plan):
             hidden = self.graphs.run(plan, fill)
         else:
             input_ids, positions, meta = self.tensors(plan)
@@ -262,6 +294,8 @@ class ModelRunner:
                 mask = torch.empty(shape[0], dtype=torch.bool, device=self.device)
                 place_image_rows(plan, embeds, mask)
             hidden = self.model(input_ids, positions, meta, embeds, mask)
+        if plan.prompt_rows:
+            self.prompt_logprobs = self._prompt_logprobs(plan, hidden)
         rows = plan.sample_rows
         if not rows:
             return None
@@ -269,3 +303,35 @@ class ModelRunner:
             hidden = hidden.index_select(0, to_device(rows, torch.long, hidden.device))
         return self.model.compute_logits(hidden)
 
+
+    def _prompt_logprobs(self, plan: StepPlan, hidden: torch.Tensor) -> PromptLogprobs | None:
+        """The logprobs of `plan.prompt_targets` at `plan.prompt_rows` (and the top
+        `plan.prompt_top`), from logits made `PROMPT_LOGPROB_SLICE` rows at a time. Under TP
+        every rank computes the same slices (`compute_logits` is a collective); only the
+        one that gets the logits (rank 0) returns them."""
+        rows = to_device(plan.prompt_rows, torch.long, hidden.device)
+        targets = to_device(plan.prompt_targets, torch.long, hidden.device)
+        k = plan.prompt_top
+        chosen: list[torch.Tensor] = []
+        values: list[torch.Tensor] = []
+        ids: list[torch.Tensor] = []
+        for lo in range(0, len(plan.prompt_rows), PROMPT_LOGPROB_SLICE):
+            part = slice(lo, lo + PROMPT_LOGPROB_SLICE)
+            logits = self.model.compute_logits(hidden.index_select(0, rows[part]))
+            if logits is None:
+                continue
+            logprobs = logits.float().log_softmax(dim=-1)
+            chosen.append(logprobs.gather(1, targets[part].unsqueeze(1)).squeeze(1))
+            if k:
+                top = logprobs.topk(k, dim=-1)
+                values.append(top.values)
+                ids.append(top.indices)
+            del logits, logprobs
+        if not chosen:
+            return None
+        empty = torch.empty(len(plan.prompt_rows), 0)
+        return PromptLogprobs(
+            torch.cat(chosen).cpu(),
+            torch.cat(values).cpu() if k else empty,
+            torch.cat(ids).cpu() if k else empty.long(),
+        )

@@ -68,6 +68,11 @@ LOCAL_HANDLES = (
 
 class TrtllmEngine(Engine, NativeKvHandoff):
     kind = "trtllm"
+    # TensorRT-LLM's `prompt_logprobs` are the top k of each context position's logits
+    # (`executor/result.py` `compute_logprobs`: no token list is passed for the prompt), so
+    # a prompt token outside the top k has no logprob: not the prompt's own logprobs that
+    # `echo` + `logprobs` asks for. The frontend refuses such requests (naming `echo`).
+    unsupported_params = frozenset({"prompt_logprobs"})
 
     def __init__(
         self,
@@ -131,6 +136,10 @@ class TrtllmEngine(Engine, NativeKvHandoff):
                 "messages", f"this TensorRT-LLM worker takes no {' or '.join(sorted(kinds))}"
             )
         validate_request(request, self.max_model_len, self.vocab_size)
+        if request.sampling.prompt_logprobs is not None:  # (callers that skip the frontend)
+            raise RequestValidationError(
+                "prompt_logprobs", "this TensorRT-LLM worker does not return the prompt's logprobs"
+            )
         if request.request_id in self._running:
             raise RequestValidationError("request_id", "a request with this id is running")
 

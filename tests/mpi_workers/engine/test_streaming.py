@@ -66,3 +66,17 @@ def test_coalesced_chunks_carry_the_same_stream_per_request() -> None:
             for prev, nxt in itertools.pairwise(theirs):  # only logprobs on one side split
                 assert (prev.logprobs is None) != (nxt.logprobs is None)
     assert joined_some
+
+
+def test_the_prompt_logprobs_stay_on_the_first_chunk_when_joined() -> None:
+    """A request's first chunk carries its prompt's logprobs: joined with the chunks after
+    it, the one chunk still carries them (once); a chunk carrying them is never joined onto
+    an earlier one (they would land after tokens of the answer)."""
+    prompt = [TokenLogprob(token_id=5, logprob=-2.0)]
+    first = Chunk("a", [1], None, None, 3, 0, None, prompt)
+    joined = coalesce_chunks([first, Chunk("a", [2], None, None, 3, 0, None)])
+    assert len(joined) == 1 and joined[0].token_ids == [1, 2]
+    assert joined[0].prompt_logprobs == prompt
+    assert joined[0].output().prompt_logprobs == prompt
+    empty = Chunk("a", [], None, None, 0, 0, None)
+    assert len(coalesce_chunks([empty, first])) == 2

@@ -196,6 +196,51 @@ def test_mixed_steps_replay_graphs_and_match_transformers(tiny_llama_dir) -> Non
     assert engine.runner.graphs is not None and engine.runner.graphs.mixed
 
 
+def test_prompt_logprobs_on_cuda_match_transformers(tiny_llama_dir) -> None:
+    """Prompt logprobs on the GPU (overlapped scheduling and CUDA graphs on: the steps with
+    prompt rows run eagerly and synchronously), chunked prefill of 20 tokens beside decode
+    rows, then again with the prefix cached: transformers' fp32 log_softmax at each position."""
+    import asyncio
+
+    from transformers import AutoModelForCausalLM
+
+    from mpi_workers.engine.torch.engine import TorchEngine
+
+    prompts = [list(range(7, 7 + n)) for n in (45, 70)]
+    hf = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32).cuda().eval()
+    expected = []
+    with torch.inference_mode():
+        for prompt in prompts:
+            logprobs = hf(torch.tensor([prompt], device="cuda")).logits[0].log_softmax(-1)
+            index = torch.tensor(prompt[1:], device="cuda").unsqueeze(1)
+            expected.append(logprobs[:-1].gather(1, index).squeeze(1).cpu())
+    del hf
+    engine = TorchEngine(
+        tiny_llama_dir, device="cuda", dtype=torch.float32, block_size=16, num_blocks=96,
+        max_num_batched_tokens=20,
+    )  # fmt: skip
+    assert engine.overlap and engine.runner.graphs is not None
+
+    async def serve() -> None:
+        await engine.start()
+        try:
+            for _ in range(2):  # the second round: the prompts' blocks are cached (not read)
+                plain = _requests([list(range(3, 30))])[0].model_copy(update={"request_id": "x"})
+                wanting = _requests(prompts, prompt_logprobs=2)
+                outs = await asyncio.gather(
+                    *(engine.generate_all(r) for r in [plain, *wanting])
+                )
+                for out, want in zip(outs[1:], expected, strict=True):
+                    assert out.prompt_logprobs is not None and out.num_cached_tokens == 0
+                    got = torch.tensor([e.logprob for e in out.prompt_logprobs])
+                    assert torch.allclose(got, want, atol=1e-4), (got - want).abs().max()
+                    assert all(len(e.top) == 2 for e in out.prompt_logprobs)
+        finally:
+            await engine.shutdown()
+
+    asyncio.run(serve())
+
+
 def test_sampling_on_cuda_seeded_and_unseeded(tiny_llama_dir) -> None:
     """Temperature sampling on the GPU: unseeded rows draw on the device (and overlap), a
     seeded request gives the same tokens with and without overlap."""

@@ -109,6 +109,16 @@ async def test_bad_requests_name_the_field(engine: TrtllmEngine) -> None:
         engine.generate(request([10**9]))
 
 
+async def test_prompt_logprobs_are_declared_unsupported_and_refused(
+    engine: TrtllmEngine,
+) -> None:
+    """TensorRT-LLM's prompt logprobs are each position's top k, not the prompt tokens' own:
+    the card says so (the frontend's 400 names `echo`) and a direct caller is refused."""
+    assert "prompt_logprobs" in engine.unsupported_params
+    with pytest.raises(ValueError, match=r"^prompt_logprobs"):
+        engine.generate(request([1, 2, 3], prompt_logprobs=1))
+
+
 async def test_abort_ends_the_stream_and_reaches_the_engine(engine: TrtllmEngine) -> None:
     req = request([1, 2, 3], max_tokens=1000, ignore_eos=True)
     stream = engine.generate(req)
