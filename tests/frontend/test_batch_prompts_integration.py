@@ -7,45 +7,19 @@ refusals before anything is routed, the choice cap, aborts and migration of ever
 from __future__ import annotations
 
 import asyncio
-import contextlib
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import openai
 import pytest
+from real_workers import mocker_worker, openai_client
 from test_frontend_integration import assert_error, sse_events
 
-from contract.config import MockerConfig
 from frontend.tokenization import TextTokenizer
-from mpi_workers.engine.mocker import MockerEngine, ModelShape
-from mpi_workers.worker import Worker
 
 pytestmark = pytest.mark.integration
 
 PROMPTS = ["The capital of France is", "Once upon a time", "def fibonacci(n):"]
-
-
-@contextlib.asynccontextmanager
-async def mocker_worker(
-    fe: Any, model_dir: Path, worker_id: str = "agg-g0-i0"
-) -> AsyncIterator[None]:
-    """A real simulated worker behind `fe`, routable once this is entered."""
-    engine = MockerEngine(MockerConfig(speedup=1000.0), model_name="smol",
-                          shape=ModelShape.from_folder(model_dir), num_blocks=512)  # fmt: skip
-    worker = Worker(engine, deployment=fe.config.name, worker_id=worker_id, role="agg",
-                    nats_url=fe.nats_url, etcd_endpoint=fe.etcd_endpoint, lease_ttl_s=5,
-                    capacity=16, drain_timeout_s=5)  # fmt: skip
-    await worker.start()
-    try:
-        await fe.wait_for_workers(lambda ids: worker_id in ids)
-        yield
-    finally:
-        await worker.stop()
-
-
-def openai_client(fe: Any) -> openai.AsyncOpenAI:
-    return openai.AsyncOpenAI(base_url=fe.base_url + "/v1", api_key="unused", max_retries=0)
 
 
 def counts(usage: Any) -> tuple[int, int, int]:

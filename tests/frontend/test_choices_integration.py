@@ -12,11 +12,8 @@ from typing import Any
 import httpx
 import openai
 import pytest
+from real_workers import mocker_worker
 from test_frontend_integration import CHAT, assert_error, sse_events
-
-from contract.config import MockerConfig
-from mpi_workers.engine.mocker import MockerEngine, ModelShape
-from mpi_workers.worker import Worker
 
 pytestmark = pytest.mark.integration
 
@@ -179,14 +176,7 @@ async def test_the_mockers_sampled_choices_differ_and_seeded_ones_repeat(
     a single-choice request gets; seeded choices differ and come back the same; greedy ones
     are one text."""
     fe = await make_frontend()
-    engine = MockerEngine(MockerConfig(speedup=1000.0), model_name="smol",
-                          shape=ModelShape.from_folder(model_dir), num_blocks=256)  # fmt: skip
-    worker = Worker(engine, deployment=fe.config.name, worker_id="agg-g0-i0", role="agg",
-                    nats_url=fe.nats_url, etcd_endpoint=fe.etcd_endpoint, lease_ttl_s=5,
-                    capacity=8, drain_timeout_s=5)  # fmt: skip
-    await worker.start()
-    try:
-        await fe.wait_for_workers(lambda ids: "agg-g0-i0" in ids)
+    async with mocker_worker(fe, model_dir):
 
         async def texts(**body: Any) -> list[str]:
             async with fe.client() as client:
@@ -204,5 +194,3 @@ async def test_the_mockers_sampled_choices_differ_and_seeded_ones_repeat(
         assert len(set(seeded)) == 3
         assert await texts(n=3, temperature=0.9, seed=11) == seeded
         assert len(set(await texts(n=3, temperature=0.0))) == 1
-    finally:
-        await worker.stop()

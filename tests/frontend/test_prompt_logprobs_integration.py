@@ -6,37 +6,26 @@ engine that declares it cannot (the mocker)."""
 from __future__ import annotations
 
 import contextlib
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import openai
 import pytest
-from test_batch_prompts_integration import mocker_worker, openai_client
+from real_workers import engine_worker, mocker_worker, openai_client
 
 from contract.messages import GenerateRequest, SamplingParams
 from frontend.tokenization import TextTokenizer
 from mpi_workers.engine.torch.engine import TorchEngine
-from mpi_workers.worker import Worker
 
 pytestmark = [pytest.mark.integration, pytest.mark.model]
 
 PROMPTS = ["The capital of France is Paris, and the capital of Spain is", "Once upon a time"]
 
 
-@contextlib.asynccontextmanager
-async def torch_worker(fe: Any, model_dir: Path) -> AsyncIterator[TorchEngine]:
+def torch_worker(fe: Any, model_dir: Path) -> contextlib.AbstractAsyncContextManager[Any]:
     """The real engine behind `fe` (prefill chunks of 8 tokens: prompts span several)."""
     engine = TorchEngine(model_dir, num_blocks=256, max_num_batched_tokens=8, model_name="smol")
-    worker = Worker(engine, deployment=fe.config.name, worker_id="agg-g0-i0", role="agg",
-                    nats_url=fe.nats_url, etcd_endpoint=fe.etcd_endpoint, lease_ttl_s=5,
-                    capacity=16, drain_timeout_s=5)  # fmt: skip
-    await worker.start()
-    try:
-        await fe.wait_for_workers(lambda ids: "agg-g0-i0" in ids)
-        yield engine
-    finally:
-        await worker.stop()
+    return engine_worker(fe, engine)
 
 
 async def engine_logprobs(engine: TorchEngine, ids: list[int]) -> list[float]:

@@ -10,12 +10,10 @@ from typing import Any
 
 import openai
 import pytest
+from real_workers import mocker_worker
 from test_frontend_integration import CHAT, assert_error, sse_events
 
-from contract.config import MockerConfig
 from contract.messages import MAX_LOGIT_BIAS
-from mpi_workers.engine.mocker import MockerEngine, ModelShape
-from mpi_workers.worker import Worker
 
 pytestmark = pytest.mark.integration
 
@@ -201,18 +199,8 @@ async def test_the_mocker_refuses_logit_bias_naming_it(
     the frontend answers 400 naming logit_bias; min_tokens it honours (its pseudo tokens
     never end an output before max_tokens)."""
     fe = await make_frontend()
-    engine = MockerEngine(MockerConfig(speedup=1000.0), model_name="smol",
-                          shape=ModelShape.from_folder(model_dir), num_blocks=256)  # fmt: skip
-    worker = Worker(engine, deployment=fe.config.name, worker_id="agg-g0-i0", role="agg",
-                    nats_url=fe.nats_url, etcd_endpoint=fe.etcd_endpoint, lease_ttl_s=5,
-                    capacity=8, drain_timeout_s=5)  # fmt: skip
-    await worker.start()
-    try:
-        await fe.wait_for_workers(lambda ids: "agg-g0-i0" in ids)
-        async with client_of(fe.base_url) as client:
-            await mocker_refuses_logit_bias(client)
-    finally:
-        await worker.stop()
+    async with mocker_worker(fe, model_dir), client_of(fe.base_url) as client:
+        await mocker_refuses_logit_bias(client)
 
 
 async def mocker_refuses_logit_bias(client: openai.AsyncOpenAI) -> None:
