@@ -26,7 +26,7 @@ from mpi_workers.engine.base import Engine
 from mpi_workers.engine.factory import build_engine, build_torch_engine, torch_placement
 from mpi_workers.logging_setup import configure_logging, mpi_rank, worker_tag
 from mpi_workers.rank_guard import launched_as_mpi_rank, run_guarded
-from mpi_workers.ranks import RankGroup, resolve_rank_group
+from mpi_workers.ranks import RankGroup, leave_group, resolve_rank_group
 from mpi_workers.worker import serve_until_signal
 
 logger = logging.getLogger("mpi_workers")
@@ -199,10 +199,7 @@ def run_tp_rank(
     except BaseException:
         logger.exception("tensor-parallel rank failed")
         code = 1
-    if code != 0:  # peers may be blocked in a collective: no MPI_Finalize, just go
-        logging.shutdown()
-        os._exit(code)
-    return code
+    leave_group(code)
 
 
 if __name__ == "__main__":

@@ -11,7 +11,7 @@ MPICH shared-memory names are unlinked (`mpi_workers.mpi_shm`: a crashed group l
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NoReturn
 
 from contract.config import ConfigError, DeploymentConfig
 from mpi_workers.mpi_shm import release_segment_names
@@ -74,3 +74,28 @@ def resolve_rank_group(
         f"{spec.tp} (one world per instance) and the whole config needs {sum(sizes)}; "
         f"launch with `mpirun -n {spec.tp}`"
     )
+
+
+def leave_group(code: int) -> NoReturn:
+    """End this tensor-parallel rank's process now, with `code`.
+
+    A rank that finished cleanly (code 0) finalizes MPI first, while every library is still
+    alive: MPI_Finalize waits for all the world's ranks (a PMI barrier), and a rank that dies
+    in the interpreter's teardown instead (torch's/gloo's C++ destructors abort now and then
+    under load: "terminate called without an active exception") would leave its peers in
+    MPI_Finalize for good. Then it leaves without that teardown. A failed rank (code != 0)
+    skips MPI_Finalize: its peers may be blocked in a collective.
+    """
+    import logging
+    import os
+    import sys
+
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        stream.flush()
+    if code == 0:
+        from mpi4py import MPI
+
+        if MPI.Is_initialized() and not MPI.Is_finalized():
+            MPI.Finalize()
+    os._exit(code)

@@ -27,6 +27,7 @@ import torch
 from contract.messages import GenerateRequest, SamplingParams
 from mpi_workers.engine.torch.engine import TorchEngine
 from mpi_workers.engine.torch.model_runner import StepPlan
+from mpi_workers.ranks import leave_group
 
 
 def parse() -> argparse.Namespace:
@@ -115,7 +116,7 @@ def main() -> int:
                 for _ in range(args.kill_after):
                     runner.execute(tp.broadcast_object())
             os.kill(os.getpid(), signal.SIGKILL)
-        return follow(runner, tp)
+        leave_group(follow(runner, tp))
     engine = TorchEngine(args.model_dir, tp=tp, **kwargs)
     bias = {int(token): value for token, value in json.loads(args.logit_bias).items()}
     result = asyncio.run(lead(engine, prompts, args.max_tokens, args.prompt_logprobs, bias))
@@ -127,6 +128,8 @@ def main() -> int:
     print(json.dumps(result), flush=True)
     if engine.failed:
         os._exit(1)
+    if tp is not None:
+        leave_group(0)  # as the product's ranks leave: MPI finalized before any teardown
     return 0
 
 

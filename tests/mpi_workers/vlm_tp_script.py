@@ -24,6 +24,7 @@ import vlm_inputs as vi
 
 from contract.vlm import load_vlm_info
 from mpi_workers.engine.torch.engine import TorchEngine
+from mpi_workers.ranks import leave_group
 
 BLOCK_SIZE = 4
 
@@ -76,10 +77,13 @@ def main() -> int:
     if tp is not None and tp.rank != 0:
         from mpi_workers.engine.torch.follower import build_follower_runner, follow
 
-        return follow(build_follower_runner(Path(model_dir), tp, torch.float32, BLOCK_SIZE), tp)
+        runner = build_follower_runner(Path(model_dir), tp, torch.float32, BLOCK_SIZE)
+        leave_group(follow(runner, tp))
     result = asyncio.run(lead(build_engine(model_dir, tp), max_tokens))
     result["tp"] = size
     print(json.dumps(result), flush=True)
+    if tp is not None:
+        leave_group(0)  # as the product's ranks leave: MPI finalized before any teardown
     return 0
 
 
