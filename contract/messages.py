@@ -92,19 +92,24 @@ def sampling_range_error(params: SamplingParams) -> tuple[str, str] | None:
     return logit_bias_error(params.logit_bias)
 
 
-def logit_bias_error(
-    bias: dict[int, float], vocab_size: int | None = None
-) -> tuple[str, str] | None:
-    """(field, message) when `bias` has too many entries, a bias outside LOGIT_BIAS_BOUNDS
-    or (given `vocab_size`) a token id outside the vocabulary; else None."""
+def logit_bias_error(bias: dict[int, float]) -> tuple[str, str] | None:
+    """(field, message) when `bias` has too many entries or a bias outside
+    LOGIT_BIAS_BOUNDS; else None. Its token ids: `logit_bias_vocab_error`."""
     if len(bias) > MAX_LOGIT_BIAS:
         return "logit_bias", f"at most {MAX_LOGIT_BIAS} entries, not {len(bias)}"
     for token, value in bias.items():
         if not LOGIT_BIAS_BOUNDS.admits(value):
             return "logit_bias", f"the bias of token {token} {LOGIT_BIAS_BOUNDS.describe()}"
-        if vocab_size is not None and not 0 <= token < vocab_size:
-            return "logit_bias", f"token id {token} is outside the vocabulary (0..{vocab_size - 1})"
     return None
+
+
+def logit_bias_vocab_error(bias: dict[int, float], vocab_size: int) -> tuple[str, str] | None:
+    """(field, message) when a token id of `bias` lies outside the vocabulary; else None
+    (checked where the vocabulary is known: the frontend's tokenizer, the engine)."""
+    bad = next((token for token in bias if not 0 <= token < vocab_size), None)
+    if bad is None:
+        return None
+    return "logit_bias", f"token id {bad} is outside the vocabulary (0..{vocab_size - 1})"
 
 
 class SamplingParams(_Message):

@@ -438,10 +438,10 @@ async def stream_events(
         for _ in range(count if want_logprobs and not chat else 0)
     ]
     include_usage = prepared.include_usage
-    # echo + logprobs: a choice's echo piece carries its prompt's logprobs, which come with
-    # its first chunk: sent then
-    echo_logprobs = not chat and want_logprobs and prepared.prompts[0].echo is not None
-    echo_pending = [echo_logprobs] * count
+    # echo: a choice's prompt piece goes out with its first chunk (with logprobs, it carries
+    # the prompt's, which come with that chunk)
+    echo = not chat and prepared.prompts[0].echo is not None
+    echo_pending = [echo] * count
 
     def event(
         index: int, text: str | None, entries: list[TokenLogprob], finish: str | None
@@ -464,7 +464,7 @@ async def stream_events(
 
     def echo_event(index: int, generation: Generation) -> bytes:
         chunk = dict(head)
-        logprobs = completion_logprobs[index].build_prompt(generation)
+        logprobs = completion_logprobs[index].build_prompt(generation) if want_logprobs else None
         text = prepared.prompt_of(index).echo
         chunk["choices"] = [
             {"index": index, "text": text, "logprobs": logprobs, "finish_reason": None}
@@ -488,11 +488,6 @@ async def stream_events(
                 if include_usage:
                     role_chunk["usage"] = None
                 yield _sse(role_chunk)
-        elif not echo_logprobs:
-            for index in range(count):
-                echo = prepared.prompt_of(index).echo
-                if echo is not None:
-                    yield event(index, echo, [], None)
         pending_text = [""] * count
         pending_entries: list[list[TokenLogprob]] = [[] for _ in range(count)]
         waiting: list[int] = []  # choices with pending text, in the order it came

@@ -19,7 +19,7 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 
 from contract.discovery import WorkerCard
-from contract.messages import GenerateRequest, MediaRef, SamplingParams, logit_bias_error
+from contract.messages import GenerateRequest, MediaRef, SamplingParams, logit_bias_vocab_error
 from frontend import errors
 from frontend.choices import ChoiceStreams, choice_requests
 from frontend.media import MediaItem, kind_of
@@ -421,8 +421,7 @@ def _sampling(
         logit_bias=body.logit_bias or {},
     )
     if params.logit_bias:  # the schema checked count and range; the vocabulary is ours
-        vocab = state.tokenizer.vocab_size
-        bad = logit_bias_error(params.logit_bias, vocab)
+        bad = logit_bias_vocab_error(params.logit_bias, state.tokenizer.vocab_size)
         if bad is not None:
             raise errors.bad_request(f"{bad[0]}: {bad[1]}", param=bad[0])
     if isinstance(body, CompletionRequest) and body.wants_prompt_logprobs():

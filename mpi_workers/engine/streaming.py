@@ -23,7 +23,7 @@ from contract.messages import (
     LoadMetrics,
     SamplingParams,
     TokenLogprob,
-    logit_bias_error,
+    logit_bias_vocab_error,
     sampling_range_error,
 )
 from mpi_workers.engine.base import Engine, KvEventSink
@@ -62,10 +62,9 @@ def validate_request(request: GenerateRequest, max_model_len: int, vocab_size: i
         raise RequestValidationError(*bad)
     if any(t < 0 or t >= vocab_size for t in p.stop_token_ids):
         raise RequestValidationError("stop_token_ids", f"ids must lie in [0, {vocab_size})")
-    if p.logit_bias:
-        bad = logit_bias_error(p.logit_bias, vocab_size)
-        if bad is not None:
-            raise RequestValidationError(*bad)
+    bad = logit_bias_vocab_error(p.logit_bias, vocab_size) if p.logit_bias else None
+    if bad is not None:
+        raise RequestValidationError(*bad)
 
 
 class Chunk(NamedTuple):
