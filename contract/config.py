@@ -22,6 +22,8 @@ ENV_PREFIX = "HPCSERVE__"
 
 Role = Literal["agg", "prefill", "decode"]
 RouterMode = Literal["round_robin", "random", "least_loaded", "kv"]
+# how generated text holds tool calls (frontend.tool_calls: one parser per format)
+ToolCallParser = Literal["hermes", "llama3_json", "mistral", "pythonic"]
 # The routers that read load (in-flight counts, the workers' LoadMetrics): only their frontend
 # processes share counts with each other and parse the load reports; round robin shares only
 # its rotation (`frontend.rotation`), random nothing.
@@ -71,6 +73,12 @@ class ModelConfig(_Section):
     )
     served_name: str | None = Field(
         default=None, description="name clients use in `model`; default: the folder name"
+    )
+    chat_template: str | None = Field(
+        default=None,
+        description="the chat template to use instead of the model's: a .jinja file, or the "
+        "name of one shipped in frontend/templates (chatml_tools: ChatML that renders "
+        "`tools` and tool calls in the Hermes/Qwen2.5 way)",
     )
 
     def resolved_path(self) -> Path:
@@ -351,6 +359,14 @@ class FrontendConfig(_Section):
         "process woken from an idle core costs ~0.1-0.3 ms per request at low load (see "
         "benchmarks/README.md), at the price of a busy core while requests are in flight; "
         "0: off (the right choice when cores are shared)",
+    )
+
+    tool_call_parser: ToolCallParser | None = Field(
+        default=None,
+        description="how the model writes tool calls (hermes, llama3_json, mistral, "
+        "pythonic): chat requests may then carry `tools`, and calls in the output come back "
+        "as `tool_calls`; null: requests with tools are refused. The chat template must "
+        "render `tools` (model.chat_template)",
     )
 
     @model_validator(mode="after")

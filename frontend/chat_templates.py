@@ -13,7 +13,10 @@ renderer against jinja on random conversations.
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
+
+SHIPPED_TEMPLATES = Path(__file__).parent / "templates"
 
 # messages, add_generation_prompt -> the prompt text, or None: render with jinja
 Renderer = Callable[[list[dict[str, Any]], bool], str | None]
@@ -60,3 +63,18 @@ _KNOWN: dict[str, Renderer] = {
 def known_renderer(source: str) -> Renderer | None:
     """The plain-Python renderer of the chat template `source`, if it is a known one."""
     return _KNOWN.get(source)
+
+
+def chat_template_file(value: str) -> Path:
+    """The file `model.chat_template` names: a path, or the name of a template shipped in
+    frontend/templates (`chatml_tools`); ValueError naming the field if there is none."""
+    shipped = SHIPPED_TEMPLATES / f"{value}.jinja"
+    if "/" not in value and shipped.is_file():
+        return shipped
+    path = Path(value).expanduser()
+    if not path.is_file():
+        names = ", ".join(sorted(p.stem for p in SHIPPED_TEMPLATES.glob("*.jinja")))
+        raise ValueError(
+            f"model.chat_template: {value} is neither a file nor a shipped template ({names})"
+        )
+    return path

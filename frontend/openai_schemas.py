@@ -3,7 +3,7 @@
 Requests are validated here so that every bad input becomes a 400 naming the field
 (`messages.0.role`, `temperature`, ...). Unknown extra fields are ignored, as OpenAI clients
 send many we do not use (`user`, `store`, `metadata`, ...); but a known field whose meaning
-hpcserve does not implement yet (tool calling, constrained output) is refused by name rather
+hpcserve does not implement yet (constrained output, a forced tool call) is refused by name rather
 than ignored: the client would get something other than what it asked for. The response
 models document the shapes and are used by tests to check what the hot path (plain dicts,
 orjson) emits.
@@ -25,7 +25,7 @@ from pydantic import (
 
 from contract.messages import SAMPLING_BOUNDS, logit_bias_error
 
-Role = Literal["system", "user", "assistant", "developer", "tool"]
+Role = Literal["system", "user", "assistant", "developer", "tool", "function"]
 MAX_STOP_STRINGS = 4
 
 
@@ -67,36 +67,44 @@ class ImagePart(_Request):
 ContentPart = Annotated[TextPart | ImagePart, Field(discriminator="type")]
 
 
+class FunctionCall(_Request):
+    """A call as an assistant message holds it: `arguments` is a JSON text."""
+
+    name: str = Field(min_length=1)
+    arguments: str = Field(description="the arguments object as a JSON text")
+
+
+class MessageToolCall(_Request):
+    """One entry of an assistant message's `tool_calls` (a call the model made earlier)."""
+
+    id: str | None = None
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class ChatMessage(_Request):
     role: Role
     content: str | list[ContentPart] | None = None
-    name: str | None = None
-    # Tool calling is refused (`ChatCompletionRequest`); a history holding tool calls or tool
-    # results could only be rendered without the calls (the chat template writes role and
-    # content), so it is refused too rather than silently changed.
-    tool_calls: list[Any] | None = None
-    function_call: Any = None
+    name: str | None = Field(
+        default=None, description='role "function" (legacy): the function that answered'
+    )
+    tool_calls: list[MessageToolCall] | None = Field(
+        default=None,
+        description="an assistant message's calls, rendered by the chat template (tool "
+        "calling must be on: frontend.tool_call_parser)",
+    )
+    tool_call_id: str | None = Field(
+        default=None, description='role "tool": the id of the call this message answers'
+    )
+    function_call: FunctionCall | None = Field(
+        default=None, description="an assistant message's call (legacy form of tool_calls)"
+    )
 
-    @field_validator("role")
-    @classmethod
-    def _no_tool_results(cls, value: Role) -> Role:
-        if value == "tool":
-            raise _not_yet('tool calling (messages of role "tool")')
-        return value
-
-    @field_validator("tool_calls")
-    @classmethod
-    def _no_tool_calls(cls, value: list[Any] | None) -> list[Any] | None:
-        if value:
-            raise _not_yet("tool calling (assistant messages with tool_calls)")
-        return value
-
-    @field_validator("function_call")
-    @classmethod
-    def _no_function_call(cls, value: Any) -> Any:
-        if value is not None:
-            raise _not_yet("function calling (assistant messages with function_call)")
-        return value
+    def has_tool_history(self) -> bool:
+        """Whether this message is part of tool calling (a call, or a call's answer)."""
+        return bool(self.tool_calls) or self.function_call is not None or (
+            self.role in ("tool", "function")
+        )
 
     @model_validator(mode="after")
     def _content_required(self) -> ChatMessage:
@@ -122,6 +130,29 @@ class ChatMessage(_Request):
             for index, part in enumerate(self.content)
             if isinstance(part, ImagePart)
         ]
+
+
+class FunctionDefinition(_Request):
+    name: str = Field(min_length=1, max_length=64)
+    description: str | None = None
+    parameters: dict[str, Any] | None = Field(
+        default=None, description="the arguments' JSON schema"
+    )
+    strict: bool | None = None  # accepted; calls are parsed, not constrained
+
+
+class ToolDefinition(_Request):
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class NamedFunction(_Request):
+    name: str
+
+
+class NamedToolChoice(_Request):
+    type: Literal["function"]
+    function: NamedFunction
 
 
 class StreamOptions(_Request):
@@ -213,12 +244,26 @@ class ChatCompletionRequest(_SamplingFields):
     max_completion_tokens: int | None = _bounded("max_tokens")
     logprobs: bool = False
     top_logprobs: int | None = _bounded("logprobs")
-    # Tool calling is not done yet: tools are refused unless tool_choice is "none" (then the
-    # model is told of none and calls none: vLLM's behaviour without a tool parser).
-    tools: list[Any] | None = None
-    tool_choice: Any = None
-    functions: list[Any] | None = None  # the legacy form of tools
-    function_call: Any = None  # the legacy form of tool_choice
+    tools: list[ToolDefinition] | None = Field(
+        default=None,
+        description="functions the model may call (frontend.tool_call_parser must be set; "
+        "the chat template must render `tools`); its calls come back as the message's "
+        '`tool_calls`, finish_reason "tool_calls"',
+    )
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = Field(
+        default=None,
+        description='"auto" (the default with tools): the model may call; "none": tools '
+        'are not shown to the model; "required" and a named function are not supported yet',
+    )
+    parallel_tool_calls: bool | None = Field(
+        default=None, description="false: only the first call of an answer is returned"
+    )
+    functions: list[FunctionDefinition] | None = Field(
+        default=None, description="the legacy form of `tools`"
+    )
+    function_call: Literal["none", "auto"] | NamedFunction | None = Field(
+        default=None, description="the legacy form of `tool_choice`"
+    )
 
     @model_validator(mode="after")
     def _check_combinations(self) -> ChatCompletionRequest:
@@ -227,22 +272,44 @@ class ChatCompletionRequest(_SamplingFields):
             raise ValueError("top_logprobs: requires logprobs to be true")
         if self.min_tokens:
             _check_min_tokens(self.min_tokens, self.requested_max_tokens())
-        if self.tools or self.functions or self.tool_choice is not None or (
-            self.function_call is not None
+        if self.tools is not None or self.functions is not None or (
+            self.tool_choice is not None or self.function_call is not None
         ):
-            self._refuse_tool_calling()
+            self._check_tool_fields()
         return self
 
-    def _refuse_tool_calling(self) -> None:
-        """Refused: tools the model may call (any tool_choice but "none"), and a tool_choice
-        that demands a call ("required", a named function). "auto" with no tools is
-        exactly a plain request."""
-        for tools, choice in (("tools", "tool_choice"), ("functions", "function_call")):
-            chosen = getattr(self, choice)
-            if chosen is not None and chosen not in ("none", "auto"):
-                raise _not_yet(f"tool calling ({choice} {chosen!r})", choice)
-            if getattr(self, tools) and chosen != "none":
-                raise _not_yet(f'tool calling ({tools}, unless {choice} is "none")', tools)
+    def _check_tool_fields(self) -> None:
+        if self.tools and self.functions:
+            raise ValueError("functions: give tools or functions (their legacy form), not both")
+        if self.tool_choice is not None and self.function_call is not None:
+            raise ValueError("function_call: give tool_choice or function_call, not both")
+        choice = self.tool_choice_mode()
+        names = [f["name"] for f in self.function_definitions()]
+        param = "tool_choice" if self.function_call is None else "function_call"
+        if choice == "required" and not names:
+            raise ValueError(f'{param}: "required" needs tools to call')
+        if isinstance(choice, NamedFunction) and choice.name not in names:
+            raise ValueError(f"{param}: names function {choice.name!r}, which is not in tools")
+
+    def function_definitions(self) -> list[dict[str, Any]]:
+        """The functions offered (`tools`, or the legacy `functions`), as dicts."""
+        if self.tools:
+            return [tool.function.model_dump(exclude_none=True) for tool in self.tools]
+        return [f.model_dump(exclude_none=True) for f in self.functions or []]
+
+    def tool_choice_mode(self) -> Literal["none", "auto", "required"] | NamedFunction:
+        """What the request asks of the model: tool_choice or its legacy form, else "auto"
+        when it offers functions, "none" when it does not (OpenAI's defaults)."""
+        choice = self.tool_choice if self.tool_choice is not None else self.function_call
+        if isinstance(choice, NamedToolChoice):
+            return choice.function
+        if choice is not None:
+            return choice
+        return "auto" if self.tools or self.functions else "none"
+
+    def has_tool_history(self) -> bool:
+        """Whether a message of the history is a tool call or a tool's answer."""
+        return any(message.has_tool_history() for message in self.messages)
 
     def requested_max_tokens(self) -> int | None:
         return self.max_completion_tokens if self.max_completion_tokens else self.max_tokens
@@ -432,16 +499,32 @@ class ChatLogprobs(_Response):
     content: list[ChatLogprobEntry] | None
 
 
+class ResponseToolCall(_Response):
+    id: str = Field(description='"call_" and 24 random hex digits')
+    type: Literal["function"]
+    function: FunctionCall
+
+
 class ChatResponseMessage(_Response):
     role: Literal["assistant"]
-    content: str | None
+    content: str | None = Field(
+        description="the text outside the tool calls (null when the answer is calls only)"
+    )
+    tool_calls: list[ResponseToolCall] | None = Field(
+        default=None,
+        description="the calls frontend.tool_call_parser found in the output (a call that "
+        "does not parse stays content; a function not in `tools` is returned as vLLM does)",
+    )
+
+
+FinishReason = Literal["stop", "length", "tool_calls"]
 
 
 class ChatChoice(_Response):
     index: int
     message: ChatResponseMessage
     logprobs: ChatLogprobs | None = None
-    finish_reason: Literal["stop", "length"] | None
+    finish_reason: FinishReason | None
 
 
 class ChatCompletionResponse(_Response):
@@ -454,16 +537,33 @@ class ChatCompletionResponse(_Response):
     system_fingerprint: str | None = None
 
 
+class DeltaFunctionCall(_Response):
+    name: str | None = None
+    arguments: str | None = None
+
+
+class DeltaToolCall(_Response):
+    index: int = Field(description="the call's place in the message's tool_calls")
+    id: str | None = None
+    type: Literal["function"] | None = None
+    function: DeltaFunctionCall
+
+
 class ChatDelta(_Response):
     role: Literal["assistant"] | None = None
     content: str | None = None
+    tool_calls: list[DeltaToolCall] | None = Field(
+        default=None,
+        description="a call, once whole: id, type and function.name first (arguments \"\"), "
+        "then function.arguments; join the pieces of one `index` (vLLM's shape)",
+    )
 
 
 class ChatChunkChoice(_Response):
     index: int
     delta: ChatDelta
     logprobs: ChatLogprobs | None = None
-    finish_reason: Literal["stop", "length"] | None = None
+    finish_reason: FinishReason | None = None
 
 
 class ChatCompletionChunk(_Response):

@@ -13,6 +13,7 @@ from typing import Literal
 
 from contract.messages import MediaRef, SamplingParams
 from frontend.openai_schemas import ChatCompletionRequest, CompletionRequest
+from frontend.tool_calling import ToolUse
 
 Kind = Literal["chat", "completion"]
 
@@ -49,6 +50,7 @@ class Prepared:
         "sampling",
         "stops",
         "stream",
+        "tools",
         "user_max_tokens",
     )
 
@@ -61,6 +63,7 @@ class Prepared:
         sampling: SamplingParams,
         arrival: float,
         media: list[MediaRef] | None = None,
+        tools: ToolUse | None = None,
     ) -> None:
         self.kind = kind
         self.arrival = arrival
@@ -83,6 +86,7 @@ class Prepared:
         self.num_choices = self.n * len(prompts)
         self.include_usage = body.include_usage_in_stream()
         self.logprobs = body.requested_logprobs()
+        self.tools = tools  # a chat request's tool calling (None: a plain request)
 
     def prompt_of(self, choice: int) -> Prompt:
         """The prompt choice `choice` (a response index) continues."""

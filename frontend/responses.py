@@ -368,14 +368,19 @@ def full_response(
         if echo is not None:
             text = echo + text
         if chat:
+            finish = generation.finish_reason
+            message: dict[str, Any] = {"role": "assistant", "content": text}
+            if prepared.tools is not None:  # the calls in the text (frontend.tool_calling)
+                message, called = prepared.tools.message(text)
+                finish = "tool_calls" if called else finish
             body.append({
                 "index": index,
-                "message": {"role": "assistant", "content": text},
+                "message": message,
                 "logprobs": (
                     {"content": generation.chat_logprobs(choice.logprobs)}
                     if want_logprobs else None
                 ),
-                "finish_reason": generation.finish_reason,
+                "finish_reason": finish,
             })  # fmt: skip
         else:
             logprobs = None
@@ -462,6 +467,19 @@ async def stream_events(
             chunk["usage"] = None
         return _sse(chunk)
 
+    # tool calling: each choice's text goes through its call finder (frontend.tool_calls)
+    tool_streams = prepared.tools.streams(count) if prepared.tools is not None else None
+
+    def tool_call_event(index: int, entry: dict[str, Any]) -> bytes:
+        chunk = dict(head)
+        chunk["choices"] = [
+            {"index": index, "delta": {"tool_calls": [entry]}, "logprobs": None,
+             "finish_reason": None}
+        ]  # fmt: skip
+        if include_usage:
+            chunk["usage"] = None
+        return _sse(chunk)
+
     def echo_event(index: int, generation: Generation) -> bytes:
         chunk = dict(head)
         logprobs = completion_logprobs[index].build_prompt(generation) if want_logprobs else None
@@ -496,6 +514,23 @@ async def stream_events(
             index, output = await choices.next(deadline)
             generation = generations[index]
             text, entries = generation.consume(output)
+            if tool_streams is not None:
+                pieces = tool_streams[index].feed(text) if text else []
+                if generation.finish_reason is not None:
+                    pieces += tool_streams[index].finish()
+                text = ""
+                for piece in pieces:
+                    if isinstance(piece, str):
+                        text += piece
+                        continue
+                    # a call: the content and logprobs before it go out first
+                    pending_text[index] += text
+                    pending_entries[index] += entries if want_logprobs else []
+                    if pending_text[index] or pending_entries[index]:
+                        yield event(index, pending_text[index], pending_entries[index], None)
+                    pending_text[index], pending_entries[index], text, entries = "", [], "", []
+                    for entry in piece.stream_deltas(piece.index):
+                        yield tool_call_event(index, entry)
             if echo_pending[index]:
                 echo_pending[index] = False
                 yield echo_event(index, generation)
@@ -506,6 +541,8 @@ async def stream_events(
             if fresh and (pending_text[index] or pending_entries[index]):
                 waiting.append(index)
             finish = generation.finish_reason
+            if finish is not None and tool_streams is not None and tool_streams[index].calls:
+                finish = "tool_calls"
             if finish is not None:
                 left -= 1
                 if output.finish_reason is None:  # a stop string: the worker may stop now

@@ -40,6 +40,7 @@ from frontend.responses import (
 )
 from frontend.state import FrontendState, media_workers
 from frontend.tokenization import ChatTemplateError
+from frontend.tool_calling import ToolUse, template_messages, tool_use
 
 T = TypeVar("T")
 
@@ -137,6 +138,7 @@ async def handle(state: FrontendState, request: Request, kind: Kind) -> Response
     _refuse_too_many_choices(state, body)
     _refuse_what_cannot_fit(state, body)
     images = body.image_parts() if isinstance(body, ChatCompletionRequest) else []
+    tools = _tool_use(state, body, images)
     hold: MediaHold | None = None
     try:
         media: list[MediaRef] = []
@@ -147,9 +149,9 @@ async def handle(state: FrontendState, request: Request, kind: Kind) -> Response
             )
             prompts = [Prompt(prompt_ids, "messages")]
         else:
-            prompts = _prompts(state, body)
+            prompts = _prompts(state, body, tools)
         sampling = _sampling(state, body)
-        prepared = Prepared(kind, body, state.served_name, prompts, sampling, arrival, media)
+        prepared = Prepared(kind, body, state.served_name, prompts, sampling, arrival, media, tools)
         loop = asyncio.get_running_loop()
         deadline = loop.time() + state.config.frontend.request_timeout_s
         if prepared.stream:
@@ -250,18 +252,41 @@ def _refuse_what_cannot_fit(
             )
 
 
-def _prompts(state: FrontendState, body: ChatCompletionRequest | CompletionRequest) -> list[Prompt]:
+def _tool_use(
+    state: FrontendState,
+    body: ChatCompletionRequest | CompletionRequest,
+    images: list[tuple[str, str]],
+) -> ToolUse | None:
+    """A chat request's tool calling (None: none; `frontend.tool_calling`)."""
+    if not isinstance(body, ChatCompletionRequest):
+        return None
+    tools = tool_use(body, state.config.frontend.tool_call_parser, state.tokenizer)
+    if tools is not None and images:
+        raise errors.bad_request(
+            "messages: image parts together with tool calling are not supported yet",
+            param="messages",
+        )
+    return tools
+
+
+def _prompts(
+    state: FrontendState,
+    body: ChatCompletionRequest | CompletionRequest,
+    tools: ToolUse | None = None,
+) -> list[Prompt]:
     """The request's prompts (a batch's in order), tokenized and checked; the first bad
     one is a 400 naming it (`prompt.<i>` in a batch) before anything is routed."""
     tokenizer = state.tokenizer
     if isinstance(body, ChatCompletionRequest):
-        # most HF templates know no "developer" role; it is OpenAI's new name for system
-        messages = [
-            {"role": "system" if m.role == "developer" else m.role, "content": m.text()}
-            for m in body.messages
-        ]
+        if tools is not None:  # tool calls and answers in the history, functions shown
+            messages = template_messages(body.messages)
+        else:  # most HF templates know no "developer" role: OpenAI's new name for system
+            messages = [
+                {"role": "system" if m.role == "developer" else m.role, "content": m.text()}
+                for m in body.messages
+            ]
         try:
-            ids = tokenizer.encode_chat(messages)
+            ids = tokenizer.encode_chat(messages, tools.tools if tools is not None else None)
         except ChatTemplateError as exc:
             raise errors.bad_request(str(exc), param="messages") from None
         return [Prompt(_checked_ids(state, ids, "messages"), "messages")]

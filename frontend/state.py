@@ -22,6 +22,7 @@ from contract.plan import FRONTEND_PROCESS_ENV
 from contract.supervisor import SUPERVISOR_FILE
 from contract.vlm import VlmInfo, load_vlm_info
 from frontend import errors
+from frontend.chat_templates import chat_template_file
 from frontend.kv_index import KvIndex, KvIndexFeed
 from frontend.kv_router import KvRouter
 from frontend.load_share import LoadShare
@@ -76,7 +77,10 @@ class FrontendState:
         model_path = str(config.model.path)
         assert config.services.etcd.endpoint and config.services.nats.endpoint
         self.served_name = config.model.served_name or Path(model_path).name
-        self.tokenizer = TextTokenizer(model_path)
+        template = config.model.chat_template
+        self.tokenizer = TextTokenizer(
+            model_path, chat_template_file(template) if template else None
+        )
         try:
             self.vlm: VlmInfo | None = load_vlm_info(model_path)
         except ValueError as exc:

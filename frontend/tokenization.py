@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import jinja2
+from jinja2 import meta
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import Tokenizer
 
@@ -100,10 +101,20 @@ _BYTE_LEVEL = {
 }
 
 
+def _reads_variable(source: str, name: str) -> bool:
+    """Whether the jinja template `source` reads the context variable `name`."""
+    try:
+        parsed = jinja2.Environment(extensions=["jinja2.ext.loopcontrols"]).parse(source)
+    except jinja2.TemplateSyntaxError:
+        return False
+    return name in meta.find_undeclared_variables(parsed)
+
+
 class TextTokenizer:
     """A HF model folder's tokenizer, chat template and end-of-sequence tokens."""
 
-    def __init__(self, model_dir: str | Path) -> None:
+    def __init__(self, model_dir: str | Path, chat_template: Path | None = None) -> None:
+        """`chat_template`: a .jinja file used instead of the model's own template."""
         self.model_dir = Path(model_dir)
         tokenizer_file = self.model_dir / "tokenizer.json"
         if not tokenizer_file.is_file():
@@ -135,8 +146,15 @@ class TextTokenizer:
         self.max_model_len: int | None = model_config.get("max_position_embeddings")
         self._byte_level = self._uses_byte_level()
         self._token_bytes_table = self._token_bytes_of_vocabulary()
-        source = self._chat_template_source(tokenizer_config)
+        if chat_template is not None:
+            source: str | None = chat_template.read_text()
+        else:
+            source = self._chat_template_source(tokenizer_config)
         self._chat_template = self._compile_chat_template(source) if source else None
+        # whether the template writes the request's `tools` and an assistant's tool_calls:
+        # if not, tools would never reach the model (frontend.tool_calling refuses them)
+        self.template_renders_tools = bool(source) and _reads_variable(source, "tools")
+        self.template_renders_tool_calls = bool(source) and "tool_calls" in (source or "")
         # a known template is rendered without jinja (frontend.chat_templates)
         self._fast_render: Renderer | None = known_renderer(source) if source else None
         # the template's globals, copied once: `render` copies them into every context
@@ -262,9 +280,13 @@ class TextTokenizer:
     def decode(self, token_ids: Sequence[int], skip_special_tokens: bool = True) -> str:
         return self._tokenizer.decode(list(token_ids), skip_special_tokens=skip_special_tokens)
 
-    def render_chat(self, messages: list[dict[str, Any]]) -> str:
-        """The prompt text for `messages`, ending with the assistant's turn opener."""
-        if self._fast_render is not None:
+    def render_chat(
+        self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None
+    ) -> str:
+        """The prompt text for `messages`, ending with the assistant's turn opener; `tools`
+        (OpenAI's function definitions) are passed to the template as transformers'
+        apply_chat_template does (then always through jinja)."""
+        if self._fast_render is not None and tools is None:
             text = self._fast_render(messages, True)
             if text is not None:
                 return text
@@ -278,6 +300,8 @@ class TextTokenizer:
             "bos_token": self.bos_token or "",
             "eos_token": self.eos_token or "",
         }
+        if tools is not None:
+            variables["tools"] = tools
         try:
             # Template.render, less its per-call merge of the globals (a third of its time)
             context = template.new_context(variables, shared=True)
@@ -290,9 +314,11 @@ class TextTokenizer:
         except jinja2.TemplateError as exc:
             raise ChatTemplateError(f"the chat template failed: {exc}") from exc
 
-    def encode_chat(self, messages: list[dict[str, Any]]) -> list[int]:
+    def encode_chat(
+        self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None
+    ) -> list[int]:
         # the template writes the special tokens itself
-        return self.encode_template_output(self.render_chat(messages))
+        return self.encode_template_output(self.render_chat(messages, tools))
 
     @cached_property
     def max_token_chars(self) -> int:

@@ -54,6 +54,7 @@ class ToolCall:
 
     name: str
     arguments: str
+    index: int = 0  # its place among its answer's calls
     id: str = field(default_factory=new_call_id)
 
     def message_entry(self) -> dict[str, Any]:
@@ -338,7 +339,8 @@ class ToolCallStream:
             return
         for name, arguments in parsed:
             if self._max_calls is None or self.calls < self._max_calls:
-                out.append(ToolCall(name, json.dumps(arguments, ensure_ascii=False)))
+                arguments_json = json.dumps(arguments, ensure_ascii=False)
+                out.append(ToolCall(name, arguments_json, self.calls))
                 self.calls += 1
         self._strip_next = True
         self._separator = self._lead if self._said else ""

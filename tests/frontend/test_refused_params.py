@@ -42,14 +42,18 @@ def client_of(base_url: str) -> openai.AsyncOpenAI:
     return openai.AsyncOpenAI(base_url=base_url + "/v1", api_key="unused", max_retries=0)
 
 
-async def refused(call: Any, param: str) -> str:
-    """The message of the 400 `call` must get, which names `param`."""
+NOT_YET = ("hpcserve does not support", "yet")
+TOOLS_OFF = ("tool calling is off", "set frontend.tool_call_parser")
+
+
+async def refused(call: Any, param: str, words: tuple[str, ...] = NOT_YET) -> str:
+    """The message of the 400 `call` must get, which names `param` and says `words`."""
     with pytest.raises(openai.BadRequestError) as caught:
         await call
     error = caught.value
     assert error.status_code == 400
     assert error.param == param, error.body
-    assert "hpcserve does not support" in error.message and "yet" in error.message
+    assert all(word in error.message for word in words), error.message
     return error.message
 
 
@@ -67,26 +71,30 @@ async def test_tool_calling_and_constrained_output_are_refused_naming_the_field(
 
 async def refuse_each(client: openai.AsyncOpenAI) -> None:
     chat = client.chat.completions.create
-    cases: list[tuple[dict[str, Any], str]] = [
-        ({"tools": [TOOL]}, "tools"),
-        ({"tools": [TOOL], "tool_choice": "auto"}, "tools"),
-        ({"tools": [TOOL], "tool_choice": "required"}, "tool_choice"),
-        (
-            {"tools": [TOOL], "tool_choice": {"type": "function", "function": {"name": "x"}}},
-            "tool_choice",
-        ),
-        ({"tool_choice": "required"}, "tool_choice"),
-        ({"functions": [FUNCTION]}, "functions"),
-        ({"functions": [FUNCTION], "function_call": "auto"}, "functions"),
-        ({"functions": [FUNCTION], "function_call": {"name": "get_weather"}}, "function_call"),
-        ({"response_format": {"type": "json_object"}}, "response_format"),
-        ({"response_format": SCHEMA_FORMAT}, "response_format"),
-    ]
-    for fields, param in cases:
+    named = {"type": "function", "function": {"name": "get_weather"}}
+    cases: list[tuple[dict[str, Any], str, tuple[str, ...]]] = [
+        # no frontend.tool_call_parser on this deployment: tools are refused, naming it
+        ({"tools": [TOOL]}, "tools", TOOLS_OFF),
+        ({"tools": [TOOL], "tool_choice": "auto"}, "tools", TOOLS_OFF),
+        ({"tools": [TOOL], "tool_choice": "required"}, "tools", TOOLS_OFF),
+        ({"tools": [TOOL], "tool_choice": named}, "tools", TOOLS_OFF),
+        ({"functions": [FUNCTION]}, "functions", TOOLS_OFF),
+        ({"functions": [FUNCTION], "function_call": "auto"}, "functions", TOOLS_OFF),
+        ({"functions": [FUNCTION], "function_call": {"name": "get_weather"}}, "functions",
+         TOOLS_OFF),
+        # wrong whatever the deployment
+        ({"tool_choice": "required"}, "tool_choice", ('"required" needs tools',)),
+        ({"tools": [TOOL], "tool_choice": {"type": "function", "function": {"name": "x"}}},
+         "tool_choice", ("'x', which is not in tools",)),
+        ({"response_format": {"type": "json_object"}}, "response_format", NOT_YET),
+        ({"response_format": SCHEMA_FORMAT}, "response_format", NOT_YET),
+    ]  # fmt: skip
+    for fields, param, words in cases:
         for stream in (False, True):
             await refused(
                 chat(model="smol", messages=MESSAGES, max_tokens=2, stream=stream, **fields),
                 param,
+                words,
             )
     completions = client.completions.create  # OpenAI's completions have no tools
     for fmt in ({"type": "json_object"}, SCHEMA_FORMAT):
@@ -100,8 +108,8 @@ async def refuse_each(client: openai.AsyncOpenAI) -> None:
 
 
 async def test_tool_call_history_is_refused_naming_the_message_field(make_frontend: Any) -> None:
-    """The chat template writes only role and content: an assistant turn's tool_calls would
-    vanish from the prompt, so a history holding tool calls or results is refused."""
+    """Without tool calling on the deployment, a history holding tool calls or results is
+    refused (the template would drop the calls), naming the setting that enables it."""
     fe = await make_frontend()
     worker = await fe.add_worker()
     asked = {"role": "user", "content": "Weather in Paris?"}
@@ -116,7 +124,7 @@ async def test_tool_call_history_is_refused_naming_the_message_field(make_fronte
             ([asked, legacy], "messages.1.function_call"),
         ):
             create = client.chat.completions.create
-            await refused(create(model="smol", messages=messages, max_tokens=2), param)
+            await refused(create(model="smol", messages=messages, max_tokens=2), param, TOOLS_OFF)
     assert not worker.requests
 
 

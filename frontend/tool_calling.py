@@ -1,0 +1,159 @@
+"""Tool calling on /v1/chat/completions, the request's side: whether this deployment takes
+a request's `tools` and tool history (`frontend.tool_call_parser`, and a chat template that
+renders them), the messages and functions as the template takes them (transformers'
+convention, as vLLM passes them), and the answer's message with its `tool_calls`.
+
+A request without tools or tool history never gets here past one check (`tool_use` returns
+None): its prompt and answer take the plain path."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from frontend import errors
+from frontend.openai_schemas import ChatCompletionRequest, ChatMessage, NamedFunction
+from frontend.tokenization import TextTokenizer
+from frontend.tool_calls import FORMATS, ToolCallFormat, ToolCallStream, parse_tool_calls
+
+_ENABLE = "set frontend.tool_call_parser (hermes, llama3_json, mistral or pythonic) to enable it"
+
+
+class ToolUse:
+    """What one request's tool calling needs: the functions shown to the model (None:
+    none, tool_choice "none"), the format its calls are parsed in (None: not parsed), and
+    how many calls an answer keeps (1: parallel_tool_calls false)."""
+
+    __slots__ = ("fmt", "max_calls", "tools")
+
+    def __init__(
+        self, tools: list[dict[str, Any]] | None, fmt: ToolCallFormat | None, max_calls: int | None
+    ) -> None:
+        self.tools = tools
+        self.fmt = fmt
+        self.max_calls = max_calls
+
+    def streams(self, count: int) -> list[ToolCallStream] | None:
+        """One call finder per choice of a streamed answer (None: nothing to parse)."""
+        if self.fmt is None:
+            return None
+        return [ToolCallStream(self.fmt, self.max_calls) for _ in range(count)]
+
+    def message(self, text: str) -> tuple[dict[str, Any], bool]:
+        """A whole answer's message, and whether it made calls."""
+        if self.fmt is None:
+            return {"role": "assistant", "content": text}, False
+        content, calls = parse_tool_calls(self.fmt, text, self.max_calls)
+        if not calls:
+            return {"role": "assistant", "content": content}, False
+        entries = [call.message_entry() for call in calls]
+        return {"role": "assistant", "content": content, "tool_calls": entries}, True
+
+
+def tool_use(
+    body: ChatCompletionRequest, parser: str | None, tokenizer: TextTokenizer
+) -> ToolUse | None:
+    """The request's tool calling (None: a plain request), or a 400 naming the field this
+    deployment cannot serve: tools or tool history without a tool_call_parser, a template
+    that would not show them to the model, a call forced by tool_choice."""
+    offered = bool(body.tools or body.functions)
+    history = body.has_tool_history()
+    if not offered and not history:
+        return None  # tool_choice "none"/"auto" without tools changes nothing
+    choice = body.tool_choice_mode()
+    tools_param = "tools" if body.tools else "functions"
+    choice_param = "function_call" if body.function_call is not None else "tool_choice"
+    if parser is None:
+        if offered and choice != "none":
+            raise errors.bad_request(
+                f"{tools_param}: tool calling is off on this deployment; {_ENABLE} "
+                f'(or send tool_choice "none")',
+                param=tools_param,
+            )
+        if history:
+            param = _history_param(body.messages)
+            raise errors.bad_request(
+                f"{param}: tool calling is off on this deployment, so a history of tool "
+                f"calls cannot be shown to the model; {_ENABLE}",
+                param=param,
+            )
+    if choice == "required" or isinstance(choice, NamedFunction):
+        raise _forced_call_refused(choice, choice_param)
+    if history and not tokenizer.template_renders_tool_calls:
+        param = _history_param(body.messages)
+        raise errors.bad_request(
+            f"{param}: the chat template does not render tool calls, so the model would not "
+            "see them; set model.chat_template (chatml_tools for Hermes-style models)",
+            param=param,
+        )
+    if not offered or choice == "none":
+        return ToolUse(None, None, None)
+    if not tokenizer.template_renders_tools:
+        raise errors.bad_request(
+            f"{tools_param}: the chat template does not render `tools`, so the model would "
+            "never learn of them; set model.chat_template (chatml_tools for Hermes-style "
+            'models) or send tool_choice "none"',
+            param=tools_param,
+        )
+    tools = [{"type": "function", "function": f} for f in body.function_definitions()]
+    max_calls = 1 if body.parallel_tool_calls is False or body.functions else None
+    assert parser is not None
+    return ToolUse(tools, FORMATS[parser], max_calls)
+
+
+def _forced_call_refused(choice: str | NamedFunction, param: str) -> errors.OpenAIError:
+    """tool_choice "required" or a named function: the answer must be a call, which only
+    constrained decoding can promise (a JSON schema of the calls, as response_format
+    json_schema takes it: the place to wire this once the engine constrains output)."""
+    what = repr(choice) if isinstance(choice, str) else f"naming function {choice.name!r}"
+    return errors.bad_request(
+        f"{param}: hpcserve does not support {param} {what} yet (a call forced by "
+        'constrained decoding); use "auto"',
+        param=param,
+    )
+
+
+def _history_param(messages: list[ChatMessage]) -> str:
+    """The field of the first tool-calling message, as errors name it."""
+    for index, message in enumerate(messages):
+        if message.tool_calls:
+            return f"messages.{index}.tool_calls"
+        if message.function_call is not None:
+            return f"messages.{index}.function_call"
+        if message.role in ("tool", "function"):
+            return f"messages.{index}.role"
+    return "messages"
+
+
+def template_messages(messages: list[ChatMessage]) -> list[dict[str, Any]]:
+    """The messages as a tools-aware chat template takes them: an assistant's calls under
+    `tool_calls` with their arguments as objects (vLLM's and transformers' convention: the
+    templates write them with `tojson`), the legacy function_call as one such call, a
+    legacy "function" answer as a "tool" one."""
+    rendered: list[dict[str, Any]] = []
+    for message in messages:
+        role = {"developer": "system", "function": "tool"}.get(message.role, message.role)
+        entry: dict[str, Any] = {"role": role, "content": message.text()}
+        calls = message.tool_calls or []
+        if message.function_call is not None and not calls:
+            entry["tool_calls"] = [_template_call(None, message.function_call.name,
+                                                  message.function_call.arguments)]  # fmt: skip
+        elif calls:
+            entry["tool_calls"] = [
+                _template_call(call.id, call.function.name, call.function.arguments)
+                for call in calls
+            ]
+        if message.tool_call_id is not None:
+            entry["tool_call_id"] = message.tool_call_id
+        if message.name is not None:
+            entry["name"] = message.name
+        rendered.append(entry)
+    return rendered
+
+
+def _template_call(call_id: str | None, name: str, arguments: str) -> dict[str, Any]:
+    try:
+        loaded: Any = json.loads(arguments)
+    except ValueError:
+        loaded = arguments  # not JSON: the template gets the text as sent
+    return {"id": call_id, "type": "function", "function": {"name": name, "arguments": loaded}}
