@@ -315,12 +315,17 @@ async def make_frontend(
         model: Path | None = None,
         served_name: str = "smol",
         multimodal: dict[str, Any] | None = None,
+        chat_template: str | None = None,
         **frontend: Any,
     ) -> FrontendHarness:
         config = DeploymentConfig.model_validate(
             {
                 "name": f"test-{uuid.uuid4().hex[:10]}",
-                "model": {"path": str(model or model_dir), "served_name": served_name},
+                "model": {
+                    "path": str(model or model_dir),
+                    "served_name": served_name,
+                    "chat_template": chat_template,
+                },
                 "multimodal": multimodal or {},
                 "frontend": {"port": 0, **frontend},
                 "services": {
