@@ -40,8 +40,11 @@ TOOL_FRONTEND = {"tool_call_parser": "hermes", "chat_template": "chatml_tools"}
 
 
 def earlier_call(city: str, number: int) -> dict[str, Any]:
-    call = {"id": f"call_{number}", "type": "function",
-            "function": {"name": "get_weather", "arguments": json.dumps({"city": city})}}
+    call = {
+        "id": f"call_{number}",
+        "type": "function",
+        "function": {"name": "get_weather", "arguments": json.dumps({"city": city})},
+    }
     return {"role": "assistant", "content": None, "tool_calls": [call]}  # fmt: skip
 
 
