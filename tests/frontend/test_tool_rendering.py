@@ -1,0 +1,117 @@
+"""Tools and tool history through the chat template: the shipped chatml_tools template
+(functions in the system turn, earlier calls as <tool_call> blocks, tool answers as
+<tool_response> blocks in one user turn), the legacy function_call / "function" forms,
+`model.chat_template` naming, and the fast path kept for plain requests."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from contract.config import ConfigError, load_config
+from frontend.chat_templates import chat_template_file
+from frontend.openai_schemas import ChatCompletionRequest, ChatMessage
+from frontend.tokenization import TextTokenizer
+from frontend.tool_calling import template_messages
+
+WEATHER = {
+    "name": "get_weather",
+    "description": "the weather in a city",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string"}}},
+}
+TOOLS = [{"type": "function", "function": WEATHER}]
+
+
+@pytest.fixture(scope="module")
+def tools_tokenizer(model_dir: Path) -> TextTokenizer:
+    return TextTokenizer(model_dir, chat_template_file("chatml_tools"))
+
+
+def messages(*raw: dict[str, Any]) -> list[dict[str, Any]]:
+    return template_messages([ChatMessage.model_validate(m) for m in raw])
+
+
+def test_tools_and_a_tool_history_render_in_the_hermes_way(
+    tools_tokenizer: TextTokenizer,
+) -> None:
+    calls = [
+        {"id": "call_a", "type": "function",
+         "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}},
+        {"id": "call_b", "type": "function",
+         "function": {"name": "get_weather", "arguments": '{"city": "Rome"}'}},
+    ]  # fmt: skip
+    text = tools_tokenizer.render_chat(
+        messages(
+            {"role": "developer", "content": "Be brief."},
+            {"role": "user", "content": "Paris and Rome?"},
+            {"role": "assistant", "content": None, "tool_calls": calls},
+            {"role": "tool", "tool_call_id": "call_a", "content": "sunny"},
+            {"role": "tool", "tool_call_id": "call_b", "content": "rainy"},
+        ),
+        TOOLS,
+    )
+    system, user, assistant, answers, opener = text.split("<|im_end|>\n")
+    assert system.startswith("<|im_start|>system\nBe brief.\n\n# Tools")
+    assert "<tools>\n" + json.dumps(TOOLS[0]) + "\n</tools>" in system
+    assert user == "<|im_start|>user\nParis and Rome?"
+    assert assistant == (
+        '<|im_start|>assistant\n<tool_call>\n{"name": "get_weather", "arguments": '
+        '{"city": "Paris"}}\n</tool_call>\n<tool_call>\n{"name": "get_weather", '
+        '"arguments": {"city": "Rome"}}\n</tool_call>'
+    )
+    assert answers == (
+        "<|im_start|>user\n<tool_response>\nsunny\n</tool_response>\n<tool_response>\n"
+        "rainy\n</tool_response>"
+    )
+    assert opener == "<|im_start|>assistant\n"
+
+
+def test_the_legacy_function_forms_render_as_tool_calls(
+    tools_tokenizer: TextTokenizer,
+) -> None:
+    legacy = messages(
+        {"role": "user", "content": "Paris?"},
+        {"role": "assistant", "content": None,
+         "function_call": {"name": "get_weather", "arguments": '{"city": "Paris"}'}},
+        {"role": "function", "name": "get_weather", "content": "sunny"},
+    )  # fmt: skip
+    modern = messages(
+        {"role": "user", "content": "Paris?"},
+        {"role": "assistant", "content": None, "tool_calls": [{"id": "c", "type": "function",
+         "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}]},
+        {"role": "tool", "tool_call_id": "c", "content": "sunny"},
+    )  # fmt: skip
+    assert tools_tokenizer.render_chat(legacy, TOOLS) == tools_tokenizer.render_chat(modern, TOOLS)
+    request = ChatCompletionRequest.model_validate(
+        {"messages": [{"role": "user", "content": "x"}], "functions": [WEATHER]}
+    )
+    assert request.function_definitions() == [WEATHER]
+    assert request.tool_choice_mode() == "auto"
+
+
+def test_which_templates_render_tools(model_dir: Path, tools_tokenizer: TextTokenizer) -> None:
+    """SmolLM2's own template ignores tools (requests with tools are refused on it); the
+    plain path of the same tokenizer is unchanged by tools support (no tools: fast path)."""
+    own = TextTokenizer(model_dir)
+    assert not own.template_renders_tools and not own.template_renders_tool_calls
+    assert tools_tokenizer.template_renders_tools and tools_tokenizer.template_renders_tool_calls
+    plain = [{"role": "user", "content": "hi"}]
+    assert own.render_chat(plain) == own.render_chat(plain, tools=None)
+    assert "# Tools" not in tools_tokenizer.render_chat(plain)
+    assert "# Tools" in tools_tokenizer.render_chat(plain, TOOLS)
+
+
+def test_the_settings_name_their_field(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"frontend\.tool_call_parser: Input should be"):
+        load_config(None, ["frontend.tool_call_parser=hermes2"])
+    config = load_config(None, ["frontend.tool_call_parser=hermes"])
+    assert config.frontend.tool_call_parser == "hermes"
+    with pytest.raises(ValueError, match=r"model\.chat_template: .* \(chatml_tools\)"):
+        chat_template_file(str(tmp_path / "missing.jinja"))
+    own = tmp_path / "mine.jinja"
+    own.write_text("{{ messages[0]['content'] }}")
+    assert chat_template_file(str(own)) == own
+    assert chat_template_file("chatml_tools").name == "chatml_tools.jinja"
