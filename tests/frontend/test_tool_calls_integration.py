@@ -209,3 +209,18 @@ async def test_tools_are_refused_where_the_template_cannot_show_them(
         answer = await create(tools=TOOLS, tool_choice="none", **ask)
         assert answer.choices[0].message.tool_calls is None
     assert len(worker.requests) == 1
+
+
+async def test_the_openapi_document_tells_of_tool_calling(make_frontend: Any) -> None:
+    fe = await make_frontend()
+    async with fe.client() as client:
+        schema = (await client.get("/openapi.json")).json()
+    models = schema["components"]["schemas"]
+    request = models["ChatCompletionRequest"]["properties"]
+    assert "frontend.tool_call_parser" in request["tools"]["description"]
+    assert '"required"' in request["tool_choice"]["description"]
+    assert "first call" in request["parallel_tool_calls"]["description"]
+    assert "tool_call_id" in models["ChatMessage"]["properties"]
+    message = models["ChatResponseMessage"]["properties"]
+    assert "stays content" in message["tool_calls"]["description"]
+    assert "tool_calls" in models["ChatChoice"]["properties"]["finish_reason"]["anyOf"][0]["enum"]
