@@ -38,6 +38,7 @@ from frontend.metrics import FrontendMetrics
 from frontend.rotation import SharedRotation, process_rotation
 from frontend.router import LoadTracker, Router, make_router
 from frontend.tokenization import TextTokenizer
+from frontend.tool_calls import FORMATS
 from frontend.worker_client import WorkerClient
 
 
@@ -81,6 +82,9 @@ class FrontendState:
         self.tokenizer = TextTokenizer(
             model_path, chat_template_file(template) if template else None
         )
+        parser = config.frontend.tool_call_parser
+        if parser is not None:  # its markers may be special tokens: kept in the output
+            self.tokenizer.keep_in_text(FORMATS[parser].tokens)
         try:
             self.vlm: VlmInfo | None = load_vlm_info(model_path)
         except ValueError as exc:

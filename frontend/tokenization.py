@@ -145,6 +145,7 @@ class TextTokenizer:
         self.vocab_size: int = self._tokenizer.get_vocab_size(with_added_tokens=True)
         self.max_model_len: int | None = model_config.get("max_position_embeddings")
         self._byte_level = self._uses_byte_level()
+        self._kept: dict[int, str] = {}  # special tokens generated text keeps (keep_in_text)
         self._token_bytes_table = self._token_bytes_of_vocabulary()
         if chat_template is not None:
             source: str | None = chat_template.read_text()
@@ -278,7 +279,42 @@ class TextTokenizer:
         return self._tokenizer.encode(text, add_special_tokens=add_special_tokens).ids
 
     def decode(self, token_ids: Sequence[int], skip_special_tokens: bool = True) -> str:
+        if skip_special_tokens and self._kept and not self._kept.keys().isdisjoint(token_ids):
+            return self._decode_keeping(token_ids)
         return self._tokenizer.decode(list(token_ids), skip_special_tokens=skip_special_tokens)
+
+    def keep_in_text(self, texts: Sequence[str]) -> None:
+        """Let the special tokens among `texts` through to generated text, which otherwise
+        skips special tokens: a tool-call parser's markers (`<|python_tag|>`,
+        `[TOOL_CALLS]`) are special tokens in their models' tokenizers (vLLM decodes
+        Mistral's output with special tokens for the same reason)."""
+        for text in texts:
+            token_id = self._tokenizer.token_to_id(text)
+            if token_id is not None and token_id in self.special_token_ids:
+                self._kept[token_id] = text
+        if self._kept and self._token_bytes_table:
+            table = list(self._token_bytes_table)
+            for token_id, text in self._kept.items():
+                table[token_id] = text.encode()
+            self._token_bytes_table = tuple(table)
+
+    def _decode_keeping(self, token_ids: Sequence[int]) -> str:
+        """A decode that skips special tokens except the kept ones (runs between them
+        decoded as usual)."""
+        parts: list[str] = []
+        run: list[int] = []
+        for token_id in token_ids:
+            kept = self._kept.get(token_id)
+            if kept is None:
+                run.append(token_id)
+                continue
+            if run:
+                parts.append(self._tokenizer.decode(run, skip_special_tokens=True))
+                run = []
+            parts.append(kept)
+        if run:
+            parts.append(self._tokenizer.decode(run, skip_special_tokens=True))
+        return "".join(parts)
 
     def render_chat(
         self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None

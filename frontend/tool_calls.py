@@ -79,13 +79,16 @@ class ToolCall:
 class ToolCallFormat:
     """How one model family writes calls. `markers` open a call; `end` closes one (None:
     the call runs to the end of the output); with `at_start_only` a call is only read when
-    the output (after whitespace) begins with a marker, otherwise the output is all content."""
+    the output (after whitespace) begins with a marker, otherwise the output is all content.
+    `tokens`: every marker text the parser reads; where a model's tokenizer has one as a
+    special token, the detokenizer must keep it in the text (`TextTokenizer.keep_in_text`)."""
 
     name: str
     markers: tuple[str, ...]
     end: str | None
     at_start_only: bool
     parse: CallParser
+    tokens: tuple[str, ...] = ()
 
 
 def _arguments_object(value: Any) -> dict[str, Any] | None:
@@ -217,13 +220,22 @@ def _parse_pythonic(marker: str, body: str) -> list[tuple[str, dict[str, Any]]] 
 
 
 FORMATS: dict[str, ToolCallFormat] = {
-    "hermes": ToolCallFormat("hermes", ("<tool_call>",), "</tool_call>", False, _parse_hermes),
-    "llama3_json": ToolCallFormat(
-        "llama3_json", ("<|python_tag|>", "{"), None, True, _parse_llama3_json
+    "hermes": ToolCallFormat(
+        "hermes", ("<tool_call>",), "</tool_call>", False, _parse_hermes,
+        ("<tool_call>", "</tool_call>"),
     ),
-    "mistral": ToolCallFormat("mistral", ("[TOOL_CALLS]",), None, False, _parse_mistral),
-    "pythonic": ToolCallFormat("pythonic", ("<|python_start|>", "["), None, True, _parse_pythonic),
-}
+    "llama3_json": ToolCallFormat(
+        "llama3_json", ("<|python_tag|>", "{"), None, True, _parse_llama3_json,
+        ("<|python_tag|>",),
+    ),
+    "mistral": ToolCallFormat(
+        "mistral", ("[TOOL_CALLS]",), None, False, _parse_mistral, ("[TOOL_CALLS]", "[ARGS]")
+    ),
+    "pythonic": ToolCallFormat(
+        "pythonic", ("<|python_start|>", "["), None, True, _parse_pythonic,
+        ("<|python_start|>", "<|python_end|>"),
+    ),
+}  # fmt: skip
 
 # a piece of a choice's answer: content text, or a finished call
 Piece = str | ToolCall

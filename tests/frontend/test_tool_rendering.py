@@ -115,3 +115,33 @@ def test_the_settings_name_their_field(tmp_path: Path) -> None:
     own.write_text("{{ messages[0]['content'] }}")
     assert chat_template_file(str(own)) == own
     assert chat_template_file("chatml_tools").name == "chatml_tools.jinja"
+
+
+def test_a_parsers_special_token_markers_stay_in_the_generated_text(
+    model_dir: Path, tmp_path: Path
+) -> None:
+    """Llama 3's `<|python_tag|>` is a special token: generated text skips special tokens,
+    so the parser would never see it unless the tokenizer keeps it (both decode paths)."""
+    from tokenizers import AddedToken, Tokenizer
+
+    from frontend.tokenization import IncrementalDetokenizer
+    from frontend.tool_calls import FORMATS, parse_tool_calls
+
+    raw = Tokenizer.from_file(str(model_dir / "tokenizer.json"))
+    raw.add_special_tokens([AddedToken("<|python_tag|>", special=True)])
+    raw.save(str(tmp_path / "tokenizer.json"))
+    for name in ("tokenizer_config.json", "config.json"):
+        (tmp_path / name).write_text((model_dir / name).read_text())
+    text = '<|python_tag|>{"name": "get_weather", "parameters": {"city": "Paris"}}'
+    for keep in (False, True):
+        tokenizer = TextTokenizer(tmp_path)
+        if keep:
+            tokenizer.keep_in_text(FORMATS["llama3_json"].tokens)
+        ids = tokenizer.encode(text, add_special_tokens=False)
+        assert ids[0] in tokenizer.special_token_ids
+        detokenizer = IncrementalDetokenizer(tokenizer)
+        streamed = "".join(detokenizer.add([i]) for i in ids) + detokenizer.finish()
+        assert streamed == tokenizer.decode(ids) == (text if keep else text[14:])
+    assert tokenizer.decode(ids, skip_special_tokens=False) == text
+    content, calls = parse_tool_calls(FORMATS["llama3_json"], streamed)
+    assert content is None and [c.name for c in calls] == ["get_weather"]
