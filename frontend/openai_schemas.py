@@ -102,9 +102,9 @@ class ChatMessage(_Request):
 
     def has_tool_history(self) -> bool:
         """Whether this message is part of tool calling (a call, or a call's answer)."""
-        return bool(self.tool_calls) or self.function_call is not None or (
-            self.role in ("tool", "function")
-        )
+        if self.tool_calls or self.function_call is not None:
+            return True
+        return self.role in ("tool", "function")
 
     @model_validator(mode="after")
     def _content_required(self) -> ChatMessage:
@@ -272,9 +272,7 @@ class ChatCompletionRequest(_SamplingFields):
             raise ValueError("top_logprobs: requires logprobs to be true")
         if self.min_tokens:
             _check_min_tokens(self.min_tokens, self.requested_max_tokens())
-        if self.tools is not None or self.functions is not None or (
-            self.tool_choice is not None or self.function_call is not None
-        ):
+        if self.tools or self.functions or self.tool_choice or self.function_call:
             self._check_tool_fields()
         return self
 
@@ -515,9 +513,12 @@ class ChatResponseMessage(_Response):
         description="the calls frontend.tool_call_parser found in the output (a call that "
         "does not parse stays content; a function not in `tools` is returned as vLLM does)",
     )
+    function_call: FunctionCall | None = Field(
+        default=None, description="the call, for a request with the legacy `functions`"
+    )
 
 
-FinishReason = Literal["stop", "length", "tool_calls"]
+FinishReason = Literal["stop", "length", "tool_calls", "function_call"]
 
 
 class ChatChoice(_Response):
@@ -554,7 +555,7 @@ class ChatDelta(_Response):
     content: str | None = None
     tool_calls: list[DeltaToolCall] | None = Field(
         default=None,
-        description="a call, once whole: id, type and function.name first (arguments \"\"), "
+        description='a call, once whole: id, type and function.name first (arguments ""), '
         "then function.arguments; join the pieces of one `index` (vLLM's shape)",
     )
 

@@ -372,7 +372,7 @@ def full_response(
             message: dict[str, Any] = {"role": "assistant", "content": text}
             if prepared.tools is not None:  # the calls in the text (frontend.tool_calling)
                 message, called = prepared.tools.message(text)
-                finish = "tool_calls" if called else finish
+                finish = prepared.tools.finish_reason if called else finish
             body.append({
                 "index": index,
                 "message": message,
@@ -470,12 +470,11 @@ async def stream_events(
     # tool calling: each choice's text goes through its call finder (frontend.tool_calls)
     tool_streams = prepared.tools.streams(count) if prepared.tools is not None else None
 
-    def tool_call_event(index: int, entry: dict[str, Any]) -> bytes:
+    def tool_call_event(index: int, delta: dict[str, Any]) -> bytes:
         chunk = dict(head)
         chunk["choices"] = [
-            {"index": index, "delta": {"tool_calls": [entry]}, "logprobs": None,
-             "finish_reason": None}
-        ]  # fmt: skip
+            {"index": index, "delta": delta, "logprobs": None, "finish_reason": None}
+        ]
         if include_usage:
             chunk["usage"] = None
         return _sse(chunk)
@@ -529,8 +528,8 @@ async def stream_events(
                     if pending_text[index] or pending_entries[index]:
                         yield event(index, pending_text[index], pending_entries[index], None)
                     pending_text[index], pending_entries[index], text, entries = "", [], "", []
-                    for entry in piece.stream_deltas(piece.index):
-                        yield tool_call_event(index, entry)
+                    for delta in prepared.tools.deltas(piece):  # type: ignore[union-attr]
+                        yield tool_call_event(index, delta)
             if echo_pending[index]:
                 echo_pending[index] = False
                 yield echo_event(index, generation)
@@ -542,7 +541,7 @@ async def stream_events(
                 waiting.append(index)
             finish = generation.finish_reason
             if finish is not None and tool_streams is not None and tool_streams[index].calls:
-                finish = "tool_calls"
+                finish = prepared.tools.finish_reason  # type: ignore[union-attr]
             if finish is not None:
                 left -= 1
                 if output.finish_reason is None:  # a stop string: the worker may stop now

@@ -14,24 +14,45 @@ from typing import Any
 from frontend import errors
 from frontend.openai_schemas import ChatCompletionRequest, ChatMessage, NamedFunction
 from frontend.tokenization import TextTokenizer
-from frontend.tool_calls import FORMATS, ToolCallFormat, ToolCallStream, parse_tool_calls
+from frontend.tool_calls import (
+    FORMATS,
+    ToolCall,
+    ToolCallFormat,
+    ToolCallStream,
+    parse_tool_calls,
+)
 
 _ENABLE = "set frontend.tool_call_parser (hermes, llama3_json, mistral or pythonic) to enable it"
 
 
 class ToolUse:
     """What one request's tool calling needs: the functions shown to the model (None:
-    none, tool_choice "none"), the format its calls are parsed in (None: not parsed), and
-    how many calls an answer keeps (1: parallel_tool_calls false)."""
+    none, tool_choice "none"), the format its calls are parsed in (None: not parsed), how
+    many calls an answer keeps (1: parallel_tool_calls false), and whether the request used
+    the legacy `functions` (then the answer's call is a `function_call`, OpenAI's legacy
+    shape, finish_reason "function_call")."""
 
-    __slots__ = ("fmt", "max_calls", "tools")
+    __slots__ = ("finish_reason", "fmt", "legacy", "max_calls", "tools")
 
     def __init__(
-        self, tools: list[dict[str, Any]] | None, fmt: ToolCallFormat | None, max_calls: int | None
+        self,
+        tools: list[dict[str, Any]] | None,
+        fmt: ToolCallFormat | None,
+        max_calls: int | None,
+        legacy: bool = False,
     ) -> None:
         self.tools = tools
         self.fmt = fmt
-        self.max_calls = max_calls
+        self.max_calls = 1 if legacy else max_calls
+        self.legacy = legacy
+        self.finish_reason = "function_call" if legacy else "tool_calls"  # when it called
+
+    def deltas(self, call: ToolCall) -> list[dict[str, Any]]:
+        """The stream deltas of one call (`ToolCall.stream_deltas`, or the legacy form)."""
+        if self.legacy:
+            return [{"function_call": {"name": call.name, "arguments": ""}},
+                    {"function_call": {"arguments": call.arguments}}]  # fmt: skip
+        return [{"tool_calls": [entry]} for entry in call.stream_deltas(call.index)]
 
     def streams(self, count: int) -> list[ToolCallStream] | None:
         """One call finder per choice of a streamed answer (None: nothing to parse)."""
@@ -46,6 +67,10 @@ class ToolUse:
         content, calls = parse_tool_calls(self.fmt, text, self.max_calls)
         if not calls:
             return {"role": "assistant", "content": content}, False
+        if self.legacy:
+            call = calls[0]
+            function_call = {"name": call.name, "arguments": call.arguments}
+            return {"role": "assistant", "content": content, "function_call": function_call}, True
         entries = [call.message_entry() for call in calls]
         return {"role": "assistant", "content": content, "tool_calls": entries}, True
 
@@ -96,9 +121,9 @@ def tool_use(
             param=tools_param,
         )
     tools = [{"type": "function", "function": f} for f in body.function_definitions()]
-    max_calls = 1 if body.parallel_tool_calls is False or body.functions else None
+    max_calls = 1 if body.parallel_tool_calls is False else None
     assert parser is not None
-    return ToolUse(tools, FORMATS[parser], max_calls)
+    return ToolUse(tools, FORMATS[parser], max_calls, legacy=not body.tools)
 
 
 def _forced_call_refused(choice: str | NamedFunction, param: str) -> errors.OpenAIError:

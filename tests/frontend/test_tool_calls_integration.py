@@ -174,6 +174,31 @@ async def test_a_call_that_does_not_parse_stays_content(
     assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == text
 
 
+async def test_legacy_functions_get_a_function_call_back(
+    make_frontend: Any, tokenizer: TextTokenizer
+) -> None:
+    """OpenAI's legacy shape: `functions` in, `message.function_call` out (one call),
+    finish_reason "function_call"; streamed as `delta.function_call` pieces."""
+    text = '<tool_call>{"name": "get_weather", "arguments": {"city": "Paris"}}</tool_call>'
+    fe = await make_frontend(**TOOL_FRONTEND)
+    await fe.add_worker(script=tokenizer.encode(text, add_special_tokens=False))
+    ask = {"model": "smol", "messages": [{"role": "user", "content": "?"}],
+           "functions": [TOOLS[0]["function"]]}  # fmt: skip
+    async with openai_client(fe) as client:
+        answer = await client.chat.completions.create(**ask)
+        chunks = [c async for c in await client.chat.completions.create(stream=True, **ask)]
+    message = answer.choices[0].message
+    assert message.tool_calls is None and message.content is None
+    assert message.function_call.name == "get_weather"
+    assert json.loads(message.function_call.arguments) == {"city": "Paris"}
+    assert answer.choices[0].finish_reason == "function_call"
+    pieces = [c.choices[0].delta.function_call for c in chunks if c.choices]
+    pieces = [p for p in pieces if p is not None]
+    assert [p.name for p in pieces] == ["get_weather", None]
+    assert "".join(p.arguments for p in pieces) == message.function_call.arguments
+    assert chunks[-1].choices[0].finish_reason == "function_call"
+
+
 @pytest.mark.model
 async def test_the_mocker_answers_tool_requests_without_calls(
     make_frontend: Any, model_dir: Path
