@@ -514,22 +514,19 @@ async def stream_events(
             generation = generations[index]
             text, entries = generation.consume(output)
             if tool_streams is not None:
-                pieces = tool_streams[index].feed(text) if text else []
-                if generation.finish_reason is not None:
-                    pieces += tool_streams[index].finish()
+                pieces = tool_streams[index].pieces(text, generation.finish_reason is not None)
                 text = ""
                 for piece in pieces:
                     if isinstance(piece, str):
                         text += piece
                         continue
-                    # a call: the content and logprobs before it go out first
+                    # a call's delta: the content and logprobs before it go out first
                     pending_text[index] += text
                     pending_entries[index] += entries if want_logprobs else []
                     if pending_text[index] or pending_entries[index]:
                         yield event(index, pending_text[index], pending_entries[index], None)
                     pending_text[index], pending_entries[index], text, entries = "", [], "", []
-                    for delta in prepared.tools.deltas(piece):  # type: ignore[union-attr]
-                        yield tool_call_event(index, delta)
+                    yield tool_call_event(index, piece)
             if echo_pending[index]:
                 echo_pending[index] = False
                 yield echo_event(index, generation)
@@ -540,8 +537,8 @@ async def stream_events(
             if fresh and (pending_text[index] or pending_entries[index]):
                 waiting.append(index)
             finish = generation.finish_reason
-            if finish is not None and tool_streams is not None and tool_streams[index].calls:
-                finish = prepared.tools.finish_reason  # type: ignore[union-attr]
+            if finish is not None and tool_streams is not None:
+                finish = tool_streams[index].finish_reason(finish)
             if finish is not None:
                 left -= 1
                 if output.finish_reason is None:  # a stop string: the worker may stop now

@@ -54,11 +54,11 @@ class ToolUse:
                     {"function_call": {"arguments": call.arguments}}]  # fmt: skip
         return [{"tool_calls": [entry]} for entry in call.stream_deltas(call.index)]
 
-    def streams(self, count: int) -> list[ToolCallStream] | None:
+    def streams(self, count: int) -> list[ChoiceCalls] | None:
         """One call finder per choice of a streamed answer (None: nothing to parse)."""
         if self.fmt is None:
             return None
-        return [ToolCallStream(self.fmt, self.max_calls) for _ in range(count)]
+        return [ChoiceCalls(self, self.fmt) for _ in range(count)]
 
     def message(self, text: str) -> tuple[dict[str, Any], bool]:
         """A whole answer's message, and whether it made calls."""
@@ -73,6 +73,34 @@ class ToolUse:
             return {"role": "assistant", "content": content, "function_call": function_call}, True
         entries = [call.message_entry() for call in calls]
         return {"role": "assistant", "content": content, "tool_calls": entries}, True
+
+
+class ChoiceCalls:
+    """One streamed choice's calls: its text in, content pieces and the calls' stream
+    deltas out (in order), and its finish reason once it has called."""
+
+    __slots__ = ("_finder", "_use")
+
+    def __init__(self, use: ToolUse, fmt: ToolCallFormat) -> None:
+        self._use = use
+        self._finder = ToolCallStream(fmt, use.max_calls)
+
+    def pieces(self, text: str, final: bool) -> list[str | dict[str, Any]]:
+        """Content (str) and deltas (dict) for the choice's next text; `final`: its last."""
+        found = self._finder.feed(text) if text else []
+        if final:
+            found += self._finder.finish()
+        out: list[str | dict[str, Any]] = []
+        for piece in found:
+            if isinstance(piece, str):
+                out.append(piece)
+            else:
+                out += self._use.deltas(piece)
+        return out
+
+    def finish_reason(self, finish: str) -> str:
+        """The choice's finish reason: the engine's, or the one of an answer with calls."""
+        return self._use.finish_reason if self._finder.calls else finish
 
 
 def tool_use(
