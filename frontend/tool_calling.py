@@ -9,7 +9,7 @@ None): its prompt and answer take the plain path."""
 from __future__ import annotations
 
 import json
-from typing import Any
+from typing import Any, Literal
 
 from frontend import errors
 from frontend.openai_schemas import ChatCompletionRequest, ChatMessage, NamedFunction
@@ -156,8 +156,9 @@ def tool_use(
 
 def _forced_call_refused(choice: str | NamedFunction, param: str) -> errors.OpenAIError:
     """tool_choice "required" or a named function: the answer must be a call, which only
-    constrained decoding can promise (a JSON schema of the calls, as response_format
-    json_schema takes it: the place to wire this once the engine constrains output)."""
+    constrained decoding can promise. Once the engine constrains output to a JSON schema,
+    this refusal becomes: the sampling's schema `forced_call_schema(functions, choice)` and
+    `ToolUse(tools, forced_call_format(choice), max_calls)` (vLLM's way)."""
     what = repr(choice) if isinstance(choice, str) else f"naming function {choice.name!r}"
     return errors.bad_request(
         f"{param}: hpcserve does not support {param} {what} yet (a call forced by "
@@ -210,3 +211,64 @@ def _template_call(call_id: str | None, name: str, arguments: str) -> dict[str, 
     except ValueError:
         loaded = arguments  # not JSON: the template gets the text as sent
     return {"id": call_id, "type": "function", "function": {"name": name, "arguments": loaded}}
+
+
+def forced_call_schema(
+    functions: list[dict[str, Any]], choice: Literal["required"] | NamedFunction
+) -> dict[str, Any]:
+    """The JSON schema the output must follow when tool_choice forces a call (vLLM's):
+    for a named function, its arguments object; for "required", a list of one or more
+    `{"name", "parameters"}` objects, each one of the offered functions."""
+
+    def arguments_schema(function: dict[str, Any]) -> dict[str, Any]:
+        return function.get("parameters") or {"type": "object"}
+
+    if isinstance(choice, NamedFunction):
+        named = next(f for f in functions if f["name"] == choice.name)
+        return arguments_schema(named)
+    calls = [
+        {
+            "type": "object",
+            "properties": {
+                "name": {"type": "string", "enum": [function["name"]]},
+                "parameters": arguments_schema(function),
+            },
+            "required": ["name", "parameters"],
+        }
+        for function in functions
+    ]
+    return {"type": "array", "minItems": 1, "items": {"anyOf": calls}}
+
+
+def forced_call_format(choice: Literal["required"] | NamedFunction) -> ToolCallFormat:
+    """How to read an output that followed `forced_call_schema`: the whole output is the
+    call(s) as JSON (not the model's own call format)."""
+    if isinstance(choice, NamedFunction):
+        name = choice.name
+
+        def parse_named(marker: str, body: str) -> list[tuple[str, dict[str, Any]]] | None:
+            try:
+                arguments = json.loads(marker + body)
+            except ValueError:
+                return None
+            return [(name, arguments)] if isinstance(arguments, dict) else None
+
+        return ToolCallFormat("forced_named", ("{",), None, True, parse_named)
+
+    def parse_required(marker: str, body: str) -> list[tuple[str, dict[str, Any]]] | None:
+        try:
+            calls = json.loads(marker + body)
+        except ValueError:
+            return None
+        if not isinstance(calls, list) or not calls:
+            return None
+        parsed = [
+            (call["name"], call["parameters"])
+            for call in calls
+            if isinstance(call, dict)
+            and isinstance(call.get("name"), str)
+            and isinstance(call.get("parameters"), dict)
+        ]
+        return parsed if len(parsed) == len(calls) else None
+
+    return ToolCallFormat("forced_required", ("[",), None, True, parse_required)

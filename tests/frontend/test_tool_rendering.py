@@ -145,3 +145,28 @@ def test_a_parsers_special_token_markers_stay_in_the_generated_text(
     assert tokenizer.decode(ids, skip_special_tokens=False) == text
     content, calls = parse_tool_calls(FORMATS["llama3_json"], streamed)
     assert content is None and [c.name for c in calls] == ["get_weather"]
+
+
+def test_a_forced_calls_schema_and_its_reading_agree() -> None:
+    """What tool_choice "required" / a named function will need once the engine constrains
+    output (refused until then): the schema the output follows, and the calls read back."""
+    from frontend.openai_schemas import NamedFunction
+    from frontend.tool_calling import forced_call_format, forced_call_schema
+    from frontend.tool_calls import parse_tool_calls
+
+    other = {"name": "get_time", "parameters": {"type": "object"}}
+    functions = [WEATHER, other]
+    named = NamedFunction(name="get_weather")
+    assert forced_call_schema(functions, named) == WEATHER["parameters"]
+    content, calls = parse_tool_calls(forced_call_format(named), '{"city": "Paris"}')
+    assert content is None and [(c.name, json.loads(c.arguments)) for c in calls] == [
+        ("get_weather", {"city": "Paris"})
+    ]
+    schema = forced_call_schema(functions, "required")
+    assert schema["minItems"] == 1
+    names = [item["properties"]["name"]["enum"] for item in schema["items"]["anyOf"]]
+    assert names == [["get_weather"], ["get_time"]]
+    output = '[{"name": "get_time", "parameters": {}}, {"name": "get_weather", "parameters": {}}]'
+    content, calls = parse_tool_calls(forced_call_format("required"), output)
+    assert content is None and [c.name for c in calls] == ["get_time", "get_weather"]
+    assert parse_tool_calls(forced_call_format("required"), "[]") == ("[]", [])
