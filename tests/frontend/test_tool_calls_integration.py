@@ -79,6 +79,9 @@ async def test_the_model_calls_a_tool_and_reads_its_answer_streamed_or_not(
     ask = {"model": "smol", "tools": TOOLS, "temperature": 0.0, "max_tokens": 40}
     async with torch_worker(fe, model_dir) as engine, openai_client(fe) as client:
         answer = await client.chat.completions.create(messages=FEW_SHOT, **ask)
+        tokenizer = TextTokenizer(model_dir, chat_template_file("chatml_tools"))
+        rendered = template_messages([ChatMessage.model_validate(m) for m in FEW_SHOT])
+        assert answer.usage.prompt_tokens == len(tokenizer.encode_chat(rendered, TOOLS))
         choice = answer.choices[0]
         assert choice.finish_reason == "tool_calls"
         assert choice.message.content is None
@@ -102,7 +105,6 @@ async def test_the_model_calls_a_tool_and_reads_its_answer_streamed_or_not(
         answered = {"role": "tool", "tool_call_id": call.id, "content": "cloudy, 18 C"}
         history = [*FEW_SHOT, choice.message.model_dump(exclude_none=True), answered]
         reply = await client.chat.completions.create(messages=history, **ask)
-        tokenizer = TextTokenizer(model_dir, chat_template_file("chatml_tools"))
         messages = template_messages([ChatMessage.model_validate(m) for m in history])
         prompt = tokenizer.encode_chat(messages, TOOLS)
         assert "<tool_response>\ncloudy, 18 C\n</tool_response>" in tokenizer.render_chat(
