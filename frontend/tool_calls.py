@@ -246,8 +246,8 @@ class ToolCallStream:
     `max_calls` (1: parallel_tool_calls false) drops the calls after that many."""
 
     __slots__ = (
-        "_body", "_fmt", "_held", "_lead", "_marker", "_max_calls", "_plain", "_said",
-        "_separator", "_strip_next", "calls",
+        "_body", "_firsts", "_fmt", "_held", "_lead", "_marker", "_max_calls", "_plain",
+        "_said", "_separator", "_strip_next", "calls",
     )  # fmt: skip
 
     def __init__(self, fmt: ToolCallFormat, max_calls: int | None = None) -> None:
@@ -262,11 +262,23 @@ class ToolCallStream:
         self._said = False  # whether any content went out
         self._plain = False  # (at_start_only) the output is no call: all content from now
         self.calls = 0  # calls handed out
+        # (calls anywhere) the markers' first characters: text without them, outside a
+        # call, with nothing held, is content at once (the common chunk: ~0.2 µs, not ~1.3)
+        self._firsts = "" if fmt.at_start_only else "".join({m[0] for m in fmt.markers})
 
     def feed(self, text: str) -> list[Piece]:
         """The content and calls that `text` (the next generated text) completes."""
         if self._plain:
             return [text] if text else []
+        if (
+            self._firsts
+            and text
+            and not (self._held or self._strip_next or text[-1].isspace())
+            and self._body is None
+            and not any(first in text for first in self._firsts)
+        ):
+            self._said = True
+            return [text]
         out: list[Piece] = []
         if self._body is not None:
             self._body += text
