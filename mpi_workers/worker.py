@@ -163,8 +163,10 @@ class Worker:
     def _role_unsupported(self) -> frozenset[str]:
         """What this worker cannot do for its role: a prefill or decode worker of a
         disaggregated deployment does not carry the prompt's logprobs across the hand-off
-        (the prefill worker computes the prompt, the decode worker streams the answer)."""
-        return frozenset() if self.role == "agg" else frozenset({"prompt_logprobs"})
+        (the prefill worker computes the prompt, the decode worker streams the answer), nor
+        an output constraint (the first token is sampled on the prefill worker: both would
+        have to constrain, and the TensorRT-LLM hand-off is not checked for it)."""
+        return frozenset() if self.role == "agg" else frozenset({"prompt_logprobs", "guided"})
 
     def use_connection(self, nc: Any) -> None:
         """Serve on `nc` (before `start`), a NATS connection the caller owns and closes: the

@@ -27,10 +27,6 @@ TOOL = {
     },
 }
 FUNCTION = TOOL["function"]
-SCHEMA_FORMAT = {
-    "type": "json_schema",
-    "json_schema": {"name": "answer", "schema": {"type": "object"}},
-}
 TOOL_CALL = {
     "id": "call_1",
     "type": "function",
@@ -53,7 +49,7 @@ async def refused(call: Any, param: str) -> str:
     return error.message
 
 
-async def test_tool_calling_and_constrained_output_are_refused_naming_the_field(
+async def test_tool_calling_is_refused_naming_the_field(
     make_frontend: Any,
 ) -> None:
     """Through the official client, on both endpoints where OpenAI has the field: the
@@ -79,8 +75,6 @@ async def refuse_each(client: openai.AsyncOpenAI) -> None:
         ({"functions": [FUNCTION]}, "functions"),
         ({"functions": [FUNCTION], "function_call": "auto"}, "functions"),
         ({"functions": [FUNCTION], "function_call": {"name": "get_weather"}}, "function_call"),
-        ({"response_format": {"type": "json_object"}}, "response_format"),
-        ({"response_format": SCHEMA_FORMAT}, "response_format"),
     ]
     for fields, param in cases:
         for stream in (False, True):
@@ -88,15 +82,6 @@ async def refuse_each(client: openai.AsyncOpenAI) -> None:
                 chat(model="smol", messages=MESSAGES, max_tokens=2, stream=stream, **fields),
                 param,
             )
-    completions = client.completions.create  # OpenAI's completions have no tools
-    for fmt in ({"type": "json_object"}, SCHEMA_FORMAT):
-        message = await refused(
-            completions(
-                model="smol", prompt="hi", max_tokens=2, extra_body={"response_format": fmt}
-            ),
-            "response_format",
-        )
-        assert fmt["type"] in message
 
 
 async def test_tool_call_history_is_refused_naming_the_message_field(make_frontend: Any) -> None:
