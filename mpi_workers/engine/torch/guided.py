@@ -17,10 +17,12 @@ an engine serving none never imports llguidance.
 from __future__ import annotations
 
 import logging
+import sys
 import threading
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import torch
 
 from contract.guided import grammar_for
@@ -100,17 +102,27 @@ class Guides:
 
 def apply_bitmask(logits: torch.Tensor, rows: list[int], bitmask: torch.Tensor) -> torch.Tensor:
     """`logits` with every token that `bitmask` (one row per entry of `rows`) forbids at
-    -inf in those rows; the bits are unpacked on the logits' device (a copy of 4 bytes per 32
-    tokens per row crosses, not a mask per token). Returns a new tensor."""
+    -inf in those rows. Returns a new tensor."""
     device = logits.device
-    vocab = logits.shape[-1]
-    words = bitmask.to(device, non_blocking=True) if device.type != "cpu" else bitmask
-    shifts = torch.arange(BITS, dtype=torch.int32, device=device)
-    allowed = ((words.unsqueeze(-1) >> shifts) & 1).bool().flatten(1)[:, :vocab]
+    forbidden = ~allowed_tokens(bitmask, logits.shape[-1], device)
+    if len(rows) == logits.shape[0]:
+        return logits.masked_fill(forbidden, float("-inf"))
     index = to_device(rows, torch.long, device)
-    logits = logits.clone()
-    logits[index] = logits[index].masked_fill(~allowed, float("-inf"))
-    return logits
+    constrained = logits.index_select(0, index).masked_fill_(forbidden, float("-inf"))
+    return logits.index_copy(0, index, constrained)
+
+
+def allowed_tokens(bitmask: torch.Tensor, vocab: int, device: torch.device) -> torch.Tensor:
+    """bool [rows, vocab] on `device`: token t of a row is allowed when bit t % 32 of its word
+    t // 32 is set. On the CPU numpy unpacks the bits (the words' bytes in little-endian
+    order: bit t is bit t % 8 of byte t // 8); on a GPU they are unpacked there (a copy of 4
+    bytes per 32 tokens crosses, not a byte per token)."""
+    if device.type == "cpu" and sys.byteorder == "little":
+        bits = np.unpackbits(bitmask.numpy().view(np.uint8), axis=1, bitorder="little")
+        return torch.from_numpy(bits[:, :vocab]).bool()
+    words = bitmask.to(device, non_blocking=True)
+    shifts = torch.arange(BITS, dtype=torch.int32, device=device)
+    return ((words.unsqueeze(-1) >> shifts) & 1).bool().flatten(1)[:, :vocab]
 
 
 def guide_rows(guides: list[Any]) -> tuple[list[int], list[Any]]:
