@@ -98,9 +98,8 @@ async def decode_rate(engine, prompt: list[int], rows: int, new_tokens: int, gui
     """Generated tokens per second of `rows` greedy requests (guided: None or a constraint)."""
     from contract.messages import GenerateRequest, SamplingParams
 
-    params = SamplingParams(
-        max_tokens=new_tokens, temperature=0.0, ignore_eos=True, guided=guided
-    )
+    constraint = {} if guided is None else {"guided": guided}  # (a baseline may lack it)
+    params = SamplingParams(max_tokens=new_tokens, temperature=0.0, ignore_eos=True, **constraint)
     stamp = time.perf_counter_ns()
     requests = [
         GenerateRequest(request_id=f"r{stamp}-{i}", token_ids=[3000 + i, *prompt],
@@ -200,7 +199,7 @@ def main() -> None:
     args = parser.parse_args()
     sys.path.insert(0, str(args.src))
     if args.plain_only:
-        asyncio.run(plain_only(args.rows, args.new_tokens, 3, args.device))
+        asyncio.run(plain_only(args.rows, args.new_tokens, 5, args.device))
         return
     if args.vs is not None:
         versus(args.vs.resolve(), args)

@@ -65,7 +65,7 @@ from mpi_workers.engine.sequence import SeqMedia, SeqStatus, Sequence
 from mpi_workers.engine.streaming import RequestValidationError, StreamingEngine
 from mpi_workers.engine.torch.disagg_ops import TorchKvHandoff
 from mpi_workers.engine.torch.env_switches import env_flag
-from mpi_workers.engine.torch.guided import Guides
+from mpi_workers.engine.torch.guided import GuideError, Guides
 from mpi_workers.engine.torch.kv_cache import KvCache, blocks_for_budget, gpu_kv_budget
 from mpi_workers.engine.torch.loader import default_dtype, load_model
 from mpi_workers.engine.torch.media_inputs import MediaInputs
@@ -618,17 +618,22 @@ class TorchEngine(StreamingEngine, TorchKvHandoff):
             self._make_guides(sampled)
             tokens, logprobs = self.sampler(logits, sample_rows(sampled))
             for seq, token, lp in zip(sampled, tokens, logprobs, strict=True):
-                self._append_token(seq, token, lp)
+                if seq.status is not SeqStatus.FINISHED:  # (a matcher that failed to build)
+                    self._append_token(seq, token, lp)
         self._settle(batch.seqs)
 
     def _make_guides(self, sampled: list[Sequence]) -> None:
         """A matcher for each constrained sequence sampled for the first time, fed the
-        output it already holds (its own tokens; a migrated request's last prompt tokens)."""
+        output it already holds (its own tokens; a migrated request's last prompt tokens).
+        A sequence whose matcher cannot be made ends with an error, alone."""
         for seq in sampled:
             guided = seq.sampling.guided
             if guided is not None and seq.guide is None:
                 output = seq.token_ids[seq.num_prompt_tokens - guided.generated :]
-                seq.guide = self.guides.matcher(guided, output)
+                try:
+                    seq.guide = self.guides.matcher(guided, output)
+                except GuideError as exc:
+                    self._finish(seq, "error", error=f"guided: {exc}")
 
     def _take_prompt_logprobs(self, batch: ScheduledBatch) -> None:
         """Hand the step's prompt logprobs to their sequences (before `_advance`: the rows
@@ -670,7 +675,7 @@ class TorchEngine(StreamingEngine, TorchKvHandoff):
         self.stats.num_cached_prompt_tokens = self.scheduler.num_cached_prompt_tokens
         for seq in live:
             if seq.finish_reason is not None:
-                self._finish(seq, seq.finish_reason)
+                self._finish(seq, seq.finish_reason, seq.error)
             elif seq.pending_tokens:
                 self._deliver(seq)
 
@@ -693,8 +698,12 @@ class TorchEngine(StreamingEngine, TorchKvHandoff):
             seq.pending_logprobs.append(logprob)
         self.stats.num_generated_tokens += 1
         reason = self.finish_reason(seq.sampling, token, slot + 1, seq.max_len)
-        if reason is None and seq.guide is not None and self.guides.consume(seq.guide, token):
-            reason = "stop"  # the constrained output is complete
+        if reason is None and seq.guide is not None:
+            try:
+                if self.guides.consume(seq.guide, token):
+                    reason = "stop"  # the constrained output is complete
+            except GuideError as exc:  # (the mask forbids such tokens: never expected)
+                reason, seq.error = "error", f"guided: {exc}"
         if reason is not None:
             seq.finish_reason = reason
             del seq.token_ids[slot + 1 :]

@@ -178,6 +178,23 @@ async def test_a_migrated_continuation_finishes_the_same_document(engine, hf_tok
 
 
 @pytest.mark.model
+async def test_an_output_that_breaks_its_constraint_fails_alone(engine, hf_tokenizer, prompt):
+    """A continuation whose earlier output is no JSON (a matcher cannot be fed it) ends with
+    an error naming the constraint; the plain request in the same steps finishes normally."""
+    head = hf_tokenizer.encode("Sure, here").ids
+    broken = GuidedDecoding(kind="json_object", generated=len(head))
+    plain = GenerateRequest(request_id=f"g{next(_ids)}", token_ids=prompt,
+                            sampling=SamplingParams(max_tokens=8, temperature=0.0))  # fmt: skip
+    bad, good = await asyncio.gather(
+        engine.generate_all(request(prompt + head, broken, temperature=0.0)),
+        engine.generate_all(plain),
+    )
+    assert bad.finish_reason == "error" and bad.error is not None
+    assert bad.error.startswith("guided:") and not bad.token_ids
+    assert good.finish_reason == "length" and len(good.token_ids) == 8
+
+
+@pytest.mark.model
 def test_engine_refuses_a_bad_constraint(engine, prompt):
     bad = GuidedDecoding(kind="json_schema", spec='{"type": "frob"}')
     with pytest.raises(RequestValidationError, match="frob"):
