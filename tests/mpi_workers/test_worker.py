@@ -146,7 +146,10 @@ def test_disaggregated_roles_declare_prompt_logprobs_unsupported(role: str) -> N
                     nats_url="nats://unused", etcd_endpoint="unused", lease_ttl_s=5,
                     capacity=1)  # fmt: skip
     assert ("prompt_logprobs" in worker.card.unsupported_params) is (role != "agg")
+    # an output constraint crosses the hand-off on the torch engine only
     assert ("guided" in worker.card.unsupported_params) is (role != "agg")
+    worker.engine.kind = "torch"
+    assert "guided" not in worker.card.unsupported_params
 
 
 def test_error_param_convention() -> None:

@@ -698,8 +698,8 @@ class TorchEngine(StreamingEngine, TorchKvHandoff):
             seq.pending_logprobs.append(logprob)
         self.stats.num_generated_tokens += 1
         reason = self.finish_reason(seq.sampling, token, slot + 1, seq.max_len)
-        if reason is None and seq.guide is not None:
-            try:
+        if reason != "stop" and seq.guide is not None:  # ("length" too: a disaggregated
+            try:  # prefill's one token must reach its matcher; complete at the limit: "stop")
                 if self.guides.consume(seq.guide, token):
                     reason = "stop"  # the constrained output is complete
             except GuideError as exc:  # (the mask forbids such tokens: never expected)

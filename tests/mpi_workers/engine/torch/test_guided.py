@@ -178,6 +178,42 @@ async def test_a_migrated_continuation_finishes_the_same_document(engine, hf_tok
 
 
 @pytest.mark.model
+async def test_disaggregated_prefill_and_decode_give_the_aggregated_document(
+    engine, smol_dir, hf_tokenizer, prompt
+):
+    """The prefill engine constrains the first token, the decode engine's matcher consumes
+    it and goes on: greedy, the very tokens of an aggregated run. A first token that
+    completes the output (a one-token choice) ends it at the prefill ("stop")."""
+    decode = TorchEngine(smol_dir, num_blocks=256, max_num_seqs=4)
+    await decode.start()
+    try:
+        for guided in (schema_guided(), GuidedDecoding(kind="regex", spec="(?:Sure)|(?:No)")):
+            whole = await engine.generate_all(request(prompt, guided, temperature=0.0))
+            disagg = request(prompt, guided, temperature=0.0)
+            await engine.reset_prefix_cache()
+            held = await engine.prefill_and_hold(disagg)
+            if guided.kind == "regex":  # "Sure" and "No" are one token each
+                assert len(whole.token_ids) == 1 and held.first.finish_reason == "stop"
+                assert held.first.token_ids == whole.token_ids
+                await engine.release_held(held)
+                continue
+            assert held.first.finish_reason is None
+            reservation = await decode.reserve(disagg)
+            assert reservation is not None
+            await decode.import_kv(reservation, await engine.export_held(held, 0))
+            await engine.release_held(held)
+            tokens, last = list(held.first.token_ids), None
+            async for output in decode.decode_reserved(reservation, held.first, None):
+                tokens.extend(output.token_ids)
+                last = output
+            assert last is not None and last.finish_reason == "stop"
+            assert tokens == whole.token_ids
+            check_person(json.loads(hf_tokenizer.decode(tokens)))
+    finally:
+        await decode.shutdown()
+
+
+@pytest.mark.model
 async def test_an_output_that_breaks_its_constraint_fails_alone(engine, hf_tokenizer, prompt):
     """A continuation whose earlier output is no JSON (a matcher cannot be fed it) ends with
     an error naming the constraint; the plain request in the same steps finishes normally."""
