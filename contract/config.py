@@ -132,6 +132,11 @@ class TrtllmConfig(_Section):
     event_buffer_max_size: int = Field(
         default=100_000, ge=0, description="KV event buffer; 0 turns KV events off"
     )
+    guided_decoding_backend: Literal["xgrammar", "llguidance"] | None = Field(
+        default="xgrammar",
+        description="TensorRT-LLM's grammar backend for constrained output (response_format "
+        "json_object / json_schema); null: none, and such requests are refused with a 400",
+    )
     launch: Literal["llmapi-launch", "spawn"] = Field(
         default="llmapi-launch",
         description="llmapi-launch: every rank started by mpirun/srun under "

@@ -14,7 +14,8 @@ from pydantic import BaseModel, ConfigDict, Field
 # 2: KvStored carries a flat `block_hashes` list (was a dict per block). 3: SamplingParams
 # has `prompt_logprobs` (and `min_tokens`, `logit_bias`), GenerateOutput `prompt_logprobs`
 # (a version-2 worker would refuse the new fields of every request: the bump says why).
-PROTOCOL_VERSION = 3
+# 4: SamplingParams has `guided` (constrained output: response_format json_object/json_schema).
+PROTOCOL_VERSION = 4
 
 FinishReason = Literal["stop", "length", "abort", "error"]
 
@@ -112,6 +113,25 @@ def logit_bias_vocab_error(bias: dict[int, float], vocab_size: int) -> tuple[str
     return "logit_bias", f"token id {bad} is outside the vocabulary (0..{vocab_size - 1})"
 
 
+GuidedKind = Literal["json_object", "json_schema", "regex"]
+
+
+class GuidedDecoding(_Message):
+    """A constraint on the output (OpenAI's `response_format`, vLLM's `guided_json` /
+    `guided_regex` / `guided_choice`): every sampled token keeps the output a prefix of a
+    text the constraint accepts, and the output ends where it is complete. The grammar is
+    built from these fields where tokens are sampled (`contract.guided`)."""
+
+    kind: GuidedKind
+    # json_schema: the JSON Schema as JSON text (a frontend may build it, e.g. from tools);
+    # regex: the pattern (Rust regex syntax); json_object: unused (any JSON object)
+    spec: str = ""
+    # How many of the request's last `token_ids` are output already generated under this
+    # constraint (a migrated request's continuation): the sampler's matcher consumes them
+    # before it constrains the next token.
+    generated: int = Field(default=0, ge=0)
+
+
 class SamplingParams(_Message):
     """Per-request decoding settings; ranges in SAMPLING_BOUNDS (the engine checks them)."""
 
@@ -136,6 +156,8 @@ class SamplingParams(_Message):
     min_tokens: int = 0
     # token id -> bias added to its logit before sampling (OpenAI's field; ids as ints)
     logit_bias: dict[int, float] = Field(default_factory=dict)
+    # constrained output; None: free text
+    guided: GuidedDecoding | None = None
 
 
 MediaKind = Literal["image", "embeds"]
@@ -201,7 +223,9 @@ def request_json(request: GenerateRequest) -> bytes:
     if request.media:
         return request.model_dump_json().encode()
     fields = dict(request.__dict__)
-    fields["sampling"] = request.sampling.__dict__
+    fields["sampling"] = sampling = request.sampling.__dict__
+    if request.sampling.guided is not None:  # the one nested model: as its dict
+        fields["sampling"] = {**sampling, "guided": request.sampling.guided.__dict__}
     keys = orjson.OPT_NON_STR_KEYS if request.sampling.logit_bias else 0
     return orjson.dumps(fields, option=keys)
 

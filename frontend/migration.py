@@ -52,13 +52,17 @@ def continuation(request: GenerateRequest, produced: Sequence[int]) -> GenerateR
     otherwise unchanged. The id is fresh:
     replies are matched to requests by id, and late chunks of the lost attempt must not
     leak into the new one. The prompt's logprobs came with the first produced token's chunk:
-    a continuation after that asks for none (its prompt would be the longer one anyway)."""
+    a continuation after that asks for none (its prompt would be the longer one anyway).
+    An output constraint counts the produced tokens as output it already holds."""
     update: dict[str, Any] = {
         "max_tokens": request.sampling.max_tokens - len(produced),
         "min_tokens": max(0, request.sampling.min_tokens - len(produced)),
     }
     if produced:
         update["prompt_logprobs"] = None
+    guided = request.sampling.guided
+    if guided is not None:  # the new attempt's matcher consumes the produced tokens first
+        update["guided"] = guided.model_copy(update={"generated": guided.generated + len(produced)})
     return GenerateRequest(
         request_id=uuid.uuid4().hex,
         client_id=request.client_id,

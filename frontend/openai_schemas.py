@@ -3,14 +3,16 @@
 Requests are validated here so that every bad input becomes a 400 naming the field
 (`messages.0.role`, `temperature`, ...). Unknown extra fields are ignored, as OpenAI clients
 send many we do not use (`user`, `store`, `metadata`, ...); but a known field whose meaning
-hpcserve does not implement yet (constrained output, a forced tool call) is refused by name rather
-than ignored: the client would get something other than what it asked for. The response
-models document the shapes and are used by tests to check what the hot path (plain dicts,
-orjson) emits.
+hpcserve does not implement yet (a forced tool call) is refused by name rather than ignored: the
+client would get something other than what it asked for. Output constraints
+(`response_format`, vLLM's `guided_*`) are compiled here, so a bad schema is a 400 naming it.
+The response models document the shapes and are used by tests to check what the hot
+path (plain dicts, orjson) emits.
 """
 
 from __future__ import annotations
 
+import json
 from typing import Annotated, Any, Literal
 
 from pydantic import (
@@ -23,7 +25,8 @@ from pydantic import (
     model_validator,
 )
 
-from contract.messages import SAMPLING_BOUNDS, logit_bias_error
+from contract.guided import choice_regex, spec_error
+from contract.messages import SAMPLING_BOUNDS, GuidedDecoding, GuidedKind, logit_bias_error
 
 Role = Literal["system", "user", "assistant", "developer", "tool", "function"]
 MAX_STOP_STRINGS = 4
@@ -159,10 +162,60 @@ class StreamOptions(_Request):
     include_usage: bool = False
 
 
-class ResponseFormat(_Request):
-    """OpenAI's `response_format`: only "text" (no constraint) is done (`_SamplingFields`)."""
+def _checked_spec(kind: GuidedKind, spec: str) -> str:
+    """`spec` when llguidance can build its grammar (compiled once per distinct text:
+    `contract.guided`), else ValueError with llguidance's message."""
+    error = spec_error(kind, spec)
+    if error is not None:
+        what = "JSON Schema" if kind == "json_schema" else "pattern"
+        raise ValueError(f"invalid {what}: {error}")
+    return spec
 
-    type: str
+
+def _schema_text(schema: dict[str, Any] | str) -> str:
+    """A schema given as an object (or, vLLM's guided_json, as JSON text) as JSON text."""
+    return schema if isinstance(schema, str) else json.dumps(schema)
+
+
+class JsonSchemaFormat(_Request):
+    """`response_format.json_schema`: the output is JSON valid against `schema` (absent:
+    any JSON object). `strict` is accepted: the output always follows the schema."""
+
+    name: str = Field(min_length=1, max_length=64)
+    description: str | None = None
+    schema_: dict[str, Any] | None = Field(default=None, alias="schema")
+    strict: bool | None = None
+
+    @field_validator("schema_")
+    @classmethod
+    def _compiles(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
+        if value is not None:
+            _checked_spec("json_schema", _schema_text(value))
+        return value
+
+
+class ResponseFormat(_Request):
+    """OpenAI's `response_format`: free "text", any JSON object, or JSON of a schema."""
+
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+    @model_validator(mode="after")
+    def _schema_given(self) -> ResponseFormat:
+        if self.type == "json_schema" and self.json_schema is None:
+            raise ValueError('json_schema: required when type is "json_schema"')
+        return self
+
+    def guided(self) -> GuidedDecoding | None:
+        if self.type == "json_object" or (
+            self.type == "json_schema" and self.json_schema and self.json_schema.schema_ is None
+        ):
+            return GuidedDecoding(kind="json_object")
+        if self.type == "json_schema" and self.json_schema is not None:
+            return GuidedDecoding(
+                kind="json_schema", spec=_schema_text(self.json_schema.schema_ or {})
+            )
+        return None
 
 
 class _SamplingFields(_Request):
@@ -199,13 +252,55 @@ class _SamplingFields(_Request):
         "(at most 300 entries)",
     )
     response_format: ResponseFormat | None = None
+    # vLLM's extensions for constrained output (at most one constraint in a request)
+    guided_json: dict[str, Any] | str | None = Field(
+        default=None, description="the output is JSON valid against this JSON Schema"
+    )
+    guided_regex: str | None = Field(
+        default=None, description="the output matches this pattern (Rust regex syntax)"
+    )
+    guided_choice: list[str] | None = Field(
+        default=None, min_length=1, description="the output is exactly one of these texts"
+    )
 
-    @field_validator("response_format")
+    @field_validator("guided_json")
     @classmethod
-    def _text_only(cls, value: ResponseFormat | None) -> ResponseFormat | None:
-        if value is not None and value.type != "text":
-            raise _not_yet(f'constrained output (type {value.type!r}; only "text")')
+    def _json_compiles(cls, value: dict[str, Any] | str | None) -> dict[str, Any] | str | None:
+        if value is not None:
+            _checked_spec("json_schema", _schema_text(value))
         return value
+
+    @field_validator("guided_regex")
+    @classmethod
+    def _regex_compiles(cls, value: str | None) -> str | None:
+        return value if value is None else _checked_spec("regex", value)
+
+    @model_validator(mode="after")
+    def _one_constraint(self) -> _SamplingFields:
+        given = [
+            name
+            for name in ("guided_json", "guided_regex", "guided_choice")
+            if getattr(self, name) is not None
+        ]
+        if self.response_format is not None and self.response_format.type != "text":
+            given.append("response_format")
+        if len(given) > 1:
+            raise ValueError(f"{given[1]}: only one output constraint per request ({given[0]})")
+        return self
+
+    def guided_decoding(self) -> GuidedDecoding | None:
+        """The request's output constraint for the contract (None: free text)."""
+        if self.response_format is not None:
+            found = self.response_format.guided()
+            if found is not None:
+                return found
+        if self.guided_json is not None:
+            return GuidedDecoding(kind="json_schema", spec=_schema_text(self.guided_json))
+        if self.guided_regex is not None:
+            return GuidedDecoding(kind="regex", spec=self.guided_regex)
+        if self.guided_choice is not None:
+            return GuidedDecoding(kind="regex", spec=choice_regex(self.guided_choice))
+        return None
 
     @field_validator("logit_bias")
     @classmethod

@@ -444,6 +444,7 @@ def _sampling(
         logprobs=body.requested_logprobs(),
         min_tokens=body.min_tokens or 0,
         logit_bias=body.logit_bias or {},
+        guided=body.guided_decoding(),
     )
     if params.logit_bias:  # the schema checked count and range; the vocabulary is ours
         bad = logit_bias_vocab_error(params.logit_bias, state.tokenizer.vocab_size)

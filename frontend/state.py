@@ -311,10 +311,12 @@ def able_workers(
 
 # A sampling field the request asks for under another name (echo + logprobs asks for the
 # prompt's logprobs: the error names `echo`, and it is named first: the more specific).
-_REQUEST_PARAM = {"prompt_logprobs": "echo"}
+_REQUEST_PARAM = {"prompt_logprobs": "echo", "guided": "response_format"}
 _WHAT = {
     "prompt_logprobs": "echo with logprobs (the prompt's logprobs; a disaggregated "
-    "deployment's prefill and decode workers do not carry them)"
+    "deployment's prefill and decode workers do not carry them)",
+    "guided": "constrained output (response_format json_object / json_schema, guided_json, "
+    "guided_regex, guided_choice)",
 }
 
 

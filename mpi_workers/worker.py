@@ -163,8 +163,16 @@ class Worker:
     def _role_unsupported(self) -> frozenset[str]:
         """What this worker cannot do for its role: a prefill or decode worker of a
         disaggregated deployment does not carry the prompt's logprobs across the hand-off
-        (the prefill worker computes the prompt, the decode worker streams the answer)."""
-        return frozenset() if self.role == "agg" else frozenset({"prompt_logprobs"})
+        (the prefill worker computes the prompt, the decode worker streams the answer). An
+        output constraint crosses it on the torch engine only (its prefill side constrains
+        the first token, its decode side's matcher consumes it first: `disagg_ops`);
+        TensorRT-LLM's generation-only phase is not known to feed its grammar the first
+        token, so its prefill and decode workers refuse constraints."""
+        if self.role == "agg":
+            return frozenset()
+        if self.engine.kind == "torch":
+            return frozenset({"prompt_logprobs"})
+        return frozenset({"prompt_logprobs", "guided"})
 
     def use_connection(self, nc: Any) -> None:
         """Serve on `nc` (before `start`), a NATS connection the caller owns and closes: the

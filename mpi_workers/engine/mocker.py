@@ -65,9 +65,9 @@ class MockerEngine(StreamingEngine):
     kind = "mocker"
     simulated = True
     # Simulated tokens have no distribution to report or bias (neither the sampled ones nor
-    # the prompt's). (min_tokens needs nothing: pseudo tokens are never EOS or a stop id, so
-    # an output only ends at max_tokens.)
-    unsupported_params = frozenset({"logprobs", "logit_bias", "prompt_logprobs"})
+    # the prompt's), nor a grammar to follow (guided). (min_tokens needs nothing: pseudo
+    # tokens are never EOS or a stop id, so an output only ends at max_tokens.)
+    unsupported_params = frozenset({"logprobs", "logit_bias", "prompt_logprobs", "guided"})
 
     def __init__(
         self,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import enum
 import itertools
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from contract.messages import SamplingParams, TokenLogprob
 
@@ -76,6 +76,8 @@ class Sequence:
     # `sampling.prompt_logprobs`: the prompt tokens' logprobs computed so far (entry i: token
     # i + 1; filled chunk by chunk during prefill), None once delivered or when not wanted.
     prompt_logprobs: list[TokenLogprob] | None = None
+    # `sampling.guided`: the engine's matcher of the output (made at its first sampled step)
+    guide: Any = None
 
     def __post_init__(self) -> None:
         self.num_prompt_tokens = len(self.token_ids)

@@ -15,6 +15,7 @@ from contract.messages import (
     AbortRequest,
     GenerateOutput,
     GenerateRequest,
+    GuidedDecoding,
     KvBatchOps,
     KvEvent,
     KvEventBatch,
@@ -224,7 +225,11 @@ def _random_request(rng: random.Random) -> GenerateRequest:
             rng.randint(0, 10**6): rng.choice([100.0, -100.0, rng.uniform(-100, 100)])
             for _ in range(rng.choice([0, 0, 1, 5]))
         },
-    )
+        guided=rng.choice([None, None, GuidedDecoding(kind="json_object"), GuidedDecoding(
+            kind="json_schema", spec='{"type": "string", "pattern": "\\\\d+é"}',
+            generated=rng.randint(0, 9),
+        )]),
+    )  # fmt: skip
     return GenerateRequest(
         request_id=f"{rng.getrandbits(128):032x}",
         token_ids=[rng.randint(0, 200_000) for _ in range(rng.randint(1, 300))],
@@ -247,6 +252,13 @@ def test_request_json_writes_what_pydantic_writes() -> None:
     request.batch_replies = not request.batch_replies
     request.sampling.max_tokens = 3
     assert request_json(request) == request.model_dump_json().encode()
+
+
+def test_request_json_carries_the_output_constraint() -> None:
+    guided = GuidedDecoding(kind="regex", spec="[0-9]+", generated=2)
+    request = GenerateRequest(request_id="r", token_ids=[1], sampling=SamplingParams(guided=guided))
+    assert request_json(request) == request.model_dump_json().encode()
+    assert GenerateRequest.model_validate_json(request_json(request)).sampling.guided == guided
 
 
 def test_logit_bias_and_min_tokens_travel_to_prefill_and_decode_workers() -> None:

@@ -12,7 +12,13 @@ import pytest
 from worker_cards import worker_card
 
 from contract.discovery import WorkerCard
-from contract.messages import AbortRequest, GenerateOutput, GenerateRequest, SamplingParams
+from contract.messages import (
+    AbortRequest,
+    GenerateOutput,
+    GenerateRequest,
+    GuidedDecoding,
+    SamplingParams,
+)
 from frontend import errors
 from frontend.errors import OpenAIError
 from frontend.metrics import FrontendMetrics
@@ -66,6 +72,18 @@ def test_continuation_shrinks_min_tokens_by_the_tokens_made() -> None:
     assert resumed.sampling.min_tokens == 2 and resumed.sampling.max_tokens == 7
     assert resumed.sampling.logit_bias == {7: 3.0}
     assert continuation(resumed, [24, 25, 26]).sampling.min_tokens == 0
+
+
+def test_continuation_counts_the_constrained_output_already_made() -> None:
+    """The new attempt's matcher must consume the produced tokens (now the prompt's tail)
+    before it constrains the next one: `guided.generated` counts them, over attempts."""
+    original = request(guided=GuidedDecoding(kind="json_object"))
+    resumed = continuation(original, [21, 22, 23])
+    assert resumed.sampling.guided == GuidedDecoding(kind="json_object", generated=3)
+    assert original.sampling.guided is not None and original.sampling.guided.generated == 0
+    again = continuation(resumed, [24])
+    assert again.sampling.guided is not None and again.sampling.guided.generated == 4
+    assert continuation(request(), [21]).sampling.guided is None
 
 
 def test_continuation_of_a_continuation_and_of_nothing() -> None:

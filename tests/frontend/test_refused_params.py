@@ -27,10 +27,6 @@ TOOL = {
     },
 }
 FUNCTION = TOOL["function"]
-SCHEMA_FORMAT = {
-    "type": "json_schema",
-    "json_schema": {"name": "answer", "schema": {"type": "object"}},
-}
 TOOL_CALL = {
     "id": "call_1",
     "type": "function",
@@ -57,11 +53,11 @@ async def refused(call: Any, param: str, words: tuple[str, ...] = NOT_YET) -> st
     return error.message
 
 
-async def test_tool_calling_and_constrained_output_are_refused_naming_the_field(
+async def test_tool_calling_is_refused_naming_the_field(
     make_frontend: Any,
 ) -> None:
-    """Through the official client, on both endpoints where OpenAI has the field: the
-    worker never sees such a request."""
+    """Through the official client (chat: OpenAI's completions have no tools): the worker
+    never sees such a request."""
     fe = await make_frontend()
     worker = await fe.add_worker()
     async with client_of(fe.base_url) as client:
@@ -86,8 +82,6 @@ async def refuse_each(client: openai.AsyncOpenAI) -> None:
         ({"tool_choice": "required"}, "tool_choice", ('"required" needs tools',)),
         ({"tools": [TOOL], "tool_choice": {"type": "function", "function": {"name": "x"}}},
          "tool_choice", ("'x', which is not in tools",)),
-        ({"response_format": {"type": "json_object"}}, "response_format", NOT_YET),
-        ({"response_format": SCHEMA_FORMAT}, "response_format", NOT_YET),
     ]  # fmt: skip
     for fields, param, words in cases:
         for stream in (False, True):
@@ -96,15 +90,6 @@ async def refuse_each(client: openai.AsyncOpenAI) -> None:
                 param,
                 words,
             )
-    completions = client.completions.create  # OpenAI's completions have no tools
-    for fmt in ({"type": "json_object"}, SCHEMA_FORMAT):
-        message = await refused(
-            completions(
-                model="smol", prompt="hi", max_tokens=2, extra_body={"response_format": fmt}
-            ),
-            "response_format",
-        )
-        assert fmt["type"] in message
 
 
 async def test_tool_call_history_is_refused_naming_the_message_field(make_frontend: Any) -> None:

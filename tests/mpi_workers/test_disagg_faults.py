@@ -187,6 +187,35 @@ async def test_prefill_first_streams_first_token_then_decode_continues(
         assert "KV transfer from prefill failed" in chunks[-1].error
 
 
+async def test_a_constrained_output_crosses_the_hand_off(
+    engines, etcd_endpoint: str, nats_url: str
+) -> None:
+    """Both strategies: the prefill worker constrains the first token, the decode worker's
+    matcher consumes it and goes on; sampled (seeded), the very tokens of aggregated
+    serving, a document the schema accepts, ended by the grammar ("stop")."""
+    import json
+
+    from contract.messages import GuidedDecoding
+    from frontend.tokenization import TextTokenizer
+
+    schema = {"type": "object", "additionalProperties": False, "required": ["k", "n"],
+              "properties": {"k": {"enum": ["alpha", "beta"]},
+                             "n": {"type": "integer", "minimum": 0, "maximum": 99}}}  # fmt: skip
+    guided = GuidedDecoding(kind="json_schema", spec=json.dumps(schema))
+    for strategy, entry in (("decode_first", "decode"), ("prefill_first", "prefill-a")):
+        async with deployment(
+            engines, etcd_endpoint, nats_url, ["prefill-a", "decode"], strategy=strategy
+        ) as workers:
+            expected = await engines["decode"].generate_all(request(max_tokens=40, guided=guided))
+            assert expected.finish_reason == "stop"
+            text = TextTokenizer(engines["decode"].model_dir).decode(expected.token_ids)
+            value = json.loads(text)
+            assert value["k"] in ("alpha", "beta") and 0 <= value["n"] <= 99
+            chunks = await send(workers[entry], request(max_tokens=40, guided=guided))
+            assert chunks[-1].finish_reason == "stop", chunks[-1]
+            assert tokens(chunks) == expected.token_ids
+
+
 def crash_on_first_decode_chunk(worker: DisaggWorker) -> asyncio.Event:
     """The worker's card leaves etcd and it streams nothing more: a crash mid-decode."""
     crashed = asyncio.Event()

@@ -139,12 +139,17 @@ async def test_bad_request_gets_one_error_chunk_naming_the_param(
 
 @pytest.mark.parametrize("role", ["agg", "prefill", "decode"])
 def test_disaggregated_roles_declare_prompt_logprobs_unsupported(role: str) -> None:
-    """A prefill or decode worker does not carry the prompt's logprobs across the hand-off:
-    its card says so (the frontend then refuses echo + logprobs with a 400 naming `echo`)."""
+    """A prefill or decode worker does not carry the prompt's logprobs across the hand-off,
+    nor an output constraint: its card says so (the frontend then refuses echo + logprobs
+    with a 400 naming `echo`, a constraint naming `response_format`)."""
     worker = Worker(FakeEngine(), deployment="d", worker_id=f"{role}-g0-i0", role=role,
                     nats_url="nats://unused", etcd_endpoint="unused", lease_ttl_s=5,
                     capacity=1)  # fmt: skip
     assert ("prompt_logprobs" in worker.card.unsupported_params) is (role != "agg")
+    # an output constraint crosses the hand-off on the torch engine only
+    assert ("guided" in worker.card.unsupported_params) is (role != "agg")
+    worker.engine.kind = "torch"
+    assert "guided" not in worker.card.unsupported_params
 
 
 def test_error_param_convention() -> None:

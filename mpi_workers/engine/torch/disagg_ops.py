@@ -6,7 +6,9 @@ first token with the request's generator; the decode worker imports the prompt's
 generator's state and continues from the same sequence state an aggregated engine would have.
 Images: the prefill side encodes them; the decode side's blocks hash them the same way (a
 prefix hit there skips their transfer) and it keeps the prepared media, so a preempted
-decode recomputes its prompt exactly.
+decode recomputes its prompt exactly. An output constraint: the prefill side's matcher
+constrains the first token (a first token that completes the output ends it, "stop"); the
+decode side's matcher is made at its first step and consumes that token first.
 
 The block manager and scheduler are only touched on the stepping thread
 (`call_in_engine_thread`). Under tensor parallelism the KV moves between the leader and its
@@ -106,14 +108,16 @@ class TorchKvHandoff(BlockKvHandoff):
             raise RuntimeError(last.error or f"prefill ended with {last.finish_reason}")
         p = request.sampling
         max_len = min(len(request.token_ids) + p.max_tokens, self.max_model_len)
+        reason = self.finish_reason(p, tokens[0], seq.num_prompt_tokens + 1, max_len)
+        if reason is None and seq.guide is not None and seq.guide.is_stopped():
+            reason = "stop"  # the first token completed the constrained output
         first = last.model_copy(
             update={
                 "token_ids": tokens,
                 "logprobs": logprobs if last.logprobs is not None else None,
-                "finish_reason": self.finish_reason(p, tokens[0], seq.num_prompt_tokens + 1,
-                                                    max_len),
+                "finish_reason": reason,
             }
-        )  # fmt: skip
+        )
         return HeldPrefill(request.request_id, first, _generator_state(seq), seq)
 
     async def export_held(self, held: HeldPrefill, skip_blocks: int) -> torch.Tensor:

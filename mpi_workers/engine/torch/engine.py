@@ -50,9 +50,11 @@ import torch
 
 from contract.block_hash import media_block_extras
 from contract.config import ENGINE_DEFAULTS, MultimodalConfig
+from contract.guided import spec_error
 from contract.messages import (
     GenerateOutput,
     GenerateRequest,
+    GuidedDecoding,
     SamplingParams,
     TokenLogprob,
     TopLogprob,
@@ -63,6 +65,7 @@ from mpi_workers.engine.sequence import SeqMedia, SeqStatus, Sequence
 from mpi_workers.engine.streaming import RequestValidationError, StreamingEngine
 from mpi_workers.engine.torch.disagg_ops import TorchKvHandoff
 from mpi_workers.engine.torch.env_switches import env_flag
+from mpi_workers.engine.torch.guided import GuideError, Guides
 from mpi_workers.engine.torch.kv_cache import KvCache, blocks_for_budget, gpu_kv_budget
 from mpi_workers.engine.torch.loader import default_dtype, load_model
 from mpi_workers.engine.torch.media_inputs import MediaInputs
@@ -140,7 +143,10 @@ def overlap_default() -> bool:
 
 def sample_rows(seqs: list[Sequence]) -> list[SampleRow]:
     """The sampler's view of each sampled sequence, in the step's row order."""
-    return [SampleRow(s.sampling, s.token_ids, s.num_prompt_tokens, s.generator) for s in seqs]
+    return [
+        SampleRow(s.sampling, s.token_ids, s.num_prompt_tokens, s.generator, s.guide)
+        for s in seqs
+    ]
 
 
 class TorchEngine(StreamingEngine, TorchKvHandoff):
@@ -204,9 +210,11 @@ class TorchEngine(StreamingEngine, TorchKvHandoff):
         self.runner = ModelRunner(
             self.model, self.kv_cache, enforce_eager, max_num_seqs, self.max_num_batched_tokens
         )
+        self.guides = Guides(self.model_dir, self.vocab_size, self.eos_token_ids)
         self.sampler = Sampler(
-            seed, native_argmax=self.model.path.native_argmax, eos_token_ids=self.eos_token_ids
-        )
+            seed, native_argmax=self.model.path.native_argmax, eos_token_ids=self.eos_token_ids,
+            guides=self.guides,
+        )  # fmt: skip
         self.media_inputs: MediaInputs | None = None  # a vision-language model's images
         if self.config.vision is not None:
             self.media_inputs = MediaInputs(
@@ -359,8 +367,11 @@ class TorchEngine(StreamingEngine, TorchKvHandoff):
 
     # ----- images ----------------------------------------------------------------------------
     def validate(self, request: GenerateRequest) -> None:
-        """The text checks, then each image's placeholder run (ValueError naming "messages")."""
+        """The text checks, the output constraint, then each image's placeholder run
+        (ValueError naming "messages")."""
         super().validate(request)
+        if request.sampling.guided is not None:
+            self._validate_guided(request.sampling.guided, len(request.token_ids))
         if not request.media:
             return
         if self.media_inputs is None:
@@ -368,6 +379,19 @@ class TorchEngine(StreamingEngine, TorchKvHandoff):
                 "messages", f"model {self.model_name} is text-only: it takes no images"
             )
         self.media_inputs.validate(request)
+
+    def _validate_guided(self, guided: GuidedDecoding, num_tokens: int) -> None:
+        """The constraint's grammar builds (cached: the frontend built it too) and the
+        model folder has the tokenizer its matchers need."""
+        error = spec_error(guided.kind, guided.spec)
+        if error is not None:
+            raise RequestValidationError("guided", error)
+        if guided.generated >= num_tokens:
+            raise RequestValidationError("guided", "generated must be below the prompt's length")
+        if not (self.model_dir / "tokenizer.json").is_file():
+            raise RequestValidationError(
+                "guided", f"model {self.model_name} has no tokenizer.json to constrain with"
+            )
 
     def prepare_media(self, request: GenerateRequest, payloads: list[bytes]) -> list[SeqMedia]:
         """Decode + preprocess each image or check each embedding (a worker thread)."""
@@ -591,10 +615,25 @@ class TorchEngine(StreamingEngine, TorchKvHandoff):
             self._take_prompt_logprobs(batch)
         self._advance(batch)
         if sampled:
+            self._make_guides(sampled)
             tokens, logprobs = self.sampler(logits, sample_rows(sampled))
             for seq, token, lp in zip(sampled, tokens, logprobs, strict=True):
-                self._append_token(seq, token, lp)
+                if seq.status is not SeqStatus.FINISHED:  # (a matcher that failed to build)
+                    self._append_token(seq, token, lp)
         self._settle(batch.seqs)
+
+    def _make_guides(self, sampled: list[Sequence]) -> None:
+        """A matcher for each constrained sequence sampled for the first time, fed the
+        output it already holds (its own tokens; a migrated request's last prompt tokens).
+        A sequence whose matcher cannot be made ends with an error, alone."""
+        for seq in sampled:
+            guided = seq.sampling.guided
+            if guided is not None and seq.guide is None:
+                output = seq.token_ids[seq.num_prompt_tokens - guided.generated :]
+                try:
+                    seq.guide = self.guides.matcher(guided, output)
+                except GuideError as exc:
+                    self._finish(seq, "error", error=f"guided: {exc}")
 
     def _take_prompt_logprobs(self, batch: ScheduledBatch) -> None:
         """Hand the step's prompt logprobs to their sequences (before `_advance`: the rows
@@ -636,7 +675,7 @@ class TorchEngine(StreamingEngine, TorchKvHandoff):
         self.stats.num_cached_prompt_tokens = self.scheduler.num_cached_prompt_tokens
         for seq in live:
             if seq.finish_reason is not None:
-                self._finish(seq, seq.finish_reason)
+                self._finish(seq, seq.finish_reason, seq.error)
             elif seq.pending_tokens:
                 self._deliver(seq)
 
@@ -659,6 +698,12 @@ class TorchEngine(StreamingEngine, TorchKvHandoff):
             seq.pending_logprobs.append(logprob)
         self.stats.num_generated_tokens += 1
         reason = self.finish_reason(seq.sampling, token, slot + 1, seq.max_len)
+        if reason != "stop" and seq.guide is not None:  # ("length" too: a disaggregated
+            try:  # prefill's one token must reach its matcher; complete at the limit: "stop")
+                if self.guides.consume(seq.guide, token):
+                    reason = "stop"  # the constrained output is complete
+            except GuideError as exc:  # (the mask forbids such tokens: never expected)
+                reason, seq.error = "error", f"guided: {exc}"
         if reason is not None:
             seq.finish_reason = reason
             del seq.token_ids[slot + 1 :]

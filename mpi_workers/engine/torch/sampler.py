@@ -4,19 +4,22 @@ Penalties and the top-k / top-p / min-p masks are vectorised over the batch; the
 is per row from the request's own `torch.Generator` (seeded when the request gives a seed),
 so a seeded request samples the same tokens whatever else shares its batch. Temperature 0
 is greedy (argmax). Before the penalties, each row's `logit_bias` is added and, while it has
-made fewer than `min_tokens` tokens, its end tokens are masked (`apply_logit_rules`).
-Logprobs are those of the model's distribution after these and the penalties, before
-temperature and truncation.
+made fewer than `min_tokens` tokens, its end tokens are masked (`apply_logit_rules`). After
+the penalties, a row with an output constraint keeps only the tokens its grammar allows
+(`guided.Guides`). Logprobs are those of the model's distribution after the rules and the
+penalties, before the constraint, temperature and truncation.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
 from contract.messages import SamplingParams, TokenLogprob, TopLogprob
 from mpi_workers.engine.torch import kernels
+from mpi_workers.engine.torch.guided import Guides, apply_bitmask, guide_rows
 from mpi_workers.engine.torch.host_copy import to_device
 
 
@@ -31,6 +34,7 @@ class SampleRow:
     token_ids: list[int]
     num_prompt_tokens: int
     generator: torch.Generator | None = None
+    guide: Any = None  # the row's llguidance matcher when its output is constrained
 
     @property
     def prompt_ids(self) -> list[int]:
@@ -143,9 +147,11 @@ class Sampler:
         seed: int | None = None,
         native_argmax: bool = False,
         eos_token_ids: frozenset[int] = frozenset(),
+        guides: Guides | None = None,
     ) -> None:
         self.native_argmax = native_argmax  # the device path's C argmax (fp32 CPU logits)
         self.eos_token_ids = eos_token_ids
+        self.guides = guides  # the masks of rows with a matcher (constrained output)
         self.generator = torch.Generator()
         if seed is not None:
             self.generator.manual_seed(seed)
@@ -157,12 +163,14 @@ class Sampler:
     def on_device(params: SamplingParams, generator: torch.Generator | None) -> bool:
         """Whether `choose` can sample a row without the host: no penalties (they read the
         token history), no logit_bias or min_tokens (`apply_logit_rules`, which `choose`
-        does not apply), no logprobs, no request seed (its generator lives on the CPU).
+        does not apply), no output constraint (its mask is computed on the host from the
+        previous token), no logprobs, no request seed (its generator lives on the CPU).
         Overlapped scheduling launches such steps before the previous tokens are known."""
         return (
             params.logprobs is None
             and not params.logit_bias
             and not params.min_tokens
+            and params.guided is None
             and params.repetition_penalty == 1.0
             and not params.presence_penalty
             and not params.frequency_penalty
@@ -174,8 +182,16 @@ class Sampler:
     ) -> tuple[list[int], list[TokenLogprob | None]]:
         logits = apply_logit_rules(logits.float(), rows, self.eos_token_ids)
         logits = apply_penalties(logits, rows)
-        tokens = self.choose(logits, rows).tolist()
+        tokens = self.choose(self._constrain(logits, rows), rows).tolist()
         return tokens, self._logprobs(logits, tokens, rows)
+
+    def _constrain(self, logits: torch.Tensor, rows: list[SampleRow]) -> torch.Tensor:
+        """`logits` with each constrained row's forbidden tokens at -inf (as is without)."""
+        indices, matchers = guide_rows([r.guide for r in rows])
+        if not indices:
+            return logits
+        assert self.guides is not None, "a row has a matcher: the engine gave its guides"
+        return apply_bitmask(logits, indices, self.guides.bitmask(matchers))
 
     def choose(self, logits: torch.Tensor, rows: list[SampleRow]) -> torch.Tensor:
         """The next token of every row, left on the logits' device (float32 logits, after

@@ -34,6 +34,7 @@ from typing import Any
 from contract.messages import (
     GenerateOutput,
     GenerateRequest,
+    GuidedDecoding,
     LoadMetrics,
     SamplingParams,
     TokenLogprob,
@@ -72,6 +73,8 @@ class TrtllmEngine(Engine, NativeKvHandoff):
     # (`executor/result.py` `compute_logprobs`: no token list is passed for the prompt), so
     # a prompt token outside the top k has no logprob: not the prompt's own logprobs that
     # `echo` + `logprobs` asks for. The frontend refuses such requests (naming `echo`).
+    # Constrained output needs the LLM's `guided_decoding_backend` (engine.trtllm config, or
+    # the engine YAML): without one the worker's card adds "guided" (`__init__`).
     unsupported_params = frozenset({"prompt_logprobs"})
 
     def __init__(
@@ -90,6 +93,8 @@ class TrtllmEngine(Engine, NativeKvHandoff):
         self._vlm = vlm_of(llm_args["model"])
         if self._vlm is not None:
             self.media_kinds = frozenset({"image", "embeds"})
+        if not llm_args.get("guided_decoding_backend"):
+            self.unsupported_params = TrtllmEngine.unsupported_params | {"guided"}
         self.model_name = model_name
         self.block_size = block_size
         self.max_model_len = max_model_len
@@ -139,6 +144,15 @@ class TrtllmEngine(Engine, NativeKvHandoff):
         if request.sampling.prompt_logprobs is not None:  # (callers that skip the frontend)
             raise RequestValidationError(
                 "prompt_logprobs", "this TensorRT-LLM worker does not return the prompt's logprobs"
+            )
+        guided = request.sampling.guided
+        if guided is not None and "guided" in self.unsupported_params:
+            raise RequestValidationError(
+                "guided", "this TensorRT-LLM worker has no guided_decoding_backend"
+            )
+        if guided is not None and guided.generated:
+            raise RequestValidationError(  # (a migrated continuation: see guided_decoding)
+                "guided", "TensorRT-LLM cannot resume a constrained output part-way"
             )
         if request.request_id in self._running:
             raise RequestValidationError("request_id", "a request with this id is running")
@@ -203,6 +217,7 @@ class TrtllmEngine(Engine, NativeKvHandoff):
             "logprobs": None if p.logprobs is None else max(p.logprobs, 1),
             "min_tokens": p.min_tokens or None,
             "embedding_bias": self.embedding_bias(p.logit_bias),
+            "guided_decoding": guided_decoding(p.guided),
             "detokenize": False,
         }
         kwargs.update(fixed)
@@ -419,6 +434,21 @@ class TrtllmEngine(Engine, NativeKvHandoff):
 
 
 _END = object()
+
+
+def guided_decoding(guided: GuidedDecoding | None) -> Any:
+    """Our output constraint as TensorRT-LLM's `GuidedDecodingParams` (None: none). Its
+    grammar backend compiles the schema; a migrated continuation (`guided.generated`) has no
+    counterpart there (the matcher cannot be fed the earlier output): `validate` refuses it."""
+    if guided is None:
+        return None
+    from tensorrt_llm.llmapi import GuidedDecodingParams
+
+    if guided.kind == "json_object":
+        return GuidedDecodingParams(json_object=True)
+    if guided.kind == "json_schema":
+        return GuidedDecodingParams(json=guided.spec)
+    return GuidedDecodingParams(regex=guided.spec)
 
 
 def choice_sampling(request: GenerateRequest) -> SamplingParams:

@@ -58,6 +58,7 @@ def base_args(config: DeploymentConfig, group: WorkerGroupConfig, model_path: Pa
         "max_batch_size": t.max_batch_size,
         "max_num_tokens": t.max_num_tokens,
         "max_seq_len": t.max_seq_len or config.engine.max_model_len,
+        "guided_decoding_backend": t.guided_decoding_backend,
     }
     args.update({key: value for key, value in optional.items() if value is not None})
     if t.enable_attention_dp:

@@ -3,7 +3,8 @@
 The Triton paged decode and varlen attention against a float64 reference over random block
 tables and ragged lengths; the engine on CUDA (CUDA graphs with the kernels, mixed
 prefill + decode steps in graphs, and eager) token-identical to transformers in fp32 greedy,
-with prefix-cache hits giving the same tokens as misses; logit_bias and min_tokens on CUDA.
+with prefix-cache hits giving the same tokens as misses; logit_bias, min_tokens and output
+constraints on CUDA.
 """
 
 from __future__ import annotations
@@ -466,3 +467,67 @@ def test_logit_bias_and_min_tokens_on_cuda(tiny_llama_dir) -> None:
     assert outs[1].token_ids == [forced] * 16
     assert len(outs[2].token_ids) >= 8 and stop not in outs[2].token_ids[:8]
     assert engine.stats.num_overlapped_steps == 0  # the biased row is in every step
+
+
+def test_constrained_output_on_cuda(tiny_model_writer, tmp_path) -> None:
+    """The constraint's bitmask applied on CUDA logits equals the CPU's; in the engine on
+    CUDA with overlapped scheduling and CUDA graphs, random-weight rows under a regex and a
+    JSON Schema (greedy and temperature 1) end "stop" with text the constraint accepts,
+    while a plain row beside them runs on as before."""
+    import asyncio
+    import json
+    import re
+    import shutil
+
+    from contract.config import default_model_dir
+    from contract.messages import GuidedDecoding
+    from mpi_workers.engine.torch.engine import TorchEngine
+    from mpi_workers.engine.torch.guided import apply_bitmask
+
+    tokenizer_json = default_model_dir() / "tokenizer.json"
+    if not tokenizer_json.is_file():
+        pytest.skip(f"needs the default model's tokenizer ({tokenizer_json})")
+    logits = torch.randn(3, 49152, generator=torch.Generator().manual_seed(0))
+    mask = torch.randint(-(2**31), 2**31 - 1, (2, 1536), dtype=torch.int32)
+    on_cpu = apply_bitmask(logits, [0, 2], mask)
+    on_gpu = apply_bitmask(logits.cuda(), [0, 2], mask.pin_memory())
+    assert torch.equal(on_gpu.cpu(), on_cpu)
+
+    folder = tiny_model_writer(tmp_path / "tiny", "llama", vocab_size=49152)
+    shutil.copy(tokenizer_json, folder / "tokenizer.json")
+    from tokenizers import Tokenizer
+
+    decode = Tokenizer.from_file(str(tokenizer_json)).decode
+    schema = {"type": "object", "additionalProperties": False, "required": ["k", "n"],
+              "properties": {"k": {"enum": ["alpha", "beta"]},
+                             "n": {"type": "integer", "minimum": 0, "maximum": 99}}}  # fmt: skip
+    regex = GuidedDecoding(kind="regex", spec="(yes|no)-[0-9]{2}")
+    as_json = GuidedDecoding(kind="json_schema", spec=json.dumps(schema))
+
+    def req(rid: str, guided: GuidedDecoding | None, temperature: float) -> GenerateRequest:
+        sampling = SamplingParams(max_tokens=40, temperature=temperature, guided=guided,
+                                  stop_token_ids=[2], ignore_eos=guided is None)  # fmt: skip
+        return GenerateRequest(request_id=rid, token_ids=[5, 6, 7, 8], sampling=sampling)
+
+    requests = [req("plain", None, 0.0), req("re0", regex, 0.0), req("re1", regex, 1.0),
+                req("js0", as_json, 0.0), req("js1", as_json, 1.0)]  # fmt: skip
+    engine = TorchEngine(folder, device="cuda", dtype=torch.float32, block_size=16,
+                         num_blocks=64, overlap=True)  # fmt: skip
+
+    async def serve():
+        await engine.start()
+        try:
+            alone = await engine.generate_all(req("alone", None, 0.0))
+            return alone, await asyncio.gather(*(engine.generate_all(r) for r in requests))
+        finally:
+            await engine.shutdown()
+
+    alone, outs = asyncio.run(serve())
+    assert outs[0].token_ids == alone.token_ids and len(alone.token_ids) == 40
+    for out in outs[1:3]:
+        assert out.finish_reason == "stop"
+        assert re.fullmatch(r"(yes|no)-[0-9]{2}", decode(out.token_ids))
+    for out in outs[3:]:
+        value = json.loads(decode(out.token_ids))
+        assert out.finish_reason == "stop" and value["k"] in ("alpha", "beta")
+        assert set(value) == {"k", "n"} and 0 <= value["n"] <= 99

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from contract.config import ConfigError, load_config
-from contract.messages import GenerateOutput, GenerateRequest, SamplingParams
+from contract.messages import GenerateOutput, GenerateRequest, GuidedDecoding, SamplingParams
 from mpi_workers.engine.factory import build_engine
 from mpi_workers.engine.trtllm.engine import TrtllmEngine, decode_params, encode_params
 from mpi_workers.engine.trtllm.llm_args import build_llm_args
@@ -268,3 +268,33 @@ async def test_min_tokens_and_logit_bias_map_to_tensorrt_llms_fields(
     for start, length in ended[:3]:
         tokens, last = await collect(engine.generate(greedy(start, min_tokens=12)))
         assert len(tokens) >= 12 > length, (start, tokens)
+
+
+async def test_output_constraints_map_to_guided_decoding_params(
+    engine: TrtllmEngine, model_dir: Path
+) -> None:
+    """json_object / json_schema / regex become TensorRT-LLM's `GuidedDecodingParams`, the
+    LLM gets the configured grammar backend (xgrammar by default); a continuation of a
+    migrated constrained output and a worker without a backend refuse naming `guided`."""
+    from tensorrt_llm.llmapi import GuidedDecodingParams
+
+    schema = '{"type": "object", "properties": {"a": {"type": "integer"}}}'
+    assert engine.sampling_params(SamplingParams()).guided_decoding is None
+    for guided, expected in (
+        (GuidedDecoding(kind="json_object"), GuidedDecodingParams(json_object=True)),
+        (GuidedDecoding(kind="json_schema", spec=schema), GuidedDecodingParams(json=schema)),
+        (GuidedDecoding(kind="regex", spec="[0-9]+"), GuidedDecodingParams(regex="[0-9]+")),
+    ):
+        assert engine.sampling_params(SamplingParams(guided=guided)).guided_decoding == expected
+    assert "guided" not in engine.unsupported_params
+    assert engine.llm.args.guided_decoding_backend == "xgrammar"
+    resumed = GuidedDecoding(kind="json_object", generated=2)
+    with pytest.raises(ValueError, match=r"^guided"):
+        engine.generate(request([1, 2, 3], guided=resumed))
+    cfg = config("engine.trtllm.guided_decoding_backend=llguidance")
+    assert build_llm_args(cfg, cfg.workers[0], model_dir)["guided_decoding_backend"] == "llguidance"
+    plain = build_engine(config("engine.trtllm.guided_decoding_backend=null"), model_dir)
+    assert isinstance(plain, TrtllmEngine) and "guided" in plain.unsupported_params
+    with pytest.raises(ValueError, match=r"^guided.*guided_decoding_backend"):
+        plain.generate(request([1, 2, 3], guided=GuidedDecoding(kind="json_object")))
+    await plain.shutdown()
