@@ -348,7 +348,9 @@ class ChatCompletionRequest(_SamplingFields):
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = Field(
         default=None,
         description='"auto" (the default with tools): the model may call; "none": tools '
-        'are not shown to the model; "required" and a named function are not supported yet',
+        'are not shown to the model; "required" (one or more calls) or a named function: '
+        "the output is constrained to the call's JSON (no tool_call_parser needed; the "
+        'engine must do constrained output), finish_reason "tool_calls" ("stop" when named)',
     )
     parallel_tool_calls: bool | None = Field(
         default=None, description="false: only the first call of an answer is returned"

@@ -150,7 +150,7 @@ async def handle(state: FrontendState, request: Request, kind: Kind) -> Response
             prompts = [Prompt(prompt_ids, "messages")]
         else:
             prompts = _prompts(state, body, tools)
-        sampling = _sampling(state, body)
+        sampling = _sampling(state, body, tools)
         prepared = Prepared(kind, body, state.served_name, prompts, sampling, arrival, media, tools)
         loop = asyncio.get_running_loop()
         deadline = loop.time() + state.config.frontend.request_timeout_s
@@ -435,7 +435,9 @@ def _expand(
 
 
 def _sampling(
-    state: FrontendState, body: ChatCompletionRequest | CompletionRequest
+    state: FrontendState,
+    body: ChatCompletionRequest | CompletionRequest,
+    tools: ToolUse | None = None,
 ) -> SamplingParams:
     params = SamplingParams(
         ignore_eos=body.ignore_eos,
@@ -444,7 +446,7 @@ def _sampling(
         logprobs=body.requested_logprobs(),
         min_tokens=body.min_tokens or 0,
         logit_bias=body.logit_bias or {},
-        guided=body.guided_decoding(),
+        guided=tools.guided if tools is not None and tools.guided else body.guided_decoding(),
     )
     if params.logit_bias:  # the schema checked count and range; the vocabulary is ours
         bad = logit_bias_vocab_error(params.logit_bias, state.tokenizer.vocab_size)

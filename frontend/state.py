@@ -316,7 +316,7 @@ _WHAT = {
     "prompt_logprobs": "echo with logprobs (the prompt's logprobs; a disaggregated "
     "deployment's prefill and decode workers do not carry them)",
     "guided": "constrained output (response_format json_object / json_schema, guided_json, "
-    "guided_regex, guided_choice)",
+    'guided_regex, guided_choice; tool_choice "required" or a named function)',
 }
 
 

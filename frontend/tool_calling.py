@@ -11,6 +11,8 @@ from __future__ import annotations
 import json
 from typing import Any, Literal
 
+from contract.guided import spec_error
+from contract.messages import GuidedDecoding
 from frontend import errors
 from frontend.openai_schemas import ChatCompletionRequest, ChatMessage, NamedFunction
 from frontend.tokenization import TextTokenizer
@@ -28,11 +30,12 @@ _ENABLE = "set frontend.tool_call_parser (hermes, llama3_json, mistral or python
 class ToolUse:
     """What one request's tool calling needs: the functions shown to the model (None:
     none, tool_choice "none"), the format its calls are parsed in (None: not parsed), how
-    many calls an answer keeps (1: parallel_tool_calls false), and whether the request used
+    many calls an answer keeps (1: parallel_tool_calls false), whether the request used
     the legacy `functions` (then the answer's call is a `function_call`, OpenAI's legacy
-    shape, finish_reason "function_call")."""
+    shape, finish_reason "function_call"), and the output constraint of a call forced by
+    tool_choice (None: the model may answer in words)."""
 
-    __slots__ = ("finish_reason", "fmt", "legacy", "max_calls", "tools")
+    __slots__ = ("finish_reason", "fmt", "guided", "legacy", "max_calls", "tools")
 
     def __init__(
         self,
@@ -40,12 +43,16 @@ class ToolUse:
         fmt: ToolCallFormat | None,
         max_calls: int | None,
         legacy: bool = False,
+        guided: GuidedDecoding | None = None,
+        finish_reason: str = "tool_calls",
     ) -> None:
         self.tools = tools
         self.fmt = fmt
         self.max_calls = 1 if legacy else max_calls
         self.legacy = legacy
-        self.finish_reason = "function_call" if legacy else "tool_calls"  # when it called
+        self.guided = guided
+        # the finish reason of an answer that called
+        self.finish_reason = "function_call" if legacy else finish_reason
 
     def deltas(self, call: ToolCall) -> list[dict[str, Any]]:
         """The stream deltas of one call (`ToolCall.stream_deltas`, or the legacy form)."""
@@ -116,7 +123,8 @@ def tool_use(
     choice = body.tool_choice_mode()
     tools_param = "tools" if body.tools else "functions"
     choice_param = "function_call" if body.function_call is not None else "tool_choice"
-    if parser is None:
+    forced = choice == "required" or isinstance(choice, NamedFunction)
+    if parser is None and not forced:  # a forced call is read as JSON: no parser needed
         if offered and choice != "none":
             raise errors.bad_request(
                 f"{tools_param}: tool calling is off on this deployment; {_ENABLE} "
@@ -130,8 +138,6 @@ def tool_use(
                 f"calls cannot be shown to the model; {_ENABLE}",
                 param=param,
             )
-    if choice == "required" or isinstance(choice, NamedFunction):
-        raise _forced_call_refused(choice, choice_param)
     if history and not tokenizer.template_renders_tool_calls:
         param = _history_param(body.messages)
         raise errors.bad_request(
@@ -139,6 +145,9 @@ def tool_use(
             "see them; set model.chat_template (chatml_tools for Hermes-style models)",
             param=param,
         )
+    if forced:
+        assert choice == "required" or isinstance(choice, NamedFunction)
+        return _forced_call(body, tokenizer, choice, choice_param)
     if not offered or choice == "none":
         return ToolUse(None, None, None)
     if not tokenizer.template_renders_tools:
@@ -154,16 +163,45 @@ def tool_use(
     return ToolUse(tools, FORMATS[parser], max_calls, legacy=not body.tools)
 
 
-def _forced_call_refused(choice: str | NamedFunction, param: str) -> errors.OpenAIError:
-    """tool_choice "required" or a named function: the answer must be a call, which only
-    constrained decoding can promise. Once the engine constrains output to a JSON schema,
-    this refusal becomes: the sampling's schema `forced_call_schema(functions, choice)` and
-    `ToolUse(tools, forced_call_format(choice), max_calls)` (vLLM's way)."""
-    what = repr(choice) if isinstance(choice, str) else f"naming function {choice.name!r}"
-    return errors.bad_request(
-        f"{param}: hpcserve does not support {param} {what} yet (a call forced by "
-        'constrained decoding); use "auto"',
-        param=param,
+def _forced_call(
+    body: ChatCompletionRequest,
+    tokenizer: TextTokenizer,
+    choice: Literal["required"] | NamedFunction,
+    param: str,
+) -> ToolUse:
+    """tool_choice "required" or a named function (vLLM's way): the output is constrained to
+    the JSON of the call(s) (`forced_call_schema`) and read back as such. The functions are
+    shown to the model when its template renders them (else it still calls one of them,
+    knowing only their names and argument schemas). A named call ends "stop" (as OpenAI's
+    API does), "required" ends "tool_calls"."""
+    if body.guided_decoding() is not None:
+        raise errors.bad_request(
+            f"{param}: a forced call constrains the output already; send no response_format "
+            "or guided_* with it",
+            param=param,
+        )
+    functions = body.function_definitions()
+    single = body.parallel_tool_calls is False or body.functions is not None
+    schema = forced_call_schema(functions, choice, single)
+    spec = json.dumps(schema)
+    tools_param = "tools" if body.tools else "functions"
+    error = spec_error("json_schema", spec)
+    if error is not None:  # a function's parameters that no grammar can follow
+        raise errors.bad_request(
+            f"{tools_param}: the functions' parameters are not a usable JSON Schema: {error}",
+            param=tools_param,
+        )
+    shown = None
+    if tokenizer.template_renders_tools:
+        shown = [{"type": "function", "function": f} for f in functions]
+    named = isinstance(choice, NamedFunction)
+    return ToolUse(
+        shown,
+        forced_call_format(choice),
+        1 if single else None,
+        legacy=not body.tools,
+        guided=GuidedDecoding(kind="json_schema", spec=spec),
+        finish_reason="stop" if named else "tool_calls",
     )
 
 
@@ -214,11 +252,14 @@ def _template_call(call_id: str | None, name: str, arguments: str) -> dict[str, 
 
 
 def forced_call_schema(
-    functions: list[dict[str, Any]], choice: Literal["required"] | NamedFunction
+    functions: list[dict[str, Any]],
+    choice: Literal["required"] | NamedFunction,
+    single: bool = False,
 ) -> dict[str, Any]:
     """The JSON schema the output must follow when tool_choice forces a call (vLLM's):
     for a named function, its arguments object; for "required", a list of one or more
-    `{"name", "parameters"}` objects, each one of the offered functions."""
+    `{"name", "parameters"}` objects, each one of the offered functions (`single`: exactly
+    one, parallel_tool_calls false)."""
 
     def arguments_schema(function: dict[str, Any]) -> dict[str, Any]:
         return function.get("parameters") or {"type": "object"}
@@ -237,7 +278,10 @@ def forced_call_schema(
         }
         for function in functions
     ]
-    return {"type": "array", "minItems": 1, "items": {"anyOf": calls}}
+    schema: dict[str, Any] = {"type": "array", "minItems": 1, "items": {"anyOf": calls}}
+    if single:
+        schema["maxItems"] = 1
+    return schema
 
 
 def forced_call_format(choice: Literal["required"] | NamedFunction) -> ToolCallFormat:

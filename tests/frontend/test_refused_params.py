@@ -67,17 +67,12 @@ async def test_tool_calling_is_refused_naming_the_field(
 
 async def refuse_each(client: openai.AsyncOpenAI) -> None:
     chat = client.chat.completions.create
-    named = {"type": "function", "function": {"name": "get_weather"}}
     cases: list[tuple[dict[str, Any], str, tuple[str, ...]]] = [
         # no frontend.tool_call_parser on this deployment: tools are refused, naming it
         ({"tools": [TOOL]}, "tools", TOOLS_OFF),
         ({"tools": [TOOL], "tool_choice": "auto"}, "tools", TOOLS_OFF),
-        ({"tools": [TOOL], "tool_choice": "required"}, "tools", TOOLS_OFF),
-        ({"tools": [TOOL], "tool_choice": named}, "tools", TOOLS_OFF),
         ({"functions": [FUNCTION]}, "functions", TOOLS_OFF),
         ({"functions": [FUNCTION], "function_call": "auto"}, "functions", TOOLS_OFF),
-        ({"functions": [FUNCTION], "function_call": {"name": "get_weather"}}, "functions",
-         TOOLS_OFF),
         # wrong whatever the deployment
         ({"tool_choice": "required"}, "tool_choice", ('"required" needs tools',)),
         ({"tools": [TOOL], "tool_choice": {"type": "function", "function": {"name": "x"}}},
