@@ -12,29 +12,14 @@ from typing import Any
 
 import openai
 import pytest
+from guided_schemas import PERSON, check_person
 from real_workers import engine_worker, mocker_worker, openai_client
 
 from mpi_workers.engine.torch.engine import TorchEngine
 
 pytestmark = pytest.mark.integration
 
-SCHEMA: dict[str, Any] = {
-    "type": "object",
-    "properties": {
-        "name": {"type": "string", "maxLength": 12},
-        "age": {"type": "integer", "minimum": 0, "maximum": 120},
-        "role": {"enum": ["admin", "user", "guest"]},
-        "address": {
-            "type": "object",
-            "properties": {"city": {"type": "string", "maxLength": 12}},
-            "required": ["city"],
-            "additionalProperties": False,
-        },
-        "tags": {"type": "array", "items": {"type": "string", "maxLength": 8}, "maxItems": 3},
-    },
-    "required": ["name", "age", "role", "address", "tags"],
-    "additionalProperties": False,
-}
+SCHEMA = PERSON
 SCHEMA_FORMAT = {
     "type": "json_schema",
     "json_schema": {"name": "person", "schema": SCHEMA, "strict": True},
@@ -44,17 +29,9 @@ MESSAGES: list[Any] = [
 ]
 
 
-def check_person(text: str) -> None:
-    """The text parses and follows SCHEMA (checked by hand: jsonschema is no dependency)."""
-    value = json.loads(text)
-    assert isinstance(value, dict) and set(value) == set(SCHEMA["properties"]), text
-    assert isinstance(value["name"], str) and len(value["name"]) <= 12
-    assert type(value["age"]) is int and 0 <= value["age"] <= 120
-    assert value["role"] in ("admin", "user", "guest")
-    assert set(value["address"]) == {"city"} and isinstance(value["address"]["city"], str)
-    tags = value["tags"]
-    assert isinstance(tags, list) and len(tags) <= 3
-    assert all(isinstance(tag, str) and len(tag) <= 8 for tag in tags)
+def check_text(text: str) -> None:
+    """The text parses and follows SCHEMA."""
+    check_person(json.loads(text))
 
 
 @pytest.mark.model
@@ -71,7 +48,7 @@ async def test_json_schema_and_json_object_from_the_real_engine(
             assert len(answer.choices) == 2
             for choice in answer.choices:
                 assert choice.finish_reason == "stop"
-                check_person(choice.message.content or "")
+                check_text(choice.message.content or "")
         # streamed, sampled: the pieces join into a valid document
         stream = await chat(model="smol", messages=MESSAGES, max_tokens=150, temperature=1.0,
                             stream=True, n=2, response_format=SCHEMA_FORMAT)  # type: ignore[arg-type]  # fmt: skip
@@ -83,7 +60,7 @@ async def test_json_schema_and_json_object_from_the_real_engine(
                 finish[c.index] = c.finish_reason or finish.get(c.index)
         assert finish == {0: "stop", 1: "stop"}
         for text in texts.values():
-            check_person(text)
+            check_text(text)
         # json_object on /v1/completions, sampled
         answer = await client.completions.create(
             model="smol", prompt="A JSON object describing a cat: ", max_tokens=150,
@@ -99,7 +76,7 @@ async def test_json_schema_and_json_object_from_the_real_engine(
             model="smol", messages=MESSAGES, max_tokens=150, temperature=0.0,
             response_format=SCHEMA_FORMAT,  # type: ignore[arg-type]
         )  # fmt: skip
-        check_person(parsed.choices[0].message.content or "")
+        check_text(parsed.choices[0].message.content or "")
         picked = await chat(model="smol", messages=MESSAGES, max_tokens=10, temperature=1.0,
                             extra_body={"guided_choice": ["yes", "no way"]})  # fmt: skip
         assert picked.choices[0].message.content in ("yes", "no way")

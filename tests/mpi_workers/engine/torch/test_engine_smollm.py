@@ -71,14 +71,6 @@ def hf_reference(smol_dir, prompts) -> list[list[int]]:
     return refs
 
 
-@pytest.fixture(scope="module")
-def engine(smol_dir):
-    e = TorchEngine(smol_dir, num_blocks=512, max_num_seqs=16)
-    asyncio.run(e.start())
-    yield e
-    asyncio.run(e.shutdown())
-
-
 async def test_greedy_alone_matches_hf(engine, prompts, hf_reference):
     await engine.reset_prefix_cache()
     for i, (ids, ref) in enumerate(zip(prompts, hf_reference, strict=True)):

@@ -8,6 +8,7 @@ import json
 
 import pytest
 import torch
+from guided_schemas import PERSON, check_person
 
 from contract.guided import grammar_for
 from contract.messages import GenerateRequest, GuidedDecoding, SamplingParams
@@ -16,35 +17,7 @@ from mpi_workers.engine.torch.engine import TorchEngine
 from mpi_workers.engine.torch.guided import Guides, apply_bitmask
 from mpi_workers.engine.torch.sampler import Sampler, SampleRow
 
-PERSON = {
-    "type": "object",
-    "properties": {
-        "name": {"type": "string", "maxLength": 12},
-        "age": {"type": "integer", "minimum": 0, "maximum": 120},
-        "role": {"enum": ["admin", "user", "guest"]},
-        "address": {
-            "type": "object",
-            "properties": {"city": {"type": "string", "maxLength": 12}},
-            "required": ["city"],
-            "additionalProperties": False,
-        },
-        "tags": {"type": "array", "items": {"type": "string", "maxLength": 8}, "maxItems": 3},
-    },
-    "required": ["name", "age", "role", "address", "tags"],
-    "additionalProperties": False,
-}
 _ids = iter(range(10**6))
-
-
-def check_person(value: object) -> None:
-    """PERSON's rules by hand (jsonschema is not a dependency)."""
-    assert isinstance(value, dict) and set(value) == set(PERSON["properties"])
-    assert isinstance(value["name"], str) and len(value["name"]) <= 12
-    assert isinstance(value["age"], int) and 0 <= value["age"] <= 120
-    assert value["role"] in ("admin", "user", "guest")
-    assert set(value["address"]) == {"city"} and isinstance(value["address"]["city"], str)
-    assert isinstance(value["tags"], list) and len(value["tags"]) <= 3
-    assert all(isinstance(tag, str) and len(tag) <= 8 for tag in value["tags"])
 
 
 def schema_guided() -> GuidedDecoding:
@@ -110,14 +83,6 @@ def test_sampler_keeps_greedy_and_sampled_rows_inside_the_mask(guides):
     assert tokens[2] == 100
     plain = logits[0].log_softmax(-1)[tokens[0]].item()
     assert logprobs[0] is not None and logprobs[0].logprob == pytest.approx(plain, abs=1e-4)
-
-
-@pytest.fixture(scope="module")
-def engine(smol_dir):
-    e = TorchEngine(smol_dir, num_blocks=512, max_num_seqs=16)
-    asyncio.run(e.start())
-    yield e
-    asyncio.run(e.shutdown())
 
 
 @pytest.fixture(scope="module")
