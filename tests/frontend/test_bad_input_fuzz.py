@@ -26,17 +26,30 @@ ODD_VALUES: list[Any] = [
     [{}], ["stop"] * 5, {}, {"a": 1}, {"type": "json_object"}, {"include_usage": "yes"},
     [{"role": "user"}], [{"role": "user", "content": [{"type": "text"}]}],
     [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": ""}}]}],
+    # tool calling and constrained output: shapes that are nearly right
+    "required", "auto", "none", "(", "[a-z]+", ["a", "b"],
+    {"type": "function", "function": {"name": "f"}}, {"name": "f"},
+    [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}],
+    [{"type": "function", "function": {"name": "f", "parameters": {"type": 5}}}],
+    [{"name": "f"}], [{"type": "function"}],
+    {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "integer"}}},
+    {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "nope"}}},
+    {"type": "object", "properties": {"a": {"type": "string"}}},
+    [{"role": "assistant", "content": None, "tool_calls": [{"id": "1", "type": "function",
+      "function": {"name": "f", "arguments": "{"}}]}],
+    [{"role": "tool", "content": "x"}], [{"role": "function", "name": "f", "content": "1"}],
 ]  # fmt: skip
 
 SAMPLING_FIELDS = [
     "model", "max_tokens", "temperature", "top_p", "top_k", "min_p", "n", "stream", "stop",
     "seed", "logprobs", "presence_penalty", "frequency_penalty", "repetition_penalty",
     "stream_options", "ignore_eos", "user", "best_of", "logit_bias", "min_tokens",
-    "response_format", "tools", "tool_choice",
+    "response_format", "guided_json", "guided_regex", "guided_choice",
 ]  # fmt: skip
 FIELDS = {
     "chat/completions": [
-        *SAMPLING_FIELDS, "messages", "max_completion_tokens", "top_logprobs",
+        *SAMPLING_FIELDS, "messages", "max_completion_tokens", "top_logprobs", "tools",
+        "tool_choice", "functions", "function_call", "parallel_tool_calls",
     ],
     "completions": [*SAMPLING_FIELDS, "prompt", "echo", "suffix"],
 }  # fmt: skip
@@ -79,13 +92,19 @@ def assert_answered(response: httpx.Response, body: dict[str, Any]) -> None:
         assert response.json()["choices"], where
 
 
-@pytest.mark.parametrize("endpoint", ["chat/completions", "completions"])
+@pytest.mark.parametrize(
+    ("endpoint", "tool_calling"),
+    [("chat/completions", False), ("chat/completions", True), ("completions", False)],
+)
 async def test_odd_bodies_get_an_answer_or_an_openai_error(
-    make_frontend: Any, endpoint: str
+    make_frontend: Any, endpoint: str, tool_calling: bool
 ) -> None:
-    fe = await make_frontend()
+    """`tool_calling`: the deployment parses calls (hermes, the shipped chatml_tools
+    template), so tools and tool history reach the template instead of a refusal."""
+    settings = {"tool_call_parser": "hermes", "chat_template": "chatml_tools"}
+    fe = await make_frontend(**(settings if tool_calling else {}))
     await fe.add_worker(max_model_len=256)
-    rng = random.Random(f"odd-bodies-{endpoint}")
+    rng = random.Random(f"odd-bodies-{endpoint}-{tool_calling}")
     statuses: dict[int, int] = {}
     async with fe.client(timeout=20) as client:
         for _ in range(ROUNDS_PER_ENDPOINT):
