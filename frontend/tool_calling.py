@@ -275,6 +275,7 @@ def forced_call_schema(
                 "parameters": arguments_schema(function),
             },
             "required": ["name", "parameters"],
+            "additionalProperties": False,  # else a sampled call runs on in keys of its own
         }
         for function in functions
     ]

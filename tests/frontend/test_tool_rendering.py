@@ -164,6 +164,7 @@ def test_a_forced_calls_schema_and_its_reading_agree() -> None:
     ]
     schema = forced_call_schema(functions, "required")
     assert schema["minItems"] == 1
+    assert all(item["additionalProperties"] is False for item in schema["items"]["anyOf"])
     names = [item["properties"]["name"]["enum"] for item in schema["items"]["anyOf"]]
     assert names == [["get_weather"], ["get_time"]]
     output = '[{"name": "get_time", "parameters": {}}, {"name": "get_weather", "parameters": {}}]'
