@@ -87,9 +87,12 @@ class ChoiceStreams:
         return self._queue is not None and not self._queue.empty()
 
     async def start(self, deadline: float) -> None:
-        """Send every choice (choice 0 first: the others follow its worker) and wait until
-        each has sent its first chunk; a worker's error in any of them is raised here (an
-        HTTP error, even for a stream). Everything sent is aborted if this fails."""
+        """Send every choice (choice 0 first: the others follow its worker) and wait for the
+        first chunk of any of them: a stream starts with the first token to come, not the
+        last choice's (a batch's prompts run on several workers). A worker's error before
+        that is raised here (an HTTP error, even for a stream); a later choice's error
+        arrives through `next` (in a stream: its error event). Everything sent is aborted if
+        this fails."""
         try:
             for stream in self.streams:
                 await stream.open()
@@ -103,11 +106,7 @@ class ChoiceStreams:
                 asyncio.get_running_loop().create_task(self._pump(index, deadline))
                 for index in range(self.n)
             ]
-            started: set[int] = set()
-            while len(started) < self.n:
-                index, output = await self._take(deadline)
-                self._ready.append((index, output))
-                started.add(index)
+            self._ready.append(await self._take(deadline))
         except BaseException:
             self.close()
             raise

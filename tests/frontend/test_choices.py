@@ -148,7 +148,21 @@ async def test_a_failing_choice_aborts_the_others() -> None:
     assert client.in_flight == 0
 
 
-async def test_a_worker_error_before_the_first_chunks_fails_the_start_and_aborts_all() -> None:
+async def test_the_start_waits_for_the_first_chunk_of_any_choice_only() -> None:
+    """A stream starts with the first token to come: choice 0 still silent, choice 2's
+    chunk starts it."""
+    client = PerSeedClient({"a": []}, {1: [], 2: [], 3: [chunk(7)]})
+    choices = choices_over(client, choice_requests(first_request(seed=1), 3))
+    await choices.start(deadline())
+    index, output = await choices.next(deadline())
+    assert (index, output.token_ids) == (2, chunk(7).token_ids)
+    choices.close()
+    assert client.in_flight == 0
+
+
+async def test_a_worker_error_in_a_later_choice_fails_the_reading_and_aborts_all() -> None:
+    """Choice 1's refusal comes after choice 0's first chunk started the stream: raised by
+    `next` (a stream's error event), never lost."""
     client = PerSeedClient(
         {"a": [chunk(1)]},
         {9: [GenerateOutput(request_id="x", finish_reason="error", error="bad seed",
@@ -158,6 +172,9 @@ async def test_a_worker_error_before_the_first_chunks_fails_the_start_and_aborts
     choices = choices_over(client, requests)
     with pytest.raises(OpenAIError) as info:
         await choices.start(deadline())
+        while True:
+            await choices.next(deadline())
+    choices.close()
     assert (info.value.status, info.value.param) == (400, "seed")
     assert {rid for _, rid in client.aborts} == {requests[0].request_id, requests[2].request_id}
     assert client.in_flight == 0
