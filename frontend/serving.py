@@ -471,10 +471,10 @@ def _sampling(
 
 async def _start(state: FrontendState, prepared: Prepared, deadline: float) -> ChoiceStreams:
     """Send every choice to a worker and wait for the first chunk of any (a worker error
-    before it is an HTTP error, even for a stream; a later one, the stream's error event). Every prompt is checked against the context
-    before any is routed (with no worker to check against yet: once the first is routed,
-    before it is sent); each prompt's choice 0 is routed on its own, its other choices
-    follow it."""
+    before it is an HTTP error, even for a stream; a later one, the stream's error event).
+    Every prompt is checked against the context before any is routed (with no worker to
+    check against yet: once the first is routed, before it is sent); each prompt's choice 0
+    is routed on its own, its other choices follow it."""
     prompts = prepared.prompts
     sampling = prepared.sampling
     requests = [
