@@ -261,12 +261,28 @@ def _tool_use(
     if not isinstance(body, ChatCompletionRequest):
         return None
     tools = tool_use(body, state.config.frontend.tool_call_parser, state.tokenizer)
+    if tools is not None and tools.guided is not None:
+        _refuse_unconstrained_workers(state, body)
     if tools is not None and images:
         raise errors.bad_request(
             "messages: image parts together with tool calling are not supported yet",
             param="messages",
         )
     return tools
+
+
+def _refuse_unconstrained_workers(state: FrontendState, body: ChatCompletionRequest) -> None:
+    """A forced call needs constrained output: when no routable worker can constrain (the
+    mocker), a 400 naming the field the client sent, not routing's `response_format`."""
+    candidates = state.candidates(set())
+    if candidates and all("guided" in card.unsupported_params for card in candidates):
+        param = "function_call" if body.function_call is not None else "tool_choice"
+        engine = candidates[0].engine or "this"
+        raise errors.bad_request(
+            f"{param}: a forced call needs constrained output, which the {engine} engine "
+            f"serving model {candidates[0].model!r} does not support",
+            param=param,
+        )
 
 
 def _prompts(
