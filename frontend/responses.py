@@ -461,6 +461,10 @@ async def stream_events(
             choice = {"index": index, "text": text or "", "logprobs": None, "finish_reason": finish}
             if want_logprobs and entries:
                 choice["logprobs"] = completion_logprobs[index].build(entries)
+        return choice_event(choice)
+
+    def choice_event(choice: dict[str, Any]) -> bytes:
+        """One choice's chunk (usage null while streaming, when usage is asked for)."""
         chunk = dict(head)
         chunk["choices"] = [choice]
         if include_usage:
@@ -471,24 +475,16 @@ async def stream_events(
     tool_streams = prepared.tools.streams(count) if prepared.tools is not None else None
 
     def tool_call_event(index: int, delta: dict[str, Any]) -> bytes:
-        chunk = dict(head)
-        chunk["choices"] = [
+        return choice_event(
             {"index": index, "delta": delta, "logprobs": None, "finish_reason": None}
-        ]
-        if include_usage:
-            chunk["usage"] = None
-        return _sse(chunk)
+        )
 
     def echo_event(index: int, generation: Generation) -> bytes:
-        chunk = dict(head)
         logprobs = completion_logprobs[index].build_prompt(generation) if want_logprobs else None
         text = prepared.prompt_of(index).echo
-        chunk["choices"] = [
+        return choice_event(
             {"index": index, "text": text, "logprobs": logprobs, "finish_reason": None}
-        ]
-        if include_usage:
-            chunk["usage"] = None
-        return _sse(chunk)
+        )
 
     try:
         if chat:

@@ -93,11 +93,16 @@ def _route_for(
     while it is routable: there the prompt's KV blocks are shared; a continuation is routed
     afresh."""
 
+    tools = prepared.tools  # a forced call's constraint was asked for as tool_choice
+    asked_as = None
+    if tools is not None and tools.guided is not None:
+        asked_as = {"guided": "function_call" if tools.legacy else "tool_choice"}
+
     async def route(request: GenerateRequest, exclude: set[str]) -> WorkerCard:
         first = len(request.token_ids) == len(prompt.ids)
         card = _followed(state, follow, exclude) if first else None
         if card is None:
-            card = await state.pick_worker(request, exclude)
+            card = await state.pick_worker(request, exclude, asked_as)
         if not checked and first:
             check_context(prepared, prompt, request, card.max_model_len)
             for other, other_request in others:
@@ -261,28 +266,12 @@ def _tool_use(
     if not isinstance(body, ChatCompletionRequest):
         return None
     tools = tool_use(body, state.config.frontend.tool_call_parser, state.tokenizer)
-    if tools is not None and tools.guided is not None:
-        _refuse_unconstrained_workers(state, body)
     if tools is not None and images:
         raise errors.bad_request(
             "messages: image parts together with tool calling are not supported yet",
             param="messages",
         )
     return tools
-
-
-def _refuse_unconstrained_workers(state: FrontendState, body: ChatCompletionRequest) -> None:
-    """A forced call needs constrained output: when no routable worker can constrain (the
-    mocker), a 400 naming the field the client sent, not routing's `response_format`."""
-    candidates = state.candidates(set())
-    if candidates and all("guided" in card.unsupported_params for card in candidates):
-        param = "function_call" if body.function_call is not None else "tool_choice"
-        engine = candidates[0].engine or "this"
-        raise errors.bad_request(
-            f"{param}: a forced call needs constrained output, which the {engine} engine "
-            f"serving model {candidates[0].model!r} does not support",
-            param=param,
-        )
 
 
 def _prompts(

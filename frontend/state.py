@@ -8,7 +8,7 @@ import contextlib
 import os
 import time
 import uuid
-from collections.abc import Collection, Iterator
+from collections.abc import Collection, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -234,8 +234,15 @@ class FrontendState:
                 f"{card.role} workers cannot serve alone; retry when one is up"
             )
 
-    async def pick_worker(self, request: GenerateRequest, exclude: set[str]) -> WorkerCard:
-        """A worker from the directory; waits up to no_worker_timeout_s, then 503."""
+    async def pick_worker(
+        self,
+        request: GenerateRequest,
+        exclude: set[str],
+        asked_as: Mapping[str, str] | None = None,
+    ) -> WorkerCard:
+        """A worker from the directory; waits up to no_worker_timeout_s, then 503.
+        `asked_as`: the request param that set a sampling field (for the 400 of
+        `able_workers`), where not the usual one."""
         candidates = self.candidates(exclude)
         wait_s = self.config.frontend.no_worker_timeout_s
         if not candidates and wait_s > 0:
@@ -259,7 +266,7 @@ class FrontendState:
                 f"no worker is registered for deployment {self.config.name!r}; "
                 "retry when /health says ok"
             )
-        candidates = able_workers(candidates, request, self._unsupported)
+        candidates = able_workers(candidates, request, self._unsupported, asked_as)
         if request.media:
             candidates = media_workers(candidates, {m.kind for m in request.media})
         card = self.router.choose(candidates, request)
@@ -279,6 +286,7 @@ def able_workers(
     candidates: list[WorkerCard],
     request: GenerateRequest,
     unsupported: Collection[str],
+    asked_as: Mapping[str, str] | None = None,
 ) -> list[WorkerCard]:
     """The candidates whose engine honours every sampling field `request` sets (away from
     its default); 400 naming the field when none does (an engine declares what it cannot
@@ -299,7 +307,7 @@ def able_workers(
         return able
     lacking = used & set(candidates[0].unsupported_params)
     field = "prompt_logprobs" if "prompt_logprobs" in lacking else sorted(lacking)[0]
-    name = _REQUEST_PARAM.get(field, field)
+    name = (asked_as or {}).get(field) or _REQUEST_PARAM.get(field, field)
     engine = candidates[0].engine or "this"
     what = _WHAT.get(field, "this parameter")
     raise errors.bad_request(

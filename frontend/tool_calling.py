@@ -114,8 +114,8 @@ def tool_use(
     body: ChatCompletionRequest, parser: str | None, tokenizer: TextTokenizer
 ) -> ToolUse | None:
     """The request's tool calling (None: a plain request), or a 400 naming the field this
-    deployment cannot serve: tools or tool history without a tool_call_parser, a template
-    that would not show them to the model, a call forced by tool_choice."""
+    deployment cannot serve: tools or tool history without a tool_call_parser (a call forced
+    by tool_choice needs none), a template that would not show them to the model."""
     offered = bool(body.tools or body.functions)
     history = body.has_tool_history()
     if not offered and not history:

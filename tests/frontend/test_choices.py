@@ -258,7 +258,9 @@ class FakeState:
     def candidates(self, exclude: set[str]) -> list[WorkerCard]:
         return [c for c in self.cards if c.instance not in exclude]
 
-    async def pick_worker(self, request: GenerateRequest, exclude: set[str]) -> WorkerCard:
+    async def pick_worker(
+        self, request: GenerateRequest, exclude: set[str], asked_as: Any = None
+    ) -> WorkerCard:
         self.picks += 1  # round robin over the candidates
         candidates = self.candidates(exclude)
         return candidates[self.picks % len(candidates)]
@@ -269,7 +271,8 @@ async def test_the_other_choices_follow_choice_0_to_its_worker() -> None:
     state = FakeState(cards)
     prompt = Prompt(list(PROMPT), "prompt")
     followed = SimpleNamespace(opened=True, card=cards[1])
-    route = _route_for(state, SimpleNamespace(), prompt, checked=True, follow=followed)  # type: ignore[arg-type]
+    route = _route_for(state, SimpleNamespace(tools=None), prompt, checked=True,
+                       follow=followed)  # type: ignore[arg-type]
     assert (await route(first_request(), set())).worker_id == "b"
     assert state.picks == 0  # the router was not asked
     # a continuation (prompt + tokens) is routed afresh, so is one excluding that worker

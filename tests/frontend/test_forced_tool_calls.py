@@ -127,7 +127,7 @@ async def test_forced_calls_refused_where_they_cannot_be_served(
             ({"tool_choice": NAMED, "tools": [function("get_weather", {"city": {"type": 5}})]},
              "tools", "not a usable JSON Schema"),
             # the simulated engine cannot constrain its output
-            ({"tool_choice": "required"}, "tool_choice", "needs constrained output"),
+            ({"tool_choice": "required"}, "tool_choice", "does not support constrained output"),
             ({"tool_choice": NAMED}, "tool_choice", "the mocker engine"),
         ]  # fmt: skip
         for fields, param, words in cases:
