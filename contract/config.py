@@ -24,6 +24,8 @@ Role = Literal["agg", "prefill", "decode"]
 RouterMode = Literal["round_robin", "random", "least_loaded", "kv"]
 # how generated text holds tool calls (frontend.tool_calls: one parser per format)
 ToolCallParser = Literal["hermes", "llama3_json", "mistral", "pythonic"]
+# how a reasoning model marks its thinking (frontend.reasoning: one tag pair per format)
+ReasoningParser = Literal["deepseek_r1", "qwen3", "mistral"]
 # The routers that read load (in-flight counts, the workers' LoadMetrics): only their frontend
 # processes share counts with each other and parse the load reports; round robin shares only
 # its rotation (`frontend.rotation`), random nothing.
@@ -372,6 +374,13 @@ class FrontendConfig(_Section):
         "pythonic): chat requests may then carry `tools`, and calls in the output come back "
         "as `tool_calls`; null: requests with tools are refused. The chat template must "
         "render `tools` (model.chat_template)",
+    )
+    reasoning_parser: ReasoningParser | None = Field(
+        default=None,
+        description="how a reasoning model marks its thinking (deepseek_r1, qwen3: "
+        "<think>...</think>; mistral: [THINK]...[/THINK]): chat answers then carry the "
+        "thinking apart as `reasoning_content` (and `reasoning`), the answer as `content`; "
+        "null: the output is all content",
     )
 
     @model_validator(mode="after")

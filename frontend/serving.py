@@ -27,6 +27,7 @@ from frontend.media_store import MediaHold
 from frontend.migration import MigratingStream, Route
 from frontend.openai_schemas import ChatCompletionRequest, CompletionRequest
 from frontend.prepared import Kind, Prepared, Prompt
+from frontend.reasoning import ReasoningMode, starts_inside, with_thinking
 from frontend.responses import (
     AnsweredResponse,
     ChoiceText,
@@ -156,7 +157,12 @@ async def handle(state: FrontendState, request: Request, kind: Kind) -> Response
         else:
             prompts = _prompts(state, body, tools)
         sampling = _sampling(state, body, tools)
-        prepared = Prepared(kind, body, state.served_name, prompts, sampling, arrival, media, tools)
+        reasoning = None
+        if state.reasoning_format is not None and isinstance(body, ChatCompletionRequest):
+            reasoning = _reasoning_mode(state, body, prompts[0].ids, sampling)
+        prepared = Prepared(
+            kind, body, state.served_name, prompts, sampling, arrival, media, tools, reasoning
+        )
         loop = asyncio.get_running_loop()
         deadline = loop.time() + state.config.frontend.request_timeout_s
         if prepared.stream:
@@ -290,10 +296,12 @@ def _prompts(
                 {"role": "system" if m.role == "developer" else m.role, "content": m.text()}
                 for m in body.messages
             ]
+            with_thinking(messages, body.messages)
         try:
-            ids = tokenizer.encode_chat(messages, tools.tools if tools is not None else None)
+            functions = tools.tools if tools is not None else None
+            ids = tokenizer.encode_chat(messages, functions, body.chat_template_kwargs)
         except ChatTemplateError as exc:
-            raise errors.bad_request(str(exc), param="messages") from None
+            raise errors.bad_request(str(exc), param=exc.param) from None
         return [Prompt(_checked_ids(state, ids, "messages"), "messages")]
     prompts = []
     for index, prompt in enumerate(body.prompts()):
@@ -353,7 +361,7 @@ async def _prepare_images(
     candidates = state.candidates(set())
     if candidates:  # refused before anything is loaded (routing checks again)
         media_workers(candidates, kinds)
-    ids = _encode_chat(state, _template_messages(body))
+    ids = _encode_chat(state, _template_messages(body), body.chat_template_kwargs)
     count = ids.count(vlm.image_token_id)
     if count != len(images):
         raise errors.bad_request(
@@ -398,14 +406,33 @@ def _template_messages(body: ChatCompletionRequest) -> list[dict[str, Any]]:
             for part in content
         ]
         messages.append({"role": role, "content": parts})
-    return messages
+    return with_thinking(messages, body.messages)
 
 
-def _encode_chat(state: FrontendState, messages: list[dict[str, Any]]) -> list[int]:
+def _reasoning_mode(
+    state: FrontendState, body: ChatCompletionRequest, ids: list[int], sampling: SamplingParams
+) -> ReasoningMode | None:
+    """How a chat answer's thinking is split off: whether the output starts inside the
+    block is read from the prompt's end (the template may have opened or closed it). A
+    constrained answer (response_format, a forced call) is all answer: the constraint holds
+    from the first token."""
+    fmt = state.reasoning_format
+    if fmt is None or sampling.guided is not None:
+        return None
+    tail = state.tokenizer.decode(ids[-_PROMPT_TAIL_TOKENS:], skip_special_tokens=False)
+    return ReasoningMode(fmt, starts_inside(fmt, tail), body.include_reasoning)
+
+
+_PROMPT_TAIL_TOKENS = 16  # enough for a start tag and the newlines after it
+
+
+def _encode_chat(
+    state: FrontendState, messages: list[dict[str, Any]], template_kwargs: dict[str, Any] | None
+) -> list[int]:
     try:
-        return state.tokenizer.encode_chat(messages)
+        return state.tokenizer.encode_chat(messages, template_kwargs=template_kwargs)
     except ChatTemplateError as exc:
-        raise errors.bad_request(str(exc), param="messages") from None
+        raise errors.bad_request(str(exc), param=exc.param) from None
 
 
 def _expand(

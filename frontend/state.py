@@ -35,6 +35,7 @@ from frontend.load_table import (
 from frontend.media import MediaIntake
 from frontend.media_store import MediaStore
 from frontend.metrics import FrontendMetrics
+from frontend.reasoning import FORMATS as REASONING_FORMATS
 from frontend.rotation import SharedRotation, process_rotation
 from frontend.router import LoadTracker, Router, make_router
 from frontend.tokenization import TextTokenizer
@@ -85,6 +86,10 @@ class FrontendState:
         parser = config.frontend.tool_call_parser
         if parser is not None:  # its markers may be special tokens: kept in the output
             self.tokenizer.keep_in_text(FORMATS[parser].tokens)
+        thinking = config.frontend.reasoning_parser
+        self.reasoning_format = REASONING_FORMATS[thinking] if thinking is not None else None
+        if self.reasoning_format is not None:  # Magistral's tags are special tokens
+            self.tokenizer.keep_in_text([self.reasoning_format.start, self.reasoning_format.end])
         try:
             self.vlm: VlmInfo | None = load_vlm_info(model_path)
         except ValueError as exc:

@@ -38,6 +38,10 @@ ODD_VALUES: list[Any] = [
     [{"role": "assistant", "content": None, "tool_calls": [{"id": "1", "type": "function",
       "function": {"name": "f", "arguments": "{"}}]}],
     [{"role": "tool", "content": "x"}], [{"role": "function", "name": "f", "content": "1"}],
+    # reasoning: template variables (one that clobbers a template helper), earlier thinking
+    {"enable_thinking": False}, {"raise_exception": 1}, {"messages": []}, {"tools": 1},
+    [{"role": "assistant", "content": "x", "reasoning_content": 5}],
+    [{"role": "assistant", "content": "x", "reasoning": "y"}, {"role": "user", "content": "z"}],
 ]  # fmt: skip
 
 SAMPLING_FIELDS = [
@@ -50,6 +54,7 @@ FIELDS = {
     "chat/completions": [
         *SAMPLING_FIELDS, "messages", "max_completion_tokens", "top_logprobs", "tools",
         "tool_choice", "functions", "function_call", "parallel_tool_calls",
+        "chat_template_kwargs", "include_reasoning",
     ],
     "completions": [*SAMPLING_FIELDS, "prompt", "echo", "suffix"],
 }  # fmt: skip
@@ -100,8 +105,11 @@ async def test_odd_bodies_get_an_answer_or_an_openai_error(
     make_frontend: Any, endpoint: str, tool_calling: bool
 ) -> None:
     """`tool_calling`: the deployment parses calls (hermes, the shipped chatml_tools
-    template), so tools and tool history reach the template instead of a refusal."""
-    settings = {"tool_call_parser": "hermes", "chat_template": "chatml_tools"}
+    template) and thinking (qwen3), so tools and tool history reach the template instead of
+    a refusal."""
+    settings = {
+        "tool_call_parser": "hermes", "chat_template": "chatml_tools", "reasoning_parser": "qwen3"
+    }  # fmt: skip
     fe = await make_frontend(**(settings if tool_calling else {}))
     await fe.add_worker(max_model_len=256)
     rng = random.Random(f"odd-bodies-{endpoint}-{tool_calling}")
