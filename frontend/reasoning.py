@@ -54,68 +54,78 @@ def starts_inside(fmt: ReasoningFormat, prompt_tail: str) -> bool:
 
 
 def _partial_suffix(text: str, tag: str) -> int:
-    """How many characters at the end of `text` could be the start of `tag`."""
-    for size in range(min(len(tag) - 1, len(text)), 0, -1):
-        if tag.startswith(text[-size:]):
-            return size
+    """How many characters at the end of `text` could be the start of `tag` (one `find`
+    for most pieces: those without the tag's first character near their end)."""
+    at = text.find(tag[0], max(0, len(text) - len(tag) + 1))
+    while at >= 0:
+        if tag.startswith(text[at:]):
+            return len(text) - at
+        at = text.find(tag[0], at + 1)
     return 0
+
+
+_LEAD, _THINKING, _ANSWER_START, _ANSWER = range(4)  # where a split is in the output
 
 
 class ReasoningSplit:
     """One choice's text split into (reasoning, answer) pieces as it comes; text that could
     be the start of a tag is held back until the next piece (or the end) settles it."""
 
-    __slots__ = ("_at_answer_start", "_fmt", "_held", "_inside", "_lead", "seen")
+    __slots__ = ("_fmt", "_held", "_inside", "_mode", "seen")
 
     def __init__(self, fmt: ReasoningFormat, inside: bool) -> None:
         self._fmt = fmt
-        self._inside = inside
-        self._lead = True  # only whitespace so far: a start tag may still come first
-        self._at_answer_start = False  # just past the end tag: its whitespace is dropped
+        self._inside = inside  # thinking from the start, tag or not
+        # _LEAD: only whitespace so far (a start tag may still come first); _ANSWER_START:
+        # just past the end tag (its whitespace is dropped)
+        self._mode = _LEAD
         self._held = ""
         self.seen = False  # whether any thinking (or a block, even empty) was found
 
     def feed(self, text: str, final: bool = False) -> tuple[str, str]:
         """The reasoning and answer text that `text` settles (all of it when `final`)."""
         fmt = self._fmt
+        if not self._held:  # most pieces: nothing held, no tag in sight
+            if self._mode == _ANSWER:
+                return "", text
+            if self._mode == _THINKING and fmt.end[0] not in text:
+                return text, ""
         rest = self._held + text
         self._held = ""
         reasoning = answer = ""
         while rest:
-            if self._lead:
+            mode = self._mode
+            if mode == _LEAD:
                 stripped = rest.lstrip()
                 if stripped.startswith(fmt.start):
                     rest = stripped[len(fmt.start) :]
-                    self._inside = self.seen = True
-                    self._lead = False
-                    continue
-                if not final and fmt.start.startswith(stripped):
+                    self._mode, self.seen = _THINKING, True
+                elif not final and fmt.start.startswith(stripped):
                     self._held = rest  # whitespace, or the start tag's beginning
                     break
-                self._lead = False
-                if self._inside:  # no tag written: the whitespace before the thinking goes
+                elif self._inside:  # no tag written: the whitespace before the thinking goes
                     rest = stripped
-                continue
-            if self._inside:
-                self.seen = True
+                    self._mode, self.seen = _THINKING, bool(stripped)
+                else:
+                    self._mode = _ANSWER
+            elif mode == _THINKING:
                 end = rest.find(fmt.end)
                 if end >= 0:
                     reasoning += rest[:end]
                     rest = rest[end + len(fmt.end) :]
-                    self._inside = False
-                    self._at_answer_start = True
+                    self._mode = _ANSWER_START
                     continue
                 keep = 0 if final else _partial_suffix(rest, fmt.end)
                 reasoning += rest[: len(rest) - keep]
                 self._held = rest[len(rest) - keep :]
                 break
-            if self._at_answer_start:
+            elif mode == _ANSWER_START:
                 rest = rest.lstrip()
-                if not rest:
-                    break
-                self._at_answer_start = False
-            answer += rest
-            break
+                if rest:
+                    self._mode = _ANSWER
+            else:
+                answer += rest
+                break
         return reasoning, answer
 
 
