@@ -94,3 +94,63 @@ async def test_reserved_template_variables_are_refused(make_frontend: Any) -> No
         error = refused.value.body
         assert error["param"] == "chat_template_kwargs"
         assert "messages" in error["message"]
+
+
+WEATHER_TOOL: list[Any] = [{
+    "type": "function",
+    "function": {"name": "get_weather", "parameters": {
+        "type": "object", "properties": {"city": {"type": "string"}}}},
+}]  # fmt: skip
+
+
+async def test_thinking_then_a_call_streamed_and_whole(
+    make_frontend: Any, tokenizer: TextTokenizer
+) -> None:
+    """A FAKE worker replays a scripted answer one token per chunk, as Qwen3 answers a tool
+    request: thinking, then a hermes call. The thinking is split off first; the call is
+    found in the answer part; n=2 splits each choice on its own."""
+    thinking = "The user wants the weather; get_weather takes a city."
+    text = (
+        f"<think>\n{thinking}\n</think>\n\n<tool_call>\n"
+        '{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>'
+    )
+    fe = await make_frontend(
+        chat_template="chatml_tools", tool_call_parser="hermes", reasoning_parser="qwen3"
+    )
+    await fe.add_worker(script=tokenizer.encode(text, add_special_tokens=False))
+    ask = {"model": "smol", "messages": [{"role": "user", "content": "Weather in Paris?"}],
+           "tools": WEATHER_TOOL, "max_tokens": 200, "n": 2}  # fmt: skip
+    async with openai_client(fe) as client:
+        whole = await client.chat.completions.create(**ask)
+        chunks = [c async for c in await client.chat.completions.create(stream=True, **ask)]
+    for index in range(2):
+        message = whole.choices[index].message
+        assert message.reasoning_content == f"\n{thinking}\n"  # type: ignore[attr-defined]
+        assert message.content is None
+        assert [(t.function.name, t.function.arguments) for t in message.tool_calls] == [
+            ("get_weather", '{"city": "Paris"}')]  # fmt: skip
+        assert whole.choices[index].finish_reason == "tool_calls"
+        deltas = [c.choices[0] for c in chunks if c.choices and c.choices[0].index == index]
+        thought = "".join(d.delta.model_dump().get("reasoning_content") or "" for d in deltas)
+        assert thought == f"\n{thinking}\n"
+        assert not "".join(d.delta.content or "" for d in deltas)
+        calls = [t for d in deltas for t in d.delta.tool_calls or []]
+        assert [t.function.name for t in calls if t.id] == ["get_weather"]
+        last_thought = max(
+            i for i, d in enumerate(deltas) if d.delta.model_dump().get("reasoning_content")
+        )
+        first_call = next(i for i, d in enumerate(deltas) if d.delta.tool_calls)
+        assert last_thought < first_call  # the thinking goes out before the call
+        assert deltas[-1].finish_reason == "tool_calls"
+
+
+async def test_the_openapi_document_tells_of_reasoning(make_frontend: Any) -> None:
+    fe = await make_frontend()
+    async with fe.client() as client:
+        models = (await client.get("/openapi.json")).json()["components"]["schemas"]
+    request = models["ChatCompletionRequest"]["properties"]
+    assert "enable_thinking" in request["chat_template_kwargs"]["description"]
+    assert "include_reasoning" in request
+    assert "reasoning_parser" in models["ChatResponseMessage"]["properties"][
+        "reasoning_content"]["description"]  # fmt: skip
+    assert "reasoning_content" in models["ChatMessage"]["properties"]
