@@ -50,13 +50,32 @@ def _errors(*codes: int) -> dict[int | str, dict[str, Any]]:
 
 
 def _stream_of(model: type[BaseModel]) -> dict[str, Any]:
+    """A streamed answer: text, whose events' JSON is `model` (`x-sse-data`: OpenAPI 3.1
+    cannot type an event stream's items; the model is in the components all the same)."""
     return {"text/event-stream": {"schema": {
         "description": f"with `stream: true`: server-sent events, each `data: <{model.__name__}>`"
                        " (with `n` > 1, or a batch of prompts, the choices' chunks interleave, "
                        "each naming its choice's `index`), then `data: [DONE]` once every "
                        "choice has finished",
         "type": "string",
+        "x-sse-data": {"$ref": f"{_COMPONENTS}{model.__name__}"},
     }}}  # fmt: skip
+
+
+_COMPONENTS = "#/components/schemas/"
+_STREAMED = (ChatCompletionChunk,)  # event models no route's response_model names
+
+
+def _add_components(schema: dict[str, Any], models: tuple[type[BaseModel], ...]) -> None:
+    """Put `models` (and the models they use) among the document's schemas."""
+    components = schema.setdefault("components", {}).setdefault("schemas", {})
+    for model in models:
+        found = model.model_json_schema(
+            ref_template=_COMPONENTS + "{model}", mode="serialization"
+        )
+        for name, sub in found.pop("$defs", {}).items():
+            components.setdefault(name, sub)
+        components.setdefault(model.__name__, found)
 
 
 def openapi_schema(title: str, version: str) -> dict[str, Any]:
@@ -108,4 +127,5 @@ def openapi_schema(title: str, version: str) -> dict[str, Any]:
             operation["responses"].pop("422", None)
     for name in ("HTTPValidationError", "ValidationError"):
         schema.get("components", {}).get("schemas", {}).pop(name, None)
+    _add_components(schema, _STREAMED)
     return schema

@@ -154,3 +154,6 @@ async def test_the_openapi_document_tells_of_reasoning(make_frontend: Any) -> No
     assert "reasoning_parser" in models["ChatResponseMessage"]["properties"][
         "reasoning_content"]["description"]  # fmt: skip
     assert "reasoning_content" in models["ChatMessage"]["properties"]
+    # the streamed chunks' model is documented too (each event's JSON)
+    assert "reasoning_content" in models["ChatDelta"]["properties"]
+    assert "ChatCompletionChunk" in models
