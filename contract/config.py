@@ -375,6 +375,13 @@ class FrontendConfig(_Section):
         "as `tool_calls`; null: requests with tools are refused. The chat template must "
         "render `tools` (model.chat_template)",
     )
+    api_key_file: Path | None = Field(
+        default=None,
+        description="a file of API keys, one a line (`#` comments; keep it readable by you "
+        "alone): every /v1 request must then send `Authorization: Bearer <key>` (401 "
+        "otherwise); the HPCSERVE_API_KEY environment variable (comma-separated) adds keys. "
+        "Neither set: the endpoints are open",
+    )
     reasoning_parser: ReasoningParser | None = Field(
         default=None,
         description="how a reasoning model marks its thinking (deepseek_r1, qwen3: "
@@ -684,8 +691,12 @@ def engine_yaml_fields(data: dict[str, Any]) -> list[tuple[dict[str, Any], str, 
 
 def _anchor_engine_yaml(data: dict[str, Any], config_dir: Path) -> None:
     """A relative engine YAML path in a config file names a file beside it (as the seed's
-    `engine_configs/` do); made absolute so resolved copies keep pointing there."""
-    for holder, key, _ in engine_yaml_fields(data):
+    `engine_configs/` do); made absolute so resolved copies keep pointing there. The same
+    for the API key file."""
+    fields = engine_yaml_fields(data)
+    if isinstance(data.get("frontend"), dict):
+        fields.append((data["frontend"], "api_key_file", "frontend"))
+    for holder, key, _ in fields:
         value = holder.get(key)
         if isinstance(value, str) and value and not Path(value).expanduser().is_absolute():
             holder[key] = str((config_dir / value).resolve())

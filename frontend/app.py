@@ -14,6 +14,7 @@ the same error mapping (`errors.error_response`). Every other path goes through 
 from __future__ import annotations
 
 import functools
+import hmac
 import importlib.metadata
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -25,6 +26,7 @@ from pydantic import ValidationError
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
+from contract.api_keys import load_api_keys
 from contract.config import DeploymentConfig
 from frontend import errors
 from frontend.errors import OpenAIError
@@ -50,13 +52,20 @@ Endpoint = Callable[[Request], Awaitable[Response]]
 class FrontendApp(FastAPI):
     """FastAPI, except that POSTs to the generation routes (`direct`) skip its middleware
     stack: the endpoint is called with a plain Starlette `Request`, an exception it raises
-    becomes the same OpenAI error body the exception handlers would make."""
+    becomes the same OpenAI error body the exception handlers would make. With API keys
+    (`contract.api_keys`), every /v1 request is checked first, whatever its route."""
 
-    def __init__(self, **kwargs: Any) -> None:
+    def __init__(self, api_keys: tuple[str, ...] = (), **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.direct: dict[str, Endpoint] = {}
+        self.api_keys = tuple(key.encode() for key in api_keys)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if self.api_keys and scope["type"] == "http" and scope["path"].startswith("/v1"):
+            sent = _bearer_token(scope["headers"])
+            if sent is None or not self._accepts(sent):
+                await errors.unauthorized(sent is not None)(scope, receive, send)
+                return
         if scope["type"] == "http" and scope["method"] == "POST" and not self.root_path:
             endpoint = self.direct.get(scope["path"])
             if endpoint is not None:
@@ -69,6 +78,22 @@ class FrontendApp(FastAPI):
                 await response(scope, receive, send)
                 return
         await super().__call__(scope, receive, send)
+
+    def _accepts(self, token: bytes) -> bool:
+        """Whether `token` is a key, compared in constant time against every key."""
+        found = False
+        for key in self.api_keys:
+            found |= hmac.compare_digest(token, key)
+        return found
+
+
+def _bearer_token(headers: list[tuple[bytes, bytes]]) -> bytes | None:
+    """The token of a request's `Authorization: Bearer <token>` header (None: none sent)."""
+    for name, value in headers:
+        if name == b"authorization":
+            scheme, _, token = value.strip().partition(b" ")
+            return token.strip() if scheme.lower() == b"bearer" else b""
+    return None
 
 
 def create_app(config: DeploymentConfig) -> FastAPI:
@@ -91,8 +116,11 @@ def create_app(config: DeploymentConfig) -> FastAPI:
         finally:
             await state.stop()
 
-    app = FrontendApp(title="hpcserve", version=VERSION, lifespan=lifespan, redoc_url=None)
-    schema = openapi_schema("hpcserve", VERSION)
+    api_keys = load_api_keys(config.frontend.api_key_file)
+    app = FrontendApp(
+        api_keys, title="hpcserve", version=VERSION, lifespan=lifespan, redoc_url=None
+    )
+    schema = openapi_schema("hpcserve", VERSION, bearer=bool(api_keys))
     app.openapi = lambda: schema  # type: ignore[method-assign]
     errors.install_handlers(app)
 

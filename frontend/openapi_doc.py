@@ -78,7 +78,9 @@ def _add_components(schema: dict[str, Any], models: tuple[type[BaseModel], ...])
         components.setdefault(model.__name__, found)
 
 
-def openapi_schema(title: str, version: str) -> dict[str, Any]:
+def openapi_schema(title: str, version: str, bearer: bool = False) -> dict[str, Any]:
+    """The document; `bearer`: the /v1 operations need an API key (`/docs` then offers to
+    send one)."""
     docs = APIRouter()
 
     @docs.post(
@@ -128,4 +130,17 @@ def openapi_schema(title: str, version: str) -> dict[str, Any]:
     for name in ("HTTPValidationError", "ValidationError"):
         schema.get("components", {}).get("schemas", {}).pop(name, None)
     _add_components(schema, _STREAMED)
+    if bearer:
+        schema["components"]["securitySchemes"] = {
+            "apiKey": {"type": "http", "scheme": "bearer", "description": "frontend.api_key_file"}
+        }
+        for path, operations in schema["paths"].items():
+            if path.startswith("/v1"):
+                for operation in operations.values():
+                    operation["security"] = [{"apiKey": []}]
+                    operation["responses"]["401"] = {
+                        "description": "a missing or wrong API key",
+                        "content": {"application/json": {"schema": {
+                            "$ref": f"{_COMPONENTS}ErrorResponse"}}},
+                    }  # fmt: skip
     return schema
