@@ -23,7 +23,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from contract.messages import ThinkingFirst
 from frontend.openai_schemas import ChatMessage
+from frontend.tokenization import TextTokenizer
 
 
 @dataclass(frozen=True)
@@ -159,6 +161,17 @@ class ReasoningMode:
 
     def split(self, text: str) -> tuple[str | None, str]:
         return split_reasoning(self.fmt, self.inside, text)
+
+    def fence(self, tokenizer: TextTokenizer) -> ThinkingFirst:
+        """The thinking block as a constrained answer's grammar lets it come first."""
+        fmt = self.fmt
+        opens = None if self.inside else fmt.start
+        return ThinkingFirst(
+            close=fmt.end,
+            open=opens,
+            close_token=tokenizer.special_token_id(fmt.end),
+            open_token=tokenizer.special_token_id(opens) if opens is not None else None,
+        )
 
 
 def with_thinking(

@@ -414,13 +414,20 @@ def _reasoning_mode(
 ) -> ReasoningMode | None:
     """How a chat answer's thinking is split off: whether the output starts inside the
     block is read from the prompt's end (the template may have opened or closed it). A
-    constrained answer (response_format, a forced call) is all answer: the constraint holds
-    from the first token."""
+    constrained answer (response_format, a forced call) comes after the thinking, which
+    its grammar leaves free (`sampling.guided.thinking` is set here); where the workers
+    constrain the whole output (TensorRT-LLM), it is all answer, from the first token."""
     fmt = state.reasoning_format
-    if fmt is None or sampling.guided is not None:
+    if fmt is None:
         return None
     tail = state.tokenizer.decode(ids[-_PROMPT_TAIL_TOKENS:], skip_special_tokens=False)
-    return ReasoningMode(fmt, starts_inside(fmt, tail), body.include_reasoning)
+    mode = ReasoningMode(fmt, starts_inside(fmt, tail), body.include_reasoning)
+    guided = sampling.guided
+    if guided is not None:
+        if not state.constrains_after_thinking():
+            return None
+        sampling.guided = guided.model_copy(update={"thinking": mode.fence(state.tokenizer)})
+    return mode
 
 
 _PROMPT_TAIL_TOKENS = 16  # enough for a start tag and the newlines after it

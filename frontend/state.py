@@ -226,6 +226,13 @@ class FrontendState:
             return [card for card in routable if card.instance not in exclude]
         return routable
 
+    def constrains_after_thinking(self) -> bool:
+        """Whether the routable workers can leave a reasoning model's thinking free before
+        a constrained answer (`GuidedDecoding.thinking`; TensorRT-LLM constrains the whole
+        output)."""
+        self.candidates(set())  # (refreshes what the routable workers lack)
+        return "guided_thinking" not in self._unsupported
+
     def check_disaggregated_peer(self, card: WorkerCard) -> None:
         """503 when `card` needs the other half of a disaggregated pair and none is up."""
         if card.role not in ("prefill", "decode"):

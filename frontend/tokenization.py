@@ -288,6 +288,11 @@ class TextTokenizer:
             return self._decode_keeping(token_ids)
         return self._tokenizer.decode(list(token_ids), skip_special_tokens=skip_special_tokens)
 
+    def special_token_id(self, text: str) -> int | None:
+        """The id of the special token `text` is (None: it is not one)."""
+        token_id = self._tokenizer.token_to_id(text)
+        return token_id if token_id in self.special_token_ids else None
+
     def keep_in_text(self, texts: Sequence[str]) -> None:
         """Let the special tokens among `texts` through to generated text, which otherwise
         skips special tokens: a tool-call parser's markers (`<|python_tag|>`,

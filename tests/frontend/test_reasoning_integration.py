@@ -9,6 +9,7 @@ same prompt ids; streamed and whole answers agree."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -157,3 +158,53 @@ async def test_the_openapi_document_tells_of_reasoning(make_frontend: Any) -> No
     # the streamed chunks' model is documented too (each event's JSON)
     assert "reasoning_content" in models["ChatDelta"]["properties"]
     assert "ChatCompletionChunk" in models
+
+
+ANSWER_SCHEMA = {"type": "object", "properties": {"answer": {"type": "integer"}},
+                 "required": ["answer"], "additionalProperties": False}  # fmt: skip
+AS_JSON = {"type": "json_schema", "json_schema": {"name": "sum", "schema": ANSWER_SCHEMA}}
+
+
+async def test_a_constrained_answer_comes_after_free_thinking(
+    make_frontend: Any, model_dir: Path
+) -> None:
+    """response_format with a reasoning model: the engine's grammar leaves the thinking free
+    (greedy: the same thinking as unconstrained) and holds the answer after the block to the
+    schema; streamed and whole agree."""
+    fe = await make_frontend(chat_template=str(TEMPLATE), reasoning_parser="qwen3")
+    tokenizer = TextTokenizer(model_dir, TEMPLATE)
+    engine = TorchEngine(model_dir, num_blocks=256, model_name="smol")
+    async with engine_worker(fe, engine), openai_client(fe) as client:
+        thinking = (await engine_text(engine, tokenizer, None)).partition("</think>")[0]
+        whole = (await client.chat.completions.create(**ASK, response_format=AS_JSON)).choices[0]
+        assert whole.message.reasoning_content == thinking  # type: ignore[attr-defined]
+        answer = json.loads(whole.message.content or "")
+        assert set(answer) == {"answer"} and isinstance(answer["answer"], int)
+        assert whole.finish_reason == "stop"
+
+        thought = content = ""
+        stream = await client.chat.completions.create(**ASK, response_format=AS_JSON, stream=True)
+        async for chunk in stream:
+            for choice in chunk.choices:
+                thought += choice.delta.model_dump().get("reasoning_content") or ""
+                content += choice.delta.content or ""
+        assert (thought, content) == (thinking, whole.message.content)
+
+
+async def test_engines_that_constrain_everything_get_no_thinking_block(
+    make_frontend: Any, tokenizer: TextTokenizer
+) -> None:
+    """A worker declaring `guided_thinking` unsupported (TensorRT-LLM's guided decoding
+    covers the whole output): the constraint goes as it was, and the answer is not split."""
+    fe = await make_frontend(chat_template=str(TEMPLATE), reasoning_parser="qwen3")
+    text = '{"answer": 7}'
+    worker = await fe.add_worker(
+        script=tokenizer.encode(text, add_special_tokens=False),
+        unsupported_params=["guided_thinking"],
+    )
+    async with openai_client(fe) as client:
+        reply = (await client.chat.completions.create(**ASK, response_format=AS_JSON)).choices[0]
+    assert reply.message.content == text
+    assert "reasoning_content" not in reply.message.model_dump(exclude_none=True)
+    guided = worker.requests[-1].sampling.guided
+    assert guided is not None and guided.thinking is None
