@@ -208,3 +208,27 @@ async def test_engines_that_constrain_everything_get_no_thinking_block(
     assert "reasoning_content" not in reply.message.model_dump(exclude_none=True)
     guided = worker.requests[-1].sampling.guided
     assert guided is not None and guided.thinking is None
+
+
+async def test_a_forced_call_comes_after_the_thinking(
+    make_frontend: Any, tokenizer: TextTokenizer
+) -> None:
+    """tool_choice naming a function with a reasoning model: the worker is sent the call's
+    schema behind a thinking fence (the model opens its block itself: qwen3 with SmolLM2's
+    template), and the answer's thinking and call come apart (a FAKE worker replays one)."""
+    fe = await make_frontend(
+        chat_template="chatml_tools", tool_call_parser="hermes", reasoning_parser="qwen3"
+    )
+    text = '<think>\nThe city is Paris.\n</think>\n\n{"city": "Paris"}'
+    worker = await fe.add_worker(script=tokenizer.encode(text, add_special_tokens=False))
+    named = {"type": "function", "function": {"name": "get_weather"}}
+    ask = {"model": "smol", "messages": [{"role": "user", "content": "Weather in Paris?"}],
+           "tools": WEATHER_TOOL, "tool_choice": named, "max_tokens": 200}  # fmt: skip
+    async with openai_client(fe) as client:
+        reply = (await client.chat.completions.create(**ask)).choices[0]
+    guided = worker.requests[-1].sampling.guided
+    assert guided is not None and guided.thinking is not None
+    assert (guided.thinking.open, guided.thinking.close) == ("<think>", "</think>")
+    assert reply.message.reasoning_content == "\nThe city is Paris.\n"  # type: ignore[attr-defined]
+    assert [(c.function.name, json.loads(c.function.arguments))
+            for c in reply.message.tool_calls] == [("get_weather", {"city": "Paris"})]  # fmt: skip
