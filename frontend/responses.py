@@ -523,9 +523,6 @@ async def stream_events(
         pending_entries: list[list[TokenLogprob]] = [[] for _ in range(count)]
         waiting: list[int] = []  # choices with pending text, in the order it came
 
-        def pending(i: int) -> bool:
-            return bool(pending_text[i] or pending_thought[i] or pending_entries[i])
-
         def flush(i: int) -> bytes:
             sent = event(i, pending_text[i], pending_entries[i], None, pending_thought[i])
             pending_text[i], pending_thought[i], pending_entries[i] = "", "", []
@@ -552,19 +549,20 @@ async def stream_events(
                     pending_text[index] += text
                     pending_thought[index] += thought
                     pending_entries[index] += entries if want_logprobs else []
-                    if pending(index):
+                    if pending_text[index] or pending_thought[index] or pending_entries[index]:
                         yield flush(index)
                     text, thought, entries = "", "", []
                     yield tool_call_event(index, piece)
             if echo_pending[index]:
                 echo_pending[index] = False
                 yield echo_event(index, generation)
-            fresh = not pending(index)
+            fresh = not (pending_text[index] or pending_thought[index] or pending_entries[index])
             pending_text[index] += text
-            pending_thought[index] += thought
+            if thought:
+                pending_thought[index] += thought
             if want_logprobs:
                 pending_entries[index].extend(entries)
-            if fresh and pending(index):
+            if fresh and (pending_text[index] or pending_thought[index] or pending_entries[index]):
                 waiting.append(index)
             finish = generation.finish_reason
             if finish is not None and tool_streams is not None:
@@ -573,13 +571,13 @@ async def stream_events(
                 left -= 1
                 if output.finish_reason is None:  # a stop string: the worker may stop now
                     choices.finish(index)
-                if pending(index):
+                if pending_text[index] or pending_thought[index] or pending_entries[index]:
                     yield flush(index)
                 yield event(index, None if chat else "", [], finish)
             # chunks that queued up while we were sending go out as one event per choice
             if left and not choices.has_pending:
                 for i in waiting:
-                    if pending(i):
+                    if pending_text[i] or pending_thought[i] or pending_entries[i]:
                         yield flush(i)
                 waiting.clear()
         record(state.metrics, prepared, generations)
