@@ -202,10 +202,9 @@ class ResponseEvents:
         )
 
     def _event(self, kind: str, fields: dict[str, Any]) -> bytes:
-        fields["type"] = kind
-        fields["sequence_number"] = self._sequence
+        data = {"type": kind, **fields, "sequence_number": self._sequence}
         self._sequence += 1
-        return b"event: " + kind.encode() + b"\ndata: " + orjson.dumps(fields) + b"\n\n"
+        return b"event: " + kind.encode() + b"\ndata: " + orjson.dumps(data) + b"\n\n"
 
     async def run(self, deadline: float) -> AsyncIterator[bytes]:
         state, prepared, choices = self._state, self._prepared, self._choices

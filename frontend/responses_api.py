@@ -576,3 +576,103 @@ def _response_format(text_format: TextFormat) -> dict[str, Any]:
     if text_format.strict is not None:
         schema["strict"] = text_format.strict
     return {"type": "json_schema", "json_schema": schema}
+
+
+# ---- the answer's shapes (documentation and tests; `frontend.response_objects` builds
+# equivalent dicts) --------------------------------------------------------------------------
+
+
+class _Shape(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+
+class OutputTextPart(_Shape):
+    type: Literal["output_text"]
+    text: str
+    annotations: list[Any]
+    logprobs: list[Any] = Field(
+        description='with include ["message.output_text.logprobs"]: chat\'s logprobs.content'
+    )
+
+
+class OutputMessage(_Shape):
+    id: str = Field(description='"msg_" and 32 hex digits')
+    type: Literal["message"]
+    status: Literal["in_progress", "completed", "incomplete"]
+    role: Literal["assistant"]
+    content: list[OutputTextPart]
+
+
+class OutputFunctionCall(_Shape):
+    id: str = Field(description='"fc_" and 32 hex digits')
+    type: Literal["function_call"]
+    status: Literal["in_progress", "completed", "incomplete"]
+    call_id: str = Field(description="what a function_call_output item names to answer it")
+    name: str
+    arguments: str = Field(description="the arguments object as a JSON text")
+
+
+class InputTokensDetails(_Shape):
+    cached_tokens: int
+
+
+class OutputTokensDetails(_Shape):
+    reasoning_tokens: int
+
+
+class ResponseUsage(_Shape):
+    input_tokens: int
+    input_tokens_details: InputTokensDetails
+    output_tokens: int
+    output_tokens_details: OutputTokensDetails
+    total_tokens: int
+
+
+class IncompleteDetails(_Shape):
+    reason: Literal["max_output_tokens"]
+
+
+class ResponseError(_Shape):
+    code: str
+    message: str
+
+
+class ResponseObject(_Shape):
+    """OpenAI's response object; it echoes the request's settings."""
+
+    id: str = Field(description='"resp_" and 32 hex digits')
+    object: Literal["response"]
+    created_at: int
+    status: Literal["in_progress", "completed", "incomplete", "failed"]
+    error: ResponseError | None
+    incomplete_details: IncompleteDetails | None
+    instructions: str | None
+    max_output_tokens: int | None
+    model: str
+    output: list[OutputMessage | OutputFunctionCall]
+    parallel_tool_calls: bool
+    previous_response_id: str | None
+    store: bool = Field(description="whether it was kept (false: not asked, or not kept)")
+    temperature: float
+    text: dict[str, Any]
+    tool_choice: Any
+    tools: list[dict[str, Any]]
+    top_p: float
+    truncation: Literal["disabled"]
+    usage: ResponseUsage | None
+    user: str | None
+    metadata: dict[str, str]
+
+
+class ResponseDeleted(_Shape):
+    id: str
+    object: Literal["response.deleted"]
+    deleted: Literal[True]
+
+
+class InputItemList(_Shape):
+    object: Literal["list"]
+    data: list[dict[str, Any]] = Field(description="the conversation's input items, with ids")
+    first_id: str | None
+    last_id: str | None
+    has_more: bool

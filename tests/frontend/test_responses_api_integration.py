@@ -3,6 +3,7 @@ answers) for the shapes, the stream and the store; the official openai client pa
 
 from __future__ import annotations
 
+import asyncio
 import json
 from typing import Any
 
@@ -213,3 +214,59 @@ async def test_a_json_schema_text_format_reaches_the_worker(make_frontend: Any) 
     assert answer.json()["text"]["format"]["schema"] == schema
     guided = worker.requests[-1].sampling.guided
     assert guided is not None and guided.kind == "json_schema" and json.loads(guided.spec) == schema
+
+
+async def test_the_openapi_document_tells_of_the_responses_endpoints(make_frontend: Any) -> None:
+    fe = await make_frontend()
+    async with fe.client() as client:
+        schema = (await client.get("/openapi.json")).json()
+    paths = schema["paths"]
+    create = paths["/v1/responses"]["post"]
+    body = create["requestBody"]["content"]["application/json"]["schema"]["$ref"]
+    assert body.endswith("/ResponsesRequest")
+    ok = create["responses"]["200"]["content"]
+    assert ok["application/json"]["schema"]["$ref"].endswith("/ResponseObject")
+    assert "response.output_text.delta" in ok["text/event-stream"]["schema"]["description"]
+    assert set(paths["/v1/responses/{response_id}"]) == {"get", "delete"}
+    fields = schema["components"]["schemas"]["ResponsesRequest"]["properties"]
+    assert {"input", "instructions", "tools", "text", "previous_response_id", "store"} <= set(
+        fields)  # fmt: skip
+
+
+async def test_a_client_leaving_a_stream_cancels_the_work(make_frontend: Any) -> None:
+    """The chat path's disconnect handling: the worker is told to abort, nothing stays
+    in flight."""
+    fe = await make_frontend()
+    worker = await fe.add_worker(delay_s=0.05, script=list(range(100, 400)))
+    async with fe.client() as client:
+        body = {"model": "smol", "input": "x", "stream": True, "max_output_tokens": 200}
+        async with client.stream("POST", "/v1/responses", json=body) as stream:
+            assert (await anext(stream.aiter_lines())) == "event: response.created"
+    async with asyncio.timeout(5):
+        while not worker.aborted:
+            await asyncio.sleep(0.01)
+    assert worker.aborted == [r.request_id for r in worker.requests]
+    state = fe.app.state.frontend
+    async with asyncio.timeout(5):
+        while state.client.in_flight or state.tracker.requests_on(worker.worker_id):
+            await asyncio.sleep(0.01)
+
+
+async def test_a_worker_lost_mid_stream_ends_it_with_response_failed(make_frontend: Any) -> None:
+    """With migration off, the worker leaving after the first delta: the stream's last
+    event is response.failed with the error; the output so far is in it."""
+    fe = await make_frontend(migration_limit=0)
+    worker = await fe.add_worker(delay_s=0.05, script=list(range(100, 400)))
+    body = {"model": "smol", "input": "x", "stream": True, "max_output_tokens": 200}
+    text = ""
+    async with fe.client() as client, client.stream("POST", "/v1/responses", json=body) as stream:
+        async for piece in stream.aiter_text():
+            text += piece
+            if "event: response.output_text.delta" in text:
+                await worker.deregister()
+    events = sse_typed(text)
+    kind, last = events[-1]
+    assert kind == "response.failed", [k for k, _ in events]
+    assert last["response"]["status"] == "failed"
+    assert "migration_limit is 0" in last["response"]["error"]["message"]
+    assert last["response"]["output"][0]["content"][0]["text"]
