@@ -438,11 +438,9 @@ class Translation:
     `previous_response_id`), `call_sources[i][j]` the item of its j-th tool call."""
 
     __slots__ = ("call_sources", "chat", "sources")
+    chat: ChatCompletionRequest  # set once the chat request validated
 
-    def __init__(
-        self, chat: ChatCompletionRequest, sources: list[str], call_sources: dict[int, list[str]]
-    ) -> None:
-        self.chat = chat
+    def __init__(self, sources: list[str], call_sources: dict[int, list[str]]) -> None:
         self.sources = sources
         self.call_sources = call_sources
 
@@ -542,7 +540,7 @@ def translate(
     text_format = body.text_format()
     if text_format is not None and text_format.type != "text":
         chat["response_format"] = _response_format(text_format)
-    translation = Translation(ChatCompletionRequest.model_construct(), sources, call_sources)
+    translation = Translation(sources, call_sources)
     try:
         translation.chat = ChatCompletionRequest.model_validate(chat)
     except ValidationError as exc:

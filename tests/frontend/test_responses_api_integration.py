@@ -152,10 +152,11 @@ async def test_stored_responses_continue_across_frontend_processes(
             assert deleted is None or getattr(deleted, "deleted", True)
             gone = await other.get(f"/v1/responses/{first.id}")
             assert_error(gone, 404, None, "response_not_found")
-            with pytest.raises(openai.NotFoundError) as caught:
+            with pytest.raises(openai.BadRequestError) as caught:
                 await client.responses.create(model="smol", input="x",
                                               previous_response_id=first.id)  # fmt: skip
             assert caught.value.body["param"] == "previous_response_id"
+            assert caught.value.body["code"] == "previous_response_not_found"
     finally:
         await other.aclose()
         server.should_exit = True
