@@ -4,12 +4,16 @@ answers) for the shapes, the stream and the store; the official openai client pa
 from __future__ import annotations
 
 import asyncio
+import base64
+import io
 import json
+from pathlib import Path
 from typing import Any
 
 import httpx
 import openai
 import pytest
+from PIL import Image
 from real_workers import openai_client
 from test_frontend_integration import assert_error
 
@@ -271,3 +275,31 @@ async def test_a_worker_lost_mid_stream_ends_it_with_response_failed(make_fronte
     assert last["response"]["status"] == "failed"
     assert "migration_limit is 0" in last["response"]["error"]["message"]
     assert last["response"]["output"][0]["content"][0]["text"]
+
+
+async def test_an_input_image_is_served_as_chat_images_are(
+    make_frontend: Any, tiny_vlm_dir: Path
+) -> None:
+    """On a VLM deployment an input_image part reaches the worker like chat's image_url;
+    a bad one is refused naming the Responses part (`input[0].content[1].image_url`)."""
+    fe = await make_frontend(model=tiny_vlm_dir)
+    worker = await fe.add_worker(media=["image"])
+    buffer = io.BytesIO()
+    Image.new("RGB", (64, 48), (9, 9, 9)).save(buffer, format="PNG")
+    url = "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+
+    def ask(image_url: str) -> dict[str, Any]:
+        content = [{"type": "input_text", "text": "Describe it"},
+                   {"type": "input_image", "image_url": image_url}]  # fmt: skip
+        return {"input": [{"role": "user", "content": content}], "max_output_tokens": 4,
+                "store": False}  # fmt: skip
+
+    async with fe.client(timeout=60) as client:
+        answer = await client.post("/v1/responses", json=ask(url))
+        assert answer.status_code == 200, answer.text
+        (request,) = worker.requests
+        (ref,) = request.media
+        assert (ref.width, ref.height) == (64, 48)
+        bad = await client.post("/v1/responses", json=ask("data:image/png;base64,AAAA"))
+    error = assert_error(bad, 400, "input[0].content[1].image_url")
+    assert error["message"].startswith("input[0].content[1].image_url:"), error
