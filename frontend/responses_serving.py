@@ -21,6 +21,7 @@ from frontend.response_objects import ResponsesAnswer
 from frontend.response_store import with_ids
 from frontend.responses import json_response
 from frontend.responses_api import (
+    MessageItem,
     ResponsesRequest,
     parse_items,
     parse_request,
@@ -57,8 +58,16 @@ async def create(state: FrontendState, request: Request) -> Response:
 
 
 def _items_as_sent(body: ResponsesRequest) -> list[dict[str, Any]]:
-    """The request's input as items (JSON), as they are stored for the conversation."""
-    return [item.model_dump(exclude_none=True) for item in body.items()]
+    """The request's input as items (JSON), as they are stored for the conversation and
+    listed by input_items: a message's text content as one text part (OpenAI's listing)."""
+    items = []
+    for item in body.items():
+        data = item.model_dump(exclude_none=True)
+        if isinstance(item, MessageItem) and isinstance(item.content, str):
+            kind = "output_text" if item.role == "assistant" else "input_text"
+            data["content"] = [{"type": kind, "text": item.content}]
+        items.append(data)
+    return items
 
 
 async def retrieve(state: FrontendState, request: Request) -> Response:

@@ -303,3 +303,46 @@ async def test_an_input_image_is_served_as_chat_images_are(
         bad = await client.post("/v1/responses", json=ask("data:image/png;base64,AAAA"))
     error = assert_error(bad, 400, "input[0].content[1].image_url")
     assert error["message"].startswith("input[0].content[1].image_url:"), error
+
+
+async def test_logprobs_come_with_the_text_when_included(make_frontend: Any) -> None:
+    fe = await make_frontend()
+    await fe.add_worker()
+    ask = {"model": "smol", "input": "x", "store": False, "max_output_tokens": 3,
+           "include": ["message.output_text.logprobs"], "top_logprobs": 2}  # fmt: skip
+    async with fe.client() as client:
+        whole = (await client.post("/v1/responses", json=ask)).json()
+        plain = (await client.post("/v1/responses", json={**ask, "include": []})).json()
+        streamed = sse_typed((await client.post("/v1/responses",
+                                                json={**ask, "stream": True})).text)  # fmt: skip
+    part = whole["output"][0]["content"][0]
+    assert len(part["logprobs"]) == 3 == whole["usage"]["output_tokens"]
+    assert all(len(entry["top_logprobs"]) == 2 for entry in part["logprobs"])
+    assert "".join(entry["token"] for entry in part["logprobs"]) == part["text"]
+    assert plain["output"][0]["content"][0]["logprobs"] == []
+    deltas = [data for kind, data in streamed if kind == "response.output_text.delta"]
+    assert sum(len(d["logprobs"]) for d in deltas) == 3
+    done = next(data for kind, data in streamed if kind == "response.output_text.done")
+    assert done["logprobs"] == part["logprobs"]
+
+
+async def test_a_forced_named_call_is_a_function_call_item(
+    make_frontend: Any, tokenizer: TextTokenizer
+) -> None:
+    """tool_choice naming a function: the output is constrained to its arguments (the FAKE
+    worker's script is that JSON) and comes back as its function_call item."""
+    fe = await make_frontend()
+    worker = await fe.add_worker(script=tokenizer.encode('{"city": "Paris"}',
+                                                         add_special_tokens=False))  # fmt: skip
+    ask = {"model": "smol", "input": "Weather in Paris?", "tools": TOOLS, "store": False,
+           "tool_choice": {"type": "function", "name": "get_weather"}}  # fmt: skip
+    async with openai_client(fe) as client:
+        whole = await client.responses.create(**ask)
+        async with client.responses.stream(**ask) as stream:
+            streamed = await stream.get_final_response()
+    for response in (whole, streamed):
+        (call,) = response.output
+        assert call.type == "function_call" and call.name == "get_weather"
+        assert json.loads(call.arguments) == {"city": "Paris"}
+    assert whole.tool_choice.name == "get_weather"
+    assert worker.requests[0].sampling.guided is not None
