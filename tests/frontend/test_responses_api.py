@@ -166,3 +166,22 @@ def test_a_stored_conversation_comes_first_and_is_named_as_such() -> None:
         ("system", "s"), ("user", "first"), ("assistant", "answer"), ("user", "second"),
     ]  # fmt: skip
     assert translation.responses_param("messages.2.content") == "previous_response_id"
+
+
+async def test_a_record_etcd_does_not_take_is_reported_not_kept() -> None:
+    """etcd unreachable (nothing listens on the port): put answers False (the answer then
+    says store false), reads are a 503 naming the store."""
+    from contract.readiness import free_port
+    from frontend.response_store import ResponseStore
+
+    store = ResponseStore(f"http://127.0.0.1:{free_port()}", "d", 60, 2**20)
+    response = {"id": "resp_" + "0" * 32, "object": "response"}
+    try:
+        assert await store.put(response, []) is False
+        with pytest.raises(OpenAIError) as caught:
+            await store.get("resp_" + "0" * 32)
+        assert caught.value.status == 503
+        big = {"id": "resp_" + "1" * 32, "text": "x" * 2**20}
+        assert await store.put(big, []) is False  # past the cap: not even tried
+    finally:
+        await store.close()
