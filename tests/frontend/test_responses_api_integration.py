@@ -176,8 +176,8 @@ async def test_store_false_and_a_record_past_the_cap_are_not_kept(make_frontend:
         small = await client.post("/v1/responses", json={"model": "smol", "input": "hi",
                                                          "store": False})  # fmt: skip
         assert small.json()["store"] is False
-        assert_error(await client.get(f"/v1/responses/{small.json()['id']}"), 404, None)
         assert fe.app.state.frontend.response_store._client is None  # etcd never asked
+        assert_error(await client.get(f"/v1/responses/{small.json()['id']}"), 404, None)
         big = await client.post("/v1/responses", json={"model": "smol", "input": "x" * 2000})
         assert big.status_code == 200 and big.json()["store"] is False
         assert_error(await client.get(f"/v1/responses/{big.json()['id']}"), 404, None)
