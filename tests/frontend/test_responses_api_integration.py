@@ -152,6 +152,13 @@ async def test_stored_responses_continue_across_frontend_processes(
             kinds = [(i["type"], i.get("role")) for i in items.json()["data"]]
             assert kinds == [("message", "user"), ("message", "assistant"), ("message", "user")]
             assert all(i["id"] for i in items.json()["data"])
+            newest = (await other.get(f"/v1/responses/{body['id']}/input_items",
+                                      params={"limit": 1})).json()  # fmt: skip
+            assert newest["has_more"] and newest["data"][0]["content"][0]["text"] == "And again"
+            rest = (await other.get(f"/v1/responses/{body['id']}/input_items",
+                                    params={"after": newest["last_id"]})).json()  # fmt: skip
+            assert [i["role"] for i in rest["data"]] == ["assistant", "user"]
+            assert not rest["has_more"]
             deleted = await client.responses.delete(first.id)
             assert deleted is None or getattr(deleted, "deleted", True)
             gone = await other.get(f"/v1/responses/{first.id}")
