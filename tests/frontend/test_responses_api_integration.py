@@ -14,7 +14,7 @@ import httpx
 import openai
 import pytest
 from PIL import Image
-from real_workers import openai_client
+from real_workers import mocker_worker, openai_client
 from test_frontend_integration import assert_error
 
 from frontend.tokenization import TextTokenizer
@@ -354,3 +354,20 @@ async def test_a_forced_named_call_is_a_function_call_item(
         assert json.loads(call.arguments) == {"city": "Paris"}
     assert whole.tool_choice.name == "get_weather"
     assert worker.requests[0].sampling.guided is not None
+
+
+async def test_what_the_engine_cannot_do_is_refused_naming_the_responses_field(
+    make_frontend: Any, model_dir: Path
+) -> None:
+    """The mocker cannot constrain its output: routing's refusal (chat's
+    `response_format` / `tool_choice`) names `text.format` / `tool_choice`."""
+    fe = await make_frontend()
+    async with mocker_worker(fe, model_dir), fe.client() as client:
+        shaped = await client.post("/v1/responses", json={
+            "input": "x", "text": {"format": {"type": "json_object"}}})  # fmt: skip
+        assert_error(shaped, 400, "text.format")
+        forced = await client.post("/v1/responses", json={
+            "input": "x", "tools": TOOLS, "tool_choice": "required"})  # fmt: skip
+        assert_error(forced, 400, "tool_choice")
+        plain = await client.post("/v1/responses", json={"input": "x", "max_output_tokens": 3})
+        assert plain.status_code == 200 and plain.json()["simulated"] is True
