@@ -13,6 +13,7 @@ error the chat path raises after the translation names the chat field, and
 
 from __future__ import annotations
 
+import json
 import re
 from typing import Annotated, Any, Literal
 
@@ -27,10 +28,11 @@ from pydantic import (
     model_validator,
 )
 
+from contract.guided import spec_error
 from contract.messages import SAMPLING_BOUNDS
 from frontend import errors
 from frontend.errors import OpenAIError
-from frontend.openai_schemas import ChatCompletionRequest, _checked_spec, _schema_text
+from frontend.openai_schemas import ChatCompletionRequest
 
 MAX_METADATA_KEYS = 16  # OpenAI's limits on `metadata`
 MAX_METADATA_VALUE = 512
@@ -198,10 +200,9 @@ class TextFormat(_Request):
                 raise ValueError('name: required when type is "json_schema"')
             if self.schema_ is None:
                 raise ValueError('schema: required when type is "json_schema"')
-            try:
-                _checked_spec("json_schema", _schema_text(self.schema_))
-            except ValueError as exc:
-                raise ValueError(f"schema: {exc}") from None
+            error = spec_error("json_schema", json.dumps(self.schema_))
+            if error is not None:  # llguidance cannot build its grammar
+                raise ValueError(f"schema: invalid JSON Schema: {error}")
         return self
 
     def echo(self) -> dict[str, Any]:
