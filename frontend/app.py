@@ -1,11 +1,12 @@
 """The FastAPI app: OpenAI endpoints over the request path (`frontend.serving`).
 
-Routes are thin: each endpoint hands its request to `serving.handle` (generation) or
-answers from the shared state (`frontend.state`: health, models, metrics). Response
+Routes are thin: each endpoint hands its request to `serving.handle` (generation;
+/v1/responses: `responses_serving`, over the same path) or answers from the shared state
+(`frontend.state`: health, models, metrics). Response
 building lives in `frontend.responses`, the request as known before routing in
 `frontend.prepared`.
 
-The two generation routes are the hot path: `FrontendApp` dispatches them itself, before
+The generation routes are the hot path: `FrontendApp` dispatches them itself, before
 FastAPI's middleware stack (server-error, exception, exit-stack, body-limit and telemetry
 layers: a good part of the frontend's CPU per request, and nothing these endpoints use), with
 the same error mapping (`errors.error_response`). Every other path goes through FastAPI.
@@ -146,11 +147,14 @@ def create_app(config: DeploymentConfig) -> FastAPI:
             raise errors.model_not_found(name)
         return json_response(model_card(state))
 
+    serve_chat = functools.partial(handle, kind="chat")
+    serve_completion = functools.partial(handle, kind="completion")
+
     async def chat_completions(request: Request) -> Response:
-        return await _serve(request, "chat", functools.partial(handle, kind="chat"))
+        return await _serve(request, "chat", serve_chat)
 
     async def completions(request: Request) -> Response:
-        return await _serve(request, "completions", functools.partial(handle, kind="completion"))
+        return await _serve(request, "completions", serve_completion)
 
     async def responses_create(request: Request) -> Response:
         return await _serve(request, "responses", responses_serving.create)
