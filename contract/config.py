@@ -368,6 +368,21 @@ class FrontendConfig(_Section):
         "0: off (the right choice when cores are shared)",
     )
 
+    responses_store_ttl_s: int = Field(
+        default=3600,
+        ge=1,
+        description="how long a /v1/responses answer with `store: true` stays in etcd (for "
+        "GET /v1/responses/{id} and previous_response_id), from its creation",
+    )
+    responses_store_max_bytes: int = Field(
+        default=2**20,
+        ge=1024,
+        le=1_500_000,
+        description="the largest stored response record (response + conversation, JSON), "
+        "below etcd's 1.5 MiB request limit; a larger one is not stored and its answer says "
+        "`store: false`",
+    )
+
     tool_call_parser: ToolCallParser | None = Field(
         default=None,
         description="how the model writes tool calls (hermes, llama3_json, mistral, "

@@ -1,11 +1,12 @@
 """The FastAPI app: OpenAI endpoints over the request path (`frontend.serving`).
 
-Routes are thin: each endpoint hands its request to `serving.handle` (generation) or
-answers from the shared state (`frontend.state`: health, models, metrics). Response
+Routes are thin: each endpoint hands its request to `serving.handle` (generation;
+/v1/responses: `responses_serving`, over the same path) or answers from the shared state
+(`frontend.state`: health, models, metrics). Response
 building lives in `frontend.responses`, the request as known before routing in
 `frontend.prepared`.
 
-The two generation routes are the hot path: `FrontendApp` dispatches them itself, before
+The generation routes are the hot path: `FrontendApp` dispatches them itself, before
 FastAPI's middleware stack (server-error, exception, exit-stack, body-limit and telemetry
 layers: a good part of the frontend's CPU per request, and nothing these endpoints use), with
 the same error mapping (`errors.error_response`). Every other path goes through FastAPI.
@@ -28,10 +29,9 @@ from starlette.types import Receive, Scope, Send
 
 from contract.api_keys import load_api_keys
 from contract.config import DeploymentConfig
-from frontend import errors
+from frontend import errors, responses_serving
 from frontend.errors import OpenAIError
 from frontend.openapi_doc import openapi_schema
-from frontend.prepared import Kind
 from frontend.responses import AnsweredResponse, ClientGone, SSEResponse, json_response
 from frontend.serving import handle
 from frontend.state import FrontendState, check_config
@@ -47,6 +47,7 @@ except importlib.metadata.PackageNotFoundError:  # a source tree that was not in
 
 
 Endpoint = Callable[[Request], Awaitable[Response]]
+Handler = Callable[[FrontendState, Request], Awaitable[Response]]
 
 
 class FrontendApp(FastAPI):
@@ -174,11 +175,26 @@ def create_app(config: DeploymentConfig) -> FastAPI:
             raise errors.model_not_found(name)
         return json_response(model_card(state))
 
+    serve_chat = functools.partial(handle, kind="chat")
+    serve_completion = functools.partial(handle, kind="completion")
+
     async def chat_completions(request: Request) -> Response:
-        return await _serve(request, "chat")
+        return await _serve(request, "chat", serve_chat)
 
     async def completions(request: Request) -> Response:
-        return await _serve(request, "completion")
+        return await _serve(request, "completions", serve_completion)
+
+    async def responses_create(request: Request) -> Response:
+        return await _serve(request, "responses", responses_serving.create)
+
+    async def responses_retrieve(request: Request) -> Response:
+        return await responses_serving.retrieve(state_of(request), request)
+
+    async def responses_delete(request: Request) -> Response:
+        return await responses_serving.delete(state_of(request), request)
+
+    async def responses_input_items(request: Request) -> Response:
+        return await responses_serving.input_items(state_of(request), request)
 
     # plain Starlette routes: FastAPI's dependency solving costs CPU on every request and
     # these endpoints parse their own bodies; exception handlers still apply
@@ -190,17 +206,27 @@ def create_app(config: DeploymentConfig) -> FastAPI:
     app.router.add_route("/v1/models/{model:path}", model, methods=["GET"])
     app.router.add_route("/v1/chat/completions", chat_completions, methods=["POST"])
     app.router.add_route("/v1/completions", completions, methods=["POST"])
-    app.direct = {"/v1/chat/completions": chat_completions, "/v1/completions": completions}
+    app.router.add_route("/v1/responses", responses_create, methods=["POST"])
+    app.router.add_route("/v1/responses/{response_id}", responses_retrieve, methods=["GET"])
+    app.router.add_route("/v1/responses/{response_id}", responses_delete, methods=["DELETE"])
+    app.router.add_route(
+        "/v1/responses/{response_id}/input_items", responses_input_items, methods=["GET"]
+    )
+    app.direct = {
+        "/v1/chat/completions": chat_completions,
+        "/v1/completions": completions,
+        "/v1/responses": responses_create,
+    }
 
-    async def _serve(request: Request, kind: Kind) -> Response:
+    async def _serve(request: Request, endpoint: str, serve: Handler) -> Response:
+        """Serve a generation request with `serve`, counted in the metrics as `endpoint`."""
         state = state_of(request)
-        endpoint = "chat" if kind == "chat" else "completions"
         metrics = state.metrics
         metrics.in_flight.inc()
         status = "500"
         streaming = counted = False
         try:
-            response = await handle(state, request, kind)
+            response = await serve(state, request)
             status = str(response.status_code)
             if state.process_count > 1:
                 response.headers[PROCESS_HEADER] = str(state.process_index)

@@ -24,6 +24,12 @@ from frontend.openai_schemas import (
     ModelCard,
     ModelList,
 )
+from frontend.responses_api import (
+    InputItemList,
+    ResponseDeleted,
+    ResponseObject,
+    ResponsesRequest,
+)
 
 
 class ErrorDetail(BaseModel):
@@ -99,6 +105,42 @@ def openapi_schema(title: str, version: str, bearer: bool = False) -> dict[str, 
     )  # fmt: skip
     def completions(body: CompletionRequest) -> None:
         """A prompt (text or token ids), or a batch of them, in; the continuations out."""
+
+    @docs.post(
+        "/v1/responses", response_model=ResponseObject, summary="Response (OpenAI Responses API)",
+        responses={200: {"content": {"text/event-stream": {"schema": {
+            "description": "with `stream: true`: typed server-sent events (`event: <type>` "
+                           "and `data: {type, sequence_number, ...}`): response.created, "
+                           "response.in_progress, response.output_item.added, "
+                           "response.content_part.added, response.output_text.delta / .done, "
+                           "response.content_part.done, response.function_call_arguments"
+                           ".delta / .done, response.output_item.done, then "
+                           "response.completed or response.incomplete (response.failed "
+                           "when a worker fails after the start)",
+            "type": "string"}}}},
+                   **_errors(400, 404, 413, 500, 502, 503, 504)},
+    )  # fmt: skip
+    def responses(body: ResponsesRequest) -> None:
+        """Input items in, output items out, through the chat path (same template,
+        routing, tool calling, constrained output); `store` keeps it for
+        `previous_response_id` and GET."""
+
+    @docs.get("/v1/responses/{response_id}", response_model=ResponseObject,
+              responses=_errors(404, 503), summary="A stored response")  # fmt: skip
+    def responses_retrieve(response_id: str) -> None:
+        """A response made with `store: true`, until frontend.responses_store_ttl_s."""
+
+    @docs.delete("/v1/responses/{response_id}", response_model=ResponseDeleted,
+                 responses=_errors(404, 503), summary="Delete a stored response")  # fmt: skip
+    def responses_delete(response_id: str) -> None:
+        """Forget a stored response (a later previous_response_id naming it is a 404)."""
+
+    @docs.get("/v1/responses/{response_id}/input_items", response_model=InputItemList,
+              responses=_errors(400, 404, 503), summary="Its input items")  # fmt: skip
+    def responses_input_items(
+        response_id: str, order: str = "desc", limit: int = 20, after: str | None = None
+    ) -> None:
+        """The conversation that led to the response (earlier responses' too)."""
 
     @docs.get("/v1/models", response_model=ModelList, summary="The served model")
     def models() -> None:

@@ -12,8 +12,8 @@ import asyncio
 import functools
 import secrets
 import time
-from collections.abc import Awaitable, Sequence
-from typing import Any, TypeVar
+from collections.abc import AsyncIterator, Awaitable, Sequence
+from typing import Any, Protocol, TypeVar
 
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
@@ -130,15 +130,51 @@ async def guard_disconnect(request: Request, work: Awaitable[T]) -> T:
     return await until_disconnect(request.receive, work)
 
 
+class AnswerShape(Protocol):
+    """How a chat request's answer is written for an endpoint other than chat/completions
+    (/v1/responses: `frontend.response_objects`): the same prepared request, routing and
+    generation, another body and other stream events."""
+
+    id_prefix: str  # the response id's, before 32 hex digits
+
+    async def body(self, chat: dict[str, Any]) -> dict[str, Any]:
+        """The non-streamed answer, from the chat completion `full_response` built."""
+        ...
+
+    def events(
+        self, state: FrontendState, prepared: Prepared, choices: ChoiceStreams, deadline: float
+    ) -> AsyncIterator[bytes]:
+        """The streamed answer's SSE bytes (`stream_events`' counterpart)."""
+        ...
+
+
+async def read_json_body(state: FrontendState, request: Request) -> dict[str, Any]:
+    """The request's JSON object body (413 past frontend.max_request_bytes, 400 if not JSON)."""
+    raw = await _read_body(request, state.config.frontend.max_request_bytes)
+    return errors.parse_json_body(raw)  # type: ignore[no-any-return]
+
+
 async def handle(state: FrontendState, request: Request, kind: Kind) -> Response:
     arrival = time.perf_counter()
-    raw = await _read_body(request, state.config.frontend.max_request_bytes)
-    data = errors.parse_json_body(raw)
+    data = await read_json_body(state, request)
     body: ChatCompletionRequest | CompletionRequest
     if kind == "chat":
         body = ChatCompletionRequest.model_validate(data)
     else:
         body = CompletionRequest.model_validate(data)
+    return await serve(state, request, body, kind, arrival)
+
+
+async def serve(
+    state: FrontendState,
+    request: Request,
+    body: ChatCompletionRequest | CompletionRequest,
+    kind: Kind,
+    arrival: float,
+    shape: AnswerShape | None = None,
+) -> Response:
+    """Serve a validated request: tokenize, check, route, generate, answer (in `shape`'s
+    form when given, else the endpoint's own)."""
     if body.model is not None and body.model != state.served_name:
         raise errors.model_not_found(body.model)
     _refuse_too_many_choices(state, body)
@@ -163,16 +199,21 @@ async def handle(state: FrontendState, request: Request, kind: Kind) -> Response
         prepared = Prepared(
             kind, body, state.served_name, prompts, sampling, arrival, media, tools, reasoning
         )
+        if shape is not None:
+            prepared.response_id = shape.id_prefix + prepared.response_id.partition("-")[2]
         loop = asyncio.get_running_loop()
         deadline = loop.time() + state.config.frontend.request_timeout_s
         if prepared.stream:
             choices = await guard_disconnect(request, _start(state, prepared, deadline))
             on_close = [choices.close] if hold is None else [choices.close, hold.release]
-            response = SSEResponse(stream_events(state, prepared, choices, deadline), on_close)
+            events = (stream_events if shape is None else shape.events)(
+                state, prepared, choices, deadline
+            )
+            response = SSEResponse(events, on_close)
             hold = None  # the stream releases it when it ends
             response.headers["X-Request-Id"] = prepared.response_id
             return response
-        return await guard_disconnect(request, _complete(state, prepared, deadline))
+        return await guard_disconnect(request, _complete(state, prepared, deadline, shape))
     finally:
         if hold is not None:  # answered, refused, or the client left: workers are done
             hold.release()
@@ -556,7 +597,9 @@ async def _start(state: FrontendState, prepared: Prepared, deadline: float) -> C
     return choices
 
 
-async def _complete(state: FrontendState, prepared: Prepared, deadline: float) -> Response:
+async def _complete(
+    state: FrontendState, prepared: Prepared, deadline: float, shape: AnswerShape | None = None
+) -> Response:
     choices = await _start(state, prepared, deadline)
     first_token = FirstToken(state.metrics, prepared.arrival)
     texts = [
@@ -573,6 +616,8 @@ async def _complete(state: FrontendState, prepared: Prepared, deadline: float) -
                 if output.finish_reason is None:  # a stop string: the worker may stop now
                     choices.finish(index)
         data = full_response(state, prepared, texts, choices.card(0).simulated)
+        if shape is not None:
+            data = await shape.body(data)
     except TimeoutError:
         choices.close()
         raise errors.timed_out(state.config.frontend.request_timeout_s) from None

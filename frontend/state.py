@@ -36,6 +36,7 @@ from frontend.media import MediaIntake
 from frontend.media_store import MediaStore
 from frontend.metrics import FrontendMetrics
 from frontend.reasoning import FORMATS as REASONING_FORMATS
+from frontend.response_store import ResponseStore
 from frontend.rotation import SharedRotation, process_rotation
 from frontend.router import LoadTracker, Router, make_router
 from frontend.tokenization import TextTokenizer
@@ -131,6 +132,10 @@ class FrontendState:
         if config.run_dir:  # restarts as the deployment's supervisor records them
             self.metrics.track_supervisor(Path(config.run_dir) / SUPERVISOR_FILE)
         self.directory = WorkerDirectory(config.services.etcd.endpoint, config.name)
+        self.response_store = ResponseStore(
+            config.services.etcd.endpoint, config.name,
+            config.frontend.responses_store_ttl_s, config.frontend.responses_store_max_bytes,
+        )  # fmt: skip
         # round robin and random read no load: their processes neither share counts nor parse
         # load reports (work that grows with the deployment's rate; benchmarks/README.md)
         routes_by_load = config.frontend.router in LOAD_READING_ROUTERS
@@ -181,6 +186,7 @@ class FrontendState:
 
     async def stop(self) -> None:
         await self.directory.stop()
+        await self.response_store.close()
         if self.kv_feed is not None:
             await self.kv_feed.stop()
         if self.load_share is not None:
