@@ -382,11 +382,22 @@ class ChatCompletionRequest(_SamplingFields):
         description="extra variables for the chat template (e.g. Qwen3's "
         '`{"enable_thinking": false}`), as vLLM and SGLang take them',
     )
+    reasoning_effort: Literal["none", "minimal", "low", "medium", "high", "xhigh"] | None = Field(
+        default=None,
+        description="a reasoning model's effort, given to the chat template as "
+        "`reasoning_effort` (as vLLM does; templates that know none ignore it)",
+    )
     include_reasoning: bool = Field(
         default=True,
         description="with frontend.reasoning_parser: false leaves the thinking out of the "
         "answer (vLLM's field)",
     )
+
+    def template_kwargs(self) -> dict[str, Any] | None:
+        """The chat template's extra variables (None: none, the fast path)."""
+        if self.reasoning_effort is None:
+            return self.chat_template_kwargs
+        return {**(self.chat_template_kwargs or {}), "reasoning_effort": self.reasoning_effort}
 
     @field_validator("chat_template_kwargs")
     @classmethod

@@ -65,6 +65,23 @@ def _text_part(text: str, logprobs: list[Any]) -> dict[str, Any]:
     return {"type": "output_text", "text": text, "annotations": [], "logprobs": logprobs}
 
 
+def reasoning_item(text: str, status: str) -> dict[str, Any]:
+    """A reasoning model's thinking (frontend.reasoning_parser), as open models' reasoning
+    items carry it: the text in `content`, no summary, nothing encrypted."""
+    return {
+        "id": _item_id("rs_"),
+        "type": "reasoning",
+        "status": status,
+        "summary": [],
+        "content": [_reasoning_part(text)],
+        "encrypted_content": None,
+    }
+
+
+def _reasoning_part(text: str) -> dict[str, Any]:
+    return {"type": "reasoning_text", "text": text}
+
+
 def call_item(call_id: str, name: str, arguments: str, status: str = "completed") -> dict[str, Any]:
     return {
         "id": _item_id("fc_"),
@@ -154,7 +171,10 @@ class ResponsesAnswer:
         content = message.get("content")
         calls = message.get("tool_calls") or []
         output: list[dict[str, Any]] = []
-        if content or not calls:
+        thinking = message.get("reasoning_content")
+        if thinking is not None:  # cut by the length limit: only when no answer followed
+            output.append(reasoning_item(thinking, status if content is None else "completed"))
+        if content or not (calls or thinking is not None):
             logprobs = (choice.get("logprobs") or {}).get("content") or []
             output.append(message_item(content or "", logprobs, status))
         for call in calls:
@@ -194,6 +214,10 @@ class ResponseEvents:
         self._text: list[str] = []  # the open message's text and logprobs so far
         self._message_logprobs: list[Any] = []
         self._logprobs: list[Any] = []  # of tokens whose text is held back (a marker's start)
+        # a reasoning model's thinking (frontend.reasoning): split off first, as an item
+        self._split = prepared.reasoning.stream() if prepared.reasoning is not None else None
+        self._thinking: dict[str, Any] | None = None  # the open reasoning item
+        self._thought: list[str] = []
         tools = prepared.tools
         self._calls = (
             ToolCallStream(tools.fmt, tools.max_calls)
@@ -217,6 +241,15 @@ class ResponseEvents:
                 _, output = await choices.next(deadline)
                 text, entries = generation.consume(output)
                 final = generation.finish_reason is not None
+                if self._split is not None:
+                    thought, text = self._split.feed(text, final)
+                    if thought:
+                        for event in self._reasoning_delta(thought):
+                            yield event
+                    if text or final:  # the answer begins: the thinking is over
+                        cut = not text and generation.finish_reason == "length"
+                        for event in self._close_reasoning("incomplete" if cut else "completed"):
+                            yield event
                 logprobs = generation.chat_logprobs(entries) if chat_logprobs and entries else []
                 for piece in self._pieces(text, final):
                     if isinstance(piece, str):
@@ -255,6 +288,46 @@ class ResponseEvents:
         if final:
             found += self._calls.finish()
         return [piece for piece in found if not isinstance(piece, str) or piece]
+
+    def _reasoning_delta(self, text: str) -> list[bytes]:
+        events = []
+        if self._thinking is None:
+            item = reasoning_item("", "in_progress")
+            item["content"] = []
+            self._thinking = item
+            index = len(self.output)
+            events.append(self._event("response.output_item.added",
+                                      {"output_index": index, "item": dict(item)}))  # fmt: skip
+            events.append(self._event("response.content_part.added", {
+                "item_id": item["id"], "output_index": index, "content_index": 0,
+                "part": _reasoning_part(""),
+            }))  # fmt: skip
+            self.output.append(item)
+        self._thought.append(text)
+        events.append(self._event("response.reasoning_text.delta", {
+            "item_id": self._thinking["id"], "output_index": self.output.index(self._thinking),
+            "content_index": 0, "delta": text,
+        }))  # fmt: skip
+        return events
+
+    def _close_reasoning(self, status: str) -> list[bytes]:
+        """The reasoning item's done events (incomplete: the length limit cut the thinking)."""
+        item = self._thinking
+        if item is None:
+            return []
+        self._thinking = None
+        index = self.output.index(item)
+        text = "".join(self._thought)
+        self._thought = []
+        part = _reasoning_part(text)
+        item["content"] = [part]
+        item["status"] = status
+        base = {"item_id": item["id"], "output_index": index, "content_index": 0}
+        return [
+            self._event("response.reasoning_text.done", {**base, "text": text}),
+            self._event("response.content_part.done", {**base, "part": part}),
+            self._event("response.output_item.done", {"output_index": index, "item": item}),
+        ]
 
     def _text_delta(self, text: str, logprobs: list[Any]) -> list[bytes]:
         events = []

@@ -139,6 +139,29 @@ class FunctionCallOutputItem(_Request):
         return "".join(part.text for part in self.output)
 
 
+class ReasoningText(_Request):
+    type: Literal["reasoning_text", "summary_text"]
+    text: str
+
+
+class ReasoningItem(_Request):
+    """A reasoning model's thinking of an earlier answer, sent back (or stored with it):
+    it reaches the chat template as the next assistant turn's `reasoning_content`. An
+    item with only `encrypted_content` (OpenAI's own models') carries no text here."""
+
+    type: Literal["reasoning"]
+    id: str | None = None
+    summary: list[ReasoningText] = Field(default_factory=list)
+    content: list[ReasoningText] | None = None
+    encrypted_content: str | None = None
+    status: str | None = None
+
+    def text(self) -> str:
+        """The thinking's text (its summary's when the item has no content)."""
+        parts = self.content if self.content else self.summary
+        return "".join(part.text for part in parts)
+
+
 def _item_kind(value: Any) -> str | None:
     """An input item's kind: its `type`, "message" when it has none (the easy form)."""
     if isinstance(value, dict):
@@ -150,7 +173,8 @@ def _item_kind(value: Any) -> str | None:
 InputItem = Annotated[
     Annotated[MessageItem, Tag("message")]
     | Annotated[FunctionCallItem, Tag("function_call")]
-    | Annotated[FunctionCallOutputItem, Tag("function_call_output")],
+    | Annotated[FunctionCallOutputItem, Tag("function_call_output")]
+    | Annotated[ReasoningItem, Tag("reasoning")],
     Discriminator(_item_kind),
 ]
 
@@ -221,20 +245,24 @@ class TextConfig(_Request):
         return value
 
 
-class Reasoning(_Request):
-    effort: str | None = None
-    summary: str | None = None
-    generate_summary: str | None = None
+Summary = Literal["auto", "concise", "detailed"]
 
-    @model_validator(mode="after")
-    def _nothing_asked(self) -> Reasoning:
-        for name in ("effort", "summary", "generate_summary"):
-            if getattr(self, name) is not None:
-                raise ValueError(
-                    f"{name}: is not supported with this model (it does not reason), as "
-                    "OpenAI answers for its models that do not reason"
-                )
-        return self
+
+class Reasoning(_Request):
+    """A reasoning model's settings: `effort` reaches the chat template as
+    `reasoning_effort` (as vLLM passes it; templates that know no effort ignore it); a
+    summary is accepted and none is written (summaries are best effort at OpenAI too). A
+    deployment without frontend.reasoning_parser refuses them (`asked`), as OpenAI answers
+    for its models that do not reason."""
+
+    effort: Literal["none", "minimal", "low", "medium", "high", "xhigh"] | None = None
+    summary: Summary | None = None
+    generate_summary: Summary | None = None
+
+    def asked(self) -> str | None:
+        """The first field the request sets."""
+        names = ("effort", "summary", "generate_summary")
+        return next((name for name in names if getattr(self, name) is not None), None)
 
 
 # ---- the request ---------------------------------------------------------------------------
@@ -348,7 +376,7 @@ class ResponsesRequest(_Request):
 
 # the tags pydantic puts after an item's index (which kind of item or part it tried)
 _TAGS = frozenset(
-    {"message", "function_call", "function_call_output", "input_text", "input_image",
+    {"message", "function_call", "function_call_output", "reasoning", "input_text", "input_image",
      "output_text", "refusal"}
 )  # fmt: skip
 
@@ -482,7 +510,8 @@ class Translation:
 
 def translate(
     body: ResponsesRequest,
-    earlier: list[MessageItem | FunctionCallItem | FunctionCallOutputItem] | None = None,
+    earlier: list[MessageItem | FunctionCallItem | FunctionCallOutputItem | ReasoningItem]
+    | None = None,
 ) -> Translation:
     """`body` (after `earlier`: a stored conversation) as a chat request."""
     messages: list[dict[str, Any]] = []
@@ -496,7 +525,11 @@ def translate(
         items.append(("input", MessageItem(role="user", content=body.input)))
     else:
         items += [(f"input[{index}]", item) for index, item in enumerate(body.input)]
+    thinking = ""  # reasoning items' text, for the assistant turn that follows them
     for source, item in items:
+        if isinstance(item, ReasoningItem):
+            thinking += item.text()
+            continue
         if isinstance(item, MessageItem):
             messages.append(_chat_message(item))
             sources.append(source)
@@ -515,6 +548,10 @@ def translate(
         else:
             messages.append({"role": "tool", "tool_call_id": item.call_id, "content": item.text()})
             sources.append(source)
+            continue
+        if thinking and messages[-1]["role"] == "assistant":
+            messages[-1].setdefault("reasoning_content", thinking)
+        thinking = ""
     chat: dict[str, Any] = {
         "model": body.model,
         "messages": messages,
@@ -538,6 +575,8 @@ def translate(
         chat["tool_choice"] = choice
     if body.parallel_tool_calls is not None:
         chat["parallel_tool_calls"] = body.parallel_tool_calls
+    if body.reasoning is not None and body.reasoning.effort is not None:
+        chat["reasoning_effort"] = body.reasoning.effort
     text_format = body.text_format()
     if text_format is not None and text_format.type != "text":
         chat["response_format"] = _response_format(text_format)
@@ -611,6 +650,19 @@ class OutputFunctionCall(_Shape):
     arguments: str = Field(description="the arguments object as a JSON text")
 
 
+class OutputReasoning(_Shape):
+    id: str = Field(description='"rs_" and 32 hex digits')
+    type: Literal["reasoning"]
+    status: Literal["in_progress", "completed", "incomplete"]
+    summary: list[Any] = Field(description="always empty: no summaries are written")
+    content: list[dict[str, Any]] = Field(
+        description='with frontend.reasoning_parser: the thinking, `[{"type": '
+        '"reasoning_text", "text": ...}]`, before the message (streamed: '
+        "response.reasoning_text.delta events)"
+    )
+    encrypted_content: None = None
+
+
 class InputTokensDetails(_Shape):
     cached_tokens: int
 
@@ -648,7 +700,7 @@ class ResponseObject(_Shape):
     instructions: str | None
     max_output_tokens: int | None
     model: str
-    output: list[OutputMessage | OutputFunctionCall]
+    output: list[OutputReasoning | OutputMessage | OutputFunctionCall]
     parallel_tool_calls: bool
     previous_response_id: str | None
     store: bool = Field(description="whether it was kept (false: not asked, or not kept)")

@@ -35,6 +35,14 @@ async def create(state: FrontendState, request: Request) -> Response:
     """POST /v1/responses."""
     arrival = time.perf_counter()
     body = parse_request(await read_json_body(state, request))
+    asked = body.reasoning.asked() if body.reasoning is not None else None
+    if asked is not None and state.reasoning_format is None:
+        raise errors.bad_request(
+            f"reasoning.{asked}: is not supported with this model (it does not reason: "
+            "frontend.reasoning_parser is not set), as OpenAI answers for its models that "
+            "do not reason",
+            param=f"reasoning.{asked}",
+        )
     earlier: list[dict[str, Any]] = []
     if body.previous_response_id is not None:
         record = await state.response_store.get(body.previous_response_id, "previous_response_id")

@@ -340,7 +340,7 @@ def _prompts(
             with_thinking(messages, body.messages)
         try:
             functions = tools.tools if tools is not None else None
-            ids = tokenizer.encode_chat(messages, functions, body.chat_template_kwargs)
+            ids = tokenizer.encode_chat(messages, functions, body.template_kwargs())
         except ChatTemplateError as exc:
             raise errors.bad_request(str(exc), param=exc.param) from None
         return [Prompt(_checked_ids(state, ids, "messages"), "messages")]
@@ -402,7 +402,7 @@ async def _prepare_images(
     candidates = state.candidates(set())
     if candidates:  # refused before anything is loaded (routing checks again)
         media_workers(candidates, kinds)
-    ids = _encode_chat(state, _template_messages(body), body.chat_template_kwargs)
+    ids = _encode_chat(state, _template_messages(body), body.template_kwargs())
     count = ids.count(vlm.image_token_id)
     if count != len(images):
         raise errors.bad_request(

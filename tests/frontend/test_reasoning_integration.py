@@ -232,3 +232,59 @@ async def test_a_forced_call_comes_after_the_thinking(
     assert reply.message.reasoning_content == "\nThe city is Paris.\n"  # type: ignore[attr-defined]
     assert [(c.function.name, json.loads(c.function.arguments))
             for c in reply.message.tool_calls] == [("get_weather", {"city": "Paris"})]  # fmt: skip
+
+
+def responses_input() -> list[Any]:
+    """FEW_SHOT as Responses items: each earlier answer's thinking as a reasoning item."""
+    items: list[Any] = []
+    for message in FEW_SHOT:
+        thinking = message.get("reasoning_content") or message.get("reasoning")
+        if thinking:
+            items.append({"type": "reasoning", "summary": [],
+                          "content": [{"type": "reasoning_text", "text": thinking}]})  # fmt: skip
+        items.append({"role": message["role"], "content": message["content"]})
+    return items
+
+
+async def test_the_responses_api_answers_with_a_reasoning_item(
+    make_frontend: Any, model_dir: Path
+) -> None:
+    """/v1/responses on the same deployment: the earlier reasoning items reach the template
+    as chat's thinking does (the same greedy answer), the thinking comes back as a reasoning
+    item before the message, streamed (reasoning_text events) and whole alike; effort is
+    taken (the test template knows none)."""
+    fe = await make_frontend(chat_template=str(TEMPLATE), reasoning_parser="qwen3")
+    tokenizer = TextTokenizer(model_dir, TEMPLATE)
+    engine = TorchEngine(model_dir, num_blocks=256, model_name="smol")
+    ask = {"model": "smol", "input": responses_input(), "temperature": 0.0,
+           "max_output_tokens": 40, "reasoning": {"effort": "low"}, "store": False}  # fmt: skip
+    async with engine_worker(fe, engine), openai_client(fe) as client:
+        thinking, _, answer = (await engine_text(engine, tokenizer, None)).partition("</think>")
+        whole = await client.responses.create(**ask)
+        assert [item.type for item in whole.output] == ["reasoning", "message"]
+        reasoning = whole.output[0]
+        assert reasoning.id.startswith("rs_") and reasoning.status == "completed"
+        assert [part.text for part in reasoning.content or []] == [thinking]
+        assert whole.output_text == answer.lstrip()
+
+        kinds: list[str] = []
+        async with client.responses.stream(**ask) as stream:
+            async for event in stream:
+                kinds.append(event.type)
+            streamed = await stream.get_final_response()
+        assert kinds.index("response.reasoning_text.done") < kinds.index(
+            "response.output_text.delta")  # fmt: skip
+        assert [item.type for item in streamed.output] == ["reasoning", "message"]
+        assert streamed.output[0].content[0].text == thinking  # type: ignore[union-attr]
+        assert streamed.output_text == whole.output_text
+
+
+async def test_reasoning_settings_need_a_reasoning_deployment(make_frontend: Any) -> None:
+    fe = await make_frontend()
+    async with fe.client() as client:
+        refused = await client.post(
+            "/v1/responses", json={"input": "hi", "reasoning": {"effort": "high"}}
+        )
+    assert refused.status_code == 400
+    error = refused.json()["error"]
+    assert error["param"] == "reasoning.effort" and "reasoning_parser" in error["message"]

@@ -103,8 +103,8 @@ def test_logprobs_are_asked_for_through_include() -> None:
 @pytest.mark.parametrize(
     ("body", "param", "words"),
     [
-        ({"input": [{"role": "user", "content": "a"}, {"type": "reasoning"}]}, "input[1].type",
-         "'reasoning' is not supported"),
+        ({"input": [{"role": "user", "content": "a"}, {"type": "reasoning", "content": [
+            {"type": "thought", "text": "t"}]}]}, "input[1].content[0].type", "reasoning_text"),
         ({"input": [{"role": "user", "content": [{"type": "input_file", "file_id": "f"}]}]},
          "input[0].content[0].type", "'input_file' is not supported"),
         ({"input": [{"role": "user", "content": [{"type": "input_image", "file_id": "f"}]}]},
@@ -119,7 +119,7 @@ def test_logprobs_are_asked_for_through_include() -> None:
         ({"input": "x", "tool_choice": "required"}, "tool_choice", "needs tools"),
         ({"input": "x", "background": True}, "background", "background"),
         ({"input": "x", "truncation": "auto"}, "truncation", "disabled"),
-        ({"input": "x", "reasoning": {"effort": "high"}}, "reasoning.effort", "does not reason"),
+        ({"input": "x", "reasoning": {"effort": "turbo"}}, "reasoning.effort", "'high'"),
         ({"input": "x", "text": {"format": {"type": "json_schema", "name": "n",
                                             "schema": {"type": "nope"}}}},
          "text.format.schema", "invalid JSON Schema"),
@@ -185,3 +185,24 @@ async def test_a_record_etcd_does_not_take_is_reported_not_kept() -> None:
         assert await store.put(big, []) is False  # past the cap: not even tried
     finally:
         await store.close()
+
+
+def test_reasoning_items_become_the_next_answers_thinking() -> None:
+    """A reasoning item (as a stored output keeps it: id, status, no summary) gives its text
+    to the assistant turn after it; one before a user turn is dropped; effort goes to the
+    chat template as `reasoning_effort`."""
+    thought = {"type": "reasoning", "id": "rs_1", "status": "completed", "summary": [],
+               "content": [{"type": "reasoning_text", "text": "plan"}],
+               "encrypted_content": None}  # fmt: skip
+    call = {"type": "function_call", "call_id": "c", "name": "f", "arguments": "{}"}
+    chat = chat_of({"input": [
+        {"role": "user", "content": "q"}, thought, {"role": "assistant", "content": "a"},
+        {"role": "user", "content": "q2"}, {**thought, "content": None, "summary": [
+            {"type": "summary_text", "text": "sum"}]}, call,
+        {"type": "function_call_output", "call_id": "c", "output": "r"},
+        thought, {"role": "user", "content": "q3"},
+    ], "reasoning": {"effort": "low", "summary": "auto"}}).chat  # fmt: skip
+    thinking = [(m.role, m.reasoning_content) for m in chat.messages]
+    assert thinking == [("user", None), ("assistant", "plan"), ("user", None),
+                        ("assistant", "sum"), ("tool", None), ("user", None)]  # fmt: skip
+    assert chat.template_kwargs() == {"reasoning_effort": "low"}
