@@ -19,14 +19,13 @@ A deployment without the parser runs none of this (`prepared.reasoning` is None)
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.bench_tool_calls import baseline, pieces_of
+from benchmarks.bench_tool_calls import alternated_rounds, pieces_of
 from contract.config import default_model_dir
 from frontend.reasoning import FORMATS, ReasoningSplit
 from frontend.tokenization import TextTokenizer
@@ -61,24 +60,8 @@ def main() -> None:
     parser.add_argument("--model", default=None, help="model folder (default: SmolLM2)")
     args = parser.parse_args()
     tokenizer = TextTokenizer(args.model or default_model_dir())
-    answers = [(name, pieces_of(tokenizer, text)) for name, text in ANSWERS]
-    print(f"loadavg before: {Path('/proc/loadavg').read_text().strip()}")
-    print("round  answer        chunks  split_us  baseline_us  extra_us")
-    extras: list[float] = []
-    for round_index in range(args.rounds):
-        for name, pieces in answers:
-            if round_index % 2:  # alternate which side runs first
-                base = baseline(pieces, args.repeat)
-                split = with_split(pieces, args.repeat)
-            else:
-                split = with_split(pieces, args.repeat)
-                base = baseline(pieces, args.repeat)
-            extra = (split - base) * 1e6
-            extras.append(extra)
-            print(f"{round_index:5d}  {name:12s}  {len(pieces):6d}  {split * 1e6:8.3f}  "
-                  f"{base * 1e6:11.3f}  {extra:8.3f}")  # fmt: skip
-    print(f"loadavg after: {Path('/proc/loadavg').read_text().strip()}")
-    median = statistics.median(extras)
+    answers = [(name, pieces_of(tokenizer, text), with_split) for name, text in ANSWERS]
+    median = alternated_rounds(args.rounds, args.repeat, answers, "split_us")
     print(f"per SSE event (~14 us through NATS): +{median / 14.0:.1%} CPU for a streamed answer")
     print(f"reasoning_split us_per_chunk_extra={median:.3f}")
 
