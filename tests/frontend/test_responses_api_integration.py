@@ -123,7 +123,7 @@ async def test_stored_responses_continue_across_frontend_processes(
 ) -> None:
     """Two frontends of one deployment (as frontend.workers runs them) share the store in
     etcd: a response made on one is read, continued and deleted through the other."""
-    from conftest import server_port, start_frontend
+    from tests.frontend.conftest import server_port, start_frontend
 
     fe = await make_frontend()
     worker = await fe.add_worker()
