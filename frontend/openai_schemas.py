@@ -622,6 +622,11 @@ class Usage(_Response):
     completion_tokens: int
     total_tokens: int
     prompt_tokens_details: dict[str, int] | None = None
+    completion_tokens_details: dict[str, int] | None = Field(
+        default=None,
+        description="with frontend.reasoning_parser and tags that are tokens of the model: "
+        "`reasoning_tokens`, the thinking's tokens (counted by the tags' ids)",
+    )
 
 
 class TopLogprobEntry(_Response):

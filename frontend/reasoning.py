@@ -146,6 +146,16 @@ class ReasoningMode:
     fmt: ReasoningFormat
     inside: bool
     include: bool = True
+    # the tags' token ids where each is one token of the model's vocabulary (all reasoning
+    # models': then the thinking's tokens are counted exactly, `ReasoningCount`)
+    start_token: int | None = None
+    end_token: int | None = None
+
+    def counter(self) -> ReasoningCount | None:
+        """A counter of one choice's thinking tokens (None: the tags are not tokens)."""
+        if self.end_token is None or (self.start_token is None and not self.inside):
+            return None
+        return ReasoningCount(self.inside, self.start_token, self.end_token)
 
     def stream(self) -> ReasoningSplit:
         return ReasoningSplit(self.fmt, self.inside)
@@ -172,6 +182,38 @@ class ReasoningMode:
             close_token=tokenizer.special_token_id(fmt.end),
             open_token=tokenizer.special_token_id(opens) if opens is not None else None,
         )
+
+
+class ReasoningCount:
+    """How many of a choice's output tokens are its thinking (usage's `reasoning_tokens`),
+    by token id: every token up to and including the end tag, once a block is open (from
+    the prompt, or the start tag among the first tokens); all of them when it never closed."""
+
+    __slots__ = ("_end", "_open", "_start", "closed_at", "seen")
+
+    def __init__(self, inside: bool, start: int | None, end: int) -> None:
+        self._open = inside
+        self._start = start
+        self._end = end
+        self.seen = 0  # output tokens so far
+        self.closed_at: int | None = None  # tokens up to and including the end tag
+
+    def add(self, ids: list[int]) -> None:
+        if self.closed_at is None:
+            if not self._open and self.seen < _OPENING_TOKENS and self._start in ids:
+                self._open = True
+            if self._open and self._end in ids:
+                self.closed_at = self.seen + ids.index(self._end) + 1
+        self.seen += len(ids)
+
+    @property
+    def tokens(self) -> int:
+        if self.closed_at is not None:
+            return self.closed_at
+        return self.seen if self._open else 0
+
+
+_OPENING_TOKENS = 4  # a start tag after this many tokens is answer text (as the split has it)
 
 
 def with_thinking(

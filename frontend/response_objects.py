@@ -42,11 +42,12 @@ def _item_id(prefix: str) -> str:
 def usage_of(chat_usage: dict[str, Any]) -> dict[str, Any]:
     """Chat's usage in the Responses shape."""
     details = chat_usage.get("prompt_tokens_details") or {}
+    thinking = (chat_usage.get("completion_tokens_details") or {}).get("reasoning_tokens", 0)
     return {
         "input_tokens": chat_usage["prompt_tokens"],
         "input_tokens_details": {"cached_tokens": details.get("cached_tokens", 0)},
         "output_tokens": chat_usage["completion_tokens"],
-        "output_tokens_details": {"reasoning_tokens": 0},
+        "output_tokens_details": {"reasoning_tokens": thinking},
         "total_tokens": chat_usage["total_tokens"],
     }
 

@@ -191,6 +191,9 @@ class Generation:
         self._prompt_only = prepared.prompt_only
         self.cached_tokens = 0
         self.completion_tokens = 0
+        # a reasoning model's thinking tokens, counted by their tags' ids (None: not counted)
+        reasoning = prepared.reasoning
+        self.thinking = reasoning.counter() if reasoning is not None else None
         self.finish_reason: str | None = None
         self._last_token_time: float | None = None
 
@@ -218,6 +221,8 @@ class Generation:
                 self._metrics.itl.observe((now - self._last_token_time) / count)
             self._last_token_time = now
             self.completion_tokens += count
+            if self.thinking is not None:
+                self.thinking.add(output.token_ids)
         ids = output.token_ids
         final = output.finish_reason is not None
         unmatched = ""  # text of tokens within min_tokens: emitted without stop matching
@@ -283,6 +288,9 @@ def usage_of(generations: Sequence[Generation], n: int | None = None) -> dict[st
     }
     if cached:
         usage["prompt_tokens_details"] = {"cached_tokens": cached}
+    counts = [g.thinking.tokens for g in generations if g.thinking is not None]
+    if counts:  # a reasoning model's (frontend.reasoning_parser), as OpenAI reports them
+        usage["completion_tokens_details"] = {"reasoning_tokens": sum(counts)}
     return usage
 
 

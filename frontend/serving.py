@@ -462,12 +462,19 @@ def _reasoning_mode(
     if fmt is None:
         return None
     tail = state.tokenizer.decode(ids[-_PROMPT_TAIL_TOKENS:], skip_special_tokens=False)
-    mode = ReasoningMode(fmt, starts_inside(fmt, tail), body.include_reasoning)
+    tokenizer = state.tokenizer
+    mode = ReasoningMode(
+        fmt,
+        starts_inside(fmt, tail),
+        body.include_reasoning,
+        start_token=tokenizer.single_token_id(fmt.start),
+        end_token=tokenizer.single_token_id(fmt.end),
+    )
     guided = sampling.guided
     if guided is not None:
         if not state.constrains_after_thinking():
             return None
-        sampling.guided = guided.model_copy(update={"thinking": mode.fence(state.tokenizer)})
+        sampling.guided = guided.model_copy(update={"thinking": mode.fence(tokenizer)})
     return mode
 
 

@@ -288,6 +288,10 @@ class TextTokenizer:
             return self._decode_keeping(token_ids)
         return self._tokenizer.decode(list(token_ids), skip_special_tokens=skip_special_tokens)
 
+    def single_token_id(self, text: str) -> int | None:
+        """The id of the one vocabulary token `text` is (None: it is several or none)."""
+        return self._tokenizer.token_to_id(text)
+
     def special_token_id(self, text: str) -> int | None:
         """The id of the special token `text` is (None: it is not one)."""
         token_id = self._tokenizer.token_to_id(text)

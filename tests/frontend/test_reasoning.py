@@ -101,3 +101,28 @@ def test_a_message_carries_the_thinking_under_both_names() -> None:
         "role": "assistant",
         "content": "4",
     }
+
+
+@pytest.mark.parametrize(
+    ("inside", "chunks", "tokens"),
+    [
+        (True, [[5, 6], [7, 99, 8], [9]], 4),  # up to and including the end tag (99)
+        (True, [[5, 6, 7]], 3),  # never closed (the length limit): all thinking
+        (False, [[3], [98, 5], [99, 8]], 4),  # opened by the start tag (98) among the first
+        (False, [[5, 6, 7]], 0),  # no block
+        (False, [[1, 2, 3, 4], [98, 5, 99]], 0),  # a start tag late in the answer: answer text
+    ],
+)
+def test_thinking_tokens_are_counted_by_their_tags(inside, chunks, tokens) -> None:
+    mode = ReasoningMode(QWEN3, inside=inside, start_token=98, end_token=99)
+    counter = mode.counter()
+    assert counter is not None
+    for ids in chunks:
+        counter.add(ids)
+    assert counter.tokens == tokens
+
+
+def test_tags_that_are_no_tokens_are_not_counted() -> None:
+    assert ReasoningMode(QWEN3, inside=True).counter() is None
+    assert ReasoningMode(QWEN3, inside=False, end_token=99).counter() is None  # can't open
+    assert ReasoningMode(QWEN3, inside=True, end_token=99).counter() is not None

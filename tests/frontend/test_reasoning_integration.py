@@ -288,3 +288,36 @@ async def test_reasoning_settings_need_a_reasoning_deployment(make_frontend: Any
     assert refused.status_code == 400
     error = refused.json()["error"]
     assert error["param"] == "reasoning.effort" and "reasoning_parser" in error["message"]
+
+
+async def test_thinking_tokens_are_reported_in_usage(
+    make_frontend: Any, tokenizer: TextTokenizer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Where the tags are tokens of the model (Qwen3's, R1's), the thinking's tokens are
+    counted by id into usage: chat's completion_tokens_details.reasoning_tokens (whole and
+    the stream's usage chunk) and the Responses API's output_tokens_details. SmolLM2 has no
+    <think> token, so the qwen3 format here uses two of its own added tokens as the tags."""
+    from frontend import state as state_module
+    from frontend.reasoning import ReasoningFormat
+
+    tags = ReasoningFormat("<filename>", "<file_sep>", always_starts_inside=False)
+    monkeypatch.setitem(state_module.REASONING_FORMATS, "qwen3", tags)
+    fe = await make_frontend(reasoning_parser="qwen3")
+    thinking = tokenizer.encode("<filename>plan the sum<file_sep>", add_special_tokens=False)
+    answer = tokenizer.encode("\n\nIt is 7.", add_special_tokens=False)
+    await fe.add_worker(script=thinking + answer)
+    ask = {"model": "smol", "messages": [{"role": "user", "content": "6 + 1?"}],
+           "max_tokens": 100}  # fmt: skip
+    async with openai_client(fe) as client:
+        whole = await client.chat.completions.create(**ask)
+        chunks = [c async for c in await client.chat.completions.create(
+            **ask, stream=True, stream_options={"include_usage": True})]  # fmt: skip
+        response = await client.responses.create(model="smol", input="6 + 1?",
+                                                  max_output_tokens=100, store=False)  # fmt: skip
+    assert whole.choices[0].message.reasoning_content == "plan the sum"  # type: ignore[attr-defined]
+    assert whole.usage.completion_tokens > len(thinking) + len(answer) - 1  # (and an EOS)
+    assert whole.usage.completion_tokens_details.reasoning_tokens == len(thinking)
+    usage = chunks[-1].usage
+    assert usage is not None and usage.completion_tokens_details.reasoning_tokens == len(thinking)
+    assert response.usage.output_tokens_details.reasoning_tokens == len(thinking)
+    assert [item.type for item in response.output] == ["reasoning", "message"]
