@@ -371,7 +371,7 @@ async def test_usage_text_and_stop_strings_continue_across_a_migration(
     stream = MigratingStream(client, in_order_route(client, []), first, limit=3, metrics=metrics)
     prepared = SimpleNamespace(
         prompts=[Prompt(prompt, "prompt")], stops=["THE END"], arrival=time.perf_counter(),
-        prompt_only=False,
+        prompt_only=False, reasoning=None,
         sampling=first.sampling,
     )
     generation = Generation(SimpleNamespace(tokenizer=tokenizer, metrics=metrics), prepared)  # type: ignore[arg-type]
