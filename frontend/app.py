@@ -1,14 +1,15 @@
 """The FastAPI app: OpenAI endpoints over the request path (`frontend.serving`).
 
-Routes are thin: each endpoint hands its request to `serving.handle` (generation) or
-answers from the shared state (`frontend.state`: health, models, metrics). Response
-building lives in `frontend.responses`, the request as known before routing in
-`frontend.prepared`.
+Routes are thin: each endpoint hands its request to `serving.handle` (generation),
+`embeddings.handle_embeddings` (embeddings), or answers from the shared state
+(`frontend.state`: health, models, metrics). Response building lives in
+`frontend.responses`, the request as known before routing in `frontend.prepared`.
 
-The two generation routes are the hot path: `FrontendApp` dispatches them itself, before
-FastAPI's middleware stack (server-error, exception, exit-stack, body-limit and telemetry
-layers: a good part of the frontend's CPU per request, and nothing these endpoints use), with
-the same error mapping (`errors.error_response`). Every other path goes through FastAPI.
+The two generation routes and the embeddings route are the hot path: `FrontendApp`
+dispatches them itself, before FastAPI's middleware stack (server-error, exception,
+exit-stack, body-limit and telemetry layers: a good part of the frontend's CPU per request,
+and nothing these endpoints use), with the same error mapping (`errors.error_response`).
+Every other path goes through FastAPI.
 """
 
 from __future__ import annotations
@@ -27,9 +28,9 @@ from starlette.types import Receive, Scope, Send
 
 from contract.config import DeploymentConfig
 from frontend import errors
+from frontend.embeddings import handle_embeddings
 from frontend.errors import OpenAIError
 from frontend.openapi_doc import openapi_schema
-from frontend.prepared import Kind
 from frontend.responses import AnsweredResponse, ClientGone, SSEResponse, json_response
 from frontend.serving import handle
 from frontend.state import FrontendState, check_config
@@ -45,6 +46,7 @@ except importlib.metadata.PackageNotFoundError:  # a source tree that was not in
 
 
 Endpoint = Callable[[Request], Awaitable[Response]]
+Handler = Callable[[FrontendState, Request], Awaitable[Response]]  # a request path's entry
 
 
 class FrontendApp(FastAPI):
@@ -146,11 +148,17 @@ def create_app(config: DeploymentConfig) -> FastAPI:
             raise errors.model_not_found(name)
         return json_response(model_card(state))
 
+    serve_chat = functools.partial(handle, kind="chat")
+    serve_completion = functools.partial(handle, kind="completion")
+
     async def chat_completions(request: Request) -> Response:
-        return await _serve(request, "chat")
+        return await _serve(request, "chat", serve_chat)
 
     async def completions(request: Request) -> Response:
-        return await _serve(request, "completion")
+        return await _serve(request, "completions", serve_completion)
+
+    async def embeddings(request: Request) -> Response:
+        return await _serve(request, "embeddings", handle_embeddings)
 
     # plain Starlette routes: FastAPI's dependency solving costs CPU on every request and
     # these endpoints parse their own bodies; exception handlers still apply
@@ -162,17 +170,19 @@ def create_app(config: DeploymentConfig) -> FastAPI:
     app.router.add_route("/v1/models/{model:path}", model, methods=["GET"])
     app.router.add_route("/v1/chat/completions", chat_completions, methods=["POST"])
     app.router.add_route("/v1/completions", completions, methods=["POST"])
-    app.direct = {"/v1/chat/completions": chat_completions, "/v1/completions": completions}
+    app.router.add_route("/v1/embeddings", embeddings, methods=["POST"])
+    app.direct = {"/v1/chat/completions": chat_completions, "/v1/completions": completions,
+                  "/v1/embeddings": embeddings}  # fmt: skip
 
-    async def _serve(request: Request, kind: Kind) -> Response:
+    async def _serve(request: Request, endpoint: str, work: Handler) -> Response:
+        """`work`'s response to `request`, counted in the metrics under `endpoint`."""
         state = state_of(request)
-        endpoint = "chat" if kind == "chat" else "completions"
         metrics = state.metrics
         metrics.in_flight.inc()
         status = "500"
         streaming = counted = False
         try:
-            response = await handle(state, request, kind)
+            response = await work(state, request)
             status = str(response.status_code)
             if state.process_count > 1:
                 response.headers[PROCESS_HEADER] = str(state.process_index)

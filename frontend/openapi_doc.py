@@ -21,6 +21,8 @@ from frontend.openai_schemas import (
     ChatCompletionResponse,
     CompletionRequest,
     CompletionResponse,
+    EmbeddingRequest,
+    EmbeddingResponse,
     ModelCard,
     ModelList,
 )
@@ -78,6 +80,15 @@ def openapi_schema(title: str, version: str) -> dict[str, Any]:
     )  # fmt: skip
     def completions(body: CompletionRequest) -> None:
         """A prompt (text or token ids), or a batch of them, in; the continuations out."""
+
+    @docs.post(
+        "/v1/embeddings", response_model=EmbeddingResponse, summary="Embeddings (OpenAI)",
+        responses=_errors(400, 404, 413, 500, 502, 503, 504),
+    )  # fmt: skip
+    def embeddings(body: EmbeddingRequest) -> None:
+        """A text or token ids, or a batch of them, in; one vector each out (the pooled
+        final hidden states: model.pooler). Served by a deployment with `model.task: embed`;
+        another deployment answers 400 naming `model`."""
 
     @docs.get("/v1/models", response_model=ModelList, summary="The served model")
     def models() -> None:

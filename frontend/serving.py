@@ -38,7 +38,7 @@ from frontend.responses import (
     stream_events,
     until_disconnect,
 )
-from frontend.state import FrontendState, media_workers
+from frontend.state import FrontendState, check_task, media_workers
 from frontend.tokenization import ChatTemplateError
 from frontend.tool_calling import ToolUse, template_messages, tool_use
 
@@ -131,7 +131,7 @@ async def guard_disconnect(request: Request, work: Awaitable[T]) -> T:
 
 async def handle(state: FrontendState, request: Request, kind: Kind) -> Response:
     arrival = time.perf_counter()
-    raw = await _read_body(request, state.config.frontend.max_request_bytes)
+    raw = await read_body(request, state.config.frontend.max_request_bytes)
     data = errors.parse_json_body(raw)
     body: ChatCompletionRequest | CompletionRequest
     if kind == "chat":
@@ -140,6 +140,8 @@ async def handle(state: FrontendState, request: Request, kind: Kind) -> Response
         body = CompletionRequest.model_validate(data)
     if body.model is not None and body.model != state.served_name:
         raise errors.model_not_found(body.model)
+    if state.config.model.task != "generate":
+        check_task(state, "generate", request.url.path)
     _refuse_too_many_choices(state, body)
     _refuse_what_cannot_fit(state, body)
     images = body.image_parts() if isinstance(body, ChatCompletionRequest) else []
@@ -172,7 +174,7 @@ async def handle(state: FrontendState, request: Request, kind: Kind) -> Response
             hold.release()
 
 
-async def _read_body(request: Request, limit: int) -> bytes:
+async def read_body(request: Request, limit: int) -> bytes:
     """The body, or a 413 as soon as it is known to pass `limit` bytes (a declared
     Content-Length before reading anything, else while reading). Read from the ASGI
     messages themselves: Starlette's `request.stream()` is an async generator around the
