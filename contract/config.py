@@ -614,6 +614,11 @@ class DeploymentConfig(_Section):
     def _only_agg_for_now(self) -> DeploymentConfig:
         _check_disaggregation(self)
         if self.model.task == "embed":
+            if self.engine.kind == "trtllm":
+                raise ValueError(
+                    "model.task: embed needs engine.kind torch (or mocker, simulated): "
+                    "TensorRT-LLM's LLM API generates; it documents no pooled hidden states"
+                )
             where = next((i for i, g in enumerate(self.workers) if g.role != "agg"), None)
             if where is not None:
                 raise ValueError(

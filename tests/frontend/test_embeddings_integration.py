@@ -176,6 +176,23 @@ async def test_generate_deployment_refuses_embeddings(make_frontend: Any, model_
         assert "model.task: generate" in refused.value.body["message"]
 
 
+async def test_mocker_answers_simulated_vectors_and_says_so(
+    make_frontend: Any, model_dir: Path
+) -> None:
+    """The mocker (load tests): a pseudo-random unit vector of the model's hidden size, the
+    same for the same input, and `simulated: true` in the response."""
+    fe = await make_frontend(model_settings=EMBED)
+    async with mocker_worker(fe, model_dir), fe.client() as http:
+        response = await http.post("/v1/embeddings", json={"input": ["a b c", "d e", "a b c"]})
+        assert response.status_code == 200, response.text
+        body = response.json()
+        assert body["simulated"] is True
+        vectors = [np.array(d["embedding"], dtype=np.float32) for d in body["data"]]
+        assert all(v.shape == (576,) for v in vectors)
+        assert abs(float(np.linalg.norm(vectors[0])) - 1.0) < 1e-5
+        assert np.array_equal(vectors[0], vectors[2]) and not np.allclose(vectors[0], vectors[1])
+
+
 async def test_batch_is_spread_over_the_workers_round_robin(
     make_frontend: Any, model_dir: Path, tokenizer: TextTokenizer
 ) -> None:
