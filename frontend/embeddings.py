@@ -41,7 +41,6 @@ TOKENIZE_SLICE = 64  # inputs tokenized between two yields to the event loop
 
 async def handle_embeddings(state: FrontendState, request: Request) -> Response:
     """The endpoint: an OpenAI embeddings response, or an OpenAI error."""
-    arrival = time.perf_counter()
     raw = await read_body(request, state.config.frontend.max_request_bytes)
     body = EmbeddingRequest.model_validate(errors.parse_json_body(raw))
     if body.model is not None and body.model != state.served_name:
@@ -70,7 +69,6 @@ async def handle_embeddings(state: FrontendState, request: Request) -> Response:
     prompt_tokens = sum(len(ids) for ids in prompts)
     state.metrics.prompt_tokens.inc(prompt_tokens)
     state.metrics.embedding_inputs.inc(len(prompts))
-    state.metrics.duration.observe(time.perf_counter() - arrival)
     data: dict[str, Any] = {
         "id": response_id,
         "object": "list",
@@ -146,7 +144,7 @@ async def tokenized(state: FrontendState, body: EmbeddingRequest, limit: int) ->
         if not ids:
             raise errors.bad_request(f"{param}: the input has no tokens", param=param)
         if keep is not None:
-            ids = ids[-keep:] if keep else ids
+            ids = ids[-keep:]
         elif len(ids) > limit:
             raise errors.context_length_exceeded(
                 f"This model's maximum context length is {limit} tokens. However, your "
@@ -179,8 +177,8 @@ async def embed_all(
     deadline: float,
 ) -> tuple[list[GenerateOutput], bool]:
     """Each prompt's answer (in order), each routed and sent on its own, all at once; and
-    whether a simulated engine answered. The first failing input fails the request; the
-    others are aborted on their workers."""
+    whether a simulated engine answered. The first input to fail fails the request; the
+    others stop and are aborted on their workers."""
     streams = [
         MigratingStream(
             state.client,
@@ -196,12 +194,21 @@ async def embed_all(
         )
         for ids in prompts
     ]
+    answers = [
+        asyncio.ensure_future(_answer(stream, body.input_param(index), deadline))
+        for index, stream in enumerate(streams)
+    ]
     try:
-        outputs = await asyncio.gather(*(_answer(stream, body.input_param(index), deadline)
-                                         for index, stream in enumerate(streams)))  # fmt: skip
+        await asyncio.wait(answers, return_when=asyncio.FIRST_EXCEPTION)
+        failed = next((a for a in answers if a.done() and a.exception() is not None), None)
+        if failed is not None:  # the first input to fail (in time) fails the request
+            failed.result()
+        outputs = [answer.result() for answer in answers]
     except TimeoutError:
         raise errors.timed_out(state.config.frontend.request_timeout_s) from None
     finally:
+        for answer in answers:  # the others stop waiting (a failure, the client gone)
+            answer.cancel()
         for stream in streams:  # releases the router's accounting; aborts what still runs
             stream.close()
     return outputs, any(stream.opened and stream.card.simulated for stream in streams)

@@ -741,6 +741,13 @@ class EmbeddingRequest(_Request):
         default=True, description="vLLM's: add the tokenizer's special tokens (BOS/EOS) to texts"
     )
 
+    @field_validator("truncate_prompt_tokens")
+    @classmethod
+    def _keeps_some(cls, value: int | None) -> int | None:
+        if value == 0:
+            raise ValueError("must be -1 (the context length) or at least 1")
+        return value
+
     @field_validator("input")
     @classmethod
     def _nothing_empty(cls, value: Any) -> Any:

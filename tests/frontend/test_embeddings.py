@@ -58,6 +58,7 @@ def test_input_forms(value, inputs, params) -> None:
         ({"input": "a", "encoding_format": "hex"}, "encoding_format", ""),
         ({"input": "a", "dimensions": 0}, "dimensions", ""),
         ({"input": "a", "truncate_prompt_tokens": -2}, "truncate_prompt_tokens", ""),
+        ({"input": "a", "truncate_prompt_tokens": 0}, "truncate_prompt_tokens", "-1"),
     ],
 )
 def test_refusals_name_the_field(body, param, words) -> None:

@@ -93,7 +93,7 @@ async def test_texts_and_token_ids_float_and_base64(
 async def test_mean_pooling_and_matryoshka_dimensions(
     make_frontend: Any, model_dir: Path, tokenizer: TextTokenizer
 ) -> None:
-    pooler = {"pooling_type": "MEAN", "matryoshka_dimensions": [64, 128]}
+    pooler = {"pooling_type": "MEAN", "matryoshka_dimensions": [64, 128, 1000]}
     fe = await make_frontend(model_settings={**EMBED, "pooler": pooler})
     ids = tokenizer.encode(TEXTS[1], add_special_tokens=True)
     async with engine_worker(fe, torch_engine(model_dir)) as engine, openai_client(fe) as client:
@@ -107,6 +107,12 @@ async def test_mean_pooling_and_matryoshka_dimensions(
         with pytest.raises(openai.BadRequestError) as refused:
             await client.embeddings.create(model="smol", input=TEXTS[1], dimensions=32)
         assert refused.value.body["param"] == "dimensions"
+        # configured, but more than the model has: every worker refuses it, by its name here
+        with pytest.raises(openai.BadRequestError) as refused:
+            await client.embeddings.create(model="smol", input=TEXTS, dimensions=1000)
+        assert refused.value.body["param"] == "dimensions"
+        assert "hidden size 576" in refused.value.body["message"]
+        assert not engine.scheduler.running and not engine.scheduler.waiting
 
 
 async def test_refusals_name_their_field(make_frontend: Any, model_dir: Path) -> None:
@@ -176,12 +182,14 @@ async def test_generate_deployment_refuses_embeddings(make_frontend: Any, model_
         assert "model.task: generate" in refused.value.body["message"]
 
 
+@pytest.mark.parametrize("router", ["least_loaded", "kv"])
 async def test_mocker_answers_simulated_vectors_and_says_so(
-    make_frontend: Any, model_dir: Path
+    make_frontend: Any, model_dir: Path, router: str
 ) -> None:
     """The mocker (load tests): a pseudo-random unit vector of the model's hidden size, the
-    same for the same input, and `simulated: true` in the response."""
-    fe = await make_frontend(model_settings=EMBED)
+    same for the same input, and `simulated: true` in the response; the load and KV
+    routers route embeddings as any prompt."""
+    fe = await make_frontend(model_settings=EMBED, router=router)
     async with mocker_worker(fe, model_dir), fe.client() as http:
         response = await http.post("/v1/embeddings", json={"input": ["a b c", "d e", "a b c"]})
         assert response.status_code == 200, response.text
