@@ -687,9 +687,11 @@ class TorchEngine(StreamingEngine, TorchKvHandoff):
     def _take_pooled(self, batch: ScheduledBatch) -> None:
         """Fold the step's pooled rows into their sequences (before `_advance`: the rows are
         each embedding's `pool_positions` in `build_plan`'s order); a sequence whose prompt
-        this step completes ends with its vector."""
+        this step completes ends with its vector (the step's vectors reach the host in one
+        copy)."""
         pooled = self.runner.pooled
         assert pooled is not None, "the leader keeps the hidden states of every pool row"
+        done: list[tuple[Sequence, torch.Tensor]] = []
         row = 0
         for index in plan_order(batch):
             seq, n = batch.seqs[index], batch.num_tokens[index]
@@ -705,9 +707,17 @@ class TorchEngine(StreamingEngine, TorchKvHandoff):
                 seq.pooled = total if seq.pooled is None else seq.pooled + total
                 seq.pooled_upto = positions.stop
             if seq.num_computed + n == seq.num_tokens:
-                seq.embedding = encode_embedding(pool_vector(seq))
+                done.append((seq, pool_vector(seq)))
                 seq.pooled = None
                 seq.finish_reason = "stop"
+        if not done:
+            return
+        host = torch.cat([vector for _, vector in done]).to("cpu", torch.float32).numpy()
+        start = 0
+        for seq, vector in done:
+            part = host[start : start + vector.numel()]
+            seq.embedding = encode_embedding(part.astype("<f4", copy=False).tobytes())
+            start += vector.numel()
 
     def _advance(self, batch: ScheduledBatch) -> None:
         """Count the batch's tokens as computed."""
@@ -797,10 +807,10 @@ class TorchEngine(StreamingEngine, TorchKvHandoff):
         )
 
 
-def pool_vector(seq: Sequence) -> bytes:
-    """The embedding of a sequence whose prompt rows are all pooled: the mean (MEAN) or the
-    last row (LAST), cut to `dimensions`, scaled to unit length if asked (vLLM's order), as
-    little-endian float32 bytes."""
+def pool_vector(seq: Sequence) -> torch.Tensor:
+    """The embedding of a sequence whose prompt rows are all pooled (on the device): the
+    mean (MEAN) or the last row (LAST), cut to `dimensions`, scaled to unit length if asked
+    (vLLM's order)."""
     pooling = seq.pooling
     assert pooling is not None and seq.pooled is not None
     vector = seq.pooled
@@ -810,7 +820,7 @@ def pool_vector(seq: Sequence) -> bytes:
         vector = vector[: pooling.dimensions]
     if pooling.normalize:
         vector = torch.nn.functional.normalize(vector, dim=0)
-    return vector.to("cpu", torch.float32).numpy().astype("<f4", copy=False).tobytes()
+    return vector
 
 
 def _for_followers(plan: StepPlan) -> StepPlan:
