@@ -207,8 +207,8 @@ class PoolingParams(_Message):
 
 
 def encode_embedding(values: bytes) -> str:
-    """An embedding on the wire: its little-endian float32 bytes, base64 (a third of the JSON
-    list's size, and exactly OpenAI's `encoding_format: base64`)."""
+    """An embedding on the wire: its little-endian float32 bytes, base64 (about a quarter of
+    a JSON list of its values, and exactly OpenAI's `encoding_format: base64`)."""
     return base64.b64encode(values).decode("ascii")
 
 
