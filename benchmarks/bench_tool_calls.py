@@ -19,9 +19,11 @@ measured by `bench_frontend.py --ab-tree <checkout before>` (c=1 added latency, 
 from __future__ import annotations
 
 import argparse
+import functools
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -73,6 +75,33 @@ def baseline(pieces: list[str], repeat: int) -> float:
     return (time.perf_counter() - start) / (repeat * len(pieces))
 
 
+Measure = Callable[[list[str], int], float]  # seconds per chunk over `repeat` answers
+
+
+def alternated_rounds(
+    rounds: int, repeat: int, answers: list[tuple[str, list[str], Measure]], column: str
+) -> float:
+    """Each round, each answer measured and its baseline (which goes first alternates), a
+    row printed; the median extra µs per chunk over rounds and answers."""
+    print(f"loadavg before: {Path('/proc/loadavg').read_text().strip()}")
+    print(f"round  answer          chunks  {column:>9s}  baseline_us  extra_us")
+    extras: list[float] = []
+    for round_index in range(rounds):
+        for name, pieces, measure in answers:
+            if round_index % 2:
+                base = baseline(pieces, repeat)
+                measured = measure(pieces, repeat)
+            else:
+                measured = measure(pieces, repeat)
+                base = baseline(pieces, repeat)
+            extra = (measured - base) * 1e6
+            extras.append(extra)
+            print(f"{round_index:5d}  {name:14s}  {len(pieces):6d}  {measured * 1e6:9.3f}  "
+                  f"{base * 1e6:11.3f}  {extra:8.3f}")  # fmt: skip
+    print(f"loadavg after: {Path('/proc/loadavg').read_text().strip()}")
+    return statistics.median(extras)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=6)
@@ -80,25 +109,11 @@ def main() -> None:
     parser.add_argument("--model", default=None, help="model folder (default: SmolLM2)")
     args = parser.parse_args()
     tokenizer = TextTokenizer(args.model or default_model_dir())
-    answers = [(name, fmt, pieces_of(tokenizer, text)) for name, fmt, text in ANSWERS]
-    print(f"loadavg before: {Path('/proc/loadavg').read_text().strip()}")
-    print("round  answer          chunks  parser_us  baseline_us  extra_us")
-    extras: list[float] = []
-    for round_index in range(args.rounds):
-        for name, fmt, pieces in answers:
-            # alternate which side runs first
-            if round_index % 2:
-                base = baseline(pieces, args.repeat)
-                parsed = with_parser(fmt, pieces, args.repeat)
-            else:
-                parsed = with_parser(fmt, pieces, args.repeat)
-                base = baseline(pieces, args.repeat)
-            extra = (parsed - base) * 1e6
-            extras.append(extra)
-            print(f"{round_index:5d}  {name:14s}  {len(pieces):6d}  {parsed * 1e6:9.3f}  "
-                  f"{base * 1e6:11.3f}  {extra:8.3f}")  # fmt: skip
-    print(f"loadavg after: {Path('/proc/loadavg').read_text().strip()}")
-    median = statistics.median(extras)
+    answers: list[tuple[str, list[str], Measure]] = [
+        (name, pieces_of(tokenizer, text), functools.partial(with_parser, fmt))
+        for name, fmt, text in ANSWERS
+    ]
+    median = alternated_rounds(args.rounds, args.repeat, answers, "parser_us")
     print(f"per SSE event (~14 us through NATS): +{median / 14.0:.1%} CPU for a request with tools")
     print(f"tool_call_parsing us_per_chunk_extra={median:.3f}")
 

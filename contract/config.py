@@ -25,6 +25,8 @@ Role = Literal["agg", "prefill", "decode"]
 RouterMode = Literal["round_robin", "random", "least_loaded", "kv"]
 # how generated text holds tool calls (frontend.tool_calls: one parser per format)
 ToolCallParser = Literal["hermes", "llama3_json", "mistral", "pythonic"]
+# how a reasoning model marks its thinking (frontend.reasoning: one tag pair per format)
+ReasoningParser = Literal["deepseek_r1", "qwen3", "mistral"]
 # The routers that read load (in-flight counts, the workers' LoadMetrics): only their frontend
 # processes share counts with each other and parse the load reports; round robin shares only
 # its rotation (`frontend.rotation`), random nothing.
@@ -410,12 +412,41 @@ class FrontendConfig(_Section):
         "0: off (the right choice when cores are shared)",
     )
 
+    responses_store_ttl_s: int = Field(
+        default=3600,
+        ge=1,
+        description="how long a /v1/responses answer with `store: true` stays in etcd (for "
+        "GET /v1/responses/{id} and previous_response_id), from its creation",
+    )
+    responses_store_max_bytes: int = Field(
+        default=2**20,
+        ge=1024,
+        le=1_500_000,
+        description="the largest stored response record (response + conversation, JSON), "
+        "below etcd's 1.5 MiB request limit; a larger one is not stored and its answer says "
+        "`store: false`",
+    )
+
     tool_call_parser: ToolCallParser | None = Field(
         default=None,
         description="how the model writes tool calls (hermes, llama3_json, mistral, "
         "pythonic): chat requests may then carry `tools`, and calls in the output come back "
         "as `tool_calls`; null: requests with tools are refused. The chat template must "
         "render `tools` (model.chat_template)",
+    )
+    api_key_file: Path | None = Field(
+        default=None,
+        description="a file of API keys, one a line (`#` comments; keep it readable by you "
+        "alone): every /v1 request must then send `Authorization: Bearer <key>` (401 "
+        "otherwise); the HPCSERVE_API_KEY environment variable (comma-separated) adds keys. "
+        "Neither set: the endpoints are open",
+    )
+    reasoning_parser: ReasoningParser | None = Field(
+        default=None,
+        description="how a reasoning model marks its thinking (deepseek_r1, qwen3: "
+        "<think>...</think>; mistral: [THINK]...[/THINK]): chat answers then carry the "
+        "thinking apart as `reasoning_content` (and `reasoning`), the answer as `content`; "
+        "null: the output is all content",
     )
 
     @model_validator(mode="after")
@@ -731,8 +762,12 @@ def engine_yaml_fields(data: dict[str, Any]) -> list[tuple[dict[str, Any], str, 
 
 def _anchor_engine_yaml(data: dict[str, Any], config_dir: Path) -> None:
     """A relative engine YAML path in a config file names a file beside it (as the seed's
-    `engine_configs/` do); made absolute so resolved copies keep pointing there."""
-    for holder, key, _ in engine_yaml_fields(data):
+    `engine_configs/` do); made absolute so resolved copies keep pointing there. The same
+    for the API key file."""
+    fields = engine_yaml_fields(data)
+    if isinstance(data.get("frontend"), dict):
+        fields.append((data["frontend"], "api_key_file", "frontend"))
+    for holder, key, _ in fields:
         value = holder.get(key)
         if isinstance(value, str) and value and not Path(value).expanduser().is_absolute():
             holder[key] = str((config_dir / value).resolve())

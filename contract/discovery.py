@@ -48,7 +48,9 @@ class WorkerCard(BaseModel):
     simulated: bool = False
     kv_transfer: KvTransferInfo | None = None  # prefill and decode roles only
     engine: str = ""  # torch | mocker | trtllm
-    unsupported_params: list[str] = []  # SamplingParams fields the engine cannot honour
+    # SamplingParams fields the engine cannot honour; "guided_thinking": it constrains a
+    # reasoning model's thinking too (GuidedDecoding.thinking)
+    unsupported_params: list[str] = []
     media: list[str] = []  # MediaRef kinds the engine takes ("image", "embeds"); [] text only
     # What the worker serves: "generate" (tokens), "embed" (`GenerateRequest.pooling`)
     tasks: list[str] = ["generate"]

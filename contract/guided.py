@@ -33,6 +33,10 @@ def grammar_for(guided: GuidedDecoding) -> str:
     grammar, error = _compiled(guided.kind, guided.spec)
     if error is not None:
         raise GuidedSpecError(error)
+    thinking = guided.thinking
+    if thinking is not None:
+        fence = (thinking.close, thinking.open, thinking.close_token, thinking.open_token)
+        return _after_thinking(grammar, fence)
     return grammar
 
 
@@ -82,6 +86,32 @@ def _grammar(kind: GuidedKind, spec: str) -> str:
     if error:
         raise GuidedSpecError(_first_lines(error))
     return grammar
+
+
+# the thinking block's fence: close, open, close's token id, open's token id
+Fence = tuple[str, str | None, int | None, int | None]
+_WHITESPACE = r"/[ \t\r\n]*/"
+
+
+@functools.lru_cache(maxsize=GRAMMAR_CACHE_SIZE)
+def _after_thinking(grammar: str, fence: Fence) -> str:
+    """`grammar` (the answer's) after a reasoning model's thinking block: a lark grammar
+    whose start is the block (free text up to and including its end tag; optional when the
+    output may open it itself), whitespace, then the answer's grammar as a sub-grammar."""
+    close, open_, close_token, open_token = fence
+    if close_token is not None:  # a special token: no text matches it, it ends the text
+        think = f"think: /(?s:.*)/ <[{close_token}]>"
+    else:  # the shortest text that ends with the tag (a lazy lexeme)
+        think = f"think[lazy]: /(?s:.*){_literal(close)}/"
+    if open_ is None:
+        start = f"start: think {_WHITESPACE} @answer"
+    else:
+        opener = f"<[{open_token}]>" if open_token is not None else json.dumps(open_)
+        start = f"start: ({_WHITESPACE} {opener} think)? {_WHITESPACE} @answer"
+    answer = json.loads(grammar)["grammars"][0]
+    answer["name"] = "answer"
+    top = {"name": "thinking", "lark_grammar": f"{start}\n{think}\n"}
+    return json.dumps({"grammars": [top, answer]})
 
 
 def _first_lines(message: str) -> str:

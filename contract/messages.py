@@ -18,8 +18,9 @@ from pydantic import BaseModel, ConfigDict, Field
 # has `prompt_logprobs` (and `min_tokens`, `logit_bias`), GenerateOutput `prompt_logprobs`
 # (a version-2 worker would refuse the new fields of every request: the bump says why).
 # 4: SamplingParams has `guided` (constrained output: response_format json_object/json_schema).
-# 5: GenerateRequest has `pooling` (an embedding instead of tokens), GenerateOutput `embedding`.
-PROTOCOL_VERSION = 5
+# 5: GuidedDecoding has `thinking` (a reasoning model's free thinking before the constraint).
+# 6: GenerateRequest has `pooling` (an embedding instead of tokens), GenerateOutput `embedding`.
+PROTOCOL_VERSION = 6
 
 FinishReason = Literal["stop", "length", "abort", "error"]
 
@@ -120,6 +121,19 @@ def logit_bias_vocab_error(bias: dict[int, float], vocab_size: int) -> tuple[str
 GuidedKind = Literal["json_object", "json_schema", "regex"]
 
 
+class ThinkingFirst(_Message):
+    """A reasoning model's thinking before a constrained answer (frontend.reasoning_parser):
+    the output is free up to and including the block's end tag `close`, constrained after
+    it (and the whitespace after it). `open`: the start tag the output may begin the block
+    with (None: the prompt opened it, the output starts inside). A tag that is one special
+    token of the model's tokenizer is named by its id (`*_token`): text cannot match it."""
+
+    close: str = Field(min_length=1)
+    open: str | None = None
+    close_token: int | None = None
+    open_token: int | None = None
+
+
 class GuidedDecoding(_Message):
     """A constraint on the output (OpenAI's `response_format`, vLLM's `guided_json` /
     `guided_regex` / `guided_choice`): every sampled token keeps the output a prefix of a
@@ -134,6 +148,7 @@ class GuidedDecoding(_Message):
     # constraint (a migrated request's continuation): the sampler's matcher consumes them
     # before it constrains the next token.
     generated: int = Field(default=0, ge=0)
+    thinking: ThinkingFirst | None = None
 
 
 class SamplingParams(_Message):
@@ -261,8 +276,11 @@ def request_json(request: GenerateRequest) -> bytes:
         return request.model_dump_json().encode()
     fields = dict(request.__dict__)
     fields["sampling"] = sampling = request.sampling.__dict__
-    if request.sampling.guided is not None:  # the one nested model: as its dict
-        fields["sampling"] = {**sampling, "guided": request.sampling.guided.__dict__}
+    guided = request.sampling.guided
+    if guided is not None:  # the one nested model (and its thinking fence): as dicts
+        fields["sampling"] = {**sampling, "guided": guided.__dict__}
+        if guided.thinking is not None:
+            fields["sampling"]["guided"] = {**guided.__dict__, "thinking": guided.thinking.__dict__}
     keys = orjson.OPT_NON_STR_KEYS if request.sampling.logit_bias else 0
     return orjson.dumps(fields, option=keys)
 

@@ -123,6 +123,9 @@ def find_binary(name: str) -> str:
 
 
 def etcd_argv(binary: str, data_dir: str, client_url: str, peer_url: str) -> list[str]:
+    """The deployment's etcd. Old revisions are compacted after an hour: stored /v1/responses
+    (`store: true`, OpenAI's default) are written on every such request, and an expired or
+    deleted key's revisions otherwise stay until etcd's space quota is reached."""
     return [
         binary,
         "--name", "hpcserve-etcd",
@@ -132,6 +135,8 @@ def etcd_argv(binary: str, data_dir: str, client_url: str, peer_url: str) -> lis
         "--listen-peer-urls", peer_url,
         "--initial-advertise-peer-urls", peer_url,
         "--initial-cluster", f"hpcserve-etcd={peer_url}",
+        "--auto-compaction-mode", "periodic",
+        "--auto-compaction-retention", "1h",
         "--log-level", "warn",
     ]  # fmt: skip
 

@@ -1,20 +1,22 @@
 """The FastAPI app: OpenAI endpoints over the request path (`frontend.serving`).
 
-Routes are thin: each endpoint hands its request to `serving.handle` (generation),
-`embeddings.handle_embeddings` (embeddings), or answers from the shared state
-(`frontend.state`: health, models, metrics). Response building lives in
-`frontend.responses`, the request as known before routing in `frontend.prepared`.
+Routes are thin: each endpoint hands its request to `serving.handle` (generation;
+/v1/responses: `responses_serving`, over the same path), to `embeddings.handle_embeddings`
+(/v1/embeddings), or answers from the shared state (`frontend.state`: health, models,
+metrics). Response building lives in `frontend.responses`, the request as known before
+routing in `frontend.prepared`.
 
-The two generation routes and the embeddings route are the hot path: `FrontendApp`
-dispatches them itself, before FastAPI's middleware stack (server-error, exception,
-exit-stack, body-limit and telemetry layers: a good part of the frontend's CPU per request,
-and nothing these endpoints use), with the same error mapping (`errors.error_response`).
-Every other path goes through FastAPI.
+The generation routes and /v1/embeddings are the hot path: `FrontendApp` dispatches them
+itself, before FastAPI's middleware stack (server-error, exception, exit-stack, body-limit
+and telemetry layers: a good part of the frontend's CPU per request, and nothing these
+endpoints use), with the same error mapping (`errors.error_response`). Every other path goes
+through FastAPI.
 """
 
 from __future__ import annotations
 
 import functools
+import hmac
 import importlib.metadata
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -26,8 +28,9 @@ from pydantic import ValidationError
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
+from contract.api_keys import load_api_keys
 from contract.config import DeploymentConfig
-from frontend import errors
+from frontend import errors, responses_serving
 from frontend.embeddings import handle_embeddings
 from frontend.errors import OpenAIError
 from frontend.openapi_doc import openapi_schema
@@ -46,19 +49,26 @@ except importlib.metadata.PackageNotFoundError:  # a source tree that was not in
 
 
 Endpoint = Callable[[Request], Awaitable[Response]]
-Handler = Callable[[FrontendState, Request], Awaitable[Response]]  # a request path's entry
+Handler = Callable[[FrontendState, Request], Awaitable[Response]]
 
 
 class FrontendApp(FastAPI):
     """FastAPI, except that POSTs to the generation routes (`direct`) skip its middleware
     stack: the endpoint is called with a plain Starlette `Request`, an exception it raises
-    becomes the same OpenAI error body the exception handlers would make."""
+    becomes the same OpenAI error body the exception handlers would make. With API keys
+    (`contract.api_keys`), every /v1 request is checked first, whatever its route."""
 
-    def __init__(self, **kwargs: Any) -> None:
+    def __init__(self, api_keys: tuple[str, ...] = (), **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.direct: dict[str, Endpoint] = {}
+        self.api_keys = tuple(key.encode() for key in api_keys)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if self.api_keys and scope["type"] == "http" and scope["path"].startswith("/v1"):
+            sent = _bearer_token(scope["headers"])
+            if sent is None or not self._accepts(sent):
+                await errors.unauthorized(sent is not None)(scope, receive, send)
+                return
         if scope["type"] == "http" and scope["method"] == "POST" and not self.root_path:
             endpoint = self.direct.get(scope["path"])
             if endpoint is not None:
@@ -71,6 +81,22 @@ class FrontendApp(FastAPI):
                 await response(scope, receive, send)
                 return
         await super().__call__(scope, receive, send)
+
+    def _accepts(self, token: bytes) -> bool:
+        """Whether `token` is a key, compared in constant time against every key."""
+        found = False
+        for key in self.api_keys:
+            found |= hmac.compare_digest(token, key)
+        return found
+
+
+def _bearer_token(headers: list[tuple[bytes, bytes]]) -> bytes | None:
+    """The token of a request's `Authorization: Bearer <token>` header (None: none sent)."""
+    for name, value in headers:
+        if name == b"authorization":
+            scheme, _, token = value.strip().partition(b" ")
+            return token.strip() if scheme.lower() == b"bearer" else b""
+    return None
 
 
 def create_app(config: DeploymentConfig) -> FastAPI:
@@ -93,8 +119,11 @@ def create_app(config: DeploymentConfig) -> FastAPI:
         finally:
             await state.stop()
 
-    app = FrontendApp(title="hpcserve", version=VERSION, lifespan=lifespan, redoc_url=None)
-    schema = openapi_schema("hpcserve", VERSION)
+    api_keys = load_api_keys(config.frontend.api_key_file)
+    app = FrontendApp(
+        api_keys, title="hpcserve", version=VERSION, lifespan=lifespan, redoc_url=None
+    )
+    schema = openapi_schema("hpcserve", VERSION, bearer=bool(api_keys))
     app.openapi = lambda: schema  # type: ignore[method-assign]
     errors.install_handlers(app)
 
@@ -160,6 +189,18 @@ def create_app(config: DeploymentConfig) -> FastAPI:
     async def embeddings(request: Request) -> Response:
         return await _serve(request, "embeddings", handle_embeddings)
 
+    async def responses_create(request: Request) -> Response:
+        return await _serve(request, "responses", responses_serving.create)
+
+    async def responses_retrieve(request: Request) -> Response:
+        return await responses_serving.retrieve(state_of(request), request)
+
+    async def responses_delete(request: Request) -> Response:
+        return await responses_serving.delete(state_of(request), request)
+
+    async def responses_input_items(request: Request) -> Response:
+        return await responses_serving.input_items(state_of(request), request)
+
     # plain Starlette routes: FastAPI's dependency solving costs CPU on every request and
     # these endpoints parse their own bodies; exception handlers still apply
     app.router.add_route("/live", live, methods=["GET"])
@@ -171,18 +212,28 @@ def create_app(config: DeploymentConfig) -> FastAPI:
     app.router.add_route("/v1/chat/completions", chat_completions, methods=["POST"])
     app.router.add_route("/v1/completions", completions, methods=["POST"])
     app.router.add_route("/v1/embeddings", embeddings, methods=["POST"])
-    app.direct = {"/v1/chat/completions": chat_completions, "/v1/completions": completions,
-                  "/v1/embeddings": embeddings}  # fmt: skip
+    app.router.add_route("/v1/responses", responses_create, methods=["POST"])
+    app.router.add_route("/v1/responses/{response_id}", responses_retrieve, methods=["GET"])
+    app.router.add_route("/v1/responses/{response_id}", responses_delete, methods=["DELETE"])
+    app.router.add_route(
+        "/v1/responses/{response_id}/input_items", responses_input_items, methods=["GET"]
+    )
+    app.direct = {
+        "/v1/chat/completions": chat_completions,
+        "/v1/completions": completions,
+        "/v1/responses": responses_create,
+        "/v1/embeddings": embeddings,
+    }
 
-    async def _serve(request: Request, endpoint: str, work: Handler) -> Response:
-        """`work`'s response to `request`, counted in the metrics under `endpoint`."""
+    async def _serve(request: Request, endpoint: str, serve: Handler) -> Response:
+        """Serve a generation request with `serve`, counted in the metrics as `endpoint`."""
         state = state_of(request)
         metrics = state.metrics
         metrics.in_flight.inc()
         status = "500"
         streaming = counted = False
         try:
-            response = await work(state, request)
+            response = await serve(state, request)
             status = str(response.status_code)
             if state.process_count > 1:
                 response.headers[PROCESS_HEADER] = str(state.process_index)

@@ -32,7 +32,7 @@ from frontend.errors import OpenAIError, raise_for_worker_error
 from frontend.migration import MigratingStream
 from frontend.openai_schemas import EmbeddingRequest
 from frontend.responses import AnsweredResponse
-from frontend.serving import guard_disconnect, read_body
+from frontend.serving import guard_disconnect, read_json_body
 from frontend.state import FrontendState, check_task
 
 ENDPOINT = "/v1/embeddings"
@@ -41,8 +41,7 @@ TOKENIZE_SLICE = 64  # inputs tokenized between two yields to the event loop
 
 async def handle_embeddings(state: FrontendState, request: Request) -> Response:
     """The endpoint: an OpenAI embeddings response, or an OpenAI error."""
-    raw = await read_body(request, state.config.frontend.max_request_bytes)
-    body = EmbeddingRequest.model_validate(errors.parse_json_body(raw))
+    body = EmbeddingRequest.model_validate(await read_json_body(state, request))
     if body.model is not None and body.model != state.served_name:
         raise errors.model_not_found(body.model)
     check_task(state, "embed", ENDPOINT)

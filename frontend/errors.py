@@ -75,6 +75,19 @@ class OpenAIError(Exception):
         )
 
 
+def unauthorized(sent: bool) -> Response:
+    """401 as OpenAI answers a missing or wrong API key (`frontend.api_key_file`)."""
+    message = (
+        "Incorrect API key provided."
+        if sent
+        else "You didn't provide an API key: send it as `Authorization: Bearer <key>` "
+        "(the openai client's api_key)."
+    )
+    response = OpenAIError(401, message, code="invalid_api_key").response()
+    response.headers["WWW-Authenticate"] = "Bearer"
+    return response
+
+
 def bad_request(message: str, param: str | None = None, code: str | None = None) -> OpenAIError:
     return OpenAIError(400, message, param=param, code=code)
 

@@ -44,6 +44,12 @@ def _bounded(name: str, **kwargs: Any) -> Any:
     return Field(default=None, **SAMPLING_BOUNDS[name].constraints(), **kwargs)
 
 
+# what the frontend itself gives every chat template (`chat_template_kwargs` cannot set them)
+RESERVED_TEMPLATE_VARIABLES = frozenset(
+    {"messages", "tools", "add_generation_prompt", "bos_token", "eos_token"}
+)
+
+
 class _Request(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
@@ -103,6 +109,16 @@ class ChatMessage(_Request):
     function_call: FunctionCall | None = Field(
         default=None, description="an assistant message's call (legacy form of tool_calls)"
     )
+    reasoning_content: str | None = Field(
+        default=None,
+        description="an assistant message's thinking, as an earlier answer carried it (given "
+        "to the chat template as `reasoning_content`; templates that do not render it drop it)",
+    )
+    reasoning: str | None = Field(default=None, description="vLLM's name for reasoning_content")
+
+    def thinking(self) -> str | None:
+        """The message's thinking, under either name."""
+        return self.reasoning_content if self.reasoning_content is not None else self.reasoning
 
     def has_tool_history(self) -> bool:
         """Whether this message is part of tool calling (a call, or a call's answer)."""
@@ -362,6 +378,34 @@ class ChatCompletionRequest(_SamplingFields):
     function_call: Literal["none", "auto"] | NamedFunction | None = Field(
         default=None, description="the legacy form of `tool_choice`"
     )
+    chat_template_kwargs: dict[str, Any] | None = Field(
+        default=None,
+        description="extra variables for the chat template (e.g. Qwen3's "
+        '`{"enable_thinking": false}`), as vLLM and SGLang take them',
+    )
+    reasoning_effort: Literal["none", "minimal", "low", "medium", "high", "xhigh"] | None = Field(
+        default=None,
+        description="a reasoning model's effort, given to the chat template as "
+        "`reasoning_effort` (as vLLM does; templates that know none ignore it)",
+    )
+    include_reasoning: bool = Field(
+        default=True,
+        description="with frontend.reasoning_parser: false leaves the thinking out of the "
+        "answer (vLLM's field)",
+    )
+
+    def template_kwargs(self) -> dict[str, Any] | None:
+        """The chat template's extra variables (None: none, the fast path)."""
+        if self.reasoning_effort is None:
+            return self.chat_template_kwargs
+        return {**(self.chat_template_kwargs or {}), "reasoning_effort": self.reasoning_effort}
+
+    @field_validator("chat_template_kwargs")
+    @classmethod
+    def _no_reserved_template_variables(cls, value: dict[str, Any] | None) -> Any:
+        for name in RESERVED_TEMPLATE_VARIABLES.intersection(value or ()):
+            raise ValueError(f"{name}: is set from the request itself, not a template kwarg")
+        return value
 
     @model_validator(mode="after")
     def _check_combinations(self) -> ChatCompletionRequest:
@@ -614,6 +658,12 @@ class ChatResponseMessage(_Response):
     function_call: FunctionCall | None = Field(
         default=None, description="the call, for a request with the legacy `functions`"
     )
+    reasoning_content: str | None = Field(
+        default=None,
+        description="with frontend.reasoning_parser: the model's thinking (absent when it "
+        "wrote none; `content` is then the answer after it)",
+    )
+    reasoning: str | None = Field(default=None, description="the same, under vLLM's name")
 
 
 FinishReason = Literal["stop", "length", "tool_calls", "function_call"]
@@ -651,6 +701,10 @@ class DeltaToolCall(_Response):
 class ChatDelta(_Response):
     role: Literal["assistant"] | None = None
     content: str | None = None
+    reasoning_content: str | None = Field(
+        default=None, description="with frontend.reasoning_parser: a piece of the thinking"
+    )
+    reasoning: str | None = Field(default=None, description="the same, under vLLM's name")
     tool_calls: list[DeltaToolCall] | None = Field(
         default=None,
         description='a call, once whole: id, type and function.name first (arguments ""), '

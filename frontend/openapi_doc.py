@@ -26,6 +26,12 @@ from frontend.openai_schemas import (
     ModelCard,
     ModelList,
 )
+from frontend.responses_api import (
+    InputItemList,
+    ResponseDeleted,
+    ResponseObject,
+    ResponsesRequest,
+)
 
 
 class ErrorDetail(BaseModel):
@@ -52,16 +58,37 @@ def _errors(*codes: int) -> dict[int | str, dict[str, Any]]:
 
 
 def _stream_of(model: type[BaseModel]) -> dict[str, Any]:
+    """A streamed answer: text, whose events' JSON is `model` (`x-sse-data`: OpenAPI 3.1
+    cannot type an event stream's items; the model is in the components all the same)."""
     return {"text/event-stream": {"schema": {
         "description": f"with `stream: true`: server-sent events, each `data: <{model.__name__}>`"
                        " (with `n` > 1, or a batch of prompts, the choices' chunks interleave, "
                        "each naming its choice's `index`), then `data: [DONE]` once every "
                        "choice has finished",
         "type": "string",
+        "x-sse-data": {"$ref": f"{_COMPONENTS}{model.__name__}"},
     }}}  # fmt: skip
 
 
-def openapi_schema(title: str, version: str) -> dict[str, Any]:
+_COMPONENTS = "#/components/schemas/"
+_STREAMED = (ChatCompletionChunk,)  # event models no route's response_model names
+
+
+def _add_components(schema: dict[str, Any], models: tuple[type[BaseModel], ...]) -> None:
+    """Put `models` (and the models they use) among the document's schemas."""
+    components = schema.setdefault("components", {}).setdefault("schemas", {})
+    for model in models:
+        found = model.model_json_schema(
+            ref_template=_COMPONENTS + "{model}", mode="serialization"
+        )
+        for name, sub in found.pop("$defs", {}).items():
+            components.setdefault(name, sub)
+        components.setdefault(model.__name__, found)
+
+
+def openapi_schema(title: str, version: str, bearer: bool = False) -> dict[str, Any]:
+    """The document; `bearer`: the /v1 operations need an API key (`/docs` then offers to
+    send one)."""
     docs = APIRouter()
 
     @docs.post(
@@ -80,6 +107,42 @@ def openapi_schema(title: str, version: str) -> dict[str, Any]:
     )  # fmt: skip
     def completions(body: CompletionRequest) -> None:
         """A prompt (text or token ids), or a batch of them, in; the continuations out."""
+
+    @docs.post(
+        "/v1/responses", response_model=ResponseObject, summary="Response (OpenAI Responses API)",
+        responses={200: {"content": {"text/event-stream": {"schema": {
+            "description": "with `stream: true`: typed server-sent events (`event: <type>` "
+                           "and `data: {type, sequence_number, ...}`): response.created, "
+                           "response.in_progress, response.output_item.added, "
+                           "response.content_part.added, response.output_text.delta / .done, "
+                           "response.content_part.done, response.function_call_arguments"
+                           ".delta / .done, response.output_item.done, then "
+                           "response.completed or response.incomplete (response.failed "
+                           "when a worker fails after the start)",
+            "type": "string"}}}},
+                   **_errors(400, 404, 413, 500, 502, 503, 504)},
+    )  # fmt: skip
+    def responses(body: ResponsesRequest) -> None:
+        """Input items in, output items out, through the chat path (same template,
+        routing, tool calling, constrained output); `store` keeps it for
+        `previous_response_id` and GET."""
+
+    @docs.get("/v1/responses/{response_id}", response_model=ResponseObject,
+              responses=_errors(404, 503), summary="A stored response")  # fmt: skip
+    def responses_retrieve(response_id: str) -> None:
+        """A response made with `store: true`, until frontend.responses_store_ttl_s."""
+
+    @docs.delete("/v1/responses/{response_id}", response_model=ResponseDeleted,
+                 responses=_errors(404, 503), summary="Delete a stored response")  # fmt: skip
+    def responses_delete(response_id: str) -> None:
+        """Forget a stored response (a later previous_response_id naming it is a 404)."""
+
+    @docs.get("/v1/responses/{response_id}/input_items", response_model=InputItemList,
+              responses=_errors(400, 404, 503), summary="Its input items")  # fmt: skip
+    def responses_input_items(
+        response_id: str, order: str = "desc", limit: int = 20, after: str | None = None
+    ) -> None:
+        """The conversation that led to the response (earlier responses' too)."""
 
     @docs.post(
         "/v1/embeddings", response_model=EmbeddingResponse, summary="Embeddings (OpenAI)",
@@ -119,4 +182,18 @@ def openapi_schema(title: str, version: str) -> dict[str, Any]:
             operation["responses"].pop("422", None)
     for name in ("HTTPValidationError", "ValidationError"):
         schema.get("components", {}).get("schemas", {}).pop(name, None)
+    _add_components(schema, _STREAMED)
+    if bearer:
+        schema["components"]["securitySchemes"] = {
+            "apiKey": {"type": "http", "scheme": "bearer", "description": "frontend.api_key_file"}
+        }
+        for path, operations in schema["paths"].items():
+            if path.startswith("/v1"):
+                for operation in operations.values():
+                    operation["security"] = [{"apiKey": []}]
+                    operation["responses"]["401"] = {
+                        "description": "a missing or wrong API key",
+                        "content": {"application/json": {"schema": {
+                            "$ref": f"{_COMPONENTS}ErrorResponse"}}},
+                    }  # fmt: skip
     return schema

@@ -13,6 +13,7 @@ from typing import Literal
 
 from contract.messages import MediaRef, SamplingParams
 from frontend.openai_schemas import ChatCompletionRequest, CompletionRequest
+from frontend.reasoning import ReasoningMode
 from frontend.tool_calling import ToolUse
 
 Kind = Literal["chat", "completion"]
@@ -46,6 +47,7 @@ class Prepared:
         "num_choices",
         "prompt_only",
         "prompts",
+        "reasoning",
         "response_id",
         "sampling",
         "stops",
@@ -64,6 +66,7 @@ class Prepared:
         arrival: float,
         media: list[MediaRef] | None = None,
         tools: ToolUse | None = None,
+        reasoning: ReasoningMode | None = None,
     ) -> None:
         self.kind = kind
         self.arrival = arrival
@@ -87,6 +90,7 @@ class Prepared:
         self.include_usage = body.include_usage_in_stream()
         self.logprobs = body.requested_logprobs()
         self.tools = tools  # a chat request's tool calling (None: a plain request)
+        self.reasoning = reasoning  # a chat answer's thinking split off (frontend.reasoning)
 
     def prompt_of(self, choice: int) -> Prompt:
         """The prompt choice `choice` (a response index) continues."""

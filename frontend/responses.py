@@ -369,10 +369,15 @@ def full_response(
             text = echo + text
         if chat:
             finish = generation.finish_reason
+            thinking = None
+            if prepared.reasoning is not None:  # the thinking before the answer (and calls)
+                thinking, text = prepared.reasoning.split(text)
             message: dict[str, Any] = {"role": "assistant", "content": text}
             if prepared.tools is not None:  # the calls in the text (frontend.tool_calling)
                 message, called = prepared.tools.message(text)
                 finish = prepared.tools.finish_reason if called else finish
+            if thinking is not None:
+                message = prepared.reasoning.message(message, thinking)
             body.append({
                 "index": index,
                 "message": message,
@@ -449,11 +454,19 @@ async def stream_events(
     echo_pending = [echo] * count
 
     def event(
-        index: int, text: str | None, entries: list[TokenLogprob], finish: str | None
+        index: int,
+        text: str | None,
+        entries: list[TokenLogprob],
+        finish: str | None,
+        thought: str = "",
     ) -> bytes:
         choice: dict[str, Any]
         if chat:
-            delta: dict[str, Any] = {} if text is None else {"content": text}
+            delta: dict[str, Any] = {}
+            if text is not None and (text or not thought):
+                delta["content"] = text
+            if thought:  # a reasoning model's thinking (frontend.reasoning)
+                delta["reasoning_content"] = delta["reasoning"] = thought
             choice = {"index": index, "delta": delta, "logprobs": None, "finish_reason": finish}
             if want_logprobs and entries:
                 choice["logprobs"] = {"content": generations[index].chat_logprobs(entries)}
@@ -473,6 +486,10 @@ async def stream_events(
 
     # tool calling: each choice's text goes through its call finder (frontend.tool_calls)
     tool_streams = prepared.tools.streams(count) if prepared.tools is not None else None
+    # reasoning: each choice's text is split into thinking and answer first (frontend.reasoning)
+    reasoning = prepared.reasoning
+    splits = [reasoning.stream() for _ in range(count)] if reasoning is not None else None
+    keep_thoughts = reasoning is not None and reasoning.include
 
     def tool_call_event(index: int, delta: dict[str, Any]) -> bytes:
         return choice_event(
@@ -502,13 +519,25 @@ async def stream_events(
                     role_chunk["usage"] = None
                 yield _sse(role_chunk)
         pending_text = [""] * count
+        pending_thought = [""] * count  # a reasoning model's thinking, not yet sent
         pending_entries: list[list[TokenLogprob]] = [[] for _ in range(count)]
         waiting: list[int] = []  # choices with pending text, in the order it came
+
+        def flush(i: int) -> bytes:
+            sent = event(i, pending_text[i], pending_entries[i], None, pending_thought[i])
+            pending_text[i], pending_thought[i], pending_entries[i] = "", "", []
+            return sent
+
         left = count
         while left:
             index, output = await choices.next(deadline)
             generation = generations[index]
             text, entries = generation.consume(output)
+            thought = ""
+            if splits is not None:
+                thought, text = splits[index].feed(text, generation.finish_reason is not None)
+                if not keep_thoughts:
+                    thought = ""
             if tool_streams is not None:
                 pieces = tool_streams[index].pieces(text, generation.finish_reason is not None)
                 text = ""
@@ -516,21 +545,24 @@ async def stream_events(
                     if isinstance(piece, str):
                         text += piece
                         continue
-                    # a call's delta: the content and logprobs before it go out first
+                    # a call's delta: the thinking, content and logprobs before it go first
                     pending_text[index] += text
+                    pending_thought[index] += thought
                     pending_entries[index] += entries if want_logprobs else []
-                    if pending_text[index] or pending_entries[index]:
-                        yield event(index, pending_text[index], pending_entries[index], None)
-                    pending_text[index], pending_entries[index], text, entries = "", [], "", []
+                    if pending_text[index] or pending_thought[index] or pending_entries[index]:
+                        yield flush(index)
+                    text, thought, entries = "", "", []
                     yield tool_call_event(index, piece)
             if echo_pending[index]:
                 echo_pending[index] = False
                 yield echo_event(index, generation)
-            fresh = not (pending_text[index] or pending_entries[index])
+            fresh = not (pending_text[index] or pending_thought[index] or pending_entries[index])
             pending_text[index] += text
+            if thought:
+                pending_thought[index] += thought
             if want_logprobs:
                 pending_entries[index].extend(entries)
-            if fresh and (pending_text[index] or pending_entries[index]):
+            if fresh and (pending_text[index] or pending_thought[index] or pending_entries[index]):
                 waiting.append(index)
             finish = generation.finish_reason
             if finish is not None and tool_streams is not None:
@@ -539,16 +571,14 @@ async def stream_events(
                 left -= 1
                 if output.finish_reason is None:  # a stop string: the worker may stop now
                     choices.finish(index)
-                if pending_text[index] or pending_entries[index]:
-                    yield event(index, pending_text[index], pending_entries[index], None)
-                    pending_text[index], pending_entries[index] = "", []
+                if pending_text[index] or pending_thought[index] or pending_entries[index]:
+                    yield flush(index)
                 yield event(index, None if chat else "", [], finish)
             # chunks that queued up while we were sending go out as one event per choice
             if left and not choices.has_pending:
                 for i in waiting:
-                    if pending_text[i] or pending_entries[i]:
-                        yield event(i, pending_text[i], pending_entries[i], None)
-                        pending_text[i], pending_entries[i] = "", []
+                    if pending_text[i] or pending_thought[i] or pending_entries[i]:
+                        yield flush(i)
                 waiting.clear()
         record(state.metrics, prepared, generations)
         if include_usage:

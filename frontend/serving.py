@@ -12,8 +12,8 @@ import asyncio
 import functools
 import secrets
 import time
-from collections.abc import Awaitable, Sequence
-from typing import Any, TypeVar
+from collections.abc import AsyncIterator, Awaitable, Sequence
+from typing import Any, Protocol, TypeVar
 
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
@@ -27,6 +27,7 @@ from frontend.media_store import MediaHold
 from frontend.migration import MigratingStream, Route
 from frontend.openai_schemas import ChatCompletionRequest, CompletionRequest
 from frontend.prepared import Kind, Prepared, Prompt
+from frontend.reasoning import ReasoningMode, starts_inside, with_thinking
 from frontend.responses import (
     AnsweredResponse,
     ChoiceText,
@@ -129,15 +130,51 @@ async def guard_disconnect(request: Request, work: Awaitable[T]) -> T:
     return await until_disconnect(request.receive, work)
 
 
+class AnswerShape(Protocol):
+    """How a chat request's answer is written for an endpoint other than chat/completions
+    (/v1/responses: `frontend.response_objects`): the same prepared request, routing and
+    generation, another body and other stream events."""
+
+    id_prefix: str  # the response id's, before 32 hex digits
+
+    async def body(self, chat: dict[str, Any]) -> dict[str, Any]:
+        """The non-streamed answer, from the chat completion `full_response` built."""
+        ...
+
+    def events(
+        self, state: FrontendState, prepared: Prepared, choices: ChoiceStreams, deadline: float
+    ) -> AsyncIterator[bytes]:
+        """The streamed answer's SSE bytes (`stream_events`' counterpart)."""
+        ...
+
+
+async def read_json_body(state: FrontendState, request: Request) -> dict[str, Any]:
+    """The request's JSON object body (413 past frontend.max_request_bytes, 400 if not JSON)."""
+    raw = await _read_body(request, state.config.frontend.max_request_bytes)
+    return errors.parse_json_body(raw)  # type: ignore[no-any-return]
+
+
 async def handle(state: FrontendState, request: Request, kind: Kind) -> Response:
     arrival = time.perf_counter()
-    raw = await read_body(request, state.config.frontend.max_request_bytes)
-    data = errors.parse_json_body(raw)
+    data = await read_json_body(state, request)
     body: ChatCompletionRequest | CompletionRequest
     if kind == "chat":
         body = ChatCompletionRequest.model_validate(data)
     else:
         body = CompletionRequest.model_validate(data)
+    return await serve(state, request, body, kind, arrival)
+
+
+async def serve(
+    state: FrontendState,
+    request: Request,
+    body: ChatCompletionRequest | CompletionRequest,
+    kind: Kind,
+    arrival: float,
+    shape: AnswerShape | None = None,
+) -> Response:
+    """Serve a validated request: tokenize, check, route, generate, answer (in `shape`'s
+    form when given, else the endpoint's own)."""
     if body.model is not None and body.model != state.served_name:
         raise errors.model_not_found(body.model)
     if state.config.model.task != "generate":
@@ -158,23 +195,33 @@ async def handle(state: FrontendState, request: Request, kind: Kind) -> Response
         else:
             prompts = _prompts(state, body, tools)
         sampling = _sampling(state, body, tools)
-        prepared = Prepared(kind, body, state.served_name, prompts, sampling, arrival, media, tools)
+        reasoning = None
+        if state.reasoning_format is not None and isinstance(body, ChatCompletionRequest):
+            reasoning = _reasoning_mode(state, body, prompts[0].ids, sampling)
+        prepared = Prepared(
+            kind, body, state.served_name, prompts, sampling, arrival, media, tools, reasoning
+        )
+        if shape is not None:
+            prepared.response_id = shape.id_prefix + prepared.response_id.partition("-")[2]
         loop = asyncio.get_running_loop()
         deadline = loop.time() + state.config.frontend.request_timeout_s
         if prepared.stream:
             choices = await guard_disconnect(request, _start(state, prepared, deadline))
             on_close = [choices.close] if hold is None else [choices.close, hold.release]
-            response = SSEResponse(stream_events(state, prepared, choices, deadline), on_close)
+            events = (stream_events if shape is None else shape.events)(
+                state, prepared, choices, deadline
+            )
+            response = SSEResponse(events, on_close)
             hold = None  # the stream releases it when it ends
             response.headers["X-Request-Id"] = prepared.response_id
             return response
-        return await guard_disconnect(request, _complete(state, prepared, deadline))
+        return await guard_disconnect(request, _complete(state, prepared, deadline, shape))
     finally:
         if hold is not None:  # answered, refused, or the client left: workers are done
             hold.release()
 
 
-async def read_body(request: Request, limit: int) -> bytes:
+async def _read_body(request: Request, limit: int) -> bytes:
     """The body, or a 413 as soon as it is known to pass `limit` bytes (a declared
     Content-Length before reading anything, else while reading). Read from the ASGI
     messages themselves: Starlette's `request.stream()` is an async generator around the
@@ -292,10 +339,12 @@ def _prompts(
                 {"role": "system" if m.role == "developer" else m.role, "content": m.text()}
                 for m in body.messages
             ]
+            with_thinking(messages, body.messages)
         try:
-            ids = tokenizer.encode_chat(messages, tools.tools if tools is not None else None)
+            functions = tools.tools if tools is not None else None
+            ids = tokenizer.encode_chat(messages, functions, body.template_kwargs())
         except ChatTemplateError as exc:
-            raise errors.bad_request(str(exc), param="messages") from None
+            raise errors.bad_request(str(exc), param=exc.param) from None
         return [Prompt(_checked_ids(state, ids, "messages"), "messages")]
     prompts = []
     for index, prompt in enumerate(body.prompts()):
@@ -355,7 +404,7 @@ async def _prepare_images(
     candidates = state.candidates(set())
     if candidates:  # refused before anything is loaded (routing checks again)
         media_workers(candidates, kinds)
-    ids = _encode_chat(state, _template_messages(body))
+    ids = _encode_chat(state, _template_messages(body), body.template_kwargs())
     count = ids.count(vlm.image_token_id)
     if count != len(images):
         raise errors.bad_request(
@@ -400,14 +449,40 @@ def _template_messages(body: ChatCompletionRequest) -> list[dict[str, Any]]:
             for part in content
         ]
         messages.append({"role": role, "content": parts})
-    return messages
+    return with_thinking(messages, body.messages)
 
 
-def _encode_chat(state: FrontendState, messages: list[dict[str, Any]]) -> list[int]:
+def _reasoning_mode(
+    state: FrontendState, body: ChatCompletionRequest, ids: list[int], sampling: SamplingParams
+) -> ReasoningMode | None:
+    """How a chat answer's thinking is split off: whether the output starts inside the
+    block is read from the prompt's end (the template may have opened or closed it). A
+    constrained answer (response_format, a forced call) comes after the thinking, which
+    its grammar leaves free (`sampling.guided.thinking` is set here); where the workers
+    constrain the whole output (TensorRT-LLM), it is all answer, from the first token."""
+    fmt = state.reasoning_format
+    if fmt is None:
+        return None
+    tail = state.tokenizer.decode(ids[-_PROMPT_TAIL_TOKENS:], skip_special_tokens=False)
+    mode = ReasoningMode(fmt, starts_inside(fmt, tail), body.include_reasoning)
+    guided = sampling.guided
+    if guided is not None:
+        if not state.constrains_after_thinking():
+            return None
+        sampling.guided = guided.model_copy(update={"thinking": mode.fence(state.tokenizer)})
+    return mode
+
+
+_PROMPT_TAIL_TOKENS = 16  # enough for a start tag and the newlines after it
+
+
+def _encode_chat(
+    state: FrontendState, messages: list[dict[str, Any]], template_kwargs: dict[str, Any] | None
+) -> list[int]:
     try:
-        return state.tokenizer.encode_chat(messages)
+        return state.tokenizer.encode_chat(messages, template_kwargs=template_kwargs)
     except ChatTemplateError as exc:
-        raise errors.bad_request(str(exc), param="messages") from None
+        raise errors.bad_request(str(exc), param=exc.param) from None
 
 
 def _expand(
@@ -524,7 +599,9 @@ async def _start(state: FrontendState, prepared: Prepared, deadline: float) -> C
     return choices
 
 
-async def _complete(state: FrontendState, prepared: Prepared, deadline: float) -> Response:
+async def _complete(
+    state: FrontendState, prepared: Prepared, deadline: float, shape: AnswerShape | None = None
+) -> Response:
     choices = await _start(state, prepared, deadline)
     first_token = FirstToken(state.metrics, prepared.arrival)
     texts = [
@@ -541,6 +618,8 @@ async def _complete(state: FrontendState, prepared: Prepared, deadline: float) -
                 if output.finish_reason is None:  # a stop string: the worker may stop now
                     choices.finish(index)
         data = full_response(state, prepared, texts, choices.card(0).simulated)
+        if shape is not None:
+            data = await shape.body(data)
     except TimeoutError:
         choices.close()
         raise errors.timed_out(state.config.frontend.request_timeout_s) from None

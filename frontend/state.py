@@ -35,6 +35,8 @@ from frontend.load_table import (
 from frontend.media import MediaIntake
 from frontend.media_store import MediaStore
 from frontend.metrics import FrontendMetrics
+from frontend.reasoning import FORMATS as REASONING_FORMATS
+from frontend.response_store import ResponseStore
 from frontend.rotation import SharedRotation, process_rotation
 from frontend.router import LoadTracker, Router, make_router
 from frontend.tokenization import TextTokenizer
@@ -85,6 +87,10 @@ class FrontendState:
         parser = config.frontend.tool_call_parser
         if parser is not None:  # its markers may be special tokens: kept in the output
             self.tokenizer.keep_in_text(FORMATS[parser].tokens)
+        thinking = config.frontend.reasoning_parser
+        self.reasoning_format = REASONING_FORMATS[thinking] if thinking is not None else None
+        if self.reasoning_format is not None:  # Magistral's tags are special tokens
+            self.tokenizer.keep_in_text([self.reasoning_format.start, self.reasoning_format.end])
         try:
             self.vlm: VlmInfo | None = load_vlm_info(model_path)
         except ValueError as exc:
@@ -126,6 +132,10 @@ class FrontendState:
         if config.run_dir:  # restarts as the deployment's supervisor records them
             self.metrics.track_supervisor(Path(config.run_dir) / SUPERVISOR_FILE)
         self.directory = WorkerDirectory(config.services.etcd.endpoint, config.name)
+        self.response_store = ResponseStore(
+            config.services.etcd.endpoint, config.name,
+            config.frontend.responses_store_ttl_s, config.frontend.responses_store_max_bytes,
+        )  # fmt: skip
         # round robin and random read no load: their processes neither share counts nor parse
         # load reports (work that grows with the deployment's rate; benchmarks/README.md)
         routes_by_load = config.frontend.router in LOAD_READING_ROUTERS
@@ -176,6 +186,7 @@ class FrontendState:
 
     async def stop(self) -> None:
         await self.directory.stop()
+        await self.response_store.close()
         if self.kv_feed is not None:
             await self.kv_feed.stop()
         if self.load_share is not None:
@@ -220,6 +231,13 @@ class FrontendState:
         if exclude:
             return [card for card in routable if card.instance not in exclude]
         return routable
+
+    def constrains_after_thinking(self) -> bool:
+        """Whether the routable workers can leave a reasoning model's thinking free before
+        a constrained answer (`GuidedDecoding.thinking`; TensorRT-LLM constrains the whole
+        output)."""
+        self.candidates(set())  # (refreshes what the routable workers lack)
+        return "guided_thinking" not in self._unsupported
 
     def check_disaggregated_peer(self, card: WorkerCard) -> None:
         """503 when `card` needs the other half of a disaggregated pair and none is up."""

@@ -46,7 +46,12 @@ _ASCII_WORDS = re.compile(
 
 
 class ChatTemplateError(ValueError):
-    """The model's chat template rejected the messages (raise_exception in the template)."""
+    """The model's chat template rejected the messages (raise_exception in the template);
+    `param`: the request field to name."""
+
+    def __init__(self, message: str, param: str = "messages") -> None:
+        super().__init__(message)
+        self.param = param
 
 
 def _read_json(path: Path) -> dict[str, Any]:
@@ -283,6 +288,11 @@ class TextTokenizer:
             return self._decode_keeping(token_ids)
         return self._tokenizer.decode(list(token_ids), skip_special_tokens=skip_special_tokens)
 
+    def special_token_id(self, text: str) -> int | None:
+        """The id of the special token `text` is (None: it is not one)."""
+        token_id = self._tokenizer.token_to_id(text)
+        return token_id if token_id in self.special_token_ids else None
+
     def keep_in_text(self, texts: Sequence[str]) -> None:
         """Let the special tokens among `texts` through to generated text, which otherwise
         skips special tokens: a tool-call parser's markers (`<|python_tag|>`,
@@ -317,12 +327,16 @@ class TextTokenizer:
         return "".join(parts)
 
     def render_chat(
-        self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None
+        self,
+        messages: list[dict[str, Any]],
+        tools: list[dict[str, Any]] | None = None,
+        template_kwargs: dict[str, Any] | None = None,
     ) -> str:
         """The prompt text for `messages`, ending with the assistant's turn opener; `tools`
-        (OpenAI's function definitions) are passed to the template as transformers'
-        apply_chat_template does (then always through jinja)."""
-        if self._fast_render is not None and tools is None:
+        (OpenAI's function definitions) and `template_kwargs` (the request's extra
+        variables) are passed to the template as transformers' apply_chat_template does
+        (then always through jinja)."""
+        if self._fast_render is not None and tools is None and not template_kwargs:
             text = self._fast_render(messages, True)
             if text is not None:
                 return text
@@ -331,6 +345,7 @@ class TextTokenizer:
         template = self._chat_template
         variables = {
             **self._template_globals,
+            **(template_kwargs or {}),
             "messages": messages,
             "add_generation_prompt": True,
             "bos_token": self.bos_token or "",
@@ -349,12 +364,23 @@ class TextTokenizer:
             raise
         except jinja2.TemplateError as exc:
             raise ChatTemplateError(f"the chat template failed: {exc}") from exc
+        except Exception as exc:  # a request's template variable clobbered a helper the
+            # template calls (`raise_exception: 1`): the request's fault, not the server's
+            if not template_kwargs:
+                raise
+            raise ChatTemplateError(
+                f"the chat template failed with these chat_template_kwargs: {exc}",
+                param="chat_template_kwargs",
+            ) from exc
 
     def encode_chat(
-        self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None
+        self,
+        messages: list[dict[str, Any]],
+        tools: list[dict[str, Any]] | None = None,
+        template_kwargs: dict[str, Any] | None = None,
     ) -> list[int]:
         # the template writes the special tokens itself
-        return self.encode_template_output(self.render_chat(messages, tools))
+        return self.encode_template_output(self.render_chat(messages, tools, template_kwargs))
 
     @cached_property
     def max_token_chars(self) -> int:

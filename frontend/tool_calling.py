@@ -15,6 +15,7 @@ from contract.guided import spec_error
 from contract.messages import GuidedDecoding
 from frontend import errors
 from frontend.openai_schemas import ChatCompletionRequest, ChatMessage, NamedFunction
+from frontend.reasoning import with_thinking
 from frontend.tokenization import TextTokenizer
 from frontend.tool_calls import (
     FORMATS,
@@ -240,7 +241,7 @@ def template_messages(messages: list[ChatMessage]) -> list[dict[str, Any]]:
         if message.name is not None:
             entry["name"] = message.name
         rendered.append(entry)
-    return rendered
+    return with_thinking(rendered, messages)
 
 
 def _template_call(call_id: str | None, name: str, arguments: str) -> dict[str, Any]:

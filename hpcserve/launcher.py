@@ -27,6 +27,7 @@ from pathlib import Path
 import yaml
 
 from contract import mpirun
+from contract.api_keys import load_api_keys
 from contract.config import (
     ENV_PREFIX,
     ConfigError,
@@ -182,6 +183,8 @@ def check_trtllm_launcher(config: DeploymentConfig) -> None:
 def prepare_deployment(config: DeploymentConfig, say: Say = _say) -> Deployment:
     """Resolve the config, write it to the run folder, and plan; nothing is started yet."""
     check_trtllm_launcher(config)
+    if load_api_keys(config.frontend.api_key_file):  # a bad key file fails before any start
+        say("API keys set: /v1 requests need `Authorization: Bearer <key>`")
     run_dir = new_run_dir(config)
     resolved, peer_port = resolve_config(config, run_dir, say)
     check_external_services(resolved)

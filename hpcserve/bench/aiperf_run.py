@@ -84,6 +84,7 @@ def aiperf_argv(
     artifact_dir: Path,
     point_index: int = 0,
     aiperf: list[str] | None = None,
+    api_key: str | None = None,
 ) -> list[str]:
     """The `aiperf profile` command line of point `point_index` of `bench`'s sweep. Each point
     draws its prompts with seed + index: the same seed at every point would send a later point
@@ -130,7 +131,17 @@ def aiperf_argv(
                      "--prefix-prompt-length", str(prefix.prefix_tokens)]  # fmt: skip
         if prefix.turns > 1:
             argv += ["--conversation-turn-mean", str(prefix.turns)]
+    if api_key is not None:  # aiperf takes it only here (its CLI substitutes no variable)
+        argv += ["--api-key", api_key]
     return argv
+
+
+def shown_argv(argv: list[str]) -> str:
+    """`argv` for a log line: an API key replaced by `***`."""
+    return " ".join(
+        "***" if index and argv[index - 1] == "--api-key" else part
+        for index, part in enumerate(argv)
+    )
 
 
 def _number(value: float) -> str:

@@ -24,6 +24,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Protocol
 
+from contract.api_keys import load_api_keys
 from contract.config import (
     BenchmarkConfig,
     DeploymentConfig,
@@ -38,6 +39,7 @@ from hpcserve.bench.aiperf_run import (
     failure_line,
     read_measured,
     run_aiperf,
+    shown_argv,
 )
 from hpcserve.bench.plots import write_plots
 from hpcserve.bench.results import BenchRun, PointResult, judge_point, write_run
@@ -72,6 +74,14 @@ class Target:
     label: str
     bench: BenchmarkConfig
     tick: Callable[[], object] = field(default=lambda: None)  # the deployment's watch
+    api_key: str | None = None  # sent as `Authorization: Bearer` (contract.api_keys)
+
+
+def bench_api_key(key_file: Path | None = None) -> str | None:
+    """The key a sweep sends: the first of HPCSERVE_API_KEY, else of the deployment's
+    `frontend.api_key_file` (None: the server is open)."""
+    keys = load_api_keys(key_file)
+    return keys[0] if keys else None
 
 
 def gpus_of(config: DeploymentConfig) -> int:
@@ -88,10 +98,13 @@ def gpu_count(bench: BenchmarkConfig, config: DeploymentConfig | None) -> tuple[
     return 1, "assumed 1 (pass --gpus for a URL)"
 
 
-def served_model(url: str, timeout_s: float = 10.0) -> str:
+def served_model(url: str, timeout_s: float = 10.0, api_key: str | None = None) -> str:
     """The first model the server lists at `/v1/models`."""
+    request = urllib.request.Request(f"{url.rstrip('/')}/models")
+    if api_key is not None:
+        request.add_header("Authorization", f"Bearer {api_key}")
     try:
-        with urllib.request.urlopen(f"{url.rstrip('/')}/models", timeout=timeout_s) as reply:
+        with urllib.request.urlopen(request, timeout=timeout_s) as reply:
             models = json.loads(reply.read())["data"]
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise TargetError(f"{url}/models did not answer with a model list: {exc}") from None
@@ -119,8 +132,9 @@ def url_target(
             f"no tokenizer in {tokenizer}: pass --tokenizer DIR (a folder with tokenizer.json)"
         )
     gpus, gpus_from = gpu_count(bench, None)
-    return Target(url, url, model or served_model(url), tokenizer, gpus, gpus_from,
-                  bench.label or "url", bench)  # fmt: skip
+    key = bench_api_key()
+    return Target(url, url, model or served_model(url, api_key=key), tokenizer, gpus,
+                  gpus_from, bench.label or "url", bench, api_key=key)  # fmt: skip
 
 
 def job_target(job: str, bench_overrides: list[str], model: str | None) -> Target:
@@ -164,7 +178,8 @@ def config_target(
         assert supervisor is not None
         yield Target(given, deployment.url, model or resolved.model.served_model_name(),
                      resolved.model.resolved_path(), gpus, gpus_from,
-                     bench.label or resolved.name, bench, tick=supervisor.poll)  # fmt: skip
+                     bench.label or resolved.name, bench, tick=supervisor.poll,
+                     api_key=bench_api_key(resolved.frontend.api_key_file))  # fmt: skip
     finally:
         stop_deployment(deployment, say)
 
@@ -207,9 +222,10 @@ def run_sweep(target: Target, folder: Path, progress: Progress) -> BenchRun:
         argv = aiperf_argv(
             bench, url=target.url, model=target.model, tokenizer=target.tokenizer,
             concurrency=concurrency, artifact_dir=point_dir, point_index=index, aiperf=aiperf,
+            api_key=target.api_key,
         )  # fmt: skip
         log = folder / AIPERF_DIR / f"{name}.log"
-        logger.info("concurrency %d: %s", concurrency, " ".join(argv))
+        logger.info("concurrency %d: %s", concurrency, shown_argv(argv))
         progress.point_started(index, concurrency, asked)
         code = run_aiperf(argv, log, point_dir, progress.requests_done, target.tick)
         failure = None if code == 0 else f"aiperf exited {code}: {failure_line(log)}"

@@ -24,6 +24,7 @@ from contract.messages import (
     LoadMetrics,
     MediaRef,
     SamplingParams,
+    ThinkingFirst,
     TokenLogprob,
     TopLogprob,
     choice_seed,
@@ -228,7 +229,10 @@ def _random_request(rng: random.Random) -> GenerateRequest:
         guided=rng.choice([None, None, GuidedDecoding(kind="json_object"), GuidedDecoding(
             kind="json_schema", spec='{"type": "string", "pattern": "\\\\d+é"}',
             generated=rng.randint(0, 9),
-        )]),
+        ), GuidedDecoding(kind="regex", spec="a+", thinking=ThinkingFirst(
+            close="</think>", open=rng.choice([None, "<think>"]),
+            close_token=rng.choice([None, 151668]),
+        ))]),
     )  # fmt: skip
     return GenerateRequest(
         request_id=f"{rng.getrandbits(128):032x}",

@@ -38,6 +38,24 @@ ODD_VALUES: list[Any] = [
     [{"role": "assistant", "content": None, "tool_calls": [{"id": "1", "type": "function",
       "function": {"name": "f", "arguments": "{"}}]}],
     [{"role": "tool", "content": "x"}], [{"role": "function", "name": "f", "content": "1"}],
+    # reasoning: template variables (one that clobbers a template helper), earlier thinking
+    {"enable_thinking": False}, {"raise_exception": 1}, {"messages": []}, {"tools": 1},
+    [{"role": "assistant", "content": "x", "reasoning_content": 5}],
+    [{"role": "assistant", "content": "x", "reasoning": "y"}, {"role": "user", "content": "z"}],
+    # /v1/responses: items, flat tools, text formats, stored ids that are nearly right
+    [{"role": "user", "content": [{"type": "input_text"}]}],
+    [{"role": "user", "content": [{"type": "input_image", "image_url": "data:,"}]}],
+    [{"role": "user", "content": [{"type": "input_file", "file_id": "f"}]}],
+    [{"type": "function_call", "call_id": "c", "name": "f", "arguments": "{"}],
+    [{"type": "function_call_output", "call_id": "c", "output": 5}],
+    [{"type": "reasoning"}], [{"type": "message", "role": "assistant",
+                               "content": [{"type": "output_text", "text": "hi"}]}],
+    [{"type": "function", "name": "f", "parameters": {"type": "object"}}],
+    [{"type": "web_search"}], {"type": "function", "name": "f"},
+    {"format": {"type": "json_object"}}, {"format": {"type": "json_schema", "name": "x"}},
+    {"format": {"type": "json_schema", "name": "x", "schema": {"type": "integer"}}},
+    {"verbosity": "low"}, {"effort": "low"}, "disabled", ["message.output_text.logprobs"],
+    "resp_" + "0" * 32, "resp_x", {"k": "v"},
 ]  # fmt: skip
 
 SAMPLING_FIELDS = [
@@ -50,13 +68,22 @@ FIELDS = {
     "chat/completions": [
         *SAMPLING_FIELDS, "messages", "max_completion_tokens", "top_logprobs", "tools",
         "tool_choice", "functions", "function_call", "parallel_tool_calls",
+        "chat_template_kwargs", "include_reasoning",
     ],
     "completions": [*SAMPLING_FIELDS, "prompt", "echo", "suffix"],
+    "responses": [
+        "model", "input", "instructions", "max_output_tokens", "temperature", "top_p",
+        "tools", "tool_choice", "parallel_tool_calls", "text", "stream", "store",
+        "previous_response_id", "metadata", "user", "top_logprobs", "include", "truncation",
+        "background", "reasoning",
+    ],
 }  # fmt: skip
 
 
 def valid_body(endpoint: str) -> dict[str, Any]:
     body: dict[str, Any] = {"model": "smol", "max_tokens": 3}
+    if endpoint == "responses":
+        return {"model": "smol", "input": "Say hello", "max_output_tokens": 3}
     if endpoint == "chat/completions":
         body["messages"] = [{"role": "user", "content": "Say hello"}]
     else:
@@ -86,22 +113,39 @@ def assert_answered(response: httpx.Response, body: dict[str, Any]) -> None:
         assert isinstance(error["message"], str) and error["message"], where
         assert isinstance(error["type"], str) and error["type"], where
         return
-    if response.headers["content-type"].startswith("text/event-stream"):
+    streamed = response.headers["content-type"].startswith("text/event-stream")
+    if endpoint_of(response) == "responses":  # typed events; the last one ends the response
+        if streamed:
+            last = response.text.strip().rsplit("\n\n", 1)[-1]
+            assert last.split("\n")[0] in ("event: response.completed",
+                                            "event: response.incomplete"), where  # fmt: skip
+        else:
+            assert response.json()["object"] == "response", where
+        return
+    if streamed:
         assert sse_events(response.text)[-1] == "[DONE]", where
     else:
         assert response.json()["choices"], where
 
 
+def endpoint_of(response: httpx.Response) -> str:
+    return response.request.url.path.removeprefix("/v1/")
+
+
 @pytest.mark.parametrize(
     ("endpoint", "tool_calling"),
-    [("chat/completions", False), ("chat/completions", True), ("completions", False)],
-)
+    [("chat/completions", False), ("chat/completions", True), ("completions", False),
+     ("responses", False), ("responses", True)],
+)  # fmt: skip
 async def test_odd_bodies_get_an_answer_or_an_openai_error(
     make_frontend: Any, endpoint: str, tool_calling: bool
 ) -> None:
     """`tool_calling`: the deployment parses calls (hermes, the shipped chatml_tools
-    template), so tools and tool history reach the template instead of a refusal."""
-    settings = {"tool_call_parser": "hermes", "chat_template": "chatml_tools"}
+    template) and thinking (qwen3), so tools and tool history reach the template instead of
+    a refusal."""
+    settings = {
+        "tool_call_parser": "hermes", "chat_template": "chatml_tools", "reasoning_parser": "qwen3"
+    }  # fmt: skip
     fe = await make_frontend(**(settings if tool_calling else {}))
     await fe.add_worker(max_model_len=256)
     rng = random.Random(f"odd-bodies-{endpoint}-{tool_calling}")

@@ -233,3 +233,27 @@ def test_new_questions_of_known_words_equal_the_library(tokenizer: TextTokenizer
         messages = [{"role": "user", "content": question}]
         whole = tokenizer.encode(tokenizer.render_chat(messages), add_special_tokens=False)
         assert tokenizer.encode_chat(messages) == whole, repr(question)
+
+
+def test_template_kwargs_reach_the_template_and_their_faults_are_the_requests(
+    model_dir: Path, tmp_path: Path
+) -> None:
+    """`chat_template_kwargs` are the template's variables (through jinja even where a fast
+    renderer exists); one that breaks a helper the template calls is a ChatTemplateError
+    naming chat_template_kwargs, not a server error."""
+    template = tmp_path / "strict.jinja"
+    template.write_text(
+        "{% if messages[0]['content'] == 'bad' %}{{ raise_exception('no') }}{% endif %}"
+        "{{ messages[0]['content'] }}|{{ greeting | default('none') }}"
+    )
+    tokenizer = TextTokenizer(model_dir, template)
+    messages = [{"role": "user", "content": "hi"}]
+    assert tokenizer.render_chat(messages) == "hi|none"
+    assert tokenizer.render_chat(messages, None, {"greeting": "hello"}) == "hi|hello"
+    bad = [{"role": "user", "content": "bad"}]
+    with pytest.raises(ChatTemplateError) as refused:
+        tokenizer.render_chat(bad)
+    assert refused.value.param == "messages"
+    with pytest.raises(ChatTemplateError) as clobbered:
+        tokenizer.render_chat(bad, None, {"raise_exception": 1})
+    assert clobbered.value.param == "chat_template_kwargs"

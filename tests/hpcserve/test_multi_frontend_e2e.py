@@ -79,6 +79,27 @@ def test_requests_spread_over_both_processes_and_all_succeed(up: UpProcess) -> N
     assert totals == {24.0}
 
 
+def test_a_stored_response_continues_on_the_other_process(up: UpProcess) -> None:
+    """/v1/responses with `store: true` kept in etcd: a follow-up naming it
+    (`previous_response_id`) is served by either process; the other one finds it too."""
+    first = httpx.post(up.base_url + "/responses", timeout=60,
+                       json={"input": "Say hello", "max_output_tokens": 4})  # fmt: skip
+    assert first.status_code == 200, first.text
+    made_by, response_id = first.headers["X-Hpcserve-Frontend"], first.json()["id"]
+    deadline = time.monotonic() + 30
+    while True:  # fresh connections until the other process answered one
+        assert time.monotonic() < deadline, "the other process never answered"
+        follow = httpx.post(up.base_url + "/responses", timeout=60, json={
+            "input": "And again", "max_output_tokens": 4, "store": False,
+            "previous_response_id": response_id})  # fmt: skip
+        assert follow.status_code == 200, follow.text
+        assert follow.json()["previous_response_id"] == response_id
+        # its prompt held the stored turns: more input tokens than the first's
+        assert follow.json()["usage"]["input_tokens"] > first.json()["usage"]["input_tokens"]
+        if follow.headers["X-Hpcserve-Frontend"] != made_by:
+            break
+
+
 def test_each_process_keeps_the_complete_kv_index(up: UpProcess) -> None:
     before = min(body["kv_index_blocks"] for body in health_of_each(up).values())
     for i in range(6):  # 6 fresh prefixes of 8 blocks each, through either process

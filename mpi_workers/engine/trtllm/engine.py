@@ -75,7 +75,9 @@ class TrtllmEngine(Engine, NativeKvHandoff):
     # `echo` + `logprobs` asks for. The frontend refuses such requests (naming `echo`).
     # Constrained output needs the LLM's `guided_decoding_backend` (engine.trtllm config, or
     # the engine YAML): without one the worker's card adds "guided" (`__init__`).
-    unsupported_params = frozenset({"prompt_logprobs"})
+    # guided_thinking: its guided decoding constrains the whole output, so a reasoning
+    # model's thinking cannot come first (GuidedDecoding.thinking)
+    unsupported_params = frozenset({"prompt_logprobs", "guided_thinking"})
 
     def __init__(
         self,
@@ -149,6 +151,11 @@ class TrtllmEngine(Engine, NativeKvHandoff):
         if guided is not None and "guided" in self.unsupported_params:
             raise RequestValidationError(
                 "guided", "this TensorRT-LLM worker has no guided_decoding_backend"
+            )
+        if guided is not None and guided.thinking is not None:
+            raise RequestValidationError(
+                "response_format", "TensorRT-LLM constrains the whole output: a reasoning "
+                "model's thinking cannot come before the constrained answer"
             )
         if guided is not None and guided.generated:
             raise RequestValidationError(  # (a migrated continuation: see guided_decoding)

@@ -12,7 +12,13 @@ from pathlib import Path
 import pytest
 
 from contract.config import ConfigError, load_config
-from contract.messages import GenerateOutput, GenerateRequest, GuidedDecoding, SamplingParams
+from contract.messages import (
+    GenerateOutput,
+    GenerateRequest,
+    GuidedDecoding,
+    SamplingParams,
+    ThinkingFirst,
+)
 from mpi_workers.engine.factory import build_engine
 from mpi_workers.engine.trtllm.engine import TrtllmEngine, decode_params, encode_params
 from mpi_workers.engine.trtllm.llm_args import build_llm_args
@@ -291,6 +297,12 @@ async def test_output_constraints_map_to_guided_decoding_params(
     resumed = GuidedDecoding(kind="json_object", generated=2)
     with pytest.raises(ValueError, match=r"^guided"):
         engine.generate(request([1, 2, 3], guided=resumed))
+    # its grammar covers the whole output: a reasoning model's free thinking first is not
+    # done (declared, so a frontend sends no fence; refused if one comes anyway)
+    assert "guided_thinking" in engine.unsupported_params
+    fenced = GuidedDecoding(kind="json_object", thinking=ThinkingFirst(close="</think>"))
+    with pytest.raises(ValueError, match=r"^response_format.*whole output"):
+        engine.generate(request([1, 2, 3], guided=fenced))
     cfg = config("engine.trtllm.guided_decoding_backend=llguidance")
     assert build_llm_args(cfg, cfg.workers[0], model_dir)["guided_decoding_backend"] == "llguidance"
     plain = build_engine(config("engine.trtllm.guided_decoding_backend=null"), model_dir)
