@@ -115,7 +115,7 @@ class ModelConfig(_Section):
     )
     task: Task = Field(
         default="generate",
-        description="generate: /v1/chat/completions and /v1/completions; embed: "
+        description="generate: /v1/chat/completions, /v1/completions, /v1/responses; embed: "
         "/v1/embeddings (pooled hidden states, `pooler`). A deployment serves one task: the "
         "other's endpoints answer 400 naming this setting",
     )

@@ -146,6 +146,8 @@ async def test_refusals_name_their_field(make_frontend: Any, model_dir: Path) ->
         assert "model.task: embed" in chat.json()["error"]["message"]
         completion = await http.post("/v1/completions", json={"model": "smol", "prompt": "a"})
         assert completion.status_code == 400
+        response = await http.post("/v1/responses", json={"model": "smol", "input": "hi"})
+        assert response.status_code == 400 and response.json()["error"]["param"] == "model"
         too_big = await http.post(
             "/v1/embeddings", content=b"x" * (fe.config.frontend.max_request_bytes + 1)
         )
