@@ -10,7 +10,7 @@ run concurrently across the workers; each answers with one chunk carrying its ve
 base64 float32, which goes out as it came for `encoding_format: base64` and as floats
 otherwise. A worker lost before it answers costs nothing but time: the input is sent again
 to another worker (`MigratingStream`: an embedding produces no tokens, so every retry is a
-plain re-send, bounded by frontend.migration_limit's machinery for lost workers).
+plain re-send, the lost worker excluded), and a 503 comes only when no worker is left.
 """
 
 from __future__ import annotations
