@@ -16,6 +16,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from contract.disagg import Strategy, default_strategy, strategy_from_env
+from contract.messages import PoolingType
 from contract.slurm_config import SlurmConfig
 
 ENV_PREFIX = "HPCSERVE__"
@@ -64,6 +65,36 @@ def prepared_model_dir(prepared: PreparedModel) -> Path:
     return cache_dir() / "models" / f"tiny-random-llava-{tower}"
 
 
+# What a deployment serves: generation (/v1/chat/completions, /v1/completions) or embeddings
+# (/v1/embeddings); vLLM's `--runner generate` / `--runner pooling --convert embed`.
+Task = Literal["generate", "embed"]
+
+
+class PoolerConfig(_Section):
+    """`model.task: embed`: how a prompt's final-norm hidden states become its embedding."""
+
+    pooling_type: PoolingType = Field(
+        default="LAST",
+        description="LAST: the last token's hidden state (decoder embedding models: "
+        "e5-mistral, gte-Qwen2, Qwen3-Embedding); MEAN: the mean over the prompt's tokens",
+    )
+    normalize: bool = Field(default=True, description="scale each embedding to unit L2 norm")
+    matryoshka_dimensions: list[int] | None = Field(
+        default=None,
+        description="the `dimensions` a client may ask for (Matryoshka truncation: the "
+        "first d components, normalized after); null: the model was not trained for it and "
+        "`dimensions` is refused (vLLM's rule)",
+    )
+
+    @model_validator(mode="after")
+    def _positive_dimensions(self) -> PoolerConfig:
+        if self.matryoshka_dimensions is not None and (
+            not self.matryoshka_dimensions or min(self.matryoshka_dimensions) < 1
+        ):
+            raise ValueError("matryoshka_dimensions: a non-empty list of sizes >= 1, or null")
+        return self
+
+
 class ModelConfig(_Section):
     path: str | None = Field(
         default=None, description="HF model folder; empty means the prepared model `prepared`"
@@ -82,6 +113,13 @@ class ModelConfig(_Section):
         "name of one shipped in frontend/templates (chatml_tools: ChatML that renders "
         "`tools` and tool calls in the Hermes/Qwen2.5 way)",
     )
+    task: Task = Field(
+        default="generate",
+        description="generate: /v1/chat/completions, /v1/completions, /v1/responses; embed: "
+        "/v1/embeddings (pooled hidden states, `pooler`). A deployment serves one task: the "
+        "other's endpoints answer 400 naming this setting",
+    )
+    pooler: PoolerConfig = Field(default_factory=PoolerConfig)
 
     def resolved_path(self) -> Path:
         return Path(self.path).expanduser() if self.path else prepared_model_dir(self.prepared)
@@ -350,6 +388,12 @@ class FrontendConfig(_Section):
         description="most choices one request may ask for in all: prompts x n (a batch of "
         "prompts on /v1/completions; each prompt is routed on its own); at least max_n",
     )
+    max_embedding_inputs: int = Field(
+        default=2048,
+        ge=1,
+        description="most inputs one /v1/embeddings request may hold (OpenAI's limit); each "
+        "input is routed on its own",
+    )
     workers: int | None = Field(
         default=None,
         ge=1,
@@ -600,6 +644,18 @@ class DeploymentConfig(_Section):
     @model_validator(mode="after")
     def _only_agg_for_now(self) -> DeploymentConfig:
         _check_disaggregation(self)
+        if self.model.task == "embed":
+            if self.engine.kind == "trtllm":
+                raise ValueError(
+                    "model.task: embed needs engine.kind torch (or mocker, simulated): "
+                    "TensorRT-LLM's LLM API generates; it documents no pooled hidden states"
+                )
+            where = next((i for i, g in enumerate(self.workers) if g.role != "agg"), None)
+            if where is not None:
+                raise ValueError(
+                    f"workers.{where}.role: model.task embed runs each prompt once, on one "
+                    "worker: only agg workers (prefill/decode split generation)"
+                )
         routed_size = self.frontend.kv_router.block_size
         if routed_size is not None and routed_size != self.engine.block_size:
             raise ValueError(

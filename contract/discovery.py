@@ -52,6 +52,8 @@ class WorkerCard(BaseModel):
     # reasoning model's thinking too (GuidedDecoding.thinking)
     unsupported_params: list[str] = []
     media: list[str] = []  # MediaRef kinds the engine takes ("image", "embeds"); [] text only
+    # What the worker serves: "generate" (tokens), "embed" (`GenerateRequest.pooling`)
+    tasks: list[str] = ["generate"]
     draining: bool = False  # leaving: no new requests, but its streams go on (not a loss)
     # One per worker process: a restarted worker keeps its worker_id but not its instance
     # (a request that lost the old one may go to the new one).

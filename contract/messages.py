@@ -6,6 +6,9 @@ carries `version` so that a mismatched frontend and worker fail loudly instead o
 
 from __future__ import annotations
 
+import array
+import base64
+import sys
 from typing import Annotated, Any, Literal, NamedTuple
 
 import orjson
@@ -16,7 +19,8 @@ from pydantic import BaseModel, ConfigDict, Field
 # (a version-2 worker would refuse the new fields of every request: the bump says why).
 # 4: SamplingParams has `guided` (constrained output: response_format json_object/json_schema).
 # 5: GuidedDecoding has `thinking` (a reasoning model's free thinking before the constraint).
-PROTOCOL_VERSION = 5
+# 6: GenerateRequest has `pooling` (an embedding instead of tokens), GenerateOutput `embedding`.
+PROTOCOL_VERSION = 6
 
 FinishReason = Literal["stop", "length", "abort", "error"]
 
@@ -201,6 +205,36 @@ class MediaRef(_Message):
     height: int | None = None
 
 
+# How an embedding pools the prompt's final hidden states (vLLM's PoolerConfig names):
+# LAST: the last token's (e5-mistral, gte-Qwen2, Qwen3-Embedding), MEAN: their average.
+PoolingType = Literal["LAST", "MEAN"]
+
+
+class PoolingParams(_Message):
+    """Asks for the prompt's embedding instead of generated tokens: its final-norm hidden
+    states pooled (`pooling_type`), cut to the first `dimensions` components (Matryoshka;
+    None: all), then scaled to unit length if `normalize` (vLLM's order). The worker answers
+    with one chunk: finish_reason "stop", no tokens, `embedding` set."""
+
+    pooling_type: PoolingType = "LAST"
+    normalize: bool = True
+    dimensions: int | None = Field(default=None, ge=1)
+
+
+def encode_embedding(values: bytes) -> str:
+    """An embedding on the wire: its little-endian float32 bytes, base64 (about a quarter of
+    a JSON list of its values, and exactly OpenAI's `encoding_format: base64`)."""
+    return base64.b64encode(values).decode("ascii")
+
+
+def decode_embedding(text: str) -> list[float]:
+    """`encode_embedding`'s text back to floats."""
+    values = array.array("f", base64.b64decode(text))
+    if sys.byteorder != "little":
+        values.byteswap()
+    return values.tolist()
+
+
 class GenerateRequest(_Message):
     version: int = PROTOCOL_VERSION
     request_id: str  # this attempt's id (replies and aborts are matched by it)
@@ -220,6 +254,9 @@ class GenerateRequest(_Message):
     # Images (or their precomputed embeddings), in prompt order; their placeholder runs in
     # token_ids never overlap.
     media: list[MediaRef] = Field(default_factory=list)
+    # Set: an embedding request (model.task embed): the prompt is computed once, nothing is
+    # sampled, and the answer is the pooled vector (`sampling` is ignored).
+    pooling: PoolingParams | None = None
 
 
 def choice_seed(seed: int, index: int) -> int:
@@ -235,7 +272,7 @@ def request_json(request: GenerateRequest) -> bytes:
     models' own attribute dicts (a third of the time: the frontend sends one per request).
     Media (nested models) go through pydantic's serializer. logit_bias's int keys become
     strings, as JSON (and pydantic) write them (an option that costs ~0.3 µs: only then)."""
-    if request.media:
+    if request.media or request.pooling is not None:
         return request.model_dump_json().encode()
     fields = dict(request.__dict__)
     fields["sampling"] = sampling = request.sampling.__dict__
@@ -284,6 +321,8 @@ class GenerateOutput(_Message):
     error: str | None = None
     error_param: str | None = None
     worker_id: str | None = None
+    # An embedding request's answer (`PoolingParams`), on its one chunk: `encode_embedding`.
+    embedding: str | None = None
 
 
 BATCH_SUFFIX = "batch"  # request ids are hex: no request's reply subject ends so
@@ -310,7 +349,7 @@ def output_json(output: GenerateOutput) -> bytes:
         output_fields(
             output.request_id, output.token_ids, output.finish_reason,
             output.num_prompt_tokens, output.num_cached_tokens, output.error,
-            output.error_param, output.worker_id, output.version,
+            output.error_param, output.worker_id, output.version, output.embedding,
         )
     )  # fmt: skip
 
@@ -325,6 +364,7 @@ def output_fields(
     error_param: str | None = None,
     worker_id: str | None = None,
     version: int = PROTOCOL_VERSION,
+    embedding: str | None = None,
 ) -> dict[str, Any]:
     """A `GenerateOutput` without logprobs as the dict `output_json` encodes, fields at their
     defaults left out (the worker's outbox encodes its chunks through this too, without a
@@ -342,6 +382,8 @@ def output_fields(
         data["error_param"] = error_param
     if worker_id is not None:
         data["worker_id"] = worker_id
+    if embedding is not None:
+        data["embedding"] = embedding
     return data
 
 

@@ -1,15 +1,16 @@
 """The FastAPI app: OpenAI endpoints over the request path (`frontend.serving`).
 
 Routes are thin: each endpoint hands its request to `serving.handle` (generation;
-/v1/responses: `responses_serving`, over the same path) or answers from the shared state
-(`frontend.state`: health, models, metrics). Response
-building lives in `frontend.responses`, the request as known before routing in
-`frontend.prepared`.
+/v1/responses: `responses_serving`, over the same path), to `embeddings.handle_embeddings`
+(/v1/embeddings), or answers from the shared state (`frontend.state`: health, models,
+metrics). Response building lives in `frontend.responses`, the request as known before
+routing in `frontend.prepared`.
 
-The generation routes are the hot path: `FrontendApp` dispatches them itself, before
-FastAPI's middleware stack (server-error, exception, exit-stack, body-limit and telemetry
-layers: a good part of the frontend's CPU per request, and nothing these endpoints use), with
-the same error mapping (`errors.error_response`). Every other path goes through FastAPI.
+The generation routes and /v1/embeddings are the hot path: `FrontendApp` dispatches them
+itself, before FastAPI's middleware stack (server-error, exception, exit-stack, body-limit
+and telemetry layers: a good part of the frontend's CPU per request, and nothing these
+endpoints use), with the same error mapping (`errors.error_response`). Every other path goes
+through FastAPI.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from starlette.types import Receive, Scope, Send
 from contract.api_keys import load_api_keys
 from contract.config import DeploymentConfig
 from frontend import errors, responses_serving
+from frontend.embeddings import handle_embeddings
 from frontend.errors import OpenAIError
 from frontend.openapi_doc import openapi_schema
 from frontend.responses import AnsweredResponse, ClientGone, SSEResponse, json_response
@@ -184,6 +186,9 @@ def create_app(config: DeploymentConfig) -> FastAPI:
     async def completions(request: Request) -> Response:
         return await _serve(request, "completions", serve_completion)
 
+    async def embeddings(request: Request) -> Response:
+        return await _serve(request, "embeddings", handle_embeddings)
+
     async def responses_create(request: Request) -> Response:
         return await _serve(request, "responses", responses_serving.create)
 
@@ -206,6 +211,7 @@ def create_app(config: DeploymentConfig) -> FastAPI:
     app.router.add_route("/v1/models/{model:path}", model, methods=["GET"])
     app.router.add_route("/v1/chat/completions", chat_completions, methods=["POST"])
     app.router.add_route("/v1/completions", completions, methods=["POST"])
+    app.router.add_route("/v1/embeddings", embeddings, methods=["POST"])
     app.router.add_route("/v1/responses", responses_create, methods=["POST"])
     app.router.add_route("/v1/responses/{response_id}", responses_retrieve, methods=["GET"])
     app.router.add_route("/v1/responses/{response_id}", responses_delete, methods=["DELETE"])
@@ -216,6 +222,7 @@ def create_app(config: DeploymentConfig) -> FastAPI:
         "/v1/chat/completions": chat_completions,
         "/v1/completions": completions,
         "/v1/responses": responses_create,
+        "/v1/embeddings": embeddings,
     }
 
     async def _serve(request: Request, endpoint: str, serve: Handler) -> Response:

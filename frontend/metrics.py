@@ -128,6 +128,11 @@ class FrontendMetrics:
             "generated tokens of finished requests",
             registry=self.registry,
         )
+        self.embedding_inputs = Counter(
+            "hpcserve_frontend_embedding_inputs",
+            "inputs embedded by /v1/embeddings (their tokens count in prompt_tokens)",
+            registry=self.registry,
+        )
         self.migrations = Counter(
             "hpcserve_frontend_migrations",
             "requests re-sent to another worker after losing theirs mid-stream (migrated), "

@@ -70,6 +70,7 @@ def continuation(request: GenerateRequest, produced: Sequence[int]) -> GenerateR
         choice_index=request.choice_index,
         sampling=request.sampling.model_copy(update=update),
         media=request.media,  # the images sit in the prompt part, where they were
+        pooling=request.pooling,  # an embedding is retried whole (it produces no tokens)
     )
 
 

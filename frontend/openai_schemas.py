@@ -1,4 +1,5 @@
-"""OpenAI request and response shapes for `/v1/chat/completions` and `/v1/completions`.
+"""OpenAI request and response shapes for `/v1/chat/completions`, `/v1/completions` and
+`/v1/embeddings`.
 
 Requests are validated here so that every bad input becomes a 400 naming the field
 (`messages.0.role`, `temperature`, ...). Unknown extra fields are ignored, as OpenAI clients
@@ -766,3 +767,90 @@ class ModelCard(_Response):
 class ModelList(_Response):
     object: Literal["list"] = "list"
     data: list[ModelCard]
+
+
+class EmbeddingRequest(_Request):
+    """`POST /v1/embeddings` (OpenAI's fields; vLLM's `truncate_prompt_tokens` and
+    `add_special_tokens`). Served by a deployment with `model.task: embed`."""
+
+    input: str | list[int] | list[str] | list[list[int]] = Field(
+        description="a text or a list of token ids, or a batch of them (a list of texts or of "
+        "token-id lists; at most frontend.max_embedding_inputs); each is embedded on its own"
+    )
+    model: str | None = None
+    encoding_format: Literal["float", "base64"] = Field(
+        default="float",
+        description="float: each embedding a list of numbers; base64: its little-endian "
+        "float32 bytes, base64 (a quarter of the JSON's size)",
+    )
+    dimensions: int | None = Field(
+        default=None,
+        ge=1,
+        description="Matryoshka truncation to the first `dimensions` components (normalized "
+        "after): only one of model.pooler.matryoshka_dimensions, else refused",
+    )
+    user: str | None = None  # accepted, unused
+    truncate_prompt_tokens: int | None = Field(
+        default=None,
+        ge=-1,
+        description="vLLM's: keep only the last k tokens of each input (-1: the model's "
+        "context length); without it an input over the context length is refused",
+    )
+    add_special_tokens: bool = Field(
+        default=True, description="vLLM's: add the tokenizer's special tokens (BOS/EOS) to texts"
+    )
+
+    @field_validator("truncate_prompt_tokens")
+    @classmethod
+    def _keeps_some(cls, value: int | None) -> int | None:
+        if value == 0:
+            raise ValueError("must be -1 (the context length) or at least 1")
+        return value
+
+    @field_validator("input")
+    @classmethod
+    def _nothing_empty(cls, value: Any) -> Any:
+        if isinstance(value, str) or (value and isinstance(value[0], int)):
+            if not value:
+                raise ValueError("must not be empty")
+            return value
+        if not value:
+            raise ValueError("must hold at least one input")
+        empty = next((i for i, item in enumerate(value) if not item), None)
+        if empty is not None:
+            raise ValueError(f"item {empty} is empty")
+        return value
+
+    def is_batch(self) -> bool:
+        """A list of texts or of token-id lists (not one text, not one id list)."""
+        return isinstance(self.input, list) and not isinstance(self.input[0], int)
+
+    def inputs(self) -> list[str | list[int]]:
+        """The inputs in order (one for a text or an id list)."""
+        if self.is_batch():
+            return list(self.input)  # type: ignore[arg-type]
+        return [self.input]  # type: ignore[list-item]
+
+    def input_param(self, index: int) -> str:
+        """How errors name input `index`: `input`, or `input.<index>` in a batch."""
+        return f"input.{index}" if self.is_batch() else "input"
+
+
+class EmbeddingData(_Response):
+    object: Literal["embedding"] = "embedding"
+    index: int
+    embedding: list[float] | str = Field(description="a list of floats, or base64 float32")
+
+
+class EmbeddingUsage(_Response):
+    prompt_tokens: int
+    total_tokens: int
+
+
+class EmbeddingResponse(_Response):
+    id: str
+    object: Literal["list"] = "list"
+    created: int
+    model: str
+    data: list[EmbeddingData]
+    usage: EmbeddingUsage

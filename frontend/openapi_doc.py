@@ -21,6 +21,8 @@ from frontend.openai_schemas import (
     ChatCompletionResponse,
     CompletionRequest,
     CompletionResponse,
+    EmbeddingRequest,
+    EmbeddingResponse,
     ModelCard,
     ModelList,
 )
@@ -141,6 +143,15 @@ def openapi_schema(title: str, version: str, bearer: bool = False) -> dict[str, 
         response_id: str, order: str = "desc", limit: int = 20, after: str | None = None
     ) -> None:
         """The conversation that led to the response (earlier responses' too)."""
+
+    @docs.post(
+        "/v1/embeddings", response_model=EmbeddingResponse, summary="Embeddings (OpenAI)",
+        responses=_errors(400, 404, 413, 500, 502, 503, 504),
+    )  # fmt: skip
+    def embeddings(body: EmbeddingRequest) -> None:
+        """A text or token ids, or a batch of them, in; one vector each out (the pooled
+        final hidden states: model.pooler). Served by a deployment with `model.task: embed`;
+        another deployment answers 400 naming `model`."""
 
     @docs.get("/v1/models", response_model=ModelList, summary="The served model")
     def models() -> None:

@@ -39,7 +39,7 @@ from frontend.responses import (
     stream_events,
     until_disconnect,
 )
-from frontend.state import FrontendState, media_workers
+from frontend.state import FrontendState, check_task, media_workers
 from frontend.tokenization import ChatTemplateError
 from frontend.tool_calling import ToolUse, template_messages, tool_use
 
@@ -177,6 +177,8 @@ async def serve(
     form when given, else the endpoint's own)."""
     if body.model is not None and body.model != state.served_name:
         raise errors.model_not_found(body.model)
+    if state.config.model.task != "generate":
+        check_task(state, "generate", request.url.path)
     _refuse_too_many_choices(state, body)
     _refuse_what_cannot_fit(state, body)
     images = body.image_parts() if isinstance(body, ChatCompletionRequest) else []

@@ -262,6 +262,21 @@ class FrontendState:
         `asked_as`: the request param that set a sampling field (for the 400 of
         `able_workers`), where not the usual one."""
         candidates = self.candidates(exclude)
+        if not candidates:
+            candidates = await self.await_candidates(exclude)
+        if request.pooling is not None:
+            candidates = embedding_workers(candidates)
+        candidates = able_workers(candidates, request, self._unsupported, asked_as)
+        if request.media:
+            candidates = media_workers(candidates, {m.kind for m in request.media})
+        card = self.router.choose(candidates, request)
+        self.check_disaggregated_peer(card)
+        return card
+
+    async def await_candidates(self, exclude: set[str]) -> list[WorkerCard]:
+        """The routable workers (`candidates`), waiting up to no_worker_timeout_s for one to
+        join; 503 when none did."""
+        candidates = self.candidates(exclude)
         wait_s = self.config.frontend.no_worker_timeout_s
         if not candidates and wait_s > 0:
             deadline = asyncio.get_running_loop().time() + wait_s
@@ -284,12 +299,7 @@ class FrontendState:
                 f"no worker is registered for deployment {self.config.name!r}; "
                 "retry when /health says ok"
             )
-        candidates = able_workers(candidates, request, self._unsupported, asked_as)
-        if request.media:
-            candidates = media_workers(candidates, {m.kind for m in request.media})
-        card = self.router.choose(candidates, request)
-        self.check_disaggregated_peer(card)
-        return card
+        return candidates
 
 
 # computed once: pydantic's get_default(call_default_factory=True) inspects the factory's
@@ -344,6 +354,32 @@ _WHAT = {
     "guided": "constrained output (response_format json_object / json_schema, guided_json, "
     'guided_regex, guided_choice; tool_choice "required" or a named function)',
 }
+
+
+def check_task(state: FrontendState, task: str, endpoint: str) -> None:
+    """400 (param `model`) when the deployment does not serve `task` (model.task): one task
+    per deployment, as vLLM runs one runner per model."""
+    served = state.config.model.task
+    if served != task:
+        raise errors.bad_request(
+            f"model: {state.served_name!r} is deployed with model.task: {served}; {endpoint} "
+            f"needs a deployment with model.task: {task}",
+            param="model",
+        )
+
+
+def embedding_workers(candidates: list[WorkerCard]) -> list[WorkerCard]:
+    """The candidates whose engine makes embeddings (its card's `tasks`); 400 (param
+    `model`) when none does."""
+    able = [card for card in candidates if "embed" in card.tasks]
+    if able:
+        return able
+    engine = candidates[0].engine or "this"
+    raise errors.bad_request(
+        f"model: the {engine} engine serving model {candidates[0].model!r} makes no "
+        "embeddings (its workers serve generation only)",
+        param="model",
+    )
 
 
 def media_workers(candidates: list[WorkerCard], kinds: set[str]) -> list[WorkerCard]:

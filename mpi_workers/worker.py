@@ -158,6 +158,8 @@ class Worker:
             engine=self.engine.kind,
             unsupported_params=sorted(self.engine.unsupported_params | self._role_unsupported()),
             media=sorted(self.engine.media_kinds),
+            # a prefill or decode worker runs half a generation: it embeds nothing
+            tasks=sorted(self.engine.tasks if self.role == "agg" else {"generate"}),
         )
 
     def _role_unsupported(self) -> frozenset[str]:
@@ -321,6 +323,11 @@ class Worker:
         assert self._nc is not None
         finished = False
         try:
+            if request.pooling is not None and "embed" not in self.engine.tasks:
+                raise ValueError(  # the frontend routes embeddings to able workers only
+                    f"pooling: engine {self.engine.kind} of model {self.model_name} makes no "
+                    "embeddings"
+                )
             media = await self.prepare_media(request)
             if media is None:
                 stream = self.engine.generate(request)
@@ -565,7 +572,7 @@ def _wire(chunk: Chunk) -> dict[str, Any] | orjson.Fragment:
         return orjson.Fragment(output_json(chunk.output()))
     return output_fields(
         chunk.request_id, chunk.token_ids, chunk.finish_reason, chunk.num_prompt_tokens,
-        chunk.num_cached_tokens, chunk.error,
+        chunk.num_cached_tokens, chunk.error, embedding=chunk.embedding,
     )  # fmt: skip
 
 

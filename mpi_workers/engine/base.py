@@ -44,6 +44,10 @@ class Engine(ABC):
     # The `MediaRef` kinds ("image", "embeds") this engine takes; the worker card lists them
     # and the frontend refuses images no worker can take.
     media_kinds: frozenset[str] = frozenset()
+    # What it serves: "generate", and "embed" where it can answer a request's `pooling`
+    # (the pooled final hidden states of the prompt); the worker card lists them and the
+    # frontend refuses embeddings no worker can make.
+    tasks: frozenset[str] = frozenset({"generate"})
     # Why the engine can serve no more (a tensor-parallel rank died); set before its requests
     # are failed, so the worker can tell those errors from a request's own. None: healthy.
     failed: str | None = None

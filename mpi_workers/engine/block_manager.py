@@ -67,8 +67,9 @@ class BlockManager:
     # ----- prefix cache --------------------------------------------------------------------
     def _lookup(self, seq: Sequence) -> list[tuple[int, int]]:
         """(hash, block id) of the longest cached prefix of `seq`, leaving >= 1 token to compute.
-        Nothing for a sequence that wants its prompt's logprobs: it computes every position."""
-        if not self.enable_prefix_caching or seq.prompt_logprobs is not None:
+        Nothing for a sequence that wants every position's hidden state (its prompt's
+        logprobs, a MEAN embedding): it computes every position."""
+        if not self.enable_prefix_caching or seq.reads_no_cache:
             return []
         hits: list[tuple[int, int]] = []
         parent: int | None = None

@@ -31,13 +31,15 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
+
 from contract.config import ENGINE_DEFAULTS, MockerConfig
-from contract.messages import GenerateOutput, GenerateRequest
+from contract.messages import GenerateOutput, GenerateRequest, PoolingParams, encode_embedding
 from mpi_workers.engine.block_manager import BlockManager
 from mpi_workers.engine.model_shape import ModelShape
 from mpi_workers.engine.scheduler import ScheduledBatch, Scheduler
 from mpi_workers.engine.sequence import SeqStatus, Sequence
-from mpi_workers.engine.streaming import StreamingEngine
+from mpi_workers.engine.streaming import RequestValidationError, StreamingEngine
 
 logger = logging.getLogger(__name__)
 
@@ -68,6 +70,10 @@ class MockerEngine(StreamingEngine):
     # the prompt's), nor a grammar to follow (guided). (min_tokens needs nothing: pseudo
     # tokens are never EOS or a stop id, so an output only ends at max_tokens.)
     unsupported_params = frozenset({"logprobs", "logit_bias", "prompt_logprobs", "guided"})
+    # Embeddings are simulated too (`simulated_embedding`: a pseudo-random unit vector of the
+    # model's hidden size, the same for the same prompt), after the prompt's simulated
+    # prefill time: load tests drive /v1/embeddings at scale; the response says simulated.
+    tasks = frozenset({"generate", "embed"})
 
     def __init__(
         self,
@@ -88,6 +94,7 @@ class MockerEngine(StreamingEngine):
         self.block_size = block_size
         self.vocab_size = shape.vocab_size
         self._banned_base = frozenset(shape.eos_token_ids)
+        self.hidden_size = shape.hidden_size
         num_blocks = num_blocks or self.timing.num_blocks
         # every accepted request must be able to finish alone, as in the torch engine
         self.max_model_len = min(
@@ -129,11 +136,14 @@ class MockerEngine(StreamingEngine):
         if loop is None:
             raise RuntimeError("engine not started: await engine.start() first")
         max_len = min(len(request.token_ids) + request.sampling.max_tokens, self.max_model_len)
+        if request.pooling is not None:  # an embedding: the prompt alone
+            max_len = len(request.token_ids)
         seq = Sequence(
             request_id=request.request_id,
             token_ids=list(request.token_ids),
             sampling=request.sampling,
             max_len=max_len,
+            pooling=request.pooling,
         )
         self._seeds[request.request_id] = self.token_seed(request)
         stream = self._open_stream(request.request_id)
@@ -142,6 +152,15 @@ class MockerEngine(StreamingEngine):
             self._debt_s = 0.0  # idle time is no step's
             self._next = loop.call_soon(self._advance)
         return stream
+
+    def validate(self, request: GenerateRequest) -> None:
+        super().validate(request)
+        dimensions = request.pooling.dimensions if request.pooling is not None else None
+        if dimensions is not None and dimensions > self.hidden_size:
+            raise RequestValidationError(
+                "pooling", f"dimensions {dimensions} is more than the model's hidden size "
+                f"{self.hidden_size}",
+            )  # fmt: skip
 
     async def abort(self, request_id: str) -> None:
         self.abort_nowait(request_id)
@@ -283,7 +302,12 @@ class MockerEngine(StreamingEngine):
             computed = seq.num_computed + n
             seq.num_computed = computed
             tokens = seq.token_ids
-            if computed >= len(tokens):
+            if computed >= len(tokens) and seq.pooling is not None:
+                seq.embedding = simulated_embedding(
+                    seeds.get(seq.request_id, 0), self.hidden_size, seq.pooling
+                )
+                seq.finish_reason = "stop"
+            elif computed >= len(tokens):
                 # the pseudo token for this position (never EOS or a stop id)
                 token = _mix64(seeds.get(seq.request_id, 0) ^ len(tokens)) % vocab_size
                 if token in banned or token in seq.sampling.stop_token_ids:
@@ -305,3 +329,15 @@ class MockerEngine(StreamingEngine):
         if seq.admitted_once and seq.status is not SeqStatus.FINISHED:
             self.stats.num_cached_prompt_tokens += seq.num_cached_tokens
         self._seeds.pop(seq.request_id, None)
+
+
+def simulated_embedding(seed: int, hidden_size: int, pooling: PoolingParams) -> str:
+    """A pseudo-random vector for a prompt (`seed`: its `token_seed`), as the wire carries
+    embeddings: standard normal components, cut to `pooling.dimensions`, unit length if
+    `pooling.normalize`. The same prompt gets the same vector; it means nothing else."""
+    values = np.random.default_rng(seed).standard_normal(hidden_size, dtype=np.float32)
+    if pooling.dimensions is not None:
+        values = values[: pooling.dimensions]
+    if pooling.normalize:
+        values = values / np.linalg.norm(values)
+    return encode_embedding(values.astype("<f4", copy=False).tobytes())

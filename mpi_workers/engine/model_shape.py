@@ -9,15 +9,18 @@ from pathlib import Path
 
 DEFAULT_VOCAB_SIZE = 32000
 DEFAULT_MAX_MODEL_LEN = 8192
+DEFAULT_HIDDEN_SIZE = 4096
 
 
 @dataclass
 class ModelShape:
-    """What the mocker takes from a model folder: vocabulary, context length, EOS ids."""
+    """What the mocker takes from a model folder: vocabulary, context length, EOS ids, and
+    the hidden size (its simulated embeddings' length)."""
 
     vocab_size: int = DEFAULT_VOCAB_SIZE
     max_position_embeddings: int = DEFAULT_MAX_MODEL_LEN
     eos_token_ids: tuple[int, ...] = ()
+    hidden_size: int = DEFAULT_HIDDEN_SIZE
 
     @classmethod
     def from_folder(cls, model_dir: str | Path | None) -> ModelShape:
@@ -35,4 +38,5 @@ class ModelShape:
             vocab_size=int(data.get("vocab_size", DEFAULT_VOCAB_SIZE)),
             max_position_embeddings=int(data.get("max_position_embeddings", DEFAULT_MAX_MODEL_LEN)),
             eos_token_ids=tuple(int(t) for t in eos_ids),
+            hidden_size=int(data.get("hidden_size", DEFAULT_HIDDEN_SIZE)),
         )

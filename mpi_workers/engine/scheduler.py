@@ -143,7 +143,7 @@ class Scheduler:
         prefix without having published it yet (it is computing it, or computed it in a step
         not yet committed): admitting `seq` now would compute those tokens a second time."""
         bm = self.bm
-        if not bm.enable_prefix_caching or seq.prompt_logprobs is not None:
+        if not bm.enable_prefix_caching or seq.reads_no_cache:
             return False  # (one wanting its prompt's logprobs reads no cache: no need to wait)
         bs = bm.block_size
         first = seq.token_ids[:bs]

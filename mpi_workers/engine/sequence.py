@@ -7,7 +7,7 @@ import itertools
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from contract.messages import SamplingParams, TokenLogprob
+from contract.messages import PoolingParams, SamplingParams, TokenLogprob
 
 if TYPE_CHECKING:  # torch only for the annotation: the mocker runs without importing it
     import torch
@@ -78,11 +78,38 @@ class Sequence:
     prompt_logprobs: list[TokenLogprob] | None = None
     # `sampling.guided`: the engine's matcher of the output (made at its first sampled step)
     guide: Any = None
+    # An embedding request (`GenerateRequest.pooling`): nothing is sampled; the engine pools
+    # the final hidden states of the prompt's rows as its chunks are computed (`pooled`: the
+    # running sum of MEAN's rows up to position `pooled_upto`, or LAST's row) and finishes
+    # it with `embedding` (`contract.messages.encode_embedding`) when the prompt is done.
+    pooling: PoolingParams | None = None
+    pooled: Any = None
+    pooled_upto: int = 0
+    embedding: str | None = None
 
     def __post_init__(self) -> None:
         self.num_prompt_tokens = len(self.token_ids)
         if self.sampling.prompt_logprobs is not None:
             self.prompt_logprobs = []
+
+    @property
+    def reads_no_cache(self) -> bool:
+        """Whether every prompt position must be computed here (no prefix cache read): its
+        prompt's logprobs, or a MEAN pooling, need each position's hidden state."""
+        return self.prompt_logprobs is not None or (
+            self.pooling is not None and self.pooling.pooling_type == "MEAN"
+        )
+
+    def pool_positions(self, done: int, n: int) -> range:
+        """The positions among [done, done + n) whose final hidden states an embedding
+        pools: LAST's last prompt position once its chunk computes it; MEAN's each position
+        not yet summed (a preempted sequence recomputes its KV, not its sum)."""
+        assert self.pooling is not None
+        if self.pooling.pooling_type == "LAST":
+            last = self.num_prompt_tokens - 1
+            return range(last, last + 1) if done <= last < done + n else range(0)
+        first = max(done, self.pooled_upto)
+        return range(first, max(first, done + n))
 
     def prompt_logprob_positions(self, done: int, n: int) -> range:
         """The positions among [done, done + n) whose next-token logprob is still owed: each

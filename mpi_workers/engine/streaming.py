@@ -50,7 +50,12 @@ def validate_request(request: GenerateRequest, max_model_len: int, vocab_size: i
     p: SamplingParams = request.sampling
     if not ids:
         raise RequestValidationError("token_ids", "the prompt is empty")
-    if len(ids) >= max_model_len:
+    if request.pooling is not None:  # an embedding: the prompt alone, no output after it
+        if len(ids) > max_model_len:
+            raise RequestValidationError(
+                "token_ids", f"prompt of {len(ids)} tokens is over max_model_len {max_model_len}"
+            )
+    elif len(ids) >= max_model_len:
         raise RequestValidationError(
             "token_ids",
             f"prompt of {len(ids)} tokens leaves no room under max_model_len {max_model_len}",
@@ -81,6 +86,7 @@ class Chunk(NamedTuple):
     num_cached_tokens: int
     error: str | None
     prompt_logprobs: list[TokenLogprob] | None = None  # the request's first chunk only
+    embedding: str | None = None  # an embedding request's one chunk
 
     def output(self) -> GenerateOutput:
         return GenerateOutput(
@@ -92,6 +98,7 @@ class Chunk(NamedTuple):
             num_cached_tokens=self.num_cached_tokens,
             error=self.error,
             prompt_logprobs=self.prompt_logprobs,
+            embedding=self.embedding,
         )
 
     def then(self, later: Chunk) -> Chunk | None:
@@ -263,6 +270,7 @@ class StreamingEngine(Engine):
                 seq.num_cached_tokens,
                 seq.error,
                 None if seq.prompt_logprobs is None else seq.take_prompt_logprobs(),
+                seq.embedding,
             )
             seq.pending_tokens = []
             if stream is None:

@@ -72,6 +72,16 @@ def test_set_into_lists_and_typed_values() -> None:
         (["benchmark.shared_prefix.prefix_prompts=2"], "benchmark.shared_prefix.prefix_tokens"),
         (["slurm.env={A: [1]}"], "slurm.env.A"),
         (["frontend.max_n=300"], "frontend.max_n"),  # over max_choices_per_request
+        (["model.task=classify"], "model.task"),
+        (["model.task=embed", "engine.kind=trtllm"], "model.task"),
+        (
+            ["model.task=embed", "workers.0.role=decode",
+             "disaggregation.fallback_local_prefill=true"],
+            "workers.0.role",
+        ),
+        (["model.pooler.pooling_type=CLS"], "model.pooler.pooling_type"),
+        (["model.pooler.matryoshka_dimensions=[0]"], "model.pooler.matryoshka_dimensions"),
+        (["frontend.max_embedding_inputs=0"], "frontend.max_embedding_inputs"),
         (
             ["multimodal.store_max_bytes=2048", "multimodal.max_media_bytes=4096"],
             "multimodal.store_max_bytes",
@@ -82,6 +92,19 @@ def test_errors_name_the_field(overrides: list[str], field: str) -> None:
     with pytest.raises(ConfigError) as info:
         load_config(overrides=overrides, environ={})
     assert field in str(info.value)
+
+
+def test_embed_task_and_its_pooler() -> None:
+    config = load_config(environ={})
+    assert config.model.task == "generate" and config.model.pooler.pooling_type == "LAST"
+    config = load_config(
+        overrides=["model.task=embed", "model.pooler.pooling_type=MEAN",
+                   "model.pooler.matryoshka_dimensions=[64, 128]"],
+        environ={"HPCSERVE__MODEL__POOLER__NORMALIZE": "false"},
+    )  # fmt: skip
+    pooler = config.model.pooler
+    assert config.model.task == "embed" and pooler.pooling_type == "MEAN"
+    assert pooler.matryoshka_dimensions == [64, 128] and pooler.normalize is False
 
 
 def test_kv_router_block_size_is_the_engines() -> None:

@@ -52,6 +52,7 @@ class FakeBehaviour:
     listen: bool = True  # False: registered but not subscribed (a dead worker, lease alive)
     garbage: bool = False  # answer with bytes that are not a GenerateOutput
     media: list[str] = field(default_factory=list)  # media kinds in the card; fetched if any
+    tasks: list[str] = field(default_factory=lambda: ["generate"])  # in the card
 
 
 class FakeEchoWorker:
@@ -95,6 +96,7 @@ class FakeEchoWorker:
             engine="fake",
             unsupported_params=self.behaviour.unsupported_params,
             media=self.behaviour.media,
+            tasks=self.behaviour.tasks,
         )
 
     async def start(self, register: bool = True) -> FakeEchoWorker:
@@ -316,8 +318,10 @@ async def make_frontend(
         served_name: str = "smol",
         multimodal: dict[str, Any] | None = None,
         chat_template: str | None = None,
+        model_settings: dict[str, Any] | None = None,
         **frontend: Any,
     ) -> FrontendHarness:
+        """`model_settings`: more `model.*` fields (task, pooler)."""
         config = DeploymentConfig.model_validate(
             {
                 "name": f"test-{uuid.uuid4().hex[:10]}",
@@ -325,6 +329,7 @@ async def make_frontend(
                     "path": str(model or model_dir),
                     "served_name": served_name,
                     "chat_template": chat_template,
+                    **(model_settings or {}),
                 },
                 "multimodal": multimodal or {},
                 "frontend": {"port": 0, **frontend},

@@ -103,6 +103,22 @@ def test_prompt_logprobs_tp2_equal_tp1(tiny_dirs: dict[str, Path]) -> None:
     assert result["prompt_top"] == base["prompt_top"]
 
 
+@pytest.mark.parametrize("pooling", ["LAST", "MEAN"])
+def test_embeddings_tp2_equal_tp1(tiny_dirs: dict[str, Path], pooling: str) -> None:
+    """Embeddings under TP: the leader's final hidden states are whole (each row-parallel
+    output is all-reduced into the residual stream), prompts in chunks of 5 beside
+    generations."""
+    options = ("--embed", pooling, "--chunk", "5")
+    done, base = run_script(tiny_dirs["llama"], TINY_PROMPTS, 4, 1, *options)
+    assert base is not None, done.stderr[-3000:]
+    assert [len(e) for e in base["embeddings"]] == [64] * len(TINY_PROMPTS)
+    done, result = run_script(tiny_dirs["llama"], TINY_PROMPTS, 4, 2, *options)
+    assert done.returncode == 0 and result is not None, done.stderr[-3000:]
+    assert_same(base, result)
+    for ours, theirs in zip(base["embeddings"], result["embeddings"], strict=True):
+        assert max(abs(a - b) for a, b in zip(ours, theirs, strict=True)) < 1e-5
+
+
 def test_logit_bias_reaches_the_sampling_leader(tiny_dirs: dict[str, Path]) -> None:
     """Followers only run the forward; rank 0 gathers the logits and samples with the
     request's own settings: at TP=2 (Qwen2: padded vocab shards), +100 on a token makes

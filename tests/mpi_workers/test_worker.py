@@ -37,6 +37,7 @@ from contract.messages import (
     KvRemoved,
     KvStored,
     LoadMetrics,
+    PoolingParams,
     SamplingParams,
 )
 from mpi_workers.worker import Worker, error_param
@@ -469,3 +470,29 @@ async def test_load_change_wakes_the_metrics_task_only_when_no_step_will_report_
     assert not change(0.001, done="r1")  # r2 still runs
     assert change(0.001, done="r2")  # the last one ended: no step will report it
     busy.cancel()
+
+
+async def test_an_engine_that_cannot_embed_refuses_pooling_by_name(
+    started_worker: Worker, nats_url: str
+) -> None:
+    assert started_worker.card.tasks == ["generate"]
+    nc = await bus.connect(nats_url, "test")
+    try:
+        request = GenerateRequest(request_id="emb", token_ids=[5, 6], pooling=PoolingParams())
+        chunks = await stream(nc, started_worker.subject, request)
+    finally:
+        await nc.close()
+    assert len(chunks) == 1 and chunks[0].finish_reason == "error"
+    assert chunks[0].error_param == "pooling" and "makes no embeddings" in (chunks[0].error or "")
+
+
+def test_card_lists_embed_for_agg_workers_only() -> None:
+    from mpi_workers.engine.mocker import MockerEngine
+
+    def card_of(role: str) -> WorkerCard:
+        return Worker(MockerEngine(), deployment="d", worker_id="w", role=role,
+                      nats_url="nats://unused:1", etcd_endpoint="http://unused:1",
+                      lease_ttl_s=5, capacity=1).card  # fmt: skip
+
+    assert card_of("agg").tasks == ["embed", "generate"]
+    assert card_of("prefill").tasks == ["generate"] == card_of("decode").tasks

@@ -10,6 +10,8 @@ logprobs and top K too ("prompt_logprobs": [[logprob, ...] per prompt], "prompt_
 following K steps (the follower-crash test); then rank 0 prints the outputs it got (and
 writes them to `--out FILE`: after a rank's death, mpirun may stop forwarding output).
 `--logit-bias '{"ID": BIAS}'` sets every request's logit_bias (the leader samples).
+`--embed LAST|MEAN`: each prompt is also embedded, beside the generations ("embeddings":
+[[float, ...] per prompt]).
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ import sys
 
 import torch
 
-from contract.messages import GenerateRequest, SamplingParams
+from contract.messages import GenerateRequest, PoolingParams, SamplingParams, decode_embedding
 from mpi_workers.engine.torch.engine import TorchEngine
 from mpi_workers.engine.torch.model_runner import StepPlan
 from mpi_workers.ranks import leave_group
@@ -41,6 +43,7 @@ def parse() -> argparse.Namespace:
     parser.add_argument("--prompt-logprobs", type=int, default=None)
     parser.add_argument("--chunk", type=int, default=2048, help="max_num_batched_tokens")
     parser.add_argument("--logit-bias", default="{}", help="JSON: token id -> bias")
+    parser.add_argument("--embed", choices=["LAST", "MEAN"], default=None)
     return parser.parse_args()
 
 
@@ -50,6 +53,7 @@ async def lead(
     max_tokens: int,
     prompt_logprobs: int | None,
     bias: dict[int, float],
+    embed: str | None = None,
 ) -> dict:
     await engine.start()
     requests = [
@@ -60,7 +64,15 @@ async def lead(
         )
         for i, p in enumerate(prompts)
     ]  # fmt: skip
+    if embed is not None:
+        requests += [
+            GenerateRequest(request_id=f"e{i}", token_ids=p,
+                            pooling=PoolingParams(pooling_type=embed))  # type: ignore[arg-type]
+            for i, p in enumerate(prompts)
+        ]  # fmt: skip
     outs = await asyncio.gather(*(engine.generate_all(r) for r in requests))
+    embedded = outs[len(prompts) :]
+    outs = outs[: len(prompts)]
     result = {
         "tokens": [o.token_ids for o in outs],
         "finish": [o.finish_reason for o in outs],
@@ -71,6 +83,8 @@ async def lead(
         result["prompt_top"] = [
             [[t.token_id for t in e.top] for e in o.prompt_logprobs or []] for o in outs
         ]
+    if embed is not None:
+        result["embeddings"] = [decode_embedding(o.embedding or "") for o in embedded]
     if engine.failed is None:
         result["logits"] = [prompt_logits(engine, p) for p in prompts]
     await engine.shutdown()
@@ -119,7 +133,9 @@ def main() -> int:
         leave_group(follow(runner, tp))
     engine = TorchEngine(args.model_dir, tp=tp, **kwargs)
     bias = {int(token): value for token, value in json.loads(args.logit_bias).items()}
-    result = asyncio.run(lead(engine, prompts, args.max_tokens, args.prompt_logprobs, bias))
+    result = asyncio.run(
+        lead(engine, prompts, args.max_tokens, args.prompt_logprobs, bias, args.embed)
+    )
     result["tp"] = size
     result["failed"] = engine.failed
     if args.out:  # hydra may stop forwarding our output once a rank died

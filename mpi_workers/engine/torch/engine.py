@@ -24,6 +24,17 @@ its rows, the runner reduces their logits slice by slice to the next prompt toke
 and the top k (`ModelRunner.execute`), and the sequence gathers them chunk by chunk; its first
 chunk out carries them. Those steps run synchronously (not overlapped).
 
+Embeddings (`GenerateRequest.pooling`, model.task embed): the prompt runs through the
+scheduler like any prefill (so embeddings batch with each other and with generation, chunked,
+preemptible), and nothing is sampled: each chunk's plan names the rows to pool
+(`Sequence.pool_positions`), the runner keeps their final-norm hidden states (before the
+vocabulary head), and the step folds them into the sequence (`_take_pooled`); the chunk that
+completes the prompt finishes the sequence with its vector (cut to `dimensions`, normalized).
+Its full blocks stay in the prefix cache as any prompt's do (a LAST embedding of a prompt
+seen before computes only what the cache lacks; MEAN reads no cache: it needs every row).
+Under TP the residual stream is whole on every rank after each all-reduce, so the leader's
+hidden states are complete; followers compute the same rows and keep nothing.
+
 Tensor parallelism: with a `TpRuntime` this engine is the group's leader. Each step's
 `StepPlan` is broadcast to the followers (`mpi_workers.engine.torch.follower`) before the forward
 (with the step's image feature rows: only the leader holds the vision encoder); a
@@ -58,6 +69,7 @@ from contract.messages import (
     SamplingParams,
     TokenLogprob,
     TopLogprob,
+    encode_embedding,
 )
 from mpi_workers.engine.block_manager import BlockManager
 from mpi_workers.engine.scheduler import ScheduledBatch, Scheduler
@@ -153,6 +165,7 @@ class TorchEngine(StreamingEngine, TorchKvHandoff):
     """Plain-PyTorch Llama-family engine with paged KV, prefix caching, continuous batching."""
 
     kind = "torch"
+    tasks = frozenset({"generate", "embed"})
 
     def __init__(
         self,
@@ -353,6 +366,8 @@ class TorchEngine(StreamingEngine, TorchKvHandoff):
             generator = torch.Generator()
             generator.manual_seed(p.seed)
         max_len = min(len(request.token_ids) + p.max_tokens, self.max_model_len)
+        if request.pooling is not None:  # the prompt alone
+            max_len = len(request.token_ids)
         return Sequence(
             request_id=request.request_id,
             token_ids=list(request.token_ids),
@@ -360,6 +375,7 @@ class TorchEngine(StreamingEngine, TorchKvHandoff):
             max_len=max_len,
             generator=generator,
             media=list(media or []),
+            pooling=request.pooling,
             block_extras=media_block_extras(
                 ((m.offset, m.length, m.content_hash) for m in request.media), self.block_size
             ) if request.media else {},
@@ -370,6 +386,12 @@ class TorchEngine(StreamingEngine, TorchKvHandoff):
         """The text checks, the output constraint, then each image's placeholder run
         (ValueError naming "messages")."""
         super().validate(request)
+        pooling = request.pooling
+        if pooling is not None and (pooling.dimensions or 0) > self.config.hidden_size:
+            raise RequestValidationError(
+                "pooling", f"dimensions {pooling.dimensions} is more than the model's hidden "
+                f"size {self.config.hidden_size}",
+            )  # fmt: skip
         if request.sampling.guided is not None:
             self._validate_guided(request.sampling.guided, len(request.token_ids))
         if not request.media:
@@ -548,9 +570,11 @@ class TorchEngine(StreamingEngine, TorchKvHandoff):
     def _can_launch(self, batch: ScheduledBatch) -> bool:
         """Whether `batch` can run before the step in flight is resolved: its sampled rows
         need nothing from the host (`Sampler.on_device`), no disaggregated prefill holds
-        its blocks for a transfer, and no prompt rows want their logprobs."""
+        its blocks for a transfer, no prompt rows want their logprobs, and no embedding
+        pools rows."""
         return all(
             not seq.hold_blocks
+            and seq.pooling is None  # `step` takes its pooled rows
             and (seq.prompt_logprobs is None  # prompt rows: `step` takes their logprobs
                  or not seq.prompt_logprob_positions(seq.num_computed, n))
             and (
@@ -613,6 +637,8 @@ class TorchEngine(StreamingEngine, TorchKvHandoff):
         logits = self.runner.execute(plan)
         if plan.prompt_rows:
             self._take_prompt_logprobs(batch)
+        if plan.pool_rows:
+            self._take_pooled(batch)
         self._advance(batch)
         if sampled:
             self._make_guides(sampled)
@@ -657,6 +683,41 @@ class TorchEngine(StreamingEngine, TorchKvHandoff):
                     top=[TopLogprob(token_id=t, logprob=v) for t, v in pairs],
                 ))  # fmt: skip
                 row += 1
+
+    def _take_pooled(self, batch: ScheduledBatch) -> None:
+        """Fold the step's pooled rows into their sequences (before `_advance`: the rows are
+        each embedding's `pool_positions` in `build_plan`'s order); a sequence whose prompt
+        this step completes ends with its vector (the step's vectors reach the host in one
+        copy)."""
+        pooled = self.runner.pooled
+        assert pooled is not None, "the leader keeps the hidden states of every pool row"
+        done: list[tuple[Sequence, torch.Tensor]] = []
+        row = 0
+        for index in plan_order(batch):
+            seq, n = batch.seqs[index], batch.num_tokens[index]
+            if seq.pooling is None:
+                continue
+            positions = seq.pool_positions(seq.num_computed, n)
+            rows = pooled[row : row + len(positions)]
+            row += len(positions)
+            if seq.pooling.pooling_type == "LAST":
+                seq.pooled = rows[-1] if len(positions) else seq.pooled
+            elif len(positions):
+                total = rows.sum(dim=0)
+                seq.pooled = total if seq.pooled is None else seq.pooled + total
+                seq.pooled_upto = positions.stop
+            if seq.num_computed + n == seq.num_tokens:
+                done.append((seq, pool_vector(seq)))
+                seq.pooled = None
+                seq.finish_reason = "stop"
+        if not done:
+            return
+        host = torch.cat([vector for _, vector in done]).to("cpu", torch.float32).numpy()
+        start = 0
+        for seq, vector in done:
+            part = host[start : start + vector.numel()]
+            seq.embedding = encode_embedding(part.astype("<f4", copy=False).tobytes())
+            start += vector.numel()
 
     def _advance(self, batch: ScheduledBatch) -> None:
         """Count the batch's tokens as computed."""
@@ -744,6 +805,22 @@ class TorchEngine(StreamingEngine, TorchKvHandoff):
                 "prompt_logprobs": prompt_logprobs,
             }
         )
+
+
+def pool_vector(seq: Sequence) -> torch.Tensor:
+    """The embedding of a sequence whose prompt rows are all pooled (on the device): the
+    mean (MEAN) or the last row (LAST), cut to `dimensions`, scaled to unit length if asked
+    (vLLM's order)."""
+    pooling = seq.pooling
+    assert pooling is not None and seq.pooled is not None
+    vector = seq.pooled
+    if pooling.pooling_type == "MEAN":
+        vector = vector / seq.num_prompt_tokens
+    if pooling.dimensions is not None:
+        vector = vector[: pooling.dimensions]
+    if pooling.normalize:
+        vector = torch.nn.functional.normalize(vector, dim=0)
+    return vector
 
 
 def _for_followers(plan: StepPlan) -> StepPlan:

@@ -49,6 +49,10 @@ class StepPlan:
     prompt_rows: list[int] = field(default_factory=list)
     prompt_targets: list[int] = field(default_factory=list)
     prompt_top: int = 0
+    # Embedding requests: flat rows whose final hidden states the leader keeps for pooling
+    # (`ModelRunner.pooled`), in the plan's sequence order, each sequence's
+    # `Sequence.pool_positions` of its chunk.
+    pool_rows: list[int] = field(default_factory=list)
 
 
 @dataclass
@@ -103,7 +107,10 @@ def build_plan(batch: ScheduledBatch) -> tuple[StepPlan, list[Sequence]]:
             plan.prompt_rows.extend(range(start + wanted.start - done, start + wanted.stop - done))
             plan.prompt_targets.extend(seq.token_ids[wanted.start + 1 : wanted.stop + 1])
             plan.prompt_top = max(plan.prompt_top, seq.sampling.prompt_logprobs or 0)
-        if done + n == seq.num_tokens:
+        if seq.pooling is not None:  # an embedding: its rows' hidden states, no sample
+            wanted = seq.pool_positions(done, n)
+            plan.pool_rows.extend(range(start + wanted.start - done, start + wanted.stop - done))
+        elif done + n == seq.num_tokens:
             sample_seqs.append(seq)
             plan.sample_rows.append(start + n - 1)
     if embeds:
@@ -145,6 +152,9 @@ class ModelRunner:
         # The prompt logprobs of the last `execute`'s plan (None: it asked for none; a TP
         # follower computes them with the leader but keeps nothing).
         self.prompt_logprobs: PromptLogprobs | None = None
+        # The final hidden states of the last `execute`'s `pool_rows`, float32 on the device
+        # (None: it had none).
+        self.pooled: torch.Tensor | None = None
         if enforce_eager is None:
             enforce_eager = enforce_eager_default()
         if self.device.type == "cuda":
@@ -296,6 +306,10 @@ class ModelRunner:
             hidden = self.model(input_ids, positions, meta, embeds, mask)
         if plan.prompt_rows:
             self.prompt_logprobs = self._prompt_logprobs(plan, hidden)
+        self.pooled = None
+        if plan.pool_rows:  # (a graph's output buffer is overwritten by its next replay)
+            pool = to_device(plan.pool_rows, torch.long, hidden.device)
+            self.pooled = hidden.index_select(0, pool).float()
         rows = plan.sample_rows
         if not rows:
             return None

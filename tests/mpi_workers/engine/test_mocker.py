@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from contract.block_hash import block_hashes
@@ -14,8 +15,10 @@ from contract.messages import (
     KvEvent,
     KvRemoved,
     KvStored,
+    PoolingParams,
     SamplingParams,
     choice_seed,
+    decode_embedding,
 )
 from mpi_workers.engine.factory import build_engine
 from mpi_workers.engine.mocker import MockerEngine, ModelShape
@@ -373,3 +376,34 @@ async def test_shutdown_aborts_running_requests_and_a_restarted_engine_serves() 
         assert len(tokens) == 3 and last.finish_reason == "length"
     finally:
         await eng.shutdown()
+
+
+def embed_request(rid: str, tokens: list[int], **pooling) -> GenerateRequest:
+    return GenerateRequest(request_id=rid, token_ids=tokens, pooling=PoolingParams(**pooling))
+
+
+async def test_simulated_embedding_after_the_prompt_time_same_prompt_same_vector() -> None:
+    slow = MockerConfig(prefill_ms_per_token=1.0, speedup=1.0)
+    engine = MockerEngine(slow, shape=ModelShape(vocab_size=100, hidden_size=48), num_blocks=64)
+    await engine.start()
+    try:
+        prompt = list(range(3, 43))  # 40 tokens: 40 ms of simulated prefill
+        started = time.perf_counter()
+        tokens, last = await run(engine, embed_request("e1", prompt))
+        assert time.perf_counter() - started >= 0.035
+        assert tokens == [] and last.finish_reason == "stop" and last.embedding is not None
+        vector = np.array(decode_embedding(last.embedding))
+        assert vector.shape == (48,) and abs(np.linalg.norm(vector) - 1) < 1e-5
+        _, again = await run(engine, embed_request("e2", prompt))
+        assert again.embedding == last.embedding
+        _, other = await run(engine, embed_request("e3", prompt[::-1]))
+        assert other.embedding != last.embedding
+        _, cut = await run(engine, embed_request("e4", prompt, dimensions=8, normalize=False))
+        assert len(decode_embedding(cut.embedding)) == 8
+        with pytest.raises(ValueError, match="pooling"):
+            engine.generate(embed_request("e5", prompt, dimensions=49))
+        # a prompt of max_model_len tokens is embedded (no room for output is needed)
+        _, whole = await run(engine, embed_request("e6", [5] * engine.max_model_len))
+        assert whole.finish_reason == "stop"
+    finally:
+        await engine.shutdown()

@@ -4,7 +4,7 @@ The Triton paged decode and varlen attention against a float64 reference over ra
 tables and ragged lengths; the engine on CUDA (CUDA graphs with the kernels, mixed
 prefill + decode steps in graphs, and eager) token-identical to transformers in fp32 greedy,
 with prefix-cache hits giving the same tokens as misses; logit_bias, min_tokens and output
-constraints on CUDA.
+constraints on CUDA; embeddings (pooled final hidden states) against transformers.
 """
 
 from __future__ import annotations
@@ -531,3 +531,64 @@ def test_constrained_output_on_cuda(tiny_model_writer, tmp_path) -> None:
         value = json.loads(decode(out.token_ids))
         assert out.finish_reason == "stop" and value["k"] in ("alpha", "beta")
         assert set(value) == {"k", "n"} and 0 <= value["n"] <= 99
+
+
+def _embedding_check(model_dir, device: str, dtype: torch.dtype, atol: float) -> None:
+    """Embeddings (LAST and MEAN) of prompts over several 20-token prefill chunks, beside a
+    generation decoding, twice (the second round: LAST reads the cached prefix): each equals
+    transformers' `AutoModel(ids).last_hidden_state` pooled and normalized (fp32 reference):
+    cosine above 1 - `atol`, no component off by 10 x `atol`."""
+    import asyncio
+
+    from transformers import AutoModel
+
+    from contract.messages import PoolingParams, decode_embedding
+    from mpi_workers.engine.torch.engine import TorchEngine
+
+    prompts = [list(range(7, 7 + n)) for n in (5, 45, 70)]
+    hf = AutoModel.from_pretrained(model_dir, dtype=torch.float32).to(device).eval()
+    with torch.inference_mode():
+        states = [hf(torch.tensor([p], device=device)).last_hidden_state[0].cpu() for p in prompts]
+    del hf
+    expected = {
+        "LAST": [torch.nn.functional.normalize(s[-1], dim=0) for s in states],
+        "MEAN": [torch.nn.functional.normalize(s.mean(0), dim=0) for s in states],
+    }
+    engine = TorchEngine(
+        model_dir, device=device, dtype=dtype, block_size=16, num_blocks=96,
+        max_num_batched_tokens=20,
+    )  # fmt: skip
+
+    def embed(kind: str) -> list[GenerateRequest]:
+        return [GenerateRequest(request_id=f"{kind}{i}-{id(p)}", token_ids=p,
+                                pooling=PoolingParams(pooling_type=kind))
+                for i, p in enumerate(prompts)]  # fmt: skip
+
+    async def serve() -> None:
+        await engine.start()
+        try:
+            for round_ in range(2):
+                generation = _requests([list(range(3, 30))])[0]
+                generation.request_id = f"gen{round_}"
+                outs = await asyncio.gather(
+                    *(engine.generate_all(r) for r in [generation, *embed("LAST"), *embed("MEAN")])
+                )
+                assert len(outs[0].token_ids) == 16
+                for kind, got_outs in (("LAST", outs[1:4]), ("MEAN", outs[4:7])):
+                    for out, want in zip(got_outs, expected[kind], strict=True):
+                        assert out.embedding is not None and out.token_ids == []
+                        got = torch.tensor(decode_embedding(out.embedding))
+                        cosine = float(got @ want)  # both unit vectors
+                        assert cosine > 1 - atol and (got - want).abs().max() < 10 * atol, (
+                            cosine, (got - want).abs().max())  # fmt: skip
+        finally:
+            await engine.shutdown()
+
+    asyncio.run(serve())
+
+
+@pytest.mark.parametrize(("dtype", "atol"), [(torch.float32, 1e-5), (torch.bfloat16, 1e-2)])
+def test_embeddings_on_cuda_match_transformers(tiny_llama_dir, dtype, atol) -> None:
+    """Embeddings on the GPU with overlapped scheduling and CUDA graphs on (mixed prefill +
+    decode steps replay graphs; the pooled rows are read from the graph's output)."""
+    _embedding_check(tiny_llama_dir, "cuda", dtype, atol)
