@@ -32,7 +32,7 @@ from frontend.errors import OpenAIError, raise_for_worker_error
 from frontend.migration import MigratingStream
 from frontend.openai_schemas import EmbeddingRequest
 from frontend.responses import AnsweredResponse
-from frontend.serving import guard_disconnect, read_json_body
+from frontend.serving import guard_disconnect, in_vocabulary, read_json_body
 from frontend.state import FrontendState, check_task
 
 ENDPOINT = "/v1/embeddings"
@@ -132,14 +132,7 @@ async def tokenized(state: FrontendState, body: EmbeddingRequest, limit: int) ->
                 _refuse_what_cannot_fit(state, item, param, limit)
             ids = tokenizer.encode(item, add_special_tokens=body.add_special_tokens)
         else:
-            vocab = tokenizer.vocab_size
-            bad = next((t for t in item if not 0 <= t < vocab), None)
-            if bad is not None:
-                raise errors.bad_request(
-                    f"{param}: token id {bad} is outside the vocabulary (0..{vocab - 1})",
-                    param=param,
-                )
-            ids = list(item)
+            ids = in_vocabulary(state, item, param)
         if not ids:
             raise errors.bad_request(f"{param}: the input has no tokens", param=param)
         if keep is not None:

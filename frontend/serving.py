@@ -352,19 +352,24 @@ def _prompts(
         if isinstance(prompt, str):
             ids = tokenizer.encode(prompt, add_special_tokens=True)
         else:
-            vocab = tokenizer.vocab_size
-            bad = next((t for t in prompt if not 0 <= t < vocab), None)
-            if bad is not None:
-                raise errors.bad_request(
-                    f"{param}: token id {bad} is outside the vocabulary (0..{vocab - 1})",
-                    param=param,
-                )
-            ids = list(prompt)
+            ids = in_vocabulary(state, prompt, param)
         echo = None
         if body.echo:  # the prompt as sent: its text, or its ids' (special tokens too)
             echo = prompt if isinstance(prompt, str) else tokenizer.decode(ids, False)
         prompts.append(Prompt(_checked_ids(state, ids, param), param, echo))
     return prompts
+
+
+def in_vocabulary(state: FrontendState, ids: list[int], param: str) -> list[int]:
+    """A copy of token ids a client sent, or a 400 naming `param` for one outside the
+    model's vocabulary."""
+    vocab = state.tokenizer.vocab_size
+    bad = next((t for t in ids if not 0 <= t < vocab), None)
+    if bad is not None:
+        raise errors.bad_request(
+            f"{param}: token id {bad} is outside the vocabulary (0..{vocab - 1})", param=param
+        )
+    return list(ids)
 
 
 def _checked_ids(state: FrontendState, ids: list[int], param: str) -> list[int]:
