@@ -57,3 +57,11 @@ def test_the_run_line_puts_this_run_against_the_baseline() -> None:
     line = run_against_baseline({"a": 3.0, "b": 1.0, "new": 5.0}, {"a": 1.0, "b": 1.0}, "f.txt")
     assert line == "this run: 4.0 s for the 2 tests in f.txt, which has 2.0 s for them " \
         "(x2.00 the baseline); 1 tests not in it"
+
+
+def test_test_modules_have_names_of_their_own() -> None:
+    """pytest imports test modules by their base name (the folders are no packages): two
+    `test_x.py` anywhere stop the whole suite at collection, though each runs alone."""
+    tests = Path(__file__).parent
+    names = [path.name for path in tests.rglob("test_*.py")]
+    assert sorted({n for n in names if names.count(n) > 1}) == []

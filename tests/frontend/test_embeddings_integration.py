@@ -2,7 +2,7 @@
 `model.task: embed` config, real `Worker`s running the real SmolLM2 `TorchEngine`, and the
 official `openai` client (`client.embeddings.create`: float and base64, one input and
 batches of texts and token ids). Every vector is checked against the engine's own answer for
-the same token ids (which tests/mpi_workers/engine/torch/test_embeddings.py checks against
+the same token ids (which tests/mpi_workers/engine/torch/test_pooled_embeddings.py checks against
 transformers). Refusals name their field; a generate deployment refuses embeddings and an
 embed deployment refuses generation, naming model.task; an engine that cannot embed is
 refused by name; a worker lost before answering costs the client nothing.
