@@ -7,10 +7,12 @@ from __future__ import annotations
 
 import json
 import random
+from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
+from real_workers import mocker_worker
 
 from tests.frontend.test_frontend_integration import sse_events
 
@@ -77,6 +79,10 @@ FIELDS = {
         "previous_response_id", "metadata", "user", "top_logprobs", "include", "truncation",
         "background", "reasoning",
     ],
+    "embeddings": [
+        "model", "input", "encoding_format", "dimensions", "user", "truncate_prompt_tokens",
+        "add_special_tokens",
+    ],
 }  # fmt: skip
 
 
@@ -84,6 +90,8 @@ def valid_body(endpoint: str) -> dict[str, Any]:
     body: dict[str, Any] = {"model": "smol", "max_tokens": 3}
     if endpoint == "responses":
         return {"model": "smol", "input": "Say hello", "max_output_tokens": 3}
+    if endpoint == "embeddings":
+        return {"model": "smol", "input": ["Say hello", "and goodbye"]}
     if endpoint == "chat/completions":
         body["messages"] = [{"role": "user", "content": "Say hello"}]
     else:
@@ -122,6 +130,10 @@ def assert_answered(response: httpx.Response, body: dict[str, Any]) -> None:
         else:
             assert response.json()["object"] == "response", where
         return
+    if endpoint_of(response) == "embeddings":
+        data = response.json()["data"]
+        assert data and all(item["object"] == "embedding" for item in data), where
+        return
     if streamed:
         assert sse_events(response.text)[-1] == "[DONE]", where
     else:
@@ -159,5 +171,24 @@ async def test_odd_bodies_get_an_answer_or_an_openai_error(
         # both kinds were exercised: answers and refusals
         assert statuses.get(200, 0) > 0 and sum(statuses.values()) > statuses.get(200, 0)
         # nothing is left counted in flight: every refused or answered request was let go
+        health = (await client.get("/health")).json()
+        assert set(health["in_flight"].values()) == {0}, health
+
+
+async def test_odd_embedding_bodies_get_an_answer_or_an_openai_error(
+    make_frontend: Any, model_dir: Path
+) -> None:
+    """The same for /v1/embeddings on an embed deployment, the mocker answering (simulated
+    vectors): inputs of every odd shape, encodings, dimensions, truncation."""
+    fe = await make_frontend(model_settings={"task": "embed"})
+    rng = random.Random("odd-bodies-embeddings")
+    statuses: dict[int, int] = {}
+    async with mocker_worker(fe, model_dir), fe.client(timeout=20) as client:
+        for _ in range(ROUNDS_PER_ENDPOINT):
+            body = odd_body("embeddings", rng)
+            response = await client.post("/v1/embeddings", json=body)
+            assert_answered(response, body)
+            statuses[response.status_code] = statuses.get(response.status_code, 0) + 1
+        assert statuses.get(200, 0) > 0 and sum(statuses.values()) > statuses.get(200, 0)
         health = (await client.get("/health")).json()
         assert set(health["in_flight"].values()) == {0}, health
