@@ -293,17 +293,8 @@ class ResponseEvents:
     def _reasoning_delta(self, text: str) -> list[bytes]:
         events = []
         if self._thinking is None:
-            item = reasoning_item("", "in_progress")
-            item["content"] = []
-            self._thinking = item
-            index = len(self.output)
-            events.append(self._event("response.output_item.added",
-                                      {"output_index": index, "item": dict(item)}))  # fmt: skip
-            events.append(self._event("response.content_part.added", {
-                "item_id": item["id"], "output_index": index, "content_index": 0,
-                "part": _reasoning_part(""),
-            }))  # fmt: skip
-            self.output.append(item)
+            self._thinking = reasoning_item("", "in_progress")
+            events += self._open_part(self._thinking, _reasoning_part(""))
         self._thought.append(text)
         events.append(self._event("response.reasoning_text.delta", {
             "item_id": self._thinking["id"], "output_index": self.output.index(self._thinking),
@@ -317,15 +308,35 @@ class ResponseEvents:
         if item is None:
             return []
         self._thinking = None
-        index = self.output.index(item)
         text = "".join(self._thought)
         self._thought = []
-        part = _reasoning_part(text)
+        done = {"text": text}
+        return self._close_part(item, _reasoning_part(text), status, "reasoning_text", done)
+
+    def _open_part(self, item: dict[str, Any], part: dict[str, Any]) -> list[bytes]:
+        """An output item of one content part begins: it is added, then its empty part."""
+        item["content"] = []
+        index = len(self.output)
+        self.output.append(item)
+        return [
+            self._event("response.output_item.added", {"output_index": index, "item": item}),
+            self._event("response.content_part.added", {
+                "item_id": item["id"], "output_index": index, "content_index": 0, "part": part,
+            }),
+        ]  # fmt: skip
+
+    def _close_part(
+        self, item: dict[str, Any], part: dict[str, Any], status: str, kind: str,
+        done: dict[str, Any],
+    ) -> list[bytes]:  # fmt: skip
+        """An output item ends with its whole part: `response.<kind>.done` (with `done`'s
+        fields), the part's done, the item's done."""
+        index = self.output.index(item)
         item["content"] = [part]
         item["status"] = status
         base = {"item_id": item["id"], "output_index": index, "content_index": 0}
         return [
-            self._event("response.reasoning_text.done", {**base, "text": text}),
+            self._event(f"response.{kind}.done", {**base, **done}),
             self._event("response.content_part.done", {**base, "part": part}),
             self._event("response.output_item.done", {"output_index": index, "item": item}),
         ]
@@ -333,17 +344,8 @@ class ResponseEvents:
     def _text_delta(self, text: str, logprobs: list[Any]) -> list[bytes]:
         events = []
         if self._message is None:
-            item = message_item("", [], "in_progress")
-            item["content"] = []
-            self._message = item
-            index = len(self.output)
-            events.append(self._event("response.output_item.added",
-                                      {"output_index": index, "item": item}))  # fmt: skip
-            events.append(self._event("response.content_part.added", {
-                "item_id": item["id"], "output_index": index, "content_index": 0,
-                "part": _text_part("", []),
-            }))  # fmt: skip
-            self.output.append(item)
+            self._message = message_item("", [], "in_progress")
+            events += self._open_part(self._message, _text_part("", []))
         logprobs = self._logprobs + logprobs
         self._logprobs = []
         if text or logprobs:
@@ -360,20 +362,12 @@ class ResponseEvents:
         if item is None:
             return []
         self._message = None
-        index = self.output.index(item)
         text = "".join(self._text)
         self._text = []
         part = _text_part(text, self._message_logprobs)
         self._message_logprobs = []
-        item["content"] = [part]
-        item["status"] = status
-        base = {"item_id": item["id"], "output_index": index, "content_index": 0}
-        return [
-            self._event("response.output_text.done",
-                        {**base, "text": text, "logprobs": part["logprobs"]}),
-            self._event("response.content_part.done", {**base, "part": part}),
-            self._event("response.output_item.done", {"output_index": index, "item": item}),
-        ]  # fmt: skip
+        done = {"text": text, "logprobs": part["logprobs"]}
+        return self._close_part(item, part, status, "output_text", done)
 
     def _call(self, call: ToolCall) -> list[bytes]:
         events = self._close_message("completed")
