@@ -18,17 +18,14 @@ A deployment without the parser runs none of this (`prepared.reasoning` is None)
 
 from __future__ import annotations
 
-import argparse
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.bench_tool_calls import alternated_rounds, pieces_of
-from contract.config import default_model_dir
+from benchmarks.bench_tool_calls import alternated_rounds, chunk_options, pieces_of
 from frontend.reasoning import FORMATS, ReasoningSplit
-from frontend.tokenization import TextTokenizer
 
 THINKING = (
     "<think>\nThe user asks about the weather in Paris in spring. Typical temperatures are "
@@ -54,12 +51,7 @@ def with_split(pieces: list[str], repeat: int) -> float:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rounds", type=int, default=6)
-    parser.add_argument("--repeat", type=int, default=300, help="answers per round and side")
-    parser.add_argument("--model", default=None, help="model folder (default: SmolLM2)")
-    args = parser.parse_args()
-    tokenizer = TextTokenizer(args.model or default_model_dir())
+    args, tokenizer = chunk_options(__doc__)
     answers = [(name, pieces_of(tokenizer, text), with_split) for name, text in ANSWERS]
     median = alternated_rounds(args.rounds, args.repeat, answers, "split_us")
     print(f"per SSE event (~14 us through NATS): +{median / 14.0:.1%} CPU for a streamed answer")

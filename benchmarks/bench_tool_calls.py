@@ -102,13 +102,18 @@ def alternated_rounds(
     return statistics.median(extras)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def chunk_options(doc: str) -> tuple[argparse.Namespace, TextTokenizer]:
+    """The per-chunk benchmarks' options (rounds, answers per round, model) and tokenizer."""
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=6)
     parser.add_argument("--repeat", type=int, default=300, help="answers per round and side")
     parser.add_argument("--model", default=None, help="model folder (default: SmolLM2)")
     args = parser.parse_args()
-    tokenizer = TextTokenizer(args.model or default_model_dir())
+    return args, TextTokenizer(args.model or default_model_dir())
+
+
+def main() -> None:
+    args, tokenizer = chunk_options(__doc__)
     answers: list[tuple[str, list[str], Measure]] = [
         (name, pieces_of(tokenizer, text), functools.partial(with_parser, fmt))
         for name, fmt, text in ANSWERS

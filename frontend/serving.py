@@ -469,19 +469,15 @@ def _reasoning_mode(
     if fmt is None:
         return None
     tail = state.tokenizer.decode(ids[-_PROMPT_TAIL_TOKENS:], skip_special_tokens=False)
-    tokenizer = state.tokenizer
+    start_token, end_token = state.reasoning_tokens
     mode = ReasoningMode(
-        fmt,
-        starts_inside(fmt, tail),
-        body.include_reasoning,
-        start_token=tokenizer.single_token_id(fmt.start),
-        end_token=tokenizer.single_token_id(fmt.end),
+        fmt, starts_inside(fmt, tail), body.include_reasoning, start_token, end_token
     )
     guided = sampling.guided
     if guided is not None:
         if not state.constrains_after_thinking():
             return None
-        sampling.guided = guided.model_copy(update={"thinking": mode.fence(tokenizer)})
+        sampling.guided = guided.model_copy(update={"thinking": mode.fence(state.tokenizer)})
     return mode
 
 

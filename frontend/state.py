@@ -89,8 +89,13 @@ class FrontendState:
             self.tokenizer.keep_in_text(FORMATS[parser].tokens)
         thinking = config.frontend.reasoning_parser
         self.reasoning_format = REASONING_FORMATS[thinking] if thinking is not None else None
+        # the tags' ids where each is one token (usage counts the thinking by them)
+        self.reasoning_tokens: tuple[int | None, int | None] = (None, None)
         if self.reasoning_format is not None:  # Magistral's tags are special tokens
-            self.tokenizer.keep_in_text([self.reasoning_format.start, self.reasoning_format.end])
+            start, end = self.reasoning_format.start, self.reasoning_format.end
+            self.tokenizer.keep_in_text([start, end])
+            single = self.tokenizer.single_token_id
+            self.reasoning_tokens = (single(start), single(end))
         try:
             self.vlm: VlmInfo | None = load_vlm_info(model_path)
         except ValueError as exc:
