@@ -38,3 +38,20 @@ def mpi_launcher(mpirun: str) -> tuple[str, ...]:
     if "HYDRA" in version:
         return (mpirun, "-disable-auto-cleanup")
     return (mpirun,)
+
+
+# What MPICH and Open MPI print when a rank's MPI_Init fails: the world of a tensor-parallel
+# group never formed (the PMI exchange of the ranks' addresses went wrong, a peer was gone).
+MPI_INIT_FAILURE_MARKS = (
+    "Fatal error in internal_Init_thread",  # MPICH 4-5: MPI_Init_thread
+    "Fatal error in PMPI_Init",  # older MPICH
+    "MPI_INIT has failed",  # Open MPI
+    "It looks like MPI_INIT failed",  # Open MPI
+)
+
+
+def mpi_init_failed(log_text: str) -> bool:
+    """True when a worker's log shows that its ranks' MPI_Init failed: a start-up failure of
+    the MPI world (a bootstrap that can go wrong once and right the next time), as opposed
+    to the worker's own (a missing GPU, a bad model path)."""
+    return any(mark in log_text for mark in MPI_INIT_FAILURE_MARKS)

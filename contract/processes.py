@@ -21,10 +21,13 @@ class ProcessFailed(RuntimeError):
 
 
 class ManagedProcess:
-    def __init__(self, name: str, popen: subprocess.Popen[bytes], log_path: Path) -> None:
+    def __init__(
+        self, name: str, popen: subprocess.Popen[bytes], log_path: Path, log_offset: int = 0
+    ) -> None:
         self.name = name
         self.popen = popen
         self.log_path = log_path
+        self.log_offset = log_offset  # where this run's output starts (a restart appends)
 
     @classmethod
     def spawn(
@@ -37,6 +40,7 @@ class ManagedProcess:
     ) -> ManagedProcess:
         log_path.parent.mkdir(parents=True, exist_ok=True)
         with open(log_path, "ab") as log:
+            log_offset = log.tell()
             popen = subprocess.Popen(
                 list(argv),
                 stdout=log,
@@ -46,7 +50,7 @@ class ManagedProcess:
                 cwd=cwd,
                 start_new_session=True,
             )
-        return cls(name, popen, log_path)
+        return cls(name, popen, log_path, log_offset)
 
     @property
     def pid(self) -> int:
@@ -61,6 +65,15 @@ class ManagedProcess:
         except OSError:
             return ""
         return "\n".join(text.splitlines()[-lines:])
+
+    def log_of_this_run(self) -> str:
+        """The log from this run's start on (a restart appends: not an earlier run's lines)."""
+        try:
+            with open(self.log_path, "rb") as log:
+                log.seek(self.log_offset)
+                return log.read().decode(errors="replace")
+        except OSError:
+            return ""
 
     def wait_ready(self, check: Callable[[], bool], timeout_s: float, poll_s: float = 0.05) -> None:
         """Poll `check` until true; fail fast if the process exits first."""

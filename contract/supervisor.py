@@ -31,6 +31,7 @@ from typing import Literal
 
 from contract.config import DeploymentConfig
 from contract.discovery import worker_key
+from contract.mpirun import mpi_init_failed
 from contract.plan import (
     STAGE_WORKERS,
     STOP_TIMEOUT_S,
@@ -164,7 +165,8 @@ class Supervisor:
     # ----- start and stop ------------------------------------------------------------------
     def start(self) -> None:
         """Start every stage and await its readiness; DeploymentFailed names a component that
-        exits or times out before it is ready (start-up failures are not retried)."""
+        exits or times out before it is ready (start-up failures are not retried, except a
+        worker's MPI world that failed to form: `_await_start`)."""
         for stage in sorted({c.planned.stage for c in self.components}):
             if self.on_stage is not None:
                 self.on_stage(stage)
@@ -173,20 +175,45 @@ class Supervisor:
                 self._launch(component)
             self.write_pids()
             for component in members:
-                assert component.process is not None
                 t0 = time.monotonic()
-                try:
-                    component.process.wait_ready(
-                        readiness_check(component.planned.ready),
-                        ready_timeout_s(component.planned), poll_s=0.1,
-                    )  # fmt: skip
-                except ProcessFailed as exc:
-                    raise DeploymentFailed(component.name, str(exc),
-                                           component.process.log_path) from None  # fmt: skip
+                self._await_start(component)
                 component.phase = "ready"
                 self.say(f"{component.name} ready in {time.monotonic() - t0:.1f} s "
                          f"({component.planned.ready.describe()})")  # fmt: skip
             self._changed()
+
+    def _await_start(self, component: Component) -> None:
+        """Wait until `component` is ready. A worker whose ranks' MPI_Init failed is started
+        again under its restart policy (the world of a multi-node group can fail to form once:
+        a PMI exchange gone wrong); any other start-up failure fails the deployment at once."""
+        while True:
+            process = component.process
+            assert process is not None
+            try:
+                process.wait_ready(readiness_check(component.planned.ready),
+                                   ready_timeout_s(component.planned), poll_s=0.1)  # fmt: skip
+                return
+            except ProcessFailed as exc:
+                if not self._start_again(component, process):
+                    raise DeploymentFailed(component.name, str(exc), process.log_path) from None
+
+    def _start_again(self, component: Component, process: ManagedProcess) -> bool:
+        """Relaunch a worker that exited at start because its MPI world did not form, after
+        the policy's backoff, while restarts are left; False: the failure stands."""
+        policy = component.policy
+        if (component.planned.stage != STAGE_WORKERS or process.running()
+                or component.restarts >= policy.max_restarts
+                or not mpi_init_failed(process.log_of_this_run())):  # fmt: skip
+            return False
+        delay = policy.delay(component.restarts)
+        self.say(f"{component.name}: MPI_Init failed at start (exit {process.popen.returncode}); "
+                 f"start {component.restarts + 1} of {policy.max_restarts} again in {delay:.1f} s "
+                 f"(log {process.log_path})")  # fmt: skip
+        time.sleep(delay)  # the policy's backoff, as between restarts while serving
+        component.restarts += 1
+        self._launch(component)
+        self.write_pids()
+        return True
 
     def stop(self) -> None:
         """Stop every process, last stage first; one stage's processes in parallel; then

@@ -5,6 +5,7 @@ the durations baseline check (tests/durations_baseline.py)."""
 from __future__ import annotations
 
 import os
+import signal
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -45,6 +46,24 @@ def pytest_configure(config: pytest.Config) -> None:
 @pytest.hookimpl(tryfirst=True)  # before `-m` deselects by these markers
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     add_derived_markers(items)
+
+
+# Ignored in this process, a stop signal is ignored in every child it starts from then on (the
+# disposition is inherited): SIGTERM would no longer stop a test's processes.
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+
+@pytest.fixture(autouse=True)
+def stop_signals_left_as_found() -> Iterator[None]:
+    """A test that runs an entry point in-process (one that ignores its stop signals at its
+    end) must give pytest its handlers back; fail it, and restore them, if it did not."""
+    before = {sig: signal.getsignal(sig) for sig in STOP_SIGNALS}
+    yield
+    ignored = [sig.name for sig in STOP_SIGNALS
+               if signal.getsignal(sig) == signal.SIG_IGN != before[sig]]  # fmt: skip
+    for sig, handler in before.items():
+        signal.signal(sig, handler)
+    assert not ignored, f"the test left {ignored} ignored in the test process"
 
 
 @pytest.fixture(scope="session")

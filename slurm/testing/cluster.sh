@@ -202,11 +202,19 @@ write_config() {
     chmod 400 "$MUNGE_DIR/munge.key"
     chown -R munge:munge "$MUNGE_DIR"
 
-    local last_addr
+    local last_addr first_job_id
     last_addr=$(node_addr "$n")
+    # Job ids of their own for each cluster brought up here (under Slurm's MaxJobId): a fresh
+    # slurmctld state would count from 1 again, and MPICH names a step's /dev/shm segment by a
+    # hash of its PMI job id "<job>.<step>", in the /dev/shm that every cluster on this machine
+    # shares. A segment left by a step of an earlier cluster that died inside MPI_Init (before
+    # mpi_workers/mpi_shm.py unlinks it) would be opened, not created, by the same-numbered
+    # step of a later cluster (seen: a CI run's step 7.2 left one for the next run's 7.2).
+    first_job_id=$(( $(date +%s) % 60000 * 1000 + 1 ))  # 1000 ids a second, for 16 h
     cat >"$STATE_DIR/slurm.conf" <<EOF
 # Written by slurm/testing/cluster.sh; removed at 'down'.
 ClusterName=hpcserve-test
+FirstJobId=$first_job_id
 SlurmctldHost=$(hostname -s)($CTL_ADDR)
 SlurmctldPort=$CTL_PORT
 SlurmdPort=6818

@@ -15,6 +15,7 @@ import signal
 import sys
 import time
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -89,6 +90,7 @@ def make_plan(config: DeploymentConfig, hosted: tuple[int, ...] = (1, 1)) -> lis
 def supervise(
     tmp_path: Path, config: DeploymentConfig, hosted: tuple[int, ...] = (1, 1),
     env: dict[str, str] | None = None,
+    edit_plan: Callable[[list[PlannedProcess]], None] | None = None,
 ) -> tuple[Supervisor, list[str]]:
     from contract.processes import ManagedProcess
 
@@ -100,6 +102,8 @@ def supervise(
                                     env={**os.environ, **(env or {})})  # fmt: skip
 
     plan = make_plan(config, hosted)
+    if edit_plan is not None:
+        edit_plan(plan)
     return Supervisor(config, plan, launch, run_dir=tmp_path, say=said.append), said
 
 
@@ -248,6 +252,61 @@ def test_a_component_dying_at_start_fails_naming_it(tmp_path, etcd_endpoint) -> 
             supervisor.start()
         assert failure.value.component == "worker-agg-g0-i0"
         assert "no GPU" in str(failure.value)
+    finally:
+        supervisor.stop()
+
+
+# A worker whose first start fails the way MPICH's MPI_Init does (the world of a multi-node
+# group not formed: a PMI exchange gone wrong), then starts as the plain WORKER.
+MPI_INIT_FAILS_ONCE = """
+import os, sys
+marker = sys.argv[1]
+if not os.path.exists(marker):
+    open(marker, "w").close()
+    print("Abort(273827087) on node 0: Fatal error in internal_Init_thread: Other MPI error")
+    sys.exit(15)
+sys.argv = [sys.argv[0], *sys.argv[2:]]
+exec(compile(sys.argv.pop(1), "worker", "exec"))
+"""
+
+
+def with_mpi_init_failing_once(plan: list[PlannedProcess], marker: Path) -> None:
+    """worker-agg-g0-i0 of `plan` fails its first start in MPI_Init."""
+    worker = plan[1]
+    argv = (sys.executable, "-c", MPI_INIT_FAILS_ONCE, str(marker), WORKER, *worker.argv[3:])
+    plan[1] = PlannedProcess(worker.name, worker.role, worker.stage, argv, worker.ready,
+                             group=0, index=0, worker_ids=worker.worker_ids)  # fmt: skip
+
+
+def test_a_worker_whose_mpi_init_failed_is_started_again(tmp_path, etcd_endpoint) -> None:
+    """An MPI world that did not form at start is a start-up failure worth a second try (under
+    the worker's restart policy); the deployment then comes up."""
+    supervisor, said = supervise(
+        tmp_path, make_config(etcd_endpoint, "sup-mpi-once"),
+        edit_plan=lambda plan: with_mpi_init_failing_once(plan, tmp_path / "first-start"),
+    )  # fmt: skip
+    try:
+        supervisor.start()
+        assert supervisor.phases()["worker-agg-g0-i0"] == "ready"
+        assert supervisor.restarts() == {"worker-agg-g0-i0": 1}
+        assert any("MPI_Init failed at start (exit 15); start 1 of 1 again" in m for m in said)
+    finally:
+        supervisor.stop()
+
+
+def test_a_failed_mpi_init_with_no_restarts_left_fails_the_start(tmp_path, etcd_endpoint):
+    config = make_config(etcd_endpoint, "sup-mpi-none", restart={"max_restarts": 0})
+    supervisor, said = supervise(
+        tmp_path, config,
+        edit_plan=lambda plan: with_mpi_init_failing_once(plan, tmp_path / "first-start"),
+    )  # fmt: skip
+    try:
+        with pytest.raises(DeploymentFailed, match="exited with code 15 before it was ready"
+                           ) as failure:  # fmt: skip
+            supervisor.start()
+        assert failure.value.component == "worker-agg-g0-i0"
+        assert "internal_Init_thread" in str(failure.value)
+        assert not any("MPI_Init failed at start" in m for m in said)
     finally:
         supervisor.stop()
 

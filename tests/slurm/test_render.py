@@ -8,6 +8,7 @@ Regenerate the golden files after an intended change, then review the diff:
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -267,7 +268,16 @@ def test_supervisor_refuses_trtllm_spawn(tmp_path: Path) -> None:
     data["engine"]["trtllm"]["launch"] = "spawn"
     (tmp_path / "logs").mkdir()
     (tmp_path / "deployment.yaml").write_text(yaml.safe_dump(data))
-    assert main(["--job-dir", str(tmp_path), "localhost", "w1"]) == 2
+    # main() is the job's entry point: it ends ignoring SIGTERM/SIGINT/SIGUSR1 (its ordered
+    # stop runs to its end). Here it runs inside pytest, whose later children would inherit
+    # that: give this process its handlers back.
+    signals = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
+    handlers = {sig: signal.getsignal(sig) for sig in signals}
+    try:
+        assert main(["--job-dir", str(tmp_path), "localhost", "w1"]) == 2
+    finally:
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
     state = read_state(tmp_path)
     assert state is not None and (state.state, state.component) == ("FAILED", "prepare")
     assert "engine.trtllm.launch: spawn" in (state.message or "")
