@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import inspect
 import logging
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Collection, Iterable, Mapping, Sequence
@@ -46,6 +45,7 @@ from contract.messages import (
     KvStored,
     parse_kv_event_batch,
 )
+from frontend.nats_read_loop import read_loop_hook, take_in_read_loop
 
 logger = logging.getLogger(__name__)
 
@@ -302,8 +302,8 @@ class KvIndexFeed:
         if self._nats_url is not None:
             self._nc = nc = await connect(self._nats_url, "hpcserve-frontend-kv-index")
             subject = kv_events_subject(self._deployment)
-            if _read_loop_hook(nc):
-                _take_in_read_loop(nc, (await nc.subscribe(subject))._id, self._take)
+            if read_loop_hook(nc):
+                take_in_read_loop(nc, (await nc.subscribe(subject))._id, self._take)
             else:  # a nats-py without the hook: its subscription task hands them over
                 logger.warning("KV index: nats-py's _process_msg changed; events by callback")
                 await nc.subscribe(subject, cb=self._on_events)
@@ -346,8 +346,8 @@ class KvIndexFeed:
             asyncio.get_running_loop().call_soon(self._apply_next_turn)
         self._arrived.append(msg.data)
 
-    def _take(self, data: bytes) -> None:
-        """`_on_events` for a batch taken from nats-py's read loop (`_take_in_read_loop`): a
+    def _take(self, _subject: bytes, data: bytes, _headers: bytes | None) -> None:
+        """`_on_events` for a batch taken from nats-py's read loop (`take_in_read_loop`): a
         turn earlier than its subscription task would have had it, so one turn more."""
         if not self._arrived:
             asyncio.get_running_loop().call_soon(self._wait_a_turn)
@@ -469,35 +469,6 @@ class KvIndexFeed:
             await asyncio.sleep(self._reconcile_interval_s)
             for worker_id in sorted(self._workers):
                 self.request_snapshot(worker_id)
-
-
-_PROCESS_MSG_PARAMETERS = ["sid", "subject", "reply", "data", "headers"]  # nats-py 2.x
-
-
-def _read_loop_hook(nc: NatsClient) -> bool:
-    """Whether `nc` has the protocol parser's per-message call `_take_in_read_loop` wraps."""
-    process_msg = getattr(nc, "_process_msg", None)
-    if not inspect.iscoroutinefunction(process_msg):
-        return False
-    return list(inspect.signature(process_msg).parameters) == _PROCESS_MSG_PARAMETERS
-
-
-def _take_in_read_loop(nc: NatsClient, sid: int, take: Callable[[bytes], None]) -> None:
-    """Hand subscription `sid`'s messages to `take` from nats-py's protocol parser. Its own
-    path per message (a `Msg` built, queued, its subscription task woken to await a
-    callback) cost more than parsing and applying a batch; every frontend process receives
-    every worker's batches. The other subscriptions of `nc` (snapshot replies) keep it."""
-    deliver = nc._process_msg
-
-    async def process_msg(
-        msg_sid: int, subject: bytes, reply: bytes, data: bytes, headers: bytes | None
-    ) -> None:
-        if msg_sid == sid:
-            take(data)
-        else:
-            await deliver(msg_sid, subject, reply, data, headers)
-
-    nc._process_msg = process_msg  # type: ignore[method-assign]
 
 
 def _seq(batch: KvBatchOps) -> int:

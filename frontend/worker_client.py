@@ -36,6 +36,7 @@ from contract.messages import (
     request_json,
 )
 from frontend import errors
+from frontend.nats_read_loop import no_responders, read_loop_hook, take_in_read_loop
 from frontend.router import LoadTracker
 
 logger = logging.getLogger(__name__)
@@ -210,6 +211,7 @@ class WorkerClient:
         self._tracker = tracker
         self._nc: NatsClient | None = None
         self._prefix = ""
+        self._reply_prefix_len = 0
         self._streams: dict[str, RequestStream] = {}
         self._background: set[asyncio.Task[None]] = set()
         self._workers: dict[str, WorkerCard] = {}  # the directory as last seen
@@ -237,7 +239,13 @@ class WorkerClient:
     async def start(self, name: str = "hpcserve-frontend") -> None:
         self._nc = await connect(self._url, name, reconnected=self._on_reconnected)
         self._prefix = self._nc.new_inbox()
-        await self._nc.subscribe(f"{self._prefix}.>", cb=self._on_reply)
+        self._reply_prefix_len = len(self._prefix) + 1  # "<inbox>."
+        if read_loop_hook(self._nc):  # each reply a task hop and a `Msg` sooner
+            replies = await self._nc.subscribe(f"{self._prefix}.>")
+            take_in_read_loop(self._nc, replies._id, self._take_reply)
+        else:
+            logger.warning("nats-py's _process_msg changed: replies go by callback")
+            await self._nc.subscribe(f"{self._prefix}.>", cb=self._on_reply)
         if self._load_metrics:  # a router that reads no load leaves them unparsed
             await self._nc.subscribe(load_metrics_subject(self._deployment), cb=self._on_load)
         await self._nc.flush()
@@ -352,22 +360,30 @@ class WorkerClient:
         except Exception as exc:
             logger.warning("could not publish to %s: %s", subject, exc)
 
+    def _take_reply(self, subject: bytes, data: bytes, headers: bytes | None) -> None:
+        """A reply, from nats-py's read loop (`take_in_read_loop`)."""
+        self._reply(subject[self._reply_prefix_len :].decode(), data, no_responders(headers))
+
     async def _on_reply(self, msg: Msg) -> None:
-        request_id = msg.subject[len(self._prefix) + 1 :]
+        """A reply, from the subscription's task (a nats-py without the read-loop hook)."""
+        status = msg.headers.get("Status") if msg.headers else None
+        self._reply(msg.subject[self._reply_prefix_len :], msg.data, status == "503")
+
+    def _reply(self, request_id: str, data: bytes, nobody_listens: bool) -> None:
         if request_id == BATCH_SUFFIX:
-            self._on_batch(msg.data)
+            self._on_batch(data)
             return
         stream = self._streams.get(request_id)
         if stream is None:
             return
         if self._busy_poll_s:
             self._keep_polling()
-        if not msg.data and msg.headers and msg.headers.get("Status") == "503":
+        if not data and nobody_listens:
             # NATS "no responders": nobody listens on the worker's subject (it died and its
             # lease has not lapsed yet); fail over now instead of waiting for the TTL
             stream.queue.put_nowait(NotListening(stream.card.worker_id))
             return
-        stream.queue.put_nowait(msg.data)
+        stream.queue.put_nowait(data)
 
     def _on_batch(self, data: bytes) -> None:
         """Chunks of several requests that one worker step produced (`batch_replies`)."""

@@ -146,7 +146,8 @@ async def test_events_arriving_with_a_reply_wait_for_its_handler() -> None:
     assert feed.index.overlaps(H, ["a"]) == {"a": 4} and feed.num_gaps == 0
 
 
-async def test_events_taken_in_the_read_loop_wait_for_the_handler_too() -> None:
+@pytest.mark.parametrize("by_task", [False, True], ids=["reply_in_read_loop", "reply_by_task"])
+async def test_events_taken_in_the_read_loop_wait_for_the_handler_too(by_task: bool) -> None:
     """The batch handed over from nats-py's read loop (`_take`, a turn before a subscription
     task would have had it) is applied after the handler its reply woke, in seq order."""
     feed = await feed_of_worker_a()
@@ -157,16 +158,21 @@ async def test_events_taken_in_the_read_loop_wait_for_the_handler_too() -> None:
         await reply
         seen.append(len(feed.index.blocks_of("a")))
 
-    async def reply_subscription() -> None:  # nats-py's task for the reply's subscription
+    async def reply_subscription() -> None:  # nats-py's task for a reply's subscription
         reply.set_result(None)
 
     waiting = asyncio.create_task(handler())
     await asyncio.sleep(0)  # the handler waits for its reply
     # the events' connection read first, then the reply's in the same loop turn: the batches
-    # go to the feed at once, the reply to its subscription's task (which runs a turn later)
-    feed._take(batch("a", 1, stored(H[:2])).model_dump_json().encode())
-    feed._take(batch("a", 2, stored(H[2:], H[1])).model_dump_json().encode())
-    asyncio.get_running_loop().create_task(reply_subscription())
+    # go to the feed at once, and the reply to its stream from the read loop too (the worker
+    # client's `_take_reply`) or, where nats-py lacks the hook, to its subscription's task
+    # (which runs a turn later): the handler runs before the batches are applied either way
+    feed._take(b"", batch("a", 1, stored(H[:2])).model_dump_json().encode(), None)
+    feed._take(b"", batch("a", 2, stored(H[2:], H[1])).model_dump_json().encode(), None)
+    if by_task:
+        asyncio.get_running_loop().create_task(reply_subscription())
+    else:
+        reply.set_result(None)
     await waiting
     await applied_to_worker_a(feed)
     assert seen == [0]
