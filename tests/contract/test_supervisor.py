@@ -232,26 +232,30 @@ def test_non_critical_worker_out_of_restarts_leaves_the_rest_serving(tmp_path, e
         supervisor.stop()
 
 
+def first_worker_runs(plan: list[PlannedProcess], argv: tuple[str, ...]) -> None:
+    """worker-agg-g0-i0 of `plan` runs `argv` instead."""
+    worker = plan[1]
+    plan[1] = PlannedProcess(worker.name, worker.role, worker.stage, argv, worker.ready,
+                             group=0, index=0, worker_ids=worker.worker_ids)  # fmt: skip
+
+
+def failed_start(supervisor: Supervisor, code: int) -> DeploymentFailed:
+    """What `start()` raised: worker-agg-g0-i0 exited with `code` before it was ready."""
+    with pytest.raises(DeploymentFailed, match=f"exited with code {code} before it was ready"
+                       ) as failure:  # fmt: skip
+        supervisor.start()
+    assert failure.value.component == "worker-agg-g0-i0"
+    return failure.value
+
+
 def test_a_component_dying_at_start_fails_naming_it(tmp_path, etcd_endpoint) -> None:
-    config = make_config(etcd_endpoint, "sup-start")
-    plan = make_plan(config)
-    plan[1] = PlannedProcess("worker-agg-g0-i0", "agg", STAGE_WORKERS,
-                             (sys.executable, "-c", "import sys; print('no GPU'); sys.exit(3)"),
-                             plan[1].ready, group=0, index=0,
-                             worker_ids=("agg-g0-i0",))  # fmt: skip
-    from contract.processes import ManagedProcess
-
-    def launch(planned: PlannedProcess) -> ManagedProcess:
-        return ManagedProcess.spawn(planned.name, planned.argv,
-                                    tmp_path / "logs" / f"{planned.name}.log")  # fmt: skip
-
-    supervisor = Supervisor(config, plan, launch, run_dir=tmp_path, say=lambda _m: None)
+    """Not retried although it has a restart left: a missing GPU does not improve."""
+    no_gpu = (sys.executable, "-c", "import sys; print('no GPU'); sys.exit(3)")
+    supervisor, _said = supervise(tmp_path, make_config(etcd_endpoint, "sup-start"),
+                                  edit_plan=lambda plan: first_worker_runs(plan, no_gpu))
     try:
-        with pytest.raises(DeploymentFailed, match="exited with code 3 before it was ready"
-                           ) as failure:  # fmt: skip
-            supervisor.start()
-        assert failure.value.component == "worker-agg-g0-i0"
-        assert "no GPU" in str(failure.value)
+        assert "no GPU" in str(failed_start(supervisor, 3))
+        assert supervisor.restarts() == {}
     finally:
         supervisor.stop()
 
@@ -272,10 +276,8 @@ exec(compile(sys.argv.pop(1), "worker", "exec"))
 
 def with_mpi_init_failing_once(plan: list[PlannedProcess], marker: Path) -> None:
     """worker-agg-g0-i0 of `plan` fails its first start in MPI_Init."""
-    worker = plan[1]
-    argv = (sys.executable, "-c", MPI_INIT_FAILS_ONCE, str(marker), WORKER, *worker.argv[3:])
-    plan[1] = PlannedProcess(worker.name, worker.role, worker.stage, argv, worker.ready,
-                             group=0, index=0, worker_ids=worker.worker_ids)  # fmt: skip
+    argv = (sys.executable, "-c", MPI_INIT_FAILS_ONCE, str(marker), WORKER, *plan[1].argv[3:])
+    first_worker_runs(plan, argv)
 
 
 def test_a_worker_whose_mpi_init_failed_is_started_again(tmp_path, etcd_endpoint) -> None:
@@ -301,11 +303,7 @@ def test_a_failed_mpi_init_with_no_restarts_left_fails_the_start(tmp_path, etcd_
         edit_plan=lambda plan: with_mpi_init_failing_once(plan, tmp_path / "first-start"),
     )  # fmt: skip
     try:
-        with pytest.raises(DeploymentFailed, match="exited with code 15 before it was ready"
-                           ) as failure:  # fmt: skip
-            supervisor.start()
-        assert failure.value.component == "worker-agg-g0-i0"
-        assert "internal_Init_thread" in str(failure.value)
+        assert "internal_Init_thread" in str(failed_start(supervisor, 15))
         assert not any("MPI_Init failed at start" in m for m in said)
     finally:
         supervisor.stop()
