@@ -20,7 +20,6 @@ import urllib.request
 from dataclasses import dataclass
 from typing import Literal
 
-Endpoint = Literal["chat", "completions", "embeddings", "responses"]
 PROBE_TIMEOUT_S = 30.0
 
 
@@ -39,6 +38,7 @@ class EndpointKind:
         return not (self.path == "/responses" and streaming)
 
 
+# One per value of `BenchmarkConfig.endpoint`.
 ENDPOINTS: dict[str, EndpointKind] = {
     "chat": EndpointKind("/chat/completions", "generate", produces_tokens=True),
     "completions": EndpointKind("/completions", "generate", produces_tokens=True),
