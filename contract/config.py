@@ -578,8 +578,15 @@ class BenchmarkConfig(_Section):
     def _count_or_duration(self) -> BenchmarkConfig:
         if self.requests is not None and self.duration_s is not None:
             raise ValueError("duration_s: give requests or duration_s, not both")
-        if self.endpoint == "embeddings" and self.shared_prefix and self.shared_prefix.turns > 1:
-            raise ValueError("shared_prefix.turns: embeddings have no conversation (one turn)")
+        prefix = self.shared_prefix
+        if self.endpoint == "embeddings" and prefix is not None:
+            if prefix.turns > 1:
+                raise ValueError("shared_prefix.turns: embeddings have no conversation (one turn)")
+            if prefix.system_prompt_tokens:  # aiperf's embeddings payload has no system prompt
+                raise ValueError(
+                    "shared_prefix.system_prompt_tokens: an embeddings request has no system "
+                    "prompt; share prefixes with prefix_prompts and prefix_tokens"
+                )
         return self
 
     def requests_at(self, concurrency: int) -> int | None:

@@ -33,6 +33,8 @@ def bench(*args: str):
         (["--requests", "3", "--duration", "5"], "benchmark.duration_s"),
         (["--endpoint", "rerank"], "benchmark.endpoint"),
         (["--endpoint", "embeddings", "--turns", "2"], "benchmark.shared_prefix.turns"),
+        (["--endpoint", "embeddings", "--system-prompt-tokens", "64"],
+         "benchmark.shared_prefix.system_prompt_tokens"),
         (["--system-prompt-tokens", "10", "--prefix-prompts", "2", "--prefix-tokens", "5"],
          "benchmark.shared_prefix.prefix_prompts"),
         (["--set", "benchmark.then=later"], "benchmark.then"),
