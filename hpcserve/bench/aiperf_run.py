@@ -2,7 +2,8 @@
 
 aiperf (`pip install 'hpcserve[bench]'`) generates synthetic prompts with the served model's
 tokenizer (`--tokenizer DIR`: offline, no hub) and counts tokens the way the server reports
-them (`--use-server-token-count`: the usage numbers, not a second tokenization). One aiperf
+them (`--use-server-token-count`: the usage numbers, not a second tokenization) wherever
+aiperf reads them (not of embeddings, nor of a streamed response: `endpoints.py`). One aiperf
 process per point (its own sweep mode starts a fresh process per point too, and keeps no
 better per-point record). It writes into the point's folder:
 
