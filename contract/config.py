@@ -553,7 +553,11 @@ class BenchmarkConfig(_Section):
         default=True, description="generate exactly the drawn output length (no early EOS)"
     )
     streaming: bool = Field(default=True, description="SSE streaming (TTFT and ITL need it)")
-    endpoint: Literal["chat", "completions"] = "chat"
+    endpoint: Literal["chat", "completions", "embeddings", "responses"] = Field(
+        default="chat",
+        description="chat, completions, embeddings (model.task: embed) or responses "
+        "(the Responses API)",
+    )
     shared_prefix: SharedPrefixConfig | None = None
     seed: int = Field(default=0, ge=0, description="aiperf's --random-seed: the same prompts")
     warmup_requests: int = Field(default=0, ge=0, description="unmeasured requests per point")
@@ -574,6 +578,15 @@ class BenchmarkConfig(_Section):
     def _count_or_duration(self) -> BenchmarkConfig:
         if self.requests is not None and self.duration_s is not None:
             raise ValueError("duration_s: give requests or duration_s, not both")
+        prefix = self.shared_prefix
+        if self.endpoint == "embeddings" and prefix is not None:
+            if prefix.turns > 1:
+                raise ValueError("shared_prefix.turns: embeddings have no conversation (one turn)")
+            if prefix.system_prompt_tokens:  # aiperf's embeddings payload has no system prompt
+                raise ValueError(
+                    "shared_prefix.system_prompt_tokens: an embeddings request has no system "
+                    "prompt; share prefixes with prefix_prompts and prefix_tokens"
+                )
         return self
 
     def requests_at(self, concurrency: int) -> int | None:

@@ -2,7 +2,8 @@
 
 aiperf (`pip install 'hpcserve[bench]'`) generates synthetic prompts with the served model's
 tokenizer (`--tokenizer DIR`: offline, no hub) and counts tokens the way the server reports
-them (`--use-server-token-count`: the usage numbers, not a second tokenization). One aiperf
+them (`--use-server-token-count`: the usage numbers, not a second tokenization) wherever
+aiperf reads them (not of embeddings, nor of a streamed response: `endpoints.py`). One aiperf
 process per point (its own sweep mode starts a fresh process per point too, and keeps no
 better per-point record). It writes into the point's folder:
 
@@ -32,6 +33,7 @@ from typing import Any
 
 from contract.config import BenchmarkConfig
 from contract.processes import ManagedProcess
+from hpcserve.bench.endpoints import endpoint_kind
 from hpcserve.bench.results import Measured, Percentiles
 
 SUMMARY_FILE = "profile_export_aiperf.json"
@@ -88,7 +90,10 @@ def aiperf_argv(
 ) -> list[str]:
     """The `aiperf profile` command line of point `point_index` of `bench`'s sweep. Each point
     draws its prompts with seed + index: the same seed at every point would send a later point
-    the earlier one's prompts, all prefix-cache hits."""
+    the earlier one's prompts, all prefix-cache hits. An endpoint without output (embeddings)
+    gets no output length, streaming or `ignore_eos` (`hpcserve.bench.endpoints`)."""
+    kind = endpoint_kind(bench.endpoint)
+    streaming = bench.streaming and kind.produces_tokens
     argv = [
         *(aiperf or ["aiperf"]), "profile",
         "--model", model,
@@ -97,18 +102,24 @@ def aiperf_argv(
         "--concurrency", str(concurrency),
         "--synthetic-input-tokens-mean", str(bench.input_tokens.mean),
         "--synthetic-input-tokens-stddev", _number(bench.input_tokens.stddev),
-        "--output-tokens-mean", str(bench.output_tokens.mean),
-        "--output-tokens-stddev", _number(bench.output_tokens.stddev),
+    ]  # fmt: skip
+    if kind.produces_tokens:
+        argv += ["--output-tokens-mean", str(bench.output_tokens.mean),
+                 "--output-tokens-stddev", _number(bench.output_tokens.stddev)]  # fmt: skip
+    argv += [
         "--tokenizer", str(tokenizer),
         "--random-seed", str(bench.seed + point_index),
         "--request-timeout-seconds", _number(bench.request_timeout_s),
-        "--use-server-token-count",
+    ]  # fmt: skip
+    if kind.server_token_count(streaming):
+        argv.append("--use-server-token-count")
+    argv += [
         "--artifact-dir", str(artifact_dir),
         "--ui", "none",
         "--no-server-metrics",
         "--no-gpu-telemetry",
     ]  # fmt: skip
-    if bench.streaming:
+    if streaming:
         argv.append("--streaming")
     asked = bench.requests_at(concurrency)
     if asked is not None:
@@ -120,7 +131,7 @@ def aiperf_argv(
         argv += ["--benchmark-duration", _number(bench.duration_s)]
     if bench.warmup_requests:
         argv += ["--warmup-request-count", str(bench.warmup_requests)]
-    if bench.ignore_eos:
+    if bench.ignore_eos and kind.produces_tokens:
         argv += ["--extra-inputs", "ignore_eos:true"]
     prefix = bench.shared_prefix
     if prefix is not None:
@@ -180,21 +191,24 @@ def _count_lines(path: Path) -> int:
         return 0
 
 
-def read_measured(artifact_dir: Path) -> Measured | None:
+def read_measured(artifact_dir: Path, produces_tokens: bool = True) -> Measured | None:
     """The point's figures: from aiperf's summary export, else (aiperf gave up, e.g. because
-    every request failed) counted from its per-request records; None when neither exists."""
+    every request failed) counted from its per-request records; None when neither exists.
+    `produces_tokens` False (embeddings): the output figures are None, not 0."""
     try:
-        return measured_from_summary(json.loads((artifact_dir / SUMMARY_FILE).read_text()))
+        summary = json.loads((artifact_dir / SUMMARY_FILE).read_text())
+        return measured_from_summary(summary, produces_tokens)
     except (OSError, ValueError):
         pass
     try:
         lines = (artifact_dir / RECORDS_FILE).read_text().splitlines()
     except OSError:
         return None
-    return measured_from_records([json.loads(line) for line in lines if line.strip()])
+    records = [json.loads(line) for line in lines if line.strip()]
+    return measured_from_records(records, produces_tokens)
 
 
-def measured_from_records(records: list[dict[str, Any]]) -> Measured:
+def measured_from_records(records: list[dict[str, Any]], produces_tokens: bool = True) -> Measured:
     """Counts only (requests, errors, output tokens): what survives when aiperf wrote no
     summary. Rates and latencies stay 0/None: the point is invalid anyway."""
     failed = [record for record in records if record.get("error")]
@@ -202,26 +216,30 @@ def measured_from_records(records: list[dict[str, Any]]) -> Measured:
         int((record.get("metrics") or {}).get("output_sequence_length", {}).get("value") or 0)
         for record in records
         if not record.get("error")
-    )
+    ) if produces_tokens else None  # fmt: skip
     examples = [_error_text({"error_details": record["error"]}) for record in failed]
     return Measured(
         successful=len(records) - len(failed), errors=len(failed),
         error_examples=list(dict.fromkeys(examples))[:MAX_ERROR_EXAMPLES],
-        output_tokens=tokens, duration_s=0.0, requests_per_s=0.0, output_tok_s=0.0,
-        output_tok_s_per_user=0.0, ttft_ms=None, itl_ms=None, latency_ms=None,
+        output_tokens=tokens, duration_s=0.0, requests_per_s=0.0,
+        output_tok_s=0.0 if produces_tokens else None,
+        output_tok_s_per_user=0.0 if produces_tokens else None,
+        ttft_ms=None, itl_ms=None, latency_ms=None,
     )  # fmt: skip
 
 
-def measured_from_summary(data: dict[str, Any]) -> Measured:
-    """Map aiperf's summary (schema 1.x) onto our record. A metric aiperf did not compute (no
-    output, no streaming) reads as 0 or None, never as missing."""
+def measured_from_summary(data: dict[str, Any], produces_tokens: bool = True) -> Measured:
+    """Map aiperf's summary (schema 1.x) onto our record. Of an endpoint that generates, a
+    metric aiperf did not compute (no output: the server sent no usage) reads as 0, which the
+    validity check refuses; TTFT/ITL without streaming read as None. Of one that does not
+    (embeddings), the output figures are None: nothing to count, not zero counted."""
     errors = int(_avg(data, "error_request_count"))
     listed = data.get("error_summary") or []
     errors = max(errors, sum(int(item.get("count", 0)) for item in listed))
     per_user = _avg(data, "output_token_throughput_per_user")
     if not per_user:  # not streamed: per-user speed over the whole request
         per_user = _avg(data, "e2e_output_token_throughput")
-    return Measured(
+    measured = Measured(
         successful=int(_avg(data, "request_count")),
         errors=errors,
         error_examples=[_error_text(item) for item in listed[:MAX_ERROR_EXAMPLES]],
@@ -233,15 +251,28 @@ def measured_from_summary(data: dict[str, Any]) -> Measured:
         ttft_ms=_percentiles(data, "time_to_first_token"),
         itl_ms=_percentiles(data, "inter_token_latency"),
         latency_ms=_percentiles(data, "request_latency"),
-        cached_prompt_pct=_avg(data, "overall_usage_prompt_cache_read_pct"),
+        input_tok_s=_avg_or_none(data, "input_token_throughput"),
+        # None without usage numbers (embeddings, a streamed response: the tokenizer counts)
+        cached_prompt_pct=_avg_or_none(data, "overall_usage_prompt_cache_read_pct"),
         cancelled=bool(data.get("was_cancelled")),
     )
+    if produces_tokens:
+        return measured
+    return measured.model_copy(update={
+        "output_tokens": None, "output_tok_s": None, "output_tok_s_per_user": None,
+        "ttft_ms": None, "itl_ms": None,
+    })  # fmt: skip
 
 
 def _avg(data: dict[str, Any], key: str) -> float:
     metric = data.get(key)
     value = metric.get("avg") if isinstance(metric, dict) else None
     return float(value) if isinstance(value, (int, float)) else 0.0
+
+
+def _avg_or_none(data: dict[str, Any], key: str) -> float | None:
+    metric = data.get(key)
+    return _avg(data, key) if isinstance(metric, dict) and "avg" in metric else None
 
 
 def _percentiles(data: dict[str, Any], key: str) -> Percentiles | None:

@@ -82,7 +82,8 @@ def bench_run(
     osl_stddev: Annotated[float | None, typer.Option(help="output tokens, stddev")] = None,
     stream: Annotated[bool | None, typer.Option(
         "--stream/--no-stream", help="SSE streaming (TTFT/ITL need it) (default: stream)")] = None,
-    endpoint: Annotated[str | None, typer.Option(help="chat or completions")] = None,
+    endpoint: Annotated[str | None, typer.Option(
+        help="chat, completions, responses or embeddings (a model.task: embed deployment)")] = None,
     system_prompt_tokens: Annotated[int | None, typer.Option(
         help="shared prefix: one system prompt of N tokens in every request")] = None,
     prefix_prompts: Annotated[int | None, typer.Option(
@@ -108,7 +109,8 @@ def bench_run(
 ) -> None:  # fmt: skip
     """Sweep TARGET over concurrencies with aiperf; exit 1 if a point is invalid.
 
-    Invalid: failed requests, zero output tokens, or fewer completed requests than asked.
+    Invalid: failed requests, zero output tokens (but for embeddings), or fewer completed
+    requests than asked. A target whose model.task does not serve --endpoint is refused.
     """
     import logging
 

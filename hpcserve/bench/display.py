@@ -6,7 +6,7 @@ Off a terminal (a Slurm step's log) the bar is left out and only the lines are p
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from rich.console import Console
 from rich.progress import (
@@ -65,11 +65,15 @@ class SweepDisplay:
 
     def point_done(self, point: PointResult) -> None:
         verdict = "valid" if point.valid else f"INVALID: {point.reason}"
+        if point.output_tok_s is not None and point.output_tok_s_per_user is not None:
+            speed = f"{point.output_tok_s:.1f} tok/s, {point.output_tok_s_per_user:.1f} tok/s/user"
+        else:  # embeddings: no output, the rate of requests and of prompt tokens
+            speed = f"{point.requests_per_s:.2f} req/s, {_number(point.input_tok_s)} in tok/s"
         ttft = f", TTFT p50 {point.ttft_ms.p50:.1f} ms" if point.ttft_ms else ""
+        e2e = f", e2e p50 {point.latency_ms.p50:.1f} ms" if point.latency_ms and not ttft else ""
         self.console.print(
             f"  concurrency {point.concurrency}: {point.completed} done, {point.errors} failed, "
-            f"{point.output_tok_s:.1f} tok/s, {point.output_tok_s_per_user:.1f} tok/s/user"
-            f"{ttft}: {verdict}", highlight=False, soft_wrap=True,
+            f"{speed}{ttft}{e2e}: {verdict}", highlight=False, soft_wrap=True,
         )  # fmt: skip
 
 
@@ -81,24 +85,50 @@ def _ms(stats: Percentiles | None, stat: str) -> str:
     return "-" if stats is None else f"{getattr(stats, stat):.1f}"
 
 
+def _number(value: float | None, digits: int = 1) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"
+
+
+def _p50_p99(stats: Percentiles | None) -> str:
+    return f"{_ms(stats, 'p50')}/{_ms(stats, 'p99')}"
+
+
+# The table's columns after run/conc/done/err, each with what it shows of a point. A column
+# is left out when no point of the runs has the figure (embeddings: no output, TTFT or ITL;
+# runs recorded before input tokens/s was kept); a point without it shows a dash.
+COLUMNS: tuple[tuple[str, Callable[[PointResult], object], Callable[[PointResult], str]], ...] = (
+    ("tok/s", lambda p: p.output_tok_s, lambda p: _number(p.output_tok_s)),
+    ("tok/s/user", lambda p: p.output_tok_s_per_user, lambda p: _number(p.output_tok_s_per_user)),
+    ("tok/s/GPU", lambda p: p.output_tok_s_per_gpu, lambda p: _number(p.output_tok_s_per_gpu)),
+    ("in tok/s", lambda p: p.input_tok_s, lambda p: _number(p.input_tok_s)),
+    ("req/s", lambda p: p.requests_per_s, lambda p: f"{p.requests_per_s:.2f}"),
+    ("TTFT p50/p99 ms", lambda p: p.ttft_ms, lambda p: _p50_p99(p.ttft_ms)),
+    ("ITL p50/p99 ms", lambda p: p.itl_ms, lambda p: _p50_p99(p.itl_ms)),
+    ("e2e p50/p99 ms", lambda p: p.latency_ms, lambda p: _p50_p99(p.latency_ms)),
+)
+ALWAYS = ("req/s", "e2e p50/p99 ms")
+
+
+def table_columns(runs: Sequence[BenchRun]) -> list[str]:
+    """The headers of the figures any point of `runs` has (req/s and e2e latency always)."""
+    points = [point for run in runs for point in run.points]
+    return [header for header, value, _ in COLUMNS
+            if header in ALWAYS or any(value(point) is not None for point in points)]  # fmt: skip
+
+
 def runs_table(runs: Sequence[BenchRun]) -> Table:
-    """One row per point of every run."""
+    """One row per point of every run; only the columns some point has a figure for."""
+    shown = table_columns(runs)
     table = Table(title="hpcserve bench", show_lines=False)
-    for header in ("run", "conc", "done/asked", "err", "tok/s", "tok/s/user", "tok/s/GPU",
-                   "req/s", "TTFT p50/p99 ms", "ITL p50/p99 ms", "e2e p50/p99 ms",
-                   "valid"):  # fmt: skip
+    for header in ("run", "conc", "done/asked", "err", *shown, "valid"):
         table.add_column(header, justify="left" if header in ("run", "valid") else "right")
+    cells = [text for header, _, text in COLUMNS if header in shown]
     for run in runs:
         for point in run.points:
             asked = "-" if point.requests_asked is None else str(point.requests_asked)
             table.add_row(
                 run.label, str(point.concurrency), f"{point.completed}/{asked}",
-                str(point.errors), f"{point.output_tok_s:.1f}",
-                f"{point.output_tok_s_per_user:.1f}", f"{point.output_tok_s_per_gpu:.1f}",
-                f"{point.requests_per_s:.2f}",
-                f"{_ms(point.ttft_ms, 'p50')}/{_ms(point.ttft_ms, 'p99')}",
-                f"{_ms(point.itl_ms, 'p50')}/{_ms(point.itl_ms, 'p99')}",
-                f"{_ms(point.latency_ms, 'p50')}/{_ms(point.latency_ms, 'p99')}",
+                str(point.errors), *(text(point) for text in cells),
                 "yes" if point.valid else f"INVALID: {point.reason}",
             )  # fmt: skip
     return table

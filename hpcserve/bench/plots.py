@@ -4,8 +4,11 @@
   each point labelled with its concurrency and the run's pareto frontier drawn through its
   valid points (the seed's agg-vs-disagg picture: up and to the right is better). Invalid
   points are grey crosses, never on a frontier.
+  Embedding runs have no output tokens: when every run is one, the axes are input tokens/s
+  per GPU against requests/s per user (req/s / concurrency) instead; beside generating runs
+  they are left off the picture (the table has them).
 - `latency.png`: TTFT, inter-token latency and end-to-end latency against concurrency, p50
-  solid and p99 dashed.
+  solid and p99 dashed; a panel no point has figures for (embeddings: TTFT, ITL) is left out.
 
 Figures are built without pyplot's global state (matplotlib's Agg canvas: no display needed)
 and returned before saving, so tests can read the artists' data as well as the pixels.
@@ -41,35 +44,48 @@ def _figure(width: float, height: float) -> Figure:
     return figure
 
 
+def _output_xy(point: PointResult) -> tuple[float, float]:
+    return point.output_tok_s_per_user or 0.0, point.output_tok_s_per_gpu or 0.0
+
+
+def _input_xy(point: PointResult) -> tuple[float, float]:
+    return point.requests_per_s / point.concurrency, point.input_tok_s_per_gpu or 0.0
+
+
 def pareto_figure(runs: Sequence[BenchRun]) -> Figure:
     figure = _figure(8, 6)
     axes = figure.add_subplot()
     invalid_labelled = False
+    by_output = any(run.produces_tokens for run in runs)
+    xy_of = _output_xy if by_output else _input_xy
     for index, run in enumerate(runs):
+        if run.produces_tokens != by_output:
+            continue  # an embedding run beside generating ones: not on these axes
         color = run_color(index)
         valid = [point for point in run.points if point.valid]
-        xy = [(point.output_tok_s_per_user, point.output_tok_s_per_gpu) for point in valid]
+        xy = [xy_of(point) for point in valid]
         if xy:
             axes.scatter([x for x, _ in xy], [y for _, y in xy], s=49, color=color, zorder=3,
                          label=f"{run.label} ({run.gpus} GPU)", gid=f"points-{index}")  # fmt: skip
             frontier = pareto_frontier(xy)
             axes.plot([xy[i][0] for i in frontier], [xy[i][1] for i in frontier], color=color,
                       linewidth=1.5, zorder=2, gid=f"frontier-{index}")  # fmt: skip
-        for point in valid:
-            _label_point(axes, point.output_tok_s_per_user, point.output_tok_s_per_gpu, point)
-        bad = [point for point in run.points if not point.valid]
+        for point, (x, y) in zip(valid, xy, strict=True):
+            _label_point(axes, x, y, point)
+        bad = [xy_of(point) for point in run.points if not point.valid]
         if bad:
-            axes.scatter([p.output_tok_s_per_user for p in bad],
-                         [p.output_tok_s_per_gpu for p in bad], marker="x", s=49,
+            axes.scatter([x for x, _ in bad], [y for _, y in bad], marker="x", s=49,
                          color=INVALID_COLOR, zorder=3, gid=f"invalid-{index}",
                          label=None if invalid_labelled else "invalid point")  # fmt: skip
             invalid_labelled = True
-    axes.set_xlabel("output tokens/s per user")
-    axes.set_ylabel("output tokens/s per GPU")
+    unit = "output tokens/s" if by_output else "requests/s"
+    axes.set_xlabel(f"{unit} per user")
+    axes.set_ylabel("output tokens/s per GPU" if by_output else "input tokens/s per GPU")
     axes.set_title("Throughput per GPU against throughput per user (pareto frontier)")
     # From zero (ratios read true), with room right and above for the last labels.
-    xs = [p.output_tok_s_per_user for run in runs for p in run.points] or [1.0]
-    ys = [p.output_tok_s_per_gpu for run in runs for p in run.points] or [1.0]
+    plotted = [xy_of(p) for run in runs if run.produces_tokens == by_output for p in run.points]
+    xs = [x for x, _ in plotted] or [1.0]
+    ys = [y for _, y in plotted] or [1.0]
     axes.set_xlim(0, max(max(xs), 1e-9) * 1.15)
     axes.set_ylim(0, max(max(ys), 1e-9) * 1.15)
     axes.grid(True, alpha=0.3)
@@ -91,9 +107,11 @@ LATENCIES = (
 
 
 def latency_figure(runs: Sequence[BenchRun]) -> Figure:
-    figure = _figure(14, 4.5)
-    panels = figure.subplots(1, len(LATENCIES))
-    for axes, (field, title) in zip(panels, LATENCIES, strict=True):
+    shown = [(field, title) for field, title in LATENCIES if field == "latency_ms" or any(
+        getattr(point, field) is not None for run in runs for point in run.points)]  # fmt: skip
+    figure = _figure(14 * len(shown) / len(LATENCIES), 4.5)
+    panels = figure.subplots(1, len(shown), squeeze=False)[0]
+    for axes, (field, title) in zip(panels, shown, strict=True):
         for index, run in enumerate(runs):
             color = run_color(index)
             points = [p for p in run.points if p.valid and getattr(p, field) is not None]

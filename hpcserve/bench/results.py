@@ -1,8 +1,10 @@
 """The records of a sweep: one `PointResult` per concurrency, one `BenchRun` per sweep.
 
-A point is valid only if every request it asked for completed, none failed and the server
-produced output tokens: load generators happily "pass" a sweep in which every request failed
-or streamed nothing, and such a point must never reach a table or a plot as a result.
+A point is valid only if every request it asked for completed, none failed and, for an
+endpoint that generates, the server produced output tokens: load generators happily "pass" a
+sweep in which every request failed or streamed nothing, and such a point must never reach a
+table or a plot as a result. An embeddings point has no output at all: its output figures,
+TTFT and ITL are None (shown as a dash, left empty in the CSV), never a made-up 0.
 
 A run folder holds `bench.json` (the `BenchRun`), `bench.csv` (one row per point), the plots
 and aiperf's own exports per point under `aiperf/`.
@@ -40,15 +42,16 @@ class Measured(BaseModel):
     successful: int  # requests answered without an error
     errors: int
     error_examples: list[str] = []
-    output_tokens: int  # all requests' output tokens (the server's usage counts)
+    output_tokens: int | None  # all requests' output tokens; None: the endpoint has none
     duration_s: float
     requests_per_s: float
-    output_tok_s: float
-    output_tok_s_per_user: float  # mean over requests of one request's decode speed
+    output_tok_s: float | None
+    output_tok_s_per_user: float | None  # mean over requests of one request's decode speed
     ttft_ms: Percentiles | None  # streaming only
     itl_ms: Percentiles | None  # streaming only
     latency_ms: Percentiles | None
-    cached_prompt_pct: float = 0.0  # prompt tokens the server found in its prefix cache
+    input_tok_s: float | None = None  # prompt tokens per second, all requests
+    cached_prompt_pct: float | None = 0.0  # prompt tokens found in the prefix cache (usage)
     cancelled: bool = False
 
 
@@ -61,16 +64,18 @@ class PointResult(BaseModel):
     requests_asked: int | None  # None: the point ran for a duration
     completed: int
     errors: int
-    output_tokens: int
+    output_tokens: int | None  # None: the endpoint produces none (embeddings)
     duration_s: float
     requests_per_s: float
-    output_tok_s: float
-    output_tok_s_per_user: float
-    output_tok_s_per_gpu: float
+    output_tok_s: float | None
+    output_tok_s_per_user: float | None
+    output_tok_s_per_gpu: float | None
     ttft_ms: Percentiles | None
     itl_ms: Percentiles | None
     latency_ms: Percentiles | None
-    cached_prompt_pct: float = 0.0  # prefix-cache hits (%): the KV router's effect
+    input_tok_s: float | None = None  # None in runs recorded before it was kept
+    input_tok_s_per_gpu: float | None = None
+    cached_prompt_pct: float | None = 0.0  # prefix-cache hits (%): the KV router's effect
     valid: bool
     reason: str  # why it is invalid; "" when valid
     error_examples: list[str] = []
@@ -98,19 +103,28 @@ class BenchRun(BaseModel):
     def valid(self) -> bool:
         return bool(self.points) and all(point.valid for point in self.points)
 
+    @property
+    def produces_tokens(self) -> bool:
+        """Whether the run's endpoint generates (not embeddings): output figures exist."""
+        return self.workload.endpoint != "embeddings"
+
 
 def invalid_reason(
-    measured: Measured | None, requests_asked: int | None, failure: str | None = None
+    measured: Measured | None,
+    requests_asked: int | None,
+    failure: str | None = None,
+    produces_tokens: bool = True,
 ) -> str:
     """Why a point cannot count as a measurement; "" when it can. `failure`: aiperf's own
-    failure (it exited non-zero), reported first."""
+    failure (it exited non-zero), reported first. Every endpoint: each request asked for
+    completed, none failed; one that generates (`produces_tokens`) also produced output."""
     reasons = [failure] if failure else []
     if measured is None:
         return "; ".join([*reasons, "aiperf wrote no results"])
     if measured.errors:
         example = f": {measured.error_examples[0]}" if measured.error_examples else ""
         reasons.append(f"{measured.errors} request(s) failed{example}")
-    if measured.output_tokens <= 0:
+    if produces_tokens and not measured.output_tokens:
         reasons.append("zero output tokens")
     if requests_asked is not None and measured.successful < requests_asked:
         reasons.append(f"{measured.successful} of {requests_asked} requests completed")
@@ -128,14 +142,17 @@ def judge_point(
     gpus: int,
     artifacts: str,
     failure: str | None = None,
+    produces_tokens: bool = True,
 ) -> PointResult:
-    """The point's record: its figures (zeros when aiperf measured nothing) and validity."""
-    reason = invalid_reason(measured, requests_asked, failure)
+    """The point's record: its figures (zeros when aiperf measured nothing; None for what the
+    endpoint does not produce) and validity."""
+    reason = invalid_reason(measured, requests_asked, failure, produces_tokens)
     if measured is None:
+        none = 0.0 if produces_tokens else None
         measured = Measured(
-            successful=0, errors=0, output_tokens=0, duration_s=0.0, requests_per_s=0.0,
-            output_tok_s=0.0, output_tok_s_per_user=0.0, ttft_ms=None, itl_ms=None,
-            latency_ms=None,
+            successful=0, errors=0, output_tokens=0 if produces_tokens else None,
+            duration_s=0.0, requests_per_s=0.0, output_tok_s=none, output_tok_s_per_user=none,
+            ttft_ms=None, itl_ms=None, latency_ms=None,
         )  # fmt: skip
     return PointResult(
         concurrency=concurrency,
@@ -147,16 +164,22 @@ def judge_point(
         requests_per_s=measured.requests_per_s,
         output_tok_s=measured.output_tok_s,
         output_tok_s_per_user=measured.output_tok_s_per_user,
-        output_tok_s_per_gpu=measured.output_tok_s / gpus,
+        output_tok_s_per_gpu=_per(measured.output_tok_s, gpus),
         ttft_ms=measured.ttft_ms,
         itl_ms=measured.itl_ms,
         latency_ms=measured.latency_ms,
+        input_tok_s=measured.input_tok_s,
+        input_tok_s_per_gpu=_per(measured.input_tok_s, gpus),
         cached_prompt_pct=measured.cached_prompt_pct,
         valid=not reason,
         reason=reason,
         error_examples=measured.error_examples,
         artifacts=artifacts,
     )
+
+
+def _per(value: float | None, gpus: int) -> float | None:
+    return None if value is None else value / gpus
 
 
 def pareto_frontier(points: Sequence[tuple[float, float]]) -> list[int]:
@@ -178,7 +201,7 @@ def pareto_frontier(points: Sequence[tuple[float, float]]) -> list[int]:
 CSV_COLUMNS = [
     "label", "concurrency", "requests_asked", "completed", "errors", "output_tokens",
     "duration_s", "requests_per_s", "output_tok_s", "output_tok_s_per_user",
-    "output_tok_s_per_gpu",
+    "output_tok_s_per_gpu", "input_tok_s", "input_tok_s_per_gpu",
     "ttft_p50_ms", "ttft_p90_ms", "ttft_p99_ms", "itl_p50_ms", "itl_p90_ms", "itl_p99_ms",
     "latency_p50_ms", "latency_p90_ms", "latency_p99_ms", "cached_prompt_pct", "valid",
     "reason",
@@ -194,8 +217,10 @@ def csv_row(label: str, point: PointResult) -> dict[str, object]:
         if name in ("ttft", "itl", "latency"):
             row[column] = "" if distribution is None else round(getattr(distribution, stat), 3)
         else:
-            value = getattr(point, column)
-            row[column] = round(value, 3) if isinstance(value, float) else value
+            value = getattr(point, column)  # None (not measured): an empty cell, never 0
+            if isinstance(value, float):
+                value = round(value, 3)
+            row[column] = "" if value is None else value
     return row
 
 

@@ -9,6 +9,9 @@ The target is one of
   READY), the model, tokenizer and GPU count from the job's resolved `config.yaml`;
 - a URL of any OpenAI-compatible server: the model from its `/v1/models`, the tokenizer and
   the GPU count as given (`--tokenizer`, `--gpus`).
+
+A target that cannot answer `benchmark.endpoint` is refused before aiperf starts: a config or
+a job by its `model.task`, a URL by one small request to the endpoint (`endpoints.py`).
 """
 
 from __future__ import annotations
@@ -41,6 +44,7 @@ from hpcserve.bench.aiperf_run import (
     run_aiperf,
     shown_argv,
 )
+from hpcserve.bench.endpoints import endpoint_kind, probe_refusal, task_mismatch
 from hpcserve.bench.plots import write_plots
 from hpcserve.bench.results import BenchRun, PointResult, judge_point, write_run
 
@@ -133,8 +137,19 @@ def url_target(
         )
     gpus, gpus_from = gpu_count(bench, None)
     key = bench_api_key()
-    return Target(url, url, model or served_model(url, api_key=key), tokenizer, gpus,
-                  gpus_from, bench.label or "url", bench, api_key=key)  # fmt: skip
+    model = model or served_model(url, api_key=key)
+    refusal = probe_refusal(url, bench.endpoint, model, api_key=key)
+    if refusal is not None:
+        raise TargetError(refusal)
+    return Target(url, url, model, tokenizer, gpus, gpus_from, bench.label or "url", bench,
+                  api_key=key)  # fmt: skip
+
+
+def check_task(config: DeploymentConfig, bench: BenchmarkConfig) -> None:
+    """Refuse a deployment whose `model.task` does not serve `benchmark.endpoint`."""
+    mismatch = task_mismatch(bench.endpoint, config.model.task)
+    if mismatch is not None:
+        raise TargetError(mismatch)
 
 
 def job_target(job: str, bench_overrides: list[str], model: str | None) -> Target:
@@ -154,6 +169,7 @@ def job_target(job: str, bench_overrides: list[str], model: str | None) -> Targe
     config_file = job_dir / "config.yaml"
     config = load_config(config_file, bench_overrides, environ={})
     bench = config.benchmark or BenchmarkConfig()
+    check_task(config, bench)
     gpus, gpus_from = gpu_count(bench, config)
     return Target(job, state.url, model or config.model.served_model_name(),
                   config.model.resolved_path(), gpus, gpus_from, bench.label or config.name,
@@ -169,6 +185,7 @@ def config_target(
     under its policy, and a critical one out of restarts ends the sweep (DeploymentFailed)."""
     from hpcserve.launcher import start_deployment, stop_deployment
 
+    check_task(config, config.benchmark or BenchmarkConfig())  # before minutes of start-up
     deployment = start_deployment(config, say)
     try:
         resolved = deployment.config
@@ -208,6 +225,7 @@ def run_sweep(target: Target, folder: Path, progress: Progress) -> BenchRun:
     """Every point of `target.bench` in turn, written to `folder` after each; then the plots.
     An invalid point does not stop the sweep (the run is judged as a whole)."""
     bench = target.bench
+    produces_tokens = endpoint_kind(bench.endpoint).produces_tokens
     aiperf = aiperf_command()
     run = BenchRun(
         label=target.label, target=target.given, url=target.url, model=target.model,
@@ -229,8 +247,9 @@ def run_sweep(target: Target, folder: Path, progress: Progress) -> BenchRun:
         progress.point_started(index, concurrency, asked)
         code = run_aiperf(argv, log, point_dir, progress.requests_done, target.tick)
         failure = None if code == 0 else f"aiperf exited {code}: {failure_line(log)}"
-        point = judge_point(concurrency, asked, read_measured(point_dir), target.gpus,
-                            f"{AIPERF_DIR}/{name}", failure)  # fmt: skip
+        measured = read_measured(point_dir, produces_tokens)
+        point = judge_point(concurrency, asked, measured, target.gpus, f"{AIPERF_DIR}/{name}",
+                            failure, produces_tokens)  # fmt: skip
         run.points.append(point)
         write_run(run, folder)
         progress.point_done(point)

@@ -12,6 +12,7 @@ from hpcserve.bench.aiperf_run import (
     SUMMARY_FILE,
     aiperf_argv,
     failure_line,
+    measured_from_records,
     measured_from_summary,
     read_measured,
     server_root,
@@ -166,3 +167,62 @@ def test_missing_metrics_read_as_zero_or_none() -> None:
     measured = measured_from_summary({"request_count": {"unit": "requests", "avg": 3}})
     assert (measured.successful, measured.errors, measured.output_tokens) == (3, 0, 0)
     assert measured.ttft_ms is None and measured.latency_ms is None
+
+
+def test_embeddings_argv_asks_no_output_stream_or_server_counts() -> None:
+    """aiperf's embeddings endpoint takes no max_tokens (it logs an error for one), cannot
+    stream, and reads no usage: input tokens are counted with the tokenizer."""
+    argv = argv_of(bench("endpoint=embeddings", "streaming=true", "ignore_eos=true"))
+    assert option(argv, "--endpoint-type") == "embeddings"
+    for absent in ("--output-tokens-mean", "--output-tokens-stddev", "--streaming",
+                   "--use-server-token-count", "--extra-inputs"):  # fmt: skip
+        assert absent not in argv, absent
+    assert option(argv, "--synthetic-input-tokens-mean") == "128"
+    assert option(argv, "--tokenizer") == "/tok"
+
+
+@pytest.mark.parametrize(("streaming", "server_counts"), [(True, False), (False, True)])
+def test_responses_argv_counts_tokens_where_aiperf_reads_them(
+    streaming: bool, server_counts: bool
+) -> None:
+    """Streamed, a length-capped response ends in `response.incomplete`, whose usage aiperf
+    0.13 does not read: the tokenizer counts. Not streamed, the response's usage does."""
+    argv = argv_of(bench("endpoint=responses", f"streaming={str(streaming).lower()}"))
+    assert option(argv, "--endpoint-type") == "responses"
+    assert ("--streaming" in argv) is streaming
+    assert ("--use-server-token-count" in argv) is server_counts
+    assert option(argv, "--output-tokens-mean") == "64"
+    assert option(argv, "--extra-inputs") == "ignore_eos:true"
+
+
+def test_recorded_embeddings_summary_has_no_output_figures() -> None:
+    raw = json.loads((DATA / "embed_c2" / SUMMARY_FILE).read_text())
+    measured = read_measured(DATA / "embed_c2", produces_tokens=False)
+    assert measured is not None
+    assert (measured.successful, measured.errors) == (8, 0)
+    assert measured.output_tokens is None and measured.output_tok_s is None
+    assert measured.output_tok_s_per_user is None
+    assert measured.ttft_ms is None and measured.itl_ms is None
+    assert measured.cached_prompt_pct is None  # no usage read: not a 0 % hit rate
+    assert measured.latency_ms is not None
+    assert measured.latency_ms.p99 == raw["request_latency"]["p99"]
+    assert measured.input_tok_s == pytest.approx(raw["input_token_throughput"]["avg"])
+    assert raw["total_isl"]["avg"] == 8 * 32  # the tokenizer's count of the asked prompts
+    assert measured.requests_per_s == pytest.approx(raw["request_throughput"]["avg"])
+
+
+def test_recorded_streamed_responses_summary() -> None:
+    measured = read_measured(DATA / "responses_stream_c2")
+    assert measured is not None
+    assert (measured.successful, measured.errors) == (6, 0)
+    assert measured.output_tokens and measured.output_tokens > 0
+    assert measured.ttft_ms is not None and measured.itl_ms is not None
+    assert measured.ttft_ms.p50 <= measured.latency_ms.p50
+    assert measured.cached_prompt_pct is None  # the tokenizer counted: no usage numbers
+
+
+def test_embeddings_without_a_summary_count_no_output() -> None:
+    records = [{"metrics": {}}, {"error": {"code": 400, "message": "no"}}]
+    measured = measured_from_records(records, produces_tokens=False)
+    assert (measured.successful, measured.errors) == (1, 1)
+    assert measured.output_tokens is None and measured.output_tok_s is None

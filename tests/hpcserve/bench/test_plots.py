@@ -157,3 +157,57 @@ def test_a_recorded_run_is_plotted_into_the_run_folder(tmp_path: Path) -> None:
     for p in points:
         near = pixels_near(saved, figure.axes[0], p.output_tok_s_per_user, p.output_tok_s_per_gpu)
         assert has_color(near, run_color(0))
+
+
+def embed_point(concurrency: int, per_gpu: float, valid: bool = True) -> PointResult:
+    latency = Percentiles(p50=5.0 * concurrency, p90=6.0 * concurrency, p99=8.0 * concurrency)
+    return PointResult(
+        concurrency=concurrency, requests_asked=8, completed=8, errors=0, output_tokens=None,
+        duration_s=1.0, requests_per_s=100.0 * concurrency ** 0.5, output_tok_s=None,
+        output_tok_s_per_user=None, output_tok_s_per_gpu=None, ttft_ms=None, itl_ms=None,
+        latency_ms=latency, input_tok_s=per_gpu, input_tok_s_per_gpu=per_gpu, valid=valid,
+        reason="" if valid else "1 request(s) failed", artifacts="x", cached_prompt_pct=None,
+    )  # fmt: skip
+
+
+EMBED = BenchRun(label="embed", target="t", url="u", model="m", gpus=1, gpus_from="test",
+                 workload=BenchmarkConfig(endpoint="embeddings"), started="t0",
+                 points=[embed_point(1, 3000), embed_point(2, 4200), embed_point(4, 5000),
+                         embed_point(8, 4000, valid=False)])  # fmt: skip
+
+
+def test_pareto_of_embedding_runs_is_input_throughput_against_requests_per_user(
+    tmp_path: Path,
+) -> None:
+    figure = pareto_figure([EMBED])
+    axes = figure.axes[0]
+    assert axes.get_ylabel() == "input tokens/s per GPU"
+    assert axes.get_xlabel() == "requests/s per user"
+    offsets = by_gid(axes, "points-0").get_offsets()
+    valid = [p for p in EMBED.points if p.valid]
+    assert [tuple(xy) for xy in offsets] == [
+        (p.requests_per_s / p.concurrency, p.input_tok_s_per_gpu) for p in valid
+    ]
+    bad = by_gid(axes, "invalid-0").get_offsets()
+    assert [tuple(xy) for xy in bad] == [(100.0 * 8**0.5 / 8, 4000)]
+    figure.savefig(tmp_path / "pareto.png", dpi=DPI)
+    image = mpimg.imread(tmp_path / "pareto.png")
+    for p in valid:
+        near = pixels_near(image, axes, p.requests_per_s / p.concurrency, p.input_tok_s_per_gpu)
+        assert has_color(near, run_color(0)), p.concurrency
+
+
+def test_an_embedding_run_beside_generating_runs_is_left_off_the_pareto() -> None:
+    axes = pareto_figure([AGG, EMBED]).axes[0]
+    assert axes.get_ylabel() == "output tokens/s per GPU"
+    gids = {a.get_gid() for a in [*axes.collections, *axes.lines]}
+    assert "points-0" in gids and not {"points-1", "frontier-1", "invalid-1"} & gids
+
+
+def test_latency_figure_of_embeddings_has_only_the_end_to_end_panel(tmp_path: Path) -> None:
+    figure = latency_figure([EMBED])
+    assert [a.get_title() for a in figure.axes] == ["end-to-end latency (ms)"]
+    line = by_gid(figure.axes[0], "latency_ms-p50-0")
+    assert list(line.get_xdata()) == [1, 2, 4] and list(line.get_ydata()) == [5, 10, 20]
+    assert len(latency_figure([AGG, EMBED]).axes) == 3  # the chat run has TTFT and ITL
+    assert [p.name for p in write_plots([EMBED], tmp_path)] == ["pareto.png", "latency.png"]

@@ -13,6 +13,8 @@ from contract.config import BenchmarkConfig
 from hpcserve.bench.aiperf_run import read_measured
 from hpcserve.bench.results import (
     BenchRun,
+    Measured,
+    invalid_reason,
     judge_point,
     load_run,
     pareto_frontier,
@@ -132,3 +134,53 @@ def test_run_round_trip_and_csv(tmp_path: Path) -> None:
 def test_loading_what_is_not_a_run(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match="not a `hpcserve bench` run folder"):
         load_run(tmp_path)
+
+
+def test_an_embeddings_point_is_valid_without_output_tokens() -> None:
+    measured = read_measured(DATA / "embed_c2", produces_tokens=False)
+    point = judge_point(2, 8, measured, 2, "embed_c2", produces_tokens=False)
+    assert point.valid and point.reason == ""
+    assert point.output_tokens is None and point.output_tok_s_per_gpu is None
+    assert point.input_tok_s is not None
+    assert point.input_tok_s_per_gpu == pytest.approx(point.input_tok_s / 2)
+
+
+def test_the_same_summary_judged_as_generation_is_invalid() -> None:
+    """Zero output tokens stay invalid for an endpoint that generates."""
+    point = judge_point(2, 8, read_measured(DATA / "embed_c2"), 1, "embed_c2")
+    assert not point.valid and point.reason == "zero output tokens"
+
+
+@pytest.mark.parametrize(
+    ("asked", "completed", "errors", "reason"),
+    [
+        (8, 8, 0, ""),
+        (8, 7, 0, "7 of 8 requests completed"),
+        (8, 8, 1, "1 request(s) failed: 400: too long"),
+        (None, 0, 0, "no request completed"),
+        (None, 5, 0, ""),
+    ],
+)
+def test_embeddings_validity_rules(asked, completed, errors, reason) -> None:
+    measured = Measured(
+        successful=completed, errors=errors, error_examples=["400: too long"] if errors else [],
+        output_tokens=None, duration_s=1.0, requests_per_s=8.0, output_tok_s=None,
+        output_tok_s_per_user=None, ttft_ms=None, itl_ms=None, latency_ms=None,
+    )  # fmt: skip
+    assert invalid_reason(measured, asked, produces_tokens=False) == reason
+
+
+def test_an_embeddings_run_leaves_missing_figures_empty_in_the_files(tmp_path: Path) -> None:
+    point = judge_point(2, 8, read_measured(DATA / "embed_c2", produces_tokens=False), 1,
+                        "aiperf/c2", produces_tokens=False)  # fmt: skip
+    run = BenchRun(label="embed", target="u", url="u", model="m", gpus=1, gpus_from="t",
+                   workload=BenchmarkConfig(endpoint="embeddings"), started="t0",
+                   points=[point])  # fmt: skip
+    write_run(run, tmp_path)
+    assert load_run(tmp_path) == run and not run.produces_tokens
+    row = next(csv.DictReader((tmp_path / "bench.csv").open()))
+    for empty in ("output_tokens", "output_tok_s", "output_tok_s_per_gpu", "ttft_p50_ms",
+                  "itl_p99_ms", "cached_prompt_pct"):  # fmt: skip
+        assert row[empty] == "", empty
+    assert float(row["input_tok_s"]) > 0 and float(row["latency_p99_ms"]) > 0
+    assert row["valid"] == "True"
