@@ -216,16 +216,15 @@ def measured_from_records(records: list[dict[str, Any]], produces_tokens: bool =
         int((record.get("metrics") or {}).get("output_sequence_length", {}).get("value") or 0)
         for record in records
         if not record.get("error")
-    ) if produces_tokens else None  # fmt: skip
+    )
     examples = [_error_text({"error_details": record["error"]}) for record in failed]
-    return Measured(
+    measured = Measured(
         successful=len(records) - len(failed), errors=len(failed),
         error_examples=list(dict.fromkeys(examples))[:MAX_ERROR_EXAMPLES],
-        output_tokens=tokens, duration_s=0.0, requests_per_s=0.0,
-        output_tok_s=0.0 if produces_tokens else None,
-        output_tok_s_per_user=0.0 if produces_tokens else None,
-        ttft_ms=None, itl_ms=None, latency_ms=None,
+        output_tokens=tokens, duration_s=0.0, requests_per_s=0.0, output_tok_s=0.0,
+        output_tok_s_per_user=0.0, ttft_ms=None, itl_ms=None, latency_ms=None,
     )  # fmt: skip
+    return measured if produces_tokens else measured.without_output()
 
 
 def measured_from_summary(data: dict[str, Any], produces_tokens: bool = True) -> Measured:
@@ -256,12 +255,7 @@ def measured_from_summary(data: dict[str, Any], produces_tokens: bool = True) ->
         cached_prompt_pct=_avg_or_none(data, "overall_usage_prompt_cache_read_pct"),
         cancelled=bool(data.get("was_cancelled")),
     )
-    if produces_tokens:
-        return measured
-    return measured.model_copy(update={
-        "output_tokens": None, "output_tok_s": None, "output_tok_s_per_user": None,
-        "ttft_ms": None, "itl_ms": None,
-    })  # fmt: skip
+    return measured if produces_tokens else measured.without_output()
 
 
 def _avg(data: dict[str, Any], key: str) -> float:

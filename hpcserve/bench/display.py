@@ -7,6 +7,7 @@ Off a terminal (a Slurm step's log) the bar is left out and only the lines are p
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import Any
 
 from rich.console import Console
 from rich.progress import (
@@ -93,18 +94,19 @@ def _p50_p99(stats: Percentiles | None) -> str:
     return f"{_ms(stats, 'p50')}/{_ms(stats, 'p99')}"
 
 
-# The table's columns after run/conc/done/err, each with what it shows of a point. A column
-# is left out when no point of the runs has the figure (embeddings: no output, TTFT or ITL;
-# runs recorded before input tokens/s was kept); a point without it shows a dash.
-COLUMNS: tuple[tuple[str, Callable[[PointResult], object], Callable[[PointResult], str]], ...] = (
-    ("tok/s", lambda p: p.output_tok_s, lambda p: _number(p.output_tok_s)),
-    ("tok/s/user", lambda p: p.output_tok_s_per_user, lambda p: _number(p.output_tok_s_per_user)),
-    ("tok/s/GPU", lambda p: p.output_tok_s_per_gpu, lambda p: _number(p.output_tok_s_per_gpu)),
-    ("in tok/s", lambda p: p.input_tok_s, lambda p: _number(p.input_tok_s)),
-    ("req/s", lambda p: p.requests_per_s, lambda p: f"{p.requests_per_s:.2f}"),
-    ("TTFT p50/p99 ms", lambda p: p.ttft_ms, lambda p: _p50_p99(p.ttft_ms)),
-    ("ITL p50/p99 ms", lambda p: p.itl_ms, lambda p: _p50_p99(p.itl_ms)),
-    ("e2e p50/p99 ms", lambda p: p.latency_ms, lambda p: _p50_p99(p.latency_ms)),
+# The table's columns after run/conc/done/err: a header, the point's figure, and how it is
+# written. A column is left out when no point of the runs has the figure (embeddings: no
+# output, TTFT or ITL; runs recorded before input tokens/s was kept); a point without it shows
+# a dash.
+COLUMNS: tuple[tuple[str, Callable[[PointResult], Any], Callable[[Any], str]], ...] = (
+    ("tok/s", lambda p: p.output_tok_s, _number),
+    ("tok/s/user", lambda p: p.output_tok_s_per_user, _number),
+    ("tok/s/GPU", lambda p: p.output_tok_s_per_gpu, _number),
+    ("in tok/s", lambda p: p.input_tok_s, _number),
+    ("req/s", lambda p: p.requests_per_s, lambda rate: f"{rate:.2f}"),
+    ("TTFT p50/p99 ms", lambda p: p.ttft_ms, _p50_p99),
+    ("ITL p50/p99 ms", lambda p: p.itl_ms, _p50_p99),
+    ("e2e p50/p99 ms", lambda p: p.latency_ms, _p50_p99),
 )
 ALWAYS = ("req/s", "e2e p50/p99 ms")
 
@@ -122,13 +124,13 @@ def runs_table(runs: Sequence[BenchRun]) -> Table:
     table = Table(title="hpcserve bench", show_lines=False)
     for header in ("run", "conc", "done/asked", "err", *shown, "valid"):
         table.add_column(header, justify="left" if header in ("run", "valid") else "right")
-    cells = [text for header, _, text in COLUMNS if header in shown]
+    cells = [(value, text) for header, value, text in COLUMNS if header in shown]
     for run in runs:
         for point in run.points:
             asked = "-" if point.requests_asked is None else str(point.requests_asked)
             table.add_row(
                 run.label, str(point.concurrency), f"{point.completed}/{asked}",
-                str(point.errors), *(text(point) for text in cells),
+                str(point.errors), *(text(value(point)) for value, text in cells),
                 "yes" if point.valid else f"INVALID: {point.reason}",
             )  # fmt: skip
     return table

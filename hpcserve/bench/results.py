@@ -19,6 +19,7 @@ from pathlib import Path
 from pydantic import BaseModel, ConfigDict
 
 from contract.config import BenchmarkConfig
+from hpcserve.bench.endpoints import endpoint_kind
 
 RUN_FILE = "bench.json"
 TABLE_FILE = "bench.csv"
@@ -53,6 +54,14 @@ class Measured(BaseModel):
     input_tok_s: float | None = None  # prompt tokens per second, all requests
     cached_prompt_pct: float | None = 0.0  # prompt tokens found in the prefix cache (usage)
     cancelled: bool = False
+
+    def without_output(self) -> Measured:
+        """The figures of an endpoint that produces no tokens (embeddings): what counts
+        output is None, nothing counted rather than zero counted."""
+        return self.model_copy(update={
+            "output_tokens": None, "output_tok_s": None, "output_tok_s_per_user": None,
+            "ttft_ms": None, "itl_ms": None,
+        })  # fmt: skip
 
 
 class PointResult(BaseModel):
@@ -106,7 +115,7 @@ class BenchRun(BaseModel):
     @property
     def produces_tokens(self) -> bool:
         """Whether the run's endpoint generates (not embeddings): output figures exist."""
-        return self.workload.endpoint != "embeddings"
+        return endpoint_kind(self.workload.endpoint).produces_tokens
 
 
 def invalid_reason(
@@ -148,12 +157,13 @@ def judge_point(
     endpoint does not produce) and validity."""
     reason = invalid_reason(measured, requests_asked, failure, produces_tokens)
     if measured is None:
-        none = 0.0 if produces_tokens else None
         measured = Measured(
-            successful=0, errors=0, output_tokens=0 if produces_tokens else None,
-            duration_s=0.0, requests_per_s=0.0, output_tok_s=none, output_tok_s_per_user=none,
-            ttft_ms=None, itl_ms=None, latency_ms=None,
+            successful=0, errors=0, output_tokens=0, duration_s=0.0, requests_per_s=0.0,
+            output_tok_s=0.0, output_tok_s_per_user=0.0, ttft_ms=None, itl_ms=None,
+            latency_ms=None,
         )  # fmt: skip
+        if not produces_tokens:
+            measured = measured.without_output()
     return PointResult(
         concurrency=concurrency,
         requests_asked=requests_asked,

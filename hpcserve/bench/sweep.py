@@ -44,7 +44,7 @@ from hpcserve.bench.aiperf_run import (
     run_aiperf,
     shown_argv,
 )
-from hpcserve.bench.endpoints import endpoint_kind, probe_refusal, task_mismatch
+from hpcserve.bench.endpoints import probe_refusal, task_mismatch
 from hpcserve.bench.plots import write_plots
 from hpcserve.bench.results import BenchRun, PointResult, judge_point, write_run
 
@@ -225,7 +225,6 @@ def run_sweep(target: Target, folder: Path, progress: Progress) -> BenchRun:
     """Every point of `target.bench` in turn, written to `folder` after each; then the plots.
     An invalid point does not stop the sweep (the run is judged as a whole)."""
     bench = target.bench
-    produces_tokens = endpoint_kind(bench.endpoint).produces_tokens
     aiperf = aiperf_command()
     run = BenchRun(
         label=target.label, target=target.given, url=target.url, model=target.model,
@@ -247,9 +246,9 @@ def run_sweep(target: Target, folder: Path, progress: Progress) -> BenchRun:
         progress.point_started(index, concurrency, asked)
         code = run_aiperf(argv, log, point_dir, progress.requests_done, target.tick)
         failure = None if code == 0 else f"aiperf exited {code}: {failure_line(log)}"
-        measured = read_measured(point_dir, produces_tokens)
+        measured = read_measured(point_dir, run.produces_tokens)
         point = judge_point(concurrency, asked, measured, target.gpus, f"{AIPERF_DIR}/{name}",
-                            failure, produces_tokens)  # fmt: skip
+                            failure, run.produces_tokens)  # fmt: skip
         run.points.append(point)
         write_run(run, folder)
         progress.point_done(point)
