@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 
 import pytest
+from torch_engines import running_engine
 
 from contract.messages import GenerateRequest, SamplingParams
 from mpi_workers.engine.torch.engine import TorchEngine
@@ -23,10 +24,8 @@ def req(token_ids=None, rid=None, **sampling) -> GenerateRequest:
 
 @pytest.fixture(scope="module")
 def engine(tiny_llama_dir):
-    e = TorchEngine(tiny_llama_dir, block_size=4, num_blocks=32, max_num_seqs=4)
-    asyncio.run(e.start())
-    yield e
-    asyncio.run(e.shutdown())
+    with running_engine(tiny_llama_dir, block_size=4, num_blocks=32, max_num_seqs=4) as e:
+        yield e
 
 
 async def wait_idle(engine: TorchEngine) -> None:

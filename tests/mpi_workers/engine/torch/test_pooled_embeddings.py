@@ -13,6 +13,7 @@ import asyncio
 
 import pytest
 import torch
+from torch_engines import running_engine
 
 from contract.messages import (
     GenerateOutput,
@@ -87,10 +88,9 @@ def assert_close(got: torch.Tensor, want: torch.Tensor, atol: float = ATOL) -> N
 
 @pytest.fixture(scope="module")
 def engine(smol_dir):
-    e = TorchEngine(smol_dir, num_blocks=256, max_num_seqs=8, max_num_batched_tokens=CHUNK)
-    asyncio.run(e.start())
-    yield e
-    asyncio.run(e.shutdown())
+    with running_engine(smol_dir, num_blocks=256, max_num_seqs=8,
+                        max_num_batched_tokens=CHUNK) as e:  # fmt: skip
+        yield e
 
 
 @pytest.mark.parametrize("pooling_type", ["LAST", "MEAN"])

@@ -11,6 +11,7 @@ import asyncio
 
 import pytest
 import torch
+from torch_engines import running_engine
 
 from contract.messages import GenerateOutput, GenerateRequest, SamplingParams
 from mpi_workers.engine.torch.engine import TorchEngine
@@ -59,10 +60,9 @@ def reference(smol_dir, prompt) -> tuple[torch.Tensor, torch.Tensor, torch.Tenso
 
 @pytest.fixture(scope="module")
 def engine(smol_dir):
-    e = TorchEngine(smol_dir, num_blocks=256, max_num_seqs=8, max_num_batched_tokens=CHUNK)
-    asyncio.run(e.start())
-    yield e
-    asyncio.run(e.shutdown())
+    with running_engine(smol_dir, num_blocks=256, max_num_seqs=8,
+                        max_num_batched_tokens=CHUNK) as e:  # fmt: skip
+        yield e
 
 
 def assert_matches(out: GenerateOutput, prompt: list[int], reference) -> None:
