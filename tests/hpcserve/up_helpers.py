@@ -17,6 +17,7 @@ from pathlib import Path
 
 from contract.processes import pid_alive
 
+REPO = Path(__file__).resolve().parents[2]
 READY = re.compile(r"^hpcserve ready: (http://\S+/v1)$")
 
 
@@ -125,6 +126,12 @@ def processes_mentioning(text: str) -> list[int]:
         if text in cmdline and pid_alive(int(entry.name)):
             found.append(int(entry.name))
     return found
+
+
+def hpcserve_bench(*args: str, timeout: float = 600) -> subprocess.CompletedProcess[str]:
+    """`hpcserve bench ARGS...` from the repository, its output captured."""
+    return subprocess.run([sys.executable, "-m", "hpcserve", "bench", *args], cwd=REPO,
+                          capture_output=True, text=True, timeout=timeout, check=False)  # fmt: skip
 
 
 def rank_pids(run_dir: Path) -> dict[int, int]:

@@ -6,39 +6,18 @@ server's speed."""
 from __future__ import annotations
 
 import csv
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 from matplotlib import colors
 from matplotlib import image as mpimg
 
-from contract.processes import pid_alive
 from hpcserve.bench.plots import run_color
 from hpcserve.bench.results import BenchRun, load_run
+from tests.hpcserve.up_helpers import hpcserve_bench, processes_mentioning
 
 pytestmark = pytest.mark.e2e
 
-REPO = Path(__file__).resolve().parents[3]
-
-
-def processes_mentioning(text: str) -> list[int]:
-    """Live PIDs whose command line contains `text` (a run folder)."""
-    found = []
-    for entry in Path("/proc").iterdir():
-        try:
-            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-        except OSError:
-            continue
-        if entry.name.isdigit() and text in cmdline and pid_alive(int(entry.name)):
-            found.append(int(entry.name))
-    return found
-
-
-def hpcserve_bench(*args: str, timeout: float = 600) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "hpcserve", "bench", *args], cwd=REPO,
-                          capture_output=True, text=True, timeout=timeout, check=False)  # fmt: skip
 
 
 def check_short_run(run: BenchRun, concurrencies: list[int], requests: int, osl: int) -> None:

@@ -7,24 +7,16 @@ purpose (a few requests per point): it checks the tool, not the server's speed."
 from __future__ import annotations
 
 import csv
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from hpcserve.bench.results import load_run
-from tests.hpcserve.up_helpers import processes_mentioning, started
+from tests.hpcserve.up_helpers import hpcserve_bench, processes_mentioning, started
 
 pytestmark = pytest.mark.e2e
 
-REPO = Path(__file__).resolve().parents[3]
 EMBED_MOCKER = ["configs/local-embed.yaml", "--set", "engine.kind=mocker"]
-
-
-def hpcserve_bench(*args: str, timeout: float = 600) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "hpcserve", "bench", *args], cwd=REPO,
-                          capture_output=True, text=True, timeout=timeout, check=False)  # fmt: skip
 
 
 @pytest.fixture(scope="module")
