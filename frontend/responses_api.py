@@ -4,7 +4,7 @@ tokenization, chat template, routing, migration, tool calling and constrained ou
 
 Like `frontend.openai_schemas`, unknown fields are ignored (clients send many that change
 nothing: `service_tier`, `prompt_cache_key`, ...) but a field that would change the answer
-and that hpcserve does not serve is refused by name (`background`, `truncation` "auto",
+and that hpcserve does not serve is refused by name (`background`,
 `reasoning` effort on a model that does not reason, built-in tools, `conversation`, ...).
 Errors name the Responses field in OpenAI's form (`input[2].content[0].image_url`); an
 error the chat path raises after the translation names the chat field, and
@@ -308,13 +308,20 @@ class ResponsesRequest(_Request):
     )
     metadata: dict[str, str] | None = None
     user: str | None = None
-    truncation: Literal["disabled", "auto"] | None = None
+    truncation: Literal["disabled", "auto"] | None = Field(
+        default=None,
+        description='"auto": the conversation\'s first items are left out of the prompt (not '
+        'the instructions) until it and max_output_tokens fit the context; "disabled" '
+        "(the default): a conversation too long is a 400 context_length_exceeded",
+    )
     background: bool | None = None
     reasoning: Reasoning | None = None
+    # OpenAI's cap on calls of built-in tools; hpcserve serves none (they are refused), so
+    # no answer can reach it: accepted and echoed
+    max_tool_calls: int | None = Field(default=None, ge=0)
     # known fields that change the answer and are not served: refused by name
     conversation: Any = None
     prompt: Any = None
-    max_tool_calls: int | None = None
 
     @field_validator("input")
     @classmethod
@@ -340,16 +347,11 @@ class ResponsesRequest(_Request):
         if self.background:
             raise ValueError("background: hpcserve does not serve background responses; send "
                              "background false and wait for the answer (or stream it)")  # fmt: skip
-        if self.truncation == "auto":
-            raise ValueError('truncation: hpcserve does not support "auto" (only "disabled": '
-                             "a conversation longer than the context is a 400)")  # fmt: skip
         if self.conversation is not None:
             raise ValueError("conversation: hpcserve does not serve the Conversations API; "
                              "use previous_response_id")  # fmt: skip
         if self.prompt is not None:
             raise ValueError("prompt: hpcserve does not serve stored prompt templates")
-        if self.max_tool_calls is not None:
-            raise ValueError("max_tool_calls: hpcserve does not support it yet")
         for index, value in enumerate(self.include or []):
             if value not in ACCEPTED_INCLUDES:
                 raise ValueError(f"include[{index}]: hpcserve does not support {value!r}")
@@ -508,12 +510,24 @@ class Translation:
         return responses_error(error, self.responses_param(error.param))
 
 
+def conversation_length(
+    body: ResponsesRequest,
+    earlier: list[MessageItem | FunctionCallItem | FunctionCallOutputItem | ReasoningItem]
+    | None = None,
+) -> int:
+    """How many items `translate` reads: the stored conversation's, then the input's."""
+    return len(earlier or []) + (1 if isinstance(body.input, str) else len(body.input))
+
+
 def translate(
     body: ResponsesRequest,
     earlier: list[MessageItem | FunctionCallItem | FunctionCallOutputItem | ReasoningItem]
     | None = None,
+    dropped: int = 0,
 ) -> Translation:
-    """`body` (after `earlier`: a stored conversation) as a chat request."""
+    """`body` (after `earlier`: a stored conversation) as a chat request; without the
+    conversation's first `dropped` items (`truncation: "auto"`), and then without the
+    function call outputs that would lead it, whose calls went with them."""
     messages: list[dict[str, Any]] = []
     sources: list[str] = []
     call_sources: dict[int, list[str]] = {}
@@ -525,6 +539,10 @@ def translate(
         items.append(("input", MessageItem(role="user", content=body.input)))
     else:
         items += [(f"input[{index}]", item) for index, item in enumerate(body.input)]
+    if dropped:
+        items = items[dropped:]
+        while items and isinstance(items[0][1], FunctionCallOutputItem):
+            items = items[1:]
     thinking = ""  # reasoning items' text, for the assistant turn that follows them
     for source, item in items:
         if isinstance(item, ReasoningItem):
@@ -709,7 +727,7 @@ class ResponseObject(_Shape):
     tool_choice: Any
     tools: list[dict[str, Any]]
     top_p: float
-    truncation: Literal["disabled"]
+    truncation: Literal["disabled", "auto"]
     usage: ResponseUsage | None
     user: str | None
     metadata: dict[str, str]

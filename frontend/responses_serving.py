@@ -23,11 +23,13 @@ from frontend.responses import json_response
 from frontend.responses_api import (
     MessageItem,
     ResponsesRequest,
+    Translation,
+    conversation_length,
     parse_items,
     parse_request,
     translate,
 )
-from frontend.serving import read_json_body, serve
+from frontend.serving import fewest_tokens, prompt_length, read_json_body, serve
 from frontend.state import FrontendState
 
 
@@ -47,22 +49,67 @@ async def create(state: FrontendState, request: Request) -> Response:
     if body.previous_response_id is not None:
         record = await state.response_store.get(body.previous_response_id, "previous_response_id")
         earlier = [*record["input"], *record["response"]["output"]]
-    translation = translate(body, parse_items(earlier) if earlier else None)
+    earlier_items = parse_items(earlier) if earlier else None
+    translation, dropped = _fitted(state, body, earlier_items)
     keep = None
-    if body.store:
+    if body.store:  # the whole conversation, also where truncation left items out
         conversation = [*earlier, *with_ids(_items_as_sent(body))]
 
         async def keep(response: dict[str, Any]) -> bool:
             return await state.response_store.put(response, conversation)
 
-    answer = ResponsesAnswer(body, state.served_name, keep)
-    try:
-        return await serve(state, request, translation.chat, "chat", arrival, answer)
-    except OpenAIError as exc:
-        raise translation.error(exc) from None
-    except ValidationError as exc:  # a chat schema's, after the translation
-        error = errors.from_validation_errors(exc.errors())  # type: ignore[arg-type]
-        raise translation.error(error) from None
+    last = conversation_length(body, earlier_items) - 1  # the last item always stays
+    while True:
+        answer = ResponsesAnswer(body, state.served_name, keep)
+        try:
+            return await serve(state, request, translation.chat, "chat", arrival, answer)
+        except OpenAIError as exc:
+            too_long = exc.code == "context_length_exceeded"
+            if too_long and body.truncation == "auto" and dropped < last:
+                dropped += 1  # image rows, known only once loaded: one item more
+                translation = translate(body, earlier_items, dropped)
+                continue
+            raise translation.error(exc) from None
+        except ValidationError as exc:  # a chat schema's, after the translation
+            error = errors.from_validation_errors(exc.errors())  # type: ignore[arg-type]
+            raise translation.error(error) from None
+
+
+def _fitted(
+    state: FrontendState,
+    body: ResponsesRequest,
+    earlier: list[Any] | None,
+) -> tuple[Translation, int]:
+    """The request as a chat request, and how many of the conversation's first items it
+    leaves out: with `truncation: "auto"`, as few as it takes for the prompt and
+    `max_output_tokens` to fit the context (OpenAI drops items from the beginning of the
+    conversation; instructions stay), found by bisection over the item count. None with
+    truncation disabled or no worker up to tell the context: then the context check
+    refuses what does not fit, as for chat."""
+    translation = translate(body, earlier)
+    limit = state.context_limit()
+    if body.truncation != "auto" or limit is None:
+        return translation, 0
+    room = limit - (body.max_output_tokens or 1)
+
+    def fits(candidate: Translation) -> bool:
+        chat = candidate.chat
+        return fewest_tokens(state, chat) <= room and prompt_length(state, chat) <= room
+
+    if fits(translation):
+        return translation, 0
+    low, high = 0, conversation_length(body, earlier) - 1  # low: does not fit
+    best = translate(body, earlier, high)
+    if not fits(best):
+        return best, high  # the last item alone is too long: serve refuses it by name
+    while high - low > 1:
+        middle = (low + high) // 2
+        candidate = translate(body, earlier, middle)
+        if fits(candidate):
+            high, best = middle, candidate
+        else:
+            low = middle
+    return best, high
 
 
 def _items_as_sent(body: ResponsesRequest) -> list[dict[str, Any]]:

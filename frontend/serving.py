@@ -306,6 +306,19 @@ def _refuse_what_cannot_fit(
             )
 
 
+def fewest_tokens(state: FrontendState, body: ChatCompletionRequest) -> int:
+    """A floor on the tokens of `body`'s messages, from their characters alone (the
+    tokenizer's longest token per step): telling a far too long prompt costs no tokenizing."""
+    return -(-sum(len(m.text()) for m in body.messages) // state.tokenizer.max_token_chars)
+
+
+def prompt_length(state: FrontendState, body: ChatCompletionRequest) -> int:
+    """The tokens of `body`'s prompt as `serve` builds it, nothing routed: a caller that
+    fits a conversation to the context (`truncation: "auto"`) asks before serving. An image
+    counts as its one placeholder token (its rows are known once it is loaded)."""
+    return len(_prompts(state, body, _tool_use(state, body, body.image_parts()))[0].ids)
+
+
 def _tool_use(
     state: FrontendState,
     body: ChatCompletionRequest | CompletionRequest,

@@ -8,7 +8,14 @@ from typing import Any
 import pytest
 
 from frontend.errors import OpenAIError
-from frontend.responses_api import Translation, bracketed, parse_items, parse_request, translate
+from frontend.responses_api import (
+    Translation,
+    bracketed,
+    conversation_length,
+    parse_items,
+    parse_request,
+    translate,
+)
 
 
 def chat_of(body: dict[str, Any]) -> Translation:
@@ -118,7 +125,7 @@ def test_logprobs_are_asked_for_through_include() -> None:
          "not in tools"),
         ({"input": "x", "tool_choice": "required"}, "tool_choice", "needs tools"),
         ({"input": "x", "background": True}, "background", "background"),
-        ({"input": "x", "truncation": "auto"}, "truncation", "disabled"),
+        ({"input": "x", "truncation": "middle"}, "truncation", "'auto'"),
         ({"input": "x", "reasoning": {"effort": "turbo"}}, "reasoning.effort", "'high'"),
         ({"input": "x", "text": {"format": {"type": "json_schema", "name": "n",
                                             "schema": {"type": "nope"}}}},
@@ -128,7 +135,7 @@ def test_logprobs_are_asked_for_through_include() -> None:
         ({"input": "x", "text": {"verbosity": "high"}}, "text.verbosity", "medium"),
         ({"input": "x", "include": ["file_search_call.results"]}, "include[0]", "file_search"),
         ({"input": "x", "conversation": "conv_1"}, "conversation", "previous_response_id"),
-        ({"input": "x", "max_tool_calls": 2}, "max_tool_calls", "not support"),
+        ({"input": "x", "max_tool_calls": -1}, "max_tool_calls", "greater than"),
         ({"input": "x", "max_output_tokens": 0}, "max_output_tokens", "greater than"),
         ({"input": []}, "input", "empty"),
         ({"input": "x", "metadata": {str(i): "v" for i in range(17)}}, "metadata", "16"),
@@ -152,6 +159,31 @@ def test_chat_params_map_back_to_responses_fields() -> None:
     error = translation.error(OpenAIError(400, "messages: too long", param="messages"))
     assert (error.param, error.message) == ("input", "input: too long")
     assert bracketed("input.2.content.10.image_url") == "input[2].content[10].image_url"
+
+
+def test_dropped_items_leave_the_instructions_and_no_orphan_call_output() -> None:
+    """truncation "auto" leaves out the conversation's first items (stored ones first); a
+    function call output whose call went with them goes too, and the sources still name the
+    items as sent."""
+    earlier = parse_items([{"type": "message", "role": "user", "content": "old"}])
+    body = parse_request({"instructions": "s", "truncation": "auto", "input": [
+        {"type": "function_call", "call_id": "c1", "name": "f", "arguments": "{}"},
+        {"type": "function_call_output", "call_id": "c1", "output": "one"},
+        {"role": "user", "content": "new"},
+    ]})  # fmt: skip
+    assert conversation_length(body, earlier) == 4
+    kept = translate(body, earlier, dropped=1)
+    assert [m.role for m in kept.chat.messages] == ["system", "assistant", "tool", "user"]
+    assert kept.sources == ["instructions", "input[0]", "input[1]", "input[2]"]
+    orphan_dropped = translate(body, earlier, dropped=2)
+    assert [(m.role, m.content) for m in orphan_dropped.chat.messages] == [
+        ("system", "s"), ("user", "new")]  # fmt: skip
+    assert orphan_dropped.responses_param("messages.1.content") == "input[2].content"
+    assert conversation_length(parse_request({"input": "x"})) == 1
+
+
+def test_max_tool_calls_is_accepted_with_no_built_in_tools_to_count() -> None:
+    assert chat_of({"input": "x", "max_tool_calls": 3}).chat.messages[0].content == "x"
 
 
 def test_a_stored_conversation_comes_first_and_is_named_as_such() -> None:

@@ -215,6 +215,54 @@ async def test_chat_path_errors_name_the_responses_field(make_frontend: Any) -> 
     assert 'endpoint="responses",status="400"' in metrics
 
 
+async def test_truncation_auto_leaves_out_the_oldest_items_until_it_fits(
+    make_frontend: Any, model_dir: Path
+) -> None:
+    """A conversation longer than the context: "disabled" is a 400 naming `input`; "auto"
+    sends the worker the instructions and the newest items that fit with max_output_tokens,
+    also where the older turns come from a stored response; the stored conversation keeps
+    every item."""
+    fe = await make_frontend()
+    worker = await fe.add_worker(max_model_len=160)
+    tokenizer = TextTokenizer(model_dir)
+    turns = [
+        {"role": role, "content": f"turn {i}: " + "lorem ipsum dolor sit amet " * 4}
+        for i, role in enumerate(["user", "assistant"] * 3)
+    ]
+    ask = {"model": "smol", "instructions": "Be brief.", "max_output_tokens": 8,
+           "input": [*turns, {"role": "user", "content": "the last question"}]}  # fmt: skip
+    async with openai_client(fe) as client:
+        with pytest.raises(openai.BadRequestError) as refused:
+            await client.responses.create(**ask)
+        assert refused.value.body["param"] == "input"  # type: ignore[index]
+        answer = await client.responses.create(truncation="auto", **ask)
+        sent = worker.requests[-1].token_ids
+        prompt = tokenizer.decode(sent, False)
+        assert answer.status == "incomplete" and answer.truncation == "auto"  # 8 tokens
+        assert answer.usage.input_tokens == len(sent) and len(sent) + 8 <= 160
+        assert "Be brief." in prompt and "the last question" in prompt
+        assert "turn 0:" not in prompt and "turn 5:" in prompt  # oldest out, newest kept
+        # as few left out as it takes: with the newest dropped turn back, it would not fit
+        kept = next(i for i in range(6) if f"turn {i}:" in prompt)
+        longer = {**ask, "input": ask["input"][kept - 1 :]}
+        with pytest.raises(openai.BadRequestError):
+            await client.responses.create(**longer)
+        follow = await client.responses.create(
+            model="smol", instructions="Be brief.", max_output_tokens=8, truncation="auto",
+            previous_response_id=answer.id, input="and one more",
+        )  # fmt: skip
+        prompt = tokenizer.decode(worker.requests[-1].token_ids, False)
+        assert follow.output_text and "and one more" in prompt
+        assert "turn 0:" not in prompt
+        items = await client.responses.input_items.list(follow.id, order="asc")
+    texts = [item.content[0].text for item in items.data if item.type == "message"]
+    assert texts[0].startswith("turn 0:") and texts[-1] == "and one more"  # all kept
+    async with fe.client() as client:
+        alone = await client.post("/v1/responses", json={
+            "model": "smol", "truncation": "auto", "input": "hello " * 300})  # fmt: skip
+    assert_error(alone, 400, "input", "context_length_exceeded")
+
+
 async def test_a_json_schema_text_format_reaches_the_worker(make_frontend: Any) -> None:
     fe = await make_frontend()
     worker = await fe.add_worker()
