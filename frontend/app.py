@@ -111,7 +111,7 @@ def create_app(config: DeploymentConfig) -> FastAPI:
         state.background = BackgroundResponses(
             state.response_store, config.services.etcd.endpoint or "", config.name,
             state.frontend_id, config.frontend.background_owner_ttl_s,
-            config.frontend.max_background_responses,
+            config.frontend.max_background_responses, state.metrics,
         )  # fmt: skip
         await state.background.start(state.client.nats)
         app.state.frontend = state

@@ -43,6 +43,7 @@ from contract.bus import responses_subject
 from contract.discovery import LeasedKey
 from frontend import errors
 from frontend.errors import OpenAIError
+from frontend.metrics import FrontendMetrics
 from frontend.prepared import Prepared
 from frontend.response_objects import ResponsesAnswer, sse_event
 from frontend.response_store import ResponseStore, owner_key, unavailable
@@ -126,9 +127,10 @@ class BackgroundResponses:
 
     def __init__(
         self, store: ResponseStore, etcd_endpoint: str, deployment: str, owner: str,
-        owner_ttl_s: int, limit: int,
+        owner_ttl_s: int, limit: int, metrics: FrontendMetrics,
     ) -> None:  # fmt: skip
         self._store = store
+        self._metrics = metrics
         self._deployment = deployment
         self.owner = owner
         self._limit = limit
@@ -198,6 +200,7 @@ class BackgroundResponses:
             raise unavailable(RuntimeError("the background response could not be recorded"))
         run = BackgroundRun(queued, streamed)
         self._runs[prepared.response_id] = run
+        self._metrics.background_running.inc()
         run.task = asyncio.create_task(
             self._run(run, answer, events, release, conversation),
             name=f"background-{prepared.response_id}",
@@ -241,7 +244,7 @@ class BackgroundResponses:
                 if answer.stream is not None and answer.stream.response["status"] == "failed":
                     final = answer.stream.response  # response.failed: not kept on the way
                 elif answer.stream is not None:
-                    run.finish(answer.stream.response)  # kept by `finished`
+                    self._finish(run, answer.stream.response)  # kept by `finished`
                     return
         except asyncio.CancelledError:
             task = asyncio.current_task()
@@ -265,7 +268,12 @@ class BackgroundResponses:
         if progress is not None:
             await asyncio.wait([progress])
         await self._store.put(final, conversation, self.owner)
+        self._finish(run, final)
+
+    def _finish(self, run: BackgroundRun, final: dict[str, Any]) -> None:
         run.finish(final)
+        self._metrics.background_running.dec()
+        self._metrics.background_ended.labels(final["status"]).inc()
 
     def _stopped(self, run: BackgroundRun, answer: ResponsesAnswer) -> dict[str, Any]:
         """The response a stopped run leaves: cancelled (a client asked), or failed (the

@@ -133,6 +133,12 @@ async def test_cancel_stops_the_generation_and_the_limit_answers_429(make_fronte
         assert not state.tracker.requests_on(worker.worker_id)
         again = await client.responses.create(background=True, max_output_tokens=2, **ASK)
         assert (await poll(client, again.id, {"incomplete"})).output[0].status == "incomplete"
+    lines = {'hpcserve_frontend_background_responses_ended_total{status="cancelled"} 1.0',
+             'hpcserve_frontend_background_responses_ended_total{status="incomplete"} 1.0',
+             "hpcserve_frontend_background_responses 0.0"}  # fmt: skip
+    async with fe.client() as http, asyncio.timeout(5):  # counted just after the record
+        while not lines <= set((await http.get("/metrics")).text.splitlines()):
+            await asyncio.sleep(0.01)
 
 
 async def test_two_processes_share_status_cancel_and_events(make_frontend: Any) -> None:
