@@ -247,3 +247,19 @@ async def test_a_stream_event_carries_the_background_flag(make_frontend: Any) ->
         assert events[0][1]["response"]["background"] is True
         stored = (await http.get(f"/v1/responses/{last['response']['id']}")).json()
     assert stored["status"] == "completed" and stored["output"] == last["response"]["output"]
+
+
+async def test_without_a_worker_it_waits_queued_then_fails(make_frontend: Any) -> None:
+    """No worker: a background response waits (queued) up to frontend.no_worker_timeout_s;
+    cancelled meanwhile, it is cancelled; left alone, it ends failed with the 503's
+    code, and its stream (re-attached) ends with response.failed."""
+    fe = await make_frontend(no_worker_timeout_s=1)
+    async with openai_client(fe) as client:
+        waiting = await client.responses.create(background=True, **ASK)
+        cancelled = await client.responses.cancel(waiting.id)
+        assert cancelled.status == "cancelled" and cancelled.output == []
+        streamed = await client.responses.create(background=True, stream=True, **ASK)
+        events = [event async for event in streamed]
+        failed = await client.responses.retrieve(events[-1].response.id)
+    assert [event.type for event in events] == ["response.failed"]
+    assert failed.status == "failed" and failed.error.code == "no_worker_available"
