@@ -230,22 +230,20 @@ class BackgroundResponses:
         """Drive the stream to its end, keeping its events; write the record as it starts
         and as it ends however it ends."""
         run.started = True
-        progress: asyncio.Task[bool] | None = None
+        progress: asyncio.Future[bool] | None = None  # the in_progress write, queued
         final: dict[str, Any] | None = None
+        kept = False  # the final response was written on the way (`finished`)
         try:
             if run.stop_reason is None:
                 async for event in events:
                     run.add(event)
                     if progress is None and answer.stream is not None:  # the worker began
                         started = dict(answer.stream.response, status="in_progress")
-                        progress = asyncio.create_task(
-                            self._store.put(started, conversation, self.owner)
-                        )
-                if answer.stream is not None and answer.stream.response["status"] == "failed":
-                    final = answer.stream.response  # response.failed: not kept on the way
-                elif answer.stream is not None:
-                    self._finish(run, answer.stream.response)  # kept by `finished`
-                    return
+                        # queued now: before the end's write, which may come in this turn
+                        progress = self._store.put_soon(started, conversation, self.owner)
+                if answer.stream is not None:  # response.failed was not kept on the way
+                    final = answer.stream.response
+                    kept = final["status"] != "failed"
         except asyncio.CancelledError:
             task = asyncio.current_task()
             if task is not None:
@@ -267,7 +265,8 @@ class BackgroundResponses:
             final = self._stopped(run, answer)
         if progress is not None:
             await asyncio.wait([progress])
-        await self._store.put(final, conversation, self.owner)
+        if not kept:
+            await self._store.put(final, conversation, self.owner)
         self._finish(run, final)
 
     def _finish(self, run: BackgroundRun, final: dict[str, Any]) -> None:

@@ -118,22 +118,31 @@ class ResponseStore:
         """Keep `response` (its `store` set true) with the conversation `items` (and the
         `owner` running it, while it runs in the background); False when it was not kept
         (too large, or etcd failed: logged)."""
+        # a client leaving does not undo the write
+        return await asyncio.shield(self.put_soon(response, items, owner))
+
+    def put_soon(
+        self, response: dict[str, Any], items: list[dict[str, Any]], owner: str | None = None
+    ) -> asyncio.Future[bool]:
+        """`put`, queued now (the records of one key land in the order they were queued):
+        its outcome to await later."""
         response["store"] = True
         record: dict[str, Any] = {"response": response, "input": items}
         if owner is not None:
             record["owner"] = owner
         value = orjson.dumps(record)
+        outcome: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
         if len(value) > self.max_bytes:
             logger.warning(
                 "response %s not stored: %d bytes, more than frontend.responses_store_max_bytes "
                 "(%d)", response["id"], len(value), self.max_bytes,
             )  # fmt: skip
-            return False
-        outcome = asyncio.get_running_loop().create_future()
+            outcome.set_result(False)
+            return outcome
         self._waiting.append((self._key(response["id"]), value, outcome))
         if self._writer is None or self._writer.done():
             self._writer = asyncio.create_task(self._write(), name="response-store-writer")
-        return await asyncio.shield(outcome)  # a client leaving does not undo the write
+        return outcome
 
     async def _write(self) -> None:
         """Write the waiting records, as many per etcd request as its size limit allows,

@@ -235,17 +235,22 @@ async def test_a_killed_owner_leaves_its_response_failed_not_in_progress(
 
 async def test_a_stream_event_carries_the_background_flag(make_frontend: Any) -> None:
     """The raw SSE of a background stream: typed events numbered from 0, the response
-    object saying background true, and the record stored as the stream's end says."""
+    object saying background true, and the record stored as the stream's end says, also
+    when the whole answer came in the worker's first chunk (the in_progress write, queued
+    at the first event, lands before the end's)."""
     fe = await make_frontend()
-    await fe.add_worker()
-    async with fe.client() as http:
+    await fe.add_worker(tokens_per_chunk=100)
+    runs = fe.app.state.frontend.background._runs
+    async with fe.client() as http:  # the record itself: this process would show its run's end
         body = {**ASK, "background": True, "stream": True}
         events = sse_typed((await http.post("/v1/responses", json=body)).text)
         kind, last = events[-1]
         assert kind == "response.completed"
         assert [data["sequence_number"] for _, data in events] == list(range(len(events)))
         assert events[0][1]["response"]["background"] is True
-        stored = (await http.get(f"/v1/responses/{last['response']['id']}")).json()
+        response_id = last["response"]["id"]
+        await wait_for(lambda: runs[response_id].done)  # its writes are all done
+    stored = (await fe.app.state.frontend.response_store.get(response_id))["response"]
     assert stored["status"] == "completed" and stored["output"] == last["response"]["output"]
 
 
