@@ -373,7 +373,10 @@ class BackgroundResponses:
             answer = await self._ask(owner, ask)
         except nats.errors.NoRespondersError:
             closed[0]()
-            raise _not_kept(response) from None
+            raise errors.bad_request(
+                f"stream: the frontend process that ran response {response['id']} ended, and "
+                "its events with it; GET it without stream", param="stream",
+            ) from None  # fmt: skip
         except BaseException:
             closed[0]()
             raise

@@ -221,6 +221,9 @@ async def test_a_killed_owner_leaves_its_response_failed_not_in_progress(
             failed = await poll(client, response_id, {"failed", "completed"})
             assert failed.status == "failed" and "ended" in failed.error.message
             assert (await client.responses.cancel(response_id)).status == "failed"
+            with pytest.raises(openai.BadRequestError) as caught:
+                await client.responses.retrieve(response_id, stream=True)
+            assert caught.value.body["param"] == "stream"
 
             async with second_process(fe) as other:  # stopped in order, running one
                 stopping = await other.responses.create(background=True, **ASK)
