@@ -38,10 +38,8 @@ import aiohttp
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.bench_frontend import cpu_seconds
-from contract.config import load_config
-from hpcserve.launcher import start_deployment, stop_deployment
+from benchmarks.bench_responses import mocker_deployment
 
-REPO = Path(__file__).resolve().parents[1]
 NEW_TOKENS = 16
 
 
@@ -104,16 +102,7 @@ async def main() -> None:
     parser.add_argument("--requests", type=int, default=100, help="per round and kind (CPU)")
     parser.add_argument("--timed", type=int, default=30, help="per round: answers and cancels")
     args = parser.parse_args()
-    config = load_config(REPO / "configs" / "local-mocker-kv.yaml", [
-        "workers.0.count=1", "workers.0.per_process=1", "frontend.router=round_robin",
-        "frontend.port=0", "frontend.workers=2", "engine.mocker.speedup=100",
-    ])  # fmt: skip
-    deployment = await asyncio.to_thread(start_deployment, config, lambda _m: None)
-    try:
-        pids = {planned.name: managed.pid for planned, managed in deployment.processes}
-        frontends = [pid for name, pid in pids.items() if name.startswith("frontend")]
-        model = deployment.config.model.served_name or Path(str(deployment.config.model.path)).name
-        base = deployment.url.removesuffix("/v1")
+    async with mocker_deployment(2, 100) as (frontends, model, base):
         url = base + "/v1/responses"
         kinds = {"foreground": body_of(model, False, stream=True),
                  "background": body_of(model, True, stream=True)}  # fmt: skip
@@ -144,12 +133,10 @@ async def main() -> None:
                       f"{statistics.median(queued):10.2f}  "
                       f"{statistics.median(cancelled):9.2f}")  # fmt: skip
             print(f"loadavg after: {Path('/proc/loadavg').read_text().strip()}")
-    finally:
-        await asyncio.to_thread(stop_deployment, deployment, lambda _m: None)
-    print(f"bench_background cpu_ratio={statistics.median(ratios):.3f} "
-          f"post_ms={statistics.median(posts):.2f} "
-          f"foreground_ms={statistics.median(wholes):.2f} "
-          f"cancel_ms={statistics.median(cancels):.2f}")  # fmt: skip
+    figures = {"cpu_ratio": ratios, "post_ms": posts, "foreground_ms": wholes,
+               "cancel_ms": cancels}  # fmt: skip
+    medians = (f"{name}={statistics.median(values):.3f}" for name, values in figures.items())
+    print("bench_background " + " ".join(medians))
 
 
 if __name__ == "__main__":
