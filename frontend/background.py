@@ -20,8 +20,10 @@ A crash: the owner keeps a mark in etcd under a lease of its own
 (frontend.background_owner_ttl_s, `contract.discovery.LeasedKey`) while it runs background
 responses; a GET of a record still queued or in_progress whose owner's mark is gone reports
 it `failed` (the process ended before it finished) and writes that back. The request is not
-run again: a client sends it again (its output so far is lost with the process). A process
-that stops in order (SIGTERM, a restart) ends its runs as failed, written, before it goes.
+run again: a client sends it again (another process taking it up could run it twice where
+the owner lives but lost etcd, and a re-attached stream's sequence numbers would not go on
+from the lost ones). A process that stops in order (SIGTERM, a restart) ends its runs as
+failed, written, before it goes.
 """
 
 from __future__ import annotations
