@@ -22,8 +22,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import statistics
 import sys
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -94,22 +96,35 @@ async def run_kind(
     return (after - before) / requests * 1e6, statistics.mean(tokens)
 
 
+@contextlib.asynccontextmanager
+async def mocker_deployment(
+    frontends: int, speedup: int
+) -> AsyncIterator[tuple[list[int], str, str]]:
+    """A deployment of `frontends` frontend processes and one mocker worker at `speedup`
+    (round robin; etcd and nats-server started as `hpcserve up` starts them): the frontend
+    processes' pids, the served model's name, the base URL. Stopped on the way out."""
+    config = load_config(REPO / "configs" / "local-mocker-kv.yaml", [
+        "workers.0.count=1", "workers.0.per_process=1", "frontend.router=round_robin",
+        "frontend.port=0", f"frontend.workers={frontends}", f"engine.mocker.speedup={speedup}",
+    ])  # fmt: skip
+    deployment = await asyncio.to_thread(start_deployment, config, lambda _m: None)
+    try:
+        pids = {planned.name: managed.pid for planned, managed in deployment.processes}
+        model = deployment.config.model.served_name or Path(str(deployment.config.model.path)).name
+        yield ([pid for name, pid in pids.items() if name.startswith("frontend")], model,
+               deployment.url.removesuffix("/v1"))  # fmt: skip
+    finally:
+        await asyncio.to_thread(stop_deployment, deployment, lambda _m: None)
+
+
 async def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=6)
     parser.add_argument("--requests", type=int, default=300, help="per round and kind")
     parser.add_argument("-c", "--concurrency", type=int, default=4)
     args = parser.parse_args()
-    config = load_config(REPO / "configs" / "local-mocker-kv.yaml", [
-        "workers.0.count=1", "workers.0.per_process=1", "frontend.router=round_robin",
-        "frontend.port=0", "frontend.workers=1", "engine.mocker.speedup=1000",
-    ])  # fmt: skip
-    deployment = await asyncio.to_thread(start_deployment, config, lambda _m: None)
-    try:
-        pids = {planned.name: managed.pid for planned, managed in deployment.processes}
-        (frontend,) = [pid for name, pid in pids.items() if name.startswith("frontend")]
-        model = deployment.config.model.served_name or Path(str(deployment.config.model.path)).name
-        base = deployment.url.removesuffix("/v1")
+    async with mocker_deployment(1, 1000) as (frontends, model, base):
+        (frontend,) = frontends
         ratios: dict[str, list[float]] = {}
         async with aiohttp.ClientSession() as session:
             for stream in (False, True):  # warm-up: templates, tokenizer, etcd client
@@ -136,8 +151,6 @@ async def main() -> None:
                         print(f"{round_index:5d}  {stream!s:6s}  {kind:16s}  {us:10.1f}  "
                               f"{tokens:10.1f}  {ratio:13.3f}")  # fmt: skip
             print(f"loadavg after: {Path('/proc/loadavg').read_text().strip()}")
-    finally:
-        await asyncio.to_thread(stop_deployment, deployment, lambda _m: None)
     medians = {key: statistics.median(values) for key, values in ratios.items()}
     print("bench_responses " + " ".join(
         f"ratio_{key}={value:.3f}" for key, value in sorted(medians.items())))  # fmt: skip

@@ -50,6 +50,12 @@ def media_subject(deployment: str, frontend_id: str) -> str:
     return f"hpcserve.{deployment}.media.{frontend_id}"
 
 
+def responses_subject(deployment: str, frontend_id: str) -> str:
+    """Where one frontend process takes requests about the background responses it runs
+    (cancel, relay their events) from the other frontend processes."""
+    return f"hpcserve.{deployment}.responses.{frontend_id}"
+
+
 def kv_events_subject(deployment: str) -> str:
     return f"hpcserve.{deployment}.kv_events"
 

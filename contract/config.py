@@ -426,6 +426,22 @@ class FrontendConfig(_Section):
         "below etcd's 1.5 MiB request limit; a larger one is not stored and its answer says "
         "`store: false`",
     )
+    max_background_responses: int = Field(
+        default=256,
+        ge=0,
+        description="most /v1/responses with `background: true` one frontend process runs at "
+        "once (each is a generation no HTTP connection holds, and a streamed one keeps its "
+        "events for re-attaching clients); past it a 429 (rate_limit_exceeded); 0: background "
+        "responses are refused",
+    )
+    background_owner_ttl_s: int = Field(
+        default=10,
+        ge=2,
+        le=300,
+        description="the lease of a frontend process's mark in etcd while it runs background "
+        "responses: within this long of the process's death (a crash, a kill), a GET of one "
+        "it was running says `failed` instead of `in_progress`",
+    )
 
     tool_call_parser: ToolCallParser | None = Field(
         default=None,

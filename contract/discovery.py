@@ -82,13 +82,15 @@ def etcd_client(endpoint: str) -> aetcd.Client:
     return aetcd.Client(host=host, port=port, timeout=5)
 
 
-class WorkerRegistration:
-    """A worker's card kept in etcd under a lease until `close()`."""
+class LeasedKey:
+    """One key kept in etcd under a lease of its own, kept alive until `close()`: it
+    vanishes within the TTL of its process's death (a worker's card; a frontend process's
+    mark that it still runs its background responses)."""
 
-    def __init__(self, endpoint: str, deployment: str, card: WorkerCard, ttl_s: int) -> None:
+    def __init__(self, endpoint: str, key: str, value: bytes, ttl_s: int) -> None:
         self._client = etcd_client(endpoint)
-        self._key = worker_key(deployment, card.role, card.worker_id).encode()
-        self._value = card.model_dump_json().encode()
+        self._key = key.encode()
+        self._value = value
         self._ttl_s = ttl_s
         self._lease: aetcd.Lease | None = None
         self._keepalive: asyncio.Task[None] | None = None
@@ -97,15 +99,8 @@ class WorkerRegistration:
         await self._put_with_new_lease()
         self._keepalive = asyncio.create_task(self._keep_alive(), name="etcd-keepalive")
 
-    async def mark_draining(self) -> None:
-        """Re-put the card with `draining: true` under the same lease: routers stop sending
-        to this worker, and its streams are not taken for lost (a delete would be)."""
-        card = WorkerCard.model_validate_json(self._value).model_copy(update={"draining": True})
-        self._value = card.model_dump_json().encode()
-        await self._client.put(self._key, self._value, lease=self._lease)
-
     async def close(self) -> None:
-        """Remove the card now instead of waiting for the lease to lapse."""
+        """Remove the key now instead of waiting for the lease to lapse."""
         if self._keepalive is not None:
             self._keepalive.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -140,6 +135,21 @@ class WorkerRegistration:
             except Exception as exc:  # etcd briefly unreachable: keep trying
                 logger.warning("etcd keep-alive failed: %s", exc)
                 failed = True
+
+
+class WorkerRegistration(LeasedKey):
+    """A worker's card kept in etcd under a lease until `close()`."""
+
+    def __init__(self, endpoint: str, deployment: str, card: WorkerCard, ttl_s: int) -> None:
+        key = worker_key(deployment, card.role, card.worker_id)
+        super().__init__(endpoint, key, card.model_dump_json().encode(), ttl_s)
+
+    async def mark_draining(self) -> None:
+        """Re-put the card with `draining: true` under the same lease: routers stop sending
+        to this worker, and its streams are not taken for lost (a delete would be)."""
+        card = WorkerCard.model_validate_json(self._value).model_copy(update={"draining": True})
+        self._value = card.model_dump_json().encode()
+        await self._client.put(self._key, self._value, lease=self._lease)
 
 
 WorkersListener = Callable[[dict[str, WorkerCard]], None]

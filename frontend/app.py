@@ -31,6 +31,7 @@ from starlette.types import Receive, Scope, Send
 from contract.api_keys import load_api_keys
 from contract.config import DeploymentConfig
 from frontend import errors, responses_serving
+from frontend.background import BackgroundResponses
 from frontend.embeddings import handle_embeddings
 from frontend.errors import OpenAIError
 from frontend.openapi_doc import openapi_schema
@@ -107,6 +108,12 @@ def create_app(config: DeploymentConfig) -> FastAPI:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         state = FrontendState(config)
         await state.start()
+        state.background = BackgroundResponses(
+            state.response_store, config.services.etcd.endpoint or "", config.name,
+            state.frontend_id, config.frontend.background_owner_ttl_s,
+            config.frontend.max_background_responses, state.metrics,
+        )  # fmt: skip
+        await state.background.start(state.client.nats)
         app.state.frontend = state
         logger.info(
             "serving %s for deployment %s (router %s)",
@@ -117,6 +124,7 @@ def create_app(config: DeploymentConfig) -> FastAPI:
         try:
             yield
         finally:
+            await state.background.stop()  # its runs' ends written before etcd goes
             await state.stop()
 
     api_keys = load_api_keys(config.frontend.api_key_file)
@@ -201,6 +209,9 @@ def create_app(config: DeploymentConfig) -> FastAPI:
     async def responses_input_items(request: Request) -> Response:
         return await responses_serving.input_items(state_of(request), request)
 
+    async def responses_cancel(request: Request) -> Response:
+        return await responses_serving.cancel(state_of(request), request)
+
     # plain Starlette routes: FastAPI's dependency solving costs CPU on every request and
     # these endpoints parse their own bodies; exception handlers still apply
     app.router.add_route("/live", live, methods=["GET"])
@@ -218,6 +229,7 @@ def create_app(config: DeploymentConfig) -> FastAPI:
     app.router.add_route(
         "/v1/responses/{response_id}/input_items", responses_input_items, methods=["GET"]
     )
+    app.router.add_route("/v1/responses/{response_id}/cancel", responses_cancel, methods=["POST"])
     app.direct = {
         "/v1/chat/completions": chat_completions,
         "/v1/completions": completions,

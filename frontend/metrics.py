@@ -163,6 +163,20 @@ class FrontendMetrics:
             buckets=_LATENCY_BUCKETS,
             registry=self.registry,
         )
+        self.background_running = Gauge(
+            "hpcserve_frontend_background_responses",
+            "/v1/responses with background true running now (each process's bounded by "
+            "frontend.max_background_responses)",
+            registry=self.registry,
+            multiprocess_mode="livesum",
+        )
+        self.background_ended = Counter(
+            "hpcserve_frontend_background_responses_ended",
+            "background /v1/responses that ended, by status (completed, incomplete, failed, "
+            "cancelled)",
+            ["status"],
+            registry=self.registry,
+        )
         self.media_store_bytes = Gauge(
             "hpcserve_frontend_media_store_bytes",
             "media bytes held for requests in flight (multimodal.store_max_bytes bounds it)",

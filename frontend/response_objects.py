@@ -39,6 +39,12 @@ def _item_id(prefix: str) -> str:
     return prefix + secrets.token_hex(16)
 
 
+def sse_event(kind: str, fields: dict[str, Any], sequence: int) -> bytes:
+    """One typed SSE event (`event:` line, `data:` with its type and sequence number)."""
+    data = {"type": kind, **fields, "sequence_number": sequence}
+    return b"event: " + kind.encode() + b"\ndata: " + orjson.dumps(data) + b"\n\n"
+
+
 def usage_of(chat_usage: dict[str, Any]) -> dict[str, Any]:
     """Chat's usage in the Responses shape."""
     details = chat_usage.get("prompt_tokens_details") or {}
@@ -96,7 +102,8 @@ def call_item(call_id: str, name: str, arguments: str, status: str = "completed"
 
 class ResponsesAnswer:
     """The `AnswerShape` of /v1/responses for one request: what the response object
-    echoes of it, and `keep` (the store; None: not stored)."""
+    echoes of it, and `keep` (the store; None: not stored). `stream`: its streamed
+    answer's events once they began (a background run reads the output so far there)."""
 
     id_prefix = "resp_"
 
@@ -104,6 +111,7 @@ class ResponsesAnswer:
         self._body = body
         self._model = model
         self._keep = keep
+        self.stream: ResponseEvents | None = None
 
     def skeleton(self, response_id: str, created: int) -> dict[str, Any]:
         """The response object before any output: what it echoes of the request."""
@@ -120,7 +128,7 @@ class ResponsesAnswer:
             "object": "response",
             "created_at": created,
             "status": "in_progress",
-            "background": False,
+            "background": body.background is True,
             "error": None,
             "incomplete_details": None,
             "instructions": body.instructions,
@@ -189,7 +197,8 @@ class ResponsesAnswer:
     def events(
         self, state: FrontendState, prepared: Prepared, choices: ChoiceStreams, deadline: float
     ) -> AsyncIterator[bytes]:
-        return ResponseEvents(self, state, prepared, choices).run(deadline)
+        self.stream = ResponseEvents(self, state, prepared, choices)
+        return self.stream.run(deadline)
 
 
 class ResponseEvents:
@@ -226,10 +235,14 @@ class ResponseEvents:
             else None
         )
 
+    @property
+    def sequence(self) -> int:
+        """The next event's sequence number (how many were written)."""
+        return self._sequence
+
     def _event(self, kind: str, fields: dict[str, Any]) -> bytes:
-        data = {"type": kind, **fields, "sequence_number": self._sequence}
         self._sequence += 1
-        return b"event: " + kind.encode() + b"\ndata: " + orjson.dumps(data) + b"\n\n"
+        return sse_event(kind, fields, self._sequence - 1)
 
     async def run(self, deadline: float) -> AsyncIterator[bytes]:
         state, prepared, choices = self._state, self._prepared, self._choices
@@ -390,9 +403,15 @@ class ResponseEvents:
     def _failed(self, exc: OpenAIError) -> bytes:
         """The stream's end after a failure: response.failed with the error (OpenAI's)."""
         logger.warning("response %s failed: %s", self.response["id"], exc.message)
-        for_client = self.response
+        error = {"code": exc.code or "server_error", "message": exc.message}
+        return self._event("response.failed", {"response": self.ended("failed", error)})
+
+    def ended(self, status: str, error: dict[str, Any] | None = None) -> dict[str, Any]:
+        """The response cut short (failed; cancelled: a background one), with the output
+        so far, its open message incomplete."""
+        self._close_reasoning("incomplete")
         self._close_message("incomplete")
-        for_client["status"] = "failed"
-        for_client["error"] = {"code": exc.code or "server_error", "message": exc.message}
-        for_client["output"] = self.output
-        return self._event("response.failed", {"response": for_client})
+        self.response["status"] = status
+        self.response["error"] = error
+        self.response["output"] = self.output
+        return self.response

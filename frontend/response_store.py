@@ -14,6 +14,12 @@ A record larger than frontend.responses_store_max_bytes (below etcd's 1.5 MiB re
 limit) is not kept, nor one etcd fails to take: the answer then says `store: false`, and
 a later `previous_response_id` naming it is a 404 like any unknown id.
 
+A background response's record is written while it runs too (status queued, then
+in_progress), each time with the `owner` that runs it (who keeps its events): a frontend
+process's id, whose mark (`owner_key`, a key under that process's own short lease:
+`contract.discovery.LeasedKey`) vanishes within frontend.background_owner_ttl_s of the
+process's death; `owner_alive` tells whether a run can still end (`frontend.background`).
+
 The etcd client is opened on the first use: a deployment whose clients send
 `store: false` never talks to etcd for responses.
 """
@@ -44,6 +50,11 @@ _ITEM_PREFIXES = {"message": "msg_", "function_call": "fc_", "function_call_outp
 
 def responses_prefix(deployment: str) -> str:
     return f"hpcserve/{deployment}/responses/"
+
+
+def owner_key(deployment: str, owner: str) -> str:
+    """The mark of a frontend process that runs background responses (`owner` its id)."""
+    return f"hpcserve/{deployment}/responses-owners/{owner}"
 
 
 def not_found(response_id: str, param: str | None = None) -> OpenAIError:
@@ -82,6 +93,7 @@ class ResponseStore:
     def __init__(self, endpoint: str, deployment: str, ttl_s: int, max_bytes: int) -> None:
         self._endpoint = endpoint
         self._prefix = responses_prefix(deployment)
+        self._deployment = deployment
         self.ttl_s = ttl_s
         self.max_bytes = max_bytes
         self._client: aetcd.Client | None = None
@@ -100,32 +112,50 @@ class ResponseStore:
     def _key(self, response_id: str) -> bytes:
         return (self._prefix + response_id).encode()
 
-    async def put(self, response: dict[str, Any], items: list[dict[str, Any]]) -> bool:
-        """Keep `response` (its `store` set true) with the conversation `items`; False
-        when it was not kept (too large, or etcd failed: logged)."""
+    async def put(
+        self, response: dict[str, Any], items: list[dict[str, Any]], owner: str | None = None
+    ) -> bool:
+        """Keep `response` (its `store` set true) with the conversation `items` (and the
+        `owner` running it, while it runs in the background); False when it was not kept
+        (too large, or etcd failed: logged)."""
+        # a client leaving does not undo the write
+        return await asyncio.shield(self.put_soon(response, items, owner))
+
+    def put_soon(
+        self, response: dict[str, Any], items: list[dict[str, Any]], owner: str | None = None
+    ) -> asyncio.Future[bool]:
+        """`put`, queued now (the records of one key land in the order they were queued):
+        its outcome to await later."""
         response["store"] = True
-        value = orjson.dumps({"response": response, "input": items})
+        record: dict[str, Any] = {"response": response, "input": items}
+        if owner is not None:
+            record["owner"] = owner
+        value = orjson.dumps(record)
+        outcome: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
         if len(value) > self.max_bytes:
             logger.warning(
                 "response %s not stored: %d bytes, more than frontend.responses_store_max_bytes "
                 "(%d)", response["id"], len(value), self.max_bytes,
             )  # fmt: skip
-            return False
-        outcome = asyncio.get_running_loop().create_future()
+            outcome.set_result(False)
+            return outcome
         self._waiting.append((self._key(response["id"]), value, outcome))
         if self._writer is None or self._writer.done():
             self._writer = asyncio.create_task(self._write(), name="response-store-writer")
-        return await asyncio.shield(outcome)  # a client leaving does not undo the write
+        return outcome
 
     async def _write(self) -> None:
         """Write the waiting records, as many per etcd request as its size limit allows,
-        until none waits."""
+        until none waits. A record written again while its first write waits (a background
+        response's progress, then its end) goes in the next request: etcd refuses a key
+        twice in one transaction, and the later value must land last."""
         while self._waiting:
-            batch, size = [], 0
+            batch, size, keys = [], 0, set()
             while self._waiting and len(batch) < MAX_BATCH:
                 size += len(self._waiting[0][1])
-                if batch and size > MAX_BATCH_BYTES:
+                if batch and (size > MAX_BATCH_BYTES or self._waiting[0][0] in keys):
                     break
+                keys.add(self._waiting[0][0])
                 batch.append(self._waiting.pop(0))
             kept = await self._put_batch([(key, value) for key, value, _ in batch])
             for _, _, outcome in batch:
@@ -168,6 +198,14 @@ class ResponseStore:
         record: dict[str, Any] = orjson.loads(found.value)
         return record
 
+    async def owner_alive(self, owner: str) -> bool:
+        """Whether the frontend process `owner` still runs (its mark is in etcd)."""
+        try:
+            found = await self._etcd().get(owner_key(self._deployment, owner).encode())
+        except Exception as exc:
+            raise unavailable(exc) from None
+        return found is not None
+
     async def delete(self, response_id: str) -> None:
         """Forget `response_id`, or a 404 if it is not stored."""
         if not _RESPONSE_ID.fullmatch(response_id):
@@ -189,4 +227,3 @@ class ResponseStore:
             except Exception as exc:  # closing anyway
                 logger.debug("closing the response store's etcd client: %s", exc)
             self._client = None
-

@@ -4,8 +4,8 @@ tokenization, chat template, routing, migration, tool calling and constrained ou
 
 Like `frontend.openai_schemas`, unknown fields are ignored (clients send many that change
 nothing: `service_tier`, `prompt_cache_key`, ...) but a field that would change the answer
-and that hpcserve does not serve is refused by name (`background`,
-`reasoning` effort on a model that does not reason, built-in tools, `conversation`, ...).
+and that hpcserve does not serve is refused by name (`reasoning` effort on a model that
+does not reason, built-in tools, `conversation`, ...).
 Errors name the Responses field in OpenAI's form (`input[2].content[0].image_url`); an
 error the chat path raises after the translation names the chat field, and
 `Translation.responses_param` maps it back.
@@ -314,7 +314,13 @@ class ResponsesRequest(_Request):
         'the instructions) until it and max_output_tokens fit the context; "disabled" '
         "(the default): a conversation too long is a 400 context_length_exceeded",
     )
-    background: bool | None = None
+    background: bool | None = Field(
+        default=None,
+        description="run it in the background (`frontend.background`): the answer comes at "
+        "once, status queued; poll GET /v1/responses/{id}, cancel with POST .../cancel; "
+        "with `stream`, the events come live and a client may re-attach with GET "
+        "?stream=true&starting_after=N. Needs `store` true",
+    )
     reasoning: Reasoning | None = None
     # OpenAI's cap on calls of built-in tools; hpcserve serves none (they are refused), so
     # no answer can reach it: accepted and echoed
@@ -344,9 +350,9 @@ class ResponsesRequest(_Request):
 
     @model_validator(mode="after")
     def _refuse_what_is_not_served(self) -> ResponsesRequest:
-        if self.background:
-            raise ValueError("background: hpcserve does not serve background responses; send "
-                             "background false and wait for the answer (or stream it)")  # fmt: skip
+        if self.background and not self.store:
+            raise ValueError("store: background responses must be stored (they are polled "
+                             "with GET): send store true, or leave it out")  # fmt: skip
         if self.conversation is not None:
             raise ValueError("conversation: hpcserve does not serve the Conversations API; "
                              "use previous_response_id")  # fmt: skip
@@ -712,7 +718,8 @@ class ResponseObject(_Shape):
     id: str = Field(description='"resp_" and 32 hex digits')
     object: Literal["response"]
     created_at: int
-    status: Literal["in_progress", "completed", "incomplete", "failed"]
+    status: Literal["queued", "in_progress", "completed", "incomplete", "failed", "cancelled"]
+    background: bool = Field(description="whether it runs in the background (polled, cancellable)")
     error: ResponseError | None
     incomplete_details: IncompleteDetails | None
     instructions: str | None

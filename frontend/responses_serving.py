@@ -1,7 +1,8 @@
 """The endpoints of OpenAI's Responses API: `POST /v1/responses` (through the chat path:
 `frontend.responses_api` translates the request, `frontend.serving.serve` serves it,
 `frontend.response_objects` writes the answer), and the stored responses' `GET`,
-`DELETE` and `GET .../input_items` (`frontend.response_store`).
+`DELETE` and `GET .../input_items` (`frontend.response_store`); a background one's
+`POST .../cancel` and its events streamed again (`frontend.background`).
 
 Every error names the Responses field: the chat path's errors are mapped back
 (`Translation.error`)."""
@@ -19,7 +20,7 @@ from frontend import errors
 from frontend.errors import OpenAIError
 from frontend.response_objects import ResponsesAnswer
 from frontend.response_store import with_ids
-from frontend.responses import json_response
+from frontend.responses import SSEResponse, json_response
 from frontend.responses_api import (
     MessageItem,
     ResponsesRequest,
@@ -52,17 +53,24 @@ async def create(state: FrontendState, request: Request) -> Response:
     earlier_items = parse_items(earlier) if earlier else None
     translation, dropped = _fitted(state, body, earlier_items)
     keep = None
+    conversation: list[dict[str, Any]] = []
     if body.store:  # the whole conversation, also where truncation left items out
         conversation = [*earlier, *with_ids(_items_as_sent(body))]
+        owner = state.frontend_id if body.background else None  # who keeps its events
 
         async def keep(response: dict[str, Any]) -> bool:
-            return await state.response_store.put(response, conversation)
+            return await state.response_store.put(response, conversation, owner)
 
     last = conversation_length(body, earlier_items) - 1  # the last item always stays
     while True:
         answer = ResponsesAnswer(body, state.served_name, keep)
+        detach = None
+        if body.background:  # generated as a stream, whether or not the client reads it
+            translation.chat.stream = True
+            detach = state.background.detach(answer, body.stream, conversation)
         try:
-            return await serve(state, request, translation.chat, "chat", arrival, answer)
+            return await serve(state, request, translation.chat, "chat", arrival, answer,
+                               detach)  # fmt: skip
         except OpenAIError as exc:
             too_long = exc.code == "context_length_exceeded"
             if too_long and body.truncation == "auto" and dropped < last:
@@ -126,9 +134,40 @@ def _items_as_sent(body: ResponsesRequest) -> list[dict[str, Any]]:
 
 
 async def retrieve(state: FrontendState, request: Request) -> Response:
-    """GET /v1/responses/{response_id}."""
+    """GET /v1/responses/{response_id}: the stored response (a background one's status
+    now); with `stream=true`, a streamed background response's events after
+    `starting_after` (a sequence number; default: all), live until it ends."""
+    query = request.query_params
+    stream = query.get("stream", "false").lower()
+    if stream not in ("true", "false"):
+        raise errors.bad_request(f"stream: true or false, not {stream!r}", param="stream")
+    after_text = query.get("starting_after", "-1")
+    try:
+        after = int(after_text)
+    except ValueError:
+        raise errors.bad_request(
+            f"starting_after: an event's sequence number (an integer), not {after_text!r}",
+            param="starting_after",
+        ) from None
     record = await state.response_store.get(request.path_params["response_id"])
-    return json_response(record["response"])
+    if stream == "true":
+        events, on_close = await state.background.events(record, after)
+        return SSEResponse(events, on_close)
+    return json_response(await state.background.current(record))
+
+
+async def cancel(state: FrontendState, request: Request) -> Response:
+    """POST /v1/responses/{response_id}/cancel: a background response stopped (cancelled,
+    with the output so far), from any frontend process; one that ended comes back as it
+    is (OpenAI's: cancelling is idempotent); a foreground one is a 400."""
+    response_id = request.path_params["response_id"]
+    record = await state.response_store.get(response_id)
+    if not record["response"].get("background"):
+        raise errors.bad_request(
+            f"response_id: only background responses can be cancelled; {response_id} was "
+            "not created with background true", param="response_id",
+        )  # fmt: skip
+    return json_response(await state.background.cancel(record))
 
 
 async def delete(state: FrontendState, request: Request) -> Response:

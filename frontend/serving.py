@@ -12,7 +12,7 @@ import asyncio
 import functools
 import secrets
 import time
-from collections.abc import AsyncIterator, Awaitable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any, Protocol, TypeVar
 
 from starlette.requests import ClientDisconnect, Request
@@ -44,6 +44,8 @@ from frontend.tokenization import ChatTemplateError
 from frontend.tool_calling import ToolUse, template_messages, tool_use
 
 T = TypeVar("T")
+# takes a stream no HTTP client holds (a background response's) and answers the request
+Detach = Callable[[Prepared, AsyncIterator[bytes], list[Callable[[], None]]], Awaitable[Response]]
 
 
 def check_context(prepared: Prepared, prompt: Prompt, request: GenerateRequest, limit: int) -> None:
@@ -172,9 +174,12 @@ async def serve(
     kind: Kind,
     arrival: float,
     shape: AnswerShape | None = None,
+    detach: Detach | None = None,
 ) -> Response:
     """Serve a validated request: tokenize, check, route, generate, answer (in `shape`'s
-    form when given, else the endpoint's own)."""
+    form when given, else the endpoint's own). With `detach` (a streamed request), what
+    fails before routing is the answer as ever; the stream (routed and started when first
+    read) goes to `detach` with what to call once it ended, and `detach` answers."""
     if body.model is not None and body.model != state.served_name:
         raise errors.model_not_found(body.model)
     if state.config.model.task != "generate":
@@ -205,6 +210,11 @@ async def serve(
             prepared.response_id = shape.id_prefix + prepared.response_id.partition("-")[2]
         loop = asyncio.get_running_loop()
         deadline = loop.time() + state.config.frontend.request_timeout_s
+        if detach is not None and shape is not None:
+            release = [] if hold is None else [hold.release]
+            response = await detach(prepared, _detached(state, prepared, deadline, shape), release)
+            hold = None  # released once the stream ended
+            return response
         if prepared.stream:
             choices = await guard_disconnect(request, _start(state, prepared, deadline))
             on_close = [choices.close] if hold is None else [choices.close, hold.release]
@@ -219,6 +229,19 @@ async def serve(
     finally:
         if hold is not None:  # answered, refused, or the client left: workers are done
             hold.release()
+
+
+async def _detached(
+    state: FrontendState, prepared: Prepared, deadline: float, shape: AnswerShape
+) -> AsyncIterator[bytes]:
+    """`shape`'s stream of a request no HTTP client holds: routed, sent and started when
+    first read (an error before the first event is raised from here)."""
+    choices = await _start(state, prepared, deadline)
+    try:
+        async for event in shape.events(state, prepared, choices, deadline):
+            yield event
+    finally:
+        choices.close()
 
 
 async def _read_body(request: Request, limit: int) -> bytes:

@@ -10,7 +10,7 @@ import time
 import uuid
 from collections.abc import Collection, Iterator, Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from contract.bus import media_subject
 from contract.config import LOAD_READING_ROUTERS, DeploymentConfig
@@ -43,6 +43,9 @@ from frontend.tokenization import TextTokenizer
 from frontend.tool_calls import FORMATS
 from frontend.worker_client import WorkerClient
 
+if TYPE_CHECKING:  # it builds answers, which read this state: the app gives it one
+    from frontend.background import BackgroundResponses
+
 
 def check_config(config: DeploymentConfig) -> None:
     """ValueError naming the field when the launcher left out what the frontend needs."""
@@ -73,6 +76,8 @@ def process_slot() -> tuple[int, int]:
 
 class FrontendState:
     """What the endpoints share; built in the lifespan."""
+
+    background: BackgroundResponses  # /v1/responses' background runs (set by the app)
 
     def __init__(self, config: DeploymentConfig) -> None:
         check_config(config)

@@ -99,7 +99,8 @@ async def test_openapi_documents_every_endpoint(make_frontend: Any) -> None:
     assert sorted(schema["paths"]) == [
         "/health", "/live", "/metrics", "/v1/chat/completions", "/v1/completions",
         "/v1/embeddings", "/v1/models", "/v1/models/{model}", "/v1/responses",
-        "/v1/responses/{response_id}", "/v1/responses/{response_id}/input_items",
+        "/v1/responses/{response_id}", "/v1/responses/{response_id}/cancel",
+        "/v1/responses/{response_id}/input_items",
     ]  # fmt: skip
     served = {getattr(route, "path_format", None) for route in fe.app.routes}
     assert set(schema["paths"]) <= served  # documented routes are served, at those paths

@@ -124,7 +124,7 @@ def test_logprobs_are_asked_for_through_include() -> None:
         ({"input": "x", "tool_choice": {"type": "function", "name": "g"}}, "tool_choice",
          "not in tools"),
         ({"input": "x", "tool_choice": "required"}, "tool_choice", "needs tools"),
-        ({"input": "x", "background": True}, "background", "background"),
+        ({"input": "x", "background": True, "store": False}, "store", "background"),
         ({"input": "x", "truncation": "middle"}, "truncation", "'auto'"),
         ({"input": "x", "reasoning": {"effort": "turbo"}}, "reasoning.effort", "'high'"),
         ({"input": "x", "text": {"format": {"type": "json_schema", "name": "n",

@@ -289,9 +289,15 @@ async def test_the_openapi_document_tells_of_the_responses_endpoints(make_fronte
     assert ok["application/json"]["schema"]["$ref"].endswith("/ResponseObject")
     assert "response.output_text.delta" in ok["text/event-stream"]["schema"]["description"]
     assert set(paths["/v1/responses/{response_id}"]) == {"get", "delete"}
+    cancel = paths["/v1/responses/{response_id}/cancel"]["post"]
+    assert cancel["responses"]["200"]["content"]["application/json"]["schema"]["$ref"].endswith(
+        "/ResponseObject")  # fmt: skip
+    retrieve = paths["/v1/responses/{response_id}"]["get"]
+    assert {"stream", "starting_after"} <= {p["name"] for p in retrieve["parameters"]}
+    assert "429" in create["responses"]
     fields = schema["components"]["schemas"]["ResponsesRequest"]["properties"]
-    assert {"input", "instructions", "tools", "text", "previous_response_id", "store"} <= set(
-        fields)  # fmt: skip
+    assert {"input", "instructions", "tools", "text", "previous_response_id", "store",
+            "background"} <= set(fields)  # fmt: skip
 
 
 async def test_a_client_leaving_a_stream_cancels_the_work(make_frontend: Any) -> None:
