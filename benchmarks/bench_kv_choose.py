@@ -15,12 +15,17 @@ costs a choice): 8 and 64 workers, each holding `--background` blocks of other p
 workers: its first three quarters (a shared system prompt, a new question) or whole.
 Each is timed at concurrency 1 as `c1` (choose, start, finish) and, apart, the walk alone.
 
+`--processes N` (N > 1) routes as one of N frontend processes of a deployment does: the
+router and tracker attached to a shared load table of N rows in /dev/shm (this process's
+row; the others empty), so every choice also reads the other rows and writes its own
+(`frontend.load_table`: counts, turns, pending prefill, routed prefixes).
+
 `--baseline DIR` times another tree's `frontend/kv_router.py` too (with its `kv_index.py` and
 `contract/block_hash.py`), e.g. main's checkout, alternating the two in rounds so that machine
 load falls on both alike, and counts the requests the two routed differently. Requests are built
 before the timing (their pydantic validation is not the router's).
 
-    python benchmarks/bench_kv_choose.py [--baseline /work/main] [--rounds 5]
+    python benchmarks/bench_kv_choose.py [--baseline /work/main] [--rounds 5] [--processes 2]
 
 Last line: `kv_choose c1_us=<x> loaded_us=<y>` (the best rounds' µs per request) and with a
 baseline `c1_vs_baseline=<r> loaded_vs_baseline=<r>`: each tree's best round over the other's
@@ -32,10 +37,13 @@ busy machine the time it spent descheduled is not counted.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib.util
+import itertools
 import random
 import statistics
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -48,6 +56,7 @@ from contract.config import KvRouterConfig
 from contract.discovery import WorkerCard
 from contract.messages import GenerateRequest, LoadMetrics
 from frontend import kv_router
+from frontend.load_table import LoadTable, SharedRouting, SharedTurns, TableLoadShare
 from frontend.router import LoadTracker
 
 WORKERS = 8
@@ -71,18 +80,45 @@ def load_module(path: Path, name: str) -> ModuleType:
 
 
 Scenario = Callable[[ModuleType, int], tuple[float, list[str]]]
+SHARED: list[tuple[Path, int]] = []  # --processes: [(a folder for the tables, their rows)]
+
+
+@contextlib.contextmanager
+def routing(module: ModuleType, index: object, clock: Callable[[], float] | None = None):
+    """(router, tracker) of `module`, attached to the shared table with `--processes`."""
+    tracker = LoadTracker()
+    extra = {} if clock is None else {"clock": clock}
+    router = module.KvRouter(KvRouterConfig(), index, tracker, seed=7, **extra)
+    if not SHARED:
+        yield router, tracker
+        return
+    folder, rows = SHARED[0]
+    path = folder / f"load-{next(_TABLES)}"  # a fresh table: no turns or starts left over
+    share = TableLoadShare(LoadTable(str(path), 0, rows), tracker, router.own_blocks)
+    share.attach()
+    router.share_turns(SharedTurns(share.table), SharedTurns.stamp)
+    router.share_routing(SharedRouting(share.table))
+    try:
+        yield router, tracker
+    finally:
+        share.table.release()
+        share.table.close()
+        path.unlink()
+
+
+_TABLES = itertools.count()
 
 
 def c1(module: ModuleType, n: int) -> tuple[float, list[str]]:
     """Seconds for `n` requests at concurrency 1, and the workers chosen."""
-    index, tracker = module.KvIndex(), LoadTracker()
-    router = module.KvRouter(KvRouterConfig(), index, tracker, seed=7)
+    index = module.KvIndex()
     cards = [card(f"w{i}") for i in range(WORKERS)]
     prompt = list(range(100, 140))
     for i in range(WORKERS):
         index.store(f"w{i}", block_hashes(list(range(1000 * i, 1000 * i + 160)), BLOCK))
     index.store("w3", block_hashes(prompt, BLOCK))
-    return choose_one_at_a_time(router, tracker, cards, prompt, n)
+    with routing(module, index) as (router, tracker):
+        return choose_one_at_a_time(router, tracker, cards, prompt, n)
 
 
 def choose_one_at_a_time(
@@ -122,9 +158,8 @@ def grid_case(
 
     def choose(module: ModuleType, n: int) -> tuple[float, list[str]]:
         index, prompt, cards = build(module)
-        tracker = LoadTracker()
-        router = module.KvRouter(KvRouterConfig(), index, tracker, seed=7)
-        return choose_one_at_a_time(router, tracker, cards, prompt, n)
+        with routing(module, index) as (router, tracker):
+            return choose_one_at_a_time(router, tracker, cards, prompt, n)
 
     def walk(module: ModuleType, n: int) -> tuple[float, list[str]]:
         index, prompt, _ = build(module)
@@ -141,9 +176,13 @@ def grid_case(
 
 def loaded(module: ModuleType, n: int) -> tuple[float, list[str]]:
     """Seconds for `n` requests with 16 in flight (prefilled and finished 16 later)."""
-    index, tracker = module.KvIndex(), LoadTracker()
+    index = module.KvIndex()
     clock = iter(range(10**9)).__next__  # 1 s a request: deterministic prefill rates
-    router = module.KvRouter(KvRouterConfig(), index, tracker, seed=7, clock=clock)
+    with routing(module, index, clock) as (router, tracker):
+        return _loaded(router, tracker, index, n)
+
+
+def _loaded(router: object, tracker: LoadTracker, index: object, n: int) -> tuple[float, list[str]]:
     cards = [card(f"w{i}") for i in range(WORKERS)]
     rng = random.Random(1)
     systems = [[rng.randrange(3, 32000) for _ in range(600)] for _ in range(4)]
@@ -159,11 +198,11 @@ def loaded(module: ModuleType, n: int) -> tuple[float, list[str]]:
     chosen: list[str] = []
     t0 = time.process_time()
     for k, request in enumerate(requests):
-        worker_id = router.choose(cards, request).worker_id
+        worker_id = router.choose(cards, request).worker_id  # type: ignore[attr-defined]
         tracker.started(worker_id)
         chosen.append(worker_id)
         if k % 64 == 0:  # the engine's KV events: the prompt is cached there now
-            index.store(worker_id, block_hashes(request.token_ids, BLOCK))
+            index.store(worker_id, block_hashes(request.token_ids, BLOCK))  # type: ignore[attr-defined]
         if k >= 16:
             done = requests[k - 16]
             tracker.prefilled(done.request_id)
@@ -182,7 +221,20 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=3000)
     parser.add_argument("--grid", action="store_true", help="also the index walk's cases")
     parser.add_argument("--background", type=int, default=2000, help="--grid: a worker's blocks")
+    parser.add_argument(
+        "--processes", type=int, default=1,
+        help="route as one of this many frontend processes (a shared load table; > 1)",
+    )  # fmt: skip
     args = parser.parse_args()
+    if args.processes > 1:
+        with tempfile.TemporaryDirectory(dir="/dev/shm", prefix="bench-kv-choose-") as folder:
+            SHARED.append((Path(folder), args.processes))
+            run(args)
+    else:
+        run(args)
+
+
+def run(args: argparse.Namespace) -> None:
     modules = {"this": kv_router}
     if args.baseline:
         tree = Path(args.baseline)

@@ -161,6 +161,11 @@ class PeerRouting(Protocol):
         """Their pending blocks there, and when it last started on a prompt (0.0: unseen)."""
         ...
 
+    def peer_loads(self, worker_id: str) -> tuple[int, float, int]:
+        """`peer_pending_since`, and their largest routed prompt blocks there (the tracker's
+        `peer_blocks`), in one read: the cost model reads all three for every candidate."""
+        ...
+
     def prefix_depths(self, hashes: list[int]) -> dict[str, int]: ...
 
 
@@ -477,6 +482,12 @@ class KvRouter:
         at the rate this process learned."""
         assert self._peers is not None
         others, start = self._peers.peer_pending_since(worker_id)
+        return self._with_peers_pending(worker_id, on, others, start, now)
+
+    def _with_peers_pending(
+        self, worker_id: str, on: _OnWorker | None, others: int, start: float, now: float
+    ) -> float:
+        """`_deployment_pending` from the other processes' pending blocks and start there."""
         pending = others + on.pending if on is not None else others
         if pending <= 0:
             return 0
@@ -614,14 +625,17 @@ class KvRouter:
             uncached = total - credit * overlap
             prefill = weight * uncached if uncached > 0 else 0.0
             pending = 0.0
-            if peers is not None:  # every process's prompts there
-                pending = self._deployment_pending(worker_id, on, now)
+            if peers is not None:  # every process's prompts there, and their routed blocks
+                others, start, peer_routed = peers.peer_loads(worker_id)
+                pending = self._with_peers_pending(worker_id, on, others, start, now)
                 prefill += pending
-            elif on is not None and on.pending:
-                pending = self.pending_prefill(worker_id)
-                prefill += pending
-            # this process's routed blocks and the other frontend processes' (load_share)
-            routed = own + peer_blocks.get(worker_id, 0)
+                routed = own + peer_routed
+            else:
+                if on is not None and on.pending:
+                    pending = self.pending_prefill(worker_id)
+                    prefill += pending
+                # this process's routed blocks and the other frontend processes' (load_share)
+                routed = own + peer_blocks.get(worker_id, 0)
             report = metrics.get(worker_id)
             if report is not None:
                 reported = report.active_blocks

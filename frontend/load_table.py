@@ -184,6 +184,23 @@ class LoadTable:
             return 0, 0.0
         return self._others_sum(self._pending, column), self._starts[column]
 
+    def peer_loads(self, worker_id: str) -> tuple[int, float, int]:
+        """What the KV router reads of the others for every candidate, in one column
+        lookup and one copy of each of its two slices: their pending prefill blocks there,
+        when it last started on a prompt (0.0: unseen), and their largest routed prompt
+        blocks there (`peer_blocks`)."""
+        column = self._find(worker_id)
+        if column is None:
+            return 0, 0.0, 0
+        base = column * ROWS
+        end = base + self.rows_used
+        pending = self._pending[base:end].tolist()
+        blocks = self._blocks[base:end].tolist()
+        pending[self.row] = blocks[self.row] = 0  # ours, and the gone rows', do not count
+        for row in self._dead:
+            pending[row] = blocks[row] = 0
+        return sum(pending), self._starts[column], max(blocks)
+
     def peer_requests(self, worker_id: str) -> int:
         """The other live processes' in-flight requests on `worker_id`."""
         column = self._find(worker_id)
@@ -497,6 +514,7 @@ class SharedRouting:
         self._table = table
         # the reads on the request path: the table's own methods, no call in between
         self.peer_pending_since = table.peer_pending_since
+        self.peer_loads = table.peer_loads
         self.prefix_depths = table.peer_prefix_depths
 
     def routed(self, worker_id: str, hashes: list[int]) -> None:

@@ -417,5 +417,11 @@ def test_the_peers_blocks_are_the_largest_other_row_not_their_sum(tmp_path: Path
     first.write("w0", 2, 30)
     second.write("w0", 3, 50)
     assert reader.peer_blocks("w0") == 50 and reader.peer_requests("w0") == 5
+    reader.write("w0", 1, 90)  # its own row is no peer's
+    first.write_pending("w0", 4)
+    second.write_pending("w0", 6)
+    first.mark_prefill_start("w0", 2.5)
+    assert reader.peer_loads("w0") == (10, 2.5, 50)  # the router's one read of all three
     reader.check_rows(alive=lambda pid: pid != 434343)
     assert reader.peer_blocks("w0") == 30 and reader.peer_blocks("w9") == 0
+    assert reader.peer_loads("w0") == (4, 2.5, 30) and reader.peer_loads("w9") == (0, 0.0, 0)
