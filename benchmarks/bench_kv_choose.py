@@ -1,10 +1,12 @@
 """The KV router's request-path cost: `KvRouter.choose` plus the finish, µs per request.
 
-No I/O: a `KvIndex` filled by hand, a `LoadTracker`, the router. Two scenarios:
+No I/O: a `KvIndex` filled by hand, a `LoadTracker`, the router. Three scenarios:
 
 - c1: what a frontend at concurrency 1 does (issue 14's in-situ profile): 8 workers, a short
   chat prompt (40 tokens) cached on one worker, every other worker caching other prompts;
   each request is chosen, started and finished before the next;
+- hot: concurrency 1 again, one prompt of 40 blocks cached on every worker (the scale-out
+  sweep's repeated question);
 - loaded: 16 requests in flight over 8 workers that publish `LoadMetrics`, each prompt one
   of 4 system prompts (~600 tokens) plus a unique question; each request prefills (first
   output) and finishes 16 requests after it was routed.
@@ -55,8 +57,7 @@ from contract.block_hash import block_hashes
 from contract.config import KvRouterConfig
 from contract.discovery import WorkerCard
 from contract.messages import GenerateRequest, LoadMetrics
-from frontend import kv_router
-from frontend.load_table import LoadTable, SharedRouting, SharedTurns, TableLoadShare
+from frontend import kv_router, load_table
 from frontend.router import LoadTracker
 
 WORKERS = 8
@@ -84,8 +85,15 @@ SHARED: list[tuple[Path, int]] = []  # --processes: [(a folder for the tables, t
 
 
 @contextlib.contextmanager
-def routing(module: ModuleType, index: object, clock: Callable[[], float] | None = None):
-    """(router, tracker) of `module`, attached to the shared table with `--processes`."""
+def routing(
+    module: ModuleType,
+    index: object,
+    clock: Callable[[], float] | None = None,
+    in_flight: list[list[int]] = (),  # type: ignore[assignment]
+):
+    """(router, tracker) of `module`, attached to the shared table with `--processes`,
+    where each other process has `in_flight`'s prompts in flight on every worker (what the
+    sweep's repeated prompt looks like from one process: all of them route it)."""
     tracker = LoadTracker()
     extra = {} if clock is None else {"clock": clock}
     router = module.KvRouter(KvRouterConfig(), index, tracker, seed=7, **extra)
@@ -94,15 +102,23 @@ def routing(module: ModuleType, index: object, clock: Callable[[], float] | None
         return
     folder, rows = SHARED[0]
     path = folder / f"load-{next(_TABLES)}"  # a fresh table: no turns or starts left over
-    share = TableLoadShare(LoadTable(str(path), 0, rows), tracker, router.own_blocks)
+    tables = module.load_table  # the tree's own shared table
+    share = tables.TableLoadShare(tables.LoadTable(str(path), 0, rows), tracker, router.own_blocks)
     share.attach()
-    router.share_turns(SharedTurns(share.table), SharedTurns.stamp)
-    router.share_routing(SharedRouting(share.table))
+    peers = [tables.LoadTable(str(path), row, rows) for row in range(1, rows)]
+    for peer in peers:
+        peer.claim()
+        for prompt in in_flight:
+            for i in range(WORKERS):
+                peer.add_prefix(f"w{i}", block_hashes(prompt, BLOCK))
+    router.share_turns(tables.SharedTurns(share.table), tables.SharedTurns.stamp)
+    router.share_routing(tables.SharedRouting(share.table))
     try:
         yield router, tracker
     finally:
-        share.table.release()
-        share.table.close()
+        for table in (share.table, *peers):
+            table.release()
+            table.close()
         path.unlink()
 
 
@@ -117,7 +133,20 @@ def c1(module: ModuleType, n: int) -> tuple[float, list[str]]:
     for i in range(WORKERS):
         index.store(f"w{i}", block_hashes(list(range(1000 * i, 1000 * i + 160)), BLOCK))
     index.store("w3", block_hashes(prompt, BLOCK))
-    with routing(module, index) as (router, tracker):
+    with routing(module, index, in_flight=[prompt]) as (router, tracker):
+        return choose_one_at_a_time(router, tracker, cards, prompt, n)
+
+
+def hot(module: ModuleType, n: int) -> tuple[float, list[str]]:
+    """Seconds for `n` requests at concurrency 1 of one hot prompt (40 blocks) cached on
+    every worker, as the scale-out sweep's repeated question is (with `--processes`, every
+    other process has it in flight on every worker too)."""
+    index = module.KvIndex()
+    cards = [card(f"w{i}") for i in range(WORKERS)]
+    prompt = list(range(100, 100 + 40 * BLOCK))
+    for i in range(WORKERS):
+        index.store(f"w{i}", block_hashes(prompt, BLOCK))
+    with routing(module, index, in_flight=[prompt]) as (router, tracker):
         return choose_one_at_a_time(router, tracker, cards, prompt, n)
 
 
@@ -178,8 +207,15 @@ def loaded(module: ModuleType, n: int) -> tuple[float, list[str]]:
     """Seconds for `n` requests with 16 in flight (prefilled and finished 16 later)."""
     index = module.KvIndex()
     clock = iter(range(10**9)).__next__  # 1 s a request: deterministic prefill rates
-    with routing(module, index, clock) as (router, tracker):
+    systems = system_prompts()
+    with routing(module, index, clock, in_flight=systems) as (router, tracker):
         return _loaded(router, tracker, index, n)
+
+
+def system_prompts() -> list[list[int]]:
+    """The loaded scenario's 4 system prompts (~600 tokens each; its rng's first draws)."""
+    rng = random.Random(1)
+    return [[rng.randrange(3, 32000) for _ in range(600)] for _ in range(4)]
 
 
 def _loaded(router: object, tracker: LoadTracker, index: object, n: int) -> tuple[float, list[str]]:
@@ -235,6 +271,7 @@ def main() -> None:
 
 
 def run(args: argparse.Namespace) -> None:
+    kv_router.load_table = load_table  # type: ignore[attr-defined]  # `routing` reads it
     modules = {"this": kv_router}
     if args.baseline:
         tree = Path(args.baseline)
@@ -245,8 +282,10 @@ def run(args: argparse.Namespace) -> None:
         baseline.media_block_extras = hashing.media_block_extras
         # and its KV index (the scenarios build `module.KvIndex`)
         baseline.KvIndex = load_module(tree / "frontend/kv_index.py", "kv_index_baseline").KvIndex
+        # and its shared table (--processes)
+        baseline.load_table = load_module(tree / "frontend/load_table.py", "load_table_baseline")
         modules["baseline"] = baseline
-    scenarios: dict[str, Scenario] = {"c1": c1, "loaded": loaded}
+    scenarios: dict[str, Scenario] = {"c1": c1, "loaded": loaded, "hot": hot}
     if args.grid:
         for workers in (8, 64):
             for blocks in (3, 220):

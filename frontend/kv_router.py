@@ -166,7 +166,12 @@ class PeerRouting(Protocol):
         `peer_blocks`), in one read: the cost model reads all three for every candidate."""
         ...
 
-    def prefix_depths(self, hashes: list[int]) -> dict[str, int]: ...
+    def prefix_depths(
+        self, hashes: list[int], known: Mapping[str, int] | None = None
+    ) -> dict[str, int]:
+        """Worker -> how deep their in-flight prompts share this prefix there; a worker
+        `known` to hold the whole prompt need not be looked for."""
+        ...
 
 
 @dataclass
@@ -593,6 +598,7 @@ class KvRouter:
         actives: list[int] = []
         costs: list[float] = []
         size_now, total, hashes = 0, 0, []
+        ask_peers = False  # their in-flight prefixes at this block size: not read yet
         for card in candidates:
             worker_id, size = card.worker_id, card.block_size
             if size != size_now:  # the prompt at this block size (hashed once per size)
@@ -600,10 +606,13 @@ class KvRouter:
                 hashes = by_size.get(size)
                 if hashes is None:
                     hashes = by_size[size] = prompt_hashes(token_ids, size, media)
-                if peers is not None:
-                    peer_depths = peers.prefix_depths(hashes)
+                ask_peers = peers is not None
             if size != cached_size or (publishes is not None and not publishes(worker_id)):
                 cached, cached_size = self._cached_prefixes(worker_id, size, hashes)
+            if ask_peers:  # after the index: where it has the whole prompt, none can add
+                assert peers is not None
+                peer_depths = peers.prefix_depths(hashes, cached)
+                ask_peers = False
             overlap = cached.get(worker_id, 0)
             if peer_depths:  # routed there by another process, its KV events still to come
                 overlap = max(overlap, peer_depths.get(worker_id, 0))

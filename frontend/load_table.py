@@ -44,6 +44,7 @@ head: `contract.plan.frontend_plan` is its only source), so they share one file 
 from __future__ import annotations
 
 import asyncio
+import bisect
 import contextlib
 import fcntl
 import logging
@@ -128,6 +129,7 @@ class LoadTable:
         self._prefix_columns = view[_PREFIX_COLUMNS:_PREFIX_COUNTS].cast("i")
         self._prefix_counts = view[_PREFIX_COUNTS:SIZE].cast("i")
         self._columns: dict[str, int] = {}  # worker id -> column, as far as we read the names
+        self._names_by_column: list[str] = []  # the same, column -> worker id
         self._dead: list[int] = []  # other rows whose process is gone: left out of the sums
         self._peer_rows = [r for r in range(rows_used) if r != row]  # the live other rows
         # our row's prefix entries: (block hash, column) -> slot (only we write our row)
@@ -278,16 +280,28 @@ class LoadTable:
             if not left:
                 del ours[key]
 
-    def peer_prefix_depths(self, hashes: list[int]) -> dict[str, int]:
+    def peer_prefix_depths(
+        self, hashes: list[int], known: Mapping[str, int] | None = None
+    ) -> dict[str, int]:
         """Worker id -> how many leading blocks of a prompt with these full-block hashes the
         other live processes' in-flight prompts there share (at the sampled positions: up to
-        `PREFIX_STRIDE` - 1 blocks short). Hashes are chained, so a match at a position means
-        the whole prefix up to it; per row and worker a binary search over the positions."""
+        `PREFIX_STRIDE` - 1 blocks short), where that is deeper than `known` (the caller's
+        own depths: the KV index's) says. Hashes are chained, so a match at a position means
+        the whole prefix up to it: per row and worker one look at the first position deeper
+        than known or an earlier row found, and a binary search only where it matches (a
+        hot prompt in flight in every process was searched whole per worker and row)."""
         if not hashes:
             return {}
         positions = prefix_positions(len(hashes))
-        depths: dict[str, int] = {}
-        by_column: dict[int, int] = {}
+        last = len(positions) - 1
+        by_column: dict[int, int] = {}  # the depths found, where deeper than known
+        floors: dict[int, int] = {}  # column -> the depth known
+        if known:
+            columns_of = self._columns
+            for worker_id, depth in known.items():
+                column = columns_of.get(worker_id)
+                if column is not None:
+                    floors[column] = depth
         first = hashes[0]
         keys, counts, columns = self._prefix_keys, self._prefix_counts, self._prefix_columns
         home = first % PREFIX_SLOTS
@@ -299,26 +313,27 @@ class LoadTable:
                 if keys[base + slot] == first and counts[base + slot] > 0
             ]  # fmt: skip
             for column in found:
-                low, high = 0, len(positions) - 1  # positions[low] is known to match
+                floor = by_column.get(column) or floors.get(column, 0)
+                low = bisect.bisect_left(positions, floor)  # the first deeper than floor
+                if low > last:  # the whole prompt is known there
+                    continue
+                if low and not self._holds(row, hashes[positions[low]], column):
+                    continue  # this row's prompt there goes no deeper than known
+                high = last  # positions[low] is known to match
                 while low < high:
                     middle = (low + high + 1) // 2
                     if self._holds(row, hashes[positions[middle]], column):
                         low = middle
                     else:
                         high = middle - 1
-                depth = positions[low] + 1
-                if depth > by_column.get(column, 0):
-                    by_column[column] = depth
-        if by_column:
-            names = {column: worker for worker, column in self._columns.items()}
-            for column, depth in by_column.items():
-                worker_id = names.get(column)
-                if worker_id is None:
-                    self._sync_names()
-                    names = {c: w for w, c in self._columns.items()}
-                    worker_id = names.get(column)
-                if worker_id is not None:
-                    depths[worker_id] = depth
+                by_column[column] = positions[low] + 1
+        depths: dict[str, int] = {}
+        names = self._names_by_column
+        for column, depth in by_column.items():
+            if column >= len(names):  # named by another process since we last read
+                self._sync_names()
+            if column < len(names):
+                depths[names[column]] = depth
         return depths
 
     def _holds(self, row: int, key: int, column: int) -> bool:
@@ -387,6 +402,7 @@ class LoadTable:
             self._names[slot] = len(encoded)
             self._header[_NAMED] = column + 1
             self._columns[worker_id] = column
+            self._names_by_column.append(worker_id)
         return column
 
     def _find(self, worker_id: str) -> int | None:
@@ -408,7 +424,9 @@ class LoadTable:
         for column in range(len(self._columns), min(self._header[_NAMED], COLUMNS)):
             slot = column * NAME_BYTES
             length = names[slot]
-            self._columns[bytes(names[slot + 1 : slot + 1 + length]).decode()] = column
+            worker_id = bytes(names[slot + 1 : slot + 1 + length]).decode()
+            self._columns[worker_id] = column
+            self._names_by_column.append(worker_id)
 
     def close(self) -> None:
         views = (self._header, self._pids, self._names, self._requests, self._blocks,

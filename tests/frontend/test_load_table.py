@@ -308,6 +308,11 @@ def test_routed_prefixes_and_pending_prefill_are_the_other_rows(tmp_path: Path) 
     assert reader.peer_prefix_depths(shares_20) == {"w1": 16}  # positions 15 and 31 sampled
     assert reader.peer_prefix_depths(prompt_hashes_of(list(range(7000, 7640)))) == {}
     assert writer.peer_prefix_depths(routed) == {}  # its own row is not a peer's
+    # what the caller knows already (its KV index) is not looked for again, nor reported
+    assert reader.peer_prefix_depths(routed, known={"w1": 40}) == {}
+    assert reader.peer_prefix_depths(routed, known={"w1": 20, "w9": 40}) == {"w1": 40}
+    assert reader.peer_prefix_depths(longer, known={"w1": 32}) == {}
+    assert reader.peer_prefix_depths(longer, known={"w1": 31}) == {"w1": 32}
     assert reader.peer_pending_since("w1")[0] == 40 and writer.peer_pending_since("w1")[0] == 0
     writer.remove_prefix("w1", routed)
     assert reader.peer_prefix_depths(routed) == {"w1": 40}  # the other request holds it
