@@ -129,6 +129,7 @@ def test_dead_follower_restarts_the_group_and_the_request_survives(
     worker of its role (frontend.no_worker_timeout_s) and gets the aggregated answer."""
     _, _, worker, first_command = deployment
     ranks = rank_pids(up.run_dir)
+    restart = up.next_restart(worker)
     os.kill(ranks[2], signal.SIGKILL)
     deadline = time.monotonic() + 30
     while pid_alive(ranks[2]):
@@ -141,8 +142,8 @@ def test_dead_follower_restarts_the_group_and_the_request_survives(
         model=model, prompt=prompt_ids[i], max_tokens=MAX_TOKENS, **params
     )
     assert response.choices[0].text == reference[(i, json.dumps(params))]
-    up.wait_for_line(re.compile(rf"{worker} exited with code \S+; restart 1 of"), 60)
-    up.wait_for_line(re.compile(rf"{worker} is back \(restart 1\)"), 300)
+    up.wait_for_line(re.compile(rf"{worker} exited with code \S+; restart {restart} of"), 60)
+    up.wait_for_line(re.compile(rf"{worker} is back \(restart {restart}\)"), 300)
     assert up.popen.poll() is None
     log = (up.run_dir / "logs" / f"{worker}.log").read_text()
     assert f"tensor-parallel {first_command} failed" in log and "deregistered" in log

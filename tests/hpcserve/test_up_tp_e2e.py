@@ -131,9 +131,12 @@ def test_follower_killed_mid_stream_and_the_stream_goes_on(
     ranks = rank_pids(up.run_dir)
     segments = mpich_segments(list(ranks.values()))
     assert segments  # MPICH's shared memory of the group (its name already unlinked)
+    restart = up.next_restart("worker-agg-g0-i0")
     os.kill(ranks[1], signal.SIGKILL)
-    up.wait_for_line(re.compile(r"worker-agg-g0-i0 exited with code \S+; restart 1 of"), 60)
-    up.wait_for_line(re.compile(r"worker-agg-g0-i0 is back \(restart 1\)"), 300)
+    up.wait_for_line(
+        re.compile(rf"worker-agg-g0-i0 exited with code \S+; restart {restart} of"), 60
+    )
+    up.wait_for_line(re.compile(rf"worker-agg-g0-i0 is back \(restart {restart}\)"), 300)
     asker.join(timeout=300)
     assert not asker.is_alive()
     assert "error" not in outcome, outcome

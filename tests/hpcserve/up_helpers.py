@@ -78,6 +78,13 @@ class UpProcess:
     def output(self) -> str:
         return "\n".join(self.lines)
 
+    def next_restart(self, name: str) -> int:
+        """The number the supervisor gives `name`'s next restart: a worker whose MPI_Init
+        failed at start (a rare failure of MPI's start-up on a loaded machine) was started
+        again, and that counted as one (lines read so far: call it after `wait_ready`)."""
+        failed_starts = f"{name}: MPI_Init failed at start"
+        return 1 + sum(failed_starts in line for line in self.lines)
+
     def pids(self) -> dict[str, int]:
         return json.loads((self.run_dir / "pids.json").read_text())
 
