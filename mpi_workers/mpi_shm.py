@@ -82,3 +82,36 @@ def release_segment_names(world: Any) -> list[str]:
         logger.info("unlinked MPICH shared memory %s (mapped by all %d local ranks; freed "
                     "when the last one exits)", ", ".join(unlinked), len(everyone))  # fmt: skip
     return unlinked
+
+
+def slurm_step_tag(job_id: str, step_id: str) -> str:
+    """The hash MPICH names a Slurm step's segments by: FNV-1a (32 bits) of its PMI job name
+    `<job>.<step>` (pmi2), in hex, as in `mpich_shm_<tag>_<node>` (checked: job 7 step 2's
+    are `mpich_shm_16f4724e_*`)."""
+    value = 0x811C9DC5
+    for byte in f"{job_id}.{step_id}".encode():
+        value = ((value ^ byte) * 0x01000193) & 0xFFFFFFFF
+    return f"{value:08x}"
+
+
+def forget_failed_step_segments(environ: dict[str, str] | None = None) -> list[str]:
+    """After a rank of a Slurm step failed: its step's MPICH segment names, out of /dev/shm.
+    A rank that dies inside MPI_Init (before `release_segment_names`; the supervisor starts
+    such a worker again) leaves them, and nothing else would: no later step has the same
+    job and step id, and the step is over (--kill-on-bad-exit). The mappings of ranks still
+    alive keep their memory; only the names go. Returns the names removed (none outside
+    Slurm: hydra's job names are not known here)."""
+    environ = dict(os.environ) if environ is None else environ
+    job_id, step_id = environ.get("SLURM_JOB_ID"), environ.get("SLURM_STEP_ID")
+    if not job_id or not step_id:
+        return []
+    tag = slurm_step_tag(job_id, step_id)
+    removed = []
+    for prefix in SEGMENT_PREFIXES:
+        for path in sorted(SHM_DIR.glob(f"{prefix}{tag}_*")):
+            try:
+                path.unlink()
+            except OSError:  # gone already (another rank of the node), or not ours to remove
+                continue
+            removed.append(path.name)
+    return removed

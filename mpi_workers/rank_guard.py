@@ -7,7 +7,9 @@ requests and deregister. Seen through the guard, a SIGKILLed follower is an ordi
 the leader survives, notices the closed connection and shuts its worker down itself.
 The guard imports nothing heavy and does not touch MPI; the child inherits the launcher's
 environment (PMI/PMIx variables) and is the real rank. SIGTERM/SIGINT are passed on;
-hydra's SIGUSR1 failure notices are ignored.
+hydra's SIGUSR1 failure notices are ignored. A rank of a Slurm step that fails takes its
+step's MPICH segment names out of /dev/shm (`mpi_shm.forget_failed_step_segments`: a rank that
+died inside MPI_Init left them).
 
     python -m mpi_workers.rank_guard SCRIPT_OR_-m_MODULE ARGS...
 """
@@ -18,6 +20,8 @@ import os
 import signal
 import subprocess
 import sys
+
+from mpi_workers.mpi_shm import forget_failed_step_segments
 
 GUARD_VARIABLE = "HPCSERVE_RANK_GUARD"
 _SIZE_VARIABLES = ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "PMIX_SIZE")
@@ -46,8 +50,13 @@ def run_guarded(argv: list[str]) -> int:
     # exits (a failure notice); its default action would kill the guard, and the rank with it.
     signal.signal(signal.SIGUSR1, signal.SIG_IGN)
     code = child.wait()
+    rank = os.environ.get("PMI_RANK", os.environ.get("OMPI_COMM_WORLD_RANK", "?"))
+    if code != 0:
+        removed = forget_failed_step_segments()
+        if removed:
+            print(f"rank_guard: MPI rank {rank} failed: removed its step's MPICH shared "
+                  f"memory names {', '.join(removed)}", file=sys.stderr, flush=True)  # fmt: skip
     if code < 0:
-        rank = os.environ.get("PMI_RANK", os.environ.get("OMPI_COMM_WORLD_RANK", "?"))
         print(
             f"rank_guard: MPI rank {rank} (pid {child.pid}) died from signal "
             f"{signal.Signals(-code).name}", file=sys.stderr, flush=True,

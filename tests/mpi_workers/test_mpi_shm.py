@@ -12,6 +12,7 @@ import contextlib
 import json
 import os
 import signal
+import subprocess
 import sys
 import time
 from collections.abc import Iterator
@@ -21,11 +22,40 @@ import pytest
 
 from contract.processes import ManagedProcess, descendants, pid_alive
 from hpcserve.launcher import mpi_launcher
-from mpi_workers.mpi_shm import SHM_DIR, mapped_segment_names
+from mpi_workers.mpi_shm import SHM_DIR, mapped_segment_names, slurm_step_tag
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
 SCRIPT = str(HERE / "shm_script.py")
+
+
+def test_a_slurm_steps_tag_is_mpichs_hash_of_its_pmi_job_name() -> None:
+    assert slurm_step_tag("7", "2") == "16f4724e"  # seen: a failed step 7.2's segments
+
+
+def test_a_failed_rank_of_a_slurm_step_takes_its_steps_names_out(tmp_path: Path) -> None:
+    """A rank (under the guard) that exits non-zero in a Slurm step: the names of that
+    step's MPICH segments leave /dev/shm (a rank dying inside MPI_Init left them); another
+    step's stay, and a rank that succeeds removes nothing."""
+    job = f"test{os.getpid()}"  # no real job has it
+    tag, other = slurm_step_tag(job, "3"), slurm_step_tag(job, "4")
+    names = [f"mpich_shm_{tag}_0", f"mpich_shm_{tag}_1", f"mpich_vci_{tag}_0",
+             f"mpich_shm_{other}_0"]  # fmt: skip
+    env = {**os.environ, "SLURM_JOB_ID": job, "SLURM_STEP_ID": "3", "PMI_RANK": "1"}
+    try:
+        for name in names:
+            (SHM_DIR / name).write_bytes(b"segment")
+        guard = [sys.executable, "-m", "mpi_workers.rank_guard", "-c"]
+        ok = subprocess.run([*guard, "pass"], env=env, cwd=REPO, capture_output=True, text=True)
+        assert ok.returncode == 0 and all((SHM_DIR / name).exists() for name in names)
+        failed = subprocess.run([*guard, "raise SystemExit(3)"], env=env, cwd=REPO,
+                                capture_output=True, text=True)  # fmt: skip
+        assert failed.returncode == 3
+        assert [name for name in names if (SHM_DIR / name).exists()] == [names[3]]
+        assert "removed its step's MPICH shared memory names" in failed.stderr
+    finally:
+        for name in names:
+            (SHM_DIR / name).unlink(missing_ok=True)
 
 
 def test_mapped_names_are_named_mpich_segments_in_dev_shm() -> None:
