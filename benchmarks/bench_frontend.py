@@ -76,6 +76,7 @@ import argparse
 import asyncio
 import contextlib
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -458,12 +459,13 @@ def drive_raw_client(
     count: int,
     balance_over: int = 0,
     start_at: float | None = None,
+    only: str | None = None,
 ) -> Load:
     """`count` requests of `scenario` from `http_load` (a client ~5x cheaper per request than
     aiohttp: see that module), in a fresh event loop of this process; with `balance_over`,
-    as many connections to each of that many frontend processes."""
+    as many connections to each of that many frontend processes (`only`: all to that one)."""
     out = run_raw(url, chat_body(model, scenario), scenario.concurrency, count, scenario.stream,
-                  balance_over, start_at)  # fmt: skip
+                  balance_over, start_at, only)  # fmt: skip
     return Load(out.latencies, out.wall_s, out.events, out.cpu_s, out.per_process,
                 out.connections, started_at=out.started_at, ended_at=out.ended_at)  # fmt: skip
 
@@ -476,10 +478,11 @@ def _drive_in_process(
     client: str,
     frontends: int,
     start_at: float | None = None,
+    only: str | None = None,
 ) -> Load:
     if client in ("raw", "balanced"):
         balance = frontends if client == "balanced" else 0
-        return drive_raw_client(url, model, scenario, count, balance, start_at)
+        return drive_raw_client(url, model, scenario, count, balance, start_at, only)
     return asyncio.run(drive(url, model, scenario, count))
 
 
@@ -491,15 +494,16 @@ async def drive_from(
     count: int,
     client: str = "aiohttp",
     frontends: int = 1,
+    only: str | None = None,
 ) -> Load:
     """`drive` (or `client` "raw"/"balanced": `http_load`'s client, "balanced" spreading
-    each client process's connections evenly over `frontends` processes) split over
-    `processes` client processes (one Python client tops out near a core's worth of
-    requests: too few for several frontend processes on many cores)."""
+    each client process's connections evenly over `frontends` processes, or with `only` all
+    to that one) split over `processes` client processes (one Python client tops out near a
+    core's worth of requests: too few for several frontend processes on many cores)."""
     if processes <= 1 or scenario.concurrency < processes:
         if client != "aiohttp":
             return await asyncio.to_thread(
-                _drive_in_process, url, model, scenario, count, client, frontends
+                _drive_in_process, url, model, scenario, count, client, frontends, None, only
             )
         return await drive(url, model, scenario, count)
     from concurrent.futures import ProcessPoolExecutor
@@ -511,7 +515,7 @@ async def drive_from(
     with ProcessPoolExecutor(processes) as pool:
         parts = await asyncio.gather(*(
             loop.run_in_executor(pool, _drive_in_process, url, model, share,
-                                 count // processes, client, frontends, start_at)
+                                 count // processes, client, frontends, start_at, only)
             for _ in range(processes)
         ))  # fmt: skip
     per_process: dict[str, int] = {}
@@ -1204,6 +1208,78 @@ async def sweep(args: argparse.Namespace) -> None:
         print(f"frontend_workers_sweep failed_row {line}")
 
 
+async def scale_ab(args: argparse.Namespace) -> None:
+    """--scale-ab N: the scale-out of N frontend processes measured inside one deployment, in
+    alternated rounds of two loads: process 0 alone (`--concurrency` connections all to it;
+    the others idle, taking in the deployment's events as they would) and all N (as many
+    connections on each). Per round req/s all / req/s one, the sides' order alternating:
+    both see the same host within seconds. Between deployments the device's host moved a
+    sweep's N=1 rows x1.8 (its pure-Python loop x0.92-1.74 as long at different moments),
+    which a ratio against another deployment's N=1 cannot tell from scale-out."""
+    count = args.scale_ab
+    args.sweep = [count]  # the widest row `pinning_plan` plans for
+    plan = pinning_plan(args) if args.pin else None
+    summary = []
+    for router in args.routers or [args.router]:
+        layout = None
+        if plan is not None:
+            cores, rest_min, whole, _ = plan
+            layout = plan_pinning(cores, count, rest_min, whole)
+        config = hpcserve_config(count, args.speedup, router)
+        deployment = await asyncio.to_thread(start_deployment, config, lambda _m: None)
+        try:
+            pids = {planned.name: managed.pid for planned, managed in deployment.processes}
+            frontends = [pid for name, pid in pids.items() if name.startswith("frontend")]
+            others = [pid for pid in pids.values() if pid not in frontends]
+            if layout is not None:
+                apply_layout(layout, frontends, others)
+            url = deployment.url + "/chat/completions"
+            model = deployment.config.model.served_name or Path(
+                str(deployment.config.model.path)).name  # fmt: skip
+            await drive(url, model, SCENARIOS[1], 64)  # warm-up
+            where = f"; pinned: {layout.describe()}" if layout is not None else ""
+            print(f"\nscale-ab: router {router}, {count} frontend processes, "
+                  f"{args.concurrency} connections a loaded process, {os.cpu_count()} CPUs{where}")
+            print(f"  {'scenario':<22} {'round':>5} {'one req/s':>10} {'all req/s':>10} "
+                  f"{'x':>6} {'fe ms one':>10} {'fe ms all':>10} {'idle fe %':>10}")  # fmt: skip
+            for base in SCENARIOS[:2]:
+                kind = base.name.split(" c=")[0]
+                ratios = []
+                for index in range(args.ab_rounds):
+                    sides = ("one", "all") if index % 2 == 0 else ("all", "one")
+                    rate, fe_ms, idle = {}, {}, 0.0
+                    for side in sides:
+                        loaded = count if side == "all" else 1
+                        scenario = Scenario(kind, base.stream, base.max_tokens,
+                                            args.concurrency * loaded, 1.0)  # fmt: skip
+                        before = [cpu_seconds([pid]) for pid in frontends]
+                        load = await drive_from(
+                            args.client_processes, url, model, scenario,
+                            args.requests * loaded, "balanced", count,
+                            None if side == "all" else "0",
+                        )  # fmt: skip
+                        after = [cpu_seconds([pid]) for pid in frontends]
+                        spent = [a - b for a, b in zip(after, before, strict=True)]
+                        done = len(load.latencies)
+                        rate[side] = done / load.wall_s
+                        busy = spent if side == "all" else spent[:1]
+                        fe_ms[side] = 1000 * sum(busy) / done
+                        if side == "one" and count > 1:  # the idle processes' CPU share
+                            idle = 100 * sum(spent[1:]) / (count - 1) / load.wall_s
+                    ratio = rate["all"] / rate["one"]
+                    ratios.append(ratio)
+                    print(f"  {kind:<22} {index:>5} {rate['one']:10.0f} {rate['all']:10.0f} "
+                          f"{ratio:6.2f} {fe_ms['one']:10.3f} {fe_ms['all']:10.3f} "
+                          f"{idle:10.1f}")  # fmt: skip
+                median = statistics.median(ratios)
+                met = "met" if median >= 0.8 * count else "not met"
+                print(f"  {kind:<22} median x{median:.2f} (goal >= {0.8 * count:.1f}: {met})")
+                summary.append(f"{router}_{kind.split()[0].replace('-', '_')}={median:.2f}")
+        finally:
+            await asyncio.to_thread(stop_deployment, deployment, lambda _m: None)
+    print(f"frontend_scale_ab n={count} " + " ".join(summary))
+
+
 async def sweep_row(
     args: argparse.Namespace, plan: tuple | None, router: str, count: int, run: int
 ) -> list[SweepRow]:
@@ -1318,7 +1394,13 @@ def main() -> None:
         "--ab-set", action="append", default=[], metavar="KEY=VALUE",
         help="--ab-tree: a config override for its frontend only (repeatable)",
     )  # fmt: skip
-    parser.add_argument("--ab-rounds", type=int, default=6, help="--ab-tree: rounds")
+    parser.add_argument(
+        "--scale-ab", type=int, default=None, metavar="N",
+        help="N frontend processes in one deployment: one process loaded against all N, "
+        "alternated --ab-rounds times (req/s ratio per round; with --pin, --routers, "
+        "--concurrency per loaded process, --requests per loaded process, --client-processes)",
+    )  # fmt: skip
+    parser.add_argument("--ab-rounds", type=int, default=6, help="--ab-tree / --scale-ab: rounds")
     parser.add_argument("--ab-block", type=int, default=200, help="--ab-tree: requests a block")
     parser.add_argument(
         "--ab-new-prompts", action="store_true",
@@ -1329,8 +1411,10 @@ def main() -> None:
         help="a config override of the hpcserve stack (repeatable): frontend.busy_poll_us=2000",
     )  # fmt: skip
     args = parser.parse_args()
-    if args.pin and not (args.workers_sweep and hasattr(os, "sched_setaffinity")):
-        parser.error("--pin: only with --workers-sweep, on Linux (os.sched_setaffinity)")
+    pins = args.workers_sweep or args.scale_ab
+    if args.pin and not (pins and hasattr(os, "sched_setaffinity")):
+        parser.error("--pin: only with --workers-sweep or --scale-ab, on Linux "
+                     "(os.sched_setaffinity)")  # fmt: skip
     if args.new_prompts is not None:
         if not (args.workers_sweep and args.client != "aiohttp") or args.new_prompts < 1:
             parser.error("--new-prompts: a repeat >= 1, with --workers-sweep and a raw client")
@@ -1341,6 +1425,9 @@ def main() -> None:
         EXTRA_SETTINGS.append(f"workers.0.per_process={args.sim_per_process}")
     if args.ab_tree:
         asyncio.run(c1_ab(args))
+        return
+    if args.scale_ab:
+        asyncio.run(scale_ab(args))
         return
     asyncio.run(sweep(args) if args.workers_sweep else compare(args))
 

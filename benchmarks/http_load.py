@@ -277,18 +277,19 @@ async def _answered_by(sock: socket.socket, request: bytes) -> str:
 
 
 async def balanced_sockets(
-    host: str, port: int, concurrency: int, processes: int
+    host: str, port: int, concurrency: int, processes: int, only: str | None = None
 ) -> list[socket.socket]:
     """`concurrency` connected sockets, concurrency/processes to each frontend process (known
-    by its answer to `health_request` on the socket); the surplus closed.
+    by its answer to `health_request` on the socket); the surplus closed. With `only` (a
+    process index), all `concurrency` to that one process (the others idle).
     ValueError where concurrency is no multiple of processes; RuntimeError where 20 x
     concurrency connections did not reach the balance (a process that never answers)."""
-    if concurrency % processes:
+    if concurrency % processes and only is None:
         raise ValueError(f"balance_over: {concurrency} connections do not split over "
                          f"{processes} processes")  # fmt: skip
     loop = asyncio.get_running_loop()
     request = health_request(host, port)
-    each = concurrency // processes
+    each = concurrency // processes if only is None else concurrency
     kept: dict[str, list[socket.socket]] = {}
     tries = 0
     try:
@@ -308,7 +309,7 @@ async def balanced_sockets(
                 sock.close()
                 raise
             mine = kept.setdefault(process, [])
-            if len(mine) < each:
+            if len(mine) < each and only in (None, process):
                 mine.append(sock)
             else:
                 sock.close()
@@ -328,10 +329,12 @@ async def drive_raw(
     stream: bool,
     balance_over: int = 0,
     start_at: float | None = None,
+    only: str | None = None,
 ) -> Outcome:
     """`count` POSTs of `body` to `url`, `concurrency` connections each with one in flight;
     with `balance_over` > 1, as many connections to each of that many frontend processes
-    (`balanced_sockets`, before the clock starts); a `body` holding `NUMBER_MARK` is numbered
+    (`balanced_sockets`, before the clock starts), or with `only` all to that one of them;
+    a `body` holding `NUMBER_MARK` is numbered
     anew each request (`numbered_requests`). `start_at` (time.monotonic()): the first
     request waits for it, so that several client processes, each connecting and balancing
     at its own pace, send their load together (a client late for it starts at once)."""
@@ -342,7 +345,7 @@ async def drive_raw(
     loop = asyncio.get_running_loop()
     socks: list[socket.socket | None] = [None] * concurrency
     if balance_over > 1:
-        socks = list(await balanced_sockets(host, port, concurrency, balance_over))
+        socks = list(await balanced_sockets(host, port, concurrency, balance_over, only))
     if start_at is not None and start_at > time.monotonic():
         await asyncio.sleep(start_at - time.monotonic())
     outcome = Outcome()
@@ -387,9 +390,10 @@ def run_raw(
     stream: bool,
     balance_over: int = 0,
     start_at: float | None = None,
+    only: str | None = None,
 ) -> Outcome:
     """`drive_raw` in a fresh event loop (uvloop where installed): a client process's entry."""
-    run = drive_raw(url, body, concurrency, count, stream, balance_over, start_at)
+    run = drive_raw(url, body, concurrency, count, stream, balance_over, start_at, only)
     try:
         import uvloop
     except ImportError:
