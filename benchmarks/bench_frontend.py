@@ -1379,7 +1379,8 @@ def main() -> None:
     )  # fmt: skip
     parser.add_argument(
         "--pin", action="store_true",
-        help="--workers-sweep (Linux): each frontend process on CPUs of its own, all else on "
+        help="--workers-sweep, --scale-ab (Linux): each frontend process on CPUs of its own, "
+        "all else on "
         "the rest (layout printed)",
     )  # fmt: skip
     parser.add_argument(
