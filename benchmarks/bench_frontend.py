@@ -1380,8 +1380,7 @@ def main() -> None:
     parser.add_argument(
         "--pin", action="store_true",
         help="--workers-sweep, --scale-ab (Linux): each frontend process on CPUs of its own, "
-        "all else on "
-        "the rest (layout printed)",
+        "all else on the rest (layout printed)",
     )  # fmt: skip
     parser.add_argument(
         "--pin-rest-min", type=int, default=None,
