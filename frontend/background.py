@@ -373,21 +373,19 @@ class BackgroundResponses:
         try:
             ask = {"op": "events", "id": response["id"], "after": after, "inbox": inbox}
             answer = await self._ask(owner, ask)
+            if answer.get("error") == "not_streamed":
+                raise _not_streamed(response["id"])
+            if answer.get("error"):
+                raise _not_kept(response)
         except nats.errors.NoRespondersError:
             closed[0]()
             raise errors.bad_request(
                 f"stream: the frontend process that ran response {response['id']} ended, and "
                 "its events with it; GET it without stream", param="stream",
             ) from None  # fmt: skip
-        except BaseException:
+        except BaseException:  # the inbox is not read: unsubscribed
             closed[0]()
             raise
-        if answer.get("error") == "not_streamed":
-            closed[0]()
-            raise _not_streamed(response["id"])
-        if answer.get("error"):
-            closed[0]()
-            raise _not_kept(response)
 
         async def relay() -> AsyncIterator[bytes]:
             while True:
@@ -409,9 +407,7 @@ class BackgroundResponses:
         subject = responses_subject(self._deployment, owner)
         try:
             msg = await self._nats.request(subject, orjson.dumps(question), ASK_TIMEOUT_S)
-        except nats.errors.NoRespondersError:
-            raise
-        except nats.errors.TimeoutError:
+        except nats.errors.TimeoutError:  # (NoRespondersError is no TimeoutError: it passes)
             raise OpenAIError(
                 503, f"the frontend process running response {question['id']} did not answer "
                 f"within {ASK_TIMEOUT_S:g} s", type="service_unavailable", code="owner_unavailable",

@@ -473,26 +473,21 @@ class KvRouter:
         prefill is not done until a first output says so."""
         on = self._on_worker.get(worker_id)
         if self._peers is not None:
-            return self._deployment_pending(worker_id, on, self._clock())
+            others, start = self._peers.peer_pending_since(worker_id)
+            return self._deployment_pending(worker_id, on, others, start, self._clock())
         if on is None or not on.pending:
             return 0
         prefilling = self._prefill_head(on) is not None
         start = self._prefill_start.get(worker_id) if prefilling else None
         return self._less_progress(worker_id, on.pending, start, self._clock())
 
-    def _deployment_pending(self, worker_id: str, on: _OnWorker | None, now: float) -> float:
-        """`pending_prefill` with several frontend processes: every process's pending
-        blocks there, less the worker's progress since it last started on a prompt as any
-        process saw it (a first output, or a prompt routed to it with nothing pending),
-        at the rate this process learned."""
-        assert self._peers is not None
-        others, start = self._peers.peer_pending_since(worker_id)
-        return self._with_peers_pending(worker_id, on, others, start, now)
-
-    def _with_peers_pending(
+    def _deployment_pending(
         self, worker_id: str, on: _OnWorker | None, others: int, start: float, now: float
     ) -> float:
-        """`_deployment_pending` from the other processes' pending blocks and start there."""
+        """`pending_prefill` with several frontend processes: every process's pending
+        blocks there (`others`: the other processes'), less the worker's progress since it
+        last started on a prompt as any process saw it (`start`: a first output, or a prompt
+        routed to it with nothing pending), at the rate this process learned."""
         pending = others + on.pending if on is not None else others
         if pending <= 0:
             return 0
@@ -636,7 +631,7 @@ class KvRouter:
             pending = 0.0
             if peers is not None:  # every process's prompts there, and their routed blocks
                 others, start, peer_routed = peers.peer_loads(worker_id)
-                pending = self._with_peers_pending(worker_id, on, others, start, now)
+                pending = self._deployment_pending(worker_id, on, others, start, now)
                 prefill += pending
                 routed = own + peer_routed
             else:

@@ -24,7 +24,6 @@ from frontend.responses import SSEResponse, json_response
 from frontend.responses_api import (
     MessageItem,
     ResponsesRequest,
-    Translation,
     conversation_length,
     parse_items,
     parse_request,
@@ -51,7 +50,7 @@ async def create(state: FrontendState, request: Request) -> Response:
         record = await state.response_store.get(body.previous_response_id, "previous_response_id")
         earlier = [*record["input"], *record["response"]["output"]]
     earlier_items = parse_items(earlier) if earlier else None
-    translation, dropped = _fitted(state, body, earlier_items)
+    translation, dropped = translate(body, earlier_items), 0
     keep = None
     conversation: list[dict[str, Any]] = []
     if body.store:  # the whole conversation, also where truncation left items out
@@ -74,7 +73,8 @@ async def create(state: FrontendState, request: Request) -> Response:
         except OpenAIError as exc:
             too_long = exc.code == "context_length_exceeded"
             if too_long and body.truncation == "auto" and dropped < last:
-                dropped += 1  # image rows, known only once loaded: one item more
+                # only a conversation too long pays for the fitting (and tokenizes again)
+                dropped = _fewest_dropped(state, body, earlier_items, dropped + 1, last)
                 translation = translate(body, earlier_items, dropped)
                 continue
             raise translation.error(exc) from None
@@ -83,41 +83,36 @@ async def create(state: FrontendState, request: Request) -> Response:
             raise translation.error(error) from None
 
 
-def _fitted(
-    state: FrontendState,
-    body: ResponsesRequest,
-    earlier: list[Any] | None,
-) -> tuple[Translation, int]:
-    """The request as a chat request, and how many of the conversation's first items it
-    leaves out: with `truncation: "auto"`, as few as it takes for the prompt and
-    `max_output_tokens` to fit the context (OpenAI drops items from the beginning of the
-    conversation; instructions stay), found by bisection over the item count. None with
-    truncation disabled or no worker up to tell the context: then the context check
-    refuses what does not fit, as for chat."""
-    translation = translate(body, earlier)
+def _fewest_dropped(
+    state: FrontendState, body: ResponsesRequest, earlier: list[Any] | None, low: int, last: int
+) -> int:
+    """`truncation: "auto"`: how many of the conversation's first items to leave out (at
+    least `low`, at most `last`) for the prompt and `max_output_tokens` to fit the context:
+    the fewest that do by the text's tokens (OpenAI drops items from the beginning of the
+    conversation; instructions stay), by bisection over the item count with a character
+    floor before any tokenizing. An image counts as its placeholder token here, so serving
+    may still refuse the result: the caller then asks again from one item more. With no
+    worker up to tell the context, `low`."""
     limit = state.context_limit()
-    if body.truncation != "auto" or limit is None:
-        return translation, 0
+    if limit is None:
+        return low
     room = limit - (body.max_output_tokens or 1)
 
-    def fits(candidate: Translation) -> bool:
-        chat = candidate.chat
+    def fits(dropped: int) -> bool:
+        chat = translate(body, earlier, dropped).chat
         return fewest_tokens(state, chat) <= room and prompt_length(state, chat) <= room
 
-    if fits(translation):
-        return translation, 0
-    low, high = 0, conversation_length(body, earlier) - 1  # low: does not fit
-    best = translate(body, earlier, high)
-    if not fits(best):
-        return best, high  # the last item alone is too long: serve refuses it by name
+    if not fits(last):
+        return last  # the last item alone is too long: serve refuses it by name
+    high = last  # fits; `low - 1` is known not to
+    low -= 1
     while high - low > 1:
         middle = (low + high) // 2
-        candidate = translate(body, earlier, middle)
-        if fits(candidate):
-            high, best = middle, candidate
+        if fits(middle):
+            high = middle
         else:
             low = middle
-    return best, high
+    return high
 
 
 def _items_as_sent(body: ResponsesRequest) -> list[dict[str, Any]]:

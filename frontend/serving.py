@@ -319,7 +319,7 @@ def _refuse_what_cannot_fit(
             if isinstance(prompt, str)
         ]
     for param, chars in texts:
-        at_least = -(-chars // state.tokenizer.max_token_chars)
+        at_least = _fewest_tokens_of(state, chars)
         if at_least >= limit:
             raise errors.context_length_exceeded(
                 f"This model's maximum context length is {limit} tokens. However, your "
@@ -330,9 +330,15 @@ def _refuse_what_cannot_fit(
 
 
 def fewest_tokens(state: FrontendState, body: ChatCompletionRequest) -> int:
-    """A floor on the tokens of `body`'s messages, from their characters alone (the
-    tokenizer's longest token per step): telling a far too long prompt costs no tokenizing."""
-    return -(-sum(len(m.text()) for m in body.messages) // state.tokenizer.max_token_chars)
+    """A floor on the tokens of `body`'s messages, from their characters alone: telling a
+    far too long prompt costs no tokenizing."""
+    return _fewest_tokens_of(state, sum(len(m.text()) for m in body.messages))
+
+
+def _fewest_tokens_of(state: FrontendState, chars: int) -> int:
+    """The fewest tokens `chars` characters of text can be (the tokenizer's longest token
+    per step)."""
+    return -(-chars // state.tokenizer.max_token_chars)
 
 
 def prompt_length(state: FrontendState, body: ChatCompletionRequest) -> int:
