@@ -85,6 +85,7 @@ import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import orjson
@@ -342,32 +343,36 @@ def cpu_speed_when_busy(cpus: list[int]) -> tuple[float, float]:
     return sum(together) / len(together) / alone, max(together) / alone
 
 
-def _spin_idle(cpu: int) -> None:
+def _spin_idle(cpu: int, ready: Any) -> None:
     """Spin on `cpu` at SCHED_IDLE: any runnable process of the stack preempts it, yet the CPU
     never idles, so the host's shared budget (turbo, power, a virtual machine's neighbours)
     sees every CPU busy whether one frontend is loaded or all of them."""
     os.sched_setaffinity(0, {cpu})
     os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
+    ready.put(cpu)
     while True:
         pass
 
 
 @contextlib.contextmanager
-def idle_spinners(enabled: bool) -> Iterator[None]:
-    """--spin-idle: one `_spin_idle` process on each CPU this process may use, stopped by
-    PID on the way out."""
+def idle_spinners(enabled: bool) -> Iterator[list[int]]:
+    """--spin-idle: one `_spin_idle` process on each CPU this process may use (their PIDs
+    yielded), stopped on the way out."""
     if not enabled:
-        yield
+        yield []
         return
     import multiprocessing
 
     context = multiprocessing.get_context("spawn")
-    spinners = [context.Process(target=_spin_idle, args=(cpu,), daemon=True)
+    ready = context.Queue()
+    spinners = [context.Process(target=_spin_idle, args=(cpu, ready), daemon=True)
                 for cpu in sorted(os.sched_getaffinity(0))]  # fmt: skip
     for spinner in spinners:
         spinner.start()
     try:
-        yield
+        for _ in spinners:  # each pinned and at SCHED_IDLE before anything is measured
+            ready.get(timeout=60)
+        yield [spinner.pid for spinner in spinners if spinner.pid is not None]
     finally:
         for spinner in spinners:
             spinner.kill()

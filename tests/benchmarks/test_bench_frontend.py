@@ -261,3 +261,40 @@ def test_sweep_summary_shows_the_work_per_request_by_width(
     lines = [x.split() for x in out.splitlines()]
     assert ["1", "0.310", "0.020", "1.100", "6.100", "0.610", "0.050"] in lines
     assert ["8", "0.420", "0.020", "1.100", "6.100", "0.720", "0.050"] in lines
+
+
+def test_scale_ab_verdict_counts_only_rounds_bound_by_the_frontends(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """A round whose all side left the frontends CPU to spare says nothing of their
+    scale-out: the verdict's ratio is the median of the saturated rounds alone, and with
+    none, the ratio is printed as a floor the goal cannot be judged on."""
+    from benchmarks.bench_frontend import scale_ab_verdict
+
+    field = scale_ab_verdict("non-stream 16 tok", "kv", 8, [5.0, 6.6, 7.0, 3.0],
+                             [6.6, 7.0], [0.7, 0.95, 0.97, 0.5])  # fmt: skip
+    printed = capsys.readouterr().out
+    assert field == "kv_non_stream=6.80"
+    assert "of the 2 rounds bound by the frontends x6.80 (goal >= 6.4: met)" in printed
+
+    field = scale_ab_verdict("stream 32 tok", "round_robin", 8, [4.0, 5.0], [], [0.6, 0.7])
+    printed = capsys.readouterr().out
+    assert field == "round_robin_stream>=4.50(stack-bound)"
+    assert "not measurable here" in printed and "met)" not in printed
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="SCHED_IDLE is Linux's")
+def test_idle_spinners_run_at_sched_idle_on_every_cpu_and_stop() -> None:
+    """--spin-idle: one SCHED_IDLE process on each CPU while inside, each gone after."""
+    from benchmarks.bench_frontend import idle_spinners
+
+    with idle_spinners(True) as spinners:
+        assert len(spinners) == len(os.sched_getaffinity(0))
+        assert {os.sched_getscheduler(pid) for pid in spinners} == {os.SCHED_IDLE}
+        pinned = sorted(cpu for pid in spinners for cpu in os.sched_getaffinity(pid))
+        assert pinned == sorted(os.sched_getaffinity(0))
+    for pid in spinners:
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)
+    with idle_spinners(False) as none:
+        assert none == []
