@@ -10,7 +10,6 @@ import asyncio
 import contextlib
 import os
 import signal
-import socket
 import subprocess
 import sys
 from collections.abc import AsyncIterator
@@ -25,6 +24,7 @@ from real_workers import openai_client
 from test_frontend_integration import assert_error
 from test_responses_api_integration import sse_typed
 
+from contract.readiness import free_port
 from tests.frontend.conftest import FrontendHarness, server_port, start_frontend
 
 pytestmark = pytest.mark.integration
@@ -177,12 +177,6 @@ async def test_two_processes_share_status_cancel_and_events(make_frontend: Any) 
     assert [e.model_dump() for e in there] == [e.model_dump() for e in here]
     text = "".join(e.delta for e in whole if e.type == "response.output_text.delta")
     assert text == whole[-1].response.output_text and whole[-1].response.usage.output_tokens == 40
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 async def test_a_killed_owner_leaves_its_response_failed_not_in_progress(
