@@ -68,6 +68,19 @@ Last line there: `frontend_c1_ab a_added_ms=... b_added_ms=... b_over_a=...`.
 Its requests repeat one question, so the frontend's tokenizer finds every piece of the
 prompt cached; `--ab-new-prompts` numbers each question instead (each prompt new, as a
 new user's: the user's text is tokenized every time; the system prompt stays cached).
+
+`--scale-ab N` measures the scale-out of N frontend processes inside one deployment: process
+0 loaded alone against all N loaded, alternated `--ab-rounds` times, so both sides see the
+host of the same minute (a sweep's N=1 row is another deployment at another moment). A round
+counts for the goal (>= 0.8·N) only where the all side kept the frontends saturated; below
+that the rest of the stack set the pace and the ratio is a floor. `--spin-idle` keeps every
+CPU busy on both sides (SCHED_IDLE spinners), for hosts whose CPUs slow each other down:
+
+    python benchmarks/bench_frontend.py --scale-ab 8 --pin --routers kv round_robin \
+        --client-processes 4 --sim-workers 6 --concurrency 32 --requests 2500 --ab-rounds 4
+
+Last line there: `frontend_scale_ab n=N <router>_<scenario>=<ratio>` (`>=<ratio>(stack-bound)`
+where no round was bound by the frontends).
 """
 
 from __future__ import annotations
