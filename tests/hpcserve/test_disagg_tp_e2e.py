@@ -143,7 +143,7 @@ def test_dead_follower_restarts_the_group_and_the_request_survives(
     )
     assert response.choices[0].text == reference[(i, json.dumps(params))]
     up.wait_for_line(re.compile(rf"{worker} exited with code \S+; restart {restart} of"), 60)
-    up.wait_for_line(re.compile(rf"{worker} is back \(restart {restart}\)"), 300)
+    up.wait_back(worker, restart, 300)
     assert up.popen.poll() is None
     log = (up.run_dir / "logs" / f"{worker}.log").read_text()
     assert f"tensor-parallel {first_command} failed" in log and "deregistered" in log

@@ -136,7 +136,7 @@ def test_follower_killed_mid_stream_and_the_stream_goes_on(
     up.wait_for_line(
         re.compile(rf"worker-agg-g0-i0 exited with code \S+; restart {restart} of"), 60
     )
-    up.wait_for_line(re.compile(rf"worker-agg-g0-i0 is back \(restart {restart}\)"), 300)
+    up.wait_back("worker-agg-g0-i0", restart, 300)
     asker.join(timeout=300)
     assert not asker.is_alive()
     assert "error" not in outcome, outcome

@@ -85,6 +85,17 @@ class UpProcess:
         failed_starts = f"{name}: MPI_Init failed at start"
         return 1 + sum(failed_starts in line for line in self.lines)
 
+    def wait_back(self, name: str, restart: int, timeout_s: float) -> int:
+        """Until `name` is back from restart `restart` or a later one (a TP group started right
+        after a rank's death may fail its start once, and the restart after it brings the
+        group back); returns that restart's number."""
+        back = re.compile(rf"{re.escape(name)} is back \(restart (\d+)\)")
+        deadline = time.monotonic() + timeout_s
+        while True:
+            match = self.wait_for_line(back, max(deadline - time.monotonic(), 0.001))
+            if int(match.group(1)) >= restart:
+                return int(match.group(1))
+
     def pids(self) -> dict[str, int]:
         return json.loads((self.run_dir / "pids.json").read_text())
 

@@ -249,10 +249,15 @@ def wait_back(
     slurm_env: dict[str, str], job_id: str, job_dir: Path, step: str,
     before: dict[str, int], timeout_s: float,
 ) -> None:  # fmt: skip
-    """Until the supervisor says `step` is back from its next restart after `before`."""
-    back = re.compile(rf"{step} is back \(restart {before.get(step, 0) + 1}\)")
+    """Until the supervisor says `step` is back from a restart after `before`: the next one
+    or a later one (a TP step started right after a rank's death may fail its start once,
+    and the restart after it brings the step back)."""
+    back = re.compile(rf"{step} is back \(restart (\d+)\)")
     deadline = time.monotonic() + timeout_s
-    while not back.search((job_dir / "logs" / "sbatch.log").read_text(errors="replace")):
+    while not any(
+        int(number) > before.get(step, 0)
+        for number in back.findall((job_dir / "logs" / "sbatch.log").read_text(errors="replace"))
+    ):
         assert time.monotonic() < deadline, hpcserve(slurm_env, "logs", job_id, "sbatch")
         time.sleep(0.5)
 
