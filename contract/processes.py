@@ -66,6 +66,21 @@ class ManagedProcess:
             return ""
         return "\n".join(text.splitlines()[-lines:])
 
+    def last_line(self, max_chars: int = 300) -> str:
+        """The last non-empty line this run wrote to its log, shortened: most often the
+        process's own word on why it ended, said where its exit is reported."""
+        try:
+            with open(self.log_path, "rb") as log:
+                end = log.seek(0, os.SEEK_END)
+                log.seek(max(self.log_offset, end - 4096))
+                text = log.read().decode(errors="replace")
+        except OSError:
+            return ""
+        lines = [line.strip() for line in text.splitlines() if line.strip()]
+        if not lines:
+            return ""
+        return lines[-1] if len(lines[-1]) <= max_chars else lines[-1][:max_chars] + "..."
+
     def log_of_this_run(self) -> str:
         """The log from this run's start on (a restart appends: not an earlier run's lines)."""
         try:

@@ -270,19 +270,21 @@ class Supervisor:
         self._forget_registration(component)
         policy = component.policy
         what = f"{component.name} exited with code {code}"
+        ended = process.last_line()
+        last_words = f"; its log's last line: {ended}" if ended else ""
         if component.restarts >= policy.max_restarts:
             why = f"{what}; no restarts left ({policy.max_restarts} allowed)"
             if policy.critical:
                 tail = f"{why}. Its log {process.log_path} ends:\n{process.log_tail()}"
                 raise DeploymentFailed(component.name, tail, process.log_path)
             component.phase = "given_up"
-            self.say(f"{why}; not critical: the others serve on")
+            self.say(f"{why}; not critical: the others serve on{last_words}")
             return
         delay = policy.delay(component.restarts)
         component.phase = "waiting"
         component.due = time.monotonic() + delay
         self.say(f"{what}; restart {component.restarts + 1} of {policy.max_restarts} in "
-                 f"{delay:.1f} s (log {process.log_path})")  # fmt: skip
+                 f"{delay:.1f} s (log {process.log_path}){last_words}")  # fmt: skip
 
     def _restart(self, component: Component) -> None:
         component.restarts += 1

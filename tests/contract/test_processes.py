@@ -26,6 +26,18 @@ def test_the_log_of_this_run_leaves_out_earlier_runs(tmp_path: Path) -> None:
     assert second.log_of_this_run().strip() == "serving"
 
 
+def test_the_last_line_is_this_runs_own_and_short(tmp_path: Path) -> None:
+    """What the supervisor quotes where it reports an exit: this run's last non-empty line
+    (an earlier run's never), cut at max_chars."""
+    log = tmp_path / "worker.log"
+    first = run_to_end(log, "engine failed: CUDA out of memory\n\n")
+    assert first.last_line() == "engine failed: CUDA out of memory"
+    second = run_to_end(log, "")
+    assert second.last_line() == ""
+    third = run_to_end(log, "x" * 500)
+    assert third.last_line(max_chars=20) == "x" * 20 + "..."
+
+
 def test_mpi_init_failures_are_told_from_a_workers_own() -> None:
     mpich = ("Abort(273827087) on node 0: Fatal error in internal_Init_thread: Other MPI error, "
              "error stack:\nMPIDI_UCX_comm_addr_exchange(159): Invalid parameter")  # fmt: skip

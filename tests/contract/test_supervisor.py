@@ -140,6 +140,8 @@ def test_crashed_worker_is_restarted_and_registers_anew(tmp_path, etcd_endpoint)
         os.killpg(old_pid, signal.SIGKILL)
         poll_until(supervisor, lambda: supervisor.phases()["worker-agg-g0-i1"] == "waiting")
         assert not etcd_get(etcd_endpoint, key)  # dropped at once, not after a lease
+        exit_line = next(line for line in said if "worker-agg-g0-i1 exited with code -9" in line)
+        assert exit_line.endswith(f"; its log's last line: registered {key}"), exit_line
         poll_until(supervisor, lambda: supervisor.phases()["worker-agg-g0-i1"] == "ready")
         assert supervisor.restarts() == {"worker-agg-g0-i1": 1}
         assert pid_of(supervisor, "worker-agg-g0-i1") != old_pid
