@@ -1297,7 +1297,7 @@ async def scale_ab(args: argparse.Namespace) -> None:
                   f"{'fe busy all':>12}  bound")  # fmt: skip
             for base in SCENARIOS[:2]:
                 kind = base.name.split(" c=")[0]
-                ratios, bound_by_frontends, busy_all = [], [], []
+                ratios, busy_all = [], []
                 for index in range(args.ab_rounds):
                     sides = ("one", "all") if index % 2 == 0 else ("all", "one")
                     rate, fe_ms, idle = {}, {}, 0.0
@@ -1325,26 +1325,26 @@ async def scale_ab(args: argparse.Namespace) -> None:
                     ratio = rate["all"] / rate["one"]
                     ratios.append(ratio)
                     busy_all.append(fe_busy)
-                    if fe_busy >= SATURATED:
-                        bound_by_frontends.append(ratio)
                     bound = "frontends" if fe_busy >= SATURATED else "stack"
                     print(f"  {kind:<22} {index:>5} {rate['one']:10.0f} {rate['all']:10.0f} "
                           f"{ratio:6.2f} {fe_ms['one']:10.3f} {fe_ms['all']:10.3f} "
                           f"{idle:10.1f} {fe_busy:12.2f}  {bound}")  # fmt: skip
-                summary.append(scale_ab_verdict(kind, router, count, ratios, bound_by_frontends,
-                                                busy_all))  # fmt: skip
+                summary.append(scale_ab_verdict(kind, router, count, ratios, busy_all))
         finally:
             await asyncio.to_thread(stop_deployment, deployment, lambda _m: None)
     print(f"frontend_scale_ab n={count} " + " ".join(summary))
 
 
-def scale_ab_verdict(kind: str, router: str, count: int, ratios: list[float],
-                     bound_by_frontends: list[float], busy_all: list[float]) -> str:
-    """Print the goal's verdict for one scenario; return its summary field. Only rounds whose
-    all side kept the loaded frontends SATURATED measure their scale-out: below it the
-    clients, workers and NATS on the other CPUs set the pace (the frontends had CPU to
-    spare), and the ratio is a floor of what the frontends would reach."""
+def scale_ab_verdict(
+    kind: str, router: str, count: int, ratios: list[float], busy_all: list[float]
+) -> str:
+    """Print the goal's verdict for one scenario from its rounds' ratios and all sides' mean
+    frontend busy shares; return its summary field. Only rounds whose all side kept the
+    loaded frontends SATURATED measure their scale-out: below it the clients, workers and
+    NATS on the other CPUs set the pace (the frontends had CPU to spare), and the ratio is a
+    floor of what the frontends would reach."""
     field = f"{router}_{kind.split()[0].replace('-', '_')}"
+    bound_by_frontends = [r for r, busy in zip(ratios, busy_all, strict=True) if busy >= SATURATED]
     goal = 0.8 * count
     median = statistics.median(ratios)
     if bound_by_frontends:

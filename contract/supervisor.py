@@ -270,13 +270,14 @@ class Supervisor:
         self._forget_registration(component)
         policy = component.policy
         what = f"{component.name} exited with code {code}"
-        ended = process.last_line()
+        if component.restarts >= policy.max_restarts and policy.critical:
+            why = f"{what}; no restarts left ({policy.max_restarts} allowed)"
+            tail = f"{why}. Its log {process.log_path} ends:\n{process.log_tail()}"
+            raise DeploymentFailed(component.name, tail, process.log_path)
+        ended = process.last_line()  # the failure's own words, where the log is not quoted
         last_words = f"; its log's last line: {ended}" if ended else ""
         if component.restarts >= policy.max_restarts:
             why = f"{what}; no restarts left ({policy.max_restarts} allowed)"
-            if policy.critical:
-                tail = f"{why}. Its log {process.log_path} ends:\n{process.log_tail()}"
-                raise DeploymentFailed(component.name, tail, process.log_path)
             component.phase = "given_up"
             self.say(f"{why}; not critical: the others serve on{last_words}")
             return
